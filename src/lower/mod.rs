@@ -1,0 +1,1 @@
+//! Lowering to MLIR (melior, LLVM/MLIR 22).
