@@ -5,6 +5,10 @@
 //! Stages (see DESIGN.md): [`import`] model.json → [`ir::Graph`] →
 //! optimizer (`bifurc-passes`) → lowering → artifact → runtime.
 
+pub mod export;
+pub mod fsio;
 pub mod import;
 pub mod ir;
 pub mod lower;
+pub mod hf;
+pub mod interp;
