@@ -53,7 +53,7 @@ impl<'a> At<'a, '_> {
         Ok(items
             .iter()
             .enumerate()
-            .map(|(i, v)| Child { value: v, path: format!("{}[{i}]", self.path) })
+            .map(|(i, v)| Child { value: v, path: format!("{}[{i}]", if self.path == ROOT { "" } else { self.path }) })
             .collect())
     }
 
@@ -108,8 +108,11 @@ impl<'a> At<'a, '_> {
     }
 }
 
+/// The path of the document itself, as printed in errors.
+pub const ROOT: &str = "top level";
+
 pub fn join(path: &str, name: &str) -> String {
-    if path.is_empty() {
+    if path == ROOT {
         name.to_string()
     } else {
         format!("{path}.{name}")

@@ -7,7 +7,7 @@ mod json;
 
 use crate::ir::shape::{check_size, infer, Operand};
 use crate::ir::{DType, Dims, Graph, Input, Kv, Node, Output, OutputRole, Poly, Role, Shape, Value, FORMAT};
-use json::{err, At, Child};
+use json::{err, At, Child, ROOT};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
@@ -31,7 +31,6 @@ impl ImportError {
     }
 }
 
-const ROOT: &str = "top level";
 
 /// Reads and checks a model.json file.
 pub fn load(path: &Path) -> Result<Graph, ImportError> {

@@ -19,7 +19,11 @@ pub fn check_size(dims: &Dims, p: &Poly) -> Result<(), String> {
         return Err(format!("size `{p}` is 0"));
     }
     if !n.is_nonnegative() {
-        return Err(format!("size `{p}` (= {n}) can be negative"));
+        return Err(if n == *p {
+            format!("size `{p}` can be negative")
+        } else {
+            format!("size `{p}` (= {n}) can be negative")
+        });
     }
     Ok(())
 }
