@@ -28,7 +28,7 @@ fn every_bad_file_gives_its_documented_message() {
     let mut failures = Vec::new();
     for file in corpus() {
         let got = match bifurc::import::load(&file) {
-            Ok(_) => format!("<imported without error>"),
+            Ok(_) => "<imported without error>".to_string(),
             Err(e) => e.to_string(),
         };
         let expected_path = file.with_extension("err");

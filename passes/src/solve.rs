@@ -27,8 +27,8 @@ impl Default for Limits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptimizeError {
-    #[error("runtime dim `{0}` has no value at the shape point")]
-    Unbound(String),
+    #[error("runtime dim `{0}` = {1} at the shape point: sizes cannot be negative")]
+    Negative(String, i64),
     #[error("extraction found no acyclic choice for the outputs (this is a bug in bifurc)")]
     NoExtraction,
     #[error("extraction chose a cyclic graph (this is a bug in bifurc)")]
@@ -156,8 +156,8 @@ pub fn optimize(problem: &Problem, limits: &Limits) -> Result<Solution, Optimize
     };
     let roots: Vec<Id> = problem.roots.iter().map(|r| root_of(r, &node_ids)).collect();
     eg.rebuild();
-    for (name, _) in problem.point.iter().filter(|(_, v)| **v < 0) {
-        return Err(OptimizeError::Unbound(name.clone()));
+    if let Some((name, v)) = problem.point.iter().find(|(_, v)| **v < 0) {
+        return Err(OptimizeError::Negative(name.clone(), *v));
     }
 
     // Cost of the input graph, before saturation (every class holds one node).
