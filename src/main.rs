@@ -2,8 +2,8 @@
 
 use anyhow::{bail, Context, Result};
 use bifurc::inspect::ShapePoint;
-use bifurc::optimize::Limits;
 use bifurc::ir::DType;
+use bifurc::optimize::Limits;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -172,7 +172,11 @@ fn run(cli: Cli) -> Result<()> {
             let graph = load(&model)?;
             let opts = bifurc::optimize::Options {
                 point: ShapePoint::parse(shape.as_deref().unwrap_or(""))?,
-                limits: Limits { nodes: node_limit, iterations: iter_limit, time: std::time::Duration::from_secs_f64(time_limit) },
+                limits: Limits {
+                    nodes: node_limit,
+                    iterations: iter_limit,
+                    time: std::time::Duration::from_secs_f64(time_limit),
+                },
             };
             let out = bifurc::optimize::optimize(&graph, &opts).with_context(|| format!("{}", model.display()))?;
             let text = bifurc::export::to_string(&bifurc::export::to_json(&out.graph));

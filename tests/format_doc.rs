@@ -4,7 +4,8 @@
 use bifurc::inspect::{inspect, ShapePoint};
 
 fn doc_example() -> String {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/model-format.md")).expect("doc exists");
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/model-format.md")).expect("doc exists");
     let start = doc.find("```json\n{").expect("the doc has a complete json example") + "```json\n".len();
     let end = start + doc[start..].find("```").expect("the example block is closed");
     doc[start..end].to_string()

@@ -26,9 +26,7 @@ pub(crate) fn point(dims: &[(&str, i64)]) -> BTreeMap<String, i64> {
 pub(crate) fn op_graph(inputs: &[(&str, &str, &str)], op: &str, attrs: &str) -> String {
     let ins: Vec<String> = inputs
         .iter()
-        .map(|(n, s, d)| {
-            format!(r#"{{"name": "{n}", "role": "activation", "shape": {s}, "dtype": "{d}"}}"#)
-        })
+        .map(|(n, s, d)| format!(r#"{{"name": "{n}", "role": "activation", "shape": {s}, "dtype": "{d}"}}"#))
         .collect();
     let names: Vec<String> = inputs.iter().map(|(n, _, _)| format!("\"{n}\"")).collect();
     format!(
@@ -45,29 +43,17 @@ pub(crate) fn op_graph(inputs: &[(&str, &str, &str)], op: &str, attrs: &str) -> 
 /// `expected` (to 1e-6, relative and absolute).
 pub(crate) fn check(json: &str, m: i64, inputs: &[(&str, Tensor)], expected: Tensor) {
     let g = bifurc::import::parse(json).unwrap_or_else(|e| panic!("import: {e}\n{json}"));
-    let ins: HashMap<String, Tensor> = inputs
-        .iter()
-        .map(|(n, t)| (n.to_string(), t.clone()))
-        .collect();
+    let ins: HashMap<String, Tensor> = inputs.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
     let out = run(&g, &point(&[("m", m)]), &ins).unwrap_or_else(|e| panic!("run: {e}"));
     let y = &out["y"];
     if let Err(e) = y.check_close(&expected, 1e-6, 1e-6) {
-        panic!(
-            "{e}\ngot      {:?} {:?}\nexpected {:?} {:?}",
-            y.shape, y.data, expected.shape, expected.data
-        );
+        panic!("{e}\ngot      {:?} {:?}\nexpected {:?} {:?}", y.shape, y.data, expected.shape, expected.data);
     }
 }
 
 /// One op on f32 inputs `x`, `w`, … named in order.
 pub(crate) fn check1(op: &str, attrs: &str, ins: &[(&str, Tensor)], expected: Tensor) {
-    let decl: Vec<(String, String)> = ins
-        .iter()
-        .map(|(n, t)| (n.to_string(), format!("{:?}", t.shape)))
-        .collect();
-    let decl: Vec<(&str, &str, &str)> = decl
-        .iter()
-        .map(|(n, s)| (n.as_str(), s.as_str(), "f32"))
-        .collect();
+    let decl: Vec<(String, String)> = ins.iter().map(|(n, t)| (n.to_string(), format!("{:?}", t.shape))).collect();
+    let decl: Vec<(&str, &str, &str)> = decl.iter().map(|(n, s)| (n.as_str(), s.as_str(), "f32")).collect();
     check(&op_graph(&decl, op, attrs), 1, ins, expected);
 }

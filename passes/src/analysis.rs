@@ -4,8 +4,8 @@
 //! Merging two e-classes of different shapes is a bug: it is asserted.
 
 use crate::lang::Expr;
-use crate::shape::{parse_list_attr, parse_shape_attr, Constants, Shape};
 use crate::poly::Poly;
+use crate::shape::{parse_list_attr, parse_shape_attr, Constants, Shape};
 use egg::{Analysis, DidMerge, EGraph, Id, Symbol};
 use std::collections::HashMap;
 
@@ -144,7 +144,8 @@ fn make(eg: &Graph, enode: &Expr) -> Data {
         }
         Expr::Einsum(c) => {
             let spec = attr(c[0]).unwrap_or_else(|| bad("einsum"));
-            let ops: Vec<(&Shape, Dtype, i64)> = c[1..].iter().map(|&i| t(i).unwrap_or_else(|| bad("einsum"))).collect();
+            let ops: Vec<(&Shape, Dtype, i64)> =
+                c[1..].iter().map(|&i| t(i).unwrap_or_else(|| bad("einsum"))).collect();
             let shapes: Vec<&Shape> = ops.iter().map(|o| o.0).collect();
             (einsum_shape(&spec, &shapes).unwrap_or_else(|| bad("einsum")), ops[0].1, 1)
         }
@@ -163,7 +164,8 @@ fn make(eg: &Graph, enode: &Expr) -> Data {
         }
         Expr::Concat(c) => {
             let axis: usize = attr(c[0]).and_then(|s| s.parse().ok()).unwrap_or_else(|| bad("concat"));
-            let parts: Vec<(&Shape, Dtype, i64)> = c[1..].iter().map(|&i| t(i).unwrap_or_else(|| bad("concat"))).collect();
+            let parts: Vec<(&Shape, Dtype, i64)> =
+                c[1..].iter().map(|&i| t(i).unwrap_or_else(|| bad("concat"))).collect();
             let mut s = parts[0].0.clone();
             let mut total = Poly::zero();
             for p in &parts {

@@ -48,7 +48,9 @@ pub fn node_cost(eg: &Graph, node: &Expr, class: Id, point: &Point) -> f64 {
     }
     let write = read_bytes(eg, class, point);
     let gather = match node {
-        Expr::Op(c) => eg[c[0]].data.attr().and_then(|k| eg.analysis.known.get(&egg::Symbol::from(k))).is_some_and(|k| k.gather),
+        Expr::Op(c) => {
+            eg[c[0]].data.attr().and_then(|k| eg.analysis.known.get(&egg::Symbol::from(k))).is_some_and(|k| k.gather)
+        }
         _ => false,
     };
     let mut reads = 0.0;
@@ -56,7 +58,9 @@ pub fn node_cost(eg: &Graph, node: &Expr, class: Id, point: &Point) -> f64 {
         reads += if gather && i == 0 {
             // One table row per output row: bytes of the output, in the table's dtype.
             match (&eg[op].data, &eg[class].data) {
-                (Data::Tensor { dtype, .. }, Data::Tensor { shape, .. }) => elements(eg, shape, point) * f64::from(dtype.bytes),
+                (Data::Tensor { dtype, .. }, Data::Tensor { shape, .. }) => {
+                    elements(eg, shape, point) * f64::from(dtype.bytes)
+                }
                 _ => 0.0,
             }
         } else {

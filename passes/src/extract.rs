@@ -33,9 +33,10 @@ impl Bits {
         }
     }
     fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        self.0.iter().enumerate().flat_map(|(w, &word)| {
-            (0..64).filter(move |b| word & (1 << b) != 0).map(move |b| w * 64 + b)
-        })
+        self.0
+            .iter()
+            .enumerate()
+            .flat_map(|(w, &word)| (0..64).filter(move |b| word & (1 << b) != 0).map(move |b| w * 64 + b))
     }
 }
 
@@ -67,10 +68,8 @@ pub fn extract(eg: &Graph, roots: &[Id], original: &HashSet<Expr>, point: &Point
     let mut best: Vec<Option<Best>> = (0..n).map(|_| None).collect();
     let canon = |node: &Expr| node.clone().map_children(|c| eg.find(c));
     // Own cost of every node, computed once.
-    let costs: Vec<Vec<f64>> = classes
-        .iter()
-        .map(|&c| eg[c].nodes.iter().map(|node| node_cost(eg, node, c, point)).collect())
-        .collect();
+    let costs: Vec<Vec<f64>> =
+        classes.iter().map(|&c| eg[c].nodes.iter().map(|node| node_cost(eg, node, c, point)).collect()).collect();
     let is_orig: Vec<Vec<bool>> =
         classes.iter().map(|&c| eg[c].nodes.iter().map(|node| original.contains(&canon(node))).collect()).collect();
     let mut changed = true;

@@ -48,10 +48,7 @@ impl Expr {
 
     /// Ops that only re-index data: free in the bytes model.
     pub fn is_view(&self) -> bool {
-        matches!(
-            self,
-            Expr::Concat(_) | Expr::Broadcast(_) | Expr::Slice(_) | Expr::Reshape(_) | Expr::Transpose(_)
-        )
+        matches!(self, Expr::Concat(_) | Expr::Broadcast(_) | Expr::Slice(_) | Expr::Reshape(_) | Expr::Transpose(_))
     }
 
     pub fn kind(&self) -> &'static str {

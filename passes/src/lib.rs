@@ -17,7 +17,7 @@ pub mod shape;
 mod solve;
 
 pub use analysis::Dtype;
-pub use solve::{optimize, Limits, OptimizeError, Report, Solution, SNode};
+pub use solve::{optimize, Limits, OptimizeError, Report, SNode, Solution};
 
 use poly::Poly;
 use shape::Shape;
@@ -28,16 +28,24 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Kind {
     Einsum(String),
-    MatMul { transpose_b: bool },
+    MatMul {
+        transpose_b: bool,
+    },
     Concat(usize),
     Broadcast(Shape),
-    Slice { axis: usize, start: Poly, end: Poly },
+    Slice {
+        axis: usize,
+        start: Poly,
+        end: Poly,
+    },
     Reshape(Shape),
     Transpose(Vec<usize>),
     /// Elementwise add with numpy broadcasting.
     Add,
     /// Any other op; `gather` marks an embedding lookup (reads only the rows it picks).
-    Opaque { gather: bool },
+    Opaque {
+        gather: bool,
+    },
 }
 
 /// A reference to a problem input or node.

@@ -59,11 +59,7 @@ impl Poly {
 
     /// Every symbol that occurs, sorted.
     pub fn symbols(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = self
-            .terms
-            .keys()
-            .flat_map(|m| m.iter().map(String::as_str))
-            .collect();
+        let mut out: Vec<&str> = self.terms.keys().flat_map(|m| m.iter().map(String::as_str)).collect();
         out.sort_unstable();
         out.dedup();
         out
@@ -82,9 +78,7 @@ impl Poly {
     }
 
     pub fn neg(&self) -> Poly {
-        Poly {
-            terms: self.terms.iter().map(|(m, c)| (m.clone(), -c)).collect(),
-        }
+        Poly { terms: self.terms.iter().map(|(m, c)| (m.clone(), -c)).collect() }
     }
 
     pub fn sub(&self, other: &Poly) -> Result<Poly, Overflow> {
@@ -98,9 +92,7 @@ impl Poly {
                 let mut m: Monomial = ma.iter().chain(mb.iter()).cloned().collect();
                 m.sort();
                 let c = ca.checked_mul(*cb).ok_or(Overflow)?;
-                out = out.add(&Poly {
-                    terms: BTreeMap::from([(m, c)]),
-                })?;
+                out = out.add(&Poly { terms: BTreeMap::from([(m, c)]) })?;
             }
         }
         Ok(out)
@@ -201,9 +193,7 @@ fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
                 i += 1;
             }
             let s: String = chars[start..i].iter().collect();
-            let v = s
-                .parse::<i64>()
-                .map_err(|_| ParseError(format!("number `{s}` overflows 64 bits")))?;
+            let v = s.parse::<i64>().map_err(|_| ParseError(format!("number `{s}` overflows 64 bits")))?;
             out.push(Token::Int(v));
         } else if c.is_ascii_alphabetic() || c == '_' {
             let start = i;
@@ -255,10 +245,7 @@ impl Parser {
     }
 
     fn factor(&mut self) -> Result<Poly, ParseError> {
-        let tok = self
-            .peek()
-            .cloned()
-            .ok_or_else(|| ParseError("expression ends too early".into()))?;
+        let tok = self.peek().cloned().ok_or_else(|| ParseError("expression ends too early".into()))?;
         self.pos += 1;
         match tok {
             Token::Int(v) => Ok(Poly::constant(v)),
@@ -352,10 +339,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(n.to_string(), "32*k");
-        assert_eq!(
-            Poly::parse("x").unwrap().eval(&|_| None),
-            Err(EvalError::Unbound("x".into()))
-        );
+        assert_eq!(Poly::parse("x").unwrap().eval(&|_| None), Err(EvalError::Unbound("x".into())));
     }
 
     #[test]

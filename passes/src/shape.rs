@@ -76,7 +76,11 @@ pub fn parse_list_attr(s: &str) -> Option<Vec<usize>> {
 /// ranges with equal element counts, covering both shapes in order. `None`
 /// when the reshape is not such a regrouping (it reorders data), or when a
 /// size-1 axis sits inside a merged group (ambiguous).
-pub fn reshape_groups(c: &Constants, from: &[Poly], to: &[Poly]) -> Option<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
+pub fn reshape_groups(
+    c: &Constants,
+    from: &[Poly],
+    to: &[Poly],
+) -> Option<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
     let mut groups = Vec::new();
     let (mut i, mut j) = (0, 0);
     while i < from.len() || j < to.len() {

@@ -128,10 +128,9 @@ pub fn optimize(problem: &Problem, limits: &Limits) -> Result<Solution, Optimize
     let mut eg = Graph::new(ShapeAnalysis { constants, known: HashMap::new() });
     let mut leaf_ids = Vec::new();
     for leaf in &problem.leaves {
-        eg.analysis.known.insert(
-            Symbol::from(&leaf.name),
-            Known { shape: leaf.shape.clone(), dtype: leaf.dtype, gather: false },
-        );
+        eg.analysis
+            .known
+            .insert(Symbol::from(&leaf.name), Known { shape: leaf.shape.clone(), dtype: leaf.dtype, gather: false });
         let name = add_attr(&mut eg, &leaf.name);
         leaf_ids.push(eg.add(Expr::In(name)));
     }
@@ -216,7 +215,16 @@ pub fn optimize(problem: &Problem, limits: &Limits) -> Result<Solution, Optimize
         canonical_orig.entry(original_nodes[i].clone().map_children(|c| eg.find(c))).or_insert(i);
     }
     let leaf_of: HashMap<Id, usize> = leaf_ids.iter().enumerate().map(|(i, id)| (eg.find(*id), i)).collect();
-    let mut b = Builder { eg: &eg, chosen: &choice.chosen, leaf_of, origin, canonical_orig, out: Vec::new(), done: HashMap::new(), visiting: HashSet::new() };
+    let mut b = Builder {
+        eg: &eg,
+        chosen: &choice.chosen,
+        leaf_of,
+        origin,
+        canonical_orig,
+        out: Vec::new(),
+        done: HashMap::new(),
+        visiting: HashSet::new(),
+    };
     let mut out_roots = Vec::new();
     for r in &roots {
         out_roots.push(b.emit(eg.find(*r))?);

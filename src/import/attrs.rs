@@ -2,8 +2,8 @@
 
 use super::json::{err, Child};
 use super::{read_shape, read_size, ImportError};
-use crate::ir::{BinaryOp, Dims, EinsumSpec, Op, ReduceOp, UnaryOp};
 use crate::ir::op::OP_NAMES;
+use crate::ir::{BinaryOp, Dims, EinsumSpec, Op, ReduceOp, UnaryOp};
 
 /// Attributes of one node, with the keys each op allows.
 struct Attrs<'a, 'b> {
@@ -38,8 +38,7 @@ impl<'a, 'b> Attrs<'a, 'b> {
     }
 
     fn req(&self, name: &str) -> Result<Child<'a>, ImportError> {
-        self.opt(name)?
-            .ok_or_else(|| err(&format!("{}.attrs", self.node_path), format!("missing attribute `{name}`")))
+        self.opt(name)?.ok_or_else(|| err(&format!("{}.attrs", self.node_path), format!("missing attribute `{name}`")))
     }
 }
 
@@ -92,11 +91,7 @@ pub(super) fn read_op(
         }
         "slice" => {
             a.allow(&["axis", "start", "end"])?;
-            Op::Slice {
-                axis: axis(&a.req("axis")?, rank)?,
-                start: size(&a.req("start")?)?,
-                end: size(&a.req("end")?)?,
-            }
+            Op::Slice { axis: axis(&a.req("axis")?, rank)?, start: size(&a.req("start")?)?, end: size(&a.req("end")?)? }
         }
         "reshape" => {
             a.allow(&["shape"])?;

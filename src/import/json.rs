@@ -58,34 +58,28 @@ impl<'a> At<'a, '_> {
     }
 
     pub fn str(&self) -> Result<&'a str, ImportError> {
-        self.value
-            .as_str()
-            .ok_or_else(|| err(self.path, format!("expected a string, got {}", type_name(self.value))))
+        self.value.as_str().ok_or_else(|| err(self.path, format!("expected a string, got {}", type_name(self.value))))
     }
 
     pub fn i64(&self) -> Result<i64, ImportError> {
         self.value.as_i64().ok_or_else(|| {
-            let what = if self.value.is_number() { "a non-integer or out-of-range number" } else { type_name(self.value) };
+            let what =
+                if self.value.is_number() { "a non-integer or out-of-range number" } else { type_name(self.value) };
             err(self.path, format!("expected an integer, got {what}"))
         })
     }
 
     pub fn f64(&self) -> Result<f64, ImportError> {
-        self.value
-            .as_f64()
-            .ok_or_else(|| err(self.path, format!("expected a number, got {}", type_name(self.value))))
+        self.value.as_f64().ok_or_else(|| err(self.path, format!("expected a number, got {}", type_name(self.value))))
     }
 
     pub fn bool(&self) -> Result<bool, ImportError> {
-        self.value
-            .as_bool()
-            .ok_or_else(|| err(self.path, format!("expected a boolean, got {}", type_name(self.value))))
+        self.value.as_bool().ok_or_else(|| err(self.path, format!("expected a boolean, got {}", type_name(self.value))))
     }
 
     /// A required field of an object.
     pub fn field(&self, name: &str) -> Result<Child<'a>, ImportError> {
-        self.opt(name)?
-            .ok_or_else(|| err(self.path, format!("missing field `{name}`")))
+        self.opt(name)?.ok_or_else(|| err(self.path, format!("missing field `{name}`")))
     }
 
     /// An optional field of an object (`null` counts as absent).
@@ -98,10 +92,7 @@ impl<'a> At<'a, '_> {
     pub fn only(&self, allowed: &[&str]) -> Result<(), ImportError> {
         for key in self.object()?.keys() {
             if !allowed.contains(&key.as_str()) {
-                return Err(err(
-                    self.path,
-                    format!("unknown field `{key}` (expected one of: {})", allowed.join(", ")),
-                ));
+                return Err(err(self.path, format!("unknown field `{key}` (expected one of: {})", allowed.join(", "))));
             }
         }
         Ok(())

@@ -31,11 +31,10 @@ impl ImportError {
     }
 }
 
-
 /// Reads and checks a model.json file.
 pub fn load(path: &Path) -> Result<Graph, ImportError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ImportError::Io { file: path.display().to_string(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ImportError::Io { file: path.display().to_string(), source })?;
     parse(&text)
 }
 
@@ -259,7 +258,10 @@ fn resolve_nodes(dims: &Dims, inputs: &[Input], raw: Vec<RawNode>) -> Result<Vec
     }
     for r in &raw {
         if names.insert(&r.id, Value::Node(r.index)).is_some() {
-            return Err(err(&format!("{}.id", r.path), format!("duplicate id `{}` (already used by an input or node)", r.id)));
+            return Err(err(
+                &format!("{}.id", r.path),
+                format!("duplicate id `{}` (already used by an input or node)", r.id),
+            ));
         }
     }
     // Raw references → values (node values are raw indices for now).
@@ -295,15 +297,19 @@ fn resolve_nodes(dims: &Dims, inputs: &[Input], raw: Vec<RawNode>) -> Result<Vec
             })
             .collect();
         let rank = operands.first().map_or(0, |o| o.shape.len());
-        let op = attrs::read_op(dims, r.op, &r.op_path, &r.path, r.attrs.as_ref(), rank).map_err(|e| e.in_node(&r.id))?;
+        let op =
+            attrs::read_op(dims, r.op, &r.op_path, &r.path, r.attrs.as_ref(), rank).map_err(|e| e.in_node(&r.id))?;
         let (shape, inferred) = infer(dims, &op, &operands).map_err(|m| err(&r.path, m).in_node(&r.id))?;
         for d in &shape {
             check_size(dims, d).map_err(|m| err(&r.path, format!("result {}", m)).in_node(&r.id))?;
         }
         let dtype = match r.dtype {
             Some(d) if d.is_float() != inferred.is_float() => {
-                return Err(err(&format!("{}.dtype", r.path), format!("dtype {d} conflicts with the inferred {inferred}"))
-                    .in_node(&r.id))
+                return Err(err(
+                    &format!("{}.dtype", r.path),
+                    format!("dtype {d} conflicts with the inferred {inferred}"),
+                )
+                .in_node(&r.id))
             }
             Some(d) => d,
             None => inferred,
@@ -386,9 +392,9 @@ fn read_outputs(graph: &Graph, list: &Child) -> Result<Vec<Output>, ImportError>
         }
         let node_field = at.field("node")?;
         let node = node_field.at().str()?;
-        let value = graph
-            .find(node)
-            .ok_or_else(|| err(&node_field.path, format!("output `{name}` names `{node}`, which is no node or input")))?;
+        let value = graph.find(node).ok_or_else(|| {
+            err(&node_field.path, format!("output `{name}` names `{node}`, which is no node or input"))
+        })?;
         let role = match at.opt("role")? {
             None => OutputRole::Other,
             Some(r) => match r.at().str()? {
@@ -399,7 +405,10 @@ fn read_outputs(graph: &Graph, list: &Child) -> Result<Vec<Output>, ImportError>
                     OutputRole::NewKv { layer, kv }
                 }
                 other => {
-                    return Err(err(&r.path, format!("unknown output role `{other}` (expected logits, new_kv or other)")))
+                    return Err(err(
+                        &r.path,
+                        format!("unknown output role `{other}` (expected logits, new_kv or other)"),
+                    ))
                 }
             },
         };

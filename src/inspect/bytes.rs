@@ -61,7 +61,8 @@ impl Model<'_> {
     fn elements(&self, v: Value) -> Result<f64, BytesError> {
         let shape = self.graph.shape_of(v);
         let n = numel(&self.graph.dims, shape).map_err(BytesError)?;
-        let e = self.graph.dims.eval(&n, &self.point).map_err(|e| BytesError(format!("{}: {e}", self.graph.name_of(v))))?;
+        let e =
+            self.graph.dims.eval(&n, &self.point).map_err(|e| BytesError(format!("{}: {e}", self.graph.name_of(v))))?;
         Ok(e as f64)
     }
 

@@ -44,12 +44,15 @@ pub fn inspect(graph: &Graph, point: &ShapePoint) -> Result<Report, InspectError
         parameters = parameters.saturating_add(n);
         parameter_bytes = parameter_bytes.saturating_add(n.saturating_mul(input.dtype.bytes()));
     }
-    let layers = graph
-        .meta
-        .get("layers")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or_else(|| graph.layers());
-    Ok(Report { layers, parameters, parameter_bytes, sites: find_sites(graph), bytes: bytes_moved(graph, &point)?, point })
+    let layers = graph.meta.get("layers").and_then(|l| l.parse().ok()).unwrap_or_else(|| graph.layers());
+    Ok(Report {
+        layers,
+        parameters,
+        parameter_bytes,
+        sites: find_sites(graph),
+        bytes: bytes_moved(graph, &point)?,
+        point,
+    })
 }
 
 /// `1234567` → `1,234,567`.
@@ -90,7 +93,13 @@ impl Report {
     pub fn render(&self, graph: &Graph) -> String {
         let mut s = String::new();
         let arch = graph.meta.get("architecture").map(String::as_str).unwrap_or("unknown architecture");
-        let _ = writeln!(s, "model: {arch}, {} layers, {} nodes, {} inputs", self.layers, graph.nodes.len(), graph.inputs.len());
+        let _ = writeln!(
+            s,
+            "model: {arch}, {} layers, {} nodes, {} inputs",
+            self.layers,
+            graph.nodes.len(),
+            graph.inputs.len()
+        );
         let _ = writeln!(
             s,
             "parameters: {} ({:.3e}), {}",
@@ -121,7 +130,12 @@ impl Report {
             ("total", total),
         ] {
             let pct = if total > 0.0 { 100.0 * v / total } else { 0.0 };
-            let _ = writeln!(s, "  {name:<12} {:>16} B  {:>10}  {pct:5.1}%", group_digits(v.round() as i64), human_bytes(v));
+            let _ = writeln!(
+                s,
+                "  {name:<12} {:>16} B  {:>10}  {pct:5.1}%",
+                group_digits(v.round() as i64),
+                human_bytes(v)
+            );
         }
         s
     }

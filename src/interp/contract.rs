@@ -8,37 +8,23 @@ use crate::ir::EinsumSpec;
 
 /// General einsum: any number of operands; letters absent from the output
 /// are summed over.
-pub(crate) fn einsum(
-    node: &str,
-    spec: &EinsumSpec,
-    args: &[&Tensor],
-) -> Result<Tensor, InterpError> {
+pub(crate) fn einsum(node: &str, spec: &EinsumSpec, args: &[&Tensor]) -> Result<Tensor, InterpError> {
     if spec.inputs.len() != args.len() {
         return Err(InterpError::op(
             node,
-            format!(
-                "einsum `{spec}` wants {} operands, got {}",
-                spec.inputs.len(),
-                args.len()
-            ),
+            format!("einsum `{spec}` wants {} operands, got {}", spec.inputs.len(), args.len()),
         ));
     }
     // Size of every letter, checked across operands.
     let mut sizes: Vec<(char, usize)> = Vec::new();
     for (i, (subs, t)) in spec.inputs.iter().zip(args).enumerate() {
         if subs.len() != t.shape.len() {
-            return Err(InterpError::op(
-                node,
-                format!("einsum `{spec}`: operand {i} has shape {:?}", t.shape),
-            ));
+            return Err(InterpError::op(node, format!("einsum `{spec}`: operand {i} has shape {:?}", t.shape)));
         }
         for (&c, &d) in subs.iter().zip(&t.shape) {
             match sizes.iter().find(|(l, _)| *l == c) {
                 Some(&(_, prev)) if prev != d => {
-                    return Err(InterpError::op(
-                        node,
-                        format!("einsum `{spec}`: letter `{c}` is {prev} and {d}"),
-                    ))
+                    return Err(InterpError::op(node, format!("einsum `{spec}`: letter `{c}` is {prev} and {d}")))
                 }
                 Some(_) => {}
                 None => sizes.push((c, d)),
@@ -46,53 +32,27 @@ pub(crate) fn einsum(
         }
     }
     let size_of = |c: char| sizes.iter().find(|(l, _)| *l == c).map_or(0, |&(_, d)| d);
-    let reduced: Vec<char> = sizes
-        .iter()
-        .map(|&(c, _)| c)
-        .filter(|c| !spec.output.contains(c))
-        .collect();
+    let reduced: Vec<char> = sizes.iter().map(|&(c, _)| c).filter(|c| !spec.output.contains(c)).collect();
     // Stride of letter `c` in operand `i` (0 when the operand lacks it).
     let stride = |i: usize, c: char| {
         let st = strides(&args[i].shape);
-        spec.inputs[i]
-            .iter()
-            .position(|&l| l == c)
-            .map_or(0, |p| st[p])
+        spec.inputs[i].iter().position(|&l| l == c).map_or(0, |p| st[p])
     };
     let plan = Contraction {
         out_sizes: spec.output.iter().map(|&c| size_of(c)).collect(),
         red_sizes: reduced.iter().map(|&c| size_of(c)).collect(),
-        out_strides: (0..args.len())
-            .map(|i| spec.output.iter().map(|&c| stride(i, c)).collect())
-            .collect(),
-        red_strides: (0..args.len())
-            .map(|i| reduced.iter().map(|&c| stride(i, c)).collect())
-            .collect(),
+        out_strides: (0..args.len()).map(|i| spec.output.iter().map(|&c| stride(i, c)).collect()).collect(),
+        red_strides: (0..args.len()).map(|i| reduced.iter().map(|&c| stride(i, c)).collect()).collect(),
     };
     let data: Vec<&[f32]> = args.iter().map(|t| t.data.as_slice()).collect();
-    Ok(Tensor {
-        data: plan.run(&data, Reducer::Sum),
-        shape: plan.out_sizes,
-    })
+    Ok(Tensor { data: plan.run(&data, Reducer::Sum), shape: plan.out_sizes })
 }
 
 /// numpy matmul over the last two axes, batch axes broadcast; with
 /// `transpose_b`, `b` is `[.., n, k]`.
-pub(crate) fn matmul(
-    node: &str,
-    transpose_b: bool,
-    a: &Tensor,
-    b: &Tensor,
-) -> Result<Tensor, InterpError> {
-    let bad = || {
-        InterpError::op(
-            node,
-            format!(
-                "cannot matmul {:?} by {:?} (transpose_b = {transpose_b})",
-                a.shape, b.shape
-            ),
-        )
-    };
+pub(crate) fn matmul(node: &str, transpose_b: bool, a: &Tensor, b: &Tensor) -> Result<Tensor, InterpError> {
+    let bad =
+        || InterpError::op(node, format!("cannot matmul {:?} by {:?} (transpose_b = {transpose_b})", a.shape, b.shape));
     let (ra, rb) = (a.shape.len(), b.shape.len());
     if ra < 2 || rb < 2 {
         return Err(bad());
@@ -114,12 +74,7 @@ pub(crate) fn matmul(
     let batch_strides = |t: &Tensor| -> Option<Vec<usize>> {
         let r = t.shape.len();
         let mat = t.shape[r - 2] * t.shape[r - 1];
-        Some(
-            broadcast_strides(&t.shape[..r - 2], &batch)?
-                .into_iter()
-                .map(|s| s * mat)
-                .collect(),
-        )
+        Some(broadcast_strides(&t.shape[..r - 2], &batch)?.into_iter().map(|s| s * mat).collect())
     };
     let mut a_out = batch_strides(a).ok_or_else(bad)?;
     let mut b_out = batch_strides(b).ok_or_else(bad)?;
@@ -133,8 +88,5 @@ pub(crate) fn matmul(
         out_strides: vec![a_out, b_out],
         red_strides: vec![vec![sa[ra - 1]], vec![skb]],
     };
-    Ok(Tensor {
-        data: plan.run(&[&a.data, &b.data], Reducer::Sum),
-        shape: plan.out_sizes,
-    })
+    Ok(Tensor { data: plan.run(&[&a.data, &b.data], Reducer::Sum), shape: plan.out_sizes })
 }

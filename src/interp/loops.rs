@@ -20,12 +20,7 @@ impl<'a> Odometer<'a> {
     /// Starts at index 0 with every operand at offset `start[op]`.
     pub fn new(sizes: &'a [usize], strides: &'a [Vec<usize>], start: &[usize]) -> Self {
         debug_assert!(strides.iter().all(|s| s.len() == sizes.len()));
-        Odometer {
-            sizes,
-            strides,
-            idx: vec![0; sizes.len()],
-            offs: start.to_vec(),
-        }
+        Odometer { sizes, strides, idx: vec![0; sizes.len()], offs: start.to_vec() }
     }
 
     /// Back to index 0 with operand offsets `start`.
@@ -89,22 +84,15 @@ impl Contraction {
             Reducer::Max => f64::NEG_INFINITY,
         };
         // The innermost reduced loop runs as a tight loop; the rest odometer.
-        let (outer_sizes, inner_len, inner_strides, outer_strides) =
-            match self.red_sizes.split_last() {
-                Some((&last, rest)) => (
-                    rest.to_vec(),
-                    last,
-                    self.red_strides
-                        .iter()
-                        .map(|s| s[s.len() - 1])
-                        .collect::<Vec<_>>(),
-                    self.red_strides
-                        .iter()
-                        .map(|s| s[..s.len() - 1].to_vec())
-                        .collect::<Vec<_>>(),
-                ),
-                None => (Vec::new(), 1, vec![0; nops], vec![Vec::new(); nops]),
-            };
+        let (outer_sizes, inner_len, inner_strides, outer_strides) = match self.red_sizes.split_last() {
+            Some((&last, rest)) => (
+                rest.to_vec(),
+                last,
+                self.red_strides.iter().map(|s| s[s.len() - 1]).collect::<Vec<_>>(),
+                self.red_strides.iter().map(|s| s[..s.len() - 1].to_vec()).collect::<Vec<_>>(),
+            ),
+            None => (Vec::new(), 1, vec![0; nops], vec![Vec::new(); nops]),
+        };
         let outer_n = super::tensor::numel(&outer_sizes);
         let mut out_od = Odometer::new(&self.out_sizes, &self.out_strides, &vec![0; nops]);
         let mut red_od = Odometer::new(&outer_sizes, &outer_strides, &vec![0; nops]);
@@ -113,14 +101,7 @@ impl Contraction {
             if red_n > 0 {
                 red_od.reset(&out_od.offs);
                 for _ in 0..outer_n {
-                    acc = inner(
-                        operands,
-                        &red_od.offs,
-                        &inner_strides,
-                        inner_len,
-                        reducer,
-                        acc,
-                    );
+                    acc = inner(operands, &red_od.offs, &inner_strides, inner_len, reducer, acc);
                     red_od.advance();
                 }
             }
@@ -132,14 +113,7 @@ impl Contraction {
 }
 
 /// The innermost reduced loop from offsets `base`.
-fn inner(
-    ops: &[&[f32]],
-    base: &[usize],
-    st: &[usize],
-    len: usize,
-    reducer: Reducer,
-    mut acc: f64,
-) -> f64 {
+fn inner(ops: &[&[f32]], base: &[usize], st: &[usize], len: usize, reducer: Reducer, mut acc: f64) -> f64 {
     match (ops, reducer) {
         ([a], Reducer::Sum) => {
             for t in 0..len {
@@ -232,10 +206,7 @@ mod tests {
             seen.push((od.offs[0], od.offs[1]));
             od.advance();
         }
-        assert_eq!(
-            seen,
-            vec![(0, 10), (1, 12), (2, 14), (3, 11), (4, 13), (5, 15)]
-        );
+        assert_eq!(seen, vec![(0, 10), (1, 12), (2, 14), (3, 11), (4, 13), (5, 15)]);
     }
 
     #[test]
@@ -257,10 +228,7 @@ mod tests {
         let out = c.run(&[&[1.0, f32::NAN, 3.0, -1.0]], Reducer::Max);
         assert!(out[0].is_nan());
         assert_eq!(out[1], 3.0);
-        let empty = Contraction {
-            red_sizes: vec![0],
-            ..c
-        };
+        let empty = Contraction { red_sizes: vec![0], ..c };
         assert_eq!(empty.run(&[&[]], Reducer::Max), vec![f32::NEG_INFINITY; 2]);
     }
 }

@@ -85,11 +85,7 @@ fn evaluate<'a>(
         .inputs
         .iter()
         .map(|inp| {
-            let t = inputs
-                .get(&inp.name)
-                .ok_or_else(|| InterpError::MissingInput {
-                    name: inp.name.clone(),
-                })?;
+            let t = inputs.get(&inp.name).ok_or_else(|| InterpError::MissingInput { name: inp.name.clone() })?;
             t.check(&inp.name)?;
             let expected = at.shape(&inp.shape, &format!("input `{}`", inp.name))?;
             if t.shape != expected {
@@ -118,12 +114,7 @@ fn evaluate<'a>(
                 Value::Node(i) => nodes.get(i),
             })
             .collect::<Option<Vec<&Tensor>>>()
-            .ok_or_else(|| {
-                InterpError::op(
-                    &node.id,
-                    "reads a value that is not an input or an earlier node",
-                )
-            })?;
+            .ok_or_else(|| InterpError::op(&node.id, "reads a value that is not an input or an earlier node"))?;
         let out = eval_op(&at, &node.id, &node.op, &args)?;
         if out.shape != expected {
             return Err(InterpError::NodeShape {
@@ -145,10 +136,7 @@ fn eval_op(at: &At, node: &str, op: &Op, args: &[&Tensor]) -> Result<Tensor, Int
         if args.len() == n {
             Ok(())
         } else {
-            Err(InterpError::op(
-                node,
-                format!("`{}` takes {n} inputs, got {}", op.name(), args.len()),
-            ))
+            Err(InterpError::op(node, format!("`{}` takes {n} inputs, got {}", op.name(), args.len())))
         }
     };
     match op {
@@ -228,17 +216,9 @@ fn eval_op(at: &At, node: &str, op: &Op, args: &[&Tensor]) -> Result<Tensor, Int
 /// Integer inputs must hold integers of magnitude `<= 2^24`.
 fn check_integers(name: &str, t: &Tensor) -> Result<(), InterpError> {
     let limit = MAX_EXACT_INT as f32;
-    match t
-        .data
-        .iter()
-        .position(|v| v.fract() != 0.0 || v.abs() > limit || !v.is_finite())
-    {
+    match t.data.iter().position(|v| v.fract() != 0.0 || v.abs() > limit || !v.is_finite()) {
         None => Ok(()),
-        Some(index) => Err(InterpError::NotInteger {
-            name: name.into(),
-            index,
-            value: f64::from(t.data[index]),
-        }),
+        Some(index) => Err(InterpError::NotInteger { name: name.into(), index, value: f64::from(t.data[index]) }),
     }
 }
 
@@ -250,24 +230,11 @@ pub(crate) struct At<'g> {
 
 impl<'g> At<'g> {
     /// Checks that every runtime dim has a non-negative value.
-    pub(crate) fn new(
-        graph: &'g Graph,
-        point: &'g BTreeMap<String, i64>,
-    ) -> Result<Self, InterpError> {
+    pub(crate) fn new(graph: &'g Graph, point: &'g BTreeMap<String, i64>) -> Result<Self, InterpError> {
         for dim in &graph.dims.runtime {
             match point.get(dim) {
-                None => {
-                    return Err(InterpError::MissingDim {
-                        dim: dim.clone(),
-                        all: graph.dims.runtime.join(", "),
-                    })
-                }
-                Some(&value) if value < 0 => {
-                    return Err(InterpError::NegativeDim {
-                        dim: dim.clone(),
-                        value,
-                    })
-                }
+                None => return Err(InterpError::MissingDim { dim: dim.clone(), all: graph.dims.runtime.join(", ") }),
+                Some(&value) if value < 0 => return Err(InterpError::NegativeDim { dim: dim.clone(), value }),
                 Some(_) => {}
             }
         }
@@ -276,35 +243,20 @@ impl<'g> At<'g> {
 
     /// One size; `what` names its owner for errors.
     pub(crate) fn size(&self, p: &Poly, what: &str) -> Result<usize, InterpError> {
-        let v = self
-            .graph
-            .dims
-            .eval(p, self.point)
-            .map_err(|source| InterpError::Size {
-                what: what.into(),
-                size: p.to_string(),
-                source,
-            })?;
-        usize::try_from(v).map_err(|_| InterpError::NegativeSize {
+        let v = self.graph.dims.eval(p, self.point).map_err(|source| InterpError::Size {
             what: what.into(),
             size: p.to_string(),
-            value: v,
-        })
+            source,
+        })?;
+        usize::try_from(v).map_err(|_| InterpError::NegativeSize { what: what.into(), size: p.to_string(), value: v })
     }
 
     /// A whole shape, refused beyond [`MAX_ELEMENTS`].
     pub(crate) fn shape(&self, s: &[Poly], what: &str) -> Result<Vec<usize>, InterpError> {
-        let shape = s
-            .iter()
-            .map(|p| self.size(p, what))
-            .collect::<Result<Vec<_>, _>>()?;
+        let shape = s.iter().map(|p| self.size(p, what)).collect::<Result<Vec<_>, _>>()?;
         match tensor::checked_numel(&shape) {
             Some(n) if n <= MAX_ELEMENTS => Ok(shape),
-            _ => Err(InterpError::TooLarge {
-                what: what.into(),
-                shape,
-                max: MAX_ELEMENTS,
-            }),
+            _ => Err(InterpError::TooLarge { what: what.into(), shape, max: MAX_ELEMENTS }),
         }
     }
 }

@@ -18,34 +18,18 @@ use super::{InterpError, Tensor};
 /// `pos * inv_freq` and cos/sin in f32, so at large positions its values
 /// drift from these by about `pos * 2^-24` radians: compare against HF with
 /// a tolerance that grows with the position.
-pub(crate) fn rope(
-    node: &str,
-    x: &Tensor,
-    pos: &Tensor,
-    theta: f64,
-) -> Result<Tensor, InterpError> {
+pub(crate) fn rope(node: &str, x: &Tensor, pos: &Tensor, theta: f64) -> Result<Tensor, InterpError> {
     let [b, heads, n, k] = x.shape[..] else {
-        return Err(InterpError::op(
-            node,
-            format!("rope wants x [b, heads, n, k], got {:?}", x.shape),
-        ));
+        return Err(InterpError::op(node, format!("rope wants x [b, heads, n, k], got {:?}", x.shape)));
     };
     if pos.shape != [b, n] {
-        return Err(InterpError::op(
-            node,
-            format!(
-                "rope positions have shape {:?}, expected [{b}, {n}]",
-                pos.shape
-            ),
-        ));
+        return Err(InterpError::op(node, format!("rope positions have shape {:?}, expected [{b}, {n}]", pos.shape)));
     }
     if k % 2 != 0 {
         return Err(InterpError::op(node, format!("rope head dim {k} is odd")));
     }
     let half = k / 2;
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|i| theta.powf(-2.0 * i as f64 / k as f64))
-        .collect();
+    let inv_freq: Vec<f64> = (0..half).map(|i| theta.powf(-2.0 * i as f64 / k as f64)).collect();
     let mut data = vec![0.0f32; x.data.len()];
     let (mut cos, mut sin) = (vec![0.0f64; half], vec![0.0f64; half]);
     for bi in 0..b {
@@ -67,30 +51,19 @@ pub(crate) fn rope(
             }
         }
     }
-    Ok(Tensor {
-        shape: x.shape.clone(),
-        data,
-    })
+    Ok(Tensor { shape: x.shape.clone(), data })
 }
 
 /// Rows of `table: [rows, d]` picked by integer `ids: [...]` → `[..., d]`.
 /// An id outside `0..rows` (or not an integer) is an error naming it.
 pub(crate) fn gather(node: &str, table: &Tensor, ids: &Tensor) -> Result<Tensor, InterpError> {
     let [rows, d] = table.shape[..] else {
-        return Err(InterpError::op(
-            node,
-            format!("gather table must be [rows, d], got {:?}", table.shape),
-        ));
+        return Err(InterpError::op(node, format!("gather table must be [rows, d], got {:?}", table.shape)));
     };
     let mut data = Vec::with_capacity(ids.data.len() * d);
     for (index, &id) in ids.data.iter().enumerate() {
         if !(id >= 0.0 && id.fract() == 0.0 && (id as usize) < rows) {
-            return Err(InterpError::GatherId {
-                node: node.into(),
-                index,
-                id,
-                rows,
-            });
+            return Err(InterpError::GatherId { node: node.into(), index, id, rows });
         }
         let r = id as usize;
         data.extend_from_slice(&table.data[r * d..(r + 1) * d]);
@@ -103,11 +76,5 @@ pub(crate) fn gather(node: &str, table: &Tensor, ids: &Tensor) -> Result<Tensor,
 /// Additive mask `[query, key]`: `0` where `key_pos <= offset + query_pos`,
 /// `-inf` elsewhere.
 pub(crate) fn causal_mask(query: usize, key: usize, offset: usize) -> Tensor {
-    Tensor::from_fn(vec![query, key], |i| {
-        if i[1] <= offset + i[0] {
-            0.0
-        } else {
-            f32::NEG_INFINITY
-        }
-    })
+    Tensor::from_fn(vec![query, key], |i| if i[1] <= offset + i[0] { 0.0 } else { f32::NEG_INFINITY })
 }

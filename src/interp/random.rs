@@ -91,26 +91,16 @@ pub fn random_inputs(
                 let base = dim("m_c").saturating_add(dim("m_d"));
                 let top = base.saturating_add(shape.last().copied().unwrap_or(1) as i64);
                 if top > MAX_EXACT_INT {
-                    return Err(InterpError::NotInteger {
-                        name: inp.name.clone(),
-                        index: 0,
-                        value: top as f64,
-                    });
+                    return Err(InterpError::NotInteger { name: inp.name.clone(), index: 0, value: top as f64 });
                 }
-                Tensor::from_fn(shape, |i| {
-                    (base + i.last().copied().unwrap_or(0) as i64) as f32
-                })
+                Tensor::from_fn(shape, |i| (base + i.last().copied().unwrap_or(0) as i64) as f32)
             }
             _ if !inp.dtype.is_float() => Tensor::from_fn(shape, |_| rng.below(2) as f32),
-            Role::Weight if shape.len() >= 2 => {
-                Tensor::from_fn(shape, |_| rng.symmetric() / last.sqrt())
-            }
+            Role::Weight if shape.len() >= 2 => Tensor::from_fn(shape, |_| rng.symmetric() / last.sqrt()),
             Role::Weight if shape.len() == 1 && inp.name.contains("bias") => {
                 Tensor::from_fn(shape, |_| 0.1 * rng.symmetric())
             }
-            Role::Weight if shape.len() == 1 => {
-                Tensor::from_fn(shape, |_| 1.0 + 0.1 * rng.symmetric())
-            }
+            Role::Weight if shape.len() == 1 => Tensor::from_fn(shape, |_| 1.0 + 0.1 * rng.symmetric()),
             _ => Tensor::from_fn(shape, |_| rng.symmetric()),
         };
         out.insert(inp.name.clone(), t);
@@ -127,9 +117,7 @@ fn gather_rows(graph: &Graph, at: &At, index: usize) -> Result<Option<usize>, In
         Value::Node(j) => from[j],
     };
     for (j, node) in graph.nodes.iter().enumerate() {
-        if matches!(node.op, Op::Gather)
-            && node.inputs.get(1).is_some_and(|v| derived(v, &from_input))
-        {
+        if matches!(node.op, Op::Gather) && node.inputs.get(1).is_some_and(|v| derived(v, &from_input)) {
             let table = graph.shape_of(node.inputs[0]);
             return match table.first() {
                 Some(rows) => Ok(Some(at.size(rows, &format!("node `{}`", node.id))?)),
@@ -144,9 +132,7 @@ fn gather_rows(graph: &Graph, at: &At, index: usize) -> Result<Option<usize>, In
 /// FNV-1a, 64 bits: a stable hash of an input name (std's hasher may change
 /// between Rust releases).
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3)
-    })
+    s.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3))
 }
 
 #[cfg(test)]

@@ -104,11 +104,7 @@ mod tests {
             (-1.0, -0.8427007929497149),
         ];
         for (x, want) in cases {
-            assert!(
-                rel(erf(x), want) < 1e-14,
-                "erf({x}) = {} want {want}",
-                erf(x)
-            );
+            assert!(rel(erf(x), want) < 1e-14, "erf({x}) = {} want {want}", erf(x));
         }
         let tails = [
             (0.5, 0.4795001221869535),
@@ -117,11 +113,7 @@ mod tests {
             (10.0, 2.088487583762545e-45),
         ];
         for (x, want) in tails {
-            assert!(
-                rel(erfc(x), want) < 1e-13,
-                "erfc({x}) = {} want {want}",
-                erfc(x)
-            );
+            assert!(rel(erfc(x), want) < 1e-13, "erfc({x}) = {} want {want}", erfc(x));
         }
         assert_eq!(erf(0.0), 0.0);
         assert_eq!(erf(f64::INFINITY), 1.0);

@@ -27,16 +27,8 @@ impl Tensor {
     /// A tensor of integers (ids, positions), stored exactly as `f32`.
     /// Errors when the lengths disagree or a value is beyond `2^24`.
     pub fn from_ints(shape: Vec<usize>, values: &[i64]) -> Result<Self, InterpError> {
-        if let Some((index, &v)) = values
-            .iter()
-            .enumerate()
-            .find(|(_, v)| v.abs() > MAX_EXACT_INT)
-        {
-            return Err(InterpError::NotInteger {
-                name: "Tensor::from_ints".into(),
-                index,
-                value: v as f64,
-            });
+        if let Some((index, &v)) = values.iter().enumerate().find(|(_, v)| v.abs() > MAX_EXACT_INT) {
+            return Err(InterpError::NotInteger { name: "Tensor::from_ints".into(), index, value: v as f64 });
         }
         Tensor::new(shape, values.iter().map(|&v| v as f32).collect())
     }
@@ -50,10 +42,7 @@ impl Tensor {
     /// A tensor filled with `value`.
     pub fn full(shape: Vec<usize>, value: f32) -> Self {
         let n = numel(&shape);
-        Tensor {
-            shape,
-            data: vec![value; n],
-        }
+        Tensor { shape, data: vec![value; n] }
     }
 
     /// A tensor whose element at multi-index `idx` is `f(idx)`.
@@ -76,10 +65,7 @@ impl Tensor {
 
     /// A rank-0 tensor.
     pub fn scalar(value: f32) -> Self {
-        Tensor {
-            shape: Vec::new(),
-            data: vec![value],
-        }
+        Tensor { shape: Vec::new(), data: vec![value] }
     }
 
     /// Number of elements: the product of the shape (saturating).
@@ -198,15 +184,9 @@ mod tests {
 
     #[test]
     fn new_rejects_wrong_length_and_ints_beyond_2_24() {
-        assert!(matches!(
-            Tensor::new(vec![2, 2], vec![0.0; 3]),
-            Err(InterpError::TensorLength { .. })
-        ));
+        assert!(matches!(Tensor::new(vec![2, 2], vec![0.0; 3]), Err(InterpError::TensorLength { .. })));
         assert!(Tensor::from_ints(vec![1], &[MAX_EXACT_INT + 1]).is_err());
-        assert_eq!(
-            Tensor::from_ints(vec![2], &[-3, 7]).map(|t| t.data).ok(),
-            Some(vec![-3.0, 7.0])
-        );
+        assert_eq!(Tensor::from_ints(vec![2], &[-3, 7]).map(|t| t.data).ok(), Some(vec![-3.0, 7.0]));
     }
 
     #[test]

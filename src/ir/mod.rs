@@ -135,9 +135,15 @@ pub enum Role {
     /// Absolute positions of the new tokens, `[b, n]`.
     Position,
     /// Cache of the shared context: no `b` axis, stored once.
-    ContextKv { layer: usize, kv: Kv },
+    ContextKv {
+        layer: usize,
+        kv: Kv,
+    },
     /// Cache of the tokens decoded so far, one per sample.
-    DecodeKv { layer: usize, kv: Kv },
+    DecodeKv {
+        layer: usize,
+        kv: Kv,
+    },
 }
 
 impl Role {
@@ -182,7 +188,10 @@ pub struct Node {
 pub enum OutputRole {
     Logits,
     /// The new rows to append to layer `layer`'s decode cache.
-    NewKv { layer: usize, kv: Kv },
+    NewKv {
+        layer: usize,
+        kv: Kv,
+    },
     Other,
 }
 

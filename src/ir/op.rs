@@ -84,35 +84,70 @@ pub enum Op {
     Einsum(EinsumSpec),
     /// numpy `matmul` over the last two axes with broadcast batch axes;
     /// `transpose_b` reads `b` as `[.., n, k]` (a PyTorch `Linear` weight).
-    MatMul { transpose_b: bool },
-    Concat { axis: usize },
+    MatMul {
+        transpose_b: bool,
+    },
+    Concat {
+        axis: usize,
+    },
     /// numpy-style broadcast to `shape`: new leading axes and size-1 axes expand.
-    Broadcast { shape: Shape },
+    Broadcast {
+        shape: Shape,
+    },
     /// `[start, end)` along `axis`.
-    Slice { axis: usize, start: Poly, end: Poly },
-    Reshape { shape: Shape },
-    Transpose { perm: Vec<usize> },
-    Softmax { axis: usize },
+    Slice {
+        axis: usize,
+        start: Poly,
+        end: Poly,
+    },
+    Reshape {
+        shape: Shape,
+    },
+    Transpose {
+        perm: Vec<usize>,
+    },
+    Softmax {
+        axis: usize,
+    },
     Unary(UnaryOp),
     /// numpy broadcasting between the two operands.
     Binary(BinaryOp),
-    Reduce { op: ReduceOp, axes: Vec<usize>, keepdims: bool },
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
     /// `x / sqrt(mean(x^2, last) + eps) * weight`.
-    RmsNorm { eps: f64 },
+    RmsNorm {
+        eps: f64,
+    },
     /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis.
-    LayerNorm { eps: f64 },
+    LayerNorm {
+        eps: f64,
+    },
     /// Rotary embedding, "rotate half" form (Llama/NeoX), on `x: [b, H, n, k]`
     /// with `positions: [b, n]`.
-    Rope { theta: f64 },
+    Rope {
+        theta: f64,
+    },
     /// Rows of `table: [V, d]` picked by integer `ids: [...]` → `[..., d]`.
     Gather,
     /// `x * value`.
-    Scale { value: f64 },
+    Scale {
+        value: f64,
+    },
     /// A tensor filled with `value`.
-    Constant { value: f64, shape: Shape },
+    Constant {
+        value: f64,
+        shape: Shape,
+    },
     /// Additive mask `[query, key]`: `0` where `key_pos <= offset + query_pos`,
     /// `-inf` elsewhere.
-    CausalMask { query: Poly, key: Poly, offset: Poly },
+    CausalMask {
+        query: Poly,
+        key: Poly,
+        offset: Poly,
+    },
 }
 
 impl Op {
@@ -165,7 +200,31 @@ impl Op {
 
 /// Every op name model.json accepts, for error messages and docs.
 pub const OP_NAMES: &[&str] = &[
-    "einsum", "matmul", "concat", "broadcast", "slice", "reshape", "transpose", "softmax", "exp", "neg",
-    "rsqrt", "silu", "gelu", "tanh", "add", "sub", "mul", "div", "reduce_sum", "reduce_max", "rms_norm",
-    "layer_norm", "rope", "gather", "scale", "constant", "causal_mask",
+    "einsum",
+    "matmul",
+    "concat",
+    "broadcast",
+    "slice",
+    "reshape",
+    "transpose",
+    "softmax",
+    "exp",
+    "neg",
+    "rsqrt",
+    "silu",
+    "gelu",
+    "tanh",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "reduce_sum",
+    "reduce_max",
+    "rms_norm",
+    "layer_norm",
+    "rope",
+    "gather",
+    "scale",
+    "constant",
+    "causal_mask",
 ];

@@ -71,13 +71,7 @@ pub fn broadcast_shapes(dims: &Dims, a: &[Poly], b: &[Poly]) -> Result<Shape, St
             (Some(x), Some(y)) if dims.same(x, y) => x.clone(),
             (Some(x), Some(y)) if dims.same(x, &one) => y.clone(),
             (Some(x), Some(y)) if dims.same(y, &one) => x.clone(),
-            _ => {
-                return Err(format!(
-                    "shapes {} and {} do not broadcast (axis {i})",
-                    fmt_shape(a),
-                    fmt_shape(b)
-                ))
-            }
+            _ => return Err(format!("shapes {} and {} do not broadcast (axis {i})", fmt_shape(a), fmt_shape(b))),
         };
         out.push(d);
     }
@@ -112,11 +106,7 @@ fn einsum_shape(dims: &Dims, spec: &EinsumSpec, ins: &[Operand]) -> Result<Shape
             }
         }
     }
-    Ok(spec
-        .output
-        .iter()
-        .filter_map(|c| sizes.iter().find(|(l, _, _)| l == c).map(|(_, d, _)| d.clone()))
-        .collect())
+    Ok(spec.output.iter().filter_map(|c| sizes.iter().find(|(l, _, _)| l == c).map(|(_, d, _)| d.clone())).collect())
 }
 
 fn axis_in(op: &Op, axis: usize, shape: &Shape) -> Result<(), String> {
@@ -145,11 +135,8 @@ pub fn infer(dims: &Dims, op: &Op, ins: &[Operand]) -> Result<(Shape, DType), St
                 return Err(format!("`matmul` needs rank >= 2 operands, got {} and {}", fmt_shape(a), fmt_shape(b)));
             }
             let (m, ka) = (&a[a.len() - 2], &a[a.len() - 1]);
-            let (kb, n) = if *transpose_b {
-                (&b[b.len() - 1], &b[b.len() - 2])
-            } else {
-                (&b[b.len() - 2], &b[b.len() - 1])
-            };
+            let (kb, n) =
+                if *transpose_b { (&b[b.len() - 1], &b[b.len() - 2]) } else { (&b[b.len() - 2], &b[b.len() - 1]) };
             if !dims.same(ka, kb) {
                 return Err(format!(
                     "`matmul` contraction sizes differ: {} @ {}{} ({ka} vs {kb})",
@@ -194,9 +181,7 @@ pub fn infer(dims: &Dims, op: &Op, ins: &[Operand]) -> Result<(Shape, DType), St
             let x = ins[0].shape;
             let one = Poly::constant(1);
             let fits = shape.len() >= x.len()
-                && x.iter()
-                    .zip(&shape[shape.len() - x.len()..])
-                    .all(|(d, t)| dims.same(d, t) || dims.same(d, &one));
+                && x.iter().zip(&shape[shape.len() - x.len()..]).all(|(d, t)| dims.same(d, t) || dims.same(d, &one));
             if !fits {
                 return Err(format!("cannot broadcast {} to {}", fmt_shape(x), fmt_shape(shape)));
             }
@@ -241,8 +226,8 @@ pub fn infer(dims: &Dims, op: &Op, ins: &[Operand]) -> Result<(Shape, DType), St
             expect_arity(op, ins.len(), 1)?;
             let x = ins[0].shape;
             let mut seen = vec![false; x.len()];
-            let valid = perm.len() == x.len()
-                && perm.iter().all(|&p| p < x.len() && !std::mem::replace(&mut seen[p], true));
+            let valid =
+                perm.len() == x.len() && perm.iter().all(|&p| p < x.len() && !std::mem::replace(&mut seen[p], true));
             if !valid {
                 return Err(format!("`transpose` perm {perm:?} is not a permutation of the axes of {}", fmt_shape(x)));
             }

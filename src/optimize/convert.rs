@@ -2,8 +2,8 @@
 
 use crate::ir::{BinaryOp, DType, EinsumSpec, Graph, Node, Op, Output, Value};
 use bifurc_passes::{Dtype, Kind, Leaf, Problem, Ref, Solution};
-use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
 
 fn dtype(d: DType) -> Dtype {
     Dtype { name: d.name().into(), bytes: d.bytes() as u32 }
@@ -146,7 +146,8 @@ pub fn from_solution(graph: &Graph, sol: &Solution) -> Result<Graph, ConvertErro
                 Ref::Node(j) => Value::Node(new_index[*j]),
             })
             .collect();
-        let dtype = DType::parse(s.dtype.name.as_str()).ok_or_else(|| ConvertError(format!("dtype {}", s.dtype.name)))?;
+        let dtype =
+            DType::parse(s.dtype.name.as_str()).ok_or_else(|| ConvertError(format!("dtype {}", s.dtype.name)))?;
         new_index[i] = nodes.len();
         nodes.push(Node { id: names[i].clone(), op: op_of(graph, s)?, inputs, shape: s.shape.clone(), dtype });
         for &u in &users[i] {

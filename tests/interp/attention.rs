@@ -27,20 +27,12 @@ fn plain_attention(ins: &HashMap<String, Tensor>, b: usize, m_c: usize, m_d: usi
         let (bi, hi, t, c) = (i[0], i[1], i[2], i[3]);
         let visible = m_c + m_d + t + 1;
         let scores: Vec<f64> = (0..visible)
-            .map(|j| {
-                (0..k)
-                    .map(|e| at("q", &[bi, hi, t, e]) * row("k", bi, hi, j, e))
-                    .sum::<f64>()
-                    / (k as f64).sqrt()
-            })
+            .map(|j| (0..k).map(|e| at("q", &[bi, hi, t, e]) * row("k", bi, hi, j, e)).sum::<f64>() / (k as f64).sqrt())
             .collect();
         let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
         let total: f64 = w.iter().sum();
-        ((0..visible)
-            .map(|j| w[j] * row("v", bi, hi, j, c))
-            .sum::<f64>()
-            / total) as f32
+        ((0..visible).map(|j| w[j] * row("v", bi, hi, j, c)).sum::<f64>() / total) as f32
     })
 }
 
@@ -101,10 +93,7 @@ fn interp_runs_the_tiny_llama_example() {
         eprintln!("tiny llama at m_d = {m_d}: {:?}", start.elapsed());
         assert_eq!(out.len(), g.outputs.len());
         for (name, t) in &out {
-            assert!(
-                t.data.iter().all(|v| v.is_finite()),
-                "{name} has non-finite values"
-            );
+            assert!(t.data.iter().all(|v| v.is_finite()), "{name} has non-finite values");
         }
     }
 }

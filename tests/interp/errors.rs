@@ -8,19 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 
 #[test]
 fn interp_errors_name_what_is_wrong() {
-    let g = bifurc::import::parse(&op_graph(
-        &[("table", "[3, 2]", "f32"), ("ids", r#"["m"]"#, "i32")],
-        "gather",
-        "{}",
-    ))
-    .expect("graph");
+    let g = bifurc::import::parse(&op_graph(&[("table", "[3, 2]", "f32"), ("ids", r#"["m"]"#, "i32")], "gather", "{}"))
+        .expect("graph");
     let table = t(&[3, 2], &[0.; 6]);
-    let ins = |ids: Tensor| {
-        HashMap::from([
-            ("table".to_string(), table.clone()),
-            ("ids".to_string(), ids),
-        ])
-    };
+    let ins = |ids: Tensor| HashMap::from([("table".to_string(), table.clone()), ("ids".to_string(), ids)]);
     let p = point(&[("m", 2)]);
 
     let only_table = HashMap::from([("table".to_string(), table.clone())]);
@@ -36,56 +27,27 @@ fn interp_errors_name_what_is_wrong() {
         "{e:?}"
     );
     let msg = e.to_string();
-    assert!(
-        msg.contains("[3]") && msg.contains("[2]") && msg.contains("[m]"),
-        "{msg}"
-    );
+    assert!(msg.contains("[3]") && msg.contains("[2]") && msg.contains("[m]"), "{msg}");
 
     match run(&g, &p, &ins(t(&[2], &[1., 3.]))) {
-        Err(InterpError::GatherId {
-            node,
-            index,
-            id,
-            rows,
-        }) => assert_eq!((node.as_str(), index, id, rows), ("out", 1, 3., 3)),
+        Err(InterpError::GatherId { node, index, id, rows }) => {
+            assert_eq!((node.as_str(), index, id, rows), ("out", 1, 3., 3))
+        }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(
-        run(&g, &p, &ins(t(&[2], &[-1., 0.]))),
-        Err(InterpError::GatherId { .. })
-    ));
-    assert!(matches!(
-        run(&g, &p, &ins(t(&[2], &[0.5, 0.]))),
-        Err(InterpError::NotInteger { index: 0, .. })
-    ));
+    assert!(matches!(run(&g, &p, &ins(t(&[2], &[-1., 0.]))), Err(InterpError::GatherId { .. })));
+    assert!(matches!(run(&g, &p, &ins(t(&[2], &[0.5, 0.]))), Err(InterpError::NotInteger { index: 0, .. })));
 
     let good = ins(t(&[2], &[2., 0.]));
     assert!(run(&g, &p, &good).is_ok());
-    assert!(
-        matches!(run(&g, &BTreeMap::new(), &good), Err(InterpError::MissingDim { dim, .. }) if dim == "m")
-    );
-    assert!(matches!(
-        run(&g, &point(&[("m", -1)]), &good),
-        Err(InterpError::NegativeDim { .. })
-    ));
+    assert!(matches!(run(&g, &BTreeMap::new(), &good), Err(InterpError::MissingDim { dim, .. }) if dim == "m"));
+    assert!(matches!(run(&g, &point(&[("m", -1)]), &good), Err(InterpError::NegativeDim { .. })));
     let short = HashMap::from([
-        (
-            "table".to_string(),
-            Tensor {
-                shape: vec![3, 2],
-                data: vec![0.; 5],
-            },
-        ),
+        ("table".to_string(), Tensor { shape: vec![3, 2], data: vec![0.; 5] }),
         ("ids".to_string(), t(&[2], &[0., 0.])),
     ]);
-    assert!(matches!(
-        run(&g, &p, &short),
-        Err(InterpError::TensorLength { .. })
-    ));
-    assert!(matches!(
-        run(&g, &point(&[("m", i64::MAX)]), &good),
-        Err(InterpError::TooLarge { .. })
-    ));
+    assert!(matches!(run(&g, &p, &short), Err(InterpError::TensorLength { .. })));
+    assert!(matches!(run(&g, &point(&[("m", i64::MAX)]), &good), Err(InterpError::TooLarge { .. })));
 }
 
 #[test]
@@ -99,10 +61,7 @@ fn interp_random_inputs_are_deterministic_per_seed() {
         assert_ne!(a[name].data, b[name].data, "{name}");
         assert!(a[name].data.iter().all(|v| (-1.0..1.0).contains(v)));
     }
-    assert_ne!(
-        a["q"].data, a["k_new"].data,
-        "each input has its own stream"
-    );
+    assert_ne!(a["q"].data, a["k_new"].data, "each input has its own stream");
 }
 
 #[test]
@@ -111,9 +70,7 @@ fn interp_random_token_ids_and_positions_fit_the_graph() {
     let p = point(&[("b", 40), ("m_c", 100), ("m_d", 7)]);
     let ins = random_inputs(&g, &p, 3).expect("inputs");
     let ids = &ins["tokens"].data;
-    assert!(ids
-        .iter()
-        .all(|&v| v.fract() == 0.0 && (0.0..5.0).contains(&v)));
+    assert!(ids.iter().all(|&v| v.fract() == 0.0 && (0.0..5.0).contains(&v)));
     assert!(ids.contains(&4.0), "ids span the table's rows");
     assert_eq!(ins["pos"].get(&[39, 2]), Some(109.0));
     assert_eq!(ins["pos"].get(&[0, 0]), Some(107.0));

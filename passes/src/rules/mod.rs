@@ -24,7 +24,8 @@ pub struct Law {
 impl Law {
     /// `vars` are pattern variables such as `"?s"`, bound in order.
     fn new(vars: &[&str], f: fn(&mut Graph, Id, &[Id]) -> Vec<Id>) -> Self {
-        let vars = vars.iter().map(|v| v.parse().unwrap_or_else(|_| panic!("rule variable `{v}` is malformed"))).collect();
+        let vars =
+            vars.iter().map(|v| v.parse().unwrap_or_else(|_| panic!("rule variable `{v}` is malformed"))).collect();
         Law { vars, f }
     }
 }
@@ -48,7 +49,12 @@ impl Applier<Expr, ShapeAnalysis> for Law {
 
 /// Builds a rule from a pattern and a law; the pattern is ours, so a parse
 /// failure is a bug.
-fn law(name: &str, pattern: &str, vars: &[&str], f: fn(&mut Graph, Id, &[Id]) -> Vec<Id>) -> Rewrite<Expr, ShapeAnalysis> {
+fn law(
+    name: &str,
+    pattern: &str,
+    vars: &[&str],
+    f: fn(&mut Graph, Id, &[Id]) -> Vec<Id>,
+) -> Rewrite<Expr, ShapeAnalysis> {
     let searcher: egg::Pattern<Expr> = pattern.parse().unwrap_or_else(|e| panic!("rule {name}: bad pattern: {e}"));
     Rewrite::new(name, searcher, Law::new(vars, f)).unwrap_or_else(|e| panic!("rule {name}: {e}"))
 }
