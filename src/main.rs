@@ -37,6 +37,12 @@ enum Command {
         /// Storage dtype of weights, caches and activations (default: the config's torch_dtype, else f32).
         #[arg(long)]
         dtype: Option<DtypeArg>,
+        /// Multi-level sharing: P prompts x S samples (batch P*S) share a system prompt
+        /// (cache.{i}.{k,v}_sys [g, m_s, k], broadcast over all samples) and each prompt's
+        /// samples share its context (cache.{i}.{k,v}_ctx [P, g, m_c, k]). Runtime dims
+        /// P, S, m_s, m_c, m_d.
+        #[arg(long)]
+        multi_level: bool,
     },
     /// Summarize a model.json: layers, parameters, the attention sites that read a
     /// batch-broadcast context cache, and bytes moved per decode step.
@@ -145,10 +151,10 @@ fn check_not_input(output: &Path, inputs: &[&Path]) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::ImportHf { config, output, layers, dtype } => {
+        Command::ImportHf { config, output, layers, dtype, multi_level } => {
             check_not_input(&output, &[&config])?;
             let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
-            let opts = bifurc::hf::HfOptions { layers, dtype: dtype.map(Into::into) };
+            let opts = bifurc::hf::HfOptions { layers, dtype: dtype.map(Into::into), multi_level };
             let doc = bifurc::hf::build(&text, &opts).with_context(|| format!("{}", config.display()))?;
             bifurc::fsio::write_atomic(&output, bifurc::export::to_string(&doc).as_bytes())
                 .with_context(|| format!("cannot write {}", output.display()))?;

@@ -33,10 +33,7 @@ impl<'a> Config<'a> {
     }
 
     pub(super) fn new(value: &'a Json) -> Result<Self, HfError> {
-        value
-            .as_object()
-            .map(|map| Config { map })
-            .ok_or_else(|| HfError::NotObject(found(value)))
+        value.as_object().map(|map| Config { map }).ok_or_else(|| HfError::NotObject(found(value)))
     }
 
     /// True when the field is present, even as `null`.
@@ -50,28 +47,20 @@ impl<'a> Config<'a> {
     }
 
     fn bad(field: &str, expected: &'static str, v: &Json) -> HfError {
-        HfError::BadField {
-            field: field.to_string(),
-            expected,
-            found: found(v),
-        }
+        HfError::BadField { field: field.to_string(), expected, found: found(v) }
     }
 
     /// A required positive integer.
     pub(super) fn req_usize(&self, field: &str) -> Result<usize, HfError> {
         match self.map.get(field) {
-            None => Err(HfError::MissingField {
-                field: field.to_string(),
-            }),
+            None => Err(HfError::MissingField { field: field.to_string() }),
             Some(v) => Self::positive(field, v),
         }
     }
 
     /// An optional positive integer.
     pub(super) fn opt_usize(&self, field: &str) -> Result<Option<usize>, HfError> {
-        self.get(field)
-            .map(|v| Self::positive(field, v))
-            .transpose()
+        self.get(field).map(|v| Self::positive(field, v)).transpose()
     }
 
     fn positive(field: &str, v: &Json) -> Result<usize, HfError> {
@@ -85,34 +74,23 @@ impl<'a> Config<'a> {
     pub(super) fn opt_f64(&self, field: &str) -> Result<Option<f64>, HfError> {
         self.get(field)
             .map(|v| {
-                v.as_f64()
-                    .filter(|x| x.is_finite() && *x > 0.0)
-                    .ok_or_else(|| Self::bad(field, "a positive number", v))
+                v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| Self::bad(field, "a positive number", v))
             })
             .transpose()
     }
 
     pub(super) fn opt_bool(&self, field: &str) -> Result<Option<bool>, HfError> {
-        self.get(field)
-            .map(|v| {
-                v.as_bool()
-                    .ok_or_else(|| Self::bad(field, "true or false", v))
-            })
-            .transpose()
+        self.get(field).map(|v| v.as_bool().ok_or_else(|| Self::bad(field, "true or false", v))).transpose()
     }
 
     pub(super) fn opt_str(&self, field: &str) -> Result<Option<&'a str>, HfError> {
-        self.get(field)
-            .map(|v| v.as_str().ok_or_else(|| Self::bad(field, "a string", v)))
-            .transpose()
+        self.get(field).map(|v| v.as_str().ok_or_else(|| Self::bad(field, "a string", v))).transpose()
     }
 
     /// A required string (present, not `null`).
     pub(super) fn req_str(&self, field: &str) -> Result<&'a str, HfError> {
         match self.map.get(field) {
-            None => Err(HfError::MissingField {
-                field: field.to_string(),
-            }),
+            None => Err(HfError::MissingField { field: field.to_string() }),
             Some(v) => v.as_str().ok_or_else(|| Self::bad(field, "a string", v)),
         }
     }
@@ -130,16 +108,12 @@ mod tests {
 
     #[test]
     fn reads_and_rejects_fields() {
-        let v =
-            json!({"a": 4, "b": 0, "c": "4", "d": null, "e": 1e-5, "f": -1.0, "g": true, "h": 4.5});
+        let v = json!({"a": 4, "b": 0, "c": "4", "d": null, "e": 1e-5, "f": -1.0, "g": true, "h": 4.5});
         let c = Config::new(&v).unwrap();
         assert_eq!(c.req_usize("a").unwrap(), 4);
         assert_eq!(c.opt_usize("d").unwrap(), None);
         assert_eq!(c.opt_usize("zz").unwrap(), None);
-        assert_eq!(
-            c.req_usize("zz").unwrap_err().to_string(),
-            "config field `zz` is missing"
-        );
+        assert_eq!(c.req_usize("zz").unwrap_err().to_string(), "config field `zz` is missing");
         assert_eq!(
             c.req_usize("b").unwrap_err().to_string(),
             "config field `b` must be a positive integer, got the number 0"
@@ -148,10 +122,7 @@ mod tests {
             c.req_usize("c").unwrap_err().to_string(),
             "config field `c` must be a positive integer, got the string \"4\""
         );
-        assert_eq!(
-            c.req_usize("d").unwrap_err().to_string(),
-            "config field `d` must be a positive integer, got null"
-        );
+        assert_eq!(c.req_usize("d").unwrap_err().to_string(), "config field `d` must be a positive integer, got null");
         assert!(c.opt_usize("h").is_err());
         assert_eq!(c.opt_f64("e").unwrap(), Some(1e-5));
         assert!(c.opt_f64("f").is_err());

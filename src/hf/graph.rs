@@ -5,8 +5,28 @@
 use super::{Act, Family, Spec};
 use serde_json::{json, Map, Value as Json};
 
-/// Total key length of one attention: context, decoded, new tokens.
-const KEYS: &str = "m_c+m_d+n";
+/// The batch axis, total key length (context, decoded, new tokens) and mask
+/// offset of a single-level graph: one context shared by all `b` samples.
+const SINGLE: Layout = Layout { batch: "b", keys: "m_c+m_d+n", offset: "m_c+m_d", multi: false };
+
+/// The same for multi-level sharing: `P` prompts of `S` samples each share a
+/// system prompt (`m_s`), each prompt's samples share its context (`m_c`).
+/// Sizes are written in canonical order, so the document round-trips.
+const MULTI: Layout = Layout { batch: "P*S", keys: "m_c+m_d+m_s+n", offset: "m_c+m_d+m_s", multi: true };
+
+/// Sizes that differ between single- and multi-level sharing.
+#[derive(Clone, Copy)]
+struct Layout {
+    /// Size of the batch axis of activations and decode caches.
+    batch: &'static str,
+    /// Keys one new token attends to.
+    keys: &'static str,
+    /// Position of the first new token.
+    offset: &'static str,
+    /// System cache broadcast over all samples, per-prompt cache broadcast
+    /// over its group of samples.
+    multi: bool,
+}
 
 /// A size: an integer becomes a JSON number, an expression stays a string.
 fn size(d: &str) -> Json {
@@ -23,20 +43,14 @@ fn shape(dims: &[&str]) -> Json {
 /// Collects inputs, nodes and outputs in emission order.
 struct Builder {
     dtype: &'static str,
+    layout: Layout,
     inputs: Vec<Json>,
     nodes: Vec<Json>,
     outputs: Vec<Json>,
 }
 
 impl Builder {
-    fn input(
-        &mut self,
-        name: &str,
-        role: &str,
-        kv: Option<(usize, &str)>,
-        dims: &[&str],
-        dtype: &str,
-    ) {
+    fn input(&mut self, name: &str, role: &str, kv: Option<(usize, &str)>, dims: &[&str], dtype: &str) {
         let mut m = Map::new();
         m.insert("name".into(), json!(name));
         m.insert("role".into(), json!(role));
@@ -97,15 +111,9 @@ impl Builder {
         bias: bool,
     ) -> String {
         let (w, attrs) = if conv1d {
-            (
-                self.weight(format!("{param}.weight"), &[dim_in, dim_out]),
-                None,
-            )
+            (self.weight(format!("{param}.weight"), &[dim_in, dim_out]), None)
         } else {
-            (
-                self.weight(format!("{param}.weight"), &[dim_out, dim_in]),
-                Some(json!({"transpose_b": true})),
-            )
+            (self.weight(format!("{param}.weight"), &[dim_out, dim_in]), Some(json!({"transpose_b": true})))
         };
         let y = self.node(id.to_string(), "matmul", &[x, &w], attrs);
         if !bias {
@@ -122,55 +130,81 @@ impl Builder {
             format!("{pre}_split"),
             "reshape",
             &[x],
-            Some(json!({"shape": shape(&["b", "n", heads, head])})),
+            Some(json!({"shape": shape(&[self.layout.batch, "n", heads, head])})),
         );
-        self.node(
-            id.to_string(),
-            "transpose",
-            &[&split],
-            Some(json!({"perm": [0, 2, 1, 3]})),
-        )
+        self.node(id.to_string(), "transpose", &[&split], Some(json!({"perm": [0, 2, 1, 3]})))
     }
 
-    /// The four cache inputs of layer `i`.
+    /// The cache inputs of layer `i`: context (`{kv}_ctx`) and decode
+    /// (`{kv}_dec`) caches, and with multi-level sharing first the system
+    /// caches (`{kv}_sys`); the per-prompt context cache then has a `P` axis.
     fn caches(&mut self, i: usize) {
         let dtype = self.dtype;
-        for kv in ["k", "v"] {
-            self.input(
-                &format!("cache.{i}.{kv}_ctx"),
-                "context_kv",
-                Some((i, kv)),
-                &["g", "m_c", "k"],
-                dtype,
-            );
+        let batch = self.layout.batch;
+        if self.layout.multi {
+            for kv in ["k", "v"] {
+                self.input(&format!("cache.{i}.{kv}_sys"), "context_kv", Some((i, kv)), &["g", "m_s", "k"], dtype);
+            }
+            for kv in ["k", "v"] {
+                self.input(&format!("cache.{i}.{kv}_ctx"), "context_kv", Some((i, kv)), &["P", "g", "m_c", "k"], dtype);
+            }
+        } else {
+            for kv in ["k", "v"] {
+                self.input(&format!("cache.{i}.{kv}_ctx"), "context_kv", Some((i, kv)), &["g", "m_c", "k"], dtype);
+            }
         }
         for kv in ["k", "v"] {
-            self.input(
-                &format!("cache.{i}.{kv}_dec"),
-                "decode_kv",
-                Some((i, kv)),
-                &["b", "g", "m_d", "k"],
-                dtype,
-            );
+            self.input(&format!("cache.{i}.{kv}_dec"), "decode_kv", Some((i, kv)), &[batch, "g", "m_d", "k"], dtype);
         }
     }
 
     /// All keys (or values) of layer `i` for every query head:
     /// `concat([broadcast(ctx), dec, new], 2)`, then `repeat_kv` when `g < h`.
+    /// With multi-level sharing: `concat([broadcast(sys), ctx per sample,
+    /// dec, new], 2)`, where the per-prompt cache is repeated over its `S`
+    /// samples the way a framework does it (`ctx[:, None].expand(P, S, ..)
+    /// .reshape(P*S, ..)`).
     fn kv_all(&mut self, s: &Spec, i: usize, kv: &str, new: &str) -> String {
         let l = format!("l{i}.attn.{kv}");
-        let ctx = self.node(
-            format!("{l}_ctx_b"),
-            "broadcast",
-            &[&format!("cache.{i}.{kv}_ctx")],
-            Some(json!({"shape": shape(&["b", "g", "m_c", "k"])})),
-        );
-        let all = self.node(
-            format!("{l}_all"),
-            "concat",
-            &[&ctx, &format!("cache.{i}.{kv}_dec"), new],
-            Some(json!({"axis": 2})),
-        );
+        let Layout { batch, keys, .. } = self.layout;
+        let dec = format!("cache.{i}.{kv}_dec");
+        let parts = if self.layout.multi {
+            let sys = self.node(
+                format!("{l}_sys_b"),
+                "broadcast",
+                &[&format!("cache.{i}.{kv}_sys")],
+                Some(json!({"shape": shape(&[batch, "g", "m_s", "k"])})),
+            );
+            let grouped = self.node(
+                format!("{l}_ctx_grouped"),
+                "reshape",
+                &[&format!("cache.{i}.{kv}_ctx")],
+                Some(json!({"shape": shape(&["P", "1", "g", "m_c", "k"])})),
+            );
+            let expanded = self.node(
+                format!("{l}_ctx_expanded"),
+                "broadcast",
+                &[&grouped],
+                Some(json!({"shape": shape(&["P", "S", "g", "m_c", "k"])})),
+            );
+            let ctx = self.node(
+                format!("{l}_ctx_b"),
+                "reshape",
+                &[&expanded],
+                Some(json!({"shape": shape(&[batch, "g", "m_c", "k"])})),
+            );
+            vec![sys, ctx]
+        } else {
+            vec![self.node(
+                format!("{l}_ctx_b"),
+                "broadcast",
+                &[&format!("cache.{i}.{kv}_ctx")],
+                Some(json!({"shape": shape(&[batch, "g", "m_c", "k"])})),
+            )]
+        };
+        let mut inputs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        inputs.extend([dec.as_str(), new]);
+        let all = self.node(format!("{l}_all"), "concat", &inputs, Some(json!({"axis": 2})));
         if s.g == s.h {
             return all;
         }
@@ -179,7 +213,7 @@ impl Builder {
                 format!("{l}_rep"),
                 "broadcast",
                 &[&all],
-                Some(json!({"shape": shape(&["b", "h", KEYS, "k"])})),
+                Some(json!({"shape": shape(&[batch, "h", keys, "k"])})),
             );
         }
         // HF repeat_kv: x[:, :, None].expand(b, g, p, M, k).reshape(b, h, M, k).
@@ -187,20 +221,15 @@ impl Builder {
             format!("{l}_grouped"),
             "reshape",
             &[&all],
-            Some(json!({"shape": shape(&["b", "g", "1", KEYS, "k"])})),
+            Some(json!({"shape": shape(&[batch, "g", "1", keys, "k"])})),
         );
         let expanded = self.node(
             format!("{l}_expanded"),
             "broadcast",
             &[&grouped],
-            Some(json!({"shape": shape(&["b", "g", "p", KEYS, "k"])})),
+            Some(json!({"shape": shape(&[batch, "g", "p", keys, "k"])})),
         );
-        self.node(
-            format!("{l}_rep"),
-            "reshape",
-            &[&expanded],
-            Some(json!({"shape": shape(&["b", "h", KEYS, "k"])})),
-        )
+        self.node(format!("{l}_rep"), "reshape", &[&expanded], Some(json!({"shape": shape(&[batch, "h", keys, "k"])})))
     }
 
     /// Attention of layer `i` from `q [b, h, n, k]` and the new rows
@@ -210,12 +239,7 @@ impl Builder {
         let l = format!("l{i}.attn");
         let keys = self.kv_all(s, i, "k", k_new);
         let values = self.kv_all(s, i, "v", v_new);
-        let keys_t = self.node(
-            format!("{l}.k_rep_t"),
-            "transpose",
-            &[&keys],
-            Some(json!({"perm": [0, 1, 3, 2]})),
-        );
+        let keys_t = self.node(format!("{l}.k_rep_t"), "transpose", &[&keys], Some(json!({"perm": [0, 1, 3, 2]})));
         let mut scores = self.node(format!("{l}.scores"), "matmul", &[q, &keys_t], None);
         if s.scale_attn || s.scale_by_layer {
             let mut scale = 1.0;
@@ -225,32 +249,12 @@ impl Builder {
             if s.scale_by_layer {
                 scale /= (i + 1) as f64;
             }
-            scores = self.node(
-                format!("{l}.scaled"),
-                "scale",
-                &[&scores],
-                Some(json!({"value": scale})),
-            );
+            scores = self.node(format!("{l}.scaled"), "scale", &[&scores], Some(json!({"value": scale})));
         }
-        let masked = self.node(
-            format!("{l}.masked"),
-            "add",
-            &[&scores, "causal_mask"],
-            None,
-        );
-        let probs = self.node(
-            format!("{l}.probs"),
-            "softmax",
-            &[&masked],
-            Some(json!({"axis": 3})),
-        );
+        let masked = self.node(format!("{l}.masked"), "add", &[&scores, "causal_mask"], None);
+        let probs = self.node(format!("{l}.probs"), "softmax", &[&masked], Some(json!({"axis": 3})));
         let ctx = self.node(format!("{l}.context"), "matmul", &[&probs, &values], None);
-        let ctx_t = self.node(
-            format!("{l}.context_t"),
-            "transpose",
-            &[&ctx],
-            Some(json!({"perm": [0, 2, 1, 3]})),
-        );
+        let ctx_t = self.node(format!("{l}.context_t"), "transpose", &[&ctx], Some(json!({"perm": [0, 2, 1, 3]})));
         for (kv, node) in [("k", k_new), ("v", v_new)] {
             self.output(format!("layer.{i}.{kv}_new"), node, "new_kv", Some((i, kv)));
         }
@@ -258,7 +262,7 @@ impl Builder {
             format!("{l}.merged"),
             "reshape",
             &[&ctx_t],
-            Some(json!({"shape": shape(&["b", "n", "h*k"])})),
+            Some(json!({"shape": shape(&[self.layout.batch, "n", "h*k"])})),
         )
     }
 
@@ -268,67 +272,24 @@ impl Builder {
         let l = format!("l{i}");
         let eps = json!({"eps": s.eps});
         let w = self.weight(format!("{p}.input_layernorm.weight"), &["d_model"]);
-        let xn = self.node(
-            format!("{l}.input_norm"),
-            "rms_norm",
-            &[x, &w],
-            Some(eps.clone()),
-        );
+        let xn = self.node(format!("{l}.input_norm"), "rms_norm", &[x, &w], Some(eps.clone()));
         let attn = format!("{p}.self_attn");
         let la = format!("{l}.attn");
-        let q = self.linear(
-            &xn,
-            &format!("{attn}.q_proj"),
-            &format!("{la}.q_proj"),
-            "d_model",
-            "h*k",
-            false,
-            s.qkv_bias,
-        );
-        let k = self.linear(
-            &xn,
-            &format!("{attn}.k_proj"),
-            &format!("{la}.k_proj"),
-            "d_model",
-            "g*k",
-            false,
-            s.qkv_bias,
-        );
-        let v = self.linear(
-            &xn,
-            &format!("{attn}.v_proj"),
-            &format!("{la}.v_proj"),
-            "d_model",
-            "g*k",
-            false,
-            s.qkv_bias,
-        );
+        let q =
+            self.linear(&xn, &format!("{attn}.q_proj"), &format!("{la}.q_proj"), "d_model", "h*k", false, s.qkv_bias);
+        let k =
+            self.linear(&xn, &format!("{attn}.k_proj"), &format!("{la}.k_proj"), "d_model", "g*k", false, s.qkv_bias);
+        let v =
+            self.linear(&xn, &format!("{attn}.v_proj"), &format!("{la}.v_proj"), "d_model", "g*k", false, s.qkv_bias);
         let q = self.split_heads(&q, &format!("{la}.q"), &format!("{la}.q_heads"), "h", "k");
         let k = self.split_heads(&k, &format!("{la}.k"), &format!("{la}.k_heads"), "g", "k");
         let v_new = self.split_heads(&v, &format!("{la}.v"), &format!("{la}.v_new"), "g", "k");
         let rope = json!({"theta": s.rope_theta});
-        let q = self.node(
-            format!("{la}.q"),
-            "rope",
-            &[&q, "positions"],
-            Some(rope.clone()),
-        );
-        let k_new = self.node(
-            format!("{la}.k_new"),
-            "rope",
-            &[&k, "positions"],
-            Some(rope),
-        );
+        let q = self.node(format!("{la}.q"), "rope", &[&q, "positions"], Some(rope.clone()));
+        let k_new = self.node(format!("{la}.k_new"), "rope", &[&k, "positions"], Some(rope));
         let merged = self.attention(s, i, &q, &k_new, &v_new);
-        let o = self.linear(
-            &merged,
-            &format!("{attn}.o_proj"),
-            &format!("{la}.o_proj"),
-            "h*k",
-            "d_model",
-            false,
-            s.o_bias,
-        );
+        let o =
+            self.linear(&merged, &format!("{attn}.o_proj"), &format!("{la}.o_proj"), "h*k", "d_model", false, s.o_bias);
         let h = self.node(format!("{la}.residual"), "add", &[x, &o], None);
 
         let w = self.weight(format!("{p}.post_attention_layernorm.weight"), &["d_model"]);
@@ -345,15 +306,8 @@ impl Builder {
             s.mlp_bias,
         );
         let act = self.node(format!("{lm}.act"), "silu", &[&gate], None);
-        let up = self.linear(
-            &hn,
-            &format!("{mlp}.up_proj"),
-            &format!("{lm}.up_proj"),
-            "d_model",
-            "ffn",
-            false,
-            s.mlp_bias,
-        );
+        let up =
+            self.linear(&hn, &format!("{mlp}.up_proj"), &format!("{lm}.up_proj"), "d_model", "ffn", false, s.mlp_bias);
         let gated = self.node(format!("{lm}.gated"), "mul", &[&act, &up], None);
         let down = self.linear(
             &gated,
@@ -384,61 +338,33 @@ impl Builder {
         let mqa = s.family == Family::BigCode && s.g == 1;
         let xn = self.layer_norm(x, &format!("{p}.ln_1"), format!("{l}.ln_1"), s.eps);
         let qkv_dim = if mqa { "d_model+2*k" } else { "3*d_model" };
-        let qkv = self.linear(
-            &xn,
-            &format!("{p}.attn.c_attn"),
-            &format!("{la}.c_attn"),
-            "d_model",
-            qkv_dim,
-            conv1d,
-            true,
-        );
+        let qkv =
+            self.linear(&xn, &format!("{p}.attn.c_attn"), &format!("{la}.c_attn"), "d_model", qkv_dim, conv1d, true);
         let (q, k_new, v_new) = if s.family == Family::BigCode && !mqa {
             // GPTBigCode MHA lays c_attn out per head as (q, k, v):
             // view(b, n, h, 3k).transpose(1, 2).split((k, 2k), dim=3).
-            let heads = self.split_heads(
-                &qkv,
-                &format!("{la}.qkv"),
-                &format!("{la}.qkv_heads"),
-                "h",
-                "3*k",
-            );
-            let [q, k_new, v_new] = [
-                ("q", "0", "k"),
-                ("k_new", "k", "2*k"),
-                ("v_new", "2*k", "3*k"),
-            ]
-            .map(|(name, start, end)| {
-                let bounds = json!({"axis": 3, "start": size(start), "end": end});
-                self.node(format!("{la}.{name}"), "slice", &[&heads], Some(bounds))
-            });
+            let heads = self.split_heads(&qkv, &format!("{la}.qkv"), &format!("{la}.qkv_heads"), "h", "3*k");
+            let [q, k_new, v_new] =
+                [("q", "0", "k"), ("k_new", "k", "2*k"), ("v_new", "2*k", "3*k")].map(|(name, start, end)| {
+                    let bounds = json!({"axis": 3, "start": size(start), "end": end});
+                    self.node(format!("{la}.{name}"), "slice", &[&heads], Some(bounds))
+                });
             (q, k_new, v_new)
         } else {
             // GPT-2 (and MQA GPTBigCode): split the last axis into q, k, v.
-            let (k_start, k_end, v_end) = if mqa {
-                ("d_model", "d_model+k", "d_model+2*k")
-            } else {
-                ("d_model", "2*d_model", "3*d_model")
-            };
-            let slices = [
-                ("q", "0", "d_model"),
-                ("k", k_start, k_end),
-                ("v", k_end, v_end),
-            ]
-            .map(|(name, start, end)| {
-                let bounds = json!({"axis": 2, "start": size(start), "end": end});
-                self.node(format!("{la}.{name}_slice"), "slice", &[&qkv], Some(bounds))
-            });
+            let (k_start, k_end, v_end) =
+                if mqa { ("d_model", "d_model+k", "d_model+2*k") } else { ("d_model", "2*d_model", "3*d_model") };
+            let slices =
+                [("q", "0", "d_model"), ("k", k_start, k_end), ("v", k_end, v_end)].map(|(name, start, end)| {
+                    let bounds = json!({"axis": 2, "start": size(start), "end": end});
+                    self.node(format!("{la}.{name}_slice"), "slice", &[&qkv], Some(bounds))
+                });
             let [sq, sk, sv] = &slices;
-            let [q, k, v] = [
-                ("q", "q", "h", sq),
-                ("k", "k_new", "g", sk),
-                ("v", "v_new", "g", sv),
-            ]
-            .map(|(pre, id, heads, x)| {
-                let pre = format!("{la}.{pre}");
-                self.split_heads(x, &pre, &format!("{la}.{id}"), heads, "k")
-            });
+            let [q, k, v] =
+                [("q", "q", "h", sq), ("k", "k_new", "g", sk), ("v", "v_new", "g", sv)].map(|(pre, id, heads, x)| {
+                    let pre = format!("{la}.{pre}");
+                    self.split_heads(x, &pre, &format!("{la}.{id}"), heads, "k")
+                });
             (q, k, v)
         };
         let merged = self.attention(s, i, &q, &k_new, &v_new);
@@ -455,30 +381,15 @@ impl Builder {
 
         let hn = self.layer_norm(&h, &format!("{p}.ln_2"), format!("{l}.ln_2"), s.eps);
         let lm = format!("{l}.mlp");
-        let fc = self.linear(
-            &hn,
-            &format!("{p}.mlp.c_fc"),
-            &format!("{lm}.c_fc"),
-            "d_model",
-            "ffn",
-            conv1d,
-            true,
-        );
+        let fc = self.linear(&hn, &format!("{p}.mlp.c_fc"), &format!("{lm}.c_fc"), "d_model", "ffn", conv1d, true);
         let attrs = match s.act {
             Act::GeluTanh => Some(json!({"approximate": "tanh"})),
             Act::Gelu | Act::Silu => None,
         };
         let op = if s.act == Act::Silu { "silu" } else { "gelu" };
         let act = self.node(format!("{lm}.act"), op, &[&fc], attrs);
-        let proj = self.linear(
-            &act,
-            &format!("{p}.mlp.c_proj"),
-            &format!("{lm}.c_proj"),
-            "ffn",
-            "d_model",
-            conv1d,
-            true,
-        );
+        let proj =
+            self.linear(&act, &format!("{p}.mlp.c_proj"), &format!("{lm}.c_proj"), "ffn", "d_model", conv1d, true);
         let out = self.node(format!("{lm}.residual"), "add", &[&h, &proj], None);
         self.caches(i);
         out
@@ -487,14 +398,10 @@ impl Builder {
 
 /// The model.json document of `s`.
 pub(super) fn build(s: &Spec) -> Json {
-    let mut b = Builder {
-        dtype: s.dtype.name(),
-        inputs: Vec::new(),
-        nodes: Vec::new(),
-        outputs: Vec::new(),
-    };
-    b.input("token_ids", "token_ids", None, &["b", "n"], "i32");
-    b.input("positions", "position", None, &["b", "n"], "i32");
+    let layout = if s.multi_level { MULTI } else { SINGLE };
+    let mut b = Builder { dtype: s.dtype.name(), layout, inputs: Vec::new(), nodes: Vec::new(), outputs: Vec::new() };
+    b.input("token_ids", "token_ids", None, &[layout.batch, "n"], "i32");
+    b.input("positions", "position", None, &[layout.batch, "n"], "i32");
 
     let (embed, mut x) = match s.family {
         Family::Llama => {
@@ -506,12 +413,7 @@ pub(super) fn build(s: &Spec) -> Json {
             let wte = b.weight("transformer.wte.weight".into(), &["vocab", "d_model"]);
             let wpe = b.weight("transformer.wpe.weight".into(), &["n_pos", "d_model"]);
             let tok = b.node("embed.tokens".into(), "gather", &[&wte, "token_ids"], None);
-            let pos = b.node(
-                "embed.positions".into(),
-                "gather",
-                &[&wpe, "positions"],
-                None,
-            );
+            let pos = b.node("embed.positions".into(), "gather", &[&wpe, "positions"], None);
             (wte, b.node("embed".into(), "add", &[&tok, &pos], None))
         }
     };
@@ -519,7 +421,7 @@ pub(super) fn build(s: &Spec) -> Json {
         "causal_mask".into(),
         "causal_mask",
         &[],
-        Some(json!({"query": "n", "key": KEYS, "offset": "m_c+m_d"})),
+        Some(json!({"query": "n", "key": layout.keys, "offset": layout.offset})),
     );
     for i in 0..s.layers {
         x = match s.family {
@@ -530,28 +432,12 @@ pub(super) fn build(s: &Spec) -> Json {
     let x = match s.family {
         Family::Llama => {
             let w = b.weight("model.norm.weight".into(), &["d_model"]);
-            b.node(
-                "final_norm".into(),
-                "rms_norm",
-                &[&x, &w],
-                Some(json!({"eps": s.eps})),
-            )
+            b.node("final_norm".into(), "rms_norm", &[&x, &w], Some(json!({"eps": s.eps})))
         }
-        Family::Gpt2 | Family::BigCode => {
-            b.layer_norm(&x, "transformer.ln_f", "final_norm".into(), s.eps)
-        }
+        Family::Gpt2 | Family::BigCode => b.layer_norm(&x, "transformer.ln_f", "final_norm".into(), s.eps),
     };
-    let head = if s.tie {
-        embed
-    } else {
-        b.weight("lm_head.weight".into(), &["vocab", "d_model"])
-    };
-    let logits = b.node(
-        "logits".into(),
-        "matmul",
-        &[&x, &head],
-        Some(json!({"transpose_b": true})),
-    );
+    let head = if s.tie { embed } else { b.weight("lm_head.weight".into(), &["vocab", "d_model"]) };
+    let logits = b.node("logits".into(), "matmul", &[&x, &head], Some(json!({"transpose_b": true})));
     let mut outputs = vec![json!({"name": "logits", "node": logits, "role": "logits"})];
     outputs.append(&mut b.outputs);
 
@@ -576,10 +462,8 @@ pub(super) fn build(s: &Spec) -> Json {
     let mut doc = Map::new();
     doc.insert("format".into(), json!(crate::ir::FORMAT));
     doc.insert("meta".into(), json!(s.meta));
-    doc.insert(
-        "dims".into(),
-        json!({"runtime": ["b", "m_c", "m_d"], "constants": constants}),
-    );
+    let runtime: &[&str] = if layout.multi { &["P", "S", "m_s", "m_c", "m_d"] } else { &["b", "m_c", "m_d"] };
+    doc.insert("dims".into(), json!({"runtime": runtime, "constants": constants}));
     doc.insert("inputs".into(), Json::Array(b.inputs));
     doc.insert("nodes".into(), Json::Array(b.nodes));
     doc.insert("outputs".into(), Json::Array(outputs));

@@ -4,7 +4,10 @@
 //! step the way the framework computes it: Hugging Face parameter names and
 //! shapes, attention over `concat(broadcast(K_ctx), K_dec, K_new)` with
 //! `repeat_kv` for grouped-query and multi-query heads. Supported
-//! `model_type`s: see [`SUPPORTED`].
+//! `model_type`s: see [`SUPPORTED`]. With [`HfOptions::multi_level`] the
+//! keys are `concat(broadcast(K_sys), repeat_S(K_ctx), K_dec, K_new)`: a
+//! system prompt shared by all samples and a context per prompt shared by
+//! its samples.
 
 mod config;
 mod graph;
@@ -32,6 +35,13 @@ pub struct HfOptions {
     /// Float type of weights, caches and activations, instead of the
     /// config's `torch_dtype`.
     pub dtype: Option<DType>,
+    /// Multi-level sharing: `P` prompts of `S` samples each (batch axis
+    /// `P*S`) share a system prompt (`cache.{i}.{kv}_sys [g, m_s, k]`,
+    /// broadcast over all samples); each prompt's context
+    /// (`cache.{i}.{kv}_ctx [P, g, m_c, k]`) is repeated over its `S`
+    /// samples. Runtime dims `P, S, m_s, m_c, m_d`; meta `sharing:
+    /// multi-level`.
+    pub multi_level: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,11 +55,7 @@ pub enum HfError {
     #[error("config field `{field}` is missing")]
     MissingField { field: String },
     #[error("config field `{field}` must be {expected}, got {found}")]
-    BadField {
-        field: String,
-        expected: &'static str,
-        found: String,
-    },
+    BadField { field: String, expected: &'static str, found: String },
     #[error("unsupported {model_type} config: {feature}")]
     Unsupported { model_type: String, feature: String },
     #[error("{0}")]
@@ -108,6 +114,8 @@ struct Spec {
     /// GPT-2 `scale_attn_by_inverse_layer_idx`: also scale by `1/(layer+1)`.
     scale_by_layer: bool,
     dtype: DType,
+    /// See [`HfOptions::multi_level`].
+    multi_level: bool,
     meta: BTreeMap<String, String>,
 }
 
@@ -124,10 +132,7 @@ pub fn build(config_json: &str, opts: &HfOptions) -> Result<serde_json::Value, H
 }
 
 fn unsupported(model_type: &str, feature: impl Into<String>) -> HfError {
-    HfError::Unsupported {
-        model_type: model_type.to_string(),
-        feature: feature.into(),
-    }
+    HfError::Unsupported { model_type: model_type.to_string(), feature: feature.into() }
 }
 
 fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
@@ -136,20 +141,13 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
         "llama" | "mistral" | "qwen2" => Family::Llama,
         "gpt2" => Family::Gpt2,
         "gpt_bigcode" => Family::BigCode,
-        other => {
-            return Err(HfError::UnsupportedModel {
-                model_type: other.to_string(),
-            })
-        }
+        other => return Err(HfError::UnsupportedModel { model_type: other.to_string() }),
     };
     let mt = model_type;
     let size = |field: &str| -> Result<usize, HfError> { limit(field, cfg.req_usize(field)?) };
-    let opt_size = |field: &str| -> Result<Option<usize>, HfError> {
-        cfg.opt_usize(field)?.map(|v| limit(field, v)).transpose()
-    };
-    let flag = |field: &str, default: bool| -> Result<bool, HfError> {
-        Ok(cfg.opt_bool(field)?.unwrap_or(default))
-    };
+    let opt_size =
+        |field: &str| -> Result<Option<usize>, HfError> { cfg.opt_usize(field)?.map(|v| limit(field, v)).transpose() };
+    let flag = |field: &str, default: bool| -> Result<bool, HfError> { Ok(cfg.opt_bool(field)?.unwrap_or(default)) };
 
     let mut spec = match family {
         Family::Llama => {
@@ -162,9 +160,7 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
             if h % g != 0 {
                 return Err(unsupported(
                     mt,
-                    format!(
-                        "num_attention_heads ({h}) is not divisible by num_key_value_heads ({g})"
-                    ),
+                    format!("num_attention_heads ({h}) is not divisible by num_key_value_heads ({g})"),
                 ));
             }
             let k = match opt_size("head_dim")? {
@@ -180,25 +176,14 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
                 }
             };
             if k % 2 != 0 {
-                return Err(unsupported(
-                    mt,
-                    format!("head dim {k} is odd (rotary embedding needs an even head dim)"),
-                ));
+                return Err(unsupported(mt, format!("head dim {k} is odd (rotary embedding needs an even head dim)")));
             }
             if let Some(v) = cfg.get("rope_scaling") {
-                return Err(unsupported(
-                    mt,
-                    format!("rope_scaling {v} (only null is supported)"),
-                ));
+                return Err(unsupported(mt, format!("rope_scaling {v} (only null is supported)")));
             }
             let act = match cfg.opt_str("hidden_act")?.unwrap_or("silu") {
                 "silu" | "swish" => Act::Silu,
-                other => {
-                    return Err(unsupported(
-                        mt,
-                        format!("hidden_act `{other}` (supported: silu)"),
-                    ))
-                }
+                other => return Err(unsupported(mt, format!("hidden_act `{other}` (supported: silu)"))),
             };
             check_sliding_window(cfg, mt)?;
             let (qkv_bias, o_bias, mlp_bias) = match model_type {
@@ -231,6 +216,7 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
                 scale_attn: true,
                 scale_by_layer: false,
                 dtype: DType::F32,
+                multi_level: opts.multi_level,
                 meta: BTreeMap::new(),
             }
         }
@@ -245,17 +231,10 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
                 None => limit("n_inner", d_model.saturating_mul(4))?,
             };
             if d_model % h != 0 {
-                return Err(unsupported(
-                    mt,
-                    format!("n_embd ({d_model}) is not divisible by n_head ({h})"),
-                ));
+                return Err(unsupported(mt, format!("n_embd ({d_model}) is not divisible by n_head ({h})")));
             }
             let k = d_model / h;
-            let default_act = if family == Family::Gpt2 {
-                "gelu_new"
-            } else {
-                "gelu_pytorch_tanh"
-            };
+            let default_act = if family == Family::Gpt2 { "gelu_new" } else { "gelu_pytorch_tanh" };
             let act = match cfg.opt_str("activation_function")?.unwrap_or(default_act) {
                 "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Act::GeluTanh,
                 "gelu" => Act::Gelu,
@@ -268,13 +247,8 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
                     ))
                 }
             };
-            let g = if family == Family::BigCode && flag("multi_query", true)? {
-                1
-            } else {
-                h
-            };
-            let scale_by_layer =
-                family == Family::Gpt2 && flag("scale_attn_by_inverse_layer_idx", false)?;
+            let g = if family == Family::BigCode && flag("multi_query", true)? { 1 } else { h };
+            let scale_by_layer = family == Family::Gpt2 && flag("scale_attn_by_inverse_layer_idx", false)?;
             Spec {
                 family,
                 layers: config_layers,
@@ -296,6 +270,7 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
                 scale_attn: flag("scale_attn_weights", true)?,
                 scale_by_layer,
                 dtype: DType::F32,
+                multi_level: opts.multi_level,
                 meta: BTreeMap::new(),
             }
         }
@@ -313,21 +288,11 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
         Some(n) => n,
     };
     if spec.layers > MAX_LAYERS {
-        return Err(unsupported(
-            mt,
-            format!(
-                "{} layers (at most {MAX_LAYERS} are built; pass --layers)",
-                spec.layers
-            ),
-        ));
+        return Err(unsupported(mt, format!("{} layers (at most {MAX_LAYERS} are built; pass --layers)", spec.layers)));
     }
     spec.dtype = match opts.dtype {
         Some(d) if d.is_float() => d,
-        Some(d) => {
-            return Err(HfError::BadOption(format!(
-                "--dtype {d} is not a float type (use f32, f16 or bf16)"
-            )))
-        }
+        Some(d) => return Err(HfError::BadOption(format!("--dtype {d} is not a float type (use f32, f16 or bf16)"))),
         None => config_dtype(cfg)?,
     };
 
@@ -347,14 +312,13 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
         "gqa"
     };
     meta.insert("attention".into(), heads.into());
+    if spec.multi_level {
+        meta.insert("sharing".into(), "multi-level".into());
+    }
     if let Some(class) = cfg.architecture_class() {
         meta.insert("hf_class".into(), class.into());
     }
-    if let Some(name) = cfg
-        .get("_name_or_path")
-        .and_then(|v| v.as_str())
-        .filter(|s| !s.is_empty())
-    {
+    if let Some(name) = cfg.get("_name_or_path").and_then(|v| v.as_str()).filter(|s| !s.is_empty()) {
         meta.insert("name".into(), name.into());
     }
     Ok(spec)
@@ -403,11 +367,7 @@ fn limit(field: &str, v: usize) -> Result<usize, HfError> {
 
 /// `torch_dtype` (or the newer `dtype`); absent means float32.
 fn config_dtype(cfg: &Config) -> Result<DType, HfError> {
-    let field = if cfg.get("torch_dtype").is_some() {
-        "torch_dtype"
-    } else {
-        "dtype"
-    };
+    let field = if cfg.get("torch_dtype").is_some() { "torch_dtype" } else { "dtype" };
     Ok(match cfg.opt_str(field)? {
         None | Some("float32") | Some("float") => DType::F32,
         Some("float16") | Some("half") => DType::F16,

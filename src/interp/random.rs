@@ -60,9 +60,9 @@ impl SplitMix64 {
 /// - `TokenIds`: integers in `0..rows`, where `rows` is the row count of the
 ///   table of the first `gather` that reads the input (directly or through
 ///   view ops); `0..2` when no gather does.
-/// - `Position`: element `(.., j)` is `m_c + m_d + j`, the absolute position
-///   of new token `j` in a decode step (a dim that is not a runtime dim
-///   counts as 0).
+/// - `Position`: element `(.., j)` is `m_s + m_c + m_d + j`, the absolute
+///   position of new token `j` in a decode step (`m_s` is the system prompt of
+///   a multi-level graph; a dim that is not a runtime dim counts as 0).
 /// - Any other integer-typed input: integers in `0..2`.
 pub fn random_inputs(
     graph: &Graph,
@@ -88,7 +88,7 @@ pub fn random_inputs(
                         0
                     }
                 };
-                let base = dim("m_c").saturating_add(dim("m_d"));
+                let base = dim("m_s").saturating_add(dim("m_c")).saturating_add(dim("m_d"));
                 let top = base.saturating_add(shape.last().copied().unwrap_or(1) as i64);
                 if top > MAX_EXACT_INT {
                     return Err(InterpError::NotInteger { name: inp.name.clone(), index: 0, value: top as f64 });
