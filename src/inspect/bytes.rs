@@ -109,8 +109,47 @@ impl Model<'_> {
                 let c = self.constant_expansion(node.inputs[0], shape);
                 self.read(node.inputs[0], count / c, acc)
             }
+            Op::Slice { axis, start, end } => self.read_slice(node.inputs[0], *axis, start, end, count, acc),
             _ => self.read(node.inputs[0], count, acc),
         }
+    }
+
+    /// A slice of a concat on the same axis reads only the parts it overlaps,
+    /// each in proportion to the overlap; any other slice reads through.
+    fn read_slice(
+        &self,
+        input: Value,
+        axis: usize,
+        start: &crate::ir::Poly,
+        end: &crate::ir::Poly,
+        count: f64,
+        acc: &mut Bytes,
+    ) -> Result<(), BytesError> {
+        let concat = match input {
+            Value::Node(i) => match &self.graph.nodes[i].op {
+                Op::Concat { axis: a } if *a == axis => Some(&self.graph.nodes[i]),
+                _ => None,
+            },
+            Value::Input(_) => None,
+        };
+        let Some(concat) = concat else { return self.read(input, count, acc) };
+        let at = |p: &crate::ir::Poly| {
+            self.graph.dims.eval(p, &self.point).map_err(|e| BytesError(format!("{}: {e}", concat.id)))
+        };
+        let (s, e) = (at(start)?, at(end)?);
+        if e <= s {
+            return Ok(());
+        }
+        let mut lo = 0;
+        for &part in &concat.inputs {
+            let hi = lo + at(&self.graph.shape_of(part)[axis])?;
+            let overlap = (e.min(hi) - s.max(lo)).max(0);
+            if overlap > 0 {
+                self.read(part, count * overlap as f64 / (e - s) as f64, acc)?;
+            }
+            lo = hi;
+        }
+        Ok(())
     }
 }
 

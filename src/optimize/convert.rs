@@ -96,30 +96,32 @@ pub fn from_solution(graph: &Graph, sol: &Solution) -> Result<Graph, ConvertErro
     taken.extend(sol.nodes.iter().filter_map(|s| s.origin.map(|o| graph.nodes[o].id.clone())));
     let mut names: Vec<String> = vec![String::new(); n];
     let mut keys: Vec<usize> = vec![usize::MAX; n];
-    let mut anchor: Vec<String> = vec![String::new(); n];
-    let mut counters: BTreeMap<(String, &'static str), usize> = BTreeMap::new();
+    let mut anchor: Vec<Option<usize>> = vec![None; n];
     for i in (0..n).rev() {
-        let s = &sol.nodes[i];
-        if let Some(o) = s.origin {
+        if let Some(o) = sol.nodes[i].origin {
             names[i] = graph.nodes[o].id.clone();
-            anchor[i] = names[i].clone();
             keys[i] = o;
+            anchor[i] = Some(i);
             continue;
         }
         let p = parent[i].ok_or_else(|| ConvertError(format!("new node {i} has no consumer")))?;
         keys[i] = keys[p];
-        anchor[i] = anchor[p].clone();
-        let kind = kind_name(&s.kind);
-        let c = counters.entry((anchor[i].clone(), kind)).or_insert(0);
-        let name = loop {
+        anchor[i] = anchor[p];
+    }
+    // Number new nodes per (anchor, kind) in graph order: `l0.attn.context.einsum1` is the first.
+    let mut counters: BTreeMap<(usize, &'static str), usize> = BTreeMap::new();
+    for i in 0..n {
+        let (Some(a), None) = (anchor[i], sol.nodes[i].origin) else { continue };
+        let kind = kind_name(&sol.nodes[i].kind);
+        let c = counters.entry((a, kind)).or_insert(0);
+        names[i] = loop {
             *c += 1;
-            let candidate = format!("{}.{kind}{c}", anchor[i]);
+            let candidate = format!("{}.{kind}{c}", names[a]);
             if !taken.contains(&candidate) {
                 break candidate;
             }
         };
-        taken.insert(name.clone());
-        names[i] = name;
+        taken.insert(names[i].clone());
     }
     // Kahn's algorithm, smallest (key, index) first.
     let mut indegree = vec![0usize; n];
@@ -135,10 +137,10 @@ pub fn from_solution(graph: &Graph, sol: &Solution) -> Result<Graph, ConvertErro
     let mut heap: BinaryHeap<Reverse<(usize, usize)>> =
         (0..n).filter(|&i| indegree[i] == 0).map(|i| Reverse((keys[i], i))).collect();
     let mut new_index = vec![usize::MAX; n];
-    let mut nodes = Vec::with_capacity(n);
+    let mut nodes: Vec<Node> = Vec::with_capacity(n);
     while let Some(Reverse((_, i))) = heap.pop() {
         let s = &sol.nodes[i];
-        let inputs = s
+        let inputs: Vec<Value> = s
             .inputs
             .iter()
             .map(|r| match r {
@@ -146,8 +148,25 @@ pub fn from_solution(graph: &Graph, sol: &Solution) -> Result<Graph, ConvertErro
                 Ref::Node(j) => Value::Node(new_index[*j]),
             })
             .collect();
-        let dtype =
+        let mut dtype =
             DType::parse(s.dtype.name.as_str()).ok_or_else(|| ConvertError(format!("dtype {}", s.dtype.name)))?;
+        // Partial results the rewrite introduces (an einsum per part, the adds
+        // that sum them) stay in f32 in a half-precision graph, so the split
+        // does not round where the original accumulated in one piece; the
+        // node that takes the original value back rounds once.
+        if s.origin.is_none() && matches!(s.kind, Kind::Einsum(_) | Kind::Add) && dtype.bytes() == 2 {
+            dtype = DType::F32;
+        }
+        // A new view (the concat of partial scores) has the dtype of what it views.
+        let is_view = matches!(
+            s.kind,
+            Kind::Concat(_) | Kind::Broadcast(_) | Kind::Slice { .. } | Kind::Reshape(_) | Kind::Transpose(_)
+        );
+        if s.origin.is_none() && is_view {
+            if let Some(Value::Node(first)) = inputs.first() {
+                dtype = nodes[*first].dtype;
+            }
+        }
         new_index[i] = nodes.len();
         nodes.push(Node { id: names[i].clone(), op: op_of(graph, s)?, inputs, shape: s.shape.clone(), dtype });
         for &u in &users[i] {

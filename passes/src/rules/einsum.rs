@@ -21,6 +21,8 @@ pub fn rules() -> Vec<Rewrite<Expr, ShapeAnalysis>> {
         law("einsum-absorb-transpose",       "(einsum ?s ?a ?b)", &["?s", "?a", "?b"], |eg, _, v| each_operand(eg, v, absorb_transpose)),
         // einsum(s, .., broadcast(x), ..) == einsum(s without the broadcast axes' letters, .., x, ..)
         law("einsum-absorb-broadcast",       "(einsum ?s ?a ?b)", &["?s", "?a", "?b"], |eg, _, v| each_operand(eg, v, absorb_broadcast)),
+        // einsum(s, .., reshape(x) dropping size-1 axes of x, ..) == einsum(s with x's size-1 axes under fresh letters, .., x, ..)
+        law("einsum-absorb-unit-reshape",    "(einsum ?s ?a ?b)", &["?s", "?a", "?b"], |eg, _, v| each_operand(eg, v, absorb_unit_reshape)),
         // einsum(s, .., reshape(x) merging axes g,p into h, ..) == reshape(einsum(s with h split into g,p, .., x, ..))
         law("einsum-split-merged-axis",      "(einsum ?s ?a ?b)", &["?s", "?a", "?b"], |eg, c, v| each_operand(eg, v, |eg, s, ops, j, n| split_merged(eg, c, s, ops, j, n))),
         // einsum(s, .., concat_L(x1, x2), ..) == concat_L(einsum(s, .., x1, ..), einsum(s, .., x2, ..))   (L free)
@@ -31,19 +33,17 @@ pub fn rules() -> Vec<Rewrite<Expr, ShapeAnalysis>> {
 }
 
 /// Runs `f` for each operand position and each e-node in that operand's class.
-fn each_operand(
+fn each_operand<R: IntoIterator<Item = Id>>(
     eg: &mut Graph,
     v: &[Id],
-    mut f: impl FnMut(&mut Graph, &Spec, &[Id], usize, &Expr) -> Option<Id>,
+    mut f: impl FnMut(&mut Graph, &Spec, &[Id], usize, &Expr) -> R,
 ) -> Vec<Id> {
     let Some(spec) = attr_of(eg, v[0]).and_then(Spec::parse) else { return Vec::new() };
     let ops = &v[1..];
     let mut out = Vec::new();
     for j in 0..ops.len() {
         for node in nodes_of(eg, ops[j]) {
-            if let Some(new) = f(eg, &spec, ops, j, &node) {
-                out.push(new);
-            }
+            out.extend(f(eg, &spec, ops, j, &node));
         }
     }
     out
@@ -92,24 +92,72 @@ fn absorb_transpose(eg: &mut Graph, s: &Spec, ops: &[Id], j: usize, node: &Expr)
     Some(spec::einsum(eg, &spec, &replaced(ops, j, *x)))
 }
 
-fn absorb_broadcast(eg: &mut Graph, s: &Spec, ops: &[Id], j: usize, node: &Expr) -> Option<Id> {
-    let Expr::Broadcast([_, x]) = node else { return None };
-    let target = shape_of(eg, ops[j])?.clone();
-    let src = shape_of(eg, *x)?.clone();
+fn absorb_broadcast(eg: &mut Graph, s: &Spec, ops: &[Id], j: usize, node: &Expr) -> Vec<Id> {
+    let Expr::Broadcast([_, x]) = node else { return Vec::new() };
+    let (Some(target), Some(src)) = (shape_of(eg, ops[j]).cloned(), shape_of(eg, *x).cloned()) else {
+        return Vec::new();
+    };
     let c = &eg.analysis.constants;
     let lead = target.len() - src.len();
-    // Axes of the operand that the broadcast creates or stretches.
-    let dropped: Vec<usize> =
-        (0..target.len()).filter(|&i| i < lead || (c.is_one(&src[i - lead]) && !c.is_one(&target[i]))).collect();
+    // Axes of the operand that the broadcast creates (leading) or stretches (size 1 in x).
+    let stretched: Vec<usize> = (lead..target.len()).filter(|&i| c.is_one(&src[i - lead]) && !c.is_one(&target[i])).collect();
+    let dropped: Vec<usize> = (0..lead).chain(stretched.iter().copied()).collect();
     if dropped.is_empty() || dropped.iter().any(|&i| !s.used_elsewhere(s.ins[j][i], j)) {
-        return None;
+        return Vec::new();
     }
-    let kept_src: Shape =
-        (lead..target.len()).filter(|i| !dropped.contains(i)).map(|i| src[i - lead].clone()).collect();
+    let mut out = Vec::new();
+    // Form 1: squeeze the stretched size-1 axes away (a reshape of x).
+    let kept_src: Shape = (lead..target.len()).filter(|i| !dropped.contains(i)).map(|i| src[i - lead].clone()).collect();
     let operand = if kept_src.len() == src.len() { *x } else { spec::reshape(eg, &kept_src, *x) };
     let mut spec = s.clone();
     spec.ins[j] = (0..target.len()).filter(|i| !dropped.contains(i)).map(|i| s.ins[j][i]).collect();
-    Some(spec::einsum(eg, &spec, &replaced(ops, j, operand)))
+    out.push(spec::einsum(eg, &spec, &replaced(ops, j, operand)));
+    // Form 2: read x as it is, its size-1 axes under fresh letters summed over
+    // one element. No reshape stands between the einsum and x, so laws about x
+    // (a concat, say) still see it.
+    if !stretched.is_empty() {
+        let mut spec = s.clone();
+        let mut fresh = s.fresh(stretched.len()).into_iter();
+        let mut letters = Vec::new();
+        for i in lead..target.len() {
+            letters.push(if stretched.contains(&i) { fresh.next() } else { Some(s.ins[j][i]) });
+        }
+        if let Some(letters) = letters.into_iter().collect::<Option<Vec<char>>>() {
+            spec.ins[j] = letters;
+            out.push(spec::einsum(eg, &spec, &replaced(ops, j, *x)));
+        }
+    }
+    out
+}
+
+fn absorb_unit_reshape(eg: &mut Graph, s: &Spec, ops: &[Id], j: usize, node: &Expr) -> Option<Id> {
+    let Expr::Reshape([_, x]) = node else { return None };
+    let to = shape_of(eg, ops[j])?;
+    let from = shape_of(eg, *x)?;
+    let c = &eg.analysis.constants;
+    if from.len() <= to.len() {
+        return None;
+    }
+    // x's axes in order: each one either matches the next operand axis or is a size-1 axis the reshape drops.
+    let mut fresh = s.fresh(from.len() - to.len()).into_iter();
+    let mut letters = Vec::with_capacity(from.len());
+    let mut k = 0;
+    for d in from {
+        if k < to.len() && c.same(d, &to[k]) {
+            letters.push(s.ins[j][k]);
+            k += 1;
+        } else if c.is_one(d) {
+            letters.push(fresh.next()?);
+        } else {
+            return None;
+        }
+    }
+    if k != to.len() {
+        return None;
+    }
+    let mut spec = s.clone();
+    spec.ins[j] = letters;
+    Some(spec::einsum(eg, &spec, &replaced(ops, j, *x)))
 }
 
 fn split_merged(eg: &mut Graph, matched: Id, s: &Spec, ops: &[Id], j: usize, node: &Expr) -> Option<Id> {
