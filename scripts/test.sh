@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The project's test command (also what CI runs, via .ci/run):
+# set-up, format check, clippy (with and without CUDA code), all tests.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "setup"
+scripts/setup.sh
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+
+step "cargo fmt --all --check"
+cargo fmt --all --check
+
+step "cargo clippy --workspace --all-targets"
+cargo clippy --workspace --all-targets -- -D warnings
+
+# The CUDA runtime is compiled (and its GPU-free checks run) without a GPU:
+# cudarc loads libcuda at run time.
+step "cargo clippy -p bifurc-runtime --features cuda"
+cargo clippy -p bifurc-runtime --features cuda --all-targets -- -D warnings
+
+step "cargo test --workspace"
+cargo test --workspace
+
+step "cargo test -p bifurc-runtime --features cuda"
+cargo test -p bifurc-runtime --features cuda
+
+printf '\nPASS: scripts/test.sh (fmt, clippy, clippy+cuda, tests)\n'

@@ -1,0 +1,166 @@
+//! Host-side buffers in storage dtypes, and conversions to and from the
+//! interpreter's f32 [`Tensor`].
+
+use std::ffi::c_void;
+
+use crate::interp::{Tensor, MAX_EXACT_INT};
+use crate::ir::DType;
+use crate::lower::LowerError;
+
+/// One buffer's elements in its storage type. Always at least one element
+/// long, so its pointer is valid even for a zero-size buffer.
+pub(crate) enum HostData {
+    F32(Vec<f32>),
+    /// f16 or bf16 bits.
+    U16(Vec<u16>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+}
+
+impl HostData {
+    /// `n` zeros (at least one element is allocated).
+    pub(crate) fn zeros(dtype: DType, n: usize) -> Self {
+        let n = n.max(1);
+        match dtype {
+            DType::F32 => HostData::F32(vec![0.0; n]),
+            DType::F16 | DType::BF16 => HostData::U16(vec![0; n]),
+            DType::I32 => HostData::I32(vec![0; n]),
+            DType::I64 => HostData::I64(vec![0; n]),
+        }
+    }
+
+    /// Converts `t` (f32 values) to storage `dtype`. Integer dtypes need
+    /// exact integers of magnitude `<= 2^24` (as the interpreter does).
+    pub(crate) fn from_tensor(dtype: DType, t: &Tensor, name: &str) -> Result<Self, LowerError> {
+        let ints = || -> Result<Vec<i64>, LowerError> {
+            t.data
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    if v.is_finite() && v.fract() == 0.0 && f64::from(v).abs() <= MAX_EXACT_INT as f64 {
+                        Ok(v as i64)
+                    } else {
+                        Err(LowerError::Run(format!(
+                            "input `{name}`: element {i} is {v}, not an integer of magnitude <= 2^24"
+                        )))
+                    }
+                })
+                .collect()
+        };
+        let mut out = match dtype {
+            DType::F32 => HostData::F32(t.data.clone()),
+            DType::BF16 => HostData::U16(t.data.iter().map(|&x| f32_to_bf16(x)).collect()),
+            DType::F16 => HostData::U16(t.data.iter().map(|&x| f32_to_f16(x)).collect()),
+            // |v| <= 2^24 fits i32.
+            DType::I32 => HostData::I32(ints()?.into_iter().map(|v| v as i32).collect()),
+            DType::I64 => HostData::I64(ints()?),
+        };
+        if t.data.is_empty() {
+            out = HostData::zeros(dtype, 0);
+        }
+        Ok(out)
+    }
+
+    /// The first `n` elements as f32, shaped `shape`.
+    pub(crate) fn to_tensor(&self, dtype: DType, shape: Vec<usize>, n: usize) -> Tensor {
+        let data: Vec<f32> = match self {
+            HostData::F32(v) => v.iter().take(n).copied().collect(),
+            HostData::U16(v) if dtype == DType::F16 => v.iter().take(n).map(|&h| f16_to_f32(h)).collect(),
+            HostData::U16(v) => v.iter().take(n).map(|&h| bf16_to_f32(h)).collect(),
+            HostData::I32(v) => v.iter().take(n).map(|&x| x as f32).collect(),
+            HostData::I64(v) => v.iter().take(n).map(|&x| x as f32).collect(),
+        };
+        Tensor { shape, data }
+    }
+
+    /// Pointer to the first element (never null, never dangling).
+    pub(crate) fn ptr(&mut self) -> *mut c_void {
+        match self {
+            HostData::F32(v) => v.as_mut_ptr().cast(),
+            HostData::U16(v) => v.as_mut_ptr().cast(),
+            HostData::I32(v) => v.as_mut_ptr().cast(),
+            HostData::I64(v) => v.as_mut_ptr().cast(),
+        }
+    }
+}
+
+/// f32 → bfloat16 bits, round to nearest even (NaN stays NaN).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) as u16) | 0x0040;
+    }
+    let round = 0x7FFF + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
+/// bfloat16 bits → f32 (exact).
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// f32 → IEEE half bits, round to nearest even (overflow gives infinity).
+pub fn f32_to_f16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let exp = ((b >> 23) & 0xFF) as i32;
+    let man = b & 0x7F_FFFF;
+    if exp == 0xFF {
+        return sign | 0x7C00 | if man != 0 { 0x0200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1F {
+        return sign | 0x7C00;
+    }
+    let (kept, rem, shift) = if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = man | 0x80_0000;
+        let shift = (14 - e) as u32;
+        (m >> shift, m & ((1 << shift) - 1), shift)
+    } else {
+        (((e as u32) << 10) | (man >> 13), man & 0x1FFF, 13)
+    };
+    let halfway = 1u32 << (shift - 1);
+    let up = rem > halfway || (rem == halfway && kept & 1 == 1);
+    // A carry out of the mantissa correctly bumps the exponent (to inf at most).
+    sign | (kept + u32::from(up)) as u16
+}
+
+/// IEEE half bits → f32 (exact).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
+    let exp = u32::from((h >> 10) & 0x1F);
+    let man = u32::from(h & 0x3FF);
+    match exp {
+        0 => sign * man as f32 * (-24f32).exp2(),
+        0x1F => f32::from_bits((u32::from(h & 0x8000) << 16) | 0x7F80_0000 | (man << 13)),
+        _ => f32::from_bits((u32::from(h & 0x8000) << 16) | ((exp + 112) << 23) | (man << 13)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(f32_to_bf16(1.0), 0x3F80);
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0); // tie → even
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::NEG_INFINITY)), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn f16_round_trips_and_rounds() {
+        for x in [0.0f32, 1.0, -2.5, 65504.0, 6.1035156e-5, 5.9604645e-8, 0.33325195] {
+            assert_eq!(f16_to_f32(f32_to_f16(x)), x, "{x}");
+        }
+        assert_eq!(f16_to_f32(f32_to_f16(1.0 + 1.0 / 2048.0)), 1.0); // tie → even
+        assert_eq!(f16_to_f32(f32_to_f16(1e6)), f32::INFINITY);
+        assert!(f16_to_f32(f32_to_f16(f32::NAN)).is_nan());
+        assert_eq!(f16_to_f32(f32_to_f16(-1e-9)), 0.0);
+    }
+}

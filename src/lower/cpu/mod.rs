@@ -1,0 +1,251 @@
+//! The compiled step on the CPU: the [`Target::Cpu`] module lowered with
+//! [`CPU_PIPELINE`] and JIT-compiled by MLIR's ExecutionEngine.
+//!
+//! One compilation serves every point: runtime dims are kernel parameters.
+//! [`CpuStep::run`] allocates every buffer at the point (storage dtypes:
+//! f32, f16/bf16 bits, i32, i64), runs the kernels in launch order through
+//! their packed wrappers, and returns the outputs as f32 [`Tensor`]s.
+
+mod host;
+
+pub use host::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::c_void;
+
+use melior::ir::Module;
+
+use crate::interp::{Tensor, MAX_ELEMENTS};
+use crate::ir::Graph;
+use crate::lower::context::DiagnosticCapture;
+use crate::lower::emit::{emit, Target};
+use crate::lower::plan::{plan, BufferKind, Param, Program};
+use crate::lower::{new_context, run_pipeline, verify, LowerError};
+use host::HostData;
+
+/// The pass pipeline that takes the emitted CPU module (func, scf, arith,
+/// math, llvm pointer ops) to the LLVM dialect. `arith-expand{include-bf16}`
+/// rewrites bf16 `extf`/`truncf` into integer ops (no soft-float calls);
+/// `convert-math-to-libm` takes what `convert-math-to-llvm` leaves
+/// (`tanh`, `erf`) to libm calls, resolved in the host process.
+pub const CPU_PIPELINE: &str = "builtin.module(canonicalize,cse,func.func(convert-scf-to-cf),\
+arith-expand{include-bf16=true},convert-math-to-llvm,convert-math-to-libm,convert-arith-to-llvm,\
+convert-index-to-llvm,convert-cf-to-llvm,convert-func-to-llvm,reconcile-unrealized-casts)";
+
+/// JIT optimization level (as `-O2`).
+const OPT_LEVEL: i32 = 2;
+
+/// A packed wrapper: `void (void **args)`.
+type Packed = unsafe extern "C" fn(*mut *mut c_void);
+
+/// Owns an `MlirExecutionEngine`.
+struct Engine(mlir_sys::MlirExecutionEngine);
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` is a non-null engine from `mlirExecutionEngineCreate`
+        // (checked in `CpuStep::compile`), destroyed exactly once here.
+        unsafe { mlir_sys::mlirExecutionEngineDestroy(self.0) }
+    }
+}
+
+/// A graph compiled for the CPU.
+pub struct CpuStep {
+    graph: Graph,
+    program: Program,
+    pipeline: &'static str,
+    /// One packed entry point per kernel, in launch order.
+    entries: Vec<Packed>,
+    /// Keeps the JIT'd code alive; dropped after `entries` is no longer used.
+    _engine: Engine,
+}
+
+impl CpuStep {
+    /// Plans, emits, verifies, lowers with [`CPU_PIPELINE`] and JIT-compiles
+    /// `graph`.
+    pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
+        let program = plan(graph)?;
+        let text = emit(graph, &program, Target::Cpu)?;
+        let context = new_context();
+        let capture = DiagnosticCapture::attach(&context);
+        let mut module =
+            Module::parse(&context, &text).ok_or_else(|| LowerError::Parse { diagnostics: capture.take() })?;
+        drop(capture);
+        verify(&context, &module, "emitted CPU kernels")?;
+        run_pipeline(&context, &mut module, CPU_PIPELINE)?;
+        let capture = DiagnosticCapture::attach(&context);
+        // SAFETY: `module` is a valid, verified LLVM-dialect module that
+        // outlives the call; no shared-library paths are passed (count 0,
+        // null array). The engine copies what it needs (it translates the
+        // module to LLVM IR it owns).
+        let raw = unsafe {
+            mlir_sys::mlirExecutionEngineCreate(module.to_raw(), OPT_LEVEL, 0, std::ptr::null(), false, false)
+        };
+        if raw.ptr.is_null() {
+            return Err(LowerError::Engine(format!("cannot create the execution engine: {}", capture.take())));
+        }
+        drop(capture);
+        let engine = Engine(raw);
+        let mut entries = Vec::with_capacity(program.kernels.len());
+        for kernel in &program.kernels {
+            let name = format!("_mlir_ciface_{}", kernel.name);
+            // SAFETY: the engine is live; the name is a valid string ref for
+            // the duration of the call.
+            let f = unsafe {
+                mlir_sys::mlirExecutionEngineLookupPacked(
+                    engine.0,
+                    mlir_sys::MlirStringRef { data: name.as_ptr().cast(), length: name.len() },
+                )
+            };
+            if f.is_null() {
+                return Err(LowerError::Engine(format!("kernel `{}` not found in the JIT", kernel.name)));
+            }
+            // SAFETY: `lookupPacked` returns the address of the packed
+            // wrapper `_mlir__mlir_ciface_<name>`, whose C signature is
+            // `void(void **)`.
+            entries.push(unsafe { std::mem::transmute::<*mut c_void, Packed>(f) });
+        }
+        Ok(CpuStep { graph: graph.clone(), program, pipeline: CPU_PIPELINE, entries, _engine: engine })
+    }
+
+    /// The plan this step runs.
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// The pass pipeline it was lowered with ([`CPU_PIPELINE`]).
+    pub fn pipeline(&self) -> &'static str {
+        self.pipeline
+    }
+
+    /// Runs one step at `point` (a value `>= 0` for every runtime dim) on
+    /// `inputs` (f32 tensors by input name; integer inputs must hold
+    /// integers; extra entries are ignored) and returns every output by name.
+    pub fn run(
+        &self,
+        point: &BTreeMap<String, i64>,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<HashMap<String, Tensor>, LowerError> {
+        let mut dims: Vec<i64> = Vec::with_capacity(self.program.dims.len());
+        for d in &self.program.dims {
+            match point.get(d) {
+                None => return Err(LowerError::Run(format!("runtime dim `{d}` has no value"))),
+                Some(&v) if v < 0 => return Err(LowerError::Run(format!("runtime dim `{d}` = {v} is negative"))),
+                Some(&v) => dims.push(v),
+            }
+        }
+        let mut shapes = Vec::with_capacity(self.program.buffers.len());
+        let mut host = Vec::with_capacity(self.program.buffers.len());
+        for buf in &self.program.buffers {
+            let shape = buf
+                .shape
+                .iter()
+                .map(|p| {
+                    let v = self.graph.dims.eval(p, point).map_err(|e| LowerError::Size {
+                        what: format!("buffer `{}`", buf.name),
+                        message: e.to_string(),
+                    })?;
+                    usize::try_from(v)
+                        .map_err(|_| LowerError::Run(format!("buffer `{}`: size `{p}` = {v} is negative", buf.name)))
+                })
+                .collect::<Result<Vec<usize>, _>>()?;
+            let n = shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .filter(|&n| n <= MAX_ELEMENTS)
+                .ok_or_else(|| LowerError::Run(format!("buffer `{}` of shape {shape:?} is too large", buf.name)))?;
+            let data = match buf.kind {
+                BufferKind::Input(_) => {
+                    let t = inputs
+                        .get(&buf.name)
+                        .ok_or_else(|| LowerError::Run(format!("input `{}` is missing", buf.name)))?;
+                    if t.shape != shape || t.data.len() != n {
+                        return Err(LowerError::Run(format!(
+                            "input `{}` has shape {:?} ({} values), expected {shape:?}",
+                            buf.name,
+                            t.shape,
+                            t.data.len()
+                        )));
+                    }
+                    HostData::from_tensor(buf.dtype, t, &buf.name)?
+                }
+                _ => HostData::zeros(buf.dtype, n),
+            };
+            shapes.push((shape, n));
+            host.push(data);
+        }
+        let mut ptrs: Vec<*mut c_void> = host.iter_mut().map(HostData::ptr).collect();
+        let dim_ptr = dims.as_mut_ptr();
+        let buf_ptr = ptrs.as_mut_ptr();
+        for (kernel, entry) in self.program.kernels.iter().zip(&self.entries) {
+            let mut args: Vec<*mut c_void> = Vec::with_capacity(kernel.params.len());
+            for p in &kernel.params {
+                let slot = match p {
+                    Param::Dim(d) => self.program.dims.iter().position(|x| x == d).map(|k| {
+                        // SAFETY: `k < dims.len()`: an element of `dims`.
+                        unsafe { dim_ptr.add(k) }.cast::<c_void>()
+                    }),
+                    Param::Buffer(b) => (*b < ptrs.len()).then(|| {
+                        // SAFETY: `b < ptrs.len()`: an element of `ptrs`.
+                        unsafe { buf_ptr.add(*b) }.cast::<c_void>()
+                    }),
+                };
+                args.push(
+                    slot.ok_or_else(|| LowerError::Run(format!("kernel `{}`: bad parameter {p:?}", kernel.name)))?,
+                );
+            }
+            // SAFETY: `entry` is the packed wrapper of this kernel; it reads
+            // one pointer per parameter: `args[k]` points at an `i64` (a
+            // dim, in `dims`) or at a data pointer (in `ptrs`) to a live
+            // allocation of the buffer's dtype holding at least
+            // `max(numel, 1)` elements at this point. The kernel only
+            // touches elements inside its buffers' shapes at these dims
+            // (gather checks its ids). `dims`, `ptrs` and `host` are not
+            // moved or resized while it runs.
+            unsafe { entry(args.as_mut_ptr()) };
+        }
+        let mut out = HashMap::new();
+        for (b, buf) in self.program.buffers.iter().enumerate() {
+            if let BufferKind::Output(_) = buf.kind {
+                let (shape, n) = shapes[b].clone();
+                out.insert(buf.name.clone(), host[b].to_tensor(buf.dtype, shape, n));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_pipeline_is_the_one_used() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b"], "constants": {"d": 3}},
+            "inputs": [{"name": "x", "role": "activation", "shape": ["b", "d"], "dtype": "f32"}],
+            "nodes": [{"id": "y", "op": "exp", "inputs": ["x"]}],
+            "outputs": [{"name": "y", "node": "y"}]
+        });
+        let graph = match crate::import::from_value(&doc) {
+            Ok(g) => g,
+            Err(e) => panic!("{e}"),
+        };
+        let step = match CpuStep::compile(&graph) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(step.pipeline(), CPU_PIPELINE);
+        let point = BTreeMap::from([("b".to_string(), 2)]);
+        let x = Tensor { shape: vec![2, 3], data: vec![0.0, 1.0, -1.0, 2.0, 0.5, -0.5] };
+        let out = match step.run(&point, &HashMap::from([("x".to_string(), x.clone())])) {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        let y = &out["y"];
+        for (a, b) in y.data.iter().zip(&x.data) {
+            assert!((a - b.exp()).abs() <= 1e-6 * b.exp(), "{a} vs {}", b.exp());
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! A small textual-MLIR function builder: fresh SSA names, hoisted
+//! constants and symbolic sizes, and structured `scf.for` / `scf.if`.
+//!
+//! Two text sections: `hoist` (constants, dim casts, sizes: they depend on
+//! nothing inside loops, so they go at the top of the function, where every
+//! nested region sees them) and `body` (the per-element code, nested).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use crate::ir::{DType, Poly};
+use crate::lower::LowerError;
+
+/// The type of a computed value: floats are computed in f32, integers
+/// (ids, positions) in i64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ty {
+    F32,
+    I64,
+}
+
+impl Ty {
+    pub(crate) fn of(dtype: DType) -> Ty {
+        if dtype.is_float() {
+            Ty::F32
+        } else {
+            Ty::I64
+        }
+    }
+
+    pub(crate) fn mlir(self) -> &'static str {
+        match self {
+            Ty::F32 => "f32",
+            Ty::I64 => "i64",
+        }
+    }
+}
+
+/// A computed SSA value and its type.
+#[derive(Clone, Debug)]
+pub(crate) struct Val {
+    pub ssa: String,
+    pub ty: Ty,
+}
+
+impl Val {
+    pub(crate) fn f32(ssa: String) -> Self {
+        Val { ssa, ty: Ty::F32 }
+    }
+}
+
+/// The MLIR element type stored for a dtype.
+pub(crate) fn storage(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::I32 => "i32",
+        DType::I64 => "i64",
+    }
+}
+
+/// Builds one function's text.
+pub(crate) struct Builder {
+    hoist: String,
+    body: String,
+    depth: usize,
+    next: usize,
+    cache: HashMap<String, String>,
+    /// Value of every `index` constant, by SSA name.
+    known: HashMap<String, i64>,
+    /// Index-typed SSA name of every runtime dim, by name.
+    dims: Vec<(String, String)>,
+}
+
+impl Builder {
+    /// `dims`: runtime dim names and their `i64` parameter names; each is
+    /// cast to `index` at the top of the function.
+    pub(crate) fn new(dims: &[(String, String)]) -> Self {
+        let mut b = Builder {
+            hoist: String::new(),
+            body: String::new(),
+            depth: 0,
+            next: 0,
+            cache: HashMap::new(),
+            known: HashMap::new(),
+            dims: Vec::new(),
+        };
+        for (name, param) in dims {
+            let v = b.fresh();
+            let _ = writeln!(b.hoist, "{v} = arith.index_cast {param} : i64 to index");
+            b.dims.push((name.clone(), v));
+        }
+        b
+    }
+
+    /// A new SSA name.
+    pub(crate) fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("%v{}", self.next)
+    }
+
+    /// Appends one line to the body at the current nesting.
+    pub(crate) fn line(&mut self, text: &str) {
+        for _ in 0..self.depth {
+            self.body.push_str("  ");
+        }
+        self.body.push_str(text);
+        self.body.push('\n');
+    }
+
+    /// Emits `%new = rhs` in the body and returns `%new`.
+    pub(crate) fn op(&mut self, rhs: &str) -> String {
+        let v = self.fresh();
+        self.line(&format!("{v} = {rhs}"));
+        v
+    }
+
+    /// A hoisted value, cached by `key`.
+    fn hoisted(
+        &mut self,
+        key: String,
+        rhs: impl FnOnce(&mut Self) -> Result<String, LowerError>,
+    ) -> Result<String, LowerError> {
+        if let Some(v) = self.cache.get(&key) {
+            return Ok(v.clone());
+        }
+        let rhs = rhs(self)?;
+        let v = self.fresh();
+        let _ = writeln!(self.hoist, "{v} = {rhs}");
+        self.cache.insert(key, v.clone());
+        Ok(v)
+    }
+
+    /// An `index` constant.
+    pub(crate) fn index(&mut self, c: i64) -> String {
+        let v = self.hoisted(format!("i{c}"), |_| Ok(format!("arith.constant {c} : index"))).unwrap_or_default();
+        self.known.insert(v.clone(), c);
+        v
+    }
+
+    /// The value of an `index` SSA name, when it is a constant.
+    pub(crate) fn known(&self, v: &str) -> Option<i64> {
+        self.known.get(v).copied()
+    }
+
+    /// An `f32` constant (exact: written as its bit pattern).
+    pub(crate) fn f32(&mut self, x: f32) -> String {
+        let bits = x.to_bits();
+        self.hoisted(format!("f{bits:08X}"), |_| Ok(format!("arith.constant 0x{bits:08X} : f32"))).unwrap_or_default()
+    }
+
+    /// An `i64` constant.
+    pub(crate) fn i64(&mut self, c: i64) -> String {
+        self.hoisted(format!("l{c}"), |_| Ok(format!("arith.constant {c} : i64"))).unwrap_or_default()
+    }
+
+    /// A symbolic size (already normalized: runtime dims only) as `index`.
+    pub(crate) fn size(&mut self, p: &Poly) -> Result<String, LowerError> {
+        if let Some(c) = p.as_constant() {
+            return Ok(self.index(c));
+        }
+        let key = format!("p{p}");
+        if let Some(v) = self.cache.get(&key) {
+            return Ok(v.clone());
+        }
+        let mut acc: Option<String> = None;
+        let terms: Vec<(Vec<String>, i64)> = p.terms().map(|(m, c)| (m.clone(), c)).collect();
+        for (mono, coeff) in terms {
+            let mut term: Option<String> = if coeff == 1 { None } else { Some(self.index(coeff)) };
+            for sym in &mono {
+                let d = self.dims.iter().find(|(n, _)| n == sym).map(|(_, v)| v.clone()).ok_or_else(|| {
+                    LowerError::Size { what: format!("size `{p}`"), message: format!("`{sym}` is not a runtime dim") }
+                })?;
+                term = Some(match term {
+                    None => d,
+                    Some(t) => self.hoisted(format!("m{t}*{d}"), |_| Ok(format!("arith.muli {t}, {d} : index")))?,
+                });
+            }
+            let term = term.unwrap_or_else(|| self.index(1));
+            acc = Some(match acc {
+                None => term,
+                Some(a) => self.hoisted(format!("a{a}+{term}"), |_| Ok(format!("arith.addi {a}, {term} : index")))?,
+            });
+        }
+        let v = acc.unwrap_or_else(|| self.index(0));
+        self.cache.insert(key, v.clone());
+        Ok(v)
+    }
+
+    /// Opens `scf.for %j = 0 to ub` carrying one accumulator of type `ty`
+    /// from `init`; returns `(result, j, acc)`. Close with
+    /// [`Builder::close_for`].
+    pub(crate) fn open_for(&mut self, ub: &str, init: &str, ty: Ty) -> (String, String, String) {
+        let (c0, c1) = (self.index(0), self.index(1));
+        let (r, j, a) = (self.fresh(), self.fresh(), self.fresh());
+        let t = ty.mlir();
+        self.line(&format!("{r} = scf.for {j} = {c0} to {ub} step {c1} iter_args({a} = {init}) -> ({t}) {{"));
+        self.depth += 1;
+        (r, j, a)
+    }
+
+    /// Yields the next accumulator and closes the loop.
+    pub(crate) fn close_for(&mut self, next: &str, ty: Ty) {
+        self.line(&format!("scf.yield {next} : {}", ty.mlir()));
+        self.depth = self.depth.saturating_sub(1);
+        self.line("}");
+    }
+
+    /// Opens `scf.if cond -> ty {`; returns the result name.
+    pub(crate) fn open_if(&mut self, cond: &str, ty: Ty) -> String {
+        let r = self.fresh();
+        self.line(&format!("{r} = scf.if {cond} -> ({}) {{", ty.mlir()));
+        self.depth += 1;
+        r
+    }
+
+    /// Yields the then-value and opens the else region.
+    pub(crate) fn else_branch(&mut self, then: &str, ty: Ty) {
+        self.line(&format!("scf.yield {then} : {}", ty.mlir()));
+        self.depth = self.depth.saturating_sub(1);
+        self.line("} else {");
+        self.depth += 1;
+    }
+
+    /// Yields the else-value and closes the `scf.if`.
+    pub(crate) fn close_if(&mut self, otherwise: &str, ty: Ty) {
+        self.close_for(otherwise, ty);
+    }
+
+    /// Index arithmetic helpers (body).
+    pub(crate) fn addi(&mut self, a: &str, b: &str) -> String {
+        self.op(&format!("arith.addi {a}, {b} : index"))
+    }
+
+    pub(crate) fn subi(&mut self, a: &str, b: &str) -> String {
+        self.op(&format!("arith.subi {a}, {b} : index"))
+    }
+
+    pub(crate) fn muli(&mut self, a: &str, b: &str) -> String {
+        self.op(&format!("arith.muli {a}, {b} : index"))
+    }
+
+    /// `a < b` on `index` (unsigned: indices are never negative).
+    pub(crate) fn ult(&mut self, a: &str, b: &str) -> String {
+        self.op(&format!("arith.cmpi ult, {a}, {b} : index"))
+    }
+
+    /// An `index` as `i64`.
+    pub(crate) fn index_to_i64(&mut self, a: &str) -> String {
+        self.op(&format!("arith.index_cast {a} : index to i64"))
+    }
+
+    /// An `index` as `f32`.
+    pub(crate) fn index_to_f32(&mut self, a: &str) -> String {
+        let i = self.index_to_i64(a);
+        self.op(&format!("arith.sitofp {i} : i64 to f32"))
+    }
+
+    /// Row-major flat offset of `idx` in `sizes`.
+    pub(crate) fn linearize(&mut self, idx: &[String], sizes: &[String]) -> String {
+        let mut acc: Option<String> = None;
+        for (i, s) in idx.iter().zip(sizes) {
+            acc = Some(match acc {
+                None => i.clone(),
+                Some(a) => {
+                    let m = if self.known(s) == Some(1) { a } else { self.muli(&a, s) };
+                    if self.known(i) == Some(0) {
+                        m
+                    } else {
+                        self.addi(&m, i)
+                    }
+                }
+            });
+        }
+        acc.unwrap_or_else(|| self.index(0))
+    }
+
+    /// Row-major multi-index of `flat` in `sizes` (the first axis is not
+    /// reduced modulo its size: `flat` is in range).
+    pub(crate) fn delinearize(&mut self, flat: &str, sizes: &[String]) -> Vec<String> {
+        let mut out = vec![String::new(); sizes.len()];
+        let mut rest = flat.to_owned();
+        for k in (0..sizes.len()).rev() {
+            if self.known(&sizes[k]) == Some(1) {
+                out[k] = self.index(0);
+            } else if k == 0 {
+                out[0] = rest.clone();
+            } else {
+                out[k] = self.op(&format!("arith.remui {rest}, {} : index", sizes[k]));
+                rest = self.op(&format!("arith.divui {rest}, {} : index", sizes[k]));
+            }
+        }
+        out
+    }
+
+    /// Float helpers (body, f32).
+    pub(crate) fn fbin(&mut self, op: &str, a: &str, b: &str) -> String {
+        self.op(&format!("arith.{op} {a}, {b} : f32"))
+    }
+
+    pub(crate) fn math(&mut self, op: &str, a: &str) -> String {
+        self.op(&format!("math.{op} {a} : f32"))
+    }
+
+    /// Converts a value to `ty`.
+    pub(crate) fn coerce(&mut self, v: Val, ty: Ty) -> Val {
+        match (v.ty, ty) {
+            (a, b) if a == b => v,
+            (Ty::I64, Ty::F32) => Val::f32(self.op(&format!("arith.sitofp {} : i64 to f32", v.ssa))),
+            (_, _) => Val { ssa: self.op(&format!("arith.fptosi {} : f32 to i64", v.ssa)), ty: Ty::I64 },
+        }
+    }
+
+    /// Loads element `off` (an `index`) of the buffer at `ptr` stored as
+    /// `dtype`, widened to f32 / i64.
+    pub(crate) fn load(&mut self, ptr: &str, off: &str, dtype: DType) -> Val {
+        let st = storage(dtype);
+        let o = self.index_to_i64(off);
+        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
+        let x = self.op(&format!("llvm.load {p} : !llvm.ptr -> {st}"));
+        match dtype {
+            DType::F32 | DType::I64 => Val { ssa: x, ty: Ty::of(dtype) },
+            DType::F16 | DType::BF16 => Val::f32(self.op(&format!("arith.extf {x} : {st} to f32"))),
+            DType::I32 => Val { ssa: self.op(&format!("arith.extsi {x} : i32 to i64")), ty: Ty::I64 },
+        }
+    }
+
+    /// Stores `v` (converted to `dtype`) at element `off` of `ptr`.
+    pub(crate) fn store(&mut self, ptr: &str, off: &str, dtype: DType, v: Val) {
+        let st = storage(dtype);
+        let v = self.coerce(v, Ty::of(dtype));
+        let x = match dtype {
+            DType::F32 | DType::I64 => v.ssa,
+            DType::F16 | DType::BF16 => self.op(&format!("arith.truncf {} : f32 to {st}", v.ssa)),
+            DType::I32 => self.op(&format!("arith.trunci {} : i64 to i32", v.ssa)),
+        };
+        let o = self.index_to_i64(off);
+        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
+        self.line(&format!("llvm.store {x}, {p} : {st}, !llvm.ptr"));
+    }
+
+    /// The hoisted section and the body, consuming the builder.
+    pub(crate) fn finish(self) -> (String, String) {
+        (self.hoist, self.body)
+    }
+}

@@ -1,0 +1,434 @@
+//! Per-op element bodies: one output element of a compute node at a
+//! multi-index.
+
+use crate::ir::{BinaryOp, EinsumSpec, Op, Poly, ReduceOp, UnaryOp, Value};
+use crate::lower::LowerError;
+
+use super::builder::{Ty, Val};
+use super::Kc;
+
+/// `sqrt(2 / pi)`, GPT-2's gelu constant.
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+
+impl Kc<'_> {
+    /// The element of node `j` at `idx` (`idx.len()` = the node's rank).
+    pub(crate) fn compute(&mut self, j: usize, idx: &[String]) -> Result<Val, LowerError> {
+        let node = &self.graph.nodes[j];
+        let (op, inputs) = (node.op.clone(), node.inputs.clone());
+        let id = node.id.clone();
+        let arg = |k: usize| {
+            inputs
+                .get(k)
+                .copied()
+                .ok_or_else(|| LowerError::Unsupported { node: id.clone(), message: format!("missing input {k}") })
+        };
+        match op {
+            op if op.is_view() => self.load(Value::Node(j), idx),
+            Op::Unary(u) => {
+                let x = self.operand(arg(0)?, idx)?;
+                Ok(Val::f32(self.unary(u, &x)))
+            }
+            Op::Scale { value } => {
+                let x = self.operand(arg(0)?, idx)?;
+                let c = self.b.f32(value as f32);
+                Ok(Val::f32(self.b.fbin("mulf", &x, &c)))
+            }
+            Op::Binary(bop) => {
+                let x = self.operand(arg(0)?, idx)?;
+                let y = self.operand(arg(1)?, idx)?;
+                let name = match bop {
+                    BinaryOp::Add => "addf",
+                    BinaryOp::Sub => "subf",
+                    BinaryOp::Mul => "mulf",
+                    BinaryOp::Div => "divf",
+                };
+                Ok(Val::f32(self.b.fbin(name, &x, &y)))
+            }
+            Op::Constant { value, .. } => Ok(Val::f32(self.b.f32(value as f32))),
+            Op::CausalMask { offset, .. } => {
+                let [q, k] = idx else { return Err(self.unsupported(j, "causal_mask is not rank 2")) };
+                let off = self.sizes(std::slice::from_ref(&offset))?.remove(0);
+                let lim = self.b.addi(q, &off);
+                let ok = self.b.op(&format!("arith.cmpi ule, {k}, {lim} : index"));
+                let (zero, ninf) = (self.b.f32(0.0), self.b.f32(f32::NEG_INFINITY));
+                Ok(Val::f32(self.b.op(&format!("arith.select {ok}, {zero}, {ninf} : f32"))))
+            }
+            Op::MatMul { transpose_b } => self.matmul(arg(0)?, arg(1)?, transpose_b, idx),
+            Op::Einsum(spec) => self.einsum(j, &spec, &inputs, idx),
+            Op::Softmax { axis } => self.softmax(j, arg(0)?, axis, idx),
+            Op::Reduce { op, axes, keepdims } => self.reduce(j, arg(0)?, op, &axes, keepdims, idx),
+            Op::RmsNorm { eps } => self.norm(j, arg(0)?, arg(1)?, None, eps, idx),
+            Op::LayerNorm { eps } => self.norm(j, arg(0)?, arg(1)?, Some(arg(2)?), eps, idx),
+            Op::Rope { theta } => self.rope(j, arg(0)?, arg(1)?, theta, idx),
+            Op::Gather => self.gather(j, arg(0)?, arg(1)?, idx),
+            _ => Err(self.unsupported(j, format!("op `{}` has no lowering", op.name()))),
+        }
+    }
+
+    /// Operand `v` of an elementwise op at output index `idx`, with numpy
+    /// broadcasting (right-aligned; size-1 axes read index 0), as f32.
+    fn operand(&mut self, v: Value, idx: &[String]) -> Result<String, LowerError> {
+        let shape = self.graph.shape_of(v).clone();
+        let lead = idx.len().saturating_sub(shape.len());
+        let mut inner = Vec::with_capacity(shape.len());
+        for (a, d) in shape.iter().enumerate() {
+            inner.push(match idx.get(lead + a) {
+                Some(i) if !self.is_one(d) => i.clone(),
+                _ => self.b.index(0),
+            });
+        }
+        let x = self.load(v, &inner)?;
+        Ok(self.b.coerce(x, Ty::F32).ssa)
+    }
+
+    fn unary(&mut self, u: UnaryOp, x: &str) -> String {
+        let one = self.b.f32(1.0);
+        let half = self.b.f32(0.5);
+        match u {
+            UnaryOp::Exp => self.b.math("exp", x),
+            UnaryOp::Neg => self.b.op(&format!("arith.negf {x} : f32")),
+            UnaryOp::Rsqrt => {
+                let s = self.b.math("sqrt", x);
+                self.b.fbin("divf", &one, &s)
+            }
+            UnaryOp::Tanh => self.b.math("tanh", x),
+            UnaryOp::Silu => {
+                let n = self.b.op(&format!("arith.negf {x} : f32"));
+                let e = self.b.math("exp", &n);
+                let d = self.b.fbin("addf", &one, &e);
+                self.b.fbin("divf", x, &d)
+            }
+            UnaryOp::Gelu => {
+                let r = self.b.f32(std::f32::consts::FRAC_1_SQRT_2);
+                let s = self.b.fbin("mulf", x, &r);
+                let e = self.b.math("erf", &s);
+                let p = self.b.fbin("addf", &one, &e);
+                let hx = self.b.fbin("mulf", &half, x);
+                self.b.fbin("mulf", &hx, &p)
+            }
+            UnaryOp::GeluTanh => {
+                let c = self.b.f32(SQRT_2_OVER_PI as f32);
+                let k = self.b.f32(0.044715);
+                let x2 = self.b.fbin("mulf", x, x);
+                let x3 = self.b.fbin("mulf", &x2, x);
+                let kx3 = self.b.fbin("mulf", &k, &x3);
+                let inner = self.b.fbin("addf", x, &kx3);
+                let arg = self.b.fbin("mulf", &c, &inner);
+                let t = self.b.math("tanh", &arg);
+                let p = self.b.fbin("addf", &one, &t);
+                let hx = self.b.fbin("mulf", &half, x);
+                self.b.fbin("mulf", &hx, &p)
+            }
+        }
+    }
+
+    /// A float load at `idx`.
+    fn loadf(&mut self, v: Value, idx: &[String]) -> Result<String, LowerError> {
+        let x = self.load(v, idx)?;
+        Ok(self.b.coerce(x, Ty::F32).ssa)
+    }
+
+    /// numpy matmul: batch axes broadcast, contraction over the last axis of
+    /// `a` and the second-to-last (or last, `transpose_b`) of `b`.
+    fn matmul(&mut self, a: Value, bv: Value, transpose_b: bool, idx: &[String]) -> Result<Val, LowerError> {
+        let (sa, sb) = (self.graph.shape_of(a).clone(), self.graph.shape_of(bv).clone());
+        let r = idx.len();
+        if sa.len() < 2 || sb.len() < 2 || r < 2 || sa.len() > r || sb.len() > r {
+            return Err(LowerError::Unsupported { node: self.kernel.to_owned(), message: "matmul ranks".into() });
+        }
+        let (m, n) = (idx[r - 2].clone(), idx[r - 1].clone());
+        let batch = |kc: &mut Self, shape: &[Poly]| -> Vec<String> {
+            let rb = shape.len() - 2;
+            let lead = (r - 2) - rb;
+            (0..rb).map(|t| if kc.is_one(&shape[t]) { kc.b.index(0) } else { idx[lead + t].clone() }).collect()
+        };
+        let (ba, bb) = (batch(self, &sa), batch(self, &sb));
+        let kdim = self.sizes(&sa[sa.len() - 1..])?.remove(0);
+        let zero = self.b.f32(0.0);
+        let (res, kk, acc) = self.b.open_for(&kdim, &zero, Ty::F32);
+        let mut ia = ba;
+        ia.extend([m, kk.clone()]);
+        let mut ib = bb;
+        if transpose_b {
+            ib.extend([n, kk]);
+        } else {
+            ib.extend([kk, n]);
+        }
+        let x = self.loadf(a, &ia)?;
+        let y = self.loadf(bv, &ib)?;
+        let p = self.b.fbin("mulf", &x, &y);
+        let s = self.b.fbin("addf", &acc, &p);
+        self.b.close_for(&s, Ty::F32);
+        Ok(Val::f32(res))
+    }
+
+    /// General einsum: output letters from `idx`, the others summed in
+    /// nested loops.
+    fn einsum(&mut self, j: usize, spec: &EinsumSpec, inputs: &[Value], idx: &[String]) -> Result<Val, LowerError> {
+        if spec.inputs.len() != inputs.len() || spec.output.len() != idx.len() {
+            return Err(self.unsupported(j, format!("einsum `{spec}` does not match its operands")));
+        }
+        let mut env: Vec<(char, String)> = spec.output.iter().copied().zip(idx.iter().cloned()).collect();
+        let mut reduced: Vec<(char, Poly)> = Vec::new();
+        for (subs, v) in spec.inputs.iter().zip(inputs) {
+            let shape = self.graph.shape_of(*v).clone();
+            for (c, d) in subs.iter().zip(shape) {
+                if !spec.output.contains(c) && !reduced.iter().any(|(l, _)| l == c) {
+                    reduced.push((*c, d));
+                }
+            }
+        }
+        let zero = self.b.f32(0.0);
+        let r = self.einsum_loops(j, spec, inputs, &mut env, &reduced, &zero)?;
+        Ok(Val::f32(r))
+    }
+
+    fn einsum_loops(
+        &mut self,
+        j: usize,
+        spec: &EinsumSpec,
+        inputs: &[Value],
+        env: &mut Vec<(char, String)>,
+        reduced: &[(char, Poly)],
+        acc: &str,
+    ) -> Result<String, LowerError> {
+        let Some(((c, d), rest)) = reduced.split_first() else {
+            let mut prod: Option<String> = None;
+            for (subs, v) in spec.inputs.iter().zip(inputs) {
+                let mut at = Vec::with_capacity(subs.len());
+                for s in subs {
+                    let i = env.iter().find(|(l, _)| l == s).map(|(_, i)| i.clone());
+                    at.push(i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))?);
+                }
+                let x = self.loadf(*v, &at)?;
+                prod = Some(match prod {
+                    None => x,
+                    Some(p) => self.b.fbin("mulf", &p, &x),
+                });
+            }
+            let p = prod.unwrap_or_else(|| self.b.f32(1.0));
+            return Ok(self.b.fbin("addf", acc, &p));
+        };
+        let ub = self.sizes(std::slice::from_ref(d))?.remove(0);
+        let (res, l, a) = self.b.open_for(&ub, acc, Ty::F32);
+        env.push((*c, l));
+        let next = self.einsum_loops(j, spec, inputs, env, rest, &a)?;
+        env.pop();
+        self.b.close_for(&next, Ty::F32);
+        Ok(res)
+    }
+
+    /// Softmax along `axis`: max, sum of `exp(x - max)`, element. A lane
+    /// whose max is `-inf` (fully masked) gives 0.
+    fn softmax(&mut self, j: usize, x: Value, axis: usize, idx: &[String]) -> Result<Val, LowerError> {
+        let shape = self.graph.shape_of(x).clone();
+        let len = self.sizes(shape.get(axis..=axis).ok_or_else(|| self.unsupported(j, "softmax axis"))?)?.remove(0);
+        let ninf = self.b.f32(f32::NEG_INFINITY);
+        let zero = self.b.f32(0.0);
+        let (max, l, a) = self.b.open_for(&len, &ninf, Ty::F32);
+        let mut at = idx.to_vec();
+        at[axis] = l;
+        let v = self.loadf(x, &at)?;
+        let m = self.b.fbin("maximumf", &a, &v);
+        self.b.close_for(&m, Ty::F32);
+        let (sum, l, a) = self.b.open_for(&len, &zero, Ty::F32);
+        at[axis] = l;
+        let v = self.loadf(x, &at)?;
+        let d = self.b.fbin("subf", &v, &max);
+        let e = self.b.math("exp", &d);
+        let s = self.b.fbin("addf", &a, &e);
+        self.b.close_for(&s, Ty::F32);
+        let v = self.loadf(x, idx)?;
+        let d = self.b.fbin("subf", &v, &max);
+        let e = self.b.math("exp", &d);
+        let q = self.b.fbin("divf", &e, &sum);
+        let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
+        Ok(Val::f32(self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"))))
+    }
+
+    /// reduce_sum / reduce_max over `axes`.
+    fn reduce(
+        &mut self,
+        j: usize,
+        x: Value,
+        op: ReduceOp,
+        axes: &[usize],
+        keepdims: bool,
+        idx: &[String],
+    ) -> Result<Val, LowerError> {
+        let shape = self.graph.shape_of(x).clone();
+        // Input index: output index for kept axes, a loop variable (filled
+        // in below) for reduced ones.
+        let mut at: Vec<Option<String>> = Vec::with_capacity(shape.len());
+        let mut pos = 0;
+        for a in 0..shape.len() {
+            if axes.contains(&a) {
+                at.push(None);
+                if keepdims {
+                    pos += 1;
+                }
+            } else {
+                at.push(Some(idx.get(pos).cloned().ok_or_else(|| self.unsupported(j, "reduce rank"))?));
+                pos += 1;
+            }
+        }
+        let red: Vec<usize> = (0..shape.len()).filter(|a| axes.contains(a)).collect();
+        let (init, f) = match op {
+            ReduceOp::Sum => (self.b.f32(0.0), "addf"),
+            ReduceOp::Max => (self.b.f32(f32::NEG_INFINITY), "maximumf"),
+        };
+        let r = self.reduce_loops(x, &shape, &mut at, &red, f, &init)?;
+        Ok(Val::f32(r))
+    }
+
+    fn reduce_loops(
+        &mut self,
+        x: Value,
+        shape: &[Poly],
+        at: &mut Vec<Option<String>>,
+        red: &[usize],
+        f: &str,
+        acc: &str,
+    ) -> Result<String, LowerError> {
+        let Some((&a, rest)) = red.split_first() else {
+            let idx: Vec<String> = at.iter().map(|i| i.clone().unwrap_or_default()).collect();
+            let v = self.loadf(x, &idx)?;
+            return Ok(self.b.fbin(f, acc, &v));
+        };
+        let ub = self.sizes(&shape[a..=a])?.remove(0);
+        let (res, l, acc2) = self.b.open_for(&ub, acc, Ty::F32);
+        at[a] = Some(l);
+        let next = self.reduce_loops(x, shape, at, rest, f, &acc2)?;
+        at[a] = None;
+        self.b.close_for(&next, Ty::F32);
+        Ok(res)
+    }
+
+    /// rms_norm (`bias` = None) or layer_norm over the last axis.
+    fn norm(
+        &mut self,
+        j: usize,
+        x: Value,
+        w: Value,
+        bias: Option<Value>,
+        eps: f64,
+        idx: &[String],
+    ) -> Result<Val, LowerError> {
+        let shape = self.graph.shape_of(x).clone();
+        let last = idx.len().checked_sub(1).ok_or_else(|| self.unsupported(j, "norm of a scalar"))?;
+        let len = self.sizes(&shape[last..])?.remove(0);
+        let n = self.b.index_to_f32(&len);
+        let zero = self.b.f32(0.0);
+        let one = self.b.f32(1.0);
+        let mut at = idx.to_vec();
+        let mean = match bias {
+            None => None,
+            Some(_) => {
+                let (sum, l, a) = self.b.open_for(&len, &zero, Ty::F32);
+                at[last] = l;
+                let v = self.loadf(x, &at)?;
+                let s = self.b.fbin("addf", &a, &v);
+                self.b.close_for(&s, Ty::F32);
+                Some(self.b.fbin("divf", &sum, &n))
+            }
+        };
+        let (ss, l, a) = self.b.open_for(&len, &zero, Ty::F32);
+        at[last] = l;
+        let v = self.loadf(x, &at)?;
+        let c = match &mean {
+            Some(m) => self.b.fbin("subf", &v, m),
+            None => v,
+        };
+        let sq = self.b.fbin("mulf", &c, &c);
+        let s = self.b.fbin("addf", &a, &sq);
+        self.b.close_for(&s, Ty::F32);
+        let ms = self.b.fbin("divf", &ss, &n);
+        let e = self.b.f32(eps as f32);
+        let ms = self.b.fbin("addf", &ms, &e);
+        let root = self.b.math("sqrt", &ms);
+        let r = self.b.fbin("divf", &one, &root);
+        let v = self.loadf(x, idx)?;
+        let c = match &mean {
+            Some(m) => self.b.fbin("subf", &v, m),
+            None => v,
+        };
+        let y = self.b.fbin("mulf", &c, &r);
+        let g = self.loadf(w, std::slice::from_ref(&idx[last]))?;
+        let y = self.b.fbin("mulf", &y, &g);
+        Ok(Val::f32(match bias {
+            None => y,
+            Some(bv) => {
+                let bb = self.loadf(bv, std::slice::from_ref(&idx[last]))?;
+                self.b.fbin("addf", &y, &bb)
+            }
+        }))
+    }
+
+    /// Rotary embedding ("rotate half") of `x: [b, H, n, k]` at
+    /// `positions: [b, n]`.
+    fn rope(&mut self, j: usize, x: Value, pos: Value, theta: f64, idx: &[String]) -> Result<Val, LowerError> {
+        let [bi, _h, t, c] = idx else { return Err(self.unsupported(j, "rope input is not rank 4")) };
+        let shape = self.graph.shape_of(x).clone();
+        let k = self
+            .graph
+            .dims
+            .normalize(&shape[3])
+            .ok()
+            .and_then(|p| p.as_constant())
+            .filter(|k| *k > 0 && k % 2 == 0)
+            .ok_or_else(|| self.unsupported(j, "rope head dim must be an even constant"))?;
+        let half = self.b.index(k / 2);
+        let lower = self.b.ult(c, &half);
+        let up = self.b.addi(c, &half);
+        let down = self.b.subi(c, &half);
+        let partner = self.b.op(&format!("arith.select {lower}, {up}, {down} : index"));
+        let i = self.b.op(&format!("arith.select {lower}, {c}, {down} : index"));
+        // inv_freq = theta^(-2 i / k); angle = pos * inv_freq.
+        let fi = self.b.index_to_f32(&i);
+        let scale = self.b.f32((-2.0 / k as f64) as f32);
+        let ex = self.b.fbin("mulf", &fi, &scale);
+        let th = self.b.f32(theta as f32);
+        let inv = self.b.op(&format!("math.powf {th}, {ex} : f32"));
+        let p = self.loadf(pos, &[bi.clone(), t.clone()])?;
+        let angle = self.b.fbin("mulf", &p, &inv);
+        let cos = self.b.math("cos", &angle);
+        let sin = self.b.math("sin", &angle);
+        let xv = self.loadf(x, idx)?;
+        let mut at = idx.to_vec();
+        at[3] = partner;
+        let xp = self.loadf(x, &at)?;
+        let a = self.b.fbin("mulf", &xv, &cos);
+        let bsin = self.b.fbin("mulf", &xp, &sin);
+        let neg = self.b.op(&format!("arith.negf {bsin} : f32"));
+        let term = self.b.op(&format!("arith.select {lower}, {neg}, {bsin} : f32"));
+        Ok(Val::f32(self.b.fbin("addf", &a, &term)))
+    }
+
+    /// Row `ids[idx[..-1]]` of `table`, column `idx[-1]`; NaN (0 for an
+    /// integer table) when the id is outside the table.
+    fn gather(&mut self, j: usize, table: Value, ids: Value, idx: &[String]) -> Result<Val, LowerError> {
+        let (col, lead) = idx.split_last().ok_or_else(|| self.unsupported(j, "gather result is a scalar"))?;
+        let ty = Ty::of(self.graph.dtype_of(table));
+        let tshape = self.graph.shape_of(table).clone();
+        let rows = self.sizes(tshape.first().map(std::slice::from_ref).unwrap_or(&[]))?;
+        let rows = rows.first().cloned().ok_or_else(|| self.unsupported(j, "gather table is a scalar"))?;
+        let id = self.load(ids, lead)?;
+        let id = self.b.coerce(id, Ty::I64).ssa;
+        let rows64 = self.b.index_to_i64(&rows);
+        let zero = self.b.i64(0);
+        let ge = self.b.op(&format!("arith.cmpi sge, {id}, {zero} : i64"));
+        let lt = self.b.op(&format!("arith.cmpi slt, {id}, {rows64} : i64"));
+        let ok = self.b.op(&format!("arith.andi {ge}, {lt} : i1"));
+        let r = self.b.open_if(&ok, ty);
+        let row = self.b.op(&format!("arith.index_cast {id} : i64 to index"));
+        let v = self.load(table, &[row, col.clone()])?;
+        let v = self.b.coerce(v, ty).ssa;
+        self.b.else_branch(&v, ty);
+        let bad = match ty {
+            Ty::F32 => self.b.f32(f32::NAN),
+            Ty::I64 => self.b.i64(0),
+        };
+        self.b.close_if(&bad, ty);
+        Ok(Val { ssa: r, ty })
+    }
+}

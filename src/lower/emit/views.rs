@@ -1,0 +1,222 @@
+//! Loads through views: index maps from a view's output back to a stored
+//! buffer (or an inlined node).
+
+use crate::ir::{Op, Poly, Value};
+use crate::lower::plan::is_elementwise;
+use crate::lower::LowerError;
+
+use super::builder::{Ty, Val};
+use super::Kc;
+
+impl Kc<'_> {
+    /// The element of `v` at multi-index `idx` (one `index` SSA per axis),
+    /// as f32 (float data) or i64 (integer data).
+    pub(crate) fn load(&mut self, v: Value, idx: &[String]) -> Result<Val, LowerError> {
+        let ty = Ty::of(self.graph.dtype_of(v));
+        let val = match v {
+            Value::Input(i) => {
+                let b = self.layout.input_buf.get(i).copied().flatten().ok_or_else(|| LowerError::Unsupported {
+                    node: self.graph.name_of(v).to_owned(),
+                    message: "graph input has no buffer in the program".into(),
+                })?;
+                self.load_buffer(b, idx)?
+            }
+            Value::Node(j) => {
+                if let Some(b) = self.layout.node_buf.get(j).copied().flatten() {
+                    self.load_buffer(b, idx)?
+                } else {
+                    let op = &self.graph.nodes[j].op;
+                    if op.is_view() {
+                        self.load_view(j, idx)?
+                    } else if is_elementwise(op) {
+                        self.compute(j, idx)?
+                    } else {
+                        return Err(self.unsupported(j, "is read but has no buffer (program does not match the graph)"));
+                    }
+                }
+            }
+        };
+        Ok(self.b.coerce(val, ty))
+    }
+
+    /// Element `idx` of buffer `b` (row-major in the buffer's shape).
+    fn load_buffer(&mut self, b: usize, idx: &[String]) -> Result<Val, LowerError> {
+        let buf = &self.program.buffers[b];
+        let (shape, dtype) = (buf.shape.clone(), buf.dtype);
+        if shape.len() != idx.len() {
+            return Err(LowerError::Unsupported {
+                node: buf.name.clone(),
+                message: format!("read with {} indices, buffer has rank {}", idx.len(), shape.len()),
+            });
+        }
+        let sizes = self.sizes(&shape)?;
+        let off = self.b.linearize(idx, &sizes);
+        let ptr = self.ptr(b)?;
+        Ok(self.b.load(&ptr, &off, dtype))
+    }
+
+    /// Element `idx` of view node `j`: maps the index to its input(s).
+    fn load_view(&mut self, j: usize, idx: &[String]) -> Result<Val, LowerError> {
+        let node = &self.graph.nodes[j];
+        let (op, inputs) = (node.op.clone(), node.inputs.clone());
+        let first = *inputs.first().ok_or_else(|| self.unsupported(j, "view without an input"))?;
+        let in_shape = self.graph.shape_of(first).clone();
+        match op {
+            Op::Transpose { perm } => {
+                let mut inner = vec![String::new(); idx.len()];
+                for (i, &p) in perm.iter().enumerate() {
+                    let slot = inner.get_mut(p).ok_or_else(|| self.unsupported(j, "bad transpose perm"))?;
+                    *slot = idx[i].clone();
+                }
+                self.load(first, &inner)
+            }
+            Op::Broadcast { .. } => {
+                let lead = idx
+                    .len()
+                    .checked_sub(in_shape.len())
+                    .ok_or_else(|| self.unsupported(j, "broadcast to a lower rank"))?;
+                let mut inner = Vec::with_capacity(in_shape.len());
+                for (a, d) in in_shape.iter().enumerate() {
+                    inner.push(if self.is_one(d) { self.b.index(0) } else { idx[lead + a].clone() });
+                }
+                self.load(first, &inner)
+            }
+            Op::Slice { axis, start, .. } => {
+                let mut inner = idx.to_vec();
+                let s = self.sizes(std::slice::from_ref(&start))?.remove(0);
+                let slot = inner.get_mut(axis).ok_or_else(|| self.unsupported(j, "slice axis out of range"))?;
+                *slot = self.b.addi(&idx[axis], &s);
+                self.load(first, &inner)
+            }
+            Op::Reshape { shape } => {
+                if self.graph.dims.same_shape(&shape, &in_shape) {
+                    return self.load(first, idx);
+                }
+                let inner = self.reshape_index(&shape, &in_shape, idx)?;
+                self.load(first, &inner)
+            }
+            Op::Concat { axis } => {
+                if axis >= idx.len() {
+                    return Err(self.unsupported(j, "concat axis out of range"));
+                }
+                let ty = Ty::of(self.graph.nodes[j].dtype);
+                self.concat_part(&inputs, axis, 0, Poly::zero(), idx, ty)
+            }
+            _ => Err(self.unsupported(j, "not a view")),
+        }
+    }
+
+    /// Maps an index of a reshape's output (`out`) to its input (`inp`).
+    /// Both shapes are split into consecutive groups of axes with equal
+    /// (symbolic) products; each group is re-indexed on its own, so axes
+    /// that stay put cost nothing and no division by a size outside the
+    /// group happens. Falls back to one group (full linearize/delinearize).
+    fn reshape_index(&mut self, out: &[Poly], inp: &[Poly], idx: &[String]) -> Result<Vec<String>, LowerError> {
+        let groups = self.reshape_groups(out, inp).unwrap_or_else(|| vec![(0..out.len(), 0..inp.len())]);
+        let mut inner = vec![String::new(); inp.len()];
+        for (ro, ri) in groups {
+            // Size-1 axes carry no index.
+            let o: Vec<usize> = ro.filter(|&a| !self.is_one(&out[a])).collect();
+            let mut i: Vec<usize> = Vec::new();
+            for a in ri {
+                if self.is_one(&inp[a]) {
+                    inner[a] = self.b.index(0);
+                } else {
+                    i.push(a);
+                }
+            }
+            if let ([x], [y]) = (&o[..], &i[..]) {
+                inner[*y] = idx[*x].clone();
+                continue;
+            }
+            let o_sizes = self.sizes(&o.iter().map(|&a| out[a].clone()).collect::<Vec<_>>())?;
+            let i_sizes = self.sizes(&i.iter().map(|&a| inp[a].clone()).collect::<Vec<_>>())?;
+            let o_idx: Vec<String> = o.iter().map(|&a| idx[a].clone()).collect();
+            let flat = self.b.linearize(&o_idx, &o_sizes);
+            if i.is_empty() {
+                continue;
+            }
+            for (a, v) in i.iter().zip(self.b.delinearize(&flat, &i_sizes)) {
+                inner[*a] = v;
+            }
+        }
+        Ok(inner)
+    }
+
+    /// Consecutive axis groups of `a` and `b` with equal products, found by
+    /// growing the side whose product is smaller at a probe point; `None`
+    /// when no such split exists (or sizes overflow at the probe).
+    fn reshape_groups(&self, a: &[Poly], b: &[Poly]) -> Option<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
+        let dims = &self.graph.dims;
+        let probe = |p: &Poly| -> Option<i64> {
+            dims.eval(p, &dims.runtime.iter().enumerate().map(|(k, d)| (d.clone(), 1009 + 10 * k as i64)).collect())
+                .ok()
+        };
+        let prod = |s: &[Poly]| -> Option<Poly> {
+            s.iter().try_fold(Poly::constant(1), |acc, p| acc.mul(p).ok()).and_then(|p| dims.normalize(&p).ok())
+        };
+        let (mut i, mut j) = (0, 0);
+        let mut groups = Vec::new();
+        while i < a.len() || j < b.len() {
+            let (mut ei, mut ej) = ((i + 1).min(a.len()), (j + 1).min(b.len()));
+            loop {
+                let (pa, pb) = (prod(&a[i..ei])?, prod(&b[j..ej])?);
+                if pa == pb {
+                    break;
+                }
+                let (va, vb) = (probe(&pa)?, probe(&pb)?);
+                if (va < vb && ei < a.len()) || ej == b.len() {
+                    if ei == a.len() {
+                        return None;
+                    }
+                    ei += 1;
+                } else {
+                    ej += 1;
+                }
+            }
+            groups.push((i..ei, j..ej));
+            (i, j) = (ei, ej);
+        }
+        Some(groups)
+    }
+
+    /// Loads from part `k` of a concat (or a later one): `start` is where
+    /// part `k` begins along `axis`.
+    fn concat_part(
+        &mut self,
+        parts: &[Value],
+        axis: usize,
+        k: usize,
+        start: Poly,
+        idx: &[String],
+        ty: Ty,
+    ) -> Result<Val, LowerError> {
+        let part = parts[k];
+        let len = self.graph.shape_of(part).get(axis).cloned().unwrap_or_else(Poly::zero);
+        let end =
+            start.add(&len).map_err(|e| LowerError::Size { what: "concat offset".into(), message: e.to_string() })?;
+        let read = |kc: &mut Self| -> Result<String, LowerError> {
+            let mut inner = idx.to_vec();
+            let s = kc.sizes(std::slice::from_ref(&start))?.remove(0);
+            inner[axis] = kc.b.subi(&idx[axis], &s);
+            let v = kc.load(part, &inner)?;
+            Ok(kc.b.coerce(v, ty).ssa)
+        };
+        if k + 1 == parts.len() {
+            return Ok(Val { ssa: read(self)?, ty });
+        }
+        let e = self.sizes(std::slice::from_ref(&end))?.remove(0);
+        let cond = self.b.ult(&idx[axis], &e);
+        let r = self.b.open_if(&cond, ty);
+        let a = read(self)?;
+        self.b.else_branch(&a, ty);
+        let rest = self.concat_part(parts, axis, k + 1, end, idx, ty)?;
+        self.b.close_if(&rest.ssa, ty);
+        Ok(Val { ssa: r, ty })
+    }
+
+    /// True when a size is 1 for every value of the runtime dims.
+    pub(crate) fn is_one(&self, p: &Poly) -> bool {
+        self.graph.dims.same(p, &Poly::constant(1))
+    }
+}

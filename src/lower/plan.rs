@@ -1,0 +1,372 @@
+//! Planning: which nodes become kernels, which values get buffers, and in
+//! what order the kernels run.
+//!
+//! - **View** nodes (broadcast, reshape, transpose, slice, concat) get no
+//!   kernel and no buffer: a kernel reads through them (see
+//!   [`crate::lower::emit`]).
+//! - **Inlined** nodes: an elementwise node (unary, add/sub/mul/div, scale,
+//!   constant, causal_mask) that is not a graph output and whose only
+//!   consumer — counting through views, over live nodes and output copies —
+//!   is one other kernel that is not a contraction (einsum, matmul re-read
+//!   each operand element many times) is recomputed inside that kernel's loads.
+//! - Every other live compute node is one kernel writing one buffer: the
+//!   output buffer when the node is a graph output, else an intermediate.
+//! - Graph inputs and outputs always have buffers. An output whose value is
+//!   a graph input, a view, or a node already written to another output gets
+//!   a `copy` kernel.
+//!
+//! Buffers are numbered: graph inputs (graph order), then outputs (graph
+//! order), then intermediates (node order). Kernels run in node
+//! (topological) order, copy kernels last.
+
+use std::collections::BTreeSet;
+
+use crate::ir::{shape::numel, DType, Graph, Op, OutputRole, Poly, Role, Value};
+
+use super::LowerError;
+
+/// What a buffer holds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BufferKind {
+    /// A graph input, bound by the caller.
+    Input(Role),
+    /// A value only kernels of this program read.
+    Intermediate,
+    /// A graph output, read back by the caller.
+    Output(OutputRole),
+}
+
+/// One contiguous, row-major array in device (or host) memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Buffer {
+    /// Graph input name, node id (intermediates), or output name.
+    pub name: String,
+    pub kind: BufferKind,
+    /// Symbolic shape, over runtime dims only (constants substituted).
+    pub shape: Vec<Poly>,
+    /// Storage element type.
+    pub dtype: DType,
+}
+
+/// One kernel parameter, in ABI order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Param {
+    /// A runtime dim, passed as `i64`.
+    Dim(String),
+    /// A buffer (index into [`Program::buffers`]), passed as `!llvm.ptr`.
+    Buffer(usize),
+}
+
+/// One kernel: one thread (loop iteration) per element of the buffer it
+/// writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    /// `k{index}_{sanitized node id}` (copy kernels: the output name).
+    pub name: String,
+    /// The graph node it computes; for a copy kernel, the input or node id
+    /// whose value is copied.
+    pub node: String,
+    /// The node's op name (`matmul`, `rms_norm`, …), or `copy`.
+    pub op: String,
+    /// Buffers read, ascending.
+    pub reads: Vec<usize>,
+    /// The buffer written.
+    pub writes: usize,
+    /// Number of threads = elements of the written buffer (runtime dims only).
+    pub extent: Poly,
+    /// Every runtime dim (graph order), then `reads`, then `writes`.
+    pub params: Vec<Param>,
+}
+
+/// A graph planned into buffers and kernels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Program {
+    /// Runtime dims, in graph order: the first kernel parameters.
+    pub dims: Vec<String>,
+    pub buffers: Vec<Buffer>,
+    /// In launch order.
+    pub kernels: Vec<Kernel>,
+}
+
+/// How a node is realized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NodeKind {
+    /// Not needed by any output.
+    Dead,
+    /// Read through by index maps.
+    View,
+    /// Recomputed inside its single consumer.
+    Inlined,
+    /// Its own kernel and buffer.
+    Kernel,
+}
+
+/// Ops that may be inlined into their consumer.
+pub(crate) fn is_elementwise(op: &Op) -> bool {
+    matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Scale { .. } | Op::Constant { .. } | Op::CausalMask { .. })
+}
+
+/// `[A-Za-z0-9_]` only: every other character becomes `_`.
+pub fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect()
+}
+
+/// Classifies every node (see the module doc).
+pub(crate) fn classify(graph: &Graph) -> Vec<NodeKind> {
+    let n = graph.nodes.len();
+    let mut live = vec![false; n];
+    for o in &graph.outputs {
+        if let Value::Node(j) = o.value {
+            if j < n {
+                live[j] = true;
+            }
+        }
+    }
+    for j in (0..n).rev() {
+        if live[j] {
+            for v in &graph.nodes[j].inputs {
+                if let Value::Node(p) = *v {
+                    if p < n {
+                        live[p] = true;
+                    }
+                }
+            }
+        }
+    }
+    // Consumers of each node through views: compute nodes by index, output
+    // copies as `n + output index`.
+    let mut consumers: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
+    let mut is_output = vec![false; n];
+    for j in (0..n).rev() {
+        if !live[j] {
+            continue;
+        }
+        let node = &graph.nodes[j];
+        // What reading this node means to its producers: itself if it is a
+        // compute node, else the consumers of the view.
+        let mine: BTreeSet<usize> = if node.op.is_view() { consumers[j].clone() } else { BTreeSet::from([j]) };
+        for v in &node.inputs {
+            if let Value::Node(p) = *v {
+                if p < n {
+                    consumers[p].extend(mine.iter().copied());
+                }
+            }
+        }
+    }
+    for (k, o) in graph.outputs.iter().enumerate() {
+        if let Value::Node(j) = o.value {
+            if j < n {
+                is_output[j] = true;
+                // An output that is a view: its copy kernel consumes through it.
+                if graph.nodes[j].op.is_view() {
+                    propagate_copy(graph, j, n + k, &mut consumers);
+                }
+            }
+        }
+    }
+    (0..n)
+        .map(|j| {
+            let op = &graph.nodes[j].op;
+            if !live[j] {
+                NodeKind::Dead
+            } else if op.is_view() {
+                NodeKind::View
+            } else if is_elementwise(op) && !is_output[j] && consumers[j].len() == 1 && reads_few_times(graph, &consumers[j])
+            {
+                NodeKind::Inlined
+            } else {
+                NodeKind::Kernel
+            }
+        })
+        .collect()
+}
+
+/// True unless the one consumer is a contraction (einsum, matmul): those read
+/// each operand element once per element of the other operand's free axes, so
+/// an inlined producer would be recomputed that many times.
+fn reads_few_times(graph: &Graph, consumers: &BTreeSet<usize>) -> bool {
+    consumers.iter().all(|&c| match graph.nodes.get(c) {
+        Some(node) => !matches!(node.op, Op::Einsum(_) | Op::MatMul { .. }),
+        None => true, // an output copy
+    })
+}
+
+/// Adds copy consumer `who` to every compute node a view output reads.
+fn propagate_copy(graph: &Graph, view: usize, who: usize, consumers: &mut [BTreeSet<usize>]) {
+    let mut stack = vec![view];
+    while let Some(j) = stack.pop() {
+        for v in &graph.nodes[j].inputs {
+            if let Value::Node(p) = *v {
+                if p < graph.nodes.len() {
+                    consumers[p].insert(who);
+                    if graph.nodes[p].op.is_view() {
+                        stack.push(p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn shape_of(graph: &Graph, shape: &[Poly], what: &str) -> Result<Vec<Poly>, LowerError> {
+    shape
+        .iter()
+        .map(|p| {
+            graph.dims.normalize(p).map_err(|e| LowerError::Size { what: what.to_owned(), message: e.to_string() })
+        })
+        .collect()
+}
+
+/// Plans `graph` (see the module doc). Deterministic.
+pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
+    let kinds = classify(graph);
+    let mut buffers = Vec::new();
+    for inp in &graph.inputs {
+        let shape = shape_of(graph, &inp.shape, &format!("input `{}`", inp.name))?;
+        buffers.push(Buffer { name: inp.name.clone(), kind: BufferKind::Input(inp.role), shape, dtype: inp.dtype });
+    }
+    // Which buffer holds each node's value, and which outputs need a copy.
+    let mut node_buf: Vec<Option<usize>> = vec![None; graph.nodes.len()];
+    let mut copies: Vec<(usize, Value)> = Vec::new();
+    for o in &graph.outputs {
+        let shape = shape_of(graph, graph.shape_of(o.value), &format!("output `{}`", o.name))?;
+        let b = buffers.len();
+        buffers.push(Buffer {
+            name: o.name.clone(),
+            kind: BufferKind::Output(o.role),
+            shape,
+            dtype: graph.dtype_of(o.value),
+        });
+        match o.value {
+            Value::Node(j) if kinds.get(j) == Some(&NodeKind::Kernel) && node_buf[j].is_none() => {
+                node_buf[j] = Some(b);
+            }
+            v => copies.push((b, v)),
+        }
+    }
+    for (j, node) in graph.nodes.iter().enumerate() {
+        if kinds[j] == NodeKind::Kernel && node_buf[j].is_none() {
+            let shape = shape_of(graph, &node.shape, &format!("node `{}`", node.id))?;
+            node_buf[j] = Some(buffers.len());
+            buffers.push(Buffer { name: node.id.clone(), kind: BufferKind::Intermediate, shape, dtype: node.dtype });
+        }
+    }
+    let mut kernels = Vec::new();
+    let mut add = |name: &str, node: &str, op: &str, inputs: &[Value], writes: usize| -> Result<(), LowerError> {
+        let mut reads = BTreeSet::new();
+        for v in inputs {
+            collect_reads(graph, &kinds, &node_buf, *v, &mut reads);
+        }
+        let extent = numel(&graph.dims, &buffers[writes].shape)
+            .map_err(|message| LowerError::Size { what: format!("kernel for `{node}`"), message })?;
+        let mut params: Vec<Param> = graph.dims.runtime.iter().cloned().map(Param::Dim).collect();
+        params.extend(reads.iter().copied().map(Param::Buffer));
+        params.push(Param::Buffer(writes));
+        let index = kernels.len();
+        kernels.push(Kernel {
+            name: format!("k{index}_{}", sanitize(name)),
+            node: node.to_owned(),
+            op: op.to_owned(),
+            reads: reads.into_iter().collect(),
+            writes,
+            extent,
+            params,
+        });
+        Ok(())
+    };
+    for (j, node) in graph.nodes.iter().enumerate() {
+        if let (NodeKind::Kernel, Some(b)) = (kinds[j], node_buf[j]) {
+            add(&node.id, &node.id, node.op.name(), &node.inputs, b)?;
+        }
+    }
+    for (b, v) in copies {
+        let out = buffers[b].name.clone();
+        add(&out, graph.name_of(v), "copy", &[v], b)?;
+    }
+    Ok(Program { dims: graph.dims.runtime.clone(), buffers, kernels })
+}
+
+/// Buffers a kernel touches when it reads `v`.
+fn collect_reads(graph: &Graph, kinds: &[NodeKind], node_buf: &[Option<usize>], v: Value, out: &mut BTreeSet<usize>) {
+    match v {
+        Value::Input(i) => {
+            out.insert(i);
+        }
+        Value::Node(j) => match (kinds.get(j), node_buf.get(j).copied().flatten()) {
+            (Some(NodeKind::Kernel), Some(b)) => {
+                out.insert(b);
+            }
+            (Some(NodeKind::View | NodeKind::Inlined), _) => {
+                for w in &graph.nodes[j].inputs {
+                    collect_reads(graph, kinds, node_buf, *w, out);
+                }
+            }
+            _ => {}
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph(nodes: &str, outputs: &str) -> Graph {
+        let text = format!(
+            r#"{{"format": "bifurc-graph/1", "dims": {{"runtime": ["b"], "constants": {{"d": 4}}}},
+              "inputs": [{{"name": "x", "role": "activation", "shape": ["b", "d"], "dtype": "f32"}},
+                         {{"name": "w", "role": "weight", "shape": ["d", "d"], "dtype": "f32"}}],
+              "nodes": [{nodes}], "outputs": [{outputs}]}}"#
+        );
+        match crate::import::parse(&text) {
+            Ok(g) => g,
+            Err(e) => panic!("{e}\n{text}"),
+        }
+    }
+
+    #[test]
+    fn views_inline_dead_and_copies() {
+        let g = graph(
+            r#"{"id": "a", "op": "exp", "inputs": ["x"]},
+               {"id": "t", "op": "transpose", "inputs": ["a"], "attrs": {"perm": [1, 0]}},
+               {"id": "m", "op": "matmul", "inputs": ["w", "t"]},
+               {"id": "dead", "op": "softmax", "inputs": ["x"], "attrs": {"axis": 1}},
+               {"id": "s", "op": "scale", "inputs": ["m"], "attrs": {"value": 2.0}},
+               {"id": "r", "op": "reshape", "inputs": ["s"], "attrs": {"shape": ["4*b"]}}"#,
+            r#"{"name": "out", "node": "r"}, {"name": "m_out", "node": "m"}, {"name": "x_copy", "node": "x"}"#,
+        );
+        let kinds = classify(&g);
+        use NodeKind::*;
+        // `a` feeds a matmul, which would recompute it per output column: it gets a kernel.
+        // `s` feeds only the output copy: inlined.
+        assert_eq!(kinds, vec![Kernel, View, Kernel, Dead, Inlined, View]);
+        let p = match plan(&g) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        let names: Vec<&str> = p.kernels.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["k0_a", "k1_m", "k2_out", "k3_x_copy"]);
+        let ops: Vec<&str> = p.kernels.iter().map(|k| k.op.as_str()).collect();
+        assert_eq!(ops, ["exp", "matmul", "copy", "copy"]);
+        // Buffers: inputs, then outputs, then intermediates; `m` writes its output buffer.
+        let bufs: Vec<&str> = p.buffers.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(bufs, ["x", "w", "out", "m_out", "x_copy", "a"]);
+        assert_eq!(p.kernels[1].writes, 3);
+        assert_eq!(p.kernels[1].reads, [1, 5], "m reads w and the buffer of a");
+        assert_eq!(p.kernels[1].params, [Param::Dim("b".into()), Param::Buffer(1), Param::Buffer(5), Param::Buffer(3)]);
+        assert_eq!(p.kernels[2].extent.to_string(), "4*b");
+        assert_eq!(p.kernels[2].reads, [3], "the output copy recomputes the inlined scale from m");
+        assert_eq!(p.kernels[3].extent.to_string(), "4*b");
+    }
+
+    #[test]
+    fn elementwise_with_two_consumers_gets_a_buffer() {
+        let g = graph(
+            r#"{"id": "a", "op": "exp", "inputs": ["x"]},
+               {"id": "p", "op": "add", "inputs": ["a", "x"]},
+               {"id": "q", "op": "mul", "inputs": ["a", "p"]}"#,
+            r#"{"name": "q", "node": "q"}"#,
+        );
+        assert_eq!(classify(&g), vec![NodeKind::Kernel, NodeKind::Inlined, NodeKind::Kernel]);
+        assert_eq!(sanitize("l0.attn/q-proj"), "l0_attn_q_proj");
+    }
+}

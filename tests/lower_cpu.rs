@@ -1,0 +1,346 @@
+//! The compiled step on the CPU (plan → emit → CPU pipeline → JIT) against
+//! the reference interpreter, on the examples and on small configs of every
+//! supported architecture, bifurcated and not, at several points including
+//! an empty decode cache (m_d = 0). Each graph is compiled ONCE and run at
+//! every point: runtime dims are kernel parameters.
+//!
+//! Tolerance (f32 graphs): norm-relative, per output,
+//! `max|a - b| <= 1e-4 * max(max|b|, 1e-6)`, with `b` the interpreter
+//! (f64 accumulation) and `a` the kernels (f32 accumulation, f32 libm).
+//!
+//! bf16 graphs: the kernels store every intermediate in bf16 (8 mantissa
+//! bits, relative rounding 2^-9 ≈ 2e-3 per store) while the interpreter
+//! keeps f32 everywhere; a 2-layer model chains ~15 such roundings, so the
+//! bound is 3e-2 norm-relative.
+
+use std::collections::BTreeMap;
+
+use bifurc::hf::{build, HfOptions};
+use bifurc::inspect::ShapePoint;
+use bifurc::interp::{random_inputs, run, Tensor};
+use bifurc::ir::{DType, Graph};
+use bifurc::lower::{emit, plan, CpuStep, Target};
+use bifurc::optimize::{optimize, Options};
+
+const F32_TOL: f32 = 1e-4;
+const BF16_TOL: f32 = 3e-2;
+
+fn load(path: &str) -> Graph {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    bifurc::import::parse(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn from_config(config: &str, dtype: Option<DType>) -> Graph {
+    let doc = build(config, &HfOptions { layers: Some(2), dtype, ..Default::default() })
+        .unwrap_or_else(|e| panic!("import-hf: {e}"));
+    bifurc::import::from_value(&doc).unwrap_or_else(|e| panic!("import: {e}"))
+}
+
+fn bifurcated(g: &Graph, shape: &str) -> Graph {
+    let point = ShapePoint::parse(shape).unwrap_or_else(|e| panic!("{e}"));
+    let opt = optimize(g, &Options { point, ..Default::default() }).unwrap_or_else(|e| panic!("optimize: {e}"));
+    assert!(opt.report.rewritten() > 0, "nothing was bifurcated at {shape}");
+    opt.graph
+}
+
+fn point(dims: &[(&str, i64)]) -> BTreeMap<String, i64> {
+    dims.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+/// `max|a - b| / max(max|b|, 1e-6)` over finite values; NaN when shapes
+/// differ or the non-finite values (inf, NaN) differ.
+fn norm_rel(a: &Tensor, b: &Tensor) -> f32 {
+    if a.shape != b.shape || a.data.len() != b.data.len() {
+        return f32::NAN;
+    }
+    let mut diff = 0.0f32;
+    let mut top = 1e-6f32;
+    for (&x, &y) in a.data.iter().zip(&b.data) {
+        if x.is_finite() != y.is_finite() || (!y.is_finite() && x != y && !(x.is_nan() && y.is_nan())) {
+            return f32::NAN;
+        }
+        if y.is_finite() {
+            diff = diff.max((x - y).abs());
+            top = top.max(y.abs());
+        }
+    }
+    diff / top
+}
+
+/// Compiles `g` once, runs it at every point against the interpreter.
+fn check(name: &str, g: &Graph, points: &[BTreeMap<String, i64>], tol: f32) {
+    let step = CpuStep::compile(g).unwrap_or_else(|e| panic!("{name}: compile: {e}"));
+    for (seed, p) in points.iter().enumerate() {
+        let inputs = random_inputs(g, p, 17 + seed as u64).unwrap_or_else(|e| panic!("{name}: inputs: {e}"));
+        let want = run(g, p, &inputs).unwrap_or_else(|e| panic!("{name}: interp at {p:?}: {e}"));
+        let got = step.run(p, &inputs).unwrap_or_else(|e| panic!("{name}: run at {p:?}: {e}"));
+        assert_eq!(got.len(), want.len(), "{name}: outputs");
+        let mut worst = 0.0f32;
+        for (out, w) in &want {
+            let a = got.get(out).unwrap_or_else(|| panic!("{name}: output `{out}` missing"));
+            let err = norm_rel(a, w);
+            assert!(err <= tol, "{name}: output `{out}` at {p:?}: norm-relative error {err:e} > {tol:e}");
+            worst = worst.max(err);
+        }
+        eprintln!("{name} at {p:?}: worst norm-relative error {worst:e} over {} outputs", want.len());
+    }
+}
+
+fn bcd_points() -> Vec<BTreeMap<String, i64>> {
+    vec![
+        point(&[("b", 1), ("m_c", 3), ("m_d", 0)]),
+        point(&[("b", 3), ("m_c", 5), ("m_d", 2)]),
+        point(&[("b", 4), ("m_c", 17), ("m_d", 7)]),
+    ]
+}
+
+const LLAMA_GQA: &str = r#"{"model_type": "llama", "hidden_size": 48, "intermediate_size": 64,
+  "num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 3, "vocab_size": 97,
+  "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "max_position_embeddings": 512}"#;
+
+const QWEN2_BIAS: &str = r#"{"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 64,
+  "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": true}"#;
+
+const GPT2_MHA: &str = r#"{"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2,
+  "n_positions": 128, "vocab_size": 80, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}"#;
+
+const BIGCODE_MQA: &str = r#"{"model_type": "gpt_bigcode", "n_embd": 32, "n_head": 4, "n_inner": 64,
+  "n_layer": 2, "n_positions": 128, "vocab_size": 72, "layer_norm_epsilon": 1e-5, "multi_query": true,
+  "activation_function": "gelu_pytorch_tanh"}"#;
+
+#[test]
+fn tiny_example_matches_interpreter() {
+    let g = load("examples/tiny/model.json");
+    check("tiny", &g, &bcd_points(), F32_TOL);
+}
+
+#[test]
+fn tiny_bifurcated_matches_interpreter() {
+    let g = bifurcated(&load("examples/tiny/model.json"), "b=64,m_c=4096,m_d=64");
+    check("tiny (bifurcated)", &g, &bcd_points(), F32_TOL);
+}
+
+#[test]
+fn llama_gqa_matches_interpreter() {
+    let g = from_config(LLAMA_GQA, None);
+    check("llama", &g, &bcd_points(), F32_TOL);
+    let g = bifurcated(&g, "b=64,m_c=4096,m_d=64");
+    check("llama (bifurcated)", &g, &bcd_points(), F32_TOL);
+}
+
+#[test]
+fn qwen2_bias_tied_matches_interpreter() {
+    let g = from_config(QWEN2_BIAS, None);
+    check("qwen2", &g, &bcd_points(), F32_TOL);
+}
+
+#[test]
+fn gpt2_mha_matches_interpreter() {
+    let g = from_config(GPT2_MHA, None);
+    check("gpt2", &g, &bcd_points(), F32_TOL);
+    let g = bifurcated(&g, "b=64,m_c=4096,m_d=64");
+    check("gpt2 (bifurcated)", &g, &bcd_points(), F32_TOL);
+}
+
+#[test]
+fn gpt_bigcode_mqa_matches_interpreter() {
+    let g = from_config(BIGCODE_MQA, None);
+    check("gpt_bigcode", &g, &bcd_points(), F32_TOL);
+    let g = bifurcated(&g, "b=64,m_c=4096,m_d=64");
+    check("gpt_bigcode (bifurcated)", &g, &bcd_points(), F32_TOL);
+}
+
+#[test]
+fn multilevel_matches_interpreter() {
+    let points = vec![
+        point(&[("P", 1), ("S", 1), ("m_s", 2), ("m_c", 3), ("m_d", 0)]),
+        point(&[("P", 2), ("S", 3), ("m_s", 4), ("m_c", 5), ("m_d", 2)]),
+        point(&[("P", 3), ("S", 2), ("m_s", 9), ("m_c", 6), ("m_d", 7)]),
+    ];
+    let g = load("examples/multilevel/model.json");
+    check("multilevel", &g, &points, F32_TOL);
+    let g = bifurcated(&g, "P=8,S=8,m_s=4096,m_c=2048,m_d=64");
+    check("multilevel (bifurcated)", &g, &points, F32_TOL);
+}
+
+#[test]
+fn bf16_llama_matches_interpreter_loosely() {
+    let g = from_config(LLAMA_GQA, Some(DType::BF16));
+    assert!(g.inputs.iter().any(|i| i.dtype == DType::BF16));
+    check("llama bf16", &g, &bcd_points(), BF16_TOL);
+    let g = bifurcated(&g, "b=64,m_c=4096,m_d=64");
+    check("llama bf16 (bifurcated)", &g, &bcd_points(), BF16_TOL);
+}
+
+#[test]
+fn f16_gpt2_matches_interpreter_loosely() {
+    // f16 keeps 11 mantissa bits (rounding 2^-12 per store): 8x finer than bf16.
+    let g = from_config(GPT2_MHA, Some(DType::F16));
+    assert!(g.inputs.iter().any(|i| i.dtype == DType::F16));
+    check("gpt2 f16", &g, &bcd_points(), BF16_TOL / 4.0);
+}
+
+#[test]
+fn emit_is_deterministic_and_gpu_text_verifies() {
+    let g = bifurcated(&load("examples/tiny/model.json"), "b=64,m_c=4096,m_d=64");
+    let p = plan(&g).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p, plan(&g).unwrap_or_else(|e| panic!("{e}")));
+    for target in [Target::Cpu, Target::Gpu] {
+        let a = emit(&g, &p, target).unwrap_or_else(|e| panic!("{e}"));
+        let b = emit(&g, &p, target).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a, b, "{target:?} text differs between runs");
+        // For pipeline experiments with mlir-opt: BIFURC_DUMP_MLIR=/some/dir.
+        if let Some(dir) = std::env::var_os("BIFURC_DUMP_MLIR") {
+            let path = std::path::Path::new(&dir).join(format!("tiny_bifurcated_{target:?}.mlir").to_lowercase());
+            std::fs::write(&path, &a).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        let context = bifurc::lower::new_context();
+        let module =
+            melior::ir::Module::parse(&context, &a).unwrap_or_else(|| panic!("{target:?} text does not parse"));
+        bifurc::lower::verify(&context, &module, "emitted").unwrap_or_else(|e| panic!("{target:?}: {e}"));
+    }
+    // Every op family and bf16 storage also verify as GPU kernels.
+    let ops = bifurc::import::parse(OPS_GRAPH).unwrap_or_else(|e| panic!("{e}"));
+    let bf16 = from_config(GPT2_MHA, Some(DType::BF16));
+    for (name, g) in [("ops", &ops), ("gpt2_bf16", &bf16)] {
+        let text = emit(g, &plan(g).unwrap_or_else(|e| panic!("{e}")), Target::Gpu).unwrap_or_else(|e| panic!("{e}"));
+        if let Some(dir) = std::env::var_os("BIFURC_DUMP_MLIR") {
+            let path = std::path::Path::new(&dir).join(format!("{name}_gpu.mlir"));
+            std::fs::write(&path, &text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        let context = bifurc::lower::new_context();
+        let module =
+            melior::ir::Module::parse(&context, &text).unwrap_or_else(|| panic!("{name}: GPU text does not parse"));
+        bifurc::lower::verify(&context, &module, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let gpu = emit(&g, &p, Target::Gpu).unwrap_or_else(|e| panic!("{e}"));
+    assert!(gpu.contains("gpu.container_module") && gpu.contains("gpu.module @bifurc_kernels"));
+    assert_eq!(gpu.matches(" kernel {").count(), p.kernels.len());
+}
+
+/// Every op family, odd layouts and output kinds in one graph: inlined
+/// chains, broadcasting, reductions with and without keepdims, softmax on a
+/// non-last axis, einsum, batched matmul both ways, gather, integer concat,
+/// and outputs that are an input, a view, a node twice, a constant mask.
+const OPS_GRAPH: &str = r#"{
+  "format": "bifurc-graph/1",
+  "dims": {"runtime": ["m"], "constants": {"d": 4, "v": 5, "e": 3}},
+  "inputs": [
+    {"name": "x", "role": "activation", "shape": ["m", "d"], "dtype": "f32"},
+    {"name": "y", "role": "weight", "shape": ["d"], "dtype": "f32"},
+    {"name": "bias", "role": "weight", "shape": ["d"], "dtype": "f32"},
+    {"name": "ids", "role": "token_ids", "shape": ["m"], "dtype": "i32"},
+    {"name": "table", "role": "weight", "shape": ["v", "e"], "dtype": "f32"},
+    {"name": "w3", "role": "weight", "shape": [2, "e", "d"], "dtype": "f32"}
+  ],
+  "nodes": [
+    {"id": "ex", "op": "exp", "inputs": ["x"]},
+    {"id": "ng", "op": "neg", "inputs": ["ex"]},
+    {"id": "sq", "op": "mul", "inputs": ["x", "x"]},
+    {"id": "one", "op": "constant", "inputs": [], "attrs": {"value": 1.0, "shape": []}},
+    {"id": "sq1", "op": "add", "inputs": ["sq", "one"]},
+    {"id": "rs", "op": "rsqrt", "inputs": ["sq1"]},
+    {"id": "th", "op": "tanh", "inputs": ["x"]},
+    {"id": "ge", "op": "gelu", "inputs": ["x"], "attrs": {"approximate": "none"}},
+    {"id": "gt", "op": "gelu", "inputs": ["x"], "attrs": {"approximate": "tanh"}},
+    {"id": "si", "op": "silu", "inputs": ["x"]},
+    {"id": "dv", "op": "div", "inputs": ["x", "y"]},
+    {"id": "sb", "op": "sub", "inputs": ["y", "x"]},
+    {"id": "sc", "op": "scale", "inputs": ["sb"], "attrs": {"value": -0.5}},
+    {"id": "rsum", "op": "reduce_sum", "inputs": ["x"], "attrs": {"axes": [0], "keepdims": true}},
+    {"id": "rmax", "op": "reduce_max", "inputs": ["x"], "attrs": {"axes": [0, 1]}},
+    {"id": "rmax_row", "op": "reduce_max", "inputs": ["ex"], "attrs": {"axes": [1]}},
+    {"id": "sm", "op": "softmax", "inputs": ["x"], "attrs": {"axis": 0}},
+    {"id": "ln", "op": "layer_norm", "inputs": ["x", "y", "bias"], "attrs": {"eps": 1e-5}},
+    {"id": "rn", "op": "rms_norm", "inputs": ["sc", "y"], "attrs": {"eps": 1e-6}},
+    {"id": "es", "op": "einsum", "inputs": ["x", "y"], "attrs": {"spec": "md,d->m"}},
+    {"id": "eo", "op": "einsum", "inputs": ["x", "y"], "attrs": {"spec": "md,e->dem"}},
+    {"id": "xt", "op": "transpose", "inputs": ["x"], "attrs": {"perm": [1, 0]}},
+    {"id": "mm", "op": "matmul", "inputs": ["w3", "xt"]},
+    {"id": "mmt", "op": "matmul", "inputs": ["x", "w3"], "attrs": {"transpose_b": true}},
+    {"id": "g", "op": "gather", "inputs": ["table", "ids"]},
+    {"id": "cat", "op": "concat", "inputs": ["ids", "ids"], "attrs": {"axis": 0}},
+    {"id": "sl", "op": "slice", "inputs": ["x"], "attrs": {"axis": 1, "start": 1, "end": 3}},
+    {"id": "rsh", "op": "reshape", "inputs": ["x"], "attrs": {"shape": [2, "2*m"]}},
+    {"id": "rsh2", "op": "reshape", "inputs": ["sl"], "attrs": {"shape": ["m", 1, 2, 1]}},
+    {"id": "bc", "op": "broadcast", "inputs": ["y"], "attrs": {"shape": [2, "m", "d"]}},
+    {"id": "cm", "op": "causal_mask", "inputs": [], "attrs": {"query": "m", "key": "m+2", "offset": 1}}
+  ],
+  "outputs": [
+    {"name": "ng", "node": "ng"}, {"name": "ng_again", "node": "ng"}, {"name": "rs", "node": "rs"},
+    {"name": "th", "node": "th"}, {"name": "ge", "node": "ge"}, {"name": "gt", "node": "gt"},
+    {"name": "si", "node": "si"}, {"name": "dv", "node": "dv"}, {"name": "rsum", "node": "rsum"},
+    {"name": "rmax", "node": "rmax"}, {"name": "rmax_row", "node": "rmax_row"}, {"name": "sm", "node": "sm"},
+    {"name": "ln", "node": "ln"}, {"name": "rn", "node": "rn"}, {"name": "es", "node": "es"},
+    {"name": "eo", "node": "eo"}, {"name": "mm", "node": "mm"}, {"name": "mmt", "node": "mmt"},
+    {"name": "g", "node": "g"}, {"name": "cat", "node": "cat"}, {"name": "sl", "node": "sl"},
+    {"name": "bc", "node": "bc"}, {"name": "cm", "node": "cm"}, {"name": "x_out", "node": "x"},
+    {"name": "xt", "node": "xt"}, {"name": "rsh", "node": "rsh"}, {"name": "rsh2", "node": "rsh2"}
+  ]
+}"#;
+
+#[test]
+fn every_op_family_matches_interpreter() {
+    let g = bifurc::import::parse(OPS_GRAPH).unwrap_or_else(|e| panic!("{e}"));
+    let points: Vec<_> = [0, 1, 2, 7].iter().map(|&m| point(&[("m", m)])).collect();
+    check("ops", &g, &points, F32_TOL);
+    let p = plan(&g).unwrap_or_else(|e| panic!("{e}"));
+    let ops: Vec<&str> = p.kernels.iter().map(|k| k.op.as_str()).collect();
+    // `ex` (used by `ng` and `rmax_row`) gets a kernel; `sq`, `one`, `sq1`,
+    // `sb`, `sc` are inlined; views, inputs and repeated outputs are copies.
+    assert!(ops.contains(&"exp") && !ops.contains(&"constant") && !ops.contains(&"scale"), "{ops:?}");
+    assert_eq!(ops.iter().filter(|o| **o == "copy").count(), 8, "{ops:?}");
+    assert!(p.kernels.iter().all(|k| k.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')));
+}
+
+#[test]
+fn softmax_of_a_fully_masked_row_is_zero_and_bad_ids_give_nan() {
+    let g = bifurc::import::parse(
+        r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["m"], "constants": {"d": 3}},
+          "inputs": [{"name": "x", "role": "activation", "shape": ["m", "d"], "dtype": "f32"},
+                     {"name": "ids", "role": "token_ids", "shape": ["m"], "dtype": "i64"}],
+          "nodes": [{"id": "p", "op": "softmax", "inputs": ["x"], "attrs": {"axis": 1}},
+                    {"id": "g", "op": "gather", "inputs": ["x", "ids"]}],
+          "outputs": [{"name": "p", "node": "p"}, {"name": "g", "node": "g"}]}"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let step = CpuStep::compile(&g).unwrap_or_else(|e| panic!("{e}"));
+    let ninf = f32::NEG_INFINITY;
+    let x = Tensor::new(vec![2, 3], vec![ninf, ninf, ninf, 0.0, 1.0, ninf]).unwrap_or_else(|e| panic!("{e}"));
+    let ids = Tensor::new(vec![2], vec![1.0, 2.0]).unwrap_or_else(|e| panic!("{e}"));
+    let p = point(&[("m", 2)]);
+    let inputs = std::collections::HashMap::from([("x".to_string(), x.clone()), ("ids".to_string(), ids)]);
+    let got = step.run(&p, &inputs).unwrap_or_else(|e| panic!("{e}"));
+    let want = run(&g, &std::collections::BTreeMap::from([("m".to_string(), 2)]), &{
+        let mut ok = inputs.clone();
+        ok.insert("ids".into(), Tensor::new(vec![2], vec![1.0, 0.0]).unwrap_or_else(|e| panic!("{e}")));
+        ok
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&got["p"].data[..3], &[0.0, 0.0, 0.0]);
+    assert!(norm_rel(&got["p"], &want["p"]) <= F32_TOL);
+    // Row 1 of the table is row 1 of x; id 2 is outside the 2-row table.
+    assert_eq!(&got["g"].data[..3], &x.data[3..6]);
+    assert!(got["g"].data[3..].iter().all(|v| v.is_nan()), "{:?}", got["g"].data);
+    // The interpreter refuses the bad id.
+    assert!(run(&g, &p, &inputs).is_err());
+}
+
+#[test]
+fn run_rejects_bad_points_and_inputs() {
+    let g = load("examples/tiny/model.json");
+    let step = CpuStep::compile(&g).unwrap_or_else(|e| panic!("{e}"));
+    let p = point(&[("b", 2), ("m_c", 3), ("m_d", 1)]);
+    let inputs = random_inputs(&g, &p, 1).unwrap_or_else(|e| panic!("{e}"));
+    assert!(step.run(&point(&[("b", 2), ("m_c", 3)]), &inputs).is_err(), "missing dim");
+    assert!(step.run(&point(&[("b", -1), ("m_c", 3), ("m_d", 1)]), &inputs).is_err(), "negative dim");
+    assert!(step.run(&point(&[("b", 3), ("m_c", 3), ("m_d", 1)]), &inputs).is_err(), "shape mismatch");
+    let mut missing = inputs.clone();
+    missing.remove("token_ids");
+    assert!(step.run(&p, &missing).is_err(), "missing input");
+    let mut frac = inputs.clone();
+    frac.insert("token_ids".into(), Tensor::new(vec![2, 1], vec![0.5, 1.0]).unwrap_or_else(|e| panic!("{e}")));
+    assert!(step.run(&p, &frac).is_err(), "fractional id");
+    assert!(step.run(&p, &inputs).is_ok());
+}
