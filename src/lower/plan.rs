@@ -171,7 +171,10 @@ pub(crate) fn classify(graph: &Graph) -> Vec<NodeKind> {
                 NodeKind::Dead
             } else if op.is_view() {
                 NodeKind::View
-            } else if is_elementwise(op) && !is_output[j] && consumers[j].len() == 1 && reads_few_times(graph, &consumers[j])
+            } else if is_elementwise(op)
+                && !is_output[j]
+                && consumers[j].len() == 1
+                && reads_few_times(graph, &consumers[j])
             {
                 NodeKind::Inlined
             } else {

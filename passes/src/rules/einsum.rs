@@ -100,14 +100,16 @@ fn absorb_broadcast(eg: &mut Graph, s: &Spec, ops: &[Id], j: usize, node: &Expr)
     let c = &eg.analysis.constants;
     let lead = target.len() - src.len();
     // Axes of the operand that the broadcast creates (leading) or stretches (size 1 in x).
-    let stretched: Vec<usize> = (lead..target.len()).filter(|&i| c.is_one(&src[i - lead]) && !c.is_one(&target[i])).collect();
+    let stretched: Vec<usize> =
+        (lead..target.len()).filter(|&i| c.is_one(&src[i - lead]) && !c.is_one(&target[i])).collect();
     let dropped: Vec<usize> = (0..lead).chain(stretched.iter().copied()).collect();
     if dropped.is_empty() || dropped.iter().any(|&i| !s.used_elsewhere(s.ins[j][i], j)) {
         return Vec::new();
     }
     let mut out = Vec::new();
     // Form 1: squeeze the stretched size-1 axes away (a reshape of x).
-    let kept_src: Shape = (lead..target.len()).filter(|i| !dropped.contains(i)).map(|i| src[i - lead].clone()).collect();
+    let kept_src: Shape =
+        (lead..target.len()).filter(|i| !dropped.contains(i)).map(|i| src[i - lead].clone()).collect();
     let operand = if kept_src.len() == src.len() { *x } else { spec::reshape(eg, &kept_src, *x) };
     let mut spec = s.clone();
     spec.ins[j] = (0..target.len()).filter(|i| !dropped.contains(i)).map(|i| s.ins[j][i]).collect();
