@@ -85,6 +85,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compile a model.json to GPU code: step.ptx and, beside it, step.manifest.json.
+    ///
+    /// Optimizes at the shape point (unless --no-bifurcate), plans one kernel per compute node,
+    /// emits MLIR and compiles it to PTX in process (MLIR's NVPTX backend, libdevice linked).
+    /// The manifest lists dims, buffers, kernels in launch order with their parameters and
+    /// grid/block, the bifurcated attention sites and the bytes model (docs/artifact.md).
+    /// With --emit, prints that stage to stdout and writes nothing.
+    Compile {
+        /// The model.json to read.
+        model: PathBuf,
+        /// Where to write the PTX (written atomically, with the manifest beside it:
+        /// step.ptx -> step.manifest.json). Required unless --emit is given.
+        #[arg(short, long, required_unless_present = "emit", conflicts_with = "emit")]
+        output: Option<PathBuf>,
+        /// The chip to compile for.
+        #[arg(long, value_enum, default_value_t = ChipArg::Sm90)]
+        target: ChipArg,
+        /// Shape point for the cost model and the manifest's *_at_point figures, e.g.
+        /// b=32,m_c=8192,m_d=256 (defaults: b=32, m_c=8192, m_d=256). The PTX works for any point.
+        #[arg(long, value_name = "DIM=N,...")]
+        shape: Option<String>,
+        /// Compile the graph as given, without bifurcating attention.
+        #[arg(long)]
+        no_bifurcate: bool,
+        /// Storage dtype of every float input and node (default: as in model.json).
+        #[arg(long)]
+        dtype: Option<DtypeArg>,
+        /// Print this stage to stdout instead of writing files.
+        #[arg(long, value_enum)]
+        emit: Option<EmitArg>,
+        /// libdevice.10.bc, linked for math functions (default: $BIFURC_LIBDEVICE).
+        #[arg(long, value_name = "PATH")]
+        libdevice: Option<PathBuf>,
+    },
     /// Print a model.json as a graph (Graphviz dot) or re-emit it in canonical JSON.
     Graph {
         /// The model.json to read.
@@ -110,6 +144,26 @@ impl From<DtypeArg> for DType {
             DtypeArg::Bf16 => DType::BF16,
         }
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ChipArg {
+    /// Ampere (A100).
+    #[value(name = "sm_80")]
+    Sm80,
+    /// Hopper (H100, H200).
+    #[value(name = "sm_90")]
+    Sm90,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EmitArg {
+    /// The MLIR kernel module that is compiled to PTX.
+    Mlir,
+    /// The graph that is compiled (optimized unless --no-bifurcate), as model.json.
+    Graph,
+    /// The GPU pass pipeline.
+    Pipeline,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -198,6 +252,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("wrote {}", output.display());
         }
+        Command::Compile { model, output, target, shape, no_bifurcate, dtype, emit, libdevice } => {
+            compile(&model, output.as_deref(), target, shape, no_bifurcate, dtype, emit, libdevice)?;
+        }
         Command::Graph { model, format } => {
             let graph = load(&model)?;
             match format {
@@ -206,5 +263,81 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile(
+    model: &Path,
+    output: Option<&Path>,
+    target: ChipArg,
+    shape: Option<String>,
+    no_bifurcate: bool,
+    dtype: Option<DtypeArg>,
+    emit: Option<EmitArg>,
+    libdevice: Option<PathBuf>,
+) -> Result<()> {
+    use bifurc::lower::artifact::{lower_mlir, prepare};
+    use bifurc::lower::gpu::{find_libdevice, gpu_pipeline, GpuTarget};
+    let target = match target {
+        ChipArg::Sm80 => GpuTarget::Sm80,
+        ChipArg::Sm90 => GpuTarget::Sm90,
+    };
+    let opts = bifurc::CompileOptions {
+        target,
+        point: ShapePoint::parse(shape.as_deref().unwrap_or(""))?,
+        bifurcate: !no_bifurcate,
+        dtype: dtype.map(Into::into),
+        libdevice,
+        ..Default::default()
+    };
+    // --emit output may be piped into `head`: a closed pipe is not an error.
+    let to_stdout = |text: &str| -> Result<()> {
+        use std::io::Write as _;
+        match std::io::stdout().lock().write_all(text.as_bytes()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.context("cannot write to stdout"),
+        }
+    };
+    if let Some(EmitArg::Pipeline) = emit {
+        let pipeline = gpu_pipeline(target.chip(), &find_libdevice(opts.libdevice.as_deref())?);
+        return to_stdout(&format!("{pipeline}\n"));
+    }
+    let graph = load(model)?;
+    match emit {
+        Some(EmitArg::Graph) => {
+            let (optimized, _) = prepare(&graph, &opts).with_context(|| format!("{}", model.display()))?;
+            return to_stdout(&bifurc::export::to_string(&bifurc::export::to_json(&optimized)));
+        }
+        Some(EmitArg::Mlir) => {
+            let (_, mlir) = lower_mlir(&graph, &opts).with_context(|| format!("{}", model.display()))?;
+            return to_stdout(&mlir);
+        }
+        Some(EmitArg::Pipeline) | None => {}
+    }
+    let output = output.context("--output is required")?;
+    let manifest_path = bifurc::Artifact::manifest_path(output);
+    check_not_input(output, &[model])?;
+    check_not_input(&manifest_path, &[model])?;
+    let artifact = bifurc::compile(&graph, &opts).with_context(|| format!("{}", model.display()))?;
+    artifact.write(output).with_context(|| format!("cannot write {}", output.display()))?;
+    let m = &artifact.manifest;
+    let point: Vec<String> = m.point.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("compiled {} for {} at {}", model.display(), m.target, point.join(", "));
+    println!("  kernels: {}, PTX: {}", m.kernels.len(), bifurc::inspect::human_bytes(artifact.ptx.len() as f64));
+    let bifurcated = m.attention.iter().filter(|s| s.bifurcated).count();
+    println!("  attention sites bifurcated: {bifurcated} of {}", m.attention.len());
+    println!(
+        "  bytes moved per step: {} -> {} ({:.2}x)",
+        bifurc::inspect::human_bytes(m.bytes.before.total as f64),
+        bifurc::inspect::human_bytes(m.bytes.after.total as f64),
+        m.bytes.predicted_speedup
+    );
+    if let Some(report) = &artifact.report {
+        if report.passes.hit_limit {
+            eprintln!("warning: saturation stopped at a limit ({})", report.passes.stop_reason);
+        }
+    }
+    eprintln!("wrote {} and {}", output.display(), manifest_path.display());
     Ok(())
 }

@@ -1,0 +1,862 @@
+//! The artifact manifest: what `bifurc compile` writes beside `step.ptx`
+//! (`step.manifest.json`) and what an engine reads to run the kernels.
+//!
+//! It is the contract between the compiler and whoever launches the code, so
+//! it is plain data: dims, a buffer table, kernels in launch order with their
+//! parameters (ABI order and types) and launch geometry as size expressions
+//! over the dims, the attention sites that were bifurcated, and the
+//! bytes-moved model. docs/artifact.md documents every field.
+//!
+//! Sizes that depend on the runtime dims are [`Size::Expr`] strings in a tiny
+//! language — integers, dim names, `+ - * /`, parentheses, `ceil(…)` and
+//! `floor(…)` — evaluated by [`eval_expr`] (or [`Manifest::eval`], which binds
+//! the model constants for you). `/` is exact rational division; the final
+//! value must be a whole number (wrap a division in `ceil` or `floor`).
+//!
+//! ```
+//! use bifurc_runtime::manifest::{eval_expr, Manifest};
+//! use std::collections::BTreeMap;
+//!
+//! let dims = BTreeMap::from([("b".to_string(), 32), ("h".to_string(), 4)]);
+//! assert_eq!(eval_expr("ceil((b*h*100)/256)", &dims).unwrap(), 50);
+//! assert!(Manifest::from_str("{}").is_err());
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+
+/// The format tag of the manifests this crate reads and bifurc writes.
+pub const FORMAT: &str = "bifurc-artifact/1";
+
+/// Threads per block of every kernel in this format version.
+pub const BLOCK_SIZE: i64 = 256;
+
+/// A size: a whole number, or an expression over the dims (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    Int(i64),
+    Expr(String),
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Size::Int(v) => write!(f, "{v}"),
+            Size::Expr(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<i64> for Size {
+    fn from(v: i64) -> Self {
+        Size::Int(v)
+    }
+}
+
+/// The manifest of one compiled decode step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// File name of the PTX module, in the manifest's directory (`step.ptx`).
+    pub ptx: String,
+    /// The chip the PTX was compiled for: `sm_80`, `sm_90`.
+    pub target: String,
+    /// Whether the optimizer ran (`false` with `bifurc compile --no-bifurcate`).
+    pub bifurcate: bool,
+    /// Provenance copied from the model graph's `meta` (architecture, source, …).
+    #[serde(default)]
+    pub model: BTreeMap<String, String>,
+    pub dims: Dims,
+    /// The shape point `bifurc compile` optimized for and evaluated the
+    /// `*_at_point` figures at (a value for every runtime dim).
+    pub point: BTreeMap<String, i64>,
+    /// Every buffer a step touches; kernels name them.
+    pub buffers: Vec<Buffer>,
+    /// In launch order.
+    pub kernels: Vec<Kernel>,
+    /// Attention sites over a batch-broadcast context cache in the input graph.
+    pub attention: Vec<AttentionSite>,
+    /// The bytes-moved model of the step at [`Manifest::point`].
+    pub bytes: BytesSummary,
+}
+
+/// Symbolic sizes: runtime dims vary per step, constants are fixed by the model.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Dims {
+    /// In kernel-ABI order: every kernel takes them first, as `i64`, in this order.
+    pub runtime: Vec<String>,
+    pub constants: BTreeMap<String, i64>,
+}
+
+/// What a buffer is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferKind {
+    /// Bound by the caller before the step (weights, caches, token ids, …).
+    Input,
+    /// Scratch the caller allocates; written and read within the step.
+    Intermediate,
+    /// Written by the step for the caller (logits, new K/V rows).
+    Output,
+}
+
+/// One buffer: a dense, row-major (C-order), contiguous array.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    pub name: String,
+    pub kind: BufferKind,
+    /// For inputs: `token_ids`, `activation`, `weight`, `position`,
+    /// `context_kv`, `decode_kv`; for outputs: `logits`, `new_kv`, `other`;
+    /// absent for intermediates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Layer of a KV cache input or new-KV output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<usize>,
+    /// `k` or `v`, for KV caches and new-KV outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv: Option<String>,
+    /// Dimensions, outermost first.
+    pub shape: Vec<Size>,
+    /// Element type: `f32`, `f16`, `bf16`, `i32`, `i64`.
+    pub dtype: String,
+    /// Size in bytes: product of the shape times the element size.
+    pub bytes: Size,
+}
+
+/// A kernel parameter, in ABI order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Param {
+    /// A runtime dim name or a buffer name.
+    pub name: String,
+    pub kind: ParamKind,
+    /// `i64` for dims; `ptr` (a bare 64-bit device pointer) for buffers.
+    #[serde(rename = "type")]
+    pub ty: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamKind {
+    Dim,
+    Buffer,
+}
+
+/// One kernel launch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Kernel {
+    /// The kernel's name (`k{index}_{node}`), unique in the manifest.
+    pub name: String,
+    /// The PTX `.entry` to launch for it. Kernels with identical code share
+    /// one entry (the first of them: its `entry` is its own `name`); launch
+    /// the entry with this kernel's own arguments.
+    pub entry: String,
+    /// The graph node it computes.
+    pub node: String,
+    /// That node's op (`matmul`, `softmax`, …).
+    pub op: String,
+    /// Parameters in ABI order: the runtime dims, then buffer pointers.
+    pub params: Vec<Param>,
+    /// Buffers read, by name.
+    pub reads: Vec<String>,
+    /// The buffer written, by name.
+    pub writes: String,
+    /// Threads doing work: one per output element (threads at index >= extent exit).
+    pub extent: Size,
+    /// Blocks: `[ceil((extent)/256), 1, 1]`.
+    pub grid: [Size; 3],
+    /// Threads per block: `[256, 1, 1]`.
+    pub block: [Size; 3],
+    /// Bytes this kernel moves in the bytes model, as expressions over the runtime dims.
+    pub bytes: ByteExprs,
+    /// `bytes.total` at [`Manifest::point`].
+    pub bytes_at_point: i64,
+}
+
+/// Bytes moved, by where they land, as expressions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ByteExprs {
+    pub weights: Size,
+    pub context_kv: Size,
+    pub decode_kv: Size,
+    pub activations: Size,
+    pub total: Size,
+}
+
+/// An attention site that reads a batch-broadcast context cache.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttentionSite {
+    /// The compute node of the input graph that read the broadcast context.
+    pub node: String,
+    /// The context cache input.
+    pub context: String,
+    /// True when the compiled step reads that cache once per step.
+    pub bifurcated: bool,
+    pub reason: String,
+    /// Bytes read from the context cache per step at the point, before and after.
+    pub bytes_before: i64,
+    pub bytes_after: i64,
+}
+
+/// Bytes moved by one step at a point, by category.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ByteCounts {
+    pub weights: i64,
+    pub context_kv: i64,
+    pub decode_kv: i64,
+    pub activations: i64,
+    pub total: i64,
+}
+
+/// The bytes model of the whole step: the input graph (`before`) and the
+/// compiled one (`after`), at [`Manifest::point`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BytesSummary {
+    pub before: ByteCounts,
+    pub after: ByteCounts,
+    /// `before.total / after.total`: the step speedup if it is bound by memory traffic.
+    pub predicted_speedup: f64,
+}
+
+/// A kernel's launch geometry at concrete dims.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read manifest {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("manifest is not valid JSON of the expected shape: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported manifest format `{found}` (this runtime reads `{FORMAT}`)")]
+    Format { found: String },
+    #[error("invalid manifest: {0}")]
+    Invalid(String),
+    #[error("{context}: {source}")]
+    Expr {
+        context: String,
+        #[source]
+        source: ExprError,
+    },
+}
+
+impl std::str::FromStr for Manifest {
+    type Err = ManifestError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        // Check the tag first, so a manifest of another version says so
+        // instead of failing on a missing field.
+        let value: serde_json::Value = serde_json::from_str(text)?;
+        match value.get("format").and_then(|f| f.as_str()) {
+            Some(FORMAT) => {}
+            Some(other) => return Err(ManifestError::Format { found: other.to_string() }),
+            None => return Err(ManifestError::Invalid("missing string field `format`".to_string())),
+        }
+        let manifest: Manifest = serde_json::from_value(value)?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+}
+
+impl Manifest {
+    /// Parses and validates a manifest.
+    #[allow(clippy::should_implement_trait)]
+    pub fn from_str(text: &str) -> Result<Self, ManifestError> {
+        text.parse()
+    }
+
+    /// Reads, parses and validates a manifest file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ManifestError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ManifestError::Read { path: path.display().to_string(), source })?;
+        text.parse()
+    }
+
+    /// Deterministic pretty JSON with a trailing newline: the same manifest
+    /// always gives the same bytes (fields in declaration order, maps sorted).
+    pub fn to_json(&self) -> String {
+        let mut text = serde_json::to_string_pretty(self).expect("a manifest always serializes");
+        text.push('\n');
+        text
+    }
+
+    /// Checks references and expressions: every param names a runtime dim or
+    /// a buffer, reads/writes name buffers, every size parses and mentions
+    /// only dims, the point binds every runtime dim.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let invalid = |s: String| Err(ManifestError::Invalid(s));
+        if self.format != FORMAT {
+            return Err(ManifestError::Format { found: self.format.clone() });
+        }
+        let mut known: BTreeSet<&str> = BTreeSet::new();
+        for name in &self.dims.runtime {
+            if !known.insert(name) {
+                return invalid(format!("runtime dim `{name}` is listed twice"));
+            }
+        }
+        for name in self.dims.constants.keys() {
+            if !known.insert(name) {
+                return invalid(format!("dim `{name}` is both a runtime dim and a constant"));
+            }
+        }
+        for name in &self.dims.runtime {
+            if !self.point.contains_key(name) {
+                return invalid(format!("`point` has no value for runtime dim `{name}`"));
+            }
+        }
+        let check = |size: &Size, what: &dyn Fn() -> String| -> Result<(), ManifestError> {
+            if let Size::Expr(text) = size {
+                let expr = parse_expr(text).map_err(|source| ManifestError::Expr { context: what(), source })?;
+                if let Some(name) = expr.names().into_iter().find(|n| !known.contains(n.as_str())) {
+                    return Err(ManifestError::Expr { context: what(), source: ExprError::Unbound(name) });
+                }
+            }
+            Ok(())
+        };
+        let mut buffers: BTreeSet<&str> = BTreeSet::new();
+        for buffer in &self.buffers {
+            if !buffers.insert(&buffer.name) {
+                return invalid(format!("buffer `{}` is listed twice", buffer.name));
+            }
+            for (axis, size) in buffer.shape.iter().enumerate() {
+                check(size, &|| format!("buffer `{}` shape[{axis}]", buffer.name))?;
+            }
+            check(&buffer.bytes, &|| format!("buffer `{}` bytes", buffer.name))?;
+        }
+        let mut kernels: BTreeSet<&str> = BTreeSet::new();
+        let entries: BTreeSet<&str> =
+            self.kernels.iter().filter(|k| k.entry == k.name).map(|k| k.name.as_str()).collect();
+        for kernel in &self.kernels {
+            let name = &kernel.name;
+            if !kernels.insert(name) {
+                return invalid(format!("kernel `{name}` is listed twice"));
+            }
+            if !entries.contains(kernel.entry.as_str()) {
+                return invalid(format!(
+                    "kernel `{name}`: entry `{}` is not a kernel that is its own entry",
+                    kernel.entry
+                ));
+            }
+            for param in &kernel.params {
+                let ok = match param.kind {
+                    ParamKind::Dim => self.dims.runtime.contains(&param.name) && param.ty == "i64",
+                    ParamKind::Buffer => buffers.contains(param.name.as_str()) && param.ty == "ptr",
+                };
+                if !ok {
+                    return invalid(format!(
+                        "kernel `{name}`: parameter `{}` ({:?}, {}) is not a runtime dim of type i64 or a buffer of type ptr",
+                        param.name, param.kind, param.ty
+                    ));
+                }
+            }
+            for read in kernel.reads.iter().chain(std::iter::once(&kernel.writes)) {
+                if !buffers.contains(read.as_str()) {
+                    return invalid(format!("kernel `{name}` names unknown buffer `{read}`"));
+                }
+            }
+            check(&kernel.extent, &|| format!("kernel `{name}` extent"))?;
+            for axis in 0..3 {
+                check(&kernel.grid[axis], &|| format!("kernel `{name}` grid[{axis}]"))?;
+                check(&kernel.block[axis], &|| format!("kernel `{name}` block[{axis}]"))?;
+            }
+            let b = &kernel.bytes;
+            for (field, size) in [
+                ("weights", &b.weights),
+                ("context_kv", &b.context_kv),
+                ("decode_kv", &b.decode_kv),
+                ("activations", &b.activations),
+                ("total", &b.total),
+            ] {
+                check(size, &|| format!("kernel `{name}` bytes.{field}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// All dims bound: the constants plus `runtime`, which must give every
+    /// runtime dim (and nothing else).
+    pub fn bind(&self, runtime: &BTreeMap<String, i64>) -> Result<BTreeMap<String, i64>, ManifestError> {
+        for name in runtime.keys() {
+            if !self.dims.runtime.contains(name) {
+                return Err(ManifestError::Invalid(format!(
+                    "`{name}` is not a runtime dim (runtime dims: {})",
+                    self.dims.runtime.join(", ")
+                )));
+            }
+        }
+        let mut all = self.dims.constants.clone();
+        for name in &self.dims.runtime {
+            let value = runtime
+                .get(name)
+                .copied()
+                .ok_or_else(|| ManifestError::Invalid(format!("runtime dim `{name}` has no value")))?;
+            all.insert(name.clone(), value);
+        }
+        Ok(all)
+    }
+
+    /// Evaluates a size at the runtime dims (constants are bound for you).
+    pub fn eval(&self, size: &Size, runtime: &BTreeMap<String, i64>) -> Result<i64, ManifestError> {
+        let dims = self.bind(runtime)?;
+        eval_size(size, &dims).map_err(|source| ManifestError::Expr { context: format!("`{size}`"), source })
+    }
+
+    /// Grid and block of `kernel` at the runtime dims.
+    pub fn launch(&self, kernel: &Kernel, runtime: &BTreeMap<String, i64>) -> Result<Launch, ManifestError> {
+        let dims = self.bind(runtime)?;
+        let mut launch = Launch { grid: [1; 3], block: [1; 3] };
+        for axis in 0..3 {
+            for (size, out, what) in [
+                (&kernel.grid[axis], &mut launch.grid[axis], "grid"),
+                (&kernel.block[axis], &mut launch.block[axis], "block"),
+            ] {
+                let context = || format!("kernel `{}` {what}[{axis}]", kernel.name);
+                let v = eval_size(size, &dims).map_err(|source| ManifestError::Expr { context: context(), source })?;
+                *out = u32::try_from(v).map_err(|_| ManifestError::Expr {
+                    context: context(),
+                    source: ExprError::Range(format!("{v} does not fit a launch dimension")),
+                })?;
+            }
+        }
+        Ok(launch)
+    }
+
+    /// A buffer by name.
+    pub fn buffer(&self, name: &str) -> Option<&Buffer> {
+        self.buffers.iter().find(|b| b.name == name)
+    }
+}
+
+/// Evaluates a [`Size`] with every name in `dims`.
+pub fn eval_size(size: &Size, dims: &BTreeMap<String, i64>) -> Result<i64, ExprError> {
+    match size {
+        Size::Int(v) => Ok(*v),
+        Size::Expr(text) => eval_expr(text, dims),
+    }
+}
+
+// --- size expressions -------------------------------------------------------
+
+/// Errors from parsing or evaluating a size expression.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExprError {
+    #[error("size expression `{text}`: {message}")]
+    Syntax { text: String, message: String },
+    #[error("dim `{0}` has no value")]
+    Unbound(String),
+    #[error("division by zero")]
+    DivisionByZero,
+    #[error("arithmetic overflows")]
+    Overflow,
+    #[error("value is not a whole number: {0} (wrap the division in ceil() or floor())")]
+    NotWhole(String),
+    #[error("{0}")]
+    Range(String),
+}
+
+/// A parsed size expression.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expr {
+    Int(i64),
+    Name(String),
+    Neg(Box<Expr>),
+    Add(Box<Expr>, Box<Expr>),
+    Sub(Box<Expr>, Box<Expr>),
+    Mul(Box<Expr>, Box<Expr>),
+    Div(Box<Expr>, Box<Expr>),
+    Ceil(Box<Expr>),
+    Floor(Box<Expr>),
+}
+
+impl Expr {
+    /// Every dim name mentioned, sorted.
+    pub fn names(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        self.collect(&mut out);
+        out
+    }
+
+    fn collect(&self, out: &mut BTreeSet<String>) {
+        match self {
+            Expr::Int(_) => {}
+            Expr::Name(n) => {
+                out.insert(n.clone());
+            }
+            Expr::Neg(a) | Expr::Ceil(a) | Expr::Floor(a) => a.collect(out),
+            Expr::Add(a, b) | Expr::Sub(a, b) | Expr::Mul(a, b) | Expr::Div(a, b) => {
+                a.collect(out);
+                b.collect(out);
+            }
+        }
+    }
+
+    /// Evaluates with every name bound by `dims`; the result must be whole.
+    pub fn eval(&self, dims: &BTreeMap<String, i64>) -> Result<i64, ExprError> {
+        let r = self.rational(dims)?;
+        if r.den != 1 {
+            return Err(ExprError::NotWhole(format!("{}/{}", r.num, r.den)));
+        }
+        i64::try_from(r.num).map_err(|_| ExprError::Overflow)
+    }
+
+    fn rational(&self, dims: &BTreeMap<String, i64>) -> Result<Ratio, ExprError> {
+        Ok(match self {
+            Expr::Int(v) => Ratio::int(*v as i128),
+            Expr::Name(n) => Ratio::int(*dims.get(n).ok_or_else(|| ExprError::Unbound(n.clone()))? as i128),
+            Expr::Neg(a) => {
+                let a = a.rational(dims)?;
+                Ratio { num: a.num.checked_neg().ok_or(ExprError::Overflow)?, den: a.den }
+            }
+            Expr::Add(a, b) => a.rational(dims)?.add(b.rational(dims)?)?,
+            Expr::Sub(a, b) => {
+                let b = b.rational(dims)?;
+                a.rational(dims)?.add(Ratio { num: b.num.checked_neg().ok_or(ExprError::Overflow)?, den: b.den })?
+            }
+            Expr::Mul(a, b) => a.rational(dims)?.mul(b.rational(dims)?)?,
+            Expr::Div(a, b) => {
+                let b = b.rational(dims)?;
+                if b.num == 0 {
+                    return Err(ExprError::DivisionByZero);
+                }
+                a.rational(dims)?.mul(Ratio::new(b.den, b.num)?)?
+            }
+            Expr::Ceil(a) => {
+                let a = a.rational(dims)?;
+                Ratio::int(a.num.div_euclid(a.den) + i128::from(a.num.rem_euclid(a.den) != 0))
+            }
+            Expr::Floor(a) => {
+                let a = a.rational(dims)?;
+                Ratio::int(a.num.div_euclid(a.den))
+            }
+        })
+    }
+}
+
+/// An exact fraction with a positive denominator, in lowest terms.
+#[derive(Clone, Copy, Debug)]
+struct Ratio {
+    num: i128,
+    den: i128,
+}
+
+impl Ratio {
+    fn int(v: i128) -> Self {
+        Ratio { num: v, den: 1 }
+    }
+
+    fn new(num: i128, den: i128) -> Result<Self, ExprError> {
+        if den == 0 {
+            return Err(ExprError::DivisionByZero);
+        }
+        let g = gcd(num.unsigned_abs(), den.unsigned_abs()).max(1) as i128;
+        let sign = if den < 0 { -1 } else { 1 };
+        Ok(Ratio { num: sign * (num / g), den: sign * (den / g) })
+    }
+
+    fn add(self, o: Ratio) -> Result<Self, ExprError> {
+        let num = self
+            .num
+            .checked_mul(o.den)
+            .and_then(|a| o.num.checked_mul(self.den).and_then(|b| a.checked_add(b)))
+            .ok_or(ExprError::Overflow)?;
+        Ratio::new(num, self.den.checked_mul(o.den).ok_or(ExprError::Overflow)?)
+    }
+
+    fn mul(self, o: Ratio) -> Result<Self, ExprError> {
+        let num = self.num.checked_mul(o.num).ok_or(ExprError::Overflow)?;
+        Ratio::new(num, self.den.checked_mul(o.den).ok_or(ExprError::Overflow)?)
+    }
+}
+
+fn gcd(mut a: u128, mut b: u128) -> u128 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// Parses a size expression.
+pub fn parse_expr(text: &str) -> Result<Expr, ExprError> {
+    let syntax = |message: String| ExprError::Syntax { text: text.to_string(), message };
+    let tokens = lex(text).map_err(syntax)?;
+    let mut parser = Parser { tokens, pos: 0 };
+    let expr = parser.sum().map_err(syntax)?;
+    if let Some(token) = parser.tokens.get(parser.pos) {
+        return Err(syntax(format!("unexpected `{token}`")));
+    }
+    Ok(expr)
+}
+
+/// Parses and evaluates a size expression with every name bound by `dims`.
+pub fn eval_expr(text: &str, dims: &BTreeMap<String, i64>) -> Result<i64, ExprError> {
+    parse_expr(text)?.eval(dims)
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Token {
+    Int(i64),
+    Name(String),
+    Sym(char),
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Token::Int(v) => write!(f, "{v}"),
+            Token::Name(n) => f.write_str(n),
+            Token::Sym(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+fn lex(text: &str) -> Result<Vec<Token>, String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c.is_ascii_digit() {
+            let start = i;
+            while i < chars.len() && chars[i].is_ascii_digit() {
+                i += 1;
+            }
+            let digits: String = chars[start..i].iter().collect();
+            out.push(Token::Int(digits.parse().map_err(|_| format!("number `{digits}` is too large"))?));
+        } else if c.is_ascii_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            out.push(Token::Name(chars[start..i].iter().collect()));
+        } else if "+-*/()".contains(c) {
+            out.push(Token::Sym(c));
+            i += 1;
+        } else {
+            return Err(format!("unexpected character `{c}`"));
+        }
+    }
+    if out.is_empty() {
+        return Err("empty expression".to_string());
+    }
+    Ok(out)
+}
+
+struct Parser {
+    tokens: Vec<Token>,
+    pos: usize,
+}
+
+impl Parser {
+    fn peek(&self) -> Option<&Token> {
+        self.tokens.get(self.pos)
+    }
+
+    fn sum(&mut self) -> Result<Expr, String> {
+        let mut acc = self.product()?;
+        while let Some(Token::Sym(op @ ('+' | '-'))) = self.peek().cloned() {
+            self.pos += 1;
+            let rhs = self.product()?;
+            acc = if op == '+' { Expr::Add(acc.into(), rhs.into()) } else { Expr::Sub(acc.into(), rhs.into()) };
+        }
+        Ok(acc)
+    }
+
+    fn product(&mut self) -> Result<Expr, String> {
+        let mut acc = self.unary()?;
+        while let Some(Token::Sym(op @ ('*' | '/'))) = self.peek().cloned() {
+            self.pos += 1;
+            let rhs = self.unary()?;
+            acc = if op == '*' { Expr::Mul(acc.into(), rhs.into()) } else { Expr::Div(acc.into(), rhs.into()) };
+        }
+        Ok(acc)
+    }
+
+    fn unary(&mut self) -> Result<Expr, String> {
+        let token = self.peek().cloned().ok_or("expression ends too early")?;
+        self.pos += 1;
+        match token {
+            Token::Int(v) => Ok(Expr::Int(v)),
+            Token::Sym('-') => Ok(Expr::Neg(self.unary()?.into())),
+            Token::Sym('(') => self.parenthesized(),
+            Token::Name(name) if matches!(self.peek(), Some(Token::Sym('('))) => {
+                self.pos += 1;
+                let inner = self.parenthesized()?;
+                match name.as_str() {
+                    "ceil" => Ok(Expr::Ceil(inner.into())),
+                    "floor" => Ok(Expr::Floor(inner.into())),
+                    _ => Err(format!("unknown function `{name}` (known: ceil, floor)")),
+                }
+            }
+            Token::Name(name) => Ok(Expr::Name(name)),
+            other => Err(format!("unexpected `{other}`")),
+        }
+    }
+
+    /// The rest of `( … )` after the opening parenthesis.
+    fn parenthesized(&mut self) -> Result<Expr, String> {
+        let inner = self.sum()?;
+        match self.peek() {
+            Some(Token::Sym(')')) => {
+                self.pos += 1;
+                Ok(inner)
+            }
+            _ => Err("missing `)`".to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(pairs: &[(&str, i64)]) -> BTreeMap<String, i64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn evaluates_expressions() {
+        let d = dims(&[("b", 32), ("m_c", 8192), ("m_d", 256), ("h", 4), ("k", 16)]);
+        assert_eq!(eval_expr("b*h*k", &d).unwrap(), 2048);
+        assert_eq!(eval_expr("m_c+m_d+1", &d).unwrap(), 8449);
+        assert_eq!(eval_expr("2*(b-1) - -3", &d).unwrap(), 65);
+        assert_eq!(eval_expr("ceil((b*h*k+1)/256)", &d).unwrap(), 9);
+        assert_eq!(eval_expr("floor((b*h*k+1)/256)", &d).unwrap(), 8);
+        assert_eq!(eval_expr("ceil(0/256)", &d).unwrap(), 0);
+        assert_eq!(eval_expr("b/2", &d).unwrap(), 16);
+        assert_eq!(eval_expr("ceil(-3/2)", &d).unwrap(), -1);
+        assert_eq!(eval_expr("4096*b*m_c+8*b", &d).unwrap(), 4096 * 32 * 8192 + 256);
+    }
+
+    #[test]
+    fn reports_errors() {
+        let d = dims(&[("b", 3)]);
+        assert_eq!(eval_expr("x+1", &d), Err(ExprError::Unbound("x".into())));
+        assert!(matches!(eval_expr("b/2", &d), Err(ExprError::NotWhole(_))));
+        assert_eq!(eval_expr("b/(b-3)", &d), Err(ExprError::DivisionByZero));
+        for bad in ["", "b+", "(b", "b)", "sqrt(b)", "b % 2", "ceil b", "99999999999999999999"] {
+            assert!(matches!(parse_expr(bad), Err(ExprError::Syntax { .. })), "{bad}");
+        }
+        assert_eq!(eval_expr("9223372036854775807*9223372036854775807*4", &d), Err(ExprError::Overflow));
+    }
+
+    fn sample() -> Manifest {
+        let bytes = |e: &str| ByteExprs {
+            weights: Size::Int(0),
+            context_kv: Size::Int(0),
+            decode_kv: Size::Int(0),
+            activations: Size::Expr(e.into()),
+            total: Size::Expr(e.into()),
+        };
+        Manifest {
+            format: FORMAT.into(),
+            ptx: "step.ptx".into(),
+            target: "sm_90".into(),
+            bifurcate: true,
+            model: BTreeMap::new(),
+            dims: Dims { runtime: vec!["b".into()], constants: BTreeMap::from([("d".into(), 8)]) },
+            point: BTreeMap::from([("b".into(), 2)]),
+            buffers: vec![
+                Buffer {
+                    name: "x".into(),
+                    kind: BufferKind::Input,
+                    role: Some("activation".into()),
+                    layer: None,
+                    kv: None,
+                    shape: vec![Size::Expr("b".into()), Size::Expr("d".into())],
+                    dtype: "f32".into(),
+                    bytes: Size::Expr("4*b*d".into()),
+                },
+                Buffer {
+                    name: "y".into(),
+                    kind: BufferKind::Output,
+                    role: Some("other".into()),
+                    layer: None,
+                    kv: None,
+                    shape: vec![Size::Expr("b".into()), Size::Expr("d".into())],
+                    dtype: "f32".into(),
+                    bytes: Size::Expr("4*b*d".into()),
+                },
+            ],
+            kernels: vec![Kernel {
+                name: "k0_y".into(),
+                entry: "k0_y".into(),
+                node: "y".into(),
+                op: "exp".into(),
+                params: vec![
+                    Param { name: "b".into(), kind: ParamKind::Dim, ty: "i64".into() },
+                    Param { name: "x".into(), kind: ParamKind::Buffer, ty: "ptr".into() },
+                    Param { name: "y".into(), kind: ParamKind::Buffer, ty: "ptr".into() },
+                ],
+                reads: vec!["x".into()],
+                writes: "y".into(),
+                extent: Size::Expr("b*d".into()),
+                grid: [Size::Expr("ceil((b*d)/256)".into()), Size::Int(1), Size::Int(1)],
+                block: [Size::Int(256), Size::Int(1), Size::Int(1)],
+                bytes: bytes("64*b"),
+                bytes_at_point: 128,
+            }],
+            attention: vec![],
+            bytes: BytesSummary::default(),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_launches() {
+        let m = sample();
+        let text = m.to_json();
+        let back = Manifest::from_str(&text).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.to_json(), text);
+        let launch = m.launch(&m.kernels[0], &dims(&[("b", 100)])).unwrap();
+        assert_eq!(launch, Launch { grid: [4, 1, 1], block: [256, 1, 1] });
+        assert_eq!(m.eval(&m.kernels[0].bytes.total, &dims(&[("b", 3)])).unwrap(), 192);
+        assert!(m.eval(&m.kernels[0].extent, &dims(&[])).unwrap_err().to_string().contains("`b` has no value"));
+        assert!(m.eval(&m.kernels[0].extent, &dims(&[("b", 1), ("d", 2)])).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_manifests() {
+        let err = Manifest::from_str("not json").unwrap_err();
+        assert!(matches!(err, ManifestError::Json(_)), "{err}");
+        let err = Manifest::from_str(r#"{"format": "bifurc-artifact/9"}"#).unwrap_err();
+        assert!(err.to_string().contains("bifurc-artifact/9"), "{err}");
+        let err = Manifest::from_str(r#"{"format": "bifurc-artifact/1"}"#).unwrap_err();
+        assert!(matches!(err, ManifestError::Json(_)), "{err}");
+
+        let mut m = sample();
+        m.kernels[0].params[1].name = "nope".into();
+        let err = Manifest::from_str(&m.to_json()).unwrap_err().to_string();
+        assert!(err.contains("`nope`"), "{err}");
+
+        let mut m = sample();
+        m.kernels[0].entry = "k9_other".into();
+        let err = Manifest::from_str(&m.to_json()).unwrap_err().to_string();
+        assert!(err.contains("k9_other"), "{err}");
+
+        let mut m = sample();
+        m.kernels[0].extent = Size::Expr("b*q".into());
+        let err = Manifest::from_str(&m.to_json()).unwrap_err().to_string();
+        assert!(err.contains("extent") && err.contains("`q`"), "{err}");
+
+        let mut m = sample();
+        m.point.clear();
+        assert!(Manifest::from_str(&m.to_json()).unwrap_err().to_string().contains("point"));
+
+        let err = Manifest::load("/nonexistent/step.manifest.json").unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/step.manifest.json"), "{err}");
+    }
+}

@@ -1,0 +1,394 @@
+//! The GPU path: kernels to PTX (checked with ptxas for sm_80 and sm_90),
+//! `bifurc::compile` on every example, the manifest, and artifact writes.
+//!
+//! Needs `BIFURC_LIBDEVICE` (and `BIFURC_PTXAS` for the ptxas checks), which
+//! `source scripts/env.sh` sets; without them the tests print a note and
+//! skip. scripts/test.sh sets them, so CI runs everything.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bifurc::inspect::ShapePoint;
+use bifurc::lower::gpu::{gpu_pipeline, to_ptx, to_shared_ptx, GpuTarget};
+use bifurc::{compile, Artifact, CompileOptions};
+use bifurc_runtime::manifest::{ByteExprs, Manifest, ParamKind, Size};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn libdevice() -> Option<PathBuf> {
+    match std::env::var_os("BIFURC_LIBDEVICE") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => {
+            eprintln!("note: BIFURC_LIBDEVICE is unset (source scripts/env.sh): skipping");
+            None
+        }
+    }
+}
+
+fn ptxas() -> Option<PathBuf> {
+    match std::env::var_os("BIFURC_PTXAS") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => {
+            eprintln!("note: BIFURC_PTXAS is unset (source scripts/env.sh): not assembling PTX");
+            None
+        }
+    }
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "bifurc-lower-gpu-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Assembles `ptx` with ptxas for `target`; panics with ptxas' output on failure.
+fn assemble(ptxas: &Path, ptx: &str, target: GpuTarget, what: &str) {
+    let dir = scratch("ptxas");
+    let file = dir.join("k.ptx");
+    std::fs::write(&file, ptx).unwrap();
+    let out = Command::new(ptxas)
+        .arg(format!("-arch={}", target.chip()))
+        .arg(&file)
+        .arg("-o")
+        .arg("/dev/null")
+        .output()
+        .expect("run ptxas");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "ptxas -arch={} rejected the PTX of {what}:\n{}{}",
+        target.chip(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A hand-written module of the emitter's shape: an elementwise kernel with
+/// `math.exp` and a row reduction in `scf.for` with `math.tanh`.
+const HAND_WRITTEN: &str = r#"
+module attributes {gpu.container_module} {
+  gpu.module @bifurc_kernels {
+    gpu.func @k0_exp(%b: i64, %m: i64, %x: !llvm.ptr, %y: !llvm.ptr) kernel {
+      %bid = gpu.block_id x
+      %bdim = gpu.block_dim x
+      %tid = gpu.thread_id x
+      %t0 = arith.muli %bid, %bdim : index
+      %t1 = arith.addi %t0, %tid : index
+      %i = arith.index_cast %t1 : index to i64
+      %ext = arith.muli %b, %m : i64
+      %ok = arith.cmpi slt, %i, %ext : i64
+      scf.if %ok {
+        %p = llvm.getelementptr %x[%i] : (!llvm.ptr, i64) -> !llvm.ptr, f32
+        %v = llvm.load %p : !llvm.ptr -> f32
+        %e = math.exp %v : f32
+        %q = llvm.getelementptr %y[%i] : (!llvm.ptr, i64) -> !llvm.ptr, f32
+        llvm.store %e, %q : f32, !llvm.ptr
+      }
+      gpu.return
+    }
+    gpu.func @k1_rowsum(%b: i64, %m: i64, %x: !llvm.ptr, %y: !llvm.ptr) kernel {
+      %bid = gpu.block_id x
+      %bdim = gpu.block_dim x
+      %tid = gpu.thread_id x
+      %t0 = arith.muli %bid, %bdim : index
+      %t1 = arith.addi %t0, %tid : index
+      %i = arith.index_cast %t1 : index to i64
+      %ok = arith.cmpi slt, %i, %b : i64
+      scf.if %ok {
+        %c0 = arith.constant 0 : i64
+        %c1 = arith.constant 1 : i64
+        %z = arith.constant 0.0 : f32
+        %base = arith.muli %i, %m : i64
+        %s = scf.for %j = %c0 to %m step %c1 iter_args(%acc = %z) -> (f32) : i64 {
+          %o = arith.addi %base, %j : i64
+          %p = llvm.getelementptr %x[%o] : (!llvm.ptr, i64) -> !llvm.ptr, f32
+          %v = llvm.load %p : !llvm.ptr -> f32
+          %t = math.tanh %v : f32
+          %a = arith.addf %acc, %t : f32
+          scf.yield %a : f32
+        }
+        %q = llvm.getelementptr %y[%i] : (!llvm.ptr, i64) -> !llvm.ptr, f32
+        llvm.store %s, %q : f32, !llvm.ptr
+      }
+      gpu.return
+    }
+  }
+}
+"#;
+
+#[test]
+fn hand_written_module_assembles_for_both_chips() {
+    let Some(libdevice) = libdevice() else { return };
+    for target in GpuTarget::ALL {
+        let ptx = to_ptx(HAND_WRITTEN, target, &libdevice).unwrap_or_else(|e| panic!("{target}: {e}"));
+        assert!(ptx.contains(&format!(".target {}", target.chip())), "{ptx}");
+        assert!(ptx.contains(".entry k0_exp") && ptx.contains(".entry k1_rowsum"), "{ptx}");
+        // libdevice was linked: no calls to undefined math functions remain.
+        assert!(!ptx.contains("__nv_"), "{ptx}");
+        assert_eq!(to_ptx(HAND_WRITTEN, target, &libdevice).unwrap(), ptx, "PTX is not deterministic");
+        if let Some(ptxas) = ptxas() {
+            assemble(&ptxas, &ptx, target, "the hand-written module");
+        }
+    }
+}
+
+#[test]
+fn identical_kernels_share_one_entry() {
+    let Some(libdevice) = libdevice() else { return };
+    // k2_exp_again is k0_exp under another name.
+    let start = HAND_WRITTEN.find("    gpu.func @k0_exp").unwrap();
+    let end = HAND_WRITTEN.find("    gpu.func @k1_rowsum").unwrap();
+    let copy = HAND_WRITTEN[start..end].replace("@k0_exp", "@k2_exp_again");
+    let at = HAND_WRITTEN.rfind("  }\n}").unwrap();
+    let text = format!("{}{copy}{}", &HAND_WRITTEN[..at], &HAND_WRITTEN[at..]);
+    let all = to_ptx(&text, GpuTarget::Sm90, &libdevice).unwrap();
+    assert_eq!(all.matches(".entry ").count(), 3, "{all}");
+    let shared = to_shared_ptx(&text, GpuTarget::Sm90, &libdevice).unwrap();
+    assert_eq!(shared.ptx.matches(".entry ").count(), 2, "{}", shared.ptx);
+    assert!(!shared.ptx.contains("k2_exp_again"));
+    let expected: BTreeMap<String, String> =
+        [("k0_exp", "k0_exp"), ("k1_rowsum", "k1_rowsum"), ("k2_exp_again", "k0_exp")]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+    assert_eq!(shared.entries, expected);
+    if let Some(ptxas) = ptxas() {
+        assemble(&ptxas, &shared.ptx, GpuTarget::Sm90, "the shared module");
+    }
+}
+
+#[test]
+fn gpu_errors_are_clear() {
+    let Some(libdevice) = libdevice() else { return };
+    let e = to_ptx("module { this is not mlir", GpuTarget::Sm90, &libdevice).unwrap_err().to_string();
+    assert!(e.contains("does not parse"), "{e}");
+    let e = to_ptx(HAND_WRITTEN, GpuTarget::Sm90, Path::new("/nonexistent/libdevice.10.bc")).unwrap_err().to_string();
+    assert!(e.contains("/nonexistent/libdevice.10.bc"), "{e}");
+    let pipeline = gpu_pipeline("sm_90", &libdevice);
+    assert!(pipeline.starts_with("builtin.module(nvvm-attach-target{chip=sm_90 O=3 l="), "{pipeline}");
+}
+
+fn examples() -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("model.json"))
+        .filter(|p| p.is_file())
+        .collect();
+    out.sort();
+    out
+}
+
+fn opts(libdevice: &Path, target: GpuTarget, point: &str) -> CompileOptions {
+    CompileOptions {
+        target,
+        point: ShapePoint::parse(point).unwrap(),
+        libdevice: Some(libdevice.to_path_buf()),
+        ..CompileOptions::default()
+    }
+}
+
+/// The shape point used for `graph`: the defaults, plus the multi-level
+/// dims of examples/multilevel (its README's point).
+fn point_for(graph: &bifurc::ir::Graph) -> &'static str {
+    if graph.dims.is_runtime("P") {
+        "P=4,S=8,m_s=2048,m_c=1024,m_d=256"
+    } else {
+        ""
+    }
+}
+
+fn load(path: &Path) -> bifurc::ir::Graph {
+    bifurc::import::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every example graph, by directory name (the 7B-class ones at full size:
+/// with kernels of identical code compiled once, a 32-layer graph compiles
+/// in a few seconds even in a debug build).
+fn example_graphs() -> Vec<(String, bifurc::ir::Graph)> {
+    examples()
+        .into_iter()
+        .map(|model| {
+            let name = model.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+            (name, load(&model))
+        })
+        .collect()
+}
+
+#[test]
+fn every_example_compiles_and_assembles() {
+    let Some(libdevice) = libdevice() else { return };
+    let ptxas = ptxas();
+    for (name, graph) in example_graphs() {
+        // The full flow for sm_90; the same kernel module (the optimizer's
+        // work is target-independent) also to PTX for sm_80.
+        let started = std::time::Instant::now();
+        let artifact = compile(&graph, &opts(&libdevice, GpuTarget::Sm90, point_for(&graph)))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let sm80 = to_shared_ptx(&artifact.mlir, GpuTarget::Sm80, &libdevice)
+            .unwrap_or_else(|e| panic!("{name} for sm_80: {e}"));
+        eprintln!(
+            "{name}: {} kernels, {} PTX entries, {} bytes of PTX (sm_90), {:.2} s",
+            artifact.manifest.kernels.len(),
+            artifact.ptx.matches(".entry ").count(),
+            artifact.ptx.len(),
+            started.elapsed().as_secs_f64()
+        );
+        // The kernels' bytes add up to the graph-level model for weights and KV caches.
+        let m = &artifact.manifest;
+        let sum = |field: fn(&ByteExprs) -> &Size| -> i64 {
+            m.kernels.iter().map(|k| m.eval(field(&k.bytes), &m.point).unwrap()).sum()
+        };
+        assert_eq!(sum(|b| &b.weights), m.bytes.after.weights, "{name}: weights");
+        assert_eq!(sum(|b| &b.context_kv), m.bytes.after.context_kv, "{name}: context KV");
+        assert_eq!(sum(|b| &b.decode_kv), m.bytes.after.decode_kv, "{name}: decode KV");
+        let entries: BTreeMap<String, String> =
+            artifact.manifest.kernels.iter().map(|k| (k.name.clone(), k.entry.clone())).collect();
+        assert_eq!(sm80.entries, entries, "{name}: kernels share entries alike on both chips");
+        let distinct: std::collections::BTreeSet<&String> = entries.values().collect();
+        for (target, ptx) in [(GpuTarget::Sm90, &artifact.ptx), (GpuTarget::Sm80, &sm80.ptx)] {
+            assert!(ptx.contains(&format!(".target {}", target.chip())), "{name}");
+            assert_eq!(ptx.matches(".entry ").count(), distinct.len(), "{name}: one .entry per shared kernel");
+            for entry in &distinct {
+                assert!(ptx.contains(&format!(".entry {entry}(")), "{name}: {entry}");
+            }
+            if let Some(ptxas) = &ptxas {
+                assemble(ptxas, ptx, target, &name);
+            }
+        }
+    }
+}
+
+#[test]
+fn compiling_twice_gives_identical_bytes() {
+    let Some(libdevice) = libdevice() else { return };
+    for name in ["tiny", "multilevel", "gpt2"] {
+        let graph = load(&root().join("examples").join(name).join("model.json"));
+        let o = opts(&libdevice, GpuTarget::Sm90, point_for(&graph));
+        let a = compile(&graph, &o).unwrap();
+        let b = compile(&graph, &o).unwrap();
+        assert_eq!(a.ptx, b.ptx, "{name}: PTX differs");
+        assert_eq!(a.manifest.to_json(), b.manifest.to_json(), "{name}: manifest differs");
+        assert_eq!(a.mlir, b.mlir, "{name}: MLIR differs");
+    }
+}
+
+#[test]
+fn tiny_manifest_snapshot() {
+    let Some(libdevice) = libdevice() else { return };
+    let graph = load(&root().join("examples/tiny/model.json"));
+    let artifact = compile(&graph, &opts(&libdevice, GpuTarget::Sm90, "")).unwrap();
+    let manifest = Manifest::from_str(&artifact.manifest.to_json()).expect("the manifest reads back");
+    assert_eq!(manifest, artifact.manifest);
+    insta::assert_snapshot!("tiny_manifest", artifact.manifest.to_json());
+}
+
+fn at(b: i64) -> BTreeMap<String, i64> {
+    BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), 8192), ("m_d".to_string(), 256)])
+}
+
+/// Context-cache bytes of every kernel that reads a context cache, at b.
+fn context_reads(manifest: &Manifest, b: i64) -> Vec<(String, i64)> {
+    manifest
+        .kernels
+        .iter()
+        .filter(|k| k.bytes.context_kv != Size::Int(0))
+        .map(|k| (k.name.clone(), manifest.eval(&k.bytes.context_kv, &at(b)).unwrap()))
+        .collect()
+}
+
+#[test]
+fn bifurcated_context_kernels_do_not_grow_with_b() {
+    let Some(libdevice) = libdevice() else { return };
+    let graph = load(&root().join("examples/tiny/model.json"));
+    let artifact = compile(&graph, &opts(&libdevice, GpuTarget::Sm90, "b=32")).unwrap();
+    let m = &artifact.manifest;
+    assert_eq!(m.attention.len(), 4);
+    assert!(m.attention.iter().all(|s| s.bifurcated), "{:?}", m.attention);
+    let (at32, at64) = (context_reads(m, 32), context_reads(m, 64));
+    assert_eq!(at32.len(), 4, "one kernel per context cache read: {at32:?}");
+    assert_eq!(at32, at64, "context-attention kernels read the context once per step");
+    // Each reads its cache exactly once: g * m_c * k * 4 bytes.
+    let once = 2 * 8192 * 16 * 4;
+    assert!(at32.iter().all(|(_, bytes)| *bytes == once), "{at32:?}");
+    // The manifest's kernel figures add up to the model's context-KV total.
+    let sum: i64 = m.kernels.iter().map(|k| m.eval(&k.bytes.context_kv, &m.point).unwrap()).sum();
+    assert_eq!(sum, m.bytes.after.context_kv);
+    assert!(m.bytes.after.total < m.bytes.before.total);
+
+    // Without bifurcation, the same kernels read the context once per sample.
+    let plain = compile(&graph, &CompileOptions { bifurcate: false, ..opts(&libdevice, GpuTarget::Sm90, "b=32") })
+        .unwrap()
+        .manifest;
+    assert!(plain.attention.iter().all(|s| !s.bifurcated));
+    let (p32, p64) = (context_reads(&plain, 32), context_reads(&plain, 64));
+    assert_eq!(p32.len(), 4, "{p32:?}");
+    for ((_, a), (_, b)) in p32.iter().zip(&p64) {
+        assert_eq!(*b, 2 * a, "standard attention reads the context once per sample");
+    }
+    let sum: i64 = plain.kernels.iter().map(|k| plain.eval(&k.bytes.context_kv, &plain.point).unwrap()).sum();
+    assert_eq!(sum, plain.bytes.before.context_kv);
+    assert_eq!(plain.bytes.before, plain.bytes.after);
+}
+
+#[test]
+fn manifest_kernels_follow_the_abi() {
+    let Some(libdevice) = libdevice() else { return };
+    let graph = load(&root().join("examples/multilevel/model.json"));
+    let m = compile(&graph, &opts(&libdevice, GpuTarget::Sm80, point_for(&graph))).unwrap().manifest;
+    assert_eq!(m.target, "sm_80");
+    for k in &m.kernels {
+        let dims: Vec<&str> =
+            k.params.iter().take_while(|p| p.kind == ParamKind::Dim).map(|p| p.name.as_str()).collect();
+        assert_eq!(dims, m.dims.runtime.iter().map(String::as_str).collect::<Vec<_>>(), "{}", k.name);
+        assert!(k.params[dims.len()..].iter().all(|p| p.kind == ParamKind::Buffer && p.ty == "ptr"));
+        assert_eq!(k.params.last().unwrap().name, k.writes);
+        let launch = m.launch(k, &m.point).unwrap();
+        let extent = m.eval(&k.extent, &m.point).unwrap();
+        assert_eq!(launch.block, [256, 1, 1]);
+        assert_eq!(i64::from(launch.grid[0]), (extent + 255) / 256, "{}", k.name);
+    }
+}
+
+#[test]
+fn artifact_writes_are_atomic() {
+    let Some(libdevice) = libdevice() else { return };
+    let graph = load(&root().join("examples/tiny/model.json"));
+    let artifact = compile(&graph, &opts(&libdevice, GpuTarget::Sm90, "")).unwrap();
+    let dir = scratch("write");
+    let ptx = dir.join("out.ptx");
+    artifact.write(&ptx).unwrap();
+    let manifest_path = dir.join("out.manifest.json");
+    assert_eq!(Artifact::manifest_path(&ptx), manifest_path);
+    assert_eq!(std::fs::read_to_string(&ptx).unwrap(), artifact.ptx);
+    let loaded = Manifest::load(&manifest_path).unwrap();
+    assert_eq!(loaded.ptx, "out.ptx");
+    let names = |dir: &Path| {
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&dir), ["out.manifest.json", "out.ptx"]);
+
+    // A failing write (the manifest path is taken by a directory) changes nothing.
+    let ptx2 = dir.join("two.ptx");
+    std::fs::write(&ptx2, "previous ptx").unwrap();
+    std::fs::create_dir(dir.join("two.manifest.json")).unwrap();
+    assert!(artifact.write(&ptx2).is_err());
+    assert_eq!(std::fs::read_to_string(&ptx2).unwrap(), "previous ptx");
+    assert_eq!(names(&dir), ["out.manifest.json", "out.ptx", "two.manifest.json", "two.ptx"]);
+    // A missing directory is an error, not a panic.
+    assert!(artifact.write(&dir.join("missing/x.ptx")).is_err());
+    assert_eq!(names(&dir).len(), 4);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
