@@ -7,3 +7,6 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod manifest;
+pub mod step;
+
+pub use step::{HostTensor, Step, StepError};
