@@ -34,6 +34,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod bench;
+pub mod cpu_backend;
 pub mod dot;
 pub mod export;
 pub mod fsio;

@@ -119,6 +119,39 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         libdevice: Option<PathBuf>,
     },
+    /// Time the compiled step, baseline against bifurcated, over samples x context length.
+    ///
+    /// Compiles the graph twice for this machine's CPU (the MLIR JIT): as given, and
+    /// bifurcated (optimized at --optimize-at, default the largest point of the sweep); one
+    /// compilation of each serves every point. At each point it binds random weights and
+    /// caches, warms up, then alternates timed steps of the two (shared noise) and reports the
+    /// median latencies, their ratio, and the bytes model's predicted ratio beside it. On a GPU
+    /// machine use `bifurc-run bench` with artifacts from `bifurc compile`.
+    Bench {
+        /// The model.json to benchmark (runtime dims b, m_c, m_d).
+        model: PathBuf,
+        /// Sample counts (b) to sweep.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 16, 32])]
+        samples: Vec<i64>,
+        /// Context lengths (m_c) to sweep.
+        #[arg(long, value_delimiter = ',', default_values_t = [1024, 4096])]
+        context: Vec<i64>,
+        /// Tokens decoded so far (m_d) at every point.
+        #[arg(long, default_value_t = 16)]
+        decoded: i64,
+        /// Timed steps per side per point (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Shape point the bifurcated graph is optimized at (default: the largest point).
+        #[arg(long, value_name = "DIM=N,...")]
+        optimize_at: Option<String>,
+        /// Seed of the random weights and caches.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Directory for bench.csv, bench.md, speedup.svg and latency.svg.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print a model.json as a graph (Graphviz dot) or re-emit it in canonical JSON.
     Graph {
         /// The model.json to read.
@@ -254,6 +287,38 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Compile { model, output, target, shape, no_bifurcate, dtype, emit, libdevice } => {
             compile(&model, output.as_deref(), target, shape, no_bifurcate, dtype, emit, libdevice)?;
+        }
+        Command::Bench { model, samples, context, decoded, repeats, optimize_at, seed, out } => {
+            let graph = load(&model)?;
+            if samples.iter().chain(&context).any(|v| *v < 0) || decoded < 0 {
+                bail!("--samples, --context and --decoded must be non-negative");
+            }
+            let optimize_at = match optimize_at {
+                Some(text) => Some(ShapePoint::parse(&text)?),
+                None => None,
+            };
+            let opts =
+                bifurc::bench::BenchOptions { samples, context_lens: context, decoded, repeats, optimize_at, seed };
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            let rows = bifurc::bench::run_cpu(&graph, &opts, |msg| bar.set_message(msg.to_string()));
+            bar.finish_and_clear();
+            let rows = rows.with_context(|| format!("{}", model.display()))?;
+            let title = format!("{} (CPU)", model.display());
+            print!("{}", bifurc::bench::to_markdown(&rows, &title));
+            if let Some(dir) = out {
+                std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                let write = |name: &str, text: String| {
+                    let path = dir.join(name);
+                    bifurc::fsio::write_atomic(&path, text.as_bytes())
+                        .with_context(|| format!("cannot write {}", path.display()))
+                };
+                write("bench.csv", bifurc::bench::to_csv(&rows))?;
+                write("bench.md", bifurc::bench::to_markdown(&rows, &title))?;
+                bifurc::bench::write_svgs(&rows, &dir, &title)
+                    .with_context(|| format!("cannot write plots in {}", dir.display()))?;
+                eprintln!("wrote bench.csv, bench.md, speedup.svg, latency.svg in {}", dir.display());
+            }
         }
         Command::Graph { model, format } => {
             let graph = load(&model)?;

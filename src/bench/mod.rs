@@ -1,0 +1,142 @@
+//! `bifurc bench`: the compiled step, baseline (`--no-bifurcate`) against
+//! bifurcated, over a sweep of samples × context length, timed side by side
+//! (alternating runs share the machine's noise) with the bytes model's
+//! prediction beside each measured ratio. CPU here (the MLIR JIT); the CUDA
+//! equivalent is `bifurc-run bench` on a GPU machine.
+
+mod plot;
+mod report;
+
+pub use plot::write_svgs;
+pub use report::{to_csv, to_markdown};
+
+use crate::cpu_backend::CpuBackend;
+use crate::inspect::{bytes_moved, ShapePoint};
+use crate::interp::random_inputs;
+use crate::ir::Graph;
+use crate::optimize::{optimize, Options};
+use bifurc_runtime::Step;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// What to sweep.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub samples: Vec<i64>,
+    pub context_lens: Vec<i64>,
+    /// Tokens decoded so far (`m_d`) at every point.
+    pub decoded: i64,
+    /// Timed steps per side per point (after one warm-up each).
+    pub repeats: usize,
+    /// The shape point the bifurcated graph is optimized at; one compiled
+    /// step serves the whole sweep (defaults to the largest point).
+    pub optimize_at: Option<ShapePoint>,
+    pub seed: u64,
+}
+
+/// One point of the sweep.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub samples: i64,
+    pub context: i64,
+    pub decoded: i64,
+    pub baseline_ms: f64,
+    pub bifurcated_ms: f64,
+    /// Bytes moved per step, baseline / bifurcated (the bytes model).
+    pub predicted: f64,
+}
+
+impl Row {
+    pub fn speedup(&self) -> f64 {
+        self.baseline_ms / self.bifurcated_ms
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("the graph's runtime dims must be b, m_c, m_d (got {0}); multi-level graphs are not benchmarked")]
+    Dims(String),
+    #[error("nothing to sweep: give at least one sample count and one context length")]
+    Empty,
+    #[error(transparent)]
+    Optimize(#[from] crate::optimize::OptimizeError),
+    #[error(transparent)]
+    Lower(#[from] crate::lower::LowerError),
+    #[error(transparent)]
+    Point(#[from] crate::inspect::point::PointError),
+    #[error(transparent)]
+    Bytes(#[from] crate::inspect::bytes::BytesError),
+    #[error("input data: {0}")]
+    Inputs(#[from] crate::interp::InterpError),
+    #[error("step: {0}")]
+    Step(#[from] bifurc_runtime::StepError),
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn point(b: i64, m_c: i64, m_d: i64) -> BTreeMap<String, i64> {
+    BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)])
+}
+
+/// Runs the sweep on the CPU. `progress` is told about each point as it starts.
+pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Row>, BenchError> {
+    if graph.dims.runtime != ["b", "m_c", "m_d"] {
+        return Err(BenchError::Dims(graph.dims.runtime.join(", ")));
+    }
+    let (Some(&max_b), Some(&max_c)) = (opts.samples.iter().max(), opts.context_lens.iter().max()) else {
+        return Err(BenchError::Empty);
+    };
+    let at = match &opts.optimize_at {
+        Some(p) => p.clone(),
+        None => ShapePoint(point(max_b, max_c, opts.decoded)),
+    };
+    progress(&format!("optimizing at {at}"));
+    let optimized = optimize(graph, &Options { point: at, ..Options::default() })?.graph;
+    progress("compiling baseline and bifurcated steps");
+    let mut base = CpuBackend::compile(graph)?;
+    let mut bif = CpuBackend::compile(&optimized)?;
+    let mut rows = Vec::new();
+    for &m_c in &opts.context_lens {
+        for &b in &opts.samples {
+            let p = point(b, m_c, opts.decoded);
+            progress(&format!("b={b}, m_c={m_c}, m_d={}", opts.decoded));
+            for (name, t) in random_inputs(graph, &p, opts.seed)? {
+                base.bind_tensor(&name, t.clone());
+                bif.bind_tensor(&name, t);
+            }
+            // Warm-up, then alternate so both sides see the same noise.
+            base.run(&p)?;
+            bif.run(&p)?;
+            let (mut tb, mut tf) = (Vec::new(), Vec::new());
+            for _ in 0..opts.repeats.max(1) {
+                let t0 = Instant::now();
+                base.run(&p)?;
+                tb.push(t0.elapsed().as_secs_f64() * 1e3);
+                let t0 = Instant::now();
+                bif.run(&p)?;
+                tf.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            let sp = ShapePoint(p);
+            let predicted = bytes_moved(graph, &sp)?.total() / bytes_moved(&optimized, &sp)?.total();
+            rows.push(Row {
+                samples: b,
+                context: m_c,
+                decoded: opts.decoded,
+                baseline_ms: median(tb),
+                bifurcated_ms: median(tf),
+                predicted,
+            });
+        }
+    }
+    Ok(rows)
+}
