@@ -8,6 +8,7 @@
 //! `f32` values below 2^24); a backend converts to the storage dtype.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
 
 /// A dense row-major host tensor.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -59,4 +60,61 @@ pub trait Step {
     /// Runs one step with every input bound, at `dims` (each runtime dim),
     /// and returns every output by name.
     fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError>;
+
+    /// Runs the step once untimed (warm-up; a backend may skip it when its
+    /// last step ran at the same dims), then `repeats` times, and returns the
+    /// time of each timed run in milliseconds. Outputs are discarded; inputs
+    /// stay bound.
+    ///
+    /// The provided version times [`Step::run`] with a wall clock, outputs
+    /// included; a backend overrides it to time the step alone (the CUDA
+    /// backend uses events and downloads nothing).
+    fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {
+        self.run(dims)?;
+        let mut times = Vec::with_capacity(repeats);
+        for _ in 0..repeats {
+            let start = Instant::now();
+            self.run(dims)?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(times)
+    }
+}
+
+/// A step borrowed mutably is a step (so `Session<&mut dyn Step>` works).
+impl<S: Step + ?Sized> Step for &mut S {
+    fn runtime_dims(&self) -> Vec<String> {
+        (**self).runtime_dims()
+    }
+
+    fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
+        (**self).bind(name, tensor)
+    }
+
+    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
+        (**self).run(dims)
+    }
+
+    fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {
+        (**self).run_timed(dims, repeats)
+    }
+}
+
+/// A boxed step is a step (so `Session<Box<dyn Step>>` works).
+impl<S: Step + ?Sized> Step for Box<S> {
+    fn runtime_dims(&self) -> Vec<String> {
+        (**self).runtime_dims()
+    }
+
+    fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
+        (**self).bind(name, tensor)
+    }
+
+    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
+        (**self).run(dims)
+    }
+
+    fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {
+        (**self).run_timed(dims, repeats)
+    }
 }

@@ -1,0 +1,520 @@
+//! `bifurc-run`: runs compiled bifurc artifacts on a CUDA GPU, with no
+//! compiler (no MLIR) inside: small enough to copy to a GPU machine.
+//!
+//! ```text
+//! bifurc-run info  step.ptx
+//! bifurc-run run   step.ptx (--weights W.safetensors | --random-weights) (--prompt-ids 1,2,3 | --context-len N)
+//!                  [--samples 32] [--steps 64] [--temperature 0.8] [--seed 1] [--json]
+//! bifurc-run bench --baseline base.ptx --bifurcated bif.ptx [--samples 1,16,32] [--context 2048,8192]
+//!                  [--decoded 256] [--repeats 20] [--budget-s 300] --out DIR
+//! ```
+
+use bifurc_runtime::bench::{median, step_bytes, write_csv, write_markdown, BenchRow, Measurement};
+use bifurc_runtime::cuda::{CudaStep, KernelTime};
+use bifurc_runtime::manifest::{BufferKind, Manifest};
+use bifurc_runtime::random::random_tensor;
+use bifurc_runtime::session::{SampleOptions, Session};
+use bifurc_runtime::weights::{bind_random_weights, bind_weights, weight_buffers, WeightFiles};
+use bifurc_runtime::{Artifact, HostTensor, Step};
+use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "bifurc-run",
+    version,
+    about = "Run compiled bifurc decode steps on a CUDA GPU (sampling, benchmarks)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load an artifact on the GPU and describe it (checks that the PTX loads).
+    Info {
+        /// The step's PTX (its manifest is beside it: step.ptx → step.manifest.json).
+        ptx: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
+    /// Fill a context and decode `--samples` continuations from it.
+    Run(RunArgs),
+    /// Time a baseline and a bifurcated artifact side by side at each shape.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The step's PTX (its manifest is beside it).
+    ptx: PathBuf,
+    /// Weights: .safetensors files, or directories of them (sharded checkpoints).
+    #[arg(long, num_args = 1.., conflicts_with = "random_weights", required_unless_present = "random_weights")]
+    weights: Vec<PathBuf>,
+    /// Deterministic random weights (from --seed).
+    #[arg(long)]
+    random_weights: bool,
+    /// The prompt as token ids (the context is filled by stepping the graph over them).
+    #[arg(long, value_delimiter = ',', conflicts_with = "context_len", required_unless_present = "context_len")]
+    prompt_ids: Vec<u32>,
+    /// A random context of this many tokens instead of a prompt (random caches and logits).
+    #[arg(long)]
+    context_len: Option<usize>,
+    /// b: samples decoded together.
+    #[arg(long, default_value_t = 32)]
+    samples: usize,
+    /// Tokens generated per sample.
+    #[arg(long, default_value_t = 64)]
+    steps: usize,
+    /// 0 for greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Seed of random weights, random context and sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Also write that JSON object to this file.
+    #[arg(long)]
+    out_json: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The artifact compiled with --no-bifurcate.
+    #[arg(long)]
+    baseline: PathBuf,
+    /// The bifurcated artifact of the same model.
+    #[arg(long)]
+    bifurcated: PathBuf,
+    /// Values of b.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 32])]
+    samples: Vec<i64>,
+    /// Values of m_c.
+    #[arg(long, value_delimiter = ',', default_values_t = [2048, 8192])]
+    context: Vec<i64>,
+    /// m_d (tokens decoded so far); default: the baseline manifest's point.
+    #[arg(long)]
+    decoded: Option<i64>,
+    /// Timed steps per artifact and shape (fewer when the budget requires).
+    #[arg(long, default_value_t = 20)]
+    repeats: usize,
+    /// Wall-clock budget for all measurements, seconds.
+    #[arg(long, default_value_t = 300.0)]
+    budget_s: f64,
+    /// Seed of the random weights and inputs (the same for both artifacts).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Skip the per-kernel profile of the largest shape.
+    #[arg(long)]
+    no_profile: bool,
+    /// Output directory: bench.csv, bench.md, profile-*.csv.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info { ptx, device } => info(&ptx, device),
+        Command::Run(args) => run(&args),
+        Command::Bench(args) => bench(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(ptx: &Path, device: usize) -> Result<(Artifact, CudaStep)> {
+    let artifact = Artifact::load(ptx).map_err(|e| e.to_string())?;
+    let step = CudaStep::new(&artifact, device).map_err(|e| format!("{}: {e}", ptx.display()))?;
+    Ok((artifact, step))
+}
+
+fn gb(bytes: usize) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
+fn info(ptx: &Path, device: usize) -> Result<()> {
+    let start = Instant::now();
+    let (artifact, step) = load(ptx, device)?;
+    let m = &artifact.manifest;
+    let d = step.device_info();
+    let (free, total) = step.memory_info().map_err(|e| e.to_string())?;
+    println!(
+        "device {}: {} (sm_{}{}), {} free of {}",
+        d.ordinal,
+        d.name,
+        d.compute_capability.0,
+        d.compute_capability.1,
+        gb(free),
+        gb(total)
+    );
+    println!("artifact {} (target {}, bifurcated: {})", artifact.ptx_path.display(), m.target, m.bifurcate);
+    println!("model: {}", m.model.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "kernels: {} launches, {} PTX entries; loaded in {:.2} s",
+        m.kernels.len(),
+        artifact.entries().len(),
+        start.elapsed().as_secs_f64()
+    );
+    let needed = step.bytes_needed(&m.point).map_err(|e| e.to_string())?;
+    println!("device memory at {:?}: {}", m.point, gb(needed));
+    Ok(())
+}
+
+fn run(args: &RunArgs) -> Result<()> {
+    let (artifact, mut step) = load(&args.ptx, args.device)?;
+    let manifest = artifact.manifest.clone();
+    let start = Instant::now();
+    let bound = if args.random_weights {
+        bind_random_weights(&mut step, &manifest, args.seed).map_err(|e| e.to_string())?
+    } else {
+        let files = WeightFiles::open(&args.weights).map_err(|e| e.to_string())?;
+        bind_weights(&mut step, &manifest, &files, |_| {}).map_err(|e| e.to_string())?
+    };
+    let weights_s = start.elapsed().as_secs_f64();
+    let device = step.device_info().name.clone();
+    let mut session = Session::new(step, &manifest).map_err(|e| e.to_string())?;
+
+    let start = Instant::now();
+    let context_len = match args.context_len {
+        Some(len) => {
+            session.random_context(len, args.seed).map_err(|e| e.to_string())?;
+            len
+        }
+        None => {
+            session.fill_context(&args.prompt_ids).map_err(|e| e.to_string())?;
+            args.prompt_ids.len()
+        }
+    };
+    let fill_ms = start.elapsed().as_secs_f64() * 1e3;
+
+    let options = SampleOptions {
+        samples: args.samples,
+        steps: args.steps,
+        temperature: args.temperature,
+        seed: args.seed,
+        keep_last_logits: false,
+    };
+    let every = (args.steps / 10).max(1);
+    let json = args.json;
+    let start = Instant::now();
+    let out = session
+        .sample(&options, |r| {
+            if !json && (r.step + 1) % every == 0 {
+                eprintln!("step {}/{}: {:.3} ms", r.step + 1, args.steps, r.ms);
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let total_s = start.elapsed().as_secs_f64();
+    let tokens = args.samples * args.steps;
+    let median_ms = median(&out.step_ms).unwrap_or(0.0);
+    let weights =
+        if args.random_weights { format!("random (seed {})", args.seed) } else { format!("{:?}", args.weights) };
+    let value = serde_json::json!({
+        "device": device,
+        "artifact": artifact.ptx_path.display().to_string(),
+        "bifurcated": manifest.bifurcate,
+        "weights": weights,
+        "context_len": context_len,
+        "context": if args.context_len.is_some() { "random" } else { "prompt" },
+        "fill_ms": fill_ms,
+        "samples": args.samples,
+        "steps": args.steps,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "tokens": out.tokens,
+        "step_ms": out.step_ms,
+        "median_step_ms": median_ms,
+        "tokens_per_s": tokens as f64 / total_s,
+    });
+    if let Some(path) = &args.out_json {
+        std::fs::write(path, format!("{value}\n")).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    if json {
+        println!("{value}");
+    } else {
+        println!("device: {device}");
+        println!("artifact: {} (bifurcated: {})", artifact.ptx_path.display(), manifest.bifurcate);
+        println!("weights: {bound} tensors bound in {weights_s:.2} s");
+        let how = if args.context_len.is_some() { "random" } else { "filled by stepping the prompt" };
+        println!("context: {context_len} tokens ({how}, {fill_ms:.1} ms)");
+        println!(
+            "decoded {} samples x {} steps: median {median_ms:.3} ms/step (bind + run + outputs), {:.0} tokens/s",
+            args.samples,
+            args.steps,
+            tokens as f64 / total_s
+        );
+        for (s, ids) in out.tokens.iter().enumerate().take(8) {
+            let shown: Vec<String> = ids.iter().take(32).map(u32::to_string).collect();
+            println!("sample {s}: {}{}", shown.join(" "), if ids.len() > 32 { " ..." } else { "" });
+        }
+        if out.tokens.len() > 8 {
+            println!("({} more samples; --json prints all)", out.tokens.len() - 8);
+        }
+    }
+    Ok(())
+}
+
+/// Random values for every non-weight input of `manifest` at `dims`.
+fn random_inputs(manifest: &Manifest, dims: &BTreeMap<String, i64>, seed: u64) -> Result<Vec<(String, HostTensor)>> {
+    let mut out = Vec::new();
+    for b in &manifest.buffers {
+        if b.kind == BufferKind::Input && b.role.as_deref() != Some("weight") {
+            out.push((b.name.clone(), random_tensor(manifest, b, dims, seed).map_err(|e| e.to_string())?));
+        }
+    }
+    Ok(out)
+}
+
+fn bind_all(step: &mut CudaStep, inputs: &[(String, HostTensor)]) -> Result<()> {
+    for (name, t) in inputs {
+        step.bind(name, t).map_err(|e| format!("binding `{name}`: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The logits of one (untimed) step.
+fn logits_of(step: &mut CudaStep, dims: &BTreeMap<String, i64>) -> Result<Vec<f32>> {
+    let outputs = step.run(dims).map_err(|e| e.to_string())?;
+    let name = step
+        .manifest()
+        .buffers
+        .iter()
+        .find(|b| b.kind == BufferKind::Output && b.role.as_deref() == Some("logits"))
+        .map(|b| b.name.clone())
+        .unwrap_or_else(|| "logits".into());
+    Ok(outputs.get(&name).map(|t| t.data.clone()).unwrap_or_default())
+}
+
+struct Budget {
+    start: Instant,
+    seconds: f64,
+}
+
+impl Budget {
+    fn left(&self) -> f64 {
+        self.seconds - self.start.elapsed().as_secs_f64()
+    }
+}
+
+/// One artifact at one shape: fit check, inputs, a first step (its logits),
+/// then as many timed steps as the budget share allows.
+fn measure(
+    step: &mut CudaStep,
+    dims: &BTreeMap<String, i64>,
+    inputs: &[(String, HostTensor)],
+    repeats: usize,
+    share_s: f64,
+) -> (Measurement, Option<Vec<f32>>) {
+    let attempt = |step: &mut CudaStep| -> Result<(Measurement, Option<Vec<f32>>)> {
+        let needed = step.bytes_needed(dims).map_err(|e| e.to_string())?;
+        let (free, _) = step.memory_info().map_err(|e| e.to_string())?;
+        let available = free + step.allocated_bytes();
+        if needed as f64 > 0.95 * available as f64 {
+            return Ok((Measurement::Skipped(format!("needs {}, {} available", gb(needed), gb(available))), None));
+        }
+        bind_all(step, inputs)?;
+        let start = Instant::now();
+        let logits = logits_of(step, dims)?;
+        let first_s = start.elapsed().as_secs_f64().max(1e-6);
+        // `run_timed` needs no warm-up after this step at the same dims.
+        let fit = ((share_s / first_s).floor() as usize).saturating_sub(1);
+        let n = fit.clamp(1, repeats.max(1));
+        let times = step.run_timed(dims, n).map_err(|e| e.to_string())?;
+        Ok((Measurement::Timed(times), Some(logits)))
+    };
+    match attempt(step) {
+        Ok(result) => result,
+        Err(e) => {
+            step.release_scratch();
+            (Measurement::Skipped(e), None)
+        }
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> Option<(f64, f64)> {
+    if a.len() != b.len() || a.is_empty() {
+        return None;
+    }
+    let diff = a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max);
+    let scale = a.iter().map(|x| f64::from(x.abs())).fold(0.0, f64::max);
+    Some((diff, scale))
+}
+
+fn write_profile(path: &Path, times: &[KernelTime]) -> Result<String> {
+    let mut csv = String::from("kernel,entry,op,ms\n");
+    for t in times {
+        let _ = writeln!(csv, "{},{},{},{:.6}", t.name, t.entry, t.op, t.ms);
+    }
+    std::fs::write(path, csv).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    // Summary by op, largest first.
+    let mut by_op: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+    for t in times {
+        let e = by_op.entry(&t.op).or_default();
+        e.0 += t.ms;
+        e.1 += 1;
+    }
+    let total: f64 = times.iter().map(|t| t.ms).sum();
+    let mut ops: Vec<_> = by_op.into_iter().collect();
+    ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    let mut md = String::from("| op | kernels | ms | share |\n|---|---:|---:|---:|\n");
+    for (op, (ms, n)) in ops {
+        let _ = writeln!(md, "| {op} | {n} | {ms:.3} | {:.1}% |", 100.0 * ms / total.max(1e-12));
+    }
+    let _ = writeln!(md, "| total | {} | {total:.3} | |", times.len());
+    Ok(md)
+}
+
+fn bench(args: &BenchArgs) -> Result<()> {
+    let budget = Budget { start: Instant::now(), seconds: args.budget_s };
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("creating {}: {e}", args.out.display()))?;
+    let (base_artifact, mut base) = load(&args.baseline, args.device)?;
+    let (bif_artifact, mut bif) = load(&args.bifurcated, args.device)?;
+    let (bm, fm): (&Manifest, &Manifest) = (&base_artifact.manifest, &bif_artifact.manifest);
+    let inputs = |m: &Manifest| -> Vec<(String, String)> {
+        let mut v: Vec<_> = m
+            .buffers
+            .iter()
+            .filter(|b| b.kind == BufferKind::Input)
+            .map(|b| (b.name.clone(), format!("{:?} {}", b.shape, b.dtype)))
+            .collect();
+        v.sort();
+        v
+    };
+    if inputs(bm) != inputs(fm) {
+        return Err(
+            "the two artifacts take different inputs: compile the same model.json (with and without --no-bifurcate)"
+                .into(),
+        );
+    }
+    let m_d = args.decoded.or_else(|| bm.point.get("m_d").copied()).unwrap_or(256);
+    eprintln!("binding random weights (seed {}) ...", args.seed);
+    // One tensor at a time, the same for both (the inputs were checked equal).
+    for b in weight_buffers(bm) {
+        let t = random_tensor(bm, b, &bm.point, args.seed).map_err(|e| e.to_string())?;
+        for step in [&mut base, &mut bif] {
+            step.bind(&b.name, &t).map_err(|e| format!("binding `{}`: {e}", b.name))?;
+        }
+    }
+
+    let mut shapes: Vec<(i64, i64)> =
+        args.context.iter().flat_map(|&m_c| args.samples.iter().map(move |&b| (m_c, b))).collect();
+    shapes.sort_by_key(|&(m_c, b)| (m_c * b, m_c, b));
+    let mut rows = Vec::new();
+    let mut measurements_left = shapes.len() * 2;
+    let mut last_timed: Option<BTreeMap<String, i64>> = None;
+    for &(m_c, b) in &shapes {
+        let dims = BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)]);
+        let bytes = |m: &Manifest| step_bytes(m, &dims).unwrap_or_default();
+        let mut results = Vec::new();
+        let mut inputs: Option<Vec<(String, HostTensor)>> = None;
+        for step in [&mut base, &mut bif] {
+            // Keep a tenth of the budget for the per-kernel profile.
+            let left = budget.left() - if args.no_profile { 0.0 } else { 0.1 * args.budget_s };
+            let label = if step.manifest().bifurcate { "bifurcated" } else { "baseline" };
+            let result = if left <= 0.0 {
+                (Measurement::Skipped("time budget spent".into()), None)
+            } else {
+                eprintln!("b={b} m_c={m_c} m_d={m_d}: {label} ...");
+                if inputs.is_none() {
+                    // The same random inputs for both artifacts.
+                    inputs = Some(random_inputs(bm, &dims, args.seed)?);
+                }
+                let share = left / measurements_left as f64;
+                measure(step, &dims, inputs.as_deref().unwrap_or_default(), args.repeats, share)
+            };
+            measurements_left -= 1;
+            results.push(result);
+        }
+        drop(inputs);
+        let (bif_m, bif_logits) = results.pop().unwrap_or((Measurement::Skipped("not run".into()), None));
+        let (base_m, base_logits) = results.pop().unwrap_or((Measurement::Skipped("not run".into()), None));
+        let diff = base_logits.as_deref().zip(bif_logits.as_deref()).and_then(|(a, b)| max_abs_diff(a, b));
+        if matches!((&base_m, &bif_m), (Measurement::Timed(_), Measurement::Timed(_))) {
+            last_timed = Some(dims.clone());
+        }
+        let row = BenchRow {
+            b,
+            m_c,
+            m_d,
+            baseline: base_m,
+            bifurcated: bif_m,
+            baseline_bytes: bytes(bm),
+            bifurcated_bytes: bytes(fm),
+            logits_max_abs_diff: diff.map(|d| d.0),
+            logits_max_abs: diff.map(|d| d.1),
+        };
+        eprintln!(
+            "  baseline {} ms, bifurcated {} ms, speedup {}, predicted {}",
+            row.baseline.median_ms().map_or("-".into(), |v| format!("{v:.3}")),
+            row.bifurcated.median_ms().map_or("-".into(), |v| format!("{v:.3}")),
+            row.speedup().map_or("-".into(), |v| format!("{v:.2}x")),
+            row.predicted_speedup().map_or("-".into(), |v| format!("{v:.2}x")),
+        );
+        rows.push(row);
+        // Partial results survive a later crash or timeout.
+        std::fs::write(args.out.join("bench.csv"), write_csv(&rows)).map_err(|e| format!("writing bench.csv: {e}"))?;
+    }
+
+    let d = base.device_info().clone();
+    let (major, minor) = d.compute_capability;
+    let model = bm.model.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ");
+    let timing = format!(
+        "CUDA events around one whole step (all kernels, no copies), after one untimed step; \
+         up to {} repeats within a {:.0} s budget",
+        args.repeats, args.budget_s
+    );
+    let mut facts = vec![
+        ("device".to_string(), format!("{} (sm_{major}{minor}, {})", d.name, gb(d.total_bytes))),
+        ("baseline".to_string(), format!("{} ({} kernels)", base_artifact.ptx_path.display(), bm.kernels.len())),
+        ("bifurcated".to_string(), format!("{} ({} kernels)", bif_artifact.ptx_path.display(), fm.kernels.len())),
+        ("model".to_string(), model),
+        ("m_d".to_string(), m_d.to_string()),
+        ("timing".to_string(), timing),
+        ("inputs".to_string(), format!("random weights and caches, seed {} (the same for both artifacts)", args.seed)),
+    ];
+    let mut profile_md = String::new();
+    if let (false, Some(dims)) = (args.no_profile, &last_timed) {
+        for (label, step) in [("baseline", &mut base), ("bifurcated", &mut bif)] {
+            if budget.left() <= 0.0 {
+                break;
+            }
+            let path = args.out.join(format!("profile-{label}.csv"));
+            let profiled = random_inputs(bm, dims, args.seed)
+                .and_then(|inputs| bind_all(step, &inputs))
+                .and_then(|()| step.profile(dims).map_err(|e| e.to_string()));
+            match profiled {
+                Ok(times) => {
+                    let md = write_profile(&path, &times)?;
+                    let _ = write!(profile_md, "\n## Kernel time by op: {label} at {dims:?}\n\n{md}");
+                }
+                Err(e) => facts.push((format!("profile {label}"), format!("failed: {e}"))),
+            }
+        }
+    }
+    let mut md = write_markdown("bifurc-run bench", &facts, &rows);
+    md.push_str(&profile_md);
+    std::fs::write(args.out.join("bench.csv"), write_csv(&rows)).map_err(|e| format!("writing bench.csv: {e}"))?;
+    std::fs::write(args.out.join("bench.md"), &md).map_err(|e| format!("writing bench.md: {e}"))?;
+    println!("{md}");
+    println!("wrote {}/bench.csv and bench.md", args.out.display());
+    Ok(())
+}

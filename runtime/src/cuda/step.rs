@@ -1,0 +1,317 @@
+//! [`CudaStep`]: one compiled decode step on a CUDA device.
+//!
+//! - Inputs live in persistent device buffers, one per name, uploaded on
+//!   [`Step::bind`] in the buffer's storage dtype (reallocated only when the
+//!   byte size grows).
+//! - Intermediates share memory by lifetime ([`crate::plan::MemoryPlan`]); outputs have
+//!   their own buffers. Both grow on demand with the dims.
+//! - [`Step::run`] checks every input's shape at the dims, launches every
+//!   kernel in manifest order on one stream (arguments in ABI order: the
+//!   runtime dims as `i64`, then bare device pointers; launches whose grid is
+//!   0 are skipped), synchronizes and downloads the outputs as `f32`.
+
+use super::buffer::DeviceBuffer;
+use super::device::{backend, Device, DeviceInfo};
+use crate::artifact::Artifact;
+use crate::exec::{ExecPlan, LaunchSpec};
+use crate::manifest::{BufferKind, Manifest};
+use crate::{HostTensor, Step, StepError};
+use cudarc::driver::{sys, CudaEvent, CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+
+/// The time of one kernel in [`CudaStep::profile`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    pub name: String,
+    pub entry: String,
+    pub op: String,
+    pub ms: f64,
+}
+
+/// A compiled decode step on one CUDA device.
+pub struct CudaStep {
+    plan: ExecPlan,
+    device: Device,
+    /// One per distinct entry, in [`ExecPlan::entries`] order.
+    functions: Vec<CudaFunction>,
+    /// Inputs and outputs, by buffer index (intermediates use `slots`).
+    memory: Vec<DeviceBuffer>,
+    /// The shape each input was last bound with.
+    bound: Vec<Option<Vec<usize>>>,
+    slots: Vec<DeviceBuffer>,
+    /// A small allocation passed for zero-size buffers (the ABI wants a
+    /// non-null pointer; nothing is read or written through it).
+    dummy: CudaSlice<u8>,
+    staging: Vec<u8>,
+    /// The dims of the last step run (a timed run right after needs no warm-up).
+    last_dims: Option<BTreeMap<String, i64>>,
+}
+
+impl CudaStep {
+    /// Opens device `ordinal`, loads the artifact's PTX module once and looks
+    /// up each distinct kernel entry. Errors (not panics) when the CUDA
+    /// driver is missing, the device does not exist or the PTX does not load.
+    pub fn new(artifact: &Artifact, ordinal: usize) -> Result<Self, StepError> {
+        // Resolve the manifest first: its errors need no device.
+        let plan = ExecPlan::new(&artifact.manifest, true)?;
+        let device = Device::open(ordinal, &artifact.ptx)?;
+        let functions = plan.entries.iter().map(|e| device.function(e)).collect::<Result<Vec<_>, _>>()?;
+        // SAFETY: uninitialized memory that no kernel reads (zero-size buffers only).
+        let dummy = unsafe { device.stream.alloc::<u8>(256) }.map_err(|e| backend("allocation", e))?;
+        let n = plan.buffers.len();
+        Ok(CudaStep {
+            memory: (0..n).map(|_| DeviceBuffer::default()).collect(),
+            bound: vec![None; n],
+            slots: (0..plan.slot_count()).map(|_| DeviceBuffer::default()).collect(),
+            plan,
+            device,
+            functions,
+            dummy,
+            staging: Vec::new(),
+            last_dims: None,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        self.plan.manifest()
+    }
+
+    pub fn device_info(&self) -> &DeviceInfo {
+        &self.device.info
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize), StepError> {
+        self.device.memory()
+    }
+
+    /// Device bytes this step holds now.
+    pub fn allocated_bytes(&self) -> usize {
+        self.memory.iter().chain(&self.slots).map(DeviceBuffer::capacity).sum()
+    }
+
+    /// Device bytes a step at `dims` needs: every input at its shape there,
+    /// the outputs, and the intermediates' shared slots.
+    pub fn bytes_needed(&self, dims: &BTreeMap<String, i64>) -> Result<usize, StepError> {
+        self.plan.bytes_needed(&self.plan.bind_dims(dims)?)
+    }
+
+    /// Frees the intermediates and outputs (inputs stay bound).
+    pub fn release_scratch(&mut self) {
+        for slot in &mut self.slots {
+            slot.release();
+        }
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            if b.kind == BufferKind::Output {
+                self.memory[i].release();
+            }
+        }
+    }
+
+    /// Checks the inputs, sizes the scratch and outputs, and resolves every
+    /// launch at `dims`.
+    fn prepare(&mut self, dims: &BTreeMap<String, i64>) -> Result<Vec<LaunchSpec>, StepError> {
+        let all = self.plan.bind_dims(dims)?;
+        self.plan.check_inputs(&all, &self.bound)?;
+        let stream = self.device.stream.clone();
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            if b.kind == BufferKind::Output {
+                self.memory[i].ensure(&stream, self.plan.bytes_at(i, &all)?, true)?;
+            }
+        }
+        for (slot, bytes) in self.slots.iter_mut().zip(self.plan.slot_bytes(&all)?) {
+            slot.ensure(&stream, bytes, true)?;
+        }
+        let (dummy, _sync) = self.dummy.device_ptr(&stream);
+        let mut pointers = Vec::with_capacity(self.plan.buffers.len());
+        for i in 0..self.plan.buffers.len() {
+            let ptr = if self.plan.bytes_at(i, &all)? == 0 {
+                dummy
+            } else {
+                match self.plan.slot_of(i) {
+                    Some(slot) => self.slots[slot].ptr(&stream, dummy),
+                    None => self.memory[i].ptr(&stream, dummy),
+                }
+            };
+            pointers.push(ptr);
+        }
+        self.plan.launches(&all, |i| pointers[i])
+    }
+
+    /// Queues one launch on the stream.
+    fn launch(&self, launch: &LaunchSpec) -> Result<(), StepError> {
+        let kernel = &self.plan.kernels[launch.kernel];
+        let function = &self.functions[kernel.function];
+        let config = LaunchConfig {
+            grid_dim: (launch.grid[0], launch.grid[1], launch.grid[2]),
+            block_dim: (launch.block[0], launch.block[1], launch.block[2]),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = self.device.stream.launch_builder(function);
+        for value in &launch.args {
+            builder.arg(value);
+        }
+        // SAFETY: the arguments follow the kernel ABI of docs/artifact.md that
+        // the PTX entry was compiled for: one 64-bit value per parameter, in
+        // the manifest's `params` order (the `i64` runtime dims, then device
+        // pointers); `Artifact::load` checked that the entry takes that many
+        // 64-bit parameters. Every pointer is a live allocation of this
+        // context at least as large as its buffer at these dims (`prepare`
+        // sized them), or the 256-byte dummy for zero-size buffers, which the
+        // kernel does not touch; kernels index only within the extents the
+        // dims imply. The argument values outlive the call (`launch` borrows them).
+        unsafe { builder.launch(config) }.map_err(|e| backend(&format!("launch of kernel `{}`", kernel.name), e))?;
+        Ok(())
+    }
+
+    fn synchronize(&self, what: &str) -> Result<(), StepError> {
+        self.device.stream.synchronize().map_err(|e| backend(what, e))?;
+        self.device.ctx.check_err().map_err(|e| backend(what, e))
+    }
+
+    fn new_timing_event(&self) -> Result<CudaEvent, StepError> {
+        self.device.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| backend("event creation", e))
+    }
+
+    /// Per-kernel device times of one step at `dims` (after one warm-up
+    /// step), from events recorded between launches. Kernels skipped at
+    /// these dims are left out.
+    pub fn profile(&mut self, dims: &BTreeMap<String, i64>) -> Result<Vec<KernelTime>, StepError> {
+        let launches = self.prepare(dims)?;
+        for l in &launches {
+            self.launch(l)?;
+        }
+        self.synchronize("warm-up step")?;
+        let events = (0..=launches.len()).map(|_| self.new_timing_event()).collect::<Result<Vec<_>, _>>()?;
+        let stream = &self.device.stream;
+        events[0].record(stream).map_err(|e| backend("event record", e))?;
+        for (l, event) in launches.iter().zip(&events[1..]) {
+            self.launch(l)?;
+            event.record(stream).map_err(|e| backend("event record", e))?;
+        }
+        self.synchronize("profiled step")?;
+        launches
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let k = &self.plan.kernels[l.kernel];
+                let ms = event_ms(&events[i], &events[i + 1])?
+                    .ok_or_else(|| StepError::Backend("this CUDA driver cannot time events".into()))?;
+                Ok(KernelTime { name: k.name.clone(), entry: k.entry.clone(), op: k.op.clone(), ms })
+            })
+            .collect()
+    }
+}
+
+impl Step for CudaStep {
+    fn runtime_dims(&self) -> Vec<String> {
+        self.manifest().dims.runtime.clone()
+    }
+
+    fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
+        let i = self.plan.index(name).ok_or_else(|| StepError::UnknownBuffer(name.to_string()))?;
+        let info = &self.plan.buffers[i];
+        if info.kind != BufferKind::Input {
+            return Err(StepError::Backend(format!("`{name}` is an {:?} buffer, not an input", info.kind)));
+        }
+        if tensor.shape.iter().product::<usize>() != tensor.data.len() {
+            return Err(StepError::Backend(format!(
+                "`{name}`: shape {:?} holds {} values but {} were given",
+                tensor.shape,
+                tensor.shape.iter().product::<usize>(),
+                tensor.data.len()
+            )));
+        }
+        info.dtype
+            .encode_into(&tensor.data, &mut self.staging)
+            .map_err(|e| StepError::Backend(format!("`{name}` ({}): {e}", info.dtype)))?;
+        let stream = self.device.stream.clone();
+        // A re-bind that grows (a decode cache, each step) gets headroom.
+        // Until the upload succeeds the input counts as unbound.
+        let rebind = self.bound[i].take().is_some();
+        self.memory[i].ensure(&stream, self.staging.len(), rebind)?;
+        self.memory[i].upload(&stream, &self.staging)?;
+        self.bound[i] = Some(tensor.shape.clone());
+        Ok(())
+    }
+
+    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
+        self.last_dims = None;
+        let launches = self.prepare(dims)?;
+        for l in &launches {
+            self.launch(l)?;
+        }
+        self.synchronize("step")?;
+        self.last_dims = Some(dims.clone());
+        let all = self.plan.bind_dims(dims)?;
+        let stream = self.device.stream.clone();
+        let mut outputs = HashMap::new();
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            if b.kind != BufferKind::Output {
+                continue;
+            }
+            let shape = self.plan.shape_at(i, &all)?;
+            let bytes = self.memory[i].download(&stream, self.plan.bytes_at(i, &all)?)?;
+            let data = b.dtype.decode(&bytes).map_err(|e| StepError::Backend(format!("output `{}`: {e}", b.name)))?;
+            outputs.insert(b.name.clone(), HostTensor { shape, data });
+        }
+        Ok(outputs)
+    }
+
+    /// Device time of the step alone (CUDA events around the launches; no
+    /// uploads or downloads), after one warm-up step unless the last step
+    /// already ran at these dims.
+    fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {
+        let warm = self.last_dims.as_ref() == Some(dims);
+        self.last_dims = None;
+        let launches = self.prepare(dims)?;
+        if !warm {
+            for l in &launches {
+                self.launch(l)?;
+            }
+            self.synchronize("warm-up step")?;
+        }
+        let (start, end) = (self.new_timing_event()?, self.new_timing_event()?);
+        let stream = &self.device.stream;
+        let mut times = Vec::with_capacity(repeats);
+        // Event timing, or the wall clock around launch + synchronize if the
+        // driver cannot time events (cudarc panics on a missing symbol).
+        let mut events_work = true;
+        for _ in 0..repeats {
+            let wall = Instant::now();
+            start.record(stream).map_err(|e| backend("event record", e))?;
+            for l in &launches {
+                self.launch(l)?;
+            }
+            end.record(stream).map_err(|e| backend("event record", e))?;
+            end.synchronize().map_err(|e| backend("timed step", e))?;
+            let wall_ms = wall.elapsed().as_secs_f64() * 1e3;
+            let ms = if events_work { event_ms(&start, &end)? } else { None };
+            events_work = ms.is_some();
+            times.push(ms.unwrap_or(wall_ms));
+        }
+        self.synchronize("timed steps")?;
+        self.last_dims = Some(dims.clone());
+        Ok(times)
+    }
+}
+
+/// Milliseconds between two recorded events; `None` when the driver lacks
+/// the timing call (cudarc panics on a missing symbol).
+fn event_ms(start: &CudaEvent, end: &CudaEvent) -> Result<Option<f64>, StepError> {
+    match catch_unwind(AssertUnwindSafe(|| start.elapsed_ms(end))) {
+        Ok(Ok(ms)) => Ok(Some(f64::from(ms))),
+        Ok(Err(e)) => Err(backend("event timing", e)),
+        Err(_) => Ok(None),
+    }
+}
+
+impl Drop for CudaStep {
+    fn drop(&mut self) {
+        // Let queued work finish before the buffers are freed (the frees are
+        // stream-ordered, but a clean exit reports errors here, not later).
+        let _ = self.device.stream.synchronize();
+    }
+}

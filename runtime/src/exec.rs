@@ -1,0 +1,398 @@
+//! How to run a manifest at concrete dims, without a device: buffer shapes
+//! and sizes, input checks, the intermediates' shared slots, and every
+//! launch's geometry and argument values in ABI order (docs/artifact.md):
+//! the runtime dims as `i64`, then one device pointer per buffer parameter.
+//! Kernels whose grid is 0 at the dims are left out.
+//!
+//! A device backend supplies the pointers (`pointer(buffer index)`) and
+//! launches [`LaunchSpec`]s in order; the CUDA backend does exactly that.
+
+use crate::dtype::DType;
+use crate::manifest::{parse_expr, BufferKind, Expr, Manifest, ParamKind, Size};
+use crate::plan::MemoryPlan;
+use crate::StepError;
+use std::collections::{BTreeMap, HashMap};
+
+/// Largest grid in x and in y/z (CUDA limits), and threads per block.
+const MAX_GRID_X: i64 = (1 << 31) - 1;
+const MAX_GRID_YZ: i64 = 65535;
+const MAX_THREADS: i64 = 1024;
+
+/// A buffer of the manifest with its shape parsed.
+#[derive(Clone, Debug)]
+pub struct BufferInfo {
+    pub name: String,
+    pub kind: BufferKind,
+    pub dtype: DType,
+    shape: Vec<Expr>,
+}
+
+/// Where a kernel argument comes from.
+#[derive(Clone, Debug)]
+enum Arg {
+    Dim(String),
+    /// A buffer, by index in the manifest's table.
+    Buffer(usize),
+}
+
+/// A kernel of the manifest, resolved.
+#[derive(Clone, Debug)]
+pub struct KernelInfo {
+    pub name: String,
+    pub entry: String,
+    pub op: String,
+    /// Index of its entry in [`ExecPlan::entries`].
+    pub function: usize,
+    grid: [Expr; 3],
+    block: [Expr; 3],
+    args: Vec<Arg>,
+}
+
+/// One launch at concrete dims.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchSpec {
+    /// Index in [`ExecPlan::kernels`].
+    pub kernel: usize,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    /// One 64-bit value per parameter: an `i64` dim (two's complement) or a pointer.
+    pub args: Vec<u64>,
+}
+
+/// A manifest resolved for execution.
+#[derive(Clone, Debug)]
+pub struct ExecPlan {
+    manifest: Manifest,
+    pub buffers: Vec<BufferInfo>,
+    pub kernels: Vec<KernelInfo>,
+    /// Distinct PTX entries, in first-use order.
+    pub entries: Vec<String>,
+    by_name: HashMap<String, usize>,
+    /// Intermediate buffer index → slot.
+    slot_of: Vec<Option<usize>>,
+    slot_members: Vec<Vec<usize>>,
+}
+
+fn parse(size: &Size, what: impl Fn() -> String) -> Result<Expr, StepError> {
+    match size {
+        Size::Int(v) => Ok(Expr::Int(*v)),
+        Size::Expr(text) => parse_expr(text).map_err(|e| StepError::Backend(format!("{}: {e}", what()))),
+    }
+}
+
+fn eval(expr: &Expr, dims: &BTreeMap<String, i64>, what: impl Fn() -> String) -> Result<i64, StepError> {
+    expr.eval(dims).map_err(|e| StepError::Dims(format!("{}: {e}", what())))
+}
+
+impl ExecPlan {
+    /// Resolves names, parses every size, plans the intermediates' memory
+    /// (`share`: let intermediates with disjoint lifetimes share a slot).
+    pub fn new(manifest: &Manifest, share: bool) -> Result<Self, StepError> {
+        let mut buffers = Vec::new();
+        let mut by_name = HashMap::new();
+        for (i, b) in manifest.buffers.iter().enumerate() {
+            let dtype = DType::parse(&b.dtype).map_err(|e| StepError::Backend(format!("buffer `{}`: {e}", b.name)))?;
+            let shape = b
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(axis, s)| parse(s, || format!("buffer `{}` shape[{axis}]", b.name)))
+                .collect::<Result<_, _>>()?;
+            by_name.insert(b.name.clone(), i);
+            buffers.push(BufferInfo { name: b.name.clone(), kind: b.kind, dtype, shape });
+        }
+        let mut entries: Vec<String> = Vec::new();
+        let mut kernels = Vec::new();
+        for k in &manifest.kernels {
+            let function = match entries.iter().position(|e| *e == k.entry) {
+                Some(i) => i,
+                None => {
+                    entries.push(k.entry.clone());
+                    entries.len() - 1
+                }
+            };
+            let axis = |sizes: &[Size; 3], what: &str| -> Result<[Expr; 3], StepError> {
+                let p = |i: usize| parse(&sizes[i], || format!("kernel `{}` {what}[{i}]", k.name));
+                Ok([p(0)?, p(1)?, p(2)?])
+            };
+            let mut args = Vec::new();
+            for p in &k.params {
+                args.push(match p.kind {
+                    ParamKind::Dim => Arg::Dim(p.name.clone()),
+                    ParamKind::Buffer => Arg::Buffer(*by_name.get(&p.name).ok_or_else(|| {
+                        StepError::Backend(format!("kernel `{}` names unknown buffer `{}`", k.name, p.name))
+                    })?),
+                });
+            }
+            kernels.push(KernelInfo {
+                name: k.name.clone(),
+                entry: k.entry.clone(),
+                op: k.op.clone(),
+                function,
+                grid: axis(&k.grid, "grid")?,
+                block: axis(&k.block, "block")?,
+                args,
+            });
+        }
+        let plan = MemoryPlan::new(manifest, share).map_err(|e| StepError::Backend(format!("memory plan: {e}")))?;
+        let mut slot_of = vec![None; buffers.len()];
+        let mut slot_members = Vec::new();
+        for (slot, members) in plan.slots.iter().enumerate() {
+            let mut indices = Vec::new();
+            for name in members {
+                let i = *by_name
+                    .get(name.as_str())
+                    .ok_or_else(|| StepError::Backend(format!("memory plan names unknown buffer `{name}`")))?;
+                slot_of[i] = Some(slot);
+                indices.push(i);
+            }
+            slot_members.push(indices);
+        }
+        Ok(ExecPlan { manifest: manifest.clone(), buffers, kernels, entries, by_name, slot_of, slot_members })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// A buffer's index in the manifest's table.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The slot of an intermediate.
+    pub fn slot_of(&self, buffer: usize) -> Option<usize> {
+        self.slot_of.get(buffer).copied().flatten()
+    }
+
+    pub fn slot_count(&self) -> usize {
+        self.slot_members.len()
+    }
+
+    /// Every dim bound (constants and runtime dims); rejects negative values,
+    /// missing runtime dims and unknown names.
+    pub fn bind_dims(&self, dims: &BTreeMap<String, i64>) -> Result<BTreeMap<String, i64>, StepError> {
+        if let Some((name, v)) = dims.iter().find(|(_, v)| **v < 0) {
+            return Err(StepError::Dims(format!("`{name}` = {v} is negative")));
+        }
+        self.manifest.bind(dims).map_err(|e| StepError::Dims(e.to_string()))
+    }
+
+    /// Buffer `i`'s shape at the bound dims.
+    pub fn shape_at(&self, i: usize, all: &BTreeMap<String, i64>) -> Result<Vec<usize>, StepError> {
+        let b = &self.buffers[i];
+        b.shape
+            .iter()
+            .map(|e| {
+                let v = eval(e, all, || format!("buffer `{}` shape", b.name))?;
+                usize::try_from(v)
+                    .map_err(|_| StepError::Dims(format!("buffer `{}` has size {v} at these dims", b.name)))
+            })
+            .collect()
+    }
+
+    /// Buffer `i`'s size in bytes at the bound dims.
+    pub fn bytes_at(&self, i: usize, all: &BTreeMap<String, i64>) -> Result<usize, StepError> {
+        let numel = self.shape_at(i, all)?.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
+        numel
+            .and_then(|n| n.checked_mul(self.buffers[i].dtype.size()))
+            .ok_or_else(|| StepError::Dims(format!("buffer `{}` is too large at these dims", self.buffers[i].name)))
+    }
+
+    /// Bytes of each intermediate slot at the bound dims (its largest member).
+    pub fn slot_bytes(&self, all: &BTreeMap<String, i64>) -> Result<Vec<usize>, StepError> {
+        self.slot_members
+            .iter()
+            .map(|members| members.iter().try_fold(0usize, |acc, &i| Ok(acc.max(self.bytes_at(i, all)?))))
+            .collect()
+    }
+
+    /// Device bytes a step needs at the bound dims: inputs, outputs, slots.
+    pub fn bytes_needed(&self, all: &BTreeMap<String, i64>) -> Result<usize, StepError> {
+        let mut total = 0usize;
+        for (i, b) in self.buffers.iter().enumerate() {
+            if b.kind != BufferKind::Intermediate {
+                total = total.saturating_add(self.bytes_at(i, all)?);
+            }
+        }
+        Ok(total.saturating_add(self.slot_bytes(all)?.iter().sum::<usize>()))
+    }
+
+    /// Checks that every input was bound (`bound[i]`: the shape it was
+    /// bound with) with its shape at the dims; a zero-size input may be unbound.
+    pub fn check_inputs(&self, all: &BTreeMap<String, i64>, bound: &[Option<Vec<usize>>]) -> Result<(), StepError> {
+        for (i, b) in self.buffers.iter().enumerate() {
+            if b.kind != BufferKind::Input {
+                continue;
+            }
+            let expected = self.shape_at(i, all)?;
+            match bound.get(i).and_then(Option::as_ref) {
+                Some(shape) if *shape == expected => {}
+                Some(shape) => return Err(StepError::Shape { name: b.name.clone(), expected, got: shape.clone() }),
+                None if expected.contains(&0) => {}
+                None => return Err(StepError::Unbound(b.name.clone())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every launch at the bound dims, in order, grid-0 kernels left out.
+    /// `pointer(i)` is the device address of buffer `i` (any non-null value
+    /// for a zero-size buffer).
+    pub fn launches(
+        &self,
+        all: &BTreeMap<String, i64>,
+        pointer: impl Fn(usize) -> u64,
+    ) -> Result<Vec<LaunchSpec>, StepError> {
+        let mut launches = Vec::with_capacity(self.kernels.len());
+        for (index, k) in self.kernels.iter().enumerate() {
+            let mut grid = [0i64; 3];
+            let mut block = [0i64; 3];
+            for axis in 0..3 {
+                grid[axis] = eval(&k.grid[axis], all, || format!("kernel `{}` grid[{axis}]", k.name))?;
+                block[axis] = eval(&k.block[axis], all, || format!("kernel `{}` block[{axis}]", k.name))?;
+            }
+            if grid.contains(&0) {
+                continue; // nothing to compute at these dims (e.g. m_d = 0)
+            }
+            let bad_grid = grid[0] < 0 || grid[0] > MAX_GRID_X || grid[1..].iter().any(|g| *g < 0 || *g > MAX_GRID_YZ);
+            let threads: i64 = block.iter().product();
+            if bad_grid || block.iter().any(|b| *b <= 0) || threads > MAX_THREADS {
+                return Err(StepError::Dims(format!(
+                    "kernel `{}`: grid {grid:?} / block {block:?} exceed CUDA's launch limits at these dims",
+                    k.name
+                )));
+            }
+            let args = k
+                .args
+                .iter()
+                .map(|a| match a {
+                    Arg::Dim(name) => all.get(name).map(|v| *v as u64).ok_or_else(|| {
+                        StepError::Dims(format!("kernel `{}` takes dim `{name}`, which has no value", k.name))
+                    }),
+                    Arg::Buffer(i) => Ok(pointer(*i)),
+                })
+                .collect::<Result<Vec<u64>, _>>()?;
+            launches.push(LaunchSpec {
+                kernel: index,
+                grid: grid.map(|g| g as u32),
+                block: block.map(|b| b as u32),
+                args,
+            });
+        }
+        Ok(launches)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::{ptx_entry_params, Artifact};
+    use std::path::Path;
+
+    fn tiny() -> Artifact {
+        Artifact::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/step.ptx")).unwrap()
+    }
+
+    fn dims(b: i64, m_c: i64, m_d: i64) -> BTreeMap<String, i64> {
+        BTreeMap::from([("b".into(), b), ("m_c".into(), m_c), ("m_d".into(), m_d)])
+    }
+
+    /// A fake address per buffer: index i at 0x1000 * (i + 1); zero-size: 0xdead00.
+    fn fake_pointer<'a>(plan: &'a ExecPlan, all: &BTreeMap<String, i64>) -> impl Fn(usize) -> u64 + 'a {
+        let all = all.clone();
+        move |i| if plan.bytes_at(i, &all).unwrap() == 0 { 0xdead00 } else { 0x1000 * (i as u64 + 1) }
+    }
+
+    #[test]
+    fn launches_follow_the_abi() {
+        let a = tiny();
+        let m = &a.manifest;
+        let plan = ExecPlan::new(m, true).unwrap();
+        let all = plan.bind_dims(&dims(3, 100, 5)).unwrap();
+        let launches = plan.launches(&all, fake_pointer(&plan, &all)).unwrap();
+        assert_eq!(launches.len(), m.kernels.len(), "every kernel runs when no dim is 0");
+        let params = ptx_entry_params(&a.ptx);
+        for l in &launches {
+            let k = &m.kernels[l.kernel];
+            // Arguments: b, m_c, m_d, then one pointer per buffer parameter.
+            assert_eq!(&l.args[..3], &[3, 100, 5], "{}", k.name);
+            assert_eq!(l.args.len(), k.params.len());
+            assert_eq!(params[&k.entry], k.params.len(), "PTX entry {} parameter count", k.entry);
+            for (p, v) in k.params.iter().zip(&l.args).skip(3) {
+                let i = plan.index(&p.name).unwrap();
+                assert_eq!(*v, 0x1000 * (i as u64 + 1), "{} {}", k.name, p.name);
+            }
+            // One thread per output element, 256 per block.
+            let extent = m.eval(&k.extent, &dims(3, 100, 5)).unwrap();
+            assert_eq!(l.block, [256, 1, 1]);
+            assert_eq!(l.grid, [((extent + 255) / 256) as u32, 1, 1], "{}", k.name);
+        }
+    }
+
+    #[test]
+    fn skips_empty_launches_and_passes_a_pointer_for_empty_buffers() {
+        let a = tiny();
+        let plan = ExecPlan::new(&a.manifest, true).unwrap();
+        // The first decode step of a fill: no context, no decoded rows.
+        let all = plan.bind_dims(&dims(1, 0, 0)).unwrap();
+        let launches = plan.launches(&all, fake_pointer(&plan, &all)).unwrap();
+        let ran: Vec<&str> = launches.iter().map(|l| a.manifest.kernels[l.kernel].name.as_str()).collect();
+        assert!(!ran.iter().any(|n| n.contains("scores_einsum1") || n.contains("scores_einsum2")), "{ran:?}");
+        assert!(ran.iter().any(|n| n.contains("scores_einsum3")), "the new token's own score runs");
+        let softmax = launches.iter().find(|l| a.manifest.kernels[l.kernel].op == "softmax").unwrap();
+        assert!(softmax.args.contains(&0xdead00), "empty context scores get the placeholder pointer");
+        assert!(!softmax.args[3..].contains(&0));
+    }
+
+    #[test]
+    fn checks_inputs_and_dims() {
+        let a = tiny();
+        let plan = ExecPlan::new(&a.manifest, true).unwrap();
+        let all = plan.bind_dims(&dims(2, 4, 0)).unwrap();
+        let mut bound: Vec<Option<Vec<usize>>> = vec![None; plan.buffers.len()];
+        for (i, b) in plan.buffers.iter().enumerate() {
+            if b.kind == BufferKind::Input {
+                bound[i] = Some(plan.shape_at(i, &all).unwrap());
+            }
+        }
+        plan.check_inputs(&all, &bound).unwrap();
+        // Zero-size inputs (the decode caches at m_d = 0) may stay unbound.
+        let dec = plan.index("cache.0.k_dec").unwrap();
+        bound[dec] = None;
+        plan.check_inputs(&all, &bound).unwrap();
+        let ctx = plan.index("cache.1.v_ctx").unwrap();
+        bound[ctx] = Some(vec![2, 5, 16]);
+        let err = plan.check_inputs(&all, &bound).unwrap_err().to_string();
+        assert!(err.contains("cache.1.v_ctx") && err.contains("[2, 4, 16]") && err.contains("[2, 5, 16]"), "{err}");
+        bound[ctx] = None;
+        assert!(matches!(plan.check_inputs(&all, &bound), Err(StepError::Unbound(n)) if n == "cache.1.v_ctx"));
+
+        assert!(plan.bind_dims(&dims(-1, 0, 0)).unwrap_err().to_string().contains("negative"));
+        assert!(plan.bind_dims(&BTreeMap::from([("b".into(), 1)])).is_err());
+        let huge = plan.bind_dims(&dims(1 << 40, 1, 1)).unwrap();
+        let err = plan.launches(&huge, |_| 1).unwrap_err().to_string();
+        assert!(err.contains("launch limits"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_slots() {
+        let a = tiny();
+        let plan = ExecPlan::new(&a.manifest, true).unwrap();
+        let all = plan.bind_dims(&dims(2, 8, 3)).unwrap();
+        let logits = plan.index("logits").unwrap();
+        assert_eq!(plan.shape_at(logits, &all).unwrap(), vec![2, 1, 256]);
+        assert_eq!(plan.bytes_at(logits, &all).unwrap(), 2 * 256 * 4);
+        let slots = plan.slot_bytes(&all).unwrap();
+        assert_eq!(slots.len(), plan.slot_count());
+        for (i, b) in plan.buffers.iter().enumerate() {
+            match plan.slot_of(i) {
+                Some(s) => assert!(plan.bytes_at(i, &all).unwrap() <= slots[s]),
+                None => assert_ne!(b.kind, BufferKind::Intermediate),
+            }
+        }
+        let needed = plan.bytes_needed(&all).unwrap();
+        let unshared = ExecPlan::new(&a.manifest, false).unwrap().bytes_needed(&all).unwrap();
+        assert!(needed < unshared, "{needed} < {unshared}");
+    }
+}

@@ -1,0 +1,119 @@
+//! Deterministic random inputs for a manifest's buffers, by role: the scheme
+//! of the compiler's reference interpreter (`src/interp/random.rs`), so a
+//! weight drawn here equals the interpreter's for the same seed and name.
+//!
+//! - `weight`, rank >= 2: `U[-1, 1) / sqrt(last dim)`; rank 1: `1 + 0.1 U`
+//!   (norm gains), or `0.1 U` when the name contains `bias`; rank 0: `U`.
+//! - `activation`, `context_kv`, `decode_kv`: `U[-1, 1)`.
+//! - `token_ids`: integers below the row count of the table that the first
+//!   `gather` kernel reading them indexes (`0..2` when none does).
+//! - `position`: element `(.., j)` is `m_c + m_d + j` (the absolute position
+//!   of new token `j`; a dim that is not a runtime dim counts as 0).
+//! - any other integer buffer: `0..2`.
+//!
+//! Each buffer draws from its own stream (`seed ^ fnv1a(name)`).
+
+use crate::dtype::DType;
+use crate::manifest::{Buffer, Manifest, ManifestError};
+use crate::rng::SplitMix64;
+use crate::HostTensor;
+use std::collections::BTreeMap;
+
+/// A buffer's shape at the runtime dims, as sizes.
+pub fn shape_at(
+    manifest: &Manifest,
+    buffer: &Buffer,
+    dims: &BTreeMap<String, i64>,
+) -> Result<Vec<usize>, ManifestError> {
+    buffer
+        .shape
+        .iter()
+        .map(|size| {
+            let v = manifest.eval(size, dims)?;
+            usize::try_from(v).map_err(|_| {
+                ManifestError::Invalid(format!("buffer `{}` has a negative size {v} at {dims:?}", buffer.name))
+            })
+        })
+        .collect()
+}
+
+/// Random contents for `buffer` at `dims` (see the module docs).
+pub fn random_tensor(
+    manifest: &Manifest,
+    buffer: &Buffer,
+    dims: &BTreeMap<String, i64>,
+    seed: u64,
+) -> Result<HostTensor, ManifestError> {
+    let shape = shape_at(manifest, buffer, dims)?;
+    let mut rng = SplitMix64::named(seed, &buffer.name);
+    let n: usize = shape.iter().product();
+    let last = shape.last().copied().unwrap_or(1).max(1);
+    let is_float = DType::parse(&buffer.dtype).map(DType::is_float).unwrap_or(true);
+    let role = buffer.role.as_deref().unwrap_or("");
+    let data: Vec<f32> = match role {
+        "token_ids" => {
+            let rows = gather_rows(manifest, &buffer.name, dims)?.unwrap_or(2) as u64;
+            (0..n).map(|_| rng.below(rows) as f32).collect()
+        }
+        "position" => {
+            let dim = |d: &str| {
+                if manifest.dims.runtime.iter().any(|r| r == d) {
+                    dims.get(d).copied().unwrap_or(0)
+                } else {
+                    0
+                }
+            };
+            let base = dim("m_s") + dim("m_c") + dim("m_d");
+            (0..n).map(|i| (base + (i % last) as i64) as f32).collect()
+        }
+        _ if !is_float => (0..n).map(|_| rng.below(2) as f32).collect(),
+        "weight" if shape.len() >= 2 => {
+            let scale = (last as f32).sqrt();
+            (0..n).map(|_| rng.symmetric() / scale).collect()
+        }
+        "weight" if shape.len() == 1 && buffer.name.contains("bias") => (0..n).map(|_| 0.1 * rng.symmetric()).collect(),
+        "weight" if shape.len() == 1 => (0..n).map(|_| 1.0 + 0.1 * rng.symmetric()).collect(),
+        _ => (0..n).map(|_| rng.symmetric()).collect(),
+    };
+    Ok(HostTensor { shape, data })
+}
+
+/// Rows of the table indexed by the first `gather` kernel that reads `ids`.
+fn gather_rows(manifest: &Manifest, ids: &str, dims: &BTreeMap<String, i64>) -> Result<Option<usize>, ManifestError> {
+    let Some(kernel) = manifest.kernels.iter().find(|k| k.op == "gather" && k.reads.iter().any(|r| r == ids)) else {
+        return Ok(None);
+    };
+    let Some(table) = kernel.reads.iter().filter(|r| *r != ids).find_map(|r| manifest.buffer(r)) else {
+        return Ok(None);
+    };
+    Ok(shape_at(manifest, table, dims)?.first().copied())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn tiny() -> Manifest {
+        Manifest::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/step.manifest.json")).unwrap()
+    }
+
+    #[test]
+    fn draws_by_role() {
+        let m = tiny();
+        let dims = BTreeMap::from([("b".into(), 3), ("m_c".into(), 5), ("m_d".into(), 2)]);
+        let get = |name: &str| random_tensor(&m, m.buffer(name).unwrap(), &dims, 7).unwrap();
+        let ids = get("token_ids");
+        assert_eq!(ids.shape, vec![3, 1]);
+        assert!(ids.data.iter().all(|v| v.fract() == 0.0 && (0.0..256.0).contains(v)));
+        assert_eq!(get("positions").data, vec![7.0, 7.0, 7.0]);
+        let norm = get("model.norm.weight");
+        assert!(norm.data.iter().all(|v| (0.9..=1.1).contains(v)));
+        let q = get("model.layers.0.self_attn.q_proj.weight");
+        assert!(q.data.iter().all(|v| v.abs() <= 1.0 / 8.0));
+        let ctx = get("cache.0.k_ctx");
+        assert_eq!(ctx.shape, vec![2, 5, 16]);
+        assert_eq!(get("cache.0.k_ctx"), ctx, "deterministic");
+        assert_ne!(random_tensor(&m, m.buffer("cache.0.k_ctx").unwrap(), &dims, 8).unwrap(), ctx);
+    }
+}

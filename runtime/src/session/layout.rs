@@ -1,0 +1,294 @@
+//! What a decode session needs to know about a compiled step: which buffers
+//! are the token ids, positions, caches, new K/V rows and logits, found by
+//! role / layer / kv in the manifest's buffer table and checked against the
+//! single-level decode shapes:
+//!
+//! | role | shape |
+//! |---|---|
+//! | `token_ids`, `position` | `[b, 1]` |
+//! | `context_kv` (per layer, k and v) | `[g, m_c, k]` |
+//! | `decode_kv` (per layer, k and v) | `[b, g, m_d, k]` |
+//! | output `new_kv` (per layer, k and v) | `[b, g, 1, k]` |
+//! | output `logits` | `[b, 1, vocab]` |
+//!
+//! Shapes are checked by evaluating them at two probe points of the runtime
+//! dims, so `[g, m_c, k]` means: the middle axis is `m_c`, the others are the
+//! same constants at both points.
+
+use super::SessionError;
+use crate::manifest::{Buffer, BufferKind, Manifest};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The buffers of one layer's caches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerBuffers {
+    pub layer: usize,
+    /// KV groups (heads of K/V) and head dim.
+    pub g: usize,
+    pub k: usize,
+    /// Context caches `[g, m_c, k]` (k, v).
+    pub context: [String; 2],
+    /// Decode caches `[b, g, m_d, k]` (k, v).
+    pub decode: [String; 2],
+    /// New rows `[b, g, 1, k]` (k, v), outputs of the step.
+    pub new: [String; 2],
+}
+
+/// The decode-step interface of a manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodeLayout {
+    pub token_ids: String,
+    pub positions: String,
+    pub logits: String,
+    pub vocab: usize,
+    /// By layer, in layer order.
+    pub layers: Vec<LayerBuffers>,
+    /// Names of the weight inputs, in table order.
+    pub weights: Vec<String>,
+}
+
+/// An axis of an expected shape.
+#[derive(Clone, Copy, Debug)]
+enum Axis {
+    B,
+    Mc,
+    Md,
+    One,
+    /// Any constant (the same at both probes).
+    Const,
+}
+
+const RUNTIME_DIMS: [&str; 3] = ["b", "m_c", "m_d"];
+
+fn probes() -> [BTreeMap<String, i64>; 2] {
+    let point = |b, mc, md| BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), mc), ("m_d".to_string(), md)]);
+    [point(3, 5, 7), point(2, 11, 13)]
+}
+
+/// Checks `buffer`'s shape against `pattern`; returns the constants in order.
+fn check_shape(
+    manifest: &Manifest,
+    buffer: &Buffer,
+    pattern: &[Axis],
+    wanted: &str,
+) -> Result<Vec<usize>, SessionError> {
+    let bad = |why: String| {
+        SessionError::Layout(format!(
+            "buffer `{}` (role {}) should have shape {wanted}: {why}",
+            buffer.name,
+            buffer.role.as_deref().unwrap_or("-")
+        ))
+    };
+    if buffer.shape.len() != pattern.len() {
+        return Err(bad(format!("it has {} axes", buffer.shape.len())));
+    }
+    let mut consts = Vec::new();
+    let [p1, p2] = probes();
+    for (axis, (size, want)) in buffer.shape.iter().zip(pattern).enumerate() {
+        let v1 = manifest.eval(size, &p1).map_err(|e| bad(e.to_string()))?;
+        let v2 = manifest.eval(size, &p2).map_err(|e| bad(e.to_string()))?;
+        let ok = match want {
+            Axis::B => v1 == p1["b"] && v2 == p2["b"],
+            Axis::Mc => v1 == p1["m_c"] && v2 == p2["m_c"],
+            Axis::Md => v1 == p1["m_d"] && v2 == p2["m_d"],
+            Axis::One => v1 == 1 && v2 == 1,
+            Axis::Const => v1 == v2 && v1 > 0,
+        };
+        if !ok {
+            return Err(bad(format!("axis {axis} is `{size}`")));
+        }
+        if matches!(want, Axis::Const) {
+            consts.push(v1 as usize);
+        }
+    }
+    Ok(consts)
+}
+
+impl DecodeLayout {
+    /// Reads the decode interface of `manifest`, or says why it is not a
+    /// single-level decode step (runtime dims exactly `b`, `m_c`, `m_d`).
+    pub fn from_manifest(manifest: &Manifest) -> Result<Self, SessionError> {
+        let runtime: BTreeSet<&str> = manifest.dims.runtime.iter().map(String::as_str).collect();
+        if runtime != BTreeSet::from(RUNTIME_DIMS) || manifest.dims.runtime.len() != 3 {
+            return Err(SessionError::Layout(format!(
+                "a decode session needs a single-level graph with runtime dims exactly b, m_c, m_d; this one has {}",
+                manifest.dims.runtime.join(", ")
+            )));
+        }
+        use Axis::*;
+        let mut token_ids = None;
+        let mut positions = None;
+        let mut logits = None;
+        let mut weights = Vec::new();
+        // (layer, kv index) → (name, g, k), per cache kind.
+        type Caches = BTreeMap<(usize, usize), (String, usize, usize)>;
+        let (mut context, mut decode, mut new): (Caches, Caches, Caches) = Default::default();
+        let once = |slot: &mut Option<String>, b: &Buffer| match slot {
+            Some(first) => Err(SessionError::Layout(format!(
+                "two buffers have role {}: `{first}` and `{}`",
+                b.role.as_deref().unwrap_or("-"),
+                b.name
+            ))),
+            None => {
+                *slot = Some(b.name.clone());
+                Ok(())
+            }
+        };
+        let mut vocab = 0;
+        for b in &manifest.buffers {
+            let role = b.role.as_deref().unwrap_or("");
+            let cache_key = || -> Result<(usize, usize), SessionError> {
+                let layer =
+                    b.layer.ok_or_else(|| SessionError::Layout(format!("cache buffer `{}` has no layer", b.name)))?;
+                let kv = match b.kv.as_deref() {
+                    Some("k") => 0,
+                    Some("v") => 1,
+                    _ => return Err(SessionError::Layout(format!("cache buffer `{}` has no kv (k or v)", b.name))),
+                };
+                Ok((layer, kv))
+            };
+            let insert = |map: &mut Caches, consts: Vec<usize>| -> Result<(), SessionError> {
+                let key = cache_key()?;
+                if let Some((first, _, _)) = map.insert(key, (b.name.clone(), consts[0], consts[1])) {
+                    return Err(SessionError::Layout(format!(
+                        "layer {} has two {role} {} caches: `{first}` and `{}`",
+                        key.0,
+                        ["k", "v"][key.1],
+                        b.name
+                    )));
+                }
+                Ok(())
+            };
+            match (b.kind, role) {
+                (BufferKind::Input, "token_ids") => {
+                    check_shape(manifest, b, &[B, One], "[b, 1]")?;
+                    once(&mut token_ids, b)?;
+                }
+                (BufferKind::Input, "position") => {
+                    check_shape(manifest, b, &[B, One], "[b, 1]")?;
+                    once(&mut positions, b)?;
+                }
+                (BufferKind::Input, "weight") => weights.push(b.name.clone()),
+                (BufferKind::Input, "context_kv") => {
+                    let c = check_shape(manifest, b, &[Const, Mc, Const], "[g, m_c, k]")?;
+                    insert(&mut context, c)?;
+                }
+                (BufferKind::Input, "decode_kv") => {
+                    let c = check_shape(manifest, b, &[B, Const, Md, Const], "[b, g, m_d, k]")?;
+                    insert(&mut decode, c)?;
+                }
+                (BufferKind::Input, other) => {
+                    return Err(SessionError::Layout(format!(
+                        "input `{}` has role `{other}`; a decode session binds only token ids, positions, weights and KV caches",
+                        b.name
+                    )))
+                }
+                (BufferKind::Output, "logits") => {
+                    vocab = check_shape(manifest, b, &[B, One, Const], "[b, 1, vocab]")?[0];
+                    once(&mut logits, b)?;
+                }
+                (BufferKind::Output, "new_kv") => {
+                    let c = check_shape(manifest, b, &[B, Const, One, Const], "[b, g, 1, k]")?;
+                    insert(&mut new, c)?;
+                }
+                _ => {}
+            }
+        }
+        let missing = |what: &str| SessionError::Layout(format!("no buffer has role {what}"));
+        let token_ids = token_ids.ok_or_else(|| missing("token_ids"))?;
+        let positions = positions.ok_or_else(|| missing("position"))?;
+        let logits = logits.ok_or_else(|| missing("logits (output)"))?;
+        let layer_ids: BTreeSet<usize> =
+            context.keys().chain(decode.keys()).chain(new.keys()).map(|(layer, _)| *layer).collect();
+        if layer_ids.is_empty() {
+            return Err(missing("context_kv"));
+        }
+        let mut layers = Vec::new();
+        for layer in layer_ids {
+            let mut names: [[String; 2]; 3] = Default::default();
+            let mut gk = None;
+            for (which, (map, role)) in
+                [(&context, "context_kv"), (&decode, "decode_kv"), (&new, "new_kv")].iter().enumerate()
+            {
+                for (kv, kv_name) in ["k", "v"].iter().enumerate() {
+                    let (name, g, k) = map.get(&(layer, kv)).ok_or_else(|| {
+                        SessionError::Layout(format!("layer {layer} has no {role} buffer for {kv_name}"))
+                    })?;
+                    match gk {
+                        None => gk = Some((*g, *k)),
+                        Some(first) if first != (*g, *k) => {
+                            return Err(SessionError::Layout(format!(
+                                "layer {layer}: `{name}` has g={g}, k={k} but the layer's other caches have g={}, k={}",
+                                first.0, first.1
+                            )))
+                        }
+                        Some(_) => {}
+                    }
+                    names[which][kv] = name.clone();
+                }
+            }
+            let [context, decode, new] = names;
+            let (g, k) = gk.unwrap_or_default();
+            layers.push(LayerBuffers { layer, g, k, context, decode, new });
+        }
+        Ok(DecodeLayout { token_ids, positions, logits, vocab, layers, weights })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Size;
+    use std::path::Path;
+
+    fn tiny() -> Manifest {
+        Manifest::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/step.manifest.json")).unwrap()
+    }
+
+    #[test]
+    fn reads_the_tiny_model() {
+        let layout = DecodeLayout::from_manifest(&tiny()).unwrap();
+        assert_eq!(layout.token_ids, "token_ids");
+        assert_eq!(layout.positions, "positions");
+        assert_eq!(layout.logits, "logits");
+        assert_eq!(layout.vocab, 256);
+        assert_eq!(layout.layers.len(), 2);
+        let l1 = &layout.layers[1];
+        assert_eq!((l1.layer, l1.g, l1.k), (1, 2, 16));
+        assert_eq!(l1.context, ["cache.1.k_ctx".to_string(), "cache.1.v_ctx".to_string()]);
+        assert_eq!(l1.decode, ["cache.1.k_dec".to_string(), "cache.1.v_dec".to_string()]);
+        assert_eq!(l1.new, ["layer.1.k_new".to_string(), "layer.1.v_new".to_string()]);
+        assert_eq!(layout.weights.len(), 21);
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_single_level_decode_step() {
+        let mut m = tiny();
+        m.dims.runtime.push("m_s".into());
+        let err = DecodeLayout::from_manifest(&m).unwrap_err().to_string();
+        assert!(err.contains("m_s"), "{err}");
+
+        let mut m = tiny();
+        let i = m.buffers.iter().position(|b| b.name == "cache.0.k_ctx").unwrap();
+        m.buffers[i].shape = vec![Size::Expr("b".into()), Size::Expr("m_c".into()), Size::Int(16)];
+        let err = DecodeLayout::from_manifest(&m).unwrap_err().to_string();
+        assert!(err.contains("cache.0.k_ctx") && err.contains("[g, m_c, k]"), "{err}");
+
+        let mut m = tiny();
+        m.buffers.retain(|b| b.name != "layer.1.v_new");
+        let err = DecodeLayout::from_manifest(&m).unwrap_err().to_string();
+        assert!(err.contains("layer 1") && err.contains("new_kv"), "{err}");
+
+        let mut m = tiny();
+        let i = m.buffers.iter().position(|b| b.name == "positions").unwrap();
+        m.buffers[i].role = Some("activation".into());
+        let err = DecodeLayout::from_manifest(&m).unwrap_err().to_string();
+        assert!(err.contains("positions") && err.contains("activation"), "{err}");
+
+        let mut m = tiny();
+        let i = m.buffers.iter().position(|b| b.name == "logits").unwrap();
+        m.buffers[i].shape[1] = Size::Int(2);
+        let err = DecodeLayout::from_manifest(&m).unwrap_err().to_string();
+        assert!(err.contains("logits"), "{err}");
+    }
+}

@@ -1,0 +1,423 @@
+//! Shared-prefix parallel sampling over any [`Step`]: one context, `b`
+//! samples decoded from it at once.
+//!
+//! ```text
+//! Session::new(step, &manifest)       checks the decode interface (DecodeLayout)
+//! session.bind_weights(&weights)      once
+//! session.fill_context(&prompt_ids)   steps the graph over the prompt (b = 1)
+//!     → logits of the last prompt position
+//! session.sample(&options, on_step)   b samples, `steps` tokens each
+//! ```
+//!
+//! **Filling the context.** The context cache of a layer, `[g, m_c, k]`, has
+//! the layout of a one-sample decode cache `[1, g, m_d, k]`. So the context
+//! is filled by stepping the compiled graph itself with `b = 1`, `m_c = 0`
+//! over the prompt tokens one at a time (positions `0..L`), appending each
+//! step's new K/V rows to a one-sample decode cache; afterwards that cache,
+//! without its `b` axis, is the context cache (`m_c = L`). Each of those
+//! steps re-binds the growing cache, so this costs O(L²) host→device
+//! traffic: it is meant for prompts of up to a few hundred tokens (a prefill
+//! graph, `n > 1`, is the way for long ones). [`Session::random_context`]
+//! and [`Session::set_context`] install a context without stepping.
+//!
+//! **Sampling.** The fill's last logits are the distribution of the first
+//! generated token. [`Session::sample`] draws `b` different first tokens
+//! from them (one generator per sample), then runs `steps` decode steps:
+//! step `s` feeds every sample's token `s` at position `L + s` with
+//! `m_d = s` decoded rows, appends the new K/V rows to the per-sample decode
+//! caches `[b, g, m_d, k]` and draws token `s + 1` from the step's logits.
+//! Each sample gets `steps` tokens; the last step's logits (the
+//! distribution of token `steps`) are returned on request. Weights and the
+//! context caches are bound once; each step binds only the token ids,
+//! positions and decode caches.
+
+mod cache;
+mod layout;
+mod sampler;
+
+pub use cache::KvCache;
+pub use layout::{DecodeLayout, LayerBuffers};
+pub use sampler::{sample_rng, sample_token, SampleError};
+
+use crate::manifest::Manifest;
+use crate::rng::SplitMix64;
+use crate::{HostTensor, Step, StepError};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The manifest is not a single-level decode step this session can drive.
+    #[error("not a decode step this session can drive: {0}")]
+    Layout(String),
+    #[error(transparent)]
+    Step(#[from] StepError),
+    /// The step returned something other than the manifest promises.
+    #[error("step output `{name}`: {message}")]
+    Output { name: String, message: String },
+    #[error("sampling sample {sample} at step {step}: {source}")]
+    Sample {
+        sample: usize,
+        step: usize,
+        #[source]
+        source: SampleError,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// A context ready to decode from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Context {
+    /// Tokens in the context (`m_c`).
+    pub len: usize,
+    /// Per layer (in [`DecodeLayout::layers`] order): K and V, `[g, len, k]`.
+    pub caches: Vec<[HostTensor; 2]>,
+    /// The logits after the last context token (`vocab` values): the
+    /// distribution of the first generated token.
+    pub last_logits: Vec<f32>,
+}
+
+/// What [`Session::sample`] does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleOptions {
+    /// `b`: samples decoded together.
+    pub samples: usize,
+    /// Tokens generated per sample (= decode steps run).
+    pub steps: usize,
+    /// 0 for greedy.
+    pub temperature: f32,
+    pub seed: u64,
+    /// Return the last step's logits `[b, vocab]`.
+    pub keep_last_logits: bool,
+}
+
+/// Progress of one decode step, for the `on_step` callback.
+#[derive(Clone, Debug)]
+pub struct StepReport<'a> {
+    /// 0-based step index (= `m_d` during the step).
+    pub step: usize,
+    /// The token each sample fed into this step.
+    pub fed: &'a [u32],
+    /// Wall time of the step (bind + run + outputs), milliseconds.
+    pub ms: f64,
+}
+
+/// What [`Session::sample`] returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleOutput {
+    /// Per sample, the generated token ids (`steps` each).
+    pub tokens: Vec<Vec<u32>>,
+    /// Per step, wall milliseconds of bind + run + outputs.
+    pub step_ms: Vec<f64>,
+    /// The last step's logits `[b, vocab]`, when asked for.
+    pub last_logits: Option<HostTensor>,
+}
+
+/// The decode loop over a step `S` (any backend; `&mut dyn Step` works too).
+pub struct Session<S: Step> {
+    step: S,
+    layout: DecodeLayout,
+    context: Option<Context>,
+    /// Whether the step holds the current context's caches.
+    context_bound: bool,
+}
+
+fn dims(b: usize, m_c: usize, m_d: usize) -> BTreeMap<String, i64> {
+    BTreeMap::from([("b".to_string(), b as i64), ("m_c".to_string(), m_c as i64), ("m_d".to_string(), m_d as i64)])
+}
+
+/// One token per sample: from the same `rows` (`shared`, `vocab` values) or
+/// from row `s` of `rows` (`[b, vocab]`) for sample `s`.
+fn draw(
+    rows: &[f32],
+    vocab: usize,
+    shared: bool,
+    rngs: &mut [SplitMix64],
+    temperature: f32,
+    step: usize,
+) -> Result<Vec<u32>, SessionError> {
+    rngs.iter_mut()
+        .enumerate()
+        .map(|(s, rng)| {
+            let row = if shared { rows } else { rows.get(s * vocab..(s + 1) * vocab).unwrap_or_default() };
+            sample_token(row, temperature, rng).map_err(|source| SessionError::Sample { sample: s, step, source })
+        })
+        .collect()
+}
+
+/// A `[rows, 1]` tensor of integers.
+fn column(values: impl Iterator<Item = usize>) -> HostTensor {
+    let data: Vec<f32> = values.map(|v| v as f32).collect();
+    HostTensor { shape: vec![data.len(), 1], data }
+}
+
+impl<S: Step> Session<S> {
+    /// A session over `step`, which runs the step that `manifest` describes.
+    pub fn new(step: S, manifest: &Manifest) -> Result<Self, SessionError> {
+        let layout = DecodeLayout::from_manifest(manifest)?;
+        let mut step_dims = step.runtime_dims();
+        step_dims.sort();
+        let mut manifest_dims = manifest.dims.runtime.clone();
+        manifest_dims.sort();
+        if step_dims != manifest_dims {
+            return Err(SessionError::Layout(format!(
+                "the step takes runtime dims {step_dims:?} but the manifest has {manifest_dims:?}"
+            )));
+        }
+        Ok(Session { step, layout, context: None, context_bound: false })
+    }
+
+    pub fn layout(&self) -> &DecodeLayout {
+        &self.layout
+    }
+
+    pub fn step(&self) -> &S {
+        &self.step
+    }
+
+    /// The step, to bind or run it directly (the session re-binds the
+    /// context before its next [`Session::sample`]).
+    pub fn step_mut(&mut self) -> &mut S {
+        self.context_bound = false;
+        &mut self.step
+    }
+
+    pub fn into_step(self) -> S {
+        self.step
+    }
+
+    pub fn context(&self) -> Option<&Context> {
+        self.context.as_ref()
+    }
+
+    /// Binds every weight of the layout from `weights` (by manifest name).
+    pub fn bind_weights(&mut self, weights: &HashMap<String, HostTensor>) -> Result<(), SessionError> {
+        for name in &self.layout.weights {
+            let tensor =
+                weights.get(name).ok_or_else(|| SessionError::Usage(format!("no tensor for weight `{name}`")))?;
+            self.step.bind(name, tensor)?;
+        }
+        Ok(())
+    }
+
+    fn check_output<'a>(
+        outputs: &'a HashMap<String, HostTensor>,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<&'a HostTensor, SessionError> {
+        let t = outputs.get(name).ok_or_else(|| SessionError::Output {
+            name: name.to_string(),
+            message: "missing from the step's outputs".into(),
+        })?;
+        if t.shape != shape || t.data.len() != shape.iter().product::<usize>() {
+            return Err(SessionError::Output {
+                name: name.to_string(),
+                message: format!("shape {:?} (data {}), expected {shape:?}", t.shape, t.data.len()),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Binds the context caches `[g, len, k]` of every layer.
+    fn bind_context(&mut self, caches: &[[HostTensor; 2]]) -> Result<(), SessionError> {
+        for (layer, kv) in self.layout.layers.iter().zip(caches) {
+            for (name, tensor) in layer.context.iter().zip(kv) {
+                self.step.bind(name, tensor)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one decode step at `(b, m_c, m_d)` with `tokens` at `positions`
+    /// and the decode `caches`; appends the new rows to the caches and
+    /// returns the logits `[b, 1, vocab]`.
+    fn decode_step(
+        &mut self,
+        tokens: &[u32],
+        positions: usize,
+        m_c: usize,
+        caches: &mut [[KvCache; 2]],
+    ) -> Result<HostTensor, SessionError> {
+        let b = tokens.len();
+        let m_d = caches.first().map_or(0, |c| c[0].len());
+        for &t in tokens {
+            if t as usize >= self.layout.vocab {
+                return Err(SessionError::Usage(format!(
+                    "token id {t} is outside the vocabulary (0..{})",
+                    self.layout.vocab
+                )));
+            }
+        }
+        self.step.bind(&self.layout.token_ids, &column(tokens.iter().map(|&t| t as usize)))?;
+        self.step.bind(&self.layout.positions, &column(std::iter::repeat_n(positions, b)))?;
+        for (layer, kv) in self.layout.layers.iter().zip(caches.iter()) {
+            for (name, cache) in layer.decode.iter().zip(kv) {
+                self.step.bind(name, &cache.packed())?;
+            }
+        }
+        let mut outputs = self.step.run(&dims(b, m_c, m_d))?;
+        for (layer, kv) in self.layout.layers.iter().zip(caches.iter_mut()) {
+            for (name, cache) in layer.new.iter().zip(kv.iter_mut()) {
+                let rows = Self::check_output(&outputs, name, &[b, layer.g, 1, layer.k])?;
+                cache.append(rows).map_err(|message| SessionError::Output { name: name.clone(), message })?;
+            }
+        }
+        Self::check_output(&outputs, &self.layout.logits, &[b, 1, self.layout.vocab])?;
+        outputs.remove(&self.layout.logits).ok_or_else(|| SessionError::Usage("logits vanished".into()))
+    }
+
+    fn empty_caches(&self, b: usize, capacity: usize) -> Vec<[KvCache; 2]> {
+        self.layout
+            .layers
+            .iter()
+            .map(|l| [KvCache::new(b, l.g, l.k, capacity), KvCache::new(b, l.g, l.k, capacity)])
+            .collect()
+    }
+
+    /// Fills the context by stepping the graph over `prompt` (see the module
+    /// docs) and returns the logits after its last token (`vocab` values).
+    pub fn fill_context(&mut self, prompt: &[u32]) -> Result<Vec<f32>, SessionError> {
+        if prompt.is_empty() {
+            return Err(SessionError::Usage("the prompt is empty".into()));
+        }
+        self.context = None;
+        self.context_bound = false;
+        let empty: Vec<[HostTensor; 2]> = self
+            .layout
+            .layers
+            .iter()
+            .map(|l| [HostTensor::zeros(vec![l.g, 0, l.k]), HostTensor::zeros(vec![l.g, 0, l.k])])
+            .collect();
+        self.bind_context(&empty)?;
+        let mut caches = self.empty_caches(1, prompt.len());
+        let mut logits = HostTensor::default();
+        for (position, &token) in prompt.iter().enumerate() {
+            logits = self.decode_step(&[token], position, 0, &mut caches)?;
+        }
+        let mut context_caches = Vec::new();
+        for [k, v] in caches {
+            let k = k.into_context().map_err(SessionError::Usage)?;
+            let v = v.into_context().map_err(SessionError::Usage)?;
+            context_caches.push([k, v]);
+        }
+        let last_logits = logits.data;
+        self.context = Some(Context { len: prompt.len(), caches: context_caches, last_logits: last_logits.clone() });
+        Ok(last_logits)
+    }
+
+    /// Installs a context: per layer K and V `[g, len, k]`, and the logits
+    /// after its last token.
+    pub fn set_context(&mut self, caches: Vec<[HostTensor; 2]>, last_logits: Vec<f32>) -> Result<(), SessionError> {
+        if caches.len() != self.layout.layers.len() {
+            return Err(SessionError::Usage(format!(
+                "{} context caches for {} layers",
+                caches.len(),
+                self.layout.layers.len()
+            )));
+        }
+        let len = caches.first().and_then(|c| c[0].shape.get(1).copied()).unwrap_or(0);
+        for (layer, kv) in self.layout.layers.iter().zip(&caches) {
+            for (i, t) in kv.iter().enumerate() {
+                let want = [layer.g, len, layer.k];
+                if t.shape != want || t.data.len() != want.iter().product::<usize>() {
+                    return Err(SessionError::Usage(format!(
+                        "context cache `{}` has shape {:?}, expected {want:?}",
+                        layer.context[i], t.shape
+                    )));
+                }
+            }
+        }
+        if last_logits.len() != self.layout.vocab {
+            return Err(SessionError::Usage(format!(
+                "{} context logits for a vocabulary of {}",
+                last_logits.len(),
+                self.layout.vocab
+            )));
+        }
+        self.context = Some(Context { len, caches, last_logits });
+        self.context_bound = false;
+        Ok(())
+    }
+
+    /// Installs a random context of `len` tokens: caches `U[-1, 1)` and
+    /// logits `4 U[-1, 1)`, deterministic for `seed` (for benchmarks, where
+    /// stepping a long prompt would take too long).
+    pub fn random_context(&mut self, len: usize, seed: u64) -> Result<(), SessionError> {
+        let mut caches = Vec::new();
+        for layer in &self.layout.layers {
+            let draw = |name: &str| {
+                let mut rng = SplitMix64::named(seed, name);
+                let shape = vec![layer.g, len, layer.k];
+                let data = (0..layer.g * len * layer.k).map(|_| rng.symmetric()).collect();
+                HostTensor { shape, data }
+            };
+            caches.push([draw(&layer.context[0]), draw(&layer.context[1])]);
+        }
+        let mut rng = SplitMix64::named(seed, &self.layout.logits);
+        let logits = (0..self.layout.vocab).map(|_| 4.0 * rng.symmetric()).collect();
+        self.set_context(caches, logits)
+    }
+
+    /// Decodes `options.samples` samples of `options.steps` tokens from the
+    /// context (see the module docs); `on_step` sees every step.
+    pub fn sample(
+        &mut self,
+        options: &SampleOptions,
+        mut on_step: impl FnMut(&StepReport),
+    ) -> Result<SampleOutput, SessionError> {
+        let b = options.samples;
+        if b == 0 {
+            return Err(SessionError::Usage("at least one sample is needed".into()));
+        }
+        let context = self.context.take().ok_or_else(|| {
+            SessionError::Usage("no context: call fill_context (or set_context / random_context) first".into())
+        })?;
+        let result = self.sample_from(&context, options, &mut on_step);
+        self.context = Some(context);
+        result
+    }
+
+    fn sample_from(
+        &mut self,
+        context: &Context,
+        options: &SampleOptions,
+        on_step: &mut dyn FnMut(&StepReport),
+    ) -> Result<SampleOutput, SessionError> {
+        let (b, vocab, temperature) = (options.samples, self.layout.vocab, options.temperature);
+        let mut rngs: Vec<SplitMix64> = (0..b).map(|s| sample_rng(options.seed, s)).collect();
+        let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(options.steps); b];
+        let mut step_ms = Vec::with_capacity(options.steps);
+        let mut last_logits = None;
+        if options.steps == 0 {
+            return Ok(SampleOutput { tokens, step_ms, last_logits });
+        }
+        if !self.context_bound {
+            self.bind_context(&context.caches)?;
+            self.context_bound = true;
+        }
+        // Every sample draws its first token from the same context logits
+        // (each with its own generator).
+        let mut current = draw(&context.last_logits, vocab, true, &mut rngs, temperature, 0)?;
+        let mut caches = self.empty_caches(b, options.steps);
+        for step in 0..options.steps {
+            for (s, t) in current.iter().enumerate() {
+                tokens[s].push(*t);
+            }
+            let start = Instant::now();
+            let logits = self.decode_step(&current, context.len + step, context.len, &mut caches);
+            // A failed step leaves the decode caches bound in an unknown
+            // state; the context caches are still bound.
+            let logits = logits?;
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            step_ms.push(ms);
+            on_step(&StepReport { step, fed: &current, ms });
+            if step + 1 < options.steps {
+                current = draw(&logits.data, vocab, false, &mut rngs, temperature, step + 1)?;
+            } else if options.keep_last_logits {
+                last_logits = Some(HostTensor { shape: vec![b, self.layout.vocab], data: logits.data });
+            }
+        }
+        Ok(SampleOutput { tokens, step_ms, last_logits })
+    }
+}

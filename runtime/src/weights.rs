@@ -1,0 +1,238 @@
+//! Model weights for a manifest: from `.safetensors` files, or random.
+//!
+//! Every buffer of role `weight` is looked up by its name (the model's
+//! Hugging Face tensor names). Checkpoints differ in prefixes, so each name
+//! is also tried without a leading `transformer.` / `model.` and with one
+//! added; `lm_head.weight` falls back to the token embedding when the
+//! checkpoint ties them (no `lm_head.weight` stored). The stored shape must
+//! equal the manifest's exactly; `f32`, `bf16` and `f16` tensors are
+//! converted to `f32` [`HostTensor`]s (the backend converts to the storage
+//! dtype on upload).
+
+use crate::manifest::{Buffer, BufferKind, Manifest, ManifestError};
+use crate::random::{random_tensor, shape_at};
+use crate::{HostTensor, Step, StepError};
+use safetensors::tensor::{Dtype, Metadata};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("cannot read weights {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid safetensors file: {message}")]
+    Format { path: String, message: String },
+    #[error("no .safetensors files in {0}")]
+    NoFiles(String),
+    #[error("weight `{name}` is not in {files} (tried {tried})")]
+    Missing { name: String, tried: String, files: String },
+    #[error("weight `{name}` (stored as `{stored}` in {path}): the manifest expects shape {expected:?}, the file has {got:?}")]
+    Shape { name: String, stored: String, path: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("weight `{name}` (stored as `{stored}`) has dtype {dtype}; supported: F32, BF16, F16")]
+    DType { name: String, stored: String, dtype: String },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("binding weight `{name}`: {source}")]
+    Bind {
+        name: String,
+        #[source]
+        source: StepError,
+    },
+}
+
+/// One or more `.safetensors` files, read into memory, headers parsed.
+pub struct WeightFiles {
+    files: Vec<WeightFile>,
+}
+
+struct WeightFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// Offset of the data section (8 + header length).
+    data_start: usize,
+    metadata: Metadata,
+}
+
+impl WeightFiles {
+    /// Opens the given files; a directory stands for every `*.safetensors`
+    /// file in it (sharded checkpoints), in name order.
+    pub fn open(paths: &[PathBuf]) -> Result<Self, WeightsError> {
+        let mut files = Vec::new();
+        for path in paths {
+            if path.is_dir() {
+                let read_err = |source| WeightsError::Read { path: path.display().to_string(), source };
+                let mut shards: Vec<PathBuf> = std::fs::read_dir(path)
+                    .map_err(read_err)?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                    .collect();
+                if shards.is_empty() {
+                    return Err(WeightsError::NoFiles(path.display().to_string()));
+                }
+                shards.sort();
+                for shard in shards {
+                    files.push(WeightFile::open(&shard)?);
+                }
+            } else {
+                files.push(WeightFile::open(path)?);
+            }
+        }
+        Ok(WeightFiles { files })
+    }
+
+    /// Every tensor name stored, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.files.iter().flat_map(|f| f.metadata.offset_keys()).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The tensor for manifest weight `name` with shape `expected`, as f32.
+    pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<HostTensor, WeightsError> {
+        let tried = candidate_names(name);
+        let found = tried.iter().find_map(|candidate| {
+            self.files.iter().find_map(|f| f.metadata.info(candidate).map(|info| (f, candidate, info)))
+        });
+        let Some((file, stored, info)) = found else {
+            let files: Vec<String> = self.files.iter().map(|f| f.path.display().to_string()).collect();
+            return Err(WeightsError::Missing {
+                name: name.to_string(),
+                tried: tried.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", "),
+                files: files.join(", "),
+            });
+        };
+        if info.shape != expected {
+            return Err(WeightsError::Shape {
+                name: name.to_string(),
+                stored: stored.clone(),
+                path: file.path.display().to_string(),
+                expected: expected.to_vec(),
+                got: info.shape.clone(),
+            });
+        }
+        let (start, end) = info.data_offsets;
+        // `read_metadata` checked that the offsets lie inside the buffer.
+        let bytes =
+            file.bytes.get(file.data_start + start..file.data_start + end).ok_or_else(|| WeightsError::Format {
+                path: file.path.display().to_string(),
+                message: format!("`{stored}` lies outside the file"),
+            })?;
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            Dtype::F16 => {
+                bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+            }
+            other => {
+                return Err(WeightsError::DType {
+                    name: name.to_string(),
+                    stored: stored.clone(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        Ok(HostTensor { shape: expected.to_vec(), data })
+    }
+}
+
+impl WeightFile {
+    fn open(path: &Path) -> Result<Self, WeightsError> {
+        let bytes =
+            std::fs::read(path).map_err(|source| WeightsError::Read { path: path.display().to_string(), source })?;
+        let (header, metadata) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| WeightsError::Format { path: path.display().to_string(), message: e.to_string() })?;
+        Ok(WeightFile { path: path.to_path_buf(), data_start: 8 + header, metadata, bytes })
+    }
+}
+
+/// The names tried for manifest weight `name`, in order: itself, without a
+/// leading `transformer.` / `model.`, with each added, and for
+/// `lm_head.weight` the tied token embeddings.
+pub fn candidate_names(name: &str) -> Vec<String> {
+    const PREFIXES: [&str; 2] = ["transformer.", "model."];
+    let mut out = vec![name.to_string()];
+    let bare = PREFIXES.iter().find_map(|p| name.strip_prefix(p)).unwrap_or(name);
+    let mut push = |n: String| {
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    };
+    push(bare.to_string());
+    for p in PREFIXES {
+        push(format!("{p}{bare}"));
+    }
+    if bare == "lm_head.weight" {
+        for tied in ["model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight", "wte.weight"] {
+            push(tied.to_string());
+        }
+    }
+    out
+}
+
+/// The manifest's weight buffers, in table order.
+pub fn weight_buffers(manifest: &Manifest) -> impl Iterator<Item = &Buffer> {
+    manifest.buffers.iter().filter(|b| b.kind == BufferKind::Input && b.role.as_deref() == Some("weight"))
+}
+
+/// Every weight of `manifest` from `files`, checked against the manifest's shapes.
+pub fn load_weights(manifest: &Manifest, files: &WeightFiles) -> Result<HashMap<String, HostTensor>, WeightsError> {
+    let mut out = HashMap::new();
+    for buffer in weight_buffers(manifest) {
+        let shape = shape_at(manifest, buffer, &manifest.point)?;
+        out.insert(buffer.name.clone(), files.tensor(&buffer.name, &shape)?);
+    }
+    Ok(out)
+}
+
+/// Binds every weight of `manifest` from `files` to `step`, one tensor at a
+/// time (host memory holds the files and one converted tensor). Returns the
+/// number bound; `progress` sees each name before it is bound.
+pub fn bind_weights<S: Step + ?Sized>(
+    step: &mut S,
+    manifest: &Manifest,
+    files: &WeightFiles,
+    mut progress: impl FnMut(&str),
+) -> Result<usize, WeightsError> {
+    let mut count = 0;
+    for buffer in weight_buffers(manifest) {
+        progress(&buffer.name);
+        let shape = shape_at(manifest, buffer, &manifest.point)?;
+        let tensor = files.tensor(&buffer.name, &shape)?;
+        step.bind(&buffer.name, &tensor).map_err(|source| WeightsError::Bind { name: buffer.name.clone(), source })?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Deterministic random weights for every weight buffer (see
+/// [`crate::random`] for the scheme; the interpreter's, for the same seed).
+pub fn random_weights(manifest: &Manifest, seed: u64) -> Result<HashMap<String, HostTensor>, WeightsError> {
+    let mut out = HashMap::new();
+    for buffer in weight_buffers(manifest) {
+        out.insert(buffer.name.clone(), random_tensor(manifest, buffer, &manifest.point, seed)?);
+    }
+    Ok(out)
+}
+
+/// Binds deterministic random weights to `step`, one tensor at a time.
+pub fn bind_random_weights<S: Step + ?Sized>(
+    step: &mut S,
+    manifest: &Manifest,
+    seed: u64,
+) -> Result<usize, WeightsError> {
+    let mut count = 0;
+    for buffer in weight_buffers(manifest) {
+        let tensor = random_tensor(manifest, buffer, &manifest.point, seed)?;
+        step.bind(&buffer.name, &tensor).map_err(|source| WeightsError::Bind { name: buffer.name.clone(), source })?;
+        count += 1;
+    }
+    Ok(count)
+}

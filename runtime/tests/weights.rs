@@ -1,0 +1,206 @@
+//! Weights from safetensors files written here with the `safetensors` crate,
+//! checked against the tiny model's manifest (tests/fixtures/tiny).
+
+use bifurc_runtime::manifest::Manifest;
+use bifurc_runtime::random::shape_at;
+use bifurc_runtime::weights::{
+    bind_weights, candidate_names, load_weights, random_weights, weight_buffers, WeightFiles, WeightsError,
+};
+use bifurc_runtime::{HostTensor, Step, StepError};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+fn tiny() -> Manifest {
+    Manifest::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/step.manifest.json")).unwrap()
+}
+
+/// A fresh temporary directory for one test.
+fn temp_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bifurc-weights-{test}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tensor to store: name, dtype, shape, little-endian bytes.
+struct Stored {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+fn stored(name: &str, dtype: Dtype, tensor: &HostTensor) -> Stored {
+    let bytes = match dtype {
+        Dtype::F32 => tensor.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::BF16 => tensor.data.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+        Dtype::F16 => tensor.data.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+        Dtype::I32 => tensor.data.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect(),
+        other => panic!("test does not write {other:?}"),
+    };
+    Stored { name: name.to_string(), dtype, shape: tensor.shape.clone(), bytes }
+}
+
+fn write(path: &Path, tensors: &[Stored]) {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+#[test]
+fn loads_f32_bf16_and_f16_under_hf_names() {
+    let m = tiny();
+    let want = random_weights(&m, 11).unwrap();
+    assert_eq!(want.len(), weight_buffers(&m).count());
+    // Store every third tensor as bf16, every third as f16; drop the `model.`
+    // prefix of the layer-1 tensors (as a bare `LlamaModel` checkpoint would).
+    let mut tensors = Vec::new();
+    let mut names: Vec<&String> = want.keys().collect();
+    names.sort();
+    for (i, name) in names.iter().enumerate() {
+        let dtype = [Dtype::F32, Dtype::BF16, Dtype::F16][i % 3];
+        let stored_name = if name.starts_with("model.layers.1.") { name.trim_start_matches("model.") } else { name };
+        tensors.push(stored(stored_name, dtype, &want[*name]));
+    }
+    let dir = temp_dir("dtypes");
+    let path = dir.join("model.safetensors");
+    write(&path, &tensors);
+
+    let files = WeightFiles::open(std::slice::from_ref(&path)).unwrap();
+    assert_eq!(files.names().len(), want.len());
+    let got = load_weights(&m, &files).unwrap();
+    for (i, name) in names.iter().enumerate() {
+        let (a, b) = (&want[*name], &got[*name]);
+        assert_eq!(a.shape, b.shape, "{name}");
+        // Exactly the stored value, rounded to nearest-even in its dtype.
+        let round = [|x: f32| x, |x| half::bf16::from_f32(x).to_f32(), |x| half::f16::from_f32(x).to_f32()][i % 3];
+        for (x, y) in a.data.iter().zip(&b.data) {
+            assert_eq!(round(*x), *y, "{name}");
+            assert!((x - y).abs() <= x.abs() / 128.0 + 1e-7, "{name}: {x} vs {y}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn sharded_checkpoints_and_tied_embeddings() {
+    let m = tiny();
+    let want = random_weights(&m, 3).unwrap();
+    let dir = temp_dir("shards");
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for (name, t) in &want {
+        if name == "lm_head.weight" {
+            continue; // tied to the embeddings
+        }
+        let shard = if name.contains("layers.1.") { &mut second } else { &mut first };
+        shard.push(stored(name, Dtype::F32, t));
+    }
+    write(&dir.join("model-00001-of-00002.safetensors"), &first);
+    write(&dir.join("model-00002-of-00002.safetensors"), &second);
+    std::fs::write(dir.join("config.json"), "{}").unwrap();
+
+    let files = WeightFiles::open(std::slice::from_ref(&dir)).unwrap();
+    let got = load_weights(&m, &files).unwrap();
+    assert_eq!(got["model.layers.1.mlp.up_proj.weight"], want["model.layers.1.mlp.up_proj.weight"]);
+    assert_eq!(got["lm_head.weight"], want["model.embed_tokens.weight"], "tied lm_head");
+
+    // Bound one at a time to a step.
+    #[derive(Default)]
+    struct Recorder(HashMap<String, Vec<usize>>);
+    impl Step for Recorder {
+        fn runtime_dims(&self) -> Vec<String> {
+            vec![]
+        }
+        fn bind(&mut self, name: &str, t: &HostTensor) -> Result<(), StepError> {
+            self.0.insert(name.to_string(), t.shape.clone());
+            Ok(())
+        }
+        fn run(&mut self, _: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
+            Ok(HashMap::new())
+        }
+    }
+    let mut step = Recorder::default();
+    let mut seen = 0;
+    assert_eq!(bind_weights(&mut step, &m, &files, |_| seen += 1).unwrap(), want.len());
+    assert_eq!(seen, want.len());
+    assert_eq!(step.0["model.norm.weight"], vec![64]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn errors_name_the_tensor() {
+    let m = tiny();
+    let want = random_weights(&m, 5).unwrap();
+    let dir = temp_dir("errors");
+    let path = dir.join("w.safetensors");
+    let with = |f: &dyn Fn(&str, &HostTensor) -> Option<Stored>| {
+        let tensors: Vec<Stored> = want.iter().filter_map(|(n, t)| f(n, t)).collect();
+        write(&path, &tensors);
+        let files = WeightFiles::open(std::slice::from_ref(&path)).unwrap();
+        load_weights(&m, &files).unwrap_err()
+    };
+
+    let err = with(&|n, t| (n != "model.norm.weight").then(|| stored(n, Dtype::F32, t)));
+    assert!(matches!(err, WeightsError::Missing { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("`model.norm.weight`") && msg.contains("`norm.weight`") && msg.contains("w.safetensors"),
+        "{msg}"
+    );
+
+    let err = with(&|n, t| {
+        let mut t = t.clone();
+        if n == "model.layers.0.self_attn.k_proj.weight" {
+            t.shape = vec![64, 32];
+        }
+        Some(stored(n, Dtype::F32, &t))
+    })
+    .to_string();
+    assert!(err.contains("k_proj") && err.contains("[32, 64]") && err.contains("[64, 32]"), "{err}");
+
+    let err = with(&|n, t| Some(stored(n, if n == "model.norm.weight" { Dtype::I32 } else { Dtype::F32 }, t)));
+    assert!(err.to_string().contains("I32"), "{err}");
+
+    std::fs::write(&path, b"not a safetensors file").unwrap();
+    let err = WeightFiles::open(std::slice::from_ref(&path)).err().unwrap().to_string();
+    assert!(err.contains("w.safetensors") && err.contains("not a valid safetensors"), "{err}");
+    let err = WeightFiles::open(&[dir.join("missing.safetensors")]).err().unwrap().to_string();
+    assert!(err.contains("missing.safetensors"), "{err}");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert!(WeightFiles::open(&[empty]).err().unwrap().to_string().contains("no .safetensors"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn names_and_random_weights() {
+    assert_eq!(
+        candidate_names("model.layers.0.mlp.up_proj.weight"),
+        vec![
+            "model.layers.0.mlp.up_proj.weight",
+            "layers.0.mlp.up_proj.weight",
+            "transformer.layers.0.mlp.up_proj.weight"
+        ]
+    );
+    assert_eq!(
+        candidate_names("h.0.ln_1.bias"),
+        vec!["h.0.ln_1.bias", "transformer.h.0.ln_1.bias", "model.h.0.ln_1.bias"]
+    );
+    assert!(candidate_names("lm_head.weight").contains(&"model.embed_tokens.weight".to_string()));
+
+    let m = tiny();
+    let a = random_weights(&m, 1).unwrap();
+    assert_eq!(a, random_weights(&m, 1).unwrap());
+    assert_ne!(a, random_weights(&m, 2).unwrap());
+    for b in weight_buffers(&m) {
+        assert_eq!(a[&b.name].shape, shape_at(&m, b, &m.point).unwrap());
+    }
+    // Rank-1 norm gains near 1, matrices scaled by 1/sqrt(fan-in).
+    assert!(a["model.norm.weight"].data.iter().all(|v| (0.9..=1.1).contains(v)));
+    assert!(a["model.layers.0.mlp.down_proj.weight"].data.iter().all(|v| v.abs() <= 1.0 / (128f32).sqrt()));
+}

@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Runs ON the GPU machine (CUDA driver, nvcc, PyTorch, Triton; no package
+# registry, no Rust toolchain), from the repository root, using only what
+# scripts/prepare-gpu-carry.sh put in carry/ (see docs/gpu-machine.md):
+#
+#   scripts/gpu-check.sh OUT_DIR            (CARRY=path overrides carry/)
+#
+# Steps, each under its own timeout, all within a deadline (GPU_CHECK_SECONDS,
+# default 450 s: a step gets at most the time left):
+#   1. environment: nvidia-smi, driver, torch versions         -> OUT/env.txt
+#   2. bifurc-run info: the PTX modules load on this GPU        -> OUT/info.txt
+#   3. tiny f32 model, greedy: baseline and bifurcated decode the same tokens
+#      (and the CPU reference's, when carry/ has one)           -> OUT/tiny/
+#   4. bifurc-run bench, baseline vs bifurcated, b in {1,16,32} x m_c in {2048,8192}
+#                                                               -> OUT/bench/
+#   5. PyTorch, one attention layer of the same shape: SDPA on the batch-expanded
+#      cache vs the paper's einsum form                         -> OUT/torch/
+#   6. OUT/summary.md: everything above in one page.
+# Every step runs even if an earlier one failed; the exit status is 0 only
+# when all passed.
+set -uo pipefail
+
+out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+carry="${CARRY:-$root/carry}"
+run="$carry/bifurc-run"
+model="${MODEL:-llama-2-7b-l2}"   # carry/$model-{base,bif}.ptx, $model.config.json
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+# Read by the functions that steps run in a child bash (export -f).
+export out carry run model
+log="$out/gpu-check.log"
+: >"$log"
+status=0
+declare -a results=() failures=()
+mkdir -p "$out/logs"
+
+deadline="${GPU_CHECK_SECONDS:-450}"
+
+note() { printf '%s\n' "$*" | tee -a "$log"; }
+# step NAME SECONDS CMD...: runs CMD under a timeout (at most the time left
+# before the deadline), logs it, records pass/fail.
+step() {
+    local name="$1" secs="$2"
+    shift 2
+    local left=$((deadline - SECONDS - 15))
+    if [ "$left" -lt 10 ]; then
+        note "== $name: skipped, no time left before the ${deadline}s deadline"
+        results+=("| $name | skipped (deadline) | 0s |")
+        status=1
+        return 0
+    fi
+    [ "$secs" -gt "$left" ] && secs=$left
+    note ""
+    note "== $name (timeout ${secs}s): $*"
+    local start=$SECONDS
+    local steplog="$out/logs/${name//[^A-Za-z0-9]/_}.log"
+    timeout --signal=TERM --kill-after=10 "$secs" "$@" >"$steplog" 2>&1
+    local rc=$?
+    cat "$steplog" >>"$log"
+    local took=$((SECONDS - start))
+    if [ $rc -eq 0 ]; then
+        results+=("| $name | ok | ${took}s |")
+    else
+        [ $rc -eq 124 ] && echo "(timed out after ${secs}s)" >>"$steplog" && note "$name: timed out after ${secs}s"
+        results+=("| $name | FAILED (rc $rc) | ${took}s |")
+        failures+=("$name|$steplog")
+        status=1
+    fi
+    note "== $name: rc $rc, ${took}s"
+    return 0
+}
+
+if [ ! -x "$run" ]; then
+    note "error: $run is missing: run scripts/prepare-gpu-carry.sh on the build machine and copy carry/"
+    exit 2
+fi
+
+# 1. Environment.
+{
+    echo "date: $(date -u +%FT%TZ)"
+    echo "host: $(uname -a)"
+    echo "carry: $carry"
+    [ -f "$carry/CARRY.txt" ] && cat "$carry/CARRY.txt"
+    timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm --format=csv 2>&1
+    timeout 10 nvidia-smi 2>&1 | head -20
+    timeout 10 nvcc --version 2>&1 | tail -2
+    timeout 30 python3 -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1
+} >"$out/env.txt" 2>&1
+note "environment: $out/env.txt"
+
+# 2. The modules load (PTX JIT) and the device is visible.
+info() {
+    for ptx in "$carry/$model-base.ptx" "$carry/$model-bif.ptx" "$carry/tiny-base.ptx" "$carry/tiny-bif.ptx"; do
+        "$run" info "$ptx" || return 1
+    done
+}
+export -f info
+step "load artifacts" 60 bash -c info
+grep -E '^(device|artifact|kernels|device memory)' "$log" >"$out/info.txt" 2>/dev/null
+
+# 3. Tiny model, f32, greedy: the baseline and the bifurcated step must decode
+# the same tokens from the same prompt (and match the CPU reference if any).
+mkdir -p "$out/tiny"
+tiny_args=(--random-weights --seed 1 --prompt-ids 1,2,3,4,5,6,7,8 --samples 4 --steps 16 --temperature 0 --json)
+step "tiny baseline" 30 "$run" run "$carry/tiny-base.ptx" "${tiny_args[@]}" --out-json "$out/tiny/base.json"
+step "tiny bifurcated" 30 "$run" run "$carry/tiny-bif.ptx" "${tiny_args[@]}" --out-json "$out/tiny/bif.json"
+step "tiny sampled (T=0.8)" 30 "$run" run "$carry/tiny-bif.ptx" --random-weights --seed 1 --context-len 512 \
+    --samples 32 --steps 32 --temperature 0.8 --json --out-json "$out/tiny/sampled.json"
+compare_tiny() {
+    python3 - "$out/tiny" "$carry/tiny-cpu.json" <<'EOF'
+import json, os, sys
+d, cpu = sys.argv[1], sys.argv[2]
+base = json.load(open(os.path.join(d, "base.json")))
+bif = json.load(open(os.path.join(d, "bif.json")))
+print("baseline tokens  :", base["tokens"][0])
+print("bifurcated tokens:", bif["tokens"][0])
+ok = base["tokens"] == bif["tokens"]
+print("baseline == bifurcated:", ok)
+if os.path.exists(cpu):
+    ref = json.load(open(cpu))
+    if isinstance(ref.get("tokens"), list):
+        same = ref["tokens"] == bif["tokens"]
+        print("CPU reference tokens:", ref["tokens"][0] if ref["tokens"] else [], "equal:", same)
+        ok = ok and same
+    else:
+        print("CPU reference", cpu, "has no `tokens` list; not compared")
+sys.exit(0 if ok else 1)
+EOF
+}
+export -f compare_tiny
+step "tiny tokens agree" 20 bash -c compare_tiny
+
+# 4. The bench: both artifacts' whole step at each shape.
+step "bifurc-run bench" 210 "$run" bench \
+    --baseline "$carry/$model-base.ptx" --bifurcated "$carry/$model-bif.ptx" \
+    --samples 1,16,32 --context 2048,8192 --repeats 20 --budget-s 150 --out "$out/bench"
+
+# 5. PyTorch on the same shapes, one attention layer.
+step "torch attention" 100 python3 "$root/scripts/torch_attention_bench.py" \
+    --config "$carry/$model.config.json" --samples 1,16,32 --context 2048,8192 --decoded 256 \
+    --repeats 20 --budget-s 60 --out "$out/torch"
+
+# 6. Summary.
+{
+    echo "# gpu-check $(date -u +%FT%TZ)"
+    echo
+    echo '```'
+    head -3 "$out/env.txt" | tail -2
+    sed -n '/^name, driver_version/,+1p' "$out/env.txt"
+    grep -E '^python ' "$out/env.txt"
+    echo '```'
+    echo
+    echo "| step | result | time |"
+    echo "|---|---|---|"
+    printf '%s\n' "${results[@]}"
+    for f in "${failures[@]}"; do
+        echo
+        echo "### ${f%%|*}: last lines of ${f#*|}"
+        echo '```'
+        tail -n 8 "${f#*|}"
+        echo '```'
+    done
+    echo
+    [ -f "$out/bench/bench.md" ] && sed 's/^# /## /' "$out/bench/bench.md"
+    [ -f "$out/bench/bench.csv" ] && [ ! -f "$out/bench/bench.md" ] && { echo '## bench (partial)'; echo '```'; cat "$out/bench/bench.csv"; echo '```'; }
+    echo
+    [ -f "$out/torch/torch_attention.md" ] && sed 's/^# /## /' "$out/torch/torch_attention.md"
+    echo
+    echo "## tiny model (f32, greedy, 4 samples x 16 steps)"
+    echo '```'
+    sed -n '/== tiny tokens agree/,/== tiny tokens agree: rc/p' "$log" | grep -v '^=='
+    echo '```'
+} >"$out/summary.md" 2>&1
+note ""
+note "wrote $out/summary.md (log: $log)"
+cat "$out/summary.md"
+exit $status
