@@ -61,10 +61,14 @@ impl HostData {
         Ok(out)
     }
 
-    /// The first `n` elements as f32, shaped `shape`.
-    pub(crate) fn to_tensor(&self, dtype: DType, shape: Vec<usize>, n: usize) -> Tensor {
+    /// The first `n` elements as f32, shaped `shape` (f32 data is moved,
+    /// not copied).
+    pub(crate) fn into_tensor(self, dtype: DType, shape: Vec<usize>, n: usize) -> Tensor {
         let data: Vec<f32> = match self {
-            HostData::F32(v) => v.iter().take(n).copied().collect(),
+            HostData::F32(mut v) => {
+                v.truncate(n);
+                v
+            }
             HostData::U16(v) if dtype == DType::F16 => v.iter().take(n).map(|&h| f16_to_f32(h)).collect(),
             HostData::U16(v) => v.iter().take(n).map(|&h| bf16_to_f32(h)).collect(),
             HostData::I32(v) => v.iter().take(n).map(|&x| x as f32).collect(),

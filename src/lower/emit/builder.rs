@@ -132,6 +132,12 @@ impl Builder {
         Ok(v)
     }
 
+    /// `%new = rhs` in the hoisted section (cached by `rhs`): `rhs` may use
+    /// only parameters and other hoisted values.
+    pub(crate) fn hoist(&mut self, rhs: &str) -> String {
+        self.hoisted(format!("h{rhs}"), |_| Ok(rhs.to_owned())).unwrap_or_default()
+    }
+
     /// An `index` constant.
     pub(crate) fn index(&mut self, c: i64) -> String {
         let v = self.hoisted(format!("i{c}"), |_| Ok(format!("arith.constant {c} : index"))).unwrap_or_default();
@@ -203,6 +209,102 @@ impl Builder {
     /// Yields the next accumulator and closes the loop.
     pub(crate) fn close_for(&mut self, next: &str, ty: Ty) {
         self.line(&format!("scf.yield {next} : {}", ty.mlir()));
+        self.depth = self.depth.saturating_sub(1);
+        self.line("}");
+    }
+
+    /// Opens `scf.for %j = 0 to ub` carrying one f32 accumulator per
+    /// `inits` entry; returns `(results, j, accs)`. With one accumulator the
+    /// text is that of [`Builder::open_for`]. Close with
+    /// [`Builder::close_for_n`].
+    pub(crate) fn open_for_n(&mut self, ub: &str, inits: &[String]) -> (Vec<String>, String, Vec<String>) {
+        if let [init] = inits {
+            let (r, j, a) = self.open_for(ub, init, Ty::F32);
+            return (vec![r], j, vec![a]);
+        }
+        let (c0, c1) = (self.index(0), self.index(1));
+        let (r, j) = (self.fresh(), self.fresh());
+        let accs: Vec<String> = inits.iter().map(|_| self.fresh()).collect();
+        let args: Vec<String> = accs.iter().zip(inits).map(|(a, i)| format!("{a} = {i}")).collect();
+        let tys = vec!["f32"; inits.len()].join(", ");
+        let n = inits.len();
+        self.line(&format!(
+            "{r}:{n} = scf.for {j} = {c0} to {ub} step {c1} iter_args({}) -> ({tys}) {{",
+            args.join(", ")
+        ));
+        self.depth += 1;
+        let results = (0..n).map(|k| format!("{r}#{k}")).collect();
+        (results, j, accs)
+    }
+
+    /// Opens `scf.for %j = 0 to ub step step` carrying accumulators of MLIR
+    /// type `ty`; returns `(results, j, accs)`. Close with
+    /// [`Builder::close_for_typed`].
+    pub(crate) fn open_for_typed(
+        &mut self,
+        ub: &str,
+        step: &str,
+        inits: &[String],
+        ty: &str,
+    ) -> (Vec<String>, String, Vec<String>) {
+        let c0 = self.index(0);
+        let (r, j) = (self.fresh(), self.fresh());
+        let accs: Vec<String> = inits.iter().map(|_| self.fresh()).collect();
+        let args: Vec<String> = accs.iter().zip(inits).map(|(a, i)| format!("{a} = {i}")).collect();
+        let tys = vec![ty; inits.len()].join(", ");
+        let n = inits.len();
+        self.line(&format!(
+            "{r}:{n} = scf.for {j} = {c0} to {ub} step {step} iter_args({}) -> ({tys}) {{",
+            args.join(", ")
+        ));
+        self.depth += 1;
+        let results = (0..n).map(|k| format!("{r}#{k}")).collect();
+        (results, j, accs)
+    }
+
+    /// Yields the next accumulators of type `ty` and closes the loop.
+    pub(crate) fn close_for_typed(&mut self, nexts: &[String], ty: &str) {
+        let tys = vec![ty; nexts.len()].join(", ");
+        self.line(&format!("scf.yield {} : {tys}", nexts.join(", ")));
+        self.depth = self.depth.saturating_sub(1);
+        self.line("}");
+    }
+
+    /// Loads `lanes` consecutive f32 from element `off` of `ptr` as a
+    /// vector (element alignment only).
+    pub(crate) fn load_f32_vector(&mut self, ptr: &str, off: &str, lanes: usize) -> String {
+        let o = self.index_to_i64(off);
+        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
+        self.op(&format!("llvm.load {p} {{alignment = 4 : i64}} : !llvm.ptr -> vector<{lanes}xf32>"))
+    }
+
+    /// Yields the next accumulators (f32) and closes the loop.
+    pub(crate) fn close_for_n(&mut self, nexts: &[String]) {
+        let tys = vec!["f32"; nexts.len()].join(", ");
+        self.line(&format!("scf.yield {} : {tys}", nexts.join(", ")));
+        self.depth = self.depth.saturating_sub(1);
+        self.line("}");
+    }
+
+    /// Opens `scf.for %j = 0 to ub` without results (a loop of stores);
+    /// returns `j`. Close with [`Builder::close`].
+    pub(crate) fn open_loop(&mut self, ub: &str) -> String {
+        let (c0, c1) = (self.index(0), self.index(1));
+        let j = self.fresh();
+        self.line(&format!("scf.for {j} = {c0} to {ub} step {c1} {{"));
+        self.depth += 1;
+        j
+    }
+
+    /// Opens `scf.if cond {` without results. Close with [`Builder::close`].
+    pub(crate) fn open_guard(&mut self, cond: &str) {
+        self.line(&format!("scf.if {cond} {{"));
+        self.depth += 1;
+    }
+
+    /// Closes a region opened by [`Builder::open_loop`] or
+    /// [`Builder::open_guard`].
+    pub(crate) fn close(&mut self) {
         self.depth = self.depth.saturating_sub(1);
         self.line("}");
     }

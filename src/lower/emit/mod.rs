@@ -51,15 +51,17 @@
 mod builder;
 mod ops;
 mod views;
+mod walk;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use crate::ir::{Graph, Value};
+use crate::ir::{shape::numel, Graph, Poly, Value};
 
 use super::plan::{BufferKind, Kernel, Param, Program};
 use super::LowerError;
 use builder::Builder;
+use walk::Walk;
 
 /// Which wrapper the kernels get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,6 +71,15 @@ pub enum Target {
     /// `gpu.func` kernels in `gpu.module @bifurc_kernels`.
     Gpu,
 }
+
+/// Lanes of the explicit vector loads of a CPU contraction (see
+/// [`Kc::simd`]): 16 f32 = one AVX-512 register (LLVM splits it on
+/// narrower hosts).
+const CPU_SIMD: usize = 16;
+
+/// Block of the innermost kept axis of a tiled CPU contraction (16 f32 =
+/// one 64-byte cache line of output).
+const BLOCK: usize = 16;
 
 /// The `gpu.module` that holds the kernels of [`Target::Gpu`].
 pub const GPU_MODULE: &str = "bifurc_kernels";
@@ -131,6 +142,9 @@ pub(crate) struct Kc<'a> {
     pub ptrs: HashMap<usize, String>,
     /// Kernel name, for errors.
     pub kernel: &'a str,
+    /// Vector width of contraction loops over contiguous f32 data (CPU:
+    /// explicit SIMD loads; 0 = scalar loops only).
+    pub simd: usize,
 }
 
 fn kernel_fn(
@@ -162,24 +176,153 @@ fn kernel_fn(
     let out = program.buffers.get(kernel.writes).ok_or_else(|| {
         mismatch(&kernel.name, format!("writes buffer {} of {}", kernel.writes, program.buffers.len()))
     })?;
-    let mut kc = Kc { graph, program, layout, b: Builder::new(&dims), ptrs, kernel: &kernel.name };
+    let simd = if target == Target::Cpu { CPU_SIMD } else { 0 };
+    let mut kc = Kc { graph, program, layout, b: Builder::new(&dims), ptrs, kernel: &kernel.name, simd };
     let sizes = kc.sizes(&out.shape)?;
-    let extent = kc.b.size(&kernel.extent)?;
     let flat = "%i".to_owned();
-    let idx = kc.b.delinearize(&flat, &sizes);
-    let value = if kernel.op == "copy" {
-        let v = graph
-            .find(&kernel.node)
-            .ok_or_else(|| mismatch(&kernel.name, format!("copies unknown `{}`", kernel.node)))?;
-        kc.load(v, &idx)?
+    let out_ptr = kc.ptr(kernel.writes)?;
+    let node = if kernel.op == "copy" {
+        None
     } else {
         match graph.find(&kernel.node) {
-            Some(Value::Node(j)) => kc.compute(j, &idx)?,
+            Some(Value::Node(j)) => Some(j),
             _ => return Err(mismatch(&kernel.name, format!("computes unknown `{}`", kernel.node))),
         }
     };
-    let out_ptr = kc.ptr(kernel.writes)?;
-    kc.b.store(&out_ptr, &flat, out.dtype, value);
+    // Loops opened by `walk_index` (CPU), closed after the body.
+    let mut opened = 0;
+    let extent = match (walk::walk(graph, node, target), node) {
+        (Walk::Rows { axis }, Some(j)) if axis < sizes.len() && kc.row_axis(j) == Some(axis) => {
+            // One iteration per lane.
+            let mut outer_shape = out.shape.clone();
+            outer_shape.remove(axis);
+            let mut outer = sizes.clone();
+            outer.remove(axis);
+            let mut idx = walk_index(&mut kc, target, &flat, &outer, &mut opened);
+            idx.insert(axis, kc.b.index(0));
+            kc.row_lane(j, &idx, &sizes, &out_ptr, out.dtype)?;
+            let lanes = numel(&graph.dims, &outer_shape)
+                .map_err(|message| LowerError::Size { what: format!("lanes of `{}`", kernel.name), message })?;
+            kc.b.size(&lanes)?
+        }
+        (Walk::Reuse { keep, reuse, tile }, Some(j)) => {
+            let pick = |axes: &[usize]| -> Vec<Poly> { axes.iter().map(|&a| out.shape[a].clone()).collect() };
+            let (keep_sizes, reuse_sizes) = (kc.sizes(&pick(&keep))?, kc.sizes(&pick(&reuse))?);
+            let size = |kc: &mut Kc, shape: &[Poly]| -> Result<String, LowerError> {
+                let p = numel(&graph.dims, shape)
+                    .map_err(|message| LowerError::Size { what: format!("kernel `{}`", kernel.name), message })?;
+                kc.b.size(&p)
+            };
+            let (outer, inner) = (size(&mut kc, &pick(&keep))?, size(&mut kc, &pick(&reuse))?);
+            // Tiles along the reuse index: `tiles = ceil(inner / tile)`.
+            let tile = tile.max(1);
+            let tiles = if tile == 1 {
+                inner.clone()
+            } else {
+                let t1 = kc.b.index(tile as i64 - 1);
+                let t = kc.b.index(tile as i64);
+                let up = kc.b.hoist(&format!("arith.addi {inner}, {t1} : index"));
+                kc.b.hoist(&format!("arith.divui {up}, {t} : index"))
+            };
+            // CPU: the innermost kept axis of size other than 1 is walked in
+            // blocks of BLOCK, the reuse tiles inside a block, the block's
+            // elements innermost: a tile's stores then fill whole cache
+            // lines, and the block's slice of the large operand stays in L1
+            // across the tiles (without blocking, consecutive stores are a
+            // reuse stride apart: cache-set conflicts).
+            let block = match target {
+                Target::Cpu if tile > 1 => keep_sizes.iter().rposition(|s| kc.b.known(s) != Some(1)),
+                _ => None,
+            };
+            let mut walk_sizes = keep_sizes.clone();
+            if let Some(pos) = block {
+                let (b1, bn) = (kc.b.index(BLOCK as i64 - 1), kc.b.index(BLOCK as i64));
+                let up = kc.b.hoist(&format!("arith.addi {}, {b1} : index", keep_sizes[pos]));
+                walk_sizes[pos] = kc.b.hoist(&format!("arith.divui {up}, {bn} : index"));
+            }
+            walk_sizes.push(tiles.clone());
+            let mut at = walk_index(&mut kc, target, &flat, &walk_sizes, &mut opened);
+            let tile_index = at.pop().unwrap_or_default();
+            if let Some(pos) = block {
+                let bn = kc.b.index(BLOCK as i64);
+                let start = kc.b.muli(&at[pos], &bn);
+                let left = kc.b.subi(&keep_sizes[pos], &start);
+                let ub = kc.b.op(&format!("arith.minui {left}, {bn} : index"));
+                let inner = kc.b.open_loop(&ub);
+                opened += 1;
+                at[pos] = kc.b.addi(&start, &inner);
+            }
+            let mut idxs = Vec::with_capacity(tile);
+            let mut guards = Vec::with_capacity(tile);
+            let last = if tile == 1 {
+                None
+            } else {
+                let one = kc.b.index(1);
+                Some(kc.b.hoist(&format!("arith.subi {inner}, {one} : index")))
+            };
+            let base = if tile == 1 {
+                tile_index.clone()
+            } else {
+                let t = kc.b.index(tile as i64);
+                kc.b.muli(&tile_index, &t)
+            };
+            for t in 0..tile {
+                // Lanes past the end compute the last valid output again
+                // (in bounds) and do not store it.
+                let r = match &last {
+                    None => base.clone(),
+                    Some(last) => {
+                        let off = kc.b.index(t as i64);
+                        let r = if t == 0 { base.clone() } else { kc.b.addi(&base, &off) };
+                        let divides = kc.b.known(&inner).is_some_and(|n| n % tile as i64 == 0);
+                        guards.push(if t == 0 || divides { None } else { Some(kc.b.ult(&r, &inner)) });
+                        kc.b.op(&format!("arith.minui {r}, {last} : index"))
+                    }
+                };
+                let inner_idx = kc.b.delinearize(&r, &reuse_sizes);
+                let mut idx = vec![String::new(); sizes.len()];
+                for (a, v) in keep.iter().zip(&at).chain(reuse.iter().zip(&inner_idx)) {
+                    idx[*a] = v.clone();
+                }
+                idxs.push(idx);
+            }
+            let values = kc.compute_tile(j, &idxs)?;
+            for (t, (idx, v)) in idxs.iter().zip(values).enumerate() {
+                let guard = guards.get(t).cloned().flatten();
+                if let Some(g) = &guard {
+                    kc.b.open_guard(g);
+                }
+                let off = kc.b.linearize(idx, &sizes);
+                kc.b.store(&out_ptr, &off, out.dtype, v);
+                if guard.is_some() {
+                    kc.b.close();
+                }
+            }
+            if tile == 1 {
+                kc.b.size(&kernel.extent)?
+            } else {
+                kc.b.hoist(&format!("arith.muli {outer}, {tiles} : index"))
+            }
+        }
+        (_, node) => {
+            let idx = walk_index(&mut kc, target, &flat, &sizes, &mut opened);
+            let value = match node {
+                Some(j) => kc.compute(j, &idx)?,
+                None => {
+                    let v = graph
+                        .find(&kernel.node)
+                        .ok_or_else(|| mismatch(&kernel.name, format!("copies unknown `{}`", kernel.node)))?;
+                    kc.load(v, &idx)?
+                }
+            };
+            let off = if target == Target::Cpu { kc.b.linearize(&idx, &sizes) } else { flat.clone() };
+            kc.b.store(&out_ptr, &off, out.dtype, value);
+            kc.b.size(&kernel.extent)?
+        }
+    };
+    for _ in 0..opened {
+        kc.b.close();
+    }
     let (hoist, body) = kc.b.finish();
     let sig = sig.join(", ");
     let name = &kernel.name;
@@ -188,10 +331,10 @@ fn kernel_fn(
         Target::Cpu => {
             let _ = writeln!(f, "  func.func @{name}({sig}) attributes {{llvm.emit_c_interface}} {{");
             f.push_str(&indent(&hoist, 2));
-            let _ = writeln!(f, "    %c0_i = arith.constant 0 : index\n    %c1_i = arith.constant 1 : index");
-            let _ = writeln!(f, "    scf.for {flat} = %c0_i to {extent} step %c1_i {{");
-            f.push_str(&indent(&body, 3));
-            let _ = writeln!(f, "    }}\n    return\n  }}");
+            // The walk is the loop nest in `body` (see `walk_index`).
+            let _ = extent;
+            f.push_str(&indent(&body, 2));
+            let _ = writeln!(f, "    return\n  }}");
         }
         Target::Gpu => {
             let _ = writeln!(f, "  gpu.func @{name}({sig}) kernel {{");
@@ -205,6 +348,27 @@ fn kernel_fn(
         }
     }
     Ok(f)
+}
+
+/// The multi-index of a walk over `sizes` (outermost first). CPU: a nest
+/// of `scf.for` loops, one per axis of size other than 1 (counted in
+/// `opened`; the caller closes them): no division per element. GPU: the
+/// flat thread index delinearized.
+fn walk_index(kc: &mut Kc, target: Target, flat: &str, sizes: &[String], opened: &mut usize) -> Vec<String> {
+    if target != Target::Cpu {
+        return kc.b.delinearize(flat, sizes);
+    }
+    sizes
+        .iter()
+        .map(|s| {
+            if kc.b.known(s) == Some(1) {
+                kc.b.index(0)
+            } else {
+                *opened += 1;
+                kc.b.open_loop(s)
+            }
+        })
+        .collect()
 }
 
 /// Prefixes every non-empty line with `levels` two-space indents.

@@ -10,6 +10,17 @@ use super::Kc;
 /// `sqrt(2 / pi)`, GPT-2's gelu constant.
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 
+/// Fast-math flags of a contraction's product: may fuse into an FMA.
+const CONTRACT: &str = "contract";
+/// Fast-math flags of a contraction's accumulation: may fuse, and may be
+/// reassociated (LLVM then vectorizes and interleaves the reduction; the
+/// sum is still f32, in a different order).
+const ACCUMULATE: &str = "reassoc,contract";
+
+/// Loads already emitted in one contraction step, by (operand, index).
+#[derive(Default)]
+struct Loaded(std::collections::HashMap<(usize, Vec<String>), String>);
+
 impl Kc<'_> {
     /// The element of node `j` at `idx` (`idx.len()` = the node's rank).
     pub(crate) fn compute(&mut self, j: usize, idx: &[String]) -> Result<Val, LowerError> {
@@ -53,8 +64,10 @@ impl Kc<'_> {
                 let (zero, ninf) = (self.b.f32(0.0), self.b.f32(f32::NEG_INFINITY));
                 Ok(Val::f32(self.b.op(&format!("arith.select {ok}, {zero}, {ninf} : f32"))))
             }
-            Op::MatMul { transpose_b } => self.matmul(arg(0)?, arg(1)?, transpose_b, idx),
-            Op::Einsum(spec) => self.einsum(j, &spec, &inputs, idx),
+            Op::MatMul { transpose_b } => {
+                Ok(Val::f32(self.matmul(arg(0)?, arg(1)?, transpose_b, &[idx.to_vec()])?.remove(0)))
+            }
+            Op::Einsum(spec) => Ok(Val::f32(self.einsum(j, &spec, &inputs, &[idx.to_vec()])?.remove(0))),
             Op::Softmax { axis } => self.softmax(j, arg(0)?, axis, idx),
             Op::Reduce { op, axes, keepdims } => self.reduce(j, arg(0)?, op, &axes, keepdims, idx),
             Op::RmsNorm { eps } => self.norm(j, arg(0)?, arg(1)?, None, eps, idx),
@@ -63,6 +76,19 @@ impl Kc<'_> {
             Op::Gather => self.gather(j, arg(0)?, arg(1)?, idx),
             _ => Err(self.unsupported(j, format!("op `{}` has no lowering", op.name()))),
         }
+    }
+
+    /// The elements of node `j` at every index of `idxs` (a register tile
+    /// of a contraction: one loop nest, shared loads).
+    pub(crate) fn compute_tile(&mut self, j: usize, idxs: &[Vec<String>]) -> Result<Vec<Val>, LowerError> {
+        let node = &self.graph.nodes[j];
+        let (op, inputs) = (node.op.clone(), node.inputs.clone());
+        let values = match op {
+            Op::MatMul { transpose_b } if inputs.len() == 2 => self.matmul(inputs[0], inputs[1], transpose_b, idxs)?,
+            Op::Einsum(spec) => self.einsum(j, &spec, &inputs, idxs)?,
+            _ => return idxs.iter().map(|idx| self.compute(j, idx)).collect(),
+        };
+        Ok(values.into_iter().map(Val::f32).collect())
     }
 
     /// Operand `v` of an elementwise op at output index `idx`, with numpy
@@ -129,46 +155,85 @@ impl Kc<'_> {
     }
 
     /// numpy matmul: batch axes broadcast, contraction over the last axis of
-    /// `a` and the second-to-last (or last, `transpose_b`) of `b`.
-    fn matmul(&mut self, a: Value, bv: Value, transpose_b: bool, idx: &[String]) -> Result<Val, LowerError> {
+    /// `a` and the second-to-last (or last, `transpose_b`) of `b`. One
+    /// element per index in `idxs` (a register tile), computed in one
+    /// contraction loop: an operand element whose index is the same for
+    /// several of them is loaded once.
+    pub(crate) fn matmul(
+        &mut self,
+        a: Value,
+        bv: Value,
+        transpose_b: bool,
+        idxs: &[Vec<String>],
+    ) -> Result<Vec<String>, LowerError> {
         let (sa, sb) = (self.graph.shape_of(a).clone(), self.graph.shape_of(bv).clone());
-        let r = idx.len();
-        if sa.len() < 2 || sb.len() < 2 || r < 2 || sa.len() > r || sb.len() > r {
+        let r = idxs.first().map_or(0, Vec::len);
+        if sa.len() < 2 || sb.len() < 2 || r < 2 || sa.len() > r || sb.len() > r || idxs.iter().any(|i| i.len() != r) {
             return Err(LowerError::Unsupported { node: self.kernel.to_owned(), message: "matmul ranks".into() });
         }
-        let (m, n) = (idx[r - 2].clone(), idx[r - 1].clone());
-        let batch = |kc: &mut Self, shape: &[Poly]| -> Vec<String> {
+        let batch = |kc: &mut Self, shape: &[Poly], idx: &[String]| -> Vec<String> {
             let rb = shape.len() - 2;
             let lead = (r - 2) - rb;
             (0..rb).map(|t| if kc.is_one(&shape[t]) { kc.b.index(0) } else { idx[lead + t].clone() }).collect()
         };
-        let (ba, bb) = (batch(self, &sa), batch(self, &sb));
         let kdim = self.sizes(&sa[sa.len() - 1..])?.remove(0);
         let zero = self.b.f32(0.0);
-        let (res, kk, acc) = self.b.open_for(&kdim, &zero, Ty::F32);
-        let mut ia = ba;
-        ia.extend([m, kk.clone()]);
-        let mut ib = bb;
-        if transpose_b {
-            ib.extend([n, kk]);
-        } else {
-            ib.extend([kk, n]);
+        let (res, kk, accs) = self.b.open_for_n(&kdim, &vec![zero; idxs.len()]);
+        let mut loaded = Loaded::default();
+        let mut nexts = Vec::with_capacity(idxs.len());
+        for (idx, acc) in idxs.iter().zip(&accs) {
+            let (m, n) = (idx[r - 2].clone(), idx[r - 1].clone());
+            let mut ia = batch(self, &sa, idx);
+            ia.extend([m, kk.clone()]);
+            let mut ib = batch(self, &sb, idx);
+            if transpose_b {
+                ib.extend([n, kk.clone()]);
+            } else {
+                ib.extend([kk.clone(), n]);
+            }
+            let x = self.loadf_once(&mut loaded, 0, a, &ia)?;
+            let y = self.loadf_once(&mut loaded, 1, bv, &ib)?;
+            nexts.push(self.accumulate(acc, &x, &y));
         }
-        let x = self.loadf(a, &ia)?;
-        let y = self.loadf(bv, &ib)?;
-        let p = self.b.fbin("mulf", &x, &y);
-        let s = self.b.fbin("addf", &acc, &p);
-        self.b.close_for(&s, Ty::F32);
-        Ok(Val::f32(res))
+        self.b.close_for_n(&nexts);
+        Ok(res)
     }
 
-    /// General einsum: output letters from `idx`, the others summed in
-    /// nested loops.
-    fn einsum(&mut self, j: usize, spec: &EinsumSpec, inputs: &[Value], idx: &[String]) -> Result<Val, LowerError> {
-        if spec.inputs.len() != inputs.len() || spec.output.len() != idx.len() {
+    /// `acc + x * y`, the contraction step: `contract` lets LLVM fuse it
+    /// into an FMA, `reassoc` lets it vectorize the reduction.
+    fn accumulate(&mut self, acc: &str, x: &str, y: &str) -> String {
+        let p = self.b.op(&format!("arith.mulf {x}, {y} fastmath<{CONTRACT}> : f32"));
+        self.b.op(&format!("arith.addf {acc}, {p} fastmath<{ACCUMULATE}> : f32"))
+    }
+
+    /// A float load of operand `k` (`v`) at `at`, emitted once per distinct
+    /// index within one contraction step.
+    fn loadf_once(&mut self, loaded: &mut Loaded, k: usize, v: Value, at: &[String]) -> Result<String, LowerError> {
+        let key = (k, at.to_vec());
+        if let Some(x) = loaded.0.get(&key) {
+            return Ok(x.clone());
+        }
+        let x = self.loadf(v, at)?;
+        loaded.0.insert(key, x.clone());
+        Ok(x)
+    }
+
+    /// General einsum: output letters from each index of `idxs` (a
+    /// register tile), the others summed in nested loops shared by the
+    /// tile; an operand element whose index is the same for several
+    /// outputs is loaded once per step.
+    pub(crate) fn einsum(
+        &mut self,
+        j: usize,
+        spec: &EinsumSpec,
+        inputs: &[Value],
+        idxs: &[Vec<String>],
+    ) -> Result<Vec<String>, LowerError> {
+        if spec.inputs.len() != inputs.len() || idxs.iter().any(|idx| spec.output.len() != idx.len()) {
             return Err(self.unsupported(j, format!("einsum `{spec}` does not match its operands")));
         }
-        let mut env: Vec<(char, String)> = spec.output.iter().copied().zip(idx.iter().cloned()).collect();
+        let mut envs: Vec<Vec<(char, String)>> =
+            idxs.iter().map(|idx| spec.output.iter().copied().zip(idx.iter().cloned()).collect()).collect();
         let mut reduced: Vec<(char, Poly)> = Vec::new();
         for (subs, v) in spec.inputs.iter().zip(inputs) {
             let shape = self.graph.shape_of(*v).clone();
@@ -179,8 +244,7 @@ impl Kc<'_> {
             }
         }
         let zero = self.b.f32(0.0);
-        let r = self.einsum_loops(j, spec, inputs, &mut env, &reduced, &zero)?;
-        Ok(Val::f32(r))
+        self.einsum_loops(j, spec, inputs, &mut envs, &reduced, &vec![zero; idxs.len()])
     }
 
     fn einsum_loops(
@@ -188,39 +252,157 @@ impl Kc<'_> {
         j: usize,
         spec: &EinsumSpec,
         inputs: &[Value],
-        env: &mut Vec<(char, String)>,
+        envs: &mut [Vec<(char, String)>],
         reduced: &[(char, Poly)],
-        acc: &str,
-    ) -> Result<String, LowerError> {
+        accs: &[String],
+    ) -> Result<Vec<String>, LowerError> {
         let Some(((c, d), rest)) = reduced.split_first() else {
-            let mut prod: Option<String> = None;
-            for (subs, v) in spec.inputs.iter().zip(inputs) {
-                let mut at = Vec::with_capacity(subs.len());
-                for s in subs {
-                    let i = env.iter().find(|(l, _)| l == s).map(|(_, i)| i.clone());
-                    at.push(i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))?);
+            let mut loaded = Loaded::default();
+            let mut out = Vec::with_capacity(envs.len());
+            for (env, acc) in envs.iter().zip(accs) {
+                let mut factors = Vec::with_capacity(inputs.len());
+                for (k, (subs, v)) in spec.inputs.iter().zip(inputs).enumerate() {
+                    let mut at = Vec::with_capacity(subs.len());
+                    for s in subs {
+                        let i = env.iter().find(|(l, _)| l == s).map(|(_, i)| i.clone());
+                        at.push(i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))?);
+                    }
+                    factors.push(self.loadf_once(&mut loaded, k, *v, &at)?);
                 }
-                let x = self.loadf(*v, &at)?;
-                prod = Some(match prod {
-                    None => x,
-                    Some(p) => self.b.fbin("mulf", &p, &x),
+                out.push(match factors.as_slice() {
+                    [] => {
+                        let one = self.b.f32(1.0);
+                        self.b.fbin("addf", acc, &one)
+                    }
+                    [x] => self.b.fbin("addf", acc, x),
+                    [x @ .., y] => {
+                        let mut p = x[0].clone();
+                        for f in &x[1..] {
+                            p = self.b.fbin("mulf", &p, f);
+                        }
+                        self.accumulate(acc, &p, y)
+                    }
                 });
             }
-            let p = prod.unwrap_or_else(|| self.b.f32(1.0));
-            return Ok(self.b.fbin("addf", acc, &p));
+            return Ok(out);
         };
+        if rest.is_empty() {
+            if let Some(lanes) = self.simd_lanes(spec, inputs, *c, d) {
+                return self.einsum_simd(j, spec, inputs, envs, *c, d, accs, lanes);
+            }
+        }
         let ub = self.sizes(std::slice::from_ref(d))?.remove(0);
-        let (res, l, a) = self.b.open_for(&ub, acc, Ty::F32);
-        env.push((*c, l));
-        let next = self.einsum_loops(j, spec, inputs, env, rest, &a)?;
-        env.pop();
-        self.b.close_for(&next, Ty::F32);
+        let (res, l, a) = self.b.open_for_n(&ub, accs);
+        for env in envs.iter_mut() {
+            env.push((*c, l.clone()));
+        }
+        let next = self.einsum_loops(j, spec, inputs, envs, rest, &a)?;
+        for env in envs.iter_mut() {
+            env.pop();
+        }
+        self.b.close_for_n(&next);
         Ok(res)
+    }
+
+    /// Lanes of an explicit-SIMD loop over contracted letter `c` (size
+    /// `d`): when [`Kc::simd`] is on, `d` is a constant multiple of it, and
+    /// every operand indexed by `c` is stored f32 data whose last (and only
+    /// `c`) axis is `c`, so that consecutive `c` are consecutive elements.
+    fn simd_lanes(&self, spec: &EinsumSpec, inputs: &[Value], c: char, d: &Poly) -> Option<usize> {
+        let lanes = self.simd;
+        let n = self.graph.dims.normalize(d).ok()?.as_constant()?;
+        if lanes == 0 || n <= 0 || n % lanes as i64 != 0 {
+            return None;
+        }
+        for (subs, v) in spec.inputs.iter().zip(inputs) {
+            if !subs.contains(&c) {
+                continue;
+            }
+            let b = self.stored(*v)?;
+            let contiguous = subs.last() == Some(&c) && subs.iter().filter(|s| **s == c).count() == 1;
+            if !contiguous || self.program.buffers[b].dtype != crate::ir::DType::F32 {
+                return None;
+            }
+        }
+        Some(lanes)
+    }
+
+    /// The innermost contraction loop over `c` in vectors of `lanes`: one
+    /// vector accumulator per output, reduced (reassociated) into its f32
+    /// accumulator after the loop. Operands not indexed by `c` are loaded
+    /// once per step and broadcast.
+    #[allow(clippy::too_many_arguments)]
+    fn einsum_simd(
+        &mut self,
+        j: usize,
+        spec: &EinsumSpec,
+        inputs: &[Value],
+        envs: &mut [Vec<(char, String)>],
+        c: char,
+        d: &Poly,
+        accs: &[String],
+        lanes: usize,
+    ) -> Result<Vec<String>, LowerError> {
+        let vty = format!("vector<{lanes}xf32>");
+        let ub = self.sizes(std::slice::from_ref(d))?.remove(0);
+        let step = self.b.index(lanes as i64);
+        let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
+        let (res, l, vaccs) = self.b.open_for_typed(&ub, &step, &vec![zero; envs.len()], &vty);
+        let mut loaded = Loaded::default();
+        let mut nexts = Vec::with_capacity(envs.len());
+        for (env, acc) in envs.iter_mut().zip(&vaccs) {
+            env.push((c, l.clone()));
+            let mut factors = Vec::with_capacity(inputs.len());
+            for (k, (subs, v)) in spec.inputs.iter().zip(inputs).enumerate() {
+                let mut at = Vec::with_capacity(subs.len());
+                for s in subs {
+                    let i = env.iter().find(|(x, _)| x == s).map(|(_, i)| i.clone());
+                    at.push(i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))?);
+                }
+                let key = (k, at.clone());
+                let x = match loaded.0.get(&key) {
+                    Some(x) => x.clone(),
+                    None => {
+                        let x = match (subs.contains(&c), self.stored(*v)) {
+                            (true, Some(b)) => self.load_vector(b, &at, lanes)?,
+                            (true, None) => return Err(self.unsupported(j, "SIMD operand is not stored")),
+                            (false, _) => {
+                                let x = self.loadf(*v, &at)?;
+                                self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"))
+                            }
+                        };
+                        loaded.0.insert(key, x.clone());
+                        x
+                    }
+                };
+                factors.push(x);
+            }
+            env.pop();
+            let mut p = factors.first().cloned().ok_or_else(|| self.unsupported(j, "einsum without operands"))?;
+            for f in &factors[1..] {
+                p = self.b.op(&format!("arith.mulf {p}, {f} fastmath<{CONTRACT}> : {vty}"));
+            }
+            nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<{ACCUMULATE}> : {vty}")));
+        }
+        self.b.close_for_typed(&nexts, &vty);
+        let mut out = Vec::with_capacity(accs.len());
+        for (acc, r) in accs.iter().zip(&res) {
+            let s = self.b.op(&format!("vector.reduction <add>, {r} fastmath<{ACCUMULATE}> : {vty} into f32"));
+            out.push(self.b.op(&format!("arith.addf {acc}, {s} fastmath<{ACCUMULATE}> : f32")));
+        }
+        Ok(out)
     }
 
     /// Softmax along `axis`: max, sum of `exp(x - max)`, element. A lane
     /// whose max is `-inf` (fully masked) gives 0.
     fn softmax(&mut self, j: usize, x: Value, axis: usize, idx: &[String]) -> Result<Val, LowerError> {
+        let stats = self.softmax_stats(j, x, axis, idx)?;
+        self.softmax_elem(x, &stats, idx)
+    }
+
+    /// Max and sum of `exp(x - max)` of the lane through `idx` along `axis`
+    /// (`idx[axis]` is not read).
+    fn softmax_stats(&mut self, j: usize, x: Value, axis: usize, idx: &[String]) -> Result<[String; 2], LowerError> {
         let shape = self.graph.shape_of(x).clone();
         let len = self.sizes(shape.get(axis..=axis).ok_or_else(|| self.unsupported(j, "softmax axis"))?)?.remove(0);
         let ninf = self.b.f32(f32::NEG_INFINITY);
@@ -238,12 +420,104 @@ impl Kc<'_> {
         let e = self.b.math("exp", &d);
         let s = self.b.fbin("addf", &a, &e);
         self.b.close_for(&s, Ty::F32);
+        Ok([max, sum])
+    }
+
+    fn softmax_elem(&mut self, x: Value, [max, sum]: &[String; 2], idx: &[String]) -> Result<Val, LowerError> {
+        let (ninf, zero) = (self.b.f32(f32::NEG_INFINITY), self.b.f32(0.0));
         let v = self.loadf(x, idx)?;
-        let d = self.b.fbin("subf", &v, &max);
+        let d = self.b.fbin("subf", &v, max);
         let e = self.b.math("exp", &d);
-        let q = self.b.fbin("divf", &e, &sum);
+        let q = self.b.fbin("divf", &e, sum);
         let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
         Ok(Val::f32(self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"))))
+    }
+
+    /// The axis a row kernel of node `j` walks (softmax: its axis; rms /
+    /// layer norm: the last), when `j` is one: its per-lane statistics are
+    /// then computed once per lane instead of once per element.
+    pub(crate) fn row_axis(&self, j: usize) -> Option<usize> {
+        let node = self.graph.nodes.get(j)?;
+        match node.op {
+            Op::Softmax { axis } if axis < node.shape.len() => Some(axis),
+            Op::RmsNorm { .. } | Op::LayerNorm { .. } => node.shape.len().checked_sub(1),
+            _ => None,
+        }
+    }
+
+    /// One lane of row kernel `j` (see [`Kc::row_axis`]): its statistics
+    /// at `idx` (`idx[axis]` is not read), then a loop over `axis` storing
+    /// every element at its row-major offset in `out_sizes`.
+    pub(crate) fn row_lane(
+        &mut self,
+        j: usize,
+        idx: &[String],
+        out_sizes: &[String],
+        out_ptr: &str,
+        out_dtype: crate::ir::DType,
+    ) -> Result<(), LowerError> {
+        let axis = self.row_axis(j).ok_or_else(|| self.unsupported(j, "is not a row kernel"))?;
+        let node = &self.graph.nodes[j];
+        let (op, inputs) = (node.op.clone(), node.inputs.clone());
+        let arg = |kc: &Self, k: usize| inputs.get(k).copied().ok_or_else(|| kc.unsupported(j, "missing input"));
+        let len = out_sizes[axis].clone();
+        let mut at = idx.to_vec();
+        match op {
+            Op::Softmax { .. } if out_dtype == crate::ir::DType::F32 => {
+                // max; then `e = exp(x - max)` stored and summed; then each
+                // stored `e` scaled by `1 / sum` (0 in a fully masked lane).
+                // One exp per element, and the last pass reads the output
+                // contiguously instead of through the input's views.
+                let x = arg(self, 0)?;
+                let ninf = self.b.f32(f32::NEG_INFINITY);
+                let (zero, one) = (self.b.f32(0.0), self.b.f32(1.0));
+                let (max, l, a) = self.b.open_for(&len, &ninf, Ty::F32);
+                at[axis] = l;
+                let v = self.loadf(x, &at)?;
+                let m = self.b.fbin("maximumf", &a, &v);
+                self.b.close_for(&m, Ty::F32);
+                let (sum, l, a) = self.b.open_for(&len, &zero, Ty::F32);
+                at[axis] = l;
+                let v = self.loadf(x, &at)?;
+                let d = self.b.fbin("subf", &v, &max);
+                let e = self.b.math("exp", &d);
+                let off = self.b.linearize(&at, out_sizes);
+                self.b.store(out_ptr, &off, out_dtype, Val::f32(e.clone()));
+                let s = self.b.fbin("addf", &a, &e);
+                self.b.close_for(&s, Ty::F32);
+                let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
+                let inv = self.b.fbin("divf", &one, &sum);
+                let l = self.b.open_loop(&len);
+                at[axis] = l;
+                let off = self.b.linearize(&at, out_sizes);
+                let e = self.b.load(out_ptr, &off, out_dtype);
+                let q = self.b.fbin("mulf", &e.ssa, &inv);
+                let v = self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"));
+                self.b.store(out_ptr, &off, out_dtype, Val::f32(v));
+            }
+            Op::Softmax { .. } => {
+                let x = arg(self, 0)?;
+                let stats = self.softmax_stats(j, x, axis, idx)?;
+                let l = self.b.open_loop(&len);
+                at[axis] = l;
+                let v = self.softmax_elem(x, &stats, &at)?;
+                let off = self.b.linearize(&at, out_sizes);
+                self.b.store(out_ptr, &off, out_dtype, v);
+            }
+            Op::RmsNorm { eps } | Op::LayerNorm { eps } => {
+                let (x, w) = (arg(self, 0)?, arg(self, 1)?);
+                let bias = if matches!(op, Op::LayerNorm { .. }) { Some(arg(self, 2)?) } else { None };
+                let stats = self.norm_stats(j, x, bias.is_some(), eps, idx)?;
+                let l = self.b.open_loop(&len);
+                at[axis] = l;
+                let v = self.norm_elem(x, w, bias, &stats, &at)?;
+                let off = self.b.linearize(&at, out_sizes);
+                self.b.store(out_ptr, &off, out_dtype, v);
+            }
+            _ => return Err(self.unsupported(j, "is not a row kernel")),
+        }
+        self.b.close();
+        Ok(())
     }
 
     /// reduce_sum / reduce_max over `axes`.
@@ -314,6 +588,20 @@ impl Kc<'_> {
         eps: f64,
         idx: &[String],
     ) -> Result<Val, LowerError> {
+        let stats = self.norm_stats(j, x, bias.is_some(), eps, idx)?;
+        self.norm_elem(x, w, bias, &stats, idx)
+    }
+
+    /// The mean (layer norm) and `1 / sqrt(mean square + eps)` of the lane
+    /// through `idx` along the last axis (its last index is not read).
+    fn norm_stats(
+        &mut self,
+        j: usize,
+        x: Value,
+        centered: bool,
+        eps: f64,
+        idx: &[String],
+    ) -> Result<(Option<String>, String), LowerError> {
         let shape = self.graph.shape_of(x).clone();
         let last = idx.len().checked_sub(1).ok_or_else(|| self.unsupported(j, "norm of a scalar"))?;
         let len = self.sizes(&shape[last..])?.remove(0);
@@ -321,16 +609,15 @@ impl Kc<'_> {
         let zero = self.b.f32(0.0);
         let one = self.b.f32(1.0);
         let mut at = idx.to_vec();
-        let mean = match bias {
-            None => None,
-            Some(_) => {
-                let (sum, l, a) = self.b.open_for(&len, &zero, Ty::F32);
-                at[last] = l;
-                let v = self.loadf(x, &at)?;
-                let s = self.b.fbin("addf", &a, &v);
-                self.b.close_for(&s, Ty::F32);
-                Some(self.b.fbin("divf", &sum, &n))
-            }
+        let mean = if centered {
+            let (sum, l, a) = self.b.open_for(&len, &zero, Ty::F32);
+            at[last] = l;
+            let v = self.loadf(x, &at)?;
+            let s = self.b.fbin("addf", &a, &v);
+            self.b.close_for(&s, Ty::F32);
+            Some(self.b.fbin("divf", &sum, &n))
+        } else {
+            None
         };
         let (ss, l, a) = self.b.open_for(&len, &zero, Ty::F32);
         at[last] = l;
@@ -346,13 +633,24 @@ impl Kc<'_> {
         let e = self.b.f32(eps as f32);
         let ms = self.b.fbin("addf", &ms, &e);
         let root = self.b.math("sqrt", &ms);
-        let r = self.b.fbin("divf", &one, &root);
+        Ok((mean, self.b.fbin("divf", &one, &root)))
+    }
+
+    fn norm_elem(
+        &mut self,
+        x: Value,
+        w: Value,
+        bias: Option<Value>,
+        (mean, r): &(Option<String>, String),
+        idx: &[String],
+    ) -> Result<Val, LowerError> {
+        let last = idx.len() - 1;
         let v = self.loadf(x, idx)?;
-        let c = match &mean {
+        let c = match mean {
             Some(m) => self.b.fbin("subf", &v, m),
             None => v,
         };
-        let y = self.b.fbin("mulf", &c, &r);
+        let y = self.b.fbin("mulf", &c, r);
         let g = self.loadf(w, std::slice::from_ref(&idx[last]))?;
         let y = self.b.fbin("mulf", &y, &g);
         Ok(Val::f32(match bias {

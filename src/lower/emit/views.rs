@@ -39,6 +39,31 @@ impl Kc<'_> {
         Ok(self.b.coerce(val, ty))
     }
 
+    /// The buffer that stores `v` itself (a graph input, or a node with its
+    /// own kernel), if any: reading it at an index is one row-major load.
+    pub(crate) fn stored(&self, v: Value) -> Option<usize> {
+        match v {
+            Value::Input(i) => self.layout.input_buf.get(i).copied().flatten(),
+            Value::Node(j) => self.layout.node_buf.get(j).copied().flatten(),
+        }
+    }
+
+    /// `lanes` consecutive f32 elements of stored buffer `b` from `idx`
+    /// along its last axis.
+    pub(crate) fn load_vector(&mut self, b: usize, idx: &[String], lanes: usize) -> Result<String, LowerError> {
+        let shape = self.program.buffers[b].shape.clone();
+        if shape.len() != idx.len() {
+            return Err(LowerError::Unsupported {
+                node: self.program.buffers[b].name.clone(),
+                message: format!("read with {} indices, buffer has rank {}", idx.len(), shape.len()),
+            });
+        }
+        let sizes = self.sizes(&shape)?;
+        let off = self.b.linearize(idx, &sizes);
+        let ptr = self.ptr(b)?;
+        Ok(self.b.load_f32_vector(&ptr, &off, lanes))
+    }
+
     /// Element `idx` of buffer `b` (row-major in the buffer's shape).
     fn load_buffer(&mut self, b: usize, idx: &[String]) -> Result<Val, LowerError> {
         let buf = &self.program.buffers[b];

@@ -1,0 +1,145 @@
+//! Benchmark of the compiled step on the CPU: `cargo bench --bench cpu_step`.
+//!
+//! A 2-layer multi-head llama (hidden 1024, 16 heads of 64, 16 KV heads,
+//! ffn 2816, vocab 1000, f32), imported through `bifurc::hf::build`, is
+//! optimized at b=32, m_c=8192, m_d=16 (bifurcated attention), and both the
+//! baseline (the un-optimized graph) and the bifurcated graph are compiled
+//! once with `CpuStep`. At each point (b = 32 first, then 16 and 1 unless
+//! `BIFURC_BENCH_POINTS` names others, e.g. `32,1`): random inputs, one
+//! warm-up run each (and one check that both give the same logits,
+//! norm-relative 1e-4), then `BIFURC_BENCH_RUNS` (default 5) timed runs
+//! alternating baseline / bifurcated so both see the same noise. Prints the
+//! median ms of each, the measured ratio, and the bytes-model prediction
+//! (`bifurc::inspect::bytes_moved` of both graphs at the point).
+//!
+//! `BIFURC_BENCH_PROFILE=1` also prints the slowest kernels of each side;
+//! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there.
+//!
+//! Target (b = 32): the bifurcated step at least 4x faster than the baseline.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use bifurc::hf::{build, HfOptions};
+use bifurc::inspect::{bytes_moved, ShapePoint};
+use bifurc::interp::{random_inputs, Tensor};
+use bifurc::ir::Graph;
+use bifurc::lower::CpuStep;
+use bifurc::optimize::{optimize, Options};
+
+const CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
+  "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 2, "vocab_size": 1000,
+  "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "max_position_embeddings": 16384,
+  "torch_dtype": "float32"}"#;
+
+const OPT_POINT: &str = "b=32,m_c=8192,m_d=16";
+const M_C: i64 = 8192;
+const M_D: i64 = 16;
+const TOL: f32 = 1e-4;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `max|a - b| / max(max|b|, 1e-6)`; NaN when shapes differ.
+fn norm_rel(a: &Tensor, b: &Tensor) -> f32 {
+    if a.shape != b.shape {
+        return f32::NAN;
+    }
+    let (mut diff, mut top) = (0.0f32, 1e-6f32);
+    for (&x, &y) in a.data.iter().zip(&b.data) {
+        diff = diff.max((x - y).abs());
+        top = top.max(y.abs());
+    }
+    diff / top
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn compile(name: &str, g: &Graph) -> CpuStep {
+    let t = Instant::now();
+    let step = CpuStep::compile(g).unwrap_or_else(|e| panic!("{name}: compile: {e}"));
+    println!("  compiled {name}: {} kernels in {:.1} s", step.program().kernels.len(), t.elapsed().as_secs_f64());
+    step
+}
+
+fn main() {
+    let runs: usize = env_or("BIFURC_BENCH_RUNS", 5).max(1);
+    let points: Vec<i64> = std::env::var("BIFURC_BENCH_POINTS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![32, 16, 1]);
+
+    let doc = build(CONFIG, &HfOptions { layers: Some(2), ..Default::default() }).expect("import-hf");
+    let base = bifurc::import::from_value(&doc).expect("import");
+    let opts = Options { point: ShapePoint::parse(OPT_POINT).expect("point"), ..Default::default() };
+    let opt = optimize(&base, &opts).expect("optimize");
+    println!(
+        "cpu_step: 2-layer MHA llama (d_model 1024, 16 heads x 64, ffn 2816, vocab 1000, f32), \
+         optimized at {OPT_POINT}: {} of {} attention sites bifurcated",
+        opt.report.rewritten(),
+        opt.report.sites.len()
+    );
+    let bif = opt.graph;
+    if let Some(dir) = std::env::var_os("BIFURC_BENCH_DUMP") {
+        for (name, g) in [("baseline", &base), ("bifurcated", &bif)] {
+            let p = bifurc::lower::plan(g).expect("plan");
+            let text = bifurc::lower::emit(g, &p, bifurc::lower::Target::Cpu).expect("emit");
+            std::fs::write(std::path::Path::new(&dir).join(format!("{name}_cpu.mlir")), text).expect("dump");
+        }
+    }
+    let steps = [compile("baseline", &base), compile("bifurcated", &bif)];
+
+    println!("  {runs} timed runs per side after 1 warm-up, alternating; median ms");
+    println!(
+        "  {:>4} {:>6} {:>5} | {:>12} {:>12} {:>8} | {:>10} {:>10} {:>9}",
+        "b", "m_c", "m_d", "baseline ms", "bifurc ms", "speedup", "base MB", "bifurc MB", "predicted"
+    );
+    for b in points {
+        let point: BTreeMap<String, i64> =
+            [("b", b), ("m_c", M_C), ("m_d", M_D)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let sp = ShapePoint(point.clone());
+        let (bb, bf) = (bytes_moved(&base, &sp).expect("bytes"), bytes_moved(&bif, &sp).expect("bytes"));
+        let inputs = random_inputs(&base, &point, 7).expect("inputs");
+        // Warm-up, and the logits check.
+        let a = steps[0].run(&point, &inputs).expect("baseline run");
+        let c = steps[1].run(&point, &inputs).expect("bifurcated run");
+        for (name, want) in &a {
+            let err = norm_rel(&c[name], want);
+            assert!(err <= TOL, "b={b}: output `{name}`: bifurcated vs baseline norm-relative error {err:e} > {TOL:e}");
+        }
+        drop((a, c));
+        let mut times = [Vec::with_capacity(runs), Vec::with_capacity(runs)];
+        for _ in 0..runs {
+            for (k, step) in steps.iter().enumerate() {
+                let t = Instant::now();
+                let out = step.run(&point, &inputs).expect("run");
+                times[k].push(t.elapsed().as_secs_f64() * 1e3);
+                drop(out);
+            }
+        }
+        let [tb, tf] = times.map(median);
+        if std::env::var_os("BIFURC_BENCH_PROFILE").is_some() {
+            for (name, step) in ["baseline", "bifurcated"].iter().zip(&steps) {
+                let (_, mut ks) = step.run_profiled(&point, &inputs).expect("run");
+                let total: f64 = ks.iter().map(|(_, t)| t.as_secs_f64() * 1e3).sum();
+                ks.sort_by_key(|k| std::cmp::Reverse(k.1));
+                println!("    {name} at b={b}: kernels {total:.1} ms; slowest:");
+                for (k, t) in ks.iter().take(8) {
+                    println!("      {:>9.2} ms  {k}", t.as_secs_f64() * 1e3);
+                }
+            }
+        }
+        println!(
+            "  {b:>4} {M_C:>6} {M_D:>5} | {tb:>12.1} {tf:>12.1} {:>7.2}x | {:>10.1} {:>10.1} {:>8.2}x",
+            tb / tf,
+            bb.total() / 1e6,
+            bf.total() / 1e6,
+            bb.total() / bf.total()
+        );
+    }
+    println!("  outputs of both agree (norm-relative {TOL:e}) at every point");
+}
