@@ -30,7 +30,7 @@
 //! assert!(artifact.ptx.contains(&format!(".entry {}(", first.entry)));
 //! // Every attention site of tiny reads its context cache once per step.
 //! assert!(artifact.manifest.attention.iter().all(|site| site.bifurcated));
-//! // artifact.write("step.ptx".as_ref())? writes step.ptx and step.manifest.json.
+//! // artifact.write("step.ptx".as_ref())? writes step.ptx, step.graph.json and step.manifest.json.
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -46,5 +46,6 @@ pub mod interp;
 pub mod ir;
 pub mod lower;
 pub mod optimize;
+pub mod run;
 
 pub use lower::artifact::{compile, Artifact, CompileOptions};

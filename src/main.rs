@@ -85,7 +85,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Compile a model.json to GPU code: step.ptx and, beside it, step.manifest.json.
+    /// Compile a model.json to GPU code: step.ptx and, beside it, step.manifest.json and
+    /// step.graph.json (the compiled graph, which `bifurc run --device cpu` runs).
     ///
     /// Optimizes at the shape point (unless --no-bifurcate), plans one kernel per compute node,
     /// emits MLIR and compiles it to PTX in process (MLIR's NVPTX backend, libdevice linked).
@@ -95,8 +96,9 @@ enum Command {
     Compile {
         /// The model.json to read.
         model: PathBuf,
-        /// Where to write the PTX (written atomically, with the manifest beside it:
-        /// step.ptx -> step.manifest.json). Required unless --emit is given.
+        /// Where to write the PTX (written atomically, with the manifest and the compiled
+        /// graph beside it: step.ptx -> step.manifest.json, step.graph.json). Required unless
+        /// --emit is given.
         #[arg(short, long, required_unless_present = "emit", conflicts_with = "emit")]
         output: Option<PathBuf>,
         /// The chip to compile for.
@@ -152,6 +154,16 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Fill a context and decode samples from it in parallel with a compiled artifact.
+    ///
+    /// Loads the manifest beside the PTX (step.ptx -> step.manifest.json). --device cpu
+    /// JIT-compiles the compiled graph written beside them (step.graph.json); --device cuda
+    /// runs the PTX on a GPU (needs a build with `--features cuda`; otherwise use `bifurc-run
+    /// run`, see docs/gpu-machine.md). The context is a prompt, filled by stepping the graph
+    /// over it at b=1, or a random one (--context-len). Then --samples continuations are
+    /// decoded together for --steps tokens. Prints the tokens, the per-step latency (median,
+    /// p90) and tokens/s; --json prints one JSON object instead.
+    Run(RunArgs),
     /// Print a model.json as a graph (Graphviz dot) or re-emit it in canonical JSON.
     Graph {
         /// The model.json to read.
@@ -160,6 +172,91 @@ enum Command {
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The step's PTX (or its .manifest.json); the manifest and the compiled graph are
+    /// beside it (step.manifest.json, step.graph.json).
+    ptx: PathBuf,
+    #[command(flatten)]
+    weights: RunWeightsArgs,
+    /// Seed of --random-weights (default: --seed).
+    #[arg(long, value_name = "N", requires = "random_weights")]
+    weights_seed: Option<u64>,
+    #[command(flatten)]
+    context: RunContextArgs,
+    /// b: samples decoded together.
+    #[arg(long, default_value_t = 32)]
+    samples: usize,
+    /// Tokens generated per sample (= decode steps).
+    #[arg(long, default_value_t = 64)]
+    steps: usize,
+    /// Sampling temperature; 0 for greedy.
+    #[arg(long, default_value_t = 0.8, allow_hyphen_values = true)]
+    temperature: f32,
+    /// Seed of sampling, of a random context and (unless --weights-seed) of random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where the step runs: cpu (the MLIR JIT) or cuda (builds with --features cuda).
+    #[arg(long, value_enum, default_value_t = RunDeviceArg::for_build())]
+    device: RunDeviceArg,
+    /// The CUDA device ordinal (with --device cuda).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    cuda_device: usize,
+    /// Print one JSON object instead of text: samples (ids per sample), step_ms,
+    /// tokens_per_s, ...
+    #[arg(long)]
+    json: bool,
+    /// Also report the last step's logits of every sample (JSON: "logits"; text: the top 5).
+    #[arg(long)]
+    logits: bool,
+    /// Also write the JSON object to this file.
+    #[arg(long, value_name = "FILE")]
+    out_json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct RunWeightsArgs {
+    /// Weights: .safetensors files, or directories of them (sharded checkpoints).
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    weights: Vec<PathBuf>,
+    /// Deterministic random weights (seeded by --weights-seed, else --seed).
+    #[arg(long)]
+    random_weights: bool,
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct RunContextArgs {
+    /// The prompt as token ids, e.g. 1,2,3 (the context is filled by stepping the graph over them).
+    #[arg(long, value_name = "IDS", allow_hyphen_values = true)]
+    prompt_ids: Option<String>,
+    /// A file of prompt token ids, separated by commas or whitespace (a JSON array works).
+    #[arg(long, value_name = "FILE")]
+    prompt_ids_file: Option<PathBuf>,
+    /// A random context of N tokens instead of a prompt (random caches and logits).
+    #[arg(long, value_name = "N")]
+    context_len: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RunDeviceArg {
+    /// This machine's CPU: the compiled graph, JIT-compiled through MLIR.
+    Cpu,
+    /// A CUDA GPU: the PTX (needs a build with --features cuda).
+    Cuda,
+}
+
+impl RunDeviceArg {
+    fn for_build() -> Self {
+        if cfg!(feature = "cuda") {
+            RunDeviceArg::Cuda
+        } else {
+            RunDeviceArg::Cpu
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -320,6 +417,7 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("wrote bench.csv, bench.md, speedup.svg, latency.svg in {}", dir.display());
             }
         }
+        Command::Run(args) => run_step(&args)?,
         Command::Graph { model, format } => {
             let graph = load(&model)?;
             match format {
@@ -327,6 +425,50 @@ fn run(cli: Cli) -> Result<()> {
                 GraphFormat::Json => print!("{}", bifurc::export::to_string(&bifurc::export::to_json(&graph))),
             }
         }
+    }
+    Ok(())
+}
+
+/// `bifurc run`: see [`bifurc::run`].
+fn run_step(args: &RunArgs) -> Result<()> {
+    use bifurc::run::{parse_ids, read_ids, ContextSource, Device, RunOptions, Weights};
+    let context = match (&args.context.prompt_ids, &args.context.prompt_ids_file, args.context.context_len) {
+        (Some(ids), _, _) => ContextSource::Prompt(parse_ids(ids).context("--prompt-ids")?),
+        (None, Some(file), _) => ContextSource::Prompt(read_ids(file).context("--prompt-ids-file")?),
+        (None, None, Some(len)) => ContextSource::Random { len },
+        (None, None, None) => bail!("give --prompt-ids, --prompt-ids-file or --context-len"),
+    };
+    let weights = if args.weights.random_weights {
+        Weights::Random { seed: args.weights_seed.unwrap_or(args.seed) }
+    } else {
+        Weights::Files(args.weights.weights.clone())
+    };
+    let device = match args.device {
+        RunDeviceArg::Cpu => Device::Cpu,
+        RunDeviceArg::Cuda => Device::Cuda { ordinal: args.cuda_device },
+    };
+    let opts = RunOptions {
+        artifact: args.ptx.clone(),
+        device,
+        weights,
+        context,
+        samples: args.samples,
+        steps: args.steps,
+        temperature: args.temperature,
+        seed: args.seed,
+        keep_logits: args.logits,
+        progress: !args.json,
+    };
+    let report = bifurc::run::run(&opts)?;
+    let value = report.to_json();
+    if let Some(path) = &args.out_json {
+        bifurc::fsio::write_atomic(path, format!("{value}\n").as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if args.json {
+        println!("{value}");
+    } else {
+        print!("{}", report.render());
     }
     Ok(())
 }
@@ -384,6 +526,8 @@ fn compile(
     let manifest_path = bifurc::Artifact::manifest_path(output);
     check_not_input(output, &[model])?;
     check_not_input(&manifest_path, &[model])?;
+    let graph_path = bifurc::Artifact::graph_path(output);
+    check_not_input(&graph_path, &[model])?;
     let artifact = bifurc::compile(&graph, &opts).with_context(|| format!("{}", model.display()))?;
     artifact.write(output).with_context(|| format!("cannot write {}", output.display()))?;
     let m = &artifact.manifest;
@@ -403,6 +547,6 @@ fn compile(
             eprintln!("warning: saturation stopped at a limit ({})", report.passes.stop_reason);
         }
     }
-    eprintln!("wrote {} and {}", output.display(), manifest_path.display());
+    eprintln!("wrote {}, {} and {}", output.display(), manifest_path.display(), graph_path.display());
     Ok(())
 }

@@ -355,6 +355,14 @@ impl Artifact {
         ptx_path.with_file_name(format!("{stem}.manifest.json"))
     }
 
+    /// Where [`Artifact::write`] puts the compiled graph for a PTX path:
+    /// `dir/step.ptx` → `dir/step.graph.json` (the canonical model.json of
+    /// [`Artifact::graph`], which `bifurc run --device cpu` JIT-compiles).
+    pub fn graph_path(ptx_path: &Path) -> PathBuf {
+        let stem = ptx_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "step".into());
+        ptx_path.with_file_name(format!("{stem}.graph.json"))
+    }
+
     /// The manifest as written beside `ptx_path` (its `ptx` field names that file).
     pub fn manifest_for(&self, ptx_path: &Path) -> Manifest {
         let mut manifest = self.manifest.clone();
@@ -364,11 +372,12 @@ impl Artifact {
         manifest
     }
 
-    /// Writes the PTX to `ptx_path` and the manifest beside it
-    /// ([`Artifact::manifest_path`]). Both files are staged as temporaries
-    /// in the same directory and renamed into place only when both are
-    /// written: a failure leaves any previous artifact as it was and no
-    /// temporary files behind.
+    /// Writes the PTX to `ptx_path`, and beside it the compiled graph
+    /// ([`Artifact::graph_path`]) and the manifest
+    /// ([`Artifact::manifest_path`]). All three files are staged as
+    /// temporaries in the same directory and renamed into place only when
+    /// all are written: a failure leaves any previous artifact as it was and
+    /// no temporary files behind.
     pub fn write(&self, ptx_path: &Path) -> std::io::Result<()> {
         if ptx_path.file_name().is_none() {
             return Err(std::io::Error::new(
@@ -378,7 +387,13 @@ impl Artifact {
         }
         let manifest_path = Self::manifest_path(ptx_path);
         let manifest = self.manifest_for(ptx_path).to_json();
-        let files = [(ptx_path, self.ptx.as_bytes()), (manifest_path.as_path(), manifest.as_bytes())];
+        let graph_path = Self::graph_path(ptx_path);
+        let graph = crate::export::to_string(&crate::export::to_json(&self.graph));
+        let files = [
+            (ptx_path, self.ptx.as_bytes()),
+            (graph_path.as_path(), graph.as_bytes()),
+            (manifest_path.as_path(), manifest.as_bytes()),
+        ];
         for (path, _) in &files {
             if path.is_dir() {
                 return Err(std::io::Error::new(
@@ -396,7 +411,7 @@ impl Artifact {
                 file.write_all(bytes)?;
                 file.sync_all()?;
             }
-            // Manifest last: an engine that finds the new manifest finds the new PTX.
+            // Manifest last: an engine that finds the new manifest finds the new PTX and graph.
             for ((path, _), tmp) in files.iter().zip(&staged) {
                 std::fs::rename(tmp, path)?;
             }

@@ -1,0 +1,380 @@
+//! `bifurc run` on the CPU: examples/tiny compiled twice (baseline, and
+//! bifurcated at b=32, m_c=512, m_d=4), written as artifacts (PTX +
+//! manifest + compiled graph), then
+//!
+//! - end to end through the CLI binary: sampling is deterministic for a seed
+//!   and changes with it; greedy decoding gives identical samples;
+//! - through the library (`Session` over `CpuBackend` of each artifact's
+//!   graph.json, the same random weights and prompt): the bifurcated step
+//!   gives the baseline's outputs at every step, fill and decode, within
+//!   tolerance, and the same token ids exactly;
+//! - error cases: one line on stderr, exit status 1.
+//!
+//! Tolerance: norm-relative per output and step, as in tests/lower_cpu.rs:
+//! `max|a - b| <= 1e-4 * max(max|b|, 1e-6)`, `b` the baseline. Both sides
+//! are f32 kernels; the bifurcated one sums the context and decode parts of
+//! attention separately, so they differ by f32 rounding only.
+//!
+//! Needs `BIFURC_LIBDEVICE` (`source scripts/env.sh`) to compile the
+//! artifacts; without it the tests print a note and skip.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bifurc::inspect::ShapePoint;
+use bifurc::lower::gpu::GpuTarget;
+use bifurc::{compile, CompileOptions};
+use bifurc_runtime::session::{SampleOptions, SampleOutput, Session};
+use bifurc_runtime::weights::random_weights;
+use bifurc_runtime::{HostTensor, Step, StepError};
+use serde_json::Value;
+
+const TOL: f32 = 1e-4;
+const PROMPT: [u32; 5] = [1, 2, 3, 4, 5];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn libdevice() -> Option<PathBuf> {
+    match std::env::var_os("BIFURC_LIBDEVICE") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => {
+            eprintln!("note: BIFURC_LIBDEVICE is unset (source scripts/env.sh): skipping");
+            None
+        }
+    }
+}
+
+/// A fresh directory for one test; removed by the test when it passes.
+fn scratch(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "bifurc-run-cpu-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn load(path: &Path) -> bifurc::ir::Graph {
+    bifurc::import::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Compiles `examples/{example}/model.json` for sm_90 and writes it as
+/// `dir/{name}.ptx` (+ manifest, graph).
+fn write_artifact(libdevice: &Path, dir: &Path, example: &str, name: &str, bifurcate: bool, point: &str) -> PathBuf {
+    let graph = load(&root().join("examples").join(example).join("model.json"));
+    let opts = CompileOptions {
+        target: GpuTarget::Sm90,
+        point: ShapePoint::parse(point).unwrap(),
+        bifurcate,
+        libdevice: Some(libdevice.to_path_buf()),
+        ..CompileOptions::default()
+    };
+    let artifact = compile(&graph, &opts).unwrap_or_else(|e| panic!("compiling {example}: {e}"));
+    if bifurcate {
+        assert!(artifact.manifest.attention.iter().all(|s| s.bifurcated), "{example} at {point}: not bifurcated");
+    }
+    let ptx = dir.join(format!("{name}.ptx"));
+    artifact.write(&ptx).unwrap();
+    ptx
+}
+
+/// The baseline and the bifurcated tiny artifacts in `dir`.
+fn tiny_artifacts(libdevice: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let base = write_artifact(libdevice, dir, "tiny", "base", false, "");
+    let bif = write_artifact(libdevice, dir, "tiny", "bif", true, "b=32,m_c=512,m_d=4");
+    (base, bif)
+}
+
+fn bifurc(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bifurc"));
+    cmd.args(args);
+    cmd
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs every command at once (each JIT-compiles its step) and waits for all.
+fn run_all(cmds: Vec<Command>) -> Vec<Output> {
+    let children: Vec<_> = cmds
+        .into_iter()
+        .map(|mut c| c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap())
+        .collect();
+    children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(out.status.success(), "bifurc run failed: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&out.stdout)))
+}
+
+fn samples_of(v: &Value) -> Vec<Vec<u64>> {
+    let samples = v["samples"].as_array().expect("`samples` is an array");
+    samples
+        .iter()
+        .map(|s| s.as_array().expect("a sample is an array").iter().map(|t| t.as_u64().unwrap()).collect())
+        .collect()
+}
+
+#[test]
+fn cli_samples_deterministically_for_a_seed() {
+    let Some(libdevice) = libdevice() else { return };
+    let dir = scratch("cli");
+    let (_, bif) = tiny_artifacts(&libdevice, &dir);
+    let bif = bif.to_str().unwrap();
+    let common = [
+        "run",
+        bif,
+        "--random-weights",
+        "--weights-seed",
+        "3",
+        "--prompt-ids",
+        "1,2,3,4,5",
+        "--samples",
+        "4",
+        "--steps",
+        "4",
+        "--json",
+    ];
+    let with = |extra: &[&str]| bifurc(&[&common[..], extra].concat());
+    let outs = run_all(vec![
+        with(&["--temperature", "0.8", "--seed", "7"]),
+        with(&["--temperature", "0.8", "--seed", "7"]),
+        with(&["--temperature", "0.8", "--seed", "8"]),
+        with(&["--temperature", "0", "--seed", "7", "--logits"]),
+    ]);
+    let [a, b, c, greedy] = [&outs[0], &outs[1], &outs[2], &outs[3]].map(json_of);
+
+    let ids = samples_of(&a);
+    assert_eq!(ids.len(), 4, "{a}");
+    assert!(ids.iter().all(|s| s.len() == 4 && s.iter().all(|&t| t < 256)), "{ids:?}");
+    assert_eq!(ids, samples_of(&b), "the same seed gives the same samples");
+    assert_eq!(a["tokens"], a["samples"], "`tokens` (bifurc-run's key) holds the same ids");
+    // 16 draws at T=0.8 over 256 tokens: equal for two seeds with negligible probability.
+    assert_ne!(ids, samples_of(&c), "another seed gives other samples");
+    assert!(ids.iter().any(|s| s != &ids[0]), "independent samples differ: {ids:?}");
+
+    let step_ms = a["step_ms"].as_array().unwrap();
+    assert_eq!(step_ms.len(), 4);
+    assert!(step_ms.iter().all(|t| t.as_f64().unwrap() > 0.0));
+    assert!(a["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(a.get("logits").is_none(), "logits only with --logits");
+
+    let g = samples_of(&greedy);
+    assert_eq!(g.len(), 4);
+    assert!(g.iter().all(|s| s == &g[0]), "greedy: every sample the same: {g:?}");
+    let logits = greedy["logits"].as_array().expect("--logits gives `logits`");
+    assert_eq!(logits.len(), 4);
+    assert!(logits.iter().all(|row| row.as_array().unwrap().len() == 256));
+    assert!(logits.iter().all(|row| row == &logits[0]), "greedy samples have the same last logits");
+    assert!(logits[0].as_array().unwrap().iter().all(|x| x.as_f64().unwrap().is_finite()));
+
+    // Text output: tokens, latency, throughput.
+    let out = bifurc(&["run", bif, "--random-weights", "--context-len", "6", "--samples", "2", "--steps", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for want in ["context: 6 tokens (random", "decoded 2 samples x 3 steps", "median", "p90", "tokens/s", "sample 1: "]
+    {
+        assert!(stdout.contains(want), "`{want}` missing from:\n{stdout}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A step that records every output of every run.
+struct Recorder<S> {
+    inner: S,
+    runs: Vec<(BTreeMap<String, i64>, HashMap<String, HostTensor>)>,
+}
+
+impl<S: Step> Step for Recorder<S> {
+    fn runtime_dims(&self) -> Vec<String> {
+        self.inner.runtime_dims()
+    }
+
+    fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
+        self.inner.bind(name, tensor)
+    }
+
+    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
+        let out = self.inner.run(dims)?;
+        self.runs.push((dims.clone(), out.clone()));
+        Ok(out)
+    }
+}
+
+type Runs = Vec<(BTreeMap<String, i64>, HashMap<String, HostTensor>)>;
+
+/// Decodes with the artifact at `ptx` on the CPU: greedy from PROMPT, then
+/// sampled at T=0.8 from a random context. Returns both outputs and every
+/// step's outputs.
+fn decode(ptx: &Path, weights: &HashMap<String, HostTensor>) -> (Vec<f32>, SampleOutput, SampleOutput, Runs) {
+    let (artifact, cpu) = bifurc::run::cpu_step(ptx).unwrap_or_else(|e| panic!("{}: {e}", ptx.display()));
+    let mut session = Session::new(Recorder { inner: cpu, runs: Vec::new() }, &artifact.manifest).unwrap();
+    session.bind_weights(weights).unwrap();
+    let fill = session.fill_context(&PROMPT).unwrap();
+    let options = SampleOptions { samples: 4, steps: 6, temperature: 0.0, seed: 1, keep_last_logits: true };
+    let greedy = session.sample(&options, |_| {}).unwrap();
+    session.random_context(7, 11).unwrap();
+    let options = SampleOptions { temperature: 0.8, ..options };
+    let sampled = session.sample(&options, |_| {}).unwrap();
+    (fill, greedy, sampled, session.into_step().runs)
+}
+
+/// `max|a - b| / max(max|b|, 1e-6)`.
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
+    diff / scale.max(1e-6)
+}
+
+#[test]
+fn bifurcated_decodes_like_the_baseline() {
+    let Some(libdevice) = libdevice() else { return };
+    let dir = scratch("equal");
+    let (base, bif) = tiny_artifacts(&libdevice, &dir);
+    let manifest = bifurc_runtime::Artifact::load(&base).unwrap().manifest;
+    let weights = random_weights(&manifest, 5).unwrap();
+    let (fill_a, greedy_a, sampled_a, runs_a) = decode(&base, &weights);
+    let (fill_b, greedy_b, sampled_b, runs_b) = decode(&bif, &weights);
+
+    // 5 fill steps at b=1, then 6 greedy and 6 sampled steps at b=4.
+    assert_eq!(runs_a.len(), 5 + 6 + 6);
+    assert_eq!(runs_a.len(), runs_b.len());
+    let mut worst = 0.0f32;
+    for (i, ((dims_a, out_a), (dims_b, out_b))) in runs_a.iter().zip(&runs_b).enumerate() {
+        assert_eq!(dims_a, dims_b, "step {i}");
+        let mut names: Vec<&String> = out_a.keys().collect();
+        names.sort();
+        let mut names_b: Vec<&String> = out_b.keys().collect();
+        names_b.sort();
+        assert_eq!(names, names_b, "step {i}: outputs");
+        for name in names {
+            let (a, b) = (&out_a[name], &out_b[name]);
+            assert_eq!(a.shape, b.shape, "step {i} `{name}`");
+            let d = rel_diff(&b.data, &a.data);
+            assert!(d <= TOL, "step {i} at {dims_a:?}: `{name}` differs by {d:e} (norm-relative) > {TOL:e}");
+            worst = worst.max(d);
+        }
+    }
+    eprintln!("largest norm-relative difference over {} steps: {worst:e}", runs_a.len());
+    assert!(rel_diff(&fill_b, &fill_a) <= TOL);
+
+    assert_eq!(greedy_a.tokens, greedy_b.tokens, "greedy ids");
+    assert!(greedy_a.tokens.iter().all(|s| s == &greedy_a.tokens[0]), "greedy: identical samples");
+    assert_eq!(sampled_a.tokens, sampled_b.tokens, "sampled ids (same seed)");
+    assert!(sampled_a.tokens.iter().any(|s| s != &sampled_a.tokens[0]), "sampled: the samples differ");
+    for (a, b) in [(&greedy_a, &greedy_b), (&sampled_a, &sampled_b)] {
+        let (la, lb) = (a.last_logits.as_ref().unwrap(), b.last_logits.as_ref().unwrap());
+        assert_eq!(la.shape, [4, 256]);
+        assert!(rel_diff(&lb.data, &la.data) <= TOL);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs `bifurc run` and checks that it fails with one line on stderr that
+/// contains every one of `wants`, and exit status 1.
+fn fails(args: &[&str], wants: &[&str]) {
+    let out = bifurc(args).output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: status {:?}, stderr:\n{stderr}", out.status);
+    assert!(out.stdout.is_empty(), "{args:?}: stdout {}", text(&out.stdout));
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: not one line:\n{stderr}");
+    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    for want in wants {
+        assert!(stderr.contains(want), "{args:?}: `{want}` missing from: {stderr}");
+    }
+}
+
+/// `run PTX EXTRA...`
+fn run<'a>(ptx: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", ptx];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn run_errors_are_one_line() {
+    let Some(libdevice) = libdevice() else { return };
+    let dir = scratch("errors");
+    let bif = write_artifact(&libdevice, &dir, "tiny", "bif", true, "b=32,m_c=512,m_d=4");
+    let bif = bif.to_str().unwrap();
+    // Valid flags (every case below fails before a step runs).
+    let ok = ["--random-weights", "--prompt-ids", "1,2,3"];
+
+    let missing = dir.join("missing.ptx");
+    fails(&run(missing.to_str().unwrap(), &ok), &["missing.ptx"]);
+    fails(&run(bif, &["--random-weights", "--prompt-ids", "1,x,3"]), &["--prompt-ids", "#2 `x`"]);
+    fails(&run(bif, &["--random-weights", "--prompt-ids", ","]), &["empty"]);
+    fails(&run(bif, &["--random-weights", "--prompt-ids", "-1"]), &["`-1`"]);
+    fails(&run(bif, &["--random-weights", "--prompt-ids", "1,256"]), &["256", "outside", "vocabulary", "0..256"]);
+    let ids_file = dir.join("nope.txt");
+    fails(&run(bif, &["--random-weights", "--prompt-ids-file", ids_file.to_str().unwrap()]), &["nope.txt"]);
+    std::fs::write(&ids_file, "[1, 2, 999]\n").unwrap();
+    fails(&run(bif, &["--random-weights", "--prompt-ids-file", ids_file.to_str().unwrap()]), &["999", "vocabulary"]);
+    fails(
+        &run(bif, &["--weights", dir.join("w.safetensors").to_str().unwrap(), "--prompt-ids", "1"]),
+        &["w.safetensors"],
+    );
+    std::fs::write(dir.join("bad.safetensors"), b"not a safetensors file").unwrap();
+    fails(
+        &run(bif, &["--weights", dir.join("bad.safetensors").to_str().unwrap(), "--prompt-ids", "1", "--steps", "1"]),
+        &["bad.safetensors"],
+    );
+    fails(&run(bif, &[&ok[..], &["--samples", "0"]].concat()), &["--samples"]);
+    fails(&run(bif, &[&ok[..], &["--steps", "0"]].concat()), &["--steps"]);
+    fails(&run(bif, &[&ok[..], &["--temperature", "-1"]].concat()), &["--temperature"]);
+    if !cfg!(feature = "cuda") {
+        fails(&run(bif, &[&ok[..], &["--device", "cuda"]].concat()), &["--features cuda", "bifurc-run"]);
+    }
+
+    // A multi-level artifact (runtime dims P, S, m_s, m_c, m_d).
+    let multi = write_artifact(&libdevice, &dir, "multilevel", "multi", false, "P=4,S=8,m_s=2048,m_c=1024,m_d=256");
+    fails(&run(multi.to_str().unwrap(), &ok), &["multi.manifest.json", "single-level"]);
+
+    // No graph beside the PTX (an artifact from before the sidecar), and a
+    // graph from another compile.
+    for name in ["nograph", "other"] {
+        for ext in ["ptx", "manifest.json"] {
+            std::fs::copy(dir.join(format!("bif.{ext}")), dir.join(format!("{name}.{ext}"))).unwrap();
+        }
+    }
+    fails(&run(dir.join("nograph.ptx").to_str().unwrap(), &ok), &["nograph.graph.json is missing"]);
+    std::fs::copy(dir.join("multi.graph.json"), dir.join("other.graph.json")).unwrap();
+    fails(&run(dir.join("other.ptx").to_str().unwrap(), &ok), &["other.graph.json does not match"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn help_names_every_flag() {
+    let out = bifurc(&["run", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for flag in [
+        "--weights <FILE>...",
+        "--random-weights",
+        "--weights-seed",
+        "--prompt-ids <IDS>",
+        "--prompt-ids-file <FILE>",
+        "--context-len <N>",
+        "--samples",
+        "--steps",
+        "--temperature",
+        "--seed",
+        "--device",
+        "--json",
+        "--logits",
+    ] {
+        assert!(help.contains(flag), "`{flag}` missing from:\n{help}");
+    }
+}
