@@ -372,13 +372,20 @@ fn artifact_writes_are_atomic() {
     assert_eq!(std::fs::read_to_string(&ptx).unwrap(), artifact.ptx);
     let loaded = Manifest::load(&manifest_path).unwrap();
     assert_eq!(loaded.ptx, "out.ptx");
+    // The compiled graph beside them: canonical model.json that imports back.
+    let graph_path = dir.join("out.graph.json");
+    assert_eq!(Artifact::graph_path(&ptx), graph_path);
+    let graph_text = std::fs::read_to_string(&graph_path).unwrap();
+    assert_eq!(graph_text, bifurc::export::to_string(&bifurc::export::to_json(&artifact.graph)));
+    let reloaded = bifurc::import::parse(&graph_text).unwrap();
+    assert_eq!(bifurc::export::to_json(&reloaded), bifurc::export::to_json(&artifact.graph));
     let names = |dir: &Path| {
         let mut v: Vec<String> =
             std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         v.sort();
         v
     };
-    assert_eq!(names(&dir), ["out.manifest.json", "out.ptx"]);
+    assert_eq!(names(&dir), ["out.graph.json", "out.manifest.json", "out.ptx"]);
 
     // A failing write (the manifest path is taken by a directory) changes nothing.
     let ptx2 = dir.join("two.ptx");
@@ -386,9 +393,9 @@ fn artifact_writes_are_atomic() {
     std::fs::create_dir(dir.join("two.manifest.json")).unwrap();
     assert!(artifact.write(&ptx2).is_err());
     assert_eq!(std::fs::read_to_string(&ptx2).unwrap(), "previous ptx");
-    assert_eq!(names(&dir), ["out.manifest.json", "out.ptx", "two.manifest.json", "two.ptx"]);
+    assert_eq!(names(&dir), ["out.graph.json", "out.manifest.json", "out.ptx", "two.manifest.json", "two.ptx"]);
     // A missing directory is an error, not a panic.
     assert!(artifact.write(&dir.join("missing/x.ptx")).is_err());
-    assert_eq!(names(&dir).len(), 4);
+    assert_eq!(names(&dir).len(), 5);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -190,8 +190,10 @@ pub fn kernel_bytes(graph: &Graph, program: &Program) -> Result<Vec<KernelBytes>
                     return Err(format!("kernel `{}` computes input `{}`", kernel.name, kernel.node));
                 }
             }
+            // The whole output buffer, once (a row kernel's extent counts
+            // rows, not elements).
             let out = &program.buffers[kernel.writes];
-            acc.add(None, &kernel.extent, out.dtype)?;
+            acc.add(None, &numel(&graph.dims, &out.shape)?, out.dtype)?;
             Ok(acc)
         })
         .collect()

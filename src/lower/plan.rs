@@ -11,6 +11,9 @@
 //!   each operand element many times) is recomputed inside that kernel's loads.
 //! - Every other live compute node is one kernel writing one buffer: the
 //!   output buffer when the node is a graph output, else an intermediate.
+//!   Its extent (threads, or CPU loop iterations) is the buffer's element
+//!   count, except for a row kernel (softmax, rms_norm, layer_norm): one
+//!   per row, which computes the row's statistics once and writes the row.
 //! - Graph inputs and outputs always have buffers. An output whose value is
 //!   a graph input, a view, or a node already written to another output gets
 //!   a `copy` kernel.
@@ -58,7 +61,8 @@ pub enum Param {
 }
 
 /// One kernel: one thread (loop iteration) per element of the buffer it
-/// writes.
+/// writes, or, for a row kernel (softmax, rms_norm, layer_norm), one per
+/// row.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kernel {
     /// `k{index}_{sanitized node id}` (copy kernels: the output name).
@@ -72,7 +76,8 @@ pub struct Kernel {
     pub reads: Vec<usize>,
     /// The buffer written.
     pub writes: usize,
-    /// Number of threads = elements of the written buffer (runtime dims only).
+    /// Number of threads (runtime dims only): elements of the written
+    /// buffer, or for a row kernel its rows (elements / row length).
     pub extent: Poly,
     /// Every runtime dim (graph order), then `reads`, then `writes`.
     pub params: Vec<Param>,
@@ -104,6 +109,18 @@ pub(crate) enum NodeKind {
 /// Ops that may be inlined into their consumer.
 pub(crate) fn is_elementwise(op: &Op) -> bool {
     matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Scale { .. } | Op::Constant { .. } | Op::CausalMask { .. })
+}
+
+/// The axis along which a row kernel computes per-row statistics once
+/// (softmax: its axis; rms_norm / layer_norm: the last), for a node of `op`
+/// with output rank `rank`; `None` for every other op. Such a kernel runs
+/// one thread (loop iteration) per row and writes the whole row.
+pub(crate) fn row_axis(op: &Op, rank: usize) -> Option<usize> {
+    match *op {
+        Op::Softmax { axis } if axis < rank => Some(axis),
+        Op::RmsNorm { .. } | Op::LayerNorm { .. } => rank.checked_sub(1),
+        _ => None,
+    }
 }
 
 /// `[A-Za-z0-9_]` only: every other character becomes `_`.
@@ -255,12 +272,23 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
         }
     }
     let mut kernels = Vec::new();
-    let mut add = |name: &str, node: &str, op: &str, inputs: &[Value], writes: usize| -> Result<(), LowerError> {
+    let mut add = |name: &str,
+                   node: &str,
+                   op: &str,
+                   inputs: &[Value],
+                   writes: usize,
+                   row: Option<usize>|
+     -> Result<(), LowerError> {
         let mut reads = BTreeSet::new();
         for v in inputs {
             collect_reads(graph, &kinds, &node_buf, *v, &mut reads);
         }
-        let extent = numel(&graph.dims, &buffers[writes].shape)
+        // A row kernel: one thread per row (the row axis left out).
+        let mut threads = buffers[writes].shape.clone();
+        if let Some(axis) = row.filter(|&a| a < threads.len()) {
+            threads.remove(axis);
+        }
+        let extent = numel(&graph.dims, &threads)
             .map_err(|message| LowerError::Size { what: format!("kernel for `{node}`"), message })?;
         let mut params: Vec<Param> = graph.dims.runtime.iter().cloned().map(Param::Dim).collect();
         params.extend(reads.iter().copied().map(Param::Buffer));
@@ -279,12 +307,13 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
     };
     for (j, node) in graph.nodes.iter().enumerate() {
         if let (NodeKind::Kernel, Some(b)) = (kinds[j], node_buf[j]) {
-            add(&node.id, &node.id, node.op.name(), &node.inputs, b)?;
+            let row = row_axis(&node.op, node.shape.len());
+            add(&node.id, &node.id, node.op.name(), &node.inputs, b, row)?;
         }
     }
     for (b, v) in copies {
         let out = buffers[b].name.clone();
-        add(&out, graph.name_of(v), "copy", &[v], b)?;
+        add(&out, graph.name_of(v), "copy", &[v], b, None)?;
     }
     Ok(Program { dims: graph.dims.runtime.clone(), buffers, kernels })
 }
@@ -359,6 +388,37 @@ mod tests {
         assert_eq!(p.kernels[2].extent.to_string(), "4*b");
         assert_eq!(p.kernels[2].reads, [3], "the output copy recomputes the inlined scale from m");
         assert_eq!(p.kernels[3].extent.to_string(), "4*b");
+    }
+
+    #[test]
+    fn row_kernels_run_one_thread_per_row() {
+        let g = graph(
+            r#"{"id": "s0", "op": "softmax", "inputs": ["x"], "attrs": {"axis": 0}},
+               {"id": "s1", "op": "softmax", "inputs": ["x"], "attrs": {"axis": 1}},
+               {"id": "g", "op": "reduce_sum", "inputs": ["w"], "attrs": {"axes": [0]}},
+               {"id": "r", "op": "rms_norm", "inputs": ["x", "g"], "attrs": {"eps": 1e-6}},
+               {"id": "e", "op": "exp", "inputs": ["x"]}"#,
+            r#"{"name": "s0", "node": "s0"}, {"name": "s1", "node": "s1"}, {"name": "r", "node": "r"},
+               {"name": "e", "node": "e"}, {"name": "c", "node": "s1"}"#,
+        );
+        let p = match plan(&g) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        let extents: Vec<(&str, String)> = p.kernels.iter().map(|k| (k.op.as_str(), k.extent.to_string())).collect();
+        // Rows of `[b, 4]`: 4 along axis 0, b along axis 1 (and the last axis
+        // for the norm); an elementwise kernel and a copy of a softmax count
+        // elements.
+        let want = [
+            ("softmax", "4"),
+            ("softmax", "b"),
+            ("reduce_sum", "4"),
+            ("rms_norm", "b"),
+            ("exp", "4*b"),
+            ("copy", "4*b"),
+        ];
+        let want: Vec<(&str, String)> = want.iter().map(|(o, e)| (*o, e.to_string())).collect();
+        assert_eq!(extents, want);
     }
 
     #[test]

@@ -8,6 +8,12 @@
 //! output's multi-index; the body computes that one element in f32 (or i64
 //! for integer data) and stores it at offset `i`, row-major.
 //!
+//! - **Row kernels** (softmax, rms_norm, layer_norm) instead run one thread
+//!   (CPU: loop iteration) per *row* along the reduced axis (softmax: its
+//!   axis; the norms: the last), `extent = numel(buffer) / row length`: the
+//!   thread computes the row's statistics once, then loops over the row and
+//!   stores every element. The body is the same code on both targets.
+//!
 //! - Reads go through **views** without copies: transpose permutes the
 //!   index, broadcast drops new leading axes and reads index 0 on stretched
 //!   size-1 axes, slice adds its start, reshape linearizes and delinearizes
@@ -17,8 +23,8 @@
 //!   recomputed at every load.
 //! - Reductions are `scf.for` loops with an f32 accumulator: einsum /
 //!   matmul (contracted letters), reduce_sum / reduce_max, softmax (row max,
-//!   sum of `exp(x - max)`, then the element; a fully `-inf` row gives 0),
-//!   rms_norm (sum of squares), layer_norm (mean, then variance).
+//!   sum of `exp(x - max)`, then the row's elements; a fully `-inf` row
+//!   gives 0), rms_norm (sum of squares), layer_norm (mean, then variance).
 //! - rope reads `x[.., j]` and its partner `x[.., j ± k/2]`, with
 //!   `angle = pos * theta^(-2 (j mod k/2) / k)` and `math.cos`/`math.sin`
 //!   in f32; gather reads the id, and yields NaN for an id outside the table
@@ -193,16 +199,23 @@ fn kernel_fn(
     let mut opened = 0;
     let extent = match (walk::walk(graph, node, target), node) {
         (Walk::Rows { axis }, Some(j)) if axis < sizes.len() && kc.row_axis(j) == Some(axis) => {
-            // One iteration per lane.
+            // One iteration (CPU) or thread (GPU) per lane: the same body
+            // on both targets.
             let mut outer_shape = out.shape.clone();
             outer_shape.remove(axis);
+            let lanes = numel(&graph.dims, &outer_shape)
+                .map_err(|message| LowerError::Size { what: format!("lanes of `{}`", kernel.name), message })?;
+            if !graph.dims.same(&lanes, &kernel.extent) {
+                return Err(mismatch(
+                    &kernel.name,
+                    format!("row kernel has extent `{}`, not its {lanes} lanes", kernel.extent),
+                ));
+            }
             let mut outer = sizes.clone();
             outer.remove(axis);
             let mut idx = walk_index(&mut kc, target, &flat, &outer, &mut opened);
             idx.insert(axis, kc.b.index(0));
             kc.row_lane(j, &idx, &sizes, &out_ptr, out.dtype)?;
-            let lanes = numel(&graph.dims, &outer_shape)
-                .map_err(|message| LowerError::Size { what: format!("lanes of `{}`", kernel.name), message })?;
             kc.b.size(&lanes)?
         }
         (Walk::Reuse { keep, reuse, tile }, Some(j)) => {
@@ -305,6 +318,9 @@ fn kernel_fn(
             }
         }
         (_, node) => {
+            if let Some(j) = node.filter(|&j| kc.row_axis(j).is_some()) {
+                return Err(kc.unsupported(j, "row kernel without a row walk"));
+            }
             let idx = walk_index(&mut kc, target, &flat, &sizes, &mut opened);
             let value = match node {
                 Some(j) => kc.compute(j, &idx)?,

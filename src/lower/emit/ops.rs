@@ -438,11 +438,7 @@ impl Kc<'_> {
     /// then computed once per lane instead of once per element.
     pub(crate) fn row_axis(&self, j: usize) -> Option<usize> {
         let node = self.graph.nodes.get(j)?;
-        match node.op {
-            Op::Softmax { axis } if axis < node.shape.len() => Some(axis),
-            Op::RmsNorm { .. } | Op::LayerNorm { .. } => node.shape.len().checked_sub(1),
-            _ => None,
-        }
+        crate::lower::plan::row_axis(&node.op, node.shape.len())
     }
 
     /// One lane of row kernel `j` (see [`Kc::row_axis`]): its statistics

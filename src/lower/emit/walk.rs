@@ -13,8 +13,10 @@
 //!   register tile). Kept when the largest operand indexes every output
 //!   axis of size other than 1 (the baseline's attention over a broadcast
 //!   cache, elementwise-like contractions).
-//! - **Rows** (CPU softmax, rms / layer norm): one iteration per lane: its
-//!   statistics once, then a loop storing the lane's elements.
+//! - **Rows** (softmax, rms / layer norm, both targets): one iteration
+//!   (thread) per lane: its statistics once, then a loop storing the lane's
+//!   elements. The kernel's extent is the number of lanes (see
+//!   [`crate::lower::plan::Kernel::extent`]).
 //!
 //! "Largest" is by elements at a typical point ([`TYPICAL`]; other runtime
 //! dims 64).
@@ -24,6 +26,7 @@ use std::collections::BTreeMap;
 use crate::ir::{shape::numel, Graph, Op, Poly, Value};
 
 use super::Target;
+use crate::lower::plan::row_axis;
 
 /// Outputs per CPU iteration of a reuse-innermost kernel.
 pub(crate) const CPU_TILE: usize = 8;
@@ -55,9 +58,10 @@ pub(crate) fn walk(graph: &Graph, j: Option<usize>, target: Target) -> Walk {
     let rank = node.shape.len();
     let cpu = target == Target::Cpu;
     // Per operand: which output axes it indexes.
+    if let Some(axis) = row_axis(&node.op, rank) {
+        return Walk::Rows { axis };
+    }
     let covered: Vec<(Value, Vec<bool>)> = match &node.op {
-        Op::Softmax { axis } if cpu && *axis < rank => return Walk::Rows { axis: *axis },
-        Op::RmsNorm { .. } | Op::LayerNorm { .. } if cpu && rank > 0 => return Walk::Rows { axis: rank - 1 },
         Op::Einsum(spec) if spec.output.len() == rank && spec.inputs.len() == node.inputs.len() => spec
             .inputs
             .iter()
