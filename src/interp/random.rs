@@ -5,47 +5,9 @@ use super::{At, InterpError, Tensor};
 use crate::ir::{Graph, Op, Role, Value};
 use std::collections::{BTreeMap, HashMap};
 
-/// SplitMix64 (Steele, Lea, Flood 2014): a tiny, fast, seedable generator;
-/// plenty for test data.
-#[derive(Clone, Debug)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    /// A generator started at `seed`.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64 { state: seed }
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)` with 24 random bits (every value exact in f32).
-    pub fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    /// Uniform in `[-1, 1)`.
-    pub fn symmetric(&mut self) -> f32 {
-        2.0 * self.unit() - 1.0
-    }
-
-    /// Uniform integer in `0..n` (`0` when `n == 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next_u64() % n
-        }
-    }
-}
+/// The runtime's generator and name hash: random data drawn here equals the
+/// runtime's random weights for the same seed and tensor name.
+pub use bifurc_runtime::rng::{fnv1a, SplitMix64};
 
 /// Random values for every input of `graph` at `point`, the same for the
 /// same seed. Each input draws from its own stream, seeded by `seed` and the
@@ -127,12 +89,6 @@ fn gather_rows(graph: &Graph, at: &At, index: usize) -> Result<Option<usize>, In
         from_input[j] = node.op.is_view() && node.inputs.iter().any(|v| derived(v, &from_input));
     }
     Ok(None)
-}
-
-/// FNV-1a, 64 bits: a stable hash of an input name (std's hasher may change
-/// between Rust releases).
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3))
 }
 
 #[cfg(test)]
