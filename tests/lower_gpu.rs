@@ -5,10 +5,11 @@
 //! `source scripts/env.sh` sets; without them the tests print a note and
 //! skip. scripts/test.sh sets them, so CI runs everything.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bifurc::inspect::ShapePoint;
 use bifurc::lower::gpu::{gpu_pipeline, to_ptx, to_shared_ptx, GpuTarget};
@@ -19,41 +20,9 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn libdevice() -> Option<PathBuf> {
-    match std::env::var_os("BIFURC_LIBDEVICE") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            eprintln!("note: BIFURC_LIBDEVICE is unset (source scripts/env.sh): skipping");
-            None
-        }
-    }
-}
-
-fn ptxas() -> Option<PathBuf> {
-    match std::env::var_os("BIFURC_PTXAS") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            eprintln!("note: BIFURC_PTXAS is unset (source scripts/env.sh): not assembling PTX");
-            None
-        }
-    }
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "bifurc-lower-gpu-{}-{tag}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Assembles `ptx` with ptxas for `target`; panics with ptxas' output on failure.
 fn assemble(ptxas: &Path, ptx: &str, target: GpuTarget, what: &str) {
-    let dir = scratch("ptxas");
+    let dir = common::scratch("lower-gpu", "ptxas");
     let file = dir.join("k.ptx");
     std::fs::write(&file, ptx).unwrap();
     let out = Command::new(ptxas)
@@ -128,7 +97,7 @@ module attributes {gpu.container_module} {
 
 #[test]
 fn hand_written_module_assembles_for_both_chips() {
-    let Some(libdevice) = libdevice() else { return };
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
     for target in GpuTarget::ALL {
         let ptx = to_ptx(HAND_WRITTEN, target, &libdevice).unwrap_or_else(|e| panic!("{target}: {e}"));
         assert!(ptx.contains(&format!(".target {}", target.chip())), "{ptx}");
@@ -136,7 +105,7 @@ fn hand_written_module_assembles_for_both_chips() {
         // libdevice was linked: no calls to undefined math functions remain.
         assert!(!ptx.contains("__nv_"), "{ptx}");
         assert_eq!(to_ptx(HAND_WRITTEN, target, &libdevice).unwrap(), ptx, "PTX is not deterministic");
-        if let Some(ptxas) = ptxas() {
+        if let Some(ptxas) = common::toolchain_path("BIFURC_PTXAS") {
             assemble(&ptxas, &ptx, target, "the hand-written module");
         }
     }
@@ -144,7 +113,7 @@ fn hand_written_module_assembles_for_both_chips() {
 
 #[test]
 fn identical_kernels_share_one_entry() {
-    let Some(libdevice) = libdevice() else { return };
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
     // k2_exp_again is k0_exp under another name.
     let start = HAND_WRITTEN.find("    gpu.func @k0_exp").unwrap();
     let end = HAND_WRITTEN.find("    gpu.func @k1_rowsum").unwrap();
@@ -162,14 +131,14 @@ fn identical_kernels_share_one_entry() {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
     assert_eq!(shared.entries, expected);
-    if let Some(ptxas) = ptxas() {
+    if let Some(ptxas) = common::toolchain_path("BIFURC_PTXAS") {
         assemble(&ptxas, &shared.ptx, GpuTarget::Sm90, "the shared module");
     }
 }
 
 #[test]
 fn gpu_errors_are_clear() {
-    let Some(libdevice) = libdevice() else { return };
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
     let e = to_ptx("module { this is not mlir", GpuTarget::Sm90, &libdevice).unwrap_err().to_string();
     assert!(e.contains("does not parse"), "{e}");
     let e = to_ptx(HAND_WRITTEN, GpuTarget::Sm90, Path::new("/nonexistent/libdevice.10.bc")).unwrap_err().to_string();
@@ -226,8 +195,8 @@ fn example_graphs() -> Vec<(String, bifurc::ir::Graph)> {
 
 #[test]
 fn every_example_compiles_and_assembles() {
-    let Some(libdevice) = libdevice() else { return };
-    let ptxas = ptxas();
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
+    let ptxas = common::toolchain_path("BIFURC_PTXAS");
     for (name, graph) in example_graphs() {
         // The full flow for sm_90; the same kernel module (the optimizer's
         // work is target-independent) also to PTX for sm_80.
@@ -270,7 +239,7 @@ fn every_example_compiles_and_assembles() {
 
 #[test]
 fn compiling_twice_gives_identical_bytes() {
-    let Some(libdevice) = libdevice() else { return };
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
     for name in ["tiny", "multilevel", "gpt2"] {
         let graph = load(&root().join("examples").join(name).join("model.json"));
         let o = opts(&libdevice, GpuTarget::Sm90, point_for(&graph));
@@ -284,7 +253,7 @@ fn compiling_twice_gives_identical_bytes() {
 
 #[test]
 fn tiny_manifest_snapshot() {
-    let Some(libdevice) = libdevice() else { return };
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
     let graph = load(&root().join("examples/tiny/model.json"));
     let artifact = compile(&graph, &opts(&libdevice, GpuTarget::Sm90, "")).unwrap();
     let manifest = Manifest::from_str(&artifact.manifest.to_json()).expect("the manifest reads back");
@@ -308,7 +277,7 @@ fn context_reads(manifest: &Manifest, b: i64) -> Vec<(String, i64)> {
 
 #[test]
 fn bifurcated_context_kernels_do_not_grow_with_b() {
-    let Some(libdevice) = libdevice() else { return };
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
     let graph = load(&root().join("examples/tiny/model.json"));
     let artifact = compile(&graph, &opts(&libdevice, GpuTarget::Sm90, "b=32")).unwrap();
     let m = &artifact.manifest;
@@ -342,7 +311,7 @@ fn bifurcated_context_kernels_do_not_grow_with_b() {
 
 #[test]
 fn manifest_kernels_follow_the_abi() {
-    let Some(libdevice) = libdevice() else { return };
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
     let graph = load(&root().join("examples/multilevel/model.json"));
     let m = compile(&graph, &opts(&libdevice, GpuTarget::Sm80, point_for(&graph))).unwrap().manifest;
     assert_eq!(m.target, "sm_80");
@@ -361,10 +330,10 @@ fn manifest_kernels_follow_the_abi() {
 
 #[test]
 fn artifact_writes_are_atomic() {
-    let Some(libdevice) = libdevice() else { return };
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
     let graph = load(&root().join("examples/tiny/model.json"));
     let artifact = compile(&graph, &opts(&libdevice, GpuTarget::Sm90, "")).unwrap();
-    let dir = scratch("write");
+    let dir = common::scratch("lower-gpu", "write");
     let ptx = dir.join("out.ptx");
     artifact.write(&ptx).unwrap();
     let manifest_path = dir.join("out.manifest.json");

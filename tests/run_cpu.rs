@@ -18,10 +18,11 @@
 //! Needs `BIFURC_LIBDEVICE` (`source scripts/env.sh`) to compile the
 //! artifacts; without it the tests print a note and skip.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bifurc::inspect::ShapePoint;
 use bifurc::lower::gpu::GpuTarget;
@@ -36,29 +37,6 @@ const PROMPT: [u32; 5] = [1, 2, 3, 4, 5];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn libdevice() -> Option<PathBuf> {
-    match std::env::var_os("BIFURC_LIBDEVICE") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            eprintln!("note: BIFURC_LIBDEVICE is unset (source scripts/env.sh): skipping");
-            None
-        }
-    }
-}
-
-/// A fresh directory for one test; removed by the test when it passes.
-fn scratch(tag: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "bifurc-run-cpu-{}-{tag}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn load(path: &Path) -> bifurc::ir::Graph {
@@ -126,8 +104,8 @@ fn samples_of(v: &Value) -> Vec<Vec<u64>> {
 
 #[test]
 fn cli_samples_deterministically_for_a_seed() {
-    let Some(libdevice) = libdevice() else { return };
-    let dir = scratch("cli");
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
+    let dir = common::scratch("run-cpu", "cli");
     let (_, bif) = tiny_artifacts(&libdevice, &dir);
     let bif = bif.to_str().unwrap();
     let common = [
@@ -240,8 +218,8 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn bifurcated_decodes_like_the_baseline() {
-    let Some(libdevice) = libdevice() else { return };
-    let dir = scratch("equal");
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
+    let dir = common::scratch("run-cpu", "equal");
     let (base, bif) = tiny_artifacts(&libdevice, &dir);
     let manifest = bifurc_runtime::Artifact::load(&base).unwrap().manifest;
     let weights = random_weights(&manifest, 5).unwrap();
@@ -305,8 +283,8 @@ fn run<'a>(ptx: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
 
 #[test]
 fn run_errors_are_one_line() {
-    let Some(libdevice) = libdevice() else { return };
-    let dir = scratch("errors");
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
+    let dir = common::scratch("run-cpu", "errors");
     let bif = write_artifact(&libdevice, &dir, "tiny", "bif", true, "b=32,m_c=512,m_d=4");
     let bif = bif.to_str().unwrap();
     // Valid flags (every case below fails before a step runs).
