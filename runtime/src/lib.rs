@@ -26,6 +26,7 @@ pub mod bench;
 pub mod cuda;
 pub mod dtype;
 pub mod exec;
+pub mod expr;
 pub mod manifest;
 pub mod plan;
 pub mod random;
