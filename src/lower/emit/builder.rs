@@ -278,6 +278,14 @@ impl Builder {
         self.op(&format!("llvm.load {p} {{alignment = 4 : i64}} : !llvm.ptr -> vector<{lanes}xf32>"))
     }
 
+    /// Stores vector `v` of `lanes` f32 at element `off` of `ptr`
+    /// (element alignment only).
+    pub(crate) fn store_f32_vector(&mut self, ptr: &str, off: &str, v: &str, lanes: usize) {
+        let o = self.index_to_i64(off);
+        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
+        self.line(&format!("llvm.store {v}, {p} {{alignment = 4 : i64}} : vector<{lanes}xf32>, !llvm.ptr"));
+    }
+
     /// Yields the next accumulators (f32) and closes the loop.
     pub(crate) fn close_for_n(&mut self, nexts: &[String]) {
         let tys = vec!["f32"; nexts.len()].join(", ");

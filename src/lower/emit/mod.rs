@@ -256,14 +256,23 @@ fn kernel_fn(
             walk_sizes.push(tiles.clone());
             let mut at = walk_index(&mut kc, target, &flat, &walk_sizes, &mut opened);
             let tile_index = at.pop().unwrap_or_default();
+            // A block along the output's last axis whose outputs are one
+            // vector (see `Kc::out_lanes`): no loop over its elements.
+            let vector = block
+                .filter(|&pos| keep[pos] + 1 == sizes.len() && BLOCK == CPU_SIMD)
+                .and_then(|pos| kc.out_lanes(j, kc.b.known(&keep_sizes[pos]), out.dtype == crate::ir::DType::F32));
             if let Some(pos) = block {
                 let bn = kc.b.index(BLOCK as i64);
                 let start = kc.b.muli(&at[pos], &bn);
-                let left = kc.b.subi(&keep_sizes[pos], &start);
-                let ub = kc.b.op(&format!("arith.minui {left}, {bn} : index"));
-                let inner = kc.b.open_loop(&ub);
-                opened += 1;
-                at[pos] = kc.b.addi(&start, &inner);
+                if vector.is_some() {
+                    at[pos] = start;
+                } else {
+                    let left = kc.b.subi(&keep_sizes[pos], &start);
+                    let ub = kc.b.op(&format!("arith.minui {left}, {bn} : index"));
+                    let inner = kc.b.open_loop(&ub);
+                    opened += 1;
+                    at[pos] = kc.b.addi(&start, &inner);
+                }
             }
             let mut idxs = Vec::with_capacity(tile);
             let mut guards = Vec::with_capacity(tile);
@@ -299,14 +308,20 @@ fn kernel_fn(
                 }
                 idxs.push(idx);
             }
-            let values = kc.compute_tile(j, &idxs)?;
+            let values = match vector {
+                Some(lanes) => kc.einsum_out_vec(j, &idxs, lanes)?.into_iter().map(builder::Val::f32).collect(),
+                None => kc.compute_tile(j, &idxs)?,
+            };
             for (t, (idx, v)) in idxs.iter().zip(values).enumerate() {
                 let guard = guards.get(t).cloned().flatten();
                 if let Some(g) = &guard {
                     kc.b.open_guard(g);
                 }
                 let off = kc.b.linearize(idx, &sizes);
-                kc.b.store(&out_ptr, &off, out.dtype, v);
+                match vector {
+                    Some(lanes) => kc.b.store_f32_vector(&out_ptr, &off, &v.ssa, lanes),
+                    None => kc.b.store(&out_ptr, &off, out.dtype, v),
+                }
                 if guard.is_some() {
                     kc.b.close();
                 }
@@ -429,5 +444,53 @@ impl Kc<'_> {
     pub(crate) fn unsupported(&self, j: usize, message: impl Into<String>) -> LowerError {
         let id = self.graph.nodes.get(j).map_or("?", |n| n.id.as_str());
         LowerError::Unsupported { node: id.to_owned(), message: message.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crate::hf::{build, HfOptions};
+    use crate::inspect::ShapePoint;
+    use crate::interp::{random_inputs, run};
+    use crate::lower::{plan, CpuStep};
+    use crate::optimize::{optimize, Options};
+
+    /// Head dim 64 (larger than the typical b, so V is the largest
+    /// operand): the context einsum `acdxy,cyz->acdxz` of the bifurcated
+    /// graph takes the output-vector path (four vectors per row), checked
+    /// against the interpreter with b not a multiple of the tile and an
+    /// empty decode cache.
+    #[test]
+    fn output_vector_contraction_matches_interpreter() {
+        let config = r#"{"model_type": "llama", "hidden_size": 128, "intermediate_size": 48,
+          "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 40,
+          "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "max_position_embeddings": 512}"#;
+        let doc = build(config, &HfOptions { layers: Some(1), ..Default::default() }).expect("import-hf");
+        let g = crate::import::from_value(&doc).expect("import");
+        let point = ShapePoint::parse("b=64,m_c=4096,m_d=64").expect("point");
+        let g = optimize(&g, &Options { point, ..Default::default() }).expect("optimize").graph;
+        let program = plan(&g).expect("plan");
+        let text = super::emit(&g, &program, super::Target::Cpu).expect("emit");
+        assert!(text.contains("vector<16xf32>, !llvm.ptr"), "no output-vector store");
+        let step = CpuStep::compile(&g).expect("compile");
+        for (seed, (b, m_c, m_d)) in [(3, 5, 0), (9, 17, 2), (8, 1, 3)].into_iter().enumerate() {
+            let p: BTreeMap<String, i64> =
+                [("b", b), ("m_c", m_c), ("m_d", m_d)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            let inputs = random_inputs(&g, &p, 5 + seed as u64).expect("inputs");
+            let want = run(&g, &p, &inputs).expect("interp");
+            let got = step.run(&p, &inputs).expect("run");
+            for (out, w) in &want {
+                let a = &got[out];
+                assert_eq!(a.shape, w.shape, "{out} at {p:?}");
+                let (mut diff, mut top) = (0.0f32, 1e-6f32);
+                for (&x, &y) in a.data.iter().zip(&w.data) {
+                    diff = diff.max((x - y).abs());
+                    top = top.max(y.abs());
+                }
+                assert!(diff / top <= 1e-4, "{out} at {p:?}: {:e}", diff / top);
+            }
+        }
     }
 }

@@ -393,6 +393,154 @@ impl Kc<'_> {
         Ok(out)
     }
 
+    /// Lanes of a CPU contraction of node `j` vectorized along its output's
+    /// last axis (size `n`): when `j` is an einsum whose output is f32 data
+    /// (`out_f32`), `n` is a positive multiple of [`Kc::simd`], every
+    /// operand indexed by the output's last letter is stored f32 data whose
+    /// last axis is that letter (consecutive outputs read consecutive
+    /// elements), and the innermost contraction is not already vectorized
+    /// (see [`Kc::simd_lanes`]). The context `w · V` einsum of bifurcated
+    /// attention, `acdxy,cyz->acdxz`, is the case: y has stride k in V.
+    pub(crate) fn out_lanes(&self, j: usize, n: Option<i64>, out_f32: bool) -> Option<usize> {
+        let lanes = self.simd;
+        let n = n?;
+        if lanes == 0 || !out_f32 || n <= 0 || n % lanes as i64 != 0 {
+            return None;
+        }
+        let node = self.graph.nodes.get(j)?;
+        let Op::Einsum(spec) = &node.op else { return None };
+        let z = *spec.output.last()?;
+        if spec.inputs.len() != node.inputs.len() || spec.output.iter().filter(|c| **c == z).count() != 1 {
+            return None;
+        }
+        let mut reduced: Vec<(char, Poly)> = Vec::new();
+        for (subs, v) in spec.inputs.iter().zip(&node.inputs) {
+            let shape = self.graph.shape_of(*v);
+            if shape.len() != subs.len() {
+                return None;
+            }
+            for (c, d) in subs.iter().zip(shape) {
+                if !spec.output.contains(c) && !reduced.iter().any(|(l, _)| l == c) {
+                    reduced.push((*c, d.clone()));
+                }
+            }
+            if !subs.contains(&z) {
+                continue;
+            }
+            let b = self.stored(*v)?;
+            if subs.last() != Some(&z) || self.program.buffers[b].dtype != crate::ir::DType::F32 {
+                return None;
+            }
+        }
+        if let Some((c, d)) = reduced.last() {
+            if self.simd_lanes(spec, &node.inputs, *c, d).is_some() {
+                return None;
+            }
+        }
+        Some(lanes)
+    }
+
+    /// Einsum node `j` at every index of `idxs` (a register tile), each
+    /// the `lanes` consecutive outputs from its index along the output's
+    /// last axis (see [`Kc::out_lanes`]), as `vector<lanes x f32>` values:
+    /// one vector accumulator per index, the contracted letters in nested
+    /// scalar loops; operands indexed by the last output letter are vector
+    /// loads, the others scalar loads broadcast (each loaded once per step).
+    pub(crate) fn einsum_out_vec(
+        &mut self,
+        j: usize,
+        idxs: &[Vec<String>],
+        lanes: usize,
+    ) -> Result<Vec<String>, LowerError> {
+        let node = &self.graph.nodes[j];
+        let (op, inputs) = (node.op.clone(), node.inputs.clone());
+        let Op::Einsum(spec) = op else { return Err(self.unsupported(j, "output-vector contraction of a non-einsum")) };
+        if spec.inputs.len() != inputs.len() || idxs.iter().any(|idx| spec.output.len() != idx.len()) {
+            return Err(self.unsupported(j, format!("einsum `{spec}` does not match its operands")));
+        }
+        let mut envs: Vec<Vec<(char, String)>> =
+            idxs.iter().map(|idx| spec.output.iter().copied().zip(idx.iter().cloned()).collect()).collect();
+        let mut reduced: Vec<(char, Poly)> = Vec::new();
+        for (subs, v) in spec.inputs.iter().zip(&inputs) {
+            let shape = self.graph.shape_of(*v).clone();
+            for (c, d) in subs.iter().zip(shape) {
+                if !spec.output.contains(c) && !reduced.iter().any(|(l, _)| l == c) {
+                    reduced.push((*c, d));
+                }
+            }
+        }
+        let vty = format!("vector<{lanes}xf32>");
+        let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
+        self.out_vec_loops(j, &spec, &inputs, &mut envs, &reduced, &vec![zero; idxs.len()], lanes)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn out_vec_loops(
+        &mut self,
+        j: usize,
+        spec: &EinsumSpec,
+        inputs: &[Value],
+        envs: &mut [Vec<(char, String)>],
+        reduced: &[(char, Poly)],
+        accs: &[String],
+        lanes: usize,
+    ) -> Result<Vec<String>, LowerError> {
+        let vty = format!("vector<{lanes}xf32>");
+        let z = spec.output.last().copied();
+        let Some(((c, d), rest)) = reduced.split_first() else {
+            let mut loaded = Loaded::default();
+            let mut out = Vec::with_capacity(envs.len());
+            for (env, acc) in envs.iter().zip(accs) {
+                let mut factors = Vec::with_capacity(inputs.len());
+                for (k, (subs, v)) in spec.inputs.iter().zip(inputs).enumerate() {
+                    let mut at = Vec::with_capacity(subs.len());
+                    for s in subs {
+                        let i = env.iter().find(|(l, _)| l == s).map(|(_, i)| i.clone());
+                        at.push(i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))?);
+                    }
+                    let key = (k, at.clone());
+                    let x = match loaded.0.get(&key) {
+                        Some(x) => x.clone(),
+                        None => {
+                            let x = match (z.is_some_and(|z| subs.contains(&z)), self.stored(*v)) {
+                                (true, Some(b)) => self.load_vector(b, &at, lanes)?,
+                                (true, None) => return Err(self.unsupported(j, "vector operand is not stored")),
+                                (false, _) => {
+                                    let x = self.loadf(*v, &at)?;
+                                    self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"))
+                                }
+                            };
+                            loaded.0.insert(key, x.clone());
+                            x
+                        }
+                    };
+                    factors.push(x);
+                }
+                let Some((first, more)) = factors.split_first() else {
+                    return Err(self.unsupported(j, "einsum without operands"));
+                };
+                let mut p = first.clone();
+                for f in more {
+                    p = self.b.op(&format!("arith.mulf {p}, {f} fastmath<{CONTRACT}> : {vty}"));
+                }
+                out.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<{CONTRACT}> : {vty}")));
+            }
+            return Ok(out);
+        };
+        let ub = self.sizes(std::slice::from_ref(d))?.remove(0);
+        let one = self.b.index(1);
+        let (res, l, a) = self.b.open_for_typed(&ub, &one, accs, &vty);
+        for env in envs.iter_mut() {
+            env.push((*c, l.clone()));
+        }
+        let next = self.out_vec_loops(j, spec, inputs, envs, rest, &a, lanes)?;
+        for env in envs.iter_mut() {
+            env.pop();
+        }
+        self.b.close_for_typed(&next, &vty);
+        Ok(res)
+    }
+
     /// Softmax along `axis`: max, sum of `exp(x - max)`, element. A lane
     /// whose max is `-inf` (fully masked) gives 0.
     fn softmax(&mut self, j: usize, x: Value, axis: usize, idx: &[String]) -> Result<Val, LowerError> {
