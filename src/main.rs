@@ -315,8 +315,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads a model.json; errors inside the file are prefixed with its path
+/// (an unreadable file's error names it already).
 fn load(path: &Path) -> Result<bifurc::ir::Graph> {
-    bifurc::import::load(path).with_context(|| format!("{}", path.display()))
+    match bifurc::import::load(path) {
+        Ok(g) => Ok(g),
+        Err(e @ bifurc::import::ImportError::Io { .. }) => Err(e.into()),
+        Err(e) => Err(anyhow::Error::new(e).context(path.display().to_string())),
+    }
 }
 
 /// Refuses to write an output over one of the command's inputs.

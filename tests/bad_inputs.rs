@@ -60,3 +60,14 @@ fn cli_reports_each_bad_file_on_one_line_and_fails() {
         );
     }
 }
+
+#[test]
+fn a_missing_file_is_named_once_with_the_os_reason() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bifurc")).args(["inspect", "no-such-model.json"]).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: cannot read no-such-model.json: "), "{stderr}");
+    assert_eq!(stderr.matches("no-such-model.json").count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("os error").count(), 1, "{stderr}");
+}

@@ -13,8 +13,10 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    #[error("cannot read {file}: {source}")]
-    Io { file: String, source: std::io::Error },
+    /// The OS error is part of the message (not a `source`), so callers that
+    /// print `{e}` show it and error chains don't print it twice.
+    #[error("cannot read {file}: {cause}")]
+    Io { file: String, cause: std::io::Error },
     #[error("malformed JSON at line {line}, column {column}: {message}")]
     Json { line: usize, column: usize, message: String },
     #[error("{path}: {message}")]
@@ -34,7 +36,7 @@ impl ImportError {
 /// Reads and checks a model.json file.
 pub fn load(path: &Path) -> Result<Graph, ImportError> {
     let text =
-        std::fs::read_to_string(path).map_err(|source| ImportError::Io { file: path.display().to_string(), source })?;
+        std::fs::read_to_string(path).map_err(|cause| ImportError::Io { file: path.display().to_string(), cause })?;
     parse(&text)
 }
 
