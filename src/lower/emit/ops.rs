@@ -218,6 +218,37 @@ impl Kc<'_> {
         Ok(x)
     }
 
+    /// Operand `k` (`v`) of node `j` at `at` as a `vector<lanes x f32>`: a
+    /// vector load when `lane` (the operand has the vectorized letter, so it
+    /// is a stored buffer with that letter last), else a scalar load
+    /// broadcast; emitted once per distinct index within one step.
+    #[allow(clippy::too_many_arguments)]
+    fn loadv_once(
+        &mut self,
+        loaded: &mut Loaded,
+        j: usize,
+        k: usize,
+        v: Value,
+        at: &[String],
+        lane: bool,
+        lanes: usize,
+    ) -> Result<String, LowerError> {
+        let key = (k, at.to_vec());
+        if let Some(x) = loaded.0.get(&key) {
+            return Ok(x.clone());
+        }
+        let x = match (lane, self.stored(v)) {
+            (true, Some(b)) => self.load_vector(b, at, lanes)?,
+            (true, None) => return Err(self.unsupported(j, "vector operand is not stored")),
+            (false, _) => {
+                let x = self.loadf(v, at)?;
+                self.b.op(&format!("vector.broadcast {x} : f32 to vector<{lanes}xf32>"))
+            }
+        };
+        loaded.0.insert(key, x.clone());
+        Ok(x)
+    }
+
     /// General einsum: output letters from each index of `idxs` (a
     /// register tile), the others summed in nested loops shared by the
     /// tile; an operand element whose index is the same for several
@@ -359,23 +390,7 @@ impl Kc<'_> {
                     let i = env.iter().find(|(x, _)| x == s).map(|(_, i)| i.clone());
                     at.push(i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))?);
                 }
-                let key = (k, at.clone());
-                let x = match loaded.0.get(&key) {
-                    Some(x) => x.clone(),
-                    None => {
-                        let x = match (subs.contains(&c), self.stored(*v)) {
-                            (true, Some(b)) => self.load_vector(b, &at, lanes)?,
-                            (true, None) => return Err(self.unsupported(j, "SIMD operand is not stored")),
-                            (false, _) => {
-                                let x = self.loadf(*v, &at)?;
-                                self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"))
-                            }
-                        };
-                        loaded.0.insert(key, x.clone());
-                        x
-                    }
-                };
-                factors.push(x);
+                factors.push(self.loadv_once(&mut loaded, j, k, *v, &at, subs.contains(&c), lanes)?);
             }
             env.pop();
             let mut p = factors.first().cloned().ok_or_else(|| self.unsupported(j, "einsum without operands"))?;
@@ -498,23 +513,8 @@ impl Kc<'_> {
                         let i = env.iter().find(|(l, _)| l == s).map(|(_, i)| i.clone());
                         at.push(i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))?);
                     }
-                    let key = (k, at.clone());
-                    let x = match loaded.0.get(&key) {
-                        Some(x) => x.clone(),
-                        None => {
-                            let x = match (z.is_some_and(|z| subs.contains(&z)), self.stored(*v)) {
-                                (true, Some(b)) => self.load_vector(b, &at, lanes)?,
-                                (true, None) => return Err(self.unsupported(j, "vector operand is not stored")),
-                                (false, _) => {
-                                    let x = self.loadf(*v, &at)?;
-                                    self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"))
-                                }
-                            };
-                            loaded.0.insert(key, x.clone());
-                            x
-                        }
-                    };
-                    factors.push(x);
+                    let lane = z.is_some_and(|z| subs.contains(&z));
+                    factors.push(self.loadv_once(&mut loaded, j, k, *v, &at, lane, lanes)?);
                 }
                 let Some((first, more)) = factors.split_first() else {
                     return Err(self.unsupported(j, "einsum without operands"));
