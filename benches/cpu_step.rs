@@ -26,6 +26,7 @@ use bifurc::interp::{random_inputs, Tensor};
 use bifurc::ir::Graph;
 use bifurc::lower::CpuStep;
 use bifurc::optimize::{optimize, Options};
+use bifurc_runtime::bench::median;
 
 const CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
   "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 2, "vocab_size": 1000,
@@ -36,11 +37,6 @@ const OPT_POINT: &str = "b=32,m_c=8192,m_d=16";
 const M_C: i64 = 8192;
 const M_D: i64 = 16;
 const TOL: f32 = 1e-4;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// `max|a - b| / max(max|b|, 1e-6)`; NaN when shapes differ.
 fn norm_rel(a: &Tensor, b: &Tensor) -> f32 {
@@ -121,7 +117,7 @@ fn main() {
                 drop(out);
             }
         }
-        let [tb, tf] = times.map(median);
+        let [tb, tf] = times.map(|t| median(&t).unwrap_or(f64::NAN));
         if std::env::var_os("BIFURC_BENCH_PROFILE").is_some() {
             for (name, step) in ["baseline", "bifurcated"].iter().zip(&steps) {
                 let (_, mut ks) = step.run_profiled(&point, &inputs).expect("run");

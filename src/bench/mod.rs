@@ -15,6 +15,7 @@ use crate::inspect::{bytes_moved, ShapePoint};
 use crate::interp::random_inputs;
 use crate::ir::Graph;
 use crate::optimize::{optimize, Options};
+use bifurc_runtime::bench::median;
 use bifurc_runtime::Step;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -72,18 +73,6 @@ pub enum BenchError {
     Step(#[from] bifurc_runtime::StepError),
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
-}
-
 fn point(b: i64, m_c: i64, m_d: i64) -> BTreeMap<String, i64> {
     BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)])
 }
@@ -132,8 +121,8 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
                 samples: b,
                 context: m_c,
                 decoded: opts.decoded,
-                baseline_ms: median(tb),
-                bifurcated_ms: median(tf),
+                baseline_ms: median(&tb).unwrap_or(f64::NAN),
+                bifurcated_ms: median(&tf).unwrap_or(f64::NAN),
                 predicted,
             });
         }
