@@ -10,7 +10,8 @@
 #   1. environment: nvidia-smi, driver, torch versions         -> OUT/env.txt
 #   2. bifurc-run info: the PTX modules load on this GPU        -> OUT/info.txt
 #   3. tiny f32 model, greedy: baseline and bifurcated decode the same tokens
-#      (and the CPU reference's, when carry/ has one)           -> OUT/tiny/
+#      (and the CPU reference's, when carry/ has one), with the decode caches
+#      appended on the device and uploaded from the host        -> OUT/tiny/
 #   4. bifurc-run bench, baseline vs bifurcated, b in {1,16,32} x m_c in {2048,8192}
 #                                                               -> OUT/bench/
 #   5. PyTorch, one attention layer of the same shape: SDPA on the batch-expanded
@@ -105,6 +106,8 @@ mkdir -p "$out/tiny"
 tiny_args=(--random-weights --seed 1 --prompt-ids 1,2,3,4,5,6,7,8 --samples 4 --steps 16 --temperature 0 --json)
 step "tiny baseline" 30 "$run" run "$carry/tiny-base.ptx" "${tiny_args[@]}" --out-json "$out/tiny/base.json"
 step "tiny bifurcated" 30 "$run" run "$carry/tiny-bif.ptx" "${tiny_args[@]}" --out-json "$out/tiny/bif.json"
+step "tiny bifurcated, host caches" 30 "$run" run "$carry/tiny-bif.ptx" "${tiny_args[@]}" --host-caches \
+    --out-json "$out/tiny/bif-host.json"
 step "tiny sampled (T=0.8)" 30 "$run" run "$carry/tiny-bif.ptx" --random-weights --seed 1 --context-len 512 \
     --samples 32 --steps 32 --temperature 0.8 --json --out-json "$out/tiny/sampled.json"
 compare_tiny() {
@@ -117,6 +120,15 @@ print("baseline tokens  :", base["tokens"][0])
 print("bifurcated tokens:", bif["tokens"][0])
 ok = base["tokens"] == bif["tokens"]
 print("baseline == bifurcated:", ok)
+# Decode caches appended on the device vs uploaded from the host each step.
+host = os.path.join(d, "bif-host.json")
+if os.path.exists(host):
+    same = json.load(open(host))["tokens"] == bif["tokens"]
+    print("device-appended caches == host-uploaded caches:", same)
+    ok = ok and same
+else:
+    print("no", host, "(that run failed)")
+    ok = False
 if os.path.exists(cpu):
     ref = json.load(open(cpu))
     if isinstance(ref.get("tokens"), list):

@@ -1,10 +1,16 @@
 //! The CPU backend of the runtime's [`Step`] interface: the compiled step
 //! JIT-compiled for the host through MLIR ([`crate::lower::CpuStep`]). It
 //! lives in this crate, not in `bifurc-runtime`, because it links MLIR.
+//!
+//! Decode caches can be kept in the backend with spare rows
+//! ([`Step::reserve_rows`]), as on CUDA: the same pitched kernels read them
+//! with the capacity as row stride, and a step's new rows are copied in
+//! place.
 
 use crate::interp::Tensor;
 use crate::ir::Graph;
-use crate::lower::{CpuStep, LowerError};
+use crate::lower::{BufferKind, CpuStep, LowerError};
+use bifurc_runtime::rows::{append_host, dense_host, relayout_host, RowCaches};
 use bifurc_runtime::{HostTensor, Step, StepError};
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,18 +18,54 @@ use std::collections::{BTreeMap, HashMap};
 pub struct CpuBackend {
     step: CpuStep,
     runtime: Vec<String>,
+    /// Inputs by name; a reserved cache is stored with its capacity's rows.
     bound: HashMap<String, Tensor>,
+    rows: RowCaches,
+    /// Outputs of the last run (the new rows to append).
+    last: HashMap<String, HostTensor>,
 }
 
 impl CpuBackend {
     /// JIT-compiles `graph` (one compilation serves every value of the runtime dims).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
-        Ok(Self { step: CpuStep::compile(graph)?, runtime: graph.dims.runtime.clone(), bound: HashMap::new() })
+        Ok(Self {
+            step: CpuStep::compile(graph)?,
+            runtime: graph.dims.runtime.clone(),
+            bound: HashMap::new(),
+            rows: RowCaches::default(),
+            last: HashMap::new(),
+        })
     }
 
     /// Binds a reference-interpreter tensor without copying through [`HostTensor`].
     pub fn bind_tensor(&mut self, name: &str, tensor: Tensor) {
+        self.rows.forget(name);
         self.bound.insert(name.to_string(), tensor);
+    }
+
+    /// The rows axis and dim of pitched input `name`.
+    fn pitch(&self, name: &str) -> Result<(usize, String), StepError> {
+        let b = self.step.program().buffers.iter().find(|b| b.name == name);
+        match b {
+            Some(b) if matches!(b.kind, BufferKind::Input(_)) => match &b.pitch {
+                Some(p) => Ok((p.axis, p.dim.clone())),
+                None => Err(StepError::Backend(format!("`{name}` is not an input with spare rows (a decode cache)"))),
+            },
+            _ => Err(StepError::UnknownBuffer(name.to_string())),
+        }
+    }
+
+    /// Applies the re-layouts `RowCaches` asks for to the stored tensors.
+    fn relayout(&mut self, moves: &[bifurc_runtime::rows::Relayout]) -> Result<(), StepError> {
+        for m in moves {
+            let t = self.bound.get_mut(&m.name).ok_or_else(|| StepError::Unbound(m.name.clone()))?;
+            t.data = relayout_host(&t.data, &m.old, &m.new);
+            let (axis, _) = self.pitch(&m.name)?;
+            if let Some(t) = self.bound.get_mut(&m.name) {
+                t.shape[axis] = m.new.capacity;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -35,12 +77,50 @@ impl Step for CpuBackend {
     fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
         let t =
             Tensor::new(tensor.shape.clone(), tensor.data.clone()).map_err(|e| StepError::Backend(e.to_string()))?;
-        self.bound.insert(name.to_string(), t);
+        self.bind_tensor(name, t);
         Ok(())
     }
 
     fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
-        let out = self.step.run(dims, &self.bound).map_err(|e| StepError::Backend(e.to_string()))?;
-        Ok(out.into_iter().map(|(k, t)| (k, HostTensor { shape: t.shape, data: t.data })).collect())
+        let program = self.step.program();
+        let pitched = program.buffers.iter().filter(|b| matches!(b.kind, BufferKind::Input(_)));
+        self.rows.check_dense(pitched.filter_map(|b| Some((b.name.as_str(), b.pitch.as_ref()?.dim.as_str()))))?;
+        let caps = self.rows.capacities();
+        let out =
+            self.step.run_with_capacity(dims, &caps, &self.bound).map_err(|e| StepError::Backend(e.to_string()))?;
+        let out: HashMap<String, HostTensor> =
+            out.into_iter().map(|(k, t)| (k, HostTensor { shape: t.shape, data: t.data })).collect();
+        self.last = out.clone();
+        Ok(out)
+    }
+
+    fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
+        let (axis, dim) = self.pitch(name)?;
+        self.bound.remove(name);
+        let (g, moves) = self.rows.reserve(name, axis, &dim, shape, capacity)?;
+        self.relayout(&moves)?;
+        let mut stored = shape.to_vec();
+        stored[axis] = g.capacity;
+        self.bound.insert(name.to_string(), Tensor { shape: stored, data: vec![0.0; g.stored()] });
+        Ok(true)
+    }
+
+    fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
+        let new =
+            self.last.get(rows).ok_or_else(|| StepError::Backend(format!("no output `{rows}` from a last step")))?;
+        let (g, moves) = self.rows.prepare_append(name, &new.shape)?;
+        let new = new.data.clone();
+        self.relayout(&moves)?;
+        let t = self.bound.get_mut(name).ok_or_else(|| StepError::Unbound(name.to_string()))?;
+        append_host(&mut t.data, &g, &new);
+        self.rows.appended(name);
+        Ok(())
+    }
+
+    fn read_rows(&mut self, name: &str) -> Result<HostTensor, StepError> {
+        let g = self.rows.geometry(name)?;
+        let t = self.bound.get(name).ok_or_else(|| StepError::Unbound(name.to_string()))?;
+        let shape = self.rows.shape(name).map(<[usize]>::to_vec).unwrap_or_default();
+        Ok(HostTensor { shape, data: dense_host(&t.data, &g) })
     }
 }

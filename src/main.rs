@@ -214,6 +214,10 @@ struct RunArgs {
     /// Also write the JSON object to this file.
     #[arg(long, value_name = "FILE")]
     out_json: Option<PathBuf>,
+    /// Keep the decode caches on the host and bind them every step, instead of
+    /// appending each step's K/V rows inside the backend (for checking).
+    #[arg(long)]
+    host_caches: bool,
 }
 
 #[derive(clap::Args)]
@@ -464,6 +468,7 @@ fn run_step(args: &RunArgs) -> Result<()> {
         seed: args.seed,
         keep_logits: args.logits,
         progress: !args.json,
+        host_caches: args.host_caches,
     };
     let report = bifurc::run::run(&opts)?;
     let value = report.to_json();

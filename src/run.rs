@@ -88,6 +88,10 @@ pub struct RunOptions {
     pub keep_logits: bool,
     /// Draw a progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
+    /// Keep the decode caches on the host and bind them every step instead
+    /// of appending rows inside the backend (for checking; see
+    /// [`bifurc_runtime::BoundCaches`]).
+    pub host_caches: bool,
 }
 
 /// What a run did.
@@ -387,6 +391,9 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         Device::Cpu => (Box::new(jit(&artifact)?), "cpu (MLIR JIT)".to_string()),
         Device::Cuda { ordinal } => cuda_step(&artifact, ordinal)?,
     };
+    if opts.host_caches {
+        step = Box::new(bifurc_runtime::BoundCaches(step));
+    }
     let load_s = start.elapsed().as_secs_f64();
 
     let start = Instant::now();

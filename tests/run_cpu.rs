@@ -168,10 +168,14 @@ fn cli_samples_deterministically_for_a_seed() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A step that records every output of every run.
+/// A step that records every output of every run; with `keep_caches`
+/// false it keeps no decode caches (the session binds them every step).
 struct Recorder<S> {
     inner: S,
     runs: Vec<(BTreeMap<String, i64>, HashMap<String, HostTensor>)>,
+    keep_caches: bool,
+    /// Names bound, in order.
+    binds: Vec<String>,
 }
 
 impl<S: Step> Step for Recorder<S> {
@@ -180,6 +184,7 @@ impl<S: Step> Step for Recorder<S> {
     }
 
     fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
+        self.binds.push(name.to_string());
         self.inner.bind(name, tensor)
     }
 
@@ -188,16 +193,38 @@ impl<S: Step> Step for Recorder<S> {
         self.runs.push((dims.clone(), out.clone()));
         Ok(out)
     }
+
+    fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
+        if self.keep_caches {
+            self.inner.reserve_rows(name, shape, capacity)
+        } else {
+            Ok(false)
+        }
+    }
+
+    fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
+        self.inner.append_rows(name, rows)
+    }
+
+    fn read_rows(&mut self, name: &str) -> Result<HostTensor, StepError> {
+        self.inner.read_rows(name)
+    }
 }
 
 type Runs = Vec<(BTreeMap<String, i64>, HashMap<String, HostTensor>)>;
 
 /// Decodes with the artifact at `ptx` on the CPU: greedy from PROMPT, then
-/// sampled at T=0.8 from a random context. Returns both outputs and every
-/// step's outputs.
-fn decode(ptx: &Path, weights: &HashMap<String, HostTensor>) -> (Vec<f32>, SampleOutput, SampleOutput, Runs) {
+/// sampled at T=0.8 from a random context, with the decode caches kept in
+/// the backend or by the session (`keep_caches`). Returns both outputs and
+/// every step's outputs.
+fn decode(
+    ptx: &Path,
+    weights: &HashMap<String, HostTensor>,
+    keep_caches: bool,
+) -> (Vec<f32>, SampleOutput, SampleOutput, Runs) {
     let (artifact, cpu) = bifurc::run::cpu_step(ptx).unwrap_or_else(|e| panic!("{}: {e}", ptx.display()));
-    let mut session = Session::new(Recorder { inner: cpu, runs: Vec::new() }, &artifact.manifest).unwrap();
+    let recorder = Recorder { inner: cpu, runs: Vec::new(), keep_caches, binds: Vec::new() };
+    let mut session = Session::new(recorder, &artifact.manifest).unwrap();
     session.bind_weights(weights).unwrap();
     let fill = session.fill_context(&PROMPT).unwrap();
     let options = SampleOptions { samples: 4, steps: 6, temperature: 0.0, seed: 1, keep_last_logits: true };
@@ -205,7 +232,11 @@ fn decode(ptx: &Path, weights: &HashMap<String, HostTensor>) -> (Vec<f32>, Sampl
     session.random_context(7, 11).unwrap();
     let options = SampleOptions { temperature: 0.8, ..options };
     let sampled = session.sample(&options, |_| {}).unwrap();
-    (fill, greedy, sampled, session.into_step().runs)
+    let recorder = session.into_step();
+    // Kept caches are never bound; the others are bound at every step.
+    let cache_binds = recorder.binds.iter().filter(|n| n.ends_with("_dec")).count();
+    assert_eq!(cache_binds, if keep_caches { 0 } else { 4 * recorder.runs.len() }, "decode-cache binds");
+    (fill, greedy, sampled, recorder.runs)
 }
 
 /// `max|a - b| / max(max|b|, 1e-6)`.
@@ -223,8 +254,8 @@ fn bifurcated_decodes_like_the_baseline() {
     let (base, bif) = tiny_artifacts(&libdevice, &dir);
     let manifest = bifurc_runtime::Artifact::load(&base).unwrap().manifest;
     let weights = random_weights(&manifest, 5).unwrap();
-    let (fill_a, greedy_a, sampled_a, runs_a) = decode(&base, &weights);
-    let (fill_b, greedy_b, sampled_b, runs_b) = decode(&bif, &weights);
+    let (fill_a, greedy_a, sampled_a, runs_a) = decode(&base, &weights, true);
+    let (fill_b, greedy_b, sampled_b, runs_b) = decode(&bif, &weights, true);
 
     // 5 fill steps at b=1, then 6 greedy and 6 sampled steps at b=4.
     assert_eq!(runs_a.len(), 5 + 6 + 6);
@@ -256,6 +287,34 @@ fn bifurcated_decodes_like_the_baseline() {
         let (la, lb) = (a.last_logits.as_ref().unwrap(), b.last_logits.as_ref().unwrap());
         assert_eq!(la.shape, [4, 256]);
         assert!(rel_diff(&lb.data, &la.data) <= TOL);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Decode caches kept inside the backend with spare rows (reserved with
+/// the run's capacity, grown by doubling during the 5-token fill's
+/// reservation, appended in place) give exactly the outputs of caches the
+/// session keeps and binds densely every step: same kernels, same
+/// arithmetic, only the row stride differs.
+#[test]
+fn backend_kept_caches_decode_exactly_like_bound_caches() {
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
+    let dir = common::scratch("run-cpu", "kept");
+    let (base, bif) = tiny_artifacts(&libdevice, &dir);
+    let manifest = bifurc_runtime::Artifact::load(&base).unwrap().manifest;
+    let weights = random_weights(&manifest, 9).unwrap();
+    for ptx in [&base, &bif] {
+        let (fill_a, greedy_a, sampled_a, runs_a) = decode(ptx, &weights, true);
+        let (fill_b, greedy_b, sampled_b, runs_b) = decode(ptx, &weights, false);
+        assert_eq!(fill_a, fill_b);
+        assert_eq!(greedy_a.tokens, greedy_b.tokens);
+        assert_eq!(sampled_a.tokens, sampled_b.tokens);
+        assert_eq!(greedy_a.last_logits, greedy_b.last_logits);
+        assert_eq!(runs_a.len(), runs_b.len());
+        for (i, ((dims_a, out_a), (dims_b, out_b))) in runs_a.iter().zip(&runs_b).enumerate() {
+            assert_eq!(dims_a, dims_b, "step {i}");
+            assert_eq!(out_a, out_b, "step {i} of {}: outputs differ", ptx.display());
+        }
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -352,6 +411,7 @@ fn help_names_every_flag() {
         "--device",
         "--json",
         "--logits",
+        "--host-caches",
     ] {
         assert!(help.contains(flag), "`{flag}` missing from:\n{help}");
     }

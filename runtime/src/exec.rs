@@ -24,6 +24,9 @@ pub struct BufferInfo {
     pub name: String,
     pub kind: BufferKind,
     pub dtype: DType,
+    /// The rows axis and its runtime dim, for a buffer that may be stored
+    /// with spare rows ([`crate::manifest::Pitch`]).
+    pub pitch: Option<(usize, String)>,
     shape: Vec<Expr>,
 }
 
@@ -31,6 +34,8 @@ pub struct BufferInfo {
 #[derive(Clone, Debug)]
 enum Arg {
     Dim(String),
+    /// The row capacity of the buffers pitched along this dim.
+    Capacity(String),
     /// A buffer, by index in the manifest's table.
     Buffer(usize),
 }
@@ -99,7 +104,8 @@ impl ExecPlan {
                 .map(|(axis, s)| parse(s, || format!("buffer `{}` shape[{axis}]", b.name)))
                 .collect::<Result<_, _>>()?;
             by_name.insert(b.name.clone(), i);
-            buffers.push(BufferInfo { name: b.name.clone(), kind: b.kind, dtype, shape });
+            let pitch = b.pitch.as_ref().map(|p| (p.axis, p.dim.clone()));
+            buffers.push(BufferInfo { name: b.name.clone(), kind: b.kind, dtype, pitch, shape });
         }
         let mut entries: Vec<String> = Vec::new();
         let mut kernels = Vec::new();
@@ -119,6 +125,7 @@ impl ExecPlan {
             for p in &k.params {
                 args.push(match p.kind {
                     ParamKind::Dim => Arg::Dim(p.name.clone()),
+                    ParamKind::Capacity => Arg::Capacity(p.name.clone()),
                     ParamKind::Buffer => Arg::Buffer(*by_name.get(&p.name).ok_or_else(|| {
                         StepError::Backend(format!("kernel `{}` names unknown buffer `{}`", k.name, p.name))
                     })?),
@@ -237,13 +244,26 @@ impl ExecPlan {
     }
 
     /// Every launch at the bound dims, in order, grid-0 kernels left out.
-    /// `pointer(i)` is the device address of buffer `i` (any non-null value
-    /// for a zero-size buffer).
+    /// `capacities` gives the row capacity of the pitched buffers along a
+    /// dim (at least the dim's value); a dim without one is dense (its
+    /// value). `pointer(i)` is the device address of buffer `i` (any
+    /// non-null value for a zero-size buffer).
     pub fn launches(
         &self,
         all: &BTreeMap<String, i64>,
+        capacities: &BTreeMap<String, i64>,
         pointer: impl Fn(usize) -> u64,
     ) -> Result<Vec<LaunchSpec>, StepError> {
+        for (dim, &cap) in capacities {
+            match all.get(dim) {
+                Some(&v) if self.manifest.dims.runtime.contains(dim) && cap >= v => {}
+                _ => {
+                    return Err(StepError::Dims(format!(
+                        "capacity {cap} for `{dim}`, which is not a runtime dim of at most that value"
+                    )))
+                }
+            }
+        }
         let mut launches = Vec::with_capacity(self.kernels.len());
         for (index, k) in self.kernels.iter().enumerate() {
             let mut grid = [0i64; 3];
@@ -270,6 +290,14 @@ impl ExecPlan {
                     Arg::Dim(name) => all.get(name).map(|v| *v as u64).ok_or_else(|| {
                         StepError::Dims(format!("kernel `{}` takes dim `{name}`, which has no value", k.name))
                     }),
+                    Arg::Capacity(name) => {
+                        capacities.get(name).or_else(|| all.get(name)).map(|v| *v as u64).ok_or_else(|| {
+                            StepError::Dims(format!(
+                                "kernel `{}` takes the capacity of `{name}`, which has no value",
+                                k.name
+                            ))
+                        })
+                    }
                     Arg::Buffer(i) => Ok(pointer(*i)),
                 })
                 .collect::<Result<Vec<u64>, _>>()?;
@@ -310,19 +338,27 @@ mod tests {
         let m = &a.manifest;
         let plan = ExecPlan::new(m, true).unwrap();
         let all = plan.bind_dims(&dims(3, 100, 5)).unwrap();
-        let launches = plan.launches(&all, fake_pointer(&plan, &all)).unwrap();
+        let launches = plan.launches(&all, &BTreeMap::new(), fake_pointer(&plan, &all)).unwrap();
         assert_eq!(launches.len(), m.kernels.len(), "every kernel runs when no dim is 0");
         let params = ptx_entry_params(&a.ptx);
         for l in &launches {
             let k = &m.kernels[l.kernel];
-            // Arguments: b, m_c, m_d, then one pointer per buffer parameter.
+            // Arguments: b, m_c, m_d, the capacity of m_d for kernels that
+            // read a decode cache (dense here: m_d itself), then one pointer
+            // per buffer parameter.
             assert_eq!(&l.args[..3], &[3, 100, 5], "{}", k.name);
             assert_eq!(l.args.len(), k.params.len());
             assert_eq!(params[&k.entry], k.params.len(), "PTX entry {} parameter count", k.entry);
             for (p, v) in k.params.iter().zip(&l.args).skip(3) {
+                if p.kind == ParamKind::Capacity {
+                    assert_eq!((p.name.as_str(), *v), ("m_d", 5), "{}", k.name);
+                    continue;
+                }
                 let i = plan.index(&p.name).unwrap();
                 assert_eq!(*v, 0x1000 * (i as u64 + 1), "{} {}", k.name, p.name);
             }
+            let reads_cache = k.reads.iter().any(|r| r.contains("_dec"));
+            assert_eq!(reads_cache, k.params.iter().any(|p| p.kind == ParamKind::Capacity), "{}", k.name);
             // One thread per output element, 256 per block.
             let extent = m.eval(&k.extent, &dims(3, 100, 5)).unwrap();
             assert_eq!(l.block, [256, 1, 1]);
@@ -336,7 +372,7 @@ mod tests {
         let plan = ExecPlan::new(&a.manifest, true).unwrap();
         // The first decode step of a fill: no context, no decoded rows.
         let all = plan.bind_dims(&dims(1, 0, 0)).unwrap();
-        let launches = plan.launches(&all, fake_pointer(&plan, &all)).unwrap();
+        let launches = plan.launches(&all, &BTreeMap::new(), fake_pointer(&plan, &all)).unwrap();
         let ran: Vec<&str> = launches.iter().map(|l| a.manifest.kernels[l.kernel].name.as_str()).collect();
         assert!(!ran.iter().any(|n| n.contains("scores_einsum1") || n.contains("scores_einsum2")), "{ran:?}");
         assert!(ran.iter().any(|n| n.contains("scores_einsum3")), "the new token's own score runs");
@@ -370,8 +406,15 @@ mod tests {
 
         assert!(plan.bind_dims(&dims(-1, 0, 0)).unwrap_err().to_string().contains("negative"));
         assert!(plan.bind_dims(&BTreeMap::from([("b".into(), 1)])).is_err());
+        let all = plan.bind_dims(&dims(2, 4, 3)).unwrap();
+        let caps = BTreeMap::from([("m_d".to_string(), 2)]);
+        let err = plan.launches(&all, &caps, |_| 1).unwrap_err().to_string();
+        assert!(err.contains("capacity 2 for `m_d`"), "{err}");
+        let caps = BTreeMap::from([("m_d".to_string(), 9)]);
+        let launches = plan.launches(&all, &caps, |_| 1).unwrap();
+        assert!(launches.iter().any(|l| l.args.contains(&9)), "a capacity reaches the kernels");
         let huge = plan.bind_dims(&dims(1 << 40, 1, 1)).unwrap();
-        let err = plan.launches(&huge, |_| 1).unwrap_err().to_string();
+        let err = plan.launches(&huge, &BTreeMap::new(), |_| 1).unwrap_err().to_string();
         assert!(err.contains("launch limits"), "{err}");
     }
 

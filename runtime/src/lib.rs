@@ -16,6 +16,7 @@
 //! | [`random`] | deterministic random inputs by role |
 //! | [`exec`] | shapes, slots and launches at concrete dims (device-independent) |
 //! | [`plan`] | memory sharing between intermediates |
+//! | [`rows`] | decode caches kept in a backend with spare rows |
 //! | [`dtype`] | storage dtypes and conversions |
 //! | [`bench`](mod@bench) | bench tables (median, bytes model, CSV / Markdown) |
 //! | `cuda` | the CUDA backend: `CudaStep` (feature `cuda`) |
@@ -31,10 +32,11 @@ pub mod manifest;
 pub mod plan;
 pub mod random;
 pub mod rng;
+pub mod rows;
 pub mod session;
 pub mod step;
 pub mod weights;
 
 pub use artifact::Artifact;
 pub use session::{SampleOptions, SampleOutput, Session, SessionError};
-pub use step::{HostTensor, Step, StepError};
+pub use step::{BoundCaches, HostTensor, Step, StepError};

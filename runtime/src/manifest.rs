@@ -126,12 +126,28 @@ pub struct Buffer {
     pub dtype: String,
     /// Size in bytes: product of the shape times the element size.
     pub bytes: Size,
+    /// Set for a decode cache that may be stored with spare rows (see [`Pitch`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pitch: Option<Pitch>,
+}
+
+/// A buffer that may be stored with spare rows: axis `axis`, of size
+/// runtime dim `dim`, is laid out with a stride of `capacity` rows, where
+/// `capacity >= dim` is the kernel parameter of kind
+/// [`ParamKind::Capacity`] named `dim`. Passing the dim's own value means
+/// dense data; a larger capacity lets a runtime append rows in place (a
+/// decode cache `[b, g, m_d, k]` stored as `[b, g, capacity, k]`). The
+/// buffer's `shape` and `bytes` are the dense ones.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pitch {
+    pub axis: usize,
+    pub dim: String,
 }
 
 /// A kernel parameter, in ABI order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Param {
-    /// A runtime dim name or a buffer name.
+    /// A runtime dim name (kinds `dim` and `capacity`) or a buffer name.
     pub name: String,
     pub kind: ParamKind,
     /// `i64` for dims; `ptr` (a bare 64-bit device pointer) for buffers.
@@ -143,6 +159,9 @@ pub struct Param {
 #[serde(rename_all = "snake_case")]
 pub enum ParamKind {
     Dim,
+    /// The row capacity (`i64`) of the buffers pitched along the runtime
+    /// dim this parameter names (see [`Pitch`]).
+    Capacity,
     Buffer,
 }
 
@@ -334,6 +353,15 @@ impl Manifest {
                 check(size, &|| format!("buffer `{}` shape[{axis}]", buffer.name))?;
             }
             check(&buffer.bytes, &|| format!("buffer `{}` bytes", buffer.name))?;
+            if let Some(p) = &buffer.pitch {
+                let rows = buffer.shape.get(p.axis);
+                if rows != Some(&Size::Expr(p.dim.clone())) || !self.dims.runtime.contains(&p.dim) {
+                    return invalid(format!(
+                        "buffer `{}`: pitch on axis {} needs that axis to be runtime dim `{}`",
+                        buffer.name, p.axis, p.dim
+                    ));
+                }
+            }
         }
         let mut kernels: BTreeSet<&str> = BTreeSet::new();
         let entries: BTreeSet<&str> =
@@ -351,12 +379,14 @@ impl Manifest {
             }
             for param in &kernel.params {
                 let ok = match param.kind {
-                    ParamKind::Dim => self.dims.runtime.contains(&param.name) && param.ty == "i64",
+                    ParamKind::Dim | ParamKind::Capacity => {
+                        self.dims.runtime.contains(&param.name) && param.ty == "i64"
+                    }
                     ParamKind::Buffer => buffers.contains(param.name.as_str()) && param.ty == "ptr",
                 };
                 if !ok {
                     return invalid(format!(
-                        "kernel `{name}`: parameter `{}` ({:?}, {}) is not a runtime dim of type i64 or a buffer of type ptr",
+                        "kernel `{name}`: parameter `{}` ({:?}, {}) is not a runtime dim (or its capacity) of type i64 or a buffer of type ptr",
                         param.name, param.kind, param.ty
                     ));
                 }
@@ -511,6 +541,7 @@ mod tests {
                     shape: vec![Size::Expr("b".into()), Size::Expr("d".into())],
                     dtype: "f32".into(),
                     bytes: Size::Expr("4*b*d".into()),
+                    pitch: None,
                 },
                 Buffer {
                     name: "y".into(),
@@ -521,6 +552,7 @@ mod tests {
                     shape: vec![Size::Expr("b".into()), Size::Expr("d".into())],
                     dtype: "f32".into(),
                     bytes: Size::Expr("4*b*d".into()),
+                    pitch: None,
                 },
             ],
             kernels: vec![Kernel {

@@ -61,6 +61,31 @@ pub trait Step {
     /// and returns every output by name.
     fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError>;
 
+    /// Keeps decode cache `name` — an input with a pitch
+    /// ([`crate::manifest::Pitch`]) — inside the backend: it becomes empty
+    /// (`shape`: its dense shape with 0 rows) with room for `capacity` rows
+    /// (it grows when they run out), and [`Step::append_rows`] adds a row
+    /// after each step without re-binding it. Binding it again with
+    /// [`Step::bind`] makes it an ordinary input. Returns `false` when the
+    /// backend keeps no caches (the caller then binds the dense cache every
+    /// step).
+    fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
+        let _ = (name, shape, capacity);
+        Ok(false)
+    }
+
+    /// Appends output `rows` of the last [`Step::run`] (the cache's shape
+    /// with 1 on the rows axis) to cache `name`, kept by
+    /// [`Step::reserve_rows`]: its rows axis grows by one.
+    fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
+        Err(StepError::Backend(format!("this backend keeps no caches (appending `{rows}` to `{name}`)")))
+    }
+
+    /// The rows of cache `name` (kept by [`Step::reserve_rows`]) so far, dense.
+    fn read_rows(&mut self, name: &str) -> Result<HostTensor, StepError> {
+        Err(StepError::Backend(format!("this backend keeps no caches (reading `{name}`)")))
+    }
+
     /// Runs the step once untimed (warm-up; a backend may skip it when its
     /// last step ran at the same dims), then `repeats` times, and returns the
     /// time of each timed run in milliseconds. Outputs are discarded; inputs
@@ -95,6 +120,18 @@ impl<S: Step + ?Sized> Step for &mut S {
         (**self).run(dims)
     }
 
+    fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
+        (**self).reserve_rows(name, shape, capacity)
+    }
+
+    fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
+        (**self).append_rows(name, rows)
+    }
+
+    fn read_rows(&mut self, name: &str) -> Result<HostTensor, StepError> {
+        (**self).read_rows(name)
+    }
+
     fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {
         (**self).run_timed(dims, repeats)
     }
@@ -114,7 +151,43 @@ impl<S: Step + ?Sized> Step for Box<S> {
         (**self).run(dims)
     }
 
+    fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
+        (**self).reserve_rows(name, shape, capacity)
+    }
+
+    fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
+        (**self).append_rows(name, rows)
+    }
+
+    fn read_rows(&mut self, name: &str) -> Result<HostTensor, StepError> {
+        (**self).read_rows(name)
+    }
+
     fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {
         (**self).run_timed(dims, repeats)
+    }
+}
+
+/// A step whose decode caches stay with the caller: [`Step::reserve_rows`]
+/// answers `false`, so a [`crate::Session`] keeps them on the host and
+/// binds them densely every step (the path of a backend that keeps no
+/// caches). For checking the in-place path against it.
+pub struct BoundCaches<S>(pub S);
+
+impl<S: Step> Step for BoundCaches<S> {
+    fn runtime_dims(&self) -> Vec<String> {
+        self.0.runtime_dims()
+    }
+
+    fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
+        self.0.bind(name, tensor)
+    }
+
+    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
+        self.0.run(dims)
+    }
+
+    fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {
+        self.0.run_timed(dims, repeats)
     }
 }

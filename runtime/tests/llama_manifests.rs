@@ -41,7 +41,7 @@ fn launches_fit_cuda_limits_at_the_bench_shapes() {
         let plan = ExecPlan::new(&m, true).unwrap();
         for (b, m_c) in [(1, 2048), (16, 2048), (32, 2048), (1, 8192), (16, 8192), (32, 8192)] {
             let all = plan.bind_dims(&dims(b, m_c, 256)).unwrap();
-            let launches = plan.launches(&all, |i| 0x1000 * (i as u64 + 1)).unwrap();
+            let launches = plan.launches(&all, &BTreeMap::new(), |i| 0x1000 * (i as u64 + 1)).unwrap();
             assert_eq!(launches.len(), m.kernels.len());
             // Memory: a few GB at most for two layers (the cache dominates).
             let needed = plan.bytes_needed(&all).unwrap();
@@ -49,7 +49,7 @@ fn launches_fit_cuda_limits_at_the_bench_shapes() {
         }
         // The first step of a fill: only the new token's attention runs.
         let all = plan.bind_dims(&dims(1, 0, 0)).unwrap();
-        assert!(plan.launches(&all, |_| 1).unwrap().len() < m.kernels.len() || which == "base");
+        assert!(plan.launches(&all, &BTreeMap::new(), |_| 1).unwrap().len() < m.kernels.len() || which == "base");
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use bifurc_runtime::manifest::{
     AttentionSite, Buffer as MBuffer, BufferKind as MBufferKind, ByteCounts, ByteExprs, BytesSummary, Dims as MDims,
-    Kernel as MKernel, Manifest, Param as MParam, ParamKind, Size, BLOCK_SIZE, FORMAT,
+    Kernel as MKernel, Manifest, Param as MParam, ParamKind, Pitch as MPitch, Size, BLOCK_SIZE, FORMAT,
 };
 
 use super::gpu::{find_libdevice, gpu_pipeline, to_shared_ptx, GpuTarget};
@@ -236,6 +236,7 @@ fn build_manifest(
                 shape: b.shape.iter().map(size).collect(),
                 dtype: b.dtype.name().to_string(),
                 bytes: size(&bytes),
+                pitch: b.pitch.as_ref().map(|p| MPitch { axis: p.axis, dim: p.dim.clone() }),
             })
         })
         .collect::<Result<Vec<_>, CompileError>>()?;
@@ -260,6 +261,9 @@ fn build_manifest(
                 .iter()
                 .map(|p| match p {
                     Param::Dim(name) => MParam { name: name.clone(), kind: ParamKind::Dim, ty: "i64".to_string() },
+                    Param::Capacity(name) => {
+                        MParam { name: name.clone(), kind: ParamKind::Capacity, ty: "i64".to_string() }
+                    }
                     Param::Buffer(i) => MParam {
                         name: program.buffers[*i].name.clone(),
                         kind: ParamKind::Buffer,

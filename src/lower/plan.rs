@@ -49,6 +49,23 @@ pub struct Buffer {
     pub shape: Vec<Poly>,
     /// Storage element type.
     pub dtype: DType,
+    /// Set for a decode cache stored with room for more rows (see [`Pitch`]).
+    pub pitch: Option<Pitch>,
+}
+
+/// A buffer stored with spare rows: axis `axis`, whose size is the runtime
+/// dim `dim`, is laid out with a stride of `capacity(dim)` rows instead of
+/// `dim` rows, so a runtime can append a row without moving the others.
+/// Kernels reading such a buffer take the capacity as a parameter
+/// ([`Param::Capacity`]); a caller passing dense data passes the dim's own
+/// value.
+///
+/// Every `decode_kv` input whose second-to-last axis is a runtime dim alone
+/// (`[b, g, m_d, k]`) gets one: its rows axis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pitch {
+    pub axis: usize,
+    pub dim: String,
 }
 
 /// One kernel parameter, in ABI order.
@@ -56,6 +73,9 @@ pub struct Buffer {
 pub enum Param {
     /// A runtime dim, passed as `i64`.
     Dim(String),
+    /// The row capacity of the buffers pitched along runtime dim `0` (see
+    /// [`Pitch`]), passed as `i64`, `>=` the dim.
+    Capacity(String),
     /// A buffer (index into [`Program::buffers`]), passed as `!llvm.ptr`.
     Buffer(usize),
 }
@@ -79,7 +99,9 @@ pub struct Kernel {
     /// Number of threads (runtime dims only): elements of the written
     /// buffer, or for a row kernel its rows (elements / row length).
     pub extent: Poly,
-    /// Every runtime dim (graph order), then `reads`, then `writes`.
+    /// Every runtime dim (graph order), then the capacity of every pitched
+    /// buffer's dim among `reads` (graph order of the dims), then `reads`,
+    /// then `writes`.
     pub params: Vec<Param>,
 }
 
@@ -243,7 +265,14 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
     let mut buffers = Vec::new();
     for inp in &graph.inputs {
         let shape = shape_of(graph, &inp.shape, &format!("input `{}`", inp.name))?;
-        buffers.push(Buffer { name: inp.name.clone(), kind: BufferKind::Input(inp.role), shape, dtype: inp.dtype });
+        let pitch = pitch_of(graph, inp.role, &shape);
+        buffers.push(Buffer {
+            name: inp.name.clone(),
+            kind: BufferKind::Input(inp.role),
+            shape,
+            dtype: inp.dtype,
+            pitch,
+        });
     }
     // Which buffer holds each node's value, and which outputs need a copy.
     let mut node_buf: Vec<Option<usize>> = vec![None; graph.nodes.len()];
@@ -256,6 +285,7 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
             kind: BufferKind::Output(o.role),
             shape,
             dtype: graph.dtype_of(o.value),
+            pitch: None,
         });
         match o.value {
             Value::Node(j) if kinds.get(j) == Some(&NodeKind::Kernel) && node_buf[j].is_none() => {
@@ -268,7 +298,13 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
         if kinds[j] == NodeKind::Kernel && node_buf[j].is_none() {
             let shape = shape_of(graph, &node.shape, &format!("node `{}`", node.id))?;
             node_buf[j] = Some(buffers.len());
-            buffers.push(Buffer { name: node.id.clone(), kind: BufferKind::Intermediate, shape, dtype: node.dtype });
+            buffers.push(Buffer {
+                name: node.id.clone(),
+                kind: BufferKind::Intermediate,
+                shape,
+                dtype: node.dtype,
+                pitch: None,
+            });
         }
     }
     let mut kernels = Vec::new();
@@ -291,6 +327,9 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
         let extent = numel(&graph.dims, &threads)
             .map_err(|message| LowerError::Size { what: format!("kernel for `{node}`"), message })?;
         let mut params: Vec<Param> = graph.dims.runtime.iter().cloned().map(Param::Dim).collect();
+        let pitched: BTreeSet<&str> =
+            reads.iter().filter_map(|&r| buffers[r].pitch.as_ref()).map(|p| p.dim.as_str()).collect();
+        params.extend(graph.dims.runtime.iter().filter(|d| pitched.contains(d.as_str())).cloned().map(Param::Capacity));
         params.extend(reads.iter().copied().map(Param::Buffer));
         params.push(Param::Buffer(writes));
         let index = kernels.len();
@@ -316,6 +355,16 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
         add(&out, graph.name_of(v), "copy", &[v], b, None)?;
     }
     Ok(Program { dims: graph.dims.runtime.clone(), buffers, kernels })
+}
+
+/// The rows axis of a decode cache (see [`Pitch`]).
+fn pitch_of(graph: &Graph, role: Role, shape: &[Poly]) -> Option<Pitch> {
+    if !matches!(role, Role::DecodeKv { .. }) {
+        return None;
+    }
+    let axis = shape.len().checked_sub(2)?;
+    let dim = graph.dims.runtime.iter().find(|d| shape[axis] == Poly::symbol(d))?;
+    Some(Pitch { axis, dim: dim.clone() })
 }
 
 /// Buffers a kernel touches when it reads `v`.

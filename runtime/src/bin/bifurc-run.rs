@@ -15,7 +15,7 @@ use bifurc_runtime::manifest::{BufferKind, Manifest};
 use bifurc_runtime::random::random_tensor;
 use bifurc_runtime::session::{SampleOptions, Session};
 use bifurc_runtime::weights::{bind_random_weights, bind_weights, weight_buffers, WeightFiles};
-use bifurc_runtime::{Artifact, HostTensor, Step};
+use bifurc_runtime::{Artifact, BoundCaches, HostTensor, Step};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -85,6 +85,10 @@ struct RunArgs {
     out_json: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Keep the decode caches on the host and upload them every step,
+    /// instead of appending each step's rows on the device (for checking).
+    #[arg(long)]
+    host_caches: bool,
 }
 
 #[derive(clap::Args)]
@@ -191,6 +195,7 @@ fn run(args: &RunArgs) -> Result<()> {
     };
     let weights_s = start.elapsed().as_secs_f64();
     let device = step.device_info().name.clone();
+    let step: Box<dyn Step> = if args.host_caches { Box::new(BoundCaches(step)) } else { Box::new(step) };
     let mut session = Session::new(step, &manifest).map_err(|e| e.to_string())?;
 
     let start = Instant::now();

@@ -5,6 +5,9 @@
 //!   byte size grows).
 //! - Intermediates share memory by lifetime ([`crate::plan::MemoryPlan`]); outputs have
 //!   their own buffers. Both grow on demand with the dims.
+//! - Decode caches may be kept on the device with spare rows
+//!   ([`Step::reserve_rows`]): each step's new rows are appended by one
+//!   2-D device copy per cache ([`Step::append_rows`]), nothing is uploaded.
 //! - [`Step::run`] checks every input's shape at the dims, launches every
 //!   kernel in manifest order on one stream (arguments in ABI order: the
 //!   runtime dims as `i64`, then bare device pointers; launches whose grid is
@@ -15,6 +18,7 @@ use super::device::{backend, Device, DeviceInfo};
 use crate::artifact::Artifact;
 use crate::exec::{ExecPlan, LaunchSpec};
 use crate::manifest::{BufferKind, Manifest};
+use crate::rows::{dense_host, Relayout, RowCaches};
 use crate::{HostTensor, Step, StepError};
 use cudarc::driver::{sys, CudaEvent, CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use std::collections::{BTreeMap, HashMap};
@@ -47,6 +51,8 @@ pub struct CudaStep {
     staging: Vec<u8>,
     /// The dims of the last step run (a timed run right after needs no warm-up).
     last_dims: Option<BTreeMap<String, i64>>,
+    /// Decode caches kept on the device with spare rows.
+    rows: RowCaches,
 }
 
 impl CudaStep {
@@ -71,6 +77,7 @@ impl CudaStep {
             dummy,
             staging: Vec::new(),
             last_dims: None,
+            rows: RowCaches::default(),
         })
     }
 
@@ -115,6 +122,8 @@ impl CudaStep {
     fn prepare(&mut self, dims: &BTreeMap<String, i64>) -> Result<Vec<LaunchSpec>, StepError> {
         let all = self.plan.bind_dims(dims)?;
         self.plan.check_inputs(&all, &self.bound)?;
+        let pitched = self.plan.buffers.iter().filter(|b| b.kind == BufferKind::Input);
+        self.rows.check_dense(pitched.filter_map(|b| Some((b.name.as_str(), b.pitch.as_ref()?.1.as_str()))))?;
         let stream = self.device.stream.clone();
         for (i, b) in self.plan.buffers.iter().enumerate() {
             if b.kind == BufferKind::Output {
@@ -137,7 +146,31 @@ impl CudaStep {
             };
             pointers.push(ptr);
         }
-        self.plan.launches(&all, |i| pointers[i])
+        self.plan.launches(&all, &self.rows.capacities(), |i| pointers[i])
+    }
+
+    /// Input `name`'s index, checked to be a pitched input.
+    fn pitched(&self, name: &str) -> Result<(usize, usize, String), StepError> {
+        let i = self.plan.index(name).ok_or_else(|| StepError::UnknownBuffer(name.to_string()))?;
+        let b = &self.plan.buffers[i];
+        match (&b.kind, &b.pitch) {
+            (BufferKind::Input, Some((axis, dim))) => Ok((i, *axis, dim.clone())),
+            _ => Err(StepError::Backend(format!("`{name}` is not an input with spare rows (a decode cache)"))),
+        }
+    }
+
+    /// Moves a resident cache's rows to its dim's new capacity.
+    fn relayout(&mut self, m: &Relayout) -> Result<(), StepError> {
+        let (i, _, _) = self.pitched(&m.name)?;
+        let es = self.plan.buffers[i].dtype.size();
+        let stream = self.device.stream.clone();
+        let mut fresh = DeviceBuffer::default();
+        fresh.ensure(&stream, m.new.stored() * es, false)?;
+        let (old_pitch, new_pitch) = (m.old.capacity * m.old.row * es, m.new.capacity * m.new.row * es);
+        let width = m.old.rows * m.old.row * es;
+        fresh.copy_2d(&stream, 0, new_pitch, &self.memory[i], 0, old_pitch, width, m.old.outer)?;
+        self.memory[i] = fresh;
+        Ok(())
     }
 
     /// Queues one launch on the stream.
@@ -155,13 +188,15 @@ impl CudaStep {
         }
         // SAFETY: the arguments follow the kernel ABI of docs/artifact.md that
         // the PTX entry was compiled for: one 64-bit value per parameter, in
-        // the manifest's `params` order (the `i64` runtime dims, then device
-        // pointers); `Artifact::load` checked that the entry takes that many
-        // 64-bit parameters. Every pointer is a live allocation of this
-        // context at least as large as its buffer at these dims (`prepare`
-        // sized them), or the 256-byte dummy for zero-size buffers, which the
-        // kernel does not touch; kernels index only within the extents the
-        // dims imply. The argument values outlive the call (`launch` borrows them).
+        // the manifest's `params` order (the `i64` runtime dims and
+        // capacities, then device pointers); `Artifact::load` checked that
+        // the entry takes that many 64-bit parameters. Every pointer is a
+        // live allocation of this context at least as large as its buffer at
+        // these dims (`prepare` sized them; a reserved cache holds
+        // `capacity` rows, the capacity passed), or the 256-byte dummy for
+        // zero-size buffers, which the kernel does not touch; kernels index
+        // only within the extents the dims imply. The argument values
+        // outlive the call (`launch` borrows them).
         unsafe { builder.launch(config) }.map_err(|e| backend(&format!("launch of kernel `{}`", kernel.name), e))?;
         Ok(())
     }
@@ -231,6 +266,7 @@ impl Step for CudaStep {
         // A re-bind that grows (a decode cache, each step) gets headroom.
         // Until the upload succeeds the input counts as unbound.
         let rebind = self.bound[i].take().is_some();
+        self.rows.forget(name);
         self.memory[i].ensure(&stream, self.staging.len(), rebind)?;
         self.memory[i].upload(&stream, &self.staging)?;
         self.bound[i] = Some(tensor.shape.clone());
@@ -258,6 +294,62 @@ impl Step for CudaStep {
             outputs.insert(b.name.clone(), HostTensor { shape, data });
         }
         Ok(outputs)
+    }
+
+    fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
+        let (i, axis, dim) = self.pitched(name)?;
+        let es = self.plan.buffers[i].dtype.size();
+        self.bound[i] = None;
+        let (geometry, moves) = self.rows.reserve(name, axis, &dim, shape, capacity)?;
+        for m in &moves {
+            self.relayout(m)?;
+        }
+        let stream = self.device.stream.clone();
+        self.memory[i].ensure(&stream, geometry.stored() * es, false)?;
+        self.bound[i] = Some(shape.to_vec());
+        Ok(true)
+    }
+
+    fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
+        let (i, _, _) = self.pitched(name)?;
+        let o = self.plan.index(rows).ok_or_else(|| StepError::UnknownBuffer(rows.to_string()))?;
+        if self.plan.buffers[o].kind != BufferKind::Output || self.plan.buffers[o].dtype != self.plan.buffers[i].dtype {
+            return Err(StepError::Backend(format!("`{rows}` is not an output of `{name}`'s dtype")));
+        }
+        let dims = self
+            .last_dims
+            .clone()
+            .ok_or_else(|| StepError::Backend(format!("no step ran before appending `{rows}`")))?;
+        let shape = self.plan.shape_at(o, &self.plan.bind_dims(&dims)?)?;
+        let (g, moves) = self.rows.prepare_append(name, &shape)?;
+        for m in &moves {
+            self.relayout(m)?;
+        }
+        let es = self.plan.buffers[i].dtype.size();
+        let stream = self.device.stream.clone();
+        let (row, pitch) = (g.row * es, g.capacity * g.row * es);
+        let (memory, src) = if i < o {
+            let (a, b) = self.memory.split_at_mut(o);
+            (&mut a[i], &b[0])
+        } else {
+            let (a, b) = self.memory.split_at_mut(i);
+            (&mut b[0], &a[o])
+        };
+        memory.copy_2d(&stream, g.rows * row, pitch, src, 0, row, row, g.outer)?;
+        self.rows.appended(name);
+        self.bound[i] = self.rows.shape(name).map(<[usize]>::to_vec);
+        Ok(())
+    }
+
+    fn read_rows(&mut self, name: &str) -> Result<HostTensor, StepError> {
+        let (i, _, _) = self.pitched(name)?;
+        let g = self.rows.geometry(name)?;
+        let info = &self.plan.buffers[i];
+        let stream = self.device.stream.clone();
+        let bytes = self.memory[i].download(&stream, g.stored() * info.dtype.size())?;
+        let data = info.dtype.decode(&bytes).map_err(|e| StepError::Backend(format!("`{name}`: {e}")))?;
+        let shape = self.rows.shape(name).map(<[usize]>::to_vec).unwrap_or_default();
+        Ok(HostTensor { shape, data: dense_host(&data, &g) })
     }
 
     /// Device time of the step alone (CUDA events around the launches; no

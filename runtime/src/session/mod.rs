@@ -14,11 +14,19 @@
 //! is filled by stepping the compiled graph itself with `b = 1`, `m_c = 0`
 //! over the prompt tokens one at a time (positions `0..L`), appending each
 //! step's new K/V rows to a one-sample decode cache; afterwards that cache,
-//! without its `b` axis, is the context cache (`m_c = L`). Each of those
-//! steps re-binds the growing cache, so this costs O(L²) host→device
-//! traffic: it is meant for prompts of up to a few hundred tokens (a prefill
-//! graph, `n > 1`, is the way for long ones). [`Session::random_context`]
-//! and [`Session::set_context`] install a context without stepping.
+//! without its `b` axis, is the context cache (`m_c = L`). It takes `L`
+//! steps at `b = 1`: meant for prompts of up to a few thousand tokens (a
+//! prefill graph, `n > 1`, is the way for long ones).
+//! [`Session::random_context`] and [`Session::set_context`] install a
+//! context without stepping.
+//!
+//! **Where the decode caches live.** When the backend keeps caches
+//! ([`Step::reserve_rows`] returns true: CUDA and the CPU JIT do), each
+//! decode cache is reserved once with room for all the rows to come and
+//! every step's new rows are appended inside the backend
+//! ([`Step::append_rows`]): a step uploads only the token ids and
+//! positions. Otherwise the session keeps them on the host ([`KvCache`])
+//! and binds the dense caches every step.
 //!
 //! **Sampling.** The fill's last logits are the distribution of the first
 //! generated token. [`Session::sample`] draws `b` different first tokens
@@ -28,8 +36,8 @@
 //! caches `[b, g, m_d, k]` and draws token `s + 1` from the step's logits.
 //! Each sample gets `steps` tokens; the last step's logits (the
 //! distribution of token `steps`) are returned on request. Weights and the
-//! context caches are bound once; each step binds only the token ids,
-//! positions and decode caches.
+//! context caches are bound once; each step binds only the token ids and
+//! positions (and the decode caches, when the backend keeps none).
 
 mod cache;
 mod layout;
@@ -112,6 +120,23 @@ pub struct SampleOutput {
     pub step_ms: Vec<f64>,
     /// The last step's logits `[b, vocab]`, when asked for.
     pub last_logits: Option<HostTensor>,
+}
+
+/// The decode caches of one fill or sampling run.
+enum Caches {
+    /// Kept by the session, bound every step.
+    Host(Vec<[KvCache; 2]>),
+    /// Kept by the backend ([`Step::reserve_rows`]); `len` rows so far.
+    Backend { len: usize },
+}
+
+impl Caches {
+    fn len(&self) -> usize {
+        match self {
+            Caches::Host(c) => c.first().map_or(0, |c| c[0].len()),
+            Caches::Backend { len } => *len,
+        }
+    }
 }
 
 /// The decode loop over a step `S` (any backend; `&mut dyn Step` works too).
@@ -237,10 +262,10 @@ impl<S: Step> Session<S> {
         tokens: &[u32],
         positions: usize,
         m_c: usize,
-        caches: &mut [[KvCache; 2]],
+        caches: &mut Caches,
     ) -> Result<HostTensor, SessionError> {
         let b = tokens.len();
-        let m_d = caches.first().map_or(0, |c| c[0].len());
+        let m_d = caches.len();
         for &t in tokens {
             if t as usize >= self.layout.vocab {
                 return Err(SessionError::Usage(format!(
@@ -251,28 +276,54 @@ impl<S: Step> Session<S> {
         }
         self.step.bind(&self.layout.token_ids, &column(tokens.iter().map(|&t| t as usize)))?;
         self.step.bind(&self.layout.positions, &column(std::iter::repeat_n(positions, b)))?;
-        for (layer, kv) in self.layout.layers.iter().zip(caches.iter()) {
-            for (name, cache) in layer.decode.iter().zip(kv) {
-                self.step.bind(name, &cache.packed())?;
+        if let Caches::Host(host) = caches {
+            for (layer, kv) in self.layout.layers.iter().zip(host.iter()) {
+                for (name, cache) in layer.decode.iter().zip(kv) {
+                    self.step.bind(name, &cache.packed())?;
+                }
             }
         }
         let mut outputs = self.step.run(&dims(b, m_c, m_d))?;
-        for (layer, kv) in self.layout.layers.iter().zip(caches.iter_mut()) {
-            for (name, cache) in layer.new.iter().zip(kv.iter_mut()) {
+        for (l, layer) in self.layout.layers.iter().enumerate() {
+            for (i, name) in layer.new.iter().enumerate() {
                 let rows = Self::check_output(&outputs, name, &[b, layer.g, 1, layer.k])?;
-                cache.append(rows).map_err(|message| SessionError::Output { name: name.clone(), message })?;
+                match caches {
+                    Caches::Host(host) => host[l][i]
+                        .append(rows)
+                        .map_err(|message| SessionError::Output { name: name.clone(), message })?,
+                    Caches::Backend { .. } => self.step.append_rows(&layer.decode[i], name)?,
+                }
             }
+        }
+        if let Caches::Backend { len } = caches {
+            *len += 1;
         }
         Self::check_output(&outputs, &self.layout.logits, &[b, 1, self.layout.vocab])?;
         outputs.remove(&self.layout.logits).ok_or_else(|| SessionError::Usage("logits vanished".into()))
     }
 
-    fn empty_caches(&self, b: usize, capacity: usize) -> Vec<[KvCache; 2]> {
-        self.layout
-            .layers
-            .iter()
-            .map(|l| [KvCache::new(b, l.g, l.k, capacity), KvCache::new(b, l.g, l.k, capacity)])
-            .collect()
+    /// Empty decode caches for `b` samples with room for `capacity` rows:
+    /// kept by the backend when it can, else by the session.
+    fn new_caches(&mut self, b: usize, capacity: usize) -> Result<Caches, SessionError> {
+        let mut kept = Vec::new();
+        for layer in &self.layout.layers {
+            for name in &layer.decode {
+                kept.push(self.step.reserve_rows(name, &[b, layer.g, 0, layer.k], capacity)?);
+            }
+        }
+        if kept.iter().all(|&k| k) && !kept.is_empty() {
+            return Ok(Caches::Backend { len: 0 });
+        }
+        if kept.iter().any(|&k| k) {
+            return Err(SessionError::Usage("the backend kept some decode caches but not others".into()));
+        }
+        Ok(Caches::Host(
+            self.layout
+                .layers
+                .iter()
+                .map(|l| [KvCache::new(b, l.g, l.k, capacity), KvCache::new(b, l.g, l.k, capacity)])
+                .collect(),
+        ))
     }
 
     /// Fills the context by stepping the graph over `prompt` (see the module
@@ -290,16 +341,40 @@ impl<S: Step> Session<S> {
             .map(|l| [HostTensor::zeros(vec![l.g, 0, l.k]), HostTensor::zeros(vec![l.g, 0, l.k])])
             .collect();
         self.bind_context(&empty)?;
-        let mut caches = self.empty_caches(1, prompt.len());
+        let mut caches = self.new_caches(1, prompt.len())?;
         let mut logits = HostTensor::default();
         for (position, &token) in prompt.iter().enumerate() {
             logits = self.decode_step(&[token], position, 0, &mut caches)?;
         }
         let mut context_caches = Vec::new();
-        for [k, v] in caches {
-            let k = k.into_context().map_err(SessionError::Usage)?;
-            let v = v.into_context().map_err(SessionError::Usage)?;
-            context_caches.push([k, v]);
+        match caches {
+            Caches::Host(host) => {
+                for [k, v] in host {
+                    let k = k.into_context().map_err(SessionError::Usage)?;
+                    let v = v.into_context().map_err(SessionError::Usage)?;
+                    context_caches.push([k, v]);
+                }
+            }
+            Caches::Backend { .. } => {
+                for layer in &self.layout.layers {
+                    let mut kv = Vec::with_capacity(2);
+                    for name in &layer.decode {
+                        // [1, g, L, k] → [g, L, k]: the same data.
+                        let mut t = self.step.read_rows(name)?;
+                        if t.shape.first() != Some(&1) {
+                            return Err(SessionError::Output {
+                                name: name.clone(),
+                                message: format!("read back with shape {:?}, not one sample", t.shape),
+                            });
+                        }
+                        t.shape.remove(0);
+                        kv.push(t);
+                    }
+                    let [k, v]: [HostTensor; 2] =
+                        kv.try_into().map_err(|_| SessionError::Usage("a layer without K and V".into()))?;
+                    context_caches.push([k, v]);
+                }
+            }
         }
         let last_logits = logits.data;
         self.context = Some(Context { len: prompt.len(), caches: context_caches, last_logits: last_logits.clone() });
@@ -399,7 +474,7 @@ impl<S: Step> Session<S> {
         // Every sample draws its first token from the same context logits
         // (each with its own generator).
         let mut current = draw(&context.last_logits, vocab, true, &mut rngs, temperature, 0)?;
-        let mut caches = self.empty_caches(b, options.steps);
+        let mut caches = self.new_caches(b, options.steps)?;
         for step in 0..options.steps {
             for (s, t) in current.iter().enumerate() {
                 tokens[s].push(*t);

@@ -137,7 +137,21 @@ impl CpuStep {
         point: &BTreeMap<String, i64>,
         inputs: &HashMap<String, Tensor>,
     ) -> Result<HashMap<String, Tensor>, LowerError> {
-        self.run_inner(point, inputs, None)
+        self.run_inner(point, &BTreeMap::new(), inputs, None)
+    }
+
+    /// [`CpuStep::run`] with decode caches stored with spare rows: a
+    /// pitched input (see [`crate::lower::plan::Pitch`]) along runtime dim
+    /// `d` is given with `capacities[d]` rows on its rows axis (`>=` the
+    /// dim; of which the first `d` are read). Dims not in `capacities` are
+    /// dense.
+    pub fn run_with_capacity(
+        &self,
+        point: &BTreeMap<String, i64>,
+        capacities: &BTreeMap<String, i64>,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<HashMap<String, Tensor>, LowerError> {
+        self.run_inner(point, capacities, inputs, None)
     }
 
     /// [`CpuStep::run`], also returning the wall time of every kernel (in
@@ -148,13 +162,14 @@ impl CpuStep {
         inputs: &HashMap<String, Tensor>,
     ) -> Result<(HashMap<String, Tensor>, KernelTimes), LowerError> {
         let mut times = Vec::with_capacity(self.program.kernels.len());
-        let out = self.run_inner(point, inputs, Some(&mut times))?;
+        let out = self.run_inner(point, &BTreeMap::new(), inputs, Some(&mut times))?;
         Ok((out, times))
     }
 
     fn run_inner(
         &self,
         point: &BTreeMap<String, i64>,
+        capacities: &BTreeMap<String, i64>,
         inputs: &HashMap<String, Tensor>,
         mut times: Option<&mut KernelTimes>,
     ) -> Result<HashMap<String, Tensor>, LowerError> {
@@ -164,6 +179,20 @@ impl CpuStep {
                 None => return Err(LowerError::Run(format!("runtime dim `{d}` has no value"))),
                 Some(&v) if v < 0 => return Err(LowerError::Run(format!("runtime dim `{d}` = {v} is negative"))),
                 Some(&v) => dims.push(v),
+            }
+        }
+        let mut caps = dims.clone();
+        for (d, &cap) in capacities {
+            let k = self.program.dims.iter().position(|x| x == d);
+            match k {
+                Some(k) if cap >= dims[k] => caps[k] = cap,
+                Some(k) => {
+                    return Err(LowerError::Run(format!(
+                        "capacity {cap} of runtime dim `{d}` is less than its value {}",
+                        dims[k]
+                    )))
+                }
+                None => return Err(LowerError::Run(format!("capacity for `{d}`, which is not a runtime dim"))),
             }
         }
         let mut shapes = Vec::with_capacity(self.program.buffers.len());
@@ -182,6 +211,14 @@ impl CpuStep {
                         .map_err(|_| LowerError::Run(format!("buffer `{}`: size `{p}` = {v} is negative", buf.name)))
                 })
                 .collect::<Result<Vec<usize>, _>>()?;
+            // The stored shape: a pitched axis holds its capacity.
+            let mut shape = shape;
+            if let Some(p) = &buf.pitch {
+                let k = self.program.dims.iter().position(|x| *x == p.dim);
+                if let (Some(k), Some(s)) = (k, shape.get_mut(p.axis)) {
+                    *s = caps[k] as usize;
+                }
+            }
             let n = shape
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
@@ -216,6 +253,7 @@ impl CpuStep {
         let mut ptrs: Vec<*mut c_void> =
             host.iter_mut().map(|h| h.as_mut().map_or_else(|p| p.cast_mut().cast(), HostData::ptr)).collect();
         let dim_ptr = dims.as_mut_ptr();
+        let cap_ptr = caps.as_mut_ptr();
         let buf_ptr = ptrs.as_mut_ptr();
         let mut args: Vec<*mut c_void> = Vec::new();
         for (kernel, entry) in self.program.kernels.iter().zip(&self.entries) {
@@ -225,6 +263,10 @@ impl CpuStep {
                     Param::Dim(d) => self.program.dims.iter().position(|x| x == d).map(|k| {
                         // SAFETY: `k < dims.len()`: an element of `dims`.
                         unsafe { dim_ptr.add(k) }.cast::<c_void>()
+                    }),
+                    Param::Capacity(d) => self.program.dims.iter().position(|x| x == d).map(|k| {
+                        // SAFETY: `k < caps.len()`: an element of `caps`.
+                        unsafe { cap_ptr.add(k) }.cast::<c_void>()
                     }),
                     Param::Buffer(b) => (*b < ptrs.len()).then(|| {
                         // SAFETY: `b < ptrs.len()`: an element of `ptrs`.
@@ -238,14 +280,16 @@ impl CpuStep {
             let start = times.is_some().then(Instant::now);
             // SAFETY: `entry` is the packed wrapper of this kernel; it reads
             // one pointer per parameter: `args[k]` points at an `i64` (a
-            // dim, in `dims`) or at a data pointer (in `ptrs`) to a live
+            // dim, in `dims`, or a capacity, in `caps`) or at a data pointer (in `ptrs`) to a live
             // allocation of the buffer's dtype holding at least
             // `max(numel, 1)` elements at this point: an owned buffer in
             // `host`, or the data of an f32 input tensor in `inputs`
             // (borrowed for this whole call, never written: a kernel writes
             // only its output or an intermediate, which are owned). The
             // kernel only touches elements inside its buffers' shapes at
-            // these dims (gather checks its ids). `dims`, `ptrs`, `host` and
+            // these dims (gather checks its ids), a pitched buffer's rows
+            // axis below the dim's value (`<=` its capacity, the stored
+            // size, checked above). `dims`, `caps`, `ptrs`, `host` and
             // `inputs` are not moved or resized while it runs.
             unsafe { entry(args.as_mut_ptr()) };
             if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {

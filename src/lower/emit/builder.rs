@@ -94,6 +94,11 @@ impl Builder {
         b
     }
 
+    /// The index-typed SSA value of parameter `name` given to [`Builder::new`].
+    pub(crate) fn dim(&self, name: &str) -> Option<String> {
+        self.dims.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+    }
+
     /// A new SSA name.
     pub(crate) fn fresh(&mut self) -> String {
         self.next += 1;

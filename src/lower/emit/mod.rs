@@ -170,6 +170,11 @@ fn kernel_fn(
                 sig.push(format!("{name}: i64"));
                 dims.push((d.clone(), name));
             }
+            Param::Capacity(d) => {
+                let name = format!("%c{n}");
+                sig.push(format!("{name}: i64"));
+                dims.push((capacity_key(d), name));
+            }
             Param::Buffer(b) => {
                 let name = format!("%b{b}");
                 if ptrs.insert(*b, name.clone()).is_some() {
@@ -402,6 +407,12 @@ fn walk_index(kc: &mut Kc, target: Target, flat: &str, sizes: &[String], opened:
         .collect()
 }
 
+/// The builder's name for the capacity parameter of runtime dim `dim` (not
+/// a valid dim name, so it never clashes with one).
+fn capacity_key(dim: &str) -> String {
+    format!("capacity({dim})")
+}
+
 /// Prefixes every non-empty line with `levels` two-space indents.
 fn indent(text: &str, levels: usize) -> String {
     let pad = "  ".repeat(levels);
@@ -423,6 +434,25 @@ impl Kc<'_> {
             .get(&b)
             .cloned()
             .ok_or_else(|| mismatch(self.kernel, format!("reads buffer {b}, which is not one of its parameters")))
+    }
+
+    /// Index-typed sizes of stored buffer `b` as laid out in memory: its
+    /// shape, with a pitched axis (see [`crate::lower::plan::Pitch`]) sized
+    /// by its capacity parameter.
+    pub(crate) fn storage_sizes(&mut self, b: usize) -> Result<Vec<String>, LowerError> {
+        let buf = &self.program.buffers[b];
+        let (shape, pitch) = (buf.shape.clone(), buf.pitch.clone());
+        let mut sizes = self.sizes(&shape)?;
+        if let Some(p) = pitch {
+            let cap = self.b.dim(&capacity_key(&p.dim)).ok_or_else(|| {
+                mismatch(self.kernel, format!("reads pitched buffer {b} without the capacity of `{}`", p.dim))
+            })?;
+            match sizes.get_mut(p.axis) {
+                Some(s) => *s = cap,
+                None => return Err(mismatch(self.kernel, format!("buffer {b} is pitched on axis {}", p.axis))),
+            }
+        }
+        Ok(sizes)
     }
 
     /// Index-typed sizes of a shape.

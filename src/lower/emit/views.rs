@@ -51,14 +51,14 @@ impl Kc<'_> {
     /// `lanes` consecutive f32 elements of stored buffer `b` from `idx`
     /// along its last axis.
     pub(crate) fn load_vector(&mut self, b: usize, idx: &[String], lanes: usize) -> Result<String, LowerError> {
-        let shape = self.program.buffers[b].shape.clone();
-        if shape.len() != idx.len() {
+        let rank = self.program.buffers[b].shape.len();
+        if rank != idx.len() {
             return Err(LowerError::Unsupported {
                 node: self.program.buffers[b].name.clone(),
-                message: format!("read with {} indices, buffer has rank {}", idx.len(), shape.len()),
+                message: format!("read with {} indices, buffer has rank {rank}", idx.len()),
             });
         }
-        let sizes = self.sizes(&shape)?;
+        let sizes = self.storage_sizes(b)?;
         let off = self.b.linearize(idx, &sizes);
         let ptr = self.ptr(b)?;
         Ok(self.b.load_f32_vector(&ptr, &off, lanes))
@@ -67,14 +67,14 @@ impl Kc<'_> {
     /// Element `idx` of buffer `b` (row-major in the buffer's shape).
     fn load_buffer(&mut self, b: usize, idx: &[String]) -> Result<Val, LowerError> {
         let buf = &self.program.buffers[b];
-        let (shape, dtype) = (buf.shape.clone(), buf.dtype);
-        if shape.len() != idx.len() {
+        let (rank, dtype) = (buf.shape.len(), buf.dtype);
+        if rank != idx.len() {
             return Err(LowerError::Unsupported {
                 node: buf.name.clone(),
-                message: format!("read with {} indices, buffer has rank {}", idx.len(), shape.len()),
+                message: format!("read with {} indices, buffer has rank {rank}", idx.len()),
             });
         }
-        let sizes = self.sizes(&shape)?;
+        let sizes = self.storage_sizes(b)?;
         let off = self.b.linearize(idx, &sizes);
         let ptr = self.ptr(b)?;
         Ok(self.b.load(&ptr, &off, dtype))
