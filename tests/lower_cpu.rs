@@ -217,6 +217,20 @@ fn emit_is_deterministic_and_gpu_text_verifies() {
     let gpu = emit(&g, &p, Target::Gpu).unwrap_or_else(|e| panic!("{e}"));
     assert!(gpu.contains("gpu.container_module") && gpu.contains("gpu.module @bifurc_kernels"));
     assert_eq!(gpu.matches(" kernel {").count(), p.kernels.len());
+    // Row kernels (softmax, rms_norm): on the GPU one block per row, its
+    // threads combining their partial statistics with gpu.all_reduce; on the
+    // CPU one iteration per row, no cross-thread step.
+    let rows: Vec<_> = p.kernels.iter().filter(|k| k.row).collect();
+    assert_eq!(rows.len(), 3 * 2 + 1, "tiny: 2 norms + 1 softmax per layer, 2 layers, a final norm");
+    for k in &rows {
+        let start = gpu.find(&format!("gpu.func @{}(", k.name)).unwrap_or_else(|| panic!("{} missing", k.name));
+        let body = &gpu[start..start + gpu[start..].find("gpu.return").unwrap_or(0)];
+        assert!(body.contains("%i = gpu.block_id x"), "{}: not one block per row", k.name);
+        let reduces = body.matches("gpu.all_reduce").count();
+        assert_eq!(reduces, if k.op == "softmax" { 2 } else { 1 }, "{}", k.name);
+    }
+    let cpu = emit(&g, &p, Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!cpu.contains("gpu.all_reduce"));
 }
 
 /// Every op family, odd layouts and output kinds in one graph: inlined

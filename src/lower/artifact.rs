@@ -248,6 +248,7 @@ fn build_manifest(
         let fail = |message: String| CompileError::KernelBytes { kernel: kernel.name.clone(), message };
         let total = bytes.total().map_err(fail)?;
         let at_point = graph.dims.eval(&total, &point.0).map_err(|e| fail(e.to_string()))?;
+        let threads = kernel.gpu_threads(BLOCK_SIZE)?;
         let entry = entries
             .get(&kernel.name)
             .ok_or_else(|| LowerError::Ptx(format!("kernel `{}` has no .entry in the compiled module", kernel.name)))?;
@@ -273,8 +274,9 @@ fn build_manifest(
                 .collect(),
             reads: kernel.reads.iter().map(|&i| program.buffers[i].name.clone()).collect(),
             writes: program.buffers[kernel.writes].name.clone(),
-            extent: size(&kernel.extent),
-            grid: [grid_size(&kernel.extent), Size::Int(1), Size::Int(1)],
+            extent: size(&threads),
+            // A row kernel: one block per row.
+            grid: [if kernel.row { size(&kernel.extent) } else { grid_size(&threads) }, Size::Int(1), Size::Int(1)],
             block: [Size::Int(BLOCK_SIZE), Size::Int(1), Size::Int(1)],
             bytes: byte_exprs(bytes, &total),
             bytes_at_point: at_point,

@@ -13,7 +13,8 @@
 //!   output buffer when the node is a graph output, else an intermediate.
 //!   Its extent (threads, or CPU loop iterations) is the buffer's element
 //!   count, except for a row kernel (softmax, rms_norm, layer_norm): one
-//!   per row, which computes the row's statistics once and writes the row.
+//!   per row, which computes the row's statistics once and writes the row
+//!   (on the GPU a block of threads per row: [`Kernel::gpu_threads`]).
 //! - Graph inputs and outputs always have buffers. An output whose value is
 //!   a graph input, a view, or a node already written to another output gets
 //!   a `copy` kernel.
@@ -99,10 +100,27 @@ pub struct Kernel {
     /// Number of threads (runtime dims only): elements of the written
     /// buffer, or for a row kernel its rows (elements / row length).
     pub extent: Poly,
+    /// A row kernel (softmax, rms_norm, layer_norm): `extent` counts rows.
+    /// On the GPU each row gets a block of threads (see
+    /// [`Kernel::gpu_threads`]).
+    pub row: bool,
     /// Every runtime dim (graph order), then the capacity of every pitched
     /// buffer's dim among `reads` (graph order of the dims), then `reads`,
     /// then `writes`.
     pub params: Vec<Param>,
+}
+
+impl Kernel {
+    /// Threads of the GPU launch with blocks of `block`: one per element
+    /// (`extent`), or for a row kernel one block per row (`extent * block`).
+    pub fn gpu_threads(&self, block: i64) -> Result<Poly, LowerError> {
+        if !self.row {
+            return Ok(self.extent.clone());
+        }
+        self.extent
+            .mul(&Poly::constant(block))
+            .map_err(|e| LowerError::Size { what: format!("threads of `{}`", self.name), message: e.to_string() })
+    }
 }
 
 /// A graph planned into buffers and kernels.
@@ -319,7 +337,7 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
         for v in inputs {
             collect_reads(graph, &kinds, &node_buf, *v, &mut reads);
         }
-        // A row kernel: one thread per row (the row axis left out).
+        // A row kernel: one lane per row (the row axis left out).
         let mut threads = buffers[writes].shape.clone();
         if let Some(axis) = row.filter(|&a| a < threads.len()) {
             threads.remove(axis);
@@ -340,6 +358,7 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
             reads: reads.into_iter().collect(),
             writes,
             extent,
+            row: row.is_some(),
             params,
         });
         Ok(())

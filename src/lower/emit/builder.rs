@@ -211,6 +211,31 @@ impl Builder {
         (r, j, a)
     }
 
+    /// [`Builder::open_for`] from `lb` in steps of `step` (a row kernel's
+    /// lane walks its row `lb = lane, lane + lanes, …`).
+    pub(crate) fn open_for_from(
+        &mut self,
+        lb: &str,
+        ub: &str,
+        step: &str,
+        init: &str,
+        ty: Ty,
+    ) -> (String, String, String) {
+        let (r, j, a) = (self.fresh(), self.fresh(), self.fresh());
+        let t = ty.mlir();
+        self.line(&format!("{r} = scf.for {j} = {lb} to {ub} step {step} iter_args({a} = {init}) -> ({t}) {{"));
+        self.depth += 1;
+        (r, j, a)
+    }
+
+    /// [`Builder::open_loop`] from `lb` in steps of `step`.
+    pub(crate) fn open_loop_from(&mut self, lb: &str, ub: &str, step: &str) -> String {
+        let j = self.fresh();
+        self.line(&format!("scf.for {j} = {lb} to {ub} step {step} {{"));
+        self.depth += 1;
+        j
+    }
+
     /// Yields the next accumulator and closes the loop.
     pub(crate) fn close_for(&mut self, next: &str, ty: Ty) {
         self.line(&format!("scf.yield {next} : {}", ty.mlir()));

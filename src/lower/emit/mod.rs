@@ -8,11 +8,14 @@
 //! output's multi-index; the body computes that one element in f32 (or i64
 //! for integer data) and stores it at offset `i`, row-major.
 //!
-//! - **Row kernels** (softmax, rms_norm, layer_norm) instead run one thread
-//!   (CPU: loop iteration) per *row* along the reduced axis (softmax: its
-//!   axis; the norms: the last), `extent = numel(buffer) / row length`: the
-//!   thread computes the row's statistics once, then loops over the row and
-//!   stores every element. The body is the same code on both targets.
+//! - **Row kernels** (softmax, rms_norm, layer_norm) instead run one loop
+//!   iteration (CPU) or one *block* (GPU) per *row* along the reduced axis
+//!   (softmax: its axis; the norms: the last), `extent = numel(buffer) /
+//!   row length` rows: the row's statistics are computed once, then every
+//!   element is stored. The body is the same code on both targets, except
+//!   that on the GPU the block's threads split the row (thread `t` takes
+//!   elements `t, t + block_dim, …`, see `Kc::row_lanes`) and combine
+//!   their partial statistics with `gpu.all_reduce`.
 //!
 //! - Reads go through **views** without copies: transpose permutes the
 //!   index, broadcast drops new leading axes and reads index 0 on stretched
@@ -151,6 +154,12 @@ pub(crate) struct Kc<'a> {
     /// Vector width of contraction loops over contiguous f32 data (CPU:
     /// explicit SIMD loads; 0 = scalar loops only).
     pub simd: usize,
+    /// In a GPU row kernel: this thread's lane and the number of lanes
+    /// (`thread_id.x`, `block_dim.x`): the block shares the row, each
+    /// thread takes every `lanes`-th element and the row's statistics are
+    /// combined with `gpu.all_reduce`. `None`: one thread (CPU: iteration)
+    /// per row.
+    pub row_lanes: Option<(String, String)>,
 }
 
 fn kernel_fn(
@@ -188,7 +197,8 @@ fn kernel_fn(
         mismatch(&kernel.name, format!("writes buffer {} of {}", kernel.writes, program.buffers.len()))
     })?;
     let simd = if target == Target::Cpu { CPU_SIMD } else { 0 };
-    let mut kc = Kc { graph, program, layout, b: Builder::new(&dims), ptrs, kernel: &kernel.name, simd };
+    let mut kc =
+        Kc { graph, program, layout, b: Builder::new(&dims), ptrs, kernel: &kernel.name, simd, row_lanes: None };
     let sizes = kc.sizes(&out.shape)?;
     let flat = "%i".to_owned();
     let out_ptr = kc.ptr(kernel.writes)?;
@@ -218,6 +228,9 @@ fn kernel_fn(
             }
             let mut outer = sizes.clone();
             outer.remove(axis);
+            if target == Target::Gpu {
+                kc.row_lanes = Some(("%tid".to_owned(), "%bdim".to_owned()));
+            }
             let mut idx = walk_index(&mut kc, target, &flat, &outer, &mut opened);
             idx.insert(axis, kc.b.index(0));
             kc.row_lane(j, &idx, &sizes, &out_ptr, out.dtype)?;
@@ -376,8 +389,15 @@ fn kernel_fn(
             let _ = writeln!(f, "  gpu.func @{name}({sig}) kernel {{");
             f.push_str(&indent(&hoist, 2));
             let _ = writeln!(f, "    %bid = gpu.block_id x\n    %bdim = gpu.block_dim x\n    %tid = gpu.thread_id x");
-            let _ =
-                writeln!(f, "    %base = arith.muli %bid, %bdim : index\n    {flat} = arith.addi %base, %tid : index");
+            if kc.row_lanes.is_some() {
+                // A row kernel: one block per row, the block's threads share it.
+                let _ = writeln!(f, "    {flat} = gpu.block_id x");
+            } else {
+                let _ = writeln!(
+                    f,
+                    "    %base = arith.muli %bid, %bdim : index\n    {flat} = arith.addi %base, %tid : index"
+                );
+            }
             let _ = writeln!(f, "    %inb = arith.cmpi ult, {flat}, {extent} : index\n    scf.if %inb {{");
             f.push_str(&indent(&body, 3));
             let _ = writeln!(f, "    }}\n    gpu.return\n  }}");

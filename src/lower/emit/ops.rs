@@ -555,19 +555,21 @@ impl Kc<'_> {
         let len = self.sizes(shape.get(axis..=axis).ok_or_else(|| self.unsupported(j, "softmax axis"))?)?.remove(0);
         let ninf = self.b.f32(f32::NEG_INFINITY);
         let zero = self.b.f32(0.0);
-        let (max, l, a) = self.b.open_for(&len, &ninf, Ty::F32);
+        let (max, l, a) = self.row_for(&len, &ninf);
         let mut at = idx.to_vec();
         at[axis] = l;
         let v = self.loadf(x, &at)?;
         let m = self.b.fbin("maximumf", &a, &v);
         self.b.close_for(&m, Ty::F32);
-        let (sum, l, a) = self.b.open_for(&len, &zero, Ty::F32);
+        let max = self.row_combine("maximumf", &max);
+        let (sum, l, a) = self.row_for(&len, &zero);
         at[axis] = l;
         let v = self.loadf(x, &at)?;
         let d = self.b.fbin("subf", &v, &max);
         let e = self.b.math("exp", &d);
         let s = self.b.fbin("addf", &a, &e);
         self.b.close_for(&s, Ty::F32);
+        let sum = self.row_combine("add", &sum);
         Ok([max, sum])
     }
 
@@ -579,6 +581,35 @@ impl Kc<'_> {
         let q = self.b.fbin("divf", &e, sum);
         let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
         Ok(Val::f32(self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"))))
+    }
+
+    /// A reduction loop over a row of `len` elements: over all of it, or
+    /// in a row kernel on the GPU over this thread's share (elements
+    /// `lane, lane + lanes, …`; see [`Kc::row_lanes`]).
+    fn row_for(&mut self, len: &str, init: &str) -> (String, String, String) {
+        match self.row_lanes.clone() {
+            Some((lane, lanes)) => self.b.open_for_from(&lane, len, &lanes, init, Ty::F32),
+            None => self.b.open_for(len, init, Ty::F32),
+        }
+    }
+
+    /// A loop over this thread's elements of a row (see [`Kc::row_for`]).
+    fn row_loop(&mut self, len: &str) -> String {
+        match self.row_lanes.clone() {
+            Some((lane, lanes)) => self.b.open_loop_from(&lane, len, &lanes),
+            None => self.b.open_loop(len),
+        }
+    }
+
+    /// The row's reduction of the per-thread partials `v` (`maximumf` or
+    /// `add`): a `gpu.all_reduce` over the block in a GPU row kernel, else
+    /// `v` itself (one thread had the whole row).
+    fn row_combine(&mut self, op: &str, v: &str) -> String {
+        if self.row_lanes.is_some() {
+            self.b.op(&format!("gpu.all_reduce {op} {v} uniform {{}} : (f32) -> (f32)"))
+        } else {
+            v.to_owned()
+        }
     }
 
     /// The axis a row kernel of node `j` walks (softmax: its axis; rms /
@@ -615,12 +646,13 @@ impl Kc<'_> {
                 let x = arg(self, 0)?;
                 let ninf = self.b.f32(f32::NEG_INFINITY);
                 let (zero, one) = (self.b.f32(0.0), self.b.f32(1.0));
-                let (max, l, a) = self.b.open_for(&len, &ninf, Ty::F32);
+                let (max, l, a) = self.row_for(&len, &ninf);
                 at[axis] = l;
                 let v = self.loadf(x, &at)?;
                 let m = self.b.fbin("maximumf", &a, &v);
                 self.b.close_for(&m, Ty::F32);
-                let (sum, l, a) = self.b.open_for(&len, &zero, Ty::F32);
+                let max = self.row_combine("maximumf", &max);
+                let (sum, l, a) = self.row_for(&len, &zero);
                 at[axis] = l;
                 let v = self.loadf(x, &at)?;
                 let d = self.b.fbin("subf", &v, &max);
@@ -629,9 +661,10 @@ impl Kc<'_> {
                 self.b.store(out_ptr, &off, out_dtype, Val::f32(e.clone()));
                 let s = self.b.fbin("addf", &a, &e);
                 self.b.close_for(&s, Ty::F32);
+                let sum = self.row_combine("add", &sum);
                 let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
                 let inv = self.b.fbin("divf", &one, &sum);
-                let l = self.b.open_loop(&len);
+                let l = self.row_loop(&len);
                 at[axis] = l;
                 let off = self.b.linearize(&at, out_sizes);
                 let e = self.b.load(out_ptr, &off, out_dtype);
@@ -642,7 +675,7 @@ impl Kc<'_> {
             Op::Softmax { .. } => {
                 let x = arg(self, 0)?;
                 let stats = self.softmax_stats(j, x, axis, idx)?;
-                let l = self.b.open_loop(&len);
+                let l = self.row_loop(&len);
                 at[axis] = l;
                 let v = self.softmax_elem(x, &stats, &at)?;
                 let off = self.b.linearize(&at, out_sizes);
@@ -652,7 +685,7 @@ impl Kc<'_> {
                 let (x, w) = (arg(self, 0)?, arg(self, 1)?);
                 let bias = if matches!(op, Op::LayerNorm { .. }) { Some(arg(self, 2)?) } else { None };
                 let stats = self.norm_stats(j, x, bias.is_some(), eps, idx)?;
-                let l = self.b.open_loop(&len);
+                let l = self.row_loop(&len);
                 at[axis] = l;
                 let v = self.norm_elem(x, w, bias, &stats, &at)?;
                 let off = self.b.linearize(&at, out_sizes);
@@ -754,16 +787,17 @@ impl Kc<'_> {
         let one = self.b.f32(1.0);
         let mut at = idx.to_vec();
         let mean = if centered {
-            let (sum, l, a) = self.b.open_for(&len, &zero, Ty::F32);
+            let (sum, l, a) = self.row_for(&len, &zero);
             at[last] = l;
             let v = self.loadf(x, &at)?;
             let s = self.b.fbin("addf", &a, &v);
             self.b.close_for(&s, Ty::F32);
+            let sum = self.row_combine("add", &sum);
             Some(self.b.fbin("divf", &sum, &n))
         } else {
             None
         };
-        let (ss, l, a) = self.b.open_for(&len, &zero, Ty::F32);
+        let (ss, l, a) = self.row_for(&len, &zero);
         at[last] = l;
         let v = self.loadf(x, &at)?;
         let c = match &mean {
@@ -773,6 +807,7 @@ impl Kc<'_> {
         let sq = self.b.fbin("mulf", &c, &c);
         let s = self.b.fbin("addf", &a, &sq);
         self.b.close_for(&s, Ty::F32);
+        let ss = self.row_combine("add", &ss);
         let ms = self.b.fbin("divf", &ss, &n);
         let e = self.b.f32(eps as f32);
         let ms = self.b.fbin("addf", &ms, &e);
