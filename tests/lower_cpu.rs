@@ -19,7 +19,7 @@ use bifurc::hf::{build, HfOptions};
 use bifurc::inspect::ShapePoint;
 use bifurc::interp::{random_inputs, run, Tensor};
 use bifurc::ir::{DType, Graph};
-use bifurc::lower::{emit, plan, CpuStep, Target};
+use bifurc::lower::{emit, emit_emulating_gpu, plan, CpuStep, Emulation, Target};
 use bifurc::optimize::{optimize, Options};
 
 const F32_TOL: f32 = 1e-4;
@@ -70,6 +70,11 @@ fn norm_rel(a: &Tensor, b: &Tensor) -> f32 {
 /// Compiles `g` once, runs it at every point against the interpreter.
 fn check(name: &str, g: &Graph, points: &[BTreeMap<String, i64>], tol: f32) {
     let step = CpuStep::compile(g).unwrap_or_else(|e| panic!("{name}: compile: {e}"));
+    check_step(name, g, &step, points, tol);
+}
+
+/// Runs the compiled `step` of `g` at every point against the interpreter.
+fn check_step(name: &str, g: &Graph, step: &CpuStep, points: &[BTreeMap<String, i64>], tol: f32) {
     for (seed, p) in points.iter().enumerate() {
         let inputs = random_inputs(g, p, 17 + seed as u64).unwrap_or_else(|e| panic!("{name}: inputs: {e}"));
         let want = run(g, p, &inputs).unwrap_or_else(|e| panic!("{name}: interp at {p:?}: {e}"));
@@ -220,7 +225,7 @@ fn emit_is_deterministic_and_gpu_text_verifies() {
     // Row kernels (softmax, rms_norm): on the GPU one block per row, its
     // threads combining their partial statistics with gpu.all_reduce; on the
     // CPU one iteration per row, no cross-thread step.
-    let rows: Vec<_> = p.kernels.iter().filter(|k| k.row).collect();
+    let rows: Vec<_> = p.kernels.iter().filter(|k| ["softmax", "rms_norm"].contains(&k.op.as_str())).collect();
     assert_eq!(rows.len(), 3 * 2 + 1, "tiny: 2 norms + 1 softmax per layer, 2 layers, a final norm");
     for k in &rows {
         let start = gpu.find(&format!("gpu.func @{}(", k.name)).unwrap_or_else(|| panic!("{} missing", k.name));
@@ -396,6 +401,40 @@ fn pitched_decode_caches_read_only_their_rows() {
             assert!(err.contains("capacity 1 of runtime dim `m_d` is less than its value 2"), "{err}");
             let err = step.run_with_capacity(&p, &caps, &dense).unwrap_err().to_string();
             assert!(err.contains("expected [3, 2, 6, 8]"), "{err}");
+        }
+    }
+}
+
+/// The GPU's block-shared kernels, run the GPU's way on the CPU
+/// (`Emulation`): row kernels (softmax, rms_norm, layer_norm) and
+/// contractions summing along the operands' innermost axis split their
+/// reductions over 3 or 7 lanes (lane `t` takes elements `t, t + lanes, …`,
+/// the partials combined afterwards) — the element split of the GPU's
+/// 256-thread blocks, with lane counts that divide none of the lengths.
+/// Every contraction long enough is made cooperative (threshold 1 instead
+/// of the GPU's 1024) so the small models exercise them. Same tolerance as
+/// the plain CPU kernels.
+#[test]
+fn gpu_block_kernels_emulated_match_interpreter() {
+    let ops = bifurc::import::parse(OPS_GRAPH).unwrap_or_else(|e| panic!("{e}"));
+    let tiny = load("examples/tiny/model.json");
+    type Points = Vec<BTreeMap<String, i64>>;
+    let cases: Vec<(&str, Graph, Points, f32)> = vec![
+        ("tiny (bifurcated)", bifurcated(&tiny, "b=64,m_c=4096,m_d=64"), bcd_points(), F32_TOL),
+        ("llama gqa", from_config(LLAMA_GQA, None), bcd_points(), F32_TOL),
+        ("gpt2 (layer_norm)", from_config(GPT2_MHA, None), bcd_points(), F32_TOL),
+        ("bf16 llama", from_config(LLAMA_GQA, Some(DType::BF16)), bcd_points(), BF16_TOL),
+        ("ops", ops, vec![point(&[("m", 1)]), point(&[("m", 5)])], F32_TOL),
+    ];
+    for (name, g, points, tol) in cases {
+        let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
+        let plain = emit(&g, &program, Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        for lanes in [3, 7] {
+            let emulation = Emulation { lanes, cooperative_min: 1 };
+            let text = emit_emulating_gpu(&g, &program, emulation).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_ne!(text, plain, "{name}: nothing was split");
+            let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{name}: {e}"));
+            check_step(&format!("{name}, {lanes} lanes"), &g, &step, &points, tol);
         }
     }
 }

@@ -275,8 +275,12 @@ fn build_manifest(
             reads: kernel.reads.iter().map(|&i| program.buffers[i].name.clone()).collect(),
             writes: program.buffers[kernel.writes].name.clone(),
             extent: size(&threads),
-            // A row kernel: one block per row.
-            grid: [if kernel.row { size(&kernel.extent) } else { grid_size(&threads) }, Size::Int(1), Size::Int(1)],
+            // A cooperative kernel: one block per item.
+            grid: [
+                if kernel.cooperative { size(&kernel.extent) } else { grid_size(&threads) },
+                Size::Int(1),
+                Size::Int(1),
+            ],
             block: [Size::Int(BLOCK_SIZE), Size::Int(1), Size::Int(1)],
             bytes: byte_exprs(bytes, &total),
             bytes_at_point: at_point,

@@ -16,7 +16,7 @@ mod smoke;
 
 pub use context::{new_context, run_pipeline, verify, DiagnosticCapture};
 pub use cpu::{CpuStep, CPU_PIPELINE};
-pub use emit::{emit, Target};
+pub use emit::{emit, emit_emulating_gpu, Emulation, Target};
 pub use plan::{plan, Buffer, BufferKind, Kernel, Param, Pitch, Program};
 pub use smoke::{smoke, SMOKE_PIPELINE};
 

@@ -100,10 +100,12 @@ pub struct Kernel {
     /// Number of threads (runtime dims only): elements of the written
     /// buffer, or for a row kernel its rows (elements / row length).
     pub extent: Poly,
-    /// A row kernel (softmax, rms_norm, layer_norm): `extent` counts rows.
-    /// On the GPU each row gets a block of threads (see
-    /// [`Kernel::gpu_threads`]).
-    pub row: bool,
+    /// On the GPU, one block per item of `extent` whose threads share the
+    /// item's reduction: a row kernel (softmax, rms_norm, layer_norm; the
+    /// items are rows) or a contraction with a long reduction along the
+    /// operands' innermost axis (see [`cooperative_contraction`]; the items
+    /// are output elements). See [`Kernel::gpu_threads`].
+    pub cooperative: bool,
     /// Every runtime dim (graph order), then the capacity of every pitched
     /// buffer's dim among `reads` (graph order of the dims), then `reads`,
     /// then `writes`.
@@ -112,9 +114,10 @@ pub struct Kernel {
 
 impl Kernel {
     /// Threads of the GPU launch with blocks of `block`: one per element
-    /// (`extent`), or for a row kernel one block per row (`extent * block`).
+    /// (`extent`), or for a cooperative kernel one block per item
+    /// (`extent * block`).
     pub fn gpu_threads(&self, block: i64) -> Result<Poly, LowerError> {
-        if !self.row {
+        if !self.cooperative {
             return Ok(self.extent.clone());
         }
         self.extent
@@ -160,6 +163,37 @@ pub(crate) fn row_axis(op: &Op, rank: usize) -> Option<usize> {
         Op::Softmax { axis } if axis < rank => Some(axis),
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => rank.checked_sub(1),
         _ => None,
+    }
+}
+
+/// Reduction length from which a GPU contraction gets a block per output
+/// element (see [`cooperative_contraction`]).
+pub(crate) const COOPERATIVE_MIN: i64 = 1024;
+
+/// Whether contraction node `j` sums one letter, of constant length at
+/// least `min` ([`COOPERATIVE_MIN`] on the GPU), that is the innermost axis of every operand
+/// indexing it: the projections `x · Wᵀ` of a decode step (`W [n, d]`, sum
+/// over `d`). On the GPU such a kernel runs one block per output element
+/// whose threads split the sum — adjacent threads read adjacent weights —
+/// instead of one thread walking all of `d`. Attention's contractions (over
+/// the head dim, or over the runtime `m_c`) keep one thread per element.
+pub(crate) fn cooperative_contraction(graph: &Graph, j: usize, min: i64) -> bool {
+    let Some(node) = graph.nodes.get(j) else { return false };
+    let long = |p: &Poly| graph.dims.normalize(p).ok().and_then(|p| p.as_constant()).is_some_and(|n| n >= min);
+    match (&node.op, node.inputs.as_slice()) {
+        (Op::MatMul { transpose_b: true }, [a, _]) => graph.shape_of(*a).last().is_some_and(long),
+        (Op::Einsum(spec), inputs) if spec.inputs.len() == inputs.len() => {
+            let mut reduced: Vec<char> =
+                spec.inputs.iter().flatten().copied().filter(|c| !spec.output.contains(c)).collect();
+            reduced.sort_unstable();
+            reduced.dedup();
+            let [c] = reduced.as_slice() else { return false };
+            spec.inputs.iter().zip(inputs).all(|(subs, v)| match subs.iter().position(|s| s == c) {
+                None => true,
+                Some(at) => at + 1 == subs.len() && graph.shape_of(*v).get(at).is_some_and(long),
+            })
+        }
+        _ => false,
     }
 }
 
@@ -331,7 +365,8 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
                    op: &str,
                    inputs: &[Value],
                    writes: usize,
-                   row: Option<usize>|
+                   row: Option<usize>,
+                   node_index: Option<usize>|
      -> Result<(), LowerError> {
         let mut reads = BTreeSet::new();
         for v in inputs {
@@ -358,7 +393,8 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
             reads: reads.into_iter().collect(),
             writes,
             extent,
-            row: row.is_some(),
+            cooperative: row.is_some()
+                || node_index.is_some_and(|j| cooperative_contraction(graph, j, COOPERATIVE_MIN)),
             params,
         });
         Ok(())
@@ -366,12 +402,12 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
     for (j, node) in graph.nodes.iter().enumerate() {
         if let (NodeKind::Kernel, Some(b)) = (kinds[j], node_buf[j]) {
             let row = row_axis(&node.op, node.shape.len());
-            add(&node.id, &node.id, node.op.name(), &node.inputs, b, row)?;
+            add(&node.id, &node.id, node.op.name(), &node.inputs, b, row, Some(j))?;
         }
     }
     for (b, v) in copies {
         let out = buffers[b].name.clone();
-        add(&out, graph.name_of(v), "copy", &[v], b, None)?;
+        add(&out, graph.name_of(v), "copy", &[v], b, None, None)?;
     }
     Ok(Program { dims: graph.dims.runtime.clone(), buffers, kernels })
 }

@@ -20,7 +20,7 @@ use melior::ir::Module;
 use crate::interp::{Tensor, MAX_ELEMENTS};
 use crate::ir::{DType, Graph};
 use crate::lower::context::DiagnosticCapture;
-use crate::lower::emit::{emit, Target};
+use crate::lower::emit::{emit, emit_emulating_gpu, Emulation, Target};
 use crate::lower::plan::{plan, BufferKind, Param, Program};
 use crate::lower::{new_context, run_pipeline, verify, LowerError};
 use host::HostData;
@@ -73,10 +73,24 @@ impl CpuStep {
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
         let program = plan(graph)?;
         let text = emit(graph, &program, Target::Cpu)?;
+        Self::compile_text(graph, program, &text)
+    }
+
+    /// [`CpuStep::compile`] with the GPU's way of splitting the row
+    /// kernels' and cooperative contractions' reductions, emulated (see
+    /// [`Emulation`]): runs the structure of the GPU kernels on the CPU, so
+    /// tests can check it against the reference interpreter.
+    pub fn compile_emulating_gpu(graph: &Graph, emulation: Emulation) -> Result<Self, LowerError> {
+        let program = plan(graph)?;
+        let text = emit_emulating_gpu(graph, &program, emulation)?;
+        Self::compile_text(graph, program, &text)
+    }
+
+    fn compile_text(graph: &Graph, program: Program, text: &str) -> Result<Self, LowerError> {
         let context = new_context();
         let capture = DiagnosticCapture::attach(&context);
         let mut module =
-            Module::parse(&context, &text).ok_or_else(|| LowerError::Parse { diagnostics: capture.take() })?;
+            Module::parse(&context, text).ok_or_else(|| LowerError::Parse { diagnostics: capture.take() })?;
         drop(capture);
         verify(&context, &module, "emitted CPU kernels")?;
         run_pipeline(&context, &mut module, CPU_PIPELINE)?;

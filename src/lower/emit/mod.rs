@@ -14,7 +14,7 @@
 //!   row length` rows: the row's statistics are computed once, then every
 //!   element is stored. The body is the same code on both targets, except
 //!   that on the GPU the block's threads split the row (thread `t` takes
-//!   elements `t, t + block_dim, …`, see `Kc::row_lanes`) and combine
+//!   elements `t, t + block_dim, …`, see `Kc::lanes`) and combine
 //!   their partial statistics with `gpu.all_reduce`.
 //!
 //! - Reads go through **views** without copies: transpose permutes the
@@ -127,10 +127,26 @@ fn mismatch(kernel: &str, message: String) -> LowerError {
 
 /// Emits every kernel of `program` for `target` as one MLIR module.
 pub fn emit(graph: &Graph, program: &Program, target: Target) -> Result<String, LowerError> {
+    emit_with(graph, program, target, None)
+}
+
+/// [`Target::Cpu`] text whose row kernels and cooperative contractions
+/// split their reductions the GPU's way (see [`Emulation`]): for checking
+/// the GPU kernels' structure on a machine without one.
+pub fn emit_emulating_gpu(graph: &Graph, program: &Program, emulation: Emulation) -> Result<String, LowerError> {
+    emit_with(graph, program, Target::Cpu, Some(emulation))
+}
+
+fn emit_with(
+    graph: &Graph,
+    program: &Program,
+    target: Target,
+    emulation: Option<Emulation>,
+) -> Result<String, LowerError> {
     let layout = Layout::new(graph, program)?;
     let mut funcs = String::new();
     for kernel in &program.kernels {
-        funcs.push_str(&kernel_fn(graph, program, &layout, kernel, target)?);
+        funcs.push_str(&kernel_fn(graph, program, &layout, kernel, target, emulation)?);
     }
     Ok(match target {
         Target::Cpu => format!("module {{\n{funcs}}}\n"),
@@ -154,12 +170,37 @@ pub(crate) struct Kc<'a> {
     /// Vector width of contraction loops over contiguous f32 data (CPU:
     /// explicit SIMD loads; 0 = scalar loops only).
     pub simd: usize,
-    /// In a GPU row kernel: this thread's lane and the number of lanes
-    /// (`thread_id.x`, `block_dim.x`): the block shares the row, each
-    /// thread takes every `lanes`-th element and the row's statistics are
-    /// combined with `gpu.all_reduce`. `None`: one thread (CPU: iteration)
-    /// per row.
-    pub row_lanes: Option<(String, String)>,
+    /// How a block-shared kernel (a row kernel, a cooperative contraction)
+    /// splits its reduction; see [`Lanes`].
+    pub lanes: Lanes,
+    /// Emulated lanes: the open lane loops (result, accumulator), innermost
+    /// last.
+    pub lane_loops: Vec<(String, String)>,
+}
+
+/// How the reduction of a block-shared kernel is split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lanes {
+    /// One thread (CPU: iteration) does the whole reduction.
+    Whole,
+    /// GPU: the block's threads (`thread_id.x` of `block_dim.x`) each take
+    /// every `block_dim`-th element; `gpu.all_reduce` combines them.
+    Block,
+    /// CPU emulation of [`Lanes::Block`] with this many lanes: a loop over
+    /// the lanes around each lane's strided loop, combining as it goes
+    /// (same element split, sequential combination).
+    Emulated(usize),
+}
+
+/// CPU text that runs the GPU's block-shared kernels the GPU's way (see
+/// [`Lanes::Emulated`]), so that the reference interpreter can check them:
+/// `lanes` threads per block, and contractions over at least
+/// `cooperative_min` elements made cooperative (the GPU uses
+/// [`crate::lower::plan::COOPERATIVE_MIN`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Emulation {
+    pub lanes: usize,
+    pub cooperative_min: i64,
 }
 
 fn kernel_fn(
@@ -168,6 +209,7 @@ fn kernel_fn(
     layout: &Layout,
     kernel: &Kernel,
     target: Target,
+    emulation: Option<Emulation>,
 ) -> Result<String, LowerError> {
     let mut sig = Vec::new();
     let mut dims = Vec::new();
@@ -197,8 +239,17 @@ fn kernel_fn(
         mismatch(&kernel.name, format!("writes buffer {} of {}", kernel.writes, program.buffers.len()))
     })?;
     let simd = if target == Target::Cpu { CPU_SIMD } else { 0 };
-    let mut kc =
-        Kc { graph, program, layout, b: Builder::new(&dims), ptrs, kernel: &kernel.name, simd, row_lanes: None };
+    let mut kc = Kc {
+        graph,
+        program,
+        layout,
+        b: Builder::new(&dims),
+        ptrs,
+        kernel: &kernel.name,
+        simd,
+        lanes: Lanes::Whole,
+        lane_loops: Vec::new(),
+    };
     let sizes = kc.sizes(&out.shape)?;
     let flat = "%i".to_owned();
     let out_ptr = kc.ptr(kernel.writes)?;
@@ -212,7 +263,11 @@ fn kernel_fn(
     };
     // Loops opened by `walk_index` (CPU), closed after the body.
     let mut opened = 0;
-    let extent = match (walk::walk(graph, node, target), node) {
+    let cooperative_min = match (target, emulation) {
+        (Target::Gpu, _) => Some(crate::lower::plan::COOPERATIVE_MIN),
+        (Target::Cpu, e) => e.map(|e| e.cooperative_min),
+    };
+    let extent = match (walk::walk(graph, node, target, cooperative_min), node) {
         (Walk::Rows { axis }, Some(j)) if axis < sizes.len() && kc.row_axis(j) == Some(axis) => {
             // One iteration (CPU) or thread (GPU) per lane: the same body
             // on both targets.
@@ -228,9 +283,11 @@ fn kernel_fn(
             }
             let mut outer = sizes.clone();
             outer.remove(axis);
-            if target == Target::Gpu {
-                kc.row_lanes = Some(("%tid".to_owned(), "%bdim".to_owned()));
-            }
+            kc.lanes = match (target, emulation) {
+                (Target::Gpu, _) => Lanes::Block,
+                (Target::Cpu, Some(e)) => Lanes::Emulated(e.lanes.max(1)),
+                (Target::Cpu, None) => Lanes::Whole,
+            };
             let mut idx = walk_index(&mut kc, target, &flat, &outer, &mut opened);
             idx.insert(axis, kc.b.index(0));
             kc.row_lane(j, &idx, &sizes, &out_ptr, out.dtype)?;
@@ -350,6 +407,29 @@ fn kernel_fn(
                 kc.b.hoist(&format!("arith.muli {outer}, {tiles} : index"))
             }
         }
+        (Walk::Cooperative, Some(j)) if target == Target::Gpu => {
+            // One block per output element (`flat` is the block id): the
+            // threads split the reduction loop, `gpu.all_reduce` sums it,
+            // thread 0 stores it.
+            kc.lanes = Lanes::Block;
+            let idx = kc.b.delinearize(&flat, &sizes);
+            let value = kc.compute(j, &idx)?;
+            let c0 = kc.b.index(0);
+            let first = kc.b.op(&format!("arith.cmpi eq, %tid, {c0} : index"));
+            kc.b.open_guard(&first);
+            kc.b.store(&out_ptr, &flat, out.dtype, value);
+            kc.b.close();
+            kc.b.size(&kernel.extent)?
+        }
+        (Walk::Cooperative, Some(j)) => {
+            // The CPU emulation of the above: one iteration per element.
+            kc.lanes = Lanes::Emulated(emulation.map_or(1, |e| e.lanes.max(1)));
+            let idx = walk_index(&mut kc, target, &flat, &sizes, &mut opened);
+            let value = kc.compute(j, &idx)?;
+            let off = kc.b.linearize(&idx, &sizes);
+            kc.b.store(&out_ptr, &off, out.dtype, value);
+            kc.b.size(&kernel.extent)?
+        }
         (_, node) => {
             if let Some(j) = node.filter(|&j| kc.row_axis(j).is_some()) {
                 return Err(kc.unsupported(j, "row kernel without a row walk"));
@@ -389,8 +469,8 @@ fn kernel_fn(
             let _ = writeln!(f, "  gpu.func @{name}({sig}) kernel {{");
             f.push_str(&indent(&hoist, 2));
             let _ = writeln!(f, "    %bid = gpu.block_id x\n    %bdim = gpu.block_dim x\n    %tid = gpu.thread_id x");
-            if kc.row_lanes.is_some() {
-                // A row kernel: one block per row, the block's threads share it.
+            if kc.lanes == Lanes::Block {
+                // One block per item (row, output element), its threads share it.
                 let _ = writeln!(f, "    {flat} = gpu.block_id x");
             } else {
                 let _ = writeln!(

@@ -5,7 +5,7 @@ use crate::ir::{BinaryOp, EinsumSpec, Op, Poly, ReduceOp, UnaryOp, Value};
 use crate::lower::LowerError;
 
 use super::builder::{Ty, Val};
-use super::Kc;
+use super::{Kc, Lanes};
 
 /// `sqrt(2 / pi)`, GPT-2's gelu constant.
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
@@ -178,7 +178,7 @@ impl Kc<'_> {
         };
         let kdim = self.sizes(&sa[sa.len() - 1..])?.remove(0);
         let zero = self.b.f32(0.0);
-        let (res, kk, accs) = self.b.open_for_n(&kdim, &vec![zero; idxs.len()]);
+        let (res, kk, accs) = self.reduction_for(&kdim, &vec![zero; idxs.len()]);
         let mut loaded = Loaded::default();
         let mut nexts = Vec::with_capacity(idxs.len());
         for (idx, acc) in idxs.iter().zip(&accs) {
@@ -196,7 +196,29 @@ impl Kc<'_> {
             nexts.push(self.accumulate(acc, &x, &y));
         }
         self.b.close_for_n(&nexts);
-        Ok(res)
+        Ok(self.reduction_combine(res))
+    }
+
+    /// The loop of a contraction's sum (one accumulator per `inits`): over
+    /// all of it, or in a cooperative kernel ([`Kc::lanes`] other than
+    /// whole, one accumulator) over this lane's share.
+    fn reduction_for(&mut self, ub: &str, inits: &[String]) -> (Vec<String>, String, Vec<String>) {
+        match (self.lanes, inits) {
+            (Lanes::Block | Lanes::Emulated(_), [init]) => {
+                let (r, l, a) = self.row_for(ub, init);
+                (vec![r], l, vec![a])
+            }
+            _ => self.b.open_for_n(ub, inits),
+        }
+    }
+
+    /// The sums after [`Kc::reduction_for`]'s loop: combined over the block
+    /// in a cooperative GPU kernel.
+    fn reduction_combine(&mut self, sums: Vec<String>) -> Vec<String> {
+        if sums.len() != 1 {
+            return sums;
+        }
+        sums.iter().map(|s| self.row_combine("add", s)).collect()
     }
 
     /// `acc + x * y`, the contraction step: `contract` lets LLVM fuse it
@@ -323,7 +345,7 @@ impl Kc<'_> {
             }
         }
         let ub = self.sizes(std::slice::from_ref(d))?.remove(0);
-        let (res, l, a) = self.b.open_for_n(&ub, accs);
+        let (res, l, a) = self.reduction_for(&ub, accs);
         for env in envs.iter_mut() {
             env.push((*c, l.clone()));
         }
@@ -332,7 +354,7 @@ impl Kc<'_> {
             env.pop();
         }
         self.b.close_for_n(&next);
-        Ok(res)
+        Ok(self.reduction_combine(res))
     }
 
     /// Lanes of an explicit-SIMD loop over contracted letter `c` (size
@@ -584,31 +606,46 @@ impl Kc<'_> {
     }
 
     /// A reduction loop over a row of `len` elements: over all of it, or
-    /// in a row kernel on the GPU over this thread's share (elements
-    /// `lane, lane + lanes, …`; see [`Kc::row_lanes`]).
+    /// in a block-shared kernel over this lane's share (elements `lane,
+    /// lane + lanes, …`; see [`Kc::lanes`]). `init` is the identity of the
+    /// combination [`Kc::row_combine`] applies afterwards.
     fn row_for(&mut self, len: &str, init: &str) -> (String, String, String) {
-        match self.row_lanes.clone() {
-            Some((lane, lanes)) => self.b.open_for_from(&lane, len, &lanes, init, Ty::F32),
-            None => self.b.open_for(len, init, Ty::F32),
+        match self.lanes {
+            Lanes::Whole => self.b.open_for(len, init, Ty::F32),
+            Lanes::Block => self.b.open_for_from("%tid", len, "%bdim", init, Ty::F32),
+            Lanes::Emulated(n) => {
+                let lanes = self.b.index(n as i64);
+                let (res, lane, acc) = self.b.open_for(&lanes, init, Ty::F32);
+                self.lane_loops.push((res, acc));
+                self.b.open_for_from(&lane, len, &lanes, init, Ty::F32)
+            }
         }
     }
 
-    /// A loop over this thread's elements of a row (see [`Kc::row_for`]).
+    /// A loop over this lane's elements of a row (see [`Kc::row_for`]);
+    /// emulated lanes store every element in one loop.
     fn row_loop(&mut self, len: &str) -> String {
-        match self.row_lanes.clone() {
-            Some((lane, lanes)) => self.b.open_loop_from(&lane, len, &lanes),
-            None => self.b.open_loop(len),
+        match self.lanes {
+            Lanes::Block => self.b.open_loop_from("%tid", len, "%bdim"),
+            Lanes::Whole | Lanes::Emulated(_) => self.b.open_loop(len),
         }
     }
 
-    /// The row's reduction of the per-thread partials `v` (`maximumf` or
-    /// `add`): a `gpu.all_reduce` over the block in a GPU row kernel, else
-    /// `v` itself (one thread had the whole row).
+    /// The row's reduction of the per-lane partials `v` (`maximumf` or
+    /// `add`), after a [`Kc::row_for`] loop closed: a `gpu.all_reduce` over
+    /// the block, the combination across the emulated lanes (closing their
+    /// loop), or `v` itself (one thread had the whole row).
     fn row_combine(&mut self, op: &str, v: &str) -> String {
-        if self.row_lanes.is_some() {
-            self.b.op(&format!("gpu.all_reduce {op} {v} uniform {{}} : (f32) -> (f32)"))
-        } else {
-            v.to_owned()
+        match self.lanes {
+            Lanes::Whole => v.to_owned(),
+            Lanes::Block => self.b.op(&format!("gpu.all_reduce {op} {v} uniform {{}} : (f32) -> (f32)")),
+            Lanes::Emulated(_) => {
+                let Some((res, acc)) = self.lane_loops.pop() else { return v.to_owned() };
+                let f = if op == "add" { "addf" } else { op };
+                let c = self.b.fbin(f, &acc, v);
+                self.b.close_for(&c, Ty::F32);
+                res
+            }
         }
     }
 

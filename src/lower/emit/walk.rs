@@ -14,9 +14,14 @@
 //!   axis of size other than 1 (the baseline's attention over a broadcast
 //!   cache, elementwise-like contractions).
 //! - **Rows** (softmax, rms / layer norm, both targets): one iteration
-//!   (thread) per lane: its statistics once, then a loop storing the lane's
-//!   elements. The kernel's extent is the number of lanes (see
+//!   (GPU: block) per lane: its statistics once, then a loop storing the
+//!   lane's elements. The kernel's extent is the number of lanes (see
 //!   [`crate::lower::plan::Kernel::extent`]).
+//! - **Cooperative** (GPU contractions with a long reduction along the
+//!   operands' innermost axis, the weight projections): one block per
+//!   output element; its threads split the sum and combine it with
+//!   `gpu.all_reduce`, thread 0 stores it. On the CPU these contractions
+//!   walk reuse-innermost like any other.
 //!
 //! "Largest" is by elements at a typical point ([`TYPICAL`]; other runtime
 //! dims 64).
@@ -26,7 +31,7 @@ use std::collections::BTreeMap;
 use crate::ir::{shape::numel, Graph, Op, Poly, Value};
 
 use super::Target;
-use crate::lower::plan::row_axis;
+use crate::lower::plan::{cooperative_contraction, row_axis};
 
 /// Outputs per CPU iteration of a reuse-innermost kernel.
 pub(crate) const CPU_TILE: usize = 8;
@@ -50,16 +55,26 @@ pub(crate) enum Walk {
     Rows {
         axis: usize,
     },
+    /// GPU: one block per output element, its threads splitting the
+    /// contraction (see [`crate::lower::plan::cooperative_contraction`]).
+    Cooperative,
 }
 
 /// The walk of the kernel computing node `j` (`None`: a copy kernel).
-pub(crate) fn walk(graph: &Graph, j: Option<usize>, target: Target) -> Walk {
+/// Contractions summing at least `cooperative_min` elements along the
+/// operands' innermost axis walk [`Walk::Cooperative`] (`None`: never).
+pub(crate) fn walk(graph: &Graph, j: Option<usize>, target: Target, cooperative_min: Option<i64>) -> Walk {
     let Some(node) = j.and_then(|j| graph.nodes.get(j)) else { return Walk::RowMajor };
     let rank = node.shape.len();
     let cpu = target == Target::Cpu;
     // Per operand: which output axes it indexes.
     if let Some(axis) = row_axis(&node.op, rank) {
         return Walk::Rows { axis };
+    }
+    if let (Some(min), Some(j)) = (cooperative_min, j) {
+        if cooperative_contraction(graph, j, min) {
+            return Walk::Cooperative;
+        }
     }
     let covered: Vec<(Value, Vec<bool>)> = match &node.op {
         Op::Einsum(spec) if spec.output.len() == rank && spec.inputs.len() == node.inputs.len() => spec
