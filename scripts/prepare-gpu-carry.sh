@@ -9,7 +9,10 @@
 #                                         bifurcated at b=32, m_c=8192, m_d=256
 #   carry/llama-2-7b-l2.config.json       the HF config (for the PyTorch bench)
 #   carry/tiny-{base,bif}.ptx + manifests examples/tiny, f32 (a quick correctness check)
-#   carry/tiny-cpu.json                   the CPU backend's greedy tokens, when `bifurc run` exists
+#   carry/wide-{base,bif}.ptx + manifests a 2-layer f32 llama with d_model 1024 (GQA 8/4
+#                                         heads of 128): its projections are long enough
+#                                         for the GPU's cooperative contraction kernels
+#   carry/{tiny,wide}-cpu.json            the CPU backend's greedy tokens and last logits
 #   carry/CARRY.txt                       what was built, from which commit
 #
 #   scripts/prepare-gpu-carry.sh [CARRY_DIR]      (default: carry)
@@ -46,6 +49,16 @@ step "tiny (f32): baseline + bifurcated"
 "$bifurc" compile examples/tiny/model.json --no-bifurcate -o "$carry/tiny-base.ptx"
 "$bifurc" compile examples/tiny/model.json -o "$carry/tiny-bif.ptx"
 
+step "wide (f32, d_model 1024): baseline + bifurcated"
+cat >"$carry/wide.config.json" <<'JSON'
+{"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 8,
+ "num_key_value_heads": 4, "num_hidden_layers": 2, "vocab_size": 512, "rms_norm_eps": 1e-5,
+ "rope_theta": 10000.0, "hidden_act": "silu", "max_position_embeddings": 2048, "torch_dtype": "float32"}
+JSON
+"$bifurc" import-hf "$carry/wide.config.json" -o "$carry/wide.model.json"
+"$bifurc" compile "$carry/wide.model.json" --no-bifurcate -o "$carry/wide-base.ptx"
+"$bifurc" compile "$carry/wide.model.json" -o "$carry/wide-bif.ptx"
+
 if [ -n "${BIFURC_PTXAS:-}" ]; then
     step "ptxas (sm_90)"
     for ptx in "$carry"/*.ptx; do
@@ -54,17 +67,13 @@ if [ -n "${BIFURC_PTXAS:-}" ]; then
     done
 fi
 
-step "CPU reference for the tiny model (optional)"
-rm -f "$carry/tiny-cpu.json"
-if "$bifurc" run --help >/dev/null 2>&1 &&
-    "$bifurc" run "$carry/tiny-bif.ptx" --random-weights --seed 1 --prompt-ids 1,2,3,4,5,6,7,8 \
-        --samples 4 --steps 16 --temperature 0 --json >"$carry/tiny-cpu.json.tmp" 2>/dev/null; then
-    mv "$carry/tiny-cpu.json.tmp" "$carry/tiny-cpu.json"
-    echo "wrote $carry/tiny-cpu.json"
-else
-    rm -f "$carry/tiny-cpu.json.tmp"
-    echo "no CPU reference (\`bifurc run\` is missing or failed); gpu-check compares baseline vs bifurcated only"
-fi
+step "CPU references: greedy tokens and last logits of the bifurcated tiny and wide steps"
+for m in tiny wide; do
+    "$bifurc" run "$carry/$m-bif.ptx" --device cpu --random-weights --seed 1 --prompt-ids 1,2,3,4,5,6,7,8 \
+        --samples 4 --steps 16 --temperature 0 --json --logits >"$carry/$m-cpu.json.tmp"
+    mv "$carry/$m-cpu.json.tmp" "$carry/$m-cpu.json"
+    echo "wrote $carry/$m-cpu.json"
+done
 
 {
     echo "built: $(date -u +%FT%TZ) on $(uname -n)"

@@ -85,6 +85,9 @@ struct RunArgs {
     out_json: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Also report the last step's logits of every sample (JSON: "logits").
+    #[arg(long)]
+    logits: bool,
     /// Keep the decode caches on the host and upload them every step,
     /// instead of appending each step's rows on the device (for checking).
     #[arg(long)]
@@ -216,7 +219,7 @@ fn run(args: &RunArgs) -> Result<()> {
         steps: args.steps,
         temperature: args.temperature,
         seed: args.seed,
-        keep_last_logits: false,
+        keep_last_logits: args.logits,
     };
     let every = (args.steps / 10).max(1);
     let json = args.json;
@@ -233,7 +236,7 @@ fn run(args: &RunArgs) -> Result<()> {
     let median_ms = median(&out.step_ms).unwrap_or(0.0);
     let weights =
         if args.random_weights { format!("random (seed {})", args.seed) } else { format!("{:?}", args.weights) };
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "device": device,
         "artifact": artifact.ptx_path.display().to_string(),
         "bifurcated": manifest.bifurcate,
@@ -250,6 +253,11 @@ fn run(args: &RunArgs) -> Result<()> {
         "median_step_ms": median_ms,
         "tokens_per_s": tokens as f64 / total_s,
     });
+    if let Some(logits) = &out.last_logits {
+        let vocab = logits.shape.get(1).copied().unwrap_or(0).max(1);
+        let rows: Vec<Vec<f32>> = logits.data.chunks(vocab).map(<[f32]>::to_vec).collect();
+        value["logits"] = serde_json::json!(rows);
+    }
     if let Some(path) = &args.out_json {
         std::fs::write(path, format!("{value}\n")).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
