@@ -106,66 +106,48 @@ pub trait Step {
     }
 }
 
-/// A step borrowed mutably is a step (so `Session<&mut dyn Step>` works).
-impl<S: Step + ?Sized> Step for &mut S {
-    fn runtime_dims(&self) -> Vec<String> {
-        (**self).runtime_dims()
-    }
+/// `impl Step` for a pointer type `$t` over `S` that forwards every method
+/// to `**self`.
+macro_rules! forward_step {
+    ($($(#[$doc:meta])* $t:ty;)*) => {$(
+        $(#[$doc])*
+        impl<S: Step + ?Sized> Step for $t {
+            fn runtime_dims(&self) -> Vec<String> {
+                (**self).runtime_dims()
+            }
 
-    fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
-        (**self).bind(name, tensor)
-    }
+            fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
+                (**self).bind(name, tensor)
+            }
 
-    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
-        (**self).run(dims)
-    }
+            fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
+                (**self).run(dims)
+            }
 
-    fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
-        (**self).reserve_rows(name, shape, capacity)
-    }
+            fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
+                (**self).reserve_rows(name, shape, capacity)
+            }
 
-    fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
-        (**self).append_rows(name, rows)
-    }
+            fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
+                (**self).append_rows(name, rows)
+            }
 
-    fn read_rows(&mut self, name: &str) -> Result<HostTensor, StepError> {
-        (**self).read_rows(name)
-    }
+            fn read_rows(&mut self, name: &str) -> Result<HostTensor, StepError> {
+                (**self).read_rows(name)
+            }
 
-    fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {
-        (**self).run_timed(dims, repeats)
-    }
+            fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {
+                (**self).run_timed(dims, repeats)
+            }
+        }
+    )*};
 }
 
-/// A boxed step is a step (so `Session<Box<dyn Step>>` works).
-impl<S: Step + ?Sized> Step for Box<S> {
-    fn runtime_dims(&self) -> Vec<String> {
-        (**self).runtime_dims()
-    }
-
-    fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
-        (**self).bind(name, tensor)
-    }
-
-    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
-        (**self).run(dims)
-    }
-
-    fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
-        (**self).reserve_rows(name, shape, capacity)
-    }
-
-    fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
-        (**self).append_rows(name, rows)
-    }
-
-    fn read_rows(&mut self, name: &str) -> Result<HostTensor, StepError> {
-        (**self).read_rows(name)
-    }
-
-    fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {
-        (**self).run_timed(dims, repeats)
-    }
+forward_step! {
+    /// A step borrowed mutably is a step (so `Session<&mut dyn Step>` works).
+    &mut S;
+    /// A boxed step is a step (so `Session<Box<dyn Step>>` works).
+    Box<S>;
 }
 
 /// A step whose decode caches stay with the caller: [`Step::reserve_rows`]
