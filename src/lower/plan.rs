@@ -23,7 +23,7 @@
 //! order), then intermediates (node order). Kernels run in node
 //! (topological) order, copy kernels last.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ir::{shape::numel, DType, Graph, Op, OutputRole, Poly, Role, Value};
 
@@ -101,10 +101,12 @@ pub struct Kernel {
     /// buffer, or for a row kernel its rows (elements / row length).
     pub extent: Poly,
     /// On the GPU, one block per item of `extent` whose threads share the
-    /// item's reduction: a row kernel (softmax, rms_norm, layer_norm; the
+    /// item's reductions: a row kernel (softmax, rms_norm, layer_norm; the
     /// items are rows) or a contraction with a long reduction along the
     /// operands' innermost axis (see [`cooperative_contraction`]; the items
-    /// are output elements). See [`Kernel::gpu_threads`].
+    /// are the indices of its non-reuse axes, [`reuse_axes`], each item
+    /// computing the outputs along the reuse axes in turn). See
+    /// [`Kernel::gpu_threads`].
     pub cooperative: bool,
     /// Every runtime dim (graph order), then the capacity of every pitched
     /// buffer's dim among `reads` (graph order of the dims), then `reads`,
@@ -164,6 +166,76 @@ pub(crate) fn row_axis(op: &Op, rank: usize) -> Option<usize> {
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => rank.checked_sub(1),
         _ => None,
     }
+}
+
+/// Runtime dims at which contraction operands are compared (others: 64).
+const TYPICAL: &[(&str, i64)] = &[("b", 32), ("m_c", 8192), ("m_d", 256)];
+const TYPICAL_OTHER: i64 = 64;
+
+/// The output axes (of size other than 1) of contraction node `j` that its
+/// largest operand does not index — its *reuse* axes: the outputs along
+/// them read the same slice of that operand (for `x · Wᵀ` the samples, for
+/// the context einsum of bifurcated attention `b, p, n`). "Largest" is by
+/// elements at a typical point ([`TYPICAL`]), the first on ties. `None`
+/// for a node that is not an einsum or matmul.
+pub(crate) fn reuse_axes(graph: &Graph, j: usize) -> Option<Vec<usize>> {
+    let node = graph.nodes.get(j)?;
+    let rank = node.shape.len();
+    let covered: Vec<(Value, Vec<bool>)> = match &node.op {
+        Op::Einsum(spec) if spec.output.len() == rank && spec.inputs.len() == node.inputs.len() => spec
+            .inputs
+            .iter()
+            .zip(&node.inputs)
+            .map(|(subs, v)| (*v, spec.output.iter().map(|c| subs.contains(c)).collect()))
+            .collect(),
+        Op::MatMul { .. } if rank >= 2 && node.inputs.len() == 2 => node
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(k, v)| {
+                let shape = graph.shape_of(*v);
+                let rb = shape.len().saturating_sub(2);
+                let lead = (rank - 2).saturating_sub(rb);
+                let cov = (0..rank)
+                    .map(|a| {
+                        if a >= rank - 2 {
+                            a == rank - 2 + k
+                        } else {
+                            a >= lead && a - lead < rb && !is_one(graph, &shape[a - lead])
+                        }
+                    })
+                    .collect();
+                (*v, cov)
+            })
+            .collect(),
+        _ => return None,
+    };
+    let point: BTreeMap<String, i64> = graph
+        .dims
+        .runtime
+        .iter()
+        .map(|d| {
+            let v = TYPICAL.iter().find(|(n, _)| n == d).map_or(TYPICAL_OTHER, |(_, v)| *v);
+            (d.clone(), v)
+        })
+        .collect();
+    let elements = |v: Value| -> i64 {
+        numel(&graph.dims, graph.shape_of(v)).ok().and_then(|p| graph.dims.eval(&p, &point).ok()).unwrap_or(0)
+    };
+    // The largest operand (the first on ties).
+    let mut best: Option<(i64, &Vec<bool>)> = None;
+    for (v, cov) in &covered {
+        let n = elements(*v);
+        if best.is_none_or(|(m, _)| n > m) {
+            best = Some((n, cov));
+        }
+    }
+    let (_, cov) = best?;
+    Some((0..rank).filter(|&a| !cov[a] && !is_one(graph, &node.shape[a])).collect())
+}
+
+fn is_one(graph: &Graph, p: &Poly) -> bool {
+    graph.dims.same(p, &Poly::constant(1))
 }
 
 /// Reduction length from which a GPU contraction gets a block per output
@@ -372,10 +444,17 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
         for v in inputs {
             collect_reads(graph, &kinds, &node_buf, *v, &mut reads);
         }
-        // A row kernel: one lane per row (the row axis left out).
+        // A row kernel: one lane per row (the row axis left out). A
+        // cooperative contraction: one item per index of its kept axes
+        // (the reuse axes left out).
         let mut threads = buffers[writes].shape.clone();
         if let Some(axis) = row.filter(|&a| a < threads.len()) {
             threads.remove(axis);
+        }
+        let cooperative =
+            row.is_some() || node_index.is_some_and(|j| cooperative_contraction(graph, j, COOPERATIVE_MIN));
+        if let Some(reuse) = node_index.filter(|_| row.is_none() && cooperative).and_then(|j| reuse_axes(graph, j)) {
+            threads = threads.iter().enumerate().filter(|(a, _)| !reuse.contains(a)).map(|(_, p)| p.clone()).collect();
         }
         let extent = numel(&graph.dims, &threads)
             .map_err(|message| LowerError::Size { what: format!("kernel for `{node}`"), message })?;
@@ -393,8 +472,7 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
             reads: reads.into_iter().collect(),
             writes,
             extent,
-            cooperative: row.is_some()
-                || node_index.is_some_and(|j| cooperative_contraction(graph, j, COOPERATIVE_MIN)),
+            cooperative,
             params,
         });
         Ok(())

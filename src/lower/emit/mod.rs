@@ -407,27 +407,39 @@ fn kernel_fn(
                 kc.b.hoist(&format!("arith.muli {outer}, {tiles} : index"))
             }
         }
-        (Walk::Cooperative, Some(j)) if target == Target::Gpu => {
-            // One block per output element (`flat` is the block id): the
-            // threads split the reduction loop, `gpu.all_reduce` sums it,
-            // thread 0 stores it.
-            kc.lanes = Lanes::Block;
-            let idx = kc.b.delinearize(&flat, &sizes);
-            let value = kc.compute(j, &idx)?;
-            let c0 = kc.b.index(0);
-            let first = kc.b.op(&format!("arith.cmpi eq, %tid, {c0} : index"));
-            kc.b.open_guard(&first);
-            kc.b.store(&out_ptr, &flat, out.dtype, value);
-            kc.b.close();
-            kc.b.size(&kernel.extent)?
-        }
-        (Walk::Cooperative, Some(j)) => {
-            // The CPU emulation of the above: one iteration per element.
-            kc.lanes = Lanes::Emulated(emulation.map_or(1, |e| e.lanes.max(1)));
-            let idx = walk_index(&mut kc, target, &flat, &sizes, &mut opened);
+        (Walk::Cooperative { keep, reuse }, Some(j)) => {
+            // GPU: one block per index of the kept axes (`flat` is the
+            // block id); it computes the outputs along the reuse axes in
+            // turn, its threads splitting each one's sum, `gpu.all_reduce`
+            // adding the parts, thread 0 storing it. CPU: the emulation of
+            // that, one iteration per kept index.
+            let gpu = target == Target::Gpu;
+            kc.lanes = if gpu { Lanes::Block } else { Lanes::Emulated(emulation.map_or(1, |e| e.lanes.max(1))) };
+            let pick = |axes: &[usize]| -> Vec<String> { axes.iter().map(|&a| sizes[a].clone()).collect() };
+            let (keep_sizes, reuse_sizes) = (pick(&keep), pick(&reuse));
+            let at = walk_index(&mut kc, target, &flat, &keep_sizes, &mut opened);
+            let mut count = kc.b.index(1);
+            for s in &reuse_sizes {
+                count = kc.b.muli(&count, s);
+            }
+            let r = kc.b.open_loop(&count);
+            opened += 1;
+            let inner = kc.b.delinearize(&r, &reuse_sizes);
+            let mut idx = vec![String::new(); sizes.len()];
+            for (a, v) in keep.iter().zip(&at).chain(reuse.iter().zip(&inner)) {
+                idx[*a] = v.clone();
+            }
             let value = kc.compute(j, &idx)?;
             let off = kc.b.linearize(&idx, &sizes);
-            kc.b.store(&out_ptr, &off, out.dtype, value);
+            if gpu {
+                let c0 = kc.b.index(0);
+                let first = kc.b.op(&format!("arith.cmpi eq, %tid, {c0} : index"));
+                kc.b.open_guard(&first);
+                kc.b.store(&out_ptr, &off, out.dtype, value);
+                kc.b.close();
+            } else {
+                kc.b.store(&out_ptr, &off, out.dtype, value);
+            }
             kc.b.size(&kernel.extent)?
         }
         (_, node) => {

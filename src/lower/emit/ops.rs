@@ -638,7 +638,15 @@ impl Kc<'_> {
     fn row_combine(&mut self, op: &str, v: &str) -> String {
         match self.lanes {
             Lanes::Whole => v.to_owned(),
-            Lanes::Block => self.b.op(&format!("gpu.all_reduce {op} {v} uniform {{}} : (f32) -> (f32)")),
+            Lanes::Block => {
+                let r = self.b.op(&format!("gpu.all_reduce {op} {v} uniform {{}} : (f32) -> (f32)"));
+                // The reduction ends with every thread reading the result
+                // from shared memory; a next one would overwrite it (its
+                // first step stores partials there before any barrier), so
+                // no thread may start one until all have read this one.
+                self.b.line("gpu.barrier");
+                r
+            }
             Lanes::Emulated(_) => {
                 let Some((res, acc)) = self.lane_loops.pop() else { return v.to_owned() };
                 let f = if op == "add" { "addf" } else { op };

@@ -19,26 +19,22 @@
 //!   [`crate::lower::plan::Kernel::extent`]).
 //! - **Cooperative** (GPU contractions with a long reduction along the
 //!   operands' innermost axis, the weight projections): one block per
-//!   output element; its threads split the sum and combine it with
-//!   `gpu.all_reduce`, thread 0 stores it. On the CPU these contractions
-//!   walk reuse-innermost like any other.
+//!   index of the axes the largest operand indexes (a weight row), looping
+//!   over the reuse axes (the samples: the row is read from DRAM once and
+//!   from L1 after); for each output its threads split the sum and combine
+//!   it with `gpu.all_reduce`, thread 0 stores it. On the CPU these
+//!   contractions walk reuse-innermost like any other (or emulate this,
+//!   see [`super::Emulation`]).
 //!
-//! "Largest" is by elements at a typical point ([`TYPICAL`]; other runtime
-//! dims 64).
+//! "Largest" is as [`crate::lower::plan::reuse_axes`] decides.
 
-use std::collections::BTreeMap;
-
-use crate::ir::{shape::numel, Graph, Op, Poly, Value};
+use crate::ir::Graph;
 
 use super::Target;
-use crate::lower::plan::{cooperative_contraction, row_axis};
+use crate::lower::plan::{cooperative_contraction, reuse_axes, row_axis};
 
 /// Outputs per CPU iteration of a reuse-innermost kernel.
 pub(crate) const CPU_TILE: usize = 8;
-
-/// Runtime dims at which operand sizes are compared.
-const TYPICAL: &[(&str, i64)] = &[("b", 32), ("m_c", 8192), ("m_d", 256)];
-const TYPICAL_OTHER: i64 = 64;
 
 /// How a kernel walks its output.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,9 +51,14 @@ pub(crate) enum Walk {
     Rows {
         axis: usize,
     },
-    /// GPU: one block per output element, its threads splitting the
-    /// contraction (see [`crate::lower::plan::cooperative_contraction`]).
-    Cooperative,
+    /// GPU: one block per index of the `keep` axes (those the largest
+    /// operand indexes: a weight row), which walks the `reuse` axes (the
+    /// samples) one output at a time, its threads splitting each output's
+    /// sum (see [`crate::lower::plan::cooperative_contraction`]).
+    Cooperative {
+        keep: Vec<usize>,
+        reuse: Vec<usize>,
+    },
 }
 
 /// The walk of the kernel computing node `j` (`None`: a copy kernel).
@@ -67,73 +68,21 @@ pub(crate) fn walk(graph: &Graph, j: Option<usize>, target: Target, cooperative_
     let Some(node) = j.and_then(|j| graph.nodes.get(j)) else { return Walk::RowMajor };
     let rank = node.shape.len();
     let cpu = target == Target::Cpu;
-    // Per operand: which output axes it indexes.
     if let Some(axis) = row_axis(&node.op, rank) {
         return Walk::Rows { axis };
     }
-    if let (Some(min), Some(j)) = (cooperative_min, j) {
+    let j = j.unwrap_or(usize::MAX);
+    if let Some(min) = cooperative_min {
         if cooperative_contraction(graph, j, min) {
-            return Walk::Cooperative;
+            let reuse = reuse_axes(graph, j).unwrap_or_default();
+            let keep = (0..rank).filter(|a| !reuse.contains(a)).collect();
+            return Walk::Cooperative { keep, reuse };
         }
     }
-    let covered: Vec<(Value, Vec<bool>)> = match &node.op {
-        Op::Einsum(spec) if spec.output.len() == rank && spec.inputs.len() == node.inputs.len() => spec
-            .inputs
-            .iter()
-            .zip(&node.inputs)
-            .map(|(subs, v)| (*v, spec.output.iter().map(|c| subs.contains(c)).collect()))
-            .collect(),
-        Op::MatMul { .. } if rank >= 2 && node.inputs.len() == 2 => node
-            .inputs
-            .iter()
-            .enumerate()
-            .map(|(k, v)| {
-                let shape = graph.shape_of(*v);
-                let rb = shape.len().saturating_sub(2);
-                let lead = (rank - 2).saturating_sub(rb);
-                let cov = (0..rank)
-                    .map(|a| {
-                        if a >= rank - 2 {
-                            a == rank - 2 + k
-                        } else {
-                            a >= lead && a - lead < rb && !is_one(graph, &shape[a - lead])
-                        }
-                    })
-                    .collect();
-                (*v, cov)
-            })
-            .collect(),
-        _ => return Walk::RowMajor,
-    };
-    let point: BTreeMap<String, i64> = graph
-        .dims
-        .runtime
-        .iter()
-        .map(|d| {
-            let v = TYPICAL.iter().find(|(n, _)| n == d).map_or(TYPICAL_OTHER, |(_, v)| *v);
-            (d.clone(), v)
-        })
-        .collect();
-    let elements = |v: Value| -> i64 {
-        numel(&graph.dims, graph.shape_of(v)).ok().and_then(|p| graph.dims.eval(&p, &point).ok()).unwrap_or(0)
-    };
-    // The largest operand (the first on ties).
-    let mut best: Option<(i64, &Vec<bool>)> = None;
-    for (v, cov) in &covered {
-        let n = elements(*v);
-        if best.is_none_or(|(m, _)| n > m) {
-            best = Some((n, cov));
-        }
-    }
-    let Some((_, cov)) = best else { return Walk::RowMajor };
-    let reuse: Vec<usize> = (0..rank).filter(|&a| !cov[a] && !is_one(graph, &node.shape[a])).collect();
+    let Some(reuse) = reuse_axes(graph, j) else { return Walk::RowMajor };
     if reuse.is_empty() {
         return Walk::RowMajor;
     }
     let keep = (0..rank).filter(|a| !reuse.contains(a)).collect();
     Walk::Reuse { keep, reuse, tile: if cpu { CPU_TILE } else { 1 } }
-}
-
-fn is_one(graph: &Graph, p: &Poly) -> bool {
-    graph.dims.same(p, &Poly::constant(1))
 }
