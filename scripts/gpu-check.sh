@@ -9,6 +9,7 @@
 # default 450 s: a step gets at most the time left):
 #   1. environment: nvidia-smi, driver, torch versions         -> OUT/env.txt
 #   2. bifurc-run info: the PTX modules load on this GPU        -> OUT/info.txt
+#      and the runtime's CUDA tests (carry/runtime-cuda-tests)
 #   3. small f32 models (tiny, wide), greedy: baseline and bifurcated decode
 #      the same tokens (and the CPU reference's tokens and logits, when carry/
 #      has one), with the decode caches appended on the device and uploaded
@@ -100,6 +101,15 @@ info() {
 export -f info
 step "load artifacts" 60 bash -c info
 grep -E '^(device|artifact|kernels|device memory)' "$log" >"$out/info.txt" 2>/dev/null
+
+# 2b. The runtime's CUDA tests (the carried test binary; fixtures from the
+# repository): device-kept decode caches, grown from one row, decode like
+# caches uploaded every step.
+if [ -x "$carry/runtime-cuda-tests" ]; then
+    step "runtime CUDA tests" 60 bash -c "cd '$root' && '$carry/runtime-cuda-tests' --test-threads=1 --nocapture"
+else
+    note "== runtime CUDA tests: $carry/runtime-cuda-tests missing, skipped"
+fi
 
 # 3. Small f32 models, greedy: `tiny` (examples/tiny) and `wide` (d_model
 # 1024: its projections take the GPU's cooperative one-block-per-output

@@ -4,6 +4,7 @@
 # toolchain and no package registry (see docs/gpu-machine.md):
 #
 #   carry/bifurc-run                      runtime-only binary (release, stripped; no MLIR)
+#   carry/runtime-cuda-tests              the runtime's CUDA test binary (runtime/tests/cuda_step.rs)
 #   carry/llama-2-7b-l2-{base,bif}.ptx    Llama-2-7B shapes, first 2 layers, bf16:
 #   carry/llama-2-7b-l2-{base,bif}.manifest.json   baseline (--no-bifurcate) and
 #                                         bifurcated at b=32, m_c=8192, m_d=256
@@ -34,6 +35,19 @@ step "runtime binary (release, cuda, no MLIR)"
 cargo build --release -p bifurc-runtime --features cuda --bin bifurc-run
 cp target/release/bifurc-run "$carry/bifurc-run"
 strip "$carry/bifurc-run"
+
+step "runtime CUDA tests (test binary, no MLIR)"
+tests_json="$(cargo test --release -p bifurc-runtime --features cuda --test cuda_step --no-run --message-format=json)"
+tests_bin="$(printf '%s\n' "$tests_json" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "cuda_step" and m.get("executable"):
+        print(m["executable"])
+')"
+[ -n "$tests_bin" ] || { echo "error: no cuda_step test binary was built" >&2; exit 1; }
+cp "$tests_bin" "$carry/runtime-cuda-tests"
+strip "$carry/runtime-cuda-tests"
 
 step "compiler"
 cargo build --release --bin bifurc

@@ -174,6 +174,9 @@ struct Recorder<S> {
     inner: S,
     runs: Vec<(BTreeMap<String, i64>, HashMap<String, HostTensor>)>,
     keep_caches: bool,
+    /// Reserve kept caches with this many rows instead of the session's
+    /// (1: they grow at every power of two).
+    capacity: Option<usize>,
     /// Names bound, in order.
     binds: Vec<String>,
 }
@@ -196,7 +199,7 @@ impl<S: Step> Step for Recorder<S> {
 
     fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
         if self.keep_caches {
-            self.inner.reserve_rows(name, shape, capacity)
+            self.inner.reserve_rows(name, shape, self.capacity.unwrap_or(capacity))
         } else {
             Ok(false)
         }
@@ -222,8 +225,18 @@ fn decode(
     weights: &HashMap<String, HostTensor>,
     keep_caches: bool,
 ) -> (Vec<f32>, SampleOutput, SampleOutput, Runs) {
+    decode_with(ptx, weights, keep_caches, None)
+}
+
+/// [`decode`], kept caches reserved with `capacity` rows when given.
+fn decode_with(
+    ptx: &Path,
+    weights: &HashMap<String, HostTensor>,
+    keep_caches: bool,
+    capacity: Option<usize>,
+) -> (Vec<f32>, SampleOutput, SampleOutput, Runs) {
     let (artifact, cpu) = bifurc::run::cpu_step(ptx).unwrap_or_else(|e| panic!("{}: {e}", ptx.display()));
-    let recorder = Recorder { inner: cpu, runs: Vec::new(), keep_caches, binds: Vec::new() };
+    let recorder = Recorder { inner: cpu, runs: Vec::new(), keep_caches, capacity, binds: Vec::new() };
     let mut session = Session::new(recorder, &artifact.manifest).unwrap();
     session.bind_weights(weights).unwrap();
     let fill = session.fill_context(&PROMPT).unwrap();
@@ -292,8 +305,8 @@ fn bifurcated_decodes_like_the_baseline() {
 }
 
 /// Decode caches kept inside the backend with spare rows (reserved with
-/// the run's capacity, grown by doubling during the 5-token fill's
-/// reservation, appended in place) give exactly the outputs of caches the
+/// the run's capacity, or with one row so that they are re-laid out at
+/// every power of two; appended in place) give exactly the outputs of caches the
 /// session keeps and binds densely every step: same kernels, same
 /// arithmetic, only the row stride differs.
 #[test]
@@ -303,8 +316,8 @@ fn backend_kept_caches_decode_exactly_like_bound_caches() {
     let (base, bif) = tiny_artifacts(&libdevice, &dir);
     let manifest = bifurc_runtime::Artifact::load(&base).unwrap().manifest;
     let weights = random_weights(&manifest, 9).unwrap();
-    for ptx in [&base, &bif] {
-        let (fill_a, greedy_a, sampled_a, runs_a) = decode(ptx, &weights, true);
+    for (ptx, capacity) in [(&base, None), (&bif, None), (&bif, Some(1))] {
+        let (fill_a, greedy_a, sampled_a, runs_a) = decode_with(ptx, &weights, true, capacity);
         let (fill_b, greedy_b, sampled_b, runs_b) = decode(ptx, &weights, false);
         assert_eq!(fill_a, fill_b);
         assert_eq!(greedy_a.tokens, greedy_b.tokens);
