@@ -604,6 +604,30 @@ mod tests {
     }
 
     #[test]
+    fn long_projections_are_cooperative() {
+        // x [b, 1, 1024] · Wᵀ (W [2048, 1024]): one GPU block per weight row,
+        // looping over the samples; a short contraction (over 4) is not.
+        let text = r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["b"], "constants": {"d": 1024, "e": 4}},
+          "inputs": [{"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": "f32"},
+                     {"name": "w", "role": "weight", "shape": [2048, "d"], "dtype": "bf16"},
+                     {"name": "y", "role": "activation", "shape": ["b", 1, "e"], "dtype": "f32"},
+                     {"name": "v", "role": "weight", "shape": [8, "e"], "dtype": "f32"}],
+          "nodes": [{"id": "p", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}},
+                    {"id": "q", "op": "matmul", "inputs": ["y", "v"], "attrs": {"transpose_b": true}},
+                    {"id": "r", "op": "einsum", "inputs": ["x", "w"], "attrs": {"spec": "bnd,md->bnm"}},
+                    {"id": "s", "op": "einsum", "inputs": ["x", "w"], "attrs": {"spec": "bnd,md->bnmd"}}],
+          "outputs": [{"name": "p", "node": "p"}, {"name": "q", "node": "q"}, {"name": "r", "node": "r"},
+                      {"name": "s", "node": "s"}]}"#;
+        let g = crate::import::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        let p = plan(&g).unwrap_or_else(|e| panic!("{e}"));
+        let got: Vec<(bool, String)> = p.kernels.iter().map(|k| (k.cooperative, k.extent.to_string())).collect();
+        let want = [(true, "2048"), (false, "8*b"), (true, "2048"), (false, "2097152*b")];
+        assert_eq!(got, want.map(|(c, e)| (c, e.to_string())));
+        assert_eq!(p.kernels[0].gpu_threads(256).map(|t| t.to_string()).ok(), Some("524288".to_string()));
+        assert_eq!(reuse_axes(&g, 0), Some(vec![0]), "the samples reuse each weight row");
+    }
+
+    #[test]
     fn elementwise_with_two_consumers_gets_a_buffer() {
         let g = graph(
             r#"{"id": "a", "op": "exp", "inputs": ["x"]},
