@@ -115,7 +115,8 @@ fi
 # 1024: its projections take the GPU's cooperative one-block-per-output
 # path). The baseline and the bifurcated step must decode the same tokens
 # from the same prompt, with decode caches appended on the device or
-# uploaded every step (--host-caches), and match the CPU reference when
+# uploaded every step (--host-caches), with the context filled by a prefill
+# step (3 tokens a run) or by stepping, and match the CPU reference when
 # carry/ has one (tokens equal, last logits within 1e-3 norm-relative).
 check_args=(--random-weights --seed 1 --prompt-ids 1,2,3,4,5,6,7,8 --samples 4 --steps 16 --temperature 0 --json --logits)
 compare_model() {
@@ -132,8 +133,8 @@ def rel(a, b):
     diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
     top = max(abs(y) for rb in b for y in rb)
     return diff / max(top, 1e-6)
-base, bif, host = load("base.json"), load("bif.json"), load("bif-host.json")
-ok = None not in (base, bif, host)
+base, bif, host, pre = load("base.json"), load("bif.json"), load("bif-host.json"), load("bif-prefill.json")
+ok = None not in (base, bif, host, pre)
 if ok:
     print("baseline tokens  :", base["tokens"][0])
     print("bifurcated tokens:", bif["tokens"][0])
@@ -143,6 +144,10 @@ if ok:
     same = host["tokens"] == bif["tokens"] and host["logits"] == bif["logits"]
     print("device-appended caches == host-uploaded caches (tokens and logits):", same)
     ok = ok and same
+    r = rel(pre["logits"], bif["logits"])
+    same = pre["tokens"] == bif["tokens"]
+    print("context by prefill (3 tokens a run) == by stepping: tokens", same, " logits differ by %.2e (bound 1e-3)" % r)
+    ok = ok and same and r <= 1e-3
     if os.path.exists(cpu):
         ref = json.load(open(cpu))
         same = ref["tokens"] == bif["tokens"]
@@ -162,6 +167,8 @@ for m in tiny wide; do
     step "$m bifurcated" 30 "$run" run "$carry/$m-bif.ptx" "${check_args[@]}" --out-json "$out/$m/bif.json"
     step "$m bifurcated, host caches" 30 "$run" run "$carry/$m-bif.ptx" "${check_args[@]}" --host-caches \
         --out-json "$out/$m/bif-host.json"
+    step "$m bifurcated, prefilled" 30 "$run" run "$carry/$m-bif.ptx" "${check_args[@]}" \
+        --prefill "$carry/$m-prefill.ptx" --out-json "$out/$m/bif-prefill.json"
     step "$m agrees" 20 bash -c "compare_model $m"
 done
 step "tiny sampled (T=0.8)" 30 "$run" run "$carry/tiny-bif.ptx" --random-weights --seed 1 --context-len 512 \

@@ -13,6 +13,8 @@
 #   carry/wide-{base,bif}.ptx + manifests a 2-layer f32 llama with d_model 1024 (GQA 8/4
 #                                         heads of 128): its projections are long enough
 #                                         for the GPU's cooperative contraction kernels
+#   carry/{tiny,wide}-prefill.ptx + manifests  the same models with 3 new tokens per step
+#                                         (import-hf --new-tokens 3): fill the context by prefill
 #   carry/{tiny,wide}-cpu.json            the CPU backend's greedy tokens and last logits
 #   carry/CARRY.txt                       what was built, from which commit
 #
@@ -63,6 +65,10 @@ step "tiny (f32): baseline + bifurcated"
 "$bifurc" compile examples/tiny/model.json --no-bifurcate -o "$carry/tiny-base.ptx"
 "$bifurc" compile examples/tiny/model.json -o "$carry/tiny-bif.ptx"
 
+step "tiny prefill (3 new tokens per step)"
+"$bifurc" import-hf examples/tiny/config.json --new-tokens 3 -o "$carry/tiny-prefill.model.json"
+"$bifurc" compile "$carry/tiny-prefill.model.json" -o "$carry/tiny-prefill.ptx"
+
 step "wide (f32, d_model 1024): baseline + bifurcated"
 cat >"$carry/wide.config.json" <<'JSON'
 {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 8,
@@ -72,6 +78,8 @@ JSON
 "$bifurc" import-hf "$carry/wide.config.json" -o "$carry/wide.model.json"
 "$bifurc" compile "$carry/wide.model.json" --no-bifurcate -o "$carry/wide-base.ptx"
 "$bifurc" compile "$carry/wide.model.json" -o "$carry/wide-bif.ptx"
+"$bifurc" import-hf "$carry/wide.config.json" --new-tokens 3 -o "$carry/wide-prefill.model.json"
+"$bifurc" compile "$carry/wide-prefill.model.json" -o "$carry/wide-prefill.ptx"
 
 if [ -n "${BIFURC_PTXAS:-}" ]; then
     step "ptxas (sm_90)"

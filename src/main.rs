@@ -43,6 +43,11 @@ enum Command {
         /// P, S, m_s, m_c, m_d.
         #[arg(long)]
         multi_level: bool,
+        /// n: tokens fed per sample per step (default 1, a decode step). More make a
+        /// prefill graph for `bifurc run --prefill`: n prompt tokens at once under a causal
+        /// mask, new K/V rows [b, g, n, k] and logits [b, n, vocab] for all of them.
+        #[arg(long, value_name = "N")]
+        new_tokens: Option<usize>,
     },
     /// Summarize a model.json: layers, parameters, the attention sites that read a
     /// batch-broadcast context cache, and bytes moved per decode step.
@@ -218,6 +223,10 @@ struct RunArgs {
     /// appending each step's K/V rows inside the backend (for checking).
     #[arg(long)]
     host_caches: bool,
+    /// A prefill step (the same model imported with --new-tokens N and compiled) that
+    /// fills the context from the prompt N tokens per run instead of one.
+    #[arg(long, value_name = "PTX")]
+    prefill: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -345,10 +354,10 @@ fn check_not_input(output: &Path, inputs: &[&Path]) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::ImportHf { config, output, layers, dtype, multi_level } => {
+        Command::ImportHf { config, output, layers, dtype, multi_level, new_tokens } => {
             check_not_input(&output, &[&config])?;
             let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
-            let opts = bifurc::hf::HfOptions { layers, dtype: dtype.map(Into::into), multi_level };
+            let opts = bifurc::hf::HfOptions { layers, dtype: dtype.map(Into::into), multi_level, new_tokens };
             let doc = bifurc::hf::build(&text, &opts).with_context(|| format!("{}", config.display()))?;
             bifurc::fsio::write_atomic(&output, bifurc::export::to_string(&doc).as_bytes())
                 .with_context(|| format!("cannot write {}", output.display()))?;
@@ -469,6 +478,7 @@ fn run_step(args: &RunArgs) -> Result<()> {
         keep_logits: args.logits,
         progress: !args.json,
         host_caches: args.host_caches,
+        prefill: args.prefill.clone(),
     };
     let report = bifurc::run::run(&opts)?;
     let value = report.to_json();

@@ -92,6 +92,10 @@ pub struct RunOptions {
     /// of appending rows inside the backend (for checking; see
     /// [`bifurc_runtime::BoundCaches`]).
     pub host_caches: bool,
+    /// A prefill artifact (the same model compiled with `n` > 1 new tokens
+    /// per step, `import-hf --new-tokens`) that fills the context from the
+    /// prompt `n` tokens at a time.
+    pub prefill: Option<PathBuf>,
 }
 
 /// What a run did.
@@ -409,6 +413,39 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             (names.join(", "), n)
         }
     };
+    // The prefill step: the same device and weights.
+    let mut prefill = match (&opts.prefill, &opts.context) {
+        (None, _) => None,
+        (Some(_), ContextSource::Random { .. }) => {
+            return Err(fail("--prefill fills the context from a prompt; it does not go with --context-len"))
+        }
+        (Some(path), ContextSource::Prompt(_)) => {
+            let artifact = Artifact::load(path).map_err(|e| fail(e.to_string()))?;
+            let layout = DecodeLayout::from_manifest(&artifact.manifest)
+                .map_err(|e| fail(format!("{}: not a prefill step: {e}", artifact.manifest_path.display())))?;
+            if layout.n < 2 {
+                return Err(fail(format!(
+                    "{}: --prefill wants a step with n > 1 new tokens (bifurc import-hf --new-tokens N), this one has n = {}",
+                    artifact.manifest_path.display(),
+                    layout.n
+                )));
+            }
+            let (mut pre, _): (Box<dyn Step>, String) = match opts.device {
+                Device::Cpu => (Box::new(jit(&artifact)?), String::new()),
+                Device::Cuda { ordinal } => cuda_step(&artifact, ordinal)?,
+            };
+            match &opts.weights {
+                Weights::Random { seed } => {
+                    bind_random_weights(&mut pre, &artifact.manifest, *seed).map_err(|e| fail(e.to_string()))?;
+                }
+                Weights::Files(paths) => {
+                    let files = WeightFiles::open(paths).map_err(|e| fail(e.to_string()))?;
+                    bind_weights(&mut pre, &artifact.manifest, &files, |_| {}).map_err(|e| fail(e.to_string()))?;
+                }
+            }
+            Some((pre, layout))
+        }
+    };
     let weights_s = start.elapsed().as_secs_f64();
 
     let mut session = Session::new(step, &manifest).map_err(|e| fail(e.to_string()))?;
@@ -419,8 +456,12 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             (*len, "random")
         }
         ContextSource::Prompt(ids) => {
-            session.fill_context(ids).map_err(|e| fail(format!("filling the context: {e}")))?;
-            (ids.len(), "prompt")
+            let filled = match prefill.as_mut() {
+                Some((pre, layout)) => session.fill_context_prefill(pre.as_mut(), layout, ids),
+                None => session.fill_context(ids),
+            };
+            filled.map_err(|e| fail(format!("filling the context: {e}")))?;
+            (ids.len(), if prefill.is_some() { "prompt, prefilled" } else { "prompt" })
         }
     };
     let fill_ms = start.elapsed().as_secs_f64() * 1e3;

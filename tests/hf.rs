@@ -298,6 +298,15 @@ mod hf {
         let int = build(&config("tiny"), &HfOptions { layers: None, dtype: Some(DType::I32), ..Default::default() })
             .unwrap_err();
         assert!(int.to_string().contains("not a float type"), "{int}");
+        let none = build(&config("tiny"), &HfOptions { new_tokens: Some(0), ..Default::default() }).unwrap_err();
+        assert_eq!(none.to_string(), "--new-tokens must be at least 1");
+        // A prefill graph: n new tokens per sample, all their rows and logits out.
+        let g = graph_with("tiny", &HfOptions { new_tokens: Some(5), ..Default::default() });
+        assert!(g.dims.constants.iter().any(|(name, v)| name == "n" && *v == 5));
+        assert_eq!(g.meta["new_tokens"], "5");
+        let logits = g.outputs.iter().find(|o| o.name == "logits").unwrap();
+        let shape: Vec<String> = g.shape_of(logits.value).iter().map(ToString::to_string).collect();
+        assert_eq!(shape, ["b", "n", "vocab"].map(String::from));
     }
 
     #[test]
@@ -517,7 +526,7 @@ mod hf {
         use bifurc::optimize::{optimize, Options};
         use std::collections::{BTreeSet, HashMap};
 
-        const MULTI: HfOptions = HfOptions { layers: None, dtype: None, multi_level: true };
+        const MULTI: HfOptions = HfOptions { layers: None, dtype: None, multi_level: true, new_tokens: None };
 
         fn multi(name: &str) -> Graph {
             graph_with(name, &HfOptions { layers: Some(2), ..MULTI })

@@ -4,7 +4,9 @@
 //! needs no torch), `bifurc import-hf` + `bifurc compile` + `bifurc run
 //! --weights model.safetensors` reproduces transformers' greedy continuation
 //! exactly and its logits within 1e-4 (norm-relative: max|a-b| <= 1e-4 *
-//! max|ref|), bifurcated and not.
+//! max|ref|), bifurcated and not, and with the context filled by a prefill
+//! step (`import-hf --new-tokens 3`: the 7-token prompt in two chunks of 3
+//! and one decode step).
 
 mod common;
 
@@ -40,7 +42,17 @@ fn check(name: &str) {
     let doc = build(&config, &HfOptions::default()).unwrap_or_else(|e| panic!("{name}: import-hf: {e}"));
     let graph = bifurc::import::from_value(&doc).expect("generated graph imports");
     let out = common::scratch("hf", name);
-    for bifurcate in [false, true] {
+    // The prefill step: the same model with 3 new tokens per run.
+    let doc3 = build(&config, &HfOptions { new_tokens: Some(3), ..HfOptions::default() })
+        .unwrap_or_else(|e| panic!("{name}: import-hf --new-tokens 3: {e}"));
+    let graph3 = bifurc::import::from_value(&doc3).expect("generated prefill graph imports");
+    let prefill_opts = CompileOptions { libdevice: Some(libdevice.clone()), ..CompileOptions::default() };
+    let prefill = out.join("prefill.ptx");
+    compile(&graph3, &prefill_opts)
+        .unwrap_or_else(|e| panic!("{name}: compile prefill: {e}"))
+        .write(&prefill)
+        .expect("write prefill artifact");
+    for (bifurcate, with_prefill) in [(false, false), (true, false), (true, true)] {
         let opts = CompileOptions {
             point: ShapePoint::parse("b=64,m_c=4096,m_d=64").expect("point"),
             bifurcate,
@@ -54,8 +66,12 @@ fn check(name: &str) {
         }
         let ptx = out.join(format!("step-{bifurcate}.ptx"));
         artifact.write(&ptx).expect("write artifact");
-        let run = Command::new(env!("CARGO_BIN_EXE_bifurc"))
-            .arg("run")
+        let mut run = Command::new(env!("CARGO_BIN_EXE_bifurc"));
+        run.arg("run");
+        if with_prefill {
+            run.arg("--prefill").arg(&prefill);
+        }
+        let run = run
             .arg(&ptx)
             .arg("--weights")
             .arg(dir.join("model.safetensors"))
@@ -66,14 +82,14 @@ fn check(name: &str) {
         assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
         let got: serde_json::Value = serde_json::from_slice(&run.stdout).expect("--json output");
         for sample in got["samples"].as_array().expect("samples") {
-            assert_eq!(numbers(sample), generated[..STEPS], "{name} (bifurcate {bifurcate}): greedy ids");
+            assert_eq!(numbers(sample), generated[..STEPS], "{name} ({bifurcate}, {with_prefill}): greedy ids");
         }
         // The last step's logits: those transformers used to pick token STEPS.
         let logits = numbers(&got["logits"][0]);
         assert_eq!(logits.len(), expected_logits.len(), "{name}: vocab");
         let scale = expected_logits.iter().fold(0.0f64, |m, x| m.max(x.abs()));
         let err = logits.iter().zip(&expected_logits).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-        assert!(err <= 1e-4 * scale, "{name} (bifurcate {bifurcate}): logits differ by {err} (scale {scale})");
+        assert!(err <= 1e-4 * scale, "{name} ({bifurcate}, {with_prefill}): logits differ by {err} (scale {scale})");
     }
     std::fs::remove_dir_all(&out).ok();
 }

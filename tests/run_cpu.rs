@@ -425,7 +425,70 @@ fn help_names_every_flag() {
         "--json",
         "--logits",
         "--host-caches",
+        "--prefill <PTX>",
     ] {
         assert!(help.contains(flag), "`{flag}` missing from:\n{help}");
     }
+}
+
+/// A prefill step (examples/tiny imported with `--new-tokens 4`) fills the
+/// context like stepping the decode step over the prompt: the same caches
+/// and last logits (to f32 rounding, norm-relative 1e-4) and the same
+/// greedy tokens after, for a prompt shorter than one chunk, a whole number
+/// of chunks, and chunks plus a remainder (stepped).
+#[test]
+fn prefill_fills_the_context_like_stepping() {
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
+    let dir = common::scratch("run-cpu", "prefill");
+    let bif = write_artifact(&libdevice, &dir, "tiny", "bif", true, "b=32,m_c=512,m_d=4");
+    let config = std::fs::read_to_string(root().join("examples/tiny/config.json")).unwrap();
+    let doc = bifurc::hf::build(&config, &bifurc::hf::HfOptions { new_tokens: Some(4), ..Default::default() })
+        .unwrap_or_else(|e| panic!("import-hf --new-tokens 4: {e}"));
+    let graph = bifurc::import::from_value(&doc).unwrap();
+    let opts = CompileOptions { libdevice: Some(libdevice.clone()), ..CompileOptions::default() };
+    let pre_ptx = dir.join("pre.ptx");
+    compile(&graph, &opts).unwrap().write(&pre_ptx).unwrap();
+
+    let manifest = bifurc_runtime::Artifact::load(&bif).unwrap().manifest;
+    let weights = random_weights(&manifest, 5).unwrap();
+    let (pre_artifact, mut pre) = bifurc::run::cpu_step(&pre_ptx).unwrap();
+    let pre_layout = bifurc_runtime::session::DecodeLayout::from_manifest(&pre_artifact.manifest).unwrap();
+    assert_eq!(pre_layout.n, 4);
+    for name in &pre_layout.weights {
+        pre.bind(name, &weights[name]).unwrap();
+    }
+    let session = || {
+        let (artifact, cpu) = bifurc::run::cpu_step(&bif).unwrap();
+        let mut s = Session::new(cpu, &artifact.manifest).unwrap();
+        s.bind_weights(&weights).unwrap();
+        s
+    };
+    let (mut stepped, mut prefilled) = (session(), session());
+    let options = SampleOptions { samples: 4, steps: 4, temperature: 0.0, seed: 1, keep_last_logits: false };
+    for len in [3, 8, 10] {
+        let prompt: Vec<u32> = (0..len).map(|i| (7 * i + 3) % 256).collect();
+        let a = stepped.fill_context(&prompt).unwrap();
+        let b = prefilled.fill_context_prefill(&mut pre, &pre_layout, &prompt).unwrap();
+        assert!(rel_diff(&b, &a) <= TOL, "prompt of {len}: last logits differ by {:e}", rel_diff(&b, &a));
+        let (ca, cb) = (stepped.context().unwrap(), prefilled.context().unwrap());
+        assert_eq!(ca.len, cb.len);
+        for (la, lb) in ca.caches.iter().zip(&cb.caches) {
+            for (ta, tb) in la.iter().zip(lb) {
+                assert_eq!(ta.shape, tb.shape);
+                let d = rel_diff(&tb.data, &ta.data);
+                assert!(d <= TOL, "prompt of {len}: context caches differ by {d:e}");
+            }
+        }
+        let ta = stepped.sample(&options, |_| {}).unwrap().tokens;
+        let tb = prefilled.sample(&options, |_| {}).unwrap().tokens;
+        assert_eq!(ta, tb, "prompt of {len}: greedy tokens");
+    }
+    // A decode step is not a prefill step, a prefill step not a decode step.
+    let ok = ["--random-weights", "--prompt-ids", "1,2,3", "--device", "cpu"];
+    let (bif_s, pre_s) = (bif.to_str().unwrap(), pre_ptx.to_str().unwrap());
+    fails(&run(bif_s, &[&ok[..], &["--prefill", bif_s]].concat()), &["--prefill wants a step with n > 1"]);
+    fails(&run(pre_s, &ok), &["prefill step", "not a decode step"]);
+    let random = ["--random-weights", "--context-len", "5", "--device", "cpu", "--prefill", pre_s];
+    fails(&run(bif_s, &random), &["--prefill", "--context-len"]);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

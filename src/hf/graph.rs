@@ -445,7 +445,7 @@ pub(super) fn build(s: &Spec) -> Json {
     let mut constant = |name: &str, v: usize| {
         constants.insert(name.into(), json!(v));
     };
-    constant("n", 1);
+    constant("n", s.n);
     constant("d_model", s.d_model);
     constant("h", s.h);
     constant("g", s.g);

@@ -27,6 +27,9 @@ const MAX_SIZE: usize = 1 << 24;
 /// Largest number of layers a generated graph may have.
 const MAX_LAYERS: usize = 1024;
 
+/// Largest `--new-tokens` (a prefill chunk).
+const MAX_NEW_TOKENS: usize = 65536;
+
 /// Options of `bifurc import-hf`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HfOptions {
@@ -42,6 +45,12 @@ pub struct HfOptions {
     /// samples. Runtime dims `P, S, m_s, m_c, m_d`; meta `sharing:
     /// multi-level`.
     pub multi_level: bool,
+    /// `n`, the tokens each sample feeds per step (default 1: a decode
+    /// step). More make a prefill graph: `n` prompt tokens at once at
+    /// positions `m_c + m_d ..`, each attending to the caches and to the
+    /// new tokens up to itself (the graph's causal mask); the new K/V rows
+    /// `[b, g, n, k]` and logits `[b, n, vocab]` of all of them come out.
+    pub new_tokens: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +125,8 @@ struct Spec {
     dtype: DType,
     /// See [`HfOptions::multi_level`].
     multi_level: bool,
+    /// See [`HfOptions::new_tokens`].
+    n: usize,
     meta: BTreeMap<String, String>,
 }
 
@@ -217,6 +228,7 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
                 scale_by_layer: false,
                 dtype: DType::F32,
                 multi_level: opts.multi_level,
+                n: 1,
                 meta: BTreeMap::new(),
             }
         }
@@ -271,6 +283,7 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
                 scale_by_layer,
                 dtype: DType::F32,
                 multi_level: opts.multi_level,
+                n: 1,
                 meta: BTreeMap::new(),
             }
         }
@@ -290,6 +303,14 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
     if spec.layers > MAX_LAYERS {
         return Err(unsupported(mt, format!("{} layers (at most {MAX_LAYERS} are built; pass --layers)", spec.layers)));
     }
+    spec.n = match opts.new_tokens {
+        None => 1,
+        Some(0) => return Err(HfError::BadOption("--new-tokens must be at least 1".into())),
+        Some(n) if n > MAX_NEW_TOKENS => {
+            return Err(HfError::BadOption(format!("--new-tokens {n} is more than {MAX_NEW_TOKENS}")))
+        }
+        Some(n) => n,
+    };
     spec.dtype = match opts.dtype {
         Some(d) if d.is_float() => d,
         Some(d) => return Err(HfError::BadOption(format!("--dtype {d} is not a float type (use f32, f16 or bf16)"))),
@@ -314,6 +335,9 @@ fn read_spec(cfg: &Config, opts: &HfOptions) -> Result<Spec, HfError> {
     meta.insert("attention".into(), heads.into());
     if spec.multi_level {
         meta.insert("sharing".into(), "multi-level".into());
+    }
+    if spec.n > 1 {
+        meta.insert("new_tokens".into(), spec.n.to_string());
     }
     if let Some(class) = cfg.architecture_class() {
         meta.insert("hf_class".into(), class.into());

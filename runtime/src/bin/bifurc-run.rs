@@ -13,7 +13,7 @@ use bifurc_runtime::bench::{median, step_bytes, write_csv, write_markdown, Bench
 use bifurc_runtime::cuda::{CudaStep, KernelTime};
 use bifurc_runtime::manifest::{BufferKind, Manifest};
 use bifurc_runtime::random::random_tensor;
-use bifurc_runtime::session::{SampleOptions, Session};
+use bifurc_runtime::session::{DecodeLayout, SampleOptions, Session};
 use bifurc_runtime::weights::{bind_random_weights, bind_weights, weight_buffers, WeightFiles};
 use bifurc_runtime::{Artifact, BoundCaches, HostTensor, Step};
 use clap::{Parser, Subcommand};
@@ -88,6 +88,10 @@ struct RunArgs {
     /// Also report the last step's logits of every sample (JSON: "logits").
     #[arg(long)]
     logits: bool,
+    /// A prefill step (the same model imported with `bifurc import-hf --new-tokens N`
+    /// and compiled) that fills the context from the prompt N tokens per run.
+    #[arg(long, value_name = "PTX", conflicts_with = "context_len")]
+    prefill: Option<PathBuf>,
     /// Keep the decode caches on the host and upload them every step,
     /// instead of appending each step's rows on the device (for checking).
     #[arg(long)]
@@ -196,6 +200,28 @@ fn run(args: &RunArgs) -> Result<()> {
         let files = WeightFiles::open(&args.weights).map_err(|e| e.to_string())?;
         bind_weights(&mut step, &manifest, &files, |_| {}).map_err(|e| e.to_string())?
     };
+    // The prefill step: the same device and weights.
+    let mut prefill = match &args.prefill {
+        None => None,
+        Some(path) => {
+            let (pre_artifact, mut pre) = load(path, args.device)?;
+            let layout = DecodeLayout::from_manifest(&pre_artifact.manifest).map_err(|e| e.to_string())?;
+            if layout.n < 2 {
+                return Err(format!(
+                    "{}: --prefill wants a step with n > 1 new tokens, this one has n = {}",
+                    path.display(),
+                    layout.n
+                ));
+            }
+            if args.random_weights {
+                bind_random_weights(&mut pre, &pre_artifact.manifest, args.seed).map_err(|e| e.to_string())?;
+            } else {
+                let files = WeightFiles::open(&args.weights).map_err(|e| e.to_string())?;
+                bind_weights(&mut pre, &pre_artifact.manifest, &files, |_| {}).map_err(|e| e.to_string())?;
+            }
+            Some((pre, layout))
+        }
+    };
     let weights_s = start.elapsed().as_secs_f64();
     let device = step.device_info().name.clone();
     let step: Box<dyn Step> = if args.host_caches { Box::new(BoundCaches(step)) } else { Box::new(step) };
@@ -208,7 +234,11 @@ fn run(args: &RunArgs) -> Result<()> {
             len
         }
         None => {
-            session.fill_context(&args.prompt_ids).map_err(|e| e.to_string())?;
+            match prefill.as_mut() {
+                Some((pre, layout)) => session.fill_context_prefill(pre, layout, &args.prompt_ids),
+                None => session.fill_context(&args.prompt_ids),
+            }
+            .map_err(|e| e.to_string())?;
             args.prompt_ids.len()
         }
     };

@@ -5,11 +5,14 @@
 //!
 //! | role | shape |
 //! |---|---|
-//! | `token_ids`, `position` | `[b, 1]` |
+//! | `token_ids`, `position` | `[b, n]` |
 //! | `context_kv` (per layer, k and v) | `[g, m_c, k]` |
 //! | `decode_kv` (per layer, k and v) | `[b, g, m_d, k]` |
-//! | output `new_kv` (per layer, k and v) | `[b, g, 1, k]` |
-//! | output `logits` | `[b, 1, vocab]` |
+//! | output `new_kv` (per layer, k and v) | `[b, g, n, k]` |
+//! | output `logits` | `[b, n, vocab]` |
+//!
+//! `n` is the model constant `n` (1 when absent): 1 for a decode step,
+//! more for a prefill step ([`super::Session::fill_context_prefill`]).
 //!
 //! Shapes are checked by evaluating them at two probe points of the runtime
 //! dims, so `[g, m_c, k]` means: the middle axis is `m_c`, the others are the
@@ -45,6 +48,9 @@ pub struct DecodeLayout {
     pub layers: Vec<LayerBuffers>,
     /// Names of the weight inputs, in table order.
     pub weights: Vec<String>,
+    /// `n`: tokens per sample per step (the model constant `n`; 1 for a
+    /// decode step, more for a prefill step).
+    pub n: usize,
 }
 
 /// An axis of an expected shape.
@@ -53,7 +59,8 @@ enum Axis {
     B,
     Mc,
     Md,
-    One,
+    /// The constant `n` (tokens per step).
+    New(i64),
     /// Any constant (the same at both probes).
     Const,
 }
@@ -91,7 +98,7 @@ fn check_shape(
             Axis::B => v1 == p1["b"] && v2 == p2["b"],
             Axis::Mc => v1 == p1["m_c"] && v2 == p2["m_c"],
             Axis::Md => v1 == p1["m_d"] && v2 == p2["m_d"],
-            Axis::One => v1 == 1 && v2 == 1,
+            Axis::New(n) => v1 == *n && v2 == *n,
             Axis::Const => v1 == v2 && v1 > 0,
         };
         if !ok {
@@ -116,6 +123,11 @@ impl DecodeLayout {
             )));
         }
         use Axis::*;
+        let n = manifest.dims.constants.get("n").copied().unwrap_or(1);
+        if n < 1 {
+            return Err(SessionError::Layout(format!("the model constant n is {n}")));
+        }
+        let one = New(n);
         let mut token_ids = None;
         let mut positions = None;
         let mut logits = None;
@@ -161,11 +173,11 @@ impl DecodeLayout {
             };
             match (b.kind, role) {
                 (BufferKind::Input, "token_ids") => {
-                    check_shape(manifest, b, &[B, One], "[b, 1]")?;
+                    check_shape(manifest, b, &[B, one], "[b, n]")?;
                     once(&mut token_ids, b)?;
                 }
                 (BufferKind::Input, "position") => {
-                    check_shape(manifest, b, &[B, One], "[b, 1]")?;
+                    check_shape(manifest, b, &[B, one], "[b, n]")?;
                     once(&mut positions, b)?;
                 }
                 (BufferKind::Input, "weight") => weights.push(b.name.clone()),
@@ -184,11 +196,11 @@ impl DecodeLayout {
                     )))
                 }
                 (BufferKind::Output, "logits") => {
-                    vocab = check_shape(manifest, b, &[B, One, Const], "[b, 1, vocab]")?[0];
+                    vocab = check_shape(manifest, b, &[B, one, Const], "[b, n, vocab]")?[0];
                     once(&mut logits, b)?;
                 }
                 (BufferKind::Output, "new_kv") => {
-                    let c = check_shape(manifest, b, &[B, Const, One, Const], "[b, g, 1, k]")?;
+                    let c = check_shape(manifest, b, &[B, Const, one, Const], "[b, g, n, k]")?;
                     insert(&mut new, c)?;
                 }
                 _ => {}
@@ -231,7 +243,7 @@ impl DecodeLayout {
             let (g, k) = gk.unwrap_or_default();
             layers.push(LayerBuffers { layer, g, k, context, decode, new });
         }
-        Ok(DecodeLayout { token_ids, positions, logits, vocab, layers, weights })
+        Ok(DecodeLayout { token_ids, positions, logits, vocab, layers, weights, n: n as usize })
     }
 }
 

@@ -16,9 +16,11 @@
 //! step's new K/V rows to a one-sample decode cache; afterwards that cache,
 //! without its `b` axis, is the context cache (`m_c = L`). It takes `L`
 //! steps at `b = 1`: meant for prompts of up to a few thousand tokens (a
-//! prefill graph, `n > 1`, is the way for long ones).
-//! [`Session::random_context`] and [`Session::set_context`] install a
-//! context without stepping.
+//! prefill step is the way for long ones: [`Session::fill_context_prefill`]
+//! runs the model compiled with `n > 1` new tokens per step over the
+//! prompt `n` tokens at a time, appending each chunk's K/V rows to the
+//! context). [`Session::random_context`] and [`Session::set_context`]
+//! install a context without stepping.
 //!
 //! **Where the decode caches live.** When the backend keeps caches
 //! ([`Step::reserve_rows`] returns true: CUDA and the CPU JIT do), each
@@ -171,6 +173,25 @@ fn draw(
         .collect()
 }
 
+/// `ctx` (`[g, m, k]`) followed by the one-sample rows `rows`
+/// (`[1, g, r, k]`): `[g, m + r, k]`.
+fn append_context(ctx: &HostTensor, rows: &HostTensor, g: usize, k: usize) -> HostTensor {
+    let m = ctx.shape.get(1).copied().unwrap_or(0);
+    let r = rows.shape.get(2).copied().unwrap_or(0);
+    let mut data = Vec::with_capacity(g * (m + r) * k);
+    for gi in 0..g {
+        data.extend_from_slice(&ctx.data[gi * m * k..(gi + 1) * m * k]);
+        data.extend_from_slice(&rows.data[gi * r * k..(gi + 1) * r * k]);
+    }
+    HostTensor { shape: vec![g, m + r, k], data }
+}
+
+/// A `[1, len]` tensor of integers (one sample's tokens or positions).
+fn row(values: impl Iterator<Item = usize>) -> HostTensor {
+    let data: Vec<f32> = values.map(|v| v as f32).collect();
+    HostTensor { shape: vec![1, data.len()], data }
+}
+
 /// A `[rows, 1]` tensor of integers.
 fn column(values: impl Iterator<Item = usize>) -> HostTensor {
     let data: Vec<f32> = values.map(|v| v as f32).collect();
@@ -188,6 +209,12 @@ impl<S: Step> Session<S> {
         if step_dims != manifest_dims {
             return Err(SessionError::Layout(format!(
                 "the step takes runtime dims {step_dims:?} but the manifest has {manifest_dims:?}"
+            )));
+        }
+        if layout.n != 1 {
+            return Err(SessionError::Layout(format!(
+                "this step feeds n = {} tokens per sample: it is a prefill step (`bifurc run --prefill`, `Session::fill_context_prefill`), not a decode step",
+                layout.n
             )));
         }
         Ok(Session { step, layout, context: None, context_bound: false })
@@ -334,51 +361,132 @@ impl<S: Step> Session<S> {
         }
         self.context = None;
         self.context_bound = false;
-        let empty: Vec<[HostTensor; 2]> = self
-            .layout
+        let empty = self.empty_context();
+        let (caches, last_logits) = self.step_prompt(empty, prompt, 0)?;
+        self.context = Some(Context { len: prompt.len(), caches, last_logits: last_logits.clone() });
+        Ok(last_logits)
+    }
+
+    /// Fills the context with a prefill step (`prefill`, whose manifest
+    /// gives `layout`: the same model compiled with `n` > 1 new tokens per
+    /// step, weights already bound): `n` prompt tokens per run at `b = 1`,
+    /// each chunk attending to the context so far and, causally, to itself;
+    /// its new K/V rows extend the context. The last `len mod n` tokens are
+    /// stepped with the decode step as in [`Session::fill_context`]. Returns
+    /// the logits after the last token, and gives the same context (to f32
+    /// rounding) as [`Session::fill_context`] in `len / n + len mod n`
+    /// runs instead of `len`.
+    pub fn fill_context_prefill<P: Step + ?Sized>(
+        &mut self,
+        prefill: &mut P,
+        layout: &DecodeLayout,
+        prompt: &[u32],
+    ) -> Result<Vec<f32>, SessionError> {
+        if prompt.is_empty() {
+            return Err(SessionError::Usage("the prompt is empty".into()));
+        }
+        let same = |a: &LayerBuffers, b: &LayerBuffers| (a.layer, a.g, a.k) == (b.layer, b.g, b.k);
+        if layout.vocab != self.layout.vocab
+            || layout.layers.len() != self.layout.layers.len()
+            || !layout.layers.iter().zip(&self.layout.layers).all(|(a, b)| same(a, b))
+        {
+            return Err(SessionError::Layout(
+                "the prefill step is not the same model as the decode step (layers, KV groups, head dim or vocabulary differ)"
+                    .into(),
+            ));
+        }
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.layout.vocab) {
+            return Err(SessionError::Usage(format!(
+                "token id {t} is outside the vocabulary (0..{})",
+                self.layout.vocab
+            )));
+        }
+        self.context = None;
+        self.context_bound = false;
+        let n = layout.n;
+        let mut caches = self.empty_context();
+        let mut last_logits = Vec::new();
+        // The decode caches of the prefill step stay empty (m_d = 0).
+        for l in &layout.layers {
+            for name in &l.decode {
+                prefill.bind(name, &HostTensor::zeros(vec![1, l.g, 0, l.k]))?;
+            }
+        }
+        let full = prompt.len() / n * n;
+        for start in (0..full).step_by(n.max(1)) {
+            for (l, kv) in layout.layers.iter().zip(&caches) {
+                for (name, t) in l.context.iter().zip(kv) {
+                    prefill.bind(name, t)?;
+                }
+            }
+            prefill.bind(&layout.token_ids, &row(prompt[start..start + n].iter().map(|&t| t as usize)))?;
+            prefill.bind(&layout.positions, &row(start..start + n))?;
+            let outputs = prefill.run(&dims(1, start, 0))?;
+            for (l, kv) in layout.layers.iter().zip(caches.iter_mut()) {
+                for (name, cache) in l.new.iter().zip(kv.iter_mut()) {
+                    let rows = Self::check_output(&outputs, name, &[1, l.g, n, l.k])?;
+                    *cache = append_context(cache, rows, l.g, l.k);
+                }
+            }
+            let logits = Self::check_output(&outputs, &layout.logits, &[1, n, layout.vocab])?;
+            last_logits = logits.data[(n - 1) * layout.vocab..].to_vec();
+        }
+        if full < prompt.len() {
+            let (rest, logits) = self.step_prompt(caches, &prompt[full..], full)?;
+            caches = rest;
+            last_logits = logits;
+        }
+        self.context = Some(Context { len: prompt.len(), caches, last_logits: last_logits.clone() });
+        Ok(last_logits)
+    }
+
+    /// Per layer, empty K and V context caches `[g, 0, k]`.
+    fn empty_context(&self) -> Vec<[HostTensor; 2]> {
+        self.layout
             .layers
             .iter()
             .map(|l| [HostTensor::zeros(vec![l.g, 0, l.k]), HostTensor::zeros(vec![l.g, 0, l.k])])
-            .collect();
-        self.bind_context(&empty)?;
-        let mut caches = self.new_caches(1, prompt.len())?;
+            .collect()
+    }
+
+    /// Steps `tokens` at positions `start..` with `b = 1` over the context
+    /// `prefix` (`start` tokens, bound as the context caches), collecting
+    /// their K/V rows in a one-sample decode cache; returns `prefix` extended
+    /// by those rows and the logits after the last token.
+    fn step_prompt(
+        &mut self,
+        prefix: Vec<[HostTensor; 2]>,
+        tokens: &[u32],
+        start: usize,
+    ) -> Result<(Vec<[HostTensor; 2]>, Vec<f32>), SessionError> {
+        self.bind_context(&prefix)?;
+        let mut caches = self.new_caches(1, tokens.len())?;
         let mut logits = HostTensor::default();
-        for (position, &token) in prompt.iter().enumerate() {
-            logits = self.decode_step(&[token], position, 0, &mut caches)?;
+        for (i, &token) in tokens.iter().enumerate() {
+            logits = self.decode_step(&[token], start + i, start, &mut caches)?;
         }
-        let mut context_caches = Vec::new();
-        match caches {
-            Caches::Host(host) => {
-                for [k, v] in host {
-                    let k = k.into_context().map_err(SessionError::Usage)?;
-                    let v = v.into_context().map_err(SessionError::Usage)?;
-                    context_caches.push([k, v]);
+        let mut out = Vec::with_capacity(prefix.len());
+        for (l, (layer, kv)) in self.layout.layers.clone().iter().zip(prefix).enumerate() {
+            let mut both = Vec::with_capacity(2);
+            for (i, ctx) in kv.into_iter().enumerate() {
+                // The one-sample decode rows [1, g, r, k].
+                let rows = match &caches {
+                    Caches::Host(host) => host[l][i].packed(),
+                    Caches::Backend { .. } => self.step.read_rows(&layer.decode[i])?,
+                };
+                if rows.shape != [1, layer.g, tokens.len(), layer.k] {
+                    return Err(SessionError::Output {
+                        name: layer.decode[i].clone(),
+                        message: format!("read back with shape {:?}", rows.shape),
+                    });
                 }
+                both.push(append_context(&ctx, &rows, layer.g, layer.k));
             }
-            Caches::Backend { .. } => {
-                for layer in &self.layout.layers {
-                    let mut kv = Vec::with_capacity(2);
-                    for name in &layer.decode {
-                        // [1, g, L, k] → [g, L, k]: the same data.
-                        let mut t = self.step.read_rows(name)?;
-                        if t.shape.first() != Some(&1) {
-                            return Err(SessionError::Output {
-                                name: name.clone(),
-                                message: format!("read back with shape {:?}, not one sample", t.shape),
-                            });
-                        }
-                        t.shape.remove(0);
-                        kv.push(t);
-                    }
-                    let [k, v]: [HostTensor; 2] =
-                        kv.try_into().map_err(|_| SessionError::Usage("a layer without K and V".into()))?;
-                    context_caches.push([k, v]);
-                }
-            }
+            let [k, v]: [HostTensor; 2] =
+                both.try_into().map_err(|_| SessionError::Usage("a layer without K and V".into()))?;
+            out.push([k, v]);
         }
-        let last_logits = logits.data;
-        self.context = Some(Context { len: prompt.len(), caches: context_caches, last_logits: last_logits.clone() });
-        Ok(last_logits)
+        Ok((out, logits.data))
     }
 
     /// Installs a context: per layer K and V `[g, len, k]`, and the logits
