@@ -108,12 +108,12 @@ impl Step for CpuBackend {
     fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
         let new =
             self.last.get(rows).ok_or_else(|| StepError::Backend(format!("no output `{rows}` from a last step")))?;
-        let (g, moves) = self.rows.prepare_append(name, &new.shape)?;
+        let (r, g, moves) = self.rows.prepare_append(name, &new.shape)?;
         let new = new.data.clone();
         self.relayout(&moves)?;
         let t = self.bound.get_mut(name).ok_or_else(|| StepError::Unbound(name.to_string()))?;
-        append_host(&mut t.data, &g, &new);
-        self.rows.appended(name);
+        append_host(&mut t.data, &g, &new, r);
+        self.rows.appended(name, r);
         Ok(())
     }
 

@@ -319,15 +319,25 @@ fn manifest_kernels_follow_the_abi() {
         let dims: Vec<&str> =
             k.params.iter().take_while(|p| p.kind == ParamKind::Dim).map(|p| p.name.as_str()).collect();
         assert_eq!(dims, m.dims.runtime.iter().map(String::as_str).collect::<Vec<_>>(), "{}", k.name);
-        // Then the capacity of m_d exactly when a decode cache is read
-        // (its rows are pitched), then the buffers.
+        // Then the capacities of the pitched caches it reads, then the buffers.
         let caps: Vec<&str> = k.params[dims.len()..]
             .iter()
             .take_while(|p| p.kind == ParamKind::Capacity)
             .map(|p| p.name.as_str())
             .collect();
-        let reads_cache = k.reads.iter().any(|r| m.buffers.iter().any(|b| &b.name == r && b.pitch.is_some()));
-        assert_eq!(caps, if reads_cache { vec!["m_d"] } else { vec![] }, "{}", k.name);
+        // One per runtime dim (in order) that pitches a KV cache the kernel reads.
+        let pitched: Vec<&str> = m
+            .dims
+            .runtime
+            .iter()
+            .map(String::as_str)
+            .filter(|d| {
+                k.reads
+                    .iter()
+                    .any(|r| m.buffers.iter().any(|b| &b.name == r && b.pitch.as_ref().is_some_and(|p| p.dim == *d)))
+            })
+            .collect();
+        assert_eq!(caps, pitched, "{}", k.name);
         let rest = &k.params[dims.len() + caps.len()..];
         assert!(rest.iter().all(|p| p.kind == ParamKind::Buffer && p.ty == "ptr"));
         assert_eq!(k.params.last().unwrap().name, k.writes);

@@ -29,7 +29,7 @@ use bifurc::lower::gpu::GpuTarget;
 use bifurc::{compile, CompileOptions};
 use bifurc_runtime::session::{SampleOptions, SampleOutput, Session};
 use bifurc_runtime::weights::random_weights;
-use bifurc_runtime::{HostTensor, Step, StepError};
+use bifurc_runtime::{BoundCaches, HostTensor, Step, StepError};
 use serde_json::Value;
 
 const TOL: f32 = 1e-4;
@@ -468,7 +468,13 @@ fn prefill_fills_the_context_like_stepping() {
     for len in [3, 8, 10] {
         let prompt: Vec<u32> = (0..len).map(|i| (7 * i + 3) % 256).collect();
         let a = stepped.fill_context(&prompt).unwrap();
+        // The context kept in the prefill step (appended in place), then
+        // bound from the host every chunk: the same.
         let b = prefilled.fill_context_prefill(&mut pre, &pre_layout, &prompt).unwrap();
+        let kept = prefilled.context().unwrap().clone();
+        let b2 = prefilled.fill_context_prefill(&mut BoundCaches(&mut pre), &pre_layout, &prompt).unwrap();
+        assert_eq!(b, b2, "prompt of {len}: kept vs bound prefill logits");
+        assert_eq!(&kept, prefilled.context().unwrap(), "prompt of {len}: kept vs bound prefill context");
         assert!(rel_diff(&b, &a) <= TOL, "prompt of {len}: last logits differ by {:e}", rel_diff(&b, &a));
         let (ca, cb) = (stepped.context().unwrap(), prefilled.context().unwrap());
         assert_eq!(ca.len, cb.len);

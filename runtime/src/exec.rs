@@ -351,14 +351,32 @@ mod tests {
             assert_eq!(params[&k.entry], k.params.len(), "PTX entry {} parameter count", k.entry);
             for (p, v) in k.params.iter().zip(&l.args).skip(3) {
                 if p.kind == ParamKind::Capacity {
-                    assert_eq!((p.name.as_str(), *v), ("m_d", 5), "{}", k.name);
+                    let dense = [("m_c", 100), ("m_d", 5)].into_iter().find(|(d, _)| *d == p.name).map(|(_, v)| v);
+                    assert_eq!(Some(*v), dense, "{} capacity of {}", k.name, p.name);
                     continue;
                 }
                 let i = plan.index(&p.name).unwrap();
                 assert_eq!(*v, 0x1000 * (i as u64 + 1), "{} {}", k.name, p.name);
             }
-            let reads_cache = k.reads.iter().any(|r| r.contains("_dec"));
-            assert_eq!(reads_cache, k.params.iter().any(|p| p.kind == ParamKind::Capacity), "{}", k.name);
+            // A capacity per dim of the KV caches it reads (pitched rows).
+            let mut cache_dims: Vec<&str> = k
+                .reads
+                .iter()
+                .filter_map(|r| {
+                    if r.contains("_dec") {
+                        Some("m_d")
+                    } else if r.contains("_ctx") {
+                        Some("m_c")
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            cache_dims.sort_unstable();
+            cache_dims.dedup();
+            let caps: Vec<&str> =
+                k.params.iter().filter(|p| p.kind == ParamKind::Capacity).map(|p| p.name.as_str()).collect();
+            assert_eq!(caps, cache_dims, "{}", k.name);
             // One thread per output element, 256 per block.
             let extent = m.eval(&k.extent, &dims(3, 100, 5)).unwrap();
             assert_eq!(l.block, [256, 1, 1]);

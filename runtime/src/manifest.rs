@@ -126,7 +126,7 @@ pub struct Buffer {
     pub dtype: String,
     /// Size in bytes: product of the shape times the element size.
     pub bytes: Size,
-    /// Set for a decode cache that may be stored with spare rows (see [`Pitch`]).
+    /// Set for a KV cache that may be stored with spare rows (see [`Pitch`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pitch: Option<Pitch>,
 }
@@ -136,7 +136,8 @@ pub struct Buffer {
 /// `capacity >= dim` is the kernel parameter of kind
 /// [`ParamKind::Capacity`] named `dim`. Passing the dim's own value means
 /// dense data; a larger capacity lets a runtime append rows in place (a
-/// decode cache `[b, g, m_d, k]` stored as `[b, g, capacity, k]`). The
+/// decode cache `[b, g, m_d, k]` stored as `[b, g, capacity, k]`, a context
+/// cache `[g, m_c, k]` as `[g, capacity, k]`). The
 /// buffer's `shape` and `bytes` are the dense ones.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pitch {

@@ -137,31 +137,41 @@ impl RowCaches {
         self.caches.get(name).ok_or_else(|| StepError::Backend(format!("`{name}` is not a reserved cache")))
     }
 
-    /// Before appending `rows_shape` (the cache's shape with 1 on the rows
-    /// axis) to `name`: checks the shape, grows the dim's capacity (doubling)
-    /// when full, and returns where the new row goes plus the caches to
+    /// Before appending `rows_shape` — the cache's shape with `r >= 1` on
+    /// the rows axis, leading axes of size 1 allowed beyond its rank (a
+    /// prefill step's rows `[1, g, n, k]` for a context `[g, m_c, k]`) — to
+    /// `name`: checks the shape, grows the dim's capacity (doubling) until
+    /// the rows fit, and returns `r`, where the rows go, and the caches to
     /// re-lay out first (those moves come before the copy).
     pub fn prepare_append(
         &mut self,
         name: &str,
         rows_shape: &[usize],
-    ) -> Result<(RowGeometry, Vec<Relayout>), StepError> {
+    ) -> Result<(usize, RowGeometry, Vec<Relayout>), StepError> {
         let c = self.resident(name)?;
+        let extra = rows_shape.len().saturating_sub(c.shape.len());
+        let (lead, rest) = rows_shape.split_at(extra);
+        let r = rest.get(c.axis).copied().unwrap_or(0);
         let mut want = c.shape.clone();
-        want[c.axis] = 1;
-        if rows_shape != want.as_slice() {
+        want[c.axis] = r.max(1);
+        if lead.iter().any(|&d| d != 1) || rest != want.as_slice() || r == 0 {
+            want[c.axis] = 1;
             return Err(StepError::Shape { name: name.to_string(), expected: want, got: rows_shape.to_vec() });
         }
         let (dim, rows) = (c.dim.clone(), c.shape[c.axis]);
         let cap = self.capacity.get(&dim).copied().unwrap_or(0);
-        let moves = if rows >= cap { self.set_capacity(&dim, (cap * 2).max(rows + 1)) } else { Vec::new() };
-        Ok((self.geometry(name)?, moves))
+        let mut grown = cap.max(1);
+        while grown < rows + r {
+            grown *= 2;
+        }
+        let moves = if grown != cap { self.set_capacity(&dim, grown) } else { Vec::new() };
+        Ok((r, self.geometry(name)?, moves))
     }
 
-    /// After the row was copied: one more row.
-    pub fn appended(&mut self, name: &str) {
+    /// After `r` rows were copied in.
+    pub fn appended(&mut self, name: &str, r: usize) {
         if let Some(c) = self.caches.get_mut(name) {
-            c.shape[c.axis] += 1;
+            c.shape[c.axis] += r;
         }
     }
 
@@ -208,12 +218,13 @@ pub fn relayout_host<T: Copy + Default>(data: &[T], old: &RowGeometry, new: &Row
     out
 }
 
-/// Writes `rows` (`outer` blocks of one row) at row `g.rows` of storage
+/// Writes `rows` (`outer` blocks of `r` rows) at row `g.rows` of storage
 /// `data` laid out as `g` (host memory).
-pub fn append_host<T: Copy>(data: &mut [T], g: &RowGeometry, rows: &[T]) {
+pub fn append_host<T: Copy>(data: &mut [T], g: &RowGeometry, rows: &[T], r: usize) {
+    let n = r * g.row;
     for o in 0..g.outer {
         let dst = g.offset(o, g.rows);
-        data[dst..dst + g.row].copy_from_slice(&rows[o * g.row..(o + 1) * g.row]);
+        data[dst..dst + n].copy_from_slice(&rows[o * n..(o + 1) * n]);
     }
 }
 
@@ -243,7 +254,8 @@ mod tests {
         let mut data = vec![0.0f32; g.stored()];
         for step in 0..3 {
             let rows: Vec<f32> = (0..24).map(|i| (100 * step + i) as f32).collect();
-            let (g, moves) = rc.prepare_append("k", &[2, 3, 1, 4]).unwrap();
+            let (r, g, moves) = rc.prepare_append("k", &[2, 3, 1, 4]).unwrap();
+            assert_eq!(r, 1);
             for m in &moves {
                 if m.name == "k" {
                     data = relayout_host(&data, &m.old, &m.new);
@@ -254,8 +266,8 @@ mod tests {
                 assert_eq!(names, ["k", "v"], "full at 2 rows: both caches of m_d grow");
                 assert_eq!(g.capacity, 4);
             }
-            append_host(&mut data, &g, &rows);
-            rc.appended("k");
+            append_host(&mut data, &g, &rows, 1);
+            rc.appended("k", 1);
         }
         let g = rc.geometry("k").unwrap();
         let dense = dense_host(&data, &g);
@@ -268,7 +280,11 @@ mod tests {
             }
         }
         assert_eq!(rc.capacities(), BTreeMap::from([("m_d".to_string(), 4)]));
-        assert!(rc.prepare_append("k", &[2, 3, 2, 4]).is_err());
+        assert!(rc.prepare_append("k", &[2, 3, 0, 4]).is_err());
+        assert!(rc.prepare_append("k", &[2, 2, 1, 4]).is_err());
+        // Several rows at once, with a leading axis of 1: capacity 4 → 8.
+        let (r, g, moves) = rc.prepare_append("k", &[1, 2, 3, 2, 4]).unwrap();
+        assert_eq!((r, g.rows, g.capacity, moves.len()), (2, 3, 8, 2));
         assert!(rc.reserve("x", 2, "m_d", &[1, 1, 1, 1], 4).is_err(), "must start empty");
         rc.forget("k");
         rc.forget("v");

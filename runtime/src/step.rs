@@ -75,8 +75,10 @@ pub trait Step {
     }
 
     /// Appends output `rows` of the last [`Step::run`] (the cache's shape
-    /// with 1 on the rows axis) to cache `name`, kept by
-    /// [`Step::reserve_rows`]: its rows axis grows by one.
+    /// with `r` on the rows axis, possibly with leading axes of size 1: a
+    /// decode step's `[b, g, 1, k]`, a prefill step's `[1, g, n, k]` for a
+    /// context `[g, m_c, k]`) to cache `name`, kept by
+    /// [`Step::reserve_rows`]: its rows axis grows by `r`.
     fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
         Err(StepError::Backend(format!("this backend keeps no caches (appending `{rows}` to `{name}`)")))
     }

@@ -61,8 +61,10 @@ pub struct Buffer {
 /// ([`Param::Capacity`]); a caller passing dense data passes the dim's own
 /// value.
 ///
-/// Every `decode_kv` input whose second-to-last axis is a runtime dim alone
-/// (`[b, g, m_d, k]`) gets one: its rows axis.
+/// Every KV cache input (`decode_kv`, `context_kv`) whose second-to-last
+/// axis is a runtime dim alone (`[b, g, m_d, k]`, `[g, m_c, k]`) gets one:
+/// its rows axis. (A prefill step appends each chunk's rows to its context
+/// cache in place.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pitch {
     pub axis: usize,
@@ -492,7 +494,7 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
 
 /// The rows axis of a decode cache (see [`Pitch`]).
 fn pitch_of(graph: &Graph, role: Role, shape: &[Poly]) -> Option<Pitch> {
-    if !matches!(role, Role::DecodeKv { .. }) {
+    if !matches!(role, Role::DecodeKv { .. } | Role::ContextKv { .. }) {
         return None;
     }
     let axis = shape.len().checked_sub(2)?;

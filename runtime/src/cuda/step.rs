@@ -321,13 +321,15 @@ impl Step for CudaStep {
             .clone()
             .ok_or_else(|| StepError::Backend(format!("no step ran before appending `{rows}`")))?;
         let shape = self.plan.shape_at(o, &self.plan.bind_dims(&dims)?)?;
-        let (g, moves) = self.rows.prepare_append(name, &shape)?;
+        let (r, g, moves) = self.rows.prepare_append(name, &shape)?;
         for m in &moves {
             self.relayout(m)?;
         }
         let es = self.plan.buffers[i].dtype.size();
         let stream = self.device.stream.clone();
+        // `r` rows per block: `r * row` contiguous bytes from the output.
         let (row, pitch) = (g.row * es, g.capacity * g.row * es);
+        let chunk = r * row;
         let (memory, src) = if i < o {
             let (a, b) = self.memory.split_at_mut(o);
             (&mut a[i], &b[0])
@@ -335,8 +337,8 @@ impl Step for CudaStep {
             let (a, b) = self.memory.split_at_mut(i);
             (&mut b[0], &a[o])
         };
-        memory.copy_2d(&stream, g.rows * row, pitch, src, 0, row, row, g.outer)?;
-        self.rows.appended(name);
+        memory.copy_2d(&stream, g.rows * row, pitch, src, 0, chunk, chunk, g.outer)?;
+        self.rows.appended(name, r);
         self.bound[i] = self.rows.shape(name).map(<[usize]>::to_vec);
         Ok(())
     }

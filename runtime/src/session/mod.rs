@@ -371,7 +371,9 @@ impl<S: Step> Session<S> {
     /// gives `layout`: the same model compiled with `n` > 1 new tokens per
     /// step, weights already bound): `n` prompt tokens per run at `b = 1`,
     /// each chunk attending to the context so far and, causally, to itself;
-    /// its new K/V rows extend the context. The last `len mod n` tokens are
+    /// its new K/V rows extend the context (appended in place when the
+    /// prefill step keeps caches, [`Step::reserve_rows`]; else kept here
+    /// and bound every chunk). The last `len mod n` tokens are
     /// stepped with the decode step as in [`Session::fill_context`]. Returns
     /// the logits after the last token, and gives the same context (to f32
     /// rounding) as [`Session::fill_context`] in `len / n + len mod n`
@@ -413,23 +415,52 @@ impl<S: Step> Session<S> {
             }
         }
         let full = prompt.len() / n * n;
+        // The context grows inside the prefill step when it keeps caches
+        // (each chunk's rows appended in place), else here (re-bound per chunk).
+        let mut kept = Vec::new();
+        for l in &layout.layers {
+            for name in &l.context {
+                kept.push(prefill.reserve_rows(name, &[l.g, 0, l.k], full)?);
+            }
+        }
+        let kept = kept.iter().all(|&k| k);
         for start in (0..full).step_by(n.max(1)) {
-            for (l, kv) in layout.layers.iter().zip(&caches) {
-                for (name, t) in l.context.iter().zip(kv) {
-                    prefill.bind(name, t)?;
+            if !kept {
+                for (l, kv) in layout.layers.iter().zip(&caches) {
+                    for (name, t) in l.context.iter().zip(kv) {
+                        prefill.bind(name, t)?;
+                    }
                 }
             }
             prefill.bind(&layout.token_ids, &row(prompt[start..start + n].iter().map(|&t| t as usize)))?;
             prefill.bind(&layout.positions, &row(start..start + n))?;
             let outputs = prefill.run(&dims(1, start, 0))?;
             for (l, kv) in layout.layers.iter().zip(caches.iter_mut()) {
-                for (name, cache) in l.new.iter().zip(kv.iter_mut()) {
+                for ((name, ctx), cache) in l.new.iter().zip(&l.context).zip(kv.iter_mut()) {
                     let rows = Self::check_output(&outputs, name, &[1, l.g, n, l.k])?;
-                    *cache = append_context(cache, rows, l.g, l.k);
+                    if kept {
+                        prefill.append_rows(ctx, name)?;
+                    } else {
+                        *cache = append_context(cache, rows, l.g, l.k);
+                    }
                 }
             }
             let logits = Self::check_output(&outputs, &layout.logits, &[1, n, layout.vocab])?;
             last_logits = logits.data[(n - 1) * layout.vocab..].to_vec();
+        }
+        if kept {
+            for (l, kv) in layout.layers.iter().zip(caches.iter_mut()) {
+                for (name, cache) in l.context.iter().zip(kv.iter_mut()) {
+                    let t = prefill.read_rows(name)?;
+                    if t.shape != [l.g, full, l.k] {
+                        return Err(SessionError::Output {
+                            name: name.clone(),
+                            message: format!("read back with shape {:?}, expected [{}, {full}, {}]", t.shape, l.g, l.k),
+                        });
+                    }
+                    *cache = t;
+                }
+            }
         }
         if full < prompt.len() {
             let (rest, logits) = self.step_prompt(caches, &prompt[full..], full)?;
