@@ -138,10 +138,10 @@ enum Command {
         /// The model.json to benchmark (runtime dims b, m_c, m_d).
         model: PathBuf,
         /// Sample counts (b) to sweep.
-        #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 16, 32])]
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 16, 32, 64])]
         samples: Vec<i64>,
         /// Context lengths (m_c) to sweep.
-        #[arg(long, value_delimiter = ',', default_values_t = [1024, 4096])]
+        #[arg(long, value_delimiter = ',', default_values_t = [1024, 4096, 16384])]
         context: Vec<i64>,
         /// Tokens decoded so far (m_d) at every point.
         #[arg(long, default_value_t = 16)]
