@@ -177,9 +177,10 @@ const TYPICAL_OTHER: i64 = 64;
 /// The output axes (of size other than 1) of contraction node `j` that its
 /// largest operand does not index — its *reuse* axes: the outputs along
 /// them read the same slice of that operand (for `x · Wᵀ` the samples, for
-/// the context einsum of bifurcated attention `b, p, n`). "Largest" is by
-/// elements at a typical point ([`TYPICAL`]), the first on ties. `None`
-/// for a node that is not an einsum or matmul.
+/// the context einsums of bifurcated attention `b, p, n`). "Largest" is by
+/// elements at a typical point ([`TYPICAL`]), unless streaming another
+/// operand reads at most half as many elements (see the comment inside).
+/// `None` for a node that is not an einsum or matmul.
 pub(crate) fn reuse_axes(graph: &Graph, j: usize) -> Option<Vec<usize>> {
     let node = graph.nodes.get(j)?;
     let rank = node.shape.len();
@@ -224,17 +225,65 @@ pub(crate) fn reuse_axes(graph: &Graph, j: usize) -> Option<Vec<usize>> {
     let elements = |v: Value| -> i64 {
         numel(&graph.dims, graph.shape_of(v)).ok().and_then(|p| graph.dims.eval(&p, &point).ok()).unwrap_or(0)
     };
-    // The largest operand (the first on ties).
-    let mut best: Option<(i64, &Vec<bool>)> = None;
-    for (v, cov) in &covered {
+    let size = |a: usize| graph.dims.eval(&node.shape[a], &point).unwrap_or(1).max(1);
+    // Element reads if operand `x` is streamed: it is read once; the output
+    // walks its axes (keep) outside, so another operand is re-read once per
+    // index of the kept axes it lacks (the innermost kept axis in blocks of
+    // `BLOCK_REUSE`), unless it is small enough to stay in cache. (The
+    // largest operand alone would stream the probabilities, not V, in the
+    // w·V einsum of grouped-query attention, whose V is p times smaller:
+    // V would be re-read per sample.)
+    let traffic = |x: usize| -> i64 {
+        let cov = &covered[x].1;
+        let keep: Vec<usize> = (0..rank).filter(|&a| cov[a] && !is_one(graph, &node.shape[a])).collect();
+        let mut total = elements(covered[x].0);
+        for (y, (v, cov_y)) in covered.iter().enumerate() {
+            if y == x || covered[..y].iter().any(|(w, _)| w == v) {
+                continue;
+            }
+            let n = elements(*v);
+            let mut reads = n;
+            if n.saturating_mul(4) > CACHED_BYTES {
+                for (i, &a) in keep.iter().enumerate() {
+                    if !cov_y[a] {
+                        let s = size(a);
+                        let s = if i + 1 == keep.len() { (s + BLOCK_REUSE - 1) / BLOCK_REUSE } else { s };
+                        reads = reads.saturating_mul(s);
+                    }
+                }
+            }
+            total = total.saturating_add(reads);
+        }
+        total
+    };
+    // The largest operand (the first on ties), unless another one reads at
+    // most half as many elements (the estimate is rough: a broadcast view
+    // counts as all its elements, so only a clear win overrides size).
+    let mut largest: Option<(i64, usize)> = None;
+    for (x, (v, _)) in covered.iter().enumerate() {
         let n = elements(*v);
-        if best.is_none_or(|(m, _)| n > m) {
-            best = Some((n, cov));
+        if largest.is_none_or(|(m, _)| n > m) {
+            largest = Some((n, x));
         }
     }
-    let (_, cov) = best?;
+    let (_, mut x) = largest?;
+    let base = traffic(x);
+    for y in 0..covered.len() {
+        let t = traffic(y);
+        if t.saturating_mul(2) <= base && t < traffic(x) {
+            x = y;
+        }
+    }
+    let cov = &covered[x].1;
     Some((0..rank).filter(|&a| !cov[a] && !is_one(graph, &node.shape[a])).collect())
 }
+
+/// Bytes of an operand that re-reads serve from cache (about an L2).
+const CACHED_BYTES: i64 = 1 << 20;
+
+/// Elements of the innermost kept axis walked together (the CPU's output
+/// block), for the traffic estimate of [`reuse_axes`].
+const BLOCK_REUSE: i64 = 16;
 
 fn is_one(graph: &Graph, p: &Poly) -> bool {
     graph.dims.same(p, &Poly::constant(1))
