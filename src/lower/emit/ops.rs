@@ -221,6 +221,17 @@ impl Kc<'_> {
         sums.iter().map(|s| self.row_combine("add", s)).collect()
     }
 
+    /// The index of an einsum operand with subscripts `subs`: each letter's
+    /// index in `env` (output and summed letters bound so far).
+    fn operand_index(&self, j: usize, subs: &[char], env: &[(char, String)]) -> Result<Vec<String>, LowerError> {
+        subs.iter()
+            .map(|s| {
+                let i = env.iter().find(|(l, _)| l == s).map(|(_, i)| i.clone());
+                i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))
+            })
+            .collect()
+    }
+
     /// `acc + x * y`, the contraction step: `contract` lets LLVM fuse it
     /// into an FMA, `reassoc` lets it vectorize the reduction.
     fn accumulate(&mut self, acc: &str, x: &str, y: &str) -> String {
@@ -315,11 +326,7 @@ impl Kc<'_> {
             for (env, acc) in envs.iter().zip(accs) {
                 let mut factors = Vec::with_capacity(inputs.len());
                 for (k, (subs, v)) in spec.inputs.iter().zip(inputs).enumerate() {
-                    let mut at = Vec::with_capacity(subs.len());
-                    for s in subs {
-                        let i = env.iter().find(|(l, _)| l == s).map(|(_, i)| i.clone());
-                        at.push(i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))?);
-                    }
+                    let at = self.operand_index(j, subs, env)?;
                     factors.push(self.loadf_once(&mut loaded, k, *v, &at)?);
                 }
                 out.push(match factors.as_slice() {
@@ -407,11 +414,7 @@ impl Kc<'_> {
             env.push((c, l.clone()));
             let mut factors = Vec::with_capacity(inputs.len());
             for (k, (subs, v)) in spec.inputs.iter().zip(inputs).enumerate() {
-                let mut at = Vec::with_capacity(subs.len());
-                for s in subs {
-                    let i = env.iter().find(|(x, _)| x == s).map(|(_, i)| i.clone());
-                    at.push(i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))?);
-                }
+                let at = self.operand_index(j, subs, env)?;
                 factors.push(self.loadv_once(&mut loaded, j, k, *v, &at, subs.contains(&c), lanes)?);
             }
             env.pop();
@@ -530,11 +533,7 @@ impl Kc<'_> {
             for (env, acc) in envs.iter().zip(accs) {
                 let mut factors = Vec::with_capacity(inputs.len());
                 for (k, (subs, v)) in spec.inputs.iter().zip(inputs).enumerate() {
-                    let mut at = Vec::with_capacity(subs.len());
-                    for s in subs {
-                        let i = env.iter().find(|(l, _)| l == s).map(|(_, i)| i.clone());
-                        at.push(i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))?);
-                    }
+                    let at = self.operand_index(j, subs, env)?;
                     let lane = z.is_some_and(|z| subs.contains(&z));
                     factors.push(self.loadv_once(&mut loaded, j, k, *v, &at, lane, lanes)?);
                 }

@@ -51,33 +51,29 @@ impl Kc<'_> {
     /// `lanes` consecutive f32 elements of stored buffer `b` from `idx`
     /// along its last axis.
     pub(crate) fn load_vector(&mut self, b: usize, idx: &[String], lanes: usize) -> Result<String, LowerError> {
-        let rank = self.program.buffers[b].shape.len();
-        if rank != idx.len() {
-            return Err(LowerError::Unsupported {
-                node: self.program.buffers[b].name.clone(),
-                message: format!("read with {} indices, buffer has rank {rank}", idx.len()),
-            });
-        }
-        let sizes = self.storage_sizes(b)?;
-        let off = self.b.linearize(idx, &sizes);
-        let ptr = self.ptr(b)?;
+        let (ptr, off) = self.buffer_offset(b, idx)?;
         Ok(self.b.load_f32_vector(&ptr, &off, lanes))
     }
 
     /// Element `idx` of buffer `b` (row-major in the buffer's shape).
     fn load_buffer(&mut self, b: usize, idx: &[String]) -> Result<Val, LowerError> {
+        let (ptr, off) = self.buffer_offset(b, idx)?;
+        Ok(self.b.load(&ptr, &off, self.program.buffers[b].dtype))
+    }
+
+    /// The pointer of stored buffer `b` and the element offset of `idx` in
+    /// it, as laid out in memory (a pitched axis strides by its capacity).
+    fn buffer_offset(&mut self, b: usize, idx: &[String]) -> Result<(String, String), LowerError> {
         let buf = &self.program.buffers[b];
-        let (rank, dtype) = (buf.shape.len(), buf.dtype);
-        if rank != idx.len() {
+        if buf.shape.len() != idx.len() {
             return Err(LowerError::Unsupported {
                 node: buf.name.clone(),
-                message: format!("read with {} indices, buffer has rank {rank}", idx.len()),
+                message: format!("read with {} indices, buffer has rank {}", idx.len(), buf.shape.len()),
             });
         }
         let sizes = self.storage_sizes(b)?;
         let off = self.b.linearize(idx, &sizes);
-        let ptr = self.ptr(b)?;
-        Ok(self.b.load(&ptr, &off, dtype))
+        Ok((self.ptr(b)?, off))
     }
 
     /// Element `idx` of view node `j`: maps the index to its input(s).
