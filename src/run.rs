@@ -13,7 +13,7 @@
 use crate::cpu_backend::CpuBackend;
 use bifurc_runtime::manifest::{BufferKind, Manifest};
 use bifurc_runtime::session::{DecodeLayout, SampleOptions, SampleOutput, Session, StepReport};
-use bifurc_runtime::weights::{bind_random_weights, bind_weights, WeightFiles};
+use bifurc_runtime::weights::{WeightFiles, WeightSource};
 use bifurc_runtime::{Artifact, SessionError, Step};
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
@@ -401,18 +401,16 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let load_s = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
-    let (weights, weights_bound) = match &opts.weights {
-        Weights::Random { seed } => {
-            let n = bind_random_weights(&mut step, &manifest, *seed).map_err(|e| fail(e.to_string()))?;
-            (format!("random (seed {seed})"), n)
-        }
+    // Files are read once, for the decode step and a prefill step alike.
+    let (weights, source) = match &opts.weights {
+        Weights::Random { seed } => (format!("random (seed {seed})"), WeightSource::Random(*seed)),
         Weights::Files(paths) => {
             let files = WeightFiles::open(paths).map_err(|e| fail(e.to_string()))?;
-            let n = bind_weights(&mut step, &manifest, &files, |_| {}).map_err(|e| fail(e.to_string()))?;
             let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-            (names.join(", "), n)
+            (names.join(", "), WeightSource::Files(files))
         }
     };
+    let weights_bound = source.bind(&mut step, &manifest).map_err(|e| fail(e.to_string()))?;
     // The prefill step: the same device and weights.
     let mut prefill = match (&opts.prefill, &opts.context) {
         (None, _) => None,
@@ -434,15 +432,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
                 Device::Cpu => (Box::new(jit(&artifact)?), String::new()),
                 Device::Cuda { ordinal } => cuda_step(&artifact, ordinal)?,
             };
-            match &opts.weights {
-                Weights::Random { seed } => {
-                    bind_random_weights(&mut pre, &artifact.manifest, *seed).map_err(|e| fail(e.to_string()))?;
-                }
-                Weights::Files(paths) => {
-                    let files = WeightFiles::open(paths).map_err(|e| fail(e.to_string()))?;
-                    bind_weights(&mut pre, &artifact.manifest, &files, |_| {}).map_err(|e| fail(e.to_string()))?;
-                }
-            }
+            source.bind(&mut pre, &artifact.manifest).map_err(|e| fail(e.to_string()))?;
             Some((pre, layout))
         }
     };

@@ -236,3 +236,22 @@ pub fn bind_random_weights<S: Step + ?Sized>(
     }
     Ok(count)
 }
+
+/// Where a run's weights come from: checkpoint files (read once, bound into
+/// as many steps as need them: a decode step and its prefill step) or a
+/// seed.
+pub enum WeightSource {
+    Random(u64),
+    Files(WeightFiles),
+}
+
+impl WeightSource {
+    /// Binds every weight of `manifest` to `step` ([`bind_random_weights`]
+    /// or [`bind_weights`]); returns the number bound.
+    pub fn bind<S: Step + ?Sized>(&self, step: &mut S, manifest: &Manifest) -> Result<usize, WeightsError> {
+        match self {
+            WeightSource::Random(seed) => bind_random_weights(step, manifest, *seed),
+            WeightSource::Files(files) => bind_weights(step, manifest, files, |_| {}),
+        }
+    }
+}

@@ -14,7 +14,7 @@ use bifurc_runtime::cuda::{CudaStep, KernelTime};
 use bifurc_runtime::manifest::{BufferKind, Manifest};
 use bifurc_runtime::random::random_tensor;
 use bifurc_runtime::session::{DecodeLayout, SampleOptions, Session};
-use bifurc_runtime::weights::{bind_random_weights, bind_weights, weight_buffers, WeightFiles};
+use bifurc_runtime::weights::{weight_buffers, WeightFiles, WeightSource};
 use bifurc_runtime::{Artifact, BoundCaches, HostTensor, Step};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
@@ -194,12 +194,13 @@ fn run(args: &RunArgs) -> Result<()> {
     let (artifact, mut step) = load(&args.ptx, args.device)?;
     let manifest = artifact.manifest.clone();
     let start = Instant::now();
-    let bound = if args.random_weights {
-        bind_random_weights(&mut step, &manifest, args.seed).map_err(|e| e.to_string())?
+    // Files are read once, for the decode step and a prefill step alike.
+    let source = if args.random_weights {
+        WeightSource::Random(args.seed)
     } else {
-        let files = WeightFiles::open(&args.weights).map_err(|e| e.to_string())?;
-        bind_weights(&mut step, &manifest, &files, |_| {}).map_err(|e| e.to_string())?
+        WeightSource::Files(WeightFiles::open(&args.weights).map_err(|e| e.to_string())?)
     };
+    let bound = source.bind(&mut step, &manifest).map_err(|e| e.to_string())?;
     // The prefill step: the same device and weights.
     let mut prefill = match &args.prefill {
         None => None,
@@ -213,12 +214,7 @@ fn run(args: &RunArgs) -> Result<()> {
                     layout.n
                 ));
             }
-            if args.random_weights {
-                bind_random_weights(&mut pre, &pre_artifact.manifest, args.seed).map_err(|e| e.to_string())?;
-            } else {
-                let files = WeightFiles::open(&args.weights).map_err(|e| e.to_string())?;
-                bind_weights(&mut pre, &pre_artifact.manifest, &files, |_| {}).map_err(|e| e.to_string())?;
-            }
+            source.bind(&mut pre, &pre_artifact.manifest).map_err(|e| e.to_string())?;
             Some((pre, layout))
         }
     };
