@@ -21,7 +21,8 @@ pub struct CpuBackend {
     /// Inputs by name; a reserved cache is stored with its capacity's rows.
     bound: HashMap<String, Tensor>,
     rows: RowCaches,
-    /// Outputs of the last run (the new rows to append).
+    /// Outputs of the last run while caches are reserved (the new rows to
+    /// append).
     last: HashMap<String, HostTensor>,
 }
 
@@ -90,7 +91,8 @@ impl Step for CpuBackend {
             self.step.run_with_capacity(dims, &caps, &self.bound).map_err(|e| StepError::Backend(e.to_string()))?;
         let out: HashMap<String, HostTensor> =
             out.into_iter().map(|(k, t)| (k, HostTensor { shape: t.shape, data: t.data })).collect();
-        self.last = out.clone();
+        // Kept only while caches are reserved (append_rows reads them).
+        self.last = if self.rows.is_empty() { HashMap::new() } else { out.clone() };
         Ok(out)
     }
 

@@ -70,6 +70,11 @@ fn geometry(shape: &[usize], axis: usize, capacity: usize) -> RowGeometry {
 }
 
 impl RowCaches {
+    /// Whether no cache is resident.
+    pub fn is_empty(&self) -> bool {
+        self.caches.is_empty()
+    }
+
     /// Whether `name` is resident.
     pub fn contains(&self, name: &str) -> bool {
         self.caches.contains_key(name)

@@ -266,12 +266,13 @@ pub(crate) fn reuse_axes(graph: &Graph, j: usize) -> Option<Vec<usize>> {
             largest = Some((n, x));
         }
     }
-    let (_, mut x) = largest?;
-    let base = traffic(x);
+    let (_, largest) = largest?;
+    let base = traffic(largest);
+    let (mut x, mut best) = (largest, base);
     for y in 0..covered.len() {
         let t = traffic(y);
-        if t.saturating_mul(2) <= base && t < traffic(x) {
-            x = y;
+        if t.saturating_mul(2) <= base && t < best {
+            (x, best) = (y, t);
         }
     }
     let cov = &covered[x].1;

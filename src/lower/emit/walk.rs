@@ -65,13 +65,12 @@ pub(crate) enum Walk {
 /// Contractions summing at least `cooperative_min` elements along the
 /// operands' innermost axis walk [`Walk::Cooperative`] (`None`: never).
 pub(crate) fn walk(graph: &Graph, j: Option<usize>, target: Target, cooperative_min: Option<i64>) -> Walk {
-    let Some(node) = j.and_then(|j| graph.nodes.get(j)) else { return Walk::RowMajor };
+    let Some((j, node)) = j.and_then(|j| Some((j, graph.nodes.get(j)?))) else { return Walk::RowMajor };
     let rank = node.shape.len();
     let cpu = target == Target::Cpu;
     if let Some(axis) = row_axis(&node.op, rank) {
         return Walk::Rows { axis };
     }
-    let j = j.unwrap_or(usize::MAX);
     if let Some(min) = cooperative_min {
         if cooperative_contraction(graph, j, min) {
             let reuse = reuse_axes(graph, j).unwrap_or_default();
