@@ -14,8 +14,11 @@
 #      the same tokens (and the CPU reference's tokens and logits, when carry/
 #      has one), with the decode caches appended on the device and uploaded
 #      from the host                                            -> OUT/{tiny,wide}/
+#   3b. bf16 model (wide16): tensor-core and CUDA-core kernels, baseline and
+#      bifurcated, against the CPU reference's first decode step     -> OUT/wide16/
 #   4. bifurc-run bench, baseline vs bifurcated, b in {1,16,32} x m_c in {2048,8192}
 #                                                               -> OUT/bench/
+#      and the bifurcated step on CUDA cores vs tensor cores     -> OUT/bench-tc/
 #   5. PyTorch, one attention layer of the same shape: SDPA on the batch-expanded
 #      cache vs the paper's einsum form                         -> OUT/torch/
 #   6. OUT/summary.md: everything above in one page.
@@ -171,13 +174,62 @@ for m in tiny wide; do
         --prefill "$carry/$m-prefill.ptx" --out-json "$out/$m/bif-prefill.json"
     step "$m agrees" 20 bash -c "compare_model $m"
 done
+# 3b. bf16 (wide16): the tensor-core kernels (projections, bifurcated context
+# einsums; the prompt is stepped at b = 1, so their row tiles are ragged) and
+# the CUDA-core ones must give the CPU reference's first-step logits within
+# bf16 tolerance (3e-2 norm-relative; tokens are reported).
+compare_bf16() {
+    python3 - "$out/wide16" "$carry/wide16-cpu.json" <<'EOF'
+import json, os, sys
+d, cpu = sys.argv[1], sys.argv[2]
+def rel(a, b):
+    diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    top = max(abs(y) for rb in b for y in rb)
+    return diff / max(top, 1e-6)
+if not os.path.exists(cpu):
+    print("no CPU reference", cpu)
+    sys.exit(1)
+ref = json.load(open(cpu))
+ok = True
+for name in ("bif", "bif-cc", "base"):
+    path = os.path.join(d, name + ".json")
+    if not os.path.exists(path):
+        print(name, ": missing (that run failed)")
+        ok = False
+        continue
+    got = json.load(open(path))
+    r = rel(got["logits"], ref["logits"])
+    print("%-6s vs CPU: logits differ by %.2e (bound 3e-2), tokens equal: %s" % (name, r, got["tokens"] == ref["tokens"]))
+    ok = ok and r <= 3e-2
+sys.exit(0 if ok else 1)
+EOF
+}
+export -f compare_bf16
+if [ -f "$carry/wide16-bif.ptx" ]; then
+    mkdir -p "$out/wide16"
+    bf16_args=(--random-weights --seed 1 --prompt-ids 1,2,3,4,5,6,7,8 --samples 4 --steps 1 --temperature 0 --json --logits)
+    step "wide16 bifurcated (tensor cores)" 30 "$run" run "$carry/wide16-bif.ptx" "${bf16_args[@]}" \
+        --out-json "$out/wide16/bif.json"
+    step "wide16 bifurcated (CUDA cores)" 30 "$run" run "$carry/wide16-bif-cc.ptx" "${bf16_args[@]}" \
+        --out-json "$out/wide16/bif-cc.json"
+    step "wide16 baseline (tensor cores)" 30 "$run" run "$carry/wide16-base.ptx" "${bf16_args[@]}" \
+        --out-json "$out/wide16/base.json"
+    step "wide16 agrees" 20 bash -c compare_bf16
+fi
 step "tiny sampled (T=0.8)" 30 "$run" run "$carry/tiny-bif.ptx" --random-weights --seed 1 --context-len 512 \
     --samples 32 --steps 32 --temperature 0.8 --json --out-json "$out/tiny/sampled.json"
 
 # 4. The bench: both artifacts' whole step at each shape.
 step "bifurc-run bench" 210 "$run" bench \
     --baseline "$carry/$model-base.ptx" --bifurcated "$carry/$model-bif.ptx" \
-    --samples 1,16,32 --context 2048,8192 --repeats 20 --budget-s 150 --out "$out/bench"
+    --samples 1,16,32 --context 2048,8192 --repeats 20 --budget-s 130 --out "$out/bench"
+# Tensor cores: the bifurcated step with every contraction on CUDA cores
+# ("baseline" in that table) against the default (tensor cores).
+if [ -f "$carry/$model-bif-cc.ptx" ]; then
+    step "bench: CUDA cores vs tensor cores" 60 "$run" bench \
+        --baseline "$carry/$model-bif-cc.ptx" --bifurcated "$carry/$model-bif.ptx" \
+        --samples 16,32 --context 8192 --repeats 10 --budget-s 40 --no-profile --out "$out/bench-tc"
+fi
 
 # 5. PyTorch on the same shapes, one attention layer.
 step "torch attention" 100 python3 "$root/scripts/torch_attention_bench.py" \
@@ -208,8 +260,17 @@ step "torch attention" 100 python3 "$root/scripts/torch_attention_bench.py" \
     [ -f "$out/bench/bench.md" ] && sed 's/^# /## /' "$out/bench/bench.md"
     [ -f "$out/bench/bench.csv" ] && [ ! -f "$out/bench/bench.md" ] && { echo '## bench (partial)'; echo '```'; cat "$out/bench/bench.csv"; echo '```'; }
     echo
+    if [ -f "$out/bench-tc/bench.md" ]; then
+        echo "## Tensor cores: 'baseline' = bifurcated on CUDA cores, 'bifurcated' = bifurcated on tensor cores"
+        sed 's/^# /### /;s/^## /### /' "$out/bench-tc/bench.md"
+    fi
+    echo
     [ -f "$out/torch/torch_attention.md" ] && sed 's/^# /## /' "$out/torch/torch_attention.md"
     echo
+    echo "## wide16 model (bf16, first decode step vs the CPU)"
+    echo '```'
+    sed -n "/== wide16 agrees/,/== wide16 agrees: rc/p" "$log" | grep -v '^=='
+    echo '```'
     for m in tiny wide; do
         echo "## $m model (f32, greedy, 4 samples x 16 steps)"
         echo '```'

@@ -8,6 +8,8 @@
 #   carry/llama-2-7b-l2-{base,bif}.ptx    Llama-2-7B shapes, first 2 layers, bf16:
 #   carry/llama-2-7b-l2-{base,bif}.manifest.json   baseline (--no-bifurcate) and
 #                                         bifurcated at b=32, m_c=8192, m_d=256
+#   carry/llama-2-7b-l2-bif-cc.ptx + manifest   the bifurcated step with --no-tensor-cores
+#                                         (every contraction on CUDA cores: the A/B for tensor cores)
 #   carry/llama-2-7b-l2.config.json       the HF config (for the PyTorch bench)
 #   carry/tiny-{base,bif}.ptx + manifests examples/tiny, f32 (a quick correctness check)
 #   carry/wide-{base,bif}.ptx + manifests a 2-layer f32 llama with d_model 1024 (GQA 8/4
@@ -15,7 +17,11 @@
 #                                         for the GPU's cooperative contraction kernels
 #   carry/{tiny,wide}-prefill.ptx + manifests  the same models with 3 new tokens per step
 #                                         (import-hf --new-tokens 3): fill the context by prefill
+#   carry/wide16-{base,bif,bif-cc}.ptx + manifests  `wide` in bf16: its projections and
+#                                         bifurcated context einsums run on tensor cores (bif-cc:
+#                                         --no-tensor-cores)
 #   carry/{tiny,wide}-cpu.json            the CPU backend's greedy tokens and last logits
+#   carry/wide16-cpu.json                 the CPU backend's first decode step (tokens, logits), bf16
 #   carry/CARRY.txt                       what was built, from which commit
 #
 #   scripts/prepare-gpu-carry.sh [CARRY_DIR]      (default: carry)
@@ -59,6 +65,8 @@ step "$model: import (bf16) and compile baseline + bifurcated"
 "$bifurc" import-hf examples/llama-2-7b/config.json --layers "$layers" --dtype bf16 -o "$carry/$model.model.json"
 "$bifurc" compile "$carry/$model.model.json" --no-bifurcate -o "$carry/$model-base.ptx"
 "$bifurc" compile "$carry/$model.model.json" --shape b=32,m_c=8192,m_d=256 -o "$carry/$model-bif.ptx"
+"$bifurc" compile "$carry/$model.model.json" --shape b=32,m_c=8192,m_d=256 --no-tensor-cores \
+    -o "$carry/$model-bif-cc.ptx"
 cp examples/llama-2-7b/config.json "$carry/$model.config.json"
 
 step "tiny (f32): baseline + bifurcated"
@@ -81,6 +89,12 @@ JSON
 "$bifurc" import-hf "$carry/wide.config.json" --new-tokens 3 -o "$carry/wide-prefill.model.json"
 "$bifurc" compile "$carry/wide-prefill.model.json" -o "$carry/wide-prefill.ptx"
 
+step "wide16 (wide in bf16): baseline + bifurcated, tensor cores on and off"
+"$bifurc" import-hf "$carry/wide.config.json" --dtype bf16 -o "$carry/wide16.model.json"
+"$bifurc" compile "$carry/wide16.model.json" --no-bifurcate -o "$carry/wide16-base.ptx"
+"$bifurc" compile "$carry/wide16.model.json" -o "$carry/wide16-bif.ptx"
+"$bifurc" compile "$carry/wide16.model.json" --no-tensor-cores -o "$carry/wide16-bif-cc.ptx"
+
 if [ -n "${BIFURC_PTXAS:-}" ]; then
     step "ptxas (sm_90)"
     for ptx in "$carry"/*.ptx; do
@@ -96,6 +110,12 @@ for m in tiny wide; do
     mv "$carry/$m-cpu.json.tmp" "$carry/$m-cpu.json"
     echo "wrote $carry/$m-cpu.json"
 done
+
+step "CPU reference: first decode step of the bf16 wide16 model"
+"$bifurc" run "$carry/wide16-bif.ptx" --device cpu --random-weights --seed 1 --prompt-ids 1,2,3,4,5,6,7,8 \
+    --samples 4 --steps 1 --temperature 0 --json --logits >"$carry/wide16-cpu.json.tmp"
+mv "$carry/wide16-cpu.json.tmp" "$carry/wide16-cpu.json"
+echo "wrote $carry/wide16-cpu.json"
 
 {
     echo "built: $(date -u +%FT%TZ) on $(uname -n)"

@@ -116,6 +116,11 @@ enum Command {
         /// Compile the graph as given, without bifurcating attention.
         #[arg(long)]
         no_bifurcate: bool,
+        /// Run every contraction on CUDA cores. By default a bf16 / f16 contraction with at
+        /// least 8 rows on its smaller side at the shape point (the projections, the context
+        /// einsums of bifurcated attention) runs on tensor cores (mma.sync, f32 accumulation).
+        #[arg(long)]
+        no_tensor_cores: bool,
         /// Storage dtype of every float input and node (default: as in model.json).
         #[arg(long)]
         dtype: Option<DtypeArg>,
@@ -401,8 +406,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("wrote {}", output.display());
         }
-        Command::Compile { model, output, target, shape, no_bifurcate, dtype, emit, libdevice } => {
-            compile(&model, output.as_deref(), target, shape, no_bifurcate, dtype, emit, libdevice)?;
+        Command::Compile { model, output, target, shape, no_bifurcate, no_tensor_cores, dtype, emit, libdevice } => {
+            compile(&model, output.as_deref(), target, shape, no_bifurcate, no_tensor_cores, dtype, emit, libdevice)?;
         }
         Command::Bench { model, samples, context, decoded, repeats, optimize_at, seed, out } => {
             let graph = load(&model)?;
@@ -501,6 +506,7 @@ fn compile(
     target: ChipArg,
     shape: Option<String>,
     no_bifurcate: bool,
+    no_tensor_cores: bool,
     dtype: Option<DtypeArg>,
     emit: Option<EmitArg>,
     libdevice: Option<PathBuf>,
@@ -515,6 +521,7 @@ fn compile(
         target,
         point: ShapePoint::parse(shape.as_deref().unwrap_or(""))?,
         bifurcate: !no_bifurcate,
+        tensor_cores: !no_tensor_cores,
         dtype: dtype.map(Into::into),
         libdevice,
         ..Default::default()

@@ -19,7 +19,7 @@ use bifurc::hf::{build, HfOptions};
 use bifurc::inspect::ShapePoint;
 use bifurc::interp::{random_inputs, run, Tensor};
 use bifurc::ir::{DType, Graph};
-use bifurc::lower::{emit, emit_emulating_gpu, plan, CpuStep, Emulation, Target};
+use bifurc::lower::{emit, emit_emulating_gpu, plan, plan_with, CpuStep, Emulation, Target};
 use bifurc::optimize::{optimize, Options};
 
 const F32_TOL: f32 = 1e-4;
@@ -439,5 +439,38 @@ fn gpu_block_kernels_emulated_match_interpreter() {
             let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{name}: {e}"));
             check_step(&format!("{name}, {lanes} lanes"), &g, &step, &points, tol);
         }
+    }
+}
+
+/// Tensor-core contractions (bf16 / f16 operands; see `bifurc::lower::mma`)
+/// run on the CPU the GPU's way: 16 × 8 output tiles, eight warps splitting
+/// the reduction in steps of 16, each lane's `mma.sync` fragments scattered
+/// into the tile by the PTX fragment layout, partials added in warp order.
+/// Shapes leave every tile ragged: samples past 16 (two row tiles, the
+/// second nearly empty), context lengths that are not multiples of 8 or 16
+/// (the context einsums' columns and the w·V reduction), head dim 8 (a
+/// reduction shorter than one step), an empty decode cache.
+#[test]
+fn tensor_core_kernels_emulated_match_interpreter() {
+    let points = vec![
+        point(&[("b", 1), ("m_c", 3), ("m_d", 0)]),
+        point(&[("b", 17), ("m_c", 33), ("m_d", 5)]),
+        point(&[("b", 3), ("m_c", 16), ("m_d", 1)]),
+    ];
+    let at = "b=32,m_c=4096,m_d=64";
+    let cases: Vec<(&str, Graph, usize)> = vec![
+        ("bf16 llama gqa (bifurcated)", bifurcated(&from_config(LLAMA_GQA, Some(DType::BF16)), at), 2 * 8 + 1),
+        ("f16 gpt2 (bifurcated)", bifurcated(&from_config(GPT2_MHA, Some(DType::F16)), at), 2 * 6 + 1),
+        ("bf16 llama gqa", from_config(LLAMA_GQA, Some(DType::BF16)), 2 * 7 + 1),
+    ];
+    for (name, g, want) in cases {
+        let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
+        let mma: Vec<&str> = program.kernels.iter().filter(|k| k.mma.is_some()).map(|k| k.name.as_str()).collect();
+        assert_eq!(mma.len(), want, "{name}: tensor-core kernels {mma:?}");
+        let off = plan_with(&g, false).unwrap_or_else(|e| panic!("{e}"));
+        assert!(off.kernels.iter().all(|k| k.mma.is_none()), "{name}: tensor cores off");
+        let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
+        let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{name}: {e}"));
+        check_step(name, &g, &step, &points, BF16_TOL);
     }
 }

@@ -388,3 +388,50 @@ fn artifact_writes_are_atomic() {
     assert_eq!(names(&dir).len(), 5);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A bf16 grouped-query llama (2 layers, head dim 64), bifurcated: its
+/// projections and context einsums run on tensor cores, one block per
+/// 16 × 8 output tile; `tensor_cores: false` keeps them on CUDA cores. The
+/// MLIR of the context scores einsum is snapshotted (review it as generated
+/// code: fragment loads, `nvvm.mma.sync`, the shared-memory combine).
+#[test]
+fn tensor_core_kernels() {
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
+    let config = r#"{"model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 128,
+      "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "max_position_embeddings": 512}"#;
+    let options = bifurc::hf::HfOptions { dtype: Some(bifurc::ir::DType::BF16), ..Default::default() };
+    let doc = bifurc::hf::build(config, &options).unwrap();
+    let graph = bifurc::import::from_value(&doc).unwrap();
+    let o = opts(&libdevice, GpuTarget::Sm90, "");
+    let artifact = compile(&graph, &o).unwrap();
+    let tiles: Vec<(&str, String)> = artifact
+        .manifest
+        .kernels
+        .iter()
+        .filter(|k| k.op == "einsum" || k.op == "matmul")
+        .map(|k| (k.name.as_str(), k.grid[0].to_string()))
+        .collect();
+    let want = [
+        ("k3_l0_attn_q_proj", "32*ceil((b)/16)"),
+        ("k4_l0_attn_k_proj", "16*ceil((b)/16)"),
+        ("k5_l0_attn_v_proj", "16*ceil((b)/16)"),
+        ("k8_l0_attn_scores_einsum1", "2*ceil((2*b)/16)*ceil((m_c)/8)"),
+        ("k9_l0_attn_scores_einsum2", "ceil((4*b*m_d)/256)"),
+        ("k12_l0_attn_context_einsum1", "16*ceil((2*b)/16)"),
+        ("k46_logits", "16*ceil((b)/16)"),
+    ];
+    for (name, grid) in want {
+        assert!(tiles.iter().any(|(n, g)| *n == name && g == grid), "{name}: want grid {grid}, kernels {tiles:?}");
+    }
+    assert!(artifact.ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+    let start = artifact.mlir.find("gpu.func @k8_l0_attn_scores_einsum1(").expect("the kernel");
+    let end = start + artifact.mlir[start..].find("gpu.return").expect("its end");
+    insta::assert_snapshot!("tensor_core_scores_einsum", &artifact.mlir[start..end]);
+
+    let off = compile(&graph, &CompileOptions { tensor_cores: false, ..o }).unwrap();
+    assert!(!off.mlir.contains("nvvm.mma.sync") && !off.ptx.contains("mma.sync"), "tensor cores off");
+    let grid =
+        off.manifest.kernels.iter().find(|k| k.name == "k8_l0_attn_scores_einsum1").map(|k| k.grid[0].to_string());
+    assert_eq!(grid.as_deref(), Some("ceil((4*b*m_c)/256)"));
+}

@@ -17,7 +17,7 @@ use bifurc_runtime::manifest::{
 
 use super::gpu::{find_libdevice, gpu_pipeline, to_shared_ptx, GpuTarget};
 use super::kernel_bytes::{kernel_bytes, KernelBytes};
-use super::{emit, plan, BufferKind, LowerError, Param, Program, Target};
+use super::{emit, plan_with, BufferKind, LowerError, Param, Program, Target};
 use crate::inspect::{bytes_moved, find_sites, Bytes, ShapePoint};
 use crate::ir::{shape::numel, DType, Graph, OutputRole, Poly, Role};
 use crate::optimize::{optimize, Limits, OptReport, Options};
@@ -39,6 +39,8 @@ pub struct CompileOptions {
     pub libdevice: Option<PathBuf>,
     /// Optimizer limits.
     pub limits: Limits,
+    /// Run bf16 / f16 contractions on tensor cores (see [`crate::lower::mma`]).
+    pub tensor_cores: bool,
 }
 
 impl Default for CompileOptions {
@@ -50,6 +52,7 @@ impl Default for CompileOptions {
             dtype: None,
             libdevice: None,
             limits: Limits::default(),
+            tensor_cores: true,
         }
     }
 }
@@ -114,7 +117,7 @@ pub fn prepare(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, Option<Op
 /// GPU. Returns the lowered graph and the kernel module's text.
 pub fn lower_mlir(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, String), CompileError> {
     let (lowered, _) = prepare(graph, opts)?;
-    let program = plan(&lowered)?;
+    let program = plan_with(&lowered, opts.tensor_cores)?;
     let mlir = emit(&lowered, &program, Target::Gpu)?;
     Ok((lowered, mlir))
 }
@@ -124,7 +127,7 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<Artifact, Compile
     let libdevice = find_libdevice(opts.libdevice.as_deref())?;
     let (lowered, report) = prepare(graph, opts)?;
     let point = opts.point.for_graph(&lowered)?;
-    let program = plan(&lowered)?;
+    let program = plan_with(&lowered, opts.tensor_cores)?;
     let mlir = emit(&lowered, &program, Target::Gpu)?;
     let shared = to_shared_ptx(&mlir, opts.target, &libdevice)?;
     // Bytes before: the input graph as given (re-typed), at the same point.
@@ -248,7 +251,22 @@ fn build_manifest(
         let fail = |message: String| CompileError::KernelBytes { kernel: kernel.name.clone(), message };
         let total = bytes.total().map_err(fail)?;
         let at_point = graph.dims.eval(&total, &point.0).map_err(|e| fail(e.to_string()))?;
-        let threads = kernel.gpu_threads(BLOCK_SIZE)?;
+        // A cooperative kernel: one block per item; a tensor-core kernel:
+        // one block per output tile.
+        let (extent, grid) = match &kernel.mma {
+            Some(mma) => {
+                let tiles = mma.tiles();
+                match tiles.parse::<i64>() {
+                    Ok(t) => (Size::Int(t * BLOCK_SIZE), Size::Int(t)),
+                    Err(_) => (Size::Expr(format!("{BLOCK_SIZE}*{tiles}")), Size::Expr(tiles)),
+                }
+            }
+            None => {
+                let threads = kernel.gpu_threads(BLOCK_SIZE)?;
+                let grid = if kernel.cooperative { size(&kernel.extent) } else { grid_size(&threads) };
+                (size(&threads), grid)
+            }
+        };
         let entry = entries
             .get(&kernel.name)
             .ok_or_else(|| LowerError::Ptx(format!("kernel `{}` has no .entry in the compiled module", kernel.name)))?;
@@ -274,13 +292,8 @@ fn build_manifest(
                 .collect(),
             reads: kernel.reads.iter().map(|&i| program.buffers[i].name.clone()).collect(),
             writes: program.buffers[kernel.writes].name.clone(),
-            extent: size(&threads),
-            // A cooperative kernel: one block per item.
-            grid: [
-                if kernel.cooperative { size(&kernel.extent) } else { grid_size(&threads) },
-                Size::Int(1),
-                Size::Int(1),
-            ],
+            extent,
+            grid: [grid, Size::Int(1), Size::Int(1)],
             block: [Size::Int(BLOCK_SIZE), Size::Int(1), Size::Int(1)],
             bytes: byte_exprs(bytes, &total),
             bytes_at_point: at_point,

@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ir::{shape::numel, DType, Graph, Op, OutputRole, Poly, Role, Value};
 
+use super::mma::{mma_form, Mma};
 use super::LowerError;
 
 /// What a buffer holds.
@@ -110,6 +111,9 @@ pub struct Kernel {
     /// computing the outputs along the reuse axes in turn). See
     /// [`Kernel::gpu_threads`].
     pub cooperative: bool,
+    /// On the GPU, a tensor-core contraction: one block per 16 × 8 output
+    /// tile (see [`crate::lower::mma`]; `cooperative` is then false).
+    pub mma: Option<Mma>,
     /// Every runtime dim (graph order), then the capacity of every pitched
     /// buffer's dim among `reads` (graph order of the dims), then `reads`,
     /// then `writes`.
@@ -170,18 +174,10 @@ pub(crate) fn row_axis(op: &Op, rank: usize) -> Option<usize> {
     }
 }
 
-/// Runtime dims at which contraction operands are compared (others: 64).
-const TYPICAL: &[(&str, i64)] = &[("b", 32), ("m_c", 8192), ("m_d", 256)];
-const TYPICAL_OTHER: i64 = 64;
-
-/// The output axes (of size other than 1) of contraction node `j` that its
-/// largest operand does not index — its *reuse* axes: the outputs along
-/// them read the same slice of that operand (for `x · Wᵀ` the samples, for
-/// the context einsums of bifurcated attention `b, p, n`). "Largest" is by
-/// elements at a typical point ([`TYPICAL`]), unless streaming another
-/// operand reads at most half as many elements (see the comment inside).
-/// `None` for a node that is not an einsum or matmul.
-pub(crate) fn reuse_axes(graph: &Graph, j: usize) -> Option<Vec<usize>> {
+/// For each operand of contraction node `j` (einsum, matmul): the value and,
+/// per output axis, whether the operand indexes it (a matmul operand's
+/// broadcast size-1 batch axis does not). `None` for any other node.
+pub(crate) fn coverage(graph: &Graph, j: usize) -> Option<Vec<(Value, Vec<bool>)>> {
     let node = graph.nodes.get(j)?;
     let rank = node.shape.len();
     let covered: Vec<(Value, Vec<bool>)> = match &node.op {
@@ -213,7 +209,16 @@ pub(crate) fn reuse_axes(graph: &Graph, j: usize) -> Option<Vec<usize>> {
             .collect(),
         _ => return None,
     };
-    let point: BTreeMap<String, i64> = graph
+    Some(covered)
+}
+
+/// Runtime dims at which contraction operands are compared (others: 64).
+const TYPICAL: &[(&str, i64)] = &[("b", 32), ("m_c", 8192), ("m_d", 256)];
+const TYPICAL_OTHER: i64 = 64;
+
+/// Every runtime dim at its [`TYPICAL`] value.
+pub(crate) fn typical_point(graph: &Graph) -> BTreeMap<String, i64> {
+    graph
         .dims
         .runtime
         .iter()
@@ -221,7 +226,21 @@ pub(crate) fn reuse_axes(graph: &Graph, j: usize) -> Option<Vec<usize>> {
             let v = TYPICAL.iter().find(|(n, _)| n == d).map_or(TYPICAL_OTHER, |(_, v)| *v);
             (d.clone(), v)
         })
-        .collect();
+        .collect()
+}
+
+/// The output axes (of size other than 1) of contraction node `j` that its
+/// largest operand does not index — its *reuse* axes: the outputs along
+/// them read the same slice of that operand (for `x · Wᵀ` the samples, for
+/// the context einsums of bifurcated attention `b, p, n`). "Largest" is by
+/// elements at a typical point ([`TYPICAL`]), unless streaming another
+/// operand reads at most half as many elements (see the comment inside).
+/// `None` for a node that is not an einsum or matmul.
+pub(crate) fn reuse_axes(graph: &Graph, j: usize) -> Option<Vec<usize>> {
+    let node = graph.nodes.get(j)?;
+    let rank = node.shape.len();
+    let covered = coverage(graph, j)?;
+    let point = typical_point(graph);
     let elements = |v: Value| -> i64 {
         numel(&graph.dims, graph.shape_of(v)).ok().and_then(|p| graph.dims.eval(&p, &point).ok()).unwrap_or(0)
     };
@@ -435,8 +454,15 @@ fn shape_of(graph: &Graph, shape: &[Poly], what: &str) -> Result<Vec<Poly>, Lowe
         .collect()
 }
 
-/// Plans `graph` (see the module doc). Deterministic.
+/// Plans `graph` (see the module doc) with tensor-core contractions where
+/// they apply. Deterministic.
 pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
+    plan_with(graph, true)
+}
+
+/// [`plan`], with `tensor_cores` off: no kernel gets an [`Mma`] form (every
+/// contraction runs on CUDA cores).
+pub fn plan_with(graph: &Graph, tensor_cores: bool) -> Result<Program, LowerError> {
     let kinds = classify(graph);
     let mut buffers = Vec::new();
     for inp in &graph.inputs {
@@ -503,8 +529,10 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
         if let Some(axis) = row.filter(|&a| a < threads.len()) {
             threads.remove(axis);
         }
-        let cooperative =
-            row.is_some() || node_index.is_some_and(|j| cooperative_contraction(graph, j, COOPERATIVE_MIN));
+        let dtypes: Vec<DType> = reads.iter().map(|&r| buffers[r].dtype).collect();
+        let mma = node_index.filter(|_| tensor_cores && row.is_none()).and_then(|j| mma_form(graph, j, &dtypes));
+        let cooperative = row.is_some()
+            || (mma.is_none() && node_index.is_some_and(|j| cooperative_contraction(graph, j, COOPERATIVE_MIN)));
         if let Some(reuse) = node_index.filter(|_| row.is_none() && cooperative).and_then(|j| reuse_axes(graph, j)) {
             threads = threads.iter().enumerate().filter(|(a, _)| !reuse.contains(a)).map(|(_, p)| p.clone()).collect();
         }
@@ -525,6 +553,7 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
             writes,
             extent,
             cooperative,
+            mma,
             params,
         });
         Ok(())

@@ -278,13 +278,25 @@ impl Builder {
         ty: &str,
     ) -> (Vec<String>, String, Vec<String>) {
         let c0 = self.index(0);
+        self.open_for_typed_from(&c0, ub, step, inits, ty)
+    }
+
+    /// [`Builder::open_for_typed`] from `lb`.
+    pub(crate) fn open_for_typed_from(
+        &mut self,
+        lb: &str,
+        ub: &str,
+        step: &str,
+        inits: &[String],
+        ty: &str,
+    ) -> (Vec<String>, String, Vec<String>) {
         let (r, j) = (self.fresh(), self.fresh());
         let accs: Vec<String> = inits.iter().map(|_| self.fresh()).collect();
         let args: Vec<String> = accs.iter().zip(inits).map(|(a, i)| format!("{a} = {i}")).collect();
         let tys = vec![ty; inits.len()].join(", ");
         let n = inits.len();
         self.line(&format!(
-            "{r}:{n} = scf.for {j} = {c0} to {ub} step {step} iter_args({}) -> ({tys}) {{",
+            "{r}:{n} = scf.for {j} = {lb} to {ub} step {step} iter_args({}) -> ({tys}) {{",
             args.join(", ")
         ));
         self.depth += 1;

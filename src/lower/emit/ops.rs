@@ -171,11 +171,6 @@ impl Kc<'_> {
         if sa.len() < 2 || sb.len() < 2 || r < 2 || sa.len() > r || sb.len() > r || idxs.iter().any(|i| i.len() != r) {
             return Err(LowerError::Unsupported { node: self.kernel.to_owned(), message: "matmul ranks".into() });
         }
-        let batch = |kc: &mut Self, shape: &[Poly], idx: &[String]| -> Vec<String> {
-            let rb = shape.len() - 2;
-            let lead = (r - 2) - rb;
-            (0..rb).map(|t| if kc.is_one(&shape[t]) { kc.b.index(0) } else { idx[lead + t].clone() }).collect()
-        };
         let kdim = self.sizes(&sa[sa.len() - 1..])?.remove(0);
         let zero = self.b.f32(0.0);
         let (res, kk, accs) = self.reduction_for(&kdim, &vec![zero; idxs.len()]);
@@ -183,9 +178,9 @@ impl Kc<'_> {
         let mut nexts = Vec::with_capacity(idxs.len());
         for (idx, acc) in idxs.iter().zip(&accs) {
             let (m, n) = (idx[r - 2].clone(), idx[r - 1].clone());
-            let mut ia = batch(self, &sa, idx);
+            let mut ia = self.matmul_batch_index(&sa, idx);
             ia.extend([m, kk.clone()]);
-            let mut ib = batch(self, &sb, idx);
+            let mut ib = self.matmul_batch_index(&sb, idx);
             if transpose_b {
                 ib.extend([n, kk.clone()]);
             } else {
@@ -197,6 +192,14 @@ impl Kc<'_> {
         }
         self.b.close_for_n(&nexts);
         Ok(self.reduction_combine(res))
+    }
+
+    /// The batch part of the index of a matmul operand of `shape` at output
+    /// index `idx` (numpy broadcasting: right-aligned, size-1 axes read 0).
+    pub(crate) fn matmul_batch_index(&mut self, shape: &[Poly], idx: &[String]) -> Vec<String> {
+        let rb = shape.len().saturating_sub(2);
+        let lead = idx.len().saturating_sub(2).saturating_sub(rb);
+        (0..rb).map(|t| if self.is_one(&shape[t]) { self.b.index(0) } else { idx[lead + t].clone() }).collect()
     }
 
     /// The loop of a contraction's sum (one accumulator per `inits`): over
@@ -223,7 +226,12 @@ impl Kc<'_> {
 
     /// The index of an einsum operand with subscripts `subs`: each letter's
     /// index in `env` (output and summed letters bound so far).
-    fn operand_index(&self, j: usize, subs: &[char], env: &[(char, String)]) -> Result<Vec<String>, LowerError> {
+    pub(crate) fn operand_index(
+        &self,
+        j: usize,
+        subs: &[char],
+        env: &[(char, String)],
+    ) -> Result<Vec<String>, LowerError> {
         subs.iter()
             .map(|s| {
                 let i = env.iter().find(|(l, _)| l == s).map(|(_, i)| i.clone());

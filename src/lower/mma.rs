@@ -1,0 +1,135 @@
+//! Tensor-core contractions: which einsum / matmul kernels the GPU runs
+//! with warp-level `mma.sync` (m16n8k16, bf16 or f16 operands, f32
+//! accumulation), and how their output splits into a batch of GEMMs.
+//!
+//! A contraction of two operands, both stored (through views) as bf16 or
+//! both as f16, that sums exactly one letter indexed by both, is
+//! `out[batch, m, n] = Σ_k A[batch, m, k] · B[batch, n, k]`: its output
+//! axes split into **batch** (indexed by both operands, or by neither),
+//! **m** (only by A) and **n** (only by B). A is the operand whose own
+//! axes span fewer outputs at the typical point (the samples: `b` for a
+//! projection `x · Wᵀ`, `b·p·n` for the context einsums of bifurcated
+//! attention), B the other (the weights, the shared context cache).
+//!
+//! It is taken when the m side fills at least half a tile at the typical
+//! point ([`MIN_M`]): with one row (the baseline's attention over a
+//! per-sample cache) a tile would load 16 rows to use one, and CUDA cores
+//! do better. Products of bf16 / f16 values are exact in f32, so the
+//! result differs from the CUDA-core kernel only by summation order.
+//!
+//! Launch (see `emit::mma`): one block of [`WARPS`] warps per
+//! 16 × 8 output tile (grid = tiles), the warps splitting the reduction in
+//! steps of 16 and adding their partial tiles through shared memory.
+
+use crate::ir::{shape::numel, DType, Graph, Op, Poly};
+
+use super::plan::{coverage, typical_point};
+
+/// Rows (m) of one output tile.
+pub const TILE_M: i64 = 16;
+/// Columns (n) of one output tile.
+pub const TILE_N: i64 = 8;
+/// Reduction elements of one `mma.sync`.
+pub const TILE_K: i64 = 16;
+/// Warps of a block: each takes every `WARPS`-th step of the reduction.
+pub const WARPS: i64 = 8;
+/// Least m (rows of A) at the typical point for a tensor-core kernel.
+pub const MIN_M: i64 = 8;
+
+/// A contraction run on tensor cores (see the module doc).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mma {
+    /// Position of A (the rows operand) among the node's inputs.
+    pub a: usize,
+    /// Position of B (the columns operand).
+    pub b: usize,
+    /// Output axes of each group, in output order.
+    pub batch: Vec<usize>,
+    pub m: Vec<usize>,
+    pub n: Vec<usize>,
+    /// Elements of each group (runtime dims only) and the reduction length.
+    pub batch_size: Poly,
+    pub m_size: Poly,
+    pub n_size: Poly,
+    pub k_size: Poly,
+    /// The operands' element type: bf16 or f16.
+    pub dtype: DType,
+}
+
+impl Mma {
+    /// Output tiles, one block each: `ceil(m/16) * ceil(n/8) * batch`, as a
+    /// manifest size expression (an integer when every part is constant).
+    pub fn tiles(&self) -> String {
+        let mut coeff = 1i64;
+        let mut parts = Vec::new();
+        for (p, d) in [(&self.batch_size, 1), (&self.m_size, TILE_M), (&self.n_size, TILE_N)] {
+            match p.as_constant() {
+                Some(c) => coeff = coeff.saturating_mul((c + d - 1).div_euclid(d)),
+                None if d == 1 => parts.push(format!("({p})")),
+                None => parts.push(format!("ceil(({p})/{d})")),
+            }
+        }
+        if coeff != 1 || parts.is_empty() {
+            parts.insert(0, coeff.to_string());
+        }
+        parts.join("*")
+    }
+}
+
+/// The tensor-core form of contraction node `j` whose kernel reads buffers
+/// of `dtypes` (through views), if it has one (see the module doc).
+pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType]) -> Option<Mma> {
+    let dtype = *dtypes.first()?;
+    if !matches!(dtype, DType::BF16 | DType::F16) || dtypes.iter().any(|&d| d != dtype) {
+        return None;
+    }
+    let node = graph.nodes.get(j)?;
+    let k_size = match (&node.op, node.inputs.as_slice()) {
+        (Op::MatMul { .. }, [x, _]) => graph.shape_of(*x).last()?.clone(),
+        (Op::Einsum(spec), [x, _]) if spec.inputs.len() == 2 => {
+            let mut reduced: Vec<char> =
+                spec.inputs.iter().flatten().copied().filter(|c| !spec.output.contains(c)).collect();
+            reduced.sort_unstable();
+            reduced.dedup();
+            let [c] = reduced.as_slice() else { return None };
+            let once = |subs: &[char]| subs.iter().filter(|s| *s == c).count() == 1;
+            if !spec.inputs.iter().all(|subs| once(subs)) {
+                return None;
+            }
+            let at = spec.inputs[0].iter().position(|s| s == c)?;
+            graph.shape_of(*x).get(at)?.clone()
+        }
+        _ => return None,
+    };
+    let covered = coverage(graph, j)?;
+    let [(_, c0), (_, c1)] = covered.as_slice() else { return None };
+    let rank = node.shape.len();
+    let group = |f: &dyn Fn(usize) -> bool| -> Vec<usize> { (0..rank).filter(|&a| f(a)).collect() };
+    let only0 = group(&|a| c0[a] && !c1[a]);
+    let only1 = group(&|a| c1[a] && !c0[a]);
+    let batch = group(&|a| c0[a] == c1[a]);
+    let size = |axes: &[usize]| -> Option<Poly> {
+        let shape: Vec<Poly> = axes.iter().map(|&a| node.shape[a].clone()).collect();
+        numel(&graph.dims, &shape).ok()
+    };
+    let point = typical_point(graph);
+    let at_point = |p: &Poly| graph.dims.eval(p, &point).ok();
+    let (s0, s1) = (size(&only0)?, size(&only1)?);
+    let (a, b, m, n, m_size, n_size) =
+        if at_point(&s1)? < at_point(&s0)? { (1, 0, only1, only0, s1, s0) } else { (0, 1, only0, only1, s0, s1) };
+    if at_point(&m_size)? < MIN_M {
+        return None;
+    }
+    Some(Mma {
+        a,
+        b,
+        batch_size: size(&batch)?,
+        batch,
+        m,
+        n,
+        m_size,
+        n_size,
+        k_size: graph.dims.normalize(&k_size).ok()?,
+        dtype,
+    })
+}
