@@ -459,7 +459,7 @@ fn tensor_core_kernels_emulated_match_interpreter() {
     ];
     let at = "b=32,m_c=4096,m_d=64";
     let cases: Vec<(&str, Graph, usize)> = vec![
-        ("bf16 llama gqa (bifurcated)", bifurcated(&from_config(LLAMA_GQA, Some(DType::BF16)), at), 2 * 8 + 1),
+        ("bf16 llama gqa (bifurcated)", bifurcated(&from_config(LLAMA_GQA, Some(DType::BF16)), at), 2 * 9 + 1),
         ("f16 gpt2 (bifurcated)", bifurcated(&from_config(GPT2_MHA, Some(DType::F16)), at), 2 * 6 + 1),
         ("bf16 llama gqa", from_config(LLAMA_GQA, Some(DType::BF16)), 2 * 7 + 1),
     ];
@@ -472,5 +472,62 @@ fn tensor_core_kernels_emulated_match_interpreter() {
         let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
         let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{name}: {e}"));
         check_step(name, &g, &step, &points, BF16_TOL);
+    }
+}
+
+/// Tensor-core forms beyond attention and `x · Wᵀ`, each against the
+/// interpreter (emulated warp, as above): numpy matmul with a broadcast
+/// batch and without `transpose_b` (B read across rows), a batched
+/// `transpose_b` matmul, an einsum whose row and column axes interleave in
+/// the output, one summing its first axis; A is the second operand in those
+/// and the first in the last one. Reductions of 20 (a ragged last step).
+#[test]
+fn tensor_core_forms_match_interpreter() {
+    let text = r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["m"], "constants": {"k": 20}},
+      "inputs": [
+        {"name": "x", "role": "activation", "shape": ["m", 3, "k"], "dtype": "bf16"},
+        {"name": "w", "role": "weight", "shape": ["k", 24], "dtype": "bf16"},
+        {"name": "a", "role": "activation", "shape": [2, "m", "k"], "dtype": "bf16"},
+        {"name": "b", "role": "weight", "shape": [2, 24, "k"], "dtype": "bf16"},
+        {"name": "p", "role": "activation", "shape": ["m", 4, "k"], "dtype": "bf16"},
+        {"name": "q", "role": "weight", "shape": [5, 3, "k"], "dtype": "bf16"},
+        {"name": "r", "role": "activation", "shape": ["k", "m", 4], "dtype": "bf16"},
+        {"name": "s", "role": "weight", "shape": ["k", 10], "dtype": "bf16"},
+        {"name": "big", "role": "weight", "shape": [40, "k"], "dtype": "bf16"},
+        {"name": "t", "role": "activation", "shape": ["m", 2, "k"], "dtype": "bf16"}],
+      "nodes": [
+        {"id": "mm", "op": "matmul", "inputs": ["x", "w"], "dtype": "f32"},
+        {"id": "bmm", "op": "matmul", "inputs": ["a", "b"], "attrs": {"transpose_b": true}, "dtype": "f32"},
+        {"id": "mix", "op": "einsum", "inputs": ["p", "q"], "attrs": {"spec": "abk,cdk->acbd"}, "dtype": "f32"},
+        {"id": "first", "op": "einsum", "inputs": ["r", "s"], "attrs": {"spec": "kab,kc->abc"}, "dtype": "f32"},
+        {"id": "swap", "op": "einsum", "inputs": ["big", "t"], "attrs": {"spec": "nk,mik->min"}, "dtype": "f32"}],
+      "outputs": [{"name": "mm", "node": "mm"}, {"name": "bmm", "node": "bmm"}, {"name": "mix", "node": "mix"},
+                  {"name": "first", "node": "first"}, {"name": "swap", "node": "swap"}]}"#;
+    let g = bifurc::import::parse(text).unwrap_or_else(|e| panic!("{e}"));
+    let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
+    let forms: Vec<(&str, usize)> =
+        program.kernels.iter().map(|k| (k.node.as_str(), k.mma.as_ref().map_or(9, |m| m.a))).collect();
+    // A is the side with fewer rows at the typical point (m = 64).
+    assert_eq!(forms, [("mm", 1), ("bmm", 1), ("mix", 1), ("first", 1), ("swap", 0)], "A operands");
+    let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
+    let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{e}"));
+    let points: Vec<_> = [1, 5, 17].iter().map(|&m| point(&[("m", m)])).collect();
+    // Inputs rounded to bf16 first (the interpreter does not emulate
+    // storage precision): the outputs then differ by summation order alone.
+    let bf16 = |x: f32| {
+        let b = x.to_bits();
+        f32::from_bits(((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16)
+    };
+    for p in &points {
+        let mut inputs = random_inputs(&g, p, 17).unwrap_or_else(|e| panic!("{e}"));
+        for t in inputs.values_mut() {
+            t.data.iter_mut().for_each(|x| *x = bf16(*x));
+        }
+        let want = run(&g, p, &inputs).unwrap_or_else(|e| panic!("{e}"));
+        let got = step.run(p, &inputs).unwrap_or_else(|e| panic!("{e}"));
+        for (out, w) in &want {
+            let err = norm_rel(&got[out], w);
+            assert!(err <= 1e-5, "tensor-core forms: `{out}` at {p:?}: norm-relative error {err:e}");
+        }
     }
 }

@@ -419,6 +419,8 @@ fn tensor_core_kernels() {
         ("k8_l0_attn_scores_einsum1", "2*ceil((2*b)/16)*ceil((m_c)/8)"),
         ("k9_l0_attn_scores_einsum2", "ceil((4*b*m_d)/256)"),
         ("k12_l0_attn_context_einsum1", "16*ceil((2*b)/16)"),
+        // It reads the heads' context rounded to bf16 by the last add.
+        ("k16_l0_attn_o_proj", "32*ceil((b)/16)"),
         ("k46_logits", "16*ceil((b)/16)"),
     ];
     for (name, grid) in want {

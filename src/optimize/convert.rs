@@ -153,16 +153,22 @@ pub fn from_solution(graph: &Graph, sol: &Solution) -> Result<Graph, ConvertErro
         // Partial results the rewrite introduces (an einsum per part, the adds
         // that sum them) stay in f32 in a half-precision graph, so the split
         // does not round where the original accumulated in one piece; the
-        // node that takes the original value back rounds once.
-        if s.origin.is_none() && matches!(s.kind, Kind::Einsum(_) | Kind::Add) && dtype.bytes() == 2 {
+        // node that takes the original value back rounds once. When that
+        // node is a view (grouped-query attention reshapes the sum back to
+        // the heads), a view does not round: the last add, its only input,
+        // does.
+        let feeds_original_view = matches!(s.kind, Kind::Add)
+            && !sol.roots.contains(&Ref::Node(i))
+            && matches!(users[i].as_slice(), [u] if sol.nodes[*u].origin.is_some() && is_view_kind(&sol.nodes[*u].kind));
+        if s.origin.is_none()
+            && matches!(s.kind, Kind::Einsum(_) | Kind::Add)
+            && dtype.bytes() == 2
+            && !feeds_original_view
+        {
             dtype = DType::F32;
         }
         // A new view (the concat of partial scores) has the dtype of what it views.
-        let is_view = matches!(
-            s.kind,
-            Kind::Concat(_) | Kind::Broadcast(_) | Kind::Slice { .. } | Kind::Reshape(_) | Kind::Transpose(_)
-        );
-        if s.origin.is_none() && is_view {
+        if s.origin.is_none() && is_view_kind(&s.kind) {
             if let Some(Value::Node(first)) = inputs.first() {
                 dtype = nodes[*first].dtype;
             }
@@ -190,6 +196,10 @@ pub fn from_solution(graph: &Graph, sol: &Solution) -> Result<Graph, ConvertErro
         })
         .collect();
     Ok(Graph { meta: graph.meta.clone(), dims: graph.dims.clone(), inputs: graph.inputs.clone(), nodes, outputs })
+}
+
+fn is_view_kind(k: &Kind) -> bool {
+    matches!(k, Kind::Concat(_) | Kind::Broadcast(_) | Kind::Slice { .. } | Kind::Reshape(_) | Kind::Transpose(_))
 }
 
 fn kind_name(k: &Kind) -> &'static str {
