@@ -494,21 +494,41 @@ fn tensor_core_forms_match_interpreter() {
         {"name": "r", "role": "activation", "shape": ["k", "m", 4], "dtype": "bf16"},
         {"name": "s", "role": "weight", "shape": ["k", 10], "dtype": "bf16"},
         {"name": "big", "role": "weight", "shape": [40, "k"], "dtype": "bf16"},
-        {"name": "t", "role": "activation", "shape": ["m", 2, "k"], "dtype": "bf16"}],
+        {"name": "t", "role": "activation", "shape": ["m", 2, "k"], "dtype": "bf16"},
+        {"name": "u", "role": "activation", "shape": ["m", 300], "dtype": "bf16"},
+        {"name": "v", "role": "weight", "shape": [12, 300], "dtype": "bf16"},
+        {"name": "e", "role": "activation", "shape": ["m", 32], "dtype": "bf16"},
+        {"name": "f", "role": "weight", "shape": [24, 32], "dtype": "bf16"}],
       "nodes": [
         {"id": "mm", "op": "matmul", "inputs": ["x", "w"], "dtype": "f32"},
         {"id": "bmm", "op": "matmul", "inputs": ["a", "b"], "attrs": {"transpose_b": true}, "dtype": "f32"},
         {"id": "mix", "op": "einsum", "inputs": ["p", "q"], "attrs": {"spec": "abk,cdk->acbd"}, "dtype": "f32"},
         {"id": "first", "op": "einsum", "inputs": ["r", "s"], "attrs": {"spec": "kab,kc->abc"}, "dtype": "f32"},
-        {"id": "swap", "op": "einsum", "inputs": ["big", "t"], "attrs": {"spec": "nk,mik->min"}, "dtype": "f32"}],
+        {"id": "swap", "op": "einsum", "inputs": ["big", "t"], "attrs": {"spec": "nk,mik->min"}, "dtype": "f32"},
+        {"id": "long", "op": "einsum", "inputs": ["u", "v"], "attrs": {"spec": "mk,nk->mn"}, "dtype": "f32"},
+        {"id": "pairs", "op": "matmul", "inputs": ["e", "f"], "attrs": {"transpose_b": true}, "dtype": "f32"}],
       "outputs": [{"name": "mm", "node": "mm"}, {"name": "bmm", "node": "bmm"}, {"name": "mix", "node": "mix"},
-                  {"name": "first", "node": "first"}, {"name": "swap", "node": "swap"}]}"#;
+                  {"name": "first", "node": "first"}, {"name": "swap", "node": "swap"}, {"name": "long", "node": "long"},
+                  {"name": "pairs", "node": "pairs"}]}"#;
     let g = bifurc::import::parse(text).unwrap_or_else(|e| panic!("{e}"));
     let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
-    let forms: Vec<(&str, usize)> =
-        program.kernels.iter().map(|k| (k.node.as_str(), k.mma.as_ref().map_or(9, |m| m.a))).collect();
-    // A is the side with fewer rows at the typical point (m = 64).
-    assert_eq!(forms, [("mm", 1), ("bmm", 1), ("mix", 1), ("first", 1), ("swap", 0)], "A operands");
+    let forms: Vec<(&str, usize, bool)> = program
+        .kernels
+        .iter()
+        .map(|k| (k.node.as_str(), k.mma.as_ref().map_or(9, |m| m.a), k.mma.as_ref().is_some_and(|m| m.split_k)))
+        .collect();
+    // A is the side with fewer rows at the typical point (m = 64); only the
+    // reduction over 300 is split among a block's warps.
+    let want = [
+        ("mm", 1, false),
+        ("bmm", 1, false),
+        ("mix", 1, false),
+        ("first", 1, false),
+        ("swap", 0, false),
+        ("long", 1, true),
+        ("pairs", 1, false),
+    ];
+    assert_eq!(forms, want, "A operands, split");
     let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
     let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{e}"));
     let points: Vec<_> = [1, 5, 17].iter().map(|&m| point(&[("m", m)])).collect();

@@ -17,9 +17,9 @@
 //! do better. Products of bf16 / f16 values are exact in f32, so the
 //! result differs from the CUDA-core kernel only by summation order.
 //!
-//! Launch (see `emit::mma`): one block of [`WARPS`] warps per
-//! 16 × 8 output tile (grid = tiles), the warps splitting the reduction in
-//! steps of 16 and adding their partial tiles through shared memory.
+//! Launch (see `emit::mma`): blocks of [`WARPS`] warps; a long reduction
+//! is split among a block's warps, each working on the same 16 × 8 output
+//! tile, a short one is not (see [`Mma::split_k`]).
 
 use crate::ir::{shape::numel, DType, Graph, Op, Poly};
 
@@ -35,6 +35,8 @@ pub const TILE_K: i64 = 16;
 pub const WARPS: i64 = 8;
 /// Least m (rows of A) at the typical point for a tensor-core kernel.
 pub const MIN_M: i64 = 8;
+/// Longest constant reduction a warp walks alone (see [`Mma::split_k`]).
+pub const SHORT_K: i64 = 256;
 
 /// A contraction run on tensor cores (see the module doc).
 #[derive(Clone, Debug, PartialEq)]
@@ -54,15 +56,25 @@ pub struct Mma {
     pub k_size: Poly,
     /// The operands' element type: bf16 or f16.
     pub dtype: DType,
+    /// How a block's warps share the work. Split (a reduction that is
+    /// runtime-sized or longer than [`SHORT_K`]: `m_c`, `d_model`): the
+    /// block is one 16 × 8 tile, its warps take every [`WARPS`]-th step of
+    /// the reduction and add their partials in shared memory. Not split
+    /// (a short constant reduction: the head dim of `q·Kᵀ`): the block is
+    /// 16 × 64, each warp its own 16 × 8 tile over the whole reduction,
+    /// stored from registers.
+    pub split_k: bool,
 }
 
 impl Mma {
-    /// Output tiles, one block each: `ceil(m/16) * ceil(n/8) * batch`, as a
+    /// Blocks: `ceil(m/16) * ceil(n/8) * batch` (split, one tile each) or
+    /// `ceil(m/16) * ceil(n/64) * batch` (eight tiles along n each), as a
     /// manifest size expression (an integer when every part is constant).
     pub fn tiles(&self) -> String {
         let mut coeff = 1i64;
         let mut parts = Vec::new();
-        for (p, d) in [(&self.batch_size, 1), (&self.m_size, TILE_M), (&self.n_size, TILE_N)] {
+        let n_block = if self.split_k { TILE_N } else { TILE_N * WARPS };
+        for (p, d) in [(&self.batch_size, 1), (&self.m_size, TILE_M), (&self.n_size, n_block)] {
             match p.as_constant() {
                 Some(c) => coeff = coeff.saturating_mul((c + d - 1).div_euclid(d)),
                 None if d == 1 => parts.push(format!("({p})")),
@@ -120,16 +132,7 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType]) -> Option<Mma>
     if at_point(&m_size)? < MIN_M {
         return None;
     }
-    Some(Mma {
-        a,
-        b,
-        batch_size: size(&batch)?,
-        batch,
-        m,
-        n,
-        m_size,
-        n_size,
-        k_size: graph.dims.normalize(&k_size).ok()?,
-        dtype,
-    })
+    let k_size = graph.dims.normalize(&k_size).ok()?;
+    let split_k = k_size.as_constant().is_none_or(|k| k > SHORT_K);
+    Some(Mma { split_k, a, b, batch_size: size(&batch)?, batch, m, n, m_size, n_size, k_size, dtype })
 }

@@ -1,15 +1,19 @@
 //! Tensor-core contraction kernels (see [`crate::lower::mma`]).
 //!
-//! One block per 16 × 8 output tile: block `i` is tile
-//! `(batch, n_tile, m_tile)` with the m tile fastest (adjacent blocks
-//! share B's rows: the weights, the context cache). Its [`WARPS`] warps
-//! split the reduction: warp `w` takes steps `w, w + WARPS, …` of 16
-//! elements; per step each lane loads its fragments of A (16 × 16, row
-//! major) and B (16 × 8, one column per lane group) and the warp runs one
-//! `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}` into four f32
-//! accumulators per lane. The partial tiles meet in 4 KB of shared memory;
-//! threads 0..128 each add one output's eight partials (warp order) and
-//! store it.
+//! A block of [`WARPS`] warps; block `i` is `(batch, n_block, m_tile)` with
+//! the m tile fastest (adjacent blocks share B's rows: the weights, the
+//! context cache). Per reduction step of 16, each lane loads its fragments
+//! of A (16 × 16, row major) and B (16 × 8, one column per lane group) and
+//! the warp runs one `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}`
+//! into four f32 accumulators per lane.
+//!
+//! - **Split** ([`Mma::split_k`], long or runtime-sized reductions): the
+//!   block is one 16 × 8 tile; warp `w` takes steps `w, w + WARPS, …`; the
+//!   partial tiles meet in 4 KB of shared memory and threads 0..128 each
+//!   add one output's eight partials (warp order) and store it.
+//! - **Not split** (a short constant reduction): the block is 16 × 64,
+//!   warp `w` computes the tile at columns `64 n_block + 8 w` over the
+//!   whole reduction and stores it from its registers.
 //!
 //! Fragment layout (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane
 //! `l`, `g = l / 4`, `t = l % 4`: A element `i` (0..8) at row
@@ -22,11 +26,11 @@
 //! bounds; never stored). A reduction whose length is not a known multiple
 //! of 16 reads zeros past its end (indices clamped, values selected).
 //!
-//! On the CPU, [`super::Emulation`] runs the same tiles, warps, steps and
+//! On the CPU, [`super::Emulation`] runs the same blocks, warps, steps and
 //! fragment loads with the warp's lanes as loops: each step's fragments are
 //! scattered into a 16 × 16 and a 16 × 8 scratch tile, each lane's four
 //! accumulators add their row · column products, and the partials are
-//! combined in the same order.
+//! combined (split) or stored (not split) as on the GPU.
 
 use crate::ir::{DType, Op};
 use crate::lower::mma::{Mma, TILE_K, TILE_M, TILE_N, WARPS};
@@ -65,10 +69,12 @@ struct Tile {
     ragged_k: bool,
     /// Output axes of each group.
     axes: [Vec<usize>; 3],
-    /// This tile: batch multi-index, first row, first column.
+    /// This block: batch multi-index, first row, first column.
     batch_idx: Vec<String>,
     m0: String,
-    n0: String,
+    nb0: String,
+    /// See [`Mma::split_k`].
+    split: bool,
 }
 
 impl Kc<'_> {
@@ -95,9 +101,11 @@ impl Kc<'_> {
         let k = self.b.size(&mma.k_size)?;
         let batch = self.b.size(&mma.batch_size)?;
         let mtiles = self.ceil_div(&m, TILE_M);
-        let ntiles = self.ceil_div(&n, TILE_N);
+        let split = mma.split_k;
+        let n_block = if split { TILE_N } else { TILE_N * WARPS };
+        let nblocks = self.ceil_div(&n, n_block);
         let ksteps = self.ceil_div(&k, TILE_K);
-        let mn = self.b.hoist(&format!("arith.muli {mtiles}, {ntiles} : index"));
+        let mn = self.b.hoist(&format!("arith.muli {mtiles}, {nblocks} : index"));
         let tiles = self.b.hoist(&format!("arith.muli {mn}, {batch} : index"));
         let flat = match mode {
             MmaMode::Gpu => flat.to_owned(),
@@ -106,14 +114,14 @@ impl Kc<'_> {
                 self.b.open_loop(&tiles)
             }
         };
-        let at = self.b.delinearize(&flat, &[batch.clone(), ntiles, mtiles]);
+        let at = self.b.delinearize(&flat, &[batch.clone(), nblocks, mtiles]);
         let batch_idx = self.b.delinearize(&at[0], &batch_sizes);
-        let (tm, tn) = (self.b.index(TILE_M), self.b.index(TILE_N));
+        let (tm, nb) = (self.b.index(TILE_M), self.b.index(n_block));
         let m0 = self.b.muli(&at[2], &tm);
-        let n0 = self.b.muli(&at[1], &tn);
+        let nb0 = self.b.muli(&at[1], &nb);
         let ragged_k = mma.k_size.as_constant().is_none_or(|c| c % TILE_K != 0);
         let axes = [mma.batch.clone(), mma.m.clone(), mma.n.clone()];
-        let tile = Tile { sizes, m_sizes, n_sizes, m, n, k, ragged_k, axes, batch_idx, m0, n0 };
+        let tile = Tile { sizes, m_sizes, n_sizes, m, n, k, ragged_k, axes, batch_idx, m0, nb0, split };
         match mode {
             MmaMode::Gpu => self.mma_gpu(j, mma, &tile, &ksteps, out_ptr, out_dtype)?,
             MmaMode::Emulated => self.mma_emulated(j, mma, &tile, &ksteps, out_ptr, out_dtype)?,
@@ -133,30 +141,24 @@ impl Kc<'_> {
         let warp = self.b.index(32);
         let w = self.b.op(&format!("arith.divui %tid, {warp} : index"));
         let lane = self.b.op(&format!("arith.remui %tid, {warp} : index"));
-        let rows = self.lane_rows(tile, &lane)?;
+        let n0 = self.warp_n0(tile, &w);
+        if !tile.split {
+            // A warp whose tile starts past n has nothing to do (warp-uniform).
+            let live = self.b.ult(&n0, &tile.n);
+            self.b.open_guard(&live);
+        }
+        let rows = self.lane_rows(tile, &n0, &lane)?;
         let zero = self.b.f32(0.0);
-        let step = self.b.index(WARPS);
-        let (res, s, accs) = self.b.open_for_typed_from(&w, ksteps, &step, &vec![zero; 4], "f32");
+        let (first, step) =
+            if tile.split { (w.clone(), self.b.index(WARPS)) } else { (self.b.index(0), self.b.index(1)) };
+        let (res, s, accs) = self.b.open_for_typed_from(&first, ksteps, &step, &vec![zero; 4], "f32");
         let (a, b) = self.fragments(j, mma, tile, &rows, &s)?;
-        let st = storage(mma.dtype);
         let (pair_ty, kind) = match mma.dtype {
             DType::F16 => ("vector<2xf16>", "f16"),
             _ => ("i32", "bf16"),
         };
-        let pack = |kc: &mut Self, x: &str, y: &str| -> String {
-            let (x, y) = (
-                kc.b.op(&format!("arith.truncf {x} : f32 to {st}")),
-                kc.b.op(&format!("arith.truncf {y} : f32 to {st}")),
-            );
-            let v = kc.b.op(&format!("vector.from_elements {x}, {y} : vector<2x{st}>"));
-            if pair_ty == "i32" {
-                kc.b.op(&format!("llvm.bitcast {v} : vector<2x{st}> to i32"))
-            } else {
-                v
-            }
-        };
-        let ra: Vec<String> = a.chunks(2).map(|p| pack(self, &p[0], &p[1])).collect();
-        let rb: Vec<String> = b.chunks(2).map(|p| pack(self, &p[0], &p[1])).collect();
+        let ra: Vec<String> = a.iter().map(|p| self.pack(p, mma.dtype)).collect();
+        let rb: Vec<String> = b.iter().map(|p| self.pack(p, mma.dtype)).collect();
         let d = self.b.op(&format!(
             "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, \
              multiplicandAPtxType = #nvvm.mma_type<{kind}>, multiplicandBPtxType = #nvvm.mma_type<{kind}>, \
@@ -169,6 +171,14 @@ impl Kc<'_> {
             .map(|i| self.b.op(&format!("llvm.extractvalue {d}[{i}] : !llvm.struct<(f32, f32, f32, f32)>")))
             .collect();
         self.b.close_for_typed(&nexts, "f32");
+        if !tile.split {
+            for (i, r) in res.iter().enumerate() {
+                let i = self.b.index(i as i64);
+                self.store_output(tile, &n0, &lane, &i, r, out_ptr, out_dtype)?;
+            }
+            self.b.close();
+            return Ok(());
+        }
         let four = self.b.index(4);
         let base = self.b.muli("%tid", &four);
         for (i, r) in res.iter().enumerate() {
@@ -180,8 +190,9 @@ impl Kc<'_> {
         let outputs = self.b.index(PARTIALS / WARPS);
         let first = self.b.ult("%tid", &outputs);
         self.b.open_guard(&first);
-        let total = self.sum_partials("%tid")?;
-        self.store_output(tile, "%tid", &total, out_ptr, out_dtype)?;
+        let total = self.sum_partials("%tid", None)?;
+        let (lane, i) = self.output_lane("%tid");
+        self.store_output(tile, &tile.nb0, &lane, &i, &total, out_ptr, out_dtype)?;
         self.b.close();
         Ok(())
     }
@@ -206,11 +217,18 @@ impl Kc<'_> {
         self.b.close();
         let warps = self.b.index(WARPS);
         let w = self.b.open_loop(&warps);
-        let s = self.b.open_loop_from(&w, ksteps, &warps);
+        let n0 = self.warp_n0(tile, &w);
+        if !tile.split {
+            let live = self.b.ult(&n0, &tile.n);
+            self.b.open_guard(&live);
+        }
+        let s = if tile.split { self.b.open_loop_from(&w, ksteps, &warps) } else { self.b.open_loop(ksteps) };
         let lanes = self.b.index(32);
         let lane = self.b.open_loop(&lanes);
-        let rows = self.lane_rows(tile, &lane)?;
+        let rows = self.lane_rows(tile, &n0, &lane)?;
         let (a, b) = self.fragments(j, mma, tile, &rows, &s)?;
+        let a: Vec<String> = a.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();
+        let b: Vec<String> = b.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();
         let (g, t) = self.lane_group(&lane);
         for (i, v) in a.iter().enumerate() {
             let i = i as i64;
@@ -229,12 +247,7 @@ impl Kc<'_> {
         // The warp's mma: each lane's accumulators add row · column.
         let lane = self.b.open_loop(&lanes);
         let (g, t) = self.lane_group(&lane);
-        let warp_lane = {
-            let w32 = self.b.muli(&w, &lanes);
-            self.b.addi(&w32, &lane)
-        };
-        let four = self.b.index(4);
-        let base = self.b.muli(&warp_lane, &four);
+        let base = self.partial_base(&w, &lane);
         for i in 0..4 {
             let r = self.offset(&g, 8 * (i / 2));
             let c = self.k_offset(&t, i % 2);
@@ -254,23 +267,61 @@ impl Kc<'_> {
         }
         self.b.close();
         self.b.close();
+        if !tile.split {
+            // Each lane stores its four accumulators.
+            let lane = self.b.open_loop(&lanes);
+            let base = self.partial_base(&w, &lane);
+            for i in 0..4 {
+                let at = self.offset(&base, i);
+                let v = self.b.load(&scratch, &at, DType::F32).ssa;
+                let i = self.b.index(i);
+                self.store_output(tile, &n0, &lane, &i, &v, out_ptr, out_dtype)?;
+            }
+            self.b.close();
+            self.b.close();
+            self.b.close();
+            return Ok(());
+        }
         self.b.close();
         let outputs = self.b.index(PARTIALS / WARPS);
         let tid = self.b.open_loop(&outputs);
-        let total = self.sum_partials_at(&tid, &scratch)?;
-        self.store_output(tile, &tid, &total, out_ptr, out_dtype)?;
+        let total = self.sum_partials(&tid, Some(&scratch))?;
+        let (lane, i) = self.output_lane(&tid);
+        self.store_output(tile, &tile.nb0, &lane, &i, &total, out_ptr, out_dtype)?;
         self.b.close();
         Ok(())
     }
 
+    /// The first column of warp `w`'s tile.
+    fn warp_n0(&mut self, tile: &Tile, w: &str) -> String {
+        if tile.split {
+            return tile.nb0.clone();
+        }
+        let tn = self.b.index(TILE_N);
+        let off = self.b.muli(w, &tn);
+        self.b.addi(&tile.nb0, &off)
+    }
+
+    /// Offset of lane `lane` of warp `w`'s four partials.
+    fn partial_base(&mut self, w: &str, lane: &str) -> String {
+        let (lanes, four) = (self.b.index(32), self.b.index(4));
+        let wl = self.b.muli(w, &lanes);
+        let thread = self.b.addi(&wl, lane);
+        self.b.muli(&thread, &four)
+    }
+
     /// The eight partials of output `tid` (0..128) added in warp order, from
-    /// the workgroup memory.
-    fn sum_partials(&mut self, tid: &str) -> Result<String, LowerError> {
+    /// the workgroup memory (GPU) or `scratch` (CPU).
+    fn sum_partials(&mut self, tid: &str, scratch: Option<&str>) -> Result<String, LowerError> {
         let mut total: Option<String> = None;
         for w in 0..WARPS {
             let off = self.offset(tid, w * (PARTIALS / WARPS));
-            let p =
-                self.b.op(&format!("memref.load %sh[{off}] : memref<{PARTIALS}xf32, #gpu.address_space<workgroup>>"));
+            let p = match scratch {
+                Some(ptr) => self.b.load(ptr, &off, DType::F32).ssa,
+                None => self
+                    .b
+                    .op(&format!("memref.load %sh[{off}] : memref<{PARTIALS}xf32, #gpu.address_space<workgroup>>")),
+            };
             total = Some(match total {
                 None => p,
                 Some(t) => self.b.fbin("addf", &t, &p),
@@ -279,34 +330,29 @@ impl Kc<'_> {
         total.ok_or_else(|| LowerError::Unsupported { node: self.kernel.to_owned(), message: "no warps".into() })
     }
 
-    /// [`Kc::sum_partials`] from the CPU scratch.
-    fn sum_partials_at(&mut self, tid: &str, scratch: &str) -> Result<String, LowerError> {
-        let mut total: Option<String> = None;
-        for w in 0..WARPS {
-            let off = self.offset(tid, w * (PARTIALS / WARPS));
-            let p = self.b.load(scratch, &off, DType::F32).ssa;
-            total = Some(match total {
-                None => p,
-                Some(t) => self.b.fbin("addf", &t, &p),
-            });
-        }
-        total.ok_or_else(|| LowerError::Unsupported { node: self.kernel.to_owned(), message: "no warps".into() })
+    /// The lane and accumulator of combined output `tid` (0..128): lane
+    /// `tid / 4`, accumulator `tid % 4` (the layout of the partials).
+    fn output_lane(&mut self, tid: &str) -> (String, String) {
+        let four = self.b.index(4);
+        let lane = self.b.op(&format!("arith.divui {tid}, {four} : index"));
+        let i = self.b.op(&format!("arith.remui {tid}, {four} : index"));
+        (lane, i)
     }
 
-    /// Stores output `tid` of the tile (lane `tid / 4`'s accumulator
-    /// `tid % 4`) if it is inside the output.
+    /// Stores accumulator `i` of lane `lane` of the tile at columns
+    /// `n0..n0 + 8`, if it is inside the output.
+    #[allow(clippy::too_many_arguments)]
     fn store_output(
         &mut self,
         tile: &Tile,
-        tid: &str,
+        n0: &str,
+        lane: &str,
+        i: &str,
         value: &str,
         out_ptr: &str,
         out_dtype: DType,
     ) -> Result<(), LowerError> {
-        let four = self.b.index(4);
-        let lane = self.b.op(&format!("arith.divui {tid}, {four} : index"));
-        let i = self.b.op(&format!("arith.remui {tid}, {four} : index"));
-        let (g, t) = self.lane_group(&lane);
+        let (g, t) = self.lane_group(lane);
         let two = self.b.index(2);
         let half = self.b.op(&format!("arith.divui {i}, {two} : index"));
         let odd = self.b.op(&format!("arith.remui {i}, {two} : index"));
@@ -316,7 +362,7 @@ impl Kc<'_> {
         let t2 = self.b.muli(&t, &two);
         let c = self.b.addi(&t2, &odd);
         let m = self.b.addi(&tile.m0, &r);
-        let n = self.b.addi(&tile.n0, &c);
+        let n = self.b.addi(n0, &c);
         let (in_m, in_n) = (self.b.ult(&m, &tile.m), self.b.ult(&n, &tile.n));
         let inside = self.b.op(&format!("arith.andi {in_m}, {in_n} : i1"));
         self.b.open_guard(&inside);
@@ -328,6 +374,14 @@ impl Kc<'_> {
         self.b.close();
         Ok(())
     }
+}
+
+/// Two elements of a fragment (one 32-bit register): loaded one by one
+/// (f32, already rounded to the operand type), or together.
+enum Pair {
+    Values(String, String),
+    /// A `vector<2 x bf16/f16>`.
+    Packed(String),
 }
 
 /// A lane's operand rows: A's output index for its two rows (`g`, `g + 8`)
@@ -346,7 +400,7 @@ impl Kc<'_> {
         (g, t)
     }
 
-    fn lane_rows(&mut self, tile: &Tile, lane: &str) -> Result<LaneRows, LowerError> {
+    fn lane_rows(&mut self, tile: &Tile, n0: &str, lane: &str) -> Result<LaneRows, LowerError> {
         let (g, t) = self.lane_group(lane);
         let one = self.b.index(1);
         let m_last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.m));
@@ -360,7 +414,7 @@ impl Kc<'_> {
             let zeros: Vec<String> = tile.n_sizes.iter().map(|_| self.b.index(0)).collect();
             *slot = self.tile_index(tile, &mi, &zeros)?;
         }
-        let n = self.b.addi(&tile.n0, &g);
+        let n = self.b.addi(n0, &g);
         let n = self.b.op(&format!("arith.minui {n}, {n_last} : index"));
         let ni = self.b.delinearize(&n, &tile.n_sizes);
         let zeros: Vec<String> = tile.m_sizes.iter().map(|_| self.b.index(0)).collect();
@@ -368,8 +422,8 @@ impl Kc<'_> {
         Ok(LaneRows { a, b, t })
     }
 
-    /// The lane's fragments of reduction step `s`, as f32 (rounded to the
-    /// operand type, which they already are): A's eight, B's four.
+    /// The lane's fragments of reduction step `s` as register pairs: A's
+    /// four, B's two (see the module doc for which elements).
     fn fragments(
         &mut self,
         j: usize,
@@ -377,7 +431,7 @@ impl Kc<'_> {
         tile: &Tile,
         rows: &LaneRows,
         s: &str,
-    ) -> Result<(Vec<String>, Vec<String>), LowerError> {
+    ) -> Result<(Vec<Pair>, Vec<Pair>), LowerError> {
         let tk = self.b.index(TILE_K);
         let k0 = self.b.muli(s, &tk);
         let two = self.b.index(2);
@@ -415,18 +469,89 @@ impl Kc<'_> {
                 None => x,
             })
         };
-        // A: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..).
-        let mut a = Vec::with_capacity(8);
-        for (h, kpair) in [(0, 0), (1, 0), (0, 2), (1, 2)] {
-            for d in 0..2 {
-                a.push(element(self, mma.a, &rows.a[h], kpair + d)?);
+        // Elements `at` and `at + 1` (adjacent along the reduction): one
+        // 32-bit load where they are adjacent in memory.
+        let pair = |kc: &mut Self, p: usize, out_idx: &[String], at: usize| -> Result<Pair, LowerError> {
+            if !tile.ragged_k {
+                if let Some(v) = kc.packed_load(j, p, out_idx, &guarded[at].0, mma.dtype)? {
+                    return Ok(Pair::Packed(v));
+                }
             }
+            Ok(Pair::Values(element(kc, p, out_idx, at)?, element(kc, p, out_idx, at + 1)?))
+        };
+        // A: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..).
+        let mut a = Vec::with_capacity(4);
+        for (h, at) in [(0, 0), (1, 0), (0, 2), (1, 2)] {
+            a.push(pair(self, mma.a, &rows.a[h], at)?);
         }
-        let mut b = Vec::with_capacity(4);
-        for at in 0..4 {
-            b.push(element(self, mma.b, &rows.b, at)?);
+        let mut b = Vec::with_capacity(2);
+        for at in [0, 2] {
+            b.push(pair(self, mma.b, &rows.b, at)?);
         }
         Ok((a, b))
+    }
+
+    /// Elements `k`, `k + 1` of operand `p` as one `vector<2 x bf16/f16>`
+    /// load, when the operand is a stored buffer of that type whose last
+    /// axis is the reduction, of even constant length (`k` is even, so the
+    /// load is 4-byte aligned); `None` otherwise.
+    fn packed_load(
+        &mut self,
+        j: usize,
+        p: usize,
+        out_idx: &[String],
+        k: &str,
+        dtype: DType,
+    ) -> Result<Option<String>, LowerError> {
+        let v = self.graph.nodes[j].inputs[p];
+        let Some(buf) = self.stored(v) else { return Ok(None) };
+        let b = &self.program.buffers[buf];
+        let even = b.shape.last().and_then(|d| d.as_constant()).is_some_and(|d| d % 2 == 0);
+        if b.dtype != dtype || !even {
+            return Ok(None);
+        }
+        let idx = self.contraction_operand_index(j, p, out_idx, k)?;
+        let Some((last, rest)) = idx.split_last() else { return Ok(None) };
+        if last != k || rest.iter().any(|i| i == k) {
+            return Ok(None);
+        }
+        let (ptr, off) = self.buffer_offset(buf, &idx)?;
+        let st = storage(dtype);
+        let o = self.b.index_to_i64(&off);
+        let at = self.b.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
+        Ok(Some(self.b.op(&format!("llvm.load {at} {{alignment = 4 : i64}} : !llvm.ptr -> vector<2x{st}>"))))
+    }
+
+    /// A register pair as the `mma.sync` operand: bf16 as `i32`, f16 as
+    /// `vector<2xf16>`.
+    fn pack(&mut self, pair: &Pair, dtype: DType) -> String {
+        let st = storage(dtype);
+        let v = match pair {
+            Pair::Packed(v) => v.clone(),
+            Pair::Values(x, y) => {
+                let x = self.b.op(&format!("arith.truncf {x} : f32 to {st}"));
+                let y = self.b.op(&format!("arith.truncf {y} : f32 to {st}"));
+                self.b.op(&format!("vector.from_elements {x}, {y} : vector<2x{st}>"))
+            }
+        };
+        match dtype {
+            DType::F16 => v,
+            _ => self.b.op(&format!("llvm.bitcast {v} : vector<2x{st}> to i32")),
+        }
+    }
+
+    /// A register pair's two elements as f32 (the emulation).
+    fn unpack(&mut self, pair: &Pair, dtype: DType) -> [String; 2] {
+        match pair {
+            Pair::Values(x, y) => [x.clone(), y.clone()],
+            Pair::Packed(v) => {
+                let st = storage(dtype);
+                [0, 1].map(|i| {
+                    let e = self.b.op(&format!("vector.extract {v}[{i}] : {st} from vector<2x{st}>"));
+                    self.b.op(&format!("arith.extf {e} : {st} to f32"))
+                })
+            }
+        }
     }
 
     /// The output multi-index of this tile's batch with m-group index `mi`

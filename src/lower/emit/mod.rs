@@ -498,7 +498,9 @@ fn kernel_fn(
             let _ = writeln!(f, "    return\n  }}");
         }
         Target::Gpu => {
-            let workgroup = if mma.is_some() { format!(" {}", mma::WORKGROUP) } else { String::new() };
+            // Shared memory for the partial tiles of a split tensor-core kernel.
+            let split = mma.is_some_and(|(m, _, _)| m.split_k);
+            let workgroup = if split { format!(" {}", mma::WORKGROUP) } else { String::new() };
             let _ = writeln!(f, "  gpu.func @{name}({sig}){workgroup} kernel {{");
             f.push_str(&indent(&hoist, 2));
             let _ = writeln!(f, "    %bid = gpu.block_id x\n    %bdim = gpu.block_dim x\n    %tid = gpu.thread_id x");

@@ -63,7 +63,7 @@ impl Kc<'_> {
 
     /// The pointer of stored buffer `b` and the element offset of `idx` in
     /// it, as laid out in memory (a pitched axis strides by its capacity).
-    fn buffer_offset(&mut self, b: usize, idx: &[String]) -> Result<(String, String), LowerError> {
+    pub(crate) fn buffer_offset(&mut self, b: usize, idx: &[String]) -> Result<(String, String), LowerError> {
         let buf = &self.program.buffers[b];
         if buf.shape.len() != idx.len() {
             return Err(LowerError::Unsupported {
