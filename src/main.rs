@@ -117,8 +117,9 @@ enum Command {
         #[arg(long)]
         no_bifurcate: bool,
         /// Run every contraction on CUDA cores. By default a bf16 / f16 contraction with at
-        /// least 8 rows on its smaller side at the shape point (the projections, the context
-        /// einsums of bifurcated attention) runs on tensor cores (mma.sync, f32 accumulation).
+        /// least 8 rows on its smaller side at a typical decode shape (b=32, m_c=8192,
+        /// m_d=256; the projections, the context einsums of bifurcated attention) runs on
+        /// tensor cores (mma.sync, f32 accumulation).
         #[arg(long)]
         no_tensor_cores: bool,
         /// Storage dtype of every float input and node (default: as in model.json).
@@ -561,7 +562,12 @@ fn compile(
     let m = &artifact.manifest;
     let point: Vec<String> = m.point.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("compiled {} for {} at {}", model.display(), m.target, point.join(", "));
-    println!("  kernels: {}, PTX: {}", m.kernels.len(), bifurc::inspect::human_bytes(artifact.ptx.len() as f64));
+    println!(
+        "  kernels: {} ({} on tensor cores), PTX: {}",
+        m.kernels.len(),
+        artifact.tensor_core_kernels.len(),
+        bifurc::inspect::human_bytes(artifact.ptx.len() as f64)
+    );
     let bifurcated = m.attention.iter().filter(|s| s.bifurcated).count();
     println!("  attention sites bifurcated: {bifurcated} of {}", m.attention.len());
     println!(

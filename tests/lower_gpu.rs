@@ -433,6 +433,8 @@ fn tensor_core_kernels() {
         assert!(tiles.iter().any(|(n, g)| *n == name && g == grid), "{name}: want grid {grid}, kernels {tiles:?}");
     }
     assert!(artifact.ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+    // Per layer q, k, v, o, gate, up, down and the two context einsums; the logits.
+    assert_eq!(artifact.tensor_core_kernels.len(), 2 * 9 + 1, "{:?}", artifact.tensor_core_kernels);
     let kernel = |name: &str| {
         let start = artifact.mlir.find(&format!("gpu.func @{name}(")).expect("the kernel");
         let end = start + artifact.mlir[start..].find("gpu.return").expect("its end");
@@ -443,6 +445,7 @@ fn tensor_core_kernels() {
 
     let off = compile(&graph, &CompileOptions { tensor_cores: false, ..o }).unwrap();
     assert!(!off.mlir.contains("nvvm.mma.sync") && !off.ptx.contains("mma.sync"), "tensor cores off");
+    assert!(off.tensor_core_kernels.is_empty());
     let grid =
         off.manifest.kernels.iter().find(|k| k.name == "k8_l0_attn_scores_einsum1").map(|k| k.grid[0].to_string());
     assert_eq!(grid.as_deref(), Some("ceil((4*b*m_c)/256)"));

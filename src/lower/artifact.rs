@@ -92,6 +92,9 @@ pub struct Artifact {
     pub pipeline: String,
     /// The optimizer's report (`None` when `bifurcate` was off).
     pub report: Option<OptReport>,
+    /// Names of the kernels that run on tensor cores (see
+    /// [`crate::lower::mma`]), in launch order.
+    pub tensor_core_kernels: Vec<String>,
 }
 
 /// The graph stage of [`compile`]: re-type (`dtype`) and optimize (unless
@@ -143,6 +146,7 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<Artifact, Compile
         graph: lowered,
         pipeline: gpu_pipeline(opts.target.chip(), &libdevice),
         report,
+        tensor_core_kernels: program.kernels.iter().filter(|k| k.mma.is_some()).map(|k| k.name.clone()).collect(),
     })
 }
 
