@@ -75,6 +75,11 @@ struct Tile {
     nb0: String,
     /// See [`Mma::split_k`].
     split: bool,
+    /// Reduction steps of 16.
+    ksteps: String,
+    /// The output buffer and its element type.
+    out_ptr: String,
+    out_dtype: DType,
 }
 
 impl Kc<'_> {
@@ -121,23 +126,32 @@ impl Kc<'_> {
         let nb0 = self.b.muli(&at[1], &nb);
         let ragged_k = mma.k_size.as_constant().is_none_or(|c| c % TILE_K != 0);
         let axes = [mma.batch.clone(), mma.m.clone(), mma.n.clone()];
-        let tile = Tile { sizes, m_sizes, n_sizes, m, n, k, ragged_k, axes, batch_idx, m0, nb0, split };
+        let (out_ptr, out_dtype) = (out_ptr.to_owned(), out_dtype);
+        let tile = Tile {
+            sizes,
+            m_sizes,
+            n_sizes,
+            m,
+            n,
+            k,
+            ragged_k,
+            axes,
+            batch_idx,
+            m0,
+            nb0,
+            split,
+            ksteps,
+            out_ptr,
+            out_dtype,
+        };
         match mode {
-            MmaMode::Gpu => self.mma_gpu(j, mma, &tile, &ksteps, out_ptr, out_dtype)?,
-            MmaMode::Emulated => self.mma_emulated(j, mma, &tile, &ksteps, out_ptr, out_dtype)?,
+            MmaMode::Gpu => self.mma_gpu(j, mma, &tile)?,
+            MmaMode::Emulated => self.mma_emulated(j, mma, &tile)?,
         }
         Ok(tiles)
     }
 
-    fn mma_gpu(
-        &mut self,
-        j: usize,
-        mma: &Mma,
-        tile: &Tile,
-        ksteps: &str,
-        out_ptr: &str,
-        out_dtype: DType,
-    ) -> Result<(), LowerError> {
+    fn mma_gpu(&mut self, j: usize, mma: &Mma, tile: &Tile) -> Result<(), LowerError> {
         let warp = self.b.index(32);
         let w = self.b.op(&format!("arith.divui %tid, {warp} : index"));
         let lane = self.b.op(&format!("arith.remui %tid, {warp} : index"));
@@ -151,7 +165,7 @@ impl Kc<'_> {
         let zero = self.b.f32(0.0);
         let (first, step) =
             if tile.split { (w.clone(), self.b.index(WARPS)) } else { (self.b.index(0), self.b.index(1)) };
-        let (res, s, accs) = self.b.open_for_typed_from(&first, ksteps, &step, &vec![zero; 4], "f32");
+        let (res, s, accs) = self.b.open_for_typed_from(&first, &tile.ksteps, &step, &vec![zero; 4], "f32");
         let (a, b) = self.fragments(j, mma, tile, &rows, &s)?;
         let (pair_ty, kind) = match mma.dtype {
             DType::F16 => ("vector<2xf16>", "f16"),
@@ -174,7 +188,7 @@ impl Kc<'_> {
         if !tile.split {
             for (i, r) in res.iter().enumerate() {
                 let i = self.b.index(i as i64);
-                self.store_output(tile, &n0, &lane, &i, r, out_ptr, out_dtype)?;
+                self.store_output(tile, &n0, &lane, &i, r)?;
             }
             self.b.close();
             return Ok(());
@@ -192,20 +206,12 @@ impl Kc<'_> {
         self.b.open_guard(&first);
         let total = self.sum_partials("%tid", None)?;
         let (lane, i) = self.output_lane("%tid");
-        self.store_output(tile, &tile.nb0, &lane, &i, &total, out_ptr, out_dtype)?;
+        self.store_output(tile, &tile.nb0, &lane, &i, &total)?;
         self.b.close();
         Ok(())
     }
 
-    fn mma_emulated(
-        &mut self,
-        j: usize,
-        mma: &Mma,
-        tile: &Tile,
-        ksteps: &str,
-        out_ptr: &str,
-        out_dtype: DType,
-    ) -> Result<(), LowerError> {
+    fn mma_emulated(&mut self, j: usize, mma: &Mma, tile: &Tile) -> Result<(), LowerError> {
         // Scratch: the partials, then the A tile (16 × 16), then B (16 × 8).
         let len = self.b.i64(PARTIALS + TILE_M * TILE_K + TILE_K * TILE_N);
         let scratch = self.b.hoist(&format!("llvm.alloca {len} x f32 : (i64) -> !llvm.ptr"));
@@ -222,7 +228,8 @@ impl Kc<'_> {
             let live = self.b.ult(&n0, &tile.n);
             self.b.open_guard(&live);
         }
-        let s = if tile.split { self.b.open_loop_from(&w, ksteps, &warps) } else { self.b.open_loop(ksteps) };
+        let s =
+            if tile.split { self.b.open_loop_from(&w, &tile.ksteps, &warps) } else { self.b.open_loop(&tile.ksteps) };
         let lanes = self.b.index(32);
         let lane = self.b.open_loop(&lanes);
         let rows = self.lane_rows(tile, &n0, &lane)?;
@@ -275,7 +282,7 @@ impl Kc<'_> {
                 let at = self.offset(&base, i);
                 let v = self.b.load(&scratch, &at, DType::F32).ssa;
                 let i = self.b.index(i);
-                self.store_output(tile, &n0, &lane, &i, &v, out_ptr, out_dtype)?;
+                self.store_output(tile, &n0, &lane, &i, &v)?;
             }
             self.b.close();
             self.b.close();
@@ -287,7 +294,7 @@ impl Kc<'_> {
         let tid = self.b.open_loop(&outputs);
         let total = self.sum_partials(&tid, Some(&scratch))?;
         let (lane, i) = self.output_lane(&tid);
-        self.store_output(tile, &tile.nb0, &lane, &i, &total, out_ptr, out_dtype)?;
+        self.store_output(tile, &tile.nb0, &lane, &i, &total)?;
         self.b.close();
         Ok(())
     }
@@ -341,17 +348,7 @@ impl Kc<'_> {
 
     /// Stores accumulator `i` of lane `lane` of the tile at columns
     /// `n0..n0 + 8`, if it is inside the output.
-    #[allow(clippy::too_many_arguments)]
-    fn store_output(
-        &mut self,
-        tile: &Tile,
-        n0: &str,
-        lane: &str,
-        i: &str,
-        value: &str,
-        out_ptr: &str,
-        out_dtype: DType,
-    ) -> Result<(), LowerError> {
+    fn store_output(&mut self, tile: &Tile, n0: &str, lane: &str, i: &str, value: &str) -> Result<(), LowerError> {
         let (g, t) = self.lane_group(lane);
         let two = self.b.index(2);
         let half = self.b.op(&format!("arith.divui {i}, {two} : index"));
@@ -370,7 +367,7 @@ impl Kc<'_> {
         let ni = self.b.delinearize(&n, &tile.n_sizes);
         let idx = self.tile_index(tile, &mi, &ni)?;
         let off = self.b.linearize(&idx, &tile.sizes);
-        self.b.store(out_ptr, &off, out_dtype, Val::f32(value.to_owned()));
+        self.b.store(&tile.out_ptr, &off, tile.out_dtype, Val::f32(value.to_owned()));
         self.b.close();
         Ok(())
     }
