@@ -21,6 +21,8 @@
 #      and the bifurcated step on CUDA cores vs tensor cores     -> OUT/bench-tc/
 #   5. PyTorch, one attention layer of the same shape: SDPA on the batch-expanded
 #      cache vs the paper's einsum form                         -> OUT/torch/
+#   5b. the targets (attention within 2x of HBM time; faster than
+#      SDPA at b >= 16) from the bench's profile                -> OUT/targets.md
 #   6. OUT/summary.md: everything above in one page.
 # Every step runs even if an earlier one failed; the exit status is 0 only
 # when all passed.
@@ -236,6 +238,18 @@ step "torch attention" 100 python3 "$root/scripts/torch_attention_bench.py" \
     --config "$carry/$model.config.json" --samples 1,16,32 --context 2048,8192 --decoded 256 \
     --repeats 20 --budget-s 60 --out "$out/torch"
 
+# 5b. The GPU targets from the bench's profile at its largest shape
+# (attention time against the HBM time of its bytes; one layer against
+# SDPA): "not met" is a finding, not a failure of the check.
+targets() {
+    python3 "$root/scripts/attention_targets.py" --bench "$out/bench" --manifest "$carry/$model-bif.manifest.json" \
+        --torch "$out/torch/torch_attention.csv" --out "$out/targets.md"
+    [ $? -le 1 ]
+}
+export -f targets
+export root
+step "attention targets" 60 bash -c targets
+
 # 6. Summary.
 {
     echo "# gpu-check $(date -u +%FT%TZ)"
@@ -256,6 +270,8 @@ step "torch attention" 100 python3 "$root/scripts/torch_attention_bench.py" \
         tail -n 8 "${f#*|}"
         echo '```'
     done
+    echo
+    [ -f "$out/targets.md" ] && sed 's/^# /## /' "$out/targets.md"
     echo
     [ -f "$out/bench/bench.md" ] && sed 's/^# /## /' "$out/bench/bench.md"
     [ -f "$out/bench/bench.csv" ] && [ ! -f "$out/bench/bench.md" ] && { echo '## bench (partial)'; echo '```'; cat "$out/bench/bench.csv"; echo '```'; }

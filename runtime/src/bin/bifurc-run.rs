@@ -532,6 +532,10 @@ fn bench(args: &BenchArgs) -> Result<()> {
     ];
     let mut profile_md = String::new();
     if let (false, Some(dims)) = (args.no_profile, &last_timed) {
+        // The dims the profiles are taken at, for scripts reading them.
+        let text = serde_json::to_string(&serde_json::json!({ "dims": dims })).map_err(|e| e.to_string())?;
+        std::fs::write(args.out.join("profile-dims.json"), text)
+            .map_err(|e| format!("writing profile-dims.json: {e}"))?;
         for (label, step) in [("baseline", &mut base), ("bifurcated", &mut bif)] {
             if budget.left() <= 0.0 {
                 break;
