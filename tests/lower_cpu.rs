@@ -498,7 +498,9 @@ fn tensor_core_forms_match_interpreter() {
         {"name": "u", "role": "activation", "shape": ["m", 300], "dtype": "bf16"},
         {"name": "v", "role": "weight", "shape": [12, 300], "dtype": "bf16"},
         {"name": "e", "role": "activation", "shape": ["m", 32], "dtype": "bf16"},
-        {"name": "f", "role": "weight", "shape": [24, 32], "dtype": "bf16"}],
+        {"name": "f", "role": "weight", "shape": [24, 32], "dtype": "bf16"},
+        {"name": "h", "role": "activation", "shape": ["m", 320], "dtype": "bf16"},
+        {"name": "o", "role": "weight", "shape": [12, 320], "dtype": "bf16"}],
       "nodes": [
         {"id": "mm", "op": "matmul", "inputs": ["x", "w"], "dtype": "f32"},
         {"id": "bmm", "op": "matmul", "inputs": ["a", "b"], "attrs": {"transpose_b": true}, "dtype": "f32"},
@@ -506,10 +508,11 @@ fn tensor_core_forms_match_interpreter() {
         {"id": "first", "op": "einsum", "inputs": ["r", "s"], "attrs": {"spec": "kab,kc->abc"}, "dtype": "f32"},
         {"id": "swap", "op": "einsum", "inputs": ["big", "t"], "attrs": {"spec": "nk,mik->min"}, "dtype": "f32"},
         {"id": "long", "op": "einsum", "inputs": ["u", "v"], "attrs": {"spec": "mk,nk->mn"}, "dtype": "f32"},
-        {"id": "pairs", "op": "matmul", "inputs": ["e", "f"], "attrs": {"transpose_b": true}, "dtype": "f32"}],
+        {"id": "pairs", "op": "matmul", "inputs": ["e", "f"], "attrs": {"transpose_b": true}, "dtype": "f32"},
+        {"id": "split_pairs", "op": "matmul", "inputs": ["h", "o"], "attrs": {"transpose_b": true}, "dtype": "f32"}],
       "outputs": [{"name": "mm", "node": "mm"}, {"name": "bmm", "node": "bmm"}, {"name": "mix", "node": "mix"},
                   {"name": "first", "node": "first"}, {"name": "swap", "node": "swap"}, {"name": "long", "node": "long"},
-                  {"name": "pairs", "node": "pairs"}]}"#;
+                  {"name": "pairs", "node": "pairs"}, {"name": "split_pairs", "node": "split_pairs"}]}"#;
     let g = bifurc::import::parse(text).unwrap_or_else(|e| panic!("{e}"));
     let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
     let forms: Vec<(&str, usize, bool)> = program
@@ -517,8 +520,8 @@ fn tensor_core_forms_match_interpreter() {
         .iter()
         .map(|k| (k.node.as_str(), k.mma.as_ref().map_or(9, |m| m.a), k.mma.as_ref().is_some_and(|m| m.split_k)))
         .collect();
-    // A is the side with fewer rows at the typical point (m = 64); only the
-    // reduction over 300 is split among a block's warps.
+    // A is the side with fewer rows at the typical point (m = 64); the
+    // reductions over 300 and 320 are split among a block's warps.
     let want = [
         ("mm", 1, false),
         ("bmm", 1, false),
@@ -527,6 +530,7 @@ fn tensor_core_forms_match_interpreter() {
         ("swap", 0, false),
         ("long", 1, true),
         ("pairs", 1, false),
+        ("split_pairs", 1, true),
     ];
     assert_eq!(forms, want, "A operands, split");
     let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
