@@ -14,7 +14,9 @@
 //!   Its extent (threads, or CPU loop iterations) is the buffer's element
 //!   count, except for a row kernel (softmax, rms_norm, layer_norm): one
 //!   per row, which computes the row's statistics once and writes the row
-//!   (on the GPU a block of threads per row: [`Kernel::gpu_threads`]).
+//!   (on the GPU a block of threads per row: [`Kernel::gpu_threads`]). On
+//!   the GPU a bf16 / f16 contraction may instead run on tensor cores, by
+//!   output tiles ([`Kernel::mma`], [`crate::lower::mma`]).
 //! - Graph inputs and outputs always have buffers. An output whose value is
 //!   a graph input, a view, or a node already written to another output gets
 //!   a `copy` kernel.
@@ -101,7 +103,9 @@ pub struct Kernel {
     /// The buffer written.
     pub writes: usize,
     /// Number of threads (runtime dims only): elements of the written
-    /// buffer, or for a row kernel its rows (elements / row length).
+    /// buffer, or for a row kernel its rows (elements / row length). A
+    /// tensor-core kernel's GPU launch is by tiles instead
+    /// ([`Mma::tiles`]); its extent stays the element count (the CPU's).
     pub extent: Poly,
     /// On the GPU, one block per item of `extent` whose threads share the
     /// item's reductions: a row kernel (softmax, rms_norm, layer_norm; the
@@ -123,8 +127,15 @@ pub struct Kernel {
 impl Kernel {
     /// Threads of the GPU launch with blocks of `block`: one per element
     /// (`extent`), or for a cooperative kernel one block per item
-    /// (`extent * block`).
+    /// (`extent * block`). An error for a tensor-core kernel, whose launch
+    /// is not a polynomial ([`Mma::tiles`]).
     pub fn gpu_threads(&self, block: i64) -> Result<Poly, LowerError> {
+        if self.mma.is_some() {
+            return Err(LowerError::Size {
+                what: format!("threads of `{}`", self.name),
+                message: "a tensor-core kernel launches by tiles (Mma::tiles)".into(),
+            });
+        }
         if !self.cooperative {
             return Ok(self.extent.clone());
         }
