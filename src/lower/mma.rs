@@ -136,3 +136,41 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType]) -> Option<Mma>
     let split_k = k_size.as_constant().is_none_or(|k| k > SHORT_K);
     Some(Mma { split_k, a, b, batch_size: size(&batch)?, batch, m, n, m_size, n_size, k_size, dtype })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::lower::plan;
+
+    fn graph(x_dtype: &str, d: i64, rows: &str) -> crate::ir::Graph {
+        let text = format!(
+            r#"{{"format": "bifurc-graph/1", "dims": {{"runtime": ["b"], "constants": {{"d": {d}}}}},
+              "inputs": [{{"name": "x", "role": "activation", "shape": [{rows}, 1, "d"], "dtype": "{x_dtype}"}},
+                         {{"name": "w", "role": "weight", "shape": [2048, "d"], "dtype": "bf16"}}],
+              "nodes": [{{"id": "p", "op": "matmul", "inputs": ["x", "w"], "attrs": {{"transpose_b": true}}}}],
+              "outputs": [{{"name": "p", "node": "p"}}]}}"#
+        );
+        crate::import::parse(&text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `x [b, 1, d] · Wᵀ` (W [2048, d]) in bf16: the samples are A's rows; a
+    /// reduction over 1024 is split among a block's warps (a block per
+    /// 16 x 8 tile), one over 64 is not (a block per 16 x 64); f32 or mixed
+    /// operands, or fewer than 8 rows, stay on CUDA cores.
+    #[test]
+    fn which_contractions_use_tensor_cores() {
+        let form = |g: &crate::ir::Graph| plan(g).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.clone();
+        let long = form(&graph("bf16", 1024, r#""b""#)).expect("tensor cores");
+        assert_eq!((long.a, long.b, long.split_k), (0, 1, true));
+        assert_eq!((long.m.as_slice(), long.n.as_slice(), long.batch.as_slice()), (&[0, 1][..], &[2][..], &[][..]));
+        assert_eq!(long.tiles(), "256*ceil((b)/16)");
+        let short = form(&graph("bf16", 64, r#""b""#)).expect("tensor cores");
+        assert!(!short.split_k);
+        assert_eq!(short.tiles(), "32*ceil((b)/16)");
+        assert_eq!(form(&graph("f32", 64, r#""b""#)), None, "mixed operands");
+        assert_eq!(form(&graph("bf16", 64, "4")), None, "4 rows");
+        let g = graph("bf16", 64, "40");
+        assert_eq!(form(&g).map(|m| m.tiles()), Some("96".to_string()), "ceil(40/16) * 2048/64");
+        let p = plan(&g).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.kernels[0].gpu_threads(256).is_err(), "launched by tiles");
+    }
+}
