@@ -77,9 +77,10 @@ impl CpuStep {
     }
 
     /// [`CpuStep::compile`] with the GPU's way of splitting the row
-    /// kernels' and cooperative contractions' reductions, emulated (see
-    /// [`Emulation`]): runs the structure of the GPU kernels on the CPU, so
-    /// tests can check it against the reference interpreter.
+    /// kernels' and cooperative contractions' reductions, and its
+    /// tensor-core tiles and warps, emulated (see [`Emulation`]): runs the
+    /// structure of the GPU kernels on the CPU, so tests can check it
+    /// against the reference interpreter.
     pub fn compile_emulating_gpu(graph: &Graph, emulation: Emulation) -> Result<Self, LowerError> {
         let program = plan(graph)?;
         let text = emit_emulating_gpu(graph, &program, emulation)?;

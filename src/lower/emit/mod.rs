@@ -133,8 +133,9 @@ pub fn emit(graph: &Graph, program: &Program, target: Target) -> Result<String, 
 }
 
 /// [`Target::Cpu`] text whose row kernels and cooperative contractions
-/// split their reductions the GPU's way (see [`Emulation`]): for checking
-/// the GPU kernels' structure on a machine without one.
+/// split their reductions the GPU's way, and whose tensor-core kernels run
+/// the GPU's tiles and warps with lanes as loops (see [`Emulation`]): for
+/// checking the GPU kernels' structure on a machine without one.
 pub fn emit_emulating_gpu(graph: &Graph, program: &Program, emulation: Emulation) -> Result<String, LowerError> {
     emit_with(graph, program, Target::Cpu, Some(emulation))
 }
@@ -198,7 +199,9 @@ pub(crate) enum Lanes {
 /// [`Lanes::Emulated`]), so that the reference interpreter can check them:
 /// `lanes` threads per block, and contractions over at least
 /// `cooperative_min` elements made cooperative (the GPU uses
-/// [`crate::lower::plan::COOPERATIVE_MIN`]).
+/// [`crate::lower::plan::COOPERATIVE_MIN`]). Tensor-core kernels (the
+/// program's [`crate::lower::plan::Kernel::mma`]) are always emulated with
+/// their 8 warps of 32 lanes (see `emit::mma`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Emulation {
     pub lanes: usize,
@@ -281,7 +284,7 @@ fn kernel_fn(
     };
     let extent = if let Some((m, mode, j)) = mma {
         if mode == MmaMode::Gpu {
-            // One block per tile.
+            // The block id is the item: a tile, or eight along n (see `mma`).
             kc.lanes = Lanes::Block;
         }
         kc.mma_kernel(j, m, &flat, (&out_ptr, out.dtype, sizes.clone()), mode, &mut opened)?
