@@ -17,6 +17,12 @@
 //!   elements `t, t + block_dim, …`, see `Kc::lanes`) and combine
 //!   their partial statistics with `gpu.all_reduce`.
 //!
+//! - **Tensor-core kernels** (a bf16 / f16 contraction with a
+//!   [`crate::lower::plan::Kernel::mma`] form) compute 16 × 8 output tiles
+//!   with `nvvm.mma.sync`, a block of 8 warps per tile or per 8 tiles
+//!   (see `mma`); on the CPU they are compiled like any contraction,
+//!   unless emulated ([`Emulation`]).
+//!
 //! - Reads go through **views** without copies: transpose permutes the
 //!   index, broadcast drops new leading axes and reads index 0 on stretched
 //!   size-1 axes, slice adds its start, reshape linearizes and delinearizes
