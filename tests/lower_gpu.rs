@@ -443,6 +443,22 @@ fn tensor_core_kernels() {
     insta::assert_snapshot!("tensor_core_scores_einsum", kernel("k8_l0_attn_scores_einsum1"));
     insta::assert_snapshot!("tensor_core_context_einsum", kernel("k12_l0_attn_context_einsum1"));
 
+    // The command line: the count in compile's summary, and the flag.
+    let dir = common::scratch("lower-gpu", "tensor-cores");
+    let model = dir.join("model.json");
+    std::fs::write(&model, bifurc::export::to_string(&bifurc::export::to_json(&graph))).unwrap();
+    for (flag, want) in [(None, "(19 on tensor cores)"), (Some("--no-tensor-cores"), "(0 on tensor cores)")] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bifurc"));
+        cmd.arg("compile").arg(&model).arg("-o").arg(dir.join("step.ptx")).args(flag);
+        let out = cmd.env("BIFURC_LIBDEVICE", &libdevice).output().expect("run bifurc");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(want),
+            "{flag:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     let off = compile(&graph, &CompileOptions { tensor_cores: false, ..o }).unwrap();
     assert!(!off.mlir.contains("nvvm.mma.sync") && !off.ptx.contains("mma.sync"), "tensor cores off");
     assert!(off.tensor_core_kernels.is_empty());
