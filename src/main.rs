@@ -165,6 +165,20 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Draw a bench table as SVG plots (speedup.svg, latency.svg).
+    ///
+    /// Reads bench.csv from `bifurc bench`, or from `bifurc-run bench` on a GPU machine (whose
+    /// runtime-only binary draws nothing): bring its OUT/bench/bench.csv back and plot it here.
+    Plot {
+        /// The bench.csv to read.
+        csv: PathBuf,
+        /// Directory for the SVGs (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Plot title (default: the CSV's path).
+        #[arg(long)]
+        title: Option<String>,
+    },
     /// Fill a context and decode samples from it in parallel with a compiled artifact.
     ///
     /// Loads the manifest beside the PTX (step.ptx -> step.manifest.json). --device cpu
@@ -409,6 +423,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Compile { model, output, target, shape, no_bifurcate, no_tensor_cores, dtype, emit, libdevice } => {
             compile(&model, output.as_deref(), target, shape, no_bifurcate, no_tensor_cores, dtype, emit, libdevice)?;
+        }
+        Command::Plot { csv, out, title } => {
+            let text = std::fs::read_to_string(&csv).with_context(|| format!("cannot read {}", csv.display()))?;
+            let rows = bifurc::bench::rows_from_csv(&text).map_err(|e| anyhow::anyhow!("{}: {e}", csv.display()))?;
+            let title = title.unwrap_or_else(|| csv.display().to_string());
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            bifurc::bench::write_svgs(&rows, &out, &title)
+                .with_context(|| format!("cannot write plots in {}", out.display()))?;
+            eprintln!("wrote speedup.svg, latency.svg in {} ({} points)", out.display(), rows.len());
         }
         Command::Bench { model, samples, context, decoded, repeats, optimize_at, seed, out } => {
             let graph = load(&model)?;

@@ -40,3 +40,38 @@ fn bench_rejects_multi_level_graphs() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("multi-level graphs are not benchmarked"));
 }
+
+/// `bifurc plot` draws a GPU machine's `bifurc-run bench` table (skipped
+/// points left out) and names a file that is not a bench table.
+#[test]
+fn plot_cli_draws_a_gpu_bench_table() {
+    let dir = std::env::temp_dir().join(format!("bifurc-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let csv = dir.join("bench.csv");
+    std::fs::write(
+        &csv,
+        "b,m_c,m_d,baseline_ms,bifurcated_ms,speedup,predicted_speedup,note\n\
+         1,2048,256,3.0,2.9,1.03,1.0,\"\"\n16,2048,256,10.0,3.0,3.33,4.0,\"\"\n32,8192,256,,,,,\"skipped, budget\"\n",
+    )
+    .expect("write csv");
+    let plots = dir.join("plots");
+    let out = Command::new(env!("CARGO_BIN_EXE_bifurc"))
+        .arg("plot")
+        .arg(&csv)
+        .arg("--out")
+        .arg(&plots)
+        .output()
+        .expect("run bifurc");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(2 points)"));
+    for svg in ["speedup.svg", "latency.svg"] {
+        let text = std::fs::read_to_string(plots.join(svg)).expect("svg written");
+        assert!(text.starts_with("<svg"), "{svg}");
+    }
+    std::fs::write(&csv, "x,y\n1,2\n").expect("write csv");
+    let out = Command::new(env!("CARGO_BIN_EXE_bifurc")).arg("plot").arg(&csv).arg("--out").arg(&plots).output();
+    let out = out.expect("run bifurc");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 1: not a bench table"));
+    std::fs::remove_dir_all(&dir).ok();
+}

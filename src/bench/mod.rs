@@ -2,12 +2,15 @@
 //! bifurcated, over a sweep of samples × context length, timed side by side
 //! (alternating runs share the machine's noise) with the bytes model's
 //! prediction beside each measured ratio. CPU here (the MLIR JIT); the CUDA
-//! equivalent is `bifurc-run bench` on a GPU machine.
+//! equivalent is `bifurc-run bench` on a GPU machine, whose table
+//! [`rows_from_csv`] reads back for `bifurc plot`.
 
 mod plot;
+mod read;
 mod report;
 
 pub use plot::write_svgs;
+pub use read::rows_from_csv;
 pub use report::{to_csv, to_markdown};
 
 use crate::cpu_backend::CpuBackend;

@@ -1,0 +1,86 @@
+//! Bench tables read back: `bifurc bench`'s bench.csv, or `bifurc-run
+//! bench`'s from a GPU machine (columns `b, m_c, m_d, baseline_ms,
+//! bifurcated_ms, …, predicted_speedup`), so that `bifurc plot` can draw
+//! either.
+
+use super::Row;
+
+/// Column names of each format: samples, context, decoded, baseline ms,
+/// bifurcated ms, predicted speedup.
+const FORMATS: [[&str; 6]; 2] = [
+    ["samples", "context", "decoded", "baseline_ms", "bifurcated_ms", "predicted_speedup"],
+    ["b", "m_c", "m_d", "baseline_ms", "bifurcated_ms", "predicted_speedup"],
+];
+
+/// The rows of a bench CSV with both latencies measured (a point the bench
+/// skipped, its latency cells empty, is left out). Errors name the line.
+pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let (_, header) = lines.next().ok_or("the file is empty")?;
+    let names: Vec<&str> = header.split(',').map(str::trim).collect();
+    let columns: Vec<usize> = FORMATS
+        .iter()
+        .find_map(|f| f.iter().map(|c| names.iter().position(|n| n == c)).collect::<Option<Vec<usize>>>())
+        .ok_or_else(|| {
+            format!("line 1: not a bench table (wants columns {} or {})", FORMATS[0].join(","), FORMATS[1].join(","))
+        })?;
+    let mut rows = Vec::new();
+    for (i, line) in lines {
+        // Only the leading numeric columns are read; a quoted note comes last.
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        let cell = |c: usize| cells.get(columns[c]).copied().unwrap_or("");
+        if cell(3).is_empty() || cell(4).is_empty() {
+            continue;
+        }
+        let int = |c: usize| -> Result<i64, String> {
+            cell(c)
+                .parse()
+                .map_err(|_| format!("line {}: `{}` is not an integer ({})", i + 1, cell(c), names[columns[c]]))
+        };
+        let num = |c: usize| -> Result<f64, String> {
+            cell(c)
+                .parse()
+                .map_err(|_| format!("line {}: `{}` is not a number ({})", i + 1, cell(c), names[columns[c]]))
+        };
+        rows.push(Row {
+            samples: int(0)?,
+            context: int(1)?,
+            decoded: int(2)?,
+            baseline_ms: num(3)?,
+            bifurcated_ms: num(4)?,
+            predicted: num(5)?,
+        });
+    }
+    if rows.is_empty() {
+        return Err("no measured rows".to_string());
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_both_formats_and_skips_unmeasured_points() {
+        let ours = super::super::to_csv(&[Row {
+            samples: 8,
+            context: 1024,
+            decoded: 16,
+            baseline_ms: 2.0,
+            bifurcated_ms: 1.0,
+            predicted: 3.0,
+        }]);
+        let rows = rows_from_csv(&ours).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((rows[0].samples, rows[0].context, rows[0].speedup(), rows[0].predicted), (8, 1024, 2.0, 3.0));
+        let gpu = "b,m_c,m_d,baseline_ms,bifurcated_ms,speedup,predicted_speedup,note\n\
+                   16,8192,256,4.5,1.5,3.0,5.1,\"\"\n32,8192,256,,,,,\"time budget spent, skipped\"\n";
+        let rows = rows_from_csv(gpu).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].samples, rows[0].decoded, rows[0].baseline_ms), (16, 256, 4.5));
+        let err = rows_from_csv("x,y\n1,2\n").unwrap_err();
+        assert!(err.contains("not a bench table"), "{err}");
+        let err = rows_from_csv("b,m_c,m_d,baseline_ms,bifurcated_ms,predicted_speedup\n1,2,3,abc,1,1\n").unwrap_err();
+        assert_eq!(err, "line 2: `abc` is not a number (baseline_ms)");
+    }
+}
