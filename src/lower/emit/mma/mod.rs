@@ -86,8 +86,9 @@ struct Tile {
 
 impl Kc<'_> {
     /// The body of tensor-core kernel node `j` (see the module doc); `flat`
-    /// is the tile (GPU: the block id). Returns the number of tiles (the
-    /// GPU's guard). On the CPU the tile loop is opened here (`opened`).
+    /// is the block (GPU: the block id). Returns the number of blocks (the
+    /// GPU's guard). On the CPU the loop over blocks is opened here
+    /// (counted in `opened`).
     pub(crate) fn mma_kernel(
         &mut self,
         j: usize,
@@ -113,12 +114,12 @@ impl Kc<'_> {
         let nblocks = self.ceil_div(&n, n_block);
         let ksteps = self.ceil_div(&k, TILE_K);
         let mn = self.b.hoist(&format!("arith.muli {mtiles}, {nblocks} : index"));
-        let tiles = self.b.hoist(&format!("arith.muli {mn}, {batch} : index"));
+        let blocks = self.b.hoist(&format!("arith.muli {mn}, {batch} : index"));
         let flat = match mode {
             MmaMode::Gpu => flat.to_owned(),
             MmaMode::Emulated => {
                 *opened += 1;
-                self.b.open_loop(&tiles)
+                self.b.open_loop(&blocks)
             }
         };
         let at = self.b.delinearize(&flat, &[batch.clone(), nblocks, mtiles]);
@@ -150,7 +151,7 @@ impl Kc<'_> {
             MmaMode::Gpu => self.mma_gpu(j, mma, &tile)?,
             MmaMode::Emulated => self.mma_emulated(j, mma, &tile)?,
         }
-        Ok(tiles)
+        Ok(blocks)
     }
 
     fn mma_gpu(&mut self, j: usize, mma: &Mma, tile: &Tile) -> Result<(), LowerError> {
@@ -192,7 +193,7 @@ impl Kc<'_> {
                 let i = self.b.index(i as i64);
                 self.store_output(tile, &n0, &lane, &i, r)?;
             }
-            self.b.close();
+            self.b.close(); // the live-warp guard
             return Ok(());
         }
         let four = self.b.index(4);
@@ -274,8 +275,8 @@ impl Kc<'_> {
             let sum = self.b.fbin("addf", &old, &dot);
             self.b.store(&scratch, &at, DType::F32, Val::f32(sum));
         }
-        self.b.close();
-        self.b.close();
+        self.b.close(); // lanes
+        self.b.close(); // steps
         if !tile.split {
             // Each lane stores its four accumulators.
             let lane = self.b.open_loop(&lanes);
@@ -286,12 +287,12 @@ impl Kc<'_> {
                 let i = self.b.index(i);
                 self.store_output(tile, &n0, &lane, &i, &v)?;
             }
-            self.b.close();
-            self.b.close();
-            self.b.close();
+            self.b.close(); // lanes
+            self.b.close(); // the live-warp guard
+            self.b.close(); // warps
             return Ok(());
         }
-        self.b.close();
+        self.b.close(); // warps
         let outputs = self.b.index(PARTIALS / WARPS);
         let tid = self.b.open_loop(&outputs);
         let total = self.sum_partials(&tid, Some(&scratch))?;
