@@ -117,9 +117,9 @@ enum Command {
         #[arg(long)]
         no_bifurcate: bool,
         /// Run every contraction on CUDA cores. By default a bf16 / f16 contraction with at
-        /// least 8 rows on its smaller side at a typical decode shape (b=32, m_c=8192,
-        /// m_d=256; the projections, the context einsums of bifurcated attention) runs on
-        /// tensor cores (mma.sync, f32 accumulation).
+        /// least 8 rows on its smaller side at the --shape point (b=32: the projections, the
+        /// context einsums of bifurcated attention) runs on tensor cores (mma.sync, f32
+        /// accumulation).
         #[arg(long)]
         no_tensor_cores: bool,
         /// Storage dtype of every float input and node (default: as in model.json).

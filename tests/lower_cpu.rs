@@ -467,7 +467,7 @@ fn tensor_core_kernels_emulated_match_interpreter() {
         let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
         let mma: Vec<&str> = program.kernels.iter().filter(|k| k.mma.is_some()).map(|k| k.name.as_str()).collect();
         assert_eq!(mma.len(), want, "{name}: tensor-core kernels {mma:?}");
-        let off = plan_with(&g, false).unwrap_or_else(|e| panic!("{e}"));
+        let off = plan_with(&g, None).unwrap_or_else(|e| panic!("{e}"));
         assert!(off.kernels.iter().all(|k| k.mma.is_none()), "{name}: tensor cores off");
         let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
         let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -459,6 +459,11 @@ fn tensor_core_kernels() {
         );
     }
 
+    // Compiled for one sample, no contraction has 8 rows: all on CUDA cores
+    // (and the artifact still runs at b = 32).
+    let single = compile(&graph, &opts(&libdevice, GpuTarget::Sm90, "b=1")).unwrap();
+    assert!(single.tensor_core_kernels.is_empty(), "{:?}", single.tensor_core_kernels);
+
     let off = compile(&graph, &CompileOptions { tensor_cores: false, ..o }).unwrap();
     assert!(!off.mlir.contains("nvvm.mma.sync") && !off.ptx.contains("mma.sync"), "tensor cores off");
     assert!(off.tensor_core_kernels.is_empty());

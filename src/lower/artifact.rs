@@ -39,7 +39,8 @@ pub struct CompileOptions {
     pub libdevice: Option<PathBuf>,
     /// Optimizer limits.
     pub limits: Limits,
-    /// Run bf16 / f16 contractions on tensor cores (see [`crate::lower::mma`]).
+    /// Run bf16 / f16 contractions on tensor cores where they have enough
+    /// rows at `point` (see [`crate::lower::mma`]).
     pub tensor_cores: bool,
 }
 
@@ -120,7 +121,8 @@ pub fn prepare(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, Option<Op
 /// GPU. Returns the lowered graph and the kernel module's text.
 pub fn lower_mlir(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, String), CompileError> {
     let (lowered, _) = prepare(graph, opts)?;
-    let program = plan_with(&lowered, opts.tensor_cores)?;
+    let point = opts.point.for_graph(&lowered)?;
+    let program = plan_with(&lowered, opts.tensor_cores.then_some(&point.0))?;
     let mlir = emit(&lowered, &program, Target::Gpu)?;
     Ok((lowered, mlir))
 }
@@ -130,7 +132,7 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<Artifact, Compile
     let libdevice = find_libdevice(opts.libdevice.as_deref())?;
     let (lowered, report) = prepare(graph, opts)?;
     let point = opts.point.for_graph(&lowered)?;
-    let program = plan_with(&lowered, opts.tensor_cores)?;
+    let program = plan_with(&lowered, opts.tensor_cores.then_some(&point.0))?;
     let mlir = emit(&lowered, &program, Target::Gpu)?;
     let shared = to_shared_ptx(&mlir, opts.target, &libdevice)?;
     // Bytes before: the input graph as given (re-typed), at the same point.

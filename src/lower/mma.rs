@@ -7,14 +7,15 @@
 //! `out[batch, m, n] = Σ_k A[batch, m, k] · B[batch, n, k]`: its output
 //! axes split into **batch** (indexed by both operands, or by neither),
 //! **m** (only by A) and **n** (only by B). A is the operand whose own
-//! axes span fewer outputs at the typical point (the samples: `b` for a
+//! axes span fewer outputs at the compile point (the samples: `b` for a
 //! projection `x · Wᵀ`, `b·p·n` for the context einsums of bifurcated
 //! attention), B the other (the weights, the shared context cache).
 //!
-//! It is taken when the m side fills at least half a tile at the typical
-//! point ([`MIN_M`]): with one row (the baseline's attention over a
-//! per-sample cache) a tile would load 16 rows to use one, and CUDA cores
-//! do better. Products of bf16 / f16 values are exact in f32, so the
+//! It is taken when the m side fills at least half a tile at the compile
+//! point ([`MIN_M`]; `bifurc compile --shape`, default b = 32): with one
+//! row (the baseline's attention over a per-sample cache, any contraction
+//! compiled for b = 1) a tile would load 16 rows to use one, and CUDA
+//! cores do better. The artifact still runs at every point. Products of bf16 / f16 values are exact in f32, so the
 //! result differs from the CUDA-core kernel only by summation order.
 //!
 //! Launch (see `emit::mma`): blocks of [`WARPS`] warps; a long reduction
@@ -23,7 +24,9 @@
 
 use crate::ir::{shape::numel, DType, Graph, Op, Poly};
 
-use super::plan::{coverage, typical_point};
+use std::collections::BTreeMap;
+
+use super::plan::coverage;
 
 /// Rows (m) of one output tile.
 pub const TILE_M: i64 = 16;
@@ -33,7 +36,7 @@ pub const TILE_N: i64 = 8;
 pub const TILE_K: i64 = 16;
 /// Warps of a block: each takes every `WARPS`-th step of the reduction.
 pub const WARPS: i64 = 8;
-/// Least m (rows of A) at the typical point for a tensor-core kernel.
+/// Least m (rows of A) at the compile point for a tensor-core kernel.
 pub const MIN_M: i64 = 8;
 /// Longest constant reduction a warp walks alone (see [`Mma::split_k`]).
 pub const SHORT_K: i64 = 256;
@@ -89,8 +92,9 @@ impl Mma {
 }
 
 /// The tensor-core form of contraction node `j` whose kernel reads buffers
-/// of `dtypes` (through views), if it has one (see the module doc).
-pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType]) -> Option<Mma> {
+/// of `dtypes` (through views), if it has one at `point` (see the module
+/// doc).
+pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType], point: &BTreeMap<String, i64>) -> Option<Mma> {
     let dtype = *dtypes.first()?;
     if !matches!(dtype, DType::BF16 | DType::F16) || dtypes.iter().any(|&d| d != dtype) {
         return None;
@@ -124,8 +128,7 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType]) -> Option<Mma>
         let shape: Vec<Poly> = axes.iter().map(|&a| node.shape[a].clone()).collect();
         numel(&graph.dims, &shape).ok()
     };
-    let point = typical_point(graph);
-    let at_point = |p: &Poly| graph.dims.eval(p, &point).ok();
+    let at_point = |p: &Poly| graph.dims.eval(p, point).ok();
     let (s0, s1) = (size(&only0)?, size(&only1)?);
     let (a, b, m, n, m_size, n_size) =
         if at_point(&s1)? < at_point(&s0)? { (1, 0, only1, only0, s1, s0) } else { (0, 1, only0, only1, s0, s1) };
@@ -139,7 +142,7 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType]) -> Option<Mma>
 
 #[cfg(test)]
 mod tests {
-    use crate::lower::plan;
+    use crate::lower::{plan, plan_with};
 
     fn graph(x_dtype: &str, d: i64, rows: &str) -> crate::ir::Graph {
         let text = format!(
@@ -172,5 +175,11 @@ mod tests {
         assert_eq!(form(&g).map(|m| m.tiles()), Some("96".to_string()), "ceil(40/16) * 2048/64");
         let p = plan(&g).unwrap_or_else(|e| panic!("{e}"));
         assert!(p.kernels[0].gpu_threads(256).is_err(), "launched by tiles");
+        // The choice is made at the point given: 4 samples are too few rows.
+        let g = graph("bf16", 1024, r#""b""#);
+        let at = |b: i64| std::collections::BTreeMap::from([("b".to_string(), b)]);
+        let planned = |b| plan_with(&g, Some(&at(b))).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.is_some();
+        assert!(planned(8) && !planned(4));
+        assert!(plan_with(&g, None).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.is_none());
     }
 }

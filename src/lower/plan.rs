@@ -465,15 +465,16 @@ fn shape_of(graph: &Graph, shape: &[Poly], what: &str) -> Result<Vec<Poly>, Lowe
         .collect()
 }
 
-/// Plans `graph` (see the module doc) with tensor-core contractions where
-/// they apply. Deterministic.
+/// Plans `graph` (see the module doc), with tensor-core contractions where
+/// they apply at the typical point ([`typical_point`]). Deterministic.
 pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
-    plan_with(graph, true)
+    plan_with(graph, Some(&typical_point(graph)))
 }
 
-/// [`plan`], with `tensor_cores` off: no kernel gets an [`Mma`] form (every
+/// [`plan`], choosing tensor-core contractions at `tensor_cores` (a value
+/// for every runtime dim: the compile point), or none (`None`: every
 /// contraction runs on CUDA cores).
-pub fn plan_with(graph: &Graph, tensor_cores: bool) -> Result<Program, LowerError> {
+pub fn plan_with(graph: &Graph, tensor_cores: Option<&BTreeMap<String, i64>>) -> Result<Program, LowerError> {
     let kinds = classify(graph);
     let mut buffers = Vec::new();
     for inp in &graph.inputs {
@@ -541,7 +542,10 @@ pub fn plan_with(graph: &Graph, tensor_cores: bool) -> Result<Program, LowerErro
             threads.remove(axis);
         }
         let dtypes: Vec<DType> = reads.iter().map(|&r| buffers[r].dtype).collect();
-        let mma = node_index.filter(|_| tensor_cores && row.is_none()).and_then(|j| mma_form(graph, j, &dtypes));
+        let mma = match (node_index, tensor_cores) {
+            (Some(j), Some(point)) if row.is_none() => mma_form(graph, j, &dtypes, point),
+            _ => None,
+        };
         let cooperative = row.is_some()
             || (mma.is_none() && node_index.is_some_and(|j| cooperative_contraction(graph, j, COOPERATIVE_MIN)));
         if let Some(reuse) = node_index.filter(|_| row.is_none() && cooperative).and_then(|j| reuse_axes(graph, j)) {
