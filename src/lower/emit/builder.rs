@@ -253,18 +253,7 @@ impl Builder {
             return (vec![r], j, vec![a]);
         }
         let (c0, c1) = (self.index(0), self.index(1));
-        let (r, j) = (self.fresh(), self.fresh());
-        let accs: Vec<String> = inits.iter().map(|_| self.fresh()).collect();
-        let args: Vec<String> = accs.iter().zip(inits).map(|(a, i)| format!("{a} = {i}")).collect();
-        let tys = vec!["f32"; inits.len()].join(", ");
-        let n = inits.len();
-        self.line(&format!(
-            "{r}:{n} = scf.for {j} = {c0} to {ub} step {c1} iter_args({}) -> ({tys}) {{",
-            args.join(", ")
-        ));
-        self.depth += 1;
-        let results = (0..n).map(|k| format!("{r}#{k}")).collect();
-        (results, j, accs)
+        self.open_for_typed_from(&c0, ub, &c1, inits, "f32")
     }
 
     /// Opens `scf.for %j = 0 to ub step step` carrying accumulators of MLIR
@@ -330,10 +319,7 @@ impl Builder {
 
     /// Yields the next accumulators (f32) and closes the loop.
     pub(crate) fn close_for_n(&mut self, nexts: &[String]) {
-        let tys = vec!["f32"; nexts.len()].join(", ");
-        self.line(&format!("scf.yield {} : {tys}", nexts.join(", ")));
-        self.depth = self.depth.saturating_sub(1);
-        self.line("}");
+        self.close_for_typed(nexts, "f32");
     }
 
     /// Opens `scf.for %j = 0 to ub` without results (a loop of stores);
