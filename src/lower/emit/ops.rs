@@ -582,24 +582,49 @@ impl Kc<'_> {
     fn softmax_stats(&mut self, j: usize, x: Value, axis: usize, idx: &[String]) -> Result<[String; 2], LowerError> {
         let shape = self.graph.shape_of(x).clone();
         let len = self.sizes(shape.get(axis..=axis).ok_or_else(|| self.unsupported(j, "softmax axis"))?)?.remove(0);
-        let ninf = self.b.f32(f32::NEG_INFINITY);
-        let zero = self.b.f32(0.0);
-        let (max, l, a) = self.row_for(&len, &ninf);
         let mut at = idx.to_vec();
+        let max = self.softmax_max(x, &mut at, axis, &len)?;
+        let sum = self.softmax_sum(x, &mut at, axis, &len, &max, None)?;
+        Ok([max, sum])
+    }
+
+    /// The lane's max of `x` along `axis` (`at[axis]` walks the lane),
+    /// combined over the block.
+    fn softmax_max(&mut self, x: Value, at: &mut [String], axis: usize, len: &str) -> Result<String, LowerError> {
+        let ninf = self.b.f32(f32::NEG_INFINITY);
+        let (max, l, a) = self.row_for(len, &ninf);
         at[axis] = l;
-        let v = self.loadf(x, &at)?;
+        let v = self.loadf(x, at)?;
         let m = self.b.fbin("maximumf", &a, &v);
         self.b.close_for(&m, Ty::F32);
-        let max = self.row_combine("maximumf", &max);
-        let (sum, l, a) = self.row_for(&len, &zero);
+        Ok(self.row_combine("maximumf", &max))
+    }
+
+    /// The lane's sum of `exp(x - max)` along `axis`, combined over the
+    /// block; each `exp` is also stored at its offset in `store` (pointer,
+    /// row-major sizes, dtype) when given.
+    fn softmax_sum(
+        &mut self,
+        x: Value,
+        at: &mut [String],
+        axis: usize,
+        len: &str,
+        max: &str,
+        store: Option<(&str, &[String], crate::ir::DType)>,
+    ) -> Result<String, LowerError> {
+        let zero = self.b.f32(0.0);
+        let (sum, l, a) = self.row_for(len, &zero);
         at[axis] = l;
-        let v = self.loadf(x, &at)?;
-        let d = self.b.fbin("subf", &v, &max);
+        let v = self.loadf(x, at)?;
+        let d = self.b.fbin("subf", &v, max);
         let e = self.b.math("exp", &d);
+        if let Some((ptr, sizes, dtype)) = store {
+            let off = self.b.linearize(at, sizes);
+            self.b.store(ptr, &off, dtype, Val::f32(e.clone()));
+        }
         let s = self.b.fbin("addf", &a, &e);
         self.b.close_for(&s, Ty::F32);
-        let sum = self.row_combine("add", &sum);
-        Ok([max, sum])
+        Ok(self.row_combine("add", &sum))
     }
 
     fn softmax_elem(&mut self, x: Value, [max, sum]: &[String; 2], idx: &[String]) -> Result<Val, LowerError> {
@@ -698,22 +723,8 @@ impl Kc<'_> {
                 let x = arg(self, 0)?;
                 let ninf = self.b.f32(f32::NEG_INFINITY);
                 let (zero, one) = (self.b.f32(0.0), self.b.f32(1.0));
-                let (max, l, a) = self.row_for(&len, &ninf);
-                at[axis] = l;
-                let v = self.loadf(x, &at)?;
-                let m = self.b.fbin("maximumf", &a, &v);
-                self.b.close_for(&m, Ty::F32);
-                let max = self.row_combine("maximumf", &max);
-                let (sum, l, a) = self.row_for(&len, &zero);
-                at[axis] = l;
-                let v = self.loadf(x, &at)?;
-                let d = self.b.fbin("subf", &v, &max);
-                let e = self.b.math("exp", &d);
-                let off = self.b.linearize(&at, out_sizes);
-                self.b.store(out_ptr, &off, out_dtype, Val::f32(e.clone()));
-                let s = self.b.fbin("addf", &a, &e);
-                self.b.close_for(&s, Ty::F32);
-                let sum = self.row_combine("add", &sum);
+                let max = self.softmax_max(x, &mut at, axis, &len)?;
+                let sum = self.softmax_sum(x, &mut at, axis, &len, &max, Some((out_ptr, out_sizes, out_dtype)))?;
                 let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
                 let inv = self.b.fbin("divf", &one, &sum);
                 let l = self.row_loop(&len);
