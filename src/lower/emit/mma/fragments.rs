@@ -86,16 +86,15 @@ impl Kc<'_> {
                 (kv.clone(), None)
             });
         }
-        let st = storage(mma.dtype);
+        // An element as f32: a value of the operand type widened (the form
+        // reads only bf16 / f16 buffers, see `mma_form`), so packing it
+        // back into a register pair is exact.
         let element = |kc: &mut Self, p: usize, out_idx: &[String], at: usize| -> Result<String, LowerError> {
             let (kv, ok) = &guarded[at];
             let idx = kc.contraction_operand_index(j, p, out_idx, kv)?;
             let v = kc.graph.nodes[j].inputs[p];
             let x = kc.load(v, &idx)?;
             let x = kc.b.coerce(x, Ty::F32).ssa;
-            // Exact for stored bf16 / f16 data; the emulation rounds as the GPU does.
-            let r = kc.b.op(&format!("arith.truncf {x} : f32 to {st}"));
-            let x = kc.b.op(&format!("arith.extf {r} : {st} to f32"));
             Ok(match ok {
                 Some(ok) => {
                     let z = kc.b.f32(0.0);
