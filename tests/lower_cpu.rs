@@ -110,6 +110,9 @@ const QWEN2_BIAS: &str = r#"{"model_type": "qwen2", "hidden_size": 32, "intermed
 const GPT2_MHA: &str = r#"{"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2,
   "n_positions": 128, "vocab_size": 80, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}"#;
 
+const GPT2_HEAD32: &str = r#"{"model_type": "gpt2", "n_embd": 64, "n_head": 2, "n_layer": 2,
+  "n_positions": 128, "vocab_size": 80, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}"#;
+
 const BIGCODE_MQA: &str = r#"{"model_type": "gpt_bigcode", "n_embd": 32, "n_head": 4, "n_inner": 64,
   "n_layer": 2, "n_positions": 128, "vocab_size": 72, "layer_norm_epsilon": 1e-5, "multi_query": true,
   "activation_function": "gelu_pytorch_tanh"}"#;
@@ -449,7 +452,8 @@ fn gpu_block_kernels_emulated_match_interpreter() {
 /// Shapes leave every tile ragged: samples past 16 (two row tiles, the
 /// second nearly empty), context lengths that are not multiples of 8 or 16
 /// (the context einsums' columns and the w·V reduction), head dim 8 (a
-/// reduction shorter than one step), an empty decode cache.
+/// reduction shorter than one step), an empty decode cache; head dim 32
+/// walks q·K in chunks (16-byte loads from the pitched context cache).
 #[test]
 fn tensor_core_kernels_emulated_match_interpreter() {
     let points = vec![
@@ -462,6 +466,7 @@ fn tensor_core_kernels_emulated_match_interpreter() {
         ("bf16 llama gqa (bifurcated)", bifurcated(&from_config(LLAMA_GQA, Some(DType::BF16)), at), 2 * 9 + 1),
         ("f16 gpt2 (bifurcated)", bifurcated(&from_config(GPT2_MHA, Some(DType::F16)), at), 2 * 6 + 1),
         ("bf16 llama gqa", from_config(LLAMA_GQA, Some(DType::BF16)), 2 * 7 + 1),
+        ("bf16 gpt2 head dim 32 (bifurcated)", bifurcated(&from_config(GPT2_HEAD32, Some(DType::BF16)), at), 2 * 6 + 1),
     ];
     for (name, g, want) in cases {
         let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
@@ -480,7 +485,9 @@ fn tensor_core_kernels_emulated_match_interpreter() {
 /// batch and without `transpose_b` (B read across rows), a batched
 /// `transpose_b` matmul, an einsum whose row and column axes interleave in
 /// the output, one summing its first axis; A is the second operand in those
-/// and the first in the last one. Reductions of 20 (a ragged last step).
+/// and the first in the last one. Reductions of 20 (a ragged last step),
+/// 300 and 320 (split among warps), 32, 64 and 320 (the chunked walk: its
+/// 16-byte loads, alone or against an operand read across rows).
 #[test]
 fn tensor_core_forms_match_interpreter() {
     let text = r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["m"], "constants": {"k": 20}},
@@ -500,7 +507,10 @@ fn tensor_core_forms_match_interpreter() {
         {"name": "e", "role": "activation", "shape": ["m", 32], "dtype": "bf16"},
         {"name": "f", "role": "weight", "shape": [24, 32], "dtype": "bf16"},
         {"name": "h", "role": "activation", "shape": ["m", 320], "dtype": "bf16"},
-        {"name": "o", "role": "weight", "shape": [12, 320], "dtype": "bf16"}],
+        {"name": "o", "role": "weight", "shape": [12, 320], "dtype": "bf16"},
+        {"name": "c", "role": "activation", "shape": ["m", 64], "dtype": "bf16"},
+        {"name": "d", "role": "weight", "shape": [64, 24], "dtype": "bf16"},
+        {"name": "l", "role": "weight", "shape": [320, 12], "dtype": "bf16"}],
       "nodes": [
         {"id": "mm", "op": "matmul", "inputs": ["x", "w"], "dtype": "f32"},
         {"id": "bmm", "op": "matmul", "inputs": ["a", "b"], "attrs": {"transpose_b": true}, "dtype": "f32"},
@@ -509,10 +519,13 @@ fn tensor_core_forms_match_interpreter() {
         {"id": "swap", "op": "einsum", "inputs": ["big", "t"], "attrs": {"spec": "nk,mik->min"}, "dtype": "f32"},
         {"id": "long", "op": "einsum", "inputs": ["u", "v"], "attrs": {"spec": "mk,nk->mn"}, "dtype": "f32"},
         {"id": "pairs", "op": "matmul", "inputs": ["e", "f"], "attrs": {"transpose_b": true}, "dtype": "f32"},
-        {"id": "split_pairs", "op": "matmul", "inputs": ["h", "o"], "attrs": {"transpose_b": true}, "dtype": "f32"}],
+        {"id": "split_pairs", "op": "matmul", "inputs": ["h", "o"], "attrs": {"transpose_b": true}, "dtype": "f32"},
+        {"id": "chunks", "op": "matmul", "inputs": ["c", "d"], "dtype": "f32"},
+        {"id": "split_chunks", "op": "matmul", "inputs": ["h", "l"], "dtype": "f32"}],
       "outputs": [{"name": "mm", "node": "mm"}, {"name": "bmm", "node": "bmm"}, {"name": "mix", "node": "mix"},
                   {"name": "first", "node": "first"}, {"name": "swap", "node": "swap"}, {"name": "long", "node": "long"},
-                  {"name": "pairs", "node": "pairs"}, {"name": "split_pairs", "node": "split_pairs"}]}"#;
+                  {"name": "pairs", "node": "pairs"}, {"name": "split_pairs", "node": "split_pairs"},
+                  {"name": "chunks", "node": "chunks"}, {"name": "split_chunks", "node": "split_chunks"}]}"#;
     let g = bifurc::import::parse(text).unwrap_or_else(|e| panic!("{e}"));
     let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
     let forms: Vec<(&str, usize, bool)> = program
@@ -531,6 +544,8 @@ fn tensor_core_forms_match_interpreter() {
         ("long", 1, true),
         ("pairs", 1, false),
         ("split_pairs", 1, true),
+        ("chunks", 1, false),
+        ("split_chunks", 1, true),
     ];
     assert_eq!(forms, want, "A operands, split");
     let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };

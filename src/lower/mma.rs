@@ -21,6 +21,12 @@
 //! Launch (see `emit::mma`): blocks of [`WARPS`] warps; a long reduction
 //! is split among a block's warps, each working on the same 16 × 8 output
 //! tile, a short one is not (see [`Mma::split_k`]).
+//!
+//! A constant reduction that is a multiple of [`CHUNK_K`] is walked in
+//! chunks of 32 whose elements are permuted among the two steps' fragment
+//! slots so that each lane reads 8 *adjacent* elements of each of its rows
+//! (one 16-byte load where the operand is stored with the reduction
+//! innermost): the sum over the chunk is the same, in another order.
 
 use crate::ir::{shape::numel, DType, Graph, Op, Poly};
 
@@ -40,6 +46,9 @@ pub const WARPS: i64 = 8;
 pub const MIN_M: i64 = 8;
 /// Longest constant reduction a warp walks alone (see [`Mma::split_k`]).
 pub const SHORT_K: i64 = 256;
+/// Reduction elements a lane's row covers per iteration of a chunked walk
+/// (a constant reduction that is a multiple of this): two steps.
+pub const CHUNK_K: i64 = 32;
 
 /// A contraction run on tensor cores (see the module doc).
 #[derive(Clone, Debug, PartialEq)]

@@ -3,21 +3,25 @@
 //! stored buffer), the operand indices of a contraction, and the index
 //! arithmetic of tiles (see the parent module for the layout).
 
-use crate::ir::{DType, Op};
-use crate::lower::mma::{Mma, TILE_K};
+use crate::ir::{DType, Op, Value};
+use crate::lower::mma::{Mma, CHUNK_K, TILE_K};
 use crate::lower::LowerError;
 
 use super::super::builder::{storage, Ty};
 use super::super::Kc;
-use super::Tile;
+use super::{MmaMode, Tile};
 
 /// Two elements of a fragment (one 32-bit register): loaded one by one
 /// (f32, already rounded to the operand type), or together.
+#[derive(Clone)]
 pub(super) enum Pair {
     Values(String, String),
     /// A `vector<2 x bf16/f16>`.
     Packed(String),
 }
+
+/// One `mma.sync`'s register pairs of a lane: A's four, B's two.
+pub(super) type Step = (Vec<Pair>, Vec<Pair>);
 
 /// A lane's operand rows: A's output index for its two rows (`g`, `g + 8`)
 /// and B's for its column (`g`), clamped into range.
@@ -57,8 +61,9 @@ impl Kc<'_> {
         Ok(LaneRows { a, b, t })
     }
 
-    /// The lane's fragments of reduction step `s` as register pairs: A's
-    /// four, B's two (see the module doc for which elements).
+    /// The lane's fragments of iteration `s` of the reduction walk as
+    /// register pairs, one `(A, B)` per step: A's four, B's two (see the
+    /// module doc for which elements).
     pub(super) fn fragments(
         &mut self,
         j: usize,
@@ -66,7 +71,10 @@ impl Kc<'_> {
         tile: &Tile,
         rows: &LaneRows,
         s: &str,
-    ) -> Result<(Vec<Pair>, Vec<Pair>), LowerError> {
+    ) -> Result<Vec<Step>, LowerError> {
+        if tile.chunked {
+            return self.chunk_fragments(j, mma, tile, rows, s);
+        }
         let tk = self.b.index(TILE_K);
         let k0 = self.b.muli(s, &tk);
         let two = self.b.index(2);
@@ -86,32 +94,19 @@ impl Kc<'_> {
                 (kv.clone(), None)
             });
         }
-        // An element as f32: a value of the operand type widened (the form
-        // reads only bf16 / f16 buffers, see `mma_form`), so packing it
-        // back into a register pair is exact.
-        let element = |kc: &mut Self, p: usize, out_idx: &[String], at: usize| -> Result<String, LowerError> {
-            let (kv, ok) = &guarded[at];
-            let idx = kc.contraction_operand_index(j, p, out_idx, kv)?;
-            let v = kc.graph.nodes[j].inputs[p];
-            let x = kc.load(v, &idx)?;
-            let x = kc.b.coerce(x, Ty::F32).ssa;
-            Ok(match ok {
-                Some(ok) => {
-                    let z = kc.b.f32(0.0);
-                    kc.b.op(&format!("arith.select {ok}, {x}, {z} : f32"))
-                }
-                None => x,
-            })
-        };
         // Elements `at` and `at + 1` (adjacent along the reduction): one
         // 32-bit load where they are adjacent in memory.
         let pair = |kc: &mut Self, p: usize, out_idx: &[String], at: usize| -> Result<Pair, LowerError> {
             if !tile.ragged_k {
-                if let Some(v) = kc.packed_load(j, p, out_idx, &guarded[at].0, mma.dtype)? {
+                if let Some(v) = kc.vector_load(j, p, out_idx, &guarded[at].0, tile, 2)? {
                     return Ok(Pair::Packed(v));
                 }
             }
-            Ok(Pair::Values(element(kc, p, out_idx, at)?, element(kc, p, out_idx, at + 1)?))
+            let (k0, ok0) = &guarded[at];
+            let (k1, ok1) = &guarded[at + 1];
+            let x = kc.fragment_element(j, p, out_idx, k0, ok0.as_deref())?;
+            let y = kc.fragment_element(j, p, out_idx, k1, ok1.as_deref())?;
+            Ok(Pair::Values(x, y))
         };
         // A: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..).
         let mut a = Vec::with_capacity(4);
@@ -122,26 +117,121 @@ impl Kc<'_> {
         for at in [0, 2] {
             b.push(pair(self, mma.b, &rows.b, at)?);
         }
-        Ok((a, b))
+        Ok(vec![(a, b)])
     }
 
-    /// Elements `k`, `k + 1` of operand `p` as one `vector<2 x bf16/f16>`
-    /// load, when the operand is a stored buffer of that type whose last
-    /// axis is the reduction, of even constant length (`k` is even, so the
-    /// load is 4-byte aligned); `None` otherwise.
-    pub(super) fn packed_load(
+    /// The chunked walk's fragments of chunk `c` (see the module doc): each
+    /// row's eight elements from `32 c + 8 t` as four pairs; step `s` takes
+    /// pairs `2 s` (slots `2 t, 2 t + 1`) and `2 s + 1` (`2 t + 8, 2 t + 9`).
+    fn chunk_fragments(
+        &mut self,
+        j: usize,
+        mma: &Mma,
+        tile: &Tile,
+        rows: &LaneRows,
+        c: &str,
+    ) -> Result<Vec<Step>, LowerError> {
+        let (ck, eight) = (self.b.index(CHUNK_K), self.b.index(8));
+        let k0 = self.b.muli(c, &ck);
+        let t8 = self.b.muli(&rows.t, &eight);
+        let base = self.b.addi(&k0, &t8);
+        let a0 = self.row_pairs(j, mma.a, &rows.a[0], &base, tile, mma.dtype)?;
+        let a1 = self.row_pairs(j, mma.a, &rows.a[1], &base, tile, mma.dtype)?;
+        let b = self.row_pairs(j, mma.b, &rows.b, &base, tile, mma.dtype)?;
+        Ok((0..2)
+            .map(|s| {
+                let a = vec![a0[2 * s].clone(), a1[2 * s].clone(), a0[2 * s + 1].clone(), a1[2 * s + 1].clone()];
+                (a, vec![b[2 * s].clone(), b[2 * s + 1].clone()])
+            })
+            .collect())
+    }
+
+    /// Elements `k .. k + 8` of operand `p` at output index `out_idx` as
+    /// four register pairs (operand type `dtype`): one 16-byte load where
+    /// the operand allows it, else 32-bit pairs or single elements.
+    fn row_pairs(
         &mut self,
         j: usize,
         p: usize,
         out_idx: &[String],
         k: &str,
+        tile: &Tile,
         dtype: DType,
+    ) -> Result<Vec<Pair>, LowerError> {
+        if let Some(v) = self.vector_load(j, p, out_idx, k, tile, 8)? {
+            let st = storage(dtype);
+            return Ok((0..4)
+                .map(|q| {
+                    Pair::Packed(self.b.op(&format!(
+                        "llvm.shufflevector {v}, {v} [{}, {}] : vector<8x{st}>",
+                        2 * q,
+                        2 * q + 1
+                    )))
+                })
+                .collect());
+        }
+        let mut pairs = Vec::with_capacity(4);
+        for q in 0..4 {
+            let kq = self.offset(k, 2 * q);
+            if let Some(v) = self.vector_load(j, p, out_idx, &kq, tile, 2)? {
+                pairs.push(Pair::Packed(v));
+                continue;
+            }
+            let kq1 = self.offset(&kq, 1);
+            let x = self.fragment_element(j, p, out_idx, &kq, None)?;
+            let y = self.fragment_element(j, p, out_idx, &kq1, None)?;
+            pairs.push(Pair::Values(x, y));
+        }
+        Ok(pairs)
+    }
+
+    /// Element `k` of operand `p` at output index `out_idx` as f32: a value
+    /// of the operand type widened (the form reads only bf16 / f16 buffers,
+    /// see `mma_form`), so packing it back into a register pair is exact;
+    /// zero where `ok` (the reduction's bound check) is false.
+    fn fragment_element(
+        &mut self,
+        j: usize,
+        p: usize,
+        out_idx: &[String],
+        k: &str,
+        ok: Option<&str>,
+    ) -> Result<String, LowerError> {
+        let idx = self.contraction_operand_index(j, p, out_idx, k)?;
+        let v = self.graph.nodes[j].inputs[p];
+        let x = self.load(v, &idx)?;
+        let x = self.b.coerce(x, Ty::F32).ssa;
+        Ok(match ok {
+            Some(ok) => {
+                let z = self.b.f32(0.0);
+                self.b.op(&format!("arith.select {ok}, {x}, {z} : f32"))
+            }
+            None => x,
+        })
+    }
+
+    /// Elements `k .. k + lanes` of operand `p` as one `vector<lanes x
+    /// bf16/f16>` load, when the operand is a bf16 / f16 buffer (the
+    /// contraction's operand type, see `mma_form`), stored or seen through
+    /// reshapes ([`Kc::row_major_source`]), whose last axis is the
+    /// reduction, of constant length a multiple of `lanes` (`k` is a
+    /// multiple of `lanes`, so the load is aligned to its size on the GPU:
+    /// buffers are 16-byte aligned); `None` otherwise.
+    pub(super) fn vector_load(
+        &mut self,
+        j: usize,
+        p: usize,
+        out_idx: &[String],
+        k: &str,
+        tile: &Tile,
+        lanes: i64,
     ) -> Result<Option<String>, LowerError> {
         let v = self.graph.nodes[j].inputs[p];
-        let Some(buf) = self.stored(v) else { return Ok(None) };
-        let b = &self.program.buffers[buf];
-        let even = b.shape.last().and_then(|d| d.as_constant()).is_some_and(|d| d % 2 == 0);
-        if b.dtype != dtype || !even {
+        let Some(buf) = self.row_major_source(v) else { return Ok(None) };
+        let dtype = self.program.buffers[buf].dtype;
+        let shape = self.graph.shape_of(v).clone();
+        let fits = shape.last().and_then(|d| self.graph.dims.normalize(d).ok()).and_then(|d| d.as_constant());
+        if !matches!(dtype, DType::BF16 | DType::F16) || fits.is_none_or(|d| d % lanes != 0) {
             return Ok(None);
         }
         let idx = self.contraction_operand_index(j, p, out_idx, k)?;
@@ -149,11 +239,46 @@ impl Kc<'_> {
         if last != k || rest.iter().any(|i| i == k) {
             return Ok(None);
         }
-        let (ptr, off) = self.buffer_offset(buf, &idx)?;
+        let (ptr, off) = if self.stored(v).is_some() {
+            self.buffer_offset(buf, &idx)?
+        } else {
+            let sizes = self.sizes(&shape)?;
+            (self.ptr(buf)?, self.b.linearize(&idx, &sizes))
+        };
         let st = storage(dtype);
         let o = self.b.index_to_i64(&off);
+        // The CPU emulation's buffers are aligned to their element only.
+        let align = if tile.mode == MmaMode::Gpu { 2 * lanes } else { 2 };
         let at = self.b.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
-        Ok(Some(self.b.op(&format!("llvm.load {at} {{alignment = 4 : i64}} : !llvm.ptr -> vector<2x{st}>"))))
+        Ok(Some(
+            self.b.op(&format!("llvm.load {at} {{alignment = {align} : i64}} : !llvm.ptr -> vector<{lanes}x{st}>")),
+        ))
+    }
+
+    /// The buffer whose memory `v` is in row-major order: `v`'s own (maybe
+    /// pitched), or an unpitched one that `v` views through reshapes and
+    /// transposes that move only axes of length 1 (both keep the row-major
+    /// order, so `v`'s element at a multi-index is at the buffer's linear
+    /// offset of that index in `v`'s shape).
+    fn row_major_source(&self, v: Value) -> Option<usize> {
+        if let Some(b) = self.stored(v) {
+            return Some(b);
+        }
+        let Value::Node(j) = v else { return None };
+        let node = self.graph.nodes.get(j)?;
+        let [x] = node.inputs.as_slice() else { return None };
+        let keeps_order = match &node.op {
+            Op::Reshape { .. } => true,
+            Op::Transpose { perm } => {
+                let shape = self.graph.shape_of(*x);
+                let moved: Vec<usize> =
+                    perm.iter().copied().filter(|&a| shape.get(a).is_some_and(|d| !self.is_one(d))).collect();
+                moved.windows(2).all(|w| w[0] < w[1])
+            }
+            _ => false,
+        };
+        let b = if keeps_order { self.row_major_source(*x)? } else { return None };
+        self.program.buffers[b].pitch.is_none().then_some(b)
     }
 
     /// A register pair as the `mma.sync` operand: bf16 as `i32`, f16 as

@@ -26,6 +26,18 @@
 //! bounds; never stored). A reduction whose length is not a known multiple
 //! of 16 reads zeros past its end (indices clamped, values selected).
 //!
+//! **Chunked walk** (a constant reduction, a multiple of [`CHUNK_K`]): one
+//! iteration covers 32 reduction elements, two `mma.sync`. Lane `(g, t)`
+//! reads elements `32 c + 8 t .. 32 c + 8 t + 8` of each of its rows (A's
+//! rows `g`, `g + 8`, B's column `g`) as four pairs `p = 0..4`: pair `p`
+//! fills slots `2 t, 2 t + 1` (`p` even) or `2 t + 8, 2 t + 9` (`p` odd) of
+//! step `p / 2`. Slot `κ` of step `s` is then element
+//! `32 c + 8 (κ % 8 / 2) + 4 s + 2 (κ / 8) + κ % 2` for A and B alike, a
+//! bijection onto the chunk, so the products pair the same elements; only
+//! the order of the sum changes. A stored operand whose innermost axis is
+//! the reduction gives the eight as one 16-byte load (row starts are
+//! multiples of 8 elements; buffers are 16-byte aligned).
+//!
 //! On the CPU, [`super::Emulation`] runs the same blocks, warps, steps and
 //! fragment loads with the warp's lanes as loops: each step's fragments are
 //! scattered into a 16 × 16 and a 16 × 8 scratch tile, each lane's four
@@ -33,10 +45,12 @@
 //! combined (split) or stored (not split) as on the GPU.
 
 use crate::ir::DType;
-use crate::lower::mma::{Mma, TILE_K, TILE_M, TILE_N, WARPS};
+use crate::lower::mma::{Mma, CHUNK_K, TILE_K, TILE_M, TILE_N, WARPS};
 use crate::lower::LowerError;
 
 mod fragments;
+
+use fragments::Pair;
 
 use super::builder::{Ty, Val};
 use super::Kc;
@@ -77,8 +91,13 @@ struct Tile {
     nb0: String,
     /// See [`Mma::split_k`].
     split: bool,
-    /// Reduction steps of 16.
-    ksteps: String,
+    /// Whether the reduction is walked in chunks of [`CHUNK_K`] (see the
+    /// module doc), else in steps of 16.
+    chunked: bool,
+    /// Iterations of the reduction walk: chunks or steps.
+    iters: String,
+    /// Where the kernel runs.
+    mode: MmaMode,
     /// The output buffer and its element type.
     out_ptr: String,
     out_dtype: DType,
@@ -112,7 +131,8 @@ impl Kc<'_> {
         let split = mma.split_k;
         let n_block = if split { TILE_N } else { TILE_N * WARPS };
         let nblocks = self.ceil_div(&n, n_block);
-        let ksteps = self.ceil_div(&k, TILE_K);
+        let chunked = mma.k_size.as_constant().is_some_and(|c| c % CHUNK_K == 0);
+        let iters = self.ceil_div(&k, if chunked { CHUNK_K } else { TILE_K });
         let mn = self.b.hoist(&format!("arith.muli {mtiles}, {nblocks} : index"));
         let blocks = self.b.hoist(&format!("arith.muli {mn}, {batch} : index"));
         let flat = match mode {
@@ -143,7 +163,9 @@ impl Kc<'_> {
             m0,
             nb0,
             split,
-            ksteps,
+            chunked,
+            iters,
+            mode,
             out_ptr,
             out_dtype,
         };
@@ -168,26 +190,12 @@ impl Kc<'_> {
         let zero = self.b.f32(0.0);
         let (first, step) =
             if tile.split { (w.clone(), self.b.index(WARPS)) } else { (self.b.index(0), self.b.index(1)) };
-        let (res, s, accs) = self.b.open_for_typed_from(&first, &tile.ksteps, &step, &vec![zero; 4], "f32");
-        let (a, b) = self.fragments(j, mma, tile, &rows, &s)?;
-        let (pair_ty, kind) = match mma.dtype {
-            DType::F16 => ("vector<2xf16>", "f16"),
-            _ => ("i32", "bf16"),
-        };
-        let ra: Vec<String> = a.iter().map(|p| self.pack(p, mma.dtype)).collect();
-        let rb: Vec<String> = b.iter().map(|p| self.pack(p, mma.dtype)).collect();
-        let d = self.b.op(&format!(
-            "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, \
-             multiplicandAPtxType = #nvvm.mma_type<{kind}>, multiplicandBPtxType = #nvvm.mma_type<{kind}>, \
-             shape = #nvvm.shape<m = 16, n = 8, k = 16>}} : ({pair_ty}, {pair_ty}, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
-            ra.join(", "),
-            rb.join(", "),
-            accs.join(", ")
-        ));
-        let nexts: Vec<String> = (0..4)
-            .map(|i| self.b.op(&format!("llvm.extractvalue {d}[{i}] : !llvm.struct<(f32, f32, f32, f32)>")))
-            .collect();
-        self.b.close_for_typed(&nexts, "f32");
+        let (res, s, accs) = self.b.open_for_typed_from(&first, &tile.iters, &step, &vec![zero; 4], "f32");
+        let mut accs = accs;
+        for (a, b) in self.fragments(j, mma, tile, &rows, &s)? {
+            accs = self.mma_sync(mma.dtype, &a, &b, &accs);
+        }
+        self.b.close_for_typed(&accs, "f32");
         if !tile.split {
             for (i, r) in res.iter().enumerate() {
                 let i = self.b.index(i as i64);
@@ -214,11 +222,35 @@ impl Kc<'_> {
         Ok(())
     }
 
+    /// One `mma.sync` of register pairs `a` (4) and `b` (2) into the
+    /// accumulators `c` (4); returns the new accumulators.
+    fn mma_sync(&mut self, dtype: DType, a: &[Pair], b: &[Pair], c: &[String]) -> Vec<String> {
+        let (pair_ty, kind) = match dtype {
+            DType::F16 => ("vector<2xf16>", "f16"),
+            _ => ("i32", "bf16"),
+        };
+        let ra: Vec<String> = a.iter().map(|p| self.pack(p, dtype)).collect();
+        let rb: Vec<String> = b.iter().map(|p| self.pack(p, dtype)).collect();
+        let d = self.b.op(&format!(
+            "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, \
+             multiplicandAPtxType = #nvvm.mma_type<{kind}>, multiplicandBPtxType = #nvvm.mma_type<{kind}>, \
+             shape = #nvvm.shape<m = 16, n = 8, k = 16>}} : ({pair_ty}, {pair_ty}, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
+            ra.join(", "),
+            rb.join(", "),
+            c.join(", ")
+        ));
+        (0..4).map(|i| self.b.op(&format!("llvm.extractvalue {d}[{i}] : !llvm.struct<(f32, f32, f32, f32)>"))).collect()
+    }
+
     fn mma_emulated(&mut self, j: usize, mma: &Mma, tile: &Tile) -> Result<(), LowerError> {
-        // Scratch: the partials, then the A tile (16 × 16), then B (16 × 8).
-        let len = self.b.i64(PARTIALS + TILE_M * TILE_K + TILE_K * TILE_N);
+        // Scratch: the partials, then per step of an iteration the A tile
+        // (16 × 16) and the B tile (16 × 8).
+        let steps = if tile.chunked { CHUNK_K / TILE_K } else { 1 };
+        let (a_len, b_len) = (TILE_M * TILE_K, TILE_K * TILE_N);
+        let len = self.b.i64(PARTIALS + steps * (a_len + b_len));
         let scratch = self.b.hoist(&format!("llvm.alloca {len} x f32 : (i64) -> !llvm.ptr"));
-        let (a_base, b_base) = (PARTIALS, PARTIALS + TILE_M * TILE_K);
+        let a_base = |q: i64| PARTIALS + q * (a_len + b_len);
+        let b_base = |q: i64| PARTIALS + q * (a_len + b_len) + a_len;
         let zero = self.b.f32(0.0);
         let all = self.b.index(PARTIALS);
         let x = self.b.open_loop(&all);
@@ -231,52 +263,55 @@ impl Kc<'_> {
             let live = self.b.ult(&n0, &tile.n);
             self.b.open_guard(&live);
         }
-        let s =
-            if tile.split { self.b.open_loop_from(&w, &tile.ksteps, &warps) } else { self.b.open_loop(&tile.ksteps) };
+        let s = if tile.split { self.b.open_loop_from(&w, &tile.iters, &warps) } else { self.b.open_loop(&tile.iters) };
         let lanes = self.b.index(32);
         let lane = self.b.open_loop(&lanes);
         let rows = self.lane_rows(tile, &n0, &lane)?;
-        let (a, b) = self.fragments(j, mma, tile, &rows, &s)?;
-        let a: Vec<String> = a.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();
-        let b: Vec<String> = b.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();
         let (g, t) = self.lane_group(&lane);
-        for (i, v) in a.iter().enumerate() {
-            let i = i as i64;
-            let r = self.offset(&g, 8 * ((i / 2) % 2));
-            let c = self.k_offset(&t, i % 2 + 8 * (i / 4));
-            let at = self.tile_offset(&r, TILE_K, &c, a_base);
-            self.b.store(&scratch, &at, DType::F32, Val::f32(v.clone()));
-        }
-        for (i, v) in b.iter().enumerate() {
-            let i = i as i64;
-            let kk = self.k_offset(&t, i % 2 + 8 * (i / 2));
-            let at = self.tile_offset(&kk, TILE_N, &g, b_base);
-            self.b.store(&scratch, &at, DType::F32, Val::f32(v.clone()));
+        for (q, (a, b)) in self.fragments(j, mma, tile, &rows, &s)?.into_iter().enumerate() {
+            let q = q as i64;
+            let a: Vec<String> = a.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();
+            let b: Vec<String> = b.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();
+            for (i, v) in a.iter().enumerate() {
+                let i = i as i64;
+                let r = self.offset(&g, 8 * ((i / 2) % 2));
+                let c = self.k_offset(&t, i % 2 + 8 * (i / 4));
+                let at = self.tile_offset(&r, TILE_K, &c, a_base(q));
+                self.b.store(&scratch, &at, DType::F32, Val::f32(v.clone()));
+            }
+            for (i, v) in b.iter().enumerate() {
+                let i = i as i64;
+                let kk = self.k_offset(&t, i % 2 + 8 * (i / 2));
+                let at = self.tile_offset(&kk, TILE_N, &g, b_base(q));
+                self.b.store(&scratch, &at, DType::F32, Val::f32(v.clone()));
+            }
         }
         self.b.close();
-        // The warp's mma: each lane's accumulators add row · column.
+        // The warp's mma of each step: each lane's accumulators add row · column.
         let lane = self.b.open_loop(&lanes);
         let (g, t) = self.lane_group(&lane);
         let base = self.partial_base(&w, &lane);
-        for i in 0..4 {
-            let r = self.offset(&g, 8 * (i / 2));
-            let c = self.k_offset(&t, i % 2);
-            let tk = self.b.index(TILE_K);
-            let (dot, kk, acc) = self.b.open_for(&tk, &zero, Ty::F32);
-            let ai = self.tile_offset(&r, TILE_K, &kk, a_base);
-            let bi = self.tile_offset(&kk, TILE_N, &c, b_base);
-            let x = self.b.load(&scratch, &ai, DType::F32).ssa;
-            let y = self.b.load(&scratch, &bi, DType::F32).ssa;
-            let p = self.b.fbin("mulf", &x, &y);
-            let next = self.b.fbin("addf", &acc, &p);
-            self.b.close_for(&next, Ty::F32);
-            let at = self.offset(&base, i);
-            let old = self.b.load(&scratch, &at, DType::F32).ssa;
-            let sum = self.b.fbin("addf", &old, &dot);
-            self.b.store(&scratch, &at, DType::F32, Val::f32(sum));
+        for q in 0..steps {
+            for i in 0..4 {
+                let r = self.offset(&g, 8 * (i / 2));
+                let c = self.k_offset(&t, i % 2);
+                let tk = self.b.index(TILE_K);
+                let (dot, kk, acc) = self.b.open_for(&tk, &zero, Ty::F32);
+                let ai = self.tile_offset(&r, TILE_K, &kk, a_base(q));
+                let bi = self.tile_offset(&kk, TILE_N, &c, b_base(q));
+                let x = self.b.load(&scratch, &ai, DType::F32).ssa;
+                let y = self.b.load(&scratch, &bi, DType::F32).ssa;
+                let p = self.b.fbin("mulf", &x, &y);
+                let next = self.b.fbin("addf", &acc, &p);
+                self.b.close_for(&next, Ty::F32);
+                let at = self.offset(&base, i);
+                let old = self.b.load(&scratch, &at, DType::F32).ssa;
+                let sum = self.b.fbin("addf", &old, &dot);
+                self.b.store(&scratch, &at, DType::F32, Val::f32(sum));
+            }
         }
         self.b.close(); // lanes
-        self.b.close(); // steps
+        self.b.close(); // iterations
         if !tile.split {
             // Each lane stores its four accumulators.
             let lane = self.b.open_loop(&lanes);
