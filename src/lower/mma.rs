@@ -46,6 +46,9 @@ pub const WARPS: i64 = 8;
 pub const MIN_M: i64 = 8;
 /// Longest constant reduction a warp walks alone (see [`Mma::split_k`]).
 pub const SHORT_K: i64 = 256;
+/// Iterations of a split walk a warp loads together: their loads are in
+/// flight at once instead of one iteration's latency after another's.
+pub const UNROLL: i64 = 4;
 /// Reduction elements a lane's row covers per iteration of a chunked walk
 /// (a constant reduction that is a multiple of this): two steps.
 pub const CHUNK_K: i64 = 32;

@@ -8,9 +8,12 @@
 //! into four f32 accumulators per lane.
 //!
 //! - **Split** ([`Mma::split_k`], long or runtime-sized reductions): the
-//!   block is one 16 × 8 tile; warp `w` takes steps `w, w + WARPS, …`; the
-//!   partial tiles meet in 4 KB of shared memory and threads 0..128 each
-//!   add one output's eight partials (warp order) and store it.
+//!   block is one 16 × 8 tile; warp `w` takes steps `w, w + WARPS, …`,
+//!   [`UNROLL`] at a time (`s, s + 8, s + 16, s + 24`: every load of the
+//!   four first, then the four `mma.sync`; a step past the end re-reads the
+//!   last one and its result is not kept); the partial tiles meet in 4 KB
+//!   of shared memory and threads 0..128 each add one output's eight
+//!   partials (warp order) and store it.
 //! - **Not split** (a short constant reduction): the block is 16 × 64,
 //!   warp `w` computes the tile at columns `64 n_block + 8 w` over the
 //!   whole reduction and stores it from its registers.
@@ -45,7 +48,7 @@
 //! combined (split) or stored (not split) as on the GPU.
 
 use crate::ir::DType;
-use crate::lower::mma::{Mma, CHUNK_K, TILE_K, TILE_M, TILE_N, WARPS};
+use crate::lower::mma::{Mma, CHUNK_K, TILE_K, TILE_M, TILE_N, UNROLL, WARPS};
 use crate::lower::LowerError;
 
 mod fragments;
@@ -71,6 +74,24 @@ pub(crate) enum MmaMode {
 
 /// The GPU kernel's workgroup attribution.
 pub(crate) const WORKGROUP: &str = "workgroup(%sh : memref<1024xf32, #gpu.address_space<workgroup>>)";
+
+/// `mma.sync` steps of one iteration of the reduction walk.
+fn steps_per_iteration(tile: &Tile) -> i64 {
+    if tile.chunked {
+        CHUNK_K / TILE_K
+    } else {
+        1
+    }
+}
+
+/// The emulation's scratch: the partials, then per step `q` of an iteration
+/// the A tile (16 × 16) and the B tile (16 × 8). Where step `q`'s A and B
+/// tiles start (for `q` = the steps of an iteration: the scratch's length).
+fn scratch_tiles(q: i64) -> (i64, i64) {
+    let (a_len, b_len) = (TILE_M * TILE_K, TILE_K * TILE_N);
+    let a = PARTIALS + q * (a_len + b_len);
+    (a, a + a_len)
+}
 
 /// Per-kernel values of a tensor-core kernel.
 struct Tile {
@@ -188,12 +209,27 @@ impl Kc<'_> {
         }
         let rows = self.lane_rows(tile, &n0, &lane)?;
         let zero = self.b.f32(0.0);
-        let (first, step) =
-            if tile.split { (w.clone(), self.b.index(WARPS)) } else { (self.b.index(0), self.b.index(1)) };
+        let (first, step) = self.walk(tile, &w);
         let (res, s, accs) = self.b.open_for_typed_from(&first, &tile.iters, &step, &vec![zero; 4], "f32");
+        // Every load of the unrolled iterations first, then the mma chain.
+        let mut loaded = Vec::new();
+        for u in 0..self.unroll(tile) {
+            let (su, keep) = self.unrolled(tile, &s, u);
+            loaded.push((self.fragments(j, mma, tile, &rows, &su)?, keep));
+        }
         let mut accs = accs;
-        for (a, b) in self.fragments(j, mma, tile, &rows, &s)? {
-            accs = self.mma_sync(mma.dtype, &a, &b, &accs);
+        for (steps, keep) in loaded {
+            let before = accs.clone();
+            for (a, b) in steps {
+                accs = self.mma_sync(mma.dtype, &a, &b, &accs);
+            }
+            if let Some(ok) = keep {
+                accs = accs
+                    .iter()
+                    .zip(&before)
+                    .map(|(x, y)| self.b.op(&format!("arith.select {ok}, {x}, {y} : f32")))
+                    .collect();
+            }
         }
         self.b.close_for_typed(&accs, "f32");
         if !tile.split {
@@ -243,14 +279,8 @@ impl Kc<'_> {
     }
 
     fn mma_emulated(&mut self, j: usize, mma: &Mma, tile: &Tile) -> Result<(), LowerError> {
-        // Scratch: the partials, then per step of an iteration the A tile
-        // (16 × 16) and the B tile (16 × 8).
-        let steps = if tile.chunked { CHUNK_K / TILE_K } else { 1 };
-        let (a_len, b_len) = (TILE_M * TILE_K, TILE_K * TILE_N);
-        let len = self.b.i64(PARTIALS + steps * (a_len + b_len));
+        let len = self.b.i64(scratch_tiles(steps_per_iteration(tile)).0);
         let scratch = self.b.hoist(&format!("llvm.alloca {len} x f32 : (i64) -> !llvm.ptr"));
-        let a_base = |q: i64| PARTIALS + q * (a_len + b_len);
-        let b_base = |q: i64| PARTIALS + q * (a_len + b_len) + a_len;
         let zero = self.b.f32(0.0);
         let all = self.b.index(PARTIALS);
         let x = self.b.open_loop(&all);
@@ -263,54 +293,13 @@ impl Kc<'_> {
             let live = self.b.ult(&n0, &tile.n);
             self.b.open_guard(&live);
         }
-        let s = if tile.split { self.b.open_loop_from(&w, &tile.iters, &warps) } else { self.b.open_loop(&tile.iters) };
+        let (first, stride) = self.walk(tile, &w);
+        let s0 = self.b.open_loop_from(&first, &tile.iters, &stride);
         let lanes = self.b.index(32);
-        let lane = self.b.open_loop(&lanes);
-        let rows = self.lane_rows(tile, &n0, &lane)?;
-        let (g, t) = self.lane_group(&lane);
-        for (q, (a, b)) in self.fragments(j, mma, tile, &rows, &s)?.into_iter().enumerate() {
-            let q = q as i64;
-            let a: Vec<String> = a.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();
-            let b: Vec<String> = b.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();
-            for (i, v) in a.iter().enumerate() {
-                let i = i as i64;
-                let r = self.offset(&g, 8 * ((i / 2) % 2));
-                let c = self.k_offset(&t, i % 2 + 8 * (i / 4));
-                let at = self.tile_offset(&r, TILE_K, &c, a_base(q));
-                self.b.store(&scratch, &at, DType::F32, Val::f32(v.clone()));
-            }
-            for (i, v) in b.iter().enumerate() {
-                let i = i as i64;
-                let kk = self.k_offset(&t, i % 2 + 8 * (i / 2));
-                let at = self.tile_offset(&kk, TILE_N, &g, b_base(q));
-                self.b.store(&scratch, &at, DType::F32, Val::f32(v.clone()));
-            }
+        for u in 0..self.unroll(tile) {
+            let (s, keep) = self.unrolled(tile, &s0, u);
+            self.mma_emulated_iteration(j, mma, tile, (&scratch, &w, &n0, &s), keep.as_deref())?;
         }
-        self.b.close();
-        // The warp's mma of each step: each lane's accumulators add row · column.
-        let lane = self.b.open_loop(&lanes);
-        let (g, t) = self.lane_group(&lane);
-        let base = self.partial_base(&w, &lane);
-        for q in 0..steps {
-            for i in 0..4 {
-                let r = self.offset(&g, 8 * (i / 2));
-                let c = self.k_offset(&t, i % 2);
-                let tk = self.b.index(TILE_K);
-                let (dot, kk, acc) = self.b.open_for(&tk, &zero, Ty::F32);
-                let ai = self.tile_offset(&r, TILE_K, &kk, a_base(q));
-                let bi = self.tile_offset(&kk, TILE_N, &c, b_base(q));
-                let x = self.b.load(&scratch, &ai, DType::F32).ssa;
-                let y = self.b.load(&scratch, &bi, DType::F32).ssa;
-                let p = self.b.fbin("mulf", &x, &y);
-                let next = self.b.fbin("addf", &acc, &p);
-                self.b.close_for(&next, Ty::F32);
-                let at = self.offset(&base, i);
-                let old = self.b.load(&scratch, &at, DType::F32).ssa;
-                let sum = self.b.fbin("addf", &old, &dot);
-                self.b.store(&scratch, &at, DType::F32, Val::f32(sum));
-            }
-        }
-        self.b.close(); // lanes
         self.b.close(); // iterations
         if !tile.split {
             // Each lane stores its four accumulators.
@@ -335,6 +324,108 @@ impl Kc<'_> {
         self.store_output(tile, &tile.nb0, &lane, &i, &total)?;
         self.b.close();
         Ok(())
+    }
+
+    /// One iteration `s` of warp `w`'s walk, emulated (see the module doc):
+    /// each lane's fragments scattered into the scratch tiles, then each
+    /// lane's accumulators (in `scratch`) add row · column, unless `keep`
+    /// is false (an unrolled iteration past the end).
+    fn mma_emulated_iteration(
+        &mut self,
+        j: usize,
+        mma: &Mma,
+        tile: &Tile,
+        (scratch, w, n0, s): (&str, &str, &str, &str),
+        keep: Option<&str>,
+    ) -> Result<(), LowerError> {
+        let a_base = |q: i64| scratch_tiles(q).0;
+        let b_base = |q: i64| scratch_tiles(q).1;
+        let zero = self.b.f32(0.0);
+        let lanes = self.b.index(32);
+        let lane = self.b.open_loop(&lanes);
+        let rows = self.lane_rows(tile, n0, &lane)?;
+        let (g, t) = self.lane_group(&lane);
+        for (q, (a, b)) in self.fragments(j, mma, tile, &rows, s)?.into_iter().enumerate() {
+            let q = q as i64;
+            let a: Vec<String> = a.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();
+            let b: Vec<String> = b.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();
+            for (i, v) in a.iter().enumerate() {
+                let i = i as i64;
+                let r = self.offset(&g, 8 * ((i / 2) % 2));
+                let c = self.k_offset(&t, i % 2 + 8 * (i / 4));
+                let at = self.tile_offset(&r, TILE_K, &c, a_base(q));
+                self.b.store(scratch, &at, DType::F32, Val::f32(v.clone()));
+            }
+            for (i, v) in b.iter().enumerate() {
+                let i = i as i64;
+                let kk = self.k_offset(&t, i % 2 + 8 * (i / 2));
+                let at = self.tile_offset(&kk, TILE_N, &g, b_base(q));
+                self.b.store(scratch, &at, DType::F32, Val::f32(v.clone()));
+            }
+        }
+        self.b.close();
+        // The warp's mma of each step: each lane's accumulators add row · column.
+        let lane = self.b.open_loop(&lanes);
+        let (g, t) = self.lane_group(&lane);
+        let base = self.partial_base(w, &lane);
+        for q in 0..steps_per_iteration(tile) {
+            for i in 0..4 {
+                let r = self.offset(&g, 8 * (i / 2));
+                let c = self.k_offset(&t, i % 2);
+                let tk = self.b.index(TILE_K);
+                let (dot, kk, acc) = self.b.open_for(&tk, &zero, Ty::F32);
+                let ai = self.tile_offset(&r, TILE_K, &kk, a_base(q));
+                let bi = self.tile_offset(&kk, TILE_N, &c, b_base(q));
+                let x = self.b.load(scratch, &ai, DType::F32).ssa;
+                let y = self.b.load(scratch, &bi, DType::F32).ssa;
+                let p = self.b.fbin("mulf", &x, &y);
+                let next = self.b.fbin("addf", &acc, &p);
+                self.b.close_for(&next, Ty::F32);
+                let at = self.offset(&base, i);
+                let old = self.b.load(scratch, &at, DType::F32).ssa;
+                let mut sum = self.b.fbin("addf", &old, &dot);
+                if let Some(ok) = keep {
+                    sum = self.b.op(&format!("arith.select {ok}, {sum}, {old} : f32"));
+                }
+                self.b.store(scratch, &at, DType::F32, Val::f32(sum));
+            }
+        }
+        self.b.close(); // lanes
+        Ok(())
+    }
+
+    /// Iterations a warp loads together: [`UNROLL`] in a split walk, one
+    /// otherwise (a short constant walk is unrolled whole by LLVM).
+    fn unroll(&self, tile: &Tile) -> i64 {
+        if tile.split {
+            UNROLL
+        } else {
+            1
+        }
+    }
+
+    /// Where warp `w`'s walk starts and its stride: `w` and `WARPS * UNROLL`
+    /// (split), or `0` and `1`.
+    fn walk(&mut self, tile: &Tile, w: &str) -> (String, String) {
+        if tile.split {
+            (w.to_owned(), self.b.index(WARPS * UNROLL))
+        } else {
+            (self.b.index(0), self.b.index(1))
+        }
+    }
+
+    /// The `u`-th of the iterations loaded together from `s`: `s + u WARPS`,
+    /// clamped to the last iteration, and (for `u > 0`) whether it is in
+    /// the walk (else its result is not kept).
+    fn unrolled(&mut self, tile: &Tile, s: &str, u: i64) -> (String, Option<String>) {
+        if u == 0 {
+            return (s.to_owned(), None);
+        }
+        let su = self.offset(s, u * WARPS);
+        let ok = self.b.ult(&su, &tile.iters);
+        let one = self.b.index(1);
+        let last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.iters));
+        (self.b.op(&format!("arith.minui {su}, {last} : index")), Some(ok))
     }
 
     /// The first column of warp `w`'s tile.
