@@ -487,7 +487,8 @@ fn tensor_core_kernels_emulated_match_interpreter() {
 /// the output, one summing its first axis; A is the second operand in those
 /// and the first in the last one. Reductions of 20 (a ragged last step),
 /// 300 and 320 (split among warps), 32, 64 and 320 (the chunked walk: its
-/// 16-byte loads, alone or against an operand read across rows).
+/// 16-byte loads, alone or against an operand read across rows); warps of
+/// 2 × 2 tiles over both walks, ragged along rows and columns.
 #[test]
 fn tensor_core_forms_match_interpreter() {
     let text = r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["m"], "constants": {"k": 20}},
@@ -510,7 +511,11 @@ fn tensor_core_forms_match_interpreter() {
         {"name": "o", "role": "weight", "shape": [12, 320], "dtype": "bf16"},
         {"name": "c", "role": "activation", "shape": ["m", 64], "dtype": "bf16"},
         {"name": "d", "role": "weight", "shape": [64, 24], "dtype": "bf16"},
-        {"name": "l", "role": "weight", "shape": [320, 12], "dtype": "bf16"}],
+        {"name": "l", "role": "weight", "shape": [320, 12], "dtype": "bf16"},
+        {"name": "ws", "role": "activation", "shape": [128, "m", 320], "dtype": "bf16"},
+        {"name": "wt", "role": "weight", "shape": [128, 24, 320], "dtype": "bf16"},
+        {"name": "rs", "role": "activation", "shape": [128, "m", 300], "dtype": "bf16"},
+        {"name": "rt", "role": "weight", "shape": [128, 24, 300], "dtype": "bf16"}],
       "nodes": [
         {"id": "mm", "op": "matmul", "inputs": ["x", "w"], "dtype": "f32"},
         {"id": "bmm", "op": "matmul", "inputs": ["a", "b"], "attrs": {"transpose_b": true}, "dtype": "f32"},
@@ -521,11 +526,14 @@ fn tensor_core_forms_match_interpreter() {
         {"id": "pairs", "op": "matmul", "inputs": ["e", "f"], "attrs": {"transpose_b": true}, "dtype": "f32"},
         {"id": "split_pairs", "op": "matmul", "inputs": ["h", "o"], "attrs": {"transpose_b": true}, "dtype": "f32"},
         {"id": "chunks", "op": "matmul", "inputs": ["c", "d"], "dtype": "f32"},
-        {"id": "split_chunks", "op": "matmul", "inputs": ["h", "l"], "dtype": "f32"}],
+        {"id": "split_chunks", "op": "matmul", "inputs": ["h", "l"], "dtype": "f32"},
+        {"id": "tiles", "op": "einsum", "inputs": ["ws", "wt"], "attrs": {"spec": "zak,zbk->zab"}, "dtype": "f32"},
+        {"id": "ragged_tiles", "op": "einsum", "inputs": ["rs", "rt"], "attrs": {"spec": "zak,zbk->zab"}, "dtype": "f32"}],
       "outputs": [{"name": "mm", "node": "mm"}, {"name": "bmm", "node": "bmm"}, {"name": "mix", "node": "mix"},
                   {"name": "first", "node": "first"}, {"name": "swap", "node": "swap"}, {"name": "long", "node": "long"},
                   {"name": "pairs", "node": "pairs"}, {"name": "split_pairs", "node": "split_pairs"},
-                  {"name": "chunks", "node": "chunks"}, {"name": "split_chunks", "node": "split_chunks"}]}"#;
+                  {"name": "chunks", "node": "chunks"}, {"name": "split_chunks", "node": "split_chunks"},
+                  {"name": "tiles", "node": "tiles"}, {"name": "ragged_tiles", "node": "ragged_tiles"}]}"#;
     let g = bifurc::import::parse(text).unwrap_or_else(|e| panic!("{e}"));
     let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
     let forms: Vec<(&str, usize, bool)> = program
@@ -546,8 +554,21 @@ fn tensor_core_forms_match_interpreter() {
         ("split_pairs", 1, true),
         ("chunks", 1, false),
         ("split_chunks", 1, true),
+        ("tiles", 1, true),
+        ("ragged_tiles", 1, true),
     ];
     assert_eq!(forms, want, "A operands, split");
+    // A warp's tiles: two row tiles where A has over 16 rows (24; 12 and
+    // fewer keep one); two column tiles in a split walk with blocks to
+    // spare (128 batches).
+    let warp_tiles: Vec<(&str, i64, i64)> = program
+        .kernels
+        .iter()
+        .filter_map(|k| k.mma.as_ref().map(|m| (k.node.as_str(), m.rows, m.cols)))
+        .filter(|(node, _, _)| ["long", "split_pairs", "tiles", "ragged_tiles"].contains(node))
+        .collect();
+    let want = [("long", 1, 1), ("split_pairs", 1, 1), ("tiles", 2, 2), ("ragged_tiles", 2, 2)];
+    assert_eq!(warp_tiles, want, "warp tiles");
     let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
     let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{e}"));
     let points: Vec<_> = [1, 5, 17].iter().map(|&m| point(&[("m", m)])).collect();

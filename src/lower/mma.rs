@@ -18,9 +18,17 @@
 //! cores do better. The artifact still runs at every point. Products of bf16 / f16 values are exact in f32, so the
 //! result differs from the CUDA-core kernel only by summation order.
 //!
-//! Launch (see `emit::mma`): blocks of [`WARPS`] warps; a long reduction
-//! is split among a block's warps, each working on the same 16 × 8 output
-//! tile, a short one is not (see [`Mma::split_k`]).
+//! Launch (see `emit::mma`): blocks of [`WARPS`] warps, each warp computing
+//! `rows × cols` tiles of 16 × 8 ([`Mma::rows`], [`Mma::cols`]: A's
+//! fragments serve every column tile, B's every row tile); a long reduction
+//! is split among a block's warps, each working on the same tiles, a short
+//! one is not (see [`Mma::split_k`]).
+//!
+//! The warp's tiles are chosen at the compile point: two row tiles when m
+//! is over 16 there (B, the weights or the context cache, is then read
+//! once per 32 rows instead of once per 16), and for a split walk two
+//! column tiles when that still leaves [`MIN_BLOCKS`] blocks (A, e.g. the
+//! attention probabilities of w·V, read once per 16 columns instead of 8).
 //!
 //! A constant reduction that is a multiple of [`CHUNK_K`] is walked in
 //! chunks of 32 whose elements are permuted among the two steps' fragment
@@ -46,9 +54,13 @@ pub const WARPS: i64 = 8;
 pub const MIN_M: i64 = 8;
 /// Longest constant reduction a warp walks alone (see [`Mma::split_k`]).
 pub const SHORT_K: i64 = 256;
-/// Iterations of a split walk a warp loads together: their loads are in
-/// flight at once instead of one iteration's latency after another's.
+/// Iterations of a split walk a warp loads together when it computes one
+/// tile: their loads are in flight at once instead of one iteration's
+/// latency after another's (see [`Mma::unroll`]).
 pub const UNROLL: i64 = 4;
+/// Fewest blocks at the compile point for which a split walk's warp takes
+/// two column tiles: two per multiprocessor of an H100 / H200 (132).
+pub const MIN_BLOCKS: i64 = 256;
 /// Reduction elements a lane's row covers per iteration of a chunked walk
 /// (a constant reduction that is a multiple of this): two steps.
 pub const CHUNK_K: i64 = 32;
@@ -73,23 +85,54 @@ pub struct Mma {
     pub dtype: DType,
     /// How a block's warps share the work. Split (a reduction that is
     /// runtime-sized or longer than [`SHORT_K`]: `m_c`, `d_model`): the
-    /// block is one 16 × 8 tile, its warps take every [`WARPS`]-th step of
+    /// block is one warp's tiles, its warps take every [`WARPS`]-th step of
     /// the reduction and add their partials in shared memory. Not split
     /// (a short constant reduction: the head dim of `q·Kᵀ`): the block is
-    /// 16 × 64, each warp its own 16 × 8 tile over the whole reduction,
-    /// stored from registers.
+    /// eight warps' tiles side by side along n, each warp's over the whole
+    /// reduction, stored from registers.
     pub split_k: bool,
+    /// Row tiles (16 rows each) of a warp: 1 or 2.
+    pub rows: i64,
+    /// Column tiles (8 columns each) of a warp: 1 or 2.
+    pub cols: i64,
 }
 
 impl Mma {
-    /// Blocks: `ceil(m/16) * ceil(n/8) * batch` (split, one tile each) or
-    /// `ceil(m/16) * ceil(n/64) * batch` (eight tiles along n each), as a
+    /// Rows of a block's output.
+    pub fn block_m(&self) -> i64 {
+        TILE_M * self.rows
+    }
+
+    /// Columns of a block's output: a warp's (split) or eight warps' side
+    /// by side.
+    pub fn block_n(&self) -> i64 {
+        TILE_N * self.cols * if self.split_k { 1 } else { WARPS }
+    }
+
+    /// Iterations of the reduction walk a warp loads together: a split
+    /// walk [`UNROLL`] for one tile, fewer for more (about as many loads in
+    /// flight, not more registers); one otherwise (a short constant walk is
+    /// unrolled whole by LLVM).
+    pub fn unroll(&self) -> i64 {
+        if self.split_k {
+            (2 * UNROLL / (self.rows + self.cols)).max(1)
+        } else {
+            1
+        }
+    }
+
+    /// f32 partials of a split block in shared memory: four per tile per
+    /// lane per warp.
+    pub fn partials(&self) -> i64 {
+        32 * WARPS * 4 * self.rows * self.cols
+    }
+
+    /// Blocks: `ceil(m / block_m) * ceil(n / block_n) * batch`, as a
     /// manifest size expression (an integer when every part is constant).
     pub fn tiles(&self) -> String {
         let mut coeff = 1i64;
         let mut parts = Vec::new();
-        let n_block = if self.split_k { TILE_N } else { TILE_N * WARPS };
-        for (p, d) in [(&self.batch_size, 1), (&self.m_size, TILE_M), (&self.n_size, n_block)] {
+        for (p, d) in [(&self.batch_size, 1), (&self.m_size, self.block_m()), (&self.n_size, self.block_n())] {
             match p.as_constant() {
                 Some(c) => coeff = coeff.saturating_mul((c + d - 1).div_euclid(d)),
                 None if d == 1 => parts.push(format!("({p})")),
@@ -149,18 +192,38 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType], point: &BTreeM
     }
     let k_size = graph.dims.normalize(&k_size).ok()?;
     let split_k = k_size.as_constant().is_none_or(|k| k > SHORT_K);
-    Some(Mma { split_k, a, b, batch_size: size(&batch)?, batch, m, n, m_size, n_size, k_size, dtype })
+    let batch_size = size(&batch)?;
+    let mut form = Mma { split_k, a, b, batch_size, batch, m, n, m_size, n_size, k_size, dtype, rows: 1, cols: 1 };
+    if at_point(&form.m_size)? > TILE_M {
+        form.rows = 2;
+    }
+    if split_k {
+        let wide = Mma { cols: 2, ..form.clone() };
+        let blocks = |f: &Mma| -> Option<i64> {
+            let ceil = |p: &Poly, d: i64| at_point(p).map(|x| (x + d - 1).div_euclid(d));
+            Some(ceil(&f.batch_size, 1)? * ceil(&f.m_size, f.block_m())? * ceil(&f.n_size, f.block_n())?)
+        };
+        if blocks(&wide)? >= MIN_BLOCKS {
+            form = wide;
+        }
+    }
+    Some(form)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::UNROLL;
     use crate::lower::{plan, plan_with};
 
     fn graph(x_dtype: &str, d: i64, rows: &str) -> crate::ir::Graph {
+        graph_out(x_dtype, d, rows, 2048)
+    }
+
+    fn graph_out(x_dtype: &str, d: i64, rows: &str, out: i64) -> crate::ir::Graph {
         let text = format!(
             r#"{{"format": "bifurc-graph/1", "dims": {{"runtime": ["b"], "constants": {{"d": {d}}}}},
               "inputs": [{{"name": "x", "role": "activation", "shape": [{rows}, 1, "d"], "dtype": "{x_dtype}"}},
-                         {{"name": "w", "role": "weight", "shape": [2048, "d"], "dtype": "bf16"}}],
+                         {{"name": "w", "role": "weight", "shape": [{out}, "d"], "dtype": "bf16"}}],
               "nodes": [{{"id": "p", "op": "matmul", "inputs": ["x", "w"], "attrs": {{"transpose_b": true}}}}],
               "outputs": [{{"name": "p", "node": "p"}}]}}"#
         );
@@ -169,22 +232,26 @@ mod tests {
 
     /// `x [b, 1, d] · Wᵀ` (W [2048, d]) in bf16: the samples are A's rows; a
     /// reduction over 1024 is split among a block's warps (a block per
-    /// 16 x 8 tile), one over 64 is not (a block per 16 x 64); f32 or mixed
-    /// operands, or fewer than 8 rows, stay on CUDA cores.
+    /// warp's tiles), one over 64 is not (a block per eight warps' tiles);
+    /// a warp takes two row tiles at b = 32, one at b = 16, and two column
+    /// tiles in a split walk with 256 blocks to spare (W [8192, d]); f32 or
+    /// mixed operands, or fewer than 8 rows, stay on CUDA cores.
     #[test]
     fn which_contractions_use_tensor_cores() {
         let form = |g: &crate::ir::Graph| plan(g).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.clone();
         let long = form(&graph("bf16", 1024, r#""b""#)).expect("tensor cores");
-        assert_eq!((long.a, long.b, long.split_k), (0, 1, true));
+        assert_eq!((long.a, long.b, long.split_k, long.rows, long.cols), (0, 1, true, 2, 1));
         assert_eq!((long.m.as_slice(), long.n.as_slice(), long.batch.as_slice()), (&[0, 1][..], &[2][..], &[][..]));
-        assert_eq!(long.tiles(), "256*ceil((b)/16)");
+        assert_eq!((long.tiles(), long.unroll(), long.partials()), ("256*ceil((b)/32)".to_string(), 2, 2048));
+        let wide = form(&graph_out("bf16", 1024, r#""b""#, 8192)).expect("tensor cores");
+        assert_eq!((wide.rows, wide.cols, wide.tiles(), wide.unroll()), (2, 2, "512*ceil((b)/32)".to_string(), 2));
         let short = form(&graph("bf16", 64, r#""b""#)).expect("tensor cores");
         assert!(!short.split_k);
-        assert_eq!(short.tiles(), "32*ceil((b)/16)");
+        assert_eq!((short.tiles(), short.unroll()), ("32*ceil((b)/32)".to_string(), 1));
         assert_eq!(form(&graph("f32", 64, r#""b""#)), None, "mixed operands");
         assert_eq!(form(&graph("bf16", 64, "4")), None, "4 rows");
         let g = graph("bf16", 64, "40");
-        assert_eq!(form(&g).map(|m| m.tiles()), Some("96".to_string()), "ceil(40/16) * 2048/64");
+        assert_eq!(form(&g).map(|m| m.tiles()), Some("64".to_string()), "ceil(40/32) * 2048/64");
         let p = plan(&g).unwrap_or_else(|e| panic!("{e}"));
         assert!(p.kernels[0].gpu_threads(256).is_err(), "launched by tiles");
         // The choice is made at the point given: 4 samples are too few rows.
@@ -192,6 +259,8 @@ mod tests {
         let at = |b: i64| std::collections::BTreeMap::from([("b".to_string(), b)]);
         let planned = |b| plan_with(&g, Some(&at(b))).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.is_some();
         assert!(planned(8) && !planned(4));
+        let at16 = plan_with(&g, Some(&at(16))).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.clone();
+        assert_eq!(at16.map(|m| (m.rows, m.cols, m.unroll())), Some((1, 1, UNROLL)), "one row tile at b = 16");
         assert!(plan_with(&g, None).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.is_none());
     }
 }

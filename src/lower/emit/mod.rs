@@ -19,9 +19,10 @@
 //!
 //! - **Tensor-core kernels** (a bf16 / f16 contraction with a
 //!   [`crate::lower::plan::Kernel::mma`] form) compute 16 × 8 output tiles
-//!   with `nvvm.mma.sync`, a block of 8 warps per tile or per 8 tiles
-//!   (see `mma`); on the CPU they are compiled like any contraction,
-//!   unless emulated ([`Emulation`]).
+//!   with `nvvm.mma.sync`, a block of 8 warps per warp's tiles (the warps
+//!   splitting the reduction) or per 8 warps' tiles (see `mma`); on the CPU
+//!   they are compiled like any contraction, unless emulated
+//!   ([`Emulation`]).
 //!
 //! - Reads go through **views** without copies: transpose permutes the
 //!   index, broadcast drops new leading axes and reads index 0 on stretched
@@ -508,8 +509,10 @@ fn kernel_fn(
         }
         Target::Gpu => {
             // Shared memory for the partial tiles of a split tensor-core kernel.
-            let split = mma.is_some_and(|(m, _, _)| m.split_k);
-            let workgroup = if split { format!(" {}", mma::WORKGROUP) } else { String::new() };
+            let workgroup = match mma {
+                Some((m, _, _)) if m.split_k => format!(" {}", mma::workgroup(m)),
+                _ => String::new(),
+            };
             let _ = writeln!(f, "  gpu.func @{name}({sig}){workgroup} kernel {{");
             f.push_str(&indent(&hoist, 2));
             let _ = writeln!(f, "    %bid = gpu.block_id x\n    %bdim = gpu.block_dim x\n    %tid = gpu.thread_id x");

@@ -1,34 +1,39 @@
-//! A lane's share of a tensor-core step: which rows it reads, its fragments
-//! (loaded element by element through views, or as 32-bit pairs from a
-//! stored buffer), the operand indices of a contraction, and the index
+//! A lane's share of a tensor-core step: which rows it reads, which
+//! reduction indices, its fragments as register pairs (loaded by
+//! `loads.rs`), the operand indices of a contraction, and the index
 //! arithmetic of tiles (see the parent module for the layout).
 
-use crate::ir::{DType, Op, Value};
-use crate::lower::mma::{Mma, CHUNK_K, TILE_K};
+use crate::ir::{DType, Op};
+use crate::lower::mma::{Mma, CHUNK_K, TILE_K, TILE_M, TILE_N};
 use crate::lower::LowerError;
 
-use super::super::builder::{storage, Ty};
 use super::super::Kc;
-use super::{MmaMode, Tile};
+use super::loads::Pair;
+use super::Tile;
 
-/// Two elements of a fragment (one 32-bit register): loaded one by one
-/// (f32, already rounded to the operand type), or together.
-#[derive(Clone)]
-pub(super) enum Pair {
-    Values(String, String),
-    /// A `vector<2 x bf16/f16>`.
-    Packed(String),
+/// One step of a lane's walk: A's four register pairs for each of the
+/// warp's row tiles, B's two for each of its column tiles.
+pub(super) struct Step {
+    pub a: Vec<Vec<Pair>>,
+    pub b: Vec<Vec<Pair>>,
 }
 
-/// One `mma.sync`'s register pairs of a lane: A's four, B's two.
-pub(super) type Step = (Vec<Pair>, Vec<Pair>);
-
-/// A lane's operand rows: A's output index for its two rows (`g`, `g + 8`)
-/// and B's for its column (`g`), clamped into range.
+/// A lane's operand rows, clamped into range: for each row tile `r`, A's
+/// output index of its rows `16 r + g` and `16 r + g + 8`; for each column
+/// tile `c`, B's of its column `8 c + g`.
 pub(super) struct LaneRows {
-    a: [Vec<String>; 2],
-    b: Vec<String>,
+    a: Vec<[Vec<String>; 2]>,
+    b: Vec<Vec<String>>,
     t: String,
+}
+
+/// The reduction indices a lane reads in one iteration.
+enum LaneKs {
+    /// A step: `16 s + 2 t + (0, 1, 8, 9)`, each with its bound check where
+    /// the reduction may end inside the step (clamped index, check).
+    Step(Vec<(String, Option<String>)>),
+    /// A chunk: the first of `32 c + 8 t .. + 8`.
+    Chunk(String),
 }
 
 impl Kc<'_> {
@@ -44,26 +49,33 @@ impl Kc<'_> {
         let one = self.b.index(1);
         let m_last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.m));
         let n_last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.n));
-        let mut a = [Vec::new(), Vec::new()];
-        for (h, slot) in a.iter_mut().enumerate() {
-            let r = self.offset(&g, 8 * h as i64);
-            let m = self.b.addi(&tile.m0, &r);
-            let m = self.b.op(&format!("arith.minui {m}, {m_last} : index"));
-            let mi = self.b.delinearize(&m, &tile.m_sizes);
-            let zeros: Vec<String> = tile.n_sizes.iter().map(|_| self.b.index(0)).collect();
-            *slot = self.tile_index(tile, &mi, &zeros)?;
+        let mut a = Vec::with_capacity(tile.rows as usize);
+        for r in 0..tile.rows {
+            let mut pair = [Vec::new(), Vec::new()];
+            for (h, slot) in pair.iter_mut().enumerate() {
+                let off = self.offset(&g, TILE_M * r + 8 * h as i64);
+                let m = self.b.addi(&tile.m0, &off);
+                let m = self.b.op(&format!("arith.minui {m}, {m_last} : index"));
+                let mi = self.b.delinearize(&m, &tile.m_sizes);
+                let zeros: Vec<String> = tile.n_sizes.iter().map(|_| self.b.index(0)).collect();
+                *slot = self.tile_index(tile, &mi, &zeros)?;
+            }
+            a.push(pair);
         }
-        let n = self.b.addi(n0, &g);
-        let n = self.b.op(&format!("arith.minui {n}, {n_last} : index"));
-        let ni = self.b.delinearize(&n, &tile.n_sizes);
-        let zeros: Vec<String> = tile.m_sizes.iter().map(|_| self.b.index(0)).collect();
-        let b = self.tile_index(tile, &zeros, &ni)?;
+        let mut b = Vec::with_capacity(tile.cols as usize);
+        for c in 0..tile.cols {
+            let off = self.offset(&g, TILE_N * c);
+            let n = self.b.addi(n0, &off);
+            let n = self.b.op(&format!("arith.minui {n}, {n_last} : index"));
+            let ni = self.b.delinearize(&n, &tile.n_sizes);
+            let zeros: Vec<String> = tile.m_sizes.iter().map(|_| self.b.index(0)).collect();
+            b.push(self.tile_index(tile, &zeros, &ni)?);
+        }
         Ok(LaneRows { a, b, t })
     }
 
-    /// The lane's fragments of iteration `s` of the reduction walk as
-    /// register pairs, one `(A, B)` per step: A's four, B's two (see the
-    /// module doc for which elements).
+    /// The lane's fragments of iteration `s` of the reduction walk, one
+    /// [`Step`] per `mma.sync` step (see the module doc for which elements).
     pub(super) fn fragments(
         &mut self,
         j: usize,
@@ -72,245 +84,94 @@ impl Kc<'_> {
         rows: &LaneRows,
         s: &str,
     ) -> Result<Vec<Step>, LowerError> {
-        if tile.chunked {
-            return self.chunk_fragments(j, mma, tile, rows, s);
+        let ks = self.lane_ks(tile, &rows.t, s);
+        let mut a = Vec::with_capacity(rows.a.len());
+        for [lo, hi] in &rows.a {
+            let lo = self.operand_pairs(j, mma.a, lo, tile, &ks, mma.dtype)?;
+            let hi = self.operand_pairs(j, mma.a, hi, tile, &ks, mma.dtype)?;
+            a.push((lo, hi));
         }
-        let tk = self.b.index(TILE_K);
-        let k0 = self.b.muli(s, &tk);
-        let two = self.b.index(2);
-        let t2 = self.b.muli(&rows.t, &two);
-        let base = self.b.addi(&k0, &t2);
-        // The four reduction indices a lane reads: 2t, 2t+1, 2t+8, 2t+9.
-        let ks: Vec<String> = [0, 1, 8, 9].iter().map(|&d| self.offset(&base, d)).collect();
-        let one = self.b.index(1);
-        let k_last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.k));
-        let mut guarded = Vec::with_capacity(4);
-        for kv in &ks {
-            guarded.push(if tile.ragged_k {
-                let ok = self.b.ult(kv, &tile.k);
-                let kc = self.b.op(&format!("arith.minui {kv}, {k_last} : index"));
-                (kc, Some(ok))
-            } else {
-                (kv.clone(), None)
-            });
+        let mut b = Vec::with_capacity(rows.b.len());
+        for col in &rows.b {
+            b.push(self.operand_pairs(j, mma.b, col, tile, &ks, mma.dtype)?);
         }
-        // Elements `at` and `at + 1` (adjacent along the reduction): one
-        // 32-bit load where they are adjacent in memory.
-        let pair = |kc: &mut Self, p: usize, out_idx: &[String], at: usize| -> Result<Pair, LowerError> {
-            if !tile.ragged_k {
-                if let Some(v) = kc.vector_load(j, p, out_idx, &guarded[at].0, tile, 2)? {
-                    return Ok(Pair::Packed(v));
-                }
-            }
-            let (k0, ok0) = &guarded[at];
-            let (k1, ok1) = &guarded[at + 1];
-            let x = kc.fragment_element(j, p, out_idx, k0, ok0.as_deref())?;
-            let y = kc.fragment_element(j, p, out_idx, k1, ok1.as_deref())?;
-            Ok(Pair::Values(x, y))
-        };
-        // A: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..).
-        let mut a = Vec::with_capacity(4);
-        for (h, at) in [(0, 0), (1, 0), (0, 2), (1, 2)] {
-            a.push(pair(self, mma.a, &rows.a[h], at)?);
-        }
-        let mut b = Vec::with_capacity(2);
-        for at in [0, 2] {
-            b.push(pair(self, mma.b, &rows.b, at)?);
-        }
-        Ok(vec![(a, b)])
-    }
-
-    /// The chunked walk's fragments of chunk `c` (see the module doc): each
-    /// row's eight elements from `32 c + 8 t` as four pairs; step `s` takes
-    /// pairs `2 s` (slots `2 t, 2 t + 1`) and `2 s + 1` (`2 t + 8, 2 t + 9`).
-    fn chunk_fragments(
-        &mut self,
-        j: usize,
-        mma: &Mma,
-        tile: &Tile,
-        rows: &LaneRows,
-        c: &str,
-    ) -> Result<Vec<Step>, LowerError> {
-        let (ck, eight) = (self.b.index(CHUNK_K), self.b.index(8));
-        let k0 = self.b.muli(c, &ck);
-        let t8 = self.b.muli(&rows.t, &eight);
-        let base = self.b.addi(&k0, &t8);
-        let a0 = self.row_pairs(j, mma.a, &rows.a[0], &base, tile, mma.dtype)?;
-        let a1 = self.row_pairs(j, mma.a, &rows.a[1], &base, tile, mma.dtype)?;
-        let b = self.row_pairs(j, mma.b, &rows.b, &base, tile, mma.dtype)?;
-        Ok((0..2)
-            .map(|s| {
-                let a = vec![a0[2 * s].clone(), a1[2 * s].clone(), a0[2 * s + 1].clone(), a1[2 * s + 1].clone()];
-                (a, vec![b[2 * s].clone(), b[2 * s + 1].clone()])
+        // Pairs 2q and 2q + 1 of each row are step q's: A (row g, k 2t..),
+        // (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..); B
+        // (k 2t..), (k 2t+8..).
+        let steps = b.first().map_or(0, |p| p.len() / 2);
+        Ok((0..steps)
+            .map(|q| Step {
+                a: a.iter()
+                    .map(|(lo, hi)| {
+                        vec![lo[2 * q].clone(), hi[2 * q].clone(), lo[2 * q + 1].clone(), hi[2 * q + 1].clone()]
+                    })
+                    .collect(),
+                b: b.iter().map(|p| vec![p[2 * q].clone(), p[2 * q + 1].clone()]).collect(),
             })
             .collect())
     }
 
-    /// Elements `k .. k + 8` of operand `p` at output index `out_idx` as
-    /// four register pairs (operand type `dtype`): one 16-byte load where
-    /// the operand allows it, else 32-bit pairs or single elements.
-    fn row_pairs(
+    /// The reduction indices of the lane (`t`) in iteration `s`.
+    fn lane_ks(&mut self, tile: &Tile, t: &str, s: &str) -> LaneKs {
+        if tile.chunked {
+            let (ck, eight) = (self.b.index(CHUNK_K), self.b.index(8));
+            let k0 = self.b.muli(s, &ck);
+            let t8 = self.b.muli(t, &eight);
+            return LaneKs::Chunk(self.b.addi(&k0, &t8));
+        }
+        let tk = self.b.index(TILE_K);
+        let k0 = self.b.muli(s, &tk);
+        let two = self.b.index(2);
+        let t2 = self.b.muli(t, &two);
+        let base = self.b.addi(&k0, &t2);
+        let one = self.b.index(1);
+        let k_last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.k));
+        let mut ks = Vec::with_capacity(4);
+        for d in [0, 1, 8, 9] {
+            let kv = self.offset(&base, d);
+            ks.push(if tile.ragged_k {
+                let ok = self.b.ult(&kv, &tile.k);
+                (self.b.op(&format!("arith.minui {kv}, {k_last} : index")), Some(ok))
+            } else {
+                (kv, None)
+            });
+        }
+        LaneKs::Step(ks)
+    }
+
+    /// The register pairs of operand `p` at output index `out_idx` for the
+    /// lane's reduction indices `ks`, in order along the reduction: two (a
+    /// step: `k 2t..`, `k 2t+8..`) or four (a chunk).
+    fn operand_pairs(
         &mut self,
         j: usize,
         p: usize,
         out_idx: &[String],
-        k: &str,
         tile: &Tile,
+        ks: &LaneKs,
         dtype: DType,
     ) -> Result<Vec<Pair>, LowerError> {
-        if let Some(v) = self.vector_load(j, p, out_idx, k, tile, 8)? {
-            let st = storage(dtype);
-            return Ok((0..4)
-                .map(|q| {
-                    Pair::Packed(self.b.op(&format!(
-                        "llvm.shufflevector {v}, {v} [{}, {}] : vector<8x{st}>",
-                        2 * q,
-                        2 * q + 1
-                    )))
-                })
-                .collect());
-        }
-        let mut pairs = Vec::with_capacity(4);
-        for q in 0..4 {
-            let kq = self.offset(k, 2 * q);
-            if let Some(v) = self.vector_load(j, p, out_idx, &kq, tile, 2)? {
-                pairs.push(Pair::Packed(v));
-                continue;
+        let guarded = match ks {
+            LaneKs::Chunk(base) => return self.row_pairs(j, p, out_idx, base, tile, dtype),
+            LaneKs::Step(guarded) => guarded,
+        };
+        let mut pairs = Vec::with_capacity(2);
+        for at in [0, 2] {
+            // Adjacent along the reduction: one 32-bit load where they are
+            // adjacent in memory.
+            if !tile.ragged_k {
+                if let Some(v) = self.vector_load(j, p, out_idx, &guarded[at].0, tile, 2)? {
+                    pairs.push(Pair::Packed(v));
+                    continue;
+                }
             }
-            let kq1 = self.offset(&kq, 1);
-            let x = self.fragment_element(j, p, out_idx, &kq, None)?;
-            let y = self.fragment_element(j, p, out_idx, &kq1, None)?;
+            let (k0, ok0) = &guarded[at];
+            let (k1, ok1) = &guarded[at + 1];
+            let x = self.fragment_element(j, p, out_idx, k0, ok0.as_deref())?;
+            let y = self.fragment_element(j, p, out_idx, k1, ok1.as_deref())?;
             pairs.push(Pair::Values(x, y));
         }
         Ok(pairs)
-    }
-
-    /// Element `k` of operand `p` at output index `out_idx` as f32: a value
-    /// of the operand type widened (the form reads only bf16 / f16 buffers,
-    /// see `mma_form`), so packing it back into a register pair is exact;
-    /// zero where `ok` (the reduction's bound check) is false.
-    fn fragment_element(
-        &mut self,
-        j: usize,
-        p: usize,
-        out_idx: &[String],
-        k: &str,
-        ok: Option<&str>,
-    ) -> Result<String, LowerError> {
-        let idx = self.contraction_operand_index(j, p, out_idx, k)?;
-        let v = self.graph.nodes[j].inputs[p];
-        let x = self.load(v, &idx)?;
-        let x = self.b.coerce(x, Ty::F32).ssa;
-        Ok(match ok {
-            Some(ok) => {
-                let z = self.b.f32(0.0);
-                self.b.op(&format!("arith.select {ok}, {x}, {z} : f32"))
-            }
-            None => x,
-        })
-    }
-
-    /// Elements `k .. k + lanes` of operand `p` as one `vector<lanes x
-    /// bf16/f16>` load, when the operand is a bf16 / f16 buffer (the
-    /// contraction's operand type, see `mma_form`), stored or seen through
-    /// reshapes ([`Kc::row_major_source`]), whose last axis is the
-    /// reduction, of constant length a multiple of `lanes` (`k` is a
-    /// multiple of `lanes`, so the load is aligned to its size on the GPU:
-    /// buffers are 16-byte aligned); `None` otherwise.
-    pub(super) fn vector_load(
-        &mut self,
-        j: usize,
-        p: usize,
-        out_idx: &[String],
-        k: &str,
-        tile: &Tile,
-        lanes: i64,
-    ) -> Result<Option<String>, LowerError> {
-        let v = self.graph.nodes[j].inputs[p];
-        let Some(buf) = self.row_major_source(v) else { return Ok(None) };
-        let dtype = self.program.buffers[buf].dtype;
-        let shape = self.graph.shape_of(v).clone();
-        let fits = shape.last().and_then(|d| self.graph.dims.normalize(d).ok()).and_then(|d| d.as_constant());
-        if !matches!(dtype, DType::BF16 | DType::F16) || fits.is_none_or(|d| d % lanes != 0) {
-            return Ok(None);
-        }
-        let idx = self.contraction_operand_index(j, p, out_idx, k)?;
-        let Some((last, rest)) = idx.split_last() else { return Ok(None) };
-        if last != k || rest.iter().any(|i| i == k) {
-            return Ok(None);
-        }
-        let (ptr, off) = if self.stored(v).is_some() {
-            self.buffer_offset(buf, &idx)?
-        } else {
-            let sizes = self.sizes(&shape)?;
-            (self.ptr(buf)?, self.b.linearize(&idx, &sizes))
-        };
-        let st = storage(dtype);
-        let o = self.b.index_to_i64(&off);
-        // The CPU emulation's buffers are aligned to their element only.
-        let align = if tile.mode == MmaMode::Gpu { 2 * lanes } else { 2 };
-        let at = self.b.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
-        Ok(Some(
-            self.b.op(&format!("llvm.load {at} {{alignment = {align} : i64}} : !llvm.ptr -> vector<{lanes}x{st}>")),
-        ))
-    }
-
-    /// The buffer whose memory `v` is in row-major order: `v`'s own (maybe
-    /// pitched), or an unpitched one that `v` views through reshapes and
-    /// transposes that move only axes of length 1 (both keep the row-major
-    /// order, so `v`'s element at a multi-index is at the buffer's linear
-    /// offset of that index in `v`'s shape).
-    fn row_major_source(&self, v: Value) -> Option<usize> {
-        if let Some(b) = self.stored(v) {
-            return Some(b);
-        }
-        let Value::Node(j) = v else { return None };
-        let node = self.graph.nodes.get(j)?;
-        let [x] = node.inputs.as_slice() else { return None };
-        let keeps_order = match &node.op {
-            Op::Reshape { .. } => true,
-            Op::Transpose { perm } => {
-                let shape = self.graph.shape_of(*x);
-                let moved: Vec<usize> =
-                    perm.iter().copied().filter(|&a| shape.get(a).is_some_and(|d| !self.is_one(d))).collect();
-                moved.windows(2).all(|w| w[0] < w[1])
-            }
-            _ => false,
-        };
-        let b = if keeps_order { self.row_major_source(*x)? } else { return None };
-        self.program.buffers[b].pitch.is_none().then_some(b)
-    }
-
-    /// A register pair as the `mma.sync` operand: bf16 as `i32`, f16 as
-    /// `vector<2xf16>`.
-    pub(super) fn pack(&mut self, pair: &Pair, dtype: DType) -> String {
-        let st = storage(dtype);
-        let v = match pair {
-            Pair::Packed(v) => v.clone(),
-            Pair::Values(x, y) => {
-                let x = self.b.op(&format!("arith.truncf {x} : f32 to {st}"));
-                let y = self.b.op(&format!("arith.truncf {y} : f32 to {st}"));
-                self.b.op(&format!("vector.from_elements {x}, {y} : vector<2x{st}>"))
-            }
-        };
-        match dtype {
-            DType::F16 => v,
-            _ => self.b.op(&format!("llvm.bitcast {v} : vector<2x{st}> to i32")),
-        }
-    }
-
-    /// A register pair's two elements as f32 (the emulation).
-    pub(super) fn unpack(&mut self, pair: &Pair, dtype: DType) -> [String; 2] {
-        match pair {
-            Pair::Values(x, y) => [x.clone(), y.clone()],
-            Pair::Packed(v) => {
-                let st = storage(dtype);
-                [0, 1].map(|i| {
-                    let e = self.b.op(&format!("vector.extract {v}[{i}] : {st} from vector<2x{st}>"));
-                    self.b.op(&format!("arith.extf {e} : {st} to f32"))
-                })
-            }
-        }
     }
 
     /// The output multi-index of this tile's batch with m-group index `mi`
