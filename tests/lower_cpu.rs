@@ -452,7 +452,8 @@ fn gpu_block_kernels_emulated_match_interpreter() {
 /// Shapes leave every tile ragged: samples past 16 (two row tiles, the
 /// second nearly empty), context lengths that are not multiples of 8 or 16
 /// (the context einsums' columns and the w·V reduction), head dim 8 (a
-/// reduction shorter than one step), an empty decode cache; head dim 32
+/// reduction shorter than one step), an empty decode cache, an empty
+/// context (no step at all for w·V_ctx); head dim 32
 /// walks q·K in chunks (16-byte loads from the pitched context cache).
 #[test]
 fn tensor_core_kernels_emulated_match_interpreter() {
@@ -460,6 +461,7 @@ fn tensor_core_kernels_emulated_match_interpreter() {
         point(&[("b", 1), ("m_c", 3), ("m_d", 0)]),
         point(&[("b", 17), ("m_c", 33), ("m_d", 5)]),
         point(&[("b", 3), ("m_c", 16), ("m_d", 1)]),
+        point(&[("b", 2), ("m_c", 0), ("m_d", 2)]),
     ];
     let at = "b=32,m_c=4096,m_d=64";
     let cases: Vec<(&str, Graph, usize)> = vec![

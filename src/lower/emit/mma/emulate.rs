@@ -63,12 +63,19 @@ impl Kc<'_> {
             self.b.open_guard(&live);
         }
         let (first, stride) = self.walk(tile, &w);
-        let s0 = self.b.open_loop_from(&first, &tile.iters, &stride);
+        let s0 = self.b.open_loop_from(&first, &tile.full, &stride);
         for u in 0..tile.unroll {
             let (s, keep) = self.unrolled(tile, &s0, u);
-            self.emulated_iteration(j, mma, tile, &scratch, (&w, &n0, &s), keep.as_deref())?;
+            self.emulated_iteration(j, mma, tile, &scratch, (&w, &n0, &s), (false, keep.as_deref()))?;
         }
         self.b.close(); // iterations
+        if tile.ragged_k {
+            let end = self.tail_end(tile, &w);
+            let one = self.b.index(1);
+            let s = self.b.open_loop_from(&tile.full, &end, &one);
+            self.emulated_iteration(j, mma, tile, &scratch, (&w, &n0, &s), (true, None))?;
+            self.b.close(); // the tail
+        }
         let lanes = self.b.index(32);
         if !tile.split {
             // Each lane stores its accumulators.
@@ -95,10 +102,10 @@ impl Kc<'_> {
         Ok(())
     }
 
-    /// One iteration `s` of warp `w`'s walk: each lane's fragments
-    /// scattered into the scratch tiles, then each lane's accumulators add
-    /// row · column, unless `keep` is false (an unrolled iteration past the
-    /// end).
+    /// One iteration `s` of warp `w`'s walk (`tail`: the step the reduction
+    /// ends inside): each lane's fragments scattered into the scratch
+    /// tiles, then each lane's accumulators add row · column, unless `keep`
+    /// is false (an unrolled iteration past the end).
     fn emulated_iteration(
         &mut self,
         j: usize,
@@ -106,14 +113,14 @@ impl Kc<'_> {
         tile: &Tile,
         scratch: &Scratch,
         (w, n0, s): (&str, &str, &str),
-        keep: Option<&str>,
+        (tail, keep): (bool, Option<&str>),
     ) -> Result<(), LowerError> {
         let ptr = scratch.ptr.as_str();
         let lanes = self.b.index(32);
         let lane = self.b.open_loop(&lanes);
         let rows = self.lane_rows(tile, n0, &lane)?;
         let (g, t) = self.lane_group(&lane);
-        for (q, step) in self.fragments(j, mma, tile, &rows, s)?.into_iter().enumerate() {
+        for (q, step) in self.fragments(j, mma, tile, &rows, s, tail)?.into_iter().enumerate() {
             let q = q as i64;
             for (r, a) in step.a.iter().enumerate() {
                 let a: Vec<String> = a.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();

@@ -29,8 +29,8 @@ pub(super) struct LaneRows {
 
 /// The reduction indices a lane reads in one iteration.
 enum LaneKs {
-    /// A step: `16 s + 2 t + (0, 1, 8, 9)`, each with its bound check where
-    /// the reduction may end inside the step (clamped index, check).
+    /// A step: `16 s + 2 t + (0, 1, 8, 9)`, each with its bound check in the
+    /// step the reduction ends inside (clamped index, check).
     Step(Vec<(String, Option<String>)>),
     /// A chunk: the first of `32 c + 8 t .. + 8`.
     Chunk(String),
@@ -75,7 +75,9 @@ impl Kc<'_> {
     }
 
     /// The lane's fragments of iteration `s` of the reduction walk, one
-    /// [`Step`] per `mma.sync` step (see the module doc for which elements).
+    /// [`Step`] per `mma.sync` step (see the module doc for which elements);
+    /// `tail`: the step the reduction ends inside, whose elements past the
+    /// end read zeros.
     pub(super) fn fragments(
         &mut self,
         j: usize,
@@ -83,8 +85,9 @@ impl Kc<'_> {
         tile: &Tile,
         rows: &LaneRows,
         s: &str,
+        tail: bool,
     ) -> Result<Vec<Step>, LowerError> {
-        let ks = self.lane_ks(tile, &rows.t, s);
+        let ks = self.lane_ks(tile, &rows.t, s, tail);
         let mut a = Vec::with_capacity(rows.a.len());
         for [lo, hi] in &rows.a {
             let lo = self.operand_pairs(j, mma.a, lo, tile, &ks, mma.dtype)?;
@@ -111,8 +114,9 @@ impl Kc<'_> {
             .collect())
     }
 
-    /// The reduction indices of the lane (`t`) in iteration `s`.
-    fn lane_ks(&mut self, tile: &Tile, t: &str, s: &str) -> LaneKs {
+    /// The reduction indices of the lane (`t`) in iteration `s`, checked
+    /// against the reduction's end in the `tail` step.
+    fn lane_ks(&mut self, tile: &Tile, t: &str, s: &str, tail: bool) -> LaneKs {
         if tile.chunked {
             let (ck, eight) = (self.b.index(CHUNK_K), self.b.index(8));
             let k0 = self.b.muli(s, &ck);
@@ -129,7 +133,7 @@ impl Kc<'_> {
         let mut ks = Vec::with_capacity(4);
         for d in [0, 1, 8, 9] {
             let kv = self.offset(&base, d);
-            ks.push(if tile.ragged_k {
+            ks.push(if tail {
                 let ok = self.b.ult(&kv, &tile.k);
                 (self.b.op(&format!("arith.minui {kv}, {k_last} : index")), Some(ok))
             } else {
@@ -159,7 +163,7 @@ impl Kc<'_> {
         for at in [0, 2] {
             // Adjacent along the reduction: one 32-bit load where they are
             // adjacent in memory.
-            if !tile.ragged_k {
+            if guarded[at].1.is_none() {
                 if let Some(v) = self.vector_load(j, p, out_idx, &guarded[at].0, tile, 2)? {
                     pairs.push(Pair::Packed(v));
                     continue;

@@ -32,7 +32,10 @@
 //!
 //! Rows past m and columns past n read the last valid row / column (in
 //! bounds; never stored). A reduction whose length is not a known multiple
-//! of 16 reads zeros past its end (indices clamped, values selected).
+//! of 16 (`m_c`) is walked over its `k / 16` whole steps without checks,
+//! then over the step it ends inside, if any (the tail: by the warp whose
+//! turn it is in a split walk), which reads zeros past the end (indices
+//! clamped, values selected).
 //!
 //! **Chunked walk** (a constant reduction, a multiple of [`CHUNK_K`]): one
 //! iteration covers 32 reduction elements, two `mma.sync`. Lane `(g, t)`
@@ -62,6 +65,7 @@ mod fragments;
 mod loads;
 mod output;
 
+use fragments::Step;
 use loads::Pair;
 
 use super::Kc;
@@ -106,8 +110,13 @@ struct Tile {
     m: String,
     n: String,
     k: String,
-    /// Whether the reduction may end inside a step.
+    /// Whether the reduction may end inside a step: then the walk covers
+    /// the `full` steps without checks, and the step it ends inside, if
+    /// any, is walked after them with checks (the tail).
     ragged_k: bool,
+    /// The walk's end without the tail: `k / 16` steps (ragged), else
+    /// `iters`.
+    full: String,
     /// Output axes of each group.
     axes: [Vec<usize>; 3],
     /// This block: batch multi-index, first row, first column.
@@ -183,6 +192,12 @@ impl Kc<'_> {
         let m0 = self.b.muli(&at[2], &bm);
         let nb0 = self.b.muli(&at[1], &bn);
         let ragged_k = mma.k_size.as_constant().is_none_or(|c| c % TILE_K != 0);
+        let full = if ragged_k {
+            let tk = self.b.index(TILE_K);
+            self.b.hoist(&format!("arith.divui {k}, {tk} : index"))
+        } else {
+            iters.clone()
+        };
         let axes = [mma.batch.clone(), mma.m.clone(), mma.n.clone()];
         let (out_ptr, out_dtype) = (out_ptr.to_owned(), out_dtype);
         let tile = Tile {
@@ -193,6 +208,7 @@ impl Kc<'_> {
             n,
             k,
             ragged_k,
+            full,
             axes,
             batch_idx,
             m0,
@@ -228,25 +244,17 @@ impl Kc<'_> {
         let zero = self.b.f32(0.0);
         let (first, step) = self.walk(tile, &w);
         let init = vec![zero; tile.accs() as usize];
-        let (res, s, accs) = self.b.open_for_typed_from(&first, &tile.iters, &step, &init, "f32");
+        let (mut res, s, accs) = self.b.open_for_typed_from(&first, &tile.full, &step, &init, "f32");
         // Every load of the unrolled iterations first, then the mma chain.
         let mut loaded = Vec::new();
         for u in 0..tile.unroll {
             let (su, keep) = self.unrolled(tile, &s, u);
-            loaded.push((self.fragments(j, mma, tile, &rows, &su)?, keep));
+            loaded.push((self.fragments(j, mma, tile, &rows, &su, false)?, keep));
         }
         let mut accs = accs;
         for (steps, keep) in loaded {
             let before = accs.clone();
-            for step in steps {
-                for (r, a) in step.a.iter().enumerate() {
-                    for (c, b) in step.b.iter().enumerate() {
-                        let at = 4 * (r * tile.cols as usize + c);
-                        let next = self.mma_sync(mma.dtype, a, b, &accs[at..at + 4]);
-                        accs.splice(at..at + 4, next);
-                    }
-                }
-            }
+            accs = self.mma_steps(mma, tile, steps, accs);
             if let Some(ok) = keep {
                 accs = accs
                     .iter()
@@ -256,6 +264,16 @@ impl Kc<'_> {
             }
         }
         self.b.close_for_typed(&accs, "f32");
+        if tile.ragged_k {
+            // The tail: one more step, for its warp (split) or every warp.
+            let end = self.tail_end(tile, &w);
+            let one = self.b.index(1);
+            let (tail_res, s, accs) = self.b.open_for_typed_from(&tile.full, &end, &one, &res, "f32");
+            let steps = self.fragments(j, mma, tile, &rows, &s, true)?;
+            let accs = self.mma_steps(mma, tile, steps, accs);
+            self.b.close_for_typed(&accs, "f32");
+            res = tail_res;
+        }
         if !tile.split {
             for (a, v) in res.iter().enumerate() {
                 let pos = self.acc_position(tile, a as i64);
@@ -280,6 +298,21 @@ impl Kc<'_> {
         self.store_output(tile, &tile.nb0, &lane, &pos, &total)?;
         self.b.close();
         Ok(())
+    }
+
+    /// The `mma.sync` of each step for each of the warp's tiles into the
+    /// accumulators `accs`; returns the new accumulators.
+    fn mma_steps(&mut self, mma: &Mma, tile: &Tile, steps: Vec<Step>, mut accs: Vec<String>) -> Vec<String> {
+        for step in steps {
+            for (r, a) in step.a.iter().enumerate() {
+                for (c, b) in step.b.iter().enumerate() {
+                    let at = 4 * (r * tile.cols as usize + c);
+                    let next = self.mma_sync(mma.dtype, a, b, &accs[at..at + 4]);
+                    accs.splice(at..at + 4, next);
+                }
+            }
+        }
+        accs
     }
 
     /// One `mma.sync` of register pairs `a` (4) and `b` (2) into the
@@ -313,17 +346,31 @@ impl Kc<'_> {
     }
 
     /// The `u`-th of the iterations loaded together from `s`: `s + u WARPS`,
-    /// clamped to the last iteration, and (for `u > 0`) whether it is in
-    /// the walk (else its result is not kept).
+    /// clamped to the walk's last (without the tail), and (for `u > 0`)
+    /// whether it is in the walk (else its result is not kept).
     fn unrolled(&mut self, tile: &Tile, s: &str, u: i64) -> (String, Option<String>) {
         if u == 0 {
             return (s.to_owned(), None);
         }
         let su = self.offset(s, u * WARPS);
-        let ok = self.b.ult(&su, &tile.iters);
+        let ok = self.b.ult(&su, &tile.full);
         let one = self.b.index(1);
-        let last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.iters));
+        let last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.full));
         (self.b.op(&format!("arith.minui {su}, {last} : index")), Some(ok))
+    }
+
+    /// Where warp `w`'s tail walk (from step `full`) ends: `iters` (one step
+    /// when the reduction ends inside one, none otherwise) for the warp
+    /// whose turn it is in a split walk (`full % WARPS`) and every warp of
+    /// an unsplit one; `full` (no step) for the others.
+    fn tail_end(&mut self, tile: &Tile, w: &str) -> String {
+        if !tile.split {
+            return tile.iters.clone();
+        }
+        let warps = self.b.index(WARPS);
+        let turn = self.b.op(&format!("arith.remui {}, {warps} : index", tile.full));
+        let mine = self.b.op(&format!("arith.cmpi eq, {w}, {turn} : index"));
+        self.b.op(&format!("arith.select {mine}, {}, {} : index", tile.iters, tile.full))
     }
 
     /// The first column of warp `w`'s tiles.
