@@ -420,7 +420,9 @@ fn tensor_core_kernels() {
         ("k4_l0_attn_k_proj", "2*ceil((b)/32)"),
         ("k5_l0_attn_v_proj", "2*ceil((b)/32)"),
         ("k8_l0_attn_scores_einsum1", "2*ceil((2*b)/32)*ceil((m_c)/64)"),
-        ("k9_l0_attn_scores_einsum2", "ceil((4*b*m_d)/256)"),
+        // One query row per sample: CUDA cores, a warp per decode-cache row
+        // (its two queries in turn), the lanes splitting the head dim.
+        ("k9_l0_attn_scores_einsum2", "ceil((64*b*m_d)/256)"),
         // Long ones (m_c, the MLP's 512): a block per warp's tiles (32 x 8:
         // too few blocks for two column tiles), its warps splitting the
         // reduction.
@@ -443,6 +445,12 @@ fn tensor_core_kernels() {
     };
     insta::assert_snapshot!("tensor_core_scores_einsum", kernel("k8_l0_attn_scores_einsum1"));
     insta::assert_snapshot!("tensor_core_context_einsum", kernel("k12_l0_attn_context_einsum1"));
+    // The decode-cache scores: a warp per cache row, lanes splitting the
+    // head dim, a shuffle butterfly adding their sums, lane 0 storing.
+    let warp = kernel("k9_l0_attn_scores_einsum2");
+    let shuffles: Vec<&str> = warp.lines().filter(|l| l.contains("gpu.shuffle xor")).collect();
+    assert_eq!(shuffles.len(), 5, "{warp}");
+    insta::assert_snapshot!("warp_decode_scores_einsum", warp);
 
     // The command line: the count in compile's summary, and the flag.
     let dir = common::scratch("lower-gpu", "tensor-cores");
@@ -468,7 +476,9 @@ fn tensor_core_kernels() {
     let off = compile(&graph, &CompileOptions { tensor_cores: false, ..o }).unwrap();
     assert!(!off.mlir.contains("nvvm.mma.sync") && !off.ptx.contains("mma.sync"), "tensor cores off");
     assert!(off.tensor_core_kernels.is_empty());
+    // On CUDA cores the context scores einsum takes a warp per context-cache
+    // row (2 groups x m_c), which computes every sample's score in turn.
     let grid =
         off.manifest.kernels.iter().find(|k| k.name == "k8_l0_attn_scores_einsum1").map(|k| k.grid[0].to_string());
-    assert_eq!(grid.as_deref(), Some("ceil((4*b*m_c)/256)"));
+    assert_eq!(grid.as_deref(), Some("ceil((64*m_c)/256)"));
 }

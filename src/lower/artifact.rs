@@ -257,8 +257,8 @@ fn build_manifest(
         let fail = |message: String| CompileError::KernelBytes { kernel: kernel.name.clone(), message };
         let total = bytes.total().map_err(fail)?;
         let at_point = graph.dims.eval(&total, &point.0).map_err(|e| fail(e.to_string()))?;
-        // A cooperative kernel: one block per item; a tensor-core kernel:
-        // one block per output tile.
+        // A cooperative kernel: one block per item (warp items: eight to a
+        // block); a tensor-core kernel: one block per output tile.
         let (extent, grid) = match &kernel.mma {
             Some(mma) => {
                 let tiles = mma.tiles();
@@ -269,7 +269,7 @@ fn build_manifest(
             }
             None => {
                 let threads = kernel.gpu_threads(BLOCK_SIZE)?;
-                let grid = if kernel.cooperative { size(&kernel.extent) } else { grid_size(&threads) };
+                let grid = if kernel.cooperative && !kernel.warp { size(&kernel.extent) } else { grid_size(&threads) };
                 (size(&threads), grid)
             }
         };

@@ -115,6 +115,10 @@ pub struct Kernel {
     /// computing the outputs along the reuse axes in turn). See
     /// [`Kernel::gpu_threads`].
     pub cooperative: bool,
+    /// A cooperative contraction whose items are warps (32 threads, eight
+    /// to a block) instead of blocks: a reduction of at least
+    /// [`WARP_COOPERATIVE_MIN`] and under [`COOPERATIVE_MIN`].
+    pub warp: bool,
     /// On the GPU, a tensor-core contraction: one block per 16 × 8 output
     /// tile (see [`crate::lower::mma`]; `cooperative` is then false).
     pub mma: Option<Mma>,
@@ -127,8 +131,9 @@ pub struct Kernel {
 impl Kernel {
     /// Threads of the GPU launch with blocks of `block`: one per element
     /// (`extent`), or for a cooperative kernel one block per item
-    /// (`extent * block`). An error for a tensor-core kernel, whose launch
-    /// is not a polynomial ([`Mma::tiles`]).
+    /// (`extent * block`) or one warp (`extent * 32`). An error for a
+    /// tensor-core kernel, whose launch is not a polynomial
+    /// ([`Mma::tiles`]).
     pub fn gpu_threads(&self, block: i64) -> Result<Poly, LowerError> {
         if self.mma.is_some() {
             return Err(LowerError::Size {
@@ -140,7 +145,7 @@ impl Kernel {
             return Ok(self.extent.clone());
         }
         self.extent
-            .mul(&Poly::constant(block))
+            .mul(&Poly::constant(if self.warp { 32 } else { block }))
             .map_err(|e| LowerError::Size { what: format!("threads of `{}`", self.name), message: e.to_string() })
     }
 }
@@ -324,13 +329,21 @@ fn is_one(graph: &Graph, p: &Poly) -> bool {
 /// element (see [`cooperative_contraction`]).
 pub(crate) const COOPERATIVE_MIN: i64 = 1024;
 
+/// Reduction length from which a GPU contraction shorter than
+/// [`COOPERATIVE_MIN`] gets a warp per output element (the head dim of
+/// attention's `q·Kᵀ` over a per-sample cache: a warp reads a cache row in
+/// one coalesced pass instead of 32 threads each walking their own row).
+pub(crate) const WARP_COOPERATIVE_MIN: i64 = 32;
+
 /// Whether contraction node `j` sums one letter, of constant length at
 /// least `min` ([`COOPERATIVE_MIN`] on the GPU), that is the innermost axis of every operand
 /// indexing it: the projections `x · Wᵀ` of a decode step (`W [n, d]`, sum
 /// over `d`). On the GPU such a kernel runs one block per output element
 /// whose threads split the sum — adjacent threads read adjacent weights —
-/// instead of one thread walking all of `d`. Attention's contractions (over
-/// the head dim, or over the runtime `m_c`) keep one thread per element.
+/// instead of one thread walking all of `d`; from [`WARP_COOPERATIVE_MIN`]
+/// to [`COOPERATIVE_MIN`] (the head dim of `q·Kᵀ` over a per-sample cache)
+/// one warp per element. A reduction over a runtime dim (`m_c`) keeps one
+/// thread per element.
 pub(crate) fn cooperative_contraction(graph: &Graph, j: usize, min: i64) -> bool {
     let Some(node) = graph.nodes.get(j) else { return false };
     let long = |p: &Poly| graph.dims.normalize(p).ok().and_then(|p| p.as_constant()).is_some_and(|n| n >= min);
@@ -546,8 +559,10 @@ pub fn plan_with(graph: &Graph, tensor_cores: Option<&BTreeMap<String, i64>>) ->
             (Some(j), Some(point)) if row.is_none() => mma_form(graph, j, &dtypes, point),
             _ => None,
         };
-        let cooperative = row.is_some()
-            || (mma.is_none() && node_index.is_some_and(|j| cooperative_contraction(graph, j, COOPERATIVE_MIN)));
+        let contraction =
+            |min: i64| mma.is_none() && node_index.is_some_and(|j| cooperative_contraction(graph, j, min));
+        let warp = row.is_none() && !contraction(COOPERATIVE_MIN) && contraction(WARP_COOPERATIVE_MIN);
+        let cooperative = row.is_some() || contraction(COOPERATIVE_MIN) || warp;
         if let Some(reuse) = node_index.filter(|_| row.is_none() && cooperative).and_then(|j| reuse_axes(graph, j)) {
             threads = threads.iter().enumerate().filter(|(a, _)| !reuse.contains(a)).map(|(_, p)| p.clone()).collect();
         }
@@ -568,6 +583,7 @@ pub fn plan_with(graph: &Graph, tensor_cores: Option<&BTreeMap<String, i64>>) ->
             writes,
             extent,
             cooperative,
+            warp,
             mma,
             params,
         });
@@ -702,24 +718,36 @@ mod tests {
     #[test]
     fn long_projections_are_cooperative() {
         // x [b, 1, 1024] · Wᵀ (W [2048, 1024]): one GPU block per weight row,
-        // looping over the samples; a short contraction (over 4) is not.
-        let text = r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["b"], "constants": {"d": 1024, "e": 4}},
+        // looping over the samples; over 64 (z · Uᵀ, U [256, 64]): one warp
+        // per row; a short contraction (over 4) is neither.
+        let text = r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["b"], "constants": {"d": 1024, "e": 4, "f": 64}},
           "inputs": [{"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": "f32"},
                      {"name": "w", "role": "weight", "shape": [2048, "d"], "dtype": "bf16"},
                      {"name": "y", "role": "activation", "shape": ["b", 1, "e"], "dtype": "f32"},
-                     {"name": "v", "role": "weight", "shape": [8, "e"], "dtype": "f32"}],
+                     {"name": "v", "role": "weight", "shape": [8, "e"], "dtype": "f32"},
+                     {"name": "z", "role": "activation", "shape": ["b", 1, "f"], "dtype": "f32"},
+                     {"name": "u", "role": "weight", "shape": [256, "f"], "dtype": "f32"}],
           "nodes": [{"id": "p", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}},
                     {"id": "q", "op": "matmul", "inputs": ["y", "v"], "attrs": {"transpose_b": true}},
                     {"id": "r", "op": "einsum", "inputs": ["x", "w"], "attrs": {"spec": "bnd,md->bnm"}},
-                    {"id": "s", "op": "einsum", "inputs": ["x", "w"], "attrs": {"spec": "bnd,md->bnmd"}}],
+                    {"id": "s", "op": "einsum", "inputs": ["x", "w"], "attrs": {"spec": "bnd,md->bnmd"}},
+                    {"id": "t", "op": "matmul", "inputs": ["z", "u"], "attrs": {"transpose_b": true}}],
           "outputs": [{"name": "p", "node": "p"}, {"name": "q", "node": "q"}, {"name": "r", "node": "r"},
-                      {"name": "s", "node": "s"}]}"#;
+                      {"name": "s", "node": "s"}, {"name": "t", "node": "t"}]}"#;
         let g = crate::import::parse(text).unwrap_or_else(|e| panic!("{e}"));
         let p = plan(&g).unwrap_or_else(|e| panic!("{e}"));
-        let got: Vec<(bool, String)> = p.kernels.iter().map(|k| (k.cooperative, k.extent.to_string())).collect();
-        let want = [(true, "2048"), (false, "8*b"), (true, "2048"), (false, "2097152*b")];
-        assert_eq!(got, want.map(|(c, e)| (c, e.to_string())));
+        let got: Vec<(bool, bool, String)> =
+            p.kernels.iter().map(|k| (k.cooperative, k.warp, k.extent.to_string())).collect();
+        let want = [
+            (true, false, "2048"),
+            (false, false, "8*b"),
+            (true, false, "2048"),
+            (false, false, "2097152*b"),
+            (true, true, "256"),
+        ];
+        assert_eq!(got, want.map(|(c, w, e)| (c, w, e.to_string())));
         assert_eq!(p.kernels[0].gpu_threads(256).map(|t| t.to_string()).ok(), Some("524288".to_string()));
+        assert_eq!(p.kernels[4].gpu_threads(256).map(|t| t.to_string()).ok(), Some("8192".to_string()), "a warp a row");
         assert_eq!(reuse_axes(&g, 0), Some(vec![0]), "the samples reuse each weight row");
     }
 

@@ -161,6 +161,11 @@ impl Builder {
         self.hoisted(format!("f{bits:08X}"), |_| Ok(format!("arith.constant 0x{bits:08X} : f32"))).unwrap_or_default()
     }
 
+    /// An `i32` constant.
+    pub(crate) fn i32(&mut self, c: i32) -> String {
+        self.hoisted(format!("w{c}"), |_| Ok(format!("arith.constant {c} : i32"))).unwrap_or_default()
+    }
+
     /// An `i64` constant.
     pub(crate) fn i64(&mut self, c: i64) -> String {
         self.hoisted(format!("l{c}"), |_| Ok(format!("arith.constant {c} : i64"))).unwrap_or_default()

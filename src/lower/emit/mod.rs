@@ -196,6 +196,10 @@ pub(crate) enum Lanes {
     /// GPU: the block's threads (`thread_id.x` of `block_dim.x`) each take
     /// every `block_dim`-th element; `gpu.all_reduce` combines them.
     Block,
+    /// GPU: the warp's lanes (`%lane`, the thread id mod 32) each take every
+    /// 32nd element; a butterfly of `gpu.shuffle xor` combines them (every
+    /// lane gets the sum, in the same order).
+    Warp,
     /// CPU emulation of [`Lanes::Block`] with this many lanes: a loop over
     /// the lanes around each lane's strided loop, combining as it goes
     /// (same element split, sequential combination).
@@ -276,7 +280,7 @@ fn kernel_fn(
     // Loops opened by `walk_index` (CPU), closed after the body.
     let mut opened = 0;
     let cooperative_min = match (target, emulation) {
-        (Target::Gpu, _) => Some(crate::lower::plan::COOPERATIVE_MIN),
+        (Target::Gpu, _) => Some(crate::lower::plan::WARP_COOPERATIVE_MIN),
         (Target::Cpu, e) => e.map(|e| e.cooperative_min),
     };
     // A tensor-core contraction (GPU, or its CPU emulation).
@@ -437,13 +441,18 @@ fn kernel_fn(
                 }
             }
             (Walk::Cooperative { keep, reuse }, Some(j)) => {
-                // GPU: one block per index of the kept axes (`flat` is the
-                // block id); it computes the outputs along the reuse axes in
-                // turn, its threads splitting each one's sum, `gpu.all_reduce`
-                // adding the parts, thread 0 storing it. CPU: the emulation of
+                // GPU: one block (or warp) per index of the kept axes (`flat`
+                // is the block id, or the warp's index); it computes the
+                // outputs along the reuse axes in turn, its threads splitting
+                // each one's sum, `gpu.all_reduce` (shuffles) adding the
+                // parts, thread (lane) 0 storing it. CPU: the emulation of
                 // that, one iteration per kept index.
                 let gpu = target == Target::Gpu;
-                kc.lanes = if gpu { Lanes::Block } else { Lanes::Emulated(emulation.map_or(1, |e| e.lanes.max(1))) };
+                kc.lanes = match (gpu, kernel.warp) {
+                    (true, false) => Lanes::Block,
+                    (true, true) => Lanes::Warp,
+                    (false, _) => Lanes::Emulated(emulation.map_or(1, |e| e.lanes.max(1))),
+                };
                 let pick = |axes: &[usize]| -> Vec<String> { axes.iter().map(|&a| sizes[a].clone()).collect() };
                 let (keep_sizes, reuse_sizes) = (pick(&keep), pick(&reuse));
                 let at = walk_index(&mut kc, target, &flat, &keep_sizes, &mut opened);
@@ -462,7 +471,8 @@ fn kernel_fn(
                 let off = kc.b.linearize(&idx, &sizes);
                 if gpu {
                     let c0 = kc.b.index(0);
-                    let first = kc.b.op(&format!("arith.cmpi eq, %tid, {c0} : index"));
+                    let thread = if kernel.warp { "%lane" } else { "%tid" };
+                    let first = kc.b.op(&format!("arith.cmpi eq, {thread}, {c0} : index"));
                     kc.b.open_guard(&first);
                     kc.b.store(&out_ptr, &off, out.dtype, value);
                     kc.b.close();
@@ -519,6 +529,14 @@ fn kernel_fn(
             if kc.lanes == Lanes::Block {
                 // One block per item (row, output element), its threads share it.
                 let _ = writeln!(f, "    {flat} = gpu.block_id x");
+            } else if kc.lanes == Lanes::Warp {
+                // One warp per item, its lanes share it.
+                let _ = writeln!(
+                    f,
+                    "    %c32 = arith.constant 32 : index\n    %base = arith.muli %bid, %bdim : index\n    \
+                     %thread = arith.addi %base, %tid : index\n    {flat} = arith.divui %thread, %c32 : index\n    \
+                     %lane = arith.remui %tid, %c32 : index"
+                );
             } else {
                 let _ = writeln!(
                     f,

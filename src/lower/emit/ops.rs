@@ -207,7 +207,7 @@ impl Kc<'_> {
     /// whole, one accumulator) over this lane's share.
     fn reduction_for(&mut self, ub: &str, inits: &[String]) -> (Vec<String>, String, Vec<String>) {
         match (self.lanes, inits) {
-            (Lanes::Block | Lanes::Emulated(_), [init]) => {
+            (Lanes::Block | Lanes::Warp | Lanes::Emulated(_), [init]) => {
                 let (r, l, a) = self.row_for(ub, init);
                 (vec![r], l, vec![a])
             }
@@ -645,6 +645,10 @@ impl Kc<'_> {
         match self.lanes {
             Lanes::Whole => self.b.open_for(len, init, Ty::F32),
             Lanes::Block => self.b.open_for_from("%tid", len, "%bdim", init, Ty::F32),
+            Lanes::Warp => {
+                let lanes = self.b.index(32);
+                self.b.open_for_from("%lane", len, &lanes, init, Ty::F32)
+            }
             Lanes::Emulated(n) => {
                 let lanes = self.b.index(n as i64);
                 let (res, lane, acc) = self.b.open_for(&lanes, init, Ty::F32);
@@ -659,6 +663,10 @@ impl Kc<'_> {
     fn row_loop(&mut self, len: &str) -> String {
         match self.lanes {
             Lanes::Block => self.b.open_loop_from("%tid", len, "%bdim"),
+            Lanes::Warp => {
+                let lanes = self.b.index(32);
+                self.b.open_loop_from("%lane", len, &lanes)
+            }
             Lanes::Whole | Lanes::Emulated(_) => self.b.open_loop(len),
         }
     }
@@ -678,6 +686,20 @@ impl Kc<'_> {
                 // no thread may start one until all have read this one.
                 self.b.line("gpu.barrier");
                 r
+            }
+            Lanes::Warp => {
+                // Butterfly: after the shuffle at distance d every lane holds
+                // the sum over its group of 2d lanes.
+                let width = self.b.i32(32);
+                let f = if op == "add" { "addf" } else { op };
+                let mut acc = v.to_owned();
+                for d in [16, 8, 4, 2, 1] {
+                    let dist = self.b.i32(d);
+                    let (other, valid) = (self.b.fresh(), self.b.fresh());
+                    self.b.line(&format!("{other}, {valid} = gpu.shuffle xor {acc}, {dist}, {width} : f32"));
+                    acc = self.b.fbin(f, &acc, &other);
+                }
+                acc
             }
             Lanes::Emulated(_) => {
                 let Some((res, acc)) = self.lane_loops.pop() else { return v.to_owned() };

@@ -17,12 +17,14 @@
 //!   (GPU: block) per lane: its statistics once, then a loop storing the
 //!   lane's elements. The kernel's extent is the number of lanes (see
 //!   [`crate::lower::plan::Kernel::extent`]).
-//! - **Cooperative** (GPU contractions with a long reduction along the
-//!   operands' innermost axis, the weight projections): one block per
-//!   index of the axes the largest operand indexes (a weight row), looping
-//!   over the reuse axes (the samples: the row is read from DRAM once and
-//!   from L1 after); for each output its threads split the sum and combine
-//!   it with `gpu.all_reduce`, thread 0 stores it. On the CPU these
+//! - **Cooperative** (GPU contractions with a reduction of at least 32
+//!   along the operands' innermost axis: the weight projections, `q·Kᵀ`
+//!   over a per-sample cache): one block (under 1024: one warp, see
+//!   [`crate::lower::plan::Kernel::warp`]) per index of the axes the
+//!   largest operand indexes (a weight row, a cache row), looping over the
+//!   reuse axes (the samples: the row is read from DRAM once and from L1
+//!   after); for each output its threads split the sum and combine it with
+//!   `gpu.all_reduce` (shuffles), thread (lane) 0 stores it. On the CPU these
 //!   contractions walk reuse-innermost like any other (or emulate this,
 //!   see [`super::Emulation`]).
 //!
