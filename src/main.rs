@@ -117,9 +117,8 @@ enum Command {
         #[arg(long)]
         no_bifurcate: bool,
         /// Run every contraction on CUDA cores. By default a bf16 / f16 contraction with at
-        /// least 8 rows on its smaller side at the --shape point (b=32: the projections, the
-        /// context einsums of bifurcated attention) runs on tensor cores (mma.sync, f32
-        /// accumulation).
+        /// least 8 outputs on its larger side at the --shape point (the projections, attention's
+        /// q·K and w·V over either cache) runs on tensor cores (mma.sync, f32 accumulation).
         #[arg(long)]
         no_tensor_cores: bool,
         /// Storage dtype of every float input and node (default: as in model.json).

@@ -420,13 +420,18 @@ fn tensor_core_kernels() {
         ("k4_l0_attn_k_proj", "2*ceil((b)/32)"),
         ("k5_l0_attn_v_proj", "2*ceil((b)/32)"),
         ("k8_l0_attn_scores_einsum1", "2*ceil((2*b)/32)*ceil((m_c)/64)"),
-        // One query row per sample: CUDA cores, a warp per decode-cache row
-        // (its two queries in turn), the lanes splitting the head dim.
-        ("k9_l0_attn_scores_einsum2", "ceil((64*b*m_d)/256)"),
+        // The decode cache: a tile's rows are a sample's 2 queries (the
+        // other 14 repeat them), one block per sample and group per 64 rows.
+        ("k9_l0_attn_scores_einsum2", "(2*b)*ceil((m_d)/64)"),
+        // The new token's score (one key): CUDA cores, a warp per output,
+        // the lanes splitting the head dim.
+        ("k10_l0_attn_scores_einsum3", "ceil((128*b)/256)"),
         // Long ones (m_c, the MLP's 512): a block per warp's tiles (32 x 8:
         // too few blocks for two column tiles), its warps splitting the
         // reduction.
         ("k12_l0_attn_context_einsum1", "16*ceil((2*b)/32)"),
+        // Over m_d, two column tiles: 64 blocks per sample and group at b = 32.
+        ("k13_l0_attn_context_einsum2", "4*(2*b)"),
         ("k22_l0_mlp_down_proj", "32*ceil((b)/32)"),
         // It reads the heads' context rounded to bf16 by the last add.
         ("k16_l0_attn_o_proj", "4*ceil((b)/32)"),
@@ -436,8 +441,9 @@ fn tensor_core_kernels() {
         assert!(tiles.iter().any(|(n, g)| *n == name && g == grid), "{name}: want grid {grid}, kernels {tiles:?}");
     }
     assert!(artifact.ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
-    // Per layer q, k, v, o, gate, up, down and the two context einsums; the logits.
-    assert_eq!(artifact.tensor_core_kernels.len(), 2 * 9 + 1, "{:?}", artifact.tensor_core_kernels);
+    // Per layer q, k, v, o, gate, up, down, two scores and three context
+    // einsums; the logits.
+    assert_eq!(artifact.tensor_core_kernels.len(), 2 * 12 + 1, "{:?}", artifact.tensor_core_kernels);
     let kernel = |name: &str| {
         let start = artifact.mlir.find(&format!("gpu.func @{name}(")).expect("the kernel");
         let end = start + artifact.mlir[start..].find("gpu.return").expect("its end");
@@ -445,18 +451,18 @@ fn tensor_core_kernels() {
     };
     insta::assert_snapshot!("tensor_core_scores_einsum", kernel("k8_l0_attn_scores_einsum1"));
     insta::assert_snapshot!("tensor_core_context_einsum", kernel("k12_l0_attn_context_einsum1"));
-    // The decode-cache scores: a warp per cache row, lanes splitting the
-    // head dim, a shuffle butterfly adding their sums, lane 0 storing.
-    let warp = kernel("k9_l0_attn_scores_einsum2");
+    // The new token's scores: a warp per output, lanes splitting the head
+    // dim, a shuffle butterfly adding their sums, lane 0 storing.
+    let warp = kernel("k10_l0_attn_scores_einsum3");
     let shuffles: Vec<&str> = warp.lines().filter(|l| l.contains("gpu.shuffle xor")).collect();
     assert_eq!(shuffles.len(), 5, "{warp}");
-    insta::assert_snapshot!("warp_decode_scores_einsum", warp);
+    insta::assert_snapshot!("warp_new_token_scores_einsum", warp);
 
     // The command line: the count in compile's summary, and the flag.
     let dir = common::scratch("lower-gpu", "tensor-cores");
     let model = dir.join("model.json");
     std::fs::write(&model, bifurc::export::to_string(&bifurc::export::to_json(&graph))).unwrap();
-    for (flag, want) in [(None, "(19 on tensor cores)"), (Some("--no-tensor-cores"), "(0 on tensor cores)")] {
+    for (flag, want) in [(None, "(25 on tensor cores)"), (Some("--no-tensor-cores"), "(0 on tensor cores)")] {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_bifurc"));
         cmd.arg("compile").arg(&model).arg("-o").arg(dir.join("step.ptx")).args(flag);
         let out = cmd.env("BIFURC_LIBDEVICE", &libdevice).output().expect("run bifurc");
@@ -468,10 +474,14 @@ fn tensor_core_kernels() {
         );
     }
 
-    // Compiled for one sample, no contraction has 8 rows: all on CUDA cores
-    // (and the artifact still runs at b = 32).
+    // Compiled for one sample (not bifurcated: nothing to share), every
+    // contraction but the new token's score runs on tensor cores too (one
+    // row of each tile used), each warp with one row tile: per layer the
+    // seven projections, q·K and w·V over the one cache; the logits.
     let single = compile(&graph, &opts(&libdevice, GpuTarget::Sm90, "b=1")).unwrap();
-    assert!(single.tensor_core_kernels.is_empty(), "{:?}", single.tensor_core_kernels);
+    assert_eq!(single.tensor_core_kernels.len(), 2 * 9 + 1, "{:?}", single.tensor_core_kernels);
+    let q_proj = single.manifest.kernels.iter().find(|k| k.name == "k3_l0_attn_q_proj").map(|k| k.grid[0].to_string());
+    assert_eq!(q_proj.as_deref(), Some("4*ceil((b)/16)"));
 
     let off = compile(&graph, &CompileOptions { tensor_cores: false, ..o }).unwrap();
     assert!(!off.mlir.contains("nvvm.mma.sync") && !off.ptx.contains("mma.sync"), "tensor cores off");

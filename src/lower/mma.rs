@@ -11,12 +11,17 @@
 //! projection `x · Wᵀ`, `b·p·n` for the context einsums of bifurcated
 //! attention), B the other (the weights, the shared context cache).
 //!
-//! It is taken when the m side fills at least half a tile at the compile
-//! point ([`MIN_M`]; `bifurc compile --shape`, default b = 32): with one
-//! row (the baseline's attention over a per-sample cache, any contraction
-//! compiled for b = 1) a tile would load 16 rows to use one, and CUDA
-//! cores do better. The artifact still runs at every point. Products of bf16 / f16 values are exact in f32, so the
-//! result differs from the CUDA-core kernel only by summation order.
+//! It is taken when the n side fills at least a column tile at the compile
+//! point ([`MIN_N`]; `bifurc compile --shape`, default b = 32), however few
+//! the rows: with one (attention over a per-sample cache, a projection
+//! compiled for b = 1) a tile's other 15 rows re-read the first one (the
+//! same addresses: L1) and their products are thrown away, which costs
+//! little next to what the kernel gains in reading B — 16-byte rows, or
+//! the reduction split among warps with several steps' loads in flight —
+//! over one thread per output walking its row. A contraction with fewer
+//! outputs (the new token's score) stays on CUDA cores. The artifact still
+//! runs at every point. Products of bf16 / f16 values are exact in f32, so
+//! the result differs from the CUDA-core kernel only by summation order.
 //!
 //! Launch (see `emit::mma`): blocks of [`WARPS`] warps, each warp computing
 //! `rows × cols` tiles of 16 × 8 ([`Mma::rows`], [`Mma::cols`]: A's
@@ -50,8 +55,9 @@ pub const TILE_N: i64 = 8;
 pub const TILE_K: i64 = 16;
 /// Warps of a block: each takes every `WARPS`-th step of the reduction.
 pub const WARPS: i64 = 8;
-/// Least m (rows of A) at the compile point for a tensor-core kernel.
-pub const MIN_M: i64 = 8;
+/// Least n (columns, the larger side) at the compile point for a
+/// tensor-core kernel.
+pub const MIN_N: i64 = 8;
 /// Longest constant reduction a warp walks alone (see [`Mma::split_k`]).
 pub const SHORT_K: i64 = 256;
 /// Iterations of a split walk a warp loads together when it computes one
@@ -187,7 +193,7 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType], point: &BTreeM
     let (s0, s1) = (size(&only0)?, size(&only1)?);
     let (a, b, m, n, m_size, n_size) =
         if at_point(&s1)? < at_point(&s0)? { (1, 0, only1, only0, s1, s0) } else { (0, 1, only0, only1, s0, s1) };
-    if at_point(&m_size)? < MIN_M {
+    if at_point(&n_size)? < MIN_N {
         return None;
     }
     let k_size = graph.dims.normalize(&k_size).ok()?;
@@ -235,7 +241,8 @@ mod tests {
     /// warp's tiles), one over 64 is not (a block per eight warps' tiles);
     /// a warp takes two row tiles at b = 32, one at b = 16, and two column
     /// tiles in a split walk with 256 blocks to spare (W [8192, d]); f32 or
-    /// mixed operands, or fewer than 8 rows, stay on CUDA cores.
+    /// mixed operands, or fewer than 8 outputs on the larger side, stay on
+    /// CUDA cores.
     #[test]
     fn which_contractions_use_tensor_cores() {
         let form = |g: &crate::ir::Graph| plan(g).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.clone();
@@ -249,16 +256,21 @@ mod tests {
         assert!(!short.split_k);
         assert_eq!((short.tiles(), short.unroll()), ("32*ceil((b)/32)".to_string(), 1));
         assert_eq!(form(&graph("f32", 64, r#""b""#)), None, "mixed operands");
-        assert_eq!(form(&graph("bf16", 64, "4")), None, "4 rows");
+        let few = form(&graph("bf16", 64, "4")).expect("4 rows: tensor cores all the same");
+        assert_eq!((few.rows, few.cols, few.tiles()), (1, 1, "32".to_string()));
+        assert_eq!(form(&graph_out("bf16", 64, "4", 4)), None, "4 x 4 outputs");
         let g = graph("bf16", 64, "40");
         assert_eq!(form(&g).map(|m| m.tiles()), Some("64".to_string()), "ceil(40/32) * 2048/64");
         let p = plan(&g).unwrap_or_else(|e| panic!("{e}"));
         assert!(p.kernels[0].gpu_threads(256).is_err(), "launched by tiles");
-        // The choice is made at the point given: 4 samples are too few rows.
+        // The choice is made at the point given: 4 outputs are too few.
         let g = graph("bf16", 1024, r#""b""#);
         let at = |b: i64| std::collections::BTreeMap::from([("b".to_string(), b)]);
         let planned = |b| plan_with(&g, Some(&at(b))).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.is_some();
-        assert!(planned(8) && !planned(4));
+        assert!(planned(1));
+        let g4 = graph_out("bf16", 1024, r#""b""#, 4);
+        let planned4 = |b| plan_with(&g4, Some(&at(b))).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.is_some();
+        assert!(planned4(8) && !planned4(4), "the larger side must fill a column tile");
         let at16 = plan_with(&g, Some(&at(16))).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.clone();
         assert_eq!(at16.map(|m| (m.rows, m.cols, m.unroll())), Some((1, 1, UNROLL)), "one row tile at b = 16");
         assert!(plan_with(&g, None).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.is_none());
