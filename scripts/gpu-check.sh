@@ -176,10 +176,12 @@ for m in tiny wide; do
         --prefill "$carry/$m-prefill.ptx" --out-json "$out/$m/bif-prefill.json"
     step "$m agrees" 20 bash -c "compare_model $m"
 done
-# 3b. bf16 (wide16): the tensor-core kernels (projections, bifurcated context
-# einsums; the prompt is stepped at b = 1, so their row tiles are ragged) and
-# the CUDA-core ones must give the CPU reference's first-step logits within
-# bf16 tolerance (3e-2 norm-relative; tokens are reported).
+# 3b. bf16 (wide16): the tensor-core kernels (projections, attention's
+# contractions; the prompt is stepped at b = 1, one row a tile, then 40
+# samples decode a step: two full row tiles and a ragged one, 80 query rows
+# per group in the context einsums) and the CUDA-core ones must give the CPU
+# reference's first-step logits within bf16 tolerance (3e-2 norm-relative;
+# tokens are reported).
 compare_bf16() {
     python3 - "$out/wide16" "$carry/wide16-cpu.json" <<'EOF'
 import json, os, sys
@@ -209,7 +211,7 @@ EOF
 export -f compare_bf16
 if [ -f "$carry/wide16-bif.ptx" ]; then
     mkdir -p "$out/wide16"
-    bf16_args=(--random-weights --seed 1 --prompt-ids 1,2,3,4,5,6,7,8 --samples 4 --steps 1 --temperature 0 --json --logits)
+    bf16_args=(--random-weights --seed 1 --prompt-ids 1,2,3,4,5,6,7,8 --samples 40 --steps 1 --temperature 0 --json --logits)
     step "wide16 bifurcated (tensor cores)" 30 "$run" run "$carry/wide16-bif.ptx" "${bf16_args[@]}" \
         --out-json "$out/wide16/bif.json"
     step "wide16 bifurcated (CUDA cores)" 30 "$run" run "$carry/wide16-bif-cc.ptx" "${bf16_args[@]}" \

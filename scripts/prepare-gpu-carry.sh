@@ -113,7 +113,7 @@ done
 
 step "CPU reference: first decode step of the bf16 wide16 model"
 "$bifurc" run "$carry/wide16-bif.ptx" --device cpu --random-weights --seed 1 --prompt-ids 1,2,3,4,5,6,7,8 \
-    --samples 4 --steps 1 --temperature 0 --json --logits >"$carry/wide16-cpu.json.tmp"
+    --samples 40 --steps 1 --temperature 0 --json --logits >"$carry/wide16-cpu.json.tmp"
 mv "$carry/wide16-cpu.json.tmp" "$carry/wide16-cpu.json"
 echo "wrote $carry/wide16-cpu.json"
 
