@@ -433,7 +433,8 @@ fn gpu_block_kernels_emulated_match_interpreter() {
         ("ops", ops, vec![point(&[("m", 1)]), point(&[("m", 5)])], F32_TOL),
     ];
     for (name, g, points, tol) in cases {
-        let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
+        // Tensor cores off (the CPU's plan): their emulation is tested below.
+        let program = plan_with(&g, None).unwrap_or_else(|e| panic!("{e}"));
         let plain = emit(&g, &program, Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
         for lanes in [3, 7] {
             let emulation = Emulation { lanes, cooperative_min: 1 };
@@ -494,7 +495,9 @@ fn tensor_core_kernels_emulated_match_interpreter() {
 /// and the first in the last one. Reductions of 20 (a ragged last step),
 /// 300 and 320 (split among warps), 32, 64 and 320 (the chunked walk: its
 /// 16-byte loads, alone or against an operand read across rows); warps of
-/// 2 × 2 tiles over both walks, ragged along rows and columns.
+/// 2 × 2 tiles over both walks, ragged along rows and columns; a reduction
+/// of runtime length split across blocks (1 to 2 steps over 4 blocks: empty
+/// blocks, the tail in the second).
 #[test]
 fn tensor_core_forms_match_interpreter() {
     let text = r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["m"], "constants": {"k": 20}},
@@ -521,7 +524,9 @@ fn tensor_core_forms_match_interpreter() {
         {"name": "ws", "role": "activation", "shape": [128, "m", 320], "dtype": "bf16"},
         {"name": "wt", "role": "weight", "shape": [128, 24, 320], "dtype": "bf16"},
         {"name": "rs", "role": "activation", "shape": [128, "m", 300], "dtype": "bf16"},
-        {"name": "rt", "role": "weight", "shape": [128, 24, 300], "dtype": "bf16"}],
+        {"name": "rt", "role": "weight", "shape": [128, 24, 300], "dtype": "bf16"},
+        {"name": "ka", "role": "activation", "shape": ["m", 24], "dtype": "bf16"},
+        {"name": "kb", "role": "activation", "shape": ["m", 40], "dtype": "bf16"}],
       "nodes": [
         {"id": "mm", "op": "matmul", "inputs": ["x", "w"], "dtype": "f32"},
         {"id": "bmm", "op": "matmul", "inputs": ["a", "b"], "attrs": {"transpose_b": true}, "dtype": "f32"},
@@ -534,12 +539,14 @@ fn tensor_core_forms_match_interpreter() {
         {"id": "chunks", "op": "matmul", "inputs": ["c", "d"], "dtype": "f32"},
         {"id": "split_chunks", "op": "matmul", "inputs": ["h", "l"], "dtype": "f32"},
         {"id": "tiles", "op": "einsum", "inputs": ["ws", "wt"], "attrs": {"spec": "zak,zbk->zab"}, "dtype": "f32"},
-        {"id": "ragged_tiles", "op": "einsum", "inputs": ["rs", "rt"], "attrs": {"spec": "zak,zbk->zab"}, "dtype": "f32"}],
+        {"id": "ragged_tiles", "op": "einsum", "inputs": ["rs", "rt"], "attrs": {"spec": "zak,zbk->zab"}, "dtype": "f32"},
+        {"id": "runtime_k", "op": "einsum", "inputs": ["ka", "kb"], "attrs": {"spec": "mc,md->cd"}, "dtype": "f32"}],
       "outputs": [{"name": "mm", "node": "mm"}, {"name": "bmm", "node": "bmm"}, {"name": "mix", "node": "mix"},
                   {"name": "first", "node": "first"}, {"name": "swap", "node": "swap"}, {"name": "long", "node": "long"},
                   {"name": "pairs", "node": "pairs"}, {"name": "split_pairs", "node": "split_pairs"},
                   {"name": "chunks", "node": "chunks"}, {"name": "split_chunks", "node": "split_chunks"},
-                  {"name": "tiles", "node": "tiles"}, {"name": "ragged_tiles", "node": "ragged_tiles"}]}"#;
+                  {"name": "tiles", "node": "tiles"}, {"name": "ragged_tiles", "node": "ragged_tiles"},
+                  {"name": "runtime_k", "node": "runtime_k"}]}"#;
     let g = bifurc::import::parse(text).unwrap_or_else(|e| panic!("{e}"));
     let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
     let forms: Vec<(&str, usize, bool)> = program
@@ -562,6 +569,8 @@ fn tensor_core_forms_match_interpreter() {
         ("split_chunks", 1, true),
         ("tiles", 1, true),
         ("ragged_tiles", 1, true),
+        ("runtime_k", 0, false),
+        ("runtime_k", 9, false), // its combine kernel
     ];
     assert_eq!(forms, want, "A operands, split");
     // A warp's tiles: two row tiles where A has over 16 rows (24; 12 and
@@ -575,6 +584,12 @@ fn tensor_core_forms_match_interpreter() {
         .collect();
     let want = [("long", 1, 1), ("split_pairs", 1, 1), ("tiles", 2, 2), ("ragged_tiles", 2, 2)];
     assert_eq!(warp_tiles, want, "warp tiles");
+    // A reduction of runtime length (m: 4 steps at the typical point, one
+    // block of outputs) is split across 4 blocks: partial sums into a
+    // workspace, then a combine kernel.
+    let split = program.kernels.iter().find(|k| k.node == "runtime_k").and_then(|k| k.mma.as_ref());
+    assert_eq!(split.map(|m| (m.rows, m.cols, m.k_splits)), Some((2, 1, 4)), "runtime_k");
+    assert!(program.kernels.iter().any(|k| k.node == "runtime_k" && k.op == "combine"));
     let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
     let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{e}"));
     let points: Vec<_> = [1, 5, 17].iter().map(|&m| point(&[("m", m)])).collect();

@@ -390,11 +390,13 @@ fn artifact_writes_are_atomic() {
 }
 
 /// A bf16 grouped-query llama (2 layers, head dim 64), bifurcated: its
-/// projections and context einsums run on tensor cores; `tensor_cores:
-/// false` keeps them on CUDA cores. The MLIR of the context scores einsum
-/// (a warp per tile) and of the context einsum (warps splitting `m_c`,
-/// partials added in shared memory) is snapshotted: review it as generated
-/// code.
+/// projections and attention contractions run on tensor cores;
+/// `tensor_cores: false` keeps them on CUDA cores. The MLIR of the context
+/// scores einsum (warps side by side), of the context einsum (`m_c` split
+/// across blocks into a workspace) and its combine kernel, of the MLP's
+/// down projection (warps splitting its reduction, partials added in shared
+/// memory) and of the new token's scores (a warp per output) is
+/// snapshotted: review it as generated code.
 #[test]
 fn tensor_core_kernels() {
     let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
@@ -410,7 +412,7 @@ fn tensor_core_kernels() {
         .manifest
         .kernels
         .iter()
-        .filter(|k| k.op == "einsum" || k.op == "matmul")
+        .filter(|k| ["einsum", "matmul", "combine"].contains(&k.op.as_str()))
         .map(|k| (k.name.as_str(), k.grid[0].to_string()))
         .collect();
     let want = [
@@ -426,16 +428,18 @@ fn tensor_core_kernels() {
         // The new token's score (one key): CUDA cores, a warp per output,
         // the lanes splitting the head dim.
         ("k10_l0_attn_scores_einsum3", "ceil((128*b)/256)"),
-        // Long ones (m_c, the MLP's 512): a block per warp's tiles (32 x 8:
-        // too few blocks for two column tiles), its warps splitting the
-        // reduction.
-        ("k12_l0_attn_context_einsum1", "16*ceil((2*b)/32)"),
-        // Over m_d, two column tiles: 64 blocks per sample and group at b = 32.
-        ("k13_l0_attn_context_einsum2", "4*(2*b)"),
-        ("k22_l0_mlp_down_proj", "32*ceil((b)/32)"),
+        // A long constant one (the MLP's 512): a block per warp's tiles (32 x
+        // 8: too few blocks for two column tiles), its warps splitting it.
+        ("k24_l0_mlp_down_proj", "32*ceil((b)/32)"),
+        // Runtime ones (m_c, m_d): eight warps side by side cover the head
+        // dim, the reduction split across 32 blocks per group (8 per sample
+        // and group), each followed by a combine kernel.
+        ("k12_l0_attn_context_einsum1", "64*ceil((2*b)/32)"),
+        ("k13_l0_attn_context_einsum1_combine", "ceil((256*b)/256)"),
+        ("k14_l0_attn_context_einsum2", "8*(2*b)"),
         // It reads the heads' context rounded to bf16 by the last add.
-        ("k16_l0_attn_o_proj", "4*ceil((b)/32)"),
-        ("k46_logits", "2*ceil((b)/32)"),
+        ("k18_l0_attn_o_proj", "4*ceil((b)/32)"),
+        ("k50_logits", "2*ceil((b)/32)"),
     ];
     for (name, grid) in want {
         assert!(tiles.iter().any(|(n, g)| *n == name && g == grid), "{name}: want grid {grid}, kernels {tiles:?}");
@@ -451,6 +455,8 @@ fn tensor_core_kernels() {
     };
     insta::assert_snapshot!("tensor_core_scores_einsum", kernel("k8_l0_attn_scores_einsum1"));
     insta::assert_snapshot!("tensor_core_context_einsum", kernel("k12_l0_attn_context_einsum1"));
+    insta::assert_snapshot!("tensor_core_context_combine", kernel("k13_l0_attn_context_einsum1_combine"));
+    insta::assert_snapshot!("tensor_core_split_projection", kernel("k24_l0_mlp_down_proj"));
     // The new token's scores: a warp per output, lanes splitting the head
     // dim, a shuffle butterfly adding their sums, lane 0 storing.
     let warp = kernel("k10_l0_attn_scores_einsum3");

@@ -13,8 +13,10 @@
 //!
 //! Because inlined nodes write nothing and are read by nothing, the kernels'
 //! sum can be below the graph-level model (which charges every compute
-//! node); `copy` kernels (outputs that alias a value) add their copy. Weight
-//! and KV-cache traffic is the same in both.
+//! node); `copy` kernels (outputs that alias a value) add their copy, and a
+//! reduction split across blocks its workspace (written by the contraction,
+//! read by its `combine` kernel). Weight and KV-cache traffic is the same in
+//! both.
 //!
 //! A read is tracked as `F × elements(value)` (a polynomial factor `F`) or,
 //! below a slice, as an absolute element count. Where the count cannot stay
@@ -26,7 +28,7 @@ use std::collections::BTreeSet;
 
 use crate::ir::{shape::numel, DType, Graph, Op, Poly, Role, Value};
 
-use super::plan::{classify, NodeKind, Program};
+use super::plan::{classify, NodeKind, Program, COMBINE_OP};
 
 /// Bytes one kernel moves, by category, as polynomials over the runtime dims.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -175,6 +177,13 @@ pub fn kernel_bytes(graph: &Graph, program: &Program) -> Result<Vec<KernelBytes>
             let mut acc = KernelBytes::default();
             match (kernel.op.as_str(), value) {
                 ("copy", _) => model.read(value, Amount::Factor(Poly::constant(1)), &mut acc)?,
+                // A split reduction's partial sums, each read once.
+                (COMBINE_OP, _) => {
+                    for &r in &kernel.reads {
+                        let b = &program.buffers[r];
+                        acc.add(None, &numel(&graph.dims, &b.shape)?, b.dtype)?;
+                    }
+                }
                 (_, Value::Node(j)) => {
                     let node = &graph.nodes[j];
                     for (operand, &input) in node.inputs.iter().enumerate() {

@@ -25,9 +25,10 @@
 //!
 //! Launch (see `emit::mma`): blocks of [`WARPS`] warps, each warp computing
 //! `rows × cols` tiles of 16 × 8 ([`Mma::rows`], [`Mma::cols`]: A's
-//! fragments serve every column tile, B's every row tile); a long reduction
-//! is split among a block's warps, each working on the same tiles, a short
-//! one is not (see [`Mma::split_k`]).
+//! fragments serve every column tile, B's every row tile); a long constant
+//! reduction is split among a block's warps, each working on the same
+//! tiles, a short one is not, and one of runtime length is split across
+//! blocks (see [`Mma::split_k`], [`Mma::k_splits`]).
 //!
 //! The warp's tiles are chosen at the compile point: two row tiles when m
 //! is over 16 there (B, the weights or the context cache, is then read
@@ -67,6 +68,14 @@ pub const UNROLL: i64 = 4;
 /// Fewest blocks at the compile point for which a split walk's warp takes
 /// two column tiles: two per multiprocessor of an H100 / H200 (132).
 pub const MIN_BLOCKS: i64 = 256;
+/// Blocks at the compile point that a reduction of runtime length is split
+/// across ([`Mma::k_splits`]) to reach, about four per multiprocessor.
+pub const SPLIT_BLOCKS: i64 = 512;
+/// Most steps of 16 a warp walks alone over a reduction of runtime length
+/// at the compile point before the reduction is split across more blocks.
+pub const MAX_WALK: i64 = 64;
+/// Most blocks one reduction is split across.
+pub const MAX_SPLITS: i64 = 32;
 /// Reduction elements a lane's row covers per iteration of a chunked walk
 /// (a constant reduction that is a multiple of this): two steps.
 pub const CHUNK_K: i64 = 32;
@@ -89,14 +98,25 @@ pub struct Mma {
     pub k_size: Poly,
     /// The operands' element type: bf16 or f16.
     pub dtype: DType,
-    /// How a block's warps share the work. Split (a reduction that is
-    /// runtime-sized or longer than [`SHORT_K`]: `m_c`, `d_model`): the
-    /// block is one warp's tiles, its warps take every [`WARPS`]-th step of
-    /// the reduction and add their partials in shared memory. Not split
-    /// (a short constant reduction: the head dim of `q·Kᵀ`): the block is
-    /// eight warps' tiles side by side along n, each warp's over the whole
-    /// reduction, stored from registers.
+    /// How a block's warps share the work. Split (a constant reduction
+    /// longer than [`SHORT_K`]: `d_model`): the block is one warp's tiles,
+    /// its warps take every [`WARPS`]-th step of the reduction and add
+    /// their partials in shared memory. Not split (a short constant
+    /// reduction, the head dim of `q·Kᵀ`; or one of runtime length, `m_c`,
+    /// `m_d` of `w·V`): the block is eight warps' tiles side by side along
+    /// n, each warp's over the block's part of the reduction (see
+    /// [`Mma::k_splits`]), stored from registers.
     pub split_k: bool,
+    /// Blocks the reduction is split across (not split in-block only):
+    /// block `s` of `S` walks steps `s·⌈steps/S⌉ ..` of it; with `S > 1`
+    /// the kernel writes its partial sums to a workspace `[S, ...out]` of
+    /// f32 and a second kernel (`combine`) adds them in order. Chosen at
+    /// the compile point for a reduction of runtime length: enough blocks
+    /// ([`SPLIT_BLOCKS`]) and short walks ([`MAX_WALK`]), at most
+    /// [`MAX_SPLITS`]. Then a block covers all of n for attention's `w·V`
+    /// (128 columns), so the probabilities are read once per block, not
+    /// once per 16 columns.
+    pub k_splits: i64,
     /// Row tiles (16 rows each) of a warp: 1 or 2.
     pub rows: i64,
     /// Column tiles (8 columns each) of a warp: 1 or 2.
@@ -115,12 +135,12 @@ impl Mma {
         TILE_N * self.cols * if self.split_k { 1 } else { WARPS }
     }
 
-    /// Iterations of the reduction walk a warp loads together: a split
-    /// walk [`UNROLL`] for one tile, fewer for more (about as many loads in
-    /// flight, not more registers); one otherwise (a short constant walk is
-    /// unrolled whole by LLVM).
+    /// Iterations of the reduction walk a warp loads together: for a split
+    /// or runtime-length walk [`UNROLL`] for one tile, fewer for more (about
+    /// as many loads in flight, not more registers); one otherwise (a short
+    /// constant walk is unrolled whole by LLVM).
     pub fn unroll(&self) -> i64 {
-        if self.split_k {
+        if self.split_k || self.k_size.as_constant().is_none() {
             (2 * UNROLL / (self.rows + self.cols)).max(1)
         } else {
             1
@@ -133,10 +153,11 @@ impl Mma {
         32 * WARPS * 4 * self.rows * self.cols
     }
 
-    /// Blocks: `ceil(m / block_m) * ceil(n / block_n) * batch`, as a
-    /// manifest size expression (an integer when every part is constant).
+    /// Blocks: `ceil(m / block_m) * ceil(n / block_n) * batch * k_splits`,
+    /// as a manifest size expression (an integer when every part is
+    /// constant).
     pub fn tiles(&self) -> String {
-        let mut coeff = 1i64;
+        let mut coeff = self.k_splits;
         let mut parts = Vec::new();
         for (p, d) in [(&self.batch_size, 1), (&self.m_size, self.block_m()), (&self.n_size, self.block_n())] {
             match p.as_constant() {
@@ -197,21 +218,33 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType], point: &BTreeM
         return None;
     }
     let k_size = graph.dims.normalize(&k_size).ok()?;
-    let split_k = k_size.as_constant().is_none_or(|k| k > SHORT_K);
+    let runtime_k = k_size.as_constant().is_none();
+    let split_k = k_size.as_constant().is_some_and(|k| k > SHORT_K);
     let batch_size = size(&batch)?;
-    let mut form = Mma { split_k, a, b, batch_size, batch, m, n, m_size, n_size, k_size, dtype, rows: 1, cols: 1 };
+    let mut form =
+        Mma { split_k, a, b, batch_size, batch, m, n, m_size, n_size, k_size, dtype, rows: 1, cols: 1, k_splits: 1 };
     if at_point(&form.m_size)? > TILE_M {
         form.rows = 2;
     }
+    let ceil = |p: &Poly, d: i64| at_point(p).map(|x| (x + d - 1).div_euclid(d));
+    let blocks = |f: &Mma| -> Option<i64> {
+        Some(ceil(&f.batch_size, 1)? * ceil(&f.m_size, f.block_m())? * ceil(&f.n_size, f.block_n())?)
+    };
     if split_k {
         let wide = Mma { cols: 2, ..form.clone() };
-        let blocks = |f: &Mma| -> Option<i64> {
-            let ceil = |p: &Poly, d: i64| at_point(p).map(|x| (x + d - 1).div_euclid(d));
-            Some(ceil(&f.batch_size, 1)? * ceil(&f.m_size, f.block_m())? * ceil(&f.n_size, f.block_n())?)
-        };
         if blocks(&wide)? >= MIN_BLOCKS {
             form = wide;
         }
+    }
+    if runtime_k {
+        // Eight warps side by side cover 128 columns with two tiles each.
+        if at_point(&form.n_size)? > TILE_N * WARPS {
+            form.cols = 2;
+        }
+        let steps = ceil(&form.k_size, TILE_K)?;
+        let want =
+            ceil(&Poly::constant(steps), MAX_WALK)?.max(ceil(&Poly::constant(SPLIT_BLOCKS), blocks(&form)?.max(1))?);
+        form.k_splits = want.min(MAX_SPLITS).min(steps).max(1);
     }
     Some(form)
 }

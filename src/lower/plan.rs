@@ -325,6 +325,14 @@ fn is_one(graph: &Graph, p: &Poly) -> bool {
     graph.dims.same(p, &Poly::constant(1))
 }
 
+/// The op of the kernel that adds a split reduction's partial sums (see
+/// [`Mma::k_splits`]): `out[i] = Σ_s partials[s, i]`, in order of `s`.
+pub const COMBINE_OP: &str = "combine";
+
+/// Suffix of the workspace buffer of a split reduction's partial sums,
+/// after the node id.
+pub const PARTIALS_SUFFIX: &str = ".partials";
+
 /// Reduction length from which a GPU contraction gets a block per output
 /// element (see [`cooperative_contraction`]).
 pub(crate) const COOPERATIVE_MIN: i64 = 1024;
@@ -534,6 +542,8 @@ pub fn plan_with(graph: &Graph, tensor_cores: Option<&BTreeMap<String, i64>>) ->
             });
         }
     }
+    let copies: Vec<(usize, Value, String)> =
+        copies.into_iter().map(|(b, v)| (b, v, buffers[b].name.clone())).collect();
     let mut kernels = Vec::new();
     let mut add = |name: &str,
                    node: &str,
@@ -568,25 +578,66 @@ pub fn plan_with(graph: &Graph, tensor_cores: Option<&BTreeMap<String, i64>>) ->
         }
         let extent = numel(&graph.dims, &threads)
             .map_err(|message| LowerError::Size { what: format!("kernel for `{node}`"), message })?;
-        let mut params: Vec<Param> = graph.dims.runtime.iter().cloned().map(Param::Dim).collect();
-        let pitched: BTreeSet<&str> =
-            reads.iter().filter_map(|&r| buffers[r].pitch.as_ref()).map(|p| p.dim.as_str()).collect();
-        params.extend(graph.dims.runtime.iter().filter(|d| pitched.contains(d.as_str())).cloned().map(Param::Capacity));
-        params.extend(reads.iter().copied().map(Param::Buffer));
-        params.push(Param::Buffer(writes));
+        // A reduction split across blocks: partial sums into a workspace,
+        // added by a `combine` kernel after it (see `Mma::k_splits`).
+        let (mma_writes, combine) = match &mma {
+            Some(m) if m.k_splits > 1 => {
+                let mut shape = vec![Poly::constant(m.k_splits)];
+                shape.extend(buffers[writes].shape.iter().cloned());
+                let ws = buffers.len();
+                buffers.push(Buffer {
+                    name: format!("{node}{PARTIALS_SUFFIX}"),
+                    kind: BufferKind::Intermediate,
+                    shape,
+                    dtype: DType::F32,
+                    pitch: None,
+                });
+                (ws, Some(ws))
+            }
+            _ => (writes, None),
+        };
+        let params_of = |reads: &BTreeSet<usize>, writes: usize| -> Vec<Param> {
+            let mut params: Vec<Param> = graph.dims.runtime.iter().cloned().map(Param::Dim).collect();
+            let pitched: BTreeSet<&str> =
+                reads.iter().filter_map(|&r| buffers[r].pitch.as_ref()).map(|p| p.dim.as_str()).collect();
+            params.extend(
+                graph.dims.runtime.iter().filter(|d| pitched.contains(d.as_str())).cloned().map(Param::Capacity),
+            );
+            params.extend(reads.iter().copied().map(Param::Buffer));
+            params.push(Param::Buffer(writes));
+            params
+        };
+        let params = params_of(&reads, mma_writes);
         let index = kernels.len();
         kernels.push(Kernel {
             name: format!("k{index}_{}", sanitize(name)),
             node: node.to_owned(),
             op: op.to_owned(),
             reads: reads.into_iter().collect(),
-            writes,
-            extent,
+            writes: mma_writes,
+            extent: extent.clone(),
             cooperative,
             warp,
             mma,
             params,
         });
+        if let Some(ws) = combine {
+            let reads = BTreeSet::from([ws]);
+            let params = params_of(&reads, writes);
+            let index = kernels.len();
+            kernels.push(Kernel {
+                name: format!("k{index}_{}_combine", sanitize(name)),
+                node: node.to_owned(),
+                op: COMBINE_OP.to_owned(),
+                reads: reads.into_iter().collect(),
+                writes,
+                extent,
+                cooperative: false,
+                warp: false,
+                mma: None,
+                params,
+            });
+        }
         Ok(())
     };
     for (j, node) in graph.nodes.iter().enumerate() {
@@ -595,8 +646,7 @@ pub fn plan_with(graph: &Graph, tensor_cores: Option<&BTreeMap<String, i64>>) ->
             add(&node.id, &node.id, node.op.name(), &node.inputs, b, row, Some(j))?;
         }
     }
-    for (b, v) in copies {
-        let out = buffers[b].name.clone();
+    for (b, v, out) in copies {
         add(&out, graph.name_of(v), "copy", &[v], b, None, None)?;
     }
     Ok(Program { dims: graph.dims.runtime.clone(), buffers, kernels })

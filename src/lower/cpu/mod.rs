@@ -21,7 +21,7 @@ use crate::interp::{Tensor, MAX_ELEMENTS};
 use crate::ir::{DType, Graph};
 use crate::lower::context::DiagnosticCapture;
 use crate::lower::emit::{emit, emit_emulating_gpu, Emulation, Target};
-use crate::lower::plan::{plan, BufferKind, Param, Program};
+use crate::lower::plan::{plan, plan_with, BufferKind, Param, Program};
 use crate::lower::{new_context, run_pipeline, verify, LowerError};
 use host::HostData;
 
@@ -68,10 +68,10 @@ pub struct CpuStep {
 }
 
 impl CpuStep {
-    /// Plans, emits, verifies, lowers with [`CPU_PIPELINE`] and JIT-compiles
-    /// `graph`.
+    /// Plans (without tensor cores: the CPU has none), emits, verifies,
+    /// lowers with [`CPU_PIPELINE`] and JIT-compiles `graph`.
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
-        let program = plan(graph)?;
+        let program = plan_with(graph, None)?;
         let text = emit(graph, &program, Target::Cpu)?;
         Self::compile_text(graph, program, &text)
     }

@@ -73,9 +73,9 @@ mod walk;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use crate::ir::{shape::numel, Graph, Poly, Value};
+use crate::ir::{shape::numel, DType, Graph, Poly, Value};
 
-use super::plan::{BufferKind, Kernel, Param, Program};
+use super::plan::{BufferKind, Kernel, Param, Program, COMBINE_OP};
 use super::LowerError;
 use builder::Builder;
 use mma::MmaMode;
@@ -269,7 +269,7 @@ fn kernel_fn(
     let sizes = kc.sizes(&out.shape)?;
     let flat = "%i".to_owned();
     let out_ptr = kc.ptr(kernel.writes)?;
-    let node = if kernel.op == "copy" {
+    let node = if kernel.op == "copy" || kernel.op == COMBINE_OP {
         None
     } else {
         match graph.find(&kernel.node) {
@@ -291,6 +291,11 @@ fn kernel_fn(
     };
     let mma = match (&kernel.mma, mma_mode, node) {
         (Some(m), Some(mode), Some(j)) => Some((m, mode, j)),
+        (Some(m), None, _) if m.k_splits > 1 => {
+            // Its partial sums are the tensor-core kernel's; plan the CPU
+            // step without tensor cores.
+            return Err(mismatch(&kernel.name, "a reduction split across blocks needs its tensor-core kernel".into()));
+        }
         _ => None,
     };
     let extent = if let Some((m, mode, j)) = mma {
@@ -299,6 +304,35 @@ fn kernel_fn(
             kc.lanes = Lanes::Block;
         }
         kc.mma_kernel(j, m, &flat, (&out_ptr, out.dtype, sizes.clone()), mode, &mut opened)?
+    } else if kernel.op == COMBINE_OP {
+        // A split reduction's partial sums, added in order of the split.
+        let ws = match kernel.reads.as_slice() {
+            [ws] => *ws,
+            _ => return Err(mismatch(&kernel.name, "a combine kernel reads one workspace".to_string())),
+        };
+        let splits = program.buffers[ws].shape.first().and_then(Poly::as_constant).unwrap_or(0);
+        let ws_ptr = kc.ptr(ws)?;
+        let idx = walk_index(&mut kc, target, &flat, &sizes, &mut opened);
+        let off = if target == Target::Cpu { kc.b.linearize(&idx, &sizes) } else { flat.clone() };
+        let count = kc.b.size(&kernel.extent)?;
+        let mut total: Option<String> = None;
+        for s in 0..splits {
+            let at = if s == 0 {
+                off.clone()
+            } else {
+                let sc = kc.b.index(s);
+                let base = kc.b.muli(&count, &sc);
+                kc.b.addi(&base, &off)
+            };
+            let v = kc.b.load(&ws_ptr, &at, DType::F32).ssa;
+            total = Some(match total {
+                None => v,
+                Some(t) => kc.b.fbin("addf", &t, &v),
+            });
+        }
+        let total = total.ok_or_else(|| mismatch(&kernel.name, "a workspace of no partial sums".to_string()))?;
+        kc.b.store(&out_ptr, &off, out.dtype, builder::Val::f32(total));
+        kc.b.size(&kernel.extent)?
     } else {
         match (walk::walk(graph, node, target, cooperative_min), node) {
             (Walk::Rows { axis }, Some(j)) if axis < sizes.len() && kc.row_axis(j) == Some(axis) => {

@@ -63,7 +63,7 @@ impl Kc<'_> {
             self.b.open_guard(&live);
         }
         let (first, stride) = self.walk(tile, &w);
-        let s0 = self.b.open_loop_from(&first, &tile.full, &stride);
+        let s0 = self.b.open_loop_from(&first, &tile.main_end, &stride);
         for u in 0..tile.unroll {
             let (s, keep) = self.unrolled(tile, &s0, u);
             self.emulated_iteration(j, mma, tile, &scratch, (&w, &n0, &s), (false, keep.as_deref()))?;

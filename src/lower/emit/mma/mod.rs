@@ -18,10 +18,12 @@
 //!   in shared memory (lane `l` of warp `w` at `(32 w + l) 4 R C`) and
 //!   thread `o` of `0 .. 128 R C` (in turn, 256 at a time) adds output
 //!   `o`'s eight partials in warp order and stores it.
-//! - **Not split** (a short constant reduction): the block is
-//!   `16 R × 64 C`, warp `w` computes the tiles at columns
-//!   `64 C n_block + 8 C w ..` over the whole reduction and stores them
-//!   from its registers.
+//! - **Not split** (a short constant reduction, or one of runtime length):
+//!   the block is `16 R × 64 C`, warp `w` computes the tiles at columns
+//!   `64 C n_block + 8 C w ..` over the block's part of the reduction (all
+//!   of it, or with [`Mma::k_splits`] `S > 1` part `s` of `S`, into slice
+//!   `s` of the workspace that a `combine` kernel adds up), [`Mma::unroll`]
+//!   iterations at a time, and stores them from its registers.
 //!
 //! Fragment layout (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane
 //! `l`, `g = l / 4`, `t = l % 4`: A element `i` (0..8) at row
@@ -117,6 +119,18 @@ struct Tile {
     /// The walk's end without the tail: `k / 16` steps (ragged), else
     /// `iters`.
     full: String,
+    /// This block's part of the walk ([`Mma::k_splits`]): iterations
+    /// `lo .. hi`, of which `lo .. main_end` are whole steps (`main_end` =
+    /// `min(hi, full)`); `0 .. iters` and `full` unsplit.
+    lo: String,
+    hi: String,
+    main_end: String,
+    /// With a split reduction: this block's index among the splits, the
+    /// first index of its partial sums in the workspace.
+    slice: Option<String>,
+    /// Sizes of the buffer stored to: the output, or the workspace
+    /// (`[k_splits, ...output]`).
+    store_sizes: Vec<String>,
     /// Output axes of each group.
     axes: [Vec<usize>; 3],
     /// This block: batch multi-index, first row, first column.
@@ -163,8 +177,11 @@ impl Kc<'_> {
         mode: MmaMode,
         opened: &mut usize,
     ) -> Result<String, LowerError> {
-        let (out_ptr, out_dtype, sizes) = out;
-        if sizes.len() != self.graph.nodes[j].shape.len() {
+        let (out_ptr, out_dtype, store_sizes) = out;
+        // A split reduction stores to its workspace `[k_splits, ...output]`.
+        let lead = usize::from(mma.k_splits > 1);
+        let sizes = store_sizes.get(lead..).map(<[String]>::to_vec).unwrap_or_default();
+        if sizes.len() != self.graph.nodes[j].shape.len() || store_sizes.len() != sizes.len() + lead {
             return Err(self.unsupported(j, "tensor-core kernel: output rank"));
         }
         let pick = |axes: &[usize]| -> Vec<String> { axes.iter().map(|&a| sizes[a].clone()).collect() };
@@ -177,8 +194,10 @@ impl Kc<'_> {
         let nblocks = self.ceil_div(&n, mma.block_n());
         let chunked = mma.k_size.as_constant().is_some_and(|c| c % CHUNK_K == 0);
         let iters = self.ceil_div(&k, if chunked { CHUNK_K } else { TILE_K });
+        let splits = self.b.index(mma.k_splits);
         let mn = self.b.hoist(&format!("arith.muli {mblocks}, {nblocks} : index"));
-        let blocks = self.b.hoist(&format!("arith.muli {mn}, {batch} : index"));
+        let mns = self.b.hoist(&format!("arith.muli {mn}, {splits} : index"));
+        let blocks = self.b.hoist(&format!("arith.muli {mns}, {batch} : index"));
         let flat = match mode {
             MmaMode::Gpu => flat.to_owned(),
             MmaMode::Emulated => {
@@ -186,17 +205,28 @@ impl Kc<'_> {
                 self.b.open_loop(&blocks)
             }
         };
-        let at = self.b.delinearize(&flat, &[batch.clone(), nblocks, mblocks]);
+        let at = self.b.delinearize(&flat, &[batch.clone(), splits.clone(), nblocks, mblocks]);
         let batch_idx = self.b.delinearize(&at[0], &batch_sizes);
         let (bm, bn) = (self.b.index(mma.block_m()), self.b.index(mma.block_n()));
-        let m0 = self.b.muli(&at[2], &bm);
-        let nb0 = self.b.muli(&at[1], &bn);
+        let m0 = self.b.muli(&at[3], &bm);
+        let nb0 = self.b.muli(&at[2], &bn);
         let ragged_k = mma.k_size.as_constant().is_none_or(|c| c % TILE_K != 0);
         let full = if ragged_k {
             let tk = self.b.index(TILE_K);
             self.b.hoist(&format!("arith.divui {k}, {tk} : index"))
         } else {
             iters.clone()
+        };
+        let (lo, hi, main_end, slice) = if mma.k_splits > 1 {
+            // Block `s` walks `s·per .. min(iters, (s + 1)·per)`.
+            let per = self.ceil_div(&iters, mma.k_splits);
+            let lo = self.b.muli(&at[1], &per);
+            let end = self.b.addi(&lo, &per);
+            let hi = self.b.op(&format!("arith.minui {end}, {iters} : index"));
+            let main_end = self.b.op(&format!("arith.minui {hi}, {full} : index"));
+            (lo, hi, main_end, Some(at[1].clone()))
+        } else {
+            (self.b.index(0), iters.clone(), full.clone(), None)
         };
         let axes = [mma.batch.clone(), mma.m.clone(), mma.n.clone()];
         let (out_ptr, out_dtype) = (out_ptr.to_owned(), out_dtype);
@@ -209,6 +239,11 @@ impl Kc<'_> {
             k,
             ragged_k,
             full,
+            lo,
+            hi,
+            main_end,
+            slice,
+            store_sizes,
             axes,
             batch_idx,
             m0,
@@ -244,7 +279,7 @@ impl Kc<'_> {
         let zero = self.b.f32(0.0);
         let (first, step) = self.walk(tile, &w);
         let init = vec![zero; tile.accs() as usize];
-        let (mut res, s, accs) = self.b.open_for_typed_from(&first, &tile.full, &step, &init, "f32");
+        let (mut res, s, accs) = self.b.open_for_typed_from(&first, &tile.main_end, &step, &init, "f32");
         // Every load of the unrolled iterations first, then the mma chain.
         let mut loaded = Vec::new();
         for u in 0..tile.unroll {
@@ -336,40 +371,48 @@ impl Kc<'_> {
     }
 
     /// Where warp `w`'s walk starts and its stride: `w` and `WARPS` times
-    /// the iterations loaded together (split), or `0` and `1`.
+    /// the iterations loaded together (split), or the block's first
+    /// iteration and the iterations loaded together.
     fn walk(&mut self, tile: &Tile, w: &str) -> (String, String) {
         if tile.split {
             (w.to_owned(), self.b.index(WARPS * tile.unroll))
         } else {
-            (self.b.index(0), self.b.index(1))
+            (tile.lo.clone(), self.b.index(tile.unroll))
         }
     }
 
-    /// The `u`-th of the iterations loaded together from `s`: `s + u WARPS`,
-    /// clamped to the walk's last (without the tail), and (for `u > 0`)
-    /// whether it is in the walk (else its result is not kept).
+    /// The `u`-th of the iterations loaded together from `s`: `s + u WARPS`
+    /// (split) or `s + u`, clamped to the walk's last whole step, and (for
+    /// `u > 0`) whether it is in the walk (else its result is not kept).
     fn unrolled(&mut self, tile: &Tile, s: &str, u: i64) -> (String, Option<String>) {
         if u == 0 {
             return (s.to_owned(), None);
         }
-        let su = self.offset(s, u * WARPS);
-        let ok = self.b.ult(&su, &tile.full);
+        let su = self.offset(s, u * if tile.split { WARPS } else { 1 });
+        let ok = self.b.ult(&su, &tile.main_end);
         let one = self.b.index(1);
-        let last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.full));
+        // Evaluated only inside the walk, where `main_end >= 1`.
+        let last = self.b.op(&format!("arith.subi {}, {one} : index", tile.main_end));
         (self.b.op(&format!("arith.minui {su}, {last} : index")), Some(ok))
     }
 
     /// Where warp `w`'s tail walk (from step `full`) ends: `iters` (one step
     /// when the reduction ends inside one, none otherwise) for the warp
-    /// whose turn it is in a split walk (`full % WARPS`) and every warp of
-    /// an unsplit one; `full` (no step) for the others.
+    /// whose turn it is in a split walk (`full % WARPS`), and for every warp
+    /// of an unsplit one whose block's part holds step `full`; `full` (no
+    /// step) for the others.
     fn tail_end(&mut self, tile: &Tile, w: &str) -> String {
-        if !tile.split {
+        let mine = if tile.split {
+            let warps = self.b.index(WARPS);
+            let turn = self.b.op(&format!("arith.remui {}, {warps} : index", tile.full));
+            self.b.op(&format!("arith.cmpi eq, {w}, {turn} : index"))
+        } else if tile.slice.is_some() {
+            let from = self.b.op(&format!("arith.cmpi ule, {}, {} : index", tile.lo, tile.full));
+            let below = self.b.ult(&tile.full, &tile.hi);
+            self.b.op(&format!("arith.andi {from}, {below} : i1"))
+        } else {
             return tile.iters.clone();
-        }
-        let warps = self.b.index(WARPS);
-        let turn = self.b.op(&format!("arith.remui {}, {warps} : index", tile.full));
-        let mine = self.b.op(&format!("arith.cmpi eq, {w}, {turn} : index"));
+        };
         self.b.op(&format!("arith.select {mine}, {}, {} : index", tile.iters, tile.full))
     }
 

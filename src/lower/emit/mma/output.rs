@@ -102,8 +102,11 @@ impl Kc<'_> {
         self.b.open_guard(&inside);
         let mi = self.b.delinearize(&m, &tile.m_sizes);
         let ni = self.b.delinearize(&n, &tile.n_sizes);
-        let idx = self.tile_index(tile, &mi, &ni)?;
-        let off = self.b.linearize(&idx, &tile.sizes);
+        let mut idx = self.tile_index(tile, &mi, &ni)?;
+        if let Some(s) = &tile.slice {
+            idx.insert(0, s.clone());
+        }
+        let off = self.b.linearize(&idx, &tile.store_sizes);
         self.b.store(&tile.out_ptr, &off, tile.out_dtype, Val::f32(value.to_owned()));
         self.b.close();
         Ok(())
