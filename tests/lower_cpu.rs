@@ -497,7 +497,8 @@ fn tensor_core_kernels_emulated_match_interpreter() {
 /// 16-byte loads, alone or against an operand read across rows); warps of
 /// 2 × 2 tiles over both walks, ragged along rows and columns; a reduction
 /// of runtime length split across blocks (1 to 2 steps over 4 blocks: empty
-/// blocks, the tail in the second).
+/// blocks, the tail in the second); an operand whose reduction is innermost
+/// only through a transpose (element loads, not vectors).
 #[test]
 fn tensor_core_forms_match_interpreter() {
     let text = r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["m"], "constants": {"k": 20}},
@@ -526,7 +527,9 @@ fn tensor_core_forms_match_interpreter() {
         {"name": "rs", "role": "activation", "shape": [128, "m", 300], "dtype": "bf16"},
         {"name": "rt", "role": "weight", "shape": [128, 24, 300], "dtype": "bf16"},
         {"name": "ka", "role": "activation", "shape": ["m", 24], "dtype": "bf16"},
-        {"name": "kb", "role": "activation", "shape": ["m", 40], "dtype": "bf16"}],
+        {"name": "kb", "role": "activation", "shape": ["m", 40], "dtype": "bf16"},
+        {"name": "xt", "role": "activation", "shape": [64, "m"], "dtype": "bf16"},
+        {"name": "w2", "role": "weight", "shape": [24, 64], "dtype": "bf16"}],
       "nodes": [
         {"id": "mm", "op": "matmul", "inputs": ["x", "w"], "dtype": "f32"},
         {"id": "bmm", "op": "matmul", "inputs": ["a", "b"], "attrs": {"transpose_b": true}, "dtype": "f32"},
@@ -540,13 +543,15 @@ fn tensor_core_forms_match_interpreter() {
         {"id": "split_chunks", "op": "matmul", "inputs": ["h", "l"], "dtype": "f32"},
         {"id": "tiles", "op": "einsum", "inputs": ["ws", "wt"], "attrs": {"spec": "zak,zbk->zab"}, "dtype": "f32"},
         {"id": "ragged_tiles", "op": "einsum", "inputs": ["rs", "rt"], "attrs": {"spec": "zak,zbk->zab"}, "dtype": "f32"},
-        {"id": "runtime_k", "op": "einsum", "inputs": ["ka", "kb"], "attrs": {"spec": "mc,md->cd"}, "dtype": "f32"}],
+        {"id": "runtime_k", "op": "einsum", "inputs": ["ka", "kb"], "attrs": {"spec": "mc,md->cd"}, "dtype": "f32"},
+        {"id": "tv", "op": "transpose", "inputs": ["xt"], "attrs": {"perm": [1, 0]}},
+        {"id": "transposed", "op": "matmul", "inputs": ["tv", "w2"], "attrs": {"transpose_b": true}, "dtype": "f32"}],
       "outputs": [{"name": "mm", "node": "mm"}, {"name": "bmm", "node": "bmm"}, {"name": "mix", "node": "mix"},
                   {"name": "first", "node": "first"}, {"name": "swap", "node": "swap"}, {"name": "long", "node": "long"},
                   {"name": "pairs", "node": "pairs"}, {"name": "split_pairs", "node": "split_pairs"},
                   {"name": "chunks", "node": "chunks"}, {"name": "split_chunks", "node": "split_chunks"},
                   {"name": "tiles", "node": "tiles"}, {"name": "ragged_tiles", "node": "ragged_tiles"},
-                  {"name": "runtime_k", "node": "runtime_k"}]}"#;
+                  {"name": "runtime_k", "node": "runtime_k"}, {"name": "transposed", "node": "transposed"}]}"#;
     let g = bifurc::import::parse(text).unwrap_or_else(|e| panic!("{e}"));
     let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));
     let forms: Vec<(&str, usize, bool)> = program
@@ -571,6 +576,7 @@ fn tensor_core_forms_match_interpreter() {
         ("ragged_tiles", 1, true),
         ("runtime_k", 0, false),
         ("runtime_k", 9, false), // its combine kernel
+        ("transposed", 1, false),
     ];
     assert_eq!(forms, want, "A operands, split");
     // A warp's tiles: two row tiles where A has over 16 rows (24; 12 and
