@@ -1,7 +1,7 @@
 //! Tensor-core contraction kernels (see [`crate::lower::mma`]).
 //!
-//! A block of [`WARPS`] warps; block `i` is `(batch, n_block, m_block)`
-//! with the m block fastest (adjacent blocks share B's rows: the weights,
+//! A block of [`WARPS`] warps; block `i` is `(batch, k_split, n_block,
+//! m_block)` with the m block fastest (adjacent blocks share B's rows: the weights,
 //! the context cache). A warp computes `R × C` output tiles of 16 × 8
 //! ([`Mma::rows`], [`Mma::cols`]): tile `(r, c)` at rows `16 r ..`, columns
 //! `8 c ..` of the warp's. Per reduction step of 16, each lane loads its
@@ -10,7 +10,7 @@
 //! `R × C` `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}`, four f32
 //! accumulators per lane each (accumulator `4 (r C + c) + i`).
 //!
-//! - **Split** ([`Mma::split_k`], long or runtime-sized reductions): the
+//! - **Split** ([`Mma::split_k`], a long constant reduction): the
 //!   block is one warp's tiles (`16 R × 8 C`); warp `w` takes steps
 //!   `w, w + WARPS, …`, [`Mma::unroll`] at a time (`s, s + 8, …`: every
 //!   load of those first, then their `mma.sync`; a step past the end
@@ -36,8 +36,9 @@
 //! bounds; never stored). A reduction whose length is not a known multiple
 //! of 16 (`m_c`) is walked over its `k / 16` whole steps without checks,
 //! then over the step it ends inside, if any (the tail: by the warp whose
-//! turn it is in a split walk), which reads zeros past the end (indices
-//! clamped, values selected).
+//! turn it is in a split walk, by the block whose part holds it across
+//! blocks), which reads zeros past the end (indices clamped, values
+//! selected).
 //!
 //! **Chunked walk** (a constant reduction, a multiple of [`CHUNK_K`]): one
 //! iteration covers 32 reduction elements, two `mma.sync`. Lane `(g, t)`
