@@ -241,9 +241,11 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType], point: &BTreeM
         if at_point(&form.n_size)? > TILE_N * WARPS {
             form.cols = 2;
         }
+        // Enough splits for short walks and for enough blocks, at most one
+        // per step.
+        let div_up = |x: i64, d: i64| (x + d - 1).div_euclid(d.max(1));
         let steps = ceil(&form.k_size, TILE_K)?;
-        let want =
-            ceil(&Poly::constant(steps), MAX_WALK)?.max(ceil(&Poly::constant(SPLIT_BLOCKS), blocks(&form)?.max(1))?);
+        let want = div_up(steps, MAX_WALK).max(div_up(SPLIT_BLOCKS, blocks(&form)?));
         form.k_splits = want.min(MAX_SPLITS).min(steps).max(1);
     }
     Some(form)
