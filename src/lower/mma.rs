@@ -135,15 +135,18 @@ impl Mma {
         TILE_N * self.cols * if self.split_k { 1 } else { WARPS }
     }
 
-    /// Iterations of the reduction walk a warp loads together: for a split
-    /// or runtime-length walk [`UNROLL`] for one tile, fewer for more (about
-    /// as many loads in flight, not more registers); one otherwise (a short
-    /// constant walk is unrolled whole by LLVM).
+    /// Iterations of the reduction walk a warp loads together: [`UNROLL`]
+    /// for one tile, fewer for more (about as many loads in flight, not
+    /// more registers), and no more than a short constant walk has (the
+    /// head dim of `q·Kᵀ`: 2 of its 4 chunks at a time for 2 x 1 tiles).
     pub fn unroll(&self) -> i64 {
-        if self.split_k || self.k_size.as_constant().is_none() {
-            (2 * UNROLL / (self.rows + self.cols)).max(1)
-        } else {
-            1
+        let u = (2 * UNROLL / (self.rows + self.cols)).max(1);
+        match self.k_size.as_constant() {
+            Some(k) if !self.split_k => {
+                let iterations = if k % CHUNK_K == 0 { k / CHUNK_K } else { (k + TILE_K - 1) / TILE_K };
+                u.min(iterations.max(1))
+            }
+            _ => u,
         }
     }
 
@@ -289,7 +292,7 @@ mod tests {
         assert_eq!((wide.rows, wide.cols, wide.tiles(), wide.unroll()), (2, 2, "512*ceil((b)/32)".to_string(), 2));
         let short = form(&graph("bf16", 64, r#""b""#)).expect("tensor cores");
         assert!(!short.split_k);
-        assert_eq!((short.tiles(), short.unroll()), ("32*ceil((b)/32)".to_string(), 1));
+        assert_eq!((short.tiles(), short.unroll()), ("32*ceil((b)/32)".to_string(), 2), "2 chunks of 64");
         assert_eq!(form(&graph("f32", 64, r#""b""#)), None, "mixed operands");
         let few = form(&graph("bf16", 64, "4")).expect("4 rows: tensor cores all the same");
         assert_eq!((few.rows, few.cols, few.tiles()), (1, 1, "32".to_string()));
