@@ -580,7 +580,7 @@ pub fn plan_with(graph: &Graph, tensor_cores: Option<&BTreeMap<String, i64>>) ->
             .map_err(|message| LowerError::Size { what: format!("kernel for `{node}`"), message })?;
         // A reduction split across blocks: partial sums into a workspace,
         // added by a `combine` kernel after it (see `Mma::k_splits`).
-        let (mma_writes, combine) = match &mma {
+        let workspace = match &mma {
             Some(m) if m.k_splits > 1 => {
                 let mut shape = vec![Poly::constant(m.k_splits)];
                 shape.extend(buffers[writes].shape.iter().cloned());
@@ -592,10 +592,11 @@ pub fn plan_with(graph: &Graph, tensor_cores: Option<&BTreeMap<String, i64>>) ->
                     dtype: DType::F32,
                     pitch: None,
                 });
-                (ws, Some(ws))
+                Some(ws)
             }
-            _ => (writes, None),
+            _ => None,
         };
+        let mma_writes = workspace.unwrap_or(writes);
         let params_of = |reads: &BTreeSet<usize>, writes: usize| -> Vec<Param> {
             let mut params: Vec<Param> = graph.dims.runtime.iter().cloned().map(Param::Dim).collect();
             let pitched: BTreeSet<&str> =
@@ -621,7 +622,7 @@ pub fn plan_with(graph: &Graph, tensor_cores: Option<&BTreeMap<String, i64>>) ->
             mma,
             params,
         });
-        if let Some(ws) = combine {
+        if let Some(ws) = workspace {
             let reads = BTreeSet::from([ws]);
             let params = params_of(&reads, writes);
             let index = kernels.len();

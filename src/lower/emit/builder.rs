@@ -442,6 +442,14 @@ impl Builder {
         self.op(&format!("arith.{op} {a}, {b} : f32"))
     }
 
+    /// `total + v`, or `v` as the first term of a sum added in order.
+    pub(crate) fn add_in_order(&mut self, total: Option<String>, v: String) -> String {
+        match total {
+            None => v,
+            Some(t) => self.fbin("addf", &t, &v),
+        }
+    }
+
     pub(crate) fn math(&mut self, op: &str, a: &str) -> String {
         self.op(&format!("math.{op} {a} : f32"))
     }

@@ -325,10 +325,7 @@ fn kernel_fn(
                 kc.b.addi(&base, &off)
             };
             let v = kc.b.load(&ws_ptr, &at, DType::F32).ssa;
-            total = Some(match total {
-                None => v,
-                Some(t) => kc.b.fbin("addf", &t, &v),
-            });
+            total = Some(kc.b.add_in_order(total, v));
         }
         let total = total.ok_or_else(|| mismatch(&kernel.name, "a workspace of no partial sums".to_string()))?;
         kc.b.store(&out_ptr, &off, out.dtype, builder::Val::f32(total));

@@ -50,10 +50,7 @@ impl Kc<'_> {
                 Some(ptr) => self.b.load(ptr, &off, crate::ir::DType::F32).ssa,
                 None => self.b.op(&format!("memref.load %sh[{off}] : {ty}")),
             };
-            total = Some(match total {
-                None => p,
-                Some(t) => self.b.fbin("addf", &t, &p),
-            });
+            total = Some(self.b.add_in_order(total, p));
         }
         total.ok_or_else(|| LowerError::Unsupported { node: self.kernel.to_owned(), message: "no warps".into() })
     }
