@@ -673,9 +673,12 @@ impl Kc<'_> {
 
     /// The row's reduction of the per-lane partials `v` (`maximumf` or
     /// `add`), after a [`Kc::row_for`] loop closed: a `gpu.all_reduce` over
-    /// the block, the combination across the emulated lanes (closing their
-    /// loop), or `v` itself (one thread had the whole row).
+    /// the block, a shuffle butterfly over the warp, the combination across
+    /// the emulated lanes (closing their loop), or `v` itself (one thread
+    /// had the whole row).
     fn row_combine(&mut self, op: &str, v: &str) -> String {
+        // The arith op of a combination the warp or emulated lanes apply.
+        let f = if op == "add" { "addf" } else { op };
         match self.lanes {
             Lanes::Whole => v.to_owned(),
             Lanes::Block => {
@@ -691,7 +694,6 @@ impl Kc<'_> {
                 // Butterfly: after the shuffle at distance d every lane holds
                 // the sum over its group of 2d lanes.
                 let width = self.b.i32(32);
-                let f = if op == "add" { "addf" } else { op };
                 let mut acc = v.to_owned();
                 for d in [16, 8, 4, 2, 1] {
                     let dist = self.b.i32(d);
@@ -703,7 +705,6 @@ impl Kc<'_> {
             }
             Lanes::Emulated(_) => {
                 let Some((res, acc)) = self.lane_loops.pop() else { return v.to_owned() };
-                let f = if op == "add" { "addf" } else { op };
                 let c = self.b.fbin(f, &acc, v);
                 self.b.close_for(&c, Ty::F32);
                 res
