@@ -498,3 +498,28 @@ fn tensor_core_kernels() {
         off.manifest.kernels.iter().find(|k| k.name == "k8_l0_attn_scores_einsum1").map(|k| k.grid[0].to_string());
     assert_eq!(grid.as_deref(), Some("ceil((64*m_c)/256)"));
 }
+
+/// `w·V` with a head dim of 128: each warp takes two column tiles, and V
+/// (the head dim innermost) is read two columns at a time: a 32-bit load
+/// per reduction index, each tile's register pair picked from two of them
+/// (`bifurc::lower::emit` "interleaved columns"); the numbers are checked
+/// by tests/mma_random.rs.
+#[test]
+fn interleaved_columns_read_pairs() {
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
+    let text = r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["b", "m_c"], "constants": {}},
+      "inputs": [{"name": "w", "role": "activation", "shape": [4, "b", "m_c"], "dtype": "bf16"},
+                 {"name": "v", "role": "activation", "shape": [4, "m_c", 128], "dtype": "bf16"}],
+      "nodes": [{"id": "y", "op": "einsum", "inputs": ["w", "v"], "attrs": {"spec": "zmk,zkn->zmn"}, "dtype": "f32"}],
+      "outputs": [{"name": "y", "node": "y"}]}"#;
+    let graph = bifurc::import::parse(text).unwrap();
+    let artifact = compile(&graph, &opts(&libdevice, GpuTarget::Sm90, "")).unwrap();
+    let mlir = &artifact.mlir;
+    let pairs = ["[0, 2] : vector<2xbf16>", "[1, 3] : vector<2xbf16>"];
+    for p in pairs {
+        assert!(mlir.lines().any(|l| l.contains("llvm.shufflevector") && l.contains(p)), "{p}: {mlir}");
+    }
+    // Before: each of V's elements was a 2-byte load.
+    let v_loads = mlir.lines().filter(|l| l.contains("llvm.load") && l.contains("-> vector<2xbf16>")).count();
+    assert!(v_loads >= 4, "{mlir}");
+}

@@ -51,6 +51,11 @@ fn round_to(dtype: &str, x: f32) -> f32 {
 struct Case {
     text: String,
     label: String,
+    /// B has n innermost: with two column tiles it is read two columns
+    /// at a time ("interleaved columns").
+    b_n_last: bool,
+    /// The reduction is walked in chunks of 32 (a constant multiple of 32).
+    chunked: bool,
 }
 
 fn case(rng: &mut Lcg) -> Case {
@@ -72,7 +77,8 @@ fn case(rng: &mut Lcg) -> Case {
           "outputs": [{{"name": "y", "node": "y"}}]}}"#
     );
     let label = format!("{dtype} z={z} n={n} k={k} A {a_subs} B {b_subs}");
-    Case { text, label }
+    let chunked = k.parse::<i64>().is_ok_and(|k| k % 32 == 0);
+    Case { text, label, b_n_last: !b_k_last, chunked }
 }
 
 #[test]
@@ -83,6 +89,7 @@ fn random_tensor_core_forms_match_interpreter() {
         .map(|&(b, m_c)| BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c)]))
         .collect();
     let mut forms = Vec::new();
+    let mut interleaved = Vec::new();
     for i in 0..20 {
         let c = case(&mut rng);
         let g = bifurc::import::parse(&c.text).unwrap_or_else(|e| panic!("{}: {e}", c.label));
@@ -90,6 +97,9 @@ fn random_tensor_core_forms_match_interpreter() {
         let mma = program.kernels.iter().find_map(|k| k.mma.clone());
         let mma = mma.unwrap_or_else(|| panic!("{}: not on tensor cores", c.label));
         forms.push((mma.split_k, mma.rows, mma.cols, mma.k_splits));
+        if mma.cols == 2 && c.b_n_last {
+            interleaved.push(c.chunked);
+        }
         let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
         let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{}: {e}", c.label));
         let dtype = if c.label.starts_with("bf16") { "bf16" } else { "f16" };
@@ -119,4 +129,6 @@ fn random_tensor_core_forms_match_interpreter() {
     assert!(forms.iter().any(|f| f.3 > 1), "a split across blocks: {forms:?}");
     assert!(forms.iter().any(|f| !f.0 && f.3 == 1), "an unsplit walk: {forms:?}");
     assert!(forms.iter().any(|f| f.2 == 2) && forms.iter().any(|f| f.2 == 1), "column tiles: {forms:?}");
+    // B read two columns at a time, in chunks and in steps of 16.
+    assert!(interleaved.contains(&true) && interleaved.contains(&false), "interleaved columns: {interleaved:?}");
 }

@@ -7,6 +7,7 @@ use crate::ir::{DType, Op};
 use crate::lower::mma::{Mma, CHUNK_K, TILE_K, TILE_M, TILE_N};
 use crate::lower::LowerError;
 
+use super::super::builder::storage;
 use super::super::Kc;
 use super::loads::Pair;
 use super::Tile;
@@ -63,10 +64,20 @@ impl Kc<'_> {
             a.push(pair);
         }
         let mut b = Vec::with_capacity(tile.cols as usize);
-        for c in 0..tile.cols {
-            let off = self.offset(&g, TILE_N * c);
+        let (first, last, tiles) = if tile.interleaved {
+            // Columns `n0 + C g ..`, the first clamped to `n - C` (n is a
+            // multiple of C, see `interleaves`).
+            let cols = self.b.index(tile.cols);
+            let cg = self.b.muli(&g, &cols);
+            let last = self.b.hoist(&format!("arith.subi {}, {cols} : index", tile.n));
+            (cg, last, 1)
+        } else {
+            (g, n_last, tile.cols)
+        };
+        for c in 0..tiles {
+            let off = self.offset(&first, TILE_N * c);
             let n = self.b.addi(n0, &off);
-            let n = self.b.op(&format!("arith.minui {n}, {n_last} : index"));
+            let n = self.b.op(&format!("arith.minui {n}, {last} : index"));
             let ni = self.b.delinearize(&n, &tile.n_sizes);
             let zeros: Vec<String> = tile.m_sizes.iter().map(|_| self.b.index(0)).collect();
             b.push(self.tile_index(tile, &zeros, &ni)?);
@@ -94,9 +105,14 @@ impl Kc<'_> {
             let hi = self.operand_pairs(j, mma.a, hi, tile, &ks, mma.dtype)?;
             a.push((lo, hi));
         }
-        let mut b = Vec::with_capacity(rows.b.len());
-        for col in &rows.b {
-            b.push(self.operand_pairs(j, mma.b, col, tile, &ks, mma.dtype)?);
+        let mut b = Vec::with_capacity(tile.cols as usize);
+        if tile.interleaved {
+            let first = rows.b.first().ok_or_else(|| self.unsupported(j, "tensor-core kernel: no columns"))?;
+            b = self.column_pairs(j, mma, tile, first, &ks)?;
+        } else {
+            for col in &rows.b {
+                b.push(self.operand_pairs(j, mma.b, col, tile, &ks, mma.dtype)?);
+            }
         }
         // Pairs 2q and 2q + 1 of each row are step q's: A (row g, k 2t..),
         // (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..); B
@@ -176,6 +192,53 @@ impl Kc<'_> {
             pairs.push(Pair::Values(x, y));
         }
         Ok(pairs)
+    }
+
+    /// B's register pairs for each of the warp's column tiles when B is
+    /// read [`Tile::cols`] columns at a time (see the module doc,
+    /// "interleaved columns"): at each of the lane's reduction indices one
+    /// load of the lane's columns at output index `first` (zeros past the
+    /// reduction's end), then tile `c`'s pair of indices `k, k + 1` is
+    /// element `c` of each of their loads.
+    fn column_pairs(
+        &mut self,
+        j: usize,
+        mma: &Mma,
+        tile: &Tile,
+        first: &[String],
+        ks: &LaneKs,
+    ) -> Result<Vec<Vec<Pair>>, LowerError> {
+        let guarded = match ks {
+            LaneKs::Step(guarded) => guarded.clone(),
+            LaneKs::Chunk(base) => (0..8).map(|d| (self.offset(base, d), None)).collect(),
+        };
+        let along = mma.n.last().and_then(|&a| first.get(a)).cloned().unwrap_or_default();
+        let (cols, st) = (tile.cols, storage(mma.dtype));
+        let vty = format!("vector<{cols}x{st}>");
+        let mut loads = Vec::with_capacity(guarded.len());
+        for (k, ok) in &guarded {
+            let Some(v) = self.contiguous_load(j, mma.b, (first, k), &along, tile, cols)? else {
+                return Err(self.unsupported(j, "tensor-core kernel: B's columns are not adjacent in memory"));
+            };
+            loads.push(match ok {
+                Some(ok) => {
+                    let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
+                    self.b.op(&format!("arith.select {ok}, {v}, {zero} : {vty}"))
+                }
+                None => v,
+            });
+        }
+        Ok((0..cols)
+            .map(|c| {
+                loads
+                    .chunks(2)
+                    .map(|kk| {
+                        let (x, y) = (&kk[0], &kk[kk.len() - 1]);
+                        Pair::Packed(self.b.op(&format!("llvm.shufflevector {x}, {y} [{c}, {}] : {vty}", cols + c)))
+                    })
+                    .collect()
+            })
+            .collect())
     }
 
     /// The output multi-index of this tile's batch with m-group index `mi`

@@ -3,7 +3,8 @@
 //! through order-keeping views, the reduction innermost), single elements
 //! through any view otherwise; and packing them into `mma.sync` registers.
 
-use crate::ir::{DType, Op, Value};
+use crate::ir::{DType, Op, Poly, Value};
+use crate::lower::mma::Mma;
 use crate::lower::LowerError;
 
 use super::super::builder::{storage, Ty};
@@ -100,6 +101,24 @@ impl Kc<'_> {
         tile: &Tile,
         lanes: i64,
     ) -> Result<Option<String>, LowerError> {
+        self.contiguous_load(j, p, (out_idx, k), k, tile, lanes)
+    }
+
+    /// Elements of operand `p` at output index `out_idx` and reduction
+    /// index `k`, and the `lanes - 1` after it along the operand's last
+    /// axis, as one `vector<lanes x bf16/f16>` load, when that axis is
+    /// indexed by `along` (the reduction index `k`, or an output index
+    /// that is a multiple of `lanes`) and the operand's memory allows it
+    /// (see [`Kc::vector_load`]); `None` otherwise.
+    pub(super) fn contiguous_load(
+        &mut self,
+        j: usize,
+        p: usize,
+        (out_idx, k): (&[String], &str),
+        along: &str,
+        tile: &Tile,
+        lanes: i64,
+    ) -> Result<Option<String>, LowerError> {
         let v = self.graph.nodes[j].inputs[p];
         let Some(buf) = self.row_major_source(v) else { return Ok(None) };
         let dtype = self.program.buffers[buf].dtype;
@@ -110,7 +129,7 @@ impl Kc<'_> {
         }
         let idx = self.contraction_operand_index(j, p, out_idx, k)?;
         let Some((last, rest)) = idx.split_last() else { return Ok(None) };
-        if last != k || rest.iter().any(|i| i == k) {
+        if last != along || rest.iter().any(|i| i == along) {
             return Ok(None);
         }
         let (ptr, off) = if self.stored(v).is_some() {
@@ -127,6 +146,35 @@ impl Kc<'_> {
         Ok(Some(
             self.b.op(&format!("llvm.load {at} {{alignment = {align} : i64}} : !llvm.ptr -> vector<{lanes}x{st}>")),
         ))
+    }
+
+    /// Whether B (the columns operand) of tensor-core kernel node `j` is
+    /// read [`Mma::cols`] columns at a time (see the parent module's
+    /// "interleaved columns"): a warp with more than one column tile whose
+    /// B is a bf16 / f16 buffer in row-major order ([`Kc::row_major_source`])
+    /// with n's last axis innermost, both of a constant length that is a
+    /// multiple of the column tiles (so a lane's columns are adjacent and
+    /// their first is aligned to all of them).
+    pub(super) fn interleaves(&self, j: usize, mma: &Mma) -> bool {
+        let Some(node) = self.graph.nodes.get(j) else { return false };
+        let (Some(&v), Some(&axis)) = (node.inputs.get(mma.b), mma.n.last()) else { return false };
+        let constant =
+            |d: Option<&Poly>| d.and_then(|d| self.graph.dims.normalize(d).ok()).and_then(|d| d.as_constant());
+        let fits = |d: Option<&Poly>| constant(d).is_some_and(|d| d > 0 && d % mma.cols == 0);
+        let innermost = match &node.op {
+            Op::Einsum(spec) => {
+                let (subs, out) = (spec.inputs.get(mma.b), spec.output.get(axis));
+                subs.and_then(|s| s.last()).is_some_and(|c| Some(c) == out)
+            }
+            Op::MatMul { transpose_b } => mma.b == 1 && !transpose_b && axis + 1 == node.shape.len(),
+            _ => false,
+        };
+        let dtype = self.row_major_source(v).map(|b| self.program.buffers[b].dtype);
+        mma.cols > 1
+            && innermost
+            && matches!(dtype, Some(DType::BF16 | DType::F16))
+            && fits(self.graph.shape_of(v).last())
+            && fits(node.shape.get(axis))
     }
 
     /// The buffer whose memory `v` is in row-major order: `v`'s own (maybe

@@ -53,6 +53,14 @@
 //! the reduction gives the eight as one 16-byte load (row starts are
 //! multiples of 8 elements; buffers are 16-byte aligned).
 //!
+//! **Interleaved columns** (a warp of `C > 1` column tiles whose B has n's
+//! last axis innermost: V in `w·V`, a weight stored `[k, n]`): column `g`
+//! of tile `c` is the warp's column `C g + c`, so lane `(g, t)` reads its
+//! `C` columns of each of its reduction indices as one `C`-element load
+//! (tile `c`'s register pair of indices `k, k + 1` is element `c` of
+//! those two loads), not `C` single elements `8` columns apart; its
+//! accumulator `i` of tile `c` is output column `C (2 t + i % 2) + c`.
+//!
 //! On the CPU, [`super::Emulation`] runs the same blocks, warps, steps and
 //! fragment loads with the warp's lanes as loops (`emulate.rs`): each
 //! step's fragments are scattered into 16 × 16 and 16 × 8 scratch tiles,
@@ -146,6 +154,9 @@ struct Tile {
     /// Whether the reduction is walked in chunks of [`CHUNK_K`] (see the
     /// module doc), else in steps of 16.
     chunked: bool,
+    /// Whether B is read a warp's [`Tile::cols`] columns at a time (see
+    /// the module doc, "interleaved columns").
+    interleaved: bool,
     /// Iterations of the reduction walk: chunks or steps.
     iters: String,
     /// Iterations loaded together ([`Mma::unroll`]).
@@ -253,6 +264,7 @@ impl Kc<'_> {
             rows: mma.rows,
             cols: mma.cols,
             chunked,
+            interleaved: self.interleaves(j, mma),
             iters,
             unroll: mma.unroll(),
             mode,

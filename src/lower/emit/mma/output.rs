@@ -11,8 +11,10 @@ use super::super::Kc;
 use super::Tile;
 
 /// An accumulator's place in the warp's tiles, without the lane's own
-/// offsets (`g` rows, `2 t` columns): `16 r + 8 (i / 2)` rows and
-/// `8 c + i % 2` columns for accumulator `i` of tile `(r, c)`.
+/// offsets (`g` rows, `2 t` columns of a tile): `16 r + 8 (i / 2)` rows and
+/// `8 c + i % 2` columns for accumulator `i` of tile `(r, c)`; interleaved
+/// (see the parent module) `C (i % 2) + c` columns (the lane's offset is
+/// then `2 C t`).
 pub(super) struct AccPos {
     row: String,
     col: String,
@@ -22,7 +24,8 @@ impl Kc<'_> {
     /// The place of accumulator `a` (`4 (r C + c) + i`), a constant.
     pub(super) fn acc_position(&mut self, tile: &Tile, a: i64) -> AccPos {
         let (r, c, i) = (a / (4 * tile.cols), (a / 4) % tile.cols, a % 4);
-        AccPos { row: self.b.index(TILE_M * r + 8 * (i / 2)), col: self.b.index(TILE_N * c + i % 2) }
+        let col = if tile.interleaved { tile.cols * (i % 2) + c } else { TILE_N * c + i % 2 };
+        AccPos { row: self.b.index(TILE_M * r + 8 * (i / 2)), col: self.b.index(col) }
     }
 
     /// Offset of lane `lane` of warp `w`'s partials (one per accumulator).
@@ -72,13 +75,19 @@ impl Kc<'_> {
         let r16 = self.b.muli(&r, &tm);
         let down = self.b.muli(&half, &eight);
         let row = self.b.addi(&r16, &down);
-        let c8 = self.b.muli(&c, &tn);
-        let col = self.b.addi(&c8, &odd);
+        let col = if tile.interleaved {
+            let cols = self.b.index(tile.cols);
+            let spread = self.b.muli(&odd, &cols);
+            self.b.addi(&spread, &c)
+        } else {
+            let c8 = self.b.muli(&c, &tn);
+            self.b.addi(&c8, &odd)
+        };
         (lane, AccPos { row, col })
     }
 
     /// Stores the accumulator at `pos` of lane `lane` of the tiles starting
-    /// at column `n0`, if it is inside the output.
+    /// at column `n0`, if it is inside the output (see [`AccPos`]).
     pub(super) fn store_output(
         &mut self,
         tile: &Tile,
@@ -88,7 +97,7 @@ impl Kc<'_> {
         value: &str,
     ) -> Result<(), LowerError> {
         let (g, t) = self.lane_group(lane);
-        let two = self.b.index(2);
+        let two = self.b.index(if tile.interleaved { 2 * tile.cols } else { 2 });
         let r = self.b.addi(&g, &pos.row);
         let t2 = self.b.muli(&t, &two);
         let c = self.b.addi(&t2, &pos.col);
