@@ -79,6 +79,11 @@ pub const MAX_SPLITS: i64 = 32;
 /// Reduction elements a lane's row covers per iteration of a chunked walk
 /// (a constant reduction that is a multiple of this): two steps.
 pub const CHUNK_K: i64 = 32;
+/// 32-bit words after each row of a staged A tile ([`Mma::stage_pitch`]):
+/// with `8 u + 4` words a row, the eight rows one fragment load reads
+/// start 4 banks apart modulo 32 for every `u` of 1..4, so its 32 lanes
+/// (8 rows x 4 words) hit 32 distinct banks.
+pub const STAGE_PAD: i64 = 4;
 
 /// A contraction run on tensor cores (see the module doc).
 #[derive(Clone, Debug, PartialEq)]
@@ -148,6 +153,36 @@ impl Mma {
             }
             _ => u,
         }
+    }
+
+    /// Whether the reduction is walked in chunks of [`CHUNK_K`] (a
+    /// constant multiple of it), else in steps of 16.
+    pub fn chunked(&self) -> bool {
+        self.k_size.as_constant().is_some_and(|k| k % CHUNK_K == 0)
+    }
+
+    /// Whether a block's warps share A through shared memory ("staged A",
+    /// see `emit::mma`): a walk that is not split in-block, in steps of 16
+    /// (a reduction of runtime length, `w·V`'s `m_c` and `m_d`, or a ragged
+    /// constant one). There the block's eight warps, side by side along n,
+    /// all read the same rows of A, each fragment load 8 rows apart (8
+    /// sectors for 64 bytes); staged, the block reads them once, a warp's
+    /// 32 lanes along a row, and each warp's fragments come from shared
+    /// memory in 32-bit words.
+    pub fn stages_a(&self) -> bool {
+        !self.split_k && !self.chunked()
+    }
+
+    /// 32-bit words of a row of the staged A tile: 8 (16 elements) for
+    /// each step loaded together, then [`STAGE_PAD`].
+    pub fn stage_pitch(&self) -> i64 {
+        8 * self.unroll() + STAGE_PAD
+    }
+
+    /// 32-bit words of the staged A tile in shared memory: the block's
+    /// rows ([`Mma::block_m`]) of [`Mma::stage_pitch`] words.
+    pub fn stage_words(&self) -> i64 {
+        self.block_m() * self.stage_pitch()
     }
 
     /// f32 partials of a split block in shared memory: four per tile per
@@ -256,7 +291,7 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType], point: &BTreeM
 
 #[cfg(test)]
 mod tests {
-    use super::UNROLL;
+    use super::{STAGE_PAD, UNROLL};
     use crate::lower::{plan, plan_with};
 
     fn graph(x_dtype: &str, d: i64, rows: &str) -> crate::ir::Graph {
@@ -312,5 +347,22 @@ mod tests {
         let at16 = plan_with(&g, Some(&at(16))).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.clone();
         assert_eq!(at16.map(|m| (m.rows, m.cols, m.unroll())), Some((1, 1, UNROLL)), "one row tile at b = 16");
         assert!(plan_with(&g, None).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.is_none());
+    }
+
+    /// A staged fragment load (lane `(g, t)` reads word `t` (+ 4) of row
+    /// `g` (+ 8) of a slot) hits 32 distinct banks at every pitch a walk
+    /// can have (1..4 steps loaded together); without the pad it would not.
+    #[test]
+    fn staged_fragment_loads_hit_distinct_banks() {
+        let banks = |pitch: i64| {
+            let mut hit: Vec<i64> = (0..32).map(|l| ((l / 4) * pitch + l % 4) % 32).collect();
+            hit.sort_unstable();
+            hit.dedup();
+            hit.len()
+        };
+        for u in 1..=4 {
+            assert_eq!(banks(8 * u + STAGE_PAD), 32, "{u} steps");
+        }
+        assert!(banks(8 * 2) < 32 && banks(8 * 4) < 32, "unpadded rows share banks");
     }
 }

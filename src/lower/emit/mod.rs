@@ -550,9 +550,9 @@ fn kernel_fn(
         }
         Target::Gpu => {
             // Shared memory for the partial tiles of a split tensor-core kernel.
-            let workgroup = match mma {
-                Some((m, _, _)) if m.split_k => format!(" {}", mma::workgroup(m)),
-                _ => String::new(),
+            let workgroup = match mma.and_then(|(m, _, _)| mma::workgroup(m)) {
+                Some(w) => format!(" {w}"),
+                None => String::new(),
             };
             let _ = writeln!(f, "  gpu.func @{name}({sig}){workgroup} kernel {{");
             f.push_str(&indent(&hoist, 2));

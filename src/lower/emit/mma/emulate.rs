@@ -11,7 +11,8 @@ use crate::lower::LowerError;
 
 use super::super::builder::{Ty, Val};
 use super::super::Kc;
-use super::{steps_per_iteration, Tile};
+use super::staging::Stage;
+use super::{steps_per_iteration, Tile, THREADS};
 
 /// Scratch f32 elements of one step's A tile (16 × 16) and B tile (16 × 8).
 const A_TILE: i64 = TILE_M * TILE_K;
@@ -48,8 +49,12 @@ impl Kc<'_> {
         let partials = 32 * WARPS * tile.accs();
         let steps = steps_per_iteration(tile);
         let mut scratch = Scratch { ptr: String::new(), partials, rows: tile.rows, cols: tile.cols };
-        let len = self.b.i64(partials + steps * scratch.step_len());
+        // Then the staged A tile (two f32 a word), if the block stages it.
+        let stage_at = partials + steps * scratch.step_len();
+        let stage_len = if tile.staged { 2 * mma.stage_words() } else { 0 };
+        let len = self.b.i64(stage_at + stage_len);
         scratch.ptr = self.b.hoist(&format!("llvm.alloca {len} x f32 : (i64) -> !llvm.ptr"));
+        let stage = Stage { ptr: Some(scratch.ptr.clone()), base: stage_at };
         let zero = self.b.f32(0.0);
         let all = self.b.index(partials);
         let x = self.b.open_loop(&all);
@@ -58,22 +63,34 @@ impl Kc<'_> {
         let warps = self.b.index(WARPS);
         let w = self.b.open_loop(&warps);
         let n0 = self.warp_n0(tile, &w);
-        if !tile.split {
+        // As on the GPU: a warp past n skips the walk unless the block
+        // stages A (each emulated warp stages the whole tile for itself,
+        // every thread's share in turn: the same words).
+        let guarded = !tile.split && !tile.staged;
+        if guarded {
             let live = self.b.ult(&n0, &tile.n);
             self.b.open_guard(&live);
         }
         let (first, stride) = self.walk(tile, &w);
         let s0 = self.b.open_loop_from(&first, &tile.main_end, &stride);
+        if tile.staged {
+            self.emulated_stage(j, mma, tile, (&s0, tile.unroll, false), &stage)?;
+        }
         for u in 0..tile.unroll {
             let (s, keep) = self.unrolled(tile, &s0, u);
-            self.emulated_iteration(j, mma, tile, &scratch, (&w, &n0, &s), (false, keep.as_deref()))?;
+            let slot = tile.staged.then_some((&stage, u));
+            self.emulated_iteration(j, mma, tile, &scratch, (&w, &n0, &s), (false, keep.as_deref(), slot))?;
         }
         self.b.close(); // iterations
         if tile.ragged_k {
             let end = self.tail_end(tile, &w);
             let one = self.b.index(1);
             let s = self.b.open_loop_from(&tile.full, &end, &one);
-            self.emulated_iteration(j, mma, tile, &scratch, (&w, &n0, &s), (true, None))?;
+            if tile.staged {
+                self.emulated_stage(j, mma, tile, (&s, 1, true), &stage)?;
+            }
+            let slot = tile.staged.then_some((&stage, 0));
+            self.emulated_iteration(j, mma, tile, &scratch, (&w, &n0, &s), (true, None, slot))?;
             self.b.close(); // the tail
         }
         let lanes = self.b.index(32);
@@ -88,7 +105,9 @@ impl Kc<'_> {
                 self.store_output(tile, &n0, &lane, &pos, &v)?;
             }
             self.b.close(); // lanes
-            self.b.close(); // the live-warp guard
+            if guarded {
+                self.b.close(); // the live-warp guard
+            }
             self.b.close(); // warps
             return Ok(());
         }
@@ -102,10 +121,27 @@ impl Kc<'_> {
         Ok(())
     }
 
+    /// Every thread's share of staging A (see `staging.rs`), in turn.
+    fn emulated_stage(
+        &mut self,
+        j: usize,
+        mma: &Mma,
+        tile: &Tile,
+        walk: (&str, i64, bool),
+        stage: &Stage,
+    ) -> Result<(), LowerError> {
+        let threads = self.b.index(THREADS);
+        let tid = self.b.open_loop(&threads);
+        self.stage_a(j, mma, tile, walk, &tid, stage)?;
+        self.b.close();
+        Ok(())
+    }
+
     /// One iteration `s` of warp `w`'s walk (`tail`: the step the reduction
-    /// ends inside): each lane's fragments scattered into the scratch
-    /// tiles, then each lane's accumulators add row · column, unless `keep`
-    /// is false (an unrolled iteration past the end).
+    /// ends inside): each lane's fragments (A's from `slot` of the staged
+    /// tile, if given) scattered into the scratch tiles, then each lane's
+    /// accumulators add row · column, unless `keep` is false (an unrolled
+    /// iteration past the end).
     fn emulated_iteration(
         &mut self,
         j: usize,
@@ -113,14 +149,14 @@ impl Kc<'_> {
         tile: &Tile,
         scratch: &Scratch,
         (w, n0, s): (&str, &str, &str),
-        (tail, keep): (bool, Option<&str>),
+        (tail, keep, slot): (bool, Option<&str>, Option<(&Stage, i64)>),
     ) -> Result<(), LowerError> {
         let ptr = scratch.ptr.as_str();
         let lanes = self.b.index(32);
         let lane = self.b.open_loop(&lanes);
         let rows = self.lane_rows(tile, n0, &lane)?;
         let (g, t) = self.lane_group(&lane);
-        for (q, step) in self.fragments(j, mma, tile, &rows, s, tail)?.into_iter().enumerate() {
+        for (q, step) in self.fragments(j, mma, tile, &rows, (s, tail), slot)?.into_iter().enumerate() {
             let q = q as i64;
             for (r, a) in step.a.iter().enumerate() {
                 let a: Vec<String> = a.iter().flat_map(|p| self.unpack(p, mma.dtype)).collect();

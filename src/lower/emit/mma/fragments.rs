@@ -10,6 +10,7 @@ use crate::lower::LowerError;
 use super::super::builder::storage;
 use super::super::Kc;
 use super::loads::Pair;
+use super::staging::Stage;
 use super::Tile;
 
 /// One step of a lane's walk: A's four register pairs for each of the
@@ -19,17 +20,22 @@ pub(super) struct Step {
     pub b: Vec<Vec<Pair>>,
 }
 
+/// A's register pairs of a lane in one row tile: those of its rows `g` and
+/// `g + 8`, in order along the reduction.
+pub(super) type RowPairs = (Vec<Pair>, Vec<Pair>);
+
 /// A lane's operand rows, clamped into range: for each row tile `r`, A's
 /// output index of its rows `16 r + g` and `16 r + g + 8`; for each column
 /// tile `c`, B's of its column `8 c + g`.
 pub(super) struct LaneRows {
     a: Vec<[Vec<String>; 2]>,
     b: Vec<Vec<String>>,
-    t: String,
+    pub g: String,
+    pub t: String,
 }
 
 /// The reduction indices a lane reads in one iteration.
-enum LaneKs {
+pub(super) enum LaneKs {
     /// A step: `16 s + 2 t + (0, 1, 8, 9)`, each with its bound check in the
     /// step the reduction ends inside (clamped index, check).
     Step(Vec<(String, Option<String>)>),
@@ -72,7 +78,7 @@ impl Kc<'_> {
             let last = self.b.hoist(&format!("arith.subi {}, {cols} : index", tile.n));
             (cg, last, 1)
         } else {
-            (g, n_last, tile.cols)
+            (g.clone(), n_last, tile.cols)
         };
         for c in 0..tiles {
             let off = self.offset(&first, TILE_N * c);
@@ -82,57 +88,80 @@ impl Kc<'_> {
             let zeros: Vec<String> = tile.m_sizes.iter().map(|_| self.b.index(0)).collect();
             b.push(self.tile_index(tile, &zeros, &ni)?);
         }
-        Ok(LaneRows { a, b, t })
+        Ok(LaneRows { a, b, g, t })
     }
 
     /// The lane's fragments of iteration `s` of the reduction walk, one
     /// [`Step`] per `mma.sync` step (see the module doc for which elements);
     /// `tail`: the step the reduction ends inside, whose elements past the
-    /// end read zeros.
+    /// end read zeros. With `stage`, A's come from slot `slot` of the staged
+    /// tile (already stored, see `staging.rs`).
     pub(super) fn fragments(
         &mut self,
         j: usize,
         mma: &Mma,
         tile: &Tile,
         rows: &LaneRows,
-        s: &str,
-        tail: bool,
+        (s, tail): (&str, bool),
+        stage: Option<(&Stage, i64)>,
     ) -> Result<Vec<Step>, LowerError> {
         let ks = self.lane_ks(tile, &rows.t, s, tail);
+        let (a, b) = match stage {
+            Some((stage, slot)) => {
+                let b = self.b_fragments(j, mma, tile, rows, &ks)?;
+                (self.staged_a_pairs(mma, &rows.g, &rows.t, slot, stage), b)
+            }
+            None => {
+                let a = self.a_fragments(j, mma, tile, rows, &ks)?;
+                (a, self.b_fragments(j, mma, tile, rows, &ks)?)
+            }
+        };
+        Ok(steps(&a, &b))
+    }
+
+    /// A's register pairs of the lane at reduction indices `ks`: for each
+    /// row tile, those of rows `g` and `g + 8`.
+    pub(super) fn a_fragments(
+        &mut self,
+        j: usize,
+        mma: &Mma,
+        tile: &Tile,
+        rows: &LaneRows,
+        ks: &LaneKs,
+    ) -> Result<Vec<RowPairs>, LowerError> {
         let mut a = Vec::with_capacity(rows.a.len());
         for [lo, hi] in &rows.a {
-            let lo = self.operand_pairs(j, mma.a, lo, tile, &ks, mma.dtype)?;
-            let hi = self.operand_pairs(j, mma.a, hi, tile, &ks, mma.dtype)?;
+            let lo = self.operand_pairs(j, mma.a, lo, tile, ks, mma.dtype)?;
+            let hi = self.operand_pairs(j, mma.a, hi, tile, ks, mma.dtype)?;
             a.push((lo, hi));
         }
-        let mut b = Vec::with_capacity(tile.cols as usize);
+        Ok(a)
+    }
+
+    /// B's register pairs of the lane at reduction indices `ks`, for each
+    /// column tile.
+    pub(super) fn b_fragments(
+        &mut self,
+        j: usize,
+        mma: &Mma,
+        tile: &Tile,
+        rows: &LaneRows,
+        ks: &LaneKs,
+    ) -> Result<Vec<Vec<Pair>>, LowerError> {
         if tile.interleaved {
             let first = rows.b.first().ok_or_else(|| self.unsupported(j, "tensor-core kernel: no columns"))?;
-            b = self.column_pairs(j, mma, tile, first, &ks)?;
-        } else {
-            for col in &rows.b {
-                b.push(self.operand_pairs(j, mma.b, col, tile, &ks, mma.dtype)?);
-            }
+            return self.column_pairs(j, mma, tile, first, ks);
         }
-        // Pairs 2q and 2q + 1 of each row are step q's: A (row g, k 2t..),
-        // (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..); B
-        // (k 2t..), (k 2t+8..).
-        let steps = b.first().map_or(0, |p| p.len() / 2);
-        Ok((0..steps)
-            .map(|q| Step {
-                a: a.iter()
-                    .map(|(lo, hi)| {
-                        vec![lo[2 * q].clone(), hi[2 * q].clone(), lo[2 * q + 1].clone(), hi[2 * q + 1].clone()]
-                    })
-                    .collect(),
-                b: b.iter().map(|p| vec![p[2 * q].clone(), p[2 * q + 1].clone()]).collect(),
-            })
-            .collect())
+        let mut b = Vec::with_capacity(rows.b.len());
+        for col in &rows.b {
+            b.push(self.operand_pairs(j, mma.b, col, tile, ks, mma.dtype)?);
+        }
+        Ok(b)
     }
 
     /// The reduction indices of the lane (`t`) in iteration `s`, checked
     /// against the reduction's end in the `tail` step.
-    fn lane_ks(&mut self, tile: &Tile, t: &str, s: &str, tail: bool) -> LaneKs {
+    pub(super) fn lane_ks(&mut self, tile: &Tile, t: &str, s: &str, tail: bool) -> LaneKs {
         if tile.chunked {
             let (ck, eight) = (self.b.index(CHUNK_K), self.b.index(8));
             let k0 = self.b.muli(s, &ck);
@@ -335,4 +364,22 @@ impl Kc<'_> {
         let x = self.b.addi(&rc, c);
         self.offset(&x, base)
     }
+}
+
+/// The steps of one iteration from A's pairs (per row tile, rows `g` and
+/// `g + 8`) and B's (per column tile): pairs `2 q` and `2 q + 1` of each row
+/// are step `q`'s: A (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..),
+/// (row g+8, k 2t+8..); B (k 2t..), (k 2t+8..).
+pub(super) fn steps(a: &[RowPairs], b: &[Vec<Pair>]) -> Vec<Step> {
+    let steps = b.first().map_or(0, |p| p.len() / 2);
+    (0..steps)
+        .map(|q| Step {
+            a: a.iter()
+                .map(|(lo, hi)| {
+                    vec![lo[2 * q].clone(), hi[2 * q].clone(), lo[2 * q + 1].clone(), hi[2 * q + 1].clone()]
+                })
+                .collect(),
+            b: b.iter().map(|p| vec![p[2 * q].clone(), p[2 * q + 1].clone()]).collect(),
+        })
+        .collect()
 }

@@ -61,6 +61,15 @@
 //! those two loads), not `C` single elements `8` columns apart; its
 //! accumulator `i` of tile `c` is output column `C (2 t + i % 2) + c`.
 //!
+//! **Staged A** ([`Mma::stages_a`]: not split in-block, walked in steps of
+//! 16, i.e. `w·V` over `m_c` or `m_d`): each iteration, between two
+//! `gpu.barrier`s, the block's threads store the block's A tile of the
+//! iterations loaded together into the workgroup memory `%sa` (see
+//! `staging.rs`), and each lane reads its A pairs from there as 32-bit
+//! words; B's loads are issued before the first barrier. Every warp takes
+//! part (no live-warp guard: a warp past n reads clamped columns and
+//! stores nothing).
+//!
 //! On the CPU, [`super::Emulation`] runs the same blocks, warps, steps and
 //! fragment loads with the warp's lanes as loops (`emulate.rs`): each
 //! step's fragments are scattered into 16 × 16 and 16 × 8 scratch tiles,
@@ -75,9 +84,11 @@ mod emulate;
 mod fragments;
 mod loads;
 mod output;
+mod staging;
 
-use fragments::Step;
+use fragments::{steps, Step};
 use loads::Pair;
+use staging::Stage;
 
 use super::Kc;
 
@@ -98,9 +109,21 @@ fn shared_ty(mma: &Mma) -> String {
     format!("memref<{}xf32, #gpu.address_space<workgroup>>", mma.partials())
 }
 
-/// The GPU kernel's workgroup attribution (a split kernel's partials).
-pub(crate) fn workgroup(mma: &Mma) -> String {
-    format!("workgroup(%sh : {})", shared_ty(mma))
+/// The type of a staged A tile in shared memory (see "staged A").
+fn stage_ty(mma: &Mma) -> String {
+    format!("memref<{}xi32, #gpu.address_space<workgroup>>", mma.stage_words())
+}
+
+/// The GPU kernel's workgroup attribution: a split kernel's partials
+/// (`%sh`), or the staged A tile (`%sa`); none for the others.
+pub(crate) fn workgroup(mma: &Mma) -> Option<String> {
+    if mma.split_k {
+        Some(format!("workgroup(%sh : {})", shared_ty(mma)))
+    } else if mma.stages_a() {
+        Some(format!("workgroup(%sa : {})", stage_ty(mma)))
+    } else {
+        None
+    }
 }
 
 /// `mma.sync` steps of one iteration of the reduction walk.
@@ -157,6 +180,9 @@ struct Tile {
     /// Whether B is read a warp's [`Tile::cols`] columns at a time (see
     /// the module doc, "interleaved columns").
     interleaved: bool,
+    /// Whether the block stages A in shared memory ([`Mma::stages_a`], the
+    /// module doc's "staged A").
+    staged: bool,
     /// Iterations of the reduction walk: chunks or steps.
     iters: String,
     /// Iterations loaded together ([`Mma::unroll`]).
@@ -204,7 +230,7 @@ impl Kc<'_> {
         let batch = self.b.size(&mma.batch_size)?;
         let mblocks = self.ceil_div(&m, mma.block_m());
         let nblocks = self.ceil_div(&n, mma.block_n());
-        let chunked = mma.k_size.as_constant().is_some_and(|c| c % CHUNK_K == 0);
+        let chunked = mma.chunked();
         let iters = self.ceil_div(&k, if chunked { CHUNK_K } else { TILE_K });
         let splits = self.b.index(mma.k_splits);
         let mn = self.b.hoist(&format!("arith.muli {mblocks}, {nblocks} : index"));
@@ -265,6 +291,7 @@ impl Kc<'_> {
             cols: mma.cols,
             chunked,
             interleaved: self.interleaves(j, mma),
+            staged: mma.stages_a(),
             iters,
             unroll: mma.unroll(),
             mode,
@@ -283,8 +310,12 @@ impl Kc<'_> {
         let w = self.b.op(&format!("arith.divui %tid, {warp} : index"));
         let lane = self.b.op(&format!("arith.remui %tid, {warp} : index"));
         let n0 = self.warp_n0(tile, &w);
-        if !tile.split {
-            // A warp whose tiles start past n has nothing to do (warp-uniform).
+        // A warp whose tiles start past n has nothing to do (warp-uniform),
+        // unless the block stages A: then it takes its part in staging and
+        // its barriers (its columns are clamped into n, its stores
+        // guarded).
+        let guarded = !tile.split && !tile.staged;
+        if guarded {
             let live = self.b.ult(&n0, &tile.n);
             self.b.open_guard(&live);
         }
@@ -295,9 +326,24 @@ impl Kc<'_> {
         let (mut res, s, accs) = self.b.open_for_typed_from(&first, &tile.main_end, &step, &init, "f32");
         // Every load of the unrolled iterations first, then the mma chain.
         let mut loaded = Vec::new();
-        for u in 0..tile.unroll {
-            let (su, keep) = self.unrolled(tile, &s, u);
-            loaded.push((self.fragments(j, mma, tile, &rows, &su, false)?, keep));
+        if tile.staged {
+            let stage = Stage { ptr: None, base: 0 };
+            let mut b = Vec::new();
+            for u in 0..tile.unroll {
+                let (su, keep) = self.unrolled(tile, &s, u);
+                let ks = self.lane_ks(tile, &rows.t, &su, false);
+                b.push((self.b_fragments(j, mma, tile, &rows, &ks)?, keep));
+            }
+            self.stage_between_barriers(j, mma, tile, (&s, tile.unroll, false), &stage)?;
+            for (u, (b, keep)) in b.into_iter().enumerate() {
+                let a = self.staged_a_pairs(mma, &rows.g, &rows.t, u as i64, &stage);
+                loaded.push((steps(&a, &b), keep));
+            }
+        } else {
+            for u in 0..tile.unroll {
+                let (su, keep) = self.unrolled(tile, &s, u);
+                loaded.push((self.fragments(j, mma, tile, &rows, (&su, false), None)?, keep));
+            }
         }
         let mut accs = accs;
         for (steps, keep) in loaded {
@@ -317,7 +363,16 @@ impl Kc<'_> {
             let end = self.tail_end(tile, &w);
             let one = self.b.index(1);
             let (tail_res, s, accs) = self.b.open_for_typed_from(&tile.full, &end, &one, &res, "f32");
-            let steps = self.fragments(j, mma, tile, &rows, &s, true)?;
+            let steps = if tile.staged {
+                let stage = Stage { ptr: None, base: 0 };
+                let ks = self.lane_ks(tile, &rows.t, &s, true);
+                let b = self.b_fragments(j, mma, tile, &rows, &ks)?;
+                self.stage_between_barriers(j, mma, tile, (&s, 1, true), &stage)?;
+                let a = self.staged_a_pairs(mma, &rows.g, &rows.t, 0, &stage);
+                steps(&a, &b)
+            } else {
+                self.fragments(j, mma, tile, &rows, (&s, true), None)?
+            };
             let accs = self.mma_steps(mma, tile, steps, accs);
             self.b.close_for_typed(&accs, "f32");
             res = tail_res;
@@ -327,7 +382,9 @@ impl Kc<'_> {
                 let pos = self.acc_position(tile, a as i64);
                 self.store_output(tile, &n0, &lane, &pos, v)?;
             }
-            self.b.close(); // the live-warp guard
+            if guarded {
+                self.b.close(); // the live-warp guard
+            }
             return Ok(());
         }
         let per_lane = self.b.index(tile.accs());
@@ -345,6 +402,23 @@ impl Kc<'_> {
         let (lane, pos) = self.output_position(tile, &o);
         self.store_output(tile, &tile.nb0, &lane, &pos, &total)?;
         self.b.close();
+        Ok(())
+    }
+
+    /// Stages A (see `staging.rs`) between two barriers: the block's warps
+    /// are done reading the last tile before any thread overwrites it, and
+    /// every thread's words are stored before any warp reads them.
+    fn stage_between_barriers(
+        &mut self,
+        j: usize,
+        mma: &Mma,
+        tile: &Tile,
+        walk: (&str, i64, bool),
+        stage: &Stage,
+    ) -> Result<(), LowerError> {
+        self.b.line("gpu.barrier");
+        self.stage_a(j, mma, tile, walk, "%tid", stage)?;
+        self.b.line("gpu.barrier");
         Ok(())
     }
 

@@ -1,0 +1,176 @@
+//! Staged A (see the parent module and [`Mma::stages_a`]): the block's
+//! threads load the A tile of the iterations a walk loads together into
+//! shared memory, then each warp reads its fragments from there as 32-bit
+//! words.
+//!
+//! The tile is the block's `16 R` rows by `8 U` words (two elements each:
+//! reduction indices `16 su + 2 w8`, `+ 1` of word `8 u + w8`, `su` the
+//! `u`-th iteration loaded together), a row every [`Mma::stage_pitch`]
+//! words. Word `p` of the tile (`0 .. 16 R · 8 U`) is thread `p % 256`'s,
+//! in turns of 256: a warp's lanes read consecutive pairs along a row.
+
+use crate::ir::DType;
+use crate::lower::mma::{Mma, TILE_K, TILE_M};
+use crate::lower::LowerError;
+
+use super::super::builder::{storage, Val};
+use super::super::Kc;
+use super::fragments::RowPairs;
+use super::loads::Pair;
+use super::{stage_ty, Tile, THREADS};
+
+/// Where the staged tile lives: the workgroup memory `%sa` (GPU, packed
+/// words) or, in the emulation, f32 scratch at `base` (two per word).
+pub(super) struct Stage {
+    pub ptr: Option<String>,
+    pub base: i64,
+}
+
+impl Kc<'_> {
+    /// Thread `tid`'s share of staging the A tile of `slots` iterations
+    /// from `s` (clamped to the walk's last whole step like the iterations
+    /// they load, see `unrolled`; the `tail` step: one slot, elements past
+    /// the reduction's end zero).
+    pub(super) fn stage_a(
+        &mut self,
+        j: usize,
+        mma: &Mma,
+        tile: &Tile,
+        (s, slots, tail): (&str, i64, bool),
+        tid: &str,
+        stage: &Stage,
+    ) -> Result<(), LowerError> {
+        let row_words = 8 * slots;
+        let total = TILE_M * tile.rows * row_words;
+        let one = self.b.index(1);
+        let m_last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.m));
+        let k_last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.k));
+        for turn in 0..(total + THREADS - 1) / THREADS {
+            let p = self.offset(tid, turn * THREADS);
+            let partial = (turn + 1) * THREADS > total;
+            if partial {
+                let end = self.b.index(total);
+                let inside = self.b.ult(&p, &end);
+                self.b.open_guard(&inside);
+            }
+            let rw = self.b.index(row_words);
+            let row = self.b.op(&format!("arith.divui {p}, {rw} : index"));
+            let word = self.b.op(&format!("arith.remui {p}, {rw} : index"));
+            let eight = self.b.index(8);
+            let slot = self.b.op(&format!("arith.divui {word}, {eight} : index"));
+            let w8 = self.b.op(&format!("arith.remui {word}, {eight} : index"));
+            let su = if slots > 1 {
+                let at = self.b.addi(s, &slot);
+                let last = self.b.op(&format!("arith.subi {}, {one} : index", tile.main_end));
+                self.b.op(&format!("arith.minui {at}, {last} : index"))
+            } else {
+                s.to_owned()
+            };
+            let tk = self.b.index(TILE_K);
+            let k0 = self.b.muli(&su, &tk);
+            let k = self.k_offset(&w8, 0);
+            let k = self.b.addi(&k0, &k);
+            let m = self.b.addi(&tile.m0, &row);
+            let m = self.b.op(&format!("arith.minui {m}, {m_last} : index"));
+            let mi = self.b.delinearize(&m, &tile.m_sizes);
+            let zeros: Vec<String> = tile.n_sizes.iter().map(|_| self.b.index(0)).collect();
+            let out_idx = self.tile_index(tile, &mi, &zeros)?;
+            let mut pair = Vec::with_capacity(2);
+            for d in 0..2 {
+                let kd = self.offset(&k, d);
+                pair.push(if tail {
+                    let ok = self.b.ult(&kd, &tile.k);
+                    let kc = self.b.op(&format!("arith.minui {kd}, {k_last} : index"));
+                    self.fragment_element(j, mma.a, &out_idx, &kc, Some(&ok))?
+                } else {
+                    self.fragment_element(j, mma.a, &out_idx, &kd, None)?
+                });
+            }
+            let at = self.stage_word(mma, &row, &word);
+            self.store_stage_word(mma, stage, &at, Pair::Values(pair[0].clone(), pair[1].clone()));
+            if partial {
+                self.b.close();
+            }
+        }
+        Ok(())
+    }
+
+    /// A's register pairs of the lane (rows and `t` of `rows`) for slot
+    /// `slot` of the staged tile: for each row tile, rows `g` and `g + 8`
+    /// each at reduction indices `2 t ..` and `2 t + 8 ..`.
+    pub(super) fn staged_a_pairs(&mut self, mma: &Mma, g: &str, t: &str, slot: i64, stage: &Stage) -> Vec<RowPairs> {
+        let mut a = Vec::with_capacity(mma.rows as usize);
+        for r in 0..mma.rows {
+            let mut halves = [Vec::new(), Vec::new()];
+            for (h, half) in halves.iter_mut().enumerate() {
+                let row = self.offset(g, TILE_M * r + 8 * h as i64);
+                for d in [0, 4] {
+                    let word = self.offset(t, 8 * slot + d);
+                    let at = self.stage_word(mma, &row, &word);
+                    half.push(self.load_stage_word(mma, stage, &at));
+                }
+            }
+            let [lo, hi] = halves;
+            a.push((lo, hi));
+        }
+        a
+    }
+
+    /// Word `word` of row `row` of the staged tile.
+    fn stage_word(&mut self, mma: &Mma, row: &str, word: &str) -> String {
+        let pitch = self.b.index(mma.stage_pitch());
+        let at = self.b.muli(row, &pitch);
+        self.b.addi(&at, word)
+    }
+
+    fn store_stage_word(&mut self, mma: &Mma, stage: &Stage, at: &str, pair: Pair) {
+        match &stage.ptr {
+            None => {
+                let word = self.pack(&pair, mma.dtype);
+                let word = self.word_bits(&word, mma.dtype, true);
+                let ty = stage_ty(mma);
+                self.b.line(&format!("memref.store {word}, %sa[{at}] : {ty}"));
+            }
+            Some(ptr) => {
+                let [x, y] = self.unpack(&pair, mma.dtype);
+                let two = self.b.index(2);
+                let at2 = self.b.muli(at, &two);
+                let lo = self.offset(&at2, stage.base);
+                let hi = self.offset(&lo, 1);
+                self.b.store(ptr, &lo, DType::F32, Val::f32(x));
+                self.b.store(ptr, &hi, DType::F32, Val::f32(y));
+            }
+        }
+    }
+
+    fn load_stage_word(&mut self, mma: &Mma, stage: &Stage, at: &str) -> Pair {
+        match &stage.ptr {
+            None => {
+                let ty = stage_ty(mma);
+                let word = self.b.op(&format!("memref.load %sa[{at}] : {ty}"));
+                Pair::Packed(self.word_bits(&word, mma.dtype, false))
+            }
+            Some(ptr) => {
+                let two = self.b.index(2);
+                let at2 = self.b.muli(at, &two);
+                let lo = self.offset(&at2, stage.base);
+                let hi = self.offset(&lo, 1);
+                let x = self.b.load(ptr, &lo, DType::F32).ssa;
+                let y = self.b.load(ptr, &hi, DType::F32).ssa;
+                Pair::Values(x, y)
+            }
+        }
+    }
+
+    /// A packed register (`i32` for bf16, `vector<2xf16>` for f16, see
+    /// [`Kc::pack`]) as the stage's `i32` word (`to_word`), or a word as a
+    /// `vector<2 x bf16/f16>` pair.
+    fn word_bits(&mut self, v: &str, dtype: DType, to_word: bool) -> String {
+        let pair = format!("vector<2x{}>", storage(dtype));
+        match (dtype, to_word) {
+            (DType::F16, true) => self.b.op(&format!("llvm.bitcast {v} : {pair} to i32")),
+            (_, true) => v.to_owned(),
+            (_, false) => self.b.op(&format!("llvm.bitcast {v} : i32 to {pair}")),
+        }
+    }
+}
