@@ -23,6 +23,9 @@
 #      cache vs the paper's einsum form                         -> OUT/torch/
 #   5b. the targets (attention within 2x of HBM time; faster than
 #      SDPA at b >= 16) from the bench's profile                -> OUT/targets.md
+#   5c. with the time left: each tensor-core tuning variant (carry/tuning-variants.txt)
+#      against the default build, b=32, m_c=8192, per-kernel profiles
+#                                                               -> OUT/tune/, OUT/tune.md
 #   6. OUT/summary.md: everything above in one page.
 # Every step runs even if an earlier one failed; the exit status is 0 only
 # when all passed.
@@ -63,7 +66,7 @@ step() {
     note "== $name (timeout ${secs}s): $*"
     local start=$SECONDS
     local steplog="$out/logs/${name//[^A-Za-z0-9]/_}.log"
-    timeout --signal=TERM --kill-after=10 "$secs" "$@" >"$steplog" 2>&1
+    timeout --signal=TERM --kill-after=10 "$secs" "$@" </dev/null >"$steplog" 2>&1
     local rc=$?
     cat "$steplog" >>"$log"
     local took=$((SECONDS - start))
@@ -252,6 +255,18 @@ export -f targets
 export root
 step "attention targets" 60 bash -c targets
 
+# Last, so it only takes what time is left: what each tuning gains or loses.
+if [ -f "$carry/tuning-variants.txt" ]; then
+    while read -r name settings; do
+        [ -f "$carry/$model-bif-t-$name.ptx" ] || continue
+        step "tune $name ($settings)" 25 "$run" bench \
+            --baseline "$carry/$model-bif.ptx" --bifurcated "$carry/$model-bif-t-$name.ptx" \
+            --samples 32 --context 8192 --repeats 10 --budget-s 15 --out "$out/tune/$name"
+    done < <(sed 's/#.*//' "$carry/tuning-variants.txt" | awk 'NF')
+    python3 "$root/scripts/tuning_summary.py" --variants "$carry/tuning-variants.txt" --dir "$out/tune" \
+        --out "$out/tune.md" >/dev/null 2>>"$log"
+fi
+
 # 6. Summary.
 {
     echo "# gpu-check $(date -u +%FT%TZ)"
@@ -284,6 +299,8 @@ step "attention targets" 60 bash -c targets
     fi
     echo
     [ -f "$out/torch/torch_attention.md" ] && sed 's/^# /## /' "$out/torch/torch_attention.md"
+    echo
+    [ -f "$out/tune.md" ] && sed 's/^# /## /;s/^## Kernel/### Kernel/' "$out/tune.md"
     echo
     echo "## wide16 model (bf16, first decode step vs the CPU)"
     echo '```'

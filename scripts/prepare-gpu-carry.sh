@@ -10,6 +10,9 @@
 #                                         bifurcated at b=32, m_c=8192, m_d=256
 #   carry/llama-2-7b-l2-bif-cc.ptx + manifest   the bifurcated step with --no-tensor-cores
 #                                         (every contraction on CUDA cores: the A/B for tensor cores)
+#   carry/llama-2-7b-l2-bif-t-NAME.ptx + manifest   the bifurcated step compiled with each
+#                                         tensor-core tuning of scripts/tuning-variants.txt
+#   carry/tuning-variants.txt             that list (gpu-check benches each against the default)
 #   carry/llama-2-7b-l2.config.json       the HF config (for the PyTorch bench)
 #   carry/tiny-{base,bif}.ptx + manifests examples/tiny, f32 (a quick correctness check)
 #   carry/wide-{base,bif}.ptx + manifests a 2-layer f32 llama with d_model 1024 (GQA 8/4
@@ -68,6 +71,13 @@ step "$model: import (bf16) and compile baseline + bifurcated"
 "$bifurc" compile "$carry/$model.model.json" --shape b=32,m_c=8192,m_d=256 --no-tensor-cores \
     -o "$carry/$model-bif-cc.ptx"
 cp examples/llama-2-7b/config.json "$carry/$model.config.json"
+
+step "$model: the bifurcated step with each tensor-core tuning (scripts/tuning-variants.txt)"
+cp scripts/tuning-variants.txt "$carry/tuning-variants.txt"
+while read -r name settings; do
+    "$bifurc" compile "$carry/$model.model.json" --shape b=32,m_c=8192,m_d=256 --tune "$settings" \
+        -o "$carry/$model-bif-t-$name.ptx" </dev/null
+done < <(sed 's/#.*//' scripts/tuning-variants.txt | awk 'NF')
 
 step "tiny (f32): baseline + bifurcated"
 "$bifurc" compile examples/tiny/model.json --no-bifurcate -o "$carry/tiny-base.ptx"

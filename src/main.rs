@@ -121,6 +121,15 @@ enum Command {
         /// q·K and w·V over either cache) runs on tensor cores (mma.sync, f32 accumulation).
         #[arg(long)]
         no_tensor_cores: bool,
+        /// Tensor-core choices for a tuning experiment, over the defaults of
+        /// src/lower/mma.rs: unroll=1..16 (iterations a warp loads together, for one tile),
+        /// min-blocks=N (blocks needed for two column tiles in a split walk), split-blocks=N,
+        /// max-walk=N, max-splits=N (how a runtime-length reduction is split across blocks),
+        /// stage=on|off (w·V stages its probabilities in shared memory), interleave=on|off
+        /// (two column tiles read as pairs where columns are innermost). Every setting gives
+        /// the same results up to summation order; only speed differs.
+        #[arg(long, value_name = "KEY=VALUE,...", conflicts_with = "no_tensor_cores")]
+        tune: Option<String>,
         /// Storage dtype of every float input and node (default: as in model.json).
         #[arg(long)]
         dtype: Option<DtypeArg>,
@@ -420,8 +429,22 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("wrote {}", output.display());
         }
-        Command::Compile { model, output, target, shape, no_bifurcate, no_tensor_cores, dtype, emit, libdevice } => {
-            compile(&model, output.as_deref(), target, shape, no_bifurcate, no_tensor_cores, dtype, emit, libdevice)?;
+        Command::Compile {
+            model,
+            output,
+            target,
+            shape,
+            no_bifurcate,
+            no_tensor_cores,
+            tune,
+            dtype,
+            emit,
+            libdevice,
+        } => {
+            let tuning = bifurc::lower::Tuning::parse(tune.as_deref().unwrap_or(""))
+                .map_err(|e| anyhow::anyhow!("--tune: {e}"))?;
+            let tensor_cores = (!no_tensor_cores).then_some(tuning);
+            compile(&model, output.as_deref(), target, shape, no_bifurcate, tensor_cores, dtype, emit, libdevice)?;
         }
         Command::Plot { csv, out, title } => {
             let text = std::fs::read_to_string(&csv).with_context(|| format!("cannot read {}", csv.display()))?;
@@ -529,7 +552,7 @@ fn compile(
     target: ChipArg,
     shape: Option<String>,
     no_bifurcate: bool,
-    no_tensor_cores: bool,
+    tensor_cores: Option<bifurc::lower::Tuning>,
     dtype: Option<DtypeArg>,
     emit: Option<EmitArg>,
     libdevice: Option<PathBuf>,
@@ -544,7 +567,8 @@ fn compile(
         target,
         point: ShapePoint::parse(shape.as_deref().unwrap_or(""))?,
         bifurcate: !no_bifurcate,
-        tensor_cores: !no_tensor_cores,
+        tensor_cores: tensor_cores.is_some(),
+        tuning: tensor_cores.unwrap_or_default(),
         dtype: dtype.map(Into::into),
         libdevice,
         ..Default::default()
@@ -590,6 +614,10 @@ fn compile(
         artifact.tensor_core_kernels.len(),
         bifurc::inspect::human_bytes(artifact.ptx.len() as f64)
     );
+    let tuned = opts.tuning.describe();
+    if opts.tensor_cores && !tuned.is_empty() {
+        println!("  tensor-core tuning: {tuned}");
+    }
     let bifurcated = m.attention.iter().filter(|s| s.bifurcated).count();
     println!("  attention sites bifurcated: {bifurcated} of {}", m.attention.len());
     println!(

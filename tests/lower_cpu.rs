@@ -19,7 +19,7 @@ use bifurc::hf::{build, HfOptions};
 use bifurc::inspect::ShapePoint;
 use bifurc::interp::{random_inputs, run, Tensor};
 use bifurc::ir::{DType, Graph};
-use bifurc::lower::{emit, emit_emulating_gpu, plan, plan_with, CpuStep, Emulation, Target};
+use bifurc::lower::{emit, emit_emulating_gpu, plan, plan_with, CpuStep, Emulation, Target, Tuning};
 use bifurc::optimize::{optimize, Options};
 
 const F32_TOL: f32 = 1e-4;
@@ -437,7 +437,7 @@ fn gpu_block_kernels_emulated_match_interpreter() {
         let program = plan_with(&g, None).unwrap_or_else(|e| panic!("{e}"));
         let plain = emit(&g, &program, Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
         for lanes in [3, 7] {
-            let emulation = Emulation { lanes, cooperative_min: 1 };
+            let emulation = Emulation { lanes, cooperative_min: 1, tuning: Tuning::default() };
             let text = emit_emulating_gpu(&g, &program, emulation).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_ne!(text, plain, "{name}: nothing was split");
             let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -481,7 +481,7 @@ fn tensor_core_kernels_emulated_match_interpreter() {
         assert_eq!(mma.len(), want, "{name}: tensor-core kernels {mma:?}");
         let off = plan_with(&g, None).unwrap_or_else(|e| panic!("{e}"));
         assert!(off.kernels.iter().all(|k| k.mma.is_none()), "{name}: tensor cores off");
-        let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
+        let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40, tuning: Tuning::default() };
         let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{name}: {e}"));
         check_step(name, &g, &step, &points, BF16_TOL);
     }
@@ -596,7 +596,7 @@ fn tensor_core_forms_match_interpreter() {
     let split = program.kernels.iter().find(|k| k.node == "runtime_k").and_then(|k| k.mma.as_ref());
     assert_eq!(split.map(|m| (m.rows, m.cols, m.k_splits)), Some((2, 1, 4)), "runtime_k");
     assert!(program.kernels.iter().any(|k| k.node == "runtime_k" && k.op == "combine"));
-    let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
+    let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40, tuning: Tuning::default() };
     let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{e}"));
     let points: Vec<_> = [1, 5, 17].iter().map(|&m| point(&[("m", m)])).collect();
     // Inputs rounded to bf16 first (the interpreter does not emulate

@@ -480,6 +480,28 @@ fn tensor_core_kernels() {
         );
     }
 
+    // A tuning experiment: the settings echoed, the staging gone from the
+    // kernels; a bad setting is a clear error.
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bifurc"));
+        cmd.arg("compile").arg(&model).args(args).env("BIFURC_LIBDEVICE", &libdevice);
+        let out = cmd.output().expect("run bifurc");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let out_path = dir.join("tuned.ptx");
+    let (ok, stdout, stderr) = run(&["-o", out_path.to_str().unwrap(), "--tune", "stage=off,unroll=2"]);
+    assert!(ok && stdout.contains("tensor-core tuning: unroll=2,stage=off"), "{stdout}{stderr}");
+    let (ok, staged, _) = run(&["--emit", "mlir"]);
+    assert!(ok && staged.contains("workgroup(%sa"), "staged by default");
+    let (ok, plain, _) = run(&["--emit", "mlir", "--tune", "stage=off"]);
+    assert!(ok && !plain.contains("workgroup(%sa") && plain.contains("nvvm.mma.sync"), "stage=off");
+    let (ok, _, stderr) = run(&["--emit", "mlir", "--tune", "bogus=1"]);
+    assert!(!ok && stderr.contains("--tune: unknown key `bogus`"), "{stderr}");
+
     // Compiled for one sample (not bifurcated: nothing to share), every
     // contraction but the new token's score runs on tensor cores too (one
     // row of each tile used), each warp with one row tile: per layer the
@@ -522,4 +544,20 @@ fn interleaved_columns_read_pairs() {
     // Before: each of V's elements was a 2-byte load.
     let v_loads = mlir.lines().filter(|l| l.contains("llvm.load") && l.contains("-> vector<2xbf16>")).count();
     assert!(v_loads >= 4, "{mlir}");
+}
+
+/// Every tuning variant gpu-check benches (scripts/tuning-variants.txt)
+/// parses, differs from the defaults and has a unique name: a typo there
+/// would otherwise surface only on a GPU machine.
+#[test]
+fn tuning_variants_parse() {
+    let text = std::fs::read_to_string(root().join("scripts/tuning-variants.txt")).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()) {
+        let (name, settings) = line.split_once(char::is_whitespace).unwrap_or_else(|| panic!("`{line}`"));
+        let tuning = bifurc::lower::Tuning::parse(settings.trim()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_ne!(tuning, bifurc::lower::Tuning::default(), "{name}: the defaults");
+        assert!(names.insert(name.to_string()), "{name} twice");
+    }
+    assert!(names.len() >= 2, "{names:?}");
 }

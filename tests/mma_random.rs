@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use bifurc::interp::{random_inputs, run};
-use bifurc::lower::{plan, CpuStep, Emulation};
+use bifurc::lower::{plan, CpuStep, Emulation, Tuning};
 
 /// A small deterministic generator (the cases must not change between runs).
 struct Lcg(u64);
@@ -100,10 +100,24 @@ fn random_tensor_core_forms_match_interpreter() {
         if mma.cols == 2 && c.b_n_last {
             interleaved.push(c.chunked);
         }
-        let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40 };
+        let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40, tuning: Tuning::default() };
         let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{}: {e}", c.label));
+        // The reads the defaults replaced (A from global memory in every
+        // warp, B one column at a time) and one iteration at a time, at two
+        // of the points.
+        let plain = Tuning { stage: false, interleave: false, unroll: 1, ..Tuning::default() };
+        let emulation = Emulation { tuning: plain, ..emulation };
+        let plain = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{}: {e}", c.label));
         let dtype = if c.label.starts_with("bf16") { "bf16" } else { "f16" };
-        for (s, p) in points.iter().enumerate() {
+        let runs = points.iter().enumerate().map(|(s, p)| (s, p, &step, "")).chain(
+            points
+                .iter()
+                .enumerate()
+                .skip(1)
+                .step_by(2)
+                .map(|(s, p)| (s, p, &plain, " (stage, interleave off, unroll 1)")),
+        );
+        for (s, p, step, tuned) in runs {
             let mut inputs = random_inputs(&g, p, 100 + i * 7 + s as u64).unwrap_or_else(|e| panic!("{e}"));
             for t in inputs.values_mut() {
                 t.data.iter_mut().for_each(|x| *x = round_to(dtype, *x));
@@ -116,7 +130,7 @@ fn random_tensor_core_forms_match_interpreter() {
             let diff = a.data.iter().zip(&w.data).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(
                 diff / top <= 1e-5,
-                "{} ({:?}) at {p:?}: norm-relative error {:e}",
+                "{}{tuned} ({:?}) at {p:?}: norm-relative error {:e}",
                 c.label,
                 forms[i as usize],
                 diff / top

@@ -17,7 +17,7 @@ use bifurc_runtime::manifest::{
 
 use super::gpu::{find_libdevice, gpu_pipeline, to_shared_ptx, GpuTarget};
 use super::kernel_bytes::{kernel_bytes, KernelBytes};
-use super::{emit, plan_with, BufferKind, LowerError, Param, Program, Target};
+use super::{emit, plan_tuned, BufferKind, LowerError, Param, Program, Target, Tuning};
 use crate::inspect::{bytes_moved, find_sites, Bytes, ShapePoint};
 use crate::ir::{shape::numel, DType, Graph, OutputRole, Poly, Role};
 use crate::optimize::{optimize, Limits, OptReport, Options};
@@ -42,6 +42,9 @@ pub struct CompileOptions {
     /// Run bf16 / f16 contractions on tensor cores where they have enough
     /// rows at `point` (see [`crate::lower::mma`]).
     pub tensor_cores: bool,
+    /// The tensor-core choices (defaults unless a tuning experiment sets
+    /// them, see [`Tuning`]).
+    pub tuning: Tuning,
 }
 
 impl Default for CompileOptions {
@@ -54,6 +57,7 @@ impl Default for CompileOptions {
             libdevice: None,
             limits: Limits::default(),
             tensor_cores: true,
+            tuning: Tuning::default(),
         }
     }
 }
@@ -122,7 +126,7 @@ pub fn prepare(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, Option<Op
 pub fn lower_mlir(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, String), CompileError> {
     let (lowered, _) = prepare(graph, opts)?;
     let point = opts.point.for_graph(&lowered)?;
-    let program = plan_with(&lowered, opts.tensor_cores.then_some(&point.0))?;
+    let program = plan_tuned(&lowered, opts.tensor_cores.then_some((&point.0, opts.tuning)))?;
     let mlir = emit(&lowered, &program, Target::Gpu)?;
     Ok((lowered, mlir))
 }
@@ -132,7 +136,7 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<Artifact, Compile
     let libdevice = find_libdevice(opts.libdevice.as_deref())?;
     let (lowered, report) = prepare(graph, opts)?;
     let point = opts.point.for_graph(&lowered)?;
-    let program = plan_with(&lowered, opts.tensor_cores.then_some(&point.0))?;
+    let program = plan_tuned(&lowered, opts.tensor_cores.then_some((&point.0, opts.tuning)))?;
     let mlir = emit(&lowered, &program, Target::Gpu)?;
     let shared = to_shared_ptx(&mlir, opts.target, &libdevice)?;
     // Bytes before: the input graph as given (re-typed), at the same point.

@@ -85,6 +85,104 @@ pub const CHUNK_K: i64 = 32;
 /// (8 rows x 4 words) hit 32 distinct banks.
 pub const STAGE_PAD: i64 = 4;
 
+/// The tensor-core choices a tuning experiment may change (`bifurc compile
+/// --tune`): the constants above and the two read patterns, each default
+/// the constant's or on. Every setting gives correct code; they differ in
+/// speed only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// [`UNROLL`].
+    pub unroll: i64,
+    /// [`MIN_BLOCKS`].
+    pub min_blocks: i64,
+    /// [`SPLIT_BLOCKS`].
+    pub split_blocks: i64,
+    /// [`MAX_WALK`].
+    pub max_walk: i64,
+    /// [`MAX_SPLITS`].
+    pub max_splits: i64,
+    /// Stage A in shared memory where [`Mma::stages_a`] says it applies.
+    pub stage: bool,
+    /// Interleave column tiles where B's columns are innermost (see
+    /// `emit::mma`, "interleaved columns").
+    pub interleave: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            unroll: UNROLL,
+            min_blocks: MIN_BLOCKS,
+            split_blocks: SPLIT_BLOCKS,
+            max_walk: MAX_WALK,
+            max_splits: MAX_SPLITS,
+            stage: true,
+            interleave: true,
+        }
+    }
+}
+
+/// The keys of [`Tuning::parse`], with what each takes.
+pub const TUNING_KEYS: &str = "unroll=1..16, min-blocks=N, split-blocks=N, max-walk=N, max-splits=1..1024, \
+                               stage=on|off, interleave=on|off";
+
+impl Tuning {
+    /// `key=value,...` over the defaults (keys: [`TUNING_KEYS`]); an empty
+    /// text is the defaults.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut t = Self::default();
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, value) = item.split_once('=').ok_or_else(|| format!("`{item}`: expected KEY=VALUE"))?;
+            let (key, value) = (key.trim(), value.trim());
+            let switch = || match value {
+                "on" => Ok(true),
+                "off" => Ok(false),
+                _ => Err(format!("`{key}`: expected on or off, got `{value}`")),
+            };
+            let number = |lo: i64, hi: i64| match value.parse::<i64>() {
+                Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+                _ => Err(format!("`{key}`: expected an integer in {lo}..={hi}, got `{value}`")),
+            };
+            match key {
+                "unroll" => t.unroll = number(1, 16)?,
+                "min-blocks" => t.min_blocks = number(1, 1 << 30)?,
+                "split-blocks" => t.split_blocks = number(1, 1 << 30)?,
+                "max-walk" => t.max_walk = number(1, 1 << 30)?,
+                "max-splits" => t.max_splits = number(1, 1024)?,
+                "stage" => t.stage = switch()?,
+                "interleave" => t.interleave = switch()?,
+                _ => return Err(format!("unknown key `{key}` (keys: {TUNING_KEYS})")),
+            }
+        }
+        Ok(t)
+    }
+
+    /// The settings that differ from the defaults, as `key=value,...` (what
+    /// [`Tuning::parse`] reads back); empty for the defaults.
+    pub fn describe(&self) -> String {
+        let d = Self::default();
+        let on = |b: bool| if b { "on" } else { "off" };
+        let mut parts = Vec::new();
+        for (key, v, dv) in [
+            ("unroll", self.unroll, d.unroll),
+            ("min-blocks", self.min_blocks, d.min_blocks),
+            ("split-blocks", self.split_blocks, d.split_blocks),
+            ("max-walk", self.max_walk, d.max_walk),
+            ("max-splits", self.max_splits, d.max_splits),
+        ] {
+            if v != dv {
+                parts.push(format!("{key}={v}"));
+            }
+        }
+        for (key, v, dv) in [("stage", self.stage, d.stage), ("interleave", self.interleave, d.interleave)] {
+            if v != dv {
+                parts.push(format!("{key}={}", on(v)));
+            }
+        }
+        parts.join(",")
+    }
+}
+
 /// A contraction run on tensor cores (see the module doc).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Mma {
@@ -126,6 +224,8 @@ pub struct Mma {
     pub rows: i64,
     /// Column tiles (8 columns each) of a warp: 1 or 2.
     pub cols: i64,
+    /// The settings it was chosen with.
+    pub tuning: Tuning,
 }
 
 impl Mma {
@@ -145,7 +245,7 @@ impl Mma {
     /// more registers), and no more than a short constant walk has (the
     /// head dim of `q·Kᵀ`: 2 of its 4 chunks at a time for 2 x 1 tiles).
     pub fn unroll(&self) -> i64 {
-        let u = (2 * UNROLL / (self.rows + self.cols)).max(1);
+        let u = (2 * self.tuning.unroll / (self.rows + self.cols)).max(1);
         match self.k_size.as_constant() {
             Some(k) if !self.split_k => {
                 let iterations = if k % CHUNK_K == 0 { k / CHUNK_K } else { (k + TILE_K - 1) / TILE_K };
@@ -170,7 +270,7 @@ impl Mma {
     /// 32 lanes along a row, and each warp's fragments come from shared
     /// memory in 32-bit words.
     pub fn stages_a(&self) -> bool {
-        !self.split_k && !self.chunked()
+        self.tuning.stage && !self.split_k && !self.chunked()
     }
 
     /// 32-bit words of a row of the staged A tile: 8 (16 elements) for
@@ -214,7 +314,12 @@ impl Mma {
 /// The tensor-core form of contraction node `j` whose kernel reads buffers
 /// of `dtypes` (through views), if it has one at `point` (see the module
 /// doc).
-pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType], point: &BTreeMap<String, i64>) -> Option<Mma> {
+pub(crate) fn mma_form(
+    graph: &Graph,
+    j: usize,
+    dtypes: &[DType],
+    (point, tuning): (&BTreeMap<String, i64>, &Tuning),
+) -> Option<Mma> {
     let dtype = *dtypes.first()?;
     if !matches!(dtype, DType::BF16 | DType::F16) || dtypes.iter().any(|&d| d != dtype) {
         return None;
@@ -259,8 +364,23 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType], point: &BTreeM
     let runtime_k = k_size.as_constant().is_none();
     let split_k = k_size.as_constant().is_some_and(|k| k > SHORT_K);
     let batch_size = size(&batch)?;
-    let mut form =
-        Mma { split_k, a, b, batch_size, batch, m, n, m_size, n_size, k_size, dtype, rows: 1, cols: 1, k_splits: 1 };
+    let mut form = Mma {
+        split_k,
+        a,
+        b,
+        batch_size,
+        batch,
+        m,
+        n,
+        m_size,
+        n_size,
+        k_size,
+        dtype,
+        rows: 1,
+        cols: 1,
+        k_splits: 1,
+        tuning: *tuning,
+    };
     if at_point(&form.m_size)? > TILE_M {
         form.rows = 2;
     }
@@ -270,7 +390,7 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType], point: &BTreeM
     };
     if split_k {
         let wide = Mma { cols: 2, ..form.clone() };
-        if blocks(&wide)? >= MIN_BLOCKS {
+        if blocks(&wide)? >= tuning.min_blocks {
             form = wide;
         }
     }
@@ -283,8 +403,8 @@ pub(crate) fn mma_form(graph: &Graph, j: usize, dtypes: &[DType], point: &BTreeM
         // per step.
         let div_up = |x: i64, d: i64| (x + d - 1).div_euclid(d.max(1));
         let steps = ceil(&form.k_size, TILE_K)?;
-        let want = div_up(steps, MAX_WALK).max(div_up(SPLIT_BLOCKS, blocks(&form)?));
-        form.k_splits = want.min(MAX_SPLITS).min(steps).max(1);
+        let want = div_up(steps, tuning.max_walk).max(div_up(tuning.split_blocks, blocks(&form)?));
+        form.k_splits = want.min(tuning.max_splits).min(steps).max(1);
     }
     Some(form)
 }
@@ -347,6 +467,28 @@ mod tests {
         let at16 = plan_with(&g, Some(&at(16))).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.clone();
         assert_eq!(at16.map(|m| (m.rows, m.cols, m.unroll())), Some((1, 1, UNROLL)), "one row tile at b = 16");
         assert!(plan_with(&g, None).unwrap_or_else(|e| panic!("{e}")).kernels[0].mma.is_none());
+    }
+
+    /// `--tune`: settings over the defaults, read back from their
+    /// description; unknown keys, bad values and missing `=` named.
+    #[test]
+    fn tuning_parses_and_describes() {
+        use super::Tuning;
+        assert_eq!(Tuning::parse(""), Ok(Tuning::default()));
+        let t = Tuning::parse(" unroll=2, stage=off,max-splits=8 ,interleave=on").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((t.unroll, t.stage, t.max_splits, t.interleave), (2, false, 8, true));
+        assert_eq!(t.describe(), "unroll=2,max-splits=8,stage=off");
+        assert_eq!(Tuning::parse(&t.describe()), Ok(t));
+        assert_eq!(Tuning::default().describe(), "");
+        for (bad, says) in [
+            ("unrol=2", "unknown key `unrol`"),
+            ("unroll=0", "`unroll`: expected an integer in 1..=16, got `0`"),
+            ("stage=no", "`stage`: expected on or off, got `no`"),
+            ("stage", "`stage`: expected KEY=VALUE"),
+        ] {
+            let e = Tuning::parse(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     /// A staged fragment load (lane `(g, t)` reads word `t` (+ 4) of row

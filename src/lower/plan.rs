@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ir::{shape::numel, DType, Graph, Op, OutputRole, Poly, Role, Value};
 
-use super::mma::{mma_form, Mma};
+use super::mma::{mma_form, Mma, Tuning};
 use super::LowerError;
 
 /// What a buffer holds.
@@ -496,6 +496,15 @@ pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
 /// for every runtime dim: the compile point), or none (`None`: every
 /// contraction runs on CUDA cores).
 pub fn plan_with(graph: &Graph, tensor_cores: Option<&BTreeMap<String, i64>>) -> Result<Program, LowerError> {
+    plan_tuned(graph, tensor_cores.map(|point| (point, Tuning::default())))
+}
+
+/// [`plan_with`], the tensor-core choices made with `tuning` (see
+/// [`Tuning`]).
+pub fn plan_tuned(
+    graph: &Graph,
+    tensor_cores: Option<(&BTreeMap<String, i64>, Tuning)>,
+) -> Result<Program, LowerError> {
     let kinds = classify(graph);
     let mut buffers = Vec::new();
     for inp in &graph.inputs {
@@ -566,7 +575,7 @@ pub fn plan_with(graph: &Graph, tensor_cores: Option<&BTreeMap<String, i64>>) ->
         }
         let dtypes: Vec<DType> = reads.iter().map(|&r| buffers[r].dtype).collect();
         let mma = match (node_index, tensor_cores) {
-            (Some(j), Some(point)) if row.is_none() => mma_form(graph, j, &dtypes, point),
+            (Some(j), Some((point, tuning))) if row.is_none() => mma_form(graph, j, &dtypes, (point, &tuning)),
             _ => None,
         };
         let contraction =

@@ -21,7 +21,7 @@ use crate::interp::{Tensor, MAX_ELEMENTS};
 use crate::ir::{DType, Graph};
 use crate::lower::context::DiagnosticCapture;
 use crate::lower::emit::{emit, emit_emulating_gpu, Emulation, Target};
-use crate::lower::plan::{plan, plan_with, BufferKind, Param, Program};
+use crate::lower::plan::{plan_tuned, plan_with, typical_point, BufferKind, Param, Program};
 use crate::lower::{new_context, run_pipeline, verify, LowerError};
 use host::HostData;
 
@@ -82,7 +82,8 @@ impl CpuStep {
     /// structure of the GPU kernels on the CPU, so tests can check it
     /// against the reference interpreter.
     pub fn compile_emulating_gpu(graph: &Graph, emulation: Emulation) -> Result<Self, LowerError> {
-        let program = plan(graph)?;
+        let point = typical_point(graph);
+        let program = plan_tuned(graph, Some((&point, emulation.tuning)))?;
         let text = emit_emulating_gpu(graph, &program, emulation)?;
         Self::compile_text(graph, program, &text)
     }

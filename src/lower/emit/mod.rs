@@ -217,6 +217,8 @@ pub(crate) enum Lanes {
 pub struct Emulation {
     pub lanes: usize,
     pub cooperative_min: i64,
+    /// The tensor-core choices the program is planned with.
+    pub tuning: crate::lower::mma::Tuning,
 }
 
 fn kernel_fn(

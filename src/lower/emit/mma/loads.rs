@@ -170,7 +170,8 @@ impl Kc<'_> {
             _ => false,
         };
         let dtype = self.row_major_source(v).map(|b| self.program.buffers[b].dtype);
-        mma.cols > 1
+        mma.tuning.interleave
+            && mma.cols > 1
             && innermost
             && matches!(dtype, Some(DType::BF16 | DType::F16))
             && fits(self.graph.shape_of(v).last())
