@@ -12,7 +12,7 @@ use crate::lower::LowerError;
 use super::super::builder::{Ty, Val};
 use super::super::Kc;
 use super::staging::Stage;
-use super::{steps_per_iteration, Tile, THREADS};
+use super::{steps_per_iteration, Tile};
 
 /// Scratch f32 elements of one step's A tile (16 × 16) and B tile (16 × 8).
 const A_TILE: i64 = TILE_M * TILE_K;
@@ -74,7 +74,7 @@ impl Kc<'_> {
         let (first, stride) = self.walk(tile, &w);
         let s0 = self.b.open_loop_from(&first, &tile.main_end, &stride);
         if tile.staged {
-            self.emulated_stage(j, mma, tile, (&s0, tile.unroll, false), &stage)?;
+            self.stage_block(j, mma, tile, (&s0, tile.unroll, false), &stage)?;
         }
         for u in 0..tile.unroll {
             let (s, keep) = self.unrolled(tile, &s0, u);
@@ -87,7 +87,7 @@ impl Kc<'_> {
             let one = self.b.index(1);
             let s = self.b.open_loop_from(&tile.full, &end, &one);
             if tile.staged {
-                self.emulated_stage(j, mma, tile, (&s, 1, true), &stage)?;
+                self.stage_block(j, mma, tile, (&s, 1, true), &stage)?;
             }
             let slot = tile.staged.then_some((&stage, 0));
             self.emulated_iteration(j, mma, tile, &scratch, (&w, &n0, &s), (true, None, slot))?;
@@ -117,22 +117,6 @@ impl Kc<'_> {
         let total = self.sum_partials(tile, &o, Some(&scratch.ptr), "")?;
         let (lane, pos) = self.output_position(tile, &o);
         self.store_output(tile, &tile.nb0, &lane, &pos, &total)?;
-        self.b.close();
-        Ok(())
-    }
-
-    /// Every thread's share of staging A (see `staging.rs`), in turn.
-    fn emulated_stage(
-        &mut self,
-        j: usize,
-        mma: &Mma,
-        tile: &Tile,
-        walk: (&str, i64, bool),
-        stage: &Stage,
-    ) -> Result<(), LowerError> {
-        let threads = self.b.index(THREADS);
-        let tid = self.b.open_loop(&threads);
-        self.stage_a(j, mma, tile, walk, &tid, stage)?;
         self.b.close();
         Ok(())
     }

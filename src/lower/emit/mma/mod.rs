@@ -334,7 +334,7 @@ impl Kc<'_> {
                 let ks = self.lane_ks(tile, &rows.t, &su, false);
                 b.push((self.b_fragments(j, mma, tile, &rows, &ks)?, keep));
             }
-            self.stage_between_barriers(j, mma, tile, (&s, tile.unroll, false), &stage)?;
+            self.stage_block(j, mma, tile, (&s, tile.unroll, false), &stage)?;
             for (u, (b, keep)) in b.into_iter().enumerate() {
                 let a = self.staged_a_pairs(mma, &rows.g, &rows.t, u as i64, &stage);
                 loaded.push((steps(&a, &b), keep));
@@ -367,7 +367,7 @@ impl Kc<'_> {
                 let stage = Stage { ptr: None, base: 0 };
                 let ks = self.lane_ks(tile, &rows.t, &s, true);
                 let b = self.b_fragments(j, mma, tile, &rows, &ks)?;
-                self.stage_between_barriers(j, mma, tile, (&s, 1, true), &stage)?;
+                self.stage_block(j, mma, tile, (&s, 1, true), &stage)?;
                 let a = self.staged_a_pairs(mma, &rows.g, &rows.t, 0, &stage);
                 steps(&a, &b)
             } else {
@@ -402,23 +402,6 @@ impl Kc<'_> {
         let (lane, pos) = self.output_position(tile, &o);
         self.store_output(tile, &tile.nb0, &lane, &pos, &total)?;
         self.b.close();
-        Ok(())
-    }
-
-    /// Stages A (see `staging.rs`) between two barriers: the block's warps
-    /// are done reading the last tile before any thread overwrites it, and
-    /// every thread's words are stored before any warp reads them.
-    fn stage_between_barriers(
-        &mut self,
-        j: usize,
-        mma: &Mma,
-        tile: &Tile,
-        walk: (&str, i64, bool),
-        stage: &Stage,
-    ) -> Result<(), LowerError> {
-        self.b.line("gpu.barrier");
-        self.stage_a(j, mma, tile, walk, "%tid", stage)?;
-        self.b.line("gpu.barrier");
         Ok(())
     }
 

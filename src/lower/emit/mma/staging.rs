@@ -17,7 +17,7 @@ use super::super::builder::{storage, Val};
 use super::super::Kc;
 use super::fragments::RowPairs;
 use super::loads::Pair;
-use super::{stage_ty, Tile, THREADS};
+use super::{stage_ty, MmaMode, Tile, THREADS};
 
 /// Where the staged tile lives: the workgroup memory `%sa` (GPU, packed
 /// words) or, in the emulation, f32 scratch at `base` (two per word).
@@ -27,11 +27,40 @@ pub(super) struct Stage {
 }
 
 impl Kc<'_> {
+    /// The block's staging of A's tile of `walk` (see [`Kc::stage_a`]): on
+    /// the GPU each thread's share between two barriers (the block's warps
+    /// are done reading the last tile before any thread overwrites it, and
+    /// every word is stored before any warp reads it); emulated, every
+    /// thread's share in turn.
+    pub(super) fn stage_block(
+        &mut self,
+        j: usize,
+        mma: &Mma,
+        tile: &Tile,
+        walk: (&str, i64, bool),
+        stage: &Stage,
+    ) -> Result<(), LowerError> {
+        match tile.mode {
+            MmaMode::Gpu => {
+                self.b.line("gpu.barrier");
+                self.stage_a(j, mma, tile, walk, "%tid", stage)?;
+                self.b.line("gpu.barrier");
+            }
+            MmaMode::Emulated => {
+                let threads = self.b.index(THREADS);
+                let tid = self.b.open_loop(&threads);
+                self.stage_a(j, mma, tile, walk, &tid, stage)?;
+                self.b.close();
+            }
+        }
+        Ok(())
+    }
+
     /// Thread `tid`'s share of staging the A tile of `slots` iterations
     /// from `s` (clamped to the walk's last whole step like the iterations
     /// they load, see `unrolled`; the `tail` step: one slot, elements past
     /// the reduction's end zero).
-    pub(super) fn stage_a(
+    fn stage_a(
         &mut self,
         j: usize,
         mma: &Mma,
