@@ -64,6 +64,7 @@
 //!
 //! The text is deterministic: same graph and program, same bytes.
 
+mod bodies;
 mod builder;
 mod mma;
 mod ops;
@@ -73,10 +74,11 @@ mod walk;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use crate::ir::{shape::numel, DType, Graph, Poly, Value};
+use crate::ir::{Graph, Value};
 
 use super::plan::{BufferKind, Kernel, Param, Program, COMBINE_OP};
 use super::LowerError;
+use bodies::Out;
 use builder::Builder;
 use mma::MmaMode;
 use walk::Walk;
@@ -268,9 +270,6 @@ fn kernel_fn(
         lanes: Lanes::Whole,
         lane_loops: Vec::new(),
     };
-    let sizes = kc.sizes(&out.shape)?;
-    let flat = "%i".to_owned();
-    let out_ptr = kc.ptr(kernel.writes)?;
     let node = if kernel.op == "copy" || kernel.op == COMBINE_OP {
         None
     } else {
@@ -300,243 +299,36 @@ fn kernel_fn(
         }
         _ => None,
     };
-    let extent = if let Some((m, mode, j)) = mma {
-        if mode == MmaMode::Gpu {
-            // The block id is the item: a tile, or eight along n (see `mma`).
-            kc.lanes = Lanes::Block;
+    let dest = Out {
+        kernel,
+        target,
+        emulation,
+        flat: "%i".to_owned(),
+        shape: out.shape.clone(),
+        sizes: kc.sizes(&out.shape)?,
+        ptr: kc.ptr(kernel.writes)?,
+        dtype: out.dtype,
+    };
+    let extent = match (mma, walk::walk(graph, node, target, cooperative_min), node) {
+        (Some((m, mode, j)), _, _) => {
+            if mode == MmaMode::Gpu {
+                // The block id is the item: a tile, or eight along n (see `mma`).
+                kc.lanes = Lanes::Block;
+            }
+            kc.mma_kernel(j, m, &dest.flat, (&dest.ptr, dest.dtype, dest.sizes.clone()), mode, &mut opened)?
         }
-        kc.mma_kernel(j, m, &flat, (&out_ptr, out.dtype, sizes.clone()), mode, &mut opened)?
-    } else if kernel.op == COMBINE_OP {
-        // A split reduction's partial sums, added in order of the split.
-        let ws = match kernel.reads.as_slice() {
-            [ws] => *ws,
-            _ => return Err(mismatch(&kernel.name, "a combine kernel reads one workspace".to_string())),
-        };
-        let splits = program.buffers[ws].shape.first().and_then(Poly::as_constant).unwrap_or(0);
-        let ws_ptr = kc.ptr(ws)?;
-        let idx = walk_index(&mut kc, target, &flat, &sizes, &mut opened);
-        let off = if target == Target::Cpu { kc.b.linearize(&idx, &sizes) } else { flat.clone() };
-        let count = kc.b.size(&kernel.extent)?;
-        let mut total: Option<String> = None;
-        for s in 0..splits {
-            let at = if s == 0 {
-                off.clone()
-            } else {
-                let sc = kc.b.index(s);
-                let base = kc.b.muli(&count, &sc);
-                kc.b.addi(&base, &off)
-            };
-            let v = kc.b.load(&ws_ptr, &at, DType::F32).ssa;
-            total = Some(kc.b.add_in_order(total, v));
+        _ if kernel.op == COMBINE_OP => kc.combine_body(&dest, &mut opened)?,
+        (_, Walk::Rows { axis }, Some(j)) if axis < dest.sizes.len() && kc.row_axis(j) == Some(axis) => {
+            kc.row_body(&dest, j, axis, &mut opened)?
         }
-        let total = total.ok_or_else(|| mismatch(&kernel.name, "a workspace of no partial sums".to_string()))?;
-        kc.b.store(&out_ptr, &off, out.dtype, builder::Val::f32(total));
-        kc.b.size(&kernel.extent)?
-    } else {
-        match (walk::walk(graph, node, target, cooperative_min), node) {
-            (Walk::Rows { axis }, Some(j)) if axis < sizes.len() && kc.row_axis(j) == Some(axis) => {
-                // One iteration (CPU) or thread (GPU) per lane: the same body
-                // on both targets.
-                let mut outer_shape = out.shape.clone();
-                outer_shape.remove(axis);
-                let lanes = numel(&graph.dims, &outer_shape)
-                    .map_err(|message| LowerError::Size { what: format!("lanes of `{}`", kernel.name), message })?;
-                if !graph.dims.same(&lanes, &kernel.extent) {
-                    return Err(mismatch(
-                        &kernel.name,
-                        format!("row kernel has extent `{}`, not its {lanes} lanes", kernel.extent),
-                    ));
-                }
-                let mut outer = sizes.clone();
-                outer.remove(axis);
-                kc.lanes = match (target, emulation) {
-                    (Target::Gpu, _) => Lanes::Block,
-                    (Target::Cpu, Some(e)) => Lanes::Emulated(e.lanes.max(1)),
-                    (Target::Cpu, None) => Lanes::Whole,
-                };
-                let mut idx = walk_index(&mut kc, target, &flat, &outer, &mut opened);
-                idx.insert(axis, kc.b.index(0));
-                kc.row_lane(j, &idx, &sizes, &out_ptr, out.dtype)?;
-                kc.b.size(&lanes)?
-            }
-            (Walk::Reuse { keep, reuse, tile }, Some(j)) => {
-                let pick = |axes: &[usize]| -> Vec<Poly> { axes.iter().map(|&a| out.shape[a].clone()).collect() };
-                let (keep_sizes, reuse_sizes) = (kc.sizes(&pick(&keep))?, kc.sizes(&pick(&reuse))?);
-                let size = |kc: &mut Kc, shape: &[Poly]| -> Result<String, LowerError> {
-                    let p = numel(&graph.dims, shape)
-                        .map_err(|message| LowerError::Size { what: format!("kernel `{}`", kernel.name), message })?;
-                    kc.b.size(&p)
-                };
-                let (outer, inner) = (size(&mut kc, &pick(&keep))?, size(&mut kc, &pick(&reuse))?);
-                // Tiles along the reuse index: `tiles = ceil(inner / tile)`.
-                let tile = tile.max(1);
-                let tiles = if tile == 1 {
-                    inner.clone()
-                } else {
-                    let t1 = kc.b.index(tile as i64 - 1);
-                    let t = kc.b.index(tile as i64);
-                    let up = kc.b.hoist(&format!("arith.addi {inner}, {t1} : index"));
-                    kc.b.hoist(&format!("arith.divui {up}, {t} : index"))
-                };
-                // CPU: the innermost kept axis of size other than 1 is walked in
-                // blocks of BLOCK, the reuse tiles inside a block, the block's
-                // elements innermost: a tile's stores then fill whole cache
-                // lines, and the block's slice of the large operand stays in L1
-                // across the tiles (without blocking, consecutive stores are a
-                // reuse stride apart: cache-set conflicts).
-                let block = match target {
-                    Target::Cpu if tile > 1 => keep_sizes.iter().rposition(|s| kc.b.known(s) != Some(1)),
-                    _ => None,
-                };
-                let mut walk_sizes = keep_sizes.clone();
-                if let Some(pos) = block {
-                    let (b1, bn) = (kc.b.index(BLOCK as i64 - 1), kc.b.index(BLOCK as i64));
-                    let up = kc.b.hoist(&format!("arith.addi {}, {b1} : index", keep_sizes[pos]));
-                    walk_sizes[pos] = kc.b.hoist(&format!("arith.divui {up}, {bn} : index"));
-                }
-                walk_sizes.push(tiles.clone());
-                let mut at = walk_index(&mut kc, target, &flat, &walk_sizes, &mut opened);
-                let tile_index = at.pop().unwrap_or_default();
-                // A block along the output's last axis whose outputs are one
-                // vector (see `Kc::out_lanes`): no loop over its elements.
-                let vector = block
-                    .filter(|&pos| keep[pos] + 1 == sizes.len() && BLOCK == CPU_SIMD)
-                    .and_then(|pos| kc.out_lanes(j, kc.b.known(&keep_sizes[pos]), out.dtype == crate::ir::DType::F32));
-                if let Some(pos) = block {
-                    let bn = kc.b.index(BLOCK as i64);
-                    let start = kc.b.muli(&at[pos], &bn);
-                    if vector.is_some() {
-                        at[pos] = start;
-                    } else {
-                        let left = kc.b.subi(&keep_sizes[pos], &start);
-                        let ub = kc.b.op(&format!("arith.minui {left}, {bn} : index"));
-                        let inner = kc.b.open_loop(&ub);
-                        opened += 1;
-                        at[pos] = kc.b.addi(&start, &inner);
-                    }
-                }
-                let mut idxs = Vec::with_capacity(tile);
-                let mut guards = Vec::with_capacity(tile);
-                let last = if tile == 1 {
-                    None
-                } else {
-                    let one = kc.b.index(1);
-                    Some(kc.b.hoist(&format!("arith.subi {inner}, {one} : index")))
-                };
-                let base = if tile == 1 {
-                    tile_index.clone()
-                } else {
-                    let t = kc.b.index(tile as i64);
-                    kc.b.muli(&tile_index, &t)
-                };
-                for t in 0..tile {
-                    // Lanes past the end compute the last valid output again
-                    // (in bounds) and do not store it.
-                    let r = match &last {
-                        None => base.clone(),
-                        Some(last) => {
-                            let off = kc.b.index(t as i64);
-                            let r = if t == 0 { base.clone() } else { kc.b.addi(&base, &off) };
-                            let divides = kc.b.known(&inner).is_some_and(|n| n % tile as i64 == 0);
-                            guards.push(if t == 0 || divides { None } else { Some(kc.b.ult(&r, &inner)) });
-                            kc.b.op(&format!("arith.minui {r}, {last} : index"))
-                        }
-                    };
-                    let inner_idx = kc.b.delinearize(&r, &reuse_sizes);
-                    let mut idx = vec![String::new(); sizes.len()];
-                    for (a, v) in keep.iter().zip(&at).chain(reuse.iter().zip(&inner_idx)) {
-                        idx[*a] = v.clone();
-                    }
-                    idxs.push(idx);
-                }
-                let values = match vector {
-                    Some(lanes) => kc.einsum_out_vec(j, &idxs, lanes)?.into_iter().map(builder::Val::f32).collect(),
-                    None => kc.compute_tile(j, &idxs)?,
-                };
-                for (t, (idx, v)) in idxs.iter().zip(values).enumerate() {
-                    let guard = guards.get(t).cloned().flatten();
-                    if let Some(g) = &guard {
-                        kc.b.open_guard(g);
-                    }
-                    let off = kc.b.linearize(idx, &sizes);
-                    match vector {
-                        Some(lanes) => kc.b.store_f32_vector(&out_ptr, &off, &v.ssa, lanes),
-                        None => kc.b.store(&out_ptr, &off, out.dtype, v),
-                    }
-                    if guard.is_some() {
-                        kc.b.close();
-                    }
-                }
-                if tile == 1 {
-                    kc.b.size(&kernel.extent)?
-                } else {
-                    kc.b.hoist(&format!("arith.muli {outer}, {tiles} : index"))
-                }
-            }
-            (Walk::Cooperative { keep, reuse }, Some(j)) => {
-                // GPU: one block (or warp) per index of the kept axes (`flat`
-                // is the block id, or the warp's index); it computes the
-                // outputs along the reuse axes in turn, its threads splitting
-                // each one's sum, `gpu.all_reduce` (shuffles) adding the
-                // parts, thread (lane) 0 storing it. CPU: the emulation of
-                // that, one iteration per kept index.
-                let gpu = target == Target::Gpu;
-                kc.lanes = match (gpu, kernel.warp) {
-                    (true, false) => Lanes::Block,
-                    (true, true) => Lanes::Warp,
-                    (false, _) => Lanes::Emulated(emulation.map_or(1, |e| e.lanes.max(1))),
-                };
-                let pick = |axes: &[usize]| -> Vec<String> { axes.iter().map(|&a| sizes[a].clone()).collect() };
-                let (keep_sizes, reuse_sizes) = (pick(&keep), pick(&reuse));
-                let at = walk_index(&mut kc, target, &flat, &keep_sizes, &mut opened);
-                let mut count = kc.b.index(1);
-                for s in &reuse_sizes {
-                    count = kc.b.muli(&count, s);
-                }
-                let r = kc.b.open_loop(&count);
-                opened += 1;
-                let inner = kc.b.delinearize(&r, &reuse_sizes);
-                let mut idx = vec![String::new(); sizes.len()];
-                for (a, v) in keep.iter().zip(&at).chain(reuse.iter().zip(&inner)) {
-                    idx[*a] = v.clone();
-                }
-                let value = kc.compute(j, &idx)?;
-                let off = kc.b.linearize(&idx, &sizes);
-                if gpu {
-                    let c0 = kc.b.index(0);
-                    let thread = if kernel.warp { "%lane" } else { "%tid" };
-                    let first = kc.b.op(&format!("arith.cmpi eq, {thread}, {c0} : index"));
-                    kc.b.open_guard(&first);
-                    kc.b.store(&out_ptr, &off, out.dtype, value);
-                    kc.b.close();
-                } else {
-                    kc.b.store(&out_ptr, &off, out.dtype, value);
-                }
-                kc.b.size(&kernel.extent)?
-            }
-            (_, node) => {
-                if let Some(j) = node.filter(|&j| kc.row_axis(j).is_some()) {
-                    return Err(kc.unsupported(j, "row kernel without a row walk"));
-                }
-                let idx = walk_index(&mut kc, target, &flat, &sizes, &mut opened);
-                let value = match node {
-                    Some(j) => kc.compute(j, &idx)?,
-                    None => {
-                        let v = graph
-                            .find(&kernel.node)
-                            .ok_or_else(|| mismatch(&kernel.name, format!("copies unknown `{}`", kernel.node)))?;
-                        kc.load(v, &idx)?
-                    }
-                };
-                let off = if target == Target::Cpu { kc.b.linearize(&idx, &sizes) } else { flat.clone() };
-                kc.b.store(&out_ptr, &off, out.dtype, value);
-                kc.b.size(&kernel.extent)?
-            }
-        }
+        (_, Walk::Reuse { keep, reuse, tile }, Some(j)) => kc.reuse_body(&dest, j, (keep, reuse, tile), &mut opened)?,
+        (_, Walk::Cooperative { keep, reuse }, Some(j)) => kc.cooperative_body(&dest, j, (keep, reuse), &mut opened)?,
+        (_, _, node) => kc.plain_body(&dest, node, &mut opened)?,
     };
     for _ in 0..opened {
         kc.b.close();
     }
+    let flat = dest.flat;
     let (hoist, body) = kc.b.finish();
     let sig = sig.join(", ");
     let name = &kernel.name;

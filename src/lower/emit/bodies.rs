@@ -1,0 +1,290 @@
+//! The bodies of kernels by how they walk their output (see `walk.rs`):
+//! a split reduction's `combine`, a row kernel's lanes, a contraction's
+//! reuse tiles, a cooperative contraction, one output per item. Each emits
+//! its body into the kernel's builder and returns the kernel's item count
+//! (the GPU's guard); `kernel_fn` (mod.rs) picks one and wraps it in the
+//! function.
+
+use crate::ir::{shape::numel, DType, Poly};
+use crate::lower::plan::Kernel;
+use crate::lower::LowerError;
+
+use super::{builder, mismatch, walk_index, Emulation, Kc, Lanes, Target, BLOCK, CPU_SIMD};
+
+/// What a kernel body writes, and where it runs.
+pub(super) struct Out<'k> {
+    pub kernel: &'k Kernel,
+    pub target: Target,
+    pub emulation: Option<Emulation>,
+    /// The item: the loop index `%i` (CPU) or the thread's (GPU).
+    pub flat: String,
+    /// The output buffer: shape, sizes, pointer, element type.
+    pub shape: Vec<Poly>,
+    pub sizes: Vec<String>,
+    pub ptr: String,
+    pub dtype: DType,
+}
+
+impl Kc<'_> {
+    /// A split reduction's partial sums (its one input, `[S, ...out]`),
+    /// added in order of the split: one output per item.
+    pub(super) fn combine_body(&mut self, out: &Out, opened: &mut usize) -> Result<String, LowerError> {
+        let ws = match out.kernel.reads.as_slice() {
+            [ws] => *ws,
+            _ => return Err(mismatch(&out.kernel.name, "a combine kernel reads one workspace".to_string())),
+        };
+        let splits = self.program.buffers[ws].shape.first().and_then(Poly::as_constant).unwrap_or(0);
+        let ws_ptr = self.ptr(ws)?;
+        let idx = walk_index(self, out.target, &out.flat, &out.sizes, opened);
+        let off = if out.target == Target::Cpu { self.b.linearize(&idx, &out.sizes) } else { out.flat.clone() };
+        let count = self.b.size(&out.kernel.extent)?;
+        let mut total: Option<String> = None;
+        for s in 0..splits {
+            let at = if s == 0 {
+                off.clone()
+            } else {
+                let sc = self.b.index(s);
+                let base = self.b.muli(&count, &sc);
+                self.b.addi(&base, &off)
+            };
+            let v = self.b.load(&ws_ptr, &at, DType::F32).ssa;
+            total = Some(self.b.add_in_order(total, v));
+        }
+        let total = total.ok_or_else(|| mismatch(&out.kernel.name, "a workspace of no partial sums".to_string()))?;
+        self.b.store(&out.ptr, &off, out.dtype, builder::Val::f32(total));
+        self.b.size(&out.kernel.extent)
+    }
+
+    /// A row kernel (softmax, a norm) along `axis`: one iteration (CPU) or
+    /// block (GPU) per row, the same body on both targets.
+    pub(super) fn row_body(
+        &mut self,
+        out: &Out,
+        j: usize,
+        axis: usize,
+        opened: &mut usize,
+    ) -> Result<String, LowerError> {
+        let mut outer_shape = out.shape.clone();
+        outer_shape.remove(axis);
+        let lanes = numel(&self.graph.dims, &outer_shape)
+            .map_err(|message| LowerError::Size { what: format!("lanes of `{}`", out.kernel.name), message })?;
+        if !self.graph.dims.same(&lanes, &out.kernel.extent) {
+            return Err(mismatch(
+                &out.kernel.name,
+                format!("row kernel has extent `{}`, not its {lanes} lanes", out.kernel.extent),
+            ));
+        }
+        let mut outer = out.sizes.clone();
+        outer.remove(axis);
+        self.lanes = match (out.target, out.emulation) {
+            (Target::Gpu, _) => Lanes::Block,
+            (Target::Cpu, Some(e)) => Lanes::Emulated(e.lanes.max(1)),
+            (Target::Cpu, None) => Lanes::Whole,
+        };
+        let mut idx = walk_index(self, out.target, &out.flat, &outer, opened);
+        idx.insert(axis, self.b.index(0));
+        self.row_lane(j, &idx, &out.sizes, &out.ptr, out.dtype)?;
+        self.b.size(&lanes)
+    }
+
+    /// A contraction whose outputs along the `reuse` axes share the
+    /// operand along the `keep` ones: `tile` outputs along `reuse` per item.
+    pub(super) fn reuse_body(
+        &mut self,
+        out: &Out,
+        j: usize,
+        (keep, reuse, tile): (Vec<usize>, Vec<usize>, usize),
+        opened: &mut usize,
+    ) -> Result<String, LowerError> {
+        let pick = |axes: &[usize]| -> Vec<Poly> { axes.iter().map(|&a| out.shape[a].clone()).collect() };
+        let (keep_sizes, reuse_sizes) = (self.sizes(&pick(&keep))?, self.sizes(&pick(&reuse))?);
+        let graph = self.graph;
+        let size = |kc: &mut Kc, shape: &[Poly]| -> Result<String, LowerError> {
+            let p = numel(&graph.dims, shape)
+                .map_err(|message| LowerError::Size { what: format!("kernel `{}`", out.kernel.name), message })?;
+            kc.b.size(&p)
+        };
+        let (outer, inner) = (size(self, &pick(&keep))?, size(self, &pick(&reuse))?);
+        // Tiles along the reuse index: `tiles = ceil(inner / tile)`.
+        let tile = tile.max(1);
+        let tiles = if tile == 1 {
+            inner.clone()
+        } else {
+            let t1 = self.b.index(tile as i64 - 1);
+            let t = self.b.index(tile as i64);
+            let up = self.b.hoist(&format!("arith.addi {inner}, {t1} : index"));
+            self.b.hoist(&format!("arith.divui {up}, {t} : index"))
+        };
+        // CPU: the innermost kept axis of size other than 1 is walked in
+        // blocks of BLOCK, the reuse tiles inside a block, the block's
+        // elements innermost: a tile's stores then fill whole cache
+        // lines, and the block's slice of the large operand stays in L1
+        // across the tiles (without blocking, consecutive stores are a
+        // reuse stride apart: cache-set conflicts).
+        let block = match out.target {
+            Target::Cpu if tile > 1 => keep_sizes.iter().rposition(|s| self.b.known(s) != Some(1)),
+            _ => None,
+        };
+        let mut walk_sizes = keep_sizes.clone();
+        if let Some(pos) = block {
+            let (b1, bn) = (self.b.index(BLOCK as i64 - 1), self.b.index(BLOCK as i64));
+            let up = self.b.hoist(&format!("arith.addi {}, {b1} : index", keep_sizes[pos]));
+            walk_sizes[pos] = self.b.hoist(&format!("arith.divui {up}, {bn} : index"));
+        }
+        walk_sizes.push(tiles.clone());
+        let mut at = walk_index(self, out.target, &out.flat, &walk_sizes, opened);
+        let tile_index = at.pop().unwrap_or_default();
+        // A block along the output's last axis whose outputs are one
+        // vector (see `Kc::out_lanes`): no loop over its elements.
+        let vector = block
+            .filter(|&pos| keep[pos] + 1 == out.sizes.len() && BLOCK == CPU_SIMD)
+            .and_then(|pos| self.out_lanes(j, self.b.known(&keep_sizes[pos]), out.dtype == crate::ir::DType::F32));
+        if let Some(pos) = block {
+            let bn = self.b.index(BLOCK as i64);
+            let start = self.b.muli(&at[pos], &bn);
+            if vector.is_some() {
+                at[pos] = start;
+            } else {
+                let left = self.b.subi(&keep_sizes[pos], &start);
+                let ub = self.b.op(&format!("arith.minui {left}, {bn} : index"));
+                let inner = self.b.open_loop(&ub);
+                *opened += 1;
+                at[pos] = self.b.addi(&start, &inner);
+            }
+        }
+        let mut idxs = Vec::with_capacity(tile);
+        let mut guards = Vec::with_capacity(tile);
+        let last = if tile == 1 {
+            None
+        } else {
+            let one = self.b.index(1);
+            Some(self.b.hoist(&format!("arith.subi {inner}, {one} : index")))
+        };
+        let base = if tile == 1 {
+            tile_index.clone()
+        } else {
+            let t = self.b.index(tile as i64);
+            self.b.muli(&tile_index, &t)
+        };
+        for t in 0..tile {
+            // Lanes past the end compute the last valid output again
+            // (in bounds) and do not store it.
+            let r = match &last {
+                None => base.clone(),
+                Some(last) => {
+                    let off = self.b.index(t as i64);
+                    let r = if t == 0 { base.clone() } else { self.b.addi(&base, &off) };
+                    let divides = self.b.known(&inner).is_some_and(|n| n % tile as i64 == 0);
+                    guards.push(if t == 0 || divides { None } else { Some(self.b.ult(&r, &inner)) });
+                    self.b.op(&format!("arith.minui {r}, {last} : index"))
+                }
+            };
+            let inner_idx = self.b.delinearize(&r, &reuse_sizes);
+            let mut idx = vec![String::new(); out.sizes.len()];
+            for (a, v) in keep.iter().zip(&at).chain(reuse.iter().zip(&inner_idx)) {
+                idx[*a] = v.clone();
+            }
+            idxs.push(idx);
+        }
+        let values = match vector {
+            Some(lanes) => self.einsum_out_vec(j, &idxs, lanes)?.into_iter().map(builder::Val::f32).collect(),
+            None => self.compute_tile(j, &idxs)?,
+        };
+        for (t, (idx, v)) in idxs.iter().zip(values).enumerate() {
+            let guard = guards.get(t).cloned().flatten();
+            if let Some(g) = &guard {
+                self.b.open_guard(g);
+            }
+            let off = self.b.linearize(idx, &out.sizes);
+            match vector {
+                Some(lanes) => self.b.store_f32_vector(&out.ptr, &off, &v.ssa, lanes),
+                None => self.b.store(&out.ptr, &off, out.dtype, v),
+            }
+            if guard.is_some() {
+                self.b.close();
+            }
+        }
+        if tile == 1 {
+            self.b.size(&out.kernel.extent)
+        } else {
+            Ok(self.b.hoist(&format!("arith.muli {outer}, {tiles} : index")))
+        }
+    }
+
+    /// A cooperative contraction: one block or warp per index of the `keep`
+    /// axes, computing the outputs along the `reuse` axes in turn.
+    pub(super) fn cooperative_body(
+        &mut self,
+        out: &Out,
+        j: usize,
+        (keep, reuse): (Vec<usize>, Vec<usize>),
+        opened: &mut usize,
+    ) -> Result<String, LowerError> {
+        // GPU: one block (or warp) per index of the kept axes (`out.flat`
+        // is the block id, or the warp's index); it computes the
+        // outputs along the reuse axes in turn, its threads splitting
+        // each one's sum, `gpu.all_reduce` (shuffles) adding the
+        // parts, thread (lane) 0 storing it. CPU: the out.emulation of
+        // that, one iteration per kept index.
+        let gpu = out.target == Target::Gpu;
+        self.lanes = match (gpu, out.kernel.warp) {
+            (true, false) => Lanes::Block,
+            (true, true) => Lanes::Warp,
+            (false, _) => Lanes::Emulated(out.emulation.map_or(1, |e| e.lanes.max(1))),
+        };
+        let pick = |axes: &[usize]| -> Vec<String> { axes.iter().map(|&a| out.sizes[a].clone()).collect() };
+        let (keep_sizes, reuse_sizes) = (pick(&keep), pick(&reuse));
+        let at = walk_index(self, out.target, &out.flat, &keep_sizes, opened);
+        let mut count = self.b.index(1);
+        for s in &reuse_sizes {
+            count = self.b.muli(&count, s);
+        }
+        let r = self.b.open_loop(&count);
+        *opened += 1;
+        let inner = self.b.delinearize(&r, &reuse_sizes);
+        let mut idx = vec![String::new(); out.sizes.len()];
+        for (a, v) in keep.iter().zip(&at).chain(reuse.iter().zip(&inner)) {
+            idx[*a] = v.clone();
+        }
+        let value = self.compute(j, &idx)?;
+        let off = self.b.linearize(&idx, &out.sizes);
+        if gpu {
+            let c0 = self.b.index(0);
+            let thread = if out.kernel.warp { "%lane" } else { "%tid" };
+            let first = self.b.op(&format!("arith.cmpi eq, {thread}, {c0} : index"));
+            self.b.open_guard(&first);
+            self.b.store(&out.ptr, &off, out.dtype, value);
+            self.b.close();
+        } else {
+            self.b.store(&out.ptr, &off, out.dtype, value);
+        }
+        self.b.size(&out.kernel.extent)
+    }
+
+    /// One output per item: node `node`'s value, or (`None`) a copy of the
+    /// kernel's node.
+    pub(super) fn plain_body(
+        &mut self,
+        out: &Out,
+        node: Option<usize>,
+        opened: &mut usize,
+    ) -> Result<String, LowerError> {
+        if let Some(j) = node.filter(|&j| self.row_axis(j).is_some()) {
+            return Err(self.unsupported(j, "row kernel without a row walk"));
+        }
+        let idx = walk_index(self, out.target, &out.flat, &out.sizes, opened);
+        let value = match node {
+            Some(j) => self.compute(j, &idx)?,
+            None => {
+                let v = self
+                    .graph
+                    .find(&out.kernel.node)
+                    .ok_or_else(|| mismatch(&out.kernel.name, format!("copies unknown `{}`", out.kernel.node)))?;
+                self.load(v, &idx)?
+            }
+        };
+        let off = if out.target == Target::Cpu { self.b.linearize(&idx, &out.sizes) } else { out.flat.clone() };
+        self.b.store(&out.ptr, &off, out.dtype, value);
+        self.b.size(&out.kernel.extent)
+    }
+}
