@@ -152,6 +152,20 @@ def main():
     if not evaluated:
         lines.append(f"- target 1: no bandwidth for device {device!r} (not in the table, no torch)")
 
+    # Where the attention time goes: each kernel (summed over layers) with
+    # the bytes the manifest gives it, so the slowest against its bytes stand out.
+    roles = {}
+    for k in kernels:
+        role = re.sub(r"^k\d+_(l\d+_)?", "", k["name"])
+        t, b = roles.get(role, (0.0, 0.0))
+        roles[role] = (t + times.get(k["name"], 0.0), b + eval_size(k["bytes"]["total"], dims))
+    bw = peak or measured
+    lines += ["", "| kernel (summed over layers) | ms | MB | GB/s | of HBM peak |", "|---|---:|---:|---:|---:|"]
+    for role, (t, b) in sorted(roles.items(), key=lambda kv: -kv[1][0]):
+        gbs = b / (t * 1e-3) / 1e9 if t > 0 else 0.0
+        share = f"{100 * gbs * 1e9 / bw:.0f}%" if bw and t > 0 else "-"
+        lines.append(f"| {role} | {t:.3f} | {b / 1e6:.1f} | {gbs:.0f} | {share} |")
+
     if args.torch and os.path.exists(args.torch):
         rows = [r for r in csv.DictReader(open(args.torch)) if r.get("standard_ms")]
         same = [r for r in rows if int(r["b"]) == dims.get("b") and int(r["m_c"]) == dims.get("m_c")
