@@ -86,9 +86,9 @@ impl Kc<'_> {
             let row = self.b.op(&format!("arith.divui {p}, {rw} : index"));
             let word = self.b.op(&format!("arith.remui {p}, {rw} : index"));
             let eight = self.b.index(8);
-            let slot = self.b.op(&format!("arith.divui {word}, {eight} : index"));
             let w8 = self.b.op(&format!("arith.remui {word}, {eight} : index"));
             let su = if slots > 1 {
+                let slot = self.b.op(&format!("arith.divui {word}, {eight} : index"));
                 let at = self.b.addi(s, &slot);
                 let last = self.b.op(&format!("arith.subi {}, {one} : index", tile.main_end));
                 self.b.op(&format!("arith.minui {at}, {last} : index"))
