@@ -123,10 +123,11 @@ enum Command {
         no_tensor_cores: bool,
         /// Tensor-core choices for a tuning experiment, over the defaults of
         /// src/lower/mma.rs: unroll=1..16 (iterations a warp loads together, for one tile),
-        /// min-blocks=N (blocks needed for two column tiles in a split walk), split-blocks=N,
+        /// min-blocks=N (blocks needed for two column tiles over a constant reduction), split-blocks=N,
         /// max-walk=N, max-splits=N (how a runtime-length reduction is split across blocks),
         /// stage=on|off (w·V stages its probabilities in shared memory), interleave=on|off
-        /// (two column tiles read as pairs where columns are innermost). Every setting gives
+        /// (two column tiles read as pairs where columns are innermost), wide-short=on|off (two
+        /// column tiles a warp over a short reduction, q·K's head dim). Every setting gives
         /// the same results up to summation order; only speed differs.
         #[arg(long, value_name = "KEY=VALUE,...", conflicts_with = "no_tensor_cores")]
         tune: Option<String>,

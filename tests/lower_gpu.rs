@@ -421,7 +421,9 @@ fn tensor_core_kernels() {
         ("k3_l0_attn_q_proj", "4*ceil((b)/32)"),
         ("k4_l0_attn_k_proj", "2*ceil((b)/32)"),
         ("k5_l0_attn_v_proj", "2*ceil((b)/32)"),
-        ("k8_l0_attn_scores_einsum1", "2*ceil((2*b)/32)*ceil((m_c)/64)"),
+        // The context scores (over m_c): 256 blocks at the compile point
+        // even with two column tiles a warp, so a block is 32 x 128.
+        ("k8_l0_attn_scores_einsum1", "2*ceil((2*b)/32)*ceil((m_c)/128)"),
         // The decode cache: a tile's rows are a sample's 2 queries (the
         // other 14 repeat them), one block per sample and group per 64 rows.
         ("k9_l0_attn_scores_einsum2", "(2*b)*ceil((m_d)/64)"),

@@ -65,6 +65,12 @@ fn case(rng: &mut Lcg) -> Case {
     let k = rng.pick(&["20", "48", "64", "128", "300", "512", "\"m_c\"", "\"m_c\""]);
     let a_k_last = rng.pick(&[true, true, false]);
     let b_k_last = rng.pick(&[true, false]);
+    case_of(dtype, z, n, k, (a_k_last, b_k_last))
+}
+
+/// The einsum of one case: operand type, batch, columns, reduction, and
+/// whether each operand has the reduction innermost.
+fn case_of(dtype: &str, z: i64, n: i64, k: &str, (a_k_last, b_k_last): (bool, bool)) -> Case {
     let (a_shape, a_subs) =
         if a_k_last { (format!("[{z}, \"b\", {k}]"), "zmk") } else { (format!("[{z}, {k}, \"b\"]"), "zkm") };
     let (b_shape, b_subs) =
@@ -90,8 +96,14 @@ fn random_tensor_core_forms_match_interpreter() {
         .collect();
     let mut forms = Vec::new();
     let mut interleaved = Vec::new();
-    for i in 0..20 {
-        let c = case(&mut rng);
+    // Twenty drawn, then two the draw misses: a short constant reduction
+    // over enough blocks for two column tiles a warp, in chunks and in
+    // steps of 16 (the latter staged and interleaved).
+    let mut cases: Vec<Case> = (0..20).map(|_| case(&mut rng)).collect();
+    cases.push(case_of("bf16", 130, 150, "64", (true, true)));
+    cases.push(case_of("f16", 130, 150, "48", (false, false)));
+    for (i, c) in cases.into_iter().enumerate() {
+        let i = i as u64;
         let g = bifurc::import::parse(&c.text).unwrap_or_else(|e| panic!("{}: {e}", c.label));
         let program = plan(&g).unwrap_or_else(|e| panic!("{}: {e}", c.label));
         let mma = program.kernels.iter().find_map(|k| k.mma.clone());
@@ -142,6 +154,7 @@ fn random_tensor_core_forms_match_interpreter() {
     assert!(forms.iter().any(|f| f.0), "an in-block split: {forms:?}");
     assert!(forms.iter().any(|f| f.3 > 1), "a split across blocks: {forms:?}");
     assert!(forms.iter().any(|f| !f.0 && f.3 == 1), "an unsplit walk: {forms:?}");
+    assert!(forms.iter().rev().take(2).all(|f| !f.0 && f.2 == 2 && f.3 == 1), "short, wide: {forms:?}");
     assert!(forms.iter().any(|f| f.2 == 2) && forms.iter().any(|f| f.2 == 1), "column tiles: {forms:?}");
     // B read two columns at a time, in chunks and in steps of 16.
     assert!(interleaved.contains(&true) && interleaved.contains(&false), "interleaved columns: {interleaved:?}");

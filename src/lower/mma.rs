@@ -32,9 +32,11 @@
 //!
 //! The warp's tiles are chosen at the compile point: two row tiles when m
 //! is over 16 there (B, the weights or the context cache, is then read
-//! once per 32 rows instead of once per 16), and for a split walk two
-//! column tiles when that still leaves [`MIN_BLOCKS`] blocks (A, e.g. the
-//! attention probabilities of w·V, read once per 16 columns instead of 8).
+//! once per 32 rows instead of once per 16), and for a constant reduction
+//! two column tiles when that still leaves [`MIN_BLOCKS`] blocks (A — the
+//! samples of a projection, the queries of `q·Kᵀ` — read once per 16
+//! columns instead of 8); for one of runtime length two column tiles over
+//! more than 64 columns (eight warps then cover `w·V`'s head dim of 128).
 //!
 //! A constant reduction that is a multiple of [`CHUNK_K`] is walked in
 //! chunks of 32 whose elements are permuted among the two steps' fragment
@@ -65,8 +67,9 @@ pub const SHORT_K: i64 = 256;
 /// tile: their loads are in flight at once instead of one iteration's
 /// latency after another's (see [`Mma::unroll`]).
 pub const UNROLL: i64 = 4;
-/// Fewest blocks at the compile point for which a split walk's warp takes
-/// two column tiles: two per multiprocessor of an H100 / H200 (132).
+/// Fewest blocks at the compile point for which a warp walking a constant
+/// reduction takes two column tiles: two per multiprocessor of an H100 /
+/// H200 (132).
 pub const MIN_BLOCKS: i64 = 256;
 /// Blocks at the compile point that a reduction of runtime length is split
 /// across ([`Mma::k_splits`]) to reach, about four per multiprocessor.
@@ -106,6 +109,9 @@ pub struct Tuning {
     /// Interleave column tiles where B's columns are innermost (see
     /// `emit::mma`, "interleaved columns").
     pub interleave: bool,
+    /// Two column tiles a warp also over a short constant reduction (the
+    /// head dim of `q·Kᵀ`) where [`Tuning::min_blocks`] blocks remain.
+    pub wide_short: bool,
 }
 
 impl Default for Tuning {
@@ -118,13 +124,14 @@ impl Default for Tuning {
             max_splits: MAX_SPLITS,
             stage: true,
             interleave: true,
+            wide_short: true,
         }
     }
 }
 
 /// The keys of [`Tuning::parse`], with what each takes.
 pub const TUNING_KEYS: &str = "unroll=1..16, min-blocks=N, split-blocks=N, max-walk=N, max-splits=1..1024, \
-                               stage=on|off, interleave=on|off";
+                               stage=on|off, interleave=on|off, wide-short=on|off";
 
 impl Tuning {
     /// `key=value,...` over the defaults (keys: [`TUNING_KEYS`]); an empty
@@ -151,6 +158,7 @@ impl Tuning {
                 "max-splits" => t.max_splits = number(1, 1024)?,
                 "stage" => t.stage = switch()?,
                 "interleave" => t.interleave = switch()?,
+                "wide-short" => t.wide_short = switch()?,
                 _ => return Err(format!("unknown key `{key}` (keys: {TUNING_KEYS})")),
             }
         }
@@ -174,7 +182,11 @@ impl Tuning {
                 parts.push(format!("{key}={v}"));
             }
         }
-        for (key, v, dv) in [("stage", self.stage, d.stage), ("interleave", self.interleave, d.interleave)] {
+        for (key, v, dv) in [
+            ("stage", self.stage, d.stage),
+            ("interleave", self.interleave, d.interleave),
+            ("wide-short", self.wide_short, d.wide_short),
+        ] {
             if v != dv {
                 parts.push(format!("{key}={}", on(v)));
             }
@@ -388,7 +400,7 @@ pub(crate) fn mma_form(
     let blocks = |f: &Mma| -> Option<i64> {
         Some(ceil(&f.batch_size, 1)? * ceil(&f.m_size, f.block_m())? * ceil(&f.n_size, f.block_n())?)
     };
-    if split_k {
+    if split_k || (!runtime_k && tuning.wide_short) {
         let wide = Mma { cols: 2, ..form.clone() };
         if blocks(&wide)? >= tuning.min_blocks {
             form = wide;
@@ -475,9 +487,10 @@ mod tests {
     fn tuning_parses_and_describes() {
         use super::Tuning;
         assert_eq!(Tuning::parse(""), Ok(Tuning::default()));
-        let t = Tuning::parse(" unroll=2, stage=off,max-splits=8 ,interleave=on").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((t.unroll, t.stage, t.max_splits, t.interleave), (2, false, 8, true));
-        assert_eq!(t.describe(), "unroll=2,max-splits=8,stage=off");
+        let t = Tuning::parse(" unroll=2, stage=off,max-splits=8 ,interleave=on,wide-short=off")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((t.unroll, t.stage, t.max_splits, t.interleave, t.wide_short), (2, false, 8, true, false));
+        assert_eq!(t.describe(), "unroll=2,max-splits=8,stage=off,wide-short=off");
         assert_eq!(Tuning::parse(&t.describe()), Ok(t));
         assert_eq!(Tuning::default().describe(), "");
         for (bad, says) in [
