@@ -259,9 +259,9 @@ step "attention targets" 60 bash -c targets
 if [ -f "$carry/tuning-variants.txt" ]; then
     while read -r name settings; do
         [ -f "$carry/$model-bif-t-$name.ptx" ] || continue
-        step "tune $name ($settings)" 25 "$run" bench \
+        step "tune $name ($settings)" 20 "$run" bench \
             --baseline "$carry/$model-bif.ptx" --bifurcated "$carry/$model-bif-t-$name.ptx" \
-            --samples 32 --context 8192 --repeats 10 --budget-s 15 --out "$out/tune/$name"
+            --samples 32 --context 8192 --repeats 10 --budget-s 10 --out "$out/tune/$name"
     done < <(sed 's/#.*//' "$carry/tuning-variants.txt" | awk 'NF')
     python3 "$root/scripts/tuning_summary.py" --variants "$carry/tuning-variants.txt" --dir "$out/tune" \
         --out "$out/tune.md" >/dev/null 2>>"$log"
