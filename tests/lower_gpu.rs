@@ -497,6 +497,11 @@ fn tensor_core_kernels() {
     let out_path = dir.join("tuned.ptx");
     let (ok, stdout, stderr) = run(&["-o", out_path.to_str().unwrap(), "--tune", "stage=off,unroll=2"]);
     assert!(ok && stdout.contains("tensor-core tuning: unroll=2,stage=off"), "{stdout}{stderr}");
+    // The manifest records it (and only then: the default one has no key).
+    let tuned = Manifest::load(bifurc::Artifact::manifest_path(&out_path)).unwrap();
+    assert_eq!(tuned.tuning, "unroll=2,stage=off");
+    let plain = std::fs::read_to_string(bifurc::Artifact::manifest_path(&dir.join("step.ptx"))).unwrap();
+    assert!(!plain.contains("\"tuning\""), "{plain}");
     let (ok, staged, _) = run(&["--emit", "mlir"]);
     assert!(ok && staged.contains("workgroup(%sa"), "staged by default");
     let (ok, plain, _) = run(&["--emit", "mlir", "--tune", "stage=off"]);

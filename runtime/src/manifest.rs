@@ -67,6 +67,11 @@ pub struct Manifest {
     pub target: String,
     /// Whether the optimizer ran (`false` with `bifurc compile --no-bifurcate`).
     pub bifurcate: bool,
+    /// The tensor-core tuning it was compiled with (`bifurc compile
+    /// --tune`), as `key=value,...`: the settings that differ from the
+    /// defaults; empty (and absent from the file) for the defaults.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tuning: String,
     /// Provenance copied from the model graph's `meta` (architecture, source, …).
     #[serde(default)]
     pub model: BTreeMap<String, String>,
@@ -529,6 +534,7 @@ mod tests {
             ptx: "step.ptx".into(),
             target: "sm_90".into(),
             bifurcate: true,
+            tuning: String::new(),
             model: BTreeMap::new(),
             dims: Dims { runtime: vec!["b".into()], constants: BTreeMap::from([("d".into(), 8)]) },
             point: BTreeMap::from([("b".into(), 2)]),

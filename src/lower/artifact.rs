@@ -350,6 +350,7 @@ fn build_manifest(
         ptx: "step.ptx".to_string(),
         target: opts.target.chip().to_string(),
         bifurcate: opts.bifurcate,
+        tuning: if opts.tensor_cores { opts.tuning.describe() } else { String::new() },
         model: graph.meta.clone(),
         dims,
         point: point.0.clone(),

@@ -525,11 +525,18 @@ fn bench(args: &BenchArgs) -> Result<()> {
         ("device".to_string(), format!("{} (sm_{major}{minor}, {})", d.name, gb(d.total_bytes))),
         ("baseline".to_string(), format!("{} ({} kernels)", base_artifact.ptx_path.display(), bm.kernels.len())),
         ("bifurcated".to_string(), format!("{} ({} kernels)", bif_artifact.ptx_path.display(), fm.kernels.len())),
+    ];
+    for (label, m) in [("baseline", bm), ("bifurcated", fm)] {
+        if !m.tuning.is_empty() {
+            facts.push((format!("{label} tuning"), m.tuning.clone()));
+        }
+    }
+    facts.extend([
         ("model".to_string(), model),
         ("m_d".to_string(), m_d.to_string()),
         ("timing".to_string(), timing),
         ("inputs".to_string(), format!("random weights and caches, seed {} (the same for both artifacts)", args.seed)),
-    ];
+    ]);
     let mut profile_md = String::new();
     if let (false, Some(dims)) = (args.no_profile, &last_timed) {
         // The dims the profiles are taken at, for scripts reading them.
