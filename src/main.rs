@@ -127,7 +127,8 @@ enum Command {
         /// max-walk=N, max-splits=N (how a runtime-length reduction is split across blocks),
         /// stage=on|off (w·V stages its probabilities in shared memory), interleave=on|off
         /// (two column tiles read as pairs where columns are innermost), wide-short=on|off (two
-        /// column tiles a warp over a short reduction, q·K's head dim). Every setting gives
+        /// column tiles a warp over a short reduction, q·K's head dim), stage-b=on|off (w·V also
+        /// stages V in shared memory, read in 16-byte loads; off by default). Every setting gives
         /// the same results up to summation order; only speed differs.
         #[arg(long, value_name = "KEY=VALUE,...", conflicts_with = "no_tensor_cores")]
         tune: Option<String>,

@@ -551,6 +551,15 @@ fn interleaved_columns_read_pairs() {
     // Before: each of V's elements was a 2-byte load.
     let v_loads = mlir.lines().filter(|l| l.contains("llvm.load") && l.contains("-> vector<2xbf16>")).count();
     assert!(v_loads >= 4, "{mlir}");
+    // With `--tune stage-b=on` V's rows go through shared memory too: 16-byte
+    // loads by the block's threads, the pairs read from `%sb`.
+    let tuning = bifurc::lower::Tuning { stage_b: true, ..Default::default() };
+    let staged = compile(&graph, &CompileOptions { tuning, ..opts(&libdevice, GpuTarget::Sm90, "") }).unwrap();
+    let mlir = &staged.mlir;
+    assert!(mlir.contains("%sb : memref<") && mlir.contains("-> vector<8xbf16>"), "{mlir}");
+    assert!(mlir.lines().any(|l| l.contains("vector.store") && l.contains("%sb[")), "{mlir}");
+    assert!(mlir.lines().any(|l| l.contains("memref.load %sb[")), "{mlir}");
+    assert!(staged.ptx.contains("st.shared.v4.b32"), "16-byte shared stores");
 }
 
 /// Every tuning variant gpu-check benches (scripts/tuning-variants.txt)

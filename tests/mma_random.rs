@@ -56,6 +56,8 @@ struct Case {
     b_n_last: bool,
     /// The reduction is walked in chunks of 32 (a constant multiple of 32).
     chunked: bool,
+    /// B's columns are innermost, a multiple of 128: `stage-b` may apply.
+    stage_b: bool,
 }
 
 fn case(rng: &mut Lcg) -> Case {
@@ -84,7 +86,7 @@ fn case_of(dtype: &str, z: i64, n: i64, k: &str, (a_k_last, b_k_last): (bool, bo
     );
     let label = format!("{dtype} z={z} n={n} k={k} A {a_subs} B {b_subs}");
     let chunked = k.parse::<i64>().is_ok_and(|k| k % 32 == 0);
-    Case { text, label, b_n_last: !b_k_last, chunked }
+    Case { text, label, b_n_last: !b_k_last, chunked, stage_b: !b_k_last && n % 128 == 0 }
 }
 
 #[test]
@@ -96,12 +98,16 @@ fn random_tensor_core_forms_match_interpreter() {
         .collect();
     let mut forms = Vec::new();
     let mut interleaved = Vec::new();
-    // Twenty drawn, then two the draw misses: a short constant reduction
+    let mut staged_b = 0;
+    // Twenty drawn, then four the draw misses: a short constant reduction
     // over enough blocks for two column tiles a warp, in chunks and in
-    // steps of 16 (the latter staged and interleaved).
+    // steps of 16 (the latter staged and interleaved); B's rows a multiple
+    // of 128 columns, staged as well with `stage-b` (over m_c, and ragged).
     let mut cases: Vec<Case> = (0..20).map(|_| case(&mut rng)).collect();
     cases.push(case_of("bf16", 130, 150, "64", (true, true)));
     cases.push(case_of("f16", 130, 150, "48", (false, false)));
+    cases.push(case_of("bf16", 3, 256, "\"m_c\"", (true, false)));
+    cases.push(case_of("f16", 130, 256, "40", (false, false)));
     for (i, c) in cases.into_iter().enumerate() {
         let i = i as u64;
         let g = bifurc::import::parse(&c.text).unwrap_or_else(|e| panic!("{}: {e}", c.label));
@@ -112,23 +118,25 @@ fn random_tensor_core_forms_match_interpreter() {
         if mma.cols == 2 && c.b_n_last {
             interleaved.push(c.chunked);
         }
-        let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40, tuning: Tuning::default() };
-        let step = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{}: {e}", c.label));
-        // The reads the defaults replaced (A from global memory in every
-        // warp, B one column at a time) and one iteration at a time, at two
-        // of the points.
+        let compile = |tuning: Tuning| {
+            let emulation = Emulation { lanes: 3, cooperative_min: 1 << 40, tuning };
+            CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{}: {e}", c.label))
+        };
+        // Each build, the points it runs at (skip, step): the defaults at
+        // all; the reads they replaced (A from global memory in every warp,
+        // B one column at a time) and one iteration at a time at two;
+        // staged B where it applies at all.
+        let mut builds = vec![(compile(Tuning::default()), "", (0, 1))];
         let plain = Tuning { stage: false, interleave: false, unroll: 1, ..Tuning::default() };
-        let emulation = Emulation { tuning: plain, ..emulation };
-        let plain = CpuStep::compile_emulating_gpu(&g, emulation).unwrap_or_else(|e| panic!("{}: {e}", c.label));
+        builds.push((compile(plain), " (stage, interleave off, unroll 1)", (1, 2)));
+        if c.stage_b {
+            builds.push((compile(Tuning { stage_b: true, ..Tuning::default() }), " (stage-b on)", (0, 1)));
+            staged_b += 1;
+        }
         let dtype = if c.label.starts_with("bf16") { "bf16" } else { "f16" };
-        let runs = points.iter().enumerate().map(|(s, p)| (s, p, &step, "")).chain(
-            points
-                .iter()
-                .enumerate()
-                .skip(1)
-                .step_by(2)
-                .map(|(s, p)| (s, p, &plain, " (stage, interleave off, unroll 1)")),
-        );
+        let runs = builds.iter().flat_map(|(step, tuned, (skip, by))| {
+            points.iter().enumerate().skip(*skip).step_by(*by).map(move |(s, p)| (s, p, step, *tuned))
+        });
         for (s, p, step, tuned) in runs {
             let mut inputs = random_inputs(&g, p, 100 + i * 7 + s as u64).unwrap_or_else(|e| panic!("{e}"));
             for t in inputs.values_mut() {
@@ -154,7 +162,8 @@ fn random_tensor_core_forms_match_interpreter() {
     assert!(forms.iter().any(|f| f.0), "an in-block split: {forms:?}");
     assert!(forms.iter().any(|f| f.3 > 1), "a split across blocks: {forms:?}");
     assert!(forms.iter().any(|f| !f.0 && f.3 == 1), "an unsplit walk: {forms:?}");
-    assert!(forms.iter().rev().take(2).all(|f| !f.0 && f.2 == 2 && f.3 == 1), "short, wide: {forms:?}");
+    assert!(forms.iter().rev().skip(2).take(2).all(|f| !f.0 && f.2 == 2 && f.3 == 1), "short, wide: {forms:?}");
+    assert_eq!(staged_b, 2, "cases with B's rows staged");
     assert!(forms.iter().any(|f| f.2 == 2) && forms.iter().any(|f| f.2 == 1), "column tiles: {forms:?}");
     // B read two columns at a time, in chunks and in steps of 16.
     assert!(interleaved.contains(&true) && interleaved.contains(&false), "interleaved columns: {interleaved:?}");

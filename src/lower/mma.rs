@@ -112,6 +112,11 @@ pub struct Tuning {
     /// Two column tiles a warp also over a short constant reduction (the
     /// head dim of `q·Kᵀ`) where [`Tuning::min_blocks`] blocks remain.
     pub wide_short: bool,
+    /// Stage B beside a staged A where its columns are innermost and read
+    /// in pairs (V of `w·V`): 16-byte loads by the block's threads, each
+    /// warp's pairs from shared memory (see `emit::mma`, "staged B"). Off
+    /// by default until measured.
+    pub stage_b: bool,
 }
 
 impl Default for Tuning {
@@ -125,13 +130,14 @@ impl Default for Tuning {
             stage: true,
             interleave: true,
             wide_short: true,
+            stage_b: false,
         }
     }
 }
 
 /// The keys of [`Tuning::parse`], with what each takes.
 pub const TUNING_KEYS: &str = "unroll=1..16, min-blocks=N, split-blocks=N, max-walk=N, max-splits=1..1024, \
-                               stage=on|off, interleave=on|off, wide-short=on|off";
+                               stage=on|off, interleave=on|off, wide-short=on|off, stage-b=on|off";
 
 impl Tuning {
     /// `key=value,...` over the defaults (keys: [`TUNING_KEYS`]); an empty
@@ -159,6 +165,7 @@ impl Tuning {
                 "stage" => t.stage = switch()?,
                 "interleave" => t.interleave = switch()?,
                 "wide-short" => t.wide_short = switch()?,
+                "stage-b" => t.stage_b = switch()?,
                 _ => return Err(format!("unknown key `{key}` (keys: {TUNING_KEYS})")),
             }
         }
@@ -186,6 +193,7 @@ impl Tuning {
             ("stage", self.stage, d.stage),
             ("interleave", self.interleave, d.interleave),
             ("wide-short", self.wide_short, d.wide_short),
+            ("stage-b", self.stage_b, d.stage_b),
         ] {
             if v != dv {
                 parts.push(format!("{key}={}", on(v)));
@@ -295,6 +303,20 @@ impl Mma {
     /// rows ([`Mma::block_m`]) of [`Mma::stage_pitch`] words.
     pub fn stage_words(&self) -> i64 {
         self.block_m() * self.stage_pitch()
+    }
+
+    /// 32-bit words of a row (one reduction index) of a staged B tile: the
+    /// block's columns in pairs, then 4 more, so that the 4 rows one
+    /// fragment load reads (`2 t` or `2 t + 1`, 8 words each) start 8 banks
+    /// apart modulo 32.
+    pub fn stage_b_pitch(&self) -> i64 {
+        self.block_n() / 2 + 4
+    }
+
+    /// 32-bit words of the staged B tile: 16 rows for each step loaded
+    /// together.
+    pub fn stage_b_words(&self) -> i64 {
+        TILE_K * self.unroll() * self.stage_b_pitch()
     }
 
     /// f32 partials of a split block in shared memory: four per tile per
@@ -493,6 +515,7 @@ mod tests {
         assert_eq!(t.describe(), "unroll=2,max-splits=8,stage=off,wide-short=off");
         assert_eq!(Tuning::parse(&t.describe()), Ok(t));
         assert_eq!(Tuning::default().describe(), "");
+        assert_eq!(Tuning::parse("stage-b=on").map(|t| (t.stage_b, t.describe())), Ok((true, "stage-b=on".into())));
         for (bad, says) in [
             ("unrol=2", "unknown key `unrol`"),
             ("unroll=0", "`unroll`: expected an integer in 1..=16, got `0`"),
@@ -519,5 +542,15 @@ mod tests {
             assert_eq!(banks(8 * u + STAGE_PAD), 32, "{u} steps");
         }
         assert!(banks(8 * 2) < 32 && banks(8 * 4) < 32, "unpadded rows share banks");
+        // Staged B: lane (g, t) reads word g (of its warp's 8) of row 2 t or
+        // 2 t + 1, at a pitch of 64 + 4 words (128 columns).
+        let b_banks = |pitch: i64, odd: i64| {
+            let mut hit: Vec<i64> = (0..32).map(|l| ((2 * (l % 4) + odd) * pitch + l / 4) % 32).collect();
+            hit.sort_unstable();
+            hit.dedup();
+            hit.len()
+        };
+        assert_eq!((b_banks(68, 0), b_banks(68, 1)), (32, 32));
+        assert!(b_banks(64, 0) < 32 && b_banks(72, 0) < 32, "other pitches share banks");
     }
 }

@@ -329,6 +329,12 @@ fn kernel_fn(
         kc.b.close();
     }
     let flat = dest.flat;
+    // Shared memory of a tensor-core kernel (GPU): a split kernel's partial
+    // tiles, or the staged operands.
+    let workgroup = match mma.and_then(|(m, _, j)| mma::workgroup(m, kc.stages_b(j, m))) {
+        Some(w) => format!(" {w}"),
+        None => String::new(),
+    };
     let (hoist, body) = kc.b.finish();
     let sig = sig.join(", ");
     let name = &kernel.name;
@@ -343,11 +349,6 @@ fn kernel_fn(
             let _ = writeln!(f, "    return\n  }}");
         }
         Target::Gpu => {
-            // Shared memory for the partial tiles of a split tensor-core kernel.
-            let workgroup = match mma.and_then(|(m, _, _)| mma::workgroup(m)) {
-                Some(w) => format!(" {w}"),
-                None => String::new(),
-            };
             let _ = writeln!(f, "  gpu.func @{name}({sig}){workgroup} kernel {{");
             f.push_str(&indent(&hoist, 2));
             let _ = writeln!(f, "    %bid = gpu.block_id x\n    %bdim = gpu.block_dim x\n    %tid = gpu.thread_id x");

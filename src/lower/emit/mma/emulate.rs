@@ -52,9 +52,10 @@ impl Kc<'_> {
         // Then the staged A tile (two f32 a word), if the block stages it.
         let stage_at = partials + steps * scratch.step_len();
         let stage_len = if tile.staged { 2 * mma.stage_words() } else { 0 };
-        let len = self.b.i64(stage_at + stage_len);
+        let stage_b_len = if tile.staged_b { 2 * mma.stage_b_words() } else { 0 };
+        let len = self.b.i64(stage_at + stage_len + stage_b_len);
         scratch.ptr = self.b.hoist(&format!("llvm.alloca {len} x f32 : (i64) -> !llvm.ptr"));
-        let stage = Stage { ptr: Some(scratch.ptr.clone()), base: stage_at };
+        let stage = Stage { ptr: Some(scratch.ptr.clone()), base: stage_at, b_base: stage_at + stage_len };
         let zero = self.b.f32(0.0);
         let all = self.b.index(partials);
         let x = self.b.open_loop(&all);

@@ -32,6 +32,8 @@ pub(super) struct LaneRows {
     b: Vec<Vec<String>>,
     pub g: String,
     pub t: String,
+    /// The warp's first column.
+    pub n0: String,
 }
 
 /// The reduction indices a lane reads in one iteration.
@@ -88,7 +90,7 @@ impl Kc<'_> {
             let zeros: Vec<String> = tile.m_sizes.iter().map(|_| self.b.index(0)).collect();
             b.push(self.tile_index(tile, &zeros, &ni)?);
         }
-        Ok(LaneRows { a, b, g, t })
+        Ok(LaneRows { a, b, g, t, n0: n0.to_owned() })
     }
 
     /// The lane's fragments of iteration `s` of the reduction walk, one
@@ -108,7 +110,10 @@ impl Kc<'_> {
         let ks = self.lane_ks(tile, &rows.t, s, tail);
         let (a, b) = match stage {
             Some((stage, slot)) => {
-                let b = self.b_fragments(j, mma, tile, rows, &ks)?;
+                let b = match tile.staged_b {
+                    true => self.staged_b_pairs(mma, tile, rows, slot, stage),
+                    false => self.b_fragments(j, mma, tile, rows, &ks)?,
+                };
                 (self.staged_a_pairs(mma, &rows.g, &rows.t, slot, stage), b)
             }
             None => {

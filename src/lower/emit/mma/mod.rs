@@ -70,6 +70,13 @@
 //! part (no live-warp guard: a warp past n reads clamped columns and
 //! stores nothing).
 //!
+//! **Staged B** ([`Kc::stages_b`], `--tune stage-b=on`: beside a staged
+//! A, two interleaved column tiles a warp, the block's 128 columns within
+//! one row of B's last axis: V of `w·V`): between the same barriers the
+//! block's threads also store B's rows of the iteration into `%sb`, each
+//! row in 16-byte loads (`staging.rs`), and each lane reads its pairs'
+//! words from there instead of from global memory.
+//!
 //! On the CPU, [`super::Emulation`] runs the same blocks, warps, steps and
 //! fragment loads with the warp's lanes as loops (`emulate.rs`): each
 //! step's fragments are scattered into 16 × 16 and 16 × 8 scratch tiles,
@@ -114,11 +121,19 @@ fn stage_ty(mma: &Mma) -> String {
     format!("memref<{}xi32, #gpu.address_space<workgroup>>", mma.stage_words())
 }
 
+/// The type of a staged B tile in shared memory (see "staged B").
+fn stage_b_ty(mma: &Mma) -> String {
+    format!("memref<{}xi32, #gpu.address_space<workgroup>>", mma.stage_b_words())
+}
+
 /// The GPU kernel's workgroup attribution: a split kernel's partials
-/// (`%sh`), or the staged A tile (`%sa`); none for the others.
-pub(crate) fn workgroup(mma: &Mma) -> Option<String> {
+/// (`%sh`), or the staged A tile (`%sa`) and, if `stages_b` (see
+/// [`Kc::stages_b`]), the staged B tile (`%sb`); none for the others.
+pub(crate) fn workgroup(mma: &Mma, stages_b: bool) -> Option<String> {
     if mma.split_k {
         Some(format!("workgroup(%sh : {})", shared_ty(mma)))
+    } else if mma.stages_a() && stages_b {
+        Some(format!("workgroup(%sa : {}, %sb : {})", stage_ty(mma), stage_b_ty(mma)))
     } else if mma.stages_a() {
         Some(format!("workgroup(%sa : {})", stage_ty(mma)))
     } else {
@@ -183,6 +198,8 @@ struct Tile {
     /// Whether the block stages A in shared memory ([`Mma::stages_a`], the
     /// module doc's "staged A").
     staged: bool,
+    /// Whether it stages B too ([`Kc::stages_b`], "staged B").
+    staged_b: bool,
     /// Iterations of the reduction walk: chunks or steps.
     iters: String,
     /// Iterations loaded together ([`Mma::unroll`]).
@@ -292,6 +309,7 @@ impl Kc<'_> {
             chunked,
             interleaved: self.interleaves(j, mma),
             staged: mma.stages_a(),
+            staged_b: self.stages_b(j, mma),
             iters,
             unroll: mma.unroll(),
             mode,
@@ -327,16 +345,24 @@ impl Kc<'_> {
         // Every load of the unrolled iterations first, then the mma chain.
         let mut loaded = Vec::new();
         if tile.staged {
-            let stage = Stage { ptr: None, base: 0 };
+            let stage = Stage { ptr: None, base: 0, b_base: 0 };
             let mut b = Vec::new();
+            let mut keeps = Vec::new();
             for u in 0..tile.unroll {
                 let (su, keep) = self.unrolled(tile, &s, u);
-                let ks = self.lane_ks(tile, &rows.t, &su, false);
-                b.push((self.b_fragments(j, mma, tile, &rows, &ks)?, keep));
+                if !tile.staged_b {
+                    let ks = self.lane_ks(tile, &rows.t, &su, false);
+                    b.push(self.b_fragments(j, mma, tile, &rows, &ks)?);
+                }
+                keeps.push(keep);
             }
             self.stage_block(j, mma, tile, (&s, tile.unroll, false), &stage)?;
-            for (u, (b, keep)) in b.into_iter().enumerate() {
+            for (u, keep) in keeps.into_iter().enumerate() {
                 let a = self.staged_a_pairs(mma, &rows.g, &rows.t, u as i64, &stage);
+                let b = match tile.staged_b {
+                    true => self.staged_b_pairs(mma, tile, &rows, u as i64, &stage),
+                    false => std::mem::take(&mut b[u]),
+                };
                 loaded.push((steps(&a, &b), keep));
             }
         } else {
@@ -364,11 +390,17 @@ impl Kc<'_> {
             let one = self.b.index(1);
             let (tail_res, s, accs) = self.b.open_for_typed_from(&tile.full, &end, &one, &res, "f32");
             let steps = if tile.staged {
-                let stage = Stage { ptr: None, base: 0 };
-                let ks = self.lane_ks(tile, &rows.t, &s, true);
-                let b = self.b_fragments(j, mma, tile, &rows, &ks)?;
+                let stage = Stage { ptr: None, base: 0, b_base: 0 };
+                let mut b = Vec::new();
+                if !tile.staged_b {
+                    let ks = self.lane_ks(tile, &rows.t, &s, true);
+                    b = self.b_fragments(j, mma, tile, &rows, &ks)?;
+                }
                 self.stage_block(j, mma, tile, (&s, 1, true), &stage)?;
                 let a = self.staged_a_pairs(mma, &rows.g, &rows.t, 0, &stage);
+                if tile.staged_b {
+                    b = self.staged_b_pairs(mma, tile, &rows, 0, &stage);
+                }
                 steps(&a, &b)
             } else {
                 self.fragments(j, mma, tile, &rows, (&s, true), None)?

@@ -15,15 +15,17 @@ use crate::lower::LowerError;
 
 use super::super::builder::{storage, Val};
 use super::super::Kc;
-use super::fragments::RowPairs;
+use super::fragments::{LaneRows, RowPairs};
 use super::loads::Pair;
-use super::{stage_ty, MmaMode, Tile, THREADS};
+use super::{stage_b_ty, stage_ty, MmaMode, Tile, THREADS};
 
-/// Where the staged tile lives: the workgroup memory `%sa` (GPU, packed
-/// words) or, in the emulation, f32 scratch at `base` (two per word).
+/// Where the staged tiles live: the workgroup memory `%sa` and `%sb` (GPU,
+/// packed words) or, in the emulation, f32 scratch (two per word) at `base`
+/// (A) and `b_base` (B).
 pub(super) struct Stage {
     pub ptr: Option<String>,
     pub base: i64,
+    pub b_base: i64,
 }
 
 impl Kc<'_> {
@@ -40,20 +42,194 @@ impl Kc<'_> {
         walk: (&str, i64, bool),
         stage: &Stage,
     ) -> Result<(), LowerError> {
-        match tile.mode {
+        let tid = match tile.mode {
             MmaMode::Gpu => {
                 self.b.line("gpu.barrier");
-                self.stage_a(j, mma, tile, walk, "%tid", stage)?;
-                self.b.line("gpu.barrier");
+                "%tid".to_owned()
             }
             MmaMode::Emulated => {
                 let threads = self.b.index(THREADS);
-                let tid = self.b.open_loop(&threads);
-                self.stage_a(j, mma, tile, walk, &tid, stage)?;
+                self.b.open_loop(&threads)
+            }
+        };
+        self.stage_a(j, mma, tile, walk, &tid, stage)?;
+        if tile.staged_b {
+            self.stage_b(j, mma, tile, walk, &tid, stage)?;
+        }
+        match tile.mode {
+            MmaMode::Gpu => self.b.line("gpu.barrier"),
+            MmaMode::Emulated => self.b.close(),
+        }
+        Ok(())
+    }
+
+    /// Whether contraction node `j` stages B beside A ([`Tuning::stage_b`]
+    /// on): A staged, two column tiles a warp read in pairs (B's columns
+    /// innermost, see `interleaves`), and a block's columns within one
+    /// row of B's last axis (its length a multiple of the block's), so the
+    /// block's threads read each of B's rows in 16-byte loads.
+    ///
+    /// [`Tuning::stage_b`]: crate::lower::mma::Tuning::stage_b
+    pub(crate) fn stages_b(&self, j: usize, mma: &Mma) -> bool {
+        let last = self.graph.nodes.get(j).zip(mma.n.last()).and_then(|(node, &a)| node.shape.get(a).cloned());
+        let fits = last
+            .and_then(|d| self.graph.dims.normalize(&d).ok())
+            .and_then(|d| d.as_constant())
+            .is_some_and(|d| d % mma.block_n() == 0);
+        mma.tuning.stage_b && mma.stages_a() && mma.cols == 2 && fits && self.interleaves(j, mma)
+    }
+
+    /// Thread `tid`'s share of staging B's rows of `slots` iterations from
+    /// `s` (clamped as in [`Kc::stage_a`]; the `tail`: one slot, zeros past
+    /// the reduction's end): 16-byte group `q` (in turns of 256) is row
+    /// `q / G`, columns `8 (q % G) ..` of the block's (`G` = columns / 8),
+    /// stored as four words at word `4 (q % G)` of the row.
+    fn stage_b(
+        &mut self,
+        j: usize,
+        mma: &Mma,
+        tile: &Tile,
+        (s, slots, tail): (&str, i64, bool),
+        tid: &str,
+        stage: &Stage,
+    ) -> Result<(), LowerError> {
+        let groups = mma.block_n() / 8;
+        let total = TILE_K * slots * groups;
+        let one = self.b.index(1);
+        let k_last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.k));
+        let st = storage(mma.dtype);
+        let vty = format!("vector<8x{st}>");
+        for turn in 0..(total + THREADS - 1) / THREADS {
+            let q = self.offset(tid, turn * THREADS);
+            let partial = (turn + 1) * THREADS > total;
+            if partial {
+                let end = self.b.index(total);
+                let inside = self.b.ult(&q, &end);
+                self.b.open_guard(&inside);
+            }
+            let g = self.b.index(groups);
+            let row = self.b.op(&format!("arith.divui {q}, {g} : index"));
+            let c8 = self.b.op(&format!("arith.remui {q}, {g} : index"));
+            let tk = self.b.index(TILE_K);
+            let within = self.b.op(&format!("arith.remui {row}, {tk} : index"));
+            let su = if slots > 1 {
+                let slot = self.b.op(&format!("arith.divui {row}, {tk} : index"));
+                let at = self.b.addi(s, &slot);
+                let last = self.b.op(&format!("arith.subi {}, {one} : index", tile.main_end));
+                self.b.op(&format!("arith.minui {at}, {last} : index"))
+            } else {
+                s.to_owned()
+            };
+            let k0 = self.b.muli(&su, &tk);
+            let k = self.b.addi(&k0, &within);
+            let (k, ok) = if tail {
+                let ok = self.b.ult(&k, &tile.k);
+                (self.b.op(&format!("arith.minui {k}, {k_last} : index")), Some(ok))
+            } else {
+                (k, None)
+            };
+            let eight = self.b.index(8);
+            let cols = self.b.muli(&c8, &eight);
+            let n = self.b.addi(&tile.nb0, &cols);
+            let ni = self.b.delinearize(&n, &tile.n_sizes);
+            let zeros: Vec<String> = tile.m_sizes.iter().map(|_| self.b.index(0)).collect();
+            let out_idx = self.tile_index(tile, &zeros, &ni)?;
+            let along = mma.n.last().and_then(|&a| out_idx.get(a)).cloned().unwrap_or_default();
+            let Some(mut v) = self.contiguous_load(j, mma.b, (&out_idx, &k), &along, tile, 8)? else {
+                return Err(self.unsupported(j, "tensor-core kernel: B's rows cannot be staged"));
+            };
+            if let Some(ok) = ok {
+                let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
+                v = self.b.op(&format!("arith.select {ok}, {v}, {zero} : {vty}"));
+            }
+            let pitch = self.b.index(mma.stage_b_pitch());
+            let four = self.b.index(4);
+            let row_at = self.b.muli(&row, &pitch);
+            let col_at = self.b.muli(&c8, &four);
+            let at = self.b.addi(&row_at, &col_at);
+            match &stage.ptr {
+                None => {
+                    let words = self.b.op(&format!("llvm.bitcast {v} : {vty} to vector<4xi32>"));
+                    let ty = stage_b_ty(mma);
+                    self.b.line(&format!(
+                        "vector.store {words}, %sb[{at}] {{alignment = 16 : i64}} : {ty}, vector<4xi32>"
+                    ));
+                }
+                Some(ptr) => {
+                    let two = self.b.index(2);
+                    let at2 = self.b.muli(&at, &two);
+                    let base = self.offset(&at2, stage.b_base);
+                    for i in 0..8 {
+                        let e = self.b.op(&format!("vector.extract {v}[{i}] : {st} from {vty}"));
+                        let x = self.b.op(&format!("arith.extf {e} : {st} to f32"));
+                        let o = self.offset(&base, i);
+                        self.b.store(ptr, &o, DType::F32, Val::f32(x));
+                    }
+                }
+            }
+            if partial {
                 self.b.close();
             }
         }
         Ok(())
+    }
+
+    /// B's register pairs of the lane for slot `slot` of the staged tile,
+    /// for each of the warp's two column tiles (interleaved: the lane's
+    /// word `(n0 - nb0) / 2 + g` of rows `16 slot + 2 t (+ 1, 8, 9)`; tile
+    /// `c`'s pair of rows `k, k + 1` is element `c` of each of their words).
+    pub(super) fn staged_b_pairs(
+        &mut self,
+        mma: &Mma,
+        tile: &Tile,
+        rows: &LaneRows,
+        slot: i64,
+        stage: &Stage,
+    ) -> Vec<Vec<Pair>> {
+        let two = self.b.index(2);
+        let local = self.b.subi(&rows.n0, &tile.nb0);
+        let half = self.b.op(&format!("arith.divui {local}, {two} : index"));
+        let word = self.b.addi(&half, &rows.g);
+        let pitch = self.b.index(mma.stage_b_pitch());
+        let st = storage(mma.dtype);
+        let mut words = Vec::with_capacity(4);
+        for d in [0, 1, 8, 9] {
+            let row = self.k_offset(&rows.t, TILE_K * slot + d);
+            let row_at = self.b.muli(&row, &pitch);
+            let at = self.b.addi(&row_at, &word);
+            words.push(match &stage.ptr {
+                None => {
+                    let ty = stage_b_ty(mma);
+                    let w = self.b.op(&format!("memref.load %sb[{at}] : {ty}"));
+                    Pair::Packed(self.b.op(&format!("llvm.bitcast {w} : i32 to vector<2x{st}>")))
+                }
+                Some(ptr) => {
+                    let at2 = self.b.muli(&at, &two);
+                    let lo = self.offset(&at2, stage.b_base);
+                    let hi = self.offset(&lo, 1);
+                    let x = self.b.load(ptr, &lo, DType::F32).ssa;
+                    let y = self.b.load(ptr, &hi, DType::F32).ssa;
+                    Pair::Values(x, y)
+                }
+            });
+        }
+        (0..2)
+            .map(|c| {
+                words
+                    .chunks(2)
+                    .map(|kk| match (&kk[0], &kk[1]) {
+                        (Pair::Packed(x), Pair::Packed(y)) => Pair::Packed(
+                            self.b.op(&format!("llvm.shufflevector {x}, {y} [{c}, {}] : vector<2x{st}>", 2 + c)),
+                        ),
+                        (Pair::Values(x0, x1), Pair::Values(y0, y1)) => {
+                            let pick = |a: &String, b: &String| if c == 0 { a.clone() } else { b.clone() };
+                            Pair::Values(pick(x0, x1), pick(y0, y1))
+                        }
+                        (x, _) => x.clone(),
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Thread `tid`'s share of staging the A tile of `slots` iterations
