@@ -99,79 +99,62 @@ impl Kc<'_> {
         let k_last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.k));
         let st = storage(mma.dtype);
         let vty = format!("vector<8x{st}>");
-        for turn in 0..(total + THREADS - 1) / THREADS {
-            let q = self.offset(tid, turn * THREADS);
-            let partial = (turn + 1) * THREADS > total;
-            if partial {
-                let end = self.b.index(total);
-                let inside = self.b.ult(&q, &end);
-                self.b.open_guard(&inside);
-            }
-            let g = self.b.index(groups);
-            let row = self.b.op(&format!("arith.divui {q}, {g} : index"));
-            let c8 = self.b.op(&format!("arith.remui {q}, {g} : index"));
-            let tk = self.b.index(TILE_K);
-            let within = self.b.op(&format!("arith.remui {row}, {tk} : index"));
-            let su = if slots > 1 {
-                let slot = self.b.op(&format!("arith.divui {row}, {tk} : index"));
-                let at = self.b.addi(s, &slot);
-                let last = self.b.op(&format!("arith.subi {}, {one} : index", tile.main_end));
-                self.b.op(&format!("arith.minui {at}, {last} : index"))
-            } else {
-                s.to_owned()
-            };
-            let k0 = self.b.muli(&su, &tk);
-            let k = self.b.addi(&k0, &within);
+        self.stage_turns(tid, total, |kc, q| {
+            let g = kc.b.index(groups);
+            let row = kc.b.op(&format!("arith.divui {q}, {g} : index"));
+            let c8 = kc.b.op(&format!("arith.remui {q}, {g} : index"));
+            let tk = kc.b.index(TILE_K);
+            let within = kc.b.op(&format!("arith.remui {row}, {tk} : index"));
+            let su = kc.slot_step(tile, (s, slots), (&row, TILE_K));
+            let k0 = kc.b.muli(&su, &tk);
+            let k = kc.b.addi(&k0, &within);
             let (k, ok) = if tail {
-                let ok = self.b.ult(&k, &tile.k);
-                (self.b.op(&format!("arith.minui {k}, {k_last} : index")), Some(ok))
+                let ok = kc.b.ult(&k, &tile.k);
+                (kc.b.op(&format!("arith.minui {k}, {k_last} : index")), Some(ok))
             } else {
                 (k, None)
             };
-            let eight = self.b.index(8);
-            let cols = self.b.muli(&c8, &eight);
-            let n = self.b.addi(&tile.nb0, &cols);
-            let ni = self.b.delinearize(&n, &tile.n_sizes);
-            let zeros: Vec<String> = tile.m_sizes.iter().map(|_| self.b.index(0)).collect();
-            let out_idx = self.tile_index(tile, &zeros, &ni)?;
+            let eight = kc.b.index(8);
+            let cols = kc.b.muli(&c8, &eight);
+            let n = kc.b.addi(&tile.nb0, &cols);
+            let ni = kc.b.delinearize(&n, &tile.n_sizes);
+            let zeros: Vec<String> = tile.m_sizes.iter().map(|_| kc.b.index(0)).collect();
+            let out_idx = kc.tile_index(tile, &zeros, &ni)?;
             let along = mma.n.last().and_then(|&a| out_idx.get(a)).cloned().unwrap_or_default();
-            let Some(mut v) = self.contiguous_load(j, mma.b, (&out_idx, &k), &along, tile, 8)? else {
-                return Err(self.unsupported(j, "tensor-core kernel: B's rows cannot be staged"));
+            let Some(mut v) = kc.contiguous_load(j, mma.b, (&out_idx, &k), &along, tile, 8)? else {
+                return Err(kc.unsupported(j, "tensor-core kernel: B's rows cannot be staged"));
             };
             if let Some(ok) = ok {
-                let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
-                v = self.b.op(&format!("arith.select {ok}, {v}, {zero} : {vty}"));
+                let zero = kc.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
+                v = kc.b.op(&format!("arith.select {ok}, {v}, {zero} : {vty}"));
             }
-            let pitch = self.b.index(mma.stage_b_pitch());
-            let four = self.b.index(4);
-            let row_at = self.b.muli(&row, &pitch);
-            let col_at = self.b.muli(&c8, &four);
-            let at = self.b.addi(&row_at, &col_at);
+            let pitch = kc.b.index(mma.stage_b_pitch());
+            let four = kc.b.index(4);
+            let row_at = kc.b.muli(&row, &pitch);
+            let col_at = kc.b.muli(&c8, &four);
+            let at = kc.b.addi(&row_at, &col_at);
             match &stage.ptr {
                 None => {
-                    let words = self.b.op(&format!("llvm.bitcast {v} : {vty} to vector<4xi32>"));
+                    let words = kc.b.op(&format!("llvm.bitcast {v} : {vty} to vector<4xi32>"));
                     let ty = stage_b_ty(mma);
-                    self.b.line(&format!(
+                    kc.b.line(&format!(
                         "vector.store {words}, %sb[{at}] {{alignment = 16 : i64}} : {ty}, vector<4xi32>"
                     ));
                 }
                 Some(ptr) => {
-                    let two = self.b.index(2);
-                    let at2 = self.b.muli(&at, &two);
-                    let base = self.offset(&at2, stage.b_base);
+                    let two = kc.b.index(2);
+                    let at2 = kc.b.muli(&at, &two);
+                    let base = kc.offset(&at2, stage.b_base);
                     for i in 0..8 {
-                        let e = self.b.op(&format!("vector.extract {v}[{i}] : {st} from {vty}"));
-                        let x = self.b.op(&format!("arith.extf {e} : {st} to f32"));
-                        let o = self.offset(&base, i);
-                        self.b.store(ptr, &o, DType::F32, Val::f32(x));
+                        let e = kc.b.op(&format!("vector.extract {v}[{i}] : {st} from {vty}"));
+                        let x = kc.b.op(&format!("arith.extf {e} : {st} to f32"));
+                        let o = kc.offset(&base, i);
+                        kc.b.store(ptr, &o, DType::F32, Val::f32(x));
                     }
                 }
             }
-            if partial {
-                self.b.close();
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// B's register pairs of the lane for slot `slot` of the staged tile,
@@ -250,54 +233,37 @@ impl Kc<'_> {
         let one = self.b.index(1);
         let m_last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.m));
         let k_last = self.b.hoist(&format!("arith.subi {}, {one} : index", tile.k));
-        for turn in 0..(total + THREADS - 1) / THREADS {
-            let p = self.offset(tid, turn * THREADS);
-            let partial = (turn + 1) * THREADS > total;
-            if partial {
-                let end = self.b.index(total);
-                let inside = self.b.ult(&p, &end);
-                self.b.open_guard(&inside);
-            }
-            let rw = self.b.index(row_words);
-            let row = self.b.op(&format!("arith.divui {p}, {rw} : index"));
-            let word = self.b.op(&format!("arith.remui {p}, {rw} : index"));
-            let eight = self.b.index(8);
-            let w8 = self.b.op(&format!("arith.remui {word}, {eight} : index"));
-            let su = if slots > 1 {
-                let slot = self.b.op(&format!("arith.divui {word}, {eight} : index"));
-                let at = self.b.addi(s, &slot);
-                let last = self.b.op(&format!("arith.subi {}, {one} : index", tile.main_end));
-                self.b.op(&format!("arith.minui {at}, {last} : index"))
-            } else {
-                s.to_owned()
-            };
-            let tk = self.b.index(TILE_K);
-            let k0 = self.b.muli(&su, &tk);
-            let k = self.k_offset(&w8, 0);
-            let k = self.b.addi(&k0, &k);
-            let m = self.b.addi(&tile.m0, &row);
-            let m = self.b.op(&format!("arith.minui {m}, {m_last} : index"));
-            let mi = self.b.delinearize(&m, &tile.m_sizes);
-            let zeros: Vec<String> = tile.n_sizes.iter().map(|_| self.b.index(0)).collect();
-            let out_idx = self.tile_index(tile, &mi, &zeros)?;
+        self.stage_turns(tid, total, |kc, p| {
+            let rw = kc.b.index(row_words);
+            let row = kc.b.op(&format!("arith.divui {p}, {rw} : index"));
+            let word = kc.b.op(&format!("arith.remui {p}, {rw} : index"));
+            let eight = kc.b.index(8);
+            let w8 = kc.b.op(&format!("arith.remui {word}, {eight} : index"));
+            let su = kc.slot_step(tile, (s, slots), (&word, 8));
+            let tk = kc.b.index(TILE_K);
+            let k0 = kc.b.muli(&su, &tk);
+            let k = kc.k_offset(&w8, 0);
+            let k = kc.b.addi(&k0, &k);
+            let m = kc.b.addi(&tile.m0, &row);
+            let m = kc.b.op(&format!("arith.minui {m}, {m_last} : index"));
+            let mi = kc.b.delinearize(&m, &tile.m_sizes);
+            let zeros: Vec<String> = tile.n_sizes.iter().map(|_| kc.b.index(0)).collect();
+            let out_idx = kc.tile_index(tile, &mi, &zeros)?;
             let mut pair = Vec::with_capacity(2);
             for d in 0..2 {
-                let kd = self.offset(&k, d);
+                let kd = kc.offset(&k, d);
                 pair.push(if tail {
-                    let ok = self.b.ult(&kd, &tile.k);
-                    let kc = self.b.op(&format!("arith.minui {kd}, {k_last} : index"));
-                    self.fragment_element(j, mma.a, &out_idx, &kc, Some(&ok))?
+                    let ok = kc.b.ult(&kd, &tile.k);
+                    let clamped = kc.b.op(&format!("arith.minui {kd}, {k_last} : index"));
+                    kc.fragment_element(j, mma.a, &out_idx, &clamped, Some(&ok))?
                 } else {
-                    self.fragment_element(j, mma.a, &out_idx, &kd, None)?
+                    kc.fragment_element(j, mma.a, &out_idx, &kd, None)?
                 });
             }
-            let at = self.stage_word(mma, &row, &word);
-            self.store_stage_word(mma, stage, &at, Pair::Values(pair[0].clone(), pair[1].clone()));
-            if partial {
-                self.b.close();
-            }
-        }
-        Ok(())
+            let at = kc.stage_word(mma, &row, &word);
+            kc.store_stage_word(mma, stage, &at, Pair::Values(pair[0].clone(), pair[1].clone()));
+            Ok(())
+        })
     }
 
     /// A's register pairs of the lane (rows and `t` of `rows`) for slot
@@ -319,6 +285,45 @@ impl Kc<'_> {
             a.push((lo, hi));
         }
         a
+    }
+
+    /// `body(p)` for each `p = tid + 256 i < total` (one turn of the
+    /// block's threads each; the last turn guarded when partial).
+    fn stage_turns(
+        &mut self,
+        tid: &str,
+        total: i64,
+        mut body: impl FnMut(&mut Self, &str) -> Result<(), LowerError>,
+    ) -> Result<(), LowerError> {
+        for turn in 0..(total + THREADS - 1) / THREADS {
+            let p = self.offset(tid, turn * THREADS);
+            let partial = (turn + 1) * THREADS > total;
+            if partial {
+                let end = self.b.index(total);
+                let inside = self.b.ult(&p, &end);
+                self.b.open_guard(&inside);
+            }
+            body(self, &p)?;
+            if partial {
+                self.b.close();
+            }
+        }
+        Ok(())
+    }
+
+    /// The step a staged position belongs to: the iteration loaded
+    /// together `at / per` from `s` (of `slots`), clamped to the walk's last
+    /// whole step as `unrolled` clamps it; `s` itself for one slot.
+    fn slot_step(&mut self, tile: &Tile, (s, slots): (&str, i64), (at, per): (&str, i64)) -> String {
+        if slots == 1 {
+            return s.to_owned();
+        }
+        let per = self.b.index(per);
+        let slot = self.b.op(&format!("arith.divui {at}, {per} : index"));
+        let step = self.b.addi(s, &slot);
+        let one = self.b.index(1);
+        let last = self.b.op(&format!("arith.subi {}, {one} : index", tile.main_end));
+        self.b.op(&format!("arith.minui {step}, {last} : index"))
     }
 
     /// Word `word` of row `row` of the staged tile.
