@@ -236,6 +236,12 @@ impl Kc<'_> {
         Ok(Val { ssa: r, ty })
     }
 
+    /// A size's value when it is the same for every value of the runtime
+    /// dims.
+    pub(crate) fn constant_size(&self, p: &Poly) -> Option<i64> {
+        self.graph.dims.normalize(p).ok().and_then(|d| d.as_constant())
+    }
+
     /// True when a size is 1 for every value of the runtime dims.
     pub(crate) fn is_one(&self, p: &Poly) -> bool {
         self.graph.dims.same(p, &Poly::constant(1))

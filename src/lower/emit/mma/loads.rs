@@ -123,7 +123,7 @@ impl Kc<'_> {
         let Some(buf) = self.row_major_source(v) else { return Ok(None) };
         let dtype = self.program.buffers[buf].dtype;
         let shape = self.graph.shape_of(v).clone();
-        let fits = shape.last().and_then(|d| self.graph.dims.normalize(d).ok()).and_then(|d| d.as_constant());
+        let fits = shape.last().and_then(|d| self.constant_size(d));
         if !matches!(dtype, DType::BF16 | DType::F16) || fits.is_none_or(|d| d % lanes != 0) {
             return Ok(None);
         }
@@ -158,9 +158,7 @@ impl Kc<'_> {
     pub(super) fn interleaves(&self, j: usize, mma: &Mma) -> bool {
         let Some(node) = self.graph.nodes.get(j) else { return false };
         let (Some(&v), Some(&axis)) = (node.inputs.get(mma.b), mma.n.last()) else { return false };
-        let constant =
-            |d: Option<&Poly>| d.and_then(|d| self.graph.dims.normalize(d).ok()).and_then(|d| d.as_constant());
-        let fits = |d: Option<&Poly>| constant(d).is_some_and(|d| d > 0 && d % mma.cols == 0);
+        let fits = |d: Option<&Poly>| d.and_then(|d| self.constant_size(d)).is_some_and(|d| d > 0 && d % mma.cols == 0);
         let innermost = match &node.op {
             Op::Einsum(spec) => {
                 let (subs, out) = (spec.inputs.get(mma.b), spec.output.get(axis));

@@ -71,11 +71,8 @@ impl Kc<'_> {
     ///
     /// [`Tuning::stage_b`]: crate::lower::mma::Tuning::stage_b
     pub(crate) fn stages_b(&self, j: usize, mma: &Mma) -> bool {
-        let last = self.graph.nodes.get(j).zip(mma.n.last()).and_then(|(node, &a)| node.shape.get(a).cloned());
-        let fits = last
-            .and_then(|d| self.graph.dims.normalize(&d).ok())
-            .and_then(|d| d.as_constant())
-            .is_some_and(|d| d % mma.block_n() == 0);
+        let last = self.graph.nodes.get(j).zip(mma.n.last()).and_then(|(node, &a)| node.shape.get(a));
+        let fits = last.and_then(|d| self.constant_size(d)).is_some_and(|d| d % mma.block_n() == 0);
         mma.tuning.stage_b && mma.stages_a() && mma.cols == 2 && fits && self.interleaves(j, mma)
     }
 
