@@ -177,21 +177,7 @@ impl Kc<'_> {
             let row = self.k_offset(&rows.t, TILE_K * slot + d);
             let row_at = self.b.muli(&row, &pitch);
             let at = self.b.addi(&row_at, &word);
-            words.push(match &stage.ptr {
-                None => {
-                    let ty = stage_b_ty(mma);
-                    let w = self.b.op(&format!("memref.load %sb[{at}] : {ty}"));
-                    Pair::Packed(self.b.op(&format!("llvm.bitcast {w} : i32 to vector<2x{st}>")))
-                }
-                Some(ptr) => {
-                    let at2 = self.b.muli(&at, &two);
-                    let lo = self.offset(&at2, stage.b_base);
-                    let hi = self.offset(&lo, 1);
-                    let x = self.b.load(ptr, &lo, DType::F32).ssa;
-                    let y = self.b.load(ptr, &hi, DType::F32).ssa;
-                    Pair::Values(x, y)
-                }
-            });
+            words.push(self.load_stage_word(mma, stage, &at, true));
         }
         (0..2)
             .map(|c| {
@@ -275,7 +261,7 @@ impl Kc<'_> {
                 for d in [0, 4] {
                     let word = self.offset(t, 8 * slot + d);
                     let at = self.stage_word(mma, &row, &word);
-                    half.push(self.load_stage_word(mma, stage, &at));
+                    half.push(self.load_stage_word(mma, stage, &at, false));
                 }
             }
             let [lo, hi] = halves;
@@ -350,17 +336,19 @@ impl Kc<'_> {
         }
     }
 
-    fn load_stage_word(&mut self, mma: &Mma, stage: &Stage, at: &str) -> Pair {
+    /// Word `at` of the staged A tile (`b`: of the B tile) as a register
+    /// pair.
+    fn load_stage_word(&mut self, mma: &Mma, stage: &Stage, at: &str, b: bool) -> Pair {
         match &stage.ptr {
             None => {
-                let ty = stage_ty(mma);
-                let word = self.b.op(&format!("memref.load %sa[{at}] : {ty}"));
+                let (name, ty) = if b { ("%sb", stage_b_ty(mma)) } else { ("%sa", stage_ty(mma)) };
+                let word = self.b.op(&format!("memref.load {name}[{at}] : {ty}"));
                 Pair::Packed(self.word_bits(&word, mma.dtype, false))
             }
             Some(ptr) => {
                 let two = self.b.index(2);
                 let at2 = self.b.muli(at, &two);
-                let lo = self.offset(&at2, stage.base);
+                let lo = self.offset(&at2, if b { stage.b_base } else { stage.base });
                 let hi = self.offset(&lo, 1);
                 let x = self.b.load(ptr, &lo, DType::F32).ssa;
                 let y = self.b.load(ptr, &hi, DType::F32).ssa;
