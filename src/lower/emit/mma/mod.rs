@@ -93,7 +93,7 @@ mod loads;
 mod output;
 mod staging;
 
-use fragments::{steps, Step};
+use fragments::{steps, LaneRows, Step};
 use loads::Pair;
 use staging::Stage;
 
@@ -345,26 +345,10 @@ impl Kc<'_> {
         // Every load of the unrolled iterations first, then the mma chain.
         let mut loaded = Vec::new();
         if tile.staged {
-            let stage = Stage { ptr: None, base: 0, b_base: 0 };
-            let mut b = Vec::new();
-            let mut keeps = Vec::new();
-            for u in 0..tile.unroll {
-                let (su, keep) = self.unrolled(tile, &s, u);
-                if !tile.staged_b {
-                    let ks = self.lane_ks(tile, &rows.t, &su, false);
-                    b.push(self.b_fragments(j, mma, tile, &rows, &ks)?);
-                }
-                keeps.push(keep);
-            }
-            self.stage_block(j, mma, tile, (&s, tile.unroll, false), &stage)?;
-            for (u, keep) in keeps.into_iter().enumerate() {
-                let a = self.staged_a_pairs(mma, &rows.g, &rows.t, u as i64, &stage);
-                let b = match tile.staged_b {
-                    true => self.staged_b_pairs(mma, tile, &rows, u as i64, &stage),
-                    false => std::mem::take(&mut b[u]),
-                };
-                loaded.push((steps(&a, &b), keep));
-            }
+            let (sus, keeps): (Vec<String>, Vec<Option<String>>) =
+                (0..tile.unroll).map(|u| self.unrolled(tile, &s, u)).unzip();
+            let staged = self.staged_steps(j, mma, tile, &rows, (&s, &sus, false))?;
+            loaded.extend(staged.into_iter().zip(keeps));
         } else {
             for u in 0..tile.unroll {
                 let (su, keep) = self.unrolled(tile, &s, u);
@@ -390,18 +374,8 @@ impl Kc<'_> {
             let one = self.b.index(1);
             let (tail_res, s, accs) = self.b.open_for_typed_from(&tile.full, &end, &one, &res, "f32");
             let steps = if tile.staged {
-                let stage = Stage { ptr: None, base: 0, b_base: 0 };
-                let mut b = Vec::new();
-                if !tile.staged_b {
-                    let ks = self.lane_ks(tile, &rows.t, &s, true);
-                    b = self.b_fragments(j, mma, tile, &rows, &ks)?;
-                }
-                self.stage_block(j, mma, tile, (&s, 1, true), &stage)?;
-                let a = self.staged_a_pairs(mma, &rows.g, &rows.t, 0, &stage);
-                if tile.staged_b {
-                    b = self.staged_b_pairs(mma, tile, &rows, 0, &stage);
-                }
-                steps(&a, &b)
+                let staged = self.staged_steps(j, mma, tile, &rows, (&s, std::slice::from_ref(&s), true))?;
+                staged.into_iter().flatten().collect()
             } else {
                 self.fragments(j, mma, tile, &rows, (&s, true), None)?
             };
@@ -435,6 +409,40 @@ impl Kc<'_> {
         self.store_output(tile, &tile.nb0, &lane, &pos, &total)?;
         self.b.close();
         Ok(())
+    }
+
+    /// The steps of a staged iteration from `s` (see "staged A", "staged
+    /// B"), one list per iteration loaded together (at steps `sus`; the
+    /// `tail` step: one): B's global loads issued first (unless B is staged
+    /// too), then the block's staging between barriers, then A's pairs (and
+    /// B's) from shared memory.
+    fn staged_steps(
+        &mut self,
+        j: usize,
+        mma: &Mma,
+        tile: &Tile,
+        rows: &LaneRows,
+        (s, sus, tail): (&str, &[String], bool),
+    ) -> Result<Vec<Vec<Step>>, LowerError> {
+        let stage = Stage { ptr: None, base: 0, b_base: 0 };
+        let mut b = Vec::with_capacity(sus.len());
+        if !tile.staged_b {
+            for su in sus {
+                let ks = self.lane_ks(tile, &rows.t, su, tail);
+                b.push(self.b_fragments(j, mma, tile, rows, &ks)?);
+            }
+        }
+        self.stage_block(j, mma, tile, (s, sus.len() as i64, tail), &stage)?;
+        let mut staged = Vec::with_capacity(sus.len());
+        for u in 0..sus.len() {
+            let a = self.staged_a_pairs(mma, &rows.g, &rows.t, u as i64, &stage);
+            let b = match tile.staged_b {
+                true => self.staged_b_pairs(mma, tile, rows, u as i64, &stage),
+                false => std::mem::take(&mut b[u]),
+            };
+            staged.push(steps(&a, &b));
+        }
+        Ok(staged)
     }
 
     /// The `mma.sync` of each step for each of the warp's tiles into the
