@@ -222,7 +222,9 @@ fn every_example_compiles_and_assembles() {
         assert_eq!(sum(|b| &b.decode_kv), m.bytes.after.decode_kv, "{name}: decode KV");
         let entries: BTreeMap<String, String> =
             artifact.manifest.kernels.iter().map(|k| (k.name.clone(), k.entry.clone())).collect();
-        assert_eq!(sm80.entries, entries, "{name}: kernels share entries alike on both chips");
+        // compile finds the kernels that share an entry on the emitted text
+        // (then on the parsed code); sm_80's from the whole module's parsed code.
+        assert_eq!(sm80.entries, entries, "{name}: kernels share entries alike both ways, on both chips");
         let distinct: std::collections::BTreeSet<&String> = entries.values().collect();
         for (target, ptx) in [(GpuTarget::Sm90, &artifact.ptx), (GpuTarget::Sm80, &sm80.ptx)] {
             assert!(ptx.contains(&format!(".target {}", target.chip())), "{name}");

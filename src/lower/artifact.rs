@@ -17,7 +17,7 @@ use bifurc_runtime::manifest::{
 
 use super::gpu::{find_libdevice, gpu_pipeline, to_shared_ptx, GpuTarget};
 use super::kernel_bytes::{kernel_bytes, KernelBytes};
-use super::{emit, plan_tuned, BufferKind, LowerError, Param, Program, Target, Tuning};
+use super::{emit, emit_gpu, plan_tuned, BufferKind, LowerError, Param, Program, Target, Tuning};
 use crate::inspect::{bytes_moved, find_sites, Bytes, ShapePoint};
 use crate::ir::{shape::numel, DType, Graph, OutputRole, Poly, Role};
 use crate::optimize::{optimize, Limits, OptReport, Options};
@@ -84,12 +84,14 @@ pub enum CompileError {
 /// A compiled decode step.
 #[derive(Clone, Debug)]
 pub struct Artifact {
-    /// The PTX module: one `.entry` per kernel.
+    /// The PTX module: one `.entry` per distinct kernel code (each
+    /// kernel's is its manifest `entry`).
     pub ptx: String,
     /// The manifest (its `ptx` field says `step.ptx` until [`Artifact::write`]
     /// names the real file).
     pub manifest: Manifest,
-    /// The MLIR the PTX was compiled from (output of [`emit`]).
+    /// The MLIR of every kernel (output of [`emit`]); the PTX was compiled
+    /// from its kernels of distinct code ([`emit_gpu`]).
     pub mlir: String,
     /// The graph that was compiled (optimized unless `bifurcate` was off).
     pub graph: Graph,
@@ -137,18 +139,30 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<Artifact, Compile
     let (lowered, report) = prepare(graph, opts)?;
     let point = opts.point.for_graph(&lowered)?;
     let program = plan_tuned(&lowered, opts.tensor_cores.then_some((&point.0, opts.tuning)))?;
-    let mlir = emit(&lowered, &program, Target::Gpu)?;
-    let shared = to_shared_ptx(&mlir, opts.target, &libdevice)?;
+    let module = emit_gpu(&lowered, &program)?;
+    // Kernels with the same text compile once; the compiled module may
+    // merge more (same code, other text).
+    let shared = to_shared_ptx(&module.shared, opts.target, &libdevice)?;
+    let entries = module
+        .entries
+        .iter()
+        .map(|(kernel, first)| {
+            let entry = shared.entries.get(first).ok_or_else(|| {
+                CompileError::Lower(LowerError::Ptx(format!("kernel `{first}` has no entry in the compiled module")))
+            })?;
+            Ok((kernel.clone(), entry.clone()))
+        })
+        .collect::<Result<BTreeMap<_, _>, CompileError>>()?;
     // Bytes before: the input graph as given (re-typed), at the same point.
     let before_graph = match opts.dtype {
         Some(dtype) => retype(graph, dtype)?,
         None => graph.clone(),
     };
-    let manifest = build_manifest(&before_graph, &lowered, &program, &shared.entries, report.as_ref(), &point, opts)?;
+    let manifest = build_manifest(&before_graph, &lowered, &program, &entries, report.as_ref(), &point, opts)?;
     Ok(Artifact {
         ptx: shared.ptx,
         manifest,
-        mlir,
+        mlir: module.text,
         graph: lowered,
         pipeline: gpu_pipeline(opts.target.chip(), &libdevice),
         report,

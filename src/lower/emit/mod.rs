@@ -68,10 +68,11 @@ mod bodies;
 mod builder;
 mod mma;
 mod ops;
+mod share;
 mod views;
 mod walk;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use crate::ir::{Graph, Value};
@@ -149,24 +150,66 @@ pub fn emit_emulating_gpu(graph: &Graph, program: &Program, emulation: Emulation
     emit_with(graph, program, Target::Cpu, Some(emulation))
 }
 
+/// [`emit`]'s GPU module, and the same module with each kernel's code once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuModule {
+    /// Every kernel: [`emit`] for [`Target::Gpu`].
+    pub text: String,
+    /// The first kernel of each distinct code only (kernels that differ
+    /// only in their name and the buffers passed to them have the same
+    /// code), for compiling.
+    pub shared: String,
+    /// Every kernel → the kernel of `shared` that runs it (itself, or the
+    /// first with its code).
+    pub entries: BTreeMap<String, String>,
+}
+
+/// Emits every kernel of `program` for the GPU, and finds the kernels with
+/// the same code on the text (see `share`).
+pub fn emit_gpu(graph: &Graph, program: &Program) -> Result<GpuModule, LowerError> {
+    let funcs = kernel_texts(graph, program, Target::Gpu, None)?;
+    let entries = share::first_with_same_code(
+        program.kernels.iter().zip(&funcs).map(|(k, text)| (k.name.as_str(), share::code_key(k, text))),
+    );
+    let shared = program.kernels.iter().zip(&funcs).filter(|(k, _)| entries.get(&k.name) == Some(&k.name));
+    Ok(GpuModule {
+        text: module_text(funcs.iter().map(String::as_str), Target::Gpu),
+        shared: module_text(shared.map(|(_, text)| text.as_str()), Target::Gpu),
+        entries,
+    })
+}
+
 fn emit_with(
     graph: &Graph,
     program: &Program,
     target: Target,
     emulation: Option<Emulation>,
 ) -> Result<String, LowerError> {
+    let funcs = kernel_texts(graph, program, target, emulation)?;
+    Ok(module_text(funcs.iter().map(String::as_str), target))
+}
+
+/// Each kernel's function, in program order.
+fn kernel_texts(
+    graph: &Graph,
+    program: &Program,
+    target: Target,
+    emulation: Option<Emulation>,
+) -> Result<Vec<String>, LowerError> {
     let layout = Layout::new(graph, program)?;
-    let mut funcs = String::new();
-    for kernel in &program.kernels {
-        funcs.push_str(&kernel_fn(graph, program, &layout, kernel, target, emulation)?);
-    }
-    Ok(match target {
+    program.kernels.iter().map(|kernel| kernel_fn(graph, program, &layout, kernel, target, emulation)).collect()
+}
+
+/// The module holding `funcs` for `target`.
+fn module_text<'a>(funcs: impl Iterator<Item = &'a str>, target: Target) -> String {
+    let funcs: String = funcs.collect();
+    match target {
         Target::Cpu => format!("module {{\n{funcs}}}\n"),
         Target::Gpu => format!(
             "module attributes {{gpu.container_module}} {{\n  gpu.module @{GPU_MODULE} {{\n{}  }}\n}}\n",
             indent(&funcs, 2)
         ),
-    })
+    }
 }
 
 /// Per-kernel emission state.
