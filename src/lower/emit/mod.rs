@@ -66,8 +66,10 @@
 
 mod bodies;
 mod builder;
+mod contract;
 mod mma;
 mod ops;
+mod rows;
 mod share;
 mod views;
 mod walk;

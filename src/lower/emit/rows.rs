@@ -1,0 +1,310 @@
+//! Row kernels: softmax, rms_norm and layer_norm, whose statistics (max
+//! and sum of `exp`, mean and mean square) are reductions along one axis
+//! of a row, split across a block's threads on the GPU.
+
+use crate::ir::{Op, Value};
+use crate::lower::LowerError;
+
+use super::builder::{Ty, Val};
+use super::{Kc, Lanes};
+
+impl Kc<'_> {
+    /// Softmax along `axis`: max, sum of `exp(x - max)`, element. A lane
+    /// whose max is `-inf` (fully masked) gives 0.
+    pub(super) fn softmax(&mut self, j: usize, x: Value, axis: usize, idx: &[String]) -> Result<Val, LowerError> {
+        let stats = self.softmax_stats(j, x, axis, idx)?;
+        self.softmax_elem(x, &stats, idx)
+    }
+
+    /// Max and sum of `exp(x - max)` of the lane through `idx` along `axis`
+    /// (`idx[axis]` is not read).
+    fn softmax_stats(&mut self, j: usize, x: Value, axis: usize, idx: &[String]) -> Result<[String; 2], LowerError> {
+        let shape = self.graph.shape_of(x).clone();
+        let len = self.sizes(shape.get(axis..=axis).ok_or_else(|| self.unsupported(j, "softmax axis"))?)?.remove(0);
+        let mut at = idx.to_vec();
+        let max = self.softmax_max(x, &mut at, axis, &len)?;
+        let sum = self.softmax_sum(x, &mut at, axis, &len, &max, None)?;
+        Ok([max, sum])
+    }
+
+    /// The lane's max of `x` along `axis` (`at[axis]` walks the lane),
+    /// combined over the block.
+    fn softmax_max(&mut self, x: Value, at: &mut [String], axis: usize, len: &str) -> Result<String, LowerError> {
+        let ninf = self.b.f32(f32::NEG_INFINITY);
+        let (max, l, a) = self.row_for(len, &ninf);
+        at[axis] = l;
+        let v = self.loadf(x, at)?;
+        let m = self.b.fbin("maximumf", &a, &v);
+        self.b.close_for(&m, Ty::F32);
+        Ok(self.row_combine("maximumf", &max))
+    }
+
+    /// The lane's sum of `exp(x - max)` along `axis`, combined over the
+    /// block; each `exp` is also stored at its offset in `store` (pointer,
+    /// row-major sizes, dtype) when given.
+    fn softmax_sum(
+        &mut self,
+        x: Value,
+        at: &mut [String],
+        axis: usize,
+        len: &str,
+        max: &str,
+        store: Option<(&str, &[String], crate::ir::DType)>,
+    ) -> Result<String, LowerError> {
+        let zero = self.b.f32(0.0);
+        let (sum, l, a) = self.row_for(len, &zero);
+        at[axis] = l;
+        let v = self.loadf(x, at)?;
+        let d = self.b.fbin("subf", &v, max);
+        let e = self.b.math("exp", &d);
+        if let Some((ptr, sizes, dtype)) = store {
+            let off = self.b.linearize(at, sizes);
+            self.b.store(ptr, &off, dtype, Val::f32(e.clone()));
+        }
+        let s = self.b.fbin("addf", &a, &e);
+        self.b.close_for(&s, Ty::F32);
+        Ok(self.row_combine("add", &sum))
+    }
+
+    fn softmax_elem(&mut self, x: Value, [max, sum]: &[String; 2], idx: &[String]) -> Result<Val, LowerError> {
+        let (ninf, zero) = (self.b.f32(f32::NEG_INFINITY), self.b.f32(0.0));
+        let v = self.loadf(x, idx)?;
+        let d = self.b.fbin("subf", &v, max);
+        let e = self.b.math("exp", &d);
+        let q = self.b.fbin("divf", &e, sum);
+        let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
+        Ok(Val::f32(self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"))))
+    }
+
+    /// A reduction loop over a row of `len` elements: over all of it, or
+    /// in a block-shared kernel over this lane's share (elements `lane,
+    /// lane + lanes, …`; see [`Kc::lanes`]). `init` is the identity of the
+    /// combination [`Kc::row_combine`] applies afterwards.
+    pub(super) fn row_for(&mut self, len: &str, init: &str) -> (String, String, String) {
+        match self.lanes {
+            Lanes::Whole => self.b.open_for(len, init, Ty::F32),
+            Lanes::Block => self.b.open_for_from("%tid", len, "%bdim", init, Ty::F32),
+            Lanes::Warp => {
+                let lanes = self.b.index(32);
+                self.b.open_for_from("%lane", len, &lanes, init, Ty::F32)
+            }
+            Lanes::Emulated(n) => {
+                let lanes = self.b.index(n as i64);
+                let (res, lane, acc) = self.b.open_for(&lanes, init, Ty::F32);
+                self.lane_loops.push((res, acc));
+                self.b.open_for_from(&lane, len, &lanes, init, Ty::F32)
+            }
+        }
+    }
+
+    /// A loop over this lane's elements of a row (see [`Kc::row_for`]);
+    /// emulated lanes store every element in one loop.
+    fn row_loop(&mut self, len: &str) -> String {
+        match self.lanes {
+            Lanes::Block => self.b.open_loop_from("%tid", len, "%bdim"),
+            Lanes::Warp => {
+                let lanes = self.b.index(32);
+                self.b.open_loop_from("%lane", len, &lanes)
+            }
+            Lanes::Whole | Lanes::Emulated(_) => self.b.open_loop(len),
+        }
+    }
+
+    /// The row's reduction of the per-lane partials `v` (`maximumf` or
+    /// `add`), after a [`Kc::row_for`] loop closed: a `gpu.all_reduce` over
+    /// the block, a shuffle butterfly over the warp, the combination across
+    /// the emulated lanes (closing their loop), or `v` itself (one thread
+    /// had the whole row).
+    pub(super) fn row_combine(&mut self, op: &str, v: &str) -> String {
+        // The arith op of a combination the warp or emulated lanes apply.
+        let f = if op == "add" { "addf" } else { op };
+        match self.lanes {
+            Lanes::Whole => v.to_owned(),
+            Lanes::Block => {
+                let r = self.b.op(&format!("gpu.all_reduce {op} {v} uniform {{}} : (f32) -> (f32)"));
+                // The reduction ends with every thread reading the result
+                // from shared memory; a next one would overwrite it (its
+                // first step stores partials there before any barrier), so
+                // no thread may start one until all have read this one.
+                self.b.line("gpu.barrier");
+                r
+            }
+            Lanes::Warp => {
+                // Butterfly: after the shuffle at distance d every lane holds
+                // the sum over its group of 2d lanes.
+                let width = self.b.i32(32);
+                let mut acc = v.to_owned();
+                for d in [16, 8, 4, 2, 1] {
+                    let dist = self.b.i32(d);
+                    let (other, valid) = (self.b.fresh(), self.b.fresh());
+                    self.b.line(&format!("{other}, {valid} = gpu.shuffle xor {acc}, {dist}, {width} : f32"));
+                    acc = self.b.fbin(f, &acc, &other);
+                }
+                acc
+            }
+            Lanes::Emulated(_) => {
+                let Some((res, acc)) = self.lane_loops.pop() else { return v.to_owned() };
+                let c = self.b.fbin(f, &acc, v);
+                self.b.close_for(&c, Ty::F32);
+                res
+            }
+        }
+    }
+
+    /// The axis a row kernel of node `j` walks (softmax: its axis; rms /
+    /// layer norm: the last), when `j` is one: its per-lane statistics are
+    /// then computed once per lane instead of once per element.
+    pub(crate) fn row_axis(&self, j: usize) -> Option<usize> {
+        let node = self.graph.nodes.get(j)?;
+        crate::lower::plan::row_axis(&node.op, node.shape.len())
+    }
+
+    /// One lane of row kernel `j` (see [`Kc::row_axis`]): its statistics
+    /// at `idx` (`idx[axis]` is not read), then a loop over `axis` storing
+    /// every element at its row-major offset in `out_sizes`.
+    pub(crate) fn row_lane(
+        &mut self,
+        j: usize,
+        idx: &[String],
+        out_sizes: &[String],
+        out_ptr: &str,
+        out_dtype: crate::ir::DType,
+    ) -> Result<(), LowerError> {
+        let axis = self.row_axis(j).ok_or_else(|| self.unsupported(j, "is not a row kernel"))?;
+        let node = &self.graph.nodes[j];
+        let (op, inputs) = (node.op.clone(), node.inputs.clone());
+        let arg = |kc: &Self, k: usize| inputs.get(k).copied().ok_or_else(|| kc.unsupported(j, "missing input"));
+        let len = out_sizes[axis].clone();
+        let mut at = idx.to_vec();
+        match op {
+            Op::Softmax { .. } if out_dtype == crate::ir::DType::F32 => {
+                // max; then `e = exp(x - max)` stored and summed; then each
+                // stored `e` scaled by `1 / sum` (0 in a fully masked lane).
+                // One exp per element, and the last pass reads the output
+                // contiguously instead of through the input's views.
+                let x = arg(self, 0)?;
+                let ninf = self.b.f32(f32::NEG_INFINITY);
+                let (zero, one) = (self.b.f32(0.0), self.b.f32(1.0));
+                let max = self.softmax_max(x, &mut at, axis, &len)?;
+                let sum = self.softmax_sum(x, &mut at, axis, &len, &max, Some((out_ptr, out_sizes, out_dtype)))?;
+                let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
+                let inv = self.b.fbin("divf", &one, &sum);
+                let l = self.row_loop(&len);
+                at[axis] = l;
+                let off = self.b.linearize(&at, out_sizes);
+                let e = self.b.load(out_ptr, &off, out_dtype);
+                let q = self.b.fbin("mulf", &e.ssa, &inv);
+                let v = self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"));
+                self.b.store(out_ptr, &off, out_dtype, Val::f32(v));
+            }
+            Op::Softmax { .. } => {
+                let x = arg(self, 0)?;
+                let stats = self.softmax_stats(j, x, axis, idx)?;
+                let l = self.row_loop(&len);
+                at[axis] = l;
+                let v = self.softmax_elem(x, &stats, &at)?;
+                let off = self.b.linearize(&at, out_sizes);
+                self.b.store(out_ptr, &off, out_dtype, v);
+            }
+            Op::RmsNorm { eps } | Op::LayerNorm { eps } => {
+                let (x, w) = (arg(self, 0)?, arg(self, 1)?);
+                let bias = if matches!(op, Op::LayerNorm { .. }) { Some(arg(self, 2)?) } else { None };
+                let stats = self.norm_stats(j, x, bias.is_some(), eps, idx)?;
+                let l = self.row_loop(&len);
+                at[axis] = l;
+                let v = self.norm_elem(x, w, bias, &stats, &at)?;
+                let off = self.b.linearize(&at, out_sizes);
+                self.b.store(out_ptr, &off, out_dtype, v);
+            }
+            _ => return Err(self.unsupported(j, "is not a row kernel")),
+        }
+        self.b.close();
+        Ok(())
+    }
+
+    /// rms_norm (`bias` = None) or layer_norm over the last axis.
+    pub(super) fn norm(
+        &mut self,
+        j: usize,
+        x: Value,
+        w: Value,
+        bias: Option<Value>,
+        eps: f64,
+        idx: &[String],
+    ) -> Result<Val, LowerError> {
+        let stats = self.norm_stats(j, x, bias.is_some(), eps, idx)?;
+        self.norm_elem(x, w, bias, &stats, idx)
+    }
+
+    /// The mean (layer norm) and `1 / sqrt(mean square + eps)` of the lane
+    /// through `idx` along the last axis (its last index is not read).
+    fn norm_stats(
+        &mut self,
+        j: usize,
+        x: Value,
+        centered: bool,
+        eps: f64,
+        idx: &[String],
+    ) -> Result<(Option<String>, String), LowerError> {
+        let shape = self.graph.shape_of(x).clone();
+        let last = idx.len().checked_sub(1).ok_or_else(|| self.unsupported(j, "norm of a scalar"))?;
+        let len = self.sizes(&shape[last..])?.remove(0);
+        let n = self.b.index_to_f32(&len);
+        let zero = self.b.f32(0.0);
+        let one = self.b.f32(1.0);
+        let mut at = idx.to_vec();
+        let mean = if centered {
+            let (sum, l, a) = self.row_for(&len, &zero);
+            at[last] = l;
+            let v = self.loadf(x, &at)?;
+            let s = self.b.fbin("addf", &a, &v);
+            self.b.close_for(&s, Ty::F32);
+            let sum = self.row_combine("add", &sum);
+            Some(self.b.fbin("divf", &sum, &n))
+        } else {
+            None
+        };
+        let (ss, l, a) = self.row_for(&len, &zero);
+        at[last] = l;
+        let v = self.loadf(x, &at)?;
+        let c = match &mean {
+            Some(m) => self.b.fbin("subf", &v, m),
+            None => v,
+        };
+        let sq = self.b.fbin("mulf", &c, &c);
+        let s = self.b.fbin("addf", &a, &sq);
+        self.b.close_for(&s, Ty::F32);
+        let ss = self.row_combine("add", &ss);
+        let ms = self.b.fbin("divf", &ss, &n);
+        let e = self.b.f32(eps as f32);
+        let ms = self.b.fbin("addf", &ms, &e);
+        let root = self.b.math("sqrt", &ms);
+        Ok((mean, self.b.fbin("divf", &one, &root)))
+    }
+
+    fn norm_elem(
+        &mut self,
+        x: Value,
+        w: Value,
+        bias: Option<Value>,
+        (mean, r): &(Option<String>, String),
+        idx: &[String],
+    ) -> Result<Val, LowerError> {
+        let last = idx.len() - 1;
+        let v = self.loadf(x, idx)?;
+        let c = match mean {
+            Some(m) => self.b.fbin("subf", &v, m),
+            None => v,
+        };
+        let y = self.b.fbin("mulf", &c, r);
+        let g = self.loadf(w, std::slice::from_ref(&idx[last]))?;
+        let y = self.b.fbin("mulf", &y, &g);
+        Ok(Val::f32(match bias {
+            None => y,
+            Some(bv) => {
+                let bb = self.loadf(bv, std::slice::from_ref(&idx[last]))?;
+                self.b.fbin("addf", &y, &bb)
+            }
+        }))
+    }
+}
