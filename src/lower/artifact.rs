@@ -17,7 +17,7 @@ use bifurc_runtime::manifest::{
 
 use super::gpu::{find_libdevice, gpu_pipeline, to_shared_ptx, GpuTarget};
 use super::kernel_bytes::{kernel_bytes, KernelBytes};
-use super::{emit, emit_gpu, plan_tuned, BufferKind, LowerError, Param, Program, Target, Tuning};
+use super::{emit, emit_shared, plan_tuned, BufferKind, LowerError, Param, Program, Target, Tuning};
 use crate::inspect::{bytes_moved, find_sites, Bytes, ShapePoint};
 use crate::ir::{shape::numel, DType, Graph, OutputRole, Poly, Role};
 use crate::optimize::{optimize, Limits, OptReport, Options};
@@ -91,7 +91,7 @@ pub struct Artifact {
     /// names the real file).
     pub manifest: Manifest,
     /// The MLIR of every kernel (output of [`emit`]); the PTX was compiled
-    /// from its kernels of distinct code ([`emit_gpu`]).
+    /// from its kernels of distinct code ([`emit_shared`]).
     pub mlir: String,
     /// The graph that was compiled (optimized unless `bifurcate` was off).
     pub graph: Graph,
@@ -139,7 +139,7 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<Artifact, Compile
     let (lowered, report) = prepare(graph, opts)?;
     let point = opts.point.for_graph(&lowered)?;
     let program = plan_tuned(&lowered, opts.tensor_cores.then_some((&point.0, opts.tuning)))?;
-    let module = emit_gpu(&lowered, &program)?;
+    let module = emit_shared(&lowered, &program, Target::Gpu, None)?;
     // Kernels with the same text compile once; the compiled module may
     // merge more (same code, other text).
     let shared = to_shared_ptx(&module.shared, opts.target, &libdevice)?;

@@ -20,7 +20,7 @@ use melior::ir::Module;
 use crate::interp::{Tensor, MAX_ELEMENTS};
 use crate::ir::{DType, Graph};
 use crate::lower::context::DiagnosticCapture;
-use crate::lower::emit::{emit, emit_emulating_gpu, Emulation, Target};
+use crate::lower::emit::{emit_shared, Emulation, SharedModule, Target};
 use crate::lower::plan::{plan_tuned, plan_with, typical_point, BufferKind, Param, Program};
 use crate::lower::{new_context, run_pipeline, verify, LowerError};
 use host::HostData;
@@ -63,6 +63,8 @@ pub struct CpuStep {
     pipeline: &'static str,
     /// One packed entry point per kernel, in launch order.
     entries: Vec<Packed>,
+    /// Distinct functions among `entries`.
+    functions: usize,
     /// Keeps the JIT'd code alive; dropped after `entries` is no longer used.
     _engine: Engine,
 }
@@ -72,8 +74,8 @@ impl CpuStep {
     /// lowers with [`CPU_PIPELINE`] and JIT-compiles `graph`.
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
         let program = plan_with(graph, None)?;
-        let text = emit(graph, &program, Target::Cpu)?;
-        Self::compile_text(graph, program, &text)
+        let module = emit_shared(graph, &program, Target::Cpu, None)?;
+        Self::compile_module(graph, program, &module)
     }
 
     /// [`CpuStep::compile`] with the GPU's way of splitting the row
@@ -84,15 +86,17 @@ impl CpuStep {
     pub fn compile_emulating_gpu(graph: &Graph, emulation: Emulation) -> Result<Self, LowerError> {
         let point = typical_point(graph);
         let program = plan_tuned(graph, Some((&point, emulation.tuning)))?;
-        let text = emit_emulating_gpu(graph, &program, emulation)?;
-        Self::compile_text(graph, program, &text)
+        let module = emit_shared(graph, &program, Target::Cpu, Some(emulation))?;
+        Self::compile_module(graph, program, &module)
     }
 
-    fn compile_text(graph: &Graph, program: Program, text: &str) -> Result<Self, LowerError> {
+    /// JIT-compiles `emitted`'s kernels of distinct code; every kernel runs
+    /// the one with its code, with its own arguments.
+    fn compile_module(graph: &Graph, program: Program, emitted: &SharedModule) -> Result<Self, LowerError> {
         let context = new_context();
         let capture = DiagnosticCapture::attach(&context);
-        let mut module =
-            Module::parse(&context, text).ok_or_else(|| LowerError::Parse { diagnostics: capture.take() })?;
+        let mut module = Module::parse(&context, &emitted.shared)
+            .ok_or_else(|| LowerError::Parse { diagnostics: capture.take() })?;
         drop(capture);
         verify(&context, &module, "emitted CPU kernels")?;
         run_pipeline(&context, &mut module, CPU_PIPELINE)?;
@@ -111,7 +115,8 @@ impl CpuStep {
         let engine = Engine(raw);
         let mut entries = Vec::with_capacity(program.kernels.len());
         for kernel in &program.kernels {
-            let name = format!("_mlir_ciface_{}", kernel.name);
+            let entry = emitted.entries.get(&kernel.name).unwrap_or(&kernel.name);
+            let name = format!("_mlir_ciface_{entry}");
             // SAFETY: the engine is live; the name is a valid string ref for
             // the duration of the call.
             let f = unsafe {
@@ -128,12 +133,19 @@ impl CpuStep {
             // `void(void **)`.
             entries.push(unsafe { std::mem::transmute::<*mut c_void, Packed>(f) });
         }
-        Ok(CpuStep { graph: graph.clone(), program, pipeline: CPU_PIPELINE, entries, _engine: engine })
+        let functions = emitted.entries.values().collect::<std::collections::BTreeSet<_>>().len();
+        Ok(CpuStep { graph: graph.clone(), program, pipeline: CPU_PIPELINE, entries, functions, _engine: engine })
     }
 
     /// The plan this step runs.
     pub fn program(&self) -> &Program {
         &self.program
+    }
+
+    /// How many functions the JIT compiled for the program's kernels:
+    /// kernels with the same code (layer after layer) share one.
+    pub fn functions(&self) -> usize {
+        self.functions
     }
 
     /// The pass pipeline it was lowered with ([`CPU_PIPELINE`]).
@@ -327,6 +339,7 @@ impl CpuStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lower::emit::emit;
 
     /// The context einsums of bifurcated attention take the tiled,
     /// blocked walk (b innermost, ragged tiles and blocks) and, with a head

@@ -152,10 +152,10 @@ pub fn emit_emulating_gpu(graph: &Graph, program: &Program, emulation: Emulation
     emit_with(graph, program, Target::Cpu, Some(emulation))
 }
 
-/// [`emit`]'s GPU module, and the same module with each kernel's code once.
+/// An emitted module, and the same module with each kernel's code once.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GpuModule {
-    /// Every kernel: [`emit`] for [`Target::Gpu`].
+pub struct SharedModule {
+    /// Every kernel: what [`emit`] (or [`emit_emulating_gpu`]) gives.
     pub text: String,
     /// The first kernel of each distinct code only (kernels that differ
     /// only in their name and the buffers passed to them have the same
@@ -166,17 +166,23 @@ pub struct GpuModule {
     pub entries: BTreeMap<String, String>,
 }
 
-/// Emits every kernel of `program` for the GPU, and finds the kernels with
-/// the same code on the text (see `share`).
-pub fn emit_gpu(graph: &Graph, program: &Program) -> Result<GpuModule, LowerError> {
-    let funcs = kernel_texts(graph, program, Target::Gpu, None)?;
+/// Emits every kernel of `program` for `target` (emulating the GPU's
+/// kernels on the CPU when `emulation` is given), and finds the kernels
+/// with the same code on the text (see `share`).
+pub fn emit_shared(
+    graph: &Graph,
+    program: &Program,
+    target: Target,
+    emulation: Option<Emulation>,
+) -> Result<SharedModule, LowerError> {
+    let funcs = kernel_texts(graph, program, target, emulation)?;
     let entries = share::first_with_same_code(
         program.kernels.iter().zip(&funcs).map(|(k, text)| (k.name.as_str(), share::code_key(k, text))),
     );
     let shared = program.kernels.iter().zip(&funcs).filter(|(k, _)| entries.get(&k.name) == Some(&k.name));
-    Ok(GpuModule {
-        text: module_text(funcs.iter().map(String::as_str), Target::Gpu),
-        shared: module_text(shared.map(|(_, text)| text.as_str()), Target::Gpu),
+    Ok(SharedModule {
+        text: module_text(funcs.iter().map(String::as_str), target),
+        shared: module_text(shared.map(|(_, text)| text.as_str()), target),
         entries,
     })
 }

@@ -10,7 +10,8 @@
 //! arguments. Found before parsing, this lets the GPU compile parse about
 //! 20 kernels of a 32-layer model instead of about 770
 //! ([`crate::lower::gpu::to_shared_ptx`] then still merges, on the parsed
-//! code, whatever the text kept apart).
+//! code, whatever the text kept apart), and the CPU JIT compile each
+//! distinct kernel once ([`crate::lower::CpuStep`]).
 
 use std::collections::{BTreeMap, HashMap};
 
