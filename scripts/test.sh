@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (also what CI runs, via .ci/run):
-# set-up, format check, clippy (with and without CUDA code), all tests.
+# set-up, format check, clippy (with and without CUDA code), API docs
+# without broken links, all tests.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,10 +25,14 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo clippy -p bifurc-runtime --features cuda"
 cargo clippy -p bifurc-runtime --features cuda --all-targets -- -D warnings
 
+step "cargo doc --workspace --no-deps (warnings are errors: no broken links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
+RUSTDOCFLAGS="-D warnings" cargo doc -p bifurc-runtime --features cuda --no-deps -q
+
 step "cargo test --workspace"
 cargo test --workspace
 
 step "cargo test -p bifurc-runtime --features cuda"
 cargo test -p bifurc-runtime --features cuda
 
-printf '\nPASS: scripts/test.sh (fmt, clippy, clippy+cuda, tests)\n'
+printf '\nPASS: scripts/test.sh (fmt, clippy, clippy+cuda, docs, tests)\n'

@@ -2,7 +2,7 @@
 //!
 //! A shape entry such as `m_c+m_d+n` or `h*k` is a [`Poly`]. Model constants
 //! (`h`, `k`, `d_model`, …) stay symbolic so printed shapes read like the
-//! model; [`crate::ir::Dims::normalize`] substitutes them, leaving a
+//! model; [`crate::shape::Constants::normalize`] substitutes them, leaving a
 //! polynomial over the runtime dims (`b`, `m_c`, `m_d`, …) that can be
 //! compared exactly.
 

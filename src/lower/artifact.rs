@@ -2,7 +2,7 @@
 //! manifest beside it (`step.manifest.json`, see docs/artifact.md).
 //!
 //! Stages, each a plain function: optimize at the shape point (unless
-//! `bifurcate` is off) → [`plan`] → [`emit`] for the GPU → [`to_ptx`] →
+//! `bifurcate` is off) → [`plan()`](fn@super::plan) → [`emit()`] for the GPU → [`to_shared_ptx`] →
 //! manifest ([`bifurc_runtime::manifest::Manifest`]: dims, buffers, kernels
 //! in launch order, bifurcated sites, bytes model). Same input, same bytes.
 
@@ -90,7 +90,7 @@ pub struct Artifact {
     /// The manifest (its `ptx` field says `step.ptx` until [`Artifact::write`]
     /// names the real file).
     pub manifest: Manifest,
-    /// The MLIR of every kernel (output of [`emit`]); the PTX was compiled
+    /// The MLIR of every kernel (output of [`emit()`]); the PTX was compiled
     /// from its kernels of distinct code ([`emit_shared`]).
     pub mlir: String,
     /// The graph that was compiled (optimized unless `bifurcate` was off).
@@ -123,7 +123,7 @@ pub fn prepare(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, Option<Op
     Ok((out.graph, Some(out.report)))
 }
 
-/// The MLIR stage of [`compile`]: [`prepare`], [`plan`], [`emit`] for the
+/// The MLIR stage of [`compile`]: [`prepare`], [`plan()`](fn@super::plan), [`emit()`] for the
 /// GPU. Returns the lowered graph and the kernel module's text.
 pub fn lower_mlir(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, String), CompileError> {
     let (lowered, _) = prepare(graph, opts)?;

@@ -1,7 +1,7 @@
 //! The GPU pass pipeline: a module of kernels (`gpu.module @bifurc_kernels`)
 //! to PTX for one NVIDIA chip.
 //!
-//! Input: the text [`crate::lower::emit`] writes for [`crate::lower::Target::Gpu`] — a
+//! Input: the text [`crate::lower::emit`](mod@crate::lower::emit) writes for [`crate::lower::Target::Gpu`] — a
 //! `gpu.container_module` holding `gpu.module @bifurc_kernels { gpu.func … kernel … }`
 //! whose kernels take the runtime dims as `i64` and buffers as bare `!llvm.ptr`,
 //! and use `arith`, `math`, `scf`, `affine` and `llvm` ops inside.

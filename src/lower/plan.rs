@@ -3,7 +3,7 @@
 //!
 //! - **View** nodes (broadcast, reshape, transpose, slice, concat) get no
 //!   kernel and no buffer: a kernel reads through them (see
-//!   [`crate::lower::emit`]).
+//!   [`crate::lower::emit`](mod@crate::lower::emit)).
 //! - **Inlined** nodes: an elementwise node (unary, add/sub/mul/div, scale,
 //!   constant, causal_mask) that is not a graph output and whose only
 //!   consumer — counting through views, over live nodes and output copies —
@@ -110,14 +110,14 @@ pub struct Kernel {
     /// On the GPU, one block per item of `extent` whose threads share the
     /// item's reductions: a row kernel (softmax, rms_norm, layer_norm; the
     /// items are rows) or a contraction with a long reduction along the
-    /// operands' innermost axis (see [`cooperative_contraction`]; the items
-    /// are the indices of its non-reuse axes, [`reuse_axes`], each item
+    /// operands' innermost axis (see `cooperative_contraction`; the items
+    /// are the indices of its non-reuse axes, `reuse_axes`, each item
     /// computing the outputs along the reuse axes in turn). See
     /// [`Kernel::gpu_threads`].
     pub cooperative: bool,
     /// A cooperative contraction whose items are warps (32 threads, eight
     /// to a block) instead of blocks: a reduction of at least
-    /// [`WARP_COOPERATIVE_MIN`] and under [`COOPERATIVE_MIN`].
+    /// `WARP_COOPERATIVE_MIN` and under `COOPERATIVE_MIN`.
     pub warp: bool,
     /// On the GPU, a tensor-core contraction: one block per 16 × 8 output
     /// tile (see [`crate::lower::mma`]; `cooperative` is then false).
@@ -487,7 +487,7 @@ fn shape_of(graph: &Graph, shape: &[Poly], what: &str) -> Result<Vec<Poly>, Lowe
 }
 
 /// Plans `graph` (see the module doc), with tensor-core contractions where
-/// they apply at the typical point ([`typical_point`]). Deterministic.
+/// they apply at the typical point (`typical_point`). Deterministic.
 pub fn plan(graph: &Graph) -> Result<Program, LowerError> {
     plan_with(graph, Some(&typical_point(graph)))
 }

@@ -29,7 +29,7 @@
 //!   size-1 axes, slice adds its start, reshape linearizes and delinearizes
 //!   with the (symbolic) sizes, and concat picks its part with index
 //!   compares in an `scf.if` chain (only the selected part is loaded).
-//! - **Inlined** elementwise nodes (see [`crate::lower::plan`]) are
+//! - **Inlined** elementwise nodes (see [`crate::lower::plan`](mod@crate::lower::plan)) are
 //!   recomputed at every load.
 //! - Reductions are `scf.for` loops with an f32 accumulator: einsum /
 //!   matmul (contracted letters), reduce_sum / reduce_max, softmax (row max,
@@ -260,10 +260,10 @@ pub(crate) enum Lanes {
 }
 
 /// CPU text that runs the GPU's block-shared kernels the GPU's way (see
-/// [`Lanes::Emulated`]), so that the reference interpreter can check them:
+/// `Lanes::Emulated`), so that the reference interpreter can check them:
 /// `lanes` threads per block, and contractions over at least
 /// `cooperative_min` elements made cooperative (the GPU uses
-/// [`crate::lower::plan::COOPERATIVE_MIN`]). Tensor-core kernels (the
+/// `plan::COOPERATIVE_MIN`). Tensor-core kernels (the
 /// program's [`crate::lower::plan::Kernel::mma`]) are always emulated with
 /// their 8 warps of 32 lanes (see `emit::mma`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
