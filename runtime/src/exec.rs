@@ -8,7 +8,7 @@
 //! launches [`LaunchSpec`]s in order; the CUDA backend does exactly that.
 
 use crate::dtype::DType;
-use crate::manifest::{parse_expr, BufferKind, Expr, Manifest, ParamKind, Size};
+use crate::manifest::{parse_expr, BufferKind, Expr, ExprError, Manifest, ParamKind, Size};
 use crate::plan::MemoryPlan;
 use crate::StepError;
 use std::collections::{BTreeMap, HashMap};
@@ -27,15 +27,17 @@ pub struct BufferInfo {
     /// The rows axis and its runtime dim, for a buffer that may be stored
     /// with spare rows ([`crate::manifest::Pitch`]).
     pub pitch: Option<(usize, String)>,
-    shape: Vec<Expr>,
+    /// Each axis's size, by index in [`ExecPlan`]'s expression table.
+    shape: Vec<usize>,
 }
 
 /// Where a kernel argument comes from.
 #[derive(Clone, Debug)]
 enum Arg {
-    Dim(String),
-    /// The row capacity of the buffers pitched along this dim.
-    Capacity(String),
+    /// A runtime dim, by index in the manifest's `dims.runtime`.
+    Dim(usize),
+    /// The row capacity of the buffers pitched along this runtime dim.
+    Capacity(usize),
     /// A buffer, by index in the manifest's table.
     Buffer(usize),
 }
@@ -48,8 +50,9 @@ pub struct KernelInfo {
     pub op: String,
     /// Index of its entry in [`ExecPlan::entries`].
     pub function: usize,
-    grid: [Expr; 3],
-    block: [Expr; 3],
+    /// By index in [`ExecPlan`]'s expression table.
+    grid: [usize; 3],
+    block: [usize; 3],
     args: Vec<Arg>,
 }
 
@@ -73,20 +76,77 @@ pub struct ExecPlan {
     /// Distinct PTX entries, in first-use order.
     pub entries: Vec<String>,
     by_name: HashMap<String, usize>,
+    /// Every distinct size expression of the buffers and kernels (layer
+    /// after layer repeats the same few): [`ExecPlan::bind_dims`] evaluates
+    /// each once.
+    exprs: Vec<Expr>,
     /// Intermediate buffer index → slot.
     slot_of: Vec<Option<usize>>,
     slot_members: Vec<Vec<usize>>,
 }
 
-fn parse(size: &Size, what: impl Fn() -> String) -> Result<Expr, StepError> {
-    match size {
-        Size::Int(v) => Ok(Expr::Int(*v)),
-        Size::Expr(text) => parse_expr(text).map_err(|e| StepError::Backend(format!("{}: {e}", what()))),
+/// The dims of one step, bound: every dim's value (constants and runtime
+/// dims; it derefs to that map) and the value of every expression of the
+/// plan at them.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    dims: BTreeMap<String, i64>,
+    /// The runtime dims' values, in the manifest's `dims.runtime` order.
+    runtime: Vec<i64>,
+    values: Vec<Result<i64, ExprError>>,
+}
+
+impl std::ops::Deref for Bound {
+    type Target = BTreeMap<String, i64>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.dims
     }
 }
 
-fn eval(expr: &Expr, dims: &BTreeMap<String, i64>, what: impl Fn() -> String) -> Result<i64, StepError> {
-    expr.eval(dims).map_err(|e| StepError::Dims(format!("{}: {e}", what())))
+impl Bound {
+    /// Expression `index`'s value; `what` names it in the error.
+    fn value(&self, index: usize, what: impl Fn() -> String) -> Result<i64, StepError> {
+        match self.values.get(index) {
+            Some(Ok(v)) => Ok(*v),
+            Some(Err(e)) => Err(StepError::Dims(format!("{}: {e}", what()))),
+            None => Err(StepError::Backend(format!("{}: dims bound for another plan", what()))),
+        }
+    }
+}
+
+/// The index of `dim` in the manifest's runtime dims (kernel `kernel` takes
+/// `what` it).
+fn runtime_dim(manifest: &Manifest, kernel: &str, dim: &str, what: &str) -> Result<usize, StepError> {
+    manifest.dims.runtime.iter().position(|d| d == dim).ok_or_else(|| {
+        StepError::Backend(format!("kernel `{kernel}` takes {what} `{dim}`, which is not a runtime dim"))
+    })
+}
+
+/// Distinct size expressions, parsed once each.
+#[derive(Default)]
+struct Interner {
+    exprs: Vec<Expr>,
+    index: HashMap<String, usize>,
+}
+
+impl Interner {
+    fn intern(&mut self, size: &Size, what: impl Fn() -> String) -> Result<usize, StepError> {
+        let text = match size {
+            Size::Int(v) => v.to_string(),
+            Size::Expr(text) => text.clone(),
+        };
+        if let Some(&i) = self.index.get(&text) {
+            return Ok(i);
+        }
+        let expr = match size {
+            Size::Int(v) => Expr::Int(*v),
+            Size::Expr(text) => parse_expr(text).map_err(|e| StepError::Backend(format!("{}: {e}", what())))?,
+        };
+        self.exprs.push(expr);
+        self.index.insert(text, self.exprs.len() - 1);
+        Ok(self.exprs.len() - 1)
+    }
 }
 
 impl ExecPlan {
@@ -95,13 +155,14 @@ impl ExecPlan {
     pub fn new(manifest: &Manifest, share: bool) -> Result<Self, StepError> {
         let mut buffers = Vec::new();
         let mut by_name = HashMap::new();
+        let mut interner = Interner::default();
         for (i, b) in manifest.buffers.iter().enumerate() {
             let dtype = DType::parse(&b.dtype).map_err(|e| StepError::Backend(format!("buffer `{}`: {e}", b.name)))?;
             let shape = b
                 .shape
                 .iter()
                 .enumerate()
-                .map(|(axis, s)| parse(s, || format!("buffer `{}` shape[{axis}]", b.name)))
+                .map(|(axis, s)| interner.intern(s, || format!("buffer `{}` shape[{axis}]", b.name)))
                 .collect::<Result<_, _>>()?;
             by_name.insert(b.name.clone(), i);
             let pitch = b.pitch.as_ref().map(|p| (p.axis, p.dim.clone()));
@@ -117,27 +178,28 @@ impl ExecPlan {
                     entries.len() - 1
                 }
             };
-            let axis = |sizes: &[Size; 3], what: &str| -> Result<[Expr; 3], StepError> {
-                let p = |i: usize| parse(&sizes[i], || format!("kernel `{}` {what}[{i}]", k.name));
+            let mut axis = |sizes: &[Size; 3], what: &str| -> Result<[usize; 3], StepError> {
+                let mut p = |i: usize| interner.intern(&sizes[i], || format!("kernel `{}` {what}[{i}]", k.name));
                 Ok([p(0)?, p(1)?, p(2)?])
             };
             let mut args = Vec::new();
             for p in &k.params {
                 args.push(match p.kind {
-                    ParamKind::Dim => Arg::Dim(p.name.clone()),
-                    ParamKind::Capacity => Arg::Capacity(p.name.clone()),
+                    ParamKind::Dim => Arg::Dim(runtime_dim(manifest, &k.name, &p.name, "dim")?),
+                    ParamKind::Capacity => Arg::Capacity(runtime_dim(manifest, &k.name, &p.name, "the capacity of")?),
                     ParamKind::Buffer => Arg::Buffer(*by_name.get(&p.name).ok_or_else(|| {
                         StepError::Backend(format!("kernel `{}` names unknown buffer `{}`", k.name, p.name))
                     })?),
                 });
             }
+            let (grid, block) = (axis(&k.grid, "grid")?, axis(&k.block, "block")?);
             kernels.push(KernelInfo {
                 name: k.name.clone(),
                 entry: k.entry.clone(),
                 op: k.op.clone(),
                 function,
-                grid: axis(&k.grid, "grid")?,
-                block: axis(&k.block, "block")?,
+                grid,
+                block,
                 args,
             });
         }
@@ -155,7 +217,16 @@ impl ExecPlan {
             }
             slot_members.push(indices);
         }
-        Ok(ExecPlan { manifest: manifest.clone(), buffers, kernels, entries, by_name, slot_of, slot_members })
+        Ok(ExecPlan {
+            manifest: manifest.clone(),
+            buffers,
+            kernels,
+            entries,
+            by_name,
+            exprs: interner.exprs,
+            slot_of,
+            slot_members,
+        })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -176,22 +247,27 @@ impl ExecPlan {
         self.slot_members.len()
     }
 
-    /// Every dim bound (constants and runtime dims); rejects negative values,
-    /// missing runtime dims and unknown names.
-    pub fn bind_dims(&self, dims: &BTreeMap<String, i64>) -> Result<BTreeMap<String, i64>, StepError> {
+    /// Every dim bound (constants and runtime dims) and every size
+    /// expression evaluated at them; rejects negative values, missing
+    /// runtime dims and unknown names (an expression that cannot be
+    /// evaluated is an error where it is used).
+    pub fn bind_dims(&self, dims: &BTreeMap<String, i64>) -> Result<Bound, StepError> {
         if let Some((name, v)) = dims.iter().find(|(_, v)| **v < 0) {
             return Err(StepError::Dims(format!("`{name}` = {v} is negative")));
         }
-        self.manifest.bind(dims).map_err(|e| StepError::Dims(e.to_string()))
+        let dims = self.manifest.bind(dims).map_err(|e| StepError::Dims(e.to_string()))?;
+        let values = self.exprs.iter().map(|e| e.eval(&dims)).collect();
+        let runtime = self.manifest.dims.runtime.iter().map(|d| dims.get(d).copied().unwrap_or(0)).collect();
+        Ok(Bound { dims, runtime, values })
     }
 
     /// Buffer `i`'s shape at the bound dims.
-    pub fn shape_at(&self, i: usize, all: &BTreeMap<String, i64>) -> Result<Vec<usize>, StepError> {
+    pub fn shape_at(&self, i: usize, all: &Bound) -> Result<Vec<usize>, StepError> {
         let b = &self.buffers[i];
         b.shape
             .iter()
-            .map(|e| {
-                let v = eval(e, all, || format!("buffer `{}` shape", b.name))?;
+            .map(|&e| {
+                let v = all.value(e, || format!("buffer `{}` shape", b.name))?;
                 usize::try_from(v)
                     .map_err(|_| StepError::Dims(format!("buffer `{}` has size {v} at these dims", b.name)))
             })
@@ -199,15 +275,20 @@ impl ExecPlan {
     }
 
     /// Buffer `i`'s size in bytes at the bound dims.
-    pub fn bytes_at(&self, i: usize, all: &BTreeMap<String, i64>) -> Result<usize, StepError> {
-        let numel = self.shape_at(i, all)?.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
-        numel
-            .and_then(|n| n.checked_mul(self.buffers[i].dtype.size()))
-            .ok_or_else(|| StepError::Dims(format!("buffer `{}` is too large at these dims", self.buffers[i].name)))
+    pub fn bytes_at(&self, i: usize, all: &Bound) -> Result<usize, StepError> {
+        let b = &self.buffers[i];
+        let mut bytes = Some(b.dtype.size());
+        for &e in &b.shape {
+            let v = all.value(e, || format!("buffer `{}` shape", b.name))?;
+            let v = usize::try_from(v)
+                .map_err(|_| StepError::Dims(format!("buffer `{}` has size {v} at these dims", b.name)))?;
+            bytes = bytes.and_then(|n| n.checked_mul(v));
+        }
+        bytes.ok_or_else(|| StepError::Dims(format!("buffer `{}` is too large at these dims", b.name)))
     }
 
     /// Bytes of each intermediate slot at the bound dims (its largest member).
-    pub fn slot_bytes(&self, all: &BTreeMap<String, i64>) -> Result<Vec<usize>, StepError> {
+    pub fn slot_bytes(&self, all: &Bound) -> Result<Vec<usize>, StepError> {
         self.slot_members
             .iter()
             .map(|members| members.iter().try_fold(0usize, |acc, &i| Ok(acc.max(self.bytes_at(i, all)?))))
@@ -215,7 +296,7 @@ impl ExecPlan {
     }
 
     /// Device bytes a step needs at the bound dims: inputs, outputs, slots.
-    pub fn bytes_needed(&self, all: &BTreeMap<String, i64>) -> Result<usize, StepError> {
+    pub fn bytes_needed(&self, all: &Bound) -> Result<usize, StepError> {
         let mut total = 0usize;
         for (i, b) in self.buffers.iter().enumerate() {
             if b.kind != BufferKind::Intermediate {
@@ -227,7 +308,7 @@ impl ExecPlan {
 
     /// Checks that every input was bound (`bound[i]`: the shape it was
     /// bound with) with its shape at the dims; a zero-size input may be unbound.
-    pub fn check_inputs(&self, all: &BTreeMap<String, i64>, bound: &[Option<Vec<usize>>]) -> Result<(), StepError> {
+    pub fn check_inputs(&self, all: &Bound, bound: &[Option<Vec<usize>>]) -> Result<(), StepError> {
         for (i, b) in self.buffers.iter().enumerate() {
             if b.kind != BufferKind::Input {
                 continue;
@@ -250,7 +331,7 @@ impl ExecPlan {
     /// non-null value for a zero-size buffer).
     pub fn launches(
         &self,
-        all: &BTreeMap<String, i64>,
+        all: &Bound,
         capacities: &BTreeMap<String, i64>,
         pointer: impl Fn(usize) -> u64,
     ) -> Result<Vec<LaunchSpec>, StepError> {
@@ -264,13 +345,22 @@ impl ExecPlan {
                 }
             }
         }
+        // Each runtime dim's capacity: given, else the dim's value (dense).
+        let caps: Vec<i64> = self
+            .manifest
+            .dims
+            .runtime
+            .iter()
+            .zip(&all.runtime)
+            .map(|(d, v)| capacities.get(d).copied().unwrap_or(*v))
+            .collect();
         let mut launches = Vec::with_capacity(self.kernels.len());
         for (index, k) in self.kernels.iter().enumerate() {
             let mut grid = [0i64; 3];
             let mut block = [0i64; 3];
             for axis in 0..3 {
-                grid[axis] = eval(&k.grid[axis], all, || format!("kernel `{}` grid[{axis}]", k.name))?;
-                block[axis] = eval(&k.block[axis], all, || format!("kernel `{}` block[{axis}]", k.name))?;
+                grid[axis] = all.value(k.grid[axis], || format!("kernel `{}` grid[{axis}]", k.name))?;
+                block[axis] = all.value(k.block[axis], || format!("kernel `{}` block[{axis}]", k.name))?;
             }
             if grid.contains(&0) {
                 continue; // nothing to compute at these dims (e.g. m_d = 0)
@@ -286,21 +376,12 @@ impl ExecPlan {
             let args = k
                 .args
                 .iter()
-                .map(|a| match a {
-                    Arg::Dim(name) => all.get(name).map(|v| *v as u64).ok_or_else(|| {
-                        StepError::Dims(format!("kernel `{}` takes dim `{name}`, which has no value", k.name))
-                    }),
-                    Arg::Capacity(name) => {
-                        capacities.get(name).or_else(|| all.get(name)).map(|v| *v as u64).ok_or_else(|| {
-                            StepError::Dims(format!(
-                                "kernel `{}` takes the capacity of `{name}`, which has no value",
-                                k.name
-                            ))
-                        })
-                    }
-                    Arg::Buffer(i) => Ok(pointer(*i)),
+                .map(|a| match *a {
+                    Arg::Dim(d) => all.runtime[d] as u64,
+                    Arg::Capacity(d) => caps[d] as u64,
+                    Arg::Buffer(i) => pointer(i),
                 })
-                .collect::<Result<Vec<u64>, _>>()?;
+                .collect();
             launches.push(LaunchSpec {
                 kernel: index,
                 grid: grid.map(|g| g as u32),
@@ -327,7 +408,7 @@ mod tests {
     }
 
     /// A fake address per buffer: index i at 0x1000 * (i + 1); zero-size: 0xdead00.
-    fn fake_pointer<'a>(plan: &'a ExecPlan, all: &BTreeMap<String, i64>) -> impl Fn(usize) -> u64 + 'a {
+    fn fake_pointer<'a>(plan: &'a ExecPlan, all: &Bound) -> impl Fn(usize) -> u64 + 'a {
         let all = all.clone();
         move |i| if plan.bytes_at(i, &all).unwrap() == 0 { 0xdead00 } else { 0x1000 * (i as u64 + 1) }
     }
@@ -434,6 +515,39 @@ mod tests {
         let huge = plan.bind_dims(&dims(1 << 40, 1, 1)).unwrap();
         let err = plan.launches(&huge, &BTreeMap::new(), |_| 1).unwrap_err().to_string();
         assert!(err.contains("launch limits"), "{err}");
+    }
+
+    #[test]
+    fn each_expression_is_evaluated_once_and_errors_name_their_use() {
+        let a = tiny();
+        let plan = ExecPlan::new(&a.manifest, true).unwrap();
+        // Far fewer distinct expressions than sizes: the two layers repeat them.
+        let sizes = plan.buffers.iter().map(|b| b.shape.len()).sum::<usize>() + 6 * plan.kernels.len();
+        assert!(plan.exprs.len() * 4 < sizes, "{} expressions for {sizes} sizes", plan.exprs.len());
+        // Values and kernel arguments as the expressions give them.
+        let all = plan.bind_dims(&dims(3, 7, 2)).unwrap();
+        let launches = plan.launches(&all, &BTreeMap::new(), |_| 1).unwrap();
+        for l in &launches {
+            let k = &a.manifest.kernels[l.kernel];
+            let grid: Vec<u32> = k.grid.iter().map(|g| a.manifest.eval(g, &dims(3, 7, 2)).unwrap() as u32).collect();
+            assert_eq!(l.grid.to_vec(), grid, "{}", k.name);
+            assert_eq!(&l.args[..3], &[3, 7, 2], "{}: the runtime dims first", k.name);
+        }
+
+        // A grid that is not whole at these dims: an error naming the kernel.
+        let mut m = a.manifest.clone();
+        m.kernels[1].grid[0] = Size::Expr("b/2".into());
+        let plan = ExecPlan::new(&m, true).unwrap();
+        let all = plan.bind_dims(&dims(3, 7, 2)).unwrap();
+        let err = plan.launches(&all, &BTreeMap::new(), |_| 1).unwrap_err().to_string();
+        assert!(err.contains(&format!("kernel `{}` grid[0]", m.kernels[1].name)) && err.contains("whole"), "{err}");
+        assert!(plan.launches(&plan.bind_dims(&dims(4, 7, 2)).unwrap(), &BTreeMap::new(), |_| 1).is_ok());
+
+        // A dim parameter that is not a runtime dim: an error at load.
+        let mut m = a.manifest.clone();
+        m.kernels[0].params[0].name = "h".into();
+        let err = ExecPlan::new(&m, true).unwrap_err().to_string();
+        assert!(err.contains(&m.kernels[0].name) && err.contains("`h`, which is not a runtime dim"), "{err}");
     }
 
     #[test]
