@@ -47,7 +47,7 @@ mod sampler;
 
 pub use cache::KvCache;
 pub use layout::{DecodeLayout, LayerBuffers};
-pub use sampler::{sample_rng, sample_token, SampleError};
+pub use sampler::{sample_rng, sample_token, sample_tokens, SampleError};
 
 use crate::manifest::Manifest;
 use crate::rng::SplitMix64;
@@ -154,8 +154,7 @@ fn dims(b: usize, m_c: usize, m_d: usize) -> BTreeMap<String, i64> {
     BTreeMap::from([("b".to_string(), b as i64), ("m_c".to_string(), m_c as i64), ("m_d".to_string(), m_d as i64)])
 }
 
-/// One token per sample: from the same `rows` (`shared`, `vocab` values) or
-/// from row `s` of `rows` (`[b, vocab]`) for sample `s`.
+/// One token per sample (see [`sample_tokens`]).
 fn draw(
     rows: &[f32],
     vocab: usize,
@@ -164,13 +163,11 @@ fn draw(
     temperature: f32,
     step: usize,
 ) -> Result<Vec<u32>, SessionError> {
-    rngs.iter_mut()
-        .enumerate()
-        .map(|(s, rng)| {
-            let row = if shared { rows } else { rows.get(s * vocab..(s + 1) * vocab).unwrap_or_default() };
-            sample_token(row, temperature, rng).map_err(|source| SessionError::Sample { sample: s, step, source })
-        })
-        .collect()
+    sample_tokens(rows, vocab, shared, temperature, rngs).map_err(|(sample, source)| SessionError::Sample {
+        sample,
+        step,
+        source,
+    })
 }
 
 /// `ctx` (`[g, m, k]`) followed by the one-sample rows `rows`

@@ -27,21 +27,75 @@ pub fn sample_rng(seed: u64, index: usize) -> SplitMix64 {
     SplitMix64::named(seed, &format!("sample.{index}"))
 }
 
+/// Logits a thread of [`sample_tokens`] must get (below, starting it costs
+/// more than it saves): a greedy pick reads a logit in about a nanosecond,
+/// a draw at a temperature takes an `exp` of each, ten times that.
+const PARALLEL_MIN: usize = 1 << 15;
+const PARALLEL_MIN_GREEDY: usize = 1 << 20;
+
+/// One token per sample `s` (one generator each, `rngs[s]`): drawn from
+/// `rows` itself (`shared`: `vocab` logits every sample draws from) or from
+/// row `s` of `rows` (`[rngs.len(), vocab]`). A large batch is split across
+/// the machine's cores by sample; since every sample has its own
+/// generator, the tokens, and the first error by sample (its index and
+/// cause), are those of drawing the samples one after another.
+pub fn sample_tokens(
+    rows: &[f32],
+    vocab: usize,
+    shared: bool,
+    temperature: f32,
+    rngs: &mut [SplitMix64],
+) -> Result<Vec<u32>, (usize, SampleError)> {
+    let one = |s: usize, rng: &mut SplitMix64| {
+        let row = if shared { rows } else { rows.get(s * vocab..(s + 1) * vocab).unwrap_or_default() };
+        sample_token(row, temperature, rng).map_err(|e| (s, e))
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let min = if temperature == 0.0 { PARALLEL_MIN_GREEDY } else { PARALLEL_MIN };
+    let threads = cores.min(rngs.len()).min((rngs.len() * vocab / min).max(1));
+    if threads <= 1 {
+        return rngs.iter_mut().enumerate().map(|(s, rng)| one(s, rng)).collect();
+    }
+    let per = rngs.len().div_ceil(threads);
+    let parts: Vec<Result<Vec<u32>, (usize, SampleError)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = rngs
+            .chunks_mut(per)
+            .enumerate()
+            .map(|(c, chunk)| {
+                let one = &one;
+                scope.spawn(move || chunk.iter_mut().enumerate().map(|(i, rng)| one(c * per + i, rng)).collect())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    });
+    let mut tokens = Vec::with_capacity(rngs.len());
+    for part in parts {
+        tokens.extend(part?);
+    }
+    Ok(tokens)
+}
+
 /// Draws a token id from `logits` (see the module docs).
 pub fn sample_token(logits: &[f32], temperature: f32, rng: &mut SplitMix64) -> Result<u32, SampleError> {
     if !(temperature.is_finite() && temperature >= 0.0) {
         return Err(SampleError::Temperature(temperature));
     }
-    let mut best: Option<(usize, f32)> = None;
-    for (index, &value) in logits.iter().enumerate() {
-        if value.is_nan() || value == f32::INFINITY {
+    // The largest logit, and whether any is NaN or +inf, in one branch-free
+    // (vectorized) pass; then the first of the largest (ties to the lowest id).
+    let (mut max, mut bad) = (f32::NEG_INFINITY, false);
+    for &value in logits {
+        bad |= value.is_nan() | (value == f32::INFINITY);
+        max = if value > max { value } else { max };
+    }
+    if bad {
+        if let Some((index, &value)) = logits.iter().enumerate().find(|(_, v)| v.is_nan() || **v == f32::INFINITY) {
             return Err(SampleError::NotFinite { index, value });
         }
-        if value > f32::NEG_INFINITY && best.is_none_or(|(_, b)| value > b) {
-            best = Some((index, value));
-        }
     }
-    let (argmax, max) = best.ok_or(SampleError::Empty(logits.len()))?;
+    if max == f32::NEG_INFINITY {
+        return Err(SampleError::Empty(logits.len()));
+    }
+    let argmax = logits.iter().position(|&v| v == max).unwrap_or(0);
     if temperature == 0.0 {
         return Ok(argmax as u32);
     }
@@ -117,5 +171,40 @@ mod tests {
         assert_eq!(draw(5, 0), draw(5, 0));
         assert_ne!(draw(5, 0), draw(5, 1));
         assert_ne!(draw(5, 0), draw(6, 0));
+    }
+
+    #[test]
+    fn a_batch_draws_what_its_samples_draw_one_by_one() {
+        // Large enough to be split across threads on a machine with cores
+        // (at a temperature; greedy picks need larger batches).
+        let (b, vocab) = (24, 8000);
+        assert!(b * vocab >= 2 * PARALLEL_MIN);
+        let rows: Vec<f32> = (0..b * vocab).map(|i| ((i * 7919) % 1013) as f32 / 97.0).collect();
+        for (shared, temperature) in [(false, 0.0), (false, 0.8), (true, 0.8)] {
+            let mut rngs: Vec<SplitMix64> = (0..b).map(|s| sample_rng(3, s)).collect();
+            let batch = sample_tokens(&rows, vocab, shared, temperature, &mut rngs).unwrap();
+            let one_by_one: Vec<u32> = (0..b)
+                .map(|s| {
+                    let row = if shared { &rows[..] } else { &rows[s * vocab..(s + 1) * vocab] };
+                    sample_token(row, temperature, &mut sample_rng(3, s)).unwrap()
+                })
+                .collect();
+            assert_eq!(batch, one_by_one, "shared {shared}, temperature {temperature}");
+            // The generators advanced as one by one: the next draw agrees too.
+            let next = sample_tokens(&rows, vocab, shared, temperature, &mut rngs).unwrap();
+            let mut again: Vec<SplitMix64> = (0..b).map(|s| sample_rng(3, s)).collect();
+            for (s, rng) in again.iter_mut().enumerate() {
+                let row = if shared { &rows[..] } else { &rows[s * vocab..(s + 1) * vocab] };
+                sample_token(row, temperature, rng).unwrap();
+                assert_eq!(sample_token(row, temperature, rng).unwrap(), next[s]);
+            }
+        }
+        // The first failing sample is reported, as one by one.
+        let mut bad = rows.clone();
+        bad[5 * vocab + 3] = f32::NAN;
+        bad[17 * vocab + 1] = f32::INFINITY;
+        let mut rngs: Vec<SplitMix64> = (0..b).map(|s| sample_rng(3, s)).collect();
+        let (sample, err) = sample_tokens(&bad, vocab, false, 0.8, &mut rngs).unwrap_err();
+        assert_eq!((sample, err.to_string()), (5, "logit 3 is NaN".to_string()));
     }
 }
