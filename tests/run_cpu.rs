@@ -168,8 +168,9 @@ fn cli_samples_deterministically_for_a_seed() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A step that records every output of every run; with `keep_caches`
-/// false it keeps no decode caches (the session binds them every step).
+/// A step that records every output of every run (also of a run for some
+/// outputs only, and which it was for); with `keep_caches` false it keeps
+/// no decode caches (the session binds them every step).
 struct Recorder<S> {
     inner: S,
     runs: Vec<(BTreeMap<String, i64>, HashMap<String, HostTensor>)>,
@@ -179,6 +180,8 @@ struct Recorder<S> {
     capacity: Option<usize>,
     /// Names bound, in order.
     binds: Vec<String>,
+    /// The outputs asked for by each run for some outputs only.
+    wanted: Vec<Vec<String>>,
 }
 
 impl<S: Step> Step for Recorder<S> {
@@ -194,6 +197,17 @@ impl<S: Step> Step for Recorder<S> {
     fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
         let out = self.inner.run(dims)?;
         self.runs.push((dims.clone(), out.clone()));
+        Ok(out)
+    }
+
+    fn run_for(
+        &mut self,
+        dims: &BTreeMap<String, i64>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostTensor>, StepError> {
+        self.wanted.push(wanted.iter().map(|w| w.to_string()).collect());
+        let mut out = self.run(dims)?;
+        out.retain(|name, _| wanted.contains(&name.as_str()));
         Ok(out)
     }
 
@@ -236,7 +250,8 @@ fn decode_with(
     capacity: Option<usize>,
 ) -> (Vec<f32>, SampleOutput, SampleOutput, Runs) {
     let (artifact, cpu) = bifurc::run::cpu_step(ptx).unwrap_or_else(|e| panic!("{}: {e}", ptx.display()));
-    let recorder = Recorder { inner: cpu, runs: Vec::new(), keep_caches, capacity, binds: Vec::new() };
+    let recorder =
+        Recorder { inner: cpu, runs: Vec::new(), keep_caches, capacity, binds: Vec::new(), wanted: Vec::new() };
     let mut session = Session::new(recorder, &artifact.manifest).unwrap();
     session.bind_weights(weights).unwrap();
     let fill = session.fill_context(&PROMPT).unwrap();
@@ -249,6 +264,12 @@ fn decode_with(
     // Kept caches are never bound; the others are bound at every step.
     let cache_binds = recorder.binds.iter().filter(|n| n.ends_with("_dec")).count();
     assert_eq!(cache_binds, if keep_caches { 0 } else { 4 * recorder.runs.len() }, "decode-cache binds");
+    // With the caches in the backend a decode step reads back the logits
+    // alone (the new rows are appended there): every step, filling the
+    // context included.
+    let logits_only = recorder.wanted.iter().filter(|w| *w == &["logits".to_string()]).count();
+    let steps = recorder.runs.len();
+    assert_eq!((logits_only, recorder.wanted.len()), if keep_caches { (steps, steps) } else { (0, 0) });
     (fill, greedy, sampled, recorder.runs)
 }
 

@@ -61,6 +61,19 @@ pub trait Step {
     /// and returns every output by name.
     fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError>;
 
+    /// [`Step::run`], returning only the outputs named in `wanted` (a
+    /// backend may skip reading the others back: the CUDA backend downloads
+    /// only these). The others stay available to [`Step::append_rows`].
+    fn run_for(
+        &mut self,
+        dims: &BTreeMap<String, i64>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostTensor>, StepError> {
+        let mut outputs = self.run(dims)?;
+        outputs.retain(|name, _| wanted.contains(&name.as_str()));
+        Ok(outputs)
+    }
+
     /// Keeps decode cache `name` — an input with a pitch
     /// ([`crate::manifest::Pitch`]) — inside the backend: it becomes empty
     /// (`shape`: its dense shape with 0 rows) with room for `capacity` rows
@@ -126,6 +139,14 @@ macro_rules! forward_step {
                 (**self).run(dims)
             }
 
+            fn run_for(
+                &mut self,
+                dims: &BTreeMap<String, i64>,
+                wanted: &[&str],
+            ) -> Result<HashMap<String, HostTensor>, StepError> {
+                (**self).run_for(dims, wanted)
+            }
+
             fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
                 (**self).reserve_rows(name, shape, capacity)
             }
@@ -169,6 +190,14 @@ impl<S: Step> Step for BoundCaches<S> {
 
     fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
         self.0.run(dims)
+    }
+
+    fn run_for(
+        &mut self,
+        dims: &BTreeMap<String, i64>,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, HostTensor>, StepError> {
+        self.0.run_for(dims, wanted)
     }
 
     fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {

@@ -307,21 +307,30 @@ impl<S: Step> Session<S> {
                 }
             }
         }
-        let mut outputs = self.step.run(&dims(b, m_c, m_d))?;
-        for (l, layer) in self.layout.layers.iter().enumerate() {
-            for (i, name) in layer.new.iter().enumerate() {
-                let rows = Self::check_output(&outputs, name, &[b, layer.g, 1, layer.k])?;
-                match caches {
-                    Caches::Host(host) => host[l][i]
-                        .append(rows)
-                        .map_err(|message| SessionError::Output { name: name.clone(), message })?,
-                    Caches::Backend { .. } => self.step.append_rows(&layer.decode[i], name)?,
+        let mut outputs = match caches {
+            Caches::Host(host) => {
+                let outputs = self.step.run(&dims(b, m_c, m_d))?;
+                for (layer, kv) in self.layout.layers.iter().zip(host.iter_mut()) {
+                    for (name, cache) in layer.new.iter().zip(kv) {
+                        let rows = Self::check_output(&outputs, name, &[b, layer.g, 1, layer.k])?;
+                        cache.append(rows).map_err(|message| SessionError::Output { name: name.clone(), message })?;
+                    }
                 }
+                outputs
             }
-        }
-        if let Caches::Backend { len } = caches {
-            *len += 1;
-        }
+            Caches::Backend { len } => {
+                // The new rows stay in the backend, appended there (which
+                // checks their shape); only the logits come back.
+                let outputs = self.step.run_for(&dims(b, m_c, m_d), &[self.layout.logits.as_str()])?;
+                for layer in &self.layout.layers {
+                    for (cache, name) in layer.decode.iter().zip(&layer.new) {
+                        self.step.append_rows(cache, name)?;
+                    }
+                }
+                *len += 1;
+                outputs
+            }
+        };
         Self::check_output(&outputs, &self.layout.logits, &[b, 1, self.layout.vocab])?;
         outputs.remove(&self.layout.logits).ok_or_else(|| SessionError::Usage("logits vanished".into()))
     }
