@@ -345,6 +345,9 @@ impl ExecPlan {
                 }
             }
         }
+        if all.values.len() != self.exprs.len() || all.runtime.len() != self.manifest.dims.runtime.len() {
+            return Err(StepError::Backend("launches: dims bound for another plan".into()));
+        }
         // Each runtime dim's capacity: given, else the dim's value (dense).
         let caps: Vec<i64> = self
             .manifest
