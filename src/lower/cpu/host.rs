@@ -29,6 +29,41 @@ impl HostData {
         }
     }
 
+    /// Whether this holds storage of `dtype`.
+    pub(crate) fn dtype_is(&self, dtype: DType) -> bool {
+        matches!(
+            (self, dtype),
+            (HostData::F32(_), DType::F32)
+                | (HostData::U16(_), DType::F16 | DType::BF16)
+                | (HostData::I32(_), DType::I32)
+                | (HostData::I64(_), DType::I64)
+        )
+    }
+
+    /// `n` zeros (at least one) in this memory: [`HostData::zeros`]
+    /// without a new allocation when it is large enough.
+    pub(crate) fn zero(&mut self, n: usize) {
+        let n = n.max(1);
+        match self {
+            HostData::F32(v) => {
+                v.clear();
+                v.resize(n, 0.0);
+            }
+            HostData::U16(v) => {
+                v.clear();
+                v.resize(n, 0);
+            }
+            HostData::I32(v) => {
+                v.clear();
+                v.resize(n, 0);
+            }
+            HostData::I64(v) => {
+                v.clear();
+                v.resize(n, 0);
+            }
+        }
+    }
+
     /// Converts `t` (f32 values) to storage `dtype`. Integer dtypes need
     /// exact integers of magnitude `<= 2^24` (as the interpreter does).
     pub(crate) fn from_tensor(dtype: DType, t: &Tensor, name: &str) -> Result<Self, LowerError> {
