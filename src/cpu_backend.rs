@@ -2,15 +2,18 @@
 //! JIT-compiled for the host through MLIR ([`crate::lower::CpuStep`]). It
 //! lives in this crate, not in `bifurc-runtime`, because it links MLIR.
 //!
-//! Decode caches can be kept in the backend with spare rows
+//! Inputs are kept in their storage dtype ([`crate::lower::cpu::Stored`]):
+//! a bf16 weight or context cache is converted once, when bound, not at
+//! every step. Decode caches can be kept in the backend with spare rows
 //! ([`Step::reserve_rows`]), as on CUDA: the same pitched kernels read them
 //! with the capacity as row stride, and a step's new rows are copied in
 //! place.
 
 use crate::interp::Tensor;
 use crate::ir::Graph;
+use crate::lower::cpu::Stored;
 use crate::lower::{BufferKind, CpuStep, LowerError};
-use bifurc_runtime::rows::{append_host, dense_host, relayout_host, RowCaches};
+use bifurc_runtime::rows::RowCaches;
 use bifurc_runtime::{HostTensor, Step, StepError};
 use std::collections::{BTreeMap, HashMap};
 
@@ -18,8 +21,9 @@ use std::collections::{BTreeMap, HashMap};
 pub struct CpuBackend {
     step: CpuStep,
     runtime: Vec<String>,
-    /// Inputs by name; a reserved cache is stored with its capacity's rows.
-    bound: HashMap<String, Tensor>,
+    /// Inputs by name, in their storage dtype; a reserved cache is stored
+    /// with its capacity's rows.
+    bound: HashMap<String, Stored>,
     rows: RowCaches,
     /// Outputs of the last run while caches are reserved (the new rows to
     /// append).
@@ -38,10 +42,13 @@ impl CpuBackend {
         })
     }
 
-    /// Binds a reference-interpreter tensor without copying through [`HostTensor`].
-    pub fn bind_tensor(&mut self, name: &str, tensor: Tensor) {
+    /// Binds a reference-interpreter tensor without copying through
+    /// [`HostTensor`] (converted to the input's storage dtype once).
+    pub fn bind_tensor(&mut self, name: &str, tensor: Tensor) -> Result<(), StepError> {
+        let stored = self.step.store(name, tensor).map_err(|e| StepError::Backend(e.to_string()))?;
         self.rows.forget(name);
-        self.bound.insert(name.to_string(), tensor);
+        self.bound.insert(name.to_string(), stored);
+        Ok(())
     }
 
     /// The rows axis and dim of pitched input `name`.
@@ -59,12 +66,9 @@ impl CpuBackend {
     /// Applies the re-layouts `RowCaches` asks for to the stored tensors.
     fn relayout(&mut self, moves: &[bifurc_runtime::rows::Relayout]) -> Result<(), StepError> {
         for m in moves {
-            let t = self.bound.get_mut(&m.name).ok_or_else(|| StepError::Unbound(m.name.clone()))?;
-            t.data = relayout_host(&t.data, &m.old, &m.new);
             let (axis, _) = self.pitch(&m.name)?;
-            if let Some(t) = self.bound.get_mut(&m.name) {
-                t.shape[axis] = m.new.capacity;
-            }
+            let t = self.bound.get_mut(&m.name).ok_or_else(|| StepError::Unbound(m.name.clone()))?;
+            t.relayout(axis, &m.old, &m.new);
         }
         Ok(())
     }
@@ -78,8 +82,7 @@ impl Step for CpuBackend {
     fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
         let t =
             Tensor::new(tensor.shape.clone(), tensor.data.clone()).map_err(|e| StepError::Backend(e.to_string()))?;
-        self.bind_tensor(name, t);
-        Ok(())
+        self.bind_tensor(name, t)
     }
 
     fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
@@ -87,8 +90,7 @@ impl Step for CpuBackend {
         let pitched = program.buffers.iter().filter(|b| matches!(b.kind, BufferKind::Input(_)));
         self.rows.check_dense(pitched.filter_map(|b| Some((b.name.as_str(), b.pitch.as_ref()?.dim.as_str()))))?;
         let caps = self.rows.capacities();
-        let out =
-            self.step.run_with_capacity(dims, &caps, &self.bound).map_err(|e| StepError::Backend(e.to_string()))?;
+        let out = self.step.run_stored(dims, &caps, &self.bound).map_err(|e| StepError::Backend(e.to_string()))?;
         let out: HashMap<String, HostTensor> =
             out.into_iter().map(|(k, t)| (k, HostTensor { shape: t.shape, data: t.data })).collect();
         // Kept only while caches are reserved (append_rows reads them).
@@ -103,7 +105,8 @@ impl Step for CpuBackend {
         self.relayout(&moves)?;
         let mut stored = shape.to_vec();
         stored[axis] = g.capacity;
-        self.bound.insert(name.to_string(), Tensor { shape: stored, data: vec![0.0; g.stored()] });
+        let zeros = self.step.store_zeros(name, stored).map_err(|e| StepError::Backend(e.to_string()))?;
+        self.bound.insert(name.to_string(), zeros);
         Ok(true)
     }
 
@@ -111,10 +114,10 @@ impl Step for CpuBackend {
         let new =
             self.last.get(rows).ok_or_else(|| StepError::Backend(format!("no output `{rows}` from a last step")))?;
         let (r, g, moves) = self.rows.prepare_append(name, &new.shape)?;
-        let new = new.data.clone();
+        let new = Tensor { shape: new.shape.clone(), data: new.data.clone() };
         self.relayout(&moves)?;
         let t = self.bound.get_mut(name).ok_or_else(|| StepError::Unbound(name.to_string()))?;
-        append_host(&mut t.data, &g, &new, r);
+        t.append(&g, new, r, name).map_err(|e| StepError::Backend(e.to_string()))?;
         self.rows.appended(name, r);
         Ok(())
     }
@@ -123,6 +126,40 @@ impl Step for CpuBackend {
         let g = self.rows.geometry(name)?;
         let t = self.bound.get(name).ok_or_else(|| StepError::Unbound(name.to_string()))?;
         let shape = self.rows.shape(name).map(<[usize]>::to_vec).unwrap_or_default();
-        Ok(HostTensor { shape, data: dense_host(&t.data, &g) })
+        let dense = t.dense(&g, shape);
+        Ok(HostTensor { shape: dense.shape, data: dense.data })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_are_stored_in_their_dtype_when_bound() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b"], "constants": {"d": 4}},
+            "inputs": [
+                {"name": "x", "role": "activation", "shape": ["b", "d"], "dtype": "f32"},
+                {"name": "w", "role": "weight", "shape": ["d"], "dtype": "bf16"}
+            ],
+            "nodes": [{"id": "y", "op": "mul", "inputs": ["x", "w"], "dtype": "f32"}],
+            "outputs": [{"name": "y", "node": "y"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+        let mut cpu = CpuBackend::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+        let w = HostTensor { shape: vec![4], data: vec![0.1, 0.2, 0.3, 0.4] };
+        cpu.bind("w", &w).unwrap_or_else(|e| panic!("{e}"));
+        cpu.bind("x", &HostTensor { shape: vec![1, 4], data: vec![1.0; 4] }).unwrap_or_else(|e| panic!("{e}"));
+        // Converted once, at the bind: the step reads the bf16 bits in place.
+        assert_eq!(cpu.bound["w"].dtype(), crate::ir::DType::BF16);
+        assert_eq!(cpu.bound["x"].dtype(), crate::ir::DType::F32);
+        let y = cpu.run(&BTreeMap::from([("b".to_string(), 1)])).unwrap_or_else(|e| panic!("{e}"));
+        let want: Vec<f32> =
+            w.data.iter().map(|&v| crate::lower::cpu::bf16_to_f32(crate::lower::cpu::f32_to_bf16(v))).collect();
+        assert_eq!(y["y"].data, want);
+        let err = cpu.bind("nope", &w).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("`nope` is not an input"), "{err}");
     }
 }

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use bifurc::inspect::ShapePoint;
+use bifurc::ir::DType;
 use bifurc::lower::gpu::GpuTarget;
 use bifurc::{compile, CompileOptions};
 use bifurc_runtime::session::{SampleOptions, SampleOutput, Session};
@@ -46,12 +47,26 @@ fn load(path: &Path) -> bifurc::ir::Graph {
 /// Compiles `examples/{example}/model.json` for sm_90 and writes it as
 /// `dir/{name}.ptx` (+ manifest, graph).
 fn write_artifact(libdevice: &Path, dir: &Path, example: &str, name: &str, bifurcate: bool, point: &str) -> PathBuf {
+    write_artifact_as(libdevice, dir, example, name, bifurcate, point, None)
+}
+
+/// [`write_artifact`], re-typed to `dtype` when given.
+fn write_artifact_as(
+    libdevice: &Path,
+    dir: &Path,
+    example: &str,
+    name: &str,
+    bifurcate: bool,
+    point: &str,
+    dtype: Option<DType>,
+) -> PathBuf {
     let graph = load(&root().join("examples").join(example).join("model.json"));
     let opts = CompileOptions {
         target: GpuTarget::Sm90,
         point: ShapePoint::parse(point).unwrap(),
         bifurcate,
         libdevice: Some(libdevice.to_path_buf()),
+        dtype,
         ..CompileOptions::default()
     };
     let artifact = compile(&graph, &opts).unwrap_or_else(|e| panic!("compiling {example}: {e}"));
@@ -337,7 +352,11 @@ fn backend_kept_caches_decode_exactly_like_bound_caches() {
     let (base, bif) = tiny_artifacts(&libdevice, &dir);
     let manifest = bifurc_runtime::Artifact::load(&base).unwrap().manifest;
     let weights = random_weights(&manifest, 9).unwrap();
-    for (ptx, capacity) in [(&base, None), (&bif, None), (&bif, Some(1))] {
+    // bf16 storage: the backend keeps the caches (and the weights) as
+    // bf16 bits, appending the new rows converted; the session binds f32
+    // caches that the run converts. The same bits either way.
+    let bf16 = write_artifact_as(&libdevice, &dir, "tiny", "bif16", true, "b=32,m_c=512,m_d=4", Some(DType::BF16));
+    for (ptx, capacity) in [(&base, None), (&bif, None), (&bif, Some(1)), (&bf16, Some(1))] {
         let (fill_a, greedy_a, sampled_a, runs_a) = decode_with(ptx, &weights, true, capacity);
         let (fill_b, greedy_b, sampled_b, runs_b) = decode(ptx, &weights, false);
         assert_eq!(fill_a, fill_b);

@@ -103,8 +103,8 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
             let p = point(b, m_c, opts.decoded);
             progress(&format!("b={b}, m_c={m_c}, m_d={}", opts.decoded));
             for (name, t) in random_inputs(graph, &p, opts.seed)? {
-                base.bind_tensor(&name, t.clone());
-                bif.bind_tensor(&name, t);
+                base.bind_tensor(&name, t.clone())?;
+                bif.bind_tensor(&name, t)?;
             }
             // Warm-up, then alternate so both sides see the same noise.
             base.run(&p)?;

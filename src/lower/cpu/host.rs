@@ -112,6 +112,26 @@ impl HostData {
         Tensor { shape, data }
     }
 
+    /// Elements held.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            HostData::F32(v) => v.len(),
+            HostData::U16(v) => v.len(),
+            HostData::I32(v) => v.len(),
+            HostData::I64(v) => v.len(),
+        }
+    }
+
+    /// Pointer to the first element, for reading only.
+    pub(crate) fn const_ptr(&self) -> *const c_void {
+        match self {
+            HostData::F32(v) => v.as_ptr().cast(),
+            HostData::U16(v) => v.as_ptr().cast(),
+            HostData::I32(v) => v.as_ptr().cast(),
+            HostData::I64(v) => v.as_ptr().cast(),
+        }
+    }
+
     /// Pointer to the first element (never null, never dangling).
     pub(crate) fn ptr(&mut self) -> *mut c_void {
         match self {

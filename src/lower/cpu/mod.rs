@@ -8,8 +8,10 @@
 //! outputs as f32 [`Tensor`]s.
 
 mod host;
+mod stored;
 
 pub use host::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+pub use stored::Stored;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
@@ -42,6 +44,14 @@ const OPT_LEVEL: i32 = 3;
 
 /// Wall time of every kernel of one run, in launch order, by kernel name.
 pub type KernelTimes = Vec<(String, Duration)>;
+
+/// The inputs of a run: f32 tensors (converted to their storage dtype by
+/// the run) or [`Stored`] ones.
+#[derive(Clone, Copy)]
+enum Inputs<'a> {
+    Tensors(&'a HashMap<String, Tensor>),
+    Stored(&'a HashMap<String, Stored>),
+}
 
 /// A packed wrapper: `void (void **args)`.
 type Packed = unsafe extern "C" fn(*mut *mut c_void);
@@ -180,7 +190,7 @@ impl CpuStep {
         point: &BTreeMap<String, i64>,
         inputs: &HashMap<String, Tensor>,
     ) -> Result<HashMap<String, Tensor>, LowerError> {
-        self.run_inner(point, &BTreeMap::new(), inputs, None)
+        self.run_inner(point, &BTreeMap::new(), Inputs::Tensors(inputs), None)
     }
 
     /// [`CpuStep::run`] with decode caches stored with spare rows: a
@@ -194,7 +204,36 @@ impl CpuStep {
         capacities: &BTreeMap<String, i64>,
         inputs: &HashMap<String, Tensor>,
     ) -> Result<HashMap<String, Tensor>, LowerError> {
-        self.run_inner(point, capacities, inputs, None)
+        self.run_inner(point, capacities, Inputs::Tensors(inputs), None)
+    }
+
+    /// Input `name` in its buffer's storage dtype, for
+    /// [`CpuStep::run_stored`] (converted once, not at every run; f32 data
+    /// is moved). Errors for a name that is not an input and, for an
+    /// integer input, a value that is not an integer.
+    pub fn store(&self, name: &str, tensor: Tensor) -> Result<Stored, LowerError> {
+        Stored::new(self.input_dtype(name)?, tensor, name)
+    }
+
+    /// Zeros of `shape` for input `name`, in its storage dtype.
+    pub fn store_zeros(&self, name: &str, shape: Vec<usize>) -> Result<Stored, LowerError> {
+        Ok(Stored::zeros(self.input_dtype(name)?, shape))
+    }
+
+    fn input_dtype(&self, name: &str) -> Result<DType, LowerError> {
+        let input = self.program.buffers.iter().find(|b| b.name == name && matches!(b.kind, BufferKind::Input(_)));
+        input.map(|b| b.dtype).ok_or_else(|| LowerError::Run(format!("`{name}` is not an input of this step")))
+    }
+
+    /// [`CpuStep::run_with_capacity`] on inputs already in their storage
+    /// dtype ([`CpuStep::store`]), read in place.
+    pub fn run_stored(
+        &self,
+        point: &BTreeMap<String, i64>,
+        capacities: &BTreeMap<String, i64>,
+        inputs: &HashMap<String, Stored>,
+    ) -> Result<HashMap<String, Tensor>, LowerError> {
+        self.run_inner(point, capacities, Inputs::Stored(inputs), None)
     }
 
     /// [`CpuStep::run`], also returning the wall time of every kernel (in
@@ -205,7 +244,7 @@ impl CpuStep {
         inputs: &HashMap<String, Tensor>,
     ) -> Result<(HashMap<String, Tensor>, KernelTimes), LowerError> {
         let mut times = Vec::with_capacity(self.program.kernels.len());
-        let out = self.run_inner(point, &BTreeMap::new(), inputs, Some(&mut times))?;
+        let out = self.run_inner(point, &BTreeMap::new(), Inputs::Tensors(inputs), Some(&mut times))?;
         Ok((out, times))
     }
 
@@ -213,7 +252,7 @@ impl CpuStep {
         &self,
         point: &BTreeMap<String, i64>,
         capacities: &BTreeMap<String, i64>,
-        inputs: &HashMap<String, Tensor>,
+        inputs: Inputs<'_>,
         mut times: Option<&mut KernelTimes>,
     ) -> Result<HashMap<String, Tensor>, LowerError> {
         let mut dims: Vec<i64> = Vec::with_capacity(self.program.dims.len());
@@ -245,8 +284,8 @@ impl CpuStep {
         };
         scratch.resize_with(self.program.buffers.len(), || None);
         let mut shapes = Vec::with_capacity(self.program.buffers.len());
-        // Owned storage, or the data of an f32 input read in place.
-        let mut host: Vec<Result<HostData, *const f32>> = Vec::with_capacity(self.program.buffers.len());
+        // Owned storage, or the data of an input read in place.
+        let mut host: Vec<Result<HostData, *const c_void>> = Vec::with_capacity(self.program.buffers.len());
         for (b, buf) in self.program.buffers.iter().enumerate() {
             let shape = buf
                 .shape
@@ -275,21 +314,40 @@ impl CpuStep {
                 .ok_or_else(|| LowerError::Run(format!("buffer `{}` of shape {shape:?} is too large", buf.name)))?;
             let data = match buf.kind {
                 BufferKind::Input(_) => {
-                    let t = inputs
-                        .get(&buf.name)
-                        .ok_or_else(|| LowerError::Run(format!("input `{}` is missing", buf.name)))?;
-                    if t.shape != shape || t.data.len() != n {
-                        return Err(LowerError::Run(format!(
-                            "input `{}` has shape {:?} ({} values), expected {shape:?}",
-                            buf.name,
-                            t.shape,
-                            t.data.len()
-                        )));
-                    }
-                    if buf.dtype == DType::F32 && !t.data.is_empty() {
-                        Err(t.data.as_ptr())
-                    } else {
-                        Ok(HostData::from_tensor(buf.dtype, t, &buf.name)?)
+                    let missing = || LowerError::Run(format!("input `{}` is missing", buf.name));
+                    let bad_shape = |got: &[usize], len: usize| {
+                        LowerError::Run(format!(
+                            "input `{}` has shape {got:?} ({len} values), expected {shape:?}",
+                            buf.name
+                        ))
+                    };
+                    match inputs {
+                        Inputs::Tensors(map) => {
+                            let t = map.get(&buf.name).ok_or_else(missing)?;
+                            if t.shape != shape || t.data.len() != n {
+                                return Err(bad_shape(&t.shape, t.data.len()));
+                            }
+                            if buf.dtype == DType::F32 && !t.data.is_empty() {
+                                Err(t.data.as_ptr().cast())
+                            } else {
+                                Ok(HostData::from_tensor(buf.dtype, t, &buf.name)?)
+                            }
+                        }
+                        Inputs::Stored(map) => {
+                            let t = map.get(&buf.name).ok_or_else(missing)?;
+                            if t.shape != shape || t.len() < n.max(1) {
+                                return Err(bad_shape(&t.shape, t.len()));
+                            }
+                            if t.dtype() != buf.dtype {
+                                return Err(LowerError::Run(format!(
+                                    "input `{}` is stored as {}, not {}",
+                                    buf.name,
+                                    t.dtype().name(),
+                                    buf.dtype.name()
+                                )));
+                            }
+                            Err(t.ptr())
+                        }
                     }
                 }
                 BufferKind::Intermediate => Ok(match scratch[b].take() {
@@ -307,7 +365,7 @@ impl CpuStep {
         // An f32 input is passed as its tensor's data pointer: no kernel
         // writes an input buffer, so it is only ever read through.
         let mut ptrs: Vec<*mut c_void> =
-            host.iter_mut().map(|h| h.as_mut().map_or_else(|p| p.cast_mut().cast(), HostData::ptr)).collect();
+            host.iter_mut().map(|h| h.as_mut().map_or_else(|p| p.cast_mut(), HostData::ptr)).collect();
         let dim_ptr = dims.as_mut_ptr();
         let cap_ptr = caps.as_mut_ptr();
         let buf_ptr = ptrs.as_mut_ptr();
@@ -339,9 +397,11 @@ impl CpuStep {
             // dim, in `dims`, or a capacity, in `caps`) or at a data pointer (in `ptrs`) to a live
             // allocation of the buffer's dtype holding at least
             // `max(numel, 1)` elements at this point: an owned buffer in
-            // `host`, or the data of an f32 input tensor in `inputs`
-            // (borrowed for this whole call, never written: a kernel writes
-            // only its output or an intermediate, which are owned). The
+            // `host`, or the data of an input read in place (an f32 tensor
+            // of `inputs`, or a `Stored` input of the buffer's dtype and
+            // shape, checked above), borrowed for this whole call and never
+            // written: a kernel writes only its output or an intermediate,
+            // which are owned. The
             // kernel only touches elements inside its buffers' shapes at
             // these dims (gather checks its ids), a pitched buffer's rows
             // axis below the dim's value (`<=` its capacity, the stored
