@@ -23,7 +23,10 @@
 #      cache vs the paper's einsum form                         -> OUT/torch/
 #   5b. the issue's targets (attention within 2x of HBM time; faster than
 #      SDPA at b >= 16) from the bench's profile                -> OUT/targets.md
-#   5c. with the time left: each tensor-core tuning variant (carry/tuning-variants.txt)
+#   5c. the decode loop as a user runs it (host included: preparing the
+#      launches, reading the logits back, drawing the tokens), baseline and
+#      bifurcated, b=32, m_c=8192, 32 steps at T=0.8           -> OUT/decode/
+#   5d. with the time left: each tensor-core tuning variant (carry/tuning-variants.txt)
 #      against the default build, b=32, m_c=8192, per-kernel profiles
 #                                                               -> OUT/tune/, OUT/tune.md
 #   6. OUT/summary.md: everything above in one page.
@@ -255,6 +258,36 @@ export -f targets
 export root
 step "attention targets" 60 bash -c targets
 
+# 5c. The decode loop end to end, as `bifurc-run run` reports it: median
+# step latency (bind + run + logits back) and tokens/s, drawing included.
+mkdir -p "$out/decode"
+for side in base bif; do
+    step "decode loop $side (b=32, m_c=8192)" 45 "$run" run "$carry/$model-$side.ptx" --random-weights --seed 1 \
+        --context-len 8192 --samples 32 --steps 32 --temperature 0.8 --json --out-json "$out/decode/$side.json"
+done
+decode_table() {
+    python3 - "$out/decode" <<'EOF2'
+import json, os, sys
+d = sys.argv[1]
+rows = {}
+for side in ("base", "bif"):
+    path = os.path.join(d, side + ".json")
+    if os.path.exists(path):
+        rows[side] = json.load(open(path))
+if not rows:
+    sys.exit(1)
+print("| artifact | median ms/step | tokens/s |")
+print("|---|---:|---:|")
+for side, r in rows.items():
+    print("| %s | %.3f | %.0f |" % (side, r["median_step_ms"], r["tokens_per_s"]))
+if len(rows) == 2 and rows["bif"]["median_step_ms"] > 0:
+    print()
+    print("bifurcated step %.2fx faster end to end" % (rows["base"]["median_step_ms"] / rows["bif"]["median_step_ms"]))
+EOF2
+}
+export -f decode_table
+decode_table >"$out/decode/decode.md" 2>/dev/null || rm -f "$out/decode/decode.md"
+
 # Last, so it only takes what time is left: what each tuning gains or loses.
 if [ -f "$carry/tuning-variants.txt" ]; then
     while read -r name settings; do
@@ -299,6 +332,12 @@ fi
     fi
     echo
     [ -f "$out/torch/torch_attention.md" ] && sed 's/^# /## /' "$out/torch/torch_attention.md"
+    echo
+    if [ -f "$out/decode/decode.md" ]; then
+        echo "## Decode loop end to end (bifurc-run run, b=32, m_c=8192, 32 steps, T=0.8; host included)"
+        echo
+        cat "$out/decode/decode.md"
+    fi
     echo
     [ -f "$out/tune.md" ] && sed 's/^# /## /;s/^## Kernel/### Kernel/' "$out/tune.md"
     echo
