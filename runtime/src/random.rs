@@ -69,13 +69,39 @@ pub fn random_tensor(
         _ if !is_float => (0..n).map(|_| rng.below(2) as f32).collect(),
         "weight" if shape.len() >= 2 => {
             let scale = (last as f32).sqrt();
-            (0..n).map(|_| rng.symmetric() / scale).collect()
+            draws(&rng, n, |r| r.symmetric() / scale)
         }
         "weight" if shape.len() == 1 && buffer.name.contains("bias") => (0..n).map(|_| 0.1 * rng.symmetric()).collect(),
         "weight" if shape.len() == 1 => (0..n).map(|_| 1.0 + 0.1 * rng.symmetric()).collect(),
-        _ => (0..n).map(|_| rng.symmetric()).collect(),
+        _ => draws(&rng, n, SplitMix64::symmetric),
     };
     Ok(HostTensor { shape, data })
+}
+
+/// Values drawn below which one thread draws them all.
+const PARALLEL_DRAWS: usize = 1 << 20;
+
+/// `n` values `draw(rng)` one draw each, from `rng` on: split across the
+/// cores for a large tensor (each part's generator jumped ahead to its
+/// first draw), the same values as drawn one after another.
+fn draws(rng: &SplitMix64, n: usize, draw: impl Fn(&mut SplitMix64) -> f32 + Sync) -> Vec<f32> {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let parts = cores.min(n / PARALLEL_DRAWS).max(1);
+    let mut out = vec![0.0f32; n];
+    let per = n.div_ceil(parts).max(1);
+    std::thread::scope(|scope| {
+        for (i, chunk) in out.chunks_mut(per).enumerate() {
+            let mut r = rng.jumped((i * per) as u64);
+            let draw = &draw;
+            let mut fill = move || chunk.iter_mut().for_each(|v| *v = draw(&mut r));
+            if parts == 1 {
+                fill();
+            } else {
+                scope.spawn(fill);
+            }
+        }
+    });
+    out
 }
 
 /// Rows of the table indexed by the first `gather` kernel that reads `ids`.
@@ -96,6 +122,22 @@ mod tests {
 
     fn tiny() -> Manifest {
         Manifest::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/step.manifest.json")).unwrap()
+    }
+
+    #[test]
+    fn draws_split_across_threads_equal_drawing_in_one() {
+        let rng = SplitMix64::named(3, "w");
+        let n = 3 * PARALLEL_DRAWS + 17;
+        let mut one = rng.clone();
+        let want: Vec<f32> = (0..n).map(|_| one.symmetric()).collect();
+        assert_eq!(draws(&rng, n, SplitMix64::symmetric), want);
+        assert_eq!(draws(&rng, 5, SplitMix64::symmetric), want[..5]);
+        assert!(draws(&rng, 0, SplitMix64::symmetric).is_empty());
+        let mut ahead = rng.clone();
+        (0..1000).for_each(|_| {
+            ahead.next_u64();
+        });
+        assert_eq!(rng.jumped(1000).next_u64(), ahead.next_u64());
     }
 
     #[test]

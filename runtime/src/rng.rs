@@ -4,6 +4,9 @@
 //! (`src/interp/random.rs` in the `bifurc` crate), so random weights drawn
 //! here equal the interpreter's for the same seed and tensor name.
 
+/// SplitMix64's state increment.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// SplitMix64 (Steele, Lea, Flood 2014).
 #[derive(Clone, Debug)]
 pub struct SplitMix64 {
@@ -22,9 +25,15 @@ impl SplitMix64 {
         SplitMix64::new(seed ^ fnv1a(name))
     }
 
+    /// The generator `n` draws ahead (each draw adds a constant to the
+    /// state): the same numbers as drawing `n` and discarding them.
+    pub fn jumped(&self, n: u64) -> Self {
+        SplitMix64 { state: self.state.wrapping_add(n.wrapping_mul(GAMMA)) }
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.state = self.state.wrapping_add(GAMMA);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
