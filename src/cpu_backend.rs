@@ -80,9 +80,20 @@ impl Step for CpuBackend {
     }
 
     fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
-        let t =
-            Tensor::new(tensor.shape.clone(), tensor.data.clone()).map_err(|e| StepError::Backend(e.to_string()))?;
-        self.bind_tensor(name, t)
+        if tensor.shape.iter().product::<usize>() != tensor.data.len() {
+            return Err(StepError::Backend(format!(
+                "`{name}`: shape {:?} holds {} values but {} were given",
+                tensor.shape,
+                tensor.shape.iter().product::<usize>(),
+                tensor.data.len()
+            )));
+        }
+        // Converted straight from the caller's values (no f32 copy first).
+        let stored =
+            self.step.store_values(name, &tensor.shape, &tensor.data).map_err(|e| StepError::Backend(e.to_string()))?;
+        self.rows.forget(name);
+        self.bound.insert(name.to_string(), stored);
+        Ok(())
     }
 
     fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {

@@ -67,8 +67,13 @@ impl HostData {
     /// Converts `t` (f32 values) to storage `dtype`. Integer dtypes need
     /// exact integers of magnitude `<= 2^24` (as the interpreter does).
     pub(crate) fn from_tensor(dtype: DType, t: &Tensor, name: &str) -> Result<Self, LowerError> {
+        Self::from_values(dtype, &t.data, name)
+    }
+
+    /// [`HostData::from_tensor`] of a tensor's values.
+    pub(crate) fn from_values(dtype: DType, values: &[f32], name: &str) -> Result<Self, LowerError> {
         let ints = || -> Result<Vec<i64>, LowerError> {
-            t.data
+            values
                 .iter()
                 .enumerate()
                 .map(|(i, &v)| {
@@ -83,14 +88,14 @@ impl HostData {
                 .collect()
         };
         let mut out = match dtype {
-            DType::F32 => HostData::F32(t.data.clone()),
-            DType::BF16 => HostData::U16(t.data.iter().map(|&x| f32_to_bf16(x)).collect()),
-            DType::F16 => HostData::U16(t.data.iter().map(|&x| f32_to_f16(x)).collect()),
+            DType::F32 => HostData::F32(values.to_vec()),
+            DType::BF16 => HostData::U16(values.iter().map(|&x| f32_to_bf16(x)).collect()),
+            DType::F16 => HostData::U16(values.iter().map(|&x| f32_to_f16(x)).collect()),
             // |v| <= 2^24 fits i32.
             DType::I32 => HostData::I32(ints()?.into_iter().map(|v| v as i32).collect()),
             DType::I64 => HostData::I64(ints()?),
         };
-        if t.data.is_empty() {
+        if values.is_empty() {
             out = HostData::zeros(dtype, 0);
         }
         Ok(out)

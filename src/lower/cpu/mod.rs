@@ -215,6 +215,12 @@ impl CpuStep {
         Stored::new(self.input_dtype(name)?, tensor, name)
     }
 
+    /// [`CpuStep::store`] of borrowed values of `shape` (converted, or for
+    /// f32 copied, once).
+    pub fn store_values(&self, name: &str, shape: &[usize], values: &[f32]) -> Result<Stored, LowerError> {
+        Stored::from_values(self.input_dtype(name)?, shape, values, name)
+    }
+
     /// Zeros of `shape` for input `name`, in its storage dtype.
     pub fn store_zeros(&self, name: &str, shape: Vec<usize>) -> Result<Stored, LowerError> {
         Ok(Stored::zeros(self.input_dtype(name)?, shape))

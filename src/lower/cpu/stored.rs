@@ -44,6 +44,11 @@ impl Stored {
         Ok(Stored { shape: t.shape, dtype, data })
     }
 
+    /// Values of `shape` converted to storage `dtype` (copied once).
+    pub(super) fn from_values(dtype: DType, shape: &[usize], values: &[f32], name: &str) -> Result<Self, LowerError> {
+        Ok(Stored { shape: shape.to_vec(), dtype, data: HostData::from_values(dtype, values, name)? })
+    }
+
     /// Zeros of `shape` in storage `dtype`.
     pub(super) fn zeros(dtype: DType, shape: Vec<usize>) -> Self {
         let n = shape.iter().product();
