@@ -68,18 +68,20 @@ impl DType {
     }
 
     /// Encodes `values` in this dtype, appending to `out` (cleared first).
+    /// Large float tensors (a model's weights) are encoded split across the
+    /// cores.
     pub fn encode_into(self, values: &[f32], out: &mut Vec<u8>) -> Result<(), DTypeError> {
         out.clear();
-        out.reserve(values.len() * self.size());
         match self {
-            DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F32 => encode_floats(values, out, 4, |v, b| b.copy_from_slice(&v.to_le_bytes())),
             DType::F16 => {
-                values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes()))
+                encode_floats(values, out, 2, |v, b| b.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()))
             }
-            DType::BF16 => {
-                values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes()))
-            }
+            DType::BF16 => encode_floats(values, out, 2, |v, b| {
+                b.copy_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes())
+            }),
             DType::I32 => {
+                out.reserve(values.len() * 4);
                 for (index, &v) in values.iter().enumerate() {
                     let i = whole(v, i32::MIN as f64, i32::MAX as f64).ok_or(DTypeError::NotInteger {
                         index,
@@ -90,6 +92,7 @@ impl DType {
                 }
             }
             DType::I64 => {
+                out.reserve(values.len() * 8);
                 for (index, &v) in values.iter().enumerate() {
                     let i = whole(v, i64::MIN as f64, i64::MAX as f64).ok_or(DTypeError::NotInteger {
                         index,
@@ -132,6 +135,31 @@ impl DType {
                 .collect(),
         })
     }
+}
+
+/// Values encoded below which one thread encodes them all.
+const PARALLEL_ENCODE: usize = 1 << 20;
+
+/// `values` encoded `size` bytes each by `put` into `out` (empty), split
+/// across the cores for a large tensor.
+fn encode_floats(values: &[f32], out: &mut Vec<u8>, size: usize, put: impl Fn(f32, &mut [u8]) + Sync) {
+    out.resize(values.len() * size, 0);
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let parts = cores.min(values.len() / PARALLEL_ENCODE).max(1);
+    let per = values.len().div_ceil(parts).max(1);
+    let put = &put;
+    let encode = move |(vals, bytes): (&[f32], &mut [u8])| {
+        vals.iter().zip(bytes.chunks_exact_mut(size)).for_each(|(v, b)| put(*v, b));
+    };
+    if parts == 1 {
+        encode((values, out.as_mut_slice()));
+        return;
+    }
+    std::thread::scope(|scope| {
+        for part in values.chunks(per).zip(out.chunks_mut(per * size)) {
+            scope.spawn(move || encode(part));
+        }
+    });
 }
 
 impl fmt::Display for DType {
@@ -177,6 +205,17 @@ mod tests {
         // bf16 is the top half of f32, rounded to nearest even.
         assert_eq!(DType::BF16.encode(&[1.0]).unwrap(), vec![0x80, 0x3f]);
         assert_eq!(DType::F16.encode(&[1.0]).unwrap(), vec![0x00, 0x3c]);
+    }
+
+    #[test]
+    fn large_tensors_encode_as_value_by_value() {
+        let values: Vec<f32> = (0..3 * PARALLEL_ENCODE + 5).map(|i| (i as f32 * 0.37).sin() * 100.0).collect();
+        let f32s: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f16s: Vec<u8> = values.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect();
+        let bf16s: Vec<u8> = values.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect();
+        for (d, want) in [(DType::F32, f32s), (DType::F16, f16s), (DType::BF16, bf16s)] {
+            assert!(d.encode(&values).unwrap() == want, "{d}");
+        }
     }
 
     #[test]
