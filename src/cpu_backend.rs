@@ -80,14 +80,7 @@ impl Step for CpuBackend {
     }
 
     fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError> {
-        if tensor.shape.iter().product::<usize>() != tensor.data.len() {
-            return Err(StepError::Backend(format!(
-                "`{name}`: shape {:?} holds {} values but {} were given",
-                tensor.shape,
-                tensor.shape.iter().product::<usize>(),
-                tensor.data.len()
-            )));
-        }
+        tensor.check(name)?;
         // Converted straight from the caller's values (no f32 copy first).
         let stored =
             self.step.store_values(name, &tensor.shape, &tensor.data).map_err(|e| StepError::Backend(e.to_string()))?;

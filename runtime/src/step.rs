@@ -31,6 +31,20 @@ impl HostTensor {
     pub fn numel(&self) -> usize {
         self.data.len()
     }
+
+    /// Checks that the shape holds as many values as `data` (for binding
+    /// it as input `name`).
+    pub fn check(&self, name: &str) -> Result<(), StepError> {
+        let n = self.shape.iter().product::<usize>();
+        if n != self.data.len() {
+            return Err(StepError::Backend(format!(
+                "`{name}`: shape {:?} holds {n} values but {} were given",
+                self.shape,
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Errors a backend reports. Messages name the buffer, kernel or dim at fault.

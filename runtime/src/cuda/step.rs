@@ -281,14 +281,7 @@ impl Step for CudaStep {
         if info.kind != BufferKind::Input {
             return Err(StepError::Backend(format!("`{name}` is an {:?} buffer, not an input", info.kind)));
         }
-        if tensor.shape.iter().product::<usize>() != tensor.data.len() {
-            return Err(StepError::Backend(format!(
-                "`{name}`: shape {:?} holds {} values but {} were given",
-                tensor.shape,
-                tensor.shape.iter().product::<usize>(),
-                tensor.data.len()
-            )));
-        }
+        tensor.check(name)?;
         info.dtype
             .encode_into(&tensor.data, &mut self.staging)
             .map_err(|e| StepError::Backend(format!("`{name}` ({}): {e}", info.dtype)))?;
