@@ -22,12 +22,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 # The CUDA runtime is compiled (and its GPU-free checks run) without a GPU:
 # cudarc loads libcuda at run time.
-step "cargo clippy -p bifurc-runtime --features cuda"
-cargo clippy -p bifurc-runtime --features cuda --all-targets -- -D warnings
+step "cargo clippy --workspace --features cuda (the runtime's backend and bifurc run --device cuda)"
+cargo clippy --workspace --features cuda --all-targets -- -D warnings
 
 step "cargo doc --workspace --no-deps (warnings are errors: no broken links)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
-RUSTDOCFLAGS="-D warnings" cargo doc -p bifurc-runtime --features cuda --no-deps -q
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --features cuda --no-deps -q
 
 step "cargo test --workspace"
 cargo test --workspace
