@@ -4,7 +4,9 @@
 Each variant's bench (OUT/tune/NAME/) ran the default bifurcated build as
 "baseline" and the variant as "bifurcated" at the same shape, so its speedup
 column is default time / variant time (> 1: the variant is faster), and its
-profiles give both builds' time per kernel op.
+profiles give both builds' time per kernel op. It ends with the variants
+faster than the default by more than 2% and one `--tune` line merging
+them (the faster variant taking a key two of them set), to try next.
 
     scripts/tuning_summary.py --variants scripts/tuning-variants.txt --dir OUT/tune --out OUT/tune.md
 """
@@ -17,6 +19,8 @@ import sys
 
 # Kernels (summed over layers) shown per variant.
 TOP = 10
+# A variant "wins" when its step is faster than the default by more than this.
+WIN = 0.02
 
 
 def variants(path):
@@ -54,6 +58,7 @@ def main():
     ]
     ops_lines = []
     found = 0
+    wins = []  # (speedup, name, settings) of the variants faster than the default
     for name, settings in variants(args.variants):
         d = os.path.join(args.dir, name)
         bench = os.path.join(d, "bench.csv")
@@ -62,6 +67,12 @@ def main():
             continue
         found += 1
         for row in csv.DictReader(open(bench)):
+            try:
+                speedup = float(row["speedup"])
+            except (TypeError, ValueError):
+                speedup = None
+            if speedup is not None and speedup > 1.0 + WIN:
+                wins.append((speedup, name, settings))
             lines.append(
                 f"| {name} | `{settings}` | {row['b']} | {row['m_c']} | {row['baseline_ms'] or '-'} | "
                 f"{row['bifurcated_ms'] or '-'} | {row['speedup'] or '-'} | {row['logits_max_abs_diff'] or '-'} |"
@@ -82,6 +93,24 @@ def main():
             "| variant | kernel | default ms | variant ms | speedup |",
             "|---|---|---:|---:|---:|",
         ] + ops_lines
+    lines += ["", "## Suggested defaults", ""]
+    if wins:
+        # Merge the winners' settings, the faster variant taking a key two set.
+        merged = {}
+        for speedup, name, settings in sorted(wins, reverse=True):
+            for item in settings.split(","):
+                key, _, value = item.partition("=")
+                merged.setdefault(key.strip(), (value.strip(), name))
+        tune = ",".join(f"{k}={v}" for k, (v, _) in sorted(merged.items()))
+        for speedup, name, settings in sorted(wins, reverse=True):
+            lines.append(f"- `{name}` (`{settings}`) is {speedup:.2f}x the default")
+        lines += [
+            "",
+            f"Try `bifurc compile --tune {tune}` against the default (each variant above was measured alone;",
+            "check the logits column), then make the winners the defaults in src/lower/mma.rs (`Tuning::default`).",
+        ]
+    else:
+        lines.append(f"No variant beat the default by more than {WIN:.0%}: keep the defaults.")
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
