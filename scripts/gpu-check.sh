@@ -16,9 +16,6 @@
 #      from the host                                            -> OUT/{tiny,wide}/
 #   3b. bf16 model (wide16): tensor-core and CUDA-core kernels, baseline and
 #      bifurcated, against the CPU reference's first decode step     -> OUT/wide16/
-#   3c. compute-sanitizer, where the machine has it and it accepts the device:
-#      memcheck and racecheck of wide16's tensor-core steps (staged tiles in
-#      shared memory, vector loads) and of tiny               -> OUT/logs/sanitizer_*
 #   4. bifurc-run bench, baseline vs bifurcated, b in {1,16,32} x m_c in {2048,8192}
 #                                                               -> OUT/bench/
 #      and the bifurcated step on CUDA cores vs tensor cores     -> OUT/bench-tc/
@@ -29,7 +26,10 @@
 #   5c. the decode loop as a user runs it (host included: preparing the
 #      launches, reading the logits back, drawing the tokens), baseline and
 #      bifurcated, b=32, m_c=8192, 32 steps at T=0.8           -> OUT/decode/
-#   5d. with the time left: each tensor-core tuning variant (carry/tuning-variants.txt)
+#   5d. compute-sanitizer, where the machine has it and it accepts the device:
+#      memcheck and racecheck of wide16's tensor-core steps (staged tiles in
+#      shared memory, vector loads) and of tiny               -> OUT/logs/sanitizer_*
+#   5e. with the time left: each tensor-core tuning variant (carry/tuning-variants.txt)
 #      against the default build, b=32, m_c=8192, per-kernel profiles
 #                                                               -> OUT/tune/, OUT/tune.md
 #   6. OUT/summary.md: everything above in one page.
@@ -229,38 +229,6 @@ if [ -f "$carry/wide16-bif.ptx" ]; then
         --out-json "$out/wide16/base.json"
     step "wide16 agrees" 20 bash -c compare_bf16
 fi
-# 3c. compute-sanitizer: out-of-bounds and misaligned accesses (memcheck)
-# and shared-memory races (racecheck) in the generated kernels, on the bf16
-# model's bifurcated step (a 100-token random context: staged walks and a
-# ragged tail; 40 samples: full and ragged row tiles) and on tiny. Findings
-# fail the step; a sanitizer that refuses this machine (some containers)
-# is reported and skipped.
-sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
-sanitize() {
-    local tool="$1"
-    shift
-    local log
-    log="$("$sanitizer" --tool "$tool" --error-exitcode 3 "$@" 2>&1)"
-    local rc=$?
-    printf '%s\n' "$log" | tail -n 40
-    if [ $rc -ne 0 ] && [ $rc -ne 3 ] && printf '%s' "$log" | grep -qiE 'not supported|LibraryNotLoaded|unable to|failed to initialize'; then
-        echo "compute-sanitizer cannot run here (rc $rc): skipped"
-        return 0
-    fi
-    return $rc
-}
-export -f sanitize
-export sanitizer
-if [ -n "$sanitizer" ]; then
-    san_args=(--random-weights --seed 1 --context-len 100 --samples 40 --steps 2 --temperature 0 --json)
-    for tool in memcheck racecheck; do
-        step "sanitizer $tool wide16" 60 bash -c 'sanitize "$@"' _ "$tool" "$run" run "$carry/wide16-bif.ptx" "${san_args[@]}"
-    done
-    step "sanitizer memcheck tiny" 45 bash -c 'sanitize "$@"' _ memcheck "$run" run "$carry/tiny-bif.ptx" "${san_args[@]}"
-else
-    note "== compute-sanitizer: not on this machine, skipped"
-fi
-
 step "tiny sampled (T=0.8)" 30 "$run" run "$carry/tiny-bif.ptx" --random-weights --seed 1 --context-len 512 \
     --samples 32 --steps 32 --temperature 0.8 --json --out-json "$out/tiny/sampled.json"
 
@@ -322,6 +290,39 @@ EOF2
 }
 export -f decode_table
 decode_table >"$out/decode/decode.md" 2>/dev/null || rm -f "$out/decode/decode.md"
+
+# 5d. compute-sanitizer, after the measurements and before the tuning
+# sweep: out-of-bounds and misaligned accesses (memcheck) and shared-memory
+# races (racecheck) in the generated kernels, on the bf16 model's
+# bifurcated step (a 100-token random context: staged walks and a ragged
+# tail; 40 samples: full and ragged row tiles) and on tiny. Findings fail
+# the step; a sanitizer that refuses this machine (some containers) is
+# reported and skipped.
+sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+sanitize() {
+    local tool="$1"
+    shift
+    local log
+    log="$("$sanitizer" --tool "$tool" --error-exitcode 3 "$@" 2>&1)"
+    local rc=$?
+    printf '%s\n' "$log" | tail -n 40
+    if [ $rc -ne 0 ] && [ $rc -ne 3 ] && printf '%s' "$log" | grep -qiE 'not supported|LibraryNotLoaded|unable to|failed to initialize'; then
+        echo "compute-sanitizer cannot run here (rc $rc): skipped"
+        return 0
+    fi
+    return $rc
+}
+export -f sanitize
+export sanitizer
+if [ -n "$sanitizer" ]; then
+    san_args=(--random-weights --seed 1 --context-len 100 --samples 40 --steps 2 --temperature 0 --json)
+    for tool in memcheck racecheck; do
+        step "sanitizer $tool wide16" 45 bash -c 'sanitize "$@"' _ "$tool" "$run" run "$carry/wide16-bif.ptx" "${san_args[@]}"
+    done
+    step "sanitizer memcheck tiny" 30 bash -c 'sanitize "$@"' _ memcheck "$run" run "$carry/tiny-bif.ptx" "${san_args[@]}"
+else
+    note "== compute-sanitizer: not on this machine, skipped"
+fi
 
 # Last, so it only takes what time is left: what each tuning gains or loses.
 if [ -f "$carry/tuning-variants.txt" ]; then
