@@ -263,25 +263,25 @@ impl ExecPlan {
 
     /// Buffer `i`'s shape at the bound dims.
     pub fn shape_at(&self, i: usize, all: &Bound) -> Result<Vec<usize>, StepError> {
+        self.axes_at(i, all).collect()
+    }
+
+    /// Buffer `i`'s size along each axis at the bound dims (not collected:
+    /// [`ExecPlan::bytes_at`] runs for every buffer at every step).
+    fn axes_at<'a>(&'a self, i: usize, all: &'a Bound) -> impl Iterator<Item = Result<usize, StepError>> + 'a {
         let b = &self.buffers[i];
-        b.shape
-            .iter()
-            .map(|&e| {
-                let v = all.value(e, || format!("buffer `{}` shape", b.name))?;
-                usize::try_from(v)
-                    .map_err(|_| StepError::Dims(format!("buffer `{}` has size {v} at these dims", b.name)))
-            })
-            .collect()
+        b.shape.iter().map(move |&e| {
+            let v = all.value(e, || format!("buffer `{}` shape", b.name))?;
+            usize::try_from(v).map_err(|_| StepError::Dims(format!("buffer `{}` has size {v} at these dims", b.name)))
+        })
     }
 
     /// Buffer `i`'s size in bytes at the bound dims.
     pub fn bytes_at(&self, i: usize, all: &Bound) -> Result<usize, StepError> {
         let b = &self.buffers[i];
         let mut bytes = Some(b.dtype.size());
-        for &e in &b.shape {
-            let v = all.value(e, || format!("buffer `{}` shape", b.name))?;
-            let v = usize::try_from(v)
-                .map_err(|_| StepError::Dims(format!("buffer `{}` has size {v} at these dims", b.name)))?;
+        for v in self.axes_at(i, all) {
+            let v = v?;
             bytes = bytes.and_then(|n| n.checked_mul(v));
         }
         bytes.ok_or_else(|| StepError::Dims(format!("buffer `{}` is too large at these dims", b.name)))

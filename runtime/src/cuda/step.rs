@@ -18,7 +18,7 @@
 use super::buffer::DeviceBuffer;
 use super::device::{backend, Device, DeviceInfo};
 use crate::artifact::Artifact;
-use crate::exec::{ExecPlan, LaunchSpec};
+use crate::exec::{Bound, ExecPlan, LaunchSpec};
 use crate::manifest::{BufferKind, Manifest};
 use crate::rows::{dense_host, Relayout, RowCaches};
 use crate::{HostTensor, Step, StepError};
@@ -120,8 +120,8 @@ impl CudaStep {
     }
 
     /// Checks the inputs, sizes the scratch and outputs, and resolves every
-    /// launch at `dims`.
-    fn prepare(&mut self, dims: &BTreeMap<String, i64>) -> Result<Vec<LaunchSpec>, StepError> {
+    /// launch at `dims`; also returns the dims bound (for reading outputs).
+    fn prepare(&mut self, dims: &BTreeMap<String, i64>) -> Result<(Vec<LaunchSpec>, Bound), StepError> {
         let all = self.plan.bind_dims(dims)?;
         self.plan.check_inputs(&all, &self.bound)?;
         let pitched = self.plan.buffers.iter().filter(|b| b.kind == BufferKind::Input);
@@ -148,7 +148,8 @@ impl CudaStep {
             };
             pointers.push(ptr);
         }
-        self.plan.launches(&all, &self.rows.capacities(), |i| pointers[i])
+        let launches = self.plan.launches(&all, &self.rows.capacities(), |i| pointers[i])?;
+        Ok((launches, all))
     }
 
     /// Input `name`'s index, checked to be a pitched input.
@@ -219,13 +220,12 @@ impl CudaStep {
         wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, HostTensor>, StepError> {
         self.last_dims = None;
-        let launches = self.prepare(dims)?;
+        let (launches, all) = self.prepare(dims)?;
         for l in &launches {
             self.launch(l)?;
         }
         self.synchronize("step")?;
         self.last_dims = Some(dims.clone());
-        let all = self.plan.bind_dims(dims)?;
         let stream = self.device.stream.clone();
         let mut outputs = HashMap::new();
         for (i, b) in self.plan.buffers.iter().enumerate() {
@@ -244,7 +244,7 @@ impl CudaStep {
     /// step), from events recorded between launches. Kernels skipped at
     /// these dims are left out.
     pub fn profile(&mut self, dims: &BTreeMap<String, i64>) -> Result<Vec<KernelTime>, StepError> {
-        let launches = self.prepare(dims)?;
+        let (launches, _) = self.prepare(dims)?;
         for l in &launches {
             self.launch(l)?;
         }
@@ -374,7 +374,7 @@ impl Step for CudaStep {
     fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {
         let warm = self.last_dims.as_ref() == Some(dims);
         self.last_dims = None;
-        let launches = self.prepare(dims)?;
+        let (launches, _) = self.prepare(dims)?;
         if !warm {
             for l in &launches {
                 self.launch(l)?;
