@@ -87,8 +87,8 @@ impl Stored {
 
     /// Appends `r` rows (`rows`, f32 values of the dense new rows) to a
     /// pitched cache laid out as `g`, converted to its storage dtype.
-    pub fn append(&mut self, g: &RowGeometry, rows: Tensor, r: usize, name: &str) -> Result<(), LowerError> {
-        let rows = Stored::new(self.dtype, rows, name)?.data;
+    pub fn append(&mut self, g: &RowGeometry, rows: &[f32], r: usize, name: &str) -> Result<(), LowerError> {
+        let rows = HostData::from_values(self.dtype, rows, name)?;
         match (&mut self.data, &rows) {
             (HostData::F32(d), HostData::F32(s)) => append_host(d, g, s, r),
             (HostData::U16(d), HostData::U16(s)) => append_host(d, g, s, r),
@@ -138,11 +138,11 @@ mod tests {
         let g = |rows, capacity| RowGeometry { outer: 2, row: 3, rows, capacity };
         let mut c = Stored::zeros(DType::BF16, vec![2, 2, 3]);
         let rows = |base: f32| Tensor { shape: vec![2, 1, 3], data: (0..6).map(|i| base + i as f32 * 0.1).collect() };
-        c.append(&g(0, 2), rows(1.0), 1, "cache").unwrap_or_else(|e| panic!("{e}"));
-        c.append(&g(1, 2), rows(2.0), 1, "cache").unwrap_or_else(|e| panic!("{e}"));
+        c.append(&g(0, 2), &rows(1.0).data, 1, "cache").unwrap_or_else(|e| panic!("{e}"));
+        c.append(&g(1, 2), &rows(2.0).data, 1, "cache").unwrap_or_else(|e| panic!("{e}"));
         c.relayout(1, &g(2, 2), &g(2, 4));
         assert_eq!(c.shape, [2, 4, 3]);
-        c.append(&g(2, 4), rows(3.0), 1, "cache").unwrap_or_else(|e| panic!("{e}"));
+        c.append(&g(2, 4), &rows(3.0).data, 1, "cache").unwrap_or_else(|e| panic!("{e}"));
         let dense = c.dense(&g(3, 4), vec![2, 3, 3]);
         let mut want = Vec::new();
         for o in 0..2 {
