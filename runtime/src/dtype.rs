@@ -144,21 +144,8 @@ const PARALLEL_ENCODE: usize = 1 << 20;
 /// across the cores for a large tensor.
 fn encode_floats(values: &[f32], out: &mut Vec<u8>, size: usize, put: impl Fn(f32, &mut [u8]) + Sync) {
     out.resize(values.len() * size, 0);
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let parts = cores.min(values.len() / PARALLEL_ENCODE).max(1);
-    let per = values.len().div_ceil(parts).max(1);
-    let put = &put;
-    let encode = move |(vals, bytes): (&[f32], &mut [u8])| {
-        vals.iter().zip(bytes.chunks_exact_mut(size)).for_each(|(v, b)| put(*v, b));
-    };
-    if parts == 1 {
-        encode((values, out.as_mut_slice()));
-        return;
-    }
-    std::thread::scope(|scope| {
-        for part in values.chunks(per).zip(out.chunks_mut(per * size)) {
-            scope.spawn(move || encode(part));
-        }
+    crate::parallel::fill_parts(out, size, PARALLEL_ENCODE, |first, bytes| {
+        values[first..].iter().zip(bytes.chunks_exact_mut(size)).for_each(|(v, b)| put(*v, b));
     });
 }
 

@@ -29,6 +29,7 @@ pub mod dtype;
 pub mod exec;
 pub mod expr;
 pub mod manifest;
+mod parallel;
 pub mod plan;
 pub mod random;
 pub mod rng;

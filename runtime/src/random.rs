@@ -85,21 +85,10 @@ const PARALLEL_DRAWS: usize = 1 << 20;
 /// cores for a large tensor (each part's generator jumped ahead to its
 /// first draw), the same values as drawn one after another.
 fn draws(rng: &SplitMix64, n: usize, draw: impl Fn(&mut SplitMix64) -> f32 + Sync) -> Vec<f32> {
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let parts = cores.min(n / PARALLEL_DRAWS).max(1);
     let mut out = vec![0.0f32; n];
-    let per = n.div_ceil(parts).max(1);
-    std::thread::scope(|scope| {
-        for (i, chunk) in out.chunks_mut(per).enumerate() {
-            let mut r = rng.jumped((i * per) as u64);
-            let draw = &draw;
-            let mut fill = move || chunk.iter_mut().for_each(|v| *v = draw(&mut r));
-            if parts == 1 {
-                fill();
-            } else {
-                scope.spawn(fill);
-            }
-        }
+    crate::parallel::fill_parts(&mut out, 1, PARALLEL_DRAWS, |first, part| {
+        let mut r = rng.jumped(first as u64);
+        part.iter_mut().for_each(|v| *v = draw(&mut r));
     });
     out
 }

@@ -50,9 +50,8 @@ pub fn sample_tokens(
         let row = if shared { rows } else { rows.get(s * vocab..(s + 1) * vocab).unwrap_or_default() };
         sample_token(row, temperature, rng).map_err(|e| (s, e))
     };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let min = if temperature == 0.0 { PARALLEL_MIN_GREEDY } else { PARALLEL_MIN };
-    let threads = cores.min(rngs.len()).min((rngs.len() * vocab / min).max(1));
+    let threads = crate::parallel::parts(rngs.len() * vocab, min).min(rngs.len());
     if threads <= 1 {
         return rngs.iter_mut().enumerate().map(|(s, rng)| one(s, rng)).collect();
     }
