@@ -288,7 +288,6 @@ if len(rows) == 2 and rows["bif"]["median_step_ms"] > 0:
     print("bifurcated step %.2fx faster end to end" % (rows["base"]["median_step_ms"] / rows["bif"]["median_step_ms"]))
 EOF2
 }
-export -f decode_table
 decode_table >"$out/decode/decode.md" 2>/dev/null || rm -f "$out/decode/decode.md"
 
 # 5d. compute-sanitizer, after the measurements and before the tuning
