@@ -77,12 +77,14 @@ impl Poly {
         Ok(out)
     }
 
-    pub fn neg(&self) -> Poly {
-        Poly { terms: self.terms.iter().map(|(m, c)| (m.clone(), -c)).collect() }
+    /// `-self`; overflows for a coefficient of `i64::MIN`.
+    pub fn neg(&self) -> Result<Poly, Overflow> {
+        let terms = self.terms.iter().map(|(m, c)| Ok((m.clone(), c.checked_neg().ok_or(Overflow)?)));
+        Ok(Poly { terms: terms.collect::<Result<_, Overflow>>()? })
     }
 
     pub fn sub(&self, other: &Poly) -> Result<Poly, Overflow> {
-        self.add(&other.neg())
+        self.add(&other.neg()?)
     }
 
     pub fn mul(&self, other: &Poly) -> Result<Poly, Overflow> {
@@ -250,7 +252,7 @@ impl Parser {
         match tok {
             Token::Int(v) => Ok(Poly::constant(v)),
             Token::Ident(s) => Ok(Poly::symbol(&s)),
-            Token::Sym('-') => Ok(self.factor()?.neg()),
+            Token::Sym('-') => Ok(self.factor()?.neg()?),
             Token::Sym('(') => {
                 let inner = self.expr()?;
                 match self.peek() {
@@ -275,7 +277,7 @@ impl fmt::Display for Poly {
         let mut terms: Vec<(&Monomial, i64)> = self.terms().collect();
         terms.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(b.0)));
         for (i, (m, c)) in terms.iter().enumerate() {
-            let (sign, mag) = if *c < 0 { ("-", -c) } else { ("+", *c) };
+            let (sign, mag) = (if *c < 0 { "-" } else { "+" }, c.unsigned_abs());
             if i == 0 {
                 if sign == "-" {
                     write!(f, "-")?;
@@ -308,6 +310,18 @@ mod tests {
         assert_eq!(q.to_string(), "h*k");
         assert_eq!(Poly::parse("2*(a+b)-a").unwrap().to_string(), "a+2*b");
         assert_eq!(Poly::parse("a-a").unwrap().to_string(), "0");
+    }
+
+    /// `i64::MIN` prints, and negating it is an overflow (not a panic or a
+    /// wrapped sign).
+    #[test]
+    fn most_negative_coefficient() {
+        let p = Poly::constant(i64::MIN);
+        assert_eq!(p.to_string(), "-9223372036854775808");
+        assert_eq!(p.neg(), Err(Overflow));
+        assert_eq!(Poly::zero().sub(&p), Err(Overflow));
+        assert!(Poly::parse("-(0-9223372036854775807-1)").is_err());
+        assert_eq!(Poly::parse("-(0-9223372036854775807)").map(|p| p.to_string()), Ok("9223372036854775807".into()));
     }
 
     #[test]

@@ -369,7 +369,7 @@ impl ExecPlan {
                 continue; // nothing to compute at these dims (e.g. m_d = 0)
             }
             let bad_grid = grid[0] < 0 || grid[0] > MAX_GRID_X || grid[1..].iter().any(|g| *g < 0 || *g > MAX_GRID_YZ);
-            let threads: i64 = block.iter().product();
+            let threads = block.iter().try_fold(1i64, |t, b| t.checked_mul(*b)).unwrap_or(i64::MAX);
             if bad_grid || block.iter().any(|b| *b <= 0) || threads > MAX_THREADS {
                 return Err(StepError::Dims(format!(
                     "kernel `{}`: grid {grid:?} / block {block:?} exceed CUDA's launch limits at these dims",
@@ -518,6 +518,13 @@ mod tests {
         let huge = plan.bind_dims(&dims(1 << 40, 1, 1)).unwrap();
         let err = plan.launches(&huge, &BTreeMap::new(), |_| 1).unwrap_err().to_string();
         assert!(err.contains("launch limits"), "{err}");
+        // A block whose threads overflow i64 (a corrupt manifest): the
+        // same error, not an overflow.
+        let mut m = a.manifest.clone();
+        m.kernels[2].block[1] = Size::Int(i64::MAX);
+        let plan = ExecPlan::new(&m, true).unwrap();
+        let err = plan.launches(&plan.bind_dims(&dims(2, 4, 3)).unwrap(), &BTreeMap::new(), |_| 1).unwrap_err();
+        assert!(err.to_string().contains(&m.kernels[2].name) && err.to_string().contains("launch limits"), "{err}");
     }
 
     #[test]
