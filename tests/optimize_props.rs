@@ -582,6 +582,28 @@ fn mqa_broadcast_over_heads_of_a_concat_is_bifurcated() {
     check_same(&graph, &opt.graph, &point(3, 5, 2), 1).unwrap();
 }
 
+/// A broadcast that stretches a size-1 axis whose letter only the output
+/// has (`m`: here the keys are one row `[g, 1, k]` read at every position)
+/// cannot be absorbed: dropping `m` would leave the einsum without its
+/// size. `einsum-absorb-broadcast` did, and building that einsum tripped
+/// the e-graph's shape invariant (a panic); found by mutating the
+/// multi-level example (`m_s` → 1 in a system-prompt cache's shape).
+#[test]
+fn broadcast_of_an_output_only_axis_is_not_absorbed() {
+    let json = doc(
+        r#""n": 1, "g": 2, "k": 4"#,
+        &[input("q", "activation", r#"["b", "g", "n", "k"]"#), input("row", "activation", r#"["g", 1, "k"]"#)],
+        &[
+            r#"{"id": "keys", "op": "broadcast", "inputs": ["row"], "attrs": {"shape": ["b", "g", "m_c", "k"]}}"#,
+            r#"{"id": "attn", "op": "einsum", "inputs": ["q", "keys"], "attrs": {"spec": "bgnk,bgmk->bgnm"}}"#,
+        ],
+        OUTPUTS,
+    );
+    let graph = parse(&json);
+    let opt = opt_at(&graph, "b=16,m_c=512,m_d=8");
+    check_same(&graph, &opt.graph, &point(3, 5, 2), 1).unwrap();
+}
+
 /// The root cause of the multi-query miss, minimized: after
 /// `einsum-absorb-broadcast` drops the stretched size-1 head axis, the einsum
 /// reads `reshape([b, M, k], concat(..))` and no law sees through a reshape

@@ -103,7 +103,10 @@ fn absorb_broadcast(eg: &mut Graph, s: &Spec, ops: &[Id], j: usize, node: &Expr)
     let stretched: Vec<usize> =
         (lead..target.len()).filter(|&i| c.is_one(&src[i - lead]) && !c.is_one(&target[i])).collect();
     let dropped: Vec<usize> = (0..lead).chain(stretched.iter().copied()).collect();
-    if dropped.is_empty() || dropped.iter().any(|&i| !s.used_elsewhere(s.ins[j][i], j)) {
+    // Each dropped letter must keep its size from another operand: one that
+    // only the output has would leave the einsum without its size.
+    let sized_elsewhere = |l: char| s.ins.iter().enumerate().any(|(i, x)| i != j && x.contains(&l));
+    if dropped.is_empty() || dropped.iter().any(|&i| !sized_elsewhere(s.ins[j][i])) {
         return Vec::new();
     }
     let mut out = Vec::new();
