@@ -12,6 +12,10 @@
 //! median ms of each, the measured ratio, and the bytes-model prediction
 //! (`bifurc::inspect::bytes_moved` of both graphs at the point).
 //!
+//! Kernels run split across the cores (`CpuStep::set_threads`, the rayon
+//! pool: `RAYON_NUM_THREADS`); `BIFURC_BENCH_THREADS=1,2` times each of
+//! these thread counts instead, alternating them too (one row each).
+//!
 //! `BIFURC_BENCH_PROFILE=1` also prints the slowest kernels of each side;
 //! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there.
 //!
@@ -87,12 +91,16 @@ fn main() {
             std::fs::write(std::path::Path::new(&dir).join(format!("{name}_cpu.mlir")), text).expect("dump");
         }
     }
-    let steps = [compile("baseline", &base), compile("bifurcated", &bif)];
+    let mut steps = [compile("baseline", &base), compile("bifurcated", &bif)];
+    let threads: Vec<usize> = std::env::var("BIFURC_BENCH_THREADS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![steps[0].threads()]);
 
     println!("  {runs} timed runs per side after 1 warm-up, alternating; median ms");
     println!(
-        "  {:>4} {:>6} {:>5} | {:>12} {:>12} {:>8} | {:>10} {:>10} {:>9}",
-        "b", "m_c", "m_d", "baseline ms", "bifurc ms", "speedup", "base MB", "bifurc MB", "predicted"
+        "  {:>4} {:>6} {:>5} {:>7} | {:>12} {:>12} {:>8} | {:>10} {:>10} {:>9}",
+        "b", "m_c", "m_d", "threads", "baseline ms", "bifurc ms", "speedup", "base MB", "bifurc MB", "predicted"
     );
     for b in points {
         let point: BTreeMap<String, i64> =
@@ -108,16 +116,18 @@ fn main() {
             assert!(err <= TOL, "b={b}: output `{name}`: bifurcated vs baseline norm-relative error {err:e} > {TOL:e}");
         }
         drop((a, c));
-        let mut times = [Vec::with_capacity(runs), Vec::with_capacity(runs)];
+        let mut times = vec![[Vec::with_capacity(runs), Vec::with_capacity(runs)]; threads.len()];
         for _ in 0..runs {
-            for (k, step) in steps.iter().enumerate() {
-                let t = Instant::now();
-                let out = step.run(&point, &inputs).expect("run");
-                times[k].push(t.elapsed().as_secs_f64() * 1e3);
-                drop(out);
+            for (n, &t) in threads.iter().enumerate() {
+                for (k, step) in steps.iter_mut().enumerate() {
+                    step.set_threads(t);
+                    let start = Instant::now();
+                    let out = step.run(&point, &inputs).expect("run");
+                    times[n][k].push(start.elapsed().as_secs_f64() * 1e3);
+                    drop(out);
+                }
             }
         }
-        let [tb, tf] = times.map(|t| median(&t).unwrap_or(f64::NAN));
         if std::env::var_os("BIFURC_BENCH_PROFILE").is_some() {
             for (name, step) in ["baseline", "bifurcated"].iter().zip(&steps) {
                 let (_, mut ks) = step.run_profiled(&point, &inputs).expect("run");
@@ -129,13 +139,17 @@ fn main() {
                 }
             }
         }
-        println!(
-            "  {b:>4} {M_C:>6} {M_D:>5} | {tb:>12.1} {tf:>12.1} {:>7.2}x | {:>10.1} {:>10.1} {:>8.2}x",
-            tb / tf,
-            bb.total() / 1e6,
-            bf.total() / 1e6,
-            bb.total() / bf.total()
-        );
+        for (t, [tb, tf]) in threads.iter().zip(&times) {
+            let (tb, tf) = (median(tb).unwrap_or(f64::NAN), median(tf).unwrap_or(f64::NAN));
+            println!(
+                "  {b:>4} {M_C:>6} {M_D:>5} {:>7} | {tb:>12.1} {tf:>12.1} {:>7.2}x | {:>10.1} {:>10.1} {:>8.2}x",
+                t.min(&rayon::current_num_threads()),
+                tb / tf,
+                bb.total() / 1e6,
+                bf.total() / 1e6,
+                bb.total() / bf.total()
+            );
+        }
     }
     println!("  outputs of both agree (norm-relative {TOL:e}) at every point");
 }

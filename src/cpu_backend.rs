@@ -42,6 +42,12 @@ impl CpuBackend {
         })
     }
 
+    /// The parts the step's large kernels are split into
+    /// ([`CpuStep::set_threads`]).
+    pub fn threads(&self) -> usize {
+        self.step.threads()
+    }
+
     /// Binds a reference-interpreter tensor without copying through
     /// [`HostTensor`] (converted to the input's storage dtype once).
     pub fn bind_tensor(&mut self, name: &str, tensor: Tensor) -> Result<(), StepError> {

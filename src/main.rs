@@ -174,6 +174,9 @@ enum Command {
         /// Directory for bench.csv, bench.md, speedup.svg and latency.svg.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Threads each large kernel is split across (default: one per core).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
     },
     /// Draw a bench table as SVG plots (speedup.svg, latency.svg).
     ///
@@ -239,6 +242,9 @@ struct RunArgs {
     /// The CUDA device ordinal (with --device cuda).
     #[arg(long, value_name = "N", default_value_t = 0)]
     cuda_device: usize,
+    /// Threads each large kernel is split across (--device cpu; default: one per core).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Print one JSON object instead of text: samples (ids per sample), step_ms,
     /// tokens_per_s, ...
     #[arg(long)]
@@ -457,7 +463,8 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("cannot write plots in {}", out.display()))?;
             eprintln!("wrote speedup.svg, latency.svg in {} ({} points)", out.display(), rows.len());
         }
-        Command::Bench { model, samples, context, decoded, repeats, optimize_at, seed, out } => {
+        Command::Bench { model, samples, context, decoded, repeats, optimize_at, seed, out, threads } => {
+            use_threads(threads)?;
             let graph = load(&model)?;
             if samples.iter().chain(&context).any(|v| *v < 0) || decoded < 0 {
                 bail!("--samples, --context and --decoded must be non-negative");
@@ -489,7 +496,10 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("wrote bench.csv, bench.md, speedup.svg, latency.svg in {}", dir.display());
             }
         }
-        Command::Run(args) => run_step(&args)?,
+        Command::Run(args) => {
+            use_threads(args.threads)?;
+            run_step(&args)?
+        }
         Command::Graph { model, format } => {
             let graph = load(&model)?;
             match format {
@@ -499,6 +509,19 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--threads N`: the size of the thread pool that the CPU step splits
+/// its large kernels across (see `bifurc::lower::CpuStep::set_threads`).
+fn use_threads(threads: Option<usize>) -> Result<()> {
+    match threads {
+        None => Ok(()),
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("--threads {n}: cannot start the thread pool: {e}")),
+    }
 }
 
 /// `bifurc run`: see [`bifurc::run`].

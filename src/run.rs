@@ -101,7 +101,7 @@ pub struct RunOptions {
 /// What a run did.
 #[derive(Clone, Debug)]
 pub struct RunReport {
-    /// `cpu (MLIR JIT)` or the CUDA device's name.
+    /// `cpu (MLIR JIT, N threads)` or the CUDA device's name.
     pub device: String,
     pub artifact: PathBuf,
     pub bifurcated: bool,
@@ -392,7 +392,12 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
 
     let start = Instant::now();
     let (mut step, device): (Box<dyn Step>, String) = match opts.device {
-        Device::Cpu => (Box::new(jit(&artifact)?), "cpu (MLIR JIT)".to_string()),
+        Device::Cpu => {
+            let step = jit(&artifact)?;
+            let threads = step.threads();
+            let plural = if threads == 1 { "" } else { "s" };
+            (Box::new(step), format!("cpu (MLIR JIT, {threads} thread{plural})"))
+        }
         Device::Cuda { ordinal } => cuda_step(&artifact, ordinal)?,
     };
     if opts.host_caches {

@@ -8,7 +8,7 @@ fn bench_cli_writes_tables_and_plots() {
     let dir = std::env::temp_dir().join(format!("bifurc-bench-{}", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_bifurc"))
         .args(["bench", "examples/tiny/model.json", "--samples", "1,4", "--context", "8,16", "--decoded", "0"])
-        .args(["--repeats", "1", "--out"])
+        .args(["--repeats", "1", "--threads", "2", "--out"])
         .arg(&dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()

@@ -143,8 +143,11 @@ fn cli_samples_deterministically_for_a_seed() {
         with(&["--temperature", "0.8", "--seed", "7"]),
         with(&["--temperature", "0.8", "--seed", "8"]),
         with(&["--temperature", "0", "--seed", "7", "--logits"]),
+        with(&["--temperature", "0.8", "--seed", "7", "--threads", "1"]),
     ]);
-    let [a, b, c, greedy] = [&outs[0], &outs[1], &outs[2], &outs[3]].map(json_of);
+    let [a, b, c, greedy, one] = [&outs[0], &outs[1], &outs[2], &outs[3], &outs[4]].map(json_of);
+    assert_eq!(samples_of(&one), samples_of(&a), "one thread gives the same samples");
+    assert_eq!(one["device"], "cpu (MLIR JIT, 1 thread)");
 
     let ids = samples_of(&a);
     assert_eq!(ids.len(), 4, "{a}");
@@ -424,6 +427,7 @@ fn run_errors_are_one_line() {
     fails(&run(bif, &[&ok[..], &["--samples", "0"]].concat()), &["--samples"]);
     fails(&run(bif, &[&ok[..], &["--steps", "0"]].concat()), &["--steps"]);
     fails(&run(bif, &[&ok[..], &["--temperature", "-1"]].concat()), &["--temperature"]);
+    fails(&run(bif, &[&ok[..], &["--threads", "0"]].concat()), &["--threads must be at least 1"]);
     if !cfg!(feature = "cuda") {
         fails(&run(bif, &[&ok[..], &["--device", "cuda"]].concat()), &["--features cuda", "bifurc-run"]);
     }
@@ -466,6 +470,7 @@ fn help_names_every_flag() {
         "--logits",
         "--host-caches",
         "--prefill <PTX>",
+        "--threads <N>",
     ] {
         assert!(help.contains(flag), "`{flag}` missing from:\n{help}");
     }

@@ -8,9 +8,11 @@
 //! outputs as f32 [`Tensor`]s.
 
 mod host;
+mod parts;
 mod stored;
 
 pub use host::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+pub use parts::PARALLEL_MIN_BYTES;
 pub use stored::Stored;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,12 +23,14 @@ use std::time::{Duration, Instant};
 use melior::ir::Module;
 
 use crate::interp::{Tensor, MAX_ELEMENTS};
-use crate::ir::{DType, Graph};
+use crate::ir::{DType, Graph, Poly};
 use crate::lower::context::DiagnosticCapture;
 use crate::lower::emit::{emit_shared, Emulation, SharedModule, Target};
+use crate::lower::kernel_bytes::kernel_bytes;
 use crate::lower::plan::{plan_tuned, plan_with, typical_point, BufferKind, Param, Program};
 use crate::lower::{new_context, run_pipeline, verify, LowerError};
 use host::HostData;
+use parts::run_parts;
 
 /// The pass pipeline that takes the emitted CPU module (func, scf, arith,
 /// math, llvm pointer ops) to the LLVM dialect. `arith-expand{include-bf16}`
@@ -80,6 +84,12 @@ pub struct CpuStep {
     /// (zeroed) by the next: allocating it afresh every step costs a page
     /// fault per 4 KiB on first touch.
     scratch: Mutex<Vec<Option<HostData>>>,
+    /// Parts a kernel is split into (see [`CpuStep::set_threads`]).
+    threads: usize,
+    /// Bytes each kernel moves, by the bytes model (`None` where it has
+    /// none): a kernel under `min_split_bytes` runs in one part.
+    work: Vec<Option<Poly>>,
+    min_split_bytes: i64,
     /// Keeps the JIT'd code alive; dropped after `entries` is no longer used.
     _engine: Engine,
 }
@@ -90,7 +100,7 @@ impl CpuStep {
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
         let program = plan_with(graph, None)?;
         let module = emit_shared(graph, &program, Target::Cpu, None)?;
-        Self::compile_module(graph, program, &module)
+        Self::compile_module(graph, program, &module, rayon::current_num_threads())
     }
 
     /// [`CpuStep::compile`] with the GPU's way of splitting the row
@@ -102,12 +112,19 @@ impl CpuStep {
         let point = typical_point(graph);
         let program = plan_tuned(graph, Some((&point, emulation.tuning)))?;
         let module = emit_shared(graph, &program, Target::Cpu, Some(emulation))?;
-        Self::compile_module(graph, program, &module)
+        // The emulated kernels are not split into parts (see `emit`, "Parts").
+        Self::compile_module(graph, program, &module, 1)
     }
 
     /// JIT-compiles `emitted`'s kernels of distinct code; every kernel runs
-    /// the one with its code, with its own arguments.
-    fn compile_module(graph: &Graph, program: Program, emitted: &SharedModule) -> Result<Self, LowerError> {
+    /// the one with its code, with its own arguments, in up to `threads`
+    /// parts.
+    fn compile_module(
+        graph: &Graph,
+        program: Program,
+        emitted: &SharedModule,
+        threads: usize,
+    ) -> Result<Self, LowerError> {
         let context = new_context();
         let capture = DiagnosticCapture::attach(&context);
         let mut module = Module::parse(&context, &emitted.shared)
@@ -150,6 +167,10 @@ impl CpuStep {
         }
         let functions = emitted.entries.values().collect::<std::collections::BTreeSet<_>>().len();
         let scratch = Mutex::new(Vec::new());
+        let work = match kernel_bytes(graph, &program) {
+            Ok(bytes) => bytes.iter().map(|b| b.total().ok()).collect(),
+            Err(_) => vec![None; program.kernels.len()],
+        };
         Ok(CpuStep {
             graph: graph.clone(),
             program,
@@ -157,8 +178,45 @@ impl CpuStep {
             entries,
             functions,
             scratch,
+            threads: threads.max(1),
+            work,
+            min_split_bytes: PARALLEL_MIN_BYTES,
             _engine: engine,
         })
+    }
+
+    /// Splits each kernel that moves at least [`PARALLEL_MIN_BYTES`] (see
+    /// [`CpuStep::set_min_split_bytes`]) into `threads` parts, run at once
+    /// on the rayon pool (see `emit`, "Parts"; more parts than the pool
+    /// has threads run in turn); 1 runs every kernel whole on the calling
+    /// thread. The results do not depend on it. The default is the pool's
+    /// size (`RAYON_NUM_THREADS`, else one per core); a step emulating the
+    /// GPU runs on one thread.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    /// The parts a kernel is split into ([`CpuStep::set_threads`]).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Least bytes (by the bytes model) a kernel moves to be split into
+    /// parts; [`PARALLEL_MIN_BYTES`] unless set (0 splits every kernel).
+    pub fn set_min_split_bytes(&mut self, bytes: i64) {
+        self.min_split_bytes = bytes;
+    }
+
+    /// How many parts kernel `k` runs in at `point`.
+    fn parts(&self, k: usize, point: &BTreeMap<String, i64>) -> usize {
+        let threads = self.threads();
+        if threads < 2 {
+            return 1;
+        }
+        match self.work.get(k).and_then(Option::as_ref).map(|bytes| self.graph.dims.eval(bytes, point)) {
+            Some(Ok(bytes)) if bytes < self.min_split_bytes => 1,
+            _ => threads,
+        }
     }
 
     /// The plan this step runs.
@@ -375,8 +433,11 @@ impl CpuStep {
         let dim_ptr = dims.as_mut_ptr();
         let cap_ptr = caps.as_mut_ptr();
         let buf_ptr = ptrs.as_mut_ptr();
+        // The last two arguments: the part a call runs, of how many.
+        let (mut part, mut whole) = (0i64, 1i64);
+        let tail = [std::ptr::addr_of_mut!(part).cast::<c_void>(), std::ptr::addr_of_mut!(whole).cast::<c_void>()];
         let mut args: Vec<*mut c_void> = Vec::new();
-        for (kernel, entry) in self.program.kernels.iter().zip(&self.entries) {
+        for (k, (kernel, entry)) in self.program.kernels.iter().zip(&self.entries).enumerate() {
             args.clear();
             for p in &kernel.params {
                 let slot = match p {
@@ -397,6 +458,8 @@ impl CpuStep {
                     slot.ok_or_else(|| LowerError::Run(format!("kernel `{}`: bad parameter {p:?}", kernel.name)))?,
                 );
             }
+            args.extend(tail);
+            let parts = self.parts(k, point);
             let start = times.is_some().then(Instant::now);
             // SAFETY: `entry` is the packed wrapper of this kernel; it reads
             // one pointer per parameter: `args[k]` points at an `i64` (a
@@ -412,8 +475,14 @@ impl CpuStep {
             // these dims (gather checks its ids), a pitched buffer's rows
             // axis below the dim's value (`<=` its capacity, the stored
             // size, checked above). `dims`, `caps`, `ptrs`, `host` and
-            // `inputs` are not moved or resized while it runs.
-            unsafe { entry(args.as_mut_ptr()) };
+            // `inputs` are not moved or resized while it runs. The last
+            // two arguments point at `part` = 0 and `whole` = 1 (the whole
+            // walk), or, in `run_parts`, at each part's own values.
+            if parts > 1 {
+                unsafe { run_parts(*entry, &args, parts) };
+            } else {
+                unsafe { entry(args.as_mut_ptr()) };
+            }
             if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
                 times.push((kernel.name.clone(), start.elapsed()));
             }

@@ -35,7 +35,7 @@ impl Kc<'_> {
         };
         let splits = self.program.buffers[ws].shape.first().and_then(Poly::as_constant).unwrap_or(0);
         let ws_ptr = self.ptr(ws)?;
-        let idx = walk_index(self, out.target, &out.flat, &out.sizes, opened);
+        let idx = walk_index(self, out.target, &out.flat, &out.sizes, false, opened);
         let off = if out.target == Target::Cpu { self.b.linearize(&idx, &out.sizes) } else { out.flat.clone() };
         let count = self.b.size(&out.kernel.extent)?;
         let mut total: Option<String> = None;
@@ -81,7 +81,7 @@ impl Kc<'_> {
             (Target::Cpu, Some(e)) => Lanes::Emulated(e.lanes.max(1)),
             (Target::Cpu, None) => Lanes::Whole,
         };
-        let mut idx = walk_index(self, out.target, &out.flat, &outer, opened);
+        let mut idx = walk_index(self, out.target, &out.flat, &outer, true, opened);
         idx.insert(axis, self.b.index(0));
         self.row_lane(j, &idx, &out.sizes, &out.ptr, out.dtype)?;
         self.b.size(&lanes)
@@ -132,7 +132,7 @@ impl Kc<'_> {
             walk_sizes[pos] = self.b.hoist(&format!("arith.divui {up}, {bn} : index"));
         }
         walk_sizes.push(tiles.clone());
-        let mut at = walk_index(self, out.target, &out.flat, &walk_sizes, opened);
+        let mut at = walk_index(self, out.target, &out.flat, &walk_sizes, false, opened);
         let tile_index = at.pop().unwrap_or_default();
         // A block along the output's last axis whose outputs are one
         // vector (see `Kc::out_lanes`): no loop over its elements.
@@ -234,7 +234,7 @@ impl Kc<'_> {
         };
         let pick = |axes: &[usize]| -> Vec<String> { axes.iter().map(|&a| out.sizes[a].clone()).collect() };
         let (keep_sizes, reuse_sizes) = (pick(&keep), pick(&reuse));
-        let at = walk_index(self, out.target, &out.flat, &keep_sizes, opened);
+        let at = walk_index(self, out.target, &out.flat, &keep_sizes, false, opened);
         let mut count = self.b.index(1);
         for s in &reuse_sizes {
             count = self.b.muli(&count, s);
@@ -272,7 +272,7 @@ impl Kc<'_> {
         if let Some(j) = node.filter(|&j| self.row_axis(j).is_some()) {
             return Err(self.unsupported(j, "row kernel without a row walk"));
         }
-        let idx = walk_index(self, out.target, &out.flat, &out.sizes, opened);
+        let idx = walk_index(self, out.target, &out.flat, &out.sizes, false, opened);
         let value = match node {
             Some(j) => self.compute(j, &idx)?,
             None => {

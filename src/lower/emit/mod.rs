@@ -44,23 +44,38 @@
 //!   form per GPT-2, silu = `x / (1 + exp(-x))`, rsqrt = `1 / sqrt(x)`.
 //!   Accumulation is f32 throughout.
 //!
-//! # ABI (identical for CPU and GPU)
+//! # ABI (the same for CPU and GPU, plus two CPU parameters)
 //!
 //! Parameters, in [`crate::lower::plan::Kernel::params`] order: every
-//! runtime dim in `graph.dims.runtime` order as `i64`, then every buffer the
-//! kernel reads (ascending buffer index), then the buffer it writes, each as
-//! an `!llvm.ptr`: a bare pointer to contiguous row-major data of the
+//! runtime dim in `graph.dims.runtime` order as `i64` (and the row
+//! capacity of a pitched dim), then every buffer the kernel reads
+//! (ascending buffer index), then the buffer it writes, each as an
+//! `!llvm.ptr`: a bare pointer to contiguous row-major data of the
 //! buffer's dtype (f32, f16 and bf16 as their IEEE / bfloat16 bits, i32,
 //! i64). Floats are widened to f32 on load and rounded (to nearest even) on
 //! store. A zero-size buffer may be passed as any non-null pointer; nothing
 //! is read from or written to it.
 //!
-//! - CPU ([`Target::Cpu`]): `func.func @k{i}_{node}(params) attributes
-//!   {llvm.emit_c_interface}` whose body is `scf.for %i = 0 to extent`.
+//! - CPU ([`Target::Cpu`]): `func.func @k{i}_{node}(params, %part: i64,
+//!   %parts: i64) attributes {llvm.emit_c_interface}` whose body is a nest
+//!   of `scf.for` loops over the output (see `walk_index`).
 //! - GPU ([`Target::Gpu`]): `gpu.func @k{i}_{node}(params) kernel` inside
 //!   `gpu.module @bifurc_kernels` (module attribute `gpu.container_module`);
 //!   `%i = block_id.x * block_dim.x + thread_id.x`, guarded by
 //!   `%i < extent`. Launch a 1-D grid of `ceil(extent / block)` blocks.
+//!
+//! # Parts (CPU)
+//!
+//! A CPU kernel's outer walk loops (over the output: the outermost when it
+//! is long, else all but the innermost, or the only one; a row kernel's
+//! all), taken as one loop over their `n` iterations, run only
+//! `n·part/parts .. n·(part+1)/parts` (see `walk_index`):
+//! calls with `part = 0..parts` (on as many threads) together run the
+//! kernel once. Each iteration writes outputs (elements, rows, tiles) that
+//! no other iteration reads or writes, so the parts are independent and
+//! the result is the same for every `parts`. A kernel without such a loop
+//! (every output axis of size 1, or the GPU's structure emulated) runs
+//! whole in part 0 and does nothing in the others.
 //!
 //! The text is deterministic: same graph and program, same bytes.
 
@@ -239,6 +254,20 @@ pub(crate) struct Kc<'a> {
     /// Emulated lanes: the open lane loops (result, accumulator), innermost
     /// last.
     pub lane_loops: Vec<(String, String)>,
+    /// Whether the outermost walk loop is split into parts (CPU).
+    pub partition: Partition,
+}
+
+/// Whether a CPU kernel's outermost walk loop runs only the call's part
+/// (see "Parts" in the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Partition {
+    /// Not split: the GPU, and the CPU emulating it (part 0 runs it all).
+    Off,
+    /// The next walk loop opened is split.
+    Pending,
+    /// The walk's outermost loop was split.
+    Done,
 }
 
 /// How the reduction of a block-shared kernel is split.
@@ -306,6 +335,13 @@ fn kernel_fn(
             }
         }
     }
+    if target == Target::Cpu {
+        // The part of the walk this call runs (see "Parts" above).
+        for (key, name) in [(PART_KEY, "%part"), (PARTS_KEY, "%parts")] {
+            sig.push(format!("{name}: i64"));
+            dims.push((key.to_owned(), name.to_owned()));
+        }
+    }
     let out = program.buffers.get(kernel.writes).ok_or_else(|| {
         mismatch(&kernel.name, format!("writes buffer {} of {}", kernel.writes, program.buffers.len()))
     })?;
@@ -320,6 +356,10 @@ fn kernel_fn(
         simd,
         lanes: Lanes::Whole,
         lane_loops: Vec::new(),
+        partition: match (target, emulation) {
+            (Target::Cpu, None) => Partition::Pending,
+            _ => Partition::Off,
+        },
     };
     let node = if kernel.op == "copy" || kernel.op == COMBINE_OP {
         None
@@ -380,6 +420,7 @@ fn kernel_fn(
         kc.b.close();
     }
     let flat = dest.flat;
+    let partitioned = kc.partition == Partition::Done;
     // Shared memory of a tensor-core kernel (GPU): a split kernel's partial
     // tiles, or the staged operands.
     let workgroup = match mma.and_then(|(m, _, j)| mma::workgroup(m, kc.stages_b(j, m))) {
@@ -396,7 +437,18 @@ fn kernel_fn(
             f.push_str(&indent(&hoist, 2));
             // The walk is the loop nest in `body` (see `walk_index`).
             let _ = extent;
-            f.push_str(&indent(&body, 2));
+            if partitioned {
+                f.push_str(&indent(&body, 2));
+            } else {
+                // No loop to split: part 0 runs the whole body.
+                let _ = writeln!(
+                    f,
+                    "    %part_zero = arith.constant 0 : i64\n    \
+                     %part_first = arith.cmpi eq, %part, %part_zero : i64\n    scf.if %part_first {{"
+                );
+                f.push_str(&indent(&body, 3));
+                let _ = writeln!(f, "    }}");
+            }
             let _ = writeln!(f, "    return\n  }}");
         }
         Target::Gpu => {
@@ -430,24 +482,97 @@ fn kernel_fn(
 
 /// The multi-index of a walk over `sizes` (outermost first). CPU: a nest
 /// of `scf.for` loops, one per axis of size other than 1 (counted in
-/// `opened`; the caller closes them): no division per element. GPU: the
-/// flat thread index delinearized.
-fn walk_index(kc: &mut Kc, target: Target, flat: &str, sizes: &[String], opened: &mut usize) -> Vec<String> {
+/// `opened`; the caller closes them): no division per element. The first
+/// walk of a CPU kernel runs only the call's part ([`Partition`]): its
+/// outermost loop alone when that has at least [`SPLIT_ALONE`] iterations
+/// (a constant), else its loops but the innermost (all of them when there
+/// is one, or when `rows`: an iteration is a whole row) as one loop over
+/// their product, its index delinearized once per iteration.
+/// GPU: the flat thread index delinearized.
+fn walk_index(
+    kc: &mut Kc,
+    target: Target,
+    flat: &str,
+    sizes: &[String],
+    rows: bool,
+    opened: &mut usize,
+) -> Vec<String> {
     if target != Target::Cpu {
         return kc.b.delinearize(flat, sizes);
     }
-    sizes
-        .iter()
-        .map(|s| {
-            if kc.b.known(s) == Some(1) {
-                kc.b.index(0)
-            } else {
-                *opened += 1;
-                kc.b.open_loop(s)
-            }
-        })
-        .collect()
+    let loops: Vec<usize> = (0..sizes.len()).filter(|&a| kc.b.known(&sizes[a]) != Some(1)).collect();
+    let mut idx: Vec<String> = sizes.iter().map(|_| kc.b.index(0)).collect();
+    let mut inner = &loops[..];
+    if kc.partition == Partition::Pending && !loops.is_empty() {
+        kc.partition = Partition::Done;
+        // The outermost loop alone when it has enough iterations for the
+        // parts at any point (no index to delinearize).
+        let wide = kc.b.known(&sizes[loops[0]]).is_some_and(|n| n >= SPLIT_ALONE);
+        let split = if rows {
+            loops.len()
+        } else if wide {
+            1
+        } else {
+            loops.len().saturating_sub(1).max(1)
+        };
+        let (outer, rest) = loops.split_at(split);
+        let outer_sizes: Vec<String> = outer.iter().map(|&a| sizes[a].clone()).collect();
+        let (f, regions) = kc.open_part_loop(&outer_sizes);
+        *opened += regions;
+        for (&a, v) in outer.iter().zip(kc.b.delinearize(&f, &outer_sizes)) {
+            idx[a] = v;
+        }
+        inner = rest;
+    }
+    for &a in inner {
+        *opened += 1;
+        idx[a] = kc.b.open_loop(&sizes[a]);
+    }
+    idx
 }
+
+impl Kc<'_> {
+    /// Opens a loop over `0..n`, `n` the product of `sizes` (hoisted
+    /// values), and in it a guard that keeps this call's part,
+    /// `n·part/parts .. n·(part+1)/parts`. The loop keeps the whole
+    /// walk's bounds, a constant where the sizes are: LLVM then compiles the
+    /// body as without parts (with the part's bounds as the loop's, a
+    /// context einsum ran 20% slower). Returns the loop's index and the
+    /// regions opened (the caller closes them).
+    fn open_part_loop(&mut self, sizes: &[String]) -> (String, usize) {
+        let mut n = sizes.first().cloned().unwrap_or_else(|| self.b.index(1));
+        for s in sizes.iter().skip(1) {
+            n = self.b.hoist(&format!("arith.muli {n}, {s} : index"));
+        }
+        let one = self.b.index(1);
+        let (part, parts) = match (self.b.dim(PART_KEY), self.b.dim(PARTS_KEY)) {
+            (Some(part), Some(parts)) => (part, parts),
+            // Not a CPU kernel: no parts.
+            _ => return (self.b.open_loop(&n), 1),
+        };
+        let next = self.b.hoist(&format!("arith.addi {part}, {one} : index"));
+        let [lo, hi] = [part, next].map(|p| {
+            let scaled = self.b.hoist(&format!("arith.muli {n}, {p} : index"));
+            self.b.hoist(&format!("arith.divui {scaled}, {parts} : index"))
+        });
+        let f = self.b.open_loop(&n);
+        let ge = self.b.op(&format!("arith.cmpi uge, {f}, {lo} : index"));
+        let lt = self.b.ult(&f, &hi);
+        let inside = self.b.op(&format!("arith.andi {ge}, {lt} : i1"));
+        self.b.open_guard(&inside);
+        (f, 2)
+    }
+}
+
+/// Least constant trip count of a CPU kernel's outermost walk loop that is
+/// split into parts alone, not flattened with the loops inside it.
+const SPLIT_ALONE: i64 = 16;
+
+/// The builder's names of the CPU kernels' parameters `%part` (the part
+/// of the walk a call runs) and `%parts` (how many there are; see "Parts"
+/// in the module docs): not valid dim names, so they never clash with one.
+const PART_KEY: &str = "(part)";
+const PARTS_KEY: &str = "(parts)";
 
 /// The builder's name for the capacity parameter of runtime dim `dim` (not
 /// a valid dim name, so it never clashes with one).
