@@ -23,8 +23,9 @@ pub enum PointError {
     Twice { name: String },
     #[error("--shape names `{name}`, which is not a runtime dim of this graph (runtime dims: {known})")]
     Unknown { name: String, known: String },
-    #[error("runtime dim `{name}` has no value: give it with --shape {name}=N")]
-    Missing { name: String },
+    /// Every runtime dim without a value (none has a default).
+    #[error("{}", missing_message(.names))]
+    Missing { names: Vec<String> },
 }
 
 impl ShapePoint {
@@ -57,17 +58,30 @@ impl ShapePoint {
             }
         }
         let mut out = BTreeMap::new();
+        let mut missing = Vec::new();
         for name in &graph.dims.runtime {
-            let v = self
-                .0
-                .get(name)
-                .copied()
-                .or_else(|| DEFAULT_POINT.iter().find(|(n, _)| n == name).map(|(_, v)| *v))
-                .ok_or_else(|| PointError::Missing { name: name.clone() })?;
-            out.insert(name.clone(), v);
+            let given = self.0.get(name).copied();
+            match given.or_else(|| DEFAULT_POINT.iter().find(|(n, _)| n == name).map(|(_, v)| *v)) {
+                Some(v) => {
+                    out.insert(name.clone(), v);
+                }
+                None => missing.push(name.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(PointError::Missing { names: missing });
         }
         Ok(Self(out))
     }
+}
+
+/// What [`PointError::Missing`] says: the dims, and the `--shape` that
+/// gives them.
+fn missing_message(names: &[String]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    let shape: Vec<String> = names.iter().map(|n| format!("{n}=N")).collect();
+    let (dims, verb, pronoun) = if names.len() == 1 { ("dim", "has", "it") } else { ("dims", "have", "them") };
+    format!("runtime {dims} {} {verb} no value: give {pronoun} with --shape {}", quoted.join(", "), shape.join(","))
 }
 
 impl fmt::Display for ShapePoint {
@@ -91,5 +105,24 @@ mod tests {
         assert!(matches!(ShapePoint::parse("b=-1"), Err(PointError::Value { .. })));
         assert!(matches!(ShapePoint::parse("b=x"), Err(PointError::Value { .. })));
         assert!(matches!(ShapePoint::parse("b=1,b=2"), Err(PointError::Twice { .. })));
+    }
+
+    /// Every runtime dim without a value is named at once.
+    #[test]
+    fn names_every_missing_dim() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["P", "S", "m_s", "m_c"], "constants": {}},
+            "inputs": [{"name": "x", "role": "activation", "shape": ["P", "S", "m_s", "m_c"], "dtype": "f32"}],
+            "nodes": [{"id": "y", "op": "exp", "inputs": ["x"]}],
+            "outputs": [{"name": "y", "node": "y"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap();
+        let err = ShapePoint::parse("S=4").unwrap().for_graph(&graph).unwrap_err().to_string();
+        assert_eq!(err, "runtime dims `P`, `m_s` have no value: give them with --shape P=N,m_s=N");
+        let err = ShapePoint::parse("S=4,m_s=2").unwrap().for_graph(&graph).unwrap_err().to_string();
+        assert_eq!(err, "runtime dim `P` has no value: give it with --shape P=N");
+        let p = ShapePoint::parse("S=4,m_s=2,P=1").unwrap().for_graph(&graph).unwrap();
+        assert_eq!(p.to_string(), "P=1, S=4, m_c=8192, m_s=2");
     }
 }
