@@ -402,7 +402,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { model, shape, json } => {
             let graph = load(&model)?;
             let point = ShapePoint::parse(shape.as_deref().unwrap_or(""))?;
-            let report = bifurc::inspect::inspect(&graph, &point)?;
+            let report = bifurc::inspect::inspect(&graph, &point).with_context(|| format!("{}", model.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.to_json(&graph))?);
             } else {

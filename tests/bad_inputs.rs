@@ -71,3 +71,27 @@ fn a_missing_file_is_named_once_with_the_os_reason() {
     assert_eq!(stderr.matches("no-such-model.json").count(), 1, "{stderr}");
     assert_eq!(stderr.matches("os error").count(), 1, "{stderr}");
 }
+
+/// A multi-level graph's runtime dims without a default: every one named
+/// in one line, with the file, by inspect and compile alike.
+#[test]
+fn missing_runtime_dims_are_named_together() {
+    let never = std::env::temp_dir().join(format!("bifurc-never-written-{}.ptx", std::process::id()));
+    for cmd in ["inspect", "compile"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bifurc"))
+            .args([cmd, "examples/multilevel/model.json", "--shape", "S=4"])
+            .args(if cmd == "compile" { vec!["-o".into(), never.clone()] } else { vec![] })
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("run bifurc");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "error: examples/multilevel/model.json: runtime dims `P`, `m_s` have no value: \
+             give them with --shape P=N,m_s=N",
+            "{cmd}"
+        );
+    }
+    assert!(!never.exists(), "a failed compile writes nothing");
+}
