@@ -163,16 +163,30 @@ mod tests {
     }
 
     /// The tiny model, as given and bifurcated, gives the same bytes run
-    /// whole and in 1 to 7 parts of every kernel, at ragged points.
+    /// whole and in 1 to 7 parts of every kernel, at ragged points; so do
+    /// the test checkpoints' gpt2 (layer norm, gelu, learned positions) and
+    /// gpt_bigcode (multi-query) graphs.
     #[test]
     fn splitting_changes_no_output() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny/model.json");
-        let base = crate::import::load(std::path::Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut graphs = vec![crate::import::load(&root.join("examples/tiny/model.json"))];
+        for arch in ["gpt2", "gpt_bigcode"] {
+            let config = std::fs::read_to_string(root.join(format!("tests/fixtures/hf/{arch}/config.json")))
+                .unwrap_or_else(|e| panic!("{arch}: {e}"));
+            let doc = crate::hf::build(&config, &Default::default()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            graphs.push(crate::import::from_value(&doc));
+        }
+        for base in graphs {
+            check_splitting(&base.unwrap_or_else(|e| panic!("{e}")));
+        }
+    }
+
+    fn check_splitting(base: &Graph) {
         let point = BTreeMap::from([("b".to_string(), 5), ("m_c".to_string(), 13), ("m_d".to_string(), 3)]);
         let opts =
             crate::optimize::Options { point: crate::inspect::point::ShapePoint(point.clone()), ..Default::default() };
-        let bif = crate::optimize::optimize(&base, &opts).unwrap_or_else(|e| panic!("{e}")).graph;
-        for g in [&base, &bif] {
+        let bif = crate::optimize::optimize(base, &opts).unwrap_or_else(|e| panic!("{e}")).graph;
+        for g in [base, &bif] {
             let mut step = CpuStep::compile(g).unwrap_or_else(|e| panic!("{e}"));
             for point in [point.clone(), BTreeMap::from([("b".into(), 1), ("m_c".into(), 2), ("m_d".into(), 0)])] {
                 let inputs = crate::interp::random_inputs(g, &point, 9).unwrap_or_else(|e| panic!("{e}"));
