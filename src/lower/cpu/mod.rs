@@ -477,7 +477,11 @@ impl CpuStep {
             // size, checked above). `dims`, `caps`, `ptrs`, `host` and
             // `inputs` are not moved or resized while it runs. The last
             // two arguments point at `part` = 0 and `whole` = 1 (the whole
-            // walk), or, in `run_parts`, at each part's own values.
+            // walk), or, in `run_parts`, at each part's own values: every
+            // CPU kernel is emitted to run its part only, so the parts,
+            // running at once on the pool's threads, write disjoint
+            // elements of the kernel's output and read what no part writes
+            // (`emit`, "Parts"); the arguments they share are only read.
             if parts > 1 {
                 unsafe { run_parts(*entry, &args, parts) };
             } else {
