@@ -480,7 +480,8 @@ fn run(cli: Cli) -> Result<()> {
             let rows = bifurc::bench::run_cpu(&graph, &opts, |msg| bar.set_message(msg.to_string()));
             bar.finish_and_clear();
             let rows = rows.with_context(|| format!("{}", model.display()))?;
-            let title = format!("{} (CPU)", model.display());
+            let threads = rayon::current_num_threads();
+            let title = format!("{} (CPU, {threads} thread{})", model.display(), if threads == 1 { "" } else { "s" });
             print!("{}", bifurc::bench::to_markdown(&rows, &title));
             if let Some(dir) = out {
                 std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -17,6 +17,7 @@ fn bench_cli_writes_tables_and_plots() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Header, separator, and one row per point.
     assert_eq!(stdout.lines().filter(|l| l.starts_with("| ")).count(), 1 + 4, "{stdout}");
+    assert!(stdout.contains("examples/tiny/model.json (CPU, 2 threads)"), "the title says where it ran: {stdout}");
     let csv = std::fs::read_to_string(dir.join("bench.csv")).expect("bench.csv");
     assert_eq!(csv.lines().count(), 5);
     for row in csv.lines().skip(1) {
