@@ -5,7 +5,8 @@
 //! optimized at b=32, m_c=8192, m_d=16 (bifurcated attention), and both the
 //! baseline (the un-optimized graph) and the bifurcated graph are compiled
 //! once with `CpuStep`. At each point (b = 32 first, then 16 and 1 unless
-//! `BIFURC_BENCH_POINTS` names others, e.g. `32,1`): random inputs, one
+//! `BIFURC_BENCH_POINTS` names others, e.g. `32,1`; m_c = 8192 unless
+//! `BIFURC_BENCH_CONTEXT` gives another): random inputs, one
 //! warm-up run each (and one check that both give the same logits,
 //! norm-relative 1e-4), then `BIFURC_BENCH_RUNS` (default 5) timed runs
 //! alternating baseline / bifurcated so both see the same noise. Prints the
@@ -38,7 +39,6 @@ const CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 1024, "intermedia
   "torch_dtype": "float32"}"#;
 
 const OPT_POINT: &str = "b=32,m_c=8192,m_d=16";
-const M_C: i64 = 8192;
 const M_D: i64 = 16;
 const TOL: f32 = 1e-4;
 
@@ -68,6 +68,7 @@ fn compile(name: &str, g: &Graph) -> CpuStep {
 
 fn main() {
     let runs: usize = env_or("BIFURC_BENCH_RUNS", 5).max(1);
+    let m_c: i64 = env_or("BIFURC_BENCH_CONTEXT", 8192).max(0);
     let points: Vec<i64> = std::env::var("BIFURC_BENCH_POINTS")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
@@ -104,7 +105,7 @@ fn main() {
     );
     for b in points {
         let point: BTreeMap<String, i64> =
-            [("b", b), ("m_c", M_C), ("m_d", M_D)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            [("b", b), ("m_c", m_c), ("m_d", M_D)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let sp = ShapePoint(point.clone());
         let (bb, bf) = (bytes_moved(&base, &sp).expect("bytes"), bytes_moved(&bif, &sp).expect("bytes"));
         let inputs = random_inputs(&base, &point, 7).expect("inputs");
@@ -142,7 +143,7 @@ fn main() {
         for (t, [tb, tf]) in threads.iter().zip(&times) {
             let (tb, tf) = (median(tb).unwrap_or(f64::NAN), median(tf).unwrap_or(f64::NAN));
             println!(
-                "  {b:>4} {M_C:>6} {M_D:>5} {:>7} | {tb:>12.1} {tf:>12.1} {:>7.2}x | {:>10.1} {:>10.1} {:>8.2}x",
+                "  {b:>4} {m_c:>6} {M_D:>5} {:>7} | {tb:>12.1} {tf:>12.1} {:>7.2}x | {:>10.1} {:>10.1} {:>8.2}x",
                 t.min(&rayon::current_num_threads()),
                 tb / tf,
                 bb.total() / 1e6,
