@@ -371,6 +371,29 @@ impl Builder {
         self.close_for(otherwise, ty);
     }
 
+    /// [`Builder::open_if`] with a result of MLIR type `ty` (a vector).
+    pub(crate) fn open_if_typed(&mut self, cond: &str, ty: &str) -> String {
+        let r = self.fresh();
+        self.line(&format!("{r} = scf.if {cond} -> ({ty}) {{"));
+        self.depth += 1;
+        r
+    }
+
+    /// [`Builder::else_branch`] for a result of MLIR type `ty`.
+    pub(crate) fn else_branch_typed(&mut self, then: &str, ty: &str) {
+        self.line(&format!("scf.yield {then} : {ty}"));
+        self.depth = self.depth.saturating_sub(1);
+        self.line("} else {");
+        self.depth += 1;
+    }
+
+    /// [`Builder::close_if`] for a result of MLIR type `ty`.
+    pub(crate) fn close_if_typed(&mut self, otherwise: &str, ty: &str) {
+        self.line(&format!("scf.yield {otherwise} : {ty}"));
+        self.depth = self.depth.saturating_sub(1);
+        self.line("}");
+    }
+
     /// Index arithmetic helpers (body).
     pub(crate) fn addi(&mut self, a: &str, b: &str) -> String {
         self.op(&format!("arith.addi {a}, {b} : index"))

@@ -8,7 +8,7 @@ use crate::lower::LowerError;
 use super::{Kc, Lanes};
 
 /// Fast-math flags of a contraction's product: may fuse into an FMA.
-const CONTRACT: &str = "contract";
+pub(super) const CONTRACT: &str = "contract";
 /// Fast-math flags of a contraction's accumulation: may fuse, and may be
 /// reassociated (LLVM then vectorizes and interleaves the reduction; the
 /// sum is still f32, in a different order).
@@ -145,6 +145,7 @@ impl Kc<'_> {
         }
         let x = match (lane, self.stored(v)) {
             (true, Some(b)) => self.load_vector(b, at, lanes)?,
+            (true, None) if self.vector_readable(v) => self.load_vector_view(v, at, lanes)?,
             (true, None) => return Err(self.unsupported(j, "vector operand is not stored")),
             (false, _) => {
                 let x = self.loadf(v, at)?;
@@ -340,8 +341,7 @@ impl Kc<'_> {
             if !subs.contains(&z) {
                 continue;
             }
-            let b = self.stored(*v)?;
-            if subs.last() != Some(&z) || self.program.buffers[b].dtype != crate::ir::DType::F32 {
+            if subs.last() != Some(&z) || !self.vector_readable(*v) {
                 return None;
             }
         }

@@ -86,6 +86,7 @@ mod mma;
 mod ops;
 mod rows;
 mod share;
+mod vectors;
 mod views;
 mod walk;
 
@@ -400,7 +401,15 @@ fn kernel_fn(
         ptr: kc.ptr(kernel.writes)?,
         dtype: out.dtype,
     };
-    let extent = match (mma, walk::walk(graph, node, target, cooperative_min), node) {
+    let walk = walk::walk(graph, node, target, cooperative_min);
+    // CPU: a contraction with no operand to reuse across outputs whose sum
+    // is strided, in vectors along the output's last axis (`vectors`).
+    let vector = match (mma, node) {
+        (None, Some(j)) => kc.vector_lanes(j, &walk, &dest),
+        _ => None,
+    };
+    let extent = match (mma, walk, node) {
+        (None, _, Some(j)) if vector.is_some() => kc.vector_body(&dest, j, vector.unwrap_or(1), &mut opened)?,
         (Some((m, mode, j)), _, _) => {
             if mode == MmaMode::Gpu {
                 // The block id is the item: a tile, or eight along n (see `mma`).

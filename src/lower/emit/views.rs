@@ -81,6 +81,27 @@ impl Kc<'_> {
         let node = &self.graph.nodes[j];
         let (op, inputs) = (node.op.clone(), node.inputs.clone());
         let first = *inputs.first().ok_or_else(|| self.unsupported(j, "view without an input"))?;
+        match op {
+            Op::Concat { axis } => {
+                if axis >= idx.len() {
+                    return Err(self.unsupported(j, "concat axis out of range"));
+                }
+                let ty = Ty::of(self.graph.nodes[j].dtype);
+                self.concat_part(&inputs, axis, 0, Poly::zero(), idx, ty)
+            }
+            _ => {
+                let inner = self.view_index(j, idx)?;
+                self.load(first, &inner)
+            }
+        }
+    }
+
+    /// The index into the (first) input of view node `j` (a transpose,
+    /// broadcast, slice or reshape) of its element `idx`.
+    pub(crate) fn view_index(&mut self, j: usize, idx: &[String]) -> Result<Vec<String>, LowerError> {
+        let node = &self.graph.nodes[j];
+        let (op, inputs) = (node.op.clone(), node.inputs.clone());
+        let first = *inputs.first().ok_or_else(|| self.unsupported(j, "view without an input"))?;
         let in_shape = self.graph.shape_of(first).clone();
         match op {
             Op::Transpose { perm } => {
@@ -89,7 +110,7 @@ impl Kc<'_> {
                     let slot = inner.get_mut(p).ok_or_else(|| self.unsupported(j, "bad transpose perm"))?;
                     *slot = idx[i].clone();
                 }
-                self.load(first, &inner)
+                Ok(inner)
             }
             Op::Broadcast { .. } => {
                 let lead = idx
@@ -100,28 +121,20 @@ impl Kc<'_> {
                 for (a, d) in in_shape.iter().enumerate() {
                     inner.push(if self.is_one(d) { self.b.index(0) } else { idx[lead + a].clone() });
                 }
-                self.load(first, &inner)
+                Ok(inner)
             }
             Op::Slice { axis, start, .. } => {
                 let mut inner = idx.to_vec();
                 let s = self.sizes(std::slice::from_ref(&start))?.remove(0);
                 let slot = inner.get_mut(axis).ok_or_else(|| self.unsupported(j, "slice axis out of range"))?;
                 *slot = self.b.addi(&idx[axis], &s);
-                self.load(first, &inner)
+                Ok(inner)
             }
             Op::Reshape { shape } => {
                 if self.graph.dims.same_shape(&shape, &in_shape) {
-                    return self.load(first, idx);
+                    return Ok(idx.to_vec());
                 }
-                let inner = self.reshape_index(&shape, &in_shape, idx)?;
-                self.load(first, &inner)
-            }
-            Op::Concat { axis } => {
-                if axis >= idx.len() {
-                    return Err(self.unsupported(j, "concat axis out of range"));
-                }
-                let ty = Ty::of(self.graph.nodes[j].dtype);
-                self.concat_part(&inputs, axis, 0, Poly::zero(), idx, ty)
+                self.reshape_index(&shape, &in_shape, idx)
             }
             _ => Err(self.unsupported(j, "not a view")),
         }

@@ -1,0 +1,301 @@
+//! CPU contractions vectorized along the output's last axis when their sum
+//! walks an operand with a stride: `w · V` over a per-sample cache,
+//! `probs [.., m] @ values [.., m, k]`, where computing one output at a
+//! time reads each row of V once per output. Here each step of the sum
+//! loads a vector of V's row through the views (broadcast, concat,
+//! reshape, transpose, slice keep its last axis the stored buffer's
+//! innermost) and the other operand's element once, broadcast.
+
+use crate::ir::{DType, Op, Value};
+use crate::lower::LowerError;
+
+use super::bodies::Out;
+use super::{walk_index, Kc};
+
+impl Kc<'_> {
+    /// Whether `v` can be read as vectors along its last axis: it is f32
+    /// data whose last axis is, through its views, the innermost axis of a
+    /// stored buffer (a concat is on another axis; a broadcast does not
+    /// stretch it; a transpose and a reshape keep it last).
+    pub(crate) fn vector_readable(&self, v: Value) -> bool {
+        if self.graph.dtype_of(v) != DType::F32 {
+            return false;
+        }
+        if let Some(b) = self.stored(v) {
+            return self.program.buffers[b].dtype == DType::F32;
+        }
+        let Value::Node(j) = v else { return false };
+        let node = &self.graph.nodes[j];
+        let rank = node.shape.len();
+        let Some(&first) = node.inputs.first() else { return false };
+        let in_shape = self.graph.shape_of(first);
+        let last_kept = || match (node.shape.last(), in_shape.last()) {
+            (Some(a), Some(b)) => self.graph.dims.same(a, b),
+            _ => false,
+        };
+        // A constant multiple of the lanes: vectors that start at a
+        // multiple of the lanes along it never cross its rows.
+        let whole_vectors = |p: Option<&crate::ir::Poly>| {
+            p.and_then(|p| self.constant_size(p)).is_some_and(|n| self.simd > 0 && n % self.simd as i64 == 0)
+        };
+        match &node.op {
+            Op::Transpose { perm } => perm.last() == Some(&(rank.wrapping_sub(1))) && self.vector_readable(first),
+            Op::Broadcast { .. } => last_kept() && self.vector_readable(first),
+            Op::Slice { axis, start, .. } => {
+                let aligned = *axis + 1 != rank || whole_vectors(Some(start));
+                last_kept() && aligned && self.vector_readable(first)
+            }
+            // The last axis the same, or split / merged in whole vectors
+            // (`[.., g·k]` as `[.., g, k]`): consecutive lanes stay
+            // consecutive elements of the input's last axis.
+            Op::Reshape { .. } => {
+                let same = last_kept() && whole_vectors(node.shape.last());
+                (same || (whole_vectors(node.shape.last()) && whole_vectors(in_shape.last())))
+                    && self.vector_readable(first)
+            }
+            Op::Concat { axis } => *axis + 1 != rank && node.inputs.iter().all(|&p| self.vector_readable(p)),
+            _ => false,
+        }
+    }
+
+    /// `lanes` consecutive elements of `v` from `idx` along its last axis
+    /// (see [`Kc::vector_readable`]), as a `vector<lanes x f32>`.
+    pub(crate) fn load_vector_view(&mut self, v: Value, idx: &[String], lanes: usize) -> Result<String, LowerError> {
+        if let Some(b) = self.stored(v) {
+            return self.load_vector(b, idx, lanes);
+        }
+        let j = match v {
+            Value::Node(j) => j,
+            Value::Input(_) => {
+                return Err(LowerError::Unsupported {
+                    node: self.graph.name_of(v).to_owned(),
+                    message: "graph input has no buffer in the program".into(),
+                })
+            }
+        };
+        let node = &self.graph.nodes[j];
+        let (op, inputs) = (node.op.clone(), node.inputs.clone());
+        let first = *inputs.first().ok_or_else(|| self.unsupported(j, "view without an input"))?;
+        match op {
+            Op::Concat { axis } => self.concat_vector(&inputs, axis, 0, crate::ir::Poly::zero(), idx, lanes),
+            Op::Reshape { .. } | Op::Transpose { .. } | Op::Broadcast { .. } | Op::Slice { .. } => {
+                // The scalar index map, applied to the first lane: the
+                // last axis maps to the input's last (checked by
+                // `vector_readable`), so the lanes stay consecutive.
+                let inner = self.view_index(j, idx)?;
+                self.load_vector_view(first, &inner, lanes)
+            }
+            _ => Err(self.unsupported(j, "not a vector-readable view")),
+        }
+    }
+
+    /// Part `k` (or a later one) of a concat along `axis` (not the last),
+    /// as vectors: `start` is where part `k` begins.
+    fn concat_vector(
+        &mut self,
+        parts: &[Value],
+        axis: usize,
+        k: usize,
+        start: crate::ir::Poly,
+        idx: &[String],
+        lanes: usize,
+    ) -> Result<String, LowerError> {
+        let part = parts[k];
+        let len = self.graph.shape_of(part).get(axis).cloned().unwrap_or_else(crate::ir::Poly::zero);
+        let end =
+            start.add(&len).map_err(|e| LowerError::Size { what: "concat offset".into(), message: e.to_string() })?;
+        let vty = format!("vector<{lanes}xf32>");
+        let read = |kc: &mut Self| -> Result<String, LowerError> {
+            let mut inner = idx.to_vec();
+            let s = kc.sizes(std::slice::from_ref(&start))?.remove(0);
+            inner[axis] = kc.b.subi(&idx[axis], &s);
+            kc.load_vector_view(part, &inner, lanes)
+        };
+        if k + 1 == parts.len() {
+            return read(self);
+        }
+        let e = self.sizes(std::slice::from_ref(&end))?.remove(0);
+        let cond = self.b.ult(&idx[axis], &e);
+        let r = self.b.open_if_typed(&cond, &vty);
+        let a = read(self)?;
+        self.b.else_branch_typed(&a, &vty);
+        let rest = self.concat_vector(parts, axis, k + 1, end, idx, lanes)?;
+        self.b.close_if_typed(&rest, &vty);
+        Ok(r)
+    }
+
+    /// Lanes of a CPU matmul `a @ b` (not transposed) vectorized along
+    /// the output's last axis: f32 output, a last axis of a constant
+    /// multiple of [`Kc::simd`], and `b` readable as vectors along its
+    /// last axis (so its summed axis is not innermost: the strided case).
+    pub(crate) fn matmul_lanes(&self, j: usize, out_f32: bool) -> Option<usize> {
+        let node = self.graph.nodes.get(j)?;
+        let Op::MatMul { transpose_b: false } = node.op else { return None };
+        let n = self.graph.dims.normalize(node.shape.last()?).ok()?.as_constant()?;
+        let lanes = self.simd;
+        if lanes == 0 || !out_f32 || n <= 0 || n % lanes as i64 != 0 {
+            return None;
+        }
+        let (&a, &b) = (node.inputs.first()?, node.inputs.get(1)?);
+        let sb = self.graph.shape_of(b);
+        if self.graph.shape_of(a).len() < 2 || sb.len() < 2 || !self.vector_readable(b) {
+            return None;
+        }
+        Some(lanes)
+    }
+
+    /// Matmul node `j` at `idx`: the `lanes` outputs from `idx` along the
+    /// last axis, one vector accumulator, the sum in order of the summed
+    /// index (each output's own order, as the scalar kernel's).
+    fn matmul_vector(&mut self, j: usize, idx: &[String], lanes: usize) -> Result<String, LowerError> {
+        let node = &self.graph.nodes[j];
+        let (a, bv) = match node.inputs.as_slice() {
+            [a, b] => (*a, *b),
+            _ => return Err(self.unsupported(j, "matmul without two operands")),
+        };
+        let (sa, sb) = (self.graph.shape_of(a).clone(), self.graph.shape_of(bv).clone());
+        let r = idx.len();
+        if sa.len() < 2 || sb.len() < 2 || r < 2 || sa.len() > r || sb.len() > r {
+            return Err(self.unsupported(j, "matmul ranks"));
+        }
+        let vty = format!("vector<{lanes}xf32>");
+        let kdim = self.sizes(&sa[sa.len() - 1..])?.remove(0);
+        let one = self.b.index(1);
+        let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
+        let (res, kk, accs) = self.b.open_for_typed(&kdim, &one, &[zero], &vty);
+        let (m, n) = (idx[r - 2].clone(), idx[r - 1].clone());
+        let mut ia = self.matmul_batch_index(&sa, idx);
+        ia.extend([m, kk.clone()]);
+        let mut ib = self.matmul_batch_index(&sb, idx);
+        ib.extend([kk, n]);
+        let x = self.loadf(a, &ia)?;
+        let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
+        let y = self.load_vector_view(bv, &ib, lanes)?;
+        let p = self.b.op(&format!("arith.mulf {x}, {y} fastmath<{}> : {vty}", super::contract::CONTRACT));
+        let acc = accs.first().cloned().unwrap_or_default();
+        let next = self.b.op(&format!("arith.addf {acc}, {p} fastmath<{}> : {vty}", super::contract::CONTRACT));
+        self.b.close_for_typed(&[next], &vty);
+        Ok(res.first().cloned().unwrap_or_default())
+    }
+
+    /// The lanes of [`Kc::vector_body`] for node `j` (walked `walk` into
+    /// `out`) on the CPU: an f32 output, no operand reused across outputs
+    /// (a row-major walk, or reuse axes all of size 1), and a matmul or
+    /// einsum whose strided operand reads as vectors.
+    pub(super) fn vector_lanes(&self, j: usize, walk: &super::walk::Walk, out: &Out) -> Option<usize> {
+        if self.partition != super::Partition::Pending || out.dtype != DType::F32 {
+            return None;
+        }
+        let node = self.graph.nodes.get(j)?;
+        let no_reuse = match walk {
+            super::walk::Walk::RowMajor => true,
+            super::walk::Walk::Reuse { reuse, .. } => reuse.iter().all(|&a| self.is_one(&node.shape[a])),
+            _ => false,
+        };
+        if !no_reuse {
+            return None;
+        }
+        let n = self.graph.dims.normalize(node.shape.last()?).ok()?.as_constant();
+        self.matmul_lanes(j, true).or_else(|| self.out_lanes(j, n, true))
+    }
+
+    /// A contraction walked along its output with the last axis in vectors
+    /// of `lanes` (see [`Kc::matmul_lanes`], [`Kc::out_lanes`]): each
+    /// iteration computes and stores one vector of outputs.
+    pub(super) fn vector_body(
+        &mut self,
+        out: &Out,
+        j: usize,
+        lanes: usize,
+        opened: &mut usize,
+    ) -> Result<String, LowerError> {
+        let rank = out.sizes.len();
+        let mut walk = out.sizes.clone();
+        let lanes_idx = self.b.index(lanes as i64);
+        let last = walk.last().cloned().ok_or_else(|| self.unsupported(j, "a scalar output"))?;
+        walk[rank - 1] = self.b.hoist(&format!("arith.divui {last}, {lanes_idx} : index"));
+        let mut idx = walk_index(self, out.target, &out.flat, &walk, false, opened);
+        idx[rank - 1] = self.b.muli(&idx[rank - 1], &lanes_idx);
+        let v = if matches!(self.graph.nodes[j].op, Op::MatMul { .. }) {
+            self.matmul_vector(j, &idx, lanes)?
+        } else {
+            self.einsum_out_vec(j, std::slice::from_ref(&idx), lanes)?.remove(0)
+        };
+        let off = self.b.linearize(&idx, &out.sizes);
+        self.b.store_f32_vector(&out.ptr, &off, &v, lanes);
+        self.b.size(&out.kernel.extent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use crate::interp::Tensor;
+    use crate::lower::emit::{emit, Target};
+    use crate::lower::CpuStep;
+
+    /// `probs @ concat(broadcast(V_ctx), V_dec, V_new)` with the new row
+    /// from a split projection (`[b, 1, g·k]` as `[b, g, 1, k]`): the
+    /// baseline's `w · V` over the per-sample cache, read in vectors
+    /// through every view, against the interpreter at ragged points, the
+    /// decode cache dense and with spare rows.
+    #[test]
+    fn strided_matmul_reads_vectors_through_views() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m_c", "m_d"], "constants": {"g": 2, "k": 32}},
+            "inputs": [
+                {"name": "p", "role": "activation", "shape": ["b", "g", 1, "m_c+m_d+1"], "dtype": "f32"},
+                {"name": "v_ctx", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["g", "m_c", "k"], "dtype": "f32"},
+                {"name": "v_dec", "role": "decode_kv", "layer": 0, "kv": "v", "shape": ["b", "g", "m_d", "k"], "dtype": "f32"},
+                {"name": "v_proj", "role": "activation", "shape": ["b", 1, "g*k"], "dtype": "f32"}
+            ],
+            "nodes": [
+                {"id": "v_split", "op": "reshape", "inputs": ["v_proj"], "attrs": {"shape": ["b", 1, "g", "k"]}},
+                {"id": "v_new", "op": "transpose", "inputs": ["v_split"], "attrs": {"perm": [0, 2, 1, 3]}},
+                {"id": "v_ctx_b", "op": "broadcast", "inputs": ["v_ctx"], "attrs": {"shape": ["b", "g", "m_c", "k"]}},
+                {"id": "v_all", "op": "concat", "inputs": ["v_ctx_b", "v_dec", "v_new"], "attrs": {"axis": 2}},
+                {"id": "o", "op": "matmul", "inputs": ["p", "v_all"]}
+            ],
+            "outputs": [{"name": "o", "node": "o"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            text.contains("-> vector<16xf32>")
+                && text.contains("llvm.store")
+                && text.contains(": vector<16xf32>, !llvm.ptr"),
+            "the matmul reads and writes vectors:\n{text}"
+        );
+        for (b, m_c, m_d) in [(3, 5, 2), (1, 0, 0), (2, 17, 3), (4, 1, 7)] {
+            let point = BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)]);
+            let inputs = crate::interp::random_inputs(&graph, &point, 11).unwrap_or_else(|e| panic!("{e}"));
+            let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            close(&got["o"], &want["o"], &format!("dense at {point:?}"));
+            // The decode cache with two spare rows of garbage per (b, g).
+            let cap = m_d as usize + 2;
+            let dense = &inputs["v_dec"];
+            let mut spare = Tensor::full(vec![b as usize, 2, cap, 32], f32::NAN);
+            for (row, chunk) in dense.data.chunks(32).enumerate() {
+                let (bg, r) = (row / m_d.max(1) as usize, row % m_d.max(1) as usize);
+                let at = (bg * cap + r) * 32;
+                spare.data[at..at + 32].copy_from_slice(chunk);
+            }
+            let mut pitched: HashMap<String, Tensor> = inputs.clone();
+            pitched.insert("v_dec".into(), spare);
+            let caps = BTreeMap::from([("m_d".to_string(), cap as i64)]);
+            let got = step.run_with_capacity(&point, &caps, &pitched).unwrap_or_else(|e| panic!("{e}"));
+            close(&got["o"], &want["o"], &format!("with spare rows at {point:?}"));
+        }
+    }
+
+    fn close(got: &Tensor, want: &Tensor, what: &str) {
+        assert_eq!(got.shape, want.shape, "{what}");
+        for (i, (x, y)) in got.data.iter().zip(&want.data).enumerate() {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}: element {i}: {x} vs {y}");
+        }
+    }
+}
