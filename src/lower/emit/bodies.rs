@@ -138,7 +138,7 @@ impl Kc<'_> {
         // vector (see `Kc::out_lanes`): no loop over its elements.
         let vector = block
             .filter(|&pos| keep[pos] + 1 == out.sizes.len() && BLOCK == CPU_SIMD)
-            .and_then(|pos| self.out_lanes(j, self.b.known(&keep_sizes[pos]), out.dtype == crate::ir::DType::F32));
+            .and_then(|pos| self.out_lanes(j, self.b.known(&keep_sizes[pos]), out.dtype.is_float()));
         if let Some(pos) = block {
             let bn = self.b.index(BLOCK as i64);
             let start = self.b.muli(&at[pos], &bn);
@@ -197,7 +197,7 @@ impl Kc<'_> {
             }
             let off = self.b.linearize(idx, &out.sizes);
             match vector {
-                Some(lanes) => self.b.store_f32_vector(&out.ptr, &off, &v.ssa, lanes),
+                Some(lanes) => self.b.store_vector(&out.ptr, &off, &v.ssa, lanes, out.dtype),
                 None => self.b.store(&out.ptr, &off, out.dtype, v),
             }
             if guard.is_some() {

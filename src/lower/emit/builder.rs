@@ -306,20 +306,34 @@ impl Builder {
         self.line("}");
     }
 
-    /// Loads `lanes` consecutive f32 from element `off` of `ptr` as a
-    /// vector (element alignment only).
-    pub(crate) fn load_f32_vector(&mut self, ptr: &str, off: &str, lanes: usize) -> String {
+    /// Loads `lanes` consecutive elements stored as `dtype` (a float) from
+    /// element `off` of `ptr` as a `vector<lanes x f32>` (f16 / bf16
+    /// widened exactly; element alignment only).
+    pub(crate) fn load_vector(&mut self, ptr: &str, off: &str, lanes: usize, dtype: DType) -> String {
+        let st = storage(dtype);
         let o = self.index_to_i64(off);
-        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
-        self.op(&format!("llvm.load {p} {{alignment = 4 : i64}} : !llvm.ptr -> vector<{lanes}xf32>"))
+        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
+        let align = dtype.bytes();
+        let x = self.op(&format!("llvm.load {p} {{alignment = {align} : i64}} : !llvm.ptr -> vector<{lanes}x{st}>"));
+        match dtype {
+            DType::F32 => x,
+            _ => self.op(&format!("arith.extf {x} : vector<{lanes}x{st}> to vector<{lanes}xf32>")),
+        }
     }
 
-    /// Stores vector `v` of `lanes` f32 at element `off` of `ptr`
-    /// (element alignment only).
-    pub(crate) fn store_f32_vector(&mut self, ptr: &str, off: &str, v: &str, lanes: usize) {
+    /// Stores vector `v` of `lanes` f32 at element `off` of `ptr`, as
+    /// `dtype` (a float: f16 / bf16 rounded as [`Builder::store`] rounds a
+    /// scalar; element alignment only).
+    pub(crate) fn store_vector(&mut self, ptr: &str, off: &str, v: &str, lanes: usize, dtype: DType) {
+        let st = storage(dtype);
+        let x = match dtype {
+            DType::F32 => v.to_owned(),
+            _ => self.op(&format!("arith.truncf {v} : vector<{lanes}xf32> to vector<{lanes}x{st}>")),
+        };
         let o = self.index_to_i64(off);
-        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
-        self.line(&format!("llvm.store {v}, {p} {{alignment = 4 : i64}} : vector<{lanes}xf32>, !llvm.ptr"));
+        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
+        let align = dtype.bytes();
+        self.line(&format!("llvm.store {x}, {p} {{alignment = {align} : i64}} : vector<{lanes}x{st}>, !llvm.ptr"));
     }
 
     /// Yields the next accumulators (f32) and closes the loop.

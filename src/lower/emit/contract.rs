@@ -308,17 +308,17 @@ impl Kc<'_> {
     }
 
     /// Lanes of a CPU contraction of node `j` vectorized along its output's
-    /// last axis (size `n`): when `j` is an einsum whose output is f32 data
-    /// (`out_f32`), `n` is a positive multiple of [`Kc::simd`], every
-    /// operand indexed by the output's last letter is stored f32 data whose
+    /// last axis (size `n`): when `j` is an einsum whose output is float
+    /// data (`out_float`), `n` is a positive multiple of [`Kc::simd`], every
+    /// operand indexed by the output's last letter is stored float data whose
     /// last axis is that letter (consecutive outputs read consecutive
     /// elements), and the innermost contraction is not already vectorized
     /// (see [`Kc::simd_lanes`]). The context `w · V` einsum of bifurcated
     /// attention, `acdxy,cyz->acdxz`, is the case: y has stride k in V.
-    pub(crate) fn out_lanes(&self, j: usize, n: Option<i64>, out_f32: bool) -> Option<usize> {
+    pub(crate) fn out_lanes(&self, j: usize, n: Option<i64>, out_float: bool) -> Option<usize> {
         let lanes = self.simd;
         let n = n?;
-        if lanes == 0 || !out_f32 || n <= 0 || n % lanes as i64 != 0 {
+        if lanes == 0 || !out_float || n <= 0 || n % lanes as i64 != 0 {
             return None;
         }
         let node = self.graph.nodes.get(j)?;

@@ -6,23 +6,24 @@
 //! reshape, transpose, slice keep its last axis the stored buffer's
 //! innermost) and the other operand's element once, broadcast.
 
-use crate::ir::{DType, Op, Value};
+use crate::ir::{Op, Value};
 use crate::lower::LowerError;
 
 use super::bodies::Out;
 use super::{walk_index, Kc};
 
 impl Kc<'_> {
-    /// Whether `v` can be read as vectors along its last axis: it is f32
-    /// data whose last axis is, through its views, the innermost axis of a
+    /// Whether `v` can be read as vectors along its last axis: it is float
+    /// data (f16 / bf16 widened to f32 lanes) whose last axis is, through
+    /// its views, the innermost axis of a
     /// stored buffer (a concat is on another axis; a broadcast does not
     /// stretch it; a transpose and a reshape keep it last).
     pub(crate) fn vector_readable(&self, v: Value) -> bool {
-        if self.graph.dtype_of(v) != DType::F32 {
+        if !self.graph.dtype_of(v).is_float() {
             return false;
         }
         if let Some(b) = self.stored(v) {
-            return self.program.buffers[b].dtype == DType::F32;
+            return self.program.buffers[b].dtype.is_float();
         }
         let Value::Node(j) = v else { return false };
         let node = &self.graph.nodes[j];
@@ -125,15 +126,15 @@ impl Kc<'_> {
     }
 
     /// Lanes of a CPU matmul `a @ b` (not transposed) vectorized along
-    /// the output's last axis: f32 output, a last axis of a constant
+    /// the output's last axis: float output (`out_float`), a last axis of a constant
     /// multiple of [`Kc::simd`], and `b` readable as vectors along its
     /// last axis (so its summed axis is not innermost: the strided case).
-    pub(crate) fn matmul_lanes(&self, j: usize, out_f32: bool) -> Option<usize> {
+    pub(crate) fn matmul_lanes(&self, j: usize, out_float: bool) -> Option<usize> {
         let node = self.graph.nodes.get(j)?;
         let Op::MatMul { transpose_b: false } = node.op else { return None };
         let n = self.graph.dims.normalize(node.shape.last()?).ok()?.as_constant()?;
         let lanes = self.simd;
-        if lanes == 0 || !out_f32 || n <= 0 || n % lanes as i64 != 0 {
+        if lanes == 0 || !out_float || n <= 0 || n % lanes as i64 != 0 {
             return None;
         }
         let (&a, &b) = (node.inputs.first()?, node.inputs.get(1)?);
@@ -179,11 +180,11 @@ impl Kc<'_> {
     }
 
     /// The lanes of [`Kc::vector_body`] for node `j` (walked `walk` into
-    /// `out`) on the CPU: an f32 output, no operand reused across outputs
+    /// `out`) on the CPU: a float output, no operand reused across outputs
     /// (a row-major walk, or reuse axes all of size 1), and a matmul or
     /// einsum whose strided operand reads as vectors.
     pub(super) fn vector_lanes(&self, j: usize, walk: &super::walk::Walk, out: &Out) -> Option<usize> {
-        if self.partition != super::Partition::Pending || out.dtype != DType::F32 {
+        if self.partition != super::Partition::Pending || !out.dtype.is_float() {
             return None;
         }
         let node = self.graph.nodes.get(j)?;
@@ -222,7 +223,7 @@ impl Kc<'_> {
             self.einsum_out_vec(j, std::slice::from_ref(&idx), lanes)?.remove(0)
         };
         let off = self.b.linearize(&idx, &out.sizes);
-        self.b.store_f32_vector(&out.ptr, &off, &v, lanes);
+        self.b.store_vector(&out.ptr, &off, &v, lanes, out.dtype);
         self.b.size(&out.kernel.extent)
     }
 }
@@ -232,6 +233,7 @@ mod tests {
     use std::collections::{BTreeMap, HashMap};
 
     use crate::interp::Tensor;
+    use crate::ir::DType;
     use crate::lower::emit::{emit, Target};
     use crate::lower::CpuStep;
 
@@ -242,14 +244,28 @@ mod tests {
     /// decode cache dense and with spare rows.
     #[test]
     fn strided_matmul_reads_vectors_through_views() {
+        strided_matmul(DType::F32, 1e-5);
+    }
+
+    /// The same in bf16 and f16: 16 stored halves widened to f32 lanes,
+    /// summed in f32, rounded once at the store (the scalar kernel's
+    /// rounding; the interpreter rounds each node to the dtype too).
+    #[test]
+    fn strided_matmul_reads_half_vectors() {
+        strided_matmul(DType::BF16, 1e-2);
+        strided_matmul(DType::F16, 2e-3);
+    }
+
+    fn strided_matmul(dtype: DType, tol: f32) {
+        let dt = crate::lower::emit::builder::storage(dtype);
         let doc = serde_json::json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m_c", "m_d"], "constants": {"g": 2, "k": 32}},
             "inputs": [
-                {"name": "p", "role": "activation", "shape": ["b", "g", 1, "m_c+m_d+1"], "dtype": "f32"},
-                {"name": "v_ctx", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["g", "m_c", "k"], "dtype": "f32"},
-                {"name": "v_dec", "role": "decode_kv", "layer": 0, "kv": "v", "shape": ["b", "g", "m_d", "k"], "dtype": "f32"},
-                {"name": "v_proj", "role": "activation", "shape": ["b", 1, "g*k"], "dtype": "f32"}
+                {"name": "p", "role": "activation", "shape": ["b", "g", 1, "m_c+m_d+1"], "dtype": dt},
+                {"name": "v_ctx", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["g", "m_c", "k"], "dtype": dt},
+                {"name": "v_dec", "role": "decode_kv", "layer": 0, "kv": "v", "shape": ["b", "g", "m_d", "k"], "dtype": dt},
+                {"name": "v_proj", "role": "activation", "shape": ["b", 1, "g*k"], "dtype": dt}
             ],
             "nodes": [
                 {"id": "v_split", "op": "reshape", "inputs": ["v_proj"], "attrs": {"shape": ["b", 1, "g", "k"]}},
@@ -264,17 +280,15 @@ mod tests {
         let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
         let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
         assert!(
-            text.contains("-> vector<16xf32>")
-                && text.contains("llvm.store")
-                && text.contains(": vector<16xf32>, !llvm.ptr"),
-            "the matmul reads and writes vectors:\n{text}"
+            text.contains(&format!("-> vector<16x{dt}>")) && text.contains(&format!(": vector<16x{dt}>, !llvm.ptr")),
+            "the {dt} matmul reads and writes vectors:\n{text}"
         );
         for (b, m_c, m_d) in [(3, 5, 2), (1, 0, 0), (2, 17, 3), (4, 1, 7)] {
             let point = BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)]);
             let inputs = crate::interp::random_inputs(&graph, &point, 11).unwrap_or_else(|e| panic!("{e}"));
             let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
             let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
-            close(&got["o"], &want["o"], &format!("dense at {point:?}"));
+            close(&got["o"], &want["o"], tol, &format!("{dt} dense at {point:?}"));
             // The decode cache with two spare rows of garbage per (b, g).
             let cap = m_d as usize + 2;
             let dense = &inputs["v_dec"];
@@ -288,14 +302,14 @@ mod tests {
             pitched.insert("v_dec".into(), spare);
             let caps = BTreeMap::from([("m_d".to_string(), cap as i64)]);
             let got = step.run_with_capacity(&point, &caps, &pitched).unwrap_or_else(|e| panic!("{e}"));
-            close(&got["o"], &want["o"], &format!("with spare rows at {point:?}"));
+            close(&got["o"], &want["o"], tol, &format!("{dt} with spare rows at {point:?}"));
         }
     }
 
-    fn close(got: &Tensor, want: &Tensor, what: &str) {
+    fn close(got: &Tensor, want: &Tensor, tol: f32, what: &str) {
         assert_eq!(got.shape, want.shape, "{what}");
         for (i, (x, y)) in got.data.iter().zip(&want.data).enumerate() {
-            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}: element {i}: {x} vs {y}");
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}: element {i}: {x} vs {y}");
         }
     }
 }

@@ -48,11 +48,12 @@ impl Kc<'_> {
         }
     }
 
-    /// `lanes` consecutive f32 elements of stored buffer `b` from `idx`
-    /// along its last axis.
+    /// `lanes` consecutive elements of stored buffer `b` (float data)
+    /// from `idx` along its last axis, as a `vector<lanes x f32>`.
     pub(crate) fn load_vector(&mut self, b: usize, idx: &[String], lanes: usize) -> Result<String, LowerError> {
         let (ptr, off) = self.buffer_offset(b, idx)?;
-        Ok(self.b.load_f32_vector(&ptr, &off, lanes))
+        let dtype = self.program.buffers[b].dtype;
+        Ok(self.b.load_vector(&ptr, &off, lanes, dtype))
     }
 
     /// Element `idx` of buffer `b` (row-major in the buffer's shape).
@@ -89,10 +90,52 @@ impl Kc<'_> {
                 let ty = Ty::of(self.graph.nodes[j].dtype);
                 self.concat_part(&inputs, axis, 0, Poly::zero(), idx, ty)
             }
+            Op::Reshape { shape } if !self.graph.dims.same_shape(&shape, self.graph.shape_of(first)) => {
+                match self.dense_source(first) {
+                    // The same element at the same row-major offset: no
+                    // division back into the input's axes.
+                    Some(b) => {
+                        let sizes = self.sizes(&shape)?;
+                        let off = self.b.linearize(idx, &sizes);
+                        let ptr = self.ptr(b)?;
+                        Ok(self.b.load(&ptr, &off, self.program.buffers[b].dtype))
+                    }
+                    None => {
+                        let inner = self.view_index(j, idx)?;
+                        self.load(first, &inner)
+                    }
+                }
+            }
             _ => {
                 let inner = self.view_index(j, idx)?;
                 self.load(first, &inner)
             }
+        }
+    }
+
+    /// The stored buffer whose row-major elements are `v`'s row-major
+    /// elements, offset for offset: `v` itself stored densely (no pitch),
+    /// or a reshape of such a value, or a transpose of one that only moves
+    /// size-1 axes (`[b, h, 1, k]` as `[b, 1, h, k]`, the merged heads of
+    /// a decode step). A reshape of it then reads the buffer at its own
+    /// row-major offset.
+    fn dense_source(&self, v: Value) -> Option<usize> {
+        if let Some(b) = self.stored(v) {
+            let buf = &self.program.buffers[b];
+            return (buf.pitch.is_none() && buf.dtype == self.graph.dtype_of(v)).then_some(b);
+        }
+        let Value::Node(j) = v else { return None };
+        let node = &self.graph.nodes[j];
+        let first = *node.inputs.first()?;
+        match &node.op {
+            Op::Reshape { .. } => self.dense_source(first),
+            Op::Transpose { perm } => {
+                let in_shape = self.graph.shape_of(first);
+                let moved: Vec<usize> =
+                    perm.iter().copied().filter(|&a| !in_shape.get(a).is_some_and(|d| self.is_one(d))).collect();
+                moved.windows(2).all(|w| w[0] < w[1]).then(|| self.dense_source(first)).flatten()
+            }
+            _ => None,
         }
     }
 
@@ -258,5 +301,53 @@ impl Kc<'_> {
     /// True when a size is 1 for every value of the runtime dims.
     pub(crate) fn is_one(&self, p: &Poly) -> bool {
         self.graph.dims.same(p, &Poly::constant(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crate::lower::emit::{emit, Target};
+    use crate::lower::CpuStep;
+
+    /// `x [b, h, n, k]` with its heads merged (`transpose` to `[b, n, h, k]`,
+    /// `reshape` to `[b, n, h·k]`) and projected. At n = 1 the transpose
+    /// only moves a size-1 axis, so the merged row is read at its own
+    /// offset (no division by k); at n = 2 it really permutes and is read
+    /// through the index map. Both against the interpreter.
+    #[test]
+    fn merged_heads_read_at_their_offset() {
+        for (n, flat) in [(1, true), (2, false)] {
+            let doc = serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b"], "constants": {"h": 4, "k": 24, "n": n}},
+                "inputs": [
+                    {"name": "x", "role": "activation", "shape": ["b", "h", "n", "k"], "dtype": "f32"},
+                    {"name": "w", "role": "weight", "shape": ["h*k", 8], "dtype": "f32"}
+                ],
+                "nodes": [
+                    {"id": "x_t", "op": "transpose", "inputs": ["x"], "attrs": {"perm": [0, 2, 1, 3]}},
+                    {"id": "merged", "op": "reshape", "inputs": ["x_t"], "attrs": {"shape": ["b", "n", "h*k"]}},
+                    {"id": "o", "op": "matmul", "inputs": ["merged", "w"]}
+                ],
+                "outputs": [{"name": "o", "node": "o"}]
+            });
+            let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+            let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+            let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+            let divides = text.contains("arith.remui");
+            assert_eq!(!divides, flat, "n = {n}: merged heads read {}:\n{text}", if flat { "flat" } else { "mapped" });
+            for b in [1, 3] {
+                let point = BTreeMap::from([("b".to_string(), b)]);
+                let inputs = crate::interp::random_inputs(&graph, &point, 5).unwrap_or_else(|e| panic!("{e}"));
+                let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(got["o"].shape, want["o"].shape);
+                for (x, y) in got["o"].data.iter().zip(&want["o"].data) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "n = {n}, b = {b}: {x} vs {y}");
+                }
+            }
+        }
     }
 }
