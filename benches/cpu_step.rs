@@ -1,16 +1,16 @@
 //! Benchmark of the compiled step on the CPU: `cargo bench --bench cpu_step`.
 //!
-//! A 2-layer multi-head llama (hidden 1024, 16 heads of 64, 16 KV heads,
-//! ffn 2816, vocab 1000, f32 unless `BIFURC_BENCH_DTYPE` says), imported
-//! through `bifurc::hf::build`, is optimized at b=32, m_c=8192, m_d=16
-//! (bifurcated attention), and both the baseline (the un-optimized graph)
-//! and the bifurcated graph are compiled once with `CpuStep`. At each point (b = 32 first, then 16 and 1 unless
-//! `BIFURC_BENCH_POINTS` names others, e.g. `32,1`; m_c = 8192 unless
-//! `BIFURC_BENCH_CONTEXT` gives another): random inputs, one
-//! warm-up run each (and one check that both give the same logits,
-//! norm-relative 1e-4), then `BIFURC_BENCH_RUNS` (default 5) timed runs
-//! alternating baseline / bifurcated so both see the same noise. Prints the
-//! median ms of each, the measured ratio, and the bytes-model prediction
+//! A 2-layer multi-head llama (hidden 1024, 16 heads of 64, 16 KV heads, ffn
+//! 2816, vocab 1000, f32 unless `BIFURC_BENCH_DTYPE` says), imported through
+//! `bifurc::hf::build`, is optimized at b=32, m_c=8192, m_d=16 (bifurcated
+//! attention), and both the baseline (the un-optimized graph) and the
+//! bifurcated graph are compiled once with `CpuStep`. At each point (b = 32
+//! first, then 16 and 1 unless `BIFURC_BENCH_POINTS` names others, e.g.
+//! `32,1`; m_c = 8192 unless `BIFURC_BENCH_CONTEXT` gives another): random
+//! inputs, one warm-up run each (and one check that both give the same
+//! logits, norm-relative 1e-4), then `BIFURC_BENCH_RUNS` (default 5) timed
+//! runs alternating baseline / bifurcated so both see the same noise. Prints
+//! the median ms of each, the measured ratio, and the bytes-model prediction
 //! (`bifurc::inspect::bytes_moved` of both graphs at the point).
 //!
 //! Kernels run split across the cores (`CpuStep::set_threads`, the rayon
