@@ -82,6 +82,7 @@
 mod bodies;
 mod builder;
 mod contract;
+mod exp;
 mod mma;
 mod ops;
 mod rows;

@@ -102,7 +102,7 @@ impl Kc<'_> {
         let one = self.b.f32(1.0);
         let half = self.b.f32(0.5);
         match u {
-            UnaryOp::Exp => self.b.math("exp", x),
+            UnaryOp::Exp => self.exp(x),
             UnaryOp::Neg => self.b.op(&format!("arith.negf {x} : f32")),
             UnaryOp::Rsqrt => {
                 let s = self.b.math("sqrt", x);
@@ -111,7 +111,7 @@ impl Kc<'_> {
             UnaryOp::Tanh => self.b.math("tanh", x),
             UnaryOp::Silu => {
                 let n = self.b.op(&format!("arith.negf {x} : f32"));
-                let e = self.b.math("exp", &n);
+                let e = self.exp(&n);
                 let d = self.b.fbin("addf", &one, &e);
                 self.b.fbin("divf", x, &d)
             }

@@ -34,7 +34,7 @@ impl Kc<'_> {
         let (max, l, a) = self.row_for(len, &ninf);
         at[axis] = l;
         let v = self.loadf(x, at)?;
-        let m = self.b.fbin("maximumf", &a, &v);
+        let m = self.row_max(&a, &v);
         self.b.close_for(&m, Ty::F32);
         Ok(self.row_combine("maximumf", &max))
     }
@@ -56,12 +56,12 @@ impl Kc<'_> {
         at[axis] = l;
         let v = self.loadf(x, at)?;
         let d = self.b.fbin("subf", &v, max);
-        let e = self.b.math("exp", &d);
+        let e = self.exp(&d);
         if let Some((ptr, sizes, dtype)) = store {
             let off = self.b.linearize(at, sizes);
             self.b.store(ptr, &off, dtype, Val::f32(e.clone()));
         }
-        let s = self.b.fbin("addf", &a, &e);
+        let s = self.row_add(&a, &e);
         self.b.close_for(&s, Ty::F32);
         Ok(self.row_combine("add", &sum))
     }
@@ -70,7 +70,7 @@ impl Kc<'_> {
         let (ninf, zero) = (self.b.f32(f32::NEG_INFINITY), self.b.f32(0.0));
         let v = self.loadf(x, idx)?;
         let d = self.b.fbin("subf", &v, max);
-        let e = self.b.math("exp", &d);
+        let e = self.exp(&d);
         let q = self.b.fbin("divf", &e, sum);
         let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
         Ok(Val::f32(self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"))))
@@ -95,6 +95,36 @@ impl Kc<'_> {
                 self.b.open_for_from(&lane, len, &lanes, init, Ty::F32)
             }
         }
+    }
+
+    /// `acc + v` in a row's sum: on the CPU with the whole row in one
+    /// loop, reassociable, so that LLVM vectorizes the loop (the sum is
+    /// then taken in strands and combined; the GPU's lanes have their own
+    /// fixed order).
+    fn row_add(&mut self, acc: &str, v: &str) -> String {
+        if self.vector_rows() {
+            self.b.op(&format!("arith.addf {acc}, {v} fastmath<reassoc> : f32"))
+        } else {
+            self.b.fbin("addf", acc, v)
+        }
+    }
+
+    /// `max(acc, v)` (NaN if either is) in a row's max: on the CPU with
+    /// the whole row in one loop, LLVM's own `maximum`, whose reductions
+    /// it vectorizes (`arith.maximumf` reaches it expanded into compares
+    /// and selects, which it does not recognize as one).
+    fn row_max(&mut self, acc: &str, v: &str) -> String {
+        if self.vector_rows() {
+            self.b.op(&format!("llvm.intr.maximum({acc}, {v}) : (f32, f32) -> f32"))
+        } else {
+            self.b.fbin("maximumf", acc, v)
+        }
+    }
+
+    /// Whether row reductions are loops LLVM may vectorize: the CPU, one
+    /// iteration doing the whole row.
+    fn vector_rows(&self) -> bool {
+        self.lanes == Lanes::Whole && self.simd > 0
     }
 
     /// A loop over this lane's elements of a row (see [`Kc::row_for`]);
@@ -306,5 +336,64 @@ impl Kc<'_> {
                 self.b.fbin("addf", &y, &bb)
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crate::lower::emit::{emit, Target};
+    use crate::lower::CpuStep;
+
+    /// The bifurcated softmax: scaled, masked scores that are a concat of
+    /// the context, decode and new-token parts along the softmax axis. On
+    /// the CPU its max and sum are reductions LLVM vectorizes (its own
+    /// `maximum`, a reassociable add), and it matches the interpreter at
+    /// ragged points, including an empty context and a fully masked lane.
+    #[test]
+    fn softmax_over_concat_matches_interpreter() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m_c", "m_d"], "constants": {"h": 3}},
+            "inputs": [
+                {"name": "s_ctx", "role": "activation", "shape": ["b", "h", 1, "m_c"], "dtype": "f32"},
+                {"name": "s_dec", "role": "activation", "shape": ["b", "h", 1, "m_d"], "dtype": "f32"},
+                {"name": "s_new", "role": "activation", "shape": ["b", "h", 1, 1], "dtype": "f32"},
+                {"name": "mask", "role": "activation", "shape": [1, "m_c+m_d+1"], "dtype": "f32"}
+            ],
+            "nodes": [
+                {"id": "s", "op": "concat", "inputs": ["s_ctx", "s_dec", "s_new"], "attrs": {"axis": 3}},
+                {"id": "scaled", "op": "scale", "inputs": ["s"], "attrs": {"value": 0.125}},
+                {"id": "masked", "op": "add", "inputs": ["scaled", "mask"]},
+                {"id": "p", "op": "softmax", "inputs": ["masked"], "attrs": {"axis": 3}}
+            ],
+            "outputs": [{"name": "p", "node": "p"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            text.contains("llvm.intr.maximum(") && text.contains("fastmath<reassoc>"),
+            "softmax reductions LLVM vectorizes:\n{text}"
+        );
+        for (b, m_c, m_d) in [(2, 37, 3), (1, 0, 0), (3, 16, 17)] {
+            let point = BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)]);
+            let mut inputs = crate::interp::random_inputs(&graph, &point, 3).unwrap_or_else(|e| panic!("{e}"));
+            // Mask the new token, and at m_d > 0 the first decode row.
+            if let Some(mask) = inputs.get_mut("mask") {
+                let n = mask.data.len();
+                mask.data[n - 1] = f32::NEG_INFINITY;
+                if m_d > 0 {
+                    mask.data[m_c as usize] = f32::NEG_INFINITY;
+                }
+            }
+            let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(got["p"].shape, want["p"].shape);
+            for (i, (x, y)) in got["p"].data.iter().zip(&want["p"].data).enumerate() {
+                assert!((x - y).abs() <= 1e-6 + 1e-5 * y.abs(), "{point:?}: element {i}: {x} vs {y}");
+            }
+        }
     }
 }
