@@ -86,6 +86,7 @@ mod exp;
 mod mma;
 mod ops;
 mod rows;
+mod segments;
 mod share;
 mod vectors;
 mod views;
@@ -258,6 +259,10 @@ pub(crate) struct Kc<'a> {
     pub lane_loops: Vec<(String, String)>,
     /// Whether the outermost walk loop is split into parts (CPU).
     pub partition: Partition,
+    /// Loop indices known to stay in a range `[lo, hi)` (a row loop split
+    /// at a concat's boundaries, see `emit::segments`): a concat along
+    /// that index with a part exactly there reads the part directly.
+    pub pinned: Vec<(String, crate::ir::Poly, crate::ir::Poly)>,
 }
 
 /// Whether a CPU kernel's outermost walk loop runs only the call's part
@@ -362,6 +367,7 @@ fn kernel_fn(
             (Target::Cpu, None) => Partition::Pending,
             _ => Partition::Off,
         },
+        pinned: Vec::new(),
     };
     let node = if kernel.op == "copy" || kernel.op == COMBINE_OP {
         None

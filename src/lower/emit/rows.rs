@@ -2,7 +2,7 @@
 //! and sum of `exp`, mean and mean square) are reductions along one axis
 //! of a row, split across a block's threads on the GPU.
 
-use crate::ir::{Op, Value};
+use crate::ir::{Op, Poly, Value};
 use crate::lower::LowerError;
 
 use super::builder::{Ty, Val};
@@ -19,23 +19,31 @@ impl Kc<'_> {
     /// Max and sum of `exp(x - max)` of the lane through `idx` along `axis`
     /// (`idx[axis]` is not read).
     fn softmax_stats(&mut self, j: usize, x: Value, axis: usize, idx: &[String]) -> Result<[String; 2], LowerError> {
-        let shape = self.graph.shape_of(x).clone();
-        let len = self.sizes(shape.get(axis..=axis).ok_or_else(|| self.unsupported(j, "softmax axis"))?)?.remove(0);
+        if axis >= idx.len() {
+            return Err(self.unsupported(j, "softmax axis"));
+        }
+        let segments = self.row_segments(x, axis);
         let mut at = idx.to_vec();
-        let max = self.softmax_max(x, &mut at, axis, &len)?;
-        let sum = self.softmax_sum(x, &mut at, axis, &len, &max, None)?;
+        let max = self.softmax_max(x, &mut at, axis, &segments)?;
+        let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, None)?;
         Ok([max, sum])
     }
 
-    /// The lane's max of `x` along `axis` (`at[axis]` walks the lane),
-    /// combined over the block.
-    fn softmax_max(&mut self, x: Value, at: &mut [String], axis: usize, len: &str) -> Result<String, LowerError> {
+    /// The lane's max of `x` along `axis` (`at[axis]` walks the lane over
+    /// `segments`, see [`Kc::row_segments`]), combined over the block.
+    fn softmax_max(
+        &mut self,
+        x: Value,
+        at: &mut [String],
+        axis: usize,
+        segments: &[Poly],
+    ) -> Result<String, LowerError> {
         let ninf = self.b.f32(f32::NEG_INFINITY);
-        let (max, l, a) = self.row_for(len, &ninf);
-        at[axis] = l;
-        let v = self.loadf(x, at)?;
-        let m = self.row_max(&a, &v);
-        self.b.close_for(&m, Ty::F32);
+        let max = self.row_fold(segments, &ninf, |kc, l, a| {
+            at[axis] = l.to_owned();
+            let v = kc.loadf(x, at)?;
+            Ok(kc.row_max(a, &v))
+        })?;
         Ok(self.row_combine("maximumf", &max))
     }
 
@@ -47,22 +55,22 @@ impl Kc<'_> {
         x: Value,
         at: &mut [String],
         axis: usize,
-        len: &str,
+        segments: &[Poly],
         max: &str,
         store: Option<(&str, &[String], crate::ir::DType)>,
     ) -> Result<String, LowerError> {
         let zero = self.b.f32(0.0);
-        let (sum, l, a) = self.row_for(len, &zero);
-        at[axis] = l;
-        let v = self.loadf(x, at)?;
-        let d = self.b.fbin("subf", &v, max);
-        let e = self.exp(&d);
-        if let Some((ptr, sizes, dtype)) = store {
-            let off = self.b.linearize(at, sizes);
-            self.b.store(ptr, &off, dtype, Val::f32(e.clone()));
-        }
-        let s = self.row_add(&a, &e);
-        self.b.close_for(&s, Ty::F32);
+        let sum = self.row_fold(segments, &zero, |kc, l, a| {
+            at[axis] = l.to_owned();
+            let v = kc.loadf(x, at)?;
+            let d = kc.b.fbin("subf", &v, max);
+            let e = kc.exp(&d);
+            if let Some((ptr, sizes, dtype)) = store {
+                let off = kc.b.linearize(at, sizes);
+                kc.b.store(ptr, &off, dtype, Val::f32(e.clone()));
+            }
+            Ok(kc.row_add(a, &e))
+        })?;
         Ok(self.row_combine("add", &sum))
     }
 
@@ -123,13 +131,13 @@ impl Kc<'_> {
 
     /// Whether row reductions are loops LLVM may vectorize: the CPU, one
     /// iteration doing the whole row.
-    fn vector_rows(&self) -> bool {
+    pub(super) fn vector_rows(&self) -> bool {
         self.lanes == Lanes::Whole && self.simd > 0
     }
 
     /// A loop over this lane's elements of a row (see [`Kc::row_for`]);
     /// emulated lanes store every element in one loop.
-    fn row_loop(&mut self, len: &str) -> String {
+    pub(super) fn row_loop(&mut self, len: &str) -> String {
         match self.lanes {
             Lanes::Block => self.b.open_loop_from("%tid", len, "%bdim"),
             Lanes::Warp => {
@@ -215,8 +223,9 @@ impl Kc<'_> {
                 let x = arg(self, 0)?;
                 let ninf = self.b.f32(f32::NEG_INFINITY);
                 let (zero, one) = (self.b.f32(0.0), self.b.f32(1.0));
-                let max = self.softmax_max(x, &mut at, axis, &len)?;
-                let sum = self.softmax_sum(x, &mut at, axis, &len, &max, Some((out_ptr, out_sizes, out_dtype)))?;
+                let segments = self.row_segments(x, axis);
+                let max = self.softmax_max(x, &mut at, axis, &segments)?;
+                let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some((out_ptr, out_sizes, out_dtype)))?;
                 let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
                 let inv = self.b.fbin("divf", &one, &sum);
                 let l = self.row_loop(&len);
@@ -230,11 +239,15 @@ impl Kc<'_> {
             Op::Softmax { .. } => {
                 let x = arg(self, 0)?;
                 let stats = self.softmax_stats(j, x, axis, idx)?;
-                let l = self.row_loop(&len);
-                at[axis] = l;
-                let v = self.softmax_elem(x, &stats, &at)?;
-                let off = self.b.linearize(&at, out_sizes);
-                self.b.store(out_ptr, &off, out_dtype, v);
+                let segments = self.row_segments(x, axis);
+                self.row_each(&segments, |kc, l| {
+                    at[axis] = l.to_owned();
+                    let v = kc.softmax_elem(x, &stats, &at)?;
+                    let off = kc.b.linearize(&at, out_sizes);
+                    kc.b.store(out_ptr, &off, out_dtype, v);
+                    Ok(())
+                })?;
+                return Ok(());
             }
             Op::RmsNorm { eps } | Op::LayerNorm { eps } => {
                 let (x, w) = (arg(self, 0)?, arg(self, 1)?);
@@ -349,7 +362,8 @@ mod tests {
     /// The bifurcated softmax: scaled, masked scores that are a concat of
     /// the context, decode and new-token parts along the softmax axis. On
     /// the CPU its max and sum are reductions LLVM vectorizes (its own
-    /// `maximum`, a reassociable add), and it matches the interpreter at
+    /// `maximum`, a reassociable add) in one loop per part (no branch per
+    /// element to find the part), and it matches the interpreter at
     /// ragged points, including an empty context and a fully masked lane.
     #[test]
     fn softmax_over_concat_matches_interpreter() {
@@ -377,6 +391,7 @@ mod tests {
             text.contains("llvm.intr.maximum(") && text.contains("fastmath<reassoc>"),
             "softmax reductions LLVM vectorizes:\n{text}"
         );
+        assert!(!text.contains("= scf.if"), "row loops split at the concat's parts, no branch per element:\n{text}");
         for (b, m_c, m_d) in [(2, 37, 3), (1, 0, 0), (3, 16, 17)] {
             let point = BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)]);
             let mut inputs = crate::interp::random_inputs(&graph, &point, 3).unwrap_or_else(|e| panic!("{e}"));

@@ -88,6 +88,15 @@ impl Kc<'_> {
                     return Err(self.unsupported(j, "concat axis out of range"));
                 }
                 let ty = Ty::of(self.graph.nodes[j].dtype);
+                let bounds = self.concat_offsets(&inputs, axis).unwrap_or_default();
+                if let Some(p) = self.pinned_part(&idx[axis], &bounds) {
+                    // The index stays in part p (a row loop split there).
+                    let mut inner = idx.to_vec();
+                    let s = self.sizes(&bounds[p..=p])?.remove(0);
+                    inner[axis] = self.b.subi(&idx[axis], &s);
+                    let v = self.load(inputs[p], &inner)?;
+                    return Ok(self.b.coerce(v, ty));
+                }
                 self.concat_part(&inputs, axis, 0, Poly::zero(), idx, ty)
             }
             Op::Reshape { shape } if !self.graph.dims.same_shape(&shape, self.graph.shape_of(first)) => {

@@ -1,0 +1,135 @@
+//! Row loops split at a concat's boundaries. The bifurcated softmax reads
+//! `concat(scores_context, scores_decode, scores_new)` along its axis: one
+//! loop over the row branches on every element to find the part, which
+//! keeps LLVM from vectorizing it. On the CPU the loop is split into one
+//! loop per part (the accumulator carried from one to the next, the
+//! elements in the same order), each index pinned to its part's range so
+//! that the concat reads that part without a branch (`Kc::pinned`).
+
+use crate::ir::{Op, Poly, Value};
+use crate::lower::plan::is_elementwise;
+use crate::lower::LowerError;
+
+use super::builder::Ty;
+use super::Kc;
+
+impl Kc<'_> {
+    /// Where the row loop over `axis` of `x` splits: the offsets along it
+    /// of the parts of a concat on that axis that `x` reads element for
+    /// element (through elementwise ops that do not broadcast along it),
+    /// from 0 to the axis' length; just `[0, len]` when there is none, or
+    /// off the CPU's whole-row loops.
+    pub(super) fn row_segments(&self, x: Value, axis: usize) -> Vec<Poly> {
+        let len = self.graph.shape_of(x).get(axis).cloned().unwrap_or_else(Poly::zero);
+        let whole = vec![Poly::zero(), len];
+        if !self.vector_rows() {
+            return whole;
+        }
+        self.concat_bounds(x, axis).unwrap_or(whole)
+    }
+
+    fn concat_bounds(&self, v: Value, axis: usize) -> Option<Vec<Poly>> {
+        if self.stored(v).is_some() {
+            return None;
+        }
+        let Value::Node(j) = v else { return None };
+        let node = &self.graph.nodes[j];
+        match &node.op {
+            Op::Concat { axis: a } if *a == axis => self.concat_offsets(&node.inputs, axis),
+            op if is_elementwise(op) => {
+                let len = node.shape.get(axis)?;
+                node.inputs.iter().find_map(|&p| {
+                    let shape = self.graph.shape_of(p);
+                    let same = shape.len() == node.shape.len()
+                        && shape.get(axis).is_some_and(|d| self.graph.dims.same(d, len));
+                    if same {
+                        self.concat_bounds(p, axis)
+                    } else {
+                        None
+                    }
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// A row reduction over `segments` (see [`Kc::row_segments`]) from
+    /// `init`: `body(kc, index, acc)` gives the next accumulator. One loop
+    /// per segment, the index pinned to it; a single segment is one
+    /// [`Kc::row_for`] loop (the GPU's lanes included). Returns the
+    /// accumulated value, before [`Kc::row_combine`].
+    pub(super) fn row_fold(
+        &mut self,
+        segments: &[Poly],
+        init: &str,
+        mut body: impl FnMut(&mut Self, &str, &str) -> Result<String, LowerError>,
+    ) -> Result<String, LowerError> {
+        if let [_, end] = segments {
+            let len = self.sizes(std::slice::from_ref(end))?.remove(0);
+            let (res, l, a) = self.row_for(&len, init);
+            let next = body(self, &l, &a)?;
+            self.b.close_for(&next, Ty::F32);
+            return Ok(res);
+        }
+        let one = self.b.index(1);
+        let mut acc = init.to_owned();
+        for w in segments.windows(2) {
+            let bounds = self.sizes(w)?;
+            let (res, l, a) = self.b.open_for_from(&bounds[0], &bounds[1], &one, &acc, Ty::F32);
+            self.pinned.push((l.clone(), w[0].clone(), w[1].clone()));
+            let next = body(self, &l, &a);
+            self.pinned.pop();
+            self.b.close_for(&next?, Ty::F32);
+            acc = res;
+        }
+        Ok(acc)
+    }
+
+    /// A row loop over `segments` without an accumulator: `body(kc,
+    /// index)` per element (see [`Kc::row_fold`]; a single segment is one
+    /// `row_loop`).
+    pub(super) fn row_each(
+        &mut self,
+        segments: &[Poly],
+        mut body: impl FnMut(&mut Self, &str) -> Result<(), LowerError>,
+    ) -> Result<(), LowerError> {
+        if let [_, end] = segments {
+            let len = self.sizes(std::slice::from_ref(end))?.remove(0);
+            let l = self.row_loop(&len);
+            body(self, &l)?;
+            self.b.close();
+            return Ok(());
+        }
+        let one = self.b.index(1);
+        for w in segments.windows(2) {
+            let bounds = self.sizes(w)?;
+            let l = self.b.open_loop_from(&bounds[0], &bounds[1], &one);
+            self.pinned.push((l.clone(), w[0].clone(), w[1].clone()));
+            let r = body(self, &l);
+            self.pinned.pop();
+            r?;
+            self.b.close();
+        }
+        Ok(())
+    }
+
+    /// Where each part of a concat of `parts` along `axis` starts, and the
+    /// total length last.
+    pub(super) fn concat_offsets(&self, parts: &[Value], axis: usize) -> Option<Vec<Poly>> {
+        let mut bounds = vec![Poly::zero()];
+        for &p in parts {
+            let len = self.graph.shape_of(p).get(axis)?;
+            let end = bounds.last()?.add(len).ok()?;
+            bounds.push(end);
+        }
+        Some(bounds)
+    }
+
+    /// The part of a concat along an index pinned to exactly its range
+    /// (see [`Kc::pinned`]), if any: `bounds` are the parts' offsets.
+    pub(super) fn pinned_part(&self, index: &str, bounds: &[Poly]) -> Option<usize> {
+        let (_, lo, hi) = self.pinned.iter().rev().find(|(l, _, _)| l == index)?;
+        let dims = &self.graph.dims;
+        bounds.windows(2).position(|w| dims.same(&w[0], lo) && dims.same(&w[1], hi))
+    }
+}
