@@ -21,7 +21,8 @@
 //! dtype instead of f32 (weights, caches and activations; the logits check
 //! then allows norm-relative 2e-2: the two graphs round differently).
 //!
-//! `BIFURC_BENCH_PROFILE=1` also prints the slowest kernels of each side;
+//! `BIFURC_BENCH_PROFILE=1` also prints the slowest kernels of each side
+//! (8, or `BIFURC_BENCH_PROFILE_TOP`);
 //! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there.
 //!
 //! Target (b = 32): the bifurcated step at least 4x faster than the baseline
@@ -145,7 +146,7 @@ fn main() {
                 let total: f64 = ks.iter().map(|(_, t)| t.as_secs_f64() * 1e3).sum();
                 ks.sort_by_key(|k| std::cmp::Reverse(k.1));
                 println!("    {name} at b={b}: kernels {total:.1} ms; slowest:");
-                for (k, t) in ks.iter().take(8) {
+                for (k, t) in ks.iter().take(env_or("BIFURC_BENCH_PROFILE_TOP", 8)) {
                     println!("      {:>9.2} ms  {k}", t.as_secs_f64() * 1e3);
                 }
             }
