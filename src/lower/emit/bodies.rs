@@ -9,7 +9,7 @@ use crate::ir::{shape::numel, DType, Poly};
 use crate::lower::plan::Kernel;
 use crate::lower::LowerError;
 
-use super::{builder, mismatch, walk_index, Emulation, Kc, Lanes, Target, BLOCK, CPU_SIMD};
+use super::{builder, mismatch, walk_index, Emulation, Kc, Lanes, Target, BLOCK, CPU_COLS, CPU_SIMD};
 
 /// What a kernel body writes, and where it runs.
 pub(super) struct Out<'k> {
@@ -23,6 +23,22 @@ pub(super) struct Out<'k> {
     pub sizes: Vec<String>,
     pub ptr: String,
     pub dtype: DType,
+}
+
+/// The walk of a [`Kc::reuse_body`] step (see there).
+struct Tiled<'a> {
+    keep: &'a [usize],
+    reuse: &'a [usize],
+    keep_sizes: &'a [String],
+    reuse_sizes: &'a [String],
+    /// The reuse extent.
+    inner: &'a str,
+    tile: usize,
+    tile_index: &'a str,
+    /// The kept axis walked in blocks of BLOCK (CPU).
+    block: Option<usize>,
+    /// The block's outputs as one vector (see `Kc::out_lanes`).
+    vector: Option<usize>,
 }
 
 impl Kc<'_> {
@@ -139,21 +155,91 @@ impl Kc<'_> {
         let vector = block
             .filter(|&pos| keep[pos] + 1 == out.sizes.len() && BLOCK == CPU_SIMD)
             .and_then(|pos| self.out_lanes(j, self.b.known(&keep_sizes[pos]), out.dtype.is_float()));
-        if let Some(pos) = block {
+        let tiled = Tiled {
+            keep: &keep,
+            reuse: &reuse,
+            keep_sizes: &keep_sizes,
+            reuse_sizes: &reuse_sizes,
+            inner: &inner,
+            tile,
+            tile_index: &tile_index,
+            block,
+            vector,
+        };
+        // Several outputs of the block at once too (a register tile of
+        // `tile` × CPU_COLS: each operand load feeds several FMAs) when
+        // the block is whole and every row of the tile is real; a tile
+        // with rows past the reuse extent (b = 1) would redo that work
+        // for nothing, and computes one output of the block at a time.
+        let whole = block.is_some_and(|pos| self.b.known(&keep_sizes[pos]).is_some_and(|n| n % BLOCK as i64 == 0));
+        if whole && vector.is_none() && tile > 1 {
+            let t = self.b.index(tile as i64);
+            let full = self.b.op(&format!("arith.cmpi uge, {inner}, {t} : index"));
+            self.b.open_guard(&full);
+            self.reuse_tile(out, j, &tiled, at.clone(), CPU_COLS)?;
+            self.b.else_guard();
+            self.reuse_tile(out, j, &tiled, at, 1)?;
+            self.b.close();
+        } else {
+            self.reuse_tile(out, j, &tiled, at, 1)?;
+        }
+        if tile == 1 {
+            self.b.size(&out.kernel.extent)
+        } else {
+            Ok(self.b.hoist(&format!("arith.muli {outer}, {tiles} : index")))
+        }
+    }
+
+    /// One step of [`Kc::reuse_body`] at walk index `at`: the block's
+    /// outputs (`cols` at a time, a whole block) for the tile's outputs
+    /// along the reuse axes, computed and stored.
+    fn reuse_tile(
+        &mut self,
+        out: &Out,
+        j: usize,
+        t: &Tiled,
+        mut at: Vec<String>,
+        cols: usize,
+    ) -> Result<(), LowerError> {
+        let (tile, inner) = (t.tile, t.inner);
+        let mut col_pos = None;
+        let mut opened = 0;
+        if let Some(pos) = t.block {
             let bn = self.b.index(BLOCK as i64);
             let start = self.b.muli(&at[pos], &bn);
-            if vector.is_some() {
+            if t.vector.is_some() {
                 at[pos] = start;
+            } else if cols > 1 {
+                let ub = self.b.index((BLOCK / cols) as i64);
+                let inner = self.b.open_loop(&ub);
+                opened += 1;
+                let c = self.b.index(cols as i64);
+                let first = self.b.muli(&inner, &c);
+                at[pos] = self.b.addi(&start, &first);
+                col_pos = Some(pos);
             } else {
-                let left = self.b.subi(&keep_sizes[pos], &start);
+                let left = self.b.subi(&t.keep_sizes[pos], &start);
                 let ub = self.b.op(&format!("arith.minui {left}, {bn} : index"));
                 let inner = self.b.open_loop(&ub);
-                *opened += 1;
+                opened += 1;
                 at[pos] = self.b.addi(&start, &inner);
             }
         }
-        let mut idxs = Vec::with_capacity(tile);
-        let mut guards = Vec::with_capacity(tile);
+        let cols_at: Vec<Vec<String>> = match col_pos {
+            None => vec![at.clone()],
+            Some(pos) => (0..cols)
+                .map(|c| {
+                    let mut a = at.clone();
+                    if c > 0 {
+                        let o = self.b.index(c as i64);
+                        a[pos] = self.b.addi(&at[pos], &o);
+                    }
+                    a
+                })
+                .collect(),
+        };
+        let mut idxs = Vec::with_capacity(tile * cols_at.len());
+        let mut guards = Vec::with_capacity(tile * cols_at.len());
         let last = if tile == 1 {
             None
         } else {
@@ -161,42 +247,44 @@ impl Kc<'_> {
             Some(self.b.hoist(&format!("arith.subi {inner}, {one} : index")))
         };
         let base = if tile == 1 {
-            tile_index.clone()
+            t.tile_index.to_owned()
         } else {
-            let t = self.b.index(tile as i64);
-            self.b.muli(&tile_index, &t)
+            let n = self.b.index(tile as i64);
+            self.b.muli(t.tile_index, &n)
         };
-        for t in 0..tile {
+        for r in 0..tile {
             // Lanes past the end compute the last valid output again
             // (in bounds) and do not store it.
-            let r = match &last {
-                None => base.clone(),
+            let (row, guard) = match &last {
+                None => (base.clone(), None),
                 Some(last) => {
-                    let off = self.b.index(t as i64);
-                    let r = if t == 0 { base.clone() } else { self.b.addi(&base, &off) };
-                    let divides = self.b.known(&inner).is_some_and(|n| n % tile as i64 == 0);
-                    guards.push(if t == 0 || divides { None } else { Some(self.b.ult(&r, &inner)) });
-                    self.b.op(&format!("arith.minui {r}, {last} : index"))
+                    let off = self.b.index(r as i64);
+                    let row = if r == 0 { base.clone() } else { self.b.addi(&base, &off) };
+                    let divides = self.b.known(inner).is_some_and(|n| n % tile as i64 == 0);
+                    let guard = if r == 0 || divides { None } else { Some(self.b.ult(&row, inner)) };
+                    (self.b.op(&format!("arith.minui {row}, {last} : index")), guard)
                 }
             };
-            let inner_idx = self.b.delinearize(&r, &reuse_sizes);
-            let mut idx = vec![String::new(); out.sizes.len()];
-            for (a, v) in keep.iter().zip(&at).chain(reuse.iter().zip(&inner_idx)) {
-                idx[*a] = v.clone();
+            let inner_idx = self.b.delinearize(&row, t.reuse_sizes);
+            for at in &cols_at {
+                let mut idx = vec![String::new(); out.sizes.len()];
+                for (a, v) in t.keep.iter().zip(at).chain(t.reuse.iter().zip(&inner_idx)) {
+                    idx[*a] = v.clone();
+                }
+                idxs.push(idx);
+                guards.push(guard.clone());
             }
-            idxs.push(idx);
         }
-        let values = match vector {
+        let values = match t.vector {
             Some(lanes) => self.einsum_out_vec(j, &idxs, lanes)?.into_iter().map(builder::Val::f32).collect(),
             None => self.compute_tile(j, &idxs)?,
         };
-        for (t, (idx, v)) in idxs.iter().zip(values).enumerate() {
-            let guard = guards.get(t).cloned().flatten();
-            if let Some(g) = &guard {
+        for ((idx, v), guard) in idxs.iter().zip(values).zip(&guards) {
+            if let Some(g) = guard {
                 self.b.open_guard(g);
             }
             let off = self.b.linearize(idx, &out.sizes);
-            match vector {
+            match t.vector {
                 Some(lanes) => self.b.store_vector(&out.ptr, &off, &v.ssa, lanes, out.dtype),
                 None => self.b.store(&out.ptr, &off, out.dtype, v),
             }
@@ -204,11 +292,10 @@ impl Kc<'_> {
                 self.b.close();
             }
         }
-        if tile == 1 {
-            self.b.size(&out.kernel.extent)
-        } else {
-            Ok(self.b.hoist(&format!("arith.muli {outer}, {tiles} : index")))
+        for _ in 0..opened {
+            self.b.close();
         }
+        Ok(())
     }
 
     /// A cooperative contraction: one block or warp per index of the `keep`
@@ -286,5 +373,50 @@ impl Kc<'_> {
         let off = if out.target == Target::Cpu { self.b.linearize(&idx, &out.sizes) } else { out.flat.clone() };
         self.b.store(&out.ptr, &off, out.dtype, value);
         self.b.size(&out.kernel.extent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crate::lower::emit::{emit, Target};
+    use crate::lower::CpuStep;
+
+    /// A weight projection `x [b, 1, 64] @ W[48, 64]ᵀ` (a block-whole kept
+    /// axis): with at least a tile of rows, each step computes 8 rows × 4
+    /// outputs in one loop (32 accumulators); with fewer, one output of the
+    /// block at a time. Both against the interpreter, at b on either side
+    /// of the tile and not a multiple of it.
+    #[test]
+    fn projection_tiles_rows_and_columns() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b"], "constants": {"d": 64, "o": 48}},
+            "inputs": [
+                {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": "f32"},
+                {"name": "w", "role": "weight", "shape": ["o", "d"], "dtype": "f32"}
+            ],
+            "nodes": [{"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}}],
+            "outputs": [{"name": "y", "node": "y"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        let accumulators = |n: usize| format!("-> ({})", vec!["f32"; n].join(", "));
+        assert!(
+            text.contains(&format!("{} {{", accumulators(32))) && text.contains(&format!("{} {{", accumulators(8))),
+            "an 8 x 4 tile and an 8 x 1 one:\n{text}"
+        );
+        for b in [1, 3, 8, 13, 16] {
+            let point = BTreeMap::from([("b".to_string(), b)]);
+            let inputs = crate::interp::random_inputs(&graph, &point, 9).unwrap_or_else(|e| panic!("{e}"));
+            let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(got["y"].shape, want["y"].shape);
+            for (i, (x, y)) in got["y"].data.iter().zip(&want["y"].data).enumerate() {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "b = {b}: element {i}: {x} vs {y}");
+            }
+        }
     }
 }

@@ -357,6 +357,13 @@ impl Builder {
         self.depth += 1;
     }
 
+    /// Ends the then-region of [`Builder::open_guard`] and opens its else.
+    pub(crate) fn else_guard(&mut self) {
+        self.depth = self.depth.saturating_sub(1);
+        self.line("} else {");
+        self.depth += 1;
+    }
+
     /// Closes a region opened by [`Builder::open_loop`] or
     /// [`Builder::open_guard`].
     pub(crate) fn close(&mut self) {
