@@ -9,7 +9,7 @@ use crate::ir::{shape::numel, DType, Poly};
 use crate::lower::plan::Kernel;
 use crate::lower::LowerError;
 
-use super::{builder, mismatch, walk_index, Emulation, Kc, Lanes, Target, BLOCK, CPU_COLS, CPU_SIMD};
+use super::{builder, mismatch, walk_index, Emulation, Kc, Lanes, Target, BLOCK, CPU_COLS, CPU_SIMD, VECTOR_GROUPS};
 
 /// What a kernel body writes, and where it runs.
 pub(super) struct Out<'k> {
@@ -39,6 +39,8 @@ struct Tiled<'a> {
     block: Option<usize>,
     /// The block's outputs as one vector (see `Kc::out_lanes`).
     vector: Option<usize>,
+    /// Vector blocks per step.
+    groups: usize,
 }
 
 impl Kc<'_> {
@@ -121,16 +123,6 @@ impl Kc<'_> {
             kc.b.size(&p)
         };
         let (outer, inner) = (size(self, &pick(&keep))?, size(self, &pick(&reuse))?);
-        // Tiles along the reuse index: `tiles = ceil(inner / tile)`.
-        let tile = tile.max(1);
-        let tiles = if tile == 1 {
-            inner.clone()
-        } else {
-            let t1 = self.b.index(tile as i64 - 1);
-            let t = self.b.index(tile as i64);
-            let up = self.b.hoist(&format!("arith.addi {inner}, {t1} : index"));
-            self.b.hoist(&format!("arith.divui {up}, {t} : index"))
-        };
         // CPU: the innermost kept axis of size other than 1 is walked in
         // blocks of BLOCK, the reuse tiles inside a block, the block's
         // elements innermost: a tile's stores then fill whole cache
@@ -141,20 +133,42 @@ impl Kc<'_> {
             Target::Cpu if tile > 1 => keep_sizes.iter().rposition(|s| self.b.known(s) != Some(1)),
             _ => None,
         };
+        // A block along the output's last axis whose outputs are one
+        // vector (see `Kc::out_lanes`): no loop over its elements; and up
+        // to VECTOR_GROUPS such blocks at once when they divide the axis
+        // (each step of the sum then reads one stretch of a row of the
+        // operand for all of them: a 64-wide head of V once, not once per
+        // 16), with fewer rows in the tile to keep 16 accumulators.
+        let vector = block
+            .filter(|&pos| keep[pos] + 1 == out.sizes.len() && BLOCK == CPU_SIMD)
+            .and_then(|pos| self.out_lanes(j, self.b.known(&keep_sizes[pos]), out.dtype.is_float()));
+        let groups = match (vector, block) {
+            (Some(_), Some(pos)) => {
+                let n = self.b.known(&keep_sizes[pos]).unwrap_or(0);
+                (1..=VECTOR_GROUPS).rev().find(|g| n % (BLOCK * g) as i64 == 0).unwrap_or(1)
+            }
+            _ => 1,
+        };
+        // Tiles along the reuse index: `tiles = ceil(inner / tile)`.
+        let tile = if groups > 1 { tile.min(CPU_SIMD / groups) } else { tile }.max(1);
+        let tiles = if tile == 1 {
+            inner.clone()
+        } else {
+            let t1 = self.b.index(tile as i64 - 1);
+            let t = self.b.index(tile as i64);
+            let up = self.b.hoist(&format!("arith.addi {inner}, {t1} : index"));
+            self.b.hoist(&format!("arith.divui {up}, {t} : index"))
+        };
         let mut walk_sizes = keep_sizes.clone();
         if let Some(pos) = block {
-            let (b1, bn) = (self.b.index(BLOCK as i64 - 1), self.b.index(BLOCK as i64));
+            let span = BLOCK * groups;
+            let (b1, bn) = (self.b.index(span as i64 - 1), self.b.index(span as i64));
             let up = self.b.hoist(&format!("arith.addi {}, {b1} : index", keep_sizes[pos]));
             walk_sizes[pos] = self.b.hoist(&format!("arith.divui {up}, {bn} : index"));
         }
         walk_sizes.push(tiles.clone());
         let mut at = walk_index(self, out.target, &out.flat, &walk_sizes, false, opened);
         let tile_index = at.pop().unwrap_or_default();
-        // A block along the output's last axis whose outputs are one
-        // vector (see `Kc::out_lanes`): no loop over its elements.
-        let vector = block
-            .filter(|&pos| keep[pos] + 1 == out.sizes.len() && BLOCK == CPU_SIMD)
-            .and_then(|pos| self.out_lanes(j, self.b.known(&keep_sizes[pos]), out.dtype.is_float()));
         let tiled = Tiled {
             keep: &keep,
             reuse: &reuse,
@@ -165,23 +179,28 @@ impl Kc<'_> {
             tile_index: &tile_index,
             block,
             vector,
+            groups,
         };
-        // Several outputs of the block at once too (a register tile of
-        // `tile` × CPU_COLS: each operand load feeds several FMAs) when
-        // the block is whole and every row of the tile is real; a tile
-        // with rows past the reuse extent (b = 1) would redo that work
-        // for nothing, and computes one output of the block at a time.
+        // A tile whose rows are all inside the reuse extent computes them
+        // together, and several outputs of the block with each (a
+        // register tile of `tile` × CPU_COLS: each operand load feeds
+        // several FMAs) when the block is whole; the last tile, if short
+        // (b = 1, 13), loops over its real rows one output at a time
+        // instead of redoing work for rows past the end.
         let whole = block.is_some_and(|pos| self.b.known(&keep_sizes[pos]).is_some_and(|n| n % BLOCK as i64 == 0));
-        if whole && vector.is_none() && tile > 1 {
+        if tile > 1 {
+            let cols = if whole && vector.is_none() { CPU_COLS } else { 1 };
             let t = self.b.index(tile as i64);
-            let full = self.b.op(&format!("arith.cmpi uge, {inner}, {t} : index"));
+            let base = self.b.muli(&tile_index, &t);
+            let end = self.b.addi(&base, &t);
+            let full = self.b.op(&format!("arith.cmpi ule, {end}, {inner} : index"));
             self.b.open_guard(&full);
-            self.reuse_tile(out, j, &tiled, at.clone(), CPU_COLS)?;
+            self.reuse_tile(out, j, &tiled, at.clone(), (cols, false))?;
             self.b.else_guard();
-            self.reuse_tile(out, j, &tiled, at, 1)?;
+            self.reuse_tile(out, j, &tiled, at, (1, true))?;
             self.b.close();
         } else {
-            self.reuse_tile(out, j, &tiled, at, 1)?;
+            self.reuse_tile(out, j, &tiled, at, (1, false))?;
         }
         if tile == 1 {
             self.b.size(&out.kernel.extent)
@@ -192,23 +211,29 @@ impl Kc<'_> {
 
     /// One step of [`Kc::reuse_body`] at walk index `at`: the block's
     /// outputs (`cols` at a time, a whole block) for the tile's outputs
-    /// along the reuse axes, computed and stored.
+    /// along the reuse axes, computed and stored: all of the tile's rows
+    /// together, or (`rows_loop`) its rows inside the reuse extent one
+    /// after the other.
     fn reuse_tile(
         &mut self,
         out: &Out,
         j: usize,
         t: &Tiled,
         mut at: Vec<String>,
-        cols: usize,
+        (cols, rows_loop): (usize, bool),
     ) -> Result<(), LowerError> {
         let (tile, inner) = (t.tile, t.inner);
         let mut col_pos = None;
         let mut opened = 0;
+        let mut stride = 1;
         if let Some(pos) = t.block {
-            let bn = self.b.index(BLOCK as i64);
+            let bn = self.b.index((BLOCK * t.groups) as i64);
             let start = self.b.muli(&at[pos], &bn);
             if t.vector.is_some() {
                 at[pos] = start;
+                if t.groups > 1 {
+                    (col_pos, stride) = (Some(pos), BLOCK);
+                }
             } else if cols > 1 {
                 let ub = self.b.index((BLOCK / cols) as i64);
                 let inner = self.b.open_loop(&ub);
@@ -225,19 +250,45 @@ impl Kc<'_> {
                 at[pos] = self.b.addi(&start, &inner);
             }
         }
+        let cols = if t.vector.is_some() { t.groups } else { cols };
         let cols_at: Vec<Vec<String>> = match col_pos {
             None => vec![at.clone()],
             Some(pos) => (0..cols)
                 .map(|c| {
                     let mut a = at.clone();
                     if c > 0 {
-                        let o = self.b.index(c as i64);
+                        let o = self.b.index((c * stride) as i64);
                         a[pos] = self.b.addi(&at[pos], &o);
                     }
                     a
                 })
                 .collect(),
         };
+        if rows_loop {
+            let n = self.b.index(tile as i64);
+            let base = self.b.muli(t.tile_index, &n);
+            let left = self.b.subi(inner, &base);
+            let ub = self.b.op(&format!("arith.minui {left}, {n} : index"));
+            let r = self.b.open_loop(&ub);
+            opened += 1;
+            let row = self.b.addi(&base, &r);
+            let inner_idx = self.b.delinearize(&row, t.reuse_sizes);
+            let idxs: Vec<Vec<String>> = cols_at
+                .iter()
+                .map(|at| {
+                    let mut idx = vec![String::new(); out.sizes.len()];
+                    for (a, v) in t.keep.iter().zip(at).chain(t.reuse.iter().zip(&inner_idx)) {
+                        idx[*a] = v.clone();
+                    }
+                    idx
+                })
+                .collect();
+            self.store_tile(out, j, t.vector, &idxs, &vec![None; idxs.len()])?;
+            for _ in 0..opened {
+                self.b.close();
+            }
+            return Ok(());
+        }
         let mut idxs = Vec::with_capacity(tile * cols_at.len());
         let mut guards = Vec::with_capacity(tile * cols_at.len());
         let last = if tile == 1 {
@@ -275,25 +326,39 @@ impl Kc<'_> {
                 guards.push(guard.clone());
             }
         }
-        let values = match t.vector {
-            Some(lanes) => self.einsum_out_vec(j, &idxs, lanes)?.into_iter().map(builder::Val::f32).collect(),
-            None => self.compute_tile(j, &idxs)?,
+        self.store_tile(out, j, t.vector, &idxs, &guards)?;
+        for _ in 0..opened {
+            self.b.close();
+        }
+        Ok(())
+    }
+
+    /// Node `j` at every index of `idxs` (one register tile), stored; each
+    /// under its guard, if any.
+    fn store_tile(
+        &mut self,
+        out: &Out,
+        j: usize,
+        vector: Option<usize>,
+        idxs: &[Vec<String>],
+        guards: &[Option<String>],
+    ) -> Result<(), LowerError> {
+        let values = match vector {
+            Some(lanes) => self.einsum_out_vec(j, idxs, lanes)?.into_iter().map(builder::Val::f32).collect(),
+            None => self.compute_tile(j, idxs)?,
         };
-        for ((idx, v), guard) in idxs.iter().zip(values).zip(&guards) {
+        for ((idx, v), guard) in idxs.iter().zip(values).zip(guards) {
             if let Some(g) = guard {
                 self.b.open_guard(g);
             }
             let off = self.b.linearize(idx, &out.sizes);
-            match t.vector {
+            match vector {
                 Some(lanes) => self.b.store_vector(&out.ptr, &off, &v.ssa, lanes, out.dtype),
                 None => self.b.store(&out.ptr, &off, out.dtype, v),
             }
             if guard.is_some() {
                 self.b.close();
             }
-        }
-        for _ in 0..opened {
-            self.b.close();
         }
         Ok(())
     }
@@ -384,10 +449,10 @@ mod tests {
     use crate::lower::CpuStep;
 
     /// A weight projection `x [b, 1, 64] @ W[48, 64]ᵀ` (a block-whole kept
-    /// axis): with at least a tile of rows, each step computes 8 rows × 4
-    /// outputs in one loop (32 accumulators); with fewer, one output of the
-    /// block at a time. Both against the interpreter, at b on either side
-    /// of the tile and not a multiple of it.
+    /// axis): a tile of 8 rows inside b computes 8 rows × 4 outputs in one
+    /// loop (32 accumulators); a short last tile, its real rows one output
+    /// at a time. Both against the interpreter, at b on either side of the
+    /// tile and not a multiple of it.
     #[test]
     fn projection_tiles_rows_and_columns() {
         let doc = serde_json::json!({
@@ -405,8 +470,10 @@ mod tests {
         let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
         let accumulators = |n: usize| format!("-> ({})", vec!["f32"; n].join(", "));
         assert!(
-            text.contains(&format!("{} {{", accumulators(32))) && text.contains(&format!("{} {{", accumulators(8))),
-            "an 8 x 4 tile and an 8 x 1 one:\n{text}"
+            text.contains(&format!("{} {{", accumulators(32)))
+                && text.contains(&format!("{} {{", accumulators(1)))
+                && !text.contains(&format!("{} {{", accumulators(8))),
+            "an 8 x 4 tile and single rows, no tile of rows past b:\n{text}"
         );
         for b in [1, 3, 8, 13, 16] {
             let point = BTreeMap::from([("b".to_string(), b)]);

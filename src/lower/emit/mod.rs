@@ -129,6 +129,12 @@ const BLOCK: usize = 16;
 /// `mlp_gate_proj` at b = 32).
 const CPU_COLS: usize = 4;
 
+/// Vectors along the output's last axis one step of a CPU contraction
+/// computes when it is vectorized along that axis (see `emit::vectors`,
+/// `Kc::out_lanes`) and they divide it: 4 × 16 f32 = a 64-wide head, so
+/// the strided operand (V) is walked once instead of once per vector.
+const VECTOR_GROUPS: usize = 4;
+
 /// The `gpu.module` that holds the kernels of [`Target::Gpu`].
 pub const GPU_MODULE: &str = "bifurc_kernels";
 

@@ -10,7 +10,7 @@ use crate::ir::{Op, Value};
 use crate::lower::LowerError;
 
 use super::bodies::Out;
-use super::{walk_index, Kc};
+use super::{walk_index, Kc, VECTOR_GROUPS};
 
 impl Kc<'_> {
     /// Whether `v` can be read as vectors along its last axis: it is float
@@ -145,38 +145,50 @@ impl Kc<'_> {
         Some(lanes)
     }
 
-    /// Matmul node `j` at `idx`: the `lanes` outputs from `idx` along the
-    /// last axis, one vector accumulator, the sum in order of the summed
-    /// index (each output's own order, as the scalar kernel's).
-    fn matmul_vector(&mut self, j: usize, idx: &[String], lanes: usize) -> Result<String, LowerError> {
+    /// Matmul node `j` at every index of `idxs`: the `lanes` outputs from
+    /// each along the last axis, one vector accumulator each, in one loop
+    /// over the summed index (each output's sum in its order, as the
+    /// scalar kernel's); an element of `a` shared by several is loaded
+    /// once per step.
+    fn matmul_vector(&mut self, j: usize, idxs: &[Vec<String>], lanes: usize) -> Result<Vec<String>, LowerError> {
         let node = &self.graph.nodes[j];
         let (a, bv) = match node.inputs.as_slice() {
             [a, b] => (*a, *b),
             _ => return Err(self.unsupported(j, "matmul without two operands")),
         };
         let (sa, sb) = (self.graph.shape_of(a).clone(), self.graph.shape_of(bv).clone());
-        let r = idx.len();
-        if sa.len() < 2 || sb.len() < 2 || r < 2 || sa.len() > r || sb.len() > r {
+        let r = idxs.first().map_or(0, Vec::len);
+        if sa.len() < 2 || sb.len() < 2 || r < 2 || sa.len() > r || sb.len() > r || idxs.iter().any(|i| i.len() != r) {
             return Err(self.unsupported(j, "matmul ranks"));
         }
         let vty = format!("vector<{lanes}xf32>");
         let kdim = self.sizes(&sa[sa.len() - 1..])?.remove(0);
         let one = self.b.index(1);
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
-        let (res, kk, accs) = self.b.open_for_typed(&kdim, &one, &[zero], &vty);
-        let (m, n) = (idx[r - 2].clone(), idx[r - 1].clone());
-        let mut ia = self.matmul_batch_index(&sa, idx);
-        ia.extend([m, kk.clone()]);
-        let mut ib = self.matmul_batch_index(&sb, idx);
-        ib.extend([kk, n]);
-        let x = self.loadf(a, &ia)?;
-        let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
-        let y = self.load_vector_view(bv, &ib, lanes)?;
-        let p = self.b.op(&format!("arith.mulf {x}, {y} fastmath<{}> : {vty}", super::contract::CONTRACT));
-        let acc = accs.first().cloned().unwrap_or_default();
-        let next = self.b.op(&format!("arith.addf {acc}, {p} fastmath<{}> : {vty}", super::contract::CONTRACT));
-        self.b.close_for_typed(&[next], &vty);
-        Ok(res.first().cloned().unwrap_or_default())
+        let (res, kk, accs) = self.b.open_for_typed(&kdim, &one, &vec![zero; idxs.len()], &vty);
+        let mut shared: Vec<(Vec<String>, String)> = Vec::new();
+        let mut nexts = Vec::with_capacity(idxs.len());
+        for (idx, acc) in idxs.iter().zip(&accs) {
+            let (m, n) = (idx[r - 2].clone(), idx[r - 1].clone());
+            let mut ia = self.matmul_batch_index(&sa, idx);
+            ia.extend([m, kk.clone()]);
+            let mut ib = self.matmul_batch_index(&sb, idx);
+            ib.extend([kk.clone(), n]);
+            let x = match shared.iter().find(|(at, _)| *at == ia) {
+                Some((_, x)) => x.clone(),
+                None => {
+                    let x = self.loadf(a, &ia)?;
+                    let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
+                    shared.push((ia, x.clone()));
+                    x
+                }
+            };
+            let y = self.load_vector_view(bv, &ib, lanes)?;
+            let p = self.b.op(&format!("arith.mulf {x}, {y} fastmath<{}> : {vty}", super::contract::CONTRACT));
+            nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<{}> : {vty}", super::contract::CONTRACT)));
+        }
+        self.b.close_for_typed(&nexts, &vty);
+        Ok(res)
     }
 
     /// The lanes of [`Kc::vector_body`] for node `j` (walked `walk` into
@@ -212,18 +224,36 @@ impl Kc<'_> {
     ) -> Result<String, LowerError> {
         let rank = out.sizes.len();
         let mut walk = out.sizes.clone();
-        let lanes_idx = self.b.index(lanes as i64);
         let last = walk.last().cloned().ok_or_else(|| self.unsupported(j, "a scalar output"))?;
-        walk[rank - 1] = self.b.hoist(&format!("arith.divui {last}, {lanes_idx} : index"));
+        // Up to VECTOR_GROUPS vectors along the last axis at once: each
+        // step of the sum then reads one stretch of a row of the strided
+        // operand for all of them (one vector at a time would walk the
+        // whole operand once per vector).
+        let n = self.b.known(&last).unwrap_or(0);
+        let groups = (1..=VECTOR_GROUPS).rev().find(|g| n % (lanes * g) as i64 == 0).unwrap_or(1);
+        let step = self.b.index((lanes * groups) as i64);
+        walk[rank - 1] = self.b.hoist(&format!("arith.divui {last}, {step} : index"));
         let mut idx = walk_index(self, out.target, &out.flat, &walk, false, opened);
-        idx[rank - 1] = self.b.muli(&idx[rank - 1], &lanes_idx);
-        let v = if matches!(self.graph.nodes[j].op, Op::MatMul { .. }) {
-            self.matmul_vector(j, &idx, lanes)?
+        idx[rank - 1] = self.b.muli(&idx[rank - 1], &step);
+        let idxs: Vec<Vec<String>> = (0..groups)
+            .map(|g| {
+                let mut at = idx.clone();
+                if g > 0 {
+                    let o = self.b.index((lanes * g) as i64);
+                    at[rank - 1] = self.b.addi(&idx[rank - 1], &o);
+                }
+                at
+            })
+            .collect();
+        let vs = if matches!(self.graph.nodes[j].op, Op::MatMul { .. }) {
+            self.matmul_vector(j, &idxs, lanes)?
         } else {
-            self.einsum_out_vec(j, std::slice::from_ref(&idx), lanes)?.remove(0)
+            self.einsum_out_vec(j, &idxs, lanes)?
         };
-        let off = self.b.linearize(&idx, &out.sizes);
-        self.b.store_vector(&out.ptr, &off, &v, lanes, out.dtype);
+        for (at, v) in idxs.iter().zip(&vs) {
+            let off = self.b.linearize(at, &out.sizes);
+            self.b.store_vector(&out.ptr, &off, v, lanes, out.dtype);
+        }
         self.b.size(&out.kernel.extent)
     }
 }
@@ -240,8 +270,9 @@ mod tests {
     /// `probs @ concat(broadcast(V_ctx), V_dec, V_new)` with the new row
     /// from a split projection (`[b, 1, g·k]` as `[b, g, 1, k]`): the
     /// baseline's `w · V` over the per-sample cache, read in vectors
-    /// through every view, against the interpreter at ragged points, the
-    /// decode cache dense and with spare rows.
+    /// through every view (both 16-wide halves of a row in one walk),
+    /// against the interpreter at ragged points, the decode cache dense and
+    /// with spare rows.
     #[test]
     fn strided_matmul_reads_vectors_through_views() {
         strided_matmul(DType::F32, 1e-5);
@@ -283,6 +314,8 @@ mod tests {
             text.contains(&format!("-> vector<16x{dt}>")) && text.contains(&format!(": vector<16x{dt}>, !llvm.ptr")),
             "the {dt} matmul reads and writes vectors:\n{text}"
         );
+        // Both vectors of a 32-wide row in one walk of the cache.
+        assert!(text.contains("-> (vector<16xf32>, vector<16xf32>) {"), "two vectors per step:\n{text}");
         for (b, m_c, m_d) in [(3, 5, 2), (1, 0, 0), (2, 17, 3), (4, 1, 7)] {
             let point = BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)]);
             let inputs = crate::interp::random_inputs(&graph, &point, 11).unwrap_or_else(|e| panic!("{e}"));
