@@ -283,20 +283,15 @@ impl Kc<'_> {
                     idx
                 })
                 .collect();
-            self.store_tile(out, j, t.vector, &idxs, &vec![None; idxs.len()])?;
+            self.store_tile(out, j, t.vector, &idxs)?;
             for _ in 0..opened {
                 self.b.close();
             }
             return Ok(());
         }
+        // Every row of the tile is inside the reuse extent (the caller's
+        // guard): no clamps, no guards.
         let mut idxs = Vec::with_capacity(tile * cols_at.len());
-        let mut guards = Vec::with_capacity(tile * cols_at.len());
-        let last = if tile == 1 {
-            None
-        } else {
-            let one = self.b.index(1);
-            Some(self.b.hoist(&format!("arith.subi {inner}, {one} : index")))
-        };
         let base = if tile == 1 {
             t.tile_index.to_owned()
         } else {
@@ -304,17 +299,11 @@ impl Kc<'_> {
             self.b.muli(t.tile_index, &n)
         };
         for r in 0..tile {
-            // Lanes past the end compute the last valid output again
-            // (in bounds) and do not store it.
-            let (row, guard) = match &last {
-                None => (base.clone(), None),
-                Some(last) => {
-                    let off = self.b.index(r as i64);
-                    let row = if r == 0 { base.clone() } else { self.b.addi(&base, &off) };
-                    let divides = self.b.known(inner).is_some_and(|n| n % tile as i64 == 0);
-                    let guard = if r == 0 || divides { None } else { Some(self.b.ult(&row, inner)) };
-                    (self.b.op(&format!("arith.minui {row}, {last} : index")), guard)
-                }
+            let row = if r == 0 {
+                base.clone()
+            } else {
+                let off = self.b.index(r as i64);
+                self.b.addi(&base, &off)
             };
             let inner_idx = self.b.delinearize(&row, t.reuse_sizes);
             for at in &cols_at {
@@ -323,41 +312,32 @@ impl Kc<'_> {
                     idx[*a] = v.clone();
                 }
                 idxs.push(idx);
-                guards.push(guard.clone());
             }
         }
-        self.store_tile(out, j, t.vector, &idxs, &guards)?;
+        self.store_tile(out, j, t.vector, &idxs)?;
         for _ in 0..opened {
             self.b.close();
         }
         Ok(())
     }
 
-    /// Node `j` at every index of `idxs` (one register tile), stored; each
-    /// under its guard, if any.
+    /// Node `j` at every index of `idxs` (one register tile), stored.
     fn store_tile(
         &mut self,
         out: &Out,
         j: usize,
         vector: Option<usize>,
         idxs: &[Vec<String>],
-        guards: &[Option<String>],
     ) -> Result<(), LowerError> {
         let values = match vector {
             Some(lanes) => self.einsum_out_vec(j, idxs, lanes)?.into_iter().map(builder::Val::f32).collect(),
             None => self.compute_tile(j, idxs)?,
         };
-        for ((idx, v), guard) in idxs.iter().zip(values).zip(guards) {
-            if let Some(g) = guard {
-                self.b.open_guard(g);
-            }
+        for (idx, v) in idxs.iter().zip(values) {
             let off = self.b.linearize(idx, &out.sizes);
             match vector {
                 Some(lanes) => self.b.store_vector(&out.ptr, &off, &v.ssa, lanes, out.dtype),
                 None => self.b.store(&out.ptr, &off, out.dtype, v),
-            }
-            if guard.is_some() {
-                self.b.close();
             }
         }
         Ok(())
