@@ -8,9 +8,11 @@
 //! first, then 16 and 1 unless `BIFURC_BENCH_POINTS` names others, e.g.
 //! `32,1`; m_c = 8192 unless `BIFURC_BENCH_CONTEXT` gives another): random
 //! inputs, one warm-up run each (and one check that both give the same
-//! logits, norm-relative 1e-4), then `BIFURC_BENCH_RUNS` (default 5) timed
-//! runs alternating baseline / bifurcated so both see the same noise. Prints
-//! the median ms of each, the measured ratio, and the bytes-model prediction
+//! logits, norm-relative 1e-4), then, on the inputs converted once to each
+//! step's storage dtypes (as the runtime binds weights and caches),
+//! `BIFURC_BENCH_RUNS` (default 5) timed runs alternating baseline /
+//! bifurcated so both see the same noise. Prints the median ms of each, the
+//! measured ratio, and the bytes-model prediction
 //! (`bifurc::inspect::bytes_moved` of both graphs at the point).
 //!
 //! Kernels run split across the cores (`CpuStep::set_threads`, the rayon
@@ -28,14 +30,15 @@
 //! Target (b = 32): the bifurcated step at least 4x faster than the baseline
 //! (measured about 2x on a 2-core EPYC VM: see the README).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use bifurc::hf::{build, HfOptions};
 use bifurc::inspect::{bytes_moved, ShapePoint};
 use bifurc::interp::{random_inputs, Tensor};
 use bifurc::ir::Graph;
-use bifurc::lower::CpuStep;
+use bifurc::lower::cpu::Stored;
+use bifurc::lower::{BufferKind, CpuStep};
 use bifurc::optimize::{optimize, Options};
 use bifurc_runtime::bench::median;
 
@@ -128,13 +131,29 @@ fn main() {
             assert!(err <= tol, "b={b}: output `{name}`: bifurcated vs baseline norm-relative error {err:e} > {tol:e}");
         }
         drop((a, c));
+        // Inputs in each step's storage dtypes, converted once (as the
+        // runtime binds weights and caches): a timed run is the step alone.
+        let stored: Vec<HashMap<String, Stored>> = steps
+            .iter()
+            .map(|step| {
+                let is_input = |name: &str| {
+                    step.program().buffers.iter().any(|b| b.name == name && matches!(b.kind, BufferKind::Input(_)))
+                };
+                inputs
+                    .iter()
+                    .filter(|(name, _)| is_input(name))
+                    .map(|(name, t)| (name.clone(), step.store(name, t.clone()).expect("store")))
+                    .collect()
+            })
+            .collect();
+        let no_caps = BTreeMap::new();
         let mut times = vec![[Vec::with_capacity(runs), Vec::with_capacity(runs)]; threads.len()];
         for _ in 0..runs {
             for (n, &t) in threads.iter().enumerate() {
                 for (k, step) in steps.iter_mut().enumerate() {
                     step.set_threads(t);
                     let start = Instant::now();
-                    let out = step.run(&point, &inputs).expect("run");
+                    let out = step.run_stored(&point, &no_caps, &stored[k]).expect("run");
                     times[n][k].push(start.elapsed().as_secs_f64() * 1e3);
                     drop(out);
                 }

@@ -240,8 +240,9 @@ impl Kc<'_> {
 
     /// Lanes of an explicit-SIMD loop over contracted letter `c` (size
     /// `d`): when [`Kc::simd`] is on, `d` is a constant multiple of it, and
-    /// every operand indexed by `c` is stored f32 data whose last (and only
-    /// `c`) axis is `c`, so that consecutive `c` are consecutive elements.
+    /// every operand indexed by `c` is stored float data (f16 / bf16 widened
+    /// to f32 lanes) whose last (and only `c`) axis is `c`, so that
+    /// consecutive `c` are consecutive elements.
     fn simd_lanes(&self, spec: &EinsumSpec, inputs: &[Value], c: char, d: &Poly) -> Option<usize> {
         let lanes = self.simd;
         let n = self.graph.dims.normalize(d).ok()?.as_constant()?;
@@ -254,7 +255,7 @@ impl Kc<'_> {
             }
             let b = self.stored(*v)?;
             let contiguous = subs.last() == Some(&c) && subs.iter().filter(|s| **s == c).count() == 1;
-            if !contiguous || self.program.buffers[b].dtype != crate::ir::DType::F32 {
+            if !contiguous || !self.program.buffers[b].dtype.is_float() {
                 return None;
             }
         }
