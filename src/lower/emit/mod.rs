@@ -27,8 +27,10 @@
 //! - Reads go through **views** without copies: transpose permutes the
 //!   index, broadcast drops new leading axes and reads index 0 on stretched
 //!   size-1 axes, slice adds its start, reshape linearizes and delinearizes
-//!   with the (symbolic) sizes, and concat picks its part with index
-//!   compares in an `scf.if` chain (only the selected part is loaded).
+//!   with the (symbolic) sizes (or, over a densely stored value, reads it
+//!   at its own row-major offset), and concat picks its part with index
+//!   compares in an `scf.if` chain (only the selected part is loaded), or
+//!   directly in a CPU row loop split at its parts (see `segments`).
 //! - **Inlined** elementwise nodes (see [`crate::lower::plan`](mod@crate::lower::plan)) are
 //!   recomputed at every load.
 //! - Reductions are `scf.for` loops with an f32 accumulator: einsum /
@@ -39,8 +41,8 @@
 //!   `angle = pos * theta^(-2 (j mod k/2) / k)` and `math.cos`/`math.sin`
 //!   in f32; gather reads the id, and yields NaN for an id outside the table
 //!   (it never reads out of bounds).
-//! - Math: `math.exp`, `math.tanh`, `math.erf`, `math.sqrt`, `math.powf`,
-//!   `math.cos`, `math.sin`; gelu = `0.5 x (1 + erf(x / sqrt 2))`, the tanh
+//! - Math: `math.exp` (on the CPU a polynomial, see `exp`), `math.tanh`,
+//!   `math.erf`, `math.sqrt`, `math.powf`, `math.cos`, `math.sin`; gelu = `0.5 x (1 + erf(x / sqrt 2))`, the tanh
 //!   form per GPT-2, silu = `x / (1 + exp(-x))`, rsqrt = `1 / sqrt(x)`.
 //!   Accumulation is f32 throughout.
 //!
