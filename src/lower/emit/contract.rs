@@ -42,21 +42,35 @@ impl Kc<'_> {
         let mut loaded = Loaded::default();
         let mut nexts = Vec::with_capacity(idxs.len());
         for (idx, acc) in idxs.iter().zip(&accs) {
-            let (m, n) = (idx[r - 2].clone(), idx[r - 1].clone());
-            let mut ia = self.matmul_batch_index(&sa, idx);
-            ia.extend([m, kk.clone()]);
-            let mut ib = self.matmul_batch_index(&sb, idx);
-            if transpose_b {
-                ib.extend([n, kk.clone()]);
-            } else {
-                ib.extend([kk.clone(), n]);
-            }
+            let (ia, ib) = self.matmul_operand_indices((&sa, &sb), idx, &kk, transpose_b);
             let x = self.loadf_once(&mut loaded, 0, a, &ia)?;
             let y = self.loadf_once(&mut loaded, 1, bv, &ib)?;
             nexts.push(self.accumulate(acc, &x, &y));
         }
         self.b.close_for_n(&nexts);
         Ok(self.reduction_combine(res))
+    }
+
+    /// The indices into a matmul's operands (of shapes `sa`, `sb`) for
+    /// output index `idx` at step `kk` of the sum.
+    pub(crate) fn matmul_operand_indices(
+        &mut self,
+        (sa, sb): (&[Poly], &[Poly]),
+        idx: &[String],
+        kk: &str,
+        transpose_b: bool,
+    ) -> (Vec<String>, Vec<String>) {
+        let r = idx.len();
+        let (m, n) = (idx[r - 2].clone(), idx[r - 1].clone());
+        let mut ia = self.matmul_batch_index(sa, idx);
+        ia.extend([m, kk.to_owned()]);
+        let mut ib = self.matmul_batch_index(sb, idx);
+        if transpose_b {
+            ib.extend([n, kk.to_owned()]);
+        } else {
+            ib.extend([kk.to_owned(), n]);
+        }
+        (ia, ib)
     }
 
     /// The batch part of the index of a matmul operand of `shape` at output

@@ -169,11 +169,7 @@ impl Kc<'_> {
         let mut shared: Vec<(Vec<String>, String)> = Vec::new();
         let mut nexts = Vec::with_capacity(idxs.len());
         for (idx, acc) in idxs.iter().zip(&accs) {
-            let (m, n) = (idx[r - 2].clone(), idx[r - 1].clone());
-            let mut ia = self.matmul_batch_index(&sa, idx);
-            ia.extend([m, kk.clone()]);
-            let mut ib = self.matmul_batch_index(&sb, idx);
-            ib.extend([kk.clone(), n]);
+            let (ia, ib) = self.matmul_operand_indices((&sa, &sb), idx, &kk, false);
             let x = match shared.iter().find(|(at, _)| *at == ia) {
                 Some((_, x)) => x.clone(),
                 None => {
