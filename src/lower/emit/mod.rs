@@ -60,7 +60,9 @@
 //!
 //! - CPU ([`Target::Cpu`]): `func.func @k{i}_{node}(params, %part: i64,
 //!   %parts: i64) attributes {llvm.emit_c_interface}` whose body is a nest
-//!   of `scf.for` loops over the output (see `walk_index`).
+//!   of `scf.for` loops over the output (see `walk_index`). Its pointers are
+//!   `llvm.noalias`: the buffers of one call must not overlap (each of
+//!   `CpuStep`'s is its own allocation; zero-size ones are never accessed).
 //! - GPU ([`Target::Gpu`]): `gpu.func @k{i}_{node}(params) kernel` inside
 //!   `gpu.module @bifurc_kernels` (module attribute `gpu.container_module`);
 //!   `%i = block_id.x * block_dim.x + thread_id.x`, guarded by
@@ -353,7 +355,14 @@ fn kernel_fn(
                 if ptrs.insert(*b, name.clone()).is_some() {
                     return Err(mismatch(&kernel.name, format!("buffer {b} is passed twice")));
                 }
-                sig.push(format!("{name}: !llvm.ptr"));
+                // CPU: every buffer is its own allocation (CpuStep, the only
+                // caller), so no two pointers of a call overlap; LLVM may then
+                // keep loads across the kernel's stores (q in registers across
+                // a block of keys).
+                match target {
+                    Target::Cpu => sig.push(format!("{name}: !llvm.ptr {{llvm.noalias}}")),
+                    Target::Gpu => sig.push(format!("{name}: !llvm.ptr")),
+                }
             }
         }
     }
@@ -689,7 +698,7 @@ mod tests {
     /// operand): the context einsum `acdxy,cyz->acdxz` of the bifurcated
     /// graph takes the output-vector path (four vectors per row), checked
     /// against the interpreter with b not a multiple of the tile and an
-    /// empty decode cache.
+    /// empty decode cache; its pointers `noalias` on the CPU only.
     #[test]
     fn output_vector_contraction_matches_interpreter() {
         let config = r#"{"model_type": "llama", "hidden_size": 128, "intermediate_size": 48,
@@ -702,6 +711,10 @@ mod tests {
         let program = plan(&g).expect("plan");
         let text = super::emit(&g, &program, super::Target::Cpu).expect("emit");
         assert!(text.contains("vector<16xf32>, !llvm.ptr"), "no output-vector store");
+        // CPU kernels' buffers never overlap (see the ABI); the GPU's keep plain pointers.
+        assert!(text.contains("!llvm.ptr {llvm.noalias}"), "CPU pointers are noalias");
+        let gpu = super::emit(&g, &program, super::Target::Gpu).expect("emit");
+        assert!(!gpu.contains("noalias"), "GPU pointers unchanged");
         let step = CpuStep::compile(&g).expect("compile");
         for (seed, (b, m_c, m_d)) in [(3, 5, 0), (9, 17, 2), (8, 1, 3)].into_iter().enumerate() {
             let p: BTreeMap<String, i64> =
