@@ -311,8 +311,7 @@ impl Builder {
     /// widened exactly; element alignment only).
     pub(crate) fn load_vector(&mut self, ptr: &str, off: &str, lanes: usize, dtype: DType) -> String {
         let st = storage(dtype);
-        let o = self.index_to_i64(off);
-        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
+        let p = self.element_ptr(ptr, off, st);
         let align = dtype.bytes();
         let x = self.op(&format!("llvm.load {p} {{alignment = {align} : i64}} : !llvm.ptr -> vector<{lanes}x{st}>"));
         match dtype {
@@ -330,8 +329,7 @@ impl Builder {
             DType::F32 => v.to_owned(),
             _ => self.op(&format!("arith.truncf {v} : vector<{lanes}xf32> to vector<{lanes}x{st}>")),
         };
-        let o = self.index_to_i64(off);
-        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
+        let p = self.element_ptr(ptr, off, st);
         let align = dtype.bytes();
         self.line(&format!("llvm.store {x}, {p} {{alignment = {align} : i64}} : vector<{lanes}x{st}>, !llvm.ptr"));
     }
@@ -507,12 +505,18 @@ impl Builder {
         }
     }
 
+    /// The address of element `off` (an `index`) of the buffer at `ptr`
+    /// whose elements are `st` (an MLIR storage type).
+    fn element_ptr(&mut self, ptr: &str, off: &str, st: &str) -> String {
+        let o = self.index_to_i64(off);
+        self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"))
+    }
+
     /// Loads element `off` (an `index`) of the buffer at `ptr` stored as
     /// `dtype`, widened to f32 / i64.
     pub(crate) fn load(&mut self, ptr: &str, off: &str, dtype: DType) -> Val {
         let st = storage(dtype);
-        let o = self.index_to_i64(off);
-        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
+        let p = self.element_ptr(ptr, off, st);
         let x = self.op(&format!("llvm.load {p} : !llvm.ptr -> {st}"));
         match dtype {
             DType::F32 | DType::I64 => Val { ssa: x, ty: Ty::of(dtype) },
@@ -530,8 +534,7 @@ impl Builder {
             DType::F16 | DType::BF16 => self.op(&format!("arith.truncf {} : f32 to {st}", v.ssa)),
             DType::I32 => self.op(&format!("arith.trunci {} : i64 to i32", v.ssa)),
         };
-        let o = self.index_to_i64(off);
-        let p = self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
+        let p = self.element_ptr(ptr, off, st);
         self.line(&format!("llvm.store {x}, {p} : {st}, !llvm.ptr"));
     }
 
