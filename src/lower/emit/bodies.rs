@@ -25,6 +25,14 @@ pub(super) struct Out<'k> {
     pub dtype: DType,
 }
 
+/// Vectors of `lanes` along an axis of size `n` (known) that one step
+/// computes: the most, up to VECTOR_GROUPS, that divide it (1 when the
+/// size is not known).
+pub(super) fn vector_groups(n: Option<i64>, lanes: usize) -> usize {
+    let n = n.unwrap_or(0);
+    (1..=VECTOR_GROUPS).rev().find(|g| n % (lanes * g) as i64 == 0).unwrap_or(1)
+}
+
 /// The walk of a [`Kc::reuse_body`] step (see there).
 struct Tiled<'a> {
     keep: &'a [usize],
@@ -143,10 +151,7 @@ impl Kc<'_> {
             .filter(|&pos| keep[pos] + 1 == out.sizes.len() && BLOCK == CPU_SIMD)
             .and_then(|pos| self.out_lanes(j, self.b.known(&keep_sizes[pos]), out.dtype.is_float()));
         let groups = match (vector, block) {
-            (Some(_), Some(pos)) => {
-                let n = self.b.known(&keep_sizes[pos]).unwrap_or(0);
-                (1..=VECTOR_GROUPS).rev().find(|g| n % (BLOCK * g) as i64 == 0).unwrap_or(1)
-            }
+            (Some(_), Some(pos)) => vector_groups(self.b.known(&keep_sizes[pos]), BLOCK),
             _ => 1,
         };
         // Tiles along the reuse index: `tiles = ceil(inner / tile)`.
@@ -210,10 +215,10 @@ impl Kc<'_> {
     }
 
     /// One step of [`Kc::reuse_body`] at walk index `at`: the block's
-    /// outputs (`cols` at a time, a whole block) for the tile's outputs
-    /// along the reuse axes, computed and stored: all of the tile's rows
-    /// together, or (`rows_loop`) its rows inside the reuse extent one
-    /// after the other.
+    /// outputs (`cols` at a time, a whole block; or its vectors) for the
+    /// tile's outputs along the reuse axes, computed and stored: all of the
+    /// tile's rows together, or (`rows_loop`) its rows inside the reuse
+    /// extent one after the other.
     fn reuse_tile(
         &mut self,
         out: &Out,
@@ -222,18 +227,12 @@ impl Kc<'_> {
         mut at: Vec<String>,
         (cols, rows_loop): (usize, bool),
     ) -> Result<(), LowerError> {
-        let (tile, inner) = (t.tile, t.inner);
-        let mut col_pos = None;
         let mut opened = 0;
-        let mut stride = 1;
         if let Some(pos) = t.block {
             let bn = self.b.index((BLOCK * t.groups) as i64);
             let start = self.b.muli(&at[pos], &bn);
             if t.vector.is_some() {
                 at[pos] = start;
-                if t.groups > 1 {
-                    (col_pos, stride) = (Some(pos), BLOCK);
-                }
             } else if cols > 1 {
                 let ub = self.b.index((BLOCK / cols) as i64);
                 let inner = self.b.open_loop(&ub);
@@ -241,7 +240,6 @@ impl Kc<'_> {
                 let c = self.b.index(cols as i64);
                 let first = self.b.muli(&inner, &c);
                 at[pos] = self.b.addi(&start, &first);
-                col_pos = Some(pos);
             } else {
                 let left = self.b.subi(&t.keep_sizes[pos], &start);
                 let ub = self.b.op(&format!("arith.minui {left}, {bn} : index"));
@@ -250,62 +248,42 @@ impl Kc<'_> {
                 at[pos] = self.b.addi(&start, &inner);
             }
         }
-        let cols = if t.vector.is_some() { t.groups } else { cols };
-        let cols_at: Vec<Vec<String>> = match col_pos {
-            None => vec![at.clone()],
-            Some(pos) => (0..cols)
-                .map(|c| {
-                    let mut a = at.clone();
-                    if c > 0 {
-                        let o = self.b.index((c * stride) as i64);
-                        a[pos] = self.b.addi(&at[pos], &o);
-                    }
-                    a
-                })
-                .collect(),
+        // The block's outputs this step: its vectors, or `cols` elements.
+        let (count, stride) = if t.vector.is_some() { (t.groups, BLOCK) } else { (cols, 1) };
+        let cols_at = match t.block {
+            Some(pos) => self.spread(&at, pos, count, stride),
+            None => vec![at],
         };
-        if rows_loop {
-            let n = self.b.index(tile as i64);
-            let base = self.b.muli(t.tile_index, &n);
-            let left = self.b.subi(inner, &base);
+        let base = if t.tile == 1 {
+            t.tile_index.to_owned()
+        } else {
+            let n = self.b.index(t.tile as i64);
+            self.b.muli(t.tile_index, &n)
+        };
+        let rows: Vec<String> = if rows_loop {
+            let n = self.b.index(t.tile as i64);
+            let left = self.b.subi(t.inner, &base);
             let ub = self.b.op(&format!("arith.minui {left}, {n} : index"));
             let r = self.b.open_loop(&ub);
             opened += 1;
-            let row = self.b.addi(&base, &r);
-            let inner_idx = self.b.delinearize(&row, t.reuse_sizes);
-            let idxs: Vec<Vec<String>> = cols_at
-                .iter()
-                .map(|at| {
-                    let mut idx = vec![String::new(); out.sizes.len()];
-                    for (a, v) in t.keep.iter().zip(at).chain(t.reuse.iter().zip(&inner_idx)) {
-                        idx[*a] = v.clone();
-                    }
-                    idx
-                })
-                .collect();
-            self.store_tile(out, j, t.vector, &idxs)?;
-            for _ in 0..opened {
-                self.b.close();
-            }
-            return Ok(());
-        }
-        // Every row of the tile is inside the reuse extent (the caller's
-        // guard): no clamps, no guards.
-        let mut idxs = Vec::with_capacity(tile * cols_at.len());
-        let base = if tile == 1 {
-            t.tile_index.to_owned()
+            vec![self.b.addi(&base, &r)]
         } else {
-            let n = self.b.index(tile as i64);
-            self.b.muli(t.tile_index, &n)
+            // Every row of the tile is inside the reuse extent (the
+            // caller's guard): no clamps, no guards.
+            (0..t.tile)
+                .map(|r| {
+                    if r == 0 {
+                        base.clone()
+                    } else {
+                        let off = self.b.index(r as i64);
+                        self.b.addi(&base, &off)
+                    }
+                })
+                .collect()
         };
-        for r in 0..tile {
-            let row = if r == 0 {
-                base.clone()
-            } else {
-                let off = self.b.index(r as i64);
-                self.b.addi(&base, &off)
-            };
-            let inner_idx = self.b.delinearize(&row, t.reuse_sizes);
+        let mut idxs = Vec::with_capacity(rows.len() * cols_at.len());
+        for row in &rows {
+            let inner_idx = self.b.delinearize(row, t.reuse_sizes);
             for at in &cols_at {
                 let mut idx = vec![String::new(); out.sizes.len()];
                 for (a, v) in t.keep.iter().zip(at).chain(t.reuse.iter().zip(&inner_idx)) {
@@ -319,6 +297,21 @@ impl Kc<'_> {
             self.b.close();
         }
         Ok(())
+    }
+
+    /// `count` copies of index `at`, entry `axis` advanced by `stride`
+    /// from one to the next (the outputs one step computes along it).
+    pub(super) fn spread(&mut self, at: &[String], axis: usize, count: usize, stride: usize) -> Vec<Vec<String>> {
+        (0..count.max(1))
+            .map(|c| {
+                let mut a = at.to_vec();
+                if c > 0 {
+                    let o = self.b.index((c * stride) as i64);
+                    a[axis] = self.b.addi(&at[axis], &o);
+                }
+                a
+            })
+            .collect()
     }
 
     /// Node `j` at every index of `idxs` (one register tile), stored.

@@ -10,14 +10,14 @@ use crate::ir::{Op, Value};
 use crate::lower::LowerError;
 
 use super::bodies::Out;
-use super::{walk_index, Kc, VECTOR_GROUPS};
+use super::{walk_index, Kc};
 
 impl Kc<'_> {
     /// Whether `v` can be read as vectors along its last axis: it is float
     /// data (f16 / bf16 widened to f32 lanes) whose last axis is, through
-    /// its views, the innermost axis of a
-    /// stored buffer (a concat is on another axis; a broadcast does not
-    /// stretch it; a transpose and a reshape keep it last).
+    /// its views, the innermost axis of a stored buffer (a concat is on
+    /// another axis; a broadcast does not stretch it; a transpose and a
+    /// reshape keep it last).
     pub(crate) fn vector_readable(&self, v: Value) -> bool {
         if !self.graph.dtype_of(v).is_float() {
             return false;
@@ -126,9 +126,10 @@ impl Kc<'_> {
     }
 
     /// Lanes of a CPU matmul `a @ b` (not transposed) vectorized along
-    /// the output's last axis: float output (`out_float`), a last axis of a constant
-    /// multiple of [`Kc::simd`], and `b` readable as vectors along its
-    /// last axis (so its summed axis is not innermost: the strided case).
+    /// the output's last axis: float output (`out_float`), a last axis of
+    /// a constant multiple of [`Kc::simd`], and `b` readable as vectors
+    /// along its last axis (so its summed axis is not innermost: the
+    /// strided case).
     pub(crate) fn matmul_lanes(&self, j: usize, out_float: bool) -> Option<usize> {
         let node = self.graph.nodes.get(j)?;
         let Op::MatMul { transpose_b: false } = node.op else { return None };
@@ -225,22 +226,12 @@ impl Kc<'_> {
         // step of the sum then reads one stretch of a row of the strided
         // operand for all of them (one vector at a time would walk the
         // whole operand once per vector).
-        let n = self.b.known(&last).unwrap_or(0);
-        let groups = (1..=VECTOR_GROUPS).rev().find(|g| n % (lanes * g) as i64 == 0).unwrap_or(1);
+        let groups = super::bodies::vector_groups(self.b.known(&last), lanes);
         let step = self.b.index((lanes * groups) as i64);
         walk[rank - 1] = self.b.hoist(&format!("arith.divui {last}, {step} : index"));
         let mut idx = walk_index(self, out.target, &out.flat, &walk, false, opened);
         idx[rank - 1] = self.b.muli(&idx[rank - 1], &step);
-        let idxs: Vec<Vec<String>> = (0..groups)
-            .map(|g| {
-                let mut at = idx.clone();
-                if g > 0 {
-                    let o = self.b.index((lanes * g) as i64);
-                    at[rank - 1] = self.b.addi(&idx[rank - 1], &o);
-                }
-                at
-            })
-            .collect();
+        let idxs = self.spread(&idx, rank - 1, groups, lanes);
         let vs = if matches!(self.graph.nodes[j].op, Op::MatMul { .. }) {
             self.matmul_vector(j, &idxs, lanes)?
         } else {
