@@ -198,8 +198,9 @@ impl Kc<'_> {
     }
 
     /// One lane of row kernel `j` (see [`Kc::row_axis`]): its statistics
-    /// at `idx` (`idx[axis]` is not read), then a loop over `axis` storing
-    /// every element at its row-major offset in `out_sizes`.
+    /// at `idx` (`idx[axis]` is not read), then a loop over `axis` (each
+    /// arm opens and closes its own) storing every element at its
+    /// row-major offset in `out_sizes`.
     pub(crate) fn row_lane(
         &mut self,
         j: usize,
@@ -235,6 +236,7 @@ impl Kc<'_> {
                 let q = self.b.fbin("mulf", &e.ssa, &inv);
                 let v = self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"));
                 self.b.store(out_ptr, &off, out_dtype, Val::f32(v));
+                self.b.close();
             }
             Op::Softmax { .. } => {
                 let x = arg(self, 0)?;
@@ -247,7 +249,6 @@ impl Kc<'_> {
                     kc.b.store(out_ptr, &off, out_dtype, v);
                     Ok(())
                 })?;
-                return Ok(());
             }
             Op::RmsNorm { eps } | Op::LayerNorm { eps } => {
                 let (x, w) = (arg(self, 0)?, arg(self, 1)?);
@@ -258,10 +259,10 @@ impl Kc<'_> {
                 let v = self.norm_elem(x, w, bias, &stats, &at)?;
                 let off = self.b.linearize(&at, out_sizes);
                 self.b.store(out_ptr, &off, out_dtype, v);
+                self.b.close();
             }
             _ => return Err(self.unsupported(j, "is not a row kernel")),
         }
-        self.b.close();
         Ok(())
     }
 
