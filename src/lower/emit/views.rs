@@ -89,37 +89,51 @@ impl Kc<'_> {
                 }
                 let ty = Ty::of(self.graph.nodes[j].dtype);
                 let bounds = self.concat_offsets(&inputs, axis).unwrap_or_default();
-                if let Some(p) = self.pinned_part(&idx[axis], &bounds) {
+                match self.pinned_part(&idx[axis], &bounds) {
                     // The index stays in part p (a row loop split there).
-                    let mut inner = idx.to_vec();
-                    let s = self.sizes(&bounds[p..=p])?.remove(0);
-                    inner[axis] = self.b.subi(&idx[axis], &s);
-                    let v = self.load(inputs[p], &inner)?;
-                    return Ok(self.b.coerce(v, ty));
+                    Some(p) => self.concat_read(inputs[p], axis, &bounds[p], idx, ty),
+                    None => self.concat_part(&inputs, axis, 0, Poly::zero(), idx, ty),
                 }
-                self.concat_part(&inputs, axis, 0, Poly::zero(), idx, ty)
             }
+            // The same element at the same row-major offset: no division
+            // back into the input's axes.
             Op::Reshape { shape } if !self.graph.dims.same_shape(&shape, self.graph.shape_of(first)) => {
                 match self.dense_source(first) {
-                    // The same element at the same row-major offset: no
-                    // division back into the input's axes.
                     Some(b) => {
                         let sizes = self.sizes(&shape)?;
                         let off = self.b.linearize(idx, &sizes);
                         let ptr = self.ptr(b)?;
                         Ok(self.b.load(&ptr, &off, self.program.buffers[b].dtype))
                     }
-                    None => {
-                        let inner = self.view_index(j, idx)?;
-                        self.load(first, &inner)
-                    }
+                    None => self.load_through(j, first, idx),
                 }
             }
-            _ => {
-                let inner = self.view_index(j, idx)?;
-                self.load(first, &inner)
-            }
+            _ => self.load_through(j, first, idx),
         }
+    }
+
+    /// Element `idx` of view node `j` read from its input `first` through
+    /// the view's index map.
+    fn load_through(&mut self, j: usize, first: Value, idx: &[String]) -> Result<Val, LowerError> {
+        let inner = self.view_index(j, idx)?;
+        self.load(first, &inner)
+    }
+
+    /// Element `idx` of a concat along `axis` read from its part `part`,
+    /// which starts at `start` along it.
+    fn concat_read(
+        &mut self,
+        part: Value,
+        axis: usize,
+        start: &Poly,
+        idx: &[String],
+        ty: Ty,
+    ) -> Result<Val, LowerError> {
+        let mut inner = idx.to_vec();
+        let s = self.sizes(std::slice::from_ref(start))?.remove(0);
+        inner[axis] = self.b.subi(&idx[axis], &s);
+        let v = self.load(part, &inner)?;
+        Ok(self.b.coerce(v, ty))
     }
 
     /// The stored buffer whose row-major elements are `v`'s row-major
@@ -281,21 +295,14 @@ impl Kc<'_> {
         let len = self.graph.shape_of(part).get(axis).cloned().unwrap_or_else(Poly::zero);
         let end =
             start.add(&len).map_err(|e| LowerError::Size { what: "concat offset".into(), message: e.to_string() })?;
-        let read = |kc: &mut Self| -> Result<String, LowerError> {
-            let mut inner = idx.to_vec();
-            let s = kc.sizes(std::slice::from_ref(&start))?.remove(0);
-            inner[axis] = kc.b.subi(&idx[axis], &s);
-            let v = kc.load(part, &inner)?;
-            Ok(kc.b.coerce(v, ty).ssa)
-        };
         if k + 1 == parts.len() {
-            return Ok(Val { ssa: read(self)?, ty });
+            return self.concat_read(part, axis, &start, idx, ty);
         }
         let e = self.sizes(std::slice::from_ref(&end))?.remove(0);
         let cond = self.b.ult(&idx[axis], &e);
         let r = self.b.open_if(&cond, ty);
-        let a = read(self)?;
-        self.b.else_branch(&a, ty);
+        let a = self.concat_read(part, axis, &start, idx, ty)?;
+        self.b.else_branch(&a.ssa, ty);
         let rest = self.concat_part(parts, axis, k + 1, end, idx, ty)?;
         self.b.close_if(&rest.ssa, ty);
         Ok(Val { ssa: r, ty })
