@@ -81,8 +81,9 @@ pub struct CpuStep {
     /// Distinct functions among `entries`.
     functions: usize,
     /// The intermediates' memory of the last run, by buffer index, reused
-    /// (zeroed) by the next: allocating it afresh every step costs a page
-    /// fault per 4 KiB on first touch.
+    /// as it is by the next (every kernel writes its whole output before
+    /// any kernel reads it): allocating it afresh every step costs a page
+    /// fault per 4 KiB on first touch, clearing it a pass over it.
     scratch: Mutex<Vec<Option<HostData>>>,
     /// Parts a kernel is split into (see [`CpuStep::set_threads`]).
     threads: usize,
@@ -240,9 +241,10 @@ impl CpuStep {
     /// integers; extra entries are ignored) and returns every output by name.
     ///
     /// f32 inputs are read in place (kernels never write an input buffer);
-    /// other dtypes are converted once per call. Intermediates are zeroed,
-    /// in the memory of the last run when it is free (it is kept between
-    /// runs); f32 outputs are moved out, not copied.
+    /// other dtypes are converted once per call. Intermediates live in the
+    /// memory of the last run when it is free (it is kept between runs, and
+    /// not cleared: each kernel writes every element of its output before
+    /// a later kernel reads it); f32 outputs are moved out, not copied.
     pub fn run(
         &self,
         point: &BTreeMap<String, i64>,
@@ -416,7 +418,7 @@ impl CpuStep {
                 }
                 BufferKind::Intermediate => Ok(match scratch[b].take() {
                     Some(mut kept) if kept.dtype_is(buf.dtype) => {
-                        kept.zero(n);
+                        kept.reuse(n);
                         kept
                     }
                     _ => HostData::zeros(buf.dtype, n),
@@ -568,8 +570,8 @@ mod tests {
             }
         }
         // The softmax's intermediate is kept between runs, grown to the
-        // largest point (b=16, h=3, m=33) and reused, zeroed, at the smaller
-        // ones after it (which still gave the interpreter's values above;
+        // largest point (b=16, h=3, m=33) and reused, not cleared, at the
+        // smaller ones after it (which still gave the interpreter's values above;
         // the last, m=0, has no elements: one is allocated).
         let p = step.program().buffers.iter().position(|b| b.kind == BufferKind::Intermediate);
         let kept = match step.scratch.lock() {
@@ -579,6 +581,72 @@ mod tests {
         match p.and_then(|p| kept.get(p)) {
             Some(Some(HostData::F32(v))) => assert!(v.capacity() >= 16 * 3 * 33 && v.len() == 1, "{}", v.len()),
             _ => panic!("no kept intermediate"),
+        }
+    }
+
+    /// Intermediates are reused without clearing, so every kernel must
+    /// write its whole output before any kernel reads it: with every kept
+    /// intermediate set to NaN between runs, the tiny model (as given and
+    /// bifurcated), the llama fixture in bf16 (GQA, tensor-core kernels
+    /// compiled as contractions) and the gpt2 and gpt_bigcode fixtures
+    /// give the bits of runs on fresh memory, at a point after a larger
+    /// one (the memory is longer than the buffer) and at the larger one,
+    /// whole and in 3 parts.
+    #[test]
+    fn poisoned_intermediates_change_no_output() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let load = |r: Result<Graph, crate::import::ImportError>| r.unwrap_or_else(|e| panic!("{e}"));
+        let tiny = load(crate::import::load(&root.join("examples/tiny/model.json")));
+        let point = |b: i64, m_c: i64, m_d: i64| {
+            BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)])
+        };
+        let opts = crate::optimize::Options {
+            point: crate::inspect::point::ShapePoint(point(5, 13, 3)),
+            ..Default::default()
+        };
+        let bifurcated = crate::optimize::optimize(&tiny, &opts).unwrap_or_else(|e| panic!("{e}")).graph;
+        let mut graphs = vec![tiny, bifurcated];
+        for (arch, dtype) in [("llama", Some(DType::BF16)), ("gpt2", None), ("gpt_bigcode", None)] {
+            let config = std::fs::read_to_string(root.join(format!("tests/fixtures/hf/{arch}/config.json")))
+                .unwrap_or_else(|e| panic!("{arch}: {e}"));
+            let opts = crate::hf::HfOptions { dtype, ..Default::default() };
+            let doc = crate::hf::build(&config, &opts).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            graphs.push(load(crate::import::from_value(&doc)));
+        }
+        let bits = |out: &HashMap<String, Tensor>| -> BTreeMap<String, Vec<u32>> {
+            out.iter().map(|(k, t)| (k.clone(), t.data.iter().map(|x| x.to_bits()).collect())).collect()
+        };
+        for graph in &graphs {
+            // Each point's inputs, and its outputs from a step of its own
+            // (fresh, zeroed memory).
+            let fresh: Vec<_> = [point(4, 11, 6), point(2, 5, 1)]
+                .into_iter()
+                .map(|p| {
+                    let inputs = crate::interp::random_inputs(graph, &p, 4).unwrap_or_else(|e| panic!("{e}"));
+                    let step = CpuStep::compile(graph).unwrap_or_else(|e| panic!("{e}"));
+                    let want = bits(&step.run(&p, &inputs).unwrap_or_else(|e| panic!("{e}")));
+                    (p, inputs, want)
+                })
+                .collect();
+            let mut step = CpuStep::compile(graph).unwrap_or_else(|e| panic!("{e}"));
+            step.set_min_split_bytes(0);
+            for threads in [1, 3] {
+                step.set_threads(threads);
+                for (p, inputs, want) in [&fresh[0], &fresh[1], &fresh[0]] {
+                    let kept = match step.scratch.get_mut() {
+                        Ok(k) => k,
+                        Err(e) => panic!("{e}"),
+                    };
+                    kept.iter_mut().flatten().for_each(HostData::poison);
+                    let got = bits(&step.run(p, inputs).unwrap_or_else(|e| panic!("{e}")));
+                    assert!(got == *want, "{threads} parts at {p:?}: outputs differ on poisoned memory");
+                }
+            }
+            let kept = match step.scratch.get_mut() {
+                Ok(k) => k,
+                Err(e) => panic!("{e}"),
+            };
+            assert!(kept.iter().flatten().count() > 0, "the step keeps no intermediates: nothing was checked");
         }
     }
 
