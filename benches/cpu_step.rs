@@ -99,14 +99,14 @@ fn main() {
         opt.report.sites.len()
     );
     let bif = opt.graph;
+    let mut steps = [compile("baseline", &base), compile("bifurcated", &bif)];
     if let Some(dir) = std::env::var_os("BIFURC_BENCH_DUMP") {
-        for (name, g) in [("baseline", &base), ("bifurcated", &bif)] {
-            let p = bifurc::lower::plan(g).expect("plan");
-            let text = bifurc::lower::emit(g, &p, bifurc::lower::Target::Cpu).expect("emit");
+        // The modules the steps run: planned for the CPU (no tensor cores).
+        for ((name, g), step) in [("baseline", &base), ("bifurcated", &bif)].into_iter().zip(&steps) {
+            let text = bifurc::lower::emit(g, step.program(), bifurc::lower::Target::Cpu).expect("emit");
             std::fs::write(std::path::Path::new(&dir).join(format!("{name}_cpu.mlir")), text).expect("dump");
         }
     }
-    let mut steps = [compile("baseline", &base), compile("bifurcated", &bif)];
     let threads: Vec<usize> = std::env::var("BIFURC_BENCH_THREADS")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
