@@ -2,11 +2,26 @@
 //! and sum of `exp`, mean and mean square) are reductions along one axis
 //! of a row, split across a block's threads on the GPU.
 
-use crate::ir::{Op, Poly, Value};
+use crate::ir::{DType, Op, Poly, Value};
 use crate::lower::LowerError;
 
 use super::builder::{Ty, Val};
 use super::{Kc, Lanes};
+
+/// Longest softmax row whose `exp`s a CPU kernel with a half-precision
+/// output keeps in f32 on the stack (64 KiB), instead of computing them
+/// again in the pass that stores them.
+const ROW_KEEP: usize = 16384;
+
+/// Where a softmax's sum pass keeps each `exp(x - max)` for the pass that
+/// scales and stores it.
+#[derive(Clone, Copy)]
+enum Keep<'a> {
+    /// In the (f32) output itself, at its row-major offset in `sizes`.
+    Out { ptr: &'a str, sizes: &'a [String] },
+    /// In an f32 row of ROW_KEEP on the stack, at its index along the row.
+    Row(&'a str),
+}
 
 impl Kc<'_> {
     /// Softmax along `axis`: max, sum of `exp(x - max)`, element. A lane
@@ -48,8 +63,7 @@ impl Kc<'_> {
     }
 
     /// The lane's sum of `exp(x - max)` along `axis`, combined over the
-    /// block; each `exp` is also stored at its offset in `store` (pointer,
-    /// row-major sizes, dtype) when given.
+    /// block; each `exp` is also stored where `keep` says, when given.
     fn softmax_sum(
         &mut self,
         x: Value,
@@ -57,7 +71,7 @@ impl Kc<'_> {
         axis: usize,
         segments: &[Poly],
         max: &str,
-        store: Option<(&str, &[String], crate::ir::DType)>,
+        keep: Option<Keep>,
     ) -> Result<String, LowerError> {
         let zero = self.b.f32(0.0);
         let sum = self.row_fold(segments, &zero, |kc, l, a| {
@@ -65,9 +79,13 @@ impl Kc<'_> {
             let v = kc.loadf(x, at)?;
             let d = kc.b.fbin("subf", &v, max);
             let e = kc.exp(&d);
-            if let Some((ptr, sizes, dtype)) = store {
-                let off = kc.b.linearize(at, sizes);
-                kc.b.store(ptr, &off, dtype, Val::f32(e.clone()));
+            match keep {
+                Some(Keep::Out { ptr, sizes }) => {
+                    let off = kc.b.linearize(at, sizes);
+                    kc.b.store(ptr, &off, DType::F32, Val::f32(e.clone()));
+                }
+                Some(Keep::Row(ptr)) => kc.b.store(ptr, l, DType::F32, Val::f32(e.clone())),
+                None => {}
             }
             Ok(kc.row_add(a, &e))
         })?;
@@ -82,6 +100,55 @@ impl Kc<'_> {
         let q = self.b.fbin("divf", &e, sum);
         let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
         Ok(Val::f32(self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"))))
+    }
+
+    /// The last softmax pass over a row of `len` whose `e`s were kept
+    /// (see [`Keep`]): each scaled by `1 / sum` (0 in a fully masked lane)
+    /// and stored at its row-major offset in `out` (pointer, sizes, dtype).
+    fn softmax_scale(
+        &mut self,
+        [max, sum]: &[String; 2],
+        len: &str,
+        at: &mut [String],
+        axis: usize,
+        keep: Keep,
+        (ptr, sizes, dtype): (&str, &[String], DType),
+    ) {
+        let ninf = self.b.f32(f32::NEG_INFINITY);
+        let (zero, one) = (self.b.f32(0.0), self.b.f32(1.0));
+        let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
+        let inv = self.b.fbin("divf", &one, sum);
+        let l = self.row_loop(len);
+        at[axis] = l.clone();
+        let off = self.b.linearize(at, sizes);
+        let e = match keep {
+            Keep::Out { ptr, .. } => self.b.load(ptr, &off, DType::F32),
+            Keep::Row(row) => self.b.load(row, &l, DType::F32),
+        };
+        let q = self.b.fbin("mulf", &e.ssa, &inv);
+        let v = self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"));
+        self.b.store(ptr, &off, dtype, Val::f32(v));
+        self.b.close();
+    }
+
+    /// Every element of a softmax row from its statistics (each `exp`
+    /// computed again), stored at its row-major offset in `out`.
+    fn softmax_elems(
+        &mut self,
+        x: Value,
+        stats: &[String; 2],
+        segments: &[Poly],
+        at: &mut [String],
+        axis: usize,
+        (ptr, sizes, dtype): (&str, &[String], DType),
+    ) -> Result<(), LowerError> {
+        self.row_each(segments, |kc, l| {
+            at[axis] = l.to_owned();
+            let v = kc.softmax_elem(x, stats, at)?;
+            let off = kc.b.linearize(at, sizes);
+            kc.b.store(ptr, &off, dtype, v);
+            Ok(())
+        })
     }
 
     /// A reduction loop over a row of `len` elements: over all of it, or
@@ -216,39 +283,44 @@ impl Kc<'_> {
         let len = out_sizes[axis].clone();
         let mut at = idx.to_vec();
         match op {
-            Op::Softmax { .. } if out_dtype == crate::ir::DType::F32 => {
+            Op::Softmax { .. } if out_dtype == DType::F32 => {
                 // max; then `e = exp(x - max)` stored and summed; then each
                 // stored `e` scaled by `1 / sum` (0 in a fully masked lane).
                 // One exp per element, and the last pass reads the output
                 // contiguously instead of through the input's views.
                 let x = arg(self, 0)?;
-                let ninf = self.b.f32(f32::NEG_INFINITY);
-                let (zero, one) = (self.b.f32(0.0), self.b.f32(1.0));
                 let segments = self.row_segments(x, axis);
                 let max = self.softmax_max(x, &mut at, axis, &segments)?;
-                let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some((out_ptr, out_sizes, out_dtype)))?;
-                let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
-                let inv = self.b.fbin("divf", &one, &sum);
-                let l = self.row_loop(&len);
-                at[axis] = l;
-                let off = self.b.linearize(&at, out_sizes);
-                let e = self.b.load(out_ptr, &off, out_dtype);
-                let q = self.b.fbin("mulf", &e.ssa, &inv);
-                let v = self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"));
-                self.b.store(out_ptr, &off, out_dtype, Val::f32(v));
+                let keep = Keep::Out { ptr: out_ptr, sizes: out_sizes };
+                let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some(keep))?;
+                self.softmax_scale(&[max, sum], &len, &mut at, axis, keep, (out_ptr, out_sizes, out_dtype));
+            }
+            Op::Softmax { .. } if self.vector_rows() => {
+                // A half-precision output, on the CPU: the same passes with
+                // the `e`s kept in f32 in a row on the stack (rounded once,
+                // at the store), when the row fits it; a longer row
+                // computes each `e` again in its last pass.
+                let x = arg(self, 0)?;
+                let segments = self.row_segments(x, axis);
+                let max = self.softmax_max(x, &mut at, axis, &segments)?;
+                let cap = self.b.index(ROW_KEEP as i64);
+                let fits = self.b.op(&format!("arith.cmpi ule, {len}, {cap} : index"));
+                self.b.open_guard(&fits);
+                let n = self.b.hoist(&format!("llvm.mlir.constant({ROW_KEEP} : i64) : i64"));
+                let row = self.b.hoist(&format!("llvm.alloca {n} x f32 {{alignment = 64 : i64}} : (i64) -> !llvm.ptr"));
+                let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some(Keep::Row(&row)))?;
+                let stats = [max.clone(), sum];
+                self.softmax_scale(&stats, &len, &mut at, axis, Keep::Row(&row), (out_ptr, out_sizes, out_dtype));
+                self.b.else_guard();
+                let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, None)?;
+                self.softmax_elems(x, &[max, sum], &segments, &mut at, axis, (out_ptr, out_sizes, out_dtype))?;
                 self.b.close();
             }
             Op::Softmax { .. } => {
                 let x = arg(self, 0)?;
                 let stats = self.softmax_stats(j, x, axis, idx)?;
                 let segments = self.row_segments(x, axis);
-                self.row_each(&segments, |kc, l| {
-                    at[axis] = l.to_owned();
-                    let v = kc.softmax_elem(x, &stats, &at)?;
-                    let off = kc.b.linearize(&at, out_sizes);
-                    kc.b.store(out_ptr, &off, out_dtype, v);
-                    Ok(())
-                })?;
+                self.softmax_elems(x, &stats, &segments, &mut at, axis, (out_ptr, out_sizes, out_dtype))?;
             }
             Op::RmsNorm { eps } | Op::LayerNorm { eps } => {
                 let (x, w) = (arg(self, 0)?, arg(self, 1)?);
@@ -357,25 +429,20 @@ impl Kc<'_> {
 mod tests {
     use std::collections::BTreeMap;
 
+    use super::ROW_KEEP;
     use crate::lower::emit::{emit, Target};
     use crate::lower::CpuStep;
 
-    /// The bifurcated softmax: scaled, masked scores that are a concat of
-    /// the context, decode and new-token parts along the softmax axis. On
-    /// the CPU its max and sum are reductions LLVM vectorizes (its own
-    /// `maximum`, a reassociable add) in one loop per part (no branch per
-    /// element to find the part), and it matches the interpreter at
-    /// ragged points, including an empty context and a fully masked lane.
-    #[test]
-    fn softmax_over_concat_matches_interpreter() {
+    /// The bifurcated scores' softmax of dtype `dtype` (every value).
+    fn concat_softmax(dtype: &str) -> crate::ir::Graph {
         let doc = serde_json::json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m_c", "m_d"], "constants": {"h": 3}},
             "inputs": [
-                {"name": "s_ctx", "role": "activation", "shape": ["b", "h", 1, "m_c"], "dtype": "f32"},
-                {"name": "s_dec", "role": "activation", "shape": ["b", "h", 1, "m_d"], "dtype": "f32"},
-                {"name": "s_new", "role": "activation", "shape": ["b", "h", 1, 1], "dtype": "f32"},
-                {"name": "mask", "role": "activation", "shape": [1, "m_c+m_d+1"], "dtype": "f32"}
+                {"name": "s_ctx", "role": "activation", "shape": ["b", "h", 1, "m_c"], "dtype": dtype},
+                {"name": "s_dec", "role": "activation", "shape": ["b", "h", 1, "m_d"], "dtype": dtype},
+                {"name": "s_new", "role": "activation", "shape": ["b", "h", 1, 1], "dtype": dtype},
+                {"name": "mask", "role": "activation", "shape": [1, "m_c+m_d+1"], "dtype": dtype}
             ],
             "nodes": [
                 {"id": "s", "op": "concat", "inputs": ["s_ctx", "s_dec", "s_new"], "attrs": {"axis": 3}},
@@ -385,17 +452,26 @@ mod tests {
             ],
             "outputs": [{"name": "p", "node": "p"}]
         });
-        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
-        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
-        assert!(
-            text.contains("llvm.intr.maximum(") && text.contains("fastmath<reassoc>"),
-            "softmax reductions LLVM vectorizes:\n{text}"
-        );
-        assert!(!text.contains("= scf.if"), "row loops split at the concat's parts, no branch per element:\n{text}");
-        for (b, m_c, m_d) in [(2, 37, 3), (1, 0, 0), (3, 16, 17)] {
+        crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `graph` (a [`concat_softmax`]) at each `(b, m_c, m_d)` against the
+    /// interpreter, within `abs + rel · |want|` of each element; the new
+    /// token masked, and at m_d > 0 the first decode row. Inputs are
+    /// given as values of the storage type (`round`), as the CPU stores
+    /// them (the interpreter does not emulate storage precision).
+    fn check_concat_softmax(
+        graph: &crate::ir::Graph,
+        step: &CpuStep,
+        points: &[(i64, i64, i64)],
+        (round, abs, rel): (fn(f32) -> f32, f32, f32),
+    ) {
+        for &(b, m_c, m_d) in points {
             let point = BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)]);
-            let mut inputs = crate::interp::random_inputs(&graph, &point, 3).unwrap_or_else(|e| panic!("{e}"));
+            let mut inputs = crate::interp::random_inputs(graph, &point, 3).unwrap_or_else(|e| panic!("{e}"));
+            for t in inputs.values_mut() {
+                t.data.iter_mut().for_each(|x| *x = round(*x));
+            }
             // Mask the new token, and at m_d > 0 the first decode row.
             if let Some(mask) = inputs.get_mut("mask") {
                 let n = mask.data.len();
@@ -404,12 +480,58 @@ mod tests {
                     mask.data[m_c as usize] = f32::NEG_INFINITY;
                 }
             }
-            let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let want = crate::interp::run(graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
             let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(got["p"].shape, want["p"].shape);
             for (i, (x, y)) in got["p"].data.iter().zip(&want["p"].data).enumerate() {
-                assert!((x - y).abs() <= 1e-6 + 1e-5 * y.abs(), "{point:?}: element {i}: {x} vs {y}");
+                assert!((x - y).abs() <= abs + rel * y.abs(), "{point:?}: element {i}: {x} vs {y}");
             }
+        }
+    }
+
+    /// The bifurcated softmax: scaled, masked scores that are a concat of
+    /// the context, decode and new-token parts along the softmax axis. On
+    /// the CPU its max and sum are reductions LLVM vectorizes (its own
+    /// `maximum`, a reassociable add) in one loop per part (no branch per
+    /// element to find the part), and it matches the interpreter at
+    /// ragged points, including an empty context and a fully masked lane.
+    #[test]
+    fn softmax_over_concat_matches_interpreter() {
+        let graph = concat_softmax("f32");
+        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            text.contains("llvm.intr.maximum(") && text.contains("fastmath<reassoc>"),
+            "softmax reductions LLVM vectorizes:\n{text}"
+        );
+        assert!(!text.contains("= scf.if"), "row loops split at the concat's parts, no branch per element:\n{text}");
+        assert!(!text.contains("llvm.alloca"), "an f32 softmax keeps its exps in its output:\n{text}");
+        check_concat_softmax(&graph, &step, &[(2, 37, 3), (1, 0, 0), (3, 16, 17)], (|x| x, 1e-6, 1e-5));
+    }
+
+    /// A bf16 / f16 softmax on the CPU keeps its `exp`s in an f32 row on
+    /// the stack (rounded once, at the store) when the row fits
+    /// ROW_KEEP, else computes them again: both within 1.5 units in the
+    /// last place of the storage type of the interpreter (its f32 value
+    /// rounded, the sum in another order; f16's smallest spacing, 2^-24,
+    /// below its normal range), at rows on either side of ROW_KEEP, an
+    /// empty context and a fully masked lane.
+    #[test]
+    fn half_softmax_keeps_its_exps_in_f32() {
+        use crate::lower::cpu::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+        let long = ROW_KEEP as i64 + 5;
+        type Half = (&'static str, fn(f32) -> f32, f32, i32);
+        let halves: [Half; 2] = [
+            ("bf16", |x| bf16_to_f32(f32_to_bf16(x)), 0.0, 8),
+            ("f16", |x| f16_to_f32(f32_to_f16(x)), 1.5 * 2f32.powi(-24), 11),
+        ];
+        for (dtype, round, abs, bits) in halves {
+            let graph = concat_softmax(dtype);
+            let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+            let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(text.matches("llvm.alloca").count(), 1, "{dtype}: one kept row:\n{text}");
+            let points = [(2, 37, 3), (1, 0, 0), (1, long - 1, 0), (2, long, 3), (1, ROW_KEEP as i64 - 1, 0)];
+            check_concat_softmax(&graph, &step, &points, (round, abs, 1.5 * 2f32.powi(-bits)));
         }
     }
 }
