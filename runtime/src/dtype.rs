@@ -9,8 +9,9 @@
 
 use std::fmt;
 
-/// A buffer's element type, as the manifest's `dtype` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A buffer's element type, as the manifest's `dtype` names it (also the
+/// compiler's graph dtype).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
     F32,
     F16,

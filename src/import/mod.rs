@@ -156,7 +156,7 @@ pub(crate) fn read_shape(dims: &Dims, at: &At<'_, '_>) -> Result<Shape, ImportEr
 
 fn read_dtype(at: &At<'_, '_>) -> Result<DType, ImportError> {
     let s = at.str()?;
-    DType::parse(s).ok_or_else(|| err(at.path, format!("unknown dtype `{s}` (expected f32, f16, bf16, i32 or i64)")))
+    DType::parse(s).map_err(|_| err(at.path, format!("unknown dtype `{s}` (expected f32, f16, bf16, i32 or i64)")))
 }
 
 fn read_kv_tag(at: &At<'_, '_>) -> Result<(usize, Kv), ImportError> {

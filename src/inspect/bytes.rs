@@ -88,7 +88,7 @@ impl Model<'_> {
         let node = match v {
             Value::Node(i) if self.graph.nodes[i].op.is_view() => &self.graph.nodes[i],
             _ => {
-                let bytes = count * self.graph.dtype_of(v).bytes() as f64;
+                let bytes = count * self.graph.dtype_of(v).size() as f64;
                 match v {
                     Value::Input(i) => acc.add_input(i, self.graph.inputs[i].role, bytes),
                     Value::Node(_) => acc.add(None, bytes),
@@ -170,7 +170,7 @@ pub fn bytes_moved(graph: &Graph, point: &ShapePoint) -> Result<Bytes, BytesErro
             };
             model.read(input, count, &mut acc)?;
         }
-        acc.add(None, out * node.dtype.bytes() as f64);
+        acc.add(None, out * node.dtype.size() as f64);
     }
     Ok(acc)
 }

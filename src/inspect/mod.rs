@@ -42,7 +42,7 @@ pub fn inspect(graph: &Graph, point: &ShapePoint) -> Result<Report, InspectError
         let n = numel(&graph.dims, &input.shape).map_err(err)?;
         let n = graph.dims.eval(&n, &point.0).map_err(|e| err(e.to_string()))?;
         parameters = parameters.saturating_add(n);
-        parameter_bytes = parameter_bytes.saturating_add(n.saturating_mul(input.dtype.bytes()));
+        parameter_bytes = parameter_bytes.saturating_add(n.saturating_mul(input.dtype.size() as i64));
     }
     let layers = graph.meta.get("layers").and_then(|l| l.parse().ok()).unwrap_or_else(|| graph.layers());
     Ok(Report {

@@ -10,7 +10,6 @@ pub use op::{BinaryOp, EinsumSpec, Op, ReduceOp, Shape, UnaryOp};
 pub use poly::Poly;
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 /// The format tag written in and required of every model.json.
 pub const FORMAT: &str = "bifurc-graph/1";
@@ -57,55 +56,9 @@ impl Dims {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DType {
-    F32,
-    F16,
-    BF16,
-    I32,
-    I64,
-}
-
-impl DType {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "f32" => DType::F32,
-            "f16" => DType::F16,
-            "bf16" => DType::BF16,
-            "i32" => DType::I32,
-            "i64" => DType::I64,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            DType::I32 => "i32",
-            DType::I64 => "i64",
-        }
-    }
-
-    pub fn bytes(self) -> i64 {
-        match self {
-            DType::F16 | DType::BF16 => 2,
-            DType::F32 | DType::I32 => 4,
-            DType::I64 => 8,
-        }
-    }
-
-    pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F16 | DType::BF16)
-    }
-}
-
-impl fmt::Display for DType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// An element type: the runtime's (the manifest names buffers' dtypes the
+/// same way), so the compiler and the runtime share one type.
+pub use bifurc_runtime::dtype::DType;
 
 /// Which half of a KV cache a tensor belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

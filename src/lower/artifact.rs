@@ -252,7 +252,7 @@ fn build_manifest(
             let elements = numel(&graph.dims, &b.shape)
                 .map_err(|message| LowerError::Size { what: format!("buffer `{}`", b.name), message })?;
             let bytes = elements
-                .mul(&Poly::constant(b.dtype.bytes()))
+                .mul(&Poly::constant(b.dtype.size() as i64))
                 .map_err(|e| LowerError::Size { what: format!("buffer `{}`", b.name), message: e.to_string() })?;
             Ok(MBuffer {
                 name: b.name.clone(),

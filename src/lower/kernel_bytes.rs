@@ -49,7 +49,7 @@ impl KernelBytes {
     }
 
     fn add(&mut self, role: Option<Role>, elements: &Poly, dtype: DType) -> Result<(), String> {
-        let bytes = elements.mul(&Poly::constant(dtype.bytes())).map_err(|e| e.to_string())?;
+        let bytes = elements.mul(&Poly::constant(dtype.size() as i64)).map_err(|e| e.to_string())?;
         let slot = match role {
             Some(Role::Weight) => &mut self.weights,
             Some(Role::ContextKv { .. }) => &mut self.context_kv,

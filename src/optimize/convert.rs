@@ -6,7 +6,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashSet};
 
 fn dtype(d: DType) -> Dtype {
-    Dtype { name: d.name().into(), bytes: d.bytes() as u32 }
+    Dtype { name: d.name().into(), bytes: d.size() as u32 }
 }
 
 fn kind(op: &Op) -> Kind {
@@ -148,8 +148,7 @@ pub fn from_solution(graph: &Graph, sol: &Solution) -> Result<Graph, ConvertErro
                 Ref::Node(j) => Value::Node(new_index[*j]),
             })
             .collect();
-        let mut dtype =
-            DType::parse(s.dtype.name.as_str()).ok_or_else(|| ConvertError(format!("dtype {}", s.dtype.name)))?;
+        let mut dtype = DType::parse(s.dtype.name.as_str()).map_err(|e| ConvertError(e.to_string()))?;
         // Partial results the rewrite introduces (an einsum per part, the adds
         // that sum them) stay in f32 in a half-precision graph, so the split
         // does not round where the original accumulated in one piece; the
@@ -162,7 +161,7 @@ pub fn from_solution(graph: &Graph, sol: &Solution) -> Result<Graph, ConvertErro
             && matches!(users[i].as_slice(), [u] if sol.nodes[*u].origin.is_some() && is_view_kind(&sol.nodes[*u].kind));
         if s.origin.is_none()
             && matches!(s.kind, Kind::Einsum(_) | Kind::Add)
-            && dtype.bytes() == 2
+            && dtype.size() == 2
             && !feeds_original_view
         {
             dtype = DType::F32;

@@ -312,7 +312,7 @@ impl Builder {
     pub(crate) fn load_vector(&mut self, ptr: &str, off: &str, lanes: usize, dtype: DType) -> String {
         let st = storage(dtype);
         let p = self.element_ptr(ptr, off, st);
-        let align = dtype.bytes();
+        let align = dtype.size();
         let x = self.op(&format!("llvm.load {p} {{alignment = {align} : i64}} : !llvm.ptr -> vector<{lanes}x{st}>"));
         match dtype {
             DType::F32 => x,
@@ -330,7 +330,7 @@ impl Builder {
             _ => self.op(&format!("arith.truncf {v} : vector<{lanes}xf32> to vector<{lanes}x{st}>")),
         };
         let p = self.element_ptr(ptr, off, st);
-        let align = dtype.bytes();
+        let align = dtype.size();
         self.line(&format!("llvm.store {x}, {p} {{alignment = {align} : i64}} : vector<{lanes}x{st}>, !llvm.ptr"));
     }
 
