@@ -153,60 +153,27 @@ impl HostData {
     }
 }
 
+// The conversions of the runtime's dtype encoding (the `half` crate), so
+// the CPU step stores a value exactly as `bifurc run` encodes it.
+
 /// f32 → bfloat16 bits, round to nearest even (NaN stays NaN).
 pub fn f32_to_bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) as u16) | 0x0040;
-    }
-    let round = 0x7FFF + ((b >> 16) & 1);
-    (b.wrapping_add(round) >> 16) as u16
+    half::bf16::from_f32(x).to_bits()
 }
 
 /// bfloat16 bits → f32 (exact).
 pub fn bf16_to_f32(h: u16) -> f32 {
-    f32::from_bits(u32::from(h) << 16)
+    half::bf16::from_bits(h).to_f32()
 }
 
 /// f32 → IEEE half bits, round to nearest even (overflow gives infinity).
 pub fn f32_to_f16(x: f32) -> u16 {
-    let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let exp = ((b >> 23) & 0xFF) as i32;
-    let man = b & 0x7F_FFFF;
-    if exp == 0xFF {
-        return sign | 0x7C00 | if man != 0 { 0x0200 } else { 0 };
-    }
-    let e = exp - 127 + 15;
-    if e >= 0x1F {
-        return sign | 0x7C00;
-    }
-    let (kept, rem, shift) = if e <= 0 {
-        if e < -10 {
-            return sign;
-        }
-        let m = man | 0x80_0000;
-        let shift = (14 - e) as u32;
-        (m >> shift, m & ((1 << shift) - 1), shift)
-    } else {
-        (((e as u32) << 10) | (man >> 13), man & 0x1FFF, 13)
-    };
-    let halfway = 1u32 << (shift - 1);
-    let up = rem > halfway || (rem == halfway && kept & 1 == 1);
-    // A carry out of the mantissa correctly bumps the exponent (to inf at most).
-    sign | (kept + u32::from(up)) as u16
+    half::f16::from_f32(x).to_bits()
 }
 
 /// IEEE half bits → f32 (exact).
 pub fn f16_to_f32(h: u16) -> f32 {
-    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
-    let exp = u32::from((h >> 10) & 0x1F);
-    let man = u32::from(h & 0x3FF);
-    match exp {
-        0 => sign * man as f32 * (-24f32).exp2(),
-        0x1F => f32::from_bits((u32::from(h & 0x8000) << 16) | 0x7F80_0000 | (man << 13)),
-        _ => f32::from_bits((u32::from(h & 0x8000) << 16) | ((exp + 112) << 23) | (man << 13)),
-    }
+    half::f16::from_bits(h).to_f32()
 }
 
 #[cfg(test)]
