@@ -69,32 +69,6 @@ impl CpuBackend {
         }
     }
 
-    /// Runs one step; returns the outputs named in `wanted` (all: `None`),
-    /// and keeps every output while caches are reserved (append_rows reads
-    /// them), copying only what both need.
-    fn run_selected(
-        &mut self,
-        dims: &BTreeMap<String, i64>,
-        wanted: Option<&[&str]>,
-    ) -> Result<HashMap<String, HostTensor>, StepError> {
-        let program = self.step.program();
-        let pitched = program.buffers.iter().filter(|b| matches!(b.kind, BufferKind::Input(_)));
-        self.rows.check_dense(pitched.filter_map(|b| Some((b.name.as_str(), b.pitch.as_ref()?.dim.as_str()))))?;
-        let caps = self.rows.capacities();
-        let out = self.step.run_stored(dims, &caps, &self.bound).map_err(|e| StepError::Backend(e.to_string()))?;
-        let mut out: HashMap<String, HostTensor> =
-            out.into_iter().map(|(k, t)| (k, HostTensor { shape: t.shape, data: t.data })).collect();
-        let keep = |name: &str| wanted.is_none_or(|w| w.contains(&name));
-        if self.rows.is_empty() {
-            self.last.clear();
-            out.retain(|name, _| keep(name));
-            return Ok(out);
-        }
-        let picked = out.iter().filter(|(n, _)| keep(n)).map(|(n, t)| (n.clone(), t.clone())).collect();
-        self.last = out;
-        Ok(picked)
-    }
-
     /// Appends the rows `new` (an output of the last run) to kept cache `name`.
     fn append_from(&mut self, name: &str, new: &HostTensor) -> Result<(), StepError> {
         let (r, g, moves) = self.rows.prepare_append(name, &new.shape)?;
@@ -131,18 +105,30 @@ impl Step for CpuBackend {
         Ok(())
     }
 
-    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
-        self.run_selected(dims, None)
-    }
-
-    /// Copies only the `wanted` outputs for the caller (the new rows a kept
-    /// cache appends stay where they are).
-    fn run_for(
+    /// Runs one step; returns the outputs named in `wanted` (all: `None`),
+    /// and keeps every output while caches are reserved (append_rows reads
+    /// them), copying only what both need.
+    fn run_selected(
         &mut self,
         dims: &BTreeMap<String, i64>,
-        wanted: &[&str],
+        wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, HostTensor>, StepError> {
-        self.run_selected(dims, Some(wanted))
+        let program = self.step.program();
+        let pitched = program.buffers.iter().filter(|b| matches!(b.kind, BufferKind::Input(_)));
+        self.rows.check_dense(pitched.filter_map(|b| Some((b.name.as_str(), b.pitch.as_ref()?.dim.as_str()))))?;
+        let caps = self.rows.capacities();
+        let out = self.step.run_stored(dims, &caps, &self.bound).map_err(|e| StepError::Backend(e.to_string()))?;
+        let mut out: HashMap<String, HostTensor> =
+            out.into_iter().map(|(k, t)| (k, HostTensor { shape: t.shape, data: t.data })).collect();
+        let keep = |name: &str| wanted.is_none_or(|w| w.contains(&name));
+        if self.rows.is_empty() {
+            self.last.clear();
+            out.retain(|name, _| keep(name));
+            return Ok(out);
+        }
+        let picked = out.iter().filter(|(n, _)| keep(n)).map(|(n, t)| (n.clone(), t.clone())).collect();
+        self.last = out;
+        Ok(picked)
     }
 
     fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {

@@ -212,20 +212,18 @@ impl<S: Step> Step for Recorder<S> {
         self.inner.bind(name, tensor)
     }
 
-    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
-        let out = self.inner.run(dims)?;
-        self.runs.push((dims.clone(), out.clone()));
-        Ok(out)
-    }
-
-    fn run_for(
+    /// Records every output of the run (and what the caller wanted).
+    fn run_selected(
         &mut self,
         dims: &BTreeMap<String, i64>,
-        wanted: &[&str],
+        wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, HostTensor>, StepError> {
-        self.wanted.push(wanted.iter().map(|w| w.to_string()).collect());
-        let mut out = self.run(dims)?;
-        out.retain(|name, _| wanted.contains(&name.as_str()));
+        let mut out = self.inner.run(dims)?;
+        self.runs.push((dims.clone(), out.clone()));
+        if let Some(wanted) = wanted {
+            self.wanted.push(wanted.iter().map(|w| w.to_string()).collect());
+            out.retain(|name, _| wanted.contains(&name.as_str()));
+        }
         Ok(out)
     }
 

@@ -72,18 +72,31 @@ pub trait Step {
     fn bind(&mut self, name: &str, tensor: &HostTensor) -> Result<(), StepError>;
 
     /// Runs one step with every input bound, at `dims` (each runtime dim),
-    /// and returns every output by name.
-    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError>;
+    /// and returns the outputs named in `wanted`, or every output when it
+    /// is `None` (a backend may skip reading the others back: the CUDA
+    /// backend downloads only these; one that returns more has them
+    /// dropped by [`Step::run_for`]). Every output stays available to
+    /// [`Step::append_rows`]. The one method a backend
+    /// must run steps with; [`Step::run`] and [`Step::run_for`] call it.
+    fn run_selected(
+        &mut self,
+        dims: &BTreeMap<String, i64>,
+        wanted: Option<&[&str]>,
+    ) -> Result<HashMap<String, HostTensor>, StepError>;
 
-    /// [`Step::run`], returning only the outputs named in `wanted` (a
-    /// backend may skip reading the others back: the CUDA backend downloads
-    /// only these). The others stay available to [`Step::append_rows`].
+    /// Runs one step (see [`Step::run_selected`]) and returns every output
+    /// by name.
+    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
+        self.run_selected(dims, None)
+    }
+
+    /// [`Step::run`], returning only the outputs named in `wanted`.
     fn run_for(
         &mut self,
         dims: &BTreeMap<String, i64>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostTensor>, StepError> {
-        let mut outputs = self.run(dims)?;
+        let mut outputs = self.run_selected(dims, Some(wanted))?;
         outputs.retain(|name, _| wanted.contains(&name.as_str()));
         Ok(outputs)
     }
@@ -149,16 +162,12 @@ macro_rules! forward_step {
                 (**self).bind(name, tensor)
             }
 
-            fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
-                (**self).run(dims)
-            }
-
-            fn run_for(
+            fn run_selected(
                 &mut self,
                 dims: &BTreeMap<String, i64>,
-                wanted: &[&str],
+                wanted: Option<&[&str]>,
             ) -> Result<HashMap<String, HostTensor>, StepError> {
-                (**self).run_for(dims, wanted)
+                (**self).run_selected(dims, wanted)
             }
 
             fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
@@ -202,16 +211,12 @@ impl<S: Step> Step for BoundCaches<S> {
         self.0.bind(name, tensor)
     }
 
-    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
-        self.0.run(dims)
-    }
-
-    fn run_for(
+    fn run_selected(
         &mut self,
         dims: &BTreeMap<String, i64>,
-        wanted: &[&str],
+        wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, HostTensor>, StepError> {
-        self.0.run_for(dims, wanted)
+        self.0.run_selected(dims, wanted)
     }
 
     fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {

@@ -42,8 +42,12 @@ impl<S: Step> Step for OneRow<S> {
         self.0.bind(name, tensor)
     }
 
-    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
-        self.0.run(dims)
+    fn run_selected(
+        &mut self,
+        dims: &BTreeMap<String, i64>,
+        wanted: Option<&[&str]>,
+    ) -> Result<HashMap<String, HostTensor>, StepError> {
+        self.0.run_selected(dims, wanted)
     }
 
     fn reserve_rows(&mut self, name: &str, shape: &[usize], _capacity: usize) -> Result<bool, StepError> {

@@ -112,7 +112,11 @@ impl Step for FakeStep {
         Ok(())
     }
 
-    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
+    fn run_selected(
+        &mut self,
+        dims: &BTreeMap<String, i64>,
+        _: Option<&[&str]>,
+    ) -> Result<HashMap<String, HostTensor>, StepError> {
         let d = |n: &str| dims.get(n).map(|v| *v as usize).ok_or_else(|| StepError::Dims(format!("no {n}")));
         let (b, m_c, m_d) = (d("b")?, d("m_c")?, d("m_d")?);
         let tokens: Vec<usize> = self.expect("token_ids", &[b, 1])?.data.iter().map(|v| *v as usize).collect();
@@ -311,7 +315,11 @@ fn usage_and_backend_errors_are_reported() {
         fn bind(&mut self, _: &str, _: &HostTensor) -> Result<(), StepError> {
             Ok(())
         }
-        fn run(&mut self, _: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
+        fn run_selected(
+            &mut self,
+            _: &BTreeMap<String, i64>,
+            _: Option<&[&str]>,
+        ) -> Result<HashMap<String, HostTensor>, StepError> {
             Ok(HashMap::new())
         }
     }

@@ -120,7 +120,11 @@ fn sharded_checkpoints_and_tied_embeddings() {
             self.0.insert(name.to_string(), t.shape.clone());
             Ok(())
         }
-        fn run(&mut self, _: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
+        fn run_selected(
+            &mut self,
+            _: &BTreeMap<String, i64>,
+            _: Option<&[&str]>,
+        ) -> Result<HashMap<String, HostTensor>, StepError> {
             Ok(HashMap::new())
         }
     }

@@ -213,33 +213,6 @@ impl CudaStep {
         self.device.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| backend("event creation", e))
     }
 
-    /// Runs one step and downloads the outputs named in `wanted` (all: `None`).
-    fn run_selected(
-        &mut self,
-        dims: &BTreeMap<String, i64>,
-        wanted: Option<&[&str]>,
-    ) -> Result<HashMap<String, HostTensor>, StepError> {
-        self.last_dims = None;
-        let (launches, all) = self.prepare(dims)?;
-        for l in &launches {
-            self.launch(l)?;
-        }
-        self.synchronize("step")?;
-        self.last_dims = Some(dims.clone());
-        let stream = self.device.stream.clone();
-        let mut outputs = HashMap::new();
-        for (i, b) in self.plan.buffers.iter().enumerate() {
-            if b.kind != BufferKind::Output || wanted.is_some_and(|w| !w.contains(&b.name.as_str())) {
-                continue;
-            }
-            let shape = self.plan.shape_at(i, &all)?;
-            let bytes = self.memory[i].download(&stream, self.plan.bytes_at(i, &all)?)?;
-            let data = b.dtype.decode(&bytes).map_err(|e| StepError::Backend(format!("output `{}`: {e}", b.name)))?;
-            outputs.insert(b.name.clone(), HostTensor { shape, data });
-        }
-        Ok(outputs)
-    }
-
     /// Per-kernel device times of one step at `dims` (after one warm-up
     /// step), from events recorded between launches. Kernels skipped at
     /// these dims are left out.
@@ -296,18 +269,33 @@ impl Step for CudaStep {
         Ok(())
     }
 
-    fn run(&mut self, dims: &BTreeMap<String, i64>) -> Result<HashMap<String, HostTensor>, StepError> {
-        self.run_selected(dims, None)
-    }
-
-    /// Downloads only the `wanted` outputs (a decode step with its caches
-    /// on the device needs the logits alone, not every layer's new rows).
-    fn run_for(
+    /// Runs one step and downloads the outputs named in `wanted` (all:
+    /// `None`): a decode step with its caches on the device needs the
+    /// logits alone, not every layer's new rows.
+    fn run_selected(
         &mut self,
         dims: &BTreeMap<String, i64>,
-        wanted: &[&str],
+        wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, HostTensor>, StepError> {
-        self.run_selected(dims, Some(wanted))
+        self.last_dims = None;
+        let (launches, all) = self.prepare(dims)?;
+        for l in &launches {
+            self.launch(l)?;
+        }
+        self.synchronize("step")?;
+        self.last_dims = Some(dims.clone());
+        let stream = self.device.stream.clone();
+        let mut outputs = HashMap::new();
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            if b.kind != BufferKind::Output || wanted.is_some_and(|w| !w.contains(&b.name.as_str())) {
+                continue;
+            }
+            let shape = self.plan.shape_at(i, &all)?;
+            let bytes = self.memory[i].download(&stream, self.plan.bytes_at(i, &all)?)?;
+            let data = b.dtype.decode(&bytes).map_err(|e| StepError::Backend(format!("output `{}`: {e}", b.name)))?;
+            outputs.insert(b.name.clone(), HostTensor { shape, data });
+        }
+        Ok(outputs)
     }
 
     fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
