@@ -33,6 +33,17 @@ pub(super) fn vector_groups(n: Option<i64>, lanes: usize) -> usize {
     (1..=VECTOR_GROUPS).rev().find(|g| n % (lanes * g) as i64 == 0).unwrap_or(1)
 }
 
+/// The rows of a [`Kc::reuse_body`] step's tile along the reuse axes.
+#[derive(Clone, Copy)]
+enum Rows {
+    /// All `tile` rows, unrolled (every one inside the reuse extent).
+    Tile,
+    /// A loop over the rows left in the reuse extent (fewer than `tile`).
+    Loop,
+    /// The tile's first row only (the one left in the reuse extent).
+    One,
+}
+
 /// The walk of a [`Kc::reuse_body`] step (see there).
 struct Tiled<'a> {
     keep: &'a [usize],
@@ -200,12 +211,25 @@ impl Kc<'_> {
             let end = self.b.addi(&base, &t);
             let full = self.b.op(&format!("arith.cmpi ule, {end}, {inner} : index"));
             self.b.open_guard(&full);
-            self.reuse_tile(out, j, &tiled, at.clone(), (cols, false))?;
+            self.reuse_tile(out, j, &tiled, at.clone(), (cols, Rows::Tile))?;
             self.b.else_guard();
-            self.reuse_tile(out, j, &tiled, at, (1, true))?;
+            // A short tile of one row (b = 1, 9, …) without a loop over
+            // its rows: with one, LLVM keeps what does not change along
+            // the rows out of it (a weight projection's weight row, through
+            // the stack, one at a time from memory: about 3x slower at
+            // b = 1); without, only the input row stays and the weight
+            // streams.
+            let left = self.b.subi(&inner, &base);
+            let one = self.b.index(1);
+            let single = self.b.op(&format!("arith.cmpi eq, {left}, {one} : index"));
+            self.b.open_guard(&single);
+            self.reuse_tile(out, j, &tiled, at.clone(), (1, Rows::One))?;
+            self.b.else_guard();
+            self.reuse_tile(out, j, &tiled, at, (1, Rows::Loop))?;
+            self.b.close();
             self.b.close();
         } else {
-            self.reuse_tile(out, j, &tiled, at, (1, false))?;
+            self.reuse_tile(out, j, &tiled, at, (1, Rows::Tile))?;
         }
         if tile == 1 {
             self.b.size(&out.kernel.extent)
@@ -216,16 +240,14 @@ impl Kc<'_> {
 
     /// One step of [`Kc::reuse_body`] at walk index `at`: the block's
     /// outputs (`cols` at a time, a whole block; or its vectors) for the
-    /// tile's outputs along the reuse axes, computed and stored: all of the
-    /// tile's rows together, or (`rows_loop`) its rows inside the reuse
-    /// extent one after the other.
+    /// tile's outputs along the reuse axes (`rows`), computed and stored.
     fn reuse_tile(
         &mut self,
         out: &Out,
         j: usize,
         t: &Tiled,
         mut at: Vec<String>,
-        (cols, rows_loop): (usize, bool),
+        (cols, rows): (usize, Rows),
     ) -> Result<(), LowerError> {
         let mut opened = 0;
         if let Some(pos) = t.block {
@@ -260,17 +282,19 @@ impl Kc<'_> {
             let n = self.b.index(t.tile as i64);
             self.b.muli(t.tile_index, &n)
         };
-        let rows: Vec<String> = if rows_loop {
-            let n = self.b.index(t.tile as i64);
-            let left = self.b.subi(t.inner, &base);
-            let ub = self.b.op(&format!("arith.minui {left}, {n} : index"));
-            let r = self.b.open_loop(&ub);
-            opened += 1;
-            vec![self.b.addi(&base, &r)]
-        } else {
+        let rows: Vec<String> = match rows {
+            Rows::Loop => {
+                let n = self.b.index(t.tile as i64);
+                let left = self.b.subi(t.inner, &base);
+                let ub = self.b.op(&format!("arith.minui {left}, {n} : index"));
+                let r = self.b.open_loop(&ub);
+                opened += 1;
+                vec![self.b.addi(&base, &r)]
+            }
+            Rows::One => vec![base],
             // Every row of the tile is inside the reuse extent (the
             // caller's guard): no clamps, no guards.
-            (0..t.tile)
+            Rows::Tile => (0..t.tile)
                 .map(|r| {
                     if r == 0 {
                         base.clone()
@@ -279,7 +303,7 @@ impl Kc<'_> {
                         self.b.addi(&base, &off)
                     }
                 })
-                .collect()
+                .collect(),
         };
         let mut idxs = Vec::with_capacity(rows.len() * cols_at.len());
         for row in &rows {
@@ -424,8 +448,10 @@ mod tests {
     /// A weight projection `x [b, 1, 64] @ W[48, 64]ᵀ` (a block-whole kept
     /// axis): a tile of 8 rows inside b computes 8 rows × 4 outputs in one
     /// loop (32 accumulators); a short last tile, its real rows one output
-    /// at a time. Both against the interpreter, at b on either side of the
-    /// tile and not a multiple of it.
+    /// at a time: a single row without a loop over rows, more in a loop
+    /// (two one-accumulator sums). All against the interpreter, at b on
+    /// either side of the tile and not a multiple of it, with one row left
+    /// (1, 9, 17) and more.
     #[test]
     fn projection_tiles_rows_and_columns() {
         let doc = serde_json::json!({
@@ -448,7 +474,14 @@ mod tests {
                 && !text.contains(&format!("{} {{", accumulators(8))),
             "an 8 x 4 tile and single rows, no tile of rows past b:\n{text}"
         );
-        for b in [1, 3, 8, 13, 16] {
+        let short = text.split(&format!("{} {{", accumulators(32))).nth(1).unwrap_or_default();
+        assert_eq!(
+            short.matches(&format!("{} {{", accumulators(1))).count(),
+            2,
+            "one row, and a loop of rows:\n{text}"
+        );
+        assert!(short.contains("arith.cmpi eq"), "a guard for the one-row tile:\n{text}");
+        for b in [1, 3, 8, 9, 13, 16, 17] {
             let point = BTreeMap::from([("b".to_string(), b)]);
             let inputs = crate::interp::random_inputs(&graph, &point, 9).unwrap_or_else(|e| panic!("{e}"));
             let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
