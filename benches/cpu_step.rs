@@ -28,7 +28,7 @@
 //! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there.
 //!
 //! Target (b = 32): the bifurcated step at least 4x faster than the baseline
-//! (measured about 2x on a 2-core EPYC VM: see the README).
+//! (measured 2.3-2.4x on a 2-core EPYC VM: see the README).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
