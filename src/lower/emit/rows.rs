@@ -509,6 +509,43 @@ mod tests {
         check_concat_softmax(&graph, &step, &[(2, 37, 3), (1, 0, 0), (3, 16, 17)], (|x| x, 1e-6, 1e-5));
     }
 
+    /// Grouped-query attention's bifurcated scores, `[b, g, p, 1, m]` parts
+    /// concatenated and read as `[b, g·p, 1, m]` through a reshape: the
+    /// row loops still split at the parts (no branch per element), and the
+    /// softmax matches the interpreter.
+    #[test]
+    fn softmax_over_a_reshaped_concat_splits_its_rows() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m_c", "m_d"], "constants": {"g": 2, "p": 3}},
+            "inputs": [
+                {"name": "s_ctx", "role": "activation", "shape": ["b", "g", "p", 1, "m_c"], "dtype": "f32"},
+                {"name": "s_dec", "role": "activation", "shape": ["b", "g", "p", 1, "m_d"], "dtype": "f32"},
+                {"name": "s_new", "role": "activation", "shape": ["b", "g", "p", 1, 1], "dtype": "f32"}
+            ],
+            "nodes": [
+                {"id": "s", "op": "concat", "inputs": ["s_ctx", "s_dec", "s_new"], "attrs": {"axis": 4}},
+                {"id": "h", "op": "reshape", "inputs": ["s"], "attrs": {"shape": ["b", "g*p", 1, "m_c+m_d+1"]}},
+                {"id": "scaled", "op": "scale", "inputs": ["h"], "attrs": {"value": 0.25}},
+                {"id": "p", "op": "softmax", "inputs": ["scaled"], "attrs": {"axis": 3}}
+            ],
+            "outputs": [{"name": "p", "node": "p"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!text.contains("= scf.if"), "row loops split at the concat's parts:\n{text}");
+        for (b, m_c, m_d) in [(2, 37, 3), (1, 0, 0), (3, 16, 17)] {
+            let point = BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)]);
+            let inputs = crate::interp::random_inputs(&graph, &point, 5).unwrap_or_else(|e| panic!("{e}"));
+            let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            for (i, (x, y)) in got["p"].data.iter().zip(&want["p"].data).enumerate() {
+                assert!((x - y).abs() <= 1e-6 + 1e-5 * y.abs(), "{point:?}: element {i}: {x} vs {y}");
+            }
+        }
+    }
+
     /// A bf16 / f16 softmax on the CPU keeps its `exp`s in an f32 row on
     /// the stack (rounded once, at the store) when the row fits
     /// ROW_KEEP, else computes them again: both within 1.5 units in the

@@ -16,7 +16,8 @@ use super::Kc;
 impl Kc<'_> {
     /// Where the row loop over `axis` of `x` splits: the offsets along it
     /// of the parts of a concat on that axis that `x` reads element for
-    /// element (through elementwise ops that do not broadcast along it),
+    /// element (through elementwise ops that do not broadcast along it and
+    /// reshapes that keep it),
     /// from 0 to the axis' length; just `[0, len]` when there is none, or
     /// off the CPU's whole-row loops.
     pub(super) fn row_segments(&self, x: Value, axis: usize) -> Vec<Poly> {
@@ -36,6 +37,16 @@ impl Kc<'_> {
         let node = &self.graph.nodes[j];
         match &node.op {
             Op::Concat { axis: a } if *a == axis => self.concat_offsets(&node.inputs, axis),
+            // A reshape that keeps the axis as it is (grouped-query
+            // attention's scores `[b, g, p, n, m]` read as `[b, h, n, m]`):
+            // its index passes through unchanged (see `reshape_index`).
+            Op::Reshape { .. } => {
+                let first = *node.inputs.first()?;
+                let groups = self.reshape_groups(&node.shape, self.graph.shape_of(first))?;
+                let (_, inner) =
+                    groups.into_iter().find(|(out, inp)| out.contains(&axis) && out.len() == 1 && inp.len() == 1)?;
+                self.concat_bounds(first, inner.start)
+            }
             op if is_elementwise(op) => {
                 let len = node.shape.get(axis)?;
                 node.inputs.iter().find_map(|&p| {

@@ -246,7 +246,11 @@ impl Kc<'_> {
     /// Consecutive axis groups of `a` and `b` with equal products, found by
     /// growing the side whose product is smaller at a probe point; `None`
     /// when no such split exists (or sizes overflow at the probe).
-    fn reshape_groups(&self, a: &[Poly], b: &[Poly]) -> Option<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
+    pub(super) fn reshape_groups(
+        &self,
+        a: &[Poly],
+        b: &[Poly],
+    ) -> Option<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
         let dims = &self.graph.dims;
         let probe = |p: &Poly| -> Option<i64> {
             dims.eval(p, &dims.runtime.iter().enumerate().map(|(k, d)| (d.clone(), 1009 + 10 * k as i64)).collect())

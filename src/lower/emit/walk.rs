@@ -10,7 +10,10 @@
 //!   context cache is streamed once per step instead of once per sample.
 //!   On the CPU the reuse index is also tiled: one iteration computes
 //!   [`CPU_TILE`] outputs that share every load of the large operand (a
-//!   register tile). Kept when the largest operand indexes every output
+//!   register tile); and the output's last axis, along which the CPU
+//!   vectorizes, stays a kept axis when streaming an operand that indexes
+//!   it moves at most twice the elements (grouped-query `w·V`, see
+//!   [`crate::lower::plan::reuse_axes_for`]). Kept when the largest operand indexes every output
 //!   axis of size other than 1 (the baseline's attention over a broadcast
 //!   cache, elementwise-like contractions).
 //! - **Rows** (softmax, rms / layer norm, both targets): one iteration
@@ -33,7 +36,7 @@
 use crate::ir::Graph;
 
 use super::Target;
-use crate::lower::plan::{cooperative_contraction, reuse_axes, row_axis};
+use crate::lower::plan::{cooperative_contraction, reuse_axes, reuse_axes_for, row_axis};
 
 /// Outputs per CPU iteration of a reuse-innermost kernel.
 pub(crate) const CPU_TILE: usize = 8;
@@ -80,10 +83,63 @@ pub(crate) fn walk(graph: &Graph, j: Option<usize>, target: Target, cooperative_
             return Walk::Cooperative { keep, reuse };
         }
     }
-    let Some(reuse) = reuse_axes(graph, j) else { return Walk::RowMajor };
+    let Some(reuse) = reuse_axes_for(graph, j, cpu) else { return Walk::RowMajor };
     if reuse.is_empty() {
         return Walk::RowMajor;
     }
     let keep = (0..rank).filter(|a| !reuse.contains(a)).collect();
     Walk::Reuse { keep, reuse, tile: if cpu { CPU_TILE } else { 1 } }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::{walk, Walk};
+    use crate::lower::emit::{emit, Target};
+    use crate::lower::CpuStep;
+
+    /// Grouped-query attention's context `w·V` with a 16-wide head: the
+    /// probabilities `[b, g, p, 1, m]` outnumber V `[g, m, k]`, so the
+    /// GPU's walk streams them and re-reads V along k; the CPU's keeps k
+    /// (the samples and the group's heads reuse V) and computes the head
+    /// as one vector. Against the interpreter at b on either side of the
+    /// 8-row tile.
+    #[test]
+    fn cpu_walk_keeps_a_vectorizable_last_axis() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m"], "constants": {"g": 2, "p": 2, "k": 16}},
+            "inputs": [
+                {"name": "probs", "role": "activation", "shape": ["b", "g", "p", 1, "m"], "dtype": "f32"},
+                {"name": "v", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["g", "m", "k"], "dtype": "f32"}
+            ],
+            "nodes": [{"id": "o", "op": "einsum", "inputs": ["probs", "v"], "attrs": {"spec": "bgpnm,gmk->bgpnk"}}],
+            "outputs": [{"name": "o", "node": "o"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            walk(&graph, Some(0), Target::Gpu, None),
+            Walk::Reuse { keep: vec![0, 1, 2, 3], reuse: vec![4], tile: 1 }
+        );
+        assert_eq!(
+            walk(&graph, Some(0), Target::Cpu, None),
+            Walk::Reuse { keep: vec![1, 3, 4], reuse: vec![0, 2], tile: 8 }
+        );
+        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            text.contains("llvm.store") && text.contains(": vector<16xf32>, !llvm.ptr"),
+            "k stored as a vector:\n{text}"
+        );
+        for (b, m) in [(1, 37), (3, 100), (5, 16)] {
+            let point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), m)]);
+            let inputs = crate::interp::random_inputs(&graph, &point, 2).unwrap_or_else(|e| panic!("{e}"));
+            let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            for (i, (x, y)) in got["o"].data.iter().zip(&want["o"].data).enumerate() {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "b={b} m={m}: element {i}: {x} vs {y}");
+            }
+        }
+    }
 }
