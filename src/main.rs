@@ -153,11 +153,11 @@ enum Command {
     Bench {
         /// The model.json to benchmark (runtime dims b, m_c, m_d).
         model: PathBuf,
-        /// Sample counts (b) to sweep.
-        #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 16, 32, 64])]
+        /// Sample counts (b) to sweep, comma-separated (`--samples 1,8,32`).
+        #[arg(long, value_name = "B,...", value_delimiter = ',', default_values_t = [1, 8, 16, 32, 64])]
         samples: Vec<i64>,
-        /// Context lengths (m_c) to sweep.
-        #[arg(long, value_delimiter = ',', default_values_t = [1024, 4096, 16384])]
+        /// Context lengths (m_c) to sweep, comma-separated.
+        #[arg(long, value_name = "M_C,...", value_delimiter = ',', default_values_t = [1024, 4096, 16384])]
         context: Vec<i64>,
         /// Tokens decoded so far (m_d) at every point.
         #[arg(long, default_value_t = 16)]

@@ -106,11 +106,11 @@ struct BenchArgs {
     /// The bifurcated artifact of the same model.
     #[arg(long)]
     bifurcated: PathBuf,
-    /// Values of b.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 32])]
+    /// Values of b, comma-separated (`--samples 1,16,32`).
+    #[arg(long, value_name = "B,...", value_delimiter = ',', default_values_t = [1, 16, 32])]
     samples: Vec<i64>,
-    /// Values of m_c.
-    #[arg(long, value_delimiter = ',', default_values_t = [2048, 8192])]
+    /// Values of m_c, comma-separated.
+    #[arg(long, value_name = "M_C,...", value_delimiter = ',', default_values_t = [2048, 8192])]
     context: Vec<i64>,
     /// m_d (tokens decoded so far); default: the baseline manifest's point.
     #[arg(long)]
