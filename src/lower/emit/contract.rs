@@ -254,9 +254,11 @@ impl Kc<'_> {
 
     /// Lanes of an explicit-SIMD loop over contracted letter `c` (size
     /// `d`): when [`Kc::simd`] is on, `d` is a constant multiple of it, and
-    /// every operand indexed by `c` is stored float data (f16 / bf16 widened
-    /// to f32 lanes) whose last (and only `c`) axis is `c`, so that
-    /// consecutive `c` are consecutive elements.
+    /// every operand indexed by `c` has `c` as its last (and only `c`)
+    /// axis and is float data readable as vectors along it (stored, or
+    /// through views that keep it innermost: [`Kc::vector_readable`]; the
+    /// query of grouped-query attention is a reshape of its projection), so
+    /// that consecutive `c` are consecutive elements.
     fn simd_lanes(&self, spec: &EinsumSpec, inputs: &[Value], c: char, d: &Poly) -> Option<usize> {
         let lanes = self.simd;
         let n = self.graph.dims.normalize(d).ok()?.as_constant()?;
@@ -267,9 +269,8 @@ impl Kc<'_> {
             if !subs.contains(&c) {
                 continue;
             }
-            let b = self.stored(*v)?;
             let contiguous = subs.last() == Some(&c) && subs.iter().filter(|s| **s == c).count() == 1;
-            if !contiguous || !self.program.buffers[b].dtype.is_float() {
+            if !contiguous || !self.vector_readable(*v) {
                 return None;
             }
         }
