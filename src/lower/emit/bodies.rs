@@ -440,10 +440,7 @@ impl Kc<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use crate::lower::emit::{emit, Target};
-    use crate::lower::CpuStep;
+    use crate::lower::emit::testing::{check_output, cpu_step, point};
 
     /// A weight projection `x [b, 1, 64] @ W[48, 64]ᵀ` (a block-whole kept
     /// axis): a tile of 8 rows inside b computes 8 rows × 4 outputs in one
@@ -464,9 +461,7 @@ mod tests {
             "nodes": [{"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}}],
             "outputs": [{"name": "y", "node": "y"}]
         });
-        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
-        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        let (graph, step, text) = cpu_step(&doc);
         let accumulators = |n: usize| format!("-> ({})", vec!["f32"; n].join(", "));
         assert!(
             text.contains(&format!("{} {{", accumulators(32)))
@@ -482,14 +477,7 @@ mod tests {
         );
         assert!(short.contains("arith.cmpi eq"), "a guard for the one-row tile:\n{text}");
         for b in [1, 3, 8, 9, 13, 16, 17] {
-            let point = BTreeMap::from([("b".to_string(), b)]);
-            let inputs = crate::interp::random_inputs(&graph, &point, 9).unwrap_or_else(|e| panic!("{e}"));
-            let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
-            let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(got["y"].shape, want["y"].shape);
-            for (i, (x, y)) in got["y"].data.iter().zip(&want["y"].data).enumerate() {
-                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "b = {b}: element {i}: {x} vs {y}");
-            }
+            check_output(&graph, &step, &point(&[("b", b)]), 9, "y", (1e-5, 1e-5));
         }
     }
 }

@@ -92,6 +92,8 @@ mod ops;
 mod rows;
 mod segments;
 mod share;
+#[cfg(test)]
+mod testing;
 mod vectors;
 mod views;
 mod walk;

@@ -515,7 +515,7 @@ mod tests {
     /// softmax matches the interpreter.
     #[test]
     fn softmax_over_a_reshaped_concat_splits_its_rows() {
-        let doc = serde_json::json!({
+        let (graph, step, text) = crate::lower::emit::testing::cpu_step(&serde_json::json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m_c", "m_d"], "constants": {"g": 2, "p": 3}},
             "inputs": [
@@ -530,19 +530,11 @@ mod tests {
                 {"id": "p", "op": "softmax", "inputs": ["scaled"], "attrs": {"axis": 3}}
             ],
             "outputs": [{"name": "p", "node": "p"}]
-        });
-        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
-        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        }));
         assert!(!text.contains("= scf.if"), "row loops split at the concat's parts:\n{text}");
         for (b, m_c, m_d) in [(2, 37, 3), (1, 0, 0), (3, 16, 17)] {
-            let point = BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)]);
-            let inputs = crate::interp::random_inputs(&graph, &point, 5).unwrap_or_else(|e| panic!("{e}"));
-            let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
-            let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
-            for (i, (x, y)) in got["p"].data.iter().zip(&want["p"].data).enumerate() {
-                assert!((x - y).abs() <= 1e-6 + 1e-5 * y.abs(), "{point:?}: element {i}: {x} vs {y}");
-            }
+            let at = crate::lower::emit::testing::point(&[("b", b), ("m_c", m_c), ("m_d", m_d)]);
+            crate::lower::emit::testing::check_output(&graph, &step, &at, 5, "p", (1e-6, 1e-5));
         }
     }
 

@@ -262,7 +262,7 @@ mod tests {
     /// of a group). Against the interpreter at b from 1 to past a tile.
     #[test]
     fn contraction_reads_vectors_through_a_reshaped_operand() {
-        let doc = serde_json::json!({
+        let (graph, step, text) = crate::lower::emit::testing::cpu_step(&serde_json::json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m"], "constants": {"g": 2, "p": 2, "k": 16}},
             "inputs": [
@@ -274,19 +274,11 @@ mod tests {
                 {"id": "s", "op": "einsum", "inputs": ["qh", "kc"], "attrs": {"spec": "bgpnk,gmk->bgpnm"}}
             ],
             "outputs": [{"name": "s", "node": "s"}]
-        });
-        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
-        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        }));
         assert!(text.contains("vector.reduction <add>"), "the sum over k in vectors:\n{text}");
         for (b, m) in [(1, 40), (3, 17), (5, 64)] {
-            let point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), m)]);
-            let inputs = crate::interp::random_inputs(&graph, &point, 6).unwrap_or_else(|e| panic!("{e}"));
-            let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
-            let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
-            for (i, (x, y)) in got["s"].data.iter().zip(&want["s"].data).enumerate() {
-                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "b={b} m={m}: element {i}: {x} vs {y}");
-            }
+            let at = crate::lower::emit::testing::point(&[("b", b), ("m", m)]);
+            crate::lower::emit::testing::check_output(&graph, &step, &at, 6, "s", (1e-5, 1e-5));
         }
     }
 

@@ -93,11 +93,9 @@ pub(crate) fn walk(graph: &Graph, j: Option<usize>, target: Target, cooperative_
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::{walk, Walk};
-    use crate::lower::emit::{emit, Target};
-    use crate::lower::CpuStep;
+    use crate::lower::emit::testing::{check_output, cpu_step, point};
+    use crate::lower::emit::Target;
 
     /// Grouped-query attention's context `w·V` with a 16-wide head: the
     /// probabilities `[b, g, p, 1, m]` outnumber V `[g, m, k]`, so the
@@ -107,7 +105,7 @@ mod tests {
     /// 8-row tile.
     #[test]
     fn cpu_walk_keeps_a_vectorizable_last_axis() {
-        let doc = serde_json::json!({
+        let (graph, step, text) = cpu_step(&serde_json::json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m"], "constants": {"g": 2, "p": 2, "k": 16}},
             "inputs": [
@@ -116,30 +114,14 @@ mod tests {
             ],
             "nodes": [{"id": "o", "op": "einsum", "inputs": ["probs", "v"], "attrs": {"spec": "bgpnm,gmk->bgpnk"}}],
             "outputs": [{"name": "o", "node": "o"}]
-        });
-        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            walk(&graph, Some(0), Target::Gpu, None),
-            Walk::Reuse { keep: vec![0, 1, 2, 3], reuse: vec![4], tile: 1 }
-        );
-        assert_eq!(
-            walk(&graph, Some(0), Target::Cpu, None),
-            Walk::Reuse { keep: vec![1, 3, 4], reuse: vec![0, 2], tile: 8 }
-        );
-        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
-        assert!(
-            text.contains("llvm.store") && text.contains(": vector<16xf32>, !llvm.ptr"),
-            "k stored as a vector:\n{text}"
-        );
+        }));
+        let gpu = Walk::Reuse { keep: vec![0, 1, 2, 3], reuse: vec![4], tile: 1 };
+        assert_eq!(walk(&graph, Some(0), Target::Gpu, None), gpu);
+        let cpu = Walk::Reuse { keep: vec![1, 3, 4], reuse: vec![0, 2], tile: 8 };
+        assert_eq!(walk(&graph, Some(0), Target::Cpu, None), cpu);
+        assert!(text.contains(": vector<16xf32>, !llvm.ptr"), "k stored as a vector:\n{text}");
         for (b, m) in [(1, 37), (3, 100), (5, 16)] {
-            let point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), m)]);
-            let inputs = crate::interp::random_inputs(&graph, &point, 2).unwrap_or_else(|e| panic!("{e}"));
-            let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
-            let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
-            for (i, (x, y)) in got["o"].data.iter().zip(&want["o"].data).enumerate() {
-                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "b={b} m={m}: element {i}: {x} vs {y}");
-            }
+            check_output(&graph, &step, &point(&[("b", b), ("m", m)]), 2, "o", (1e-5, 1e-5));
         }
     }
 }
