@@ -243,9 +243,7 @@ impl Builder {
 
     /// Yields the next accumulator and closes the loop.
     pub(crate) fn close_for(&mut self, next: &str, ty: Ty) {
-        self.line(&format!("scf.yield {next} : {}", ty.mlir()));
-        self.depth = self.depth.saturating_sub(1);
-        self.line("}");
+        self.close_for_typed(&[next.to_owned()], ty.mlir());
     }
 
     /// Opens `scf.for %j = 0 to ub` carrying one f32 accumulator per
@@ -371,23 +369,17 @@ impl Builder {
 
     /// Opens `scf.if cond -> ty {`; returns the result name.
     pub(crate) fn open_if(&mut self, cond: &str, ty: Ty) -> String {
-        let r = self.fresh();
-        self.line(&format!("{r} = scf.if {cond} -> ({}) {{", ty.mlir()));
-        self.depth += 1;
-        r
+        self.open_if_typed(cond, ty.mlir())
     }
 
     /// Yields the then-value and opens the else region.
     pub(crate) fn else_branch(&mut self, then: &str, ty: Ty) {
-        self.line(&format!("scf.yield {then} : {}", ty.mlir()));
-        self.depth = self.depth.saturating_sub(1);
-        self.line("} else {");
-        self.depth += 1;
+        self.else_branch_typed(then, ty.mlir());
     }
 
     /// Yields the else-value and closes the `scf.if`.
     pub(crate) fn close_if(&mut self, otherwise: &str, ty: Ty) {
-        self.close_for(otherwise, ty);
+        self.close_if_typed(otherwise, ty.mlir());
     }
 
     /// [`Builder::open_if`] with a result of MLIR type `ty` (a vector).
@@ -401,16 +393,12 @@ impl Builder {
     /// [`Builder::else_branch`] for a result of MLIR type `ty`.
     pub(crate) fn else_branch_typed(&mut self, then: &str, ty: &str) {
         self.line(&format!("scf.yield {then} : {ty}"));
-        self.depth = self.depth.saturating_sub(1);
-        self.line("} else {");
-        self.depth += 1;
+        self.else_guard();
     }
 
     /// [`Builder::close_if`] for a result of MLIR type `ty`.
     pub(crate) fn close_if_typed(&mut self, otherwise: &str, ty: &str) {
-        self.line(&format!("scf.yield {otherwise} : {ty}"));
-        self.depth = self.depth.saturating_sub(1);
-        self.line("}");
+        self.close_for_typed(&[otherwise.to_owned()], ty);
     }
 
     /// Index arithmetic helpers (body).
