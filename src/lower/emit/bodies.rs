@@ -53,7 +53,6 @@ struct Tiled<'a> {
     /// The reuse extent.
     inner: &'a str,
     tile: usize,
-    tile_index: &'a str,
     /// The kept axis walked in blocks of BLOCK (CPU).
     block: Option<usize>,
     /// The block's outputs as one vector (see `Kc::out_lanes`).
@@ -192,7 +191,6 @@ impl Kc<'_> {
             reuse_sizes: &reuse_sizes,
             inner: &inner,
             tile,
-            tile_index: &tile_index,
             block,
             vector,
             groups,
@@ -211,7 +209,7 @@ impl Kc<'_> {
             let end = self.b.addi(&base, &t);
             let full = self.b.op(&format!("arith.cmpi ule, {end}, {inner} : index"));
             self.b.open_guard(&full);
-            self.reuse_tile(out, j, &tiled, at.clone(), (cols, Rows::Tile))?;
+            self.reuse_tile(out, j, &tiled, at.clone(), (cols, &base, Rows::Tile))?;
             self.b.else_guard();
             // A short tile of one row (b = 1, 9, …) without a loop over
             // its rows: with one, LLVM keeps what does not change along
@@ -223,13 +221,13 @@ impl Kc<'_> {
             let one = self.b.index(1);
             let single = self.b.op(&format!("arith.cmpi eq, {left}, {one} : index"));
             self.b.open_guard(&single);
-            self.reuse_tile(out, j, &tiled, at.clone(), (1, Rows::One))?;
+            self.reuse_tile(out, j, &tiled, at.clone(), (1, &base, Rows::One))?;
             self.b.else_guard();
-            self.reuse_tile(out, j, &tiled, at, (1, Rows::Loop))?;
+            self.reuse_tile(out, j, &tiled, at, (1, &base, Rows::Loop))?;
             self.b.close();
             self.b.close();
         } else {
-            self.reuse_tile(out, j, &tiled, at, (1, Rows::Tile))?;
+            self.reuse_tile(out, j, &tiled, at, (1, &tile_index, Rows::Tile))?;
         }
         if tile == 1 {
             self.b.size(&out.kernel.extent)
@@ -240,14 +238,15 @@ impl Kc<'_> {
 
     /// One step of [`Kc::reuse_body`] at walk index `at`: the block's
     /// outputs (`cols` at a time, a whole block; or its vectors) for the
-    /// tile's outputs along the reuse axes (`rows`), computed and stored.
+    /// rows of the tile starting at `base` along the reuse axes (`rows`),
+    /// computed and stored.
     fn reuse_tile(
         &mut self,
         out: &Out,
         j: usize,
         t: &Tiled,
         mut at: Vec<String>,
-        (cols, rows): (usize, Rows),
+        (cols, base, rows): (usize, &str, Rows),
     ) -> Result<(), LowerError> {
         let mut opened = 0;
         if let Some(pos) = t.block {
@@ -276,31 +275,25 @@ impl Kc<'_> {
             Some(pos) => self.spread(&at, pos, count, stride),
             None => vec![at],
         };
-        let base = if t.tile == 1 {
-            t.tile_index.to_owned()
-        } else {
-            let n = self.b.index(t.tile as i64);
-            self.b.muli(t.tile_index, &n)
-        };
         let rows: Vec<String> = match rows {
             Rows::Loop => {
                 let n = self.b.index(t.tile as i64);
-                let left = self.b.subi(t.inner, &base);
+                let left = self.b.subi(t.inner, base);
                 let ub = self.b.op(&format!("arith.minui {left}, {n} : index"));
                 let r = self.b.open_loop(&ub);
                 opened += 1;
-                vec![self.b.addi(&base, &r)]
+                vec![self.b.addi(base, &r)]
             }
-            Rows::One => vec![base],
+            Rows::One => vec![base.to_owned()],
             // Every row of the tile is inside the reuse extent (the
             // caller's guard): no clamps, no guards.
             Rows::Tile => (0..t.tile)
                 .map(|r| {
                     if r == 0 {
-                        base.clone()
+                        base.to_owned()
                     } else {
                         let off = self.b.index(r as i64);
-                        self.b.addi(&base, &off)
+                        self.b.addi(base, &off)
                     }
                 })
                 .collect(),
