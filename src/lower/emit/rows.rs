@@ -283,44 +283,41 @@ impl Kc<'_> {
         let len = out_sizes[axis].clone();
         let mut at = idx.to_vec();
         match op {
-            Op::Softmax { .. } if out_dtype == DType::F32 => {
-                // max; then `e = exp(x - max)` stored and summed; then each
-                // stored `e` scaled by `1 / sum` (0 in a fully masked lane).
-                // One exp per element, and the last pass reads the output
-                // contiguously instead of through the input's views.
-                let x = arg(self, 0)?;
-                let segments = self.row_segments(x, axis);
-                let max = self.softmax_max(x, &mut at, axis, &segments)?;
-                let keep = Keep::Out { ptr: out_ptr, sizes: out_sizes };
-                let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some(keep))?;
-                self.softmax_scale(&[max, sum], &len, &mut at, axis, keep, (out_ptr, out_sizes, out_dtype));
-            }
-            Op::Softmax { .. } if self.vector_rows() => {
-                // A half-precision output, on the CPU: the same passes with
-                // the `e`s kept in f32 in a row on the stack (rounded once,
-                // at the store), when the row fits it; a longer row
-                // computes each `e` again in its last pass.
-                let x = arg(self, 0)?;
-                let segments = self.row_segments(x, axis);
-                let max = self.softmax_max(x, &mut at, axis, &segments)?;
-                let cap = self.b.index(ROW_KEEP as i64);
-                let fits = self.b.op(&format!("arith.cmpi ule, {len}, {cap} : index"));
-                self.b.open_guard(&fits);
-                let n = self.b.hoist(&format!("llvm.mlir.constant({ROW_KEEP} : i64) : i64"));
-                let row = self.b.hoist(&format!("llvm.alloca {n} x f32 {{alignment = 64 : i64}} : (i64) -> !llvm.ptr"));
-                let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some(Keep::Row(&row)))?;
-                let stats = [max.clone(), sum];
-                self.softmax_scale(&stats, &len, &mut at, axis, Keep::Row(&row), (out_ptr, out_sizes, out_dtype));
-                self.b.else_guard();
-                let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, None)?;
-                self.softmax_elems(x, &[max, sum], &segments, &mut at, axis, (out_ptr, out_sizes, out_dtype))?;
-                self.b.close();
-            }
             Op::Softmax { .. } => {
+                // max; then `e = exp(x - max)` summed; then each element.
                 let x = arg(self, 0)?;
-                let stats = self.softmax_stats(j, x, axis, idx)?;
                 let segments = self.row_segments(x, axis);
-                self.softmax_elems(x, &stats, &segments, &mut at, axis, (out_ptr, out_sizes, out_dtype))?;
+                let max = self.softmax_max(x, &mut at, axis, &segments)?;
+                let out = (out_ptr, out_sizes, out_dtype);
+                if out_dtype == DType::F32 {
+                    // Each `e` stored in the output as it is summed, then
+                    // scaled by `1 / sum` (0 in a fully masked lane): one
+                    // exp per element, and the last pass reads the output
+                    // contiguously instead of through the input's views.
+                    let keep = Keep::Out { ptr: out_ptr, sizes: out_sizes };
+                    let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some(keep))?;
+                    self.softmax_scale(&[max, sum], &len, &mut at, axis, keep, out);
+                } else if self.vector_rows() {
+                    // A half-precision output, on the CPU: the `e`s kept in
+                    // f32 in a row on the stack (rounded once, at the
+                    // store), when the row fits it; a longer row computes
+                    // each `e` again in its last pass.
+                    let cap = self.b.index(ROW_KEEP as i64);
+                    let fits = self.b.op(&format!("arith.cmpi ule, {len}, {cap} : index"));
+                    self.b.open_guard(&fits);
+                    let n = self.b.hoist(&format!("llvm.mlir.constant({ROW_KEEP} : i64) : i64"));
+                    let alloca = format!("llvm.alloca {n} x f32 {{alignment = 64 : i64}} : (i64) -> !llvm.ptr");
+                    let row = self.b.hoist(&alloca);
+                    let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some(Keep::Row(&row)))?;
+                    self.softmax_scale(&[max.clone(), sum], &len, &mut at, axis, Keep::Row(&row), out);
+                    self.b.else_guard();
+                    let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, None)?;
+                    self.softmax_elems(x, &[max, sum], &segments, &mut at, axis, out)?;
+                    self.b.close();
+                } else {
+                    let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, None)?;
+                    self.softmax_elems(x, &[max, sum], &segments, &mut at, axis, out)?;
+                }
             }
             Op::RmsNorm { eps } | Op::LayerNorm { eps } => {
                 let (x, w) = (arg(self, 0)?, arg(self, 1)?);
