@@ -326,9 +326,10 @@ impl Kc<'_> {
     /// Lanes of a CPU contraction of node `j` vectorized along its output's
     /// last axis (size `n`): when `j` is an einsum whose output is float
     /// data (`out_float`), `n` is a positive multiple of [`Kc::simd`], every
-    /// operand indexed by the output's last letter is stored float data whose
-    /// last axis is that letter (consecutive outputs read consecutive
-    /// elements), and the innermost contraction is not already vectorized
+    /// operand indexed by the output's last letter has it as its last axis
+    /// and is float data readable as vectors along it ([`Kc::vector_readable`]:
+    /// consecutive outputs read consecutive elements), and the innermost
+    /// contraction is not already vectorized
     /// (see [`Kc::simd_lanes`]). The context `w · V` einsum of bifurcated
     /// attention, `acdxy,cyz->acdxz`, is the case: y has stride k in V.
     pub(crate) fn out_lanes(&self, j: usize, n: Option<i64>, out_float: bool) -> Option<usize> {

@@ -442,7 +442,7 @@ fn kernel_fn(
         _ => None,
     };
     let extent = match (mma, walk, node) {
-        (None, _, Some(j)) if vector.is_some() => kc.vector_body(&dest, j, vector.unwrap_or(1), &mut opened)?,
+        (None, _, Some(j)) if let Some(lanes) = vector => kc.vector_body(&dest, j, lanes, &mut opened)?,
         (Some((m, mode, j)), _, _) => {
             if mode == MmaMode::Gpu {
                 // The block id is the item: a tile, or eight along n (see `mma`).
