@@ -3,18 +3,20 @@
 
 use std::ffi::c_void;
 
+use super::lines::Lines;
 use crate::interp::{Tensor, MAX_EXACT_INT};
 use crate::ir::DType;
 use crate::lower::LowerError;
 
-/// One buffer's elements in its storage type. Always at least one element
-/// long, so its pointer is valid even for a zero-size buffer.
+/// One buffer's elements in its storage type, starting a cache line.
+/// Always at least one element long, so its pointer is valid even for a
+/// zero-size buffer.
 pub(crate) enum HostData {
-    F32(Vec<f32>),
+    F32(Lines<f32>),
     /// f16 or bf16 bits.
-    U16(Vec<u16>),
-    I32(Vec<i32>),
-    I64(Vec<i64>),
+    U16(Lines<u16>),
+    I32(Lines<i32>),
+    I64(Lines<i64>),
 }
 
 impl HostData {
@@ -22,10 +24,10 @@ impl HostData {
     pub(crate) fn zeros(dtype: DType, n: usize) -> Self {
         let n = n.max(1);
         match dtype {
-            DType::F32 => HostData::F32(vec![0.0; n]),
-            DType::F16 | DType::BF16 => HostData::U16(vec![0; n]),
-            DType::I32 => HostData::I32(vec![0; n]),
-            DType::I64 => HostData::I64(vec![0; n]),
+            DType::F32 => HostData::F32(Lines::zeros(n)),
+            DType::F16 | DType::BF16 => HostData::U16(Lines::zeros(n)),
+            DType::I32 => HostData::I32(Lines::zeros(n)),
+            DType::I64 => HostData::I64(Lines::zeros(n)),
         }
     }
 
@@ -93,12 +95,12 @@ impl HostData {
                 .collect()
         };
         let mut out = match dtype {
-            DType::F32 => HostData::F32(values.to_vec()),
-            DType::BF16 => HostData::U16(values.iter().map(|&x| f32_to_bf16(x)).collect()),
-            DType::F16 => HostData::U16(values.iter().map(|&x| f32_to_f16(x)).collect()),
+            DType::F32 => HostData::F32(Lines::from(values)),
+            DType::BF16 => HostData::U16(values.iter().map(|&x| f32_to_bf16(x)).collect::<Vec<_>>().into()),
+            DType::F16 => HostData::U16(values.iter().map(|&x| f32_to_f16(x)).collect::<Vec<_>>().into()),
             // |v| <= 2^24 fits i32.
-            DType::I32 => HostData::I32(ints()?.into_iter().map(|v| v as i32).collect()),
-            DType::I64 => HostData::I64(ints()?),
+            DType::I32 => HostData::I32(ints()?.into_iter().map(|v| v as i32).collect::<Vec<_>>().into()),
+            DType::I64 => HostData::I64(ints()?.into()),
         };
         if values.is_empty() {
             out = HostData::zeros(dtype, 0);
@@ -106,11 +108,12 @@ impl HostData {
         Ok(out)
     }
 
-    /// The first `n` elements as f32, shaped `shape` (f32 data is moved,
-    /// not copied).
+    /// The first `n` elements as f32, shaped `shape` (f32 data is moved
+    /// when it starts its allocation, else copied).
     pub(crate) fn into_tensor(self, dtype: DType, shape: Vec<usize>, n: usize) -> Tensor {
         let data: Vec<f32> = match self {
-            HostData::F32(mut v) => {
+            HostData::F32(v) => {
+                let mut v = v.into_vec();
                 v.truncate(n);
                 v
             }

@@ -8,6 +8,7 @@
 //! outputs as f32 [`Tensor`]s.
 
 mod host;
+mod lines;
 mod parts;
 mod stored;
 

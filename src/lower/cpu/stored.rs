@@ -25,19 +25,20 @@ pub struct Stored {
 macro_rules! each_type {
     ($data:expr, $v:ident => $body:expr) => {
         match $data {
-            HostData::F32($v) => HostData::F32($body),
-            HostData::U16($v) => HostData::U16($body),
-            HostData::I32($v) => HostData::I32($body),
-            HostData::I64($v) => HostData::I64($body),
+            HostData::F32($v) => HostData::F32($body.into()),
+            HostData::U16($v) => HostData::U16($body.into()),
+            HostData::I32($v) => HostData::I32($body.into()),
+            HostData::I64($v) => HostData::I64($body.into()),
         }
     };
 }
 
 impl Stored {
-    /// `t` in storage `dtype` (f32 data is moved, not copied).
+    /// `t` in storage `dtype` (f32 data is moved when it starts a cache
+    /// line, else copied once to memory that does).
     pub(super) fn new(dtype: DType, t: Tensor, name: &str) -> Result<Self, LowerError> {
         let data = if dtype == DType::F32 && !t.data.is_empty() {
-            HostData::F32(t.data)
+            HostData::F32(t.data.into())
         } else {
             HostData::from_tensor(dtype, &t, name)?
         };

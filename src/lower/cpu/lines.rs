@@ -1,0 +1,152 @@
+//! Host buffers whose first element starts a cache line.
+
+use std::ops::{Deref, DerefMut};
+
+/// Bytes of a cache line, and of an AVX-512 vector.
+const LINE: usize = 64;
+
+/// `len` elements of `T` starting on a cache line: the CPU kernels' 64-byte
+/// vector loads and stores along a buffer's rows then never straddle two
+/// lines. A `Vec`'s large allocations start 16 bytes past a page (glibc's
+/// `mmap`ed chunks), which made every such access touch two lines (q·K
+/// over the context about 9% slower). Reads and writes as a slice.
+pub(crate) struct Lines<T> {
+    /// The allocation, a line's worth of elements longer than needed.
+    raw: Vec<T>,
+    /// The first element on a line.
+    start: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> Lines<T> {
+    /// `n` copies of `x`.
+    pub(crate) fn filled(n: usize, x: T) -> Self {
+        let raw = vec![x; n + LINE / size_of::<T>().max(1)];
+        let start = line_offset(&raw);
+        Lines { raw, start, len: n }
+    }
+
+    /// `n` default values (zeros).
+    pub(crate) fn zeros(n: usize) -> Self {
+        Self::filled(n, T::default())
+    }
+
+    /// `n` elements: the first of those held stay, any past them are
+    /// `x`, in this allocation when it is large enough.
+    pub(crate) fn resize(&mut self, n: usize, x: T) {
+        if self.start + n <= self.raw.len() {
+            let old = self.len;
+            self.len = n;
+            if n > old {
+                self[old..].fill(x);
+            }
+        } else {
+            let mut grown = Self::filled(n, x);
+            grown[..self.len].copy_from_slice(self);
+            *self = grown;
+        }
+    }
+
+    /// Elements this allocation can hold.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.raw.len() - self.start
+    }
+
+    /// The elements as a `Vec` (moved when they already start the
+    /// allocation).
+    pub(crate) fn into_vec(mut self) -> Vec<T> {
+        if self.start == 0 {
+            self.raw.truncate(self.len);
+            self.raw
+        } else {
+            self.to_vec()
+        }
+    }
+}
+
+/// Elements to skip from the start of `raw` to reach a cache line
+/// (allocations are aligned to `T`, so this is whole elements).
+fn line_offset<T>(raw: &[T]) -> usize {
+    let off = raw.as_ptr() as usize % LINE;
+    if off == 0 {
+        0
+    } else {
+        (LINE - off) / size_of::<T>().max(1)
+    }
+}
+
+impl<T: Copy + Default> From<Vec<T>> for Lines<T> {
+    /// Moved when `v` already starts a line, else copied once.
+    fn from(v: Vec<T>) -> Self {
+        if line_offset(&v) == 0 {
+            let len = v.len();
+            Lines { raw: v, start: 0, len }
+        } else {
+            Self::from(v.as_slice())
+        }
+    }
+}
+
+impl<T: Copy + Default> From<&[T]> for Lines<T> {
+    fn from(v: &[T]) -> Self {
+        let mut out = Self::zeros(v.len());
+        out.copy_from_slice(v);
+        out
+    }
+}
+
+impl<T: Copy + Default> Clone for Lines<T> {
+    /// A copy in its own allocation, also starting a line.
+    fn clone(&self) -> Self {
+        Self::from(&self[..])
+    }
+}
+
+impl<T> Deref for Lines<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.raw[self.start..self.start + self.len]
+    }
+}
+
+impl<T> DerefMut for Lines<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_a_line<T>(v: &[T]) -> bool {
+        v.as_ptr() as usize % LINE == 0
+    }
+
+    /// Every way of making one starts on a line, keeps its values, and
+    /// grows and shrinks as `Vec::resize` does (kept values stay, new ones
+    /// are the fill), in place while it fits.
+    #[test]
+    fn starts_on_a_line_and_resizes_like_a_vec() {
+        for n in [1usize, 3, 17, 1 << 20] {
+            let v: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let a = Lines::from(v.clone());
+            let b = Lines::from(v.as_slice());
+            let c = a.clone();
+            for l in [&a, &b, &c] {
+                assert!(on_a_line(l) && l[..] == v[..], "n = {n}");
+            }
+            assert_eq!(a.into_vec(), v);
+            let z = Lines::<u16>::zeros(n);
+            assert!(on_a_line(&z) && z.iter().all(|&x| x == 0));
+        }
+        let mut l = Lines::from(vec![1i64, 2, 3, 4]);
+        let at = l.as_ptr();
+        l.resize(2, 9);
+        l.resize(4, 7);
+        assert_eq!((&l[..], l.as_ptr()), (&[1i64, 2, 7, 7][..], at), "in place, new elements filled");
+        l.resize(1000, 5);
+        assert!(on_a_line(&l) && l[..4] == [1, 2, 7, 7] && l[4..].iter().all(|&x| x == 5) && l.capacity() >= 1000);
+    }
+}
