@@ -9,7 +9,10 @@ use crate::ir::{shape::numel, DType, Poly};
 use crate::lower::plan::Kernel;
 use crate::lower::LowerError;
 
-use super::{builder, mismatch, walk_index, Emulation, Kc, Lanes, Target, BLOCK, CPU_COLS, CPU_SIMD, VECTOR_GROUPS};
+use super::{
+    builder, mismatch, walk_index, Emulation, Kc, Lanes, Target, BLOCK, CPU_COLS, CPU_SIMD, SUM_COLS, SUM_READ_AHEAD,
+    SUM_ROWS, SUM_WRITE_AHEAD, VECTOR_GROUPS,
+};
 
 /// What a kernel body writes, and where it runs.
 pub(super) struct Out<'k> {
@@ -59,6 +62,19 @@ struct Tiled<'a> {
     vector: Option<usize>,
     /// Vector blocks per step.
     groups: usize,
+    /// The sum runs in explicit vectors (see `summed` in `reuse_body`).
+    summed: bool,
+}
+
+/// How [`Kc::store_tile`] computes and stores a register tile.
+#[derive(Clone, Copy)]
+enum Values {
+    /// One output per index.
+    Scalars,
+    /// A vector of this many outputs from each index (`Kc::out_lanes`).
+    Vectors(usize),
+    /// A vector per row of this many consecutive indices (`Kc::einsum_rows`).
+    Rows(usize),
 }
 
 impl Kc<'_> {
@@ -164,8 +180,26 @@ impl Kc<'_> {
             (Some(_), Some(pos)) => vector_groups(self.b.known(&keep_sizes[pos]), BLOCK),
             _ => 1,
         };
+        // A sum in explicit vectors (q·K: the head dim innermost in both
+        // operands) with a block along the output's last axis: a tile of
+        // SUM_ROWS rows × SUM_COLS consecutive outputs of a whole block
+        // (16 vector accumulators; each load of either operand feeds
+        // several FMAs), the sums added in one tree (`Kc::lane_sums`), and
+        // each row's outputs stored together. One output at a time, a
+        // tile's rows' stores land a reuse stride apart, in one cache set.
+        let summed = match (block, vector) {
+            (Some(pos), None) if keep[pos] + 1 == out.sizes.len() => matches!(self.sum_lanes(j), Some((_, 1))),
+            _ => false,
+        };
         // Tiles along the reuse index: `tiles = ceil(inner / tile)`.
-        let tile = if groups > 1 { tile.min(CPU_SIMD / groups) } else { tile }.max(1);
+        let tile = if summed {
+            tile.min(SUM_ROWS)
+        } else if groups > 1 {
+            tile.min(CPU_SIMD / groups)
+        } else {
+            tile
+        }
+        .max(1);
         let tiles = if tile == 1 {
             inner.clone()
         } else {
@@ -194,6 +228,7 @@ impl Kc<'_> {
             block,
             vector,
             groups,
+            summed,
         };
         // A tile whose rows are all inside the reuse extent computes them
         // together, and several outputs of the block with each (a
@@ -203,13 +238,32 @@ impl Kc<'_> {
         // instead of redoing work for rows past the end.
         let whole = block.is_some_and(|pos| self.b.known(&keep_sizes[pos]).is_some_and(|n| n % BLOCK as i64 == 0));
         if tile > 1 {
-            let cols = if whole && vector.is_none() { CPU_COLS } else { 1 };
+            let cols = match (summed, whole && vector.is_none()) {
+                (true, _) => SUM_COLS,
+                (false, true) => CPU_COLS,
+                (false, false) => 1,
+            };
             let t = self.b.index(tile as i64);
             let base = self.b.muli(&tile_index, &t);
             let end = self.b.addi(&base, &t);
             let full = self.b.op(&format!("arith.cmpi ule, {end}, {inner} : index"));
             self.b.open_guard(&full);
-            self.reuse_tile(out, j, &tiled, at.clone(), (cols, &base, Rows::Tile))?;
+            match block {
+                // A block that may be short (a runtime size): the tile
+                // of whole blocks, else one output at a time.
+                Some(pos) if cols > 1 && !whole => {
+                    let bn = self.b.index(BLOCK as i64);
+                    let start = self.b.muli(&at[pos], &bn);
+                    let stop = self.b.addi(&start, &bn);
+                    let all = self.b.op(&format!("arith.cmpi ule, {stop}, {} : index", keep_sizes[pos]));
+                    self.b.open_guard(&all);
+                    self.reuse_tile(out, j, &tiled, at.clone(), (cols, &base, Rows::Tile))?;
+                    self.b.else_guard();
+                    self.reuse_tile(out, j, &tiled, at.clone(), (1, &base, Rows::Tile))?;
+                    self.b.close();
+                }
+                _ => self.reuse_tile(out, j, &tiled, at.clone(), (cols, &base, Rows::Tile))?,
+            }
             self.b.else_guard();
             // A short tile of one row (b = 1, 9, …) without a loop over
             // its rows: with one, LLVM keeps what does not change along
@@ -309,7 +363,12 @@ impl Kc<'_> {
                 idxs.push(idx);
             }
         }
-        self.store_tile(out, j, t.vector, &idxs)?;
+        let values = match (t.vector, t.summed && cols > 1) {
+            (Some(lanes), _) => Values::Vectors(lanes),
+            (None, true) => Values::Rows(cols),
+            (None, false) => Values::Scalars,
+        };
+        self.store_tile(out, j, values, &idxs)?;
         for _ in 0..opened {
             self.b.close();
         }
@@ -331,23 +390,32 @@ impl Kc<'_> {
             .collect()
     }
 
-    /// Node `j` at every index of `idxs` (one register tile), stored.
-    fn store_tile(
-        &mut self,
-        out: &Out,
-        j: usize,
-        vector: Option<usize>,
-        idxs: &[Vec<String>],
-    ) -> Result<(), LowerError> {
-        let values = match vector {
-            Some(lanes) => self.einsum_out_vec(j, idxs, lanes)?.into_iter().map(builder::Val::f32).collect(),
-            None => self.compute_tile(j, idxs)?,
+    /// Node `j` at every index of `idxs` (one register tile), stored: as
+    /// scalars, one vector of outputs from each index (`Vectors`), or one
+    /// vector per row of `n` consecutive indices (`Rows`).
+    fn store_tile(&mut self, out: &Out, j: usize, values: Values, idxs: &[Vec<String>]) -> Result<(), LowerError> {
+        let (computed, lanes, at): (Vec<builder::Val>, usize, Vec<&Vec<String>>) = match values {
+            Values::Scalars => (self.compute_tile(j, idxs)?, 1, idxs.iter().collect()),
+            Values::Vectors(lanes) => {
+                let v = self.einsum_out_vec(j, idxs, lanes)?;
+                (v.into_iter().map(builder::Val::f32).collect(), lanes, idxs.iter().collect())
+            }
+            Values::Rows(n) => {
+                let v = self.einsum_rows(j, idxs, n, SUM_READ_AHEAD)?;
+                (v.into_iter().map(builder::Val::f32).collect(), n, idxs.iter().step_by(n).collect())
+            }
         };
-        for (idx, v) in idxs.iter().zip(values) {
+        for (idx, v) in at.into_iter().zip(computed) {
             let off = self.b.linearize(idx, &out.sizes);
-            match vector {
-                Some(lanes) => self.b.store_vector(&out.ptr, &off, &v.ssa, lanes, out.dtype),
-                None => self.b.store(&out.ptr, &off, out.dtype, v),
+            if lanes > 1 {
+                self.b.store_vector(&out.ptr, &off, &v.ssa, lanes, out.dtype);
+            } else {
+                self.b.store(&out.ptr, &off, out.dtype, v);
+            }
+            if let Values::Rows(_) = values {
+                let step = self.b.index(SUM_WRITE_AHEAD as i64);
+                let later = self.b.addi(&off, &step);
+                self.b.prefetch(&out.ptr, &later, out.dtype, true);
             }
         }
         Ok(())
@@ -435,42 +503,106 @@ impl Kc<'_> {
 mod tests {
     use crate::lower::emit::testing::{check_output, cpu_step, point};
 
-    /// A weight projection `x [b, 1, 64] @ W[48, 64]ᵀ` (a block-whole kept
-    /// axis): a tile of 8 rows inside b computes 8 rows × 4 outputs in one
-    /// loop (32 accumulators); a short last tile, its real rows one output
-    /// at a time: a single row without a loop over rows, more in a loop
-    /// (two one-accumulator sums). All against the interpreter, at b on
-    /// either side of the tile and not a multiple of it, with one row left
-    /// (1, 9, 17) and more.
+    /// A weight projection `x [b, 1, d] @ W[48, d]ᵀ` (a block-whole kept
+    /// axis). With d = 64, a multiple of the vector lanes, the sum runs in
+    /// vectors: a tile of 4 rows inside b computes 4 rows × 4 outputs in
+    /// one loop (16 vector accumulators, added in one shuffle tree, each
+    /// row's 4 outputs one vector store); with d = 40, in scalars: 8 rows ×
+    /// 4 outputs (32 accumulators). A short last tile computes its real
+    /// rows one output at a time: a single row without a loop over rows,
+    /// more in a loop (two one-accumulator sums). All against the
+    /// interpreter, at b on either side of the tiles and not a multiple of
+    /// them, with one row left (1, 5, 9, 17) and more.
     #[test]
     fn projection_tiles_rows_and_columns() {
-        let doc = serde_json::json!({
+        for (d, tile, acc) in [(64, 4, "vector<16xf32>"), (40, 8, "f32")] {
+            let doc = serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b"], "constants": {"d": d, "o": 48}},
+                "inputs": [
+                    {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": "f32"},
+                    {"name": "w", "role": "weight", "shape": ["o", "d"], "dtype": "f32"}
+                ],
+                "nodes": [{"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}}],
+                "outputs": [{"name": "y", "node": "y"}]
+            });
+            let (graph, step, text) = cpu_step(&doc);
+            let accumulators = |ty: &str, n: usize| format!("-> ({}) {{", vec![ty; n].join(", "));
+            let whole = accumulators(acc, tile * 4);
+            assert!(text.contains(&whole), "a {tile} x 4 tile, d = {d}:\n{text}");
+            assert_eq!(text.contains("vector.shuffle"), d == 64, "a tree of the vector sums, d = {d}:\n{text}");
+            if d == 64 {
+                assert!(text.contains("vector<4xf32>, !llvm.ptr"), "4 outputs stored at once:\n{text}");
+            }
+            let short = text.split(&whole).nth(1).unwrap_or_default();
+            let one = accumulators("f32", 1);
+            assert_eq!(short.matches(&one).count(), 2, "one row, and a loop of rows, d = {d}:\n{text}");
+            assert!(short.contains("arith.cmpi eq"), "a guard for the one-row tile:\n{text}");
+            for b in [1, 3, 4, 5, 8, 9, 13, 16, 17] {
+                check_output(&graph, &step, &point(&[("b", b)]), 9, "y", (1e-5, 1e-5));
+            }
+        }
+    }
+
+    /// The context `q·K` of bifurcated attention, `bhk,hmk->bhm` with a
+    /// runtime context length: whole blocks of 16 along m in 4 × 4 tiles
+    /// (each row's outputs one vector, the next block's K rows and
+    /// outputs prefetched), a block cut short by m one output at a time;
+    /// f32 and bf16 (rounded once at the store). Against the interpreter
+    /// at m under, at and past a block and b under and past a tile.
+    #[test]
+    fn context_scores_tile_whole_blocks() {
+        for dtype in ["f32", "bf16"] {
+            let (graph, step, text) = cpu_step(&serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 32}},
+                "inputs": [
+                    {"name": "q", "role": "activation", "shape": ["b", "h", "k"], "dtype": dtype},
+                    {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": ["h", "m", "k"], "dtype": dtype}
+                ],
+                "nodes": [{"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "bhk,hmk->bhm"}}],
+                "outputs": [{"name": "s", "node": "s"}]
+            }));
+            let st = if dtype == "f32" { "f32" } else { "bf16" };
+            for want in [
+                format!("vector<4x{st}>, !llvm.ptr"),
+                "vector.shuffle".to_string(),
+                "rw = 0 : i32".to_string(),
+                "rw = 1 : i32".to_string(),
+            ] {
+                assert!(text.contains(&want), "{dtype}: `{want}`:\n{text}");
+            }
+            let tol = if dtype == "f32" { (1e-5, 1e-5) } else { (2e-2, 1e-2) };
+            for (b, m) in [(1, 5), (3, 16), (4, 37), (5, 64), (9, 100), (4, 0)] {
+                check_output(&graph, &step, &point(&[("b", b), ("m", m)]), 3, "s", tol);
+            }
+        }
+    }
+
+    /// A contraction over two letters, the inner one in vectors
+    /// (`bgk,mgk->bm`): the tile's 8 rows' vector sums are added in one
+    /// tree and each lane taken out (no per-output `vector.reduction`).
+    #[test]
+    fn vector_sums_of_a_tile_add_in_a_tree() {
+        let (graph, step, text) = cpu_step(&serde_json::json!({
             "format": "bifurc-graph/1",
-            "dims": {"runtime": ["b"], "constants": {"d": 64, "o": 48}},
+            "dims": {"runtime": ["b", "m"], "constants": {"g": 3, "k": 32}},
             "inputs": [
-                {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": "f32"},
-                {"name": "w", "role": "weight", "shape": ["o", "d"], "dtype": "f32"}
+                {"name": "q", "role": "activation", "shape": ["b", "g", "k"], "dtype": "f32"},
+                {"name": "kc", "role": "weight", "shape": ["m", "g", "k"], "dtype": "f32"}
             ],
-            "nodes": [{"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}}],
-            "outputs": [{"name": "y", "node": "y"}]
-        });
-        let (graph, step, text) = cpu_step(&doc);
-        let accumulators = |n: usize| format!("-> ({})", vec!["f32"; n].join(", "));
+            "nodes": [{"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "bgk,mgk->bm"}}],
+            "outputs": [{"name": "s", "node": "s"}]
+        }));
+        let tile = text.split(&format!("-> ({}) {{", ["vector<16xf32>"; 8].join(", "))).nth(1);
+        let tile = tile.unwrap_or_else(|| panic!("an 8-row tile of vector sums:\n{text}"));
+        let tile = tile.split("} else {").next().unwrap_or_default();
         assert!(
-            text.contains(&format!("{} {{", accumulators(32)))
-                && text.contains(&format!("{} {{", accumulators(1)))
-                && !text.contains(&format!("{} {{", accumulators(8))),
-            "an 8 x 4 tile and single rows, no tile of rows past b:\n{text}"
+            tile.contains("vector.shuffle") && tile.contains("vector.extract ") && !tile.contains("vector.reduction"),
+            "the tile's sums in a tree:\n{tile}"
         );
-        let short = text.split(&format!("{} {{", accumulators(32))).nth(1).unwrap_or_default();
-        assert_eq!(
-            short.matches(&format!("{} {{", accumulators(1))).count(),
-            2,
-            "one row, and a loop of rows:\n{text}"
-        );
-        assert!(short.contains("arith.cmpi eq"), "a guard for the one-row tile:\n{text}");
-        for b in [1, 3, 8, 9, 13, 16, 17] {
-            check_output(&graph, &step, &point(&[("b", b)]), 9, "y", (1e-5, 1e-5));
+        for (b, m) in [(1, 3), (8, 17), (11, 40)] {
+            check_output(&graph, &step, &point(&[("b", b), ("m", m)]), 5, "s", (1e-5, 1e-5));
         }
     }
 }

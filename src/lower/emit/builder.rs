@@ -332,6 +332,20 @@ impl Builder {
         self.line(&format!("llvm.store {x}, {p} {{alignment = {align} : i64}} : vector<{lanes}x{st}>, !llvm.ptr"));
     }
 
+    /// Prefetches the cache line of element `off` of the buffer at `ptr`
+    /// (stored as `dtype`) into every cache level, for a read or (`write`)
+    /// a store. The address may lie past the buffer: a prefetch does not
+    /// fault, and the address is computed without `inbounds`.
+    pub(crate) fn prefetch(&mut self, ptr: &str, off: &str, dtype: DType, write: bool) {
+        let o = self.index_to_i64(off);
+        let st = storage(dtype);
+        let p = self.op(&format!("llvm.getelementptr {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
+        let rw = i32::from(write);
+        self.line(&format!(
+            "\"llvm.intr.prefetch\"({p}) <{{cache = 1 : i32, hint = 3 : i32, rw = {rw} : i32}}> : (!llvm.ptr) -> ()"
+        ));
+    }
+
     /// Yields the next accumulators (f32) and closes the loop.
     pub(crate) fn close_for_n(&mut self, nexts: &[String]) {
         self.close_for_typed(nexts, "f32");

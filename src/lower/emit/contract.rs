@@ -13,6 +13,15 @@ pub(super) const CONTRACT: &str = "contract";
 /// reassociated (LLVM then vectorizes and interleaves the reduction; the
 /// sum is still f32, in a different order).
 const ACCUMULATE: &str = "reassoc,contract";
+/// Letters for the batch axes of a matmul written as an einsum (see
+/// [`Kc::contraction_spec`]; none of `m`, `n`, `k`).
+const BATCH_LETTERS: &str = "abcdefgh";
+/// [`Kc::einsum_rows`] prefetches the operands of sums of at most this
+/// many vectors.
+const PREFETCH_SUM_VECTORS: usize = 4;
+/// Vector sums at least this many at once are added in a tree
+/// ([`Kc::lane_sums`]), fewer each on its own.
+const TREE_SUMS: usize = 4;
 
 /// Loads already emitted in one contraction step, by (operand, index).
 #[derive(Default)]
@@ -186,15 +195,7 @@ impl Kc<'_> {
         }
         let mut envs: Vec<Vec<(char, String)>> =
             idxs.iter().map(|idx| spec.output.iter().copied().zip(idx.iter().cloned()).collect()).collect();
-        let mut reduced: Vec<(char, Poly)> = Vec::new();
-        for (subs, v) in spec.inputs.iter().zip(inputs) {
-            let shape = self.graph.shape_of(*v).clone();
-            for (c, d) in subs.iter().zip(shape) {
-                if !spec.output.contains(c) && !reduced.iter().any(|(l, _)| l == c) {
-                    reduced.push((*c, d));
-                }
-            }
-        }
+        let reduced = self.reduced(spec, inputs);
         let zero = self.b.f32(0.0);
         self.einsum_loops(j, spec, inputs, &mut envs, &reduced, &vec![zero; idxs.len()])
     }
@@ -279,8 +280,8 @@ impl Kc<'_> {
 
     /// The innermost contraction loop over `c` in vectors of `lanes`: one
     /// vector accumulator per output, reduced (reassociated) into its f32
-    /// accumulator after the loop. Operands not indexed by `c` are loaded
-    /// once per step and broadcast.
+    /// accumulator after the loop (each on its own, or at least
+    /// TREE_SUMS in a tree: [`Kc::lane_tree`]).
     #[allow(clippy::too_many_arguments)]
     fn einsum_simd(
         &mut self,
@@ -294,11 +295,43 @@ impl Kc<'_> {
         lanes: usize,
     ) -> Result<Vec<String>, LowerError> {
         let vty = format!("vector<{lanes}xf32>");
+        let res = self.simd_sums(j, spec, inputs, envs, (c, d), lanes, None)?;
+        let sums: Vec<String> = if res.len() >= TREE_SUMS && lanes.is_power_of_two() {
+            let packed = self.lane_tree(&res, lanes);
+            let lane = |i: usize| format!("vector.extract {}[{}] : f32 from {vty}", packed[i / lanes], i % lanes);
+            (0..res.len()).map(|i| self.b.op(&lane(i))).collect()
+        } else {
+            let each = |r: &String| format!("vector.reduction <add>, {r} fastmath<{ACCUMULATE}> : {vty} into f32");
+            res.iter().map(|r| self.b.op(&each(r))).collect()
+        };
+        let add = |acc: &String, s: &String| format!("arith.addf {acc}, {s} fastmath<{ACCUMULATE}> : f32");
+        Ok(accs.iter().zip(&sums).map(|(acc, s)| self.b.op(&add(acc, s))).collect())
+    }
+
+    /// The loop over contracted letter `c` (size `d`) in vectors of
+    /// `lanes`, one vector accumulator per env (output); operands not
+    /// indexed by `c` are loaded once per step and broadcast. Returns the
+    /// accumulators after the loop, each still to be summed across lanes.
+    /// With `ahead` (a letter and a distance), each stored operand indexed
+    /// by that letter is also prefetched that far ahead along it.
+    #[allow(clippy::too_many_arguments)]
+    fn simd_sums(
+        &mut self,
+        j: usize,
+        spec: &EinsumSpec,
+        inputs: &[Value],
+        envs: &mut [Vec<(char, String)>],
+        (c, d): (char, &Poly),
+        lanes: usize,
+        ahead: Option<(char, usize)>,
+    ) -> Result<Vec<String>, LowerError> {
+        let vty = format!("vector<{lanes}xf32>");
         let ub = self.sizes(std::slice::from_ref(d))?.remove(0);
         let step = self.b.index(lanes as i64);
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
         let (res, l, vaccs) = self.b.open_for_typed(&ub, &step, &vec![zero; envs.len()], &vty);
         let mut loaded = Loaded::default();
+        let mut fetched = std::collections::HashSet::new();
         let mut nexts = Vec::with_capacity(envs.len());
         for (env, acc) in envs.iter_mut().zip(&vaccs) {
             env.push((c, l.clone()));
@@ -306,6 +339,18 @@ impl Kc<'_> {
             for (k, (subs, v)) in spec.inputs.iter().zip(inputs).enumerate() {
                 let at = self.operand_index(j, subs, env)?;
                 factors.push(self.loadv_once(&mut loaded, j, k, *v, &at, subs.contains(&c), lanes)?);
+                match (ahead, self.stored(*v)) {
+                    (Some((z, n)), Some(b)) if subs.contains(&z) && fetched.insert((k, at)) => {
+                        let mut later = env.clone();
+                        if let Some((_, i)) = later.iter_mut().find(|(l, _)| *l == z) {
+                            let step = self.b.index(n as i64);
+                            *i = self.b.addi(i, &step);
+                        }
+                        let at = self.operand_index(j, subs, &later)?;
+                        self.prefetch_buffer(b, &at)?;
+                    }
+                    _ => {}
+                }
             }
             env.pop();
             let mut p = factors.first().cloned().ok_or_else(|| self.unsupported(j, "einsum without operands"))?;
@@ -315,12 +360,88 @@ impl Kc<'_> {
             nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<{ACCUMULATE}> : {vty}")));
         }
         self.b.close_for_typed(&nexts, &vty);
-        let mut out = Vec::with_capacity(accs.len());
-        for (acc, r) in accs.iter().zip(&res) {
-            let s = self.b.op(&format!("vector.reduction <add>, {r} fastmath<{ACCUMULATE}> : {vty} into f32"));
-            out.push(self.b.op(&format!("arith.addf {acc}, {s} fastmath<{ACCUMULATE}> : f32")));
+        Ok(res)
+    }
+
+    /// Einsum node `j`, whose one contracted letter is summed in explicit
+    /// vectors ([`Kc::sum_lanes`]), at every index of `idxs`: rows of
+    /// `cols` consecutive outputs along the output's last axis (`cols`
+    /// dividing the lanes), each row's as one `vector<cols x f32>`, the
+    /// sums added in one tree. When the sum is short, the stored operands
+    /// indexed by that axis are prefetched `ahead` outputs further along it.
+    pub(crate) fn einsum_rows(
+        &mut self,
+        j: usize,
+        idxs: &[Vec<String>],
+        cols: usize,
+        ahead: usize,
+    ) -> Result<Vec<String>, LowerError> {
+        let (Some((spec, inputs)), Some((lanes, 1))) = (self.contraction_spec(j), self.sum_lanes(j)) else {
+            return Err(self.unsupported(j, "rows of a contraction not summed in vectors"));
+        };
+        if cols == 0 || lanes % cols != 0 || idxs.len() % cols != 0 || idxs.iter().any(|i| i.len() != spec.output.len())
+        {
+            return Err(self.unsupported(j, format!("einsum `{spec}` in rows of {cols}")));
         }
-        Ok(out)
+        let reduced = self.reduced(&spec, &inputs);
+        let Some((c, d)) = reduced.first() else { return Err(self.unsupported(j, "einsum without a sum")) };
+        let mut envs: Vec<Vec<(char, String)>> =
+            idxs.iter().map(|idx| spec.output.iter().copied().zip(idx.iter().cloned()).collect()).collect();
+        let z = spec.output.last().copied().ok_or_else(|| self.unsupported(j, "einsum rows of a scalar"))?;
+        // Prefetched when each output's sum reads a few lines of each
+        // operand row (a head of K): a long row (a weight's) is one
+        // stream the hardware follows, and one prefetch per line of it
+        // only costs instructions (the projections 2.3 -> 5.4 ms).
+        let short = self.constant_size(d).is_some_and(|n| n <= (PREFETCH_SUM_VECTORS * lanes) as i64);
+        let ahead = short.then_some((z, ahead));
+        let res = self.simd_sums(j, &spec, &inputs, &mut envs, (*c, d), lanes, ahead)?;
+        let packed = self.lane_tree(&res, lanes);
+        let vty = format!("vector<{lanes}xf32>");
+        Ok((0..idxs.len() / cols)
+            .map(|r| {
+                let (v, at) = (&packed[r * cols / lanes], r * cols % lanes);
+                let slice = format!("{{offsets = [{at}], sizes = [{cols}], strides = [1]}}");
+                self.b.op(&format!("vector.extract_strided_slice {v} {slice} : {vty} to vector<{cols}xf32>"))
+            })
+            .collect())
+    }
+
+    /// The lane sums of `vecs` (each `vector<lanes x f32>`, `lanes` a
+    /// power of two), packed: `vecs[i]`'s in lane `i % lanes` of vector
+    /// `i / lanes`. A tree in which every stage packs two vectors' partial
+    /// sums into one, each sum then held in half as many lanes (two
+    /// shuffles and an add per pair: 45 operations for 16 sums, against
+    /// 16 reductions of 8 or so). A vector left without a pair is paired
+    /// with zeros.
+    fn lane_tree(&mut self, vecs: &[String], lanes: usize) -> Vec<String> {
+        let vty = format!("vector<{lanes}xf32>");
+        let (mut cur, mut group, mut per) = (vecs.to_vec(), lanes, 1);
+        while group > 1 {
+            if cur.len() % 2 == 1 {
+                cur.push(self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}")));
+            }
+            let half = group / 2;
+            // Lane n * half + t of the packed vector: lane t of the n-th
+            // sum's group, the first `per` sums from the first vector
+            // (lanes 0..), the others from the second (lanes `lanes`..).
+            let mask = |from: usize| -> String {
+                let at = |n: usize, t: usize| if n < per { n * group + t } else { lanes + (n - per) * group + t };
+                let lane = |(n, t): (usize, usize)| (at(n, t) + from).to_string();
+                (0..2 * per).flat_map(|n| (0..half).map(move |t| (n, t))).map(lane).collect::<Vec<_>>().join(", ")
+            };
+            let (lo, hi) = (mask(0), mask(half));
+            cur = cur
+                .chunks(2)
+                .map(|p| {
+                    let a = self.b.op(&format!("vector.shuffle {}, {} [{lo}] : {vty}, {vty}", p[0], p[1]));
+                    let b = self.b.op(&format!("vector.shuffle {}, {} [{hi}] : {vty}, {vty}", p[0], p[1]));
+                    self.b.op(&format!("arith.addf {a}, {b} fastmath<{ACCUMULATE}> : {vty}"))
+                })
+                .collect();
+            (group, per) = (half, per * 2);
+        }
+        cur.truncate(vecs.len().div_ceil(lanes));
+        cur
     }
 
     /// Lanes of a CPU contraction of node `j` vectorized along its output's
@@ -344,30 +465,65 @@ impl Kc<'_> {
         if spec.inputs.len() != node.inputs.len() || spec.output.iter().filter(|c| **c == z).count() != 1 {
             return None;
         }
-        let mut reduced: Vec<(char, Poly)> = Vec::new();
         for (subs, v) in spec.inputs.iter().zip(&node.inputs) {
-            let shape = self.graph.shape_of(*v);
-            if shape.len() != subs.len() {
+            if self.graph.shape_of(*v).len() != subs.len() {
                 return None;
             }
-            for (c, d) in subs.iter().zip(shape) {
+            if subs.contains(&z) && (subs.last() != Some(&z) || !self.vector_readable(*v)) {
+                return None;
+            }
+        }
+        if self.sum_lanes(j).is_some() {
+            return None;
+        }
+        Some(lanes)
+    }
+
+    /// Lanes of the explicit-vector sum ([`Kc::simd_lanes`]) that einsum
+    /// node `j` runs as its innermost contraction loop (`q·K`: the head
+    /// dim, innermost in both operands), if any, and how many letters it
+    /// contracts in all.
+    pub(crate) fn sum_lanes(&self, j: usize) -> Option<(usize, usize)> {
+        let (spec, inputs) = self.contraction_spec(j)?;
+        let reduced = self.reduced(&spec, &inputs);
+        let (c, d) = reduced.last()?;
+        Some((self.simd_lanes(&spec, &inputs, *c, d)?, reduced.len()))
+    }
+
+    /// Node `j` as an einsum over its inputs: an einsum itself, or a
+    /// matmul by a transposed 2-D right operand (a weight projection
+    /// `x [.., m, k] @ W[n, k]ᵀ` is `..mk,nk->..mn`).
+    fn contraction_spec(&self, j: usize) -> Option<(EinsumSpec, Vec<Value>)> {
+        let node = self.graph.nodes.get(j)?;
+        match (&node.op, node.inputs.as_slice()) {
+            (Op::Einsum(spec), inputs) if spec.inputs.len() == inputs.len() => Some((spec.clone(), inputs.to_vec())),
+            (Op::MatMul { transpose_b: true }, &[a, w]) => {
+                let rank = self.graph.shape_of(a).len();
+                if rank < 2 || self.graph.shape_of(w).len() != 2 || rank > 2 + BATCH_LETTERS.len() {
+                    return None;
+                }
+                let mut x: Vec<char> = BATCH_LETTERS.chars().take(rank - 2).collect();
+                let mut output = x.clone();
+                x.extend(['m', 'k']);
+                output.extend(['m', 'n']);
+                Some((EinsumSpec { inputs: vec![x, vec!['n', 'k']], output }, vec![a, w]))
+            }
+            _ => None,
+        }
+    }
+
+    /// The contracted letters of einsum `spec` over `inputs` with their
+    /// sizes, in order of first appearance (the last is the innermost loop).
+    fn reduced(&self, spec: &EinsumSpec, inputs: &[Value]) -> Vec<(char, Poly)> {
+        let mut reduced: Vec<(char, Poly)> = Vec::new();
+        for (subs, v) in spec.inputs.iter().zip(inputs) {
+            for (c, d) in subs.iter().zip(self.graph.shape_of(*v)) {
                 if !spec.output.contains(c) && !reduced.iter().any(|(l, _)| l == c) {
                     reduced.push((*c, d.clone()));
                 }
             }
-            if !subs.contains(&z) {
-                continue;
-            }
-            if subs.last() != Some(&z) || !self.vector_readable(*v) {
-                return None;
-            }
         }
-        if let Some((c, d)) = reduced.last() {
-            if self.simd_lanes(spec, &node.inputs, *c, d).is_some() {
-                return None;
-            }
-        }
-        Some(lanes)
+        reduced
     }
 
     /// Einsum node `j` at every index of `idxs` (a register tile), each
@@ -390,15 +546,7 @@ impl Kc<'_> {
         }
         let mut envs: Vec<Vec<(char, String)>> =
             idxs.iter().map(|idx| spec.output.iter().copied().zip(idx.iter().cloned()).collect()).collect();
-        let mut reduced: Vec<(char, Poly)> = Vec::new();
-        for (subs, v) in spec.inputs.iter().zip(&inputs) {
-            let shape = self.graph.shape_of(*v).clone();
-            for (c, d) in subs.iter().zip(shape) {
-                if !spec.output.contains(c) && !reduced.iter().any(|(l, _)| l == c) {
-                    reduced.push((*c, d));
-                }
-            }
-        }
+        let reduced = self.reduced(&spec, &inputs);
         let vty = format!("vector<{lanes}xf32>");
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
         self.out_vec_loops(j, &spec, &inputs, &mut envs, &reduced, &vec![zero; idxs.len()], lanes)

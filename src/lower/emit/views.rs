@@ -56,6 +56,15 @@ impl Kc<'_> {
         Ok(self.b.load_vector(&ptr, &off, lanes, dtype))
     }
 
+    /// Prefetches element `idx` of stored buffer `b` for a read (see
+    /// [`super::builder::Builder::prefetch`]).
+    pub(crate) fn prefetch_buffer(&mut self, b: usize, idx: &[String]) -> Result<(), LowerError> {
+        let (ptr, off) = self.buffer_offset(b, idx)?;
+        let dtype = self.program.buffers[b].dtype;
+        self.b.prefetch(&ptr, &off, dtype, false);
+        Ok(())
+    }
+
     /// Element `idx` of buffer `b` (row-major in the buffer's shape).
     fn load_buffer(&mut self, b: usize, idx: &[String]) -> Result<Val, LowerError> {
         let (ptr, off) = self.buffer_offset(b, idx)?;
