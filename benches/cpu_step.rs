@@ -22,6 +22,7 @@
 //! `BIFURC_BENCH_DTYPE=bfloat16` (or `float16`) builds the model in that
 //! dtype instead of f32 (weights, caches and activations; the logits check
 //! then allows norm-relative 2e-2: the two graphs round differently).
+//! `BIFURC_BENCH_KV_HEADS=4` (a divisor of 16) makes it grouped-query.
 //!
 //! `BIFURC_BENCH_PROFILE=1` also prints the slowest kernels of each side
 //! (8, or `BIFURC_BENCH_PROFILE_TOP`);
@@ -42,9 +43,10 @@ use bifurc::lower::{BufferKind, CpuStep};
 use bifurc::optimize::{optimize, Options};
 use bifurc_runtime::bench::median;
 
-/// The model's config.json, with `DTYPE` standing for `torch_dtype`.
+/// The model's config.json, with `DTYPE` standing for `torch_dtype` and
+/// `KV_HEADS` for `num_key_value_heads`.
 const CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
-  "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 2, "vocab_size": 1000,
+  "num_attention_heads": 16, "num_key_value_heads": KV_HEADS, "num_hidden_layers": 2, "vocab_size": 1000,
   "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "max_position_embeddings": 16384,
   "torch_dtype": "DTYPE"}"#;
 
@@ -87,14 +89,15 @@ fn main() {
 
     let dtype = std::env::var("BIFURC_BENCH_DTYPE").unwrap_or_else(|_| "float32".into());
     let tol = if dtype == "float32" { TOL } else { TOL_HALF };
-    let config = CONFIG.replace("DTYPE", &dtype);
+    let kv_heads: usize = env_or("BIFURC_BENCH_KV_HEADS", 16);
+    let config = CONFIG.replace("DTYPE", &dtype).replace("KV_HEADS", &kv_heads.to_string());
     let doc = build(&config, &HfOptions { layers: Some(2), ..Default::default() }).expect("import-hf");
     let base = bifurc::import::from_value(&doc).expect("import");
     let opts = Options { point: ShapePoint::parse(OPT_POINT).expect("point"), ..Default::default() };
     let opt = optimize(&base, &opts).expect("optimize");
     println!(
-        "cpu_step: 2-layer MHA llama (d_model 1024, 16 heads x 64, ffn 2816, vocab 1000, {dtype}), \
-         optimized at {OPT_POINT}: {} of {} attention sites bifurcated",
+        "cpu_step: 2-layer llama (d_model 1024, 16 heads x 64, {kv_heads} KV heads, ffn 2816, vocab 1000, \
+         {dtype}), optimized at {OPT_POINT}: {} of {} attention sites bifurcated",
         opt.report.rewritten(),
         opt.report.sites.len()
     );
