@@ -73,8 +73,12 @@ enum Values {
     Scalars,
     /// A vector of this many outputs from each index (`Kc::out_lanes`).
     Vectors(usize),
-    /// A vector per row of this many consecutive indices (`Kc::einsum_rows`).
-    Rows(usize),
+    /// A vector per row of `cols` consecutive indices (`Kc::einsum_rows`),
+    /// prefetching ahead along the rows (`ahead`: a whole tile's rows,
+    /// which reuse each loaded line; a short tile's single rows stream
+    /// the operand in order, where prefetches only cost instructions: q·K
+    /// at b = 1 1.3 -> 2.0 ms with them).
+    Rows { cols: usize, ahead: bool },
 }
 
 impl Kc<'_> {
@@ -248,36 +252,26 @@ impl Kc<'_> {
             let end = self.b.addi(&base, &t);
             let full = self.b.op(&format!("arith.cmpi ule, {end}, {inner} : index"));
             self.b.open_guard(&full);
-            match block {
-                // A block that may be short (a runtime size): the tile
-                // of whole blocks, else one output at a time.
-                Some(pos) if cols > 1 && !whole => {
-                    let bn = self.b.index(BLOCK as i64);
-                    let start = self.b.muli(&at[pos], &bn);
-                    let stop = self.b.addi(&start, &bn);
-                    let all = self.b.op(&format!("arith.cmpi ule, {stop}, {} : index", keep_sizes[pos]));
-                    self.b.open_guard(&all);
-                    self.reuse_tile(out, j, &tiled, at.clone(), (cols, &base, Rows::Tile))?;
-                    self.b.else_guard();
-                    self.reuse_tile(out, j, &tiled, at.clone(), (1, &base, Rows::Tile))?;
-                    self.b.close();
-                }
-                _ => self.reuse_tile(out, j, &tiled, at.clone(), (cols, &base, Rows::Tile))?,
-            }
+            self.whole_blocks(out, j, &tiled, &at, (cols, &base, Rows::Tile))?;
             self.b.else_guard();
             // A short tile of one row (b = 1, 9, …) without a loop over
             // its rows: with one, LLVM keeps what does not change along
             // the rows out of it (a weight projection's weight row, through
             // the stack, one at a time from memory: about 3x slower at
             // b = 1); without, only the input row stays and the weight
-            // streams.
+            // streams. A long sum in vectors (a projection's) computes
+            // SUM_COLS outputs of each row at once here too (one output at
+            // a time, the one-row projections were 30% slower at b = 1); a
+            // short one (q·K) one output at a time (4 at once, q·K at b = 1
+            // ran at half the speed: 1.1 -> 2.5 ms timed alone).
+            let cols = if summed && !self.short_sum(j) { SUM_COLS } else { 1 };
             let left = self.b.subi(&inner, &base);
             let one = self.b.index(1);
             let single = self.b.op(&format!("arith.cmpi eq, {left}, {one} : index"));
             self.b.open_guard(&single);
-            self.reuse_tile(out, j, &tiled, at.clone(), (1, &base, Rows::One))?;
+            self.whole_blocks(out, j, &tiled, &at, (cols, &base, Rows::One))?;
             self.b.else_guard();
-            self.reuse_tile(out, j, &tiled, at, (1, &base, Rows::Loop))?;
+            self.whole_blocks(out, j, &tiled, &at, (cols, &base, Rows::Loop))?;
             self.b.close();
             self.b.close();
         } else {
@@ -287,6 +281,35 @@ impl Kc<'_> {
             self.b.size(&out.kernel.extent)
         } else {
             Ok(self.b.hoist(&format!("arith.muli {outer}, {tiles} : index")))
+        }
+    }
+
+    /// [`Kc::reuse_tile`] with `cols` outputs of the block at once where
+    /// the block is whole: when its size is only known at run time, a
+    /// guard, and one output at a time in a block cut short.
+    fn whole_blocks(
+        &mut self,
+        out: &Out,
+        j: usize,
+        t: &Tiled,
+        at: &[String],
+        (cols, base, rows): (usize, &str, Rows),
+    ) -> Result<(), LowerError> {
+        let known = |kc: &Self, pos: usize| kc.b.known(&t.keep_sizes[pos]).is_some_and(|n| n % BLOCK as i64 == 0);
+        match t.block {
+            Some(pos) if cols > 1 && !known(self, pos) => {
+                let bn = self.b.index(BLOCK as i64);
+                let start = self.b.muli(&at[pos], &bn);
+                let stop = self.b.addi(&start, &bn);
+                let all = self.b.op(&format!("arith.cmpi ule, {stop}, {} : index", t.keep_sizes[pos]));
+                self.b.open_guard(&all);
+                self.reuse_tile(out, j, t, at.to_vec(), (cols, base, rows))?;
+                self.b.else_guard();
+                self.reuse_tile(out, j, t, at.to_vec(), (1, base, rows))?;
+                self.b.close();
+                Ok(())
+            }
+            _ => self.reuse_tile(out, j, t, at.to_vec(), (cols, base, rows)),
         }
     }
 
@@ -329,6 +352,7 @@ impl Kc<'_> {
             Some(pos) => self.spread(&at, pos, count, stride),
             None => vec![at],
         };
+        let kind = rows;
         let rows: Vec<String> = match rows {
             Rows::Loop => {
                 let n = self.b.index(t.tile as i64);
@@ -365,7 +389,7 @@ impl Kc<'_> {
         }
         let values = match (t.vector, t.summed && cols > 1) {
             (Some(lanes), _) => Values::Vectors(lanes),
-            (None, true) => Values::Rows(cols),
+            (None, true) => Values::Rows { cols, ahead: matches!(kind, Rows::Tile) },
             (None, false) => Values::Scalars,
         };
         self.store_tile(out, j, values, &idxs)?;
@@ -400,9 +424,9 @@ impl Kc<'_> {
                 let v = self.einsum_out_vec(j, idxs, lanes)?;
                 (v.into_iter().map(builder::Val::f32).collect(), lanes, idxs.iter().collect())
             }
-            Values::Rows(n) => {
-                let v = self.einsum_rows(j, idxs, n, SUM_READ_AHEAD)?;
-                (v.into_iter().map(builder::Val::f32).collect(), n, idxs.iter().step_by(n).collect())
+            Values::Rows { cols, ahead } => {
+                let v = self.einsum_rows(j, idxs, cols, ahead.then_some(SUM_READ_AHEAD))?;
+                (v.into_iter().map(builder::Val::f32).collect(), cols, idxs.iter().step_by(cols).collect())
             }
         };
         for (idx, v) in at.into_iter().zip(computed) {
@@ -412,7 +436,7 @@ impl Kc<'_> {
             } else {
                 self.b.store(&out.ptr, &off, out.dtype, v);
             }
-            if let Values::Rows(_) = values {
+            if let Values::Rows { ahead: true, .. } = values {
                 let step = self.b.index(SUM_WRITE_AHEAD as i64);
                 let later = self.b.addi(&off, &step);
                 self.b.prefetch(&out.ptr, &later, out.dtype, true);
@@ -504,18 +528,24 @@ mod tests {
     use crate::lower::emit::testing::{check_output, cpu_step, point};
 
     /// A weight projection `x [b, 1, d] @ W[48, d]ᵀ` (a block-whole kept
-    /// axis). With d = 64, a multiple of the vector lanes, the sum runs in
+    /// axis). With d a multiple of the vector lanes, the sum runs in
     /// vectors: a tile of 4 rows inside b computes 4 rows × 4 outputs in
     /// one loop (16 vector accumulators, added in one shuffle tree, each
     /// row's 4 outputs one vector store); with d = 40, in scalars: 8 rows ×
     /// 4 outputs (32 accumulators). A short last tile computes its real
-    /// rows one output at a time: a single row without a loop over rows,
-    /// more in a loop (two one-accumulator sums). All against the
-    /// interpreter, at b on either side of the tiles and not a multiple of
-    /// them, with one row left (1, 5, 9, 17) and more.
+    /// rows one at a time: a single row without a loop over rows, more in
+    /// a loop; 4 outputs of the row at once when the sum is long (d = 128:
+    /// 4 vector accumulators), else one (one f32 accumulator). All against
+    /// the interpreter, at b on either side of the tiles and not a
+    /// multiple of them, with one row left (1, 5, 9, 17) and more.
     #[test]
     fn projection_tiles_rows_and_columns() {
-        for (d, tile, acc) in [(64, 4, "vector<16xf32>"), (40, 8, "f32")] {
+        let cases = [
+            (64, 4, "vector<16xf32>", ("f32", 1)),
+            (128, 4, "vector<16xf32>", ("vector<16xf32>", 4)),
+            (40, 8, "f32", ("f32", 1)),
+        ];
+        for (d, tile, acc, (short_acc, short_n)) in cases {
             let doc = serde_json::json!({
                 "format": "bifurc-graph/1",
                 "dims": {"runtime": ["b"], "constants": {"d": d, "o": 48}},
@@ -530,12 +560,12 @@ mod tests {
             let accumulators = |ty: &str, n: usize| format!("-> ({}) {{", vec![ty; n].join(", "));
             let whole = accumulators(acc, tile * 4);
             assert!(text.contains(&whole), "a {tile} x 4 tile, d = {d}:\n{text}");
-            assert_eq!(text.contains("vector.shuffle"), d == 64, "a tree of the vector sums, d = {d}:\n{text}");
-            if d == 64 {
+            assert_eq!(text.contains("vector.shuffle"), d != 40, "a tree of the vector sums, d = {d}:\n{text}");
+            if d != 40 {
                 assert!(text.contains("vector<4xf32>, !llvm.ptr"), "4 outputs stored at once:\n{text}");
             }
             let short = text.split(&whole).nth(1).unwrap_or_default();
-            let one = accumulators("f32", 1);
+            let one = accumulators(short_acc, short_n);
             assert_eq!(short.matches(&one).count(), 2, "one row, and a loop of rows, d = {d}:\n{text}");
             assert!(short.contains("arith.cmpi eq"), "a guard for the one-row tile:\n{text}");
             for b in [1, 3, 4, 5, 8, 9, 13, 16, 17] {

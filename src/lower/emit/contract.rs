@@ -367,14 +367,15 @@ impl Kc<'_> {
     /// vectors ([`Kc::sum_lanes`]), at every index of `idxs`: rows of
     /// `cols` consecutive outputs along the output's last axis (`cols`
     /// dividing the lanes), each row's as one `vector<cols x f32>`, the
-    /// sums added in one tree. When the sum is short, the stored operands
-    /// indexed by that axis are prefetched `ahead` outputs further along it.
+    /// sums added in one tree. With `ahead`, when the sum is short, the
+    /// stored operands indexed by that axis are prefetched that many
+    /// outputs further along it.
     pub(crate) fn einsum_rows(
         &mut self,
         j: usize,
         idxs: &[Vec<String>],
         cols: usize,
-        ahead: usize,
+        ahead: Option<usize>,
     ) -> Result<Vec<String>, LowerError> {
         let (Some((spec, inputs)), Some((lanes, 1))) = (self.contraction_spec(j), self.sum_lanes(j)) else {
             return Err(self.unsupported(j, "rows of a contraction not summed in vectors"));
@@ -392,8 +393,7 @@ impl Kc<'_> {
         // operand row (a head of K): a long row (a weight's) is one
         // stream the hardware follows, and one prefetch per line of it
         // only costs instructions (the projections 2.3 -> 5.4 ms).
-        let short = self.constant_size(d).is_some_and(|n| n <= (PREFETCH_SUM_VECTORS * lanes) as i64);
-        let ahead = short.then_some((z, ahead));
+        let ahead = ahead.filter(|_| self.short_sum(j)).map(|n| (z, n));
         let res = self.simd_sums(j, &spec, &inputs, &mut envs, (*c, d), lanes, ahead)?;
         let packed = self.lane_tree(&res, lanes);
         let vty = format!("vector<{lanes}xf32>");
@@ -488,6 +488,17 @@ impl Kc<'_> {
         let reduced = self.reduced(&spec, &inputs);
         let (c, d) = reduced.last()?;
         Some((self.simd_lanes(&spec, &inputs, *c, d)?, reduced.len()))
+    }
+
+    /// Whether node `j`'s sum in explicit vectors ([`Kc::sum_lanes`]) is
+    /// short: at most PREFETCH_SUM_VECTORS vectors (a 64-wide head), a few
+    /// cache lines of each operand row per output.
+    pub(crate) fn short_sum(&self, j: usize) -> bool {
+        let Some((lanes, _)) = self.sum_lanes(j) else { return false };
+        let Some((spec, inputs)) = self.contraction_spec(j) else { return false };
+        let reduced = self.reduced(&spec, &inputs);
+        let n = reduced.last().and_then(|(_, d)| self.constant_size(d));
+        n.is_some_and(|n| n <= (PREFETCH_SUM_VECTORS * lanes) as i64)
     }
 
     /// Node `j` as an einsum over its inputs: an einsum itself, or a
