@@ -129,10 +129,11 @@ const CPU_SIMD: usize = 16;
 const BLOCK: usize = 16;
 
 /// Outputs of a block computed at once with each row of a tiled CPU
-/// contraction's register tile (a tile of `CPU_TILE` × 4: the weight
-/// projections read each loaded vector of the input for 4 outputs and each
-/// of the weight's for 8, instead of 1 and 8; about 2x faster on
-/// `mlp_gate_proj` at b = 32).
+/// contraction's register tile of scalar sums (a tile of `CPU_TILE` × 4:
+/// the bf16 / f16 weight projections read each loaded vector of the input
+/// for 4 outputs and each of the weight's for 8, instead of 1 and 8; about
+/// 2x faster on `mlp_gate_proj` at b = 32). Sums in explicit vectors tile
+/// SUM_ROWS × SUM_COLS instead.
 const CPU_COLS: usize = 4;
 
 /// The register tile of a CPU contraction whose sum runs in explicit

@@ -9,8 +9,9 @@
 //!   `q [b,g,p,n,k] x K_ctx [g,m_c,k]`, the reuse axes are b, p, n: the
 //!   context cache is streamed once per step instead of once per sample.
 //!   On the CPU the reuse index is also tiled: one iteration computes
-//!   [`CPU_TILE`] outputs that share every load of the large operand (a
-//!   register tile); and the output's last axis, along which the CPU
+//!   up to [`CPU_TILE`] outputs that share every load of the large
+//!   operand (a register tile; fewer rows where each output is a vector
+//!   or a vector sum, see `bodies.rs`); and the output's last axis, along which the CPU
 //!   vectorizes, stays a kept axis when streaming an operand that indexes
 //!   it moves at most twice the elements (grouped-query `w·V`, see
 //!   [`crate::lower::plan::reuse_axes_for`]). Kept when the largest operand indexes every output
