@@ -16,9 +16,10 @@ const ACCUMULATE: &str = "reassoc,contract";
 /// Letters for the batch axes of a matmul written as an einsum (see
 /// [`Kc::contraction_spec`]; none of `m`, `n`, `k`).
 const BATCH_LETTERS: &str = "abcdefgh";
-/// [`Kc::einsum_rows`] prefetches the operands of sums of at most this
-/// many vectors.
-const PREFETCH_SUM_VECTORS: usize = 4;
+/// A sum of at most this many vectors is short (see [`Kc::short_sum`]):
+/// an attention head of up to 256 (a few cache lines of each K row per
+/// output), against the thousands of a weight projection's.
+const PREFETCH_SUM_VECTORS: usize = 16;
 /// Vector sums at least this many at once are added in a tree
 /// ([`Kc::lane_sums`]), fewer each on its own.
 const TREE_SUMS: usize = 4;
@@ -491,8 +492,8 @@ impl Kc<'_> {
     }
 
     /// Whether node `j`'s sum in explicit vectors ([`Kc::sum_lanes`]) is
-    /// short: at most PREFETCH_SUM_VECTORS vectors (a 64-wide head), a few
-    /// cache lines of each operand row per output.
+    /// short: at most PREFETCH_SUM_VECTORS vectors (a head of 64 or 128),
+    /// a few cache lines of each operand row per output.
     pub(crate) fn short_sum(&self, j: usize) -> bool {
         let Some((lanes, _)) = self.sum_lanes(j) else { return false };
         let Some((spec, inputs)) = self.contraction_spec(j) else { return false };
