@@ -24,6 +24,11 @@ const PREFETCH_SUM_VECTORS: usize = 16;
 /// ([`Kc::lane_sums`]), fewer each on its own.
 const TREE_SUMS: usize = 4;
 
+/// For each output index of a tile, its einsum letters bound to it.
+fn output_envs(output: &[char], idxs: &[Vec<String>]) -> Vec<Vec<(char, String)>> {
+    idxs.iter().map(|idx| output.iter().copied().zip(idx.iter().cloned()).collect()).collect()
+}
+
 /// Loads already emitted in one contraction step, by (operand, index).
 #[derive(Default)]
 struct Loaded(std::collections::HashMap<(usize, Vec<String>), String>);
@@ -194,8 +199,7 @@ impl Kc<'_> {
         if spec.inputs.len() != inputs.len() || idxs.iter().any(|idx| spec.output.len() != idx.len()) {
             return Err(self.unsupported(j, format!("einsum `{spec}` does not match its operands")));
         }
-        let mut envs: Vec<Vec<(char, String)>> =
-            idxs.iter().map(|idx| spec.output.iter().copied().zip(idx.iter().cloned()).collect()).collect();
+        let mut envs = output_envs(&spec.output, idxs);
         let reduced = self.reduced(spec, inputs);
         let zero = self.b.f32(0.0);
         self.einsum_loops(j, spec, inputs, &mut envs, &reduced, &vec![zero; idxs.len()])
@@ -387,8 +391,7 @@ impl Kc<'_> {
         }
         let reduced = self.reduced(&spec, &inputs);
         let Some((c, d)) = reduced.first() else { return Err(self.unsupported(j, "einsum without a sum")) };
-        let mut envs: Vec<Vec<(char, String)>> =
-            idxs.iter().map(|idx| spec.output.iter().copied().zip(idx.iter().cloned()).collect()).collect();
+        let mut envs = output_envs(&spec.output, idxs);
         let z = spec.output.last().copied().ok_or_else(|| self.unsupported(j, "einsum rows of a scalar"))?;
         // Prefetched when each output's sum reads a few lines of each
         // operand row (a head of K): a long row (a weight's) is one
@@ -560,8 +563,7 @@ impl Kc<'_> {
         if spec.inputs.len() != inputs.len() || idxs.iter().any(|idx| spec.output.len() != idx.len()) {
             return Err(self.unsupported(j, format!("einsum `{spec}` does not match its operands")));
         }
-        let mut envs: Vec<Vec<(char, String)>> =
-            idxs.iter().map(|idx| spec.output.iter().copied().zip(idx.iter().cloned()).collect()).collect();
+        let mut envs = output_envs(&spec.output, idxs);
         let reduced = self.reduced(&spec, &inputs);
         let vty = format!("vector<{lanes}xf32>");
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
