@@ -75,9 +75,8 @@ enum Values {
     Vectors(usize),
     /// A vector per row of `cols` consecutive indices (`Kc::einsum_rows`),
     /// prefetching ahead along the rows (`ahead`: a whole tile's rows,
-    /// which reuse each loaded line; a short tile's single rows stream
-    /// the operand in order, where prefetches only cost instructions: q·K
-    /// at b = 1 1.3 -> 2.0 ms with them).
+    /// which reuse each loaded line; a short tile's rows stream the
+    /// operand in order, where prefetches only cost instructions).
     Rows { cols: usize, ahead: bool },
 }
 
@@ -188,7 +187,7 @@ impl Kc<'_> {
         // operands) with a block along the output's last axis: a tile of
         // SUM_ROWS rows × SUM_COLS consecutive outputs of a whole block
         // (16 vector accumulators; each load of either operand feeds
-        // several FMAs), the sums added in one tree (`Kc::lane_sums`), and
+        // several FMAs), the sums added in one tree (`Kc::lane_tree`), and
         // each row's outputs stored together. One output at a time, a
         // tile's rows' stores land a reuse stride apart, in one cache set.
         let summed = match (block, vector) {
