@@ -21,7 +21,7 @@ const BATCH_LETTERS: &str = "abcdefgh";
 /// output), against the thousands of a weight projection's.
 const PREFETCH_SUM_VECTORS: usize = 16;
 /// Vector sums at least this many at once are added in a tree
-/// ([`Kc::lane_sums`]), fewer each on its own.
+/// ([`Kc::lane_tree`]), fewer each on its own.
 const TREE_SUMS: usize = 4;
 
 /// For each output index of a tile, its einsum letters bound to it.
