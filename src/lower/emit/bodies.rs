@@ -64,6 +64,8 @@ struct Tiled<'a> {
     groups: usize,
     /// The sum runs in explicit vectors (see `summed` in `reuse_body`).
     summed: bool,
+    /// Every block is whole (see `whole` in `reuse_body`).
+    whole: bool,
 }
 
 /// How [`Kc::store_tile`] computes and stores a register tile.
@@ -191,11 +193,11 @@ impl Kc<'_> {
         // each row's outputs stored together. One output at a time, a
         // tile's rows' stores land a reuse stride apart, in one cache set.
         let summed = match (block, vector) {
-            (Some(pos), None) if keep[pos] + 1 == out.sizes.len() => matches!(self.sum_lanes(j), Some((_, 1))),
-            _ => false,
+            (Some(pos), None) if keep[pos] + 1 == out.sizes.len() => self.vector_sum(j).filter(|s| s.letters == 1),
+            _ => None,
         };
         // Tiles along the reuse index: `tiles = ceil(inner / tile)`.
-        let tile = if summed {
+        let tile = if summed.is_some() {
             tile.min(SUM_ROWS)
         } else if groups > 1 {
             tile.min(CPU_SIMD / groups)
@@ -221,6 +223,9 @@ impl Kc<'_> {
         walk_sizes.push(tiles.clone());
         let mut at = walk_index(self, out.target, &out.flat, &walk_sizes, false, opened);
         let tile_index = at.pop().unwrap_or_default();
+        // The blocks along the kept axis are all whole (its size a known
+        // multiple of BLOCK).
+        let whole = block.is_some_and(|pos| self.b.known(&keep_sizes[pos]).is_some_and(|n| n % BLOCK as i64 == 0));
         let tiled = Tiled {
             keep: &keep,
             reuse: &reuse,
@@ -231,7 +236,8 @@ impl Kc<'_> {
             block,
             vector,
             groups,
-            summed,
+            summed: summed.is_some(),
+            whole,
         };
         // A tile whose rows are all inside the reuse extent computes them
         // together, and several outputs of the block with each (a
@@ -239,9 +245,8 @@ impl Kc<'_> {
         // several FMAs) when the block is whole; the last tile, if short
         // (b = 1, 13), loops over its real rows one output at a time
         // instead of redoing work for rows past the end.
-        let whole = block.is_some_and(|pos| self.b.known(&keep_sizes[pos]).is_some_and(|n| n % BLOCK as i64 == 0));
         if tile > 1 {
-            let cols = match (summed, whole && vector.is_none()) {
+            let cols = match (summed.is_some(), whole && vector.is_none()) {
                 (true, _) => SUM_COLS,
                 (false, true) => CPU_COLS,
                 (false, false) => 1,
@@ -264,7 +269,7 @@ impl Kc<'_> {
             // short one (q·K) one output at a time (4 at once, q·K at b = 1
             // ran at half the speed: 1.1 -> 2.5 ms timed alone, and the
             // b = 1 step of a model with 128-wide heads 13.5 -> 18 ms).
-            let cols = if summed && !self.short_sum(j) { SUM_COLS } else { 1 };
+            let cols = if summed.is_some_and(|s| !s.short()) { SUM_COLS } else { 1 };
             let left = self.b.subi(&inner, &base);
             let one = self.b.index(1);
             let single = self.b.op(&format!("arith.cmpi eq, {left}, {one} : index"));
@@ -295,9 +300,8 @@ impl Kc<'_> {
         at: &[String],
         (cols, base, rows): (usize, &str, Rows),
     ) -> Result<(), LowerError> {
-        let known = |kc: &Self, pos: usize| kc.b.known(&t.keep_sizes[pos]).is_some_and(|n| n % BLOCK as i64 == 0);
         match t.block {
-            Some(pos) if cols > 1 && !known(self, pos) => {
+            Some(pos) if cols > 1 && !t.whole => {
                 let bn = self.b.index(BLOCK as i64);
                 let start = self.b.muli(&at[pos], &bn);
                 let stop = self.b.addi(&start, &bn);
@@ -352,8 +356,7 @@ impl Kc<'_> {
             Some(pos) => self.spread(&at, pos, count, stride),
             None => vec![at],
         };
-        let kind = rows;
-        let rows: Vec<String> = match rows {
+        let starts: Vec<String> = match rows {
             Rows::Loop => {
                 let n = self.b.index(t.tile as i64);
                 let left = self.b.subi(t.inner, base);
@@ -376,8 +379,8 @@ impl Kc<'_> {
                 })
                 .collect(),
         };
-        let mut idxs = Vec::with_capacity(rows.len() * cols_at.len());
-        for row in &rows {
+        let mut idxs = Vec::with_capacity(starts.len() * cols_at.len());
+        for row in &starts {
             let inner_idx = self.b.delinearize(row, t.reuse_sizes);
             for at in &cols_at {
                 let mut idx = vec![String::new(); out.sizes.len()];
@@ -389,7 +392,7 @@ impl Kc<'_> {
         }
         let values = match (t.vector, t.summed && cols > 1) {
             (Some(lanes), _) => Values::Vectors(lanes),
-            (None, true) => Values::Rows { cols, ahead: matches!(kind, Rows::Tile) },
+            (None, true) => Values::Rows { cols, ahead: matches!(rows, Rows::Tile) },
             (None, false) => Values::Scalars,
         };
         self.store_tile(out, j, values, &idxs)?;

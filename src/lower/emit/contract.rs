@@ -16,13 +16,32 @@ const ACCUMULATE: &str = "reassoc,contract";
 /// Letters for the batch axes of a matmul written as an einsum (see
 /// [`Kc::contraction_spec`]; none of `m`, `n`, `k`).
 const BATCH_LETTERS: &str = "abcdefgh";
-/// A sum of at most this many vectors is short (see [`Kc::short_sum`]):
+/// A sum of at most this many vectors is short (see [`VectorSum::short`]):
 /// an attention head of up to 256 (a few cache lines of each K row per
 /// output), against the thousands of a weight projection's.
 const PREFETCH_SUM_VECTORS: usize = 16;
 /// Vector sums at least this many at once are added in a tree
 /// ([`Kc::lane_tree`]), fewer each on its own.
 const TREE_SUMS: usize = 4;
+
+/// A contraction's innermost sum in explicit vectors (see
+/// [`Kc::vector_sum`]).
+#[derive(Clone, Copy)]
+pub(crate) struct VectorSum {
+    pub lanes: usize,
+    /// Letters the contraction sums in all (this one innermost).
+    pub letters: usize,
+    /// Elements this letter sums (a constant).
+    pub len: i64,
+}
+
+impl VectorSum {
+    /// At most PREFETCH_SUM_VECTORS vectors (a head of 64 or 128): a few
+    /// cache lines of each operand row per output.
+    pub(crate) fn short(&self) -> bool {
+        self.len <= (PREFETCH_SUM_VECTORS * self.lanes) as i64
+    }
+}
 
 /// For each output index of a tile, its einsum letters bound to it.
 fn output_envs(output: &[char], idxs: &[Vec<String>]) -> Vec<Vec<(char, String)>> {
@@ -336,16 +355,17 @@ impl Kc<'_> {
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
         let (res, l, vaccs) = self.b.open_for_typed(&ub, &step, &vec![zero; envs.len()], &vty);
         let mut loaded = Loaded::default();
-        let mut fetched = std::collections::HashSet::new();
         let mut nexts = Vec::with_capacity(envs.len());
         for (env, acc) in envs.iter_mut().zip(&vaccs) {
             env.push((c, l.clone()));
             let mut factors = Vec::with_capacity(inputs.len());
             for (k, (subs, v)) in spec.inputs.iter().zip(inputs).enumerate() {
                 let at = self.operand_index(j, subs, env)?;
+                // Prefetched once, with the element's first load.
+                let first = !loaded.0.contains_key(&(k, at.clone()));
                 factors.push(self.loadv_once(&mut loaded, j, k, *v, &at, subs.contains(&c), lanes)?);
                 match (ahead, self.stored(*v)) {
-                    (Some((z, n)), Some(b)) if subs.contains(&z) && fetched.insert((k, at)) => {
+                    (Some((z, n)), Some(b)) if first && subs.contains(&z) => {
                         let mut later = env.clone();
                         if let Some((_, i)) = later.iter_mut().find(|(l, _)| *l == z) {
                             let step = self.b.index(n as i64);
@@ -369,7 +389,7 @@ impl Kc<'_> {
     }
 
     /// Einsum node `j`, whose one contracted letter is summed in explicit
-    /// vectors ([`Kc::sum_lanes`]), at every index of `idxs`: rows of
+    /// vectors ([`Kc::vector_sum`]), at every index of `idxs`: rows of
     /// `cols` consecutive outputs along the output's last axis (`cols`
     /// dividing the lanes), each row's as one `vector<cols x f32>`, the
     /// sums added in one tree. With `ahead`, when the sum is short, the
@@ -382,7 +402,9 @@ impl Kc<'_> {
         cols: usize,
         ahead: Option<usize>,
     ) -> Result<Vec<String>, LowerError> {
-        let (Some((spec, inputs)), Some((lanes, 1))) = (self.contraction_spec(j), self.sum_lanes(j)) else {
+        let (Some((spec, inputs)), Some(sum @ VectorSum { lanes, letters: 1, .. })) =
+            (self.contraction_spec(j), self.vector_sum(j))
+        else {
             return Err(self.unsupported(j, "rows of a contraction not summed in vectors"));
         };
         if cols == 0 || lanes % cols != 0 || idxs.len() % cols != 0 || idxs.iter().any(|i| i.len() != spec.output.len())
@@ -397,7 +419,7 @@ impl Kc<'_> {
         // operand row (a head of K): a long row (a weight's) is one
         // stream the hardware follows, and one prefetch per line of it
         // only costs instructions (the projections 2.3 -> 5.4 ms).
-        let ahead = ahead.filter(|_| self.short_sum(j)).map(|n| (z, n));
+        let ahead = ahead.filter(|_| sum.short()).map(|n| (z, n));
         let res = self.simd_sums(j, &spec, &inputs, &mut envs, (*c, d), lanes, ahead)?;
         let packed = self.lane_tree(&res, lanes);
         let vty = format!("vector<{lanes}xf32>");
@@ -477,32 +499,23 @@ impl Kc<'_> {
                 return None;
             }
         }
-        if self.sum_lanes(j).is_some() {
+        if self.vector_sum(j).is_some() {
             return None;
         }
         Some(lanes)
     }
 
-    /// Lanes of the explicit-vector sum ([`Kc::simd_lanes`]) that einsum
-    /// node `j` runs as its innermost contraction loop (`q·K`: the head
-    /// dim, innermost in both operands), if any, and how many letters it
-    /// contracts in all.
-    pub(crate) fn sum_lanes(&self, j: usize) -> Option<(usize, usize)> {
+    /// The explicit-vector sum ([`Kc::simd_lanes`]) that node `j` runs as
+    /// its innermost contraction loop (`q·K`: the head dim, innermost in
+    /// both operands), if any.
+    pub(crate) fn vector_sum(&self, j: usize) -> Option<VectorSum> {
         let (spec, inputs) = self.contraction_spec(j)?;
         let reduced = self.reduced(&spec, &inputs);
         let (c, d) = reduced.last()?;
-        Some((self.simd_lanes(&spec, &inputs, *c, d)?, reduced.len()))
-    }
-
-    /// Whether node `j`'s sum in explicit vectors ([`Kc::sum_lanes`]) is
-    /// short: at most PREFETCH_SUM_VECTORS vectors (a head of 64 or 128),
-    /// a few cache lines of each operand row per output.
-    pub(crate) fn short_sum(&self, j: usize) -> bool {
-        let Some((lanes, _)) = self.sum_lanes(j) else { return false };
-        let Some((spec, inputs)) = self.contraction_spec(j) else { return false };
-        let reduced = self.reduced(&spec, &inputs);
-        let n = reduced.last().and_then(|(_, d)| self.constant_size(d));
-        n.is_some_and(|n| n <= (PREFETCH_SUM_VECTORS * lanes) as i64)
+        let lanes = self.simd_lanes(&spec, &inputs, *c, d)?;
+        // simd_lanes only accepts a constant length.
+        let len = self.constant_size(d)?;
+        Some(VectorSum { lanes, letters: reduced.len(), len })
     }
 
     /// Node `j` as an einsum over its inputs: an einsum itself, or a

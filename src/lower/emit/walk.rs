@@ -11,12 +11,13 @@
 //!   On the CPU the reuse index is also tiled: one iteration computes
 //!   up to [`CPU_TILE`] outputs that share every load of the large
 //!   operand (a register tile; fewer rows where each output is a vector
-//!   or a vector sum, see `bodies.rs`); and the output's last axis, along which the CPU
-//!   vectorizes, stays a kept axis when streaming an operand that indexes
-//!   it moves at most twice the elements (grouped-query `w·V`, see
-//!   [`crate::lower::plan::reuse_axes_for`]). Kept when the largest operand indexes every output
-//!   axis of size other than 1 (the baseline's attention over a broadcast
-//!   cache, elementwise-like contractions).
+//!   or a vector sum, see `bodies.rs`); and the output's last axis, along
+//!   which the CPU vectorizes, stays a kept axis when streaming an operand
+//!   that indexes it moves at most twice the elements (grouped-query
+//!   `w·V`, see [`crate::lower::plan::reuse_axes_for`]). Kept when the
+//!   largest operand indexes every output axis of size other than 1 (the
+//!   baseline's attention over a broadcast cache, elementwise-like
+//!   contractions).
 //! - **Rows** (softmax, rms / layer norm, both targets): one iteration
 //!   (GPU: block) per lane: its statistics once, then a loop storing the
 //!   lane's elements. The kernel's extent is the number of lanes (see
