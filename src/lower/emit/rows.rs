@@ -131,20 +131,23 @@ impl Kc<'_> {
         self.b.close();
     }
 
-    /// Every element of a softmax row from its statistics (each `exp`
-    /// computed again), stored at its row-major offset in `out`.
-    fn softmax_elems(
+    /// The sum of a softmax row of max `max`, then every element from
+    /// both (each `exp` computed again), stored at its row-major offset in
+    /// `out`.
+    fn softmax_recompute(
         &mut self,
         x: Value,
-        stats: &[String; 2],
+        max: String,
         segments: &[Poly],
         at: &mut [String],
         axis: usize,
         (ptr, sizes, dtype): (&str, &[String], DType),
     ) -> Result<(), LowerError> {
+        let sum = self.softmax_sum(x, at, axis, segments, &max, None)?;
+        let stats = [max, sum];
         self.row_each(segments, |kc, l| {
             at[axis] = l.to_owned();
-            let v = kc.softmax_elem(x, stats, at)?;
+            let v = kc.softmax_elem(x, &stats, at)?;
             let off = kc.b.linearize(at, sizes);
             kc.b.store(ptr, &off, dtype, v);
             Ok(())
@@ -311,12 +314,10 @@ impl Kc<'_> {
                     let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some(Keep::Row(&row)))?;
                     self.softmax_scale(&[max.clone(), sum], &len, &mut at, axis, Keep::Row(&row), out);
                     self.b.else_guard();
-                    let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, None)?;
-                    self.softmax_elems(x, &[max, sum], &segments, &mut at, axis, out)?;
+                    self.softmax_recompute(x, max, &segments, &mut at, axis, out)?;
                     self.b.close();
                 } else {
-                    let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, None)?;
-                    self.softmax_elems(x, &[max, sum], &segments, &mut at, axis, out)?;
+                    self.softmax_recompute(x, max, &segments, &mut at, axis, out)?;
                 }
             }
             Op::RmsNorm { eps } | Op::LayerNorm { eps } => {
