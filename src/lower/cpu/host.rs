@@ -96,10 +96,10 @@ impl HostData {
         };
         let mut out = match dtype {
             DType::F32 => HostData::F32(Lines::from(values)),
-            DType::BF16 => HostData::U16(values.iter().map(|&x| f32_to_bf16(x)).collect::<Vec<_>>().into()),
-            DType::F16 => HostData::U16(values.iter().map(|&x| f32_to_f16(x)).collect::<Vec<_>>().into()),
+            DType::BF16 => HostData::U16(Lines::collect(values.iter().map(|&x| f32_to_bf16(x)))),
+            DType::F16 => HostData::U16(Lines::collect(values.iter().map(|&x| f32_to_f16(x)))),
             // |v| <= 2^24 fits i32.
-            DType::I32 => HostData::I32(ints()?.into_iter().map(|v| v as i32).collect::<Vec<_>>().into()),
+            DType::I32 => HostData::I32(Lines::collect(ints()?.into_iter().map(|v| v as i32))),
             DType::I64 => HostData::I64(ints()?.into()),
         };
         if values.is_empty() {

@@ -47,6 +47,16 @@ impl<T: Copy + Default> Lines<T> {
         }
     }
 
+    /// The items of `it`, written once into memory that starts a line
+    /// (collecting into a `Vec` first could copy them a second time).
+    pub(crate) fn collect(it: impl ExactSizeIterator<Item = T>) -> Self {
+        let mut out = Self::zeros(it.len());
+        for (slot, x) in out.iter_mut().zip(it) {
+            *slot = x;
+        }
+        out
+    }
+
     /// Elements this allocation can hold.
     #[cfg(test)]
     pub(crate) fn capacity(&self) -> usize {
@@ -124,7 +134,8 @@ mod tests {
         v.as_ptr() as usize % LINE == 0
     }
 
-    /// Every way of making one starts on a line, keeps its values, and
+    /// Every way of making one starts on a line, keeps its values (made from
+    /// a `Vec`, a slice, a clone, an iterator), and
     /// grows and shrinks as `Vec::resize` does (kept values stay, new ones
     /// are the fill), in place while it fits.
     #[test]
@@ -140,6 +151,8 @@ mod tests {
             assert_eq!(a.into_vec(), v);
             let z = Lines::<u16>::zeros(n);
             assert!(on_a_line(&z) && z.iter().all(|&x| x == 0));
+            let c = Lines::collect(v.iter().map(|&x| x as i32));
+            assert!(on_a_line(&c) && c.len() == n && c.iter().zip(&v).all(|(&a, &b)| a == b as i32), "n = {n}");
         }
         let mut l = Lines::from(vec![1i64, 2, 3, 4]);
         let at = l.as_ptr();
