@@ -143,6 +143,25 @@ impl Builder {
         self.hoisted(format!("h{rhs}"), |_| Ok(rhs.to_owned())).unwrap_or_default()
     }
 
+    /// A stack slot of `count` f32 (64-byte aligned) allocated once in the
+    /// hoisted section, cached by `key`; when `init` (an f32 SSA value
+    /// hoisted before this call) is given, its first element is set to it
+    /// there. Kernels run their parts as separate calls, so each part has
+    /// its own slot.
+    pub(crate) fn stack_f32(&mut self, key: &str, count: usize, init: Option<&str>) -> String {
+        if let Some(v) = self.cache.get(&format!("s{key}")) {
+            return v.clone();
+        }
+        let n = self.i64(count as i64);
+        let slot = self.fresh();
+        let _ = writeln!(self.hoist, "{slot} = llvm.alloca {n} x f32 {{alignment = 64 : i64}} : (i64) -> !llvm.ptr");
+        if let Some(init) = init {
+            let _ = writeln!(self.hoist, "llvm.store {init}, {slot} : f32, !llvm.ptr");
+        }
+        self.cache.insert(format!("s{key}"), slot.clone());
+        slot
+    }
+
     /// An `index` constant.
     pub(crate) fn index(&mut self, c: i64) -> String {
         let v = self.hoisted(format!("i{c}"), |_| Ok(format!("arith.constant {c} : index"))).unwrap_or_default();

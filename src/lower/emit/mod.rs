@@ -39,7 +39,8 @@
 //!   gives 0), rms_norm (sum of squares), layer_norm (mean, then variance).
 //! - rope reads `x[.., j]` and its partner `x[.., j ± k/2]`, with
 //!   `angle = pos * theta^(-2 (j mod k/2) / k)` and `math.cos`/`math.sin`
-//!   in f32; gather reads the id, and yields NaN for an id outside the table
+//!   in f32 (on the CPU from a table per position, see `rope`); gather
+//!   reads the id, and yields NaN for an id outside the table
 //!   (it never reads out of bounds).
 //! - Math: `math.exp` (on the CPU a polynomial, see `exp`), `math.tanh`,
 //!   `math.erf`, `math.sqrt`, `math.powf`, `math.cos`, `math.sin`; gelu = `0.5 x (1 + erf(x / sqrt 2))`, the tanh
@@ -89,6 +90,7 @@ mod contract;
 mod exp;
 mod mma;
 mod ops;
+mod rope;
 mod rows;
 mod segments;
 mod share;

@@ -1,7 +1,7 @@
 //! Per-op element bodies: one output element of a compute node at a
-//! multi-index. Elementwise ops, reductions, rope and gather here;
-//! contractions in [`super::contract`], softmax and the norms (row
-//! kernels) in [`super::rows`].
+//! multi-index. Elementwise ops, reductions and gather here; rope in
+//! [`super::rope`], contractions in [`super::contract`], softmax and the
+//! norms (row kernels) in [`super::rows`].
 
 use crate::ir::{BinaryOp, Op, Poly, ReduceOp, UnaryOp, Value};
 use crate::lower::LowerError;
@@ -201,46 +201,6 @@ impl Kc<'_> {
         at[a] = None;
         self.b.close_for(&next, Ty::F32);
         Ok(res)
-    }
-
-    /// Rotary embedding ("rotate half") of `x: [b, H, n, k]` at
-    /// `positions: [b, n]`.
-    fn rope(&mut self, j: usize, x: Value, pos: Value, theta: f64, idx: &[String]) -> Result<Val, LowerError> {
-        let [bi, _h, t, c] = idx else { return Err(self.unsupported(j, "rope input is not rank 4")) };
-        let shape = self.graph.shape_of(x).clone();
-        let k = self
-            .graph
-            .dims
-            .normalize(&shape[3])
-            .ok()
-            .and_then(|p| p.as_constant())
-            .filter(|k| *k > 0 && k % 2 == 0)
-            .ok_or_else(|| self.unsupported(j, "rope head dim must be an even constant"))?;
-        let half = self.b.index(k / 2);
-        let lower = self.b.ult(c, &half);
-        let up = self.b.addi(c, &half);
-        let down = self.b.subi(c, &half);
-        let partner = self.b.op(&format!("arith.select {lower}, {up}, {down} : index"));
-        let i = self.b.op(&format!("arith.select {lower}, {c}, {down} : index"));
-        // inv_freq = theta^(-2 i / k); angle = pos * inv_freq.
-        let fi = self.b.index_to_f32(&i);
-        let scale = self.b.f32((-2.0 / k as f64) as f32);
-        let ex = self.b.fbin("mulf", &fi, &scale);
-        let th = self.b.f32(theta as f32);
-        let inv = self.b.op(&format!("math.powf {th}, {ex} : f32"));
-        let p = self.loadf(pos, &[bi.clone(), t.clone()])?;
-        let angle = self.b.fbin("mulf", &p, &inv);
-        let cos = self.b.math("cos", &angle);
-        let sin = self.b.math("sin", &angle);
-        let xv = self.loadf(x, idx)?;
-        let mut at = idx.to_vec();
-        at[3] = partner;
-        let xp = self.loadf(x, &at)?;
-        let a = self.b.fbin("mulf", &xv, &cos);
-        let bsin = self.b.fbin("mulf", &xp, &sin);
-        let neg = self.b.op(&format!("arith.negf {bsin} : f32"));
-        let term = self.b.op(&format!("arith.select {lower}, {neg}, {bsin} : f32"));
-        Ok(Val::f32(self.b.fbin("addf", &a, &term)))
     }
 
     /// Row `ids[idx[..-1]]` of `table`, column `idx[-1]`; NaN (0 for an
