@@ -1,10 +1,12 @@
 //! `bifurc inspect`: what a decode graph holds and what one step of it moves.
 
 pub mod bytes;
+pub mod macs;
 pub mod point;
 pub mod sites;
 
 pub use bytes::{bytes_moved, Bytes};
+pub use macs::{multiply_adds, MacsError};
 pub use point::{ShapePoint, DEFAULT_POINT};
 pub use sites::{find_sites, Site};
 
