@@ -16,7 +16,7 @@ pub mod plan;
 mod smoke;
 
 pub use context::{new_context, run_pipeline, verify, DiagnosticCapture};
-pub use cpu::{CpuStep, CPU_PIPELINE};
+pub use cpu::{peak_multiply_adds, CpuStep, CPU_PIPELINE};
 pub use emit::{emit, emit_emulating_gpu, emit_shared, Emulation, SharedModule, Target};
 pub use mma::{Mma, Tuning};
 pub use plan::{plan, plan_tuned, plan_with, Buffer, BufferKind, Kernel, Param, Pitch, Program};

@@ -10,10 +10,12 @@
 mod host;
 mod lines;
 mod parts;
+mod peak;
 mod stored;
 
 pub use host::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 pub use parts::PARALLEL_MIN_BYTES;
+pub use peak::peak_multiply_adds;
 pub use stored::Stored;
 
 use std::collections::{BTreeMap, HashMap};
@@ -64,10 +66,54 @@ type Packed = unsafe extern "C" fn(*mut *mut c_void);
 /// Owns an `MlirExecutionEngine`.
 struct Engine(mlir_sys::MlirExecutionEngine);
 
+impl Engine {
+    /// Parses and verifies `text` (a module of `func.func`s with
+    /// `llvm.emit_c_interface`, `what` in errors), lowers it with
+    /// [`CPU_PIPELINE`] and JIT-compiles it for this machine.
+    fn jit(text: &str, what: &str) -> Result<Self, LowerError> {
+        let context = new_context();
+        let capture = DiagnosticCapture::attach(&context);
+        let mut module =
+            Module::parse(&context, text).ok_or_else(|| LowerError::Parse { diagnostics: capture.take() })?;
+        drop(capture);
+        verify(&context, &module, what)?;
+        run_pipeline(&context, &mut module, CPU_PIPELINE)?;
+        let capture = DiagnosticCapture::attach(&context);
+        // SAFETY: `module` is a valid, verified LLVM-dialect module that
+        // outlives the call; no shared-library paths are passed (count 0,
+        // null array). The engine copies what it needs (it translates the
+        // module to LLVM IR it owns).
+        let raw = unsafe {
+            mlir_sys::mlirExecutionEngineCreate(module.to_raw(), OPT_LEVEL, 0, std::ptr::null(), false, false)
+        };
+        if raw.ptr.is_null() {
+            return Err(LowerError::Engine(format!("cannot create the execution engine: {}", capture.take())));
+        }
+        Ok(Engine(raw))
+    }
+
+    /// The packed wrapper of function `name` (one with
+    /// `llvm.emit_c_interface`), if the module has it.
+    fn entry(&self, name: &str) -> Option<Packed> {
+        let name = format!("_mlir_ciface_{name}");
+        // SAFETY: the engine is live; the name is a valid string ref for
+        // the duration of the call.
+        let f = unsafe {
+            mlir_sys::mlirExecutionEngineLookupPacked(
+                self.0,
+                mlir_sys::MlirStringRef { data: name.as_ptr().cast(), length: name.len() },
+            )
+        };
+        // SAFETY: `lookupPacked` returns the address of the packed wrapper
+        // `_mlir__mlir_ciface_<name>`, whose C signature is `void(void **)`.
+        (!f.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, Packed>(f) })
+    }
+}
+
 impl Drop for Engine {
     fn drop(&mut self) {
         // SAFETY: `self.0` is a non-null engine from `mlirExecutionEngineCreate`
-        // (checked in `CpuStep::compile`), destroyed exactly once here.
+        // (checked in `Engine::jit`), destroyed exactly once here.
         unsafe { mlir_sys::mlirExecutionEngineDestroy(self.0) }
     }
 }
@@ -127,45 +173,15 @@ impl CpuStep {
         emitted: &SharedModule,
         threads: usize,
     ) -> Result<Self, LowerError> {
-        let context = new_context();
-        let capture = DiagnosticCapture::attach(&context);
-        let mut module = Module::parse(&context, &emitted.shared)
-            .ok_or_else(|| LowerError::Parse { diagnostics: capture.take() })?;
-        drop(capture);
-        verify(&context, &module, "emitted CPU kernels")?;
-        run_pipeline(&context, &mut module, CPU_PIPELINE)?;
-        let capture = DiagnosticCapture::attach(&context);
-        // SAFETY: `module` is a valid, verified LLVM-dialect module that
-        // outlives the call; no shared-library paths are passed (count 0,
-        // null array). The engine copies what it needs (it translates the
-        // module to LLVM IR it owns).
-        let raw = unsafe {
-            mlir_sys::mlirExecutionEngineCreate(module.to_raw(), OPT_LEVEL, 0, std::ptr::null(), false, false)
-        };
-        if raw.ptr.is_null() {
-            return Err(LowerError::Engine(format!("cannot create the execution engine: {}", capture.take())));
-        }
-        drop(capture);
-        let engine = Engine(raw);
+        let engine = Engine::jit(&emitted.shared, "emitted CPU kernels")?;
         let mut entries = Vec::with_capacity(program.kernels.len());
         for kernel in &program.kernels {
             let entry = emitted.entries.get(&kernel.name).unwrap_or(&kernel.name);
-            let name = format!("_mlir_ciface_{entry}");
-            // SAFETY: the engine is live; the name is a valid string ref for
-            // the duration of the call.
-            let f = unsafe {
-                mlir_sys::mlirExecutionEngineLookupPacked(
-                    engine.0,
-                    mlir_sys::MlirStringRef { data: name.as_ptr().cast(), length: name.len() },
-                )
-            };
-            if f.is_null() {
-                return Err(LowerError::Engine(format!("kernel `{}` not found in the JIT", kernel.name)));
-            }
-            // SAFETY: `lookupPacked` returns the address of the packed
-            // wrapper `_mlir__mlir_ciface_<name>`, whose C signature is
-            // `void(void **)`.
-            entries.push(unsafe { std::mem::transmute::<*mut c_void, Packed>(f) });
+            entries.push(
+                engine
+                    .entry(entry)
+                    .ok_or_else(|| LowerError::Engine(format!("kernel `{}` not found in the JIT", kernel.name)))?,
+            );
         }
         let functions = emitted.entries.values().collect::<std::collections::BTreeSet<_>>().len();
         let scratch = Mutex::new(Vec::new());

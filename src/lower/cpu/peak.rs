@@ -1,0 +1,103 @@
+//! This machine's peak rate of f32 multiply-adds in JIT-compiled code: 16
+//! independent chains of `vector<16xf32>` FMAs (the CPU kernels' vector
+//! width), compiled with [`super::CPU_PIPELINE`] like every kernel and run
+//! on each thread at once. A step's multiply-adds divided by it is the
+//! least time the step can take here (see `inspect::multiply_adds`).
+
+use std::ffi::c_void;
+use std::time::Instant;
+
+use super::Engine;
+use crate::lower::LowerError;
+
+/// Independent accumulator chains: enough to cover the FMA latency of
+/// every core we know (4 cycles, 2 pipes).
+const CHAINS: usize = 16;
+/// Lanes of each chain's vector.
+const LANES: usize = 16;
+/// Loop trips of one timed call per thread (16 Mi vector FMAs, a few ms).
+const TRIPS: i64 = 1 << 20;
+/// Timed calls; the fastest counts (a shared machine's other cores are
+/// now and then busy: two threads measured 64 and 122 G/s a few seconds
+/// apart on a 2-core VM).
+const TRIES: usize = 9;
+
+/// The calibration kernel: `peak(n, out)` runs `n` trips of one FMA per
+/// chain and stores the chains' sum in `*out` (so nothing is removed).
+fn module() -> String {
+    let vty = format!("vector<{LANES}xf32>");
+    let mut s =
+        String::from("module {\n  func.func @peak(%n: i64, %out: !llvm.ptr) attributes {llvm.emit_c_interface} {\n");
+    s += "    %c0 = arith.constant 0 : index\n    %c1 = arith.constant 1 : index\n";
+    s += "    %trips = arith.index_cast %n : i64 to index\n";
+    s += &format!("    %x = arith.constant dense<0.999> : {vty}\n    %y = arith.constant dense<1.0e-04> : {vty}\n");
+    for c in 0..CHAINS {
+        // Distinct starts: equal chains would be merged into one.
+        s += &format!("    %i{c} = arith.constant dense<{}.0e-02> : {vty}\n", c + 1);
+    }
+    let names = |p: &str| (0..CHAINS).map(|c| format!("%{p}{c}")).collect::<Vec<_>>().join(", ");
+    let iter: Vec<String> = (0..CHAINS).map(|c| format!("%a{c} = %i{c}")).collect();
+    let types = vec![vty.clone(); CHAINS].join(", ");
+    s += &format!(
+        "    %r:{CHAINS} = scf.for %k = %c0 to %trips step %c1 iter_args({}) -> ({types}) {{\n",
+        iter.join(", ")
+    );
+    for c in 0..CHAINS {
+        s += &format!("      %b{c} = math.fma %a{c}, %x, %y : {vty}\n");
+    }
+    s += &format!("      scf.yield {} : {types}\n    }}\n", names("b"));
+    s += &format!("    %s0 = arith.addf %r#0, %r#1 : {vty}\n");
+    for c in 2..CHAINS {
+        s += &format!("    %s{} = arith.addf %s{}, %r#{c} : {vty}\n", c - 1, c - 2);
+    }
+    s += &format!("    %sum = vector.reduction <add>, %s{} : {vty} into f32\n", CHAINS - 2);
+    s += "    llvm.store %sum, %out : f32, !llvm.ptr\n    return\n  }\n}\n";
+    s
+}
+
+/// Multiply-adds per second that `threads` threads running at once reach
+/// at best on this machine (the fastest of a few timed runs).
+pub fn peak_multiply_adds(threads: usize) -> Result<f64, LowerError> {
+    let engine = Engine::jit(&module(), "the peak-rate kernel")?;
+    let entry = engine.entry("peak").ok_or_else(|| LowerError::Engine("peak-rate kernel not found".into()))?;
+    let call = |trips: i64| {
+        let (mut n, mut sum) = (trips, 0f32);
+        let mut out = std::ptr::addr_of_mut!(sum);
+        let mut args = [std::ptr::addr_of_mut!(n).cast::<c_void>(), std::ptr::addr_of_mut!(out).cast::<c_void>()];
+        // SAFETY: `entry` is the packed wrapper of `peak(i64, ptr)`: it
+        // reads an i64 through `args[0]` and a pointer through `args[1]`,
+        // which points at `sum`, the one f32 it writes. All three live
+        // until the call returns.
+        unsafe { entry(args.as_mut_ptr()) };
+        sum
+    };
+    call(1 << 10);
+    let threads = threads.max(1);
+    let mut best = f64::INFINITY;
+    for _ in 0..TRIES {
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| call(TRIPS));
+            }
+        });
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok((threads * CHAINS * LANES) as f64 * TRIPS as f64 / best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel compiles and runs; its rate is a finite positive number
+    /// no machine exceeds (10 T multiply-adds per second per thread), and
+    /// two threads are not slower than one by much (they run at once).
+    #[test]
+    fn peak_rate_is_measured() {
+        let one = peak_multiply_adds(1).unwrap_or_else(|e| panic!("{e}"));
+        assert!(one.is_finite() && one > 1e8 && one < 1e13, "{one}");
+        let two = peak_multiply_adds(2).unwrap_or_else(|e| panic!("{e}"));
+        assert!(two > 0.6 * one, "two threads {two} vs one {one}");
+    }
+}
