@@ -12,8 +12,12 @@
 //! step's storage dtypes (as the runtime binds weights and caches),
 //! `BIFURC_BENCH_RUNS` (default 5) timed runs alternating baseline /
 //! bifurcated so both see the same noise. Prints the median ms of each, the
-//! measured ratio, and the bytes-model prediction
-//! (`bifurc::inspect::bytes_moved` of both graphs at the point).
+//! measured ratio, the bytes-model prediction
+//! (`bifurc::inspect::bytes_moved` of both graphs at the point), and the
+//! FMA floor: the step's multiply-adds (`bifurc::inspect::multiply_adds`,
+//! the same on both sides) at this machine's peak rate for the thread
+//! count (`bifurc::lower::peak_multiply_adds`), with the bifurcated step's
+//! share of that peak.
 //!
 //! Kernels run split across the cores (`CpuStep::set_threads`, the rayon
 //! pool: `RAYON_NUM_THREADS`); `BIFURC_BENCH_THREADS=1,2` times each of
@@ -35,7 +39,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use bifurc::hf::{build, HfOptions};
-use bifurc::inspect::{bytes_moved, ShapePoint};
+use bifurc::inspect::{bytes_moved, multiply_adds, ShapePoint};
 use bifurc::interp::{random_inputs, Tensor};
 use bifurc::ir::Graph;
 use bifurc::lower::cpu::Stored;
@@ -115,10 +119,29 @@ fn main() {
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![steps[0].threads()]);
 
+    let peaks: Vec<f64> = threads
+        .iter()
+        .map(|&t| {
+            bifurc::lower::peak_multiply_adds(t.min(rayon::current_num_threads())).expect("peak multiply-add rate")
+        })
+        .collect();
+    let rates: Vec<String> = threads.iter().zip(&peaks).map(|(t, p)| format!("{:.0} G/s on {t}", p / 1e9)).collect();
+    println!("  peak multiply-adds (JIT, f32 vectors): {}", rates.join(", "));
     println!("  {runs} timed runs per side after 1 warm-up, alternating; median ms");
     println!(
-        "  {:>4} {:>6} {:>5} {:>7} | {:>12} {:>12} {:>8} | {:>10} {:>10} {:>9}",
-        "b", "m_c", "m_d", "threads", "baseline ms", "bifurc ms", "speedup", "base MB", "bifurc MB", "predicted"
+        "  {:>4} {:>6} {:>5} {:>7} | {:>12} {:>12} {:>8} | {:>10} {:>10} {:>9} | {:>8} {:>6}",
+        "b",
+        "m_c",
+        "m_d",
+        "threads",
+        "baseline ms",
+        "bifurc ms",
+        "speedup",
+        "base MB",
+        "bifurc MB",
+        "predicted",
+        "floor ms",
+        "% peak"
     );
     for b in points {
         let point: BTreeMap<String, i64> =
@@ -173,15 +196,18 @@ fn main() {
                 }
             }
         }
-        for (t, [tb, tf]) in threads.iter().zip(&times) {
+        let macs = multiply_adds(&base, &sp).expect("multiply-adds");
+        for ((t, [tb, tf]), peak) in threads.iter().zip(&times).zip(&peaks) {
             let (tb, tf) = (median(tb).unwrap_or(f64::NAN), median(tf).unwrap_or(f64::NAN));
+            let floor = macs / peak * 1e3;
             println!(
-                "  {b:>4} {m_c:>6} {M_D:>5} {:>7} | {tb:>12.1} {tf:>12.1} {:>7.2}x | {:>10.1} {:>10.1} {:>8.2}x",
+                "  {b:>4} {m_c:>6} {M_D:>5} {:>7} | {tb:>12.1} {tf:>12.1} {:>7.2}x | {:>10.1} {:>10.1} {:>8.2}x | {floor:>8.1} {:>5.0}%",
                 t.min(&rayon::current_num_threads()),
                 tb / tf,
                 bb.total() / 1e6,
                 bf.total() / 1e6,
-                bb.total() / bf.total()
+                bb.total() / bf.total(),
+                100.0 * floor / tf
             );
         }
     }

@@ -148,7 +148,10 @@ enum Command {
     /// bifurcated (optimized at --optimize-at, default the largest point of the sweep); one
     /// compilation of each serves every point. At each point it binds random weights and
     /// caches, warms up, then alternates timed steps of the two (shared noise) and reports the
-    /// median latencies, their ratio, and the bytes model's predicted ratio beside it. On a GPU
+    /// median latencies, their ratio, and the bytes model's predicted ratio beside it, with the
+    /// FMA floor: the step's multiply-adds (the same on both sides) at this machine's peak rate
+    /// (measured first, by a JIT-compiled loop of vector FMAs on the threads the steps use), the
+    /// least time either step can take here, and the bifurcated step's share of it. On a GPU
     /// machine use `bifurc-run bench` with artifacts from `bifurc compile`.
     Bench {
         /// The model.json to benchmark (runtime dims b, m_c, m_d).

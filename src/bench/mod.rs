@@ -1,9 +1,10 @@
 //! `bifurc bench`: the compiled step, baseline (`--no-bifurcate`) against
 //! bifurcated, over a sweep of samples × context length, timed side by side
 //! (alternating runs share the machine's noise) with the bytes model's
-//! prediction beside each measured ratio. CPU here (the MLIR JIT); the CUDA
-//! equivalent is `bifurc-run bench` on a GPU machine, whose table
-//! [`rows_from_csv`] reads back for `bifurc plot`.
+//! prediction beside each measured ratio, and the least time the step's
+//! multiply-adds take at this machine's measured peak rate. CPU here (the
+//! MLIR JIT); the CUDA equivalent is `bifurc-run bench` on a GPU machine,
+//! whose table [`rows_from_csv`] reads back for `bifurc plot`.
 
 mod plot;
 mod read;
@@ -14,7 +15,7 @@ pub use read::rows_from_csv;
 pub use report::{to_csv, to_markdown};
 
 use crate::cpu_backend::CpuBackend;
-use crate::inspect::{bytes_moved, ShapePoint};
+use crate::inspect::{bytes_moved, multiply_adds, ShapePoint};
 use crate::interp::random_inputs;
 use crate::ir::Graph;
 use crate::optimize::{optimize, Options};
@@ -48,11 +49,23 @@ pub struct Row {
     pub bifurcated_ms: f64,
     /// Bytes moved per step, baseline / bifurcated (the bytes model).
     pub predicted: f64,
+    /// The least time a step can take on the machine that ran it: the
+    /// step's multiply-adds (the same on both sides) at the machine's
+    /// measured peak rate for the threads the steps used
+    /// ([`crate::lower::peak_multiply_adds`]); `None` in a table without
+    /// it (a GPU machine's).
+    pub floor_ms: Option<f64>,
 }
 
 impl Row {
     pub fn speedup(&self) -> f64 {
         self.baseline_ms / self.bifurcated_ms
+    }
+
+    /// The bifurcated step's share of the machine's peak multiply-add
+    /// rate, in percent (its [`Row::floor_ms`] over its latency).
+    pub fn bifurcated_peak_pct(&self) -> Option<f64> {
+        self.floor_ms.map(|f| 100.0 * f / self.bifurcated_ms)
     }
 }
 
@@ -70,6 +83,8 @@ pub enum BenchError {
     Point(#[from] crate::inspect::point::PointError),
     #[error(transparent)]
     Bytes(#[from] crate::inspect::bytes::BytesError),
+    #[error(transparent)]
+    Macs(#[from] crate::inspect::MacsError),
     #[error("input data: {0}")]
     Inputs(#[from] crate::interp::InterpError),
     #[error("step: {0}")]
@@ -97,6 +112,8 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
     progress("compiling baseline and bifurcated steps");
     let mut base = CpuBackend::compile(graph)?;
     let mut bif = CpuBackend::compile(&optimized)?;
+    progress("measuring this machine's peak multiply-add rate");
+    let peak = crate::lower::peak_multiply_adds(base.threads())?;
     let mut rows = Vec::new();
     for &m_c in &opts.context_lens {
         for &b in &opts.samples {
@@ -120,6 +137,7 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
             }
             let sp = ShapePoint(p);
             let predicted = bytes_moved(graph, &sp)?.total() / bytes_moved(&optimized, &sp)?.total();
+            let floor_ms = Some(multiply_adds(graph, &sp)? / peak * 1e3);
             rows.push(Row {
                 samples: b,
                 context: m_c,
@@ -127,6 +145,7 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
                 baseline_ms: median(&tb).unwrap_or(f64::NAN),
                 bifurcated_ms: median(&tf).unwrap_or(f64::NAN),
                 predicted,
+                floor_ms,
             });
         }
     }

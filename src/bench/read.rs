@@ -24,6 +24,8 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
         .ok_or_else(|| {
             format!("line 1: not a bench table (wants columns {} or {})", FORMATS[0].join(","), FORMATS[1].join(","))
         })?;
+    // Optional (written by `bifurc bench` since it measures the peak rate).
+    let floor_column = names.iter().position(|n| *n == "fma_floor_ms");
     let mut rows = Vec::new();
     for (i, line) in lines {
         // Only the leading numeric columns are read; a quoted note comes last.
@@ -42,6 +44,10 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
                 .parse()
                 .map_err(|_| format!("line {}: `{}` is not a number ({})", i + 1, cell(c), names[columns[c]]))
         };
+        let floor_ms = match floor_column.and_then(|c| cells.get(c)).filter(|c| !c.is_empty()) {
+            Some(c) => Some(c.parse().map_err(|_| format!("line {}: `{c}` is not a number (fma_floor_ms)", i + 1))?),
+            None => None,
+        };
         rows.push(Row {
             samples: int(0)?,
             context: int(1)?,
@@ -49,6 +55,7 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
             baseline_ms: num(3)?,
             bifurcated_ms: num(4)?,
             predicted: num(5)?,
+            floor_ms,
         });
     }
     if rows.is_empty() {
@@ -70,17 +77,24 @@ mod tests {
             baseline_ms: 2.0,
             bifurcated_ms: 1.0,
             predicted: 3.0,
+            floor_ms: Some(0.25),
         }]);
         let rows = rows_from_csv(&ours).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((rows[0].samples, rows[0].context, rows[0].speedup(), rows[0].predicted), (8, 1024, 2.0, 3.0));
+        assert_eq!(rows[0].floor_ms, Some(0.25));
         let gpu = "b,m_c,m_d,baseline_ms,bifurcated_ms,speedup,predicted_speedup,note\n\
                    16,8192,256,4.5,1.5,3.0,5.1,\"\"\n32,8192,256,,,,,\"time budget spent, skipped\"\n";
         let rows = rows_from_csv(gpu).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rows.len(), 1);
-        assert_eq!((rows[0].samples, rows[0].decoded, rows[0].baseline_ms), (16, 256, 4.5));
+        assert_eq!((rows[0].samples, rows[0].decoded, rows[0].baseline_ms, rows[0].floor_ms), (16, 256, 4.5, None));
         let err = rows_from_csv("x,y\n1,2\n").unwrap_err();
         assert!(err.contains("not a bench table"), "{err}");
         let err = rows_from_csv("b,m_c,m_d,baseline_ms,bifurcated_ms,predicted_speedup\n1,2,3,abc,1,1\n").unwrap_err();
         assert_eq!(err, "line 2: `abc` is not a number (baseline_ms)");
+        let err = rows_from_csv(
+            "samples,context,decoded,baseline_ms,bifurcated_ms,predicted_speedup,fma_floor_ms\n1,2,3,4,1,1,x\n",
+        )
+        .unwrap_err();
+        assert_eq!(err, "line 2: `x` is not a number (fma_floor_ms)");
     }
 }

@@ -4,11 +4,13 @@ use super::Row;
 use std::fmt::Write;
 
 pub fn to_csv(rows: &[Row]) -> String {
-    let mut s = String::from("samples,context,decoded,baseline_ms,bifurcated_ms,speedup,predicted_speedup\n");
+    let mut s =
+        String::from("samples,context,decoded,baseline_ms,bifurcated_ms,speedup,predicted_speedup,fma_floor_ms\n");
     for r in rows {
+        let floor = r.floor_ms.map(|f| format!("{f:.3}")).unwrap_or_default();
         let _ = writeln!(
             s,
-            "{},{},{},{:.3},{:.3},{:.3},{:.3}",
+            "{},{},{},{:.3},{:.3},{:.3},{:.3},{floor}",
             r.samples,
             r.context,
             r.decoded,
@@ -22,13 +24,19 @@ pub fn to_csv(rows: &[Row]) -> String {
 }
 
 pub fn to_markdown(rows: &[Row], title: &str) -> String {
-    let mut s = format!("## {title}\n\nMedian step latency; speedup = baseline / bifurcated; predicted = bytes moved, baseline / bifurcated.\n\n");
-    s.push_str("| samples | context | decoded | baseline ms | bifurcated ms | speedup | predicted |\n");
-    s.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut s = format!(
+        "## {title}\n\nMedian step latency; speedup = baseline / bifurcated; predicted = bytes moved, baseline / \
+         bifurcated; FMA floor = the step's multiply-adds (the same on both sides) at this machine's measured peak \
+         rate, the least time either step can take; % of peak = FMA floor / bifurcated ms.\n\n"
+    );
+    s.push_str("| samples | context | decoded | baseline ms | bifurcated ms | speedup | predicted | FMA floor ms | % of peak |\n");
+    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
+        let floor = r.floor_ms.map_or_else(|| "-".to_string(), |f| format!("{f:.2}"));
+        let pct = r.bifurcated_peak_pct().map_or_else(|| "-".to_string(), |p| format!("{p:.0}%"));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.2} | {:.2} | {:.2}x | {:.2}x |",
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2}x | {:.2}x | {floor} | {pct} |",
             r.samples,
             r.context,
             r.decoded,
@@ -48,13 +56,31 @@ mod tests {
     #[test]
     fn tables_have_one_line_per_row() {
         let rows = vec![
-            Row { samples: 1, context: 1024, decoded: 16, baseline_ms: 2.0, bifurcated_ms: 2.0, predicted: 1.0 },
-            Row { samples: 32, context: 1024, decoded: 16, baseline_ms: 40.0, bifurcated_ms: 10.0, predicted: 6.0 },
+            Row {
+                samples: 1,
+                context: 1024,
+                decoded: 16,
+                baseline_ms: 2.0,
+                bifurcated_ms: 2.0,
+                predicted: 1.0,
+                floor_ms: None,
+            },
+            Row {
+                samples: 32,
+                context: 1024,
+                decoded: 16,
+                baseline_ms: 40.0,
+                bifurcated_ms: 10.0,
+                predicted: 6.0,
+                floor_ms: Some(2.5),
+            },
         ];
         let csv = to_csv(&rows);
         assert_eq!(csv.lines().count(), 3);
-        assert!(csv.contains("32,1024,16,40.000,10.000,4.000,6.000"));
+        assert!(csv.contains("1,1024,16,2.000,2.000,1.000,1.000,\n"), "{csv}");
+        assert!(csv.contains("32,1024,16,40.000,10.000,4.000,6.000,2.500"), "{csv}");
         let md = to_markdown(&rows, "t");
-        assert!(md.contains("| 32 | 1024 | 16 | 40.00 | 10.00 | 4.00x | 6.00x |"));
+        assert!(md.contains("| 1 | 1024 | 16 | 2.00 | 2.00 | 1.00x | 1.00x | - | - |"), "{md}");
+        assert!(md.contains("| 32 | 1024 | 16 | 40.00 | 10.00 | 4.00x | 6.00x | 2.50 | 25% |"), "{md}");
     }
 }
