@@ -106,7 +106,7 @@ mod tests {
             "nodes": [{"id": "e", "op": "exp", "inputs": ["x"]}],
             "outputs": [{"name": "e", "node": "e"}]
         });
-        let (graph, step, text) = crate::lower::emit::testing::cpu_step(&doc);
+        let (_, step, text) = crate::lower::emit::testing::cpu_step(&doc);
         let fusable = text.matches("fastmath<contract> : f32").count();
         // n, the two parts of r, five polynomial steps, the last term.
         assert_eq!(fusable, 2 * 9, "9 multiply-adds (mul and add) marked:\n{text}");
