@@ -74,7 +74,7 @@ impl Kc<'_> {
         keep: Option<Keep>,
     ) -> Result<String, LowerError> {
         let zero = self.b.f32(0.0);
-        let sum = self.row_fold(segments, &zero, |kc, l, a| {
+        let element = |kc: &mut Self, at: &mut [String], l: &str, a: &str| -> Result<String, LowerError> {
             at[axis] = l.to_owned();
             let v = kc.loadf(x, at)?;
             let d = kc.b.fbin("subf", &v, max);
@@ -88,7 +88,13 @@ impl Kc<'_> {
                 None => {}
             }
             Ok(kc.row_add(a, &e))
-        })?;
+        };
+        let sum = if self.vector_rows() {
+            let mut ahead = at.to_vec();
+            self.row_fold_ahead(segments, &zero, (x, &mut ahead, axis), |kc, l, a| element(kc, at, l, a))?
+        } else {
+            self.row_fold(segments, &zero, |kc, l, a| element(kc, at, l, a))?
+        };
         Ok(self.row_combine("add", &sum))
     }
 
@@ -491,8 +497,10 @@ mod tests {
     /// the context, decode and new-token parts along the softmax axis. On
     /// the CPU its max and sum are reductions LLVM vectorizes (its own
     /// `maximum`, a reassociable add) in one loop per part (no branch per
-    /// element to find the part), and it matches the interpreter at
-    /// ragged points, including an empty context and a fully masked lane.
+    /// element to find the part), walked in chunks that prefetch the next
+    /// row's lines of each part (16 a chunk), and it matches the
+    /// interpreter at ragged points, including an empty context, a fully
+    /// masked lane and rows of several chunks and a remainder.
     #[test]
     fn softmax_over_concat_matches_interpreter() {
         let graph = concat_softmax("f32");
@@ -504,7 +512,9 @@ mod tests {
         );
         assert!(!text.contains("= scf.if"), "row loops split at the concat's parts, no branch per element:\n{text}");
         assert!(!text.contains("llvm.alloca"), "an f32 softmax keeps its exps in its output:\n{text}");
-        check_concat_softmax(&graph, &step, &[(2, 37, 3), (1, 0, 0), (3, 16, 17)], (|x| x, 1e-6, 1e-5));
+        assert_eq!(text.matches("rw = 0 : i32").count(), 3 * 16, "next-row prefetches, three parts:\n{text}");
+        let points = [(2, 37, 3), (1, 0, 0), (3, 16, 17), (2, 600, 3), (1, 256, 0), (2, 255, 300)];
+        check_concat_softmax(&graph, &step, &points, (|x| x, 1e-6, 1e-5));
     }
 
     /// Grouped-query attention's bifurcated scores, `[b, g, p, 1, m]` parts
