@@ -66,6 +66,11 @@ struct Tiled<'a> {
     summed: bool,
     /// Every block is whole (see `whole` in `reuse_body`).
     whole: bool,
+    /// Tiles along the reuse extent.
+    tiles: &'a str,
+    /// The weight whose next block a whole tile prefetches, and its row
+    /// length (a long sum in vectors: `Kc::block_operand`).
+    next_block: Option<(usize, String)>,
 }
 
 /// How [`Kc::store_tile`] computes and stores a register tile.
@@ -238,6 +243,8 @@ impl Kc<'_> {
             groups,
             summed: summed.is_some(),
             whole,
+            tiles: &tiles,
+            next_block: if summed.is_some() { self.block_operand(j) } else { None },
         };
         // A tile whose rows are all inside the reuse extent computes them
         // together, and several outputs of the block with each (a
@@ -342,6 +349,16 @@ impl Kc<'_> {
                 let c = self.b.index(cols as i64);
                 let first = self.b.muli(&inner, &c);
                 at[pos] = self.b.addi(&start, &first);
+                if let (Some((w, row)), Rows::Tile) = (&t.next_block, rows) {
+                    // This step's share of the next block's weight rows.
+                    let tn = self.b.index(t.tile as i64);
+                    let tile_index = self.b.op(&format!("arith.divui {base}, {tn} : index"));
+                    let share = self.b.muli(&tile_index, &ub);
+                    let share = self.b.addi(&share, &inner);
+                    let shares = self.b.muli(t.tiles, &ub);
+                    let next = self.b.addi(&start, &bn);
+                    self.prefetch_next_block(*w, (row, &next), (&share, &shares))?;
+                }
             } else {
                 let left = self.b.subi(&t.keep_sizes[pos], &start);
                 let ub = self.b.op(&format!("arith.minui {left}, {bn} : index"));
@@ -539,6 +556,8 @@ mod tests {
     /// rows one at a time: a single row without a loop over rows, more in
     /// a loop; 4 outputs of the row at once when the sum is long (d = 320,
     /// past a head: 4 vector accumulators), else one (one f32 accumulator).
+    /// With d = 320 the whole tiles also prefetch the next block's weight
+    /// rows into L2 (the last block's past the weight: harmless).
     /// All against the interpreter, at b on either side of the tiles and not a
     /// multiple of them, with one row left (1, 5, 9, 17) and more.
     #[test]
@@ -567,6 +586,12 @@ mod tests {
             if d != 40 {
                 assert!(text.contains("vector<4xf32>, !llvm.ptr"), "4 outputs stored at once:\n{text}");
             }
+            let next_block = text.contains("hint = 2 : i32");
+            assert_eq!(
+                next_block,
+                d == 320,
+                "a long sum's whole tiles prefetch the next block's weights, d = {d}:\n{text}"
+            );
             let short = text.split(&whole).nth(1).unwrap_or_default();
             let one = accumulators(short_acc, short_n);
             assert_eq!(short.matches(&one).count(), 2, "one row, and a loop of rows, d = {d}:\n{text}");

@@ -356,12 +356,18 @@ impl Builder {
     /// a store. The address may lie past the buffer: a prefetch does not
     /// fault, and the address is computed without `inbounds`.
     pub(crate) fn prefetch(&mut self, ptr: &str, off: &str, dtype: DType, write: bool) {
+        self.prefetch_to(ptr, off, dtype, write, 3);
+    }
+
+    /// [`Builder::prefetch`] with LLVM's locality `hint` (3: every level,
+    /// 2: L2 and beyond, as x86's `prefetcht1`).
+    pub(crate) fn prefetch_to(&mut self, ptr: &str, off: &str, dtype: DType, write: bool, hint: u8) {
         let o = self.index_to_i64(off);
         let st = storage(dtype);
         let p = self.op(&format!("llvm.getelementptr {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"));
         let rw = i32::from(write);
         self.line(&format!(
-            "\"llvm.intr.prefetch\"({p}) <{{cache = 1 : i32, hint = 3 : i32, rw = {rw} : i32}}> : (!llvm.ptr) -> ()"
+            "\"llvm.intr.prefetch\"({p}) <{{cache = 1 : i32, hint = {hint} : i32, rw = {rw} : i32}}> : (!llvm.ptr) -> ()"
         ));
     }
 

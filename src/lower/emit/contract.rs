@@ -5,7 +5,7 @@
 use crate::ir::{EinsumSpec, Op, Poly, Value};
 use crate::lower::LowerError;
 
-use super::{Kc, Lanes};
+use super::{Kc, Lanes, BLOCK, CPU_SIMD};
 
 /// Fast-math flags of a contraction's product: may fuse into an FMA.
 pub(super) const CONTRACT: &str = "contract";
@@ -468,6 +468,61 @@ impl Kc<'_> {
         }
         cur.truncate(vecs.len().div_ceil(lanes));
         cur
+    }
+
+    /// For einsum `j` summed in vectors along a long letter (a weight
+    /// projection `x @ Wᵀ`), the operand whose rows the output's last
+    /// letter indexes when it is a densely stored 2-D buffer `[z, c]`
+    /// (the weight): its buffer and its row length in elements.
+    pub(crate) fn block_operand(&mut self, j: usize) -> Option<(usize, String)> {
+        let sum = self.vector_sum(j).filter(|s| s.letters == 1 && !s.short())?;
+        let (spec, inputs) = self.contraction_spec(j)?;
+        let z = *spec.output.last()?;
+        let (_, &w) = spec.inputs.iter().zip(&inputs).find(|(letters, _)| letters.len() == 2 && letters[0] == z)?;
+        let b = self.stored(w)?;
+        let buf = &self.program.buffers[b];
+        if buf.pitch.is_some() || buf.shape.len() != 2 || buf.dtype != crate::ir::DType::F32 {
+            return None;
+        }
+        let sizes = self.storage_sizes(b).ok()?;
+        (self.b.known(&sizes[1]) == Some(sum.len)).then(|| (b, sizes[1].clone()))
+    }
+
+    /// Prefetches into L2 this step's share of the rows `[next, next +
+    /// BLOCK)` of weight buffer `b` (rows of `row` elements; see
+    /// [`Kc::block_operand`]): the next block's weights, split in equal
+    /// runs of cache lines among the `shares` steps of this block (step
+    /// `share`). A projection's weight streams from memory once per
+    /// step, and its block is read from L2 by every tile; fetched during
+    /// the block before, it arrives under that block's arithmetic
+    /// (gate_proj alone 2.27 -> 2.15 ms).
+    pub(crate) fn prefetch_next_block(
+        &mut self,
+        b: usize,
+        (row, next): (&str, &str),
+        (share, shares): (&str, &str),
+    ) -> Result<(), LowerError> {
+        let line = CPU_SIMD;
+        let (n, l) = (self.b.index(BLOCK as i64), self.b.index(line as i64));
+        let elems = self.b.muli(&n, row);
+        let total = self.b.op(&format!("arith.divui {elems}, {l} : index"));
+        let one = self.b.index(1);
+        let up = self.b.addi(&total, shares);
+        let up = self.b.subi(&up, &one);
+        let per = self.b.op(&format!("arith.divui {up}, {shares} : index"));
+        let first = self.b.muli(share, &per);
+        let first = self.b.op(&format!("arith.minui {first}, {total} : index"));
+        let left = self.b.subi(&total, &first);
+        let count = self.b.op(&format!("arith.minui {per}, {left} : index"));
+        let zero = self.b.index(0);
+        let (ptr, start) = self.buffer_offset(b, &[next.to_owned(), zero])?;
+        let i = self.b.open_loop(&count);
+        let k = self.b.addi(&first, &i);
+        let k = self.b.muli(&k, &l);
+        let off = self.b.addi(&start, &k);
+        self.b.prefetch_to(&ptr, &off, crate::ir::DType::F32, false, 2);
+        self.b.close();
+        Ok(())
     }
 
     /// Lanes of a CPU contraction of node `j` vectorized along its output's
