@@ -146,7 +146,8 @@ impl Kc<'_> {
     }
 
     /// Prefetches, for element `idx` of `x`, the element one row further
-    /// in the stored buffer it reads (its last axis' length on): through
+    /// on in the stored buffer it reads (its last axis' length on from
+    /// the element it reads for `idx`): through
     /// views, elementwise ops (their operand of `x`'s shape) and the part
     /// of a concat the index is pinned to. Nothing where `x` reads no
     /// such buffer. A prefetch never faults, so one past the buffer's
