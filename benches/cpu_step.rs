@@ -29,7 +29,9 @@
 //! `BIFURC_BENCH_KV_HEADS=4` (a divisor of 16) makes it grouped-query.
 //!
 //! `BIFURC_BENCH_PROFILE=1` also prints the slowest kernels of each side
-//! (8, or `BIFURC_BENCH_PROFILE_TOP`);
+//! (8, or `BIFURC_BENCH_PROFILE_TOP`), each contraction with its share of
+//! the FMA peak (its multiply-adds at the peak rate over its time), at
+//! the last thread count timed;
 //! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there.
 //!
 //! Target (b = 32): the bifurcated step at least 4x faster than the baseline
@@ -39,7 +41,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use bifurc::hf::{build, HfOptions};
-use bifurc::inspect::{bytes_moved, multiply_adds, ShapePoint};
+use bifurc::inspect::{bytes_moved, multiply_adds, node_multiply_adds, ShapePoint};
 use bifurc::interp::{random_inputs, Tensor};
 use bifurc::ir::Graph;
 use bifurc::lower::cpu::Stored;
@@ -186,13 +188,23 @@ fn main() {
             }
         }
         if std::env::var_os("BIFURC_BENCH_PROFILE").is_some() {
-            for (name, step) in ["baseline", "bifurcated"].iter().zip(&steps) {
+            // The profile runs at the last thread count timed.
+            let peak = peaks.last().copied().unwrap_or(f64::NAN);
+            for ((name, step), g) in ["baseline", "bifurcated"].iter().zip(&steps).zip([&base, &bif]) {
                 let (_, mut ks) = step.run_profiled(&point, &inputs).expect("run");
                 let total: f64 = ks.iter().map(|(_, t)| t.as_secs_f64() * 1e3).sum();
                 ks.sort_by_key(|k| std::cmp::Reverse(k.1));
-                println!("    {name} at b={b}: kernels {total:.1} ms; slowest:");
+                println!("    {name} at b={b}: kernels {total:.1} ms; slowest (share of the FMA peak):");
                 for (k, t) in ks.iter().take(env_or("BIFURC_BENCH_PROFILE_TOP", 8)) {
-                    println!("      {:>9.2} ms  {k}", t.as_secs_f64() * 1e3);
+                    let node = step.program().kernels.iter().find(|x| &x.name == k).map(|x| x.node.as_str());
+                    let j = node.and_then(|id| g.nodes.iter().position(|n| n.id == id));
+                    let macs = j.map_or(0.0, |j| node_multiply_adds(g, j, &sp).expect("multiply-adds"));
+                    let share = if macs > 0.0 {
+                        format!("  ({:.0}%)", 100.0 * macs / peak / t.as_secs_f64())
+                    } else {
+                        String::new()
+                    };
+                    println!("      {:>9.2} ms  {k}{share}", t.as_secs_f64() * 1e3);
                 }
             }
         }

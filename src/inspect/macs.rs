@@ -20,38 +20,41 @@ pub struct MacsError(String);
 /// Multiply-adds of one step of `graph` at `point` (which binds every
 /// runtime dim).
 pub fn multiply_adds(graph: &Graph, point: &ShapePoint) -> Result<f64, MacsError> {
+    (0..graph.nodes.len()).map(|j| node_multiply_adds(graph, j, point)).sum()
+}
+
+/// Multiply-adds of node `j` of `graph` at `point`: 0 for a node that is
+/// not a contraction.
+pub fn node_multiply_adds(graph: &Graph, j: usize, point: &ShapePoint) -> Result<f64, MacsError> {
     let size = |v: Value, axis: usize| -> Result<f64, MacsError> {
         let shape = graph.shape_of(v);
         let d = shape.get(axis).ok_or_else(|| MacsError(format!("{} has no axis {axis}", graph.name_of(v))))?;
         let n = graph.dims.eval(d, &point.0).map_err(|e| MacsError(format!("{}: {e}", graph.name_of(v))))?;
         Ok(n as f64)
     };
-    let mut total = 0.0;
-    for node in &graph.nodes {
-        let inner = match &node.op {
-            Op::Einsum(spec) => {
-                let mut summed = Vec::new();
-                for (letters, &input) in spec.inputs.iter().zip(&node.inputs) {
-                    for (axis, c) in letters.iter().enumerate() {
-                        if !spec.output.contains(c) && !summed.iter().any(|(s, _)| s == c) {
-                            summed.push((*c, size(input, axis)?));
-                        }
+    let Some(node) = graph.nodes.get(j) else { return Err(MacsError(format!("no node {j}"))) };
+    let inner = match &node.op {
+        Op::Einsum(spec) => {
+            let mut summed = Vec::new();
+            for (letters, &input) in spec.inputs.iter().zip(&node.inputs) {
+                for (axis, c) in letters.iter().enumerate() {
+                    if !spec.output.contains(c) && !summed.iter().any(|(s, _)| s == c) {
+                        summed.push((*c, size(input, axis)?));
                     }
                 }
-                summed.iter().map(|(_, n)| n).product::<f64>()
             }
-            Op::MatMul { .. } => {
-                let a = node.inputs.first().copied().ok_or_else(|| MacsError(format!("{}: no operands", node.id)))?;
-                let rank = graph.shape_of(a).len();
-                size(a, rank.checked_sub(1).ok_or_else(|| MacsError(format!("{}: scalar operand", node.id)))?)?
-            }
-            _ => continue,
-        };
-        let out = numel(&graph.dims, &node.shape).map_err(MacsError)?;
-        let out = graph.dims.eval(&out, &point.0).map_err(|e| MacsError(format!("{}: {e}", node.id)))?;
-        total += out as f64 * inner;
-    }
-    Ok(total)
+            summed.iter().map(|(_, n)| n).product::<f64>()
+        }
+        Op::MatMul { .. } => {
+            let a = node.inputs.first().copied().ok_or_else(|| MacsError(format!("{}: no operands", node.id)))?;
+            let rank = graph.shape_of(a).len();
+            size(a, rank.checked_sub(1).ok_or_else(|| MacsError(format!("{}: scalar operand", node.id)))?)?
+        }
+        _ => return Ok(0.0),
+    };
+    let out = numel(&graph.dims, &node.shape).map_err(MacsError)?;
+    let out = graph.dims.eval(&out, &point.0).map_err(|e| MacsError(format!("{}: {e}", node.id)))?;
+    Ok(out as f64 * inner)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ pub mod point;
 pub mod sites;
 
 pub use bytes::{bytes_moved, Bytes};
-pub use macs::{multiply_adds, MacsError};
+pub use macs::{multiply_adds, node_multiply_adds, MacsError};
 pub use point::{ShapePoint, DEFAULT_POINT};
 pub use sites::{find_sites, Site};
 
