@@ -604,7 +604,8 @@ mod tests {
 
     /// The context `q·K` of bifurcated attention, `bhk,hmk->bhm` with a
     /// runtime context length: whole blocks of 16 along m in 4 × 4 tiles
-    /// (each row's outputs one vector, the next block's K rows and
+    /// (each row's outputs one vector, the 16 sums added in the
+    /// lane-local-first tree, the next block's K rows and
     /// outputs prefetched), a block cut short by m one output at a time;
     /// f32 and bf16 (rounded once at the store). Against the interpreter
     /// at m under, at and past a block and b under and past a tile.
@@ -625,6 +626,9 @@ mod tests {
             for want in [
                 format!("vector<4x{st}>, !llvm.ptr"),
                 "vector.shuffle".to_string(),
+                // The 16-lane tree's first stage: lanes paired within
+                // each group of 4 (an unpack), not halves of the vector.
+                "[0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29]".to_string(),
                 "rw = 0 : i32".to_string(),
                 "rw = 1 : i32".to_string(),
             ] {
