@@ -589,13 +589,12 @@ impl Kc<'_> {
         if lanes == 0 || !out_float || n <= 0 || n % lanes as i64 != 0 {
             return None;
         }
-        let node = self.graph.nodes.get(j)?;
-        let Op::Einsum(spec) = &node.op else { return None };
+        let (spec, inputs) = self.contraction_spec(j)?;
         let z = *spec.output.last()?;
-        if spec.inputs.len() != node.inputs.len() || spec.output.iter().filter(|c| **c == z).count() != 1 {
+        if spec.inputs.len() != inputs.len() || spec.output.iter().filter(|c| **c == z).count() != 1 {
             return None;
         }
-        for (subs, v) in spec.inputs.iter().zip(&node.inputs) {
+        for (subs, v) in spec.inputs.iter().zip(&inputs) {
             if self.graph.shape_of(*v).len() != subs.len() {
                 return None;
             }
@@ -623,17 +622,21 @@ impl Kc<'_> {
     }
 
     /// Node `j` as an einsum over its inputs: an einsum itself, or a
-    /// matmul of f32 data by a transposed 2-D right operand (a weight
-    /// projection `x [.., m, k] @ W[n, k]ᵀ` is `..mk,nk->..mn`). A bf16 /
-    /// f16 projection is left to the scalar tile of 8 rows × 4 outputs,
-    /// which widens 12 vectors for 32 FMAs against 8 for 16 (at b = 8 in
-    /// bf16, gate_proj 0.84 ms that way, 0.98 ms in vector sums).
+    /// matmul by a 2-D right operand: transposed, of f32 data (a weight
+    /// projection `x [.., m, k] @ W[n, k]ᵀ` is `..mk,nk->..mn`), or not
+    /// (GPT-2's Conv1D weights `[in, out]`: `..mk,kn->..mn`, which then
+    /// runs in output vectors like `w · V`: its c_fc / c_proj / c_attn at
+    /// b = 32 took 30 / 37 / 17 ms in the scalar tile, 6 / 9 / 3.5 ms so).
+    /// A bf16 / f16 transposed projection is left to the scalar tile of 8
+    /// rows × 4 outputs, which widens 12 vectors for 32 FMAs against 8 for
+    /// 16 (at b = 8 in bf16, gate_proj 0.84 ms that way, 0.98 ms in vector
+    /// sums).
     fn contraction_spec(&self, j: usize) -> Option<(EinsumSpec, Vec<Value>)> {
         let node = self.graph.nodes.get(j)?;
         let f32_data = |v: &Value| self.graph.dtype_of(*v) == crate::ir::DType::F32;
         match (&node.op, node.inputs.as_slice()) {
             (Op::Einsum(spec), inputs) if spec.inputs.len() == inputs.len() => Some((spec.clone(), inputs.to_vec())),
-            (Op::MatMul { transpose_b: true }, &[a, w]) if f32_data(&a) && f32_data(&w) => {
+            (Op::MatMul { transpose_b }, &[a, w]) if !*transpose_b || (f32_data(&a) && f32_data(&w)) => {
                 let rank = self.graph.shape_of(a).len();
                 if rank < 2 || self.graph.shape_of(w).len() != 2 || rank > 2 + BATCH_LETTERS.len() {
                     return None;
@@ -642,7 +645,8 @@ impl Kc<'_> {
                 let mut output = x.clone();
                 x.extend(['m', 'k']);
                 output.extend(['m', 'n']);
-                Some((EinsumSpec { inputs: vec![x, vec!['n', 'k']], output }, vec![a, w]))
+                let w_letters = if *transpose_b { vec!['n', 'k'] } else { vec!['k', 'n'] };
+                Some((EinsumSpec { inputs: vec![x, w_letters], output }, vec![a, w]))
             }
             _ => None,
         }
@@ -674,9 +678,9 @@ impl Kc<'_> {
         idxs: &[Vec<String>],
         lanes: usize,
     ) -> Result<Vec<String>, LowerError> {
-        let node = &self.graph.nodes[j];
-        let (op, inputs) = (node.op.clone(), node.inputs.clone());
-        let Op::Einsum(spec) = op else { return Err(self.unsupported(j, "output-vector contraction of a non-einsum")) };
+        let Some((spec, inputs)) = self.contraction_spec(j) else {
+            return Err(self.unsupported(j, "output-vector contraction of a non-einsum"));
+        };
         if spec.inputs.len() != inputs.len() || idxs.iter().any(|idx| spec.output.len() != idx.len()) {
             return Err(self.unsupported(j, format!("einsum `{spec}` does not match its operands")));
         }

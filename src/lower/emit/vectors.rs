@@ -17,7 +17,8 @@ impl Kc<'_> {
     /// data (f16 / bf16 widened to f32 lanes) whose last axis is, through
     /// its views, the innermost axis of a stored buffer (a concat is on
     /// another axis; a broadcast does not stretch it; a transpose and a
-    /// reshape keep it last).
+    /// reshape keep it last; a slice of it starts and ends on whole
+    /// vectors).
     pub(crate) fn vector_readable(&self, v: Value) -> bool {
         if !self.graph.dtype_of(v).is_float() {
             return false;
@@ -42,9 +43,16 @@ impl Kc<'_> {
         match &node.op {
             Op::Transpose { perm } => perm.last() == Some(&(rank.wrapping_sub(1))) && self.vector_readable(first),
             Op::Broadcast { .. } => last_kept() && self.vector_readable(first),
+            // A slice on another axis keeps the last; one along the last
+            // axis (GPT-2's q, k, v out of one `c_attn` row) starts and
+            // ends on whole vectors, so none crosses its ends.
             Op::Slice { axis, start, .. } => {
-                let aligned = *axis + 1 != rank || whole_vectors(Some(start));
-                last_kept() && aligned && self.vector_readable(first)
+                let kept = if *axis + 1 == rank {
+                    whole_vectors(Some(start)) && whole_vectors(node.shape.last())
+                } else {
+                    last_kept()
+                };
+                kept && self.vector_readable(first)
             }
             // The last axis the same, or split / merged in whole vectors
             // (`[.., g·k]` as `[.., g, k]`): consecutive lanes stay
@@ -351,6 +359,45 @@ mod tests {
             let caps = BTreeMap::from([("m_d".to_string(), cap as i64)]);
             let got = step.run_with_capacity(&point, &caps, &pitched).unwrap_or_else(|e| panic!("{e}"));
             close(&got["o"], &want["o"], tol, &format!("{dt} with spare rows at {point:?}"));
+        }
+    }
+
+    /// A projection by a weight stored `[in, out]` (GPT-2's Conv1D,
+    /// `x @ W`) from q, k and v sliced out of one row along its last axis
+    /// (`c_attn`): the matmul runs in register tiles of output vectors
+    /// (4 rows x 4 vectors of 16, as `w · V`), not the scalar tile, and
+    /// the slices at whole vectors read as vectors (the q · K below sums
+    /// in them: its tree); a slice starting mid-vector is read element by
+    /// element. Against the interpreter at b on both sides of a tile.
+    #[test]
+    fn weight_matmul_and_last_axis_slices_read_vectors() {
+        for (start, sliced_in_vectors) in [(32, true), (8, false)] {
+            let doc = serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b", "m"], "constants": {"d": 48, "h": 2, "k": 32}},
+                "inputs": [
+                    {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": "f32"},
+                    {"name": "w", "role": "weight", "shape": ["d", "3*h*k"], "dtype": "f32"},
+                    {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": ["h", "m", "k"], "dtype": "f32"}
+                ],
+                "nodes": [
+                    {"id": "qkv", "op": "matmul", "inputs": ["x", "w"]},
+                    {"id": "heads", "op": "reshape", "inputs": ["qkv"], "attrs": {"shape": ["b", "h", "3*k"]}},
+                    {"id": "q", "op": "slice", "inputs": ["heads"], "attrs": {"axis": 2, "start": start, "end": start + 32}},
+                    {"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "bhk,hmk->bhm"}}
+                ],
+                "outputs": [{"name": "qkv", "node": "qkv"}, {"name": "s", "node": "s"}]
+            });
+            let (graph, step, text) = crate::lower::emit::testing::cpu_step(&doc);
+            let tile = format!("-> ({}) {{", vec!["vector<16xf32>"; 16].join(", "));
+            assert!(text.contains(&tile), "x @ W in 4 x 4 output vectors:\n{text}");
+            assert_eq!(text.contains("vector.shuffle"), sliced_in_vectors, "slice at {start}:\n{text}");
+            for (b, m) in [(1, 3), (4, 16), (5, 33), (9, 0)] {
+                let at = crate::lower::emit::testing::point(&[("b", b), ("m", m)]);
+                for name in ["qkv", "s"] {
+                    crate::lower::emit::testing::check_output(&graph, &step, &at, 5, name, (1e-5, 1e-5));
+                }
+            }
         }
     }
 
