@@ -27,6 +27,11 @@
 //! dtype instead of f32 (weights, caches and activations; the logits check
 //! then allows norm-relative 2e-2: the two graphs round differently).
 //! `BIFURC_BENCH_KV_HEADS=4` (a divisor of 16) makes it grouped-query.
+//! `BIFURC_BENCH_CONFIG=config.json` builds the first 2 layers of that
+//! Hugging Face config instead (any architecture `bifurc import-hf`
+//! supports; give it `n_positions` / `max_position_embeddings` past the
+//! context and a small `vocab_size` to time the layers, not the logits):
+//! the dtype and KV-head settings then come from the file.
 //!
 //! `BIFURC_BENCH_PROFILE=1` also prints the slowest kernels of each side
 //! (8, or `BIFURC_BENCH_PROFILE_TOP`), each contraction with its share of
@@ -96,14 +101,22 @@ fn main() {
     let dtype = std::env::var("BIFURC_BENCH_DTYPE").unwrap_or_else(|_| "float32".into());
     let tol = if dtype == "float32" { TOL } else { TOL_HALF };
     let kv_heads: usize = env_or("BIFURC_BENCH_KV_HEADS", 16);
-    let config = CONFIG.replace("DTYPE", &dtype).replace("KV_HEADS", &kv_heads.to_string());
+    let (config, model) = match std::env::var_os("BIFURC_BENCH_CONFIG") {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.to_string_lossy()));
+            (text, format!("the first 2 layers of {}", path.to_string_lossy()))
+        }
+        None => (
+            CONFIG.replace("DTYPE", &dtype).replace("KV_HEADS", &kv_heads.to_string()),
+            format!("2-layer llama (d_model 1024, 16 heads x 64, {kv_heads} KV heads, ffn 2816, vocab 1000, {dtype})"),
+        ),
+    };
     let doc = build(&config, &HfOptions { layers: Some(2), ..Default::default() }).expect("import-hf");
     let base = bifurc::import::from_value(&doc).expect("import");
     let opts = Options { point: ShapePoint::parse(OPT_POINT).expect("point"), ..Default::default() };
     let opt = optimize(&base, &opts).expect("optimize");
     println!(
-        "cpu_step: 2-layer llama (d_model 1024, 16 heads x 64, {kv_heads} KV heads, ffn 2816, vocab 1000, \
-         {dtype}), optimized at {OPT_POINT}: {} of {} attention sites bifurcated",
+        "cpu_step: {model}, optimized at {OPT_POINT}: {} of {} attention sites bifurcated",
         opt.report.rewritten(),
         opt.report.sites.len()
     );
