@@ -463,15 +463,7 @@ impl Kc<'_> {
                 let lane = |(n, t): (usize, usize)| (at(n, t) + from).to_string();
                 (0..2 * per).flat_map(|n| (0..half).map(move |t| (n, t))).map(lane).collect::<Vec<_>>().join(", ")
             };
-            let (lo, hi) = (mask(0), mask(half));
-            cur = cur
-                .chunks(2)
-                .map(|p| {
-                    let a = self.b.op(&format!("vector.shuffle {}, {} [{lo}] : {vty}, {vty}", p[0], p[1]));
-                    let b = self.b.op(&format!("vector.shuffle {}, {} [{hi}] : {vty}, {vty}", p[0], p[1]));
-                    self.b.op(&format!("arith.addf {a}, {b} fastmath<{ACCUMULATE}> : {vty}"))
-                })
-                .collect();
+            cur = self.tree_stage(&cur, (&mask(0), &mask(half)), &vty);
             (group, per) = (half, per * 2);
         }
         cur.truncate(vecs.len().div_ceil(lanes));
@@ -504,19 +496,24 @@ impl Kc<'_> {
         };
         let stages = [(lanes_lo, lanes_hi), (pairs_lo, pairs_hi), (groups(0), groups(1)), (groups(0), groups(1))];
         let mut cur = vecs.to_vec();
+        let text = |m: &[usize]| m.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
         for (lo, hi) in &stages {
-            let text = |m: &[usize]| m.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-            let (lo, hi) = (text(lo), text(hi));
-            cur = cur
-                .chunks(2)
-                .map(|p| {
-                    let a = self.b.op(&format!("vector.shuffle {}, {} [{lo}] : {vty}, {vty}", p[0], p[1]));
-                    let b = self.b.op(&format!("vector.shuffle {}, {} [{hi}] : {vty}, {vty}", p[0], p[1]));
-                    self.b.op(&format!("arith.addf {a}, {b} fastmath<{ACCUMULATE}> : {vty}"))
-                })
-                .collect();
+            cur = self.tree_stage(&cur, (&text(lo), &text(hi)), &vty);
         }
         cur.remove(0)
+    }
+
+    /// One stage of a lane tree: each pair of `vecs` (of type `vty`)
+    /// shuffled by masks `lo` and `hi` over their concatenation, the two
+    /// added.
+    fn tree_stage(&mut self, vecs: &[String], (lo, hi): (&str, &str), vty: &str) -> Vec<String> {
+        vecs.chunks(2)
+            .map(|p| {
+                let a = self.b.op(&format!("vector.shuffle {}, {} [{lo}] : {vty}, {vty}", p[0], p[1]));
+                let b = self.b.op(&format!("vector.shuffle {}, {} [{hi}] : {vty}, {vty}", p[0], p[1]));
+                self.b.op(&format!("arith.addf {a}, {b} fastmath<{ACCUMULATE}> : {vty}"))
+            })
+            .collect()
     }
 
     /// For einsum `j` summed in vectors along a long letter (a weight
