@@ -368,17 +368,19 @@ mod tests {
     /// (4 rows x 4 vectors of 16, as `w · V`), not the scalar tile, and
     /// the slices at whole vectors read as vectors (the q · K below sums
     /// in them: its tree); a slice starting mid-vector is read element by
-    /// element. Against the interpreter at b on both sides of a tile.
+    /// element. In f32 and in bf16 (stored halves widened). Against the
+    /// interpreter at b on both sides of a tile.
     #[test]
     fn weight_matmul_and_last_axis_slices_read_vectors() {
-        for (start, sliced_in_vectors) in [(32, true), (8, false)] {
+        let cases = [("f32", 32, true, 1e-5), ("f32", 8, false, 1e-5), ("bf16", 32, true, 2e-2)];
+        for (dtype, start, sliced_in_vectors, tol) in cases {
             let doc = serde_json::json!({
                 "format": "bifurc-graph/1",
                 "dims": {"runtime": ["b", "m"], "constants": {"d": 48, "h": 2, "k": 32}},
                 "inputs": [
-                    {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": "f32"},
-                    {"name": "w", "role": "weight", "shape": ["d", "3*h*k"], "dtype": "f32"},
-                    {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": ["h", "m", "k"], "dtype": "f32"}
+                    {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": dtype},
+                    {"name": "w", "role": "weight", "shape": ["d", "3*h*k"], "dtype": dtype},
+                    {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": ["h", "m", "k"], "dtype": dtype}
                 ],
                 "nodes": [
                     {"id": "qkv", "op": "matmul", "inputs": ["x", "w"]},
@@ -390,12 +392,12 @@ mod tests {
             });
             let (graph, step, text) = crate::lower::emit::testing::cpu_step(&doc);
             let tile = format!("-> ({}) {{", vec!["vector<16xf32>"; 16].join(", "));
-            assert!(text.contains(&tile), "x @ W in 4 x 4 output vectors:\n{text}");
-            assert_eq!(text.contains("vector.shuffle"), sliced_in_vectors, "slice at {start}:\n{text}");
+            assert!(text.contains(&tile), "{dtype} x @ W in 4 x 4 output vectors:\n{text}");
+            assert_eq!(text.contains("vector.shuffle"), sliced_in_vectors, "{dtype} slice at {start}:\n{text}");
             for (b, m) in [(1, 3), (4, 16), (5, 33), (9, 0)] {
                 let at = crate::lower::emit::testing::point(&[("b", b), ("m", m)]);
                 for name in ["qkv", "s"] {
-                    crate::lower::emit::testing::check_output(&graph, &step, &at, 5, name, (1e-5, 1e-5));
+                    crate::lower::emit::testing::check_output(&graph, &step, &at, 5, name, (tol, tol));
                 }
             }
         }
