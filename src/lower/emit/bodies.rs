@@ -66,8 +66,9 @@ struct Tiled<'a> {
     summed: bool,
     /// Every block is whole (see `whole` in `reuse_body`).
     whole: bool,
-    /// Tiles along the reuse extent.
+    /// Tiles along the reuse extent, and this step's.
     tiles: &'a str,
+    tile_index: &'a str,
     /// The weight whose next block a whole tile prefetches, and its row
     /// length (a long sum in vectors: `Kc::block_operand`).
     next_block: Option<(usize, String)>,
@@ -244,6 +245,7 @@ impl Kc<'_> {
             summed: summed.is_some(),
             whole,
             tiles: &tiles,
+            tile_index: &tile_index,
             next_block: if summed.is_some() { self.block_operand(j) } else { None },
         };
         // A tile whose rows are all inside the reuse extent computes them
@@ -351,9 +353,7 @@ impl Kc<'_> {
                 at[pos] = self.b.addi(&start, &first);
                 if let (Some((w, row)), Rows::Tile) = (&t.next_block, rows) {
                     // This step's share of the next block's weight rows.
-                    let tn = self.b.index(t.tile as i64);
-                    let tile_index = self.b.op(&format!("arith.divui {base}, {tn} : index"));
-                    let share = self.b.muli(&tile_index, &ub);
+                    let share = self.b.muli(t.tile_index, &ub);
                     let share = self.b.addi(&share, &inner);
                     let shares = self.b.muli(t.tiles, &ub);
                     let next = self.b.addi(&start, &bn);
