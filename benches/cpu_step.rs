@@ -124,8 +124,8 @@ fn main() {
     let mut steps = [compile("baseline", &base), compile("bifurcated", &bif)];
     if let Some(dir) = std::env::var_os("BIFURC_BENCH_DUMP") {
         // The modules the steps run: planned for the CPU (no tensor cores).
-        for ((name, g), step) in [("baseline", &base), ("bifurcated", &bif)].into_iter().zip(&steps) {
-            let text = bifurc::lower::emit(g, step.program(), bifurc::lower::Target::Cpu).expect("emit");
+        for (name, step) in ["baseline", "bifurcated"].into_iter().zip(&steps) {
+            let text = bifurc::lower::emit(step.graph(), step.program(), bifurc::lower::Target::Cpu).expect("emit");
             std::fs::write(std::path::Path::new(&dir).join(format!("{name}_cpu.mlir")), text).expect("dump");
         }
     }

@@ -8,6 +8,7 @@
 //! outputs as f32 [`Tensor`]s.
 
 mod host;
+mod layout;
 mod lines;
 mod parts;
 mod peak;
@@ -18,7 +19,8 @@ pub use parts::PARALLEL_MIN_BYTES;
 pub use peak::peak_multiply_adds;
 pub use stored::Stored;
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::c_void;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -120,7 +122,12 @@ impl Drop for Engine {
 
 /// A graph compiled for the CPU.
 pub struct CpuStep {
+    /// The graph compiled: the caller's, with the weights in `transposed`
+    /// declared transposed (see [`CpuStep::graph`]).
     graph: Graph,
+    /// Weights bound in the caller's `[in, out]` layout and kept `[out,
+    /// in]` (see `layout`).
+    transposed: BTreeSet<String>,
     program: Program,
     pipeline: &'static str,
     /// One packed entry point per kernel, in launch order.
@@ -144,11 +151,18 @@ pub struct CpuStep {
 
 impl CpuStep {
     /// Plans (without tensor cores: the CPU has none), emits, verifies,
-    /// lowers with [`CPU_PIPELINE`] and JIT-compiles `graph`.
+    /// lowers with [`CPU_PIPELINE`] and JIT-compiles `graph`. An f32
+    /// weight only ever multiplied as `x @ W` (stored `[in, out]`, GPT-2's
+    /// Conv1D) is kept transposed, read as `x @ Wᵀ`: it is still bound in
+    /// the graph's layout, and transposed once when bound ([`CpuStep::store`];
+    /// at every [`CpuStep::run`] for tensors given there).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
-        let program = plan_with(graph, None)?;
-        let module = emit_shared(graph, &program, Target::Cpu, None)?;
-        Self::compile_module(graph, program, &module, rayon::current_num_threads())
+        let (graph, transposed) = layout::transpose_right_weights(graph);
+        let program = plan_with(&graph, None)?;
+        let module = emit_shared(&graph, &program, Target::Cpu, None)?;
+        let mut step = Self::compile_module(&graph, program, &module, rayon::current_num_threads())?;
+        step.transposed = transposed;
+        Ok(step)
     }
 
     /// [`CpuStep::compile`] with the GPU's way of splitting the row
@@ -191,6 +205,7 @@ impl CpuStep {
         };
         Ok(CpuStep {
             graph: graph.clone(),
+            transposed: BTreeSet::new(),
             program,
             pipeline: CPU_PIPELINE,
             entries,
@@ -234,6 +249,23 @@ impl CpuStep {
         match self.work.get(k).and_then(Option::as_ref).map(|bytes| self.graph.dims.eval(bytes, point)) {
             Some(Ok(bytes)) if bytes < self.min_split_bytes => 1,
             _ => threads,
+        }
+    }
+
+    /// The graph this step runs: the one compiled, with the weights kept
+    /// transposed declared `[out, in]` and read by `matmul`s with
+    /// `transpose_b` (what [`CpuStep::program`] was planned from).
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Input `name` of the caller's layout in the step's: transposed when
+    /// the step keeps it transposed.
+    fn step_layout<'t>(&self, name: &str, t: &'t Tensor) -> Result<Cow<'t, Tensor>, LowerError> {
+        if self.transposed.contains(name) {
+            Ok(Cow::Owned(layout::transposed(t, name)?))
+        } else {
+            Ok(Cow::Borrowed(t))
         }
     }
 
@@ -289,18 +321,33 @@ impl CpuStep {
     /// is moved). Errors for a name that is not an input and, for an
     /// integer input, a value that is not an integer.
     pub fn store(&self, name: &str, tensor: Tensor) -> Result<Stored, LowerError> {
-        Stored::new(self.input_dtype(name)?, tensor, name)
+        let dtype = self.input_dtype(name)?;
+        let tensor = match self.step_layout(name, &tensor)? {
+            Cow::Owned(t) => t,
+            Cow::Borrowed(_) => tensor,
+        };
+        Stored::new(dtype, tensor, name)
     }
 
     /// [`CpuStep::store`] of borrowed values of `shape` (converted, or for
     /// f32 copied, once).
     pub fn store_values(&self, name: &str, shape: &[usize], values: &[f32]) -> Result<Stored, LowerError> {
-        Stored::from_values(self.input_dtype(name)?, shape, values, name)
+        let dtype = self.input_dtype(name)?;
+        if self.transposed.contains(name) {
+            let t = layout::transposed(&Tensor { shape: shape.to_vec(), data: values.to_vec() }, name)?;
+            return Stored::new(dtype, t, name);
+        }
+        Stored::from_values(dtype, shape, values, name)
     }
 
-    /// Zeros of `shape` for input `name`, in its storage dtype.
-    pub fn store_zeros(&self, name: &str, shape: Vec<usize>) -> Result<Stored, LowerError> {
-        Ok(Stored::zeros(self.input_dtype(name)?, shape))
+    /// Zeros of `shape` (the caller's layout) for input `name`, in its
+    /// storage dtype.
+    pub fn store_zeros(&self, name: &str, mut shape: Vec<usize>) -> Result<Stored, LowerError> {
+        let dtype = self.input_dtype(name)?;
+        if self.transposed.contains(name) {
+            shape.reverse();
+        }
+        Ok(Stored::zeros(dtype, shape))
     }
 
     fn input_dtype(&self, name: &str) -> Result<DType, LowerError> {
@@ -398,28 +445,41 @@ impl CpuStep {
             let data = match buf.kind {
                 BufferKind::Input(_) => {
                     let missing = || LowerError::Run(format!("input `{}` is missing", buf.name));
+                    // Shapes in the caller's layout (a weight kept
+                    // transposed is given and named `[in, out]`).
+                    let transposed = self.transposed.contains(&buf.name);
+                    let callers = |s: &[usize]| {
+                        let mut s = s.to_vec();
+                        if transposed {
+                            s.reverse();
+                        }
+                        s
+                    };
                     let bad_shape = |got: &[usize], len: usize| {
                         LowerError::Run(format!(
-                            "input `{}` has shape {got:?} ({len} values), expected {shape:?}",
-                            buf.name
+                            "input `{}` has shape {got:?} ({len} values), expected {:?}",
+                            buf.name,
+                            callers(&shape)
                         ))
                     };
                     match inputs {
                         Inputs::Tensors(map) => {
-                            let t = map.get(&buf.name).ok_or_else(missing)?;
+                            let given = map.get(&buf.name).ok_or_else(missing)?;
+                            let t = self.step_layout(&buf.name, given)?;
                             if t.shape != shape || t.data.len() != n {
-                                return Err(bad_shape(&t.shape, t.data.len()));
+                                return Err(bad_shape(&given.shape, given.data.len()));
                             }
-                            if buf.dtype == DType::F32 && !t.data.is_empty() {
-                                Err(t.data.as_ptr().cast())
-                            } else {
-                                Ok(HostData::from_tensor(buf.dtype, t, &buf.name)?)
+                            match t {
+                                Cow::Borrowed(t) if buf.dtype == DType::F32 && !t.data.is_empty() => {
+                                    Err(t.data.as_ptr().cast())
+                                }
+                                t => Ok(HostData::from_tensor(buf.dtype, &t, &buf.name)?),
                             }
                         }
                         Inputs::Stored(map) => {
                             let t = map.get(&buf.name).ok_or_else(missing)?;
                             if t.shape != shape || t.len() < n.max(1) {
-                                return Err(bad_shape(&t.shape, t.len()));
+                                return Err(bad_shape(&callers(&t.shape), t.len()));
                             }
                             if t.dtype() != buf.dtype {
                                 return Err(LowerError::Run(format!(
@@ -562,7 +622,7 @@ mod tests {
             Ok(s) => s,
             Err(e) => panic!("{e}"),
         };
-        let text = match emit(&graph, step.program(), Target::Cpu) {
+        let text = match emit(step.graph(), step.program(), Target::Cpu) {
             Ok(t) => t,
             Err(e) => panic!("{e}"),
         };

@@ -621,9 +621,11 @@ impl Kc<'_> {
     /// Node `j` as an einsum over its inputs: an einsum itself, or a
     /// matmul by a 2-D right operand: transposed, of f32 data (a weight
     /// projection `x [.., m, k] @ W[n, k]ᵀ` is `..mk,nk->..mn`), or not
-    /// (GPT-2's Conv1D weights `[in, out]`: `..mk,kn->..mn`, which then
-    /// runs in output vectors like `w · V`: its c_fc / c_proj / c_attn at
-    /// b = 32 took 30 / 37 / 17 ms in the scalar tile, 6 / 9 / 3.5 ms so).
+    /// (a right operand stored `[in, out]`: `..mk,kn->..mn`, which then
+    /// runs in output vectors like `w · V`: GPT-2's Conv1D c_fc / c_proj /
+    /// c_attn at b = 32 took 30 / 37 / 17 ms in the scalar tile, 6 / 9 /
+    /// 3.5 ms so; its f32 weights are now kept transposed instead, see
+    /// `cpu::layout`: 3 / 3 / 2.2 ms).
     /// A bf16 / f16 transposed projection is left to the scalar tile of 8
     /// rows × 4 outputs, which widens 12 vectors for 32 FMAs against 8 for
     /// 16 (at b = 8 in bf16, gate_proj 0.84 ms that way, 0.98 ms in vector

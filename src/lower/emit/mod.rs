@@ -95,7 +95,7 @@ mod rows;
 mod segments;
 mod share;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 mod vectors;
 mod views;
 mod walk;

@@ -505,7 +505,7 @@ mod tests {
     fn softmax_over_concat_matches_interpreter() {
         let graph = concat_softmax("f32");
         let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
         assert!(
             text.contains("llvm.intr.maximum(") && text.contains("fastmath<reassoc>"),
             "softmax reductions LLVM vectorizes:\n{text}"
@@ -565,7 +565,7 @@ mod tests {
         for (dtype, round, abs, bits) in halves {
             let graph = concat_softmax(dtype);
             let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-            let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+            let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(text.matches("llvm.alloca").count(), 1, "{dtype}: one kept row:\n{text}");
             let points = [(2, 37, 3), (1, 0, 0), (1, long - 1, 0), (2, long, 3), (1, ROW_KEEP as i64 - 1, 0)];
             check_concat_softmax(&graph, &step, &points, (round, abs, 1.5 * 2f32.powi(-bits)));

@@ -11,7 +11,7 @@ use crate::lower::CpuStep;
 pub(crate) fn cpu_step(doc: &serde_json::Value) -> (Graph, CpuStep, String) {
     let graph = crate::import::from_value(doc).unwrap_or_else(|e| panic!("{e}"));
     let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-    let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
     (graph, step, text)
 }
 

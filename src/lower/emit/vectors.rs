@@ -332,7 +332,7 @@ mod tests {
         });
         let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
         let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-        let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
         assert!(
             text.contains(&format!("-> vector<16x{dt}>")) && text.contains(&format!(": vector<16x{dt}>, !llvm.ptr")),
             "the {dt} matmul reads and writes vectors:\n{text}"
@@ -362,14 +362,15 @@ mod tests {
         }
     }
 
-    /// A projection by a weight stored `[in, out]` (GPT-2's Conv1D,
-    /// `x @ W`) from q, k and v sliced out of one row along its last axis
+    /// A projection by a matrix stored `[in, out]` (`x @ W`, GPT-2's
+    /// Conv1D) from q, k and v sliced out of one row along its last axis
     /// (`c_attn`): the matmul runs in register tiles of output vectors
     /// (4 rows x 4 vectors of 16, as `w · V`), not the scalar tile, and
     /// the slices at whole vectors read as vectors (the q · K below sums
     /// in them: its tree); a slice starting mid-vector is read element by
-    /// element. In f32 and in bf16 (stored halves widened). Against the
-    /// interpreter at b on both sides of a tile.
+    /// element. In f32 (`W` an activation: an f32 weight is kept
+    /// transposed, see `cpu::layout`) and in bf16 (a weight; stored halves
+    /// widened). Against the interpreter at b on both sides of a tile.
     #[test]
     fn weight_matmul_and_last_axis_slices_read_vectors() {
         let cases = [("f32", 32, true, 1e-5), ("f32", 8, false, 1e-5), ("bf16", 32, true, 2e-2)];
@@ -379,7 +380,7 @@ mod tests {
                 "dims": {"runtime": ["b", "m"], "constants": {"d": 48, "h": 2, "k": 32}},
                 "inputs": [
                     {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": dtype},
-                    {"name": "w", "role": "weight", "shape": ["d", "3*h*k"], "dtype": dtype},
+                    {"name": "w", "role": if dtype == "f32" { "activation" } else { "weight" }, "shape": ["d", "3*h*k"], "dtype": dtype},
                     {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": ["h", "m", "k"], "dtype": dtype}
                 ],
                 "nodes": [

@@ -364,7 +364,7 @@ mod tests {
             });
             let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
             let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-            let text = emit(&graph, step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+            let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
             let divides = text.contains("arith.remui");
             assert_eq!(!divides, flat, "n = {n}: merged heads read {}:\n{text}", if flat { "flat" } else { "mapped" });
             for b in [1, 3] {
