@@ -75,7 +75,7 @@ impl Builder {
     /// where the machine has one (one rounding instead of two): the
     /// softmax rows' exp loop, compute-bound, ran 10% faster (3.18 to
     /// 2.85 ms a layer of cpu_step at b = 32 alone).
-    fn fused(&mut self, a: &str, b: &str, c: &str) -> String {
+    pub(super) fn fused(&mut self, a: &str, b: &str, c: &str) -> String {
         let m = self.op(&format!("arith.mulf {a}, {b} fastmath<contract> : f32"));
         self.op(&format!("arith.addf {m}, {c} fastmath<contract> : f32"))
     }

@@ -42,7 +42,8 @@
 //!   in f32 (on the CPU from a table per position, see `rope`); gather
 //!   reads the id, and yields NaN for an id outside the table
 //!   (it never reads out of bounds).
-//! - Math: `math.exp` (on the CPU a polynomial, see `exp`), `math.tanh`,
+//! - Math: `math.exp` (on the CPU a polynomial, see `exp`), `math.tanh` (on
+//!   the CPU a polynomial or `exp`, see `tanh`),
 //!   `math.erf`, `math.sqrt`, `math.powf`, `math.cos`, `math.sin`; gelu = `0.5 x (1 + erf(x / sqrt 2))`, the tanh
 //!   form per GPT-2, silu = `x / (1 + exp(-x))`, rsqrt = `1 / sqrt(x)`.
 //!   Accumulation is f32 throughout.
@@ -94,6 +95,7 @@ mod rope;
 mod rows;
 mod segments;
 mod share;
+mod tanh;
 #[cfg(test)]
 pub(crate) mod testing;
 mod vectors;

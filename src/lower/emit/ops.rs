@@ -108,7 +108,7 @@ impl Kc<'_> {
                 let s = self.b.math("sqrt", x);
                 self.b.fbin("divf", &one, &s)
             }
-            UnaryOp::Tanh => self.b.math("tanh", x),
+            UnaryOp::Tanh => self.tanh(x),
             UnaryOp::Silu => {
                 let n = self.b.op(&format!("arith.negf {x} : f32"));
                 let e = self.exp(&n);
@@ -131,7 +131,7 @@ impl Kc<'_> {
                 let kx3 = self.b.fbin("mulf", &k, &x3);
                 let inner = self.b.fbin("addf", x, &kx3);
                 let arg = self.b.fbin("mulf", &c, &inner);
-                let t = self.b.math("tanh", &arg);
+                let t = self.tanh(&arg);
                 let p = self.b.fbin("addf", &one, &t);
                 let hx = self.b.fbin("mulf", &half, x);
                 self.b.fbin("mulf", &hx, &p)
