@@ -41,8 +41,8 @@ use parts::run_parts;
 /// math, llvm pointer ops) to the LLVM dialect. `arith-expand{include-bf16}`
 /// rewrites bf16 `extf`/`truncf` into integer ops (no soft-float calls);
 /// `convert-math-to-libm` takes what `convert-math-to-llvm` leaves
-/// (`erf`; `exp` and `tanh` are emitted as arithmetic) to libm calls,
-/// resolved in the host process;
+/// to libm calls, resolved in the host process (`exp`, `tanh` and `erf`
+/// are emitted as arithmetic: see `emit`);
 /// `convert-vector-to-llvm` lowers the SIMD contraction loops' broadcasts
 /// and reductions.
 pub const CPU_PIPELINE: &str = "builtin.module(canonicalize,cse,func.func(convert-scf-to-cf),\

@@ -43,8 +43,8 @@
 //!   reads the id, and yields NaN for an id outside the table
 //!   (it never reads out of bounds).
 //! - Math: `math.exp` (on the CPU a polynomial, see `exp`), `math.tanh` (on
-//!   the CPU a polynomial or `exp`, see `tanh`),
-//!   `math.erf`, `math.sqrt`, `math.powf`, `math.cos`, `math.sin`; gelu = `0.5 x (1 + erf(x / sqrt 2))`, the tanh
+//!   the CPU a polynomial or `exp`, see `tanh`), `math.erf` (on the CPU a
+//!   rational function, see `erf`), `math.sqrt`, `math.powf`, `math.cos`, `math.sin`; gelu = `0.5 x (1 + erf(x / sqrt 2))`, the tanh
 //!   form per GPT-2, silu = `x / (1 + exp(-x))`, rsqrt = `1 / sqrt(x)`.
 //!   Accumulation is f32 throughout.
 //!
@@ -88,6 +88,7 @@
 mod bodies;
 mod builder;
 mod contract;
+mod erf;
 mod exp;
 mod mma;
 mod ops;

@@ -118,7 +118,7 @@ impl Kc<'_> {
             UnaryOp::Gelu => {
                 let r = self.b.f32(std::f32::consts::FRAC_1_SQRT_2);
                 let s = self.b.fbin("mulf", x, &r);
-                let e = self.b.math("erf", &s);
+                let e = self.erf(&s);
                 let p = self.b.fbin("addf", &one, &e);
                 let hx = self.b.fbin("mulf", &half, x);
                 self.b.fbin("mulf", &hx, &p)
