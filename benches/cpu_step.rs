@@ -34,9 +34,10 @@
 //! the dtype and KV-head settings then come from the file.
 //!
 //! `BIFURC_BENCH_PROFILE=1` also prints the slowest kernels of each side
-//! (8, or `BIFURC_BENCH_PROFILE_TOP`), each contraction with its share of
-//! the FMA peak (its multiply-adds at the peak rate over its time), at
-//! the last thread count timed;
+//! (8, or `BIFURC_BENCH_PROFILE_TOP`; each its median over as many runs
+//! as timed, of the bound step's kernels), each contraction with its
+//! share of the FMA peak (its multiply-adds at the peak rate over its
+//! time), at the last thread count timed;
 //! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there.
 //!
 //! Target (b = 32): the bifurcated step at least 4x faster than the baseline
@@ -203,21 +204,32 @@ fn main() {
         if std::env::var_os("BIFURC_BENCH_PROFILE").is_some() {
             // The profile runs at the last thread count timed.
             let peak = peaks.last().copied().unwrap_or(f64::NAN);
-            for ((name, step), g) in ["baseline", "bifurcated"].iter().zip(&steps).zip([&base, &bif]) {
-                let (_, mut ks) = step.run_profiled(&point, &inputs).expect("run");
-                let total: f64 = ks.iter().map(|(_, t)| t.as_secs_f64() * 1e3).sum();
-                ks.sort_by_key(|k| std::cmp::Reverse(k.1));
-                println!("    {name} at b={b}: kernels {total:.1} ms; slowest (share of the FMA peak):");
+            for (((name, step), g), stored) in
+                ["baseline", "bifurcated"].iter().zip(&steps).zip([&base, &bif]).zip(&stored)
+            {
+                // Each kernel's median over `runs` profiled runs of the
+                // bound step (the timed runs' inputs).
+                let mut each: Vec<(String, Vec<f64>)> = Vec::new();
+                for _ in 0..runs {
+                    let (_, ks) = step.run_stored_profiled(&point, &no_caps, stored).expect("run");
+                    if each.is_empty() {
+                        each = ks.iter().map(|(k, _)| (k.clone(), Vec::with_capacity(runs))).collect();
+                    }
+                    for ((_, ts), (_, t)) in each.iter_mut().zip(&ks) {
+                        ts.push(t.as_secs_f64());
+                    }
+                }
+                let mut ks: Vec<(String, f64)> =
+                    each.into_iter().map(|(k, ts)| (k, median(&ts).unwrap_or(f64::NAN))).collect();
+                let total: f64 = ks.iter().map(|(_, t)| t * 1e3).sum();
+                ks.sort_by(|a, b| b.1.total_cmp(&a.1));
+                println!("    {name} at b={b}: kernels {total:.1} ms (medians of {runs} runs); slowest (share of the FMA peak):");
                 for (k, t) in ks.iter().take(env_or("BIFURC_BENCH_PROFILE_TOP", 8)) {
                     let node = step.program().kernels.iter().find(|x| &x.name == k).map(|x| x.node.as_str());
                     let j = node.and_then(|id| g.nodes.iter().position(|n| n.id == id));
                     let macs = j.map_or(0.0, |j| node_multiply_adds(g, j, &sp).expect("multiply-adds"));
-                    let share = if macs > 0.0 {
-                        format!("  ({:.0}%)", 100.0 * macs / peak / t.as_secs_f64())
-                    } else {
-                        String::new()
-                    };
-                    println!("      {:>9.2} ms  {k}{share}", t.as_secs_f64() * 1e3);
+                    let share = if macs > 0.0 { format!("  ({:.0}%)", 100.0 * macs / peak / t) } else { String::new() };
+                    println!("      {:>9.2} ms  {k}{share}", t * 1e3);
                 }
             }
         }

@@ -367,6 +367,20 @@ impl CpuStep {
         self.run_inner(point, capacities, Inputs::Stored(inputs), None)
     }
 
+    /// [`CpuStep::run_stored`], also returning the wall time of every
+    /// kernel (in launch order, by kernel name): the kernels as a bound
+    /// step runs them (inputs on cache lines, in their storage dtypes).
+    pub fn run_stored_profiled(
+        &self,
+        point: &BTreeMap<String, i64>,
+        capacities: &BTreeMap<String, i64>,
+        inputs: &HashMap<String, Stored>,
+    ) -> Result<(HashMap<String, Tensor>, KernelTimes), LowerError> {
+        let mut times = Vec::with_capacity(self.program.kernels.len());
+        let out = self.run_inner(point, capacities, Inputs::Stored(inputs), Some(&mut times))?;
+        Ok((out, times))
+    }
+
     /// [`CpuStep::run`], also returning the wall time of every kernel (in
     /// launch order, by kernel name).
     pub fn run_profiled(
