@@ -28,11 +28,7 @@ impl Kc<'_> {
     /// `erf(x)` (f32): [`Builder::erf_f32`] on the CPU, `math.erf` on the
     /// GPU.
     pub(crate) fn erf(&mut self, x: &str) -> String {
-        if self.simd > 0 {
-            self.b.erf_f32(x)
-        } else {
-            self.b.math("erf", x)
-        }
+        self.arith_or_math("erf", x, Builder::erf_f32)
     }
 }
 
@@ -73,6 +69,8 @@ impl Builder {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     /// gelu's exact form run by the CPU step over [-10, 10) in steps of
     /// 1/1024 and special values, with no libm call: within `2.2e-7 |x| +
     /// 1.2e-7 |gelu(x)|` of the interpreter's (f64 erf, rounded once):
@@ -80,22 +78,11 @@ mod tests {
     /// the output rounded.
     #[test]
     fn compiled_gelu_erf_matches_interpreter() {
-        let mut xs: Vec<f32> = (0..(20 * 1024)).map(|i| -10.0 + i as f32 / 1024.0 + 0.000_37).collect();
-        xs.extend([f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, 1e-30, -1e-7, 3.999, 4.0, 4.001, 100.0]);
-        let doc = serde_json::json!({
-            "format": "bifurc-graph/1",
-            "dims": {"runtime": ["n"], "constants": {}},
-            "inputs": [{"name": "x", "role": "activation", "shape": ["n"], "dtype": "f32"}],
-            "nodes": [{"id": "g", "op": "gelu", "inputs": ["x"]}],
-            "outputs": [{"name": "g", "node": "g"}]
-        });
-        let (graph, step, text) = crate::lower::emit::testing::cpu_step(&doc);
-        assert!(!text.contains("math.erf"), "no libm call:\n{text}");
-        let point = std::collections::BTreeMap::from([("n".to_string(), xs.len() as i64)]);
-        let x = crate::interp::Tensor::new(vec![xs.len()], xs.clone()).unwrap_or_else(|e| panic!("{e}"));
-        let inputs = std::collections::HashMap::from([("x".to_string(), x)]);
-        let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
-        let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+        let xs =
+            crate::lower::emit::testing::grid((-10.0, 10.0), 1024, 0.000_37, &[1e-30, -1e-7, 3.999, 4.0, 4.001, 100.0]);
+        let run = crate::lower::emit::testing::elementwise(json!([{"id": "g", "op": "gelu", "inputs": ["x"]}]), &xs);
+        assert!(!run.text.contains("math.erf"), "no libm call:\n{}", run.text);
+        let (got, want) = (&run.cpu, &run.interpreter);
         for (x, (a, b)) in xs.iter().zip(got["g"].data.iter().zip(&want["g"].data)) {
             let close = a == b || (a - b).abs() <= 2.2e-7 * x.abs() + 1.2e-7 * b.abs() || (a.is_nan() && b.is_nan());
             assert!(close, "gelu({x}) = {a}, interpreter {b}");

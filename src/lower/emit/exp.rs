@@ -22,10 +22,17 @@ impl Kc<'_> {
     /// `exp(x)` (f32): [`Builder::exp_f32`] on the CPU, `math.exp` on the
     /// GPU.
     pub(crate) fn exp(&mut self, x: &str) -> String {
+        self.arith_or_math("exp", x, Builder::exp_f32)
+    }
+
+    /// `name(x)` (f32): plain arithmetic (`cpu`, which LLVM vectorizes
+    /// with the loop around it) on the CPU, where `math.name` would be a
+    /// libm call per element; `math.name` (libdevice) on the GPU.
+    pub(crate) fn arith_or_math(&mut self, name: &str, x: &str, cpu: fn(&mut Builder, &str) -> String) -> String {
         if self.simd > 0 {
-            self.b.exp_f32(x)
+            cpu(&mut self.b, x)
         } else {
-            self.b.math("exp", x)
+            self.b.math(name, x)
         }
     }
 }
@@ -91,29 +98,20 @@ impl Builder {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     /// The emitted kernel: `exp` of a graph input over [-110, 90) in
     /// steps of 1/256 (and the special values), run by the CPU step, within 1 ulp
     /// of libm (subnormals within 2 of the smallest step), its reduction
     /// and polynomial written as multiply-adds LLVM may fuse.
     #[test]
     fn compiled_exp_matches_libm() {
-        let mut xs: Vec<f32> = (0..(200 * 256)).map(|i| -110.0 + i as f32 / 256.0 + 0.001_3).collect();
-        xs.extend([f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, 88.72, -87.33, -103.9]);
-        let doc = serde_json::json!({
-            "format": "bifurc-graph/1",
-            "dims": {"runtime": ["n"], "constants": {}},
-            "inputs": [{"name": "x", "role": "activation", "shape": ["n"], "dtype": "f32"}],
-            "nodes": [{"id": "e", "op": "exp", "inputs": ["x"]}],
-            "outputs": [{"name": "e", "node": "e"}]
-        });
-        let (_, step, text) = crate::lower::emit::testing::cpu_step(&doc);
+        let xs = crate::lower::emit::testing::grid((-110.0, 90.0), 256, 0.001_3, &[88.72, -87.33, -103.9]);
+        let run = crate::lower::emit::testing::elementwise(json!([{"id": "e", "op": "exp", "inputs": ["x"]}]), &xs);
+        let (got, text) = (&run.cpu, &run.text);
         let fusable = text.matches("fastmath<contract> : f32").count();
         // n, the two parts of r, five polynomial steps, the last term.
         assert_eq!(fusable, 2 * 9, "9 multiply-adds (mul and add) marked:\n{text}");
-        let point = std::collections::BTreeMap::from([("n".to_string(), xs.len() as i64)]);
-        let x = crate::interp::Tensor::new(vec![xs.len()], xs.clone()).unwrap_or_else(|e| panic!("{e}"));
-        let inputs = std::collections::HashMap::from([("x".to_string(), x)]);
-        let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
         for (x, got) in xs.iter().zip(&got["e"].data) {
             let want = x.exp();
             if want.is_nan() {

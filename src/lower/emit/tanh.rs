@@ -21,11 +21,7 @@ impl Kc<'_> {
     /// `tanh(x)` (f32): [`Builder::tanh_f32`] on the CPU, `math.tanh` on
     /// the GPU.
     pub(crate) fn tanh(&mut self, x: &str) -> String {
-        if self.simd > 0 {
-            self.b.tanh_f32(x)
-        } else {
-            self.b.math("tanh", x)
-        }
+        self.arith_or_math("tanh", x, Builder::tanh_f32)
     }
 }
 
@@ -62,6 +58,8 @@ impl Builder {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     /// The emitted kernel: `tanh` of a graph input over [-12, 12) in
     /// steps of 1/1024 (both forms and the switch between them), tiny
     /// and special values, run by the CPU step: within 2 ulp of libm, no
@@ -69,24 +67,19 @@ mod tests {
     /// reference interpreter's.
     #[test]
     fn compiled_tanh_matches_libm() {
-        let mut xs: Vec<f32> = (0..(24 * 1024)).map(|i| -12.0 + i as f32 / 1024.0 + 0.000_37).collect();
-        xs.extend([f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, 1e-30, -1e-7, 0.624_999_9, 0.625, 100.0]);
-        let doc = serde_json::json!({
-            "format": "bifurc-graph/1",
-            "dims": {"runtime": ["n"], "constants": {}},
-            "inputs": [{"name": "x", "role": "activation", "shape": ["n"], "dtype": "f32"}],
-            "nodes": [
-                {"id": "t", "op": "tanh", "inputs": ["x"]},
-                {"id": "g", "op": "gelu", "inputs": ["x"], "attrs": {"approximate": "tanh"}}
-            ],
-            "outputs": [{"name": "t", "node": "t"}, {"name": "g", "node": "g"}]
-        });
-        let (graph, step, text) = crate::lower::emit::testing::cpu_step(&doc);
-        assert!(!text.contains("math.tanh"), "no libm call:\n{text}");
-        let point = std::collections::BTreeMap::from([("n".to_string(), xs.len() as i64)]);
-        let x = crate::interp::Tensor::new(vec![xs.len()], xs.clone()).unwrap_or_else(|e| panic!("{e}"));
-        let inputs = std::collections::HashMap::from([("x".to_string(), x)]);
-        let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+        let xs = crate::lower::emit::testing::grid(
+            (-12.0, 12.0),
+            1024,
+            0.000_37,
+            &[1e-30, -1e-7, 0.624_999_9, 0.625, 100.0],
+        );
+        let nodes = json!([
+            {"id": "t", "op": "tanh", "inputs": ["x"]},
+            {"id": "g", "op": "gelu", "inputs": ["x"], "attrs": {"approximate": "tanh"}}
+        ]);
+        let run = crate::lower::emit::testing::elementwise(nodes, &xs);
+        let (got, want) = (&run.cpu, &run.interpreter);
+        assert!(!run.text.contains("math.tanh"), "no libm call:\n{}", run.text);
         let mut worst = 0;
         for (x, got) in xs.iter().zip(&got["t"].data) {
             let want = x.tanh();
@@ -100,7 +93,6 @@ mod tests {
             worst = worst.max(u);
         }
         assert!(worst >= 1, "the comparison sees rounding at all");
-        let want = crate::interp::run(&graph, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
         for (i, (a, b)) in got["g"].data.iter().zip(&want["g"].data).enumerate() {
             let close = a == b || (a - b).abs() <= 1e-6 * (1.0 + b.abs()) || (a.is_nan() && b.is_nan());
             assert!(close, "gelu({}) = {a} vs {b}", xs[i]);

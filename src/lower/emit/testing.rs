@@ -39,3 +39,45 @@ pub(crate) fn check_output(
         assert!((x - y).abs() <= abs + rel * y.abs(), "{name} at {point:?}: element {i}: {x} vs {y}");
     }
 }
+
+/// Elementwise `nodes` over one f32 input `x` of shape `[n]` holding
+/// `xs`, every node an output: run by the CPU step and by the reference
+/// interpreter.
+pub(crate) struct Elementwise {
+    pub(crate) cpu: std::collections::HashMap<String, crate::interp::Tensor>,
+    pub(crate) interpreter: std::collections::HashMap<String, crate::interp::Tensor>,
+    /// The step's MLIR.
+    pub(crate) text: String,
+}
+
+pub(crate) fn elementwise(nodes: serde_json::Value, xs: &[f32]) -> Elementwise {
+    let outputs: Vec<serde_json::Value> = nodes
+        .as_array()
+        .map(|ns| ns.iter().map(|n| serde_json::json!({"name": n["id"], "node": n["id"]})).collect())
+        .unwrap_or_default();
+    let doc = serde_json::json!({
+        "format": "bifurc-graph/1",
+        "dims": {"runtime": ["n"], "constants": {}},
+        "inputs": [{"name": "x", "role": "activation", "shape": ["n"], "dtype": "f32"}],
+        "nodes": nodes,
+        "outputs": outputs
+    });
+    let (graph, step, text) = cpu_step(&doc);
+    let at = point(&[("n", xs.len() as i64)]);
+    let x = crate::interp::Tensor::new(vec![xs.len()], xs.to_vec()).unwrap_or_else(|e| panic!("{e}"));
+    let inputs = std::collections::HashMap::from([("x".to_string(), x)]);
+    let cpu = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+    let interpreter = crate::interp::run(&graph, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+    Elementwise { cpu, interpreter, text }
+}
+
+/// `from, from + 1/per_unit, …` below `to`, each moved by `offset` (off
+/// the round values), then NaN, ±inf, ±0 and `extra`: the inputs of a
+/// math function's test.
+pub(crate) fn grid((from, to): (f32, f32), per_unit: usize, offset: f32, extra: &[f32]) -> Vec<f32> {
+    let n = ((to - from) * per_unit as f32) as usize;
+    let mut xs: Vec<f32> = (0..n).map(|i| from + i as f32 / per_unit as f32 + offset).collect();
+    xs.extend([f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0]);
+    xs.extend_from_slice(extra);
+    xs
+}
