@@ -724,17 +724,24 @@ impl Kc<'_> {
             }
             return Ok(out);
         };
-        let ub = self.sizes(std::slice::from_ref(d))?.remove(0);
-        let one = self.b.index(1);
-        let (res, l, a) = self.b.open_for_typed(&ub, &one, accs, &vty);
-        for env in envs.iter_mut() {
-            env.push((*c, l.clone()));
-        }
-        let next = self.out_vec_loops(j, spec, inputs, envs, rest, &a, lanes)?;
-        for env in envs.iter_mut() {
-            env.pop();
-        }
-        self.b.close_for_typed(&next, &vty);
-        Ok(res)
+        // One loop per part of a concat the sum reads along `c` (see
+        // `Kc::sum_over`).
+        let operands: Vec<(Value, usize)> = spec
+            .inputs
+            .iter()
+            .zip(inputs)
+            .filter_map(|(subs, &v)| Some((v, subs.iter().position(|x| x == c)?)))
+            .collect();
+        let segments = self.sum_segments(&operands, d);
+        self.sum_over(&segments, accs, &vty, |kc, l, a| {
+            for env in envs.iter_mut() {
+                env.push((*c, l.to_owned()));
+            }
+            let next = kc.out_vec_loops(j, spec, inputs, envs, rest, a, lanes);
+            for env in envs.iter_mut() {
+                env.pop();
+            }
+            next
+        })
     }
 }

@@ -227,6 +227,42 @@ impl Kc<'_> {
         Some(bounds)
     }
 
+    /// Where a CPU sum of length `len` splits: the offsets of the parts of
+    /// a concat that one of `operands` (each a value and the axis the sum
+    /// walks in it) reads element for element along that axis (as
+    /// [`Kc::row_segments`]; the baseline's `w·V` reads V as
+    /// `concat(V_context, V_decode, v_new)`), or just `[0, len]`.
+    pub(super) fn sum_segments(&self, operands: &[(Value, usize)], len: &Poly) -> Vec<Poly> {
+        let split = (self.simd > 0).then(|| operands.iter().find_map(|&(v, axis)| self.concat_bounds(v, axis)));
+        split.flatten().unwrap_or_else(|| vec![Poly::zero(), len.clone()])
+    }
+
+    /// A sum's loop over `segments` (see [`Kc::sum_segments`]) carrying
+    /// the accumulators `inits` of MLIR type `ty`: one loop per segment,
+    /// its index pinned to it, so a concat read there reads its part
+    /// without a branch at every step; `body(kc, index, accs)` gives the
+    /// next accumulators. Returns the sums.
+    pub(super) fn sum_over(
+        &mut self,
+        segments: &[Poly],
+        inits: &[String],
+        ty: &str,
+        mut body: impl FnMut(&mut Self, &str, &[String]) -> Result<Vec<String>, LowerError>,
+    ) -> Result<Vec<String>, LowerError> {
+        let one = self.b.index(1);
+        let mut accs = inits.to_vec();
+        for w in segments.windows(2) {
+            let bounds = self.sizes(w)?;
+            let (res, l, a) = self.b.open_for_typed_from(&bounds[0], &bounds[1], &one, &accs, ty);
+            self.pinned.push((l.clone(), w[0].clone(), w[1].clone()));
+            let next = body(self, &l, &a);
+            self.pinned.pop();
+            self.b.close_for_typed(&next?, ty);
+            accs = res;
+        }
+        Ok(accs)
+    }
+
     /// The part of a concat along an index pinned to exactly its range
     /// (see [`Kc::pinned`]), if any: `bounds` are the parts' offsets.
     pub(super) fn pinned_part(&self, index: &str, bounds: &[Poly]) -> Option<usize> {

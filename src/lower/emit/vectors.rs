@@ -86,7 +86,14 @@ impl Kc<'_> {
         let (op, inputs) = (node.op.clone(), node.inputs.clone());
         let first = *inputs.first().ok_or_else(|| self.unsupported(j, "view without an input"))?;
         match op {
-            Op::Concat { axis } => self.concat_vector(&inputs, axis, 0, crate::ir::Poly::zero(), idx, lanes),
+            Op::Concat { axis } => {
+                let bounds = self.concat_offsets(&inputs, axis).unwrap_or_default();
+                match self.pinned_part(&idx[axis], &bounds) {
+                    // The index stays in part p (a sum split there).
+                    Some(p) => self.concat_vector(&inputs[p..=p], axis, 0, bounds[p].clone(), idx, lanes),
+                    None => self.concat_vector(&inputs, axis, 0, crate::ir::Poly::zero(), idx, lanes),
+                }
+            }
             Op::Reshape { .. } | Op::Transpose { .. } | Op::Broadcast { .. } | Op::Slice { .. } => {
                 // The scalar index map, applied to the first lane: the
                 // last axis maps to the input's last (checked by
@@ -171,29 +178,31 @@ impl Kc<'_> {
             return Err(self.unsupported(j, "matmul ranks"));
         }
         let vty = format!("vector<{lanes}xf32>");
-        let kdim = self.sizes(&sa[sa.len() - 1..])?.remove(0);
-        let one = self.b.index(1);
+        let kdim = sa[sa.len() - 1].clone();
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
-        let (res, kk, accs) = self.b.open_for_typed(&kdim, &one, &vec![zero; idxs.len()], &vty);
-        let mut shared: Vec<(Vec<String>, String)> = Vec::new();
-        let mut nexts = Vec::with_capacity(idxs.len());
-        for (idx, acc) in idxs.iter().zip(&accs) {
-            let (ia, ib) = self.matmul_operand_indices((&sa, &sb), idx, &kk, false);
-            let x = match shared.iter().find(|(at, _)| *at == ia) {
-                Some((_, x)) => x.clone(),
-                None => {
-                    let x = self.loadf(a, &ia)?;
-                    let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
-                    shared.push((ia, x.clone()));
-                    x
-                }
-            };
-            let y = self.load_vector_view(bv, &ib, lanes)?;
-            let p = self.b.op(&format!("arith.mulf {x}, {y} fastmath<{}> : {vty}", super::contract::CONTRACT));
-            nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<{}> : {vty}", super::contract::CONTRACT)));
-        }
-        self.b.close_for_typed(&nexts, &vty);
-        Ok(res)
+        // One loop per part of a concat either operand reads along the
+        // sum (the baseline's `p @ concat(V_context, V_decode, v_new)`).
+        let segments = self.sum_segments(&[(a, sa.len() - 1), (bv, sb.len() - 2)], &kdim);
+        self.sum_over(&segments, &vec![zero; idxs.len()], &vty, |kc, kk, accs| {
+            let mut shared: Vec<(Vec<String>, String)> = Vec::new();
+            let mut nexts = Vec::with_capacity(idxs.len());
+            for (idx, acc) in idxs.iter().zip(accs) {
+                let (ia, ib) = kc.matmul_operand_indices((&sa, &sb), idx, kk, false);
+                let x = match shared.iter().find(|(at, _)| *at == ia) {
+                    Some((_, x)) => x.clone(),
+                    None => {
+                        let x = kc.loadf(a, &ia)?;
+                        let x = kc.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
+                        shared.push((ia, x.clone()));
+                        x
+                    }
+                };
+                let y = kc.load_vector_view(bv, &ib, lanes)?;
+                let p = kc.b.op(&format!("arith.mulf {x}, {y} fastmath<{}> : {vty}", super::contract::CONTRACT));
+                nexts.push(kc.b.op(&format!("arith.addf {acc}, {p} fastmath<{}> : {vty}", super::contract::CONTRACT)));
+            }
+            Ok(nexts)
+        })
     }
 
     /// The lanes of [`Kc::vector_body`] for node `j` (walked `walk` into
@@ -337,8 +346,12 @@ mod tests {
             text.contains(&format!("-> vector<16x{dt}>")) && text.contains(&format!(": vector<16x{dt}>, !llvm.ptr")),
             "the {dt} matmul reads and writes vectors:\n{text}"
         );
-        // Both vectors of a 32-wide row in one walk of the cache.
-        assert!(text.contains("-> (vector<16xf32>, vector<16xf32>) {"), "two vectors per step:\n{text}");
+        // Both vectors of a 32-wide row in one walk of the cache, the walk
+        // split at the concat's three parts (each part read without a
+        // branch: no `scf.if` choosing one at every step).
+        let sums = text.matches("-> (vector<16xf32>, vector<16xf32>) {").count();
+        assert_eq!(sums, 3, "two vectors per step, one loop per part:\n{text}");
+        assert!(!text.contains("-> (vector<16xf32>) {\n"), "no per-step choice of a part:\n{text}");
         for (b, m_c, m_d) in [(3, 5, 2), (1, 0, 0), (2, 17, 3), (4, 1, 7)] {
             let point = BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)]);
             let inputs = crate::interp::random_inputs(&graph, &point, 11).unwrap_or_else(|e| panic!("{e}"));
@@ -359,6 +372,36 @@ mod tests {
             let caps = BTreeMap::from([("m_d".to_string(), cap as i64)]);
             let got = step.run_with_capacity(&point, &caps, &pitched).unwrap_or_else(|e| panic!("{e}"));
             close(&got["o"], &want["o"], tol, &format!("{dt} with spare rows at {point:?}"));
+        }
+    }
+
+    /// The same sum as an einsum (`bgm,bgmk->bgk` over `concat(V_context
+    /// broadcast, V_decode)`): one loop per part there too, against the
+    /// interpreter with either part empty.
+    #[test]
+    fn einsum_sums_split_at_concat_parts() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m_c", "m_d"], "constants": {"g": 2, "k": 32}},
+            "inputs": [
+                {"name": "p", "role": "activation", "shape": ["b", "g", "m_c+m_d"], "dtype": "f32"},
+                {"name": "v_ctx", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["g", "m_c", "k"], "dtype": "f32"},
+                {"name": "v_dec", "role": "decode_kv", "layer": 0, "kv": "v", "shape": ["b", "g", "m_d", "k"], "dtype": "f32"}
+            ],
+            "nodes": [
+                {"id": "v_ctx_b", "op": "broadcast", "inputs": ["v_ctx"], "attrs": {"shape": ["b", "g", "m_c", "k"]}},
+                {"id": "v_all", "op": "concat", "inputs": ["v_ctx_b", "v_dec"], "attrs": {"axis": 2}},
+                {"id": "o", "op": "einsum", "inputs": ["p", "v_all"], "attrs": {"spec": "bgm,bgmk->bgk"}}
+            ],
+            "outputs": [{"name": "o", "node": "o"}]
+        });
+        let (graph, step, text) = crate::lower::emit::testing::cpu_step(&doc);
+        let sums = text.matches("-> (vector<16xf32>, vector<16xf32>) {").count();
+        assert_eq!(sums, 2, "one loop per part:\n{text}");
+        assert!(!text.contains("-> (vector<16xf32>) {\n"), "no per-step choice of a part:\n{text}");
+        for (b, m_c, m_d) in [(3, 5, 2), (2, 0, 3), (2, 17, 0), (1, 0, 0)] {
+            let at = crate::lower::emit::testing::point(&[("b", b), ("m_c", m_c), ("m_d", m_d)]);
+            crate::lower::emit::testing::check_output(&graph, &step, &at, 4, "o", (1e-5, 1e-5));
         }
     }
 
