@@ -618,7 +618,12 @@ impl Kc<'_> {
         Some(VectorSum { lanes, letters: reduced.len(), len })
     }
 
-    /// Node `j` as an einsum over its inputs: an einsum itself, or a
+    /// Node `j` as an einsum over its inputs: an einsum itself, a batched
+    /// matmul not transposed whose operands have the same batch axes (the
+    /// unbifurcated attention's `p @ V`, `abmk,abkn->abmn`: its rows then
+    /// share output vectors of V, a prefill step's 43 -> 5.3 ms; its
+    /// `q @ Kᵀ` is left to the scalar tile, which the vector sum read
+    /// through the concat of K's parts did not beat: 12 -> 14 ms), or a
     /// matmul by a 2-D right operand: transposed, of f32 data (a weight
     /// projection `x [.., m, k] @ W[n, k]ᵀ` is `..mk,nk->..mn`), or not
     /// (a right operand stored `[in, out]`: `..mk,kn->..mn`, which then
@@ -636,15 +641,22 @@ impl Kc<'_> {
         match (&node.op, node.inputs.as_slice()) {
             (Op::Einsum(spec), inputs) if spec.inputs.len() == inputs.len() => Some((spec.clone(), inputs.to_vec())),
             (Op::MatMul { transpose_b }, &[a, w]) if !*transpose_b || (f32_data(&a) && f32_data(&w)) => {
-                let rank = self.graph.shape_of(a).len();
-                if rank < 2 || self.graph.shape_of(w).len() != 2 || rank > 2 + BATCH_LETTERS.len() {
+                let (sa, sw) = (self.graph.shape_of(a), self.graph.shape_of(w));
+                let rank = sa.len();
+                // A batched right operand with the same batch axes (no
+                // broadcasting: the unbifurcated attention's `q @ Kᵀ` and
+                // `p @ V` over `[b, h, .., ..]`) shares their letters.
+                let batched =
+                    !*transpose_b && sw.len() == rank && self.graph.dims.same_shape(&sa[..rank - 2], &sw[..rank - 2]);
+                if rank < 2 || !(sw.len() == 2 || batched) || rank > 2 + BATCH_LETTERS.len() {
                     return None;
                 }
                 let mut x: Vec<char> = BATCH_LETTERS.chars().take(rank - 2).collect();
                 let mut output = x.clone();
+                let mut w_letters = if batched { x.clone() } else { Vec::new() };
                 x.extend(['m', 'k']);
                 output.extend(['m', 'n']);
-                let w_letters = if *transpose_b { vec!['n', 'k'] } else { vec!['k', 'n'] };
+                w_letters.extend(if *transpose_b { ['n', 'k'] } else { ['k', 'n'] });
                 Some((EinsumSpec { inputs: vec![x, w_letters], output }, vec![a, w]))
             }
             _ => None,
