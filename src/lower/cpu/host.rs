@@ -42,19 +42,21 @@ impl HostData {
         )
     }
 
-    /// `n` elements (at least one) in this memory, without a new
-    /// allocation when it is large enough: what it held (the last run's
-    /// values) stays, only elements past its old length are zeros. For an
-    /// intermediate, which its kernel writes whole before any kernel reads
-    /// it: clearing it first cost a pass over every intermediate per step
-    /// (about 68 MB at b = 32, m_c = 8192 in cpu_step, on one thread).
+    /// `n` elements (at least one) of unspecified values, in this memory
+    /// when it is large enough (see `Lines::reuse`: a larger allocation
+    /// otherwise, with room to grow, nothing copied). For an intermediate,
+    /// which its kernel writes whole before any kernel reads it: clearing
+    /// it first cost a pass over every intermediate per step (about 68 MB
+    /// at b = 32, m_c = 8192 in cpu_step, on one thread), and keeping its
+    /// values when it grew copied a prefill step's scores at every chunk
+    /// (their rows a chunk longer each time).
     pub(crate) fn reuse(&mut self, n: usize) {
         let n = n.max(1);
         match self {
-            HostData::F32(v) => v.resize(n, 0.0),
-            HostData::U16(v) => v.resize(n, 0),
-            HostData::I32(v) => v.resize(n, 0),
-            HostData::I64(v) => v.resize(n, 0),
+            HostData::F32(v) => v.reuse(n),
+            HostData::U16(v) => v.reuse(n),
+            HostData::I32(v) => v.reuse(n),
+            HostData::I64(v) => v.reuse(n),
         }
     }
 

@@ -31,18 +31,19 @@ impl<T: Copy + Default> Lines<T> {
         Self::filled(n, T::default())
     }
 
-    /// `n` elements: the first of those held stay, any past them are
-    /// `x`, in this allocation when it is large enough.
-    pub(crate) fn resize(&mut self, n: usize, x: T) {
+    /// `n` elements whose values are left as they are: what this
+    /// allocation held (an earlier run's values, or zeros) when it is
+    /// large enough, else a new allocation of zeros with room for half as
+    /// many again, nothing copied into it. For memory its user writes
+    /// whole before reading it; a size that grows run after run (a prefill
+    /// step's scores, a column longer each chunk) then allocates only
+    /// now and then.
+    pub(crate) fn reuse(&mut self, n: usize) {
         if self.start + n <= self.raw.len() {
-            let old = self.len;
             self.len = n;
-            if n > old {
-                self[old..].fill(x);
-            }
         } else {
-            let mut grown = Self::filled(n, x);
-            grown[..self.len].copy_from_slice(self);
+            let mut grown = Self::zeros(n.saturating_add(n / 2));
+            grown.len = n;
             *self = grown;
         }
     }
@@ -134,10 +135,10 @@ mod tests {
         v.as_ptr() as usize % LINE == 0
     }
 
-    /// Every way of making one starts on a line, keeps its values (made from
-    /// a `Vec`, a slice, a clone, an iterator), and
-    /// grows and shrinks as `Vec::resize` does (kept values stay, new ones
-    /// are the fill), in place while it fits.
+    /// Every way of making one starts on a line and keeps its values (made
+    /// from a `Vec`, a slice, a clone, an iterator); reused at another
+    /// length it stays in place while it fits, and grows by half again
+    /// (zeros, still on a line) when it does not.
     #[test]
     fn starts_on_a_line_and_resizes_like_a_vec() {
         for n in [1usize, 3, 17, 1 << 20] {
@@ -156,10 +157,13 @@ mod tests {
         }
         let mut l = Lines::from(vec![1i64, 2, 3, 4]);
         let at = l.as_ptr();
-        l.resize(2, 9);
-        l.resize(4, 7);
-        assert_eq!((&l[..], l.as_ptr()), (&[1i64, 2, 7, 7][..], at), "in place, new elements filled");
-        l.resize(1000, 5);
-        assert!(on_a_line(&l) && l[..4] == [1, 2, 7, 7] && l[4..].iter().all(|&x| x == 5) && l.capacity() >= 1000);
+        l.reuse(2);
+        l.reuse(4);
+        assert_eq!((&l[..], l.as_ptr()), (&[1i64, 2, 3, 4][..], at), "in place, values kept");
+        l.reuse(1000);
+        assert!(on_a_line(&l) && l.len() == 1000 && l.iter().all(|&x| x == 0) && l.capacity() >= 1500);
+        let at = l.as_ptr();
+        l.reuse(1400);
+        assert_eq!((l.len(), l.as_ptr()), (1400, at), "grown once, then in place");
     }
 }
