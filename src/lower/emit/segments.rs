@@ -88,18 +88,9 @@ impl Kc<'_> {
             self.b.close_for(&next, Ty::F32);
             return Ok(res);
         }
-        let one = self.b.index(1);
-        let mut acc = init.to_owned();
-        for w in segments.windows(2) {
-            let bounds = self.sizes(w)?;
-            let (res, l, a) = self.b.open_for_from(&bounds[0], &bounds[1], &one, &acc, Ty::F32);
-            self.pinned.push((l.clone(), w[0].clone(), w[1].clone()));
-            let next = body(self, &l, &a);
-            self.pinned.pop();
-            self.b.close_for(&next?, Ty::F32);
-            acc = res;
-        }
-        Ok(acc)
+        let sums =
+            self.sum_over(segments, &[init.to_owned()], Ty::F32.mlir(), |kc, l, a| Ok(vec![body(kc, l, &a[0])?]))?;
+        Ok(sums.into_iter().next().unwrap_or_else(|| init.to_owned()))
     }
 
     /// [`Kc::row_fold`] on the CPU's whole-row loops, each segment walked
