@@ -643,9 +643,10 @@ impl Kc<'_> {
             (Op::MatMul { transpose_b }, &[a, w]) if !*transpose_b || (f32_data(&a) && f32_data(&w)) => {
                 let (sa, sw) = (self.graph.shape_of(a), self.graph.shape_of(w));
                 let rank = sa.len();
-                // A batched right operand with the same batch axes (no
-                // broadcasting: the unbifurcated attention's `q @ Kᵀ` and
-                // `p @ V` over `[b, h, .., ..]`) shares their letters.
+                // A batched right operand, not transposed, with the same
+                // batch axes (no broadcasting: the unbifurcated
+                // attention's `p @ V` over `[b, h, .., ..]`) shares their
+                // letters.
                 let batched =
                     !*transpose_b && sw.len() == rank && self.graph.dims.same_shape(&sa[..rank - 2], &sw[..rank - 2]);
                 if rank < 2 || !(sw.len() == 2 || batched) || rank > 2 + BATCH_LETTERS.len() {
