@@ -50,26 +50,25 @@ pub(super) fn transpose_right_weights(graph: &Graph) -> (Graph, BTreeSet<String>
     (out, names)
 }
 
-/// The values of the 2-D `t` (`[rows, cols]`, row-major) transposed:
+/// `values` of the 2-D `shape` (`[rows, cols]`, row-major) transposed:
 /// `[cols, rows]`. `name` is the input's, for the error on another rank.
-pub(super) fn transposed(t: &Tensor, name: &str) -> Result<Tensor, LowerError> {
-    let &[rows, cols] = t.shape.as_slice() else {
+pub(super) fn transposed(shape: &[usize], values: &[f32], name: &str) -> Result<Tensor, LowerError> {
+    let &[rows, cols] = shape else {
         return Err(LowerError::Run(format!(
-            "input `{name}` has shape {:?}, expected a matrix (it is stored transposed)",
-            t.shape
+            "input `{name}` has shape {shape:?}, expected a matrix (it is stored transposed)"
         )));
     };
-    if t.data.len() != rows * cols {
-        return Err(LowerError::Run(format!("input `{name}` has shape {:?} but {} values", t.shape, t.data.len())));
+    if values.len() != rows * cols {
+        return Err(LowerError::Run(format!("input `{name}` has shape {shape:?} but {} values", values.len())));
     }
-    let mut data = vec![0.0f32; t.data.len()];
+    let mut data = vec![0.0f32; values.len()];
     // In blocks of 16 x 16, so both sides are walked a cache line at a time.
     const BLOCK: usize = 16;
     for r0 in (0..rows).step_by(BLOCK) {
         for c0 in (0..cols).step_by(BLOCK) {
             for r in r0..(r0 + BLOCK).min(rows) {
                 for c in c0..(c0 + BLOCK).min(cols) {
-                    data[c * rows + r] = t.data[r * cols + c];
+                    data[c * rows + r] = values[r * cols + c];
                 }
             }
         }
@@ -176,7 +175,7 @@ mod tests {
         let at = crate::lower::emit::testing::point(&[("b", 2)]);
         let mut inputs = crate::interp::random_inputs(&graph, &at, 3).unwrap_or_else(|e| panic!("{e}"));
         let w = inputs["w_fc"].clone();
-        inputs.insert("w_fc".into(), transposed(&w, "w_fc").unwrap_or_else(|e| panic!("{e}")));
+        inputs.insert("w_fc".into(), transposed(&w.shape, &w.data, "w_fc").unwrap_or_else(|e| panic!("{e}")));
         let err = step.run(&at, &inputs).map(|_| ()).unwrap_err().to_string();
         assert!(err.contains("`w_fc` has shape [96, 64]") && err.contains("expected [64, 96]"), "{err}");
         let zeros = step.store_zeros("w_fc", vec![64, 96]).unwrap_or_else(|e| panic!("{e}"));
@@ -187,16 +186,16 @@ mod tests {
     fn transposes_across_block_edges() {
         for (rows, cols) in [(1, 1), (3, 17), (33, 16), (16, 40)] {
             let t = Tensor { shape: vec![rows, cols], data: (0..rows * cols).map(|v| v as f32).collect() };
-            let u = transposed(&t, "w").unwrap_or_else(|e| panic!("{e}"));
+            let u = transposed(&t.shape, &t.data, "w").unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(u.shape, vec![cols, rows]);
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(u.data[c * rows + r], t.data[r * cols + c], "{rows}x{cols} at {r},{c}");
                 }
             }
-            assert_eq!(transposed(&u, "w").unwrap_or_else(|e| panic!("{e}")).data, t.data);
+            assert_eq!(transposed(&u.shape, &u.data, "w").unwrap_or_else(|e| panic!("{e}")).data, t.data);
         }
         let cube = Tensor { shape: vec![1, 2, 2], data: vec![0.0; 4] };
-        assert!(transposed(&cube, "w").is_err_and(|e| e.to_string().contains("`w`")));
+        assert!(transposed(&cube.shape, &cube.data, "w").is_err_and(|e| e.to_string().contains("`w`")));
     }
 }

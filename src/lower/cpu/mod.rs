@@ -264,7 +264,7 @@ impl CpuStep {
     /// the step keeps it transposed.
     fn step_layout<'t>(&self, name: &str, t: &'t Tensor) -> Result<Cow<'t, Tensor>, LowerError> {
         if self.transposed.contains(name) {
-            Ok(Cow::Owned(layout::transposed(t, name)?))
+            Ok(Cow::Owned(layout::transposed(&t.shape, &t.data, name)?))
         } else {
             Ok(Cow::Borrowed(t))
         }
@@ -335,8 +335,7 @@ impl CpuStep {
     pub fn store_values(&self, name: &str, shape: &[usize], values: &[f32]) -> Result<Stored, LowerError> {
         let dtype = self.input_dtype(name)?;
         if self.transposed.contains(name) {
-            let t = layout::transposed(&Tensor { shape: shape.to_vec(), data: values.to_vec() }, name)?;
-            return Stored::new(dtype, t, name);
+            return Stored::new(dtype, layout::transposed(shape, values, name)?, name);
         }
         Stored::from_values(dtype, shape, values, name)
     }
