@@ -76,7 +76,7 @@ struct Tiled<'a> {
 
 /// How [`Kc::store_tile`] computes and stores a register tile.
 #[derive(Clone, Copy)]
-enum Values {
+pub(super) enum Values {
     /// One output per index.
     Scalars,
     /// A vector of this many outputs from each index (`Kc::out_lanes`).
@@ -437,7 +437,13 @@ impl Kc<'_> {
     /// Node `j` at every index of `idxs` (one register tile), stored: as
     /// scalars, one vector of outputs from each index (`Vectors`), or one
     /// vector per row of `n` consecutive indices (`Rows`).
-    fn store_tile(&mut self, out: &Out, j: usize, values: Values, idxs: &[Vec<String>]) -> Result<(), LowerError> {
+    pub(super) fn store_tile(
+        &mut self,
+        out: &Out,
+        j: usize,
+        values: Values,
+        idxs: &[Vec<String>],
+    ) -> Result<(), LowerError> {
         let (computed, lanes, at): (Vec<builder::Val>, usize, Vec<&Vec<String>>) = match values {
             Values::Scalars => (self.compute_tile(j, idxs)?, 1, idxs.iter().collect()),
             Values::Vectors(lanes) => {

@@ -51,6 +51,31 @@ fn output_envs(output: &[char], idxs: &[Vec<String>]) -> Vec<Vec<(char, String)>
     idxs.iter().map(|idx| output.iter().copied().zip(idx.iter().cloned()).collect()).collect()
 }
 
+/// The masks of the four stages of a 16 × 16 lane shuffle over `[x (lanes
+/// 0..16), y (16..32)]`, per group j of 4 lanes: x and y lane by lane
+/// (unpacklo/hi_ps), then pair by pair (unpacklo/hi_pd); then groups 0, 2
+/// / 1, 3 of x and of y (shuf32x4), twice (see [`Kc::lane_tree_16`],
+/// [`Kc::transpose_16`]).
+fn group_stages() -> [(String, String); 4] {
+    let g = LANE_GROUP;
+    let n = g * g;
+    let per_group = |f: &dyn Fn(usize) -> [usize; 4]| -> Vec<usize> { (0..g).flat_map(|j| f(g * j)).collect() };
+    let lanes_lo = per_group(&|b| [b, n + b, b + 1, n + b + 1]);
+    let lanes_hi = per_group(&|b| [b + 2, n + b + 2, b + 3, n + b + 3]);
+    let pairs_lo = per_group(&|b| [b, b + 1, n + b, n + b + 1]);
+    let pairs_hi = per_group(&|b| [b + 2, b + 3, n + b + 2, n + b + 3]);
+    let groups = |first: usize| -> Vec<usize> {
+        [first, first + 2, g + first, g + first + 2].iter().flat_map(|&q| (0..g).map(move |t| g * q + t)).collect()
+    };
+    let text = |m: &[usize]| m.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    [
+        (text(&lanes_lo), text(&lanes_hi)),
+        (text(&pairs_lo), text(&pairs_hi)),
+        (text(&groups(0)), text(&groups(1))),
+        (text(&groups(0)), text(&groups(1))),
+    ]
+}
+
 /// Loads already emitted in one contraction step, by (operand, index).
 #[derive(Default)]
 struct Loaded(std::collections::HashMap<(usize, Vec<String>), String>);
@@ -479,28 +504,53 @@ impl Kc<'_> {
     /// 0.33-0.35 this way (cpu_step's at m_c = 512 alone; the step at
     /// m_c = 2048, b = 32: 28.7-28.9 -> 27.1-27.5 ms).
     fn lane_tree_16(&mut self, vecs: &[String]) -> String {
-        let g = LANE_GROUP;
-        let vty = format!("vector<{}xf32>", g * g);
-        // Stage masks over `[x (lanes 0..16), y (16..32)]`, per group j
-        // of 4 lanes: x and y lane by lane (unpacklo/hi_ps), then pair by
-        // pair (unpacklo/hi_pd); then groups 0, 2 / 1, 3 of x and of y
-        // (shuf32x4), twice. After them lane i holds the sum of vecs[i].
-        let n = g * g;
-        let per_group = |f: &dyn Fn(usize) -> [usize; 4]| -> Vec<usize> { (0..g).flat_map(|j| f(g * j)).collect() };
-        let lanes_lo = per_group(&|b| [b, n + b, b + 1, n + b + 1]);
-        let lanes_hi = per_group(&|b| [b + 2, n + b + 2, b + 3, n + b + 3]);
-        let pairs_lo = per_group(&|b| [b, b + 1, n + b, n + b + 1]);
-        let pairs_hi = per_group(&|b| [b + 2, b + 3, n + b + 2, n + b + 3]);
-        let groups = |first: usize| -> Vec<usize> {
-            [first, first + 2, g + first, g + first + 2].iter().flat_map(|&q| (0..g).map(move |t| g * q + t)).collect()
-        };
-        let stages = [(lanes_lo, lanes_hi), (pairs_lo, pairs_hi), (groups(0), groups(1)), (groups(0), groups(1))];
+        let vty = format!("vector<{}xf32>", LANE_GROUP * LANE_GROUP);
         let mut cur = vecs.to_vec();
-        let text = |m: &[usize]| m.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-        for (lo, hi) in &stages {
-            cur = self.tree_stage(&cur, (&text(lo), &text(hi)), &vty);
+        for (lo, hi) in &group_stages() {
+            cur = self.tree_stage(&cur, (lo.as_str(), hi.as_str()), &vty);
         }
         cur.remove(0)
+    }
+
+    /// The 16 × 16 transpose of `vecs` (16 vectors of 16 lanes): lane `i`
+    /// of result `l` is lane `l` of `vecs[i]`. The stages of
+    /// [`Kc::lane_tree_16`] with both shuffles of a pair kept, not added
+    /// (64 shuffles: unpacks, then 128-bit group shuffles).
+    pub(super) fn transpose_16(&mut self, vecs: &[String]) -> Vec<String> {
+        let vty = format!("vector<{}xf32>", LANE_GROUP * LANE_GROUP);
+        let [(lanes_lo, lanes_hi), (pairs_lo, pairs_hi), (groups_lo, groups_hi), _] = group_stages();
+        let mut shuffle = |a: &String, b: &String, m: &str| -> String {
+            self.b.op(&format!("vector.shuffle {a}, {b} [{m}] : {vty}, {vty}"))
+        };
+        // Lanes of neighbours interleaved, then pairs of lanes two apart.
+        let mut t = Vec::with_capacity(16);
+        for p in vecs.chunks(2) {
+            t.push(shuffle(&p[0], &p[1], &lanes_lo));
+            t.push(shuffle(&p[0], &p[1], &lanes_hi));
+        }
+        let mut r = Vec::with_capacity(16);
+        for q in t.chunks(4) {
+            r.push(shuffle(&q[0], &q[2], &pairs_lo));
+            r.push(shuffle(&q[0], &q[2], &pairs_hi));
+            r.push(shuffle(&q[1], &q[3], &pairs_lo));
+            r.push(shuffle(&q[1], &q[3], &pairs_hi));
+        }
+        // Groups of 4 lanes: vectors 4 apart, then 8 apart.
+        let mut t = r.clone();
+        for i in 0..4 {
+            for h in [0, 8] {
+                t[i + h] = shuffle(&r[i + h], &r[i + h + 4], &groups_lo);
+                t[i + h + 4] = shuffle(&r[i + h], &r[i + h + 4], &groups_hi);
+            }
+        }
+        let mut out = t.clone();
+        for i in 0..4 {
+            for h in [0, 4] {
+                out[i + h] = shuffle(&t[i + h], &t[i + h + 8], &groups_lo);
+                out[i + h + 8] = shuffle(&t[i + h], &t[i + h + 8], &groups_hi);
+            }
+        }
+        out
     }
 
     /// One stage of a lane tree: each pair of `vecs` (of type `vty`)
@@ -635,7 +685,7 @@ impl Kc<'_> {
     /// rows × 4 outputs, which widens 12 vectors for 32 FMAs against 8 for
     /// 16 (at b = 8 in bf16, gate_proj 0.84 ms that way, 0.98 ms in vector
     /// sums).
-    fn contraction_spec(&self, j: usize) -> Option<(EinsumSpec, Vec<Value>)> {
+    pub(super) fn contraction_spec(&self, j: usize) -> Option<(EinsumSpec, Vec<Value>)> {
         let node = self.graph.nodes.get(j)?;
         let f32_data = |v: &Value| self.graph.dtype_of(*v) == crate::ir::DType::F32;
         match (&node.op, node.inputs.as_slice()) {

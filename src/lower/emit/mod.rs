@@ -94,6 +94,7 @@ mod mma;
 mod ops;
 mod rope;
 mod rows;
+mod rows_in_lanes;
 mod segments;
 mod share;
 mod tanh;
@@ -477,7 +478,10 @@ fn kernel_fn(
         (_, Walk::Rows { axis }, Some(j)) if axis < dest.sizes.len() && kc.row_axis(j) == Some(axis) => {
             kc.row_body(&dest, j, axis, &mut opened)?
         }
-        (_, Walk::Reuse { keep, reuse, tile }, Some(j)) => kc.reuse_body(&dest, j, (keep, reuse, tile), &mut opened)?,
+        (_, Walk::Reuse { keep, reuse, tile }, Some(j)) => match kc.rows_in_lanes(j, &dest, &keep, &reuse) {
+            Some(t) => kc.rows_in_lanes_body(&dest, j, &t, (keep, reuse, tile))?,
+            None => kc.reuse_body(&dest, j, (keep, reuse, tile), &mut opened)?,
+        },
         (_, Walk::Cooperative { keep, reuse }, Some(j)) => kc.cooperative_body(&dest, j, (keep, reuse), &mut opened)?,
         (_, _, node) => kc.plain_body(&dest, node, &mut opened)?,
     };

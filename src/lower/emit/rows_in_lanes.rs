@@ -1,0 +1,411 @@
+//! The context `q·K` of bifurcated attention on the CPU with the rows that
+//! share K (the samples) in the vector lanes.
+//!
+//! The reuse tile of `bodies.rs` sums each output along the head in
+//! vectors and adds the 16 sums of a tile in a tree of shuffles: for a
+//! 64-wide head, 4 FMAs and about 3 shuffles or adds an output, which
+//! holds the kernel near 57% of the FMA peak. Here, when at least 16 rows
+//! share the operand, 16 rows × 16 consecutive outputs are 16 vector
+//! accumulators, one per output, each lane a row: every step of the sum
+//! loads the 16 rows' elements of the small operand as one vector (packed
+//! once per item, transposed, into a stack slot) and broadcasts one
+//! element of each of the 16 K rows into an FMA. Only FMAs in the loop;
+//! the 16 accumulators are transposed in registers (64 shuffles for 256
+//! outputs) so that each row's 16 outputs are stored as one line. The next
+//! block's K rows are prefetched a line per step of the sum.
+//!
+//! Fewer than 16 rows (b = 1) walk the reuse tile instead, in the other
+//! branch of a runtime test; rows past the last whole 16 and a block cut
+//! short by the output's length use the reuse tile's one-row and
+//! one-output forms.
+
+use crate::ir::{DType, EinsumSpec, Role, Value};
+use crate::lower::LowerError;
+
+use super::bodies::{Out, Values};
+use super::{walk_index, Kc, Partition, Target, BLOCK, CPU_SIMD};
+
+/// Blocks of 16 outputs along the last axis per walk item: the rows are
+/// packed once per item (b = 32, a 64-wide head: 2048 loads and stores for
+/// 2 × 64 × 1024 FMAs).
+const CHUNK_BLOCKS: i64 = 64;
+/// f32 elements of the stack slot the rows are packed into (8 KiB: 32
+/// rows of a 64-wide head, at least one tile of 16 rows for wider ones):
+/// more rows are packed and walked in turns, so that the packed rows stay
+/// in L1 beside the block of K that their tiles share (grouped-query
+/// attention's 128 rows a KV head packed at once, 32 KiB: its q·K 8.3-8.9
+/// ms a layer at b = 32, m_c = 8192; in turns of 32 rows 5.2-5.9, and the
+/// reuse tile 6.8-8.1).
+const PACK_ELEMS: i64 = 2048;
+
+/// The two operands of a contraction run with its rows in the lanes.
+pub(super) struct RowsInLanes {
+    spec: EinsumSpec,
+    /// The operand that does not index the output's last letter (q), and
+    /// the one that does (K).
+    small: (Value, usize),
+    large: (Value, usize),
+    /// The summed letter and its length.
+    sum: (char, i64),
+}
+
+impl Kc<'_> {
+    /// Node `j` (walked keeping axes `keep`, reusing `reuse`) as a
+    /// [`RowsInLanes`] contraction: on the CPU, f32 output and operands,
+    /// one short sum in 16-lane vectors along both operands' innermost
+    /// axis (`Kc::vector_sum`: a head), the output's last axis kept, and
+    /// indexed only by the operand that indexes no reuse axis, a context
+    /// cache (the context `q·K`).
+    pub(super) fn rows_in_lanes(&self, j: usize, out: &Out, keep: &[usize], reuse: &[usize]) -> Option<RowsInLanes> {
+        let rank = out.sizes.len();
+        if out.target != Target::Cpu
+            || out.emulation.is_some()
+            || self.partition != Partition::Pending
+            || self.simd != CPU_SIMD
+            || out.dtype != DType::F32
+            || keep.last() != Some(&(rank.checked_sub(1)?))
+            || reuse.is_empty()
+        {
+            return None;
+        }
+        let sum = self.vector_sum(j).filter(|s| s.letters == 1 && s.short() && s.lanes == CPU_SIMD)?;
+        let (spec, inputs) = self.contraction_spec(j)?;
+        let z = *spec.output.last()?;
+        let reused: Vec<char> = reuse.iter().map(|&a| spec.output[a]).collect();
+        let (&[a, b], [_, sb]) = (inputs.as_slice(), spec.inputs.as_slice()) else { return None };
+        let ((small, ks), (large, kl)) = if sb.contains(&z) { ((a, 0), (b, 1)) } else { ((b, 1), (a, 0)) };
+        let (ss, sl) = (&spec.inputs[ks], &spec.inputs[kl]);
+        let f32_data = |v: Value| self.graph.dtype_of(v) == DType::F32;
+        // A context cache (a weight's short sum, a toy model's projection,
+        // keeps the reuse tile).
+        let context = match large {
+            Value::Input(i) => self.graph.inputs.get(i).is_some_and(|x| matches!(x.role, Role::ContextKv { .. })),
+            Value::Node(_) => false,
+        };
+        if !context
+            || ss.contains(&z)
+            || !sl.contains(&z)
+            || sl.iter().any(|c| reused.contains(c))
+            || !f32_data(small)
+            || !f32_data(large)
+        {
+            return None;
+        }
+        let letter = *ss.last()?;
+        Some(RowsInLanes { spec, small: (small, ks), large: (large, kl), sum: (letter, sum.len) })
+    }
+
+    /// Node `j` with its rows in the lanes where at least 16 rows share
+    /// the large operand, else (b < 16) as `Kc::reuse_body` walks it.
+    pub(super) fn rows_in_lanes_body(
+        &mut self,
+        out: &Out,
+        j: usize,
+        t: &RowsInLanes,
+        (keep, reuse, tile): (Vec<usize>, Vec<usize>, usize),
+    ) -> Result<String, LowerError> {
+        let reuse_sizes = self.pick_sizes(out, &reuse);
+        let rows = self.product(&reuse_sizes);
+        let lanes = self.b.index(CPU_SIMD as i64);
+        let enough = self.b.op(&format!("arith.cmpi uge, {rows}, {lanes} : index"));
+        self.b.open_guard(&enough);
+        let mut opened = 0;
+        self.lanes_walk(out, j, t, (&keep, &reuse), &mut opened)?;
+        self.close_n(opened);
+        self.b.else_guard();
+        // The other branch's walk is split into the call's part too.
+        self.partition = Partition::Pending;
+        let mut opened = 0;
+        let extent = self.reuse_body(out, j, (keep, reuse, tile), &mut opened)?;
+        self.close_n(opened);
+        self.b.close();
+        Ok(extent)
+    }
+
+    /// The sizes of `axes` of the output.
+    fn pick_sizes(&self, out: &Out, axes: &[usize]) -> Vec<String> {
+        axes.iter().map(|&a| out.sizes[a].clone()).collect()
+    }
+
+    /// The product of index values `sizes` (1 for none).
+    fn product(&mut self, sizes: &[String]) -> String {
+        let mut n = self.b.index(1);
+        for s in sizes {
+            n = self.b.muli(&n, s);
+        }
+        n
+    }
+
+    /// Closes `n` regions (loops, guards).
+    fn close_n(&mut self, n: usize) {
+        for _ in 0..n {
+            self.b.close();
+        }
+    }
+
+    /// The walk with rows in the lanes: items of CHUNK_BLOCKS blocks along
+    /// the output's last axis at each index of the other kept axes; in
+    /// each, the rows packed (in turns of what the slot holds), then each
+    /// block by tiles of 16 rows.
+    fn lanes_walk(
+        &mut self,
+        out: &Out,
+        j: usize,
+        t: &RowsInLanes,
+        (keep, reuse): (&[usize], &[usize]),
+        opened: &mut usize,
+    ) -> Result<(), LowerError> {
+        let zaxis = out.sizes.len() - 1;
+        let outer: Vec<usize> = keep.iter().copied().filter(|&a| a != zaxis).collect();
+        let reuse_sizes = self.pick_sizes(out, reuse);
+        let rows = self.product(&reuse_sizes);
+        let zlen = out.sizes[zaxis].clone();
+        let span = self.b.index(CHUNK_BLOCKS * BLOCK as i64);
+        // Hoisted, as the walk's sizes are (the part loop's bound).
+        let less = self.b.index(CHUNK_BLOCKS * BLOCK as i64 - 1);
+        let up = self.b.hoist(&format!("arith.addi {zlen}, {less} : index"));
+        let chunks = self.b.hoist(&format!("arith.divui {up}, {span} : index"));
+        let mut walk_sizes = self.pick_sizes(out, &outer);
+        walk_sizes.push(chunks);
+        let mut at = walk_index(self, Target::Cpu, &out.flat, &walk_sizes, false, opened);
+        let chunk = at.pop().unwrap_or_default();
+        let mut idx = vec![self.b.index(0); out.sizes.len()];
+        for (&a, v) in outer.iter().zip(&at) {
+            idx[a] = v.clone();
+        }
+        let z0 = self.b.muli(&chunk, &span);
+        let z1 = self.b.addi(&z0, &span);
+        let z1 = self.b.op(&format!("arith.minui {z1}, {zlen} : index"));
+        // The rows in turns of what the slot holds.
+        let tile = CPU_SIMD as i64;
+        let turn_rows = (PACK_ELEMS / t.sum.1 / tile * tile).max(tile);
+        let per_turn = self.b.index(turn_rows);
+        let turns = self.ceil_by(&rows, &per_turn);
+        let turn = self.b.open_loop(&turns);
+        let first = self.b.muli(&turn, &per_turn);
+        let left = self.b.subi(&rows, &first);
+        let here = self.b.op(&format!("arith.minui {left}, {per_turn} : index"));
+        let lanes = self.b.index(CPU_SIMD as i64);
+        let tiles = self.b.op(&format!("arith.divui {here}, {lanes} : index"));
+        let slot = self.b.stack_f32("rows_in_lanes", (turn_rows * t.sum.1) as usize, None);
+        self.pack_rows(j, t, (&idx, reuse, &reuse_sizes), (&first, &tiles), &slot)?;
+        // Each block of 16 outputs: whole, or cut short by the last axis.
+        let block = self.b.index(BLOCK as i64);
+        let width = self.b.subi(&z1, &z0);
+        let blocks = self.ceil_by(&width, &block);
+        let bi = self.b.open_loop(&blocks);
+        let start = self.b.muli(&bi, &block);
+        let start = self.b.addi(&z0, &start);
+        let end = self.b.addi(&start, &block);
+        let whole = self.b.op(&format!("arith.cmpi ule, {end}, {zlen} : index"));
+        self.b.open_guard(&whole);
+        let ti = self.b.open_loop(&tiles);
+        self.lanes_tile(out, j, t, (&idx, reuse, &reuse_sizes), (&first, &ti, &start), &slot)?;
+        self.b.close();
+        // Rows past the last whole tile: a row of the block at a time.
+        let done = self.b.muli(&tiles, &lanes);
+        let one = self.b.index(1);
+        let r = self.b.open_loop_from(&done, &here, &one);
+        let row = self.b.addi(&first, &r);
+        let mut ridx = self.row_index(&idx, reuse, &reuse_sizes, &row);
+        ridx[zaxis] = start.clone();
+        let idxs = self.spread(&ridx, zaxis, BLOCK, 1);
+        self.store_tile(out, j, Values::Rows { cols: BLOCK, ahead: false }, &idxs)?;
+        self.b.close();
+        self.b.else_guard();
+        // A block cut short: one output at a time.
+        let r = self.b.open_loop(&here);
+        let row = self.b.addi(&first, &r);
+        let mut ridx = self.row_index(&idx, reuse, &reuse_sizes, &row);
+        let cut = self.b.subi(&zlen, &start);
+        let c = self.b.open_loop(&cut);
+        ridx[zaxis] = self.b.addi(&start, &c);
+        self.store_tile(out, j, Values::Scalars, &[ridx])?;
+        self.b.close();
+        self.b.close();
+        self.b.close();
+        self.b.close();
+        self.b.close();
+        Ok(())
+    }
+
+    /// `ceil(n / d)`.
+    fn ceil_by(&mut self, n: &str, d: &str) -> String {
+        let one = self.b.index(1);
+        let up = self.b.addi(n, d);
+        let up = self.b.subi(&up, &one);
+        self.b.op(&format!("arith.divui {up}, {d} : index"))
+    }
+
+    /// Output index `idx` with its reuse axes at flat row `row`.
+    fn row_index(&mut self, idx: &[String], reuse: &[usize], sizes: &[String], row: &str) -> Vec<String> {
+        let mut at = idx.to_vec();
+        for (&a, v) in reuse.iter().zip(self.b.delinearize(row, sizes)) {
+            at[a] = v;
+        }
+        at
+    }
+
+    /// The small operand's elements of the `tiles` whole tiles of 16 rows
+    /// from row `first`, in `slot` as `[tile][summed letter][lane]`.
+    fn pack_rows(
+        &mut self,
+        j: usize,
+        t: &RowsInLanes,
+        (idx, reuse, sizes): (&[String], &[usize], &[String]),
+        (first, tiles): (&str, &str),
+        slot: &str,
+    ) -> Result<(), LowerError> {
+        let lanes = self.b.index(CPU_SIMD as i64);
+        let len = self.b.index(t.sum.1);
+        let rows = self.b.muli(tiles, &lanes);
+        let r = self.b.open_loop(&rows);
+        let row = self.b.addi(first, &r);
+        let at = self.row_index(idx, reuse, sizes, &row);
+        let tile = self.b.op(&format!("arith.divui {r}, {lanes} : index"));
+        let lane = self.b.op(&format!("arith.remui {r}, {lanes} : index"));
+        let d = self.b.open_loop(&len);
+        let x = self.small_at(j, t, &at, &d)?;
+        let off = self.b.muli(&tile, &len);
+        let off = self.b.addi(&off, &d);
+        let off = self.b.muli(&off, &lanes);
+        let off = self.b.addi(&off, &lane);
+        self.b.store(slot, &off, DType::F32, super::builder::Val::f32(x));
+        self.b.close();
+        self.b.close();
+        Ok(())
+    }
+
+    /// The small operand at output index `at`, step `d` of the sum.
+    fn small_at(&mut self, j: usize, t: &RowsInLanes, at: &[String], d: &str) -> Result<String, LowerError> {
+        let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(at.iter().cloned()).collect();
+        env.push((t.sum.0, d.to_owned()));
+        let (v, k) = t.small;
+        let i = self.operand_index(j, &t.spec.inputs[k], &env)?;
+        self.loadf(v, &i)
+    }
+
+    /// Tile `ti` of 16 rows from row `first` × the block of 16 outputs from
+    /// `start` along the last axis: 16 vector accumulators (an output each,
+    /// a row a lane) summed with one FMA per element of the large operand,
+    /// transposed, each row's 16 outputs stored as one vector.
+    fn lanes_tile(
+        &mut self,
+        out: &Out,
+        j: usize,
+        t: &RowsInLanes,
+        (idx, reuse, sizes): (&[String], &[usize], &[String]),
+        (first, ti, start): (&str, &str, &str),
+        slot: &str,
+    ) -> Result<(), LowerError> {
+        let n = CPU_SIMD;
+        let vty = format!("vector<{n}xf32>");
+        let zaxis = out.sizes.len() - 1;
+        let lanes = self.b.index(n as i64);
+        let len = self.b.index(t.sum.1);
+        let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
+        let one = self.b.index(1);
+        let (res, d, accs) = self.b.open_for_typed(&len, &one, &vec![zero; n], &vty);
+        let base = self.b.muli(ti, &len);
+        let base = self.b.addi(&base, &d);
+        let base = self.b.muli(&base, &lanes);
+        let rows = self.b.load_vector(slot, &base, n, DType::F32);
+        let (v, k) = t.large;
+        let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(idx.iter().cloned()).collect();
+        env.push((t.sum.0, d.clone()));
+        let zl = t.spec.output[zaxis];
+        let mut nexts = Vec::with_capacity(n);
+        for (c, acc) in accs.iter().enumerate() {
+            let off = self.b.index(c as i64);
+            let z = self.b.addi(start, &off);
+            set(&mut env, zl, &z);
+            let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
+            let x = self.loadf(v, &at)?;
+            let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
+            let p = self.b.op(&format!("arith.mulf {x}, {rows} fastmath<contract> : {vty}"));
+            nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}")));
+        }
+        // The next block's rows of the large operand, a line per step.
+        if let Some(b) = self.stored(v) {
+            let per_row = self.b.index(t.sum.1 / n as i64);
+            let ahead = self.b.op(&format!("arith.divui {d}, {per_row} : index"));
+            let z = self.b.addi(start, &ahead);
+            let next = self.b.index(BLOCK as i64);
+            let z = self.b.addi(&z, &next);
+            let col = self.b.op(&format!("arith.remui {d}, {per_row} : index"));
+            let col = self.b.muli(&col, &lanes);
+            set(&mut env, zl, &z);
+            set(&mut env, t.sum.0, &col);
+            let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
+            self.prefetch_buffer(b, &at)?;
+        }
+        self.b.close_for_typed(&nexts, &vty);
+        let by_row = self.transpose_16(&res);
+        for (l, v) in by_row.iter().enumerate() {
+            let r = self.b.muli(ti, &lanes);
+            let lane = self.b.index(l as i64);
+            let r = self.b.addi(&r, &lane);
+            let row = self.b.addi(first, &r);
+            let mut at = self.row_index(idx, reuse, sizes, &row);
+            at[zaxis] = start.to_owned();
+            let off = self.b.linearize(&at, &out.sizes);
+            self.b.store_vector(&out.ptr, &off, v, n, DType::F32);
+        }
+        Ok(())
+    }
+}
+
+/// Binds `letter` to `value` in `env`.
+fn set(env: &mut [(char, String)], letter: char, value: &str) {
+    if let Some((_, v)) = env.iter_mut().find(|(l, _)| *l == letter) {
+        *v = value.to_owned();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::lower::emit::testing::{check_output, cpu_step, point};
+
+    /// Multi-head (`bhk,hmk->bhm`) and grouped-query (`bgpk,gmk->bgpm`:
+    /// the rows are the samples × the group's heads) context scores, f32:
+    /// the module packs rows into a stack slot and transposes in registers,
+    /// and matches the interpreter with fewer than 16 rows (the reuse tile),
+    /// exactly 16, a tile and a remainder, rows over more than one packing
+    /// turn (32 rows a turn of a 64-wide head, 16 of a 256-wide one), an
+    /// empty context, blocks cut short and more than one item along the
+    /// context (1024 outputs an item).
+    #[test]
+    fn rows_in_lanes_match_interpreter() {
+        let cases = [
+            ("bhk,hmk->bhm", serde_json::json!(["b", "h", "k"]), serde_json::json!({"h": 2, "k": 64})),
+            ("bgpk,gmk->bgpm", serde_json::json!(["b", "g", "p", "k"]), serde_json::json!({"g": 2, "p": 3, "k": 32})),
+            ("bhk,hmk->bhm", serde_json::json!(["b", "h", "k"]), serde_json::json!({"h": 1, "k": 256})),
+        ];
+        for (spec, q_shape, constants) in cases {
+            let heads = if spec.starts_with("bgpk") { ["g", "m", "k"] } else { ["h", "m", "k"] };
+            let (graph, step, text) = cpu_step(&serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b", "m"], "constants": constants},
+                "inputs": [
+                    {"name": "q", "role": "activation", "shape": q_shape, "dtype": "f32"},
+                    {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": heads, "dtype": "f32"}
+                ],
+                "nodes": [{"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": spec}}],
+                "outputs": [{"name": "s", "node": "s"}]
+            }));
+            assert!(text.contains("llvm.alloca"), "{spec}: rows packed in a stack slot:\n{text}");
+            // The 16 x 16 transpose's last stage: 128-bit groups 1, 3 of
+            // each vector.
+            let groups_hi = "[4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31]";
+            assert!(text.matches(groups_hi).count() >= 16, "{spec}: a transpose in registers:\n{text}");
+            let points: &[(i64, i64)] = if constants["k"] == 256 {
+                &[(70, 40), (64, 17), (16, 3)]
+            } else {
+                &[(1, 37), (15, 16), (16, 16), (17, 37), (33, 0), (40, 1029), (16, 2100), (6, 20)]
+            };
+            for &(b, m) in points {
+                check_output(&graph, &step, &point(&[("b", b), ("m", m)]), 7, "s", (1e-5, 1e-5));
+            }
+        }
+    }
+}
