@@ -112,7 +112,7 @@ pub struct RunReport {
     /// Loading the step: JIT compile (CPU) or module load (CUDA).
     pub load_s: f64,
     pub context_len: usize,
-    /// `prompt` or `random`.
+    /// `prompt`, `prompt, prefilled` (by a prefill step) or `random`.
     pub context: &'static str,
     pub fill_ms: f64,
     pub samples: usize,
@@ -122,6 +122,15 @@ pub struct RunReport {
     pub output: SampleOutput,
     /// Wall seconds of the whole decode (all steps, sampling included).
     pub decode_s: f64,
+}
+
+/// How the context was made, for [`RunReport::render`] (its `context`).
+fn context_how(context: &str) -> &'static str {
+    match context {
+        "random" => "random",
+        "prompt, prefilled" => "filled from the prompt by the prefill step",
+        _ => "filled by stepping the prompt",
+    }
 }
 
 /// The value at quantile `q` (0..=1) of `xs`, nearest rank.
@@ -195,7 +204,7 @@ impl RunReport {
         let _ = writeln!(s, "step loaded in {:.2} s", self.load_s);
         let _ =
             writeln!(s, "weights: {}, {} tensors bound in {:.2} s", self.weights, self.weights_bound, self.weights_s);
-        let how = if self.context == "random" { "random" } else { "filled by stepping the prompt" };
+        let how = context_how(self.context);
         let _ = writeln!(s, "context: {} tokens ({how}, {:.1} ms)", self.context_len, self.fill_ms);
         let _ = writeln!(
             s,
@@ -533,6 +542,13 @@ mod tests {
         assert_eq!(percentile(&xs, 0.0), Some(1.0));
         assert_eq!(percentile(&[3.0], 0.9), Some(3.0));
         assert_eq!(percentile(&[], 0.9), None);
+    }
+
+    #[test]
+    fn the_report_says_how_the_context_was_filled() {
+        assert_eq!(context_how("prompt"), "filled by stepping the prompt");
+        assert_eq!(context_how("prompt, prefilled"), "filled from the prompt by the prefill step");
+        assert_eq!(context_how("random"), "random");
     }
 
     #[test]
