@@ -167,11 +167,17 @@ fn gpt_bigcode_mqa_matches_interpreter() {
 
 /// Sample counts that fill the CPU's register tiles (8 rows of samples × 4
 /// outputs of a 64-wide projection; 4 rows × 2 vectors of a 32-wide head
-/// for w·V) and leave a short last tile, on a model whose widths take those
-/// paths (d_model 64, head dim 32), f32 and bf16, baseline and bifurcated.
+/// for w·V; 16 samples in the lanes of the context q·K) and leave a short
+/// last tile, on a model whose widths take those paths (d_model 64, head
+/// dim 32), f32 and bf16, baseline and bifurcated; the last point also has
+/// q·K rows past a whole tile of samples and a context block cut short.
 #[test]
 fn full_register_tiles_match_interpreter() {
-    let points = vec![point(&[("b", 9), ("m_c", 20), ("m_d", 3)]), point(&[("b", 16), ("m_c", 33), ("m_d", 1)])];
+    let points = vec![
+        point(&[("b", 9), ("m_c", 20), ("m_d", 3)]),
+        point(&[("b", 16), ("m_c", 33), ("m_d", 1)]),
+        point(&[("b", 19), ("m_c", 110), ("m_d", 2)]),
+    ];
     for dtype in [None, Some(DType::BF16)] {
         let tol = if dtype.is_some() { BF16_TOL } else { F32_TOL };
         let g = from_config(GPT2_HEAD32, dtype);
