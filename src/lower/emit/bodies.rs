@@ -150,6 +150,14 @@ impl Kc<'_> {
         self.b.size(&lanes)
     }
 
+    /// The number of outputs along `axes` of `out` (hoisted).
+    pub(super) fn extent_of(&mut self, out: &Out, axes: &[usize]) -> Result<String, LowerError> {
+        let shape: Vec<Poly> = axes.iter().map(|&a| out.shape[a].clone()).collect();
+        let p = numel(&self.graph.dims, &shape)
+            .map_err(|message| LowerError::Size { what: format!("kernel `{}`", out.kernel.name), message })?;
+        self.b.size(&p)
+    }
+
     /// A contraction whose outputs along the `reuse` axes share the
     /// operand along the `keep` ones: `tile` outputs along `reuse` per item.
     pub(super) fn reuse_body(
@@ -161,13 +169,7 @@ impl Kc<'_> {
     ) -> Result<String, LowerError> {
         let pick = |axes: &[usize]| -> Vec<Poly> { axes.iter().map(|&a| out.shape[a].clone()).collect() };
         let (keep_sizes, reuse_sizes) = (self.sizes(&pick(&keep))?, self.sizes(&pick(&reuse))?);
-        let graph = self.graph;
-        let size = |kc: &mut Kc, shape: &[Poly]| -> Result<String, LowerError> {
-            let p = numel(&graph.dims, shape)
-                .map_err(|message| LowerError::Size { what: format!("kernel `{}`", out.kernel.name), message })?;
-            kc.b.size(&p)
-        };
-        let (outer, inner) = (size(self, &pick(&keep))?, size(self, &pick(&reuse))?);
+        let (outer, inner) = (self.extent_of(out, &keep)?, self.extent_of(out, &reuse)?);
         // CPU: the innermost kept axis of size other than 1 is walked in
         // blocks of BLOCK, the reuse tiles inside a block, the block's
         // elements innermost: a tile's stores then fill whole cache
@@ -211,20 +213,10 @@ impl Kc<'_> {
             tile
         }
         .max(1);
-        let tiles = if tile == 1 {
-            inner.clone()
-        } else {
-            let t1 = self.b.index(tile as i64 - 1);
-            let t = self.b.index(tile as i64);
-            let up = self.b.hoist(&format!("arith.addi {inner}, {t1} : index"));
-            self.b.hoist(&format!("arith.divui {up}, {t} : index"))
-        };
+        let tiles = if tile == 1 { inner.clone() } else { self.ceil_div(&inner, tile as i64) };
         let mut walk_sizes = keep_sizes.clone();
         if let Some(pos) = block {
-            let span = BLOCK * groups;
-            let (b1, bn) = (self.b.index(span as i64 - 1), self.b.index(span as i64));
-            let up = self.b.hoist(&format!("arith.addi {}, {b1} : index", keep_sizes[pos]));
-            walk_sizes[pos] = self.b.hoist(&format!("arith.divui {up}, {bn} : index"));
+            walk_sizes[pos] = self.ceil_div(&keep_sizes[pos], (BLOCK * groups) as i64);
         }
         walk_sizes.push(tiles.clone());
         let mut at = walk_index(self, out.target, &out.flat, &walk_sizes, false, opened);

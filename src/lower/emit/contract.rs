@@ -602,10 +602,7 @@ impl Kc<'_> {
         let (n, l) = (self.b.index(BLOCK as i64), self.b.index(line as i64));
         let elems = self.b.muli(&n, row);
         let total = self.b.op(&format!("arith.divui {elems}, {l} : index"));
-        let one = self.b.index(1);
-        let up = self.b.addi(&total, shares);
-        let up = self.b.subi(&up, &one);
-        let per = self.b.op(&format!("arith.divui {up}, {shares} : index"));
+        let per = self.ceil_div_here(&total, shares);
         let first = self.b.muli(share, &per);
         let first = self.b.op(&format!("arith.minui {first}, {total} : index"));
         let left = self.b.subi(&total, &first);

@@ -691,6 +691,22 @@ impl Kc<'_> {
         Ok(sizes)
     }
 
+    /// `ceil(x / d)` for a hoisted `x` (hoisted).
+    pub(crate) fn ceil_div(&mut self, x: &str, d: i64) -> String {
+        let (dm1, dd) = (self.b.index(d - 1), self.b.index(d));
+        let up = self.b.hoist(&format!("arith.addi {x}, {dm1} : index"));
+        self.b.hoist(&format!("arith.divui {up}, {dd} : index"))
+    }
+
+    /// `ceil(n / d)` computed where it is emitted (`n` or `d` a value of
+    /// the body).
+    pub(crate) fn ceil_div_here(&mut self, n: &str, d: &str) -> String {
+        let one = self.b.index(1);
+        let up = self.b.addi(n, d);
+        let up = self.b.subi(&up, &one);
+        self.b.op(&format!("arith.divui {up}, {d} : index"))
+    }
+
     /// Index-typed sizes of a shape.
     pub(crate) fn sizes(&mut self, shape: &[crate::ir::Poly]) -> Result<Vec<String>, LowerError> {
         shape

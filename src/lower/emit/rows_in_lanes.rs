@@ -114,13 +114,12 @@ impl Kc<'_> {
         t: &RowsInLanes,
         (keep, reuse, tile): (Vec<usize>, Vec<usize>, usize),
     ) -> Result<String, LowerError> {
-        let reuse_sizes = self.pick_sizes(out, &reuse);
-        let rows = self.product(&reuse_sizes);
+        let rows = self.extent_of(out, &reuse)?;
         let lanes = self.b.index(CPU_SIMD as i64);
         let enough = self.b.op(&format!("arith.cmpi uge, {rows}, {lanes} : index"));
         self.b.open_guard(&enough);
         let mut opened = 0;
-        self.lanes_walk(out, j, t, (&keep, &reuse), &mut opened)?;
+        self.lanes_walk(out, j, t, (&keep, &reuse, &rows), &mut opened)?;
         self.close_n(opened);
         self.b.else_guard();
         // The other branch's walk is split into the call's part too.
@@ -137,15 +136,6 @@ impl Kc<'_> {
         axes.iter().map(|&a| out.sizes[a].clone()).collect()
     }
 
-    /// The product of index values `sizes` (1 for none).
-    fn product(&mut self, sizes: &[String]) -> String {
-        let mut n = self.b.index(1);
-        for s in sizes {
-            n = self.b.muli(&n, s);
-        }
-        n
-    }
-
     /// Closes `n` regions (loops, guards).
     fn close_n(&mut self, n: usize) {
         for _ in 0..n {
@@ -156,25 +146,23 @@ impl Kc<'_> {
     /// The walk with rows in the lanes: items of CHUNK_BLOCKS blocks along
     /// the output's last axis at each index of the other kept axes; in
     /// each, the rows packed (in turns of what the slot holds), then each
-    /// block by tiles of 16 rows.
+    /// block by tiles of 16 rows. `rows` is the number of rows (the
+    /// product of the reuse axes' sizes).
     fn lanes_walk(
         &mut self,
         out: &Out,
         j: usize,
         t: &RowsInLanes,
-        (keep, reuse): (&[usize], &[usize]),
+        (keep, reuse, rows): (&[usize], &[usize], &str),
         opened: &mut usize,
     ) -> Result<(), LowerError> {
         let zaxis = out.sizes.len() - 1;
         let outer: Vec<usize> = keep.iter().copied().filter(|&a| a != zaxis).collect();
         let reuse_sizes = self.pick_sizes(out, reuse);
-        let rows = self.product(&reuse_sizes);
         let zlen = out.sizes[zaxis].clone();
         let span = self.b.index(CHUNK_BLOCKS * BLOCK as i64);
         // Hoisted, as the walk's sizes are (the part loop's bound).
-        let less = self.b.index(CHUNK_BLOCKS * BLOCK as i64 - 1);
-        let up = self.b.hoist(&format!("arith.addi {zlen}, {less} : index"));
-        let chunks = self.b.hoist(&format!("arith.divui {up}, {span} : index"));
+        let chunks = self.ceil_div(&zlen, CHUNK_BLOCKS * BLOCK as i64);
         let mut walk_sizes = self.pick_sizes(out, &outer);
         walk_sizes.push(chunks);
         let mut at = walk_index(self, Target::Cpu, &out.flat, &walk_sizes, false, opened);
@@ -190,10 +178,10 @@ impl Kc<'_> {
         let tile = CPU_SIMD as i64;
         let turn_rows = (PACK_ELEMS / t.sum.1 / tile * tile).max(tile);
         let per_turn = self.b.index(turn_rows);
-        let turns = self.ceil_by(&rows, &per_turn);
+        let turns = self.ceil_div(rows, turn_rows);
         let turn = self.b.open_loop(&turns);
         let first = self.b.muli(&turn, &per_turn);
-        let left = self.b.subi(&rows, &first);
+        let left = self.b.subi(rows, &first);
         let here = self.b.op(&format!("arith.minui {left}, {per_turn} : index"));
         let lanes = self.b.index(CPU_SIMD as i64);
         let tiles = self.b.op(&format!("arith.divui {here}, {lanes} : index"));
@@ -202,7 +190,7 @@ impl Kc<'_> {
         // Each block of 16 outputs: whole, or cut short by the last axis.
         let block = self.b.index(BLOCK as i64);
         let width = self.b.subi(&z1, &z0);
-        let blocks = self.ceil_by(&width, &block);
+        let blocks = self.ceil_div_here(&width, &block);
         let bi = self.b.open_loop(&blocks);
         let start = self.b.muli(&bi, &block);
         let start = self.b.addi(&z0, &start);
@@ -239,14 +227,6 @@ impl Kc<'_> {
         self.b.close();
         self.b.close();
         Ok(())
-    }
-
-    /// `ceil(n / d)`.
-    fn ceil_by(&mut self, n: &str, d: &str) -> String {
-        let one = self.b.index(1);
-        let up = self.b.addi(n, d);
-        let up = self.b.subi(&up, &one);
-        self.b.op(&format!("arith.divui {up}, {d} : index"))
     }
 
     /// Output index `idx` with its reuse axes at flat row `row`.

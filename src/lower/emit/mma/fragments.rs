@@ -339,13 +339,6 @@ impl Kc<'_> {
         }
     }
 
-    /// `ceil(x / d)` (hoisted).
-    pub(super) fn ceil_div(&mut self, x: &str, d: i64) -> String {
-        let (dm1, dd) = (self.b.index(d - 1), self.b.index(d));
-        let up = self.b.hoist(&format!("arith.addi {x}, {dm1} : index"));
-        self.b.hoist(&format!("arith.divui {up}, {dd} : index"))
-    }
-
     /// `x + c`.
     pub(super) fn offset(&mut self, x: &str, c: i64) -> String {
         if c == 0 {
