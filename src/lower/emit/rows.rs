@@ -78,7 +78,7 @@ impl Kc<'_> {
             at[axis] = l.to_owned();
             let v = kc.loadf(x, at)?;
             let d = kc.b.fbin("subf", &v, max);
-            let e = kc.exp(&d);
+            let e = kc.exp_nonpositive(&d);
             match keep {
                 Some(Keep::Out { ptr, sizes }) => {
                     let off = kc.b.linearize(at, sizes);
@@ -102,7 +102,7 @@ impl Kc<'_> {
         let (ninf, zero) = (self.b.f32(f32::NEG_INFINITY), self.b.f32(0.0));
         let v = self.loadf(x, idx)?;
         let d = self.b.fbin("subf", &v, max);
-        let e = self.exp(&d);
+        let e = self.exp_nonpositive(&d);
         let q = self.b.fbin("divf", &e, sum);
         let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
         Ok(Val::f32(self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"))))
