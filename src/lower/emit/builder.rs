@@ -71,6 +71,9 @@ pub(crate) struct Builder {
     known: HashMap<String, i64>,
     /// Index-typed SSA name of every runtime dim, by name.
     dims: Vec<(String, String)>,
+    /// Whether the body stores past the caches
+    /// ([`Builder::store_vector_streaming`]): it then ends with a fence.
+    streamed: bool,
 }
 
 impl Builder {
@@ -85,6 +88,7 @@ impl Builder {
             cache: HashMap::new(),
             known: HashMap::new(),
             dims: Vec::new(),
+            streamed: false,
         };
         for (name, param) in dims {
             let v = b.fresh();
@@ -351,6 +355,39 @@ impl Builder {
         self.line(&format!("llvm.store {x}, {p} {{alignment = {align} : i64}} : vector<{lanes}x{st}>, !llvm.ptr"));
     }
 
+    /// Stores vector `v` as [`Builder::store_vector`] does, but past the
+    /// caches (a non-temporal store) when its address is a multiple of the
+    /// vector's size, as such a store needs, and as a plain store where it
+    /// is not. A plain store of a line not in cache first reads the line
+    /// (for ownership), and the context `q·K`'s scores (16 MB a layer at
+    /// b = 32, m_c = 8192) are written where no cache holds them (see
+    /// `rows_in_lanes`). The body then ends with a fence (see
+    /// [`Builder::finish`]): these stores are weakly ordered, and the
+    /// fence makes them visible before the part returns to the pool,
+    /// whose other threads read them in the next kernel.
+    pub(crate) fn store_vector_streaming(&mut self, ptr: &str, off: &str, v: &str, lanes: usize, dtype: DType) {
+        let st = storage(dtype);
+        let x = match dtype {
+            DType::F32 => v.to_owned(),
+            _ => self.op(&format!("arith.truncf {v} : vector<{lanes}xf32> to vector<{lanes}x{st}>")),
+        };
+        let p = self.element_ptr(ptr, off, st);
+        let bytes = (lanes * dtype.size()) as i64;
+        let addr = self.op(&format!("llvm.ptrtoint {p} : !llvm.ptr to i64"));
+        let mask = self.i64(bytes - 1);
+        let low = self.op(&format!("arith.andi {addr}, {mask} : i64"));
+        let zero = self.i64(0);
+        let aligned = self.op(&format!("arith.cmpi eq, {low}, {zero} : i64"));
+        let ty = format!("vector<{lanes}x{st}>");
+        self.open_guard(&aligned);
+        self.line(&format!("llvm.store {x}, {p} {{alignment = {bytes} : i64, nontemporal}} : {ty}, !llvm.ptr"));
+        self.else_guard();
+        let align = dtype.size();
+        self.line(&format!("llvm.store {x}, {p} {{alignment = {align} : i64}} : {ty}, !llvm.ptr"));
+        self.close();
+        self.streamed = true;
+    }
+
     /// Prefetches the cache line of element `off` of the buffer at `ptr`
     /// (stored as `dtype`) into every cache level, for a read or (`write`)
     /// a store. The address may lie past the buffer: a prefetch does not
@@ -565,8 +602,13 @@ impl Builder {
         self.line(&format!("llvm.store {x}, {p} : {st}, !llvm.ptr"));
     }
 
-    /// The hoisted section and the body, consuming the builder.
-    pub(crate) fn finish(self) -> (String, String) {
+    /// The hoisted section and the body, consuming the builder; a body
+    /// that streams stores ([`Builder::store_vector_streaming`]) ends with
+    /// a sequentially consistent fence (x86: `mfence`, which orders them).
+    pub(crate) fn finish(mut self) -> (String, String) {
+        if self.streamed {
+            self.line("llvm.fence seq_cst");
+        }
         (self.hoist, self.body)
     }
 }

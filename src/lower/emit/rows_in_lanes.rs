@@ -14,6 +14,17 @@
 //! outputs) so that each row's 16 outputs are stored as one line. The next
 //! block's K rows are prefetched a line per step of the sum.
 //!
+//! A row's line is stored past the caches where it starts on a line (half
+//! a line for f16 / bf16 scores: the context length a multiple of 16;
+//! `Builder::store_vector_streaming`):
+//! no read of the line for ownership first. With plain stores the kernel
+//! ran a fifth slower at context lengths a multiple of 16 but not of 64
+//! (cpu_step, m_c = 8208, one thread: 6.6-6.9 -> 5.5 ms a layer; two:
+//! 3.4-4.1 -> 2.7-3.0), and as fast at 8192 (the softmax then reads the
+//! scores from DRAM rather than partly from L3: the step is the same).
+//! Rows that do not start on a line (other lengths: m_c = 8100, 3.3-3.4
+//! ms a layer on two threads) keep plain stores.
+//!
 //! An f16 / bf16 K is widened a block of 16 rows at a time into a second
 //! stack slot that the block's tiles broadcast from (a widening per
 //! broadcast would cost more than the FMA it feeds): the bf16 model's q·K
@@ -381,7 +392,7 @@ impl Kc<'_> {
             let mut at = self.row_index(idx, reuse, sizes, &row);
             at[zaxis] = start.to_owned();
             let off = self.b.linearize(&at, &out.sizes);
-            self.b.store_vector(&out.ptr, &off, v, n, out.dtype);
+            self.b.store_vector_streaming(&out.ptr, &off, v, n, out.dtype);
         }
         Ok(())
     }
@@ -406,7 +417,10 @@ mod tests {
     /// (the reuse tile), exactly 16, a tile and a remainder, rows over more
     /// than one packing turn (32 rows a turn of a 64-wide head, 16 of a
     /// 256-wide one), an empty context, blocks cut short and more than one
-    /// item along the context (1024 outputs an item).
+    /// item along the context (1024 outputs an item). Rows stored past the
+    /// caches where they start a whole vector's bytes apart (m a multiple
+    /// of 16: 16, 1040, 2048 and the 256-wide head's 3 × 16), plain
+    /// elsewhere, and the kernel ends with a fence.
     #[test]
     fn rows_in_lanes_match_interpreter() {
         let cases = [
@@ -444,10 +458,25 @@ mod tests {
             // each vector.
             let groups_hi = "[4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31]";
             assert!(text.matches(groups_hi).count() >= 16, "{spec}: a transpose in registers:\n{text}");
+            assert!(
+                text.contains("nontemporal}") && text.contains("llvm.fence seq_cst"),
+                "{spec}: rows stored past the caches, then a fence:\n{text}"
+            );
             let points: &[(i64, i64)] = if constants["k"] == 256 {
-                &[(70, 40), (64, 17), (16, 3)]
+                &[(70, 40), (64, 17), (16, 3), (17, 48)]
             } else {
-                &[(1, 37), (15, 16), (16, 16), (17, 37), (33, 0), (40, 1029), (16, 2100), (6, 20)]
+                &[
+                    (1, 37),
+                    (15, 16),
+                    (16, 16),
+                    (17, 37),
+                    (33, 0),
+                    (40, 1029),
+                    (16, 2100),
+                    (6, 20),
+                    (40, 1040),
+                    (33, 2048),
+                ]
             };
             // The step stores q and K as bf16 / f16, the interpreter reads
             // the f32 values: each of k = 64 products is off by up to 2^-8
