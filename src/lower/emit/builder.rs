@@ -345,14 +345,10 @@ impl Builder {
     /// `dtype` (a float: f16 / bf16 rounded as [`Builder::store`] rounds a
     /// scalar; element alignment only).
     pub(crate) fn store_vector(&mut self, ptr: &str, off: &str, v: &str, lanes: usize, dtype: DType) {
-        let st = storage(dtype);
-        let x = match dtype {
-            DType::F32 => v.to_owned(),
-            _ => self.op(&format!("arith.truncf {v} : vector<{lanes}xf32> to vector<{lanes}x{st}>")),
-        };
-        let p = self.element_ptr(ptr, off, st);
+        let (x, ty) = self.stored_vector(v, lanes, dtype);
+        let p = self.element_ptr(ptr, off, storage(dtype));
         let align = dtype.size();
-        self.line(&format!("llvm.store {x}, {p} {{alignment = {align} : i64}} : vector<{lanes}x{st}>, !llvm.ptr"));
+        self.line(&format!("llvm.store {x}, {p} {{alignment = {align} : i64}} : {ty}, !llvm.ptr"));
     }
 
     /// Stores vector `v` as [`Builder::store_vector`] does, but past the
@@ -366,19 +362,14 @@ impl Builder {
     /// fence makes them visible before the part returns to the pool,
     /// whose other threads read them in the next kernel.
     pub(crate) fn store_vector_streaming(&mut self, ptr: &str, off: &str, v: &str, lanes: usize, dtype: DType) {
-        let st = storage(dtype);
-        let x = match dtype {
-            DType::F32 => v.to_owned(),
-            _ => self.op(&format!("arith.truncf {v} : vector<{lanes}xf32> to vector<{lanes}x{st}>")),
-        };
-        let p = self.element_ptr(ptr, off, st);
+        let (x, ty) = self.stored_vector(v, lanes, dtype);
+        let p = self.element_ptr(ptr, off, storage(dtype));
         let bytes = (lanes * dtype.size()) as i64;
         let addr = self.op(&format!("llvm.ptrtoint {p} : !llvm.ptr to i64"));
         let mask = self.i64(bytes - 1);
         let low = self.op(&format!("arith.andi {addr}, {mask} : i64"));
         let zero = self.i64(0);
         let aligned = self.op(&format!("arith.cmpi eq, {low}, {zero} : i64"));
-        let ty = format!("vector<{lanes}x{st}>");
         self.open_guard(&aligned);
         self.line(&format!("llvm.store {x}, {p} {{alignment = {bytes} : i64, nontemporal}} : {ty}, !llvm.ptr"));
         self.else_guard();
@@ -386,6 +377,52 @@ impl Builder {
         self.line(&format!("llvm.store {x}, {p} {{alignment = {align} : i64}} : {ty}, !llvm.ptr"));
         self.close();
         self.streamed = true;
+    }
+
+    /// How many elements element `off` of the buffer at `ptr` (stored as
+    /// `dtype`) lies past a multiple of `lanes` elements' bytes, as an
+    /// `index`: 0 where [`Builder::store_vector_streaming`] stores a
+    /// vector of `lanes` there past the caches.
+    pub(crate) fn misalignment(&mut self, ptr: &str, off: &str, lanes: usize, dtype: DType) -> String {
+        let p = self.element_ptr(ptr, off, storage(dtype));
+        let size = dtype.size() as i64;
+        let addr = self.op(&format!("llvm.ptrtoint {p} : !llvm.ptr to i64"));
+        let mask = self.i64(lanes as i64 * size - 1);
+        let low = self.op(&format!("arith.andi {addr}, {mask} : i64"));
+        let size = self.i64(size);
+        let elems = self.op(&format!("arith.divui {low}, {size} : i64"));
+        self.op(&format!("arith.index_cast {elems} : i64 to index"))
+    }
+
+    /// Stores the lanes of vector `v` that `mask` (a `vector<lanes x i1>`)
+    /// selects, as [`Builder::store_vector`] stores them; the other lanes'
+    /// elements are not touched.
+    pub(crate) fn store_vector_masked(
+        &mut self,
+        ptr: &str,
+        off: &str,
+        v: &str,
+        lanes: usize,
+        dtype: DType,
+        mask: &str,
+    ) {
+        let (x, ty) = self.stored_vector(v, lanes, dtype);
+        let p = self.element_ptr(ptr, off, storage(dtype));
+        let align = dtype.size();
+        self.line(&format!(
+            "llvm.intr.masked.store {x}, {p}, {mask} {{alignment = {align} : i32}} : {ty}, vector<{lanes}xi1> into !llvm.ptr"
+        ));
+    }
+
+    /// Vector `v` of `lanes` f32 as stored as `dtype` (a float: rounded to
+    /// f16 / bf16 as [`Builder::store`] rounds a scalar), and its type.
+    fn stored_vector(&mut self, v: &str, lanes: usize, dtype: DType) -> (String, String) {
+        let st = storage(dtype);
+        let x = match dtype {
+            DType::F32 => v.to_owned(),
+            _ => self.op(&format!("arith.truncf {v} : vector<{lanes}xf32> to vector<{lanes}x{st}>")),
+        };
+        (x, format!("vector<{lanes}x{st}>"))
     }
 
     /// Prefetches the cache line of element `off` of the buffer at `ptr`

@@ -14,16 +14,23 @@
 //! outputs) so that each row's 16 outputs are stored as one line. The next
 //! block's K rows are prefetched a line per step of the sum.
 //!
-//! A row's line is stored past the caches where it starts on a line (half
-//! a line for f16 / bf16 scores: the context length a multiple of 16;
-//! `Builder::store_vector_streaming`):
-//! no read of the line for ownership first. With plain stores the kernel
-//! ran a fifth slower at context lengths a multiple of 16 but not of 64
-//! (cpu_step, m_c = 8208, one thread: 6.6-6.9 -> 5.5 ms a layer; two:
-//! 3.4-4.1 -> 2.7-3.0), and as fast at 8192 (the softmax then reads the
-//! scores from DRAM rather than partly from L3: the step is the same).
-//! Rows that do not start on a line (other lengths: m_c = 8100, 3.3-3.4
-//! ms a layer on two threads) keep plain stores.
+//! A row's 16 outputs are stored past the caches where they start on a
+//! line (half a line for f16 / bf16 scores;
+//! `Builder::store_vector_streaming`): no read of the line for ownership
+//! first. With plain stores the kernel ran a fifth slower at context
+//! lengths a multiple of 16 but not of 64 (cpu_step, m_c = 8208, one
+//! thread: 6.6-6.9 -> 5.5 ms a layer; two: 3.4-4.1 -> 2.7-3.0), and as
+//! fast at 8192 (the softmax then reads the scores from DRAM rather than
+//! partly from L3: the step is the same). For the blocks to start on
+//! lines at any context length, an item's blocks start where its first
+//! row's outputs start a line, `shift` outputs in; the `shift` before
+//! them and the few after the last whole block are the tiles of the
+//! item's first and last 16 outputs with only those lanes stored (masked
+//! stores; about 3% more FMAs at m_c = 8100). Rows a multiple of 16
+//! outputs apart (a multi-head model's samples at one head) then all
+//! start on lines: m_c = 8100, 6.5-6.7 -> 5.4-5.8 ms a layer on one
+//! thread, 3.3-3.5 -> 2.9 on two. Rows that do not (grouped-query heads
+//! of one sample, at such lengths) keep plain stores.
 //!
 //! An f16 / bf16 K is widened a block of 16 rows at a time into a second
 //! stack slot that the block's tiles broadcast from (a widening per
@@ -198,43 +205,115 @@ impl Kc<'_> {
         let tiles = self.b.op(&format!("arith.divui {here}, {lanes} : index"));
         let slot = self.b.stack_f32("rows_in_lanes", (turn_rows * t.sum.1) as usize, None);
         self.pack_rows(j, t, (&idx, reuse, &reuse_sizes), (&first, &tiles), &slot)?;
-        // Each block of 16 outputs: whole, or cut short by the last axis.
+        let item =
+            Item { idx: &idx, reuse, sizes: &reuse_sizes, first: &first, here: &here, tiles: &tiles, slot: &slot };
+        // The blocks of 16 outputs start where the turn's first row's
+        // outputs start a line (half a line for f16 / bf16), `shift` into
+        // the item, so that the rows' stores fill lines and go past the
+        // caches (every row's where the rows are a multiple of 16 outputs
+        // apart: a multi-head model's samples; see `Kc::lanes_block`). The
+        // `shift` before them and the `rem` after them are a block's tile
+        // at the item's first and last 16 outputs with only those lanes
+        // stored. An item narrower than a block: one output at a time.
         let block = self.b.index(BLOCK as i64);
         let width = self.b.subi(&z1, &z0);
-        let blocks = self.ceil_div_here(&width, &block);
+        let fits = self.b.op(&format!("arith.cmpi uge, {width}, {block} : index"));
+        self.b.open_guard(&fits);
+        let mut at0 = self.row_index(&idx, reuse, &reuse_sizes, &first);
+        at0[zaxis] = z0.clone();
+        let off0 = self.b.linearize(&at0, &out.sizes);
+        let a = self.b.misalignment(&out.ptr, &off0, CPU_SIMD, out.dtype);
+        let back = self.b.subi(&block, &a);
+        let shift = self.b.op(&format!("arith.remui {back}, {block} : index"));
+        let inner = self.b.subi(&width, &shift);
+        let blocks = self.b.op(&format!("arith.divui {inner}, {block} : index"));
+        let rem = self.b.op(&format!("arith.remui {inner}, {block} : index"));
+        let zero = self.b.index(0);
+        let head = self.b.op(&format!("arith.cmpi ugt, {shift}, {zero} : index"));
+        let head_end = self.b.addi(&z0, &shift);
+        self.b.open_guard(&head);
+        let lanes_before = self.b.op(&format!("vector.create_mask {shift} : vector<{CPU_SIMD}xi1>"));
+        self.lanes_block(out, j, t, &item, &z0, Some((&lanes_before, &z0, &head_end)))?;
+        self.b.close();
         let bi = self.b.open_loop(&blocks);
         let start = self.b.muli(&bi, &block);
-        let start = self.b.addi(&z0, &start);
-        let end = self.b.addi(&start, &block);
-        let whole = self.b.op(&format!("arith.cmpi ule, {end}, {zlen} : index"));
-        self.b.open_guard(&whole);
-        let rows_k = if t.widened { Some(self.widen_block(j, t, &idx, &start)?) } else { None };
-        let ti = self.b.open_loop(&tiles);
-        let slots = (slot.as_str(), rows_k.as_deref());
-        self.lanes_tile(out, j, t, (&idx, reuse, &reuse_sizes), (&first, &ti, &start), slots)?;
+        let start = self.b.addi(&head_end, &start);
+        self.lanes_block(out, j, t, &item, &start, None)?;
         self.b.close();
-        // Rows past the last whole tile: a row of the block at a time.
-        let done = self.b.muli(&tiles, &lanes);
-        let one = self.b.index(1);
-        let r = self.b.open_loop_from(&done, &here, &one);
-        let row = self.b.addi(&first, &r);
-        let mut ridx = self.row_index(&idx, reuse, &reuse_sizes, &row);
-        ridx[zaxis] = start.clone();
-        let idxs = self.spread(&ridx, zaxis, BLOCK, 1);
-        self.store_tile(out, j, Values::Rows { cols: BLOCK, ahead: false }, &idxs)?;
+        let tail = self.b.op(&format!("arith.cmpi ugt, {rem}, {zero} : index"));
+        self.b.open_guard(&tail);
+        let start = self.b.subi(&z1, &block);
+        let kept = self.b.subi(&block, &rem);
+        let lanes_kept = self.b.op(&format!("vector.create_mask {kept} : vector<{CPU_SIMD}xi1>"));
+        let all = self.b.hoist(&format!("arith.constant dense<true> : vector<{CPU_SIMD}xi1>"));
+        let lanes_after = self.b.op(&format!("arith.xori {lanes_kept}, {all} : vector<{CPU_SIMD}xi1>"));
+        let tail_start = self.b.subi(&z1, &rem);
+        self.lanes_block(out, j, t, &item, &start, Some((&lanes_after, &tail_start, &z1)))?;
         self.b.close();
         self.b.else_guard();
-        // A block cut short: one output at a time.
-        let r = self.b.open_loop(&here);
-        let row = self.b.addi(&first, &r);
-        let mut ridx = self.row_index(&idx, reuse, &reuse_sizes, &row);
-        let cut = self.b.subi(&zlen, &start);
-        let c = self.b.open_loop(&cut);
-        ridx[zaxis] = self.b.addi(&start, &c);
+        self.scalar_span(out, j, &item, (&zero, &here), (&z0, &z1))?;
+        self.b.close();
+        self.b.close();
+        Ok(())
+    }
+
+    /// The tiles of 16 rows × the 16 outputs from `start` of an item's
+    /// turn, all stored (`part` None: past the caches where a row's start
+    /// a line, `Builder::store_vector_streaming`) or only the lanes of
+    /// `part`'s mask (the outputs `from..to` of the block); the rows past
+    /// the last whole tile a row of the block at a time (of `part`, one
+    /// output at a time).
+    fn lanes_block(
+        &mut self,
+        out: &Out,
+        j: usize,
+        t: &RowsInLanes,
+        item: &Item,
+        start: &str,
+        part: Option<(&str, &str, &str)>,
+    ) -> Result<(), LowerError> {
+        let zaxis = out.sizes.len() - 1;
+        let rows_k = if t.widened { Some(self.widen_block(j, t, item.idx, start)?) } else { None };
+        let ti = self.b.open_loop(item.tiles);
+        let slots = (item.slot, rows_k.as_deref(), part.map(|(m, _, _)| m));
+        self.lanes_tile(out, j, t, (item.idx, item.reuse, item.sizes), (item.first, &ti, start), slots)?;
+        self.b.close();
+        let lanes = self.b.index(CPU_SIMD as i64);
+        let done = self.b.muli(item.tiles, &lanes);
+        match part {
+            None => {
+                let one = self.b.index(1);
+                let r = self.b.open_loop_from(&done, item.here, &one);
+                let row = self.b.addi(item.first, &r);
+                let mut ridx = self.row_index(item.idx, item.reuse, item.sizes, &row);
+                ridx[zaxis] = start.to_owned();
+                let idxs = self.spread(&ridx, zaxis, BLOCK, 1);
+                self.store_tile(out, j, Values::Rows { cols: BLOCK, ahead: false }, &idxs)?;
+                self.b.close();
+                Ok(())
+            }
+            Some((_, from, to)) => self.scalar_span(out, j, item, (&done, item.here), (from, to)),
+        }
+    }
+
+    /// The outputs `zs.0..zs.1` along the last axis of the turn's rows
+    /// `rows.0..rows.1`, one at a time.
+    fn scalar_span(
+        &mut self,
+        out: &Out,
+        j: usize,
+        item: &Item,
+        rows: (&str, &str),
+        zs: (&str, &str),
+    ) -> Result<(), LowerError> {
+        let zaxis = out.sizes.len() - 1;
+        let one = self.b.index(1);
+        let r = self.b.open_loop_from(rows.0, rows.1, &one);
+        let row = self.b.addi(item.first, &r);
+        let mut ridx = self.row_index(item.idx, item.reuse, item.sizes, &row);
+        let c = self.b.open_loop_from(zs.0, zs.1, &one);
+        ridx[zaxis] = c;
         self.store_tile(out, j, Values::Scalars, &[ridx])?;
-        self.b.close();
-        self.b.close();
-        self.b.close();
         self.b.close();
         self.b.close();
         Ok(())
@@ -321,7 +400,8 @@ impl Kc<'_> {
     /// Tile `ti` of 16 rows from row `first` × the block of 16 outputs from
     /// `start` along the last axis: 16 vector accumulators (an output each,
     /// a row a lane) summed with one FMA per element of the large operand,
-    /// transposed, each row's 16 outputs stored as one vector.
+    /// transposed, each row's 16 outputs stored as one vector (only the
+    /// lanes of `mask` when given).
     fn lanes_tile(
         &mut self,
         out: &Out,
@@ -329,7 +409,7 @@ impl Kc<'_> {
         t: &RowsInLanes,
         (idx, reuse, sizes): (&[String], &[usize], &[String]),
         (first, ti, start): (&str, &str, &str),
-        (slot, rows_k): (&str, Option<&str>),
+        (slot, rows_k, mask): (&str, Option<&str>, Option<&str>),
     ) -> Result<(), LowerError> {
         let n = CPU_SIMD;
         let vty = format!("vector<{n}xf32>");
@@ -392,10 +472,27 @@ impl Kc<'_> {
             let mut at = self.row_index(idx, reuse, sizes, &row);
             at[zaxis] = start.to_owned();
             let off = self.b.linearize(&at, &out.sizes);
-            self.b.store_vector_streaming(&out.ptr, &off, v, n, out.dtype);
+            match mask {
+                None => self.b.store_vector_streaming(&out.ptr, &off, v, n, out.dtype),
+                Some(m) => self.b.store_vector_masked(&out.ptr, &off, v, n, out.dtype, m),
+            }
         }
         Ok(())
     }
+}
+
+/// One turn of an item of the walk with rows in the lanes: the output
+/// index of its other kept axes (`idx`), the reuse axes and their sizes,
+/// its first row, its rows (`here`), their whole tiles and the slot they
+/// are packed in.
+struct Item<'a> {
+    idx: &'a [String],
+    reuse: &'a [usize],
+    sizes: &'a [String],
+    first: &'a str,
+    here: &'a str,
+    tiles: &'a str,
+    slot: &'a str,
 }
 
 /// Binds `letter` to `value` in `env`.
@@ -420,7 +517,11 @@ mod tests {
     /// item along the context (1024 outputs an item). Rows stored past the
     /// caches where they start a whole vector's bytes apart (m a multiple
     /// of 16: 16, 1040, 2048 and the 256-wide head's 3 × 16), plain
-    /// elsewhere, and the kernel ends with a fence.
+    /// elsewhere, and the kernel ends with a fence; at other m an item's
+    /// blocks start on its first row's lines, its first and last outputs
+    /// stored from masked tiles (m = 20: both tiles and no whole block;
+    /// 37, 2100: both and whole blocks; 1029: an item narrower than a
+    /// block).
     #[test]
     fn rows_in_lanes_match_interpreter() {
         let cases = [
@@ -459,7 +560,9 @@ mod tests {
             let groups_hi = "[4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31]";
             assert!(text.matches(groups_hi).count() >= 16, "{spec}: a transpose in registers:\n{text}");
             assert!(
-                text.contains("nontemporal}") && text.contains("llvm.fence seq_cst"),
+                text.contains("nontemporal}")
+                    && text.contains("llvm.intr.masked.store")
+                    && text.contains("llvm.fence seq_cst"),
                 "{spec}: rows stored past the caches, then a fence:\n{text}"
             );
             let points: &[(i64, i64)] = if constants["k"] == 256 {
