@@ -40,17 +40,9 @@ impl Builder {
         let x = self.fbin("maximumf", x_in, &lo);
         let x = self.fbin("minimumf", &x, &hi);
         let x2 = self.fbin("mulf", &x, &x);
-        let mut p = self.f32(NUM[0]);
-        for c in &NUM[1..] {
-            let c = self.f32(*c);
-            p = self.fused(&p, &x2, &c);
-        }
+        let p = self.horner(&NUM, &x2);
         let p = self.fbin("mulf", &x, &p);
-        let mut q = self.f32(DEN[0]);
-        for c in &DEN[1..] {
-            let c = self.f32(*c);
-            q = self.fused(&q, &x2, &c);
-        }
+        let q = self.horner(&DEN, &x2);
         let y = self.fbin("divf", &p, &q);
         // The quotient's rounding can pass ±1 by an ulp, which gelu's
         // `1 + erf` would turn into a value of the wrong sign; from

@@ -121,11 +121,7 @@ impl Builder {
         let (c_hi, c_lo) = (self.f32(-LN2_HI), self.f32(-LN2_LO));
         let r = self.fused(&n, &c_hi, &x);
         let r = self.fused(&n, &c_lo, &r);
-        let mut p = self.f32(POLY[0]);
-        for c in &POLY[1..] {
-            let c = self.f32(*c);
-            p = self.fused(&p, &r, &c);
-        }
+        let p = self.horner(&POLY, &r);
         let r2 = self.fbin("mulf", &r, &r);
         let y = self.fused(&p, &r2, &r);
         let one = self.f32(1.0);
@@ -139,6 +135,18 @@ impl Builder {
     pub(super) fn fused(&mut self, a: &str, b: &str, c: &str) -> String {
         let m = self.op(&format!("arith.mulf {a}, {b} fastmath<contract> : f32"));
         self.op(&format!("arith.addf {m}, {c} fastmath<contract> : f32"))
+    }
+
+    /// The polynomial with coefficients `coeffs` (highest degree first) at
+    /// `x` (f32), in Horner's form: each step one multiply-add
+    /// ([`Builder::fused`]).
+    pub(super) fn horner(&mut self, coeffs: &[f32], x: &str) -> String {
+        let mut p = self.f32(coeffs.first().copied().unwrap_or(0.0));
+        for c in coeffs.iter().skip(1) {
+            let c = self.f32(*c);
+            p = self.fused(&p, x, &c);
+        }
+        p
     }
 
     /// `2^n` for an i32 `n` in [-126, 127], built from its exponent bits.

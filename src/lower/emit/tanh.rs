@@ -41,11 +41,7 @@ impl Builder {
         // Small: x + x·z·p(z), of x's sign (|x·z·p(z)| < |x|) but for
         // -0, which gives +0 (-0·z·p + -0).
         let z = self.fbin("mulf", x, x);
-        let mut p = self.f32(POLY[0]);
-        for c in &POLY[1..] {
-            let c = self.f32(*c);
-            p = self.fused(&p, &z, &c);
-        }
+        let p = self.horner(&POLY, &z);
         let xz = self.fbin("mulf", x, &z);
         let small = self.fused(&xz, &p, x);
         let limit = self.f32(SMALL);
