@@ -362,14 +362,12 @@ impl Builder {
     /// fence makes them visible before the part returns to the pool,
     /// whose other threads read them in the next kernel.
     pub(crate) fn store_vector_streaming(&mut self, ptr: &str, off: &str, v: &str, lanes: usize, dtype: DType) {
+        let a = self.misalignment(ptr, off, lanes, dtype);
+        let zero = self.index(0);
+        let aligned = self.op(&format!("arith.cmpi eq, {a}, {zero} : index"));
         let (x, ty) = self.stored_vector(v, lanes, dtype);
         let p = self.element_ptr(ptr, off, storage(dtype));
-        let bytes = (lanes * dtype.size()) as i64;
-        let addr = self.op(&format!("llvm.ptrtoint {p} : !llvm.ptr to i64"));
-        let mask = self.i64(bytes - 1);
-        let low = self.op(&format!("arith.andi {addr}, {mask} : i64"));
-        let zero = self.i64(0);
-        let aligned = self.op(&format!("arith.cmpi eq, {low}, {zero} : i64"));
+        let bytes = lanes * dtype.size();
         self.open_guard(&aligned);
         self.line(&format!("llvm.store {x}, {p} {{alignment = {bytes} : i64, nontemporal}} : {ty}, !llvm.ptr"));
         self.else_guard();
