@@ -204,9 +204,7 @@ fn main() {
         if std::env::var_os("BIFURC_BENCH_PROFILE").is_some() {
             // The profile runs at the last thread count timed.
             let peak = peaks.last().copied().unwrap_or(f64::NAN);
-            for (((name, step), g), stored) in
-                ["baseline", "bifurcated"].iter().zip(&steps).zip([&base, &bif]).zip(&stored)
-            {
+            for ((name, step), stored) in ["baseline", "bifurcated"].iter().zip(&steps).zip(&stored) {
                 // Each kernel's median over `runs` profiled runs of the
                 // bound step (the timed runs' inputs).
                 let mut each: Vec<(String, Vec<f64>)> = Vec::new();
@@ -226,8 +224,11 @@ fn main() {
                 println!("    {name} at b={b}: kernels {total:.1} ms (medians of {runs} runs); slowest (share of the FMA peak):");
                 for (k, t) in ks.iter().take(env_or("BIFURC_BENCH_PROFILE_TOP", 8)) {
                     let node = step.program().kernels.iter().find(|x| &x.name == k).map(|x| x.node.as_str());
-                    let j = node.and_then(|id| g.nodes.iter().position(|n| n.id == id));
-                    let macs = j.map_or(0.0, |j| node_multiply_adds(g, j, &sp).expect("multiply-adds"));
+                    // The node in the graph the step compiled (its
+                    // projections by weight panels are einsums there).
+                    let sg = step.graph();
+                    let j = node.and_then(|id| sg.nodes.iter().position(|n| n.id == id));
+                    let macs = j.map_or(0.0, |j| node_multiply_adds(sg, j, &sp).expect("multiply-adds"));
                     let share = if macs > 0.0 { format!("  ({:.0}%)", 100.0 * macs / peak / t) } else { String::new() };
                     println!("      {:>9.2} ms  {k}{share}", t * 1e3);
                 }

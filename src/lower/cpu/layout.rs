@@ -1,4 +1,5 @@
-//! Weights the CPU step keeps transposed.
+//! Weights the CPU step keeps transposed, and how it keeps the weights it
+//! takes in another layout than the caller's.
 //!
 //! A weight stored `[in, out]` and used only as `x @ W` (GPT-2's Conv1D)
 //! makes every step of the sum read a row of `W` one row length past the
@@ -7,13 +8,64 @@
 //! `[out, in]` at bind time, it is read as `x @ Wᵀ` by the register tiles
 //! of a vector sum along both operands' innermost axis, the tiles llama's
 //! `nn.Linear` weights get (62-75%). The caller still binds the tensor in
-//! the graph's layout: [`super::CpuStep`] transposes it on the way in.
+//! the graph's layout: [`super::CpuStep`] transposes it on the way in
+//! ([`Kept`]: how each weight it takes is kept; one with a multiple of 64
+//! outputs then goes on into panels, see `super::panels`).
 
 use std::collections::BTreeSet;
 
 use crate::interp::Tensor;
 use crate::ir::{DType, Graph, Op, Role, Value};
 use crate::lower::LowerError;
+
+use super::panels::PANEL;
+
+/// How [`super::CpuStep`] keeps a weight it takes in the caller's layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kept {
+    /// Given `[in, out]`, kept `[out, in]` (see [`transpose_right_weights`]).
+    Transposed,
+    /// Given `[out, in]` (`[in, out]` when `from_in_out`), kept as panels
+    /// `[out / PANEL, in, PANEL]` (see `super::panels`).
+    Panels { from_in_out: bool },
+}
+
+impl Kept {
+    /// A tensor of the caller's `shape` in the kept layout.
+    pub(super) fn convert(self, shape: &[usize], values: &[f32], name: &str) -> Result<Tensor, LowerError> {
+        match self {
+            Kept::Transposed => transposed(shape, values, name),
+            Kept::Panels { from_in_out } => super::panels::pack(shape, values, from_in_out, name),
+        }
+    }
+
+    /// The caller's shape of a tensor kept as `stored`.
+    pub(super) fn callers_shape(self, stored: &[usize]) -> Vec<usize> {
+        match (self, stored) {
+            (Kept::Transposed, _) => stored.iter().rev().copied().collect(),
+            (Kept::Panels { from_in_out }, &[p, ins, lanes]) => {
+                if from_in_out {
+                    vec![ins, p * lanes]
+                } else {
+                    vec![p * lanes, ins]
+                }
+            }
+            (Kept::Panels { .. }, _) => stored.to_vec(),
+        }
+    }
+
+    /// The kept shape of a tensor of the caller's `shape`.
+    pub(super) fn stored_shape(self, shape: &[usize]) -> Vec<usize> {
+        match (self, shape) {
+            (Kept::Transposed, _) => shape.iter().rev().copied().collect(),
+            (Kept::Panels { from_in_out }, &[a, b]) => {
+                let (outs, ins) = if from_in_out { (b, a) } else { (a, b) };
+                vec![outs / PANEL, ins, PANEL]
+            }
+            (Kept::Panels { .. }, _) => shape.to_vec(),
+        }
+    }
+}
 
 /// `graph` with every f32 weight whose only uses are as the right operand
 /// of an f32 `matmul` without `transpose_b` declared `[out, in]` and read
@@ -132,7 +184,7 @@ mod tests {
     fn conv1d_weights_run_transposed_and_bind_as_given() {
         let doc = serde_json::json!({
             "format": "bifurc-graph/1",
-            "dims": {"runtime": ["b"], "constants": {"d": 64, "f": 96}},
+            "dims": {"runtime": ["b"], "constants": {"d": 48, "f": 96}},
             "inputs": [
                 {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": "f32"},
                 {"name": "w_fc", "role": "weight", "shape": ["d", "f"], "dtype": "f32"},
@@ -146,8 +198,9 @@ mod tests {
             "outputs": [{"name": "y", "node": "y"}]
         });
         let (graph, step, text) = crate::lower::emit::testing::cpu_step(&doc);
-        let names: Vec<&str> = step.transposed.iter().map(String::as_str).collect();
-        assert_eq!(names, ["w_fc", "w_proj"]);
+        // Neither has a multiple of 64 outputs: no panels (see `panels`).
+        let kept: Vec<(&str, Kept)> = step.kept.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+        assert_eq!(kept, [("w_fc", Kept::Transposed), ("w_proj", Kept::Transposed)]);
         assert!(text.contains("vector.shuffle"), "vector sums added in a tree:\n{text}");
         let out_vec_tile = format!("-> ({}) {{", vec!["vector<16xf32>"; 16].join(", "));
         assert_eq!(text.matches(&out_vec_tile).count(), 2, "two 4 x 4 vector-sum tiles, no other:\n{text}");
@@ -177,9 +230,9 @@ mod tests {
         let w = inputs["w_fc"].clone();
         inputs.insert("w_fc".into(), transposed(&w.shape, &w.data, "w_fc").unwrap_or_else(|e| panic!("{e}")));
         let err = step.run(&at, &inputs).map(|_| ()).unwrap_err().to_string();
-        assert!(err.contains("`w_fc` has shape [96, 64]") && err.contains("expected [64, 96]"), "{err}");
-        let zeros = step.store_zeros("w_fc", vec![64, 96]).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(zeros.shape, [96, 64], "kept as [out, in]");
+        assert!(err.contains("`w_fc` has shape [96, 48]") && err.contains("expected [48, 96]"), "{err}");
+        let zeros = step.store_zeros("w_fc", vec![48, 96]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(zeros.shape, [96, 48], "kept as [out, in]");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 mod host;
 mod layout;
 mod lines;
+mod panels;
 mod parts;
 mod peak;
 mod stored;
@@ -20,7 +21,7 @@ pub use peak::peak_multiply_adds;
 pub use stored::Stored;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,6 +36,7 @@ use crate::lower::kernel_bytes::kernel_bytes;
 use crate::lower::plan::{plan_tuned, plan_with, typical_point, BufferKind, Param, Program};
 use crate::lower::{new_context, run_pipeline, verify, LowerError};
 use host::HostData;
+use layout::Kept;
 use parts::run_parts;
 
 /// The pass pipeline that takes the emitted CPU module (func, scf, arith,
@@ -123,12 +125,12 @@ impl Drop for Engine {
 
 /// A graph compiled for the CPU.
 pub struct CpuStep {
-    /// The graph compiled: the caller's, with the weights in `transposed`
-    /// declared transposed (see [`CpuStep::graph`]).
+    /// The graph compiled: the caller's, with the weights in `kept`
+    /// declared in their kept layout (see [`CpuStep::graph`]).
     graph: Graph,
-    /// Weights bound in the caller's `[in, out]` layout and kept `[out,
-    /// in]` (see `layout`).
-    transposed: BTreeSet<String>,
+    /// Weights bound in the caller's layout and kept in another (see
+    /// `layout`, `panels`).
+    kept: BTreeMap<String, Kept>,
     program: Program,
     pipeline: &'static str,
     /// One packed entry point per kernel, in launch order.
@@ -154,15 +156,19 @@ impl CpuStep {
     /// Plans (without tensor cores: the CPU has none), emits, verifies,
     /// lowers with [`CPU_PIPELINE`] and JIT-compiles `graph`. An f32
     /// weight only ever multiplied as `x @ W` (stored `[in, out]`, GPT-2's
-    /// Conv1D) is kept transposed, read as `x @ Wᵀ`: it is still bound in
-    /// the graph's layout, and transposed once when bound ([`CpuStep::store`];
+    /// Conv1D) is kept transposed, read as `x @ Wᵀ`; then a float weight
+    /// only ever a projection's, with a multiple of 64 outputs, is kept in
+    /// panels `[out/64, in, 64]` (`panels`). Either is still bound in the
+    /// graph's layout, and converted once when bound ([`CpuStep::store`];
     /// at every [`CpuStep::run`] for tensors given there).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
         let (graph, transposed) = layout::transpose_right_weights(graph);
+        let mut kept: BTreeMap<String, Kept> = transposed.into_iter().map(|n| (n, Kept::Transposed)).collect();
+        let graph = panels::panel_weights(&graph, &mut kept);
         let program = plan_with(&graph, None)?;
         let module = emit_shared(&graph, &program, Target::Cpu, None)?;
         let mut step = Self::compile_module(&graph, program, &module, rayon::current_num_threads())?;
-        step.transposed = transposed;
+        step.kept = kept;
         Ok(step)
     }
 
@@ -206,7 +212,7 @@ impl CpuStep {
         };
         Ok(CpuStep {
             graph: graph.clone(),
-            transposed: BTreeSet::new(),
+            kept: BTreeMap::new(),
             program,
             pipeline: CPU_PIPELINE,
             entries,
@@ -255,18 +261,17 @@ impl CpuStep {
 
     /// The graph this step runs: the one compiled, with the weights kept
     /// transposed declared `[out, in]` and read by `matmul`s with
-    /// `transpose_b` (what [`CpuStep::program`] was planned from).
+    /// `transpose_b`, and those kept in panels declared `[out/64, in, 64]`
+    /// and read by einsums (what [`CpuStep::program`] was planned from).
     pub fn graph(&self) -> &Graph {
         &self.graph
     }
 
-    /// Input `name` of the caller's layout in the step's: transposed when
-    /// the step keeps it transposed.
+    /// Input `name` of the caller's layout in the step's (see [`Kept`]).
     fn step_layout<'t>(&self, name: &str, t: &'t Tensor) -> Result<Cow<'t, Tensor>, LowerError> {
-        if self.transposed.contains(name) {
-            Ok(Cow::Owned(layout::transposed(&t.shape, &t.data, name)?))
-        } else {
-            Ok(Cow::Borrowed(t))
+        match self.kept.get(name) {
+            Some(kept) => Ok(Cow::Owned(kept.convert(&t.shape, &t.data, name)?)),
+            None => Ok(Cow::Borrowed(t)),
         }
     }
 
@@ -334,19 +339,17 @@ impl CpuStep {
     /// f32 copied, once).
     pub fn store_values(&self, name: &str, shape: &[usize], values: &[f32]) -> Result<Stored, LowerError> {
         let dtype = self.input_dtype(name)?;
-        if self.transposed.contains(name) {
-            return Stored::new(dtype, layout::transposed(shape, values, name)?, name);
+        if let Some(kept) = self.kept.get(name) {
+            return Stored::new(dtype, kept.convert(shape, values, name)?, name);
         }
         Stored::from_values(dtype, shape, values, name)
     }
 
     /// Zeros of `shape` (the caller's layout) for input `name`, in its
     /// storage dtype.
-    pub fn store_zeros(&self, name: &str, mut shape: Vec<usize>) -> Result<Stored, LowerError> {
+    pub fn store_zeros(&self, name: &str, shape: Vec<usize>) -> Result<Stored, LowerError> {
         let dtype = self.input_dtype(name)?;
-        if self.transposed.contains(name) {
-            shape.reverse();
-        }
+        let shape = self.kept.get(name).map_or(shape.clone(), |k| k.stored_shape(&shape));
         Ok(Stored::zeros(dtype, shape))
     }
 
@@ -461,14 +464,8 @@ impl CpuStep {
                     let missing = || LowerError::Run(format!("input `{}` is missing", buf.name));
                     // Shapes in the caller's layout (a weight kept
                     // transposed is given and named `[in, out]`).
-                    let transposed = self.transposed.contains(&buf.name);
-                    let callers = |s: &[usize]| {
-                        let mut s = s.to_vec();
-                        if transposed {
-                            s.reverse();
-                        }
-                        s
-                    };
+                    let kept = self.kept.get(&buf.name).copied();
+                    let callers = |s: &[usize]| kept.map_or_else(|| s.to_vec(), |k| k.callers_shape(s));
                     let bad_shape = |got: &[usize], len: usize| {
                         LowerError::Run(format!(
                             "input `{}` has shape {got:?} ({len} values), expected {:?}",
@@ -479,6 +476,11 @@ impl CpuStep {
                     match inputs {
                         Inputs::Tensors(map) => {
                             let given = map.get(&buf.name).ok_or_else(missing)?;
+                            // Checked in the caller's layout before it is
+                            // converted to the step's.
+                            if kept.is_some() && given.shape != callers(&shape) {
+                                return Err(bad_shape(&given.shape, given.data.len()));
+                            }
                             let t = self.step_layout(&buf.name, given)?;
                             if t.shape != shape || t.data.len() != n {
                                 return Err(bad_shape(&given.shape, given.data.len()));

@@ -681,7 +681,9 @@ impl Kc<'_> {
     /// A bf16 / f16 transposed projection is left to the scalar tile of 8
     /// rows × 4 outputs, which widens 12 vectors for 32 FMAs against 8 for
     /// 16 (at b = 8 in bf16, gate_proj 0.84 ms that way, 0.98 ms in vector
-    /// sums).
+    /// sums). The CPU step runs weight projections with a multiple of 64
+    /// outputs from weights kept in panels instead (`cpu::panels`: an
+    /// einsum in output vectors), so these paths take the others.
     pub(super) fn contraction_spec(&self, j: usize) -> Option<(EinsumSpec, Vec<Value>)> {
         let node = self.graph.nodes.get(j)?;
         let f32_data = |v: &Value| self.graph.dtype_of(*v) == crate::ir::DType::F32;
