@@ -400,7 +400,7 @@ impl CpuStep {
         point: &BTreeMap<String, i64>,
         capacities: &BTreeMap<String, i64>,
         inputs: Inputs<'_>,
-        mut times: Option<&mut KernelTimes>,
+        times: Option<&mut KernelTimes>,
     ) -> Result<HashMap<String, Tensor>, LowerError> {
         let mut dims: Vec<i64> = Vec::with_capacity(self.program.dims.len());
         for d in &self.program.dims {
@@ -525,81 +525,27 @@ impl CpuStep {
         // writes an input buffer, so it is only ever read through.
         let mut ptrs: Vec<*mut c_void> =
             host.iter_mut().map(|h| h.as_mut().map_or_else(|p| p.cast_mut(), HostData::ptr)).collect();
-        let dim_ptr = dims.as_mut_ptr();
-        let cap_ptr = caps.as_mut_ptr();
-        let buf_ptr = ptrs.as_mut_ptr();
-        // The last two arguments: the part a call runs, of how many.
-        let (mut part, mut whole) = (0i64, 1i64);
-        let tail = [std::ptr::addr_of_mut!(part).cast::<c_void>(), std::ptr::addr_of_mut!(whole).cast::<c_void>()];
-        let mut args: Vec<*mut c_void> = Vec::new();
-        // Every kernel in order, on a thread of the pool (see `on_pool`).
-        let mut launch = || -> Result<(), LowerError> {
-            for (k, (kernel, entry)) in self.program.kernels.iter().zip(&self.entries).enumerate() {
-                args.clear();
-                for p in &kernel.params {
-                    let slot = match p {
-                        Param::Dim(d) => self.program.dims.iter().position(|x| x == d).map(|k| {
-                            // SAFETY: `k < dims.len()`: an element of `dims`.
-                            unsafe { dim_ptr.add(k) }.cast::<c_void>()
-                        }),
-                        Param::Capacity(d) => self.program.dims.iter().position(|x| x == d).map(|k| {
-                            // SAFETY: `k < caps.len()`: an element of `caps`.
-                            unsafe { cap_ptr.add(k) }.cast::<c_void>()
-                        }),
-                        Param::Buffer(b) => (*b < ptrs.len()).then(|| {
-                            // SAFETY: `b < ptrs.len()`: an element of `ptrs`.
-                            unsafe { buf_ptr.add(*b) }.cast::<c_void>()
-                        }),
-                    };
-                    args.push(
-                        slot.ok_or_else(|| LowerError::Run(format!("kernel `{}`: bad parameter {p:?}", kernel.name)))?,
-                    );
-                }
-                args.extend(tail);
-                let parts = self.parts(k, point);
-                let start = times.is_some().then(Instant::now);
-                // SAFETY: `entry` is the packed wrapper of this kernel; it reads
-                // one pointer per parameter: `args[k]` points at an `i64` (a
-                // dim, in `dims`, or a capacity, in `caps`) or at a data pointer (in `ptrs`) to a live
-                // allocation of the buffer's dtype holding at least
-                // `max(numel, 1)` elements at this point: an owned buffer in
-                // `host`, or the data of an input read in place (an f32 tensor
-                // of `inputs`, or a `Stored` input of the buffer's dtype and
-                // shape, checked above), borrowed for this whole call and never
-                // written: a kernel writes only its output or an intermediate,
-                // which are owned. The
-                // kernel only touches elements inside its buffers' shapes at
-                // these dims (gather checks its ids), a pitched buffer's rows
-                // axis below the dim's value (`<=` its capacity, the stored
-                // size, checked above). `dims`, `caps`, `ptrs`, `host` and
-                // `inputs` are not moved or resized while it runs. The last
-                // two arguments point at `part` = 0 and `whole` = 1 (the whole
-                // walk), or, in `run_parts`, at each part's own values: every
-                // CPU kernel is emitted to run its part only, so the parts,
-                // running at once on the pool's threads, write disjoint
-                // elements of the kernel's output and read what no part writes
-                // (`emit`, "Parts"); the arguments they share are only read.
-                if parts > 1 {
-                    unsafe { run_parts(*entry, &args, parts) };
-                } else {
-                    unsafe { entry(args.as_mut_ptr()) };
-                }
-                if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
-                    times.push((kernel.name.clone(), start.elapsed()));
-                }
-            }
-            Ok(())
-        };
+        // SAFETY (both calls): `launch`'s contract: `ptrs` holds a data
+        // pointer per buffer, to a live allocation of the buffer's dtype
+        // holding at least `max(numel, 1)` elements at `point`: an owned
+        // buffer in `host`, or the data of an input read in place (an f32
+        // tensor of `inputs`, or a `Stored` input of the buffer's dtype
+        // and shape, checked above), borrowed for this whole call and
+        // never written: a kernel writes only its output or an
+        // intermediate, which are owned. A pitched buffer's rows axis
+        // holds its capacity in `caps` (checked above). `dims`, `caps`,
+        // `ptrs`, `host` and `inputs` are not moved, resized or otherwise
+        // used until it returns.
         if self.threads > 1 {
-            // SAFETY: `launch` reads `self` (plain data and the JIT's
-            // entry points, which any thread may call: `run_parts` does),
-            // the argument slots and the buffers they point at, all owned
-            // by this call's frame or borrowed for it, and writes `times`
-            // and the kernels' outputs; nothing else touches them while
-            // this thread waits for it.
+            // On a thread of the pool (see `on_pool`): `launch` reads
+            // `self` (plain data and the JIT's entry points, which any
+            // thread may call: `run_parts` does) and the slots above, and
+            // writes `times` and the kernels' outputs, while this thread
+            // waits for it.
+            let launch = || unsafe { self.launch(point, &mut dims, &mut caps, &mut ptrs, times) };
             unsafe { parts::on_pool(launch) }?;
         } else {
-            launch()?;
+            unsafe { self.launch(point, &mut dims, &mut caps, &mut ptrs, times) }?;
         }
         let mut out = HashMap::new();
         for (b, buf) in self.program.buffers.iter().enumerate() {
@@ -617,6 +563,86 @@ impl CpuStep {
             *kept = scratch;
         }
         Ok(out)
+    }
+
+    /// Runs every kernel of the program in order at `point`, each with its
+    /// parameters' slots among `dims` and `caps` (one value per runtime
+    /// dim of the program) and `ptrs` (one data pointer per buffer), split
+    /// into parts on the pool where it moves enough bytes; each kernel's
+    /// wall time goes into `times`.
+    ///
+    /// # Safety
+    ///
+    /// Each of `ptrs` points at a live allocation of its buffer's dtype
+    /// holding at least `max(numel, 1)` elements at `point` and `caps`
+    /// (a pitched buffer's rows axis holds its capacity), and only an
+    /// output's or an intermediate's is written; none of them is moved,
+    /// resized or otherwise used until this returns.
+    unsafe fn launch(
+        &self,
+        point: &BTreeMap<String, i64>,
+        dims: &mut [i64],
+        caps: &mut [i64],
+        ptrs: &mut [*mut c_void],
+        mut times: Option<&mut KernelTimes>,
+    ) -> Result<(), LowerError> {
+        let (dim_ptr, cap_ptr, buf_ptr) = (dims.as_mut_ptr(), caps.as_mut_ptr(), ptrs.as_mut_ptr());
+        // The last two arguments: the part a call runs, of how many.
+        let (mut part, mut whole) = (0i64, 1i64);
+        let tail = [std::ptr::addr_of_mut!(part).cast::<c_void>(), std::ptr::addr_of_mut!(whole).cast::<c_void>()];
+        let mut args: Vec<*mut c_void> = Vec::new();
+        for (k, (kernel, entry)) in self.program.kernels.iter().zip(&self.entries).enumerate() {
+            args.clear();
+            for p in &kernel.params {
+                let slot = match p {
+                    Param::Dim(d) => {
+                        self.program.dims.iter().position(|x| x == d).filter(|&k| k < dims.len()).map(|k| {
+                            // SAFETY: `k < dims.len()`: an element of `dims`.
+                            unsafe { dim_ptr.add(k) }.cast::<c_void>()
+                        })
+                    }
+                    Param::Capacity(d) => {
+                        self.program.dims.iter().position(|x| x == d).filter(|&k| k < caps.len()).map(|k| {
+                            // SAFETY: `k < caps.len()`: an element of `caps`.
+                            unsafe { cap_ptr.add(k) }.cast::<c_void>()
+                        })
+                    }
+                    Param::Buffer(b) => (*b < ptrs.len()).then(|| {
+                        // SAFETY: `b < ptrs.len()`: an element of `ptrs`.
+                        unsafe { buf_ptr.add(*b) }.cast::<c_void>()
+                    }),
+                };
+                args.push(
+                    slot.ok_or_else(|| LowerError::Run(format!("kernel `{}`: bad parameter {p:?}", kernel.name)))?,
+                );
+            }
+            args.extend(tail);
+            let parts = self.parts(k, point);
+            let start = times.is_some().then(Instant::now);
+            // SAFETY: `entry` is the packed wrapper of this kernel; it reads
+            // one pointer per parameter: `args[k]` points at an `i64` (a
+            // dim, in `dims`, or a capacity, in `caps`) or at a data
+            // pointer (in `ptrs`) to an allocation as this function's
+            // contract says. The kernel only touches elements inside its
+            // buffers' shapes at these dims (gather checks its ids), a
+            // pitched buffer's rows axis below the dim's value (`<=` its
+            // capacity). The last two arguments point at `part` = 0 and
+            // `whole` = 1 (the whole walk), or, in `run_parts`, at each
+            // part's own values: every CPU kernel is emitted to run its
+            // part only, so the parts, running at once on the pool's
+            // threads, write disjoint elements of the kernel's output and
+            // read what no part writes (`emit`, "Parts"); the arguments
+            // they share are only read.
+            if parts > 1 {
+                unsafe { run_parts(*entry, &args, parts) };
+            } else {
+                unsafe { entry(args.as_mut_ptr()) };
+            }
+            if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
+                times.push((kernel.name.clone(), start.elapsed()));
+            }
+        }
+        Ok(())
     }
 }
 
