@@ -26,8 +26,9 @@ pub(crate) enum Kept {
     /// Given `[in, out]`, kept `[out, in]` (see [`transpose_right_weights`]).
     Transposed,
     /// Given `[out, in]` (`[in, out]` when `from_in_out`), kept as panels
-    /// `[out / PANEL, in, PANEL]` (see `super::panels`).
-    Panels { from_in_out: bool },
+    /// `[out / PANEL, in, PANEL]`, or `paired`, `[out / PANEL, in / 2,
+    /// PANEL, 2]` (see `super::panels`).
+    Panels { from_in_out: bool, paired: bool },
 }
 
 impl Kept {
@@ -35,22 +36,24 @@ impl Kept {
     pub(super) fn convert(self, shape: &[usize], values: &[f32], name: &str) -> Result<Tensor, LowerError> {
         match self {
             Kept::Transposed => transposed(shape, values, name),
-            Kept::Panels { from_in_out } => super::panels::pack(shape, values, from_in_out, name),
+            Kept::Panels { from_in_out, paired } => super::panels::pack(shape, values, (from_in_out, paired), name),
         }
     }
 
     /// The caller's shape of a tensor kept as `stored`.
     pub(super) fn callers_shape(self, stored: &[usize]) -> Vec<usize> {
-        match (self, stored) {
-            (Kept::Transposed, _) => stored.iter().rev().copied().collect(),
-            (Kept::Panels { from_in_out }, &[p, ins, lanes]) => {
-                if from_in_out {
-                    vec![ins, p * lanes]
-                } else {
-                    vec![p * lanes, ins]
-                }
+        let (from_in_out, outs, ins) = match (self, stored) {
+            (Kept::Transposed, _) => return stored.iter().rev().copied().collect(),
+            (Kept::Panels { from_in_out, paired: false }, &[p, ins, lanes]) => (from_in_out, p * lanes, ins),
+            (Kept::Panels { from_in_out, paired: true }, &[p, half, lanes, two]) => {
+                (from_in_out, p * lanes, half * two)
             }
-            (Kept::Panels { .. }, _) => stored.to_vec(),
+            (Kept::Panels { .. }, _) => return stored.to_vec(),
+        };
+        if from_in_out {
+            vec![ins, outs]
+        } else {
+            vec![outs, ins]
         }
     }
 
@@ -58,9 +61,13 @@ impl Kept {
     pub(super) fn stored_shape(self, shape: &[usize]) -> Vec<usize> {
         match (self, shape) {
             (Kept::Transposed, _) => shape.iter().rev().copied().collect(),
-            (Kept::Panels { from_in_out }, &[a, b]) => {
+            (Kept::Panels { from_in_out, paired }, &[a, b]) => {
                 let (outs, ins) = if from_in_out { (b, a) } else { (a, b) };
-                vec![outs / PANEL, ins, PANEL]
+                if paired {
+                    vec![outs / PANEL, ins / 2, PANEL, 2]
+                } else {
+                    vec![outs / PANEL, ins, PANEL]
+                }
             }
             (Kept::Panels { .. }, _) => shape.to_vec(),
         }

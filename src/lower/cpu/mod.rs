@@ -162,9 +162,17 @@ impl CpuStep {
     /// graph's layout, and converted once when bound ([`CpuStep::store`];
     /// at every [`CpuStep::run`] for tensors given there).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
+        Self::compile_pairing(graph, crate::lower::emit::host_has_bf16_dot())
+    }
+
+    /// [`CpuStep::compile`], with bf16 weights in paired panels (summed by
+    /// the CPU's bf16 dot product, see `panels`) only when `pairs`: on a
+    /// host with AVX512-BF16, as `compile` does, or not, to test the
+    /// other way there.
+    pub(crate) fn compile_pairing(graph: &Graph, pairs: bool) -> Result<Self, LowerError> {
         let (graph, transposed) = layout::transpose_right_weights(graph);
         let mut kept: BTreeMap<String, Kept> = transposed.into_iter().map(|n| (n, Kept::Transposed)).collect();
-        let graph = panels::panel_weights(&graph, &mut kept);
+        let graph = panels::panel_weights(&graph, &mut kept, pairs);
         let program = plan_with(&graph, None)?;
         let module = emit_shared(&graph, &program, Target::Cpu, None)?;
         let mut step = Self::compile_module(&graph, program, &module, rayon::current_num_threads())?;

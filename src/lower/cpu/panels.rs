@@ -21,7 +21,15 @@
 //! against 18.8-20.4 the other ways in f32, and 16.6 against 20.6 in bf16;
 //! a 6-row tile (24 accumulators) and a software prefetch of the panel
 //! 32 steps ahead were both slower. With 2 threads the f32 step did not
-//! change measurably (9.6-9.9 ms both ways).
+//! change measurably (9.6-9.9 ms both ways) until the kernels were
+//! launched from the pool (`parts::on_pool`): 82-85% of the FMA peak.
+//!
+//! On a CPU with AVX512-BF16, a bf16 weight multiplied by bf16 inputs is
+//! kept in paired panels instead, `[out / PANEL, in / 2, PANEL, 2]`, and
+//! read by `..zt,pzxt->..px` with `x` reshaped into pairs: one bf16 dot
+//! product per 16 outputs and 2 inputs (`emit::pair_dot`). The bf16
+//! cpu_step model's step went from 45.7-47.5 to 39.6-39.8 ms on one
+//! thread and from 24.5-27.0 to 21.2-22.0 on two.
 //!
 //! The caller still binds the weight as the model has it: [`super::CpuStep`]
 //! packs it on the way in (see [`super::layout::Kept`]).
@@ -29,7 +37,7 @@
 use std::collections::BTreeMap;
 
 use crate::interp::Tensor;
-use crate::ir::{EinsumSpec, Graph, Node, Op, Poly, Role, Value};
+use crate::ir::{DType, EinsumSpec, Graph, Node, Op, Poly, Role, Value};
 use crate::lower::LowerError;
 
 use super::layout::Kept;
@@ -50,37 +58,57 @@ const ROW_LETTERS: &str = "abcdefgh";
 /// matmul's shape that keeps its id; `kept` records each such weight as
 /// [`Kept::Panels`] (from the caller's `[in, out]` where it is that in
 /// `graph` or already held [`Kept::Transposed`]).
-pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>) -> Graph {
-    // Whether each input goes into panels, and if so, whether `graph`
-    // declares it `[in, out]`.
-    let mut packed = vec![None; graph.inputs.len()];
+///
+/// With `pairs` (the CPU's bf16 dot product, see `emit::pair_dot`), a
+/// bf16 weight with an even `in` whose every `x` is bf16 is declared
+/// `[out / PANEL, in / 2, PANEL, 2]` instead (paired panels: each output's
+/// inputs `2z` and `2z + 1` side by side), read by the einsum
+/// `..zt,pzxt->..px` of `x` reshaped to `[.., in / 2, 2]` (`<id>.pairs`).
+pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pairs: bool) -> Graph {
+    // Whether each input goes into panels, and if so, how.
+    let mut packed: Vec<Option<Kept>> = vec![None; graph.inputs.len()];
     for (i, input) in graph.inputs.iter().enumerate() {
         if matches!(kept.get(&input.name), Some(Kept::Panels { .. })) {
             continue;
         }
-        packed[i] = packable(graph, i);
-        if let Some(in_out) = packed[i] {
+        if let Some((in_out, ins)) = packable(graph, i) {
             let from_in_out = in_out || kept.get(&input.name) == Some(&Kept::Transposed);
-            kept.insert(input.name.clone(), Kept::Panels { from_in_out });
+            let paired = pairs && ins % 2 == 0 && all_bf16(graph, i);
+            let how = Kept::Panels { from_in_out, paired };
+            kept.insert(input.name.clone(), how);
+            // How `graph` itself declares it.
+            packed[i] = Some(Kept::Panels { from_in_out: in_out, paired });
         }
     }
     if packed.iter().all(Option::is_none) {
         return graph.clone();
     }
     let mut out = graph.clone();
-    for (input, in_out) in out.inputs.iter_mut().zip(&packed) {
-        if let (Some(in_out), [a, b]) = (*in_out, input.shape.as_slice()) {
-            let (outs, ins) = if in_out { (b, a) } else { (a, b) };
-            let outs = graph.dims.normalize(outs).ok().and_then(|p| p.as_constant()).unwrap_or(0);
-            input.shape = vec![Poly::constant(outs / PANEL as i64), ins.clone(), Poly::constant(PANEL as i64)];
+    for (input, how) in out.inputs.iter_mut().zip(&packed) {
+        if let (Some(Kept::Panels { from_in_out, paired }), [a, b]) = (*how, input.shape.as_slice()) {
+            let (outs, ins) = if from_in_out { (b, a) } else { (a, b) };
+            let constant = |p: &Poly| graph.dims.normalize(p).ok().and_then(|p| p.as_constant()).unwrap_or(0);
+            let panels = Poly::constant(constant(outs) / PANEL as i64);
+            input.shape = if paired {
+                vec![panels, Poly::constant(constant(ins) / 2), Poly::constant(PANEL as i64), Poly::constant(2)]
+            } else {
+                vec![panels, ins.clone(), Poly::constant(PANEL as i64)]
+            };
         }
     }
     let taken = |id: &str| graph.nodes.iter().any(|n| n.id == id) || graph.inputs.iter().any(|n| n.name == id);
-    let mut nodes = Vec::with_capacity(graph.nodes.len() * 2);
+    let fresh = |base: String| {
+        let mut id = base;
+        while taken(&id) {
+            id.push('_');
+        }
+        id
+    };
+    let mut nodes = Vec::with_capacity(graph.nodes.len() * 3);
     // Where each of the graph's nodes is in `nodes`.
     let mut at = Vec::with_capacity(graph.nodes.len());
     for node in &graph.nodes {
-        let inputs: Vec<Value> = node
+        let mut inputs: Vec<Value> = node
             .inputs
             .iter()
             .map(|&v| match v {
@@ -89,23 +117,37 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>) ->
             })
             .collect();
         let weight = match node.inputs.as_slice() {
-            [_, Value::Input(w)] if packed[*w].is_some() => Some(*w),
+            [_, Value::Input(w)] => packed[*w].map(|how| (*w, how)),
             _ => None,
         };
         match weight {
-            Some(w) => {
+            Some((w, Kept::Panels { paired, .. })) => {
                 let rank = node.shape.len();
                 let rows: Vec<char> = ROW_LETTERS.chars().take(rank - 1).collect();
-                let spec = EinsumSpec {
-                    inputs: vec![[rows.as_slice(), &['z']].concat(), vec!['y', 'z', 'x']],
-                    output: [rows.as_slice(), &['y', 'x']].concat(),
+                let spec = if paired {
+                    // `x` as pairs along its last axis.
+                    let x = inputs[0];
+                    let mut shape = graph.shape_of(node.inputs[0]).clone();
+                    let half = out.inputs[w].shape[1].clone();
+                    shape.pop();
+                    shape.extend([half, Poly::constant(2)]);
+                    let dtype = graph.dtype_of(node.inputs[0]);
+                    let id = fresh(format!("{}.pairs", node.id));
+                    nodes.push(Node { id, op: Op::Reshape { shape: shape.clone() }, inputs: vec![x], shape, dtype });
+                    inputs[0] = Value::Node(nodes.len() - 1);
+                    EinsumSpec {
+                        inputs: vec![[rows.as_slice(), &['z', 't']].concat(), vec!['y', 'z', 'x', 't']],
+                        output: [rows.as_slice(), &['y', 'x']].concat(),
+                    }
+                } else {
+                    EinsumSpec {
+                        inputs: vec![[rows.as_slice(), &['z']].concat(), vec!['y', 'z', 'x']],
+                        output: [rows.as_slice(), &['y', 'x']].concat(),
+                    }
                 };
                 let mut shape = node.shape[..rank - 1].to_vec();
                 shape.extend([out.inputs[w].shape[0].clone(), Poly::constant(PANEL as i64)]);
-                let mut id = format!("{}.panels", node.id);
-                while taken(&id) {
-                    id.push('_');
-                }
+                let id = fresh(format!("{}.panels", node.id));
                 nodes.push(Node { id, op: Op::Einsum(spec), inputs, shape, dtype: node.dtype });
                 nodes.push(Node {
                     id: node.id.clone(),
@@ -115,7 +157,7 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>) ->
                     dtype: node.dtype,
                 });
             }
-            None => nodes.push(Node { inputs, ..node.clone() }),
+            _ => nodes.push(Node { inputs, ..node.clone() }),
         }
         at.push(nodes.len() - 1);
     }
@@ -128,12 +170,12 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>) ->
     out
 }
 
-/// Whether input `i` of `graph` goes into panels: `Some(false)` for a
-/// float weight `[out, in]` used only as the right operand of float
-/// `x @ Wᵀ` matmuls, `Some(true)` for one `[in, out]` used only as that of
-/// `x @ W`; of constant sizes, `out` a multiple of [`PANEL`], `x` of rank
-/// 2 to 9, not a graph output.
-fn packable(graph: &Graph, i: usize) -> Option<bool> {
+/// Whether input `i` of `graph` goes into panels, and its `in`:
+/// `Some((false, in))` for a float weight `[out, in]` used only as the
+/// right operand of float `x @ Wᵀ` matmuls, `Some((true, in))` for one
+/// `[in, out]` used only as that of `x @ W`; of constant sizes, `out` a
+/// multiple of [`PANEL`], `x` of rank 2 to 9, not a graph output.
+fn packable(graph: &Graph, i: usize) -> Option<(bool, i64)> {
     let input = &graph.inputs[i];
     let me = Value::Input(i);
     if input.role != Role::Weight || !input.dtype.is_float() || graph.outputs.iter().any(|o| o.value == me) {
@@ -157,14 +199,32 @@ fn packable(graph: &Graph, i: usize) -> Option<bool> {
             && matches!(n.inputs.as_slice(), [a, w] if *w == me && *a != me && graph.dtype_of(*a).is_float())
     };
     let whole = outs > 0 && outs % PANEL as i64 == 0 && ins > 0;
-    (whole && graph.nodes.iter().filter(|n| n.inputs.contains(&me)).all(projection)).then_some(in_out)
+    (whole && graph.nodes.iter().filter(|n| n.inputs.contains(&me)).all(projection)).then_some((in_out, ins))
+}
+
+/// Whether input `i` and every left operand it is multiplied by are bf16.
+fn all_bf16(graph: &Graph, i: usize) -> bool {
+    let me = Value::Input(i);
+    graph.inputs[i].dtype == DType::BF16
+        && graph
+            .nodes
+            .iter()
+            .filter(|n| n.inputs.contains(&me))
+            .all(|n| n.inputs.first().is_some_and(|&a| graph.dtype_of(a) == DType::BF16))
 }
 
 /// `values` of a weight `shape` (`[out, in]`, or `[in, out]` when
 /// `from_in_out`) as panels `[out / PANEL, in, PANEL]`: element
-/// `[p, k, l]` is the weight's output `p · PANEL + l`, input `k`. `name`
-/// is the input's, for the errors.
-pub(super) fn pack(shape: &[usize], values: &[f32], from_in_out: bool, name: &str) -> Result<Tensor, LowerError> {
+/// `[p, k, l]` is the weight's output `p · PANEL + l`, input `k`; or,
+/// `paired`, as `[out / PANEL, in / 2, PANEL, 2]`: element `[p, z, l, t]`
+/// is output `p · PANEL + l`, input `2z + t`. `name` is the input's, for
+/// the errors.
+pub(super) fn pack(
+    shape: &[usize],
+    values: &[f32],
+    (from_in_out, paired): (bool, bool),
+    name: &str,
+) -> Result<Tensor, LowerError> {
     let &[rows, cols] = shape else {
         return Err(LowerError::Run(format!(
             "input `{name}` has shape {shape:?}, expected a matrix (it is stored in panels)"
@@ -174,17 +234,23 @@ pub(super) fn pack(shape: &[usize], values: &[f32], from_in_out: bool, name: &st
         return Err(LowerError::Run(format!("input `{name}` has shape {shape:?} but {} values", values.len())));
     }
     let (outs, ins) = if from_in_out { (cols, rows) } else { (rows, cols) };
-    if outs % PANEL != 0 {
+    if outs % PANEL != 0 || (paired && ins % 2 != 0) {
+        let what = if paired { ", and an even number of inputs" } else { "" };
         return Err(LowerError::Run(format!(
-            "input `{name}` has shape {shape:?}: {outs} outputs, expected a multiple of {PANEL}"
+            "input `{name}` has shape {shape:?}: {outs} outputs, expected a multiple of {PANEL}{what}"
         )));
     }
+    // Where input `k` of output `l` of a panel goes in it.
+    let slot = |k: usize, l: usize| if paired { (k / 2 * PANEL + l) * 2 + k % 2 } else { k * PANEL + l };
     let mut data = vec![0.0f32; values.len()];
     for (p, panel) in data.chunks_exact_mut(ins * PANEL).enumerate() {
         if from_in_out {
-            // Each step of a panel is a stretch of one row of W.
-            for (k, step) in panel.chunks_exact_mut(PANEL).enumerate() {
-                step.copy_from_slice(&values[k * outs + p * PANEL..][..PANEL]);
+            // Row `k` of W holds input `k` of every output.
+            for k in 0..ins {
+                let row = &values[k * outs + p * PANEL..][..PANEL];
+                for (l, &v) in row.iter().enumerate() {
+                    panel[slot(k, l)] = v;
+                }
             }
         } else {
             // In blocks of 16 inputs, so each row of W is read a line at
@@ -194,13 +260,14 @@ pub(super) fn pack(shape: &[usize], values: &[f32], from_in_out: bool, name: &st
                 for l in 0..PANEL {
                     let row = &values[(p * PANEL + l) * ins..][..ins];
                     for k in k0..(k0 + BLOCK).min(ins) {
-                        panel[k * PANEL + l] = row[k];
+                        panel[slot(k, l)] = row[k];
                     }
                 }
             }
         }
     }
-    Ok(Tensor { shape: vec![outs / PANEL, ins, PANEL], data })
+    let shape = if paired { vec![outs / PANEL, ins / 2, PANEL, 2] } else { vec![outs / PANEL, ins, PANEL] };
+    Ok(Tensor { shape, data })
 }
 
 #[cfg(test)]
@@ -212,30 +279,46 @@ mod tests {
 
     #[test]
     fn packs_either_layout_into_panels() {
-        for (outs, ins) in [(64, 1), (64, 17), (128, 40), (192, 3)] {
+        for (outs, ins) in [(64, 1), (64, 17), (128, 40), (192, 4)] {
             let w = |o: usize, k: usize| (o * 1000 + k) as f32;
             let out_in: Vec<f32> = (0..outs * ins).map(|i| w(i / ins, i % ins)).collect();
             let in_out: Vec<f32> = (0..outs * ins).map(|i| w(i % outs, i / outs)).collect();
-            let a = pack(&[outs, ins], &out_in, false, "w").unwrap_or_else(|e| panic!("{e}"));
-            let b = pack(&[ins, outs], &in_out, true, "w").unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(a.shape, [outs / PANEL, ins, PANEL]);
-            assert_eq!(a, b, "{outs} x {ins}: both layouts give the same panels");
-            for (i, &v) in a.data.iter().enumerate() {
-                let (p, k, l) = (i / (ins * PANEL), i / PANEL % ins, i % PANEL);
-                assert_eq!(v, w(p * PANEL + l, k), "{outs} x {ins} at [{p}, {k}, {l}]");
-            }
-            for kept in [Kept::Panels { from_in_out: false }, Kept::Panels { from_in_out: true }] {
-                let given = kept.callers_shape(&a.shape);
-                assert_eq!(kept.stored_shape(&given), a.shape, "{kept:?}");
+            for paired in [false, true].into_iter().filter(|&p| !p || ins % 2 == 0) {
+                let a = pack(&[outs, ins], &out_in, (false, paired), "w").unwrap_or_else(|e| panic!("{e}"));
+                let b = pack(&[ins, outs], &in_out, (true, paired), "w").unwrap_or_else(|e| panic!("{e}"));
+                let what = format!("{outs} x {ins}, paired {paired}");
+                assert_eq!(a, b, "{what}: both layouts give the same panels");
+                if paired {
+                    assert_eq!(a.shape, [outs / PANEL, ins / 2, PANEL, 2]);
+                } else {
+                    assert_eq!(a.shape, [outs / PANEL, ins, PANEL]);
+                }
+                for (i, &v) in a.data.iter().enumerate() {
+                    let p = i / (ins * PANEL);
+                    let (k, l) = if paired {
+                        (i / (2 * PANEL) % (ins / 2) * 2 + i % 2, i / 2 % PANEL)
+                    } else {
+                        (i / PANEL % ins, i % PANEL)
+                    };
+                    assert_eq!(v, w(p * PANEL + l, k), "{what}: element {i} is output {}, input {k}", p * PANEL + l);
+                }
+                for from_in_out in [false, true] {
+                    let kept = Kept::Panels { from_in_out, paired };
+                    let given = kept.callers_shape(&a.shape);
+                    assert_eq!(given, if from_in_out { [ins, outs] } else { [outs, ins] }, "{kept:?}");
+                    assert_eq!(kept.stored_shape(&given), a.shape, "{kept:?}");
+                }
             }
         }
         let err = |r: Result<Tensor, LowerError>| r.map(|_| ()).unwrap_err().to_string();
-        let e = err(pack(&[96, 2], &[0.0; 192], false, "w_up"));
+        let e = err(pack(&[96, 2], &[0.0; 192], (false, false), "w_up"));
         assert!(e.contains("`w_up`") && e.contains("96 outputs") && e.contains("multiple of 64"), "{e}");
-        let e = err(pack(&[2, 96], &[0.0; 192], true, "w_up"));
+        let e = err(pack(&[2, 96], &[0.0; 192], (true, false), "w_up"));
         assert!(e.contains("96 outputs"), "{e}");
-        assert!(err(pack(&[64, 2, 1], &[0.0; 128], false, "w")).contains("expected a matrix"));
-        assert!(err(pack(&[64, 2], &[0.0; 127], false, "w")).contains("127 values"));
+        let e = err(pack(&[64, 3], &[0.0; 192], (false, true), "w_up"));
+        assert!(e.contains("an even number of inputs"), "{e}");
+        assert!(err(pack(&[64, 2, 1], &[0.0; 128], (false, false), "w")).contains("expected a matrix"));
+        assert!(err(pack(&[64, 2], &[0.0; 127], (false, false), "w")).contains("127 values"));
     }
 
     fn graph(extra_node: &str) -> Graph {
@@ -271,11 +354,12 @@ mod tests {
         let g = graph("");
         let (t, transposed) = super::super::layout::transpose_right_weights(&g);
         let mut kept: BTreeMap<String, Kept> = transposed.into_iter().map(|n| (n, Kept::Transposed)).collect();
-        let p = panel_weights(&t, &mut kept);
+        let p = panel_weights(&t, &mut kept, true);
+        // No pairs: `x` is f32, also for the bf16 weight.
         let want = [
-            ("w_conv", Kept::Panels { from_in_out: true }),
-            ("w_half", Kept::Panels { from_in_out: false }),
-            ("w_up", Kept::Panels { from_in_out: false }),
+            ("w_conv", Kept::Panels { from_in_out: true, paired: false }),
+            ("w_half", Kept::Panels { from_in_out: false, paired: false }),
+            ("w_up", Kept::Panels { from_in_out: false, paired: false }),
         ];
         assert_eq!(kept.iter().map(|(n, k)| (n.as_str(), *k)).collect::<Vec<_>>(), want);
         let shape = |g: &Graph, name: &str| g.shape_of(g.find(name).unwrap_or_else(|| panic!("{name}"))).clone();
@@ -303,15 +387,49 @@ mod tests {
         // A weight read another way too keeps its layout.
         let slice = r#", {"id": "s", "op": "slice", "inputs": ["w_up"], "attrs": {"axis": 0, "start": 0, "end": 1}}"#;
         let mut kept = BTreeMap::new();
-        panel_weights(&graph(slice), &mut kept);
+        panel_weights(&graph(slice), &mut kept, true);
         assert!(!kept.contains_key("w_up"), "{kept:?}");
     }
 
+    /// A bf16 weight multiplied by a bf16 `x` goes into paired panels when
+    /// asked: `x` reshaped into pairs under a fresh id, the einsum summing
+    /// both letters; into plain panels when not.
+    #[test]
+    fn bf16_projections_pair_their_inputs() {
+        let doc = r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["b"], "constants": {"d": 32, "f": 128}},
+            "inputs": [
+              {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": "bf16"},
+              {"name": "w", "role": "weight", "shape": ["f", "d"], "dtype": "bf16"}
+            ],
+            "nodes": [{"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}}],
+            "outputs": [{"name": "y", "node": "y"}]}"#;
+        let g = crate::import::parse(doc).unwrap_or_else(|e| panic!("{e}"));
+        let c = |v: i64| Poly::constant(v);
+        let mut kept = BTreeMap::new();
+        let p = panel_weights(&g, &mut kept, true);
+        assert_eq!(kept["w"], Kept::Panels { from_in_out: false, paired: true });
+        assert_eq!(p.shape_of(p.find("w").unwrap_or_else(|| panic!("w"))), &[c(2), c(16), c(64), c(2)]);
+        let ids: Vec<&str> = p.nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["y.pairs", "y.panels", "y"]);
+        assert_eq!(p.nodes[0].shape, [Poly::symbol("b"), c(1), c(16), c(2)]);
+        assert_eq!(p.nodes[0].op, Op::Reshape { shape: p.nodes[0].shape.clone() });
+        let spec = EinsumSpec::parse("abzt,yzxt->abyx").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (p.nodes[1].op.clone(), p.nodes[1].inputs.clone()),
+            (Op::Einsum(spec), vec![Value::Node(0), p.find("w").unwrap_or_else(|| panic!("w"))])
+        );
+        let mut kept = BTreeMap::new();
+        let p = panel_weights(&g, &mut kept, false);
+        assert_eq!(kept["w"], Kept::Panels { from_in_out: false, paired: false });
+        assert_eq!(p.nodes.len(), 2, "no pairs");
+    }
+
     /// A llama MLP (`x @ W_upᵀ`, silu, `@ W_downᵀ`) and a GPT-2 Conv1D
-    /// (`[in, out]`) by weights in panels, f32 and bf16: the output-vector
-    /// tiles (no tree of shuffles), against the interpreter across tiles of
-    /// rows; the weights bound in the caller's layout by every way in, and
-    /// the caller's layout named when a shape is wrong.
+    /// (`[in, out]`) by weights in panels, f32 and bf16 (in paired panels
+    /// summed by `vdpbf16ps` where this CPU has it, and in plain ones): the
+    /// output-vector tiles (no tree of shuffles), against the interpreter
+    /// across tiles of rows; the weights bound in the caller's layout by
+    /// every way in, and the caller's layout named when a shape is wrong.
     #[test]
     fn projections_by_panels_match_interpreter() {
         for (dtype, tol) in [("f32", 1e-4), ("bf16", 2e-2)] {
@@ -332,38 +450,52 @@ mod tests {
                 ],
                 "outputs": [{"name": "conv", "node": "conv"}, {"name": "up", "node": "up"}]
             });
-            let (graph, step, text) = testing::cpu_step(&doc);
-            let kept: Vec<&str> = step.kept.keys().map(String::as_str).collect();
-            // w_conv is `[in, out]`: an f32 one is transposed, then packed.
-            assert_eq!(kept, ["w_conv", "w_down", "w_up"], "{dtype}");
-            assert!(!text.contains("vector.shuffle"), "{dtype}: no tree of lane sums:\n{text}");
-            let out_vec_tile = format!("-> ({}) {{", vec!["vector<16xf32>"; 16].join(", "));
-            assert_eq!(text.matches(&out_vec_tile).count(), 3, "{dtype}: a 4 x 4 output-vector tile each:\n{text}");
-            for b in [1, 3, 4, 5, 9] {
-                let at = testing::point(&[("b", b)]);
-                for out in ["conv", "up"] {
-                    testing::check_output(&graph, &step, &at, 5, out, (tol, tol));
+            let (graph, paired, text) = testing::cpu_step(&doc);
+            // The other way of bf16 weights on this host: paired panels
+            // summed by the bf16 dot product where it has one, plain ones
+            // widened to f32.
+            let pairs = dtype == "bf16" && crate::lower::emit::host_has_bf16_dot();
+            let plain = crate::lower::CpuStep::compile_pairing(&graph, false).unwrap_or_else(|e| panic!("{e}"));
+            let plain_text = crate::lower::emit::emit(plain.graph(), plain.program(), crate::lower::Target::Cpu)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let dot = "llvm.x86.avx512bf16.dpbf16ps.512";
+            assert_eq!(text.contains(dot), pairs, "{dtype}: paired panels summed by vdpbf16ps:\n{text}");
+            assert!(!plain_text.contains(dot), "{dtype}: plain panels:\n{plain_text}");
+            for (step, text) in [(&paired, &text), (&plain, &plain_text)] {
+                let kept: Vec<&str> = step.kept.keys().map(String::as_str).collect();
+                // w_conv is `[in, out]`: an f32 one is transposed, then packed.
+                assert_eq!(kept, ["w_conv", "w_down", "w_up"], "{dtype}");
+                assert!(!text.contains("vector.shuffle"), "{dtype}: no tree of lane sums:\n{text}");
+                let out_vec_tile = format!("-> ({}) {{", vec!["vector<16xf32>"; 16].join(", "));
+                assert_eq!(text.matches(&out_vec_tile).count(), 3, "{dtype}: a 4 x 4 output-vector tile each:\n{text}");
+                for b in [1, 3, 4, 5, 9] {
+                    let at = testing::point(&[("b", b)]);
+                    for out in ["conv", "up"] {
+                        testing::check_output(&graph, step, &at, 5, out, (tol, tol));
+                    }
+                    let inputs = crate::interp::random_inputs(&graph, &at, 5).unwrap_or_else(|e| panic!("{e}"));
+                    let by_tensor = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                    let mut stored = HashMap::new();
+                    for (name, t) in &inputs {
+                        let s = match name.as_str() {
+                            "w_down" => step.store_values(name, &t.shape, &t.data),
+                            _ => step.store(name, t.clone()),
+                        };
+                        stored.insert(name.clone(), s.unwrap_or_else(|e| panic!("{e}")));
+                    }
+                    let by_stored = step.run_stored(&at, &BTreeMap::new(), &stored).unwrap_or_else(|e| panic!("{e}"));
+                    assert_eq!(by_stored["conv"].data, by_tensor["conv"].data, "{dtype}: stored and given at b = {b}");
                 }
-                let inputs = crate::interp::random_inputs(&graph, &at, 5).unwrap_or_else(|e| panic!("{e}"));
-                let by_tensor = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-                let mut stored = HashMap::new();
-                for (name, t) in &inputs {
-                    let s = match name.as_str() {
-                        "w_down" => step.store_values(name, &t.shape, &t.data),
-                        _ => step.store(name, t.clone()),
-                    };
-                    stored.insert(name.clone(), s.unwrap_or_else(|e| panic!("{e}")));
-                }
-                let by_stored = step.run_stored(&at, &BTreeMap::new(), &stored).unwrap_or_else(|e| panic!("{e}"));
-                assert_eq!(by_stored["conv"].data, by_tensor["conv"].data, "{dtype}: stored and given at b = {b}");
+                let at = testing::point(&[("b", 2)]);
+                let mut inputs = crate::interp::random_inputs(&graph, &at, 5).unwrap_or_else(|e| panic!("{e}"));
+                inputs.insert("w_up".into(), Tensor { shape: vec![48, 128], data: vec![0.0; 48 * 128] });
+                let err = step.run(&at, &inputs).map(|_| ()).unwrap_err().to_string();
+                assert!(err.contains("`w_up` has shape [48, 128]") && err.contains("expected [128, 48]"), "{err}");
+                let zeros = step.store_zeros("w_conv", vec![64, 128]).unwrap_or_else(|e| panic!("{e}"));
+                let pairs = step.kept.get("w_conv").is_some_and(|k| matches!(k, Kept::Panels { paired: true, .. }));
+                let want: &[usize] = if pairs { &[2, 32, 64, 2] } else { &[2, 64, 64] };
+                assert_eq!(zeros.shape, want, "{dtype}: kept as panels");
             }
-            let at = testing::point(&[("b", 2)]);
-            let mut inputs = crate::interp::random_inputs(&graph, &at, 5).unwrap_or_else(|e| panic!("{e}"));
-            inputs.insert("w_up".into(), Tensor { shape: vec![48, 128], data: vec![0.0; 48 * 128] });
-            let err = step.run(&at, &inputs).map(|_| ()).unwrap_err().to_string();
-            assert!(err.contains("`w_up` has shape [48, 128]") && err.contains("expected [128, 48]"), "{err}");
-            let zeros = step.store_zeros("w_conv", vec![64, 128]).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(zeros.shape, [2, 64, 64], "{dtype}: kept as panels");
         }
     }
 }

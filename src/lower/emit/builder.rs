@@ -606,7 +606,7 @@ impl Builder {
 
     /// The address of element `off` (an `index`) of the buffer at `ptr`
     /// whose elements are `st` (an MLIR storage type).
-    fn element_ptr(&mut self, ptr: &str, off: &str, st: &str) -> String {
+    pub(crate) fn element_ptr(&mut self, ptr: &str, off: &str, st: &str) -> String {
         let o = self.index_to_i64(off);
         self.op(&format!("llvm.getelementptr inbounds {ptr}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, {st}"))
     }

@@ -633,6 +633,9 @@ impl Kc<'_> {
         if lanes == 0 || !out_float || n <= 0 || n % lanes as i64 != 0 {
             return None;
         }
+        if self.pair_dot(j).is_some() {
+            return Some(lanes);
+        }
         let (spec, inputs) = self.contraction_spec(j)?;
         let z = *spec.output.last()?;
         if spec.inputs.len() != inputs.len() || spec.output.iter().filter(|c| **c == z).count() != 1 {
@@ -715,7 +718,7 @@ impl Kc<'_> {
 
     /// The contracted letters of einsum `spec` over `inputs` with their
     /// sizes, in order of first appearance (the last is the innermost loop).
-    fn reduced(&self, spec: &EinsumSpec, inputs: &[Value]) -> Vec<(char, Poly)> {
+    pub(crate) fn reduced(&self, spec: &EinsumSpec, inputs: &[Value]) -> Vec<(char, Poly)> {
         let mut reduced: Vec<(char, Poly)> = Vec::new();
         for (subs, v) in spec.inputs.iter().zip(inputs) {
             for (c, d) in subs.iter().zip(self.graph.shape_of(*v)) {
@@ -739,6 +742,9 @@ impl Kc<'_> {
         idxs: &[Vec<String>],
         lanes: usize,
     ) -> Result<Vec<String>, LowerError> {
+        if let Some(pd) = self.pair_dot(j).filter(|_| lanes == 16) {
+            return self.pair_dot_vec(j, pd, idxs);
+        }
         let Some((spec, inputs)) = self.contraction_spec(j) else {
             return Err(self.unsupported(j, "output-vector contraction of a non-einsum"));
         };

@@ -92,6 +92,8 @@ mod erf;
 mod exp;
 mod mma;
 mod ops;
+mod pair_dot;
+pub(crate) use pair_dot::host_has_bf16_dot;
 mod rope;
 mod rows;
 mod rows_in_lanes;
@@ -302,6 +304,10 @@ pub(crate) struct Kc<'a> {
     pub lane_loops: Vec<(String, String)>,
     /// Whether the outermost walk loop is split into parts (CPU).
     pub partition: Partition,
+    /// Whether bf16 contractions summed in pairs use the CPU's bf16 dot
+    /// product (see `emit::pair_dot`): the CPU target, not emulating the
+    /// GPU, on a host with AVX512-BF16.
+    pub bf16_dot: bool,
     /// Loop indices known to stay in a range `[lo, hi)` (a row loop split
     /// at a concat's boundaries, see `emit::segments`): a concat along
     /// that index with a part exactly there reads the part directly.
@@ -417,6 +423,7 @@ fn kernel_fn(
             (Target::Cpu, None) => Partition::Pending,
             _ => Partition::Off,
         },
+        bf16_dot: target == Target::Cpu && emulation.is_none() && pair_dot::host_has_bf16_dot(),
         pinned: Vec::new(),
     };
     let node = if kernel.op == "copy" || kernel.op == COMBINE_OP {
