@@ -12,6 +12,8 @@
 //! no widening. The products are exact in f32 and each lane adds two per
 //! step, where the FMAs added one: the sums differ from them in rounding
 //! only, and the instruction treats subnormal inputs and results as zero.
+//! The context `q·K` with its rows in the lanes sums its bf16 pairs the
+//! same way (`emit::rows_in_lanes`).
 
 use crate::ir::{DType, Op, Value};
 use crate::lower::LowerError;
@@ -33,7 +35,7 @@ pub(crate) struct PairDot {
 }
 
 /// The LLVM intrinsic of `vdpbf16ps` on 512-bit vectors.
-const DPBF16PS: &str = "llvm.x86.avx512bf16.dpbf16ps.512";
+pub(super) const DPBF16PS: &str = "llvm.x86.avx512bf16.dpbf16ps.512";
 
 /// Whether this machine's CPU has AVX512-BF16 (`vdpbf16ps`): the JIT
 /// compiles for the host, so its kernels may use it.

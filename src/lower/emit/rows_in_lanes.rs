@@ -38,6 +38,14 @@
 //! 8.0-8.2 -> 5.9-6.3 ms a layer at b = 32, m_c = 8192; the scores are
 //! rounded once, at the store.
 //!
+//! Both bf16 on a CPU with AVX512-BF16, the rows are packed as pairs of
+//! the head's consecutive elements (`[tile][pair][lane]`, 32 bits each)
+//! and each step sums one pair of all 16 rows with the same pair of each
+//! of 16 K rows, read in place and broadcast, by one `vdpbf16ps` per
+//! output (`emit::pair_dot`): half the steps, no widened copy of K. The
+//! bf16 model's q·K 5.7 -> 2.9 ms a layer (b = 32, m_c = 8192, one
+//! thread).
+//!
 //! Fewer than 16 rows (b = 1) walk the reuse tile instead, in the other
 //! branch of a runtime test; rows past the last whole 16 and a block cut
 //! short by the output's length use the reuse tile's one-row and
@@ -61,6 +69,9 @@ const CHUNK_BLOCKS: i64 = 64;
 /// ms a layer at b = 32, m_c = 8192; in turns of 32 rows 5.2-5.9, and the
 /// reuse tile 6.8-8.1).
 const PACK_ELEMS: i64 = 2048;
+/// bf16 elements of a cache line: with pairs the sum's length must be a
+/// multiple of it (the next block of K is prefetched a line per step).
+const PAIR_LINE: i64 = 32;
 
 /// The two operands of a contraction run with its rows in the lanes.
 pub(super) struct RowsInLanes {
@@ -74,6 +85,11 @@ pub(super) struct RowsInLanes {
     /// The large operand is f16 / bf16: each block of its rows is widened
     /// once into a stack slot that the block's tiles broadcast from.
     widened: bool,
+    /// Both operands are bf16 and this CPU has AVX512-BF16: the rows are
+    /// packed as pairs of the sum's consecutive elements and each step
+    /// sums two of them by `vdpbf16ps` (see `emit::pair_dot`), K read in
+    /// place.
+    pairs: bool,
 }
 
 impl Kc<'_> {
@@ -119,8 +135,11 @@ impl Kc<'_> {
             return None;
         }
         let letter = *ss.last()?;
-        let widened = self.graph.dtype_of(large) != DType::F32;
-        Some(RowsInLanes { spec, small: (small, ks), large: (large, kl), sum: (letter, sum.len), widened })
+        let bf16 = |v: Value| self.graph.dtype_of(v) == DType::BF16;
+        let stored_bf16 = self.stored(large).is_some_and(|b| self.program.buffers[b].dtype == DType::BF16);
+        let pairs = self.bf16_dot && bf16(small) && bf16(large) && stored_bf16 && sum.len % PAIR_LINE == 0;
+        let widened = self.graph.dtype_of(large) != DType::F32 && !pairs;
+        Some(RowsInLanes { spec, small: (small, ks), large: (large, kl), sum: (letter, sum.len), widened, pairs })
     }
 
     /// Node `j` with its rows in the lanes where at least 16 rows share
@@ -376,6 +395,26 @@ impl Kc<'_> {
         let at = self.row_index(idx, reuse, sizes, &row);
         let tile = self.b.op(&format!("arith.divui {r}, {lanes} : index"));
         let lane = self.b.op(&format!("arith.remui {r}, {lanes} : index"));
+        if t.pairs {
+            // `[tile][pair][lane]`, each element the 32 bits of a pair.
+            let half = self.b.index(t.sum.1 / 2);
+            let d2 = self.b.open_loop(&half);
+            let two = self.b.index(2);
+            let d = self.b.muli(&d2, &two);
+            let next = self.b.index(1);
+            let d1 = self.b.addi(&d, &next);
+            let (x0, x1) = (self.small_at(j, t, &at, &d)?, self.small_at(j, t, &at, &d1)?);
+            let word = self.bf16_pair(&x0, &x1);
+            let off = self.b.muli(&tile, &half);
+            let off = self.b.addi(&off, &d2);
+            let off = self.b.muli(&off, &lanes);
+            let off = self.b.addi(&off, &lane);
+            let p = self.b.element_ptr(slot, &off, "i32");
+            self.b.line(&format!("llvm.store {word}, {p} : i32, !llvm.ptr"));
+            self.b.close();
+            self.b.close();
+            return Ok(());
+        }
         let d = self.b.open_loop(&len);
         let x = self.small_at(j, t, &at, &d)?;
         let off = self.b.muli(&tile, &len);
@@ -415,54 +454,59 @@ impl Kc<'_> {
         let vty = format!("vector<{n}xf32>");
         let zaxis = out.sizes.len() - 1;
         let lanes = self.b.index(n as i64);
-        let len = self.b.index(t.sum.1);
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
         let one = self.b.index(1);
-        let (res, d, accs) = self.b.open_for_typed(&len, &one, &vec![zero; n], &vty);
-        let base = self.b.muli(ti, &len);
-        let base = self.b.addi(&base, &d);
-        let base = self.b.muli(&base, &lanes);
-        let rows = self.b.load_vector(slot, &base, n, DType::F32);
-        let (v, k) = t.large;
-        let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(idx.iter().cloned()).collect();
-        env.push((t.sum.0, d.clone()));
-        let zl = t.spec.output[zaxis];
-        let mut nexts = Vec::with_capacity(n);
-        for (c, acc) in accs.iter().enumerate() {
-            let off = self.b.index(c as i64);
-            let z = self.b.addi(start, &off);
-            let x = match rows_k {
-                // Row c of the widened block, element d.
-                Some(rows_k) => {
-                    let off = self.b.muli(&off, &len);
-                    let off = self.b.addi(&off, &d);
-                    self.b.load(rows_k, &off, DType::F32).ssa
-                }
-                None => {
-                    set(&mut env, zl, &z);
-                    let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
-                    self.loadf(v, &at)?
-                }
-            };
-            let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
-            let p = self.b.op(&format!("arith.mulf {x}, {rows} fastmath<contract> : {vty}"));
-            nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}")));
-        }
-        // The next block's rows of the large operand, a line per step.
-        if let Some(b) = self.stored(v) {
-            let per_row = self.b.index(t.sum.1 / n as i64);
-            let ahead = self.b.op(&format!("arith.divui {d}, {per_row} : index"));
-            let z = self.b.addi(start, &ahead);
-            let next = self.b.index(BLOCK as i64);
-            let z = self.b.addi(&z, &next);
-            let col = self.b.op(&format!("arith.remui {d}, {per_row} : index"));
-            let col = self.b.muli(&col, &lanes);
-            set(&mut env, zl, &z);
-            set(&mut env, t.sum.0, &col);
-            let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
-            self.prefetch_buffer(b, &at)?;
-        }
-        self.b.close_for_typed(&nexts, &vty);
+        let res = if t.pairs {
+            self.pair_sums(j, t, idx, (ti, start), slot)?
+        } else {
+            let len = self.b.index(t.sum.1);
+            let (res, d, accs) = self.b.open_for_typed(&len, &one, &vec![zero; n], &vty);
+            let base = self.b.muli(ti, &len);
+            let base = self.b.addi(&base, &d);
+            let base = self.b.muli(&base, &lanes);
+            let rows = self.b.load_vector(slot, &base, n, DType::F32);
+            let (v, k) = t.large;
+            let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(idx.iter().cloned()).collect();
+            env.push((t.sum.0, d.clone()));
+            let zl = t.spec.output[zaxis];
+            let mut nexts = Vec::with_capacity(n);
+            for (c, acc) in accs.iter().enumerate() {
+                let off = self.b.index(c as i64);
+                let z = self.b.addi(start, &off);
+                let x = match rows_k {
+                    // Row c of the widened block, element d.
+                    Some(rows_k) => {
+                        let off = self.b.muli(&off, &len);
+                        let off = self.b.addi(&off, &d);
+                        self.b.load(rows_k, &off, DType::F32).ssa
+                    }
+                    None => {
+                        set(&mut env, zl, &z);
+                        let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
+                        self.loadf(v, &at)?
+                    }
+                };
+                let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
+                let p = self.b.op(&format!("arith.mulf {x}, {rows} fastmath<contract> : {vty}"));
+                nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}")));
+            }
+            // The next block's rows of the large operand, a line per step.
+            if let Some(b) = self.stored(v) {
+                let per_row = self.b.index(t.sum.1 / n as i64);
+                let ahead = self.b.op(&format!("arith.divui {d}, {per_row} : index"));
+                let z = self.b.addi(start, &ahead);
+                let next = self.b.index(BLOCK as i64);
+                let z = self.b.addi(&z, &next);
+                let col = self.b.op(&format!("arith.remui {d}, {per_row} : index"));
+                let col = self.b.muli(&col, &lanes);
+                set(&mut env, zl, &z);
+                set(&mut env, t.sum.0, &col);
+                let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
+                self.prefetch_buffer(b, &at)?;
+            }
+            self.b.close_for_typed(&nexts, &vty);
+            res
+        };
         let by_row = self.transpose_16(&res);
         for (l, v) in by_row.iter().enumerate() {
             let r = self.b.muli(ti, &lanes);
@@ -478,6 +522,88 @@ impl Kc<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl Kc<'_> {
+    /// The 16 accumulators of [`Kc::lanes_tile`] with pairs (see
+    /// [`RowsInLanes::pairs`]): each step of the sum loads the tile's rows'
+    /// pairs as one vector and, for each of the 16 outputs, the pair of
+    /// the large operand's row in place, broadcast, into one `vdpbf16ps`;
+    /// the next block's rows prefetched a line per step.
+    fn pair_sums(
+        &mut self,
+        j: usize,
+        t: &RowsInLanes,
+        idx: &[String],
+        (ti, start): (&str, &str),
+        slot: &str,
+    ) -> Result<Vec<String>, LowerError> {
+        let n = CPU_SIMD;
+        let vty = format!("vector<{n}xf32>");
+        let (v, k) = t.large;
+        let Some(b) = self.stored(v) else { return Err(self.unsupported(j, "a paired operand that is not stored")) };
+        let zl = *t.spec.output.last().ok_or_else(|| self.unsupported(j, "an einsum without outputs"))?;
+        let lanes = self.b.index(n as i64);
+        let half = self.b.index(t.sum.1 / 2);
+        let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
+        let one = self.b.index(1);
+        let (res, d2, accs) = self.b.open_for_typed(&half, &one, &vec![zero; n], &vty);
+        let base = self.b.muli(ti, &half);
+        let base = self.b.addi(&base, &d2);
+        let base = self.b.muli(&base, &lanes);
+        let p = self.b.element_ptr(slot, &base, "i32");
+        let words = self.b.op(&format!("llvm.load {p} {{alignment = 4 : i64}} : !llvm.ptr -> vector<{n}xi32>"));
+        let rows = self.b.op(&format!("llvm.bitcast {words} : vector<{n}xi32> to vector<32xbf16>"));
+        let two = self.b.index(2);
+        let d = self.b.muli(&d2, &two);
+        let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(idx.iter().cloned()).collect();
+        env.push((t.sum.0, d));
+        let mut nexts = Vec::with_capacity(n);
+        for (c, acc) in accs.iter().enumerate() {
+            let off = self.b.index(c as i64);
+            let z = self.b.addi(start, &off);
+            set(&mut env, zl, &z);
+            let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
+            let (ptr, off) = self.buffer_offset(b, &at)?;
+            let p = self.b.element_ptr(&ptr, &off, "bf16");
+            let pair = self.b.op(&format!("llvm.load {p} {{alignment = 4 : i64}} : !llvm.ptr -> i32"));
+            let splat = self.b.op(&format!("vector.broadcast {pair} : i32 to vector<{n}xi32>"));
+            let kpair = self.b.op(&format!("llvm.bitcast {splat} : vector<{n}xi32> to vector<32xbf16>"));
+            nexts.push(self.b.op(&format!(
+                "llvm.call_intrinsic \"{}\"({acc}, {rows}, {kpair}) : ({vty}, vector<32xbf16>, vector<32xbf16>) -> {vty}",
+                super::pair_dot::DPBF16PS
+            )));
+        }
+        // The next block's rows, a line (32 elements) per step.
+        let per_row = self.b.index(t.sum.1 / PAIR_LINE);
+        let ahead = self.b.op(&format!("arith.divui {d2}, {per_row} : index"));
+        let z = self.b.addi(start, &ahead);
+        let next = self.b.index(BLOCK as i64);
+        let z = self.b.addi(&z, &next);
+        let col = self.b.op(&format!("arith.remui {d2}, {per_row} : index"));
+        let width = self.b.index(PAIR_LINE);
+        let col = self.b.muli(&col, &width);
+        set(&mut env, zl, &z);
+        set(&mut env, t.sum.0, &col);
+        let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
+        self.prefetch_buffer(b, &at)?;
+        self.b.close_for_typed(&nexts, &vty);
+        Ok(res)
+    }
+
+    /// The 32 bits of the bf16 pair (`x0`, `x1`), f32 values that bf16
+    /// holds exactly: `x0` in the low half, the first element in memory.
+    fn bf16_pair(&mut self, x0: &str, x1: &str) -> String {
+        let half = |kc: &mut Self, x: &str| {
+            let h = kc.b.op(&format!("arith.truncf {x} : f32 to bf16"));
+            let bits = kc.b.op(&format!("arith.bitcast {h} : bf16 to i16"));
+            kc.b.op(&format!("arith.extui {bits} : i16 to i32"))
+        };
+        let (lo, hi) = (half(self, x0), half(self, x1));
+        let sixteen = self.b.hoist("arith.constant 16 : i32");
+        let hi = self.b.op(&format!("arith.shli {hi}, {sixteen} : i32"));
+        self.b.op(&format!("arith.ori {lo}, {hi} : i32"))
     }
 }
 
@@ -507,9 +633,11 @@ mod tests {
     use crate::lower::emit::testing::{check_output, cpu_step, point};
 
     /// Multi-head (`bhk,hmk->bhm`) and grouped-query (`bgpk,gmk->bgpm`:
-    /// the rows are the samples × the group's heads) context scores, f32
-    /// and bf16 (K widened a block at a time, the scores rounded once at
-    /// the store): the module packs rows into a stack slot and transposes
+    /// the rows are the samples × the group's heads) context scores, f32,
+    /// bf16 (on a CPU with AVX512-BF16 the rows packed in pairs and summed
+    /// with K's pairs by `vdpbf16ps`, elsewhere K widened a block at a
+    /// time) and f16 (widened), the scores rounded once at the store: the
+    /// module packs rows into a stack slot and transposes
     /// in registers, and matches the interpreter with fewer than 16 rows
     /// (the reuse tile), exactly 16, a tile and a remainder, rows over more
     /// than one packing turn (32 rows a turn of a 64-wide head, 16 of a
@@ -553,8 +681,12 @@ mod tests {
                 "nodes": [{"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": spec}}],
                 "outputs": [{"name": "s", "node": "s"}]
             }));
-            let slots = if dtype == "f32" { 1 } else { 2 };
+            // bf16 on a CPU with AVX512-BF16: rows packed in pairs, K read
+            // in place by `vdpbf16ps`.
+            let pairs = dtype == "bf16" && crate::lower::emit::host_has_bf16_dot();
+            let slots = if dtype == "f32" || pairs { 1 } else { 2 };
             assert_eq!(text.matches("llvm.alloca").count(), slots, "{spec} {dtype}: packed rows (and K):\n{text}");
+            assert_eq!(text.contains("dpbf16ps"), pairs, "{spec} {dtype}: bf16 pairs summed by vdpbf16ps:\n{text}");
             // The 16 x 16 transpose's last stage: 128-bit groups 1, 3 of
             // each vector.
             let groups_hi = "[4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31]";
