@@ -634,9 +634,9 @@ mod tests {
 
     /// Multi-head (`bhk,hmk->bhm`) and grouped-query (`bgpk,gmk->bgpm`:
     /// the rows are the samples × the group's heads) context scores, f32,
-    /// bf16 (on a CPU with AVX512-BF16 the rows packed in pairs and summed
-    /// with K's pairs by `vdpbf16ps`, elsewhere K widened a block at a
-    /// time) and f16 (widened), the scores rounded once at the store: the
+    /// bf16 (both; on a CPU with AVX512-BF16 the rows packed in pairs and
+    /// summed with K's pairs by `vdpbf16ps`, elsewhere K widened a block at
+    /// a time) and f16 (widened), the scores rounded once at the store: the
     /// module packs rows into a stack slot and transposes
     /// in registers, and matches the interpreter with fewer than 16 rows
     /// (the reuse tile), exactly 16, a tile and a remainder, rows over more
@@ -666,6 +666,12 @@ mod tests {
                 serde_json::json!(["b", "g", "p", "k"]),
                 serde_json::json!({"g": 2, "p": 3, "k": 32}),
                 "f16",
+            ),
+            (
+                "bgpk,gmk->bgpm",
+                serde_json::json!(["b", "g", "p", "k"]),
+                serde_json::json!({"g": 2, "p": 3, "k": 32}),
+                "bf16",
             ),
             ("bhk,hmk->bhm", serde_json::json!(["b", "h", "k"]), serde_json::json!({"h": 1, "k": 256}), "f32"),
         ];
