@@ -393,7 +393,9 @@ mod tests {
 
     /// A bf16 weight multiplied by a bf16 `x` goes into paired panels when
     /// asked: `x` reshaped into pairs under a fresh id, the einsum summing
-    /// both letters; into plain panels when not.
+    /// both letters, the same values as the matmul (against the
+    /// interpreter, by kernels that know nothing of pairs); into plain
+    /// panels when not.
     #[test]
     fn bf16_projections_pair_their_inputs() {
         let doc = r#"{"format": "bifurc-graph/1", "dims": {"runtime": ["b"], "constants": {"d": 32, "f": 128}},
@@ -418,6 +420,27 @@ mod tests {
             (p.nodes[1].op.clone(), p.nodes[1].inputs.clone()),
             (Op::Einsum(spec), vec![Value::Node(0), p.find("w").unwrap_or_else(|| panic!("w"))])
         );
+        // The rewritten graph computes what the matmul did: run here by
+        // the emulated GPU's kernels (no bf16 dot product, no layouts of
+        // the step), the weight packed by hand.
+        let emulation = crate::lower::emit::Emulation {
+            lanes: 4,
+            cooperative_min: 1,
+            tuning: crate::lower::mma::Tuning::default(),
+        };
+        let step = crate::lower::CpuStep::compile_emulating_gpu(&p, emulation).unwrap_or_else(|e| panic!("{e}"));
+        for b in [1, 5] {
+            let at = testing::point(&[("b", b)]);
+            let mut inputs = crate::interp::random_inputs(&g, &at, 9).unwrap_or_else(|e| panic!("{e}"));
+            let want = crate::interp::run(&g, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let w = &inputs["w"];
+            let packed = pack(&w.shape, &w.data, (false, true), "w").unwrap_or_else(|e| panic!("{e}"));
+            inputs.insert("w".into(), packed);
+            let got = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            for (x, y) in got["y"].data.iter().zip(&want["y"].data) {
+                assert!((x - y).abs() <= 1e-2 * (1.0 + y.abs()), "b = {b}: {x} vs {y}");
+            }
+        }
         let mut kept = BTreeMap::new();
         let p = panel_weights(&g, &mut kept, false);
         assert_eq!(kept["w"], Kept::Panels { from_in_out: false, paired: false });
