@@ -491,19 +491,7 @@ impl Kc<'_> {
                 nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}")));
             }
             // The next block's rows of the large operand, a line per step.
-            if let Some(b) = self.stored(v) {
-                let per_row = self.b.index(t.sum.1 / n as i64);
-                let ahead = self.b.op(&format!("arith.divui {d}, {per_row} : index"));
-                let z = self.b.addi(start, &ahead);
-                let next = self.b.index(BLOCK as i64);
-                let z = self.b.addi(&z, &next);
-                let col = self.b.op(&format!("arith.remui {d}, {per_row} : index"));
-                let col = self.b.muli(&col, &lanes);
-                set(&mut env, zl, &z);
-                set(&mut env, t.sum.0, &col);
-                let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
-                self.prefetch_buffer(b, &at)?;
-            }
+            self.prefetch_next_k(j, t, &mut env, (start, &d), n as i64)?;
             self.b.close_for_typed(&nexts, &vty);
             res
         };
@@ -576,20 +564,40 @@ impl Kc<'_> {
             )));
         }
         // The next block's rows, a line (32 elements) per step.
-        let per_row = self.b.index(t.sum.1 / PAIR_LINE);
-        let ahead = self.b.op(&format!("arith.divui {d2}, {per_row} : index"));
+        self.prefetch_next_k(j, t, &mut env, (start, &d2), PAIR_LINE)?;
+        self.b.close_for_typed(&nexts, &vty);
+        Ok(res)
+    }
+
+    /// Prefetches, at step `step` of a tile's sum over the block of 16
+    /// outputs from `start`, one stretch of `per_line` elements of the
+    /// next block's rows of the large operand (if stored): row
+    /// `step / (len / per_line)` of that block, the rows' stretches in
+    /// order, so the sum's steps cover the whole block. `env` binds the
+    /// output's letters (its last and the summed one are set here).
+    fn prefetch_next_k(
+        &mut self,
+        j: usize,
+        t: &RowsInLanes,
+        env: &mut [(char, String)],
+        (start, step): (&str, &str),
+        per_line: i64,
+    ) -> Result<(), LowerError> {
+        let (v, k) = t.large;
+        let Some(b) = self.stored(v) else { return Ok(()) };
+        let zl = *t.spec.output.last().ok_or_else(|| self.unsupported(j, "an einsum without outputs"))?;
+        let per_row = self.b.index(t.sum.1 / per_line);
+        let ahead = self.b.op(&format!("arith.divui {step}, {per_row} : index"));
         let z = self.b.addi(start, &ahead);
         let next = self.b.index(BLOCK as i64);
         let z = self.b.addi(&z, &next);
-        let col = self.b.op(&format!("arith.remui {d2}, {per_row} : index"));
-        let width = self.b.index(PAIR_LINE);
+        let col = self.b.op(&format!("arith.remui {step}, {per_row} : index"));
+        let width = self.b.index(per_line);
         let col = self.b.muli(&col, &width);
-        set(&mut env, zl, &z);
-        set(&mut env, t.sum.0, &col);
-        let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
-        self.prefetch_buffer(b, &at)?;
-        self.b.close_for_typed(&nexts, &vty);
-        Ok(res)
+        set(env, zl, &z);
+        set(env, t.sum.0, &col);
+        let at = self.operand_index(j, &t.spec.inputs[k], env)?;
+        self.prefetch_buffer(b, &at)
     }
 
     /// The 32 bits of the bf16 pair (`x0`, `x1`), f32 values that bf16
