@@ -745,6 +745,9 @@ impl Kc<'_> {
         if let Some(pd) = self.pair_dot(j).filter(|_| lanes == 16) {
             return self.pair_dot_vec(j, pd, idxs);
         }
+        if let Some(pr) = self.pair_rows(j).filter(|_| lanes == 16) {
+            return self.pair_rows_vec(j, pr, idxs);
+        }
         let Some((spec, inputs)) = self.contraction_spec(j) else {
             return Err(self.unsupported(j, "output-vector contraction of a non-einsum"));
         };
