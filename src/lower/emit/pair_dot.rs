@@ -89,6 +89,26 @@ impl Kc<'_> {
         self.stored(v).is_some_and(|b| self.program.buffers[b].dtype == DType::BF16)
     }
 
+    /// The bf16 pair at element `off` of `ptr` (32 bits, aligned to `align`
+    /// bytes) in all 16 lanes of a `vector<32xbf16>`: the broadcast operand
+    /// of [`Kc::dot_bf16`].
+    pub(super) fn splat_bf16_pair(&mut self, ptr: &str, off: &str, align: usize) -> String {
+        let p = self.b.element_ptr(ptr, off, "bf16");
+        let pair = self.b.op(&format!("llvm.load {p} {{alignment = {align} : i64}} : !llvm.ptr -> i32"));
+        let splat = self.b.op(&format!("vector.broadcast {pair} : i32 to vector<16xi32>"));
+        self.b.op(&format!("llvm.bitcast {splat} : vector<16xi32> to vector<32xbf16>"))
+    }
+
+    /// `acc` (`vector<16xf32>`) plus, in each lane, the two products of
+    /// that lane's pair of `a` and of `b` (`vector<32xbf16>` each):
+    /// `vdpbf16ps`.
+    pub(super) fn dot_bf16(&mut self, acc: &str, a: &str, b: &str) -> String {
+        self.b.op(&format!(
+            "llvm.call_intrinsic \"{DPBF16PS}\"({acc}, {a}, {b}) : \
+             (vector<16xf32>, vector<32xbf16>, vector<32xbf16>) -> vector<16xf32>"
+        ))
+    }
+
     /// Node `j` as a contraction summed in bf16 pairs on this CPU: two bf16
     /// operands whose last letter is the same summed letter of size 2; one
     /// (the lane operand, a stored buffer) has the output's last letter
@@ -192,23 +212,18 @@ impl Kc<'_> {
                         return Ok(x.clone());
                     }
                     let (ptr, off) = kc.pair_address(inputs[k], &at)?;
-                    let p = kc.b.element_ptr(&ptr, &off, "bf16");
                     let x = if k == pd.lane {
+                        let p = kc.b.element_ptr(&ptr, &off, "bf16");
                         kc.b.op(&format!("llvm.load {p} {{alignment = 2 : i64}} : !llvm.ptr -> vector<32xbf16>"))
                     } else {
-                        let pair = kc.b.op(&format!("llvm.load {p} {{alignment = 2 : i64}} : !llvm.ptr -> i32"));
-                        let splat = kc.b.op(&format!("vector.broadcast {pair} : i32 to vector<16xi32>"));
-                        kc.b.op(&format!("llvm.bitcast {splat} : vector<16xi32> to vector<32xbf16>"))
+                        kc.splat_bf16_pair(&ptr, &off, 2)
                     };
                     loaded.push((k, at, x.clone()));
                     Ok(x)
                 };
                 let row = operand(kc, pd.row)?;
                 let lane = operand(kc, pd.lane)?;
-                nexts.push(kc.b.op(&format!(
-                    "llvm.call_intrinsic \"{DPBF16PS}\"({acc}, {row}, {lane}) : \
-                     ({vty}, vector<32xbf16>, vector<32xbf16>) -> {vty}"
-                )));
+                nexts.push(kc.dot_bf16(acc, &row, &lane));
             }
             Ok(nexts)
         })
@@ -320,10 +335,7 @@ impl Kc<'_> {
                 Some((_, _, x)) => x.clone(),
                 None => {
                     let (ptr, off) = self.pair_address(inputs[pr.row], &row_at)?;
-                    let p = self.b.element_ptr(&ptr, &off, "bf16");
-                    let pair = self.b.op(&format!("llvm.load {p} {{alignment = 2 : i64}} : !llvm.ptr -> i32"));
-                    let splat = self.b.op(&format!("vector.broadcast {pair} : i32 to vector<16xi32>"));
-                    let x = self.b.op(&format!("llvm.bitcast {splat} : vector<16xi32> to vector<32xbf16>"));
+                    let x = self.splat_bf16_pair(&ptr, &off, 2);
                     loaded.push((pr.row, row_at, x.clone()));
                     x
                 }
@@ -347,9 +359,7 @@ impl Kc<'_> {
                     x
                 }
             };
-            nexts.push(self.b.op(&format!(
-                "llvm.call_intrinsic \"{DPBF16PS}\"({acc}, {row}, {lane}) : ({vty}, vector<32xbf16>, vector<32xbf16>) -> {vty}"
-            )));
+            nexts.push(self.dot_bf16(acc, &row, &lane));
         }
         self.b.close_for_typed(&nexts, vty);
         // The last element of an odd length: one widened step.

@@ -554,14 +554,8 @@ impl Kc<'_> {
             set(&mut env, zl, &z);
             let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
             let (ptr, off) = self.buffer_offset(b, &at)?;
-            let p = self.b.element_ptr(&ptr, &off, "bf16");
-            let pair = self.b.op(&format!("llvm.load {p} {{alignment = 4 : i64}} : !llvm.ptr -> i32"));
-            let splat = self.b.op(&format!("vector.broadcast {pair} : i32 to vector<{n}xi32>"));
-            let kpair = self.b.op(&format!("llvm.bitcast {splat} : vector<{n}xi32> to vector<32xbf16>"));
-            nexts.push(self.b.op(&format!(
-                "llvm.call_intrinsic \"{}\"({acc}, {rows}, {kpair}) : ({vty}, vector<32xbf16>, vector<32xbf16>) -> {vty}",
-                super::pair_dot::DPBF16PS
-            )));
+            let kpair = self.splat_bf16_pair(&ptr, &off, 4);
+            nexts.push(self.dot_bf16(acc, &rows, &kpair));
         }
         // The next block's rows, a line (32 elements) per step.
         self.prefetch_next_k(j, t, &mut env, (start, &d2), PAIR_LINE)?;
