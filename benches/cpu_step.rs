@@ -6,7 +6,8 @@
 //! attention), and both the baseline (the un-optimized graph) and the
 //! bifurcated graph are compiled once with `CpuStep`. At each point (b = 32
 //! first, then 16 and 1 unless `BIFURC_BENCH_POINTS` names others, e.g.
-//! `32,1`; m_c = 8192 unless `BIFURC_BENCH_CONTEXT` gives another): random
+//! `32,1`; m_c = 8192 unless `BIFURC_BENCH_CONTEXT` gives another, m_d = 16
+//! unless `BIFURC_BENCH_DECODE` does): random
 //! inputs, one warm-up run each (and one check that both give the same
 //! logits, norm-relative 1e-4), then, on the inputs converted once to each
 //! step's storage dtypes (as the runtime binds weights and caches),
@@ -65,7 +66,6 @@ const CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 1024, "intermedia
   "torch_dtype": "DTYPE"}"#;
 
 const OPT_POINT: &str = "b=32,m_c=8192,m_d=16";
-const M_D: i64 = 16;
 const TOL: f32 = 1e-4;
 const TOL_HALF: f32 = 2e-2;
 
@@ -96,6 +96,7 @@ fn compile(name: &str, g: &Graph) -> CpuStep {
 fn main() {
     let runs: usize = env_or("BIFURC_BENCH_RUNS", 5).max(1);
     let m_c: i64 = env_or("BIFURC_BENCH_CONTEXT", 8192).max(0);
+    let m_d: i64 = env_or("BIFURC_BENCH_DECODE", 16).max(0);
     let points: Vec<i64> = std::env::var("BIFURC_BENCH_POINTS")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
@@ -166,7 +167,7 @@ fn main() {
     );
     for b in points {
         let point: BTreeMap<String, i64> =
-            [("b", b), ("m_c", m_c), ("m_d", M_D)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            [("b", b), ("m_c", m_c), ("m_d", m_d)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let sp = ShapePoint(point.clone());
         let (bb, bf) = (bytes_moved(&base, &sp).expect("bytes"), bytes_moved(&bif, &sp).expect("bytes"));
         let inputs = random_inputs(&base, &point, 7).expect("inputs");
@@ -244,7 +245,7 @@ fn main() {
             let (tb, tf) = (median(tb).unwrap_or(f64::NAN), median(tf).unwrap_or(f64::NAN));
             let floor = macs / peak * 1e3;
             println!(
-                "  {b:>4} {m_c:>6} {M_D:>5} {:>7} | {tb:>12.1} {tf:>12.1} {:>7.2}x | {:>10.1} {:>10.1} {:>8.2}x | {floor:>8.1} {:>5.0}%",
+                "  {b:>4} {m_c:>6} {m_d:>5} {:>7} | {tb:>12.1} {tf:>12.1} {:>7.2}x | {:>10.1} {:>10.1} {:>8.2}x | {floor:>8.1} {:>5.0}%",
                 t.min(&rayon::current_num_threads()),
                 tb / tf,
                 bb.total() / 1e6,

@@ -379,7 +379,9 @@ impl Kc<'_> {
     ) -> Result<Vec<String>, LowerError> {
         let vty = format!("vector<{lanes}xf32>");
         let ub = self.sizes(std::slice::from_ref(d))?.remove(0);
-        let step = self.b.index(lanes as i64);
+        // Two bf16 operands: 32 elements a step, by the dot product.
+        let dot = self.dot_sum(spec, inputs, c, lanes);
+        let step = self.b.index(if dot { 2 * lanes } else { lanes } as i64);
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
         let (res, l, vaccs) = self.b.open_for_typed(&ub, &step, &vec![zero; envs.len()], &vty);
         let mut loaded = Loaded::default();
@@ -391,7 +393,15 @@ impl Kc<'_> {
                 let at = self.operand_index(j, subs, env)?;
                 // Prefetched once, with the element's first load.
                 let first = !loaded.0.contains_key(&(k, at.clone()));
-                factors.push(self.loadv_once(&mut loaded, j, k, *v, &at, subs.contains(&c), lanes)?);
+                factors.push(match loaded.0.get(&(k, at.clone())) {
+                    Some(x) => x.clone(),
+                    None if dot => {
+                        let x = self.load_bf16_run(*v, &at)?;
+                        loaded.0.insert((k, at.clone()), x.clone());
+                        x
+                    }
+                    None => self.loadv_once(&mut loaded, j, k, *v, &at, subs.contains(&c), lanes)?,
+                });
                 match (ahead, self.stored(*v)) {
                     (Some((z, n)), Some(b)) if first && subs.contains(&z) => {
                         let mut later = env.clone();
@@ -406,6 +416,10 @@ impl Kc<'_> {
                 }
             }
             env.pop();
+            if let (true, [a, b]) = (dot, factors.as_slice()) {
+                nexts.push(self.dot_bf16(acc, a, b));
+                continue;
+            }
             let mut p = factors.first().cloned().ok_or_else(|| self.unsupported(j, "einsum without operands"))?;
             for f in &factors[1..] {
                 p = self.b.op(&format!("arith.mulf {p}, {f} fastmath<{CONTRACT}> : {vty}"));
@@ -684,15 +698,22 @@ impl Kc<'_> {
     /// A bf16 / f16 transposed projection is left to the scalar tile of 8
     /// rows × 4 outputs, which widens 12 vectors for 32 FMAs against 8 for
     /// 16 (at b = 8 in bf16, gate_proj 0.84 ms that way, 0.98 ms in vector
-    /// sums). The CPU step runs weight projections with a multiple of 64
-    /// outputs from weights kept in panels instead (`cpu::panels`: an
-    /// einsum in output vectors), so these paths take the others.
+    /// sums), unless both operands are bf16 and summed by the CPU's bf16
+    /// dot product ([`Kc::dot_sum`]: 32 elements of each a step, no
+    /// widening): a tied embedding's logits, whose table is also gathered
+    /// and so not kept in panels (bf16 GPT-2, 2 layers, b = 32, one
+    /// thread: 47.2 -> 18.4 ms, where its f32 twin takes 25.3 ms), or
+    /// an untied one of a vocabulary not a multiple of 64 (the bf16
+    /// cpu_step model's, 1.25 -> 0.48 ms). The CPU step runs weight
+    /// projections with a multiple of 64 outputs from weights kept in
+    /// panels instead (`cpu::panels`: an einsum in output vectors), so
+    /// these paths take the others.
     pub(super) fn contraction_spec(&self, j: usize) -> Option<(EinsumSpec, Vec<Value>)> {
         let node = self.graph.nodes.get(j)?;
         let f32_data = |v: &Value| self.graph.dtype_of(*v) == crate::ir::DType::F32;
         match (&node.op, node.inputs.as_slice()) {
             (Op::Einsum(spec), inputs) if spec.inputs.len() == inputs.len() => Some((spec.clone(), inputs.to_vec())),
-            (Op::MatMul { transpose_b }, &[a, w]) if !*transpose_b || (f32_data(&a) && f32_data(&w)) => {
+            (Op::MatMul { transpose_b }, &[a, w]) => {
                 let (sa, sw) = (self.graph.shape_of(a), self.graph.shape_of(w));
                 let rank = sa.len();
                 // A batched right operand, not transposed, with the same
@@ -710,7 +731,11 @@ impl Kc<'_> {
                 x.extend(['m', 'k']);
                 output.extend(['m', 'n']);
                 w_letters.extend(if *transpose_b { ['n', 'k'] } else { ['k', 'n'] });
-                Some((EinsumSpec { inputs: vec![x, w_letters], output }, vec![a, w]))
+                let spec = EinsumSpec { inputs: vec![x, w_letters], output };
+                // Transposed, f32 data, or bf16 summed by the dot product
+                // (a tied embedding's logits: see `Kc::dot_sum`).
+                let summed = !*transpose_b || (f32_data(&a) && f32_data(&w)) || self.dot_sum(&spec, &[a, w], 'k', 16);
+                summed.then(|| (spec, vec![a, w]))
             }
             _ => None,
         }

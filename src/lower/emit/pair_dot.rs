@@ -24,6 +24,14 @@
 //! pair; an odd length's last element is one widened FMA step. The bf16
 //! cpu_step model's context `w · V` 5.0-5.3 -> 3.8-4.0 ms a layer (b =
 //! 32, m_c = 8192, one thread), its step 32.9-33.5 -> 30.0-30.1 ms.
+//!
+//! A bf16 contraction summed along both operands' last axis (`x @ Wᵀ`
+//! with `W` not in panels: a tied embedding's logits) loads 32 adjacent
+//! elements of each a step, one `vdpbf16ps` per output of the register
+//! tile, instead of widening 16 of each to f32 ([`Kc::dot_sum`], in the
+//! vector sums of `emit::contract`). The bf16 GPT-2's logits (2 layers,
+//! vocab 50257, b = 32, one thread) 47.2 -> 18.4 ms, its step 56.8 ->
+//! 29.0 ms.
 
 use crate::ir::{DType, Op, Value};
 use crate::lower::LowerError;
@@ -109,6 +117,38 @@ impl Kc<'_> {
         ))
     }
 
+    /// Whether the explicit-vector sum over letter `c` (size `d`, in
+    /// vectors of `lanes`) of einsum `spec` over `inputs` runs on the bf16
+    /// dot product (see [`Kc::dot_sums`]): this CPU has it, the sum is in
+    /// 16 lanes over a constant multiple of 32, and there are two
+    /// operands, both bf16 with `c` last, each read through views that
+    /// keep consecutive elements of its last axis adjacent in a stored
+    /// buffer ([`Kc::adjacent_last`]): a run of 32 from a multiple of 32
+    /// along `c` is then 32 adjacent elements.
+    pub(crate) fn dot_sum(&self, spec: &crate::ir::EinsumSpec, inputs: &[Value], c: char, lanes: usize) -> bool {
+        let len = self.reduced(spec, inputs).into_iter().find(|(l, _)| *l == c).map(|(_, d)| d);
+        self.bf16_dot
+            && self.simd == 16
+            && lanes == 16
+            && len.and_then(|d| self.constant_size(&d)).is_some_and(|n| n > 0 && n % 32 == 0)
+            && spec.inputs.len() == 2
+            && inputs.len() == 2
+            && spec.inputs.iter().zip(inputs).all(|(subs, &v)| {
+                subs.last() == Some(&c)
+                    && subs.iter().filter(|l| **l == c).count() == 1
+                    && self.graph.dtype_of(v) == DType::BF16
+                    && self.adjacent_last(v)
+            })
+    }
+
+    /// The 32 bf16 of operand `v` from `at` along its last axis (see
+    /// [`Kc::dot_sum`]), as a `vector<32xbf16>`.
+    pub(crate) fn load_bf16_run(&mut self, v: Value, at: &[String]) -> Result<String, LowerError> {
+        let (ptr, off) = self.pair_address(v, at)?;
+        let p = self.b.element_ptr(&ptr, &off, "bf16");
+        Ok(self.b.op(&format!("llvm.load {p} {{alignment = 2 : i64}} : !llvm.ptr -> vector<32xbf16>")))
+    }
+
     /// Node `j` as a contraction summed in bf16 pairs on this CPU: two bf16
     /// operands whose last letter is the same summed letter of size 2; one
     /// (the lane operand, a stored buffer) has the output's last letter
@@ -161,7 +201,7 @@ impl Kc<'_> {
     }
 
     /// The address (pointer, element offset) of element `idx` of `v`
-    /// through its views (see [`Kc::pairs_readable`]).
+    /// through its views (see [`Kc::pairs_readable`], [`Kc::adjacent_last`]).
     fn pair_address(&mut self, v: Value, idx: &[String]) -> Result<(String, String), LowerError> {
         if let Some(b) = self.stored(v) {
             return self.buffer_offset(b, idx);
@@ -385,6 +425,60 @@ impl Kc<'_> {
 #[cfg(test)]
 mod tests {
     use crate::lower::emit::testing::{cpu_step, point};
+
+    /// A tied embedding's logits in bf16: the table is also gathered, so
+    /// it is not kept in panels, and `x @ Wᵀ` sums along both operands'
+    /// rows. On a CPU with AVX512-BF16 each step is one `vdpbf16ps` of 32
+    /// adjacent elements of each (`d` a multiple of 32, here 96 and 64;
+    /// `x` also through a slice of the rows); at `d` = 48 the sum stays in
+    /// widened vectors. Against the interpreter, on the inputs as bf16
+    /// holds them, at a tile's rows and past them.
+    #[test]
+    fn tied_logits_sum_rows_by_dot() {
+        for (d, dot) in [(96, true), (64, true), (48, false)] {
+            let (graph, step, text) = cpu_step(&serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b"], "constants": {"d": d, "v": 100}},
+                "inputs": [
+                    {"name": "ids", "role": "token_ids", "shape": ["b", 1], "dtype": "i32"},
+                    {"name": "x", "role": "activation", "shape": ["b", 2, "d"], "dtype": "bf16"},
+                    {"name": "w", "role": "weight", "shape": ["v", "d"], "dtype": "bf16"}
+                ],
+                "nodes": [
+                    {"id": "e", "op": "gather", "inputs": ["w", "ids"]},
+                    {"id": "x1", "op": "slice", "inputs": ["x"], "attrs": {"axis": 1, "start": 1, "end": 2}},
+                    {"id": "h", "op": "add", "inputs": ["e", "x1"]},
+                    {"id": "logits", "op": "matmul", "inputs": ["h", "w"], "attrs": {"transpose_b": true}},
+                    {"id": "direct", "op": "matmul", "inputs": ["x1", "w"], "attrs": {"transpose_b": true}}
+                ],
+                "outputs": [{"name": "logits", "node": "logits"}, {"name": "direct", "node": "direct"}]
+            }));
+            let pairs = super::host_has_bf16_dot() && dot;
+            let calls = text.matches(super::DPBF16PS).count();
+            assert_eq!(calls > 0, pairs, "d = {d}: summed by vdpbf16ps where the CPU has it:\n{text}");
+            let bf16 = crate::ir::DType::BF16;
+            for b in [1, 3, 4, 5, 9, 17] {
+                let at = point(&[("b", b)]);
+                let mut inputs = crate::interp::random_inputs(&graph, &at, 5).unwrap_or_else(|e| panic!("{e}"));
+                for (name, t) in inputs.iter_mut().filter(|(n, _)| *n != "ids") {
+                    let bytes = bf16.encode(&t.data).unwrap_or_else(|e| panic!("{name}: {e}"));
+                    t.data = bf16.decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+                }
+                let want = crate::interp::run(&graph, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                let got = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                for name in ["logits", "direct"] {
+                    assert_eq!(got[name].shape, want[name].shape);
+                    // The outputs' bf16 rounding (2^-9 relative) and the
+                    // sums' order: within 0.6% of the largest.
+                    let top = want[name].data.iter().fold(0f32, |a, y| a.max(y.abs()));
+                    for (i, (x, y)) in got[name].data.iter().zip(&want[name].data).enumerate() {
+                        let what = format!("d = {d}, b = {b}: {name} element {i}");
+                        assert!((x - y).abs() <= 6e-3 * top, "{what}: {x} vs {y} (largest {top})");
+                    }
+                }
+            }
+        }
+    }
 
     /// `w · V` in bf16 (`bhm,hmk->bhk`, the probabilities a slice along
     /// `m` from an odd offset, as the bifurcated attention's decode part
