@@ -25,10 +25,11 @@ use super::panels::PANEL;
 pub(crate) enum Kept {
     /// Given `[in, out]`, kept `[out, in]` (see [`transpose_right_weights`]).
     Transposed,
-    /// Given `[out, in]` (`[in, out]` when `from_in_out`), kept as panels
-    /// `[out / PANEL, in, PANEL]`, or `paired`, `[out / PANEL, in / 2,
-    /// PANEL, 2]` (see `super::panels`).
-    Panels { from_in_out: bool, paired: bool },
+    /// Given `[out, in]` (`[in, out]` when `from_in_out`), `outs` being
+    /// `out`, kept as panels `[ceil(out / PANEL), in, PANEL]`, or `paired`,
+    /// `[ceil(out / PANEL), in / 2, PANEL, 2]`, the last panel's outputs
+    /// past `out` zero (see `super::panels`).
+    Panels { from_in_out: bool, paired: bool, outs: usize },
 }
 
 impl Kept {
@@ -36,7 +37,7 @@ impl Kept {
     pub(super) fn convert(self, shape: &[usize], values: &[f32], name: &str) -> Result<Tensor, LowerError> {
         match self {
             Kept::Transposed => transposed(shape, values, name),
-            Kept::Panels { from_in_out, paired } => super::panels::pack(shape, values, (from_in_out, paired), name),
+            Kept::Panels { from_in_out, paired, .. } => super::panels::pack(shape, values, (from_in_out, paired), name),
         }
     }
 
@@ -44,10 +45,8 @@ impl Kept {
     pub(super) fn callers_shape(self, stored: &[usize]) -> Vec<usize> {
         let (from_in_out, outs, ins) = match (self, stored) {
             (Kept::Transposed, _) => return stored.iter().rev().copied().collect(),
-            (Kept::Panels { from_in_out, paired: false }, &[p, ins, lanes]) => (from_in_out, p * lanes, ins),
-            (Kept::Panels { from_in_out, paired: true }, &[p, half, lanes, two]) => {
-                (from_in_out, p * lanes, half * two)
-            }
+            (Kept::Panels { from_in_out, paired: false, outs }, &[_, ins, _]) => (from_in_out, outs, ins),
+            (Kept::Panels { from_in_out, paired: true, outs }, &[_, half, _, two]) => (from_in_out, outs, half * two),
             (Kept::Panels { .. }, _) => return stored.to_vec(),
         };
         if from_in_out {
@@ -61,12 +60,13 @@ impl Kept {
     pub(super) fn stored_shape(self, shape: &[usize]) -> Vec<usize> {
         match (self, shape) {
             (Kept::Transposed, _) => shape.iter().rev().copied().collect(),
-            (Kept::Panels { from_in_out, paired }, &[a, b]) => {
+            (Kept::Panels { from_in_out, paired, .. }, &[a, b]) => {
                 let (outs, ins) = if from_in_out { (b, a) } else { (a, b) };
+                let panels = outs.div_ceil(PANEL);
                 if paired {
-                    vec![outs / PANEL, ins / 2, PANEL, 2]
+                    vec![panels, ins / 2, PANEL, 2]
                 } else {
-                    vec![outs / PANEL, ins, PANEL]
+                    vec![panels, ins, PANEL]
                 }
             }
             (Kept::Panels { .. }, _) => shape.to_vec(),

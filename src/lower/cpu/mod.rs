@@ -157,8 +157,9 @@ impl CpuStep {
     /// lowers with [`CPU_PIPELINE`] and JIT-compiles `graph`. An f32
     /// weight only ever multiplied as `x @ W` (stored `[in, out]`, GPT-2's
     /// Conv1D) is kept transposed, read as `x @ Wᵀ`; then a float weight
-    /// only ever a projection's, with a multiple of 64 outputs, is kept in
-    /// panels `[out/64, in, 64]` (`panels`). Either is still bound in the
+    /// only ever a projection's (or also a gather's table: a tied
+    /// embedding), with a multiple of 64 outputs or nearly, is kept in
+    /// panels `[ceil(out/64), in, 64]` (`panels`). Either is still bound in the
     /// graph's layout, and converted once when bound ([`CpuStep::store`];
     /// at every [`CpuStep::run`] for tensors given there).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
@@ -269,8 +270,9 @@ impl CpuStep {
 
     /// The graph this step runs: the one compiled, with the weights kept
     /// transposed declared `[out, in]` and read by `matmul`s with
-    /// `transpose_b`, and those kept in panels declared `[out/64, in, 64]`
-    /// and read by einsums (what [`CpuStep::program`] was planned from).
+    /// `transpose_b`, and those kept in panels declared `[ceil(out/64),
+    /// in, 64]` and read by einsums (and gathers, through views) (what
+    /// [`CpuStep::program`] was planned from).
     pub fn graph(&self) -> &Graph {
         &self.graph
     }

@@ -31,6 +31,18 @@
 //! cpu_step model's step went from 45.7-47.5 to 39.6-39.8 ms on one
 //! thread and from 24.5-27.0 to 21.2-22.0 on two.
 //!
+//! A tied embedding (`[vocab, d]`, gathered for the input and multiplied
+//! as `x @ Wᵀ` for the logits) goes into panels too, the gather reading
+//! them back as `[vocab, d]` through views; and a weight whose `out` is
+//! not a multiple of [`PANEL`] but within a sixteenth of one (GPT-2's
+//! vocabulary of 50257: 47 more) has its last panel padded with zero
+//! outputs, the einsum's padded outputs cut off by a slice (a graph
+//! output then copied out of it: 0.36 ms for bf16 GPT-2's logits at b =
+//! 32). bf16 GPT-2 (2 layers, b = 32, m_c = 2048, one thread): its logits
+//! 17.8 -> 12.3-12.5 ms against the dot product on rows of the weight as
+//! given (`emit::pair_dot`), the step 26.5-27.2 -> 22.2-23.0 ms (two
+//! threads 15.1-15.4 -> 12.9-13.7); in f32 the same within the noise.
+//!
 //! The caller still binds the weight as the model has it: [`super::CpuStep`]
 //! packs it on the way in (see [`super::layout::Kept`]).
 
@@ -51,18 +63,24 @@ pub(crate) const PANEL: usize = 64;
 const ROW_LETTERS: &str = "abcdefgh";
 
 /// `graph` with every float weight `W` of constant sizes, `[out, in]`
-/// (`out` a multiple of [`PANEL`]) whose only uses are as the right operand
-/// of float `x @ Wᵀ` matmuls, or `[in, out]` whose only uses are as that of
-/// `x @ W`, declared `[out / PANEL, in, PANEL]`, each such `matmul` now an
-/// einsum `..k,pkn->..pn` named `<id>.panels` followed by a reshape to the
-/// matmul's shape that keeps its id; `kept` records each such weight as
-/// [`Kept::Panels`] (from the caller's `[in, out]` where it is that in
+/// whose only uses are as the right operand of float `x @ Wᵀ` matmuls (and
+/// as the table of gathers: a tied embedding), or `[in, out]` whose only
+/// uses are as that of `x @ W`, with `out` a multiple of [`PANEL`] or
+/// within a sixteenth of one ([`padded_panels`]), declared
+/// `[ceil(out / PANEL), in, PANEL]`, each such `matmul` now an einsum
+/// `..k,pkn->..pn` named `<id>.panels` followed by a reshape to the
+/// matmul's shape that keeps its id (when `out` is not a multiple: a
+/// reshape to `[.., ceil(out / PANEL) · PANEL]`, `<id>.padded`, then a
+/// slice of the first `out` that keeps it), and each gather reading the
+/// panels back as `[out, in]` through views (`<id>.table`: a transpose,
+/// a reshape and, when padded, a slice); `kept` records each such weight
+/// as [`Kept::Panels`] (from the caller's `[in, out]` where it is that in
 /// `graph` or already held [`Kept::Transposed`]).
 ///
 /// With `pairs` (the CPU's bf16 dot product, see `emit::pair_dot`), a
 /// bf16 weight with an even `in` whose every `x` is bf16 is declared
-/// `[out / PANEL, in / 2, PANEL, 2]` instead (paired panels: each output's
-/// inputs `2z` and `2z + 1` side by side), read by the einsum
+/// `[ceil(out / PANEL), in / 2, PANEL, 2]` instead (paired panels: each
+/// output's inputs `2z` and `2z + 1` side by side), read by the einsum
 /// `..zt,pzxt->..px` of `x` reshaped to `[.., in / 2, 2]` (`<id>.pairs`).
 pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pairs: bool) -> Graph {
     // Whether each input goes into panels, and if so, how.
@@ -71,13 +89,12 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pa
         if matches!(kept.get(&input.name), Some(Kept::Panels { .. })) {
             continue;
         }
-        if let Some((in_out, ins)) = packable(graph, i) {
+        if let Some((in_out, outs, ins)) = packable(graph, i) {
             let from_in_out = in_out || kept.get(&input.name) == Some(&Kept::Transposed);
             let paired = pairs && ins % 2 == 0 && all_bf16(graph, i);
-            let how = Kept::Panels { from_in_out, paired };
-            kept.insert(input.name.clone(), how);
+            kept.insert(input.name.clone(), Kept::Panels { from_in_out, paired, outs });
             // How `graph` itself declares it.
-            packed[i] = Some(Kept::Panels { from_in_out: in_out, paired });
+            packed[i] = Some(Kept::Panels { from_in_out: in_out, paired, outs });
         }
     }
     if packed.iter().all(Option::is_none) {
@@ -85,21 +102,22 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pa
     }
     let mut out = graph.clone();
     for (input, how) in out.inputs.iter_mut().zip(&packed) {
-        if let (Some(Kept::Panels { from_in_out, paired }), [a, b]) = (*how, input.shape.as_slice()) {
-            let (outs, ins) = if from_in_out { (b, a) } else { (a, b) };
-            let constant = |p: &Poly| graph.dims.normalize(p).ok().and_then(|p| p.as_constant()).unwrap_or(0);
-            let panels = Poly::constant(constant(outs) / PANEL as i64);
+        if let (Some(Kept::Panels { from_in_out, paired, outs }), [a, b]) = (*how, input.shape.as_slice()) {
+            let ins = if from_in_out { a } else { b };
+            let panels = Poly::constant(outs.div_ceil(PANEL) as i64);
             input.shape = if paired {
-                vec![panels, Poly::constant(constant(ins) / 2), Poly::constant(PANEL as i64), Poly::constant(2)]
+                let half = graph.dims.normalize(ins).ok().and_then(|p| p.as_constant()).unwrap_or(0) / 2;
+                vec![panels, Poly::constant(half), Poly::constant(PANEL as i64), Poly::constant(2)]
             } else {
                 vec![panels, ins.clone(), Poly::constant(PANEL as i64)]
             };
         }
     }
+    let constant = |p: &Poly| graph.dims.normalize(p).ok().and_then(|p| p.as_constant());
     let taken = |id: &str| graph.nodes.iter().any(|n| n.id == id) || graph.inputs.iter().any(|n| n.name == id);
-    let fresh = |base: String| {
+    let fresh = |base: String, nodes: &[Node]| {
         let mut id = base;
-        while taken(&id) {
+        while taken(&id) || nodes.iter().any(|n| n.id == id) {
             id.push('_');
         }
         id
@@ -116,12 +134,21 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pa
                 v => v,
             })
             .collect();
-        let weight = match node.inputs.as_slice() {
-            [_, Value::Input(w)] => packed[*w].map(|how| (*w, how)),
+        let weight = match (&node.op, node.inputs.as_slice()) {
+            (Op::MatMul { .. }, [_, Value::Input(w)]) => packed[*w].map(|how| (*w, how)),
+            (Op::Gather, [Value::Input(w), _]) => {
+                if let Some(Kept::Panels { paired, outs, .. }) = packed[*w] {
+                    // Gathered only `[out, in]` (see `packable`).
+                    let ins = graph.inputs[*w].shape.get(1).and_then(constant).unwrap_or(0);
+                    let table = (Value::Input(*w), out.inputs[*w].shape.as_slice(), graph.inputs[*w].dtype);
+                    inputs[0] = table_view(&mut nodes, table, (paired, outs, ins), &|b, n| fresh(b, n), &node.id);
+                }
+                None
+            }
             _ => None,
         };
         match weight {
-            Some((w, Kept::Panels { paired, .. })) => {
+            Some((w, Kept::Panels { paired, outs, .. })) => {
                 let rank = node.shape.len();
                 let rows: Vec<char> = ROW_LETTERS.chars().take(rank - 1).collect();
                 let spec = if paired {
@@ -132,7 +159,7 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pa
                     shape.pop();
                     shape.extend([half, Poly::constant(2)]);
                     let dtype = graph.dtype_of(node.inputs[0]);
-                    let id = fresh(format!("{}.pairs", node.id));
+                    let id = fresh(format!("{}.pairs", node.id), &nodes);
                     nodes.push(Node { id, op: Op::Reshape { shape: shape.clone() }, inputs: vec![x], shape, dtype });
                     inputs[0] = Value::Node(nodes.len() - 1);
                     EinsumSpec {
@@ -147,15 +174,31 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pa
                 };
                 let mut shape = node.shape[..rank - 1].to_vec();
                 shape.extend([out.inputs[w].shape[0].clone(), Poly::constant(PANEL as i64)]);
-                let id = fresh(format!("{}.panels", node.id));
+                let id = fresh(format!("{}.panels", node.id), &nodes);
                 nodes.push(Node { id, op: Op::Einsum(spec), inputs, shape, dtype: node.dtype });
-                nodes.push(Node {
-                    id: node.id.clone(),
-                    op: Op::Reshape { shape: node.shape.clone() },
-                    inputs: vec![Value::Node(nodes.len() - 1)],
-                    shape: node.shape.clone(),
-                    dtype: node.dtype,
-                });
+                if outs % PANEL != 0 {
+                    // `[.., panels · PANEL]`, then its first `outs`.
+                    let mut shape = node.shape.clone();
+                    shape[rank - 1] = Poly::constant((outs.div_ceil(PANEL) * PANEL) as i64);
+                    let id = fresh(format!("{}.padded", node.id), &nodes);
+                    let padded = Value::Node(nodes.len() - 1);
+                    let op = Op::Reshape { shape: shape.clone() };
+                    nodes.push(Node { id, op, inputs: vec![padded], shape, dtype: node.dtype });
+                    let (start, end) = (Poly::zero(), Poly::constant(outs as i64));
+                    nodes.push(Node {
+                        op: Op::Slice { axis: rank - 1, start, end },
+                        inputs: vec![Value::Node(nodes.len() - 1)],
+                        ..node.clone()
+                    });
+                } else {
+                    nodes.push(Node {
+                        id: node.id.clone(),
+                        op: Op::Reshape { shape: node.shape.clone() },
+                        inputs: vec![Value::Node(nodes.len() - 1)],
+                        shape: node.shape.clone(),
+                        dtype: node.dtype,
+                    });
+                }
             }
             _ => nodes.push(Node { inputs, ..node.clone() }),
         }
@@ -170,22 +213,56 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pa
     out
 }
 
-/// Whether input `i` of `graph` goes into panels, and its `in`:
-/// `Some((false, in))` for a float weight `[out, in]` used only as the
-/// right operand of float `x @ Wᵀ` matmuls, `Some((true, in))` for one
-/// `[in, out]` used only as that of `x @ W`; of constant sizes, `out` a
-/// multiple of [`PANEL`], `x` of rank 2 to 9, not a graph output.
-fn packable(graph: &Graph, i: usize) -> Option<(bool, i64)> {
+/// Panels `(table, its declared shape, dtype)` (`paired` or not, of
+/// `outs` outputs of `ins` inputs) read back as the weight `[outs, ins]`
+/// a gather node `id` indexes: a transpose bringing each panel's outputs
+/// before its inputs, a reshape merging panels and outputs (and inputs
+/// and pairs), and a slice of the first `outs` when the last panel is
+/// padded; the views pushed onto `nodes` under ids from `fresh`, the last
+/// returned.
+fn table_view(
+    nodes: &mut Vec<Node>,
+    (table, shape, dtype): (Value, &[Poly], DType),
+    (paired, outs, ins): (bool, usize, i64),
+    fresh: &dyn Fn(String, &[Node]) -> String,
+    id: &str,
+) -> Value {
+    let push = |nodes: &mut Vec<Node>, op: Op, input: Value, shape: Vec<Poly>| {
+        let id = fresh(format!("{id}.table"), nodes);
+        nodes.push(Node { id, op, inputs: vec![input], shape, dtype });
+        Value::Node(nodes.len() - 1)
+    };
+    let perm: Vec<usize> = if paired { vec![0, 2, 1, 3] } else { vec![0, 2, 1] };
+    let moved: Vec<Poly> = perm.iter().map(|&a| shape[a].clone()).collect();
+    let v = push(nodes, Op::Transpose { perm }, table, moved);
+    let (rows, ins) = (Poly::constant((outs.div_ceil(PANEL) * PANEL) as i64), Poly::constant(ins));
+    let merged = vec![rows, ins.clone()];
+    let v = push(nodes, Op::Reshape { shape: merged.clone() }, v, merged);
+    if outs % PANEL == 0 {
+        return v;
+    }
+    let slice = Op::Slice { axis: 0, start: Poly::zero(), end: Poly::constant(outs as i64) };
+    push(nodes, slice, v, vec![Poly::constant(outs as i64), ins])
+}
+
+/// Whether input `i` of `graph` goes into panels, and its `out` and `in`:
+/// `Some((false, out, in))` for a float weight `[out, in]` used only as
+/// the right operand of float `x @ Wᵀ` matmuls and as the table of
+/// gathers (at least one matmul), `Some((true, out, in))` for one
+/// `[in, out]` used only as that of `x @ W`; of constant sizes, `out`
+/// fitting panels ([`padded_panels`]), `x` of rank 2 to 9, not a graph
+/// output.
+fn packable(graph: &Graph, i: usize) -> Option<(bool, usize, i64)> {
     let input = &graph.inputs[i];
     let me = Value::Input(i);
     if input.role != Role::Weight || !input.dtype.is_float() || graph.outputs.iter().any(|o| o.value == me) {
         return None;
     }
-    let mut uses = graph.nodes.iter().filter(|n| n.inputs.contains(&me));
-    let in_out = match uses.next()?.op {
-        Op::MatMul { transpose_b } => !transpose_b,
-        _ => return None,
-    };
+    let uses = || graph.nodes.iter().filter(|n| n.inputs.contains(&me));
+    let in_out = uses().find_map(|n| match n.op {
+        Op::MatMul { transpose_b } => Some(!transpose_b),
+        _ => None,
+    })?;
     let constant = |p: &Poly| graph.dims.normalize(p).ok().and_then(|p| p.as_constant());
     let (outs, ins) = match input.shape.as_slice() {
         [a, b] if in_out => (constant(b)?, constant(a)?),
@@ -198,8 +275,22 @@ fn packable(graph: &Graph, i: usize) -> Option<(bool, i64)> {
             && (2..=ROW_LETTERS.len() + 1).contains(&n.shape.len())
             && matches!(n.inputs.as_slice(), [a, w] if *w == me && *a != me && graph.dtype_of(*a).is_float())
     };
-    let whole = outs > 0 && outs % PANEL as i64 == 0 && ins > 0;
-    (whole && graph.nodes.iter().filter(|n| n.inputs.contains(&me)).all(projection)).then_some((in_out, ins))
+    // A tied embedding: the gather reads the panels back through views.
+    let gathered =
+        |n: &Node| n.op == Op::Gather && !in_out && matches!(n.inputs.as_slice(), [t, ids] if *t == me && *ids != me);
+    let outs = usize::try_from(outs).ok().filter(|&o| padded_panels(o))?;
+    let fits = ins > 0 && uses().all(|n| projection(n) || gathered(n));
+    fits.then_some((in_out, outs, ins))
+}
+
+/// Whether a weight of `outs` outputs goes into panels: a whole number of
+/// them, or a last one padded with at most a sixteenth of `outs` in zeros
+/// (a vocabulary of 50257: 47 outputs; 1000: 24), the work spent on them
+/// less than the panels save (the tiles of rows × outputs run at 43-79%
+/// of the FMA peak where the panels run at 78-85%, bf16 pairs at twice
+/// that).
+pub(super) fn padded_panels(outs: usize) -> bool {
+    outs > 0 && outs.div_ceil(PANEL) * PANEL - outs <= outs / 16
 }
 
 /// Whether input `i` and every left operand it is multiplied by are bf16.
@@ -209,7 +300,7 @@ fn all_bf16(graph: &Graph, i: usize) -> bool {
         && graph
             .nodes
             .iter()
-            .filter(|n| n.inputs.contains(&me))
+            .filter(|n| matches!(n.op, Op::MatMul { .. }) && n.inputs.contains(&me))
             .all(|n| n.inputs.first().is_some_and(|&a| graph.dtype_of(a) == DType::BF16))
 }
 
@@ -234,20 +325,24 @@ pub(super) fn pack(
         return Err(LowerError::Run(format!("input `{name}` has shape {shape:?} but {} values", values.len())));
     }
     let (outs, ins) = if from_in_out { (cols, rows) } else { (rows, cols) };
-    if outs % PANEL != 0 || (paired && ins % 2 != 0) {
-        let what = if paired { ", and an even number of inputs" } else { "" };
+    if outs == 0 || ins == 0 || (paired && ins % 2 != 0) {
+        let what = if paired { " and an even number of inputs" } else { "" };
         return Err(LowerError::Run(format!(
-            "input `{name}` has shape {shape:?}: {outs} outputs, expected a multiple of {PANEL}{what}"
+            "input `{name}` has shape {shape:?}: {outs} outputs of {ins} inputs, expected some{what}"
         )));
     }
+    let panels = outs.div_ceil(PANEL);
     // Where input `k` of output `l` of a panel goes in it.
     let slot = |k: usize, l: usize| if paired { (k / 2 * PANEL + l) * 2 + k % 2 } else { k * PANEL + l };
-    let mut data = vec![0.0f32; values.len()];
+    let mut data = vec![0.0f32; panels * PANEL * ins];
     for (p, panel) in data.chunks_exact_mut(ins * PANEL).enumerate() {
+        // The outputs of this panel the weight has (the last panel's
+        // others stay zero).
+        let real = PANEL.min(outs - p * PANEL);
         if from_in_out {
             // Row `k` of W holds input `k` of every output.
             for k in 0..ins {
-                let row = &values[k * outs + p * PANEL..][..PANEL];
+                let row = &values[k * outs + p * PANEL..][..real];
                 for (l, &v) in row.iter().enumerate() {
                     panel[slot(k, l)] = v;
                 }
@@ -257,7 +352,7 @@ pub(super) fn pack(
             // a time.
             const BLOCK: usize = 16;
             for k0 in (0..ins).step_by(BLOCK) {
-                for l in 0..PANEL {
+                for l in 0..real {
                     let row = &values[(p * PANEL + l) * ins..][..ins];
                     for k in k0..(k0 + BLOCK).min(ins) {
                         panel[slot(k, l)] = row[k];
@@ -266,7 +361,7 @@ pub(super) fn pack(
             }
         }
     }
-    let shape = if paired { vec![outs / PANEL, ins / 2, PANEL, 2] } else { vec![outs / PANEL, ins, PANEL] };
+    let shape = if paired { vec![panels, ins / 2, PANEL, 2] } else { vec![panels, ins, PANEL] };
     Ok(Tensor { shape, data })
 }
 
@@ -279,7 +374,9 @@ mod tests {
 
     #[test]
     fn packs_either_layout_into_panels() {
-        for (outs, ins) in [(64, 1), (64, 17), (128, 40), (192, 4)] {
+        // A whole number of panels, and a last one padded (100: 28 zero
+        // outputs, 65: 63).
+        for (outs, ins) in [(64, 1), (64, 17), (128, 40), (192, 4), (100, 6), (65, 3)] {
             let w = |o: usize, k: usize| (o * 1000 + k) as f32;
             let out_in: Vec<f32> = (0..outs * ins).map(|i| w(i / ins, i % ins)).collect();
             let in_out: Vec<f32> = (0..outs * ins).map(|i| w(i % outs, i / outs)).collect();
@@ -288,11 +385,13 @@ mod tests {
                 let b = pack(&[ins, outs], &in_out, (true, paired), "w").unwrap_or_else(|e| panic!("{e}"));
                 let what = format!("{outs} x {ins}, paired {paired}");
                 assert_eq!(a, b, "{what}: both layouts give the same panels");
+                let panels = outs.div_ceil(PANEL);
                 if paired {
-                    assert_eq!(a.shape, [outs / PANEL, ins / 2, PANEL, 2]);
+                    assert_eq!(a.shape, [panels, ins / 2, PANEL, 2]);
                 } else {
-                    assert_eq!(a.shape, [outs / PANEL, ins, PANEL]);
+                    assert_eq!(a.shape, [panels, ins, PANEL]);
                 }
+                assert_eq!(a.data.len(), panels * PANEL * ins, "{what}");
                 for (i, &v) in a.data.iter().enumerate() {
                     let p = i / (ins * PANEL);
                     let (k, l) = if paired {
@@ -300,10 +399,12 @@ mod tests {
                     } else {
                         (i / PANEL % ins, i % PANEL)
                     };
-                    assert_eq!(v, w(p * PANEL + l, k), "{what}: element {i} is output {}, input {k}", p * PANEL + l);
+                    let o = p * PANEL + l;
+                    let want = if o < outs { w(o, k) } else { 0.0 };
+                    assert_eq!(v, want, "{what}: element {i} is output {o}, input {k}");
                 }
                 for from_in_out in [false, true] {
-                    let kept = Kept::Panels { from_in_out, paired };
+                    let kept = Kept::Panels { from_in_out, paired, outs };
                     let given = kept.callers_shape(&a.shape);
                     assert_eq!(given, if from_in_out { [ins, outs] } else { [outs, ins] }, "{kept:?}");
                     assert_eq!(kept.stored_shape(&given), a.shape, "{kept:?}");
@@ -311,12 +412,12 @@ mod tests {
             }
         }
         let err = |r: Result<Tensor, LowerError>| r.map(|_| ()).unwrap_err().to_string();
-        let e = err(pack(&[96, 2], &[0.0; 192], (false, false), "w_up"));
-        assert!(e.contains("`w_up`") && e.contains("96 outputs") && e.contains("multiple of 64"), "{e}");
-        let e = err(pack(&[2, 96], &[0.0; 192], (true, false), "w_up"));
-        assert!(e.contains("96 outputs"), "{e}");
+        let e = err(pack(&[0, 2], &[], (false, false), "w_up"));
+        assert!(e.contains("`w_up`") && e.contains("0 outputs") && e.contains("expected some"), "{e}");
         let e = err(pack(&[64, 3], &[0.0; 192], (false, true), "w_up"));
         assert!(e.contains("an even number of inputs"), "{e}");
+        assert!(padded_panels(64) && padded_panels(1000) && padded_panels(50257) && padded_panels(49280));
+        assert!(!padded_panels(96) && !padded_panels(900) && !padded_panels(0), "a third, a fifteenth");
         assert!(err(pack(&[64, 2, 1], &[0.0; 128], (false, false), "w")).contains("expected a matrix"));
         assert!(err(pack(&[64, 2], &[0.0; 127], (false, false), "w")).contains("127 values"));
     }
@@ -345,7 +446,8 @@ mod tests {
         crate::import::parse(&doc).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Which weights go into panels (float, `out` a multiple of 64, only
+    /// Which weights go into panels (float, `out` a multiple of 64 (96 is
+    /// a third short of 128, too far to pad), only
     /// ever `x @ Wᵀ`; a Conv1D weight once transposed), and the rewrite:
     /// each such matmul an einsum under a fresh id and a reshape that
     /// keeps the matmul's id, shape and uses (a graph output too).
@@ -357,9 +459,9 @@ mod tests {
         let p = panel_weights(&t, &mut kept, true);
         // No pairs: `x` is f32, also for the bf16 weight.
         let want = [
-            ("w_conv", Kept::Panels { from_in_out: true, paired: false }),
-            ("w_half", Kept::Panels { from_in_out: false, paired: false }),
-            ("w_up", Kept::Panels { from_in_out: false, paired: false }),
+            ("w_conv", Kept::Panels { from_in_out: true, paired: false, outs: 128 }),
+            ("w_half", Kept::Panels { from_in_out: false, paired: false, outs: 128 }),
+            ("w_up", Kept::Panels { from_in_out: false, paired: false, outs: 128 }),
         ];
         assert_eq!(kept.iter().map(|(n, k)| (n.as_str(), *k)).collect::<Vec<_>>(), want);
         let shape = |g: &Graph, name: &str| g.shape_of(g.find(name).unwrap_or_else(|| panic!("{name}"))).clone();
@@ -409,7 +511,7 @@ mod tests {
         let c = |v: i64| Poly::constant(v);
         let mut kept = BTreeMap::new();
         let p = panel_weights(&g, &mut kept, true);
-        assert_eq!(kept["w"], Kept::Panels { from_in_out: false, paired: true });
+        assert_eq!(kept["w"], Kept::Panels { from_in_out: false, paired: true, outs: 128 });
         assert_eq!(p.shape_of(p.find("w").unwrap_or_else(|| panic!("w"))), &[c(2), c(16), c(64), c(2)]);
         let ids: Vec<&str> = p.nodes.iter().map(|n| n.id.as_str()).collect();
         assert_eq!(ids, ["y.pairs", "y.panels", "y"]);
@@ -443,8 +545,62 @@ mod tests {
         }
         let mut kept = BTreeMap::new();
         let p = panel_weights(&g, &mut kept, false);
-        assert_eq!(kept["w"], Kept::Panels { from_in_out: false, paired: false });
+        assert_eq!(kept["w"], Kept::Panels { from_in_out: false, paired: false, outs: 128 });
         assert_eq!(p.nodes.len(), 2, "no pairs");
+    }
+
+    /// A tied embedding with a vocabulary not a multiple of 64 (250: the
+    /// last panel padded with 6 zero outputs), f32 and bf16: kept in
+    /// panels, the logits' einsum followed by a reshape to the padded
+    /// width and a slice that keeps the matmul's id, the gather reading
+    /// the panels back through a transpose, a reshape and a slice; both
+    /// against the interpreter across tiles of rows, the weight bound in
+    /// the caller's layout (its shape named when wrong).
+    #[test]
+    fn tied_embeddings_in_padded_panels_match_interpreter() {
+        for (dtype, tol) in [("f32", 1e-4), ("bf16", 2e-2)] {
+            let doc = serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b"], "constants": {"d": 32, "v": 250}},
+                "inputs": [
+                    {"name": "ids", "role": "token_ids", "shape": ["b", 1], "dtype": "i32"},
+                    {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": dtype},
+                    {"name": "wte", "role": "weight", "shape": ["v", "d"], "dtype": dtype}
+                ],
+                "nodes": [
+                    {"id": "e", "op": "gather", "inputs": ["wte", "ids"]},
+                    {"id": "h", "op": "add", "inputs": ["e", "x"]},
+                    {"id": "logits", "op": "matmul", "inputs": ["h", "wte"], "attrs": {"transpose_b": true}},
+                    {"id": "p", "op": "softmax", "inputs": ["logits"], "attrs": {"axis": 2}}
+                ],
+                "outputs": [{"name": "logits", "node": "logits"}, {"name": "p", "node": "p"}, {"name": "e", "node": "e"}]
+            });
+            let (graph, step, _) = testing::cpu_step(&doc);
+            let paired = dtype == "bf16" && crate::lower::emit::host_has_bf16_dot();
+            assert_eq!(step.kept.get("wte"), Some(&Kept::Panels { from_in_out: false, paired, outs: 250 }), "{dtype}");
+            let g = step.graph();
+            let ids: Vec<&str> = g.nodes.iter().map(|n| n.id.as_str()).collect();
+            let mut want = vec!["e.table", "e.table_", "e.table__", "e", "h"];
+            want.extend(if paired { &["logits.pairs"][..] } else { &[] });
+            want.extend(["logits.panels", "logits.padded", "logits", "p"]);
+            assert_eq!(ids, want, "{dtype}");
+            let c = |v: i64| Poly::constant(v);
+            let node = |id: &str| &g.nodes[ids.iter().position(|n| *n == id).unwrap_or_else(|| panic!("{id}"))];
+            assert_eq!(node("e.table__").shape, [c(250), c(32)], "{dtype}: the table as the caller's");
+            assert_eq!(node("logits.padded").shape, [Poly::symbol("b"), c(1), c(256)]);
+            assert_eq!(node("logits").op, Op::Slice { axis: 2, start: Poly::zero(), end: c(250) });
+            for b in [1, 3, 4, 5, 9] {
+                let at = testing::point(&[("b", b)]);
+                for out in ["logits", "p", "e"] {
+                    testing::check_output(&graph, &step, &at, 3, out, (tol, tol));
+                }
+            }
+            let at = testing::point(&[("b", 2)]);
+            let mut inputs = crate::interp::random_inputs(&graph, &at, 5).unwrap_or_else(|e| panic!("{e}"));
+            inputs.insert("wte".into(), Tensor { shape: vec![256, 32], data: vec![0.0; 256 * 32] });
+            let err = step.run(&at, &inputs).map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains("`wte` has shape [256, 32]") && err.contains("expected [250, 32]"), "{err}");
+        }
     }
 
     /// A llama MLP (`x @ W_upᵀ`, silu, `@ W_downᵀ`) and a GPT-2 Conv1D

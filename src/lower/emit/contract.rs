@@ -700,11 +700,11 @@ impl Kc<'_> {
     /// 16 (at b = 8 in bf16, gate_proj 0.84 ms that way, 0.98 ms in vector
     /// sums), unless both operands are bf16 and summed by the CPU's bf16
     /// dot product ([`Kc::dot_sum`]: 32 elements of each a step, no
-    /// widening): a tied embedding's logits, whose table is also gathered
-    /// and so not kept in panels (bf16 GPT-2, 2 layers, b = 32, one
-    /// thread: 47.2 -> 18.4 ms, where its f32 twin takes 25.3 ms), or
-    /// an untied one of a vocabulary not a multiple of 64 (the bf16
-    /// cpu_step model's, 1.25 -> 0.48 ms). The CPU step runs weight
+    /// widening): a weight not kept in panels (bf16 GPT-2's tied logits,
+    /// 2 layers, b = 32, one thread, before the CPU step kept them in
+    /// panels: 47.2 -> 18.4 ms, where its f32 twin took 25.3 ms; the bf16
+    /// cpu_step model's vocabulary of 1000, before it was padded to
+    /// panels: 1.25 -> 0.48 ms). The CPU step runs weight
     /// projections with a multiple of 64 outputs from weights kept in
     /// panels instead (`cpu::panels`: an einsum in output vectors), so
     /// these paths take the others.

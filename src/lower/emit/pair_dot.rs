@@ -26,12 +26,12 @@
 //! 32, m_c = 8192, one thread), its step 32.9-33.5 -> 30.0-30.1 ms.
 //!
 //! A bf16 contraction summed along both operands' last axis (`x @ Wᵀ`
-//! with `W` not in panels: a tied embedding's logits) loads 32 adjacent
-//! elements of each a step, one `vdpbf16ps` per output of the register
-//! tile, instead of widening 16 of each to f32 ([`Kc::dot_sum`], in the
-//! vector sums of `emit::contract`). The bf16 GPT-2's logits (2 layers,
-//! vocab 50257, b = 32, one thread) 47.2 -> 18.4 ms, its step 56.8 ->
-//! 29.0 ms.
+//! with `W` not in panels) loads 32 adjacent elements of each a step, one
+//! `vdpbf16ps` per output of the register tile, instead of widening 16 of
+//! each to f32 ([`Kc::dot_sum`], in the vector sums of `emit::contract`).
+//! The bf16 GPT-2's tied logits (2 layers, vocab 50257, b = 32, one
+//! thread), before the CPU step kept them in panels: 47.2 -> 18.4 ms,
+//! its step 56.8 -> 29.0 ms.
 
 use crate::ir::{DType, Op, Value};
 use crate::lower::LowerError;
@@ -426,13 +426,13 @@ impl Kc<'_> {
 mod tests {
     use crate::lower::emit::testing::{cpu_step, point};
 
-    /// A tied embedding's logits in bf16: the table is also gathered, so
-    /// it is not kept in panels, and `x @ Wᵀ` sums along both operands'
-    /// rows. On a CPU with AVX512-BF16 each step is one `vdpbf16ps` of 32
-    /// adjacent elements of each (`d` a multiple of 32, here 96 and 64;
-    /// `x` also through a slice of the rows); at `d` = 48 the sum stays in
-    /// widened vectors. Against the interpreter, on the inputs as bf16
-    /// holds them, at a tile's rows and past them.
+    /// A tied embedding's logits in bf16, the vocabulary (100) too far
+    /// from a multiple of 64 to be padded into panels: `x @ Wᵀ` sums along
+    /// both operands' rows. On a CPU with AVX512-BF16 each step is one
+    /// `vdpbf16ps` of 32 adjacent elements of each (`d` a multiple of 32,
+    /// here 96 and 64; `x` also through a slice of the rows); at `d` = 48
+    /// the sum stays in widened vectors. Against the interpreter, on the
+    /// inputs as bf16 holds them, at a tile's rows and past them.
     #[test]
     fn tied_logits_sum_rows_by_dot() {
         for (d, dot) in [(96, true), (64, true), (48, false)] {
