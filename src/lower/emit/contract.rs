@@ -168,17 +168,35 @@ impl Kc<'_> {
     /// The index of an einsum operand with subscripts `subs`: each letter's
     /// index in `env` (output and summed letters bound so far).
     pub(crate) fn operand_index(
-        &self,
+        &mut self,
         j: usize,
         subs: &[char],
         env: &[(char, String)],
     ) -> Result<Vec<String>, LowerError> {
         subs.iter()
-            .map(|s| {
-                let i = env.iter().find(|(l, _)| l == s).map(|(_, i)| i.clone());
-                i.ok_or_else(|| self.unsupported(j, format!("einsum letter `{s}` is unbound")))
+            .map(|s| match env.iter().find(|(l, _)| l == s) {
+                Some((_, i)) => Ok(i.clone()),
+                // A summed letter of size 1 has no loop (see `reduced`).
+                None if self.unit_sums(j).contains(s) => Ok(self.b.index(0)),
+                None => Err(self.unsupported(j, format!("einsum letter `{s}` is unbound"))),
             })
             .collect()
+    }
+
+    /// The summed letters of contraction `j` whose size is the constant 1
+    /// (multi-query attention's one KV head, `abxy,czy->abxz`): read at
+    /// index 0, with no loop (see [`Kc::reduced`]).
+    fn unit_sums(&self, j: usize) -> Vec<char> {
+        let Some((spec, inputs)) = self.contraction_spec(j) else { return Vec::new() };
+        let mut unit = Vec::new();
+        for (subs, v) in spec.inputs.iter().zip(&inputs) {
+            for (c, d) in subs.iter().zip(self.graph.shape_of(*v)) {
+                if !spec.output.contains(c) && self.constant_size(d) == Some(1) && !unit.contains(c) {
+                    unit.push(*c);
+                }
+            }
+        }
+        unit
     }
 
     /// `acc + x * y`, the contraction step: `contract` lets LLVM fuse it
@@ -747,7 +765,9 @@ impl Kc<'_> {
         let mut reduced: Vec<(char, Poly)> = Vec::new();
         for (subs, v) in spec.inputs.iter().zip(inputs) {
             for (c, d) in subs.iter().zip(self.graph.shape_of(*v)) {
-                if !spec.output.contains(c) && !reduced.iter().any(|(l, _)| l == c) {
+                // A letter of size 1 is read at 0 (`Kc::operand_index`).
+                let unit = self.constant_size(d) == Some(1);
+                if !spec.output.contains(c) && !unit && !reduced.iter().any(|(l, _)| l == c) {
                     reduced.push((*c, d.clone()));
                 }
             }

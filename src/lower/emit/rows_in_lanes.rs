@@ -676,9 +676,14 @@ mod tests {
                 "bf16",
             ),
             ("bhk,hmk->bhm", serde_json::json!(["b", "h", "k"]), serde_json::json!({"h": 1, "k": 256}), "f32"),
+            // Multi-query: the one KV head a summed letter of size 1.
+            ("bhk,cmk->bhm", serde_json::json!(["b", "h", "k"]), serde_json::json!({"h": 3, "c": 1, "k": 64}), "f32"),
+            ("bhk,cmk->bhm", serde_json::json!(["b", "h", "k"]), serde_json::json!({"h": 3, "c": 1, "k": 64}), "bf16"),
         ];
         for (spec, q_shape, constants, dtype) in cases {
-            let heads = if spec.starts_with("bgpk") { ["g", "m", "k"] } else { ["h", "m", "k"] };
+            // K's axes, each named by its letter.
+            let heads: Vec<String> =
+                spec.split([',', '-']).nth(1).unwrap_or_default().chars().map(String::from).collect();
             let (graph, step, text) = cpu_step(&serde_json::json!({
                 "format": "bifurc-graph/1",
                 "dims": {"runtime": ["b", "m"], "constants": constants},

@@ -432,6 +432,36 @@ mod tests {
         }
     }
 
+    /// Multi-query attention's `w · V` (`bhm,cmk->bhk`, V `[1, m, k]`):
+    /// the summed letter of size 1 has no loop and is read at 0, so the
+    /// sum over m runs in output vectors (bf16: in pairs formed from V's
+    /// rows, by the dot product where the CPU has it), not in the scalar
+    /// tile. Against the interpreter at b on both sides of a tile.
+    #[test]
+    fn unit_summed_letter_reads_at_zero() {
+        for (dtype, tol) in [("f32", 1e-5), ("bf16", 2e-2)] {
+            let doc = serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b", "m"], "constants": {"h": 3, "c": 1, "k": 64}},
+                "inputs": [
+                    {"name": "w", "role": "activation", "shape": ["b", "h", "m"], "dtype": dtype},
+                    {"name": "v", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["c", "m", "k"], "dtype": dtype}
+                ],
+                "nodes": [{"id": "o", "op": "einsum", "inputs": ["w", "v"], "attrs": {"spec": "bhm,cmk->bhk"}}],
+                "outputs": [{"name": "o", "node": "o"}]
+            });
+            let (graph, step, text) = crate::lower::emit::testing::cpu_step(&doc);
+            let pairs = dtype == "bf16" && crate::lower::emit::host_has_bf16_dot();
+            assert_eq!(text.contains("dpbf16ps"), pairs, "{dtype}:\n{text}");
+            let tile = format!("-> ({}) {{", vec!["vector<16xf32>"; 16].join(", "));
+            assert!(text.contains(&tile), "{dtype}: 4 rows x 4 output vectors:\n{text}");
+            for (b, m) in [(1, 5), (3, 17), (9, 64), (2, 0)] {
+                let at = crate::lower::emit::testing::point(&[("b", b), ("m", m)]);
+                crate::lower::emit::testing::check_output(&graph, &step, &at, 8, "o", (tol, tol));
+            }
+        }
+    }
+
     /// A projection by a matrix stored `[in, out]` (`x @ W`, GPT-2's
     /// Conv1D) from q, k and v sliced out of one row along its last axis
     /// (`c_attn`): the matmul runs in register tiles of output vectors
