@@ -392,6 +392,13 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             )));
         }
     }
+    // Past a table of learned positions the step has nothing to read:
+    // said here, before any work.
+    let context_len = match &opts.context {
+        ContextSource::Prompt(ids) => ids.len(),
+        ContextSource::Random { len } => *len,
+    };
+    layout.check_positions(context_len + opts.steps).map_err(|e| fail(e.to_string()))?;
     if let Weights::Files(files) = &opts.weights {
         if let Some(missing) = files.iter().find(|p| !p.exists()) {
             return Err(fail(format!("weights {}: no such file or directory", missing.display())));

@@ -447,6 +447,35 @@ fn run_errors_are_one_line() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// GPT-2 learns its positions (a table of `n_positions` rows, 128 in the
+/// fixture's config): a context and decoded steps past it are a one-line
+/// error before any work, naming the table, not NaN logits at the step
+/// that crosses it; up to it the run decodes.
+#[test]
+fn learned_positions_bound_the_tokens() {
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
+    let dir = common::scratch("run-cpu", "positions");
+    let config = root().join("tests/fixtures/hf/gpt2/config.json");
+    let (graph, ptx) = (dir.join("gpt2.json"), dir.join("gpt2.ptx"));
+    let (graph, ptx) = (graph.to_str().unwrap(), ptx.to_str().unwrap());
+    let libdevice = libdevice.to_str().unwrap();
+    for args in [
+        vec!["import-hf", config.to_str().unwrap(), "-o", graph],
+        vec!["compile", graph, "-o", ptx, "--libdevice", libdevice],
+    ] {
+        let out = bifurc(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let wants = ["129 positions", "128 learned positions", "`transformer.wpe.weight`"];
+    fails(&run(ptx, &["--random-weights", "--context-len", "120", "--steps", "9"]), &wants);
+    fails(&run(ptx, &["--random-weights", "--prompt-ids", "1,2,3", "--steps", "126"]), &wants);
+    let out =
+        bifurc(&run(ptx, &["--random-weights", "--context-len", "120", "--steps", "8", "--json"])).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(samples_of(&json_of(&out))[0].len(), 8);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn help_names_every_flag() {
     let out = bifurc(&["run", "--help"]).output().unwrap();

@@ -222,6 +222,9 @@ fn run(args: &RunArgs) -> Result<()> {
     let device = step.device_info().name.clone();
     let step: Box<dyn Step> = if args.host_caches { Box::new(BoundCaches(step)) } else { Box::new(step) };
     let mut session = Session::new(step, &manifest).map_err(|e| e.to_string())?;
+    // Past a table of learned positions: said before any work.
+    let total = args.context_len.unwrap_or(args.prompt_ids.len()) + args.steps;
+    session.layout().check_positions(total).map_err(|e| e.to_string())?;
 
     let start = Instant::now();
     let context_len = match args.context_len {

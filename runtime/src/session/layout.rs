@@ -51,6 +51,10 @@ pub struct DecodeLayout {
     /// `n`: tokens per sample per step (the model constant `n`; 1 for a
     /// decode step, more for a prefill step).
     pub n: usize,
+    /// A table of learned positions (GPT-2's `wpe`: the weight a gather
+    /// kernel reads with the positions) and its rows: the positions the
+    /// model has. `None` where positions are computed (rotary).
+    pub position_table: Option<(String, usize)>,
 }
 
 /// An axis of an expected shape.
@@ -243,8 +247,41 @@ impl DecodeLayout {
             let (g, k) = gk.unwrap_or_default();
             layers.push(LayerBuffers { layer, g, k, context, decode, new });
         }
-        Ok(DecodeLayout { token_ids, positions, logits, vocab, layers, weights, n: n as usize })
+        let position_table = position_table(manifest, &positions)?;
+        Ok(DecodeLayout { token_ids, positions, logits, vocab, layers, weights, n: n as usize, position_table })
     }
+}
+
+impl DecodeLayout {
+    /// Whether positions `0..end` are all the model's: past a table of
+    /// learned positions ([`DecodeLayout::position_table`]) its gather has
+    /// no row to read (and gives NaN), so that is an error naming the
+    /// table. Rotary positions have no such end.
+    pub fn check_positions(&self, end: usize) -> Result<(), SessionError> {
+        match &self.position_table {
+            Some((table, rows)) if end > *rows => Err(SessionError::Usage(format!(
+                "{end} positions (context and decoded tokens together) are past the model's {rows} learned \
+                 positions (`{table}` has {rows} rows): use at most {rows} tokens in all"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The weight a gather kernel reads with the `positions` input, and its
+/// rows (see [`DecodeLayout::position_table`]).
+fn position_table(manifest: &Manifest, positions: &str) -> Result<Option<(String, usize)>, SessionError> {
+    let gathers = manifest.kernels.iter().filter(|k| k.op == "gather" && k.reads.iter().any(|r| r == positions));
+    let tables: BTreeSet<&str> =
+        gathers.flat_map(|k| k.reads.iter().map(String::as_str)).filter(|r| *r != positions).collect();
+    let Some(&table) = tables.iter().next() else { return Ok(None) };
+    let buffer = manifest.buffers.iter().find(|b| b.name == table && b.role.as_deref() == Some("weight"));
+    let Some(buffer) = buffer else { return Ok(None) };
+    let rows = match buffer.shape.len() {
+        2 => check_shape(manifest, buffer, &[Axis::Const, Axis::Const], "[positions, d_model]")?[0],
+        _ => return Ok(None),
+    };
+    Ok(Some((table.to_owned(), rows)))
 }
 
 #[cfg(test)]
@@ -271,6 +308,29 @@ mod tests {
         assert_eq!(l1.decode, ["cache.1.k_dec".to_string(), "cache.1.v_dec".to_string()]);
         assert_eq!(l1.new, ["layer.1.k_new".to_string(), "layer.1.v_new".to_string()]);
         assert_eq!(layout.weights.len(), 21);
+    }
+
+    /// A table of learned positions is the weight a gather reads with
+    /// the positions (none in the rotary tiny model): positions past its
+    /// rows are an error naming it.
+    #[test]
+    fn finds_a_table_of_learned_positions() {
+        let layout = DecodeLayout::from_manifest(&tiny()).unwrap();
+        assert_eq!(layout.position_table, None);
+        assert!(layout.check_positions(1 << 20).is_ok(), "rotary: no end");
+
+        let mut m = tiny();
+        let mut wpe = m.buffers.iter().find(|b| b.role.as_deref() == Some("weight")).unwrap().clone();
+        (wpe.name, wpe.shape) = ("wpe".into(), vec![Size::Int(40), Size::Int(16)]);
+        m.buffers.push(wpe);
+        let mut gather = m.kernels[0].clone();
+        (gather.op, gather.reads) = ("gather".into(), vec!["positions".into(), "wpe".into()]);
+        m.kernels.push(gather);
+        let layout = DecodeLayout::from_manifest(&m).unwrap();
+        assert_eq!(layout.position_table, Some(("wpe".to_string(), 40)));
+        assert!(layout.check_positions(40).is_ok());
+        let err = layout.check_positions(41).unwrap_err().to_string();
+        assert!(err.contains("41 positions") && err.contains("40 learned positions") && err.contains("`wpe`"), "{err}");
     }
 
     #[test]

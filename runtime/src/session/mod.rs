@@ -365,6 +365,7 @@ impl<S: Step> Session<S> {
         if prompt.is_empty() {
             return Err(SessionError::Usage("the prompt is empty".into()));
         }
+        self.layout.check_positions(prompt.len())?;
         self.context = None;
         self.context_bound = false;
         let empty = self.empty_context();
@@ -393,6 +394,7 @@ impl<S: Step> Session<S> {
         if prompt.is_empty() {
             return Err(SessionError::Usage("the prompt is empty".into()));
         }
+        self.layout.check_positions(prompt.len())?;
         let same = |a: &LayerBuffers, b: &LayerBuffers| (a.layer, a.g, a.k) == (b.layer, b.g, b.k);
         if layout.vocab != self.layout.vocab
             || layout.layers.len() != self.layout.layers.len()
@@ -593,7 +595,11 @@ impl<S: Step> Session<S> {
         let context = self.context.take().ok_or_else(|| {
             SessionError::Usage("no context: call fill_context (or set_context / random_context) first".into())
         })?;
-        let result = self.sample_from(&context, options, &mut on_step);
+        // The last step feeds position `len + steps - 1`.
+        let result = match self.layout.check_positions(context.len + options.steps) {
+            Ok(()) => self.sample_from(&context, options, &mut on_step),
+            Err(e) => Err(e),
+        };
         self.context = Some(context);
         result
     }
