@@ -10,6 +10,7 @@
 mod host;
 mod layout;
 mod lines;
+mod masks;
 mod panels;
 mod parts;
 mod peak;
@@ -171,7 +172,8 @@ impl CpuStep {
     /// host with AVX512-BF16, as `compile` does, or not, to test the
     /// other way there.
     pub(crate) fn compile_pairing(graph: &Graph, pairs: bool) -> Result<Self, LowerError> {
-        let (graph, transposed) = layout::transpose_right_weights(graph);
+        let graph = masks::skip_open_masks(graph);
+        let (graph, transposed) = layout::transpose_right_weights(&graph);
         let mut kept: BTreeMap<String, Kept> = transposed.into_iter().map(|n| (n, Kept::Transposed)).collect();
         let graph = panels::panel_weights(&graph, &mut kept, pairs);
         let program = plan_with(&graph, None)?;
