@@ -458,6 +458,14 @@ fn gpu_block_kernels_emulated_match_interpreter() {
         ("llama gqa", from_config(LLAMA_GQA, None), bcd_points(), F32_TOL),
         ("gpt2 (layer_norm)", from_config(GPT2_MHA, None), bcd_points(), F32_TOL),
         ("bf16 llama", from_config(LLAMA_GQA, Some(DType::BF16)), bcd_points(), BF16_TOL),
+        // Multi-query, bifurcated: the one KV head a summed letter of size
+        // 1 (read at 0, no loop) in the cooperative contractions too.
+        (
+            "gpt_bigcode mqa (bifurcated)",
+            bifurcated(&from_config(BIGCODE_MQA, None), "b=64,m_c=4096,m_d=64"),
+            bcd_points(),
+            F32_TOL,
+        ),
         ("ops", ops, vec![point(&[("m", 1)]), point(&[("m", 5)])], F32_TOL),
     ];
     for (name, g, points, tol) in cases {
@@ -502,6 +510,9 @@ fn tensor_core_kernels_emulated_match_interpreter() {
         ("f16 gpt2 (bifurcated)", bifurcated(&from_config(GPT2_MHA, Some(DType::F16)), at), 2 * 9 + 1),
         ("bf16 llama gqa", from_config(LLAMA_GQA, Some(DType::BF16)), 2 * 9 + 1),
         ("bf16 gpt2 head dim 32 (bifurcated)", bifurcated(&from_config(GPT2_HEAD32, Some(DType::BF16)), at), 2 * 9 + 1),
+        // Multi-query: the one KV head a summed letter of size 1, read at
+        // 0; the new value's `w · v` sums two such letters and stays off.
+        ("bf16 gpt_bigcode mqa (bifurcated)", bifurcated(&from_config(BIGCODE_MQA, Some(DType::BF16)), at), 2 * 8 + 1),
     ];
     for (name, g, want) in cases {
         let program = plan(&g).unwrap_or_else(|e| panic!("{e}"));

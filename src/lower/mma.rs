@@ -362,10 +362,25 @@ pub(crate) fn mma_form(
     let k_size = match (&node.op, node.inputs.as_slice()) {
         (Op::MatMul { .. }, [x, _]) => graph.shape_of(*x).last()?.clone(),
         (Op::Einsum(spec), [x, _]) if spec.inputs.len() == 2 => {
+            // A summed letter of size 1 beside another (multi-query
+            // attention's one KV head) is read at 0, not reduced (see
+            // `Kc::operand_index`); alone (the new token's `w · v`), it is
+            // the reduction, of length 1.
+            let unit = |c: &char| {
+                spec.inputs.iter().zip(&node.inputs).any(|(subs, v)| {
+                    let sizes = subs.iter().zip(graph.shape_of(*v));
+                    sizes
+                        .filter(|(l, _)| *l == c)
+                        .any(|(_, d)| graph.dims.normalize(d).ok().and_then(|d| d.as_constant()) == Some(1))
+                })
+            };
             let mut reduced: Vec<char> =
                 spec.inputs.iter().flatten().copied().filter(|c| !spec.output.contains(c)).collect();
             reduced.sort_unstable();
             reduced.dedup();
+            if reduced.iter().any(|c| !unit(c)) {
+                reduced.retain(|c| !unit(c));
+            }
             let [c] = reduced.as_slice() else { return None };
             let once = |subs: &[char]| subs.iter().filter(|s| *s == c).count() == 1;
             if !spec.inputs.iter().all(|subs| once(subs)) {

@@ -186,7 +186,7 @@ impl Kc<'_> {
     /// The summed letters of contraction `j` whose size is the constant 1
     /// (multi-query attention's one KV head, `abxy,czy->abxz`): read at
     /// index 0, with no loop (see [`Kc::reduced`]).
-    fn unit_sums(&self, j: usize) -> Vec<char> {
+    pub(crate) fn unit_sums(&self, j: usize) -> Vec<char> {
         let Some((spec, inputs)) = self.contraction_spec(j) else { return Vec::new() };
         let mut unit = Vec::new();
         for (subs, v) in spec.inputs.iter().zip(&inputs) {

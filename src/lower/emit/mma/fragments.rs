@@ -315,7 +315,11 @@ impl Kc<'_> {
             Op::Einsum(spec) => {
                 let subs = spec.inputs.get(p).ok_or_else(|| self.unsupported(j, "einsum operand"))?;
                 let mut env: Vec<(char, String)> = spec.output.iter().copied().zip(out_idx.iter().cloned()).collect();
-                let reduced = subs.iter().find(|c| !spec.output.contains(c)).copied();
+                // A summed letter of size 1 beside another is read at 0
+                // (`operand_index`; see `mma::mma_form`).
+                let unit = self.unit_sums(j);
+                let summed = || subs.iter().filter(|c| !spec.output.contains(c));
+                let reduced = summed().find(|c| !unit.contains(c)).or_else(|| summed().next()).copied();
                 if let Some(c) = reduced {
                     env.push((c, k.to_owned()));
                 }
