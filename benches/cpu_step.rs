@@ -43,7 +43,7 @@
 //! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there.
 //!
 //! Target (b = 32): the bifurcated step at least 4x faster than the baseline
-//! (measured 2.8-3.4x on one and two threads of a 2-core EPYC VM, 5.0-5.1x at
+//! (measured 2.8-3.6x on one and two threads of a 2-core EPYC VM, 5.0-5.1x at
 //! m_c = 32768: see the README).
 
 use std::collections::{BTreeMap, HashMap};
