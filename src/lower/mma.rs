@@ -48,7 +48,7 @@ use crate::ir::{shape::numel, DType, Graph, Op, Poly};
 
 use std::collections::BTreeMap;
 
-use super::plan::coverage;
+use super::plan::{coverage, unit_sums};
 
 /// Rows (m) of one output tile.
 pub const TILE_M: i64 = 16;
@@ -366,20 +366,13 @@ pub(crate) fn mma_form(
             // attention's one KV head) is read at 0, not reduced (see
             // `Kc::operand_index`); alone (the new token's `w · v`), it is
             // the reduction, of length 1.
-            let unit = |c: &char| {
-                spec.inputs.iter().zip(&node.inputs).any(|(subs, v)| {
-                    let sizes = subs.iter().zip(graph.shape_of(*v));
-                    sizes
-                        .filter(|(l, _)| *l == c)
-                        .any(|(_, d)| graph.dims.normalize(d).ok().and_then(|d| d.as_constant()) == Some(1))
-                })
-            };
+            let unit = unit_sums(graph, spec, &node.inputs);
             let mut reduced: Vec<char> =
                 spec.inputs.iter().flatten().copied().filter(|c| !spec.output.contains(c)).collect();
             reduced.sort_unstable();
             reduced.dedup();
-            if reduced.iter().any(|c| !unit(c)) {
-                reduced.retain(|c| !unit(c));
+            if reduced.iter().any(|c| !unit.contains(c)) {
+                reduced.retain(|c| !unit.contains(c));
             }
             let [c] = reduced.as_slice() else { return None };
             let once = |subs: &[char]| subs.iter().filter(|s| *s == c).count() == 1;

@@ -190,6 +190,22 @@ pub(crate) fn row_axis(op: &Op, rank: usize) -> Option<usize> {
     }
 }
 
+/// The summed letters of einsum `spec` over `inputs` whose size is 1
+/// (multi-query attention's one KV head, `abxy,czy->abxz`): a lowering
+/// reads them at index 0 (`Kc::reduced`, `Kc::operand_index`,
+/// [`mma_form`]).
+pub(crate) fn unit_sums(graph: &Graph, spec: &crate::ir::EinsumSpec, inputs: &[Value]) -> Vec<char> {
+    let mut unit = Vec::new();
+    for (subs, v) in spec.inputs.iter().zip(inputs) {
+        for (c, d) in subs.iter().zip(graph.shape_of(*v)) {
+            if !spec.output.contains(c) && is_one(graph, d) && !unit.contains(c) {
+                unit.push(*c);
+            }
+        }
+    }
+    unit
+}
+
 /// For each operand of contraction node `j` (einsum, matmul): the value and,
 /// per output axis, whether the operand indexes it (a matmul operand's
 /// broadcast size-1 batch axis does not). `None` for any other node.

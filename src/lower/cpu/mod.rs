@@ -361,7 +361,10 @@ impl CpuStep {
     /// storage dtype.
     pub fn store_zeros(&self, name: &str, shape: Vec<usize>) -> Result<Stored, LowerError> {
         let dtype = self.input_dtype(name)?;
-        let shape = self.kept.get(name).map_or(shape.clone(), |k| k.stored_shape(&shape));
+        let shape = match self.kept.get(name) {
+            Some(kept) => kept.stored_shape(&shape),
+            None => shape,
+        };
         Ok(Stored::zeros(dtype, shape))
     }
 

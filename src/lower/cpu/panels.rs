@@ -83,8 +83,8 @@ const ROW_LETTERS: &str = "abcdefgh";
 /// output's inputs `2z` and `2z + 1` side by side), read by the einsum
 /// `..zt,pzxt->..px` of `x` reshaped to `[.., in / 2, 2]` (`<id>.pairs`).
 pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pairs: bool) -> Graph {
-    // Whether each input goes into panels, and if so, how.
-    let mut packed: Vec<Option<Kept>> = vec![None; graph.inputs.len()];
+    // Whether each input goes into panels, and if so, how, and its `in`.
+    let mut packed: Vec<Option<(Kept, i64)>> = vec![None; graph.inputs.len()];
     for (i, input) in graph.inputs.iter().enumerate() {
         if matches!(kept.get(&input.name), Some(Kept::Panels { .. })) {
             continue;
@@ -94,7 +94,7 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pa
             let paired = pairs && ins % 2 == 0 && all_bf16(graph, i);
             kept.insert(input.name.clone(), Kept::Panels { from_in_out, paired, outs });
             // How `graph` itself declares it.
-            packed[i] = Some(Kept::Panels { from_in_out: in_out, paired, outs });
+            packed[i] = Some((Kept::Panels { from_in_out: in_out, paired, outs }, ins));
         }
     }
     if packed.iter().all(Option::is_none) {
@@ -102,18 +102,17 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pa
     }
     let mut out = graph.clone();
     for (input, how) in out.inputs.iter_mut().zip(&packed) {
-        if let (Some(Kept::Panels { from_in_out, paired, outs }), [a, b]) = (*how, input.shape.as_slice()) {
-            let ins = if from_in_out { a } else { b };
+        if let (Some((Kept::Panels { from_in_out, paired, outs }, ins)), [a, b]) = (*how, input.shape.as_slice()) {
             let panels = Poly::constant(outs.div_ceil(PANEL) as i64);
             input.shape = if paired {
-                let half = graph.dims.normalize(ins).ok().and_then(|p| p.as_constant()).unwrap_or(0) / 2;
-                vec![panels, Poly::constant(half), Poly::constant(PANEL as i64), Poly::constant(2)]
+                vec![panels, Poly::constant(ins / 2), Poly::constant(PANEL as i64), Poly::constant(2)]
             } else {
+                // `in` as the graph spells it.
+                let ins = if from_in_out { a } else { b };
                 vec![panels, ins.clone(), Poly::constant(PANEL as i64)]
             };
         }
     }
-    let constant = |p: &Poly| graph.dims.normalize(p).ok().and_then(|p| p.as_constant());
     let taken = |id: &str| graph.nodes.iter().any(|n| n.id == id) || graph.inputs.iter().any(|n| n.name == id);
     let fresh = |base: String, nodes: &[Node]| {
         let mut id = base;
@@ -135,11 +134,10 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pa
             })
             .collect();
         let weight = match (&node.op, node.inputs.as_slice()) {
-            (Op::MatMul { .. }, [_, Value::Input(w)]) => packed[*w].map(|how| (*w, how)),
+            (Op::MatMul { .. }, [_, Value::Input(w)]) => packed[*w].map(|(how, _)| (*w, how)),
             (Op::Gather, [Value::Input(w), _]) => {
-                if let Some(Kept::Panels { paired, outs, .. }) = packed[*w] {
-                    // Gathered only `[out, in]` (see `packable`).
-                    let ins = graph.inputs[*w].shape.get(1).and_then(constant).unwrap_or(0);
+                // Gathered only `[out, in]` (see `packable`).
+                if let Some((Kept::Panels { paired, outs, .. }, ins)) = packed[*w] {
                     let table = (Value::Input(*w), out.inputs[*w].shape.as_slice(), graph.inputs[*w].dtype);
                     inputs[0] = table_view(&mut nodes, table, (paired, outs, ins), &|b, n| fresh(b, n), &node.id);
                 }

@@ -47,7 +47,7 @@ impl VectorSum {
 }
 
 /// For each output index of a tile, its einsum letters bound to it.
-fn output_envs(output: &[char], idxs: &[Vec<String>]) -> Vec<Vec<(char, String)>> {
+pub(super) fn output_envs(output: &[char], idxs: &[Vec<String>]) -> Vec<Vec<(char, String)>> {
     idxs.iter().map(|idx| output.iter().copied().zip(idx.iter().cloned()).collect()).collect()
 }
 
@@ -183,20 +183,13 @@ impl Kc<'_> {
             .collect()
     }
 
-    /// The summed letters of contraction `j` whose size is the constant 1
-    /// (multi-query attention's one KV head, `abxy,czy->abxz`): read at
-    /// index 0, with no loop (see [`Kc::reduced`]).
+    /// The summed letters of contraction `j` of size 1: read at index 0,
+    /// with no loop (see [`crate::lower::plan::unit_sums`], [`Kc::reduced`]).
     pub(crate) fn unit_sums(&self, j: usize) -> Vec<char> {
-        let Some((spec, inputs)) = self.contraction_spec(j) else { return Vec::new() };
-        let mut unit = Vec::new();
-        for (subs, v) in spec.inputs.iter().zip(&inputs) {
-            for (c, d) in subs.iter().zip(self.graph.shape_of(*v)) {
-                if !spec.output.contains(c) && self.constant_size(d) == Some(1) && !unit.contains(c) {
-                    unit.push(*c);
-                }
-            }
+        match self.contraction_spec(j) {
+            Some((spec, inputs)) => crate::lower::plan::unit_sums(self.graph, &spec, &inputs),
+            None => Vec::new(),
         }
-        unit
     }
 
     /// `acc + x * y`, the contraction step: `contract` lets LLVM fuse it
@@ -762,12 +755,12 @@ impl Kc<'_> {
     /// The contracted letters of einsum `spec` over `inputs` with their
     /// sizes, in order of first appearance (the last is the innermost loop).
     pub(crate) fn reduced(&self, spec: &EinsumSpec, inputs: &[Value]) -> Vec<(char, Poly)> {
+        // A letter of size 1 is read at 0 (`Kc::operand_index`).
+        let unit = crate::lower::plan::unit_sums(self.graph, spec, inputs);
         let mut reduced: Vec<(char, Poly)> = Vec::new();
         for (subs, v) in spec.inputs.iter().zip(inputs) {
             for (c, d) in subs.iter().zip(self.graph.shape_of(*v)) {
-                // A letter of size 1 is read at 0 (`Kc::operand_index`).
-                let unit = self.constant_size(d) == Some(1);
-                if !spec.output.contains(c) && !unit && !reduced.iter().any(|(l, _)| l == c) {
+                if !spec.output.contains(c) && !unit.contains(c) && !reduced.iter().any(|(l, _)| l == c) {
                     reduced.push((*c, d.clone()));
                 }
             }

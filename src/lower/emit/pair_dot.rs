@@ -33,7 +33,7 @@
 //! thread), before the CPU step kept them in panels: 47.2 -> 18.4 ms,
 //! its step 56.8 -> 29.0 ms.
 
-use crate::ir::{DType, Op, Value};
+use crate::ir::{DType, EinsumSpec, Op, Poly, Value};
 use crate::lower::LowerError;
 
 use super::Kc;
@@ -74,10 +74,7 @@ impl Kc<'_> {
     /// multiple of 16; its spec, operands, output's last letter and summed
     /// letters. `None` without AVX512-BF16.
     #[allow(clippy::type_complexity)]
-    fn bf16_dot_candidate(
-        &self,
-        j: usize,
-    ) -> Option<(crate::ir::EinsumSpec, Vec<Value>, char, Vec<(char, crate::ir::Poly)>)> {
+    fn bf16_dot_candidate(&self, j: usize) -> Option<(EinsumSpec, Vec<Value>, char, Vec<(char, Poly)>)> {
         if !self.bf16_dot || self.simd != 16 {
             return None;
         }
@@ -125,7 +122,7 @@ impl Kc<'_> {
     /// keep consecutive elements of its last axis adjacent in a stored
     /// buffer ([`Kc::adjacent_last`]): a run of 32 from a multiple of 32
     /// along `c` is then 32 adjacent elements.
-    pub(crate) fn dot_sum(&self, spec: &crate::ir::EinsumSpec, inputs: &[Value], c: char, lanes: usize) -> bool {
+    pub(crate) fn dot_sum(&self, spec: &EinsumSpec, inputs: &[Value], c: char, lanes: usize) -> bool {
         let len = self.reduced(spec, inputs).into_iter().find(|(l, _)| *l == c).map(|(_, d)| d);
         self.bf16_dot
             && self.simd == 16
@@ -193,7 +190,7 @@ impl Kc<'_> {
         let Value::Node(j) = v else { return false };
         let node = &self.graph.nodes[j];
         let (Op::Reshape { .. }, Some(&first)) = (&node.op, node.inputs.first()) else { return false };
-        let constant = |s: Option<&crate::ir::Poly>| s.and_then(|p| self.constant_size(p));
+        let constant = |s: Option<&Poly>| s.and_then(|p| self.constant_size(p));
         constant(node.shape.last()) == Some(2)
             && constant(self.graph.shape_of(first).last()).is_some_and(|n| n % 2 == 0)
             && self.graph.dtype_of(first) == DType::BF16
@@ -217,6 +214,18 @@ impl Kc<'_> {
         self.pair_address(first, &inner)
     }
 
+    /// Contraction `j` summed in bf16 pairs along letter `sum`: its spec,
+    /// its operands and the length of `sum` in operand `row`.
+    fn pair_sum(&self, j: usize, sum: char, row: usize) -> Result<(EinsumSpec, Vec<Value>, Poly), LowerError> {
+        let Some((spec, inputs)) = self.contraction_spec(j) else {
+            return Err(self.unsupported(j, "bf16 pair sum of a non-einsum"));
+        };
+        let position = spec.inputs[row].iter().position(|c| *c == sum).unwrap_or(0);
+        let len = self.graph.shape_of(inputs[row]).get(position).cloned();
+        let len = len.ok_or_else(|| self.unsupported(j, "bf16 pair sum without its length"))?;
+        Ok((spec, inputs, len))
+    }
+
     /// Einsum node `j` summed in bf16 pairs (`pd`, see [`Kc::pair_dot`]) at
     /// every index of `idxs`: each the 16 outputs from it along the
     /// output's last axis, as a `vector<16xf32>`.
@@ -226,19 +235,14 @@ impl Kc<'_> {
         pd: PairDot,
         idxs: &[Vec<String>],
     ) -> Result<Vec<String>, LowerError> {
-        let Some((spec, inputs)) = self.contraction_spec(j) else {
-            return Err(self.unsupported(j, "bf16 pair sum of a non-einsum"));
-        };
+        let (spec, inputs, len) = self.pair_sum(j, pd.sum, pd.row)?;
         let position = |k: usize| spec.inputs[k].iter().position(|c| *c == pd.sum).unwrap_or(0);
-        let len = self.graph.shape_of(inputs[pd.row]).get(position(pd.row)).cloned();
-        let len = len.ok_or_else(|| self.unsupported(j, "bf16 pair sum without its length"))?;
         let segments =
             self.sum_segments(&[(inputs[pd.row], position(pd.row)), (inputs[pd.lane], position(pd.lane))], &len);
         let vty = "vector<16xf32>";
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
         let first = self.b.index(0);
-        let envs: Vec<Vec<(char, String)>> =
-            idxs.iter().map(|idx| spec.output.iter().copied().zip(idx.iter().cloned()).collect()).collect();
+        let envs = super::contract::output_envs(&spec.output, idxs);
         self.sum_over(&segments, &vec![zero; idxs.len()], vty, |kc, l, accs| {
             // Each panel stretch and each input pair loaded once per step.
             let mut loaded: Vec<(usize, Vec<String>, String)> = Vec::new();
@@ -343,19 +347,13 @@ impl Kc<'_> {
         pr: PairRows,
         idxs: &[Vec<String>],
     ) -> Result<Vec<String>, LowerError> {
-        let Some((spec, inputs)) = self.contraction_spec(j) else {
-            return Err(self.unsupported(j, "bf16 pair sum of a non-einsum"));
-        };
-        let position = spec.inputs[pr.row].iter().position(|c| *c == pr.sum).unwrap_or(0);
-        let len = self.graph.shape_of(inputs[pr.row]).get(position).cloned();
-        let len = len.ok_or_else(|| self.unsupported(j, "bf16 pair sum without its length"))?;
+        let (spec, inputs, len) = self.pair_sum(j, pr.sum, pr.row)?;
         let len = self.sizes(std::slice::from_ref(&len))?.remove(0);
         let vty = "vector<16xf32>";
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
         let (one, two) = (self.b.index(1), self.b.index(2));
         let half = self.b.op(&format!("arith.divui {len}, {two} : index"));
-        let envs: Vec<Vec<(char, String)>> =
-            idxs.iter().map(|idx| spec.output.iter().copied().zip(idx.iter().cloned()).collect()).collect();
+        let envs = super::contract::output_envs(&spec.output, idxs);
         let interleave: Vec<String> = (0..16).flat_map(|i| [i, i + 16]).map(|i| i.to_string()).collect();
         let (res, z, accs) = self.b.open_for_typed(&half, &one, &vec![zero; idxs.len()], vty);
         let y0 = self.b.muli(&z, &two);
