@@ -9,6 +9,7 @@ use crate::ir::{shape::numel, DType, Poly};
 use crate::lower::plan::Kernel;
 use crate::lower::LowerError;
 
+use super::panel_ahead::PanelAhead;
 use super::{
     builder, mismatch, walk_index, Emulation, Kc, Lanes, Target, BLOCK, CPU_COLS, CPU_SIMD, SUM_COLS, SUM_READ_AHEAD,
     SUM_ROWS, SUM_WRITE_AHEAD, VECTOR_GROUPS,
@@ -72,6 +73,10 @@ struct Tiled<'a> {
     /// The weight whose next block a whole tile prefetches, and its row
     /// length (a long sum in vectors: `Kc::block_operand`).
     next_block: Option<(usize, String)>,
+    /// A weight kept in panels whose next panel a whole tile of vectors
+    /// prefetches (`Kc::panel_operand`: its buffer, the output axis of
+    /// its panels, the summed letter).
+    next_panel: Option<(usize, usize, char)>,
 }
 
 /// How [`Kc::store_tile`] computes and stores a register tile.
@@ -239,6 +244,7 @@ impl Kc<'_> {
             tiles: &tiles,
             tile_index: &tile_index,
             next_block: if summed.is_some() { self.block_operand(j) } else { None },
+            next_panel: vector.and_then(|_| self.panel_operand(j)),
         };
         // A tile whose rows are all inside the reuse extent computes them
         // together, and several outputs of the block with each (a
@@ -331,6 +337,9 @@ impl Kc<'_> {
         (cols, base, rows): (usize, &str, Rows),
     ) -> Result<(), LowerError> {
         let mut opened = 0;
+        // The panel this step reads, of a weight kept in panels.
+        let panel =
+            t.next_panel.and_then(|(_, axis, _)| Some(at.get(t.keep.iter().position(|&a| a == axis)?)?.clone()));
         if let Some(pos) = t.block {
             let bn = self.b.index((BLOCK * t.groups) as i64);
             let start = self.b.muli(&at[pos], &bn);
@@ -404,7 +413,13 @@ impl Kc<'_> {
             (None, true) => Values::Rows { cols, ahead: matches!(rows, Rows::Tile) },
             (None, false) => Values::Scalars,
         };
-        self.store_tile(out, j, values, &idxs)?;
+        let ahead = match (t.next_panel, rows, panel) {
+            (Some((buf, _, k)), Rows::Tile, Some(panel)) => {
+                Some(self.panel_ahead((buf, k), &panel, (t.tile_index, t.tiles))?)
+            }
+            _ => None,
+        };
+        self.store_tile(out, j, values, &idxs, ahead.as_ref())?;
         for _ in 0..opened {
             self.b.close();
         }
@@ -435,11 +450,12 @@ impl Kc<'_> {
         j: usize,
         values: Values,
         idxs: &[Vec<String>],
+        ahead: Option<&PanelAhead>,
     ) -> Result<(), LowerError> {
         let (computed, lanes, at): (Vec<builder::Val>, usize, Vec<&Vec<String>>) = match values {
             Values::Scalars => (self.compute_tile(j, idxs)?, 1, idxs.iter().collect()),
             Values::Vectors(lanes) => {
-                let v = self.einsum_out_vec(j, idxs, lanes)?;
+                let v = self.einsum_out_vec(j, idxs, lanes, ahead)?;
                 (v.into_iter().map(builder::Val::f32).collect(), lanes, idxs.iter().collect())
             }
             Values::Rows { cols, ahead } => {

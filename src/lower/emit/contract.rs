@@ -5,6 +5,7 @@
 use crate::ir::{EinsumSpec, Op, Poly, Value};
 use crate::lower::LowerError;
 
+use super::panel_ahead::PanelAhead;
 use super::{Kc, Lanes, BLOCK, CPU_SIMD};
 
 /// Lanes in a 128-bit group of an f32 vector (see [`Kc::lane_tree_16`]).
@@ -774,11 +775,14 @@ impl Kc<'_> {
     /// one vector accumulator per index, the contracted letters in nested
     /// scalar loops; operands indexed by the last output letter are vector
     /// loads, the others scalar loads broadcast (each loaded once per step).
+    /// With `ahead` (a whole tile of a projection from panels), each step
+    /// of the sum also prefetches a line of the next panel.
     pub(crate) fn einsum_out_vec(
         &mut self,
         j: usize,
         idxs: &[Vec<String>],
         lanes: usize,
+        ahead: Option<&PanelAhead>,
     ) -> Result<Vec<String>, LowerError> {
         if let Some(pd) = self.pair_dot(j).filter(|_| lanes == 16) {
             return self.pair_dot_vec(j, pd, idxs);
@@ -796,19 +800,20 @@ impl Kc<'_> {
         let reduced = self.reduced(&spec, &inputs);
         let vty = format!("vector<{lanes}xf32>");
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
-        self.out_vec_loops(j, &spec, &inputs, &mut envs, &reduced, &vec![zero; idxs.len()], lanes)
+        let accs = vec![zero; idxs.len()];
+        self.out_vec_loops(j, (&spec, &inputs), &mut envs, &reduced, &accs, lanes, ahead)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn out_vec_loops(
         &mut self,
         j: usize,
-        spec: &EinsumSpec,
-        inputs: &[Value],
+        (spec, inputs): (&EinsumSpec, &[Value]),
         envs: &mut [Vec<(char, String)>],
         reduced: &[(char, Poly)],
         accs: &[String],
         lanes: usize,
+        ahead: Option<&PanelAhead>,
     ) -> Result<Vec<String>, LowerError> {
         let vty = format!("vector<{lanes}xf32>");
         let z = spec.output.last().copied();
@@ -843,10 +848,13 @@ impl Kc<'_> {
             .collect();
         let segments = self.sum_segments(&operands, d);
         self.sum_over(&segments, accs, &vty, |kc, l, a| {
+            if let Some(p) = ahead.filter(|p| p.sum == *c) {
+                kc.prefetch_panel_line(p, l);
+            }
             for env in envs.iter_mut() {
                 env.push((*c, l.to_owned()));
             }
-            let next = kc.out_vec_loops(j, spec, inputs, envs, rest, a, lanes);
+            let next = kc.out_vec_loops(j, (spec, inputs), envs, rest, a, lanes, ahead);
             for env in envs.iter_mut() {
                 env.pop();
             }

@@ -93,6 +93,7 @@ mod exp;
 mod mma;
 mod ops;
 mod pair_dot;
+mod panel_ahead;
 pub(crate) use pair_dot::host_has_bf16_dot;
 mod rope;
 mod rows;
