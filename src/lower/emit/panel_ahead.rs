@@ -134,13 +134,13 @@ mod tests {
             });
             let (graph, step, text) = cpu_step(&doc);
             assert!(step.graph().find("y.panels").is_some(), "o = {o}: w kept in panels");
-            let tile = format!("-> ({}) {{", vec!["vector<16xf32>"; 16].join(", "));
+            let tile = format!("-> ({}) {{", ["vector<16xf32>"; 16].join(", "));
             let loops: Vec<&str> =
                 text.split(&tile).skip(1).map(|s| s.split("scf.yield").next().unwrap_or("")).collect();
             assert_eq!(loops.len(), 1, "o = {o}: one whole tile:\n{text}");
             let hint = "\"llvm.intr.prefetch\"";
             assert_eq!(loops[0].matches(hint).count(), 1, "o = {o}: a line a step:\n{text}");
-            let short = format!("-> ({}) {{", vec!["vector<16xf32>"; 4].join(", "));
+            let short = format!("-> ({}) {{", ["vector<16xf32>"; 4].join(", "));
             for rest in text.split(&short).skip(1) {
                 let body = rest.split("scf.yield").next().unwrap_or("");
                 assert!(!body.contains(hint), "o = {o}: a short tile prefetches nothing:\n{text}");
