@@ -785,7 +785,7 @@ impl Kc<'_> {
         ahead: Option<&PanelAhead>,
     ) -> Result<Vec<String>, LowerError> {
         if let Some(pd) = self.pair_dot(j).filter(|_| lanes == 16) {
-            return self.pair_dot_vec(j, pd, idxs);
+            return self.pair_dot_vec(j, pd, idxs, ahead);
         }
         if let Some(pr) = self.pair_rows(j).filter(|_| lanes == 16) {
             return self.pair_rows_vec(j, pr, idxs);

@@ -36,6 +36,7 @@
 use crate::ir::{DType, EinsumSpec, Op, Poly, Value};
 use crate::lower::LowerError;
 
+use super::panel_ahead::PanelAhead;
 use super::Kc;
 
 /// The letters of a contraction summed in bf16 pairs (see
@@ -50,6 +51,13 @@ pub(crate) struct PairDot {
     lane: usize,
     /// The other operand (the input, broadcast).
     row: usize,
+}
+
+impl PairDot {
+    /// The summed letter walked by the loop.
+    pub(super) fn sum(&self) -> char {
+        self.sum
+    }
 }
 
 /// The LLVM intrinsic of `vdpbf16ps` on 512-bit vectors.
@@ -234,6 +242,7 @@ impl Kc<'_> {
         j: usize,
         pd: PairDot,
         idxs: &[Vec<String>],
+        ahead: Option<&PanelAhead>,
     ) -> Result<Vec<String>, LowerError> {
         let (spec, inputs, len) = self.pair_sum(j, pd.sum, pd.row)?;
         let position = |k: usize| spec.inputs[k].iter().position(|c| *c == pd.sum).unwrap_or(0);
@@ -244,6 +253,9 @@ impl Kc<'_> {
         let first = self.b.index(0);
         let envs = super::contract::output_envs(&spec.output, idxs);
         self.sum_over(&segments, &vec![zero; idxs.len()], vty, |kc, l, accs| {
+            if let Some(p) = ahead.filter(|p| p.sum == pd.sum) {
+                kc.prefetch_panel_line(p, l);
+            }
             // Each panel stretch and each input pair loaded once per step.
             let mut loaded: Vec<(usize, Vec<String>, String)> = Vec::new();
             let mut nexts = Vec::with_capacity(accs.len());

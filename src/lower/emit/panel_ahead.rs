@@ -24,7 +24,7 @@ const LINE_BYTES: i64 = 64;
 
 /// A panel projection's next panel and this tile's share of it.
 pub(crate) struct PanelAhead {
-    /// The panels' buffer, `[P, K, width]`.
+    /// The panels' buffer, `[P, K, ..]`.
     buf: usize,
     /// The summed letter (k), walked by the sum's loop.
     pub(super) sum: char,
@@ -41,28 +41,35 @@ pub(crate) struct PanelAhead {
 
 impl Kc<'_> {
     /// For einsum `j` walked in vector tiles, the operand that is a
-    /// weight kept in panels: a stored, densely laid out 3-D buffer
-    /// `[P, K, width]` of known sizes indexed `[p, k, z]`, with `p` an
-    /// output letter, `k` the one summed letter and `z` the output's last
-    /// (the vectors' axis); a row of a panel whole lines. Returns its
-    /// buffer, the output axis of `p` and `k`.
+    /// weight kept in panels: a stored, densely laid out buffer `[P, K,
+    /// ..]` of known sizes indexed `[p, k, z, ..]`, with `p` an output
+    /// letter, `k` the letter the sum's loop walks (the one summed letter;
+    /// of paired panels `[P, K / 2, width, 2]`, the pairs' index, see
+    /// `emit::pair_dot`) and `z` the output's last (the vectors' axis); a
+    /// row of a panel whole lines. Returns its buffer, the output axis of
+    /// `p` and `k`.
     pub(super) fn panel_operand(&self, j: usize) -> Option<(usize, usize, char)> {
         let (spec, inputs) = self.contraction_spec(j)?;
         let z = *spec.output.last()?;
-        let reduced = self.reduced(&spec, &inputs);
-        let [(k, _)] = reduced.as_slice() else { return None };
+        let k = match self.pair_dot(j) {
+            Some(pd) => pd.sum(),
+            None => match self.reduced(&spec, &inputs).as_slice() {
+                [(k, _)] => *k,
+                _ => return None,
+            },
+        };
         let (subs, &v): (&Vec<char>, &Value) =
-            spec.inputs.iter().zip(&inputs).find(|(s, _)| s.len() == 3 && s[1] == *k && s[2] == z)?;
-        let p_axis = spec.output.iter().position(|&c| c == subs[0])?;
+            spec.inputs.iter().zip(&inputs).find(|(s, _)| s.len() >= 3 && s[1] == k && s[2] == z)?;
+        let p_axis = spec.output.iter().position(|&c| c == subs[0] && c != z)?;
         let b = self.stored(v)?;
         let buf = &self.program.buffers[b];
         let dims = &self.graph.dims;
         let known: Option<Vec<i64>> =
             buf.shape.iter().map(|p| dims.normalize(p).ok().and_then(|p| p.as_constant())).collect();
-        let width = *known?.get(2)?;
-        let row_bytes = width * buf.dtype.size() as i64;
-        let whole_lines = buf.shape.len() == 3 && buf.pitch.is_none() && row_bytes % LINE_BYTES == 0;
-        whole_lines.then_some((b, p_axis, *k))
+        let row: i64 = known?.get(2..)?.iter().product();
+        let row_bytes = row * buf.dtype.size() as i64;
+        let whole_lines = buf.shape.len() == subs.len() && buf.pitch.is_none() && row_bytes % LINE_BYTES == 0;
+        whole_lines.then_some((b, p_axis, k))
     }
 
     /// The prefetch plan of a whole tile (`share` of `shares` along the
@@ -78,15 +85,18 @@ impl Kc<'_> {
         let b = &self.program.buffers[buf];
         let (dtype, shape) = (b.dtype, b.shape.clone());
         let known = |p: &crate::ir::Poly| self.graph.dims.normalize(p).ok().and_then(|p| p.as_constant());
-        let (Some(rows), Some(width)) = (shape.get(1).and_then(known), shape.get(2).and_then(known)) else {
+        let sizes: Option<Vec<i64>> = shape.iter().skip(1).map(known).collect();
+        let Some(rows) = sizes.as_ref().and_then(|s| s.first().copied()) else {
             return Err(LowerError::Unsupported { node: b.name.clone(), message: "panels of sizes not known".into() });
         };
+        let elems: i64 = sizes.iter().flatten().product();
         let line = LINE_BYTES / dtype.size() as i64;
-        let total = self.b.index(rows * width / line);
+        let total = self.b.index(elems / line);
         let one = self.b.index(1);
-        let next = self.b.addi(panel, &one);
+        let mut at = vec![self.b.addi(panel, &one)];
         let zero = self.b.index(0);
-        let (ptr, start) = self.buffer_offset(buf, &[next, zero.clone(), zero])?;
+        at.resize(shape.len(), zero);
+        let (ptr, start) = self.buffer_offset(buf, &at)?;
         let per = self.ceil_div_here(&total, shares);
         let first = self.b.muli(share, &per);
         Ok(PanelAhead { buf, sum: k, rows, line, ptr, start, first, per })
@@ -114,39 +124,44 @@ mod tests {
 
     /// `x [b, 1, 64] @ W[o, 64]ᵀ`, W kept in panels of 64 outputs, at o =
     /// 192 (three panels: the last tile's prefetch lands past the weight,
-    /// harmless) and o = 64 (one). The whole 4-row tiles' sum loop
-    /// prefetches one line of the next panel a step, the short tiles' (b
-    /// not a multiple of 4) do not; outputs against the interpreter at b
-    /// on either side of the tiles and of the share of lines each tile
-    /// takes (b = 32: 8 tiles, a line every 2 steps).
+    /// harmless) and o = 64 (one); f32, and bf16 (in paired panels summed
+    /// by `vdpbf16ps` where this CPU has it, else in plain ones). The
+    /// whole 4-row tiles' sum loop prefetches one line of the next panel
+    /// a step, the short tiles' (b not a multiple of 4) do not; outputs
+    /// against the interpreter at b on either side of the tiles and of
+    /// the share of lines each tile takes (b = 32: 8 tiles, a line every
+    /// 2 steps).
     #[test]
     fn panel_tiles_prefetch_the_next_panel() {
-        for o in [192, 64] {
+        for (dtype, o, tol) in [("f32", 192, 1e-4), ("f32", 64, 1e-4), ("bf16", 192, 2e-2)] {
             let doc = serde_json::json!({
                 "format": "bifurc-graph/1",
                 "dims": {"runtime": ["b"], "constants": {"d": 64, "o": o}},
                 "inputs": [
-                    {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": "f32"},
-                    {"name": "w", "role": "weight", "shape": ["o", "d"], "dtype": "f32"}
+                    {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": dtype},
+                    {"name": "w", "role": "weight", "shape": ["o", "d"], "dtype": dtype}
                 ],
                 "nodes": [{"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}}],
                 "outputs": [{"name": "y", "node": "y"}]
             });
             let (graph, step, text) = cpu_step(&doc);
-            assert!(step.graph().find("y.panels").is_some(), "o = {o}: w kept in panels");
+            let what = format!("{dtype}, o = {o}");
+            assert!(step.graph().find("y.panels").is_some(), "{what}: w kept in panels");
             let tile = format!("-> ({}) {{", ["vector<16xf32>"; 16].join(", "));
             let loops: Vec<&str> =
                 text.split(&tile).skip(1).map(|s| s.split("scf.yield").next().unwrap_or("")).collect();
-            assert_eq!(loops.len(), 1, "o = {o}: one whole tile:\n{text}");
+            assert!(!loops.is_empty(), "{what}: whole tiles:\n{text}");
             let hint = "\"llvm.intr.prefetch\"";
-            assert_eq!(loops[0].matches(hint).count(), 1, "o = {o}: a line a step:\n{text}");
+            let paired = dtype == "bf16" && crate::lower::emit::host_has_bf16_dot();
+            assert_eq!(text.contains(super::super::pair_dot::DPBF16PS), paired, "{what}: paired panels:\n{text}");
+            assert_eq!(loops[0].matches(hint).count(), 1, "{what}: a line a step:\n{text}");
             let short = format!("-> ({}) {{", ["vector<16xf32>"; 4].join(", "));
             for rest in text.split(&short).skip(1) {
                 let body = rest.split("scf.yield").next().unwrap_or("");
-                assert!(!body.contains(hint), "o = {o}: a short tile prefetches nothing:\n{text}");
+                assert!(!body.contains(hint), "{what}: a short tile prefetches nothing:\n{text}");
             }
             for b in [1, 3, 4, 5, 16, 17, 32] {
-                check_output(&graph, &step, &point(&[("b", b)]), 9, "y", (1e-4, 1e-4));
+                check_output(&graph, &step, &point(&[("b", b)]), 9, "y", (tol, tol));
             }
         }
     }
