@@ -9,10 +9,11 @@ use crate::ir::{shape::numel, DType, Poly};
 use crate::lower::plan::Kernel;
 use crate::lower::LowerError;
 
-use super::panel_ahead::PanelAhead;
+use super::chunks::SumPart;
+use super::panel_ahead::LinesAhead;
 use super::{
-    builder, mismatch, walk_index, Emulation, Kc, Lanes, Target, BLOCK, CPU_COLS, CPU_SIMD, SUM_COLS, SUM_READ_AHEAD,
-    SUM_ROWS, SUM_WRITE_AHEAD, VECTOR_GROUPS,
+    builder, mismatch, walk_index, walk_index_within, Emulation, Kc, Lanes, Target, BLOCK, CPU_COLS, CPU_SIMD,
+    SUM_COLS, SUM_READ_AHEAD, SUM_ROWS, SUM_WRITE_AHEAD, VECTOR_GROUPS,
 };
 
 /// What a kernel body writes, and where it runs.
@@ -77,6 +78,9 @@ struct Tiled<'a> {
     /// prefetches (`Kc::panel_operand`: its buffer, the output axis of
     /// its panels, the summed letter).
     next_panel: Option<(usize, usize, char)>,
+    /// The chunk of the sum this step runs and the chunk's length (see
+    /// `Kc::sum_chunk`).
+    chunk: Option<(&'a str, i64)>,
 }
 
 /// How [`Kc::store_tile`] computes and stores a register tile.
@@ -221,11 +225,32 @@ impl Kc<'_> {
         let tiles = if tile == 1 { inner.clone() } else { self.ceil_div(&inner, tile as i64) };
         let mut walk_sizes = keep_sizes.clone();
         if let Some(pos) = block {
-            walk_sizes[pos] = self.ceil_div(&keep_sizes[pos], (BLOCK * groups) as i64);
+            // A constant when the axis is (one block of a 64-wide head: no
+            // loop, so the walk's split into parts goes to the loops that
+            // have iterations to share, as multi-query attention's tiles).
+            let step = (BLOCK * groups) as i64;
+            walk_sizes[pos] = match self.b.known(&keep_sizes[pos]) {
+                Some(n) => self.b.index((n + step - 1) / step),
+                None => self.ceil_div(&keep_sizes[pos], step),
+            };
+        }
+        // A sum over a long strided operand in chunks, the chunks walked
+        // inside the kept axes and outside the tiles (`emit::chunks`),
+        // never split into parts: only when a kept axis is there to split
+        // (multi-query attention's one head keeps one pass, on all cores).
+        let split = walk_sizes.iter().any(|s| self.b.known(s) != Some(1));
+        let chunk = match vector {
+            Some(_) if tile > 1 && split && out.dtype == DType::F32 => self.sum_chunk(j, BLOCK * groups),
+            _ => None,
+        };
+        if let Some((_, chunks)) = &chunk {
+            walk_sizes.push(chunks.clone());
         }
         walk_sizes.push(tiles.clone());
-        let mut at = walk_index(self, out.target, &out.flat, &walk_sizes, false, opened);
+        let within = if chunk.is_some() { 2 } else { 0 };
+        let mut at = walk_index_within(self, out.target, &out.flat, (&walk_sizes, within), false, opened);
         let tile_index = at.pop().unwrap_or_default();
+        let chunk_index = chunk.as_ref().map(|_| at.pop().unwrap_or_default());
         // The blocks along the kept axis are all whole (its size a known
         // multiple of BLOCK).
         let whole = block.is_some_and(|pos| self.b.known(&keep_sizes[pos]).is_some_and(|n| n % BLOCK as i64 == 0));
@@ -245,6 +270,7 @@ impl Kc<'_> {
             tile_index: &tile_index,
             next_block: if summed.is_some() { self.block_operand(j) } else { None },
             next_panel: vector.and_then(|_| self.panel_operand(j)),
+            chunk: chunk.as_ref().zip(chunk_index.as_deref()).map(|((len, _), i)| (i, *len)),
         };
         // A tile whose rows are all inside the reuse extent computes them
         // together, and several outputs of the block with each (a
@@ -413,13 +439,24 @@ impl Kc<'_> {
             (None, true) => Values::Rows { cols, ahead: matches!(rows, Rows::Tile) },
             (None, false) => Values::Scalars,
         };
-        let ahead = match (t.next_panel, rows, panel) {
-            (Some((buf, _, k)), Rows::Tile, Some(panel)) => {
-                Some(self.panel_ahead((buf, k), &panel, (t.tile_index, t.tiles))?)
+        // A chunked sum's chunk; the next block of rows a whole tile
+        // prefetches: the next panel, or the next chunk.
+        let part = match (t.chunk, values) {
+            (Some((index, len)), Values::Vectors(lanes)) => {
+                Some((self.chunk_start(out, (index, len), &idxs, lanes), len))
             }
             _ => None,
         };
-        self.store_tile(out, j, values, &idxs, ahead.as_ref())?;
+        let shares = (t.tile_index, t.tiles);
+        let ahead = match (t.next_panel, rows, panel, &part, idxs.first()) {
+            (Some((buf, _, k)), Rows::Tile, Some(panel), _, _) => Some(self.panel_ahead((buf, k), &panel, shares)?),
+            (None, Rows::Tile, _, Some((p, len)), Some(idx)) => {
+                self.chunk_ahead(j, (idx, p, *len), BLOCK * t.groups, shares)?
+            }
+            _ => None,
+        };
+        let part = part.map(|(p, _)| p);
+        self.store_tile(out, j, values, &idxs, (ahead.as_ref(), part.as_ref()))?;
         for _ in 0..opened {
             self.b.close();
         }
@@ -450,12 +487,12 @@ impl Kc<'_> {
         j: usize,
         values: Values,
         idxs: &[Vec<String>],
-        ahead: Option<&PanelAhead>,
+        (ahead, part): (Option<&LinesAhead>, Option<&SumPart>),
     ) -> Result<(), LowerError> {
         let (computed, lanes, at): (Vec<builder::Val>, usize, Vec<&Vec<String>>) = match values {
             Values::Scalars => (self.compute_tile(j, idxs)?, 1, idxs.iter().collect()),
             Values::Vectors(lanes) => {
-                let v = self.einsum_out_vec(j, idxs, lanes, ahead)?;
+                let v = self.einsum_out_vec(j, idxs, lanes, (ahead, part))?;
                 (v.into_iter().map(builder::Val::f32).collect(), lanes, idxs.iter().collect())
             }
             Values::Rows { cols, ahead } => {

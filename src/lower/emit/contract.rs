@@ -5,7 +5,8 @@
 use crate::ir::{EinsumSpec, Op, Poly, Value};
 use crate::lower::LowerError;
 
-use super::panel_ahead::PanelAhead;
+use super::chunks::SumPart;
+use super::panel_ahead::LinesAhead;
 use super::{Kc, Lanes, BLOCK, CPU_SIMD};
 
 /// Lanes in a 128-bit group of an f32 vector (see [`Kc::lane_tree_16`]).
@@ -782,7 +783,7 @@ impl Kc<'_> {
         j: usize,
         idxs: &[Vec<String>],
         lanes: usize,
-        ahead: Option<&PanelAhead>,
+        (ahead, part): (Option<&LinesAhead>, Option<&SumPart>),
     ) -> Result<Vec<String>, LowerError> {
         if let Some(pd) = self.pair_dot(j).filter(|_| lanes == 16) {
             return self.pair_dot_vec(j, pd, idxs, ahead);
@@ -800,8 +801,11 @@ impl Kc<'_> {
         let reduced = self.reduced(&spec, &inputs);
         let vty = format!("vector<{lanes}xf32>");
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
-        let accs = vec![zero; idxs.len()];
-        self.out_vec_loops(j, (&spec, &inputs), &mut envs, &reduced, &accs, lanes, ahead)
+        let accs = match part {
+            Some(p) => p.inits.clone(),
+            None => vec![zero; idxs.len()],
+        };
+        self.out_vec_loops(j, (&spec, &inputs), &mut envs, &reduced, &accs, lanes, (ahead, part))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -813,7 +817,7 @@ impl Kc<'_> {
         reduced: &[(char, Poly)],
         accs: &[String],
         lanes: usize,
-        ahead: Option<&PanelAhead>,
+        (ahead, part): (Option<&LinesAhead>, Option<&SumPart>),
     ) -> Result<Vec<String>, LowerError> {
         let vty = format!("vector<{lanes}xf32>");
         let z = spec.output.last().copied();
@@ -847,14 +851,16 @@ impl Kc<'_> {
             .filter_map(|(subs, &v)| Some((v, subs.iter().position(|x| x == c)?)))
             .collect();
         let segments = self.sum_segments(&operands, d);
-        self.sum_over(&segments, accs, &vty, |kc, l, a| {
+        // The first summed letter's part of a chunked sum (`Kc::sum_chunk`).
+        let within = part.filter(|_| reduced.len() == 1).map(|p| (p.from.as_str(), p.to.as_str()));
+        self.sum_over_within(&segments, within, accs, &vty, |kc, l, a| {
             if let Some(p) = ahead.filter(|p| p.sum == *c) {
-                kc.prefetch_panel_line(p, l);
+                kc.prefetch_line(p, l);
             }
             for env in envs.iter_mut() {
                 env.push((*c, l.to_owned()));
             }
-            let next = kc.out_vec_loops(j, (spec, inputs), envs, rest, a, lanes, ahead);
+            let next = kc.out_vec_loops(j, (spec, inputs), envs, rest, a, lanes, (ahead, None));
             for env in envs.iter_mut() {
                 env.pop();
             }

@@ -87,6 +87,7 @@
 
 mod bodies;
 mod builder;
+mod chunks;
 mod contract;
 mod erf;
 mod exp;
@@ -574,13 +575,31 @@ fn walk_index(
     rows: bool,
     opened: &mut usize,
 ) -> Vec<String> {
+    walk_index_within(kc, target, flat, (sizes, 0), rows, opened)
+}
+
+/// [`walk_index`] whose split into parts leaves out the last `within`
+/// axes of `sizes` (a chunked sum's chunks: one part must run them all,
+/// each chunk adding to what the one before stored): only loops before
+/// them are split, all of them together unless the first is wide enough
+/// alone. With no such loop, nothing is split (part 0 runs the walk).
+fn walk_index_within(
+    kc: &mut Kc,
+    target: Target,
+    flat: &str,
+    (sizes, within): (&[String], usize),
+    rows: bool,
+    opened: &mut usize,
+) -> Vec<String> {
     if target != Target::Cpu {
         return kc.b.delinearize(flat, sizes);
     }
+    let outer = sizes.len().saturating_sub(within);
     let loops: Vec<usize> = (0..sizes.len()).filter(|&a| kc.b.known(&sizes[a]) != Some(1)).collect();
+    let splittable = loops.iter().filter(|&&a| a < outer).count();
     let mut idx: Vec<String> = sizes.iter().map(|_| kc.b.index(0)).collect();
     let mut inner = &loops[..];
-    if kc.partition == Partition::Pending && !loops.is_empty() {
+    if kc.partition == Partition::Pending && splittable > 0 {
         kc.partition = Partition::Done;
         // The outermost loop alone when it has enough iterations for the
         // parts at any point (no index to delinearize).
@@ -589,6 +608,8 @@ fn walk_index(
             loops.len()
         } else if wide {
             1
+        } else if within > 0 {
+            splittable
         } else {
             loops.len().saturating_sub(1).max(1)
         };

@@ -36,7 +36,7 @@
 use crate::ir::{DType, EinsumSpec, Op, Poly, Value};
 use crate::lower::LowerError;
 
-use super::panel_ahead::PanelAhead;
+use super::panel_ahead::LinesAhead;
 use super::Kc;
 
 /// The letters of a contraction summed in bf16 pairs (see
@@ -242,7 +242,7 @@ impl Kc<'_> {
         j: usize,
         pd: PairDot,
         idxs: &[Vec<String>],
-        ahead: Option<&PanelAhead>,
+        ahead: Option<&LinesAhead>,
     ) -> Result<Vec<String>, LowerError> {
         let (spec, inputs, len) = self.pair_sum(j, pd.sum, pd.row)?;
         let position = |k: usize| spec.inputs[k].iter().position(|c| *c == pd.sum).unwrap_or(0);
@@ -254,7 +254,7 @@ impl Kc<'_> {
         let envs = super::contract::output_envs(&spec.output, idxs);
         self.sum_over(&segments, &vec![zero; idxs.len()], vty, |kc, l, accs| {
             if let Some(p) = ahead.filter(|p| p.sum == pd.sum) {
-                kc.prefetch_panel_line(p, l);
+                kc.prefetch_line(p, l);
             }
             // Each panel stretch and each input pair loaded once per step.
             let mut loaded: Vec<(usize, Vec<String>, String)> = Vec::new();

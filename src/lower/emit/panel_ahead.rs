@@ -22,21 +22,41 @@ use super::Kc;
 /// Bytes of a cache line: one prefetch each.
 const LINE_BYTES: i64 = 64;
 
-/// A panel projection's next panel and this tile's share of it.
-pub(crate) struct PanelAhead {
-    /// The panels' buffer, `[P, K, ..]`.
-    buf: usize,
-    /// The summed letter (k), walked by the sum's loop.
+/// The next block of rows of an operand that a whole tile prefetches
+/// its share of, a line per step of its sum: a panel projection's next
+/// panel, a chunked sum's next chunk (`emit::chunks`).
+pub(crate) struct LinesAhead {
+    /// The summed letter whose loop walks the block's rows.
     pub(super) sum: char,
-    /// K, and the elements of a line.
-    rows: i64,
-    line: i64,
-    /// The buffer's pointer and the element offset of the next panel.
+    /// The steps of the sum over a block, and the index of this block's
+    /// first (0 for a whole panel).
+    steps: i64,
+    origin: Option<String>,
+    /// The buffer's pointer and element type, the element offset of the
+    /// next block's first row and the elements between its rows.
     ptr: String,
+    dtype: crate::ir::DType,
     start: String,
+    stride: String,
+    /// Lines of a row, and the elements of a line.
+    row_lines: i64,
+    line: i64,
     /// The first line of this tile's share and the lines in a share.
     first: String,
     per: String,
+}
+
+/// Where the next block lies: buffer `buf`, the element offset of its
+/// first row and the elements between its rows.
+pub(super) struct NextRows<'a> {
+    pub buf: usize,
+    pub start: String,
+    pub stride: String,
+    /// Elements a step of the sum reads of a row (whole lines).
+    pub row: i64,
+    /// Steps of the sum over the block; the index of this block's first.
+    pub steps: i64,
+    pub origin: Option<&'a str>,
 }
 
 impl Kc<'_> {
@@ -74,47 +94,87 @@ impl Kc<'_> {
 
     /// The prefetch plan of a whole tile (`share` of `shares` along the
     /// panel's rows) of panel `panel` of the operand `panel_operand`
-    /// found (`buf`, summed letter `k`): the next panel's lines split in
-    /// equal runs among the shares.
+    /// found (`buf`, summed letter `k`).
     pub(super) fn panel_ahead(
         &mut self,
         (buf, k): (usize, char),
         panel: &str,
-        (share, shares): (&str, &str),
-    ) -> Result<PanelAhead, LowerError> {
+        shares: (&str, &str),
+    ) -> Result<LinesAhead, LowerError> {
         let b = &self.program.buffers[buf];
-        let (dtype, shape) = (b.dtype, b.shape.clone());
+        let shape = b.shape.clone();
         let known = |p: &crate::ir::Poly| self.graph.dims.normalize(p).ok().and_then(|p| p.as_constant());
         let sizes: Option<Vec<i64>> = shape.iter().skip(1).map(known).collect();
-        let Some(rows) = sizes.as_ref().and_then(|s| s.first().copied()) else {
+        let Some((&steps, rest)) = sizes.as_ref().and_then(|s| s.split_first()) else {
             return Err(LowerError::Unsupported { node: b.name.clone(), message: "panels of sizes not known".into() });
         };
-        let elems: i64 = sizes.iter().flatten().product();
-        let line = LINE_BYTES / dtype.size() as i64;
-        let total = self.b.index(elems / line);
+        let row: i64 = rest.iter().product();
         let one = self.b.index(1);
         let mut at = vec![self.b.addi(panel, &one)];
         let zero = self.b.index(0);
         at.resize(shape.len(), zero);
-        let (ptr, start) = self.buffer_offset(buf, &at)?;
-        let per = self.ceil_div_here(&total, shares);
-        let first = self.b.muli(share, &per);
-        Ok(PanelAhead { buf, sum: k, rows, line, ptr, start, first, per })
+        let (_, start) = self.buffer_offset(buf, &at)?;
+        let stride = self.b.index(row);
+        let next = NextRows { buf, start, stride, row, steps, origin: None };
+        self.lines_ahead(k, next, shares)
     }
 
-    /// At step `l` of the sum: this tile's line `l · per / K` of its share
-    /// (a line every `K / per` steps; every `per / K`-th one when a share
-    /// has more lines than the sum has steps, b under 16).
-    pub(super) fn prefetch_panel_line(&mut self, a: &PanelAhead, l: &str) {
-        let rows = self.b.index(a.rows);
-        let along = self.b.muli(l, &a.per);
-        let along = self.b.op(&format!("arith.divui {along}, {rows} : index"));
+    /// The plan of a whole tile (`share` of `shares`) prefetching the
+    /// block `next` whose rows summed letter `k` walks: its lines split
+    /// in equal runs among the shares.
+    pub(super) fn lines_ahead(
+        &mut self,
+        k: char,
+        next: NextRows,
+        (share, shares): (&str, &str),
+    ) -> Result<LinesAhead, LowerError> {
+        let dtype = self.program.buffers[next.buf].dtype;
+        let line = LINE_BYTES / dtype.size() as i64;
+        let row_lines = (next.row / line).max(1);
+        let total = self.b.index(next.steps * row_lines);
+        let per = self.ceil_div_here(&total, shares);
+        let first = self.b.muli(share, &per);
+        let ptr = self.ptr(next.buf)?;
+        Ok(LinesAhead {
+            sum: k,
+            steps: next.steps,
+            origin: next.origin.map(str::to_owned),
+            ptr,
+            dtype,
+            start: next.start,
+            stride: next.stride,
+            row_lines,
+            line,
+            first,
+            per,
+        })
+    }
+
+    /// At step `l` of the sum: line `(l - origin) · per / steps` of this
+    /// tile's share (a line every `steps / per` steps; every `per /
+    /// steps`-th one when a share has more lines than the sum has steps).
+    pub(super) fn prefetch_line(&mut self, a: &LinesAhead, l: &str) {
+        let d = match &a.origin {
+            Some(o) => self.b.subi(l, o),
+            None => l.to_owned(),
+        };
+        let steps = self.b.index(a.steps);
+        let along = self.b.muli(&d, &a.per);
+        let along = self.b.op(&format!("arith.divui {along}, {steps} : index"));
         let at = self.b.addi(&a.first, &along);
-        let elems = self.b.index(a.line);
-        let off = self.b.muli(&at, &elems);
+        let off = if a.row_lines == 1 {
+            self.b.muli(&at, &a.stride)
+        } else {
+            let n = self.b.index(a.row_lines);
+            let row = self.b.op(&format!("arith.divui {at}, {n} : index"));
+            let col = self.b.op(&format!("arith.remui {at}, {n} : index"));
+            let row = self.b.muli(&row, &a.stride);
+            let e = self.b.index(a.line);
+            let col = self.b.muli(&col, &e);
+            self.b.addi(&row, &col)
+        };
         let off = self.b.addi(&a.start, &off);
-        let dtype = self.program.buffers[a.buf].dtype;
-        self.b.prefetch(&a.ptr, &off, dtype, false);
+        self.b.prefetch(&a.ptr, &off, a.dtype, false);
     }
 }
 

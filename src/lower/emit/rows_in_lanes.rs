@@ -307,7 +307,7 @@ impl Kc<'_> {
                 let mut ridx = self.row_index(item.idx, item.reuse, item.sizes, &row);
                 ridx[zaxis] = start.to_owned();
                 let idxs = self.spread(&ridx, zaxis, BLOCK, 1);
-                self.store_tile(out, j, Values::Rows { cols: BLOCK, ahead: false }, &idxs, None)?;
+                self.store_tile(out, j, Values::Rows { cols: BLOCK, ahead: false }, &idxs, (None, None))?;
                 self.b.close();
                 Ok(())
             }
@@ -332,7 +332,7 @@ impl Kc<'_> {
         let mut ridx = self.row_index(item.idx, item.reuse, item.sizes, &row);
         let c = self.b.open_loop_from(zs.0, zs.1, &one);
         ridx[zaxis] = c;
-        self.store_tile(out, j, Values::Scalars, &[ridx], None)?;
+        self.store_tile(out, j, Values::Scalars, &[ridx], (None, None))?;
         self.b.close();
         self.b.close();
         Ok(())

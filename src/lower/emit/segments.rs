@@ -238,12 +238,29 @@ impl Kc<'_> {
         segments: &[Poly],
         inits: &[String],
         ty: &str,
+        body: impl FnMut(&mut Self, &str, &[String]) -> Result<Vec<String>, LowerError>,
+    ) -> Result<Vec<String>, LowerError> {
+        self.sum_over_within(segments, None, inits, ty, body)
+    }
+
+    /// [`Kc::sum_over`] over only the indices in `[from, to)` when
+    /// `within` gives them (each segment's loop clamped to that range).
+    pub(super) fn sum_over_within(
+        &mut self,
+        segments: &[Poly],
+        within: Option<(&str, &str)>,
+        inits: &[String],
+        ty: &str,
         mut body: impl FnMut(&mut Self, &str, &[String]) -> Result<Vec<String>, LowerError>,
     ) -> Result<Vec<String>, LowerError> {
         let one = self.b.index(1);
         let mut accs = inits.to_vec();
         for w in segments.windows(2) {
-            let bounds = self.sizes(w)?;
+            let mut bounds = self.sizes(w)?;
+            if let Some((from, to)) = within {
+                bounds[0] = self.b.op(&format!("arith.maxui {}, {from} : index", bounds[0]));
+                bounds[1] = self.b.op(&format!("arith.minui {}, {to} : index", bounds[1]));
+            }
             let (res, l, a) = self.b.open_for_typed_from(&bounds[0], &bounds[1], &one, &accs, ty);
             self.pinned.push((l.clone(), w[0].clone(), w[1].clone()));
             let next = body(self, &l, &a);

@@ -252,7 +252,7 @@ impl Kc<'_> {
         let vs = if matches!(self.graph.nodes[j].op, Op::MatMul { .. }) {
             self.matmul_vector(j, &idxs, lanes)?
         } else {
-            self.einsum_out_vec(j, &idxs, lanes, None)?
+            self.einsum_out_vec(j, &idxs, lanes, (None, None))?
         };
         for (at, v) in idxs.iter().zip(&vs) {
             let off = self.b.linearize(at, &out.sizes);
