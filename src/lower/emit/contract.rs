@@ -789,7 +789,7 @@ impl Kc<'_> {
             return self.pair_dot_vec(j, pd, idxs, ahead);
         }
         if let Some(pr) = self.pair_rows(j).filter(|_| lanes == 16) {
-            return self.pair_rows_vec(j, pr, idxs);
+            return self.pair_rows_vec(j, pr, idxs, (ahead, part));
         }
         let Some((spec, inputs)) = self.contraction_spec(j) else {
             return Err(self.unsupported(j, "output-vector contraction of a non-einsum"));

@@ -36,6 +36,7 @@
 use crate::ir::{DType, EinsumSpec, Op, Poly, Value};
 use crate::lower::LowerError;
 
+use super::chunks::SumPart;
 use super::panel_ahead::LinesAhead;
 use super::Kc;
 
@@ -358,6 +359,7 @@ impl Kc<'_> {
         j: usize,
         pr: PairRows,
         idxs: &[Vec<String>],
+        (ahead, part): (Option<&LinesAhead>, Option<&SumPart>),
     ) -> Result<Vec<String>, LowerError> {
         let (spec, inputs, len) = self.pair_sum(j, pr.sum, pr.row)?;
         let len = self.sizes(std::slice::from_ref(&len))?.remove(0);
@@ -367,9 +369,23 @@ impl Kc<'_> {
         let half = self.b.op(&format!("arith.divui {len}, {two} : index"));
         let envs = super::contract::output_envs(&spec.output, idxs);
         let interleave: Vec<String> = (0..16).flat_map(|i| [i, i + 16]).map(|i| i.to_string()).collect();
-        let (res, z, accs) = self.b.open_for_typed(&half, &one, &vec![zero; idxs.len()], vty);
+        // A chunk of a chunked sum (`emit::chunks`, an even length): its
+        // pairs, from the sums so far.
+        let (inits, (lo, hi)) = match part {
+            Some(p) => {
+                let lo = self.b.op(&format!("arith.divui {}, {two} : index", p.from));
+                let hi = self.b.op(&format!("arith.divui {}, {two} : index", p.to));
+                let hi = self.b.op(&format!("arith.minui {hi}, {half} : index"));
+                (p.inits.clone(), (lo, hi))
+            }
+            None => (vec![zero; idxs.len()], (self.b.index(0), half.clone())),
+        };
+        let (res, z, accs) = self.b.open_for_typed_from(&lo, &hi, &one, &inits, vty);
         let y0 = self.b.muli(&z, &two);
         let y1 = self.b.addi(&y0, &one);
+        if let Some(a) = ahead.filter(|a| a.sum == pr.sum) {
+            self.prefetch_line(a, &y0);
+        }
         // Each pair of rows and each pair of the other operand loaded once
         // per step.
         let mut loaded: Vec<(usize, Vec<String>, String)> = Vec::new();
@@ -413,8 +429,13 @@ impl Kc<'_> {
         }
         self.b.close_for_typed(&nexts, vty);
         // The last element of an odd length: one widened step.
-        let done = self.b.muli(&half, &two);
-        let (res, y, accs) = self.b.open_for_typed_from(&done, &len, &one, &res, vty);
+        let mut done = self.b.muli(&half, &two);
+        let mut end = len.clone();
+        if let Some(p) = part {
+            done = self.b.op(&format!("arith.maxui {done}, {} : index", p.from));
+            end = self.b.op(&format!("arith.minui {end}, {} : index", p.to));
+        }
+        let (res, y, accs) = self.b.open_for_typed_from(&done, &end, &one, &res, vty);
         let mut nexts = Vec::with_capacity(accs.len());
         for (env, acc) in envs.iter().zip(&accs) {
             let mut env = env.clone();
