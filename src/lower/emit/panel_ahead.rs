@@ -1,5 +1,7 @@
-//! The next panel of a weight kept in panels, prefetched while the tiles
-//! of the current one run.
+//! The next block of an operand's rows, prefetched while the tiles of
+//! the current one run: the next panel of a weight kept in panels (here)
+//! and the next chunk of a chunked sum (`emit::chunks`), both as
+//! [`LinesAhead`].
 //!
 //! A projection from panels (`..k,pkn->..pn`, see `lower::cpu::panels`)
 //! walks one panel (`[K, PANEL]`, 256 KiB at K = 1024 in f32) with every
@@ -12,7 +14,8 @@
 //! starts and the memory traffic runs under the arithmetic of the tiles
 //! before. Measured in C on this kernel's loop (gate_proj's shape, b =
 //! 32): 47.9 -> 56 G multiply-adds a second on one thread, 93 -> 111 on
-//! two.
+//! two; in cpu_step (b = 32, two threads) the MLP projections 0.97-1.04
+//! -> 0.82-0.89 ms each, 77% -> 87-92% of the FMA peak.
 
 use crate::ir::Value;
 use crate::lower::LowerError;
