@@ -141,7 +141,8 @@ impl Kc<'_> {
 mod tests {
     use crate::lower::emit::testing::{check_output, cpu_step, point};
 
-    /// The context `w · V` of `h` heads, `[b, h, 1, m] · [h, m, 64]`, m
+    /// The context `w · V` of `h` heads, `[b, h, 1, m] · [h, m, k]` (k =
+    /// 64, and 128: two blocks of 64 a row, each its own lines), m
     /// known only at run time: walked in chunks of 1024 rows of V when a
     /// kept axis (the heads) is there to split into parts, each whole
     /// tile's sum prefetching a line of the next chunk a step; with one
@@ -158,12 +159,13 @@ mod tests {
         // bf16: the interpreter sums the unrounded random values, the
         // step their bf16 roundings (2^-9 relative each, over up to 3000
         // terms of |w·v| < 1: sums up to about 35).
-        for (h, dtype, tol) in
-            [(2, "f32", (1e-4, 1e-4)), (16, "f32", (1e-4, 1e-4)), (1, "f32", (1e-4, 1e-4)), (2, "bf16", (0.2, 2e-2))]
-        {
+        let f32_tol = (1e-4, 1e-4);
+        let cases =
+            [(2, 64, "f32", f32_tol), (16, 64, "f32", f32_tol), (1, 64, "f32", f32_tol), (2, 128, "f32", f32_tol)];
+        for (h, k, dtype, tol) in cases.into_iter().chain([(2, 64, "bf16", (0.2, 2e-2))]) {
             let doc = serde_json::json!({
                 "format": "bifurc-graph/1",
-                "dims": {"runtime": ["b", "m"], "constants": {"h": h, "k": 64}},
+                "dims": {"runtime": ["b", "m"], "constants": {"h": h, "k": k}},
                 "inputs": [
                     {"name": "w", "role": "activation", "shape": ["b", "h", 1, "m"], "dtype": dtype},
                     {"name": "v", "role": "activation", "shape": ["h", "m", "k"], "dtype": dtype}
@@ -186,6 +188,46 @@ mod tests {
             assert_eq!(prefetches, usize::from(chunked), "h = {h}: a line of the next chunk a step:\n{text}");
             for (b, m) in [(4, 1023), (5, 1025), (32, 2100), (3, 1), (8, 0), (1, 3000)] {
                 check_output(&graph, &step, &point(&[("b", b), ("m", m)]), 4, "o", tol);
+            }
+        }
+    }
+
+    /// The context `w · V` with V a context cache stored with spare rows
+    /// (its capacity past m, filled with NaN): the chunks and the next
+    /// chunk's prefetch step through V's rows by its capacity, and no
+    /// chunk reads a spare row. Against the interpreter on the dense V.
+    #[test]
+    fn chunks_walk_a_cache_with_spare_rows() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 64}},
+            "inputs": [
+                {"name": "w", "role": "activation", "shape": ["b", "h", 1, "m"], "dtype": "f32"},
+                {"name": "v", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["h", "m", "k"], "dtype": "f32"}
+            ],
+            "nodes": [{"id": "o", "op": "einsum", "inputs": ["w", "v"], "attrs": {"spec": "bhxm,hmk->bhxk"}}],
+            "outputs": [{"name": "o", "node": "o"}]
+        });
+        let (graph, step, text) = cpu_step(&doc);
+        assert!(text.contains("\"llvm.intr.prefetch\""), "chunked, the next chunk prefetched:\n{text}");
+        let capacity = text.split("%c").skip(1).any(|t| t.starts_with(|c: char| c.is_ascii_digit()));
+        assert!(capacity, "V pitched (its capacity a parameter):\n{text}");
+        for (b, m) in [(8, 1025), (5, 2100)] {
+            let at = point(&[("b", b), ("m", m)]);
+            let inputs = crate::interp::random_inputs(&graph, &at, 7).unwrap_or_else(|e| panic!("{e}"));
+            let want = crate::interp::run(&graph, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let cap = m as usize + 5;
+            let mut spare = crate::interp::Tensor::full(vec![2, cap, 64], f32::NAN);
+            for (row, data) in inputs["v"].data.chunks(64).enumerate() {
+                let (g, r) = (row / m as usize, row % m as usize);
+                spare.data[(g * cap + r) * 64..][..64].copy_from_slice(data);
+            }
+            let mut pitched = inputs.clone();
+            pitched.insert("v".into(), spare);
+            let caps = point(&[("m", cap as i64)]);
+            let got = step.run_with_capacity(&at, &caps, &pitched).unwrap_or_else(|e| panic!("{e}"));
+            for (i, (x, y)) in got["o"].data.iter().zip(&want["o"].data).enumerate() {
+                assert!((x - y).abs() <= 1e-4 + 1e-4 * y.abs(), "b = {b}, m = {m}: element {i}: {x} vs {y}");
             }
         }
     }
