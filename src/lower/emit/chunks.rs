@@ -23,7 +23,7 @@ use crate::ir::DType;
 use crate::lower::LowerError;
 
 use super::bodies::Out;
-use super::panel_ahead::{LinesAhead, NextRows};
+use super::panel_ahead::{LinesAhead, NextRows, LINE_BYTES};
 use super::Kc;
 
 /// Bytes of the strided operand's rows a chunk of the sum reads (with a
@@ -45,8 +45,9 @@ impl Kc<'_> {
     /// chunks (hoisted; at least one, so a sum of no terms still stores
     /// its zeros) when its sum is chunked: one summed letter, longer than
     /// a chunk or of a size known only at run time, not a panel
-    /// projection (a panel is read whole: `Kc::panel_operand`) nor a sum
-    /// in bf16 pairs.
+    /// projection (a panel is read whole: `Kc::panel_operand`; paired
+    /// panels, `Kc::pair_dot`, included). A sum in pairs of rows formed
+    /// while it runs (`Kc::pair_rows`) is chunked on pairs.
     pub(super) fn sum_chunk(&mut self, j: usize, row: usize) -> Option<(i64, String)> {
         if self.pair_dot(j).is_some() || self.panel_operand(j).is_some() {
             return None;
@@ -118,7 +119,7 @@ impl Kc<'_> {
         });
         let Some((subs, buf)) = found else { return Ok(None) };
         let row_bytes = (row * self.program.buffers[buf].dtype.size()) as i64;
-        if row_bytes % 64 != 0 {
+        if row_bytes % LINE_BYTES != 0 {
             return Ok(None);
         }
         let mut env: Vec<(char, String)> = spec.output.iter().copied().zip(idx.iter().cloned()).collect();

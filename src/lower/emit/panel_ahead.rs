@@ -23,7 +23,7 @@ use crate::lower::LowerError;
 use super::Kc;
 
 /// Bytes of a cache line: one prefetch each.
-const LINE_BYTES: i64 = 64;
+pub(super) const LINE_BYTES: i64 = 64;
 
 /// The next block of rows of an operand that a whole tile prefetches
 /// its share of, a line per step of its sum: a panel projection's next
@@ -86,9 +86,7 @@ impl Kc<'_> {
         let p_axis = spec.output.iter().position(|&c| c == subs[0] && c != z)?;
         let b = self.stored(v)?;
         let buf = &self.program.buffers[b];
-        let dims = &self.graph.dims;
-        let known: Option<Vec<i64>> =
-            buf.shape.iter().map(|p| dims.normalize(p).ok().and_then(|p| p.as_constant())).collect();
+        let known: Option<Vec<i64>> = buf.shape.iter().map(|p| self.constant_size(p)).collect();
         let row: i64 = known?.get(2..)?.iter().product();
         let row_bytes = row * buf.dtype.size() as i64;
         let whole_lines = buf.shape.len() == subs.len() && buf.pitch.is_none() && row_bytes % LINE_BYTES == 0;
@@ -106,8 +104,7 @@ impl Kc<'_> {
     ) -> Result<LinesAhead, LowerError> {
         let b = &self.program.buffers[buf];
         let shape = b.shape.clone();
-        let known = |p: &crate::ir::Poly| self.graph.dims.normalize(p).ok().and_then(|p| p.as_constant());
-        let sizes: Option<Vec<i64>> = shape.iter().skip(1).map(known).collect();
+        let sizes: Option<Vec<i64>> = shape.iter().skip(1).map(|p| self.constant_size(p)).collect();
         let Some((&steps, rest)) = sizes.as_ref().and_then(|s| s.split_first()) else {
             return Err(LowerError::Unsupported { node: b.name.clone(), message: "panels of sizes not known".into() });
         };
