@@ -131,6 +131,11 @@ impl Step for CpuBackend {
         Ok(picked)
     }
 
+    /// Makes room for the intermediates at `dims` ([`CpuStep::reserve`]).
+    fn reserve(&mut self, dims: &BTreeMap<String, i64>) -> Result<(), StepError> {
+        self.step.reserve(dims).map_err(|e| StepError::Backend(e.to_string()))
+    }
+
     fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
         let (axis, dim) = self.pitch(name)?;
         self.bound.remove(name);

@@ -114,6 +114,18 @@ pub trait Step {
         Ok(false)
     }
 
+    /// Makes room, before a run of steps, for everything a step at `dims`
+    /// needs besides its inputs (intermediates, outputs): `dims` is the
+    /// largest point of the steps to come (a decode loop's last), so that
+    /// they run without allocating or faulting in fresh memory, the first
+    /// as fast as the others. Inputs need not be bound yet. The provided
+    /// version does nothing; a backend that allocates by the step
+    /// overrides it.
+    fn reserve(&mut self, dims: &BTreeMap<String, i64>) -> Result<(), StepError> {
+        let _ = dims;
+        Ok(())
+    }
+
     /// Appends output `rows` of the last [`Step::run`] (the cache's shape
     /// with `r` on the rows axis, possibly with leading axes of size 1: a
     /// decode step's `[b, g, 1, k]`, a prefill step's `[1, g, n, k]` for a
@@ -174,6 +186,10 @@ macro_rules! forward_step {
                 (**self).reserve_rows(name, shape, capacity)
             }
 
+            fn reserve(&mut self, dims: &BTreeMap<String, i64>) -> Result<(), StepError> {
+                (**self).reserve(dims)
+            }
+
             fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
                 (**self).append_rows(name, rows)
             }
@@ -217,6 +233,10 @@ impl<S: Step> Step for BoundCaches<S> {
         wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, HostTensor>, StepError> {
         self.0.run_selected(dims, wanted)
+    }
+
+    fn reserve(&mut self, dims: &BTreeMap<String, i64>) -> Result<(), StepError> {
+        self.0.reserve(dims)
     }
 
     fn run_timed(&mut self, dims: &BTreeMap<String, i64>, repeats: usize) -> Result<Vec<f64>, StepError> {

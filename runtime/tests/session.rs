@@ -87,6 +87,8 @@ struct FakeStep {
     bound: HashMap<String, HostTensor>,
     binds: HashMap<String, usize>,
     runs: Vec<Run>,
+    /// The dims of each `reserve`, with the number of runs before it.
+    reserved: Vec<((usize, usize, usize), usize)>,
     /// Return new K rows of a wrong shape (a broken backend).
     broken: bool,
 }
@@ -112,13 +114,17 @@ impl Step for FakeStep {
         Ok(())
     }
 
+    fn reserve(&mut self, dims: &BTreeMap<String, i64>) -> Result<(), StepError> {
+        self.reserved.push((three(dims)?, self.runs.len()));
+        Ok(())
+    }
+
     fn run_selected(
         &mut self,
         dims: &BTreeMap<String, i64>,
         _: Option<&[&str]>,
     ) -> Result<HashMap<String, HostTensor>, StepError> {
-        let d = |n: &str| dims.get(n).map(|v| *v as usize).ok_or_else(|| StepError::Dims(format!("no {n}")));
-        let (b, m_c, m_d) = (d("b")?, d("m_c")?, d("m_d")?);
+        let (b, m_c, m_d) = three(dims)?;
         let tokens: Vec<usize> = self.expect("token_ids", &[b, 1])?.data.iter().map(|v| *v as usize).collect();
         let positions: Vec<usize> = self.expect("positions", &[b, 1])?.data.iter().map(|v| *v as usize).collect();
         self.expect("w", &[V])?;
@@ -151,6 +157,12 @@ impl Step for FakeStep {
         self.runs.push(Run { dims: (b, m_c, m_d), tokens, positions, bound: self.bound.clone() });
         Ok(out)
     }
+}
+
+/// `(b, m_c, m_d)` of `dims`.
+fn three(dims: &BTreeMap<String, i64>) -> Result<(usize, usize, usize), StepError> {
+    let d = |n: &str| dims.get(n).map(|v| *v as usize).ok_or_else(|| StepError::Dims(format!("no {n}")));
+    Ok((d("b")?, d("m_c")?, d("m_d")?))
 }
 
 fn weights() -> HashMap<String, HostTensor> {
@@ -236,6 +248,9 @@ fn fills_the_context_by_stepping_and_decodes_greedily() {
             check_cache(&run.bound[&format!("cache.{l}.v_dec")], &generated, 3, l, true);
         }
     }
+    // Room made before the fill's first run for its last (b = 1, m_c = 0,
+    // m_d = 2), and before sampling's first run for its last (m_d = 4).
+    assert_eq!(session.step().reserved, vec![((1, 0, 2), 0), ((4, 3, 4), 3)]);
     // Weights once; context caches once for the fill (empty) and once for sampling.
     let binds = &session.step().binds;
     assert_eq!(binds["w"], 1);

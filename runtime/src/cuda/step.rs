@@ -126,15 +126,8 @@ impl CudaStep {
         self.plan.check_inputs(&all, &self.bound)?;
         let pitched = self.plan.buffers.iter().filter(|b| b.kind == BufferKind::Input);
         self.rows.check_dense(pitched.filter_map(|b| Some((b.name.as_str(), b.pitch.as_ref()?.1.as_str()))))?;
+        self.size_memory(&all, true)?;
         let stream = self.device.stream.clone();
-        for (i, b) in self.plan.buffers.iter().enumerate() {
-            if b.kind == BufferKind::Output {
-                self.memory[i].ensure(&stream, self.plan.bytes_at(i, &all)?, true)?;
-            }
-        }
-        for (slot, bytes) in self.slots.iter_mut().zip(self.plan.slot_bytes(&all)?) {
-            slot.ensure(&stream, bytes, true)?;
-        }
         let (dummy, _sync) = self.dummy.device_ptr(&stream);
         let mut pointers = Vec::with_capacity(self.plan.buffers.len());
         for i in 0..self.plan.buffers.len() {
@@ -150,6 +143,21 @@ impl CudaStep {
         }
         let launches = self.plan.launches(&all, &self.rows.capacities(), |i| pointers[i])?;
         Ok((launches, all))
+    }
+
+    /// Sizes the outputs and the intermediates' slots for a step at `all`
+    /// (with room to grow by an eighth when `headroom` and a buffer grows).
+    fn size_memory(&mut self, all: &Bound, headroom: bool) -> Result<(), StepError> {
+        let stream = self.device.stream.clone();
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            if b.kind == BufferKind::Output {
+                self.memory[i].ensure(&stream, self.plan.bytes_at(i, all)?, headroom)?;
+            }
+        }
+        for (slot, bytes) in self.slots.iter_mut().zip(self.plan.slot_bytes(all)?) {
+            slot.ensure(&stream, bytes, headroom)?;
+        }
+        Ok(())
     }
 
     /// Input `name`'s index, checked to be a pitched input.
@@ -296,6 +304,13 @@ impl Step for CudaStep {
             outputs.insert(b.name.clone(), HostTensor { shape, data });
         }
         Ok(outputs)
+    }
+
+    /// Allocates the outputs and the intermediates' slots for a step at
+    /// `dims` (exactly: the largest to come), so the steps allocate none.
+    fn reserve(&mut self, dims: &BTreeMap<String, i64>) -> Result<(), StepError> {
+        let all = self.plan.bind_dims(dims)?;
+        self.size_memory(&all, false)
     }
 
     fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {

@@ -432,6 +432,10 @@ impl<S: Step> Session<S> {
             }
         }
         let kept = kept.iter().all(|&k| k);
+        if full > 0 {
+            // Room for the last chunk, over the context of all the others.
+            prefill.reserve(&dims(1, full - n, 0))?;
+        }
         for start in (0..full).step_by(n.max(1)) {
             if !kept {
                 for (l, kv) in layout.layers.iter().zip(&caches) {
@@ -500,6 +504,7 @@ impl<S: Step> Session<S> {
     ) -> Result<(Vec<[HostTensor; 2]>, Vec<f32>), SessionError> {
         self.bind_context(&prefix)?;
         let mut caches = self.new_caches(1, tokens.len())?;
+        self.step.reserve(&dims(1, start, tokens.len().saturating_sub(1)))?;
         let mut logits = HostTensor::default();
         for (i, &token) in tokens.iter().enumerate() {
             logits = self.decode_step(&[token], start + i, start, &mut caches)?;
@@ -626,6 +631,8 @@ impl<S: Step> Session<S> {
         // (each with its own generator).
         let mut current = draw(&context.last_logits, vocab, true, &mut rngs, temperature, 0)?;
         let mut caches = self.new_caches(b, options.steps)?;
+        // Room for the last step (m_d = steps - 1), so that no step allocates.
+        self.step.reserve(&dims(b, context.len, options.steps - 1))?;
         for step in 0..options.steps {
             for (s, t) in current.iter().enumerate() {
                 tokens[s].push(*t);

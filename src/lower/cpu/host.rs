@@ -60,6 +60,18 @@ impl HostData {
         }
     }
 
+    /// Room for `n` elements (at least one), every page mapped in now (see
+    /// `Lines::reserve`); the values are unspecified.
+    pub(crate) fn reserve(&mut self, n: usize) {
+        let n = n.max(1);
+        match self {
+            HostData::F32(v) => v.reserve(n),
+            HostData::U16(v) => v.reserve(n),
+            HostData::I32(v) => v.reserve(n),
+            HostData::I64(v) => v.reserve(n),
+        }
+    }
+
     /// Every element set to a value no kernel computes from finite inputs
     /// (NaN, or the extreme integer): for checking that nothing reads an
     /// element before its kernel writes it.

@@ -4,6 +4,8 @@ use std::ops::{Deref, DerefMut};
 
 /// Bytes of a cache line, and of an AVX-512 vector.
 const LINE: usize = 64;
+/// Bytes of the smallest page the system maps on first touch.
+const PAGE: usize = 4096;
 
 /// `len` elements of `T` starting on a cache line: the CPU kernels' 64-byte
 /// vector loads and stores along a buffer's rows then never straddle two
@@ -45,6 +47,23 @@ impl<T: Copy + Default> Lines<T> {
             let mut grown = Self::zeros(n.saturating_add(n / 2));
             grown.len = n;
             *self = grown;
+        }
+    }
+
+    /// Room for `n` elements whose values are left unspecified, as
+    /// [`Lines::reuse`] gives, but a new allocation holds exactly `n` (this
+    /// is the largest size to come, no room to grow is needed), and every
+    /// page of the allocation is mapped in now: one element per 4 KiB is
+    /// written, where the system would otherwise fault each page in on its
+    /// first touch by a later user.
+    pub(crate) fn reserve(&mut self, n: usize) {
+        if self.start + n > self.raw.len() {
+            *self = Self::zeros(n);
+        }
+        self.len = n;
+        let step = (PAGE / size_of::<T>().max(1)).max(1);
+        for x in self.raw.iter_mut().step_by(step) {
+            *x = T::default();
         }
     }
 

@@ -14,6 +14,7 @@ mod masks;
 mod panels;
 mod parts;
 mod peak;
+mod scratch;
 mod stored;
 
 pub use host::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
@@ -34,7 +35,7 @@ use crate::ir::{DType, Graph, Poly};
 use crate::lower::context::DiagnosticCapture;
 use crate::lower::emit::{emit_shared, Emulation, SharedModule, Target};
 use crate::lower::kernel_bytes::kernel_bytes;
-use crate::lower::plan::{plan_tuned, plan_with, typical_point, BufferKind, Param, Program};
+use crate::lower::plan::{plan_tuned, plan_with, typical_point, Buffer, BufferKind, Param, Program};
 use crate::lower::{new_context, run_pipeline, verify, LowerError};
 use host::HostData;
 use layout::Kept;
@@ -449,31 +450,7 @@ impl CpuStep {
         // Owned storage, or the data of an input read in place.
         let mut host: Vec<Result<HostData, *const c_void>> = Vec::with_capacity(self.program.buffers.len());
         for (b, buf) in self.program.buffers.iter().enumerate() {
-            let shape = buf
-                .shape
-                .iter()
-                .map(|p| {
-                    let v = self.graph.dims.eval(p, point).map_err(|e| LowerError::Size {
-                        what: format!("buffer `{}`", buf.name),
-                        message: e.to_string(),
-                    })?;
-                    usize::try_from(v)
-                        .map_err(|_| LowerError::Run(format!("buffer `{}`: size `{p}` = {v} is negative", buf.name)))
-                })
-                .collect::<Result<Vec<usize>, _>>()?;
-            // The stored shape: a pitched axis holds its capacity.
-            let mut shape = shape;
-            if let Some(p) = &buf.pitch {
-                let k = self.program.dims.iter().position(|x| *x == p.dim);
-                if let (Some(k), Some(s)) = (k, shape.get_mut(p.axis)) {
-                    *s = caps[k] as usize;
-                }
-            }
-            let n = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .filter(|&n| n <= MAX_ELEMENTS)
-                .ok_or_else(|| LowerError::Run(format!("buffer `{}` of shape {shape:?} is too large", buf.name)))?;
+            let (shape, n) = self.stored_shape(buf, point, &caps)?;
             let data = match buf.kind {
                 BufferKind::Input(_) => {
                     let missing = || LowerError::Run(format!("input `{}` is missing", buf.name));
@@ -578,6 +555,41 @@ impl CpuStep {
             *kept = scratch;
         }
         Ok(out)
+    }
+
+    /// Buffer `buf`'s shape as stored at `point` (a pitched axis holds its
+    /// capacity, from `caps`: one value per runtime dim of the program) and
+    /// its element count.
+    fn stored_shape(
+        &self,
+        buf: &Buffer,
+        point: &BTreeMap<String, i64>,
+        caps: &[i64],
+    ) -> Result<(Vec<usize>, usize), LowerError> {
+        let mut shape =
+            buf.shape
+                .iter()
+                .map(|p| {
+                    let v = self.graph.dims.eval(p, point).map_err(|e| LowerError::Size {
+                        what: format!("buffer `{}`", buf.name),
+                        message: e.to_string(),
+                    })?;
+                    usize::try_from(v)
+                        .map_err(|_| LowerError::Run(format!("buffer `{}`: size `{p}` = {v} is negative", buf.name)))
+                })
+                .collect::<Result<Vec<usize>, _>>()?;
+        if let Some(p) = &buf.pitch {
+            let k = self.program.dims.iter().position(|x| *x == p.dim);
+            if let (Some(&cap), Some(s)) = (k.and_then(|k| caps.get(k)), shape.get_mut(p.axis)) {
+                *s = cap as usize;
+            }
+        }
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= MAX_ELEMENTS)
+            .ok_or_else(|| LowerError::Run(format!("buffer `{}` of shape {shape:?} is too large", buf.name)))?;
+        Ok((shape, n))
     }
 
     /// Runs every kernel of the program in order at `point`, each with its
