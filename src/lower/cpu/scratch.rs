@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use rayon::iter::{IndexedParallelIterator, IntoParallelRefIterator, IntoParallelRefMutIterator, ParallelIterator};
+
 use super::host::HostData;
 use super::CpuStep;
 use crate::lower::plan::BufferKind;
@@ -13,8 +15,16 @@ impl CpuStep {
     /// now, so that those runs neither allocate intermediates nor fault
     /// their pages in. Without it the first run at a larger point did
     /// both: in `bifurc run` (GPT-2 f32, b = 32, a context of 1000, two
-    /// threads) the first step took about twice the median, the second a
-    /// fifth more (its scores a column longer than the first's).
+    /// threads, 6 alternated runs each) the first step took 149-333 ms and
+    /// the second 94-256, against a median of 51-57 (the second's scores a
+    /// column longer than the first's, so allocated again).
+    ///
+    /// The pages are mapped in on the pool's threads. Done on the calling
+    /// thread alone, the first step still took 80-131 ms and the second
+    /// 53-79: one core ran the kernels' parts for most of the first step,
+    /// the pool's other thread, asleep since the weights were bound,
+    /// joining late. On the pool: 65-88 ms (one run 169), the second
+    /// 54-68 (one 261: this machine is shared).
     ///
     /// Memory that is already large enough is kept (and mapped in); the
     /// values stay unspecified, as between any two runs. Does nothing
@@ -27,13 +37,21 @@ impl CpuStep {
             .iter()
             .map(|d| point.get(d).copied().ok_or_else(|| LowerError::Run(format!("runtime dim `{d}` has no value"))))
             .collect::<Result<Vec<i64>, _>>()?;
+        let mut sizes = Vec::with_capacity(self.program.buffers.len());
+        for buf in &self.program.buffers {
+            let n = match buf.kind {
+                BufferKind::Intermediate => Some(self.stored_shape(buf, point, &dims)?.1),
+                _ => None,
+            };
+            sizes.push(n);
+        }
         let Ok(mut scratch) = self.scratch.try_lock() else { return Ok(()) };
         scratch.resize_with(self.program.buffers.len(), || None);
-        for (buf, kept) in self.program.buffers.iter().zip(scratch.iter_mut()) {
-            if buf.kind != BufferKind::Intermediate {
-                continue;
-            }
-            let (_, n) = self.stored_shape(buf, point, &dims)?;
+        // Across the pool's threads: the pages map in faster, and the
+        // threads the first step splits its kernels over are awake.
+        let buffers = &self.program.buffers;
+        scratch.par_iter_mut().zip(buffers.par_iter().zip(sizes)).for_each(|(kept, (buf, n))| {
+            let Some(n) = n else { return };
             match kept {
                 Some(data) if data.dtype_is(buf.dtype) => data.reserve(n),
                 _ => {
@@ -42,7 +60,7 @@ impl CpuStep {
                     *kept = Some(data);
                 }
             }
-        }
+        });
         Ok(())
     }
 }
