@@ -125,7 +125,7 @@ impl Kc<'_> {
 
     /// Whether the explicit-vector sum over letter `c` (size `d`, in
     /// vectors of `lanes`) of einsum `spec` over `inputs` runs on the bf16
-    /// dot product (see [`Kc::dot_sums`]): this CPU has it, the sum is in
+    /// dot product (in `Kc::simd_sums`): this CPU has it, the sum is in
     /// 16 lanes over a constant multiple of 32, and there are two
     /// operands, both bf16 with `c` last, each read through views that
     /// keep consecutive elements of its last axis adjacent in a stored
