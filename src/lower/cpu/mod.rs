@@ -418,14 +418,7 @@ impl CpuStep {
         inputs: Inputs<'_>,
         times: Option<&mut KernelTimes>,
     ) -> Result<HashMap<String, Tensor>, LowerError> {
-        let mut dims: Vec<i64> = Vec::with_capacity(self.program.dims.len());
-        for d in &self.program.dims {
-            match point.get(d) {
-                None => return Err(LowerError::Run(format!("runtime dim `{d}` has no value"))),
-                Some(&v) if v < 0 => return Err(LowerError::Run(format!("runtime dim `{d}` = {v} is negative"))),
-                Some(&v) => dims.push(v),
-            }
-        }
+        let mut dims = self.dims_at(point)?;
         let mut caps = dims.clone();
         for (d, &cap) in capacities {
             let k = self.program.dims.iter().position(|x| x == d);
@@ -555,6 +548,20 @@ impl CpuStep {
             *kept = scratch;
         }
         Ok(out)
+    }
+
+    /// The value at `point` of each runtime dim of the program, in order:
+    /// an error names a dim with no value or a negative one.
+    fn dims_at(&self, point: &BTreeMap<String, i64>) -> Result<Vec<i64>, LowerError> {
+        self.program
+            .dims
+            .iter()
+            .map(|d| match point.get(d) {
+                None => Err(LowerError::Run(format!("runtime dim `{d}` has no value"))),
+                Some(&v) if v < 0 => Err(LowerError::Run(format!("runtime dim `{d}` = {v} is negative"))),
+                Some(&v) => Ok(v),
+            })
+            .collect()
     }
 
     /// Buffer `buf`'s shape as stored at `point` (a pitched axis holds its

@@ -31,12 +31,7 @@ impl CpuStep {
     /// while another thread is running the step (the intermediates are
     /// then in use).
     pub fn reserve(&self, point: &BTreeMap<String, i64>) -> Result<(), LowerError> {
-        let dims = self
-            .program
-            .dims
-            .iter()
-            .map(|d| point.get(d).copied().ok_or_else(|| LowerError::Run(format!("runtime dim `{d}` has no value"))))
-            .collect::<Result<Vec<i64>, _>>()?;
+        let dims = self.dims_at(point)?;
         let mut sizes = Vec::with_capacity(self.program.buffers.len());
         for buf in &self.program.buffers {
             let n = match buf.kind {
