@@ -200,9 +200,16 @@ pub fn kernel_bytes(graph: &Graph, program: &Program) -> Result<Vec<KernelBytes>
                 }
             }
             // The whole output buffer, once (a row kernel's extent counts
-            // rows, not elements).
+            // rows, not elements); a softmax planned in place writes its
+            // own shape over its parts.
             let out = &program.buffers[kernel.writes];
-            acc.add(None, &numel(&graph.dims, &out.shape)?, out.dtype)?;
+            match value {
+                Value::Node(j) if program.in_place.iter().any(|p| p.node == kernel.node) => {
+                    let node = &graph.nodes[j];
+                    acc.add(None, &numel(&graph.dims, &node.shape)?, node.dtype)?;
+                }
+                _ => acc.add(None, &numel(&graph.dims, &out.shape)?, out.dtype)?,
+            }
             Ok(acc)
         })
         .collect()

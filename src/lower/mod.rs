@@ -10,6 +10,7 @@ pub mod context;
 pub mod cpu;
 pub mod emit;
 pub mod gpu;
+mod in_place;
 mod kernel_bytes;
 pub mod mma;
 pub mod plan;
@@ -19,7 +20,9 @@ pub use context::{new_context, run_pipeline, verify, DiagnosticCapture};
 pub use cpu::{peak_multiply_adds, CpuStep, CPU_PIPELINE};
 pub use emit::{emit, emit_emulating_gpu, emit_shared, Emulation, SharedModule, Target};
 pub use mma::{Mma, Tuning};
-pub use plan::{plan, plan_tuned, plan_with, Buffer, BufferKind, Kernel, Param, Pitch, Program};
+pub use plan::{
+    plan, plan_cpu, plan_tuned, plan_with, Buffer, BufferKind, InPlace, InPlacePart, Kernel, Param, Pitch, Program,
+};
 pub use smoke::{smoke, SMOKE_PIPELINE};
 
 /// Errors from building, verifying or transforming MLIR.

@@ -17,6 +17,9 @@
 //!   (on the GPU a block of threads per row: [`Kernel::gpu_threads`]). On
 //!   the GPU a bf16 / f16 contraction may instead run on tensor cores, by
 //!   output tiles ([`Kernel::mma`], [`crate::lower::mma`]).
+//! - The CPU's plan ([`plan_cpu`]) writes a softmax over its input's
+//!   parts where only it reads them and only slices over them read it
+//!   ([`InPlace`]): it then has no buffer of its own.
 //! - Graph inputs and outputs always have buffers. An output whose value is
 //!   a graph input, a view, or a node already written to another output gets
 //!   a `copy` kernel.
@@ -100,7 +103,9 @@ pub struct Kernel {
     pub op: String,
     /// Buffers read, ascending.
     pub reads: Vec<usize>,
-    /// The buffer written.
+    /// The buffer written; for a softmax planned in place (see
+    /// [`InPlace`]), the first of the buffers it writes over, all of
+    /// which it also reads.
     pub writes: usize,
     /// Number of threads (runtime dims only): elements of the written
     /// buffer, or for a row kernel its rows (elements / row length). A
@@ -124,7 +129,7 @@ pub struct Kernel {
     pub mma: Option<Mma>,
     /// Every runtime dim (graph order), then the capacity of every pitched
     /// buffer's dim among `reads` (graph order of the dims), then `reads`,
-    /// then `writes`.
+    /// then `writes` unless it is one of `reads` (each buffer passed once).
     pub params: Vec<Param>,
 }
 
@@ -158,6 +163,34 @@ pub struct Program {
     pub buffers: Vec<Buffer>,
     /// In launch order.
     pub kernels: Vec<Kernel>,
+    /// Softmaxes written over their input's parts: only in a CPU plan
+    /// ([`plan_cpu`]).
+    pub in_place: Vec<InPlace>,
+}
+
+/// A softmax whose output has no buffer of its own (see
+/// `lower::in_place`): its input is a concat along its axis (through
+/// inlined elementwise nodes) of parts that only it reads, and its output
+/// is read only by slices over those parts. Its kernel writes part `p`
+/// of each row over the buffer of the concat's part `p`, and the slices
+/// over part `p` read that buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InPlace {
+    /// The softmax node.
+    pub node: String,
+    /// The concat's parts, in order.
+    pub parts: Vec<InPlacePart>,
+}
+
+/// One part of an [`InPlace`] softmax's row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InPlacePart {
+    /// The buffer of the concat's part, overwritten with the softmax's.
+    pub buffer: usize,
+    /// Where the part starts along the softmax's axis.
+    pub start: Poly,
+    /// The slice nodes that read it.
+    pub slices: Vec<String>,
 }
 
 /// How a node is realized.
@@ -540,7 +573,23 @@ pub fn plan_tuned(
     graph: &Graph,
     tensor_cores: Option<(&BTreeMap<String, i64>, Tuning)>,
 ) -> Result<Program, LowerError> {
+    plan_inner(graph, tensor_cores, false)
+}
+
+/// The plan of the CPU step: [`plan_with`] without tensor cores, and
+/// every softmax that can be written over its input's parts planned so
+/// ([`InPlace`]; the GPU's plan keeps a buffer for each).
+pub fn plan_cpu(graph: &Graph) -> Result<Program, LowerError> {
+    plan_inner(graph, None, true)
+}
+
+fn plan_inner(
+    graph: &Graph,
+    tensor_cores: Option<(&BTreeMap<String, i64>, Tuning)>,
+    in_place: bool,
+) -> Result<Program, LowerError> {
     let kinds = classify(graph);
+    let found = if in_place { super::in_place::find(graph, &kinds) } else { Vec::new() };
     let mut buffers = Vec::new();
     for inp in &graph.inputs {
         let shape = shape_of(graph, &inp.shape, &format!("input `{}`", inp.name))?;
@@ -574,7 +623,7 @@ pub fn plan_tuned(
         }
     }
     for (j, node) in graph.nodes.iter().enumerate() {
-        if kinds[j] == NodeKind::Kernel && node_buf[j].is_none() {
+        if kinds[j] == NodeKind::Kernel && node_buf[j].is_none() && !found.iter().any(|f| f.softmax == j) {
             let shape = shape_of(graph, &node.shape, &format!("node `{}`", node.id))?;
             node_buf[j] = Some(buffers.len());
             buffers.push(Buffer {
@@ -586,6 +635,25 @@ pub fn plan_tuned(
             });
         }
     }
+    // The slices of a softmax planned in place read its parts' buffers.
+    let mut in_place = Vec::with_capacity(found.len());
+    for f in &found {
+        let mut parts = Vec::with_capacity(f.parts.len());
+        for (p, start, slices) in &f.parts {
+            let buffer = node_buf[*p].ok_or_else(|| LowerError::Unsupported {
+                node: graph.nodes[*p].id.clone(),
+                message: "a part of an in-place softmax has no buffer".into(),
+            })?;
+            for &s in slices {
+                node_buf[s] = Some(buffer);
+            }
+            let names = slices.iter().map(|&s| graph.nodes[s].id.clone()).collect();
+            let what = format!("the start of `{}` in `{}`", graph.nodes[*p].id, graph.nodes[f.softmax].id);
+            let start = shape_of(graph, std::slice::from_ref(start), &what)?.remove(0);
+            parts.push(InPlacePart { buffer, start, slices: names });
+        }
+        in_place.push(InPlace { node: graph.nodes[f.softmax].id.clone(), parts });
+    }
     let copies: Vec<(usize, Value, String)> =
         copies.into_iter().map(|(b, v)| (b, v, buffers[b].name.clone())).collect();
     let mut kernels = Vec::new();
@@ -595,7 +663,8 @@ pub fn plan_tuned(
                    inputs: &[Value],
                    writes: usize,
                    row: Option<usize>,
-                   node_index: Option<usize>|
+                   node_index: Option<usize>,
+                   shape: Option<Vec<Poly>>|
      -> Result<(), LowerError> {
         let mut reads = BTreeSet::new();
         for v in inputs {
@@ -604,7 +673,7 @@ pub fn plan_tuned(
         // A row kernel: one lane per row (the row axis left out). A
         // cooperative contraction: one item per index of its kept axes
         // (the reuse axes left out).
-        let mut threads = buffers[writes].shape.clone();
+        let mut threads = shape.unwrap_or_else(|| buffers[writes].shape.clone());
         if let Some(axis) = row.filter(|&a| a < threads.len()) {
             threads.remove(axis);
         }
@@ -649,7 +718,9 @@ pub fn plan_tuned(
                 graph.dims.runtime.iter().filter(|d| pitched.contains(d.as_str())).cloned().map(Param::Capacity),
             );
             params.extend(reads.iter().copied().map(Param::Buffer));
-            params.push(Param::Buffer(writes));
+            if !reads.contains(&writes) {
+                params.push(Param::Buffer(writes));
+            }
             params
         };
         let params = params_of(&reads, mma_writes);
@@ -686,15 +757,24 @@ pub fn plan_tuned(
         Ok(())
     };
     for (j, node) in graph.nodes.iter().enumerate() {
-        if let (NodeKind::Kernel, Some(b)) = (kinds[j], node_buf[j]) {
-            let row = row_axis(&node.op, node.shape.len());
-            add(&node.id, &node.id, node.op.name(), &node.inputs, b, row, Some(j))?;
+        let row = row_axis(&node.op, node.shape.len());
+        if let Some(f) = found.iter().find(|f| f.softmax == j) {
+            // Writes over its parts: the first one stands for them, and
+            // the walk is over the softmax's own shape.
+            let first = f.parts.first().and_then(|(p, _, _)| node_buf[*p]).ok_or_else(|| LowerError::Unsupported {
+                node: node.id.clone(),
+                message: "an in-place softmax without parts".into(),
+            })?;
+            let shape = shape_of(graph, &node.shape, &format!("node `{}`", node.id))?;
+            add(&node.id, &node.id, node.op.name(), &node.inputs, first, row, Some(j), Some(shape))?;
+        } else if let (NodeKind::Kernel, Some(b)) = (kinds[j], node_buf[j]) {
+            add(&node.id, &node.id, node.op.name(), &node.inputs, b, row, Some(j), None)?;
         }
     }
     for (b, v, out) in copies {
-        add(&out, graph.name_of(v), "copy", &[v], b, None, None)?;
+        add(&out, graph.name_of(v), "copy", &[v], b, None, None, None)?;
     }
-    Ok(Program { dims: graph.dims.runtime.clone(), buffers, kernels })
+    Ok(Program { dims: graph.dims.runtime.clone(), buffers, kernels, in_place })
 }
 
 /// The rows axis of a decode cache (see [`Pitch`]).
@@ -714,7 +794,8 @@ fn collect_reads(graph: &Graph, kinds: &[NodeKind], node_buf: &[Option<usize>], 
             out.insert(i);
         }
         Value::Node(j) => match (kinds.get(j), node_buf.get(j).copied().flatten()) {
-            (Some(NodeKind::Kernel), Some(b)) => {
+            // A slice of an in-place softmax reads its part's buffer.
+            (Some(NodeKind::Kernel | NodeKind::View), Some(b)) => {
                 out.insert(b);
             }
             (Some(NodeKind::View | NodeKind::Inlined), _) => {

@@ -35,7 +35,7 @@ use crate::ir::{DType, Graph, Poly};
 use crate::lower::context::DiagnosticCapture;
 use crate::lower::emit::{emit_shared, Emulation, SharedModule, Target};
 use crate::lower::kernel_bytes::kernel_bytes;
-use crate::lower::plan::{plan_tuned, plan_with, typical_point, Buffer, BufferKind, Param, Program};
+use crate::lower::plan::{plan_cpu, plan_tuned, typical_point, Buffer, BufferKind, Param, Program};
 use crate::lower::{new_context, run_pipeline, verify, LowerError};
 use host::HostData;
 use layout::Kept;
@@ -155,7 +155,8 @@ pub struct CpuStep {
 }
 
 impl CpuStep {
-    /// Plans (without tensor cores: the CPU has none), emits, verifies,
+    /// Plans ([`plan_cpu`]: without tensor cores, which the CPU has none
+    /// of, and a softmax written over its scores where it can be), emits, verifies,
     /// lowers with [`CPU_PIPELINE`] and JIT-compiles `graph`. An f32
     /// weight only ever multiplied as `x @ W` (stored `[in, out]`, GPT-2's
     /// Conv1D) is kept transposed, read as `x @ Wᵀ`; then a float weight
@@ -177,7 +178,7 @@ impl CpuStep {
         let (graph, transposed) = layout::transpose_right_weights(&graph);
         let mut kept: BTreeMap<String, Kept> = transposed.into_iter().map(|n| (n, Kept::Transposed)).collect();
         let graph = panels::panel_weights(&graph, &mut kept, pairs);
-        let program = plan_with(&graph, None)?;
+        let program = plan_cpu(&graph)?;
         let module = emit_shared(&graph, &program, Target::Cpu, None)?;
         let mut step = Self::compile_module(&graph, program, &module, rayon::current_num_threads())?;
         step.kept = kept;

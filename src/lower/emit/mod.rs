@@ -3,7 +3,9 @@
 //! # Kernel structure
 //!
 //! Every kernel computes the elements of one buffer (its `writes`), one
-//! element per thread (GPU) or loop iteration (CPU). A flat index
+//! element per thread (GPU) or loop iteration (CPU); a softmax planned in
+//! place ([`crate::lower::InPlace`], CPU) writes its row's parts over the
+//! buffers it reads them from. A flat index
 //! `i in [0, extent)`, `extent = numel(buffer)`, is delinearized into the
 //! output's multi-index; the body computes that one element in f32 (or i64
 //! for integer data) and stores it at offset `i`, row-major.
@@ -53,8 +55,8 @@
 //! Parameters, in [`crate::lower::plan::Kernel::params`] order: every
 //! runtime dim in `graph.dims.runtime` order as `i64` (and the row
 //! capacity of a pitched dim), then every buffer the kernel reads
-//! (ascending buffer index), then the buffer it writes, each as an
-//! `!llvm.ptr`: a bare pointer to contiguous row-major data of the
+//! (ascending buffer index), then the buffer it writes (unless it reads
+//! it too: a softmax planned in place), each as an `!llvm.ptr`: a bare pointer to contiguous row-major data of the
 //! buffer's dtype (f32, f16 and bf16 as their IEEE / bfloat16 bits, i32,
 //! i64). Floats are widened to f32 on load and rounded (to nearest even) on
 //! store. A zero-size buffer may be passed as any non-null pointer; nothing
@@ -192,8 +194,19 @@ impl Layout {
         let mut node_buf = vec![None; graph.nodes.len()];
         for k in program.kernels.iter().filter(|k| k.op != "copy") {
             match graph.find(&k.node) {
+                // A softmax planned in place has no buffer of its own.
+                Some(Value::Node(_)) if program.in_place.iter().any(|p| p.node == k.node) => {}
                 Some(Value::Node(j)) if k.writes < program.buffers.len() => node_buf[j] = Some(k.writes),
                 _ => return Err(mismatch(&k.name, format!("computes `{}`, which is not a node of the graph", k.node))),
+            }
+        }
+        // Its slices read its parts' buffers.
+        for part in program.in_place.iter().flat_map(|p| &p.parts) {
+            for s in &part.slices {
+                match graph.find(s) {
+                    Some(Value::Node(j)) if part.buffer < program.buffers.len() => node_buf[j] = Some(part.buffer),
+                    _ => return Err(mismatch(s, "slices an in-place softmax, but is not a node of the graph".into())),
+                }
             }
         }
         Ok(Layout { input_buf, node_buf })
@@ -457,13 +470,24 @@ fn kernel_fn(
         }
         _ => None,
     };
+    // A softmax planned in place walks its own shape; it writes over its
+    // parts (see `rows`).
+    let shape = match node.filter(|_| program.in_place.iter().any(|p| p.node == kernel.node)) {
+        Some(j) => graph.nodes[j]
+            .shape
+            .iter()
+            .map(|p| graph.dims.normalize(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| LowerError::Size { what: format!("kernel `{}`", kernel.name), message: e.to_string() })?,
+        None => out.shape.clone(),
+    };
     let dest = Out {
         kernel,
         target,
         emulation,
         flat: "%i".to_owned(),
-        shape: out.shape.clone(),
-        sizes: kc.sizes(&out.shape)?,
+        sizes: kc.sizes(&shape)?,
+        shape,
         ptr: kc.ptr(kernel.writes)?,
         dtype: out.dtype,
     };

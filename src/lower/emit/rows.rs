@@ -21,6 +21,17 @@ enum Keep<'a> {
     Out { ptr: &'a str, sizes: &'a [String] },
     /// In an f32 row of ROW_KEEP on the stack, at its index along the row.
     Row(&'a str),
+    /// Over the parts of the softmax's input, in their buffers (a softmax
+    /// planned in place, see [`crate::lower::InPlace`]): the output too.
+    Parts(&'a [Part]),
+}
+
+/// One part of the row of a softmax planned in place: its buffer's
+/// pointer and sizes, and where it starts along the row.
+pub(super) struct Part {
+    ptr: String,
+    sizes: Vec<String>,
+    start: Poly,
 }
 
 impl Kc<'_> {
@@ -85,6 +96,10 @@ impl Kc<'_> {
                     kc.b.store(ptr, &off, DType::F32, Val::f32(e.clone()));
                 }
                 Some(Keep::Row(ptr)) => kc.b.store(ptr, l, DType::F32, Val::f32(e.clone())),
+                Some(Keep::Parts(parts)) => {
+                    let (ptr, off) = kc.part_offset(parts, at, axis)?;
+                    kc.b.store(&ptr, &off, DType::F32, Val::f32(e.clone()));
+                }
                 None => {}
             }
             Ok(kc.row_add(a, &e))
@@ -114,27 +129,81 @@ impl Kc<'_> {
     fn softmax_scale(
         &mut self,
         [max, sum]: &[String; 2],
-        len: &str,
+        (len, segments): (&str, &[Poly]),
         at: &mut [String],
         axis: usize,
         keep: Keep,
         (ptr, sizes, dtype): (&str, &[String], DType),
-    ) {
+    ) -> Result<(), LowerError> {
         let ninf = self.b.f32(f32::NEG_INFINITY);
         let (zero, one) = (self.b.f32(0.0), self.b.f32(1.0));
         let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
         let inv = self.b.fbin("divf", &one, sum);
+        let scaled = |kc: &mut Self, e: &str| {
+            let q = kc.b.fbin("mulf", e, &inv);
+            kc.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"))
+        };
+        if let Keep::Parts(parts) = keep {
+            // Each part's loop reads back and scales what its buffer kept.
+            return self.row_each(segments, |kc, l| {
+                at[axis] = l.to_owned();
+                let (ptr, off) = kc.part_offset(parts, at, axis)?;
+                let e = kc.b.load(&ptr, &off, DType::F32);
+                let v = scaled(kc, &e.ssa);
+                kc.b.store(&ptr, &off, DType::F32, Val::f32(v));
+                Ok(())
+            });
+        }
         let l = self.row_loop(len);
         at[axis] = l.clone();
         let off = self.b.linearize(at, sizes);
         let e = match keep {
-            Keep::Out { ptr, .. } => self.b.load(ptr, &off, DType::F32),
             Keep::Row(row) => self.b.load(row, &l, DType::F32),
+            // `Keep::Out`: in the output itself.
+            _ => self.b.load(ptr, &off, DType::F32),
         };
-        let q = self.b.fbin("mulf", &e.ssa, &inv);
-        let v = self.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"));
+        let v = scaled(self, &e.ssa);
         self.b.store(ptr, &off, dtype, Val::f32(v));
         self.b.close();
+        Ok(())
+    }
+
+    /// The parts of softmax node `j`'s row when it is planned in place
+    /// (see [`Keep::Parts`]).
+    fn in_place_parts(&mut self, j: usize) -> Result<Option<Vec<Part>>, LowerError> {
+        let id = &self.graph.nodes[j].id;
+        let Some(plan) = self.program.in_place.iter().find(|p| &p.node == id) else { return Ok(None) };
+        let mut parts = Vec::with_capacity(plan.parts.len());
+        for part in &plan.parts {
+            let shape = self.program.buffers.get(part.buffer).map(|b| b.shape.clone()).unwrap_or_default();
+            parts.push(Part { ptr: self.ptr(part.buffer)?, sizes: self.sizes(&shape)?, start: part.start.clone() });
+        }
+        Ok(Some(parts))
+    }
+
+    /// Where element `at` of a softmax planned in place is kept (`at[axis]`
+    /// a row index pinned to one part's segment, see `segments`): that
+    /// part's pointer, and the offset of the element in it.
+    fn part_offset(&mut self, parts: &[Part], at: &[String], axis: usize) -> Result<(String, String), LowerError> {
+        let l = &at[axis];
+        let p = match parts {
+            [_] => Some(0),
+            _ => self
+                .pinned
+                .iter()
+                .rev()
+                .find(|(i, _, _)| i == l)
+                .and_then(|(_, lo, _)| parts.iter().position(|q| self.graph.dims.same(&q.start, lo))),
+        };
+        let part = p.and_then(|p| parts.get(p)).ok_or_else(|| LowerError::Unsupported {
+            node: self.kernel.to_owned(),
+            message: "an in-place softmax's row is not split at its parts".into(),
+        })?;
+        let start = self.sizes(std::slice::from_ref(&part.start))?.remove(0);
+        let mut local = at.to_vec();
+        local[axis] = self.b.subi(l, &start);
+        let off = self.b.linearize(&local, &part.sizes);
+        Ok((part.ptr.clone(), off))
     }
 
     /// The sum of a softmax row of max `max`, then every element from
@@ -303,9 +372,14 @@ impl Kc<'_> {
                     // scaled by `1 / sum` (0 in a fully masked lane): one
                     // exp per element, and the last pass reads the output
                     // contiguously instead of through the input's views.
-                    let keep = Keep::Out { ptr: out_ptr, sizes: out_sizes };
+                    // Planned in place, the output is the input's parts.
+                    let parts = self.in_place_parts(j)?;
+                    let keep = match &parts {
+                        Some(parts) => Keep::Parts(parts),
+                        None => Keep::Out { ptr: out_ptr, sizes: out_sizes },
+                    };
                     let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some(keep))?;
-                    self.softmax_scale(&[max, sum], &len, &mut at, axis, keep, out);
+                    self.softmax_scale(&[max, sum], (&len, &segments), &mut at, axis, keep, out)?;
                 } else if self.vector_rows() {
                     // A half-precision output, on the CPU: the `e`s kept in
                     // f32 in a row on the stack (rounded once, at the
@@ -318,7 +392,7 @@ impl Kc<'_> {
                     let alloca = format!("llvm.alloca {n} x f32 {{alignment = 64 : i64}} : (i64) -> !llvm.ptr");
                     let row = self.b.hoist(&alloca);
                     let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some(Keep::Row(&row)))?;
-                    self.softmax_scale(&[max.clone(), sum], &len, &mut at, axis, Keep::Row(&row), out);
+                    self.softmax_scale(&[max.clone(), sum], (&len, &segments), &mut at, axis, Keep::Row(&row), out)?;
                     self.b.else_guard();
                     self.softmax_recompute(x, max, &segments, &mut at, axis, out)?;
                     self.b.close();

@@ -1,0 +1,263 @@
+//! Softmaxes written over their scores (a CPU plan: [`super::plan_cpu`]).
+//!
+//! Bifurcated attention's softmax reads `concat(scores_context,
+//! scores_decode, scores_new)` along its axis (scaled, maybe masked: ops
+//! inlined into it), and its output is read only as those parts again,
+//! by slices, one `w·V` each. Written to a buffer of its own, each line
+//! of its output is first read for ownership (a plain store to a line
+//! not in cache), a third more traffic than the scores it reads: the
+//! softmax is bound by memory (16 MB of f32 scores a layer at b = 32,
+//! m_c = 8192). Planned in place, the softmax writes part `p` of each row
+//! over the buffer of the concat's part `p`, which it has just read and
+//! nothing else reads, and each slice reads that buffer.
+//!
+//! A softmax qualifies when, over live nodes only:
+//! - its input is a chain of inlined elementwise nodes (each the one
+//!   user of the one before) ending at a concat along the softmax's axis,
+//!   the chain's one user (so nothing else reads the parts: a mask
+//!   reading them would be another user);
+//! - each part of the concat is a node with a kernel of its own, of the
+//!   softmax's dtype, f32, whose one user is the concat;
+//! - every user of the softmax is a slice along its axis exactly over one
+//!   part;
+//! - none of these is a graph output.
+//!
+//! The softmax then reads every element before it writes it, at the
+//! same place (its max pass reads the row, its exp pass reads an element
+//! and stores its `exp` there, its last pass scales what it stored), so
+//! the result is the same bytes as with its own buffer.
+
+use crate::ir::{DType, Graph, Op, Poly, Value};
+
+use super::plan::NodeKind;
+
+/// One softmax to plan in place: its node, and per part of its input's
+/// concat (in order) the part's node, where it starts along the axis, and
+/// the slices that read that part of the softmax.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Found {
+    pub softmax: usize,
+    pub parts: Vec<(usize, Poly, Vec<usize>)>,
+}
+
+/// Every softmax of `graph` (classified as `kinds`) that qualifies (see
+/// the module docs), in node order.
+pub(crate) fn find(graph: &Graph, kinds: &[NodeKind]) -> Vec<Found> {
+    let n = graph.nodes.len();
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (k, node) in graph.nodes.iter().enumerate() {
+        if kinds.get(k).is_none_or(|kind| *kind == NodeKind::Dead) {
+            continue;
+        }
+        for v in &node.inputs {
+            if let Value::Node(p) = *v {
+                if p < n && !users[p].contains(&k) {
+                    users[p].push(k);
+                }
+            }
+        }
+    }
+    let output = |j: usize| graph.outputs.iter().any(|o| o.value == Value::Node(j));
+    (0..n)
+        .filter(|&j| kinds.get(j) == Some(&NodeKind::Kernel) && !output(j))
+        .filter_map(|j| qualifies(graph, kinds, &users, &output, j))
+        .collect()
+}
+
+fn qualifies(
+    graph: &Graph,
+    kinds: &[NodeKind],
+    users: &[Vec<usize>],
+    output: &dyn Fn(usize) -> bool,
+    j: usize,
+) -> Option<Found> {
+    let node = &graph.nodes[j];
+    let Op::Softmax { axis } = node.op else { return None };
+    if node.dtype != DType::F32 {
+        return None;
+    }
+    // The chain of inlined elementwise nodes from the softmax's input back
+    // to the concat: each step's operand of the softmax's shape.
+    let mut at = match node.inputs.as_slice() {
+        [Value::Node(x)] => *x,
+        _ => return None,
+    };
+    let mut user = j;
+    let concat = loop {
+        if users[at] != [user] || output(at) {
+            return None;
+        }
+        let here = &graph.nodes[at];
+        match (&here.op, kinds[at]) {
+            (Op::Concat { axis: a }, NodeKind::View) if *a == axis => break at,
+            (op, NodeKind::Inlined) if crate::lower::plan::is_elementwise(op) => {
+                let same = |v: &Value| graph.dims.same_shape(graph.shape_of(*v), &node.shape);
+                let next = here.inputs.iter().find(|v| same(v))?;
+                let Value::Node(next) = *next else { return None };
+                user = at;
+                at = next;
+            }
+            _ => return None,
+        }
+    };
+    let parts = &graph.nodes[concat].inputs;
+    let mut found = Vec::with_capacity(parts.len());
+    let mut start = Poly::zero();
+    for part in parts {
+        let Value::Node(p) = *part else { return None };
+        let ok =
+            kinds[p] == NodeKind::Kernel && graph.nodes[p].dtype == node.dtype && users[p] == [concat] && !output(p);
+        if !ok {
+            return None;
+        }
+        let end = start.add(graph.shape_of(*part).get(axis)?).ok()?;
+        found.push((p, start.clone(), end.clone()));
+        start = end;
+    }
+    let mut slices: Vec<Vec<usize>> = vec![Vec::new(); found.len()];
+    for &s in &users[j] {
+        let Op::Slice { axis: a, start, end } = &graph.nodes[s].op else { return None };
+        if *a != axis || output(s) {
+            return None;
+        }
+        let p = found.iter().position(|(_, lo, hi)| graph.dims.same(lo, start) && graph.dims.same(hi, end))?;
+        slices[p].push(s);
+    }
+    Some(Found { softmax: j, parts: found.into_iter().zip(slices).map(|((p, lo, _), s)| (p, lo, s)).collect() })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::{json, Value as Json};
+
+    use crate::ir::Graph;
+    use crate::lower::{plan_cpu, plan_with, BufferKind, CpuStep, Param};
+
+    /// One head-split attention over a shared context (`kc`, `vc`) and a
+    /// new token (`kn`, `vn`), bifurcated: scores of both, their concat
+    /// scaled, the softmax, and each part's `w·V` through a slice.
+    fn attention() -> Json {
+        json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 8}},
+            "inputs": [
+                {"name": "q", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "f32"},
+                {"name": "kc", "role": "activation", "shape": ["h", "m", "k"], "dtype": "f32"},
+                {"name": "kn", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "f32"},
+                {"name": "vc", "role": "activation", "shape": ["h", "m", "k"], "dtype": "f32"},
+                {"name": "vn", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "f32"}
+            ],
+            "nodes": [
+                {"id": "s1", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "abxy,bzy->abxz"}},
+                {"id": "s2", "op": "einsum", "inputs": ["q", "kn"], "attrs": {"spec": "abxy,abzy->abxz"}},
+                {"id": "s", "op": "concat", "inputs": ["s1", "s2"], "attrs": {"axis": 3}},
+                {"id": "sc", "op": "scale", "inputs": ["s"], "attrs": {"value": 0.35}},
+                {"id": "p", "op": "softmax", "inputs": ["sc"], "attrs": {"axis": 3}},
+                {"id": "p1", "op": "slice", "inputs": ["p"], "attrs": {"axis": 3, "start": 0, "end": "m"}},
+                {"id": "p2", "op": "slice", "inputs": ["p"], "attrs": {"axis": 3, "start": "m", "end": "m+1"}},
+                {"id": "o1", "op": "einsum", "inputs": ["p1", "vc"], "attrs": {"spec": "abxy,byz->abxz"}},
+                {"id": "o2", "op": "einsum", "inputs": ["p2", "vn"], "attrs": {"spec": "abxy,abyz->abxz"}},
+                {"id": "o", "op": "add", "inputs": ["o1", "o2"]}
+            ],
+            "outputs": [{"name": "o", "node": "o"}]
+        })
+    }
+
+    fn graph(doc: &Json) -> Graph {
+        crate::import::from_value(doc).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The CPU plan writes the softmax over its two parts' buffers: no
+    /// buffer of its own, each buffer passed to its kernel once, the
+    /// slices reading the parts; the GPU's plan keeps its buffer. The
+    /// step's output is the interpreter's at ragged points (an empty
+    /// context included), run whole and in parts.
+    #[test]
+    fn the_softmax_is_written_over_its_scores() {
+        let g = graph(&attention());
+        let program = plan_cpu(&g).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(program.in_place.len(), 1, "{:?}", program.in_place);
+        let plan = &program.in_place[0];
+        assert_eq!(plan.node, "p");
+        let names: Vec<&str> = plan.parts.iter().map(|p| program.buffers[p.buffer].name.as_str()).collect();
+        assert_eq!(names, ["s1", "s2"]);
+        let slices: Vec<&[String]> = plan.parts.iter().map(|p| p.slices.as_slice()).collect();
+        assert_eq!(slices, [["p1".to_string()], ["p2".to_string()]]);
+        assert!(program.buffers.iter().all(|b| b.name != "p"), "the softmax has no buffer");
+        let kernel = program.kernels.iter().find(|k| k.node == "p").unwrap_or_else(|| panic!("no softmax kernel"));
+        let passed: Vec<usize> =
+            kernel.params.iter().filter_map(|p| if let Param::Buffer(b) = p { Some(*b) } else { None }).collect();
+        assert_eq!(passed, plan.parts.iter().map(|p| p.buffer).collect::<Vec<_>>(), "each part once");
+        assert!(kernel.reads.contains(&kernel.writes));
+        for (node, part) in [("o1", 0), ("o2", 1)] {
+            let k = program.kernels.iter().find(|k| k.node == node).unwrap_or_else(|| panic!("{node}"));
+            assert!(k.reads.contains(&plan.parts[part].buffer), "{node} reads its part: {:?}", k.reads);
+        }
+        let gpu = plan_with(&g, None).unwrap_or_else(|e| panic!("{e}"));
+        assert!(gpu.in_place.is_empty());
+        assert!(gpu.buffers.iter().any(|b| b.name == "p" && b.kind == BufferKind::Intermediate));
+
+        let mut step = CpuStep::compile(&g).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(step.program().in_place.len(), 1);
+        for (b, m) in [(3, 37), (1, 0), (2, 300), (5, 16)] {
+            let point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), m)]);
+            let inputs = crate::interp::random_inputs(&g, &point, 5).unwrap_or_else(|e| panic!("{e}"));
+            let want = crate::interp::run(&g, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            for threads in [1, 3] {
+                step.set_threads(threads);
+                step.set_min_split_bytes(0);
+                let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(got["o"].shape, want["o"].shape);
+                for (i, (x, y)) in got["o"].data.iter().zip(&want["o"].data).enumerate() {
+                    assert!((x - y).abs() <= 1e-5 + 1e-5 * y.abs(), "b={b} m={m} {threads}: [{i}] {x} vs {y}");
+                }
+            }
+        }
+    }
+
+    /// Where anything else would read a part, or the softmax other than
+    /// as one part, the softmax keeps its own buffer.
+    #[test]
+    fn a_softmax_read_otherwise_keeps_its_buffer() {
+        let edits: [(&str, Edit); 5] = [
+            ("a part is an output", |d| push(d, "outputs", json!({"name": "s1", "node": "s1"}))),
+            ("the softmax is an output", |d| push(d, "outputs", json!({"name": "p", "node": "p"}))),
+            ("a slice over both parts", |d| {
+                push(
+                    d,
+                    "nodes",
+                    json!({"id": "pb", "op": "slice", "inputs": ["p"], "attrs": {"axis": 3, "start": 1, "end": "m+1"}}),
+                );
+                push(d, "outputs", json!({"name": "pb", "node": "pb"}));
+            }),
+            ("the scaled scores are read again", |d| {
+                push(d, "nodes", json!({"id": "e", "op": "exp", "inputs": ["sc"]}));
+                push(d, "outputs", json!({"name": "e", "node": "e"}));
+            }),
+            ("a part is read again", |d| {
+                push(d, "nodes", json!({"id": "e", "op": "exp", "inputs": ["s2"]}));
+                push(d, "outputs", json!({"name": "e", "node": "e"}));
+            }),
+        ];
+        for (what, edit) in edits {
+            let mut doc = attention();
+            edit(&mut doc);
+            let g = graph(&doc);
+            let program = plan_cpu(&g).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(program.in_place.is_empty(), "{what}: {:?}", program.in_place);
+            assert!(program.buffers.iter().any(|b| b.name == "p"), "{what}");
+        }
+    }
+
+    /// A change to [`attention`]'s document.
+    type Edit = fn(&mut Json);
+
+    fn push(doc: &mut Json, list: &str, item: Json) {
+        match doc.get_mut(list).and_then(Json::as_array_mut) {
+            Some(items) => items.push(item),
+            None => panic!("no {list}"),
+        }
+    }
+}
