@@ -12,14 +12,15 @@
 //! nothing else reads, and each slice reads that buffer.
 //!
 //! A softmax qualifies when, over live nodes only:
-//! - its input is a chain of inlined elementwise nodes (each the one
-//!   user of the one before) ending at a concat along the softmax's axis,
-//!   the chain's one user (so nothing else reads the parts: a mask
-//!   reading them would be another user);
+//! - its input is a chain of inlined elementwise nodes and reshapes
+//!   (each the one user of the one before) ending at a concat along the
+//!   row, the chain's one user (so nothing else reads the parts: a mask
+//!   reading them would be another user); a reshape keeps the row as the
+//!   last axis, regrouping the axes before it (grouped-query heads);
 //! - each part of the concat is a node with a kernel of its own, of the
 //!   softmax's dtype, f32, whose one user is the concat;
-//! - every user of the softmax is a slice along its axis exactly over one
-//!   part;
+//! - every user of the softmax is a slice along the row exactly over one
+//!   part, or a reshape that keeps the row whose users are;
 //! - none of these is a graph output.
 //!
 //! The softmax then reads every element before it writes it, at the
@@ -31,13 +32,24 @@ use crate::ir::{DType, Graph, Op, Poly, Value};
 
 use super::plan::NodeKind;
 
-/// One softmax to plan in place: its node, and per part of its input's
-/// concat (in order) the part's node, where it starts along the axis, and
-/// the slices that read that part of the softmax.
+/// One softmax to plan in place: its node, and its input concat's parts,
+/// in order.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Found {
     pub softmax: usize,
-    pub parts: Vec<(usize, Poly, Vec<usize>)>,
+    pub parts: Vec<FoundPart>,
+}
+
+/// A part of a [`Found`] softmax's input concat.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct FoundPart {
+    /// The part's node.
+    pub node: usize,
+    /// Where it starts along the row, and its length there.
+    pub start: Poly,
+    pub len: Poly,
+    /// The slices that read this part of the softmax.
+    pub slices: Vec<usize>,
 }
 
 /// Every softmax of `graph` (classified as `kinds`) that qualifies (see
@@ -76,54 +88,87 @@ fn qualifies(
     if node.dtype != DType::F32 {
         return None;
     }
-    // The chain of inlined elementwise nodes from the softmax's input back
-    // to the concat: each step's operand of the softmax's shape.
+    // A reshape keeps the row where the row is the last axis on both
+    // sides: it regroups the axes before it (grouped-query heads, `[b, g,
+    // p, n, m]` as `[b, h, n, m]`), and an element's row-major offset is
+    // the same in either shape.
+    let keeps_row = |shape: &[Poly], row: usize, other: &[Poly]| {
+        row + 1 == shape.len() && shape.last().zip(other.last()).is_some_and(|(a, b)| graph.dims.same(a, b))
+    };
+    // From the softmax's input back to the concat: inlined elementwise
+    // nodes (through their operand of the same shape) and reshapes.
     let mut at = match node.inputs.as_slice() {
         [Value::Node(x)] => *x,
         _ => return None,
     };
-    let mut user = j;
+    let (mut user, mut row) = (j, axis);
     let concat = loop {
         if users[at] != [user] || output(at) {
             return None;
         }
         let here = &graph.nodes[at];
-        match (&here.op, kinds[at]) {
-            (Op::Concat { axis: a }, NodeKind::View) if *a == axis => break at,
+        let next = match (&here.op, kinds[at]) {
+            (Op::Concat { axis: a }, NodeKind::View) if *a == row => break at,
+            (Op::Reshape { .. }, NodeKind::View) => {
+                let [next] = here.inputs.as_slice() else { return None };
+                let from = graph.shape_of(*next);
+                if !keeps_row(&here.shape, row, from) {
+                    return None;
+                }
+                row = from.len() - 1;
+                *next
+            }
             (op, NodeKind::Inlined) if crate::lower::plan::is_elementwise(op) => {
-                let same = |v: &Value| graph.dims.same_shape(graph.shape_of(*v), &node.shape);
-                let next = here.inputs.iter().find(|v| same(v))?;
-                let Value::Node(next) = *next else { return None };
-                user = at;
-                at = next;
+                let same = |v: &&Value| graph.dims.same_shape(graph.shape_of(**v), &here.shape);
+                *here.inputs.iter().find(same)?
             }
             _ => return None,
-        }
+        };
+        let Value::Node(next) = next else { return None };
+        user = at;
+        at = next;
     };
-    let parts = &graph.nodes[concat].inputs;
-    let mut found = Vec::with_capacity(parts.len());
+    let mut parts = Vec::new();
     let mut start = Poly::zero();
-    for part in parts {
+    for part in &graph.nodes[concat].inputs {
         let Value::Node(p) = *part else { return None };
         let ok =
             kinds[p] == NodeKind::Kernel && graph.nodes[p].dtype == node.dtype && users[p] == [concat] && !output(p);
         if !ok {
             return None;
         }
-        let end = start.add(graph.shape_of(*part).get(axis)?).ok()?;
-        found.push((p, start.clone(), end.clone()));
+        let len = graph.shape_of(*part).get(row)?.clone();
+        let end = start.add(&len).ok()?;
+        parts.push(FoundPart { node: p, start: start.clone(), len, slices: Vec::new() });
         start = end;
     }
-    let mut slices: Vec<Vec<usize>> = vec![Vec::new(); found.len()];
-    for &s in &users[j] {
+    // Every user a slice over one part: of the softmax, or of a reshape
+    // of it that keeps the row.
+    let mut take = |s: usize, row: usize| -> Option<()> {
         let Op::Slice { axis: a, start, end } = &graph.nodes[s].op else { return None };
-        if *a != axis || output(s) {
+        if *a != row || output(s) {
             return None;
         }
-        let p = found.iter().position(|(_, lo, hi)| graph.dims.same(lo, start) && graph.dims.same(hi, end))?;
-        slices[p].push(s);
+        let end_of = |p: &FoundPart| p.start.add(&p.len).ok();
+        let p = parts
+            .iter()
+            .position(|p| graph.dims.same(&p.start, start) && end_of(p).is_some_and(|e| graph.dims.same(&e, end)))?;
+        parts[p].slices.push(s);
+        Some(())
+    };
+    for &u in &users[j] {
+        let used = &graph.nodes[u];
+        match used.op {
+            Op::Slice { .. } => take(u, axis)?,
+            Op::Reshape { .. } if !output(u) && keeps_row(&node.shape, axis, &used.shape) => {
+                for &s in &users[u] {
+                    take(s, used.shape.len() - 1)?;
+                }
+            }
+            _ => return None,
+        }
     }
-    Some(Found { softmax: j, parts: found.into_iter().zip(slices).map(|((p, lo, _), s)| (p, lo, s)).collect() })
+    Some(Found { softmax: j, parts })
 }
 
 #[cfg(test)]
@@ -165,6 +210,40 @@ mod tests {
         })
     }
 
+    /// [`attention`] with grouped-query heads (2 KV heads of 3 query
+    /// heads): the scores `[b, g, p, 1, m]` concatenated, then read as `[b,
+    /// h, 1, m + 1]` by a reshape; the probabilities read back as `[b, g,
+    /// p, 1, m + 1]` by another before the slices.
+    fn grouped_attention() -> Json {
+        json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m"], "constants": {"g": 2, "p": 3, "h": 6, "k": 8}},
+            "inputs": [
+                {"name": "q", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "f32"},
+                {"name": "kc", "role": "activation", "shape": ["g", "m", "k"], "dtype": "f32"},
+                {"name": "kn", "role": "activation", "shape": ["b", "g", 1, "k"], "dtype": "f32"},
+                {"name": "vc", "role": "activation", "shape": ["g", "m", "k"], "dtype": "f32"},
+                {"name": "vn", "role": "activation", "shape": ["b", "g", 1, "k"], "dtype": "f32"}
+            ],
+            "nodes": [
+                {"id": "qg", "op": "reshape", "inputs": ["q"], "attrs": {"shape": ["b", "g", "p", 1, "k"]}},
+                {"id": "s1", "op": "einsum", "inputs": ["qg", "kc"], "attrs": {"spec": "acdxy,czy->acdxz"}},
+                {"id": "s2", "op": "einsum", "inputs": ["qg", "kn"], "attrs": {"spec": "acdxy,aczy->acdxz"}},
+                {"id": "cat", "op": "concat", "inputs": ["s1", "s2"], "attrs": {"axis": 4}},
+                {"id": "s", "op": "reshape", "inputs": ["cat"], "attrs": {"shape": ["b", "h", 1, "m+1"]}},
+                {"id": "sc", "op": "scale", "inputs": ["s"], "attrs": {"value": 0.35}},
+                {"id": "p", "op": "softmax", "inputs": ["sc"], "attrs": {"axis": 3}},
+                {"id": "r", "op": "reshape", "inputs": ["p"], "attrs": {"shape": ["b", "g", "p", 1, "m+1"]}},
+                {"id": "p1", "op": "slice", "inputs": ["r"], "attrs": {"axis": 4, "start": 0, "end": "m"}},
+                {"id": "p2", "op": "slice", "inputs": ["r"], "attrs": {"axis": 4, "start": "m", "end": "m+1"}},
+                {"id": "o1", "op": "einsum", "inputs": ["p1", "vc"], "attrs": {"spec": "acdxy,cyz->acdxz"}},
+                {"id": "o2", "op": "einsum", "inputs": ["p2", "vn"], "attrs": {"spec": "acdxy,acyz->acdxz"}},
+                {"id": "o", "op": "add", "inputs": ["o1", "o2"]}
+            ],
+            "outputs": [{"name": "o", "node": "o"}]
+        })
+    }
+
     fn graph(doc: &Json) -> Graph {
         crate::import::from_value(doc).unwrap_or_else(|e| panic!("{e}"))
     }
@@ -176,8 +255,17 @@ mod tests {
     /// context included), run whole and in parts.
     #[test]
     fn the_softmax_is_written_over_its_scores() {
-        let g = graph(&attention());
-        let program = plan_cpu(&g).unwrap_or_else(|e| panic!("{e}"));
+        check_in_place(&graph(&attention()));
+    }
+
+    /// The same with grouped-query heads, through the reshapes.
+    #[test]
+    fn a_grouped_query_softmax_is_written_over_its_scores() {
+        check_in_place(&graph(&grouped_attention()));
+    }
+
+    fn check_in_place(g: &Graph) {
+        let program = plan_cpu(g).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(program.in_place.len(), 1, "{:?}", program.in_place);
         let plan = &program.in_place[0];
         assert_eq!(plan.node, "p");
@@ -195,16 +283,16 @@ mod tests {
             let k = program.kernels.iter().find(|k| k.node == node).unwrap_or_else(|| panic!("{node}"));
             assert!(k.reads.contains(&plan.parts[part].buffer), "{node} reads its part: {:?}", k.reads);
         }
-        let gpu = plan_with(&g, None).unwrap_or_else(|e| panic!("{e}"));
+        let gpu = plan_with(g, None).unwrap_or_else(|e| panic!("{e}"));
         assert!(gpu.in_place.is_empty());
         assert!(gpu.buffers.iter().any(|b| b.name == "p" && b.kind == BufferKind::Intermediate));
 
-        let mut step = CpuStep::compile(&g).unwrap_or_else(|e| panic!("{e}"));
+        let mut step = CpuStep::compile(g).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(step.program().in_place.len(), 1);
         for (b, m) in [(3, 37), (1, 0), (2, 300), (5, 16)] {
             let point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), m)]);
-            let inputs = crate::interp::random_inputs(&g, &point, 5).unwrap_or_else(|e| panic!("{e}"));
-            let want = crate::interp::run(&g, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let inputs = crate::interp::random_inputs(g, &point, 5).unwrap_or_else(|e| panic!("{e}"));
+            let want = crate::interp::run(g, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
             for threads in [1, 3] {
                 step.set_threads(threads);
                 step.set_min_split_bytes(0);
@@ -221,10 +309,10 @@ mod tests {
     /// as one part, the softmax keeps its own buffer.
     #[test]
     fn a_softmax_read_otherwise_keeps_its_buffer() {
-        let edits: [(&str, Edit); 5] = [
-            ("a part is an output", |d| push(d, "outputs", json!({"name": "s1", "node": "s1"}))),
-            ("the softmax is an output", |d| push(d, "outputs", json!({"name": "p", "node": "p"}))),
-            ("a slice over both parts", |d| {
+        let edits: [(&str, Json, Edit); 8] = [
+            ("a part is an output", attention(), |d| push(d, "outputs", json!({"name": "s1", "node": "s1"}))),
+            ("the softmax is an output", attention(), |d| push(d, "outputs", json!({"name": "p", "node": "p"}))),
+            ("a slice over both parts", attention(), |d| {
                 push(
                     d,
                     "nodes",
@@ -232,17 +320,32 @@ mod tests {
                 );
                 push(d, "outputs", json!({"name": "pb", "node": "pb"}));
             }),
-            ("the scaled scores are read again", |d| {
+            ("the scaled scores are read again", attention(), |d| {
                 push(d, "nodes", json!({"id": "e", "op": "exp", "inputs": ["sc"]}));
                 push(d, "outputs", json!({"name": "e", "node": "e"}));
             }),
-            ("a part is read again", |d| {
+            ("a part is read again", attention(), |d| {
                 push(d, "nodes", json!({"id": "e", "op": "exp", "inputs": ["s2"]}));
                 push(d, "outputs", json!({"name": "e", "node": "e"}));
             }),
+            ("a grouped part is an output", grouped_attention(), |d| {
+                push(d, "outputs", json!({"name": "s2", "node": "s2"}));
+            }),
+            ("the grouped probabilities are an output", grouped_attention(), |d| {
+                push(d, "outputs", json!({"name": "r", "node": "r"}));
+            }),
+            ("a reshape that moves the row", grouped_attention(), |d| {
+                // Its slice spans the first part's offsets, on another row.
+                let flat = json!({"id": "f", "op": "reshape", "inputs": ["p"], "attrs": {"shape": ["b", "h*m+h"]}});
+                let cut =
+                    json!({"id": "fs", "op": "slice", "inputs": ["f"], "attrs": {"axis": 1, "start": 0, "end": "m"}});
+                push(d, "nodes", flat);
+                push(d, "nodes", cut);
+                push(d, "nodes", json!({"id": "fe", "op": "exp", "inputs": ["fs"]}));
+                push(d, "outputs", json!({"name": "fe", "node": "fe"}));
+            }),
         ];
-        for (what, edit) in edits {
-            let mut doc = attention();
+        for (what, mut doc, edit) in edits {
             edit(&mut doc);
             let g = graph(&doc);
             let program = plan_cpu(&g).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -251,7 +354,7 @@ mod tests {
         }
     }
 
-    /// A change to [`attention`]'s document.
+    /// A change to [`attention`]'s or [`grouped_attention`]'s document.
     type Edit = fn(&mut Json);
 
     fn push(doc: &mut Json, list: &str, item: Json) {

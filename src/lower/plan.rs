@@ -170,10 +170,12 @@ pub struct Program {
 
 /// A softmax whose output has no buffer of its own (see
 /// `lower::in_place`): its input is a concat along its axis (through
-/// inlined elementwise nodes) of parts that only it reads, and its output
-/// is read only by slices over those parts. Its kernel writes part `p`
-/// of each row over the buffer of the concat's part `p`, and the slices
-/// over part `p` read that buffer.
+/// inlined elementwise nodes, and reshapes that regroup the axes before
+/// the row) of parts that only it reads, and its output is read only by
+/// slices over those parts. Its kernel writes part `p` of each row over
+/// the buffer of the concat's part `p`, at the element's row-major
+/// offset in the softmax's shape with the row cut to the part's length,
+/// and the slices over part `p` read that buffer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InPlace {
     /// The softmax node.
@@ -187,8 +189,10 @@ pub struct InPlace {
 pub struct InPlacePart {
     /// The buffer of the concat's part, overwritten with the softmax's.
     pub buffer: usize,
-    /// Where the part starts along the softmax's axis.
+    /// Where the part starts along the softmax's axis, and its length
+    /// there.
     pub start: Poly,
+    pub len: Poly,
     /// The slice nodes that read it.
     pub slices: Vec<String>,
 }
@@ -639,18 +643,21 @@ fn plan_inner(
     let mut in_place = Vec::with_capacity(found.len());
     for f in &found {
         let mut parts = Vec::with_capacity(f.parts.len());
-        for (p, start, slices) in &f.parts {
-            let buffer = node_buf[*p].ok_or_else(|| LowerError::Unsupported {
-                node: graph.nodes[*p].id.clone(),
+        for part in &f.parts {
+            let p = part.node;
+            let buffer = node_buf[p].ok_or_else(|| LowerError::Unsupported {
+                node: graph.nodes[p].id.clone(),
                 message: "a part of an in-place softmax has no buffer".into(),
             })?;
-            for &s in slices {
+            for &s in &part.slices {
                 node_buf[s] = Some(buffer);
             }
-            let names = slices.iter().map(|&s| graph.nodes[s].id.clone()).collect();
-            let what = format!("the start of `{}` in `{}`", graph.nodes[*p].id, graph.nodes[f.softmax].id);
-            let start = shape_of(graph, std::slice::from_ref(start), &what)?.remove(0);
-            parts.push(InPlacePart { buffer, start, slices: names });
+            let slices = part.slices.iter().map(|&s| graph.nodes[s].id.clone()).collect();
+            let what = format!("the row of `{}` in `{}`", graph.nodes[p].id, graph.nodes[f.softmax].id);
+            let span = shape_of(graph, &[part.start.clone(), part.len.clone()], &what)?;
+            let [start, len] =
+                <[Poly; 2]>::try_from(span).map_err(|_| LowerError::Size { what, message: "not two sizes".into() })?;
+            parts.push(InPlacePart { buffer, start, len, slices });
         }
         in_place.push(InPlace { node: graph.nodes[f.softmax].id.clone(), parts });
     }
@@ -761,7 +768,7 @@ fn plan_inner(
         if let Some(f) = found.iter().find(|f| f.softmax == j) {
             // Writes over its parts: the first one stands for them, and
             // the walk is over the softmax's own shape.
-            let first = f.parts.first().and_then(|(p, _, _)| node_buf[*p]).ok_or_else(|| LowerError::Unsupported {
+            let first = f.parts.first().and_then(|p| node_buf[p.node]).ok_or_else(|| LowerError::Unsupported {
                 node: node.id.clone(),
                 message: "an in-place softmax without parts".into(),
             })?;

@@ -173,10 +173,16 @@ impl Kc<'_> {
     fn in_place_parts(&mut self, j: usize) -> Result<Option<Vec<Part>>, LowerError> {
         let id = &self.graph.nodes[j].id;
         let Some(plan) = self.program.in_place.iter().find(|p| &p.node == id) else { return Ok(None) };
+        // The softmax's shape with the row cut to the part's length: the
+        // part's buffer, or a reshape of it that keeps the row (see
+        // `lower::in_place`), both row-major.
+        let axis = self.row_axis(j).ok_or_else(|| self.unsupported(j, "is not a row kernel"))?;
+        let shape = self.graph.nodes[j].shape.clone();
         let mut parts = Vec::with_capacity(plan.parts.len());
         for part in &plan.parts {
-            let shape = self.program.buffers.get(part.buffer).map(|b| b.shape.clone()).unwrap_or_default();
-            parts.push(Part { ptr: self.ptr(part.buffer)?, sizes: self.sizes(&shape)?, start: part.start.clone() });
+            let mut cut = shape.clone();
+            cut[axis] = part.len.clone();
+            parts.push(Part { ptr: self.ptr(part.buffer)?, sizes: self.sizes(&cut)?, start: part.start.clone() });
         }
         Ok(Some(parts))
     }
