@@ -132,6 +132,10 @@ fn qualifies(
     let mut start = Poly::zero();
     for part in &graph.nodes[concat].inputs {
         let Value::Node(p) = *part else { return None };
+        // A part twice: the first one's writes would be read as the second.
+        if parts.iter().any(|q: &FoundPart| q.node == p) {
+            return None;
+        }
         let ok =
             kinds[p] == NodeKind::Kernel && graph.nodes[p].dtype == node.dtype && users[p] == [concat] && !output(p);
         if !ok {
@@ -345,6 +349,24 @@ mod tests {
                 push(d, "outputs", json!({"name": "fe", "node": "fe"}));
             }),
         ];
+        let twice = json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b"], "constants": {"h": 2, "k": 8}},
+            "inputs": [
+                {"name": "q", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "f32"},
+                {"name": "kn", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "f32"}
+            ],
+            "nodes": [
+                {"id": "s2", "op": "einsum", "inputs": ["q", "kn"], "attrs": {"spec": "abxy,abzy->abxz"}},
+                {"id": "s", "op": "concat", "inputs": ["s2", "s2"], "attrs": {"axis": 3}},
+                {"id": "p", "op": "softmax", "inputs": ["s"], "attrs": {"axis": 3}},
+                {"id": "p1", "op": "slice", "inputs": ["p"], "attrs": {"axis": 3, "start": 0, "end": 1}},
+                {"id": "p2", "op": "slice", "inputs": ["p"], "attrs": {"axis": 3, "start": 1, "end": 2}},
+                {"id": "o", "op": "add", "inputs": ["p1", "p2"]}
+            ],
+            "outputs": [{"name": "o", "node": "o"}]
+        });
+        let edits = edits.into_iter().chain([("one part twice", twice, (|_| {}) as Edit)]);
         for (what, mut doc, edit) in edits {
             edit(&mut doc);
             let g = graph(&doc);
