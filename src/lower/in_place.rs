@@ -182,7 +182,7 @@ mod tests {
     use serde_json::{json, Value as Json};
 
     use crate::ir::Graph;
-    use crate::lower::{plan_cpu, plan_with, BufferKind, CpuStep, Param};
+    use crate::lower::{emit, plan_cpu, plan_with, BufferKind, CpuStep, Param, Target};
 
     /// One head-split attention over a shared context (`kc`, `vc`) and a
     /// new token (`kn`, `vn`), bifurcated: scores of both, their concat
@@ -287,6 +287,16 @@ mod tests {
             let k = program.kernels.iter().find(|k| k.node == node).unwrap_or_else(|| panic!("{node}"));
             assert!(k.reads.contains(&plan.parts[part].buffer), "{node} reads its part: {:?}", k.reads);
         }
+        // Only the CPU's row loops write over the parts: the plan emitted
+        // for the GPU, or the GPU's structure emulated, is an error.
+        let emulation = crate::lower::Emulation { lanes: 4, cooperative_min: 64, tuning: Default::default() };
+        for text in [emit(g, &program, Target::Gpu), crate::lower::emit_emulating_gpu(g, &program, emulation)] {
+            match text {
+                Err(e) => assert!(e.to_string().contains("only as the CPU's row loops"), "{e}"),
+                Ok(_) => panic!("a softmax planned in place emitted for the GPU"),
+            }
+        }
+        assert!(emit(g, &program, Target::Cpu).is_ok());
         let gpu = plan_with(g, None).unwrap_or_else(|e| panic!("{e}"));
         assert!(gpu.in_place.is_empty());
         assert!(gpu.buffers.iter().any(|b| b.name == "p" && b.kind == BufferKind::Intermediate));

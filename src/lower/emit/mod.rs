@@ -56,11 +56,12 @@
 //! runtime dim in `graph.dims.runtime` order as `i64` (and the row
 //! capacity of a pitched dim), then every buffer the kernel reads
 //! (ascending buffer index), then the buffer it writes (unless it reads
-//! it too: a softmax planned in place), each as an `!llvm.ptr`: a bare pointer to contiguous row-major data of the
-//! buffer's dtype (f32, f16 and bf16 as their IEEE / bfloat16 bits, i32,
-//! i64). Floats are widened to f32 on load and rounded (to nearest even) on
-//! store. A zero-size buffer may be passed as any non-null pointer; nothing
-//! is read from or written to it.
+//! it too: a softmax planned in place), each as an `!llvm.ptr`: a bare
+//! pointer to contiguous row-major data of the buffer's dtype (f32, f16
+//! and bf16 as their IEEE / bfloat16 bits, i32, i64). Floats are widened
+//! to f32 on load and rounded (to nearest even) on store. A zero-size
+//! buffer may be passed as any non-null pointer; nothing is read from or
+//! written to it.
 //!
 //! - CPU ([`Target::Cpu`]): `func.func @k{i}_{node}(params, %part: i64,
 //!   %parts: i64) attributes {llvm.emit_c_interface}` whose body is a nest
@@ -471,8 +472,9 @@ fn kernel_fn(
         _ => None,
     };
     // A softmax planned in place walks its own shape; it writes over its
-    // parts (see `rows`).
-    let shape = match node.filter(|_| program.in_place.iter().any(|p| p.node == kernel.node)) {
+    // parts (see `rows`), as only the CPU's row loops do.
+    let in_place = node.filter(|_| program.in_place.iter().any(|p| p.node == kernel.node));
+    let shape = match in_place {
         Some(j) => graph.nodes[j]
             .shape
             .iter()
@@ -492,6 +494,12 @@ fn kernel_fn(
         dtype: out.dtype,
     };
     let walk = walk::walk(graph, node, target, cooperative_min);
+    if let Some(j) = in_place {
+        let rows = matches!(walk, Walk::Rows { axis } if kc.row_axis(j) == Some(axis));
+        if target != Target::Cpu || emulation.is_some() || mma.is_some() || !rows {
+            return Err(mismatch(&kernel.name, "a softmax planned in place runs only as the CPU's row loops".into()));
+        }
+    }
     // CPU: a contraction with no operand to reuse across outputs whose sum
     // is strided, in vectors along the output's last axis (`vectors`).
     let vector = match (mma, node) {
