@@ -184,6 +184,20 @@ mod tests {
     use crate::ir::Graph;
     use crate::lower::{emit, plan_cpu, plan_with, BufferKind, CpuStep, Param, Target};
 
+    /// The query `[b, h, 1, k]`, and the context's and the new token's K
+    /// and V with `kv` heads, all f32.
+    fn inputs(kv: &str) -> Json {
+        let input =
+            |name: &str, shape: Json| json!({"name": name, "role": "activation", "shape": shape, "dtype": "f32"});
+        json!([
+            input("q", json!(["b", "h", 1, "k"])),
+            input("kc", json!([kv, "m", "k"])),
+            input("kn", json!(["b", kv, 1, "k"])),
+            input("vc", json!([kv, "m", "k"])),
+            input("vn", json!(["b", kv, 1, "k"]))
+        ])
+    }
+
     /// One head-split attention over a shared context (`kc`, `vc`) and a
     /// new token (`kn`, `vn`), bifurcated: scores of both, their concat
     /// scaled, the softmax, and each part's `w·V` through a slice.
@@ -191,13 +205,7 @@ mod tests {
         json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 8}},
-            "inputs": [
-                {"name": "q", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "f32"},
-                {"name": "kc", "role": "activation", "shape": ["h", "m", "k"], "dtype": "f32"},
-                {"name": "kn", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "f32"},
-                {"name": "vc", "role": "activation", "shape": ["h", "m", "k"], "dtype": "f32"},
-                {"name": "vn", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "f32"}
-            ],
+            "inputs": inputs("h"),
             "nodes": [
                 {"id": "s1", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "abxy,bzy->abxz"}},
                 {"id": "s2", "op": "einsum", "inputs": ["q", "kn"], "attrs": {"spec": "abxy,abzy->abxz"}},
@@ -222,13 +230,7 @@ mod tests {
         json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m"], "constants": {"g": 2, "p": 3, "h": 6, "k": 8}},
-            "inputs": [
-                {"name": "q", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "f32"},
-                {"name": "kc", "role": "activation", "shape": ["g", "m", "k"], "dtype": "f32"},
-                {"name": "kn", "role": "activation", "shape": ["b", "g", 1, "k"], "dtype": "f32"},
-                {"name": "vc", "role": "activation", "shape": ["g", "m", "k"], "dtype": "f32"},
-                {"name": "vn", "role": "activation", "shape": ["b", "g", 1, "k"], "dtype": "f32"}
-            ],
+            "inputs": inputs("g"),
             "nodes": [
                 {"id": "qg", "op": "reshape", "inputs": ["q"], "attrs": {"shape": ["b", "g", "p", 1, "k"]}},
                 {"id": "s1", "op": "einsum", "inputs": ["qg", "kc"], "attrs": {"spec": "acdxy,czy->acdxz"}},
