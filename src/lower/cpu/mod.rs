@@ -185,6 +185,14 @@ impl CpuStep {
         Ok(step)
     }
 
+    /// `program` (planned from `graph`) compiled as it is, without the
+    /// CPU's own graph rewrites and plan: for tests that compare plans.
+    #[cfg(test)]
+    pub(crate) fn compile_program(graph: &Graph, program: Program) -> Result<Self, LowerError> {
+        let module = emit_shared(graph, &program, Target::Cpu, None)?;
+        Self::compile_module(graph, program, &module, rayon::current_num_threads())
+    }
+
     /// [`CpuStep::compile`] with the GPU's way of splitting the row
     /// kernels' and cooperative contractions' reductions, and its
     /// tensor-core tiles and warps, emulated (see [`Emulation`]): runs the
