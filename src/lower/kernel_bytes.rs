@@ -204,7 +204,7 @@ pub fn kernel_bytes(graph: &Graph, program: &Program) -> Result<Vec<KernelBytes>
             // own shape over its parts.
             let out = &program.buffers[kernel.writes];
             match value {
-                Value::Node(j) if program.in_place.iter().any(|p| p.node == kernel.node) => {
+                Value::Node(j) if program.in_place_of(&kernel.node).is_some() => {
                     let node = &graph.nodes[j];
                     acc.add(None, &numel(&graph.dims, &node.shape)?, node.dtype)?;
                 }

@@ -168,6 +168,14 @@ pub struct Program {
     pub in_place: Vec<InPlace>,
 }
 
+impl Program {
+    /// How softmax node `node` is written over its input's parts, when it
+    /// is planned in place.
+    pub fn in_place_of(&self, node: &str) -> Option<&InPlace> {
+        self.in_place.iter().find(|p| p.node == node)
+    }
+}
+
 /// A softmax whose output has no buffer of its own (see
 /// `lower::in_place`): its input is a concat along its axis (through
 /// inlined elementwise nodes, and reshapes that regroup the axes before
@@ -549,7 +557,7 @@ fn propagate_copy(graph: &Graph, view: usize, who: usize, consumers: &mut [BTree
     }
 }
 
-fn shape_of(graph: &Graph, shape: &[Poly], what: &str) -> Result<Vec<Poly>, LowerError> {
+pub(crate) fn shape_of(graph: &Graph, shape: &[Poly], what: &str) -> Result<Vec<Poly>, LowerError> {
     shape
         .iter()
         .map(|p| {
@@ -654,9 +662,10 @@ fn plan_inner(
             }
             let slices = part.slices.iter().map(|&s| graph.nodes[s].id.clone()).collect();
             let what = format!("the row of `{}` in `{}`", graph.nodes[p].id, graph.nodes[f.softmax].id);
-            let span = shape_of(graph, &[part.start.clone(), part.len.clone()], &what)?;
-            let [start, len] =
-                <[Poly; 2]>::try_from(span).map_err(|_| LowerError::Size { what, message: "not two sizes".into() })?;
+            let normalize = |x: &Poly| {
+                graph.dims.normalize(x).map_err(|e| LowerError::Size { what: what.clone(), message: e.to_string() })
+            };
+            let (start, len) = (normalize(&part.start)?, normalize(&part.len)?);
             parts.push(InPlacePart { buffer, start, len, slices });
         }
         in_place.push(InPlace { node: graph.nodes[f.softmax].id.clone(), parts });

@@ -196,7 +196,7 @@ impl Layout {
         for k in program.kernels.iter().filter(|k| k.op != "copy") {
             match graph.find(&k.node) {
                 // A softmax planned in place has no buffer of its own.
-                Some(Value::Node(_)) if program.in_place.iter().any(|p| p.node == k.node) => {}
+                Some(Value::Node(_)) if program.in_place_of(&k.node).is_some() => {}
                 Some(Value::Node(j)) if k.writes < program.buffers.len() => node_buf[j] = Some(k.writes),
                 _ => return Err(mismatch(&k.name, format!("computes `{}`, which is not a node of the graph", k.node))),
             }
@@ -473,14 +473,9 @@ fn kernel_fn(
     };
     // A softmax planned in place walks its own shape; it writes over its
     // parts (see `rows`), as only the CPU's row loops do.
-    let in_place = node.filter(|_| program.in_place.iter().any(|p| p.node == kernel.node));
+    let in_place = node.filter(|_| program.in_place_of(&kernel.node).is_some());
     let shape = match in_place {
-        Some(j) => graph.nodes[j]
-            .shape
-            .iter()
-            .map(|p| graph.dims.normalize(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| LowerError::Size { what: format!("kernel `{}`", kernel.name), message: e.to_string() })?,
+        Some(j) => super::plan::shape_of(graph, &graph.nodes[j].shape, &format!("kernel `{}`", kernel.name))?,
         None => out.shape.clone(),
     };
     let dest = Out {

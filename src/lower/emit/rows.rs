@@ -171,8 +171,7 @@ impl Kc<'_> {
     /// The parts of softmax node `j`'s row when it is planned in place
     /// (see [`Keep::Parts`]).
     fn in_place_parts(&mut self, j: usize) -> Result<Option<Vec<Part>>, LowerError> {
-        let id = &self.graph.nodes[j].id;
-        let Some(plan) = self.program.in_place.iter().find(|p| &p.node == id) else { return Ok(None) };
+        let Some(plan) = self.program.in_place_of(&self.graph.nodes[j].id) else { return Ok(None) };
         // The softmax's shape with the row cut to the part's length: the
         // part's buffer, or a reshape of it that keeps the row (see
         // `lower::in_place`), both row-major.
