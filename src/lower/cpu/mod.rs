@@ -827,6 +827,37 @@ mod tests {
         }
     }
 
+    /// Every kernel reaches LLVM preferring 512-bit vectors (see
+    /// `emit::CPU_FUNC_ATTRS`): the attribute survives the CPU pipeline,
+    /// whose `convert-func-to-llvm` carries it to the `llvm.func` that the
+    /// engine translates. Without it a softmax's rows were vectorized in
+    /// 256-bit registers on Intel's AVX-512 server cores.
+    #[test]
+    fn cpu_kernels_prefer_512_bit_vectors() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b"], "constants": {"d": 37}},
+            "inputs": [{"name": "x", "role": "activation", "shape": ["b", "d"], "dtype": "f32"}],
+            "nodes": [
+                {"id": "p", "op": "softmax", "inputs": ["x"], "attrs": {"axis": 1}},
+                {"id": "y", "op": "exp", "inputs": ["p"]}
+            ],
+            "outputs": [{"name": "y", "node": "y"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+        let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        let context = new_context();
+        let mut module = Module::parse(&context, &text).unwrap_or_else(|| panic!("unparsable:\n{text}"));
+        run_pipeline(&context, &mut module, CPU_PIPELINE).unwrap_or_else(|e| panic!("{e}"));
+        let lowered = module.as_operation().to_string();
+        let kernels: Vec<&str> = lowered.lines().filter(|l| l.trim_start().starts_with("llvm.func @k")).collect();
+        assert_eq!(kernels.len(), step.program().kernels.len(), "{lowered}");
+        for k in kernels {
+            assert!(k.contains(r#"passthrough = [["prefer-vector-width", "512"]]"#), "{k}");
+        }
+    }
+
     #[test]
     fn cpu_pipeline_is_the_one_used() {
         let doc = serde_json::json!({
