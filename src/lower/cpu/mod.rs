@@ -166,13 +166,13 @@ impl CpuStep {
     /// graph's layout, and converted once when bound ([`CpuStep::store`];
     /// at every [`CpuStep::run`] for tensors given there).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
-        Self::compile_pairing(graph, crate::lower::emit::host_has_bf16_dot())
+        Self::compile_pairing(graph, crate::lower::emit::prefer_bf16_dot())
     }
 
     /// [`CpuStep::compile`], with bf16 weights in paired panels (summed by
-    /// the CPU's bf16 dot product, see `panels`) only when `pairs`: on a
-    /// host with AVX512-BF16, as `compile` does, or not, to test the
-    /// other way there.
+    /// the CPU's bf16 dot product, see `panels`) only when `pairs`: where
+    /// the host prefers it (`prefer_bf16_dot`), as `compile` does, or not,
+    /// to test the other way there.
     pub(crate) fn compile_pairing(graph: &Graph, pairs: bool) -> Result<Self, LowerError> {
         let graph = masks::skip_open_masks(graph);
         let (graph, transposed) = layout::transpose_right_weights(&graph);

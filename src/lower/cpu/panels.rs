@@ -29,7 +29,8 @@
 //! of the FMA peak), the step 24.9-25.3 -> 22.9-23.1 ms (one thread
 //! 44.8-45.5 -> 42.3-42.9).
 //!
-//! On a CPU with AVX512-BF16, a bf16 weight multiplied by bf16 inputs is
+//! On a CPU that prefers its bf16 dot product (AVX512-BF16 on AMD, see
+//! `emit::pair_dot::prefer_bf16_dot`), a bf16 weight multiplied by bf16 inputs is
 //! kept in paired panels instead, `[out / PANEL, in / 2, PANEL, 2]`, and
 //! read by `..zt,pzxt->..px` with `x` reshaped into pairs: one bf16 dot
 //! product per 16 outputs and 2 inputs (`emit::pair_dot`). The bf16
@@ -637,9 +638,12 @@ mod tests {
             // summed by the bf16 dot product where it has one, plain ones
             // widened to f32.
             let pairs = dtype == "bf16" && crate::lower::emit::host_has_bf16_dot();
-            let plain = crate::lower::CpuStep::compile_pairing(&graph, false).unwrap_or_else(|e| panic!("{e}"));
-            let plain_text = crate::lower::emit::emit(plain.graph(), plain.program(), crate::lower::Target::Cpu)
-                .unwrap_or_else(|e| panic!("{e}"));
+            let (plain, plain_text) = crate::lower::emit::with_bf16_dot(true, || {
+                let plain = crate::lower::CpuStep::compile_pairing(&graph, false).unwrap_or_else(|e| panic!("{e}"));
+                let text = crate::lower::emit::emit(plain.graph(), plain.program(), crate::lower::Target::Cpu)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                (plain, text)
+            });
             // Plain bf16 panels are summed by it too, each step's pairs
             // interleaved from two of a panel's rows (`Kc::pair_rows`).
             let dot = "llvm.x86.avx512bf16.dpbf16ps.512";

@@ -148,7 +148,7 @@ mod tests {
     /// kept axis (the heads) is there to split into parts, each whole
     /// tile's sum prefetching a line of the next chunk a step; with one
     /// head, one pass (no chunks to keep from the parts); bf16 too (in
-    /// pairs of V's rows where the CPU has AVX512-BF16), the sums f32
+    /// pairs of V's rows where the CPU prefers its bf16 dot product), the sums f32
     /// (a bf16 output is not chunked: its partial sums would be rounded
     /// between chunks). Against the
     /// interpreter at m on either side of a chunk's end and across

@@ -99,7 +99,9 @@ mod mma;
 mod ops;
 mod pair_dot;
 mod panel_ahead;
-pub(crate) use pair_dot::host_has_bf16_dot;
+pub(crate) use pair_dot::prefer_bf16_dot;
+#[cfg(test)]
+pub(crate) use pair_dot::{host_has_bf16_dot, with_bf16_dot};
 mod rope;
 mod rows;
 mod rows_in_lanes;
@@ -335,7 +337,7 @@ pub(crate) struct Kc<'a> {
     pub partition: Partition,
     /// Whether bf16 contractions summed in pairs use the CPU's bf16 dot
     /// product (see `emit::pair_dot`): the CPU target, not emulating the
-    /// GPU, on a host with AVX512-BF16.
+    /// GPU, on a host where it is the faster way (`prefer_bf16_dot`).
     pub bf16_dot: bool,
     /// Loop indices known to stay in a range `[lo, hi)` (a row loop split
     /// at a concat's boundaries, see `emit::segments`): a concat along
@@ -452,7 +454,7 @@ fn kernel_fn(
             (Target::Cpu, None) => Partition::Pending,
             _ => Partition::Off,
         },
-        bf16_dot: target == Target::Cpu && emulation.is_none() && pair_dot::host_has_bf16_dot(),
+        bf16_dot: target == Target::Cpu && emulation.is_none() && pair_dot::prefer_bf16_dot(),
         pinned: Vec::new(),
     };
     let node = if kernel.op == "copy" || kernel.op == COMBINE_OP {

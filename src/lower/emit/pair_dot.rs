@@ -15,6 +15,10 @@
 //! The context `q·K` with its rows in the lanes sums its bf16 pairs the
 //! same way (`emit::rows_in_lanes`).
 //!
+//! All of this only where the host prefers it ([`prefer_bf16_dot`]: on
+//! AMD; Intel's cores run `vdpbf16ps` at half the FMAs' rate, and there
+//! the bf16 operands are widened to f32 and summed by FMAs).
+//!
 //! A bf16 contraction whose other operand has the summed axis just before
 //! the output's last (`w · V`: V `[.., m, k]`; also plain bf16 panels)
 //! forms its pairs while it runs ([`Kc::pair_rows`]): each step loads 16
@@ -65,7 +69,8 @@ impl PairDot {
 pub(super) const DPBF16PS: &str = "llvm.x86.avx512bf16.dpbf16ps.512";
 
 /// Whether this machine's CPU has AVX512-BF16 (`vdpbf16ps`): the JIT
-/// compiles for the host, so its kernels may use it.
+/// compiles for the host, so its kernels may use it (see
+/// [`prefer_bf16_dot`] for whether they do).
 pub(crate) fn host_has_bf16_dot() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -75,6 +80,61 @@ pub(crate) fn host_has_bf16_dot() -> bool {
     {
         false
     }
+}
+
+/// Whether the CPU kernels sum bf16 pairs by `vdpbf16ps` (paired weight
+/// panels, the context `q·K`'s packed rows, `w·V`'s interleaved rows):
+/// where the host has it and it is the faster way, on AMD. Zen 4 sums 32
+/// products an instruction at the FMAs' rate of 16, and the pairs halved
+/// the bf16 model's q·K there (cpu_step at b = 32, m_c = 8192, one thread:
+/// 5.7 -> 2.9 ms a layer). Intel's cores run it at half that rate: on an
+/// Emerald Rapids VM, 16 independent chains of `vdpbf16ps` on 512-bit
+/// vectors summed 40 G products/s a core against 80-85 G for f32 FMAs
+/// (one instruction every two cycles against two a cycle), and the bf16
+/// model's kernels were faster with bf16 widened to f32 and summed by
+/// FMAs: q·K 7.0-8.5 -> 5.0-5.8 ms a layer, w·V 8.0-9.7 -> 6.2-6.6, the
+/// step 62-67 -> 51-55 ms (one thread, alternated runs).
+pub(crate) fn prefer_bf16_dot() -> bool {
+    #[cfg(test)]
+    if let Some(dot) = FORCED_BF16_DOT.with(std::cell::Cell::get) {
+        return dot && host_has_bf16_dot();
+    }
+    host_has_bf16_dot() && host_is_amd()
+}
+
+/// Whether the CPU's vendor (CPUID leaf 0) is AMD.
+fn host_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // An `unsafe fn` in older Rust releases.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID is an instruction of every x86_64 CPU; leaf 0 only
+        // reads the vendor's name and the highest leaf.
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
+        let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+        vendor == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// This thread's override of [`prefer_bf16_dot`] (see [`with_bf16_dot`]).
+    static FORCED_BF16_DOT: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with [`prefer_bf16_dot`] answering `dot` on this thread (still
+/// `false` where the host has no AVX512-BF16): tests compile and emit
+/// both ways where they can, whichever this host prefers.
+#[cfg(test)]
+pub(crate) fn with_bf16_dot<R>(dot: bool, f: impl FnOnce() -> R) -> R {
+    let before = FORCED_BF16_DOT.with(|c| c.replace(Some(dot)));
+    let out = f();
+    FORCED_BF16_DOT.with(|c| c.set(before));
+    out
 }
 
 impl Kc<'_> {
@@ -455,7 +515,60 @@ impl Kc<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::lower::emit::testing::{cpu_step, point};
+    use crate::lower::emit::testing::{check_output, cpu_step, point};
+
+    /// The vendor CPUID gives is the one the kernel reports.
+    #[test]
+    fn vendor_is_read_from_cpuid() {
+        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else { return };
+        let vendor =
+            info.lines().find_map(|l| l.strip_prefix("vendor_id")).map(|v| v.trim_start_matches([' ', '\t', ':']));
+        if let Some(vendor) = vendor {
+            assert_eq!(super::host_is_amd(), vendor == "AuthenticAMD", "/proc/cpuinfo says {vendor}");
+        }
+    }
+
+    /// A bf16 step compiled as this host prefers (`prefer_bf16_dot`: the
+    /// bf16 dot product on AMD, f32 FMAs on Intel), and each way forced:
+    /// `vdpbf16ps` in the text exactly where chosen and available, and the
+    /// same values as the interpreter every way (context q·K with rows in
+    /// the lanes, and a weight projection by panels).
+    #[test]
+    fn the_host_preference_picks_the_sums() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 64, "d": 128}},
+            "inputs": [
+                {"name": "x", "role": "activation", "shape": ["b", "d"], "dtype": "bf16"},
+                {"name": "w", "role": "weight", "shape": [128, "d"], "dtype": "bf16"},
+                {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": ["h", "m", "k"], "dtype": "bf16"}
+            ],
+            "nodes": [
+                {"id": "p", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}},
+                {"id": "q", "op": "reshape", "inputs": ["p"], "attrs": {"shape": ["b", "h", "k"]}},
+                {"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "bhk,hmk->bhm"}}
+            ],
+            "outputs": [{"name": "s", "node": "s"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+        let compile = || {
+            let step = crate::lower::CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+            let text = crate::lower::emit::emit(step.graph(), step.program(), crate::lower::Target::Cpu)
+                .unwrap_or_else(|e| panic!("{e}"));
+            (step, text)
+        };
+        let ways = [
+            ("preferred", super::prefer_bf16_dot(), compile()),
+            ("forced on", super::host_has_bf16_dot(), super::with_bf16_dot(true, compile)),
+            ("forced off", false, super::with_bf16_dot(false, compile)),
+        ];
+        for (way, dot, (step, text)) in &ways {
+            assert_eq!(text.contains(super::DPBF16PS), *dot, "{way}:\n{text}");
+            for (b, m) in [(1, 17), (16, 40), (33, 64)] {
+                check_output(&graph, step, &point(&[("b", b), ("m", m)]), 3, "s", (0.05, 0.02));
+            }
+        }
+    }
 
     /// A tied embedding's logits in bf16, the vocabulary (100) too far
     /// from a multiple of 64 to be padded into panels: `x @ Wᵀ` sums along

@@ -38,7 +38,8 @@
 //! 8.0-8.2 -> 5.9-6.3 ms a layer at b = 32, m_c = 8192; the scores are
 //! rounded once, at the store.
 //!
-//! Both bf16 on a CPU with AVX512-BF16, the rows are packed as pairs of
+//! Both bf16 on a CPU that prefers its bf16 dot product (AVX512-BF16 on
+//! AMD: `emit::pair_dot::prefer_bf16_dot`), the rows are packed as pairs of
 //! the head's consecutive elements (`[tile][pair][lane]`, 32 bits each)
 //! and each step sums one pair of all 16 rows with the same pair of each
 //! of 16 K rows, read in place and broadcast, by one `vdpbf16ps` per
@@ -85,7 +86,8 @@ pub(super) struct RowsInLanes {
     /// The large operand is f16 / bf16: each block of its rows is widened
     /// once into a stack slot that the block's tiles broadcast from.
     widened: bool,
-    /// Both operands are bf16 and this CPU has AVX512-BF16: the rows are
+    /// Both operands are bf16 and this CPU prefers its bf16 dot product
+    /// (`prefer_bf16_dot`): the rows are
     /// packed as pairs of the sum's consecutive elements and each step
     /// sums two of them by `vdpbf16ps` (see `emit::pair_dot`), K read in
     /// place.
@@ -636,7 +638,8 @@ mod tests {
 
     /// Multi-head (`bhk,hmk->bhm`) and grouped-query (`bgpk,gmk->bgpm`:
     /// the rows are the samples × the group's heads) context scores, f32,
-    /// bf16 (both; on a CPU with AVX512-BF16 the rows packed in pairs and
+    /// bf16 (both; on a CPU with AVX512-BF16, whether or not it prefers
+    /// it, the rows packed in pairs and
     /// summed with K's pairs by `vdpbf16ps`, elsewhere K widened a block at
     /// a time) and f16 (widened), the scores rounded once at the store: the
     /// module packs rows into a stack slot and transposes
@@ -694,7 +697,8 @@ mod tests {
                 "nodes": [{"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": spec}}],
                 "outputs": [{"name": "s", "node": "s"}]
             }));
-            // bf16 on a CPU with AVX512-BF16: rows packed in pairs, K read
+            // bf16 on a CPU with AVX512-BF16 (`cpu_step` uses it wherever
+            // the host has it): rows packed in pairs, K read
             // in place by `vdpbf16ps`.
             let pairs = dtype == "bf16" && crate::lower::emit::host_has_bf16_dot();
             let slots = if dtype == "f32" || pairs { 1 } else { 2 };
