@@ -84,10 +84,10 @@ pub(crate) fn host_has_bf16_dot() -> bool {
 
 /// Whether the CPU kernels sum bf16 pairs by `vdpbf16ps` (paired weight
 /// panels, the context `q·K`'s packed rows, `w·V`'s interleaved rows):
-/// where the host has it and it is the faster way, on AMD. Zen 4 sums 32
-/// products an instruction at the FMAs' rate of 16, and the pairs halved
-/// the bf16 model's q·K there (cpu_step at b = 32, m_c = 8192, one thread:
-/// 5.7 -> 2.9 ms a layer). Intel's cores run it at half that rate: on an
+/// where the host has it and it is the faster way, on AMD: on an EPYC VM
+/// the pairs halved the bf16 model's q·K (cpu_step at b = 32, m_c = 8192,
+/// one thread: 5.7 -> 2.9 ms a layer). Intel's cores run it at half the
+/// FMAs' rate of products: on an
 /// Emerald Rapids VM, 16 independent chains of `vdpbf16ps` on 512-bit
 /// vectors summed 40 G products/s a core against 80-85 G for f32 FMAs
 /// (one instruction every two cycles against two a cycle), and the bf16
