@@ -376,7 +376,12 @@ fn backend_kept_caches_decode_exactly_like_bound_caches() {
 /// Runs `bifurc run` and checks that it fails with one line on stderr that
 /// contains every one of `wants`, and exit status 1.
 fn fails(args: &[&str], wants: &[&str]) {
-    let out = bifurc(args).output().unwrap();
+    fails_as(bifurc(args), args, wants);
+}
+
+/// [`fails`] for command `cmd` (`bifurc` with `args`, and its environment).
+fn fails_as(mut cmd: Command, args: &[&str], wants: &[&str]) {
+    let out = cmd.output().unwrap();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{args:?}: status {:?}, stderr:\n{stderr}", out.status);
     assert!(out.stdout.is_empty(), "{args:?}: stdout {}", text(&out.stdout));
@@ -429,6 +434,11 @@ fn run_errors_are_one_line() {
     if !cfg!(feature = "cuda") {
         fails(&run(bif, &[&ok[..], &["--device", "cuda"]].concat()), &["--features cuda", "bifurc-run"]);
     }
+    // The CPU backend's override of the bf16 dot product, misspelt.
+    let args = run(bif, &ok);
+    let mut cmd = bifurc(&args);
+    cmd.env("BIFURC_CPU_BF16_DOT", "yes");
+    fails_as(cmd, &args, &["BIFURC_CPU_BF16_DOT=\"yes\"", "`auto`", "`on`", "`off`"]);
 
     // A multi-level artifact (runtime dims P, S, m_s, m_c, m_d).
     let multi = write_artifact(&libdevice, &dir, "multilevel", "multi", false, "P=4,S=8,m_s=2048,m_c=1024,m_d=256");

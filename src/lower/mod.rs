@@ -18,7 +18,7 @@ mod smoke;
 
 pub use context::{new_context, run_pipeline, verify, DiagnosticCapture};
 pub use cpu::{peak_multiply_adds, CpuStep, CPU_PIPELINE};
-pub use emit::{emit, emit_emulating_gpu, emit_shared, Emulation, SharedModule, Target};
+pub use emit::{emit, emit_emulating_gpu, emit_shared, Emulation, SharedModule, Target, BF16_DOT_ENV};
 pub use mma::{Mma, Tuning};
 pub use plan::{
     plan, plan_cpu, plan_tuned, plan_with, Buffer, BufferKind, InPlace, InPlacePart, Kernel, Param, Pitch, Program,
@@ -86,6 +86,10 @@ pub enum LowerError {
     /// The JIT could not be created or a kernel could not be invoked.
     #[error("execution engine: {0}")]
     Engine(String),
+    /// A setting of the CPU backend (an environment variable) has a value
+    /// it cannot take here.
+    #[error("{0}")]
+    Setting(String),
     /// A melior builder or accessor failed.
     #[error("MLIR construction failed: {0}")]
     Build(#[from] melior::Error),

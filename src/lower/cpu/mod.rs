@@ -164,8 +164,12 @@ impl CpuStep {
     /// embedding), with a multiple of 64 outputs or nearly, is kept in
     /// panels `[ceil(out/64), in, 64]` (`panels`). Either is still bound in the
     /// graph's layout, and converted once when bound ([`CpuStep::store`];
-    /// at every [`CpuStep::run`] for tensors given there).
+    /// at every [`CpuStep::run`] for tensors given there). bf16 pairs are
+    /// summed by the CPU's bf16 dot product where the host prefers it, or
+    /// as [`BF16_DOT_ENV`](crate::lower::BF16_DOT_ENV) says (an error if
+    /// it says what this CPU cannot do or nothing it knows).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
+        crate::lower::emit::check_bf16_dot_setting()?;
         Self::compile_pairing(graph, crate::lower::emit::prefer_bf16_dot())
     }
 

@@ -99,7 +99,8 @@ mod mma;
 mod ops;
 mod pair_dot;
 mod panel_ahead;
-pub(crate) use pair_dot::prefer_bf16_dot;
+pub use pair_dot::BF16_DOT_ENV;
+pub(crate) use pair_dot::{check_bf16_dot_setting, prefer_bf16_dot};
 #[cfg(test)]
 pub(crate) use pair_dot::{host_has_bf16_dot, with_bf16_dot};
 mod rope;

@@ -94,12 +94,50 @@ pub(crate) fn host_has_bf16_dot() -> bool {
 /// model's kernels were faster with bf16 widened to f32 and summed by
 /// FMAs: q·K 7.0-8.5 -> 5.0-5.8 ms a layer, w·V 8.0-9.7 -> 6.2-6.6, the
 /// step 62-67 -> 51-55 ms (one thread, alternated runs).
+///
+/// [`BF16_DOT_ENV`] overrides the choice (`on`, `off`; `auto` or unset:
+/// this one); [`CpuStep::compile`](crate::lower::CpuStep::compile)
+/// rejects a value it cannot take, and here it counts as `auto`.
 pub(crate) fn prefer_bf16_dot() -> bool {
     #[cfg(test)]
     if let Some(dot) = FORCED_BF16_DOT.with(std::cell::Cell::get) {
         return dot && host_has_bf16_dot();
     }
-    host_has_bf16_dot() && host_is_amd()
+    let setting = bf16_dot_setting(std::env::var(BF16_DOT_ENV).ok().as_deref(), host_has_bf16_dot());
+    match setting {
+        Ok(Some(dot)) => dot,
+        Ok(None) | Err(_) => host_has_bf16_dot() && host_is_amd(),
+    }
+}
+
+/// The environment variable that overrides how the CPU step sums bf16
+/// pairs ([`CpuStep::compile`](crate::lower::CpuStep::compile)): `on`
+/// (by `vdpbf16ps`; the CPU must have AVX512-BF16), `off` (bf16 widened to
+/// f32 and summed by FMAs), or `auto` (the default: the dot product on AMD
+/// only, where it halved the bf16 q·K; Intel's cores run it at half the
+/// FMAs' rate, see `prefer_bf16_dot`).
+pub const BF16_DOT_ENV: &str = "BIFURC_CPU_BF16_DOT";
+
+/// The override that [`BF16_DOT_ENV`]'s `value` asks for on a CPU that
+/// has AVX512-BF16 or not (`has`): `None` for `auto` (or unset), or an
+/// error naming the variable and what it may be.
+pub(crate) fn bf16_dot_setting(value: Option<&str>, has: bool) -> Result<Option<bool>, LowerError> {
+    match value.map(str::trim) {
+        None | Some("" | "auto") => Ok(None),
+        Some("off") => Ok(Some(false)),
+        Some("on") if has => Ok(Some(true)),
+        Some("on") => Err(LowerError::Setting(format!(
+            "{BF16_DOT_ENV}=on, but this CPU has no AVX512-BF16 (no `vdpbf16ps`): unset it, or set `auto` or `off`"
+        ))),
+        Some(other) => Err(LowerError::Setting(format!(
+            "{BF16_DOT_ENV}={other:?} is not a setting: `auto` (the default), `on` or `off`"
+        ))),
+    }
+}
+
+/// [`BF16_DOT_ENV`]'s value, checked ([`bf16_dot_setting`]).
+pub(crate) fn check_bf16_dot_setting() -> Result<(), LowerError> {
+    bf16_dot_setting(std::env::var(BF16_DOT_ENV).ok().as_deref(), host_has_bf16_dot()).map(|_| ())
 }
 
 /// Whether the CPU's vendor (CPUID leaf 0) is AMD.
@@ -516,6 +554,31 @@ impl Kc<'_> {
 #[cfg(test)]
 mod tests {
     use crate::lower::emit::testing::{check_output, cpu_step, point};
+
+    /// The override's values: `auto` (or unset, or empty) leaves the
+    /// choice to the host, `on` needs AVX512-BF16, anything else is an
+    /// error that names the variable and the values it takes.
+    #[test]
+    fn the_override_takes_auto_on_and_off() {
+        use super::bf16_dot_setting as setting;
+        for has in [false, true] {
+            for auto in [None, Some(""), Some("auto"), Some(" auto ")] {
+                assert_eq!(setting(auto, has).ok(), Some(None), "{auto:?}");
+            }
+            assert_eq!(setting(Some("off"), has).ok(), Some(Some(false)));
+        }
+        assert_eq!(setting(Some("on"), true).ok(), Some(Some(true)));
+        let no_dot = setting(Some("on"), false).map_err(|e| e.to_string());
+        assert!(
+            no_dot.as_ref().is_err_and(|e| e.contains("BIFURC_CPU_BF16_DOT=on") && e.contains("AVX512-BF16")),
+            "{no_dot:?}"
+        );
+        let bad = setting(Some("yes"), true).map_err(|e| e.to_string());
+        assert!(
+            bad.as_ref().is_err_and(|e| e.contains("\"yes\"") && e.contains("`auto`") && e.contains("`off`")),
+            "{bad:?}"
+        );
+    }
 
     /// The vendor CPUID gives is the one the kernel reports.
     #[test]
