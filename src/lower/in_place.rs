@@ -31,7 +31,7 @@
 //! here: the last bits can differ (a grouped-query test graph: within a
 //! few ulps of the attention's output).
 //!
-//! cpu_step (b = 32, m_c = 8192, f32) on one thread of a 2-core Sapphire
+//! cpu_step (b = 32, m_c = 8192, f32) on one thread of a 2-core Emerald
 //! Rapids VM, where the softmax is bound by memory: 3.9-5.1 -> 2.9-3.6 ms
 //! a layer (see DESIGN.md).
 

@@ -169,8 +169,7 @@ impl CpuStep {
     /// as [`BF16_DOT_ENV`](crate::lower::BF16_DOT_ENV) says (an error if
     /// it says what this CPU cannot do or nothing it knows).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
-        crate::lower::emit::check_bf16_dot_setting()?;
-        Self::compile_pairing(graph, crate::lower::emit::prefer_bf16_dot())
+        Self::compile_pairing(graph, crate::lower::emit::bf16_dot_choice()?)
     }
 
     /// [`CpuStep::compile`], with bf16 weights in paired panels (summed by

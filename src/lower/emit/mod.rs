@@ -99,8 +99,8 @@ mod mma;
 mod ops;
 mod pair_dot;
 mod panel_ahead;
+pub(crate) use pair_dot::bf16_dot_choice;
 pub use pair_dot::BF16_DOT_ENV;
-pub(crate) use pair_dot::{check_bf16_dot_setting, prefer_bf16_dot};
 #[cfg(test)]
 pub(crate) use pair_dot::{host_has_bf16_dot, with_bf16_dot};
 mod rope;
@@ -300,7 +300,13 @@ fn kernel_texts(
     emulation: Option<Emulation>,
 ) -> Result<Vec<String>, LowerError> {
     let layout = Layout::new(graph, program)?;
-    program.kernels.iter().map(|kernel| kernel_fn(graph, program, &layout, kernel, target, emulation)).collect()
+    // Chosen once for every kernel (it reads the host and the environment).
+    let bf16_dot = target == Target::Cpu && emulation.is_none() && pair_dot::prefer_bf16_dot();
+    program
+        .kernels
+        .iter()
+        .map(|kernel| kernel_fn(graph, program, &layout, kernel, target, emulation, bf16_dot))
+        .collect()
 }
 
 /// The module holding `funcs` for `target`.
@@ -398,6 +404,7 @@ fn kernel_fn(
     kernel: &Kernel,
     target: Target,
     emulation: Option<Emulation>,
+    bf16_dot: bool,
 ) -> Result<String, LowerError> {
     let mut sig = Vec::new();
     let mut dims = Vec::new();
@@ -455,7 +462,7 @@ fn kernel_fn(
             (Target::Cpu, None) => Partition::Pending,
             _ => Partition::Off,
         },
-        bf16_dot: target == Target::Cpu && emulation.is_none() && pair_dot::prefer_bf16_dot(),
+        bf16_dot,
         pinned: Vec::new(),
     };
     let node = if kernel.op == "copy" || kernel.op == COMBINE_OP {

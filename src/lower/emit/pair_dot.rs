@@ -96,18 +96,23 @@ pub(crate) fn host_has_bf16_dot() -> bool {
 /// step 62-67 -> 51-55 ms (one thread, alternated runs).
 ///
 /// [`BF16_DOT_ENV`] overrides the choice (`on`, `off`; `auto` or unset:
-/// this one); [`CpuStep::compile`](crate::lower::CpuStep::compile)
-/// rejects a value it cannot take, and here it counts as `auto`.
+/// this one); [`bf16_dot_choice`], which
+/// [`CpuStep::compile`](crate::lower::CpuStep::compile) calls, rejects a
+/// value it cannot take, and here it counts as `auto`.
 pub(crate) fn prefer_bf16_dot() -> bool {
+    bf16_dot_choice().unwrap_or_else(|_| host_has_bf16_dot() && host_is_amd())
+}
+
+/// [`prefer_bf16_dot`]'s answer, or the error naming a value of
+/// [`BF16_DOT_ENV`] it cannot take ([`bf16_dot_setting`]).
+pub(crate) fn bf16_dot_choice() -> Result<bool, LowerError> {
     #[cfg(test)]
     if let Some(dot) = FORCED_BF16_DOT.with(std::cell::Cell::get) {
-        return dot && host_has_bf16_dot();
+        return Ok(dot && host_has_bf16_dot());
     }
-    let setting = bf16_dot_setting(std::env::var(BF16_DOT_ENV).ok().as_deref(), host_has_bf16_dot());
-    match setting {
-        Ok(Some(dot)) => dot,
-        Ok(None) | Err(_) => host_has_bf16_dot() && host_is_amd(),
-    }
+    let has = host_has_bf16_dot();
+    let setting = bf16_dot_setting(std::env::var(BF16_DOT_ENV).ok().as_deref(), has)?;
+    Ok(setting.unwrap_or_else(|| has && host_is_amd()))
 }
 
 /// The environment variable that overrides how the CPU step sums bf16
@@ -133,11 +138,6 @@ pub(crate) fn bf16_dot_setting(value: Option<&str>, has: bool) -> Result<Option<
             "{BF16_DOT_ENV}={other:?} is not a setting: `auto` (the default), `on` or `off`"
         ))),
     }
-}
-
-/// [`BF16_DOT_ENV`]'s value, checked ([`bf16_dot_setting`]).
-pub(crate) fn check_bf16_dot_setting() -> Result<(), LowerError> {
-    bf16_dot_setting(std::env::var(BF16_DOT_ENV).ok().as_deref(), host_has_bf16_dot()).map(|_| ())
 }
 
 /// Whether the CPU's vendor (CPUID leaf 0) is AMD.
