@@ -39,6 +39,7 @@ use crate::lower::plan::{plan_cpu, plan_tuned, typical_point, Buffer, BufferKind
 use crate::lower::{new_context, run_pipeline, verify, LowerError};
 use host::HostData;
 use layout::Kept;
+pub(crate) use panels::Pairing;
 use parts::run_parts;
 
 /// The pass pipeline that takes the emitted CPU module (func, scf, arith,
@@ -169,14 +170,15 @@ impl CpuStep {
     /// as [`BF16_DOT_ENV`](crate::lower::BF16_DOT_ENV) says (an error if
     /// it says what this CPU cannot do or nothing it knows).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
-        Self::compile_pairing(graph, crate::lower::emit::bf16_dot_choice()?)
+        let pairs = Pairing { dot: crate::lower::emit::bf16_dot_choice()?, amx: crate::lower::emit::amx_choice()? };
+        Self::compile_pairing(graph, pairs)
     }
 
     /// [`CpuStep::compile`], with bf16 weights in paired panels (summed by
     /// the CPU's bf16 dot product, see `panels`) only when `pairs`: where
     /// the host prefers it (`prefer_bf16_dot`), as `compile` does, or not,
     /// to test the other way there.
-    pub(crate) fn compile_pairing(graph: &Graph, pairs: bool) -> Result<Self, LowerError> {
+    pub(crate) fn compile_pairing(graph: &Graph, pairs: Pairing) -> Result<Self, LowerError> {
         let graph = masks::skip_open_masks(graph);
         let (graph, transposed) = layout::transpose_right_weights(&graph);
         let mut kept: BTreeMap<String, Kept> = transposed.into_iter().map(|n| (n, Kept::Transposed)).collect();

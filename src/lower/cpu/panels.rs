@@ -56,6 +56,8 @@ use std::collections::BTreeMap;
 
 use crate::interp::Tensor;
 use crate::ir::{DType, EinsumSpec, Graph, Node, Op, Poly, Role, Value};
+use crate::lower::emit::{dense_source, AMX_INPUTS};
+use crate::lower::plan::NodeKind;
 use crate::lower::LowerError;
 
 use super::layout::Kept;
@@ -83,12 +85,12 @@ const ROW_LETTERS: &str = "abcdefgh";
 /// as [`Kept::Panels`] (from the caller's `[in, out]` where it is that in
 /// `graph` or already held [`Kept::Transposed`]).
 ///
-/// With `pairs` (the CPU's bf16 dot product, see `emit::pair_dot`), a
-/// bf16 weight with an even `in` whose every `x` is bf16 is declared
-/// `[ceil(out / PANEL), in / 2, PANEL, 2]` instead (paired panels: each
-/// output's inputs `2z` and `2z + 1` side by side), read by the einsum
-/// `..zt,pzxt->..px` of `x` reshaped to `[.., in / 2, 2]` (`<id>.pairs`).
-pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pairs: bool) -> Graph {
+/// A bf16 weight whose every `x` is bf16 is declared `[ceil(out / PANEL),
+/// in / 2, PANEL, 2]` instead (paired panels: each output's inputs `2z`
+/// and `2z + 1` side by side), read by the einsum `..zt,pzxt->..px` of `x`
+/// reshaped to `[.., in / 2, 2]` (`<id>.pairs`), where `pairs` says (see
+/// [`Pairing`]).
+pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pairs: Pairing) -> Graph {
     // Whether each input goes into panels, and if so, how, and its `in`.
     let mut packed: Vec<Option<(Kept, i64)>> = vec![None; graph.inputs.len()];
     for (i, input) in graph.inputs.iter().enumerate() {
@@ -97,7 +99,9 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pa
         }
         if let Some((in_out, outs, ins)) = packable(graph, i) {
             let from_in_out = in_out || kept.get(&input.name) == Some(&Kept::Transposed);
-            let paired = pairs && ins % 2 == 0 && all_bf16(graph, i);
+            let paired = ins % 2 == 0
+                && all_bf16(graph, i)
+                && (pairs.dot || (pairs.amx && ins % AMX_INPUTS == 0 && all_dense(graph, i)));
             kept.insert(input.name.clone(), Kept::Panels { from_in_out, paired, outs });
             // How `graph` itself declares it.
             packed[i] = Some((Kept::Panels { from_in_out: in_out, paired, outs }, ins));
@@ -297,6 +301,37 @@ pub(super) fn padded_panels(outs: usize) -> bool {
     outs > 0 && outs.div_ceil(PANEL) * PANEL - outs <= outs / 16
 }
 
+/// Which bf16 weights go into paired panels (each with an even `in`, and
+/// every `x` bf16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Pairing {
+    /// All of them: their sums run on the CPU's bf16 dot product
+    /// (`emit::pair_dot`).
+    pub dot: bool,
+    /// Those whose `in` is a multiple of [`AMX_INPUTS`] and whose every `x`
+    /// has its rows in a buffer (see `all_dense`): they run on AMX tiles
+    /// (`emit::amx`), which read `x` in place.
+    pub amx: bool,
+}
+
+/// Whether every left operand input `i` is multiplied by has its elements
+/// in its own row-major order in a buffer (a graph input, or a node the
+/// plan gives a kernel, or order-keeping views of one: `amx::dense_source`),
+/// which AMX tiles read in place.
+fn all_dense(graph: &Graph, i: usize) -> bool {
+    let me = Value::Input(i);
+    let kinds = crate::lower::plan::classify(graph);
+    let stored = |v: Value| match v {
+        Value::Input(_) => true,
+        Value::Node(k) => kinds.get(k) == Some(&NodeKind::Kernel),
+    };
+    graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::MatMul { .. }) && n.inputs.contains(&me))
+        .all(|n| n.inputs.first().is_some_and(|&x| dense_source(graph, x, &stored).is_some()))
+}
+
 /// Whether input `i` and every left operand it is multiplied by are bf16.
 fn all_bf16(graph: &Graph, i: usize) -> bool {
     let me = Value::Input(i);
@@ -375,6 +410,10 @@ mod tests {
 
     use super::*;
     use crate::lower::emit::testing;
+
+    /// Pairs for the bf16 dot product; none.
+    const DOT: Pairing = Pairing { dot: true, amx: false };
+    const NONE: Pairing = Pairing { dot: false, amx: false };
 
     #[test]
     fn packs_either_layout_into_panels() {
@@ -460,7 +499,7 @@ mod tests {
         let g = graph("");
         let (t, transposed) = super::super::layout::transpose_right_weights(&g);
         let mut kept: BTreeMap<String, Kept> = transposed.into_iter().map(|n| (n, Kept::Transposed)).collect();
-        let p = panel_weights(&t, &mut kept, true);
+        let p = panel_weights(&t, &mut kept, DOT);
         // No pairs: `x` is f32, also for the bf16 weight.
         let want = [
             ("w_conv", Kept::Panels { from_in_out: true, paired: false, outs: 128 }),
@@ -493,7 +532,7 @@ mod tests {
         // A weight read another way too keeps its layout.
         let slice = r#", {"id": "s", "op": "slice", "inputs": ["w_up"], "attrs": {"axis": 0, "start": 0, "end": 1}}"#;
         let mut kept = BTreeMap::new();
-        panel_weights(&graph(slice), &mut kept, true);
+        panel_weights(&graph(slice), &mut kept, DOT);
         assert!(!kept.contains_key("w_up"), "{kept:?}");
     }
 
@@ -514,7 +553,7 @@ mod tests {
         let g = crate::import::parse(doc).unwrap_or_else(|e| panic!("{e}"));
         let c = |v: i64| Poly::constant(v);
         let mut kept = BTreeMap::new();
-        let p = panel_weights(&g, &mut kept, true);
+        let p = panel_weights(&g, &mut kept, DOT);
         assert_eq!(kept["w"], Kept::Panels { from_in_out: false, paired: true, outs: 128 });
         assert_eq!(p.shape_of(p.find("w").unwrap_or_else(|| panic!("w"))), &[c(2), c(16), c(64), c(2)]);
         let ids: Vec<&str> = p.nodes.iter().map(|n| n.id.as_str()).collect();
@@ -548,7 +587,7 @@ mod tests {
             }
         }
         let mut kept = BTreeMap::new();
-        let p = panel_weights(&g, &mut kept, false);
+        let p = panel_weights(&g, &mut kept, NONE);
         assert_eq!(kept["w"], Kept::Panels { from_in_out: false, paired: false, outs: 128 });
         assert_eq!(p.nodes.len(), 2, "no pairs");
     }
@@ -639,7 +678,7 @@ mod tests {
             // widened to f32.
             let pairs = dtype == "bf16" && crate::lower::emit::host_has_bf16_dot();
             let (plain, plain_text) = crate::lower::emit::with_bf16_dot(true, || {
-                let plain = crate::lower::CpuStep::compile_pairing(&graph, false).unwrap_or_else(|e| panic!("{e}"));
+                let plain = crate::lower::CpuStep::compile_pairing(&graph, NONE).unwrap_or_else(|e| panic!("{e}"));
                 let text = crate::lower::emit::emit(plain.graph(), plain.program(), crate::lower::Target::Cpu)
                     .unwrap_or_else(|e| panic!("{e}"));
                 (plain, text)

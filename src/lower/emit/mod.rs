@@ -89,6 +89,7 @@
 //!
 //! The text is deterministic: same graph and program, same bytes.
 
+mod amx;
 mod bodies;
 mod builder;
 mod chunks;
@@ -99,6 +100,10 @@ mod mma;
 mod ops;
 mod pair_dot;
 mod panel_ahead;
+#[cfg(test)]
+pub(crate) use amx::with_amx;
+pub use amx::AMX_ENV;
+pub(crate) use amx::{amx_choice, dense_source, AMX_INPUTS};
 pub(crate) use pair_dot::bf16_dot_choice;
 pub use pair_dot::BF16_DOT_ENV;
 #[cfg(test)]
@@ -301,11 +306,13 @@ fn kernel_texts(
 ) -> Result<Vec<String>, LowerError> {
     let layout = Layout::new(graph, program)?;
     // Chosen once for every kernel (it reads the host and the environment).
-    let bf16_dot = target == Target::Cpu && emulation.is_none() && pair_dot::prefer_bf16_dot();
+    let host = target == Target::Cpu && emulation.is_none();
+    let bf16_dot = host && pair_dot::prefer_bf16_dot();
+    let amx = host && amx::prefer_amx();
     program
         .kernels
         .iter()
-        .map(|kernel| kernel_fn(graph, program, &layout, kernel, target, emulation, bf16_dot))
+        .map(|kernel| kernel_fn(graph, program, &layout, kernel, target, emulation, (bf16_dot, amx)))
         .collect()
 }
 
@@ -346,6 +353,10 @@ pub(crate) struct Kc<'a> {
     /// product (see `emit::pair_dot`): the CPU target, not emulating the
     /// GPU, on a host where it is the faster way (`prefer_bf16_dot`).
     pub bf16_dot: bool,
+    /// Whether bf16 projections in paired panels run on AMX tiles (see
+    /// `emit::amx`): the CPU target, not emulating the GPU, on a host
+    /// that has them and may use them, unless turned off (`prefer_amx`).
+    pub amx: bool,
     /// Loop indices known to stay in a range `[lo, hi)` (a row loop split
     /// at a concat's boundaries, see `emit::segments`): a concat along
     /// that index with a part exactly there reads the part directly.
@@ -404,7 +415,7 @@ fn kernel_fn(
     kernel: &Kernel,
     target: Target,
     emulation: Option<Emulation>,
-    bf16_dot: bool,
+    (bf16_dot, amx): (bool, bool),
 ) -> Result<String, LowerError> {
     let mut sig = Vec::new();
     let mut dims = Vec::new();
@@ -463,6 +474,7 @@ fn kernel_fn(
             _ => Partition::Off,
         },
         bf16_dot,
+        amx,
         pinned: Vec::new(),
     };
     let node = if kernel.op == "copy" || kernel.op == COMBINE_OP {
@@ -524,7 +536,13 @@ fn kernel_fn(
         (None, Some(j)) => kc.vector_lanes(j, &walk, &dest),
         _ => None,
     };
+    // CPU: a bf16 projection in paired panels on AMX tiles (`amx`).
+    let tiles = match (mma, node) {
+        (None, Some(j)) => kc.amx_tiles(j, &dest),
+        _ => None,
+    };
     let extent = match (mma, walk, node) {
+        (None, _, Some(_)) if let Some(t) = &tiles => kc.amx_body(&dest, t, &mut opened)?,
         (None, _, Some(j)) if let Some(lanes) = vector => kc.vector_body(&dest, j, lanes, &mut opened)?,
         (Some((m, mode, j)), _, _) => {
             if mode == MmaMode::Gpu {

@@ -127,16 +127,27 @@ pub const BF16_DOT_ENV: &str = "BIFURC_CPU_BF16_DOT";
 /// has AVX512-BF16 or not (`has`): `None` for `auto` (or unset), or an
 /// error naming the variable and what it may be.
 pub(crate) fn bf16_dot_setting(value: Option<&str>, has: bool) -> Result<Option<bool>, LowerError> {
+    cpu_setting(BF16_DOT_ENV, value, || has, "this CPU has no AVX512-BF16 (no `vdpbf16ps`)")
+}
+
+/// The override that environment variable `var`'s `value` asks for: `None`
+/// for `auto` (or unset, or empty), `Some(false)` for `off`, `Some(true)`
+/// for `on` where `has()` says the host can (else an error saying what it
+/// `lacks`); any other value is an error naming the variable and its values.
+pub(crate) fn cpu_setting(
+    var: &str,
+    value: Option<&str>,
+    has: impl FnOnce() -> bool,
+    lacks: &str,
+) -> Result<Option<bool>, LowerError> {
     match value.map(str::trim) {
         None | Some("" | "auto") => Ok(None),
         Some("off") => Ok(Some(false)),
-        Some("on") if has => Ok(Some(true)),
-        Some("on") => Err(LowerError::Setting(format!(
-            "{BF16_DOT_ENV}=on, but this CPU has no AVX512-BF16 (no `vdpbf16ps`): unset it, or set `auto` or `off`"
-        ))),
-        Some(other) => Err(LowerError::Setting(format!(
-            "{BF16_DOT_ENV}={other:?} is not a setting: `auto` (the default), `on` or `off`"
-        ))),
+        Some("on") if has() => Ok(Some(true)),
+        Some("on") => Err(LowerError::Setting(format!("{var}=on, but {lacks}: unset it, or set `auto` or `off`"))),
+        Some(other) => {
+            Err(LowerError::Setting(format!("{var}={other:?} is not a setting: `auto` (the default), `on` or `off`")))
+        }
     }
 }
 

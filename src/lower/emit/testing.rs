@@ -9,14 +9,17 @@ use crate::lower::CpuStep;
 
 /// The graph of `doc`, its CPU step, and the step's MLIR text, with
 /// bf16 pairs summed by the CPU's bf16 dot product wherever the host has
-/// one (`host_has_bf16_dot`), whether or not it prefers it: the tests
-/// check that code on every such host.
+/// one (`host_has_bf16_dot`), whether or not it prefers it, and no AMX
+/// tiles (`emit::amx` has its own tests): the tests check that code on
+/// every such host.
 pub(crate) fn cpu_step(doc: &serde_json::Value) -> (Graph, CpuStep, String) {
     let graph = crate::import::from_value(doc).unwrap_or_else(|e| panic!("{e}"));
-    let (step, text) = super::with_bf16_dot(true, || {
-        let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-        let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
-        (step, text)
+    let (step, text) = super::with_amx(false, || {
+        super::with_bf16_dot(true, || {
+            let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+            let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+            (step, text)
+        })
     });
     (graph, step, text)
 }
