@@ -439,6 +439,10 @@ fn run_errors_are_one_line() {
     let mut cmd = bifurc(&args);
     cmd.env("BIFURC_CPU_BF16_DOT", "yes");
     fails_as(cmd, &args, &["BIFURC_CPU_BF16_DOT=\"yes\"", "`auto`", "`on`", "`off`"]);
+    // And of AMX tiles.
+    let mut cmd = bifurc(&args);
+    cmd.env("BIFURC_CPU_AMX", "tiles");
+    fails_as(cmd, &args, &["BIFURC_CPU_AMX=\"tiles\"", "`auto`", "`on`", "`off`"]);
 
     // A multi-level artifact (runtime dims P, S, m_s, m_c, m_d).
     let multi = write_artifact(&libdevice, &dir, "multilevel", "multi", false, "P=4,S=8,m_s=2048,m_c=1024,m_d=256");

@@ -167,8 +167,10 @@ impl CpuStep {
     /// graph's layout, and converted once when bound ([`CpuStep::store`];
     /// at every [`CpuStep::run`] for tensors given there). bf16 pairs are
     /// summed by the CPU's bf16 dot product where the host prefers it, or
-    /// as [`BF16_DOT_ENV`](crate::lower::BF16_DOT_ENV) says (an error if
-    /// it says what this CPU cannot do or nothing it knows).
+    /// as [`BF16_DOT_ENV`](crate::lower::BF16_DOT_ENV) says; bf16
+    /// projections run on AMX tiles where the host has them, unless
+    /// [`AMX_ENV`](crate::lower::AMX_ENV) says `off` (either is an error
+    /// if it says what this CPU cannot do or nothing it knows).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
         let pairs = Pairing { dot: crate::lower::emit::bf16_dot_choice()?, amx: crate::lower::emit::amx_choice()? };
         Self::compile_pairing(graph, pairs)

@@ -37,6 +37,13 @@
 //! cpu_step model's step went from 45.7-47.5 to 39.6-39.8 ms on one
 //! thread and from 24.5-27.0 to 21.2-22.0 on two.
 //!
+//! On a CPU with AMX tiles (Intel's, from Sapphire Rapids), a bf16 weight
+//! multiplied by bf16 inputs with `in` a multiple of 32, each input's rows
+//! in a buffer in order, is kept in paired panels too: they are the layout
+//! `tdpbf16ps` reads its right operand in (`emit::amx`; the bf16 cpu_step
+//! model's MLP projections 2.1-3.0 -> 0.91-1.0 ms each at b = 32 on one
+//! thread).
+//!
 //! A tied embedding (`[vocab, d]`, gathered for the input and multiplied
 //! as `x @ Wᵀ` for the logits) goes into panels too, the gather reading
 //! them back as `[vocab, d]` through views; and a weight whose `out` is
