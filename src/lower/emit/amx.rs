@@ -188,7 +188,7 @@ impl Kc<'_> {
     /// no guard: LLVM reloads the tile configuration at every iteration's
     /// end, and one that skipped its item would load a configuration with
     /// the shapes of none (zero rows), which faults. Returns its index.
-    fn part_range(&mut self, sizes: &[String]) -> String {
+    pub(super) fn part_range(&mut self, sizes: &[String]) -> String {
         let mut n = sizes.first().cloned().unwrap_or_else(|| self.b.index(1));
         for s in sizes.iter().skip(1) {
             n = self.b.hoist(&format!("arith.muli {n}, {s} : index"));

@@ -90,6 +90,8 @@
 //! The text is deterministic: same graph and program, same bytes.
 
 mod amx;
+mod amx_scores;
+mod amx_values;
 mod bodies;
 mod builder;
 mod chunks;
@@ -541,8 +543,20 @@ fn kernel_fn(
         (None, Some(j)) => kc.amx_tiles(j, &dest),
         _ => None,
     };
+    // CPU: a bf16 context q·K on AMX tiles (`amx_scores`).
+    let scores = match (mma, node, &tiles) {
+        (None, Some(j), None) => kc.amx_scores(j, &dest),
+        _ => None,
+    };
+    // CPU: a bf16 context w·V on AMX tiles (`amx_values`).
+    let values = match (mma, node, &tiles, &scores) {
+        (None, Some(j), None, None) => kc.amx_values(j, &dest),
+        _ => None,
+    };
     let extent = match (mma, walk, node) {
         (None, _, Some(_)) if let Some(t) = &tiles => kc.amx_body(&dest, t, &mut opened)?,
+        (None, _, Some(_)) if let Some(t) = &scores => kc.amx_scores_body(&dest, t, &mut opened)?,
+        (None, _, Some(_)) if let Some(t) = &values => kc.amx_values_body(&dest, t, &mut opened)?,
         (None, _, Some(j)) if let Some(lanes) = vector => kc.vector_body(&dest, j, lanes, &mut opened)?,
         (Some((m, mode, j)), _, _) => {
             if mode == MmaMode::Gpu {

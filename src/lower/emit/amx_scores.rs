@@ -1,0 +1,331 @@
+//! The bf16 context `q·K` on AMX tiles.
+//!
+//! The context einsum of bifurcated attention, `..c..y,czy->..c..z` (q's
+//! rows against one head `c` of the context cache `K [g, m_c, k]`), in
+//! bf16 with a head of a multiple of 32: for each head and each block of
+//! 16 context positions, the block of K is packed into the layout
+//! `tdpbf16ps` reads its right operand in (`[k / 2][16 positions][2]`:
+//! each 32-bit pair of a row of K moved to its position's column, a 16 ×
+//! 16 transpose of 32-bit elements in registers per 32 elements of the
+//! head) and every tile of 16 of the head's rows (packed once per item
+//! into a stack slot, `[rows][k]`) takes `k / 32` `tdpbf16ps` into a
+//! 16 × 16 f32 tile of scores, stored through a slot as one row of 16
+//! scores each (rounded to the output's dtype). Positions past the last
+//! whole block are summed one by one.
+//!
+//! The items are (head, chunk of [`CHUNK_BLOCKS`] blocks) split into
+//! parts; rows beyond [`GROUP_ROWS`] are packed and walked in turns,
+//! each turn packing the chunk's blocks of K again.
+
+use crate::ir::{DType, EinsumSpec, Value};
+use crate::lower::LowerError;
+
+use super::amx::dense_source;
+use super::bodies::Out;
+use super::Kc;
+
+/// Blocks of 16 positions an item covers (1024 positions).
+const CHUNK_BLOCKS: i64 = 64;
+/// Rows packed at once (a 64-wide head: 16 KiB of bf16).
+const GROUP_ROWS: i64 = 128;
+/// Positions of a block: a tile's columns.
+const BLOCK: i64 = 16;
+
+/// A context `q·K` that runs on AMX tiles (see the module docs).
+pub(super) struct AmxScores {
+    /// q's dense bf16 buffer (`[.., k]`, its rows the output's).
+    q: usize,
+    /// The context cache's buffer `[g, m_c, k]` (bf16; maybe pitched).
+    k: usize,
+    /// The head's axis among the output's.
+    head: usize,
+    /// The head's length `k`, a multiple of 32.
+    depth: i64,
+}
+
+impl Kc<'_> {
+    /// Node `j` as an [`AmxScores`] contraction: with AMX on, the CPU
+    /// einsum of a bf16 `q` (`[.., k]`, dense through order-keeping views,
+    /// see `amx::dense_source`) and a stored bf16 `K [g, m, k]` (letters
+    /// `c z y`) into `q`'s leading axes and `m` (the output's last), `k` a
+    /// constant multiple of 32.
+    pub(super) fn amx_scores(&self, j: usize, out: &Out) -> Option<AmxScores> {
+        if !self.amx || self.partition != super::Partition::Pending || !out.dtype.is_float() {
+            return None;
+        }
+        let (spec, inputs) = self.contraction_spec(j)?;
+        let EinsumSpec { inputs: subs, output } = &spec;
+        let (&z, lead) = output.split_last()?;
+        let ki = subs.iter().position(|s| s.contains(&z))?;
+        let (qs, ks, qv, kv) = (subs.get(1 - ki)?, &subs[ki], *inputs.get(1 - ki)?, inputs[ki]);
+        let (&[c, kz, y], Some((&qy, q_lead))) = (ks.as_slice(), qs.split_last()) else { return None };
+        let distinct = |s: &[char]| s.iter().enumerate().all(|(i, l)| !s[..i].contains(l));
+        let letters_ok = inputs.len() == 2 && kz == z && qy == y && q_lead == lead && distinct(output) && distinct(qs);
+        let head = lead.iter().position(|&l| l == c)?;
+        if !letters_ok || lead.contains(&y) {
+            return None;
+        }
+        let bf16 = |v: Value| self.graph.dtype_of(v) == DType::BF16;
+        let k = self.stored(kv).filter(|&b| self.program.buffers[b].dtype == DType::BF16 && bf16(kv))?;
+        let depth = self.constant_size(self.graph.shape_of(kv).last()?)?;
+        let source = dense_source(self.graph, qv, &|v| self.stored(v).is_some())?;
+        let q = self.stored(source).filter(|&b| {
+            let buf = &self.program.buffers[b];
+            buf.dtype == DType::BF16 && buf.pitch.is_none()
+        })?;
+        let (q_shape, y_shape) = (self.graph.shape_of(qv), self.graph.shape_of(Value::Node(j)));
+        let shapes_ok = q_shape.len() == lead.len() + 1
+            && self.graph.dims.same_shape(&q_shape[..lead.len()], &y_shape[..lead.len()])
+            && q_shape.last().and_then(|d| self.constant_size(d)) == Some(depth)
+            && self.graph.dims.same(&self.graph.shape_of(kv)[1], &y_shape[lead.len()])
+            && depth > 0
+            && depth % 32 == 0;
+        shapes_ok.then_some(AmxScores { q, k, head, depth })
+    }
+
+    /// The body of [`AmxScores`] contraction `t` (see the module docs).
+    pub(super) fn amx_scores_body(
+        &mut self,
+        out: &Out,
+        t: &AmxScores,
+        opened: &mut usize,
+    ) -> Result<String, LowerError> {
+        let rank = out.sizes.len();
+        let lead = out.sizes[..rank - 1].to_vec();
+        let positions = out.sizes[rank - 1].clone();
+        let heads = lead[t.head].clone();
+        let mut rows = self.b.index(1);
+        for (a, s) in lead.iter().enumerate() {
+            if a != t.head {
+                rows = self.b.hoist(&format!("arith.muli {rows}, {s} : index"));
+            }
+        }
+        let block = self.b.index(BLOCK);
+        let blocks = self.b.hoist(&format!("arith.divui {positions}, {block} : index"));
+        // One chunk more than whole chunks hold: the last runs the positions
+        // past the last whole block (and none when there are none).
+        let chunk = self.b.index(CHUNK_BLOCKS);
+        let whole = self.b.hoist(&format!("arith.divui {blocks}, {chunk} : index"));
+        let one = self.b.index(1);
+        let chunks = self.b.hoist(&format!("arith.addi {whole}, {one} : index"));
+        let item = self.part_range(&[heads.clone(), chunks.clone()]);
+        self.partition = super::Partition::Done;
+        *opened += 1;
+        let at = self.b.delinearize(&item, &[heads, chunks.clone()]);
+        let (c, ch) = (at[0].clone(), at[1].clone());
+        let b_lo = self.b.muli(&ch, &chunk);
+        let b_end = self.b.addi(&b_lo, &chunk);
+        let b_hi = self.b.op(&format!("arith.minui {b_end}, {blocks} : index"));
+        let last_chunk = self.b.op(&format!("arith.subi {chunks}, {one} : index"));
+        let is_last = self.b.op(&format!("arith.cmpi eq, {ch}, {last_chunk} : index"));
+
+        let depth = t.depth;
+        let (q_slot, k_slot, c_slot) = (
+            self.b.stack_f32("amx_q", (GROUP_ROWS * depth / 2) as usize, None),
+            self.b.stack_f32("amx_k", (depth / 2 * BLOCK) as usize, None),
+            self.b.stack_f32("amx_c", (BLOCK * BLOCK) as usize, None),
+        );
+        let offs = {
+            let n = self.b.i64(GROUP_ROWS);
+            self.b.hoist(&format!("llvm.alloca {n} x i64 {{alignment = 64 : i64}} : (i64) -> !llvm.ptr"))
+        };
+        let q_ptr = self.ptr(t.q)?;
+        let depth_i = self.b.index(depth);
+
+        // Rows in groups of GROUP_ROWS.
+        let group = self.b.index(GROUP_ROWS);
+        let zero = self.b.index(0);
+        let g0 = self.b.open_loop_from(&zero, &rows, &group);
+        let left = self.b.subi(&rows, &g0);
+        let gm = self.b.op(&format!("arith.minui {left}, {group} : index"));
+        // Pack the group's rows of q (head `c`), and note where each row's
+        // scores start.
+        let r = self.b.open_loop(&gm);
+        let row = self.b.addi(&g0, &r);
+        let others: Vec<String> =
+            lead.iter().enumerate().filter(|(a, _)| *a != t.head).map(|(_, s)| s.clone()).collect();
+        let mut coords = self.b.delinearize(&row, &others);
+        coords.insert(t.head, c.clone());
+        let flat = self.b.linearize(&coords, &lead);
+        let q_off = self.b.muli(&flat, &depth_i);
+        let out_off = self.b.muli(&flat, &positions);
+        let out_i64 = self.b.index_to_i64(&out_off);
+        let slot = self.b.element_ptr(&offs, &r, "i64");
+        self.b.line(&format!("llvm.store {out_i64}, {slot} : i64, !llvm.ptr"));
+        let dst_row = self.b.muli(&r, &depth_i);
+        for s in 0..depth / 32 {
+            let shift = self.b.index(32 * s);
+            let src = self.b.addi(&q_off, &shift);
+            let dst = self.b.addi(&dst_row, &shift);
+            let (sp, dp) = (self.b.element_ptr(&q_ptr, &src, "bf16"), self.b.element_ptr(&q_slot, &dst, "bf16"));
+            let v = self.b.op(&format!("llvm.load {sp} {{alignment = 2 : i64}} : !llvm.ptr -> vector<16xi32>"));
+            self.b.line(&format!("llvm.store {v}, {dp} {{alignment = 2 : i64}} : vector<16xi32>, !llvm.ptr"));
+        }
+        self.b.close();
+
+        let (full, bytes) =
+            (self.b.hoist("llvm.mlir.constant(16 : i16) : i16"), self.b.hoist("llvm.mlir.constant(64 : i16) : i16"));
+        let ty = "!llvm.x86_amx";
+        let q_stride = self.b.i64(2 * depth);
+        let row_bytes = self.b.i64(64);
+        let tiles = self.ceil_div_here(&gm, &block);
+        let blk = self.b.open_loop_from(&b_lo, &b_hi, &one);
+        let j0 = self.b.muli(&blk, &block);
+        // The block of K as [k / 2][16][2]: per 32 elements of the head, 16
+        // rows of 16 pairs transposed.
+        for h in 0..depth / 32 {
+            let mut vecs = Vec::with_capacity(BLOCK as usize);
+            for jj in 0..BLOCK {
+                let jj = self.b.index(jj);
+                let pos = self.b.addi(&j0, &jj);
+                let (ptr, off) = self.buffer_offset(t.k, &[c.clone(), pos, zero.clone()])?;
+                let shift = self.b.index(32 * h);
+                let off = self.b.addi(&off, &shift);
+                let p = self.b.element_ptr(&ptr, &off, "bf16");
+                vecs.push(self.b.op(&format!("llvm.load {p} {{alignment = 4 : i64}} : !llvm.ptr -> vector<16xf32>")));
+            }
+            for (p, v) in self.transpose_16(&vecs).iter().enumerate() {
+                let off = self.b.index((h * BLOCK + p as i64) * BLOCK);
+                let dp = self.b.element_ptr(&k_slot, &off, "f32");
+                self.b.line(&format!("llvm.store {v}, {dp} {{alignment = 64 : i64}} : vector<16xf32>, !llvm.ptr"));
+            }
+        }
+        let tile = self.b.open_loop(&tiles);
+        let r0 = self.b.muli(&tile, &block);
+        let left = self.b.subi(&gm, &r0);
+        let mt = self.b.op(&format!("arith.minui {left}, {block} : index"));
+        // Every tile has 16 rows, whatever `mt`: the slot holds them (those
+        // past the group's rows are never stored), and with constant shapes
+        // every tile configuration LLVM loads is valid, also where an item
+        // runs no tile (no whole block): one with the shapes of none would
+        // fault.
+        let m16 = full.clone();
+        let mut acc = self
+            .b
+            .op(&format!("llvm.call_intrinsic \"llvm.x86.tilezero.internal\"({m16}, {bytes}) : (i16, i16) -> {ty}"));
+        let a_row = self.b.muli(&r0, &depth_i);
+        for h in 0..depth / 32 {
+            let shift = self.b.index(32 * h);
+            let off = self.b.addi(&a_row, &shift);
+            let ap = self.b.element_ptr(&q_slot, &off, "bf16");
+            let a = self.b.op(&format!(
+                "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({m16}, {bytes}, {ap}, {q_stride}) : \
+                 (i16, i16, !llvm.ptr, i64) -> {ty}"
+            ));
+            let b_off = self.b.index(h * BLOCK * BLOCK);
+            let bp = self.b.element_ptr(&k_slot, &b_off, "f32");
+            let b = self.b.op(&format!(
+                "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({full}, {bytes}, {bp}, {row_bytes}) : \
+                 (i16, i16, !llvm.ptr, i64) -> {ty}"
+            ));
+            acc = self.b.op(&format!(
+                "llvm.call_intrinsic \"llvm.x86.tdpbf16ps.internal\"({m16}, {bytes}, {bytes}, {acc}, {a}, {b}) : \
+                 (i16, i16, i16, {ty}, {ty}, {ty}) -> {ty}"
+            ));
+        }
+        self.b.line(&format!(
+            "llvm.call_intrinsic \"llvm.x86.tilestored64.internal\"({m16}, {bytes}, {c_slot}, {row_bytes}, {acc}) : \
+             (i16, i16, !llvm.ptr, i64, {ty}) -> ()"
+        ));
+        let rr = self.b.open_loop(&mt);
+        let src = self.b.muli(&rr, &block);
+        let v = self.b.load_vector(&c_slot, &src, 16, DType::F32);
+        let at = self.b.addi(&r0, &rr);
+        let start = self.b.load(&offs, &at, DType::I64).ssa;
+        let start = self.b.op(&format!("arith.index_cast {start} : i64 to index"));
+        let dst = self.b.addi(&start, &j0);
+        self.b.store_vector(&out.ptr, &dst, &v, 16, out.dtype);
+        self.b.close();
+        self.b.close();
+        self.b.close();
+
+        // Positions past the last whole block, one by one (last chunk only).
+        self.b.open_guard(&is_last);
+        let tail = self.b.muli(&blocks, &block);
+        let r = self.b.open_loop(&gm);
+        let start = self.b.load(&offs, &r, DType::I64).ssa;
+        let start = self.b.op(&format!("arith.index_cast {start} : i64 to index"));
+        let q_row = self.b.muli(&r, &depth_i);
+        let pos = self.b.open_loop_from(&tail, &positions, &one);
+        let init = self.b.f32(0.0);
+        let (sum, yy, a) = self.b.open_for(&depth_i, &init, super::builder::Ty::F32);
+        let qo = self.b.addi(&q_row, &yy);
+        let x = self.b.load(&q_slot, &qo, DType::BF16).ssa;
+        let (ptr, off) = self.buffer_offset(t.k, &[c.clone(), pos.clone(), yy.clone()])?;
+        let w = self.b.load(&ptr, &off, DType::BF16).ssa;
+        let next = self.b.op(&format!("math.fma {x}, {w}, {a} : f32"));
+        self.b.close_for(&next, super::builder::Ty::F32);
+        let dst = self.b.addi(&start, &pos);
+        self.b.store(&out.ptr, &dst, out.dtype, super::builder::Val::f32(sum));
+        self.b.close();
+        self.b.close();
+        self.b.close();
+        // The group loop.
+        self.b.close();
+        Ok(item)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::lower::emit::testing::{check_output, point};
+    use crate::lower::emit::with_amx;
+    use crate::lower::{CpuStep, Target};
+
+    /// A bf16 context q·K, multi-head (`bhk,hmk->bhm`, q a view of a
+    /// projection) and grouped-query (`bgpk,gmk->bgpm`, 2 rows a head a
+    /// sample): on AMX tiles where this host has them (`k` = 64), against
+    /// the interpreter at context lengths under a block, across blocks,
+    /// chunks (1024 positions) and their tails, row counts under, at and
+    /// past tiles of 16 and groups of 128, the same bytes in any number of
+    /// parts; with AMX off, or a head of 48, none.
+    #[test]
+    fn context_scores_run_on_tiles() {
+        for (spec, q_shape, k, tiles) in [
+            ("bhk,hmk->bhm", serde_json::json!(["b", 2, 64]), 64, true),
+            ("bgpk,gmk->bgpm", serde_json::json!(["b", 2, 2, 64]), 64, true),
+            ("bhk,hmk->bhm", serde_json::json!(["b", 2, 48]), 48, false),
+        ] {
+            let doc = serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b", "m"], "constants": {"d": 128}},
+                "inputs": [
+                    {"name": "x", "role": "activation", "shape": ["b", "d"], "dtype": "bf16"},
+                    {"name": "w", "role": "weight", "shape": [2 * k * (q_shape.as_array().unwrap().len() as i64 - 2), "d"], "dtype": "bf16"},
+                    {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": [2, "m", k], "dtype": "bf16"}
+                ],
+                "nodes": [
+                    {"id": "p", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}},
+                    {"id": "q", "op": "reshape", "inputs": ["p"], "attrs": {"shape": q_shape}},
+                    {"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": spec}}
+                ],
+                "outputs": [{"name": "s", "node": "s"}]
+            });
+            let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+            for amx in [true, false] {
+                let (mut step, text) = with_amx(amx, || {
+                    let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+                    let text = crate::lower::emit::emit(step.graph(), step.program(), Target::Cpu)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    (step, text)
+                });
+                let on = amx && tiles && super::super::amx::host_has_amx();
+                let scores = text.split("func.func @").find(|f| f.starts_with("k") && f.contains("_s(")).unwrap_or("");
+                assert_eq!(scores.contains("tdpbf16ps"), on, "{spec}, k {k}, amx {amx}:\n{scores}");
+                for (b, m) in [(1, 7), (3, 16), (16, 40), (17, 1030), (65, 100), (2, 2048)] {
+                    let at = point(&[("b", b), ("m", m)]);
+                    check_output(&graph, &step, &at, 3, "s", (0.05, 0.02));
+                    let inputs = crate::interp::random_inputs(&graph, &at, 3).unwrap_or_else(|e| panic!("{e}"));
+                    let whole = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                    for threads in [2, 3] {
+                        step.set_threads(threads);
+                        step.set_min_split_bytes(0);
+                        let split = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                        assert_eq!(split["s"].data, whole["s"].data, "{spec} at b = {b}, m = {m} in {threads} parts");
+                        step.set_threads(1);
+                    }
+                }
+            }
+        }
+    }
+}
