@@ -278,6 +278,10 @@ impl Kc<'_> {
         let m16 = self.b.op(&format!("arith.trunci {m64} : i64 to i16"));
         let full = self.b.hoist("llvm.mlir.constant(16 : i16) : i16");
         let bytes = self.b.hoist("llvm.mlir.constant(64 : i16) : i16");
+        // Rows `m`, fewer than 16 in the last tile: `x` is read in place,
+        // and has no rows past its last. Every item runs tiles (its sum is
+        // at least one step), so every tile configuration LLVM loads has
+        // shapes (see `amx_scores` for where one would not).
         let zeros: Vec<String> = (0..PANEL_OUTPUTS / 16)
             .map(|_| {
                 self.b.op(&format!(

@@ -2,20 +2,29 @@
 //!
 //! The context einsum of bifurcated attention, `..c..y,czy->..c..z` (q's
 //! rows against one head `c` of the context cache `K [g, m_c, k]`), in
-//! bf16 with a head of a multiple of 32: for each head and each block of
-//! 16 context positions, the block of K is packed into the layout
-//! `tdpbf16ps` reads its right operand in (`[k / 2][16 positions][2]`:
-//! each 32-bit pair of a row of K moved to its position's column, a 16 ×
-//! 16 transpose of 32-bit elements in registers per 32 elements of the
-//! head) and every tile of 16 of the head's rows (packed once per item
-//! into a stack slot, `[rows][k]`) takes `k / 32` `tdpbf16ps` into a
-//! 16 × 16 f32 tile of scores, stored through a slot as one row of 16
-//! scores each (rounded to the output's dtype). Positions past the last
-//! whole block are summed one by one.
+//! bf16 with a head of a multiple of 32: for each head and each step of
+//! 32 context positions, both blocks of 16 positions of K are packed into
+//! the layout `tdpbf16ps` reads its right operand in (`[k / 2][16
+//! positions][2]`: each 32-bit pair of a row of K moved to its position's
+//! column, a 16 × 16 transpose of 32-bit elements in registers per 32
+//! elements of the head) and every tile of 16 of the head's rows (packed
+//! once per item into a stack slot, `[rows][k]`) takes `k / 32`
+//! `tdpbf16ps` a block into two 16 × 16 f32 tiles of scores, stored
+//! through a slot as one row of 32 scores each, rounded to the output's
+//! dtype: a whole line in bf16, stored past the caches where it starts
+//! one (`Builder::store_vector_streaming`; one block a step, half a line
+//! per row, stored plainly, ran the q·K at the FMAs' speed). Positions
+//! past the last whole step are summed one by one.
 //!
-//! The items are (head, chunk of [`CHUNK_BLOCKS`] blocks) split into
+//! The items are (head, chunk of [`CHUNK_BLOCKS`] steps) split into
 //! parts; rows beyond [`GROUP_ROWS`] are packed and walked in turns,
 //! each turn packing the chunk's blocks of K again.
+//!
+//! Alternated in one process with the FMA path (`rows_in_lanes`), 16
+//! heads of 64 at m_c = 8192, one thread, medians of 15: b = 32 4.0-4.5
+//! -> 2.0-2.1 ms, b = 64 8.1-9.7 -> 3.2-4.2, b = 1 to 16 as fast or
+//! faster (b = 4: 0.91 against 0.96, b = 8: 1.92 against 1.87); 4 KV
+//! heads of 4 rows each a sample, b = 32: 3.8 -> 1.2.
 
 use crate::ir::{DType, EinsumSpec, Value};
 use crate::lower::LowerError;
@@ -24,12 +33,15 @@ use super::amx::dense_source;
 use super::bodies::Out;
 use super::Kc;
 
-/// Blocks of 16 positions an item covers (1024 positions).
-const CHUNK_BLOCKS: i64 = 64;
+/// Steps of [`STEP`] positions an item covers (1024 positions).
+const CHUNK_BLOCKS: i64 = 32;
 /// Rows packed at once (a 64-wide head: 16 KiB of bf16).
 const GROUP_ROWS: i64 = 128;
 /// Positions of a block: a tile's columns.
 const BLOCK: i64 = 16;
+/// Positions of a step: two blocks, so that each row's scores of a step
+/// are a whole line in bf16 (stored past the caches where aligned).
+const STEP: i64 = 2 * BLOCK;
 
 /// A context `q·K` that runs on AMX tiles (see the module docs).
 pub(super) struct AmxScores {
@@ -101,7 +113,8 @@ impl Kc<'_> {
             }
         }
         let block = self.b.index(BLOCK);
-        let blocks = self.b.hoist(&format!("arith.divui {positions}, {block} : index"));
+        let step = self.b.index(STEP);
+        let blocks = self.b.hoist(&format!("arith.divui {positions}, {step} : index"));
         // One chunk more than whole chunks hold: the last runs the positions
         // past the last whole block (and none when there are none).
         let chunk = self.b.index(CHUNK_BLOCKS);
@@ -122,8 +135,8 @@ impl Kc<'_> {
         let depth = t.depth;
         let (q_slot, k_slot, c_slot) = (
             self.b.stack_f32("amx_q", (GROUP_ROWS * depth / 2) as usize, None),
-            self.b.stack_f32("amx_k", (depth / 2 * BLOCK) as usize, None),
-            self.b.stack_f32("amx_c", (BLOCK * BLOCK) as usize, None),
+            self.b.stack_f32("amx_k", (depth / 2 * STEP) as usize, None),
+            self.b.stack_f32("amx_c", (BLOCK * STEP) as usize, None),
         );
         let offs = {
             let n = self.b.i64(GROUP_ROWS);
@@ -168,15 +181,16 @@ impl Kc<'_> {
         let ty = "!llvm.x86_amx";
         let q_stride = self.b.i64(2 * depth);
         let row_bytes = self.b.i64(64);
+        let c_bytes = self.b.i64(4 * STEP);
         let tiles = self.ceil_div_here(&gm, &block);
         let blk = self.b.open_loop_from(&b_lo, &b_hi, &one);
-        let j0 = self.b.muli(&blk, &block);
-        // The block of K as [k / 2][16][2]: per 32 elements of the head, 16
+        let j0 = self.b.muli(&blk, &step);
+        // Each block of K as [k / 2][16][2]: per 32 elements of the head, 16
         // rows of 16 pairs transposed.
-        for h in 0..depth / 32 {
+        for (half, h) in (0..2).flat_map(|half| (0..depth / 32).map(move |h| (half, h))) {
             let mut vecs = Vec::with_capacity(BLOCK as usize);
             for jj in 0..BLOCK {
-                let jj = self.b.index(jj);
+                let jj = self.b.index(half * BLOCK + jj);
                 let pos = self.b.addi(&j0, &jj);
                 let (ptr, off) = self.buffer_offset(t.k, &[c.clone(), pos, zero.clone()])?;
                 let shift = self.b.index(32 * h);
@@ -185,7 +199,7 @@ impl Kc<'_> {
                 vecs.push(self.b.op(&format!("llvm.load {p} {{alignment = 4 : i64}} : !llvm.ptr -> vector<16xf32>")));
             }
             for (p, v) in self.transpose_16(&vecs).iter().enumerate() {
-                let off = self.b.index((h * BLOCK + p as i64) * BLOCK);
+                let off = self.b.index(((half * depth / 32 + h) * BLOCK + p as i64) * BLOCK);
                 let dp = self.b.element_ptr(&k_slot, &off, "f32");
                 self.b.line(&format!("llvm.store {v}, {dp} {{alignment = 64 : i64}} : vector<16xf32>, !llvm.ptr"));
             }
@@ -200,9 +214,13 @@ impl Kc<'_> {
         // runs no tile (no whole block): one with the shapes of none would
         // fault.
         let m16 = full.clone();
-        let mut acc = self
-            .b
-            .op(&format!("llvm.call_intrinsic \"llvm.x86.tilezero.internal\"({m16}, {bytes}) : (i16, i16) -> {ty}"));
+        let mut accs: Vec<String> = (0..2)
+            .map(|_| {
+                self.b.op(&format!(
+                    "llvm.call_intrinsic \"llvm.x86.tilezero.internal\"({m16}, {bytes}) : (i16, i16) -> {ty}"
+                ))
+            })
+            .collect();
         let a_row = self.b.muli(&r0, &depth_i);
         for h in 0..depth / 32 {
             let shift = self.b.index(32 * h);
@@ -212,36 +230,42 @@ impl Kc<'_> {
                 "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({m16}, {bytes}, {ap}, {q_stride}) : \
                  (i16, i16, !llvm.ptr, i64) -> {ty}"
             ));
-            let b_off = self.b.index(h * BLOCK * BLOCK);
-            let bp = self.b.element_ptr(&k_slot, &b_off, "f32");
-            let b = self.b.op(&format!(
-                "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({full}, {bytes}, {bp}, {row_bytes}) : \
-                 (i16, i16, !llvm.ptr, i64) -> {ty}"
-            ));
-            acc = self.b.op(&format!(
-                "llvm.call_intrinsic \"llvm.x86.tdpbf16ps.internal\"({m16}, {bytes}, {bytes}, {acc}, {a}, {b}) : \
-                 (i16, i16, i16, {ty}, {ty}, {ty}) -> {ty}"
+            for (half, acc) in accs.iter_mut().enumerate() {
+                let b_off = self.b.index((half as i64 * depth / 32 + h) * BLOCK * BLOCK);
+                let bp = self.b.element_ptr(&k_slot, &b_off, "f32");
+                let b = self.b.op(&format!(
+                    "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({full}, {bytes}, {bp}, {row_bytes}) : \
+                     (i16, i16, !llvm.ptr, i64) -> {ty}"
+                ));
+                *acc = self.b.op(&format!(
+                    "llvm.call_intrinsic \"llvm.x86.tdpbf16ps.internal\"({m16}, {bytes}, {bytes}, {acc}, {a}, {b}) : \
+                     (i16, i16, i16, {ty}, {ty}, {ty}) -> {ty}"
+                ));
+            }
+        }
+        for (half, acc) in accs.iter().enumerate() {
+            let off = self.b.index(half as i64 * BLOCK);
+            let cp = self.b.element_ptr(&c_slot, &off, "f32");
+            self.b.line(&format!(
+                "llvm.call_intrinsic \"llvm.x86.tilestored64.internal\"({m16}, {bytes}, {cp}, {c_bytes}, {acc}) : \
+                 (i16, i16, !llvm.ptr, i64, {ty}) -> ()"
             ));
         }
-        self.b.line(&format!(
-            "llvm.call_intrinsic \"llvm.x86.tilestored64.internal\"({m16}, {bytes}, {c_slot}, {row_bytes}, {acc}) : \
-             (i16, i16, !llvm.ptr, i64, {ty}) -> ()"
-        ));
         let rr = self.b.open_loop(&mt);
-        let src = self.b.muli(&rr, &block);
-        let v = self.b.load_vector(&c_slot, &src, 16, DType::F32);
+        let src = self.b.muli(&rr, &step);
+        let v = self.b.load_vector(&c_slot, &src, STEP as usize, DType::F32);
         let at = self.b.addi(&r0, &rr);
         let start = self.b.load(&offs, &at, DType::I64).ssa;
         let start = self.b.op(&format!("arith.index_cast {start} : i64 to index"));
         let dst = self.b.addi(&start, &j0);
-        self.b.store_vector(&out.ptr, &dst, &v, 16, out.dtype);
+        self.b.store_vector_streaming(&out.ptr, &dst, &v, STEP as usize, out.dtype);
         self.b.close();
         self.b.close();
         self.b.close();
 
         // Positions past the last whole block, one by one (last chunk only).
         self.b.open_guard(&is_last);
-        let tail = self.b.muli(&blocks, &block);
+        let tail = self.b.muli(&blocks, &step);
         let r = self.b.open_loop(&gm);
         let start = self.b.load(&offs, &r, DType::I64).ssa;
         let start = self.b.op(&format!("arith.index_cast {start} : i64 to index"));
