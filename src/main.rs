@@ -204,6 +204,10 @@ enum Command {
     /// over it at b=1, or a random one (--context-len). Then --samples continuations are
     /// decoded together for --steps tokens. Prints the tokens, the per-step latency (median,
     /// p90) and tokens/s; --json prints one JSON object instead.
+    ///
+    /// On the CPU, bf16 projections and context attention run on AMX tiles where the CPU has
+    /// them (Intel, from Sapphire Rapids), and bf16 pairs are summed by `vdpbf16ps` on AMD;
+    /// BIFURC_CPU_AMX=auto|on|off and BIFURC_CPU_BF16_DOT=auto|on|off override either.
     Run(RunArgs),
     /// Print a model.json as a graph (Graphviz dot) or re-emit it in canonical JSON.
     Graph {

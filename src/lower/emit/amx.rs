@@ -1,4 +1,5 @@
-//! bf16 weight projections on Intel's AMX tiles.
+//! bf16 weight projections on Intel's AMX tiles (and, in `amx_scores` and
+//! `amx_values`, the bf16 context attention).
 //!
 //! A bf16 weight kept in paired panels (`cpu::panels`: `[out / 64, in / 2,
 //! 64, 2]`, each output's inputs `2z` and `2z + 1` side by side) is the

@@ -47,6 +47,9 @@
 //! bf16 model's q·K 5.7 -> 2.9 ms a layer (b = 32, m_c = 8192, one
 //! thread).
 //!
+//! A bf16 q·K on a CPU with AMX tiles runs on them instead
+//! (`emit::amx_scores`).
+//!
 //! Fewer than 16 rows (b = 1) walk the reuse tile instead, in the other
 //! branch of a runtime test; rows past the last whole 16 and a block cut
 //! short by the output's length use the reuse tile's one-row and
