@@ -172,6 +172,27 @@ pub(crate) fn dense_source(graph: &Graph, v: Value, stored: &dyn Fn(Value) -> bo
     }
 }
 
+/// The MLIR type of an AMX tile.
+pub(super) const TILE: &str = "!llvm.x86_amx";
+
+/// A bf16 einsum of one head `c` of a stored bf16 context cache (`[g, m,
+/// k]`, letters `c` and the two below) and an operand of rows (`..c..s`, its
+/// last letter `s` summed) into the rows' leading axes and one more, `z`:
+/// the context `q·K` (cache `c z s`) or `w · V` (cache `c s z`).
+pub(super) struct HeadSum {
+    /// The operand of rows, and the cache (its value and buffer).
+    pub rows: Value,
+    pub cache: Value,
+    pub buffer: usize,
+    /// The head's axis among the output's leading axes, and their number.
+    pub head: usize,
+    pub lead: usize,
+    /// The cache's letters are `c s z` (`w · V`), not `c z s` (`q·K`).
+    pub sum_first: bool,
+    /// The cache's last size (`k`).
+    pub last: i64,
+}
+
 /// A paired-panel projection that runs on AMX tiles (see the module docs).
 pub(super) struct AmxTiles {
     /// The dense bf16 buffer of `x` (`[.., in]`), and `in / 2`.
@@ -204,6 +225,111 @@ impl Kc<'_> {
             self.b.hoist(&format!("arith.divui {scaled}, {parts} : index"))
         });
         self.b.open_loop_from(&lo, &hi, &one)
+    }
+
+    /// A zero tile of `rows` (an `i16`) × 64 bytes.
+    pub(super) fn tile_zero(&mut self, rows: &str) -> String {
+        let bytes = self.tile_bytes();
+        self.b
+            .op(&format!("llvm.call_intrinsic \"llvm.x86.tilezero.internal\"({rows}, {bytes}) : (i16, i16) -> {TILE}"))
+    }
+
+    /// The tile of `rows` (an `i16`) × 64 bytes at `ptr`, its rows `stride`
+    /// bytes (an `i64`) apart.
+    pub(super) fn tile_load(&mut self, rows: &str, ptr: &str, stride: &str) -> String {
+        let bytes = self.tile_bytes();
+        self.b.op(&format!(
+            "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({rows}, {bytes}, {ptr}, {stride}) : \
+             (i16, i16, !llvm.ptr, i64) -> {TILE}"
+        ))
+    }
+
+    /// `acc` (`rows` × 16 f32) plus `a` (`rows` × 32 bf16) times `b` (16
+    /// pairs × 16 outputs): `tdpbf16ps`.
+    pub(super) fn tile_dot(&mut self, rows: &str, acc: &str, a: &str, b: &str) -> String {
+        let bytes = self.tile_bytes();
+        self.b.op(&format!(
+            "llvm.call_intrinsic \"llvm.x86.tdpbf16ps.internal\"({rows}, {bytes}, {bytes}, {acc}, {a}, {b}) : \
+             (i16, i16, i16, {TILE}, {TILE}, {TILE}) -> {TILE}"
+        ))
+    }
+
+    /// Stores f32 tile `tile` (`rows` × 16) at `ptr`, its rows `stride`
+    /// bytes apart.
+    pub(super) fn tile_store(&mut self, rows: &str, ptr: &str, stride: &str, tile: &str) {
+        let bytes = self.tile_bytes();
+        self.b.line(&format!(
+            "llvm.call_intrinsic \"llvm.x86.tilestored64.internal\"({rows}, {bytes}, {ptr}, {stride}, {tile}) : \
+             (i16, i16, !llvm.ptr, i64, {TILE}) -> ()"
+        ));
+    }
+
+    /// 16 as an `i16` (a whole tile's rows).
+    pub(super) fn tile_rows(&mut self) -> String {
+        self.b.hoist("llvm.mlir.constant(16 : i16) : i16")
+    }
+
+    /// A tile row's 64 bytes, as an `i16`.
+    fn tile_bytes(&mut self) -> String {
+        self.b.hoist("llvm.mlir.constant(64 : i16) : i16")
+    }
+
+    /// The rows of one head: the product of the leading sizes `lead` but
+    /// the head's (`head`), hoisted.
+    pub(super) fn head_rows(&mut self, lead: &[String], head: usize) -> String {
+        let mut rows = self.b.index(1);
+        for (a, s) in lead.iter().enumerate() {
+            if a != head {
+                rows = self.b.hoist(&format!("arith.muli {rows}, {s} : index"));
+            }
+        }
+        rows
+    }
+
+    /// The flat index, among the output's leading axes `lead` (sizes), of
+    /// head `c`'s row `row`: `row` delinearized over the axes but `head`,
+    /// `c` inserted there.
+    pub(super) fn head_row(&mut self, lead: &[String], head: usize, c: &str, row: &str) -> String {
+        let others: Vec<String> = lead.iter().enumerate().filter(|(a, _)| *a != head).map(|(_, s)| s.clone()).collect();
+        let mut coords = self.b.delinearize(row, &others);
+        coords.insert(head, c.to_owned());
+        self.b.linearize(&coords, lead)
+    }
+
+    /// Node `j` as a [`HeadSum`], with AMX on (see there).
+    pub(super) fn head_sum(&self, j: usize, out: &Out) -> Option<HeadSum> {
+        if !self.amx || self.partition != super::Partition::Pending || !out.dtype.is_float() {
+            return None;
+        }
+        let (spec, inputs) = self.contraction_spec(j)?;
+        let EinsumSpec { inputs: subs, output } = &spec;
+        let (&z, lead) = output.split_last()?;
+        let ci = subs.iter().position(|s| s.contains(&z))?;
+        let (rs, cs, rows, cache) = (subs.get(1 - ci)?, &subs[ci], *inputs.get(1 - ci)?, *inputs.get(ci)?);
+        let (&[c, a, b], Some((&sum, r_lead))) = (cs.as_slice(), rs.split_last()) else { return None };
+        let distinct = |s: &[char]| s.iter().enumerate().all(|(i, l)| !s[..i].contains(l));
+        let sum_first = [a, b] == [sum, z];
+        let letters_ok = inputs.len() == 2
+            && (sum_first || [a, b] == [z, sum])
+            && r_lead == lead
+            && !lead.contains(&sum)
+            && distinct(output)
+            && distinct(rs);
+        let head = lead.iter().position(|&l| l == c)?;
+        let bf16 = |v: Value| self.graph.dtype_of(v) == DType::BF16;
+        let buffer = self.stored(cache).filter(|&b| self.program.buffers[b].dtype == DType::BF16 && bf16(cache))?;
+        let last = self.constant_size(self.graph.shape_of(cache).last()?)?;
+        (letters_ok && bf16(rows)).then_some(HeadSum { rows, cache, buffer, head, lead: lead.len(), sum_first, last })
+    }
+
+    /// The dense bf16 buffer holding `v`'s elements in its order (see
+    /// [`dense_source`]), unpitched.
+    pub(super) fn dense_bf16(&self, v: Value) -> Option<usize> {
+        let source = dense_source(self.graph, v, &|v| self.stored(v).is_some())?;
+        self.stored(source).filter(|&b| {
+            let buf = &self.program.buffers[b];
+            buf.dtype == DType::BF16 && buf.pitch.is_none()
+        })
     }
 
     /// Node `j` as an [`AmxTiles`] projection: with AMX on, the CPU einsum
@@ -241,11 +367,7 @@ impl Kc<'_> {
         }
         // x: `[.., in / 2, 2]` with the output's leading axes, its elements
         // in that order in a dense bf16 buffer (through order-keeping views).
-        let source = dense_source(self.graph, xv, &|v| self.stored(v).is_some())?;
-        let x = self.stored(source).filter(|&b| {
-            let buf = &self.program.buffers[b];
-            buf.dtype == DType::BF16 && buf.pitch.is_none()
-        })?;
+        let x = self.dense_bf16(xv)?;
         let (x_shape, y_shape) = (self.graph.shape_of(xv), self.graph.shape_of(Value::Node(j)));
         let dense = x_shape.len() == lead.len() + 2
             && self.graph.dims.same_shape(&x_shape[..lead.len()], &y_shape[..lead.len()])
@@ -277,19 +399,12 @@ impl Kc<'_> {
         let m = self.b.op(&format!("arith.minui {left}, {sixteen} : index"));
         let m64 = self.b.index_to_i64(&m);
         let m16 = self.b.op(&format!("arith.trunci {m64} : i64 to i16"));
-        let full = self.b.hoist("llvm.mlir.constant(16 : i16) : i16");
-        let bytes = self.b.hoist("llvm.mlir.constant(64 : i16) : i16");
+        let full = self.tile_rows();
         // Rows `m`, fewer than 16 in the last tile: `x` is read in place,
         // and has no rows past its last. Every item runs tiles (its sum is
         // at least one step), so every tile configuration LLVM loads has
         // shapes (see `amx_scores` for where one would not).
-        let zeros: Vec<String> = (0..PANEL_OUTPUTS / 16)
-            .map(|_| {
-                self.b.op(&format!(
-                    "llvm.call_intrinsic \"llvm.x86.tilezero.internal\"({m16}, {bytes}) : (i16, i16) -> !llvm.x86_amx"
-                ))
-            })
-            .collect();
+        let zeros: Vec<String> = (0..PANEL_OUTPUTS / 16).map(|_| self.tile_zero(&m16)).collect();
         // x's rows are `2·pairs` bf16 apart; a panel's pair-rows 64 pairs.
         let x_ptr = self.ptr(t.x)?;
         let w_ptr = self.ptr(t.w)?;
@@ -300,16 +415,12 @@ impl Kc<'_> {
         let panel_len = self.b.index(t.pairs * 2 * PANEL_OUTPUTS);
         let w_base = self.b.muli(p, &panel_len);
         let (len, step) = (self.b.index(t.pairs), self.b.index(TILE_PAIRS));
-        let ty = "!llvm.x86_amx";
-        let (sums, zb, accs) = self.b.open_for_typed(&len, &step, &zeros, ty);
+        let (sums, zb, accs) = self.b.open_for_typed(&len, &step, &zeros, TILE);
         let two = self.b.index(2);
         let x_off = self.b.muli(&zb, &two);
         let x_off = self.b.addi(&x_base, &x_off);
         let a_ptr = self.b.element_ptr(&x_ptr, &x_off, "bf16");
-        let a = self.b.op(&format!(
-            "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({m16}, {bytes}, {a_ptr}, {x_stride}) : \
-             (i16, i16, !llvm.ptr, i64) -> {ty}"
-        ));
+        let a = self.tile_load(&m16, &a_ptr, &x_stride);
         let pair_row = self.b.index(2 * PANEL_OUTPUTS);
         let w_off = self.b.muli(&zb, &pair_row);
         let w_off = self.b.addi(&w_base, &w_off);
@@ -318,35 +429,23 @@ impl Kc<'_> {
             let shift = self.b.index(32 * i as i64);
             let off = self.b.addi(&w_off, &shift);
             let b_ptr = self.b.element_ptr(&w_ptr, &off, "bf16");
-            let b = self.b.op(&format!(
-                "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({full}, {bytes}, {b_ptr}, {w_stride}) : \
-                 (i16, i16, !llvm.ptr, i64) -> {ty}"
-            ));
-            nexts.push(self.b.op(&format!(
-                "llvm.call_intrinsic \"llvm.x86.tdpbf16ps.internal\"({m16}, {bytes}, {bytes}, {acc}, {a}, {b}) : \
-                 (i16, i16, i16, {ty}, {ty}, {ty}) -> {ty}"
-            )));
+            let b = self.tile_load(&full, &b_ptr, &w_stride);
+            nexts.push(self.tile_dot(&m16, acc, &a, &b));
         }
-        self.b.close_for_typed(&nexts, ty);
+        self.b.close_for_typed(&nexts, TILE);
         // Output row r, panel p, outputs 16i..: ((r·P + p)·64 + 16i).
         let out_panels = self.b.index(t.panels);
         let out_row = self.b.muli(&r0, &out_panels);
         let out_row = self.b.addi(&out_row, p);
         let width = self.b.index(PANEL_OUTPUTS);
         let out_base = self.b.muli(&out_row, &width);
-        let store = |kc: &mut Self, ptr: &str, stride: &str, tile: &str| {
-            kc.b.line(&format!(
-                "llvm.call_intrinsic \"llvm.x86.tilestored64.internal\"({m16}, {bytes}, {ptr}, {stride}, {tile}) : \
-                 (i16, i16, !llvm.ptr, i64, {ty}) -> ()"
-            ));
-        };
         if out.dtype == DType::F32 {
             let stride = self.b.i64(4 * PANEL_OUTPUTS * t.panels);
             for (i, sum) in sums.iter().enumerate() {
                 let shift = self.b.index(16 * i as i64);
                 let off = self.b.addi(&out_base, &shift);
                 let ptr = self.b.element_ptr(&out.ptr, &off, "f32");
-                store(self, &ptr, &stride, sum);
+                self.tile_store(&m16, &ptr, &stride, sum);
             }
         } else {
             // Through a slot of 16 rows × 64 f32, each row's 4 vectors
@@ -356,7 +455,7 @@ impl Kc<'_> {
             for (i, sum) in sums.iter().enumerate() {
                 let shift = self.b.index(16 * i as i64);
                 let ptr = self.b.element_ptr(&slot, &shift, "f32");
-                store(self, &ptr, &stride, sum);
+                self.tile_store(&m16, &ptr, &stride, sum);
             }
             let rr = self.b.open_loop(&m);
             let slot_row = self.b.muli(&rr, &width);
@@ -379,21 +478,16 @@ impl Kc<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lower::emit::testing::{check_output, point};
-    use crate::lower::{CpuStep, Target};
+    use crate::lower::emit::testing::{check_output, check_parts, cpu_step_amx, point};
+    use crate::lower::CpuStep;
 
     const TDPBF16PS: &str = "llvm.x86.tdpbf16ps.internal";
 
-    /// `doc`'s CPU step compiled with AMX on (where the host has it) or
-    /// off, and its MLIR.
+    /// `doc`'s graph, and its CPU step compiled with AMX on (where the
+    /// host has it) or off, and its MLIR.
     fn compile(doc: &serde_json::Value, amx: bool) -> (crate::ir::Graph, CpuStep, String) {
         let graph = crate::import::from_value(doc).unwrap_or_else(|e| panic!("{e}"));
-        let (step, text) = with_amx(amx, || {
-            let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-            let text =
-                crate::lower::emit::emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
-            (step, text)
-        });
+        let (step, text) = cpu_step_amx(&graph, amx);
         (graph, step, text)
     }
 
@@ -443,15 +537,7 @@ mod tests {
                 }
                 let inputs = crate::interp::random_inputs(&graph, &at, 7).unwrap_or_else(|e| panic!("{e}"));
                 let whole = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-                for threads in [2, 3] {
-                    step.set_threads(threads);
-                    step.set_min_split_bytes(0);
-                    let split = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-                    for out in ["down", "wide", "o"] {
-                        assert_eq!(split[out].data, whole[out].data, "{out} at b = {b} in {threads} parts");
-                    }
-                    step.set_threads(1);
-                }
+                check_parts(&mut step, &at, &inputs, &whole, &["down", "wide", "o"]);
             }
         }
     }

@@ -26,10 +26,9 @@
 //! faster (b = 4: 0.91 against 0.96, b = 8: 1.92 against 1.87); 4 KV
 //! heads of 4 rows each a sample, b = 32: 3.8 -> 1.2.
 
-use crate::ir::{DType, EinsumSpec, Value};
+use crate::ir::{DType, Value};
 use crate::lower::LowerError;
 
-use super::amx::dense_source;
 use super::bodies::Out;
 use super::Kc;
 
@@ -62,37 +61,14 @@ impl Kc<'_> {
     /// `c z y`) into `q`'s leading axes and `m` (the output's last), `k` a
     /// constant multiple of 32.
     pub(super) fn amx_scores(&self, j: usize, out: &Out) -> Option<AmxScores> {
-        if !self.amx || self.partition != super::Partition::Pending || !out.dtype.is_float() {
-            return None;
-        }
-        let (spec, inputs) = self.contraction_spec(j)?;
-        let EinsumSpec { inputs: subs, output } = &spec;
-        let (&z, lead) = output.split_last()?;
-        let ki = subs.iter().position(|s| s.contains(&z))?;
-        let (qs, ks, qv, kv) = (subs.get(1 - ki)?, &subs[ki], *inputs.get(1 - ki)?, inputs[ki]);
-        let (&[c, kz, y], Some((&qy, q_lead))) = (ks.as_slice(), qs.split_last()) else { return None };
-        let distinct = |s: &[char]| s.iter().enumerate().all(|(i, l)| !s[..i].contains(l));
-        let letters_ok = inputs.len() == 2 && kz == z && qy == y && q_lead == lead && distinct(output) && distinct(qs);
-        let head = lead.iter().position(|&l| l == c)?;
-        if !letters_ok || lead.contains(&y) {
-            return None;
-        }
-        let bf16 = |v: Value| self.graph.dtype_of(v) == DType::BF16;
-        let k = self.stored(kv).filter(|&b| self.program.buffers[b].dtype == DType::BF16 && bf16(kv))?;
-        let depth = self.constant_size(self.graph.shape_of(kv).last()?)?;
-        let source = dense_source(self.graph, qv, &|v| self.stored(v).is_some())?;
-        let q = self.stored(source).filter(|&b| {
-            let buf = &self.program.buffers[b];
-            buf.dtype == DType::BF16 && buf.pitch.is_none()
-        })?;
-        let (q_shape, y_shape) = (self.graph.shape_of(qv), self.graph.shape_of(Value::Node(j)));
-        let shapes_ok = q_shape.len() == lead.len() + 1
-            && self.graph.dims.same_shape(&q_shape[..lead.len()], &y_shape[..lead.len()])
-            && q_shape.last().and_then(|d| self.constant_size(d)) == Some(depth)
-            && self.graph.dims.same(&self.graph.shape_of(kv)[1], &y_shape[lead.len()])
-            && depth > 0
-            && depth % 32 == 0;
-        shapes_ok.then_some(AmxScores { q, k, head, depth })
+        let h = self.head_sum(j, out).filter(|h| !h.sum_first && h.last > 0 && h.last % 32 == 0)?;
+        let q = self.dense_bf16(h.rows)?;
+        let (q_shape, y_shape) = (self.graph.shape_of(h.rows), self.graph.shape_of(Value::Node(j)));
+        let shapes_ok = q_shape.len() == h.lead + 1
+            && self.graph.dims.same_shape(&q_shape[..h.lead], &y_shape[..h.lead])
+            && q_shape.last().and_then(|d| self.constant_size(d)) == Some(h.last)
+            && self.graph.dims.same(&self.graph.shape_of(h.cache)[1], &y_shape[h.lead]);
+        shapes_ok.then_some(AmxScores { q, k: h.buffer, head: h.head, depth: h.last })
     }
 
     /// The body of [`AmxScores`] contraction `t` (see the module docs).
@@ -106,12 +82,7 @@ impl Kc<'_> {
         let lead = out.sizes[..rank - 1].to_vec();
         let positions = out.sizes[rank - 1].clone();
         let heads = lead[t.head].clone();
-        let mut rows = self.b.index(1);
-        for (a, s) in lead.iter().enumerate() {
-            if a != t.head {
-                rows = self.b.hoist(&format!("arith.muli {rows}, {s} : index"));
-            }
-        }
+        let rows = self.head_rows(&lead, t.head);
         let block = self.b.index(BLOCK);
         let step = self.b.index(STEP);
         let blocks = self.b.hoist(&format!("arith.divui {positions}, {step} : index"));
@@ -155,11 +126,7 @@ impl Kc<'_> {
         // scores start.
         let r = self.b.open_loop(&gm);
         let row = self.b.addi(&g0, &r);
-        let others: Vec<String> =
-            lead.iter().enumerate().filter(|(a, _)| *a != t.head).map(|(_, s)| s.clone()).collect();
-        let mut coords = self.b.delinearize(&row, &others);
-        coords.insert(t.head, c.clone());
-        let flat = self.b.linearize(&coords, &lead);
+        let flat = self.head_row(&lead, t.head, &c, &row);
         let q_off = self.b.muli(&flat, &depth_i);
         let out_off = self.b.muli(&flat, &positions);
         let out_i64 = self.b.index_to_i64(&out_off);
@@ -176,9 +143,7 @@ impl Kc<'_> {
         }
         self.b.close();
 
-        let (full, bytes) =
-            (self.b.hoist("llvm.mlir.constant(16 : i16) : i16"), self.b.hoist("llvm.mlir.constant(64 : i16) : i16"));
-        let ty = "!llvm.x86_amx";
+        let full = self.tile_rows();
         let q_stride = self.b.i64(2 * depth);
         let row_bytes = self.b.i64(64);
         let c_bytes = self.b.i64(4 * STEP);
@@ -214,42 +179,24 @@ impl Kc<'_> {
         // runs no tile (no whole block): one with the shapes of none would
         // fault.
         let m16 = full.clone();
-        let mut accs: Vec<String> = (0..2)
-            .map(|_| {
-                self.b.op(&format!(
-                    "llvm.call_intrinsic \"llvm.x86.tilezero.internal\"({m16}, {bytes}) : (i16, i16) -> {ty}"
-                ))
-            })
-            .collect();
+        let mut accs: Vec<String> = (0..2).map(|_| self.tile_zero(&m16)).collect();
         let a_row = self.b.muli(&r0, &depth_i);
         for h in 0..depth / 32 {
             let shift = self.b.index(32 * h);
             let off = self.b.addi(&a_row, &shift);
             let ap = self.b.element_ptr(&q_slot, &off, "bf16");
-            let a = self.b.op(&format!(
-                "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({m16}, {bytes}, {ap}, {q_stride}) : \
-                 (i16, i16, !llvm.ptr, i64) -> {ty}"
-            ));
+            let a = self.tile_load(&m16, &ap, &q_stride);
             for (half, acc) in accs.iter_mut().enumerate() {
                 let b_off = self.b.index((half as i64 * depth / 32 + h) * BLOCK * BLOCK);
                 let bp = self.b.element_ptr(&k_slot, &b_off, "f32");
-                let b = self.b.op(&format!(
-                    "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({full}, {bytes}, {bp}, {row_bytes}) : \
-                     (i16, i16, !llvm.ptr, i64) -> {ty}"
-                ));
-                *acc = self.b.op(&format!(
-                    "llvm.call_intrinsic \"llvm.x86.tdpbf16ps.internal\"({m16}, {bytes}, {bytes}, {acc}, {a}, {b}) : \
-                     (i16, i16, i16, {ty}, {ty}, {ty}) -> {ty}"
-                ));
+                let b = self.tile_load(&full, &bp, &row_bytes);
+                *acc = self.tile_dot(&m16, acc, &a, &b);
             }
         }
         for (half, acc) in accs.iter().enumerate() {
             let off = self.b.index(half as i64 * BLOCK);
             let cp = self.b.element_ptr(&c_slot, &off, "f32");
-            self.b.line(&format!(
-                "llvm.call_intrinsic \"llvm.x86.tilestored64.internal\"({m16}, {bytes}, {cp}, {c_bytes}, {acc}) : \
-                 (i16, i16, !llvm.ptr, i64, {ty}) -> ()"
-            ));
+            self.tile_store(&m16, &cp, &c_bytes, acc);
         }
         let rr = self.b.open_loop(&mt);
         let src = self.b.muli(&rr, &step);
@@ -292,9 +239,7 @@ impl Kc<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::lower::emit::testing::{check_output, point};
-    use crate::lower::emit::with_amx;
-    use crate::lower::{CpuStep, Target};
+    use crate::lower::emit::testing::{check_output, check_parts, cpu_step_amx, point};
 
     /// A bf16 context q·K, multi-head (`bhk,hmk->bhm`, q a view of a
     /// projection) and grouped-query (`bgpk,gmk->bgpm`, 2 rows a head a
@@ -327,12 +272,7 @@ mod tests {
             });
             let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
             for amx in [true, false] {
-                let (mut step, text) = with_amx(amx, || {
-                    let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-                    let text = crate::lower::emit::emit(step.graph(), step.program(), Target::Cpu)
-                        .unwrap_or_else(|e| panic!("{e}"));
-                    (step, text)
-                });
+                let (mut step, text) = cpu_step_amx(&graph, amx);
                 let on = amx && tiles && super::super::amx::host_has_amx();
                 let scores = text.split("func.func @").find(|f| f.starts_with("k") && f.contains("_s(")).unwrap_or("");
                 assert_eq!(scores.contains("tdpbf16ps"), on, "{spec}, k {k}, amx {amx}:\n{scores}");
@@ -341,13 +281,7 @@ mod tests {
                     check_output(&graph, &step, &at, 3, "s", (0.05, 0.02));
                     let inputs = crate::interp::random_inputs(&graph, &at, 3).unwrap_or_else(|e| panic!("{e}"));
                     let whole = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-                    for threads in [2, 3] {
-                        step.set_threads(threads);
-                        step.set_min_split_bytes(0);
-                        let split = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-                        assert_eq!(split["s"].data, whole["s"].data, "{spec} at b = {b}, m = {m} in {threads} parts");
-                        step.set_threads(1);
-                    }
+                    check_parts(&mut step, &at, &inputs, &whole, &["s"]);
                 }
             }
         }

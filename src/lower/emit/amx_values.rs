@@ -21,10 +21,10 @@
 //! 1.7-2.7 ms, b = 64 8.2-10.1 -> 2.6-2.9, b = 16 2.4-3.2 -> 0.9-1.7; 4 KV
 //! heads of 4 rows each a sample, b = 32: 3.7 -> 1.0.
 
-use crate::ir::{DType, EinsumSpec, Op, Poly, Value};
+use crate::ir::{DType, Op, Poly, Value};
 use crate::lower::LowerError;
 
-use super::amx::dense_source;
+use super::amx::TILE;
 use super::bodies::Out;
 use super::builder::{Ty, Val};
 use super::Kc;
@@ -58,52 +58,30 @@ impl Kc<'_> {
     /// (letters `c y z`) into `w`'s leading axes and `k` (the output's
     /// last), `k` a constant multiple of 64.
     pub(super) fn amx_values(&self, j: usize, out: &Out) -> Option<AmxValues> {
-        if !self.amx || self.partition != super::Partition::Pending || !out.dtype.is_float() {
-            return None;
-        }
-        let (spec, inputs) = self.contraction_spec(j)?;
-        let EinsumSpec { inputs: subs, output } = &spec;
-        let (&z, lead) = output.split_last()?;
-        let vi = subs.iter().position(|s| s.contains(&z))?;
-        let (ps, vs, pv, vv) = (subs.get(1 - vi)?, &subs[vi], *inputs.get(1 - vi)?, inputs[vi]);
-        let (&[c, y, vz], Some((&py, p_lead))) = (vs.as_slice(), ps.split_last()) else { return None };
-        let distinct = |s: &[char]| s.iter().enumerate().all(|(i, l)| !s[..i].contains(l));
-        let letters_ok = inputs.len() == 2 && vz == z && py == y && p_lead == lead && distinct(output) && distinct(ps);
-        let head = lead.iter().position(|&l| l == c)?;
-        if !letters_ok || lead.contains(&y) {
-            return None;
-        }
-        let bf16 = |v: Value| self.graph.dtype_of(v) == DType::BF16;
-        let v = self.stored(vv).filter(|&b| self.program.buffers[b].dtype == DType::BF16 && bf16(vv))?;
-        let width = self.constant_size(self.graph.shape_of(vv).last()?)?;
+        let h = self.head_sum(j, out).filter(|h| h.sum_first && h.last > 0 && h.last % OUTPUTS == 0)?;
+        let (pv, lead) = (h.rows, h.lead);
         // The probabilities' rows: `w`'s own, or those of a slice of each
         // (the context's part of the softmax's rows, when the softmax has
         // a buffer of its own).
         let (whole_rows, start) = match pv {
             Value::Node(s) => match (&self.graph.nodes[s].op, self.graph.nodes[s].inputs.as_slice()) {
-                (Op::Slice { axis, start, .. }, &[of]) if *axis + 1 == lead.len() + 1 => (of, start.clone()),
+                (Op::Slice { axis, start, .. }, &[of]) if *axis == lead => (of, start.clone()),
                 _ => (pv, Poly::zero()),
             },
             Value::Input(_) => (pv, Poly::zero()),
         };
         let row = self.graph.shape_of(whole_rows).last()?.clone();
-        let source = dense_source(self.graph, whole_rows, &|v| self.stored(v).is_some())?;
-        let p = self.stored(source).filter(|&b| {
-            let buf = &self.program.buffers[b];
-            buf.dtype == DType::BF16 && buf.pitch.is_none() && bf16(pv)
-        })?;
+        let p = self.dense_bf16(whole_rows)?;
         let (p_shape, y_shape) = (self.graph.shape_of(pv), self.graph.shape_of(Value::Node(j)));
         let rows_kept = self.graph.shape_of(whole_rows).len() == p_shape.len()
-            && self.graph.dims.same_shape(&self.graph.shape_of(whole_rows)[..lead.len()], &p_shape[..lead.len()]);
+            && self.graph.dims.same_shape(&self.graph.shape_of(whole_rows)[..lead], &p_shape[..lead]);
         let shapes_ok = rows_kept
-            && p_shape.len() == lead.len() + 1
-            && self.graph.dims.same_shape(&p_shape[..lead.len()], &y_shape[..lead.len()])
-            && p_shape.last().is_some_and(|m| self.graph.dims.same(m, &self.graph.shape_of(vv)[1]))
-            && width > 0
-            && width % OUTPUTS == 0;
+            && p_shape.len() == lead + 1
+            && self.graph.dims.same_shape(&p_shape[..lead], &y_shape[..lead])
+            && p_shape.last().is_some_and(|m| self.graph.dims.same(m, &self.graph.shape_of(h.cache)[1]));
         let norm = |x: &Poly| self.graph.dims.normalize(x).ok();
         let (row, start, len) = (norm(&row)?, norm(&start)?, norm(p_shape.last()?)?);
-        shapes_ok.then_some(AmxValues { p, row, start, len, v, head, width })
+        shapes_ok.then_some(AmxValues { p, row, start, len, v: h.buffer, head: h.head, width: h.last })
     }
 
     /// The body of [`AmxValues`] contraction `t` (see the module docs).
@@ -119,12 +97,7 @@ impl Kc<'_> {
         // The context's length, and where each row of probabilities is.
         let positions = self.b.size(&t.len)?;
         let (row_len, start) = (self.b.size(&t.row)?, self.b.size(&t.start)?);
-        let mut rows = self.b.index(1);
-        for (a, s) in lead.iter().enumerate() {
-            if a != t.head {
-                rows = self.b.hoist(&format!("arith.muli {rows}, {s} : index"));
-            }
-        }
+        let rows = self.head_rows(&lead, t.head);
         let sixteen = self.b.index(16);
         let tiles = self.ceil_div(&rows, 16);
         let item = self.part_range(&[heads.clone(), tiles.clone()]);
@@ -148,11 +121,7 @@ impl Kc<'_> {
         // Where each row's probabilities and outputs start.
         let rr = self.b.open_loop(&mt);
         let row = self.b.addi(&r0, &rr);
-        let others: Vec<String> =
-            lead.iter().enumerate().filter(|(a, _)| *a != t.head).map(|(_, s)| s.clone()).collect();
-        let mut coords = self.b.delinearize(&row, &others);
-        coords.insert(t.head, c.clone());
-        let flat = self.b.linearize(&coords, &lead);
+        let flat = self.head_row(&lead, t.head, &c, &row);
         let p_off = self.b.muli(&flat, &row_len);
         let p_off = self.b.addi(&p_off, &start);
         let o_off = self.b.muli(&flat, &width);
@@ -171,9 +140,7 @@ impl Kc<'_> {
             kc.b.op(&format!("arith.index_cast {x} : i64 to index"))
         };
 
-        let ty = "!llvm.x86_amx";
-        let (full, bytes) =
-            (self.b.hoist("llvm.mlir.constant(16 : i16) : i16"), self.b.hoist("llvm.mlir.constant(64 : i16) : i16"));
+        let full = self.tile_rows();
         let (p_stride, v_stride, c_stride) = (self.b.i64(64), self.b.i64(4 * OUTPUTS), self.b.i64(4 * OUTPUTS));
         let block = self.b.index(BLOCK);
         let blocks = self.b.hoist(&format!("arith.divui {positions}, {block} : index"));
@@ -182,14 +149,8 @@ impl Kc<'_> {
         let e_group = self.b.open_loop(&groups);
         let outputs = self.b.index(OUTPUTS);
         let e0 = self.b.muli(&e_group, &outputs);
-        let zeros: Vec<String> = (0..4)
-            .map(|_| {
-                self.b.op(&format!(
-                    "llvm.call_intrinsic \"llvm.x86.tilezero.internal\"({full}, {bytes}) : (i16, i16) -> {ty}"
-                ))
-            })
-            .collect();
-        let (sums, blk, accs) = self.b.open_for_typed(&blocks, &one, &zeros, ty);
+        let zeros: Vec<String> = (0..4).map(|_| self.tile_zero(&full)).collect();
+        let (sums, blk, accs) = self.b.open_for_typed(&blocks, &one, &zeros, TILE);
         let j0 = self.b.muli(&blk, &block);
         // The rows' 32 probabilities of the block.
         let rr = self.b.open_loop(&mt);
@@ -231,31 +192,19 @@ impl Kc<'_> {
                 }
             }
         }
-        let a = self.b.op(&format!(
-            "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({full}, {bytes}, {p_slot}, {p_stride}) : \
-             (i16, i16, !llvm.ptr, i64) -> {ty}"
-        ));
+        let a = self.tile_load(&full, &p_slot, &p_stride);
         let mut nexts = Vec::with_capacity(4);
         for (i, acc) in accs.iter().enumerate() {
             let off = self.b.index(32 * i as i64);
             let bp = self.b.element_ptr(&v_slot, &off, "bf16");
-            let b = self.b.op(&format!(
-                "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({full}, {bytes}, {bp}, {v_stride}) : \
-                 (i16, i16, !llvm.ptr, i64) -> {ty}"
-            ));
-            nexts.push(self.b.op(&format!(
-                "llvm.call_intrinsic \"llvm.x86.tdpbf16ps.internal\"({full}, {bytes}, {bytes}, {acc}, {a}, {b}) : \
-                 (i16, i16, i16, {ty}, {ty}, {ty}) -> {ty}"
-            )));
+            let b = self.tile_load(&full, &bp, &v_stride);
+            nexts.push(self.tile_dot(&full, acc, &a, &b));
         }
-        self.b.close_for_typed(&nexts, ty);
+        self.b.close_for_typed(&nexts, TILE);
         for (i, sum) in sums.iter().enumerate() {
             let off = self.b.index(16 * i as i64);
             let cp = self.b.element_ptr(&c_slot, &off, "f32");
-            self.b.line(&format!(
-                "llvm.call_intrinsic \"llvm.x86.tilestored64.internal\"({full}, {bytes}, {cp}, {c_stride}, {sum}) : \
-                 (i16, i16, !llvm.ptr, i64, {ty}) -> ()"
-            ));
+            self.tile_store(&full, &cp, &c_stride, sum);
         }
         // Positions past the last whole block, added one by one, then the
         // rows stored.
@@ -294,9 +243,7 @@ impl Kc<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::lower::emit::testing::point;
-    use crate::lower::emit::with_amx;
-    use crate::lower::{CpuStep, Target};
+    use crate::lower::emit::testing::{check_parts, cpu_step_amx, point};
 
     /// A bf16 context `w · V`, multi-head (`bhm,hmk->bhk`) and
     /// grouped-query (`bgpm,gmk->bgpk`), heads of 64 and 128 (two groups of
@@ -339,12 +286,7 @@ mod tests {
             });
             let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
             for amx in [true, false] {
-                let (mut step, text) = with_amx(amx, || {
-                    let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-                    let text = crate::lower::emit::emit(step.graph(), step.program(), Target::Cpu)
-                        .unwrap_or_else(|e| panic!("{e}"));
-                    (step, text)
-                });
+                let (mut step, text) = cpu_step_amx(&graph, amx);
                 let on = amx && tiles && super::super::amx::host_has_amx();
                 assert_eq!(text.contains("tdpbf16ps"), on, "{spec}, k {k}, amx {amx}:\n{text}");
                 for (b, m) in [(1, 7), (3, 32), (16, 40), (17, 1030), (33, 100)] {
@@ -363,13 +305,7 @@ mod tests {
                         let tol = y.abs() / 256.0 + top / 4096.0;
                         assert!((x - y).abs() <= tol, "{spec} at b = {b}, m = {m}: element {i}: {x} vs {y}");
                     }
-                    for threads in [2, 3] {
-                        step.set_threads(threads);
-                        step.set_min_split_bytes(0);
-                        let split = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-                        assert_eq!(split["o"].data, whole["o"].data, "{spec} at b = {b}, m = {m} in {threads} parts");
-                        step.set_threads(1);
-                    }
+                    check_parts(&mut step, &at, &inputs, &whole, &["o"]);
                 }
             }
         }

@@ -90,3 +90,34 @@ pub(crate) fn grid((from, to): (f32, f32), per_unit: usize, offset: f32, extra: 
     xs.extend_from_slice(extra);
     xs
 }
+
+/// `graph`'s CPU step compiled with AMX tiles on (where the host has them,
+/// see `emit::amx`) or off, and its MLIR text.
+pub(crate) fn cpu_step_amx(graph: &Graph, amx: bool) -> (CpuStep, String) {
+    super::with_amx(amx, || {
+        let step = CpuStep::compile(graph).unwrap_or_else(|e| panic!("{e}"));
+        let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        (step, text)
+    })
+}
+
+/// `step`'s outputs `names` at `point` on `inputs` with every kernel split
+/// into 2 and then 3 parts: the same bytes as in one (`whole`). Leaves the
+/// step on one thread.
+pub(crate) fn check_parts(
+    step: &mut CpuStep,
+    point: &BTreeMap<String, i64>,
+    inputs: &std::collections::HashMap<String, crate::interp::Tensor>,
+    whole: &std::collections::HashMap<String, crate::interp::Tensor>,
+    names: &[&str],
+) {
+    step.set_min_split_bytes(0);
+    for threads in [2, 3] {
+        step.set_threads(threads);
+        let split = step.run(point, inputs).unwrap_or_else(|e| panic!("{e}"));
+        for name in names {
+            assert_eq!(split[*name].data, whole[*name].data, "{name} at {point:?} in {threads} parts");
+        }
+    }
+    step.set_threads(1);
+}
