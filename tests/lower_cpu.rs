@@ -200,6 +200,24 @@ fn multilevel_matches_interpreter() {
     check("multilevel (bifurcated)", &g, &points, F32_TOL);
 }
 
+/// A bf16 llama whose widths take the CPU's AMX tiles where it has them
+/// (d_model 256, heads of 64: projections, context q·K and w·V), grouped
+/// query, bifurcated, at sample counts under, at and past tiles of 16 rows
+/// and contexts across blocks of 32 positions with a tail.
+#[test]
+fn bf16_llama_amx_widths_match_interpreter() {
+    const LLAMA_WIDE: &str = r#"{"model_type": "llama", "hidden_size": 256, "intermediate_size": 320,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 96,
+      "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "max_position_embeddings": 2048}"#;
+    let points = vec![
+        point(&[("b", 5), ("m_c", 40), ("m_d", 3)]),
+        point(&[("b", 16), ("m_c", 64), ("m_d", 1)]),
+        point(&[("b", 17), ("m_c", 333), ("m_d", 5)]),
+    ];
+    let g = bifurcated(&from_config(LLAMA_WIDE, Some(DType::BF16)), "b=64,m_c=4096,m_d=64");
+    check("llama 256 bf16 (bifurcated)", &g, &points, BF16_TOL);
+}
+
 #[test]
 fn bf16_llama_matches_interpreter_loosely() {
     let g = from_config(LLAMA_GQA, Some(DType::BF16));
