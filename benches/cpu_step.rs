@@ -39,7 +39,8 @@
 //! (8, or `BIFURC_BENCH_PROFILE_TOP`; each its median over as many runs
 //! as timed, of the bound step's kernels), each contraction with its
 //! share of the FMA peak (its multiply-adds at the peak rate over its
-//! time), at the last thread count timed;
+//! time; the f32 FMAs' peak, which a bf16 kernel on AMX tiles exceeds),
+//! at the last thread count timed;
 //! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there.
 //!
 //! Target (b = 32): the bifurcated step at least 4x faster than the baseline
