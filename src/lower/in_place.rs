@@ -18,7 +18,7 @@
 //!   reading them would be another user); a reshape keeps the row as the
 //!   last axis, regrouping the axes before it (grouped-query heads);
 //! - each part of the concat is a node with a kernel of its own, of the
-//!   softmax's dtype, f32, whose one user is the concat;
+//!   softmax's dtype (a float), whose one user is the concat;
 //! - every user of the softmax is a slice along the row exactly over one
 //!   part, or a reshape that keeps the row whose users are;
 //! - none of these is a graph output.
@@ -26,7 +26,12 @@
 //! The softmax then reads every element before it writes it, at the
 //! same place (its max pass reads the row, its exp pass reads an element
 //! and stores its `exp` there, its last pass scales what it stored), so
-//! it computes what it did with its own buffer. Its row's sum is
+//! it computes what it did with its own buffer. In f16 / bf16 the `exp`s
+//! are kept in f32 in a row on the stack instead, as with a buffer of its
+//! own (a row longer than that computes each again), and only the final
+//! values are rounded and stored over the parts: the bf16 cpu_step's
+//! softmax no longer writes a buffer of its own (8 MB a layer at b = 32,
+//! m_c = 8192, each line first read for ownership). Its row's sum is
 //! reassociable, as before, and LLVM may vectorize it in another order
 //! here: the last bits can differ (a grouped-query test graph: within a
 //! few ulps of the attention's output).
@@ -35,7 +40,7 @@
 //! Rapids VM, where the softmax is bound by memory: 3.9-5.1 -> 2.9-3.6 ms
 //! a layer (see DESIGN.md).
 
-use crate::ir::{DType, Graph, Op, Poly, Value};
+use crate::ir::{Graph, Op, Poly, Value};
 
 use super::plan::NodeKind;
 
@@ -92,7 +97,7 @@ fn qualifies(
 ) -> Option<Found> {
     let node = &graph.nodes[j];
     let Op::Softmax { axis } = node.op else { return None };
-    if node.dtype != DType::F32 {
+    if !node.dtype.is_float() {
         return None;
     }
     // A reshape keeps the row where the row is the last axis on both
@@ -192,10 +197,10 @@ mod tests {
     use crate::lower::{emit, plan_cpu, plan_with, BufferKind, CpuStep, Param, Target};
 
     /// The query `[b, h, 1, k]`, and the context's and the new token's K
-    /// and V with `kv` heads, all f32.
-    fn inputs(kv: &str) -> Json {
+    /// and V with `kv` heads, all of `dtype`.
+    fn inputs(kv: &str, dtype: &str) -> Json {
         let input =
-            |name: &str, shape: Json| json!({"name": name, "role": "activation", "shape": shape, "dtype": "f32"});
+            |name: &str, shape: Json| json!({"name": name, "role": "activation", "shape": shape, "dtype": dtype});
         json!([
             input("q", json!(["b", "h", 1, "k"])),
             input("kc", json!([kv, "m", "k"])),
@@ -207,12 +212,17 @@ mod tests {
 
     /// One head-split attention over a shared context (`kc`, `vc`) and a
     /// new token (`kn`, `vn`), bifurcated: scores of both, their concat
-    /// scaled, the softmax, and each part's `w·V` through a slice.
+    /// scaled, the softmax, and each part's `w·V` through a slice; f32.
     fn attention() -> Json {
+        attention_in("f32")
+    }
+
+    /// [`attention`] in `dtype`.
+    fn attention_in(dtype: &str) -> Json {
         json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 8}},
-            "inputs": inputs("h"),
+            "inputs": inputs("h", dtype),
             "nodes": [
                 {"id": "s1", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "abxy,bzy->abxz"}},
                 {"id": "s2", "op": "einsum", "inputs": ["q", "kn"], "attrs": {"spec": "abxy,abzy->abxz"}},
@@ -232,12 +242,12 @@ mod tests {
     /// [`attention`] with grouped-query heads (2 KV heads of 3 query
     /// heads): the scores `[b, g, p, 1, m]` concatenated, then read as `[b,
     /// h, 1, m + 1]` by a reshape; the probabilities read back as `[b, g,
-    /// p, 1, m + 1]` by another before the slices.
-    fn grouped_attention() -> Json {
+    /// p, 1, m + 1]` by another before the slices; in `dtype`.
+    fn grouped_attention(dtype: &str) -> Json {
         json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m"], "constants": {"g": 2, "p": 3, "h": 6, "k": 8}},
-            "inputs": inputs("g"),
+            "inputs": inputs("g", dtype),
             "nodes": [
                 {"id": "qg", "op": "reshape", "inputs": ["q"], "attrs": {"shape": ["b", "g", "p", 1, "k"]}},
                 {"id": "s1", "op": "einsum", "inputs": ["qg", "kc"], "attrs": {"spec": "acdxy,czy->acdxz"}},
@@ -268,16 +278,32 @@ mod tests {
     /// context included), run whole and in parts.
     #[test]
     fn the_softmax_is_written_over_its_scores() {
-        check_in_place(&graph(&attention()));
+        check_in_place(&graph(&attention()), F32);
     }
 
     /// The same with grouped-query heads, through the reshapes.
     #[test]
     fn a_grouped_query_softmax_is_written_over_its_scores() {
-        check_in_place(&graph(&grouped_attention()));
+        check_in_place(&graph(&grouped_attention("f32")), F32);
     }
 
-    fn check_in_place(g: &Graph) {
+    /// The same in bf16 (the `exp`s kept in f32 on the stack, the values
+    /// rounded once, over the parts), and in f16, grouped-query: within
+    /// an ulp of the softmax with a buffer of its own (the row's sum may be
+    /// added in another order), and of the interpreter as bf16 rounds.
+    #[test]
+    fn a_half_precision_softmax_is_written_over_its_scores() {
+        check_in_place(&graph(&attention_in("bf16")), BF16);
+        check_in_place(&graph(&grouped_attention("f16")), BF16);
+    }
+
+    /// Tolerances `(against its own buffer, against the interpreter)`, each
+    /// `(abs, rel)`.
+    type Tol = ((f32, f32), (f32, f32));
+    const F32: Tol = ((1e-7, 1e-6), (1e-5, 1e-5));
+    const BF16: Tol = ((1e-3, 1e-2), (3e-2, 3e-2));
+
+    fn check_in_place(g: &Graph, ((own_abs, own_rel), (abs, rel)): Tol) {
         let program = plan_cpu(g).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(program.in_place.len(), 1, "{:?}", program.in_place);
         let plan = &program.in_place[0];
@@ -325,11 +351,14 @@ mod tests {
                 let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
                 let mine = own.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
                 for (i, (x, y)) in got["o"].data.iter().zip(&mine["o"].data).enumerate() {
-                    assert!((x - y).abs() <= 1e-7 + 1e-6 * y.abs(), "b={b} m={m}: [{i}] {x} vs its own buffer's {y}");
+                    assert!(
+                        (x - y).abs() <= own_abs + own_rel * y.abs(),
+                        "b={b} m={m}: [{i}] {x} vs its own buffer's {y}"
+                    );
                 }
                 assert_eq!(got["o"].shape, want["o"].shape);
                 for (i, (x, y)) in got["o"].data.iter().zip(&want["o"].data).enumerate() {
-                    assert!((x - y).abs() <= 1e-5 + 1e-5 * y.abs(), "b={b} m={m} {threads}: [{i}] {x} vs {y}");
+                    assert!((x - y).abs() <= abs + rel * y.abs(), "b={b} m={m} {threads}: [{i}] {x} vs {y}");
                 }
             }
         }
@@ -358,13 +387,13 @@ mod tests {
                 push(d, "nodes", json!({"id": "e", "op": "exp", "inputs": ["s2"]}));
                 push(d, "outputs", json!({"name": "e", "node": "e"}));
             }),
-            ("a grouped part is an output", grouped_attention(), |d| {
+            ("a grouped part is an output", grouped_attention("f32"), |d| {
                 push(d, "outputs", json!({"name": "s2", "node": "s2"}));
             }),
-            ("the grouped probabilities are an output", grouped_attention(), |d| {
+            ("the grouped probabilities are an output", grouped_attention("f32"), |d| {
                 push(d, "outputs", json!({"name": "r", "node": "r"}));
             }),
-            ("a reshape that moves the row", grouped_attention(), |d| {
+            ("a reshape that moves the row", grouped_attention("f32"), |d| {
                 // Its slice spans the first part's offsets, on another row.
                 let flat = json!({"id": "f", "op": "reshape", "inputs": ["p"], "attrs": {"shape": ["b", "h*m+h"]}});
                 let cut =

@@ -63,12 +63,15 @@ impl Kc<'_> {
         // The probabilities' rows: `w`'s own, or those of a slice of each
         // (the context's part of the softmax's rows, when the softmax has
         // a buffer of its own).
+        // (A slice of a softmax planned in place has its part's buffer.)
         let (whole_rows, start) = match pv {
-            Value::Node(s) => match (&self.graph.nodes[s].op, self.graph.nodes[s].inputs.as_slice()) {
-                (Op::Slice { axis, start, .. }, &[of]) if *axis == lead => (of, start.clone()),
-                _ => (pv, Poly::zero()),
-            },
-            Value::Input(_) => (pv, Poly::zero()),
+            Value::Node(s) if self.dense_bf16(pv).is_none() => {
+                match (&self.graph.nodes[s].op, self.graph.nodes[s].inputs.as_slice()) {
+                    (Op::Slice { axis, start, .. }, &[of]) if *axis == lead => (of, start.clone()),
+                    _ => (pv, Poly::zero()),
+                }
+            }
+            _ => (pv, Poly::zero()),
         };
         let row = self.graph.shape_of(whole_rows).last()?.clone();
         let p = self.dense_bf16(whole_rows)?;

@@ -125,7 +125,10 @@ impl Kc<'_> {
 
     /// The last softmax pass over a row of `len` whose `e`s were kept
     /// (see [`Keep`]): each scaled by `1 / sum` (0 in a fully masked lane)
-    /// and stored at its row-major offset in `out` (pointer, sizes, dtype).
+    /// and stored at its row-major offset in `out` (pointer, sizes, dtype),
+    /// or, `over` the parts of a softmax planned in place whose `e`s were
+    /// kept in a row (a half-precision one), in them, as `dtype`.
+    #[allow(clippy::too_many_arguments)]
     fn softmax_scale(
         &mut self,
         [max, sum]: &[String; 2],
@@ -134,6 +137,7 @@ impl Kc<'_> {
         axis: usize,
         keep: Keep,
         (ptr, sizes, dtype): (&str, &[String], DType),
+        over: Option<&[Part]>,
     ) -> Result<(), LowerError> {
         let ninf = self.b.f32(f32::NEG_INFINITY);
         let (zero, one) = (self.b.f32(0.0), self.b.f32(1.0));
@@ -151,6 +155,17 @@ impl Kc<'_> {
                 let e = kc.b.load(&ptr, &off, DType::F32);
                 let v = scaled(kc, &e.ssa);
                 kc.b.store(&ptr, &off, DType::F32, Val::f32(v));
+                Ok(())
+            });
+        }
+        if let (Some(parts), Keep::Row(row)) = (over, keep) {
+            // Each part's loop scales the row's `e`s into its buffer.
+            return self.row_each(segments, |kc, l| {
+                at[axis] = l.to_owned();
+                let e = kc.b.load(row, l, DType::F32);
+                let v = scaled(kc, &e.ssa);
+                let (ptr, off) = kc.part_offset(parts, at, axis)?;
+                kc.b.store(&ptr, &off, dtype, Val::f32(v));
                 Ok(())
             });
         }
@@ -213,23 +228,26 @@ impl Kc<'_> {
 
     /// The sum of a softmax row of max `max`, then every element from
     /// both (each `exp` computed again), stored at its row-major offset in
-    /// `out`.
+    /// `out`, or `over` the parts of a softmax planned in place.
     fn softmax_recompute(
         &mut self,
         x: Value,
         max: String,
         segments: &[Poly],
-        at: &mut [String],
-        axis: usize,
+        (at, axis): (&mut [String], usize),
         (ptr, sizes, dtype): (&str, &[String], DType),
+        over: Option<&[Part]>,
     ) -> Result<(), LowerError> {
         let sum = self.softmax_sum(x, at, axis, segments, &max, None)?;
         let stats = [max, sum];
         self.row_each(segments, |kc, l| {
             at[axis] = l.to_owned();
             let v = kc.softmax_elem(x, &stats, at)?;
-            let off = kc.b.linearize(at, sizes);
-            kc.b.store(ptr, &off, dtype, v);
+            let (ptr, off) = match over {
+                Some(parts) => kc.part_offset(parts, at, axis)?,
+                None => (ptr.to_owned(), kc.b.linearize(at, sizes)),
+            };
+            kc.b.store(&ptr, &off, dtype, v);
             Ok(())
         })
     }
@@ -384,12 +402,15 @@ impl Kc<'_> {
                         None => Keep::Out { ptr: out_ptr, sizes: out_sizes },
                     };
                     let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some(keep))?;
-                    self.softmax_scale(&[max, sum], (&len, &segments), &mut at, axis, keep, out)?;
+                    self.softmax_scale(&[max, sum], (&len, &segments), &mut at, axis, keep, out, None)?;
                 } else if self.vector_rows() {
                     // A half-precision output, on the CPU: the `e`s kept in
                     // f32 in a row on the stack (rounded once, at the
                     // store), when the row fits it; a longer row computes
-                    // each `e` again in its last pass.
+                    // each `e` again in its last pass. Planned in place,
+                    // the values are stored over the input's parts.
+                    let parts = self.in_place_parts(j)?;
+                    let over = parts.as_deref();
                     let cap = self.b.index(ROW_KEEP as i64);
                     let fits = self.b.op(&format!("arith.cmpi ule, {len}, {cap} : index"));
                     self.b.open_guard(&fits);
@@ -397,12 +418,13 @@ impl Kc<'_> {
                     let alloca = format!("llvm.alloca {n} x f32 {{alignment = 64 : i64}} : (i64) -> !llvm.ptr");
                     let row = self.b.hoist(&alloca);
                     let sum = self.softmax_sum(x, &mut at, axis, &segments, &max, Some(Keep::Row(&row)))?;
-                    self.softmax_scale(&[max.clone(), sum], (&len, &segments), &mut at, axis, Keep::Row(&row), out)?;
+                    let stats = [max.clone(), sum];
+                    self.softmax_scale(&stats, (&len, &segments), &mut at, axis, Keep::Row(&row), out, over)?;
                     self.b.else_guard();
-                    self.softmax_recompute(x, max, &segments, &mut at, axis, out)?;
+                    self.softmax_recompute(x, max, &segments, (&mut at, axis), out, over)?;
                     self.b.close();
                 } else {
-                    self.softmax_recompute(x, max, &segments, &mut at, axis, out)?;
+                    self.softmax_recompute(x, max, &segments, (&mut at, axis), out, None)?;
                 }
             }
             Op::RmsNorm { eps } | Op::LayerNorm { eps } => {
