@@ -288,7 +288,8 @@ mod tests {
     }
 
     /// The same in bf16 (the `exp`s kept in f32 on the stack, the values
-    /// rounded once, over the parts), and in f16, grouped-query: within
+    /// rounded once, over the parts; computed again for a row past the
+    /// stack's, m = 16400), and in f16, grouped-query: within
     /// an ulp of the softmax with a buffer of its own (the row's sum may be
     /// added in another order), and of the interpreter as bf16 rounds.
     #[test]
@@ -341,7 +342,7 @@ mod tests {
         // The values of the softmax with a buffer of its own, up to the
         // order of its row's sum (see the module docs).
         let own = CpuStep::compile_program(g, gpu.clone()).unwrap_or_else(|e| panic!("{e}"));
-        for (b, m) in [(3, 37), (1, 0), (2, 300), (5, 16)] {
+        for (b, m) in [(3, 37), (1, 0), (2, 300), (5, 16), (1, 16400)] {
             let point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), m)]);
             let inputs = crate::interp::random_inputs(g, &point, 5).unwrap_or_else(|e| panic!("{e}"));
             let want = crate::interp::run(g, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
