@@ -64,7 +64,7 @@ use std::collections::BTreeMap;
 use crate::interp::Tensor;
 use crate::ir::{DType, EinsumSpec, Graph, Node, Op, Poly, Role, Value};
 use crate::lower::emit::{dense_source, AMX_INPUTS};
-use crate::lower::plan::NodeKind;
+use crate::lower::plan::{classify, NodeKind};
 use crate::lower::LowerError;
 
 use super::layout::Kept;
@@ -100,6 +100,8 @@ const ROW_LETTERS: &str = "abcdefgh";
 pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pairs: Pairing) -> Graph {
     // Whether each input goes into panels, and if so, how, and its `in`.
     let mut packed: Vec<Option<(Kept, i64)>> = vec![None; graph.inputs.len()];
+    // How the plan realizes each node (for `all_dense`), once.
+    let kinds = std::cell::OnceCell::new();
     for (i, input) in graph.inputs.iter().enumerate() {
         if matches!(kept.get(&input.name), Some(Kept::Panels { .. })) {
             continue;
@@ -108,7 +110,10 @@ pub(super) fn panel_weights(graph: &Graph, kept: &mut BTreeMap<String, Kept>, pa
             let from_in_out = in_out || kept.get(&input.name) == Some(&Kept::Transposed);
             let paired = ins % 2 == 0
                 && all_bf16(graph, i)
-                && (pairs.dot || (pairs.amx && ins % AMX_INPUTS == 0 && all_dense(graph, i)));
+                && (pairs.dot
+                    || (pairs.amx
+                        && ins % AMX_INPUTS == 0
+                        && all_dense(graph, kinds.get_or_init(|| classify(graph)), i)));
             kept.insert(input.name.clone(), Kept::Panels { from_in_out, paired, outs });
             // How `graph` itself declares it.
             packed[i] = Some((Kept::Panels { from_in_out: in_out, paired, outs }, ins));
@@ -323,11 +328,11 @@ pub(crate) struct Pairing {
 
 /// Whether every left operand input `i` is multiplied by has its elements
 /// in its own row-major order in a buffer (a graph input, or a node the
-/// plan gives a kernel, or order-keeping views of one: `amx::dense_source`),
+/// plan gives a kernel (`kinds`, `plan::classify`), or order-keeping
+/// views of one: `amx::dense_source`),
 /// which AMX tiles read in place.
-fn all_dense(graph: &Graph, i: usize) -> bool {
+fn all_dense(graph: &Graph, kinds: &[NodeKind], i: usize) -> bool {
     let me = Value::Input(i);
-    let kinds = crate::lower::plan::classify(graph);
     let stored = |v: Value| match v {
         Value::Input(_) => true,
         Value::Node(k) => kinds.get(k) == Some(&NodeKind::Kernel),

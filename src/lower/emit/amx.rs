@@ -137,10 +137,7 @@ thread_local! {
 /// can.
 #[cfg(test)]
 pub(crate) fn with_amx<R>(amx: bool, f: impl FnOnce() -> R) -> R {
-    let before = FORCED_AMX.with(|c| c.replace(Some(amx)));
-    let out = f();
-    FORCED_AMX.with(|c| c.set(before));
-    out
+    super::pair_dot::with_forced(&FORCED_AMX, amx, f)
 }
 
 /// The value whose buffer holds `v`'s elements in `v`'s own row-major
@@ -172,6 +169,11 @@ pub(crate) fn dense_source(graph: &Graph, v: Value, stored: &dyn Fn(Value) -> bo
     }
 }
 
+/// Whether no letter of `s` repeats.
+fn distinct(s: &[char]) -> bool {
+    s.iter().enumerate().all(|(i, l)| !s[..i].contains(l))
+}
+
 /// The MLIR type of an AMX tile.
 pub(super) const TILE: &str = "!llvm.x86_amx";
 
@@ -193,6 +195,16 @@ pub(super) struct HeadSum {
     pub last: i64,
 }
 
+/// A kernel that runs on AMX tiles.
+pub(super) enum AmxKernel {
+    /// A projection by paired panels (this module).
+    Projection(AmxTiles),
+    /// The context `q·K` (`amx_scores`).
+    Scores(super::amx_scores::AmxScores),
+    /// The context `w · V` (`amx_values`).
+    Values(super::amx_values::AmxValues),
+}
+
 /// A paired-panel projection that runs on AMX tiles (see the module docs).
 pub(super) struct AmxTiles {
     /// The dense bf16 buffer of `x` (`[.., in]`), and `in / 2`.
@@ -211,20 +223,35 @@ impl Kc<'_> {
     /// end, and one that skipped its item would load a configuration with
     /// the shapes of none (zero rows), which faults. Returns its index.
     pub(super) fn part_range(&mut self, sizes: &[String]) -> String {
-        let mut n = sizes.first().cloned().unwrap_or_else(|| self.b.index(1));
-        for s in sizes.iter().skip(1) {
-            n = self.b.hoist(&format!("arith.muli {n}, {s} : index"));
-        }
         let one = self.b.index(1);
-        let (Some(part), Some(parts)) = (self.b.dim(super::PART_KEY), self.b.dim(super::PARTS_KEY)) else {
-            return self.b.open_loop(&n);
-        };
-        let next = self.b.hoist(&format!("arith.addi {part}, {one} : index"));
-        let [lo, hi] = [part, next].map(|p| {
-            let scaled = self.b.hoist(&format!("arith.muli {n}, {p} : index"));
-            self.b.hoist(&format!("arith.divui {scaled}, {parts} : index"))
-        });
-        self.b.open_loop_from(&lo, &hi, &one)
+        match self.part_bounds(sizes) {
+            (_, Some((lo, hi))) => self.b.open_loop_from(&lo, &hi, &one),
+            (n, None) => self.b.open_loop(&n),
+        }
+    }
+
+    /// Node `j` as a kernel on AMX tiles, where AMX is on and it is one.
+    pub(super) fn amx_kernel(&self, j: usize, out: &Out) -> Option<AmxKernel> {
+        if !self.amx || self.partition != super::Partition::Pending || !out.dtype.is_float() {
+            return None;
+        }
+        (self.amx_tiles(j).map(AmxKernel::Projection))
+            .or_else(|| self.amx_scores(j).map(AmxKernel::Scores))
+            .or_else(|| self.amx_values(j).map(AmxKernel::Values))
+    }
+
+    /// The body of AMX kernel `k`.
+    pub(super) fn amx_kernel_body(
+        &mut self,
+        out: &Out,
+        k: &AmxKernel,
+        opened: &mut usize,
+    ) -> Result<String, LowerError> {
+        match k {
+            AmxKernel::Projection(t) => self.amx_body(out, t, opened),
+            AmxKernel::Scores(t) => self.amx_scores_body(out, t, opened),
+            AmxKernel::Values(t) => self.amx_values_body(out, t, opened),
+        }
     }
 
     /// A zero tile of `rows` (an `i16`) × 64 bytes.
@@ -274,6 +301,27 @@ impl Kc<'_> {
         self.b.hoist("llvm.mlir.constant(64 : i16) : i16")
     }
 
+    /// A stack slot of `n` offsets (`i64`), allocated once (hoisted): where
+    /// each row of a tile starts in a buffer, noted once per item.
+    pub(super) fn offsets_slot(&mut self, n: i64) -> String {
+        let n = self.b.i64(n);
+        self.b.hoist(&format!("llvm.alloca {n} x i64 {{alignment = 64 : i64}} : (i64) -> !llvm.ptr"))
+    }
+
+    /// Notes offset `v` (an `index`) at `at` of offsets slot `slot`.
+    pub(super) fn note_offset(&mut self, slot: &str, at: &str, v: &str) {
+        let x = self.b.index_to_i64(v);
+        let ptr = self.b.element_ptr(slot, at, "i64");
+        self.b.line(&format!("llvm.store {x}, {ptr} : i64, !llvm.ptr"));
+    }
+
+    /// The offset noted at `at` of offsets slot `slot` (see
+    /// [`Kc::note_offset`]), as an `index`.
+    pub(super) fn noted_offset(&mut self, slot: &str, at: &str) -> String {
+        let x = self.b.load(slot, at, DType::I64).ssa;
+        self.b.op(&format!("arith.index_cast {x} : i64 to index"))
+    }
+
     /// The rows of one head: the product of the leading sizes `lead` but
     /// the head's (`head`), hoisted.
     pub(super) fn head_rows(&mut self, lead: &[String], head: usize) -> String {
@@ -296,18 +344,14 @@ impl Kc<'_> {
         self.b.linearize(&coords, lead)
     }
 
-    /// Node `j` as a [`HeadSum`], with AMX on (see there).
-    pub(super) fn head_sum(&self, j: usize, out: &Out) -> Option<HeadSum> {
-        if !self.amx || self.partition != super::Partition::Pending || !out.dtype.is_float() {
-            return None;
-        }
+    /// Node `j` as a [`HeadSum`] (see there).
+    pub(super) fn head_sum(&self, j: usize) -> Option<HeadSum> {
         let (spec, inputs) = self.contraction_spec(j)?;
         let EinsumSpec { inputs: subs, output } = &spec;
         let (&z, lead) = output.split_last()?;
         let ci = subs.iter().position(|s| s.contains(&z))?;
         let (rs, cs, rows, cache) = (subs.get(1 - ci)?, &subs[ci], *inputs.get(1 - ci)?, *inputs.get(ci)?);
         let (&[c, a, b], Some((&sum, r_lead))) = (cs.as_slice(), rs.split_last()) else { return None };
-        let distinct = |s: &[char]| s.iter().enumerate().all(|(i, l)| !s[..i].contains(l));
         let sum_first = [a, b] == [sum, z];
         let letters_ok = inputs.len() == 2
             && (sum_first || [a, b] == [z, sum])
@@ -332,22 +376,19 @@ impl Kc<'_> {
         })
     }
 
-    /// Node `j` as an [`AmxTiles`] projection: with AMX on, the CPU einsum
+    /// Node `j` as an [`AmxTiles`] projection (where AMX is on, see
+    /// [`Kc::amx_kernel`]): the CPU einsum
     /// `..zt,pzxt->..px` of a bf16 `x` (`[.., in]` in pairs, read from a
     /// dense bf16 buffer in its order, see [`dense_source`]) and stored
     /// bf16 paired panels
     /// `[P, in / 2, 64, 2]`, `in / 2` a multiple of 16, into a float output
     /// `[.., P, 64]` with `x`'s leading axes.
-    pub(super) fn amx_tiles(&self, j: usize, out: &Out) -> Option<AmxTiles> {
-        if !self.amx || self.partition != super::Partition::Pending || !out.dtype.is_float() {
-            return None;
-        }
+    fn amx_tiles(&self, j: usize) -> Option<AmxTiles> {
         let (spec, inputs) = self.contraction_spec(j)?;
         let (EinsumSpec { inputs: subs, output }, &[xv, wv]) = (&spec, inputs.as_slice()) else { return None };
         let [xs, ws] = subs.as_slice() else { return None };
         let (&[p, z, n, t], rank) = (ws.as_slice(), output.len()) else { return None };
         let lead = output.get(..rank.checked_sub(2)?)?;
-        let distinct = |s: &[char]| s.iter().enumerate().all(|(i, c)| !s[..i].contains(c));
         let letters_ok = output[rank - 2..] == [p, n]
             && xs.len() == lead.len() + 2
             && xs[..lead.len()] == *lead
@@ -378,7 +419,7 @@ impl Kc<'_> {
 
     /// The body of [`AmxTiles`] projection `t` (see the module docs): a
     /// loop over (panel, tile of 16 rows), split into parts.
-    pub(super) fn amx_body(&mut self, out: &Out, t: &AmxTiles, opened: &mut usize) -> Result<String, LowerError> {
+    fn amx_body(&mut self, out: &Out, t: &AmxTiles, opened: &mut usize) -> Result<String, LowerError> {
         let rank = out.sizes.len();
         let mut rows = self.b.index(1);
         for s in &out.sizes[..rank - 2] {

@@ -30,6 +30,7 @@ use crate::ir::{DType, Value};
 use crate::lower::LowerError;
 
 use super::bodies::Out;
+use super::builder::{Ty, Val};
 use super::Kc;
 
 /// Steps of [`STEP`] positions an item covers (1024 positions).
@@ -55,13 +56,14 @@ pub(super) struct AmxScores {
 }
 
 impl Kc<'_> {
-    /// Node `j` as an [`AmxScores`] contraction: with AMX on, the CPU
+    /// Node `j` as an [`AmxScores`] contraction (where AMX is on, see
+    /// `Kc::amx_kernel`): the CPU
     /// einsum of a bf16 `q` (`[.., k]`, dense through order-keeping views,
     /// see `amx::dense_source`) and a stored bf16 `K [g, m, k]` (letters
     /// `c z y`) into `q`'s leading axes and `m` (the output's last), `k` a
     /// constant multiple of 32.
-    pub(super) fn amx_scores(&self, j: usize, out: &Out) -> Option<AmxScores> {
-        let h = self.head_sum(j, out).filter(|h| !h.sum_first && h.last > 0 && h.last % 32 == 0)?;
+    pub(super) fn amx_scores(&self, j: usize) -> Option<AmxScores> {
+        let h = self.head_sum(j).filter(|h| !h.sum_first && h.last > 0 && h.last % 32 == 0)?;
         let q = self.dense_bf16(h.rows)?;
         let (q_shape, y_shape) = (self.graph.shape_of(h.rows), self.graph.shape_of(Value::Node(j)));
         let shapes_ok = q_shape.len() == h.lead + 1
@@ -109,10 +111,7 @@ impl Kc<'_> {
             self.b.stack_f32("amx_k", (depth / 2 * STEP) as usize, None),
             self.b.stack_f32("amx_c", (BLOCK * STEP) as usize, None),
         );
-        let offs = {
-            let n = self.b.i64(GROUP_ROWS);
-            self.b.hoist(&format!("llvm.alloca {n} x i64 {{alignment = 64 : i64}} : (i64) -> !llvm.ptr"))
-        };
+        let offs = self.offsets_slot(GROUP_ROWS);
         let q_ptr = self.ptr(t.q)?;
         let depth_i = self.b.index(depth);
 
@@ -129,9 +128,7 @@ impl Kc<'_> {
         let flat = self.head_row(&lead, t.head, &c, &row);
         let q_off = self.b.muli(&flat, &depth_i);
         let out_off = self.b.muli(&flat, &positions);
-        let out_i64 = self.b.index_to_i64(&out_off);
-        let slot = self.b.element_ptr(&offs, &r, "i64");
-        self.b.line(&format!("llvm.store {out_i64}, {slot} : i64, !llvm.ptr"));
+        self.note_offset(&offs, &r, &out_off);
         let dst_row = self.b.muli(&r, &depth_i);
         for s in 0..depth / 32 {
             let shift = self.b.index(32 * s);
@@ -152,15 +149,19 @@ impl Kc<'_> {
         let j0 = self.b.muli(&blk, &step);
         // Each block of K as [k / 2][16][2]: per 32 elements of the head, 16
         // rows of 16 pairs transposed.
+        // Where each of the step's rows of K starts.
+        let mut starts = Vec::with_capacity(STEP as usize);
+        for jj in 0..STEP {
+            let jj = self.b.index(jj);
+            let pos = self.b.addi(&j0, &jj);
+            starts.push(self.buffer_offset(t.k, &[c.clone(), pos, zero.clone()])?);
+        }
         for (half, h) in (0..2).flat_map(|half| (0..depth / 32).map(move |h| (half, h))) {
             let mut vecs = Vec::with_capacity(BLOCK as usize);
-            for jj in 0..BLOCK {
-                let jj = self.b.index(half * BLOCK + jj);
-                let pos = self.b.addi(&j0, &jj);
-                let (ptr, off) = self.buffer_offset(t.k, &[c.clone(), pos, zero.clone()])?;
-                let shift = self.b.index(32 * h);
-                let off = self.b.addi(&off, &shift);
-                let p = self.b.element_ptr(&ptr, &off, "bf16");
+            let shift = self.b.index(32 * h);
+            for (ptr, off) in &starts[(half * BLOCK) as usize..((half + 1) * BLOCK) as usize] {
+                let off = self.b.addi(off, &shift);
+                let p = self.b.element_ptr(ptr, &off, "bf16");
                 vecs.push(self.b.op(&format!("llvm.load {p} {{alignment = 4 : i64}} : !llvm.ptr -> vector<16xf32>")));
             }
             for (p, v) in self.transpose_16(&vecs).iter().enumerate() {
@@ -173,37 +174,35 @@ impl Kc<'_> {
         let r0 = self.b.muli(&tile, &block);
         let left = self.b.subi(&gm, &r0);
         let mt = self.b.op(&format!("arith.minui {left}, {block} : index"));
-        // Every tile has 16 rows, whatever `mt`: the slot holds them (those
-        // past the group's rows are never stored), and with constant shapes
-        // every tile configuration LLVM loads is valid, also where an item
-        // runs no tile (no whole block): one with the shapes of none would
-        // fault.
-        let m16 = full.clone();
-        let mut accs: Vec<String> = (0..2).map(|_| self.tile_zero(&m16)).collect();
+        // Every tile has 16 rows (`full`), whatever `mt`: the slot holds
+        // them (those past the group's rows are never stored), and with
+        // constant shapes every tile configuration LLVM loads is valid, also
+        // where an item runs no tile (no whole block): one with the shapes
+        // of none would fault.
+        let mut accs: Vec<String> = (0..2).map(|_| self.tile_zero(&full)).collect();
         let a_row = self.b.muli(&r0, &depth_i);
         for h in 0..depth / 32 {
             let shift = self.b.index(32 * h);
             let off = self.b.addi(&a_row, &shift);
             let ap = self.b.element_ptr(&q_slot, &off, "bf16");
-            let a = self.tile_load(&m16, &ap, &q_stride);
+            let a = self.tile_load(&full, &ap, &q_stride);
             for (half, acc) in accs.iter_mut().enumerate() {
                 let b_off = self.b.index((half as i64 * depth / 32 + h) * BLOCK * BLOCK);
                 let bp = self.b.element_ptr(&k_slot, &b_off, "f32");
                 let b = self.tile_load(&full, &bp, &row_bytes);
-                *acc = self.tile_dot(&m16, acc, &a, &b);
+                *acc = self.tile_dot(&full, acc, &a, &b);
             }
         }
         for (half, acc) in accs.iter().enumerate() {
             let off = self.b.index(half as i64 * BLOCK);
             let cp = self.b.element_ptr(&c_slot, &off, "f32");
-            self.tile_store(&m16, &cp, &c_bytes, acc);
+            self.tile_store(&full, &cp, &c_bytes, acc);
         }
         let rr = self.b.open_loop(&mt);
         let src = self.b.muli(&rr, &step);
         let v = self.b.load_vector(&c_slot, &src, STEP as usize, DType::F32);
         let at = self.b.addi(&r0, &rr);
-        let start = self.b.load(&offs, &at, DType::I64).ssa;
-        let start = self.b.op(&format!("arith.index_cast {start} : i64 to index"));
+        let start = self.noted_offset(&offs, &at);
         let dst = self.b.addi(&start, &j0);
         self.b.store_vector_streaming(&out.ptr, &dst, &v, STEP as usize, out.dtype);
         self.b.close();
@@ -214,20 +213,19 @@ impl Kc<'_> {
         self.b.open_guard(&is_last);
         let tail = self.b.muli(&blocks, &step);
         let r = self.b.open_loop(&gm);
-        let start = self.b.load(&offs, &r, DType::I64).ssa;
-        let start = self.b.op(&format!("arith.index_cast {start} : i64 to index"));
+        let start = self.noted_offset(&offs, &r);
         let q_row = self.b.muli(&r, &depth_i);
         let pos = self.b.open_loop_from(&tail, &positions, &one);
         let init = self.b.f32(0.0);
-        let (sum, yy, a) = self.b.open_for(&depth_i, &init, super::builder::Ty::F32);
+        let (sum, yy, a) = self.b.open_for(&depth_i, &init, Ty::F32);
         let qo = self.b.addi(&q_row, &yy);
         let x = self.b.load(&q_slot, &qo, DType::BF16).ssa;
         let (ptr, off) = self.buffer_offset(t.k, &[c.clone(), pos.clone(), yy.clone()])?;
         let w = self.b.load(&ptr, &off, DType::BF16).ssa;
         let next = self.b.op(&format!("math.fma {x}, {w}, {a} : f32"));
-        self.b.close_for(&next, super::builder::Ty::F32);
+        self.b.close_for(&next, Ty::F32);
         let dst = self.b.addi(&start, &pos);
-        self.b.store(&out.ptr, &dst, out.dtype, super::builder::Val::f32(sum));
+        self.b.store(&out.ptr, &dst, out.dtype, Val::f32(sum));
         self.b.close();
         self.b.close();
         self.b.close();

@@ -52,13 +52,14 @@ pub(super) struct AmxValues {
 }
 
 impl Kc<'_> {
-    /// Node `j` as an [`AmxValues`] contraction: with AMX on, the CPU einsum
+    /// Node `j` as an [`AmxValues`] contraction (where AMX is on, see
+    /// `Kc::amx_kernel`): the CPU einsum
     /// of bf16 probabilities `w` (`[.., m]`, dense through order-keeping
     /// views, see `amx::dense_source`) and a stored bf16 `V [g, m, k]`
     /// (letters `c y z`) into `w`'s leading axes and `k` (the output's
     /// last), `k` a constant multiple of 64.
-    pub(super) fn amx_values(&self, j: usize, out: &Out) -> Option<AmxValues> {
-        let h = self.head_sum(j, out).filter(|h| h.sum_first && h.last > 0 && h.last % OUTPUTS == 0)?;
+    pub(super) fn amx_values(&self, j: usize) -> Option<AmxValues> {
+        let h = self.head_sum(j).filter(|h| h.sum_first && h.last > 0 && h.last % OUTPUTS == 0)?;
         let (pv, lead) = (h.rows, h.lead);
         // The probabilities' rows: `w`'s own, or those of a slice of each
         // (the context's part of the softmax's rows, when the softmax has
@@ -117,8 +118,8 @@ impl Kc<'_> {
             self.b.stack_f32("amx_v", (BLOCK * OUTPUTS / 2) as usize, None),
             self.b.stack_f32("amx_c", (16 * OUTPUTS) as usize, None),
         );
-        let n = self.b.i64(32);
-        let offs = self.b.hoist(&format!("llvm.alloca {n} x i64 {{alignment = 64 : i64}} : (i64) -> !llvm.ptr"));
+        // Each row's probabilities' start at `r`, its outputs' at `16 + r`.
+        let offs = self.offsets_slot(32);
         let p_ptr = self.ptr(t.p)?;
         let width = self.b.index(t.width);
         // Where each row's probabilities and outputs start.
@@ -130,17 +131,13 @@ impl Kc<'_> {
         let o_off = self.b.muli(&flat, &width);
         let sixteen_i = self.b.index(16);
         let rr2 = self.b.addi(&rr, &sixteen_i);
-        for (slot, v) in [(&rr, &p_off), (&rr2, &o_off)] {
-            let x = self.b.index_to_i64(v);
-            let ptr = self.b.element_ptr(&offs, slot, "i64");
-            self.b.line(&format!("llvm.store {x}, {ptr} : i64, !llvm.ptr"));
-        }
+        self.note_offset(&offs, &rr, &p_off);
+        self.note_offset(&offs, &rr2, &o_off);
         self.b.close();
         let row_start = |kc: &mut Self, r: &str, which: i64| -> String {
             let shift = kc.b.index(which);
             let at = kc.b.addi(r, &shift);
-            let x = kc.b.load(&offs, &at, DType::I64).ssa;
-            kc.b.op(&format!("arith.index_cast {x} : i64 to index"))
+            kc.noted_offset(&offs, &at)
         };
 
         let full = self.tile_rows();

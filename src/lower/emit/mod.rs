@@ -538,25 +538,13 @@ fn kernel_fn(
         (None, Some(j)) => kc.vector_lanes(j, &walk, &dest),
         _ => None,
     };
-    // CPU: a bf16 projection in paired panels on AMX tiles (`amx`).
+    // CPU: a bf16 projection or context attention on AMX tiles (`amx`).
     let tiles = match (mma, node) {
-        (None, Some(j)) => kc.amx_tiles(j, &dest),
-        _ => None,
-    };
-    // CPU: a bf16 context q·K on AMX tiles (`amx_scores`).
-    let scores = match (mma, node, &tiles) {
-        (None, Some(j), None) => kc.amx_scores(j, &dest),
-        _ => None,
-    };
-    // CPU: a bf16 context w·V on AMX tiles (`amx_values`).
-    let values = match (mma, node, &tiles, &scores) {
-        (None, Some(j), None, None) => kc.amx_values(j, &dest),
+        (None, Some(j)) => kc.amx_kernel(j, &dest),
         _ => None,
     };
     let extent = match (mma, walk, node) {
-        (None, _, Some(_)) if let Some(t) = &tiles => kc.amx_body(&dest, t, &mut opened)?,
-        (None, _, Some(_)) if let Some(t) = &scores => kc.amx_scores_body(&dest, t, &mut opened)?,
-        (None, _, Some(_)) if let Some(t) = &values => kc.amx_values_body(&dest, t, &mut opened)?,
+        (None, _, Some(_)) if let Some(t) = &tiles => kc.amx_kernel_body(&dest, t, &mut opened)?,
         (None, _, Some(j)) if let Some(lanes) = vector => kc.vector_body(&dest, j, lanes, &mut opened)?,
         (Some((m, mode, j)), _, _) => {
             if mode == MmaMode::Gpu {
@@ -720,27 +708,33 @@ impl Kc<'_> {
     /// context einsum ran 20% slower). Returns the loop's index and the
     /// regions opened (the caller closes them).
     fn open_part_loop(&mut self, sizes: &[String]) -> (String, usize) {
-        let mut n = sizes.first().cloned().unwrap_or_else(|| self.b.index(1));
-        for s in sizes.iter().skip(1) {
-            n = self.b.hoist(&format!("arith.muli {n}, {s} : index"));
-        }
-        let one = self.b.index(1);
-        let (part, parts) = match (self.b.dim(PART_KEY), self.b.dim(PARTS_KEY)) {
-            (Some(part), Some(parts)) => (part, parts),
-            // Not a CPU kernel: no parts.
-            _ => return (self.b.open_loop(&n), 1),
-        };
-        let next = self.b.hoist(&format!("arith.addi {part}, {one} : index"));
-        let [lo, hi] = [part, next].map(|p| {
-            let scaled = self.b.hoist(&format!("arith.muli {n}, {p} : index"));
-            self.b.hoist(&format!("arith.divui {scaled}, {parts} : index"))
-        });
+        let (n, bounds) = self.part_bounds(sizes);
         let f = self.b.open_loop(&n);
+        // Not a CPU kernel: no parts.
+        let Some((lo, hi)) = bounds else { return (f, 1) };
         let ge = self.b.op(&format!("arith.cmpi uge, {f}, {lo} : index"));
         let lt = self.b.ult(&f, &hi);
         let inside = self.b.op(&format!("arith.andi {ge}, {lt} : i1"));
         self.b.open_guard(&inside);
         (f, 2)
+    }
+
+    /// `n`, the product of `sizes` (hoisted values), and this call's part
+    /// of `0..n`, `n·part/parts .. n·(part+1)/parts` (hoisted), where the
+    /// kernel has parts (the CPU's).
+    fn part_bounds(&mut self, sizes: &[String]) -> (String, Option<(String, String)>) {
+        let mut n = sizes.first().cloned().unwrap_or_else(|| self.b.index(1));
+        for s in sizes.iter().skip(1) {
+            n = self.b.hoist(&format!("arith.muli {n}, {s} : index"));
+        }
+        let (Some(part), Some(parts)) = (self.b.dim(PART_KEY), self.b.dim(PARTS_KEY)) else { return (n, None) };
+        let one = self.b.index(1);
+        let next = self.b.hoist(&format!("arith.addi {part}, {one} : index"));
+        let [lo, hi] = [part, next].map(|p| {
+            let scaled = self.b.hoist(&format!("arith.muli {n}, {p} : index"));
+            self.b.hoist(&format!("arith.divui {scaled}, {parts} : index"))
+        });
+        (n, Some((lo, hi)))
     }
 }
 

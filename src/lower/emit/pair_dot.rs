@@ -180,9 +180,21 @@ thread_local! {
 /// both ways where they can, whichever this host prefers.
 #[cfg(test)]
 pub(crate) fn with_bf16_dot<R>(dot: bool, f: impl FnOnce() -> R) -> R {
-    let before = FORCED_BF16_DOT.with(|c| c.replace(Some(dot)));
+    with_forced(&FORCED_BF16_DOT, dot, f)
+}
+
+/// Runs `f` with the test override `forced` (a thread-local choice of the
+/// CPU's code: see [`with_bf16_dot`], `amx::with_amx`) set to `value` on
+/// this thread, and restores it.
+#[cfg(test)]
+pub(super) fn with_forced<R>(
+    forced: &'static std::thread::LocalKey<std::cell::Cell<Option<bool>>>,
+    value: bool,
+    f: impl FnOnce() -> R,
+) -> R {
+    let before = forced.with(|c| c.replace(Some(value)));
     let out = f();
-    FORCED_BF16_DOT.with(|c| c.set(before));
+    forced.with(|c| c.set(before));
     out
 }
 

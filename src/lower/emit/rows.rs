@@ -147,24 +147,21 @@ impl Kc<'_> {
             let q = kc.b.fbin("mulf", e, &inv);
             kc.b.op(&format!("arith.select {masked}, {zero}, {q} : f32"))
         };
-        if let Keep::Parts(parts) = keep {
-            // Each part's loop reads back and scales what its buffer kept.
+        // Planned in place: each part's loop scales what its buffer kept
+        // (f32), or the row's `e`s, into its buffer.
+        let over = match keep {
+            Keep::Parts(parts) => Some(parts),
+            _ => over,
+        };
+        if let Some(parts) = over {
             return self.row_each(segments, |kc, l| {
                 at[axis] = l.to_owned();
                 let (ptr, off) = kc.part_offset(parts, at, axis)?;
-                let e = kc.b.load(&ptr, &off, DType::F32);
+                let e = match keep {
+                    Keep::Row(row) => kc.b.load(row, l, DType::F32),
+                    _ => kc.b.load(&ptr, &off, DType::F32),
+                };
                 let v = scaled(kc, &e.ssa);
-                kc.b.store(&ptr, &off, DType::F32, Val::f32(v));
-                Ok(())
-            });
-        }
-        if let (Some(parts), Keep::Row(row)) = (over, keep) {
-            // Each part's loop scales the row's `e`s into its buffer.
-            return self.row_each(segments, |kc, l| {
-                at[axis] = l.to_owned();
-                let e = kc.b.load(row, l, DType::F32);
-                let v = scaled(kc, &e.ssa);
-                let (ptr, off) = kc.part_offset(parts, at, axis)?;
                 kc.b.store(&ptr, &off, dtype, Val::f32(v));
                 Ok(())
             });
