@@ -161,6 +161,35 @@ pub fn write_csv(rows: &[BenchRow]) -> String {
     out
 }
 
+/// One kernel's time in a step's profile.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProfileRow<'a> {
+    /// The manifest's kernel name (`k12_l0_attn_scores_einsum1`).
+    pub kernel: &'a str,
+    /// The entry point that ran it.
+    pub entry: &'a str,
+    /// Its node's op.
+    pub op: &'a str,
+    pub ms: f64,
+}
+
+/// A profile as CSV, one kernel a row in launch order (`kernel,entry,op,ms`):
+/// the `profile-{label}.csv` that `bifurc-run bench` writes and
+/// `scripts/attention_targets.py` and `scripts/tuning_summary.py` read.
+pub fn profile_csv(rows: &[ProfileRow]) -> String {
+    let mut csv = String::from("kernel,entry,op,ms\n");
+    for r in rows {
+        let _ = writeln!(csv, "{},{},{},{:.6}", r.kernel, r.entry, r.op, r.ms);
+    }
+    csv
+}
+
+/// The shape the profiles were taken at, as `profile-dims.json` holds it
+/// (`{"dims": {"b": 32, ...}}`).
+pub fn profile_dims_json(dims: &BTreeMap<String, i64>) -> String {
+    serde_json::json!({ "dims": dims }).to_string()
+}
+
 /// A Markdown report: `title`, free-form `facts` (artifacts, device, …) and
 /// the table.
 pub fn write_markdown(title: &str, facts: &[(String, String)], rows: &[BenchRow]) -> String {

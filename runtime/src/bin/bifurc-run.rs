@@ -9,7 +9,9 @@
 //!                  [--decoded 256] [--repeats 20] [--budget-s 300] --out DIR
 //! ```
 
-use bifurc_runtime::bench::{median, step_bytes, write_csv, write_markdown, BenchRow, Measurement};
+use bifurc_runtime::bench::{
+    median, profile_csv, profile_dims_json, step_bytes, write_csv, write_markdown, BenchRow, Measurement, ProfileRow,
+};
 use bifurc_runtime::cuda::{CudaStep, KernelTime};
 use bifurc_runtime::manifest::{BufferKind, Manifest};
 use bifurc_runtime::random::random_tensor;
@@ -402,11 +404,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> Option<(f64, f64)> {
 }
 
 fn write_profile(path: &Path, times: &[KernelTime]) -> Result<String> {
-    let mut csv = String::from("kernel,entry,op,ms\n");
-    for t in times {
-        let _ = writeln!(csv, "{},{},{},{:.6}", t.name, t.entry, t.op, t.ms);
-    }
-    std::fs::write(path, csv).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let rows: Vec<ProfileRow> =
+        times.iter().map(|t| ProfileRow { kernel: &t.name, entry: &t.entry, op: &t.op, ms: t.ms }).collect();
+    std::fs::write(path, profile_csv(&rows)).map_err(|e| format!("writing {}: {e}", path.display()))?;
     // Summary by op, largest first.
     let mut by_op: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
     for t in times {
@@ -543,8 +543,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
     let mut profile_md = String::new();
     if let (false, Some(dims)) = (args.no_profile, &last_timed) {
         // The dims the profiles are taken at, for scripts reading them.
-        let text = serde_json::to_string(&serde_json::json!({ "dims": dims })).map_err(|e| e.to_string())?;
-        std::fs::write(args.out.join("profile-dims.json"), text)
+        std::fs::write(args.out.join("profile-dims.json"), profile_dims_json(dims))
             .map_err(|e| format!("writing profile-dims.json: {e}"))?;
         for (label, step) in [("baseline", &mut base), ("bifurcated", &mut bif)] {
             if budget.left() <= 0.0 {
