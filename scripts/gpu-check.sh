@@ -120,7 +120,9 @@ grep -E '^(device|artifact|kernels|device memory)' "$log" >"$out/info.txt" 2>/de
 # repository): device-kept decode caches, grown from one row, decode like
 # caches uploaded every step.
 if [ -x "$carry/runtime-cuda-tests" ]; then
-    step "runtime CUDA tests" 60 bash -c "cd '$root' && '$carry/runtime-cuda-tests' --test-threads=1 --nocapture"
+    # BIFURC_REQUIRE_GPU: here a test that finds no usable device fails
+    # instead of skipping.
+    step "runtime CUDA tests" 60 bash -c "cd '$root' && BIFURC_REQUIRE_GPU=1 '$carry/runtime-cuda-tests' --test-threads=1 --nocapture"
 else
     note "== runtime CUDA tests: $carry/runtime-cuda-tests missing, skipped"
 fi

@@ -6,9 +6,11 @@
 //! and logits must be identical.
 //!
 //! Built with `--features cuda` (CI compiles it); it runs where a CUDA
-//! driver and device exist and says it skipped otherwise.
+//! driver and device exist and says it skipped otherwise, unless
+//! `BIFURC_REQUIRE_GPU=1`, which makes no usable device a failure.
 //! scripts/prepare-gpu-carry.sh carries the test binary and
-//! scripts/gpu-check.sh runs it from the repository root on the GPU machine.
+//! scripts/gpu-check.sh runs it from the repository root on the GPU machine,
+//! with that set: there a skip would hide that the device is not usable.
 #![cfg(feature = "cuda")]
 
 use bifurc_runtime::cuda::{driver_available, CudaStep};
@@ -85,19 +87,22 @@ fn decode(step: Box<dyn Step>, artifact: &Artifact) -> Decoded {
     Decoded { fill, greedy: greedy.tokens, greedy_logits: greedy.last_logits, sampled: sampled.tokens }
 }
 
+/// Says why the test cannot run, and skips it, or fails it where
+/// `BIFURC_REQUIRE_GPU=1` asks for a device.
+fn skip(why: &str) {
+    assert!(std::env::var("BIFURC_REQUIRE_GPU").as_deref() != Ok("1"), "BIFURC_REQUIRE_GPU=1, but {why}");
+    eprintln!("{why}: skipped");
+}
+
 #[test]
 fn device_kept_caches_decode_like_host_caches() {
     if !driver_available() {
-        eprintln!("no CUDA driver: skipped");
-        return;
+        return skip("no CUDA driver");
     }
     let artifact = Artifact::load(fixture()).unwrap();
     let kept = match CudaStep::new(&artifact, 0) {
         Ok(step) => step,
-        Err(e) => {
-            eprintln!("no usable CUDA device ({e}): skipped");
-            return;
-        }
+        Err(e) => return skip(&format!("no usable CUDA device ({e})")),
     };
     let host = CudaStep::new(&artifact, 0).unwrap();
     let a = decode(Box::new(OneRow(kept)), &artifact);
