@@ -24,7 +24,19 @@
 //! heads of 64 at m_c = 8192, one thread, medians of 15: b = 32 4.0-4.5
 //! -> 2.0-2.1 ms, b = 64 8.1-9.7 -> 3.2-4.2, b = 1 to 16 as fast or
 //! faster (b = 4: 0.91 against 0.96, b = 8: 1.92 against 1.87); 4 KV
-//! heads of 4 rows each a sample, b = 32: 3.8 -> 1.2.
+//! heads of 4 rows each a sample, b = 32: 3.8 -> 1.2 (bf16 scores).
+//!
+//! The split scores of a bf16 model are f32: a row's 32 scores of a step
+//! are then 128 bytes, two lines, each streamed alone, so each needs only
+//! a line's alignment (`Builder::store_vector_streaming`). Asking for the
+//! whole vector's 128 had made every store a plain one wherever the
+//! buffer started 64 but not 128 bytes into a line pair (an even chance
+//! per allocation): 16 MB of scores a layer each read for ownership
+//! first. With 64 (one process, alternated, b = 32, m_c = 8192, one
+//! thread, medians of 15, f32 scores): 16 heads of 64 7.1 -> 4.2 ms, 4 KV
+//! heads of 4 rows each a sample 8.5 -> 2.3-2.6 (the FMA path 9.1-10.0);
+//! the bf16 cpu_step with 4 KV heads 38.6-39.8 -> 27.4-31.5 ms a step on
+//! one thread, 22.8-36.2 -> 16.1-24.1 on two.
 
 use crate::ir::{DType, Value};
 use crate::lower::LowerError;
@@ -282,6 +294,38 @@ mod tests {
                     check_parts(&mut step, &at, &inputs, &whole, &["s"]);
                 }
             }
+        }
+    }
+
+    /// Each row's 32 scores of a step are one vector; in f32 (the split
+    /// scores of a bf16 model are f32) that is two lines, and the streaming
+    /// store needs only each line's alignment, not the vector's 128 bytes:
+    /// with that, on a buffer 64 but not 128 bytes aligned (an even chance),
+    /// every store had been a plain one, each line read for ownership first
+    /// (the q·K 2-3x slower).
+    #[test]
+    fn f32_scores_stream_a_line_at_a_time() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m"], "constants": {}},
+            "inputs": [
+                {"name": "q", "role": "activation", "shape": ["b", 4, 4, 1, 64], "dtype": "bf16"},
+                {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": [4, "m", 64], "dtype": "bf16"}
+            ],
+            "nodes": [{"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "acdxy,czy->acdxz"}, "dtype": "f32"}],
+            "outputs": [{"name": "s", "node": "s"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+        let (step, text) = cpu_step_amx(&graph, true);
+        if super::super::amx::host_has_amx() {
+            let scores = text.split("func.func @").find(|f| f.starts_with("k0_s(")).unwrap_or("");
+            assert!(scores.contains("tdpbf16ps"), "{scores}");
+            let streamed: Vec<&str> = scores.lines().filter(|l| l.contains("nontemporal")).collect();
+            assert!(!streamed.is_empty() && streamed.iter().all(|l| l.contains("vector<32xf32>")), "{streamed:?}");
+            assert!(streamed.iter().all(|l| l.contains("alignment = 64 : i64, nontemporal")), "{streamed:?}");
+        }
+        for (b, m) in [(1, 100), (32, 2048)] {
+            check_output(&graph, &step, &point(&[("b", b), ("m", m)]), 3, "s", (0.05, 0.02));
         }
     }
 }

@@ -11,6 +11,9 @@ use std::fmt::Write as _;
 use crate::ir::{DType, Poly};
 use crate::lower::LowerError;
 
+/// Bytes of a cache line: what a streaming store writes at once.
+const LINE_BYTES: usize = 64;
+
 /// The type of a computed value: floats are computed in f32, integers
 /// (ids, positions) in i64.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -353,8 +356,9 @@ impl Builder {
 
     /// Stores vector `v` as [`Builder::store_vector`] does, but past the
     /// caches (a non-temporal store) when its address is a multiple of the
-    /// vector's size, as such a store needs, and as a plain store where it
-    /// is not. A plain store of a line not in cache first reads the line
+    /// vector's size or of a cache line, whichever is less, as such a store
+    /// needs (a vector of more than a line is stored a line at a time), and
+    /// as a plain store where it is not. A plain store of a line not in cache first reads the line
     /// (for ownership), and the context `q·K`'s scores (16 MB a layer at
     /// b = 32, m_c = 8192) are written where no cache holds them (see
     /// `rows_in_lanes`). The body then ends with a fence (see
@@ -362,12 +366,12 @@ impl Builder {
     /// fence makes them visible before the part returns to the pool,
     /// whose other threads read them in the next kernel.
     pub(crate) fn store_vector_streaming(&mut self, ptr: &str, off: &str, v: &str, lanes: usize, dtype: DType) {
-        let a = self.misalignment(ptr, off, lanes, dtype);
+        let bytes = (lanes * dtype.size()).min(LINE_BYTES);
+        let a = self.misalignment(ptr, off, bytes / dtype.size(), dtype);
         let zero = self.index(0);
         let aligned = self.op(&format!("arith.cmpi eq, {a}, {zero} : index"));
         let (x, ty) = self.stored_vector(v, lanes, dtype);
         let p = self.element_ptr(ptr, off, storage(dtype));
-        let bytes = lanes * dtype.size();
         self.open_guard(&aligned);
         self.line(&format!("llvm.store {x}, {p} {{alignment = {bytes} : i64, nontemporal}} : {ty}, !llvm.ptr"));
         self.else_guard();
