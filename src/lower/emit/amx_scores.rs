@@ -26,17 +26,18 @@
 //! faster (b = 4: 0.91 against 0.96, b = 8: 1.92 against 1.87); 4 KV
 //! heads of 4 rows each a sample, b = 32: 3.8 -> 1.2 (bf16 scores).
 //!
-//! The split scores of a bf16 model are f32: a row's 32 scores of a step
-//! are then 128 bytes, two lines, each streamed alone, so each needs only
-//! a line's alignment (`Builder::store_vector_streaming`). Asking for the
-//! whole vector's 128 had made every store a plain one wherever the
-//! buffer started 64 but not 128 bytes into a line pair (an even chance
-//! per allocation): 16 MB of scores a layer each read for ownership
-//! first. With 64 (one process, alternated, b = 32, m_c = 8192, one
-//! thread, medians of 15, f32 scores): 16 heads of 64 7.1 -> 4.2 ms, 4 KV
-//! heads of 4 rows each a sample 8.5 -> 2.3-2.6 (the FMA path 9.1-10.0);
-//! the bf16 cpu_step with 4 KV heads 38.6-39.8 -> 27.4-31.5 ms a step on
-//! one thread, 22.8-36.2 -> 16.1-24.1 on two.
+//! f32 scores make a row's 32 scores of a step 128 bytes, two lines, each
+//! streamed alone, so each needs only a line's alignment
+//! (`Builder::store_vector_streaming`). Asking for the whole vector's 128
+//! had made every store a plain one wherever the buffer started 64 but not
+//! 128 bytes into a line pair (an even chance per allocation): 16 MB of
+//! scores a layer each read for ownership first. With 64 (one process,
+//! alternated, b = 32, m_c = 8192, one thread, medians of 15, f32
+//! scores): 16 heads of 64 7.1 -> 4.2 ms, 4 KV heads of 4 rows each a
+//! sample 8.5 -> 2.3-2.6 (the FMA path 9.1-10.0). bf16 scores (a bf16
+//! model's, see `optimize::convert`) are one line, stored as 32 `i16`s:
+//! as `bf16` LLVM stored them plainly (4 KV heads: 3.5 ms against 1.5 with
+//! f32 scores, 2.2 after).
 
 use crate::ir::{DType, Value};
 use crate::lower::LowerError;
@@ -297,35 +298,39 @@ mod tests {
         }
     }
 
-    /// Each row's 32 scores of a step are one vector; in f32 (the split
-    /// scores of a bf16 model are f32) that is two lines, and the streaming
-    /// store needs only each line's alignment, not the vector's 128 bytes:
-    /// with that, on a buffer 64 but not 128 bytes aligned (an even chance),
-    /// every store had been a plain one, each line read for ownership first
-    /// (the q·K 2-3x slower).
+    /// Each row's 32 scores of a step are one vector, streamed past the
+    /// caches: in f32 (a bf16 model's split scores before they kept its
+    /// dtype) two lines, and the streaming store needs only each line's
+    /// alignment, not the vector's 128 bytes (with that, on a buffer 64
+    /// but not 128 bytes aligned, an even chance, every store had been a
+    /// plain one, each line read for ownership first: the q·K 2-3x
+    /// slower); in bf16 one line, stored as 32 `i16` (LLVM has no streaming
+    /// store of `bf16` vectors: it stored them plainly).
     #[test]
-    fn f32_scores_stream_a_line_at_a_time() {
-        let doc = serde_json::json!({
-            "format": "bifurc-graph/1",
-            "dims": {"runtime": ["b", "m"], "constants": {}},
-            "inputs": [
-                {"name": "q", "role": "activation", "shape": ["b", 4, 4, 1, 64], "dtype": "bf16"},
-                {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": [4, "m", 64], "dtype": "bf16"}
-            ],
-            "nodes": [{"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "acdxy,czy->acdxz"}, "dtype": "f32"}],
-            "outputs": [{"name": "s", "node": "s"}]
-        });
-        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
-        let (step, text) = cpu_step_amx(&graph, true);
-        if super::super::amx::host_has_amx() {
-            let scores = text.split("func.func @").find(|f| f.starts_with("k0_s(")).unwrap_or("");
-            assert!(scores.contains("tdpbf16ps"), "{scores}");
-            let streamed: Vec<&str> = scores.lines().filter(|l| l.contains("nontemporal")).collect();
-            assert!(!streamed.is_empty() && streamed.iter().all(|l| l.contains("vector<32xf32>")), "{streamed:?}");
-            assert!(streamed.iter().all(|l| l.contains("alignment = 64 : i64, nontemporal")), "{streamed:?}");
-        }
-        for (b, m) in [(1, 100), (32, 2048)] {
-            check_output(&graph, &step, &point(&[("b", b), ("m", m)]), 3, "s", (0.05, 0.02));
+    fn scores_stream_a_line_at_a_time() {
+        for (dtype, stored) in [("f32", "vector<32xf32>"), ("bf16", "vector<32xi16>")] {
+            let doc = serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b", "m"], "constants": {}},
+                "inputs": [
+                    {"name": "q", "role": "activation", "shape": ["b", 4, 4, 1, 64], "dtype": "bf16"},
+                    {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": [4, "m", 64], "dtype": "bf16"}
+                ],
+                "nodes": [{"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "acdxy,czy->acdxz"}, "dtype": dtype}],
+                "outputs": [{"name": "s", "node": "s"}]
+            });
+            let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+            let (step, text) = cpu_step_amx(&graph, true);
+            if super::super::amx::host_has_amx() {
+                let scores = text.split("func.func @").find(|f| f.starts_with("k0_s(")).unwrap_or("");
+                assert!(scores.contains("tdpbf16ps"), "{scores}");
+                let streamed: Vec<&str> = scores.lines().filter(|l| l.contains("nontemporal")).collect();
+                assert!(!streamed.is_empty() && streamed.iter().all(|l| l.contains(stored)), "{dtype}: {streamed:?}");
+                assert!(streamed.iter().all(|l| l.contains("alignment = 64 : i64, nontemporal")), "{streamed:?}");
+            }
+            for (b, m) in [(1, 100), (32, 2048)] {
+                check_output(&graph, &step, &point(&[("b", b), ("m", m)]), 3, "s", (0.05, 0.02));
+            }
         }
     }
 }

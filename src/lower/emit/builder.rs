@@ -373,7 +373,17 @@ impl Builder {
         let (x, ty) = self.stored_vector(v, lanes, dtype);
         let p = self.element_ptr(ptr, off, storage(dtype));
         self.open_guard(&aligned);
-        self.line(&format!("llvm.store {x}, {p} {{alignment = {bytes} : i64, nontemporal}} : {ty}, !llvm.ptr"));
+        // As integers of the same width: LLVM's x86 backend has no
+        // streaming store of `bf16` / `f16` vectors and stores them plainly,
+        // each line read for ownership first (the nontemporal hint dropped).
+        let (bits, bits_ty) = match dtype {
+            DType::F32 => (x.clone(), ty.clone()),
+            _ => {
+                let int_ty = format!("vector<{lanes}xi{}>", 8 * dtype.size());
+                (self.op(&format!("llvm.bitcast {x} : {ty} to {int_ty}")), int_ty)
+            }
+        };
+        self.line(&format!("llvm.store {bits}, {p} {{alignment = {bytes} : i64, nontemporal}} : {bits_ty}, !llvm.ptr"));
         self.else_guard();
         let align = dtype.size();
         self.line(&format!("llvm.store {x}, {p} {{alignment = {align} : i64}} : {ty}, !llvm.ptr"));
