@@ -227,6 +227,30 @@ fn bf16_llama_matches_interpreter_loosely() {
     check("llama bf16 (bifurcated)", &g, &bcd_points(), BF16_TOL);
 }
 
+/// A half-precision model's bifurcated scores: the context, decode and
+/// new-token parts are stored in the model's dtype, as the original scores
+/// were (a view only moves their elements to the concat, so each part
+/// rounds as the original did), while the `w·V` parts, which are summed,
+/// stay f32; the CPU then writes the softmax over them (half the bytes,
+/// no buffer of its own). Grouped-query bf16 and multi-head f16, the step
+/// against the interpreter.
+#[test]
+fn half_precision_scores_parts_keep_their_dtype() {
+    for (config, dtype) in [(LLAMA_GQA, DType::BF16), (GPT2_MHA, DType::F16)] {
+        let g = from_config(config, Some(dtype));
+        let opt = bifurcated(&g, "b=64,m_c=4096,m_d=64");
+        let parts = |what: &str| -> Vec<DType> {
+            opt.nodes.iter().filter(|n| n.id.contains(what) && n.id.contains(".einsum")).map(|n| n.dtype).collect()
+        };
+        let (scores, context) = (parts("attn.scores"), parts("attn.context"));
+        assert!(!scores.is_empty() && scores.iter().all(|&d| d == dtype), "{dtype:?}: scores parts {scores:?}");
+        assert!(!context.is_empty() && context.iter().all(|&d| d == DType::F32), "{dtype:?}: w·V parts {context:?}");
+        let program = bifurc::lower::plan_cpu(&opt).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(program.in_place.len(), 2, "{dtype:?}: a softmax a layer written over its scores");
+        check(&format!("{dtype:?} (bifurcated)"), &opt, &bcd_points(), BF16_TOL);
+    }
+}
+
 #[test]
 fn f16_gpt2_matches_interpreter_loosely() {
     // f16 keeps 11 mantissa bits (rounding 2^-12 per store): 8x finer than bf16.

@@ -155,7 +155,9 @@ pub fn from_solution(graph: &Graph, sol: &Solution) -> Result<Graph, ConvertErro
         // node that takes the original value back rounds once. When that
         // node is a view (grouped-query attention reshapes the sum back to
         // the heads), a view does not round: the last add, its only input,
-        // does.
+        // does. Parts that are not summed but only moved into the original
+        // (the scores' parts, concatenated) round where they are computed,
+        // as the original would (`only_moved_into`).
         let feeds_original_view = matches!(s.kind, Kind::Add)
             && !sol.roots.contains(&Ref::Node(i))
             && matches!(users[i].as_slice(), [u] if sol.nodes[*u].origin.is_some() && is_view_kind(&sol.nodes[*u].kind));
@@ -163,6 +165,7 @@ pub fn from_solution(graph: &Graph, sol: &Solution) -> Result<Graph, ConvertErro
             && matches!(s.kind, Kind::Einsum(_) | Kind::Add)
             && dtype.size() == 2
             && !feeds_original_view
+            && !only_moved_into(sol, &users, i, s.dtype.name.as_str())
         {
             dtype = DType::F32;
         }
@@ -195,6 +198,33 @@ pub fn from_solution(graph: &Graph, sol: &Solution) -> Result<Graph, ConvertErro
         })
         .collect();
     Ok(Graph { meta: graph.meta.clone(), dims: graph.dims.clone(), inputs: graph.inputs.clone(), nodes, outputs })
+}
+
+/// Whether new node `i`'s values reach an original node of dtype `dtype`
+/// only through views, each the one user of the one before: the context
+/// and decode parts of a bifurcated attention's scores, concatenated (and,
+/// with grouped-query heads, reshaped) back into the original scores. A
+/// view moves elements and an element comes from one part, so rounding
+/// each part to `dtype` where it is computed gives the bits the original
+/// node's rounding gives, and the parts are stored at its width (half the
+/// bytes of f32 scores in a bf16 model, and the softmax can then be
+/// written over them on the CPU).
+fn only_moved_into(sol: &Solution, users: &[Vec<usize>], i: usize, dtype: &str) -> bool {
+    let mut at = i;
+    loop {
+        if sol.roots.contains(&Ref::Node(at)) {
+            return false;
+        }
+        let [u] = users[at].as_slice() else { return false };
+        let user = &sol.nodes[*u];
+        if !is_view_kind(&user.kind) {
+            return false;
+        }
+        if user.origin.is_some() {
+            return user.dtype.name.as_str() == dtype;
+        }
+        at = *u;
+    }
 }
 
 fn is_view_kind(k: &Kind) -> bool {
