@@ -355,10 +355,10 @@ impl Builder {
     }
 
     /// Stores vector `v` as [`Builder::store_vector`] does, but past the
-    /// caches (a non-temporal store) when its address is a multiple of the
-    /// vector's size or of a cache line, whichever is less, as such a store
-    /// needs (a vector of more than a line is stored a line at a time), and
-    /// as a plain store where it is not. A plain store of a line not in cache first reads the line
+    /// caches (a non-temporal store) when it is at least a cache line and
+    /// its address a multiple of a line, as such a store needs (a vector of
+    /// more than a line is stored a line at a time), and as a plain store
+    /// where it is not. A plain store of a line not in cache first reads the line
     /// (for ownership), and the context `q·K`'s scores (16 MB a layer at
     /// b = 32, m_c = 8192) are written where no cache holds them (see
     /// `rows_in_lanes`). The body then ends with a fence (see
@@ -366,7 +366,15 @@ impl Builder {
     /// fence makes them visible before the part returns to the pool,
     /// whose other threads read them in the next kernel.
     pub(crate) fn store_vector_streaming(&mut self, ptr: &str, off: &str, v: &str, lanes: usize, dtype: DType) {
-        let bytes = (lanes * dtype.size()).min(LINE_BYTES);
+        if lanes * dtype.size() < LINE_BYTES {
+            // Less than a line: streamed, each store would write a partial
+            // line to memory on its own (the rows-in-lanes q·K's 16 bf16
+            // scores: 7-9 -> 25 ms a layer); in cache, the next store
+            // completes the line.
+            self.store_vector(ptr, off, v, lanes, dtype);
+            return;
+        }
+        let bytes = LINE_BYTES;
         let a = self.misalignment(ptr, off, bytes / dtype.size(), dtype);
         let zero = self.index(0);
         let aligned = self.op(&format!("arith.cmpi eq, {a}, {zero} : index"));
