@@ -358,10 +358,10 @@ impl Builder {
     /// caches (a non-temporal store) when it is at least a cache line and
     /// its address a multiple of a line, as such a store needs (a vector of
     /// more than a line is stored a line at a time), and as a plain store
-    /// where it is not. A plain store of a line not in cache first reads the line
-    /// (for ownership), and the context `q·K`'s scores (16 MB a layer at
-    /// b = 32, m_c = 8192) are written where no cache holds them (see
-    /// `rows_in_lanes`). The body then ends with a fence (see
+    /// where it is not. A plain store of a line not in cache first reads
+    /// the line (for ownership), and the context `q·K`'s scores (16 MB a
+    /// layer at b = 32, m_c = 8192) are written where no cache holds them
+    /// (see `rows_in_lanes`). The body then ends with a fence (see
     /// [`Builder::finish`]): these stores are weakly ordered, and the
     /// fence makes them visible before the part returns to the pool,
     /// whose other threads read them in the next kernel.

@@ -19,8 +19,9 @@
 //! ownership first. f16 / bf16 scores (half a line) are stored plainly:
 //! streamed, each store would write a partial line to memory alone (the
 //! bf16 q·K 7-9 -> 25 ms a layer once they really were streamed; until
-//! then LLVM had dropped the hint on `bf16` vectors). With plain stores the kernel ran a fifth slower at context
-//! lengths a multiple of 16 but not of 64 (cpu_step, m_c = 8208, one
+//! then LLVM had dropped the hint on `bf16` vectors). With plain stores
+//! the f32 kernel ran a fifth slower at context lengths a multiple of 16
+//! but not of 64 (cpu_step, m_c = 8208, one
 //! thread: 6.6-6.9 -> 5.5 ms a layer; two: 3.4-4.1 -> 2.7-3.0), and as
 //! fast at 8192 (the softmax then reads the scores from DRAM rather than
 //! partly from L3: the step is the same). For the blocks to start on
@@ -235,9 +236,11 @@ impl Kc<'_> {
             Item { idx: &idx, reuse, sizes: &reuse_sizes, first: &first, here: &here, tiles: &tiles, slot: &slot };
         // The blocks of 16 outputs start where the turn's first row's
         // outputs start a line (half a line for f16 / bf16), `shift` into
-        // the item, so that the rows' stores fill lines and go past the
-        // caches (every row's where the rows are a multiple of 16 outputs
-        // apart: a multi-head model's samples; see `Kc::lanes_block`). The
+        // the item, so that the rows' stores fill lines and, in f32, go past
+        // the caches (every row's where the rows are a multiple of 16
+        // outputs apart: a multi-head model's samples; see
+        // `Kc::lanes_block`; f16 / bf16 halves of lines are stored plainly,
+        // `Builder::store_vector_streaming`). The
         // `shift` before them and the `rem` after them are a block's tile
         // at the item's first and last 16 outputs with only those lanes
         // stored. An item narrower than a block: one output at a time.
