@@ -48,6 +48,26 @@ impl CpuBackend {
         self.step.threads()
     }
 
+    /// Bytes this backend holds when it runs at `dims` with every input
+    /// bound, a decode cache kept with `capacities` rows where given
+    /// ([`CpuStep::bytes_at`]).
+    pub fn bytes_at(
+        &self,
+        dims: &BTreeMap<String, i64>,
+        capacities: &BTreeMap<String, i64>,
+    ) -> Result<usize, StepError> {
+        self.step.bytes_at(dims, capacities).map_err(|e| StepError::Backend(e.to_string()))
+    }
+
+    /// Unbinds every input and frees the intermediates: the backend holds
+    /// nothing large until inputs are bound and it runs again.
+    pub fn release(&mut self) {
+        self.bound.clear();
+        self.rows = RowCaches::default();
+        self.last.clear();
+        self.step.release_scratch();
+    }
+
     /// Binds a reference-interpreter tensor without copying through
     /// [`HostTensor`] (converted to the input's storage dtype once).
     pub fn bind_tensor(&mut self, name: &str, tensor: Tensor) -> Result<(), StepError> {

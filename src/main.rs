@@ -151,8 +151,10 @@ enum Command {
     /// median latencies, their ratio, and the bytes model's predicted ratio beside it, with the
     /// FMA floor: the step's multiply-adds (the same on both sides) at this machine's peak rate
     /// (measured first, by a JIT-compiled loop of vector FMAs on the threads the steps use), the
-    /// least time either step can take here, and the bifurcated step's share of it. On a GPU
-    /// machine use `bifurc-run bench` with artifacts from `bifurc compile`.
+    /// least time either step can take here, and the bifurcated step's share of it. A point
+    /// whose two steps would not fit in the memory this machine has available (or with a
+    /// buffer past the CPU step's limit) is not run but listed under the table with what it
+    /// needs. On a GPU machine use `bifurc-run bench` with artifacts from `bifurc compile`.
     Bench {
         /// The model.json to benchmark (runtime dims b, m_c, m_d).
         model: PathBuf,
@@ -203,7 +205,11 @@ enum Command {
     /// run`, see docs/gpu-machine.md). The context is a prompt, filled by stepping the graph
     /// over it at b=1, or a random one (--context-len). Then --samples continuations are
     /// decoded together for --steps tokens. Prints the tokens, the per-step latency (median,
-    /// p90) and tokens/s; --json prints one JSON object instead.
+    /// p90) and tokens/s; --json prints one JSON object instead. Before any weights are bound
+    /// it asks whether the run fits: the step's buffers at the last step (weights, the context
+    /// and decode caches, intermediates; on the CPU also the host's copy of the context caches)
+    /// against the memory the machine, or the GPU, has available; a run that does not fit is an
+    /// error that says what it needs.
     ///
     /// On the CPU, bf16 projections and context attention run on AMX tiles where the CPU has
     /// them (Intel, from Sapphire Rapids), and bf16 pairs are summed by `vdpbf16ps` on AMD;
@@ -484,12 +490,12 @@ fn run(cli: Cli) -> Result<()> {
                 bifurc::bench::BenchOptions { samples, context_lens: context, decoded, repeats, optimize_at, seed };
             let bar = indicatif::ProgressBar::new_spinner();
             bar.enable_steady_tick(std::time::Duration::from_millis(200));
-            let rows = bifurc::bench::run_cpu(&graph, &opts, |msg| bar.set_message(msg.to_string()));
+            let sweep = bifurc::bench::run_cpu(&graph, &opts, |msg| bar.set_message(msg.to_string()));
             bar.finish_and_clear();
-            let rows = rows.with_context(|| format!("{}", model.display()))?;
+            let bifurc::bench::Sweep { rows, skipped } = sweep.with_context(|| format!("{}", model.display()))?;
             let threads = rayon::current_num_threads();
             let title = format!("{} (CPU, {threads} thread{})", model.display(), if threads == 1 { "" } else { "s" });
-            print!("{}", bifurc::bench::to_markdown(&rows, &title));
+            print!("{}", bifurc::bench::to_markdown(&rows, &skipped, &title));
             if let Some(dir) = out {
                 std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
                 let write = |name: &str, text: String| {
@@ -498,7 +504,7 @@ fn run(cli: Cli) -> Result<()> {
                         .with_context(|| format!("cannot write {}", path.display()))
                 };
                 write("bench.csv", bifurc::bench::to_csv(&rows))?;
-                write("bench.md", bifurc::bench::to_markdown(&rows, &title))?;
+                write("bench.md", bifurc::bench::to_markdown(&rows, &skipped, &title))?;
                 bifurc::bench::write_svgs(&rows, &dir, &title)
                     .with_context(|| format!("cannot write plots in {}", dir.display()))?;
                 eprintln!("wrote bench.csv, bench.md, speedup.svg, latency.svg in {}", dir.display());

@@ -347,20 +347,73 @@ pub fn cpu_step(path: &Path) -> Result<(Artifact, CpuBackend), RunError> {
     Ok((artifact, step))
 }
 
+/// A step made for a run, nothing bound yet: its device's name, the bytes
+/// it needs at the run's largest point and what its device has available
+/// (`None`: unknown).
+struct Made {
+    step: Box<dyn Step>,
+    device: String,
+    needed: usize,
+    available: Option<usize>,
+}
+
+/// The step of `artifact` on `device`, with what it needs at `dims`
+/// (a decode cache with `capacities` rows where given).
+fn make_step(
+    artifact: &Artifact,
+    device: Device,
+    dims: &BTreeMap<String, i64>,
+    capacities: &BTreeMap<String, i64>,
+) -> Result<Made, RunError> {
+    match device {
+        Device::Cpu => {
+            let step = jit(artifact)?;
+            let needed = step.bytes_at(dims, capacities).map_err(|e| fail(e.to_string()))?;
+            let threads = step.threads();
+            let plural = if threads == 1 { "" } else { "s" };
+            let device = format!("cpu (MLIR JIT, {threads} thread{plural})");
+            Ok(Made { step: Box::new(step), device, needed, available: bifurc_runtime::memory::host_available() })
+        }
+        Device::Cuda { ordinal } => cuda_step(artifact, ordinal, dims),
+    }
+}
+
 #[cfg(feature = "cuda")]
-fn cuda_step(artifact: &Artifact, ordinal: usize) -> Result<(Box<dyn Step>, String), RunError> {
+fn cuda_step(artifact: &Artifact, ordinal: usize, dims: &BTreeMap<String, i64>) -> Result<Made, RunError> {
     let step = bifurc_runtime::cuda::CudaStep::new(artifact, ordinal)
         .map_err(|e| fail(format!("{}: {e}", artifact.ptx_path.display())))?;
-    let name = step.device_info().name.clone();
-    Ok((Box::new(step), name))
+    let device = step.device_info().name.clone();
+    let needed = step.bytes_needed(dims).map_err(|e| fail(e.to_string()))?;
+    let (free, _) = step.memory_info().map_err(|e| fail(e.to_string()))?;
+    let available = Some(free.saturating_add(step.allocated_bytes()));
+    Ok(Made { step: Box::new(step), device, needed, available })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_step(_artifact: &Artifact, _ordinal: usize) -> Result<(Box<dyn Step>, String), RunError> {
+fn cuda_step(_artifact: &Artifact, _ordinal: usize, _dims: &BTreeMap<String, i64>) -> Result<Made, RunError> {
     Err(fail(
         "--device cuda: this bifurc was built without CUDA support; rebuild with `cargo build --release --features cuda`, \
          or run the artifact with `bifurc-run run` (see docs/gpu-machine.md)",
     ))
+}
+
+/// The prefill step of `path` on `device`, checked to take more than one
+/// token a step, with what it needs at the end of a context of
+/// `context_len` tokens (b = 1, m_d = the context).
+fn prefill_step(path: &Path, device: Device, context_len: usize) -> Result<(Made, (Artifact, DecodeLayout)), RunError> {
+    let artifact = Artifact::load(path).map_err(|e| fail(e.to_string()))?;
+    let layout = DecodeLayout::from_manifest(&artifact.manifest)
+        .map_err(|e| fail(format!("{}: not a prefill step: {e}", artifact.manifest_path.display())))?;
+    if layout.n < 2 {
+        return Err(fail(format!(
+            "{}: --prefill wants a step with n > 1 new tokens (bifurc import-hf --new-tokens N), this one has n = {}",
+            artifact.manifest_path.display(),
+            layout.n
+        )));
+    }
+    let end = BTreeMap::from([("b".to_string(), 1), ("m_c".to_string(), 0), ("m_d".to_string(), context_len as i64)]);
+    let made = make_step(&artifact, device, &end, &BTreeMap::new())?;
+    Ok((made, (artifact, layout)))
 }
 
 fn check_options(opts: &RunOptions) -> Result<(), RunError> {
@@ -405,21 +458,45 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         }
     }
     let manifest = artifact.manifest.clone();
+    if opts.prefill.is_some() && matches!(opts.context, ContextSource::Random { .. }) {
+        return Err(fail("--prefill fills the context from a prompt; it does not go with --context-len"));
+    }
 
     let start = Instant::now();
-    let (mut step, device): (Box<dyn Step>, String) = match opts.device {
-        Device::Cpu => {
-            let step = jit(&artifact)?;
-            let threads = step.threads();
-            let plural = if threads == 1 { "" } else { "s" };
-            (Box::new(step), format!("cpu (MLIR JIT, {threads} thread{plural})"))
-        }
-        Device::Cuda { ordinal } => cuda_step(&artifact, ordinal)?,
-    };
+    // The decode loop's last step: m_d = steps - 1, with room for `steps`
+    // rows (as `Session::sample` keeps them).
+    let last = BTreeMap::from([
+        ("b".to_string(), opts.samples as i64),
+        ("m_c".to_string(), context_len as i64),
+        ("m_d".to_string(), opts.steps as i64 - 1),
+    ]);
+    let rows = BTreeMap::from([("m_d".to_string(), opts.steps as i64)]);
+    let made = make_step(&artifact, opts.device, &last, &rows)?;
+    let (mut step, device) = (made.step, made.device);
     if opts.host_caches {
         step = Box::new(bifurc_runtime::BoundCaches(step));
     }
     let load_s = start.elapsed().as_secs_f64();
+    // The prefill step, made before any weights are bound so that what
+    // both need is asked at once; its last chunk ends the context.
+    let prefill = match (&opts.prefill, &opts.context) {
+        (Some(path), ContextSource::Prompt(_)) => Some(prefill_step(path, opts.device, context_len)?),
+        _ => None,
+    };
+    let mut needed = made.needed;
+    let mut what = format!("the decode step at b = {}, m_c = {context_len}, m_d = {}", opts.samples, opts.steps - 1);
+    if let Some((pre, _)) = &prefill {
+        needed = needed.saturating_add(pre.needed);
+        what.push_str(&format!(" with the prefill step at m_d = {context_len}"));
+    }
+    if opts.device == Device::Cpu {
+        // The session keeps the context's caches on the host too, in f32.
+        let per_token: usize = layout.layers.iter().map(|l| 2 * l.g * l.k * 4).sum();
+        needed = needed.saturating_add(per_token.saturating_mul(context_len));
+    }
+    let where_ = if opts.device == Device::Cpu { "this machine".to_string() } else { device.clone() };
+    bifurc_runtime::memory::check(&what, needed, made.available, &where_)
+        .map_err(|e| fail(format!("{e}; use a shorter context or fewer --samples")))?;
 
     let start = Instant::now();
     // Files are read once, for the decode step and a prefill step alike.
@@ -433,29 +510,12 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     };
     let weights_bound = source.bind(&mut step, &manifest).map_err(|e| fail(e.to_string()))?;
     // The prefill step: the same device and weights.
-    let mut prefill = match (&opts.prefill, &opts.context) {
-        (None, _) => None,
-        (Some(_), ContextSource::Random { .. }) => {
-            return Err(fail("--prefill fills the context from a prompt; it does not go with --context-len"))
+    let mut prefill = match prefill {
+        Some((mut pre, (artifact, layout))) => {
+            source.bind(&mut pre.step, &artifact.manifest).map_err(|e| fail(e.to_string()))?;
+            Some((pre.step, layout))
         }
-        (Some(path), ContextSource::Prompt(_)) => {
-            let artifact = Artifact::load(path).map_err(|e| fail(e.to_string()))?;
-            let layout = DecodeLayout::from_manifest(&artifact.manifest)
-                .map_err(|e| fail(format!("{}: not a prefill step: {e}", artifact.manifest_path.display())))?;
-            if layout.n < 2 {
-                return Err(fail(format!(
-                    "{}: --prefill wants a step with n > 1 new tokens (bifurc import-hf --new-tokens N), this one has n = {}",
-                    artifact.manifest_path.display(),
-                    layout.n
-                )));
-            }
-            let (mut pre, _): (Box<dyn Step>, String) = match opts.device {
-                Device::Cpu => (Box::new(jit(&artifact)?), String::new()),
-                Device::Cuda { ordinal } => cuda_step(&artifact, ordinal)?,
-            };
-            source.bind(&mut pre, &artifact.manifest).map_err(|e| fail(e.to_string()))?;
-            Some((pre, layout))
-        }
+        None => None,
     };
     let weights_s = start.elapsed().as_secs_f64();
 

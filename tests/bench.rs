@@ -31,6 +31,55 @@ fn bench_cli_writes_tables_and_plots() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A point past what the host can hold is not run (it would end in an
+/// allocation failure, an abort): it is listed under the table with what
+/// it needs, the others run; a buffer past the CPU step's limit likewise;
+/// a sweep of nothing that can run is a one-line error. The large point,
+/// 60 million tokens of context, needs about 65 GB: on a host with that
+/// much available the memory case is not checked.
+#[test]
+fn bench_skips_points_that_do_not_fit() {
+    let bench = |context: &str| {
+        Command::new(env!("CARGO_BIN_EXE_bifurc"))
+            .args(["bench", "examples/tiny/model.json", "--samples", "1", "--context", context, "--decoded", "0"])
+            .args(["--repeats", "1"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("run bifurc")
+    };
+    let roomy = bifurc_runtime::memory::host_available().is_none_or(|n| n > 60_000_000_000);
+    let cases: &[(&str, &[&str])] = if roomy {
+        &[("8,3000000000", &["b=1, m_c=3000000000, m_d=0: ", "too large", "at most 2147483648 elements"])]
+    } else {
+        &[
+            ("8,60000000", &["b=1, m_c=60000000, m_d=0: not enough memory", "GB", "available"]),
+            ("8,3000000000", &["b=1, m_c=3000000000, m_d=0: ", "too large", "at most 2147483648 elements"]),
+        ]
+    };
+    for (context, wants) in cases {
+        let out = bench(context);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            stdout.lines().filter(|l| l.starts_with("| 1 | 8 | 0 |")).count(),
+            1,
+            "the small point ran: {stdout}"
+        );
+        let (_, not_run) = stdout.split_once("\nNot run:\n\n").unwrap_or_else(|| panic!("no `Not run`: {stdout}"));
+        assert_eq!(not_run.lines().count(), 1, "{stdout}");
+        for want in *wants {
+            assert!(not_run.starts_with("- ") && not_run.contains(want), "`{want}` missing: {stdout}");
+        }
+        // Only the large point: nothing can run.
+        let large = context.trim_start_matches("8,");
+        let out = bench(large);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("no point of the sweep could run") && stderr.contains(wants[0]), "{stderr}");
+    }
+}
+
 #[test]
 fn bench_rejects_multi_level_graphs() {
     let out = Command::new(env!("CARGO_BIN_EXE_bifurc"))

@@ -434,6 +434,15 @@ fn run_errors_are_one_line() {
     if !cfg!(feature = "cuda") {
         fails(&run(bif, &[&ok[..], &["--device", "cuda"]].concat()), &["--features cuda", "bifurc-run"]);
     }
+    // More than a CPU buffer holds, and, where the host has less than 60
+    // GB available, more memory than it has (about 65 GB): said before
+    // anything large is allocated.
+    let ctx = ["--random-weights", "--steps", "2", "--samples", "2", "--context-len"];
+    fails(&run(bif, &[&ctx[..], &["3000000000"]].concat()), &["too large", "at most 2147483648 elements"]);
+    if bifurc_runtime::memory::host_available().is_some_and(|n| n < 60_000_000_000) {
+        let wants = ["not enough memory for the decode step at b = 2, m_c = 60000000, m_d = 1", "GB available"];
+        fails(&run(bif, &[&ctx[..], &["60000000"]].concat()), &wants);
+    }
     // The CPU backend's override of the bf16 dot product, misspelt.
     let args = run(bif, &ok);
     let mut cmd = bifurc(&args);

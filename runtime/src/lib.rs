@@ -15,6 +15,7 @@
 //! | [`weights`] | weights from `.safetensors`, or random |
 //! | [`random`] | deterministic random inputs by role |
 //! | [`exec`] | shapes, slots and launches at concrete dims (device-independent) |
+//! | [`memory`] | whether a run fits in its device's memory, asked before allocating |
 //! | [`plan`] | memory sharing between intermediates |
 //! | [`rows`] | decode caches kept in a backend with spare rows |
 //! | [`dtype`] | storage dtypes and conversions |
@@ -29,6 +30,7 @@ pub mod dtype;
 pub mod exec;
 pub mod expr;
 pub mod manifest;
+pub mod memory;
 mod parallel;
 pub mod plan;
 pub mod random;

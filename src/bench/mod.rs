@@ -20,6 +20,7 @@ use crate::interp::random_inputs;
 use crate::ir::Graph;
 use crate::optimize::{optimize, Options};
 use bifurc_runtime::bench::median;
+use bifurc_runtime::memory;
 use bifurc_runtime::Step;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -85,9 +86,11 @@ pub enum BenchError {
     Bytes(#[from] crate::inspect::bytes::BytesError),
     #[error(transparent)]
     Macs(#[from] crate::inspect::MacsError),
-    #[error("input data: {0}")]
+    #[error(transparent)]
     Inputs(#[from] crate::interp::InterpError),
-    #[error("step: {0}")]
+    #[error("{0}")]
+    Skipped(String),
+    #[error(transparent)]
     Step(#[from] bifurc_runtime::StepError),
 }
 
@@ -95,8 +98,22 @@ fn point(b: i64, m_c: i64, m_d: i64) -> BTreeMap<String, i64> {
     BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)])
 }
 
-/// Runs the sweep on the CPU. `progress` is told about each point as it starts.
-pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Row>, BenchError> {
+/// What a sweep measured, and the points it left out for want of memory.
+#[derive(Clone, Debug, Default)]
+pub struct Sweep {
+    pub rows: Vec<Row>,
+    /// Points not run, each with why (in sweep order): the two steps with
+    /// their inputs, and the random inputs in f32, would not fit in the
+    /// host's memory, or a buffer would pass the CPU step's size limit.
+    pub skipped: Vec<String>,
+}
+
+/// Runs the sweep on the CPU. `progress` is told about each point as it
+/// starts. A point whose two steps would not fit in the memory the host
+/// has available ([`bifurc_runtime::memory::host_available`], asked after
+/// the last point's memory is freed) is skipped, not run into an
+/// allocation failure; a sweep with no point that fits is an error.
+pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Sweep, BenchError> {
     if graph.dims.runtime != ["b", "m_c", "m_d"] {
         return Err(BenchError::Dims(graph.dims.runtime.join(", ")));
     }
@@ -114,11 +131,31 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
     let mut bif = CpuBackend::compile(&optimized)?;
     progress("measuring this machine's peak multiply-add rate");
     let peak = crate::lower::peak_multiply_adds(base.threads())?;
-    let mut rows = Vec::new();
+    let mut sweep = Sweep::default();
     for &m_c in &opts.context_lens {
         for &b in &opts.samples {
             let p = point(b, m_c, opts.decoded);
             progress(&format!("b={b}, m_c={m_c}, m_d={}", opts.decoded));
+            // The last point's inputs and intermediates freed, then: both
+            // steps at this point, and the random inputs (f32) they are
+            // converted from.
+            base.release();
+            bif.release();
+            let at = format!("b={b}, m_c={m_c}, m_d={}", opts.decoded);
+            let needed = base
+                .bytes_at(&p, &BTreeMap::new())
+                .and_then(|n| Ok(n.saturating_add(bif.bytes_at(&p, &BTreeMap::new())?)))
+                .map_err(|e| e.to_string())
+                .and_then(|n| Ok(n.saturating_add(f32_inputs(graph, &p)?)));
+            let fits = needed.and_then(|n| {
+                let what = "the baseline and bifurcated steps";
+                memory::check(what, n, memory::host_available(), "this machine").map_err(|e| e.to_string())
+            });
+            if let Err(why) = fits {
+                progress(&format!("skipped {at}: {why}"));
+                sweep.skipped.push(format!("{at}: {why}"));
+                continue;
+            }
             for (name, t) in random_inputs(graph, &p, opts.seed)? {
                 base.bind_tensor(&name, t.clone())?;
                 bif.bind_tensor(&name, t)?;
@@ -138,7 +175,7 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
             let sp = ShapePoint(p);
             let predicted = bytes_moved(graph, &sp)?.total() / bytes_moved(&optimized, &sp)?.total();
             let floor_ms = Some(multiply_adds(graph, &sp)? / peak * 1e3);
-            rows.push(Row {
+            sweep.rows.push(Row {
                 samples: b,
                 context: m_c,
                 decoded: opts.decoded,
@@ -149,5 +186,25 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
             });
         }
     }
-    Ok(rows)
+    if sweep.rows.is_empty() {
+        if let Some(first) = sweep.skipped.first() {
+            return Err(BenchError::Skipped(format!("no point of the sweep could run; the first, {first}")));
+        }
+    }
+    Ok(sweep)
+}
+
+/// Bytes of the graph's inputs at `p` as the reference interpreter's f32
+/// tensors ([`random_inputs`] makes them so).
+fn f32_inputs(graph: &Graph, p: &BTreeMap<String, i64>) -> Result<usize, String> {
+    let mut total = 0usize;
+    for input in &graph.inputs {
+        let mut n = 4usize;
+        for d in &input.shape {
+            let v = graph.dims.eval(d, p).map_err(|e| format!("input `{}`: {e}", input.name))?;
+            n = n.saturating_mul(usize::try_from(v).unwrap_or(0));
+        }
+        total = total.saturating_add(n);
+    }
+    Ok(total)
 }

@@ -23,7 +23,9 @@ pub fn to_csv(rows: &[Row]) -> String {
     s
 }
 
-pub fn to_markdown(rows: &[Row], title: &str) -> String {
+/// The table, then a line for each point left out (`skipped`: the point
+/// and why, see [`super::Sweep::skipped`]).
+pub fn to_markdown(rows: &[Row], skipped: &[String], title: &str) -> String {
     let mut s = format!(
         "## {title}\n\nMedian step latency; speedup = baseline / bifurcated; predicted = bytes moved, baseline / \
          bifurcated; FMA floor = the step's multiply-adds (the same on both sides) at this machine's measured peak \
@@ -45,6 +47,12 @@ pub fn to_markdown(rows: &[Row], title: &str) -> String {
             r.speedup(),
             r.predicted
         );
+    }
+    if !skipped.is_empty() {
+        s.push_str("\nNot run:\n\n");
+        for why in skipped {
+            let _ = writeln!(s, "- {why}");
+        }
     }
     s
 }
@@ -79,8 +87,12 @@ mod tests {
         assert_eq!(csv.lines().count(), 3);
         assert!(csv.contains("1,1024,16,2.000,2.000,1.000,1.000,\n"), "{csv}");
         assert!(csv.contains("32,1024,16,40.000,10.000,4.000,6.000,2.500"), "{csv}");
-        let md = to_markdown(&rows, "t");
+        let md = to_markdown(&rows, &[], "t");
         assert!(md.contains("| 1 | 1024 | 16 | 2.00 | 2.00 | 1.00x | 1.00x | - | - |"), "{md}");
         assert!(md.contains("| 32 | 1024 | 16 | 40.00 | 10.00 | 4.00x | 6.00x | 2.50 | 25% |"), "{md}");
+        assert!(!md.contains("Not run"), "{md}");
+        let why = "b=64, m_c=16384, m_d=16: not enough memory for the baseline and bifurcated steps: ...";
+        let md = to_markdown(&rows, &[why.to_string()], "t");
+        assert!(md.ends_with(&format!("\nNot run:\n\n- {why}\n")), "{md}");
     }
 }

@@ -14,6 +14,7 @@ use bifurc_runtime::bench::{
 };
 use bifurc_runtime::cuda::{CudaStep, KernelTime};
 use bifurc_runtime::manifest::{BufferKind, Manifest};
+use bifurc_runtime::memory::gb;
 use bifurc_runtime::random::random_tensor;
 use bifurc_runtime::session::{DecodeLayout, SampleOptions, Session};
 use bifurc_runtime::weights::{weight_buffers, WeightFiles, WeightSource};
@@ -160,10 +161,6 @@ fn load(ptx: &Path, device: usize) -> Result<(Artifact, CudaStep)> {
     Ok((artifact, step))
 }
 
-fn gb(bytes: usize) -> String {
-    format!("{:.2} GB", bytes as f64 / 1e9)
-}
-
 fn info(ptx: &Path, device: usize) -> Result<()> {
     let start = Instant::now();
     let (artifact, step) = load(ptx, device)?;
@@ -195,6 +192,16 @@ fn info(ptx: &Path, device: usize) -> Result<()> {
 fn run(args: &RunArgs) -> Result<()> {
     let (artifact, mut step) = load(&args.ptx, args.device)?;
     let manifest = artifact.manifest.clone();
+    // Before anything is bound: the decode loop's last step (m_d = steps
+    // - 1) fits in the device's memory.
+    let context_len = args.context_len.unwrap_or(args.prompt_ids.len());
+    let last = BTreeMap::from([
+        ("b".to_string(), args.samples as i64),
+        ("m_c".to_string(), context_len as i64),
+        ("m_d".to_string(), args.steps.saturating_sub(1) as i64),
+    ]);
+    let what = format!("the decode step at b = {}, m_c = {context_len}, m_d = {}", args.samples, last["m_d"]);
+    step.check_fits(&what, &last).map_err(|e| format!("{e}; use a shorter context or fewer --samples"))?;
     let start = Instant::now();
     // Files are read once, for the decode step and a prefill step alike.
     let source = if args.random_weights {
@@ -216,6 +223,10 @@ fn run(args: &RunArgs) -> Result<()> {
                     layout.n
                 ));
             }
+            // Its last chunk ends the context (b = 1, m_d = the context).
+            let end =
+                BTreeMap::from([("b".to_string(), 1), ("m_c".to_string(), 0), ("m_d".to_string(), context_len as i64)]);
+            pre.check_fits(&format!("the prefill step at m_d = {context_len}"), &end).map_err(|e| e.to_string())?;
             source.bind(&mut pre, &pre_artifact.manifest).map_err(|e| e.to_string())?;
             Some((pre, layout))
         }

@@ -107,6 +107,19 @@ impl CudaStep {
         self.plan.bytes_needed(&self.plan.bind_dims(dims)?)
     }
 
+    /// `Err` when a step at `dims` ([`CudaStep::bytes_needed`]) needs more
+    /// than the device's free memory and what this step holds already:
+    /// asked before binding, so that a run too large for the GPU stops
+    /// with the figures instead of an allocation error part way.
+    /// `what` names the run in the message.
+    pub fn check_fits(&self, what: &str, dims: &BTreeMap<String, i64>) -> Result<(), StepError> {
+        let needed = self.bytes_needed(dims)?;
+        let (free, _) = self.memory_info()?;
+        let available = free.saturating_add(self.allocated_bytes());
+        let device = format!("GPU {} ({})", self.device_info().ordinal, self.device_info().name);
+        crate::memory::check(what, needed, Some(available), &device).map_err(|e| StepError::Backend(e.to_string()))
+    }
+
     /// Frees the intermediates and outputs (inputs stay bound).
     pub fn release_scratch(&mut self) {
         for slot in &mut self.slots {

@@ -607,11 +607,12 @@ impl CpuStep {
                 *s = cap as usize;
             }
         }
-        let n = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .filter(|&n| n <= MAX_ELEMENTS)
-            .ok_or_else(|| LowerError::Run(format!("buffer `{}` of shape {shape:?} is too large", buf.name)))?;
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= MAX_ELEMENTS).ok_or_else(|| {
+            LowerError::Run(format!(
+                "buffer `{}` of shape {shape:?} is too large: a CPU step's buffer holds at most {MAX_ELEMENTS} elements",
+                buf.name
+            ))
+        })?;
         Ok((shape, n))
     }
 

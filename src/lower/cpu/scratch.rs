@@ -58,6 +58,43 @@ impl CpuStep {
         });
         Ok(())
     }
+
+    /// Frees the intermediates kept from the last run (the next run
+    /// allocates them again). Does nothing while another thread is running
+    /// the step.
+    pub fn release_scratch(&self) {
+        if let Ok(mut kept) = self.scratch.try_lock() {
+            *kept = Vec::new();
+        }
+    }
+
+    /// Bytes the step holds when it runs at `point`: every buffer in its
+    /// storage dtype (inputs, a decode cache with `capacities` rows where
+    /// given, as [`CpuStep::run_with_capacity`] takes them; outputs;
+    /// intermediates, each in memory of its own). For asking, before
+    /// anything is bound, whether a run fits in memory
+    /// ([`bifurc_runtime::memory`]).
+    pub fn bytes_at(
+        &self,
+        point: &BTreeMap<String, i64>,
+        capacities: &BTreeMap<String, i64>,
+    ) -> Result<usize, LowerError> {
+        let mut caps = self.dims_at(point)?;
+        for (d, &cap) in capacities {
+            if let Some(k) = self.program.dims.iter().position(|x| x == d) {
+                caps[k] = caps[k].max(cap);
+            }
+        }
+        let mut total = 0usize;
+        for buf in &self.program.buffers {
+            let n = self.stored_shape(buf, point, &caps)?.1;
+            total = n
+                .checked_mul(buf.dtype.size())
+                .and_then(|b| total.checked_add(b))
+                .ok_or_else(|| LowerError::Run(format!("the step's buffers at {point:?} overflow a byte count")))?;
+        }
+        Ok(total)
+    }
 }
 
 #[cfg(test)]
@@ -85,6 +122,36 @@ mod tests {
                 })
             })
             .collect()
+    }
+
+    /// `bytes_at` counts every buffer in its storage dtype: the inputs at
+    /// least (their bytes from the graph), a decode cache's spare rows
+    /// exactly (the capacity's rows less the point's, times a row's bytes
+    /// over both layers' K and V), and a context grown by a token by at
+    /// least its K and V rows.
+    #[test]
+    fn bytes_at_counts_the_buffers_at_a_point() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let tiny: Graph = crate::import::load(&root.join("examples/tiny/model.json")).unwrap_or_else(|e| panic!("{e}"));
+        let step = CpuStep::compile(&tiny).unwrap_or_else(|e| panic!("{e}"));
+        let bytes = |p: &BTreeMap<String, i64>, caps: &[(&str, i64)]| {
+            let caps = caps.iter().map(|(d, v)| (d.to_string(), *v)).collect();
+            step.bytes_at(p, &caps).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let p = point(3, 40, 5);
+        let inputs: usize = tiny
+            .inputs
+            .iter()
+            .map(|i| i.shape.iter().map(|d| tiny.dims.eval(d, &p).unwrap_or(0) as usize).product::<usize>() * 4)
+            .sum();
+        assert!(bytes(&p, &[]) > inputs, "{} <= the inputs' {inputs}", bytes(&p, &[]));
+        // 3 rows x 2 layers x (K, V) x b = 3 x g = 2 x k = 16, f32.
+        assert_eq!(bytes(&p, &[("m_d", 8)]) - bytes(&p, &[]), 3 * 2 * 2 * 3 * 2 * 16 * 4);
+        assert_eq!(bytes(&p, &[("m_d", 2)]), bytes(&p, &[]), "a capacity under the rows is the rows");
+        // 2 layers x (K, V) x g = 2 x k = 16, f32.
+        assert!(bytes(&point(3, 41, 5), &[]) - bytes(&p, &[]) >= 2 * 2 * 2 * 16 * 4);
+        let e = step.bytes_at(&point(3, 3_000_000_000, 5), &BTreeMap::new()).err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.contains("too large")), "{e:?}");
     }
 
     /// After `reserve` at a decode loop's last point, the steps of the loop
