@@ -397,6 +397,20 @@ fn cuda_step(_artifact: &Artifact, _ordinal: usize, _dims: &BTreeMap<String, i64
     ))
 }
 
+/// A progress bar to `len` on stderr, `what` its template (indicatif's)
+/// between a spinner and the time left; hidden unless `show` and stderr is
+/// a terminal.
+fn progress_bar(show: bool, len: usize, what: &str) -> indicatif::ProgressBar {
+    if !(show && std::io::stderr().is_terminal()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!("{{spinner}} {what}, eta {{eta}}")) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
 /// The prefill step of `path` on `device`, checked to take more than one
 /// token a step, with what it needs at the end of a context of
 /// `context_len` tokens (b = 1, m_d = the context).
@@ -527,10 +541,13 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             (*len, "random")
         }
         ContextSource::Prompt(ids) => {
+            let bar = progress_bar(opts.progress, ids.len(), "filling the context [{bar:30}] {pos}/{len} tokens");
+            let on_tokens = |n: usize| bar.set_position(n as u64);
             let filled = match prefill.as_mut() {
-                Some((pre, layout)) => session.fill_context_prefill(pre.as_mut(), layout, ids),
-                None => session.fill_context(ids),
+                Some((pre, layout)) => session.fill_context_prefill_with(pre.as_mut(), layout, ids, on_tokens),
+                None => session.fill_context_with(ids, on_tokens),
             };
+            bar.finish_and_clear();
             filled.map_err(|e| fail(format!("filling the context: {e}")))?;
             (ids.len(), if prefill.is_some() { "prompt, prefilled" } else { "prompt" })
         }
@@ -544,17 +561,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         seed: opts.seed,
         keep_last_logits: opts.keep_logits,
     };
-    let bar = if opts.progress && std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(opts.steps as u64);
-        if let Ok(style) =
-            indicatif::ProgressStyle::with_template("{spinner} decoding [{bar:30}] {pos}/{len} steps, {msg}, eta {eta}")
-        {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = progress_bar(opts.progress, opts.steps, "decoding [{bar:30}] {pos}/{len} steps, {msg}");
     let start = Instant::now();
     let output = session.sample(&options, |r: &StepReport| {
         bar.set_message(format!("{:.2} ms/step", r.ms));

@@ -562,10 +562,18 @@ fn prefill_fills_the_context_like_stepping() {
     let options = SampleOptions { samples: 4, steps: 4, temperature: 0.0, seed: 1, keep_last_logits: false };
     for len in [3, 8, 10] {
         let prompt: Vec<u32> = (0..len).map(|i| (7 * i + 3) % 256).collect();
-        let a = stepped.fill_context(&prompt).unwrap();
+        // Progress: the context's length after each step, and after each
+        // prefill chunk of 4 then each step of the rest.
+        let mut told = Vec::new();
+        let a = stepped.fill_context_with(&prompt, |n| told.push(n)).unwrap();
+        assert_eq!(told, (1..=len as usize).collect::<Vec<_>>(), "prompt of {len}: stepping's progress");
         // The context kept in the prefill step (appended in place), then
         // bound from the host every chunk: the same.
-        let b = prefilled.fill_context_prefill(&mut pre, &pre_layout, &prompt).unwrap();
+        let mut told = Vec::new();
+        let b = prefilled.fill_context_prefill_with(&mut pre, &pre_layout, &prompt, |n| told.push(n)).unwrap();
+        let full = len as usize / 4 * 4;
+        let want: Vec<usize> = (4..=full).step_by(4).chain(full + 1..=len as usize).collect();
+        assert_eq!(told, want, "prompt of {len}: prefill's progress");
         let kept = prefilled.context().unwrap().clone();
         let b2 = prefilled.fill_context_prefill(&mut BoundCaches(&mut pre), &pre_layout, &prompt).unwrap();
         assert_eq!(b, b2, "prompt of {len}: kept vs bound prefill logits");

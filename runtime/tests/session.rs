@@ -196,7 +196,9 @@ fn fills_the_context_by_stepping_and_decodes_greedily() {
     let mut session = Session::new(FakeStep::default(), &m).unwrap();
     session.bind_weights(&weights()).unwrap();
     let prompt = [3u32, 4, 5];
-    let logits = session.fill_context(&prompt).unwrap();
+    let mut told = Vec::new();
+    let logits = session.fill_context_with(&prompt, |n| told.push(n)).unwrap();
+    assert_eq!(told, [1, 2, 3], "the context's length after each step");
     assert_eq!(logits.len(), V);
     assert_eq!(logits.iter().position(|v| *v == 2.0), Some(6), "favours last prompt token + 1");
 

@@ -246,9 +246,19 @@ fn run(args: &RunArgs) -> Result<()> {
             len
         }
         None => {
+            // A tenth of the prompt at a time, on stderr (unless --json).
+            let (len, json) = (args.prompt_ids.len(), args.json);
+            let every = (len / 10).max(1);
+            let mut told = 0;
+            let on_tokens = |n: usize| {
+                if !json && n / every > told / every {
+                    eprintln!("context {n}/{len} tokens");
+                    told = n;
+                }
+            };
             match prefill.as_mut() {
-                Some((pre, layout)) => session.fill_context_prefill(pre, layout, &args.prompt_ids),
-                None => session.fill_context(&args.prompt_ids),
+                Some((pre, layout)) => session.fill_context_prefill_with(pre, layout, &args.prompt_ids, on_tokens),
+                None => session.fill_context_with(&args.prompt_ids, on_tokens),
             }
             .map_err(|e| e.to_string())?;
             args.prompt_ids.len()

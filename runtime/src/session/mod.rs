@@ -362,6 +362,17 @@ impl<S: Step> Session<S> {
     /// Fills the context by stepping the graph over `prompt` (see the module
     /// docs) and returns the logits after its last token (`vocab` values).
     pub fn fill_context(&mut self, prompt: &[u32]) -> Result<Vec<f32>, SessionError> {
+        self.fill_context_with(prompt, |_| {})
+    }
+
+    /// [`Session::fill_context`], telling `on_tokens` after each step how
+    /// many of the prompt's tokens are in the context so far (for progress:
+    /// a long prompt on a large model takes minutes).
+    pub fn fill_context_with(
+        &mut self,
+        prompt: &[u32],
+        mut on_tokens: impl FnMut(usize),
+    ) -> Result<Vec<f32>, SessionError> {
         if prompt.is_empty() {
             return Err(SessionError::Usage("the prompt is empty".into()));
         }
@@ -369,7 +380,7 @@ impl<S: Step> Session<S> {
         self.context = None;
         self.context_bound = false;
         let empty = self.empty_context();
-        let (caches, last_logits) = self.step_prompt(empty, prompt, 0)?;
+        let (caches, last_logits) = self.step_prompt(empty, prompt, 0, &mut on_tokens)?;
         self.context = Some(Context { len: prompt.len(), caches, last_logits: last_logits.clone() });
         Ok(last_logits)
     }
@@ -390,6 +401,18 @@ impl<S: Step> Session<S> {
         prefill: &mut P,
         layout: &DecodeLayout,
         prompt: &[u32],
+    ) -> Result<Vec<f32>, SessionError> {
+        self.fill_context_prefill_with(prefill, layout, prompt, |_| {})
+    }
+
+    /// [`Session::fill_context_prefill`], telling `on_tokens` after each
+    /// run how many of the prompt's tokens are in the context so far.
+    pub fn fill_context_prefill_with<P: Step + ?Sized>(
+        &mut self,
+        prefill: &mut P,
+        layout: &DecodeLayout,
+        prompt: &[u32],
+        mut on_tokens: impl FnMut(usize),
     ) -> Result<Vec<f32>, SessionError> {
         if prompt.is_empty() {
             return Err(SessionError::Usage("the prompt is empty".into()));
@@ -459,6 +482,7 @@ impl<S: Step> Session<S> {
             }
             let logits = Self::check_output(&outputs, &layout.logits, &[1, n, layout.vocab])?;
             last_logits = logits.data[(n - 1) * layout.vocab..].to_vec();
+            on_tokens(start + n);
         }
         if kept {
             for (l, kv) in layout.layers.iter().zip(caches.iter_mut()) {
@@ -475,7 +499,7 @@ impl<S: Step> Session<S> {
             }
         }
         if full < prompt.len() {
-            let (rest, logits) = self.step_prompt(caches, &prompt[full..], full)?;
+            let (rest, logits) = self.step_prompt(caches, &prompt[full..], full, &mut on_tokens)?;
             caches = rest;
             last_logits = logits;
         }
@@ -495,12 +519,14 @@ impl<S: Step> Session<S> {
     /// Steps `tokens` at positions `start..` with `b = 1` over the context
     /// `prefix` (`start` tokens, bound as the context caches), collecting
     /// their K/V rows in a one-sample decode cache; returns `prefix` extended
-    /// by those rows and the logits after the last token.
+    /// by those rows and the logits after the last token. `on_tokens` is
+    /// told the context's length after each step.
     fn step_prompt(
         &mut self,
         prefix: Vec<[HostTensor; 2]>,
         tokens: &[u32],
         start: usize,
+        on_tokens: &mut dyn FnMut(usize),
     ) -> Result<(Vec<[HostTensor; 2]>, Vec<f32>), SessionError> {
         self.bind_context(&prefix)?;
         let mut caches = self.new_caches(1, tokens.len())?;
@@ -508,6 +534,7 @@ impl<S: Step> Session<S> {
         let mut logits = HostTensor::default();
         for (i, &token) in tokens.iter().enumerate() {
             logits = self.decode_step(&[token], start + i, start, &mut caches)?;
+            on_tokens(start + i + 1);
         }
         let mut out = Vec::with_capacity(prefix.len());
         for (l, (layer, kv)) in self.layout.layers.clone().iter().zip(prefix).enumerate() {
