@@ -3,6 +3,10 @@
 
 use std::ffi::c_void;
 
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use rayon::iter::{IndexedParallelIterator, ParallelIterator};
+use rayon::slice::{ParallelSlice, ParallelSliceMut};
+
 use super::lines::Lines;
 use crate::interp::{Tensor, MAX_EXACT_INT};
 use crate::ir::DType;
@@ -110,8 +114,8 @@ impl HostData {
         };
         let mut out = match dtype {
             DType::F32 => HostData::F32(Lines::from(values)),
-            DType::BF16 => HostData::U16(Lines::collect(values.iter().map(|&x| f32_to_bf16(x)))),
-            DType::F16 => HostData::U16(Lines::collect(values.iter().map(|&x| f32_to_f16(x)))),
+            DType::BF16 => HostData::U16(halves(values, to_bf16_bits)),
+            DType::F16 => HostData::U16(halves(values, to_f16_bits)),
             // |v| <= 2^24 fits i32.
             DType::I32 => HostData::I32(Lines::collect(ints()?.into_iter().map(|v| v as i32))),
             DType::I64 => HostData::I64(ints()?.into()),
@@ -170,6 +174,32 @@ impl HostData {
     }
 }
 
+/// `values` converted to half-precision bits by `convert` (one part of
+/// the values into the same part of the bits), in memory that starts a
+/// line, in parallel parts. A weight is converted once, when bound, but a
+/// 7B model's are 6.7 billion values: converted one call per value, on
+/// one thread, they took about a fifth of its 68 s of binding random
+/// weights (two cores).
+fn halves(values: &[f32], convert: impl Fn(&mut [u16], &[f32]) + Sync) -> Lines<u16> {
+    const PART: usize = 1 << 16;
+    let mut out = Lines::<u16>::zeros(values.len());
+    out.par_chunks_mut(PART).zip(values.par_chunks(PART)).for_each(|(bits, part)| convert(bits, part));
+    out
+}
+
+/// [`f32_to_f16`] of every value, by the `half` crate's slice conversion
+/// (F16C vectors where the CPU has them; the same rounding).
+fn to_f16_bits(bits: &mut [u16], values: &[f32]) {
+    let h: &mut [half::f16] = bits.reinterpret_cast_mut();
+    h.convert_from_f32_slice(values);
+}
+
+/// [`f32_to_bf16`] of every value, by the `half` crate's slice conversion.
+fn to_bf16_bits(bits: &mut [u16], values: &[f32]) {
+    let h: &mut [half::bf16] = bits.reinterpret_cast_mut();
+    h.convert_from_f32_slice(values);
+}
+
 // The conversions of the runtime's dtype encoding (the `half` crate), so
 // the CPU step stores a value exactly as `bifurc run` encodes it.
 
@@ -215,5 +245,32 @@ mod tests {
         assert_eq!(f16_to_f32(f32_to_f16(1e6)), f32::INFINITY);
         assert!(f16_to_f32(f32_to_f16(f32::NAN)).is_nan());
         assert_eq!(f16_to_f32(f32_to_f16(-1e-9)), 0.0);
+    }
+
+    /// Stored values converted by parts in parallel, with the slice
+    /// conversion, are the per-value conversion's bits: over several
+    /// parts, f32 bit patterns of every exponent (normal, subnormal,
+    /// overflowing, ties, signed zeros, infinities) and NaNs (payloads
+    /// included).
+    #[test]
+    fn half_stores_convert_as_one_value_at_a_time() {
+        let mut bits = 0x0123_4567u32;
+        let mut values: Vec<f32> = (0..300_000)
+            .map(|_| {
+                bits = bits.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                f32::from_bits(bits)
+            })
+            .collect();
+        values.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1.0 + 1.0 / 2048.0, 65520.0, 1e-8]);
+        for (dtype, scalar) in [(DType::F16, f32_to_f16 as fn(f32) -> u16), (DType::BF16, f32_to_bf16)] {
+            let HostData::U16(got) = HostData::from_values(dtype, &values, "w").unwrap_or_else(|e| panic!("{e}"))
+            else {
+                panic!("{dtype:?} not stored as 16-bit words");
+            };
+            assert_eq!(got.len(), values.len());
+            for (i, (&x, &g)) in values.iter().zip(got.iter()).enumerate() {
+                assert_eq!(g, scalar(x), "{dtype:?} #{i}: {x:e} ({:#x})", x.to_bits());
+            }
+        }
     }
 }

@@ -61,6 +61,9 @@
 
 use std::collections::BTreeMap;
 
+use rayon::iter::{IndexedParallelIterator, ParallelIterator};
+use rayon::slice::ParallelSliceMut;
+
 use crate::interp::Tensor;
 use crate::ir::{DType, EinsumSpec, Graph, Node, Op, Poly, Role, Value};
 use crate::lower::emit::{dense_source, AMX_INPUTS};
@@ -386,7 +389,8 @@ pub(super) fn pack(
     // Where input `k` of output `l` of a panel goes in it.
     let slot = |k: usize, l: usize| if paired { (k / 2 * PANEL + l) * 2 + k % 2 } else { k * PANEL + l };
     let mut data = vec![0.0f32; panels * PANEL * ins];
-    for (p, panel) in data.chunks_exact_mut(ins * PANEL).enumerate() {
+    // Panels in parallel: a 7B model's weights are packed once, when bound.
+    data.par_chunks_exact_mut(ins * PANEL).enumerate().for_each(|(p, panel)| {
         // The outputs of this panel the weight has (the last panel's
         // others stay zero).
         let real = PANEL.min(outs - p * PANEL);
@@ -411,7 +415,7 @@ pub(super) fn pack(
                 }
             }
         }
-    }
+    });
     let shape = if paired { vec![panels, ins / 2, PANEL, 2] } else { vec![panels, ins, PANEL] };
     Ok(Tensor { shape, data })
 }
