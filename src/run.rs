@@ -522,7 +522,16 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             (names.join(", "), WeightSource::Files(files))
         }
     };
-    let weights_bound = source.bind(&mut step, &manifest).map_err(|e| fail(e.to_string()))?;
+    let count = bifurc_runtime::weights::weight_buffers(&manifest).count();
+    let bar = progress_bar(opts.progress, count, "binding weights [{bar:30}] {pos}/{len} tensors, {msg}");
+    let mut done = 0;
+    let weights_bound = source.bind_with(&mut step, &manifest, |name| {
+        bar.set_message(name.to_string());
+        bar.set_position(done);
+        done += 1;
+    });
+    bar.finish_and_clear();
+    let weights_bound = weights_bound.map_err(|e| fail(e.to_string()))?;
     // The prefill step: the same device and weights.
     let mut prefill = match prefill {
         Some((mut pre, (artifact, layout))) => {

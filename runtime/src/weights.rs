@@ -230,11 +230,21 @@ pub fn bind_random_weights<S: Step + ?Sized>(
 ) -> Result<usize, WeightsError> {
     let mut count = 0;
     for buffer in weight_buffers(manifest) {
-        let tensor = random_tensor(manifest, buffer, &manifest.point, seed)?;
-        step.bind(&buffer.name, &tensor).map_err(|source| WeightsError::Bind { name: buffer.name.clone(), source })?;
+        bind_random(step, manifest, buffer, seed)?;
         count += 1;
     }
     Ok(count)
+}
+
+/// Binds deterministic random values to weight `buffer` of `step`.
+fn bind_random<S: Step + ?Sized>(
+    step: &mut S,
+    manifest: &Manifest,
+    buffer: &Buffer,
+    seed: u64,
+) -> Result<(), WeightsError> {
+    let tensor = random_tensor(manifest, buffer, &manifest.point, seed)?;
+    step.bind(&buffer.name, &tensor).map_err(|source| WeightsError::Bind { name: buffer.name.clone(), source })
 }
 
 /// Where a run's weights come from: checkpoint files (read once, bound into
@@ -249,9 +259,28 @@ impl WeightSource {
     /// Binds every weight of `manifest` to `step` ([`bind_random_weights`]
     /// or [`bind_weights`]); returns the number bound.
     pub fn bind<S: Step + ?Sized>(&self, step: &mut S, manifest: &Manifest) -> Result<usize, WeightsError> {
+        self.bind_with(step, manifest, |_| {})
+    }
+
+    /// [`WeightSource::bind`], telling `progress` each weight's name before
+    /// it is bound (a 7B model's 291 take half a minute or more).
+    pub fn bind_with<S: Step + ?Sized>(
+        &self,
+        step: &mut S,
+        manifest: &Manifest,
+        mut progress: impl FnMut(&str),
+    ) -> Result<usize, WeightsError> {
         match self {
-            WeightSource::Random(seed) => bind_random_weights(step, manifest, *seed),
-            WeightSource::Files(files) => bind_weights(step, manifest, files, |_| {}),
+            WeightSource::Random(seed) => {
+                let mut count = 0;
+                for buffer in weight_buffers(manifest) {
+                    progress(&buffer.name);
+                    bind_random(step, manifest, buffer, *seed)?;
+                    count += 1;
+                }
+                Ok(count)
+            }
+            WeightSource::Files(files) => bind_weights(step, manifest, files, progress),
         }
     }
 }

@@ -4,7 +4,8 @@
 use bifurc_runtime::manifest::Manifest;
 use bifurc_runtime::random::shape_at;
 use bifurc_runtime::weights::{
-    bind_weights, candidate_names, load_weights, random_weights, weight_buffers, WeightFiles, WeightsError,
+    bind_weights, candidate_names, load_weights, random_weights, weight_buffers, WeightFiles, WeightSource,
+    WeightsError,
 };
 use bifurc_runtime::{HostTensor, Step, StepError};
 use safetensors::tensor::TensorView;
@@ -111,13 +112,13 @@ fn sharded_checkpoints_and_tied_embeddings() {
 
     // Bound one at a time to a step.
     #[derive(Default)]
-    struct Recorder(HashMap<String, Vec<usize>>);
+    struct Recorder(HashMap<String, HostTensor>);
     impl Step for Recorder {
         fn runtime_dims(&self) -> Vec<String> {
             vec![]
         }
         fn bind(&mut self, name: &str, t: &HostTensor) -> Result<(), StepError> {
-            self.0.insert(name.to_string(), t.shape.clone());
+            self.0.insert(name.to_string(), t.clone());
             Ok(())
         }
         fn run_selected(
@@ -132,7 +133,16 @@ fn sharded_checkpoints_and_tied_embeddings() {
     let mut seen = 0;
     assert_eq!(bind_weights(&mut step, &m, &files, |_| seen += 1).unwrap(), want.len());
     assert_eq!(seen, want.len());
-    assert_eq!(step.0["model.norm.weight"], vec![64]);
+    assert_eq!(step.0["model.norm.weight"].shape, vec![64]);
+
+    // Random weights through a source, each name told before it is bound,
+    // in the manifest's order: the seed's values.
+    let mut step = Recorder::default();
+    let mut names = Vec::new();
+    let seeded = random_weights(&m, 5).unwrap();
+    assert_eq!(WeightSource::Random(5).bind_with(&mut step, &m, |n| names.push(n.to_string())).unwrap(), seeded.len());
+    assert_eq!(names, weight_buffers(&m).map(|b| b.name.clone()).collect::<Vec<_>>());
+    assert_eq!(step.0, seeded);
     std::fs::remove_dir_all(&dir).ok();
 }
 

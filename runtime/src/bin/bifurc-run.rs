@@ -209,7 +209,17 @@ fn run(args: &RunArgs) -> Result<()> {
     } else {
         WeightSource::Files(WeightFiles::open(&args.weights).map_err(|e| e.to_string())?)
     };
-    let bound = source.bind(&mut step, &manifest).map_err(|e| e.to_string())?;
+    // A tenth of the weights at a time, on stderr (unless --json).
+    let count = weight_buffers(&manifest).count();
+    let (every, mut done) = ((count / 10).max(1), 0);
+    let bound = source
+        .bind_with(&mut step, &manifest, |_| {
+            if !args.json && done > 0 && done % every == 0 {
+                eprintln!("weights {done}/{count} bound");
+            }
+            done += 1;
+        })
+        .map_err(|e| e.to_string())?;
     // The prefill step: the same device and weights.
     let mut prefill = match &args.prefill {
         None => None,
