@@ -387,8 +387,14 @@ fn load(path: &Path) -> Result<bifurc::ir::Graph> {
     }
 }
 
-/// Refuses to write an output over one of the command's inputs.
-fn check_not_input(output: &Path, inputs: &[&Path]) -> Result<()> {
+/// Refuses, before any work, an output that cannot be written: in a
+/// directory that does not exist, or over one of the command's inputs.
+fn check_output(output: &Path, inputs: &[&Path]) -> Result<()> {
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("cannot write {}: the directory {} does not exist", output.display(), dir.display());
+        }
+    }
     for input in inputs {
         let same = match (output.canonicalize(), input.canonicalize()) {
             (Ok(a), Ok(b)) => a == b,
@@ -404,7 +410,7 @@ fn check_not_input(output: &Path, inputs: &[&Path]) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::ImportHf { config, output, layers, dtype, multi_level, new_tokens } => {
-            check_not_input(&output, &[&config])?;
+            check_output(&output, &[&config])?;
             let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
             let opts = bifurc::hf::HfOptions { layers, dtype: dtype.map(Into::into), multi_level, new_tokens };
             let doc = bifurc::hf::build(&text, &opts).with_context(|| format!("{}", config.display()))?;
@@ -423,7 +429,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Optimize { model, output, shape, node_limit, iter_limit, time_limit, json } => {
-            check_not_input(&output, &[&model])?;
+            check_output(&output, &[&model])?;
             if !(time_limit > 0.0 && time_limit.is_finite()) {
                 bail!("--time-limit must be a positive number of seconds, got {time_limit}");
             }
@@ -638,10 +644,10 @@ fn compile(
     }
     let output = output.context("--output is required")?;
     let manifest_path = bifurc::Artifact::manifest_path(output);
-    check_not_input(output, &[model])?;
-    check_not_input(&manifest_path, &[model])?;
+    check_output(output, &[model])?;
+    check_output(&manifest_path, &[model])?;
     let graph_path = bifurc::Artifact::graph_path(output);
-    check_not_input(&graph_path, &[model])?;
+    check_output(&graph_path, &[model])?;
     let artifact = bifurc::compile(&graph, &opts).with_context(|| format!("{}", model.display()))?;
     artifact.write(output).with_context(|| format!("cannot write {}", output.display()))?;
     let m = &artifact.manifest;

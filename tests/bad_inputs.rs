@@ -95,3 +95,40 @@ fn missing_runtime_dims_are_named_together() {
     }
     assert!(!never.exists(), "a failed compile writes nothing");
 }
+
+/// An output in a directory that does not exist, or over the command's
+/// input, is refused before any work (a compile of Llama-2-7B took a
+/// second or more before it failed to write), one line naming it; the
+/// input is left as it was.
+#[test]
+fn unwritable_outputs_are_refused_before_any_work() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("bifurc-outputs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let model = dir.join("model.json");
+    let text = std::fs::read(root.join("examples/tiny/model.json")).expect("tiny");
+    std::fs::write(&model, &text).expect("copy tiny");
+    let config = root.join("examples/tiny/config.json");
+    let nowhere = dir.join("no-such-dir/out.json");
+    let (m, c, n) = (model.to_str().unwrap_or(""), config.to_str().unwrap_or(""), nowhere.to_str().unwrap_or(""));
+    let cases: [(&[&str], &str); 5] = [
+        (&["compile", m, "-o", n], "the directory"),
+        (&["optimize", m, "-o", n], "the directory"),
+        (&["import-hf", c, "-o", n], "the directory"),
+        (&["optimize", m, "-o", m], "would overwrite the input"),
+        (&["compile", m, "-o", m], "would overwrite the input"),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_bifurc")).args(args).output().expect("run bifurc");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: ") && stderr.contains(want), "{args:?}: {stderr}");
+        if want == "the directory" {
+            assert!(stderr.contains("no-such-dir") && stderr.contains("does not exist"), "{args:?}: {stderr}");
+        }
+    }
+    assert!(!nowhere.parent().is_some_and(Path::exists), "no directory was made");
+    assert_eq!(std::fs::read(&model).ok(), Some(text), "the input is unchanged");
+    std::fs::remove_dir_all(&dir).ok();
+}
