@@ -98,7 +98,7 @@ fn point(b: i64, m_c: i64, m_d: i64) -> BTreeMap<String, i64> {
     BTreeMap::from([("b".to_string(), b), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)])
 }
 
-/// What a sweep measured, and the points it left out for want of memory.
+/// What a sweep measured, and the points it could not run.
 #[derive(Clone, Debug, Default)]
 pub struct Sweep {
     pub rows: Vec<Row>,
@@ -111,8 +111,9 @@ pub struct Sweep {
 /// Runs the sweep on the CPU. `progress` is told about each point as it
 /// starts. A point whose two steps would not fit in the memory the host
 /// has available ([`bifurc_runtime::memory::host_available`], asked after
-/// the last point's memory is freed) is skipped, not run into an
-/// allocation failure; a sweep with no point that fits is an error.
+/// the last point's memory is freed), or would have a buffer past the CPU
+/// step's size limit, is skipped, not run into an allocation failure; a
+/// sweep with no point that can run is an error.
 pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Sweep, BenchError> {
     if graph.dims.runtime != ["b", "m_c", "m_d"] {
         return Err(BenchError::Dims(graph.dims.runtime.join(", ")));
