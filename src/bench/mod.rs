@@ -133,10 +133,12 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
     progress("measuring this machine's peak multiply-add rate");
     let peak = crate::lower::peak_multiply_adds(base.threads())?;
     let mut sweep = Sweep::default();
+    let points = opts.context_lens.len() * opts.samples.len();
     for &m_c in &opts.context_lens {
         for &b in &opts.samples {
             let p = point(b, m_c, opts.decoded);
-            progress(&format!("b={b}, m_c={m_c}, m_d={}", opts.decoded));
+            let done = sweep.rows.len() + sweep.skipped.len();
+            progress(&format!("point {} of {points}: b={b}, m_c={m_c}, m_d={}", done + 1, opts.decoded));
             // The last point's inputs and intermediates freed, then: both
             // steps at this point, and the random inputs (f32) they are
             // converted from.
