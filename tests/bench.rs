@@ -123,5 +123,28 @@ fn plot_cli_draws_a_gpu_bench_table() {
     let out = out.expect("run bifurc");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 1: not a bench table"));
+    // A NaN latency (the plot never finished drawing its endless axis):
+    // refused at once, naming the line. Waited on for at most a minute.
+    std::fs::write(&csv, "b,m_c,m_d,baseline_ms,bifurcated_ms,predicted_speedup\n1,2,3,nan,inf,1\n").expect("csv");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bifurc"))
+        .arg("plot")
+        .arg(&csv)
+        .arg("--out")
+        .arg(&plots)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run bifurc");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed().as_secs() > 60 {
+            child.kill().ok();
+            panic!("bifurc plot of a NaN latency still running after a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2: baseline_ms is nan, not a positive finite number"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -16,8 +16,21 @@ fn err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
-/// Writes `speedup.svg` and `latency.svg` into `dir`.
+/// Writes `speedup.svg` and `latency.svg` into `dir`. Every latency and
+/// ratio must be positive and finite (as [`super::rows_from_csv`] reads
+/// them and a sweep measures them): an axis to infinity has no end, and
+/// drawing one never finished.
 pub fn write_svgs(rows: &[Row], dir: &Path, title: &str) -> std::io::Result<()> {
+    let finite = |v: f64| v.is_finite() && v > 0.0;
+    if let Some(r) =
+        rows.iter().find(|r| ![r.baseline_ms, r.bifurcated_ms, r.predicted, r.speedup()].into_iter().all(finite))
+    {
+        return Err(err(format!(
+            "cannot plot b={}, m_c={}: its latencies and ratios must be positive and finite (baseline {:?} ms, \
+             bifurcated {:?} ms, predicted {:?})",
+            r.samples, r.context, r.baseline_ms, r.bifurcated_ms, r.predicted
+        )));
+    }
     speedup(rows, &dir.join("speedup.svg"), title)?;
     latency(rows, &dir.join("latency.svg"), title)
 }
@@ -91,4 +104,32 @@ fn latency(rows: &[Row], path: &Path, title: &str) -> std::io::Result<()> {
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(err)?;
     root.present().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An infinite ratio is refused before anything is drawn (its axis
+    /// would have no end); extreme finite values draw.
+    #[test]
+    fn refuses_rows_it_cannot_draw() {
+        let row = |baseline_ms: f64, bifurcated_ms: f64| Row {
+            samples: 4,
+            context: 16,
+            decoded: 0,
+            baseline_ms,
+            bifurcated_ms,
+            predicted: 2.0,
+            floor_ms: None,
+        };
+        let dir = std::env::temp_dir().join(format!("bifurc-plot-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let e = write_svgs(&[row(1e300, 1e-300)], &dir, "t").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("cannot plot b=4, m_c=16") && e.contains("1e-300"), "{e}");
+        assert!(!dir.join("speedup.svg").exists(), "nothing drawn");
+        write_svgs(&[row(1e300, 1e299), row(3.0, 1.5)], &dir, "t").unwrap_or_else(|e| panic!("{e}"));
+        assert!(dir.join("latency.svg").exists());
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

@@ -34,24 +34,33 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
         if cell(3).is_empty() || cell(4).is_empty() {
             continue;
         }
-        let int = |c: usize| -> Result<i64, String> {
-            cell(c)
+        // Counts at least `least`; times and ratios positive and finite
+        // (a NaN or infinite one made the plots' axes endless).
+        let int = |c: usize, least: i64| -> Result<i64, String> {
+            let v: i64 = cell(c)
                 .parse()
-                .map_err(|_| format!("line {}: `{}` is not an integer ({})", i + 1, cell(c), names[columns[c]]))
+                .map_err(|_| format!("line {}: `{}` is not an integer ({})", i + 1, cell(c), names[columns[c]]))?;
+            if v < least {
+                return Err(format!("line {}: {} is {v}, less than {least}", i + 1, names[columns[c]]));
+            }
+            Ok(v)
         };
-        let num = |c: usize| -> Result<f64, String> {
-            cell(c)
-                .parse()
-                .map_err(|_| format!("line {}: `{}` is not a number ({})", i + 1, cell(c), names[columns[c]]))
+        let positive = |text: &str, name: &str| -> Result<f64, String> {
+            let v: f64 = text.parse().map_err(|_| format!("line {}: `{text}` is not a number ({name})", i + 1))?;
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("line {}: {name} is {text}, not a positive finite number", i + 1));
+            }
+            Ok(v)
         };
+        let num = |c: usize| positive(cell(c), names[columns[c]]);
         let floor_ms = match floor_column.and_then(|c| cells.get(c)).filter(|c| !c.is_empty()) {
-            Some(c) => Some(c.parse().map_err(|_| format!("line {}: `{c}` is not a number (fma_floor_ms)", i + 1))?),
+            Some(c) => Some(positive(c, "fma_floor_ms")?),
             None => None,
         };
         rows.push(Row {
-            samples: int(0)?,
-            context: int(1)?,
-            decoded: int(2)?,
+            samples: int(0, 1)?,
+            context: int(1, 0)?,
+            decoded: int(2, 0)?,
             baseline_ms: num(3)?,
             bifurcated_ms: num(4)?,
             predicted: num(5)?,
@@ -96,5 +105,26 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err, "line 2: `x` is not a number (fma_floor_ms)");
+    }
+
+    /// Values no measurement gives are refused, naming the line and the
+    /// column: `bifurc plot` of a row with a NaN or infinite latency ran
+    /// forever (its axis had no end).
+    #[test]
+    fn refuses_values_no_measurement_gives() {
+        let header = "samples,context,decoded,baseline_ms,bifurcated_ms,predicted_speedup,fma_floor_ms\n";
+        for (row, want) in [
+            ("1,2,3,nan,1,1,", "line 2: baseline_ms is nan, not a positive finite number"),
+            ("1,2,3,4,inf,1,", "line 2: bifurcated_ms is inf, not a positive finite number"),
+            ("1,2,3,4,1,1e999,", "line 2: predicted_speedup is 1e999, not a positive finite number"),
+            ("1,2,3,0,1,1,", "line 2: baseline_ms is 0, not a positive finite number"),
+            ("1,2,3,4,-1,1,", "line 2: bifurcated_ms is -1, not a positive finite number"),
+            ("1,2,3,4,1,1,-2", "line 2: fma_floor_ms is -2, not a positive finite number"),
+            ("0,2,3,4,1,1,", "line 2: samples is 0, less than 1"),
+            ("1,-2,3,4,1,1,", "line 2: context is -2, less than 0"),
+            ("1,2,-3,4,1,1,", "line 2: decoded is -3, less than 0"),
+        ] {
+            assert_eq!(rows_from_csv(&format!("{header}{row}\n")).err().as_deref(), Some(want), "{row}");
+        }
     }
 }
