@@ -69,8 +69,10 @@ pub enum HfError {
     Unsupported { model_type: String, feature: String },
     #[error("{0}")]
     BadOption(String),
+    /// (The import error is in the message, not a source: printed with
+    /// its chain, `{:#}`, it came out twice.)
     #[error("the generated graph does not import (a bifurc bug, please report it): {0}")]
-    Graph(#[source] ImportError),
+    Graph(ImportError),
 }
 
 /// Which block structure a model uses.

@@ -69,8 +69,10 @@ pub enum CompileError {
     Point(#[from] crate::inspect::point::PointError),
     #[error("--dtype {0}: {1}")]
     Dtype(DType, String),
+    /// (The optimizer's error is in the message, not a source: printed
+    /// with its chain, `{:#}`, it came out twice.)
     #[error("optimize: {0}")]
-    Optimize(#[from] crate::optimize::OptimizeError),
+    Optimize(crate::optimize::OptimizeError),
     #[error(transparent)]
     Bytes(#[from] crate::inspect::bytes::BytesError),
     #[error("bytes model of kernel `{kernel}`: {message}")]
@@ -79,6 +81,12 @@ pub enum CompileError {
     Lower(#[from] LowerError),
     #[error("the manifest does not validate (a bug in bifurc): {0}")]
     Manifest(String),
+}
+
+impl From<crate::optimize::OptimizeError> for CompileError {
+    fn from(e: crate::optimize::OptimizeError) -> Self {
+        CompileError::Optimize(e)
+    }
 }
 
 /// A compiled decode step.

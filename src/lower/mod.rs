@@ -90,9 +90,16 @@ pub enum LowerError {
     /// it cannot take here.
     #[error("{0}")]
     Setting(String),
-    /// A melior builder or accessor failed.
+    /// A melior builder or accessor failed. (Its error is in the message,
+    /// not a source: printed with its chain, `{:#}`, it came out twice.)
     #[error("MLIR construction failed: {0}")]
-    Build(#[from] melior::Error),
+    Build(melior::Error),
+}
+
+impl From<melior::Error> for LowerError {
+    fn from(e: melior::Error) -> Self {
+        LowerError::Build(e)
+    }
 }
 
 fn diagnostics_suffix(diagnostics: &str) -> String {
