@@ -485,8 +485,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { model, samples, context, decoded, repeats, optimize_at, seed, out, threads } => {
             use_threads(threads)?;
             let graph = load(&model)?;
-            if samples.iter().chain(&context).any(|v| *v < 0) || decoded < 0 {
-                bail!("--samples, --context and --decoded must be non-negative");
+            if let Some(b) = samples.iter().find(|&&b| b < 1) {
+                bail!("--samples: every sample count must be at least 1, got {b}");
+            }
+            if context.iter().any(|v| *v < 0) || decoded < 0 {
+                bail!("--context and --decoded must be non-negative");
+            }
+            if repeats == 0 {
+                bail!("--repeats must be at least 1");
             }
             let optimize_at = match optimize_at {
                 Some(text) => Some(ShapePoint::parse(&text)?),

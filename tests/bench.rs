@@ -80,6 +80,28 @@ fn bench_skips_points_that_do_not_fit() {
     }
 }
 
+/// Sweeps no step can run, refused before anything is compiled: a sample
+/// count of 0 (its table would not plot), a negative context, no repeats.
+#[test]
+fn bench_refuses_empty_sample_counts_and_repeats() {
+    for (args, want) in [
+        (["--samples=4,0", "--context=8"], "--samples: every sample count must be at least 1, got 0"),
+        (["--samples=1", "--context=-8"], "--context and --decoded must be non-negative"),
+        (["--samples=1", "--repeats=0"], "--repeats must be at least 1"),
+    ] {
+        let (flag, value) = (args[0], args[1]);
+        let out = Command::new(env!("CARGO_BIN_EXE_bifurc"))
+            .args(["bench", "examples/tiny/model.json"])
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("run bifurc");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}: {stderr}");
+        assert_eq!(stderr.trim_end(), format!("error: {want}"), "{flag} {value}");
+    }
+}
+
 #[test]
 fn bench_rejects_multi_level_graphs() {
     let out = Command::new(env!("CARGO_BIN_EXE_bifurc"))
