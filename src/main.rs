@@ -387,6 +387,15 @@ fn load(path: &Path) -> Result<bifurc::ir::Graph> {
     }
 }
 
+/// Directory `dir` for a command's outputs, made when missing; a file
+/// there is refused by name.
+fn out_dir(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("--out {} is a file, not a directory", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
 /// Refuses, before any work, an output that cannot be written: in a
 /// directory that does not exist, or over one of the command's inputs.
 fn check_output(output: &Path, inputs: &[&Path]) -> Result<()> {
@@ -477,7 +486,7 @@ fn run(cli: Cli) -> Result<()> {
             let text = std::fs::read_to_string(&csv).with_context(|| format!("cannot read {}", csv.display()))?;
             let rows = bifurc::bench::rows_from_csv(&text).map_err(|e| anyhow::anyhow!("{}: {e}", csv.display()))?;
             let title = title.unwrap_or_else(|| csv.display().to_string());
-            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            out_dir(&out)?;
             bifurc::bench::write_svgs(&rows, &out, &title)
                 .with_context(|| format!("cannot write plots in {}", out.display()))?;
             eprintln!("wrote speedup.svg, latency.svg in {} ({} points)", out.display(), rows.len());
@@ -498,6 +507,10 @@ fn run(cli: Cli) -> Result<()> {
                 Some(text) => Some(ShapePoint::parse(&text)?),
                 None => None,
             };
+            // Made (or refused) before the sweep, not after minutes of it.
+            if let Some(dir) = &out {
+                out_dir(dir)?;
+            }
             let opts =
                 bifurc::bench::BenchOptions { samples, context_lens: context, decoded, repeats, optimize_at, seed };
             let bar = indicatif::ProgressBar::new_spinner();
@@ -509,7 +522,6 @@ fn run(cli: Cli) -> Result<()> {
             let title = format!("{} (CPU, {threads} thread{})", model.display(), if threads == 1 { "" } else { "s" });
             print!("{}", bifurc::bench::to_markdown(&rows, &skipped, &title));
             if let Some(dir) = out {
-                std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
                 let write = |name: &str, text: String| {
                     let path = dir.join(name);
                     bifurc::fsio::write_atomic(&path, text.as_bytes())

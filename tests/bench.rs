@@ -81,7 +81,8 @@ fn bench_skips_points_that_do_not_fit() {
 }
 
 /// Sweeps no step can run, refused before anything is compiled: a sample
-/// count of 0 (its table would not plot), a negative context, no repeats.
+/// count of 0 (its table would not plot), a negative context, no repeats;
+/// and an --out that is a file (bench found it after the whole sweep).
 #[test]
 fn bench_refuses_empty_sample_counts_and_repeats() {
     for (args, want) in [
@@ -100,6 +101,28 @@ fn bench_refuses_empty_sample_counts_and_repeats() {
         assert_eq!(out.status.code(), Some(1), "{flag} {value}: {stderr}");
         assert_eq!(stderr.trim_end(), format!("error: {want}"), "{flag} {value}");
     }
+    // An --out that is a file: refused before the sweep, the file kept.
+    let file = std::env::temp_dir().join(format!("bifurc-bench-out-{}", std::process::id()));
+    std::fs::write(&file, "mine\n").expect("write");
+    let csv = std::env::temp_dir().join(format!("bifurc-bench-out-{}.csv", std::process::id()));
+    std::fs::write(&csv, "b,m_c,m_d,baseline_ms,bifurcated_ms,predicted_speedup\n1,8,0,2.0,1.0,1.5\n").expect("csv");
+    let csv = csv.to_str().unwrap_or_default().to_string();
+    for cmd in [["bench", "examples/tiny/model.json"], ["plot", csv.as_str()]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bifurc"))
+            .args(cmd)
+            .arg("--out")
+            .arg(&file)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("run bifurc");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {stderr}");
+        assert!(stderr.trim_end().ends_with("is a file, not a directory"), "{cmd:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{cmd:?}: nothing was run");
+    }
+    assert_eq!(std::fs::read_to_string(&file).ok().as_deref(), Some("mine\n"));
+    std::fs::remove_file(&file).ok();
+    std::fs::remove_file(&csv).ok();
 }
 
 #[test]
