@@ -413,7 +413,9 @@ fn progress_bar(show: bool, len: usize, what: &str) -> indicatif::ProgressBar {
 
 /// The prefill step of `path` on `device`, checked to take more than one
 /// token a step, with what it needs at the end of a context of
-/// `context_len` tokens (b = 1, m_d = the context).
+/// `context_len` tokens: its last chunk's run (b = 1, m_c = the chunks
+/// before it, m_d = 0), the context cache with room for every chunk's
+/// rows (as `Session::fill_context_prefill` runs it).
 fn prefill_step(path: &Path, device: Device, context_len: usize) -> Result<(Made, (Artifact, DecodeLayout)), RunError> {
     let artifact = Artifact::load(path).map_err(|e| fail(e.to_string()))?;
     let layout = DecodeLayout::from_manifest(&artifact.manifest)
@@ -425,8 +427,10 @@ fn prefill_step(path: &Path, device: Device, context_len: usize) -> Result<(Made
             layout.n
         )));
     }
-    let end = BTreeMap::from([("b".to_string(), 1), ("m_c".to_string(), 0), ("m_d".to_string(), context_len as i64)]);
-    let made = make_step(&artifact, device, &end, &BTreeMap::new())?;
+    let full = (context_len / layout.n * layout.n) as i64;
+    let last = (full - layout.n as i64).max(0);
+    let end = BTreeMap::from([("b".to_string(), 1), ("m_c".to_string(), last), ("m_d".to_string(), 0)]);
+    let made = make_step(&artifact, device, &end, &BTreeMap::from([("m_c".to_string(), full)]))?;
     Ok((made, (artifact, layout)))
 }
 
@@ -501,7 +505,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let mut what = format!("the decode step at b = {}, m_c = {context_len}, m_d = {}", opts.samples, opts.steps - 1);
     if let Some((pre, _)) = &prefill {
         needed = needed.saturating_add(pre.needed);
-        what.push_str(&format!(" with the prefill step at m_d = {context_len}"));
+        what.push_str(" with the prefill step");
     }
     if opts.device == Device::Cpu {
         // The session keeps the context's caches on the host too, in f32.
