@@ -384,8 +384,7 @@ fn cuda_step(artifact: &Artifact, ordinal: usize, dims: &BTreeMap<String, i64>) 
         .map_err(|e| fail(format!("{}: {e}", artifact.ptx_path.display())))?;
     let device = step.device_info().name.clone();
     let needed = step.bytes_needed(dims).map_err(|e| fail(e.to_string()))?;
-    let (free, _) = step.memory_info().map_err(|e| fail(e.to_string()))?;
-    let available = Some(free.saturating_add(step.allocated_bytes()));
+    let available = Some(step.available_bytes().map_err(|e| fail(e.to_string()))?);
     Ok(Made { step: Box::new(step), device, needed, available })
 }
 

@@ -402,8 +402,7 @@ fn measure(
 ) -> (Measurement, Option<Vec<f32>>) {
     let attempt = |step: &mut CudaStep| -> Result<(Measurement, Option<Vec<f32>>)> {
         let needed = step.bytes_needed(dims).map_err(|e| e.to_string())?;
-        let (free, _) = step.memory_info().map_err(|e| e.to_string())?;
-        let available = free + step.allocated_bytes();
+        let available = step.available_bytes().map_err(|e| e.to_string())?;
         if needed as f64 > 0.95 * available as f64 {
             return Ok((Measurement::Skipped(format!("needs {}, {} available", gb(needed), gb(available))), None));
         }

@@ -107,6 +107,13 @@ impl CudaStep {
         self.plan.bytes_needed(&self.plan.bind_dims(dims)?)
     }
 
+    /// Device bytes this step could hold: the device's free memory and
+    /// what the step holds already (its own to reuse).
+    pub fn available_bytes(&self) -> Result<usize, StepError> {
+        let (free, _) = self.memory_info()?;
+        Ok(free.saturating_add(self.allocated_bytes()))
+    }
+
     /// `Err` when a step at `dims` ([`CudaStep::bytes_needed`]) needs more
     /// than the device's free memory and what this step holds already:
     /// asked before binding, so that a run too large for the GPU stops
@@ -114,8 +121,7 @@ impl CudaStep {
     /// `what` names the run in the message.
     pub fn check_fits(&self, what: &str, dims: &BTreeMap<String, i64>) -> Result<(), StepError> {
         let needed = self.bytes_needed(dims)?;
-        let (free, _) = self.memory_info()?;
-        let available = free.saturating_add(self.allocated_bytes());
+        let available = self.available_bytes()?;
         let device = format!("GPU {} ({})", self.device_info().ordinal, self.device_info().name);
         crate::memory::check(what, needed, Some(available), &device).map_err(|e| StepError::Backend(e.to_string()))
     }
