@@ -16,7 +16,7 @@ pub use report::{to_csv, to_markdown};
 
 use crate::cpu_backend::CpuBackend;
 use crate::inspect::{bytes_moved, multiply_adds, ShapePoint};
-use crate::interp::random_inputs;
+use crate::interp::{random_inputs, At};
 use crate::ir::Graph;
 use crate::optimize::{optimize, Options};
 use bifurc_runtime::bench::median;
@@ -145,12 +145,7 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
             base.release();
             bif.release();
             let at = format!("b={b}, m_c={m_c}, m_d={}", opts.decoded);
-            let needed = base
-                .bytes_at(&p, &BTreeMap::new())
-                .and_then(|n| Ok(n.saturating_add(bif.bytes_at(&p, &BTreeMap::new())?)))
-                .map_err(|e| e.to_string())
-                .and_then(|n| Ok(n.saturating_add(f32_inputs(graph, &p)?)));
-            let fits = needed.and_then(|n| {
+            let fits = point_bytes([&base, &bif], graph, &p).and_then(|n| {
                 let what = "the baseline and bifurcated steps";
                 memory::check(what, n, memory::host_available(), "this machine").map_err(|e| e.to_string())
             });
@@ -197,17 +192,18 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
     Ok(sweep)
 }
 
-/// Bytes of the graph's inputs at `p` as the reference interpreter's f32
-/// tensors ([`random_inputs`] makes them so).
-fn f32_inputs(graph: &Graph, p: &BTreeMap<String, i64>) -> Result<usize, String> {
+/// Bytes a point of the sweep needs: both steps at `p` with their inputs
+/// bound, and the random inputs ([`random_inputs`]: the reference
+/// interpreter's f32 tensors) they are converted from.
+fn point_bytes(steps: [&CpuBackend; 2], graph: &Graph, p: &BTreeMap<String, i64>) -> Result<usize, String> {
     let mut total = 0usize;
+    for step in steps {
+        total = total.saturating_add(step.bytes_at(p, &BTreeMap::new()).map_err(|e| e.to_string())?);
+    }
+    let at = At::new(graph, p).map_err(|e| e.to_string())?;
     for input in &graph.inputs {
-        let mut n = 4usize;
-        for d in &input.shape {
-            let v = graph.dims.eval(d, p).map_err(|e| format!("input `{}`: {e}", input.name))?;
-            n = n.saturating_mul(usize::try_from(v).unwrap_or(0));
-        }
-        total = total.saturating_add(n);
+        let shape = at.shape(&input.shape, &format!("input `{}`", input.name)).map_err(|e| e.to_string())?;
+        total = total.saturating_add(4 * shape.iter().product::<usize>());
     }
     Ok(total)
 }
