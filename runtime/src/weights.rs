@@ -228,23 +228,24 @@ pub fn bind_random_weights<S: Step + ?Sized>(
     manifest: &Manifest,
     seed: u64,
 ) -> Result<usize, WeightsError> {
+    bind_random_with(step, manifest, seed, |_| {})
+}
+
+/// [`bind_random_weights`], telling `progress` each name before it is bound.
+fn bind_random_with<S: Step + ?Sized>(
+    step: &mut S,
+    manifest: &Manifest,
+    seed: u64,
+    mut progress: impl FnMut(&str),
+) -> Result<usize, WeightsError> {
     let mut count = 0;
     for buffer in weight_buffers(manifest) {
-        bind_random(step, manifest, buffer, seed)?;
+        progress(&buffer.name);
+        let tensor = random_tensor(manifest, buffer, &manifest.point, seed)?;
+        step.bind(&buffer.name, &tensor).map_err(|source| WeightsError::Bind { name: buffer.name.clone(), source })?;
         count += 1;
     }
     Ok(count)
-}
-
-/// Binds deterministic random values to weight `buffer` of `step`.
-fn bind_random<S: Step + ?Sized>(
-    step: &mut S,
-    manifest: &Manifest,
-    buffer: &Buffer,
-    seed: u64,
-) -> Result<(), WeightsError> {
-    let tensor = random_tensor(manifest, buffer, &manifest.point, seed)?;
-    step.bind(&buffer.name, &tensor).map_err(|source| WeightsError::Bind { name: buffer.name.clone(), source })
 }
 
 /// Where a run's weights come from: checkpoint files (read once, bound into
@@ -268,18 +269,10 @@ impl WeightSource {
         &self,
         step: &mut S,
         manifest: &Manifest,
-        mut progress: impl FnMut(&str),
+        progress: impl FnMut(&str),
     ) -> Result<usize, WeightsError> {
         match self {
-            WeightSource::Random(seed) => {
-                let mut count = 0;
-                for buffer in weight_buffers(manifest) {
-                    progress(&buffer.name);
-                    bind_random(step, manifest, buffer, *seed)?;
-                    count += 1;
-                }
-                Ok(count)
-            }
+            WeightSource::Random(seed) => bind_random_with(step, manifest, *seed, progress),
             WeightSource::Files(files) => bind_weights(step, manifest, files, progress),
         }
     }
