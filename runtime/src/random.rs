@@ -83,8 +83,9 @@ const PARALLEL_DRAWS: usize = 1 << 20;
 
 /// `n` values `draw(rng)` one draw each, from `rng` on: split across the
 /// cores for a large tensor (each part's generator jumped ahead to its
-/// first draw), the same values as drawn one after another.
-fn draws(rng: &SplitMix64, n: usize, draw: impl Fn(&mut SplitMix64) -> f32 + Sync) -> Vec<f32> {
+/// first draw), the same values as drawn one after another. The
+/// compiler's reference interpreter draws its large inputs with it too.
+pub fn draws(rng: &SplitMix64, n: usize, draw: impl Fn(&mut SplitMix64) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0.0f32; n];
     crate::parallel::fill_parts(&mut out, 1, PARALLEL_DRAWS, |first, part| {
         let mut r = rng.jumped(first as u64);

@@ -17,7 +17,8 @@
 //! - Sizes are evaluated at a point binding every runtime dim; each node's
 //!   result is checked against its inferred shape at that point.
 //!
-//! Entry points: [`run`], [`run_all`], and [`random_inputs`] for test data.
+//! Entry points: [`run`], [`run_all`], and [`random_inputs`] (or one at a time,
+//! [`random_input`]) for test data.
 
 mod contract;
 mod error;
@@ -30,7 +31,7 @@ mod special;
 mod tensor;
 
 pub use error::InterpError;
-pub use random::{random_inputs, SplitMix64};
+pub use random::{random_input, random_inputs, SplitMix64};
 pub use special::{erf, erfc};
 pub use tensor::{Tensor, MAX_EXACT_INT};
 

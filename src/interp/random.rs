@@ -5,6 +5,7 @@ use super::{At, InterpError, Tensor};
 use crate::ir::{Graph, Op, Role, Value};
 use std::collections::{BTreeMap, HashMap};
 
+use bifurc_runtime::random::draws;
 /// The runtime's generator and name hash: random data drawn here equals the
 /// runtime's random weights for the same seed and tensor name.
 pub use bifurc_runtime::rng::{fnv1a, SplitMix64};
@@ -31,43 +32,63 @@ pub fn random_inputs(
     point: &BTreeMap<String, i64>,
     seed: u64,
 ) -> Result<HashMap<String, Tensor>, InterpError> {
-    let at = At::new(graph, point)?;
     let mut out = HashMap::new();
     for (index, inp) in graph.inputs.iter().enumerate() {
-        let shape = at.shape(&inp.shape, &format!("input `{}`", inp.name))?;
-        let mut rng = SplitMix64::new(seed ^ fnv1a(&inp.name));
-        let last = shape.last().copied().unwrap_or(1).max(1) as f32;
-        let t = match inp.role {
-            Role::TokenIds => {
-                let rows = gather_rows(graph, &at, index)?.unwrap_or(2) as u64;
-                Tensor::from_fn(shape, |_| rng.below(rows) as f32)
-            }
-            Role::Position => {
-                let dim = |d: &str| {
-                    if graph.dims.is_runtime(d) {
-                        point.get(d).copied().unwrap_or(0)
-                    } else {
-                        0
-                    }
-                };
-                let base = dim("m_s").saturating_add(dim("m_c")).saturating_add(dim("m_d"));
-                let top = base.saturating_add(shape.last().copied().unwrap_or(1) as i64);
-                if top > MAX_EXACT_INT {
-                    return Err(InterpError::NotInteger { name: inp.name.clone(), index: 0, value: top as f64 });
-                }
-                Tensor::from_fn(shape, |i| (base + i.last().copied().unwrap_or(0) as i64) as f32)
-            }
-            _ if !inp.dtype.is_float() => Tensor::from_fn(shape, |_| rng.below(2) as f32),
-            Role::Weight if shape.len() >= 2 => Tensor::from_fn(shape, |_| rng.symmetric() / last.sqrt()),
-            Role::Weight if shape.len() == 1 && inp.name.contains("bias") => {
-                Tensor::from_fn(shape, |_| 0.1 * rng.symmetric())
-            }
-            Role::Weight if shape.len() == 1 => Tensor::from_fn(shape, |_| 1.0 + 0.1 * rng.symmetric()),
-            _ => Tensor::from_fn(shape, |_| rng.symmetric()),
-        };
-        out.insert(inp.name.clone(), t);
+        out.insert(inp.name.clone(), random_input(graph, point, index, seed)?);
     }
     Ok(out)
+}
+
+/// Input `index` of [`random_inputs`] alone: the same values, for a
+/// caller that binds one input at a time instead of holding them all in
+/// f32. A large float tensor is drawn split across the cores
+/// ([`bifurc_runtime::random::draws`]: the same values).
+pub fn random_input(
+    graph: &Graph,
+    point: &BTreeMap<String, i64>,
+    index: usize,
+    seed: u64,
+) -> Result<Tensor, InterpError> {
+    let at = &At::new(graph, point)?;
+    let inp = graph.inputs.get(index).ok_or_else(|| InterpError::Op {
+        node: format!("input {index}"),
+        message: format!("the graph has {} inputs", graph.inputs.len()),
+    })?;
+    let shape = at.shape(&inp.shape, &format!("input `{}`", inp.name))?;
+    let mut rng = SplitMix64::new(seed ^ fnv1a(&inp.name));
+    let last = shape.last().copied().unwrap_or(1).max(1) as f32;
+    let n = shape.iter().product::<usize>();
+    Ok(match inp.role {
+        Role::TokenIds => {
+            let rows = gather_rows(graph, at, index)?.unwrap_or(2) as u64;
+            Tensor::from_fn(shape, |_| rng.below(rows) as f32)
+        }
+        Role::Position => {
+            let dim = |d: &str| {
+                if graph.dims.is_runtime(d) {
+                    point.get(d).copied().unwrap_or(0)
+                } else {
+                    0
+                }
+            };
+            let base = dim("m_s").saturating_add(dim("m_c")).saturating_add(dim("m_d"));
+            let top = base.saturating_add(shape.last().copied().unwrap_or(1) as i64);
+            if top > MAX_EXACT_INT {
+                return Err(InterpError::NotInteger { name: inp.name.clone(), index: 0, value: top as f64 });
+            }
+            Tensor::from_fn(shape, |i| (base + i.last().copied().unwrap_or(0) as i64) as f32)
+        }
+        _ if !inp.dtype.is_float() => Tensor::from_fn(shape, |_| rng.below(2) as f32),
+        Role::Weight if shape.len() >= 2 => {
+            let scale = last.sqrt();
+            Tensor { data: draws(&rng, n, |r| r.symmetric() / scale), shape }
+        }
+        Role::Weight if shape.len() == 1 && inp.name.contains("bias") => {
+            Tensor::from_fn(shape, |_| 0.1 * rng.symmetric())
+        }
+        Role::Weight if shape.len() == 1 => Tensor::from_fn(shape, |_| 1.0 + 0.1 * rng.symmetric()),
+        _ => Tensor { data: draws(&rng, n, SplitMix64::symmetric), shape },
+    })
 }
 
 /// Rows of the table of the first gather whose ids come from input `index`
@@ -107,5 +128,36 @@ mod tests {
             assert!((-1.0..1.0).contains(&v));
             assert!(u.below(7) < 7);
         }
+    }
+
+    /// One input drawn alone equals its entry of `random_inputs`, and a
+    /// weight and an activation large enough to be drawn split across the cores
+    /// hold the values of one generator drawn in order.
+    #[test]
+    fn inputs_drawn_alone_and_in_parts_equal_one_stream() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["m"], "constants": {"k": 1100}},
+            "inputs": [
+                {"name": "w", "role": "weight", "shape": [1000, "k"], "dtype": "f32"},
+                {"name": "c", "role": "activation", "shape": ["m", "k"], "dtype": "f32"},
+                {"name": "g", "role": "weight", "shape": ["k"], "dtype": "f32"}
+            ],
+            "nodes": [{"id": "o", "op": "einsum", "inputs": ["w", "c"], "attrs": {"spec": "nk,mk->nm"}, "dtype": "f32"}],
+            "outputs": [{"name": "o", "node": "o"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+        let point = BTreeMap::from([("m".to_string(), 1000)]);
+        let all = random_inputs(&graph, &point, 7).unwrap_or_else(|e| panic!("{e}"));
+        for (index, inp) in graph.inputs.iter().enumerate() {
+            let one = random_input(&graph, &point, index, 7).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(one, all[&inp.name], "`{}`", inp.name);
+        }
+        let mut r = SplitMix64::new(7 ^ fnv1a("w"));
+        let scale = 1100f32.sqrt();
+        assert!(all["w"].data.iter().all(|&v| v == r.symmetric() / scale), "the weight, in order");
+        let mut r = SplitMix64::new(7 ^ fnv1a("c"));
+        assert!(all["c"].data.iter().all(|&v| v == r.symmetric()), "the activation, in order");
+        assert!(random_input(&graph, &point, 3, 7).is_err(), "no fourth input");
     }
 }
