@@ -59,13 +59,59 @@ impl CpuBackend {
         self.step.bytes_at(dims, capacities).map_err(|e| StepError::Backend(e.to_string()))
     }
 
+    /// [`CpuBackend::bytes_at`] of the buffers named by `which` alone
+    /// ([`CpuStep::bytes_where`]).
+    pub fn bytes_where(&self, dims: &BTreeMap<String, i64>, which: impl Fn(&str) -> bool) -> Result<usize, StepError> {
+        self.step.bytes_where(dims, &BTreeMap::new(), which).map_err(|e| StepError::Backend(e.to_string()))
+    }
+
     /// Unbinds every input and frees the intermediates: the backend holds
     /// nothing large until inputs are bound and it runs again.
     pub fn release(&mut self) {
-        self.bound.clear();
+        self.release_but(|_| false);
+    }
+
+    /// [`CpuBackend::release`], but the inputs named by `keep` stay bound
+    /// (a bench's weights, from one point of its sweep to the next); a
+    /// cache kept with spare rows ([`Step::reserve_rows`]) is released
+    /// all the same.
+    pub fn release_but(&mut self, keep: impl Fn(&str) -> bool) {
+        let rows = &self.rows;
+        self.bound.retain(|name, _| keep(name) && rows.geometry(name).is_err());
         self.rows = RowCaches::default();
         self.last.clear();
         self.step.release_scratch();
+    }
+
+    /// Whether input `name` is bound.
+    pub fn is_bound(&self, name: &str) -> bool {
+        self.bound.contains_key(name)
+    }
+
+    /// Input `name` as bound, in its storage dtype and kept layout.
+    pub fn stored(&self, name: &str) -> Option<&Stored> {
+        self.bound.get(name)
+    }
+
+    /// Whether `other` stores input `name` as this backend does
+    /// ([`CpuStep::stores_alike`]), so that one copy serves both
+    /// ([`CpuBackend::bind_shared`]).
+    pub fn stores_alike(&self, other: &CpuBackend, name: &str) -> bool {
+        self.step.stores_alike(&other.step, name)
+    }
+
+    /// Binds input `name` to the elements `from` holds for it, without a
+    /// copy, where both steps store it alike ([`CpuStep::stores_alike`]):
+    /// `Ok(false)` where they do not (bind this step's own then). Rows
+    /// cannot be appended to a shared input.
+    pub fn bind_shared(&mut self, from: &CpuBackend, name: &str) -> Result<bool, StepError> {
+        let stored = from.bound.get(name).ok_or_else(|| StepError::Unbound(name.to_string()))?;
+        if !self.stores_alike(from, name) {
+            return Ok(false);
+        }
+        self.rows.forget(name);
+        self.bound.insert(name.to_string(), stored.clone());
+        Ok(true)
     }
 
     /// Binds a reference-interpreter tensor without copying through
@@ -216,5 +262,55 @@ mod tests {
         assert_eq!(y["y"].data, want);
         let err = cpu.bind("nope", &w).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("`nope` is not an input"), "{err}");
+    }
+
+    /// A weight two steps store alike (the same graph twice: kept in
+    /// panels by both) is bound once and shared, and both steps compute
+    /// the same from it; a step that keeps it otherwise (`x @ W`, not in
+    /// panels of `x @ Wᵀ`) is told to bind its own.
+    /// Released but the weight, a backend keeps the weight alone.
+    #[test]
+    fn inputs_stored_alike_are_shared() {
+        let graph = |nodes: serde_json::Value| {
+            let doc = serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b"], "constants": {"d": 64}},
+                "inputs": [
+                    {"name": "x", "role": "activation", "shape": ["b", "d"], "dtype": "f32"},
+                    {"name": "w", "role": "weight", "shape": ["d", "d"], "dtype": "bf16"}
+                ],
+                "nodes": nodes,
+                "outputs": [{"name": "y", "node": "y"}]
+            });
+            crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let proj = graph(serde_json::json!([
+            {"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}}
+        ]));
+        let other = graph(serde_json::json!([
+            {"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": false}}
+        ]));
+        let compile = |g: &Graph| CpuBackend::compile(g).unwrap_or_else(|e| panic!("{e}"));
+        let (mut a, mut b, mut c) = (compile(&proj), compile(&proj), compile(&other));
+        let dims = BTreeMap::from([("b".to_string(), 4)]);
+        let inputs = crate::interp::random_inputs(&proj, &dims, 3).unwrap_or_else(|e| panic!("{e}"));
+        for (name, t) in &inputs {
+            a.bind_tensor(name, t.clone()).unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(b.bind_shared(&a, "x").unwrap_or_else(|e| panic!("{e}")));
+        assert!(b.bind_shared(&a, "w").unwrap_or_else(|e| panic!("{e}")));
+        assert!(a.bound["w"].shares_elements(&b.bound["w"]), "one copy of the weight");
+        let (ya, yb) = (a.run(&dims), b.run(&dims));
+        let (ya, yb) = (ya.unwrap_or_else(|e| panic!("{e}")), yb.unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(ya["y"].data, yb["y"].data);
+        assert!(!c.stores_alike(&a, "w"), "panels of `x @ Wᵀ` against `x @ W`");
+        assert!(!c.bind_shared(&a, "w").unwrap_or_else(|e| panic!("{e}")));
+        assert!(!c.is_bound("w"));
+        let err = c.bind_shared(&b, "nope").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("nope"), "{err}");
+        a.release_but(|name| name == "w");
+        assert!(a.is_bound("w") && !a.is_bound("x"));
+        a.release();
+        assert!(!a.is_bound("w"));
     }
 }

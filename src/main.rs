@@ -146,8 +146,9 @@ enum Command {
     ///
     /// Compiles the graph twice for this machine's CPU (the MLIR JIT): as given, and
     /// bifurcated (optimized at --optimize-at, default the largest point of the sweep); one
-    /// compilation of each serves every point. At each point it binds random weights and
-    /// caches, warms up, then alternates timed steps of the two (shared noise) and reports the
+    /// compilation of each serves every point. It binds random weights once (one copy, shared
+    /// by the two steps) and at each point random caches, warms up, then alternates timed
+    /// steps of the two (shared noise) and reports the
     /// median latencies, their ratio, and the bytes model's predicted ratio beside it, with the
     /// FMA floor: the step's multiply-adds (the same on both sides) at this machine's peak rate
     /// (measured first, by a JIT-compiled loop of vector FMAs on the threads the steps use), the

@@ -16,8 +16,8 @@ pub use report::{to_csv, to_markdown};
 
 use crate::cpu_backend::CpuBackend;
 use crate::inspect::{bytes_moved, multiply_adds, ShapePoint};
-use crate::interp::{random_inputs, At};
-use crate::ir::Graph;
+use crate::interp::{random_input, At};
+use crate::ir::{Graph, Role};
 use crate::optimize::{optimize, Options};
 use bifurc_runtime::bench::median;
 use bifurc_runtime::memory;
@@ -103,17 +103,22 @@ fn point(b: i64, m_c: i64, m_d: i64) -> BTreeMap<String, i64> {
 pub struct Sweep {
     pub rows: Vec<Row>,
     /// Points not run, each with why (in sweep order): the two steps with
-    /// their inputs, and the random inputs in f32, would not fit in the
-    /// host's memory, or a buffer would pass the CPU step's size limit.
+    /// their inputs (held once where both store them alike), and the
+    /// largest random input in f32, would not fit in the host's memory,
+    /// or a buffer would pass the CPU step's size limit.
     pub skipped: Vec<String>,
 }
 
 /// Runs the sweep on the CPU. `progress` is told about each point as it
-/// starts. A point whose two steps would not fit in the memory the host
-/// has available ([`bifurc_runtime::memory::host_available`], asked after
-/// the last point's memory is freed), or would have a buffer past the CPU
-/// step's size limit, is skipped, not run into an allocation failure; a
-/// sweep with no point that can run is an error.
+/// starts. The random weights are drawn and bound once, and the inputs
+/// the two steps store alike (every one, for a graph and its rewrite)
+/// are held once and shared between them: a Llama-2-7B's fp16 weights
+/// take 13.5 GB, not twice that beside 27 GB in f32. A point whose two
+/// steps would not fit in the memory the host has available
+/// ([`bifurc_runtime::memory::host_available`], asked after the last
+/// point's memory but the weights is freed), or would have a buffer past
+/// the CPU step's size limit, is skipped, not run into an allocation
+/// failure; a sweep with no point that can run is an error.
 pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Sweep, BenchError> {
     if graph.dims.runtime != ["b", "m_c", "m_d"] {
         return Err(BenchError::Dims(graph.dims.runtime.join(", ")));
@@ -134,16 +139,20 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
     let peak = crate::lower::peak_multiply_adds(base.threads())?;
     let mut sweep = Sweep::default();
     let points = opts.context_lens.len() * opts.samples.len();
+    // The weights are drawn and bound once, at the first point that runs,
+    // and kept for the others; every input the two steps store alike (all
+    // of them, for a graph and its rewrite) is held once, shared.
+    let weights: Vec<&str> = graph.inputs.iter().filter(|i| i.role == Role::Weight).map(|i| i.name.as_str()).collect();
+    let is_weight = |name: &str| weights.contains(&name);
     for &m_c in &opts.context_lens {
         for &b in &opts.samples {
             let p = point(b, m_c, opts.decoded);
             let done = sweep.rows.len() + sweep.skipped.len();
             progress(&format!("point {} of {points}: b={b}, m_c={m_c}, m_d={}", done + 1, opts.decoded));
-            // The last point's inputs and intermediates freed, then: both
-            // steps at this point, and the random inputs (f32) they are
-            // converted from.
-            base.release();
-            bif.release();
+            // The last point's inputs (but the weights) and intermediates
+            // freed, then: what this point adds to the memory in use.
+            base.release_but(is_weight);
+            bif.release_but(is_weight);
             let at = format!("b={b}, m_c={m_c}, m_d={}", opts.decoded);
             let fits = point_bytes([&base, &bif], graph, &p).and_then(|n| {
                 let what = "the baseline and bifurcated steps";
@@ -154,10 +163,7 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
                 sweep.skipped.push(format!("{at}: {why}"));
                 continue;
             }
-            for (name, t) in random_inputs(graph, &p, opts.seed)? {
-                base.bind_tensor(&name, t.clone())?;
-                bif.bind_tensor(&name, t)?;
-            }
+            bind_random(&mut base, &mut bif, graph, &p, opts.seed)?;
             // Warm-up, then alternate so both sides see the same noise.
             base.run(&p)?;
             bif.run(&p)?;
@@ -192,18 +198,116 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
     Ok(sweep)
 }
 
-/// Bytes a point of the sweep needs: both steps at `p` with their inputs
-/// bound, and the random inputs ([`random_inputs`]: the reference
-/// interpreter's f32 tensors) they are converted from.
+/// Bytes a point of the sweep adds to what the two steps already hold:
+/// both steps at `p` with their inputs bound, an input both store alike
+/// ([`CpuBackend::stores_alike`]) counted once, less the inputs still
+/// bound from the last point (the weights), plus the largest random input
+/// ([`random_input`]: the reference interpreter's f32 tensor) drawn at a
+/// time to be bound.
 fn point_bytes(steps: [&CpuBackend; 2], graph: &Graph, p: &BTreeMap<String, i64>) -> Result<usize, String> {
-    let mut total = 0usize;
-    for step in steps {
-        total = total.saturating_add(step.bytes_at(p, &BTreeMap::new()).map_err(|e| e.to_string())?);
-    }
+    let [base, bif] = steps;
+    let err = |e: bifurc_runtime::StepError| e.to_string();
+    let shared = |name: &str| bif.stores_alike(base, name);
+    let mut total = base.bytes_at(p, &BTreeMap::new()).map_err(err)?;
+    total = total.saturating_add(bif.bytes_where(p, |name| !shared(name)).map_err(err)?);
+    total = total.saturating_sub(base.bytes_where(p, |name| base.is_bound(name)).map_err(err)?);
+    total = total.saturating_sub(bif.bytes_where(p, |name| bif.is_bound(name) && !shared(name)).map_err(err)?);
     let at = At::new(graph, p).map_err(|e| e.to_string())?;
-    for input in &graph.inputs {
+    let mut largest = 0usize;
+    for input in graph.inputs.iter().filter(|i| !base.is_bound(&i.name)) {
         let shape = at.shape(&input.shape, &format!("input `{}`", input.name)).map_err(|e| e.to_string())?;
-        total = total.saturating_add(4 * shape.iter().product::<usize>());
+        largest = largest.max(4usize.saturating_mul(shape.iter().product::<usize>()));
     }
-    Ok(total)
+    Ok(total.saturating_add(largest))
+}
+
+/// Binds random values ([`random_input`]) to every input of the two steps
+/// not bound yet, one input at a time: an input both store alike is
+/// stored once and shared.
+fn bind_random(
+    base: &mut CpuBackend,
+    bif: &mut CpuBackend,
+    graph: &Graph,
+    p: &BTreeMap<String, i64>,
+    seed: u64,
+) -> Result<(), BenchError> {
+    for (index, input) in graph.inputs.iter().enumerate() {
+        let name = input.name.as_str();
+        if base.is_bound(name) && bif.is_bound(name) {
+            continue;
+        }
+        let t = random_input(graph, p, index, seed)?;
+        if bif.stores_alike(base, name) {
+            base.bind_tensor(name, t)?;
+            bif.bind_shared(base, name)?;
+        } else {
+            bif.bind_tensor(name, t.clone())?;
+            base.bind_tensor(name, t)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interp::random_inputs;
+
+    /// Through two points of a sweep of the tiny model: every input is
+    /// bound once, shared by the two steps; the weights stay bound from
+    /// one point to the next, the same elements, not drawn again; and a
+    /// point's bytes count what both steps hold once, less what is still
+    /// bound from the last point.
+    #[test]
+    fn inputs_are_held_once_and_weights_kept_between_points() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let graph = crate::import::load(&dir.join("examples/tiny/model.json")).unwrap_or_else(|e| panic!("{e}"));
+        let at = ShapePoint(point(4, 64, 2));
+        let optimized =
+            optimize(&graph, &Options { point: at, ..Options::default() }).unwrap_or_else(|e| panic!("{e}"));
+        let compile = |g: &Graph| CpuBackend::compile(g).unwrap_or_else(|e| panic!("{e}"));
+        let (mut base, mut bif) = (compile(&graph), compile(&optimized.graph));
+        let weights: Vec<&str> =
+            graph.inputs.iter().filter(|i| i.role == Role::Weight).map(|i| i.name.as_str()).collect();
+        assert!(!weights.is_empty());
+        let no_caps = BTreeMap::new();
+        let bytes = |s: &CpuBackend, p| s.bytes_at(p, &no_caps).unwrap_or_else(|e| panic!("{e}"));
+        let inputs = |s: &CpuBackend, p| s.bytes_where(p, |n| graph.inputs.iter().any(|i| i.name == n));
+        let inputs = |s: &CpuBackend, p| inputs(s, p).unwrap_or_else(|e| panic!("{e}"));
+        let held = |s: &CpuBackend, p| s.bytes_where(p, |n| weights.contains(&n)).unwrap_or_else(|e| panic!("{e}"));
+        let mut kept = Vec::new();
+        for (i, p) in [point(4, 64, 2), point(2, 32, 3)].iter().enumerate() {
+            let need = point_bytes([&base, &bif], &graph, p).unwrap_or_else(|e| panic!("{e}"));
+            let both = bytes(&base, p) + bytes(&bif, p) - inputs(&bif, p);
+            let drawn = random_inputs(&graph, p, 5).unwrap_or_else(|e| panic!("{e}"));
+            let to_draw = drawn.iter().filter(|(n, _)| i == 0 || !weights.contains(&n.as_str()));
+            let largest = to_draw.map(|(_, t)| 4 * t.data.len()).max().unwrap_or(0);
+            let drawn_before = if i == 0 { 0 } else { held(&base, p) };
+            assert_eq!(need, both - drawn_before + largest, "point {i}");
+            bind_random(&mut base, &mut bif, &graph, p, 5).unwrap_or_else(|e| panic!("{e}"));
+            for input in &graph.inputs {
+                let (a, b) = (base.stored(&input.name), bif.stored(&input.name));
+                let shared = a.zip(b).is_some_and(|(a, b)| a.shares_elements(b));
+                assert!(shared, "point {i}: `{}` held once", input.name);
+            }
+            if i == 0 {
+                kept = weights.iter().filter_map(|w| base.stored(w).cloned()).collect();
+            } else {
+                for (w, k) in weights.iter().zip(&kept) {
+                    assert!(base.stored(w).is_some_and(|s| s.shares_elements(k)), "`{w}` kept, not drawn again");
+                }
+            }
+            let (yb, yf) = (base.run(p), bif.run(p));
+            let (yb, yf) = (yb.unwrap_or_else(|e| panic!("{e}")), yf.unwrap_or_else(|e| panic!("{e}")));
+            let want = crate::interp::run(&graph, p, &drawn).unwrap_or_else(|e| panic!("{e}"));
+            for (name, t) in &want {
+                for (side, got) in [("baseline", &yb[name]), ("bifurcated", &yf[name])] {
+                    let err = t.data.iter().zip(&got.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(err < 1e-3, "point {i}, {side} `{name}`: {err}");
+                }
+            }
+            base.release_but(|n| weights.contains(&n));
+            bif.release_but(|n| weights.contains(&n));
+        }
+    }
 }

@@ -385,9 +385,27 @@ impl CpuStep {
         Ok(Stored::zeros(dtype, shape))
     }
 
+    /// Whether `other` stores input `name` as this step does (the same
+    /// storage dtype, shape and kept layout, see [`CpuStep::compile`]), so
+    /// that one [`Stored`] can serve both: a clone of it shares its
+    /// elements.
+    pub fn stores_alike(&self, other: &CpuStep, name: &str) -> bool {
+        match (self.input_buffer(name), other.input_buffer(name)) {
+            (Some(a), Some(b)) => {
+                a.dtype == b.dtype && a.shape == b.shape && self.kept.get(name) == other.kept.get(name)
+            }
+            _ => false,
+        }
+    }
+
+    fn input_buffer(&self, name: &str) -> Option<&Buffer> {
+        self.program.buffers.iter().find(|b| b.name == name && matches!(b.kind, BufferKind::Input(_)))
+    }
+
     fn input_dtype(&self, name: &str) -> Result<DType, LowerError> {
-        let input = self.program.buffers.iter().find(|b| b.name == name && matches!(b.kind, BufferKind::Input(_)));
-        input.map(|b| b.dtype).ok_or_else(|| LowerError::Run(format!("`{name}` is not an input of this step")))
+        self.input_buffer(name)
+            .map(|b| b.dtype)
+            .ok_or_else(|| LowerError::Run(format!("`{name}` is not an input of this step")))
     }
 
     /// [`CpuStep::run_with_capacity`] on inputs already in their storage

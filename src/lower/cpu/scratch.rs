@@ -79,6 +79,17 @@ impl CpuStep {
         point: &BTreeMap<String, i64>,
         capacities: &BTreeMap<String, i64>,
     ) -> Result<usize, LowerError> {
+        self.bytes_where(point, capacities, |_| true)
+    }
+
+    /// [`CpuStep::bytes_at`] of the buffers named by `which` alone (the
+    /// inputs some other step holds for this one, say).
+    pub fn bytes_where(
+        &self,
+        point: &BTreeMap<String, i64>,
+        capacities: &BTreeMap<String, i64>,
+        which: impl Fn(&str) -> bool,
+    ) -> Result<usize, LowerError> {
         let mut caps = self.dims_at(point)?;
         for (d, &cap) in capacities {
             if let Some(k) = self.program.dims.iter().position(|x| x == d) {
@@ -86,7 +97,7 @@ impl CpuStep {
             }
         }
         let mut total = 0usize;
-        for buf in &self.program.buffers {
+        for buf in self.program.buffers.iter().filter(|b| which(&b.name)) {
             let n = self.stored_shape(buf, point, &caps)?.1;
             total = n
                 .checked_mul(buf.dtype.size())

@@ -3,6 +3,7 @@
 //! of at every step, and keeps decode caches with spare rows in that dtype.
 
 use std::ffi::c_void;
+use std::sync::Arc;
 
 use bifurc_runtime::rows::{append_host, dense_host, relayout_host, RowGeometry};
 
@@ -14,10 +15,15 @@ use crate::lower::LowerError;
 /// One input's elements in its buffer's storage dtype, with its shape
 /// (a pitched cache's rows axis holds its capacity). Made by
 /// [`super::CpuStep::store`], read by [`super::CpuStep::run_stored`].
+///
+/// A clone shares the elements (two steps that store an input alike can
+/// hold one copy of it: [`super::CpuStep::stores_alike`]); rows are
+/// appended only to elements held once.
+#[derive(Clone)]
 pub struct Stored {
     pub shape: Vec<usize>,
     pub(super) dtype: DType,
-    pub(super) data: HostData,
+    pub(super) data: Arc<HostData>,
 }
 
 /// `$body` over the elements of `$data` whatever their type, as `$v`,
@@ -42,18 +48,25 @@ impl Stored {
         } else {
             HostData::from_tensor(dtype, &t, name)?
         };
-        Ok(Stored { shape: t.shape, dtype, data })
+        Ok(Stored { shape: t.shape, dtype, data: Arc::new(data) })
     }
 
     /// Values of `shape` converted to storage `dtype` (copied once).
     pub(super) fn from_values(dtype: DType, shape: &[usize], values: &[f32], name: &str) -> Result<Self, LowerError> {
-        Ok(Stored { shape: shape.to_vec(), dtype, data: HostData::from_values(dtype, values, name)? })
+        let data = Arc::new(HostData::from_values(dtype, values, name)?);
+        Ok(Stored { shape: shape.to_vec(), dtype, data })
     }
 
     /// Zeros of `shape` in storage `dtype`.
     pub(super) fn zeros(dtype: DType, shape: Vec<usize>) -> Self {
         let n = shape.iter().product();
-        Stored { shape, dtype, data: HostData::zeros(dtype, n) }
+        Stored { shape, dtype, data: Arc::new(HostData::zeros(dtype, n)) }
+    }
+
+    /// Whether `other` holds these very elements (a clone of this, or
+    /// this of it), not a copy.
+    pub fn shares_elements(&self, other: &Stored) -> bool {
+        Arc::ptr_eq(&self.data, &other.data)
     }
 
     pub fn dtype(&self) -> DType {
@@ -73,14 +86,14 @@ impl Stored {
     /// The elements as f32 (exact for every storage dtype but i64 beyond 2^24).
     pub fn to_tensor(&self) -> Tensor {
         let n = self.shape.iter().product();
-        let copy = each_type!(&self.data, v => v.clone());
+        let copy = each_type!(&*self.data, v => v.clone());
         copy.into_tensor(self.dtype, self.shape.clone(), n)
     }
 
     /// The rows of a pitched cache laid out as `old`, re-laid out as `new`
     /// (its rows axis `axis` then holds `new.capacity`).
     pub fn relayout(&mut self, axis: usize, old: &RowGeometry, new: &RowGeometry) {
-        self.data = each_type!(&self.data, v => relayout_host(v, old, new));
+        self.data = Arc::new(each_type!(&*self.data, v => relayout_host(v, old, new)));
         if let Some(s) = self.shape.get_mut(axis) {
             *s = new.capacity;
         }
@@ -90,7 +103,12 @@ impl Stored {
     /// pitched cache laid out as `g`, converted to its storage dtype.
     pub fn append(&mut self, g: &RowGeometry, rows: &[f32], r: usize, name: &str) -> Result<(), LowerError> {
         let rows = HostData::from_values(self.dtype, rows, name)?;
-        match (&mut self.data, &rows) {
+        let Some(data) = Arc::get_mut(&mut self.data) else {
+            return Err(LowerError::Run(format!(
+                "`{name}` is shared with another step: rows cannot be appended to it"
+            )));
+        };
+        match (data, &rows) {
             (HostData::F32(d), HostData::F32(s)) => append_host(d, g, s, r),
             (HostData::U16(d), HostData::U16(s)) => append_host(d, g, s, r),
             (HostData::I32(d), HostData::I32(s)) => append_host(d, g, s, r),
@@ -103,7 +121,7 @@ impl Stored {
     /// The dense rows of a pitched cache laid out as `g`, as f32 of `shape`.
     pub fn dense(&self, g: &RowGeometry, shape: Vec<usize>) -> Tensor {
         let n = g.outer * g.rows * g.row;
-        let dense = each_type!(&self.data, v => dense_host(v, g));
+        let dense = each_type!(&*self.data, v => dense_host(v, g));
         dense.into_tensor(self.dtype, shape, n)
     }
 }
@@ -153,5 +171,24 @@ mod tests {
         }
         assert_eq!(dense.shape, [2, 3, 3]);
         assert_eq!(dense.data, want);
+    }
+
+    /// A clone shares the elements; rows are appended only to elements
+    /// held once (the clone dropped), and a re-layout leaves the other
+    /// holder's elements as they were.
+    #[test]
+    fn clones_share_and_only_a_sole_holder_appends() {
+        let g = |rows, capacity| RowGeometry { outer: 1, row: 2, rows, capacity };
+        let mut c = Stored::zeros(DType::F32, vec![1, 2, 2]);
+        let other = c.clone();
+        assert!(c.shares_elements(&other));
+        let err = c.append(&g(0, 2), &[1.0, 2.0], 1, "cache").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("`cache` is shared with another step"), "{err}");
+        c.relayout(1, &g(0, 2), &g(0, 4));
+        assert!(!c.shares_elements(&other));
+        assert_eq!((c.shape.clone(), other.shape.clone()), (vec![1, 4, 2], vec![1, 2, 2]));
+        drop(other);
+        c.append(&g(0, 4), &[1.0, 2.0], 1, "cache").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.dense(&g(1, 4), vec![1, 1, 2]).data, [1.0, 2.0]);
     }
 }
