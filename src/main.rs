@@ -152,7 +152,8 @@ enum Command {
     /// median latencies, their ratio, and the bytes model's predicted ratio beside it, with the
     /// FMA floor: the step's multiply-adds (the same on both sides) at this machine's peak rate
     /// (measured first, by a JIT-compiled loop of vector FMAs on the threads the steps use), the
-    /// least time either step can take here, and the bifurcated step's share of it. A point
+    /// least time either step can take here, and the bifurcated step's share of it; and the
+    /// largest difference of the two steps' logits on the same inputs. A point
     /// whose two steps would not fit in the memory this machine has available (or with a
     /// buffer past the CPU step's limit) is not run but listed under the table with what it
     /// needs. On a GPU machine use `bifurc-run bench` with artifacts from `bifurc compile`.

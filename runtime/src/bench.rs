@@ -10,6 +10,18 @@ use crate::manifest::{Manifest, ManifestError};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+/// The largest |difference| of two steps' outputs on the same inputs,
+/// and the largest |value| of the first (for scale); `None` when their
+/// lengths differ or they are empty.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> Option<(f64, f64)> {
+    if a.len() != b.len() || a.is_empty() {
+        return None;
+    }
+    let diff = a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max);
+    let scale = a.iter().map(|x| f64::from(x.abs())).fold(0.0, f64::max);
+    Some((diff, scale))
+}
+
 /// The median of `xs` (mean of the middle two for an even count).
 pub fn median(xs: &[f64]) -> Option<f64> {
     if xs.is_empty() {
@@ -233,6 +245,13 @@ pub fn write_markdown(title: &str, facts: &[(String, String)], rows: &[BenchRow]
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn max_abs_diff_is_the_largest_gap_beside_the_largest_value() {
+        assert_eq!(max_abs_diff(&[1.0, -4.0, 2.0], &[1.5, -4.0, 1.75]), Some((0.5, 4.0)));
+        assert_eq!(max_abs_diff(&[1.0], &[1.0, 2.0]), None, "lengths differ");
+        assert_eq!(max_abs_diff(&[], &[]), None, "nothing to compare");
+    }
 
     #[test]
     fn medians() {

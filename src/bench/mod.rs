@@ -19,10 +19,10 @@ use crate::inspect::{bytes_moved, multiply_adds, ShapePoint};
 use crate::interp::{random_input, At};
 use crate::ir::{Graph, Role};
 use crate::optimize::{optimize, Options};
-use bifurc_runtime::bench::median;
+use bifurc_runtime::bench::{max_abs_diff, median};
 use bifurc_runtime::memory;
-use bifurc_runtime::Step;
-use std::collections::BTreeMap;
+use bifurc_runtime::{HostTensor, Step};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 /// What to sweep.
@@ -56,6 +56,10 @@ pub struct Row {
     /// ([`crate::lower::peak_multiply_adds`]); `None` in a table without
     /// it (a GPU machine's).
     pub floor_ms: Option<f64>,
+    /// The largest |difference| of the two steps' logits on the same
+    /// inputs (the first output where the graph has none named `logits`)
+    /// and the largest |logit|, for scale; `None` in a table without them.
+    pub logits_diff: Option<(f64, f64)>,
 }
 
 impl Row {
@@ -164,9 +168,9 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
                 continue;
             }
             bind_random(&mut base, &mut bif, graph, &p, opts.seed)?;
-            // Warm-up, then alternate so both sides see the same noise.
-            base.run(&p)?;
-            bif.run(&p)?;
+            // Warm-up (the two steps' logits compared), then alternate so
+            // both sides see the same noise.
+            let logits_diff = compare_logits(graph, &base.run(&p)?, &bif.run(&p)?);
             let (mut tb, mut tf) = (Vec::new(), Vec::new());
             for _ in 0..opts.repeats.max(1) {
                 let t0 = Instant::now();
@@ -187,6 +191,7 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
                 bifurcated_ms: median(&tf).unwrap_or(f64::NAN),
                 predicted,
                 floor_ms,
+                logits_diff,
             });
         }
     }
@@ -219,6 +224,17 @@ fn point_bytes(steps: [&CpuBackend; 2], graph: &Graph, p: &BTreeMap<String, i64>
         largest = largest.max(4usize.saturating_mul(shape.iter().product::<usize>()));
     }
     Ok(total.saturating_add(largest))
+}
+
+/// [`Row::logits_diff`] of two steps' outputs.
+fn compare_logits(
+    graph: &Graph,
+    base: &HashMap<String, HostTensor>,
+    bif: &HashMap<String, HostTensor>,
+) -> Option<(f64, f64)> {
+    let named = graph.outputs.iter().find(|o| o.name == "logits");
+    let name = &named.or(graph.outputs.first())?.name;
+    max_abs_diff(&base.get(name)?.data, &bif.get(name)?.data)
 }
 
 /// Binds random values ([`random_input`]) to every input of the two steps

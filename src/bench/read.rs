@@ -24,8 +24,11 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
         .ok_or_else(|| {
             format!("line 1: not a bench table (wants columns {} or {})", FORMATS[0].join(","), FORMATS[1].join(","))
         })?;
-    // Optional (written by `bifurc bench` since it measures the peak rate).
-    let floor_column = names.iter().position(|n| *n == "fma_floor_ms");
+    // Optional (written by `bifurc bench` since it measures the peak rate;
+    // the logits' difference by both benches).
+    let column = |name: &str| names.iter().position(|n| *n == name);
+    let (floor_column, diff_columns) =
+        (column("fma_floor_ms"), [column("logits_max_abs_diff"), column("logits_max_abs")]);
     let mut rows = Vec::new();
     for (i, line) in lines {
         // Only the leading numeric columns are read; a quoted note comes last.
@@ -53,9 +56,22 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
             Ok(v)
         };
         let num = |c: usize| positive(cell(c), names[columns[c]]);
-        let floor_ms = match floor_column.and_then(|c| cells.get(c)).filter(|c| !c.is_empty()) {
+        let optional = |c: Option<usize>| c.and_then(|c| cells.get(c).copied()).filter(|c| !c.is_empty());
+        let floor_ms = match optional(floor_column) {
             Some(c) => Some(positive(c, "fma_floor_ms")?),
             None => None,
+        };
+        // Both or neither; each finite and at least 0.
+        let logits_diff = match diff_columns.map(optional) {
+            [Some(d), Some(m)] => {
+                let [d, m] =
+                    [(d, "logits_max_abs_diff"), (m, "logits_max_abs")].map(|(text, name)| match text.parse::<f64>() {
+                        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+                        _ => Err(format!("line {}: {name} is {text}, not a finite number at least 0", i + 1)),
+                    });
+                Some((d?, m?))
+            }
+            _ => None,
         };
         rows.push(Row {
             samples: int(0, 1)?,
@@ -65,6 +81,7 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
             bifurcated_ms: num(4)?,
             predicted: num(5)?,
             floor_ms,
+            logits_diff,
         });
     }
     if rows.is_empty() {
@@ -87,15 +104,18 @@ mod tests {
             bifurcated_ms: 1.0,
             predicted: 3.0,
             floor_ms: Some(0.25),
+            logits_diff: Some((1.5e-5, 12.25)),
         }]);
         let rows = rows_from_csv(&ours).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((rows[0].samples, rows[0].context, rows[0].speedup(), rows[0].predicted), (8, 1024, 2.0, 3.0));
-        assert_eq!(rows[0].floor_ms, Some(0.25));
-        let gpu = "b,m_c,m_d,baseline_ms,bifurcated_ms,speedup,predicted_speedup,note\n\
-                   16,8192,256,4.5,1.5,3.0,5.1,\"\"\n32,8192,256,,,,,\"time budget spent, skipped\"\n";
+        assert_eq!((rows[0].floor_ms, rows[0].logits_diff), (Some(0.25), Some((1.5e-5, 12.25))));
+        let gpu =
+            "b,m_c,m_d,baseline_ms,bifurcated_ms,speedup,predicted_speedup,logits_max_abs_diff,logits_max_abs,note\n\
+                   16,8192,256,4.5,1.5,3.0,5.1,0.000125,3.5,\"\"\n32,8192,256,,,,,,,\"time budget spent, skipped\"\n";
         let rows = rows_from_csv(gpu).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].samples, rows[0].decoded, rows[0].baseline_ms, rows[0].floor_ms), (16, 256, 4.5, None));
+        assert_eq!(rows[0].logits_diff, Some((0.000125, 3.5)));
         let err = rows_from_csv("x,y\n1,2\n").unwrap_err();
         assert!(err.contains("not a bench table"), "{err}");
         let err = rows_from_csv("b,m_c,m_d,baseline_ms,bifurcated_ms,predicted_speedup\n1,2,3,abc,1,1\n").unwrap_err();
@@ -112,8 +132,11 @@ mod tests {
     /// forever (its axis had no end).
     #[test]
     fn refuses_values_no_measurement_gives() {
-        let header = "samples,context,decoded,baseline_ms,bifurcated_ms,predicted_speedup,fma_floor_ms\n";
+        let header = "samples,context,decoded,baseline_ms,bifurcated_ms,predicted_speedup,fma_floor_ms,\
+                      logits_max_abs_diff,logits_max_abs\n";
         for (row, want) in [
+            ("1,2,3,4,1,1,,nan,1", "line 2: logits_max_abs_diff is nan, not a finite number at least 0"),
+            ("1,2,3,4,1,1,,0,-1", "line 2: logits_max_abs is -1, not a finite number at least 0"),
             ("1,2,3,nan,1,1,", "line 2: baseline_ms is nan, not a positive finite number"),
             ("1,2,3,4,inf,1,", "line 2: bifurcated_ms is inf, not a positive finite number"),
             ("1,2,3,4,1,1e999,", "line 2: predicted_speedup is 1e999, not a positive finite number"),

@@ -10,7 +10,8 @@
 //! ```
 
 use bifurc_runtime::bench::{
-    median, profile_csv, profile_dims_json, step_bytes, write_csv, write_markdown, BenchRow, Measurement, ProfileRow,
+    max_abs_diff, median, profile_csv, profile_dims_json, step_bytes, write_csv, write_markdown, BenchRow, Measurement,
+    ProfileRow,
 };
 use bifurc_runtime::cuda::{CudaStep, KernelTime};
 use bifurc_runtime::manifest::{BufferKind, Manifest};
@@ -423,15 +424,6 @@ fn measure(
             (Measurement::Skipped(e), None)
         }
     }
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> Option<(f64, f64)> {
-    if a.len() != b.len() || a.is_empty() {
-        return None;
-    }
-    let diff = a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max);
-    let scale = a.iter().map(|x| f64::from(x.abs())).fold(0.0, f64::max);
-    Some((diff, scale))
 }
 
 fn write_profile(path: &Path, times: &[KernelTime]) -> Result<String> {
