@@ -83,6 +83,28 @@ fn bench_skips_points_that_do_not_fit() {
     }
 }
 
+/// GPT-2's positions end at 1024: a point past them (its steps would
+/// gather no row, NaN logits) is listed, not run, naming the table; the
+/// point within them runs and its logits agree.
+#[test]
+fn bench_skips_points_past_learned_positions() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bifurc"))
+        .args(["bench", "examples/gpt2/model.json", "--samples", "1", "--context", "8,1024", "--decoded", "0"])
+        .args(["--repeats", "1"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run bifurc");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ran: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| 1 | 8 | 0 |")).collect();
+    assert_eq!(ran.len(), 1, "{stdout}");
+    assert!(ran[0].contains(" (max ") && !ran[0].contains("NaN"), "logits compared: {stdout}");
+    let (_, not_run) = stdout.split_once("\nNot run:\n\n").unwrap_or_else(|| panic!("no `Not run`: {stdout}"));
+    let want = "- b=1, m_c=1024, m_d=0: 1025 positions (context and decoded tokens together) are past the model's \
+                1024 learned positions (`transformer.wpe.weight` has 1024 rows)\n";
+    assert_eq!(not_run, want);
+}
+
 /// Sweeps no step can run, refused before anything is compiled: a sample
 /// count of 0 (its table would not plot), a negative context, no repeats;
 /// and an --out that is a file (bench found it after the whole sweep).

@@ -12,13 +12,15 @@ use std::fmt::Write as _;
 
 /// The largest |difference| of two steps' outputs on the same inputs,
 /// and the largest |value| of the first (for scale); `None` when their
-/// lengths differ or they are empty.
+/// lengths differ or they are empty. A NaN in either makes that figure
+/// NaN (`f64::max` would pass over it, and NaN logits read as agreement).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> Option<(f64, f64)> {
     if a.len() != b.len() || a.is_empty() {
         return None;
     }
-    let diff = a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max);
-    let scale = a.iter().map(|x| f64::from(x.abs())).fold(0.0, f64::max);
+    let largest = |m: f64, v: f64| if m.is_nan() || v.is_nan() { f64::NAN } else { m.max(v) };
+    let diff = a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, largest);
+    let scale = a.iter().map(|x| f64::from(x.abs())).fold(0.0, largest);
     Some((diff, scale))
 }
 
@@ -251,6 +253,10 @@ mod tests {
         assert_eq!(max_abs_diff(&[1.0, -4.0, 2.0], &[1.5, -4.0, 1.75]), Some((0.5, 4.0)));
         assert_eq!(max_abs_diff(&[1.0], &[1.0, 2.0]), None, "lengths differ");
         assert_eq!(max_abs_diff(&[], &[]), None, "nothing to compare");
+        let nan = max_abs_diff(&[1.0, f32::NAN, 2.0], &[1.0, 3.0, 2.0]);
+        assert!(nan.is_some_and(|(d, m)| d.is_nan() && m.is_nan()), "{nan:?}");
+        let nan = max_abs_diff(&[1.0, 2.0], &[f32::NAN, 2.0]);
+        assert!(nan.is_some_and(|(d, m)| d.is_nan() && m == 2.0), "{nan:?}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub use report::{to_csv, to_markdown};
 
 use crate::cpu_backend::CpuBackend;
 use crate::inspect::{bytes_moved, multiply_adds, ShapePoint};
-use crate::interp::{random_input, At};
+use crate::interp::{positions_past_table, random_input, At};
 use crate::ir::{Graph, Role};
 use crate::optimize::{optimize, Options};
 use bifurc_runtime::bench::{max_abs_diff, median};
@@ -109,7 +109,8 @@ pub struct Sweep {
     /// Points not run, each with why (in sweep order): the two steps with
     /// their inputs (held once where both store them alike), and the
     /// largest random input in f32, would not fit in the host's memory,
-    /// or a buffer would pass the CPU step's size limit.
+    /// a buffer would pass the CPU step's size limit, or the positions
+    /// would pass the model's learned ones.
     pub skipped: Vec<String>,
 }
 
@@ -122,7 +123,10 @@ pub struct Sweep {
 /// ([`bifurc_runtime::memory::host_available`], asked after the last
 /// point's memory but the weights is freed), or would have a buffer past
 /// the CPU step's size limit, is skipped, not run into an allocation
-/// failure; a sweep with no point that can run is an error.
+/// failure; so is a point whose positions pass a table of learned
+/// positions ([`positions_past_table`]: GPT-2 past 1024 tokens, where the
+/// steps would gather no row and give NaN logits). A sweep with no point
+/// that can run is an error.
 pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Sweep, BenchError> {
     if graph.dims.runtime != ["b", "m_c", "m_d"] {
         return Err(BenchError::Dims(graph.dims.runtime.join(", ")));
@@ -152,22 +156,31 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
         for &b in &opts.samples {
             let p = point(b, m_c, opts.decoded);
             let done = sweep.rows.len() + sweep.skipped.len();
-            progress(&format!("point {} of {points}: b={b}, m_c={m_c}, m_d={}", done + 1, opts.decoded));
+            let this = format!("point {} of {points}: b={b}, m_c={m_c}, m_d={}", done + 1, opts.decoded);
+            progress(&this);
             // The last point's inputs (but the weights) and intermediates
             // freed, then: what this point adds to the memory in use.
             base.release_but(is_weight);
             bif.release_but(is_weight);
             let at = format!("b={b}, m_c={m_c}, m_d={}", opts.decoded);
-            let fits = point_bytes([&base, &bif], graph, &p).and_then(|n| {
-                let what = "the baseline and bifurcated steps";
-                memory::check(what, n, memory::host_available(), "this machine").map_err(|e| e.to_string())
-            });
+            // Positions past a table of learned positions (GPT-2 past 1024
+            // tokens) would be gathered from no row: NaN logits.
+            let fits = match positions_past_table(graph, &p)? {
+                Some(why) => Err(why),
+                None => point_bytes([&base, &bif], graph, &p).and_then(|n| {
+                    let what = "the baseline and bifurcated steps";
+                    memory::check(what, n, memory::host_available(), "this machine").map_err(|e| e.to_string())
+                }),
+            };
             if let Err(why) = fits {
                 progress(&format!("skipped {at}: {why}"));
                 sweep.skipped.push(format!("{at}: {why}"));
                 continue;
             }
-            bind_random(&mut base, &mut bif, graph, &p, opts.seed)?;
+            bind_random([&mut base, &mut bif], graph, &p, opts.seed, |i, n, name| {
+                progress(&format!("{this}: binding random input {i} of {n} (`{name}`)"));
+            })?;
+            progress(&this);
             // Warm-up (the two steps' logits compared), then alternate so
             // both sides see the same noise.
             let logits_diff = compare_logits(graph, &base.run(&p)?, &bif.run(&p)?);
@@ -239,19 +252,24 @@ fn compare_logits(
 
 /// Binds random values ([`random_input`]) to every input of the two steps
 /// not bound yet, one input at a time: an input both store alike is
-/// stored once and shared.
+/// stored once and shared. `progress(i, n, name)` is told of each input
+/// as it is drawn (the `i`th of `n` to draw).
 fn bind_random(
-    base: &mut CpuBackend,
-    bif: &mut CpuBackend,
+    [base, bif]: [&mut CpuBackend; 2],
     graph: &Graph,
     p: &BTreeMap<String, i64>,
     seed: u64,
+    mut progress: impl FnMut(usize, usize, &str),
 ) -> Result<(), BenchError> {
-    for (index, input) in graph.inputs.iter().enumerate() {
-        let name = input.name.as_str();
-        if base.is_bound(name) && bif.is_bound(name) {
-            continue;
-        }
+    let unbound: Vec<(usize, &str)> = graph
+        .inputs
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| !(base.is_bound(&i.name) && bif.is_bound(&i.name)))
+        .map(|(index, i)| (index, i.name.as_str()))
+        .collect();
+    for (i, &(index, name)) in unbound.iter().enumerate() {
+        progress(i + 1, unbound.len(), name);
         let t = random_input(graph, p, index, seed)?;
         if bif.stores_alike(base, name) {
             base.bind_tensor(name, t)?;
@@ -300,7 +318,15 @@ mod tests {
             let largest = to_draw.map(|(_, t)| 4 * t.data.len()).max().unwrap_or(0);
             let drawn_before = if i == 0 { 0 } else { held(&base, p) };
             assert_eq!(need, both - drawn_before + largest, "point {i}");
-            bind_random(&mut base, &mut bif, &graph, p, 5).unwrap_or_else(|e| panic!("{e}"));
+            let mut told = Vec::new();
+            bind_random([&mut base, &mut bif], &graph, p, 5, |i, n, name| told.push((i, n, name.to_string())))
+                .unwrap_or_else(|e| panic!("{e}"));
+            // Each input drawn told once, in order: all of them, then all
+            // but the weights.
+            let names: Vec<&str> =
+                graph.inputs.iter().map(|x| x.name.as_str()).filter(|n| i == 0 || !weights.contains(n)).collect();
+            let want: Vec<_> = names.iter().enumerate().map(|(k, n)| (k + 1, names.len(), n.to_string())).collect();
+            assert_eq!(told, want, "point {i}");
             for input in &graph.inputs {
                 let (a, b) = (base.stored(&input.name), bif.stored(&input.name));
                 let shared = a.zip(b).is_some_and(|(a, b)| a.shares_elements(b));

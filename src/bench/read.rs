@@ -61,13 +61,14 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
             Some(c) => Some(positive(c, "fma_floor_ms")?),
             None => None,
         };
-        // Both or neither; each finite and at least 0.
+        // Both or neither; neither below 0 (NaN where a step gave NaN
+        // logits: not drawn, so kept as the bench wrote it).
         let logits_diff = match diff_columns.map(optional) {
             [Some(d), Some(m)] => {
                 let [d, m] =
                     [(d, "logits_max_abs_diff"), (m, "logits_max_abs")].map(|(text, name)| match text.parse::<f64>() {
-                        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-                        _ => Err(format!("line {}: {name} is {text}, not a finite number at least 0", i + 1)),
+                        Ok(v) if v.is_nan() || v >= 0.0 => Ok(v),
+                        _ => Err(format!("line {}: {name} is {text}, not a number at least 0", i + 1)),
                     });
                 Some((d?, m?))
             }
@@ -116,6 +117,8 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].samples, rows[0].decoded, rows[0].baseline_ms, rows[0].floor_ms), (16, 256, 4.5, None));
         assert_eq!(rows[0].logits_diff, Some((0.000125, 3.5)));
+        let nan = rows_from_csv(&gpu.replace("0.000125,3.5", "NaN,NaN")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(nan[0].logits_diff.is_some_and(|(d, m)| d.is_nan() && m.is_nan()), "NaN logits kept as written");
         let err = rows_from_csv("x,y\n1,2\n").unwrap_err();
         assert!(err.contains("not a bench table"), "{err}");
         let err = rows_from_csv("b,m_c,m_d,baseline_ms,bifurcated_ms,predicted_speedup\n1,2,3,abc,1,1\n").unwrap_err();
@@ -135,8 +138,8 @@ mod tests {
         let header = "samples,context,decoded,baseline_ms,bifurcated_ms,predicted_speedup,fma_floor_ms,\
                       logits_max_abs_diff,logits_max_abs\n";
         for (row, want) in [
-            ("1,2,3,4,1,1,,nan,1", "line 2: logits_max_abs_diff is nan, not a finite number at least 0"),
-            ("1,2,3,4,1,1,,0,-1", "line 2: logits_max_abs is -1, not a finite number at least 0"),
+            ("1,2,3,4,1,1,,-0.5,1", "line 2: logits_max_abs_diff is -0.5, not a number at least 0"),
+            ("1,2,3,4,1,1,,0,x", "line 2: logits_max_abs is x, not a number at least 0"),
             ("1,2,3,nan,1,1,", "line 2: baseline_ms is nan, not a positive finite number"),
             ("1,2,3,4,inf,1,", "line 2: bifurcated_ms is inf, not a positive finite number"),
             ("1,2,3,4,1,1e999,", "line 2: predicted_speedup is 1e999, not a positive finite number"),

@@ -94,6 +94,12 @@ pub fn random_input(
 /// Rows of the table of the first gather whose ids come from input `index`
 /// (directly or through view ops).
 fn gather_rows(graph: &Graph, at: &At, index: usize) -> Result<Option<usize>, InterpError> {
+    Ok(gather_table(graph, at, index)?.map(|(_, rows)| rows))
+}
+
+/// The table the first gather whose ids come from input `index` reads
+/// (directly or through view ops), and its rows.
+fn gather_table(graph: &Graph, at: &At, index: usize) -> Result<Option<(Value, usize)>, InterpError> {
     let mut from_input = vec![false; graph.nodes.len()];
     let derived = |v: &Value, from: &[bool]| match *v {
         Value::Input(i) => i == index,
@@ -103,11 +109,39 @@ fn gather_rows(graph: &Graph, at: &At, index: usize) -> Result<Option<usize>, In
         if matches!(node.op, Op::Gather) && node.inputs.get(1).is_some_and(|v| derived(v, &from_input)) {
             let table = graph.shape_of(node.inputs[0]);
             return match table.first() {
-                Some(rows) => Ok(Some(at.size(rows, &format!("node `{}`", node.id))?)),
+                Some(rows) => Ok(Some((node.inputs[0], at.size(rows, &format!("node `{}`", node.id))?))),
                 None => Ok(None),
             };
         }
         from_input[j] = node.op.is_view() && node.inputs.iter().any(|v| derived(v, &from_input));
+    }
+    Ok(None)
+}
+
+/// Where the positions of a step at `point` ([`random_inputs`]: the new
+/// tokens', after `m_s + m_c + m_d` earlier ones) pass a table of learned
+/// positions (GPT-2's `wpe`: a weight that a gather reads with a
+/// `position` input), whose gather then has no row to read: why, naming
+/// the table. `None` where they are all the model's; rotary positions
+/// have no end.
+pub fn positions_past_table(graph: &Graph, point: &BTreeMap<String, i64>) -> Result<Option<String>, InterpError> {
+    let at = At::new(graph, point)?;
+    for (index, inp) in graph.inputs.iter().enumerate().filter(|(_, i)| i.role == Role::Position) {
+        let Some((table, rows)) = gather_table(graph, &at, index)? else { continue };
+        let shape = at.shape(&inp.shape, &format!("input `{}`", inp.name))?;
+        let dim = |d: &str| if graph.dims.is_runtime(d) { point.get(d).copied().unwrap_or(0) } else { 0 };
+        let new = shape.last().copied().unwrap_or(1) as i64;
+        let end = dim("m_s").saturating_add(dim("m_c")).saturating_add(dim("m_d")).saturating_add(new);
+        if end > rows as i64 {
+            let name = match table {
+                Value::Input(i) => format!("`{}`", graph.inputs[i].name),
+                Value::Node(j) => format!("node `{}`", graph.nodes[j].id),
+            };
+            return Ok(Some(format!(
+                "{end} positions (context and decoded tokens together) are past the model's {rows} learned \
+                 positions ({name} has {rows} rows)"
+            )));
+        }
     }
     Ok(None)
 }
@@ -159,5 +193,25 @@ mod tests {
         let mut r = SplitMix64::new(7 ^ fnv1a("c"));
         assert!(all["c"].data.iter().all(|&v| v == r.symmetric()), "the activation, in order");
         assert!(random_input(&graph, &point, 3, 7).is_err(), "no fourth input");
+    }
+
+    /// GPT-2's learned positions end at 1024 (`wpe`'s rows): a step whose
+    /// new token would be the 1025th is past them, and the reason names
+    /// the table; rotary positions (the tiny llama) have no end.
+    #[test]
+    fn positions_past_a_learned_table_are_found() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let load = |name: &str| {
+            crate::import::load(&dir.join(format!("examples/{name}/model.json"))).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let point = |m_c: i64, m_d: i64| {
+            BTreeMap::from([("b".to_string(), 2), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)])
+        };
+        let past = |g: &Graph, m_c, m_d| positions_past_table(g, &point(m_c, m_d)).unwrap_or_else(|e| panic!("{e}"));
+        let gpt2 = load("gpt2");
+        assert_eq!(past(&gpt2, 1000, 23), None, "the 1024th position is the table's last");
+        let why = past(&gpt2, 1000, 24).unwrap_or_default();
+        assert!(why.starts_with("1025 positions") && why.contains("(`transformer.wpe.weight` has 1024 rows)"), "{why}");
+        assert_eq!(past(&load("tiny"), 1 << 40, 16), None, "rotary");
     }
 }
