@@ -35,6 +35,15 @@ impl HostData {
         }
     }
 
+    /// `n` zeros (at least one) for a buffer the step hands back, moved
+    /// out by [`HostData::into_tensor`] where it is f32 ([`Lines::returned`]).
+    pub(crate) fn returned(dtype: DType, n: usize) -> Self {
+        match dtype {
+            DType::F32 => HostData::F32(Lines::returned(n.max(1))),
+            _ => Self::zeros(dtype, n),
+        }
+    }
+
     /// Whether this holds storage of `dtype`.
     pub(crate) fn dtype_is(&self, dtype: DType) -> bool {
         matches!(
@@ -272,5 +281,24 @@ mod tests {
                 assert_eq!(g, scalar(x), "{dtype:?} #{i}: {x:e} ({:#x})", x.to_bits());
             }
         }
+    }
+
+    /// A buffer the step hands back becomes the returned tensor's data
+    /// without a copy (its allocation, 16 bytes past a page for a large
+    /// one, does not start a line: an aligned buffer was copied, into
+    /// fresh pages, at every run); a half-precision one is converted.
+    #[test]
+    fn returned_f32_buffers_are_moved_out() {
+        let n = 1 << 20;
+        let mut h = HostData::returned(DType::F32, n);
+        let written = h.ptr();
+        if let HostData::F32(v) = &mut h {
+            v[n - 1] = 3.5;
+        }
+        let t = h.into_tensor(DType::F32, vec![n], n);
+        assert_eq!(t.data.as_ptr().cast::<c_void>(), written.cast_const(), "moved, not copied");
+        assert_eq!((t.data.len(), t.data[n - 1], t.data[0]), (n, 3.5, 0.0));
+        let half = HostData::returned(DType::BF16, 4).into_tensor(DType::BF16, vec![4], 4);
+        assert_eq!(half.data, [0.0; 4]);
     }
 }

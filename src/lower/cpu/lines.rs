@@ -7,11 +7,12 @@ const LINE: usize = 64;
 /// Bytes of the smallest page the system maps on first touch.
 const PAGE: usize = 4096;
 
-/// `len` elements of `T` starting on a cache line: the CPU kernels' 64-byte
-/// vector loads and stores along a buffer's rows then never straddle two
-/// lines. A `Vec`'s large allocations start 16 bytes past a page (glibc's
-/// `mmap`ed chunks), which made every such access touch two lines (q·K
-/// over the context about 9% slower). Reads and writes as a slice.
+/// `len` elements of `T` starting on a cache line (but those made by
+/// [`Lines::returned`]): the CPU kernels' 64-byte vector loads and stores
+/// along a buffer's rows then never straddle two lines. A `Vec`'s large
+/// allocations start 16 bytes past a page (glibc's `mmap`ed chunks), which
+/// made every such access touch two lines (q·K over the context about 9%
+/// slower). Reads and writes as a slice.
 pub(crate) struct Lines<T> {
     /// The allocation, a line's worth of elements longer than needed.
     raw: Vec<T>,
@@ -75,6 +76,16 @@ impl<T: Copy + Default> Lines<T> {
             *slot = x;
         }
         out
+    }
+
+    /// `n` zeros that [`Lines::into_vec`] moves out rather than copies: a
+    /// buffer the step hands back (an output), which starts where its
+    /// allocation does, on a line or not. Its one pass of stores may
+    /// straddle lines; starting it on one cost a copy of it into fresh
+    /// memory at every run (GPT-2's logits at b = 64: 12.9 MB, every page
+    /// faulted in twice).
+    pub(crate) fn returned(n: usize) -> Self {
+        Lines { raw: vec![T::default(); n], start: 0, len: n }
     }
 
     /// Elements this allocation can hold.

@@ -535,7 +535,8 @@ impl CpuStep {
                     }
                     _ => HostData::zeros(buf.dtype, n),
                 }),
-                _ => Ok(HostData::zeros(buf.dtype, n)),
+                // Handed back: moved into the returned tensor, not copied.
+                BufferKind::Output(_) => Ok(HostData::returned(buf.dtype, n)),
             };
             shapes.push((shape, n));
             host.push(data);
