@@ -506,14 +506,16 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         needed = needed.saturating_add(pre.needed);
         what.push_str(" with the prefill step");
     }
+    // The session keeps the context's caches on the host too, in f32: in
+    // the same memory as the step's on the CPU, beside the GPU's on CUDA.
+    let shorter = |e: bifurc_runtime::memory::Shortfall| fail(format!("{e}; use a shorter context or fewer --samples"));
     if opts.device == Device::Cpu {
-        // The session keeps the context's caches on the host too, in f32.
-        let per_token: usize = layout.layers.iter().map(|l| 2 * l.g * l.k * 4).sum();
-        needed = needed.saturating_add(per_token.saturating_mul(context_len));
+        needed = needed.saturating_add(layout.context_host_bytes(context_len));
+    } else {
+        layout.check_host_context(context_len).map_err(shorter)?;
     }
     let where_ = if opts.device == Device::Cpu { "this machine".to_string() } else { device.clone() };
-    bifurc_runtime::memory::check(&what, needed, made.available, &where_)
-        .map_err(|e| fail(format!("{e}; use a shorter context or fewer --samples")))?;
+    bifurc_runtime::memory::check(&what, needed, made.available, &where_).map_err(shorter)?;
 
     let start = Instant::now();
     // Files are read once, for the decode step and a prefill step alike.

@@ -16,6 +16,8 @@ use std::fmt;
 pub struct Shortfall {
     /// What needs it, e.g. "the decode step at b = 32, m_c = 8192, m_d = 63".
     pub what: String,
+    /// What it holds, e.g. "weights, KV caches and activations".
+    pub holds: String,
     /// Bytes it needs at least.
     pub needed: usize,
     /// Bytes the device has available.
@@ -28,9 +30,10 @@ impl fmt::Display for Shortfall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "not enough memory for {}: it needs at least {} (weights, KV caches and activations), and {} has {} available",
+            "not enough memory for {}: it needs at least {} ({}), and {} has {} available",
             self.what,
             gb(self.needed),
+            self.holds,
             self.device,
             gb(self.available)
         )
@@ -40,12 +43,27 @@ impl fmt::Display for Shortfall {
 impl std::error::Error for Shortfall {}
 
 /// `Err` when `needed` bytes exceed `available` (`None`: unknown, which
-/// passes).
+/// passes), for a step: its weights, KV caches and activations.
 pub fn check(what: &str, needed: usize, available: Option<usize>, device: &str) -> Result<(), Shortfall> {
+    check_holding(what, "weights, KV caches and activations", needed, available, device)
+}
+
+/// [`check`] for something that holds `holds`.
+pub fn check_holding(
+    what: &str,
+    holds: &str,
+    needed: usize,
+    available: Option<usize>,
+    device: &str,
+) -> Result<(), Shortfall> {
     match available {
-        Some(available) if needed > available => {
-            Err(Shortfall { what: what.to_string(), needed, available, device: device.to_string() })
-        }
+        Some(available) if needed > available => Err(Shortfall {
+            what: what.to_string(),
+            holds: holds.to_string(),
+            needed,
+            available,
+            device: device.to_string(),
+        }),
         _ => Ok(()),
     }
 }

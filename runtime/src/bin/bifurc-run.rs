@@ -203,6 +203,9 @@ fn run(args: &RunArgs) -> Result<()> {
     ]);
     let what = format!("the decode step at b = {}, m_c = {context_len}, m_d = {}", args.samples, last["m_d"]);
     step.check_fits(&what, &last).map_err(|e| format!("{e}; use a shorter context or fewer --samples"))?;
+    // The session keeps the context on the host too, in f32.
+    let layout = DecodeLayout::from_manifest(&manifest).map_err(|e| e.to_string())?;
+    layout.check_host_context(context_len).map_err(|e| format!("{e}; use a shorter context"))?;
     let start = Instant::now();
     // Files are read once, for the decode step and a prefill step alike.
     let source = if args.random_weights {

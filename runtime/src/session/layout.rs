@@ -253,6 +253,29 @@ impl DecodeLayout {
 }
 
 impl DecodeLayout {
+    /// Bytes a [`super::Session`] keeps on the host for a context of `len`
+    /// tokens, whatever the device the step runs on: every layer's K and
+    /// V (`[g, len, k]`, f32: [`super::Context::caches`]), the context it
+    /// fans each batch of samples out from.
+    pub fn context_host_bytes(&self, len: usize) -> usize {
+        let per_token = self.layers.iter().fold(0usize, |t, l| t.saturating_add(l.g.saturating_mul(l.k)));
+        per_token.saturating_mul(2 * 4).saturating_mul(len)
+    }
+
+    /// Whether the host has room for [`DecodeLayout::context_host_bytes`]
+    /// of a context of `len` tokens ([`crate::memory::host_available`]):
+    /// asked by a run whose step is on a GPU (on the CPU the copy shares
+    /// the step's memory, and is counted with it).
+    pub fn check_host_context(&self, len: usize) -> Result<(), crate::memory::Shortfall> {
+        crate::memory::check_holding(
+            &format!("the host's copy of a context of {len} tokens"),
+            "every layer's K and V in f32",
+            self.context_host_bytes(len),
+            crate::memory::host_available(),
+            "this machine",
+        )
+    }
+
     /// Whether positions `0..end` are all the model's: past a table of
     /// learned positions ([`DecodeLayout::position_table`]) its gather has
     /// no row to read (and gives NaN), so that is an error naming the
@@ -308,6 +331,23 @@ mod tests {
         assert_eq!(l1.decode, ["cache.1.k_dec".to_string(), "cache.1.v_dec".to_string()]);
         assert_eq!(l1.new, ["layer.1.k_new".to_string(), "layer.1.v_new".to_string()]);
         assert_eq!(layout.weights.len(), 21);
+    }
+
+    /// The host copy of a context: K and V of every layer in f32.
+    #[test]
+    fn a_context_on_the_host_takes_k_and_v_of_every_layer_in_f32() {
+        let layout = DecodeLayout::from_manifest(&tiny()).unwrap();
+        // 2 layers of 2 KV heads of 16.
+        assert_eq!(layout.context_host_bytes(1), 2 * 2 * (2 * 16) * 4);
+        assert_eq!(layout.context_host_bytes(1000), 1000 * 512);
+        assert_eq!(layout.context_host_bytes(usize::MAX), usize::MAX, "saturates");
+        assert!(layout.check_host_context(1000).is_ok());
+        if crate::memory::host_available().is_some() {
+            let err = layout.check_host_context(1 << 50).unwrap_err().to_string();
+            let want = "not enough memory for the host's copy of a context of 1125899906842624 tokens: it needs at \
+                        least 576460752.30 GB (every layer's K and V in f32), and this machine has";
+            assert!(err.starts_with(want), "{err}");
+        }
     }
 
     /// A table of learned positions is the weight a gather reads with
