@@ -165,8 +165,8 @@ mod tests {
     }
 
     /// One input drawn alone equals its entry of `random_inputs`, and a
-    /// weight and an activation large enough to be drawn split across the cores
-    /// hold the values of one generator drawn in order.
+    /// weight and an activation large enough to be drawn split across the
+    /// cores hold the values of one generator drawn in order.
     #[test]
     fn inputs_drawn_alone_and_in_parts_equal_one_stream() {
         let doc = serde_json::json!({
