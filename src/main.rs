@@ -178,7 +178,8 @@ enum Command {
         /// Seed of the random weights and caches.
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Directory for bench.csv, bench.md, speedup.svg and latency.svg.
+        /// Directory for bench.csv, bench.md, speedup.svg and latency.svg (the tables written
+        /// again after every point, so an interrupted sweep leaves what it measured).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Threads each large kernel is split across (default: one per core).
@@ -515,22 +516,38 @@ fn run(cli: Cli) -> Result<()> {
             }
             let opts =
                 bifurc::bench::BenchOptions { samples, context_lens: context, decoded, repeats, optimize_at, seed };
-            let bar = indicatif::ProgressBar::new_spinner();
-            bar.enable_steady_tick(std::time::Duration::from_millis(200));
-            let sweep = bifurc::bench::run_cpu(&graph, &opts, |msg| bar.set_message(msg.to_string()));
-            bar.finish_and_clear();
-            let bifurc::bench::Sweep { rows, skipped } = sweep.with_context(|| format!("{}", model.display()))?;
             let threads = rayon::current_num_threads();
             let title = format!("{} (CPU, {threads} thread{})", model.display(), if threads == 1 { "" } else { "s" });
-            print!("{}", bifurc::bench::to_markdown(&rows, &skipped, &title));
-            if let Some(dir) = out {
+            // The tables, written again after every point: an interrupted
+            // sweep leaves what it measured.
+            let tables = |dir: &Path, rows: &[bifurc::bench::Row], skipped: &[String]| -> Result<()> {
                 let write = |name: &str, text: String| {
                     let path = dir.join(name);
                     bifurc::fsio::write_atomic(&path, text.as_bytes())
                         .with_context(|| format!("cannot write {}", path.display()))
                 };
-                write("bench.csv", bifurc::bench::to_csv(&rows))?;
-                write("bench.md", bifurc::bench::to_markdown(&rows, &skipped, &title))?;
+                write("bench.csv", bifurc::bench::to_csv(rows))?;
+                write("bench.md", bifurc::bench::to_markdown(rows, skipped, &title))
+            };
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            // A table that cannot be written part way is said at the end,
+            // when it is written whole.
+            let sweep = bifurc::bench::run_cpu(
+                &graph,
+                &opts,
+                |msg| bar.set_message(msg.to_string()),
+                |sweep| {
+                    if let Some(dir) = &out {
+                        let _ = tables(dir, &sweep.rows, &sweep.skipped);
+                    }
+                },
+            );
+            bar.finish_and_clear();
+            let bifurc::bench::Sweep { rows, skipped } = sweep.with_context(|| format!("{}", model.display()))?;
+            print!("{}", bifurc::bench::to_markdown(&rows, &skipped, &title));
+            if let Some(dir) = out {
+                tables(&dir, &rows, &skipped)?;
                 bifurc::bench::write_svgs(&rows, &dir, &title)
                     .with_context(|| format!("cannot write plots in {}", dir.display()))?;
                 eprintln!("wrote bench.csv, bench.md, speedup.svg, latency.svg in {}", dir.display());

@@ -127,7 +127,15 @@ pub struct Sweep {
 /// positions ([`positions_past_table`]: GPT-2 past 1024 tokens, where the
 /// steps would gather no row and give NaN logits). A sweep with no point
 /// that can run is an error.
-pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Sweep, BenchError> {
+///
+/// `point_done` is given the sweep so far after each point, run or
+/// skipped (for partial results that survive an interrupted sweep).
+pub fn run_cpu(
+    graph: &Graph,
+    opts: &BenchOptions,
+    mut progress: impl FnMut(&str),
+    mut point_done: impl FnMut(&Sweep),
+) -> Result<Sweep, BenchError> {
     if graph.dims.runtime != ["b", "m_c", "m_d"] {
         return Err(BenchError::Dims(graph.dims.runtime.join(", ")));
     }
@@ -175,6 +183,7 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
             if let Err(why) = fits {
                 progress(&format!("skipped {at}: {why}"));
                 sweep.skipped.push(format!("{at}: {why}"));
+                point_done(&sweep);
                 continue;
             }
             bind_random([&mut base, &mut bif], graph, &p, opts.seed, |i, n, name| {
@@ -206,6 +215,7 @@ pub fn run_cpu(graph: &Graph, opts: &BenchOptions, mut progress: impl FnMut(&str
                 floor_ms,
                 logits_diff,
             });
+            point_done(&sweep);
         }
     }
     if sweep.rows.is_empty() {
@@ -351,5 +361,26 @@ mod tests {
             base.release_but(|n| weights.contains(&n));
             bif.release_but(|n| weights.contains(&n));
         }
+    }
+
+    /// `point_done` sees the sweep after every point, run or skipped, in
+    /// order (the CLI writes its tables from it).
+    #[test]
+    fn each_point_is_reported_when_done() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let graph = crate::import::load(&dir.join("examples/tiny/model.json")).unwrap_or_else(|e| panic!("{e}"));
+        let opts = BenchOptions {
+            samples: vec![1, 2],
+            context_lens: vec![8, 3_000_000_000],
+            decoded: 0,
+            repeats: 1,
+            optimize_at: None,
+            seed: 1,
+        };
+        let mut seen = Vec::new();
+        let sweep = run_cpu(&graph, &opts, |_| {}, |s| seen.push((s.rows.len(), s.skipped.len())));
+        let sweep = sweep.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(seen, [(1, 0), (2, 0), (2, 1), (2, 2)]);
+        assert_eq!((sweep.rows.len(), sweep.skipped.len()), (2, 2));
     }
 }
