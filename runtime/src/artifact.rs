@@ -18,21 +18,14 @@ pub struct Artifact {
     pub manifest: Manifest,
 }
 
+/// Each message says its cause; none is also given as the `source()`, so
+/// an error chain (`anyhow`'s `{:#}`) words each error once.
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    #[error("cannot read {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("manifest {path}: {source}")]
-    Manifest {
-        path: String,
-        #[source]
-        source: ManifestError,
-    },
+    #[error("cannot read {what} {path}: {error}")]
+    Read { what: &'static str, path: String, error: std::io::Error },
+    #[error("manifest {path}: {error}")]
+    Manifest { path: String, error: ManifestError },
     #[error("PTX {path}: {message}")]
     Ptx { path: String, message: String },
 }
@@ -61,16 +54,16 @@ impl Artifact {
                 return Err(ArtifactError::Read {
                     what: "PTX",
                     path: path.display().to_string(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                    error: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
                 });
             }
             let manifest = load_manifest(&manifest_path)?;
             (path.to_path_buf(), manifest_path, manifest)
         };
-        let ptx = std::fs::read_to_string(&ptx_path).map_err(|source| ArtifactError::Read {
+        let ptx = std::fs::read_to_string(&ptx_path).map_err(|error| ArtifactError::Read {
             what: "PTX",
             path: ptx_path.display().to_string(),
-            source,
+            error,
         })?;
         let artifact = Artifact { ptx_path, manifest_path, ptx, manifest };
         artifact.check()?;
@@ -139,13 +132,13 @@ fn load_manifest(path: &Path) -> Result<Manifest, ArtifactError> {
         return Err(ArtifactError::Read {
             what: "manifest",
             path: path.display().to_string(),
-            source: std::io::Error::new(
+            error: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 "no such file (`bifurc compile -o step.ptx` writes step.manifest.json beside step.ptx)",
             ),
         });
     }
-    Manifest::load(path).map_err(|source| ArtifactError::Manifest { path: path.display().to_string(), source })
+    Manifest::load(path).map_err(|error| ArtifactError::Manifest { path: path.display().to_string(), error })
 }
 
 /// Names of the `.entry` functions a PTX module defines.
@@ -218,6 +211,43 @@ mod tests {
 
     fn fixture() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/step.ptx")
+    }
+
+    /// An error's chain, as `anyhow`'s `{:#}` prints it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut next = e.source();
+        while let Some(s) = next {
+            text = format!("{text}: {s}");
+            next = s.source();
+        }
+        text
+    }
+
+    /// Read, JSON and manifest errors say their cause once, in the chain
+    /// as in the message (they said it twice, the message and the source).
+    #[test]
+    fn errors_word_their_cause_once() {
+        let dir = std::env::temp_dir().join(format!("bifurc-artifact-errors-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = Artifact::load(dir.join("none.ptx")).unwrap_err();
+        let bad = dir.join("bad.manifest.json");
+        std::fs::write(&bad, "{").unwrap();
+        std::fs::write(dir.join("bad.ptx"), "").unwrap();
+        let json = Artifact::load(dir.join("bad.ptx")).unwrap_err();
+        let read = Manifest::load(dir.join("none.manifest.json")).unwrap_err();
+        let parse = Manifest::load(&bad).unwrap_err();
+        for (e, cause) in [
+            (&missing as &dyn std::error::Error, "no such file"),
+            (&json, "EOF while parsing"),
+            (&read, "No such file"),
+            (&parse, "EOF while parsing"),
+        ] {
+            let text = chain(e);
+            assert_eq!(text, e.to_string(), "no source beside the message");
+            assert_eq!(text.matches(cause).count(), 1, "{text}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -254,26 +254,28 @@ pub struct Launch {
     pub block: [u32; 3],
 }
 
+/// Each message says its cause; none is also given as the `source()`, so
+/// an error chain (`anyhow`'s `{:#}`) words each error once.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("cannot read manifest {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read manifest {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("manifest is not valid JSON of the expected shape: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
     #[error("unsupported manifest format `{found}` (this runtime reads `{FORMAT}`)")]
     Format { found: String },
     #[error("invalid manifest: {0}")]
     Invalid(String),
-    #[error("{context}: {source}")]
-    Expr {
-        context: String,
-        #[source]
-        source: ExprError,
-    },
+    #[error("{context}: {error}")]
+    Expr { context: String, error: ExprError },
+}
+
+/// Said in the message, not also given as the source (each error is
+/// worded once in a chain).
+impl From<serde_json::Error> for ManifestError {
+    fn from(e: serde_json::Error) -> Self {
+        ManifestError::Json(e)
+    }
 }
 
 impl std::str::FromStr for Manifest {
@@ -305,7 +307,7 @@ impl Manifest {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ManifestError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ManifestError::Read { path: path.display().to_string(), source })?;
+            .map_err(|error| ManifestError::Read { path: path.display().to_string(), error })?;
         text.parse()
     }
 
@@ -343,9 +345,9 @@ impl Manifest {
         }
         let check = |size: &Size, what: &dyn Fn() -> String| -> Result<(), ManifestError> {
             if let Size::Expr(text) = size {
-                let expr = parse_expr(text).map_err(|source| ManifestError::Expr { context: what(), source })?;
+                let expr = parse_expr(text).map_err(|error| ManifestError::Expr { context: what(), error })?;
                 if let Some(name) = expr.names().into_iter().find(|n| !known.contains(n.as_str())) {
-                    return Err(ManifestError::Expr { context: what(), source: ExprError::Unbound(name) });
+                    return Err(ManifestError::Expr { context: what(), error: ExprError::Unbound(name) });
                 }
             }
             Ok(())
@@ -446,7 +448,7 @@ impl Manifest {
     /// Evaluates a size at the runtime dims (constants are bound for you).
     pub fn eval(&self, size: &Size, runtime: &BTreeMap<String, i64>) -> Result<i64, ManifestError> {
         let dims = self.bind(runtime)?;
-        eval_size(size, &dims).map_err(|source| ManifestError::Expr { context: format!("`{size}`"), source })
+        eval_size(size, &dims).map_err(|error| ManifestError::Expr { context: format!("`{size}`"), error })
     }
 
     /// Grid and block of `kernel` at the runtime dims.
@@ -459,10 +461,10 @@ impl Manifest {
                 (&kernel.block[axis], &mut launch.block[axis], "block"),
             ] {
                 let context = || format!("kernel `{}` {what}[{axis}]", kernel.name);
-                let v = eval_size(size, &dims).map_err(|source| ManifestError::Expr { context: context(), source })?;
+                let v = eval_size(size, &dims).map_err(|error| ManifestError::Expr { context: context(), error })?;
                 *out = u32::try_from(v).map_err(|_| ManifestError::Expr {
                     context: context(),
-                    source: ExprError::Range(format!("{v} does not fit a launch dimension")),
+                    error: ExprError::Range(format!("{v} does not fit a launch dimension")),
                 })?;
             }
         }

@@ -17,14 +17,12 @@ use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// Each message says its cause; none is also given as the `source()`, so
+/// an error chain (`anyhow`'s `{:#}`) words each error once.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("cannot read weights {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read weights {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path} is not a valid safetensors file: {message}")]
     Format { path: String, message: String },
     #[error("no .safetensors files in {0}")]
@@ -37,12 +35,8 @@ pub enum WeightsError {
     DType { name: String, stored: String, dtype: String },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("binding weight `{name}`: {source}")]
-    Bind {
-        name: String,
-        #[source]
-        source: StepError,
-    },
+    #[error("binding weight `{name}`: {error}")]
+    Bind { name: String, error: StepError },
 }
 
 /// One or more `.safetensors` files, read into memory, headers parsed.
@@ -65,7 +59,7 @@ impl WeightFiles {
         let mut files = Vec::new();
         for path in paths {
             if path.is_dir() {
-                let read_err = |source| WeightsError::Read { path: path.display().to_string(), source };
+                let read_err = |error| WeightsError::Read { path: path.display().to_string(), error };
                 let mut shards: Vec<PathBuf> = std::fs::read_dir(path)
                     .map_err(read_err)?
                     .filter_map(|e| e.ok().map(|e| e.path()))
@@ -146,7 +140,7 @@ impl WeightFiles {
 impl WeightFile {
     fn open(path: &Path) -> Result<Self, WeightsError> {
         let bytes =
-            std::fs::read(path).map_err(|source| WeightsError::Read { path: path.display().to_string(), source })?;
+            std::fs::read(path).map_err(|error| WeightsError::Read { path: path.display().to_string(), error })?;
         let (header, metadata) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| WeightsError::Format { path: path.display().to_string(), message: e.to_string() })?;
         Ok(WeightFile { path: path.to_path_buf(), data_start: 8 + header, metadata, bytes })
@@ -206,7 +200,7 @@ pub fn bind_weights<S: Step + ?Sized>(
         progress(&buffer.name);
         let shape = shape_at(manifest, buffer, &manifest.point)?;
         let tensor = files.tensor(&buffer.name, &shape)?;
-        step.bind(&buffer.name, &tensor).map_err(|source| WeightsError::Bind { name: buffer.name.clone(), source })?;
+        step.bind(&buffer.name, &tensor).map_err(|error| WeightsError::Bind { name: buffer.name.clone(), error })?;
         count += 1;
     }
     Ok(count)
@@ -242,7 +236,7 @@ fn bind_random_with<S: Step + ?Sized>(
     for buffer in weight_buffers(manifest) {
         progress(&buffer.name);
         let tensor = random_tensor(manifest, buffer, &manifest.point, seed)?;
-        step.bind(&buffer.name, &tensor).map_err(|source| WeightsError::Bind { name: buffer.name.clone(), source })?;
+        step.bind(&buffer.name, &tensor).map_err(|error| WeightsError::Bind { name: buffer.name.clone(), error })?;
         count += 1;
     }
     Ok(count)

@@ -55,6 +55,8 @@ use crate::{HostTensor, Step, StepError};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+/// Each message says its cause; none is also given as the `source()`, so
+/// an error chain (`anyhow`'s `{:#}`) words each error once.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// The manifest is not a single-level decode step this session can drive.
@@ -65,13 +67,8 @@ pub enum SessionError {
     /// The step returned something other than the manifest promises.
     #[error("step output `{name}`: {message}")]
     Output { name: String, message: String },
-    #[error("sampling sample {sample} at step {step}: {source}")]
-    Sample {
-        sample: usize,
-        step: usize,
-        #[source]
-        source: SampleError,
-    },
+    #[error("sampling sample {sample} at step {step}: {error}")]
+    Sample { sample: usize, step: usize, error: SampleError },
     #[error("{0}")]
     Usage(String),
 }
@@ -163,10 +160,10 @@ fn draw(
     temperature: f32,
     step: usize,
 ) -> Result<Vec<u32>, SessionError> {
-    sample_tokens(rows, vocab, shared, temperature, rngs).map_err(|(sample, source)| SessionError::Sample {
+    sample_tokens(rows, vocab, shared, temperature, rngs).map_err(|(sample, error)| SessionError::Sample {
         sample,
         step,
-        source,
+        error,
     })
 }
 
