@@ -155,8 +155,9 @@ enum Command {
     /// least time either step can take here, and the bifurcated step's share of it; and the
     /// largest difference of the two steps' logits on the same inputs. A point
     /// whose two steps would not fit in the memory this machine has available (or with a
-    /// buffer past the CPU step's limit, or positions past the model's learned ones: GPT-2
-    /// beyond 1024 tokens) is not run but listed under the table with why. On a GPU machine use `bifurc-run bench` with artifacts from `bifurc compile`.
+    /// buffer past the CPU step's limit, or positions past the model's learned ones, GPT-2
+    /// beyond 1024 tokens, or past 2^24) is not run but listed under the table with why. On
+    /// a GPU machine use `bifurc-run bench` with artifacts from `bifurc compile`.
     Bench {
         /// The model.json to benchmark (runtime dims b, m_c, m_d).
         model: PathBuf,

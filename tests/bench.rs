@@ -37,14 +37,14 @@ fn bench_cli_writes_tables_and_plots() {
 /// allocation failure, an abort): it is listed under the table with what
 /// it needs, the others run; a buffer past the CPU step's limit likewise;
 /// a sweep of nothing that can run is a one-line error. The large point,
-/// 67 million tokens of context (near the buffer limit), needs about 51 GB
-/// with its inputs held once for both steps: on a host with 50 GB
-/// available the memory case is not checked.
+/// 3 million samples (the context cannot grow so far: positions past 2^24
+/// are refused first), needs about 73 GB: on a host with 50 GB available
+/// the memory case is not checked.
 #[test]
 fn bench_skips_points_that_do_not_fit() {
-    let bench = |context: &str| {
+    let bench = |samples: &str| {
         Command::new(env!("CARGO_BIN_EXE_bifurc"))
-            .args(["bench", "examples/tiny/model.json", "--samples", "1", "--context", context, "--decoded", "0"])
+            .args(["bench", "examples/tiny/model.json", "--samples", samples, "--context", "8", "--decoded", "0"])
             .args(["--repeats", "1"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
@@ -52,15 +52,15 @@ fn bench_skips_points_that_do_not_fit() {
     };
     let roomy = bifurc_runtime::memory::host_available().is_none_or(|n| n > 50_000_000_000);
     let cases: &[(&str, &[&str])] = if roomy {
-        &[("8,3000000000", &["b=1, m_c=3000000000, m_d=0: ", "too large", "at most 2147483648 elements"])]
+        &[("1,9000000", &["b=9000000, m_c=8, m_d=0: ", "too large", "at most 2147483648 elements"])]
     } else {
         &[
-            ("8,67000000", &["b=1, m_c=67000000, m_d=0: not enough memory", "GB", "available"]),
-            ("8,3000000000", &["b=1, m_c=3000000000, m_d=0: ", "too large", "at most 2147483648 elements"]),
+            ("1,3000000", &["b=3000000, m_c=8, m_d=0: not enough memory", "GB", "available"]),
+            ("1,9000000", &["b=9000000, m_c=8, m_d=0: ", "too large", "at most 2147483648 elements"]),
         ]
     };
-    for (context, wants) in cases {
-        let out = bench(context);
+    for (samples, wants) in cases {
+        let out = bench(samples);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(
@@ -74,7 +74,7 @@ fn bench_skips_points_that_do_not_fit() {
             assert!(not_run.starts_with("- ") && not_run.contains(want), "`{want}` missing: {stdout}");
         }
         // Only the large point: nothing can run.
-        let large = context.trim_start_matches("8,");
+        let large = samples.trim_start_matches("1,");
         let out = bench(large);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");

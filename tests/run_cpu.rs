@@ -434,14 +434,19 @@ fn run_errors_are_one_line() {
     if !cfg!(feature = "cuda") {
         fails(&run(bif, &[&ok[..], &["--device", "cuda"]].concat()), &["--features cuda", "bifurc-run"]);
     }
-    // More than a CPU buffer holds, and, where the host has less than 60
-    // GB available, more memory than it has (about 65 GB): said before
+    // Positions past 2^24 (not exact in the f32 that carries them); more
+    // than a CPU buffer holds; and, where the host has less than 60 GB
+    // available, more memory than it has (about 69 GB): said before
     // anything large is allocated.
     let ctx = ["--random-weights", "--steps", "2", "--samples", "2", "--context-len"];
-    fails(&run(bif, &[&ctx[..], &["3000000000"]].concat()), &["too large", "at most 2147483648 elements"]);
+    let wants = ["the last, 17000001, is past 16777216 (2^24)", "use at most 16777217 tokens"];
+    fails(&run(bif, &[&ctx[..], &["17000000"]].concat()), &wants);
+    let samples = ["--random-weights", "--steps", "2", "--context-len", "8", "--samples"];
+    let wants = ["`logits` of shape [9000000, 1, 256] is too large", "at most 2147483648 elements"];
+    fails(&run(bif, &[&samples[..], &["9000000"]].concat()), &wants);
     if bifurc_runtime::memory::host_available().is_some_and(|n| n < 60_000_000_000) {
-        let wants = ["not enough memory for the decode step at b = 2, m_c = 60000000, m_d = 1", "GB available"];
-        fails(&run(bif, &[&ctx[..], &["60000000"]].concat()), &wants);
+        let wants = ["not enough memory for the decode step at b = 5000000, m_c = 8, m_d = 1", "GB available"];
+        fails(&run(bif, &[&samples[..], &["5000000"]].concat()), &wants);
     }
     // The CPU backend's override of the bf16 dot product, misspelt.
     let args = run(bif, &ok);

@@ -16,7 +16,7 @@ pub use report::{to_csv, to_markdown};
 
 use crate::cpu_backend::CpuBackend;
 use crate::inspect::{bytes_moved, multiply_adds, ShapePoint};
-use crate::interp::{positions_past_table, random_input, At};
+use crate::interp::{positions_unusable, random_input, At};
 use crate::ir::{Graph, Role};
 use crate::optimize::{optimize, Options};
 use bifurc_runtime::bench::{max_abs_diff, median};
@@ -110,7 +110,7 @@ pub struct Sweep {
     /// their inputs (held once where both store them alike), and the
     /// largest random input in f32, would not fit in the host's memory,
     /// a buffer would pass the CPU step's size limit, or the positions
-    /// would pass the model's learned ones.
+    /// would pass the model's learned ones or 2^24.
     pub skipped: Vec<String>,
 }
 
@@ -123,10 +123,11 @@ pub struct Sweep {
 /// ([`bifurc_runtime::memory::host_available`], asked after the last
 /// point's memory but the weights is freed), or would have a buffer past
 /// the CPU step's size limit, is skipped, not run into an allocation
-/// failure; so is a point whose positions pass a table of learned
-/// positions ([`positions_past_table`]: GPT-2 past 1024 tokens, where the
-/// steps would gather no row and give NaN logits). A sweep with no point
-/// that can run is an error.
+/// failure; so is a point whose positions cannot be given
+/// ([`positions_unusable`]: past a table of learned positions, GPT-2
+/// past 1024 tokens, where the steps would gather no row and give NaN
+/// logits; or past 2^24). A sweep with no point that can run is an
+/// error.
 ///
 /// `point_done` is given the sweep so far after each point, run or
 /// skipped (for partial results that survive an interrupted sweep).
@@ -172,8 +173,9 @@ pub fn run_cpu(
             bif.release_but(is_weight);
             let at = format!("b={b}, m_c={m_c}, m_d={}", opts.decoded);
             // Positions past a table of learned positions (GPT-2 past 1024
-            // tokens) would be gathered from no row: NaN logits.
-            let fits = match positions_past_table(graph, &p)? {
+            // tokens) would be gathered from no row (NaN logits); past 2^24
+            // they are not exact in f32.
+            let fits = match positions_unusable(graph, &p)? {
                 Some(why) => Err(why),
                 None => point_bytes([&base, &bif], graph, &p).and_then(|n| {
                     let what = "the baseline and bifurcated steps";

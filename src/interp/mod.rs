@@ -31,7 +31,7 @@ mod special;
 mod tensor;
 
 pub use error::InterpError;
-pub use random::{positions_past_table, random_input, random_inputs, SplitMix64};
+pub use random::{positions_unusable, random_input, random_inputs, SplitMix64};
 pub use special::{erf, erfc};
 pub use tensor::{Tensor, MAX_EXACT_INT};
 

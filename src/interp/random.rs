@@ -118,28 +118,36 @@ fn gather_table(graph: &Graph, at: &At, index: usize) -> Result<Option<(Value, u
     Ok(None)
 }
 
-/// Where the positions of a step at `point` ([`random_inputs`]: the new
-/// tokens', after `m_s + m_c + m_d` earlier ones) pass a table of learned
-/// positions (GPT-2's `wpe`: a weight that a gather reads with a
-/// `position` input), whose gather then has no row to read: why, naming
-/// the table. `None` where they are all the model's; rotary positions
-/// have no end.
-pub fn positions_past_table(graph: &Graph, point: &BTreeMap<String, i64>) -> Result<Option<String>, InterpError> {
+/// Why the positions of a step at `point` ([`random_inputs`]: the new
+/// tokens', after `m_s + m_c + m_d` earlier ones) cannot be given, if
+/// they cannot: past a table of learned positions (GPT-2's `wpe`: a
+/// weight that a gather reads with a `position` input) the gather has no
+/// row to read (the reason names the table); past 2^24 a position is not
+/// exact in the f32 tensors that carry it. `None` where they can.
+pub fn positions_unusable(graph: &Graph, point: &BTreeMap<String, i64>) -> Result<Option<String>, InterpError> {
     let at = At::new(graph, point)?;
     for (index, inp) in graph.inputs.iter().enumerate().filter(|(_, i)| i.role == Role::Position) {
-        let Some((table, rows)) = gather_table(graph, &at, index)? else { continue };
         let shape = at.shape(&inp.shape, &format!("input `{}`", inp.name))?;
         let dim = |d: &str| if graph.dims.is_runtime(d) { point.get(d).copied().unwrap_or(0) } else { 0 };
         let new = shape.last().copied().unwrap_or(1) as i64;
         let end = dim("m_s").saturating_add(dim("m_c")).saturating_add(dim("m_d")).saturating_add(new);
-        if end > rows as i64 {
-            let name = match table {
-                Value::Input(i) => format!("`{}`", graph.inputs[i].name),
-                Value::Node(j) => format!("node `{}`", graph.nodes[j].id),
-            };
+        if let Some((table, rows)) = gather_table(graph, &at, index)? {
+            if end > rows as i64 {
+                let name = match table {
+                    Value::Input(i) => format!("`{}`", graph.inputs[i].name),
+                    Value::Node(j) => format!("node `{}`", graph.nodes[j].id),
+                };
+                return Ok(Some(format!(
+                    "{end} positions (context and decoded tokens together) are past the model's {rows} learned \
+                     positions ({name} has {rows} rows)"
+                )));
+            }
+        }
+        if end - 1 > MAX_EXACT_INT {
             return Ok(Some(format!(
-                "{end} positions (context and decoded tokens together) are past the model's {rows} learned \
-                 positions ({name} has {rows} rows)"
+                "{end} positions (context and decoded tokens together): the last, {}, is past {MAX_EXACT_INT} \
+                 (2^24), the largest a step's inputs carry exactly (as f32)",
+                end - 1
             )));
         }
     }
@@ -197,9 +205,10 @@ mod tests {
 
     /// GPT-2's learned positions end at 1024 (`wpe`'s rows): a step whose
     /// new token would be the 1025th is past them, and the reason names
-    /// the table; rotary positions (the tiny llama) have no end.
+    /// the table; rotary positions (the tiny llama) end where f32 stops
+    /// holding integers exactly, past 2^24.
     #[test]
-    fn positions_past_a_learned_table_are_found() {
+    fn positions_past_a_learned_table_or_2_24_are_found() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let load = |name: &str| {
             crate::import::load(&dir.join(format!("examples/{name}/model.json"))).unwrap_or_else(|e| panic!("{e}"))
@@ -207,11 +216,14 @@ mod tests {
         let point = |m_c: i64, m_d: i64| {
             BTreeMap::from([("b".to_string(), 2), ("m_c".to_string(), m_c), ("m_d".to_string(), m_d)])
         };
-        let past = |g: &Graph, m_c, m_d| positions_past_table(g, &point(m_c, m_d)).unwrap_or_else(|e| panic!("{e}"));
+        let past = |g: &Graph, m_c, m_d| positions_unusable(g, &point(m_c, m_d)).unwrap_or_else(|e| panic!("{e}"));
         let gpt2 = load("gpt2");
         assert_eq!(past(&gpt2, 1000, 23), None, "the 1024th position is the table's last");
         let why = past(&gpt2, 1000, 24).unwrap_or_default();
         assert!(why.starts_with("1025 positions") && why.contains("(`transformer.wpe.weight` has 1024 rows)"), "{why}");
-        assert_eq!(past(&load("tiny"), 1 << 40, 16), None, "rotary");
+        let tiny = load("tiny");
+        assert_eq!(past(&tiny, (1 << 24) - 16, 16), None, "rotary: the last position, 2^24, is exact");
+        let why = past(&tiny, (1 << 24) - 16, 17).unwrap_or_default();
+        assert!(why.contains("the last, 16777217, is past 16777216 (2^24)"), "{why}");
     }
 }

@@ -252,6 +252,10 @@ impl DecodeLayout {
     }
 }
 
+/// The largest position a step is given exactly: positions go to it as
+/// f32 ([`crate::HostTensor`]), whose integers are exact up to 2^24.
+pub const MAX_POSITION: usize = 1 << 24;
+
 impl DecodeLayout {
     /// Bytes a [`super::Session`] keeps on the host for a context of `len`
     /// tokens, whatever the device the step runs on: every layer's K and
@@ -279,12 +283,21 @@ impl DecodeLayout {
     /// Whether positions `0..end` are all the model's: past a table of
     /// learned positions ([`DecodeLayout::position_table`]) its gather has
     /// no row to read (and gives NaN), so that is an error naming the
-    /// table. Rotary positions have no such end.
+    /// table. Rotary positions have no such end, but every position goes
+    /// to the step as an f32 ([`crate::HostTensor`]), exact only up to
+    /// [`MAX_POSITION`]: past it a position would be rounded (to an even
+    /// one, silently, on a GPU), so that is an error too.
     pub fn check_positions(&self, end: usize) -> Result<(), SessionError> {
         match &self.position_table {
             Some((table, rows)) if end > *rows => Err(SessionError::Usage(format!(
                 "{end} positions (context and decoded tokens together) are past the model's {rows} learned \
                  positions (`{table}` has {rows} rows): use at most {rows} tokens in all"
+            ))),
+            _ if end > MAX_POSITION + 1 => Err(SessionError::Usage(format!(
+                "{end} positions (context and decoded tokens together): the last, {}, is past {MAX_POSITION} \
+                 (2^24), the largest a step's inputs carry exactly (as f32): use at most {} tokens in all",
+                end - 1,
+                MAX_POSITION + 1
             ))),
             _ => Ok(()),
         }
@@ -357,7 +370,13 @@ mod tests {
     fn finds_a_table_of_learned_positions() {
         let layout = DecodeLayout::from_manifest(&tiny()).unwrap();
         assert_eq!(layout.position_table, None);
-        assert!(layout.check_positions(1 << 20).is_ok(), "rotary: no end");
+        assert!(layout.check_positions(1 << 20).is_ok(), "rotary: no table's end");
+        assert!(layout.check_positions(MAX_POSITION + 1).is_ok(), "the last position 2^24 is exact");
+        let err = layout.check_positions(MAX_POSITION + 2).unwrap_err().to_string();
+        assert!(
+            err.contains("the last, 16777217, is past 16777216 (2^24)") && err.contains("16777217 tokens"),
+            "{err}"
+        );
 
         let mut m = tiny();
         let mut wpe = m.buffers.iter().find(|b| b.role.as_deref() == Some("weight")).unwrap().clone();

@@ -46,7 +46,7 @@ mod layout;
 mod sampler;
 
 pub use cache::KvCache;
-pub use layout::{DecodeLayout, LayerBuffers};
+pub use layout::{DecodeLayout, LayerBuffers, MAX_POSITION};
 pub use sampler::{sample_rng, sample_token, sample_tokens, SampleError};
 
 use crate::manifest::Manifest;
