@@ -371,6 +371,7 @@ enum GraphFormat {
 }
 
 fn main() -> ExitCode {
+    default_sigpipe();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -378,6 +379,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Lets a closed pipe end the process quietly, as it ends any Unix filter
+/// (`bifurc graph model.json | head`), where `println!` panicked ("failed
+/// printing to stdout: Broken pipe", exit status 101): Rust starts a
+/// program with SIGPIPE ignored.
+fn default_sigpipe() {
+    // SAFETY: called first in `main`, before any other thread exists;
+    // restoring a signal's default disposition touches no memory of ours.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -132,3 +132,29 @@ fn unwritable_outputs_are_refused_before_any_work() {
     assert_eq!(std::fs::read(&model).ok(), Some(text), "the input is unchanged");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A reader that closes the pipe early (`bifurc graph … | head -1`) ends
+/// the command quietly, by SIGPIPE as any Unix filter, not with a panic's
+/// message and exit status 101.
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bifurc"))
+        .args(["graph", "examples/llama-2-7b/model.json"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run bifurc");
+    let mut first = [0u8; 7];
+    child.stdout.take().expect("stdout").read_exact(&mut first).expect("the graph's first bytes");
+    assert_eq!(&first, b"digraph");
+    // The read end is dropped: the rest of the graph (~300 KB) has no reader.
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
+    assert!(stderr.is_empty(), "{stderr}");
+}

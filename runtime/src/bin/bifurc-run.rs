@@ -140,7 +140,19 @@ struct BenchArgs {
 
 type Result<T> = std::result::Result<T, String>;
 
+/// Lets a closed pipe end the process quietly, as it ends any Unix filter
+/// (`bifurc-run bench … | head`), where `println!` would panic: Rust
+/// starts a program with SIGPIPE ignored.
+fn default_sigpipe() {
+    // SAFETY: called first in `main`, before any other thread exists;
+    // restoring a signal's default disposition touches no memory of ours.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    default_sigpipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info { ptx, device } => info(&ptx, device),
