@@ -35,4 +35,12 @@ cargo test --workspace
 step "cargo test -p bifurc-runtime --features cuda"
 cargo test -p bifurc-runtime --features cuda
 
-printf '\nPASS: scripts/test.sh (fmt, clippy, clippy+cuda, docs, tests)\n'
+# The README's build-time example (its own workspace, so not in the
+# commands above): bifurc::compile from a build.rs, the manifest read back
+# through the runtime. --locked: its Cargo.lock must be up to date.
+step "examples/build-integration"
+integration_target="${CARGO_TARGET_DIR:-$root/target}"
+cargo build --locked --manifest-path examples/build-integration/Cargo.toml --target-dir "$integration_target"
+"$integration_target/debug/bifurc-build-integration" > /dev/null
+
+printf '\nPASS: scripts/test.sh (fmt, clippy, clippy+cuda, docs, tests, build-integration)\n'
