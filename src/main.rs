@@ -145,8 +145,9 @@ enum Command {
     /// Time the compiled step, baseline against bifurcated, over samples x context length.
     ///
     /// Compiles the graph twice for this machine's CPU (the MLIR JIT): as given, and
-    /// bifurcated (optimized at --optimize-at, default the largest point of the sweep); one
-    /// compilation of each serves every point. It binds random weights once (one copy, shared
+    /// bifurcated (optimized at --optimize-at, default the largest point of the sweep; the
+    /// table says how many attention sites that split, and a warning says when none was);
+    /// one compilation of each serves every point. It binds random weights once (one copy, shared
     /// by the two steps) and at each point random caches, warms up, then alternates timed
     /// steps of the two (shared noise) and reports the
     /// median latencies, their ratio, and the bytes model's predicted ratio beside it, with the
@@ -534,14 +535,14 @@ fn run(cli: Cli) -> Result<()> {
             let title = format!("{} (CPU, {threads} thread{})", model.display(), if threads == 1 { "" } else { "s" });
             // The tables, written again after every point: an interrupted
             // sweep leaves what it measured.
-            let tables = |dir: &Path, rows: &[bifurc::bench::Row], skipped: &[String]| -> Result<()> {
+            let tables = |dir: &Path, sweep: &bifurc::bench::Sweep| -> Result<()> {
                 let write = |name: &str, text: String| {
                     let path = dir.join(name);
                     bifurc::fsio::write_atomic(&path, text.as_bytes())
                         .with_context(|| format!("cannot write {}", path.display()))
                 };
-                write("bench.csv", bifurc::bench::to_csv(rows))?;
-                write("bench.md", bifurc::bench::to_markdown(rows, skipped, &title))
+                write("bench.csv", bifurc::bench::to_csv(&sweep.rows))?;
+                write("bench.md", bifurc::bench::to_markdown(&sweep.rows, &sweep.skipped, &title, &sweep.about()))
             };
             let bar = indicatif::ProgressBar::new_spinner();
             bar.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -553,16 +554,19 @@ fn run(cli: Cli) -> Result<()> {
                 |msg| bar.set_message(msg.to_string()),
                 |sweep| {
                     if let Some(dir) = &out {
-                        let _ = tables(dir, &sweep.rows, &sweep.skipped);
+                        let _ = tables(dir, sweep);
                     }
                 },
             );
             bar.finish_and_clear();
-            let bifurc::bench::Sweep { rows, skipped } = sweep.with_context(|| format!("{}", model.display()))?;
-            print!("{}", bifurc::bench::to_markdown(&rows, &skipped, &title));
+            let sweep = sweep.with_context(|| format!("{}", model.display()))?;
+            if sweep.bifurcated.0 == 0 {
+                eprintln!("warning: {}", sweep.about());
+            }
+            print!("{}", bifurc::bench::to_markdown(&sweep.rows, &sweep.skipped, &title, &sweep.about()));
             if let Some(dir) = out {
-                tables(&dir, &rows, &skipped)?;
-                bifurc::bench::write_svgs(&rows, &dir, &title)
+                tables(&dir, &sweep)?;
+                bifurc::bench::write_svgs(&sweep.rows, &dir, &title)
                     .with_context(|| format!("cannot write plots in {}", dir.display()))?;
                 eprintln!("wrote bench.csv, bench.md, speedup.svg, latency.svg in {}", dir.display());
             }

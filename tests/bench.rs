@@ -18,6 +18,8 @@ fn bench_cli_writes_tables_and_plots() {
     // Header, separator, and one row per point.
     assert_eq!(stdout.lines().filter(|l| l.starts_with("| ")).count(), 1 + 4, "{stdout}");
     assert!(stdout.contains("examples/tiny/model.json (CPU, 2 threads)"), "the title says where it ran: {stdout}");
+    let about = "\n4 of 4 attention sites bifurcated (optimized at b=4, m_c=16, m_d=0).\n";
+    assert!(stdout.contains(about), "and what it compared: {stdout}");
     let csv = std::fs::read_to_string(dir.join("bench.csv")).expect("bench.csv");
     assert_eq!(csv.lines().count(), 5);
     for row in csv.lines().skip(1) {
@@ -81,6 +83,37 @@ fn bench_skips_points_that_do_not_fit() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains("no point of the sweep could run") && stderr.contains(wants[0]), "{stderr}");
     }
+}
+
+/// A graph whose attention is already bifurcated (the optimizer's own
+/// output) has no site left to split: the two steps are the same graph,
+/// which the bench says on stderr and under the table's title.
+#[test]
+fn bench_says_when_nothing_was_bifurcated() {
+    let dir = std::env::temp_dir().join(format!("bifurc-bench-same-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let optimized = dir.join("tiny-bif.json");
+    let bifurc = || Command::new(env!("CARGO_BIN_EXE_bifurc"));
+    let out = bifurc()
+        .args(["optimize", "examples/tiny/model.json", "--output"])
+        .arg(&optimized)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run bifurc");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bifurc()
+        .arg("bench")
+        .arg(&optimized)
+        .args(["--samples", "4", "--context", "16", "--decoded", "0", "--repeats", "1"])
+        .output()
+        .expect("run bifurc");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let same = "0 of 0 attention sites bifurcated (optimized at b=4, m_c=16, m_d=0): none, so both steps run the \
+                same graph";
+    assert!(stderr.contains(&format!("warning: {same}\n")), "{stderr}");
+    assert!(stdout.contains(&format!("\n{same}.\n")), "{stdout}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// GPT-2's positions end at 1024: a point past them (its steps would

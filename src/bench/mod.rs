@@ -114,6 +114,20 @@ pub struct Sweep {
     /// a buffer would pass the CPU step's size limit, or the positions
     /// would pass the model's learned ones or 2^24.
     pub skipped: Vec<String>,
+    /// Attention sites the bifurcated step splits, of those the graph
+    /// has, and the point it was optimized at (`b=…, m_c=…, m_d=…`).
+    pub bifurcated: (usize, usize, String),
+}
+
+impl Sweep {
+    /// What the bifurcated step is: "4 of 4 attention sites bifurcated
+    /// (optimized at b=64, m_c=16384, m_d=16)", and with none, that both
+    /// steps run the same graph.
+    pub fn about(&self) -> String {
+        let (done, sites, at) = &self.bifurcated;
+        let same = if *done == 0 { ": none, so both steps run the same graph" } else { "" };
+        format!("{done} of {sites} attention sites bifurcated (optimized at {at}){same}")
+    }
 }
 
 /// Runs the sweep on the CPU. `progress` is told about each point as it
@@ -150,13 +164,15 @@ pub fn run_cpu(
         None => ShapePoint(point(max_b, max_c, opts.decoded)),
     };
     progress(&format!("optimizing at {at}"));
-    let optimized = optimize(graph, &Options { point: at, ..Options::default() })?.graph;
+    let optimized = optimize(graph, &Options { point: at.clone(), ..Options::default() })?;
+    let bifurcated = (optimized.report.rewritten(), optimized.report.sites.len(), at.to_string());
+    let optimized = optimized.graph;
     progress("compiling baseline and bifurcated steps");
     let mut base = CpuBackend::compile(graph)?;
     let mut bif = CpuBackend::compile(&optimized)?;
     progress("measuring this machine's peak multiply-add rate");
     let peak = crate::lower::peak_multiply_adds(base.threads())?;
-    let mut sweep = Sweep::default();
+    let mut sweep = Sweep { bifurcated, ..Sweep::default() };
     let points = opts.context_lens.len() * opts.samples.len();
     // The weights are drawn and bound once, at the first point that runs,
     // and kept for the others; every input the two steps store alike (all

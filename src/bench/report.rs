@@ -26,14 +26,19 @@ pub fn to_csv(rows: &[Row]) -> String {
     s
 }
 
-/// The table, then a line for each point left out (`skipped`: the point
-/// and why, see [`super::Sweep::skipped`]).
-pub fn to_markdown(rows: &[Row], skipped: &[String], title: &str) -> String {
-    let mut s = format!(
-        "## {title}\n\nMedian step latency; speedup = baseline / bifurcated; predicted = bytes moved, baseline / \
+/// The table under `title` and `about` (what was compared, see
+/// [`super::Sweep::about`]), then a line for each point left out
+/// (`skipped`: the point and why, see [`super::Sweep::skipped`]).
+pub fn to_markdown(rows: &[Row], skipped: &[String], title: &str, about: &str) -> String {
+    let mut s = format!("## {title}\n\n");
+    if !about.is_empty() {
+        let _ = write!(s, "{about}.\n\n");
+    }
+    s.push_str(
+        "Median step latency; speedup = baseline / bifurcated; predicted = bytes moved, baseline / \
          bifurcated; FMA floor = the step's multiply-adds (the same on both sides) at this machine's measured peak \
          rate, the least time either step can take; % of peak = FMA floor / bifurcated ms; logits max diff = \
-         the largest |difference| of the two steps' logits on the same inputs (the largest |logit| beside it).\n\n"
+         the largest |difference| of the two steps' logits on the same inputs (the largest |logit| beside it).\n\n",
     );
     s.push_str(
         "| samples | context | decoded | baseline ms | bifurcated ms | speedup | predicted | FMA floor ms | % of peak \
@@ -97,13 +102,15 @@ mod tests {
         assert_eq!(csv.lines().count(), 3);
         assert!(csv.contains("1,1024,16,2.000,2.000,1.000,1.000,,,\n"), "{csv}");
         assert!(csv.contains("32,1024,16,40.000,10.000,4.000,6.000,2.500,2.500e-6,8.0000\n"), "{csv}");
-        let md = to_markdown(&rows, &[], "t");
+        let md = to_markdown(&rows, &[], "t", "4 of 4 attention sites bifurcated (optimized at b=32)");
+        assert!(md.starts_with("## t\n\n4 of 4 attention sites bifurcated (optimized at b=32).\n\nMedian"), "{md}");
         assert!(md.contains("| 1 | 1024 | 16 | 2.00 | 2.00 | 1.00x | 1.00x | - | - | - |"), "{md}");
         let row = "| 32 | 1024 | 16 | 40.00 | 10.00 | 4.00x | 6.00x | 2.50 | 25% | 2.500e-6 (max 8.00) |";
         assert!(md.contains(row), "{md}");
         assert!(!md.contains("Not run"), "{md}");
         let why = "b=64, m_c=16384, m_d=16: not enough memory for the baseline and bifurcated steps: ...";
-        let md = to_markdown(&rows, &[why.to_string()], "t");
+        let md = to_markdown(&rows, &[why.to_string()], "t", "");
+        assert!(md.starts_with("## t\n\nMedian"), "{md}");
         assert!(md.ends_with(&format!("\nNot run:\n\n- {why}\n")), "{md}");
     }
 }
