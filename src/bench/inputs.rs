@@ -80,8 +80,7 @@ mod tests {
     /// bound from the last point.
     #[test]
     fn inputs_are_held_once_and_weights_kept_between_points() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let graph = crate::import::load(&dir.join("examples/tiny/model.json")).unwrap_or_else(|e| panic!("{e}"));
+        let graph = super::super::tiny();
         let at = ShapePoint(point(4, 64, 2));
         let optimized =
             optimize(&graph, &Options { point: at, ..Options::default() }).unwrap_or_else(|e| panic!("{e}"));

@@ -257,6 +257,13 @@ fn compare_logits(
     max_abs_diff(&base.get(name)?.data, &bif.get(name)?.data)
 }
 
+/// `examples/tiny`, the graph the bench's tests sweep.
+#[cfg(test)]
+fn tiny() -> Graph {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny/model.json");
+    crate::import::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,8 +272,7 @@ mod tests {
     /// order (the CLI writes its tables from it).
     #[test]
     fn each_point_is_reported_when_done() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let graph = crate::import::load(&dir.join("examples/tiny/model.json")).unwrap_or_else(|e| panic!("{e}"));
+        let graph = tiny();
         let opts = BenchOptions {
             samples: vec![1, 2],
             context_lens: vec![8, 3_000_000_000],
