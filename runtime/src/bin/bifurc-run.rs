@@ -227,13 +227,13 @@ fn run(args: &RunArgs) -> Result<()> {
     };
     // A tenth of the weights at a time, on stderr (unless --json).
     let count = weight_buffers(&manifest).count();
-    let (every, mut done) = ((count / 10).max(1), 0);
+    let (mut tenths, mut done) = (Tenths::of(count), 0);
     let bound = source
         .bind_with(&mut step, &manifest, |_| {
-            if !args.json && done > 0 && done % every == 0 {
+            done += 1;
+            if !args.json && tenths.passed(done) {
                 eprintln!("weights {done}/{count} bound");
             }
-            done += 1;
         })
         .map_err(|e| e.to_string())?;
     // The prefill step: the same device and weights.
@@ -275,12 +275,10 @@ fn run(args: &RunArgs) -> Result<()> {
         None => {
             // A tenth of the prompt at a time, on stderr (unless --json).
             let (len, json) = (args.prompt_ids.len(), args.json);
-            let every = (len / 10).max(1);
-            let mut told = 0;
+            let mut tenths = Tenths::of(len);
             let on_tokens = |n: usize| {
-                if !json && n / every > told / every {
+                if !json && tenths.passed(n) {
                     eprintln!("context {n}/{len} tokens");
-                    told = n;
                 }
             };
             match prefill.as_mut() {
@@ -300,12 +298,12 @@ fn run(args: &RunArgs) -> Result<()> {
         seed: args.seed,
         keep_last_logits: args.logits,
     };
-    let every = (args.steps / 10).max(1);
+    let mut tenths = Tenths::of(args.steps);
     let json = args.json;
     let start = Instant::now();
     let out = session
         .sample(&options, |r| {
-            if !json && (r.step + 1) % every == 0 {
+            if !json && tenths.passed(r.step + 1) {
                 eprintln!("step {}/{}: {:.3} ms", r.step + 1, args.steps, r.ms);
             }
         })
@@ -363,6 +361,29 @@ fn run(args: &RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// When a count of work done has passed another tenth of its total: the
+/// progress lines `run` prints for weights, context and steps alike.
+struct Tenths {
+    every: usize,
+    told: usize,
+}
+
+impl Tenths {
+    fn of(total: usize) -> Self {
+        Tenths { every: (total / 10).max(1), told: 0 }
+    }
+
+    /// Whether `done` (counted up from 0, in any steps) has reached a
+    /// multiple of a tenth past the last one told; then it is told.
+    fn passed(&mut self, done: usize) -> bool {
+        let passed = done / self.every > self.told / self.every;
+        if passed {
+            self.told = done;
+        }
+        passed
+    }
 }
 
 /// Random values for every non-weight input of `manifest` at `dims`.
@@ -614,4 +635,24 @@ fn bench(args: &BenchArgs) -> Result<()> {
     println!("{md}");
     println!("wrote {}/bench.csv and bench.md", args.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tenths;
+
+    /// A line a tenth of the way, whether the count goes up by one (weights,
+    /// steps) or by chunks (a prefilled context): never two in one tenth.
+    #[test]
+    fn tenths_pass_once_each() {
+        let told = |total: usize, counts: &[usize]| {
+            let mut t = Tenths::of(total);
+            counts.iter().copied().filter(|&n| t.passed(n)).collect::<Vec<_>>()
+        };
+        let weights: Vec<usize> = (1..=291).collect();
+        assert_eq!(told(291, &weights), (1..=10).map(|k| 29 * k).collect::<Vec<_>>());
+        assert_eq!(told(5, &[1, 2, 3, 4, 5]), [1, 2, 3, 4, 5], "fewer than ten: each");
+        assert_eq!(told(100, &[4, 8, 12, 13, 30, 99, 100]), [12, 30, 99, 100], "chunks: once per tenth passed");
+        assert_eq!(told(0, &[]), Vec::<usize>::new());
+    }
 }
