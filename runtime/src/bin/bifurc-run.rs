@@ -363,6 +363,13 @@ fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// "4 of 4 attention sites bifurcated": of the sites the manifest's
+/// model has, those its step splits.
+fn sites_bifurcated(m: &Manifest) -> String {
+    let split = m.attention.iter().filter(|site| site.bifurcated).count();
+    format!("{split} of {} attention sites bifurcated", m.attention.len())
+}
+
 /// When a count of work done has passed another tenth of its total: the
 /// progress lines `run` prints for weights, context and steps alike.
 struct Tenths {
@@ -506,6 +513,13 @@ fn bench(args: &BenchArgs) -> Result<()> {
                 .into(),
         );
     }
+    if !fm.attention.iter().any(|site| site.bifurcated) {
+        eprintln!(
+            "warning: {}: {}, so both artifacts run the same graph",
+            args.bifurcated.display(),
+            sites_bifurcated(fm)
+        );
+    }
     let m_d = args.decoded.or_else(|| bm.point.get("m_d").copied()).unwrap_or(256);
     eprintln!("binding random weights (seed {}) ...", args.seed);
     // One tensor at a time, the same for both (the inputs were checked equal).
@@ -593,7 +607,10 @@ fn bench(args: &BenchArgs) -> Result<()> {
     let mut facts = vec![
         ("device".to_string(), format!("{} (sm_{major}{minor}, {})", d.name, gb(d.total_bytes))),
         ("baseline".to_string(), format!("{} ({} kernels)", base_artifact.ptx_path.display(), bm.kernels.len())),
-        ("bifurcated".to_string(), format!("{} ({} kernels)", bif_artifact.ptx_path.display(), fm.kernels.len())),
+        (
+            "bifurcated".to_string(),
+            format!("{} ({} kernels; {})", bif_artifact.ptx_path.display(), fm.kernels.len(), sites_bifurcated(fm)),
+        ),
     ];
     for (label, m) in [("baseline", bm), ("bifurcated", fm)] {
         if !m.tuning.is_empty() {
@@ -654,5 +671,20 @@ mod tests {
         assert_eq!(told(5, &[1, 2, 3, 4, 5]), [1, 2, 3, 4, 5], "fewer than ten: each");
         assert_eq!(told(100, &[4, 8, 12, 13, 30, 99, 100]), [12, 30, 99, 100], "chunks: once per tenth passed");
         assert_eq!(told(0, &[]), Vec::<usize>::new());
+    }
+
+    /// The bench's facts say how many of the model's attention sites the
+    /// bifurcated artifact splits (the Llama-2-7B manifests gpu-check uses).
+    #[test]
+    fn the_bifurcated_manifest_says_its_sites() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-2-7b-l2");
+        let load = |name: &str| {
+            let m = std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            m.parse::<super::Manifest>().unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let bif = load("llama-2-7b-l2-bif.manifest.json");
+        assert_eq!(super::sites_bifurcated(&bif), "4 of 4 attention sites bifurcated");
+        let base = load("llama-2-7b-l2-base.manifest.json");
+        assert_eq!(super::sites_bifurcated(&base), "0 of 4 attention sites bifurcated");
     }
 }
