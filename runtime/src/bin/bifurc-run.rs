@@ -215,9 +215,11 @@ fn run(args: &RunArgs) -> Result<()> {
     ]);
     let what = format!("the decode step at b = {}, m_c = {context_len}, m_d = {}", args.samples, last["m_d"]);
     step.check_fits(&what, &last).map_err(|e| format!("{e}; use a shorter context or fewer --samples"))?;
-    // The session keeps the context on the host too, in f32.
+    // The session keeps the context on the host too, in f32; and past a
+    // table of learned positions or 2^24 no position can be given.
     let layout = DecodeLayout::from_manifest(&manifest).map_err(|e| e.to_string())?;
     layout.check_host_context(context_len).map_err(|e| format!("{e}; use a shorter context"))?;
+    layout.check_positions(context_len + args.steps).map_err(|e| e.to_string())?;
     let start = Instant::now();
     // Files are read once, for the decode step and a prefill step alike.
     let source = if args.random_weights {
@@ -262,9 +264,6 @@ fn run(args: &RunArgs) -> Result<()> {
     let device = step.device_info().name.clone();
     let step: Box<dyn Step> = if args.host_caches { Box::new(BoundCaches(step)) } else { Box::new(step) };
     let mut session = Session::new(step, &manifest).map_err(|e| e.to_string())?;
-    // Past a table of learned positions: said before any work.
-    let total = args.context_len.unwrap_or(args.prompt_ids.len()) + args.steps;
-    session.layout().check_positions(total).map_err(|e| e.to_string())?;
 
     let start = Instant::now();
     let context_len = match args.context_len {
