@@ -426,10 +426,9 @@ fn prefill_step(path: &Path, device: Device, context_len: usize) -> Result<(Made
             layout.n
         )));
     }
-    let full = (context_len / layout.n * layout.n) as i64;
-    let last = (full - layout.n as i64).max(0);
-    let end = BTreeMap::from([("b".to_string(), 1), ("m_c".to_string(), last), ("m_d".to_string(), 0)]);
-    let made = make_step(&artifact, device, &end, &BTreeMap::from([("m_c".to_string(), full)]))?;
+    let (full, last) = layout.prefill_chunks(context_len);
+    let end = BTreeMap::from([("b".to_string(), 1), ("m_c".to_string(), last as i64), ("m_d".to_string(), 0)]);
+    let made = make_step(&artifact, device, &end, &BTreeMap::from([("m_c".to_string(), full as i64)]))?;
     Ok((made, (artifact, layout)))
 }
 

@@ -266,6 +266,16 @@ impl DecodeLayout {
         per_token.saturating_mul(2 * 4).saturating_mul(len)
     }
 
+    /// How [`super::Session::fill_context_prefill`] runs this prefill step
+    /// (`n` new tokens a run) over a prompt of `len` tokens: the tokens it
+    /// takes in whole chunks, and where its last chunk starts (the context
+    /// that run reads, `m_c`; 0 with none). The rest are stepped one at a
+    /// time.
+    pub fn prefill_chunks(&self, len: usize) -> (usize, usize) {
+        let full = len / self.n.max(1) * self.n;
+        (full, full.saturating_sub(self.n))
+    }
+
     /// Whether the host has room for [`DecodeLayout::context_host_bytes`]
     /// of a context of `len` tokens ([`crate::memory::host_available`]):
     /// asked by a run whose step is on a GPU (on the CPU the copy shares
@@ -344,6 +354,18 @@ mod tests {
         assert_eq!(l1.decode, ["cache.1.k_dec".to_string(), "cache.1.v_dec".to_string()]);
         assert_eq!(l1.new, ["layer.1.k_new".to_string(), "layer.1.v_new".to_string()]);
         assert_eq!(layout.weights.len(), 21);
+    }
+
+    /// A prompt in prefill chunks: whole chunks only, the last starting
+    /// a chunk before their end.
+    #[test]
+    fn a_prompt_splits_into_whole_prefill_chunks() {
+        let mut layout = DecodeLayout::from_manifest(&tiny()).unwrap();
+        layout.n = 4;
+        assert_eq!(layout.prefill_chunks(11), (8, 4));
+        assert_eq!(layout.prefill_chunks(8), (8, 4));
+        assert_eq!(layout.prefill_chunks(4), (4, 0));
+        assert_eq!(layout.prefill_chunks(3), (0, 0), "none whole: all stepped");
     }
 
     /// The host copy of a context: K and V of every layer in f32.

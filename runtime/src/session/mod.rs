@@ -442,7 +442,7 @@ impl<S: Step> Session<S> {
                 prefill.bind(name, &HostTensor::zeros(vec![1, l.g, 0, l.k]))?;
             }
         }
-        let full = prompt.len() / n * n;
+        let (full, last) = layout.prefill_chunks(prompt.len());
         // The context grows inside the prefill step when it keeps caches
         // (each chunk's rows appended in place), else here (re-bound per chunk).
         let mut kept = Vec::new();
@@ -454,7 +454,7 @@ impl<S: Step> Session<S> {
         let kept = kept.iter().all(|&k| k);
         if full > 0 {
             // Room for the last chunk, over the context of all the others.
-            prefill.reserve(&dims(1, full - n, 0))?;
+            prefill.reserve(&dims(1, last, 0))?;
         }
         for start in (0..full).step_by(n.max(1)) {
             if !kept {
