@@ -64,14 +64,7 @@ pub fn random_input(
             Tensor::from_fn(shape, |_| rng.below(rows) as f32)
         }
         Role::Position => {
-            let dim = |d: &str| {
-                if graph.dims.is_runtime(d) {
-                    point.get(d).copied().unwrap_or(0)
-                } else {
-                    0
-                }
-            };
-            let base = dim("m_s").saturating_add(dim("m_c")).saturating_add(dim("m_d"));
+            let base = positions_before(graph, point);
             let top = base.saturating_add(shape.last().copied().unwrap_or(1) as i64);
             if top > MAX_EXACT_INT {
                 return Err(InterpError::NotInteger { name: inp.name.clone(), index: 0, value: top as f64 });
@@ -118,6 +111,14 @@ fn gather_table(graph: &Graph, at: &At, index: usize) -> Result<Option<(Value, u
     Ok(None)
 }
 
+/// Tokens before a step's new ones at `point`: `m_s + m_c + m_d` (a dim
+/// that is not a runtime dim of `graph` counts as 0), where its first
+/// position is.
+fn positions_before(graph: &Graph, point: &BTreeMap<String, i64>) -> i64 {
+    let dim = |d: &str| if graph.dims.is_runtime(d) { point.get(d).copied().unwrap_or(0) } else { 0 };
+    dim("m_s").saturating_add(dim("m_c")).saturating_add(dim("m_d"))
+}
+
 /// Why the positions of a step at `point` ([`random_inputs`]: the new
 /// tokens', after `m_s + m_c + m_d` earlier ones) cannot be given, if
 /// they cannot: past a table of learned positions (GPT-2's `wpe`: a
@@ -128,9 +129,8 @@ pub fn positions_unusable(graph: &Graph, point: &BTreeMap<String, i64>) -> Resul
     let at = At::new(graph, point)?;
     for (index, inp) in graph.inputs.iter().enumerate().filter(|(_, i)| i.role == Role::Position) {
         let shape = at.shape(&inp.shape, &format!("input `{}`", inp.name))?;
-        let dim = |d: &str| if graph.dims.is_runtime(d) { point.get(d).copied().unwrap_or(0) } else { 0 };
         let new = shape.last().copied().unwrap_or(1) as i64;
-        let end = dim("m_s").saturating_add(dim("m_c")).saturating_add(dim("m_d")).saturating_add(new);
+        let end = positions_before(graph, point).saturating_add(new);
         if let Some((table, rows)) = gather_table(graph, &at, index)? {
             if end > rows as i64 {
                 let name = match table {
