@@ -65,9 +65,13 @@ pub fn random_input(
         }
         Role::Position => {
             let base = positions_before(graph, point);
-            let top = base.saturating_add(shape.last().copied().unwrap_or(1) as i64);
-            if top > MAX_EXACT_INT {
-                return Err(InterpError::NotInteger { name: inp.name.clone(), index: 0, value: top as f64 });
+            // The last new position, `base + new - 1`, must be exact in
+            // f32: 2^24 still is (as `positions_unusable` and the
+            // runtime's `check_positions` say).
+            let new = shape.last().copied().unwrap_or(1).max(1);
+            let last = base.saturating_add(new as i64 - 1);
+            if last > MAX_EXACT_INT {
+                return Err(InterpError::NotInteger { name: inp.name.clone(), index: new - 1, value: last as f64 });
             }
             Tensor::from_fn(shape, |i| (base + i.last().copied().unwrap_or(0) as i64) as f32)
         }
@@ -225,5 +229,12 @@ mod tests {
         assert_eq!(past(&tiny, (1 << 24) - 16, 16), None, "rotary: the last position, 2^24, is exact");
         let why = past(&tiny, (1 << 24) - 16, 17).unwrap_or_default();
         assert!(why.contains("the last, 16777217, is past 16777216 (2^24)"), "{why}");
+        // The positions drawn for a step agree: the last exact one, 2^24,
+        // is drawn, and the first past it is refused.
+        let index = tiny.inputs.iter().position(|i| i.role == Role::Position).unwrap_or_else(|| panic!("no position"));
+        let drawn = random_input(&tiny, &point((1 << 24) - 16, 16), index, 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(drawn.data.last().copied(), Some(16777216.0));
+        let err = random_input(&tiny, &point((1 << 24) - 16, 17), index, 1).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("16777217"), "{err}");
     }
 }
