@@ -212,9 +212,10 @@ enum Command {
     /// decoded together for --steps tokens. Prints the tokens, the per-step latency (median,
     /// p90) and tokens/s; --json prints one JSON object instead. Before any weights are bound
     /// it asks whether the run fits: the step's buffers at the last step (weights, the context
-    /// and decode caches, intermediates; on the CPU also the host's copy of the context caches)
-    /// against the memory the machine, or the GPU, has available; a run that does not fit is an
-    /// error that says what it needs.
+    /// and decode caches, intermediates; on the CPU also the context caches in f32 while they
+    /// are bound: all of a prompt's, one layer of a random context's) against the memory the
+    /// machine, or the GPU, has available; a run that does not fit is an error that says what
+    /// it needs. Once bound, the context is held by the step alone.
     ///
     /// On the CPU, bf16 projections and context attention run on AMX tiles where the CPU has
     /// them (Intel, from Sapphire Rapids), and bf16 pairs are summed by `vdpbf16ps` on AMD;

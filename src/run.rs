@@ -12,7 +12,7 @@
 
 use crate::cpu_backend::CpuBackend;
 use bifurc_runtime::manifest::{BufferKind, Manifest};
-use bifurc_runtime::session::{DecodeLayout, SampleOptions, SampleOutput, Session, StepReport};
+use bifurc_runtime::session::{ContextOnHost, DecodeLayout, SampleOptions, SampleOutput, Session, StepReport};
 use bifurc_runtime::weights::{WeightFiles, WeightSource};
 use bifurc_runtime::{Artifact, SessionError, Step};
 use std::collections::BTreeMap;
@@ -505,13 +505,19 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         needed = needed.saturating_add(pre.needed);
         what.push_str(" with the prefill step");
     }
-    // The session keeps the context's caches on the host too, in f32: in
-    // the same memory as the step's on the CPU, beside the GPU's on CUDA.
+    // The session holds the context's caches on the host while it binds
+    // them, in f32 (a random context a layer at a time), and keeps no copy
+    // once the step holds them: in the same memory as the step's on the
+    // CPU, beside the GPU's on CUDA.
     let shorter = |e: bifurc_runtime::memory::Shortfall| fail(format!("{e}; use a shorter context or fewer --samples"));
+    let on_host = match opts.context {
+        ContextSource::Random { .. } => ContextOnHost::OneLayer,
+        ContextSource::Prompt(_) => ContextOnHost::Whole,
+    };
     if opts.device == Device::Cpu {
-        needed = needed.saturating_add(layout.context_host_bytes(context_len));
+        needed = needed.saturating_add(layout.context_host_bytes(context_len, on_host));
     } else {
-        layout.check_host_context(context_len).map_err(shorter)?;
+        layout.check_host_context(context_len, on_host).map_err(shorter)?;
     }
     let where_ = if opts.device == Device::Cpu { "this machine".to_string() } else { device.clone() };
     bifurc_runtime::memory::check(&what, needed, made.available, &where_).map_err(shorter)?;
@@ -547,6 +553,9 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let weights_s = start.elapsed().as_secs_f64();
 
     let mut session = Session::new(step, &manifest).map_err(|e| fail(e.to_string()))?;
+    // The step holds the context (in its own storage dtype on the CPU):
+    // no f32 copy beside it.
+    session.keep_host_context(false).map_err(|e| fail(e.to_string()))?;
     let start = Instant::now();
     let (context_len, context) = match &opts.context {
         ContextSource::Random { len } => {

@@ -346,6 +346,64 @@ fn usage_and_backend_errors_are_reported() {
     assert!(matches!(Session::new(FakeStep::default(), &multi), Err(SessionError::Layout(_))));
 }
 
+/// Without a host copy of the context (`keep_host_context(false)`): a
+/// context is bound as it is installed, filled or random, and the
+/// session's copy is empty; sampling decodes the same tokens from the same
+/// bound caches, each bound as often as with a copy. After `step_mut` the
+/// session asks for the context again instead of trusting what the step
+/// holds. Turning the copy off binds the current context, then drops it.
+#[test]
+fn a_context_without_a_host_copy_is_bound_as_it_is_installed() {
+    let m = manifest();
+    let options = SampleOptions { samples: 3, steps: 4, temperature: 1.0, seed: 5, keep_last_logits: true };
+    let decode = |keep: bool, random: bool| {
+        let mut session = Session::new(FakeStep::default(), &m).unwrap();
+        session.bind_weights(&weights()).unwrap();
+        session.keep_host_context(keep).unwrap();
+        if random {
+            session.random_context(6, 3).unwrap();
+        } else {
+            session.fill_context(&[2, 5, 1]).unwrap();
+        }
+        let held = session.context().unwrap().caches.len();
+        let out = session.sample(&options, |_| {}).unwrap();
+        (held, out, session)
+    };
+    for random in [true, false] {
+        let (held, kept, with) = decode(true, random);
+        let (none, dropped, mut without) = decode(false, random);
+        assert_eq!((held, none), (LAYERS, 0), "random {random}: the host copy");
+        assert_eq!((kept.tokens, kept.last_logits), (dropped.tokens, dropped.last_logits), "random {random}");
+        let (a, b) = (with.step().runs.last().unwrap(), without.step().runs.last().unwrap());
+        for l in 0..LAYERS {
+            for kv in ["k", "v"] {
+                let name = format!("cache.{l}.{kv}_ctx");
+                assert_eq!(a.bound[&name], b.bound[&name], "random {random}: `{name}`");
+                assert_eq!(with.step().binds[&name], without.step().binds[&name], "random {random}: `{name}` binds");
+            }
+        }
+        without.step_mut();
+        let err = without.sample(&options, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("install the context again"), "random {random}: {err}");
+        without.random_context(6, 3).unwrap();
+        assert_eq!(without.sample(&options, |_| {}).unwrap().tokens.len(), 3);
+    }
+
+    let mut session = Session::new(FakeStep::default(), &m).unwrap();
+    session.bind_weights(&weights()).unwrap();
+    session.random_context(4, 9).unwrap();
+    let caches = session.context().unwrap().caches.clone();
+    assert!(!session.step().binds.contains_key("cache.0.k_ctx"), "bound when sampling, with a copy");
+    session.keep_host_context(false).unwrap();
+    assert!(session.context().unwrap().caches.is_empty());
+    assert_eq!(session.step().bound["cache.1.v_ctx"], caches[1][1], "bound before its copy went");
+    session.sample(&options, |_| {}).unwrap();
+    assert_eq!(session.step().binds["cache.0.k_ctx"], 1, "and not again");
+    session.keep_host_context(true).unwrap();
+    session.random_context(4, 9).unwrap();
+    assert_eq!(session.context().unwrap().caches, caches, "kept again");
+}
+
 #[test]
 fn the_provided_run_timed_warms_up_then_times_each_run() {
     let m = manifest();

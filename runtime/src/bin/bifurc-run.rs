@@ -17,7 +17,7 @@ use bifurc_runtime::cuda::{CudaStep, KernelTime};
 use bifurc_runtime::manifest::{BufferKind, Manifest};
 use bifurc_runtime::memory::gb;
 use bifurc_runtime::random::random_tensor;
-use bifurc_runtime::session::{DecodeLayout, SampleOptions, Session};
+use bifurc_runtime::session::{ContextOnHost, DecodeLayout, SampleOptions, Session};
 use bifurc_runtime::weights::{weight_buffers, WeightFiles, WeightSource};
 use bifurc_runtime::{Artifact, BoundCaches, HostTensor, Step};
 use clap::{Parser, Subcommand};
@@ -215,10 +215,12 @@ fn run(args: &RunArgs) -> Result<()> {
     ]);
     let what = format!("the decode step at b = {}, m_c = {context_len}, m_d = {}", args.samples, last["m_d"]);
     step.check_fits(&what, &last).map_err(|e| format!("{e}; use a shorter context or fewer --samples"))?;
-    // The session keeps the context on the host too, in f32; and past a
-    // table of learned positions or 2^24 no position can be given.
+    // The session holds the context on the host while it binds it, in
+    // f32 (a random one a layer at a time); and past a table of learned
+    // positions or 2^24 no position can be given.
     let layout = DecodeLayout::from_manifest(&manifest).map_err(|e| e.to_string())?;
-    layout.check_host_context(context_len).map_err(|e| format!("{e}; use a shorter context"))?;
+    let on_host = if args.context_len.is_some() { ContextOnHost::OneLayer } else { ContextOnHost::Whole };
+    layout.check_host_context(context_len, on_host).map_err(|e| format!("{e}; use a shorter context"))?;
     layout.check_positions(context_len + args.steps).map_err(|e| e.to_string())?;
     let start = Instant::now();
     // Files are read once, for the decode step and a prefill step alike.
@@ -264,6 +266,8 @@ fn run(args: &RunArgs) -> Result<()> {
     let device = step.device_info().name.clone();
     let step: Box<dyn Step> = if args.host_caches { Box::new(BoundCaches(step)) } else { Box::new(step) };
     let mut session = Session::new(step, &manifest).map_err(|e| e.to_string())?;
+    // The device holds the context: no host copy beside it.
+    session.keep_host_context(false).map_err(|e| e.to_string())?;
 
     let start = Instant::now();
     let context_len = match args.context_len {

@@ -252,17 +252,34 @@ impl DecodeLayout {
     }
 }
 
+/// How much of a context a [`super::Session`] holds on the host at once
+/// while it installs it ([`DecodeLayout::context_host_bytes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextOnHost {
+    /// Every layer's K and V: a context filled from a prompt (built on
+    /// the host, then bound), or any context of a session that keeps a
+    /// host copy ([`super::Session::keep_host_context`]).
+    Whole,
+    /// The largest layer's: a random context of a session that keeps no
+    /// host copy, drawn and bound a layer at a time.
+    OneLayer,
+}
+
 /// The largest position a step is given exactly: positions go to it as
 /// f32 ([`crate::HostTensor`]), whose integers are exact up to 2^24.
 pub const MAX_POSITION: usize = 1 << 24;
 
 impl DecodeLayout {
-    /// Bytes a [`super::Session`] keeps on the host for a context of `len`
-    /// tokens, whatever the device the step runs on: every layer's K and
-    /// V (`[g, len, k]`, f32: [`super::Context::caches`]), the context it
-    /// fans each batch of samples out from.
-    pub fn context_host_bytes(&self, len: usize) -> usize {
-        let per_token = self.layers.iter().fold(0usize, |t, l| t.saturating_add(l.g.saturating_mul(l.k)));
+    /// Bytes a [`super::Session`] holds on the host at once for a context
+    /// of `len` tokens, whatever the device the step runs on (see
+    /// [`ContextOnHost`]): K and V (`[g, len, k]` each, f32) of every
+    /// layer, or of the largest one.
+    pub fn context_host_bytes(&self, len: usize, on_host: ContextOnHost) -> usize {
+        let layer = |l: &LayerBuffers| l.g.saturating_mul(l.k);
+        let per_token = match on_host {
+            ContextOnHost::Whole => self.layers.iter().fold(0usize, |t, l| t.saturating_add(layer(l))),
+            ContextOnHost::OneLayer => self.layers.iter().map(layer).max().unwrap_or(0),
+        };
         per_token.saturating_mul(2 * 4).saturating_mul(len)
     }
 
@@ -280,11 +297,15 @@ impl DecodeLayout {
     /// of a context of `len` tokens ([`crate::memory::host_available`]):
     /// asked by a run whose step is on a GPU (on the CPU the copy shares
     /// the step's memory, and is counted with it).
-    pub fn check_host_context(&self, len: usize) -> Result<(), crate::memory::Shortfall> {
+    pub fn check_host_context(&self, len: usize, on_host: ContextOnHost) -> Result<(), crate::memory::Shortfall> {
+        let holding = match on_host {
+            ContextOnHost::Whole => "every layer's K and V in f32",
+            ContextOnHost::OneLayer => "one layer's K and V in f32 at a time",
+        };
         crate::memory::check_holding(
             &format!("the host's copy of a context of {len} tokens"),
-            "every layer's K and V in f32",
-            self.context_host_bytes(len),
+            holding,
+            self.context_host_bytes(len, on_host),
             crate::memory::host_available(),
             "this machine",
         )
@@ -368,20 +389,26 @@ mod tests {
         assert_eq!(layout.prefill_chunks(3), (0, 0), "none whole: all stepped");
     }
 
-    /// The host copy of a context: K and V of every layer in f32.
+    /// The host copy of a context: K and V of every layer in f32, or of
+    /// one layer where a random context is drawn and bound a layer at a
+    /// time.
     #[test]
     fn a_context_on_the_host_takes_k_and_v_of_every_layer_in_f32() {
+        use ContextOnHost::{OneLayer, Whole};
         let layout = DecodeLayout::from_manifest(&tiny()).unwrap();
         // 2 layers of 2 KV heads of 16.
-        assert_eq!(layout.context_host_bytes(1), 2 * 2 * (2 * 16) * 4);
-        assert_eq!(layout.context_host_bytes(1000), 1000 * 512);
-        assert_eq!(layout.context_host_bytes(usize::MAX), usize::MAX, "saturates");
-        assert!(layout.check_host_context(1000).is_ok());
+        assert_eq!(layout.context_host_bytes(1, Whole), 2 * 2 * (2 * 16) * 4);
+        assert_eq!(layout.context_host_bytes(1000, Whole), 1000 * 512);
+        assert_eq!(layout.context_host_bytes(1000, OneLayer), 1000 * 256);
+        assert_eq!(layout.context_host_bytes(usize::MAX, Whole), usize::MAX, "saturates");
+        assert!(layout.check_host_context(1000, Whole).is_ok());
         if crate::memory::host_available().is_some() {
-            let err = layout.check_host_context(1 << 50).unwrap_err().to_string();
+            let err = layout.check_host_context(1 << 50, Whole).unwrap_err().to_string();
             let want = "not enough memory for the host's copy of a context of 1125899906842624 tokens: it needs at \
                         least 576460752.30 GB (every layer's K and V in f32), and this machine has";
             assert!(err.starts_with(want), "{err}");
+            let err = layout.check_host_context(1 << 50, OneLayer).unwrap_err().to_string();
+            assert!(err.contains("288230376.15 GB (one layer's K and V in f32 at a time)"), "{err}");
         }
     }
 

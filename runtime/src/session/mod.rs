@@ -20,7 +20,10 @@
 //! runs the model compiled with `n > 1` new tokens per step over the
 //! prompt `n` tokens at a time, appending each chunk's K/V rows to the
 //! context). [`Session::random_context`] and [`Session::set_context`]
-//! install a context without stepping.
+//! install a context without stepping. The session keeps a host copy of
+//! the context's caches in f32 unless told not to
+//! ([`Session::keep_host_context`]): without one, a context is bound as it
+//! is installed and the step alone holds it.
 //!
 //! **Where the decode caches live.** When the backend keeps caches
 //! ([`Step::reserve_rows`] returns true: CUDA and the CPU JIT do), each
@@ -42,11 +45,13 @@
 //! positions (and the decode caches, when the backend keeps none).
 
 mod cache;
+mod context;
 mod layout;
 mod sampler;
 
 pub use cache::KvCache;
-pub use layout::{DecodeLayout, LayerBuffers, MAX_POSITION};
+pub use context::Context;
+pub use layout::{ContextOnHost, DecodeLayout, LayerBuffers, MAX_POSITION};
 pub use sampler::{sample_rng, sample_token, sample_tokens, SampleError};
 
 use crate::manifest::Manifest;
@@ -71,18 +76,6 @@ pub enum SessionError {
     Sample { sample: usize, step: usize, error: SampleError },
     #[error("{0}")]
     Usage(String),
-}
-
-/// A context ready to decode from.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Context {
-    /// Tokens in the context (`m_c`).
-    pub len: usize,
-    /// Per layer (in [`DecodeLayout::layers`] order): K and V, `[g, len, k]`.
-    pub caches: Vec<[HostTensor; 2]>,
-    /// The logits after the last context token (`vocab` values): the
-    /// distribution of the first generated token.
-    pub last_logits: Vec<f32>,
 }
 
 /// What [`Session::sample`] does.
@@ -145,6 +138,9 @@ pub struct Session<S: Step> {
     context: Option<Context>,
     /// Whether the step holds the current context's caches.
     context_bound: bool,
+    /// Whether the session keeps a host copy of each context's caches
+    /// ([`Session::keep_host_context`]).
+    keep_host: bool,
 }
 
 fn dims(b: usize, m_c: usize, m_d: usize) -> BTreeMap<String, i64> {
@@ -211,7 +207,7 @@ impl<S: Step> Session<S> {
                 layout.n
             )));
         }
-        Ok(Session { step, layout, context: None, context_bound: false })
+        Ok(Session { step, layout, context: None, context_bound: false, keep_host: true })
     }
 
     pub fn layout(&self) -> &DecodeLayout {
@@ -231,10 +227,6 @@ impl<S: Step> Session<S> {
 
     pub fn into_step(self) -> S {
         self.step
-    }
-
-    pub fn context(&self) -> Option<&Context> {
-        self.context.as_ref()
     }
 
     /// Binds every weight of the layout from `weights` (by manifest name).
@@ -263,16 +255,6 @@ impl<S: Step> Session<S> {
             });
         }
         Ok(t)
-    }
-
-    /// Binds the context caches `[g, len, k]` of every layer.
-    fn bind_context(&mut self, caches: &[[HostTensor; 2]]) -> Result<(), SessionError> {
-        for (layer, kv) in self.layout.layers.iter().zip(caches) {
-            for (name, tensor) in layer.context.iter().zip(kv) {
-                self.step.bind(name, tensor)?;
-            }
-        }
-        Ok(())
     }
 
     /// Runs one decode step at `(b, m_c, m_d)` with `tokens` at `positions`
@@ -378,7 +360,7 @@ impl<S: Step> Session<S> {
         self.context_bound = false;
         let empty = self.empty_context();
         let (caches, last_logits) = self.step_prompt(empty, prompt, 0, &mut on_tokens)?;
-        self.context = Some(Context { len: prompt.len(), caches, last_logits: last_logits.clone() });
+        self.install(Context { len: prompt.len(), caches, last_logits: last_logits.clone() })?;
         Ok(last_logits)
     }
 
@@ -500,7 +482,7 @@ impl<S: Step> Session<S> {
             caches = rest;
             last_logits = logits;
         }
-        self.context = Some(Context { len: prompt.len(), caches, last_logits: last_logits.clone() });
+        self.install(Context { len: prompt.len(), caches, last_logits: last_logits.clone() })?;
         Ok(last_logits)
     }
 
@@ -557,59 +539,6 @@ impl<S: Step> Session<S> {
         Ok((out, logits.data))
     }
 
-    /// Installs a context: per layer K and V `[g, len, k]`, and the logits
-    /// after its last token.
-    pub fn set_context(&mut self, caches: Vec<[HostTensor; 2]>, last_logits: Vec<f32>) -> Result<(), SessionError> {
-        if caches.len() != self.layout.layers.len() {
-            return Err(SessionError::Usage(format!(
-                "{} context caches for {} layers",
-                caches.len(),
-                self.layout.layers.len()
-            )));
-        }
-        let len = caches.first().and_then(|c| c[0].shape.get(1).copied()).unwrap_or(0);
-        for (layer, kv) in self.layout.layers.iter().zip(&caches) {
-            for (i, t) in kv.iter().enumerate() {
-                let want = [layer.g, len, layer.k];
-                if t.shape != want || t.data.len() != want.iter().product::<usize>() {
-                    return Err(SessionError::Usage(format!(
-                        "context cache `{}` has shape {:?}, expected {want:?}",
-                        layer.context[i], t.shape
-                    )));
-                }
-            }
-        }
-        if last_logits.len() != self.layout.vocab {
-            return Err(SessionError::Usage(format!(
-                "{} context logits for a vocabulary of {}",
-                last_logits.len(),
-                self.layout.vocab
-            )));
-        }
-        self.context = Some(Context { len, caches, last_logits });
-        self.context_bound = false;
-        Ok(())
-    }
-
-    /// Installs a random context of `len` tokens: caches `U[-1, 1)` and
-    /// logits `4 U[-1, 1)`, deterministic for `seed` (for benchmarks, where
-    /// stepping a long prompt would take too long).
-    pub fn random_context(&mut self, len: usize, seed: u64) -> Result<(), SessionError> {
-        let mut caches = Vec::new();
-        for layer in &self.layout.layers {
-            let draw = |name: &str| {
-                let mut rng = SplitMix64::named(seed, name);
-                let shape = vec![layer.g, len, layer.k];
-                let data = (0..layer.g * len * layer.k).map(|_| rng.symmetric()).collect();
-                HostTensor { shape, data }
-            };
-            caches.push([draw(&layer.context[0]), draw(&layer.context[1])]);
-        }
-        let mut rng = SplitMix64::named(seed, &self.layout.logits);
-        let logits = (0..self.layout.vocab).map(|_| 4.0 * rng.symmetric()).collect();
-        self.set_context(caches, logits)
-    }
-
     /// Decodes `options.samples` samples of `options.steps` tokens from the
     /// context (see the module docs); `on_step` sees every step.
     pub fn sample(
@@ -647,10 +576,7 @@ impl<S: Step> Session<S> {
         if options.steps == 0 {
             return Ok(SampleOutput { tokens, step_ms, last_logits });
         }
-        if !self.context_bound {
-            self.bind_context(&context.caches)?;
-            self.context_bound = true;
-        }
+        self.bind_for_sampling(context)?;
         // Every sample draws its first token from the same context logits
         // (each with its own generator).
         let mut current = draw(&context.last_logits, vocab, true, &mut rngs, temperature, 0)?;
