@@ -214,6 +214,14 @@ impl Step for CpuBackend {
         Ok(true)
     }
 
+    fn release_rows(&mut self, name: &str) -> Result<(), StepError> {
+        if self.rows.contains(name) {
+            self.rows.forget(name);
+            self.bound.remove(name);
+        }
+        Ok(())
+    }
+
     fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
         // Taken out while the cache is re-laid out (no copy), then put back.
         let new =

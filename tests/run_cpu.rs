@@ -239,6 +239,10 @@ impl<S: Step> Step for Recorder<S> {
         self.inner.append_rows(name, rows)
     }
 
+    fn release_rows(&mut self, name: &str) -> Result<(), StepError> {
+        self.inner.release_rows(name)
+    }
+
     fn read_rows(&mut self, name: &str) -> Result<HostTensor, StepError> {
         self.inner.read_rows(name)
     }
@@ -368,6 +372,35 @@ fn backend_kept_caches_decode_exactly_like_bound_caches() {
         for (i, ((dims_a, out_a), (dims_b, out_b))) in runs_a.iter().zip(&runs_b).enumerate() {
             assert_eq!(dims_a, dims_b, "step {i}");
             assert_eq!(out_a, out_b, "step {i} of {}: outputs differ", ptx.display());
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Each run of the decode loop reserves its decode caches afresh. All the
+/// caches along `m_d` share one capacity, so keeping the fill's one-sample
+/// caches (a row for each prompt token) gave sampling's b samples room for
+/// that many rows: b times the context's bytes. The fill's go before its
+/// context is bound, and sampling's have room for its own steps.
+#[test]
+fn each_run_reserves_decode_caches_for_its_own_rows() {
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
+    let dir = common::scratch("run-cpu", "own-rows");
+    let (_, bif) = tiny_artifacts(&libdevice, &dir);
+    let (artifact, cpu) = bifurc::run::cpu_step(&bif).unwrap_or_else(|e| panic!("{e}"));
+    let weights = random_weights(&artifact.manifest, 9).unwrap();
+    let mut session = Session::new(cpu, &artifact.manifest).unwrap();
+    session.bind_weights(&weights).unwrap();
+    let decode: Vec<String> = session.layout().layers.iter().flat_map(|l| l.decode.clone()).collect();
+    let prompt: Vec<u32> = (0..40).map(|t| t % 50 + 1).collect();
+    for samples in [4, 2] {
+        session.fill_context(&prompt).unwrap();
+        assert!(decode.iter().all(|n| !session.step().is_bound(n)), "the fill's caches are released");
+        let options = SampleOptions { samples, steps: 3, temperature: 0.0, seed: 1, keep_last_logits: false };
+        session.sample(&options, |_| {}).unwrap();
+        for name in &decode {
+            let shape = &session.step().stored(name).unwrap_or_else(|| panic!("`{name}` kept")).shape;
+            assert_eq!((shape[0], shape[2]), (samples, 3), "`{name}`: samples and rows of room");
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -122,9 +122,14 @@ impl RowCaches {
             .collect()
     }
 
-    /// Stops tracking `name` (it was bound densely).
+    /// Stops tracking `name` (it was bound densely, or released); the last
+    /// cache along a dim takes the dim's capacity with it.
     pub fn forget(&mut self, name: &str) {
-        self.caches.remove(name);
+        if let Some(gone) = self.caches.remove(name) {
+            if !self.caches.values().any(|c| c.dim == gone.dim) {
+                self.capacity.remove(&gone.dim);
+            }
+        }
     }
 
     /// The geometry of resident `name` now.
@@ -292,7 +297,13 @@ mod tests {
         assert_eq!((r, g.rows, g.capacity, moves.len()), (2, 3, 8, 2));
         assert!(rc.reserve("x", 2, "m_d", &[1, 1, 1, 1], 4).is_err(), "must start empty");
         rc.forget("k");
+        let (g, moves) = rc.reserve("k", 2, "m_d", &[2, 3, 0, 4], 1).unwrap();
+        assert_eq!((g.capacity, moves.len()), (8, 0), "`v` still holds the dim at 8 rows");
+        rc.forget("k");
         rc.forget("v");
         assert!(rc.capacities().is_empty());
+        // With none left along `m_d`, a new cache gets the room it asks for.
+        let (g, _) = rc.reserve("k", 2, "m_d", &[4, 3, 0, 4], 3).unwrap();
+        assert_eq!(g.capacity, 3);
     }
 }

@@ -114,6 +114,17 @@ pub trait Step {
         Ok(false)
     }
 
+    /// Drops decode cache `name` kept by [`Step::reserve_rows`]: its rows,
+    /// its memory, and its hold on its dim's capacity (which the caches
+    /// along one dim share: once none is kept, the next reservation along
+    /// it gets the room it asks for, not the largest any cache had). It is
+    /// unbound afterwards. Nothing happens where `name` is not kept (the
+    /// provided version: a backend that keeps no caches).
+    fn release_rows(&mut self, name: &str) -> Result<(), StepError> {
+        let _ = name;
+        Ok(())
+    }
+
     /// Makes room, before a run of steps, for everything a step at `dims`
     /// needs besides its inputs (intermediates, outputs): `dims` is the
     /// largest point of the steps to come (a decode loop's last), so that
@@ -184,6 +195,10 @@ macro_rules! forward_step {
 
             fn reserve_rows(&mut self, name: &str, shape: &[usize], capacity: usize) -> Result<bool, StepError> {
                 (**self).reserve_rows(name, shape, capacity)
+            }
+
+            fn release_rows(&mut self, name: &str) -> Result<(), StepError> {
+                (**self).release_rows(name)
             }
 
             fn reserve(&mut self, dims: &BTreeMap<String, i64>) -> Result<(), StepError> {

@@ -346,6 +346,17 @@ impl Step for CudaStep {
         Ok(true)
     }
 
+    fn release_rows(&mut self, name: &str) -> Result<(), StepError> {
+        if self.rows.contains(name) {
+            let (i, _, _) = self.pitched(name)?;
+            self.rows.forget(name);
+            self.bound[i] = None;
+            // Freed in stream order, after the kernels queued that read it.
+            self.memory[i].release();
+        }
+        Ok(())
+    }
+
     fn append_rows(&mut self, name: &str, rows: &str) -> Result<(), StepError> {
         let (i, _, _) = self.pitched(name)?;
         let o = self.plan.index(rows).ok_or_else(|| StepError::UnknownBuffer(rows.to_string()))?;

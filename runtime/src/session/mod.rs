@@ -317,6 +317,11 @@ impl<S: Step> Session<S> {
     /// Empty decode caches for `b` samples with room for `capacity` rows:
     /// kept by the backend when it can, else by the session.
     fn new_caches(&mut self, b: usize, capacity: usize) -> Result<Caches, SessionError> {
+        // The last run's, if the backend still keeps them: otherwise these
+        // would get room for as many rows as those had (all along `m_d`
+        // share one capacity), after a long prompt's fill b times its
+        // context.
+        self.release_decode_caches()?;
         let mut kept = Vec::new();
         for layer in &self.layout.layers {
             for name in &layer.decode {
@@ -336,6 +341,17 @@ impl<S: Step> Session<S> {
                 .map(|l| [KvCache::new(b, l.g, l.k, capacity), KvCache::new(b, l.g, l.k, capacity)])
                 .collect(),
         ))
+    }
+
+    /// Lets the backend drop every decode cache it keeps
+    /// ([`Step::release_rows`]).
+    fn release_decode_caches(&mut self) -> Result<(), SessionError> {
+        for layer in &self.layout.layers {
+            for name in &layer.decode {
+                self.step.release_rows(name)?;
+            }
+        }
+        Ok(())
     }
 
     /// Fills the context by stepping the graph over `prompt` (see the module
@@ -536,6 +552,9 @@ impl<S: Step> Session<S> {
                 both.try_into().map_err(|_| SessionError::Usage("a layer without K and V".into()))?;
             out.push([k, v]);
         }
+        // Read: the one-sample caches (a row per prompt token) go before
+        // the context they became is bound.
+        self.release_decode_caches()?;
         Ok((out, logits.data))
     }
 
