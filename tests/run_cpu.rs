@@ -612,6 +612,8 @@ fn prefill_fills_the_context_like_stepping() {
         let full = len as usize / 4 * 4;
         let want: Vec<usize> = (4..=full).step_by(4).chain(full + 1..=len as usize).collect();
         assert_eq!(told, want, "prompt of {len}: prefill's progress");
+        let held = pre_layout.layers.iter().flat_map(|l| &l.context).filter(|n| pre.is_bound(n)).count();
+        assert_eq!(held, 0, "prompt of {len}: the prefill step lets go of the context it kept, once read");
         let kept = prefilled.context().unwrap().clone();
         let b2 = prefilled.fill_context_prefill(&mut BoundCaches(&mut pre), &pre_layout, &prompt).unwrap();
         assert_eq!(b, b2, "prompt of {len}: kept vs bound prefill logits");

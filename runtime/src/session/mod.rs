@@ -490,6 +490,8 @@ impl<S: Step> Session<S> {
                         });
                     }
                     *cache = t;
+                    // Read back: the prefill step need not hold it too.
+                    prefill.release_rows(name)?;
                 }
             }
         }
