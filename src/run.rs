@@ -559,7 +559,11 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let start = Instant::now();
     let (context_len, context) = match &opts.context {
         ContextSource::Random { len } => {
-            session.random_context(*len, opts.seed).map_err(|e| fail(e.to_string()))?;
+            let layers = layout.layers.len();
+            let bar = progress_bar(opts.progress, layers, "drawing the context [{bar:30}] {pos}/{len} layers");
+            let drawn = session.random_context_with(*len, opts.seed, |n| bar.set_position(n as u64));
+            bar.finish_and_clear();
+            drawn.map_err(|e| fail(e.to_string()))?;
             (*len, "random")
         }
         ContextSource::Prompt(ids) => {

@@ -391,8 +391,12 @@ fn a_context_without_a_host_copy_is_bound_as_it_is_installed() {
 
     let mut session = Session::new(FakeStep::default(), &m).unwrap();
     session.bind_weights(&weights()).unwrap();
-    session.random_context(4, 9).unwrap();
+    let mut told = Vec::new();
+    session.random_context_with(4, 9, |n| told.push(n)).unwrap();
+    assert_eq!(told, [1, 2], "layers drawn so far, after each");
     let caches = session.context().unwrap().caches.clone();
+    let mut rng = bifurc_runtime::rng::SplitMix64::named(9, "cache.1.v_ctx");
+    assert!(caches[1][1].data.iter().all(|&v| v == rng.symmetric()), "one generator's values, in order");
     assert!(!session.step().binds.contains_key("cache.0.k_ctx"), "bound when sampling, with a copy");
     session.keep_host_context(false).unwrap();
     assert!(session.context().unwrap().caches.is_empty());

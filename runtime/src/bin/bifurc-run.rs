@@ -272,7 +272,15 @@ fn run(args: &RunArgs) -> Result<()> {
     let start = Instant::now();
     let context_len = match args.context_len {
         Some(len) => {
-            session.random_context(len, args.seed).map_err(|e| e.to_string())?;
+            // A tenth of the layers at a time, on stderr (unless --json).
+            let (layers, json) = (layout.layers.len(), args.json);
+            let mut tenths = Tenths::of(layers);
+            let on_layers = |n: usize| {
+                if !json && tenths.passed(n) {
+                    eprintln!("context layer {n}/{layers} drawn and bound");
+                }
+            };
+            session.random_context_with(len, args.seed, on_layers).map_err(|e| e.to_string())?;
             len
         }
         None => {

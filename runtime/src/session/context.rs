@@ -3,6 +3,7 @@
 //! copy of its caches once the step holds them.
 
 use super::{Session, SessionError};
+use crate::random::draws;
 use crate::rng::SplitMix64;
 use crate::{HostTensor, Step};
 
@@ -141,15 +142,26 @@ impl<S: Step> Session<S> {
     /// keeps no host copy ([`Session::keep_host_context`]), each layer is
     /// bound as it is drawn: the host holds one layer's at a time.
     pub fn random_context(&mut self, len: usize, seed: u64) -> Result<(), SessionError> {
+        self.random_context_with(len, seed, |_| {})
+    }
+
+    /// [`Session::random_context`], telling `on_layers` after each layer
+    /// how many are drawn (and, without a host copy, bound): a long
+    /// context of a large model takes seconds.
+    pub fn random_context_with(
+        &mut self,
+        len: usize,
+        seed: u64,
+        mut on_layers: impl FnMut(usize),
+    ) -> Result<(), SessionError> {
         self.context = None;
         self.context_bound = false;
         let mut caches = Vec::new();
-        for layer in self.layout.layers.clone() {
-            let draw = |name: &str| {
-                let mut rng = SplitMix64::named(seed, name);
-                let shape = vec![layer.g, len, layer.k];
-                let data = (0..layer.g * len * layer.k).map(|_| rng.symmetric()).collect();
-                HostTensor { shape, data }
+        for (done, layer) in self.layout.layers.clone().into_iter().enumerate() {
+            // Split across the cores: the same values as one generator.
+            let draw = |name: &str| HostTensor {
+                shape: vec![layer.g, len, layer.k],
+                data: draws(&SplitMix64::named(seed, name), layer.g * len * layer.k, SplitMix64::symmetric),
             };
             let kv = [draw(&layer.context[0]), draw(&layer.context[1])];
             if self.keep_host {
@@ -159,6 +171,7 @@ impl<S: Step> Session<S> {
                     self.step.bind(name, tensor)?;
                 }
             }
+            on_layers(done + 1);
         }
         let mut rng = SplitMix64::named(seed, &self.layout.logits);
         let last_logits = (0..self.layout.vocab).map(|_| 4.0 * rng.symmetric()).collect();
