@@ -219,7 +219,9 @@ impl<S: Step> Session<S> {
     }
 
     /// The step, to bind or run it directly (the session re-binds the
-    /// context before its next [`Session::sample`]).
+    /// context from its host copy before its next [`Session::sample`];
+    /// without one, [`Session::keep_host_context`], the context must be
+    /// installed again).
     pub fn step_mut(&mut self) -> &mut S {
         self.context_bound = false;
         &mut self.step
