@@ -2,7 +2,7 @@
 //! drawn), binding it to the step, and whether the session keeps a host
 //! copy of its caches once the step holds them.
 
-use super::{Session, SessionError};
+use super::{LayerBuffers, Session, SessionError};
 use crate::random::draws;
 use crate::rng::SplitMix64;
 use crate::{HostTensor, Step};
@@ -61,9 +61,7 @@ impl<S: Step> Session<S> {
         self.context_bound = false;
         let layers = self.layout.layers.clone();
         for (layer, kv) in layers.iter().zip(std::mem::take(&mut context.caches)) {
-            for (name, tensor) in layer.context.iter().zip(&kv) {
-                self.step.bind(name, tensor)?;
-            }
+            self.bind_layer(layer, &kv)?;
         }
         self.context_bound = true;
         self.context = Some(context);
@@ -78,10 +76,17 @@ impl<S: Step> Session<S> {
 
     /// Binds the context caches `[g, len, k]` of every layer.
     pub(super) fn bind_context(&mut self, caches: &[[HostTensor; 2]]) -> Result<(), SessionError> {
-        for (layer, kv) in self.layout.layers.iter().zip(caches) {
-            for (name, tensor) in layer.context.iter().zip(kv) {
-                self.step.bind(name, tensor)?;
-            }
+        let layers = self.layout.layers.clone();
+        for (layer, kv) in layers.iter().zip(caches) {
+            self.bind_layer(layer, kv)?;
+        }
+        Ok(())
+    }
+
+    /// Binds one layer's context K and V.
+    fn bind_layer(&mut self, layer: &LayerBuffers, kv: &[HostTensor; 2]) -> Result<(), SessionError> {
+        for (name, tensor) in layer.context.iter().zip(kv) {
+            self.step.bind(name, tensor)?;
         }
         Ok(())
     }
@@ -167,9 +172,7 @@ impl<S: Step> Session<S> {
             if self.keep_host {
                 caches.push(kv);
             } else {
-                for (name, tensor) in layer.context.iter().zip(&kv) {
-                    self.step.bind(name, tensor)?;
-                }
+                self.bind_layer(&layer, &kv)?;
             }
             on_layers(done + 1);
         }
