@@ -287,7 +287,8 @@ struct RunArgs {
 #[derive(clap::Args)]
 #[group(required = true, multiple = false)]
 struct RunWeightsArgs {
-    /// Weights: .safetensors files, or directories of them (sharded checkpoints).
+    /// Weights: .safetensors files, or directories of them (sharded checkpoints), read a tensor at a
+    /// time as each is bound.
     #[arg(long, num_args = 1.., value_name = "FILE")]
     weights: Vec<PathBuf>,
     /// Deterministic random weights (seeded by --weights-seed, else --seed).

@@ -8,14 +8,27 @@
 //! equal the manifest's exactly; `f32`, `bf16` and `f16` tensors are
 //! converted to `f32` [`HostTensor`]s (the backend converts to the storage
 //! dtype on upload).
+//!
+//! A file's header is read and checked when it is opened; its tensors are
+//! read from the file one at a time, when asked for, so the host holds no
+//! copy of the checkpoint beside the step's weights (a 7B model's
+//! checkpoint is 13.5 GB in bf16).
 
 use crate::manifest::{Buffer, BufferKind, Manifest, ManifestError};
 use crate::random::{random_tensor, shape_at};
 use crate::{HostTensor, Step, StepError};
-use safetensors::tensor::{Dtype, Metadata};
-use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+/// Largest header read (as the `safetensors` crate allows).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Bytes of a tensor read at once while it is converted to f32 (a
+/// multiple of every element's width).
+const READ_CHUNK: usize = 1 << 22;
 
 /// Each message says its cause; none is also given as the `source()`, so
 /// an error chain (`anyhow`'s `{:#}`) words each error once.
@@ -39,16 +52,18 @@ pub enum WeightsError {
     Bind { name: String, error: StepError },
 }
 
-/// One or more `.safetensors` files, read into memory, headers parsed.
+/// One or more `.safetensors` files, their headers read and checked; each
+/// tensor is read from its file when asked for.
 pub struct WeightFiles {
     files: Vec<WeightFile>,
 }
 
 struct WeightFile {
     path: PathBuf,
-    bytes: Vec<u8>,
+    /// Read at a tensor's offset, one tensor at a time.
+    file: Mutex<File>,
     /// Offset of the data section (8 + header length).
-    data_start: usize,
+    data_start: u64,
     metadata: Metadata,
 }
 
@@ -109,21 +124,15 @@ impl WeightFiles {
                 got: info.shape.clone(),
             });
         }
-        let (start, end) = info.data_offsets;
-        // `read_metadata` checked that the offsets lie inside the buffer.
-        let bytes =
-            file.bytes.get(file.data_start + start..file.data_start + end).ok_or_else(|| WeightsError::Format {
-                path: file.path.display().to_string(),
-                message: format!("`{stored}` lies outside the file"),
-            })?;
+        // `WeightFile::open` checked that the offsets lie inside the file
+        // and that they hold the shape's elements.
         let data: Vec<f32> = match info.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
+            Dtype::F32 => file.read_f32(info, 4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))?,
+            Dtype::BF16 => {
+                file.read_f32(info, 2, |c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())?
+            }
             Dtype::F16 => {
-                bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+                file.read_f32(info, 2, |c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())?
             }
             other => {
                 return Err(WeightsError::DType {
@@ -138,12 +147,69 @@ impl WeightFiles {
 }
 
 impl WeightFile {
+    /// Opens `path` and reads its header: an 8-byte little-endian length,
+    /// then that many bytes of JSON. Checks what the `safetensors` crate
+    /// checks of a file it is given whole: the tensors' byte ranges follow
+    /// one another from the start of the data, each holding its shape's
+    /// elements, and the last ends where the file does.
     fn open(path: &Path) -> Result<Self, WeightsError> {
-        let bytes =
-            std::fs::read(path).map_err(|error| WeightsError::Read { path: path.display().to_string(), error })?;
-        let (header, metadata) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| WeightsError::Format { path: path.display().to_string(), message: e.to_string() })?;
-        Ok(WeightFile { path: path.to_path_buf(), data_start: 8 + header, metadata, bytes })
+        let shown = || path.display().to_string();
+        let read_err = |error| WeightsError::Read { path: shown(), error };
+        let format = |message: String| WeightsError::Format { path: shown(), message };
+        let mut file = File::open(path).map_err(read_err)?;
+        let len = file.metadata().map_err(read_err)?.len();
+        if len < 8 {
+            return Err(format(format!("{len} bytes: too short for the 8-byte header length")));
+        }
+        let mut word = [0u8; 8];
+        file.read_exact(&mut word).map_err(read_err)?;
+        let header = u64::from_le_bytes(word);
+        if header > MAX_HEADER_BYTES || header > len - 8 {
+            return Err(format(format!("a header of {header} bytes, in a file of {len}")));
+        }
+        // At most MAX_HEADER_BYTES: fits a usize.
+        let mut text = vec![0u8; header as usize];
+        file.read_exact(&mut text).map_err(read_err)?;
+        let metadata: Metadata =
+            serde_json::from_slice(&text).map_err(|e| format(format!("its header is not valid: {e}")))?;
+        // Deserializing checked that the tensors' byte ranges follow one
+        // another from 0, each holding its shape's elements; the last must
+        // end where the file does.
+        let data_start = 8 + header;
+        let end = metadata.offset_keys().last().and_then(|name| metadata.info(name)).map_or(0, |i| i.data_offsets.1);
+        if end as u64 != len - data_start {
+            return Err(format(format!(
+                "its tensors take {end} bytes after the header, and the file holds {}",
+                len - data_start
+            )));
+        }
+        Ok(WeightFile { path: path.to_path_buf(), file: Mutex::new(file), data_start, metadata })
+    }
+
+    /// The elements of the tensor at `info` (of `width` bytes each, read
+    /// by `element`) as f32, read from the file a chunk at a time.
+    fn read_f32(
+        &self,
+        info: &TensorInfo,
+        width: usize,
+        element: impl Fn(&[u8]) -> f32,
+    ) -> Result<Vec<f32>, WeightsError> {
+        let read_err = |error| WeightsError::Read { path: self.path.display().to_string(), error };
+        let (start, end) = info.data_offsets;
+        let mut left = end - start;
+        let mut out = Vec::with_capacity(left / width);
+        let mut chunk = vec![0u8; left.min(READ_CHUNK)];
+        // A read that panicked part way left nothing but the file's
+        // position behind, and every read seeks first.
+        let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        file.seek(SeekFrom::Start(self.data_start + start as u64)).map_err(read_err)?;
+        while left > 0 {
+            let n = left.min(READ_CHUNK);
+            file.read_exact(&mut chunk[..n]).map_err(read_err)?;
+            out.extend(chunk[..n].chunks_exact(width).map(&element));
+            left -= n;
+        }
+        Ok(out)
     }
 }
 
@@ -187,7 +253,7 @@ pub fn load_weights(manifest: &Manifest, files: &WeightFiles) -> Result<HashMap<
 }
 
 /// Binds every weight of `manifest` from `files` to `step`, one tensor at a
-/// time (host memory holds the files and one converted tensor). Returns the
+/// time (host memory holds one tensor, converted to f32). Returns the
 /// number bound; `progress` sees each name before it is bound.
 pub fn bind_weights<S: Step + ?Sized>(
     step: &mut S,

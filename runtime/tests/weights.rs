@@ -183,6 +183,35 @@ fn errors_name_the_tensor() {
     std::fs::write(&path, b"not a safetensors file").unwrap();
     let err = WeightFiles::open(std::slice::from_ref(&path)).err().unwrap().to_string();
     assert!(err.contains("w.safetensors") && err.contains("not a valid safetensors"), "{err}");
+
+    // Broken files are refused when opened, naming the file and what is wrong.
+    let open_err = |bytes: &[u8]| {
+        std::fs::write(&path, bytes).unwrap();
+        let err = WeightFiles::open(std::slice::from_ref(&path)).err().unwrap().to_string();
+        assert!(err.contains("w.safetensors") && err.contains("not a valid safetensors"), "{err}");
+        err
+    };
+    let file = |header: &str, data: usize| {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, data));
+        bytes
+    };
+    let x = |offsets: &str| format!(r#"{{"x":{{"dtype":"F32","shape":[2],"data_offsets":{offsets}}}}}"#);
+    assert!(open_err(&[1, 2, 3]).contains("too short"));
+    assert!(open_err(&1000u64.to_le_bytes()).contains("a header of 1000 bytes, in a file of 8"));
+    assert!(open_err(&file("{not json", 0)).contains("header is not valid"));
+    // Truncated: the data the header describes is not all there.
+    assert!(open_err(&file(&x("[0,8]"), 5)).contains("take 8 bytes after the header, and the file holds 5"));
+    // Bytes left over past the last tensor.
+    assert!(open_err(&file(&x("[0,8]"), 9)).contains("and the file holds 9"));
+    // Two f32 elements given 6 bytes; a tensor past a gap.
+    assert!(open_err(&file(&x("[0,6]"), 6)).contains("header is not valid"));
+    assert!(open_err(&file(&x("[4,12]"), 12)).contains("header is not valid"));
+    // The same bytes, well formed, open and read.
+    std::fs::write(&path, file(&x("[0,8]"), 8)).unwrap();
+    let files = WeightFiles::open(std::slice::from_ref(&path)).unwrap();
+    assert_eq!(files.tensor("x", &[2]).unwrap().data, [0.0, 0.0]);
     let err = WeightFiles::open(&[dir.join("missing.safetensors")]).err().unwrap().to_string();
     assert!(err.contains("missing.safetensors"), "{err}");
     let empty = dir.join("empty");

@@ -57,7 +57,8 @@ enum Command {
 struct RunArgs {
     /// The step's PTX (its manifest is beside it).
     ptx: PathBuf,
-    /// Weights: .safetensors files, or directories of them (sharded checkpoints).
+    /// Weights: .safetensors files, or directories of them (sharded checkpoints), read a tensor at a
+    /// time as each is bound.
     #[arg(long, num_args = 1.., conflicts_with = "random_weights", required_unless_present = "random_weights")]
     weights: Vec<PathBuf>,
     /// Deterministic random weights (from --seed).
