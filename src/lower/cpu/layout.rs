@@ -19,6 +19,7 @@ use crate::ir::{DType, Graph, Op, Role, Value};
 use crate::lower::LowerError;
 
 use super::panels::PANEL;
+use super::Stored;
 
 /// How [`super::CpuStep`] keeps a weight it takes in the caller's layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +39,18 @@ impl Kept {
         match self {
             Kept::Transposed => transposed(shape, values, name),
             Kept::Panels { from_in_out, paired, .. } => super::panels::pack(shape, values, (from_in_out, paired), name),
+        }
+    }
+
+    /// A tensor of the caller's `shape` in the kept layout and storage
+    /// `dtype`: [`Kept::convert`] then stored, but panels are packed
+    /// straight into `dtype` (see `super::panels::pack_stored`).
+    pub(super) fn store(self, dtype: DType, shape: &[usize], values: &[f32], name: &str) -> Result<Stored, LowerError> {
+        match self {
+            Kept::Transposed => Stored::new(dtype, transposed(shape, values, name)?, name),
+            Kept::Panels { from_in_out, paired, .. } => {
+                super::panels::pack_stored(dtype, shape, values, (from_in_out, paired), name)
+            }
         }
     }
 

@@ -369,7 +369,7 @@ impl CpuStep {
     pub fn store_values(&self, name: &str, shape: &[usize], values: &[f32]) -> Result<Stored, LowerError> {
         let dtype = self.input_dtype(name)?;
         if let Some(kept) = self.kept.get(name) {
-            return Stored::new(dtype, kept.convert(shape, values, name)?, name);
+            return kept.store(dtype, shape, values, name);
         }
         Stored::from_values(dtype, shape, values, name)
     }

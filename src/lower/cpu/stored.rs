@@ -57,6 +57,11 @@ impl Stored {
         Ok(Stored { shape: shape.to_vec(), dtype, data })
     }
 
+    /// `data`, of storage `dtype`, shaped `shape`.
+    pub(super) fn from_host(dtype: DType, shape: Vec<usize>, data: HostData) -> Self {
+        Stored { shape, dtype, data: Arc::new(data) }
+    }
+
     /// Zeros of `shape` in storage `dtype`.
     pub(super) fn zeros(dtype: DType, shape: Vec<usize>) -> Self {
         let n = shape.iter().product();
