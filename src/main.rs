@@ -213,7 +213,8 @@ enum Command {
     /// p90) and tokens/s; --json prints one JSON object instead. Before any weights are bound
     /// it asks whether the run fits: the step's buffers at the last step (weights, the context
     /// and decode caches, intermediates; on the CPU also the context caches in f32 while they
-    /// are bound: all of a prompt's, one layer of a random context's) against the memory the
+    /// are bound: all of a prompt's, one layer of a random context's; and the largest weight in
+    /// f32, as binding holds one at a time) against the memory the
     /// machine, or the GPU, has available; a run that does not fit is an error that says what
     /// it needs. Once bound, the context is held by the step alone.
     ///

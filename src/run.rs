@@ -514,13 +514,18 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         ContextSource::Random { .. } => ContextOnHost::OneLayer,
         ContextSource::Prompt(_) => ContextOnHost::Whole,
     };
+    // Binding holds one weight in f32 at a time beside the step's.
+    let mut holds = "weights, KV caches and activations".to_string();
     if opts.device == Device::Cpu {
         needed = needed.saturating_add(layout.context_host_bytes(context_len, on_host));
+        let binding = bifurc_runtime::weights::binding_bytes(&manifest).map_err(|e| fail(e.to_string()))?;
+        needed = needed.saturating_add(binding);
+        holds.push_str(", and a weight in f32 while it is bound");
     } else {
         layout.check_host_context(context_len, on_host).map_err(shorter)?;
     }
     let where_ = if opts.device == Device::Cpu { "this machine".to_string() } else { device.clone() };
-    bifurc_runtime::memory::check(&what, needed, made.available, &where_).map_err(shorter)?;
+    bifurc_runtime::memory::check_holding(&what, &holds, needed, made.available, &where_).map_err(shorter)?;
 
     let start = Instant::now();
     // Files are read once, for the decode step and a prefill step alike.

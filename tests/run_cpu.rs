@@ -478,7 +478,11 @@ fn run_errors_are_one_line() {
     let wants = ["`logits` of shape [9000000, 1, 256] is too large", "at most 2147483648 elements"];
     fails(&run(bif, &[&samples[..], &["9000000"]].concat()), &wants);
     if bifurc_runtime::memory::host_available().is_some_and(|n| n < 60_000_000_000) {
-        let wants = ["not enough memory for the decode step at b = 5000000, m_c = 8, m_d = 1", "GB available"];
+        let wants = [
+            "not enough memory for the decode step at b = 5000000, m_c = 8, m_d = 1",
+            "and a weight in f32 while it is bound",
+            "GB available",
+        ];
         fails(&run(bif, &[&samples[..], &["5000000"]].concat()), &wants);
     }
     // The CPU backend's override of the bf16 dot product, misspelt.

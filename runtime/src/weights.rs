@@ -242,6 +242,18 @@ pub fn weight_buffers(manifest: &Manifest) -> impl Iterator<Item = &Buffer> {
     manifest.buffers.iter().filter(|b| b.kind == BufferKind::Input && b.role.as_deref() == Some("weight"))
 }
 
+/// Bytes of `manifest`'s largest weight in f32: what binding its weights
+/// holds beside the step's own copies, at most ([`bind_weights`] reads and
+/// converts one weight at a time, [`bind_random_weights`] draws one).
+pub fn binding_bytes(manifest: &Manifest) -> Result<usize, WeightsError> {
+    let mut most = 0usize;
+    for buffer in weight_buffers(manifest) {
+        let n = shape_at(manifest, buffer, &manifest.point)?.iter().fold(1usize, |n, &d| n.saturating_mul(d));
+        most = most.max(n.saturating_mul(4));
+    }
+    Ok(most)
+}
+
 /// Every weight of `manifest` from `files`, checked against the manifest's shapes.
 pub fn load_weights(manifest: &Manifest, files: &WeightFiles) -> Result<HashMap<String, HostTensor>, WeightsError> {
     let mut out = HashMap::new();

@@ -4,8 +4,8 @@
 use bifurc_runtime::manifest::Manifest;
 use bifurc_runtime::random::shape_at;
 use bifurc_runtime::weights::{
-    bind_weights, candidate_names, load_weights, random_weights, weight_buffers, WeightFiles, WeightSource,
-    WeightsError,
+    bind_weights, binding_bytes, candidate_names, load_weights, random_weights, weight_buffers, WeightFiles,
+    WeightSource, WeightsError,
 };
 use bifurc_runtime::{HostTensor, Step, StepError};
 use safetensors::tensor::TensorView;
@@ -246,4 +246,8 @@ fn names_and_random_weights() {
     // Rank-1 norm gains near 1, matrices scaled by 1/sqrt(fan-in).
     assert!(a["model.norm.weight"].data.iter().all(|v| (0.9..=1.1).contains(v)));
     assert!(a["model.layers.0.mlp.down_proj.weight"].data.iter().all(|v| v.abs() <= 1.0 / (128f32).sqrt()));
+    // Binding holds the largest weight in f32 at most.
+    let largest = a.values().map(|t| t.data.len() * 4).max().unwrap();
+    assert!(largest > 4 * 64);
+    assert_eq!(binding_bytes(&m).unwrap(), largest);
 }
