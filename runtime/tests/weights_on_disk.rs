@@ -44,6 +44,14 @@ fn write_checkpoint(path: &Path) {
     out.flush().unwrap();
 }
 
+/// An engine may open a checkpoint on one thread and bind from another,
+/// or read tensors from several at once (each file's reads take turns).
+#[test]
+fn weight_files_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<WeightFiles>();
+}
+
 #[test]
 fn opening_reads_the_header_and_tensors_come_from_the_file() {
     let dir = std::env::temp_dir().join(format!("bifurc-weights-on-disk-{}", std::process::id()));
