@@ -243,10 +243,26 @@ fn through_the_compiler(g: &Graph) {
     }
 }
 
+/// The tiny model in bf16 (`import-hf examples/tiny/config.json --dtype
+/// bf16`): its contractions take the tensor-core forms, which an f32 graph
+/// never plans. Written to a scratch file for [`fuzz`].
+fn tiny_bf16() -> (Value, PathBuf) {
+    let config = std::fs::read_to_string(example("examples/tiny/config.json")).unwrap();
+    let opts = bifurc::hf::HfOptions { dtype: Some(bifurc::ir::DType::BF16), ..Default::default() };
+    let doc = bifurc::hf::build(&config, &opts).unwrap();
+    let path = std::env::temp_dir().join(format!("bifurc-mutation-fuzz-{}-tiny-bf16.json", std::process::id()));
+    std::fs::write(&path, serde_json::to_string(&doc).unwrap()).unwrap();
+    (doc, path)
+}
+
 #[test]
 fn mutated_model_json_never_panics() {
-    let examples =
-        [("tiny", example("examples/tiny/model.json")), ("multilevel", example("examples/multilevel/model.json"))];
+    let (_, bf16) = tiny_bf16();
+    let examples = [
+        ("tiny", example("examples/tiny/model.json")),
+        ("multilevel", example("examples/multilevel/model.json")),
+        ("tiny-bf16", bf16.clone()),
+    ];
     fuzz_all(&examples, &|text| {
         if let Ok(g) = bifurc::import::parse(text) {
             through_the_compiler(&g)
@@ -256,6 +272,35 @@ fn mutated_model_json_never_panics() {
     fuzz_all(&[("gpt2", example("examples/gpt2/model.json"))], &|text| {
         let _ = bifurc::import::parse(text);
     });
+    std::fs::remove_file(bf16).ok();
+}
+
+/// Constants at the top of i64 (what a longer run found,
+/// `BIFURC_FUZZ_CASES=3000 BIFURC_FUZZ_SEED=99173`, and its neighbours),
+/// each through the compiler as above: ceilings counted as `(n + d - 1) /
+/// d` overflowed in the CPU walk's blocks (the logits' vocabulary), the
+/// reuse estimate of the plan (multi-level `d_model`) and the tensor-core
+/// form's block count (bf16 `d_model`, `ffn`, `vocab`).
+#[test]
+fn constants_at_the_top_of_i64_never_panic() {
+    let read =
+        |path: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(example(path)).unwrap()).unwrap() };
+    let (bf16, path) = tiny_bf16();
+    std::fs::remove_file(path).ok();
+    let cases = [
+        (read("examples/tiny/model.json"), "vocab"),
+        (read("examples/multilevel/model.json"), "d_model"),
+        (bf16.clone(), "d_model"),
+        (bf16.clone(), "ffn"),
+        (bf16, "vocab"),
+    ];
+    for (base, name) in cases {
+        for size in [i64::MAX, i64::MAX - 1] {
+            let mut doc = base.clone();
+            doc["dims"]["constants"][name] = Value::from(size);
+            through_the_compiler(&bifurc::import::from_value(&doc).unwrap());
+        }
+    }
 }
 
 #[test]

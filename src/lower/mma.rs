@@ -268,7 +268,7 @@ impl Mma {
         let u = (2 * self.tuning.unroll / (self.rows + self.cols)).max(1);
         match self.k_size.as_constant() {
             Some(k) if !self.split_k => {
-                let iterations = if k % CHUNK_K == 0 { k / CHUNK_K } else { (k + TILE_K - 1) / TILE_K };
+                let iterations = if k % CHUNK_K == 0 { k / CHUNK_K } else { k / TILE_K + i64::from(k % TILE_K != 0) };
                 u.min(iterations.max(1))
             }
             _ => u,
@@ -426,9 +426,10 @@ pub(crate) fn mma_form(
     if at_point(&form.m_size)? > TILE_M {
         form.rows = 2;
     }
-    let ceil = |p: &Poly, d: i64| at_point(p).map(|x| (x + d - 1).div_euclid(d));
+    // None past i64 (sizes no GPU holds): no tensor-core form.
+    let ceil = |p: &Poly, d: i64| at_point(p).and_then(|x| x.checked_add(d - 1)).map(|x| x.div_euclid(d));
     let blocks = |f: &Mma| -> Option<i64> {
-        Some(ceil(&f.batch_size, 1)? * ceil(&f.m_size, f.block_m())? * ceil(&f.n_size, f.block_n())?)
+        ceil(&f.batch_size, 1)?.checked_mul(ceil(&f.m_size, f.block_m())?)?.checked_mul(ceil(&f.n_size, f.block_n())?)
     };
     if split_k || (!runtime_k && tuning.wide_short) {
         let wide = Mma { cols: 2, ..form.clone() };

@@ -355,7 +355,8 @@ pub(crate) fn reuse_axes_for(graph: &Graph, j: usize, keep_last: bool) -> Option
                 for (i, &a) in keep.iter().enumerate() {
                     if !cov_y[a] {
                         let s = size(a);
-                        let s = if i + 1 == keep.len() { (s + BLOCK_REUSE - 1) / BLOCK_REUSE } else { s };
+                        // ceil(s / BLOCK_REUSE) (s >= 1), without overflowing.
+                        let s = if i + 1 == keep.len() { (s - 1) / BLOCK_REUSE + 1 } else { s };
                         reads = reads.saturating_mul(s);
                     }
                 }
