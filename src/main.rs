@@ -589,12 +589,24 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Most `--threads` for each core.
+const THREADS_PER_CORE: usize = 4;
+
 /// `--threads N`: the size of the thread pool that the CPU step splits
 /// its large kernels across (see `bifurc::lower::CpuStep::set_threads`).
 fn use_threads(threads: Option<usize>) -> Result<()> {
+    // More threads than cores only take turns; a typo of a million would
+    // start a million threads.
+    let cores = std::thread::available_parallelism().map_or(256, usize::from);
     match threads {
         None => Ok(()),
         Some(0) => bail!("--threads must be at least 1"),
+        Some(n) if n > THREADS_PER_CORE * cores => {
+            bail!(
+                "--threads {n}: at most {} ({THREADS_PER_CORE} for each of this machine's {cores} cores)",
+                THREADS_PER_CORE * cores
+            )
+        }
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()

@@ -467,7 +467,9 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         ContextSource::Prompt(ids) => ids.len(),
         ContextSource::Random { len } => *len,
     };
-    layout.check_positions(context_len + opts.steps).map_err(|e| fail(e.to_string()))?;
+    layout.check_positions(context_len.saturating_add(opts.steps)).map_err(|e| fail(e.to_string()))?;
+    // Past the positions check, the context and steps are at most 2^24 + 1.
+    let samples = i64::try_from(opts.samples).map_err(|_| fail(format!("--samples {}: too many", opts.samples)))?;
     if let Weights::Files(files) = &opts.weights {
         if let Some(missing) = files.iter().find(|p| !p.exists()) {
             return Err(fail(format!("weights {}: no such file or directory", missing.display())));
@@ -482,7 +484,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     // The decode loop's last step: m_d = steps - 1, with room for `steps`
     // rows (as `Session::sample` keeps them).
     let last = BTreeMap::from([
-        ("b".to_string(), opts.samples as i64),
+        ("b".to_string(), samples),
         ("m_c".to_string(), context_len as i64),
         ("m_d".to_string(), opts.steps as i64 - 1),
     ]);

@@ -464,6 +464,13 @@ fn run_errors_are_one_line() {
     fails(&run(bif, &[&ok[..], &["--steps", "0"]].concat()), &["--steps"]);
     fails(&run(bif, &[&ok[..], &["--temperature", "-1"]].concat()), &["--temperature"]);
     fails(&run(bif, &[&ok[..], &["--threads", "0"]].concat()), &["--threads must be at least 1"]);
+    // A typo's million threads are refused, not started.
+    fails(&run(bif, &[&ok[..], &["--threads", "1000000"]].concat()), &["--threads 1000000: at most", "cores"]);
+    // Counts past i64 are refused in words, not wrapped or overflowed.
+    let huge = u64::MAX.to_string();
+    fails(&run(bif, &[&ok[..], &["--samples", &huge]].concat()), &["--samples 18446744073709551615: too many"]);
+    let wants = ["18446744073709551615 positions", "use at most 16777217 tokens"];
+    fails(&run(bif, &["--random-weights", "--context-len", "8", "--steps", &huge]), &wants);
     if !cfg!(feature = "cuda") {
         fails(&run(bif, &[&ok[..], &["--device", "cuda"]].concat()), &["--features cuda", "bifurc-run"]);
     }

@@ -209,20 +209,22 @@ fn run(args: &RunArgs) -> Result<()> {
     // Before anything is bound: the decode loop's last step (m_d = steps
     // - 1) fits in the device's memory.
     let context_len = args.context_len.unwrap_or(args.prompt_ids.len());
+    // Past a table of learned positions or 2^24 no position can be given
+    // (and past it, the context and steps are at most 2^24 + 1).
+    let layout = DecodeLayout::from_manifest(&manifest).map_err(|e| e.to_string())?;
+    layout.check_positions(context_len.saturating_add(args.steps)).map_err(|e| e.to_string())?;
+    let samples = i64::try_from(args.samples).map_err(|_| format!("--samples {}: too many", args.samples))?;
     let last = BTreeMap::from([
-        ("b".to_string(), args.samples as i64),
+        ("b".to_string(), samples),
         ("m_c".to_string(), context_len as i64),
         ("m_d".to_string(), args.steps.saturating_sub(1) as i64),
     ]);
     let what = format!("the decode step at b = {}, m_c = {context_len}, m_d = {}", args.samples, last["m_d"]);
     step.check_fits(&what, &last).map_err(|e| format!("{e}; use a shorter context or fewer --samples"))?;
     // The session holds the context on the host while it binds it, in
-    // f32 (a random one a layer at a time); and past a table of learned
-    // positions or 2^24 no position can be given.
-    let layout = DecodeLayout::from_manifest(&manifest).map_err(|e| e.to_string())?;
+    // f32 (a random one a layer at a time).
     let on_host = if args.context_len.is_some() { ContextOnHost::OneLayer } else { ContextOnHost::Whole };
     layout.check_host_context(context_len, on_host).map_err(|e| format!("{e}; use a shorter context"))?;
-    layout.check_positions(context_len + args.steps).map_err(|e| e.to_string())?;
     let start = Instant::now();
     // Files are read once, for the decode step and a prefill step alike.
     let source = if args.random_weights {
