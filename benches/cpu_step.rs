@@ -44,9 +44,9 @@
 //! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there.
 //!
 //! Target (b = 32): the bifurcated step at least 4x faster than the baseline
-//! (measured on a 2-core Emerald Rapids VM: 3.98-6.91x on one thread,
-//! 3.26-4.38x on two, 9.5x and 8.8x at m_c = 32768: see the README's
-//! "Speed on the CPU").
+//! (measured on a 2-core Emerald Rapids VM, f32: 3.67-6.91x on one thread,
+//! 2.09-4.38x on two, 9.5x and 8.8x at m_c = 32768; bf16 4.66-6.91x: see
+//! the README's "Speed on the CPU").
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
