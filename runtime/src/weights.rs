@@ -133,23 +133,11 @@ impl WeightFiles {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             })?,
-            // Half precision by the `half` crate's slice conversion (F16C
-            // vectors for f16 where the CPU has them): Llama-2-7B's first
-            // 2 layers in f16 bound in 4.1-5.1 -> 2.5-2.8 s (one value at
-            // a time before).
             Dtype::BF16 => {
-                let mut bits = Vec::new();
-                file.read_f32(info, 2, |bytes, out| {
-                    halves(bytes, &mut bits);
-                    bits.reinterpret_cast::<half::bf16>().convert_to_f32_slice(out);
-                })?
+                file.read_halves(info, |b, out| b.reinterpret_cast::<half::bf16>().convert_to_f32_slice(out))?
             }
             Dtype::F16 => {
-                let mut bits = Vec::new();
-                file.read_f32(info, 2, |bytes, out| {
-                    halves(bytes, &mut bits);
-                    bits.reinterpret_cast::<half::f16>().convert_to_f32_slice(out);
-                })?
+                file.read_halves(info, |b, out| b.reinterpret_cast::<half::f16>().convert_to_f32_slice(out))?
             }
             other => {
                 return Err(WeightsError::DType {
@@ -203,6 +191,20 @@ impl WeightFile {
         Ok(WeightFile { path: path.to_path_buf(), file: Mutex::new(file), data_start, metadata })
     }
 
+    /// The half-precision tensor at `info` as f32: each chunk's
+    /// little-endian 16-bit words converted by `to_f32`, the `half`
+    /// crate's slice conversion (F16C vectors for f16 where the CPU has
+    /// them: Llama-2-7B's first 2 layers in f16 bound in 4.1-5.1 -> 2.5-2.8
+    /// s, against one value at a time).
+    fn read_halves(&self, info: &TensorInfo, to_f32: impl Fn(&[u16], &mut [f32])) -> Result<Vec<f32>, WeightsError> {
+        let mut bits = Vec::new();
+        self.read_f32(info, 2, |bytes, out| {
+            bits.clear();
+            bits.extend(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
+            to_f32(&bits, out);
+        })
+    }
+
     /// The elements of the tensor at `info` (of `width` bytes each) as
     /// f32, read from the file a chunk at a time, each chunk's bytes
     /// converted into its elements by `convert`.
@@ -231,12 +233,6 @@ impl WeightFile {
         }
         Ok(out)
     }
-}
-
-/// Little-endian 16-bit words of `bytes` into `bits`.
-fn halves(bytes: &[u8], bits: &mut Vec<u16>) {
-    bits.clear();
-    bits.extend(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
 }
 
 /// The names tried for manifest weight `name`, in order: itself, without a
