@@ -44,6 +44,19 @@ pub fn random_tensor(
     dims: &BTreeMap<String, i64>,
     seed: u64,
 ) -> Result<HostTensor, ManifestError> {
+    random_tensor_in(manifest, buffer, dims, seed, Vec::new())
+}
+
+/// [`random_tensor`], its values drawn into `spare`'s memory where they
+/// fit: binding a model's weights one after another reuses one buffer
+/// rather than mapping fresh pages in for each.
+pub fn random_tensor_in(
+    manifest: &Manifest,
+    buffer: &Buffer,
+    dims: &BTreeMap<String, i64>,
+    seed: u64,
+    spare: Vec<f32>,
+) -> Result<HostTensor, ManifestError> {
     let shape = shape_at(manifest, buffer, dims)?;
     let mut rng = SplitMix64::named(seed, &buffer.name);
     let n: usize = shape.iter().product();
@@ -69,11 +82,11 @@ pub fn random_tensor(
         _ if !is_float => (0..n).map(|_| rng.below(2) as f32).collect(),
         "weight" if shape.len() >= 2 => {
             let scale = (last as f32).sqrt();
-            draws(&rng, n, |r| r.symmetric() / scale)
+            draws_into(&rng, n, |r| r.symmetric() / scale, spare)
         }
         "weight" if shape.len() == 1 && buffer.name.contains("bias") => (0..n).map(|_| 0.1 * rng.symmetric()).collect(),
         "weight" if shape.len() == 1 => (0..n).map(|_| 1.0 + 0.1 * rng.symmetric()).collect(),
-        _ => draws(&rng, n, SplitMix64::symmetric),
+        _ => draws_into(&rng, n, SplitMix64::symmetric, spare),
     };
     Ok(HostTensor { shape, data })
 }
@@ -86,7 +99,16 @@ const PARALLEL_DRAWS: usize = 1 << 20;
 /// first draw), the same values as drawn one after another. The
 /// compiler's reference interpreter draws its large inputs with it too.
 pub fn draws(rng: &SplitMix64, n: usize, draw: impl Fn(&mut SplitMix64) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; n];
+    draws_into(rng, n, draw, Vec::new())
+}
+
+/// [`draws`] into `spare`'s memory where they fit.
+fn draws_into(rng: &SplitMix64, n: usize, draw: impl Fn(&mut SplitMix64) -> f32 + Sync, spare: Vec<f32>) -> Vec<f32> {
+    // Every element is drawn below: only those past the spare's are
+    // zeroed first.
+    let mut out = spare;
+    out.truncate(n);
+    out.resize(n, 0.0);
     crate::parallel::fill_parts(&mut out, 1, PARALLEL_DRAWS, |first, part| {
         let mut r = rng.jumped(first as u64);
         part.iter_mut().for_each(|v| *v = draw(&mut r));

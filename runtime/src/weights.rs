@@ -15,7 +15,7 @@
 //! checkpoint is 13.5 GB in bf16).
 
 use crate::manifest::{Buffer, BufferKind, Manifest, ManifestError};
-use crate::random::{random_tensor, shape_at};
+use crate::random::{random_tensor, random_tensor_in, shape_at};
 use crate::{HostTensor, Step, StepError};
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
@@ -104,6 +104,12 @@ impl WeightFiles {
 
     /// The tensor for manifest weight `name` with shape `expected`, as f32.
     pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<HostTensor, WeightsError> {
+        self.tensor_in(name, expected, Vec::new())
+    }
+
+    /// [`WeightFiles::tensor`], its values read into `spare`'s memory
+    /// where they fit (see [`crate::random::random_tensor_in`]).
+    pub fn tensor_in(&self, name: &str, expected: &[usize], spare: Vec<f32>) -> Result<HostTensor, WeightsError> {
         let tried = candidate_names(name);
         let found = tried.iter().find_map(|candidate| {
             self.files.iter().find_map(|f| f.metadata.info(candidate).map(|info| (f, candidate, info)))
@@ -128,16 +134,16 @@ impl WeightFiles {
         // `WeightFile::open` checked that the offsets lie inside the file
         // and that they hold the shape's elements.
         let data: Vec<f32> = match info.dtype {
-            Dtype::F32 => file.read_f32(info, 4, |bytes, out| {
+            Dtype::F32 => file.read_f32(info, 4, spare, |bytes, out| {
                 for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             })?,
             Dtype::BF16 => {
-                file.read_halves(info, |b, out| b.reinterpret_cast::<half::bf16>().convert_to_f32_slice(out))?
+                file.read_halves(info, spare, |b, out| b.reinterpret_cast::<half::bf16>().convert_to_f32_slice(out))?
             }
             Dtype::F16 => {
-                file.read_halves(info, |b, out| b.reinterpret_cast::<half::f16>().convert_to_f32_slice(out))?
+                file.read_halves(info, spare, |b, out| b.reinterpret_cast::<half::f16>().convert_to_f32_slice(out))?
             }
             other => {
                 return Err(WeightsError::DType {
@@ -196,9 +202,14 @@ impl WeightFile {
     /// crate's slice conversion (F16C vectors for f16 where the CPU has
     /// them: Llama-2-7B's first 2 layers in f16 bound in 4.1-5.1 -> 2.5-2.8
     /// s, against one value at a time).
-    fn read_halves(&self, info: &TensorInfo, to_f32: impl Fn(&[u16], &mut [f32])) -> Result<Vec<f32>, WeightsError> {
+    fn read_halves(
+        &self,
+        info: &TensorInfo,
+        spare: Vec<f32>,
+        to_f32: impl Fn(&[u16], &mut [f32]),
+    ) -> Result<Vec<f32>, WeightsError> {
         let mut bits = Vec::new();
-        self.read_f32(info, 2, |bytes, out| {
+        self.read_f32(info, 2, spare, |bytes, out| {
             bits.clear();
             bits.extend(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
             to_f32(&bits, out);
@@ -206,18 +217,24 @@ impl WeightFile {
     }
 
     /// The elements of the tensor at `info` (of `width` bytes each) as
-    /// f32, read from the file a chunk at a time, each chunk's bytes
-    /// converted into its elements by `convert`.
+    /// f32 in `spare`'s memory where they fit, read from the file a chunk
+    /// at a time, each chunk's bytes converted into its elements by
+    /// `convert`.
     fn read_f32(
         &self,
         info: &TensorInfo,
         width: usize,
+        spare: Vec<f32>,
         mut convert: impl FnMut(&[u8], &mut [f32]),
     ) -> Result<Vec<f32>, WeightsError> {
         let read_err = |error| WeightsError::Read { path: self.path.display().to_string(), error };
         let (start, end) = info.data_offsets;
         let mut left = end - start;
-        let mut out = vec![0.0f32; left / width];
+        // Every element is converted below: only those past the spare's
+        // are zeroed first.
+        let mut out = spare;
+        out.truncate(left / width);
+        out.resize(left / width, 0.0);
         let mut at = 0;
         let mut chunk = vec![0u8; left.min(READ_CHUNK)];
         // A read that panicked part way left nothing but the file's
@@ -295,12 +312,13 @@ pub fn bind_weights<S: Step + ?Sized>(
     files: &WeightFiles,
     mut progress: impl FnMut(&str),
 ) -> Result<usize, WeightsError> {
-    let mut count = 0;
+    let (mut count, mut spare) = (0, Vec::new());
     for buffer in weight_buffers(manifest) {
         progress(&buffer.name);
         let shape = shape_at(manifest, buffer, &manifest.point)?;
-        let tensor = files.tensor(&buffer.name, &shape)?;
+        let tensor = files.tensor_in(&buffer.name, &shape, std::mem::take(&mut spare))?;
         step.bind(&buffer.name, &tensor).map_err(|error| WeightsError::Bind { name: buffer.name.clone(), error })?;
+        spare = tensor.data;
         count += 1;
     }
     Ok(count)
@@ -332,11 +350,12 @@ fn bind_random_with<S: Step + ?Sized>(
     seed: u64,
     mut progress: impl FnMut(&str),
 ) -> Result<usize, WeightsError> {
-    let mut count = 0;
+    let (mut count, mut spare) = (0, Vec::new());
     for buffer in weight_buffers(manifest) {
         progress(&buffer.name);
-        let tensor = random_tensor(manifest, buffer, &manifest.point, seed)?;
+        let tensor = random_tensor_in(manifest, buffer, &manifest.point, seed, std::mem::take(&mut spare))?;
         step.bind(&buffer.name, &tensor).map_err(|error| WeightsError::Bind { name: buffer.name.clone(), error })?;
+        spare = tensor.data;
         count += 1;
     }
     Ok(count)
