@@ -28,6 +28,7 @@ use bifurc::inspect::ShapePoint;
 use bifurc::ir::DType;
 use bifurc::lower::gpu::GpuTarget;
 use bifurc::{compile, CompileOptions};
+use bifurc_runtime::rng::SplitMix64;
 use bifurc_runtime::session::{SampleOptions, SampleOutput, Session};
 use bifurc_runtime::weights::random_weights;
 use bifurc_runtime::{BoundCaches, HostTensor, Step, StepError};
@@ -657,4 +658,83 @@ fn prefill_fills_the_context_like_stepping() {
     compile(&bifurc::import::from_value(&doc).unwrap(), &opts).unwrap().write(&other).unwrap();
     fails(&run(bif_s, &[&ok[..], &["--prefill", other.to_str().unwrap()]].concat()), &["not the same model"]);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Any sequence of the session's calls over the real CPU step (decode
+/// caches kept in the backend, released and reserved between runs; a
+/// context bound with or without a host copy; one step handed from
+/// session to session, as an engine would) returns, an error or a result,
+/// and never panics. Sampling gives `samples` rows of `steps` tokens, and
+/// greedy sampling from a context gives the tokens it gave the last time.
+/// A fixed SplitMix64 sequence of 200 sessions of 10 calls.
+#[test]
+fn any_sequence_of_session_calls_returns() {
+    let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
+    let dir = common::scratch("run-cpu", "sequences");
+    let (_, bif) = tiny_artifacts(&libdevice, &dir);
+    let (artifact, cpu) = bifurc::run::cpu_step(&bif).unwrap();
+    let weights = random_weights(&artifact.manifest, 3).unwrap();
+    let mut rng = SplitMix64::new(0x5E55_1011);
+    let mut next = |n: usize| rng.below(n as u64) as usize;
+    let prompts: [&[u32]; 4] = [&[], &[5], &[7, 300], &[1, 2, 3]];
+    // Greedy tokens by (context, samples, steps), to compare repeats.
+    let mut greedy: HashMap<(String, usize, usize), Vec<Vec<u32>>> = HashMap::new();
+    let (mut sampled, mut repeated, mut refused) = (0, 0, 0);
+    let mut step = Some(cpu);
+    for case in 0..200 {
+        let Some(cpu) = step.take() else { break };
+        let mut session = Session::new(cpu, &artifact.manifest).unwrap();
+        // The session's context, where one was installed ("" for none).
+        let mut context = String::new();
+        for call in 0..10 {
+            let what = next(7);
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match what {
+                0 => session.bind_weights(&weights).map(|_| None),
+                1 => {
+                    let prompt = prompts[next(prompts.len())];
+                    let r = session.fill_context(prompt);
+                    context = if r.is_ok() { format!("prompt {prompt:?}") } else { String::new() };
+                    r.map(|_| None)
+                }
+                2 => {
+                    let (len, seed) = ([0, 6][next(2)], next(2) as u64);
+                    let r = session.random_context(len, seed);
+                    context = if r.is_ok() { format!("random {len} {seed}") } else { String::new() };
+                    r.map(|_| None)
+                }
+                3 => session.keep_host_context(next(2) == 0).map(|_| None),
+                4 => {
+                    let _ = session.step_mut();
+                    Ok(None)
+                }
+                _ => {
+                    let temperature = [0.0, 0.0, 0.8, -1.0][next(4)];
+                    let (samples, steps) = (next(3), next(3));
+                    let options = SampleOptions { samples, steps, temperature, seed: 1, keep_last_logits: false };
+                    let key = (context.clone(), samples, steps);
+                    session.sample(&options, |_| {}).map(|out| Some((options, out, key)))
+                }
+            }));
+            let Ok(result) = result else { panic!("case {case}, call {call} ({what}) panicked") };
+            match result {
+                Ok(Some((options, out, key))) => {
+                    sampled += 1;
+                    assert_eq!(out.tokens.len(), options.samples, "case {case}");
+                    assert!(out.tokens.iter().all(|t| t.len() == options.steps), "case {case}");
+                    if options.temperature == 0.0 && !key.0.is_empty() {
+                        if let Some(before) = greedy.get(&key) {
+                            repeated += 1;
+                            assert_eq!(&out.tokens, before, "case {case}, call {call}: {key:?}");
+                        }
+                        greedy.insert(key, out.tokens);
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => refused += 1,
+            }
+        }
+        step = Some(session.into_step());
+    }
+    assert!(sampled > 20 && refused > 20 && repeated > 10, "sampled {sampled}, refused {refused}, repeated {repeated}");
+    std::fs::remove_dir_all(&dir).ok();
 }

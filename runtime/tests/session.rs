@@ -5,6 +5,7 @@
 //! builds row by row.
 
 use bifurc_runtime::manifest::Manifest;
+use bifurc_runtime::rng::SplitMix64;
 use bifurc_runtime::session::{SampleOptions, Session, SessionError};
 use bifurc_runtime::{HostTensor, Step, StepError};
 use std::collections::{BTreeMap, HashMap};
@@ -424,4 +425,64 @@ fn the_provided_run_timed_warms_up_then_times_each_run() {
         assert!(times.iter().all(|t| *t >= 0.0));
     }
     assert_eq!(step.runs.len(), 1 + 1 + 3, "the fill, one warm-up, three timed runs");
+}
+
+/// Any sequence of the session's calls, with arguments in and out of
+/// range, returns (an error or a result) and never panics; whenever
+/// sampling succeeds it gives `samples` rows of `steps` tokens. A fixed
+/// SplitMix64 sequence of 400 sessions of 12 calls each.
+#[test]
+fn any_sequence_of_calls_returns() {
+    let m = manifest();
+    let mut rng = SplitMix64::new(0xC0FFEE);
+    let mut next = |n: usize| rng.below(n as u64) as usize;
+    let (mut sampled, mut refused) = (0, 0);
+    for case in 0..400 {
+        let mut session = Session::new(FakeStep::default(), &m).unwrap();
+        for call in 0..12 {
+            let what = next(8);
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match what {
+                0 => session.bind_weights(&weights()).map(|_| None),
+                1 => {
+                    let prompt: Vec<u32> = (0..next(5)).map(|_| next(V + 2) as u32).collect();
+                    session.fill_context(&prompt).map(|_| None)
+                }
+                2 => session.random_context(next(6), next(4) as u64).map(|_| None),
+                3 => session.keep_host_context(next(2) == 0).map(|_| None),
+                4 => {
+                    let len = next(4);
+                    let rows = [len, if next(4) == 0 { len + 1 } else { len }];
+                    let caches = vec![rows.map(|r| HostTensor::zeros(vec![G, r, K])); LAYERS];
+                    session.set_context(caches, vec![0.0; if next(4) == 0 { V - 1 } else { V }]).map(|_| None)
+                }
+                5 => {
+                    let _ = session.step_mut();
+                    Ok(None)
+                }
+                _ => {
+                    let temperature = [0.0, 0.8, -1.0, f32::NAN, f32::INFINITY][next(5)];
+                    let options = SampleOptions {
+                        samples: next(4),
+                        steps: next(4),
+                        temperature,
+                        seed: 1,
+                        keep_last_logits: true,
+                    };
+                    session.sample(&options, |_| {}).map(|out| Some((options, out)))
+                }
+            }));
+            let Ok(result) = result else { panic!("case {case}, call {call} ({what}) panicked") };
+            match result {
+                Ok(Some((options, out))) => {
+                    sampled += 1;
+                    assert_eq!(out.tokens.len(), options.samples, "case {case}");
+                    assert!(out.tokens.iter().all(|t| t.len() == options.steps), "case {case}");
+                }
+                Ok(None) => {}
+                Err(_) => refused += 1,
+            }
+        }
+    }
+    // Both kinds happen.
+    assert!(sampled > 50 && refused > 50, "sampled {sampled}, refused {refused}");
 }

@@ -3,6 +3,7 @@
 
 use bifurc_runtime::manifest::Manifest;
 use bifurc_runtime::random::shape_at;
+use bifurc_runtime::rng::SplitMix64;
 use bifurc_runtime::weights::{
     bind_weights, binding_bytes, candidate_names, load_weights, random_weights, weight_buffers, WeightFiles,
     WeightSource, WeightsError,
@@ -273,14 +274,8 @@ fn damaged_checkpoints_never_panic() {
     write(&path, &tensors);
     let good = std::fs::read(&path).unwrap();
     let header = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
-    let mut state = 0x5EED_u64;
-    let mut next = |n: usize| {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % n.max(1) as u64) as usize
-    };
+    let mut rng = SplitMix64::new(0x5EED);
+    let mut next = |n: usize| rng.below(n as u64) as usize;
     let (mut opened, mut read) = (0, 0);
     for case in 0..1500 {
         let mut bytes = good.clone();
