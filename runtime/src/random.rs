@@ -104,16 +104,23 @@ pub fn draws(rng: &SplitMix64, n: usize, draw: impl Fn(&mut SplitMix64) -> f32 +
 
 /// [`draws`] into `spare`'s memory where they fit.
 fn draws_into(rng: &SplitMix64, n: usize, draw: impl Fn(&mut SplitMix64) -> f32 + Sync, spare: Vec<f32>) -> Vec<f32> {
-    // Every element is drawn below: only those past the spare's are
-    // zeroed first.
-    let mut out = spare;
-    out.truncate(n);
-    out.resize(n, 0.0);
+    // Every element is drawn below.
+    let mut out = sized(spare, n);
     crate::parallel::fill_parts(&mut out, 1, PARALLEL_DRAWS, |first, part| {
         let mut r = rng.jumped(first as u64);
         part.iter_mut().for_each(|v| *v = draw(&mut r));
     });
     out
+}
+
+/// `n` elements in `spare`'s memory (more where it has too little): its
+/// own values where they fit, zeros past them, for a caller that
+/// overwrites every element (zeroing them first would be a pass over the
+/// whole, on one thread).
+pub(crate) fn sized(mut spare: Vec<f32>, n: usize) -> Vec<f32> {
+    spare.truncate(n);
+    spare.resize(n, 0.0);
+    spare
 }
 
 /// Rows of the table indexed by the first `gather` kernel that reads `ids`.

@@ -230,11 +230,8 @@ impl WeightFile {
         let read_err = |error| WeightsError::Read { path: self.path.display().to_string(), error };
         let (start, end) = info.data_offsets;
         let mut left = end - start;
-        // Every element is converted below: only those past the spare's
-        // are zeroed first.
-        let mut out = spare;
-        out.truncate(left / width);
-        out.resize(left / width, 0.0);
+        // Every element is converted below.
+        let mut out = crate::random::sized(spare, left / width);
         let mut at = 0;
         let mut chunk = vec![0u8; left.min(READ_CHUNK)];
         // A read that panicked part way left nothing but the file's
@@ -310,13 +307,26 @@ pub fn bind_weights<S: Step + ?Sized>(
     step: &mut S,
     manifest: &Manifest,
     files: &WeightFiles,
+    progress: impl FnMut(&str),
+) -> Result<usize, WeightsError> {
+    bind_each(step, manifest, progress, |buffer, spare| {
+        files.tensor_in(&buffer.name, &shape_at(manifest, buffer, &manifest.point)?, spare)
+    })
+}
+
+/// Binds every weight of `manifest` to `step` in table order, each made by
+/// `make` (given the last one's memory to reuse) and told to `progress`
+/// before it is bound; returns the number bound.
+fn bind_each<S: Step + ?Sized>(
+    step: &mut S,
+    manifest: &Manifest,
     mut progress: impl FnMut(&str),
+    mut make: impl FnMut(&Buffer, Vec<f32>) -> Result<HostTensor, WeightsError>,
 ) -> Result<usize, WeightsError> {
     let (mut count, mut spare) = (0, Vec::new());
     for buffer in weight_buffers(manifest) {
         progress(&buffer.name);
-        let shape = shape_at(manifest, buffer, &manifest.point)?;
-        let tensor = files.tensor_in(&buffer.name, &shape, std::mem::take(&mut spare))?;
+        let tensor = make(buffer, std::mem::take(&mut spare))?;
         step.bind(&buffer.name, &tensor).map_err(|error| WeightsError::Bind { name: buffer.name.clone(), error })?;
         spare = tensor.data;
         count += 1;
@@ -348,17 +358,11 @@ fn bind_random_with<S: Step + ?Sized>(
     step: &mut S,
     manifest: &Manifest,
     seed: u64,
-    mut progress: impl FnMut(&str),
+    progress: impl FnMut(&str),
 ) -> Result<usize, WeightsError> {
-    let (mut count, mut spare) = (0, Vec::new());
-    for buffer in weight_buffers(manifest) {
-        progress(&buffer.name);
-        let tensor = random_tensor_in(manifest, buffer, &manifest.point, seed, std::mem::take(&mut spare))?;
-        step.bind(&buffer.name, &tensor).map_err(|error| WeightsError::Bind { name: buffer.name.clone(), error })?;
-        spare = tensor.data;
-        count += 1;
-    }
-    Ok(count)
+    bind_each(step, manifest, progress, |buffer, spare| {
+        Ok(random_tensor_in(manifest, buffer, &manifest.point, seed, spare)?)
+    })
 }
 
 /// Where a run's weights come from: checkpoint files (read once, bound into
