@@ -268,7 +268,7 @@ impl Mma {
         let u = (2 * self.tuning.unroll / (self.rows + self.cols)).max(1);
         match self.k_size.as_constant() {
             Some(k) if !self.split_k => {
-                let iterations = if k % CHUNK_K == 0 { k / CHUNK_K } else { k / TILE_K + i64::from(k % TILE_K != 0) };
+                let iterations = if k % CHUNK_K == 0 { k / CHUNK_K } else { super::ceil_div(k, TILE_K) };
                 u.min(iterations.max(1))
             }
             _ => u,

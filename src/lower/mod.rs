@@ -25,6 +25,13 @@ pub use plan::{
 };
 pub use smoke::{smoke, SMOKE_PIPELINE};
 
+/// `ceil(n / d)` for `d > 0`, exact for every `n` and never overflowing
+/// (`(n + d - 1) / d` does at a size near `i64::MAX`, which a model's
+/// constants may give).
+pub(crate) fn ceil_div(n: i64, d: i64) -> i64 {
+    n.div_euclid(d) + i64::from(n.rem_euclid(d) != 0)
+}
+
 /// Errors from building, verifying or transforming MLIR.
 #[derive(Debug, thiserror::Error)]
 pub enum LowerError {

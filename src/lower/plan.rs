@@ -355,8 +355,7 @@ pub(crate) fn reuse_axes_for(graph: &Graph, j: usize, keep_last: bool) -> Option
                 for (i, &a) in keep.iter().enumerate() {
                     if !cov_y[a] {
                         let s = size(a);
-                        // ceil(s / BLOCK_REUSE) (s >= 1), without overflowing.
-                        let s = if i + 1 == keep.len() { (s - 1) / BLOCK_REUSE + 1 } else { s };
+                        let s = if i + 1 == keep.len() { super::ceil_div(s, BLOCK_REUSE) } else { s };
                         reads = reads.saturating_mul(s);
                     }
                 }

@@ -230,8 +230,7 @@ impl Kc<'_> {
             // have iterations to share, as multi-query attention's tiles).
             let step = (BLOCK * groups) as i64;
             walk_sizes[pos] = match self.b.known(&keep_sizes[pos]) {
-                // ceil(n / step), without overflowing at a huge n.
-                Some(n) => self.b.index(n / step + i64::from(n % step != 0)),
+                Some(n) => self.b.index(crate::lower::ceil_div(n, step)),
                 None => self.ceil_div(&keep_sizes[pos], step),
             };
         }
