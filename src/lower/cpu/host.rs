@@ -181,9 +181,7 @@ impl HostData {
             HostData::I64(v) => v.as_mut_ptr().cast(),
         }
     }
-}
 
-impl HostData {
     /// `n` elements of float `dtype` (f32, f16, bf16), made `piece` at a
     /// time in parallel: `fill(i, buf)` writes piece `i` (elements
     /// `i·piece..`; the last may be shorter) in f32 into `buf`, zeros
