@@ -280,7 +280,8 @@ struct RunArgs {
     #[arg(long)]
     host_caches: bool,
     /// A prefill step (the same model imported with --new-tokens N and compiled) that
-    /// fills the context from the prompt N tokens per run instead of one.
+    /// fills the context from the prompt N tokens per run instead of one (on the CPU it
+    /// shares the decode step's weights).
     #[arg(long, value_name = "PTX")]
     prefill: Option<PathBuf>,
 }

@@ -108,6 +108,9 @@ pub struct RunReport {
     /// How the weights were made (`random (seed N)` or the files).
     pub weights: String,
     pub weights_bound: usize,
+    /// With a prefill step: how many of its weights it shares with the
+    /// decode step (one copy; on the CPU, where both store them alike).
+    pub prefill_shares: Option<usize>,
     pub weights_s: f64,
     /// Loading the step: JIT compile (CPU) or module load (CUDA).
     pub load_s: f64,
@@ -187,6 +190,9 @@ impl RunReport {
             "p90_step_ms": self.p90_ms(),
             "tokens_per_s": self.tokens_per_s(),
         });
+        if let Some(n) = self.prefill_shares {
+            value["prefill_shared_weights"] = serde_json::json!(n);
+        }
         if let Some(logits) = &self.output.last_logits {
             let vocab = logits.shape.get(1).copied().unwrap_or(0).max(1);
             let rows: Vec<Vec<f32>> = logits.data.chunks(vocab).map(<[f32]>::to_vec).collect();
@@ -202,8 +208,15 @@ impl RunReport {
         let _ = writeln!(s, "device: {}", self.device);
         let _ = writeln!(s, "artifact: {} (bifurcated: {})", self.artifact.display(), self.bifurcated);
         let _ = writeln!(s, "step loaded in {:.2} s", self.load_s);
-        let _ =
-            writeln!(s, "weights: {}, {} tensors bound in {:.2} s", self.weights, self.weights_bound, self.weights_s);
+        let shares = match self.prefill_shares {
+            Some(n) => format!(" (the prefill step shares {n} of them)"),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "weights: {}, {} tensors bound in {:.2} s{shares}",
+            self.weights, self.weights_bound, self.weights_s
+        );
         let how = context_how(self.context);
         let _ = writeln!(s, "context: {} tokens ({how}, {:.1} ms)", self.context_len, self.fill_ms);
         let _ = writeln!(
@@ -351,10 +364,86 @@ pub fn cpu_step(path: &Path) -> Result<(Artifact, CpuBackend), RunError> {
 /// it needs at the run's largest point and what its device has available
 /// (`None`: unknown).
 struct Made {
-    step: Box<dyn Step>,
+    step: MadeStep,
     device: String,
     needed: usize,
     available: Option<usize>,
+}
+
+/// A step as made: on the CPU the backend itself until its weights are
+/// bound, so that a prefill step can share the decode step's
+/// ([`CpuBackend::bind_shared`]) instead of holding a second copy.
+enum MadeStep {
+    Cpu(Box<CpuBackend>),
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Other(Box<dyn Step>),
+}
+
+impl MadeStep {
+    fn step(&mut self) -> &mut dyn Step {
+        match self {
+            MadeStep::Cpu(step) => step.as_mut(),
+            MadeStep::Other(step) => step.as_mut(),
+        }
+    }
+
+    fn boxed(self) -> Box<dyn Step> {
+        match self {
+            MadeStep::Cpu(step) => step,
+            MadeStep::Other(step) => step,
+        }
+    }
+
+    /// The weights of `manifest` (this step's) that it can share with
+    /// `decode`, stored alike by both: CPU steps only.
+    fn shares_with(&self, decode: &MadeStep, manifest: &Manifest) -> Vec<String> {
+        match (self, decode) {
+            (MadeStep::Cpu(this), MadeStep::Cpu(decode)) => bifurc_runtime::weights::weight_buffers(manifest)
+                .filter(|b| this.stores_alike(decode, &b.name))
+                .map(|b| b.name.clone())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Bytes of the weights named by `names` as this step stores them.
+    fn bytes_of(&self, names: &[String], manifest: &Manifest) -> Result<usize, RunError> {
+        match self {
+            MadeStep::Cpu(step) => step
+                .bytes_where(&manifest.point, |name| names.iter().any(|n| n == name))
+                .map_err(|e| fail(e.to_string())),
+            MadeStep::Other(_) => Ok(0),
+        }
+    }
+
+    /// Binds the weights of `manifest` (this step's) from `source`, those
+    /// named by `shared` by sharing `decode`'s (bound already): the same
+    /// values, one copy. Returns the number shared.
+    fn bind_beside(
+        &mut self,
+        decode: &MadeStep,
+        shared: &[String],
+        source: &WeightSource,
+        manifest: &Manifest,
+    ) -> Result<usize, RunError> {
+        let mut count = 0;
+        if let (MadeStep::Cpu(this), MadeStep::Cpu(decode)) = (&mut *self, decode) {
+            for name in shared {
+                if this.bind_shared(decode, name).map_err(|e| fail(e.to_string()))? {
+                    count += 1;
+                }
+            }
+        }
+        let is_bound = |name: &str| matches!(&*self, MadeStep::Cpu(step) if step.is_bound(name));
+        let unshared: Vec<String> = bifurc_runtime::weights::weight_buffers(manifest)
+            .filter(|b| !is_bound(&b.name))
+            .map(|b| b.name.clone())
+            .collect();
+        source
+            .bind_where(self.step(), manifest, |name| unshared.iter().any(|n| n == name), |_| {})
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(count)
+    }
 }
 
 /// The step of `artifact` on `device`, with what it needs at `dims`
@@ -372,7 +461,8 @@ fn make_step(
             let threads = step.threads();
             let plural = if threads == 1 { "" } else { "s" };
             let device = format!("cpu (MLIR JIT, {threads} thread{plural})");
-            Ok(Made { step: Box::new(step), device, needed, available: bifurc_runtime::memory::host_available() })
+            let available = bifurc_runtime::memory::host_available();
+            Ok(Made { step: MadeStep::Cpu(Box::new(step)), device, needed, available })
         }
         Device::Cuda { ordinal } => cuda_step(artifact, ordinal, dims),
     }
@@ -385,7 +475,7 @@ fn cuda_step(artifact: &Artifact, ordinal: usize, dims: &BTreeMap<String, i64>) 
     let device = step.device_info().name.clone();
     let needed = step.bytes_needed(dims).map_err(|e| fail(e.to_string()))?;
     let available = Some(step.available_bytes().map_err(|e| fail(e.to_string()))?);
-    Ok(Made { step: Box::new(step), device, needed, available })
+    Ok(Made { step: MadeStep::Other(Box::new(step)), device, needed, available })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -491,9 +581,6 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let rows = BTreeMap::from([("m_d".to_string(), opts.steps as i64)]);
     let made = make_step(&artifact, opts.device, &last, &rows)?;
     let (mut step, device) = (made.step, made.device);
-    if opts.host_caches {
-        step = Box::new(bifurc_runtime::BoundCaches(step));
-    }
     let load_s = start.elapsed().as_secs_f64();
     // The prefill step, made before any weights are bound so that what
     // both need is asked at once; its last chunk ends the context.
@@ -503,8 +590,13 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     };
     let mut needed = made.needed;
     let mut what = format!("the decode step at b = {}, m_c = {context_len}, m_d = {}", opts.samples, opts.steps - 1);
-    if let Some((pre, _)) = &prefill {
-        needed = needed.saturating_add(pre.needed);
+    // The weights the prefill step shares with the decode step (on the
+    // CPU, where both store them alike): held once.
+    let mut shared = Vec::new();
+    if let Some((pre, (artifact, _))) = &prefill {
+        shared = pre.step.shares_with(&step, &artifact.manifest);
+        let once = pre.step.bytes_of(&shared, &artifact.manifest)?;
+        needed = needed.saturating_add(pre.needed.saturating_sub(once));
         what.push_str(" with the prefill step");
     }
     // The session holds the context's caches on the host while it binds
@@ -542,22 +634,27 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let count = bifurc_runtime::weights::weight_buffers(&manifest).count();
     let bar = progress_bar(opts.progress, count, "binding weights [{bar:30}] {pos}/{len} tensors, {msg}");
     let mut done = 0;
-    let weights_bound = source.bind_with(&mut step, &manifest, |name| {
+    let weights_bound = source.bind_with(step.step(), &manifest, |name| {
         bar.set_message(name.to_string());
         bar.set_position(done);
         done += 1;
     });
     bar.finish_and_clear();
     let weights_bound = weights_bound.map_err(|e| fail(e.to_string()))?;
-    // The prefill step: the same device and weights.
+    // The prefill step: the same device and weights, shared where it can.
+    let mut prefill_shares = None;
     let mut prefill = match prefill {
         Some((mut pre, (artifact, layout))) => {
-            source.bind(&mut pre.step, &artifact.manifest).map_err(|e| fail(e.to_string()))?;
-            Some((pre.step, layout))
+            prefill_shares = Some(pre.step.bind_beside(&step, &shared, &source, &artifact.manifest)?);
+            Some((pre.step.boxed(), layout))
         }
         None => None,
     };
     let weights_s = start.elapsed().as_secs_f64();
+    let mut step = step.boxed();
+    if opts.host_caches {
+        step = Box::new(bifurc_runtime::BoundCaches(step));
+    }
 
     let mut session = Session::new(step, &manifest).map_err(|e| fail(e.to_string()))?;
     // The step holds the context (in its own storage dtype on the CPU):
@@ -585,6 +682,9 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             (ids.len(), if prefill.is_some() { "prompt, prefilled" } else { "prompt" })
         }
     };
+    // The context is filled: the prefill step's caches, intermediates and
+    // the weights it does not share go before decoding.
+    drop(prefill);
     let fill_ms = start.elapsed().as_secs_f64() * 1e3;
 
     let options = SampleOptions {
@@ -610,6 +710,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         bifurcated: manifest.bifurcate,
         weights,
         weights_bound,
+        prefill_shares,
         weights_s,
         load_s,
         context_len,

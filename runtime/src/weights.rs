@@ -309,22 +309,34 @@ pub fn bind_weights<S: Step + ?Sized>(
     files: &WeightFiles,
     progress: impl FnMut(&str),
 ) -> Result<usize, WeightsError> {
-    bind_each(step, manifest, progress, |buffer, spare| {
+    bind_files(step, manifest, files, |_| true, progress)
+}
+
+/// [`bind_weights`] of the weights named by `which` alone.
+fn bind_files<S: Step + ?Sized>(
+    step: &mut S,
+    manifest: &Manifest,
+    files: &WeightFiles,
+    which: impl Fn(&str) -> bool,
+    progress: impl FnMut(&str),
+) -> Result<usize, WeightsError> {
+    bind_each(step, manifest, which, progress, |buffer, spare| {
         files.tensor_in(&buffer.name, &shape_at(manifest, buffer, &manifest.point)?, spare)
     })
 }
 
-/// Binds every weight of `manifest` to `step` in table order, each made by
-/// `make` (given the last one's memory to reuse) and told to `progress`
-/// before it is bound; returns the number bound.
+/// Binds the weights of `manifest` named by `which` to `step` in table
+/// order, each made by `make` (given the last one's memory to reuse) and
+/// told to `progress` before it is bound; returns the number bound.
 fn bind_each<S: Step + ?Sized>(
     step: &mut S,
     manifest: &Manifest,
+    which: impl Fn(&str) -> bool,
     mut progress: impl FnMut(&str),
     mut make: impl FnMut(&Buffer, Vec<f32>) -> Result<HostTensor, WeightsError>,
 ) -> Result<usize, WeightsError> {
     let (mut count, mut spare) = (0, Vec::new());
-    for buffer in weight_buffers(manifest) {
+    for buffer in weight_buffers(manifest).filter(|b| which(&b.name)) {
         progress(&buffer.name);
         let tensor = make(buffer, std::mem::take(&mut spare))?;
         step.bind(&buffer.name, &tensor).map_err(|error| WeightsError::Bind { name: buffer.name.clone(), error })?;
@@ -350,7 +362,7 @@ pub fn bind_random_weights<S: Step + ?Sized>(
     manifest: &Manifest,
     seed: u64,
 ) -> Result<usize, WeightsError> {
-    bind_random_with(step, manifest, seed, |_| {})
+    bind_random_with(step, manifest, seed, |_| true, |_| {})
 }
 
 /// [`bind_random_weights`], telling `progress` each name before it is bound.
@@ -358,9 +370,10 @@ fn bind_random_with<S: Step + ?Sized>(
     step: &mut S,
     manifest: &Manifest,
     seed: u64,
+    which: impl Fn(&str) -> bool,
     progress: impl FnMut(&str),
 ) -> Result<usize, WeightsError> {
-    bind_each(step, manifest, progress, |buffer, spare| {
+    bind_each(step, manifest, which, progress, |buffer, spare| {
         Ok(random_tensor_in(manifest, buffer, &manifest.point, seed, spare)?)
     })
 }
@@ -388,9 +401,22 @@ impl WeightSource {
         manifest: &Manifest,
         progress: impl FnMut(&str),
     ) -> Result<usize, WeightsError> {
+        self.bind_where(step, manifest, |_| true, progress)
+    }
+
+    /// [`WeightSource::bind_with`] of the weights named by `which` alone
+    /// (those a step does not already share with another): each has the
+    /// values it has among all of them (random ones are drawn by name).
+    pub fn bind_where<S: Step + ?Sized>(
+        &self,
+        step: &mut S,
+        manifest: &Manifest,
+        which: impl Fn(&str) -> bool,
+        progress: impl FnMut(&str),
+    ) -> Result<usize, WeightsError> {
         match self {
-            WeightSource::Random(seed) => bind_random_with(step, manifest, *seed, progress),
-            WeightSource::Files(files) => bind_weights(step, manifest, files, progress),
+            WeightSource::Random(seed) => bind_random_with(step, manifest, *seed, which, progress),
+            WeightSource::Files(files) => bind_files(step, manifest, files, which, progress),
         }
     }
 }

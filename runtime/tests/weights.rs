@@ -146,6 +146,20 @@ fn sharded_checkpoints_and_tied_embeddings() {
     assert_eq!(WeightSource::Random(5).bind_with(&mut step, &m, |n| names.push(n.to_string())).unwrap(), seeded.len());
     assert_eq!(names, weight_buffers(&m).map(|b| b.name.clone()).collect::<Vec<_>>());
     assert_eq!(step.0, seeded);
+
+    // Only the weights asked for (those a prefill step does not share),
+    // from files and from a seed: each with the values it has among all.
+    let layer1 = |name: &str| name.contains("layers.1.");
+    let picked = |all: &HashMap<String, HostTensor>| -> HashMap<String, HostTensor> {
+        all.iter().filter(|(n, _)| layer1(n)).map(|(n, t)| (n.clone(), t.clone())).collect()
+    };
+    for (source, all) in [(WeightSource::Files(files), &got), (WeightSource::Random(5), &seeded)] {
+        let (mut step, mut names) = (Recorder::default(), Vec::new());
+        let n = source.bind_where(&mut step, &m, layer1, |n| names.push(n.to_string())).unwrap();
+        assert!(n > 0 && n < all.len() && n == names.len());
+        assert!(names.iter().all(|n| layer1(n)));
+        assert_eq!(step.0, picked(all));
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
