@@ -303,6 +303,10 @@ fn run(args: &RunArgs) -> Result<()> {
             args.prompt_ids.len()
         }
     };
+    // The context is filled: the prefill step's device memory (its own
+    // weights, caches and intermediates) goes before the decode loop
+    // reserves room for its last step.
+    drop(prefill);
     let fill_ms = start.elapsed().as_secs_f64() * 1e3;
 
     let options = SampleOptions {
