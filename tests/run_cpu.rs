@@ -651,12 +651,16 @@ fn prefill_fills_the_context_like_stepping() {
     fails(&run(pre_s, &ok), &["prefill step", "not a decode step"]);
     let random = ["--random-weights", "--context-len", "5", "--device", "cpu", "--prefill", pre_s];
     fails(&run(bif_s, &random), &["--prefill", "--context-len"]);
-    // A prefill step of another model (one layer instead of two).
+    // A prefill step of another model (one layer instead of two): said
+    // of its manifest, before its step is compiled or a weight is bound.
     let one_layer = bifurc::hf::HfOptions { layers: Some(1), new_tokens: Some(4), ..Default::default() };
     let doc = bifurc::hf::build(&config, &one_layer).unwrap();
     let other = dir.join("other.ptx");
     compile(&bifurc::import::from_value(&doc).unwrap(), &opts).unwrap().write(&other).unwrap();
-    fails(&run(bif_s, &[&ok[..], &["--prefill", other.to_str().unwrap()]].concat()), &["not the same model"]);
+    fails(
+        &run(bif_s, &[&ok[..], &["--prefill", other.to_str().unwrap()]].concat()),
+        &["other.manifest.json: the prefill step is not the same model"],
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -139,7 +139,8 @@ fn cuda_step(_artifact: &Artifact, _ordinal: usize, _dims: &BTreeMap<String, i64
 }
 
 /// The prefill step of `path` on `device`, checked to take more than one
-/// token a step, with what it needs at the end of a context of
+/// token a step and to be the model of `decode` (before it is compiled or
+/// any weight is bound), with what it needs at the end of a context of
 /// `context_len` tokens: its last chunk's run (b = 1, m_c = the chunks
 /// before it, m_d = 0), the context cache with room for every chunk's
 /// rows (as `Session::fill_context_prefill` runs it).
@@ -147,6 +148,7 @@ pub(super) fn prefill_step(
     path: &Path,
     device: Device,
     context_len: usize,
+    decode: &DecodeLayout,
 ) -> Result<(Made, (Artifact, DecodeLayout)), RunError> {
     let artifact = Artifact::load(path).map_err(|e| fail(e.to_string()))?;
     let layout = DecodeLayout::from_manifest(&artifact.manifest)
@@ -158,6 +160,7 @@ pub(super) fn prefill_step(
             layout.n
         )));
     }
+    decode.check_prefill(&layout).map_err(|e| fail(format!("{}: {e}", artifact.manifest_path.display())))?;
     let (full, last) = layout.prefill_chunks(context_len);
     let end = BTreeMap::from([("b".to_string(), 1), ("m_c".to_string(), last as i64), ("m_d".to_string(), 0)]);
     let made = make_step(&artifact, device, &end, &BTreeMap::from([("m_c".to_string(), full as i64)]))?;

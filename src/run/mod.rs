@@ -179,7 +179,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     // The prefill step, made before any weights are bound so that what
     // both need is asked at once; its last chunk ends the context.
     let prefill = match (&opts.prefill, &opts.context) {
-        (Some(path), ContextSource::Prompt(_)) => Some(prefill_step(path, opts.device, context_len)?),
+        (Some(path), ContextSource::Prompt(_)) => Some(prefill_step(path, opts.device, context_len, &layout)?),
         _ => None,
     };
     let mut needed = made.needed;

@@ -225,6 +225,24 @@ fn run(args: &RunArgs) -> Result<()> {
     // f32 (a random one a layer at a time).
     let on_host = if args.context_len.is_some() { ContextOnHost::OneLayer } else { ContextOnHost::Whole };
     layout.check_host_context(context_len, on_host).map_err(|e| format!("{e}; use a shorter context"))?;
+    // A prefill step's artifact: one that takes n > 1 tokens a step, of
+    // the same model, checked before anything is bound.
+    let prefill = match &args.prefill {
+        None => None,
+        Some(path) => {
+            let pre_artifact = Artifact::load(path).map_err(|e| e.to_string())?;
+            let pre_layout = DecodeLayout::from_manifest(&pre_artifact.manifest).map_err(|e| e.to_string())?;
+            if pre_layout.n < 2 {
+                return Err(format!(
+                    "{}: --prefill wants a step with n > 1 new tokens, this one has n = {}",
+                    path.display(),
+                    pre_layout.n
+                ));
+            }
+            layout.check_prefill(&pre_layout).map_err(|e| format!("{}: {e}", path.display()))?;
+            Some((path, pre_artifact, pre_layout))
+        }
+    };
     let start = Instant::now();
     // Files are read once, for the decode step and a prefill step alike.
     let source = if args.random_weights {
@@ -244,25 +262,17 @@ fn run(args: &RunArgs) -> Result<()> {
         })
         .map_err(|e| e.to_string())?;
     // The prefill step: the same device and weights.
-    let mut prefill = match &args.prefill {
+    let mut prefill = match prefill {
         None => None,
-        Some(path) => {
-            let (pre_artifact, mut pre) = load(path, args.device)?;
-            let layout = DecodeLayout::from_manifest(&pre_artifact.manifest).map_err(|e| e.to_string())?;
-            if layout.n < 2 {
-                return Err(format!(
-                    "{}: --prefill wants a step with n > 1 new tokens, this one has n = {}",
-                    path.display(),
-                    layout.n
-                ));
-            }
+        Some((path, pre_artifact, pre_layout)) => {
+            let mut pre = CudaStep::new(&pre_artifact, args.device).map_err(|e| format!("{}: {e}", path.display()))?;
             // Its last chunk's run (b = 1, m_c = the chunks before it, m_d
             // = 0, as `Session::fill_context_prefill` runs it).
-            let last = layout.prefill_chunks(context_len).1 as i64;
+            let last = pre_layout.prefill_chunks(context_len).1 as i64;
             let end = BTreeMap::from([("b".to_string(), 1), ("m_c".to_string(), last), ("m_d".to_string(), 0)]);
             pre.check_fits(&format!("the prefill step at m_c = {last}"), &end).map_err(|e| e.to_string())?;
             source.bind(&mut pre, &pre_artifact.manifest).map_err(|e| e.to_string())?;
-            Some((pre, layout))
+            Some((pre, pre_layout))
         }
     };
     let weights_s = start.elapsed().as_secs_f64();

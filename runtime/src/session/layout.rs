@@ -293,6 +293,24 @@ impl DecodeLayout {
         (full, full.saturating_sub(self.n))
     }
 
+    /// Whether `prefill` (a prefill step's layout) can fill this decode
+    /// step's context: the same model (layers, KV groups and head dim of
+    /// each, vocabulary). Asked by [`super::Session::fill_context_prefill`],
+    /// and by a CLI before it binds the prefill step's weights.
+    pub fn check_prefill(&self, prefill: &DecodeLayout) -> Result<(), SessionError> {
+        let same = |a: &LayerBuffers, b: &LayerBuffers| (a.layer, a.g, a.k) == (b.layer, b.g, b.k);
+        if prefill.vocab != self.vocab
+            || prefill.layers.len() != self.layers.len()
+            || !prefill.layers.iter().zip(&self.layers).all(|(a, b)| same(a, b))
+        {
+            return Err(SessionError::Usage(
+                "the prefill step is not the same model as the decode step (layers, KV groups, head dim or vocabulary differ)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether the host has room for [`DecodeLayout::context_host_bytes`]
     /// of a context of `len` tokens ([`crate::memory::host_available`]):
     /// asked by a run whose step is on a GPU (on the CPU the copy shares

@@ -415,16 +415,7 @@ impl<S: Step> Session<S> {
             return Err(SessionError::Usage("the prompt is empty".into()));
         }
         self.layout.check_positions(prompt.len())?;
-        let same = |a: &LayerBuffers, b: &LayerBuffers| (a.layer, a.g, a.k) == (b.layer, b.g, b.k);
-        if layout.vocab != self.layout.vocab
-            || layout.layers.len() != self.layout.layers.len()
-            || !layout.layers.iter().zip(&self.layout.layers).all(|(a, b)| same(a, b))
-        {
-            return Err(SessionError::Layout(
-                "the prefill step is not the same model as the decode step (layers, KV groups, head dim or vocabulary differ)"
-                    .into(),
-            ));
-        }
+        self.layout.check_prefill(layout)?;
         if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.layout.vocab) {
             return Err(SessionError::Usage(format!(
                 "token id {t} is outside the vocabulary (0..{})",
