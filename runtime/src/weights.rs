@@ -110,6 +110,38 @@ impl WeightFiles {
     /// [`WeightFiles::tensor`], its values read into `spare`'s memory
     /// where they fit (see [`crate::random::random_tensor_in`]).
     pub fn tensor_in(&self, name: &str, expected: &[usize], spare: Vec<f32>) -> Result<HostTensor, WeightsError> {
+        let (file, info) = self.locate(name, expected)?;
+        // `WeightFile::open` checked that the offsets lie inside the file
+        // and that they hold the shape's elements; `locate`, the dtype.
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F32 => file.read_f32(info, 4, spare, |bytes, out| {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            })?,
+            Dtype::BF16 => {
+                file.read_halves(info, spare, |b, out| b.reinterpret_cast::<half::bf16>().convert_to_f32_slice(out))?
+            }
+            _ => file.read_halves(info, spare, |b, out| b.reinterpret_cast::<half::f16>().convert_to_f32_slice(out))?,
+        };
+        Ok(HostTensor { shape: expected.to_vec(), data })
+    }
+
+    /// Checks, from the files' headers alone, that every weight of
+    /// `manifest` is stored with its shape in a float dtype bifurc reads
+    /// (f32, bf16, f16): a checkpoint that lacks one is refused before
+    /// minutes of binding the others.
+    pub fn check(&self, manifest: &Manifest) -> Result<(), WeightsError> {
+        for buffer in weight_buffers(manifest) {
+            self.locate(&buffer.name, &shape_at(manifest, buffer, &manifest.point)?)?;
+        }
+        Ok(())
+    }
+
+    /// The file and header entry of manifest weight `name` (under one of
+    /// its [`candidate_names`]), checked to have shape `expected` and a
+    /// dtype bifurc reads.
+    fn locate(&self, name: &str, expected: &[usize]) -> Result<(&WeightFile, &TensorInfo), WeightsError> {
         let tried = candidate_names(name);
         let found = tried.iter().find_map(|candidate| {
             self.files.iter().find_map(|f| f.metadata.info(candidate).map(|info| (f, candidate, info)))
@@ -131,29 +163,12 @@ impl WeightFiles {
                 got: info.shape.clone(),
             });
         }
-        // `WeightFile::open` checked that the offsets lie inside the file
-        // and that they hold the shape's elements.
-        let data: Vec<f32> = match info.dtype {
-            Dtype::F32 => file.read_f32(info, 4, spare, |bytes, out| {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            })?,
-            Dtype::BF16 => {
-                file.read_halves(info, spare, |b, out| b.reinterpret_cast::<half::bf16>().convert_to_f32_slice(out))?
-            }
-            Dtype::F16 => {
-                file.read_halves(info, spare, |b, out| b.reinterpret_cast::<half::f16>().convert_to_f32_slice(out))?
-            }
+        match info.dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok((file, info)),
             other => {
-                return Err(WeightsError::DType {
-                    name: name.to_string(),
-                    stored: stored.clone(),
-                    dtype: format!("{other:?}"),
-                })
+                Err(WeightsError::DType { name: name.to_string(), stored: stored.clone(), dtype: format!("{other:?}") })
             }
-        };
-        Ok(HostTensor { shape: expected.to_vec(), data })
+        }
     }
 }
 
@@ -402,6 +417,16 @@ impl WeightSource {
         progress: impl FnMut(&str),
     ) -> Result<usize, WeightsError> {
         self.bind_where(step, manifest, |_| true, progress)
+    }
+
+    /// Checks that every weight of `manifest` can be bound from this
+    /// source before any is ([`WeightFiles::check`]; random weights always
+    /// can).
+    pub fn check(&self, manifest: &Manifest) -> Result<(), WeightsError> {
+        match self {
+            WeightSource::Random(_) => Ok(()),
+            WeightSource::Files(files) => files.check(manifest),
+        }
     }
 
     /// [`WeightSource::bind_with`] of the weights named by `which` alone

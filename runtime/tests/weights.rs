@@ -107,6 +107,7 @@ fn sharded_checkpoints_and_tied_embeddings() {
     std::fs::write(dir.join("config.json"), "{}").unwrap();
 
     let files = WeightFiles::open(std::slice::from_ref(&dir)).unwrap();
+    files.check(&m).unwrap();
     let got = load_weights(&m, &files).unwrap();
     assert_eq!(got["model.layers.1.mlp.up_proj.weight"], want["model.layers.1.mlp.up_proj.weight"]);
     assert_eq!(got["lm_head.weight"], want["model.embed_tokens.weight"], "tied lm_head");
@@ -173,7 +174,11 @@ fn errors_name_the_tensor() {
         let tensors: Vec<Stored> = want.iter().filter_map(|(n, t)| f(n, t)).collect();
         write(&path, &tensors);
         let files = WeightFiles::open(std::slice::from_ref(&path)).unwrap();
-        load_weights(&m, &files).unwrap_err()
+        let err = load_weights(&m, &files).unwrap_err();
+        // The headers alone tell what reading the tensors would.
+        assert_eq!(files.check(&m).unwrap_err().to_string(), err.to_string());
+        assert_eq!(WeightSource::Files(files).check(&m).unwrap_err().to_string(), err.to_string());
+        err
     };
 
     let err = with(&|n, t| (n != "model.norm.weight").then(|| stored(n, Dtype::F32, t)));

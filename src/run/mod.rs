@@ -225,6 +225,12 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             (names.join(", "), WeightSource::Files(files))
         }
     };
+    // Every weight either step binds is in the files, with its shape and a
+    // dtype bifurc reads: said from their headers, before any is bound.
+    source.check(&manifest).map_err(|e| fail(e.to_string()))?;
+    if let Some((_, (artifact, _))) = &prefill {
+        source.check(&artifact.manifest).map_err(|e| fail(e.to_string()))?;
+    }
     let count = bifurc_runtime::weights::weight_buffers(&manifest).count();
     let bar = progress_bar(opts.progress, count, "binding weights [{bar:30}] {pos}/{len} tensors, {msg}");
     let mut done = 0;

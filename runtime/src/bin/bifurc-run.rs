@@ -250,6 +250,12 @@ fn run(args: &RunArgs) -> Result<()> {
     } else {
         WeightSource::Files(WeightFiles::open(&args.weights).map_err(|e| e.to_string())?)
     };
+    // Every weight either step binds is in the files, with its shape and a
+    // dtype bifurc reads: said from their headers, before any is bound.
+    source.check(&manifest).map_err(|e| e.to_string())?;
+    if let Some((_, pre_artifact, _)) = &prefill {
+        source.check(&pre_artifact.manifest).map_err(|e| e.to_string())?;
+    }
     // A tenth of the weights at a time, on stderr (unless --json).
     let count = weight_buffers(&manifest).count();
     let (mut tenths, mut done) = (Tenths::of(count), 0);
