@@ -661,6 +661,24 @@ fn prefill_fills_the_context_like_stepping() {
         &run(bif_s, &[&ok[..], &["--prefill", other.to_str().unwrap()]].concat()),
         &["other.manifest.json: the prefill step is not the same model"],
     );
+    // Through the CLI: the f32 prefill step shares every weight with the
+    // decode step; one stored in bf16 shares none and binds its own.
+    let greedy =
+        ["--random-weights", "--prompt-ids", "1,2,3,4,5,6,7,8,9", "--samples", "2", "--temperature", "0", "--json"];
+    let bf16 =
+        bifurc::hf::HfOptions { new_tokens: Some(4), dtype: Some(bifurc::ir::DType::BF16), ..Default::default() };
+    let doc = bifurc::hf::build(&config, &bf16).unwrap();
+    let pre16 = dir.join("pre16.ptx");
+    compile(&bifurc::import::from_value(&doc).unwrap(), &opts).unwrap().write(&pre16).unwrap();
+    let weights = pre_layout.weights.len();
+    for (prefill, shared) in [(pre_s, weights), (pre16.to_str().unwrap(), 0)] {
+        let out = bifurc(&run(bif_s, &[&greedy[..], &["--prefill", prefill]].concat())).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let report = json_of(&out);
+        assert_eq!(report["prefill_shared_weights"], shared, "--prefill {prefill}");
+        assert_eq!(report["context"], "prompt, prefilled");
+        assert_eq!(samples_of(&report).len(), 2);
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
