@@ -6,7 +6,7 @@
 //! exactly and its logits within 1e-4 (norm-relative: max|a-b| <= 1e-4 *
 //! max|ref|), bifurcated and not, and with the context filled by a prefill
 //! step (`import-hf --new-tokens 3`: the 7-token prompt in two chunks of 3
-//! and one decode step).
+//! and one more run padded to 3).
 
 mod common;
 

@@ -576,32 +576,35 @@ fn help_names_every_flag() {
     }
 }
 
-/// A prefill step (examples/tiny imported with `--new-tokens 4`) fills the
-/// context like stepping the decode step over the prompt: the same caches
-/// and last logits (to f32 rounding, norm-relative 1e-4) and the same
-/// greedy tokens after, for a prompt shorter than one chunk, a whole number
-/// of chunks, and chunks plus a remainder (stepped).
+/// A prefill step (examples/tiny imported with `--new-tokens 4`, and 8)
+/// fills the context like stepping the decode step over the prompt: the
+/// same caches and last logits (to f32 rounding, norm-relative 1e-4) and
+/// the same greedy tokens after, for a prompt shorter than one chunk, a
+/// whole number of chunks, and chunks plus a rest, run padded to a whole
+/// chunk or stepped (under a quarter of a chunk).
 #[test]
 fn prefill_fills_the_context_like_stepping() {
     let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
     let dir = common::scratch("run-cpu", "prefill");
     let bif = write_artifact(&libdevice, &dir, "tiny", "bif", true, "b=32,m_c=512,m_d=4");
     let config = std::fs::read_to_string(root().join("examples/tiny/config.json")).unwrap();
-    let doc = bifurc::hf::build(&config, &bifurc::hf::HfOptions { new_tokens: Some(4), ..Default::default() })
-        .unwrap_or_else(|e| panic!("import-hf --new-tokens 4: {e}"));
-    let graph = bifurc::import::from_value(&doc).unwrap();
     let opts = CompileOptions { libdevice: Some(libdevice.clone()), ..CompileOptions::default() };
-    let pre_ptx = dir.join("pre.ptx");
-    compile(&graph, &opts).unwrap().write(&pre_ptx).unwrap();
-
     let manifest = bifurc_runtime::Artifact::load(&bif).unwrap().manifest;
     let weights = random_weights(&manifest, 5).unwrap();
-    let (pre_artifact, mut pre) = bifurc::run::cpu_step(&pre_ptx).unwrap();
-    let pre_layout = bifurc_runtime::session::DecodeLayout::from_manifest(&pre_artifact.manifest).unwrap();
-    assert_eq!(pre_layout.n, 4);
-    for name in &pre_layout.weights {
-        pre.bind(name, &weights[name]).unwrap();
-    }
+    // The prefill step taking `n` tokens a run, its weights bound.
+    let prefill_step = |n: usize| {
+        let hf = bifurc::hf::HfOptions { new_tokens: Some(n), ..Default::default() };
+        let doc = bifurc::hf::build(&config, &hf).unwrap_or_else(|e| panic!("import-hf --new-tokens {n}: {e}"));
+        let ptx = dir.join(format!("pre{n}.ptx"));
+        compile(&bifurc::import::from_value(&doc).unwrap(), &opts).unwrap().write(&ptx).unwrap();
+        let (artifact, mut step) = bifurc::run::cpu_step(&ptx).unwrap();
+        let layout = bifurc_runtime::session::DecodeLayout::from_manifest(&artifact.manifest).unwrap();
+        assert_eq!(layout.n, n);
+        for name in &layout.weights {
+            step.bind(name, &weights[name]).unwrap();
+        }
+        (ptx, step, layout)
+    };
     let session = || {
         let (artifact, cpu) = bifurc::run::cpu_step(&bif).unwrap();
         let mut s = Session::new(cpu, &artifact.manifest).unwrap();
@@ -610,40 +613,57 @@ fn prefill_fills_the_context_like_stepping() {
     };
     let (mut stepped, mut prefilled) = (session(), session());
     let options = SampleOptions { samples: 4, steps: 4, temperature: 0.0, seed: 1, keep_last_logits: false };
-    for len in [3, 8, 10] {
-        let prompt: Vec<u32> = (0..len).map(|i| (7 * i + 3) % 256).collect();
-        // Progress: the context's length after each step, and after each
-        // prefill chunk of 4 then each step of the rest.
-        let mut told = Vec::new();
-        let a = stepped.fill_context_with(&prompt, |n| told.push(n)).unwrap();
-        assert_eq!(told, (1..=len as usize).collect::<Vec<_>>(), "prompt of {len}: stepping's progress");
-        // The context kept in the prefill step (appended in place), then
-        // bound from the host every chunk: the same.
-        let mut told = Vec::new();
-        let b = prefilled.fill_context_prefill_with(&mut pre, &pre_layout, &prompt, |n| told.push(n)).unwrap();
-        let full = len as usize / 4 * 4;
-        let want: Vec<usize> = (4..=full).step_by(4).chain(full + 1..=len as usize).collect();
-        assert_eq!(told, want, "prompt of {len}: prefill's progress");
-        let held = pre_layout.layers.iter().flat_map(|l| &l.context).filter(|n| pre.is_bound(n)).count();
-        assert_eq!(held, 0, "prompt of {len}: the prefill step lets go of the context it kept, once read");
-        let kept = prefilled.context().unwrap().clone();
-        let b2 = prefilled.fill_context_prefill(&mut BoundCaches(&mut pre), &pre_layout, &prompt).unwrap();
-        assert_eq!(b, b2, "prompt of {len}: kept vs bound prefill logits");
-        assert_eq!(&kept, prefilled.context().unwrap(), "prompt of {len}: kept vs bound prefill context");
-        assert!(rel_diff(&b, &a) <= TOL, "prompt of {len}: last logits differ by {:e}", rel_diff(&b, &a));
-        let (ca, cb) = (stepped.context().unwrap(), prefilled.context().unwrap());
-        assert_eq!(ca.len, cb.len);
-        for (la, lb) in ca.caches.iter().zip(&cb.caches) {
-            for (ta, tb) in la.iter().zip(lb) {
-                assert_eq!(ta.shape, tb.shape);
-                let d = rel_diff(&tb.data, &ta.data);
-                assert!(d <= TOL, "prompt of {len}: context caches differ by {d:e}");
+    let (mut splits, mut pre4) = (Vec::new(), None);
+    // n = 4: a rest is always padded; n = 8: one of 1 token is stepped.
+    for (n, lens) in [(4, &[3, 8, 10, 13][..]), (8, &[1, 9, 11][..])] {
+        let (ptx, mut pre, pre_layout) = prefill_step(n);
+        for &len in lens {
+            let prompt: Vec<u32> = (0..len).map(|i| (7 * i + 3) % 256).collect();
+            let chunks = pre_layout.prefill_chunks(len as usize);
+            splits.push((chunks.padded > 0, chunks.stepped > 0));
+            // Progress: the context's length after each step, and after each
+            // prefill run (whole chunks, a padded one) then each step of the rest.
+            let mut told = Vec::new();
+            let a = stepped.fill_context_with(&prompt, |n| told.push(n)).unwrap();
+            assert_eq!(told, (1..=len as usize).collect::<Vec<_>>(), "prompt of {len}: stepping's progress");
+            // The context kept in the prefill step (appended in place), then
+            // bound from the host every chunk: the same.
+            let mut told = Vec::new();
+            let b = prefilled.fill_context_prefill_with(&mut pre, &pre_layout, &prompt, |n| told.push(n)).unwrap();
+            let done = chunks.whole + chunks.padded;
+            let want: Vec<usize> = (n..=chunks.whole)
+                .step_by(n)
+                .chain((chunks.padded > 0).then_some(done))
+                .chain(done + 1..=len as usize)
+                .collect();
+            assert_eq!(told, want, "n = {n}, prompt of {len}: prefill's progress");
+            let held = pre_layout.layers.iter().flat_map(|l| &l.context).filter(|n| pre.is_bound(n)).count();
+            assert_eq!(held, 0, "n = {n}, prompt of {len}: the prefill step lets go of the context it kept, once read");
+            let kept = prefilled.context().unwrap().clone();
+            let b2 = prefilled.fill_context_prefill(&mut BoundCaches(&mut pre), &pre_layout, &prompt).unwrap();
+            assert_eq!(b, b2, "n = {n}, prompt of {len}: kept vs bound prefill logits");
+            assert_eq!(&kept, prefilled.context().unwrap(), "n = {n}, prompt of {len}: kept vs bound prefill context");
+            assert!(rel_diff(&b, &a) <= TOL, "n = {n}, prompt of {len}: last logits differ by {:e}", rel_diff(&b, &a));
+            let (ca, cb) = (stepped.context().unwrap(), prefilled.context().unwrap());
+            assert_eq!(ca.len, cb.len);
+            for (la, lb) in ca.caches.iter().zip(&cb.caches) {
+                for (ta, tb) in la.iter().zip(lb) {
+                    assert_eq!(ta.shape, tb.shape);
+                    let d = rel_diff(&tb.data, &ta.data);
+                    assert!(d <= TOL, "n = {n}, prompt of {len}: context caches differ by {d:e}");
+                }
             }
+            let ta = stepped.sample(&options, |_| {}).unwrap().tokens;
+            let tb = prefilled.sample(&options, |_| {}).unwrap().tokens;
+            assert_eq!(ta, tb, "n = {n}, prompt of {len}: greedy tokens");
         }
-        let ta = stepped.sample(&options, |_| {}).unwrap().tokens;
-        let tb = prefilled.sample(&options, |_| {}).unwrap().tokens;
-        assert_eq!(ta, tb, "prompt of {len}: greedy tokens");
+        if n == 4 {
+            pre4 = Some((ptx, pre_layout));
+        }
     }
+    // Both ways of taking the rest were run.
+    assert!(splits.contains(&(true, false)) && splits.contains(&(false, true)), "{splits:?}");
+    let Some((pre_ptx, pre_layout)) = pre4 else { panic!("no n = 4 prefill step") };
     // A decode step is not a prefill step, a prefill step not a decode step.
     let ok = ["--random-weights", "--prompt-ids", "1,2,3", "--device", "cpu"];
     let (bif_s, pre_s) = (bif.to_str().unwrap(), pre_ptx.to_str().unwrap());

@@ -161,7 +161,8 @@ pub(super) fn prefill_step(
         )));
     }
     decode.check_prefill(&layout).map_err(|e| fail(format!("{}: {e}", artifact.manifest_path.display())))?;
-    let (full, last) = layout.prefill_chunks(context_len);
+    let chunks = layout.prefill_chunks(context_len);
+    let (full, last) = (chunks.whole, chunks.last);
     let end = BTreeMap::from([("b".to_string(), 1), ("m_c".to_string(), last as i64), ("m_d".to_string(), 0)]);
     let made = make_step(&artifact, device, &end, &BTreeMap::from([("m_c".to_string(), full as i64)]))?;
     Ok((made, (artifact, layout)))

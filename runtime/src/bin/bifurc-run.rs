@@ -274,7 +274,7 @@ fn run(args: &RunArgs) -> Result<()> {
             let mut pre = CudaStep::new(&pre_artifact, args.device).map_err(|e| format!("{}: {e}", path.display()))?;
             // Its last chunk's run (b = 1, m_c = the chunks before it, m_d
             // = 0, as `Session::fill_context_prefill` runs it).
-            let last = pre_layout.prefill_chunks(context_len).1 as i64;
+            let last = pre_layout.prefill_chunks(context_len).last as i64;
             let end = BTreeMap::from([("b".to_string(), 1), ("m_c".to_string(), last), ("m_d".to_string(), 0)]);
             pre.check_fits(&format!("the prefill step at m_c = {last}"), &end).map_err(|e| e.to_string())?;
             source.bind(&mut pre, &pre_artifact.manifest).map_err(|e| e.to_string())?;

@@ -57,6 +57,23 @@ pub struct DecodeLayout {
     pub position_table: Option<(String, usize)>,
 }
 
+/// The runs that fill a context of a prompt's tokens with a prefill step
+/// ([`DecodeLayout::prefill_chunks`]), in order: whole chunks, one padded
+/// chunk, single steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillChunks {
+    /// Tokens in whole chunks of `n` (a multiple of `n`).
+    pub whole: usize,
+    /// Tokens after them in one more run, padded to `n` (0: none); their
+    /// rows and logits are kept, the padding's dropped.
+    pub padded: usize,
+    /// Tokens after those, stepped one at a time by the decode step.
+    pub stepped: usize,
+    /// The context the last prefill run reads (its `m_c`; 0 with none):
+    /// the step's largest run.
+    pub last: usize,
+}
+
 /// An axis of an expected shape.
 #[derive(Clone, Copy, Debug)]
 enum Axis {
@@ -284,13 +301,18 @@ impl DecodeLayout {
     }
 
     /// How [`super::Session::fill_context_prefill`] runs this prefill step
-    /// (`n` new tokens a run) over a prompt of `len` tokens: the tokens it
-    /// takes in whole chunks, and where its last chunk starts (the context
-    /// that run reads, `m_c`; 0 with none). The rest are stepped one at a
-    /// time.
-    pub fn prefill_chunks(&self, len: usize) -> (usize, usize) {
-        let full = len / self.n.max(1) * self.n;
-        (full, full.saturating_sub(self.n))
+    /// (`n` new tokens a run) over a prompt of `len` tokens: whole chunks
+    /// of `n`, then the rest (fewer than `n`) either as one more run padded
+    /// to `n` (when it is at least a quarter of a chunk: a run costs about
+    /// what a step does where reading the weights binds, and a few steps
+    /// where the tokens' arithmetic does) or stepped one at a time.
+    pub fn prefill_chunks(&self, len: usize) -> PrefillChunks {
+        let n = self.n.max(1);
+        let whole = len / n * n;
+        let rest = len - whole;
+        let padded = if rest > 0 && rest * 4 >= n { rest } else { 0 };
+        let last = if padded > 0 { whole } else { whole.saturating_sub(n) };
+        PrefillChunks { whole, padded, stepped: rest - padded, last }
     }
 
     /// Whether `prefill` (a prefill step's layout) can fill this decode
@@ -395,16 +417,24 @@ mod tests {
         assert_eq!(layout.weights.len(), 21);
     }
 
-    /// A prompt in prefill chunks: whole chunks only, the last starting
-    /// a chunk before their end.
+    /// A prompt in prefill chunks: whole chunks, then a rest of at least a
+    /// quarter chunk padded to one more, a shorter one stepped.
     #[test]
-    fn a_prompt_splits_into_whole_prefill_chunks() {
+    fn a_prompt_splits_into_prefill_chunks() {
         let mut layout = DecodeLayout::from_manifest(&tiny()).unwrap();
+        let chunks = |whole, padded, stepped, last| PrefillChunks { whole, padded, stepped, last };
         layout.n = 4;
-        assert_eq!(layout.prefill_chunks(11), (8, 4));
-        assert_eq!(layout.prefill_chunks(8), (8, 4));
-        assert_eq!(layout.prefill_chunks(4), (4, 0));
-        assert_eq!(layout.prefill_chunks(3), (0, 0), "none whole: all stepped");
+        assert_eq!(layout.prefill_chunks(11), chunks(8, 3, 0, 8));
+        assert_eq!(layout.prefill_chunks(9), chunks(8, 1, 0, 8));
+        assert_eq!(layout.prefill_chunks(8), chunks(8, 0, 0, 4));
+        assert_eq!(layout.prefill_chunks(4), chunks(4, 0, 0, 0));
+        assert_eq!(layout.prefill_chunks(3), chunks(0, 3, 0, 0), "none whole: one padded");
+        layout.n = 16;
+        assert_eq!(layout.prefill_chunks(40), chunks(32, 8, 0, 32));
+        assert_eq!(layout.prefill_chunks(36), chunks(32, 4, 0, 32));
+        assert_eq!(layout.prefill_chunks(35), chunks(32, 0, 3, 16), "under a quarter chunk: stepped");
+        assert_eq!(layout.prefill_chunks(3), chunks(0, 0, 3, 0));
+        assert_eq!(layout.prefill_chunks(0), chunks(0, 0, 0, 0));
     }
 
     /// The host copy of a context: K and V of every layer in f32, or of

@@ -51,7 +51,7 @@ mod sampler;
 
 pub use cache::KvCache;
 pub use context::Context;
-pub use layout::{ContextOnHost, DecodeLayout, LayerBuffers, MAX_POSITION};
+pub use layout::{ContextOnHost, DecodeLayout, LayerBuffers, PrefillChunks, MAX_POSITION};
 pub use sampler::{sample_rng, sample_token, sample_tokens, SampleError};
 
 use crate::manifest::Manifest;
@@ -166,14 +166,21 @@ fn draw(
 /// `ctx` (`[g, m, k]`) followed by the one-sample rows `rows`
 /// (`[1, g, r, k]`): `[g, m + r, k]`.
 fn append_context(ctx: &HostTensor, rows: &HostTensor, g: usize, k: usize) -> HostTensor {
+    append_first_rows(ctx, rows, g, k, rows.shape.get(2).copied().unwrap_or(0))
+}
+
+/// [`append_context`] of the first `take` of each group's rows (a padded
+/// prefill run's real tokens).
+fn append_first_rows(ctx: &HostTensor, rows: &HostTensor, g: usize, k: usize, take: usize) -> HostTensor {
     let m = ctx.shape.get(1).copied().unwrap_or(0);
     let r = rows.shape.get(2).copied().unwrap_or(0);
-    let mut data = Vec::with_capacity(g * (m + r) * k);
+    let take = take.min(r);
+    let mut data = Vec::with_capacity(g * (m + take) * k);
     for gi in 0..g {
         data.extend_from_slice(&ctx.data[gi * m * k..(gi + 1) * m * k]);
-        data.extend_from_slice(&rows.data[gi * r * k..(gi + 1) * r * k]);
+        data.extend_from_slice(&rows.data[gi * r * k..(gi * r + take) * k]);
     }
-    HostTensor { shape: vec![g, m + r, k], data }
+    HostTensor { shape: vec![g, m + take, k], data }
 }
 
 /// A `[1, len]` tensor of integers (one sample's tokens or positions).
@@ -388,11 +395,13 @@ impl<S: Step> Session<S> {
     /// each chunk attending to the context so far and, causally, to itself;
     /// its new K/V rows extend the context (appended in place when the
     /// prefill step keeps caches, [`Step::reserve_rows`]; else kept here
-    /// and bound every chunk). The last `len mod n` tokens are
-    /// stepped with the decode step as in [`Session::fill_context`]. Returns
-    /// the logits after the last token, and gives the same context (to f32
-    /// rounding) as [`Session::fill_context`] in `len / n + len mod n`
-    /// runs instead of `len`.
+    /// and bound every chunk). The last `len mod n` tokens take one more
+    /// run padded to `n` tokens, whose padding's rows and logits are
+    /// dropped, or, fewer than a quarter of a chunk, are stepped with the
+    /// decode step as in [`Session::fill_context`]
+    /// ([`DecodeLayout::prefill_chunks`]). Returns the logits after the
+    /// last token, and gives the same context (to f32 rounding) as
+    /// [`Session::fill_context`] in about `len / n` runs instead of `len`.
     pub fn fill_context_prefill<P: Step + ?Sized>(
         &mut self,
         prefill: &mut P,
@@ -433,7 +442,8 @@ impl<S: Step> Session<S> {
                 prefill.bind(name, &HostTensor::zeros(vec![1, l.g, 0, l.k]))?;
             }
         }
-        let (full, last) = layout.prefill_chunks(prompt.len());
+        let chunks = layout.prefill_chunks(prompt.len());
+        let (full, last) = (chunks.whole, chunks.last);
         // The context grows inside the prefill step when it keeps caches
         // (each chunk's rows appended in place), else here (re-bound per chunk).
         let mut kept = Vec::new();
@@ -443,8 +453,8 @@ impl<S: Step> Session<S> {
             }
         }
         let kept = kept.iter().all(|&k| k);
-        if full > 0 {
-            // Room for the last chunk, over the context of all the others.
+        if full + chunks.padded > 0 {
+            // Room for the last run, over the context of all the others.
             prefill.reserve(&dims(1, last, 0))?;
         }
         for start in (0..full).step_by(n.max(1)) {
@@ -472,6 +482,37 @@ impl<S: Step> Session<S> {
             last_logits = logits.data[(n - 1) * layout.vocab..].to_vec();
             on_tokens(start + n);
         }
+        // The rest in one more run, padded to n: token 0 at the last real
+        // token's position (in the table of learned positions, where there
+        // is one). Under the causal mask no real token sees the padding;
+        // its rows and logits are dropped. It reads the context as the
+        // chunks left it (kept in the step, or bound here), and its real
+        // rows join the context below, once it is read back.
+        let mut rest_rows = Vec::new();
+        if chunks.padded > 0 {
+            let (start, real) = (full, chunks.padded);
+            if !kept {
+                for (l, kv) in layout.layers.iter().zip(&caches) {
+                    for (name, t) in l.context.iter().zip(kv) {
+                        prefill.bind(name, t)?;
+                    }
+                }
+            }
+            let pad = n - real;
+            let ids = prompt[start..start + real].iter().map(|&t| t as usize).chain(std::iter::repeat_n(0, pad));
+            prefill.bind(&layout.token_ids, &row(ids))?;
+            let positions = (start..start + real).chain(std::iter::repeat_n(start + real - 1, pad));
+            prefill.bind(&layout.positions, &row(positions))?;
+            let outputs = prefill.run(&dims(1, start, 0))?;
+            for l in &layout.layers {
+                for name in &l.new {
+                    rest_rows.push(Self::check_output(&outputs, name, &[1, l.g, n, l.k])?.clone());
+                }
+            }
+            let logits = Self::check_output(&outputs, &layout.logits, &[1, n, layout.vocab])?;
+            last_logits = logits.data[(real - 1) * layout.vocab..real * layout.vocab].to_vec();
+            on_tokens(start + real);
+        }
         if kept {
             for (l, kv) in layout.layers.iter().zip(caches.iter_mut()) {
                 for (name, cache) in l.context.iter().zip(kv.iter_mut()) {
@@ -488,8 +529,17 @@ impl<S: Step> Session<S> {
                 }
             }
         }
-        if full < prompt.len() {
-            let (rest, logits) = self.step_prompt(caches, &prompt[full..], full, &mut on_tokens)?;
+        if !rest_rows.is_empty() {
+            let mut rows = rest_rows.iter();
+            for (l, kv) in layout.layers.iter().zip(caches.iter_mut()) {
+                for (cache, new) in kv.iter_mut().zip(rows.by_ref()) {
+                    *cache = append_first_rows(cache, new, l.g, l.k, chunks.padded);
+                }
+            }
+        }
+        let done = full + chunks.padded;
+        if done < prompt.len() {
+            let (rest, logits) = self.step_prompt(caches, &prompt[done..], done, &mut on_tokens)?;
             caches = rest;
             last_logits = logits;
         }
