@@ -695,7 +695,11 @@ fn prefill_fills_the_context_like_stepping() {
         let out = bifurc(&run(bif_s, &[&greedy[..], &["--prefill", prefill]].concat())).output().unwrap();
         assert!(out.status.success(), "{}", text(&out.stderr));
         let report = json_of(&out);
-        assert_eq!(report["prefill_shared_weights"], shared, "--prefill {prefill}");
+        assert_eq!(report["prefill"]["shared_weights"], shared, "--prefill {prefill}");
+        // 9 tokens: two runs of 4, the last token in one more, padded.
+        let runs = &report["prefill"];
+        assert_eq!((&runs["n"], &runs["whole_runs"], &runs["padded_tokens"]), (&4.into(), &2.into(), &1.into()));
+        assert_eq!(runs["stepped_tokens"], 0);
         assert_eq!(report["context"], "prompt, prefilled");
         assert_eq!(samples_of(&report).len(), 2);
     }

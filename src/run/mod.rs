@@ -23,7 +23,7 @@ mod report;
 
 pub use load::{cpu_step, jit, load_artifact, load_graph, parse_ids, read_ids};
 use made::{make_step, prefill_step};
-pub use report::{percentile, RunReport};
+pub use report::{percentile, PrefillReport, RunReport};
 
 /// A `bifurc run` failure, as one line of text.
 #[derive(Debug, thiserror::Error)]
@@ -242,10 +242,12 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     bar.finish_and_clear();
     let weights_bound = weights_bound.map_err(|e| fail(e.to_string()))?;
     // The prefill step: the same device and weights, shared where it can.
-    let mut prefill_shares = None;
+    let mut prefill_report = None;
     let mut prefill = match prefill {
         Some((mut pre, (artifact, layout))) => {
-            prefill_shares = Some(pre.step.bind_beside(&step, &shared, &source, &artifact.manifest)?);
+            let shared_weights = pre.step.bind_beside(&step, &shared, &source, &artifact.manifest)?;
+            let chunks = layout.prefill_chunks(context_len);
+            prefill_report = Some(PrefillReport { n: layout.n, chunks, shared_weights });
             Some((pre.step.boxed(), layout))
         }
         None => None,
@@ -310,7 +312,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         bifurcated: manifest.bifurcate,
         weights,
         weights_bound,
-        prefill_shares,
+        prefill: prefill_report,
         weights_s,
         load_s,
         context_len,

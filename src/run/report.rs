@@ -1,7 +1,35 @@
 //! What `bifurc run` reports: as text for a terminal or as one JSON object.
 
-use bifurc_runtime::session::SampleOutput;
+use bifurc_runtime::session::{PrefillChunks, SampleOutput};
 use std::path::PathBuf;
+
+/// How a prefill step filled the context (`bifurc run --prefill`).
+#[derive(Clone, Debug)]
+pub struct PrefillReport {
+    /// Tokens per run.
+    pub n: usize,
+    /// Its runs over the prompt: whole chunks, a padded one, tokens stepped.
+    pub chunks: PrefillChunks,
+    /// Its weights shared with the decode step (one copy; on the CPU,
+    /// where both store them alike).
+    pub shared_weights: usize,
+}
+
+impl PrefillReport {
+    /// Its runs in words: `2 runs of 16 tokens, one padded run of 8`.
+    fn runs(&self) -> String {
+        let c = &self.chunks;
+        let whole = c.whole / self.n.max(1);
+        let mut parts = vec![format!("{whole} run{} of {} tokens", if whole == 1 { "" } else { "s" }, self.n)];
+        if c.padded > 0 {
+            parts.push(format!("one padded run of {}", c.padded));
+        }
+        if c.stepped > 0 {
+            parts.push(format!("{} stepped", c.stepped));
+        }
+        parts.join(", ")
+    }
+}
 
 /// What a run did.
 #[derive(Clone, Debug)]
@@ -13,9 +41,8 @@ pub struct RunReport {
     /// How the weights were made (`random (seed N)` or the files).
     pub weights: String,
     pub weights_bound: usize,
-    /// With a prefill step: how many of its weights it shares with the
-    /// decode step (one copy; on the CPU, where both store them alike).
-    pub prefill_shares: Option<usize>,
+    /// With a prefill step (`context` is then `prompt, prefilled`).
+    pub prefill: Option<PrefillReport>,
     pub weights_s: f64,
     /// Loading the step: JIT compile (CPU) or module load (CUDA).
     pub load_s: f64,
@@ -95,8 +122,14 @@ impl RunReport {
             "p90_step_ms": self.p90_ms(),
             "tokens_per_s": self.tokens_per_s(),
         });
-        if let Some(n) = self.prefill_shares {
-            value["prefill_shared_weights"] = serde_json::json!(n);
+        if let Some(p) = &self.prefill {
+            value["prefill"] = serde_json::json!({
+                "n": p.n,
+                "whole_runs": p.chunks.whole / p.n.max(1),
+                "padded_tokens": p.chunks.padded,
+                "stepped_tokens": p.chunks.stepped,
+                "shared_weights": p.shared_weights,
+            });
         }
         if let Some(logits) = &self.output.last_logits {
             let vocab = logits.shape.get(1).copied().unwrap_or(0).max(1);
@@ -113,8 +146,8 @@ impl RunReport {
         let _ = writeln!(s, "device: {}", self.device);
         let _ = writeln!(s, "artifact: {} (bifurcated: {})", self.artifact.display(), self.bifurcated);
         let _ = writeln!(s, "step loaded in {:.2} s", self.load_s);
-        let shares = match self.prefill_shares {
-            Some(n) => format!(" (the prefill step shares {n} of them)"),
+        let shares = match &self.prefill {
+            Some(p) => format!(" (the prefill step shares {} of them)", p.shared_weights),
             None => String::new(),
         };
         let _ = writeln!(
@@ -122,8 +155,11 @@ impl RunReport {
             "weights: {}, {} tensors bound in {:.2} s{shares}",
             self.weights, self.weights_bound, self.weights_s
         );
-        let how = context_how(self.context);
-        let _ = writeln!(s, "context: {} tokens ({how}, {:.1} ms)", self.context_len, self.fill_ms);
+        let mut how = context_how(self.context).to_string();
+        if let Some(p) = &self.prefill {
+            how = format!("{how}: {}", p.runs());
+        }
+        let _ = writeln!(s, "context: {} tokens ({how}; {:.1} ms)", self.context_len, self.fill_ms);
         let _ = writeln!(
             s,
             "decoded {} samples x {} steps (temperature {}, seed {}): step median {:.3} ms, p90 {:.3} ms \
@@ -169,6 +205,18 @@ mod tests {
         assert_eq!(percentile(&xs, 0.0), Some(1.0));
         assert_eq!(percentile(&[3.0], 0.9), Some(3.0));
         assert_eq!(percentile(&[], 0.9), None);
+    }
+
+    #[test]
+    fn a_prefill_steps_runs_in_words() {
+        let report = |whole, padded, stepped| PrefillReport {
+            n: 4,
+            chunks: PrefillChunks { whole, padded, stepped, last: 0 },
+            shared_weights: 0,
+        };
+        assert_eq!(report(8, 3, 0).runs(), "2 runs of 4 tokens, one padded run of 3");
+        assert_eq!(report(4, 0, 0).runs(), "1 run of 4 tokens");
+        assert_eq!(report(0, 0, 1).runs(), "0 runs of 4 tokens, 1 stepped");
     }
 
     #[test]
