@@ -351,6 +351,15 @@ impl DecodeLayout {
         )
     }
 
+    /// The model's last position: its table of learned positions' last
+    /// row, else [`MAX_POSITION`] (see [`DecodeLayout::check_positions`]).
+    pub fn last_position(&self) -> usize {
+        match &self.position_table {
+            Some((_, rows)) => rows.saturating_sub(1),
+            None => MAX_POSITION,
+        }
+    }
+
     /// Whether positions `0..end` are all the model's: past a table of
     /// learned positions ([`DecodeLayout::position_table`]) its gather has
     /// no row to read (and gives NaN), so that is an error naming the

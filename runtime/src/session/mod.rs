@@ -482,10 +482,10 @@ impl<S: Step> Session<S> {
             last_logits = logits.data[(n - 1) * layout.vocab..].to_vec();
             on_tokens(start + n);
         }
-        // The rest in one more run, padded to n: token 0 at the last real
-        // token's position (in the table of learned positions, where there
-        // is one). Under the causal mask no real token sees the padding;
-        // its rows and logits are dropped. It reads the context as the
+        // The rest in one more run, padded to n: token 0 at the positions
+        // after the real tokens' (held at the model's last position, in a
+        // table of learned positions). Under the causal mask no real token
+        // sees the padding; its rows and logits are dropped. It reads the context as the
         // chunks left it (kept in the step, or bound here), and its real
         // rows join the context below, once it is read back.
         let mut rest_rows = Vec::new();
@@ -501,7 +501,8 @@ impl<S: Step> Session<S> {
             let pad = n - real;
             let ids = prompt[start..start + real].iter().map(|&t| t as usize).chain(std::iter::repeat_n(0, pad));
             prefill.bind(&layout.token_ids, &row(ids))?;
-            let positions = (start..start + real).chain(std::iter::repeat_n(start + real - 1, pad));
+            let last_position = layout.last_position();
+            let positions = (start..start + n).map(|p| p.min(last_position));
             prefill.bind(&layout.positions, &row(positions))?;
             let outputs = prefill.run(&dims(1, start, 0))?;
             for l in &layout.layers {
