@@ -485,9 +485,9 @@ impl<S: Step> Session<S> {
         // The rest in one more run, padded to n: token 0 at the positions
         // after the real tokens' (held at the model's last position, in a
         // table of learned positions). Under the causal mask no real token
-        // sees the padding; its rows and logits are dropped. It reads the context as the
-        // chunks left it (kept in the step, or bound here), and its real
-        // rows join the context below, once it is read back.
+        // sees the padding; its rows and logits are dropped. It reads the
+        // context as the chunks left it (kept in the step, or bound here),
+        // and its real rows join the context below, once it is read back.
         let mut rest_rows = Vec::new();
         if chunks.padded > 0 {
             let (start, real) = (full, chunks.padded);
