@@ -747,7 +747,9 @@ fn prefill_fills_the_context_like_stepping() {
 /// session to session, as an engine would) returns, an error or a result,
 /// and never panics. Sampling gives `samples` rows of `steps` tokens, and
 /// greedy sampling from a context gives the tokens it gave the last time.
-/// A fixed SplitMix64 sequence of 200 sessions of 10 calls.
+/// Contexts are filled by stepping, by a prefill step of 3 tokens a run
+/// (whole runs and padded ones) or drawn. A fixed SplitMix64 sequence
+/// of 200 sessions of 10 calls.
 #[test]
 fn any_sequence_of_session_calls_returns() {
     let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
@@ -755,6 +757,18 @@ fn any_sequence_of_session_calls_returns() {
     let (_, bif) = tiny_artifacts(&libdevice, &dir);
     let (artifact, cpu) = bifurc::run::cpu_step(&bif).unwrap();
     let weights = random_weights(&artifact.manifest, 3).unwrap();
+    let config = std::fs::read_to_string(root().join("examples/tiny/config.json")).unwrap();
+    let doc = bifurc::hf::build(&config, &bifurc::hf::HfOptions { new_tokens: Some(3), ..Default::default() }).unwrap();
+    let pre_ptx = dir.join("pre3.ptx");
+    let opts = CompileOptions { libdevice: Some(libdevice.clone()), ..CompileOptions::default() };
+    compile(&bifurc::import::from_value(&doc).unwrap(), &opts).unwrap().write(&pre_ptx).unwrap();
+    let (pre_artifact, mut pre) = bifurc::run::cpu_step(&pre_ptx).unwrap();
+    let pre_layout = bifurc_runtime::session::DecodeLayout::from_manifest(&pre_artifact.manifest).unwrap();
+    for name in &pre_layout.weights {
+        pre.bind(name, &weights[name]).unwrap();
+    }
+    let prefill_prompts: [&[u32]; 6] = [&[], &[5], &[7, 300], &[1, 2, 3], &[1, 2, 3, 4], &[9, 8, 7, 6, 5, 4, 3]];
+    let mut prefilled = 0;
     let mut rng = SplitMix64::new(0x5E55_1011);
     let mut next = |n: usize| rng.below(n as u64) as usize;
     let prompts: [&[u32]; 4] = [&[], &[5], &[7, 300], &[1, 2, 3]];
@@ -768,7 +782,7 @@ fn any_sequence_of_session_calls_returns() {
         // The session's context, where one was installed ("" for none).
         let mut context = String::new();
         for call in 0..10 {
-            let what = next(7);
+            let what = next(8);
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match what {
                 0 => session.bind_weights(&weights).map(|_| None),
                 1 => {
@@ -787,6 +801,13 @@ fn any_sequence_of_session_calls_returns() {
                 4 => {
                     let _ = session.step_mut();
                     Ok(None)
+                }
+                5 => {
+                    let prompt = prefill_prompts[next(prefill_prompts.len())];
+                    let r = session.fill_context_prefill(&mut pre, &pre_layout, prompt);
+                    prefilled += usize::from(r.is_ok());
+                    context = if r.is_ok() { format!("prefilled {prompt:?}") } else { String::new() };
+                    r.map(|_| None)
                 }
                 _ => {
                     let temperature = [0.0, 0.0, 0.8, -1.0][next(4)];
@@ -816,6 +837,9 @@ fn any_sequence_of_session_calls_returns() {
         }
         step = Some(session.into_step());
     }
-    assert!(sampled > 20 && refused > 20 && repeated > 10, "sampled {sampled}, refused {refused}, repeated {repeated}");
+    assert!(
+        sampled > 20 && refused > 20 && repeated > 10 && prefilled > 20,
+        "sampled {sampled}, refused {refused}, repeated {repeated}, prefilled {prefilled}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
