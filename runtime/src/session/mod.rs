@@ -457,7 +457,18 @@ impl<S: Step> Session<S> {
             // Room for the last run, over the context of all the others.
             prefill.reserve(&dims(1, last, 0))?;
         }
-        for start in (0..full).step_by(n.max(1)) {
+        // Whole chunks of n, then the rest in one more run padded to n:
+        // token 0 at the positions after the real tokens' (held at the
+        // model's last position, in a table of learned positions). Under
+        // the causal mask no real token sees the padding; its rows and
+        // logits are dropped. The padded run reads the context as the
+        // chunks left it (kept in the step, or bound here), and its real
+        // rows join the context below, once it is read back.
+        let padded = (chunks.padded > 0).then_some((full, chunks.padded));
+        let runs = (0..full).step_by(n.max(1)).map(|start| (start, n)).chain(padded);
+        let last_position = layout.last_position();
+        let mut rest_rows = Vec::new();
+        for (start, real) in runs {
             if !kept {
                 for (l, kv) in layout.layers.iter().zip(&caches) {
                     for (name, t) in l.context.iter().zip(kv) {
@@ -465,49 +476,20 @@ impl<S: Step> Session<S> {
                     }
                 }
             }
-            prefill.bind(&layout.token_ids, &row(prompt[start..start + n].iter().map(|&t| t as usize)))?;
-            prefill.bind(&layout.positions, &row(start..start + n))?;
+            let ids = prompt[start..start + real].iter().map(|&t| t as usize).chain(std::iter::repeat_n(0, n - real));
+            prefill.bind(&layout.token_ids, &row(ids))?;
+            prefill.bind(&layout.positions, &row((start..start + n).map(|p| p.min(last_position))))?;
             let outputs = prefill.run(&dims(1, start, 0))?;
             for (l, kv) in layout.layers.iter().zip(caches.iter_mut()) {
                 for ((name, ctx), cache) in l.new.iter().zip(&l.context).zip(kv.iter_mut()) {
                     let rows = Self::check_output(&outputs, name, &[1, l.g, n, l.k])?;
-                    if kept {
+                    if real < n {
+                        rest_rows.push(rows.clone());
+                    } else if kept {
                         prefill.append_rows(ctx, name)?;
                     } else {
                         *cache = append_context(cache, rows, l.g, l.k);
                     }
-                }
-            }
-            let logits = Self::check_output(&outputs, &layout.logits, &[1, n, layout.vocab])?;
-            last_logits = logits.data[(n - 1) * layout.vocab..].to_vec();
-            on_tokens(start + n);
-        }
-        // The rest in one more run, padded to n: token 0 at the positions
-        // after the real tokens' (held at the model's last position, in a
-        // table of learned positions). Under the causal mask no real token
-        // sees the padding; its rows and logits are dropped. It reads the
-        // context as the chunks left it (kept in the step, or bound here),
-        // and its real rows join the context below, once it is read back.
-        let mut rest_rows = Vec::new();
-        if chunks.padded > 0 {
-            let (start, real) = (full, chunks.padded);
-            if !kept {
-                for (l, kv) in layout.layers.iter().zip(&caches) {
-                    for (name, t) in l.context.iter().zip(kv) {
-                        prefill.bind(name, t)?;
-                    }
-                }
-            }
-            let pad = n - real;
-            let ids = prompt[start..start + real].iter().map(|&t| t as usize).chain(std::iter::repeat_n(0, pad));
-            prefill.bind(&layout.token_ids, &row(ids))?;
-            let last_position = layout.last_position();
-            let positions = (start..start + n).map(|p| p.min(last_position));
-            prefill.bind(&layout.positions, &row(positions))?;
-            let outputs = prefill.run(&dims(1, start, 0))?;
-            for l in &layout.layers {
-                for name in &l.new {
-                    rest_rows.push(Self::check_output(&outputs, name, &[1, l.g, n, l.k])?.clone());
                 }
             }
             let logits = Self::check_output(&outputs, &layout.logits, &[1, n, layout.vocab])?;
