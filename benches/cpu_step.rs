@@ -18,7 +18,13 @@
 //! FMA floor: the step's multiply-adds (`bifurc::inspect::multiply_adds`,
 //! the same on both sides) at this machine's peak rate for the thread
 //! count (`bifurc::lower::peak_multiply_adds`), with the bifurcated step's
-//! share of that peak.
+//! share of that peak; and the bifurcated step's memory time: the bytes
+//! its kernels move by the bytes model of its own plan (`plan MB`:
+//! `CpuStep::kernel_bytes_at`, its softmax over the scores in place,
+//! where the graph's model counts the concat and slices as copies) at
+//! this machine's read rate for the thread count
+//! (`bifurc::lower::memory_read_rate`, printed first), with its share of
+//! the step (`% mem`: near 100, the step waits on memory).
 //!
 //! Kernels run split across the cores (`CpuStep::set_threads`, the rayon
 //! pool: `RAYON_NUM_THREADS`); `BIFURC_BENCH_THREADS=1,2` times each of
@@ -39,12 +45,13 @@
 //! (8, or `BIFURC_BENCH_PROFILE_TOP`; each its median over as many runs
 //! as timed, of the bound step's kernels), each contraction with its
 //! share of the FMA peak (its multiply-adds at the peak rate over its
-//! time; the f32 FMAs' peak, which a bf16 kernel on AMX tiles exceeds),
-//! at the last thread count timed;
+//! time; the f32 FMAs' peak, which a bf16 kernel on AMX tiles exceeds)
+//! and the bytes it moves a second (its plan's bytes model over its time,
+//! beside the printed read rate), at the last thread count timed;
 //! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there.
 //!
 //! Target (b = 32): the bifurcated step at least 4x faster than the baseline
-//! (measured on a 2-core Emerald Rapids VM, f32: 3.67-6.91x on one thread,
+//! (measured on a 2-core Emerald Rapids VM, f32: 3.23-6.91x on one thread,
 //! 2.09-4.38x on two, 9.5x and 8.8x at m_c = 32768; bf16 4.66-6.91x: see
 //! the README's "Speed on the CPU").
 
@@ -151,9 +158,18 @@ fn main() {
         .collect();
     let rates: Vec<String> = threads.iter().zip(&peaks).map(|(t, p)| format!("{:.0} G/s on {t}", p / 1e9)).collect();
     println!("  peak multiply-adds (JIT, f32 vectors): {}", rates.join(", "));
+    let available = bifurc_runtime::memory::host_available();
+    let reads: Vec<f64> = threads
+        .iter()
+        .map(|&t| {
+            bifurc::lower::memory_read_rate(t.min(rayon::current_num_threads()), available).expect("memory read rate")
+        })
+        .collect();
+    let rates: Vec<String> = threads.iter().zip(&reads).map(|(t, r)| format!("{:.1} GB/s on {t}", r / 1e9)).collect();
+    println!("  memory reads: {}", rates.join(", "));
     println!("  {runs} timed runs per side after 1 warm-up, alternating; median ms");
     println!(
-        "  {:>4} {:>6} {:>5} {:>7} | {:>12} {:>12} {:>8} | {:>10} {:>10} {:>9} | {:>8} {:>6}",
+        "  {:>4} {:>6} {:>5} {:>7} | {:>12} {:>12} {:>8} | {:>10} {:>10} {:>9} | {:>8} {:>6} | {:>8} {:>6} {:>5}",
         "b",
         "m_c",
         "m_d",
@@ -165,7 +181,10 @@ fn main() {
         "bifurc MB",
         "predicted",
         "floor ms",
-        "% peak"
+        "% peak",
+        "plan MB",
+        "mem ms",
+        "% mem"
     );
     for b in points {
         let point: BTreeMap<String, i64> =
@@ -229,31 +248,44 @@ fn main() {
                     each.into_iter().map(|(k, ts)| (k, median(&ts).unwrap_or(f64::NAN))).collect();
                 let total: f64 = ks.iter().map(|(_, t)| t * 1e3).sum();
                 ks.sort_by(|a, b| b.1.total_cmp(&a.1));
-                println!("    {name} at b={b}: kernels {total:.1} ms (medians of {runs} runs); slowest (share of the FMA peak):");
+                println!(
+                    "    {name} at b={b}: kernels {total:.1} ms (medians of {runs} runs); slowest (share of the FMA \
+                     peak; bytes moved by the plan's model a second):"
+                );
+                let bytes = step.kernel_bytes_at(&point);
                 for (k, t) in ks.iter().take(env_or("BIFURC_BENCH_PROFILE_TOP", 8)) {
-                    let node = step.program().kernels.iter().find(|x| &x.name == k).map(|x| x.node.as_str());
+                    let at = step.program().kernels.iter().position(|x| &x.name == k);
+                    let node = at.map(|i| step.program().kernels[i].node.as_str());
+                    let moved = at.and_then(|i| bytes.get(i).copied().flatten()).map(|b| b as f64 / t / 1e9);
                     // The node in the graph the step compiled (its
                     // projections by weight panels are einsums there).
                     let sg = step.graph();
                     let j = node.and_then(|id| sg.nodes.iter().position(|n| n.id == id));
                     let macs = j.map_or(0.0, |j| node_multiply_adds(sg, j, &sp).expect("multiply-adds"));
                     let share = if macs > 0.0 { format!("  ({:.0}%)", 100.0 * macs / peak / t) } else { String::new() };
-                    println!("      {:>9.2} ms  {k}{share}", t * 1e3);
+                    let moved = moved.map(|r| format!("  {r:.1} GB/s")).unwrap_or_default();
+                    println!("      {:>9.2} ms  {k}{share}{moved}", t * 1e3);
                 }
             }
         }
         let macs = multiply_adds(&base, &sp).expect("multiply-adds");
-        for ((t, [tb, tf]), peak) in threads.iter().zip(&times).zip(&peaks) {
+        // What the bifurcated step's own plan moves (its softmax over the
+        // scores in place, no concat or slice copies), at the read rate.
+        let plan_bytes: f64 = steps[1].kernel_bytes_at(&point).iter().flatten().map(|&x| x as f64).sum();
+        for (((t, [tb, tf]), peak), read) in threads.iter().zip(&times).zip(&peaks).zip(&reads) {
             let (tb, tf) = (median(tb).unwrap_or(f64::NAN), median(tf).unwrap_or(f64::NAN));
             let floor = macs / peak * 1e3;
+            let mem = plan_bytes / read * 1e3;
             println!(
-                "  {b:>4} {m_c:>6} {m_d:>5} {:>7} | {tb:>12.1} {tf:>12.1} {:>7.2}x | {:>10.1} {:>10.1} {:>8.2}x | {floor:>8.1} {:>5.0}%",
+                "  {b:>4} {m_c:>6} {m_d:>5} {:>7} | {tb:>12.1} {tf:>12.1} {:>7.2}x | {:>10.1} {:>10.1} {:>8.2}x | {floor:>8.1} {:>5.0}% | {:>8.1} {mem:>6.1} {:>4.0}%",
                 t.min(&rayon::current_num_threads()),
                 tb / tf,
                 bb.total() / 1e6,
                 bf.total() / 1e6,
                 bb.total() / bf.total(),
-                100.0 * floor / tf
+                100.0 * floor / tf,
+                plan_bytes / 1e6,
+                100.0 * mem / tf
             );
         }
     }

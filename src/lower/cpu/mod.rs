@@ -19,7 +19,7 @@ mod stored;
 
 pub use host::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 pub use parts::PARALLEL_MIN_BYTES;
-pub use peak::peak_multiply_adds;
+pub use peak::{memory_read_rate, peak_multiply_adds};
 pub use stored::Stored;
 
 use std::borrow::Cow;
@@ -285,6 +285,16 @@ impl CpuStep {
             Some(Ok(bytes)) if bytes < self.min_split_bytes => 1,
             _ => threads,
         }
+    }
+
+    /// Bytes each kernel (in [`Program::kernels`] order) moves at `point`
+    /// by the bytes model applied to this step's plan
+    /// (`lower::kernel_bytes`: a softmax written over its scores reads and
+    /// writes them once; `None` where the model has no figure). Their sum
+    /// over a step's time is the rate the step moved memory at, to set
+    /// beside [`super::memory_read_rate`].
+    pub fn kernel_bytes_at(&self, point: &BTreeMap<String, i64>) -> Vec<Option<i64>> {
+        self.work.iter().map(|w| w.as_ref().and_then(|bytes| self.graph.dims.eval(bytes, point).ok())).collect()
     }
 
     /// The graph this step runs: the one compiled, with the weights kept

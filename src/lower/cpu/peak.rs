@@ -3,6 +3,14 @@
 //! width), compiled with [`super::CPU_PIPELINE`] like every kernel and run
 //! on each thread at once. A step's multiply-adds divided by it is the
 //! least time the step can take here (see `inspect::multiply_adds`).
+//!
+//! And its rate of reading memory: each thread sums its own stretch of a
+//! buffer larger than the caches, all at once. A step's bytes (the bytes
+//! model) divided by it is how long the step takes where every byte the
+//! model counts crosses memory once: a step that takes about that long
+//! is bound by memory (the bifurcated CPU step at b = 32, m_c = 8192 on a
+//! 2-core VM that reads 29 GB/s: 535 MB, 18.4 ms, against a step of
+//! 19.5-20 ms), and one that takes less found some of them in cache.
 
 use std::ffi::c_void;
 use std::time::Instant;
@@ -86,6 +94,60 @@ pub fn peak_multiply_adds(threads: usize) -> Result<f64, LowerError> {
     Ok((threads * CHAINS * LANES) as f64 * TRIPS as f64 / best)
 }
 
+/// Bytes each thread reads in [`memory_read_rate`]: past the last-level
+/// cache's share of a thread on the machines we know (a 2-core VM read
+/// 21-25 GB/s a core through 64 MiB, 15 through 128 and more).
+const READ_BYTES_PER_THREAD: usize = 128 << 20;
+/// At most this many bytes in all, however many threads.
+const READ_BYTES_MOST: usize = 1 << 30;
+/// Timed passes; the fastest counts.
+const READ_TRIES: usize = 5;
+
+/// Bytes per second that `threads` threads reading at once (each its own
+/// stretch of memory, each element once, in order) reach at best on this
+/// machine. The buffer is `threads` × 128 MiB, at most 1 GiB, and at most
+/// a quarter of `available` bytes where that is given; less than 1 MiB a
+/// thread is an error.
+pub fn memory_read_rate(threads: usize, available: Option<usize>) -> Result<f64, LowerError> {
+    let threads = threads.max(1);
+    let mut total = (READ_BYTES_PER_THREAD * threads).min(READ_BYTES_MOST);
+    if let Some(a) = available {
+        total = total.min(a / 4);
+    }
+    let words = total / threads / std::mem::size_of::<u64>() / LANES * LANES;
+    if words * std::mem::size_of::<u64>() < 1 << 20 {
+        return Err(LowerError::Run(format!(
+            "too little memory to measure its read rate: {} bytes available for {threads} threads",
+            available.unwrap_or(0)
+        )));
+    }
+    // Written once (every page touched), so the timed passes read memory.
+    let stretches: Vec<Vec<u64>> = (0..threads).map(|t| vec![t as u64 + 1; words]).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..READ_TRIES {
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            for s in &stretches {
+                scope.spawn(move || std::hint::black_box(sum_words(s)));
+            }
+        });
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok((threads * words * std::mem::size_of::<u64>()) as f64 / best)
+}
+
+/// The wrapping sum of `words` in `LANES` running sums (vectorized:
+/// integer adds reassociate), so the pass is bound by reading them.
+fn sum_words(words: &[u64]) -> u64 {
+    let mut lanes = [0u64; LANES];
+    for chunk in words.chunks_exact(LANES) {
+        for (l, w) in lanes.iter_mut().zip(chunk) {
+            *l = l.wrapping_add(*w);
+        }
+    }
+    lanes.iter().fold(0, |a, l| a.wrapping_add(*l))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +161,18 @@ mod tests {
         assert!(one.is_finite() && one > 1e8 && one < 1e13, "{one}");
         let two = peak_multiply_adds(2).unwrap_or_else(|e| panic!("{e}"));
         assert!(two > 0.6 * one, "two threads {two} vs one {one}");
+    }
+
+    /// The read rate is a finite positive number no machine's memory
+    /// reaches (10 TB/s), measured within what is available, and refused
+    /// where too little is.
+    #[test]
+    fn read_rate_is_measured() {
+        let rate = memory_read_rate(2, Some(64 << 20)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(rate.is_finite() && rate > 1e8 && rate < 1e13, "{rate}");
+        let err = memory_read_rate(8, Some(16 << 20)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("too little memory to measure its read rate"), "{err}");
+        assert_eq!(sum_words(&[1, 2, 3]), 0, "a partial chunk is not read");
+        assert_eq!(sum_words(&(1..=32).collect::<Vec<u64>>()), 528);
     }
 }
