@@ -48,6 +48,13 @@ impl CpuBackend {
         self.step.threads()
     }
 
+    /// Bytes the step's kernels move at `dims`, by the bytes model applied
+    /// to its plan ([`CpuStep::kernel_bytes_at`]; kernels without a
+    /// figure count 0).
+    pub fn moved_at(&self, dims: &BTreeMap<String, i64>) -> f64 {
+        self.step.kernel_bytes_at(dims).iter().flatten().map(|&b| b as f64).sum()
+    }
+
     /// Bytes this backend holds when it runs at `dims` with every input
     /// bound, a decode cache kept with `capacities` rows where given
     /// ([`CpuStep::bytes_at`]).
@@ -320,5 +327,33 @@ mod tests {
         assert!(a.is_bound("w") && !a.is_bound("x"));
         a.release();
         assert!(!a.is_bound("w"));
+    }
+
+    /// The bytes a bifurcated step's kernels move: every weight and the
+    /// whole context cache read at least once, and less than the graph's
+    /// bytes model, which counts the scores' concat and slices as copies
+    /// that the CPU plan does not make (its softmax over the scores in
+    /// place). The baseline's plan moves the broadcast context once per
+    /// sample, as the graph's model does.
+    #[test]
+    fn moved_bytes_follow_the_plan() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny/model.json");
+        let graph = crate::import::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let dims = BTreeMap::from([("b".to_string(), 16), ("m_c".to_string(), 64), ("m_d".to_string(), 4)]);
+        let options = crate::optimize::Options {
+            point: crate::inspect::ShapePoint(dims.clone()),
+            ..crate::optimize::Options::default()
+        };
+        let optimized = crate::optimize::optimize(&graph, &options).unwrap_or_else(|e| panic!("{e}")).graph;
+        let model = |g: &Graph| {
+            crate::inspect::bytes_moved(g, &crate::inspect::ShapePoint(dims.clone())).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let (bif, base) = (model(&optimized), model(&graph));
+        let compile = |g: &Graph| CpuBackend::compile(g).unwrap_or_else(|e| panic!("{e}"));
+        let moved = compile(&optimized).moved_at(&dims);
+        assert!(moved >= bif.weights + bif.context_kv, "{moved} vs {bif:?}");
+        assert!(moved < bif.total(), "{moved} vs {bif:?}");
+        let base_moved = compile(&graph).moved_at(&dims);
+        assert!(base_moved >= base.context_kv && base.context_kv > 8.0 * bif.context_kv, "{base_moved} vs {base:?}");
     }
 }

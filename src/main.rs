@@ -153,7 +153,10 @@ enum Command {
     /// median latencies, their ratio, and the bytes model's predicted ratio beside it, with the
     /// FMA floor: the step's multiply-adds (the same on both sides) at this machine's peak rate
     /// (measured first, by a JIT-compiled loop of vector FMAs on the threads the steps use), the
-    /// least time either step can take here, and the bifurcated step's share of it; and the
+    /// least time either step can take here, and the bifurcated step's share of it; the
+    /// bifurcated step's memory time: the bytes its kernels move (the bytes model of its plan)
+    /// at this machine's read rate (measured next, each thread reading its own stretch of
+    /// memory past the caches), and its share of the step (near 100%: bound by memory); and the
     /// largest difference of the two steps' logits on the same inputs. A point
     /// whose two steps would not fit in the memory this machine has available (or with a
     /// buffer past the CPU step's limit, or positions past the model's learned ones, GPT-2

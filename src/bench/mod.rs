@@ -58,6 +58,15 @@ pub struct Row {
     /// ([`crate::lower::peak_multiply_adds`]); `None` in a table without
     /// it (a GPU machine's).
     pub floor_ms: Option<f64>,
+    /// How long the bifurcated step's memory traffic takes on the machine
+    /// that ran it: the bytes its kernels move (the bytes model applied to
+    /// the CPU step's plan, [`crate::cpu_backend::CpuBackend::moved_at`])
+    /// at the machine's measured read rate for the threads the steps used
+    /// ([`crate::lower::memory_read_rate`]). A step that takes about that
+    /// long is bound by memory; one faster found some of it in cache.
+    /// `None` in a table without it (a GPU machine's, or one written
+    /// before it was measured).
+    pub memory_ms: Option<f64>,
     /// The largest |difference| of the two steps' logits on the same
     /// inputs (the first output where the graph has none named `logits`)
     /// and the largest |logit|, for scale; `None` in a table without them.
@@ -73,6 +82,13 @@ impl Row {
     /// rate, in percent (its [`Row::floor_ms`] over its latency).
     pub fn bifurcated_peak_pct(&self) -> Option<f64> {
         self.floor_ms.map(|f| 100.0 * f / self.bifurcated_ms)
+    }
+
+    /// The bifurcated step's [`Row::memory_ms`] over its latency, in
+    /// percent: the share of its time its memory traffic takes at the
+    /// measured read rate.
+    pub fn bifurcated_memory_pct(&self) -> Option<f64> {
+        self.memory_ms.map(|m| 100.0 * m / self.bifurcated_ms)
     }
 }
 
@@ -172,6 +188,10 @@ pub fn run_cpu(
     let mut bif = CpuBackend::compile(&optimized)?;
     progress("measuring this machine's peak multiply-add rate");
     let peak = crate::lower::peak_multiply_adds(base.threads())?;
+    progress("measuring this machine's memory read rate");
+    // Without the memory to measure it (a quarter of what is available
+    // must hold 1 MiB a thread), the table goes without the column.
+    let reads = crate::lower::memory_read_rate(base.threads(), memory::host_available()).ok();
     let mut sweep = Sweep { bifurcated, ..Sweep::default() };
     let points = opts.context_lens.len() * opts.samples.len();
     // The weights are drawn and bound once, at the first point that runs,
@@ -225,6 +245,7 @@ pub fn run_cpu(
             let sp = ShapePoint(p);
             let predicted = bytes_moved(graph, &sp)?.total() / bytes_moved(&optimized, &sp)?.total();
             let floor_ms = Some(multiply_adds(graph, &sp)? / peak * 1e3);
+            let memory_ms = reads.map(|r| bif.moved_at(&sp.0) / r * 1e3);
             sweep.rows.push(Row {
                 samples: b,
                 context: m_c,
@@ -233,6 +254,7 @@ pub fn run_cpu(
                 bifurcated_ms: median(&tf).unwrap_or(f64::NAN),
                 predicted,
                 floor_ms,
+                memory_ms,
                 logits_diff,
             });
             point_done(&sweep);

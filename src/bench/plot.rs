@@ -122,6 +122,7 @@ mod tests {
             bifurcated_ms,
             predicted: 2.0,
             floor_ms: None,
+            memory_ms: None,
             logits_diff: None,
         };
         let dir = std::env::temp_dir().join(format!("bifurc-plot-unit-{}", std::process::id()));

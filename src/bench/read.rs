@@ -27,8 +27,8 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
     // Optional (written by `bifurc bench` since it measures the peak rate;
     // the logits' difference by both benches).
     let column = |name: &str| names.iter().position(|n| *n == name);
-    let (floor_column, diff_columns) =
-        (column("fma_floor_ms"), [column("logits_max_abs_diff"), column("logits_max_abs")]);
+    let (floor_column, memory_column, diff_columns) =
+        (column("fma_floor_ms"), column("memory_ms"), [column("logits_max_abs_diff"), column("logits_max_abs")]);
     let mut rows = Vec::new();
     for (i, line) in lines {
         // Only the leading numeric columns are read; a quoted note comes last.
@@ -61,6 +61,10 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
             Some(c) => Some(positive(c, "fma_floor_ms")?),
             None => None,
         };
+        let memory_ms = match optional(memory_column) {
+            Some(c) => Some(positive(c, "memory_ms")?),
+            None => None,
+        };
         // Both or neither; neither below 0 (NaN where a step gave NaN
         // logits: not drawn, so kept as the bench wrote it).
         let logits_diff = match diff_columns.map(optional) {
@@ -82,6 +86,7 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
             bifurcated_ms: num(4)?,
             predicted: num(5)?,
             floor_ms,
+            memory_ms,
             logits_diff,
         });
     }
@@ -105,17 +110,20 @@ mod tests {
             bifurcated_ms: 1.0,
             predicted: 3.0,
             floor_ms: Some(0.25),
+            memory_ms: Some(0.75),
             logits_diff: Some((1.5e-5, 12.25)),
         }]);
         let rows = rows_from_csv(&ours).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((rows[0].samples, rows[0].context, rows[0].speedup(), rows[0].predicted), (8, 1024, 2.0, 3.0));
-        assert_eq!((rows[0].floor_ms, rows[0].logits_diff), (Some(0.25), Some((1.5e-5, 12.25))));
+        assert_eq!((rows[0].floor_ms, rows[0].memory_ms), (Some(0.25), Some(0.75)));
+        assert_eq!(rows[0].logits_diff, Some((1.5e-5, 12.25)));
         let gpu =
             "b,m_c,m_d,baseline_ms,bifurcated_ms,speedup,predicted_speedup,logits_max_abs_diff,logits_max_abs,note\n\
                    16,8192,256,4.5,1.5,3.0,5.1,0.000125,3.5,\"\"\n32,8192,256,,,,,,,\"time budget spent, skipped\"\n";
         let rows = rows_from_csv(gpu).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].samples, rows[0].decoded, rows[0].baseline_ms, rows[0].floor_ms), (16, 256, 4.5, None));
+        assert_eq!(rows[0].memory_ms, None, "a GPU machine's table has no memory column");
         assert_eq!(rows[0].logits_diff, Some((0.000125, 3.5)));
         let nan = rows_from_csv(&gpu.replace("0.000125,3.5", "NaN,NaN")).unwrap_or_else(|e| panic!("{e}"));
         assert!(nan[0].logits_diff.is_some_and(|(d, m)| d.is_nan() && m.is_nan()), "NaN logits kept as written");
@@ -135,17 +143,18 @@ mod tests {
     /// forever (its axis had no end).
     #[test]
     fn refuses_values_no_measurement_gives() {
-        let header = "samples,context,decoded,baseline_ms,bifurcated_ms,predicted_speedup,fma_floor_ms,\
+        let header = "samples,context,decoded,baseline_ms,bifurcated_ms,predicted_speedup,fma_floor_ms,memory_ms,\
                       logits_max_abs_diff,logits_max_abs\n";
         for (row, want) in [
-            ("1,2,3,4,1,1,,-0.5,1", "line 2: logits_max_abs_diff is -0.5, not a number at least 0"),
-            ("1,2,3,4,1,1,,0,x", "line 2: logits_max_abs is x, not a number at least 0"),
+            ("1,2,3,4,1,1,,,-0.5,1", "line 2: logits_max_abs_diff is -0.5, not a number at least 0"),
+            ("1,2,3,4,1,1,,,0,x", "line 2: logits_max_abs is x, not a number at least 0"),
             ("1,2,3,nan,1,1,", "line 2: baseline_ms is nan, not a positive finite number"),
             ("1,2,3,4,inf,1,", "line 2: bifurcated_ms is inf, not a positive finite number"),
             ("1,2,3,4,1,1e999,", "line 2: predicted_speedup is 1e999, not a positive finite number"),
             ("1,2,3,0,1,1,", "line 2: baseline_ms is 0, not a positive finite number"),
             ("1,2,3,4,-1,1,", "line 2: bifurcated_ms is -1, not a positive finite number"),
             ("1,2,3,4,1,1,-2", "line 2: fma_floor_ms is -2, not a positive finite number"),
+            ("1,2,3,4,1,1,,nan", "line 2: memory_ms is nan, not a positive finite number"),
             ("0,2,3,4,1,1,", "line 2: samples is 0, less than 1"),
             ("1,-2,3,4,1,1,", "line 2: context is -2, less than 0"),
             ("1,2,-3,4,1,1,", "line 2: decoded is -3, less than 0"),
