@@ -20,7 +20,7 @@
 //! count (`bifurc::lower::peak_multiply_adds`), with the bifurcated step's
 //! share of that peak; and the bifurcated step's memory time: the bytes
 //! its kernels move by the bytes model of its own plan (`plan MB`:
-//! `CpuStep::kernel_bytes_at`, its softmax over the scores in place,
+//! `CpuStep::moved_at`, its softmax over the scores in place,
 //! where the graph's model counts the concat and slices as copies) at
 //! this machine's read rate for the thread count
 //! (`bifurc::lower::memory_read_rate`, printed first), with its share of
@@ -271,7 +271,7 @@ fn main() {
         let macs = multiply_adds(&base, &sp).expect("multiply-adds");
         // What the bifurcated step's own plan moves (its softmax over the
         // scores in place, no concat or slice copies), at the read rate.
-        let plan_bytes: f64 = steps[1].kernel_bytes_at(&point).iter().flatten().map(|&x| x as f64).sum();
+        let plan_bytes = steps[1].moved_at(&point);
         for (((t, [tb, tf]), peak), read) in threads.iter().zip(&times).zip(&peaks).zip(&reads) {
             let (tb, tf) = (median(tb).unwrap_or(f64::NAN), median(tf).unwrap_or(f64::NAN));
             let floor = macs / peak * 1e3;

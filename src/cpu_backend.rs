@@ -49,10 +49,9 @@ impl CpuBackend {
     }
 
     /// Bytes the step's kernels move at `dims`, by the bytes model applied
-    /// to its plan ([`CpuStep::kernel_bytes_at`]; kernels without a
-    /// figure count 0).
+    /// to its plan ([`CpuStep::moved_at`]).
     pub fn moved_at(&self, dims: &BTreeMap<String, i64>) -> f64 {
-        self.step.kernel_bytes_at(dims).iter().flatten().map(|&b| b as f64).sum()
+        self.step.moved_at(dims)
     }
 
     /// Bytes this backend holds when it runs at `dims` with every input

@@ -57,14 +57,9 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
         };
         let num = |c: usize| positive(cell(c), names[columns[c]]);
         let optional = |c: Option<usize>| c.and_then(|c| cells.get(c).copied()).filter(|c| !c.is_empty());
-        let floor_ms = match optional(floor_column) {
-            Some(c) => Some(positive(c, "fma_floor_ms")?),
-            None => None,
-        };
-        let memory_ms = match optional(memory_column) {
-            Some(c) => Some(positive(c, "memory_ms")?),
-            None => None,
-        };
+        // An optional time: empty or absent, else positive and finite.
+        let time = |c: Option<usize>, name: &str| optional(c).map(|c| positive(c, name)).transpose();
+        let (floor_ms, memory_ms) = (time(floor_column, "fma_floor_ms")?, time(memory_column, "memory_ms")?);
         // Both or neither; neither below 0 (NaN where a step gave NaN
         // logits: not drawn, so kept as the bench wrote it).
         let logits_diff = match diff_columns.map(optional) {

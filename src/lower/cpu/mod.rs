@@ -281,10 +281,16 @@ impl CpuStep {
         if threads < 2 {
             return 1;
         }
-        match self.work.get(k).and_then(Option::as_ref).map(|bytes| self.graph.dims.eval(bytes, point)) {
-            Some(Ok(bytes)) if bytes < self.min_split_bytes => 1,
+        match self.work_at(k, point) {
+            Some(bytes) if bytes < self.min_split_bytes => 1,
             _ => threads,
         }
+    }
+
+    /// Bytes kernel `k` moves at `point` by the bytes model (`None` where
+    /// the model has no figure or it does not evaluate there).
+    fn work_at(&self, k: usize, point: &BTreeMap<String, i64>) -> Option<i64> {
+        self.work.get(k)?.as_ref().and_then(|bytes| self.graph.dims.eval(bytes, point).ok())
     }
 
     /// Bytes each kernel (in [`Program::kernels`] order) moves at `point`
@@ -294,7 +300,13 @@ impl CpuStep {
     /// over a step's time is the rate the step moved memory at, to set
     /// beside [`super::memory_read_rate`].
     pub fn kernel_bytes_at(&self, point: &BTreeMap<String, i64>) -> Vec<Option<i64>> {
-        self.work.iter().map(|w| w.as_ref().and_then(|bytes| self.graph.dims.eval(bytes, point).ok())).collect()
+        (0..self.work.len()).map(|k| self.work_at(k, point)).collect()
+    }
+
+    /// The sum of [`CpuStep::kernel_bytes_at`]: the bytes a step at
+    /// `point` moves by its plan's model (kernels without a figure count 0).
+    pub fn moved_at(&self, point: &BTreeMap<String, i64>) -> f64 {
+        (0..self.work.len()).filter_map(|k| self.work_at(k, point)).map(|b| b as f64).sum()
     }
 
     /// The graph this step runs: the one compiled, with the weights kept
