@@ -97,7 +97,35 @@ impl Engine {
         if raw.ptr.is_null() {
             return Err(LowerError::Engine(format!("cannot create the execution engine: {}", capture.take())));
         }
-        Ok(Engine(raw))
+        let engine = Engine(raw);
+        engine.register_runtime_calls();
+        Ok(engine)
+    }
+
+    /// Defines, in the JIT, the compiler-runtime functions that LLVM calls
+    /// where the CPU lacks an instruction and that the process may not
+    /// have: `__truncsfbf2` (f32 -> bf16), which LLVM calls on a CPU
+    /// without AVX512-BF16 for bf16 values it promotes to f32 (a select of
+    /// bf16 vectors: the embedding's gather of a bf16 table), and which
+    /// Debian 12's libgcc does not define (the kernel was then missing
+    /// from the JIT). Before any lookup: the JIT links a module's calls
+    /// when it first looks up one of its functions.
+    fn register_runtime_calls(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let name = "__truncsfbf2";
+            // SAFETY: the engine is live; the name is a valid string ref for
+            // the call; `truncsfbf2` is an `extern "C"` function of the
+            // signature the callers expect (see its docs) that lives as long
+            // as the process.
+            unsafe {
+                mlir_sys::mlirExecutionEngineRegisterSymbol(
+                    self.0,
+                    mlir_sys::MlirStringRef { data: name.as_ptr().cast(), length: name.len() },
+                    truncsfbf2 as *mut c_void,
+                );
+            }
+        }
     }
 
     /// The packed wrapper of function `name` (one with
@@ -116,6 +144,15 @@ impl Engine {
         // `_mlir__mlir_ciface_<name>`, whose C signature is `void(void **)`.
         (!f.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, Packed>(f) })
     }
+}
+
+/// `__bf16 __truncsfbf2(float)`, rounding to nearest even as every bf16
+/// conversion of the step does ([`f32_to_bf16`]). The x86-64 calling
+/// convention returns a `__bf16` in the low 16 bits of `xmm0`, where an
+/// f32 whose bits are the bf16's is returned.
+#[cfg(target_arch = "x86_64")]
+extern "C" fn truncsfbf2(x: f32) -> f32 {
+    f32::from_bits(u32::from(f32_to_bf16(x)))
 }
 
 impl Drop for Engine {
@@ -229,7 +266,13 @@ impl CpuStep {
             entries.push(
                 engine
                     .entry(entry)
-                    .ok_or_else(|| LowerError::Engine(format!("kernel `{}` not found in the JIT", kernel.name)))?,
+                    .ok_or_else(|| {
+                        LowerError::Engine(format!(
+                            "kernel `{}` not found in the JIT: its module did not link (the JIT printed why \
+                             on stderr, such as a function no library defines)",
+                            kernel.name
+                        ))
+                    })?,
             );
         }
         let functions = emitted.entries.values().collect::<std::collections::BTreeSet<_>>().len();
@@ -742,6 +785,50 @@ impl CpuStep {
 mod tests {
     use super::*;
     use crate::lower::emit::emit;
+
+    /// A kernel that calls `__truncsfbf2` (as LLVM does for bf16 values it
+    /// promotes on a CPU without AVX512-BF16) links in the JIT, and the
+    /// call rounds to nearest even, ties to even, NaN kept a NaN.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_jit_defines_the_bf16_rounding_call() {
+        let text = "module {
+  llvm.func @__truncsfbf2(f32) -> bf16
+  func.func @round(%x: f32, %out: !llvm.ptr) attributes {llvm.emit_c_interface} {
+    %h = llvm.call @__truncsfbf2(%x) : (f32) -> bf16
+    llvm.store %h, %out : bf16, !llvm.ptr
+    return
+  }
+}
+";
+        let engine = Engine::jit(text, "the rounding test").unwrap_or_else(|e| panic!("{e}"));
+        let entry = engine.entry("round").unwrap_or_else(|| panic!("`round` not found in the JIT"));
+        let cases = [
+            (1.0f32, 0x3f80u16),
+            // Halfway between 0x3f80 and 0x3f81: to the even one.
+            (f32::from_bits(0x3f80_8000), 0x3f80),
+            // Halfway between 0x3f81 and 0x3f82: to the even one.
+            (f32::from_bits(0x3f81_8000), 0x3f82),
+            (f32::from_bits(0x3f80_8001), 0x3f81),
+            (-2.5, 0xc020),
+            (f32::INFINITY, 0x7f80),
+        ];
+        let round = |x: f32| {
+            let (mut x, mut out) = (x, 0u16);
+            let mut ptr = std::ptr::addr_of_mut!(out);
+            let mut args = [std::ptr::addr_of_mut!(x).cast::<c_void>(), std::ptr::addr_of_mut!(ptr).cast::<c_void>()];
+            // SAFETY: `entry` is the packed wrapper of `round(f32, ptr)`: it
+            // reads an f32 through `args[0]` and a pointer through
+            // `args[1]`, which points at `out`, the two bytes it writes.
+            unsafe { entry(args.as_mut_ptr()) };
+            out
+        };
+        for (x, want) in cases {
+            assert_eq!(round(x), want, "{x}");
+        }
+        let nan = round(f32::NAN);
+        assert!(nan & 0x7f80 == 0x7f80 && nan & 0x7f != 0, "NaN -> {nan:#x}");
+    }
 
     /// The context einsums of bifurcated attention take the tiled,
     /// blocked walk (b innermost, ragged tiles and blocks) and, with a head

@@ -427,6 +427,17 @@ impl Builder {
         mask: &str,
     ) {
         let (x, ty) = self.stored_vector(v, lanes, dtype);
+        // Halves stored as 16-bit integers: a CPU without a masked store of
+        // 16-bit lanes (AVX2) stores them one at a time, and one bf16 at a
+        // time goes through f32 and a libcall (`__truncsfbf2`) that the JIT
+        // does not resolve (the kernel then was missing from it).
+        let (x, ty) = match dtype {
+            DType::F32 => (x, ty),
+            _ => {
+                let ity = format!("vector<{lanes}xi16>");
+                (self.op(&format!("llvm.bitcast {x} : {ty} to {ity}")), ity)
+            }
+        };
         let p = self.element_ptr(ptr, off, storage(dtype));
         let align = dtype.size();
         self.line(&format!(
