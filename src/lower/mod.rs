@@ -18,7 +18,9 @@ mod smoke;
 
 pub use context::{new_context, run_pipeline, verify, DiagnosticCapture};
 pub use cpu::{memory_read_rate, peak_multiply_adds, CpuStep, CPU_PIPELINE};
-pub use emit::{emit, emit_emulating_gpu, emit_shared, Emulation, SharedModule, Target, AMX_ENV, BF16_DOT_ENV};
+pub use emit::{
+    emit, emit_emulating_gpu, emit_shared, Emulation, SharedModule, Target, AMX_ENV, BF16_DOT_ENV, NARROW_TILES_ENV,
+};
 pub use mma::{Mma, Tuning};
 pub use plan::{
     plan, plan_cpu, plan_tuned, plan_with, Buffer, BufferKind, InPlace, InPlacePart, Kernel, Param, Pitch, Program,

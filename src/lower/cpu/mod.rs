@@ -206,9 +206,16 @@ impl CpuStep {
     /// summed by the CPU's bf16 dot product where the host prefers it, or
     /// as [`BF16_DOT_ENV`](crate::lower::BF16_DOT_ENV) says; bf16
     /// projections run on AMX tiles where the host has them, unless
-    /// [`AMX_ENV`](crate::lower::AMX_ENV) says `off` (either is an error
-    /// if it says what this CPU cannot do or nothing it knows).
+    /// [`AMX_ENV`](crate::lower::AMX_ENV) says `off`; the contractions'
+    /// register tiles are sized for 16 registers of 256 bits where the
+    /// host has no AVX-512F, unless
+    /// [`NARROW_TILES_ENV`](crate::lower::NARROW_TILES_ENV) says otherwise
+    /// (each is an error if it says what this CPU cannot do or nothing it
+    /// knows).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
+        // Read here to refuse a value it cannot take; the emitter reads it
+        // again (`emit::registers`).
+        crate::lower::emit::narrow_tiles_choice()?;
         let pairs = Pairing { dot: crate::lower::emit::bf16_dot_choice()?, amx: crate::lower::emit::amx_choice()? };
         Self::compile_pairing(graph, pairs)
     }
@@ -263,17 +270,13 @@ impl CpuStep {
         let mut entries = Vec::with_capacity(program.kernels.len());
         for kernel in &program.kernels {
             let entry = emitted.entries.get(&kernel.name).unwrap_or(&kernel.name);
-            entries.push(
-                engine
-                    .entry(entry)
-                    .ok_or_else(|| {
-                        LowerError::Engine(format!(
-                            "kernel `{}` not found in the JIT: its module did not link (the JIT printed why \
+            entries.push(engine.entry(entry).ok_or_else(|| {
+                LowerError::Engine(format!(
+                    "kernel `{}` not found in the JIT: its module did not link (the JIT printed why \
                              on stderr, such as a function no library defines)",
-                            kernel.name
-                        ))
-                    })?,
-            );
+                    kernel.name
+                ))
+            })?);
         }
         let functions = emitted.entries.values().collect::<std::collections::BTreeSet<_>>().len();
         let scratch = Mutex::new(Vec::new());

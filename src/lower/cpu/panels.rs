@@ -770,11 +770,13 @@ mod tests {
             // summed by the bf16 dot product where it has one, plain ones
             // widened to f32.
             let pairs = dtype == "bf16" && crate::lower::emit::host_has_bf16_dot();
-            let (plain, plain_text) = crate::lower::emit::with_bf16_dot(true, || {
-                let plain = crate::lower::CpuStep::compile_pairing(&graph, NONE).unwrap_or_else(|e| panic!("{e}"));
-                let text = crate::lower::emit::emit(plain.graph(), plain.program(), crate::lower::Target::Cpu)
-                    .unwrap_or_else(|e| panic!("{e}"));
-                (plain, text)
+            let (plain, plain_text) = crate::lower::emit::with_narrow_tiles(false, || {
+                crate::lower::emit::with_bf16_dot(true, || {
+                    let plain = crate::lower::CpuStep::compile_pairing(&graph, NONE).unwrap_or_else(|e| panic!("{e}"));
+                    let text = crate::lower::emit::emit(plain.graph(), plain.program(), crate::lower::Target::Cpu)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    (plain, text)
+                })
             });
             // Plain bf16 panels are summed by it too, each step's pairs
             // interleaved from two of a panel's rows (`Kc::pair_rows`).

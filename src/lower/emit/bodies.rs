@@ -11,6 +11,7 @@ use crate::lower::LowerError;
 
 use super::chunks::SumPart;
 use super::panel_ahead::LinesAhead;
+use super::registers::NARROW_VECTOR_ROWS;
 use super::{
     builder, mismatch, walk_index, walk_index_within, Emulation, Kc, Lanes, Target, BLOCK, CPU_COLS, CPU_SIMD,
     SUM_COLS, SUM_READ_AHEAD, SUM_ROWS, SUM_WRITE_AHEAD, VECTOR_GROUPS,
@@ -198,7 +199,10 @@ impl Kc<'_> {
         let vector = block
             .filter(|&pos| keep[pos] + 1 == out.sizes.len() && BLOCK == CPU_SIMD)
             .and_then(|pos| self.out_lanes(j, self.b.known(&keep_sizes[pos]), out.dtype.is_float()));
+        // Narrow tiles (`emit::registers`): one vector, NARROW_VECTOR_ROWS
+        // rows.
         let groups = match (vector, block) {
+            (Some(_), Some(_)) if self.narrow => 1,
             (Some(_), Some(pos)) => vector_groups(self.b.known(&keep_sizes[pos]), BLOCK),
             _ => 1,
         };
@@ -216,6 +220,8 @@ impl Kc<'_> {
         // Tiles along the reuse index: `tiles = ceil(inner / tile)`.
         let tile = if summed.is_some() {
             tile.min(SUM_ROWS)
+        } else if vector.is_some() && self.narrow {
+            tile.min(NARROW_VECTOR_ROWS)
         } else if groups > 1 {
             tile.min(CPU_SIMD / groups)
         } else {

@@ -102,6 +102,7 @@ mod mma;
 mod ops;
 mod pair_dot;
 mod panel_ahead;
+mod registers;
 #[cfg(test)]
 pub(crate) use amx::with_amx;
 pub use amx::AMX_ENV;
@@ -110,6 +111,10 @@ pub(crate) use pair_dot::bf16_dot_choice;
 pub use pair_dot::BF16_DOT_ENV;
 #[cfg(test)]
 pub(crate) use pair_dot::{host_has_bf16_dot, with_bf16_dot};
+#[cfg(test)]
+pub(crate) use registers::with_narrow_tiles;
+pub use registers::NARROW_TILES_ENV;
+pub(crate) use registers::{host_has_avx512, narrow_tiles_choice};
 mod rope;
 mod rows;
 mod rows_in_lanes;
@@ -311,10 +316,11 @@ fn kernel_texts(
     let host = target == Target::Cpu && emulation.is_none();
     let bf16_dot = host && pair_dot::prefer_bf16_dot();
     let amx = host && amx::prefer_amx();
+    let narrow = host && registers::prefer_narrow_tiles();
     program
         .kernels
         .iter()
-        .map(|kernel| kernel_fn(graph, program, &layout, kernel, target, emulation, (bf16_dot, amx)))
+        .map(|kernel| kernel_fn(graph, program, &layout, kernel, target, emulation, Host { bf16_dot, amx, narrow }))
         .collect()
 }
 
@@ -359,6 +365,11 @@ pub(crate) struct Kc<'a> {
     /// `emit::amx`): the CPU target, not emulating the GPU, on a host
     /// that has them and may use them, unless turned off (`prefer_amx`).
     pub amx: bool,
+    /// Whether the CPU contractions' register tiles are sized for 16
+    /// registers of 256 bits rather than AVX-512's 32 of 512 (see
+    /// `emit::registers`): the CPU target, not emulating the GPU, on a
+    /// host without AVX-512F, unless turned off (`prefer_narrow_tiles`).
+    pub narrow: bool,
     /// Loop indices known to stay in a range `[lo, hi)` (a row loop split
     /// at a concat's boundaries, see `emit::segments`): a concat along
     /// that index with a part exactly there reads the part directly.
@@ -410,6 +421,15 @@ pub struct Emulation {
     pub tuning: crate::lower::mma::Tuning,
 }
 
+/// The host's choices every CPU kernel is emitted with (see the fields of
+/// the same names on [`Kc`]); all `false` on the GPU and when emulating it.
+#[derive(Clone, Copy)]
+struct Host {
+    bf16_dot: bool,
+    amx: bool,
+    narrow: bool,
+}
+
 fn kernel_fn(
     graph: &Graph,
     program: &Program,
@@ -417,7 +437,7 @@ fn kernel_fn(
     kernel: &Kernel,
     target: Target,
     emulation: Option<Emulation>,
-    (bf16_dot, amx): (bool, bool),
+    Host { bf16_dot, amx, narrow }: Host,
 ) -> Result<String, LowerError> {
     let mut sig = Vec::new();
     let mut dims = Vec::new();
@@ -477,6 +497,7 @@ fn kernel_fn(
         },
         bf16_dot,
         amx,
+        narrow,
         pinned: Vec::new(),
     };
     let node = if kernel.op == "copy" || kernel.op == COMBINE_OP {

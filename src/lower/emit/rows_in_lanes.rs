@@ -62,6 +62,7 @@ use crate::ir::{DType, EinsumSpec, Role, Value};
 use crate::lower::LowerError;
 
 use super::bodies::{Out, Values};
+use super::registers::NARROW_LANES_OUTPUTS;
 use super::{walk_index, Kc, Partition, Target, BLOCK, CPU_SIMD};
 
 /// Blocks of 16 outputs along the last axis per walk item: the rows are
@@ -469,40 +470,49 @@ impl Kc<'_> {
         let res = if t.pairs {
             self.pair_sums(j, t, idx, (ti, start), slot)?
         } else {
-            let len = self.b.index(t.sum.1);
-            let (res, d, accs) = self.b.open_for_typed(&len, &one, &vec![zero; n], &vty);
-            let base = self.b.muli(ti, &len);
-            let base = self.b.addi(&base, &d);
-            let base = self.b.muli(&base, &lanes);
-            let rows = self.b.load_vector(slot, &base, n, DType::F32);
-            let (v, k) = t.large;
-            let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(idx.iter().cloned()).collect();
-            env.push((t.sum.0, d.clone()));
-            let zl = t.spec.output[zaxis];
-            let mut nexts = Vec::with_capacity(n);
-            for (c, acc) in accs.iter().enumerate() {
-                let off = self.b.index(c as i64);
-                let z = self.b.addi(start, &off);
-                let x = match rows_k {
-                    // Row c of the widened block, element d.
-                    Some(rows_k) => {
-                        let off = self.b.muli(&off, &len);
-                        let off = self.b.addi(&off, &d);
-                        self.b.load(rows_k, &off, DType::F32).ssa
-                    }
-                    None => {
-                        set(&mut env, zl, &z);
-                        let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
-                        self.loadf(v, &at)?
-                    }
-                };
-                let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
-                let p = self.b.op(&format!("arith.mulf {x}, {rows} fastmath<contract> : {vty}"));
-                nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}")));
+            // The 16 outputs at once, or in passes of a few with narrow
+            // tiles (`emit::registers`); the first pass prefetches.
+            let pass = if self.narrow { NARROW_LANES_OUTPUTS } else { n };
+            let mut res = Vec::with_capacity(n);
+            for first in (0..n).step_by(pass) {
+                let len = self.b.index(t.sum.1);
+                let (sums, d, accs) = self.b.open_for_typed(&len, &one, &vec![zero.clone(); pass], &vty);
+                let base = self.b.muli(ti, &len);
+                let base = self.b.addi(&base, &d);
+                let base = self.b.muli(&base, &lanes);
+                let rows = self.b.load_vector(slot, &base, n, DType::F32);
+                let (v, k) = t.large;
+                let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(idx.iter().cloned()).collect();
+                env.push((t.sum.0, d.clone()));
+                let zl = t.spec.output[zaxis];
+                let mut nexts = Vec::with_capacity(pass);
+                for (c, acc) in (first..).zip(&accs) {
+                    let off = self.b.index(c as i64);
+                    let z = self.b.addi(start, &off);
+                    let x = match rows_k {
+                        // Row c of the widened block, element d.
+                        Some(rows_k) => {
+                            let off = self.b.muli(&off, &len);
+                            let off = self.b.addi(&off, &d);
+                            self.b.load(rows_k, &off, DType::F32).ssa
+                        }
+                        None => {
+                            set(&mut env, zl, &z);
+                            let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
+                            self.loadf(v, &at)?
+                        }
+                    };
+                    let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
+                    let p = self.b.op(&format!("arith.mulf {x}, {rows} fastmath<contract> : {vty}"));
+                    nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}")));
+                }
+                // The next block's rows of the large operand, a line per step.
+                if first == 0 {
+                    self.prefetch_next_k(j, t, &mut env, (start, &d), n as i64)?;
+                }
+                self.b.close_for_typed(&nexts, &vty);
+                res.extend(sums);
             }
-            // The next block's rows of the large operand, a line per step.
-            self.prefetch_next_k(j, t, &mut env, (start, &d), n as i64)?;
-            self.b.close_for_typed(&nexts, &vty);
             res
         };
         let by_row = self.transpose_16(&res);

@@ -9,16 +9,26 @@ use crate::lower::CpuStep;
 
 /// The graph of `doc`, its CPU step, and the step's MLIR text, with
 /// bf16 pairs summed by the CPU's bf16 dot product wherever the host has
-/// one (`host_has_bf16_dot`), whether or not it prefers it, and no AMX
-/// tiles (`emit::amx` has its own tests): the tests check that code on
+/// one (`host_has_bf16_dot`), whether or not it prefers it, no AMX tiles
+/// (`emit::amx` has its own tests) and the register tiles sized for
+/// AVX-512 on any host (the texts the tests check are of those;
+/// `emit::registers` tests the narrow ones): the tests check that code on
 /// every such host.
 pub(crate) fn cpu_step(doc: &serde_json::Value) -> (Graph, CpuStep, String) {
+    cpu_step_tiles(doc, false)
+}
+
+/// [`cpu_step`] with narrow register tiles or wide ones (see
+/// `emit::registers`).
+pub(crate) fn cpu_step_tiles(doc: &serde_json::Value, narrow: bool) -> (Graph, CpuStep, String) {
     let graph = crate::import::from_value(doc).unwrap_or_else(|e| panic!("{e}"));
-    let (step, text) = super::with_amx(false, || {
-        super::with_bf16_dot(true, || {
-            let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-            let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
-            (step, text)
+    let (step, text) = super::with_narrow_tiles(narrow, || {
+        super::with_amx(false, || {
+            super::with_bf16_dot(true, || {
+                let step = CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+                let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+                (step, text)
+            })
         })
     });
     (graph, step, text)
@@ -92,12 +102,15 @@ pub(crate) fn grid((from, to): (f32, f32), per_unit: usize, offset: f32, extra: 
 }
 
 /// `graph`'s CPU step compiled with AMX tiles on (where the host has them,
-/// see `emit::amx`) or off, and its MLIR text.
+/// see `emit::amx`) or off, the register tiles sized for AVX-512, and its
+/// MLIR text.
 pub(crate) fn cpu_step_amx(graph: &Graph, amx: bool) -> (CpuStep, String) {
-    super::with_amx(amx, || {
-        let step = CpuStep::compile(graph).unwrap_or_else(|e| panic!("{e}"));
-        let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
-        (step, text)
+    super::with_narrow_tiles(false, || {
+        super::with_amx(amx, || {
+            let step = CpuStep::compile(graph).unwrap_or_else(|e| panic!("{e}"));
+            let text = emit(step.graph(), step.program(), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+            (step, text)
+        })
     })
 }
 

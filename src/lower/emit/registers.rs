@@ -1,0 +1,174 @@
+//! The vector registers the CPU kernels' register tiles are sized for.
+//!
+//! The contractions' tiles were sized for AVX-512: 32 registers of 16 f32,
+//! one `vector<16xf32>` each. The weight projections in panels and the
+//! context `w·V` (`emit::vectors`: 4 rows × 4 vectors of 16 outputs) and
+//! the context `q·K` with rows in the lanes (`emit::rows_in_lanes`: 16
+//! outputs) each keep 16 such accumulators. A CPU without AVX-512 (AVX2:
+//! 16 registers of 8 f32; AMD's Zen 2 and 3, Intel's client cores) holds
+//! a `vector<16xf32>` in two, so those 16 accumulators alone need 32, and
+//! LLVM spills and reloads them around every FMA: on a 2-core Zen 3 VM,
+//! cpu_step's bifurcated f32 step at b = 32 held 137 spills or reloads
+//! to 112 FMAs in each projection and 1104 to 304 in each context `q·K`.
+//!
+//! There the tiles are narrow: the vector tiles take one vector of 16
+//! outputs and [`NARROW_VECTOR_ROWS`] rows (4 accumulators, 8 registers)
+//! and the rows-in-lanes tile sums its 16 outputs in passes of
+//! [`NARROW_LANES_OUTPUTS`] (8 registers). Each output sums the same
+//! products in the same order either way (only where LLVM fuses a
+//! multiply and an add into an FMA may differ, in the last bit).
+//!
+//! [`NARROW_TILES_ENV`] overrides the choice (`on`, `off`; `auto` or
+//! unset: narrow where the host has no AVX-512F).
+
+use crate::lower::LowerError;
+
+/// The environment variable that overrides the CPU step's tiles
+/// ([`CpuStep::compile`](crate::lower::CpuStep::compile)): `on` (narrow
+/// tiles, for 16 registers of 256 bits), `off` (the tiles sized for
+/// AVX-512's 32 registers of 512 bits), or `auto` (the default: narrow
+/// where the CPU has no AVX-512F). Either runs on any x86-64 CPU with
+/// AVX2; only the speed differs.
+pub const NARROW_TILES_ENV: &str = "BIFURC_CPU_NARROW_TILES";
+
+/// Rows of a narrow vector tile (one vector of 16 outputs each): b = 32's
+/// samples in 8 whole tiles. Of 4 rows × 1, 6 × 1, 2 × 2, 3 × 2 vectors
+/// (and 4 × 4, the wide tile) on a 2-core Zen 3 VM (cpu_step, f32, b =
+/// 32, m_c = 8192, two threads, one run each), 4 × 1 was fastest: the
+/// context w·V 8.9 -> 7.2-7.4 ms a layer, the MLP's projections 2.9-3.1 ->
+/// 2.1-2.5 ms, the step 68.0 -> 58.7 ms.
+pub(super) const NARROW_VECTOR_ROWS: usize = 4;
+
+/// Outputs a pass of the narrow rows-in-lanes tile sums (its 16 rows in
+/// the lanes: one `vector<16xf32>` accumulator each).
+pub(super) const NARROW_LANES_OUTPUTS: usize = 4;
+
+/// Whether this machine's CPU has AVX-512F (32 vector registers of 512
+/// bits): the JIT compiles for the host.
+pub(crate) fn host_has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the CPU kernels' register tiles are narrow: where the host has
+/// no AVX-512F, unless [`NARROW_TILES_ENV`] says otherwise (see
+/// [`narrow_tiles_choice`], which is this with the setting's error).
+pub(crate) fn prefer_narrow_tiles() -> bool {
+    narrow_tiles_choice().unwrap_or_else(|_| !host_has_avx512())
+}
+
+/// [`prefer_narrow_tiles`]'s answer, or the error naming a value of
+/// [`NARROW_TILES_ENV`] it cannot take.
+pub(crate) fn narrow_tiles_choice() -> Result<bool, LowerError> {
+    #[cfg(test)]
+    if let Some(narrow) = FORCED_NARROW.with(std::cell::Cell::get) {
+        return Ok(narrow);
+    }
+    let setting = std::env::var(NARROW_TILES_ENV).ok();
+    let on = super::pair_dot::cpu_setting(NARROW_TILES_ENV, setting.as_deref(), || true, "")?;
+    Ok(on.unwrap_or_else(|| !host_has_avx512()))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// This thread's override of [`prefer_narrow_tiles`] (see
+    /// [`with_narrow_tiles`]).
+    static FORCED_NARROW: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with [`prefer_narrow_tiles`] answering `narrow` on this
+/// thread: tests compile both ways on any host.
+#[cfg(test)]
+pub(crate) fn with_narrow_tiles<R>(narrow: bool, f: impl FnOnce() -> R) -> R {
+    super::pair_dot::with_forced(&FORCED_NARROW, narrow, f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lower::emit::pair_dot::cpu_setting;
+    use crate::lower::emit::testing;
+
+    #[test]
+    fn the_setting_takes_on_off_and_auto_only() {
+        let read = |v: Option<&str>| cpu_setting(NARROW_TILES_ENV, v, || true, "");
+        assert_eq!(read(None).ok(), Some(None));
+        assert_eq!(read(Some("auto")).ok(), Some(None));
+        assert_eq!(read(Some("on")).ok(), Some(Some(true)));
+        assert_eq!(read(Some(" off ")).ok(), Some(Some(false)));
+        let err = read(Some("wide")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(NARROW_TILES_ENV) && err.contains("`on` or `off`"), "{err}");
+    }
+
+    #[test]
+    fn the_test_override_wins() {
+        assert!(with_narrow_tiles(true, prefer_narrow_tiles));
+        assert!(!with_narrow_tiles(false, prefer_narrow_tiles));
+    }
+
+    /// A loop carrying `n` `vector<16xf32>` accumulators.
+    fn accumulator_loops(text: &str, n: usize) -> usize {
+        text.matches(&format!("-> ({}) {{", vec!["vector<16xf32>"; n].join(", "))).count()
+    }
+
+    /// The context `q·K` with rows in the lanes (multi-head and
+    /// grouped-query), the context `w·V` in vector tiles and a projection
+    /// in panels match the interpreter with narrow tiles and with wide
+    /// ones, at b below one tile of 16 rows, at one, past it and past two,
+    /// and at context lengths across items and blocks cut short. The
+    /// narrow module holds fewer loops of 16 accumulators than the wide
+    /// one, and more of 4: the `q·K`'s passes and the vector tiles' rows.
+    #[test]
+    fn narrow_and_wide_tiles_match_interpreter() {
+        let mha = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 64, "f": 128}},
+            "inputs": [
+                {"name": "q", "role": "activation", "shape": ["b", "h", "k"], "dtype": "f32"},
+                {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": ["h", "m", "k"], "dtype": "f32"},
+                {"name": "vc", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["h", "m", "k"], "dtype": "f32"},
+                {"name": "w", "role": "weight", "shape": ["f", "h*k"], "dtype": "f32"}
+            ],
+            "nodes": [
+                {"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "bhk,hmk->bhm"}},
+                {"id": "o", "op": "einsum", "inputs": ["s", "vc"], "attrs": {"spec": "bhm,hmk->bhk"}},
+                {"id": "r", "op": "reshape", "inputs": ["o"], "attrs": {"shape": ["b", 1, "h*k"]}},
+                {"id": "y", "op": "matmul", "inputs": ["r", "w"], "attrs": {"transpose_b": true}}
+            ],
+            "outputs": [{"name": "s", "node": "s"}, {"name": "o", "node": "o"}, {"name": "y", "node": "y"}]
+        });
+        let gqa = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m"], "constants": {"g": 2, "p": 3, "k": 32}},
+            "inputs": [
+                {"name": "q", "role": "activation", "shape": ["b", "g", "p", "k"], "dtype": "f32"},
+                {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": ["g", "m", "k"], "dtype": "f32"}
+            ],
+            "nodes": [{"id": "s", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "bgpk,gmk->bgpm"}}],
+            "outputs": [{"name": "s", "node": "s"}]
+        });
+        for (doc, outputs) in [(&mha, &["s", "o", "y"][..]), (&gqa, &["s"][..])] {
+            let (graph, wide, wide_text) = testing::cpu_step_tiles(doc, false);
+            let (_, narrow, narrow_text) = testing::cpu_step_tiles(doc, true);
+            let (w16, n16) = (accumulator_loops(&wide_text, 16), accumulator_loops(&narrow_text, 16));
+            assert!(n16 < w16, "16 accumulators: {n16} loops narrow, {w16} wide:\n{narrow_text}");
+            let (w4, n4) = (accumulator_loops(&wide_text, 4), accumulator_loops(&narrow_text, 4));
+            assert!(n4 >= w4 + 4, "4 accumulators: {n4} loops narrow, {w4} wide:\n{narrow_text}");
+            for (b, m) in [(3, 37), (16, 16), (17, 1029), (33, 40)] {
+                let at = testing::point(&[("b", b), ("m", m)]);
+                // `o` sums up to 1029 unnormalized scores × V: terms in the
+                // tens, sums of a few units.
+                for &name in outputs {
+                    testing::check_output(&graph, &wide, &at, 3, name, (1e-3, 1e-5));
+                    testing::check_output(&graph, &narrow, &at, 3, name, (1e-3, 1e-5));
+                }
+            }
+        }
+    }
+}
