@@ -48,6 +48,10 @@ enum Rows {
     Loop,
     /// The tile's first row only (the one left in the reuse extent).
     One,
+    /// The tile's first `n` rows, unrolled (exactly `n` left in the reuse
+    /// extent, `1 < n < tile`): a narrow vector tile's last (see
+    /// `emit::registers`).
+    Short(usize),
 }
 
 /// The walk of a [`Kc::reuse_body`] step (see there).
@@ -315,7 +319,21 @@ impl Kc<'_> {
             self.b.open_guard(&single);
             self.whole_blocks(out, j, &tiled, &at, (cols, &base, Rows::One))?;
             self.b.else_guard();
+            // A narrow vector tile's rows left, unrolled (one at a time, a
+            // row's one vector of accumulators waits on each FMA: b = 32's
+            // last 2 of tiles of 6).
+            let shorts = if self.narrow && vector.is_some() { 2..tile } else { 0..0 };
+            for n in shorts.clone() {
+                let rows = self.b.index(n as i64);
+                let here = self.b.op(&format!("arith.cmpi eq, {left}, {rows} : index"));
+                self.b.open_guard(&here);
+                self.whole_blocks(out, j, &tiled, &at, (cols, &base, Rows::Short(n)))?;
+                self.b.else_guard();
+            }
             self.whole_blocks(out, j, &tiled, &at, (cols, &base, Rows::Loop))?;
+            for _ in shorts {
+                self.b.close();
+            }
             self.b.close();
             self.b.close();
         } else {
@@ -418,7 +436,7 @@ impl Kc<'_> {
             Rows::One => vec![base.to_owned()],
             // Every row of the tile is inside the reuse extent (the
             // caller's guard): no clamps, no guards.
-            Rows::Tile => (0..t.tile)
+            Rows::Tile | Rows::Short(_) => (0..if let Rows::Short(n) = rows { n } else { t.tile })
                 .map(|r| {
                     if r == 0 {
                         base.to_owned()

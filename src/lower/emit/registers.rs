@@ -12,9 +12,10 @@
 //! to 112 FMAs in each projection and 1104 to 304 in each context `q·K`.
 //!
 //! There the tiles are narrow: the vector tiles take one vector of 16
-//! outputs and [`NARROW_VECTOR_ROWS`] rows (4 accumulators, 8 registers)
-//! and the rows-in-lanes tile sums its 16 outputs in passes of
-//! [`NARROW_LANES_OUTPUTS`] (8 registers). Each output sums the same
+//! outputs and [`NARROW_VECTOR_ROWS`] rows and the rows-in-lanes tile sums
+//! its 16 outputs in passes of [`NARROW_LANES_OUTPUTS`]: 12 registers of
+//! accumulators each, enough to hide the FMAs' latency (4 cycles, 2 a
+//! cycle: 8 in flight) with room for the operands. Each output sums the same
 //! products in the same order either way (only where LLVM fuses a
 //! multiply and an add into an FMA may differ, in the last bit).
 //!
@@ -31,17 +32,27 @@ use crate::lower::LowerError;
 /// AVX2; only the speed differs.
 pub const NARROW_TILES_ENV: &str = "BIFURC_CPU_NARROW_TILES";
 
-/// Rows of a narrow vector tile (one vector of 16 outputs each): b = 32's
-/// samples in 8 whole tiles. Of 4 rows × 1, 6 × 1, 2 × 2, 3 × 2 vectors
-/// (and 4 × 4, the wide tile) on a 2-core Zen 3 VM (cpu_step, f32, b =
-/// 32, m_c = 8192, two threads, one run each), 4 × 1 was fastest: the
-/// context w·V 8.9 -> 7.2-7.4 ms a layer, the MLP's projections 2.9-3.1 ->
-/// 2.1-2.5 ms, the step 68.0 -> 58.7 ms.
-pub(super) const NARROW_VECTOR_ROWS: usize = 4;
+/// Rows of a narrow vector tile, one vector of 16 outputs each: 12
+/// registers of accumulators, as the rows-in-lanes passes below. The last
+/// tile's rows left, if fewer, are a tile of their own, unrolled (b = 32:
+/// 5 tiles of 6 and one of 2; one at a time, each row's one vector of
+/// accumulators would wait on every FMA). On a 2-core Zen 3 VM (cpu_step,
+/// f32, b = 32, m_c = 8192, two threads): 4 rows × 4 vectors (the wide
+/// tile, spilled) 8.8-9.0 ms a layer for the context w·V and 2.9-3.3 for
+/// each MLP projection; 4 × 1: 6.3-7.1 and 1.9-2.4; 6 × 1: 4.3-5.8 and
+/// 1.3-2.1; 5 × 1 about the same as 6; 2 × 2 and 3 × 2 slower than 4 × 1.
+pub(super) const NARROW_VECTOR_ROWS: usize = 6;
 
 /// Outputs a pass of the narrow rows-in-lanes tile sums (its 16 rows in
-/// the lanes: one `vector<16xf32>` accumulator each).
-pub(super) const NARROW_LANES_OUTPUTS: usize = 4;
+/// the lanes: one `vector<16xf32>` accumulator each, two registers), the
+/// last pass what is left (6, 6, 4): 12 registers of accumulators, 2 of
+/// the rows, 1 of a broadcast element. Eight accumulators, passes of 4,
+/// are too few to hide the FMAs' latency (4 cycles, 2 a cycle) and 16,
+/// passes of 8, spill: on a 2-core Zen 3 VM (cpu_step, f32, b = 32, m_c =
+/// 8192, two threads, two runs each) the context q·K took 6.2-6.9 ms a
+/// layer in passes of 4, 4.1-4.5 in passes of 6, 7.8-8.5 in passes of 8
+/// and 8.2 in one pass of 16.
+pub(super) const NARROW_LANES_OUTPUTS: usize = 6;
 
 /// Whether this machine's CPU has AVX-512F (32 vector registers of 512
 /// bits): the JIT compiles for the host.
@@ -120,10 +131,12 @@ mod tests {
     /// The context `q·K` with rows in the lanes (multi-head and
     /// grouped-query), the context `w·V` in vector tiles and a projection
     /// in panels match the interpreter with narrow tiles and with wide
-    /// ones, at b below one tile of 16 rows, at one, past it and past two,
-    /// and at context lengths across items and blocks cut short. The
+    /// ones, at b below one tile of 16 rows, at one, past it and past two
+    /// (every size of the narrow vector tiles' last tile), and at context
+    /// lengths across items and blocks cut short. The
     /// narrow module holds fewer loops of 16 accumulators than the wide
-    /// one, and more of 4: the `q·K`'s passes and the vector tiles' rows.
+    /// one, and more of 6 (the `q·K`'s passes, the vector tiles' rows) and
+    /// of 4 (the `q·K`'s last pass).
     #[test]
     fn narrow_and_wide_tiles_match_interpreter() {
         let mha = serde_json::json!({
@@ -158,9 +171,13 @@ mod tests {
             let (_, narrow, narrow_text) = testing::cpu_step_tiles(doc, true);
             let (w16, n16) = (accumulator_loops(&wide_text, 16), accumulator_loops(&narrow_text, 16));
             assert!(n16 < w16, "16 accumulators: {n16} loops narrow, {w16} wide:\n{narrow_text}");
+            let (w6, n6) = (accumulator_loops(&wide_text, 6), accumulator_loops(&narrow_text, 6));
+            assert!(n6 >= w6 + 2, "6 accumulators: {n6} loops narrow, {w6} wide:\n{narrow_text}");
             let (w4, n4) = (accumulator_loops(&wide_text, 4), accumulator_loops(&narrow_text, 4));
-            assert!(n4 >= w4 + 4, "4 accumulators: {n4} loops narrow, {w4} wide:\n{narrow_text}");
-            for (b, m) in [(3, 37), (16, 16), (17, 1029), (33, 40)] {
+            assert!(n4 > w4, "4 accumulators: {n4} loops narrow, {w4} wide:\n{narrow_text}");
+            // b = 3, 16, 17, 32, 33: the narrow vector tiles' last tile of
+            // 3, 4, 5, 2, 3 rows; 7: of one.
+            for (b, m) in [(3, 37), (7, 20), (16, 16), (17, 1029), (32, 40), (33, 40)] {
                 let at = testing::point(&[("b", b), ("m", m)]);
                 // `o` sums up to 1029 unnormalized scores × V: terms in the
                 // tens, sums of a few units.
