@@ -472,7 +472,9 @@ impl Kc<'_> {
             _ => None,
         };
         let shares = (t.tile_index, t.tiles);
+        // Narrow tiles prefetch no panel (`emit::registers`).
         let ahead = match (t.next_panel, rows, panel, &part, idxs.first()) {
+            (Some(_), Rows::Tile, Some(_), _, _) if self.narrow => None,
             (Some((buf, _, k)), Rows::Tile, Some(panel), _, _) => Some(self.panel_ahead((buf, k), &panel, shares)?),
             (None, Rows::Tile, _, Some((p, len)), Some(idx)) => {
                 self.chunk_ahead(j, (idx, p, *len), BLOCK * t.groups, shares)?

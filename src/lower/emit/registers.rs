@@ -15,7 +15,13 @@
 //! outputs and [`NARROW_VECTOR_ROWS`] rows and the rows-in-lanes tile sums
 //! its 16 outputs in passes of [`NARROW_LANES_OUTPUTS`]: 12 registers of
 //! accumulators each, enough to hide the FMAs' latency (4 cycles, 2 a
-//! cycle: 8 in flight) with room for the operands. Each output sums the same
+//! cycle: 8 in flight) with room for the operands. And a projection's
+//! narrow tiles prefetch no next panel (`emit::panel_ahead`): each reads a
+//! 16-wide stripe of its panel, which the hardware's prefetcher follows,
+//! and the prefetch's address (a share of the next panel's lines spread
+//! over the sum's steps) took a multiply, a shift and a few adds a step
+//! beside 12 FMAs: the MLP's projections 1.8-2.2 -> 1.4-1.8 ms each, the
+//! bifurcated step's kernels 45-46 -> 35.5-36.6 ms (as below). Each output sums the same
 //! products in the same order either way (only where LLVM fuses a
 //! multiply and an add into an FMA may differ, in the last bit).
 //!
@@ -173,6 +179,11 @@ mod tests {
             assert!(n16 < w16, "16 accumulators: {n16} loops narrow, {w16} wide:\n{narrow_text}");
             let (w6, n6) = (accumulator_loops(&wide_text, 6), accumulator_loops(&narrow_text, 6));
             assert!(n6 >= w6 + 2, "6 accumulators: {n6} loops narrow, {w6} wide:\n{narrow_text}");
+            if doc == &mha {
+                // The projection's panel prefetch (wide only).
+                let prefetches = |text: &str| text.matches("llvm.intr.prefetch").count();
+                assert!(prefetches(&narrow_text) < prefetches(&wide_text), "prefetches:\n{narrow_text}");
+            }
             let (w4, n4) = (accumulator_loops(&wide_text, 4), accumulator_loops(&narrow_text, 4));
             assert!(n4 > w4, "4 accumulators: {n4} loops narrow, {w4} wide:\n{narrow_text}");
             // b = 3, 16, 17, 32, 33: the narrow vector tiles' last tile of
