@@ -20,10 +20,11 @@
 //! 16-wide stripe of its panel, which the hardware's prefetcher follows,
 //! and the prefetch's address (a share of the next panel's lines spread
 //! over the sum's steps) took a multiply, a shift and a few adds a step
-//! beside 12 FMAs: the MLP's projections 1.8-2.2 -> 1.4-1.8 ms each, the
-//! bifurcated step's kernels 45-46 -> 35.5-36.6 ms (as below). Each output sums the same
-//! products in the same order either way (only where LLVM fuses a
-//! multiply and an add into an FMA may differ, in the last bit).
+//! beside 12 FMAs (the MLP's projections 1.8-2.2 -> 1.4-1.8 ms each, the
+//! bifurcated step's kernels 45-46 -> 35.5-36.6 ms on the VM below, two
+//! threads). Each output sums the same products in the same order either
+//! way (only where LLVM fuses a multiply and an add into an FMA may
+//! differ, in the last bit).
 //!
 //! [`NARROW_TILES_ENV`] overrides the choice (`on`, `off`; `auto` or
 //! unset: narrow where the host has no AVX-512F).
@@ -34,8 +35,8 @@ use crate::lower::LowerError;
 /// ([`CpuStep::compile`](crate::lower::CpuStep::compile)): `on` (narrow
 /// tiles, for 16 registers of 256 bits), `off` (the tiles sized for
 /// AVX-512's 32 registers of 512 bits), or `auto` (the default: narrow
-/// where the CPU has no AVX-512F). Either runs on any x86-64 CPU with
-/// AVX2; only the speed differs.
+/// where the CPU has no AVX-512F). Either runs on any x86-64 CPU; only
+/// the speed differs.
 pub const NARROW_TILES_ENV: &str = "BIFURC_CPU_NARROW_TILES";
 
 /// Rows of a narrow vector tile, one vector of 16 outputs each: 12
