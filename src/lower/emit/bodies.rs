@@ -11,7 +11,7 @@ use crate::lower::LowerError;
 
 use super::chunks::SumPart;
 use super::panel_ahead::LinesAhead;
-use super::registers::NARROW_VECTOR_ROWS;
+use super::registers::{NARROW_SUM_COLS, NARROW_SUM_ROWS, NARROW_VECTOR_ROWS};
 use super::{
     builder, mismatch, walk_index, walk_index_within, Emulation, Kc, Lanes, Target, BLOCK, CPU_COLS, CPU_SIMD,
     SUM_COLS, SUM_READ_AHEAD, SUM_ROWS, SUM_WRITE_AHEAD, VECTOR_GROUPS,
@@ -222,8 +222,11 @@ impl Kc<'_> {
             _ => None,
         };
         // Tiles along the reuse index: `tiles = ceil(inner / tile)`.
+        // Narrow tiles (`emit::registers`) of sums in vectors:
+        // NARROW_SUM_ROWS × NARROW_SUM_COLS.
+        let (sum_rows, sum_cols) = if self.narrow { (NARROW_SUM_ROWS, NARROW_SUM_COLS) } else { (SUM_ROWS, SUM_COLS) };
         let tile = if summed.is_some() {
-            tile.min(SUM_ROWS)
+            tile.min(sum_rows)
         } else if vector.is_some() && self.narrow {
             tile.min(NARROW_VECTOR_ROWS)
         } else if groups > 1 {
@@ -290,7 +293,7 @@ impl Kc<'_> {
         // instead of redoing work for rows past the end.
         if tile > 1 {
             let cols = match (summed.is_some(), whole && vector.is_none()) {
-                (true, _) => SUM_COLS,
+                (true, _) => sum_cols,
                 (false, true) => CPU_COLS,
                 (false, false) => 1,
             };
@@ -319,10 +322,10 @@ impl Kc<'_> {
             self.b.open_guard(&single);
             self.whole_blocks(out, j, &tiled, &at, (cols, &base, Rows::One))?;
             self.b.else_guard();
-            // A narrow vector tile's rows left, unrolled (one at a time, a
-            // row's one vector of accumulators waits on each FMA: b = 32's
-            // last 2 of tiles of 6).
-            let shorts = if self.narrow && vector.is_some() { 2..tile } else { 0..0 };
+            // A narrow tile's rows left, unrolled (one at a time, a row's
+            // few accumulators wait on each FMA: b = 32's last 2 of vector
+            // tiles of 6, b = 8's of sum tiles of 3).
+            let shorts = if self.narrow && (vector.is_some() || summed.is_some()) { 2..tile } else { 0..0 };
             for n in shorts.clone() {
                 let rows = self.b.index(n as i64);
                 let here = self.b.op(&format!("arith.cmpi eq, {left}, {rows} : index"));
