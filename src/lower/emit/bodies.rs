@@ -315,7 +315,16 @@ impl Kc<'_> {
             // short one (q·K) one output at a time (4 at once, q·K at b = 1
             // ran at half the speed: 1.1 -> 2.5 ms timed alone, and the
             // b = 1 step of a model with 128-wide heads 13.5 -> 18 ms).
-            let cols = if summed.is_some_and(|s| !s.short()) { SUM_COLS } else { 1 };
+            //
+            // Narrow tiles of a short sum take their rows left as whole
+            // tiles do, NARROW_SUM_COLS outputs at once: every row's sums
+            // then go through the same tree of lanes, so that equal rows
+            // (greedy samples) get equal bits wherever they fall.
+            let cols = match summed {
+                Some(s) if !s.short() => SUM_COLS,
+                Some(_) if self.narrow => sum_cols,
+                _ => 1,
+            };
             let left = self.b.subi(&inner, &base);
             let one = self.b.index(1);
             let single = self.b.op(&format!("arith.cmpi eq, {left}, {one} : index"));
