@@ -49,7 +49,7 @@ enum Rows {
     /// The tile's first row only (the one left in the reuse extent).
     One,
     /// The tile's first `n` rows, unrolled (exactly `n` left in the reuse
-    /// extent, `1 < n < tile`): a narrow vector tile's last (see
+    /// extent, `1 < n < tile`): a narrow tile's last (see
     /// `emit::registers`).
     Short(usize),
 }
