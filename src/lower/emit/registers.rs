@@ -23,9 +23,11 @@
 //! over the sum's steps) took a multiply, a shift and a few adds a step
 //! beside 12 FMAs (the MLP's projections 1.8-2.2 -> 1.4-1.8 ms each, the
 //! bifurcated step's kernels 45-46 -> 35.5-36.6 ms on the VM below, two
-//! threads). Each output sums the same products in the same order either
-//! way (only where LLVM fuses a multiply and an add into an FMA may
-//! differ, in the last bit).
+//! threads). Each output sums the same products either way: a vector
+//! tile's or a lane's in the same order, a sum tile's lane sums added in
+//! another tree (16 sums take `Kc::lane_tree_16`'s, 6 the halving tree),
+//! so the two may differ in the last bits there (and where LLVM fuses a
+//! multiply and an add into an FMA in one and not the other).
 //!
 //! [`NARROW_TILES_ENV`] overrides the choice (`on`, `off`; `auto` or
 //! unset: narrow where the host has no AVX-512F).
