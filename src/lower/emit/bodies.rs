@@ -54,6 +54,16 @@ enum Rows {
     Short(usize),
 }
 
+impl Rows {
+    /// The rows a [`Rows::Tile`] (of `tile`) or [`Rows::Short`] unrolls.
+    fn unrolled(self, tile: usize) -> usize {
+        match self {
+            Rows::Short(n) => n,
+            _ => tile,
+        }
+    }
+}
+
 /// The walk of a [`Kc::reuse_body`] step (see there).
 struct Tiled<'a> {
     keep: &'a [usize],
@@ -448,7 +458,7 @@ impl Kc<'_> {
             Rows::One => vec![base.to_owned()],
             // Every row of the tile is inside the reuse extent (the
             // caller's guard): no clamps, no guards.
-            Rows::Tile | Rows::Short(_) => (0..if let Rows::Short(n) = rows { n } else { t.tile })
+            Rows::Tile | Rows::Short(_) => (0..rows.unrolled(t.tile))
                 .map(|r| {
                     if r == 0 {
                         base.to_owned()

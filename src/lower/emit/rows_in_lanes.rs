@@ -473,12 +473,10 @@ impl Kc<'_> {
             // The 16 outputs at once, or in passes of a few with narrow
             // tiles (`emit::registers`: 6, 6 and 4); the first pass
             // prefetches.
-            let pass = if self.narrow { NARROW_LANES_OUTPUTS } else { n };
+            let most = if self.narrow { NARROW_LANES_OUTPUTS } else { n };
             let mut res = Vec::with_capacity(n);
-            let mut firsts: Vec<usize> = (0..n).step_by(pass).collect();
-            firsts.push(n);
-            for w in firsts.windows(2) {
-                let (first, pass) = (w[0], w[1] - w[0]);
+            for first in (0..n).step_by(most) {
+                let pass = most.min(n - first);
                 let len = self.b.index(t.sum.1);
                 let (sums, d, accs) = self.b.open_for_typed(&len, &one, &vec![zero.clone(); pass], &vty);
                 let base = self.b.muli(ti, &len);
