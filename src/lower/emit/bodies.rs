@@ -494,12 +494,28 @@ impl Kc<'_> {
             _ => None,
         };
         let shares = (t.tile_index, t.tiles);
-        // Narrow tiles prefetch no panel (`emit::registers`).
+        // Narrow tiles prefetch the next stripe of 16 columns, wide ones
+        // the next panel (`emit::panel_ahead`).
         let ahead = match (t.next_panel, rows, panel, &part, idxs.first()) {
-            (Some(_), Rows::Tile, Some(_), _, _) if self.narrow => None,
+            (Some((buf, _, k)), Rows::Tile, Some(panel), _, Some(idx)) if self.narrow => {
+                match t.block.and_then(|pos| idx.get(*t.keep.get(pos)?)) {
+                    Some(z0) => {
+                        let rows = self.b.index(t.tile as i64);
+                        let whole = self.b.op(&format!("arith.divui {}, {rows} : index", t.inner));
+                        self.stripe_ahead((buf, k), (&panel, z0), (t.tile_index, &whole))?
+                    }
+                    None => None,
+                }
+            }
             (Some((buf, _, k)), Rows::Tile, Some(panel), _, _) => Some(self.panel_ahead((buf, k), &panel, shares)?),
             (None, Rows::Tile, _, Some((p, len)), Some(idx)) => {
-                self.chunk_ahead(j, (idx, p, *len), BLOCK * t.groups, shares)?
+                let whole = if self.narrow {
+                    let rows = self.b.index(t.tile as i64);
+                    Some(self.b.op(&format!("arith.divui {}, {rows} : index", t.inner)))
+                } else {
+                    None
+                };
+                self.chunk_ahead(j, (idx, p, *len), BLOCK * t.groups, (shares, whole.as_deref()))?
             }
             _ => None,
         };

@@ -99,13 +99,15 @@ impl Kc<'_> {
     /// chunk's rows of the operand indexed by the summed letter and then
     /// the output's last, when it is stored: the `row` elements from the
     /// tile's first output `idx` a step reads, prefetched by a whole tile
-    /// (`share` of `shares`; see [`Kc::lines_ahead`]).
+    /// (`share` of `shares`; see [`Kc::lines_ahead`]; given the number of
+    /// `whole` tiles, narrow ones, rows of one line are shared by a shift
+    /// instead, [`Kc::lines_ahead_shifted`]).
     pub(super) fn chunk_ahead(
         &mut self,
         j: usize,
         (idx, part, len): (&[String], &SumPart, i64),
         row: usize,
-        shares: (&str, &str),
+        (shares, whole): ((&str, &str), Option<&str>),
     ) -> Result<Option<LinesAhead>, LowerError> {
         let Some((spec, inputs)) = self.contraction_spec(j) else { return Ok(None) };
         let reduced = self.reduced(&spec, &inputs);
@@ -134,7 +136,10 @@ impl Kc<'_> {
         let stride = self.b.subi(&offsets[1], &offsets[0]);
         let start = offsets.swap_remove(0);
         let next = NextRows { buf, start, stride, row: row as i64, steps: len, origin: Some(&part.from) };
-        self.lines_ahead(c, next, shares).map(Some)
+        match whole {
+            Some(whole) if row_bytes == LINE_BYTES => self.lines_ahead_shifted(c, next, (shares.0, whole)).map(Some),
+            _ => self.lines_ahead(c, next, shares).map(Some),
+        }
     }
 }
 

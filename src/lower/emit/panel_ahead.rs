@@ -16,6 +16,12 @@
 //! 32): 47.9 -> 56 G multiply-adds a second on one thread, 93 -> 111 on
 //! two; in cpu_step (b = 32, two threads) the MLP projections 0.97-1.04
 //! -> 0.82-0.89 ms each, 77% -> 87-92% of the FMA peak.
+//!
+//! Narrow tiles (`emit::registers`: 6 rows × one vector of 16 outputs)
+//! read a 16-wide stripe of the panel at a time; their whole tiles
+//! prefetch the next stripe instead ([`Kc::stripe_ahead`]), and share its
+//! lines by a shift rather than a division ([`Kc::lines_ahead_shifted`]),
+//! as the chunked `w · V`'s narrow tiles share the next chunk's.
 
 use crate::ir::Value;
 use crate::lower::LowerError;
@@ -47,6 +53,10 @@ pub(crate) struct LinesAhead {
     /// The first line of this tile's share and the lines in a share.
     first: String,
     per: String,
+    /// Shared by a shift (`Kc::lines_ahead_shifted`): at step `l` line
+    /// `(first + l - origin) >> shift` (`first` then counts steps, not
+    /// lines, and `per` is unused).
+    shift: Option<String>,
 }
 
 /// Where the next block lies: buffer `buf`, the element offset of its
@@ -147,13 +157,105 @@ impl Kc<'_> {
             line,
             first,
             per,
+            shift: None,
         })
     }
 
-    /// At step `l` of the sum: line `(l - origin) · per / steps` of this
-    /// tile's share (a line every `steps / per` steps; every `per /
-    /// steps`-th one when a share has more lines than the sum has steps).
+    /// The prefetch plan of whole tile `share` of `shares` (rows of a
+    /// narrow vector tile) of the 16-wide stripe of panel `panel` from
+    /// column `z0`, f32: the next stripe (the next 16 columns, or the
+    /// next panel's first), a line a row. Tile `t` prefetches at step `l`
+    /// line `(t · K + l) >> s`, `2^s` the most whole tiles' power of two:
+    /// the first `2^s` tiles cover the stripe, a line every `2^s` steps, by
+    /// an add and a shift a step (tiles past them fetch past the stripe:
+    /// hints, harmless). None where the stripe is not whole lines.
+    pub(super) fn stripe_ahead(
+        &mut self,
+        (buf, k): (usize, char),
+        (panel, z0): (&str, &str),
+        (share, whole): (&str, &str),
+    ) -> Result<Option<LinesAhead>, LowerError> {
+        let b = &self.program.buffers[buf];
+        let (shape, dtype) = (b.shape.clone(), b.dtype);
+        let sizes: Option<Vec<i64>> = shape.iter().skip(1).map(|p| self.constant_size(p)).collect();
+        let Some((&steps, rest)) = sizes.as_ref().and_then(|s| s.split_first()) else { return Ok(None) };
+        let row: i64 = rest.iter().product();
+        let line = LINE_BYTES / dtype.size() as i64;
+        if dtype != crate::ir::DType::F32 || line != super::BLOCK as i64 || row % line != 0 || rest.len() != 1 {
+            return Ok(None);
+        }
+        let zero = self.b.index(0);
+        let one = self.b.index(1);
+        let mut here = vec![panel.to_owned(), zero.clone(), z0.to_owned()];
+        here.resize(shape.len(), zero.clone());
+        let (_, cur) = self.buffer_offset(buf, &here)?;
+        let mut after = vec![self.b.addi(panel, &one), zero.clone()];
+        after.resize(shape.len(), zero);
+        let (_, next_panel) = self.buffer_offset(buf, &after)?;
+        let w = self.b.index(line);
+        let z1 = self.b.addi(z0, &w);
+        let r = self.b.index(row);
+        let inside = self.b.op(&format!("arith.cmpi ult, {z1}, {r} : index"));
+        let next_stripe = self.b.addi(&cur, &w);
+        let start = self.b.op(&format!("arith.select {inside}, {next_stripe}, {next_panel} : index"));
+        let next = NextRows { buf, start, stride: r, row: line, steps, origin: None };
+        self.lines_ahead_shifted(k, next, (share, whole)).map(Some)
+    }
+
+    /// The plan of whole tile `share` of `whole` prefetching the block
+    /// `next`, whose rows are one line each: tile `t` at step `l` (from
+    /// the block's first) fetches line `(t · steps + l) >> s`, `2^s` the
+    /// most whole tiles' power of two. The first `2^s` tiles cover the
+    /// block, a line every `2^s` steps each, for an add and a shift a step
+    /// (a share's division, `Kc::lines_ahead`, costs a multiply); tiles
+    /// past them fetch past the block (hints, harmless).
+    pub(super) fn lines_ahead_shifted(
+        &mut self,
+        k: char,
+        next: NextRows,
+        (share, whole): (&str, &str),
+    ) -> Result<LinesAhead, LowerError> {
+        let one = self.b.index(1);
+        // s = floor(log2(max(whole, 1))).
+        let n = self.b.op(&format!("arith.maxui {whole}, {one} : index"));
+        let n = self.b.op(&format!("arith.index_cast {n} : index to i64"));
+        let lz = self.b.op(&format!("math.ctlz {n} : i64"));
+        let c63 = self.b.op("arith.constant 63 : i64");
+        let s = self.b.op(&format!("arith.subi {c63}, {lz} : i64"));
+        let s = self.b.op(&format!("arith.index_cast {s} : i64 to index"));
+        let steps = self.b.index(next.steps);
+        let first = self.b.muli(share, &steps);
+        let dtype = self.program.buffers[next.buf].dtype;
+        let ptr = self.ptr(next.buf)?;
+        Ok(LinesAhead {
+            sum: k,
+            steps: next.steps,
+            origin: next.origin.map(str::to_owned),
+            ptr,
+            dtype,
+            start: next.start,
+            stride: next.stride,
+            row_lines: 1,
+            line: next.row,
+            first,
+            per: one,
+            shift: Some(s),
+        })
+    }
+
     pub(super) fn prefetch_line(&mut self, a: &LinesAhead, l: &str) {
+        if let Some(s) = &a.shift {
+            let x = match &a.origin {
+                Some(o) => self.b.subi(l, o),
+                None => l.to_owned(),
+            };
+            let x = self.b.addi(&a.first, &x);
+            let at = self.b.op(&format!("arith.shrui {x}, {s} : index"));
+            let off = self.b.muli(&at, &a.stride);
+            let off = self.b.addi(&a.start, &off);
+            self.b.prefetch(&a.ptr, &off, a.dtype, false);
+            return;
+        }
         let d = match &a.origin {
             Some(o) => self.b.subi(l, o),
             None => l.to_owned(),
@@ -180,7 +282,7 @@ impl Kc<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::lower::emit::testing::{check_output, cpu_step, point};
+    use crate::lower::emit::testing::{check_output, cpu_step, cpu_step_tiles, point};
 
     /// `x [b, 1, 64] @ W[o, 64]ᵀ`, W kept in panels of 64 outputs, at o =
     /// 192 (three panels: the last tile's prefetch lands past the weight,
@@ -222,6 +324,59 @@ mod tests {
             }
             for b in [1, 3, 4, 5, 16, 17, 32] {
                 check_output(&graph, &step, &point(&[("b", b)]), 9, "y", (tol, tol));
+            }
+        }
+    }
+
+    /// Narrow tiles (`emit::registers`) share the next lines by a shift:
+    /// a projection's whole 6-row tiles each prefetch the next 16-wide
+    /// stripe of the panel (the next 16 columns, or the next panel's
+    /// first; the last past the weight, harmless), and the chunked
+    /// context `w · V`'s the next chunk's 16-wide stripe of V's rows, a
+    /// line a step at most, with an add and a shift (no division, as the
+    /// wide tiles' shares take). Against the interpreter at b with no whole
+    /// tile (b < 6), one (s = 0), two, three (s = 1), five (s = 2), and
+    /// tiles left of every size.
+    #[test]
+    fn narrow_tiles_share_the_next_lines_by_a_shift() {
+        let proj = |o: i64| {
+            serde_json::json!({
+                "format": "bifurc-graph/1",
+                "dims": {"runtime": ["b"], "constants": {"d": 64, "o": o}},
+                "inputs": [
+                    {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": "f32"},
+                    {"name": "w", "role": "weight", "shape": ["o", "d"], "dtype": "f32"}
+                ],
+                "nodes": [{"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}}],
+                "outputs": [{"name": "y", "node": "y"}]
+            })
+        };
+        let wv = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 64}},
+            "inputs": [
+                {"name": "w", "role": "activation", "shape": ["b", "h", 1, "m"], "dtype": "f32"},
+                {"name": "v", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["h", "m", "k"], "dtype": "f32"}
+            ],
+            "nodes": [{"id": "o", "op": "einsum", "inputs": ["w", "v"], "attrs": {"spec": "bhxm,hmk->bhxk"}}],
+            "outputs": [{"name": "o", "node": "o"}]
+        });
+        let bs = [1, 5, 6, 7, 12, 13, 18, 20, 32, 33];
+        let cases = [(proj(192), "y", 0), (proj(64), "y", 0), (wv, "o", 2100)];
+        for (doc, name, m) in cases {
+            let (graph, step, text) = cpu_step_tiles(&doc, true);
+            let tile =
+                format!("-> ({}) {{", ["vector<16xf32>"; super::super::registers::NARROW_VECTOR_ROWS].join(", "));
+            let loops: Vec<&str> =
+                text.split(&tile).skip(1).map(|s| s.split("scf.yield").next().unwrap_or("")).collect();
+            assert_eq!(loops.len(), 1, "{name}: one loop of whole tiles:\n{text}");
+            let body = loops[0];
+            assert_eq!(body.matches("\"llvm.intr.prefetch\"").count(), 1, "{name}: a line a step:\n{text}");
+            assert!(body.contains("arith.shrui"), "{name}: the line by a shift:\n{text}");
+            assert!(!body.contains("arith.divui"), "{name}: no division a step:\n{text}");
+            for b in bs {
+                let at = if m > 0 { point(&[("b", b), ("m", m)]) } else { point(&[("b", b)]) };
+                check_output(&graph, &step, &at, 5, name, (1e-4, 1e-4));
             }
         }
     }
