@@ -9,7 +9,7 @@ use crate::ir::{shape::numel, DType, Poly};
 use crate::lower::plan::Kernel;
 use crate::lower::LowerError;
 
-use super::chunks::SumPart;
+use super::chunks::{SumPart, NARROW_SUM_CHUNK_BYTES, SUM_CHUNK_BYTES};
 use super::panel_ahead::LinesAhead;
 use super::registers::{NARROW_SUM_COLS, NARROW_SUM_ROWS, NARROW_VECTOR_ROWS};
 use super::{
@@ -261,19 +261,44 @@ impl Kc<'_> {
         // inside the kept axes and outside the tiles (`emit::chunks`),
         // never split into parts: only when a kept axis is there to split
         // (multi-query attention's one head keeps one pass, on all cores).
-        let split = walk_sizes.iter().any(|s| self.b.known(s) != Some(1));
+        // Narrow tiles (one vector of 16 outputs: a 16-wide stripe of the
+        // strided rows) walk the chunks outside the blocks of a whole row
+        // too (its size known), so that a chunk's rows and the other
+        // operand's stay in L2 while every block's tiles read them (with
+        // the blocks outside, each block read the other operand's rows
+        // again: the context w·V's probabilities 4 times a 64-wide head).
+        let outside = block.filter(|_| self.narrow && groups == 1).and_then(|pos| {
+            let n = self.b.known(&keep_sizes[pos])?;
+            (n % BLOCK as i64 == 0).then_some((pos, n as usize))
+        });
+        let split = walk_sizes
+            .iter()
+            .enumerate()
+            .any(|(a, s)| outside.is_none_or(|(pos, _)| a != pos) && self.b.known(s) != Some(1));
         let chunk = match vector {
-            Some(_) if tile > 1 && split && out.dtype == DType::F32 => self.sum_chunk(j, BLOCK * groups),
+            Some(_) if tile > 1 && split && out.dtype == DType::F32 => match outside {
+                Some((_, n)) => self.sum_chunk(j, (n, NARROW_SUM_CHUNK_BYTES)),
+                None => self.sum_chunk(j, (BLOCK * groups, SUM_CHUNK_BYTES)),
+            },
             _ => None,
         };
+        let moved = chunk.as_ref().and(outside).map(|(pos, _)| pos);
+        let moved_size = moved.map(|pos| walk_sizes.remove(pos));
         if let Some((_, chunks)) = &chunk {
             walk_sizes.push(chunks.clone());
         }
+        if let Some(m) = &moved_size {
+            walk_sizes.push(m.clone());
+        }
         walk_sizes.push(tiles.clone());
-        let within = if chunk.is_some() { 2 } else { 0 };
+        let within = if chunk.is_some() { 2 + usize::from(moved.is_some()) } else { 0 };
         let mut at = walk_index_within(self, out.target, &out.flat, (&walk_sizes, within), false, opened);
         let tile_index = at.pop().unwrap_or_default();
+        let moved_index = moved.map(|_| at.pop().unwrap_or_default());
         let chunk_index = chunk.as_ref().map(|_| at.pop().unwrap_or_default());
+        if let (Some(pos), Some(i)) = (moved, moved_index) {
+            at.insert(pos, i);
+        }
         // The blocks along the kept axis are all whole (its size a known
         // multiple of BLOCK).
         let whole = block.is_some_and(|pos| self.b.known(&keep_sizes[pos]).is_some_and(|n| n % BLOCK as i64 == 0));

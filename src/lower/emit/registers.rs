@@ -29,7 +29,8 @@
 //! bifurcated step's 15 projections 26.9-31.7 -> 23.8-25.1 ms in all with
 //! the next stripe prefetched (no prefetch before), its kernels 68.0-82.5
 //! -> 67.1-69.5 ms; the w·V's shift for its division: no change beyond
-//! the noise (17.8-23.7 -> 18.7-20.9 ms for both layers).
+//! the noise (17.8-23.7 -> 18.7-20.9 ms for both layers). The chunked
+//! w·V walks its chunks outside its 16-wide blocks (`emit::chunks`).
 //!
 //! Narrow or wide, each output sums the same products: a vector
 //! tile's or a lane's in the same order, a sum tile's lane sums added in
