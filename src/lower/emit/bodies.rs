@@ -360,28 +360,27 @@ impl Kc<'_> {
                 Some(_) if self.narrow => sum_cols,
                 _ => 1,
             };
-            let left = self.b.subi(&inner, &base);
-            let one = self.b.index(1);
-            let single = self.b.op(&format!("arith.cmpi eq, {left}, {one} : index"));
-            self.b.open_guard(&single);
-            self.whole_blocks(out, j, &tiled, &at, (cols, &base, Rows::One))?;
-            self.b.else_guard();
             // A narrow tile's rows left, unrolled (one at a time, a row's
             // few accumulators wait on each FMA: b = 32's last 2 of vector
             // tiles of 6, b = 8's of sum tiles of 3).
             let shorts = if self.narrow && (vector.is_some() || summed.is_some()) { 2..tile } else { 0..0 };
-            for n in shorts.clone() {
-                let rows = self.b.index(n as i64);
-                let here = self.b.op(&format!("arith.cmpi eq, {left}, {rows} : index"));
-                self.b.open_guard(&here);
-                self.whole_blocks(out, j, &tiled, &at, (cols, &base, Rows::Short(n)))?;
-                self.b.else_guard();
+            match summed {
+                // Wide tiles of a short sum: the rows left after whole
+                // tiles take SUM_COLS outputs at once, their sums through
+                // the whole tiles' tree of lanes (`Kc::lane_tree`: equal
+                // rows, equal bits); with no whole tile before them (b <
+                // SUM_ROWS: every row here) one output at a time, as above.
+                Some(s) if s.short() && !self.narrow => {
+                    let zero = self.b.index(0);
+                    let after = self.b.op(&format!("arith.cmpi ugt, {base}, {zero} : index"));
+                    self.b.open_guard(&after);
+                    self.rows_left(out, j, &tiled, &at, (SUM_COLS, &base, &inner), shorts.clone())?;
+                    self.b.else_guard();
+                    self.rows_left(out, j, &tiled, &at, (cols, &base, &inner), shorts)?;
+                    self.b.close();
+                }
+                _ => self.rows_left(out, j, &tiled, &at, (cols, &base, &inner), shorts)?,
             }
-            self.whole_blocks(out, j, &tiled, &at, (cols, &base, Rows::Loop))?;
-            for _ in shorts {
-                self.b.close();
-            }
-            self.b.close();
             self.b.close();
         } else {
             self.reuse_tile(out, j, &tiled, at, (1, &tile_index, Rows::Tile))?;
@@ -391,6 +390,39 @@ impl Kc<'_> {
         } else {
             Ok(self.b.hoist(&format!("arith.muli {outer}, {tiles} : index")))
         }
+    }
+
+    /// The rows of the last tile from `base` to `inner` (fewer than a
+    /// tile), `cols` outputs of a block at a time: one row, a narrow
+    /// tile's `shorts` (unrolled), or a loop over them.
+    fn rows_left(
+        &mut self,
+        out: &Out,
+        j: usize,
+        t: &Tiled,
+        at: &[String],
+        (cols, base, inner): (usize, &str, &str),
+        shorts: std::ops::Range<usize>,
+    ) -> Result<(), LowerError> {
+        let left = self.b.subi(inner, base);
+        let one = self.b.index(1);
+        let single = self.b.op(&format!("arith.cmpi eq, {left}, {one} : index"));
+        self.b.open_guard(&single);
+        self.whole_blocks(out, j, t, at, (cols, base, Rows::One))?;
+        self.b.else_guard();
+        for n in shorts.clone() {
+            let rows = self.b.index(n as i64);
+            let here = self.b.op(&format!("arith.cmpi eq, {left}, {rows} : index"));
+            self.b.open_guard(&here);
+            self.whole_blocks(out, j, t, at, (cols, base, Rows::Short(n)))?;
+            self.b.else_guard();
+        }
+        self.whole_blocks(out, j, t, at, (cols, base, Rows::Loop))?;
+        for _ in shorts {
+            self.b.close();
+        }
+        self.b.close();
+        Ok(())
     }
 
     /// [`Kc::reuse_tile`] with `cols` outputs of the block at once where

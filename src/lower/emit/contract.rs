@@ -361,7 +361,10 @@ impl Kc<'_> {
     ) -> Result<Vec<String>, LowerError> {
         let vty = format!("vector<{lanes}xf32>");
         let res = self.simd_sums(j, spec, inputs, envs, (c, d), lanes, None)?;
-        let sums: Vec<String> = if res.len() >= TREE_SUMS && lanes.is_power_of_two() {
+        let sums: Vec<String> = if self.tree_16(lanes) && res.len() < TREE_SUMS {
+            // Each in the tree a 16-sum tile's take (`Kc::lane_sum_16`).
+            res.iter().map(|r| self.lane_sum_16(r)).collect()
+        } else if res.len() >= TREE_SUMS && lanes.is_power_of_two() {
             let packed = self.lane_tree(&res, lanes);
             let lane = |i: usize| format!("vector.extract {}[{}] : f32 from {vty}", packed[i / lanes], i % lanes);
             (0..res.len()).map(|i| self.b.op(&lane(i))).collect()
@@ -495,10 +498,17 @@ impl Kc<'_> {
     /// 16 reductions of 8 or so). A vector left without a pair is paired
     /// with zeros. Sixteen 16-lane vectors at a time take
     /// [`Kc::lane_tree_16`]'s stages instead (the same count, cheaper
-    /// shuffles).
+    /// shuffles), and so do fewer with the wide tiles ([`Kc::tree_16`]),
+    /// padded with zero vectors to 16.
     fn lane_tree(&mut self, vecs: &[String], lanes: usize) -> Vec<String> {
-        if lanes == LANE_GROUP * LANE_GROUP && !vecs.is_empty() && vecs.len() % lanes == 0 {
-            return vecs.chunks(lanes).map(|c| self.lane_tree_16(c)).collect();
+        if lanes == LANE_GROUP * LANE_GROUP && !vecs.is_empty() && (vecs.len() % lanes == 0 || self.tree_16(lanes)) {
+            // With the wide tiles, fewer sums than 16 (a tile's rows left)
+            // go through the same tree as a whole tile's, padded with
+            // zeros (which only ever add to zeros): equal rows, equal bits.
+            let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : vector<{lanes}xf32>"));
+            let mut all = vecs.to_vec();
+            all.resize(vecs.len().div_ceil(lanes) * lanes, zero);
+            return all.chunks(lanes).map(|c| self.lane_tree_16(c)).collect();
         }
         let vty = format!("vector<{lanes}xf32>");
         let (mut cur, mut group, mut per) = (vecs.to_vec(), lanes, 1);
@@ -537,6 +547,36 @@ impl Kc<'_> {
             cur = self.tree_stage(&cur, (lo.as_str(), hi.as_str()), &vty);
         }
         cur.remove(0)
+    }
+
+    /// Sums of `lanes` lanes go through [`Kc::lane_tree_16`]'s tree
+    /// whatever their number: with the wide tiles (`emit::registers`),
+    /// whose tiles of sums are 4 rows × 4 outputs, 16 sums in that tree,
+    /// and the rows after the last whole tile take fewer (the narrow
+    /// tiles' 6 sums and their rows left all take the halving tree).
+    fn tree_16(&self, lanes: usize) -> bool {
+        lanes == LANE_GROUP * LANE_GROUP && !self.narrow
+    }
+
+    /// The sum of the 16 lanes of `v` added in the tree that
+    /// [`Kc::lane_tree_16`] adds each of its sums' in: lanes two apart
+    /// within each group of 4, then the pairs, then groups of 4, then
+    /// halves. A sum alone (one output at a time: a block cut short, or
+    /// b < 4) then gets the bits it would get among 16 (a halving tree,
+    /// `vector.reduction`, adds lanes 8 apart first): equal rows, equal
+    /// bits. The adds are not reassociable, so that LLVM keeps the tree;
+    /// as many shuffles and adds as the halving tree's.
+    pub(super) fn lane_sum_16(&mut self, v: &str) -> String {
+        let n = LANE_GROUP * LANE_GROUP;
+        let vty = format!("vector<{n}xf32>");
+        let swaps: [fn(usize) -> usize; 4] = [|l| l ^ 2, |l| l ^ 1, |l| l ^ 4, |l| l ^ 8];
+        let mut cur = v.to_owned();
+        for swap in swaps {
+            let mask = (0..n).map(|l| swap(l).to_string()).collect::<Vec<_>>().join(", ");
+            let other = self.b.op(&format!("vector.shuffle {cur}, {cur} [{mask}] : {vty}, {vty}"));
+            cur = self.b.op(&format!("arith.addf {cur}, {other} fastmath<{CONTRACT}> : {vty}"));
+        }
+        self.b.op(&format!("vector.extract {cur}[0] : f32 from {vty}"))
     }
 
     /// The 16 × 16 transpose of `vecs` (16 vectors of 16 lanes): lane `i`

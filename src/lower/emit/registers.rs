@@ -167,8 +167,8 @@ mod tests {
     /// across items and blocks cut short. The
     /// narrow module holds fewer loops of 16 accumulators than the wide
     /// one, and more of 6 (the `q·K`'s passes, the vector tiles' rows, the
-    /// sum tiles). With narrow tiles, equal rows
-    /// give equal bits at b below 16.
+    /// sum tiles). With either tiles, equal rows give equal bits at b
+    /// below 16.
     #[test]
     fn narrow_and_wide_tiles_match_interpreter() {
         let mha = serde_json::json!({
@@ -236,11 +236,14 @@ mod tests {
             let (w6, n6) = (accumulator_loops(&wide_text, 6), accumulator_loops(&narrow_text, 6));
             assert!(n6 > w6, "6 accumulators: {n6} loops narrow, {w6} wide:\n{narrow_text}");
             // Equal rows (greedy samples: the same q) get equal bits from
-            // narrow tiles wherever they fall: whole tiles, rows left of 1
-            // or 2 (b = 4, 5 with sum tiles of 3; grouped-query's 8, 10
-            // rows at b = 4, 5; b = 7, 8 with vector tiles of 6). (Not across 16 rows in the lanes and the rows
-            // past them, either way: a lane sums its head in order, a row
-            // alone in vectors and a tree of lanes.)
+            // either tiles wherever they fall: whole tiles, rows left of 1
+            // or 2 (narrow: b = 4, 5 with sum tiles of 3; grouped-query's
+            // 8, 10 rows at b = 4, 5; b = 7, 8 with vector tiles of 6) or
+            // of 1 and 3 (wide: b = 5, 7 with sum tiles of 4), blocks cut
+            // short (m = 5, 20, 37, 100: one output at a time). (Not across
+            // 16 rows in the lanes and the rows past them, either way: a
+            // lane sums its head in order, a row alone in vectors and a
+            // tree of lanes.)
             for (b, m) in [(4, 5), (4, 37), (5, 100), (7, 20), (8, 64)].into_iter().filter(|(b, _)| b * group < 16) {
                 let at = testing::point(&[("b", b), ("m", m)]);
                 let mut inputs = crate::interp::random_inputs(&graph, &at, 5).unwrap_or_else(|e| panic!("{e}"));
@@ -251,13 +254,16 @@ mod tests {
                         r.copy_from_slice(&first);
                     }
                 }
-                let got = narrow.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-                for &name in outputs {
-                    let t = &got[name];
-                    let row = t.data.len() / b as usize;
-                    let bits = |r: &[f32]| r.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    for (i, r) in t.data.chunks(row).enumerate() {
-                        assert!(bits(r) == bits(&t.data[..row]), "{name} at b = {b}, m = {m}: row {i} != row 0");
+                for (tiles, step) in [("narrow", &narrow), ("wide", &wide)] {
+                    let got = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                    for &name in outputs {
+                        let t = &got[name];
+                        let row = t.data.len() / b as usize;
+                        let bits = |r: &[f32]| r.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        for (i, r) in t.data.chunks(row).enumerate() {
+                            let same = bits(r) == bits(&t.data[..row]);
+                            assert!(same, "{tiles}: {name} at b = {b}, m = {m}: row {i} != row 0");
+                        }
                     }
                 }
             }
