@@ -174,7 +174,7 @@ enum Command {
         /// Tokens decoded so far (m_d) at every point.
         #[arg(long, default_value_t = 16)]
         decoded: i64,
-        /// Timed steps per side per point (the median is reported).
+        /// Timed steps per side per point (the median is reported), 1 to 1000.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
         /// Shape point the bifurcated graph is optimized at (default: the largest point).
@@ -530,6 +530,12 @@ fn run(cli: Cli) -> Result<()> {
             if repeats == 0 {
                 bail!("--repeats must be at least 1");
             }
+            if repeats > MAX_BENCH_REPEATS {
+                bail!(
+                    "--repeats must be at most {MAX_BENCH_REPEATS} (each side of each point is timed that many \
+                     times), got {repeats}"
+                );
+            }
             let optimize_at = match optimize_at {
                 Some(text) => Some(ShapePoint::parse(&text)?),
                 None => None,
@@ -597,6 +603,11 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Most `--threads` for each core.
 const THREADS_PER_CORE: usize = 4;
+
+/// The most timed steps `bifurc bench` takes per side per point: a median
+/// of more says nothing new, and a typo (`--repeats 100000`) would run for
+/// hours before its first row.
+const MAX_BENCH_REPEATS: usize = 1000;
 
 /// `--threads N`: the size of the thread pool that the CPU step splits
 /// its large kernels across (see `bifurc::lower::CpuStep::set_threads`).

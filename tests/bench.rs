@@ -142,7 +142,8 @@ fn bench_skips_points_past_learned_positions() {
 }
 
 /// Sweeps no step can run, refused before anything is compiled: a sample
-/// count of 0 (its table would not plot), a negative context, no repeats;
+/// count of 0 (its table would not plot), a negative context, no repeats
+/// or more than 1000;
 /// and an --out that is a file (bench found it after the whole sweep).
 #[test]
 fn bench_refuses_empty_sample_counts_and_repeats() {
@@ -150,6 +151,10 @@ fn bench_refuses_empty_sample_counts_and_repeats() {
         (["--samples=4,0", "--context=8"], "--samples: every sample count must be at least 1, got 0"),
         (["--samples=1", "--context=-8"], "--context and --decoded must be non-negative"),
         (["--samples=1", "--repeats=0"], "--repeats must be at least 1"),
+        (
+            ["--samples=1", "--repeats=1001"],
+            "--repeats must be at most 1000 (each side of each point is timed that many times), got 1001",
+        ),
     ] {
         let (flag, value) = (args[0], args[1]);
         let out = Command::new(env!("CARGO_BIN_EXE_bifurc"))
