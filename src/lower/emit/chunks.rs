@@ -168,7 +168,7 @@ impl Kc<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::lower::emit::testing::{check_output, cpu_step, cpu_step_tiles, point};
+    use crate::lower::emit::testing::{check_output, context_wv_doc, cpu_step, cpu_step_tiles, point};
 
     /// The context `w · V` of `h` heads, `[b, h, 1, m] · [h, m, k]` (k =
     /// 64, and 128: two blocks of 64 a row, each its own lines), m
@@ -227,16 +227,7 @@ mod tests {
     /// chunk reads a spare row. Against the interpreter on the dense V.
     #[test]
     fn chunks_walk_a_cache_with_spare_rows() {
-        let doc = serde_json::json!({
-            "format": "bifurc-graph/1",
-            "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 64}},
-            "inputs": [
-                {"name": "w", "role": "activation", "shape": ["b", "h", 1, "m"], "dtype": "f32"},
-                {"name": "v", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["h", "m", "k"], "dtype": "f32"}
-            ],
-            "nodes": [{"id": "o", "op": "einsum", "inputs": ["w", "v"], "attrs": {"spec": "bhxm,hmk->bhxk"}}],
-            "outputs": [{"name": "o", "node": "o"}]
-        });
+        let doc = context_wv_doc();
         let (graph, step, text) = cpu_step(&doc);
         assert!(text.contains("\"llvm.intr.prefetch\""), "chunked, the next chunk prefetched:\n{text}");
         let capacity = text.split("%c").skip(1).any(|t| t.starts_with(|c: char| c.is_ascii_digit()));
@@ -271,16 +262,7 @@ mod tests {
     /// with whole tiles of 6 rows, a short one, and none.
     #[test]
     fn narrow_chunks_hold_every_block_of_the_rows() {
-        let doc = serde_json::json!({
-            "format": "bifurc-graph/1",
-            "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 64}},
-            "inputs": [
-                {"name": "w", "role": "activation", "shape": ["b", "h", 1, "m"], "dtype": "f32"},
-                {"name": "v", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["h", "m", "k"], "dtype": "f32"}
-            ],
-            "nodes": [{"id": "o", "op": "einsum", "inputs": ["w", "v"], "attrs": {"spec": "bhxm,hmk->bhxk"}}],
-            "outputs": [{"name": "o", "node": "o"}]
-        });
+        let doc = context_wv_doc();
         // The constant bounding the loop right inside the chunks' (the
         // first hoisted `maxui`: their count), if it is one.
         let inside_chunks = |text: &str| -> Option<i64> {

@@ -139,11 +139,23 @@ impl Kc<'_> {
         (share, shares): (&str, &str),
     ) -> Result<LinesAhead, LowerError> {
         let dtype = self.program.buffers[next.buf].dtype;
-        let line = LINE_BYTES / dtype.size() as i64;
-        let row_lines = (next.row / line).max(1);
+        let row_lines = (next.row / (LINE_BYTES / dtype.size() as i64)).max(1);
         let total = self.b.index(next.steps * row_lines);
         let per = self.ceil_div_here(&total, shares);
         let first = self.b.muli(share, &per);
+        self.plan_ahead(k, next, (first, per, None))
+    }
+
+    /// The [`LinesAhead`] of `next` (summed letter `k`) for a share from
+    /// `first` of `per` lines, or shared by `shift`.
+    fn plan_ahead(
+        &mut self,
+        k: char,
+        next: NextRows,
+        (first, per, shift): (String, String, Option<String>),
+    ) -> Result<LinesAhead, LowerError> {
+        let dtype = self.program.buffers[next.buf].dtype;
+        let line = LINE_BYTES / dtype.size() as i64;
         let ptr = self.ptr(next.buf)?;
         Ok(LinesAhead {
             sum: k,
@@ -153,11 +165,11 @@ impl Kc<'_> {
             dtype,
             start: next.start,
             stride: next.stride,
-            row_lines,
+            row_lines: (next.row / line).max(1),
             line,
             first,
             per,
-            shift: None,
+            shift,
         })
     }
 
@@ -225,41 +237,27 @@ impl Kc<'_> {
         let s = self.b.op(&format!("arith.index_cast {s} : i64 to index"));
         let steps = self.b.index(next.steps);
         let first = self.b.muli(share, &steps);
-        let dtype = self.program.buffers[next.buf].dtype;
-        let ptr = self.ptr(next.buf)?;
-        Ok(LinesAhead {
-            sum: k,
-            steps: next.steps,
-            origin: next.origin.map(str::to_owned),
-            ptr,
-            dtype,
-            start: next.start,
-            stride: next.stride,
-            row_lines: 1,
-            line: next.row,
-            first,
-            per: one,
-            shift: Some(s),
-        })
+        self.plan_ahead(k, next, (first, one, Some(s)))
     }
 
+    /// At step `l` of the sum: line `(l - origin) · per / steps` of this
+    /// tile's share (a line every `steps / per` steps; every `per /
+    /// steps`-th one when a share has more lines than the sum has steps);
+    /// shared by a shift ([`Kc::lines_ahead_shifted`]), line
+    /// `(first + l − origin) >> shift`.
     pub(super) fn prefetch_line(&mut self, a: &LinesAhead, l: &str) {
+        let d = match &a.origin {
+            Some(o) => self.b.subi(l, o),
+            None => l.to_owned(),
+        };
         if let Some(s) = &a.shift {
-            let x = match &a.origin {
-                Some(o) => self.b.subi(l, o),
-                None => l.to_owned(),
-            };
-            let x = self.b.addi(&a.first, &x);
+            let x = self.b.addi(&a.first, &d);
             let at = self.b.op(&format!("arith.shrui {x}, {s} : index"));
             let off = self.b.muli(&at, &a.stride);
             let off = self.b.addi(&a.start, &off);
             self.b.prefetch(&a.ptr, &off, a.dtype, false);
             return;
         }
-        let d = match &a.origin {
-            Some(o) => self.b.subi(l, o),
-            None => l.to_owned(),
-        };
         let steps = self.b.index(a.steps);
         let along = self.b.muli(&d, &a.per);
         let along = self.b.op(&format!("arith.divui {along}, {steps} : index"));
@@ -282,7 +280,7 @@ impl Kc<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::lower::emit::testing::{check_output, cpu_step, cpu_step_tiles, point};
+    use crate::lower::emit::testing::{check_output, context_wv_doc, cpu_step, cpu_step_tiles, point};
 
     /// `x [b, 1, 64] @ W[o, 64]ᵀ`, W kept in panels of 64 outputs, at o =
     /// 192 (three panels: the last tile's prefetch lands past the weight,
@@ -351,16 +349,7 @@ mod tests {
                 "outputs": [{"name": "y", "node": "y"}]
             })
         };
-        let wv = serde_json::json!({
-            "format": "bifurc-graph/1",
-            "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 64}},
-            "inputs": [
-                {"name": "w", "role": "activation", "shape": ["b", "h", 1, "m"], "dtype": "f32"},
-                {"name": "v", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["h", "m", "k"], "dtype": "f32"}
-            ],
-            "nodes": [{"id": "o", "op": "einsum", "inputs": ["w", "v"], "attrs": {"spec": "bhxm,hmk->bhxk"}}],
-            "outputs": [{"name": "o", "node": "o"}]
-        });
+        let wv = context_wv_doc();
         let bs = [1, 5, 6, 7, 12, 13, 18, 20, 32, 33];
         let cases = [(proj(192), "y", 0), (proj(64), "y", 0), (wv, "o", 2100)];
         for (doc, name, m) in cases {

@@ -34,6 +34,21 @@ pub(crate) fn cpu_step_tiles(doc: &serde_json::Value, narrow: bool) -> (Graph, C
     (graph, step, text)
 }
 
+/// The context `w · V` of 2 heads of 64, `[b, h, 1, m] · [h, m, k]` in
+/// f32, V a context cache: a sum over m long enough to run in chunks.
+pub(crate) fn context_wv_doc() -> serde_json::Value {
+    serde_json::json!({
+        "format": "bifurc-graph/1",
+        "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 64}},
+        "inputs": [
+            {"name": "w", "role": "activation", "shape": ["b", "h", 1, "m"], "dtype": "f32"},
+            {"name": "v", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["h", "m", "k"], "dtype": "f32"}
+        ],
+        "nodes": [{"id": "o", "op": "einsum", "inputs": ["w", "v"], "attrs": {"spec": "bhxm,hmk->bhxk"}}],
+        "outputs": [{"name": "o", "node": "o"}]
+    })
+}
+
 /// A point binding each `(dim, value)`.
 pub(crate) fn point(dims: &[(&str, i64)]) -> BTreeMap<String, i64> {
     dims.iter().map(|(d, v)| (d.to_string(), *v)).collect()
