@@ -86,6 +86,9 @@ struct Tiled<'a> {
     /// Tiles along the reuse extent, and this step's.
     tiles: &'a str,
     tile_index: &'a str,
+    /// With narrow tiles, the whole tiles along the reuse extent (hoisted:
+    /// they share the next lines by a shift, `Kc::lines_ahead_shifted`).
+    whole_tiles: Option<String>,
     /// The weight whose next block a whole tile prefetches, and its row
     /// length (a long sum in vectors: `Kc::block_operand`).
     next_block: Option<(usize, String)>,
@@ -302,6 +305,7 @@ impl Kc<'_> {
         // The blocks along the kept axis are all whole (its size a known
         // multiple of BLOCK).
         let whole = block.is_some_and(|pos| self.b.known(&keep_sizes[pos]).is_some_and(|n| n % BLOCK as i64 == 0));
+        let next_panel = vector.and_then(|_| self.panel_operand(j));
         let tiled = Tiled {
             keep: &keep,
             reuse: &reuse,
@@ -316,8 +320,12 @@ impl Kc<'_> {
             whole,
             tiles: &tiles,
             tile_index: &tile_index,
+            whole_tiles: (self.narrow && (next_panel.is_some() || chunk.is_some())).then(|| {
+                let rows = self.b.index(tile as i64);
+                self.b.hoist(&format!("arith.divui {inner}, {rows} : index"))
+            }),
             next_block: if summed.is_some() { self.block_operand(j) } else { None },
-            next_panel: vector.and_then(|_| self.panel_operand(j)),
+            next_panel,
             chunk: chunk.as_ref().zip(chunk_index.as_deref()).map(|((len, _), i)| (i, *len)),
         };
         // A tile whose rows are all inside the reuse extent computes them
@@ -553,26 +561,17 @@ impl Kc<'_> {
         let shares = (t.tile_index, t.tiles);
         // Narrow tiles prefetch the next stripe of 16 columns, wide ones
         // the next panel (`emit::panel_ahead`).
+        let whole = t.whole_tiles.as_deref();
         let ahead = match (t.next_panel, rows, panel, &part, idxs.first()) {
             (Some((buf, _, k)), Rows::Tile, Some(panel), _, Some(idx)) if self.narrow => {
-                match t.block.and_then(|pos| idx.get(*t.keep.get(pos)?)) {
-                    Some(z0) => {
-                        let rows = self.b.index(t.tile as i64);
-                        let whole = self.b.op(&format!("arith.divui {}, {rows} : index", t.inner));
-                        self.stripe_ahead((buf, k), (&panel, z0), (t.tile_index, &whole))?
-                    }
-                    None => None,
+                match (t.block.and_then(|pos| idx.get(*t.keep.get(pos)?)), whole) {
+                    (Some(z0), Some(whole)) => self.stripe_ahead((buf, k), (&panel, z0), (t.tile_index, whole))?,
+                    _ => None,
                 }
             }
             (Some((buf, _, k)), Rows::Tile, Some(panel), _, _) => Some(self.panel_ahead((buf, k), &panel, shares)?),
             (None, Rows::Tile, _, Some((p, len)), Some(idx)) => {
-                let whole = if self.narrow {
-                    let rows = self.b.index(t.tile as i64);
-                    Some(self.b.op(&format!("arith.divui {}, {rows} : index", t.inner)))
-                } else {
-                    None
-                };
-                self.chunk_ahead(j, (idx, p, *len), BLOCK * t.groups, (shares, whole.as_deref()))?
+                self.chunk_ahead(j, (idx, p, *len), BLOCK * t.groups, (shares, whole))?
             }
             _ => None,
         };

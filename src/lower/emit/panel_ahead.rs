@@ -250,18 +250,18 @@ impl Kc<'_> {
             Some(o) => self.b.subi(l, o),
             None => l.to_owned(),
         };
-        if let Some(s) = &a.shift {
-            let x = self.b.addi(&a.first, &d);
-            let at = self.b.op(&format!("arith.shrui {x}, {s} : index"));
-            let off = self.b.muli(&at, &a.stride);
-            let off = self.b.addi(&a.start, &off);
-            self.b.prefetch(&a.ptr, &off, a.dtype, false);
-            return;
-        }
-        let steps = self.b.index(a.steps);
-        let along = self.b.muli(&d, &a.per);
-        let along = self.b.op(&format!("arith.divui {along}, {steps} : index"));
-        let at = self.b.addi(&a.first, &along);
+        let at = match &a.shift {
+            Some(s) => {
+                let x = self.b.addi(&a.first, &d);
+                self.b.op(&format!("arith.shrui {x}, {s} : index"))
+            }
+            None => {
+                let steps = self.b.index(a.steps);
+                let along = self.b.muli(&d, &a.per);
+                let along = self.b.op(&format!("arith.divui {along}, {steps} : index"));
+                self.b.addi(&a.first, &along)
+            }
+        };
         let off = if a.row_lines == 1 {
             self.b.muli(&at, &a.stride)
         } else {

@@ -200,19 +200,7 @@ mod tests {
         });
         // Grouped-query as the tiny example has it: q a reshape of its
         // projection, a unit axis for the new token.
-        let tiny = serde_json::json!({
-            "format": "bifurc-graph/1",
-            "dims": {"runtime": ["b", "m"], "constants": {"g": 2, "p": 2, "k": 16}},
-            "inputs": [
-                {"name": "q", "role": "activation", "shape": ["b", 1, "g*p*k"], "dtype": "f32"},
-                {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": ["g", "m", "k"], "dtype": "f32"}
-            ],
-            "nodes": [
-                {"id": "qh", "op": "reshape", "inputs": ["q"], "attrs": {"shape": ["b", "g", "p", 1, "k"]}},
-                {"id": "s", "op": "einsum", "inputs": ["qh", "kc"], "attrs": {"spec": "bgpnk,gmk->bgpnm"}}
-            ],
-            "outputs": [{"name": "s", "node": "s"}]
-        });
+        let tiny = testing::reshaped_gqa_scores_doc();
         // A projection too narrow for panels (grouped-query's k_proj: 32
         // outputs), summed in vectors along its 64 inputs.
         let proj = serde_json::json!({

@@ -49,6 +49,25 @@ pub(crate) fn context_wv_doc() -> serde_json::Value {
     })
 }
 
+/// Grouped-query attention's context `q · K` as the tiny example has it
+/// (2 KV heads of 16, 2 query heads each): q a reshape of its projection
+/// (`[b, 1, g·p·k]` as `[b, g, p, 1, k]`), a unit axis for the new token.
+pub(crate) fn reshaped_gqa_scores_doc() -> serde_json::Value {
+    serde_json::json!({
+        "format": "bifurc-graph/1",
+        "dims": {"runtime": ["b", "m"], "constants": {"g": 2, "p": 2, "k": 16}},
+        "inputs": [
+            {"name": "q", "role": "activation", "shape": ["b", 1, "g*p*k"], "dtype": "f32"},
+            {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": ["g", "m", "k"], "dtype": "f32"}
+        ],
+        "nodes": [
+            {"id": "qh", "op": "reshape", "inputs": ["q"], "attrs": {"shape": ["b", "g", "p", 1, "k"]}},
+            {"id": "s", "op": "einsum", "inputs": ["qh", "kc"], "attrs": {"spec": "bgpnk,gmk->bgpnm"}}
+        ],
+        "outputs": [{"name": "s", "node": "s"}]
+    })
+}
+
 /// A point binding each `(dim, value)`.
 pub(crate) fn point(dims: &[(&str, i64)]) -> BTreeMap<String, i64> {
     dims.iter().map(|(d, v)| (d.to_string(), *v)).collect()

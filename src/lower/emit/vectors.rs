@@ -279,19 +279,8 @@ mod tests {
     /// of a group). Against the interpreter at b from 1 to past a tile.
     #[test]
     fn contraction_reads_vectors_through_a_reshaped_operand() {
-        let (graph, step, text) = crate::lower::emit::testing::cpu_step(&serde_json::json!({
-            "format": "bifurc-graph/1",
-            "dims": {"runtime": ["b", "m"], "constants": {"g": 2, "p": 2, "k": 16}},
-            "inputs": [
-                {"name": "q", "role": "activation", "shape": ["b", 1, "g*p*k"], "dtype": "f32"},
-                {"name": "kc", "role": "context_kv", "layer": 0, "kv": "k", "shape": ["g", "m", "k"], "dtype": "f32"}
-            ],
-            "nodes": [
-                {"id": "qh", "op": "reshape", "inputs": ["q"], "attrs": {"shape": ["b", "g", "p", 1, "k"]}},
-                {"id": "s", "op": "einsum", "inputs": ["qh", "kc"], "attrs": {"spec": "bgpnk,gmk->bgpnm"}}
-            ],
-            "outputs": [{"name": "s", "node": "s"}]
-        }));
+        let (graph, step, text) =
+            crate::lower::emit::testing::cpu_step(&crate::lower::emit::testing::reshaped_gqa_scores_doc());
         // One output at a time (b = 1): a loop of one vector accumulator.
         assert!(text.contains("-> (vector<16xf32>) {"), "the sum over k in vectors:\n{text}");
         for (b, m) in [(1, 40), (3, 17), (5, 64)] {
