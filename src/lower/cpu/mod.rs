@@ -784,6 +784,25 @@ impl CpuStep {
     }
 }
 
+/// Test code: JIT-compiles `text` (a module with `name(%in, %out)`, two
+/// pointers, `llvm.emit_c_interface`), runs it once with `input` (f32) at
+/// `in` and room for `out_len` 16-bit values at `out`, and returns them.
+#[cfg(test)]
+pub(crate) fn run_in_out_test(text: &str, name: &str, input: &[f32], out_len: usize) -> Vec<u16> {
+    let engine = Engine::jit(text, "a test module").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let entry = engine.entry(name).unwrap_or_else(|| panic!("`{name}` not found in the JIT"));
+    let mut input = input.to_vec();
+    let mut out = vec![0u16; out_len];
+    let (mut pin, mut pout) = (input.as_mut_ptr(), out.as_mut_ptr());
+    let mut args = [std::ptr::addr_of_mut!(pin).cast::<c_void>(), std::ptr::addr_of_mut!(pout).cast::<c_void>()];
+    // SAFETY: `entry` is the packed wrapper of `name(ptr, ptr)`: it reads
+    // the two pointers through `args`; the test's module reads at most
+    // `input.len()` f32 at the first and writes at most `out_len` 16-bit
+    // values at the second (the caller's contract), both alive here.
+    unsafe { entry(args.as_mut_ptr()) };
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -384,12 +384,11 @@ impl Builder {
         // As integers of the same width: LLVM's x86 backend has no
         // streaming store of `bf16` / `f16` vectors and stores them plainly,
         // each line read for ownership first (the nontemporal hint dropped).
+        let int_ty = format!("vector<{lanes}xi{}>", 8 * dtype.size());
         let (bits, bits_ty) = match dtype {
             DType::F32 => (x.clone(), ty.clone()),
-            _ => {
-                let int_ty = format!("vector<{lanes}xi{}>", 8 * dtype.size());
-                (self.op(&format!("llvm.bitcast {x} : {ty} to {int_ty}")), int_ty)
-            }
+            _ if ty == int_ty => (x.clone(), ty.clone()),
+            _ => (self.op(&format!("llvm.bitcast {x} : {ty} to {int_ty}")), int_ty),
         };
         self.line(&format!("llvm.store {bits}, {p} {{alignment = {bytes} : i64, nontemporal}} : {bits_ty}, !llvm.ptr"));
         self.else_guard();
@@ -431,12 +430,11 @@ impl Builder {
         // 16-bit lanes (AVX2) stores them one at a time, and one bf16 at a
         // time goes through f32 and a libcall (`__truncsfbf2`) that the JIT
         // does not resolve (the kernel then was missing from it).
+        let ity = format!("vector<{lanes}xi16>");
         let (x, ty) = match dtype {
             DType::F32 => (x, ty),
-            _ => {
-                let ity = format!("vector<{lanes}xi16>");
-                (self.op(&format!("llvm.bitcast {x} : {ty} to {ity}")), ity)
-            }
+            _ if ty == ity => (x, ty),
+            _ => (self.op(&format!("llvm.bitcast {x} : {ty} to {ity}")), ity),
         };
         let p = self.element_ptr(ptr, off, storage(dtype));
         let align = dtype.size();
@@ -447,13 +445,18 @@ impl Builder {
 
     /// Vector `v` of `lanes` f32 as stored as `dtype` (a float: rounded to
     /// f16 / bf16 as [`Builder::store`] rounds a scalar), and its type.
+    /// bf16 as its bits, `vector<lanes x i16>` ([`Builder::bf16_bits`]:
+    /// `arith.truncf`'s bits, in operations LLVM keeps in vectors).
     fn stored_vector(&mut self, v: &str, lanes: usize, dtype: DType) -> (String, String) {
         let st = storage(dtype);
-        let x = match dtype {
-            DType::F32 => v.to_owned(),
-            _ => self.op(&format!("arith.truncf {v} : vector<{lanes}xf32> to vector<{lanes}x{st}>")),
-        };
-        (x, format!("vector<{lanes}x{st}>"))
+        match dtype {
+            DType::F32 => (v.to_owned(), format!("vector<{lanes}x{st}>")),
+            DType::BF16 => (self.bf16_bits(v, Some(lanes)), format!("vector<{lanes}xi16>")),
+            _ => {
+                let x = self.op(&format!("arith.truncf {v} : vector<{lanes}xf32> to vector<{lanes}x{st}>"));
+                (x, format!("vector<{lanes}x{st}>"))
+            }
+        }
     }
 
     /// Prefetches the cache line of element `off` of the buffer at `ptr`
@@ -661,13 +664,14 @@ impl Builder {
     pub(crate) fn store(&mut self, ptr: &str, off: &str, dtype: DType, v: Val) {
         let st = storage(dtype);
         let v = self.coerce(v, Ty::of(dtype));
-        let x = match dtype {
-            DType::F32 | DType::I64 => v.ssa,
-            DType::F16 | DType::BF16 => self.op(&format!("arith.truncf {} : f32 to {st}", v.ssa)),
-            DType::I32 => self.op(&format!("arith.trunci {} : i64 to i32", v.ssa)),
+        let (x, ty) = match dtype {
+            DType::F32 | DType::I64 => (v.ssa, st),
+            DType::BF16 => (self.bf16_bits(&v.ssa, None), "i16"),
+            DType::F16 => (self.op(&format!("arith.truncf {} : f32 to {st}", v.ssa)), st),
+            DType::I32 => (self.op(&format!("arith.trunci {} : i64 to i32", v.ssa)), st),
         };
         let p = self.element_ptr(ptr, off, st);
-        self.line(&format!("llvm.store {x}, {p} : {st}, !llvm.ptr"));
+        self.line(&format!("llvm.store {x}, {p} : {ty}, !llvm.ptr"));
     }
 
     /// The hoisted section and the body, consuming the builder; a body

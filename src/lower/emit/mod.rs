@@ -116,6 +116,7 @@ pub(crate) use registers::with_narrow_tiles;
 pub use registers::NARROW_TILES_ENV;
 pub(crate) use registers::{host_has_avx512, narrow_tiles_choice};
 mod rope;
+mod round_bf16;
 mod rows;
 mod rows_in_lanes;
 mod segments;

@@ -620,8 +620,7 @@ impl Kc<'_> {
     /// holds exactly: `x0` in the low half, the first element in memory.
     fn bf16_pair(&mut self, x0: &str, x1: &str) -> String {
         let half = |kc: &mut Self, x: &str| {
-            let h = kc.b.op(&format!("arith.truncf {x} : f32 to bf16"));
-            let bits = kc.b.op(&format!("arith.bitcast {h} : bf16 to i16"));
+            let bits = kc.b.bf16_bits(x, None);
             kc.b.op(&format!("arith.extui {bits} : i16 to i32"))
         };
         let (lo, hi) = (half(self, x0), half(self, x1));
