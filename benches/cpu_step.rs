@@ -48,7 +48,7 @@
 //! time; the f32 FMAs' peak, which a bf16 kernel on AMX tiles exceeds)
 //! and the bytes it moves a second (its plan's bytes model over its time,
 //! beside the printed read rate), at the last thread count timed;
-//! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there.
+//! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there (making DIR).
 //!
 //! Target (b = 32): the bifurcated step at least 4x faster than the baseline
 //! (measured on a 2-core Emerald Rapids VM, f32: 3.23-6.91x on one thread,
@@ -139,10 +139,13 @@ fn main() {
     let bif = opt.graph;
     let mut steps = [compile("baseline", &base), compile("bifurcated", &bif)];
     if let Some(dir) = std::env::var_os("BIFURC_BENCH_DUMP") {
-        // The modules the steps run: planned for the CPU (no tensor cores).
+        // The modules the steps run: planned for the CPU (no tensor cores),
+        // in the directory, made if it is not there.
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("BIFURC_BENCH_DUMP={}: {e}", dir.to_string_lossy()));
         for (name, step) in ["baseline", "bifurcated"].into_iter().zip(&steps) {
             let text = bifurc::lower::emit(step.graph(), step.program(), bifurc::lower::Target::Cpu).expect("emit");
-            std::fs::write(std::path::Path::new(&dir).join(format!("{name}_cpu.mlir")), text).expect("dump");
+            let path = std::path::Path::new(&dir).join(format!("{name}_cpu.mlir"));
+            std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         }
     }
     let threads: Vec<usize> = std::env::var("BIFURC_BENCH_THREADS")

@@ -77,6 +77,10 @@ pub(crate) struct Builder {
     /// Whether the body stores past the caches
     /// ([`Builder::store_vector_streaming`]): it then ends with a fence.
     streamed: bool,
+    /// Whether bf16 is rounded by [`Builder::bf16_bits`] (the CPU: see
+    /// `emit::round_bf16`) rather than `arith.truncf` (the GPU, which
+    /// has an instruction for it).
+    pub(crate) bf16_in_ints: bool,
 }
 
 impl Builder {
@@ -92,6 +96,7 @@ impl Builder {
             known: HashMap::new(),
             dims: Vec::new(),
             streamed: false,
+            bf16_in_ints: false,
         };
         for (name, param) in dims {
             let v = b.fresh();
@@ -445,13 +450,14 @@ impl Builder {
 
     /// Vector `v` of `lanes` f32 as stored as `dtype` (a float: rounded to
     /// f16 / bf16 as [`Builder::store`] rounds a scalar), and its type.
-    /// bf16 as its bits, `vector<lanes x i16>` ([`Builder::bf16_bits`]:
-    /// `arith.truncf`'s bits, in operations LLVM keeps in vectors).
+    /// bf16 on the CPU as its bits, `vector<lanes x i16>`
+    /// ([`Builder::bf16_bits`]: `arith.truncf`'s bits, in operations LLVM
+    /// keeps in vectors).
     fn stored_vector(&mut self, v: &str, lanes: usize, dtype: DType) -> (String, String) {
         let st = storage(dtype);
         match dtype {
             DType::F32 => (v.to_owned(), format!("vector<{lanes}x{st}>")),
-            DType::BF16 => (self.bf16_bits(v, Some(lanes)), format!("vector<{lanes}xi16>")),
+            DType::BF16 if self.bf16_in_ints => (self.bf16_bits(v, Some(lanes)), format!("vector<{lanes}xi16>")),
             _ => {
                 let x = self.op(&format!("arith.truncf {v} : vector<{lanes}xf32> to vector<{lanes}x{st}>"));
                 (x, format!("vector<{lanes}x{st}>"))
@@ -666,8 +672,8 @@ impl Builder {
         let v = self.coerce(v, Ty::of(dtype));
         let (x, ty) = match dtype {
             DType::F32 | DType::I64 => (v.ssa, st),
-            DType::BF16 => (self.bf16_bits(&v.ssa, None), "i16"),
-            DType::F16 => (self.op(&format!("arith.truncf {} : f32 to {st}", v.ssa)), st),
+            DType::BF16 if self.bf16_in_ints => (self.bf16_bits(&v.ssa, None), "i16"),
+            DType::F16 | DType::BF16 => (self.op(&format!("arith.truncf {} : f32 to {st}", v.ssa)), st),
             DType::I32 => (self.op(&format!("arith.trunci {} : i64 to i32", v.ssa)), st),
         };
         let p = self.element_ptr(ptr, off, st);

@@ -501,6 +501,7 @@ fn kernel_fn(
         narrow,
         pinned: Vec::new(),
     };
+    kc.b.bf16_in_ints = target == Target::Cpu;
     let node = if kernel.op == "copy" || kernel.op == COMBINE_OP {
         None
     } else {
