@@ -389,11 +389,9 @@ impl Builder {
         // As integers of the same width: LLVM's x86 backend has no
         // streaming store of `bf16` / `f16` vectors and stores them plainly,
         // each line read for ownership first (the nontemporal hint dropped).
-        let int_ty = format!("vector<{lanes}xi{}>", 8 * dtype.size());
         let (bits, bits_ty) = match dtype {
             DType::F32 => (x.clone(), ty.clone()),
-            _ if ty == int_ty => (x.clone(), ty.clone()),
-            _ => (self.op(&format!("llvm.bitcast {x} : {ty} to {int_ty}")), int_ty),
+            _ => self.half_bits(&x, &ty, lanes),
         };
         self.line(&format!("llvm.store {bits}, {p} {{alignment = {bytes} : i64, nontemporal}} : {bits_ty}, !llvm.ptr"));
         self.else_guard();
@@ -435,11 +433,9 @@ impl Builder {
         // 16-bit lanes (AVX2) stores them one at a time, and one bf16 at a
         // time goes through f32 and a libcall (`__truncsfbf2`) that the JIT
         // does not resolve (the kernel then was missing from it).
-        let ity = format!("vector<{lanes}xi16>");
         let (x, ty) = match dtype {
             DType::F32 => (x, ty),
-            _ if ty == ity => (x, ty),
-            _ => (self.op(&format!("llvm.bitcast {x} : {ty} to {ity}")), ity),
+            _ => self.half_bits(&x, &ty, lanes),
         };
         let p = self.element_ptr(ptr, off, storage(dtype));
         let align = dtype.size();
@@ -463,6 +459,17 @@ impl Builder {
                 (x, format!("vector<{lanes}x{st}>"))
             }
         }
+    }
+
+    /// Stored vector `x` of `lanes` halves (type `ty`, see
+    /// [`Builder::stored_vector`]) as 16-bit integers, and their type: `x`
+    /// itself where it already is (bf16 on the CPU).
+    fn half_bits(&mut self, x: &str, ty: &str, lanes: usize) -> (String, String) {
+        let ity = format!("vector<{lanes}xi16>");
+        if ty == ity {
+            return (x.to_owned(), ity);
+        }
+        (self.op(&format!("llvm.bitcast {x} : {ty} to {ity}")), ity)
     }
 
     /// Prefetches the cache line of element `off` of the buffer at `ptr`
