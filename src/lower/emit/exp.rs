@@ -52,6 +52,14 @@ impl Kc<'_> {
     }
 }
 
+/// `f32`, or `vector<lanes x f32>`.
+fn f32_type(lanes: Option<usize>) -> String {
+    match lanes {
+        Some(n) => format!("vector<{n}xf32>"),
+        None => "f32".to_owned(),
+    }
+}
+
 impl Builder {
     /// `exp(x)` for an f32 `x`: `x` clamped to [-104, 89] (outside, expf
     /// is 0 or inf, which the clamped value also gives; NaN passes
@@ -60,7 +68,7 @@ impl Builder {
     /// halves so that results below `2^-126` come out as the subnormals
     /// they are.
     pub(crate) fn exp_f32(&mut self, x: &str) -> String {
-        let (t, y) = self.exp_reduced(x, Some(89.0));
+        let (t, y) = self.exp_reduced(x, Some(89.0), None);
         // n as an integer: the low bits of t (t - ROUND is n exactly).
         let ti = self.op(&format!("arith.bitcast {t} : f32 to i32"));
         let round_bits = self.i32(ROUND.to_bits() as i32);
@@ -90,42 +98,54 @@ impl Builder {
     /// layer, within the noise at 8192 (bound by DRAM there). NaN stays
     /// NaN (`y` is NaN, whatever the factor).
     pub(crate) fn exp_nonpositive_f32(&mut self, x: &str) -> String {
-        let (t, y) = self.exp_reduced(x, None);
+        self.exp_nonpositive_lanes(x, None)
+    }
+
+    /// [`Builder::exp_nonpositive_f32`] of each lane of a
+    /// `vector<lanes x f32>` (`lanes` given), the same operations on
+    /// vectors: bit for bit the scalar one's, lane by lane.
+    pub(crate) fn exp_nonpositive_lanes(&mut self, x: &str, lanes: Option<usize>) -> String {
+        let (t, y) = self.exp_reduced(x, None, lanes);
         // (n + 25 + 127) << 23, n = bits(t) - bits(ROUND), computed as
         // (bits(t) << 23) + ((152 - bits(ROUND)) << 23) in wrapping i32.
-        let ti = self.op(&format!("arith.bitcast {t} : f32 to i32"));
-        let shift = self.i32(23);
-        let high = self.op(&format!("arith.shli {ti}, {shift} : i32"));
-        let bias = self.i32(SCALE_EXP.wrapping_sub(ROUND.to_bits() as i32).wrapping_shl(23));
-        let bits = self.op(&format!("arith.addi {high}, {bias} : i32"));
-        let s = self.op(&format!("arith.bitcast {bits} : i32 to f32"));
-        let y = self.fbin("mulf", &y, &s);
-        let down = self.f32(f32::from_bits(((127 - SCALE_OFFSET) as u32) << 23));
-        self.fbin("mulf", &y, &down)
+        let (fty, ity) = match lanes {
+            Some(n) => (format!("vector<{n}xf32>"), format!("vector<{n}xi32>")),
+            None => ("f32".to_owned(), "i32".to_owned()),
+        };
+        let ti = self.op(&format!("arith.bitcast {t} : {fty} to {ity}"));
+        let shift = self.splat_i32(23, lanes);
+        let high = self.op(&format!("arith.shli {ti}, {shift} : {ity}"));
+        let bias = self.splat_i32(SCALE_EXP.wrapping_sub(ROUND.to_bits() as i32).wrapping_shl(23), lanes);
+        let bits = self.op(&format!("arith.addi {high}, {bias} : {ity}"));
+        let s = self.op(&format!("arith.bitcast {bits} : {ity} to {fty}"));
+        let y = self.fop("mulf", &y, &s, lanes);
+        let down = self.splat_f32(f32::from_bits(((127 - SCALE_OFFSET) as u32) << 23), lanes);
+        self.fop("mulf", &y, &down, lanes)
     }
 
     /// The shared part of the two `exp`s of `x`: `x` clamped to -104
     /// below and to `upper` above when given, then `t = x·log2(e) + ROUND` (whose low
     /// bits hold `n = round(x / ln2)`) and `y = exp(x - n·ln2)`, in
-    /// [1/sqrt(2), sqrt(2)], the Cody–Waite reduction and the polynomial.
-    fn exp_reduced(&mut self, x: &str, upper: Option<f32>) -> (String, String) {
-        let lo = self.f32(-104.0);
-        let mut x = self.fbin("maximumf", x, &lo);
+    /// [1/sqrt(2), sqrt(2)], the Cody–Waite reduction and the polynomial;
+    /// on f32, or on vectors of `lanes` f32.
+    fn exp_reduced(&mut self, x: &str, upper: Option<f32>, lanes: Option<usize>) -> (String, String) {
+        let lo = self.splat_f32(-104.0, lanes);
+        let mut x = self.fop("maximumf", x, &lo, lanes);
         if let Some(upper) = upper {
-            let hi = self.f32(upper);
-            x = self.fbin("minimumf", &x, &hi);
+            let hi = self.splat_f32(upper, lanes);
+            x = self.fop("minimumf", &x, &hi, lanes);
         }
-        let (log2e, round) = (self.f32(std::f32::consts::LOG2_E), self.f32(ROUND));
-        let t = self.fused(&x, &log2e, &round);
-        let n = self.fbin("subf", &t, &round);
-        let (c_hi, c_lo) = (self.f32(-LN2_HI), self.f32(-LN2_LO));
-        let r = self.fused(&n, &c_hi, &x);
-        let r = self.fused(&n, &c_lo, &r);
-        let p = self.horner(&POLY, &r);
-        let r2 = self.fbin("mulf", &r, &r);
-        let y = self.fused(&p, &r2, &r);
-        let one = self.f32(1.0);
-        (t, self.fbin("addf", &y, &one))
+        let (log2e, round) = (self.splat_f32(std::f32::consts::LOG2_E, lanes), self.splat_f32(ROUND, lanes));
+        let t = self.fused_lanes(&x, &log2e, &round, lanes);
+        let n = self.fop("subf", &t, &round, lanes);
+        let (c_hi, c_lo) = (self.splat_f32(-LN2_HI, lanes), self.splat_f32(-LN2_LO, lanes));
+        let r = self.fused_lanes(&n, &c_hi, &x, lanes);
+        let r = self.fused_lanes(&n, &c_lo, &r, lanes);
+        let p = self.horner_lanes(&POLY, &r, lanes);
+        let r2 = self.fop("mulf", &r, &r, lanes);
+        let y = self.fused_lanes(&p, &r2, &r, lanes);
+        let one = self.splat_f32(1.0, lanes);
+        (t, self.fop("addf", &y, &one, lanes))
     }
 
     /// `a * b + c` (f32), marked so that LLVM may fuse it into one FMA
@@ -133,20 +153,57 @@ impl Builder {
     /// softmax rows' exp loop, compute-bound, ran 10% faster (3.18 to
     /// 2.85 ms a layer of cpu_step at b = 32 alone).
     pub(super) fn fused(&mut self, a: &str, b: &str, c: &str) -> String {
-        let m = self.op(&format!("arith.mulf {a}, {b} fastmath<contract> : f32"));
-        self.op(&format!("arith.addf {m}, {c} fastmath<contract> : f32"))
+        self.fused_lanes(a, b, c, None)
+    }
+
+    /// [`Builder::fused`] on f32 or on vectors of `lanes` f32.
+    fn fused_lanes(&mut self, a: &str, b: &str, c: &str, lanes: Option<usize>) -> String {
+        let ty = f32_type(lanes);
+        let m = self.op(&format!("arith.mulf {a}, {b} fastmath<contract> : {ty}"));
+        self.op(&format!("arith.addf {m}, {c} fastmath<contract> : {ty}"))
     }
 
     /// The polynomial with coefficients `coeffs` (highest degree first) at
     /// `x` (f32), in Horner's form: each step one multiply-add
     /// ([`Builder::fused`]).
     pub(super) fn horner(&mut self, coeffs: &[f32], x: &str) -> String {
-        let mut p = self.f32(coeffs.first().copied().unwrap_or(0.0));
+        self.horner_lanes(coeffs, x, None)
+    }
+
+    /// [`Builder::horner`] on f32 or on vectors of `lanes` f32.
+    fn horner_lanes(&mut self, coeffs: &[f32], x: &str, lanes: Option<usize>) -> String {
+        let mut p = self.splat_f32(coeffs.first().copied().unwrap_or(0.0), lanes);
         for c in coeffs.iter().skip(1) {
-            let c = self.f32(*c);
-            p = self.fused(&p, x, &c);
+            let c = self.splat_f32(*c, lanes);
+            p = self.fused_lanes(&p, x, &c, lanes);
         }
         p
+    }
+
+    /// `arith.op a, b` on f32 or on vectors of `lanes` f32.
+    pub(crate) fn fop(&mut self, op: &str, a: &str, b: &str, lanes: Option<usize>) -> String {
+        match lanes {
+            None => self.fbin(op, a, b),
+            Some(n) => self.op(&format!("arith.{op} {a}, {b} : vector<{n}xf32>")),
+        }
+    }
+
+    /// The f32 constant `x`, or a hoisted vector of `lanes` of it.
+    pub(crate) fn splat_f32(&mut self, x: f32, lanes: Option<usize>) -> String {
+        let c = self.f32(x);
+        match lanes {
+            None => c,
+            Some(n) => self.hoist(&format!("vector.broadcast {c} : f32 to vector<{n}xf32>")),
+        }
+    }
+
+    /// The i32 constant `x`, or a hoisted vector of `lanes` of it.
+    fn splat_i32(&mut self, x: i32, lanes: Option<usize>) -> String {
+        let c = self.i32(x);
+        match lanes {
+            None => c,
+            Some(n) => self.hoist(&format!("vector.broadcast {c} : i32 to vector<{n}xi32>")),
+        }
     }
 
     /// `2^n` for an i32 `n` in [-126, 127], built from its exponent bits.

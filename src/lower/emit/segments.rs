@@ -70,9 +70,18 @@ impl Kc<'_> {
         }
     }
 
+    /// The end of `segments` when they are one segment from 0, else
+    /// nothing.
+    fn end_from_zero<'s>(&self, segments: &'s [Poly]) -> &'s [Poly] {
+        match segments {
+            [start, end] if self.graph.dims.same(start, &Poly::zero()) => std::slice::from_ref(end),
+            _ => &[],
+        }
+    }
+
     /// A row reduction over `segments` (see [`Kc::row_segments`]) from
     /// `init`: `body(kc, index, acc)` gives the next accumulator. One loop
-    /// per segment, the index pinned to it; a single segment is one
+    /// per segment, the index pinned to it; a single segment from 0 is one
     /// [`Kc::row_for`] loop (the GPU's lanes included). Returns the
     /// accumulated value, before [`Kc::row_combine`].
     pub(super) fn row_fold(
@@ -81,7 +90,7 @@ impl Kc<'_> {
         init: &str,
         mut body: impl FnMut(&mut Self, &str, &str) -> Result<String, LowerError>,
     ) -> Result<String, LowerError> {
-        if let [_, end] = segments {
+        if let [end] = self.end_from_zero(segments) {
             let len = self.sizes(std::slice::from_ref(end))?.remove(0);
             let (res, l, a) = self.row_for(&len, init);
             let next = body(self, &l, &a)?;
@@ -186,7 +195,7 @@ impl Kc<'_> {
         segments: &[Poly],
         mut body: impl FnMut(&mut Self, &str) -> Result<(), LowerError>,
     ) -> Result<(), LowerError> {
-        if let [_, end] = segments {
+        if let [end] = self.end_from_zero(segments) {
             let len = self.sizes(std::slice::from_ref(end))?.remove(0);
             let l = self.row_loop(&len);
             body(self, &l)?;
