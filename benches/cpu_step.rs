@@ -264,7 +264,16 @@ fn main() {
                     // projections by weight panels are einsums there).
                     let sg = step.graph();
                     let j = node.and_then(|id| sg.nodes.iter().position(|n| n.id == id));
-                    let macs = j.map_or(0.0, |j| node_multiply_adds(sg, j, &sp).expect("multiply-adds"));
+                    let mut macs = j.map_or(0.0, |j| node_multiply_adds(sg, j, &sp).expect("multiply-adds"));
+                    // A fused context attention also does its w·V's.
+                    let fused = at.and_then(|i| {
+                        let kernel = &step.program().kernels[i];
+                        let plans = step.program().in_place.iter().filter_map(|p| p.fused.as_ref());
+                        plans.filter(|_| kernel.op == bifurc::lower::FUSED_OP).find(|f| f.partials == kernel.writes)
+                    });
+                    if let Some(values) = fused.and_then(|f| sg.nodes.iter().position(|n| n.id == f.values)) {
+                        macs += node_multiply_adds(sg, values, &sp).expect("multiply-adds");
+                    }
                     let share = if macs > 0.0 { format!("  ({:.0}%)", 100.0 * macs / peak / t) } else { String::new() };
                     let moved = moved.map(|r| format!("  {r:.1} GB/s")).unwrap_or_default();
                     println!("      {:>9.2} ms  {k}{share}{moved}", t * 1e3);

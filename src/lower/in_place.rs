@@ -68,6 +68,18 @@ pub(crate) struct FoundPart {
 /// the module docs), in node order.
 pub(crate) fn find(graph: &Graph, kinds: &[NodeKind]) -> Vec<Found> {
     let n = graph.nodes.len();
+    let users = live_users(graph, kinds);
+    let output = |j: usize| is_output(graph, j);
+    (0..n)
+        .filter(|&j| kinds.get(j) == Some(&NodeKind::Kernel) && !output(j))
+        .filter_map(|j| qualifies(graph, kinds, &users, &output, j))
+        .collect()
+}
+
+/// Each node's live users (nodes not [`NodeKind::Dead`] that read it),
+/// each once, in node order.
+pub(crate) fn live_users(graph: &Graph, kinds: &[NodeKind]) -> Vec<Vec<usize>> {
+    let n = graph.nodes.len();
     let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (k, node) in graph.nodes.iter().enumerate() {
         if kinds.get(k).is_none_or(|kind| *kind == NodeKind::Dead) {
@@ -81,11 +93,12 @@ pub(crate) fn find(graph: &Graph, kinds: &[NodeKind]) -> Vec<Found> {
             }
         }
     }
-    let output = |j: usize| graph.outputs.iter().any(|o| o.value == Value::Node(j));
-    (0..n)
-        .filter(|&j| kinds.get(j) == Some(&NodeKind::Kernel) && !output(j))
-        .filter_map(|j| qualifies(graph, kinds, &users, &output, j))
-        .collect()
+    users
+}
+
+/// Whether node `j` is one of `graph`'s outputs.
+pub(crate) fn is_output(graph: &Graph, j: usize) -> bool {
+    graph.outputs.iter().any(|o| o.value == Value::Node(j))
 }
 
 fn qualifies(
@@ -188,7 +201,7 @@ fn qualifies(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use serde_json::{json, Value as Json};
@@ -218,7 +231,7 @@ mod tests {
     }
 
     /// [`attention`] in `dtype`.
-    fn attention_in(dtype: &str) -> Json {
+    pub(crate) fn attention_in(dtype: &str) -> Json {
         json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 8}},
@@ -243,7 +256,7 @@ mod tests {
     /// heads): the scores `[b, g, p, 1, m]` concatenated, then read as `[b,
     /// h, 1, m + 1]` by a reshape; the probabilities read back as `[b, g,
     /// p, 1, m + 1]` by another before the slices; in `dtype`.
-    fn grouped_attention(dtype: &str) -> Json {
+    pub(crate) fn grouped_attention(dtype: &str) -> Json {
         json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m"], "constants": {"g": 2, "p": 3, "h": 6, "k": 8}},
@@ -267,7 +280,7 @@ mod tests {
         })
     }
 
-    fn graph(doc: &Json) -> Graph {
+    pub(crate) fn graph(doc: &Json) -> Graph {
         crate::import::from_value(doc).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -305,7 +318,9 @@ mod tests {
     const BF16: Tol = ((1e-3, 1e-2), (3e-2, 3e-2));
 
     fn check_in_place(g: &Graph, ((own_abs, own_rel), (abs, rel)): Tol) {
-        let program = plan_cpu(g).unwrap_or_else(|e| panic!("{e}"));
+        // The plan without the fused context attention (the step below
+        // has it where the softmax is f32: `lower::fused_attention`).
+        let program = crate::lower::plan::plan_cpu_fusing(g, false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(program.in_place.len(), 1, "{:?}", program.in_place);
         let plan = &program.in_place[0];
         assert_eq!(plan.node, "p");

@@ -28,7 +28,8 @@ use std::collections::BTreeSet;
 
 use crate::ir::{shape::numel, DType, Graph, Op, Poly, Role, Value};
 
-use super::plan::{classify, NodeKind, Program, COMBINE_OP};
+use super::fused_attention::FUSED_OP;
+use super::plan::{classify, InPlacePart, NodeKind, Program, COMBINE_OP};
 
 /// Bytes one kernel moves, by category, as polynomials over the runtime dims.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -164,6 +165,12 @@ impl Model<'_> {
     }
 }
 
+/// The parts after the first of in-place softmax `node` when its context
+/// attention is fused (its kernel then merges).
+fn fused_merge<'p>(program: &'p Program, node: &str) -> Option<&'p [InPlacePart]> {
+    program.in_place_of(node).filter(|p| p.fused.is_some()).and_then(|p| p.parts.get(1..))
+}
+
 /// Bytes moved by each kernel of `program` (planned from `graph`), in kernel order.
 pub fn kernel_bytes(graph: &Graph, program: &Program) -> Result<Vec<KernelBytes>, String> {
     let model = Model { graph, kinds: classify(graph) };
@@ -177,8 +184,10 @@ pub fn kernel_bytes(graph: &Graph, program: &Program) -> Result<Vec<KernelBytes>
             let mut acc = KernelBytes::default();
             match (kernel.op.as_str(), value) {
                 ("copy", _) => model.read(value, Amount::Factor(Poly::constant(1)), &mut acc)?,
-                // A split reduction's partial sums, each read once.
-                (COMBINE_OP, _) => {
+                // Each buffer read once: a split reduction's partial sums,
+                // a fused context attention's q, K and V (its partials are
+                // its output, below), its merge's partials and other parts.
+                (op, _) if op == COMBINE_OP || op == FUSED_OP || fused_merge(program, &kernel.node).is_some() => {
                     for &r in &kernel.reads {
                         let b = &program.buffers[r];
                         acc.add(None, &numel(&graph.dims, &b.shape)?, b.dtype)?;
@@ -204,6 +213,13 @@ pub fn kernel_bytes(graph: &Graph, program: &Program) -> Result<Vec<KernelBytes>
             // own shape over its parts.
             let out = &program.buffers[kernel.writes];
             match value {
+                // The merge of a fused context attention: the other
+                // parts written over, and the context output.
+                Value::Node(_) if let Some(parts) = fused_merge(program, &kernel.node) => {
+                    for b in parts.iter().map(|p| &program.buffers[p.buffer]).chain([out]) {
+                        acc.add(None, &numel(&graph.dims, &b.shape)?, b.dtype)?;
+                    }
+                }
                 Value::Node(j) if program.in_place_of(&kernel.node).is_some() => {
                     let node = &graph.nodes[j];
                     acc.add(None, &numel(&graph.dims, &node.shape)?, node.dtype)?;

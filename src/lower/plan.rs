@@ -190,6 +190,26 @@ pub struct InPlace {
     pub node: String,
     /// The concat's parts, in order.
     pub parts: Vec<InPlacePart>,
+    /// With its context attention fused (the CPU's): the softmax then
+    /// merges the fused kernel's partials with the other parts.
+    pub fused: Option<FusedPlan>,
+}
+
+/// The context attention of an [`InPlace`] softmax fused into one kernel
+/// (see `lower::fused_attention`): the first part's buffer is then the
+/// fused kernel's partials, `[items, rows…, head + 2]` f32 (per row and
+/// item the unnormalized outputs, their max, their sum), and the softmax
+/// writes the context output into `context`, the buffer of the `w·V`
+/// node `values`, which has no kernel of its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FusedPlan {
+    pub partials: usize,
+    pub context: usize,
+    pub values: String,
+    /// Items a head (the partials' first axis).
+    pub items: i64,
+    /// The product of the scales between the scores and the softmax.
+    pub scale: f64,
 }
 
 /// One part of an [`InPlace`] softmax's row.
@@ -585,23 +605,34 @@ pub fn plan_tuned(
     graph: &Graph,
     tensor_cores: Option<(&BTreeMap<String, i64>, Tuning)>,
 ) -> Result<Program, LowerError> {
-    plan_inner(graph, tensor_cores, false)
+    plan_inner(graph, tensor_cores, false, false)
 }
 
 /// The plan of the CPU step: [`plan_with`] without tensor cores, and
 /// every softmax that can be written over its input's parts planned so
-/// ([`InPlace`]; the GPU's plan keeps a buffer for each).
+/// ([`InPlace`]; the GPU's plan keeps a buffer for each), its context
+/// attention fused into one kernel where it can be ([`FusedPlan`]),
+/// unless [`FUSED_ATTENTION_ENV`](crate::lower::FUSED_ATTENTION_ENV) says
+/// `off` (an error for a value it does not know).
 pub fn plan_cpu(graph: &Graph) -> Result<Program, LowerError> {
-    plan_inner(graph, None, true)
+    plan_cpu_fusing(graph, super::fused_attention::fused_choice()?)
+}
+
+/// [`plan_cpu`] with the context attention fused where it qualifies
+/// (`lower::fused_attention`) or not, whatever the environment says.
+pub(crate) fn plan_cpu_fusing(graph: &Graph, fuse: bool) -> Result<Program, LowerError> {
+    plan_inner(graph, None, true, fuse)
 }
 
 fn plan_inner(
     graph: &Graph,
     tensor_cores: Option<(&BTreeMap<String, i64>, Tuning)>,
     in_place: bool,
+    fuse: bool,
 ) -> Result<Program, LowerError> {
     let kinds = classify(graph);
     let found = if in_place { super::in_place::find(graph, &kinds) } else { Vec::new() };
+    let fusions = if fuse { super::fused_attention::find(graph, &kinds, &found) } else { Vec::new() };
     let mut buffers = Vec::new();
     for inp in &graph.inputs {
         let shape = shape_of(graph, &inp.shape, &format!("input `{}`", inp.name))?;
@@ -635,7 +666,9 @@ fn plan_inner(
         }
     }
     for (j, node) in graph.nodes.iter().enumerate() {
-        if kinds[j] == NodeKind::Kernel && node_buf[j].is_none() && !found.iter().any(|f| f.softmax == j) {
+        let fused_away = fusions.iter().any(|f| f.scores == j);
+        if kinds[j] == NodeKind::Kernel && node_buf[j].is_none() && !found.iter().any(|f| f.softmax == j) && !fused_away
+        {
             let shape = shape_of(graph, &node.shape, &format!("node `{}`", node.id))?;
             node_buf[j] = Some(buffers.len());
             buffers.push(Buffer {
@@ -646,6 +679,24 @@ fn plan_inner(
                 pitch: None,
             });
         }
+    }
+    // A fused context attention's partials stand for its scores.
+    for f in &fusions {
+        let scores = &graph.nodes[f.scores];
+        let e = super::fused_attention::value_head(graph, f.values).ok_or_else(|| LowerError::Unsupported {
+            node: graph.nodes[f.values].id.clone(),
+            message: "a fused w·V without a constant head".into(),
+        })?;
+        let shape = super::fused_attention::partials_shape(graph, f.scores, e);
+        let shape = shape_of(graph, &shape, &format!("the partials of `{}`", scores.id))?;
+        node_buf[f.scores] = Some(buffers.len());
+        buffers.push(Buffer {
+            name: format!("{}{}", scores.id, super::fused_attention::FUSED_SUFFIX),
+            kind: BufferKind::Intermediate,
+            shape,
+            dtype: DType::F32,
+            pitch: None,
+        });
     }
     // The slices of a softmax planned in place read its parts' buffers.
     let mut in_place = Vec::with_capacity(found.len());
@@ -668,7 +719,23 @@ fn plan_inner(
             let (start, len) = (normalize(&part.start)?, normalize(&part.len)?);
             parts.push(InPlacePart { buffer, start, len, slices });
         }
-        in_place.push(InPlace { node: graph.nodes[f.softmax].id.clone(), parts });
+        let fused = match fusions.iter().find(|x| x.softmax == f.softmax) {
+            Some(x) => {
+                let missing = |what: &str| LowerError::Unsupported {
+                    node: graph.nodes[f.softmax].id.clone(),
+                    message: format!("a fused context attention without {what}"),
+                };
+                Some(FusedPlan {
+                    partials: node_buf[x.scores].ok_or_else(|| missing("partials"))?,
+                    context: node_buf[x.values].ok_or_else(|| missing("a context buffer"))?,
+                    values: graph.nodes[x.values].id.clone(),
+                    items: super::fused_attention::ITEMS,
+                    scale: x.scale,
+                })
+            }
+            None => None,
+        };
+        in_place.push(InPlace { node: graph.nodes[f.softmax].id.clone(), parts, fused });
     }
     let copies: Vec<(usize, Value, String)> =
         copies.into_iter().map(|(b, v)| (b, v, buffers[b].name.clone())).collect();
@@ -782,7 +849,29 @@ fn plan_inner(
                 message: "an in-place softmax without parts".into(),
             })?;
             let shape = shape_of(graph, &node.shape, &format!("node `{}`", node.id))?;
-            add(&node.id, &node.id, node.op.name(), &node.inputs, first, row, Some(j), Some(shape))?;
+            // Fused: the partials are read, the context output written.
+            let writes = match fusions.iter().find(|x| x.softmax == j).and_then(|x| node_buf[x.values]) {
+                Some(context) => context,
+                None => first,
+            };
+            add(&node.id, &node.id, node.op.name(), &node.inputs, writes, row, Some(j), Some(shape))?;
+        } else if let Some(x) = fusions.iter().find(|x| x.scores == j) {
+            // The context attention in one kernel: q, K and V read, the
+            // partials written (`lower::fused_attention`).
+            let v = graph.nodes[x.values].inputs.get(1).copied().ok_or_else(|| LowerError::Unsupported {
+                node: graph.nodes[x.values].id.clone(),
+                message: "a fused w·V without its V".into(),
+            })?;
+            let mut inputs = node.inputs.clone();
+            inputs.push(v);
+            let b = node_buf[j].ok_or_else(|| LowerError::Unsupported {
+                node: node.id.clone(),
+                message: "a fused context attention without partials".into(),
+            })?;
+            let name = format!("{}{}", node.id, super::fused_attention::FUSED_SUFFIX);
+            add(&name, &node.id, super::fused_attention::FUSED_OP, &inputs, b, None, None, None)?;
+        } else if fusions.iter().any(|x| x.values == j) {
+            // Written by the merge in the softmax's kernel.
         } else if let (NodeKind::Kernel, Some(b)) = (kinds[j], node_buf[j]) {
             add(&node.id, &node.id, node.op.name(), &node.inputs, b, row, Some(j), None)?;
         }

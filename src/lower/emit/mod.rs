@@ -98,6 +98,7 @@ mod chunks;
 mod contract;
 mod erf;
 mod exp;
+mod fused;
 mod mma;
 mod ops;
 mod pair_dot;
@@ -108,6 +109,7 @@ pub(crate) use amx::with_amx;
 pub use amx::AMX_ENV;
 pub(crate) use amx::{amx_choice, dense_source, AMX_INPUTS};
 pub(crate) use pair_dot::bf16_dot_choice;
+pub(crate) use pair_dot::cpu_setting;
 pub use pair_dot::BF16_DOT_ENV;
 #[cfg(test)]
 pub(crate) use pair_dot::{host_has_bf16_dot, with_bf16_dot};
@@ -133,6 +135,7 @@ use std::fmt::Write as _;
 
 use crate::ir::{Graph, Value};
 
+use super::fused_attention::FUSED_OP;
 use super::plan::{BufferKind, Kernel, Param, Program, COMBINE_OP};
 use super::LowerError;
 use bodies::Out;
@@ -237,6 +240,13 @@ impl Layout {
                     Some(Value::Node(j)) if part.buffer < program.buffers.len() => node_buf[j] = Some(part.buffer),
                     _ => return Err(mismatch(s, "slices an in-place softmax, but is not a node of the graph".into())),
                 }
+            }
+        }
+        // A fused context attention's merge writes its w·V's buffer.
+        for fused in program.in_place.iter().filter_map(|p| p.fused.as_ref()) {
+            match graph.find(&fused.values) {
+                Some(Value::Node(j)) if fused.context < program.buffers.len() => node_buf[j] = Some(fused.context),
+                _ => return Err(mismatch(&fused.values, "is fused, but is not a node of the graph".into())),
             }
         }
         Ok(Layout { input_buf, node_buf })
@@ -567,6 +577,7 @@ fn kernel_fn(
         _ => None,
     };
     let extent = match (mma, walk, node) {
+        (None, _, Some(j)) if kernel.op == FUSED_OP => kc.fused_attention_body(&dest, j)?,
         (None, _, Some(_)) if let Some(t) = &tiles => kc.amx_kernel_body(&dest, t, &mut opened)?,
         (None, _, Some(j)) if let Some(lanes) = vector => kc.vector_body(&dest, j, lanes, &mut opened)?,
         (Some((m, mode, j)), _, _) => {

@@ -180,6 +180,104 @@ impl Kc<'_> {
         Ok(())
     }
 
+    /// The softmax of a row whose first part is a fused context
+    /// attention's (see `lower::fused_attention`): the max over the
+    /// items' maxes (the partials) and the other parts' values, the sum
+    /// over the items' sums (each times `exp(m_item - max)`) and the
+    /// other parts' `exp`s (kept over their buffers, then scaled, as an
+    /// in-place softmax does), and the context output, the items' outputs
+    /// weighed the same way and divided by the sum, written into the
+    /// fused `w·V`'s buffer. `sizes` are the softmax's.
+    fn softmax_merge(
+        &mut self,
+        x: Value,
+        (at, axis): (&mut [String], usize),
+        (segments, parts): (&[Poly], &[Part]),
+        fused: &crate::lower::FusedPlan,
+        sizes: &[String],
+    ) -> Result<(), LowerError> {
+        let node = self.kernel.to_owned();
+        let unsupported = |message: &str| LowerError::Unsupported { node: node.clone(), message: message.into() };
+        if segments.len() != parts.len() + 1 || parts.len() < 2 {
+            return Err(unsupported("a fused softmax's row is not split at its parts"));
+        }
+        let rest = &segments[1..];
+        let partials = self.program.buffers.get(fused.partials).ok_or_else(|| unsupported("no partials"))?;
+        let width = partials.shape.last().and_then(|p| self.graph.dims.normalize(p).ok()?.as_constant());
+        let width = width.filter(|w| *w > 2).ok_or_else(|| unsupported("partials of no constant head"))?;
+        let e_len = width - 2;
+        let (pptr, cptr) = (self.ptr(fused.partials)?, self.ptr(fused.context)?);
+        // The row: its index among the softmax's rows.
+        let mut row_sizes = sizes.to_vec();
+        row_sizes[axis] = self.b.index(1);
+        let mut row_at = at.to_vec();
+        row_at[axis] = self.b.index(0);
+        let row = self.b.linearize(&row_at, &row_sizes);
+        let mut rows = self.b.index(1);
+        for (_, s) in sizes.iter().enumerate().filter(|(a, _)| *a != axis) {
+            rows = self.b.hoist(&format!("arith.muli {rows}, {s} : index"));
+        }
+        let items = self.b.index(fused.items);
+        let (w, c_e) = (self.b.index(width), self.b.index(e_len));
+        // Where item `i`'s partials of this row start.
+        let item_base = |kc: &mut Self, i: &str| {
+            let r = kc.b.muli(i, &rows);
+            let r = kc.b.addi(&r, &row);
+            kc.b.muli(&r, &w)
+        };
+        let (ninf, zero) = (self.b.f32(f32::NEG_INFINITY), self.b.f32(0.0));
+        let max_rest = self.softmax_max(x, at, axis, rest)?;
+        let (max_items, i, acc) = self.b.open_for(&items, &ninf, Ty::F32);
+        let base = item_base(self, &i);
+        let off = self.b.addi(&base, &c_e);
+        let m = self.b.load(&pptr, &off, DType::F32);
+        let next = self.b.fbin("maximumf", &acc, &m.ssa);
+        self.b.close_for(&next, Ty::F32);
+        let max = self.b.fbin("maximumf", &max_rest, &max_items);
+        let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
+        let sum_rest = self.softmax_sum(x, at, axis, rest, &max, Some(Keep::Parts(parts)))?;
+        // Each item's weight `exp(m_item - max)` (0 in a fully masked
+        // row), kept for the outputs, and its sum times it.
+        let weights = self.b.stack_f32("merge_weights", fused.items as usize, None);
+        let (sum_items, i, acc) = self.b.open_for(&items, &zero, Ty::F32);
+        let base = item_base(self, &i);
+        let off = self.b.addi(&base, &c_e);
+        let m = self.b.load(&pptr, &off, DType::F32);
+        let one = self.b.index(1);
+        let off = self.b.addi(&off, &one);
+        let l = self.b.load(&pptr, &off, DType::F32);
+        let d = self.b.fbin("subf", &m.ssa, &max);
+        let wt = self.exp_nonpositive(&d);
+        let wt = self.b.op(&format!("arith.select {masked}, {zero}, {wt} : f32"));
+        self.b.store(&weights, &i, DType::F32, Val::f32(wt.clone()));
+        let p = self.b.fbin("mulf", &l.ssa, &wt);
+        let next = self.b.fbin("addf", &acc, &p);
+        self.b.close_for(&next, Ty::F32);
+        let sum = self.b.fbin("addf", &sum_rest, &sum_items);
+        let len = sizes[axis].clone();
+        let out = (pptr.as_str(), sizes, DType::F32);
+        self.softmax_scale(&[max.clone(), sum.clone()], (&len, rest), at, axis, Keep::Parts(parts), out, None)?;
+        // The context output: the items' outputs weighed, over the sum.
+        let one_f = self.b.f32(1.0);
+        let inv = self.b.fbin("divf", &one_f, &sum);
+        let inv = self.b.op(&format!("arith.select {masked}, {zero}, {inv} : f32"));
+        let out_base = self.b.muli(&row, &c_e);
+        let e = self.b.open_loop(&c_e);
+        let (total, i, acc) = self.b.open_for(&items, &zero, Ty::F32);
+        let base = item_base(self, &i);
+        let off = self.b.addi(&base, &e);
+        let o = self.b.load(&pptr, &off, DType::F32);
+        let wt = self.b.load(&weights, &i, DType::F32);
+        let p = self.b.fbin("mulf", &o.ssa, &wt.ssa);
+        let next = self.b.fbin("addf", &acc, &p);
+        self.b.close_for(&next, Ty::F32);
+        let v = self.b.fbin("mulf", &total, &inv);
+        let off = self.b.addi(&out_base, &e);
+        self.b.store(&cptr, &off, DType::F32, Val::f32(v));
+        self.b.close();
+        Ok(())
+    }
+
     /// The parts of softmax node `j`'s row when it is planned in place
     /// (see [`Keep::Parts`]).
     fn in_place_parts(&mut self, j: usize) -> Result<Option<Vec<Part>>, LowerError> {
@@ -385,6 +483,13 @@ impl Kc<'_> {
                 // max; then `e = exp(x - max)` summed; then each element.
                 let x = arg(self, 0)?;
                 let segments = self.row_segments(x, axis);
+                let fused = self.program.in_place_of(&self.graph.nodes[j].id).and_then(|p| p.fused.clone());
+                if let Some(fused) = fused {
+                    // The fused context attention's partials stand for
+                    // the first part (`lower::fused_attention`).
+                    let parts = self.in_place_parts(j)?.unwrap_or_default();
+                    return self.softmax_merge(x, (&mut at, axis), (&segments, &parts), &fused, out_sizes);
+                }
                 let max = self.softmax_max(x, &mut at, axis, &segments)?;
                 let out = (out_ptr, out_sizes, out_dtype);
                 if out_dtype == DType::F32 {

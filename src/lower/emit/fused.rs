@@ -1,0 +1,371 @@
+//! The fused context attention's kernel (see `lower::fused_attention`):
+//! q, K and V read, the partials written, no score stored.
+//!
+//! An item is a KV head `g`, a stretch `i` of the context (one of
+//! `ITEMS`, a multiple of [`BLOCK`] positions) and up to [`UNIT_TILES`]
+//! tiles of 16 query rows (the rows that share the head's K and V, one
+//! a vector lane); the call's part takes a range of items. Per item:
+//! - its rows of q packed `[tile][head][16]` on the stack (rows past the
+//!   last are zeros, their partials not stored);
+//! - per block of positions, each tile in turn (the block's K and V rows
+//!   read from memory by the first, from L1 by the next): the scores,
+//!   each a vector of 16 rows, summed along the head in passes of a few
+//!   positions (a broadcast element of K for an FMA per row vector, as
+//!   the rows-in-lanes tile of `emit::rows_in_lanes`; the next block's K
+//!   and V rows prefetched a line a step of the first passes), scaled,
+//!   and `-inf` past the stretch's end (a K row past the context is read
+//!   at the last one instead), kept in a slot; the online softmax a lane a
+//!   row: the block's max, `alpha = exp(m_old - m_new)`, the block's
+//!   `exp`s over the scores and their sum; the tile's outputs `[head][16]`
+//!   (a slot) times `alpha` plus the `exp`s times V, in passes of a few
+//!   head elements (a broadcast element of V for an FMA per row vector);
+//! - per row its outputs, its max and its sum into the partials.
+//!
+//! The passes take 12 registers of accumulators with narrow tiles
+//! (`emit::registers`; a pass of 6 or 5 positions or head elements of 16
+//! rows), 16 vectors of 16 otherwise.
+//!
+//! On the 2-core Zen 3 VM (AVX2), layer 0's context attention of the
+//! cpu_step bench (b = 32, m_c = 8192, 16 heads of 64), its kernels linked
+//! into a C driver, K and V flushed from the caches before each run,
+//! alternated: the fused kernel and its merge 9.2-10.2 ms (best of 8) on
+//! two threads against 11.1-13.5 for the q·K, the softmax and the w·V, on
+//! one 17.4-18.6 against 20.4-21.3. In the step itself no faster (medians
+//! of 6 alternated profiles, both layers on two threads: 23.7 against 23.9
+//! ms). Tried and not kept: blocks of 16 and of 64 positions (64: no
+//! better than 32), one tile an item (its second tile read K and V from
+//! L3: 18.4-19.1 ms on one thread).
+
+use crate::ir::{DType, Op, Value};
+use crate::lower::fused_attention::ITEMS;
+use crate::lower::LowerError;
+
+use super::bodies::Out;
+use super::builder::Val;
+use super::registers::NARROW_LANES_OUTPUTS;
+use super::{Kc, Partition};
+
+/// Rows of a tile, one per lane.
+const ROWS: usize = 16;
+/// Tiles of rows an item takes at most (walked in turn over each block).
+const UNIT_TILES: usize = 2;
+/// Positions of a block.
+const BLOCK: i64 = 32;
+
+impl Kc<'_> {
+    /// The body of a fused context attention whose `q·K` is node `j`,
+    /// writing its partials (`out`). Returns the item count.
+    pub(super) fn fused_attention_body(&mut self, out: &Out, j: usize) -> Result<String, LowerError> {
+        let graph = self.graph;
+        let fused = self
+            .program
+            .in_place
+            .iter()
+            .filter_map(|p| p.fused.as_ref())
+            .find(|f| self.ptrs.contains_key(&f.partials) && out.kernel.writes == f.partials)
+            .ok_or_else(|| self.unsupported(j, "a fused context attention without its plan"))?;
+        let wv = match graph.find(&fused.values) {
+            Some(Value::Node(w)) => w,
+            _ => return Err(self.unsupported(j, "a fused context attention without its w·V")),
+        };
+        let (Op::Einsum(spec), [q, k]) = (&graph.nodes[j].op, graph.nodes[j].inputs.as_slice()) else {
+            return Err(self.unsupported(j, "a fused q·K that is not an einsum of two"));
+        };
+        let (Op::Einsum(spec2), [_, v]) = (&graph.nodes[wv].op, graph.nodes[wv].inputs.as_slice()) else {
+            return Err(self.unsupported(wv, "a fused w·V that is not an einsum of two"));
+        };
+        let (spec, spec2, q, k, v) = (spec.clone(), spec2.clone(), *q, *k, *v);
+        let bad = |kc: &Self| kc.unsupported(j, "a fused context attention of another form");
+        let (&[g, z, y], &[g2, z2, e]) = (spec.inputs[1].as_slice(), spec2.inputs[1].as_slice()) else {
+            return Err(bad(self));
+        };
+        let rank = spec.output.len().saturating_sub(1);
+        let rows: Vec<char> = spec.output[..rank].to_vec();
+        let g_axis = rows.iter().position(|&c| c == g).ok_or_else(|| bad(self))?;
+        let known = |kc: &Self, p: &crate::ir::Poly| {
+            kc.graph.dims.normalize(p).ok().and_then(|p| p.as_constant()).ok_or_else(|| bad(kc))
+        };
+        let head = known(self, &graph.shape_of(k)[2])?;
+        let e_len = known(self, &graph.nodes[wv].shape[rank])?;
+
+        let n = ROWS;
+        let vty = format!("vector<{n}xf32>");
+        let lanes = Some(n);
+        let row_sizes = self.sizes(&graph.nodes[j].shape[..rank])?;
+        let m_c = self.sizes(&graph.shape_of(k)[1..2])?.remove(0);
+        let others: Vec<usize> = (0..rank).filter(|&a| a != g_axis).collect();
+        let other_sizes: Vec<String> = others.iter().map(|&a| row_sizes[a].clone()).collect();
+        let mut r_len = self.b.index(1);
+        for s in &other_sizes {
+            r_len = self.b.hoist(&format!("arith.muli {r_len}, {s} : index"));
+        }
+        let tiles = self.ceil_div(&r_len, n as i64);
+        let items = self.b.index(ITEMS);
+        let per_item = self.ceil_div(&m_c, ITEMS);
+        let per_item = self.ceil_div(&per_item, BLOCK);
+        let block = self.b.index(BLOCK);
+        let per_item = self.b.hoist(&format!("arith.muli {per_item}, {block} : index"));
+        let one = self.b.index(1);
+        let last_z = self.b.hoist(&format!("arith.subi {m_c}, {one} : index"));
+        let last_r = self.b.hoist(&format!("arith.subi {r_len}, {one} : index"));
+        let (c16, c_head, c_e) = (self.b.index(n as i64), self.b.index(head), self.b.index(e_len));
+        let zero = self.b.f32(0.0);
+        let zeros = self.b.splat_f32(0.0, lanes);
+        let ninfs = self.b.splat_f32(f32::NEG_INFINITY, lanes);
+        let scale = self.b.splat_f32(fused.scale as f32, lanes);
+
+        // The items of this call's part.
+        let unit_tiles = self.ceil_div(&tiles, UNIT_TILES as i64);
+        let units = [row_sizes[g_axis].clone(), items.clone(), unit_tiles];
+        let (flat, regions) = self.open_part_loop(&units);
+        self.partition = Partition::Done;
+        let unit = self.b.delinearize(&flat, &units);
+        let (gi, item) = (unit[0].clone(), unit[1].clone());
+        let per_unit = self.b.index(UNIT_TILES as i64);
+        let first_tile = self.b.muli(&unit[2], &per_unit);
+        let left = self.b.subi(&tiles, &first_tile);
+        let unit_tiles = self.b.op(&format!("arith.minui {left}, {per_unit} : index"));
+        // Where tile `t`'s rows start; its q, outputs, maxes and sums in
+        // the slots.
+        let (q_size, o_size) = (self.b.index(head * n as i64), self.b.index(e_len * n as i64));
+        let bases = |kc: &mut Self, t: &str| {
+            let row = kc.b.addi(&first_tile, t);
+            let row = kc.b.muli(&row, &c16);
+            [row, kc.b.muli(t, &q_size), kc.b.muli(t, &o_size), kc.b.muli(t, &c16)]
+        };
+
+        // The unit's rows of q, `[tile][head][16]`; the state.
+        let tiles_most = UNIT_TILES * n;
+        let qs = self.b.stack_f32("fused_q", head as usize * tiles_most, None);
+        let os = self.b.stack_f32("fused_o", e_len as usize * tiles_most, None);
+        let es = self.b.stack_f32("fused_e", BLOCK as usize * n, None);
+        let ms = self.b.stack_f32("fused_m", tiles_most, None);
+        let ls = self.b.stack_f32("fused_l", tiles_most, None);
+        let t = self.b.open_loop(&unit_tiles);
+        let [first_row, q_base, o_base, m_base] = bases(self, &t);
+        let l = self.b.open_loop(&c16);
+        let r = self.b.addi(&first_row, &l);
+        let valid = self.b.ult(&r, &r_len);
+        let rc = self.b.op(&format!("arith.select {valid}, {r}, {last_r} : index"));
+        let mut env = self.row_env(&rows, g_axis, &gi, (&rc, &other_sizes));
+        let d = self.b.open_loop(&c_head);
+        env.push((y, d.clone()));
+        let at = self.operand_index(j, &spec.inputs[0], &env)?;
+        let x = self.loadf(q, &at)?;
+        let x = self.b.op(&format!("arith.select {valid}, {x}, {zero} : f32"));
+        let off = self.b.muli(&d, &c16);
+        let off = self.b.addi(&off, &l);
+        let off = self.b.addi(&off, &q_base);
+        self.b.store(&qs, &off, DType::F32, Val::f32(x));
+        self.b.close();
+        self.b.close();
+        let c0 = self.b.index(0);
+        self.b.store_vector(&ms, &m_base, &ninfs, n, DType::F32);
+        self.b.store_vector(&ls, &m_base, &zeros, n, DType::F32);
+        let ei = self.b.open_loop(&c_e);
+        let off = self.b.muli(&ei, &c16);
+        let off = self.b.addi(&off, &o_base);
+        self.b.store_vector(&os, &off, &zeros, n, DType::F32);
+        self.b.close();
+        self.b.close();
+
+        // The stretch's blocks.
+        let z0 = self.b.muli(&item, &per_item);
+        let z1 = self.b.addi(&z0, &per_item);
+        let z1 = self.b.op(&format!("arith.minui {z1}, {m_c} : index"));
+        let p0 = self.b.open_loop_from(&z0, &z1, &block);
+        let pass_len = if self.narrow { NARROW_LANES_OUTPUTS } else { n };
+        // Where the next block's K and V rows start (each stored, the
+        // head its innermost axis, the positions the next one out).
+        let next = self.b.addi(&p0, &block);
+        let mut starts = Vec::with_capacity(2);
+        for (operand, node, subs, (gl, zl, hl)) in
+            [(k, j, &spec.inputs[1], (g, z, y)), (v, wv, &spec2.inputs[1], (g2, z2, e))]
+        {
+            let start = match self.stored(operand) {
+                Some(b) if subs.last() == Some(&hl) => {
+                    let env = [(gl, gi.clone()), (zl, next.clone()), (hl, c0.clone())];
+                    let at = self.operand_index(node, subs, &env)?;
+                    Some(self.buffer_offset(b, &at)?)
+                }
+                _ => None,
+            };
+            starts.push(start);
+        }
+        let (next_k, next_v) = (starts[0].clone(), starts[1].clone());
+        // Each tile in turn over the block (its K and V rows in L1 for
+        // the next).
+        let t = self.b.open_loop(&unit_tiles);
+        let [_, q_base, o_base, m_base] = bases(self, &t);
+        for (pass, (first, count)) in passes(BLOCK as usize, pass_len).into_iter().enumerate() {
+            // The positions, a K row past the context read at its last.
+            let mut zs = Vec::with_capacity(count);
+            for c in first..first + count {
+                let off = self.b.index(c as i64);
+                let at = self.b.addi(&p0, &off);
+                zs.push((at.clone(), self.b.op(&format!("arith.minui {at}, {last_z} : index"))));
+            }
+            let (sums, d, accs) = self.b.open_for_typed(&c_head, &one, &vec![zeros.clone(); count], &vty);
+            let off = self.b.muli(&d, &c16);
+            let q_at = self.b.addi(&off, &q_base);
+            let qv = self.b.load_vector(&qs, &q_at, n, DType::F32);
+            // The next block's rows of K (first pass) and V (second), a
+            // line a step: 16 rows of the head are `head` lines.
+            let each = (BLOCK / ROWS as i64) as usize;
+            if let Some(Some((ptr, base))) = [&next_k, &next_v].get(pass / each).copied() {
+                let skip = self.b.index(((pass % each) as i64) * head * ROWS as i64);
+                let at = self.b.addi(base, &skip);
+                let at = self.b.addi(&at, &off);
+                self.b.prefetch(ptr, &at, DType::F32, false);
+            }
+            let mut nexts = Vec::with_capacity(count);
+            for ((_, zc), acc) in zs.iter().zip(&accs) {
+                let env = [(g, gi.clone()), (z, zc.clone()), (y, d.clone())];
+                let at = self.operand_index(j, &spec.inputs[1], &env)?;
+                let x = self.loadf(k, &at)?;
+                nexts.push(self.lanes_fma(&qv, &x, acc, &vty));
+            }
+            self.b.close_for_typed(&nexts, &vty);
+            // Scaled, `-inf` past the stretch, kept in the block's slot.
+            for (c, ((at, _), sum)) in (first..).zip(zs.iter().zip(&sums)) {
+                let s = self.b.op(&format!("arith.mulf {sum}, {scale} : {vty}"));
+                let inside = self.b.ult(at, &z1);
+                let s = self.b.op(&format!("arith.select {inside}, {s}, {ninfs} : {vty}"));
+                let off = self.b.index((c * n) as i64);
+                self.b.store_vector(&es, &off, &s, n, DType::F32);
+            }
+        }
+        // The online softmax, a row a lane: the block's max, then its
+        // `exp`s over its scores in the slot, and their sum.
+        let m_old = self.b.load_vector(&ms, &m_base, n, DType::F32);
+        let (m_new, c, acc) = self.b.open_for_typed(&block, &one, std::slice::from_ref(&m_old), &vty);
+        let off = self.b.muli(&c, &c16);
+        let s = self.b.load_vector(&es, &off, n, DType::F32);
+        // `s > max ? s : max`, one `vmaxps` on x86 (`arith.maximumf`
+        // takes five there, for its NaN): a NaN score still makes the
+        // row's sum NaN below.
+        let above = self.b.op(&format!("arith.cmpf ogt, {s}, {} : {vty}", acc[0]));
+        let next = self.b.op(&format!("arith.select {above}, {s}, {} : vector<{n}xi1>, {vty}", acc[0]));
+        self.b.close_for_typed(&[next], &vty);
+        let m_new = m_new[0].clone();
+        let shift = self.b.op(&format!("arith.subf {m_old}, {m_new} : {vty}"));
+        let alpha = self.b.exp_nonpositive_lanes(&shift, lanes);
+        let (sum, c, acc) = self.b.open_for_typed(&block, &one, std::slice::from_ref(&zeros), &vty);
+        let off = self.b.muli(&c, &c16);
+        let s = self.b.load_vector(&es, &off, n, DType::F32);
+        let x = self.b.op(&format!("arith.subf {s}, {m_new} : {vty}"));
+        let p = self.b.exp_nonpositive_lanes(&x, lanes);
+        self.b.store_vector(&es, &off, &p, n, DType::F32);
+        let next = self.b.op(&format!("arith.addf {}, {p} : {vty}", acc[0]));
+        self.b.close_for_typed(&[next], &vty);
+        let sum = sum[0].clone();
+        let l_old = self.b.load_vector(&ls, &m_base, n, DType::F32);
+        let l_new = self.b.op(&format!("arith.mulf {l_old}, {alpha} : {vty}"));
+        let l_new = self.b.op(&format!("arith.addf {l_new}, {sum} : {vty}"));
+        self.b.store_vector(&ls, &m_base, &l_new, n, DType::F32);
+        self.b.store_vector(&ms, &m_base, &m_new, n, DType::F32);
+        // The outputs: rescaled, plus the block's `exp`s times V.
+        let e_len = e_len as usize;
+        for (first, count) in passes(e_len, pass_len) {
+            let mut inits = Vec::with_capacity(count);
+            let mut o_at = Vec::with_capacity(count);
+            for k in first..first + count {
+                let off = self.b.index((k * n) as i64);
+                let off = self.b.addi(&off, &o_base);
+                let o = self.b.load_vector(&os, &off, n, DType::F32);
+                o_at.push(off);
+                inits.push(self.b.op(&format!("arith.mulf {o}, {alpha} : {vty}")));
+            }
+            let (outs, c, accs) = self.b.open_for_typed(&block, &one, &inits, &vty);
+            let off = self.b.muli(&c, &c16);
+            let pv = self.b.load_vector(&es, &off, n, DType::F32);
+            let at = self.b.addi(&p0, &c);
+            let zc = self.b.op(&format!("arith.minui {at}, {last_z} : index"));
+            let mut nexts = Vec::with_capacity(count);
+            for (k, acc) in (first..).zip(&accs) {
+                let ek = self.b.index(k as i64);
+                let env = [(g2, gi.clone()), (z2, zc.clone()), (e, ek)];
+                let at = self.operand_index(wv, &spec2.inputs[1], &env)?;
+                let x = self.loadf(v, &at)?;
+                nexts.push(self.lanes_fma(&pv, &x, acc, &vty));
+            }
+            self.b.close_for_typed(&nexts, &vty);
+            for (off, o) in o_at.iter().zip(&outs) {
+                self.b.store_vector(&os, off, o, n, DType::F32);
+            }
+        }
+        self.b.close();
+        self.b.close();
+
+        // Each row's outputs, max and sum.
+        let t = self.b.open_loop(&unit_tiles);
+        let [first_row, _, o_base, m_base] = bases(self, &t);
+        let l = self.b.open_loop(&c16);
+        let r = self.b.addi(&first_row, &l);
+        let valid = self.b.ult(&r, &r_len);
+        self.b.open_guard(&valid);
+        let env = self.row_env(&rows, g_axis, &gi, (&r, &other_sizes));
+        let mut at: Vec<String> = vec![item.clone()];
+        at.extend(env.into_iter().map(|(_, i)| i));
+        at.push(c0.clone());
+        let base = self.b.linearize(&at, &out.sizes);
+        let ei = self.b.open_loop(&c_e);
+        let off = self.b.muli(&ei, &c16);
+        let off = self.b.addi(&off, &l);
+        let off = self.b.addi(&off, &o_base);
+        let o = self.b.load(&os, &off, DType::F32);
+        let to = self.b.addi(&base, &ei);
+        self.b.store(&out.ptr, &to, DType::F32, o);
+        self.b.close();
+        let lane = self.b.addi(&l, &m_base);
+        for (slot, k) in [(&ms, e_len as i64), (&ls, e_len as i64 + 1)] {
+            let x = self.b.load(slot, &lane, DType::F32);
+            let ko = self.b.index(k);
+            let to = self.b.addi(&base, &ko);
+            self.b.store(&out.ptr, &to, DType::F32, x);
+        }
+        self.b.close();
+        self.b.close();
+        self.b.close();
+        for _ in 0..regions {
+            self.b.close();
+        }
+        Ok(flat)
+    }
+
+    /// The letters of a row of a fused tile, in the order of `rows`: `g`
+    /// at `g_axis`, the other row letters from `r` delinearized over their
+    /// sizes.
+    fn row_env(&mut self, rows: &[char], g_axis: usize, g: &str, (r, sizes): (&str, &[String])) -> Vec<(char, String)> {
+        let mut idx = self.b.delinearize(r, sizes).into_iter();
+        rows.iter()
+            .enumerate()
+            .map(|(a, &c)| (c, if a == g_axis { g.to_owned() } else { idx.next().unwrap_or_default() }))
+            .collect()
+    }
+
+    /// `acc + rows · x` (x an f32 broadcast to the lanes), which LLVM may
+    /// fuse into one FMA.
+    fn lanes_fma(&mut self, rows: &str, x: &str, acc: &str, vty: &str) -> String {
+        let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
+        let p = self.b.op(&format!("arith.mulf {x}, {rows} fastmath<contract> : {vty}"));
+        self.b.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}"))
+    }
+}
+
+/// `total` split into the fewest passes of at most `most`, as even as
+/// they can be (32 in passes of 6: 6, 6, 5, 5, 5, 5; a pass of 2 would
+/// have too few accumulators to hide the FMAs' latency): each pass's
+/// first index and length.
+fn passes(total: usize, most: usize) -> Vec<(usize, usize)> {
+    let count = total.div_ceil(most.max(1));
+    let (base, extra) = (total / count.max(1), total % count.max(1));
+    let mut first = 0;
+    (0..count)
+        .map(|p| {
+            let len = base + usize::from(p < extra);
+            first += len;
+            (first - len, len)
+        })
+        .collect()
+}

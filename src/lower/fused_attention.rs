@@ -1,0 +1,316 @@
+//! The CPU's context attention fused into one kernel (a CPU plan:
+//! [`super::plan_cpu`]).
+//!
+//! Bifurcated attention's context part is three kernels on the CPU: the
+//! context `q·K` writes every score (`[rows, m_c]`, f32), the softmax
+//! planned in place (`lower::in_place`) reads and writes them, and the
+//! context `w·V` reads them again. At b = 32, m_c = 8192 and 16 heads that
+//! is 16 MB of scores written, read, written and read a layer beside the
+//! 64 MB of K and V, and the three kernels' FMAs wait on it.
+//!
+//! Fused, one kernel reads q, K and V and never stores a score: an item
+//! is one KV head, a stretch of the context ([`ITEMS`] a head) and a tile
+//! of 16 query rows (in the vector lanes, as the q·K's rows-in-lanes
+//! tile), walked in blocks of 16 positions with the online softmax
+//! (FlashDecoding's; the cascade form of REFERENCES.md): the block's
+//! scores, their max, the old sums and outputs rescaled by `exp(m_old -
+//! m_new)`, the block's `exp`s summed and multiplied into V. Each item
+//! writes, per row, its unnormalized output, its max and its sum: the
+//! partials, `[ITEMS, rows…, head + 2]` (see [`partials_shape`]).
+//!
+//! The softmax's kernel then merges: per row, the max over the items' and
+//! the decode parts' scores, the sum over both, the decode parts'
+//! probabilities written over their scores as before, and the context
+//! output, the items' outputs weighed by `exp(m_item - max) / sum`,
+//! written into the buffer of the context `w·V`, whose kernel goes.
+//!
+//! A softmax planned in place qualifies ([`find`]) when, all in f32:
+//! - the chain between its concat and itself is scales by constants and
+//!   reshapes that keep the row (the decode step's mask of all zeros is
+//!   already gone: `cpu::masks`);
+//! - the concat's first part is a context `q·K`: an einsum of a query
+//!   `[rows…, y]` and a graph input `[g, z, y]` (the context K), writing
+//!   `[rows…, z]` with `g` one of the rows' letters, its head `y` a
+//!   constant;
+//! - that part is read by one slice, read only by the context `w·V`: an
+//!   einsum of the slice `[rows…, z]` and a graph input `[g, z, e]` (the
+//!   context V) writing `[rows…, e]`, the same rows as the scores', the
+//!   head `e` a constant, and not a graph output.
+//!
+//! The same sums in another order (per block, then per item, then over
+//! the items), and `exp` as the softmax's: within a few ulps of the three
+//! kernels, not the same bits.
+
+use crate::ir::{DType, Graph, Op, Poly, Value};
+use crate::lower::LowerError;
+
+use super::in_place::{is_output, live_users, Found};
+use super::plan::NodeKind;
+
+/// The op name of the fused kernel in a [`super::Program`].
+pub const FUSED_OP: &str = "fused_attention";
+
+/// Suffix of the name of a fused kernel's partials buffer.
+pub const FUSED_SUFFIX: &str = ".fused";
+
+/// Stretches of the context per KV head, each an item of the fused
+/// kernel: a constant, so that the partials' size is a polynomial; with
+/// the tiles of rows, enough items for a few threads at any context
+/// length (b = 32 and 16 heads: 256).
+pub const ITEMS: i64 = 8;
+
+/// The environment variable that turns the fused context attention off
+/// (`off`; `on` or `auto`, the default: fused where a softmax qualifies).
+pub const FUSED_ATTENTION_ENV: &str = "BIFURC_CPU_FUSED_ATTENTION";
+
+/// One context attention to fuse: the softmax planned in place, its
+/// concat's first part (the context `q·K`), the context `w·V`, and the
+/// product of the scales between the concat and the softmax.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Fusion {
+    pub softmax: usize,
+    pub scores: usize,
+    pub values: usize,
+    pub scale: f64,
+}
+
+/// Whether [`FUSED_ATTENTION_ENV`] lets the CPU plan fuse (an error for a
+/// value it does not know).
+pub(crate) fn fused_choice() -> Result<bool, LowerError> {
+    let setting = std::env::var(FUSED_ATTENTION_ENV).ok();
+    let on = super::emit::cpu_setting(FUSED_ATTENTION_ENV, setting.as_deref(), || true, "")?;
+    Ok(on.unwrap_or(true))
+}
+
+/// The fusions among the softmaxes `found` in place (see the module docs).
+pub(crate) fn find(graph: &Graph, kinds: &[NodeKind], found: &[Found]) -> Vec<Fusion> {
+    let users = live_users(graph, kinds);
+    found.iter().filter_map(|f| fusion(graph, kinds, &users, f)).collect()
+}
+
+/// The shape of the partials of a fused `q·K` node `scores` whose `w·V`
+/// has a head of `e`: `[ITEMS, rows…, e + 2]` (the rows the scores'
+/// axes but the last; per row the item's `e` outputs, its max, its sum).
+pub(crate) fn partials_shape(graph: &Graph, scores: usize, e: i64) -> Vec<Poly> {
+    let shape = &graph.nodes[scores].shape;
+    let mut out = vec![Poly::constant(ITEMS)];
+    out.extend(shape[..shape.len().saturating_sub(1)].iter().cloned());
+    out.push(Poly::constant(e + 2));
+    out
+}
+
+/// A constant size.
+fn constant(graph: &Graph, p: &Poly) -> Option<i64> {
+    graph.dims.normalize(p).ok()?.as_constant()
+}
+
+/// The head (last axis) of the `w·V` node `values`, a constant.
+pub(crate) fn value_head(graph: &Graph, values: usize) -> Option<i64> {
+    constant(graph, graph.nodes[values].shape.last()?)
+}
+
+fn fusion(graph: &Graph, kinds: &[NodeKind], users: &[Vec<usize>], f: &Found) -> Option<Fusion> {
+    let f32 = |v: Value| graph.dtype_of(v) == DType::F32;
+    let softmax = &graph.nodes[f.softmax];
+    if softmax.dtype != DType::F32 || f.parts.len() < 2 {
+        return None;
+    }
+    // From the softmax back to the concat: scales and reshapes only.
+    let mut scale = 1.0;
+    let mut at = match softmax.inputs.as_slice() {
+        [Value::Node(x)] => *x,
+        _ => return None,
+    };
+    loop {
+        let node = &graph.nodes[at];
+        match (&node.op, node.inputs.as_slice()) {
+            (Op::Concat { .. }, _) => break,
+            (Op::Scale { value }, [Value::Node(x)]) => {
+                scale *= value;
+                at = *x;
+            }
+            (Op::Reshape { .. }, [Value::Node(x)]) => at = *x,
+            _ => return None,
+        }
+    }
+    let first = f.parts.first()?;
+    let s = first.node;
+    let (Op::Einsum(spec), [q, Value::Input(k)]) = (&graph.nodes[s].op, graph.nodes[s].inputs.as_slice()) else {
+        return None;
+    };
+    let k = Value::Input(*k);
+    let out = &spec.output;
+    let [g, z, y] = spec.inputs.get(1)?.as_slice() else { return None };
+    let rows = &out[..out.len().checked_sub(1)?];
+    let q_letters: Vec<char> = rows.iter().copied().chain([*y]).collect();
+    let k_shape = graph.shape_of(k);
+    let ok = out.last() == Some(z)
+        && spec.inputs[0] == q_letters
+        && rows.contains(g)
+        && !rows.contains(y)
+        && !rows.contains(z)
+        && f32(*q)
+        && f32(k)
+        && graph.nodes[s].dtype == DType::F32
+        && constant(graph, &k_shape[2]).is_some()
+        && graph.dims.same(&k_shape[1], &first.len);
+    if !ok {
+        return None;
+    }
+    // The one slice over the context part, read only by the context w·V.
+    let [slice] = first.slices.as_slice() else { return None };
+    let [w] = users[*slice].as_slice() else { return None };
+    let node = &graph.nodes[*w];
+    let (Op::Einsum(spec2), [Value::Node(p), Value::Input(v)]) = (&node.op, node.inputs.as_slice()) else {
+        return None;
+    };
+    let v = Value::Input(*v);
+    let out2 = &spec2.output;
+    let [g2, z2, e] = spec2.inputs.get(1)?.as_slice() else { return None };
+    let rows2 = &out2[..out2.len().checked_sub(1)?];
+    let p_letters: Vec<char> = rows2.iter().copied().chain([*z2]).collect();
+    let v_shape = graph.shape_of(v);
+    let ok = p == slice
+        && kinds.get(*w) == Some(&NodeKind::Kernel)
+        && !is_output(graph, *w)
+        && out2.last() == Some(e)
+        && spec2.inputs[0] == p_letters
+        && rows2.len() == rows.len()
+        && rows2.iter().position(|c| c == g2) == rows.iter().position(|c| c == g)
+        && !rows2.contains(z2)
+        && !rows2.contains(e)
+        && f32(v)
+        && node.dtype == DType::F32
+        && graph.dims.same_shape(&graph.nodes[s].shape[..rows.len()], &node.shape[..rows.len()])
+        && graph.dims.same(&v_shape[0], &k_shape[0])
+        && graph.dims.same(&v_shape[1], &first.len)
+        && value_head(graph, *w).is_some();
+    ok.then_some(Fusion { softmax: f.softmax, scores: s, values: *w, scale })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::{json, Value as Json};
+
+    use super::{FUSED_OP, FUSED_SUFFIX, ITEMS};
+    use crate::ir::Graph;
+    use crate::lower::in_place::tests::{attention_in, graph, grouped_attention};
+    use crate::lower::plan::plan_cpu_fusing;
+    use crate::lower::{CpuStep, Program};
+
+    /// Multi-head attention over a context cache `kc`/`vc` `[h, m, k]`, a
+    /// decode cache `kd`/`vd` `[b, h, d, k]` and the new token's `kn`/`vn`,
+    /// bifurcated, its scores scaled twice (0.5, then 0.7), f32; heads of
+    /// 8 for the scores and 24 for the values.
+    fn three_parts() -> Json {
+        let input =
+            |name: &str, shape: Json| json!({"name": name, "role": "activation", "shape": shape, "dtype": "f32"});
+        json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m", "d"], "constants": {"h": 3, "k": 8, "e": 24}},
+            "inputs": [
+                input("q", json!(["b", "h", 1, "k"])),
+                input("kc", json!(["h", "m", "k"])),
+                input("kd", json!(["b", "h", "d", "k"])),
+                input("kn", json!(["b", "h", 1, "k"])),
+                input("vc", json!(["h", "m", "e"])),
+                input("vd", json!(["b", "h", "d", "e"])),
+                input("vn", json!(["b", "h", 1, "e"]))
+            ],
+            "nodes": [
+                {"id": "s1", "op": "einsum", "inputs": ["q", "kc"], "attrs": {"spec": "abxy,bzy->abxz"}},
+                {"id": "s2", "op": "einsum", "inputs": ["q", "kd"], "attrs": {"spec": "abxy,abzy->abxz"}},
+                {"id": "s3", "op": "einsum", "inputs": ["q", "kn"], "attrs": {"spec": "abxy,abzy->abxz"}},
+                {"id": "s", "op": "concat", "inputs": ["s1", "s2", "s3"], "attrs": {"axis": 3}},
+                {"id": "sa", "op": "scale", "inputs": ["s"], "attrs": {"value": 0.5}},
+                {"id": "sb", "op": "scale", "inputs": ["sa"], "attrs": {"value": 0.7}},
+                {"id": "p", "op": "softmax", "inputs": ["sb"], "attrs": {"axis": 3}},
+                {"id": "p1", "op": "slice", "inputs": ["p"], "attrs": {"axis": 3, "start": 0, "end": "m"}},
+                {"id": "p2", "op": "slice", "inputs": ["p"], "attrs": {"axis": 3, "start": "m", "end": "m+d"}},
+                {"id": "p3", "op": "slice", "inputs": ["p"], "attrs": {"axis": 3, "start": "m+d", "end": "m+d+1"}},
+                {"id": "o1", "op": "einsum", "inputs": ["p1", "vc"], "attrs": {"spec": "abxy,byz->abxz"}},
+                {"id": "o2", "op": "einsum", "inputs": ["p2", "vd"], "attrs": {"spec": "abxy,abyz->abxz"}},
+                {"id": "o3", "op": "einsum", "inputs": ["p3", "vn"], "attrs": {"spec": "abxy,abyz->abxz"}},
+                {"id": "o12", "op": "add", "inputs": ["o1", "o2"]},
+                {"id": "o", "op": "add", "inputs": ["o12", "o3"]}
+            ],
+            "outputs": [{"name": "o", "node": "o"}]
+        })
+    }
+
+    fn fused(g: &Graph, fuse: bool) -> Program {
+        plan_cpu_fusing(g, fuse).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Fused, the context q·K is one kernel that reads q, K and V and
+    /// writes the partials; the scores have no buffer, the context w·V no
+    /// kernel, and the softmax's kernel writes the w·V's buffer from the
+    /// partials. Not fused: as before. A bf16 attention is not fused.
+    #[test]
+    fn the_context_attention_is_one_kernel() {
+        for (doc, scale) in [(three_parts(), 0.35), (grouped_attention("f32"), 0.35)] {
+            let g = graph(&doc);
+            let p = fused(&g, true);
+            let name = |b: usize| p.buffers[b].name.as_str();
+            let kernels: Vec<_> = p.kernels.iter().filter(|k| k.op == FUSED_OP).collect();
+            let [k] = kernels.as_slice() else { panic!("one fused kernel: {:?}", p.kernels) };
+            assert_eq!((k.node.as_str(), name(k.writes)), ("s1", format!("s1{FUSED_SUFFIX}").as_str()));
+            let reads: Vec<&str> = k.reads.iter().map(|&b| name(b)).collect();
+            assert!(reads.contains(&"kc") && reads.contains(&"vc"), "{reads:?}");
+            assert!(p.kernels.iter().all(|k| k.node != "o1"), "no w·V kernel");
+            assert!(p.buffers.iter().all(|b| b.name != "s1"), "no scores buffer");
+            let plan = p.in_place.first().and_then(|x| x.fused.as_ref()).unwrap_or_else(|| panic!("fused"));
+            assert_eq!((plan.values.as_str(), plan.items, name(plan.context)), ("o1", ITEMS, "o1"));
+            assert!((plan.scale - scale).abs() < 1e-12, "{}", plan.scale);
+            let merge = p.kernels.iter().find(|k| k.node == "p").unwrap_or_else(|| panic!("softmax"));
+            assert_eq!(merge.writes, plan.context);
+            assert!(merge.reads.contains(&plan.partials));
+            let off = fused(&g, false);
+            assert!(off.in_place.iter().all(|x| x.fused.is_none()));
+            assert!(off.kernels.iter().any(|k| k.node == "o1") && off.kernels.iter().all(|k| k.op != FUSED_OP));
+        }
+        let half = fused(&graph(&attention_in("bf16")), true);
+        assert!(half.kernels.iter().all(|k| k.op != FUSED_OP) && half.in_place.len() == 1);
+    }
+
+    /// The fused step against the interpreter and against the three
+    /// kernels (not fused), at rows and context lengths either side of
+    /// the tiles (16 rows), blocks (32 positions) and items, an empty
+    /// context and decode part included, on one thread and in parts.
+    #[test]
+    fn the_fused_step_matches_the_interpreter() {
+        let cases: [(Json, &[(&str, i64)]); 2] =
+            [(three_parts(), &[("d", 0), ("d", 3)]), (grouped_attention("f32"), &[])];
+        for (doc, extra) in cases {
+            let g = graph(&doc);
+            let mut step = CpuStep::compile_program(&g, fused(&g, true)).unwrap_or_else(|e| panic!("{e}"));
+            let three = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));
+            let extras: Vec<Option<(&str, i64)>> =
+                if extra.is_empty() { vec![None] } else { extra.iter().copied().map(Some).collect() };
+            for (b, m) in [(1, 0), (15, 1), (16, 15), (17, 16), (33, 17), (40, 33), (2, 1029), (3, 2100)] {
+                for extra in &extras {
+                    let mut point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), m)]);
+                    point.extend(extra.map(|(k, v)| (k.to_string(), v)));
+                    let inputs = crate::interp::random_inputs(&g, &point, 7).unwrap_or_else(|e| panic!("{e}"));
+                    let want = crate::interp::run(&g, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                    let before = three.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                    for threads in [1, 3] {
+                        step.set_threads(threads);
+                        step.set_min_split_bytes(0);
+                        let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                        assert_eq!(got["o"].shape, want["o"].shape);
+                        let at = format!("{point:?} on {threads}");
+                        for (i, ((x, y), z)) in
+                            got["o"].data.iter().zip(&want["o"].data).zip(&before["o"].data).enumerate()
+                        {
+                            assert!((x - y).abs() <= 1e-5 + 1e-5 * y.abs(), "{at}: [{i}] {x} vs {y}");
+                            assert!((x - z).abs() <= 1e-6 + 1e-5 * z.abs(), "{at}: [{i}] {x} vs unfused {z}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
