@@ -224,10 +224,9 @@ enum Command {
     /// On the CPU, bf16 projections and context attention run on AMX tiles where the CPU has
     /// them (Intel, from Sapphire Rapids), bf16 pairs are summed by `vdpbf16ps` on AMD, and
     /// the contractions' register tiles are narrow where the CPU has no AVX-512 (16 vector
-    /// registers of 256 bits), and f32 context attention is one fused kernel;
-    /// BIFURC_CPU_AMX=auto|on|off, BIFURC_CPU_BF16_DOT=auto|on|off,
-    /// BIFURC_CPU_NARROW_TILES=auto|on|off and BIFURC_CPU_FUSED_ATTENTION=auto|on|off
-    /// override each.
+    /// registers of 256 bits); BIFURC_CPU_AMX=auto|on|off, BIFURC_CPU_BF16_DOT=auto|on|off
+    /// and BIFURC_CPU_NARROW_TILES=auto|on|off override each.
+    /// BIFURC_CPU_FUSED_ATTENTION=on runs f32 context attention as one fused kernel.
     Run(RunArgs),
     /// Print a model.json as a graph (Graphviz dot) or re-emit it in canonical JSON.
     Graph {

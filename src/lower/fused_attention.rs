@@ -9,10 +9,12 @@
 //! 64 MB of K and V, and the three kernels' FMAs wait on it.
 //!
 //! Fused, one kernel reads q, K and V and never stores a score: an item
-//! is one KV head, a stretch of the context ([`ITEMS`] a head) and a tile
-//! of 16 query rows (in the vector lanes, as the q·K's rows-in-lanes
-//! tile), walked in blocks of 16 positions with the online softmax
-//! (FlashDecoding's; the cascade form of REFERENCES.md): the block's
+//! is one KV head, a stretch of the context ([`ITEMS`] a head) and up to
+//! two tiles of 16 query rows (in the vector lanes, as the q·K's
+//! rows-in-lanes tile; tiles of 8 or 4 lanes where fewer than 16 rows
+//! share K: `emit::fused`), walked in blocks of 32 positions with the
+//! online softmax (FlashDecoding's; the cascade form of REFERENCES.md):
+//! the block's
 //! scores, their max, the old sums and outputs rescaled by `exp(m_old -
 //! m_new)`, the block's `exp`s summed and multiplied into V. Each item
 //! writes, per row, its unnormalized output, its max and its sum: the
@@ -40,6 +42,8 @@
 //! The same sums in another order (per block, then per item, then over
 //! the items), and `exp` as the softmax's: within a few ulps of the three
 //! kernels, not the same bits.
+//!
+//! Off unless [`FUSED_ATTENTION_ENV`] says `on` (see there for why).
 
 use crate::ir::{DType, Graph, Op, Poly, Value};
 use crate::lower::LowerError;
@@ -59,8 +63,13 @@ pub const FUSED_SUFFIX: &str = ".fused";
 /// length (b = 32 and 16 heads: 256).
 pub const ITEMS: i64 = 8;
 
-/// The environment variable that turns the fused context attention off
-/// (`off`; `on` or `auto`, the default: fused where a softmax qualifies).
+/// The environment variable that turns the fused context attention on
+/// (`on`: fused where a softmax qualifies; `off` or `auto`, the default:
+/// the three kernels). Off by default: on the 2-core Zen 3 VM it is as
+/// fast as the three kernels at b = 16 and 32, a tenth faster with
+/// grouped-query heads, and slower below 8 rows a KV head (b = 1: 23.5
+/// against 17.0 ms a step on one thread), while the step, compiled once,
+/// runs at every b (see DESIGN.md).
 pub const FUSED_ATTENTION_ENV: &str = "BIFURC_CPU_FUSED_ATTENTION";
 
 /// One context attention to fuse: the softmax planned in place, its
@@ -79,7 +88,7 @@ pub(crate) struct Fusion {
 pub(crate) fn fused_choice() -> Result<bool, LowerError> {
     let setting = std::env::var(FUSED_ATTENTION_ENV).ok();
     let on = super::emit::cpu_setting(FUSED_ATTENTION_ENV, setting.as_deref(), || true, "")?;
-    Ok(on.unwrap_or(true))
+    Ok(on.unwrap_or(false))
 }
 
 /// The fusions among the softmaxes `found` in place (see the module docs).

@@ -610,10 +610,10 @@ pub fn plan_tuned(
 
 /// The plan of the CPU step: [`plan_with`] without tensor cores, and
 /// every softmax that can be written over its input's parts planned so
-/// ([`InPlace`]; the GPU's plan keeps a buffer for each), its context
-/// attention fused into one kernel where it can be ([`FusedPlan`]),
-/// unless [`FUSED_ATTENTION_ENV`](crate::lower::FUSED_ATTENTION_ENV) says
-/// `off` (an error for a value it does not know).
+/// ([`InPlace`]; the GPU's plan keeps a buffer for each), and its context
+/// attention fused into one kernel where it can be ([`FusedPlan`]) when
+/// [`FUSED_ATTENTION_ENV`](crate::lower::FUSED_ATTENTION_ENV) says `on`
+/// (an error for a value it does not know).
 pub fn plan_cpu(graph: &Graph) -> Result<Program, LowerError> {
     plan_cpu_fusing(graph, super::fused_attention::fused_choice()?)
 }

@@ -21,9 +21,11 @@
 //!   head elements (a broadcast element of V for an FMA per row vector);
 //! - per row its outputs, its max and its sum into the partials.
 //!
-//! The passes take 12 registers of accumulators with narrow tiles
-//! (`emit::registers`; a pass of 6 or 5 positions or head elements of 16
-//! rows), 16 vectors of 16 otherwise.
+//! Fewer than 16 rows a KV head (b = 1 to 15 of a multi-head model), in
+//! a runtime branch: tiles of 8 lanes (8 to 15 rows) or of 4, all of an
+//! item's rows in the item. The passes take 12 registers of accumulators
+//! with narrow tiles (`emit::registers`; a pass of 6 or 5 positions or
+//! head elements of 16 rows, 11 or 10 of 8 or 4), 16 vectors otherwise.
 //!
 //! On the 2-core Zen 3 VM (AVX2), layer 0's context attention of the
 //! cpu_step bench (b = 32, m_c = 8192, 16 heads of 64), its kernels linked
@@ -34,7 +36,9 @@
 //! of 6 alternated profiles, both layers on two threads: 23.7 against 23.9
 //! ms). Tried and not kept: blocks of 16 and of 64 positions (64: no
 //! better than 32), one tile an item (its second tile read K and V from
-//! L3: 18.4-19.1 ms on one thread).
+//! L3: 18.4-19.1 ms on one thread), the block's `exp`s four positions a
+//! step (no difference), a row alone where fewer than 16 (b = 4 and 8
+//! twice the three kernels' time), the next block two blocks ahead.
 
 use crate::ir::{DType, Op, Value};
 use crate::lower::fused_attention::ITEMS;
@@ -45,12 +49,35 @@ use super::builder::Val;
 use super::registers::NARROW_LANES_OUTPUTS;
 use super::{Kc, Partition};
 
-/// Rows of a tile, one per lane.
+/// Rows of a whole tile, one a lane.
 const ROWS: usize = 16;
 /// Tiles of rows an item takes at most (walked in turn over each block).
 const UNIT_TILES: usize = 2;
+/// f32 in a cache line (64 bytes).
+const LINE: i64 = 16;
 /// Positions of a block.
 const BLOCK: i64 = 32;
+
+/// One item of a fused context attention, as [`Kc::fused_tiles`] walks
+/// it: the `q·K` node and the `w·V` node; the letters `g, z, y` of K and
+/// `g, z, e` of V; q (value, letters); K and V (values, letters); the
+/// rows' letters, the axis of `g` among them, the other rows' sizes and
+/// their product; the heads of K and V; the item's KV head and stretch
+/// index; the stretch (first position, end, the context's last
+/// position); the scale; where the partials go.
+struct Item<'o> {
+    j: usize,
+    wv: usize,
+    letters: [char; 6],
+    q: (Value, Vec<char>),
+    kv: [(Value, Vec<char>); 2],
+    rows: (Vec<char>, usize, Vec<String>, String),
+    heads: (i64, i64),
+    unit: (String, String),
+    stretch: (String, String, String),
+    scale: f32,
+    out: &'o Out<'o>,
+}
 
 impl Kc<'_> {
     /// The body of a fused context attention whose `q·K` is node `j`,
@@ -87,10 +114,6 @@ impl Kc<'_> {
         };
         let head = known(self, &graph.shape_of(k)[2])?;
         let e_len = known(self, &graph.nodes[wv].shape[rank])?;
-
-        let n = ROWS;
-        let vty = format!("vector<{n}xf32>");
-        let lanes = Some(n);
         let row_sizes = self.sizes(&graph.nodes[j].shape[..rank])?;
         let m_c = self.sizes(&graph.shape_of(k)[1..2])?.remove(0);
         let others: Vec<usize> = (0..rank).filter(|&a| a != g_axis).collect();
@@ -99,7 +122,7 @@ impl Kc<'_> {
         for s in &other_sizes {
             r_len = self.b.hoist(&format!("arith.muli {r_len}, {s} : index"));
         }
-        let tiles = self.ceil_div(&r_len, n as i64);
+        let tiles = self.ceil_div(&r_len, ROWS as i64);
         let items = self.b.index(ITEMS);
         let per_item = self.ceil_div(&m_c, ITEMS);
         let per_item = self.ceil_div(&per_item, BLOCK);
@@ -107,53 +130,109 @@ impl Kc<'_> {
         let per_item = self.b.hoist(&format!("arith.muli {per_item}, {block} : index"));
         let one = self.b.index(1);
         let last_z = self.b.hoist(&format!("arith.subi {m_c}, {one} : index"));
-        let last_r = self.b.hoist(&format!("arith.subi {r_len}, {one} : index"));
-        let (c16, c_head, c_e) = (self.b.index(n as i64), self.b.index(head), self.b.index(e_len));
-        let zero = self.b.f32(0.0);
-        let zeros = self.b.splat_f32(0.0, lanes);
-        let ninfs = self.b.splat_f32(f32::NEG_INFINITY, lanes);
-        let scale = self.b.splat_f32(fused.scale as f32, lanes);
 
-        // The items of this call's part.
+        // The items of this call's part: fewer rows than a whole tile make
+        // one item a head and stretch.
         let unit_tiles = self.ceil_div(&tiles, UNIT_TILES as i64);
         let units = [row_sizes[g_axis].clone(), items.clone(), unit_tiles];
         let (flat, regions) = self.open_part_loop(&units);
         self.partition = Partition::Done;
         let unit = self.b.delinearize(&flat, &units);
         let (gi, item) = (unit[0].clone(), unit[1].clone());
+        let z0 = self.b.muli(&item, &per_item);
+        let z1 = self.b.addi(&z0, &per_item);
+        let z1 = self.b.op(&format!("arith.minui {z1}, {m_c} : index"));
+        let at = Item {
+            j,
+            wv,
+            letters: [g, z, y, g2, z2, e],
+            q: (q, spec.inputs[0].clone()),
+            kv: [(k, spec.inputs[1].clone()), (v, spec2.inputs[1].clone())],
+            rows: (rows, g_axis, other_sizes, r_len.clone()),
+            heads: (head, e_len),
+            unit: (gi, item),
+            stretch: (z0, z1, last_z),
+            scale: fused.scale as f32,
+            out,
+        };
+        // Whole tiles of 16 rows where there are 16 or more; else tiles of
+        // 8 or of 4 lanes (b = 1 to 15 of a multi-head model: 16 lanes
+        // would compute rows of nothing), all of them in the one item.
         let per_unit = self.b.index(UNIT_TILES as i64);
         let first_tile = self.b.muli(&unit[2], &per_unit);
         let left = self.b.subi(&tiles, &first_tile);
         let unit_tiles = self.b.op(&format!("arith.minui {left}, {per_unit} : index"));
+        let c0 = self.b.index(0);
+        let (c8, c16) = (self.b.index(ROWS as i64 / 2), self.b.index(ROWS as i64));
+        let whole = self.b.op(&format!("arith.cmpi uge, {r_len}, {c16} : index"));
+        self.b.open_guard(&whole);
+        self.fused_tiles(&at, ROWS, (&first_tile, &unit_tiles))?;
+        self.b.else_guard();
+        let half = self.b.op(&format!("arith.cmpi uge, {r_len}, {c8} : index"));
+        self.b.open_guard(&half);
+        let count = self.ceil_div(&r_len, ROWS as i64 / 2);
+        self.fused_tiles(&at, ROWS / 2, (&c0, &count))?;
+        self.b.else_guard();
+        let count = self.ceil_div(&r_len, ROWS as i64 / 4);
+        self.fused_tiles(&at, ROWS / 4, (&c0, &count))?;
+        self.b.close();
+        self.b.close();
+        for _ in 0..regions {
+            self.b.close();
+        }
+        Ok(flat)
+    }
+
+    /// Item `it` of a fused context attention in tiles of `n` rows, one
+    /// a lane: `count` tiles from tile `first` (see the module docs).
+    fn fused_tiles(&mut self, it: &Item, n: usize, (first_tile, unit_tiles): (&str, &str)) -> Result<(), LowerError> {
+        let (j, wv) = (it.j, it.wv);
+        let [g, z, y, g2, z2, e] = it.letters;
+        let (q, k, v) = (it.q.0, it.kv[0].0, it.kv[1].0);
+        let (rows, g_axis, other_sizes, r_len) = (&it.rows.0, it.rows.1, &it.rows.2, &it.rows.3);
+        let (head, e_len) = it.heads;
+        let (gi, item) = (&it.unit.0, &it.unit.1);
+        let (z1, last_z) = (&it.stretch.1, &it.stretch.2);
+        let out = it.out;
+        let vty = format!("vector<{n}xf32>");
+        let lanes = Some(n);
+        let (one, block) = (self.b.index(1), self.b.index(BLOCK));
+        let last_r = self.b.hoist(&format!("arith.subi {r_len}, {one} : index"));
+        let (c_n, c_head, c_e) = (self.b.index(n as i64), self.b.index(head), self.b.index(e_len));
+        let c_line = self.b.index(LINE);
+        let zero = self.b.f32(0.0);
+        let zeros = self.b.splat_f32(0.0, lanes);
+        let ninfs = self.b.splat_f32(f32::NEG_INFINITY, lanes);
+        let scale = self.b.splat_f32(it.scale, lanes);
         // Where tile `t`'s rows start; its q, outputs, maxes and sums in
         // the slots.
         let (q_size, o_size) = (self.b.index(head * n as i64), self.b.index(e_len * n as i64));
         let bases = |kc: &mut Self, t: &str| {
-            let row = kc.b.addi(&first_tile, t);
-            let row = kc.b.muli(&row, &c16);
-            [row, kc.b.muli(t, &q_size), kc.b.muli(t, &o_size), kc.b.muli(t, &c16)]
+            let row = kc.b.addi(first_tile, t);
+            let row = kc.b.muli(&row, &c_n);
+            [row, kc.b.muli(t, &q_size), kc.b.muli(t, &o_size), kc.b.muli(t, &c_n)]
         };
 
         // The unit's rows of q, `[tile][head][16]`; the state.
         let tiles_most = UNIT_TILES * n;
-        let qs = self.b.stack_f32("fused_q", head as usize * tiles_most, None);
-        let os = self.b.stack_f32("fused_o", e_len as usize * tiles_most, None);
-        let es = self.b.stack_f32("fused_e", BLOCK as usize * n, None);
-        let ms = self.b.stack_f32("fused_m", tiles_most, None);
-        let ls = self.b.stack_f32("fused_l", tiles_most, None);
-        let t = self.b.open_loop(&unit_tiles);
+        let qs = self.b.stack_f32(&format!("fused_q{n}"), head as usize * tiles_most, None);
+        let os = self.b.stack_f32(&format!("fused_o{n}"), e_len as usize * tiles_most, None);
+        let es = self.b.stack_f32(&format!("fused_e{n}"), BLOCK as usize * n, None);
+        let ms = self.b.stack_f32(&format!("fused_m{n}"), tiles_most, None);
+        let ls = self.b.stack_f32(&format!("fused_l{n}"), tiles_most, None);
+        let t = self.b.open_loop(unit_tiles);
         let [first_row, q_base, o_base, m_base] = bases(self, &t);
-        let l = self.b.open_loop(&c16);
+        let l = self.b.open_loop(&c_n);
         let r = self.b.addi(&first_row, &l);
-        let valid = self.b.ult(&r, &r_len);
+        let valid = self.b.ult(&r, r_len);
         let rc = self.b.op(&format!("arith.select {valid}, {r}, {last_r} : index"));
-        let mut env = self.row_env(&rows, g_axis, &gi, (&rc, &other_sizes));
+        let mut env = self.row_env(rows, g_axis, gi, (&rc, other_sizes));
         let d = self.b.open_loop(&c_head);
         env.push((y, d.clone()));
-        let at = self.operand_index(j, &spec.inputs[0], &env)?;
+        let at = self.operand_index(j, &it.q.1, &env)?;
         let x = self.loadf(q, &at)?;
         let x = self.b.op(&format!("arith.select {valid}, {x}, {zero} : f32"));
-        let off = self.b.muli(&d, &c16);
+        let off = self.b.muli(&d, &c_n);
         let off = self.b.addi(&off, &l);
         let off = self.b.addi(&off, &q_base);
         self.b.store(&qs, &off, DType::F32, Val::f32(x));
@@ -163,28 +242,29 @@ impl Kc<'_> {
         self.b.store_vector(&ms, &m_base, &ninfs, n, DType::F32);
         self.b.store_vector(&ls, &m_base, &zeros, n, DType::F32);
         let ei = self.b.open_loop(&c_e);
-        let off = self.b.muli(&ei, &c16);
+        let off = self.b.muli(&ei, &c_n);
         let off = self.b.addi(&off, &o_base);
         self.b.store_vector(&os, &off, &zeros, n, DType::F32);
         self.b.close();
         self.b.close();
 
         // The stretch's blocks.
-        let z0 = self.b.muli(&item, &per_item);
-        let z1 = self.b.addi(&z0, &per_item);
-        let z1 = self.b.op(&format!("arith.minui {z1}, {m_c} : index"));
-        let p0 = self.b.open_loop_from(&z0, &z1, &block);
-        let pass_len = if self.narrow { NARROW_LANES_OUTPUTS } else { n };
+        let p0 = self.b.open_loop_from(&it.stretch.0, z1, &block);
+        // 12 registers of accumulators with narrow tiles (a vector of 16
+        // rows is two there), 16 vectors otherwise.
+        let pass_len = match (self.narrow, n) {
+            (true, ROWS) => NARROW_LANES_OUTPUTS,
+            (true, _) => 2 * NARROW_LANES_OUTPUTS,
+            (false, _) => ROWS,
+        };
         // Where the next block's K and V rows start (each stored, the
         // head its innermost axis, the positions the next one out).
         let next = self.b.addi(&p0, &block);
         let mut starts = Vec::with_capacity(2);
-        for (operand, node, subs, (gl, zl, hl)) in
-            [(k, j, &spec.inputs[1], (g, z, y)), (v, wv, &spec2.inputs[1], (g2, z2, e))]
-        {
+        for (operand, node, subs, (gl, zl, hl)) in [(k, j, &it.kv[0].1, (g, z, y)), (v, wv, &it.kv[1].1, (g2, z2, e))] {
             let start = match self.stored(operand) {
                 Some(b) if subs.last() == Some(&hl) => {
-                    let env = [(gl, gi.clone()), (zl, next.clone()), (hl, c0.clone())];
+                    let env = [(gl, gi.to_owned()), (zl, next.clone()), (hl, c0.clone())];
                     let at = self.operand_index(node, subs, &env)?;
                     Some(self.buffer_offset(b, &at)?)
                 }
@@ -195,7 +275,7 @@ impl Kc<'_> {
         let (next_k, next_v) = (starts[0].clone(), starts[1].clone());
         // Each tile in turn over the block (its K and V rows in L1 for
         // the next).
-        let t = self.b.open_loop(&unit_tiles);
+        let t = self.b.open_loop(unit_tiles);
         let [_, q_base, o_base, m_base] = bases(self, &t);
         for (pass, (first, count)) in passes(BLOCK as usize, pass_len).into_iter().enumerate() {
             // The positions, a K row past the context read at its last.
@@ -206,22 +286,24 @@ impl Kc<'_> {
                 zs.push((at.clone(), self.b.op(&format!("arith.minui {at}, {last_z} : index"))));
             }
             let (sums, d, accs) = self.b.open_for_typed(&c_head, &one, &vec![zeros.clone(); count], &vty);
-            let off = self.b.muli(&d, &c16);
+            let off = self.b.muli(&d, &c_n);
             let q_at = self.b.addi(&off, &q_base);
             let qv = self.b.load_vector(&qs, &q_at, n, DType::F32);
-            // The next block's rows of K (first pass) and V (second), a
-            // line a step: 16 rows of the head are `head` lines.
-            let each = (BLOCK / ROWS as i64) as usize;
-            if let Some(Some((ptr, base))) = [&next_k, &next_v].get(pass / each).copied() {
-                let skip = self.b.index(((pass % each) as i64) * head * ROWS as i64);
-                let at = self.b.addi(base, &skip);
-                let at = self.b.addi(&at, &off);
-                self.b.prefetch(ptr, &at, DType::F32, false);
+            // The next block's rows of K and V, a line of each a step of
+            // the first passes (16 rows of a head are `head` lines).
+            if pass < (BLOCK / LINE) as usize {
+                for (ptr, base) in [&next_k, &next_v].into_iter().flatten() {
+                    let skip = self.b.index(pass as i64 * head * LINE);
+                    let at = self.b.addi(base, &skip);
+                    let line = self.b.muli(&d, &c_line);
+                    let at = self.b.addi(&at, &line);
+                    self.b.prefetch(ptr, &at, DType::F32, false);
+                }
             }
             let mut nexts = Vec::with_capacity(count);
             for ((_, zc), acc) in zs.iter().zip(&accs) {
-                let env = [(g, gi.clone()), (z, zc.clone()), (y, d.clone())];
-                let at = self.operand_index(j, &spec.inputs[1], &env)?;
+                let env = [(g, gi.to_owned()), (z, zc.clone()), (y, d.clone())];
+                let at = self.operand_index(j, &it.kv[0].1, &env)?;
                 let x = self.loadf(k, &at)?;
                 nexts.push(self.lanes_fma(&qv, &x, acc, &vty));
             }
@@ -229,7 +311,7 @@ impl Kc<'_> {
             // Scaled, `-inf` past the stretch, kept in the block's slot.
             for (c, ((at, _), sum)) in (first..).zip(zs.iter().zip(&sums)) {
                 let s = self.b.op(&format!("arith.mulf {sum}, {scale} : {vty}"));
-                let inside = self.b.ult(at, &z1);
+                let inside = self.b.ult(at, z1);
                 let s = self.b.op(&format!("arith.select {inside}, {s}, {ninfs} : {vty}"));
                 let off = self.b.index((c * n) as i64);
                 self.b.store_vector(&es, &off, &s, n, DType::F32);
@@ -239,7 +321,7 @@ impl Kc<'_> {
         // `exp`s over its scores in the slot, and their sum.
         let m_old = self.b.load_vector(&ms, &m_base, n, DType::F32);
         let (m_new, c, acc) = self.b.open_for_typed(&block, &one, std::slice::from_ref(&m_old), &vty);
-        let off = self.b.muli(&c, &c16);
+        let off = self.b.muli(&c, &c_n);
         let s = self.b.load_vector(&es, &off, n, DType::F32);
         // `s > max ? s : max`, one `vmaxps` on x86 (`arith.maximumf`
         // takes five there, for its NaN): a NaN score still makes the
@@ -251,7 +333,7 @@ impl Kc<'_> {
         let shift = self.b.op(&format!("arith.subf {m_old}, {m_new} : {vty}"));
         let alpha = self.b.exp_nonpositive_lanes(&shift, lanes);
         let (sum, c, acc) = self.b.open_for_typed(&block, &one, std::slice::from_ref(&zeros), &vty);
-        let off = self.b.muli(&c, &c16);
+        let off = self.b.muli(&c, &c_n);
         let s = self.b.load_vector(&es, &off, n, DType::F32);
         let x = self.b.op(&format!("arith.subf {s}, {m_new} : {vty}"));
         let p = self.b.exp_nonpositive_lanes(&x, lanes);
@@ -277,15 +359,15 @@ impl Kc<'_> {
                 inits.push(self.b.op(&format!("arith.mulf {o}, {alpha} : {vty}")));
             }
             let (outs, c, accs) = self.b.open_for_typed(&block, &one, &inits, &vty);
-            let off = self.b.muli(&c, &c16);
+            let off = self.b.muli(&c, &c_n);
             let pv = self.b.load_vector(&es, &off, n, DType::F32);
             let at = self.b.addi(&p0, &c);
             let zc = self.b.op(&format!("arith.minui {at}, {last_z} : index"));
             let mut nexts = Vec::with_capacity(count);
             for (k, acc) in (first..).zip(&accs) {
                 let ek = self.b.index(k as i64);
-                let env = [(g2, gi.clone()), (z2, zc.clone()), (e, ek)];
-                let at = self.operand_index(wv, &spec2.inputs[1], &env)?;
+                let env = [(g2, gi.to_owned()), (z2, zc.clone()), (e, ek)];
+                let at = self.operand_index(wv, &it.kv[1].1, &env)?;
                 let x = self.loadf(v, &at)?;
                 nexts.push(self.lanes_fma(&pv, &x, acc, &vty));
             }
@@ -298,19 +380,19 @@ impl Kc<'_> {
         self.b.close();
 
         // Each row's outputs, max and sum.
-        let t = self.b.open_loop(&unit_tiles);
+        let t = self.b.open_loop(unit_tiles);
         let [first_row, _, o_base, m_base] = bases(self, &t);
-        let l = self.b.open_loop(&c16);
+        let l = self.b.open_loop(&c_n);
         let r = self.b.addi(&first_row, &l);
-        let valid = self.b.ult(&r, &r_len);
+        let valid = self.b.ult(&r, r_len);
         self.b.open_guard(&valid);
-        let env = self.row_env(&rows, g_axis, &gi, (&r, &other_sizes));
-        let mut at: Vec<String> = vec![item.clone()];
+        let env = self.row_env(rows, g_axis, gi, (&r, other_sizes));
+        let mut at: Vec<String> = vec![item.to_owned()];
         at.extend(env.into_iter().map(|(_, i)| i));
         at.push(c0.clone());
         let base = self.b.linearize(&at, &out.sizes);
         let ei = self.b.open_loop(&c_e);
-        let off = self.b.muli(&ei, &c16);
+        let off = self.b.muli(&ei, &c_n);
         let off = self.b.addi(&off, &l);
         let off = self.b.addi(&off, &o_base);
         let o = self.b.load(&os, &off, DType::F32);
@@ -327,10 +409,7 @@ impl Kc<'_> {
         self.b.close();
         self.b.close();
         self.b.close();
-        for _ in 0..regions {
-            self.b.close();
-        }
-        Ok(flat)
+        Ok(())
     }
 
     /// The letters of a row of a fused tile, in the order of `rows`: `g`
