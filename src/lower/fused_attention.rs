@@ -45,7 +45,7 @@
 //!
 //! Off unless [`FUSED_ATTENTION_ENV`] says `on` (see there for why).
 
-use crate::ir::{DType, Graph, Op, Poly, Value};
+use crate::ir::{DType, EinsumSpec, Graph, Op, Poly, Value};
 use crate::lower::LowerError;
 
 use super::in_place::{is_output, live_users, Found};
@@ -73,13 +73,15 @@ pub const ITEMS: i64 = 8;
 pub const FUSED_ATTENTION_ENV: &str = "BIFURC_CPU_FUSED_ATTENTION";
 
 /// One context attention to fuse: the softmax planned in place, its
-/// concat's first part (the context `q·K`), the context `w·V`, and the
-/// product of the scales between the concat and the softmax.
+/// concat's first part (the context `q·K`), the context `w·V` and its
+/// head (a constant), and the product of the scales between the concat
+/// and the softmax.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Fusion {
     pub softmax: usize,
     pub scores: usize,
     pub values: usize,
+    pub head: i64,
     pub scale: f64,
 }
 
@@ -97,14 +99,14 @@ pub(crate) fn find(graph: &Graph, kinds: &[NodeKind], found: &[Found]) -> Vec<Fu
     found.iter().filter_map(|f| fusion(graph, kinds, &users, f)).collect()
 }
 
-/// The shape of the partials of a fused `q·K` node `scores` whose `w·V`
-/// has a head of `e`: `[ITEMS, rows…, e + 2]` (the rows the scores'
-/// axes but the last; per row the item's `e` outputs, its max, its sum).
-pub(crate) fn partials_shape(graph: &Graph, scores: usize, e: i64) -> Vec<Poly> {
-    let shape = &graph.nodes[scores].shape;
+/// The shape of the partials of fusion `f`: `[ITEMS, rows…, head + 2]`
+/// (the rows the scores' axes but the last; per row the item's outputs,
+/// its max, its sum).
+pub(crate) fn partials_shape(graph: &Graph, f: &Fusion) -> Vec<Poly> {
+    let shape = &graph.nodes[f.scores].shape;
     let mut out = vec![Poly::constant(ITEMS)];
     out.extend(shape[..shape.len().saturating_sub(1)].iter().cloned());
-    out.push(Poly::constant(e + 2));
+    out.push(Poly::constant(f.head + 2));
     out
 }
 
@@ -113,9 +115,14 @@ fn constant(graph: &Graph, p: &Poly) -> Option<i64> {
     graph.dims.normalize(p).ok()?.as_constant()
 }
 
-/// The head (last axis) of the `w·V` node `values`, a constant.
-pub(crate) fn value_head(graph: &Graph, values: usize) -> Option<i64> {
-    constant(graph, graph.nodes[values].shape.last()?)
+/// The rows of an einsum's output `[rows…, o]` whose first operand is
+/// `[rows…, s]`, `s` and `o` not among the rows (the context `q·K`: `s` the
+/// head, `o` the position; the context `w·V`: the other way round).
+fn rows_then(spec: &EinsumSpec, s: char, o: char) -> Option<&[char]> {
+    let (rows, last) = spec.output.split_at(spec.output.len().checked_sub(1)?);
+    let operand: Vec<char> = rows.iter().copied().chain([s]).collect();
+    let ok = last == [o] && spec.inputs.first() == Some(&operand) && !rows.contains(&s) && !rows.contains(&o);
+    ok.then_some(rows)
 }
 
 fn fusion(graph: &Graph, kinds: &[NodeKind], users: &[Vec<usize>], f: &Found) -> Option<Fusion> {
@@ -148,16 +155,10 @@ fn fusion(graph: &Graph, kinds: &[NodeKind], users: &[Vec<usize>], f: &Found) ->
         return None;
     };
     let k = Value::Input(*k);
-    let out = &spec.output;
     let [g, z, y] = spec.inputs.get(1)?.as_slice() else { return None };
-    let rows = &out[..out.len().checked_sub(1)?];
-    let q_letters: Vec<char> = rows.iter().copied().chain([*y]).collect();
+    let rows = rows_then(spec, *y, *z)?;
     let k_shape = graph.shape_of(k);
-    let ok = out.last() == Some(z)
-        && spec.inputs[0] == q_letters
-        && rows.contains(g)
-        && !rows.contains(y)
-        && !rows.contains(z)
+    let ok = rows.contains(g)
         && f32(*q)
         && f32(k)
         && graph.nodes[s].dtype == DType::F32
@@ -174,27 +175,21 @@ fn fusion(graph: &Graph, kinds: &[NodeKind], users: &[Vec<usize>], f: &Found) ->
         return None;
     };
     let v = Value::Input(*v);
-    let out2 = &spec2.output;
     let [g2, z2, e] = spec2.inputs.get(1)?.as_slice() else { return None };
-    let rows2 = &out2[..out2.len().checked_sub(1)?];
-    let p_letters: Vec<char> = rows2.iter().copied().chain([*z2]).collect();
+    let rows2 = rows_then(spec2, *z2, *e)?;
     let v_shape = graph.shape_of(v);
+    let head = constant(graph, node.shape.last()?)?;
     let ok = p == slice
         && kinds.get(*w) == Some(&NodeKind::Kernel)
         && !is_output(graph, *w)
-        && out2.last() == Some(e)
-        && spec2.inputs[0] == p_letters
         && rows2.len() == rows.len()
         && rows2.iter().position(|c| c == g2) == rows.iter().position(|c| c == g)
-        && !rows2.contains(z2)
-        && !rows2.contains(e)
         && f32(v)
         && node.dtype == DType::F32
         && graph.dims.same_shape(&graph.nodes[s].shape[..rows.len()], &node.shape[..rows.len()])
         && graph.dims.same(&v_shape[0], &k_shape[0])
-        && graph.dims.same(&v_shape[1], &first.len)
-        && value_head(graph, *w).is_some();
-    ok.then_some(Fusion { softmax: f.softmax, scores: s, values: *w, scale })
+        && graph.dims.same(&v_shape[1], &first.len);
+    ok.then_some(Fusion { softmax: f.softmax, scores: s, values: *w, head, scale })
 }
 
 #[cfg(test)]

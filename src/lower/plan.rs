@@ -683,11 +683,7 @@ fn plan_inner(
     // A fused context attention's partials stand for its scores.
     for f in &fusions {
         let scores = &graph.nodes[f.scores];
-        let e = super::fused_attention::value_head(graph, f.values).ok_or_else(|| LowerError::Unsupported {
-            node: graph.nodes[f.values].id.clone(),
-            message: "a fused w·V without a constant head".into(),
-        })?;
-        let shape = super::fused_attention::partials_shape(graph, f.scores, e);
+        let shape = super::fused_attention::partials_shape(graph, f);
         let shape = shape_of(graph, &shape, &format!("the partials of `{}`", scores.id))?;
         node_buf[f.scores] = Some(buffers.len());
         buffers.push(Buffer {

@@ -54,9 +54,19 @@ impl Kc<'_> {
 
 /// `f32`, or `vector<lanes x f32>`.
 fn f32_type(lanes: Option<usize>) -> String {
+    lanes_of("f32", lanes)
+}
+
+/// `i32`, or `vector<lanes x i32>`.
+fn i32_type(lanes: Option<usize>) -> String {
+    lanes_of("i32", lanes)
+}
+
+/// `ty`, or `vector<lanes x ty>`.
+fn lanes_of(ty: &str, lanes: Option<usize>) -> String {
     match lanes {
-        Some(n) => format!("vector<{n}xf32>"),
-        None => "f32".to_owned(),
+        Some(n) => format!("vector<{n}x{ty}>"),
+        None => ty.to_owned(),
     }
 }
 
@@ -108,10 +118,7 @@ impl Builder {
         let (t, y) = self.exp_reduced(x, None, lanes);
         // (n + 25 + 127) << 23, n = bits(t) - bits(ROUND), computed as
         // (bits(t) << 23) + ((152 - bits(ROUND)) << 23) in wrapping i32.
-        let (fty, ity) = match lanes {
-            Some(n) => (format!("vector<{n}xf32>"), format!("vector<{n}xi32>")),
-            None => ("f32".to_owned(), "i32".to_owned()),
-        };
+        let (fty, ity) = (f32_type(lanes), i32_type(lanes));
         let ti = self.op(&format!("arith.bitcast {t} : {fty} to {ity}"));
         let shift = self.splat_i32(23, lanes);
         let high = self.op(&format!("arith.shli {ti}, {shift} : {ity}"));
@@ -182,27 +189,27 @@ impl Builder {
 
     /// `arith.op a, b` on f32 or on vectors of `lanes` f32.
     pub(crate) fn fop(&mut self, op: &str, a: &str, b: &str, lanes: Option<usize>) -> String {
-        match lanes {
-            None => self.fbin(op, a, b),
-            Some(n) => self.op(&format!("arith.{op} {a}, {b} : vector<{n}xf32>")),
-        }
+        self.op(&format!("arith.{op} {a}, {b} : {}", f32_type(lanes)))
     }
 
     /// The f32 constant `x`, or a hoisted vector of `lanes` of it.
     pub(crate) fn splat_f32(&mut self, x: f32, lanes: Option<usize>) -> String {
         let c = self.f32(x);
-        match lanes {
-            None => c,
-            Some(n) => self.hoist(&format!("vector.broadcast {c} : f32 to vector<{n}xf32>")),
-        }
+        self.splat(c, "f32", lanes)
     }
 
     /// The i32 constant `x`, or a hoisted vector of `lanes` of it.
     fn splat_i32(&mut self, x: i32, lanes: Option<usize>) -> String {
         let c = self.i32(x);
+        self.splat(c, "i32", lanes)
+    }
+
+    /// Hoisted constant `c` of element type `ty`, broadcast to `lanes` when
+    /// given.
+    fn splat(&mut self, c: String, ty: &str, lanes: Option<usize>) -> String {
         match lanes {
             None => c,
-            Some(n) => self.hoist(&format!("vector.broadcast {c} : i32 to vector<{n}xi32>")),
+            Some(n) => self.hoist(&format!("vector.broadcast {c} : {ty} to vector<{n}x{ty}>")),
         }
     }
 

@@ -2,7 +2,7 @@
 //! q, K and V read, the partials written, no score stored.
 //!
 //! An item is a KV head `g`, a stretch `i` of the context (one of
-//! `ITEMS`, a multiple of [`BLOCK`] positions) and up to [`UNIT_TILES`]
+//! the plan's items a head, a multiple of [`BLOCK`] positions) and up to [`UNIT_TILES`]
 //! tiles of 16 query rows (the rows that share the head's K and V, one
 //! a vector lane); the call's part takes a range of items. Per item:
 //! - its rows of q packed `[tile][head][16]` on the stack (rows past the
@@ -41,7 +41,6 @@
 //! twice the three kernels' time), the next block two blocks ahead.
 
 use crate::ir::{DType, Op, Value};
-use crate::lower::fused_attention::ITEMS;
 use crate::lower::LowerError;
 
 use super::bodies::Out;
@@ -89,7 +88,7 @@ impl Kc<'_> {
             .in_place
             .iter()
             .filter_map(|p| p.fused.as_ref())
-            .find(|f| self.ptrs.contains_key(&f.partials) && out.kernel.writes == f.partials)
+            .find(|f| f.partials == out.kernel.writes)
             .ok_or_else(|| self.unsupported(j, "a fused context attention without its plan"))?;
         let wv = match graph.find(&fused.values) {
             Some(Value::Node(w)) => w,
@@ -123,8 +122,8 @@ impl Kc<'_> {
             r_len = self.b.hoist(&format!("arith.muli {r_len}, {s} : index"));
         }
         let tiles = self.ceil_div(&r_len, ROWS as i64);
-        let items = self.b.index(ITEMS);
-        let per_item = self.ceil_div(&m_c, ITEMS);
+        let items = self.b.index(fused.items);
+        let per_item = self.ceil_div(&m_c, fused.items);
         let per_item = self.ceil_div(&per_item, BLOCK);
         let block = self.b.index(BLOCK);
         let per_item = self.b.hoist(&format!("arith.muli {per_item}, {block} : index"));
