@@ -98,7 +98,13 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn compile(name: &str, g: &Graph) -> CpuStep {
     let t = Instant::now();
     let step = CpuStep::compile(g).unwrap_or_else(|e| panic!("{name}: compile: {e}"));
-    println!("  compiled {name}: {} kernels in {:.1} s", step.program().kernels.len(), t.elapsed().as_secs_f64());
+    let kernels: Vec<String> = step.programs().map(|p| p.kernels.len().to_string()).collect();
+    println!(
+        "  compiled {name}: {} kernels ({} functions) in {:.1} s",
+        kernels.join(" / "),
+        step.functions(),
+        t.elapsed().as_secs_f64()
+    );
     step
 }
 
@@ -143,9 +149,12 @@ fn main() {
         // in the directory, made if it is not there.
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("BIFURC_BENCH_DUMP={}: {e}", dir.to_string_lossy()));
         for (name, step) in ["baseline", "bifurcated"].into_iter().zip(&steps) {
-            let text = bifurc::lower::emit(step.graph(), step.program(), bifurc::lower::Target::Cpu).expect("emit");
-            let path = std::path::Path::new(&dir).join(format!("{name}_cpu.mlir"));
-            std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // A second plan (the context attention fused) as `{name}_fused`.
+            for (program, plan) in step.programs().zip(["", "_fused"]) {
+                let text = bifurc::lower::emit(step.graph(), program, bifurc::lower::Target::Cpu).expect("emit");
+                let path = std::path::Path::new(&dir).join(format!("{name}{plan}_cpu.mlir"));
+                std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
         }
     }
     let threads: Vec<usize> = std::env::var("BIFURC_BENCH_THREADS")
@@ -256,9 +265,10 @@ fn main() {
                      peak; bytes moved by the plan's model a second):"
                 );
                 let bytes = step.kernel_bytes_at(&point);
+                let program = step.program_at(&point);
                 for (k, t) in ks.iter().take(env_or("BIFURC_BENCH_PROFILE_TOP", 8)) {
-                    let at = step.program().kernels.iter().position(|x| &x.name == k);
-                    let node = at.map(|i| step.program().kernels[i].node.as_str());
+                    let at = program.kernels.iter().position(|x| &x.name == k);
+                    let node = at.map(|i| program.kernels[i].node.as_str());
                     let moved = at.and_then(|i| bytes.get(i).copied().flatten()).map(|b| b as f64 / t / 1e9);
                     // The node in the graph the step compiled (its
                     // projections by weight panels are einsums there).
@@ -267,8 +277,8 @@ fn main() {
                     let mut macs = j.map_or(0.0, |j| node_multiply_adds(sg, j, &sp).expect("multiply-adds"));
                     // A fused context attention also does its w·V's.
                     let fused = at.and_then(|i| {
-                        let kernel = &step.program().kernels[i];
-                        let plans = step.program().in_place.iter().filter_map(|p| p.fused.as_ref());
+                        let kernel = &program.kernels[i];
+                        let plans = program.in_place.iter().filter_map(|p| p.fused.as_ref());
                         plans.filter(|_| kernel.op == bifurc::lower::FUSED_OP).find(|f| f.partials == kernel.writes)
                     });
                     if let Some(values) = fused.and_then(|f| sg.nodes.iter().position(|n| n.id == f.values)) {

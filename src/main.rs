@@ -226,7 +226,9 @@ enum Command {
     /// the contractions' register tiles are narrow where the CPU has no AVX-512 (16 vector
     /// registers of 256 bits); BIFURC_CPU_AMX=auto|on|off, BIFURC_CPU_BF16_DOT=auto|on|off
     /// and BIFURC_CPU_NARROW_TILES=auto|on|off override each.
-    /// BIFURC_CPU_FUSED_ATTENTION=on runs f32 context attention as one fused kernel.
+    /// f32 context attention runs as one fused kernel where at least 32 query rows share a KV
+    /// head (b >= 32 multi-head), as three below; BIFURC_CPU_FUSED_ATTENTION=auto|on|off
+    /// overrides that.
     Run(RunArgs),
     /// Print a model.json as a graph (Graphviz dot) or re-emit it in canonical JSON.
     Graph {

@@ -43,7 +43,11 @@
 //! the items), and `exp` as the softmax's: within a few ulps of the three
 //! kernels, not the same bits.
 //!
-//! Off unless [`FUSED_ATTENTION_ENV`] says `on` (see there for why).
+//! The CPU step is compiled with both plans (`plans_cpu`; the kernels
+//! of the same code JIT'd once) and a run takes the fused one where at
+//! least [`FUSED_MIN_ROWS`] query rows share each KV head at its point
+//! (`CpuStep::program_at`), the three kernels below;
+//! [`FUSED_ATTENTION_ENV`] can say always or never.
 
 use crate::ir::{DType, EinsumSpec, Graph, Op, Poly, Value};
 use crate::lower::LowerError;
@@ -63,14 +67,22 @@ pub const FUSED_SUFFIX: &str = ".fused";
 /// length (b = 32 and 16 heads: 256).
 pub const ITEMS: i64 = 8;
 
-/// The environment variable that turns the fused context attention on
-/// (`on`: fused where a softmax qualifies; `off` or `auto`, the default:
-/// the three kernels). Off by default: on the 2-core Zen 3 VM it is as
-/// fast as the three kernels at b = 16 and 32, a tenth faster with
-/// grouped-query heads, and slower below 8 rows a KV head (b = 1: 23.5
-/// against 17.0 ms a step on one thread), while the step, compiled once,
-/// runs at every b (see DESIGN.md).
+/// The environment variable that says when the CPU step runs the fused
+/// context attention: `auto` (the default) where at least
+/// [`FUSED_MIN_ROWS`] query rows share each KV head at the run's point,
+/// `on` always (where a softmax qualifies), `off` never (the three
+/// kernels; the step then compiles one plan).
 pub const FUSED_ATTENTION_ENV: &str = "BIFURC_CPU_FUSED_ATTENTION";
+
+/// Query rows that share a KV head from which the CPU step runs its
+/// fused plan (with [`FUSED_ATTENTION_ENV`] `auto`): two whole tiles of
+/// 16 lanes an item, the shape the kernel is built for. On the 2-core
+/// Zen 3 VM (cpu_step, m_c = 8192, alternated; see DESIGN.md): with 4 KV
+/// heads (32 rows a head at b = 8, 128 at b = 32) the fused kernel as
+/// fast or faster at b = 8 and 32; multi-head at b = 32 as fast on two
+/// threads and 6-7% faster in a quiet phase; at 12 to 24 rows no faster
+/// or slower, at 1 to 6 rows slower (b = 1: about twice the time).
+pub const FUSED_MIN_ROWS: i64 = 32;
 
 /// One context attention to fuse: the softmax planned in place, its
 /// concat's first part (the context `q·K`), the context `w·V` and its
@@ -82,15 +94,16 @@ pub(crate) struct Fusion {
     pub scores: usize,
     pub values: usize,
     pub head: i64,
+    pub rows_per_head: Poly,
     pub scale: f64,
 }
 
-/// Whether [`FUSED_ATTENTION_ENV`] lets the CPU plan fuse (an error for a
-/// value it does not know).
-pub(crate) fn fused_choice() -> Result<bool, LowerError> {
+/// What [`FUSED_ATTENTION_ENV`] asks of the CPU step: `Some(true)`
+/// fused always, `Some(false)` never, `None` (`auto`) where enough rows
+/// share a KV head; an error for a value it does not know.
+pub(crate) fn fused_choice() -> Result<Option<bool>, LowerError> {
     let setting = std::env::var(FUSED_ATTENTION_ENV).ok();
-    let on = super::emit::cpu_setting(FUSED_ATTENTION_ENV, setting.as_deref(), || true, "")?;
-    Ok(on.unwrap_or(false))
+    super::emit::cpu_setting(FUSED_ATTENTION_ENV, setting.as_deref(), || true, "")
 }
 
 /// The fusions among the softmaxes `found` in place (see the module docs).
@@ -189,7 +202,13 @@ fn fusion(graph: &Graph, kinds: &[NodeKind], users: &[Vec<usize>], f: &Found) ->
         && graph.dims.same_shape(&graph.nodes[s].shape[..rows.len()], &node.shape[..rows.len()])
         && graph.dims.same(&v_shape[0], &k_shape[0])
         && graph.dims.same(&v_shape[1], &first.len);
-    ok.then_some(Fusion { softmax: f.softmax, scores: s, values: *w, head, scale })
+    if !ok {
+        return None;
+    }
+    let rows_shape = &graph.nodes[s].shape[..rows.len()];
+    let mut others = rows.iter().zip(rows_shape).filter(|(c, _)| *c != g);
+    let rows_per_head = others.try_fold(Poly::constant(1), |n, (_, size)| n.mul(size).ok())?;
+    Some(Fusion { softmax: f.softmax, scores: s, values: *w, head, rows_per_head, scale })
 }
 
 #[cfg(test)]
@@ -198,7 +217,7 @@ mod tests {
 
     use serde_json::{json, Value as Json};
 
-    use super::{FUSED_OP, FUSED_SUFFIX, ITEMS};
+    use super::{FUSED_MIN_ROWS, FUSED_OP, FUSED_SUFFIX, ITEMS};
     use crate::ir::Graph;
     use crate::lower::in_place::tests::{attention_in, graph, grouped_attention};
     use crate::lower::plan::plan_cpu_fusing;
@@ -277,6 +296,44 @@ mod tests {
         }
         let half = fused(&graph(&attention_in("bf16")), true);
         assert!(half.kernels.iter().all(|k| k.op != FUSED_OP) && half.in_place.len() == 1);
+    }
+
+    /// A step compiled with both plans runs the fused one where at least
+    /// [`FUSED_MIN_ROWS`] query rows share each KV head, the three kernels
+    /// below: multi-head attention has a row a head per sample (fused
+    /// from b = 32), the grouped-query one 3 (from b = 11). The outputs are
+    /// the interpreter's either way, and the plan a run takes is the one
+    /// `program_at` names (its kernels are the ones profiled); the plans
+    /// share the functions of the kernels they have in common.
+    #[test]
+    fn the_step_fuses_where_enough_rows_share_a_head() {
+        let below = FUSED_MIN_ROWS - 1;
+        let cases = [(three_parts(), vec![("d", 3)], below), (grouped_attention("f32"), vec![], below / 3)];
+        for (doc, extra, below) in cases {
+            let g = graph(&doc);
+            let step =
+                CpuStep::compile_plans(&g, vec![fused(&g, false), fused(&g, true)]).unwrap_or_else(|e| panic!("{e}"));
+            // The kernels of the same code are compiled once: the second
+            // plan adds the fused kernel and its merge.
+            let first = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(step.functions(), first.functions() + 2);
+            for b in [1, below, below + 1, 17] {
+                let mut point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), 40)]);
+                point.extend(extra.iter().map(|(k, v)| (k.to_string(), *v)));
+                let program = step.program_at(&point);
+                let fuses = program.kernels.iter().any(|k| k.op == FUSED_OP);
+                assert_eq!(fuses, b > below, "b = {b}");
+                let inputs = crate::interp::random_inputs(&g, &point, 7).unwrap_or_else(|e| panic!("{e}"));
+                let want = crate::interp::run(&g, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                let (got, times) = step.run_profiled(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                let ran: Vec<&str> = times.iter().map(|(k, _)| k.as_str()).collect();
+                let planned: Vec<&str> = program.kernels.iter().map(|k| k.name.as_str()).collect();
+                assert_eq!(ran, planned, "b = {b}");
+                for (i, (x, y)) in got["o"].data.iter().zip(&want["o"].data).enumerate() {
+                    assert!((x - y).abs() <= 1e-5 + 1e-5 * y.abs(), "b = {b}: [{i}] {x} vs {y}");
+                }
+            }
+        }
     }
 
     /// The fused step against the interpreter and against the three

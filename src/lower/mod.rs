@@ -22,11 +22,11 @@ pub use cpu::{memory_read_rate, peak_multiply_adds, CpuStep, CPU_PIPELINE};
 pub use emit::{
     emit, emit_emulating_gpu, emit_shared, Emulation, SharedModule, Target, AMX_ENV, BF16_DOT_ENV, NARROW_TILES_ENV,
 };
-pub use fused_attention::{FUSED_ATTENTION_ENV, FUSED_OP};
+pub use fused_attention::{FUSED_ATTENTION_ENV, FUSED_MIN_ROWS, FUSED_OP};
 pub use mma::{Mma, Tuning};
 pub use plan::{
-    plan, plan_cpu, plan_tuned, plan_with, Buffer, BufferKind, FusedPlan, InPlace, InPlacePart, Kernel, Param, Pitch,
-    Program,
+    plan, plan_cpu, plan_tuned, plan_with, plans_cpu, Buffer, BufferKind, FusedPlan, InPlace, InPlacePart, Kernel,
+    Param, Pitch, Program,
 };
 pub use smoke::{smoke, SMOKE_PIPELINE};
 

@@ -208,6 +208,10 @@ pub struct FusedPlan {
     pub values: String,
     /// Items a head (the partials' first axis).
     pub items: i64,
+    /// The query rows that share a KV head (the scores' rows but the KV
+    /// head's axis): the CPU step runs the fused plan where they are at
+    /// least [`FUSED_MIN_ROWS`](crate::lower::FUSED_MIN_ROWS).
+    pub rows_per_head: Poly,
     /// The product of the scales between the scores and the softmax.
     pub scale: f64,
 }
@@ -608,14 +612,32 @@ pub fn plan_tuned(
     plan_inner(graph, tensor_cores, false, false)
 }
 
-/// The plan of the CPU step: [`plan_with`] without tensor cores, and
-/// every softmax that can be written over its input's parts planned so
-/// ([`InPlace`]; the GPU's plan keeps a buffer for each), and its context
-/// attention fused into one kernel where it can be ([`FusedPlan`]) when
-/// [`FUSED_ATTENTION_ENV`](crate::lower::FUSED_ATTENTION_ENV) says `on`
-/// (an error for a value it does not know).
+/// The first plan of the CPU step ([`plans_cpu`]): [`plan_with`] without
+/// tensor cores, and every softmax that can be written over its input's
+/// parts planned so ([`InPlace`]; the GPU's plan keeps a buffer for
+/// each); its context attention fused ([`FusedPlan`]) only where
+/// [`FUSED_ATTENTION_ENV`](crate::lower::FUSED_ATTENTION_ENV) says `on`.
 pub fn plan_cpu(graph: &Graph) -> Result<Program, LowerError> {
-    plan_cpu_fusing(graph, super::fused_attention::fused_choice()?)
+    let mut plans = plans_cpu(graph)?;
+    Ok(plans.swap_remove(0))
+}
+
+/// The CPU step's plans, as
+/// [`FUSED_ATTENTION_ENV`](crate::lower::FUSED_ATTENTION_ENV) says (an
+/// error for a value it does not know): `auto` (the default), the plan
+/// without fusion, then, where a context attention fuses
+/// ([`FusedPlan`]), the plan with it (the step runs it where enough rows
+/// share a KV head: [`FusedPlan::rows_per_head`]); `off`, the first
+/// alone; `on`, the fused alone.
+pub fn plans_cpu(graph: &Graph) -> Result<Vec<Program>, LowerError> {
+    let choice = super::fused_attention::fused_choice()?;
+    let first = plan_cpu_fusing(graph, choice == Some(true))?;
+    if choice.is_some() {
+        return Ok(vec![first]);
+    }
+    let fused = plan_cpu_fusing(graph, true)?;
+    let fuses = fused.in_place.iter().any(|p| p.fused.is_some());
+    Ok(if fuses { vec![first, fused] } else { vec![first] })
 }
 
 /// [`plan_cpu`] with the context attention fused where it qualifies
@@ -726,6 +748,7 @@ fn plan_inner(
                     context: node_buf[x.values].ok_or_else(|| missing("a context buffer"))?,
                     values: graph.nodes[x.values].id.clone(),
                     items: super::fused_attention::ITEMS,
+                    rows_per_head: x.rows_per_head.clone(),
                     scale: x.scale,
                 })
             }

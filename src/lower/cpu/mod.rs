@@ -14,6 +14,7 @@ mod masks;
 mod panels;
 mod parts;
 mod peak;
+mod plans;
 mod scratch;
 mod stored;
 
@@ -25,22 +26,21 @@ pub use stored::Stored;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use melior::ir::Module;
 
 use crate::interp::{Tensor, MAX_ELEMENTS};
-use crate::ir::{DType, Graph, Poly};
+use crate::ir::{DType, Graph};
 use crate::lower::context::DiagnosticCapture;
-use crate::lower::emit::{emit_shared, Emulation, SharedModule, Target};
-use crate::lower::kernel_bytes::kernel_bytes;
-use crate::lower::plan::{plan_cpu, plan_tuned, typical_point, Buffer, BufferKind, Param, Program};
+use crate::lower::emit::{emit_shared_plans, Emulation, SharedPlans, Target};
+use crate::lower::plan::{plan_tuned, plans_cpu, typical_point, Buffer, BufferKind, Param, Program};
 use crate::lower::{new_context, run_pipeline, verify, LowerError};
 use host::HostData;
 use layout::Kept;
 pub(crate) use panels::Pairing;
 use parts::run_parts;
+use plans::Compiled;
 
 /// The pass pipeline that takes the emitted CPU module (func, scf, arith,
 /// math, llvm pointer ops) to the LLVM dialect. `arith-expand{include-bf16}`
@@ -171,29 +171,24 @@ pub struct CpuStep {
     /// Weights bound in the caller's layout and kept in another (see
     /// `layout`, `panels`).
     kept: BTreeMap<String, Kept>,
-    program: Program,
+    /// The plan a run takes unless `fused`'s is chosen.
+    plan: Compiled,
+    /// The plan with the context attention fused, taken where enough rows
+    /// share a KV head (see [`CpuStep::program_at`]).
+    fused: Option<Compiled>,
     pipeline: &'static str,
-    /// One packed entry point per kernel, in launch order.
-    entries: Vec<Packed>,
-    /// Distinct functions among `entries`.
+    /// Distinct functions among the plans' entries.
     functions: usize,
-    /// The intermediates' memory of the last run, by buffer index, reused
-    /// as it is by the next (every kernel writes its whole output before
-    /// any kernel reads it): allocating it afresh every step costs a page
-    /// fault per 4 KiB on first touch, clearing it a pass over it.
-    scratch: Mutex<Vec<Option<HostData>>>,
     /// Parts a kernel is split into (see [`CpuStep::set_threads`]).
     threads: usize,
-    /// Bytes each kernel moves, by the bytes model (`None` where it has
-    /// none): a kernel under `min_split_bytes` runs in one part.
-    work: Vec<Option<Poly>>,
+    /// A kernel under it (by the bytes model) runs in one part.
     min_split_bytes: i64,
-    /// Keeps the JIT'd code alive; dropped after `entries` is no longer used.
+    /// Keeps the JIT'd code alive; dropped after the entries are no longer used.
     _engine: Engine,
 }
 
 impl CpuStep {
-    /// Plans ([`plan_cpu`]: without tensor cores, which the CPU has none
+    /// Plans ([`plans_cpu`]: without tensor cores, which the CPU has none
     /// of, and a softmax written over its scores where it can be), emits, verifies,
     /// lowers with [`CPU_PIPELINE`] and JIT-compiles `graph`. An f32
     /// weight only ever multiplied as `x @ W` (stored `[in, out]`, GPT-2's
@@ -211,7 +206,11 @@ impl CpuStep {
     /// host has no AVX-512F, unless
     /// [`NARROW_TILES_ENV`](crate::lower::NARROW_TILES_ENV) says otherwise
     /// (each is an error if it says what this CPU cannot do or nothing it
-    /// knows).
+    /// knows). Where an f32 context attention can be fused into one kernel,
+    /// the step is compiled with a second plan that fuses it, which a run
+    /// takes where enough rows share a KV head ([`CpuStep::program_at`];
+    /// [`FUSED_ATTENTION_ENV`](crate::lower::FUSED_ATTENTION_ENV) can say
+    /// always or never).
     pub fn compile(graph: &Graph) -> Result<Self, LowerError> {
         // Read here to refuse a value it cannot take; the emitter reads it
         // again (`emit::registers`).
@@ -229,9 +228,9 @@ impl CpuStep {
         let (graph, transposed) = layout::transpose_right_weights(&graph);
         let mut kept: BTreeMap<String, Kept> = transposed.into_iter().map(|n| (n, Kept::Transposed)).collect();
         let graph = panels::panel_weights(&graph, &mut kept, pairs);
-        let program = plan_cpu(&graph)?;
-        let module = emit_shared(&graph, &program, Target::Cpu, None)?;
-        let mut step = Self::compile_module(&graph, program, &module, rayon::current_num_threads())?;
+        let programs = plans_cpu(&graph)?;
+        let module = emit_shared_plans(&graph, &programs, Target::Cpu, None)?;
+        let mut step = Self::compile_module(&graph, programs, &module, rayon::current_num_threads())?;
         step.kept = kept;
         Ok(step)
     }
@@ -240,8 +239,15 @@ impl CpuStep {
     /// CPU's own graph rewrites and plan: for tests that compare plans.
     #[cfg(test)]
     pub(crate) fn compile_program(graph: &Graph, program: Program) -> Result<Self, LowerError> {
-        let module = emit_shared(graph, &program, Target::Cpu, None)?;
-        Self::compile_module(graph, program, &module, rayon::current_num_threads())
+        Self::compile_plans(graph, vec![program])
+    }
+
+    /// [`CpuStep::compile_program`] of a plan and, second, a plan with the
+    /// context attention fused (see [`CpuStep::program_at`]).
+    #[cfg(test)]
+    pub(crate) fn compile_plans(graph: &Graph, programs: Vec<Program>) -> Result<Self, LowerError> {
+        let module = emit_shared_plans(graph, &programs, Target::Cpu, None)?;
+        Self::compile_module(graph, programs, &module, rayon::current_num_threads())
     }
 
     /// [`CpuStep::compile`] with the GPU's way of splitting the row
@@ -252,48 +258,40 @@ impl CpuStep {
     pub fn compile_emulating_gpu(graph: &Graph, emulation: Emulation) -> Result<Self, LowerError> {
         let point = typical_point(graph);
         let program = plan_tuned(graph, Some((&point, emulation.tuning)))?;
-        let module = emit_shared(graph, &program, Target::Cpu, Some(emulation))?;
+        let module = emit_shared_plans(graph, std::slice::from_ref(&program), Target::Cpu, Some(emulation))?;
         // The emulated kernels are not split into parts (see `emit`, "Parts").
-        Self::compile_module(graph, program, &module, 1)
+        Self::compile_module(graph, vec![program], &module, 1)
     }
 
-    /// JIT-compiles `emitted`'s kernels of distinct code; every kernel runs
-    /// the one with its code, with its own arguments, in up to `threads`
-    /// parts.
+    /// JIT-compiles `emitted`'s kernels of distinct code (of `programs`,
+    /// planned from `graph`: a plan, then maybe the plan with the context
+    /// attention fused); every kernel runs the one with its code, with its
+    /// own arguments, in up to `threads` parts.
     fn compile_module(
         graph: &Graph,
-        program: Program,
-        emitted: &SharedModule,
+        programs: Vec<Program>,
+        emitted: &SharedPlans,
         threads: usize,
     ) -> Result<Self, LowerError> {
         let engine = Engine::jit(&emitted.shared, "emitted CPU kernels")?;
-        let mut entries = Vec::with_capacity(program.kernels.len());
-        for kernel in &program.kernels {
-            let entry = emitted.entries.get(&kernel.name).unwrap_or(&kernel.name);
-            entries.push(engine.entry(entry).ok_or_else(|| {
-                LowerError::Engine(format!(
-                    "kernel `{}` not found in the JIT: its module did not link (the JIT printed why \
-                             on stderr, such as a function no library defines)",
-                    kernel.name
-                ))
-            })?);
-        }
-        let functions = emitted.entries.values().collect::<std::collections::BTreeSet<_>>().len();
-        let scratch = Mutex::new(Vec::new());
-        let work = match kernel_bytes(graph, &program) {
-            Ok(bytes) => bytes.iter().map(|b| b.total().ok()).collect(),
-            Err(_) => vec![None; program.kernels.len()],
-        };
+        let mut plans = programs
+            .into_iter()
+            .zip(&emitted.entries)
+            .map(|(program, functions)| Compiled::new(graph, program, functions, &engine))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        let plan = plans.next().ok_or_else(|| LowerError::Engine("no plan to compile".into()))?;
+        let fused = plans.next();
+        let functions =
+            emitted.entries.iter().flat_map(|e| e.values()).collect::<std::collections::BTreeSet<_>>().len();
         Ok(CpuStep {
             graph: graph.clone(),
             kept: BTreeMap::new(),
-            program,
+            plan,
+            fused,
             pipeline: CPU_PIPELINE,
-            entries,
             functions,
-            scratch,
             threads: threads.max(1),
-            work,
             min_split_bytes: PARALLEL_MIN_BYTES,
             _engine: engine,
         })
@@ -321,38 +319,40 @@ impl CpuStep {
         self.min_split_bytes = bytes;
     }
 
-    /// How many parts kernel `k` runs in at `point`.
-    fn parts(&self, k: usize, point: &BTreeMap<String, i64>) -> usize {
+    /// How many parts kernel `k` of `plan` runs in at `point`.
+    fn parts(&self, plan: &Compiled, k: usize, point: &BTreeMap<String, i64>) -> usize {
         let threads = self.threads();
         if threads < 2 {
             return 1;
         }
-        match self.work_at(k, point) {
+        match self.work_at(plan, k, point) {
             Some(bytes) if bytes < self.min_split_bytes => 1,
             _ => threads,
         }
     }
 
-    /// Bytes kernel `k` moves at `point` by the bytes model (`None` where
-    /// the model has no figure or it does not evaluate there).
-    fn work_at(&self, k: usize, point: &BTreeMap<String, i64>) -> Option<i64> {
-        self.work.get(k)?.as_ref().and_then(|bytes| self.graph.dims.eval(bytes, point).ok())
+    /// Bytes kernel `k` of `plan` moves at `point` by the bytes model
+    /// (`None` where the model has no figure or it does not evaluate
+    /// there).
+    fn work_at(&self, plan: &Compiled, k: usize, point: &BTreeMap<String, i64>) -> Option<i64> {
+        plan.work.get(k)?.as_ref().and_then(|bytes| self.graph.dims.eval(bytes, point).ok())
     }
 
-    /// Bytes each kernel (in [`Program::kernels`] order) moves at `point`
-    /// by the bytes model applied to this step's plan
-    /// (`lower::kernel_bytes`: a softmax written over its scores reads and
-    /// writes them once; `None` where the model has no figure). Their sum
-    /// over a step's time is the rate the step moved memory at, to set
-    /// beside [`super::memory_read_rate`].
+    /// Bytes each kernel (in the [`Program::kernels`] order of
+    /// [`CpuStep::program_at`]) moves at `point` by the bytes model
+    /// applied to the plan (`lower::kernel_bytes`: a softmax written over
+    /// its scores reads and writes them once; `None` where the model has no
+    /// figure). Their sum over a step's time is the rate the step moved
+    /// memory at, to set beside [`super::memory_read_rate`].
     pub fn kernel_bytes_at(&self, point: &BTreeMap<String, i64>) -> Vec<Option<i64>> {
-        (0..self.work.len()).map(|k| self.work_at(k, point)).collect()
+        let plan = self.chosen(point);
+        (0..plan.work.len()).map(|k| self.work_at(plan, k, point)).collect()
     }
 
     /// The sum of [`CpuStep::kernel_bytes_at`]: the bytes a step at
     /// `point` moves by its plan's model (kernels without a figure count 0).
     pub fn moved_at(&self, point: &BTreeMap<String, i64>) -> f64 {
-        (0..self.work.len()).filter_map(|k| self.work_at(k, point)).map(|b| b as f64).sum()
+        self.kernel_bytes_at(point).into_iter().flatten().map(|b| b as f64).sum()
     }
 
     /// The graph this step runs: the one compiled, with the weights kept
@@ -370,11 +370,6 @@ impl CpuStep {
             Some(kept) => Ok(Cow::Owned(kept.convert(&t.shape, &t.data, name)?)),
             None => Ok(Cow::Borrowed(t)),
         }
-    }
-
-    /// The plan this step runs.
-    pub fn program(&self) -> &Program {
-        &self.program
     }
 
     /// How many functions the JIT compiled for the program's kernels:
@@ -467,7 +462,7 @@ impl CpuStep {
     }
 
     fn input_buffer(&self, name: &str) -> Option<&Buffer> {
-        self.program.buffers.iter().find(|b| b.name == name && matches!(b.kind, BufferKind::Input(_)))
+        self.plan.program.buffers.iter().find(|b| b.name == name && matches!(b.kind, BufferKind::Input(_)))
     }
 
     fn input_dtype(&self, name: &str) -> Result<DType, LowerError> {
@@ -496,7 +491,7 @@ impl CpuStep {
         capacities: &BTreeMap<String, i64>,
         inputs: &HashMap<String, Stored>,
     ) -> Result<(HashMap<String, Tensor>, KernelTimes), LowerError> {
-        let mut times = Vec::with_capacity(self.program.kernels.len());
+        let mut times = Vec::with_capacity(self.program_at(point).kernels.len());
         let out = self.run_inner(point, capacities, Inputs::Stored(inputs), Some(&mut times))?;
         Ok((out, times))
     }
@@ -508,7 +503,7 @@ impl CpuStep {
         point: &BTreeMap<String, i64>,
         inputs: &HashMap<String, Tensor>,
     ) -> Result<(HashMap<String, Tensor>, KernelTimes), LowerError> {
-        let mut times = Vec::with_capacity(self.program.kernels.len());
+        let mut times = Vec::with_capacity(self.program_at(point).kernels.len());
         let out = self.run_inner(point, &BTreeMap::new(), Inputs::Tensors(inputs), Some(&mut times))?;
         Ok((out, times))
     }
@@ -520,10 +515,11 @@ impl CpuStep {
         inputs: Inputs<'_>,
         times: Option<&mut KernelTimes>,
     ) -> Result<HashMap<String, Tensor>, LowerError> {
+        let plan = self.chosen(point);
         let mut dims = self.dims_at(point)?;
         let mut caps = dims.clone();
         for (d, &cap) in capacities {
-            let k = self.program.dims.iter().position(|x| x == d);
+            let k = self.plan.program.dims.iter().position(|x| x == d);
             match k {
                 Some(k) if cap >= dims[k] => caps[k] = cap,
                 Some(k) => {
@@ -536,15 +532,15 @@ impl CpuStep {
             }
         }
         // The last run's intermediates (none when another thread is running).
-        let mut scratch = match self.scratch.try_lock() {
+        let mut scratch = match plan.scratch.try_lock() {
             Ok(mut kept) => std::mem::take(&mut *kept),
             Err(_) => Vec::new(),
         };
-        scratch.resize_with(self.program.buffers.len(), || None);
-        let mut shapes = Vec::with_capacity(self.program.buffers.len());
+        scratch.resize_with(plan.program.buffers.len(), || None);
+        let mut shapes = Vec::with_capacity(plan.program.buffers.len());
         // Owned storage, or the data of an input read in place.
-        let mut host: Vec<Result<HostData, *const c_void>> = Vec::with_capacity(self.program.buffers.len());
-        for (b, buf) in self.program.buffers.iter().enumerate() {
+        let mut host: Vec<Result<HostData, *const c_void>> = Vec::with_capacity(plan.program.buffers.len());
+        for (b, buf) in plan.program.buffers.iter().enumerate() {
             let (shape, n) = self.stored_shape(buf, point, &caps)?;
             let data = match buf.kind {
                 BufferKind::Input(_) => {
@@ -630,13 +626,13 @@ impl CpuStep {
             // thread may call: `run_parts` does) and the slots above, and
             // writes `times` and the kernels' outputs, while this thread
             // waits for it.
-            let launch = || unsafe { self.launch(point, &mut dims, &mut caps, &mut ptrs, times) };
+            let launch = || unsafe { self.launch(plan, point, &mut dims, &mut caps, &mut ptrs, times) };
             unsafe { parts::on_pool(launch) }?;
         } else {
-            unsafe { self.launch(point, &mut dims, &mut caps, &mut ptrs, times) }?;
+            unsafe { self.launch(plan, point, &mut dims, &mut caps, &mut ptrs, times) }?;
         }
         let mut out = HashMap::new();
-        for (b, buf) in self.program.buffers.iter().enumerate() {
+        for (b, buf) in plan.program.buffers.iter().enumerate() {
             let data = std::mem::replace(&mut host[b], Err(std::ptr::null()));
             match (&buf.kind, data) {
                 (BufferKind::Output(_), Ok(data)) => {
@@ -647,7 +643,7 @@ impl CpuStep {
                 _ => {}
             }
         }
-        if let Ok(mut kept) = self.scratch.try_lock() {
+        if let Ok(mut kept) = plan.scratch.try_lock() {
             *kept = scratch;
         }
         Ok(out)
@@ -656,7 +652,8 @@ impl CpuStep {
     /// The value at `point` of each runtime dim of the program, in order:
     /// an error names a dim with no value or a negative one.
     fn dims_at(&self, point: &BTreeMap<String, i64>) -> Result<Vec<i64>, LowerError> {
-        self.program
+        self.plan
+            .program
             .dims
             .iter()
             .map(|d| match point.get(d) {
@@ -689,7 +686,7 @@ impl CpuStep {
                 })
                 .collect::<Result<Vec<usize>, _>>()?;
         if let Some(p) = &buf.pitch {
-            let k = self.program.dims.iter().position(|x| *x == p.dim);
+            let k = self.plan.program.dims.iter().position(|x| *x == p.dim);
             if let (Some(&cap), Some(s)) = (k.and_then(|k| caps.get(k)), shape.get_mut(p.axis)) {
                 *s = cap as usize;
             }
@@ -703,7 +700,7 @@ impl CpuStep {
         Ok((shape, n))
     }
 
-    /// Runs every kernel of the program in order at `point`, each with its
+    /// Runs every kernel of `plan` in order at `point`, each with its
     /// parameters' slots among `dims` and `caps` (one value per runtime
     /// dim of the program) and `ptrs` (one data pointer per buffer), split
     /// into parts on the pool where it moves enough bytes; each kernel's
@@ -718,6 +715,7 @@ impl CpuStep {
     /// resized or otherwise used until this returns.
     unsafe fn launch(
         &self,
+        plan: &Compiled,
         point: &BTreeMap<String, i64>,
         dims: &mut [i64],
         caps: &mut [i64],
@@ -729,18 +727,18 @@ impl CpuStep {
         let (mut part, mut whole) = (0i64, 1i64);
         let tail = [std::ptr::addr_of_mut!(part).cast::<c_void>(), std::ptr::addr_of_mut!(whole).cast::<c_void>()];
         let mut args: Vec<*mut c_void> = Vec::new();
-        for (k, (kernel, entry)) in self.program.kernels.iter().zip(&self.entries).enumerate() {
+        for (k, (kernel, entry)) in plan.program.kernels.iter().zip(&plan.entries).enumerate() {
             args.clear();
             for p in &kernel.params {
                 let slot = match p {
                     Param::Dim(d) => {
-                        self.program.dims.iter().position(|x| x == d).filter(|&k| k < dims.len()).map(|k| {
+                        self.plan.program.dims.iter().position(|x| x == d).filter(|&k| k < dims.len()).map(|k| {
                             // SAFETY: `k < dims.len()`: an element of `dims`.
                             unsafe { dim_ptr.add(k) }.cast::<c_void>()
                         })
                     }
                     Param::Capacity(d) => {
-                        self.program.dims.iter().position(|x| x == d).filter(|&k| k < caps.len()).map(|k| {
+                        self.plan.program.dims.iter().position(|x| x == d).filter(|&k| k < caps.len()).map(|k| {
                             // SAFETY: `k < caps.len()`: an element of `caps`.
                             unsafe { cap_ptr.add(k) }.cast::<c_void>()
                         })
@@ -755,7 +753,7 @@ impl CpuStep {
                 );
             }
             args.extend(tail);
-            let parts = self.parts(k, point);
+            let parts = self.parts(plan, k, point);
             let start = times.is_some().then(Instant::now);
             // SAFETY: `entry` is the packed wrapper of this kernel; it reads
             // one pointer per parameter: `args[k]` points at an `i64` (a
@@ -909,7 +907,7 @@ mod tests {
         // smaller ones after it (which still gave the interpreter's values above;
         // the last, m=0, has no elements: one is allocated).
         let p = step.program().buffers.iter().position(|b| b.kind == BufferKind::Intermediate);
-        let kept = match step.scratch.lock() {
+        let kept = match step.plan.scratch.lock() {
             Ok(k) => k,
             Err(e) => panic!("{e}"),
         };
@@ -968,16 +966,18 @@ mod tests {
             for threads in [1, 3] {
                 step.set_threads(threads);
                 for (p, inputs, want) in [&fresh[0], &fresh[1], &fresh[0]] {
-                    let kept = match step.scratch.get_mut() {
-                        Ok(k) => k,
-                        Err(e) => panic!("{e}"),
-                    };
-                    kept.iter_mut().flatten().for_each(HostData::poison);
+                    for plan in std::iter::once(&mut step.plan).chain(step.fused.as_mut()) {
+                        let kept = match plan.scratch.get_mut() {
+                            Ok(k) => k,
+                            Err(e) => panic!("{e}"),
+                        };
+                        kept.iter_mut().flatten().for_each(HostData::poison);
+                    }
                     let got = bits(&step.run(p, inputs).unwrap_or_else(|e| panic!("{e}")));
                     assert!(got == *want, "{threads} parts at {p:?}: outputs differ on poisoned memory");
                 }
             }
-            let kept = match step.scratch.get_mut() {
+            let kept = match step.plan.scratch.get_mut() {
                 Ok(k) => k,
                 Err(e) => panic!("{e}"),
             };

@@ -32,19 +32,20 @@ impl CpuStep {
     /// then in use).
     pub fn reserve(&self, point: &BTreeMap<String, i64>) -> Result<(), LowerError> {
         let dims = self.dims_at(point)?;
-        let mut sizes = Vec::with_capacity(self.program.buffers.len());
-        for buf in &self.program.buffers {
+        let plan = self.chosen(point);
+        let mut sizes = Vec::with_capacity(plan.program.buffers.len());
+        for buf in &plan.program.buffers {
             let n = match buf.kind {
                 BufferKind::Intermediate => Some(self.stored_shape(buf, point, &dims)?.1),
                 _ => None,
             };
             sizes.push(n);
         }
-        let Ok(mut scratch) = self.scratch.try_lock() else { return Ok(()) };
-        scratch.resize_with(self.program.buffers.len(), || None);
+        let Ok(mut scratch) = plan.scratch.try_lock() else { return Ok(()) };
+        scratch.resize_with(plan.program.buffers.len(), || None);
         // Across the pool's threads: the pages map in faster, and the
         // threads the first step splits its kernels over are awake.
-        let buffers = &self.program.buffers;
+        let buffers = &plan.program.buffers;
         scratch.par_iter_mut().zip(buffers.par_iter().zip(sizes)).for_each(|(kept, (buf, n))| {
             let Some(n) = n else { return };
             match kept {
@@ -59,12 +60,14 @@ impl CpuStep {
         Ok(())
     }
 
-    /// Frees the intermediates kept from the last run (the next run
-    /// allocates them again). Does nothing while another thread is running
-    /// the step.
+    /// Frees the intermediates kept from the last runs (of every plan: the
+    /// next run allocates them again). Does nothing while another thread
+    /// is running the step.
     pub fn release_scratch(&self) {
-        if let Ok(mut kept) = self.scratch.try_lock() {
-            *kept = Vec::new();
+        for plan in std::iter::once(&self.plan).chain(&self.fused) {
+            if let Ok(mut kept) = plan.scratch.try_lock() {
+                *kept = Vec::new();
+            }
         }
     }
 
@@ -92,12 +95,12 @@ impl CpuStep {
     ) -> Result<usize, LowerError> {
         let mut caps = self.dims_at(point)?;
         for (d, &cap) in capacities {
-            if let Some(k) = self.program.dims.iter().position(|x| x == d) {
+            if let Some(k) = self.plan.program.dims.iter().position(|x| x == d) {
                 caps[k] = caps[k].max(cap);
             }
         }
         let mut total = 0usize;
-        for buf in self.program.buffers.iter().filter(|b| which(&b.name)) {
+        for buf in self.chosen(point).program.buffers.iter().filter(|b| which(&b.name)) {
             let n = self.stored_shape(buf, point, &caps)?.1;
             total = n
                 .checked_mul(buf.dtype.size())
@@ -122,7 +125,7 @@ mod tests {
 
     /// Where each kept intermediate's memory starts (`None`: nothing kept).
     fn addresses(step: &mut CpuStep) -> Vec<Option<usize>> {
-        let kept = step.scratch.get_mut().unwrap_or_else(|e| panic!("{e}"));
+        let kept = step.plan.scratch.get_mut().unwrap_or_else(|e| panic!("{e}"));
         kept.iter()
             .map(|k| {
                 k.as_ref().map(|d| match d {

@@ -294,15 +294,63 @@ pub fn emit_shared(
     emulation: Option<Emulation>,
 ) -> Result<SharedModule, LowerError> {
     let funcs = kernel_texts(graph, program, target, emulation)?;
-    let entries = share::first_with_same_code(
-        program.kernels.iter().zip(&funcs).map(|(k, text)| (k.name.as_str(), share::code_key(k, text))),
-    );
-    let shared = program.kernels.iter().zip(&funcs).filter(|(k, _)| entries.get(&k.name) == Some(&k.name));
-    Ok(SharedModule {
-        text: module_text(funcs.iter().map(String::as_str), target),
-        shared: module_text(shared.map(|(_, text)| text.as_str()), target),
-        entries,
-    })
+    let text = module_text(funcs.iter().map(String::as_str), target);
+    let SharedPlans { shared, mut entries } = share_plans(&[(program, funcs)], target);
+    Ok(SharedModule { text, shared, entries: entries.pop().unwrap_or_default() })
+}
+
+/// Several plans of one graph in one module of distinct code (the CPU
+/// step's: see [`crate::lower::CpuStep`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SharedPlans {
+    /// The first kernel of each distinct code, over the plans in turn.
+    pub shared: String,
+    /// Per plan, every kernel → the function of `shared` that runs it.
+    pub entries: Vec<BTreeMap<String, String>>,
+}
+
+/// [`emit_shared`]'s module of distinct code for several plans of
+/// `graph` at once: a kernel whose code an earlier kernel has (of its own
+/// plan or an earlier one) runs that kernel's function. Kernel names
+/// repeat from plan to plan with other code, so plan `n > 0`'s own
+/// functions are named `p{n}_{kernel}`.
+pub(crate) fn emit_shared_plans(
+    graph: &Graph,
+    programs: &[Program],
+    target: Target,
+    emulation: Option<Emulation>,
+) -> Result<SharedPlans, LowerError> {
+    let plans = programs
+        .iter()
+        .map(|p| Ok((p, kernel_texts(graph, p, target, emulation)?)))
+        .collect::<Result<Vec<_>, LowerError>>()?;
+    Ok(share_plans(&plans, target))
+}
+
+fn share_plans(plans: &[(&Program, Vec<String>)], target: Target) -> SharedPlans {
+    let function = |n: usize, kernel: &str| if n == 0 { kernel.to_string() } else { format!("p{n}_{kernel}") };
+    let all: Vec<(String, &Kernel, &String)> = plans
+        .iter()
+        .enumerate()
+        .flat_map(|(n, (program, funcs))| {
+            program.kernels.iter().zip(funcs).map(move |(k, t)| (function(n, &k.name), k, t))
+        })
+        .collect();
+    let first = share::first_with_same_code(all.iter().map(|(f, k, text)| (f.as_str(), share::code_key(k, text))));
+    // A function of its own, named as `first` names it.
+    let own = all.iter().filter(|(f, _, _)| first.get(f) == Some(f));
+    let texts: Vec<String> =
+        own.map(|(f, k, text)| text.replacen(&format!("@{}(", k.name), &format!("@{f}("), 1)).collect();
+    let shared = module_text(texts.iter().map(String::as_str), target);
+    let entries = plans
+        .iter()
+        .enumerate()
+        .map(|(n, (program, _))| {
+            let entry = |k: &Kernel| first.get(&function(n, &k.name)).cloned().unwrap_or_else(|| function(n, &k.name));
+            program.kernels.iter().map(|k| (k.name.clone(), entry(k))).collect()
+        })
+        .collect();
+    SharedPlans { shared, entries }
 }
 
 fn emit_with(
