@@ -42,6 +42,11 @@ impl CpuBackend {
         })
     }
 
+    /// The compiled step (its plans: [`CpuStep::program_at`]).
+    pub fn step(&self) -> &CpuStep {
+        &self.step
+    }
+
     /// The parts the step's large kernels are split into
     /// ([`CpuStep::set_threads`]).
     pub fn threads(&self) -> usize {

@@ -260,23 +260,27 @@ fn decode(
     weights: &HashMap<String, HostTensor>,
     keep_caches: bool,
 ) -> (Vec<f32>, SampleOutput, SampleOutput, Runs) {
-    decode_with(ptx, weights, keep_caches, None)
+    let (fill, greedy, sampled, runs, _) = decode_with(ptx, weights, keep_caches, None, 4);
+    (fill, greedy, sampled, runs)
 }
 
-/// [`decode`], kept caches reserved with `capacity` rows when given.
+/// [`decode`], kept caches reserved with `capacity` rows when given, of
+/// `samples` samples; also how many runs took the step's plan with the
+/// context attention fused.
 fn decode_with(
     ptx: &Path,
     weights: &HashMap<String, HostTensor>,
     keep_caches: bool,
     capacity: Option<usize>,
-) -> (Vec<f32>, SampleOutput, SampleOutput, Runs) {
+    samples: usize,
+) -> (Vec<f32>, SampleOutput, SampleOutput, Runs, usize) {
     let (artifact, cpu) = bifurc::run::cpu_step(ptx).unwrap_or_else(|e| panic!("{}: {e}", ptx.display()));
     let recorder =
         Recorder { inner: cpu, runs: Vec::new(), keep_caches, capacity, binds: Vec::new(), wanted: Vec::new() };
     let mut session = Session::new(recorder, &artifact.manifest).unwrap();
     session.bind_weights(weights).unwrap();
     let fill = session.fill_context(&PROMPT).unwrap();
-    let options = SampleOptions { samples: 4, steps: 6, temperature: 0.0, seed: 1, keep_last_logits: true };
+    let options = SampleOptions { samples, steps: 6, temperature: 0.0, seed: 1, keep_last_logits: true };
     let greedy = session.sample(&options, |_| {}).unwrap();
     session.random_context(7, 11).unwrap();
     let options = SampleOptions { temperature: 0.8, ..options };
@@ -291,7 +295,11 @@ fn decode_with(
     let logits_only = recorder.wanted.iter().filter(|w| *w == &["logits".to_string()]).count();
     let steps = recorder.runs.len();
     assert_eq!((logits_only, recorder.wanted.len()), if keep_caches { (steps, steps) } else { (0, 0) });
-    (fill, greedy, sampled, recorder.runs)
+    let fuses = |dims: &BTreeMap<String, i64>| {
+        recorder.inner.step().program_at(dims).kernels.iter().any(|k| k.op == bifurc::lower::FUSED_OP)
+    };
+    let fused = recorder.runs.iter().filter(|(dims, _)| fuses(dims)).count();
+    (fill, greedy, sampled, recorder.runs, fused)
 }
 
 /// `max|a - b| / max(max|b|, 1e-6)`.
@@ -302,6 +310,11 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     diff / scale.max(1e-6)
 }
 
+/// The bifurcated artifact decodes as the baseline does, step by step,
+/// at 4 samples and at 16, where 32 query rows share each KV head of the
+/// tiny model (2 query heads a KV head) and its decode steps take the
+/// plan with the context attention fused (`lower::fused_attention`),
+/// which the baseline has none of.
 #[test]
 fn bifurcated_decodes_like_the_baseline() {
     let Some(libdevice) = common::toolchain_path("BIFURC_LIBDEVICE") else { return };
@@ -309,39 +322,43 @@ fn bifurcated_decodes_like_the_baseline() {
     let (base, bif) = tiny_artifacts(&libdevice, &dir);
     let manifest = bifurc_runtime::Artifact::load(&base).unwrap().manifest;
     let weights = random_weights(&manifest, 5).unwrap();
-    let (fill_a, greedy_a, sampled_a, runs_a) = decode(&base, &weights, true);
-    let (fill_b, greedy_b, sampled_b, runs_b) = decode(&bif, &weights, true);
+    for samples in [4, 16] {
+        let (fill_a, greedy_a, sampled_a, runs_a, fused_a) = decode_with(&base, &weights, true, None, samples);
+        let (fill_b, greedy_b, sampled_b, runs_b, fused_b) = decode_with(&bif, &weights, true, None, samples);
+        // 6 greedy and 6 sampled decode steps fused at 16 samples.
+        assert_eq!((fused_a, fused_b), (0, if samples == 16 { 12 } else { 0 }), "{samples} samples");
 
-    // 5 fill steps at b=1, then 6 greedy and 6 sampled steps at b=4.
-    assert_eq!(runs_a.len(), 5 + 6 + 6);
-    assert_eq!(runs_a.len(), runs_b.len());
-    let mut worst = 0.0f32;
-    for (i, ((dims_a, out_a), (dims_b, out_b))) in runs_a.iter().zip(&runs_b).enumerate() {
-        assert_eq!(dims_a, dims_b, "step {i}");
-        let mut names: Vec<&String> = out_a.keys().collect();
-        names.sort();
-        let mut names_b: Vec<&String> = out_b.keys().collect();
-        names_b.sort();
-        assert_eq!(names, names_b, "step {i}: outputs");
-        for name in names {
-            let (a, b) = (&out_a[name], &out_b[name]);
-            assert_eq!(a.shape, b.shape, "step {i} `{name}`");
-            let d = rel_diff(&b.data, &a.data);
-            assert!(d <= TOL, "step {i} at {dims_a:?}: `{name}` differs by {d:e} (norm-relative) > {TOL:e}");
-            worst = worst.max(d);
+        // 5 fill steps at b=1, then 6 greedy and 6 sampled steps.
+        assert_eq!(runs_a.len(), 5 + 6 + 6);
+        assert_eq!(runs_a.len(), runs_b.len());
+        let mut worst = 0.0f32;
+        for (i, ((dims_a, out_a), (dims_b, out_b))) in runs_a.iter().zip(&runs_b).enumerate() {
+            assert_eq!(dims_a, dims_b, "step {i}");
+            let mut names: Vec<&String> = out_a.keys().collect();
+            names.sort();
+            let mut names_b: Vec<&String> = out_b.keys().collect();
+            names_b.sort();
+            assert_eq!(names, names_b, "step {i}: outputs");
+            for name in names {
+                let (a, b) = (&out_a[name], &out_b[name]);
+                assert_eq!(a.shape, b.shape, "step {i} `{name}`");
+                let d = rel_diff(&b.data, &a.data);
+                assert!(d <= TOL, "step {i} at {dims_a:?}: `{name}` differs by {d:e} (norm-relative) > {TOL:e}");
+                worst = worst.max(d);
+            }
         }
-    }
-    eprintln!("largest norm-relative difference over {} steps: {worst:e}", runs_a.len());
-    assert!(rel_diff(&fill_b, &fill_a) <= TOL);
+        eprintln!("{samples} samples: largest norm-relative difference over {} steps: {worst:e}", runs_a.len());
+        assert!(rel_diff(&fill_b, &fill_a) <= TOL);
 
-    assert_eq!(greedy_a.tokens, greedy_b.tokens, "greedy ids");
-    assert!(greedy_a.tokens.iter().all(|s| s == &greedy_a.tokens[0]), "greedy: identical samples");
-    assert_eq!(sampled_a.tokens, sampled_b.tokens, "sampled ids (same seed)");
-    assert!(sampled_a.tokens.iter().any(|s| s != &sampled_a.tokens[0]), "sampled: the samples differ");
-    for (a, b) in [(&greedy_a, &greedy_b), (&sampled_a, &sampled_b)] {
-        let (la, lb) = (a.last_logits.as_ref().unwrap(), b.last_logits.as_ref().unwrap());
-        assert_eq!(la.shape, [4, 256]);
-        assert!(rel_diff(&lb.data, &la.data) <= TOL);
+        assert_eq!(greedy_a.tokens, greedy_b.tokens, "greedy ids");
+        assert!(greedy_a.tokens.iter().all(|s| s == &greedy_a.tokens[0]), "greedy: identical samples");
+        assert_eq!(sampled_a.tokens, sampled_b.tokens, "sampled ids (same seed)");
+        assert!(sampled_a.tokens.iter().any(|s| s != &sampled_a.tokens[0]), "sampled: the samples differ");
+        for (a, b) in [(&greedy_a, &greedy_b), (&sampled_a, &sampled_b)] {
+            let (la, lb) = (a.last_logits.as_ref().unwrap(), b.last_logits.as_ref().unwrap());
+            assert_eq!(la.shape, [samples, 256]);
+            assert!(rel_diff(&lb.data, &la.data) <= TOL);
+        }
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -363,7 +380,7 @@ fn backend_kept_caches_decode_exactly_like_bound_caches() {
     // caches that the run converts. The same bits either way.
     let bf16 = write_artifact_as(&libdevice, &dir, "tiny", "bif16", true, "b=32,m_c=512,m_d=4", Some(DType::BF16));
     for (ptx, capacity) in [(&base, None), (&bif, None), (&bif, Some(1)), (&bf16, Some(1))] {
-        let (fill_a, greedy_a, sampled_a, runs_a) = decode_with(ptx, &weights, true, capacity);
+        let (fill_a, greedy_a, sampled_a, runs_a, _) = decode_with(ptx, &weights, true, capacity, 4);
         let (fill_b, greedy_b, sampled_b, runs_b) = decode(ptx, &weights, false);
         assert_eq!(fill_a, fill_b);
         assert_eq!(greedy_a.tokens, greedy_b.tokens);
