@@ -304,7 +304,8 @@ mod tests {
     /// from b = 32), the grouped-query one 3 (from b = 11). The outputs are
     /// the interpreter's either way, and the plan a run takes is the one
     /// `program_at` names (its kernels are the ones profiled); the plans
-    /// share the functions of the kernels they have in common.
+    /// share the functions of the kernels they have in common, and the
+    /// fused plan's own are JIT-compiled at its first run.
     #[test]
     fn the_step_fuses_where_enough_rows_share_a_head() {
         let below = FUSED_MIN_ROWS - 1;
@@ -317,12 +318,16 @@ mod tests {
             // plan adds the fused kernel and its merge.
             let first = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(step.functions(), first.functions() + 2);
+            // Those two are JIT-compiled at the fused plan's first run.
+            let mut compiled = false;
             for b in [1, below, below + 1, 17] {
                 let mut point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), 40)]);
                 point.extend(extra.iter().map(|(k, v)| (k.to_string(), *v)));
                 let program = step.program_at(&point);
                 let fuses = program.kernels.iter().any(|k| k.op == FUSED_OP);
                 assert_eq!(fuses, b > below, "b = {b}");
+                assert_eq!(step.fused_compiled(), Some(compiled), "b = {b}, before its run");
+                compiled |= fuses;
                 let inputs = crate::interp::random_inputs(&g, &point, 7).unwrap_or_else(|e| panic!("{e}"));
                 let want = crate::interp::run(&g, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
                 let (got, times) = step.run_profiled(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));

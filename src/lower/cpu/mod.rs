@@ -183,8 +183,9 @@ pub struct CpuStep {
     threads: usize,
     /// A kernel under it (by the bytes model) runs in one part.
     min_split_bytes: i64,
-    /// Keeps the JIT'd code alive; dropped after the entries are no longer used.
-    _engine: Engine,
+    /// The first plan's JIT'd code (and the functions the fused plan
+    /// shares with it), alive as long as the step.
+    engine: Engine,
 }
 
 impl CpuStep {
@@ -273,15 +274,16 @@ impl CpuStep {
         emitted: &SharedPlans,
         threads: usize,
     ) -> Result<Self, LowerError> {
-        let engine = Engine::jit(&emitted.shared, "emitted CPU kernels")?;
         let mut plans = programs
             .into_iter()
-            .zip(&emitted.entries)
-            .map(|(program, functions)| Compiled::new(graph, program, functions, &engine))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter();
+            .zip(emitted.entries.iter().cloned())
+            .zip(emitted.modules.iter().cloned())
+            .map(|((program, functions), module)| Compiled::new(graph, program, functions, module));
         let plan = plans.next().ok_or_else(|| LowerError::Engine("no plan to compile".into()))?;
         let fused = plans.next();
+        let first = emitted.modules.first().ok_or_else(|| LowerError::Engine("no plan to compile".into()))?;
+        let engine = Engine::jit(first, "emitted CPU kernels")?;
+        plan.set_first(&engine)?;
         let functions =
             emitted.entries.iter().flat_map(|e| e.values()).collect::<std::collections::BTreeSet<_>>().len();
         Ok(CpuStep {
@@ -293,7 +295,7 @@ impl CpuStep {
             functions,
             threads: threads.max(1),
             min_split_bytes: PARALLEL_MIN_BYTES,
-            _engine: engine,
+            engine,
         })
     }
 
@@ -372,8 +374,9 @@ impl CpuStep {
         }
     }
 
-    /// How many functions the JIT compiled for the program's kernels:
-    /// kernels with the same code (layer after layer) share one.
+    /// How many functions the JIT compiles for the plans' kernels:
+    /// kernels with the same code (layer after layer, plan after plan)
+    /// share one (the fused plan's own are compiled at its first run).
     pub fn functions(&self) -> usize {
         self.functions
     }
@@ -516,6 +519,7 @@ impl CpuStep {
         times: Option<&mut KernelTimes>,
     ) -> Result<HashMap<String, Tensor>, LowerError> {
         let plan = self.chosen(point);
+        let entries = plan.entries(&self.engine)?;
         let mut dims = self.dims_at(point)?;
         let mut caps = dims.clone();
         for (d, &cap) in capacities {
@@ -626,10 +630,10 @@ impl CpuStep {
             // thread may call: `run_parts` does) and the slots above, and
             // writes `times` and the kernels' outputs, while this thread
             // waits for it.
-            let launch = || unsafe { self.launch(plan, point, &mut dims, &mut caps, &mut ptrs, times) };
+            let launch = || unsafe { self.launch((plan, entries), point, &mut dims, &mut caps, &mut ptrs, times) };
             unsafe { parts::on_pool(launch) }?;
         } else {
-            unsafe { self.launch(plan, point, &mut dims, &mut caps, &mut ptrs, times) }?;
+            unsafe { self.launch((plan, entries), point, &mut dims, &mut caps, &mut ptrs, times) }?;
         }
         let mut out = HashMap::new();
         for (b, buf) in plan.program.buffers.iter().enumerate() {
@@ -700,7 +704,8 @@ impl CpuStep {
         Ok((shape, n))
     }
 
-    /// Runs every kernel of `plan` in order at `point`, each with its
+    /// Runs every kernel of `plan` (through `entries`, its entry points)
+    /// in order at `point`, each with its
     /// parameters' slots among `dims` and `caps` (one value per runtime
     /// dim of the program) and `ptrs` (one data pointer per buffer), split
     /// into parts on the pool where it moves enough bytes; each kernel's
@@ -715,7 +720,7 @@ impl CpuStep {
     /// resized or otherwise used until this returns.
     unsafe fn launch(
         &self,
-        plan: &Compiled,
+        (plan, entries): (&Compiled, &[Packed]),
         point: &BTreeMap<String, i64>,
         dims: &mut [i64],
         caps: &mut [i64],
@@ -727,7 +732,7 @@ impl CpuStep {
         let (mut part, mut whole) = (0i64, 1i64);
         let tail = [std::ptr::addr_of_mut!(part).cast::<c_void>(), std::ptr::addr_of_mut!(whole).cast::<c_void>()];
         let mut args: Vec<*mut c_void> = Vec::new();
-        for (k, (kernel, entry)) in plan.program.kernels.iter().zip(&plan.entries).enumerate() {
+        for (k, (kernel, entry)) in plan.program.kernels.iter().zip(entries).enumerate() {
             args.clear();
             for p in &kernel.params {
                 let slot = match p {

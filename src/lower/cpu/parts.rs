@@ -125,7 +125,9 @@ mod tests {
         let mut ptrs: Vec<*mut f32> = data.iter_mut().map(|d| d.as_mut_ptr()).collect();
         let (mut part, mut parts, mut zero, mut one) = (part, parts, 0i64, 1i64);
         let mut dims = dims;
-        for (j, (kernel, entry)) in program.kernels.iter().zip(&step.plan.entries).enumerate() {
+        for (j, (kernel, entry)) in
+            program.kernels.iter().zip(step.plan.entries(&step.engine).unwrap_or_else(|e| panic!("{e}"))).enumerate()
+        {
             let mut args: Vec<*mut c_void> = kernel
                 .params
                 .iter()

@@ -1,9 +1,15 @@
 //! The CPU step's plans: the first, and where an f32 context attention
 //! can be fused into one kernel (`lower::fused_attention`), a second that
 //! fuses it, which a run takes where enough query rows share a KV head.
-//! Both are JIT'd in one module, the kernels of the same code once
-//! (`emit::emit_shared_plans`).
+//! The kernels of the same code are one function
+//! (`emit::emit_shared_plans`): the first plan's are JIT-compiled with
+//! the step, the fused plan's own (its kernel and merge) at its first run
+//! or [`CpuStep::reserve`]: a step that never runs it does not wait for
+//! them (`bifurc run` of 4 samples of the tiny example took 1.59-1.63 s,
+//! 1.55-1.57 without the fused plan, 2.37-2.47 with both plans compiled
+//! at once; of 16 samples, which run it, 2.30 against 1.61).
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -18,8 +24,6 @@ use crate::lower::LowerError;
 /// One plan of a [`CpuStep`] and what runs it.
 pub(super) struct Compiled {
     pub(super) program: Program,
-    /// One packed entry point per kernel, in launch order.
-    pub(super) entries: Vec<Packed>,
     /// Bytes each kernel moves, by the bytes model (`None` where it has
     /// none).
     pub(super) work: Vec<Option<Poly>>,
@@ -28,21 +32,60 @@ pub(super) struct Compiled {
     /// any kernel reads it): allocating it afresh every step costs a page
     /// fault per 4 KiB on first touch, clearing it a pass over it.
     pub(super) scratch: Mutex<Vec<Option<HostData>>>,
+    /// Each kernel → the function that runs it.
+    functions: BTreeMap<String, String>,
+    /// The functions no earlier plan has (a module's text).
+    module: String,
+    /// Once JIT-compiled: the engine of `module` (`None` for the first
+    /// plan, whose engine the step owns) and one packed entry point per
+    /// kernel, in launch order; or why it could not be.
+    jit: OnceCell<Result<Jit, String>>,
 }
 
+/// A plan's JIT: the engine of its own functions (`None` for the first
+/// plan's, which the step owns) and one entry point per kernel.
+type Jit = (Option<Engine>, Vec<Packed>);
+
 impl Compiled {
-    /// `program`'s kernels' entry points in `engine` (kernel → function:
-    /// `functions`).
-    pub(super) fn new(
-        graph: &Graph,
-        program: Program,
-        functions: &BTreeMap<String, String>,
-        engine: &Engine,
-    ) -> Result<Self, LowerError> {
-        let mut entries = Vec::with_capacity(program.kernels.len());
-        for kernel in &program.kernels {
-            let entry = functions.get(&kernel.name).unwrap_or(&kernel.name);
-            entries.push(engine.entry(entry).ok_or_else(|| {
+    /// `program` (planned from `graph`), its kernels run by `functions`,
+    /// those no earlier plan has in `module`; not yet JIT-compiled.
+    pub(super) fn new(graph: &Graph, program: Program, functions: BTreeMap<String, String>, module: String) -> Self {
+        let work = match kernel_bytes(graph, &program) {
+            Ok(bytes) => bytes.iter().map(|b| b.total().ok()).collect(),
+            Err(_) => vec![None; program.kernels.len()],
+        };
+        Compiled { program, work, scratch: Mutex::new(Vec::new()), functions, module, jit: OnceCell::new() }
+    }
+
+    /// JIT-compiles the first plan: its module is `engine`'s.
+    pub(super) fn set_first(&self, engine: &Engine) -> Result<(), LowerError> {
+        let entries = self.lookup(&[engine])?;
+        // Set once, at compile; a second call keeps the first's entries.
+        let _ = self.jit.set(Ok((None, entries)));
+        Ok(())
+    }
+
+    /// One entry point per kernel, in launch order: JIT-compiling the
+    /// plan's own functions at the first call (the others are the first
+    /// plan's, in `first`).
+    pub(super) fn entries(&self, first: &Engine) -> Result<&[Packed], LowerError> {
+        let jit = self.jit.get_or_init(|| {
+            let own = Engine::jit(&self.module, "the fused plan's CPU kernels").map_err(|e| e.to_string())?;
+            let entries = self.lookup(&[&own, first]).map_err(|e| e.to_string())?;
+            Ok((Some(own), entries))
+        });
+        match jit {
+            Ok((_, entries)) => Ok(entries),
+            Err(message) => Err(LowerError::Engine(message.clone())),
+        }
+    }
+
+    /// Each kernel's function in the first of `engines` that has it.
+    fn lookup(&self, engines: &[&Engine]) -> Result<Vec<Packed>, LowerError> {
+        let mut entries = Vec::with_capacity(self.program.kernels.len());
+        for kernel in &self.program.kernels {
+            let function = self.functions.get(&kernel.name).unwrap_or(&kernel.name);
+            entries.push(engines.iter().find_map(|e| e.entry(function)).ok_or_else(|| {
                 LowerError::Engine(format!(
                     "kernel `{}` not found in the JIT: its module did not link (the JIT printed why \
                              on stderr, such as a function no library defines)",
@@ -50,11 +93,7 @@ impl Compiled {
                 ))
             })?);
         }
-        let work = match kernel_bytes(graph, &program) {
-            Ok(bytes) => bytes.iter().map(|b| b.total().ok()).collect(),
-            Err(_) => vec![None; program.kernels.len()],
-        };
-        Ok(Compiled { program, entries, work, scratch: Mutex::new(Vec::new()) })
+        Ok(entries)
     }
 }
 
@@ -79,6 +118,13 @@ impl CpuStep {
     /// query rows share each KV head at `point`; its first plan otherwise.
     pub fn program_at(&self, point: &BTreeMap<String, i64>) -> &Program {
         &self.chosen(point).program
+    }
+
+    /// Whether the fused plan's own functions are JIT-compiled yet
+    /// (`None`: the step has no fused plan).
+    #[cfg(test)]
+    pub(crate) fn fused_compiled(&self) -> Option<bool> {
+        self.fused.as_ref().map(|f| f.jit.get().is_some())
     }
 
     /// The plan a run at `point` takes: the one with the context attention

@@ -13,7 +13,8 @@ impl CpuStep {
     /// Makes room for every intermediate at `point`, the largest point of
     /// the runs to come (a decode loop's last step), and maps its pages in
     /// now, so that those runs neither allocate intermediates nor fault
-    /// their pages in. Without it the first run at a larger point did
+    /// their pages in (and JIT-compiles the plan they take, where it is
+    /// the fused plan and not yet compiled: see `plans`). Without it the first run at a larger point did
     /// both: in `bifurc run` (GPT-2 f32, b = 32, a context of 1000, two
     /// threads, 6 alternated runs each) the first step took 149-333 ms and
     /// the second 94-256, against a median of 51-57 (the second's scores a
@@ -33,6 +34,8 @@ impl CpuStep {
     pub fn reserve(&self, point: &BTreeMap<String, i64>) -> Result<(), LowerError> {
         let dims = self.dims_at(point)?;
         let plan = self.chosen(point);
+        // JIT-compiled now if it is not yet, not at the first run.
+        plan.entries(&self.engine)?;
         let mut sizes = Vec::with_capacity(plan.program.buffers.len());
         for buf in &plan.program.buffers {
             let n = match buf.kind {

@@ -295,17 +295,19 @@ pub fn emit_shared(
 ) -> Result<SharedModule, LowerError> {
     let funcs = kernel_texts(graph, program, target, emulation)?;
     let text = module_text(funcs.iter().map(String::as_str), target);
-    let SharedPlans { shared, mut entries } = share_plans(&[(program, funcs)], target);
-    Ok(SharedModule { text, shared, entries: entries.pop().unwrap_or_default() })
+    let SharedPlans { mut modules, mut entries } = share_plans(&[(program, funcs)], target);
+    Ok(SharedModule { text, shared: modules.pop().unwrap_or_default(), entries: entries.pop().unwrap_or_default() })
 }
 
-/// Several plans of one graph in one module of distinct code (the CPU
+/// Several plans of one graph as functions of distinct code (the CPU
 /// step's: see [`crate::lower::CpuStep`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SharedPlans {
-    /// The first kernel of each distinct code, over the plans in turn.
-    pub shared: String,
-    /// Per plan, every kernel → the function of `shared` that runs it.
+    /// Per plan, a module of the first kernel of each code that no
+    /// earlier plan has (a plan's kernels run functions of its module or
+    /// of an earlier plan's).
+    pub modules: Vec<String>,
+    /// Per plan, every kernel → the function that runs it.
     pub entries: Vec<BTreeMap<String, String>>,
 }
 
@@ -329,19 +331,24 @@ pub(crate) fn emit_shared_plans(
 
 fn share_plans(plans: &[(&Program, Vec<String>)], target: Target) -> SharedPlans {
     let function = |n: usize, kernel: &str| if n == 0 { kernel.to_string() } else { format!("p{n}_{kernel}") };
-    let all: Vec<(String, &Kernel, &String)> = plans
+    // Each kernel: its plan, the function it would be, itself, its text.
+    let all: Vec<(usize, String, &Kernel, &String)> = plans
         .iter()
         .enumerate()
         .flat_map(|(n, (program, funcs))| {
-            program.kernels.iter().zip(funcs).map(move |(k, t)| (function(n, &k.name), k, t))
+            program.kernels.iter().zip(funcs).map(move |(k, t)| (n, function(n, &k.name), k, t))
         })
         .collect();
-    let first = share::first_with_same_code(all.iter().map(|(f, k, text)| (f.as_str(), share::code_key(k, text))));
-    // A function of its own, named as `first` names it.
-    let own = all.iter().filter(|(f, _, _)| first.get(f) == Some(f));
-    let texts: Vec<String> =
-        own.map(|(f, k, text)| text.replacen(&format!("@{}(", k.name), &format!("@{f}("), 1)).collect();
-    let shared = module_text(texts.iter().map(String::as_str), target);
+    let first = share::first_with_same_code(all.iter().map(|(_, f, k, text)| (f.as_str(), share::code_key(k, text))));
+    // Each plan's functions of its own, named as `first` names them.
+    let modules = (0..plans.len())
+        .map(|n| {
+            let own = all.iter().filter(|(p, f, _, _)| *p == n && first.get(f) == Some(f));
+            let texts: Vec<String> =
+                own.map(|(_, f, k, text)| text.replacen(&format!("@{}(", k.name), &format!("@{f}("), 1)).collect();
+            module_text(texts.iter().map(String::as_str), target)
+        })
+        .collect();
     let entries = plans
         .iter()
         .enumerate()
@@ -350,7 +357,7 @@ fn share_plans(plans: &[(&Program, Vec<String>)], target: Target) -> SharedPlans
             program.kernels.iter().map(|k| (k.name.clone(), entry(k))).collect()
         })
         .collect();
-    SharedPlans { shared, entries }
+    SharedPlans { modules, entries }
 }
 
 fn emit_with(
