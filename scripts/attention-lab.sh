@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # A lab for the CPU's context attention (docs/DESIGN.md, "Lowering": the
-# fused kernel, not yet built). Runs on a build machine, not in CI: it needs
+# prototype of the fused kernel since built in src/lower/emit/fused.rs,
+# which a step runs from 32 query rows a KV head). Runs on a build
+# machine, not in CI: it needs
 # gcc with OpenMP and a CPU with AVX-512 (the prototype's intrinsics).
 #
 # Dumps the cpu_step bench's bifurcated module (the f32 2-layer llama,
-# 16 heads of 64, compiled at b = 32), takes layer 0's three context
+# 16 heads of 64, compiled at b = 32; its first plan, without the fused
+# kernel: bifurcated_cpu.mlir), takes layer 0's three context
 # attention kernels (the q·K, the softmax written over the scores, the
 # w·V) and compiles them as the step does (CPU_PIPELINE, then LLVM at -O3
 # for this CPU), links them with scripts/attention_lab.c, a C prototype of

@@ -274,11 +274,13 @@ impl CpuStep {
         emitted: &SharedPlans,
         threads: usize,
     ) -> Result<Self, LowerError> {
-        let mut plans = programs
-            .into_iter()
-            .zip(emitted.entries.iter().cloned())
-            .zip(emitted.modules.iter().cloned())
-            .map(|((program, functions), module)| Compiled::new(graph, program, functions, module));
+        let mut plans = programs.into_iter().zip(&emitted.entries).zip(&emitted.modules).enumerate().map(
+            |(n, ((program, functions), module))| {
+                // The first plan's module is JIT-compiled below, into the step's engine.
+                let own = if n == 0 { String::new() } else { module.clone() };
+                Compiled::new(graph, program, functions.clone(), own)
+            },
+        );
         let plan = plans.next().ok_or_else(|| LowerError::Engine("no plan to compile".into()))?;
         let fused = plans.next();
         let first = emitted.modules.first().ok_or_else(|| LowerError::Engine("no plan to compile".into()))?;

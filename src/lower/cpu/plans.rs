@@ -34,7 +34,9 @@ pub(super) struct Compiled {
     pub(super) scratch: Mutex<Vec<Option<HostData>>>,
     /// Each kernel → the function that runs it.
     functions: BTreeMap<String, String>,
-    /// The functions no earlier plan has (a module's text).
+    /// The functions no earlier plan has, JIT-compiled at the plan's
+    /// first run (a module's text; empty for the first plan, whose
+    /// functions the step's engine holds from the start).
     module: String,
     /// Once JIT-compiled: the engine of `module` (`None` for the first
     /// plan, whose engine the step owns) and one packed entry point per
