@@ -264,7 +264,7 @@ mod tests {
     }
 
     fn fused(g: &Graph, fuse: bool) -> Program {
-        plan_cpu_fusing(g, fuse).unwrap_or_else(|e| panic!("{e}"))
+        plan_cpu_fusing(g, fuse.then_some(0)).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Fused, the context q·K is one kernel that reads q, K and V and
@@ -290,6 +290,20 @@ mod tests {
             let merge = p.kernels.iter().find(|k| k.node == "p").unwrap_or_else(|| panic!("softmax"));
             assert_eq!(merge.writes, plan.context);
             assert!(merge.reads.contains(&plan.partials));
+            // Run at every point, the kernel branches to tiles of 8 and of
+            // 4 lanes for fewer rows; run from FUSED_MIN_ROWS, it has the
+            // tiles of 16 alone.
+            let by_rows = plan_cpu_fusing(&g, Some(FUSED_MIN_ROWS)).unwrap_or_else(|e| panic!("{e}"));
+            for (program, min_rows) in [(&p, 0), (&by_rows, FUSED_MIN_ROWS)] {
+                let plans: Vec<_> = program.in_place.iter().filter_map(|x| x.fused.as_ref()).collect();
+                assert!(plans.iter().all(|f| f.min_rows == min_rows), "{plans:?}");
+                let text = crate::lower::emit(&g, program, crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+                let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
+                assert!(kernel.contains("vector<16xf32>"), "{kernel}");
+                for narrow in ["vector<8xf32>", "vector<4xf32>"] {
+                    assert_eq!(kernel.contains(narrow), min_rows == 0, "{narrow} from {min_rows} rows");
+                }
+            }
             let off = fused(&g, false);
             assert!(off.in_place.iter().all(|x| x.fused.is_none()));
             assert!(off.kernels.iter().any(|k| k.node == "o1") && off.kernels.iter().all(|k| k.op != FUSED_OP));

@@ -320,7 +320,7 @@ pub(crate) mod tests {
     fn check_in_place(g: &Graph, ((own_abs, own_rel), (abs, rel)): Tol) {
         // The plan without the fused context attention (the step below
         // has it where the softmax is f32: `lower::fused_attention`).
-        let program = crate::lower::plan::plan_cpu_fusing(g, false).unwrap_or_else(|e| panic!("{e}"));
+        let program = crate::lower::plan::plan_cpu_fusing(g, None).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(program.in_place.len(), 1, "{:?}", program.in_place);
         let plan = &program.in_place[0];
         assert_eq!(plan.node, "p");

@@ -212,6 +212,12 @@ pub struct FusedPlan {
     /// head's axis): the CPU step runs the fused plan where they are at
     /// least [`FUSED_MIN_ROWS`](crate::lower::FUSED_MIN_ROWS).
     pub rows_per_head: Poly,
+    /// The fewest rows a KV head the plan is run with (the step's choice:
+    /// `FUSED_MIN_ROWS` where it picks by the rows, 0 where the plan runs
+    /// at every point). From 16 the kernel has its tiles of 16 lanes only
+    /// (its narrower ones are for fewer rows; the 16 lanes give the same
+    /// values there, more slowly).
+    pub min_rows: i64,
     /// The product of the scales between the scores and the softmax.
     pub scale: f64,
 }
@@ -609,7 +615,7 @@ pub fn plan_tuned(
     graph: &Graph,
     tensor_cores: Option<(&BTreeMap<String, i64>, Tuning)>,
 ) -> Result<Program, LowerError> {
-    plan_inner(graph, tensor_cores, false, false)
+    plan_inner(graph, tensor_cores, false, None)
 }
 
 /// The first plan of the CPU step ([`plans_cpu`]): [`plan_with`] without
@@ -631,18 +637,20 @@ pub fn plan_cpu(graph: &Graph) -> Result<Program, LowerError> {
 /// alone; `on`, the fused alone.
 pub fn plans_cpu(graph: &Graph) -> Result<Vec<Program>, LowerError> {
     let choice = super::fused_attention::fused_choice()?;
-    let first = plan_cpu_fusing(graph, choice == Some(true))?;
+    let first = plan_cpu_fusing(graph, (choice == Some(true)).then_some(0))?;
     if choice.is_some() {
         return Ok(vec![first]);
     }
-    let fused = plan_cpu_fusing(graph, true)?;
+    let fused = plan_cpu_fusing(graph, Some(super::fused_attention::FUSED_MIN_ROWS))?;
     let fuses = fused.in_place.iter().any(|p| p.fused.is_some());
     Ok(if fuses { vec![first, fused] } else { vec![first] })
 }
 
 /// [`plan_cpu`] with the context attention fused where it qualifies
-/// (`lower::fused_attention`) or not, whatever the environment says.
-pub(crate) fn plan_cpu_fusing(graph: &Graph, fuse: bool) -> Result<Program, LowerError> {
+/// (`lower::fused_attention`), run from `fuse` rows a KV head
+/// ([`FusedPlan::min_rows`]), or not (`None`), whatever the environment
+/// says.
+pub(crate) fn plan_cpu_fusing(graph: &Graph, fuse: Option<i64>) -> Result<Program, LowerError> {
     plan_inner(graph, None, true, fuse)
 }
 
@@ -650,11 +658,11 @@ fn plan_inner(
     graph: &Graph,
     tensor_cores: Option<(&BTreeMap<String, i64>, Tuning)>,
     in_place: bool,
-    fuse: bool,
+    fuse: Option<i64>,
 ) -> Result<Program, LowerError> {
     let kinds = classify(graph);
     let found = if in_place { super::in_place::find(graph, &kinds) } else { Vec::new() };
-    let fusions = if fuse { super::fused_attention::find(graph, &kinds, &found) } else { Vec::new() };
+    let fusions = if fuse.is_some() { super::fused_attention::find(graph, &kinds, &found) } else { Vec::new() };
     let mut buffers = Vec::new();
     for inp in &graph.inputs {
         let shape = shape_of(graph, &inp.shape, &format!("input `{}`", inp.name))?;
@@ -749,6 +757,7 @@ fn plan_inner(
                     values: graph.nodes[x.values].id.clone(),
                     items: super::fused_attention::ITEMS,
                     rows_per_head: x.rows_per_head.clone(),
+                    min_rows: fuse.unwrap_or(0),
                     scale: x.scale,
                 })
             }
