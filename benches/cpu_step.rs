@@ -276,11 +276,7 @@ fn main() {
                     let j = node.and_then(|id| sg.nodes.iter().position(|n| n.id == id));
                     let mut macs = j.map_or(0.0, |j| node_multiply_adds(sg, j, &sp).expect("multiply-adds"));
                     // A fused context attention also does its w·V's.
-                    let fused = at.and_then(|i| {
-                        let kernel = &program.kernels[i];
-                        let plans = program.in_place.iter().filter_map(|p| p.fused.as_ref());
-                        plans.filter(|_| kernel.op == bifurc::lower::FUSED_OP).find(|f| f.partials == kernel.writes)
-                    });
+                    let fused = at.and_then(|i| program.fused_of(&program.kernels[i]));
                     if let Some(values) = fused.and_then(|f| sg.nodes.iter().position(|n| n.id == f.values)) {
                         macs += node_multiply_adds(sg, values, &sp).expect("multiply-adds");
                     }

@@ -295,7 +295,7 @@ mod tests {
             // tiles of 16 alone.
             let by_rows = plan_cpu_fusing(&g, Some(FUSED_MIN_ROWS)).unwrap_or_else(|e| panic!("{e}"));
             for (program, min_rows) in [(&p, 0), (&by_rows, FUSED_MIN_ROWS)] {
-                let plans: Vec<_> = program.in_place.iter().filter_map(|x| x.fused.as_ref()).collect();
+                let plans: Vec<_> = program.fused().collect();
                 assert!(plans.iter().all(|f| f.min_rows == min_rows), "{plans:?}");
                 let text = crate::lower::emit(&g, program, crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
                 let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();

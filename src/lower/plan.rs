@@ -174,6 +174,18 @@ impl Program {
     pub fn in_place_of(&self, node: &str) -> Option<&InPlace> {
         self.in_place.iter().find(|p| p.node == node)
     }
+
+    /// The fused context attentions (the CPU's: [`FusedPlan`]).
+    pub fn fused(&self) -> impl Iterator<Item = &FusedPlan> {
+        self.in_place.iter().filter_map(|p| p.fused.as_ref())
+    }
+
+    /// The fused context attention whose kernel is `kernel` (the one that
+    /// writes its partials), if it is one.
+    pub fn fused_of(&self, kernel: &Kernel) -> Option<&FusedPlan> {
+        let fused = kernel.op == super::fused_attention::FUSED_OP;
+        self.fused().find(|f| fused && f.partials == kernel.writes)
+    }
 }
 
 /// A softmax whose output has no buffer of its own (see
@@ -624,8 +636,8 @@ pub fn plan_tuned(
 /// each); its context attention fused ([`FusedPlan`]) only where
 /// [`FUSED_ATTENTION_ENV`](crate::lower::FUSED_ATTENTION_ENV) says `on`.
 pub fn plan_cpu(graph: &Graph) -> Result<Program, LowerError> {
-    let mut plans = plans_cpu(graph)?;
-    Ok(plans.swap_remove(0))
+    let on = super::fused_attention::fused_choice()? == Some(true);
+    plan_cpu_fusing(graph, on.then_some(0))
 }
 
 /// The CPU step's plans, as
@@ -636,14 +648,12 @@ pub fn plan_cpu(graph: &Graph) -> Result<Program, LowerError> {
 /// share a KV head: [`FusedPlan::rows_per_head`]); `off`, the first
 /// alone; `on`, the fused alone.
 pub fn plans_cpu(graph: &Graph) -> Result<Vec<Program>, LowerError> {
-    let choice = super::fused_attention::fused_choice()?;
-    let first = plan_cpu_fusing(graph, (choice == Some(true)).then_some(0))?;
-    if choice.is_some() {
+    let first = plan_cpu(graph)?;
+    if super::fused_attention::fused_choice()?.is_some() {
         return Ok(vec![first]);
     }
     let fused = plan_cpu_fusing(graph, Some(super::fused_attention::FUSED_MIN_ROWS))?;
-    let fuses = fused.in_place.iter().any(|p| p.fused.is_some());
-    Ok(if fuses { vec![first, fused] } else { vec![first] })
+    Ok(if fused.fused().next().is_some() { vec![first, fused] } else { vec![first] })
 }
 
 /// [`plan_cpu`] with the context attention fused where it qualifies

@@ -112,7 +112,12 @@ impl CpuStep {
     /// Every plan compiled: [`CpuStep::program`], then the plan with the
     /// context attention fused where the step has one.
     pub fn programs(&self) -> impl Iterator<Item = &Program> {
-        std::iter::once(&self.plan).chain(&self.fused).map(|c| &c.program)
+        self.plans().map(|c| &c.program)
+    }
+
+    /// The step's plans: its first, then the fused one where it has one.
+    pub(super) fn plans(&self) -> impl Iterator<Item = &Compiled> {
+        std::iter::once(&self.plan).chain(&self.fused)
     }
 
     /// The plan a run at `point` takes: with the context attention fused
@@ -136,7 +141,7 @@ impl CpuStep {
     pub(super) fn chosen(&self, point: &BTreeMap<String, i64>) -> &Compiled {
         let enough = |f: &FusedPlan| self.graph.dims.eval(&f.rows_per_head, point).is_ok_and(|r| r >= FUSED_MIN_ROWS);
         match &self.fused {
-            Some(fused) if fused.program.in_place.iter().filter_map(|p| p.fused.as_ref()).all(enough) => fused,
+            Some(fused) if fused.program.fused().all(enough) => fused,
             _ => &self.plan,
         }
     }

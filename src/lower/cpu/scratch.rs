@@ -14,11 +14,12 @@ impl CpuStep {
     /// the runs to come (a decode loop's last step), and maps its pages in
     /// now, so that those runs neither allocate intermediates nor fault
     /// their pages in (and JIT-compiles the plan they take, where it is
-    /// the fused plan and not yet compiled: see `plans`). Without it the first run at a larger point did
-    /// both: in `bifurc run` (GPT-2 f32, b = 32, a context of 1000, two
-    /// threads, 6 alternated runs each) the first step took 149-333 ms and
-    /// the second 94-256, against a median of 51-57 (the second's scores a
-    /// column longer than the first's, so allocated again).
+    /// the fused plan and not yet compiled: see `plans`). Without it the
+    /// first run at a larger point did both: in `bifurc run` (GPT-2 f32,
+    /// b = 32, a context of 1000, two threads, 6 alternated runs each) the
+    /// first step took 149-333 ms and the second 94-256, against a median
+    /// of 51-57 (the second's scores a column longer than the first's, so
+    /// allocated again).
     ///
     /// The pages are mapped in on the pool's threads. Done on the calling
     /// thread alone, the first step still took 80-131 ms and the second
@@ -67,7 +68,7 @@ impl CpuStep {
     /// next run allocates them again). Does nothing while another thread
     /// is running the step.
     pub fn release_scratch(&self) {
-        for plan in std::iter::once(&self.plan).chain(&self.fused) {
+        for plan in self.plans() {
             if let Ok(mut kept) = plan.scratch.try_lock() {
                 *kept = Vec::new();
             }

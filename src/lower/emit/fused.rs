@@ -85,12 +85,7 @@ impl Kc<'_> {
     /// writing its partials (`out`). Returns the item count.
     pub(super) fn fused_attention_body(&mut self, out: &Out, j: usize) -> Result<String, LowerError> {
         let graph = self.graph;
-        let fused = self
-            .program
-            .in_place
-            .iter()
-            .filter_map(|p| p.fused.as_ref())
-            .find(|f| f.partials == out.kernel.writes)
+        let fused = (self.program.fused_of(out.kernel))
             .ok_or_else(|| self.unsupported(j, "a fused context attention without its plan"))?;
         let wv = match graph.find(&fused.values) {
             Some(Value::Node(w)) => w,

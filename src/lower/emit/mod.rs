@@ -243,7 +243,7 @@ impl Layout {
             }
         }
         // A fused context attention's merge writes its w·V's buffer.
-        for fused in program.in_place.iter().filter_map(|p| p.fused.as_ref()) {
+        for fused in program.fused() {
             match graph.find(&fused.values) {
                 Some(Value::Node(j)) if fused.context < program.buffers.len() => node_buf[j] = Some(fused.context),
                 _ => return Err(mismatch(&fused.values, "is fused, but is not a node of the graph".into())),
@@ -349,14 +349,12 @@ fn share_plans(plans: &[(&Program, Vec<String>)], target: Target) -> SharedPlans
             module_text(texts.iter().map(String::as_str), target)
         })
         .collect();
-    let entries = plans
-        .iter()
-        .enumerate()
-        .map(|(n, (program, _))| {
-            let entry = |k: &Kernel| first.get(&function(n, &k.name)).cloned().unwrap_or_else(|| function(n, &k.name));
-            program.kernels.iter().map(|k| (k.name.clone(), entry(k))).collect()
-        })
-        .collect();
+    let mut entries = vec![BTreeMap::new(); plans.len()];
+    for (n, f, k, _) in &all {
+        // `first` names every function it was given.
+        let entry = first.get(f).unwrap_or(f);
+        entries[*n].insert(k.name.clone(), entry.clone());
+    }
     SharedPlans { modules, entries }
 }
 
