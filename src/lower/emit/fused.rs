@@ -7,22 +7,18 @@
 //! a vector lane); the call's part takes a range of items. Per item:
 //! - its rows of q packed `[tile][head][16]` on the stack (rows past the
 //!   last are zeros, their partials not stored);
-//! - per block of positions, each pass over it for each tile in turn
-//!   (the pass's K or V rows read from memory or L2 by the first tile,
-//!   from L1 by the next): the scores, each a vector of 16 rows, summed
-//!   along the head in passes of a few positions (a broadcast element of
-//!   K for an FMA per row vector, as the rows-in-lanes tile of
-//!   `emit::rows_in_lanes`), scaled, and `-inf` past the stretch's end (a
-//!   K row past the context is read at the last one instead), kept in the
-//!   tile's slot; the online softmax of each tile, a lane a row: the
-//!   block's max, `alpha = exp(m_old - m_new)` (kept), the block's `exp`s
-//!   over the scores and their sum; the tile's outputs `[head][16]` (a
-//!   slot) times `alpha` plus the `exp`s times V, in passes of a few head
-//!   elements (a broadcast element of V for an FMA per row vector). The
-//!   block's V rows are prefetched over the steps of its q·K passes, the
-//!   next block's K rows over those of its w·V passes, a line every step
-//!   or few (`prefetch_spread`): each lands in L1 one phase before it is
-//!   read;
+//! - per block of positions, each tile in turn (the block's K and V rows
+//!   read from memory by the first, from L1 by the next): the scores,
+//!   each a vector of 16 rows, summed along the head in passes of a few
+//!   positions (a broadcast element of K for an FMA per row vector, as
+//!   the rows-in-lanes tile of `emit::rows_in_lanes`; the next block's K
+//!   and V rows prefetched a line a step of the first passes), scaled,
+//!   and `-inf` past the stretch's end (a K row past the context is read
+//!   at the last one instead), kept in a slot; the online softmax a lane a
+//!   row: the block's max, `alpha = exp(m_old - m_new)`, the block's
+//!   `exp`s over the scores and their sum; the tile's outputs `[head][16]`
+//!   (a slot) times `alpha` plus the `exp`s times V, in passes of a few
+//!   head elements (a broadcast element of V for an FMA per row vector);
 //! - per row its outputs, its max and its sum into the partials.
 //!
 //! Fewer than 16 rows a KV head (b = 1 to 15 of a multi-head model), in
@@ -45,16 +41,6 @@
 //! L3: 18.4-19.1 ms on one thread), the block's `exp`s four positions a
 //! step (no difference), a row alone where fewer than 16 (b = 4 and 8
 //! twice the three kernels' time), the next block two blocks ahead.
-//!
-//! Until 11fa5d1 each tile walked the whole block in turn (the working
-//! set, two tiles' q and outputs and the block's K and V, over L1) and
-//! the next block's K and V were prefetched two lines a step of the
-//! first two q·K passes, which then took 2-3 times as long as the others
-//! (sampled profile), waiting on the memory. Each pass for each tile in
-//! turn with the prefetches spread, in the same driver: 14.7-15.3 ms on
-//! one thread against 15.9-16.1 (best of 6, six alternated rounds),
-//! 7.6-8.6 on two against 8.2-9.7 (the fastest 8 of 10 rounds each), the
-//! outputs' bits unchanged.
 
 use crate::ir::{DType, Op, Value};
 use crate::lower::LowerError;
@@ -66,7 +52,7 @@ use super::{Kc, Partition};
 
 /// Rows of a whole tile, one a lane.
 const ROWS: usize = 16;
-/// Tiles of rows an item takes at most (walked in turn by each pass over a block).
+/// Tiles of rows an item takes at most (walked in turn over each block).
 const UNIT_TILES: usize = 2;
 /// f32 in a cache line (64 bytes).
 const LINE: i64 = 16;
@@ -215,6 +201,7 @@ impl Kc<'_> {
         let (one, block) = (self.b.index(1), self.b.index(BLOCK));
         let last_r = self.b.hoist(&format!("arith.subi {r_len}, {one} : index"));
         let (c_n, c_head, c_e) = (self.b.index(n as i64), self.b.index(head), self.b.index(e_len));
+        let c_line = self.b.index(LINE);
         let zero = self.b.f32(0.0);
         let zeros = self.b.splat_f32(0.0, lanes);
         let ninfs = self.b.splat_f32(f32::NEG_INFINITY, lanes);
@@ -232,8 +219,7 @@ impl Kc<'_> {
         let tiles_most = UNIT_TILES * n;
         let qs = self.b.stack_f32(&format!("fused_q{n}"), head as usize * tiles_most, None);
         let os = self.b.stack_f32(&format!("fused_o{n}"), e_len as usize * tiles_most, None);
-        let es = self.b.stack_f32(&format!("fused_e{n}"), BLOCK as usize * tiles_most, None);
-        let als = self.b.stack_f32(&format!("fused_a{n}"), tiles_most, None);
+        let es = self.b.stack_f32(&format!("fused_e{n}"), BLOCK as usize * n, None);
         let ms = self.b.stack_f32(&format!("fused_m{n}"), tiles_most, None);
         let ls = self.b.stack_f32(&format!("fused_l{n}"), tiles_most, None);
         let t = self.b.open_loop(unit_tiles);
@@ -277,12 +263,10 @@ impl Kc<'_> {
         // head its innermost axis, the positions the next one out).
         let next = self.b.addi(&p0, &block);
         let mut starts = Vec::with_capacity(2);
-        for (operand, node, subs, (gl, zl, hl), from) in
-            [(k, j, &it.kv[0].1, (g, z, y), &next), (v, wv, &it.kv[1].1, (g2, z2, e), &p0)]
-        {
+        for (operand, node, subs, (gl, zl, hl)) in [(k, j, &it.kv[0].1, (g, z, y)), (v, wv, &it.kv[1].1, (g2, z2, e))] {
             let start = match self.stored(operand) {
                 Some(b) if subs.last() == Some(&hl) => {
-                    let env = [(gl, gi.to_owned()), (zl, from.clone()), (hl, c0.clone())];
+                    let env = [(gl, gi.to_owned()), (zl, next.clone()), (hl, c0.clone())];
                     let at = self.operand_index(node, subs, &env)?;
                     Some(self.buffer_offset(b, &at)?)
                 }
@@ -290,12 +274,12 @@ impl Kc<'_> {
             };
             starts.push(start);
         }
-        let (next_k, this_v) = (starts[0].clone(), starts[1].clone());
-        // Each pass over the block for each tile in turn (its K rows, then
-        // its V rows, in L1 for the next tile).
-        let score_passes = passes(BLOCK as usize, pass_len);
-        let steps = (score_passes.len() as i64) * head;
-        for (pass, (first, count)) in score_passes.into_iter().enumerate() {
+        let (next_k, next_v) = (starts[0].clone(), starts[1].clone());
+        // Each tile in turn over the block (its K and V rows in L1 for
+        // the next).
+        let t = self.b.open_loop(unit_tiles);
+        let [_, q_base, o_base, m_base] = bases(self, &t);
+        for (pass, (first, count)) in passes(BLOCK as usize, pass_len).into_iter().enumerate() {
             // The positions, a K row past the context read at its last.
             let mut zs = Vec::with_capacity(count);
             for c in first..first + count {
@@ -303,19 +287,20 @@ impl Kc<'_> {
                 let at = self.b.addi(&p0, &off);
                 zs.push((at.clone(), self.b.op(&format!("arith.minui {at}, {last_z} : index"))));
             }
-            let t = self.b.open_loop(unit_tiles);
-            let [_, q_base, _, m_base] = bases(self, &t);
-            let e_base = self.b.muli(&m_base, &block);
             let (sums, d, accs) = self.b.open_for_typed(&c_head, &one, &vec![zeros.clone(); count], &vty);
             let off = self.b.muli(&d, &c_n);
             let q_at = self.b.addi(&off, &q_base);
             let qv = self.b.load_vector(&qs, &q_at, n, DType::F32);
-            // The block's rows of V, for its w·V after these passes,
-            // spread over their steps (see `prefetch_spread`).
-            if let Some((ptr, base)) = &this_v {
-                let step = self.b.index(pass as i64 * head);
-                let step = self.b.addi(&step, &d);
-                self.prefetch_spread((ptr, base), &step, (BLOCK * e_len / LINE, steps));
+            // The next block's rows of K and V, a line of each a step of
+            // the first passes (16 rows of a head are `head` lines).
+            if pass < (BLOCK / LINE) as usize {
+                for (ptr, base) in [&next_k, &next_v].into_iter().flatten() {
+                    let skip = self.b.index(pass as i64 * head * LINE);
+                    let at = self.b.addi(base, &skip);
+                    let line = self.b.muli(&d, &c_line);
+                    let at = self.b.addi(&at, &line);
+                    self.b.prefetch(ptr, &at, DType::F32, false);
+                }
             }
             let mut nexts = Vec::with_capacity(count);
             for ((_, zc), acc) in zs.iter().zip(&accs) {
@@ -325,27 +310,20 @@ impl Kc<'_> {
                 nexts.push(self.lanes_fma(&qv, &x, acc, &vty));
             }
             self.b.close_for_typed(&nexts, &vty);
-            // Scaled, `-inf` past the stretch, kept in the tile's slot.
+            // Scaled, `-inf` past the stretch, kept in the block's slot.
             for (c, ((at, _), sum)) in (first..).zip(zs.iter().zip(&sums)) {
                 let s = self.b.op(&format!("arith.mulf {sum}, {scale} : {vty}"));
                 let inside = self.b.ult(at, z1);
                 let s = self.b.op(&format!("arith.select {inside}, {s}, {ninfs} : {vty}"));
                 let off = self.b.index((c * n) as i64);
-                let off = self.b.addi(&off, &e_base);
                 self.b.store_vector(&es, &off, &s, n, DType::F32);
             }
-            self.b.close();
         }
-        // The online softmax of each tile, a row a lane: the block's max,
-        // then its `exp`s over its scores in the slot, and their sum; the
-        // outputs' scale `alpha` kept for the passes below.
-        let t = self.b.open_loop(unit_tiles);
-        let [_, _, _, m_base] = bases(self, &t);
-        let e_base = self.b.muli(&m_base, &block);
+        // The online softmax, a row a lane: the block's max, then its
+        // `exp`s over its scores in the slot, and their sum.
         let m_old = self.b.load_vector(&ms, &m_base, n, DType::F32);
         let (m_new, c, acc) = self.b.open_for_typed(&block, &one, std::slice::from_ref(&m_old), &vty);
         let off = self.b.muli(&c, &c_n);
-        let off = self.b.addi(&off, &e_base);
         let s = self.b.load_vector(&es, &off, n, DType::F32);
         // `s > max ? s : max`, one `vmaxps` on x86 (`arith.maximumf`
         // takes five there, for its NaN): a NaN score still makes the
@@ -356,10 +334,8 @@ impl Kc<'_> {
         let m_new = m_new[0].clone();
         let shift = self.b.op(&format!("arith.subf {m_old}, {m_new} : {vty}"));
         let alpha = self.b.exp_nonpositive_lanes(&shift, lanes);
-        self.b.store_vector(&als, &m_base, &alpha, n, DType::F32);
         let (sum, c, acc) = self.b.open_for_typed(&block, &one, std::slice::from_ref(&zeros), &vty);
         let off = self.b.muli(&c, &c_n);
-        let off = self.b.addi(&off, &e_base);
         let s = self.b.load_vector(&es, &off, n, DType::F32);
         let x = self.b.op(&format!("arith.subf {s}, {m_new} : {vty}"));
         let p = self.b.exp_nonpositive_lanes(&x, lanes);
@@ -372,15 +348,9 @@ impl Kc<'_> {
         let l_new = self.b.op(&format!("arith.addf {l_new}, {sum} : {vty}"));
         self.b.store_vector(&ls, &m_base, &l_new, n, DType::F32);
         self.b.store_vector(&ms, &m_base, &m_new, n, DType::F32);
-        self.b.close();
         // The outputs: rescaled, plus the block's `exp`s times V.
-        let value_passes = passes(e_len as usize, pass_len);
-        let steps = value_passes.len() as i64 * BLOCK;
-        for (pass, (first, count)) in value_passes.into_iter().enumerate() {
-            let t = self.b.open_loop(unit_tiles);
-            let [_, _, o_base, m_base] = bases(self, &t);
-            let e_base = self.b.muli(&m_base, &block);
-            let alpha = self.b.load_vector(&als, &m_base, n, DType::F32);
+        let e_len = e_len as usize;
+        for (first, count) in passes(e_len, pass_len) {
             let mut inits = Vec::with_capacity(count);
             let mut o_at = Vec::with_capacity(count);
             for k in first..first + count {
@@ -392,15 +362,7 @@ impl Kc<'_> {
             }
             let (outs, c, accs) = self.b.open_for_typed(&block, &one, &inits, &vty);
             let off = self.b.muli(&c, &c_n);
-            let off = self.b.addi(&off, &e_base);
             let pv = self.b.load_vector(&es, &off, n, DType::F32);
-            // The next block's rows of K, for its first passes, spread
-            // the same way.
-            if let Some((ptr, base)) = &next_k {
-                let step = self.b.index(pass as i64 * BLOCK);
-                let step = self.b.addi(&step, &c);
-                self.prefetch_spread((ptr, base), &step, (BLOCK * head / LINE, steps));
-            }
             let at = self.b.addi(&p0, &c);
             let zc = self.b.op(&format!("arith.minui {at}, {last_z} : index"));
             let mut nexts = Vec::with_capacity(count);
@@ -415,8 +377,8 @@ impl Kc<'_> {
             for (off, o) in o_at.iter().zip(&outs) {
                 self.b.store_vector(&os, off, o, n, DType::F32);
             }
-            self.b.close();
         }
+        self.b.close();
         self.b.close();
 
         // Each row's outputs, max and sum.
@@ -440,7 +402,7 @@ impl Kc<'_> {
         self.b.store(&out.ptr, &to, DType::F32, o);
         self.b.close();
         let lane = self.b.addi(&l, &m_base);
-        for (slot, k) in [(&ms, e_len), (&ls, e_len + 1)] {
+        for (slot, k) in [(&ms, e_len as i64), (&ls, e_len as i64 + 1)] {
             let x = self.b.load(slot, &lane, DType::F32);
             let ko = self.b.index(k);
             let to = self.b.addi(&base, &ko);
@@ -461,38 +423,6 @@ impl Kc<'_> {
             .enumerate()
             .map(|(a, &c)| (c, if a == g_axis { g.to_owned() } else { idx.next().unwrap_or_default() }))
             .collect()
-    }
-
-    /// Prefetches, at `step` of `steps` (the steps of a block's passes,
-    /// in order), its share of the `lines` cache lines from `base` of
-    /// `ptr`: line `step · lines / steps`, or `lines / steps` (rounded up)
-    /// lines a step where there are more lines than steps. Spread evenly
-    /// this way, the next block's lines are in flight a few at a time
-    /// while the block is worked on, instead of all at once from its
-    /// first steps, which then waited on the memory.
-    fn prefetch_spread(&mut self, (ptr, base): (&str, &str), step: &str, (lines, steps): (i64, i64)) {
-        let steps = steps.max(1);
-        let c_line = self.b.index(LINE);
-        if lines <= steps {
-            let scaled = self.b.index(lines);
-            let line = self.b.muli(step, &scaled);
-            let total = self.b.index(steps);
-            let line = self.b.op(&format!("arith.divui {line}, {total} : index"));
-            let off = self.b.muli(&line, &c_line);
-            let at = self.b.addi(base, &off);
-            self.b.prefetch(ptr, &at, DType::F32, false);
-        } else {
-            let each = (lines + steps - 1) / steps;
-            let c_each = self.b.index(each);
-            let first = self.b.muli(step, &c_each);
-            for i in 0..each {
-                let i = self.b.index(i);
-                let line = self.b.addi(&first, &i);
-                let off = self.b.muli(&line, &c_line);
-                let at = self.b.addi(base, &off);
-                self.b.prefetch(ptr, &at, DType::F32, false);
-            }
-        }
     }
 
     /// `acc + rows · x` (x an f32 broadcast to the lanes), which LLVM may
