@@ -1,0 +1,85 @@
+# shellcheck shell=bash
+# Shared by the kernel labs (scripts/fused-lab.sh, scripts/projection-lab.sh):
+# the cpu_step bench's module dumped from this tree or another revision,
+# its kernels compiled as the step compiles them and linked into a C
+# driver under names of their own. Source it from the repository root
+# with LAB set to the lab's name (for messages); it parses `--base REV`
+# off the arguments into `base` and leaves the rest in `lab_args`.
+
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+root="$(pwd)"
+base=""
+lab_args=("$@")
+if [ "${1:-}" = "--base" ]; then
+    base="${2:-}"
+    [ -n "$base" ] || { echo "$LAB: --base needs a revision" >&2; exit 2; }
+    git rev-parse --verify --quiet "$base^{commit}" > /dev/null || { echo "$LAB: no commit \`$base\`" >&2; exit 2; }
+    lab_args=("${@:3}")
+fi
+llvm=/usr/lib/llvm-22/bin
+for tool in mlir-opt mlir-translate opt llc; do
+    [ -x "$llvm/$tool" ] || { echo "$LAB: $llvm/$tool missing (run scripts/setup.sh)" >&2; exit 1; }
+done
+for tool in gcc objcopy; do
+    command -v "$tool" > /dev/null || { echo "$LAB: needs $tool" >&2; exit 1; }
+done
+
+work="$(mktemp -d)"
+lab_cleanup() {
+    if [ -d "$work/base" ]; then
+        git worktree remove --force "$work/base" > /dev/null 2>&1 || true
+    fi
+    rm -rf "$work"
+}
+trap lab_cleanup EXIT
+
+# The step's pass pipeline, as src/lower/cpu/mod.rs spells it.
+pipeline="$(sed -n '/^pub const CPU_PIPELINE/,/;$/p' src/lower/cpu/mod.rs | tr -d '\n\\"' | sed 's/^[^=]*= *//; s/;$//')"
+case "$pipeline" in
+    builtin.module\(*) ;;
+    *) echo "$LAB: CPU_PIPELINE not found in src/lower/cpu/mod.rs" >&2; exit 1 ;;
+esac
+
+# dump TREE FUSED DIR: the cpu_step bench's bifurcated module built in
+# TREE with BIFURC_CPU_FUSED_ATTENTION=FUSED, into DIR.
+dump() {
+    echo "dumping the cpu_step bench's module ($1, fused attention $2)"
+    (cd "$1" && BIFURC_CPU_FUSED_ATTENTION="$2" BIFURC_BENCH_DUMP="$3" BIFURC_BENCH_POINTS=32 BIFURC_BENCH_RUNS=1 \
+        BIFURC_BENCH_THREADS=1 BIFURC_BENCH_CONTEXT=64 cargo bench --bench cpu_step > "$3.log" 2>&1) \
+        || { cat "$3.log" >&2; exit 1; }
+}
+
+# dump_base FUSED DIR: `dump` of revision $base, checked out in a
+# worktree and built in this tree's target dir (its dependencies built
+# once).
+dump_base() {
+    git worktree add --detach --quiet "$work/base" "$base"
+    CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}" dump "$work/base" "$1" "$2"
+}
+
+# object DIR SIDE NAME=KERNEL...: DIR's module compiled as the step
+# does (its pipeline, then LLVM at -O3 for this CPU) into DIR/SIDE.o,
+# with only the KERNELs global, each renamed SIDE_NAME.
+object() {
+    local dir="$1" side="$2" keep=() rename=()
+    shift 2
+    for pair in "$@"; do
+        keep+=(-G "${pair#*=}")
+        rename+=(--redefine-sym "${pair#*=}=${side}_${pair%%=*}")
+    done
+    "$llvm/mlir-opt" --pass-pipeline="$pipeline" "$dir/bifurcated_cpu.mlir" -o "$dir/llvm.mlir"
+    "$llvm/mlir-translate" --mlir-to-llvmir "$dir/llvm.mlir" -o "$dir/module.ll"
+    # The target named: without it LLVM vectorizes no loop it vectorizes
+    # itself.
+    "$llvm/opt" -O3 -mtriple=x86_64-unknown-linux-gnu -mcpu=native "$dir/module.ll" -o "$dir/module.bc"
+    "$llvm/llc" -O3 -mtriple=x86_64-unknown-linux-gnu -mcpu=native -relocation-model=pic -filetype=obj \
+        "$dir/module.bc" -o "$dir/module.o"
+    objcopy "${keep[@]}" "$dir/module.o" "$dir/kept.o"
+    objcopy "${rename[@]}" "$dir/kept.o" "$dir/$side.o"
+}
+
+# kernel DIR NAME: the first layer-0 kernel of DIR's module named NAME.
+kernel() { grep -o "@k[0-9]*_l0_$2(" "$1/bifurcated_cpu.mlir" | head -1 | tr -d '@(' ; }
+# params DIR KERNEL: its dims, capacities and buffers, in order.
+params() { grep -o "@$2([^)]*)" "$1/bifurcated_cpu.mlir" | grep -o '%[bcd][0-9]*' | tr '\n' ' '; }

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Times one of layer 0's weight projections (`x @ Wᵀ` from W kept in
+# panels, src/lower/cpu/panels.rs) of this tree against revision REV's,
+# both linked from the modules the cpu_step bench dumps (the 2-layer
+# llama: d_model 1024, ffn 2816), in pairs on the same data
+# (scripts/projection_lab.c). Runs on a build machine with gcc (OpenMP)
+# on any x86-64 CPU; not in CI. A is this tree's; the ratio printed is
+# B / A per pair (above 1: this tree's faster).
+#
+#   scripts/projection-lab.sh --base REV [PROJECTION] [PAIRS] [THREADS]
+#
+# PROJECTION: mlp_down_proj (the default), mlp_gate_proj, mlp_up_proj,
+# attn_q_proj, attn_k_proj, attn_v_proj or attn_o_proj; PAIRS 200,
+# THREADS 2 unless given.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+LAB=projection-lab
+# shellcheck source=scripts/lab-common.sh
+source scripts/lab-common.sh
+[ -n "$base" ] || { echo "projection-lab: --base REV is required (this tree's projection against REV's)" >&2; exit 2; }
+name="${lab_args[0]:-mlp_down_proj}"
+pairs="${lab_args[1]:-200}"
+threads="${lab_args[2]:-2}"
+# The cpu_step model's sizes (benches/cpu_step.rs): inputs and outputs.
+case "$name" in
+    mlp_down_proj) sizes=(2816 1024) ;;
+    mlp_gate_proj | mlp_up_proj) sizes=(1024 2816) ;;
+    attn_q_proj | attn_k_proj | attn_v_proj | attn_o_proj) sizes=(1024 1024) ;;
+    *) echo "projection-lab: no projection \`$name\` (see the usage at the top of $0)" >&2; exit 2 ;;
+esac
+if ! [[ "$pairs" =~ ^[0-9]+$ && "$threads" =~ ^[0-9]+$ ]] || (( pairs < 1 || threads < 1 )); then
+    echo "projection-lab: PAIRS and THREADS at least 1 (got $pairs $threads)" >&2
+    exit 2
+fi
+
+# projection DIR SIDE: layer 0's projection NAME of DIR's module, checked
+# to be the form projection_lab.c calls (b, m_c, m_d, W, x, the output),
+# as SIDE.o.
+projection() {
+    local k
+    k="$(kernel "$1" "${name}_panels")"
+    [ -n "$k" ] || { echo "projection-lab: layer 0's ${name}_panels not found in $1" >&2; exit 1; }
+    read -r -a a <<< "$(params "$1" "$k")"
+    if [ "${#a[@]}" -ne 6 ] || [[ "${a[3]}${a[4]}${a[5]}" != %b*%b*%b* ]]; then
+        echo "projection-lab: $k is not of the form projection_lab.c calls: ${a[*]}" >&2
+        exit 1
+    fi
+    object "$1" "$2" "proj=$k"
+}
+
+mkdir -p "$work/this"
+dump "$root" auto "$work/this"
+projection "$work/this" A
+dump_base auto "$work/base_dump"
+projection "$work/base_dump" B
+echo "A: this tree's $name; B: $base's"
+gcc -O2 -fopenmp scripts/projection_lab.c "$work/this/A.o" "$work/base_dump/B.o" -lm -o "$work/lab"
+OMP_NUM_THREADS="$threads" "$work/lab" "${sizes[@]}" "$pairs"
