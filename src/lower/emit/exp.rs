@@ -163,6 +163,15 @@ impl Builder {
         self.fused_lanes(a, b, c, None)
     }
 
+    /// `acc + rows · x` on vectors of type `vty` (`x` an f32 broadcast to
+    /// the lanes), marked so that LLVM may fuse it into one FMA: a step of
+    /// a tile of rows in lanes (`emit::rows_in_lanes`, `emit::fused`).
+    pub(super) fn lanes_fma(&mut self, rows: &str, x: &str, acc: &str, vty: &str) -> String {
+        let x = self.op(&format!("vector.broadcast {x} : f32 to {vty}"));
+        let p = self.op(&format!("arith.mulf {x}, {rows} fastmath<contract> : {vty}"));
+        self.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}"))
+    }
+
     /// [`Builder::fused`] on f32 or on vectors of `lanes` f32.
     fn fused_lanes(&mut self, a: &str, b: &str, c: &str, lanes: Option<usize>) -> String {
         let ty = f32_type(lanes);

@@ -307,7 +307,7 @@ impl Kc<'_> {
                 let env = [(g, gi.to_owned()), (z, zc.clone()), (y, d.clone())];
                 let at = self.operand_index(j, &it.kv[0].1, &env)?;
                 let x = self.loadf(k, &at)?;
-                nexts.push(self.lanes_fma(&qv, &x, acc, &vty));
+                nexts.push(self.b.lanes_fma(&qv, &x, acc, &vty));
             }
             self.b.close_for_typed(&nexts, &vty);
             // Scaled, `-inf` past the stretch, kept in the block's slot.
@@ -371,7 +371,7 @@ impl Kc<'_> {
                 let env = [(g2, gi.to_owned()), (z2, zc.clone()), (e, ek)];
                 let at = self.operand_index(wv, &it.kv[1].1, &env)?;
                 let x = self.loadf(v, &at)?;
-                nexts.push(self.lanes_fma(&pv, &x, acc, &vty));
+                nexts.push(self.b.lanes_fma(&pv, &x, acc, &vty));
             }
             self.b.close_for_typed(&nexts, &vty);
             for (off, o) in o_at.iter().zip(&outs) {
@@ -423,14 +423,6 @@ impl Kc<'_> {
             .enumerate()
             .map(|(a, &c)| (c, if a == g_axis { g.to_owned() } else { idx.next().unwrap_or_default() }))
             .collect()
-    }
-
-    /// `acc + rows · x` (x an f32 broadcast to the lanes), which LLVM may
-    /// fuse into one FMA.
-    fn lanes_fma(&mut self, rows: &str, x: &str, acc: &str, vty: &str) -> String {
-        let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
-        let p = self.b.op(&format!("arith.mulf {x}, {rows} fastmath<contract> : {vty}"));
-        self.b.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}"))
     }
 }
 

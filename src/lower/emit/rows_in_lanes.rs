@@ -504,9 +504,7 @@ impl Kc<'_> {
                             self.loadf(v, &at)?
                         }
                     };
-                    let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
-                    let p = self.b.op(&format!("arith.mulf {x}, {rows} fastmath<contract> : {vty}"));
-                    nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}")));
+                    nexts.push(self.b.lanes_fma(&rows, &x, acc, &vty));
                 }
                 // The next block's rows of the large operand, a line per step.
                 if first == 0 {
