@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "lab_common.h"
+
 typedef float F;
 typedef int64_t I;
 
@@ -42,16 +44,7 @@ void B_merge(I, I, I, F *, F *, const F *, F *, I, I);
 // Items a KV head of the partials, at most (the plan's are 8).
 #define ITEMS 64
 
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec + t.tv_nsec * 1e-9;
-}
 
-static int by_value(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
 
 // Buffers of one run: the context's K and V, q, the decode part's scores
 // and the new token's (rewritten by the softmax: refilled each run), the
@@ -89,6 +82,13 @@ static void side(int which, struct run *r) {
 #endif
 }
 
+// Both sides' runs, for `time_pairs`.
+struct runs {
+  struct run side[2];
+};
+
+static void side_of(int which, void *ctx) { side(which, &((struct runs *)ctx)->side[which]); }
+
 int main(int argc, char **argv) {
   long mc = argc > 1 ? atol(argv[1]) : 8192, pairs = argc > 2 ? atol(argv[2]) : 40;
   if (mc < 1 || pairs < 1) {
@@ -117,33 +117,15 @@ int main(int argc, char **argv) {
   }
   for (long i = 0; i < B * H * D; i++) q[i] = rand() / (F)RAND_MAX - 0.5f;
   for (long i = 0; i < flush; i++) fl[i] = 1;
-  volatile long sink = 0;
-  double best[2] = {1e30, 1e30}, *ratio = malloc(pairs * sizeof(double));
-  for (long p = 0; p < pairs; p++) {
-    double t[2];
-    for (int o = 0; o < 2; o++) {
-      int which = (p & 1) ? 1 - o : o;
-      long acc = 0;
-      for (long i = 0; i < flush; i += 64) acc += fl[i];
-      sink += acc;
-      struct run r = {k, v, q, dec, fresh, scratches[which], outs[which], mc};
-      double t0 = now();
-      side(which, &r);
-      t[which] = now() - t0;
-      if (t[which] < best[which]) best[which] = t[which];
-    }
-    ratio[p] = t[1] / t[0];
+  struct runs both = {{{k, v, q, dec, fresh, scratches[0], outs[0], mc}, {k, v, q, dec, fresh, scratches[1], outs[1], mc}}};
+  double best[2], *ratio = malloc(pairs * sizeof(double));
+  if (!ratio) {
+    fprintf(stderr, "fused_lab: out of memory\n");
+    return 1;
   }
-  qsort(ratio, pairs, sizeof(double), by_value);
-  double diff = 0, big = 0;
-  for (long i = 0; i < B * H * D; i++) {
-    double d = fabs((double)outs[0][i] - outs[1][i]);
-    if (!(d <= diff)) diff = d;
-    if (fabs(outs[0][i]) > big) big = fabs(outs[0][i]);
-  }
-  printf("m_c %ld, %d threads, %ld pairs: A best %.2f ms, B best %.2f ms; B / A median %.3f (quartiles %.3f %.3f)\n",
-         mc, omp_get_max_threads(), pairs, best[0] * 1e3, best[1] * 1e3, ratio[pairs / 2], ratio[pairs / 4],
-         ratio[(3 * pairs) / 4]);
-  printf("largest output difference %.3g (largest output %.3g)\n", diff, big);
-  return diff <= 1e-4 * big ? 0 : 1;
+  time_pairs(pairs, side_of, &both, fl, flush, best, ratio);
+  printf("m_c %ld, %d threads, %ld pairs: A best %.2f ms, B best %.2f ms; ", mc, omp_get_max_threads(), pairs,
+         best[0] * 1e3, best[1] * 1e3);
+  report_pairs(ratio, pairs);
+  return compare_outputs(outs[0], outs[1], B * H * D, 1e-4);
 }

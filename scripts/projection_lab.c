@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "lab_common.h"
+
 typedef float F;
 typedef int64_t I;
 
@@ -26,15 +28,27 @@ void B_proj(I, I, I, const F *, const F *, F *, I, I);
 
 #define B 32
 
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec + t.tv_nsec * 1e-9;
-}
 
-static int by_value(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
+
+// W, x and each side's output, for `time_pairs`.
+struct operands {
+  const F *w, *x;
+  F *ys[2];
+};
+
+// A side's projection, in parts on the threads (as the step's pool runs
+// it).
+static void side(int which, void *ctx) {
+  struct operands *o = ctx;
+  int n = omp_get_max_threads();
+#pragma omp parallel for schedule(static, 1)
+  for (int part = 0; part < n; part++) {
+    if (which == 0) {
+      A_proj(B, 64, 16, o->w, o->x, o->ys[0], part, n);
+    } else {
+      B_proj(B, 64, 16, o->w, o->x, o->ys[1], part, n);
+    }
+  }
 }
 
 int main(int argc, char **argv) {
@@ -55,40 +69,15 @@ int main(int argc, char **argv) {
   for (long i = 0; i < in * out; i++) w[i] = rand() / (F)RAND_MAX - 0.5f;
   for (long i = 0; i < B * in; i++) x[i] = rand() / (F)RAND_MAX - 0.5f;
   for (long i = 0; i < flush; i++) fl[i] = 1;
-  volatile long sink = 0;
-  double best[2] = {1e30, 1e30}, *ratio = malloc(pairs * sizeof(double));
-  for (long p = 0; p < pairs; p++) {
-    double t[2];
-    for (int o = 0; o < 2; o++) {
-      int which = (p & 1) ? 1 - o : o;
-      long acc = 0;
-      for (long i = 0; i < flush; i += 64) acc += fl[i];
-      sink += acc;
-      int n = omp_get_max_threads();
-      double t0 = now();
-#pragma omp parallel for schedule(static, 1)
-      for (int part = 0; part < n; part++) {
-        if (which == 0) {
-          A_proj(B, 64, 16, w, x, ys[0], part, n);
-        } else {
-          B_proj(B, 64, 16, w, x, ys[1], part, n);
-        }
-      }
-      t[which] = now() - t0;
-      if (t[which] < best[which]) best[which] = t[which];
-    }
-    ratio[p] = t[1] / t[0];
+  struct operands ops = {w, x, {ys[0], ys[1]}};
+  double best[2], *ratio = malloc(pairs * sizeof(double));
+  if (!ratio) {
+    fprintf(stderr, "projection_lab: out of memory\n");
+    return 1;
   }
-  qsort(ratio, pairs, sizeof(double), by_value);
-  double diff = 0, big = 0;
-  for (long i = 0; i < B * out; i++) {
-    double d = fabs((double)ys[0][i] - ys[1][i]);
-    if (!(d <= diff)) diff = d;
-    if (fabs(ys[0][i]) > big) big = fabs(ys[0][i]);
-  }
-  printf("%ld -> %ld, %d threads, %ld pairs: A best %.3f ms, B best %.3f ms; B / A median %.3f (quartiles %.3f %.3f)\n",
-         in, out, omp_get_max_threads(), pairs, best[0] * 1e3, best[1] * 1e3, ratio[pairs / 2], ratio[pairs / 4],
-         ratio[(3 * pairs) / 4]);
-  printf("largest output difference %.3g (largest output %.3g)\n", diff, big);
-  return diff <= 1e-5 * big ? 0 : 1;
+  time_pairs(pairs, side, &ops, fl, flush, best, ratio);
+  printf("%ld -> %ld, %d threads, %ld pairs: A best %.3f ms, B best %.3f ms; ", in, out, omp_get_max_threads(), pairs,
+         best[0] * 1e3, best[1] * 1e3);
+  report_pairs(ratio, pairs);
+  return compare_outputs(ys[0], ys[1], B * out, 1e-5);
 }
