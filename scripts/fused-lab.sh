@@ -55,21 +55,7 @@ if [ -n "$base" ]; then
 else
     mkdir -p "$work/three"
     dump "$root" off "$work/three"
-    qk="$(kernel "$work/three" attn_scores_einsum1)"
-    sm="$(kernel "$work/three" attn_probs)"
-    wv="$(kernel "$work/three" attn_context_einsum1)"
-    [ -n "$qk" ] && [ -n "$sm" ] && [ -n "$wv" ] || { echo "fused-lab: layer 0's three kernels not found" >&2; exit 1; }
-    # The q·K's scores must be what the softmax writes over and what the
-    # w·V reads (its second buffer).
-    read -r -a a <<< "$(params "$work/three" "$qk")"
-    read -r -a s <<< "$(params "$work/three" "$sm")"
-    read -r -a w <<< "$(params "$work/three" "$wv")"
-    if [ "${#a[@]}" -ne 7 ] || [ "${#s[@]}" -ne 6 ] || [ "${#w[@]}" -ne 7 ] \
-        || [ "${a[6]}" != "${s[3]}" ] || [ "${s[3]}" != "${w[5]}" ]; then
-        echo "fused-lab: $qk, $sm and $wv are not of the form fused_lab.c calls: ${a[*]} / ${s[*]} / ${w[*]}" >&2
-        exit 1
-    fi
-    object "$work/three" B "qk=$qk" "sm=$sm" "wv=$wv"
+    three_kernels "$work/three" B
     other="$work/three"
     flags=(-DB_THREE)
     echo "A: the fused kernel and merge; B: the three kernels"

@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Shared by the kernel labs (scripts/fused-lab.sh, scripts/projection-lab.sh):
+# Shared by the kernel labs (scripts/fused-lab.sh, scripts/projection-lab.sh,
+# scripts/attention-lab.sh):
 # the cpu_step bench's module dumped from this tree or another revision,
 # its kernels compiled as the step compiles them and linked into a C
 # driver under names of their own. Source it from the repository root
@@ -83,3 +84,26 @@ object() {
 kernel() { grep -o "@k[0-9]*_l0_$2(" "$1/bifurcated_cpu.mlir" | head -1 | tr -d '@(' ; }
 # params DIR KERNEL: its dims, capacities and buffers, in order.
 params() { grep -o "@$2([^)]*)" "$1/bifurcated_cpu.mlir" | grep -o '%[bcd][0-9]*' | tr '\n' ' '; }
+
+# three_kernels DIR SIDE: layer 0's context q·K, softmax over the scores
+# and w·V of DIR's module, checked to be the form the C drivers call (b,
+# m_c, m_d, m_c's capacity, K, q, the scores; b, m_c, m_d, the scores,
+# the decode scores, the new one; b, m_c, m_d, m_c's capacity, V, the
+# scores, the output: the q·K's scores what the softmax writes over and
+# what the w·V reads), as SIDE.o (SIDE_qk, SIDE_sm, SIDE_wv).
+three_kernels() {
+    local qk sm wv a s w
+    qk="$(kernel "$1" attn_scores_einsum1)"
+    sm="$(kernel "$1" attn_probs)"
+    wv="$(kernel "$1" attn_context_einsum1)"
+    [ -n "$qk" ] && [ -n "$sm" ] && [ -n "$wv" ] || { echo "$LAB: layer 0's three kernels not found in $1" >&2; exit 1; }
+    read -r -a a <<< "$(params "$1" "$qk")"
+    read -r -a s <<< "$(params "$1" "$sm")"
+    read -r -a w <<< "$(params "$1" "$wv")"
+    if [ "${#a[@]}" -ne 7 ] || [ "${#s[@]}" -ne 6 ] || [ "${#w[@]}" -ne 7 ] \
+        || [ "${a[6]}" != "${s[3]}" ] || [ "${s[3]}" != "${w[5]}" ]; then
+        echo "$LAB: $qk, $sm and $wv are not of the form the driver calls: ${a[*]} / ${s[*]} / ${w[*]}" >&2
+        exit 1
+    fi
+    object "$1" "$2" "qk=$qk" "sm=$sm" "wv=$wv"
+}
