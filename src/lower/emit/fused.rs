@@ -25,9 +25,10 @@
 //! a runtime branch: tiles of 8 lanes (8 to 15 rows) or of 4, all of an
 //! item's rows in the item; a plan run only from 16 rows a KV head
 //! (`FusedPlan::min_rows`: the step's choice by the rows) has no such
-//! branch (its JIT 0.28-0.38 s against 0.90-1.18, the tiny example's). The passes take 12 registers of accumulators
-//! with narrow tiles (`emit::registers`; a pass of 6 or 5 positions or
-//! head elements of 16 rows, 11 or 10 of 8 or 4), 16 vectors otherwise.
+//! branch (its JIT 0.28-0.38 s against 0.90-1.18, the tiny example's).
+//! The passes take 12 registers of accumulators with narrow tiles
+//! (`emit::registers`; a pass of 6 or 5 positions or head elements of 16
+//! rows, 11 or 10 of 8 or 4), 16 vectors otherwise.
 //!
 //! On the 2-core Zen 3 VM (AVX2), layer 0's context attention of the
 //! cpu_step bench (b = 32, m_c = 8192, 16 heads of 64), its kernels linked
