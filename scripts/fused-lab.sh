@@ -49,6 +49,7 @@ fused "$work/this" A
 if [ -n "$base" ]; then
     dump_base on "$work/base_dump"
     fused "$work/base_dump" B
+    same_code "$work/this/A.o" "$work/base_dump/B.o"
     other="$work/base_dump"
     flags=()
     echo "A: this tree's fused kernel and merge; B: $base's"

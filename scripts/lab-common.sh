@@ -52,11 +52,26 @@ dump() {
 }
 
 # dump_base FUSED DIR: `dump` of revision $base, checked out in a
-# worktree and built in this tree's target dir (its dependencies built
-# once).
+# worktree and built in a target dir of its own (`lab-base` in this
+# tree's, kept between runs: its dependencies built once). Not in this
+# tree's: cargo names a workspace's artifacts by their paths inside the
+# workspace, so the worktree's build would replace this tree's with
+# files newer than this tree's sources, and this tree's next build would
+# take them as fresh and dump $base's kernels as its own.
 dump_base() {
     git worktree add --detach --quiet "$work/base" "$base"
-    CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}" dump "$work/base" "$1" "$2"
+    CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}/lab-base" dump "$work/base" "$1" "$2"
+}
+
+# same_code A.o B.o: whether the two objects' machine code is the same
+# (their kernels differ only in their names): said, so that a run of
+# --base against a revision of the same kernels is not read as a change.
+same_code() {
+    objcopy -O binary --only-section=.text "$1" "$work/a.text"
+    objcopy -O binary --only-section=.text "$2" "$work/b.text"
+    if cmp -s "$work/a.text" "$work/b.text"; then
+        echo "$LAB: A and B are the same machine code ($base's kernels are this tree's)"
+    fi
 }
 
 # object DIR SIDE NAME=KERNEL...: DIR's module compiled as the step

@@ -54,6 +54,7 @@ dump "$root" auto "$work/this"
 projection "$work/this" A
 dump_base auto "$work/base_dump"
 projection "$work/base_dump" B
+same_code "$work/this/A.o" "$work/base_dump/B.o"
 echo "A: this tree's $name; B: $base's"
 gcc -O2 -fopenmp scripts/projection_lab.c "$work/this/A.o" "$work/base_dump/B.o" -lm -o "$work/lab"
 OMP_NUM_THREADS="$threads" "$work/lab" "${sizes[@]}" "$pairs"
