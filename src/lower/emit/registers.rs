@@ -55,7 +55,13 @@ pub const NARROW_TILES_ENV: &str = "BIFURC_CPU_NARROW_TILES";
 /// registers of accumulators, as the rows-in-lanes passes below. The last
 /// tile's rows left, if fewer, are a tile of their own, unrolled (b = 32:
 /// 5 tiles of 6 and one of 2; one at a time, each row's one vector of
-/// accumulators would wait on every FMA). On a 2-core Zen 3 VM (cpu_step,
+/// accumulators would wait on every FMA). Tried and not kept (stop 39):
+/// the rows split evenly over the same number of tiles (b = 32: 5, 5, 6,
+/// 5, 5, 6), each tile prefetching: in the projection lab (pairs of 200)
+/// the down projection 0.97-1.07 (median of nine runs 1.02), gate
+/// 0.96-1.01 (0.975); sampled, a row of a tile of 2 cost 4.9% of the
+/// down projection's time, of 5 3.3%, of 6 3.0%, so the two splits cost
+/// the same. On a 2-core Zen 3 VM (cpu_step,
 /// f32, b = 32, m_c = 8192, two threads): 4 rows × 4 vectors (the wide
 /// tile, spilled) 8.8-9.0 ms a layer for the context w·V and 2.9-3.3 for
 /// each MLP projection; 4 × 1: 6.3-7.1 and 1.9-2.4; 6 × 1: 4.3-5.8 and
