@@ -57,15 +57,17 @@ pub const NARROW_TILES_ENV: &str = "BIFURC_CPU_NARROW_TILES";
 /// 5 tiles of 6 and one of 2; one at a time, each row's one vector of
 /// accumulators would wait on every FMA). Tried and not kept (stop 39):
 /// the rows split evenly over the same number of tiles (b = 32: 5, 5, 6,
-/// 5, 5, 6), each tile prefetching: in the projection lab (pairs of 200)
-/// the down projection 0.97-1.07 (median of nine runs 1.02), gate
-/// 0.96-1.01 (0.975); sampled, a row of a tile of 2 cost 4.9% of the
-/// down projection's time, of 5 3.3%, of 6 3.0%, so the two splits cost
-/// the same. On a 2-core Zen 3 VM (cpu_step,
-/// f32, b = 32, m_c = 8192, two threads): 4 rows × 4 vectors (the wide
-/// tile, spilled) 8.8-9.0 ms a layer for the context w·V and 2.9-3.3 for
-/// each MLP projection; 4 × 1: 6.3-7.1 and 1.9-2.4; 6 × 1: 4.3-5.8 and
-/// 1.3-2.1; 5 × 1 about the same as 6; 2 × 2 and 3 × 2 slower than 4 × 1.
+/// 5, 5, 6), each tile prefetching: in the projection lab (pairs of 200
+/// or 300) the down projection 0.97-1.09 (median of 16 runs 1.03), gate
+/// 0.96-1.02 (1.00, 15 runs), o 0.97-0.99 (seven runs): about 0.1 ms of
+/// a step of 15 projections; sampled, a row of a tile of 2 cost 4.9% of
+/// the down projection's time, of 5 3.3%, of 6 3.0%.
+///
+/// On a 2-core Zen 3 VM (cpu_step, f32, b = 32, m_c = 8192, two
+/// threads): 4 rows × 4 vectors (the wide tile, spilled) 8.8-9.0 ms a
+/// layer for the context w·V and 2.9-3.3 for each MLP projection; 4 × 1:
+/// 6.3-7.1 and 1.9-2.4; 6 × 1: 4.3-5.8 and 1.3-2.1; 5 × 1 about the same
+/// as 6; 2 × 2 and 3 × 2 slower than 4 × 1.
 pub(super) const NARROW_VECTOR_ROWS: usize = 6;
 
 /// The narrow tile of sums in vectors (`q·K` where fewer than 16 rows
