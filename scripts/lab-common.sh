@@ -53,11 +53,12 @@ dump() {
 
 # dump_base FUSED DIR: `dump` of revision $base, checked out in a
 # worktree and built in a target dir of its own (`lab-base` in this
-# tree's, kept between runs: its dependencies built once). Not in this
-# tree's: cargo names a workspace's artifacts by their paths inside the
-# workspace, so the worktree's build would replace this tree's with
-# files newer than this tree's sources, and this tree's next build would
-# take them as fresh and dump $base's kernels as its own.
+# tree's, kept between runs: its dependencies built once, about 1.7 GB;
+# `cargo clean` removes it). Not in this tree's: cargo names a
+# workspace's artifacts by their paths inside the workspace, so the
+# worktree's build would replace this tree's with files newer than this
+# tree's sources, and this tree's next build would take them as fresh
+# and dump $base's kernels as its own.
 dump_base() {
     git worktree add --detach --quiet "$work/base" "$base"
     CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}/lab-base" dump "$work/base" "$1" "$2"
