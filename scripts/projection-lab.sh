@@ -7,11 +7,12 @@
 # on any x86-64 CPU; not in CI. A is this tree's; the ratio printed is
 # B / A per pair (above 1: this tree's faster).
 #
-#   scripts/projection-lab.sh --base REV [PROJECTION] [PAIRS] [THREADS]
+#   scripts/projection-lab.sh --base REV [PROJECTION] [PAIRS] [THREADS] [DTYPE]
 #
 # PROJECTION: mlp_down_proj (the default), mlp_gate_proj, mlp_up_proj,
 # attn_q_proj, attn_k_proj, attn_v_proj or attn_o_proj; PAIRS 200,
-# THREADS 2 unless given.
+# THREADS 2, DTYPE f32 (or bf16: the model, its weights, input and
+# output in bf16) unless given.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,6 +23,12 @@ source scripts/lab-common.sh
 name="${lab_args[0]:-mlp_down_proj}"
 pairs="${lab_args[1]:-200}"
 threads="${lab_args[2]:-2}"
+dtype="${lab_args[3]:-f32}"
+case "$dtype" in
+    f32) lab_dtype=float32 ;;
+    bf16) lab_dtype=bfloat16 ;;
+    *) echo "projection-lab: DTYPE f32 or bf16 (got $dtype)" >&2; exit 2 ;;
+esac
 # The cpu_step model's sizes (benches/cpu_step.rs): inputs and outputs.
 case "$name" in
     mlp_down_proj) sizes=(2816 1024) ;;
@@ -55,6 +62,6 @@ projection "$work/this" A
 dump_base auto "$work/base_dump"
 projection "$work/base_dump" B
 same_code "$work/this/A.o" "$work/base_dump/B.o"
-echo "A: this tree's $name; B: $base's"
+echo "A: this tree's $name ($dtype); B: $base's"
 gcc -O2 -fopenmp scripts/projection_lab.c "$work/this/A.o" "$work/base_dump/B.o" -lm -o "$work/lab"
-OMP_NUM_THREADS="$threads" "$work/lab" "${sizes[@]}" "$pairs"
+OMP_NUM_THREADS="$threads" "$work/lab" "${sizes[@]}" "$pairs" "$dtype"

@@ -2,20 +2,22 @@
 // src/lower/cpu/panels.rs), two builds of it side by side, timed in
 // pairs: scripts/projection-lab.sh builds and runs it (see there).
 //
-//   projection_lab IN OUT PAIRS   (threads: OMP_NUM_THREADS)
+//   projection_lab IN OUT PAIRS [DTYPE]   (threads: OMP_NUM_THREADS)
 //
-// b = 32 rows of IN inputs, OUT outputs (a multiple of 64), f32; W in
-// panels `[OUT / 64, IN, 64]`. Each pair runs both sides once, in turn (A
+// b = 32 rows of IN inputs, OUT outputs (a multiple of 64), in DTYPE (f32,
+// or bf16: W, x and the output); W in panels `[OUT / 64, IN, 64]`. Each pair runs both sides once, in turn (A
 // first in even pairs, B first in odd ones), W flushed from the caches (a
 // 128 MiB pass) before every run, as the step finds it (its weights are
 // more than the caches hold). Prints both sides' best, the median and
 // quartiles of B / A over the pairs, and the largest difference of the
-// two outputs (failing past 1e-5 of the largest output).
+// two outputs (failing past 1e-5 of the largest output in f32, 8e-3 in
+// bf16: a bf16 output's rounding is 2^-9 of it).
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "lab_common.h"
@@ -23,8 +25,10 @@
 typedef float F;
 typedef int64_t I;
 
-void A_proj(I, I, I, const F *, const F *, F *, I, I);
-void B_proj(I, I, I, const F *, const F *, F *, I, I);
+// The kernels take W, x and the output as pointers to their elements
+// (f32 or bf16).
+void A_proj(I, I, I, const void *, const void *, void *, I, I);
+void B_proj(I, I, I, const void *, const void *, void *, I, I);
 
 #define B 32
 
@@ -32,9 +36,36 @@ void B_proj(I, I, I, const F *, const F *, F *, I, I);
 
 // W, x and each side's output, for `time_pairs`.
 struct operands {
-  const F *w, *x;
-  F *ys[2];
+  const void *w, *x;
+  void *ys[2];
 };
+
+// `n` random values in [-0.5, 0.5] as DTYPE (`size` bytes an element: an
+// f32, or the top half of one, bf16).
+static void fill(void *to, long n, int size) {
+  for (long i = 0; i < n; i++) {
+    F f = rand() / (F)RAND_MAX - 0.5f;
+    if (size == 4) {
+      ((F *)to)[i] = f;
+    } else {
+      uint32_t u;
+      memcpy(&u, &f, 4);
+      ((uint16_t *)to)[i] = (uint16_t)(u >> 16);
+    }
+  }
+}
+
+// `n` elements of DTYPE widened to f32 into `out`.
+static void widen(const void *from, F *out, long n, int size) {
+  for (long i = 0; i < n; i++) {
+    if (size == 4) {
+      out[i] = ((const F *)from)[i];
+    } else {
+      uint32_t u = (uint32_t)((const uint16_t *)from)[i] << 16;
+      memcpy(&out[i], &u, 4);
+    }
+  }
+}
 
 // A side's projection, in parts on the threads (as the step's pool runs
 // it).
@@ -53,31 +84,33 @@ static void side(int which, void *ctx) {
 
 int main(int argc, char **argv) {
   long in = argc > 1 ? atol(argv[1]) : 0, out = argc > 2 ? atol(argv[2]) : 0, pairs = argc > 3 ? atol(argv[3]) : 0;
-  if (in < 1 || out < 64 || out % 64 != 0 || pairs < 1) {
-    fprintf(stderr, "usage: projection_lab IN OUT PAIRS (OUT a multiple of 64)\n");
+  const char *dtype = argc > 4 ? argv[4] : "f32";
+  int size = strcmp(dtype, "f32") == 0 ? 4 : strcmp(dtype, "bf16") == 0 ? 2 : 0;
+  if (in < 1 || out < 64 || out % 64 != 0 || pairs < 1 || size == 0) {
+    fprintf(stderr, "usage: projection_lab IN OUT PAIRS [f32|bf16] (OUT a multiple of 64)\n");
     return 2;
   }
-  F *w = aligned_alloc(64, in * out * 4), *x = aligned_alloc(64, B * in * 4);
-  F *ys[2] = {aligned_alloc(64, B * out * 4), aligned_alloc(64, B * out * 4)};
+  void *w = aligned_alloc(64, in * out * size), *x = aligned_alloc(64, B * in * size);
+  void *ys[2] = {aligned_alloc(64, B * out * size), aligned_alloc(64, B * out * size)};
+  F *wide[2] = {malloc(B * out * sizeof(F)), malloc(B * out * sizeof(F))};
   long flush = 128L << 20;
   char *fl = malloc(flush);
-  if (!w || !x || !ys[0] || !ys[1] || !fl) {
+  double *ratio = malloc(pairs * sizeof(double));
+  if (!w || !x || !ys[0] || !ys[1] || !wide[0] || !wide[1] || !fl || !ratio) {
     fprintf(stderr, "projection_lab: out of memory\n");
     return 1;
   }
   srand(1);
-  for (long i = 0; i < in * out; i++) w[i] = rand() / (F)RAND_MAX - 0.5f;
-  for (long i = 0; i < B * in; i++) x[i] = rand() / (F)RAND_MAX - 0.5f;
+  fill(w, in * out, size);
+  fill(x, B * in, size);
   for (long i = 0; i < flush; i++) fl[i] = 1;
   struct operands ops = {w, x, {ys[0], ys[1]}};
-  double best[2], *ratio = malloc(pairs * sizeof(double));
-  if (!ratio) {
-    fprintf(stderr, "projection_lab: out of memory\n");
-    return 1;
-  }
+  double best[2];
   time_pairs(pairs, side, &ops, fl, flush, best, ratio);
-  printf("%ld -> %ld, %d threads, %ld pairs: A best %.3f ms, B best %.3f ms; ", in, out, omp_get_max_threads(), pairs,
-         best[0] * 1e3, best[1] * 1e3);
+  printf("%ld -> %ld, %s, %d threads, %ld pairs: A best %.3f ms, B best %.3f ms; ", in, out, dtype,
+         omp_get_max_threads(), pairs, best[0] * 1e3, best[1] * 1e3);
   report_pairs(ratio, pairs);
-  return compare_outputs(ys[0], ys[1], B * out, 1e-5);
+  widen(ys[0], wide[0], B * out, size);
+  widen(ys[1], wide[1], B * out, size);
+  return compare_outputs(wide[0], wide[1], B * out, size == 4 ? 1e-5 : 8e-3);
 }

@@ -831,6 +831,9 @@ impl Kc<'_> {
         if let Some(pr) = self.pair_rows(j).filter(|_| lanes == 16) {
             return self.pair_rows_vec(j, pr, idxs, (ahead, part));
         }
+        if let Some(wr) = self.widened_rows(j).filter(|_| lanes == 16) {
+            return self.widened_rows_vec(j, wr, idxs, (ahead, part));
+        }
         let Some((spec, inputs)) = self.contraction_spec(j) else {
             return Err(self.unsupported(j, "output-vector contraction of a non-einsum"));
         };

@@ -129,6 +129,7 @@ pub(crate) mod testing;
 mod vectors;
 mod views;
 mod walk;
+mod widened_rows;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;

@@ -329,7 +329,7 @@ impl Kc<'_> {
 
     /// The address (pointer, element offset) of element `idx` of `v`
     /// through its views (see [`Kc::pairs_readable`], [`Kc::adjacent_last`]).
-    fn pair_address(&mut self, v: Value, idx: &[String]) -> Result<(String, String), LowerError> {
+    pub(super) fn pair_address(&mut self, v: Value, idx: &[String]) -> Result<(String, String), LowerError> {
         if let Some(b) = self.stored(v) {
             return self.buffer_offset(b, idx);
         }
@@ -450,7 +450,7 @@ impl Kc<'_> {
     /// Whether consecutive elements along `v`'s last axis are adjacent
     /// bf16 elements of a stored buffer: the buffer, or views that keep
     /// the last axis (a slice of it anywhere along it).
-    fn adjacent_last(&self, v: Value) -> bool {
+    pub(super) fn adjacent_last(&self, v: Value) -> bool {
         if let Some(b) = self.stored(v) {
             return self.program.buffers[b].dtype == DType::BF16;
         }

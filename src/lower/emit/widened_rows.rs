@@ -1,0 +1,349 @@
+//! bf16 rows widened into a stack slot before the FMAs that read them.
+//!
+//! A contraction in output vectors (a projection from panels,
+//! `..k,pkn->..pn`; `w · V`) broadcasts one element of its row operand
+//! (the input `x`, the probabilities) per row of the tile and step of the
+//! sum. Where that operand is bf16 and the CPU has no bf16 instruction
+//! of its own (narrow tiles, `emit::registers`: no AVX-512, so no
+//! `vdpbf16ps`, `emit::pair_dot`), each element was widened on its own: a
+//! scalar load, a shift, a move into a vector register and a broadcast,
+//! two of them on the vector pipes the FMAs need, for two FMAs. The bf16
+//! cpu_step model's MLP projections ran at 35% of the FMA peak on the
+//! Zen 3 VM, where their f32 twins ran at 90-100%.
+//!
+//! Here ([`Kc::widened_rows`]) the sum runs in stretches of
+//! [`STRETCH`] steps: the tile's rows of the stretch are widened first,
+//! 16 elements a vector, into a stack slot of f32 (24 KiB for 6 rows: in
+//! L1; one slot for the kernel's tiles), and the stretch's FMAs then
+//! broadcast each element from the slot (`vbroadcastss` from memory: a
+//! load, no vector pipe), as in f32. Each output sums the same products
+//! in the same order as before: the same bits (tested against the wide
+//! tiles, which widen each element). Widening costs a quarter of a
+//! vector operation an element, once per tile and stripe, where the
+//! broadcasts took two for each element. On the Zen 3 VM
+//! (`scripts/projection-lab.sh --base REV PROJECTION 100 THREADS bf16`,
+//! against the build before, medians of 100 pairs): the down projection
+//! 1.22x on two threads and 1.17x on one, gate 1.25x, o 1.31x, q 1.13x;
+//! the bf16 cpu_step at b = 32, m_c = 8192 on two threads (three runs
+//! alternated): the context `w · V` 8.6-8.9 -> 6.9-8.4 ms a layer, the
+//! step's kernels 63.6-64.0 -> 52.4-64.8 ms.
+//!
+//! Tried first: both elements of a pair read as one 32-bit broadcast and
+//! widened in the vector (a shift left of 16, a mask of the high half)
+//! for two steps of the sum; LLVM kept all six broadcasts of a tile live
+//! beside 12 accumulators and two rows of the panel, and spilled (the
+//! down projection 0.86x); with each element's 32 bits loaded on their
+//! own, it moved the shift before the broadcast (a scalar load, a vector
+//! shift, a broadcast: 1.05-1.12x). The weight's 16 bf16 are still
+//! widened by two `vpmovzxwd` and two shifts a step (see DESIGN.md,
+//! "Lowering": split by a shift and a mask instead, tried alone before
+//! this and not kept).
+
+use crate::ir::{DType, Op, Value};
+use crate::lower::LowerError;
+
+use super::chunks::SumPart;
+use super::panel_ahead::LinesAhead;
+use super::registers::NARROW_VECTOR_ROWS;
+use super::Kc;
+
+/// Steps of the sum a stretch widens at a time: 6 rows of it in 24 KiB.
+pub(super) const STRETCH: usize = 1024;
+
+/// A contraction whose row operand is widened into a stack slot (see
+/// [`Kc::widened_rows`]): the summed letter and the operands' roles.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WidenedRows {
+    sum: char,
+    /// The operand with the output's last letter, last (a panel, V).
+    lane: usize,
+    /// The other, bf16, the summed letter last (the input, the
+    /// probabilities).
+    row: usize,
+}
+
+impl Kc<'_> {
+    /// Node `j` as a contraction in output vectors of 16 whose row operand
+    /// is widened a stretch at a time (see the module doc): narrow tiles
+    /// without the bf16 dot product; an einsum of two operands, one summed
+    /// letter; the row operand bf16 with the summed letter last, read
+    /// through views that keep its elements adjacent (or, in a projection
+    /// from panels, views it reads as vectors), without the output's last
+    /// letter; the lane operand with the output's last letter last,
+    /// read as vectors through views that are not a concat (whose parts
+    /// the sum would split at). `None` otherwise.
+    pub(crate) fn widened_rows(&self, j: usize) -> Option<WidenedRows> {
+        if self.bf16_dot || !self.narrow || self.simd != 16 {
+            return None;
+        }
+        let (spec, inputs) = self.contraction_spec(j)?;
+        let node = self.graph.nodes.get(j)?;
+        let x = *spec.output.last()?;
+        let n = self.graph.dims.normalize(node.shape.last()?).ok()?.as_constant()?;
+        if n % 16 != 0 || spec.inputs.len() != 2 || inputs.len() != 2 || !node.dtype.is_float() {
+            return None;
+        }
+        let reduced = self.reduced(&spec, &inputs);
+        let [(sum, _)] = reduced.as_slice() else { return None };
+        let lane = spec.inputs.iter().position(|s| s.contains(&x))?;
+        let row = 1 - lane;
+        let (lane_subs, row_subs) = (&spec.inputs[lane], &spec.inputs[row]);
+        // Read through views that merge its last axis (the attention's
+        // heads into the output projection's input) only from a multiple
+        // of 16 along it: a panel projection's stretches start at
+        // multiples of STRETCH (a chunked sum's chunks need not).
+        let panel = self.panel_operand(j).is_some();
+        let ok = lane_subs.last() == Some(&x)
+            && row_subs.last() == Some(sum)
+            && row_subs.iter().filter(|c| *c == sum).count() == 1
+            && !row_subs.contains(&x)
+            && self.graph.dtype_of(inputs[row]) == DType::BF16
+            && (self.adjacent_last(inputs[row]) || (self.vector_readable(inputs[row]) && panel))
+            && self.vector_readable(inputs[lane])
+            && self.no_concat(inputs[lane]);
+        ok.then_some(WidenedRows { sum: *sum, lane, row })
+    }
+
+    /// Whether `v` is a stored buffer or views of one with no concat.
+    fn no_concat(&self, v: Value) -> bool {
+        if self.stored(v).is_some() {
+            return true;
+        }
+        let Value::Node(j) = v else { return false };
+        let node = &self.graph.nodes[j];
+        let view =
+            matches!(node.op, Op::Reshape { .. } | Op::Transpose { .. } | Op::Broadcast { .. } | Op::Slice { .. });
+        view && node.inputs.first().is_some_and(|&first| self.no_concat(first))
+    }
+
+    /// Einsum node `j` with its row operand widened a stretch at a time
+    /// (`wr`, see [`Kc::widened_rows`]) at every index of `idxs`: each the
+    /// 16 outputs from it along the output's last axis, as a
+    /// `vector<16xf32>`; the sum over `part`'s range where given (a chunk
+    /// of a chunked sum, from its sums so far), with `ahead`'s line of the
+    /// next block prefetched each step.
+    pub(crate) fn widened_rows_vec(
+        &mut self,
+        j: usize,
+        wr: WidenedRows,
+        idxs: &[Vec<String>],
+        (ahead, part): (Option<&LinesAhead>, Option<&SumPart>),
+    ) -> Result<Vec<String>, LowerError> {
+        let Some((spec, inputs)) = self.contraction_spec(j) else {
+            return Err(self.unsupported(j, "widened rows of a non-einsum"));
+        };
+        let position = spec.inputs[wr.row].iter().position(|c| *c == wr.sum).unwrap_or(0);
+        let len = self.graph.shape_of(inputs[wr.row]).get(position).cloned();
+        let len = len.ok_or_else(|| self.unsupported(j, "widened rows without the sum's length"))?;
+        let len = self.sizes(std::slice::from_ref(&len))?.remove(0);
+        let vty = "vector<16xf32>";
+        let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
+        let envs = super::contract::output_envs(&spec.output, idxs);
+        let (inits, (from, to)) = match part {
+            Some(p) => {
+                let to = self.b.op(&format!("arith.minui {}, {len} : index", p.to));
+                (p.inits.clone(), (p.from.clone(), to))
+            }
+            None => (vec![zero; idxs.len()], (self.b.index(0), len.clone())),
+        };
+        let stretch = self.b.index(STRETCH as i64);
+        let (res, start, accs) = self.b.open_for_typed_from(&from, &to, &stretch, &inits, vty);
+        let end = self.b.addi(&start, &stretch);
+        let end = self.b.op(&format!("arith.minui {end}, {to} : index"));
+        // The tile's rows (each env's row at the stretch's start, once
+        // each; an env without the sum) and which one each env reads.
+        let mut starts: Vec<Vec<String>> = Vec::new();
+        let mut rows: Vec<Vec<(char, String)>> = Vec::new();
+        let mut of_env = Vec::with_capacity(envs.len());
+        for env in &envs {
+            let mut at_start = env.clone();
+            at_start.push((wr.sum, start.clone()));
+            let at = self.operand_index(j, &spec.inputs[wr.row], &at_start)?;
+            let k = match starts.iter().position(|a| *a == at) {
+                Some(k) => k,
+                None => {
+                    starts.push(at);
+                    rows.push(env.clone());
+                    rows.len() - 1
+                }
+            };
+            of_env.push(k);
+        }
+        // One slot for every tile of a kernel (the whole tiles' rows; a
+        // tile of more rows would take one of its own).
+        let slot_rows = rows.len().max(NARROW_VECTOR_ROWS);
+        let slot = self.b.stack_f32(&format!("widened_rows{slot_rows}"), slot_rows * STRETCH, None);
+        self.widen_stretch(j, (&spec.inputs[wr.row], inputs[wr.row], wr.sum), &rows, &slot, (&start, &end))?;
+        // The stretch's FMAs, each element broadcast from the slot.
+        let one = self.b.index(1);
+        let (next, l, accs) = self.b.open_for_typed_from(&start, &end, &one, &accs, vty);
+        if let Some(a) = ahead.filter(|a| a.sum == wr.sum) {
+            self.prefetch_line(a, &l);
+        }
+        let e = self.b.subi(&l, &start);
+        let mut broadcast: Vec<Option<String>> = vec![None; rows.len()];
+        let mut lanes: Vec<(Vec<String>, String)> = Vec::new();
+        let mut nexts = Vec::with_capacity(accs.len());
+        for ((env, acc), &k) in envs.iter().zip(&accs).zip(&of_env) {
+            let x = match &broadcast[k] {
+                Some(x) => x.clone(),
+                None => {
+                    let at = self.b.index((k * STRETCH) as i64);
+                    let at = self.b.addi(&at, &e);
+                    let x = self.b.load(&slot, &at, DType::F32).ssa;
+                    let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
+                    broadcast[k] = Some(x.clone());
+                    x
+                }
+            };
+            let mut env = env.clone();
+            env.push((wr.sum, l.clone()));
+            let at = self.operand_index(j, &spec.inputs[wr.lane], &env)?;
+            let y = match lanes.iter().find(|(a, _)| *a == at) {
+                Some((_, y)) => y.clone(),
+                None => {
+                    let y = self.load_vector_view(inputs[wr.lane], &at, 16)?;
+                    lanes.push((at, y.clone()));
+                    y
+                }
+            };
+            let p = self.b.op(&format!("arith.mulf {x}, {y} fastmath<contract> : {vty}"));
+            nexts.push(self.b.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}")));
+        }
+        self.b.close_for_typed(&nexts, vty);
+        self.b.close_for_typed(&next, vty);
+        Ok(res)
+    }
+
+    /// Elements `start..end` of the row operand (`subs`, `v`, summed along
+    /// `sum`) at each of `rows` (an env each, without the sum) widened
+    /// into `slot`, row `k` from element `k · STRETCH`: 16 a vector (from
+    /// a multiple of 16 past `start`, each vector read through the views),
+    /// the rest one at a time.
+    fn widen_stretch(
+        &mut self,
+        j: usize,
+        (subs, v, sum): (&[char], Value, char),
+        rows: &[Vec<(char, String)>],
+        slot: &str,
+        (start, end): (&str, &str),
+    ) -> Result<(), LowerError> {
+        let sixteen = self.b.index(16);
+        let count = self.b.subi(end, start);
+        let vectors = self.b.op(&format!("arith.divui {count}, {sixteen} : index"));
+        let whole = self.b.muli(&vectors, &sixteen);
+        let one = self.b.index(1);
+        for (k, env) in rows.iter().enumerate() {
+            let base = self.b.index((k * STRETCH) as i64);
+            let element = |kc: &mut Self, e: &str| -> Result<(Vec<String>, String), LowerError> {
+                let mut env = env.clone();
+                env.push((sum, kc.b.addi(start, e)));
+                Ok((kc.operand_index(j, subs, &env)?, kc.b.addi(&base, e)))
+            };
+            let i = self.b.open_loop(&vectors);
+            let e = self.b.muli(&i, &sixteen);
+            let (from, to) = element(self, &e)?;
+            let x = self.load_vector_view(v, &from, 16)?;
+            self.b.store_vector(slot, &to, &x, 16, DType::F32);
+            self.b.close();
+            let e = self.b.open_loop_from(&whole, &count, &one);
+            let (from, to) = element(self, &e)?;
+            let x = self.loadf(v, &from)?;
+            self.b.store(slot, &to, DType::F32, super::builder::Val::f32(x));
+            self.b.close();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use crate::interp::Tensor;
+    use crate::ir::DType;
+
+    /// A bf16 projection from panels (`x @ Wᵀ`, more inputs than a stretch
+    /// and not a multiple of 16: a stretch's last elements widened one at
+    /// a time), one whose input merges two axes (the attention's output,
+    /// `[b, h, 1, k]` transposed and reshaped to `[b, 1, h·k]`) and a bf16
+    /// `w · V` (the probabilities a slice from an odd
+    /// offset, as the bifurcated attention's decode part reads them; V
+    /// long enough at the largest m to run in chunks), without the bf16
+    /// dot product: in narrow tiles the rows are widened into the slot, in
+    /// wide tiles each element on its own. Both sum the same products in
+    /// the same order: the same bits; and the interpreter's values, at b
+    /// and m on either side of a tile and a stretch, odd and even.
+    #[test]
+    fn widened_rows_sum_as_single_steps() {
+        let doc = serde_json::json!({
+            "format": "bifurc-graph/1",
+            "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 64, "d": 1093, "o": 128}},
+            "inputs": [
+                {"name": "x", "role": "activation", "shape": ["b", "d"], "dtype": "bf16"},
+                {"name": "w", "role": "weight", "shape": ["o", "d"], "dtype": "bf16"},
+                {"name": "p", "role": "activation", "shape": ["b", "h", "m+5"], "dtype": "bf16"},
+                {"name": "v", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["h", "m", "k"], "dtype": "bf16"},
+                {"name": "a", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "bf16"},
+                {"name": "wo", "role": "weight", "shape": ["o", 128], "dtype": "bf16"}
+            ],
+            "nodes": [
+                {"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}},
+                {"id": "at", "op": "transpose", "inputs": ["a"], "attrs": {"perm": [0, 2, 1, 3]}},
+                {"id": "ar", "op": "reshape", "inputs": ["at"], "attrs": {"shape": ["b", 1, 128]}},
+                {"id": "z", "op": "matmul", "inputs": ["ar", "wo"], "attrs": {"transpose_b": true}},
+                {"id": "ps", "op": "slice", "inputs": ["p"], "attrs": {"axis": 2, "start": 5, "end": "m+5"}},
+                {"id": "o", "op": "einsum", "inputs": ["ps", "v"], "attrs": {"spec": "bhm,hmk->bhk"}}
+            ],
+            "outputs": [{"name": "y", "node": "y"}, {"name": "o", "node": "o"}, {"name": "z", "node": "z"}]
+        });
+        let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+        let compile = |narrow: bool| {
+            crate::lower::emit::with_narrow_tiles(narrow, || {
+                crate::lower::emit::with_amx(false, || {
+                    crate::lower::emit::with_bf16_dot(false, || {
+                        let step = crate::lower::CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+                        let text = crate::lower::emit::emit(step.graph(), step.program(), crate::lower::Target::Cpu)
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        (step, text)
+                    })
+                })
+            })
+        };
+        let (narrow, narrow_text) = compile(true);
+        let (wide, wide_text) = compile(false);
+        // The slot: in the three sums' kernels in narrow tiles, in none in
+        // wide ones.
+        let slots = |text: &str| text.split("func.func").filter(|f| f.contains("llvm.alloca")).count();
+        assert_eq!(slots(&narrow_text), 3, "rows widened into a slot in each sum:\n{narrow_text}");
+        assert_eq!(slots(&wide_text), 0, "single steps in wide tiles:\n{wide_text}");
+        let bf16 = DType::BF16;
+        for (b, m) in [(1, 1), (3, 7), (6, 64), (7, 33), (13, 1025), (32, 3000)] {
+            let at = crate::lower::emit::testing::point(&[("b", b), ("m", m)]);
+            // The inputs as bf16 holds them, so the interpreter multiplies
+            // the same values: the outputs differ by their bf16 rounding.
+            let mut inputs = crate::interp::random_inputs(&graph, &at, 17).unwrap_or_else(|e| panic!("{e}"));
+            for t in inputs.values_mut() {
+                let bytes = bf16.encode(&t.data).unwrap_or_else(|e| panic!("{e}"));
+                t.data = bf16.decode(&bytes).unwrap_or_else(|e| panic!("{e}"));
+            }
+            let want = crate::interp::run(&graph, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let run = |step: &crate::lower::CpuStep| -> HashMap<String, Tensor> {
+                step.run(&at, &inputs).unwrap_or_else(|e| panic!("b = {b}, m = {m}: {e}"))
+            };
+            let (got, single) = (run(&narrow), run(&wide));
+            for name in ["y", "o", "z"] {
+                let bits = |t: &Tensor| t.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got[name]), bits(&single[name]), "b = {b}, m = {m}: {name}, narrow against wide");
+                assert_eq!(got[name].shape, want[name].shape);
+                // The bf16 output's rounding and the sums' order: within
+                // 1% of the largest output.
+                let top = want[name].data.iter().fold(0f32, |a, y| a.max(y.abs()));
+                for (i, (x, y)) in got[name].data.iter().zip(&want[name].data).enumerate() {
+                    let what = format!("b = {b}, m = {m}: {name} element {i}");
+                    assert!((x - y).abs() <= 1e-2 * top, "{what}: {x} vs {y} (largest {top})");
+                }
+            }
+        }
+    }
+}
