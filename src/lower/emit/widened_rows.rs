@@ -34,10 +34,20 @@
 //! beside 12 accumulators and two rows of the panel, and spilled (the
 //! down projection 0.86x); with each element's 32 bits loaded on their
 //! own, it moved the shift before the broadcast (a scalar load, a vector
-//! shift, a broadcast: 1.05-1.12x). The weight's 16 bf16 are still
-//! widened by two `vpmovzxwd` and two shifts a step (see DESIGN.md,
-//! "Lowering": split by a shift and a mask instead, tried alone before
-//! this and not kept).
+//! shift, a broadcast: 1.05-1.12x).
+//!
+//! The lane operand's 16 elements a step (a stripe of the weight's panel,
+//! a row of V), where bf16 and adjacent, are split as well
+//! ([`Kc::split_bf16_16`]): one load of 8 words, the even elements by a
+//! shift and the odd ones by a mask, for two `vpmovzxwd` (shuffles) and
+//! two shifts; the accumulators' lanes are then in the order `x0, x2, …,
+//! x14, x1, …, x15`, shuffled there from the sums so far and back before
+//! the store (the same bits). Tried alone before the slot (c245dcb), it
+//! freed the shuffles' pipe while the broadcasts still bound the tile, and
+//! was not kept; after it, in the projection lab against the slot alone
+//! (100 pairs, two threads): down 1.03x, gate 1.06x, o 1.07x; the bf16
+//! cpu_step's context `w · V` (both together, against neither) 7.8-8.0 ->
+//! 5.4-5.8 ms a layer on two threads.
 
 use crate::ir::{DType, Op, Value};
 use crate::lower::LowerError;
@@ -46,6 +56,11 @@ use super::chunks::SumPart;
 use super::panel_ahead::LinesAhead;
 use super::registers::NARROW_VECTOR_ROWS;
 use super::Kc;
+
+/// Natural lanes into the order of a split bf16 operand
+/// (`Kc::split_bf16_16`: the even elements, then the odd), and back.
+const EVEN_ODD: [usize; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15];
+const NATURAL: [usize; 16] = [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15];
 
 /// Steps of the sum a stretch widens at a time: 6 rows of it in 24 KiB.
 pub(super) const STRETCH: usize = 1024;
@@ -146,6 +161,11 @@ impl Kc<'_> {
             }
             None => (vec![zero; idxs.len()], (self.b.index(0), len.clone())),
         };
+        // A bf16 lane operand split into its even and odd elements (see
+        // `split_bf16_16`): the accumulators' lanes in that order, from
+        // the sums so far and back at the end.
+        let split = self.graph.dtype_of(inputs[wr.lane]) == DType::BF16 && self.adjacent_last(inputs[wr.lane]);
+        let inits = if split { inits.iter().map(|v| self.lanes_shuffled(v, &EVEN_ODD)).collect() } else { inits };
         let stretch = self.b.index(STRETCH as i64);
         let (res, start, accs) = self.b.open_for_typed_from(&from, &to, &stretch, &inits, vty);
         let end = self.b.addi(&start, &stretch);
@@ -202,7 +222,12 @@ impl Kc<'_> {
             let y = match lanes.iter().find(|(a, _)| *a == at) {
                 Some((_, y)) => y.clone(),
                 None => {
-                    let y = self.load_vector_view(inputs[wr.lane], &at, 16)?;
+                    let y = if split {
+                        let (ptr, off) = self.pair_address(inputs[wr.lane], &at)?;
+                        self.split_bf16_16(&ptr, &off)
+                    } else {
+                        self.load_vector_view(inputs[wr.lane], &at, 16)?
+                    };
                     lanes.push((at, y.clone()));
                     y
                 }
@@ -212,7 +237,33 @@ impl Kc<'_> {
         }
         self.b.close_for_typed(&nexts, vty);
         self.b.close_for_typed(&next, vty);
-        Ok(res)
+        Ok(if split { res.iter().map(|v| self.lanes_shuffled(v, &NATURAL)).collect() } else { res })
+    }
+
+    /// The 16 bf16 from element `off` of `ptr` as a `vector<16xf32>` with
+    /// its lanes in the order `x0, x2, …, x14, x1, x3, …, x15`: one load of
+    /// 8 words of 32 bits, the even elements each word shifted left by 16,
+    /// the odd ones its high half masked (bf16 is the top half of an f32).
+    /// Where the CPU widens 8 bf16 at a time (`vpmovzxwd`, a shuffle) and
+    /// then shifts them, that is one shift and a mask (any vector pipe)
+    /// for two shuffles and two shifts.
+    fn split_bf16_16(&mut self, ptr: &str, off: &str) -> String {
+        let p = self.b.element_ptr(ptr, off, "bf16");
+        let words = self.b.op(&format!("llvm.load {p} {{alignment = 2 : i64}} : !llvm.ptr -> vector<8xi32>"));
+        let sixteen = self.b.hoist("arith.constant dense<16> : vector<8xi32>");
+        let high = self.b.hoist("arith.constant dense<-65536> : vector<8xi32>");
+        let even = self.b.op(&format!("arith.shli {words}, {sixteen} : vector<8xi32>"));
+        let odd = self.b.op(&format!("arith.andi {words}, {high} : vector<8xi32>"));
+        let [even, odd] =
+            [even, odd].map(|v| self.b.op(&format!("arith.bitcast {v} : vector<8xi32> to vector<8xf32>")));
+        let order: Vec<String> = (0..16).map(|i| i.to_string()).collect();
+        self.b.op(&format!("vector.shuffle {even}, {odd} [{}] : vector<8xf32>, vector<8xf32>", order.join(", ")))
+    }
+
+    /// `v` (`vector<16xf32>`) with its lanes taken in `order`.
+    fn lanes_shuffled(&mut self, v: &str, order: &[usize; 16]) -> String {
+        let order: Vec<String> = order.iter().map(usize::to_string).collect();
+        self.b.op(&format!("vector.shuffle {v}, {v} [{}] : vector<16xf32>, vector<16xf32>", order.join(", ")))
     }
 
     /// Elements `start..end` of the row operand (`subs`, `v`, summed along
