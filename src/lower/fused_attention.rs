@@ -26,7 +26,8 @@
 //! output, the items' outputs weighed by `exp(m_item - max) / sum`,
 //! written into the buffer of the context `w·V`, whose kernel goes.
 //!
-//! A softmax planned in place qualifies ([`find`]) when, all in f32:
+//! A softmax planned in place qualifies ([`find`]) when, all in f32 (or
+//! all in bf16 where asked, below; the w·V's output in bf16 or f32):
 //! - the chain between its concat and itself is scales by constants and
 //!   reshapes that keep the row (the decode step's mask of all zeros is
 //!   already gone: `cpu::masks`);
@@ -42,6 +43,35 @@
 //! The same sums in another order (per block, then per item, then over
 //! the items), and `exp` as the softmax's: within a few ulps of the three
 //! kernels, not the same bits.
+//!
+//! A bf16 attention is fused only where [`FUSED_ATTENTION_ENV`] says
+//! `on` (and the tiles are narrow: `emit::registers`, no AVX-512, so no
+//! `vdpbf16ps` and no AMX, whose three kernels have not been timed
+//! against it). The kernel widens each block's K and V rows into f32
+//! slots on the stack, 16 elements a vector, and its passes read them
+//! from there as they read f32 K and V (`emit::fused`); the scores are
+//! rounded to bf16 as the three kernels store them, and the online
+//! softmax and the partials stay in f32. The probabilities are not
+//! rounded to bf16 before the w·V, as the model (and the three kernels)
+//! round them: the kernel never holds a row's probabilities whole, only
+//! each block's `exp`s before the row's max and sum are known. Against
+//! the interpreter (f32 throughout) one attention comes out closer than
+//! the three kernels' (a test sums the squared errors: 0.35-0.74 of
+//! theirs), but over a deep model the steps round apart:
+//! `tests/bf16_depth.rs` (16 layers, b = 16, where `auto` would fuse)
+//! measured the fused bifurcated step 1.52-1.77e-2 from the baseline's
+//! logits, as far as both are from exact (1.55-2.09e-2), where the three
+//! kernels stay within a sixth of that: so `auto` leaves bf16 to them.
+//! Fused, on the 2-core Zen 3 VM the bf16 cpu_step's step at b = 32,
+//! m_c = 8192 took 31.4-44.4 ms on two threads against 43.6-75.5 with the
+//! three kernels and the rows of `emit::widened_rows` not yet widened
+//! (2.02-2.44x the baseline against 1.77-1.87x; three runs alternated),
+//! 58.6-60.4 against 82.6-83.5 on one (2.60-3.02x against 2.03-2.21x, two
+//! runs), its fused kernel 11.0-11.1 ms a layer on two threads where the
+//! three took about 16 (5.5, 2.3 and 8.3); against the three kernels with
+//! the lane operand split too (`emit::widened_rows`), 41.2-41.8 against
+//! 43.7-45.5 ms on two threads (three runs alternated), the three then
+//! 12.6-13.3 ms a layer.
 //!
 //! The CPU step is compiled with both plans (`plans_cpu`; the kernels
 //! of the same code JIT'd once) and a run takes the fused one where at
@@ -70,7 +100,8 @@ pub const ITEMS: i64 = 8;
 /// The environment variable that says when the CPU step runs the fused
 /// context attention: `auto` (the default) where at least
 /// [`FUSED_MIN_ROWS`] query rows share each KV head at the run's point,
-/// `on` always (where a softmax qualifies), `off` never (the three
+/// f32 only; `on` always (where a softmax qualifies), bf16 too where the
+/// tiles are narrow (see the module docs); `off` never (the three
 /// kernels; the step then compiles one plan).
 pub const FUSED_ATTENTION_ENV: &str = "BIFURC_CPU_FUSED_ATTENTION";
 
@@ -106,10 +137,11 @@ pub(crate) fn fused_choice() -> Result<Option<bool>, LowerError> {
     super::emit::cpu_setting(FUSED_ATTENTION_ENV, setting.as_deref(), || true, "")
 }
 
-/// The fusions among the softmaxes `found` in place (see the module docs).
-pub(crate) fn find(graph: &Graph, kinds: &[NodeKind], found: &[Found]) -> Vec<Fusion> {
+/// The fusions among the softmaxes `found` in place (see the module
+/// docs), bf16 ones too where `bf16` says so.
+pub(crate) fn find(graph: &Graph, kinds: &[NodeKind], found: &[Found], bf16: bool) -> Vec<Fusion> {
     let users = live_users(graph, kinds);
-    found.iter().filter_map(|f| fusion(graph, kinds, &users, f)).collect()
+    found.iter().filter_map(|f| fusion(graph, kinds, &users, f, bf16)).collect()
 }
 
 /// The shape of the partials of fusion `f`: `[ITEMS, rows…, head + 2]`
@@ -138,12 +170,16 @@ fn rows_then(spec: &EinsumSpec, s: char, o: char) -> Option<&[char]> {
     ok.then_some(rows)
 }
 
-fn fusion(graph: &Graph, kinds: &[NodeKind], users: &[Vec<usize>], f: &Found) -> Option<Fusion> {
-    let f32 = |v: Value| graph.dtype_of(v) == DType::F32;
+fn fusion(graph: &Graph, kinds: &[NodeKind], users: &[Vec<usize>], f: &Found, bf16: bool) -> Option<Fusion> {
     let softmax = &graph.nodes[f.softmax];
-    if softmax.dtype != DType::F32 || f.parts.len() < 2 {
+    // All in f32, or all in bf16 where asked and the tiles are narrow
+    // (see the module docs).
+    let dtype = softmax.dtype;
+    let bf16 = bf16 && dtype == DType::BF16 && super::emit::narrow_tiles_choice().unwrap_or(false);
+    if !(dtype == DType::F32 || bf16) || f.parts.len() < 2 {
         return None;
     }
+    let of_dtype = |v: Value| graph.dtype_of(v) == dtype;
     // From the softmax back to the concat: scales and reshapes only.
     let mut scale = 1.0;
     let mut at = match softmax.inputs.as_slice() {
@@ -172,9 +208,9 @@ fn fusion(graph: &Graph, kinds: &[NodeKind], users: &[Vec<usize>], f: &Found) ->
     let rows = rows_then(spec, *y, *z)?;
     let k_shape = graph.shape_of(k);
     let ok = rows.contains(g)
-        && f32(*q)
-        && f32(k)
-        && graph.nodes[s].dtype == DType::F32
+        && of_dtype(*q)
+        && of_dtype(k)
+        && graph.nodes[s].dtype == dtype
         && constant(graph, &k_shape[2]).is_some()
         && graph.dims.same(&k_shape[1], &first.len);
     if !ok {
@@ -197,8 +233,8 @@ fn fusion(graph: &Graph, kinds: &[NodeKind], users: &[Vec<usize>], f: &Found) ->
         && !is_output(graph, *w)
         && rows2.len() == rows.len()
         && rows2.iter().position(|c| c == g2) == rows.iter().position(|c| c == g)
-        && f32(v)
-        && node.dtype == DType::F32
+        && of_dtype(v)
+        && (node.dtype == dtype || node.dtype == DType::F32)
         && graph.dims.same_shape(&graph.nodes[s].shape[..rows.len()], &node.shape[..rows.len()])
         && graph.dims.same(&v_shape[0], &k_shape[0])
         && graph.dims.same(&v_shape[1], &first.len);
@@ -228,8 +264,13 @@ mod tests {
     /// bifurcated, its scores scaled twice (0.5, then 0.7), f32; heads of
     /// 8 for the scores and 24 for the values.
     fn three_parts() -> Json {
+        three_parts_in("f32")
+    }
+
+    /// [`three_parts`] in `dtype`.
+    fn three_parts_in(dtype: &str) -> Json {
         let input =
-            |name: &str, shape: Json| json!({"name": name, "role": "activation", "shape": shape, "dtype": "f32"});
+            |name: &str, shape: Json| json!({"name": name, "role": "activation", "shape": shape, "dtype": dtype});
         json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m", "d"], "constants": {"h": 3, "k": 8, "e": 24}},
@@ -308,8 +349,18 @@ mod tests {
             assert!(off.in_place.iter().all(|x| x.fused.is_none()));
             assert!(off.kernels.iter().any(|k| k.node == "o1") && off.kernels.iter().all(|k| k.op != FUSED_OP));
         }
-        let half = fused(&graph(&attention_in("bf16")), true);
-        assert!(half.kernels.iter().all(|k| k.op != FUSED_OP) && half.in_place.len() == 1);
+        // bf16 only fused at every point (`on`) and with narrow tiles (a
+        // CPU without AVX-512: see the module docs).
+        let half = graph(&attention_in("bf16"));
+        for narrow in [false, true] {
+            for (min_rows, fuses) in [(0, narrow), (FUSED_MIN_ROWS, false)] {
+                let p = crate::lower::emit::with_narrow_tiles(narrow, || plan_cpu_fusing(&half, Some(min_rows)));
+                let p = p.unwrap_or_else(|e| panic!("{e}"));
+                let fused = p.kernels.iter().any(|k| k.op == FUSED_OP);
+                assert_eq!(fused, fuses, "narrow tiles: {narrow}, from {min_rows} rows");
+                assert_eq!(p.in_place.len(), 1);
+            }
+        }
     }
 
     /// A step compiled with both plans runs the fused one where at least
@@ -391,6 +442,71 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+    /// In bf16 with narrow tiles, fused: K and V widened a block at a time
+    /// into f32 slots, the scores rounded to bf16, the online softmax in
+    /// f32 (where the three kernels round the probabilities to bf16 in
+    /// memory), the decode parts' probabilities and the context output
+    /// rounded once, at their stores. On the inputs as bf16 holds them,
+    /// against the interpreter (f32 throughout): within the outputs' bf16
+    /// rounding, and closer to it than the three kernels (the sum of the
+    /// squared errors), at rows and context lengths either side of the
+    /// tiles, blocks and items.
+    #[test]
+    fn the_bf16_fused_step_keeps_f32_inside() {
+        // The bifurcated graph's w·V parts in f32, as `optimize` writes
+        // them (their sum rounded once).
+        let mut f32_sums = three_parts_in("bf16");
+        for node in f32_sums["nodes"].as_array_mut().into_iter().flatten() {
+            if ["o1", "o2", "o3", "o12"].contains(&node["id"].as_str().unwrap_or("")) {
+                node["dtype"] = json!("f32");
+            }
+        }
+        let cases: [(Json, &[(&str, i64)]); 3] = [
+            (three_parts_in("bf16"), &[("d", 0), ("d", 3)]),
+            (f32_sums, &[("d", 3)]),
+            (grouped_attention("bf16"), &[]),
+        ];
+        for (doc, extra) in cases {
+            let g = graph(&doc);
+            let (step, three, text) = crate::lower::emit::with_narrow_tiles(true, || {
+                let step = CpuStep::compile_program(&g, fused(&g, true)).unwrap_or_else(|e| panic!("{e}"));
+                let three = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));
+                let text =
+                    crate::lower::emit(&g, step.program(), crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+                (step, three, text)
+            });
+            let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
+            // The tiles' five slots for each of three widths of tile, and
+            // K's and V's (the f32 kernel has the tiles' alone).
+            assert_eq!(kernel.matches("llvm.alloca").count(), 5 * 3 + 2, "K's and V's slots:\n{kernel}");
+            let extras: Vec<Option<(&str, i64)>> =
+                if extra.is_empty() { vec![None] } else { extra.iter().copied().map(Some).collect() };
+            // Squared errors over every element and point, relative to
+            // each point's largest output.
+            let (mut err_fused, mut err_three) = (0f64, 0f64);
+            for (b, m) in [(1, 0), (15, 1), (17, 16), (33, 17), (40, 33), (3, 1029)] {
+                for extra in &extras {
+                    let mut point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), m)]);
+                    point.extend(extra.map(|(k, v)| (k.to_string(), v)));
+                    let inputs = crate::lower::emit::testing::bf16_held_inputs(&g, &point, 7);
+                    let want = crate::interp::run(&g, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                    let got = step.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                    let before = three.run(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                    assert_eq!(got["o"].shape, want["o"].shape);
+                    let top = want["o"].data.iter().fold(0f32, |a, y| a.max(y.abs()));
+                    for (i, ((x, y), z)) in got["o"].data.iter().zip(&want["o"].data).zip(&before["o"].data).enumerate()
+                    {
+                        // The output's bf16 rounding (2^-9) after the sum
+                        // of three rounded parts.
+                        assert!((x - y).abs() <= 8e-3 * top, "{point:?}: [{i}] {x} vs {y} (largest {top})");
+                        err_fused += f64::from((x - y) / top.max(1e-30)).powi(2);
+                        err_three += f64::from((z - y) / top.max(1e-30)).powi(2);
+                    }
+                }
+            }
+            assert!(err_fused <= err_three, "fused {err_fused:e} against the three kernels' {err_three:e}");
         }
     }
 }

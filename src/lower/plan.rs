@@ -659,7 +659,7 @@ pub fn plans_cpu(graph: &Graph) -> Result<Vec<Program>, LowerError> {
 /// [`plan_cpu`] with the context attention fused where it qualifies
 /// (`lower::fused_attention`), run from `fuse` rows a KV head
 /// ([`FusedPlan::min_rows`]), or not (`None`), whatever the environment
-/// says.
+/// says; a bf16 attention only when run at every point (`Some(0)`).
 pub(crate) fn plan_cpu_fusing(graph: &Graph, fuse: Option<i64>) -> Result<Program, LowerError> {
     plan_inner(graph, None, true, fuse)
 }
@@ -672,7 +672,12 @@ fn plan_inner(
 ) -> Result<Program, LowerError> {
     let kinds = classify(graph);
     let found = if in_place { super::in_place::find(graph, &kinds) } else { Vec::new() };
-    let fusions = if fuse.is_some() { super::fused_attention::find(graph, &kinds, &found) } else { Vec::new() };
+    // bf16 attentions only in a plan fused at every point (`on`: see
+    // `lower::fused_attention`).
+    let fusions = match fuse {
+        Some(min_rows) => super::fused_attention::find(graph, &kinds, &found, min_rows == 0),
+        None => Vec::new(),
+    };
     let mut buffers = Vec::new();
     for inp in &graph.inputs {
         let shape = shape_of(graph, &inp.shape, &format!("input `{}`", inp.name))?;

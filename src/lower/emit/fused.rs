@@ -21,6 +21,15 @@
 //!   head elements (a broadcast element of V for an FMA per row vector);
 //! - per row its outputs, its max and its sum into the partials.
 //!
+//! bf16 K and V (`lower::fused_attention`: where the tiles are narrow)
+//! are widened a block at a time into f32 slots (`[32][head]`, 8 KiB
+//! each for heads of 64) before the tiles' passes, which then broadcast
+//! their elements from the slots as from f32 K and V (an element widened
+//! alone took a scalar load, a shift, a move to a vector register and a
+//! broadcast: see `emit::widened_rows`); the next block's rows are
+//! prefetched a line a step of the first pass (a bf16 block's 32 rows of
+//! 64 are `head` lines), not two.
+//!
 //! Fewer than 16 rows a KV head (b = 1 to 15 of a multi-head model), in
 //! a runtime branch: tiles of 8 lanes (8 to 15 rows) or of 4, all of an
 //! item's rows in the item; a plan run only from 16 rows a KV head
@@ -55,8 +64,8 @@ use super::{Kc, Partition};
 const ROWS: usize = 16;
 /// Tiles of rows an item takes at most (walked in turn over each block).
 const UNIT_TILES: usize = 2;
-/// f32 in a cache line (64 bytes).
-const LINE: i64 = 16;
+/// Bytes of a cache line.
+const LINE_BYTES: i64 = 64;
 /// Positions of a block.
 const BLOCK: i64 = 32;
 
@@ -202,7 +211,6 @@ impl Kc<'_> {
         let (one, block) = (self.b.index(1), self.b.index(BLOCK));
         let last_r = self.b.hoist(&format!("arith.subi {r_len}, {one} : index"));
         let (c_n, c_head, c_e) = (self.b.index(n as i64), self.b.index(head), self.b.index(e_len));
-        let c_line = self.b.index(LINE);
         let zero = self.b.f32(0.0);
         let zeros = self.b.splat_f32(0.0, lanes);
         let ninfs = self.b.splat_f32(f32::NEG_INFINITY, lanes);
@@ -276,6 +284,22 @@ impl Kc<'_> {
             starts.push(start);
         }
         let (next_k, next_v) = (starts[0].clone(), starts[1].clone());
+        // bf16 K and V: the block's rows widened into f32 slots first, 16
+        // a vector, which every tile's passes then broadcast from (see
+        // `emit::widened_rows`: an element widened alone took a scalar
+        // load, a shift, a move to a vector register and a broadcast).
+        let mut slots = [None, None];
+        for (slot, (operand, node, subs, (gl, zl, hl), len, name)) in slots
+            .iter_mut()
+            .zip([(k, j, &it.kv[0].1, (g, z, y), head, "fused_k"), (v, wv, &it.kv[1].1, (g2, z2, e), e_len, "fused_v")])
+        {
+            if self.graph.dtype_of(operand) != DType::F32 {
+                let to = self.b.stack_f32(name, BLOCK as usize * len as usize, None);
+                self.widen_kv_block((operand, node, subs), (gl, zl, hl), (gi, &p0, last_z), len, &to)?;
+                *slot = Some(to);
+            }
+        }
+        let [k_slot, v_slot] = slots;
         // Each tile in turn over the block (its K and V rows in L1 for
         // the next).
         let t = self.b.open_loop(unit_tiles);
@@ -293,26 +317,48 @@ impl Kc<'_> {
             let q_at = self.b.addi(&off, &q_base);
             let qv = self.b.load_vector(&qs, &q_at, n, DType::F32);
             // The next block's rows of K and V, a line of each a step of
-            // the first passes (16 rows of a head are `head` lines).
-            if pass < (BLOCK / LINE) as usize {
-                for (ptr, base) in [&next_k, &next_v].into_iter().flatten() {
-                    let skip = self.b.index(pass as i64 * head * LINE);
-                    let at = self.b.addi(base, &skip);
-                    let line = self.b.muli(&d, &c_line);
-                    let at = self.b.addi(&at, &line);
-                    self.b.prefetch(ptr, &at, DType::F32, false);
+            // the first passes (`head` lines a pass: two passes cover 32
+            // rows in f32, one in bf16).
+            for (operand, (ptr, base)) in
+                [k, v].into_iter().zip([&next_k, &next_v]).filter_map(|(o, n)| Some((o, n.as_ref()?)))
+            {
+                let dtype = self.graph.dtype_of(operand);
+                let line = LINE_BYTES / dtype.size() as i64;
+                if pass as i64 >= BLOCK / line {
+                    continue;
                 }
+                let skip = self.b.index(pass as i64 * head * line);
+                let at = self.b.addi(base, &skip);
+                let c_line = self.b.index(line);
+                let step = self.b.muli(&d, &c_line);
+                let at = self.b.addi(&at, &step);
+                self.b.prefetch(ptr, &at, dtype, false);
             }
             let mut nexts = Vec::with_capacity(count);
-            for ((_, zc), acc) in zs.iter().zip(&accs) {
-                let env = [(g, gi.to_owned()), (z, zc.clone()), (y, d.clone())];
-                let at = self.operand_index(j, &it.kv[0].1, &env)?;
-                let x = self.loadf(k, &at)?;
+            for (c, ((_, zc), acc)) in (first..).zip(zs.iter().zip(&accs)) {
+                let x = match &k_slot {
+                    Some(slot) => {
+                        let row = self.b.index((c as i64) * head);
+                        let at = self.b.addi(&row, &d);
+                        self.b.load(slot, &at, DType::F32).ssa
+                    }
+                    None => {
+                        let env = [(g, gi.to_owned()), (z, zc.clone()), (y, d.clone())];
+                        let at = self.operand_index(j, &it.kv[0].1, &env)?;
+                        self.loadf(k, &at)?
+                    }
+                };
                 nexts.push(self.b.lanes_fma(&qv, &x, acc, &vty));
             }
             self.b.close_for_typed(&nexts, &vty);
-            // Scaled, `-inf` past the stretch, kept in the block's slot.
+            // Rounded as the q·K's dtype holds them (the three kernels
+            // store them so), scaled, `-inf` past the stretch, kept in the
+            // block's slot.
             for (c, ((at, _), sum)) in (first..).zip(zs.iter().zip(&sums)) {
+                let sum = match self.graph.nodes[j].dtype {
+                    DType::BF16 => self.b.rounded_to_bf16(sum, lanes),
+                    _ => sum.clone(),
+                };
                 let s = self.b.op(&format!("arith.mulf {sum}, {scale} : {vty}"));
                 let inside = self.b.ult(at, z1);
                 let s = self.b.op(&format!("arith.select {inside}, {s}, {ninfs} : {vty}"));
@@ -366,12 +412,27 @@ impl Kc<'_> {
             let pv = self.b.load_vector(&es, &off, n, DType::F32);
             let at = self.b.addi(&p0, &c);
             let zc = self.b.op(&format!("arith.minui {at}, {last_z} : index"));
+            let row = match &v_slot {
+                Some(_) => {
+                    let c_e = self.b.index(e_len as i64);
+                    Some(self.b.muli(&c, &c_e))
+                }
+                None => None,
+            };
             let mut nexts = Vec::with_capacity(count);
             for (k, acc) in (first..).zip(&accs) {
                 let ek = self.b.index(k as i64);
-                let env = [(g2, gi.to_owned()), (z2, zc.clone()), (e, ek)];
-                let at = self.operand_index(wv, &it.kv[1].1, &env)?;
-                let x = self.loadf(v, &at)?;
+                let x = match (&v_slot, &row) {
+                    (Some(slot), Some(row)) => {
+                        let at = self.b.addi(row, &ek);
+                        self.b.load(slot, &at, DType::F32).ssa
+                    }
+                    _ => {
+                        let env = [(g2, gi.to_owned()), (z2, zc.clone()), (e, ek)];
+                        let at = self.operand_index(wv, &it.kv[1].1, &env)?;
+                        self.loadf(v, &at)?
+                    }
+                };
                 nexts.push(self.b.lanes_fma(&pv, &x, acc, &vty));
             }
             self.b.close_for_typed(&nexts, &vty);
@@ -411,6 +472,47 @@ impl Kc<'_> {
         }
         self.b.close();
         self.b.close();
+        self.b.close();
+        Ok(())
+    }
+
+    /// The block of K or V (`operand`, read by `node` as `subs`, letters
+    /// `g, z, h`: head, position, element) from position `p0` of KV head
+    /// `gi`, each position past the context's last (`last_z`) read at it,
+    /// widened to f32 into `slot` (`[BLOCK][len]`): 16 elements a vector,
+    /// the rest one at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn widen_kv_block(
+        &mut self,
+        (operand, node, subs): (Value, usize, &[char]),
+        (g, z, h): (char, char, char),
+        (gi, p0, last_z): (&str, &str, &str),
+        len: i64,
+        slot: &str,
+    ) -> Result<(), LowerError> {
+        let block = self.b.index(BLOCK);
+        let c = self.b.open_loop(&block);
+        let at = self.b.addi(p0, &c);
+        let zc = self.b.op(&format!("arith.minui {at}, {last_z} : index"));
+        let c_len = self.b.index(len);
+        let row = self.b.muli(&c, &c_len);
+        let whole = len / 16 * 16;
+        for first in (0..len).step_by(16) {
+            let lanes = if first < whole { 16 } else { 1 };
+            for e in (first..first + 16).take_while(|&e| e < len).step_by(lanes) {
+                let ei = self.b.index(e);
+                let env = [(g, gi.to_owned()), (z, zc.clone()), (h, ei.clone())];
+                let at = self.operand_index(node, subs, &env)?;
+                let to = self.b.addi(&row, &ei);
+                if lanes == 16 {
+                    let x = self.load_vector_view(operand, &at, 16)?;
+                    self.b.store_vector(slot, &to, &x, 16, DType::F32);
+                } else {
+                    let x = self.loadf(operand, &at)?;
+                    self.b.store(slot, &to, DType::F32, Val::f32(x));
+                }
+            }
+        }
         self.b.close();
         Ok(())
     }

@@ -199,13 +199,22 @@ pub(super) fn with_forced<R>(
 }
 
 impl Kc<'_> {
-    /// Node `j` as a candidate for the bf16 dot product on this CPU: an
-    /// einsum of two operands with a float output whose last axis is a
-    /// multiple of 16; its spec, operands, output's last letter and summed
-    /// letters. `None` without AVX512-BF16.
+    /// Node `j` as a candidate for the bf16 dot product on this CPU (see
+    /// [`Kc::lanes16_candidate`]). `None` without AVX512-BF16.
     #[allow(clippy::type_complexity)]
     fn bf16_dot_candidate(&self, j: usize) -> Option<(EinsumSpec, Vec<Value>, char, Vec<(char, Poly)>)> {
-        if !self.bf16_dot || self.simd != 16 {
+        if !self.bf16_dot {
+            return None;
+        }
+        self.lanes16_candidate(j)
+    }
+
+    /// Node `j` as an einsum of two operands in output vectors of 16
+    /// lanes, with a float output whose last axis is a multiple of 16; its
+    /// spec, operands, output's last letter and summed letters.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn lanes16_candidate(&self, j: usize) -> Option<(EinsumSpec, Vec<Value>, char, Vec<(char, Poly)>)> {
+        if self.simd != 16 {
             return None;
         }
         let (spec, inputs) = self.contraction_spec(j)?;
@@ -344,9 +353,15 @@ impl Kc<'_> {
         self.pair_address(first, &inner)
     }
 
-    /// Contraction `j` summed in bf16 pairs along letter `sum`: its spec,
-    /// its operands and the length of `sum` in operand `row`.
-    fn pair_sum(&self, j: usize, sum: char, row: usize) -> Result<(EinsumSpec, Vec<Value>, Poly), LowerError> {
+    /// Contraction `j` summed in bf16 pairs (or widened rows) along letter
+    /// `sum`: its spec, its operands and the length of `sum` in operand
+    /// `row`.
+    pub(super) fn pair_sum(
+        &self,
+        j: usize,
+        sum: char,
+        row: usize,
+    ) -> Result<(EinsumSpec, Vec<Value>, Poly), LowerError> {
         let Some((spec, inputs)) = self.contraction_spec(j) else {
             return Err(self.unsupported(j, "bf16 pair sum of a non-einsum"));
         };
@@ -689,14 +704,9 @@ mod tests {
             let pairs = super::host_has_bf16_dot() && dot;
             let calls = text.matches(super::DPBF16PS).count();
             assert_eq!(calls > 0, pairs, "d = {d}: summed by vdpbf16ps where the CPU has it:\n{text}");
-            let bf16 = crate::ir::DType::BF16;
             for b in [1, 3, 4, 5, 9, 17] {
                 let at = point(&[("b", b)]);
-                let mut inputs = crate::interp::random_inputs(&graph, &at, 5).unwrap_or_else(|e| panic!("{e}"));
-                for (name, t) in inputs.iter_mut().filter(|(n, _)| *n != "ids") {
-                    let bytes = bf16.encode(&t.data).unwrap_or_else(|e| panic!("{name}: {e}"));
-                    t.data = bf16.decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
-                }
+                let inputs = crate::lower::emit::testing::bf16_held_inputs(&graph, &at, 5);
                 let want = crate::interp::run(&graph, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
                 let got = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
                 for name in ["logits", "direct"] {
@@ -737,17 +747,12 @@ mod tests {
         let pairs = super::host_has_bf16_dot();
         assert_eq!(text.contains(super::DPBF16PS), pairs, "summed by vdpbf16ps where the CPU has it:\n{text}");
         assert_eq!(text.contains(": vector<16xbf16>, vector<16xbf16>"), pairs, "V's rows interleaved:\n{text}");
-        let bf16 = crate::ir::DType::BF16;
         for (b, m) in [(1, 1), (3, 7), (5, 64), (9, 33), (9, 101), (16, 2), (33, 100), (33, 101)] {
             let at = point(&[("b", b), ("m", m)]);
             // The inputs as bf16 holds them, so both sides multiply the
             // same values: the sums differ in order and the outputs by
             // their bf16 rounding.
-            let mut inputs = crate::interp::random_inputs(&graph, &at, 11).unwrap_or_else(|e| panic!("{e}"));
-            for t in inputs.values_mut() {
-                let bytes = bf16.encode(&t.data).unwrap_or_else(|e| panic!("{e}"));
-                t.data = bf16.decode(&bytes).unwrap_or_else(|e| panic!("{e}"));
-            }
+            let inputs = crate::lower::emit::testing::bf16_held_inputs(&graph, &at, 11);
             let want = crate::interp::run(&graph, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
             let got = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(got["o"].shape, want["o"].shape);

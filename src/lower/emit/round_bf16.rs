@@ -38,11 +38,38 @@ impl Builder {
     /// nearest, ties to even; NaN gives `0x7FC0`; infinities stay
     /// infinities (their zero mantissa takes no carry).
     pub(crate) fn bf16_bits(&mut self, x: &str, lanes: Option<usize>) -> String {
-        let shape = |elem: &str| match lanes {
+        let picked = self.bf16_bits_in_i32(x, lanes);
+        let (ity, hty) = (Self::lanes_of("i32", lanes), Self::lanes_of("i16", lanes));
+        self.op(&format!("arith.trunci {picked} : {ity} to {hty}"))
+    }
+
+    /// f32 `x` (`f32` or `vector<lanes x f32>`) rounded to bf16 as
+    /// [`Builder::bf16_bits`] rounds it, and widened back to f32: the value
+    /// a bf16 buffer would hold, without storing it.
+    pub(crate) fn rounded_to_bf16(&mut self, x: &str, lanes: Option<usize>) -> String {
+        let picked = self.bf16_bits_in_i32(x, lanes);
+        let (fty, ity) = (Self::lanes_of("f32", lanes), Self::lanes_of("i32", lanes));
+        let sixteen = match lanes {
+            Some(_) => self.hoist(&format!("arith.constant dense<16> : {ity}")),
+            None => self.i32(16),
+        };
+        let high = self.op(&format!("arith.shli {picked}, {sixteen} : {ity}"));
+        self.op(&format!("arith.bitcast {high} : {ity} to {fty}"))
+    }
+
+    /// `elem`, or a `vector<lanes x elem>`.
+    fn lanes_of(elem: &str, lanes: Option<usize>) -> String {
+        match lanes {
             Some(n) => format!("vector<{n}x{elem}>"),
             None => elem.to_owned(),
-        };
-        let (fty, ity, hty) = (shape("f32"), shape("i32"), shape("i16"));
+        }
+    }
+
+    /// [`Builder::bf16_bits`] before the truncation: the bits in the low
+    /// half of 32-bit lanes.
+    fn bf16_bits_in_i32(&mut self, x: &str, lanes: Option<usize>) -> String {
+        let (fty, ity) = (Self::lanes_of("f32", lanes), Self::lanes_of("i32", lanes));
+        let shape = |elem: &str| Self::lanes_of(elem, lanes);
         let constant = |b: &mut Self, c: i32| match lanes {
             Some(_) => b.hoist(&format!("arith.constant dense<{c}> : {ity}")),
             None => b.i32(c),
@@ -56,8 +83,7 @@ impl Builder {
         let biased = self.op(&format!("arith.addi {bits}, {bias} : {ity}"));
         let rounded = self.op(&format!("arith.shrui {biased}, {sixteen} : {ity}"));
         let is_nan = self.op(&format!("arith.cmpf une, {x}, {x} : {fty}"));
-        let picked = self.op(&format!("arith.select {is_nan}, {nan}, {rounded} : {}, {ity}", shape("i1")));
-        self.op(&format!("arith.trunci {picked} : {ity} to {hty}"))
+        self.op(&format!("arith.select {is_nan}, {nan}, {rounded} : {}, {ity}", shape("i1")))
     }
 }
 
@@ -70,8 +96,9 @@ mod tests {
     /// finite (rounds to infinity), infinities, NaNs of either sign and
     /// payload, and a spread of bit patterns. Each rounded by
     /// `arith.truncf` (expanded by the CPU pipeline) and by
-    /// [`Builder::bf16_bits`] in vectors of 16 and one at a time, in one
-    /// JIT-compiled function: the same bits.
+    /// [`Builder::bf16_bits`] in vectors of 16 and one at a time, and by
+    /// [`Builder::rounded_to_bf16`] (its high halves), in one JIT-compiled
+    /// function: the same bits.
     #[test]
     fn bf16_bits_match_truncf() {
         let mut xs: Vec<f32> = [
@@ -110,11 +137,13 @@ mod tests {
         }
         let text = module();
         for chunk in xs.chunks(LANES) {
-            let out = crate::lower::cpu::run_in_out_test(&text, "round", chunk, 3 * LANES);
+            let out = crate::lower::cpu::run_in_out_test(&text, "round", chunk, 4 * LANES);
             for (l, x) in chunk.iter().enumerate() {
                 let (want, vector, scalar) = (out[l], out[LANES + l], out[2 * LANES + l]);
                 assert_eq!(vector, want, "vector: {:#010x} -> {vector:#06x}, truncf {want:#06x}", x.to_bits());
                 assert_eq!(scalar, want, "scalar: {:#010x} -> {scalar:#06x}, truncf {want:#06x}", x.to_bits());
+                let widened = out[3 * LANES + l];
+                assert_eq!(widened, want, "widened: {:#010x} -> {widened:#06x}, truncf {want:#06x}", x.to_bits());
             }
         }
     }
@@ -123,7 +152,8 @@ mod tests {
 
     /// `round(%in, %out)`: 16 f32 from `in`; to `out`, as 16-bit lanes,
     /// `arith.truncf`'s bits, then [`Builder::bf16_bits`]'s in a vector,
-    /// then one lane at a time.
+    /// then one lane at a time, then [`Builder::rounded_to_bf16`]'s high
+    /// halves.
     fn module() -> String {
         let mut b = Builder::new(&[]);
         let vty = format!("vector<{LANES}xf32>");
@@ -141,6 +171,15 @@ mod tests {
             let p = b.op(&format!("llvm.getelementptr %out[{}] : (!llvm.ptr) -> !llvm.ptr, i16", 2 * LANES + l));
             b.line(&format!("llvm.store {h}, {p} : i16, !llvm.ptr"));
         }
+        // Rounded and widened back: its high halves.
+        let ity = format!("vector<{LANES}xi32>");
+        let r = b.rounded_to_bf16(&x, Some(LANES));
+        let r = b.op(&format!("arith.bitcast {r} : {vty} to {ity}"));
+        let sixteen = b.hoist(&format!("arith.constant dense<16> : {ity}"));
+        let r = b.op(&format!("arith.shrui {r}, {sixteen} : {ity}"));
+        let r = b.op(&format!("arith.trunci {r} : {ity} to {hty}"));
+        let p = b.op(&format!("llvm.getelementptr %out[{}] : (!llvm.ptr) -> !llvm.ptr, i16", 3 * LANES));
+        b.line(&format!("llvm.store {r}, {p} {{alignment = 2 : i64}} : {hty}, !llvm.ptr"));
         let (hoist, body) = b.finish();
         format!(
             "module {{\n  func.func @round(%in: !llvm.ptr, %out: !llvm.ptr) attributes {{llvm.emit_c_interface}} {{\n{hoist}{body}    return\n  }}\n}}\n"

@@ -187,14 +187,17 @@ impl Kc<'_> {
     /// other parts' `exp`s (kept over their buffers, then scaled, as an
     /// in-place softmax does), and the context output, the items' outputs
     /// weighed the same way and divided by the sum, written into the
-    /// fused `w·V`'s buffer. `sizes` are the softmax's.
+    /// fused `w·V`'s buffer. `sizes` and `dtype` are the softmax's (its
+    /// parts'): in f16 / bf16 the other parts' `exp`s are not kept (their
+    /// buffers are narrower than f32) but computed again in the last
+    /// pass, as a softmax too long for its row on the stack does.
     fn softmax_merge(
         &mut self,
         x: Value,
         (at, axis): (&mut [String], usize),
         (segments, parts): (&[Poly], &[Part]),
         fused: &crate::lower::FusedPlan,
-        sizes: &[String],
+        (sizes, dtype): (&[String], DType),
     ) -> Result<(), LowerError> {
         let node = self.kernel.to_owned();
         let unsupported = |message: &str| LowerError::Unsupported { node: node.clone(), message: message.into() };
@@ -235,7 +238,8 @@ impl Kc<'_> {
         self.b.close_for(&next, Ty::F32);
         let max = self.b.fbin("maximumf", &max_rest, &max_items);
         let masked = self.b.op(&format!("arith.cmpf oeq, {max}, {ninf} : f32"));
-        let sum_rest = self.softmax_sum(x, at, axis, rest, &max, Some(Keep::Parts(parts)))?;
+        let keep = (dtype == DType::F32).then_some(Keep::Parts(parts));
+        let sum_rest = self.softmax_sum(x, at, axis, rest, &max, keep)?;
         // Each item's weight `exp(m_item - max)` (0 in a fully masked
         // row), kept for the outputs, and its sum times it.
         let weights = self.b.stack_f32("merge_weights", fused.items as usize, None);
@@ -254,9 +258,20 @@ impl Kc<'_> {
         let next = self.b.fbin("addf", &acc, &p);
         self.b.close_for(&next, Ty::F32);
         let sum = self.b.fbin("addf", &sum_rest, &sum_items);
-        let len = sizes[axis].clone();
-        let out = (pptr.as_str(), sizes, DType::F32);
-        self.softmax_scale(&[max.clone(), sum.clone()], (&len, rest), at, axis, Keep::Parts(parts), out, None)?;
+        let stats = [max.clone(), sum.clone()];
+        if dtype == DType::F32 {
+            let len = sizes[axis].clone();
+            let out = (pptr.as_str(), sizes, DType::F32);
+            self.softmax_scale(&stats, (&len, rest), at, axis, Keep::Parts(parts), out, None)?;
+        } else {
+            self.row_each(rest, |kc, l| {
+                at[axis] = l.to_owned();
+                let v = kc.softmax_elem(x, &stats, at)?;
+                let (ptr, off) = kc.part_offset(parts, at, axis)?;
+                kc.b.store(&ptr, &off, dtype, v);
+                Ok(())
+            })?;
+        }
         // The context output: the items' outputs weighed, over the sum.
         let one_f = self.b.f32(1.0);
         let inv = self.b.fbin("divf", &one_f, &sum);
@@ -273,7 +288,8 @@ impl Kc<'_> {
         self.b.close_for(&next, Ty::F32);
         let v = self.b.fbin("mulf", &total, &inv);
         let off = self.b.addi(&out_base, &e);
-        self.b.store(&cptr, &off, DType::F32, Val::f32(v));
+        let context = self.program.buffers.get(fused.context).map_or(DType::F32, |b| b.dtype);
+        self.b.store(&cptr, &off, context, Val::f32(v));
         self.b.close();
         Ok(())
     }
@@ -488,7 +504,10 @@ impl Kc<'_> {
                     // The fused context attention's partials stand for
                     // the first part (`lower::fused_attention`).
                     let parts = self.in_place_parts(j)?.unwrap_or_default();
-                    return self.softmax_merge(x, (&mut at, axis), (&segments, &parts), &fused, out_sizes);
+                    // Its parts are of the softmax's dtype; the kernel
+                    // writes the w·V's buffer.
+                    let dtype = self.graph.nodes[j].dtype;
+                    return self.softmax_merge(x, (&mut at, axis), (&segments, &parts), &fused, (out_sizes, dtype));
                 }
                 let max = self.softmax_max(x, &mut at, axis, &segments)?;
                 let out = (out_ptr, out_sizes, out_dtype);

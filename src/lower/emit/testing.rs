@@ -73,6 +73,26 @@ pub(crate) fn point(dims: &[(&str, i64)]) -> BTreeMap<String, i64> {
     dims.iter().map(|(d, v)| (d.to_string(), *v)).collect()
 }
 
+/// Random inputs of `graph` at `point` (`seed`), each float one as bf16
+/// holds it (rounded to bf16 and back): the interpreter then computes on
+/// the values a bf16 step reads, and the two differ by the step's
+/// roundings and orders of summing alone.
+pub(crate) fn bf16_held_inputs(
+    graph: &Graph,
+    point: &BTreeMap<String, i64>,
+    seed: u64,
+) -> std::collections::HashMap<String, crate::interp::Tensor> {
+    let bf16 = crate::ir::DType::BF16;
+    let mut inputs = crate::interp::random_inputs(graph, point, seed).unwrap_or_else(|e| panic!("{e}"));
+    for input in graph.inputs.iter().filter(|i| i.dtype.is_float()) {
+        if let Some(t) = inputs.get_mut(&input.name) {
+            let bytes = bf16.encode(&t.data).unwrap_or_else(|e| panic!("{}: {e}", input.name));
+            t.data = bf16.decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", input.name));
+        }
+    }
+    inputs
+}
+
 /// Output `name` of `step` at `point` on random inputs (`seed`) against
 /// the interpreter's: the same shape, each element within
 /// `abs + rel · |want|`.

@@ -88,17 +88,10 @@ impl Kc<'_> {
     /// read as vectors through views that are not a concat (whose parts
     /// the sum would split at). `None` otherwise.
     pub(crate) fn widened_rows(&self, j: usize) -> Option<WidenedRows> {
-        if self.bf16_dot || !self.narrow || self.simd != 16 {
+        if self.bf16_dot || !self.narrow {
             return None;
         }
-        let (spec, inputs) = self.contraction_spec(j)?;
-        let node = self.graph.nodes.get(j)?;
-        let x = *spec.output.last()?;
-        let n = self.graph.dims.normalize(node.shape.last()?).ok()?.as_constant()?;
-        if n % 16 != 0 || spec.inputs.len() != 2 || inputs.len() != 2 || !node.dtype.is_float() {
-            return None;
-        }
-        let reduced = self.reduced(&spec, &inputs);
+        let (spec, inputs, x, reduced) = self.lanes16_candidate(j)?;
         let [(sum, _)] = reduced.as_slice() else { return None };
         let lane = spec.inputs.iter().position(|s| s.contains(&x))?;
         let row = 1 - lane;
@@ -144,12 +137,7 @@ impl Kc<'_> {
         idxs: &[Vec<String>],
         (ahead, part): (Option<&LinesAhead>, Option<&SumPart>),
     ) -> Result<Vec<String>, LowerError> {
-        let Some((spec, inputs)) = self.contraction_spec(j) else {
-            return Err(self.unsupported(j, "widened rows of a non-einsum"));
-        };
-        let position = spec.inputs[wr.row].iter().position(|c| *c == wr.sum).unwrap_or(0);
-        let len = self.graph.shape_of(inputs[wr.row]).get(position).cloned();
-        let len = len.ok_or_else(|| self.unsupported(j, "widened rows without the sum's length"))?;
+        let (spec, inputs, len) = self.pair_sum(j, wr.sum, wr.row)?;
         let len = self.sizes(std::slice::from_ref(&len))?.remove(0);
         let vty = "vector<16xf32>";
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
@@ -312,7 +300,6 @@ mod tests {
     use std::collections::HashMap;
 
     use crate::interp::Tensor;
-    use crate::ir::DType;
 
     /// A bf16 projection from panels (`x @ Wᵀ`, more inputs than a stretch
     /// and not a multiple of 16: a stretch's last elements widened one at
@@ -368,16 +355,11 @@ mod tests {
         let slots = |text: &str| text.split("func.func").filter(|f| f.contains("llvm.alloca")).count();
         assert_eq!(slots(&narrow_text), 3, "rows widened into a slot in each sum:\n{narrow_text}");
         assert_eq!(slots(&wide_text), 0, "single steps in wide tiles:\n{wide_text}");
-        let bf16 = DType::BF16;
         for (b, m) in [(1, 1), (3, 7), (6, 64), (7, 33), (13, 1025), (32, 3000)] {
             let at = crate::lower::emit::testing::point(&[("b", b), ("m", m)]);
             // The inputs as bf16 holds them, so the interpreter multiplies
             // the same values: the outputs differ by their bf16 rounding.
-            let mut inputs = crate::interp::random_inputs(&graph, &at, 17).unwrap_or_else(|e| panic!("{e}"));
-            for t in inputs.values_mut() {
-                let bytes = bf16.encode(&t.data).unwrap_or_else(|e| panic!("{e}"));
-                t.data = bf16.decode(&bytes).unwrap_or_else(|e| panic!("{e}"));
-            }
+            let inputs = crate::lower::emit::testing::bf16_held_inputs(&graph, &at, 17);
             let want = crate::interp::run(&graph, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
             let run = |step: &crate::lower::CpuStep| -> HashMap<String, Tensor> {
                 step.run(&at, &inputs).unwrap_or_else(|e| panic!("b = {b}, m = {m}: {e}"))
