@@ -412,22 +412,17 @@ impl Kc<'_> {
             let pv = self.b.load_vector(&es, &off, n, DType::F32);
             let at = self.b.addi(&p0, &c);
             let zc = self.b.op(&format!("arith.minui {at}, {last_z} : index"));
-            let row = match &v_slot {
-                Some(_) => {
-                    let c_e = self.b.index(e_len as i64);
-                    Some(self.b.muli(&c, &c_e))
-                }
-                None => None,
-            };
+            // V's row of the block in its slot.
+            let v_row = v_slot.as_ref().map(|slot| (slot.clone(), self.b.muli(&c, &c_e)));
             let mut nexts = Vec::with_capacity(count);
             for (k, acc) in (first..).zip(&accs) {
                 let ek = self.b.index(k as i64);
-                let x = match (&v_slot, &row) {
-                    (Some(slot), Some(row)) => {
+                let x = match &v_row {
+                    Some((slot, row)) => {
                         let at = self.b.addi(row, &ek);
                         self.b.load(slot, &at, DType::F32).ssa
                     }
-                    _ => {
+                    None => {
                         let env = [(g2, gi.to_owned()), (z2, zc.clone()), (e, ek)];
                         let at = self.operand_index(wv, &it.kv[1].1, &env)?;
                         self.loadf(v, &at)?
@@ -479,9 +474,8 @@ impl Kc<'_> {
     /// The block of K or V (`operand`, read by `node` as `subs`, letters
     /// `g, z, h`: head, position, element) from position `p0` of KV head
     /// `gi`, each position past the context's last (`last_z`) read at it,
-    /// widened to f32 into `slot` (`[BLOCK][len]`): 16 elements a vector,
-    /// the rest one at a time.
-    #[allow(clippy::too_many_arguments)]
+    /// widened to f32 into `slot` (`[BLOCK][len]`), a row at a time
+    /// (`Kc::widen_run`).
     fn widen_kv_block(
         &mut self,
         (operand, node, subs): (Value, usize, &[char]),
@@ -496,23 +490,8 @@ impl Kc<'_> {
         let zc = self.b.op(&format!("arith.minui {at}, {last_z} : index"));
         let c_len = self.b.index(len);
         let row = self.b.muli(&c, &c_len);
-        let whole = len / 16 * 16;
-        for first in (0..len).step_by(16) {
-            let lanes = if first < whole { 16 } else { 1 };
-            for e in (first..first + 16).take_while(|&e| e < len).step_by(lanes) {
-                let ei = self.b.index(e);
-                let env = [(g, gi.to_owned()), (z, zc.clone()), (h, ei.clone())];
-                let at = self.operand_index(node, subs, &env)?;
-                let to = self.b.addi(&row, &ei);
-                if lanes == 16 {
-                    let x = self.load_vector_view(operand, &at, 16)?;
-                    self.b.store_vector(slot, &to, &x, 16, DType::F32);
-                } else {
-                    let x = self.loadf(operand, &at)?;
-                    self.b.store(slot, &to, DType::F32, Val::f32(x));
-                }
-            }
-        }
+        let (c0, env) = (self.b.index(0), [(g, gi.to_owned()), (z, zc)]);
+        self.widen_run((node, subs, operand, h), &env, (&c0, &c_len), (slot, &row))?;
         self.b.close();
         Ok(())
     }

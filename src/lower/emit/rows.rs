@@ -210,6 +210,9 @@ impl Kc<'_> {
         let width = width.filter(|w| *w > 2).ok_or_else(|| unsupported("partials of no constant head"))?;
         let e_len = width - 2;
         let (pptr, cptr) = (self.ptr(fused.partials)?, self.ptr(fused.context)?);
+        // The w·V's dtype (f32 in a bifurcated graph, whose w·V parts are
+        // summed in f32).
+        let context = self.program.buffers.get(fused.context).ok_or_else(|| unsupported("no context buffer"))?.dtype;
         // The row: its index among the softmax's rows.
         let mut row_sizes = sizes.to_vec();
         row_sizes[axis] = self.b.index(1);
@@ -264,13 +267,7 @@ impl Kc<'_> {
             let out = (pptr.as_str(), sizes, DType::F32);
             self.softmax_scale(&stats, (&len, rest), at, axis, Keep::Parts(parts), out, None)?;
         } else {
-            self.row_each(rest, |kc, l| {
-                at[axis] = l.to_owned();
-                let v = kc.softmax_elem(x, &stats, at)?;
-                let (ptr, off) = kc.part_offset(parts, at, axis)?;
-                kc.b.store(&ptr, &off, dtype, v);
-                Ok(())
-            })?;
+            self.softmax_each(x, &stats, rest, (at, axis), (pptr.as_str(), sizes, dtype), Some(parts))?;
         }
         // The context output: the items' outputs weighed, over the sum.
         let one_f = self.b.f32(1.0);
@@ -288,7 +285,6 @@ impl Kc<'_> {
         self.b.close_for(&next, Ty::F32);
         let v = self.b.fbin("mulf", &total, &inv);
         let off = self.b.addi(&out_base, &e);
-        let context = self.program.buffers.get(fused.context).map_or(DType::F32, |b| b.dtype);
         self.b.store(&cptr, &off, context, Val::f32(v));
         self.b.close();
         Ok(())
@@ -350,10 +346,25 @@ impl Kc<'_> {
         over: Option<&[Part]>,
     ) -> Result<(), LowerError> {
         let sum = self.softmax_sum(x, at, axis, segments, &max, None)?;
-        let stats = [max, sum];
+        self.softmax_each(x, &[max, sum], segments, (at, axis), (ptr, sizes, dtype), over)
+    }
+
+    /// The last softmax pass without kept `e`s: each element's value
+    /// computed again from the row's `stats` (max, sum) and stored at its
+    /// row-major offset in `out`, or `over` the parts of a softmax planned
+    /// in place, as `dtype`.
+    fn softmax_each(
+        &mut self,
+        x: Value,
+        stats: &[String; 2],
+        segments: &[Poly],
+        (at, axis): (&mut [String], usize),
+        (ptr, sizes, dtype): (&str, &[String], DType),
+        over: Option<&[Part]>,
+    ) -> Result<(), LowerError> {
         self.row_each(segments, |kc, l| {
             at[axis] = l.to_owned();
-            let v = kc.softmax_elem(x, &stats, at)?;
+            let v = kc.softmax_elem(x, stats, at)?;
             let (ptr, off) = match over {
                 Some(parts) => kc.part_offset(parts, at, axis)?,
                 None => (ptr.to_owned(), kc.b.linearize(at, sizes)),

@@ -261,9 +261,8 @@ impl Kc<'_> {
 
     /// Elements `start..end` of the row operand (`subs`, `v`, summed along
     /// `sum`) at each of `rows` (an env each, without the sum) widened
-    /// into `slot`, row `k` from element `k · STRETCH`: 16 a vector (from
-    /// a multiple of 16 past `start`, each vector read through the views),
-    /// the rest one at a time.
+    /// into `slot`, row `k` from element `k · STRETCH` (see
+    /// [`Kc::widen_run`]).
     fn widen_stretch(
         &mut self,
         j: usize,
@@ -272,30 +271,47 @@ impl Kc<'_> {
         slot: &str,
         (start, end): (&str, &str),
     ) -> Result<(), LowerError> {
-        let sixteen = self.b.index(16);
         let count = self.b.subi(end, start);
+        for (k, env) in rows.iter().enumerate() {
+            let base = self.b.index((k * STRETCH) as i64);
+            self.widen_run((j, subs, v, sum), env, (start, &count), (slot, &base))?;
+        }
+        Ok(())
+    }
+
+    /// `count` elements of operand `v` (read by node `j` as `subs`) from
+    /// index `start` of letter `sum`, the other letters as `env` binds
+    /// them, widened to f32 into `slot` from element `base`: 16 a vector
+    /// (from a multiple of 16 past `start`, each vector read through the
+    /// views), the rest one at a time. The fused attention widens its
+    /// blocks of K and V rows so too (`emit::fused`).
+    pub(super) fn widen_run(
+        &mut self,
+        (j, subs, v, sum): (usize, &[char], Value, char),
+        env: &[(char, String)],
+        (start, count): (&str, &str),
+        (slot, base): (&str, &str),
+    ) -> Result<(), LowerError> {
+        let sixteen = self.b.index(16);
         let vectors = self.b.op(&format!("arith.divui {count}, {sixteen} : index"));
         let whole = self.b.muli(&vectors, &sixteen);
         let one = self.b.index(1);
-        for (k, env) in rows.iter().enumerate() {
-            let base = self.b.index((k * STRETCH) as i64);
-            let element = |kc: &mut Self, e: &str| -> Result<(Vec<String>, String), LowerError> {
-                let mut env = env.clone();
-                env.push((sum, kc.b.addi(start, e)));
-                Ok((kc.operand_index(j, subs, &env)?, kc.b.addi(&base, e)))
-            };
-            let i = self.b.open_loop(&vectors);
-            let e = self.b.muli(&i, &sixteen);
-            let (from, to) = element(self, &e)?;
-            let x = self.load_vector_view(v, &from, 16)?;
-            self.b.store_vector(slot, &to, &x, 16, DType::F32);
-            self.b.close();
-            let e = self.b.open_loop_from(&whole, &count, &one);
-            let (from, to) = element(self, &e)?;
-            let x = self.loadf(v, &from)?;
-            self.b.store(slot, &to, DType::F32, super::builder::Val::f32(x));
-            self.b.close();
-        }
+        let element = |kc: &mut Self, e: &str| -> Result<(Vec<String>, String), LowerError> {
+            let mut env = env.to_vec();
+            env.push((sum, kc.b.addi(start, e)));
+            Ok((kc.operand_index(j, subs, &env)?, kc.b.addi(base, e)))
+        };
+        let i = self.b.open_loop(&vectors);
+        let e = self.b.muli(&i, &sixteen);
+        let (from, to) = element(self, &e)?;
+        let x = self.load_vector_view(v, &from, 16)?;
+        self.b.store_vector(slot, &to, &x, 16, DType::F32);
+        self.b.close();
+        let e = self.b.open_loop_from(&whole, count, &one);
+        let (from, to) = element(self, &e)?;
+        let x = self.loadf(v, &from)?;
+        self.b.store(slot, &to, DType::F32, super::builder::Val::f32(x));
+        self.b.close();
         Ok(())
     }
 }
