@@ -360,30 +360,24 @@ impl Kc<'_> {
 
     /// The large operand's 16 rows from `start` along the output's last
     /// axis (at output index `idx`), widened to f32 into a stack slot
-    /// `[row][summed letter]`: a vector load and store per 16 elements,
-    /// once per block.
+    /// `[row][summed letter]` (`Kc::widen_run`: a vector load and store
+    /// per 16 elements), once per block.
     fn widen_block(&mut self, j: usize, t: &RowsInLanes, idx: &[String], start: &str) -> Result<String, LowerError> {
         let (n, len) = (CPU_SIMD, t.sum.1);
         let slot = self.b.stack_f32("rows_in_lanes_k", n * len as usize, None);
         let (v, k) = t.large;
-        let Some(b) = self.stored(v) else { return Err(self.unsupported(j, "a widened operand that is not stored")) };
+        if self.stored(v).is_none() {
+            return Err(self.unsupported(j, "a widened operand that is not stored"));
+        }
         let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(idx.iter().cloned()).collect();
-        env.push((t.sum.0, String::new()));
         let zl = *t.spec.output.last().ok_or_else(|| self.unsupported(j, "an einsum without outputs"))?;
         let rows = self.b.index(n as i64);
         let c = self.b.open_loop(&rows);
         let z = self.b.addi(start, &c);
         set(&mut env, zl, &z);
-        for part in 0..len / n as i64 {
-            let d = self.b.index(part * n as i64);
-            set(&mut env, t.sum.0, &d);
-            let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
-            let x = self.load_vector(b, &at, n)?;
-            let width = self.b.index(len);
-            let off = self.b.muli(&c, &width);
-            let off = self.b.addi(&off, &d);
-            self.b.store_vector(&slot, &off, &x, n, DType::F32);
-        }
+        let (c0, width) = (self.b.index(0), self.b.index(len));
+        let row = self.b.muli(&c, &width);
+        self.widen_run((j, &t.spec.inputs[k], v, t.sum.0), &env, (&c0, &width), (&slot, &row))?;
         self.b.close();
         Ok(slot)
     }

@@ -284,7 +284,8 @@ impl Kc<'_> {
     /// them, widened to f32 into `slot` from element `base`: 16 a vector
     /// (from a multiple of 16 past `start`, each vector read through the
     /// views), the rest one at a time. The fused attention widens its
-    /// blocks of K and V rows so too (`emit::fused`).
+    /// blocks of K and V rows so too (`emit::fused`), and the
+    /// rows-in-lanes q·K its blocks of a bf16 cache (`emit::rows_in_lanes`).
     pub(super) fn widen_run(
         &mut self,
         (j, subs, v, sum): (usize, &[char], Value, char),
