@@ -45,9 +45,10 @@
 //! kernels, not the same bits.
 //!
 //! A bf16 attention is fused only where [`FUSED_ATTENTION_ENV`] says
-//! `on` (and the tiles are narrow: `emit::registers`, no AVX-512, so no
-//! `vdpbf16ps` and no AMX, whose three kernels have not been timed
-//! against it). The kernel widens each block's K and V rows into f32
+//! `on`, and where the CPU step widens bf16 to f32 anyway: narrow tiles
+//! (`emit::registers`, no AVX-512), or no `vdpbf16ps` and no AMX
+//! (`emit::pair_dot`, `emit::amx`), whose three kernels have not been
+//! timed against it. The kernel widens each block's K and V rows into f32
 //! slots on the stack, 16 elements a vector, and its passes read them
 //! from there as they read f32 K and V (`emit::fused`); the scores are
 //! rounded to bf16 as the three kernels store them, and the online
@@ -170,12 +171,20 @@ fn rows_then(spec: &EinsumSpec, s: char, o: char) -> Option<&[char]> {
     ok.then_some(rows)
 }
 
+/// Whether the CPU step's kernels widen bf16 to f32 where they read it:
+/// narrow tiles, or no `vdpbf16ps` and no AMX (`emit::pair_dot`,
+/// `emit::amx`). A fused bf16 attention widens its K and V so too.
+fn widens_bf16() -> bool {
+    use super::emit::{amx_choice, bf16_dot_choice, narrow_tiles_choice};
+    narrow_tiles_choice().unwrap_or(false) || !(bf16_dot_choice().unwrap_or(true) || amx_choice().unwrap_or(true))
+}
+
 fn fusion(graph: &Graph, kinds: &[NodeKind], users: &[Vec<usize>], f: &Found, bf16: bool) -> Option<Fusion> {
     let softmax = &graph.nodes[f.softmax];
-    // All in f32, or all in bf16 where asked and the tiles are narrow
-    // (see the module docs).
+    // All in f32, or all in bf16 where asked and the tiles are narrow or
+    // the CPU has no bf16 instruction (see the module docs).
     let dtype = softmax.dtype;
-    let bf16 = bf16 && dtype == DType::BF16 && super::emit::narrow_tiles_choice().unwrap_or(false);
+    let bf16 = bf16 && dtype == DType::BF16 && widens_bf16();
     if !(dtype == DType::F32 || bf16) || f.parts.len() < 2 {
         return None;
     }
@@ -349,15 +358,22 @@ mod tests {
             assert!(off.in_place.iter().all(|x| x.fused.is_none()));
             assert!(off.kernels.iter().any(|k| k.node == "o1") && off.kernels.iter().all(|k| k.op != FUSED_OP));
         }
-        // bf16 only fused at every point (`on`) and with narrow tiles (a
-        // CPU without AVX-512: see the module docs).
+        // bf16 only fused at every point (`on`), and with narrow tiles (a
+        // CPU without AVX-512) or without the CPU's bf16 dot product (see
+        // the module docs).
         let half = graph(&attention_in("bf16"));
-        for narrow in [false, true] {
-            for (min_rows, fuses) in [(0, narrow), (FUSED_MIN_ROWS, false)] {
-                let p = crate::lower::emit::with_narrow_tiles(narrow, || plan_cpu_fusing(&half, Some(min_rows)));
+        let dot = crate::lower::emit::host_has_bf16_dot();
+        for (narrow, with_dot) in [(false, false), (false, true), (true, false), (true, true)] {
+            let widens = narrow || !(with_dot && dot);
+            for (min_rows, fuses) in [(0, widens), (FUSED_MIN_ROWS, false)] {
+                let p = crate::lower::emit::with_narrow_tiles(narrow, || {
+                    crate::lower::emit::with_amx(false, || {
+                        crate::lower::emit::with_bf16_dot(with_dot, || plan_cpu_fusing(&half, Some(min_rows)))
+                    })
+                });
                 let p = p.unwrap_or_else(|e| panic!("{e}"));
                 let fused = p.kernels.iter().any(|k| k.op == FUSED_OP);
-                assert_eq!(fused, fuses, "narrow tiles: {narrow}, from {min_rows} rows");
+                assert_eq!(fused, fuses, "narrow tiles: {narrow}, bf16 dot: {with_dot}, from {min_rows} rows");
                 assert_eq!(p.in_place.len(), 1);
             }
         }
@@ -444,7 +460,8 @@ mod tests {
             }
         }
     }
-    /// In bf16 with narrow tiles, fused: K and V widened a block at a time
+    /// In bf16 without the bf16 dot product (narrow tiles and wide), fused:
+    /// K and V widened a block at a time
     /// into f32 slots, the scores rounded to bf16, the online softmax in
     /// f32 (where the three kernels round the probabilities to bf16 in
     /// memory), the decode parts' probabilities and the context output
@@ -468,14 +485,18 @@ mod tests {
             (f32_sums, &[("d", 3)]),
             (grouped_attention("bf16"), &[]),
         ];
-        for (doc, extra) in cases {
-            let g = graph(&doc);
-            let (step, three, text) = crate::lower::emit::with_narrow_tiles(true, || {
-                let step = CpuStep::compile_program(&g, fused(&g, true)).unwrap_or_else(|e| panic!("{e}"));
-                let three = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));
-                let text =
-                    crate::lower::emit(&g, step.program(), crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
-                (step, three, text)
+        for ((doc, extra), narrow) in cases.iter().flat_map(|case| [(case, true), (case, false)]) {
+            let g = graph(doc);
+            let (step, three, text) = crate::lower::emit::with_narrow_tiles(narrow, || {
+                crate::lower::emit::with_amx(false, || {
+                    crate::lower::emit::with_bf16_dot(false, || {
+                        let step = CpuStep::compile_program(&g, fused(&g, true)).unwrap_or_else(|e| panic!("{e}"));
+                        let three = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));
+                        let text = crate::lower::emit(&g, step.program(), crate::lower::Target::Cpu)
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        (step, three, text)
+                    })
+                })
             });
             let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
             // The tiles' five slots for each of three widths of tile, and
@@ -506,7 +527,8 @@ mod tests {
                     }
                 }
             }
-            assert!(err_fused <= err_three, "fused {err_fused:e} against the three kernels' {err_three:e}");
+            let what = format!("narrow tiles: {narrow}");
+            assert!(err_fused <= err_three, "{what}: fused {err_fused:e} against the three kernels' {err_three:e}");
         }
     }
 }

@@ -72,6 +72,10 @@ pub(crate) struct Builder {
     cache: HashMap<String, String>,
     /// Value of every `index` constant, by SSA name.
     known: HashMap<String, i64>,
+    /// Every sum of an `index` and a constant ([`Builder::addi`]): the
+    /// value it was added to (itself no such sum) and the constant, by
+    /// SSA name.
+    offsets: HashMap<String, (String, i64)>,
     /// Index-typed SSA name of every runtime dim, by name.
     dims: Vec<(String, String)>,
     /// Whether the body stores past the caches
@@ -94,6 +98,7 @@ impl Builder {
             next: 0,
             cache: HashMap::new(),
             known: HashMap::new(),
+            offsets: HashMap::new(),
             dims: Vec::new(),
             streamed: false,
             bf16_in_ints: false,
@@ -563,7 +568,24 @@ impl Builder {
 
     /// Index arithmetic helpers (body).
     pub(crate) fn addi(&mut self, a: &str, b: &str) -> String {
-        self.op(&format!("arith.addi {a}, {b} : index"))
+        let v = self.op(&format!("arith.addi {a}, {b} : index"));
+        let (from, c) = match (self.known(a), self.known(b)) {
+            (_, Some(c)) => (a, c),
+            (Some(c), None) => (b, c),
+            (None, None) => return v,
+        };
+        let (root, off) = self.offsets.get(from).cloned().unwrap_or_else(|| (from.to_owned(), 0));
+        self.offsets.insert(v.clone(), (root, off + c));
+        v
+    }
+
+    /// `b - a` where both are the same `index` value plus constants
+    /// ([`Builder::addi`]): what the emitters know of two indices
+    /// without running them. `None` where it is not known.
+    pub(crate) fn offset_between(&self, a: &str, b: &str) -> Option<i64> {
+        let of = |v: &str| self.offsets.get(v).cloned().unwrap_or_else(|| (v.to_owned(), 0));
+        let ((ra, oa), (rb, ob)) = (of(a), of(b));
+        (ra == rb).then_some(ob - oa)
     }
 
     pub(crate) fn subi(&mut self, a: &str, b: &str) -> String {
@@ -695,5 +717,31 @@ impl Builder {
             self.line("llvm.fence seq_cst");
         }
         (self.hoist, self.body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Builder;
+
+    /// Sums of an index and constants are known apart by their difference
+    /// (whichever side the constant is on, through chains of sums), other
+    /// values not.
+    #[test]
+    fn offsets_between_sums_of_constants() {
+        let mut b = Builder::new(&[]);
+        let (x, y) = (b.op("arith.constant 7 : index"), b.op("arith.constant 9 : index"));
+        let (c16, c32) = (b.index(16), b.index(32));
+        let x16 = b.addi(&x, &c16);
+        let x32 = b.addi(&c32, &x);
+        let x48 = b.addi(&x32, &c16);
+        assert_eq!(b.offset_between(&x, &x16), Some(16));
+        assert_eq!(b.offset_between(&x16, &x48), Some(32));
+        assert_eq!(b.offset_between(&x48, &x32), Some(-16));
+        assert_eq!(b.offset_between(&x, &x), Some(0));
+        let xy = b.addi(&x, &y);
+        assert_eq!(b.offset_between(&x, &xy), None);
+        let y16 = b.addi(&y, &c16);
+        assert_eq!(b.offset_between(&x16, &y16), None);
     }
 }

@@ -21,8 +21,8 @@
 //!   head elements (a broadcast element of V for an FMA per row vector);
 //! - per row its outputs, its max and its sum into the partials.
 //!
-//! bf16 K and V (`lower::fused_attention`: where the tiles are narrow)
-//! are widened a block at a time into f32 slots (`[32][head]`, 8 KiB
+//! bf16 K and V (`lower::fused_attention`: where the CPU step widens
+//! bf16, narrow tiles or no bf16 instruction) are widened a block at a time into f32 slots (`[32][head]`, 8 KiB
 //! each for heads of 64) before the tiles' passes, which then broadcast
 //! their elements from the slots as from f32 K and V (an element widened
 //! alone took a scalar load, a shift, a move to a vector register and a

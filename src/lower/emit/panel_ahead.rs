@@ -314,7 +314,10 @@ mod tests {
             let hint = "\"llvm.intr.prefetch\"";
             let paired = dtype == "bf16" && crate::lower::emit::host_has_bf16_dot();
             assert_eq!(text.contains(super::super::pair_dot::DPBF16PS), paired, "{what}: paired panels:\n{text}");
-            assert_eq!(loops[0].matches(hint).count(), 1, "{what}: a line a step:\n{text}");
+            // Without the dot product, bf16 rows are widened a stretch at
+            // a time: the steps' loop inside the stretch's.
+            let steps = loops[usize::from(dtype == "bf16" && !paired)..].first().copied().unwrap_or("");
+            assert_eq!(steps.matches(hint).count(), 1, "{what}: a line a step:\n{text}");
             let short = format!("-> ({}) {{", ["vector<16xf32>"; 4].join(", "));
             for rest in text.split(&short).skip(1) {
                 let body = rest.split("scf.yield").next().unwrap_or("");

@@ -4,12 +4,13 @@
 //! `..k,pkn->..pn`; `w · V`) broadcasts one element of its row operand
 //! (the input `x`, the probabilities) per row of the tile and step of the
 //! sum. Where that operand is bf16 and the CPU has no bf16 instruction
-//! of its own (narrow tiles, `emit::registers`: no AVX-512, so no
-//! `vdpbf16ps`, `emit::pair_dot`), each element was widened on its own: a
-//! scalar load, a shift, a move into a vector register and a broadcast,
-//! two of them on the vector pipes the FMAs need, for two FMAs. The bf16
-//! cpu_step model's MLP projections ran at 35% of the FMA peak on the
-//! Zen 3 VM, where their f32 twins ran at 90-100%.
+//! of its own (no `vdpbf16ps`, `emit::pair_dot`: narrow tiles,
+//! `emit::registers`, or an AVX-512 CPU without AVX512-BF16), each
+//! element was widened on its own: a scalar load, a shift, a move into a
+//! vector register and a broadcast, two of them on the vector pipes the
+//! FMAs need, for two FMAs (four in wide tiles). The bf16 cpu_step
+//! model's MLP projections ran at 35% of the FMA peak on the Zen 3 VM,
+//! where their f32 twins ran at 90-100%.
 //!
 //! Here ([`Kc::widened_rows`]) the sum runs in stretches of
 //! [`STRETCH`] steps: the tile's rows of the stretch are widened first,
@@ -49,6 +50,17 @@
 //! cpu_step's context `w · V` (both together, against neither) 7.8-8.0 ->
 //! 5.4-5.8 ms a layer on two threads.
 //!
+//! Wide tiles (AVX-512: 4 rows × 4 vectors of 16) split a row's two
+//! adjacent vectors together ([`Kc::split_bf16_32`]): one load of 16
+//! words, a shift and a mask for 32 elements, the pair's accumulators
+//! holding its even and its odd outputs (`split_bf16_16`'s halves would
+//! each take a move into the upper half of a 512-bit register). On a
+//! 2-core Emerald Rapids VM (AVX-512 without AVX512-BF16 or AMX: rows and
+//! split were narrow tiles' alone before; `scripts/projection-lab.sh
+//! --base REV PROJECTION 100 2 bf16`, against the build before, the
+//! same bits): the down projection 1.22x, gate 1.28x, o 1.20x; the bf16
+//! cpu_step at b = 32 on two threads (alternated runs): see README.
+//!
 //! Tried after them and not kept: the bf16 panels' next line column
 //! prefetched as f32's next stripe is (`Kc::stripe_ahead`, a bf16 line
 //! two stripes wide, each line fetched twice): 0.98x on the down and gate
@@ -66,9 +78,46 @@ use super::Kc;
 /// (`Kc::split_bf16_16`: the even elements, then the odd), and back.
 const EVEN_ODD: [usize; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15];
 const NATURAL: [usize; 16] = [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15];
+/// A pair of adjacent vectors' 32 lanes (`a`, then `b`) into the order
+/// of a split of 32 bf16 (`Kc::split_bf16_32`: the even elements in one
+/// vector, the odd in the other), and back into `a` and `b`.
+const EVENS: [usize; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
+const ODDS: [usize; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
+const FIRST: [usize; 16] = [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23];
+const SECOND: [usize; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31];
 
 /// Steps of the sum a stretch widens at a time: 6 rows of it in 24 KiB.
 pub(super) const STRETCH: usize = 1024;
+
+/// Where an accumulator of a tile of widened rows stands in the split of
+/// a bf16 lane operand ([`Kc::adjacent_pairs`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pair {
+    /// Split on its own, 16 elements (`Kc::split_bf16_16`).
+    Alone,
+    /// The first of two adjacent vectors split together, 32 elements
+    /// (`Kc::split_bf16_32`): its even ones.
+    First,
+    /// The second: the odd ones.
+    Second,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Whether this thread's kernels widen each row element on its own
+    /// (see [`with_widened_rows`]).
+    static FORCED_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the rows widened into a slot (`on`, as the CPU step
+/// chooses) or each element on its own (tests: the bits to match).
+#[cfg(test)]
+pub(crate) fn with_widened_rows<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = FORCED_OFF.with(|c| c.replace(!on));
+    let out = f();
+    FORCED_OFF.with(|c| c.set(before));
+    out
+}
 
 /// A contraction whose row operand is widened into a stack slot (see
 /// [`Kc::widened_rows`]): the summed letter and the operands' roles.
@@ -93,7 +142,11 @@ impl Kc<'_> {
     /// read as vectors through views that are not a concat (whose parts
     /// the sum would split at). `None` otherwise.
     pub(crate) fn widened_rows(&self, j: usize) -> Option<WidenedRows> {
-        if self.bf16_dot || !self.narrow {
+        #[cfg(test)]
+        if FORCED_OFF.with(std::cell::Cell::get) {
+            return None;
+        }
+        if self.bf16_dot {
             return None;
         }
         let (spec, inputs, x, reduced) = self.lanes16_candidate(j)?;
@@ -155,10 +208,15 @@ impl Kc<'_> {
             None => (vec![zero; idxs.len()], (self.b.index(0), len.clone())),
         };
         // A bf16 lane operand split into its even and odd elements (see
-        // `split_bf16_16`): the accumulators' lanes in that order, from
+        // `split_bf16_16`; in wide tiles a row's adjacent vectors in pairs,
+        // `split_bf16_32`): the accumulators' lanes in that order, from
         // the sums so far and back at the end.
         let split = self.graph.dtype_of(inputs[wr.lane]) == DType::BF16 && self.adjacent_last(inputs[wr.lane]);
-        let inits = if split { inits.iter().map(|v| self.lanes_shuffled(v, &EVEN_ODD)).collect() } else { inits };
+        let paired = match spec.output.last() {
+            Some(&x) if split && !self.narrow => self.adjacent_pairs(&envs, x),
+            _ => vec![Pair::Alone; envs.len()],
+        };
+        let inits = if split { self.split_order(&inits, &paired, (&EVEN_ODD, (&EVENS, &ODDS))) } else { inits };
         let stretch = self.b.index(STRETCH as i64);
         let (res, start, accs) = self.b.open_for_typed_from(&from, &to, &stretch, &inits, vty);
         let end = self.b.addi(&start, &stretch);
@@ -196,8 +254,9 @@ impl Kc<'_> {
         let e = self.b.subi(&l, &start);
         let mut broadcast: Vec<Option<String>> = vec![None; rows.len()];
         let mut lanes: Vec<(Vec<String>, String)> = Vec::new();
+        let mut odd: Option<String> = None;
         let mut nexts = Vec::with_capacity(accs.len());
-        for ((env, acc), &k) in envs.iter().zip(&accs).zip(&of_env) {
+        for (((env, acc), &k), pair) in envs.iter().zip(&accs).zip(&of_env).zip(&paired) {
             let x = match &broadcast[k] {
                 Some(x) => x.clone(),
                 None => {
@@ -215,11 +274,21 @@ impl Kc<'_> {
             let y = match lanes.iter().find(|(a, _)| *a == at) {
                 Some((_, y)) => y.clone(),
                 None => {
-                    let y = if split {
-                        let (ptr, off) = self.pair_address(inputs[wr.lane], &at)?;
-                        self.split_bf16_16(&ptr, &off)
-                    } else {
-                        self.load_vector_view(inputs[wr.lane], &at, 16)?
+                    let y = match (split, pair) {
+                        (true, Pair::First) => {
+                            let (ptr, off) = self.pair_address(inputs[wr.lane], &at)?;
+                            let (even, rest) = self.split_bf16_32(&ptr, &off);
+                            odd = Some(rest);
+                            even
+                        }
+                        (true, Pair::Second) => {
+                            odd.take().ok_or_else(|| self.unsupported(j, "a pair of vectors without its first"))?
+                        }
+                        (true, Pair::Alone) => {
+                            let (ptr, off) = self.pair_address(inputs[wr.lane], &at)?;
+                            self.split_bf16_16(&ptr, &off)
+                        }
+                        (false, _) => self.load_vector_view(inputs[wr.lane], &at, 16)?,
                     };
                     lanes.push((at, y.clone()));
                     y
@@ -230,7 +299,71 @@ impl Kc<'_> {
         }
         self.b.close_for_typed(&nexts, vty);
         self.b.close_for_typed(&next, vty);
-        Ok(if split { res.iter().map(|v| self.lanes_shuffled(v, &NATURAL)).collect() } else { res })
+        Ok(if split { self.split_order(&res, &paired, (&NATURAL, (&FIRST, &SECOND))) } else { res })
+    }
+
+    /// Which of `envs` (a tile's outputs, a vector of 16 along `x` each)
+    /// pair up for [`Kc::split_bf16_32`]: an env and the next, the same
+    /// but for `x`, 16 further along it (as the emitters built them:
+    /// `Builder::offset_between`).
+    fn adjacent_pairs(&self, envs: &[Vec<(char, String)>], x: char) -> Vec<Pair> {
+        let next_to = |a: &[(char, String)], b: &[(char, String)]| {
+            a.len() == b.len()
+                && a.iter().zip(b).all(|((ca, va), (cb, vb))| {
+                    ca == cb && if *ca == x { self.b.offset_between(va, vb) == Some(16) } else { va == vb }
+                })
+        };
+        let mut pairs = vec![Pair::Alone; envs.len()];
+        let mut k = 0;
+        while k + 1 < envs.len() {
+            if next_to(&envs[k], &envs[k + 1]) {
+                pairs[k] = Pair::First;
+                pairs[k + 1] = Pair::Second;
+                k += 2;
+            } else {
+                k += 1;
+            }
+        }
+        pairs
+    }
+
+    /// `vs` (accumulators, paired as `pairs` says) with their lanes taken
+    /// in `alone`'s order where alone, a pair's 32 in `first`'s and
+    /// `second`'s (see [`Kc::split_bf16_32`]).
+    fn split_order(
+        &mut self,
+        vs: &[String],
+        pairs: &[Pair],
+        (alone, (first, second)): (&[usize; 16], (&[usize; 16], &[usize; 16])),
+    ) -> Vec<String> {
+        let mut out = Vec::with_capacity(vs.len());
+        for (k, (v, pair)) in vs.iter().zip(pairs).enumerate() {
+            out.push(match pair {
+                Pair::Alone => self.lanes_shuffled(v, v, alone),
+                Pair::First => self.lanes_shuffled(v, &vs[k + 1], first),
+                Pair::Second => self.lanes_shuffled(&vs[k - 1], v, second),
+            });
+        }
+        out
+    }
+
+    /// The 32 bf16 from element `off` of `ptr` as two `vector<16xf32>`:
+    /// the even elements, then the odd (one load of 16 words of 32 bits,
+    /// each shifted left by 16 for the even, its high half masked for the
+    /// odd). With AVX-512's registers of 16 f32 that is one shift and a
+    /// mask for 32 elements, where `split_bf16_16`'s halves would each
+    /// take a move into the vector's upper half, and the plain widening
+    /// a shuffle and a shift each 16.
+    fn split_bf16_32(&mut self, ptr: &str, off: &str) -> (String, String) {
+        let p = self.b.element_ptr(ptr, off, "bf16");
+        let words = self.b.op(&format!("llvm.load {p} {{alignment = 2 : i64}} : !llvm.ptr -> vector<16xi32>"));
+        let sixteen = self.b.hoist("arith.constant dense<16> : vector<16xi32>");
+        let high = self.b.hoist("arith.constant dense<-65536> : vector<16xi32>");
+        let even = self.b.op(&format!("arith.shli {words}, {sixteen} : vector<16xi32>"));
+        let odd = self.b.op(&format!("arith.andi {words}, {high} : vector<16xi32>"));
+        let [even, odd] =
+            [even, odd].map(|v| self.b.op(&format!("arith.bitcast {v} : vector<16xi32> to vector<16xf32>")));
+        (even, odd)
     }
 
     /// The 16 bf16 from element `off` of `ptr` as a `vector<16xf32>` with
@@ -253,10 +386,10 @@ impl Kc<'_> {
         self.b.op(&format!("vector.shuffle {even}, {odd} [{}] : vector<8xf32>, vector<8xf32>", order.join(", ")))
     }
 
-    /// `v` (`vector<16xf32>`) with its lanes taken in `order`.
-    fn lanes_shuffled(&mut self, v: &str, order: &[usize; 16]) -> String {
+    /// The lanes of `a` then `b` (`vector<16xf32>` each) taken in `order`.
+    fn lanes_shuffled(&mut self, a: &str, b: &str, order: &[usize; 16]) -> String {
         let order: Vec<String> = order.iter().map(usize::to_string).collect();
-        self.b.op(&format!("vector.shuffle {v}, {v} [{}] : vector<16xf32>, vector<16xf32>", order.join(", ")))
+        self.b.op(&format!("vector.shuffle {a}, {b} [{}] : vector<16xf32>, vector<16xf32>", order.join(", ")))
     }
 
     /// Elements `start..end` of the row operand (`subs`, `v`, summed along
@@ -330,10 +463,12 @@ mod tests {
     /// `w · V` (the probabilities a slice from an odd
     /// offset, as the bifurcated attention's decode part reads them; V
     /// long enough at the largest m to run in chunks), without the bf16
-    /// dot product: in narrow tiles the rows are widened into the slot, in
-    /// wide tiles each element on its own. Both sum the same products in
-    /// the same order: the same bits; and the interpreter's values, at b
-    /// and m on either side of a tile and a stretch, odd and even.
+    /// dot product: the rows widened into the slot in narrow tiles (the
+    /// lane operand split 16 at a time) and in wide ones (a row's adjacent
+    /// vectors split together, 32 at a time), and each element widened on
+    /// its own in wide tiles. All three sum the same products in the same
+    /// order: the same bits; and the interpreter's values, at b and m on
+    /// either side of a tile and a stretch, odd and even.
     #[test]
     fn widened_rows_sum_as_single_steps() {
         let doc = serde_json::json!({
@@ -358,25 +493,33 @@ mod tests {
             "outputs": [{"name": "y", "node": "y"}, {"name": "o", "node": "o"}, {"name": "z", "node": "z"}]
         });
         let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
-        let compile = |narrow: bool| {
+        let compile = |narrow: bool, widened: bool| {
             crate::lower::emit::with_narrow_tiles(narrow, || {
                 crate::lower::emit::with_amx(false, || {
                     crate::lower::emit::with_bf16_dot(false, || {
-                        let step = crate::lower::CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-                        let text = crate::lower::emit::emit(step.graph(), step.program(), crate::lower::Target::Cpu)
-                            .unwrap_or_else(|e| panic!("{e}"));
-                        (step, text)
+                        super::with_widened_rows(widened, || {
+                            let step = crate::lower::CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+                            let text =
+                                crate::lower::emit::emit(step.graph(), step.program(), crate::lower::Target::Cpu)
+                                    .unwrap_or_else(|e| panic!("{e}"));
+                            (step, text)
+                        })
                     })
                 })
             })
         };
-        let (narrow, narrow_text) = compile(true);
-        let (wide, wide_text) = compile(false);
-        // The slot: in the three sums' kernels in narrow tiles, in none in
-        // wide ones.
+        let (narrow, narrow_text) = compile(true, true);
+        let (wide, wide_text) = compile(false, true);
+        let (single, single_text) = compile(false, false);
+        // The slot: in the three sums' kernels where the rows are
+        // widened, in none where each element is; 32 elements of the lane
+        // operand split at once only in wide tiles.
         let slots = |text: &str| text.split("func.func").filter(|f| f.contains("llvm.alloca")).count();
+        let pairs = |text: &str| text.split("func.func").filter(|f| f.contains("-> vector<16xi32>")).count();
         assert_eq!(slots(&narrow_text), 3, "rows widened into a slot in each sum:\n{narrow_text}");
-        assert_eq!(slots(&wide_text), 0, "single steps in wide tiles:\n{wide_text}");
+        assert_eq!(slots(&wide_text), 3, "rows widened into a slot in each sum:\n{wide_text}");
+        assert_eq!(slots(&single_text), 0, "single steps:\n{single_text}");
+        assert_eq!((pairs(&narrow_text), pairs(&wide_text)), (0, 3), "adjacent vectors split in pairs:\n{wide_text}");
         for (b, m) in [(1, 1), (3, 7), (6, 64), (7, 33), (13, 1025), (32, 3000)] {
             let at = crate::lower::emit::testing::point(&[("b", b), ("m", m)]);
             // The inputs as bf16 holds them, so the interpreter multiplies
@@ -386,16 +529,18 @@ mod tests {
             let run = |step: &crate::lower::CpuStep| -> HashMap<String, Tensor> {
                 step.run(&at, &inputs).unwrap_or_else(|e| panic!("b = {b}, m = {m}: {e}"))
             };
-            let (got, single) = (run(&narrow), run(&wide));
+            let (got, paired, single) = (run(&narrow), run(&wide), run(&single));
             for name in ["y", "o", "z"] {
                 let bits = |t: &Tensor| t.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got[name]), bits(&single[name]), "b = {b}, m = {m}: {name}, narrow against wide");
+                let what = format!("b = {b}, m = {m}: {name}");
+                assert_eq!(bits(&got[name]), bits(&single[name]), "{what}, narrow against single steps");
+                assert_eq!(bits(&paired[name]), bits(&single[name]), "{what}, wide against single steps");
                 assert_eq!(got[name].shape, want[name].shape);
                 // The bf16 output's rounding and the sums' order: within
                 // 1% of the largest output.
                 let top = want[name].data.iter().fold(0f32, |a, y| a.max(y.abs()));
                 for (i, (x, y)) in got[name].data.iter().zip(&want[name].data).enumerate() {
-                    let what = format!("b = {b}, m = {m}: {name} element {i}");
+                    let what = format!("{what} element {i}");
                     assert!((x - y).abs() <= 1e-2 * top, "{what}: {x} vs {y} (largest {top})");
                 }
             }
