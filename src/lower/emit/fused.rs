@@ -30,6 +30,22 @@
 //! prefetched a line a step of the first pass (a bf16 block's 32 rows of
 //! 64 are `head` lines), not two.
 //!
+//! A block inside its stretch (all but the stretch's last) runs its own
+//! copy of the scores' passes: no position clamped, no score masked, and
+//! a stored f32 K's rows of a pass read at constant offsets from the
+//! first row's address (each row's address computed from its clamped
+//! position before). On a 2-core Emerald Rapids VM (`scripts/fused-lab.sh
+//! --base REV 8192 60 THREADS`, against the kernel before, the same
+//! bits): 1.018-1.030x on two threads (three runs), 1.030x on one; the
+//! copy without the one address alone, 0.97x of it (no gain); narrow
+//! tiles (`BIFURC_CPU_NARROW_TILES=on` there) 1.003x. Tried there and not
+//! kept (ablations of the kernel in that lab: without its w·V it took
+//! two thirds of the time, without the scores' FMAs three quarters,
+//! without its `exp`s 0.93-0.95, without any of them a third, about the
+//! time to stream K and V, so the two barely overlap): the next blocks
+//! prefetched 2, 4 or 8 ahead, or into L2 (`prefetcht1`) 4 or 8 ahead,
+//! 0.99-1.01x; without software prefetches, 0.81x.
+//!
 //! Fewer than 16 rows a KV head (b = 1 to 15 of a multi-head model), in
 //! a runtime branch: tiles of 8 lanes (8 to 15 rows) or of 4, all of an
 //! item's rows in the item; a plan run only from 16 rows a KV head
@@ -304,68 +320,104 @@ impl Kc<'_> {
         // the next).
         let t = self.b.open_loop(unit_tiles);
         let [_, q_base, o_base, m_base] = bases(self, &t);
-        for (pass, (first, count)) in passes(BLOCK as usize, pass_len).into_iter().enumerate() {
-            // The positions, a K row past the context read at its last.
-            let mut zs = Vec::with_capacity(count);
-            for c in first..first + count {
-                let off = self.b.index(c as i64);
-                let at = self.b.addi(&p0, &off);
-                zs.push((at.clone(), self.b.op(&format!("arith.minui {at}, {last_z} : index"))));
+        // The scores' passes twice: for a block inside the stretch (no
+        // position clamped or masked; a stored f32 K's rows of a pass
+        // read at constant offsets from the first's address), and for
+        // the stretch's last block (each position clamped to the
+        // context's last, `-inf` past the stretch). See the module doc.
+        let block_end = self.b.addi(&p0, &block);
+        let inside = self.b.op(&format!("arith.cmpi ule, {block_end}, {z1} : index"));
+        self.b.open_guard(&inside);
+        for clamped in [false, true] {
+            if clamped {
+                self.b.else_guard();
             }
-            let (sums, d, accs) = self.b.open_for_typed(&c_head, &one, &vec![zeros.clone(); count], &vty);
-            let off = self.b.muli(&d, &c_n);
-            let q_at = self.b.addi(&off, &q_base);
-            let qv = self.b.load_vector(&qs, &q_at, n, DType::F32);
-            // The next block's rows of K and V, a line of each a step of
-            // the first passes (`head` lines a pass: two passes cover 32
-            // rows in f32, one in bf16).
-            for (operand, (ptr, base)) in
-                [k, v].into_iter().zip([&next_k, &next_v]).filter_map(|(o, n)| Some((o, n.as_ref()?)))
-            {
-                let dtype = self.graph.dtype_of(operand);
-                let line = LINE_BYTES / dtype.size() as i64;
-                if pass as i64 >= BLOCK / line {
-                    continue;
+            for (pass, (first, count)) in passes(BLOCK as usize, pass_len).into_iter().enumerate() {
+                // The positions, a K row past the context read at its last.
+                let mut zs = Vec::with_capacity(count);
+                for c in first..first + count {
+                    let off = self.b.index(c as i64);
+                    let at = self.b.addi(&p0, &off);
+                    let zc =
+                        if clamped { self.b.op(&format!("arith.minui {at}, {last_z} : index")) } else { at.clone() };
+                    zs.push((at, zc));
                 }
-                let skip = self.b.index(pass as i64 * head * line);
-                let at = self.b.addi(base, &skip);
-                let c_line = self.b.index(line);
-                let step = self.b.muli(&d, &c_line);
-                let at = self.b.addi(&at, &step);
-                self.b.prefetch(ptr, &at, dtype, false);
-            }
-            let mut nexts = Vec::with_capacity(count);
-            for (c, ((_, zc), acc)) in (first..).zip(zs.iter().zip(&accs)) {
-                let x = match &k_slot {
-                    Some(slot) => {
-                        let row = self.b.index((c as i64) * head);
-                        let at = self.b.addi(&row, &d);
-                        self.b.load(slot, &at, DType::F32).ssa
+                let (sums, d, accs) = self.b.open_for_typed(&c_head, &one, &vec![zeros.clone(); count], &vty);
+                let off = self.b.muli(&d, &c_n);
+                let q_at = self.b.addi(&off, &q_base);
+                let qv = self.b.load_vector(&qs, &q_at, n, DType::F32);
+                // The next block's rows of K and V, a line of each a step of
+                // the first passes (`head` lines a pass: two passes cover 32
+                // rows in f32, one in bf16).
+                for (operand, (ptr, base)) in
+                    [k, v].into_iter().zip([&next_k, &next_v]).filter_map(|(o, n)| Some((o, n.as_ref()?)))
+                {
+                    let dtype = self.graph.dtype_of(operand);
+                    let line = LINE_BYTES / dtype.size() as i64;
+                    if pass as i64 >= BLOCK / line {
+                        continue;
                     }
-                    None => {
-                        let env = [(g, gi.to_owned()), (z, zc.clone()), (y, d.clone())];
+                    let skip = self.b.index(pass as i64 * head * line);
+                    let at = self.b.addi(base, &skip);
+                    let c_line = self.b.index(line);
+                    let step = self.b.muli(&d, &c_line);
+                    let at = self.b.addi(&at, &step);
+                    self.b.prefetch(ptr, &at, dtype, false);
+                }
+                let mut nexts = Vec::with_capacity(count);
+                // Inside the stretch, a stored f32 K's rows of the pass
+                // from one address, the first's, at constant offsets
+                // (`head` elements apart: K's rows are its positions).
+                let first_row = match (&k_slot, clamped, self.stored(k), zs.first()) {
+                    (None, false, Some(_), Some((_, z0))) if it.kv[0].1.last() == Some(&y) => {
+                        let env = [(g, gi.to_owned()), (z, z0.clone()), (y, d.clone())];
                         let at = self.operand_index(j, &it.kv[0].1, &env)?;
-                        self.loadf(k, &at)?
+                        let (ptr, off) = self.pair_address(k, &at)?;
+                        Some(self.b.element_ptr(&ptr, &off, "f32"))
                     }
+                    _ => None,
                 };
-                nexts.push(self.b.lanes_fma(&qv, &x, acc, &vty));
-            }
-            self.b.close_for_typed(&nexts, &vty);
-            // Rounded as the q·K's dtype holds them (the three kernels
-            // store them so), scaled, `-inf` past the stretch, kept in the
-            // block's slot.
-            for (c, ((at, _), sum)) in (first..).zip(zs.iter().zip(&sums)) {
-                let sum = match self.graph.nodes[j].dtype {
-                    DType::BF16 => self.b.rounded_to_bf16(sum, lanes),
-                    _ => sum.clone(),
-                };
-                let s = self.b.op(&format!("arith.mulf {sum}, {scale} : {vty}"));
-                let inside = self.b.ult(at, z1);
-                let s = self.b.op(&format!("arith.select {inside}, {s}, {ninfs} : {vty}"));
-                let off = self.b.index((c * n) as i64);
-                self.b.store_vector(&es, &off, &s, n, DType::F32);
+                for (c, ((_, zc), acc)) in (first..).zip(zs.iter().zip(&accs)) {
+                    let x = match (&k_slot, &first_row) {
+                        (Some(slot), _) => {
+                            let row = self.b.index((c as i64) * head);
+                            let at = self.b.addi(&row, &d);
+                            self.b.load(slot, &at, DType::F32).ssa
+                        }
+                        (None, Some(p)) => {
+                            let at = self.b.index(((c - first) as i64) * head);
+                            self.b.load(p, &at, DType::F32).ssa
+                        }
+                        (None, None) => {
+                            let env = [(g, gi.to_owned()), (z, zc.clone()), (y, d.clone())];
+                            let at = self.operand_index(j, &it.kv[0].1, &env)?;
+                            self.loadf(k, &at)?
+                        }
+                    };
+                    nexts.push(self.b.lanes_fma(&qv, &x, acc, &vty));
+                }
+                self.b.close_for_typed(&nexts, &vty);
+                // Rounded as the q·K's dtype holds them (the three kernels
+                // store them so), scaled, `-inf` past the stretch, kept in the
+                // block's slot.
+                for (c, ((at, _), sum)) in (first..).zip(zs.iter().zip(&sums)) {
+                    let sum = match self.graph.nodes[j].dtype {
+                        DType::BF16 => self.b.rounded_to_bf16(sum, lanes),
+                        _ => sum.clone(),
+                    };
+                    let s = self.b.op(&format!("arith.mulf {sum}, {scale} : {vty}"));
+                    let s = if clamped {
+                        let inside = self.b.ult(at, z1);
+                        self.b.op(&format!("arith.select {inside}, {s}, {ninfs} : {vty}"))
+                    } else {
+                        s
+                    };
+                    let off = self.b.index((c * n) as i64);
+                    self.b.store_vector(&es, &off, &s, n, DType::F32);
+                }
             }
         }
+        self.b.close();
         // The online softmax, a row a lane: the block's max, then its
         // `exp`s over its scores in the slot, and their sum.
         let m_old = self.b.load_vector(&ms, &m_base, n, DType::F32);
