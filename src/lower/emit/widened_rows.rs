@@ -348,42 +348,41 @@ impl Kc<'_> {
     }
 
     /// The 32 bf16 from element `off` of `ptr` as two `vector<16xf32>`:
-    /// the even elements, then the odd (one load of 16 words of 32 bits,
-    /// each shifted left by 16 for the even, its high half masked for the
-    /// odd). With AVX-512's registers of 16 f32 that is one shift and a
-    /// mask for 32 elements, where `split_bf16_16`'s halves would each
-    /// take a move into the vector's upper half, and the plain widening
-    /// a shuffle and a shift each 16.
+    /// the even elements, then the odd ([`Kc::split_words`] of 16). With
+    /// AVX-512's registers of 16 f32 that is one shift and a mask for 32
+    /// elements, where `split_bf16_16`'s halves would each take a move
+    /// into the vector's upper half, and the plain widening a shuffle and
+    /// a shift each 16.
     fn split_bf16_32(&mut self, ptr: &str, off: &str) -> (String, String) {
-        let p = self.b.element_ptr(ptr, off, "bf16");
-        let words = self.b.op(&format!("llvm.load {p} {{alignment = 2 : i64}} : !llvm.ptr -> vector<16xi32>"));
-        let sixteen = self.b.hoist("arith.constant dense<16> : vector<16xi32>");
-        let high = self.b.hoist("arith.constant dense<-65536> : vector<16xi32>");
-        let even = self.b.op(&format!("arith.shli {words}, {sixteen} : vector<16xi32>"));
-        let odd = self.b.op(&format!("arith.andi {words}, {high} : vector<16xi32>"));
-        let [even, odd] =
-            [even, odd].map(|v| self.b.op(&format!("arith.bitcast {v} : vector<16xi32> to vector<16xf32>")));
-        (even, odd)
+        self.split_words(ptr, off, 16)
     }
 
     /// The 16 bf16 from element `off` of `ptr` as a `vector<16xf32>` with
-    /// its lanes in the order `x0, x2, …, x14, x1, x3, …, x15`: one load of
-    /// 8 words of 32 bits, the even elements each word shifted left by 16,
-    /// the odd ones its high half masked (bf16 is the top half of an f32).
-    /// Where the CPU widens 8 bf16 at a time (`vpmovzxwd`, a shuffle) and
-    /// then shifts them, that is one shift and a mask (any vector pipe)
-    /// for two shuffles and two shifts.
+    /// its lanes in the order `x0, x2, …, x14, x1, x3, …, x15`
+    /// ([`Kc::split_words`] of 8, the halves side by side). Where the CPU
+    /// widens 8 bf16 at a time (`vpmovzxwd`, a shuffle) and then shifts
+    /// them, that is one shift and a mask (any vector pipe) for two
+    /// shuffles and two shifts.
     fn split_bf16_16(&mut self, ptr: &str, off: &str) -> String {
-        let p = self.b.element_ptr(ptr, off, "bf16");
-        let words = self.b.op(&format!("llvm.load {p} {{alignment = 2 : i64}} : !llvm.ptr -> vector<8xi32>"));
-        let sixteen = self.b.hoist("arith.constant dense<16> : vector<8xi32>");
-        let high = self.b.hoist("arith.constant dense<-65536> : vector<8xi32>");
-        let even = self.b.op(&format!("arith.shli {words}, {sixteen} : vector<8xi32>"));
-        let odd = self.b.op(&format!("arith.andi {words}, {high} : vector<8xi32>"));
-        let [even, odd] =
-            [even, odd].map(|v| self.b.op(&format!("arith.bitcast {v} : vector<8xi32> to vector<8xf32>")));
+        let (even, odd) = self.split_words(ptr, off, 8);
         let order: Vec<String> = (0..16).map(|i| i.to_string()).collect();
         self.b.op(&format!("vector.shuffle {even}, {odd} [{}] : vector<8xf32>, vector<8xf32>", order.join(", ")))
+    }
+
+    /// `2 · words` bf16 from element `off` of `ptr` as two
+    /// `vector<words x f32>`, the even elements and the odd: one load of
+    /// `words` words of 32 bits, each shifted left by 16 for the even, its
+    /// high half masked for the odd (bf16 is the top half of an f32).
+    fn split_words(&mut self, ptr: &str, off: &str, words: usize) -> (String, String) {
+        let (ity, fty) = (format!("vector<{words}xi32>"), format!("vector<{words}xf32>"));
+        let p = self.b.element_ptr(ptr, off, "bf16");
+        let w = self.b.op(&format!("llvm.load {p} {{alignment = 2 : i64}} : !llvm.ptr -> {ity}"));
+        let sixteen = self.b.hoist(&format!("arith.constant dense<16> : {ity}"));
+        let high = self.b.hoist(&format!("arith.constant dense<-65536> : {ity}"));
+        let even = self.b.op(&format!("arith.shli {w}, {sixteen} : {ity}"));
+        let odd = self.b.op(&format!("arith.andi {w}, {high} : {ity}"));
+        let [even, odd] = [even, odd].map(|v| self.b.op(&format!("arith.bitcast {v} : {ity} to {fty}")));
+        (even, odd)
     }
 
     /// The lanes of `a` then `b` (`vector<16xf32>` each) taken in `order`.
