@@ -38,13 +38,18 @@
 //! --base REV 8192 60 THREADS`, against the kernel before, the same
 //! bits): 1.018-1.030x on two threads (three runs), 1.030x on one; the
 //! copy without the one address alone, 0.97x of it (no gain); narrow
-//! tiles (`BIFURC_CPU_NARROW_TILES=on` there) 1.003x. Tried there and not
-//! kept (ablations of the kernel in that lab: without its w·V it took
-//! two thirds of the time, without the scores' FMAs three quarters,
-//! without its `exp`s 0.93-0.95, without any of them a third, about the
-//! time to stream K and V, so the two barely overlap): the next blocks
-//! prefetched 2, 4 or 8 ahead, or into L2 (`prefetcht1`) 4 or 8 ahead,
-//! 0.99-1.01x; without software prefetches, 0.81x.
+//! tiles (`BIFURC_CPU_NARROW_TILES=on` there) 1.003x. Where its time
+//! goes there (the kernel emitted without a part, in that lab): without
+//! its w·V it took two thirds of the time (the w·V about 2 ms a layer on
+//! two threads, its FMAs alone 1.45 at the peak), without the scores'
+//! FMAs three quarters, without its `exp`s 0.93-0.95, without all three
+//! a third (the max, the scores' stores, the prefetches and the merge,
+//! K and V streamed in). With K and V in L2 (m_c = 512-1024) it runs at
+//! 56% of the FMA peak, and unflushed at m_c = 8192 as fast as flushed:
+//! its compute bounds it, more than memory. Tried there and not kept:
+//! the next blocks prefetched 2, 4 or 8 ahead, or into L2 (`prefetcht1`)
+//! 4 or 8 ahead, 0.99-1.01x; K's lines alone 0.88x, V's alone 0.92x, none
+//! 0.81x.
 //!
 //! Fewer than 16 rows a KV head (b = 1 to 15 of a multi-head model), in
 //! a runtime branch: tiles of 8 lanes (8 to 15 rows) or of 4, all of an
