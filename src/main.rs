@@ -228,9 +228,9 @@ enum Command {
     /// and BIFURC_CPU_NARROW_TILES=auto|on|off override each.
     /// f32 context attention runs as one fused kernel where at least 32 query rows share a KV
     /// head (b >= 32 multi-head), as three below; BIFURC_CPU_FUSED_ATTENTION=auto|on|off
-    /// overrides that (`on` fuses bf16 too where the CPU has no bf16 instruction, AVX512-BF16
-    /// or AMX, or the tiles are narrow: faster, but rounded apart from the baseline by about
-    /// bf16's noise over many layers).
+    /// overrides that (`on` fuses bf16 too where the step widens bf16 to f32 anyway, with no
+    /// `vdpbf16ps` in use and no AMX or with narrow tiles: faster, but rounded apart from the
+    /// baseline by about bf16's noise over many layers).
     Run(RunArgs),
     /// Print a model.json as a graph (Graphviz dot) or re-emit it in canonical JSON.
     Graph {

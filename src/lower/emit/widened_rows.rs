@@ -3,10 +3,11 @@
 //! A contraction in output vectors (a projection from panels,
 //! `..k,pkn->..pn`; `w · V`) broadcasts one element of its row operand
 //! (the input `x`, the probabilities) per row of the tile and step of the
-//! sum. Where that operand is bf16 and the CPU has no bf16 instruction
-//! of its own (no `vdpbf16ps`, `emit::pair_dot`: narrow tiles,
-//! `emit::registers`, or an AVX-512 CPU without AVX512-BF16), each
-//! element was widened on its own: a scalar load, a shift, a move into a
+//! sum. Where that operand is bf16 and the step does not sum it by
+//! `vdpbf16ps` (`emit::pair_dot`: only on AMD's AVX512-BF16; so narrow
+//! tiles, `emit::registers`, an AVX-512 CPU without AVX512-BF16, and
+//! Intel's cores outside their AMX tiles), each element was widened on
+//! its own: a scalar load, a shift, a move into a
 //! vector register and a broadcast, two of them on the vector pipes the
 //! FMAs need, for two FMAs (four in wide tiles). The bf16 cpu_step
 //! model's MLP projections ran at 35% of the FMA peak on the Zen 3 VM,
