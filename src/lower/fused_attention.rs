@@ -278,11 +278,16 @@ mod tests {
 
     /// [`three_parts`] in `dtype`.
     fn three_parts_in(dtype: &str) -> Json {
+        three_parts_sized(dtype, 24)
+    }
+
+    /// [`three_parts_in`] with heads of `e` for the values.
+    fn three_parts_sized(dtype: &str, e: i64) -> Json {
         let input =
             |name: &str, shape: Json| json!({"name": name, "role": "activation", "shape": shape, "dtype": dtype});
         json!({
             "format": "bifurc-graph/1",
-            "dims": {"runtime": ["b", "m", "d"], "constants": {"h": 3, "k": 8, "e": 24}},
+            "dims": {"runtime": ["b", "m", "d"], "constants": {"h": 3, "k": 8, "e": e}},
             "inputs": [
                 input("q", json!(["b", "h", 1, "k"])),
                 input("kc", json!(["h", "m", "k"])),
@@ -312,6 +317,9 @@ mod tests {
             "outputs": [{"name": "o", "node": "o"}]
         })
     }
+
+    /// Values of runtime dims a case of a test runs at besides b and m.
+    type Extras = &'static [(&'static str, i64)];
 
     fn fused(g: &Graph, fuse: bool) -> Program {
         plan_cpu_fusing(g, fuse.then_some(0)).unwrap_or_else(|e| panic!("{e}"))
@@ -428,12 +436,33 @@ mod tests {
     /// context and decode part included, on one thread and in parts.
     #[test]
     fn the_fused_step_matches_the_interpreter() {
-        let cases: [(Json, &[(&str, i64)]); 2] =
-            [(three_parts(), &[("d", 0), ("d", 3)]), (grouped_attention("f32"), &[])];
-        for (doc, extra) in cases {
+        // The host's tiles, and wide ones with heads of values a multiple
+        // of 16 (one pass of 3 vectors, two of 5): their outputs kept
+        // `[row][head]` (`emit::fused`), one slot more for the rows'
+        // `alpha` beside each of three tile widths' five.
+        let cases: [(Json, Extras, Option<bool>); 4] = [
+            (three_parts(), &[("d", 0), ("d", 3)], None),
+            (grouped_attention("f32"), &[], None),
+            (three_parts_sized("f32", 48), &[("d", 3)], Some(false)),
+            (three_parts_sized("f32", 80), &[("d", 0)], Some(false)),
+        ];
+        for (doc, extra, narrow) in cases {
             let g = graph(&doc);
-            let mut step = CpuStep::compile_program(&g, fused(&g, true)).unwrap_or_else(|e| panic!("{e}"));
-            let three = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));
+            let compile = || {
+                let step = CpuStep::compile_program(&g, fused(&g, true)).unwrap_or_else(|e| panic!("{e}"));
+                let three = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));
+                let text =
+                    crate::lower::emit(&g, step.program(), crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+                (step, three, text)
+            };
+            let (mut step, three, text) = match narrow {
+                Some(narrow) => crate::lower::emit::with_narrow_tiles(narrow, compile),
+                None => compile(),
+            };
+            if narrow == Some(false) {
+                let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
+                assert_eq!(kernel.matches("llvm.alloca").count(), 5 * 3 + 1, "the rows' alpha:\n{kernel}");
+            }
             let extras: Vec<Option<(&str, i64)>> =
                 if extra.is_empty() { vec![None] } else { extra.iter().copied().map(Some).collect() };
             for (b, m) in [(1, 0), (15, 1), (16, 15), (17, 16), (33, 17), (40, 33), (2, 1029), (3, 2100)] {
@@ -480,12 +509,14 @@ mod tests {
                 node["dtype"] = json!("f32");
             }
         }
-        let cases: [(Json, &[(&str, i64)]); 3] = [
-            (three_parts_in("bf16"), &[("d", 0), ("d", 3)]),
-            (f32_sums, &[("d", 3)]),
-            (grouped_attention("bf16"), &[]),
+        // The last: heads of values 32, kept `[row][head]` in wide tiles.
+        let cases: [(Json, Extras, bool); 4] = [
+            (three_parts_in("bf16"), &[("d", 0), ("d", 3)], false),
+            (f32_sums, &[("d", 3)], false),
+            (grouped_attention("bf16"), &[], false),
+            (three_parts_sized("bf16", 32), &[("d", 3)], true),
         ];
-        for ((doc, extra), narrow) in cases.iter().flat_map(|case| [(case, true), (case, false)]) {
+        for ((doc, extra, by_row), narrow) in cases.iter().flat_map(|case| [(case, true), (case, false)]) {
             let g = graph(doc);
             let (step, three, text) = crate::lower::emit::with_narrow_tiles(narrow, || {
                 crate::lower::emit::with_amx(false, || {
@@ -500,8 +531,10 @@ mod tests {
             });
             let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
             // The tiles' five slots for each of three widths of tile, and
-            // K's and V's (the f32 kernel has the tiles' alone).
-            assert_eq!(kernel.matches("llvm.alloca").count(), 5 * 3 + 2, "K's and V's slots:\n{kernel}");
+            // K's and V's (the f32 kernel has the tiles' alone)
+            // (and the rows' `alpha` where the outputs are kept by row).
+            let slots = 5 * 3 + 2 + usize::from(*by_row && !narrow);
+            assert_eq!(kernel.matches("llvm.alloca").count(), slots, "K's and V's slots:\n{kernel}");
             let extras: Vec<Option<(&str, i64)>> =
                 if extra.is_empty() { vec![None] } else { extra.iter().copied().map(Some).collect() };
             // Squared errors over every element and point, relative to
