@@ -404,7 +404,7 @@ impl Kc<'_> {
                 // from one address, the first's, at constant offsets
                 // (`head` elements apart: K's rows are its positions).
                 let first_row = match (&k_slot, clamped, self.stored(k), zs.first()) {
-                    (None, false, Some(_), Some((_, z0))) if it.kv[0].1.last() == Some(&y) => {
+                    (None, false, Some(_), Some((_, z0))) => {
                         let env = [(g, gi.to_owned()), (z, z0.clone()), (y, d.clone())];
                         let at = self.operand_index(j, &it.kv[0].1, &env)?;
                         let (ptr, off) = self.pair_address(k, &at)?;
@@ -484,11 +484,13 @@ impl Kc<'_> {
         self.b.store_vector(&ms, &m_base, &m_new, n, DType::F32);
         // The outputs: rescaled, plus the block's `exp`s times V.
         let e_len = e_len as usize;
-        let lane_passes = if rows_out { Vec::new() } else { passes(e_len, pass_len) };
-        if rows_out {
+        let lane_passes = if rows_out {
             let ctx = RowsOut { es: &es, os: &os, o_base: &o_base, alpha: &alpha, p0: &p0, v_slot: v_slot.as_deref() };
             self.fused_wv_rows(it, &ctx, e_len)?;
-        }
+            Vec::new()
+        } else {
+            passes(e_len, pass_len)
+        };
         for (first, count) in lane_passes {
             let mut inits = Vec::with_capacity(count);
             let mut o_at = Vec::with_capacity(count);
@@ -544,15 +546,12 @@ impl Kc<'_> {
         let base = self.b.linearize(&at, &out.sizes);
         let ei = self.b.open_loop(&c_e);
         // `[row][e]` where the w·V keeps its outputs so, else `[e][row]`.
-        let off = match rows_out {
-            true => {
-                let row = self.b.muli(&l, &c_e);
-                self.b.addi(&row, &ei)
-            }
-            false => {
-                let off = self.b.muli(&ei, &c_n);
-                self.b.addi(&off, &l)
-            }
+        let off = if rows_out {
+            let row = self.b.muli(&l, &c_e);
+            self.b.addi(&row, &ei)
+        } else {
+            let off = self.b.muli(&ei, &c_n);
+            self.b.addi(&off, &l)
         };
         let off = self.b.addi(&off, &o_base);
         let o = self.b.load(&os, &off, DType::F32);
@@ -609,13 +608,14 @@ impl Kc<'_> {
                 let (outs, c, accs) = self.b.open_for_typed(&block, &one, &inits, vty);
                 let at = self.b.addi(ctx.p0, &c);
                 let zc = self.b.op(&format!("arith.minui {at}, {last_z} : index"));
+                // V's row of the block in its slot.
+                let v_row = ctx.v_slot.map(|slot| (slot, self.b.muli(&c, &c_e)));
                 let mut vs = Vec::with_capacity(nv);
                 for w in v0..v0 + nv {
                     let ew = self.b.index((w * 16) as i64);
-                    vs.push(match ctx.v_slot {
-                        Some(slot) => {
-                            let row = self.b.muli(&c, &c_e);
-                            let at = self.b.addi(&row, &ew);
+                    vs.push(match &v_row {
+                        Some((slot, row)) => {
+                            let at = self.b.addi(row, &ew);
                             self.b.load_vector(slot, &at, 16, DType::F32)
                         }
                         None => {
