@@ -489,6 +489,48 @@ mod tests {
             }
         }
     }
+    /// The next block's lines spread over every loop of a tile's passes
+    /// (`emit::fused`): each loop of the scores' and the w·V's passes
+    /// (those with accumulators of more than one vector) prefetches a line
+    /// of K's plan and one of V's a step, its index by a shift, no
+    /// division; in f32 and bf16 (widened), narrow tiles and wide.
+    #[test]
+    fn the_fused_tiles_spread_the_next_block() {
+        for (dtype, narrow) in [("f32", true), ("f32", false), ("bf16", true), ("bf16", false)] {
+            let g = graph(&three_parts_in(dtype));
+            let text = crate::lower::emit::with_narrow_tiles(narrow, || {
+                crate::lower::emit::with_amx(false, || {
+                    crate::lower::emit::with_bf16_dot(false, || {
+                        crate::lower::emit(&g, &fused(&g, true), crate::lower::Target::Cpu)
+                            .unwrap_or_else(|e| panic!("{e}"))
+                    })
+                })
+            });
+            let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
+            let what = format!("{dtype}, narrow tiles: {narrow}");
+            let lines: Vec<&str> = kernel.lines().collect();
+            let mut passes = 0;
+            for (i, line) in lines.iter().enumerate() {
+                let results = line.split(") -> (").nth(1).unwrap_or("");
+                if !line.contains("scf.for") || results.matches("vector<").count() < 2 {
+                    continue;
+                }
+                passes += 1;
+                let body: Vec<&str> = lines[i + 1..].iter().take_while(|l| !l.contains("scf.yield")).copied().collect();
+                let body = body.join("\n");
+                assert_eq!(
+                    body.matches("\"llvm.intr.prefetch\"").count(),
+                    2,
+                    "{what}: K's and V's lines:\n{line}\n{body}"
+                );
+                assert!(body.contains("arith.shrui") && !body.contains("arith.divui"), "{what}: by a shift:\n{body}");
+            }
+            // Three widths of tile, each two or more passes of scores and
+            // one or more of the w·V.
+            assert!(passes >= 9, "{what}: {passes} loops of passes:\n{kernel}");
+        }
+    }
+
     /// In bf16 without the bf16 dot product (narrow tiles and wide), fused:
     /// K and V widened a block at a time
     /// into f32 slots, the scores rounded to bf16, the online softmax in

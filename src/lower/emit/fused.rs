@@ -11,15 +11,34 @@
 //!   read from memory by the first, from L1 by the next): the scores,
 //!   each a vector of 16 rows, summed along the head in passes of a few
 //!   positions (a broadcast element of K for an FMA per row vector, as
-//!   the rows-in-lanes tile of `emit::rows_in_lanes`; the next block's K
-//!   and V rows prefetched a line a step of the first passes), scaled,
+//!   the rows-in-lanes tile of `emit::rows_in_lanes`), scaled,
 //!   and `-inf` past the stretch's end (a K row past the context is read
 //!   at the last one instead), kept in a slot; the online softmax a lane a
 //!   row: the block's max, `alpha = exp(m_old - m_new)`, the block's
 //!   `exp`s over the scores and their sum; the tile's outputs `[head][16]`
 //!   (a slot) times `alpha` plus the `exp`s times V, in passes of a few
 //!   head elements (a broadcast element of V for an FMA per row vector);
+//!   the next block's K and V lines prefetched over the tile's steps
+//!   (below);
 //! - per row its outputs, its max and its sum into the partials.
+//!
+//! The next block's lines ([`Kc::fused_ahead`]): K's by the unit's first
+//! tile, V's by its last (both by a unit of one tile), each spread over
+//! the tile's steps (every step of its scores' and w·V's loops; a
+//! line every `2^s` steps, `s` the most that still covers the block: in
+//! wide tiles with heads of 64 a line every 2 steps, in narrow ones every
+//! 4). Until then both tiles fetched a line of K and one of V a step of
+//! their first two scores' passes: 8 steps of 16 FMAs a line of each,
+//! faster than the line fill buffers drain, so those passes waited on
+//! memory. On the 2-core Emerald Rapids VM below (`scripts/fused-lab.sh
+//! --base REV 8192 40 THREADS`, against that): 1.17-1.19x on two threads
+//! (two runs, quartiles 1.16-1.21), 1.19x on one (1.19-1.21); with K and
+//! V in L2 (m_c = 1024) 1.02x; narrow tiles there
+//! (`BIFURC_CPU_NARROW_TILES=on`) 1.16x, where a line's index by a
+//! division a step (`s · lines / steps`, 23 steps for 4 lines) took 0.97x.
+//! Tried on the way: the second tile's duplicates of the first's dropped
+//! (the same burst), 1.00x; K's lines over the first tile's scores and
+//! V's over the second's (a line a step), 1.04-1.05x.
 //!
 //! Wide tiles of 16 rows (AVX-512) keep the outputs `[row][head]`
 //! instead ([`Kc::fused_wv_rows`]): the w·V in tiles of 4 rows × 4
@@ -36,9 +55,8 @@
 //! each for heads of 64) before the tiles' passes, which then broadcast
 //! their elements from the slots as from f32 K and V (an element widened
 //! alone took a scalar load, a shift, a move to a vector register and a
-//! broadcast: see `emit::widened_rows`); the next block's rows are
-//! prefetched a line a step of the first pass (a bf16 block's 32 rows of
-//! 64 are `head` lines), not two.
+//! broadcast: see `emit::widened_rows`); the next block's bf16 lines (half
+//! f32's) are prefetched over the tile's steps as f32's are.
 //!
 //! A block inside its stretch (all but the stretch's last) runs its own
 //! copy of the scores' passes: no position clamped, no score masked, and
@@ -56,7 +74,10 @@
 //! a third (the max, the scores' stores, the prefetches and the merge,
 //! K and V streamed in). With K and V in L2 (m_c = 512-1024) it runs at
 //! 56% of the FMA peak, and unflushed at m_c = 8192 as fast as flushed:
-//! its compute bounds it, more than memory. Tried there and not kept:
+//! its compute bounds it, more than memory, we read then; but its
+//! prefetches came in bursts, which waited on the line fill buffers
+//! whether the lines came from memory or L3 (spread, above: 1.19x).
+//! Tried there and not kept (in bursts):
 //! the next blocks prefetched 2, 4 or 8 ahead, or into L2 (`prefetcht1`)
 //! 4 or 8 ahead, 0.99-1.01x; K's lines alone 0.88x, V's alone 0.92x, none
 //! 0.81x.
@@ -88,6 +109,7 @@ use crate::lower::LowerError;
 
 use super::bodies::Out;
 use super::builder::Val;
+use super::panel_ahead::{LinesAhead, LINE_BYTES};
 use super::registers::NARROW_LANES_OUTPUTS;
 use super::{Kc, Partition};
 
@@ -95,8 +117,6 @@ use super::{Kc, Partition};
 const ROWS: usize = 16;
 /// Tiles of rows an item takes at most (walked in turn over each block).
 const UNIT_TILES: usize = 2;
-/// Bytes of a cache line.
-const LINE_BYTES: i64 = 64;
 /// Positions of a block.
 const BLOCK: i64 = 32;
 /// Rows and vectors of 16 outputs of the `[row][e]` w·V's register tile
@@ -107,7 +127,7 @@ const OUT_VECTORS: usize = 4;
 /// What [`Kc::fused_wv_rows`] reads and writes of a tile: the block's
 /// probabilities slot, the outputs slot and where the tile's start, the
 /// rows' `alpha` (a vector of 16), the block's first position, V's slot
-/// where widened.
+/// where widened, the prefetches.
 struct RowsOut<'a> {
     es: &'a str,
     os: &'a str,
@@ -115,6 +135,9 @@ struct RowsOut<'a> {
     alpha: &'a str,
     p0: &'a str,
     v_slot: Option<&'a str>,
+    /// The tile's prefetches of the next block, and the step the w·V's
+    /// first loop starts at (`Kc::fused_prefetch`).
+    ahead: (&'a [LinesAhead], i64),
 }
 
 /// One item of a fused context attention, as [`Kc::fused_tiles`] walks
@@ -320,21 +343,24 @@ impl Kc<'_> {
         // (`Kc::fused_wv_rows`), where V's rows read as vectors.
         let rows_out = !self.narrow && n == ROWS && e_len % 16 == 0 && self.vector_readable(v);
         // Where the next block's K and V rows start (each stored, the
-        // head its innermost axis, the positions the next one out).
+        // head its innermost axis, the positions the next one out: the
+        // block's rows one run of memory), and its elements.
         let next = self.b.addi(&p0, &block);
         let mut starts = Vec::with_capacity(2);
-        for (operand, node, subs, (gl, zl, hl)) in [(k, j, &it.kv[0].1, (g, z, y)), (v, wv, &it.kv[1].1, (g2, z2, e))] {
-            let start = match self.stored(operand) {
-                Some(b) if subs.last() == Some(&hl) => {
+        for (operand, node, subs, (gl, zl, hl), len) in
+            [(k, j, &it.kv[0].1, (g, z, y), head), (v, wv, &it.kv[1].1, (g2, z2, e), e_len)]
+        {
+            let start = match (self.stored(operand), subs.as_slice()) {
+                (Some(b), [.., zs, hs]) if (*zs, *hs) == (zl, hl) => {
                     let env = [(gl, gi.to_owned()), (zl, next.clone()), (hl, c0.clone())];
                     let at = self.operand_index(node, subs, &env)?;
-                    Some(self.buffer_offset(b, &at)?)
+                    let (_, start) = self.buffer_offset(b, &at)?;
+                    Some((b, start, BLOCK * len))
                 }
                 _ => None,
             };
             starts.push(start);
         }
-        let (next_k, next_v) = (starts[0].clone(), starts[1].clone());
         // bf16 K and V: the block's rows widened into f32 slots first, 16
         // a vector, which every tile's passes then broadcast from (see
         // `emit::widened_rows`: an element widened alone took a scalar
@@ -355,6 +381,17 @@ impl Kc<'_> {
         // the next).
         let t = self.b.open_loop(unit_tiles);
         let [_, q_base, o_base, m_base] = bases(self, &t);
+        // The next block's lines, spread evenly over the tile's steps
+        // (each step of its passes' loops): K's by the unit's first tile,
+        // V's by its last (both by a unit of one tile).
+        let score_passes = passes(BLOCK as usize, pass_len);
+        let wv_passes = match rows_out {
+            true => (ROWS / OUT_ROWS) * passes(e_len as usize / 16, OUT_VECTORS).len(),
+            false => passes(e_len as usize, pass_len).len(),
+        };
+        let wv_step0 = score_passes.len() as i64 * head;
+        let steps = wv_step0 + wv_passes as i64 * BLOCK;
+        let ahead = self.fused_ahead(&starts, (&t, unit_tiles), steps)?;
         // The scores' passes twice: for a block inside the stretch (no
         // position clamped or masked; a stored f32 K's rows of a pass
         // read at constant offsets from the first's address), and for
@@ -381,24 +418,7 @@ impl Kc<'_> {
                 let off = self.b.muli(&d, &c_n);
                 let q_at = self.b.addi(&off, &q_base);
                 let qv = self.b.load_vector(&qs, &q_at, n, DType::F32);
-                // The next block's rows of K and V, a line of each a step of
-                // the first passes (`head` lines a pass: two passes cover 32
-                // rows in f32, one in bf16).
-                for (operand, (ptr, base)) in
-                    [k, v].into_iter().zip([&next_k, &next_v]).filter_map(|(o, n)| Some((o, n.as_ref()?)))
-                {
-                    let dtype = self.graph.dtype_of(operand);
-                    let line = LINE_BYTES / dtype.size() as i64;
-                    if pass as i64 >= BLOCK / line {
-                        continue;
-                    }
-                    let skip = self.b.index(pass as i64 * head * line);
-                    let at = self.b.addi(base, &skip);
-                    let c_line = self.b.index(line);
-                    let step = self.b.muli(&d, &c_line);
-                    let at = self.b.addi(&at, &step);
-                    self.b.prefetch(ptr, &at, dtype, false);
-                }
+                self.fused_prefetch(&ahead, pass as i64 * head, &d);
                 let mut nexts = Vec::with_capacity(count);
                 // Inside the stretch, a stored f32 K's rows of the pass
                 // from one address, the first's, at constant offsets
@@ -485,13 +505,21 @@ impl Kc<'_> {
         // The outputs: rescaled, plus the block's `exp`s times V.
         let e_len = e_len as usize;
         let lane_passes = if rows_out {
-            let ctx = RowsOut { es: &es, os: &os, o_base: &o_base, alpha: &alpha, p0: &p0, v_slot: v_slot.as_deref() };
+            let ctx = RowsOut {
+                es: &es,
+                os: &os,
+                o_base: &o_base,
+                alpha: &alpha,
+                p0: &p0,
+                v_slot: v_slot.as_deref(),
+                ahead: (&ahead, wv_step0),
+            };
             self.fused_wv_rows(it, &ctx, e_len)?;
             Vec::new()
         } else {
             passes(e_len, pass_len)
         };
-        for (first, count) in lane_passes {
+        for (pass, (first, count)) in lane_passes.into_iter().enumerate() {
             let mut inits = Vec::with_capacity(count);
             let mut o_at = Vec::with_capacity(count);
             for k in first..first + count {
@@ -502,6 +530,7 @@ impl Kc<'_> {
                 inits.push(self.b.op(&format!("arith.mulf {o}, {alpha} : {vty}")));
             }
             let (outs, c, accs) = self.b.open_for_typed(&block, &one, &inits, &vty);
+            self.fused_prefetch(&ahead, wv_step0 + pass as i64 * BLOCK, &c);
             let off = self.b.muli(&c, &c_n);
             let pv = self.b.load_vector(&es, &off, n, DType::F32);
             let at = self.b.addi(&p0, &c);
@@ -589,8 +618,10 @@ impl Kc<'_> {
         let alphas = self.b.stack_f32("fused_alpha", ROWS, None);
         let c0 = self.b.index(0);
         self.b.store_vector(&alphas, &c0, ctx.alpha, ROWS, DType::F32);
+        let vector_passes = passes(e_len / 16, OUT_VECTORS);
         for r0 in (0..ROWS).step_by(OUT_ROWS) {
-            for (v0, nv) in passes(e_len / 16, OUT_VECTORS) {
+            for (p, &(v0, nv)) in vector_passes.iter().enumerate() {
+                let pass = (r0 / OUT_ROWS * vector_passes.len() + p) as i64;
                 let mut inits = Vec::with_capacity(OUT_ROWS * nv);
                 let mut o_at = Vec::with_capacity(OUT_ROWS * nv);
                 for r in r0..r0 + OUT_ROWS {
@@ -606,6 +637,7 @@ impl Kc<'_> {
                     }
                 }
                 let (outs, c, accs) = self.b.open_for_typed(&block, &one, &inits, vty);
+                self.fused_prefetch(ctx.ahead.0, ctx.ahead.1 + pass * BLOCK, &c);
                 let at = self.b.addi(ctx.p0, &c);
                 let zc = self.b.op(&format!("arith.minui {at}, {last_z} : index"));
                 // V's row of the block in its slot.
@@ -667,6 +699,47 @@ impl Kc<'_> {
         self.widen_run((node, subs, operand, h), &env, (&c0, &c_len), (slot, &row))?;
         self.b.close();
         Ok(())
+    }
+
+    /// The prefetch plans of tile `t` of a unit of `tiles` over the next
+    /// block of K and V (`starts`: each one's buffer, the block's first
+    /// element and its elements, where stored as one run): K's lines by
+    /// the unit's first tile, V's by its last, each spread over the tile's
+    /// `steps` (`Kc::block_ahead`); a tile that leaves an operand to the other fetches
+    /// the current block's lines instead (in cache already: a hint that
+    /// costs a load slot, not a branch in the loops). Fetched in bursts (a
+    /// line of each a step of the first tile's first passes, at 8 rows a
+    /// step) they waited on the line fill buffers: see the module doc.
+    fn fused_ahead(
+        &mut self,
+        starts: &[Option<(usize, String, i64)>],
+        (t, tiles): (&str, &str),
+        steps: i64,
+    ) -> Result<Vec<LinesAhead>, LowerError> {
+        let (zero, one) = (self.b.index(0), self.b.index(1));
+        let last = self.b.subi(tiles, &one);
+        let first_tile = self.b.op(&format!("arith.cmpi eq, {t}, {zero} : index"));
+        let last_tile = self.b.op(&format!("arith.cmpi eq, {t}, {last} : index"));
+        let mut plans = Vec::with_capacity(starts.len());
+        for (on, start) in [first_tile, last_tile].iter().zip(starts) {
+            let Some((b, next, elements)) = start else { continue };
+            let size = self.program.buffers[*b].dtype.size() as i64;
+            let lines = (elements * size + LINE_BYTES - 1) / LINE_BYTES;
+            let back = self.b.index(*elements);
+            let here = self.b.subi(next, &back);
+            let from = self.b.op(&format!("arith.select {on}, {next}, {here} : index"));
+            plans.push(self.block_ahead(*b, from, (lines, steps))?);
+        }
+        Ok(plans)
+    }
+
+    /// At step `step0 + i` of a tile, its line of each plan of `ahead`.
+    fn fused_prefetch(&mut self, ahead: &[LinesAhead], step0: i64, i: &str) {
+        let s0 = self.b.index(step0);
+        let l = self.b.addi(&s0, i);
+        for a in ahead {
+            self.prefetch_line(a, &l);
+        }
     }
 
     /// The letters of a row of a fused tile, in the order of `rows`: `g`

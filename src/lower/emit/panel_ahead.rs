@@ -31,6 +31,18 @@ use super::Kc;
 /// Bytes of a cache line: one prefetch each.
 pub(super) const LINE_BYTES: i64 = 64;
 
+/// [`LinesAhead::sum`] of a block prefetched over steps that no one
+/// letter walks ([`Kc::block_ahead`]): not a letter of any einsum.
+const FUSED_BLOCK: char = '\0';
+
+/// The shift `s` of a block of `lines` lines prefetched over `steps`
+/// steps, a line every `2^s` steps: the largest that still covers the
+/// block (`lines · 2^s <= steps < lines · 2^(s+1)`). None where there
+/// are more lines than steps (or none).
+fn spread_shift(lines: i64, steps: i64) -> Option<u32> {
+    (1..=steps).contains(&lines).then(|| (steps / lines).ilog2())
+}
+
 /// The next block of rows of an operand that a whole tile prefetches
 /// its share of, a line per step of its sum: a panel projection's next
 /// panel, a chunked sum's next chunk (`emit::chunks`).
@@ -144,6 +156,39 @@ impl Kc<'_> {
         let per = self.ceil_div_here(&total, shares);
         let first = self.b.muli(share, &per);
         self.plan_ahead(k, next, (first, per, None))
+    }
+
+    /// The plan of a tile prefetching a block of `lines` whole lines of
+    /// buffer `buf` from element `start` over its `steps` steps (the
+    /// fused context attention's next block of K or V, `emit::fused`):
+    /// line `l >> s` at step `l`, a line every `2^s` steps
+    /// ([`spread_shift`]: the block covered, at most twice as fast as
+    /// evenly), for a shift a step (a division by `steps`, 23 for 4
+    /// lines in narrow tiles, cost the fused kernel 4%). More lines than
+    /// steps: line `l · lines / steps` (the fraction reduced), every
+    /// `lines / steps`-th line.
+    pub(super) fn block_ahead(
+        &mut self,
+        buf: usize,
+        start: String,
+        (lines, steps): (i64, i64),
+    ) -> Result<LinesAhead, LowerError> {
+        let line = LINE_BYTES / self.program.buffers[buf].dtype.size() as i64;
+        let stride = self.b.index(line);
+        let first = self.b.index(0);
+        if let Some(shift) = spread_shift(lines, steps) {
+            let (per, shift) = (self.b.index(1), self.b.index(i64::from(shift)));
+            let next = NextRows { buf, start, stride, row: line, steps, origin: None };
+            return self.plan_ahead(FUSED_BLOCK, next, (first, per, Some(shift)));
+        }
+        let (mut a, mut b) = (lines.max(1), steps.max(1));
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        let gcd = a;
+        let per = self.b.index(lines / gcd);
+        let next = NextRows { buf, start, stride, row: line, steps: (steps / gcd).max(1), origin: None };
+        self.plan_ahead(FUSED_BLOCK, next, (first, per, None))
     }
 
     /// The [`LinesAhead`] of `next` (summed letter `k`) for a share from
@@ -280,6 +325,7 @@ impl Kc<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::spread_shift;
     use crate::lower::emit::testing::{check_output, context_wv_doc, cpu_step, cpu_step_tiles, point};
 
     /// `x [b, 1, 64] @ W[o, 64]ᵀ`, W kept in panels of 64 outputs, at o =
@@ -327,6 +373,22 @@ mod tests {
                 check_output(&graph, &step, &point(&[("b", b)]), 9, "y", (tol, tol));
             }
         }
+    }
+
+    /// A block spread over a tile's steps by a shift: every line fetched
+    /// within the steps, at most twice as fast as evenly.
+    #[test]
+    fn spread_lines_cover_the_block() {
+        for lines in 1..=300i64 {
+            for steps in lines..=2000 {
+                let s = spread_shift(lines, steps).unwrap_or_else(|| panic!("{lines} over {steps}"));
+                assert!(lines << s <= steps && steps < lines << (s + 1), "{lines} lines over {steps} steps: {s}");
+            }
+            assert_eq!(spread_shift(lines, lines - 1), None);
+        }
+        assert_eq!(spread_shift(0, 5), None);
+        assert_eq!(spread_shift(128, 256), Some(1));
+        assert_eq!(spread_shift(128, 736), Some(2));
     }
 
     /// Narrow tiles (`emit::registers`) share the next lines by a shift:
