@@ -493,7 +493,11 @@ mod tests {
     /// (`emit::fused`): each loop of the scores' and the w·V's passes
     /// (those with accumulators of more than one vector) prefetches a line
     /// of K's plan and one of V's a step, its index by a shift, no
-    /// division; in f32 and bf16 (widened), narrow tiles and wide.
+    /// division; in f32 and bf16 (widened), narrow tiles and wide. The
+    /// block's max comes out of the scores' two copies (an `scf.if` with a
+    /// vector result, a tree over the scores in registers), no loop over
+    /// the block's slot: one loop of one vector a tile width, the `exp`s'
+    /// sum.
     #[test]
     fn the_fused_tiles_spread_the_next_block() {
         for (dtype, narrow) in [("f32", true), ("f32", false), ("bf16", true), ("bf16", false)] {
@@ -528,6 +532,14 @@ mod tests {
             // Three widths of tile, each two or more passes of scores and
             // one or more of the w·V.
             assert!(passes >= 9, "{what}: {passes} loops of passes:\n{kernel}");
+            let one_vector = |l: &&&str| {
+                l.rsplit("-> (")
+                    .next()
+                    .is_some_and(|r| r.starts_with("vector<") && r.ends_with("xf32>) {") && !r.contains(','))
+            };
+            let single = lines.iter().filter(|l| l.contains("scf.for") && one_vector(l)).count();
+            let maxes = lines.iter().filter(|l| l.contains("= scf.if") && one_vector(l)).count();
+            assert_eq!((single, maxes), (3, 3), "{what}: the max out of the scores' copies:\n{kernel}");
         }
     }
 
