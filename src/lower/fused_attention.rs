@@ -107,14 +107,21 @@ pub const ITEMS: i64 = 8;
 pub const FUSED_ATTENTION_ENV: &str = "BIFURC_CPU_FUSED_ATTENTION";
 
 /// Query rows that share a KV head from which the CPU step runs its
-/// fused plan (with [`FUSED_ATTENTION_ENV`] `auto`): two whole tiles of
-/// 16 lanes an item, the shape the kernel is built for. On the 2-core
-/// Zen 3 VM (cpu_step, m_c = 8192, alternated; see DESIGN.md): with 4 KV
-/// heads (32 rows a head at b = 8, 128 at b = 32) the fused kernel as
-/// fast or faster at b = 8 and 32; multi-head at b = 32 as fast on two
-/// threads and 6-7% faster in a quiet phase; at 12 to 24 rows no faster
-/// or slower, at 1 to 6 rows slower (b = 1: about twice the time).
-pub const FUSED_MIN_ROWS: i64 = 32;
+/// fused plan (with [`FUSED_ATTENTION_ENV`] `auto`): a whole tile of 16
+/// lanes, the plan then built without the narrower tiles' branch. On the
+/// 2-core Emerald Rapids VM (cpu_step, m_c = 8192, two threads, `on`
+/// alternated with `auto` when this was 32, two rounds), with the next
+/// block's lines spread over the tiles' steps (`emit::fused`): 16 rows
+/// 13.5-13.9 ms against the three kernels' 15.6-15.7 (one thread
+/// 24.2-24.3 against 27.9-28.1), 24 rows 18.9 against 20.0-20.1; AVX2's
+/// narrow tiles there 16.3-17.6 against 20.9-21.3 and 23.9-24.0 against
+/// 24.8-24.9; below 16 rows mixed (8 rows, one tile of 8 lanes,
+/// 12.8-13.0 against 14.5-15.0; 12 rows 16.3-16.6 against 15.4-16.8).
+/// Until then it was 32, two whole tiles an item: on the 2-core Zen 3 VM
+/// with the next block fetched in a burst, 12 to 24 rows no faster or
+/// slower, 1 to 6 rows slower (b = 1: about twice the time; see
+/// DESIGN.md).
+pub const FUSED_MIN_ROWS: i64 = 16;
 
 /// One context attention to fuse: the softmax planned in place, its
 /// concat's first part (the context `q·K`), the context `w·V` and its
@@ -390,7 +397,7 @@ mod tests {
     /// A step compiled with both plans runs the fused one where at least
     /// [`FUSED_MIN_ROWS`] query rows share each KV head, the three kernels
     /// below: multi-head attention has a row a head per sample (fused
-    /// from b = 32), the grouped-query one 3 (from b = 11). The outputs are
+    /// from b = 16), the grouped-query one 3 (from b = 6). The outputs are
     /// the interpreter's either way, and the plan a run takes is the one
     /// `program_at` names (its kernels are the ones profiled); the plans
     /// share the functions of the kernels they have in common, and the
