@@ -710,11 +710,11 @@ impl Kc<'_> {
     /// block of K and V (`starts`: each one's buffer, the block's first
     /// element and its elements, where stored as one run): K's lines by
     /// the unit's first tile, V's by its last, each spread over the tile's
-    /// `steps` (`Kc::block_ahead`); a tile that leaves an operand to the other fetches
-    /// the current block's lines instead (in cache already: a hint that
-    /// costs a load slot, not a branch in the loops). Fetched in bursts (a
-    /// line of each a step of the first tile's first passes, at 8 rows a
-    /// step) they waited on the line fill buffers: see the module doc.
+    /// `steps` (`Kc::block_ahead`); a tile that leaves an operand to the
+    /// other fetches the current block's lines instead (in cache already:
+    /// a hint that costs a load slot, not a branch in the loops). Fetched
+    /// in a burst (a line of each a step of the first two scores' passes)
+    /// they waited on the line fill buffers: see the module doc.
     fn fused_ahead(
         &mut self,
         starts: &[Option<(usize, String, i64)>],
