@@ -328,6 +328,15 @@ mod tests {
     /// Values of runtime dims a case of a test runs at besides b and m.
     type Extras = &'static [(&'static str, i64)];
 
+    /// Runs `f` with narrow tiles or wide and no bf16 instruction (no
+    /// AMX, no `vdpbf16ps`): bf16 widened to f32, as the bf16 fused kernel
+    /// needs.
+    fn without_bf16_instructions<R>(narrow: bool, f: impl FnOnce() -> R) -> R {
+        crate::lower::emit::with_narrow_tiles(narrow, || {
+            crate::lower::emit::with_amx(false, || crate::lower::emit::with_bf16_dot(false, f))
+        })
+    }
+
     fn fused(g: &Graph, fuse: bool) -> Program {
         plan_cpu_fusing(g, fuse.then_some(0)).unwrap_or_else(|e| panic!("{e}"))
     }
@@ -509,13 +518,8 @@ mod tests {
     fn the_fused_tiles_spread_the_next_block() {
         for (dtype, narrow) in [("f32", true), ("f32", false), ("bf16", true), ("bf16", false)] {
             let g = graph(&three_parts_in(dtype));
-            let text = crate::lower::emit::with_narrow_tiles(narrow, || {
-                crate::lower::emit::with_amx(false, || {
-                    crate::lower::emit::with_bf16_dot(false, || {
-                        crate::lower::emit(&g, &fused(&g, true), crate::lower::Target::Cpu)
-                            .unwrap_or_else(|e| panic!("{e}"))
-                    })
-                })
+            let text = without_bf16_instructions(narrow, || {
+                crate::lower::emit(&g, &fused(&g, true), crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"))
             });
             let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
             let what = format!("{dtype}, narrow tiles: {narrow}");
@@ -579,16 +583,12 @@ mod tests {
         ];
         for ((doc, extra, by_row), narrow) in cases.iter().flat_map(|case| [(case, true), (case, false)]) {
             let g = graph(doc);
-            let (step, three, text) = crate::lower::emit::with_narrow_tiles(narrow, || {
-                crate::lower::emit::with_amx(false, || {
-                    crate::lower::emit::with_bf16_dot(false, || {
-                        let step = CpuStep::compile_program(&g, fused(&g, true)).unwrap_or_else(|e| panic!("{e}"));
-                        let three = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));
-                        let text = crate::lower::emit(&g, step.program(), crate::lower::Target::Cpu)
-                            .unwrap_or_else(|e| panic!("{e}"));
-                        (step, three, text)
-                    })
-                })
+            let (step, three, text) = without_bf16_instructions(narrow, || {
+                let step = CpuStep::compile_program(&g, fused(&g, true)).unwrap_or_else(|e| panic!("{e}"));
+                let three = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));
+                let text =
+                    crate::lower::emit(&g, step.program(), crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+                (step, three, text)
             });
             let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
             // The tiles' five slots for each of three widths of tile, and

@@ -167,8 +167,9 @@ impl Kc<'_> {
     /// evenly), for a shift a step (with a division a step instead, 23
     /// steps for 4 lines in narrow tiles, the fused kernel was 0.97x as
     /// fast as with the old burst; with the shift 1.16x). More lines than
-    /// steps: line `l · lines / steps` (the fraction reduced), every
-    /// `lines / steps`-th line.
+    /// steps (not a block the fused kernel makes: K's lines are at most
+    /// its scores' steps, V's at most its w·V's), a line a step, the
+    /// block's first `steps` lines.
     pub(super) fn block_ahead(
         &mut self,
         buf: usize,
@@ -177,20 +178,10 @@ impl Kc<'_> {
     ) -> Result<LinesAhead, LowerError> {
         let line = LINE_BYTES / self.program.buffers[buf].dtype.size() as i64;
         let stride = self.b.index(line);
-        let first = self.b.index(0);
-        if let Some(shift) = spread_shift(lines, steps) {
-            let (per, shift) = (self.b.index(1), self.b.index(i64::from(shift)));
-            let next = NextRows { buf, start, stride, row: line, steps, origin: None };
-            return self.plan_ahead(FUSED_BLOCK, next, (first, per, Some(shift)));
-        }
-        let (mut a, mut b) = (lines.max(1), steps.max(1));
-        while b != 0 {
-            (a, b) = (b, a % b);
-        }
-        let gcd = a;
-        let per = self.b.index(lines / gcd);
-        let next = NextRows { buf, start, stride, row: line, steps: (steps / gcd).max(1), origin: None };
-        self.plan_ahead(FUSED_BLOCK, next, (first, per, None))
+        let (first, per) = (self.b.index(0), self.b.index(1));
+        let shift = self.b.index(i64::from(spread_shift(lines, steps).unwrap_or(0)));
+        let next = NextRows { buf, start, stride, row: line, steps, origin: None };
+        self.plan_ahead(FUSED_BLOCK, next, (first, per, Some(shift)))
     }
 
     /// The [`LinesAhead`] of `next` (summed letter `k`) for a share from
