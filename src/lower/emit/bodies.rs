@@ -560,7 +560,9 @@ impl Kc<'_> {
         };
         let shares = (t.tile_index, t.tiles);
         // Narrow tiles prefetch the next stripe of 16 columns, wide ones
-        // the next panel (`emit::panel_ahead`).
+        // the next chunk of a chunked sum (a projection's from f32
+        // panels too, `emit::chunks`), else the next panel
+        // (`emit::panel_ahead`).
         let whole = t.whole_tiles.as_deref();
         let ahead = match (t.next_panel, rows, panel, &part, idxs.first()) {
             (Some((buf, _, k)), Rows::Tile, Some(panel), _, Some(idx)) if self.narrow => {
@@ -569,10 +571,10 @@ impl Kc<'_> {
                     _ => None,
                 }
             }
-            (Some((buf, _, k)), Rows::Tile, Some(panel), _, _) => Some(self.panel_ahead((buf, k), &panel, shares)?),
-            (None, Rows::Tile, _, Some((p, len)), Some(idx)) => {
+            (_, Rows::Tile, _, Some((p, len)), Some(idx)) => {
                 self.chunk_ahead(j, (idx, p, *len), BLOCK * t.groups, (shares, whole))?
             }
+            (Some((buf, _, k)), Rows::Tile, Some(panel), _, _) => Some(self.panel_ahead((buf, k), &panel, shares)?),
             _ => None,
         };
         let part = part.map(|(p, _)| p);

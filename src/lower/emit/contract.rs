@@ -816,8 +816,9 @@ impl Kc<'_> {
     /// one vector accumulator per index, the contracted letters in nested
     /// scalar loops; operands indexed by the last output letter are vector
     /// loads, the others scalar loads broadcast (each loaded once per step).
-    /// With `ahead` (a whole tile of a projection from panels), each step
-    /// of the sum also prefetches a line of the next panel.
+    /// With `ahead` (a whole tile of a projection from panels, or of a
+    /// chunked sum), each step of the sum also prefetches a line of the
+    /// next panel or chunk; with `part`, the sum runs over that chunk.
     pub(crate) fn einsum_out_vec(
         &mut self,
         j: usize,

@@ -16,7 +16,10 @@
 //! before. Measured in C on this kernel's loop (gate_proj's shape, b =
 //! 32): 47.9 -> 56 G multiply-adds a second on one thread, 93 -> 111 on
 //! two; in cpu_step (b = 32, two threads) the MLP projections 0.97-1.04
-//! -> 0.82-0.89 ms each, 77% -> 87-92% of the FMA peak.
+//! -> 0.82-0.89 ms each, 77% -> 87-92% of the FMA peak. (An f32
+//! projection in wide tiles now walks its sum in chunks, `emit::chunks`,
+//! whose whole tiles prefetch the next chunk instead: the last chunk's
+//! is the next panel's first rows.)
 //!
 //! Narrow tiles (`emit::registers`: 6 rows × one vector of 16 outputs)
 //! read a 16-wide stripe of the panel at a time; their whole tiles
