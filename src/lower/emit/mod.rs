@@ -650,6 +650,7 @@ fn kernel_fn(
             None => kc.reuse_body(&dest, j, (keep, reuse, tile), &mut opened)?,
         },
         (_, Walk::Cooperative { keep, reuse }, Some(j)) => kc.cooperative_body(&dest, j, (keep, reuse), &mut opened)?,
+        (None, _, Some(j)) if let Some(r) = kc.rope_vectors(j, &dest) => kc.rope_body(&dest, &r, &mut opened)?,
         (_, _, node) => kc.plain_body(&dest, node, &mut opened)?,
     };
     for _ in 0..opened {
