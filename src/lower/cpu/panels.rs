@@ -32,7 +32,7 @@
 //! With f32 outputs in wide tiles the sum then runs in chunks of 128
 //! steps (32 KiB of the panel, `emit::chunks`): every tile of rows runs
 //! a chunk's part of its sums, carried in the output from chunk to
-//! chunk, while the chunk stays in L1 (the whole panel, 720 KiB for the
+//! chunk, while the chunk stays in L1 (the whole panel, 704 KiB for the
 //! down projection's 2816 inputs, was read from L2 by every tile after
 //! the first, 256 bytes a step of 16 FMAs), and the whole tiles' steps
 //! prefetch the next chunk (the last chunk: the next panel's first rows)
