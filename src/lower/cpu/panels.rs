@@ -29,13 +29,12 @@
 //! of the FMA peak), the step 24.9-25.3 -> 22.9-23.1 ms (one thread
 //! 44.8-45.5 -> 42.3-42.9).
 //!
-//! With f32 outputs in wide tiles, and 16 panels or more (fewer keep
-//! one pass: see `emit::chunks`), the sum then runs in chunks of 128
-//! steps (32 KiB of the panel): every tile of rows runs a chunk's part
-//! of its sums, carried in the output from chunk to chunk, while the
-//! chunk stays in L1 (the whole panel, 704 KiB for the down
-//! projection's 2816 inputs, was read from L2 by every tile after the
-//! first, 256 bytes a step of 16 FMAs), and the whole tiles' steps
+//! With f32 outputs in wide tiles the sum then runs in chunks of 128
+//! steps (32 KiB of the panel, `emit::chunks`): every tile of rows runs
+//! a chunk's part of its sums, carried in the output from chunk to
+//! chunk, while the chunk stays in L1 (the whole panel, 704 KiB for the
+//! down projection's 2816 inputs, was read from L2 by every tile after
+//! the first, 256 bytes a step of 16 FMAs), and the whole tiles' steps
 //! prefetch the next chunk (the last chunk: the next panel's first rows)
 //! instead of the next panel. Each output's sum still runs in input
 //! order: the same bits. On the same VM (`scripts/projection-lab.sh`,

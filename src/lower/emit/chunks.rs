@@ -66,13 +66,6 @@ pub(super) const NARROW_SUM_CHUNK_BYTES: i64 = 128 * 1024;
 /// it.
 pub(super) const PANEL_CHUNK_BYTES: i64 = 32 * 1024;
 
-/// Panels a projection has at least for its sum to run in chunks. A
-/// chunked kernel's parts split only its panels (a tile's chunks must run
-/// in one part, in order); in one pass they split its panels' tiles of
-/// rows too. So a projection of few panels (a grouped-query K or V: 4 of
-/// them with 4 KV heads of 64) keeps one pass, and all the cores.
-pub(super) const PANEL_CHUNK_MIN_PANELS: i64 = 16;
-
 /// One chunk of a chunked sum: its indices `[from, to)` of the summed
 /// letter and a tile's accumulators on entry.
 pub(crate) struct SumPart {
@@ -89,8 +82,7 @@ impl Kc<'_> {
     /// its zeros) when its sum is chunked: one summed letter, longer than
     /// a chunk or of a size known only at run time, not a sum of paired
     /// panels (`Kc::pair_dot`). A projection from f32 panels
-    /// (`Kc::panel_operand`) is chunked in wide tiles only, of at least
-    /// [`PANEL_CHUNK_MIN_PANELS`] panels, in chunks of
+    /// (`Kc::panel_operand`) is chunked in wide tiles only, in chunks of
     /// [`PANEL_CHUNK_BYTES`] whatever `bytes` says (narrow tiles walk a
     /// stripe of the panel a tile, and prefetch the next stripe:
     /// `Kc::stripe_ahead`). A sum in pairs of rows formed while it runs
@@ -101,13 +93,7 @@ impl Kc<'_> {
         }
         let bytes = match self.panel_operand(j) {
             None => bytes,
-            Some((buf, _, _)) if !self.narrow && self.program.buffers[buf].dtype == DType::F32 => {
-                let panels = self.program.buffers[buf].shape.first().and_then(|p| self.constant_size(p));
-                if panels.is_none_or(|p| p < PANEL_CHUNK_MIN_PANELS) {
-                    return None;
-                }
-                PANEL_CHUNK_BYTES
-            }
+            Some((buf, _, _)) if !self.narrow && self.program.buffers[buf].dtype == DType::F32 => PANEL_CHUNK_BYTES,
             Some(_) => return None,
         };
         let (spec, inputs) = self.contraction_spec(j)?;
@@ -262,24 +248,23 @@ mod tests {
     }
 
     /// A projection from f32 panels in wide tiles, `x [b, 1, d] @ W[o,
-    /// d]ᵀ` with o = 1024 (16 panels), sums in chunks of
+    /// d]ᵀ` with o = 128 (two panels), sums in chunks of
     /// [`super::PANEL_CHUNK_BYTES`] of a panel's rows (128 steps of 64
     /// outputs) where d is longer than one: d = 320 (two whole chunks and
-    /// a short one) and 256, the sums carried in the output from chunk
+    /// a short one) and 1024, the sums carried in the output from chunk
     /// to chunk, each whole tile's steps prefetching a line of the next
     /// chunk (the last chunk's: the next panel's first rows). One pass at
-    /// d = 128 (one chunk), with o = 960 (15 panels: fewer than
-    /// [`super::PANEL_CHUNK_MIN_PANELS`]), with narrow tiles (a 16-wide
-    /// stripe of the panel a tile, `emit::registers`) and with a bf16
-    /// weight (its output bf16: partial sums would be rounded between
-    /// chunks). Against the interpreter at b with whole tiles of 4 rows
-    /// and short ones.
+    /// d = 128 (one chunk), with narrow tiles (a 16-wide stripe of the
+    /// panel a tile, `emit::registers`) and with a bf16 weight (its
+    /// output bf16: partial sums would be rounded between chunks).
+    /// Against the interpreter at b with whole tiles of 4 rows and short
+    /// ones.
     #[test]
     fn panel_projections_run_in_chunks() {
-        let proj = |(d, o): (i64, i64), dtype: &str| {
+        let proj = |d: i64, dtype: &str| {
             serde_json::json!({
                 "format": "bifurc-graph/1",
-                "dims": {"runtime": ["b"], "constants": {"d": d, "o": o}},
+                "dims": {"runtime": ["b"], "constants": {"d": d, "o": 128}},
                 "inputs": [
                     {"name": "x", "role": "activation", "shape": ["b", 1, "d"], "dtype": dtype},
                     {"name": "w", "role": "weight", "shape": ["o", "d"], "dtype": dtype}
@@ -288,18 +273,12 @@ mod tests {
                 "outputs": [{"name": "y", "node": "y"}]
             })
         };
-        let cases = [
-            ((320, 1024), "f32", false),
-            ((256, 1024), "f32", false),
-            ((128, 1024), "f32", false),
-            ((320, 960), "f32", false),
-            ((320, 1024), "f32", true),
-            ((320, 1024), "bf16", false),
-        ];
-        for ((d, o), dtype, narrow) in cases {
-            let what = format!("d = {d}, o = {o}, {dtype}, narrow tiles {narrow}");
-            let chunked = d > 128 && o >= 1024 && dtype == "f32" && !narrow;
-            let (graph, step, text) = cpu_step_tiles(&proj((d, o), dtype), narrow);
+        let cases =
+            [(320, "f32", false), (1024, "f32", false), (128, "f32", false), (320, "f32", true), (320, "bf16", false)];
+        for (d, dtype, narrow) in cases {
+            let what = format!("d = {d}, {dtype}, narrow tiles {narrow}");
+            let chunked = d > 128 && dtype == "f32" && !narrow;
+            let (graph, step, text) = cpu_step_tiles(&proj(d, dtype), narrow);
             assert!(step.graph().find("y.panels").is_some(), "{what}: w kept in panels");
             let carried = text.lines().any(|l| l.contains("arith.select") && l.ends_with(": vector<16xf32>"));
             assert_eq!(carried, chunked, "{what}: the sums carried from chunk to chunk:\n{text}");
