@@ -407,7 +407,7 @@ impl Kc<'_> {
         let block_max = self.b.open_if_typed(&inside, &vty);
         for clamped in [false, true] {
             let mut most: Option<String> = None;
-            for (pass, (first, count)) in passes(BLOCK as usize, pass_len).into_iter().enumerate() {
+            for (pass, &(first, count)) in score_passes.iter().enumerate() {
                 // The positions, a K row past the context read at its last.
                 let mut zs = Vec::with_capacity(count);
                 for c in first..first + count {
