@@ -194,6 +194,46 @@ mod tests {
     use crate::lower::mma::Tuning;
     use crate::lower::CpuStep;
 
+    /// Rope graph `graph` compiled for the CPU (`step`) against its
+    /// per-element form (the GPU's, on emulated lanes), at each of
+    /// `positions` (`[b, n]`), on `x` of a fixed pattern of values,
+    /// `shapes` giving `x`'s shape and the positions' from them: the same
+    /// bits, and, where every position is below 100, the interpreter's
+    /// output within `tol` (absolute and relative); `what` names the case.
+    fn rope_against_per_element(
+        (graph, step): (&crate::ir::Graph, &CpuStep),
+        positions: &[&[f32]],
+        shapes: impl Fn(&[f32]) -> (Vec<usize>, Vec<usize>),
+        tol: f32,
+        what: &str,
+    ) {
+        let per_element = CpuStep::compile_emulating_gpu(
+            graph,
+            Emulation { lanes: 4, cooperative_min: 1, tuning: Tuning::default() },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        for (i, &pos) in positions.iter().enumerate() {
+            let (x_shape, pos_shape) = shapes(pos);
+            let at = point(&[("b", pos_shape[0] as i64)]);
+            let n: usize = x_shape.iter().product();
+            let x: Vec<f32> = (0..n).map(|e| ((e * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let inputs: HashMap<String, Tensor> = [
+                ("x".to_string(), Tensor::new(x_shape, x).unwrap_or_else(|e| panic!("{e}"))),
+                ("pos".to_string(), Tensor::new(pos_shape, pos.to_vec()).unwrap_or_else(|e| panic!("{e}"))),
+            ]
+            .into();
+            let got = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            let each = per_element.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(got["r"].data, each["r"].data, "{what}, case {i}: positions {pos:?}");
+            if pos.iter().all(|&p| p < 100.0) {
+                let want = crate::interp::run(graph, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
+                for (e, (g, w)) in got["r"].data.iter().zip(&want["r"].data).enumerate() {
+                    assert!((g - w).abs() <= tol + tol * w.abs(), "{what}, case {i}, element {e}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
     /// A rope whose `x` reads as vectors along a head of 32 or 64 (the
     /// llama layout: a projection's `[b, 1, h·k]` reshaped to `[b, 1, h,
     /// k]` and transposed to `[b, h, 1, k]`) runs a row at a time in
@@ -232,33 +272,10 @@ mod tests {
             }
             let check = text.find("arith.cmpf une").unwrap_or(0);
             assert_eq!(text[check..].contains("vector<16x"), vectors, "{what}: vectors:\n{text}");
-            let per_element = CpuStep::compile_emulating_gpu(
-                &graph,
-                Emulation { lanes: 4, cooperative_min: 1, tuning: Tuning::default() },
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
+            let tol = if dtype == "f32" { 1e-5 } else { 2e-2 };
             let positions: [&[f32]; 3] = [&[5., 5., 5., 5.], &[63., 2., 0.], &[8000., 8001., 8001., 77., 9.]];
-            for pos in positions {
-                let b = pos.len();
-                let at = point(&[("b", b as i64)]);
-                let n = b * 3 * k as usize;
-                let x: Vec<f32> = (0..n).map(|e| ((e * 37 % 101) as f32 - 50.0) / 25.0).collect();
-                let inputs: HashMap<String, Tensor> = [
-                    ("x".to_string(), Tensor::new(vec![b, 1, 3 * k as usize], x).unwrap_or_else(|e| panic!("{e}"))),
-                    ("pos".to_string(), Tensor::new(vec![b, 1], pos.to_vec()).unwrap_or_else(|e| panic!("{e}"))),
-                ]
-                .into();
-                let got = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-                let each = per_element.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-                assert_eq!(got["r"].data, each["r"].data, "{what}: positions {pos:?}");
-                if pos.iter().all(|&p| p < 100.0) {
-                    let want = crate::interp::run(&graph, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-                    let tol = if dtype == "f32" { 1e-5 } else { 2e-2 };
-                    for (e, (g, w)) in got["r"].data.iter().zip(&want["r"].data).enumerate() {
-                        assert!((g - w).abs() <= tol + tol * w.abs(), "{what}, element {e}: {g} vs {w}");
-                    }
-                }
-            }
+            let shapes = |pos: &[f32]| (vec![pos.len(), 1, 3 * k as usize], vec![pos.len(), 1]);
+            rope_against_per_element((&graph, &step), &positions, shapes, tol, &what);
         }
     }
 
@@ -283,31 +300,9 @@ mod tests {
         let powf = text.find("math.powf").unwrap_or_else(|| panic!("no powf:\n{text}"));
         assert!(powf > guard && text.matches("math.powf").count() == 1, "powf only when the position changes:\n{text}");
         assert_eq!(text.matches("llvm.alloca").count(), 2, "a key and a table:\n{text}");
-        let per_element = CpuStep::compile_emulating_gpu(
-            &graph,
-            Emulation { lanes: 4, cooperative_min: 1, tuning: Tuning::default() },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
         let positions: [&[f32]; 3] =
             [&[5., 6., 5., 6., 9., 0., 1., 1.], &[63., 2., 0., 0.], &[8000., 8001., 8001., 77.]];
-        for (i, pos) in positions.into_iter().enumerate() {
-            let b = pos.len() / 2;
-            let at = point(&[("b", b as i64)]);
-            let x: Vec<f32> = (0..b * 3 * 2 * 8).map(|e| ((e * 37 % 101) as f32 - 50.0) / 25.0).collect();
-            let inputs: HashMap<String, Tensor> = [
-                ("x".to_string(), Tensor::new(vec![b, 3, 2, 8], x).unwrap_or_else(|e| panic!("{e}"))),
-                ("pos".to_string(), Tensor::new(vec![b, 2], pos.to_vec()).unwrap_or_else(|e| panic!("{e}"))),
-            ]
-            .into();
-            let got = step.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-            let each = per_element.run(&at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(got["r"].data, each["r"].data, "positions {pos:?}");
-            if pos.iter().all(|&p| p < 100.0) {
-                let want = crate::interp::run(&graph, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
-                for (k, (g, w)) in got["r"].data.iter().zip(&want["r"].data).enumerate() {
-                    assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "case {i}, element {k}: {g} vs {w}");
-                }
-            }
-        }
+        let shapes = |pos: &[f32]| (vec![pos.len() / 2, 3, 2, 8], vec![pos.len() / 2, 2]);
+        rope_against_per_element((&graph, &step), &positions, shapes, 1e-5, "k = 8");
     }
 }
