@@ -48,7 +48,9 @@
 //! time; the f32 FMAs' peak, which a bf16 kernel on AMX tiles exceeds)
 //! and the bytes it moves a second (its plan's bytes model over its time,
 //! beside the printed read rate), at the last thread count timed;
-//! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there (making DIR).
+//! `BIFURC_BENCH_DUMP=DIR` writes both CPU modules (MLIR) there (making DIR);
+//! with `BIFURC_BENCH_RUNS=0` too, only that (no run, no check of the
+//! outputs: what the kernel labs use).
 //!
 //! Target (b = 32): the bifurcated step at least 4x faster than the baseline
 //! (measured on a 2-core Emerald Rapids VM, f32: 3.23-6.91x on one thread,
@@ -109,7 +111,7 @@ fn compile(name: &str, g: &Graph) -> CpuStep {
 }
 
 fn main() {
-    let runs: usize = env_or("BIFURC_BENCH_RUNS", 5).max(1);
+    let runs: usize = env_or("BIFURC_BENCH_RUNS", 5);
     let m_c: i64 = env_or("BIFURC_BENCH_CONTEXT", 8192).max(0);
     let m_d: i64 = env_or("BIFURC_BENCH_DECODE", 16).max(0);
     let points: Vec<i64> = std::env::var("BIFURC_BENCH_POINTS")
@@ -156,7 +158,14 @@ fn main() {
                 std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             }
         }
+        if runs == 0 {
+            // Dumped only (the kernel labs: a kernel changed to time what a
+            // part of it costs computes other outputs than the baseline).
+            println!("  modules dumped; BIFURC_BENCH_RUNS=0: nothing run");
+            return;
+        }
     }
+    let runs = runs.max(1);
     let threads: Vec<usize> = std::env::var("BIFURC_BENCH_THREADS")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())

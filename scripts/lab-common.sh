@@ -48,7 +48,7 @@ esac
 # f32.
 dump() {
     echo "dumping the cpu_step bench's module ($1, fused attention $2)"
-    (cd "$1" && BIFURC_CPU_FUSED_ATTENTION="$2" BIFURC_BENCH_DUMP="$3" BIFURC_BENCH_POINTS=32 BIFURC_BENCH_RUNS=1 \
+    (cd "$1" && BIFURC_CPU_FUSED_ATTENTION="$2" BIFURC_BENCH_DUMP="$3" BIFURC_BENCH_POINTS=32 BIFURC_BENCH_RUNS=0 \
         BIFURC_BENCH_THREADS=1 BIFURC_BENCH_CONTEXT=64 BIFURC_BENCH_DTYPE="${lab_dtype:-float32}" \
         cargo bench --bench cpu_step > "$3.log" 2>&1) \
         || { cat "$3.log" >&2; exit 1; }
