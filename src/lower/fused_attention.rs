@@ -285,16 +285,17 @@ mod tests {
 
     /// [`three_parts`] in `dtype`.
     fn three_parts_in(dtype: &str) -> Json {
-        three_parts_sized(dtype, 24)
+        three_parts_sized(dtype, 8, 24)
     }
 
-    /// [`three_parts_in`] with heads of `e` for the values.
-    fn three_parts_sized(dtype: &str, e: i64) -> Json {
+    /// [`three_parts_in`] with heads of `k` for the scores and `e` for
+    /// the values.
+    fn three_parts_sized(dtype: &str, k: i64, e: i64) -> Json {
         let input =
             |name: &str, shape: Json| json!({"name": name, "role": "activation", "shape": shape, "dtype": dtype});
         json!({
             "format": "bifurc-graph/1",
-            "dims": {"runtime": ["b", "m", "d"], "constants": {"h": 3, "k": 8, "e": e}},
+            "dims": {"runtime": ["b", "m", "d"], "constants": {"h": 3, "k": k, "e": e}},
             "inputs": [
                 input("q", json!(["b", "h", 1, "k"])),
                 input("kc", json!(["h", "m", "k"])),
@@ -455,12 +456,14 @@ mod tests {
         // The host's tiles, and wide ones with heads of values a multiple
         // of 16 (one pass of 3 vectors, two of 5): their outputs kept
         // `[row][head]` (`emit::fused`), one slot more for the rows'
-        // `alpha` beside each of three tile widths' five.
-        let cases: [(Json, Extras, Option<bool>); 4] = [
+        // `alpha` beside each of three tile widths' five. Heads of 32 for
+        // the scores: whole tiles' q transposed in registers.
+        let cases: [(Json, Extras, Option<bool>); 5] = [
             (three_parts(), &[("d", 0), ("d", 3)], None),
             (grouped_attention("f32"), &[], None),
-            (three_parts_sized("f32", 48), &[("d", 3)], Some(false)),
-            (three_parts_sized("f32", 80), &[("d", 0)], Some(false)),
+            (three_parts_sized("f32", 8, 48), &[("d", 3)], Some(false)),
+            (three_parts_sized("f32", 8, 80), &[("d", 0)], Some(false)),
+            (three_parts_sized("f32", 32, 32), &[("d", 3)], Some(false)),
         ];
         for (doc, extra, narrow) in cases {
             let g = graph(&doc);
@@ -505,6 +508,31 @@ mod tests {
             }
         }
     }
+    /// Wide tiles of 16 rows pack q `[head][16]` by 16 × 16 transposes in
+    /// registers (`Kc::fused_q_transposed`): four rounds of 16 shuffles a
+    /// square, each row read as vectors, no element stored alone; where
+    /// the scores' heads are not whole vectors (8), or the tiles are
+    /// narrow, a lane at a time. f32 and bf16 (q widened as it is read).
+    #[test]
+    fn whole_tiles_transpose_q_into_their_slot() {
+        let cases = [
+            ("f32", 32, false, 2),
+            ("f32", 64, false, 4),
+            ("bf16", 32, false, 2),
+            ("f32", 8, false, 0),
+            ("f32", 32, true, 0),
+        ];
+        for (dtype, k, narrow, squares) in cases {
+            let g = graph(&three_parts_sized(dtype, k, 16));
+            let text = without_bf16_instructions(narrow, || {
+                crate::lower::emit(&g, &fused(&g, true), crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"))
+            });
+            let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
+            let shuffles = kernel.matches("vector.shuffle").count();
+            assert_eq!(shuffles, 64 * squares, "{dtype}, heads of {k}, narrow tiles: {narrow}:\n{kernel}");
+        }
+    }
+
     /// The next block's lines spread over every loop of a tile's passes
     /// (`emit::fused`): each loop of the scores' and the w·V's passes
     /// (those with accumulators of more than one vector) prefetches a line
@@ -579,7 +607,7 @@ mod tests {
             (three_parts_in("bf16"), &[("d", 0), ("d", 3)], false),
             (f32_sums, &[("d", 3)], false),
             (grouped_attention("bf16"), &[], false),
-            (three_parts_sized("bf16", 32), &[("d", 3)], true),
+            (three_parts_sized("bf16", 8, 32), &[("d", 3)], true),
         ];
         for ((doc, extra, by_row), narrow) in cases.iter().flat_map(|case| [(case, true), (case, false)]) {
             let g = graph(doc);

@@ -6,7 +6,14 @@
 //! tiles of 16 query rows (the rows that share the head's K and V, one
 //! a vector lane); the call's part takes a range of items. Per item:
 //! - its rows of q packed `[tile][head][16]` on the stack (rows past the
-//!   last are zeros, their partials not stored);
+//!   last are zeros, their partials not stored); in wide tiles with heads
+//!   of whole vectors each row read as vectors and each 16 × 16 square
+//!   transposed in registers, 64 shuffles (`Kc::fused_q_transposed`),
+//!   where a lane at a time LLVM scattered each row's elements (4
+//!   `vscatterdps` a row of 64), whose stores the scores' first vector
+//!   loads of the slot then waited on: the same bits, in the fused lab
+//!   below (60 pairs, against that) 1.013x on two threads and 1.014x on
+//!   one at m_c = 8192, 1.070x at 2048 (an item a quarter as long);
 //! - per block of positions, each tile in turn (the block's K and V rows
 //!   read from memory by the first, from L1 by the next): the scores,
 //!   each a vector of 16 rows, summed along the head in passes of a few
@@ -308,22 +315,27 @@ impl Kc<'_> {
         let ls = self.b.stack_f32(&format!("fused_l{n}"), tiles_most, None);
         let t = self.b.open_loop(unit_tiles);
         let [first_row, q_base, o_base, m_base] = bases(self, &t);
-        let l = self.b.open_loop(&c_n);
-        let r = self.b.addi(&first_row, &l);
-        let valid = self.b.ult(&r, r_len);
-        let rc = self.b.op(&format!("arith.select {valid}, {r}, {last_r} : index"));
-        let mut env = self.row_env(rows, g_axis, gi, (&rc, other_sizes));
-        let d = self.b.open_loop(&c_head);
-        env.push((y, d.clone()));
-        let at = self.operand_index(j, &it.q.1, &env)?;
-        let x = self.loadf(q, &at)?;
-        let x = self.b.op(&format!("arith.select {valid}, {x}, {zero} : f32"));
-        let off = self.b.muli(&d, &c_n);
-        let off = self.b.addi(&off, &l);
-        let off = self.b.addi(&off, &q_base);
-        self.b.store(&qs, &off, DType::F32, Val::f32(x));
-        self.b.close();
-        self.b.close();
+        if !self.narrow && n == ROWS && head % ROWS as i64 == 0 && it.q.1.last() == Some(&y) && self.vector_readable(q)
+        {
+            self.fused_q_transposed(it, &qs, (&first_row, &q_base))?;
+        } else {
+            let l = self.b.open_loop(&c_n);
+            let r = self.b.addi(&first_row, &l);
+            let valid = self.b.ult(&r, r_len);
+            let rc = self.b.op(&format!("arith.select {valid}, {r}, {last_r} : index"));
+            let mut env = self.row_env(rows, g_axis, gi, (&rc, other_sizes));
+            let d = self.b.open_loop(&c_head);
+            env.push((y, d.clone()));
+            let at = self.operand_index(j, &it.q.1, &env)?;
+            let x = self.loadf(q, &at)?;
+            let x = self.b.op(&format!("arith.select {valid}, {x}, {zero} : f32"));
+            let off = self.b.muli(&d, &c_n);
+            let off = self.b.addi(&off, &l);
+            let off = self.b.addi(&off, &q_base);
+            self.b.store(&qs, &off, DType::F32, Val::f32(x));
+            self.b.close();
+            self.b.close();
+        }
         let c0 = self.b.index(0);
         self.b.store_vector(&ms, &m_base, &ninfs, n, DType::F32);
         self.b.store_vector(&ls, &m_base, &zeros, n, DType::F32);
@@ -613,6 +625,67 @@ impl Kc<'_> {
         self.b.close();
         self.b.close();
         Ok(())
+    }
+
+    /// A whole tile's 16 rows of q from row `first_row` (a row past the
+    /// last read at the last, zeros), packed `[head][16]` into `qs` from
+    /// `q_base`: each row read as vectors along the head, each 16 × 16
+    /// square of them transposed in registers ([`Kc::transposed16`]) and
+    /// stored a vector at a time. Written a lane at a time (scattered),
+    /// the scores' first vector loads of the slot waited for those
+    /// stores: see the module doc.
+    fn fused_q_transposed(&mut self, it: &Item, qs: &str, (first_row, q_base): (&str, &str)) -> Result<(), LowerError> {
+        let (j, q, y) = (it.j, it.q.0, it.letters[2]);
+        let (rows, g_axis, other_sizes, r_len) = (&it.rows.0, it.rows.1, &it.rows.2, &it.rows.3);
+        let vty = format!("vector<{ROWS}xf32>");
+        let zeros = self.b.splat_f32(0.0, Some(ROWS));
+        let one = self.b.index(1);
+        let last_r = self.b.hoist(&format!("arith.subi {r_len}, {one} : index"));
+        let mut lanes_at = Vec::with_capacity(ROWS);
+        for l in 0..ROWS {
+            let off = self.b.index(l as i64);
+            let r = self.b.addi(first_row, &off);
+            let valid = self.b.ult(&r, r_len);
+            let rc = self.b.op(&format!("arith.select {valid}, {r}, {last_r} : index"));
+            lanes_at.push((valid, self.row_env(rows, g_axis, &it.unit.0, (&rc, other_sizes))));
+        }
+        for d0 in (0..it.heads.0 as usize).step_by(ROWS) {
+            let mut square = Vec::with_capacity(ROWS);
+            for (valid, env) in &lanes_at {
+                let mut env = env.clone();
+                env.push((y, self.b.index(d0 as i64)));
+                let at = self.operand_index(j, &it.q.1, &env)?;
+                let x = self.load_vector_view(q, &at, ROWS)?;
+                square.push(self.b.op(&format!("arith.select {valid}, {x}, {zeros} : {vty}")));
+            }
+            for (c, v) in self.transposed16(square).iter().enumerate() {
+                let off = self.b.index(((d0 + c) * ROWS) as i64);
+                let off = self.b.addi(&off, q_base);
+                self.b.store_vector(qs, &off, v, ROWS, DType::F32);
+            }
+        }
+        Ok(())
+    }
+
+    /// The transpose of 16 vectors of 16 f32 (`rows[r]` lane `c` becomes
+    /// the result's `c` lane `r`), in four rounds of two-source shuffles
+    /// (one `vpermt2ps` each on AVX-512): round `w` (8, 4, 2, 1) swaps,
+    /// for each pair of rows `r`, `r + w` (`r & w` clear), row `r`'s lanes
+    /// with `w` set and row `r + w`'s with it clear, `w` lanes over.
+    fn transposed16(&mut self, mut rows: Vec<String>) -> Vec<String> {
+        let vty = format!("vector<{ROWS}xf32>");
+        for w in [8, 4, 2, 1] {
+            let low: Vec<String> = (0..ROWS).map(|c| if c & w == 0 { c } else { ROWS + c - w }.to_string()).collect();
+            let high: Vec<String> = (0..ROWS).map(|c| if c & w == 0 { c + w } else { ROWS + c }.to_string()).collect();
+            let mut next = rows.clone();
+            for r in (0..ROWS).filter(|r| r & w == 0) {
+                let (a, b) = (&rows[r], &rows[r + w]);
+                next[r] = self.b.op(&format!("vector.shuffle {a}, {b} [{}] : {vty}, {vty}", low.join(", ")));
+                next[r + w] = self.b.op(&format!("vector.shuffle {a}, {b} [{}] : {vty}, {vty}", high.join(", ")));
+            }
+            rows = next;
+        }
+        rows
     }
 
     /// The w·V of a block for a tile of 16 rows whose outputs are kept
