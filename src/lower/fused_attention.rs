@@ -95,7 +95,8 @@ pub const FUSED_SUFFIX: &str = ".fused";
 /// Stretches of the context per KV head, each an item of the fused
 /// kernel: a constant, so that the partials' size is a polynomial; with
 /// the tiles of rows, enough items for a few threads at any context
-/// length (b = 32 and 16 heads: 256).
+/// length (b = 32 and 16 heads: 256). Each item costs its q's packing
+/// and its partials' lines: fewer ran faster on two cores (`emit::fused`).
 pub const ITEMS: i64 = 8;
 
 /// The environment variable that says when the CPU step runs the fused
@@ -530,6 +531,29 @@ mod tests {
             let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
             let shuffles = kernel.matches("vector.shuffle").count();
             assert_eq!(shuffles, 64 * squares, "{dtype}, heads of {k}, narrow tiles: {narrow}:\n{kernel}");
+        }
+    }
+
+    /// Each tile prefetches its rows' lines of the partials for writing
+    /// as its item starts (`Kc::fused_partials_ahead`), before any pass:
+    /// a line every 16 elements of a row and its last element's (heads of
+    /// 24 for the values: a row of 26, 3 prefetches), for each of the
+    /// three widths of tile; no other prefetch writes.
+    #[test]
+    fn the_partials_are_fetched_for_writing_as_an_item_starts() {
+        let g = graph(&three_parts());
+        let text = crate::lower::emit::with_narrow_tiles(false, || {
+            crate::lower::emit(&g, &fused(&g, true), crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"))
+        });
+        let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
+        let writes: Vec<usize> =
+            kernel.lines().enumerate().filter(|(_, l)| l.contains("rw = 1 : i32")).map(|(i, _)| i).collect();
+        assert_eq!(writes.len(), 3 * 3, "{kernel}");
+        let passes: Vec<usize> =
+            kernel.lines().enumerate().filter(|(_, l)| l.contains("= scf.for")).map(|(i, _)| i).collect();
+        for width in writes.chunks(3) {
+            let first = passes.iter().find(|&&p| p > width[0]).copied().unwrap_or(usize::MAX);
+            assert!(width.iter().all(|&w| w < first), "before the passes:\n{kernel}");
         }
     }
 

@@ -30,7 +30,21 @@
 //!   head elements (a broadcast element of V for an FMA per row vector);
 //!   the next block's K and V lines prefetched over the tile's steps
 //!   (below);
-//! - per row its outputs, its max and its sum into the partials.
+//! - per row its outputs, its max and its sum into the partials, whose
+//!   lines each tile prefetches for writing as the item starts
+//!   (`Kc::fused_partials_ahead`): a step's partials are out of the
+//!   caches by the next, and written at the item's end their lines' reads
+//!   held it up (an item's end without its stores at all: 1.19x at m_c =
+//!   1024 in the fused lab below). The same bits; against the kernel
+//!   before, 40 pairs on two threads: 1.095-1.106x at m_c = 1024, 1.071x
+//!   at 2048, 1.008-1.011x at 8192 (one thread 1.012x); fetched after the
+//!   item's first block instead, no different. With fewer items a head
+//!   (`lower::fused_attention::ITEMS`: 4, 2, 1 against 8; with q's
+//!   transposes, above, against 8 items without them and before these
+//!   prefetches) the kernel ran 1.18x, 1.27x and 1.37x as fast at m_c =
+//!   1024 and 1.04x, 1.05x and 1.06x at 8192 on two threads (the
+//!   transposes alone 1.04x and 1.01x); fewer items leave fewer parts to
+//!   many cores (untimed here), so they stay 8.
 //!
 //! The next block's lines ([`Kc::fused_ahead`]): K's by the unit's first
 //! tile, V's by its last (both by a unit of one tile), each spread over
@@ -285,7 +299,7 @@ impl Kc<'_> {
         let (q, k, v) = (it.q.0, it.kv[0].0, it.kv[1].0);
         let (rows, g_axis, other_sizes, r_len) = (&it.rows.0, it.rows.1, &it.rows.2, &it.rows.3);
         let (head, e_len) = it.heads;
-        let (gi, item) = (&it.unit.0, &it.unit.1);
+        let gi = &it.unit.0;
         let (z1, last_z) = (&it.stretch.1, &it.stretch.2);
         let out = it.out;
         let vty = format!("vector<{n}xf32>");
@@ -336,6 +350,7 @@ impl Kc<'_> {
             self.b.close();
             self.b.close();
         }
+        self.fused_partials_ahead(it, n, &first_row);
         let c0 = self.b.index(0);
         self.b.store_vector(&ms, &m_base, &ninfs, n, DType::F32);
         self.b.store_vector(&ls, &m_base, &zeros, n, DType::F32);
@@ -586,11 +601,7 @@ impl Kc<'_> {
         let r = self.b.addi(&first_row, &l);
         let valid = self.b.ult(&r, r_len);
         self.b.open_guard(&valid);
-        let env = self.row_env(rows, g_axis, gi, (&r, other_sizes));
-        let mut at: Vec<String> = vec![item.to_owned()];
-        at.extend(env.into_iter().map(|(_, i)| i));
-        at.push(c0.clone());
-        let base = self.b.linearize(&at, &out.sizes);
+        let base = self.partial_row(it, &r);
         if rows_out {
             // `[row][e]` where the w·V keeps its outputs so: the row's
             // outputs copied 16 at a time.
@@ -625,6 +636,43 @@ impl Kc<'_> {
         self.b.close();
         self.b.close();
         Ok(())
+    }
+
+    /// Where row `r` of the item's rows starts in its partials (`[item,
+    /// rows…, e]`: its outputs, then its max and its sum).
+    fn partial_row(&mut self, it: &Item, r: &str) -> String {
+        let (rows, g_axis, other_sizes) = (&it.rows.0, it.rows.1, &it.rows.2);
+        let env = self.row_env(rows, g_axis, &it.unit.0, (r, other_sizes));
+        let mut at: Vec<String> = vec![it.unit.1.clone()];
+        at.extend(env.into_iter().map(|(_, i)| i));
+        at.push(self.b.index(0));
+        self.b.linearize(&at, &it.out.sizes)
+    }
+
+    /// The lines of the partials of a tile's `n` rows from `first_row`
+    /// (a row past the last: the last's) prefetched for writing, as the
+    /// item starts: written at its end, they missed the caches (the
+    /// partials of a step are out of them by the next), and the item
+    /// waited on those lines' reads; see the module doc.
+    fn fused_partials_ahead(&mut self, it: &Item, n: usize, first_row: &str) {
+        let r_len = &it.rows.3;
+        let len = it.heads.1 as usize + 2;
+        let c_n = self.b.index(n as i64);
+        let one = self.b.index(1);
+        let last_r = self.b.hoist(&format!("arith.subi {r_len}, {one} : index"));
+        let l = self.b.open_loop(&c_n);
+        let r = self.b.addi(first_row, &l);
+        let valid = self.b.ult(&r, r_len);
+        let rc = self.b.op(&format!("arith.select {valid}, {r}, {last_r} : index"));
+        let base = self.partial_row(it, &rc);
+        // A line every 16 elements, and the last element's (a row need not
+        // start on a line).
+        for w in (0..len).step_by(LINE_BYTES as usize / 4).chain([len - 1]) {
+            let o = self.b.index(w as i64);
+            let off = self.b.addi(&base, &o);
+            self.b.prefetch(&it.out.ptr, &off, DType::F32, true);
+        }
+        self.b.close();
     }
 
     /// A whole tile's 16 rows of q from row `first_row` (a row past the
