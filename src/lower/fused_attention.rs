@@ -510,8 +510,8 @@ mod tests {
         }
     }
     /// Wide tiles of 16 rows pack q `[head][16]` by 16 × 16 transposes in
-    /// registers (`Kc::fused_q_transposed`): four rounds of 16 shuffles a
-    /// square, each row read as vectors, no element stored alone; where
+    /// registers (`Kc::fused_q_transposed`): 64 shuffles a square, each
+    /// row read as vectors, no element stored alone; where
     /// the scores' heads are not whole vectors (8), or the tiles are
     /// narrow, a lane at a time. f32 and bf16 (q widened as it is read).
     #[test]

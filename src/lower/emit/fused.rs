@@ -678,7 +678,7 @@ impl Kc<'_> {
     /// A whole tile's 16 rows of q from row `first_row` (a row past the
     /// last read at the last, zeros), packed `[head][16]` into `qs` from
     /// `q_base`: each row read as vectors along the head, each 16 × 16
-    /// square of them transposed in registers ([`Kc::transposed16`]) and
+    /// square of them transposed in registers (`Kc::transpose_16`) and
     /// stored a vector at a time. Written a lane at a time (scattered),
     /// the scores' first vector loads of the slot waited for those
     /// stores: see the module doc.
@@ -706,34 +706,13 @@ impl Kc<'_> {
                 let x = self.load_vector_view(q, &at, ROWS)?;
                 square.push(self.b.op(&format!("arith.select {valid}, {x}, {zeros} : {vty}")));
             }
-            for (c, v) in self.transposed16(square).iter().enumerate() {
+            for (c, v) in self.transpose_16(&square).iter().enumerate() {
                 let off = self.b.index(((d0 + c) * ROWS) as i64);
                 let off = self.b.addi(&off, q_base);
                 self.b.store_vector(qs, &off, v, ROWS, DType::F32);
             }
         }
         Ok(())
-    }
-
-    /// The transpose of 16 vectors of 16 f32 (`rows[r]` lane `c` becomes
-    /// the result's `c` lane `r`), in four rounds of two-source shuffles
-    /// (one `vpermt2ps` each on AVX-512): round `w` (8, 4, 2, 1) swaps,
-    /// for each pair of rows `r`, `r + w` (`r & w` clear), row `r`'s lanes
-    /// with `w` set and row `r + w`'s with it clear, `w` lanes over.
-    fn transposed16(&mut self, mut rows: Vec<String>) -> Vec<String> {
-        let vty = format!("vector<{ROWS}xf32>");
-        for w in [8, 4, 2, 1] {
-            let low: Vec<String> = (0..ROWS).map(|c| if c & w == 0 { c } else { ROWS + c - w }.to_string()).collect();
-            let high: Vec<String> = (0..ROWS).map(|c| if c & w == 0 { c + w } else { ROWS + c }.to_string()).collect();
-            let mut next = rows.clone();
-            for r in (0..ROWS).filter(|r| r & w == 0) {
-                let (a, b) = (&rows[r], &rows[r + w]);
-                next[r] = self.b.op(&format!("vector.shuffle {a}, {b} [{}] : {vty}, {vty}", low.join(", ")));
-                next[r + w] = self.b.op(&format!("vector.shuffle {a}, {b} [{}] : {vty}, {vty}", high.join(", ")));
-            }
-            rows = next;
-        }
-        rows
     }
 
     /// The w·V of a block for a tile of 16 rows whose outputs are kept

@@ -35,6 +35,15 @@
 //! thread, 3.3-3.5 -> 2.9 on two. Rows that do not (grouped-query heads
 //! of one sample, at such lengths) keep plain stores.
 //!
+//! Wide tiles of f32 lanes pack the rows by 16 × 16 transposes in
+//! registers (`Kc::transpose_16`), each row read as vectors along the
+//! head ([`Kc::pack_rows`]); a lane at a time, LLVM scattered each row's
+//! elements into the slot (`vscatterdps`) and the sums' first vector
+//! loads of the slot then waited on those stores, as the fused kernel's q
+//! did (`emit::fused`). The same bits; the bf16 model's q·K on the
+//! 2-core Emerald Rapids VM (cpu_step, b = 32, m_c = 8192, two threads,
+//! profiled, alternated, calm rounds): 2.49-2.80 -> 2.40-2.68 ms a layer.
+//!
 //! An f16 / bf16 K is widened a block of 16 rows at a time into a second
 //! stack slot that the block's tiles broadcast from (a widening per
 //! broadcast would cost more than the FMA it feeds): the bf16 model's q·K
@@ -394,6 +403,34 @@ impl Kc<'_> {
     ) -> Result<(), LowerError> {
         let lanes = self.b.index(CPU_SIMD as i64);
         let len = self.b.index(t.sum.1);
+        if self.packs_by_squares(t) {
+            // Each tile's rows read as vectors along the sum, each 16 × 16
+            // square transposed in registers and stored a vector at a time.
+            let ti = self.b.open_loop(tiles);
+            let row0 = self.b.muli(&ti, &lanes);
+            let row0 = self.b.addi(first, &row0);
+            let rows_at: Vec<Vec<String>> = (0..CPU_SIMD)
+                .map(|l| {
+                    let off = self.b.index(l as i64);
+                    let row = self.b.addi(&row0, &off);
+                    self.row_index(idx, reuse, sizes, &row)
+                })
+                .collect();
+            let tile_at = self.b.muli(&ti, &len);
+            for d0 in (0..t.sum.1).step_by(CPU_SIMD) {
+                let d = self.b.index(d0);
+                let square =
+                    rows_at.iter().map(|at| self.small_vector_at(j, t, at, &d)).collect::<Result<Vec<_>, _>>()?;
+                for (c, v) in self.transpose_16(&square).iter().enumerate() {
+                    let off = self.b.index(d0 + c as i64);
+                    let off = self.b.addi(&tile_at, &off);
+                    let off = self.b.muli(&off, &lanes);
+                    self.b.store_vector(slot, &off, v, CPU_SIMD, DType::F32);
+                }
+            }
+            self.b.close();
+            return Ok(());
+        }
         let rows = self.b.muli(tiles, &lanes);
         let r = self.b.open_loop(&rows);
         let row = self.b.addi(first, &r);
@@ -430,6 +467,31 @@ impl Kc<'_> {
         self.b.close();
         self.b.close();
         Ok(())
+    }
+
+    /// Whether [`Kc::pack_rows`] packs a tile's rows by 16 × 16 transposes
+    /// in registers (`Kc::transpose_16`): wide tiles, f32 lanes (not
+    /// pairs), a sum of whole vectors along the small operand's last
+    /// axis, read as vectors. Packed a lane at a time, LLVM scattered each
+    /// row's elements into the slot, and the sums' first vector loads of
+    /// the slot waited on those stores (see the module doc).
+    fn packs_by_squares(&self, t: &RowsInLanes) -> bool {
+        let (v, k) = t.small;
+        !self.narrow
+            && !t.pairs
+            && t.sum.1 % CPU_SIMD as i64 == 0
+            && t.spec.inputs[k].last() == Some(&t.sum.0)
+            && self.vector_readable(v)
+    }
+
+    /// The small operand's 16 elements from step `d` of the sum at output
+    /// index `at`, as a vector (widened to f32).
+    fn small_vector_at(&mut self, j: usize, t: &RowsInLanes, at: &[String], d: &str) -> Result<String, LowerError> {
+        let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(at.iter().cloned()).collect();
+        env.push((t.sum.0, d.to_owned()));
+        let (v, k) = t.small;
+        let i = self.operand_index(j, &t.spec.inputs[k], &env)?;
+        self.load_vector_view(v, &i, CPU_SIMD)
     }
 
     /// The small operand at output index `at`, step `d` of the sum.
@@ -653,7 +715,8 @@ mod tests {
     /// it, the rows packed in pairs and
     /// summed with K's pairs by `vdpbf16ps`, elsewhere K widened a block at
     /// a time) and f16 (widened), the scores rounded once at the store: the
-    /// module packs rows into a stack slot and transposes
+    /// module packs rows into a stack slot (in wide tiles of f32 lanes by
+    /// 16 × 16 transposes of the rows read as vectors) and transposes
     /// in registers, and matches the interpreter with fewer than 16 rows
     /// (the reuse tile), exactly 16, a tile and a remainder, rows over more
     /// than one packing turn (32 rows a turn of a 64-wide head, 16 of a
@@ -718,7 +781,16 @@ mod tests {
             // The 16 x 16 transpose's last stage: 128-bit groups 1, 3 of
             // each vector.
             let groups_hi = "[4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31]";
-            assert!(text.matches(groups_hi).count() >= 16, "{spec}: a transpose in registers:\n{text}");
+            let transposes = text.matches(groups_hi).count();
+            assert!(transposes >= 16, "{spec}: a transpose in registers:\n{text}");
+            // Wide tiles of f32 lanes also pack the rows so: a square of 16
+            // group shuffles each 16 of the head, besides the accumulators'
+            // (three tiles at least: whole blocks and the two masked edges).
+            let narrow = crate::lower::emit::narrow_tiles_choice().unwrap_or(true);
+            if !narrow && !pairs {
+                let k = constants["k"].as_u64().unwrap_or(0) as usize;
+                assert!(transposes >= k + 3 * 16, "{spec} {dtype}: rows packed by squares ({transposes}):\n{text}");
+            }
             // f32: each row's 16 outputs are a line, stored past the caches
             // (then a fence); bf16: half a line, stored plainly (streamed
             // alone, it would write a partial line to memory).
