@@ -305,7 +305,6 @@ impl Kc<'_> {
         let vty = format!("vector<{n}xf32>");
         let lanes = Some(n);
         let (one, block) = (self.b.index(1), self.b.index(BLOCK));
-        let last_r = self.b.hoist(&format!("arith.subi {r_len}, {one} : index"));
         let (c_n, c_head, c_e) = (self.b.index(n as i64), self.b.index(head), self.b.index(e_len));
         let zero = self.b.f32(0.0);
         let zeros = self.b.splat_f32(0.0, lanes);
@@ -335,8 +334,7 @@ impl Kc<'_> {
         } else {
             let l = self.b.open_loop(&c_n);
             let r = self.b.addi(&first_row, &l);
-            let valid = self.b.ult(&r, r_len);
-            let rc = self.b.op(&format!("arith.select {valid}, {r}, {last_r} : index"));
+            let (valid, rc) = self.clamped_row(it, &r);
             let mut env = self.row_env(rows, g_axis, gi, (&rc, other_sizes));
             let d = self.b.open_loop(&c_head);
             env.push((y, d.clone()));
@@ -655,15 +653,11 @@ impl Kc<'_> {
     /// partials of a step are out of them by the next), and the item
     /// waited on those lines' reads; see the module doc.
     fn fused_partials_ahead(&mut self, it: &Item, n: usize, first_row: &str) {
-        let r_len = &it.rows.3;
         let len = it.heads.1 as usize + 2;
         let c_n = self.b.index(n as i64);
-        let one = self.b.index(1);
-        let last_r = self.b.hoist(&format!("arith.subi {r_len}, {one} : index"));
         let l = self.b.open_loop(&c_n);
         let r = self.b.addi(first_row, &l);
-        let valid = self.b.ult(&r, r_len);
-        let rc = self.b.op(&format!("arith.select {valid}, {r}, {last_r} : index"));
+        let (_, rc) = self.clamped_row(it, &r);
         let base = self.partial_row(it, &rc);
         // A line every 16 elements, and the last element's (a row need not
         // start on a line).
@@ -677,42 +671,31 @@ impl Kc<'_> {
 
     /// A whole tile's 16 rows of q from row `first_row` (a row past the
     /// last read at the last, zeros), packed `[head][16]` into `qs` from
-    /// `q_base`: each row read as vectors along the head, each 16 × 16
-    /// square of them transposed in registers (`Kc::transpose_16`) and
-    /// stored a vector at a time. Written a lane at a time (scattered),
-    /// the scores' first vector loads of the slot waited for those
-    /// stores: see the module doc.
+    /// `q_base` by 16 × 16 transposes of the rows read as vectors
+    /// (`Kc::pack_squares`). Written a lane at a time (scattered), the
+    /// scores' first vector loads of the slot waited for those stores:
+    /// see the module doc.
     fn fused_q_transposed(&mut self, it: &Item, qs: &str, (first_row, q_base): (&str, &str)) -> Result<(), LowerError> {
-        let (j, q, y) = (it.j, it.q.0, it.letters[2]);
-        let (rows, g_axis, other_sizes, r_len) = (&it.rows.0, it.rows.1, &it.rows.2, &it.rows.3);
-        let vty = format!("vector<{ROWS}xf32>");
-        let zeros = self.b.splat_f32(0.0, Some(ROWS));
-        let one = self.b.index(1);
-        let last_r = self.b.hoist(&format!("arith.subi {r_len}, {one} : index"));
+        let (rows, g_axis, other_sizes) = (&it.rows.0, it.rows.1, &it.rows.2);
         let mut lanes_at = Vec::with_capacity(ROWS);
         for l in 0..ROWS {
             let off = self.b.index(l as i64);
             let r = self.b.addi(first_row, &off);
-            let valid = self.b.ult(&r, r_len);
-            let rc = self.b.op(&format!("arith.select {valid}, {r}, {last_r} : index"));
-            lanes_at.push((valid, self.row_env(rows, g_axis, &it.unit.0, (&rc, other_sizes))));
+            let (valid, rc) = self.clamped_row(it, &r);
+            lanes_at.push((Some(valid), self.row_env(rows, g_axis, &it.unit.0, (&rc, other_sizes))));
         }
-        for d0 in (0..it.heads.0 as usize).step_by(ROWS) {
-            let mut square = Vec::with_capacity(ROWS);
-            for (valid, env) in &lanes_at {
-                let mut env = env.clone();
-                env.push((y, self.b.index(d0 as i64)));
-                let at = self.operand_index(j, &it.q.1, &env)?;
-                let x = self.load_vector_view(q, &at, ROWS)?;
-                square.push(self.b.op(&format!("arith.select {valid}, {x}, {zeros} : {vty}")));
-            }
-            for (c, v) in self.transpose_16(&square).iter().enumerate() {
-                let off = self.b.index(((d0 + c) * ROWS) as i64);
-                let off = self.b.addi(&off, q_base);
-                self.b.store_vector(qs, &off, v, ROWS, DType::F32);
-            }
-        }
-        Ok(())
+        self.pack_squares(it.j, (it.q.0, &it.q.1), (it.letters[2], it.heads.0), &lanes_at, (qs, q_base))
+    }
+
+    /// Whether row `r` of an item is one of its rows, and the row it
+    /// reads: `r`, or the last row when past it.
+    fn clamped_row(&mut self, it: &Item, r: &str) -> (String, String) {
+        let r_len = &it.rows.3;
+        let one = self.b.index(1);
+        let last_r = self.b.hoist(&format!("arith.subi {r_len}, {one} : index"));
+        let valid = self.b.ult(r, r_len);
+        let rc = self.b.op(&format!("arith.select {valid}, {r}, {last_r} : index"));
+        (valid, rc)
     }
 
     /// The w·V of a block for a tile of 16 rows whose outputs are kept

@@ -90,6 +90,10 @@ const PACK_ELEMS: i64 = 2048;
 /// multiple of it (the next block of K is prefetched a line per step).
 const PAIR_LINE: i64 = 32;
 
+/// A row [`Kc::pack_squares`] packs: whether it is one (`None`: always),
+/// and its letters but the summed one.
+pub(super) type PackedRow = (Option<String>, Vec<(char, String)>);
+
 /// The two operands of a contraction run with its rows in the lanes.
 pub(super) struct RowsInLanes {
     spec: EinsumSpec,
@@ -416,18 +420,12 @@ impl Kc<'_> {
                     self.row_index(idx, reuse, sizes, &row)
                 })
                 .collect();
+            let rows: Vec<PackedRow> =
+                rows_at.into_iter().map(|at| (None, t.spec.output.iter().copied().zip(at).collect())).collect();
             let tile_at = self.b.muli(&ti, &len);
-            for d0 in (0..t.sum.1).step_by(CPU_SIMD) {
-                let d = self.b.index(d0);
-                let square =
-                    rows_at.iter().map(|at| self.small_vector_at(j, t, at, &d)).collect::<Result<Vec<_>, _>>()?;
-                for (c, v) in self.transpose_16(&square).iter().enumerate() {
-                    let off = self.b.index(d0 + c as i64);
-                    let off = self.b.addi(&tile_at, &off);
-                    let off = self.b.muli(&off, &lanes);
-                    self.b.store_vector(slot, &off, v, CPU_SIMD, DType::F32);
-                }
-            }
+            let base = self.b.muli(&tile_at, &lanes);
+            let (v, k) = t.small;
+            self.pack_squares(j, (v, &t.spec.inputs[k]), t.sum, &rows, (slot, &base))?;
             self.b.close();
             return Ok(());
         }
@@ -484,14 +482,44 @@ impl Kc<'_> {
             && self.vector_readable(v)
     }
 
-    /// The small operand's 16 elements from step `d` of the sum at output
-    /// index `at`, as a vector (widened to f32).
-    fn small_vector_at(&mut self, j: usize, t: &RowsInLanes, at: &[String], d: &str) -> Result<String, LowerError> {
-        let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(at.iter().cloned()).collect();
-        env.push((t.sum.0, d.to_owned()));
-        let (v, k) = t.small;
-        let i = self.operand_index(j, &t.spec.inputs[k], &env)?;
-        self.load_vector_view(v, &i, CPU_SIMD)
+    /// 16 rows of operand `v` (read by node `j` as `subs`, the summed
+    /// letter `sum` last, of a length a multiple of 16), each given by its
+    /// letters but `sum` (and, where given, whether it is a row: if not,
+    /// it is packed as zeros), packed `[sum][16]` into `slot` from element
+    /// `base`: each row read as vectors along `sum`, each 16 × 16 square
+    /// transposed in registers (`Kc::transpose_16`) and stored a vector
+    /// at a time. The rows-in-lanes q·K's rows and the fused attention's
+    /// q (`emit::fused`) are packed so.
+    pub(super) fn pack_squares(
+        &mut self,
+        j: usize,
+        (v, subs): (Value, &[char]),
+        (sum, len): (char, i64),
+        rows: &[PackedRow],
+        (slot, base): (&str, &str),
+    ) -> Result<(), LowerError> {
+        let vty = format!("vector<{CPU_SIMD}xf32>");
+        let zeros = self.b.splat_f32(0.0, Some(CPU_SIMD));
+        for d0 in (0..len).step_by(CPU_SIMD) {
+            let d = self.b.index(d0);
+            let mut square = Vec::with_capacity(rows.len());
+            for (valid, env) in rows {
+                let mut env = env.clone();
+                env.push((sum, d.clone()));
+                let at = self.operand_index(j, subs, &env)?;
+                let x = self.load_vector_view(v, &at, CPU_SIMD)?;
+                square.push(match valid {
+                    Some(valid) => self.b.op(&format!("arith.select {valid}, {x}, {zeros} : {vty}")),
+                    None => x,
+                });
+            }
+            for (c, x) in self.transpose_16(&square).iter().enumerate() {
+                let off = self.b.index((d0 as usize + c) as i64 * CPU_SIMD as i64);
+                let off = self.b.addi(&off, base);
+                self.b.store_vector(slot, &off, x, CPU_SIMD, DType::F32);
+            }
+        }
+        Ok(())
     }
 
     /// The small operand at output index `at`, step `d` of the sum.
