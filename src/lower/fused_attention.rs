@@ -9,7 +9,8 @@
 //! 64 MB of K and V, and the three kernels' FMAs wait on it.
 //!
 //! Fused, one kernel reads q, K and V and never stores a score: an item
-//! is one KV head, a stretch of the context ([`ITEMS`] a head) and up to
+//! is one KV head, a stretch of the context (at least [`ITEM_POSITIONS`]
+//! positions where the context has them, at most [`ITEMS`] a head) and up to
 //! two tiles of 16 query rows (in the vector lanes, as the q·K's
 //! rows-in-lanes tile; tiles of 8 or 4 lanes where fewer than 16 rows
 //! share K: `emit::fused`), walked in blocks of 32 positions with the
@@ -92,12 +93,22 @@ pub const FUSED_OP: &str = "fused_attention";
 /// Suffix of the name of a fused kernel's partials buffer.
 pub const FUSED_SUFFIX: &str = ".fused";
 
-/// Stretches of the context per KV head, each an item of the fused
-/// kernel: a constant, so that the partials' size is a polynomial; with
-/// the tiles of rows, enough items for a few threads at any context
-/// length (b = 32 and 16 heads: 256). Each item costs its q's packing
-/// and its partials' lines: fewer ran faster on two cores (`emit::fused`).
+/// The most stretches of the context per KV head, each an item of the
+/// fused kernel: a constant, so that the partials' size is a polynomial
+/// (`[ITEMS, rows…, head + 2]`). A run takes one item an
+/// [`ITEM_POSITIONS`] positions of its context, from 1 to `ITEMS`.
 pub const ITEMS: i64 = 8;
+
+/// Context positions an item of the fused kernel takes at least, where
+/// the context has that many (fewer items a head than [`ITEMS`] at
+/// shorter contexts: m_c = 2048 one, 8192 four, from 16384 eight). Each
+/// item costs its q's packing, its partials' lines and a share of the
+/// merge, and costs them again at each step; with 8 items at every
+/// length they were the kernel's 6% at m_c = 8192 and a quarter of it at
+/// 1024 on two cores (`emit::fused`). A function of m_c alone (not of
+/// the threads, which would make the results depend on them); at b = 32
+/// and 16 heads still 16 items at m_c = 1024, 64 at 8192, for the cores.
+pub const ITEM_POSITIONS: i64 = 2048;
 
 /// The environment variable that says when the CPU step runs the fused
 /// context attention: `auto` (the default) where at least
@@ -270,7 +281,7 @@ mod tests {
 
     use serde_json::{json, Value as Json};
 
-    use super::{FUSED_MIN_ROWS, FUSED_OP, FUSED_SUFFIX, ITEMS};
+    use super::{FUSED_MIN_ROWS, FUSED_OP, FUSED_SUFFIX, ITEMS, ITEM_POSITIONS};
     use crate::ir::Graph;
     use crate::lower::in_place::tests::{attention_in, graph, grouped_attention};
     use crate::lower::plan::plan_cpu_fusing;
@@ -485,7 +496,10 @@ mod tests {
             }
             let extras: Vec<Option<(&str, i64)>> =
                 if extra.is_empty() { vec![None] } else { extra.iter().copied().map(Some).collect() };
-            for (b, m) in [(1, 0), (15, 1), (16, 15), (17, 16), (33, 17), (40, 33), (2, 1029), (3, 2100)] {
+            // Items a head (`ITEM_POSITIONS`): one to m = 4095, then 2, 3 and
+            // 8 (18500 would make 9).
+            let items = [(2, 1029), (3, 2100), (2, 4100), (17, 6200), (3, 18500)];
+            for (b, m) in [(1, 0), (15, 1), (16, 15), (17, 16), (33, 17), (40, 33)].into_iter().chain(items) {
                 for extra in &extras {
                     let mut point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), m)]);
                     point.extend(extra.map(|(k, v)| (k.to_string(), v)));
@@ -554,6 +568,41 @@ mod tests {
         for width in writes.chunks(3) {
             let first = passes.iter().find(|&&p| p > width[0]).copied().unwrap_or(usize::MAX);
             assert!(width.iter().all(|&w| w < first), "before the passes:\n{kernel}");
+        }
+    }
+
+    /// The kernel and the softmax's merge take the same count of items a
+    /// head, from the context's length: `min(max(m_c / ITEM_POSITIONS,
+    /// 1), ITEMS)`, the items the kernel walks and the merge reads.
+    #[test]
+    fn the_items_follow_the_context_length() {
+        let g = graph(&three_parts());
+        let text =
+            crate::lower::emit(&g, &fused(&g, true), crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        // The name of the constant `value : index` in `f`, and the name of
+        // the result of `op` whose operands are `a` and `b`.
+        let constant = |f: &str, value: i64| {
+            let line = f.lines().find(|l| l.ends_with(&format!("= arith.constant {value} : index")));
+            line.and_then(|l| l.split_whitespace().next()).map(str::to_owned)
+        };
+        let result = |f: &str, op: &str, a: &str, b: &str| {
+            let line = f.lines().find(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.len() == 7 && w[2] == op && w[3] == format!("{a},") && w[4] == b
+            });
+            line.and_then(|l| l.split_whitespace().next()).map(str::to_owned)
+        };
+        let functions: Vec<&str> = text.split("func.func").collect();
+        let kernel = functions.iter().find(|f| f.contains("_fused(")).copied().unwrap_or_default();
+        let merge = functions.iter().find(|f| f.starts_with(" @k") && f.contains("_p(")).copied().unwrap_or_default();
+        for f in [kernel, merge] {
+            let [per, one, most] = [ITEM_POSITIONS, 1, ITEMS].map(|v| constant(f, v).unwrap_or_default());
+            // m_c is the runtime dim m, the second of the kernel's dims.
+            let m_c = f.lines().find(|l| l.contains("arith.index_cast %d1 : i64 to index"));
+            let m_c = m_c.and_then(|l| l.split_whitespace().next()).unwrap_or_default();
+            let n = result(f, "arith.divui", m_c, &per).unwrap_or_default();
+            let n = result(f, "arith.maxui", &n, &one).unwrap_or_default();
+            assert!(result(f, "arith.minui", &n, &most).is_some(), "no items of m_c in:\n{f}");
         }
     }
 

@@ -218,7 +218,8 @@ pub struct FusedPlan {
     pub partials: usize,
     pub context: usize,
     pub values: String,
-    /// Items a head (the partials' first axis).
+    /// The most items a head (the partials' first axis); a run takes
+    /// fewer at short contexts (`lower::fused_attention::ITEM_POSITIONS`).
     pub items: i64,
     /// The query rows that share a KV head (the scores' rows but the KV
     /// head's axis): the CPU step runs the fused plan where they are at

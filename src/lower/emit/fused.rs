@@ -38,13 +38,19 @@
 //!   1024 in the fused lab below). The same bits; against the kernel
 //!   before, 40 pairs on two threads: 1.095-1.106x at m_c = 1024, 1.071x
 //!   at 2048, 1.008-1.011x at 8192 (one thread 1.012x); fetched after the
-//!   item's first block instead, no different. With fewer items a head
-//!   (`lower::fused_attention::ITEMS`: 4, 2, 1 against 8; with q's
-//!   transposes, above, against 8 items without them and before these
-//!   prefetches) the kernel ran 1.18x, 1.27x and 1.37x as fast at m_c =
-//!   1024 and 1.04x, 1.05x and 1.06x at 8192 on two threads (the
-//!   transposes alone 1.04x and 1.01x); fewer items leave fewer parts to
-//!   many cores (untimed here), so they stay 8.
+//!   item's first block instead, no different.
+//!
+//! Items a head ([`Kc::fused_items`]): one every
+//! `lower::fused_attention::ITEM_POSITIONS` (2048) positions of the run's
+//! context, at least one, at most the plan's 8 (`ITEMS`, the partials'
+//! first axis); the merge reads as many. With 8 at every length, each
+//! item's costs above, paid at each step, weighed on short contexts:
+//! before the transposes and these prefetches, 4, 2 and 1 items a head
+//! ran 1.18x, 1.27x and 1.37x as fast as 8 at m_c = 1024 and 1.04-1.06x
+//! at 8192 on two threads. With them, the count by m_c against 8 (fused
+//! lab below, 40 pairs): 1.080x at m_c = 1024 (one thread 1.106x), 1.060x
+//! at 2048, 0.999x at 8192 (four items). Not fewer at 8192: 64 items at
+//! b = 32 and 16 heads leave parts to many cores.
 //!
 //! The next block's lines ([`Kc::fused_ahead`]): K's by the unit's first
 //! tile, V's by its last (both by a unit of one tile), each spread over
@@ -130,6 +136,7 @@
 //! twice the three kernels' time), the next block two blocks ahead.
 
 use crate::ir::{DType, Op, Value};
+use crate::lower::fused_attention::ITEM_POSITIONS;
 use crate::lower::LowerError;
 
 use super::bodies::Out;
@@ -225,12 +232,14 @@ impl Kc<'_> {
             r_len = self.b.hoist(&format!("arith.muli {r_len}, {s} : index"));
         }
         let tiles = self.ceil_div(&r_len, ROWS as i64);
-        let items = self.b.index(fused.items);
-        let per_item = self.ceil_div(&m_c, fused.items);
+        let items = self.fused_items(&m_c, fused.items);
+        let up = self.b.hoist(&format!("arith.addi {m_c}, {items} : index"));
+        let one = self.b.index(1);
+        let up = self.b.hoist(&format!("arith.subi {up}, {one} : index"));
+        let per_item = self.b.hoist(&format!("arith.divui {up}, {items} : index"));
         let per_item = self.ceil_div(&per_item, BLOCK);
         let block = self.b.index(BLOCK);
         let per_item = self.b.hoist(&format!("arith.muli {per_item}, {block} : index"));
-        let one = self.b.index(1);
         let last_z = self.b.hoist(&format!("arith.subi {m_c}, {one} : index"));
 
         // The items of this call's part: fewer rows than a whole tile make
@@ -289,6 +298,19 @@ impl Kc<'_> {
             self.b.close();
         }
         Ok(flat)
+    }
+
+    /// The items a KV head at a run with `m_c` context positions (hoisted):
+    /// one an [`ITEM_POSITIONS`] positions, at least one, at most `most`
+    /// (the plan's, the partials' first axis). The kernel and the
+    /// softmax's merge both take it: the items past it are neither
+    /// written nor read. A function of the context's length alone, so the
+    /// results do not depend on the threads.
+    pub(super) fn fused_items(&mut self, m_c: &str, most: i64) -> String {
+        let (per, one, most) = (self.b.index(ITEM_POSITIONS), self.b.index(1), self.b.index(most));
+        let n = self.b.hoist(&format!("arith.divui {m_c}, {per} : index"));
+        let n = self.b.hoist(&format!("arith.maxui {n}, {one} : index"));
+        self.b.hoist(&format!("arith.minui {n}, {most} : index"))
     }
 
     /// Item `it` of a fused context attention in tiles of `n` rows, one

@@ -223,7 +223,9 @@ impl Kc<'_> {
         for (_, s) in sizes.iter().enumerate().filter(|(a, _)| *a != axis) {
             rows = self.b.hoist(&format!("arith.muli {rows}, {s} : index"));
         }
-        let items = self.b.index(fused.items);
+        // The context's length: where its part (the first) ends.
+        let m_c = self.sizes(&segments[1..2])?.remove(0);
+        let items = self.fused_items(&m_c, fused.items);
         let (w, c_e) = (self.b.index(width), self.b.index(e_len));
         // Where item `i`'s partials of this row start.
         let item_base = |kc: &mut Self, i: &str| {
