@@ -93,8 +93,28 @@ fn norm_rel(a: &Tensor, b: &Tensor) -> f32 {
     diff / top
 }
 
+/// The value of environment variable `name`, `default` where it is unset;
+/// a value that does not parse stops the bench with its name (where it
+/// used to be taken for the default without a word).
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| bad_env(name, &v, "a number")),
+        Err(_) => default,
+    }
+}
+
+/// The comma-separated list in environment variable `name`, `default`
+/// where it is unset; an entry that does not parse stops the bench (a
+/// point `32x8192` used to be dropped, leaving no point to time).
+fn env_list<T: std::str::FromStr>(name: &str, default: impl FnOnce() -> Vec<T>) -> Vec<T> {
+    let Ok(v) = std::env::var(name) else { return default() };
+    let list: Option<Vec<T>> = v.split(',').map(|x| x.trim().parse().ok()).collect();
+    list.filter(|l| !l.is_empty()).unwrap_or_else(|| bad_env(name, &v, "numbers separated by commas"))
+}
+
+fn bad_env(name: &str, value: &str, what: &str) -> ! {
+    eprintln!("cpu_step: {name}={value:?}: expected {what}");
+    std::process::exit(2)
 }
 
 fn compile(name: &str, g: &Graph) -> CpuStep {
@@ -114,10 +134,7 @@ fn main() {
     let runs: usize = env_or("BIFURC_BENCH_RUNS", 5);
     let m_c: i64 = env_or("BIFURC_BENCH_CONTEXT", 8192).max(0);
     let m_d: i64 = env_or("BIFURC_BENCH_DECODE", 16).max(0);
-    let points: Vec<i64> = std::env::var("BIFURC_BENCH_POINTS")
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![32, 16, 1]);
+    let points: Vec<i64> = env_list("BIFURC_BENCH_POINTS", || vec![32, 16, 1]);
 
     let dtype = std::env::var("BIFURC_BENCH_DTYPE").unwrap_or_else(|_| "float32".into());
     let kv_heads: usize = env_or("BIFURC_BENCH_KV_HEADS", 16);
@@ -166,10 +183,7 @@ fn main() {
         }
     }
     let runs = runs.max(1);
-    let threads: Vec<usize> = std::env::var("BIFURC_BENCH_THREADS")
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![steps[0].threads()]);
+    let threads: Vec<usize> = env_list("BIFURC_BENCH_THREADS", || vec![steps[0].threads()]);
 
     let peaks: Vec<f64> = threads
         .iter()
