@@ -34,7 +34,9 @@
 //!   already gone: `cpu::masks`);
 //! - the concat's first part is a context `q·K`: an einsum of a query
 //!   `[rows…, y]` and a graph input `[g, z, y]` (the context K), writing
-//!   `[rows…, z]` with `g` one of the rows' letters, its head `y` a
+//!   `[rows…, z]` with `g` one of the rows' letters, or of size 1 and
+//!   summed away (multi-query attention as `import-hf` writes it,
+//!   `abxy,czy->abxz`: one KV head for every row), its head `y` a
 //!   constant;
 //! - that part is read by one slice, read only by the context `w·V`: an
 //!   einsum of the slice `[rows…, z]` and a graph input `[g, z, e]` (the
@@ -235,7 +237,10 @@ fn fusion(graph: &Graph, kinds: &[NodeKind], users: &[Vec<usize>], f: &Found, bf
     let [g, z, y] = spec.inputs.get(1)?.as_slice() else { return None };
     let rows = rows_then(spec, *y, *z)?;
     let k_shape = graph.shape_of(k);
-    let ok = rows.contains(g)
+    // K's head among the rows, or one head shared by every row
+    // (multi-query attention: `g` of size 1, summed away).
+    let one_head = || constant(graph, &k_shape[0]) == Some(1);
+    let ok = (rows.contains(g) || one_head())
         && of_dtype(*q)
         && of_dtype(k)
         && graph.nodes[s].dtype == dtype
@@ -336,6 +341,18 @@ mod tests {
             ],
             "outputs": [{"name": "o", "node": "o"}]
         })
+    }
+
+    /// [`three_parts_sized`] in f32 with one KV head for every query
+    /// head (multi-query attention, as `import-hf` writes it): the context
+    /// K and V `[1, m, …]`, their head summed away (`abxy,czy->abxz`).
+    fn multi_query(k: i64, e: i64) -> Json {
+        let mut doc = three_parts_sized("f32", k, e);
+        doc["inputs"][1]["shape"] = json!([1, "m", "k"]);
+        doc["inputs"][4]["shape"] = json!([1, "m", "e"]);
+        doc["nodes"][0]["attrs"]["spec"] = json!("abxy,czy->abxz");
+        doc["nodes"][10]["attrs"]["spec"] = json!("abxy,cyz->abxz");
+        doc
     }
 
     /// Values of runtime dims a case of a test runs at besides b and m.
@@ -469,16 +486,20 @@ mod tests {
         // of 16 (one pass of 3 vectors, two of 5): their outputs kept
         // `[row][head]` (`emit::fused`), one slot more for the rows'
         // `alpha` beside each of three tile widths' five. Heads of 32 for
-        // the scores: whole tiles' q transposed in registers.
-        let cases: [(Json, Extras, Option<bool>); 5] = [
+        // the scores: whole tiles' q transposed in registers. One KV head
+        // for every row (multi-query): all the rows of an item share it.
+        let cases: [(Json, Extras, Option<bool>); 7] = [
             (three_parts(), &[("d", 0), ("d", 3)], None),
             (grouped_attention("f32"), &[], None),
             (three_parts_sized("f32", 8, 48), &[("d", 3)], Some(false)),
             (three_parts_sized("f32", 8, 80), &[("d", 0)], Some(false)),
             (three_parts_sized("f32", 32, 32), &[("d", 3)], Some(false)),
+            (multi_query(8, 24), &[("d", 3)], None),
+            (multi_query(32, 32), &[("d", 0)], Some(false)),
         ];
         for (doc, extra, narrow) in cases {
             let g = graph(&doc);
+            assert!(fused(&g, true).kernels.iter().any(|k| k.op == FUSED_OP), "fused:\n{doc}");
             let compile = || {
                 let step = CpuStep::compile_program(&g, fused(&g, true)).unwrap_or_else(|e| panic!("{e}"));
                 let three = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));

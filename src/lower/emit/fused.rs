@@ -1,7 +1,8 @@
 //! The fused context attention's kernel (see `lower::fused_attention`):
 //! q, K and V read, the partials written, no score stored.
 //!
-//! An item is a KV head `g`, a stretch `i` of the context (one of
+//! An item is a KV head `g` (with one KV head summed away, multi-query
+//! attention, every row's), a stretch `i` of the context (one of
 //! the plan's items a head, a multiple of [`BLOCK`] positions) and up to [`UNIT_TILES`]
 //! tiles of 16 query rows (the rows that share the head's K and V, one
 //! a vector lane); the call's part takes a range of items. Per item:
@@ -175,7 +176,7 @@ struct RowsOut<'a> {
 /// One item of a fused context attention, as [`Kc::fused_tiles`] walks
 /// it: the `q·K` node and the `w·V` node; the letters `g, z, y` of K and
 /// `g, z, e` of V; q (value, letters); K and V (values, letters); the
-/// rows' letters, the axis of `g` among them, the other rows' sizes and
+/// rows' letters, the axis of `g` among them (none: one KV head), the other rows' sizes and
 /// their product; the heads of K and V; the item's KV head and stretch
 /// index; the stretch (first position, end, the context's last
 /// position); the scale; where the partials go.
@@ -185,7 +186,7 @@ struct Item<'o> {
     letters: [char; 6],
     q: (Value, Vec<char>),
     kv: [(Value, Vec<char>); 2],
-    rows: (Vec<char>, usize, Vec<String>, String),
+    rows: (Vec<char>, Option<usize>, Vec<String>, String),
     heads: (i64, i64),
     unit: (String, String),
     stretch: (String, String, String),
@@ -217,7 +218,9 @@ impl Kc<'_> {
         };
         let rank = spec.output.len().saturating_sub(1);
         let rows: Vec<char> = spec.output[..rank].to_vec();
-        let g_axis = rows.iter().position(|&c| c == g).ok_or_else(|| bad(self))?;
+        // K's head among the rows, or none: one head for every row
+        // (multi-query attention, `lower::fused_attention`).
+        let g_axis = rows.iter().position(|&c| c == g);
         let known = |kc: &Self, p: &crate::ir::Poly| {
             kc.graph.dims.normalize(p).ok().and_then(|p| p.as_constant()).ok_or_else(|| bad(kc))
         };
@@ -225,7 +228,7 @@ impl Kc<'_> {
         let e_len = known(self, &graph.nodes[wv].shape[rank])?;
         let row_sizes = self.sizes(&graph.nodes[j].shape[..rank])?;
         let m_c = self.sizes(&graph.shape_of(k)[1..2])?.remove(0);
-        let others: Vec<usize> = (0..rank).filter(|&a| a != g_axis).collect();
+        let others: Vec<usize> = (0..rank).filter(|&a| Some(a) != g_axis).collect();
         let other_sizes: Vec<String> = others.iter().map(|&a| row_sizes[a].clone()).collect();
         let mut r_len = self.b.index(1);
         for s in &other_sizes {
@@ -245,7 +248,11 @@ impl Kc<'_> {
         // The items of this call's part: fewer rows than a whole tile make
         // one item a head and stretch.
         let unit_tiles = self.ceil_div(&tiles, UNIT_TILES as i64);
-        let units = [row_sizes[g_axis].clone(), items.clone(), unit_tiles];
+        let kv_heads = match g_axis {
+            Some(a) => row_sizes[a].clone(),
+            None => self.b.index(1),
+        };
+        let units = [kv_heads, items.clone(), unit_tiles];
         let (flat, regions) = self.open_part_loop(&units);
         self.partition = Partition::Done;
         let unit = self.b.delinearize(&flat, &units);
@@ -886,13 +893,19 @@ impl Kc<'_> {
     }
 
     /// The letters of a row of a fused tile, in the order of `rows`: `g`
-    /// at `g_axis`, the other row letters from `r` delinearized over their
-    /// sizes.
-    fn row_env(&mut self, rows: &[char], g_axis: usize, g: &str, (r, sizes): (&str, &[String])) -> Vec<(char, String)> {
+    /// at `g_axis` (where K's head is a row's), the other row letters from
+    /// `r` delinearized over their sizes.
+    fn row_env(
+        &mut self,
+        rows: &[char],
+        g_axis: Option<usize>,
+        g: &str,
+        (r, sizes): (&str, &[String]),
+    ) -> Vec<(char, String)> {
         let mut idx = self.b.delinearize(r, sizes).into_iter();
         rows.iter()
             .enumerate()
-            .map(|(a, &c)| (c, if a == g_axis { g.to_owned() } else { idx.next().unwrap_or_default() }))
+            .map(|(a, &c)| (c, if Some(a) == g_axis { g.to_owned() } else { idx.next().unwrap_or_default() }))
             .collect()
     }
 }
