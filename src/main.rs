@@ -213,7 +213,8 @@ enum Command {
     /// run`, see docs/gpu-machine.md). The context is a prompt, filled by stepping the graph
     /// over it at b=1, or a random one (--context-len). Then --samples continuations are
     /// decoded together for --steps tokens. Prints the tokens, the per-step latency (median,
-    /// p90) and tokens/s; --json prints one JSON object instead. Before any weights are bound
+    /// p90) and tokens/s, the decode's one-time set-up apart (on the CPU the JIT compile of
+    /// the plan the samples take); --json prints one JSON object instead. Before any weights are bound
     /// it asks whether the run fits: the step's buffers at the last step (weights, the context
     /// and decode caches, intermediates; on the CPU also the context caches in f32 while they
     /// are bound: all of a prompt's, one layer of a random context's; and the largest weight in

@@ -88,11 +88,14 @@ impl RunReport {
         percentile(&self.output.step_ms, 0.9).unwrap_or(0.0)
     }
 
-    /// Generated tokens (all samples) per second of decode wall time.
+    /// Generated tokens (all samples) per second of decode wall time,
+    /// its set-up left out ([`SampleOutput::setup_ms`]: on the CPU, the
+    /// JIT compile of the plan the samples take, once).
     pub fn tokens_per_s(&self) -> f64 {
         let tokens = (self.samples * self.steps) as f64;
-        if self.decode_s > 0.0 {
-            tokens / self.decode_s
+        let seconds = self.decode_s - self.output.setup_ms / 1e3;
+        if seconds > 0.0 {
+            tokens / seconds
         } else {
             0.0
         }
@@ -121,6 +124,7 @@ impl RunReport {
             "median_step_ms": self.median_ms(),
             "p90_step_ms": self.p90_ms(),
             "tokens_per_s": self.tokens_per_s(),
+            "decode_setup_ms": self.output.setup_ms,
         });
         if let Some(p) = &self.prefill {
             value["prefill"] = serde_json::json!({
@@ -163,14 +167,15 @@ impl RunReport {
         let _ = writeln!(
             s,
             "decoded {} samples x {} steps (temperature {}, seed {}): step median {:.3} ms, p90 {:.3} ms \
-             (bind + run + outputs); {:.1} tokens/s",
+             (bind + run + outputs); {:.1} tokens/s after {:.1} ms of set-up",
             self.samples,
             self.steps,
             self.temperature,
             self.seed,
             self.median_ms(),
             self.p90_ms(),
-            self.tokens_per_s()
+            self.tokens_per_s(),
+            self.output.setup_ms
         );
         for (i, ids) in self.output.tokens.iter().enumerate().take(8) {
             let shown: Vec<String> = ids.iter().take(32).map(u32::to_string).collect();

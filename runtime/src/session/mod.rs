@@ -112,6 +112,12 @@ pub struct SampleOutput {
     pub step_ms: Vec<f64>,
     /// The last step's logits `[b, vocab]`, when asked for.
     pub last_logits: Option<HostTensor>,
+    /// Wall milliseconds before the first step: the context bound for
+    /// sampling, the decode caches made, the step readied for `b` samples
+    /// ([`Step::reserve`]: on the CPU, the plan a run at `b` takes
+    /// JIT-compiled at its first use), the first tokens drawn. A one-time
+    /// cost that rates of tokens a second leave out.
+    pub setup_ms: f64,
 }
 
 /// The decode caches of one fill or sampling run.
@@ -620,8 +626,9 @@ impl<S: Step> Session<S> {
         let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(options.steps); b];
         let mut step_ms = Vec::with_capacity(options.steps);
         let mut last_logits = None;
+        let start = Instant::now();
         if options.steps == 0 {
-            return Ok(SampleOutput { tokens, step_ms, last_logits });
+            return Ok(SampleOutput { tokens, step_ms, last_logits, setup_ms: 0.0 });
         }
         self.bind_for_sampling(context)?;
         // Every sample draws its first token from the same context logits
@@ -630,6 +637,7 @@ impl<S: Step> Session<S> {
         let mut caches = self.new_caches(b, options.steps)?;
         // Room for the last step (m_d = steps - 1), so that no step allocates.
         self.step.reserve(&dims(b, context.len, options.steps - 1))?;
+        let setup_ms = start.elapsed().as_secs_f64() * 1e3;
         for step in 0..options.steps {
             for (s, t) in current.iter().enumerate() {
                 tokens[s].push(*t);
@@ -648,6 +656,6 @@ impl<S: Step> Session<S> {
                 last_logits = Some(HostTensor { shape: vec![b, self.layout.vocab], data: logits.data });
             }
         }
-        Ok(SampleOutput { tokens, step_ms, last_logits })
+        Ok(SampleOutput { tokens, step_ms, last_logits, setup_ms })
     }
 }
