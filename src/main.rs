@@ -227,8 +227,8 @@ enum Command {
     /// the contractions' register tiles are narrow where the CPU has no AVX-512 (16 vector
     /// registers of 256 bits); BIFURC_CPU_AMX=auto|on|off, BIFURC_CPU_BF16_DOT=auto|on|off
     /// and BIFURC_CPU_NARROW_TILES=auto|on|off override each.
-    /// f32 context attention runs as one fused kernel where at least 16 query rows share a KV
-    /// head (b >= 16 multi-head; b times the query heads a KV head where they share one), as
+    /// f32 context attention runs as one fused kernel where at least 2 query rows share a KV
+    /// head (b >= 2 multi-head; b times the query heads a KV head where they share one), as
     /// three below; BIFURC_CPU_FUSED_ATTENTION=auto|on|off
     /// overrides that (`on` fuses bf16 too where the step widens bf16 to f32 anyway, with no
     /// `vdpbf16ps` in use and no AMX or with narrow tiles: faster, but rounded apart from the

@@ -77,10 +77,11 @@
 //! 43.7-45.5 ms on two threads (three runs alternated), the three then
 //! 12.6-13.3 ms a layer.
 //!
-//! The CPU step is compiled with both plans (`plans_cpu`; the kernels
-//! of the same code JIT'd once) and a run takes the fused one where at
-//! least [`FUSED_MIN_ROWS`] query rows share each KV head at its point
-//! (`CpuStep::program_at`), the three kernels below;
+//! The CPU step is compiled with three plans (`plans_cpu`; the kernels
+//! of the same code as the first plan's JIT'd once) and a run takes a
+//! fused one where at least [`FUSED_MIN_ROWS`] query rows share each KV
+//! head at its point (`CpuStep::program_at`: tiles of 16 lanes from
+//! [`WIDE_TILE_ROWS`], of 8 below), the three kernels below;
 //! [`FUSED_ATTENTION_ENV`] can say always or never.
 
 use crate::ir::{DType, EinsumSpec, Graph, Op, Poly, Value};
@@ -121,21 +122,37 @@ pub const ITEM_POSITIONS: i64 = 2048;
 pub const FUSED_ATTENTION_ENV: &str = "BIFURC_CPU_FUSED_ATTENTION";
 
 /// Query rows that share a KV head from which the CPU step runs its
-/// fused plan (with [`FUSED_ATTENTION_ENV`] `auto`): a whole tile of 16
-/// lanes, the plan then built without the narrower tiles' branch. On the
-/// 2-core Emerald Rapids VM (cpu_step, m_c = 8192, two threads, `on`
-/// alternated with `auto` when this was 32, two rounds), with the next
-/// block's lines spread over the tiles' steps (`emit::fused`): 16 rows
-/// 13.5-13.9 ms against the three kernels' 15.6-15.7 (one thread
-/// 24.2-24.3 against 27.9-28.1), 24 rows 18.9 against 20.0-20.1; AVX2's
-/// narrow tiles there 16.3-17.6 against 20.9-21.3 and 23.9-24.0 against
-/// 24.8-24.9; below 16 rows mixed (8 rows, one tile of 8 lanes,
-/// 12.8-13.0 against 14.5-15.0; 12 rows 16.3-16.6 against 15.4-16.8).
-/// Until then it was 32, two whole tiles an item: on the 2-core Zen 3 VM
-/// with the next block fetched in a burst, 12 to 24 rows no faster or
-/// slower, 1 to 6 rows slower (b = 1: about twice the time; see
-/// DESIGN.md).
-pub const FUSED_MIN_ROWS: i64 = 16;
+/// fused plan (with [`FUSED_ATTENTION_ENV`] `auto`); one row a KV head (b
+/// = 1 of a multi-head model) keeps the three kernels. The kernel's tiles
+/// then have 16 lanes from 9 rows, 8 from 5, 4 below (`emit::fused`).
+/// On the 2-core Emerald Rapids VM (cpu_step, m_c = 8192, two threads,
+/// both layers' context attention profiled, `on` against `auto` when
+/// this was 16, two rounds), in AVX-512's tiles: 2 rows 5.10-5.20 ms
+/// against the three kernels' 5.54-5.58, 3 rows 4.95-5.21 against
+/// 6.29-6.47, 4 rows 4.99-5.44 against 5.22-5.32, 6 rows 5.13-5.22
+/// against 6.60-6.65, 8 rows 5.24-5.44 against 6.88-6.96, 12 rows
+/// 5.60-5.62 against 7.85-7.88, and one row 4.97-5.13 against
+/// 4.85-4.93; in narrow ones (`BIFURC_CPU_NARROW_TILES=on`, as without
+/// AVX-512) 2 rows 5.89-6.00 against 6.39-7.37, 4 rows 5.82-5.83
+/// against 7.27-7.47, 8 rows 5.89-5.90 against 8.64-8.97, 12 rows
+/// 6.87-7.08 against 9.96-12.57, one row 5.62-5.81 against 5.73-5.87; at
+/// m_c = 1024 and 16384 (2 and 4 rows) no slower. Until then it was 16
+/// (one whole tile of 16 lanes; fewer rows took tiles of 8 lanes from 8
+/// rows, of 4 below, and were mixed against the three kernels: 12 rows,
+/// two tiles of 8, 16.3-16.6 ms a step against 15.4-16.8), and before
+/// that 32, two whole tiles an item: on the 2-core Zen 3 VM with the next
+/// block fetched in a burst, 12 to 24 rows no faster or slower, 1 to 6
+/// rows slower (b = 1: about twice the time; see DESIGN.md).
+pub const FUSED_MIN_ROWS: i64 = 2;
+
+/// Query rows a KV head from which the fused kernel's tiles are all of 16
+/// lanes (`emit::fused`; 8 lanes from 5 rows, 4 below): a plan run only
+/// from them has no narrower tiles to branch to, and JIT-compiles in a
+/// third of the time. The CPU step compiles one such plan and one for
+/// [`FUSED_MIN_ROWS`] to 8 rows (`lower::plans_cpu`), each JIT-compiled
+/// at its first run: the tiny example's fused plan took 0.83-0.86 s with
+/// the narrower tiles (`bifurc run`'s set-up).
+pub const WIDE_TILE_ROWS: i64 = 9;
 
 /// One context attention to fuse: the softmax planned in place, its
 /// concat's first part (the context `q·K`), the context `w·V` and its
@@ -286,7 +303,7 @@ mod tests {
 
     use serde_json::{json, Value as Json};
 
-    use super::{FUSED_MIN_ROWS, FUSED_OP, FUSED_SUFFIX, ITEMS, ITEM_POSITIONS};
+    use super::{FUSED_MIN_ROWS, FUSED_OP, FUSED_SUFFIX, ITEMS, ITEM_POSITIONS, WIDE_TILE_ROWS};
     use crate::ir::Graph;
     use crate::lower::in_place::tests::{attention_in, graph, grouped_attention};
     use crate::lower::plan::plan_cpu_fusing;
@@ -394,19 +411,26 @@ mod tests {
             let merge = p.kernels.iter().find(|k| k.node == "p").unwrap_or_else(|| panic!("softmax"));
             assert_eq!(merge.writes, plan.context);
             assert!(merge.reads.contains(&plan.partials));
-            // Run at every point, the kernel branches to tiles of 8 and of
-            // 4 lanes for fewer rows; run from FUSED_MIN_ROWS, it has the
-            // tiles of 16 alone.
-            let by_rows = plan_cpu_fusing(&g, Some(FUSED_MIN_ROWS)).unwrap_or_else(|e| panic!("{e}"));
-            for (program, min_rows) in [(&p, 0), (&by_rows, FUSED_MIN_ROWS)] {
-                let plans: Vec<_> = program.fused().collect();
-                assert!(plans.iter().all(|f| f.min_rows == min_rows), "{plans:?}");
-                let text = crate::lower::emit(&g, program, crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+            // Run at every point or from FUSED_MIN_ROWS, the kernel
+            // branches to tiles of 8 and of 4 lanes for up to 8 rows; run
+            // from 9 rows, it has the tiles of 16 alone; run up to 8, the
+            // tiles of 8 lanes alone.
+            let plans = [(0, None), (FUSED_MIN_ROWS, None), (WIDE_TILE_ROWS, None), (FUSED_MIN_ROWS, Some(8))];
+            for (min_rows, max_rows) in plans {
+                let by_rows = match max_rows {
+                    None => plan_cpu_fusing(&g, Some(min_rows)),
+                    Some(max) => crate::lower::plan::plan_cpu_fusing_between(&g, min_rows, max),
+                };
+                let by_rows = by_rows.unwrap_or_else(|e| panic!("{e}"));
+                let plans: Vec<_> = by_rows.fused().collect();
+                assert!(plans.iter().all(|f| (f.min_rows, f.max_rows) == (min_rows, max_rows)), "{plans:?}");
+                let text =
+                    crate::lower::emit(&g, &by_rows, crate::lower::Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
                 let kernel = text.split("func.func").find(|f| f.contains("_fused(")).unwrap_or_default();
-                assert!(kernel.contains("vector<16xf32>"), "{kernel}");
-                for narrow in ["vector<8xf32>", "vector<4xf32>"] {
-                    assert_eq!(kernel.contains(narrow), min_rows == 0, "{narrow} from {min_rows} rows");
-                }
+                let rows = format!("from {min_rows} to {max_rows:?} rows");
+                assert_eq!(kernel.contains("vector<16xf32>"), max_rows.is_none(), "{rows}:\n{kernel}");
+                assert_eq!(kernel.contains("vector<8xf32>"), min_rows <= 8, "{rows}");
+                assert_eq!(kernel.contains("vector<4xf32>"), min_rows <= 8 && max_rows.is_none(), "{rows}");
             }
             let off = fused(&g, false);
             assert!(off.in_place.iter().all(|x| x.fused.is_none()));
@@ -433,36 +457,47 @@ mod tests {
         }
     }
 
-    /// A step compiled with both plans runs the fused one where at least
-    /// [`FUSED_MIN_ROWS`] query rows share each KV head, the three kernels
-    /// below: multi-head attention has a row a head per sample (fused
-    /// from b = 16), the grouped-query one 3 (from b = 6). The outputs are
-    /// the interpreter's either way, and the plan a run takes is the one
+    /// A step compiled with its plans (`plans_cpu`: the three kernels, the
+    /// fused kernel with tiles of 16 lanes alone, and with narrower ones)
+    /// runs a fused one where at least [`FUSED_MIN_ROWS`] query rows share
+    /// each KV head, the one of 16 lanes alone from [`WIDE_TILE_ROWS`],
+    /// the three kernels below: multi-head attention has a row a head per
+    /// sample (fused from b = 2, in tiles of 16 from b = 9), the
+    /// grouped-query one 3 (from b = 1 and b = 3). The outputs are the
+    /// interpreter's either way, and the plan a run takes is the one
     /// `program_at` names (its kernels are the ones profiled); the plans
-    /// share the functions of the kernels they have in common, and the
-    /// fused plan's own are JIT-compiled at its first run.
+    /// share the functions of the kernels they have in common with the
+    /// first, and each fused plan's own are JIT-compiled at its first run.
     #[test]
     fn the_step_fuses_where_enough_rows_share_a_head() {
-        let below = FUSED_MIN_ROWS - 1;
-        let cases = [(three_parts(), vec![("d", 3)], below), (grouped_attention("f32"), vec![], below / 3)];
-        for (doc, extra, below) in cases {
+        for (doc, extra, per_sample) in [(three_parts(), vec![("d", 3)], 1), (grouped_attention("f32"), vec![], 3)] {
             let g = graph(&doc);
-            let step =
-                CpuStep::compile_plans(&g, vec![fused(&g, false), fused(&g, true)]).unwrap_or_else(|e| panic!("{e}"));
-            // The kernels of the same code are compiled once: the second
-            // plan adds the fused kernel and its merge.
+            let plans = crate::lower::plans_cpu(&g).unwrap_or_else(|e| panic!("{e}"));
+            let from: Vec<Vec<i64>> = plans.iter().map(|p| p.fused().map(|f| f.min_rows).collect()).collect();
+            assert_eq!(from, [vec![], vec![WIDE_TILE_ROWS], vec![FUSED_MIN_ROWS]]);
+            let step = CpuStep::compile_plans(&g, plans).unwrap_or_else(|e| panic!("{e}"));
+            // The kernels of the same code as the first plan's are compiled
+            // once: each fused plan adds its fused kernel and its merge.
             let first = CpuStep::compile_program(&g, fused(&g, false)).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(step.functions(), first.functions() + 2);
-            // Those two are JIT-compiled at the fused plan's first run.
-            let mut compiled = false;
-            for b in [1, below, below + 1, 17] {
+            assert_eq!(step.functions(), first.functions() + 4);
+            // Those are JIT-compiled at each fused plan's first run.
+            let mut compiled = vec![false, false];
+            for b in [1, 2, 3, 8, 9, 17, 2] {
+                let rows = b * per_sample;
                 let mut point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), 40)]);
                 point.extend(extra.iter().map(|(k, v)| (k.to_string(), *v)));
                 let program = step.program_at(&point);
-                let fuses = program.kernels.iter().any(|k| k.op == FUSED_OP);
-                assert_eq!(fuses, b > below, "b = {b}");
-                assert_eq!(step.fused_compiled(), Some(compiled), "b = {b}, before its run");
-                compiled |= fuses;
+                let taken = program.fused().map(|f| f.min_rows).next();
+                let want = match rows {
+                    r if r >= WIDE_TILE_ROWS => Some(WIDE_TILE_ROWS),
+                    r if r >= FUSED_MIN_ROWS => Some(FUSED_MIN_ROWS),
+                    _ => None,
+                };
+                assert_eq!(taken, want, "b = {b}");
+                assert_eq!(step.fused_compiled(), compiled, "b = {b}, before its run");
+                if let Some(from) = taken {
+                    compiled[usize::from(from == FUSED_MIN_ROWS)] = true;
+                }
                 let inputs = crate::interp::random_inputs(&g, &point, 7).unwrap_or_else(|e| panic!("{e}"));
                 let want = crate::interp::run(&g, &point, &inputs).unwrap_or_else(|e| panic!("{e}"));
                 let (got, times) = step.run_profiled(&point, &inputs).unwrap_or_else(|e| panic!("{e}"));
@@ -520,7 +555,10 @@ mod tests {
             // Items a head (`ITEM_POSITIONS`): one to m = 4095, then 2, 3 and
             // 8 (18500 would make 9).
             let items = [(2, 1029), (3, 2100), (2, 4100), (17, 6200), (3, 18500)];
-            for (b, m) in [(1, 0), (15, 1), (16, 15), (17, 16), (33, 17), (40, 33)].into_iter().chain(items) {
+            // Rows a KV head either side of each tile width's range (4
+            // lanes to 4 rows, 8 to 8, 16 from 9).
+            let rows = [(1, 0), (4, 40), (5, 100), (8, 33), (9, 700), (12, 40), (15, 1), (16, 15), (17, 16)];
+            for (b, m) in rows.into_iter().chain([(33, 17), (40, 33)]).chain(items) {
                 for extra in &extras {
                     let mut point = BTreeMap::from([("b".to_string(), b), ("m".to_string(), m)]);
                     point.extend(extra.map(|(k, v)| (k.to_string(), v)));

@@ -226,11 +226,16 @@ pub struct FusedPlan {
     /// least [`FUSED_MIN_ROWS`](crate::lower::FUSED_MIN_ROWS).
     pub rows_per_head: Poly,
     /// The fewest rows a KV head the plan is run with (the step's choice:
-    /// `FUSED_MIN_ROWS` where it picks by the rows, 0 where the plan runs
-    /// at every point). From 16 the kernel has its tiles of 16 lanes only
-    /// (its narrower ones are for fewer rows; the 16 lanes give the same
-    /// values there, more slowly).
+    /// `WIDE_TILE_ROWS` or `FUSED_MIN_ROWS` where it picks by the rows, 0
+    /// where the plan runs at every point). From `WIDE_TILE_ROWS` (9) the
+    /// kernel has its tiles of 16 lanes only (its narrower ones are for
+    /// fewer rows; the 16 lanes give the same values there, more slowly).
     pub min_rows: i64,
+    /// The most rows a KV head the plan is run with, where the step has
+    /// another fused plan for more (`None`: no most). Up to 8 the kernel
+    /// has its tiles of 8 lanes only (one width to JIT-compile, not
+    /// three).
+    pub max_rows: Option<i64>,
     /// The product of the scales between the scores and the softmax.
     pub scale: f64,
 }
@@ -645,16 +650,24 @@ pub fn plan_cpu(graph: &Graph) -> Result<Program, LowerError> {
 /// [`FUSED_ATTENTION_ENV`](crate::lower::FUSED_ATTENTION_ENV) says (an
 /// error for a value it does not know): `auto` (the default), the plan
 /// without fusion, then, where a context attention fuses
-/// ([`FusedPlan`]), the plan with it (the step runs it where enough rows
-/// share a KV head: [`FusedPlan::rows_per_head`]); `off`, the first
-/// alone; `on`, the fused alone.
+/// ([`FusedPlan`]), the plans with it, one run from `WIDE_TILE_ROWS` (9)
+/// rows a KV head (tiles of 16 lanes alone), one from
+/// [`FUSED_MIN_ROWS`](crate::lower::FUSED_MIN_ROWS) to 8 (tiles of 8
+/// lanes alone; the step runs the one its rows fall in:
+/// [`FusedPlan::rows_per_head`]); `off`, the first alone; `on`, the fused
+/// alone, at every point.
 pub fn plans_cpu(graph: &Graph) -> Result<Vec<Program>, LowerError> {
+    use super::fused_attention::{FUSED_MIN_ROWS, WIDE_TILE_ROWS};
     let first = plan_cpu(graph)?;
     if super::fused_attention::fused_choice()?.is_some() {
         return Ok(vec![first]);
     }
-    let fused = plan_cpu_fusing(graph, Some(super::fused_attention::FUSED_MIN_ROWS))?;
-    Ok(if fused.fused().next().is_some() { vec![first, fused] } else { vec![first] })
+    let wide = plan_cpu_fusing(graph, Some(WIDE_TILE_ROWS))?;
+    if wide.fused().next().is_none() {
+        return Ok(vec![first]);
+    }
+    let narrow = plan_cpu_fusing_between(graph, FUSED_MIN_ROWS, WIDE_TILE_ROWS - 1)?;
+    Ok(vec![first, wide, narrow])
 }
 
 /// [`plan_cpu`] with the context attention fused where it qualifies
@@ -662,21 +675,27 @@ pub fn plans_cpu(graph: &Graph) -> Result<Vec<Program>, LowerError> {
 /// ([`FusedPlan::min_rows`]), or not (`None`), whatever the environment
 /// says; a bf16 attention only when run at every point (`Some(0)`).
 pub(crate) fn plan_cpu_fusing(graph: &Graph, fuse: Option<i64>) -> Result<Program, LowerError> {
-    plan_inner(graph, None, true, fuse)
+    plan_inner(graph, None, true, fuse.map(|min| (min, None)))
+}
+
+/// [`plan_cpu_fusing`] run from `min` to `max` rows a KV head
+/// ([`FusedPlan::max_rows`]).
+pub(crate) fn plan_cpu_fusing_between(graph: &Graph, min: i64, max: i64) -> Result<Program, LowerError> {
+    plan_inner(graph, None, true, Some((min, Some(max))))
 }
 
 fn plan_inner(
     graph: &Graph,
     tensor_cores: Option<(&BTreeMap<String, i64>, Tuning)>,
     in_place: bool,
-    fuse: Option<i64>,
+    fuse: Option<(i64, Option<i64>)>,
 ) -> Result<Program, LowerError> {
     let kinds = classify(graph);
     let found = if in_place { super::in_place::find(graph, &kinds) } else { Vec::new() };
     // bf16 attentions only in a plan fused at every point (`on`: see
     // `lower::fused_attention`).
     let fusions = match fuse {
-        Some(min_rows) => super::fused_attention::find(graph, &kinds, &found, min_rows == 0),
+        Some((min_rows, _)) => super::fused_attention::find(graph, &kinds, &found, min_rows == 0),
         None => Vec::new(),
     };
     let mut buffers = Vec::new();
@@ -773,7 +792,8 @@ fn plan_inner(
                     values: graph.nodes[x.values].id.clone(),
                     items: super::fused_attention::ITEMS,
                     rows_per_head: x.rows_per_head.clone(),
-                    min_rows: fuse.unwrap_or(0),
+                    min_rows: fuse.map_or(0, |(min, _)| min),
+                    max_rows: fuse.and_then(|(_, max)| max),
                     scale: x.scale,
                 })
             }

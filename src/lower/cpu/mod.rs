@@ -171,11 +171,11 @@ pub struct CpuStep {
     /// Weights bound in the caller's layout and kept in another (see
     /// `layout`, `panels`).
     kept: BTreeMap<String, Kept>,
-    /// The plan a run takes unless `fused`'s is chosen.
+    /// The plan a run takes unless one of `fused` is chosen.
     plan: Compiled,
-    /// The plan with the context attention fused, taken where enough rows
-    /// share a KV head (see [`CpuStep::program_at`]).
-    fused: Option<Compiled>,
+    /// The plans with the context attention fused, each taken from its
+    /// rows a KV head (see [`CpuStep::program_at`]).
+    fused: Vec<Compiled>,
     pipeline: &'static str,
     /// Distinct functions among the plans' entries.
     functions: usize,
@@ -265,7 +265,7 @@ impl CpuStep {
     }
 
     /// JIT-compiles `emitted`'s kernels of distinct code (of `programs`,
-    /// planned from `graph`: a plan, then maybe the plan with the context
+    /// planned from `graph`: a plan, then maybe plans with the context
     /// attention fused); every kernel runs the one with its code, with its
     /// own arguments, in up to `threads` parts.
     fn compile_module(
@@ -282,7 +282,7 @@ impl CpuStep {
             },
         );
         let plan = plans.next().ok_or_else(|| LowerError::Engine("no plan to compile".into()))?;
-        let fused = plans.next();
+        let fused = plans.collect();
         let first = emitted.modules.first().ok_or_else(|| LowerError::Engine("no plan to compile".into()))?;
         let engine = Engine::jit(first, "emitted CPU kernels")?;
         plan.set_first(&engine)?;
@@ -973,7 +973,7 @@ mod tests {
             for threads in [1, 3] {
                 step.set_threads(threads);
                 for (p, inputs, want) in [&fresh[0], &fresh[1], &fresh[0]] {
-                    for plan in std::iter::once(&mut step.plan).chain(step.fused.as_mut()) {
+                    for plan in std::iter::once(&mut step.plan).chain(step.fused.iter_mut()) {
                         let kept = match plan.scratch.get_mut() {
                             Ok(k) => k,
                             Err(e) => panic!("{e}"),
@@ -984,11 +984,15 @@ mod tests {
                     assert!(got == *want, "{threads} parts at {p:?}: outputs differ on poisoned memory");
                 }
             }
-            let kept = match step.plan.scratch.get_mut() {
-                Ok(k) => k,
-                Err(e) => panic!("{e}"),
-            };
-            assert!(kept.iter().flatten().count() > 0, "the step keeps no intermediates: nothing was checked");
+            // In the plan the points ran (the first, or a fused one).
+            let mut kept = 0;
+            for plan in std::iter::once(&mut step.plan).chain(step.fused.iter_mut()) {
+                kept += match plan.scratch.get_mut() {
+                    Ok(k) => k.iter().flatten().count(),
+                    Err(e) => panic!("{e}"),
+                };
+            }
+            assert!(kept > 0, "the step keeps no intermediates: nothing was checked");
         }
     }
 

@@ -1,14 +1,17 @@
 //! The CPU step's plans: the first, and where an f32 context attention
-//! can be fused into one kernel (`lower::fused_attention`), a second that
-//! fuses it, which a run takes where enough query rows share a KV head.
-//! The kernels of the same code are one function
+//! can be fused into one kernel (`lower::fused_attention`), two that
+//! fuse it, which a run takes where enough query rows share a KV head
+//! (one from 9 rows, its tiles of 16 lanes; one from 2 to 8, its tiles of
+//! 8). The kernels of the same code as the first plan's are one function
 //! (`emit::emit_shared_plans`): the first plan's are JIT-compiled with
-//! the step, the fused plan's own (its kernel and merge) at its first run
+//! the step, a fused plan's own (its kernel and merge) at its first run
 //! or [`CpuStep::reserve`]: a step that never runs it does not wait for
 //! them (`bifurc run` of 4 samples of the tiny example took 1.59-1.63 s,
 //! 1.55-1.57 without the fused plan, 2.37-2.47 with both plans compiled
 //! at once; of 16 samples, which run it, 2.10-2.20 against 1.63-2.02,
-//! the fused plan's module JIT-compiled in 0.28-0.38 s).
+//! the fused plan's module JIT-compiled in 0.28-0.38 s; with three
+//! plans, 1.55-1.66 s at 1, 4 and 16 samples, each running one fused
+//! plan, its set-up 0.30-0.37 s).
 
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
@@ -102,47 +105,53 @@ impl Compiled {
 
 impl CpuStep {
     /// The plan this step runs: its first, which its inputs and outputs
-    /// are those of; where it has a second, with the context attention
-    /// fused, a run where enough rows share a KV head takes that one
+    /// are those of; where it has others, with the context attention
+    /// fused, a run where enough rows share a KV head takes one of them
     /// ([`CpuStep::program_at`]).
     pub fn program(&self) -> &Program {
         &self.plan.program
     }
 
-    /// Every plan compiled: [`CpuStep::program`], then the plan with the
-    /// context attention fused where the step has one.
+    /// Every plan compiled: [`CpuStep::program`], then the plans with the
+    /// context attention fused where the step has them.
     pub fn programs(&self) -> impl Iterator<Item = &Program> {
         self.plans().map(|c| &c.program)
     }
 
-    /// The step's plans: its first, then the fused one where it has one.
+    /// The step's plans: its first, then the fused ones where it has them.
     pub(super) fn plans(&self) -> impl Iterator<Item = &Compiled> {
         std::iter::once(&self.plan).chain(&self.fused)
     }
 
     /// The plan a run at `point` takes: with the context attention fused
-    /// ([`crate::lower::FusedPlan`]) where the step was compiled with such a
-    /// plan (see [`crate::lower::plans_cpu`]) and at least [`FUSED_MIN_ROWS`]
-    /// query rows share each KV head at `point`; its first plan otherwise.
+    /// ([`crate::lower::FusedPlan`]) where the step was compiled with such
+    /// plans (see [`crate::lower::plans_cpu`]) and at least
+    /// [`FUSED_MIN_ROWS`] query rows share each KV head at `point` (the
+    /// one run from the most rows that `point` has); its first plan
+    /// otherwise.
     pub fn program_at(&self, point: &BTreeMap<String, i64>) -> &Program {
         &self.chosen(point).program
     }
 
-    /// Whether the fused plan's own functions are JIT-compiled yet
-    /// (`None`: the step has no fused plan).
+    /// Whether each fused plan's own functions are JIT-compiled yet.
     #[cfg(test)]
-    pub(crate) fn fused_compiled(&self) -> Option<bool> {
-        self.fused.as_ref().map(|f| f.jit.get().is_some())
+    pub(crate) fn fused_compiled(&self) -> Vec<bool> {
+        self.fused.iter().map(|f| f.jit.get().is_some()).collect()
     }
 
-    /// The plan a run at `point` takes: the one with the context attention
-    /// fused where the step has it and every fused attention has at least
-    /// [`FUSED_MIN_ROWS`] rows a KV head there, else the first.
+    /// The plan a run at `point` takes: of the plans with the context
+    /// attention fused whose every fused attention has its plan's rows a
+    /// KV head there ([`FusedPlan::min_rows`], at least
+    /// [`FUSED_MIN_ROWS`], to [`FusedPlan::max_rows`]), the one run from
+    /// the most; else the first.
     pub(super) fn chosen(&self, point: &BTreeMap<String, i64>) -> &Compiled {
-        let enough = |f: &FusedPlan| self.graph.dims.eval(&f.rows_per_head, point).is_ok_and(|r| r >= FUSED_MIN_ROWS);
-        match &self.fused {
-            Some(fused) if fused.program.fused().all(enough) => fused,
-            _ => &self.plan,
-        }
+        let enough = |f: &FusedPlan| {
+            let least = f.min_rows.max(FUSED_MIN_ROWS);
+            let rows = self.graph.dims.eval(&f.rows_per_head, point);
+            rows.is_ok_and(|r| r >= least && f.max_rows.is_none_or(|most| r <= most))
+        };
+        let from = |c: &Compiled| c.program.fused().map(|f| f.min_rows).max().unwrap_or(0);
+        let fits = self.fused.iter().filter(|c| c.program.fused().next().is_some() && c.program.fused().all(enough));
+        fits.max_by_key(|c| from(c)).unwrap_or(&self.plan)
     }
 }

@@ -114,11 +114,17 @@
 //! 4 or 8 ahead, 0.99-1.01x; K's lines alone 0.88x, V's alone 0.92x, none
 //! 0.81x.
 //!
-//! Fewer than 16 rows a KV head (b = 1 to 15 of a multi-head model), in
-//! a runtime branch: tiles of 8 lanes (8 to 15 rows) or of 4, all of an
-//! item's rows in the item; a plan run only from 16 rows a KV head
-//! (`FusedPlan::min_rows`: the step's choice by the rows) has no such
-//! branch (its JIT 0.28-0.38 s against 0.90-1.18, the tiny example's).
+//! 9 to 15 rows a KV head take one tile of 16 lanes (the lanes past the
+//! last row zeros: one FMA a step, where two tiles of 8 took two; the
+//! cpu_step's attention at 10 to 15 rows 1.5-1.65x as fast, narrow
+//! tiles at 12 rows 1.35x); fewer take tiles of 8 lanes (5 to 8 rows)
+//! or of 4, all of an item's rows in the item (5 to 7 rows took two
+//! tiles of 4 until then: 1.5x). A plan run only from 9 rows a KV head
+//! (`FusedPlan::min_rows`: the step's choice by the rows) has the tiles
+//! of 16 alone, one run only up to 8 (`FusedPlan::max_rows`) those of 8
+//! alone; run at every point (`on`), the kernel branches at run time to
+//! all three (its JIT 0.84-0.87 s against 0.30-0.36, the tiny
+//! example's).
 //! The passes take 12 registers of accumulators with narrow tiles
 //! (`emit::registers`; a pass of 6 or 5 positions or head elements of 16
 //! rows, 11 or 10 of 8 or 4), 16 vectors otherwise.
@@ -137,7 +143,7 @@
 //! twice the three kernels' time), the next block two blocks ahead.
 
 use crate::ir::{DType, Op, Value};
-use crate::lower::fused_attention::ITEM_POSITIONS;
+use crate::lower::fused_attention::{ITEM_POSITIONS, WIDE_TILE_ROWS};
 use crate::lower::LowerError;
 
 use super::bodies::Out;
@@ -273,28 +279,38 @@ impl Kc<'_> {
             scale: fused.scale as f32,
             out,
         };
-        // Whole tiles of 16 rows where there are 16 or more; else tiles of
-        // 8 or of 4 lanes (b = 1 to 15 of a multi-head model: 16 lanes
-        // would compute rows of nothing), all of them in the one item.
+        // Tiles of 16 rows where there are more than 8 (the last one's
+        // rows past the last are zeros: one FMA a step for up to 16 rows,
+        // where two tiles of 8 lanes took two); else one tile of 8 or of 4
+        // lanes (b = 1 to 8 of a multi-head model: 16 lanes would compute
+        // rows of nothing, for as many FMAs), in the one item.
         let per_unit = self.b.index(UNIT_TILES as i64);
         let first_tile = self.b.muli(&unit[2], &per_unit);
         let left = self.b.subi(&tiles, &first_tile);
         let unit_tiles = self.b.op(&format!("arith.minui {left}, {per_unit} : index"));
-        if fused.min_rows >= ROWS as i64 {
-            // Run from 16 rows a KV head only (the step's choice): no
+        let narrow_only = fused.max_rows.is_some_and(|most| most < WIDE_TILE_ROWS);
+        let c0 = self.b.index(0);
+        let eights = self.ceil_div(&r_len, ROWS as i64 / 2);
+        if fused.min_rows >= WIDE_TILE_ROWS {
+            // Run from 9 rows a KV head only (the step's choice): no
             // narrower tiles to branch to.
             self.fused_tiles(&at, ROWS, (&first_tile, &unit_tiles))?;
+        } else if narrow_only {
+            // Run up to 8 rows only (the step's choice): tiles of 8 lanes
+            // alone, as many FMAs as tiles of 4 for 2 to 4 rows (cpu_step
+            // at b = 2 to 4, both layers' attention, two threads, two
+            // rounds: 5.11-5.97 ms against 5.25-6.60), one tile width to
+            // JIT-compile.
+            self.fused_tiles(&at, ROWS / 2, (&c0, &eights))?;
         } else {
-            let c0 = self.b.index(0);
-            let (c8, c16) = (self.b.index(ROWS as i64 / 2), self.b.index(ROWS as i64));
-            let whole = self.b.op(&format!("arith.cmpi uge, {r_len}, {c16} : index"));
+            let (c4, c8) = (self.b.index(ROWS as i64 / 4), self.b.index(ROWS as i64 / 2));
+            let whole = self.b.op(&format!("arith.cmpi ugt, {r_len}, {c8} : index"));
             self.b.open_guard(&whole);
             self.fused_tiles(&at, ROWS, (&first_tile, &unit_tiles))?;
             self.b.else_guard();
-            let half = self.b.op(&format!("arith.cmpi uge, {r_len}, {c8} : index"));
+            let half = self.b.op(&format!("arith.cmpi ugt, {r_len}, {c4} : index"));
             self.b.open_guard(&half);
-            let count = self.ceil_div(&r_len, ROWS as i64 / 2);
-            self.fused_tiles(&at, ROWS / 2, (&c0, &count))?;
+            self.fused_tiles(&at, ROWS / 2, (&c0, &eights))?;
             self.b.else_guard();
             let count = self.ceil_div(&r_len, ROWS as i64 / 4);
             self.fused_tiles(&at, ROWS / 4, (&c0, &count))?;

@@ -304,9 +304,10 @@ pub fn emit_shared(
 /// step's: see [`crate::lower::CpuStep`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SharedPlans {
-    /// Per plan, a module of the first kernel of each code that no
-    /// earlier plan has (a plan's kernels run functions of its module or
-    /// of an earlier plan's).
+    /// Per plan, a module of the first kernel of each code that the first
+    /// plan does not have (a plan's kernels run functions of its module or
+    /// of the first plan's: two later plans of the same code each have
+    /// it, so that either is JIT-compiled without the other).
     pub modules: Vec<String>,
     /// Per plan, every kernel → the function that runs it.
     pub entries: Vec<BTreeMap<String, String>>,
@@ -314,7 +315,7 @@ pub(crate) struct SharedPlans {
 
 /// [`emit_shared`]'s module of distinct code for several plans of
 /// `graph` at once: a kernel whose code an earlier kernel has (of its own
-/// plan or an earlier one) runs that kernel's function. Kernel names
+/// plan or the first) runs that kernel's function. Kernel names
 /// repeat from plan to plan with other code, so plan `n > 0`'s own
 /// functions are named `p{n}_{kernel}`.
 pub(crate) fn emit_shared_plans(
@@ -332,29 +333,31 @@ pub(crate) fn emit_shared_plans(
 
 fn share_plans(plans: &[(&Program, Vec<String>)], target: Target) -> SharedPlans {
     let function = |n: usize, kernel: &str| if n == 0 { kernel.to_string() } else { format!("p{n}_{kernel}") };
-    // Each kernel: its plan, the function it would be, itself, its text.
-    let all: Vec<(usize, String, &Kernel, &String)> = plans
-        .iter()
-        .enumerate()
-        .flat_map(|(n, (program, funcs))| {
-            program.kernels.iter().zip(funcs).map(move |(k, t)| (n, function(n, &k.name), k, t))
-        })
-        .collect();
-    let first = share::first_with_same_code(all.iter().map(|(_, f, k, text)| (f.as_str(), share::code_key(k, text))));
-    // Each plan's functions of its own, named as `first` names them.
-    let modules = (0..plans.len())
-        .map(|n| {
-            let own = all.iter().filter(|(p, f, _, _)| *p == n && first.get(f) == Some(f));
-            let texts: Vec<String> =
-                own.map(|(_, f, k, text)| text.replacen(&format!("@{}(", k.name), &format!("@{f}("), 1)).collect();
-            module_text(texts.iter().map(String::as_str), target)
-        })
-        .collect();
+    // Each plan's kernels: the function each would be, itself, its text.
+    let kernels = |n: usize| {
+        let (program, funcs) = &plans[n];
+        program.kernels.iter().zip(funcs).map(move |(k, t)| (function(n, &k.name), k, t)).collect::<Vec<_>>()
+    };
+    let mut modules = Vec::with_capacity(plans.len());
     let mut entries = vec![BTreeMap::new(); plans.len()];
-    for (n, f, k, _) in &all {
-        // `first` names every function it was given.
-        let entry = first.get(f).unwrap_or(f);
-        entries[*n].insert(k.name.clone(), entry.clone());
+    let base = if plans.is_empty() { Vec::new() } else { kernels(0) };
+    for (n, plan_entries) in entries.iter_mut().enumerate() {
+        // Shared with the first plan alone: a later plan is JIT-compiled
+        // on its own, whether or not another later one is.
+        let mine = if n == 0 { Vec::new() } else { kernels(n) };
+        let all = base.iter().chain(&mine);
+        let first = share::first_with_same_code(all.map(|(f, k, text)| (f.as_str(), share::code_key(k, text))));
+        // The plan's functions of its own, named as `first` names them.
+        let own_of = if n == 0 { &base } else { &mine };
+        let own = own_of.iter().filter(|(f, _, _)| first.get(f) == Some(f));
+        let texts: Vec<String> =
+            own.map(|(f, k, text)| text.replacen(&format!("@{}(", k.name), &format!("@{f}("), 1)).collect();
+        modules.push(module_text(texts.iter().map(String::as_str), target));
+        for (f, k, _) in own_of {
+            // `first` names every function it was given.
+            let entry = first.get(f).unwrap_or(f);
+            plan_entries.insert(k.name.clone(), entry.clone());
+        }
     }
     SharedPlans { modules, entries }
 }
