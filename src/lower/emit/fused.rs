@@ -242,13 +242,11 @@ impl Kc<'_> {
         }
         let tiles = self.ceil_div(&r_len, ROWS as i64);
         let items = self.fused_items(&m_c, fused.items);
-        let up = self.b.hoist(&format!("arith.addi {m_c}, {items} : index"));
-        let one = self.b.index(1);
-        let up = self.b.hoist(&format!("arith.subi {up}, {one} : index"));
-        let per_item = self.b.hoist(&format!("arith.divui {up}, {items} : index"));
+        let per_item = self.ceil_div_by(&m_c, &items);
         let per_item = self.ceil_div(&per_item, BLOCK);
         let block = self.b.index(BLOCK);
         let per_item = self.b.hoist(&format!("arith.muli {per_item}, {block} : index"));
+        let one = self.b.index(1);
         let last_z = self.b.hoist(&format!("arith.subi {m_c}, {one} : index"));
 
         // The items of this call's part: fewer rows than a whole tile make
@@ -290,7 +288,6 @@ impl Kc<'_> {
         let unit_tiles = self.b.op(&format!("arith.minui {left}, {per_unit} : index"));
         let narrow_only = fused.max_rows.is_some_and(|most| most < WIDE_TILE_ROWS);
         let c0 = self.b.index(0);
-        let eights = self.ceil_div(&r_len, ROWS as i64 / 2);
         if fused.min_rows >= WIDE_TILE_ROWS {
             // Run from 9 rows a KV head only (the step's choice): no
             // narrower tiles to branch to.
@@ -301,6 +298,7 @@ impl Kc<'_> {
             // at b = 2 to 4, both layers' attention, two threads, two
             // rounds: 5.11-5.97 ms against 5.25-6.60), one tile width to
             // JIT-compile.
+            let eights = self.ceil_div(&r_len, ROWS as i64 / 2);
             self.fused_tiles(&at, ROWS / 2, (&c0, &eights))?;
         } else {
             let (c4, c8) = (self.b.index(ROWS as i64 / 4), self.b.index(ROWS as i64 / 2));
@@ -310,6 +308,7 @@ impl Kc<'_> {
             self.b.else_guard();
             let half = self.b.op(&format!("arith.cmpi ugt, {r_len}, {c4} : index"));
             self.b.open_guard(&half);
+            let eights = self.ceil_div(&r_len, ROWS as i64 / 2);
             self.fused_tiles(&at, ROWS / 2, (&c0, &eights))?;
             self.b.else_guard();
             let count = self.ceil_div(&r_len, ROWS as i64 / 4);
@@ -342,7 +341,7 @@ impl Kc<'_> {
         let (j, wv) = (it.j, it.wv);
         let [g, z, y, g2, z2, e] = it.letters;
         let (q, k, v) = (it.q.0, it.kv[0].0, it.kv[1].0);
-        let (rows, g_axis, other_sizes, r_len) = (&it.rows.0, it.rows.1, &it.rows.2, &it.rows.3);
+        let r_len = &it.rows.3;
         let (head, e_len) = it.heads;
         let gi = &it.unit.0;
         let (z1, last_z) = (&it.stretch.1, &it.stretch.2);
@@ -380,7 +379,7 @@ impl Kc<'_> {
             let l = self.b.open_loop(&c_n);
             let r = self.b.addi(&first_row, &l);
             let (valid, rc) = self.clamped_row(it, &r);
-            let mut env = self.row_env(rows, g_axis, gi, (&rc, other_sizes));
+            let mut env = self.row_env(it, &rc);
             let d = self.b.open_loop(&c_head);
             env.push((y, d.clone()));
             let at = self.operand_index(j, &it.q.1, &env)?;
@@ -684,8 +683,7 @@ impl Kc<'_> {
     /// Where row `r` of the item's rows starts in its partials (`[item,
     /// rows…, e]`: its outputs, then its max and its sum).
     fn partial_row(&mut self, it: &Item, r: &str) -> String {
-        let (rows, g_axis, other_sizes) = (&it.rows.0, it.rows.1, &it.rows.2);
-        let env = self.row_env(rows, g_axis, &it.unit.0, (r, other_sizes));
+        let env = self.row_env(it, r);
         let mut at: Vec<String> = vec![it.unit.1.clone()];
         at.extend(env.into_iter().map(|(_, i)| i));
         at.push(self.b.index(0));
@@ -721,13 +719,12 @@ impl Kc<'_> {
     /// scores' first vector loads of the slot waited for those stores:
     /// see the module doc.
     fn fused_q_transposed(&mut self, it: &Item, qs: &str, (first_row, q_base): (&str, &str)) -> Result<(), LowerError> {
-        let (rows, g_axis, other_sizes) = (&it.rows.0, it.rows.1, &it.rows.2);
         let mut lanes_at = Vec::with_capacity(ROWS);
         for l in 0..ROWS {
             let off = self.b.index(l as i64);
             let r = self.b.addi(first_row, &off);
             let (valid, rc) = self.clamped_row(it, &r);
-            lanes_at.push((Some(valid), self.row_env(rows, g_axis, &it.unit.0, (&rc, other_sizes))));
+            lanes_at.push((Some(valid), self.row_env(it, &rc)));
         }
         self.pack_squares(it.j, (it.q.0, &it.q.1), (it.letters[2], it.heads.0), &lanes_at, (qs, q_base))
     }
@@ -908,20 +905,16 @@ impl Kc<'_> {
         values.pop().unwrap_or_default()
     }
 
-    /// The letters of a row of a fused tile, in the order of `rows`: `g`
-    /// at `g_axis` (where K's head is a row's), the other row letters from
-    /// `r` delinearized over their sizes.
-    fn row_env(
-        &mut self,
-        rows: &[char],
-        g_axis: Option<usize>,
-        g: &str,
-        (r, sizes): (&str, &[String]),
-    ) -> Vec<(char, String)> {
+    /// The letters of row `r` of item `it`'s rows, in the order of its
+    /// rows' letters: its KV head at `g`'s axis (where K's head is a
+    /// row's), the other row letters from `r` delinearized over their
+    /// sizes.
+    fn row_env(&mut self, it: &Item, r: &str) -> Vec<(char, String)> {
+        let (rows, g_axis, sizes) = (&it.rows.0, it.rows.1, &it.rows.2);
         let mut idx = self.b.delinearize(r, sizes).into_iter();
         rows.iter()
             .enumerate()
-            .map(|(a, &c)| (c, if Some(a) == g_axis { g.to_owned() } else { idx.next().unwrap_or_default() }))
+            .map(|(a, &c)| (c, if Some(a) == g_axis { it.unit.0.clone() } else { idx.next().unwrap_or_default() }))
             .collect()
     }
 }

@@ -341,12 +341,15 @@ fn share_plans(plans: &[(&Program, Vec<String>)], target: Target) -> SharedPlans
     let mut modules = Vec::with_capacity(plans.len());
     let mut entries = vec![BTreeMap::new(); plans.len()];
     let base = if plans.is_empty() { Vec::new() } else { kernels(0) };
+    // The first plan's code keys, once for every plan.
+    let base_keys: Vec<(&str, String)> =
+        base.iter().map(|(f, k, text)| (f.as_str(), share::code_key(k, text))).collect();
     for (n, plan_entries) in entries.iter_mut().enumerate() {
         // Shared with the first plan alone: a later plan is JIT-compiled
         // on its own, whether or not another later one is.
         let mine = if n == 0 { Vec::new() } else { kernels(n) };
-        let all = base.iter().chain(&mine);
-        let first = share::first_with_same_code(all.map(|(f, k, text)| (f.as_str(), share::code_key(k, text))));
+        let keys = mine.iter().map(|(f, k, text)| (f.as_str(), share::code_key(k, text)));
+        let first = share::first_with_same_code(base_keys.iter().cloned().chain(keys));
         // The plan's functions of its own, named as `first` names them.
         let own_of = if n == 0 { &base } else { &mine };
         let own = own_of.iter().filter(|(f, _, _)| first.get(f) == Some(f));
@@ -893,6 +896,14 @@ impl Kc<'_> {
         let (dm1, dd) = (self.b.index(d - 1), self.b.index(d));
         let up = self.b.hoist(&format!("arith.addi {x}, {dm1} : index"));
         self.b.hoist(&format!("arith.divui {up}, {dd} : index"))
+    }
+
+    /// `ceil(x / d)` for a hoisted `x` and `d` (hoisted; `d` above 0).
+    pub(crate) fn ceil_div_by(&mut self, x: &str, d: &str) -> String {
+        let one = self.b.index(1);
+        let up = self.b.hoist(&format!("arith.addi {x}, {d} : index"));
+        let up = self.b.hoist(&format!("arith.subi {up}, {one} : index"));
+        self.b.hoist(&format!("arith.divui {up}, {d} : index"))
     }
 
     /// `ceil(n / d)` computed where it is emitted (`n` or `d` a value of
