@@ -486,3 +486,18 @@ fn any_sequence_of_calls_returns() {
     // Both kinds happen.
     assert!(sampled > 50 && refused > 50, "sampled {sampled}, refused {refused}");
 }
+
+/// Tokens a second leave the sampling call's set-up out: 2 samples of 3
+/// tokens over 1.5 s, 0.5 of them set-up, are 6 a second; no time left
+/// after the set-up gives 0, not infinity.
+#[test]
+fn tokens_per_second_leave_the_set_up_out() {
+    let out = bifurc_runtime::session::SampleOutput {
+        tokens: vec![vec![1, 2, 3], vec![4, 5, 6]],
+        step_ms: vec![100.0; 3],
+        last_logits: None,
+        setup_ms: 500.0,
+    };
+    assert_eq!(out.tokens_per_s(1.5), 6.0);
+    assert_eq!(out.tokens_per_s(0.5), 0.0);
+}

@@ -92,13 +92,7 @@ impl RunReport {
     /// its set-up left out ([`SampleOutput::setup_ms`]: on the CPU, the
     /// JIT compile of the plan the samples take, once).
     pub fn tokens_per_s(&self) -> f64 {
-        let tokens = (self.samples * self.steps) as f64;
-        let seconds = self.decode_s - self.output.setup_ms / 1e3;
-        if seconds > 0.0 {
-            tokens / seconds
-        } else {
-            0.0
-        }
+        self.output.tokens_per_s(self.decode_s)
     }
 
     /// The report as one JSON object. `samples` holds every sample's ids;

@@ -344,9 +344,7 @@ fn run(args: &RunArgs) -> Result<()> {
         .map_err(|e| e.to_string())?;
     // Tokens a second of the steps and the drawing, the one-time set-up
     // (caches, the launches readied) left out.
-    let total_s = start.elapsed().as_secs_f64() - out.setup_ms / 1e3;
-    let tokens = args.samples * args.steps;
-    let rate = if total_s > 0.0 { tokens as f64 / total_s } else { 0.0 };
+    let rate = out.tokens_per_s(start.elapsed().as_secs_f64());
     let median_ms = median(&out.step_ms).unwrap_or(0.0);
     let weights =
         if args.random_weights { format!("random (seed {})", args.seed) } else { format!("{:?}", args.weights) };

@@ -120,6 +120,21 @@ pub struct SampleOutput {
     pub setup_ms: f64,
 }
 
+impl SampleOutput {
+    /// Generated tokens (every sample's) a second of `wall_s`, the wall
+    /// seconds of the [`Session::sample`] call, its set-up left out
+    /// ([`SampleOutput::setup_ms`]); 0 where no time is left.
+    pub fn tokens_per_s(&self, wall_s: f64) -> f64 {
+        let tokens: usize = self.tokens.iter().map(Vec::len).sum();
+        let seconds = wall_s - self.setup_ms / 1e3;
+        if seconds > 0.0 {
+            tokens as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+}
+
 /// The decode caches of one fill or sampling run.
 enum Caches {
     /// Kept by the session, bound every step.
