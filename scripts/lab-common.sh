@@ -45,12 +45,14 @@ esac
 # dump TREE FUSED DIR: the cpu_step bench's bifurcated module built in
 # TREE with BIFURC_CPU_FUSED_ATTENTION=FUSED, into DIR; the model in
 # $lab_dtype (the bench's BIFURC_BENCH_DTYPE) where a lab sets it, else
-# f32.
+# f32; the first 2 layers of the Hugging Face config $lab_config (an
+# absolute path: the bench's BIFURC_BENCH_CONFIG, its dtype its own)
+# where a lab sets it, else the bench's own model.
 dump() {
     echo "dumping the cpu_step bench's module ($1, fused attention $2)"
     (cd "$1" && BIFURC_CPU_FUSED_ATTENTION="$2" BIFURC_BENCH_DUMP="$3" BIFURC_BENCH_POINTS=32 BIFURC_BENCH_RUNS=0 \
         BIFURC_BENCH_THREADS=1 BIFURC_BENCH_CONTEXT=64 BIFURC_BENCH_DTYPE="${lab_dtype:-float32}" \
-        cargo bench --bench cpu_step > "$3.log" 2>&1) \
+        env ${lab_config:+BIFURC_BENCH_CONFIG="$lab_config"} cargo bench --bench cpu_step > "$3.log" 2>&1) \
         || { cat "$3.log" >&2; exit 1; }
 }
 

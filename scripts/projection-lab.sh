@@ -11,8 +11,14 @@
 #
 # PROJECTION: mlp_down_proj (the default), mlp_gate_proj, mlp_up_proj,
 # attn_q_proj, attn_k_proj, attn_v_proj or attn_o_proj; PAIRS 200,
-# THREADS 2, DTYPE f32 (or bf16: the model, its weights, input and
-# output in bf16) unless given.
+# THREADS 2, DTYPE f32 (or bf16 or f16: the model, its weights, input and
+# output in that dtype) unless given.
+#
+# With PROJECTION_LAB_CONFIG=config.json (a Hugging Face llama-family
+# config, e.g. examples/llama-2-7b/config.json), the projection of that
+# model's first layer instead, at its sizes (hidden_size,
+# intermediate_size, its KV heads for k and v), in DTYPE: weights past
+# the caches, where the cpu_step model's stay in a large L3.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,13 +33,31 @@ dtype="${lab_args[3]:-f32}"
 case "$dtype" in
     f32) lab_dtype=float32 ;;
     bf16) lab_dtype=bfloat16 ;;
-    *) echo "projection-lab: DTYPE f32 or bf16 (got $dtype)" >&2; exit 2 ;;
+    f16) lab_dtype=float16 ;;
+    *) echo "projection-lab: DTYPE f32, bf16 or f16 (got $dtype)" >&2; exit 2 ;;
 esac
-# The cpu_step model's sizes (benches/cpu_step.rs): inputs and outputs.
+# The model's sizes: d_model, the MLP's and the K/V projections' outputs
+# (the cpu_step model's, benches/cpu_step.rs, or the config's).
+model=(1024 2816 1024)
+if [ -n "${PROJECTION_LAB_CONFIG:-}" ]; then
+    [ -f "$PROJECTION_LAB_CONFIG" ] || { echo "projection-lab: no config $PROJECTION_LAB_CONFIG" >&2; exit 2; }
+    lab_config="$work/config.json"
+    read -r -a model < <(python3 - "$PROJECTION_LAB_CONFIG" "$lab_dtype" "$lab_config" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["torch_dtype"] = sys.argv[2]
+json.dump(c, open(sys.argv[3], "w"))
+d, heads = c["hidden_size"], c["num_attention_heads"]
+print(d, c["intermediate_size"], c.get("num_key_value_heads", heads) * c.get("head_dim", d // heads))
+PY
+    ) || { echo "projection-lab: cannot read the sizes of $PROJECTION_LAB_CONFIG" >&2; exit 2; }
+fi
+# The projection's inputs and outputs.
 case "$name" in
-    mlp_down_proj) sizes=(2816 1024) ;;
-    mlp_gate_proj | mlp_up_proj) sizes=(1024 2816) ;;
-    attn_q_proj | attn_k_proj | attn_v_proj | attn_o_proj) sizes=(1024 1024) ;;
+    mlp_down_proj) sizes=("${model[1]}" "${model[0]}") ;;
+    mlp_gate_proj | mlp_up_proj) sizes=("${model[0]}" "${model[1]}") ;;
+    attn_q_proj | attn_o_proj) sizes=("${model[0]}" "${model[0]}") ;;
+    attn_k_proj | attn_v_proj) sizes=("${model[0]}" "${model[2]}") ;;
     *) echo "projection-lab: no projection \`$name\` (see the usage at the top of $0)" >&2; exit 2 ;;
 esac
 if ! [[ "$pairs" =~ ^[0-9]+$ && "$threads" =~ ^[0-9]+$ ]] || (( pairs < 1 || threads < 1 )); then

@@ -463,11 +463,12 @@ impl Kc<'_> {
     }
 
     /// Whether consecutive elements along `v`'s last axis are adjacent
-    /// bf16 elements of a stored buffer: the buffer, or views that keep
-    /// the last axis (a slice of it anywhere along it).
+    /// half-precision (bf16 or f16) elements of a stored buffer: the
+    /// buffer, or views that keep the last axis (a slice of it anywhere
+    /// along it). Its callers that need bf16 check the dtype too.
     pub(super) fn adjacent_last(&self, v: Value) -> bool {
         if let Some(b) = self.stored(v) {
-            return self.program.buffers[b].dtype == DType::BF16;
+            return matches!(self.program.buffers[b].dtype, DType::BF16 | DType::F16);
         }
         let Value::Node(j) = v else { return false };
         let node = &self.graph.nodes[j];

@@ -82,12 +82,21 @@ pub(crate) fn bf16_held_inputs(
     point: &BTreeMap<String, i64>,
     seed: u64,
 ) -> std::collections::HashMap<String, crate::interp::Tensor> {
-    let bf16 = crate::ir::DType::BF16;
+    held_inputs(graph, point, seed, crate::ir::DType::BF16)
+}
+
+/// [`bf16_held_inputs`] with the values `dtype` holds (bf16 or f16).
+pub(crate) fn held_inputs(
+    graph: &Graph,
+    point: &BTreeMap<String, i64>,
+    seed: u64,
+    dtype: crate::ir::DType,
+) -> std::collections::HashMap<String, crate::interp::Tensor> {
     let mut inputs = crate::interp::random_inputs(graph, point, seed).unwrap_or_else(|e| panic!("{e}"));
     for input in graph.inputs.iter().filter(|i| i.dtype.is_float()) {
         if let Some(t) = inputs.get_mut(&input.name) {
-            let bytes = bf16.encode(&t.data).unwrap_or_else(|e| panic!("{}: {e}", input.name));
-            t.data = bf16.decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", input.name));
+            let bytes = dtype.encode(&t.data).unwrap_or_else(|e| panic!("{}: {e}", input.name));
+            t.data = dtype.decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", input.name));
         }
     }
     inputs

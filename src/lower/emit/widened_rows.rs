@@ -1,4 +1,5 @@
-//! bf16 rows widened into a stack slot before the FMAs that read them.
+//! bf16 (and f16) rows widened into a stack slot before the FMAs that
+//! read them.
 //!
 //! A contraction in output vectors (a projection from panels,
 //! `..k,pkn->..pn`; `w · V`) broadcasts one element of its row operand
@@ -61,6 +62,20 @@
 //! --base REV PROJECTION 100 2 bf16`, against the build before, the
 //! same bits): the down projection 1.22x, gate 1.28x, o 1.20x; the bf16
 //! cpu_step at b = 32 on two threads (alternated runs): see README.
+//!
+//! f16 rows (Llama-2's checkpoints are f16) take the same slot, widened
+//! 16 at a time (`vcvtph2ps`), where each element had been widened on
+//! its own (a scalar load, a conversion and a broadcast, each on a pipe
+//! the FMAs need); an f16 lane operand is widened a vector at a time, as
+//! before (f16 is not the top half of an f32: no split). The same bits.
+//! On the 2-core Emerald Rapids VM, the first layer of Llama-2-7B in f16
+//! (`PROJECTION_LAB_CONFIG=examples/llama-2-7b/config.json
+//! scripts/projection-lab.sh --base 4a8d025 PROJECTION 10 2 f16`, b = 32):
+//! q_proj (4096 -> 4096) 1.96x, up_proj (4096 -> 11008) 1.97x, down_proj
+//! (11008 -> 4096) 1.61x; in cpu_step with its first 2 layers
+//! (`BIFURC_BENCH_CONFIG`, b = 16, m_c = 2048, two threads) the
+//! bifurcated step 190.8 -> 111.0 ms, each MLP projection 14.3-17.2 ->
+//! 7.3-12.0 ms.
 //!
 //! Tried after them and not kept: the bf16 panels' next line column
 //! prefetched as f32's next stripe is (`Kc::stripe_ahead`, a bf16 line
@@ -134,9 +149,9 @@ pub(crate) struct WidenedRows {
 
 impl Kc<'_> {
     /// Node `j` as a contraction in output vectors of 16 whose row operand
-    /// is widened a stretch at a time (see the module doc): narrow tiles
-    /// without the bf16 dot product; an einsum of two operands, one summed
-    /// letter; the row operand bf16 with the summed letter last, read
+    /// is widened a stretch at a time (see the module doc): an einsum of
+    /// two operands, one summed letter; the row operand bf16 (on a CPU
+    /// without the bf16 dot product) or f16 with the summed letter last, read
     /// through views that keep its elements adjacent (or, in a projection
     /// from panels, views it reads as vectors), without the output's last
     /// letter; the lane operand with the output's last letter last,
@@ -147,14 +162,17 @@ impl Kc<'_> {
         if FORCED_OFF.with(std::cell::Cell::get) {
             return None;
         }
-        if self.bf16_dot {
-            return None;
-        }
         let (spec, inputs, x, reduced) = self.lanes16_candidate(j)?;
         let [(sum, _)] = reduced.as_slice() else { return None };
         let lane = spec.inputs.iter().position(|s| s.contains(&x))?;
         let row = 1 - lane;
         let (lane_subs, row_subs) = (&spec.inputs[lane], &spec.inputs[row]);
+        // bf16 rows where the CPU sums bf16 pairs by its dot product
+        // (`emit::pair_dot`) are its, even where it does not take them.
+        let dtype = self.graph.dtype_of(inputs[row]);
+        if self.bf16_dot && dtype == DType::BF16 {
+            return None;
+        }
         // Read through views that merge its last axis (the attention's
         // heads into the output projection's input) only from a multiple
         // of 16 along it: a panel projection's stretches start at
@@ -164,7 +182,7 @@ impl Kc<'_> {
             && row_subs.last() == Some(sum)
             && row_subs.iter().filter(|c| *c == sum).count() == 1
             && !row_subs.contains(&x)
-            && self.graph.dtype_of(inputs[row]) == DType::BF16
+            && matches!(dtype, DType::BF16 | DType::F16)
             && (self.adjacent_last(inputs[row]) || (self.vector_readable(inputs[row]) && panel))
             && self.vector_readable(inputs[lane])
             && self.no_concat(inputs[lane]);
@@ -471,16 +489,30 @@ mod tests {
     /// either side of a tile and a stretch, odd and even.
     #[test]
     fn widened_rows_sum_as_single_steps() {
+        widened_rows_in(crate::ir::DType::BF16);
+    }
+
+    /// [`widened_rows_sum_as_single_steps`] in f16: the rows widened into
+    /// the slot as bf16's are (by `vcvtph2ps`, 16 at a time), the lane
+    /// operand widened a vector at a time (no split: f16 is not the top
+    /// half of an f32).
+    #[test]
+    fn f16_rows_are_widened_too() {
+        widened_rows_in(crate::ir::DType::F16);
+    }
+
+    fn widened_rows_in(dtype: crate::ir::DType) {
+        let dt = dtype.name();
         let doc = serde_json::json!({
             "format": "bifurc-graph/1",
             "dims": {"runtime": ["b", "m"], "constants": {"h": 2, "k": 64, "d": 1093, "o": 128}},
             "inputs": [
-                {"name": "x", "role": "activation", "shape": ["b", "d"], "dtype": "bf16"},
-                {"name": "w", "role": "weight", "shape": ["o", "d"], "dtype": "bf16"},
-                {"name": "p", "role": "activation", "shape": ["b", "h", "m+5"], "dtype": "bf16"},
-                {"name": "v", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["h", "m", "k"], "dtype": "bf16"},
-                {"name": "a", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": "bf16"},
-                {"name": "wo", "role": "weight", "shape": ["o", 128], "dtype": "bf16"}
+                {"name": "x", "role": "activation", "shape": ["b", "d"], "dtype": dt},
+                {"name": "w", "role": "weight", "shape": ["o", "d"], "dtype": dt},
+                {"name": "p", "role": "activation", "shape": ["b", "h", "m+5"], "dtype": dt},
+                {"name": "v", "role": "context_kv", "layer": 0, "kv": "v", "shape": ["h", "m", "k"], "dtype": dt},
+                {"name": "a", "role": "activation", "shape": ["b", "h", 1, "k"], "dtype": dt},
+                {"name": "wo", "role": "weight", "shape": ["o", 128], "dtype": dt}
             ],
             "nodes": [
                 {"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}},
@@ -493,10 +525,10 @@ mod tests {
             "outputs": [{"name": "y", "node": "y"}, {"name": "o", "node": "o"}, {"name": "z", "node": "z"}]
         });
         let graph = crate::import::from_value(&doc).unwrap_or_else(|e| panic!("{e}"));
-        let compile = |narrow: bool, widened: bool| {
+        let compile_with = |narrow: bool, widened: bool, dot: bool| {
             crate::lower::emit::with_narrow_tiles(narrow, || {
                 crate::lower::emit::with_amx(false, || {
-                    crate::lower::emit::with_bf16_dot(false, || {
+                    crate::lower::emit::with_bf16_dot(dot, || {
                         super::with_widened_rows(widened, || {
                             let step = crate::lower::CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
                             let text =
@@ -508,6 +540,7 @@ mod tests {
                 })
             })
         };
+        let compile = |narrow: bool, widened: bool| compile_with(narrow, widened, false);
         let (narrow, narrow_text) = compile(true, true);
         let (wide, wide_text) = compile(false, true);
         let (single, single_text) = compile(false, false);
@@ -519,12 +552,22 @@ mod tests {
         assert_eq!(slots(&narrow_text), 3, "rows widened into a slot in each sum:\n{narrow_text}");
         assert_eq!(slots(&wide_text), 3, "rows widened into a slot in each sum:\n{wide_text}");
         assert_eq!(slots(&single_text), 0, "single steps:\n{single_text}");
-        assert_eq!((pairs(&narrow_text), pairs(&wide_text)), (0, 3), "adjacent vectors split in pairs:\n{wide_text}");
+        if dtype == crate::ir::DType::F16 {
+            // A CPU's bf16 dot product changes nothing in f16.
+            let (_, dot_text) = compile_with(false, true, true);
+            assert_eq!(dot_text, wide_text, "f16 with the bf16 dot product");
+        }
+        let split = if dtype == crate::ir::DType::BF16 { 3 } else { 0 };
+        assert_eq!(
+            (pairs(&narrow_text), pairs(&wide_text)),
+            (0, split),
+            "adjacent vectors split in pairs:\n{wide_text}"
+        );
         for (b, m) in [(1, 1), (3, 7), (6, 64), (7, 33), (13, 1025), (32, 3000)] {
             let at = crate::lower::emit::testing::point(&[("b", b), ("m", m)]);
             // The inputs as bf16 holds them, so the interpreter multiplies
             // the same values: the outputs differ by their bf16 rounding.
-            let inputs = crate::lower::emit::testing::bf16_held_inputs(&graph, &at, 17);
+            let inputs = crate::lower::emit::testing::held_inputs(&graph, &at, 17, dtype);
             let want = crate::interp::run(&graph, &at, &inputs).unwrap_or_else(|e| panic!("{e}"));
             let run = |step: &crate::lower::CpuStep| -> HashMap<String, Tensor> {
                 step.run(&at, &inputs).unwrap_or_else(|e| panic!("b = {b}, m = {m}: {e}"))
@@ -532,7 +575,7 @@ mod tests {
             let (got, paired, single) = (run(&narrow), run(&wide), run(&single));
             for name in ["y", "o", "z"] {
                 let bits = |t: &Tensor| t.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                let what = format!("b = {b}, m = {m}: {name}");
+                let what = format!("{dtype:?}, b = {b}, m = {m}: {name}");
                 assert_eq!(bits(&got[name]), bits(&single[name]), "{what}, narrow against single steps");
                 assert_eq!(bits(&paired[name]), bits(&single[name]), "{what}, wide against single steps");
                 assert_eq!(got[name].shape, want[name].shape);
