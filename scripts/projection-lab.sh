@@ -7,12 +7,12 @@
 # on any x86-64 CPU; not in CI. A is this tree's; the ratio printed is
 # B / A per pair (above 1: this tree's faster).
 #
-#   scripts/projection-lab.sh --base REV [PROJECTION] [PAIRS] [THREADS] [DTYPE]
+#   scripts/projection-lab.sh --base REV [PROJECTION] [PAIRS] [THREADS] [DTYPE] [ROWS]
 #
 # PROJECTION: mlp_down_proj (the default), mlp_gate_proj, mlp_up_proj,
 # attn_q_proj, attn_k_proj, attn_v_proj or attn_o_proj; PAIRS 200,
 # THREADS 2, DTYPE f32 (or bf16 or f16: the model, its weights, input and
-# output in that dtype) unless given.
+# output in that dtype), ROWS (b, the rows of x) 32 unless given.
 #
 # With PROJECTION_LAB_CONFIG=config.json (a Hugging Face llama-family
 # config, e.g. examples/llama-2-7b/config.json), the projection of that
@@ -30,6 +30,7 @@ name="${lab_args[0]:-mlp_down_proj}"
 pairs="${lab_args[1]:-200}"
 threads="${lab_args[2]:-2}"
 dtype="${lab_args[3]:-f32}"
+rows="${lab_args[4]:-32}"
 case "$dtype" in
     f32) lab_dtype=float32 ;;
     bf16) lab_dtype=bfloat16 ;;
@@ -60,8 +61,9 @@ case "$name" in
     attn_k_proj | attn_v_proj) sizes=("${model[0]}" "${model[2]}") ;;
     *) echo "projection-lab: no projection \`$name\` (see the usage at the top of $0)" >&2; exit 2 ;;
 esac
-if ! [[ "$pairs" =~ ^[0-9]+$ && "$threads" =~ ^[0-9]+$ ]] || (( pairs < 1 || threads < 1 )); then
-    echo "projection-lab: PAIRS and THREADS at least 1 (got $pairs $threads)" >&2
+if ! [[ "$pairs" =~ ^[0-9]+$ && "$threads" =~ ^[0-9]+$ && "$rows" =~ ^[0-9]+$ ]] \
+    || (( pairs < 1 || threads < 1 || rows < 1 )); then
+    echo "projection-lab: PAIRS, THREADS and ROWS at least 1 (got $pairs $threads $rows)" >&2
     exit 2
 fi
 
@@ -86,6 +88,6 @@ projection "$work/this" A
 dump_base auto "$work/base_dump"
 projection "$work/base_dump" B
 same_code "$work/this/A.o" "$work/base_dump/B.o"
-echo "A: this tree's $name ($dtype); B: $base's"
+echo "A: this tree's $name ($dtype, $rows rows); B: $base's"
 gcc -O2 -fopenmp scripts/projection_lab.c "$work/this/A.o" "$work/base_dump/B.o" -lm -o "$work/lab"
-OMP_NUM_THREADS="$threads" "$work/lab" "${sizes[@]}" "$pairs" "$dtype"
+OMP_NUM_THREADS="$threads" "$work/lab" "${sizes[@]}" "$pairs" "$dtype" "$rows"

@@ -2,9 +2,9 @@
 // src/lower/cpu/panels.rs), two builds of it side by side, timed in
 // pairs: scripts/projection-lab.sh builds and runs it (see there).
 //
-//   projection_lab IN OUT PAIRS [DTYPE]   (threads: OMP_NUM_THREADS)
+//   projection_lab IN OUT PAIRS [DTYPE] [ROWS]   (threads: OMP_NUM_THREADS)
 //
-// b = 32 rows of IN inputs, OUT outputs (a multiple of 64), in DTYPE (f32,
+// b = ROWS (32 unless given) rows of IN inputs, OUT outputs (a multiple of 64), in DTYPE (f32,
 // or bf16 or f16: W, x and the output); W in panels `[OUT / 64, IN, 64]`. Each pair runs both sides once, in turn (A
 // first in even pairs, B first in odd ones), W flushed from the caches (a
 // 128 MiB pass) before every run, as the step finds it (its weights are
@@ -30,7 +30,8 @@ typedef int64_t I;
 void A_proj(I, I, I, const void *, const void *, void *, I, I);
 void B_proj(I, I, I, const void *, const void *, void *, I, I);
 
-#define B 32
+// The rows of x (b).
+static long B = 32;
 
 
 
@@ -94,11 +95,12 @@ static void side(int which, void *ctx) {
 int main(int argc, char **argv) {
   long in = argc > 1 ? atol(argv[1]) : 0, out = argc > 2 ? atol(argv[2]) : 0, pairs = argc > 3 ? atol(argv[3]) : 0;
   const char *dtype = argc > 4 ? argv[4] : "f32";
+  if (argc > 5) B = atol(argv[5]);
   int known = !strcmp(dtype, "f32") || !strcmp(dtype, "bf16") || !strcmp(dtype, "f16");
   enum kind kind = !strcmp(dtype, "f32") ? F32 : !strcmp(dtype, "bf16") ? BF16 : F16;
   int size = kind == F32 ? 4 : 2;
-  if (in < 1 || out < 64 || out % 64 != 0 || pairs < 1 || !known) {
-    fprintf(stderr, "usage: projection_lab IN OUT PAIRS [f32|bf16|f16] (OUT a multiple of 64)\n");
+  if (in < 1 || out < 64 || out % 64 != 0 || pairs < 1 || !known || B < 1) {
+    fprintf(stderr, "usage: projection_lab IN OUT PAIRS [f32|bf16|f16] [ROWS] (OUT a multiple of 64)\n");
     return 2;
   }
   void *w = aligned_alloc(64, in * out * size), *x = aligned_alloc(64, B * in * size);

@@ -779,17 +779,22 @@ mod tests {
                 ],
                 "outputs": [{"name": "conv", "node": "conv"}, {"name": "up", "node": "up"}]
             });
-            let (graph, paired, text) = testing::cpu_step(&doc);
+            // The tiles' walk of panels: not a chunk of a half panel widened
+            // at once for all of them (`emit::half_panels`).
+            let (graph, paired, text) = crate::lower::emit::with_half_panels(false, || testing::cpu_step(&doc));
             // The other way of bf16 weights on this host: paired panels
             // summed by the bf16 dot product where it has one, plain ones
             // widened to f32.
             let pairs = dtype == "bf16" && crate::lower::emit::host_has_bf16_dot();
-            let (plain, plain_text) = crate::lower::emit::with_narrow_tiles(false, || {
-                crate::lower::emit::with_bf16_dot(true, || {
-                    let plain = crate::lower::CpuStep::compile_pairing(&graph, NONE).unwrap_or_else(|e| panic!("{e}"));
-                    let text = crate::lower::emit::emit(plain.graph(), plain.program(), crate::lower::Target::Cpu)
-                        .unwrap_or_else(|e| panic!("{e}"));
-                    (plain, text)
+            let (plain, plain_text) = crate::lower::emit::with_half_panels(false, || {
+                crate::lower::emit::with_narrow_tiles(false, || {
+                    crate::lower::emit::with_bf16_dot(true, || {
+                        let plain =
+                            crate::lower::CpuStep::compile_pairing(&graph, NONE).unwrap_or_else(|e| panic!("{e}"));
+                        let text = crate::lower::emit::emit(plain.graph(), plain.program(), crate::lower::Target::Cpu)
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        (plain, text)
+                    })
                 })
             });
             // Plain bf16 panels are summed by it too, each step's pairs

@@ -99,6 +99,7 @@ mod contract;
 mod erf;
 mod exp;
 mod fused;
+mod half_panels;
 mod mma;
 mod ops;
 mod pair_dot;
@@ -108,6 +109,8 @@ mod registers;
 pub(crate) use amx::with_amx;
 pub use amx::AMX_ENV;
 pub(crate) use amx::{amx_choice, dense_source, AMX_INPUTS};
+#[cfg(test)]
+pub(crate) use half_panels::with_half_panels;
 pub(crate) use pair_dot::bf16_dot_choice;
 pub(crate) use pair_dot::cpu_setting;
 pub use pair_dot::BF16_DOT_ENV;
@@ -639,6 +642,7 @@ fn kernel_fn(
     let extent = match (mma, walk, node) {
         (None, _, Some(j)) if kernel.op == FUSED_OP => kc.fused_attention_body(&dest, j)?,
         (None, _, Some(_)) if let Some(t) = &tiles => kc.amx_kernel_body(&dest, t, &mut opened)?,
+        (None, _, Some(j)) if let Some(h) = kc.half_panels(j, &dest) => kc.half_panels_body(&dest, &h, &mut opened)?,
         (None, _, Some(j)) if let Some(lanes) = vector => kc.vector_body(&dest, j, lanes, &mut opened)?,
         (Some((m, mode, j)), _, _) => {
             if mode == MmaMode::Gpu {

@@ -346,7 +346,9 @@ mod tests {
                 "nodes": [{"id": "y", "op": "matmul", "inputs": ["x", "w"], "attrs": {"transpose_b": true}}],
                 "outputs": [{"name": "y", "node": "y"}]
             });
-            let (graph, step, text) = cpu_step(&doc);
+            // The tiles' prefetch (a half panel widened a chunk at a time
+            // fetches its own way, `emit::half_panels`).
+            let (graph, step, text) = crate::lower::emit::with_half_panels(false, || cpu_step(&doc));
             let what = format!("{dtype}, o = {o}");
             assert!(step.graph().find("y.panels").is_some(), "{what}: w kept in panels");
             let tile = format!("-> ({}) {{", ["vector<16xf32>"; 16].join(", "));

@@ -529,12 +529,16 @@ mod tests {
             crate::lower::emit::with_narrow_tiles(narrow, || {
                 crate::lower::emit::with_amx(false, || {
                     crate::lower::emit::with_bf16_dot(dot, || {
-                        super::with_widened_rows(widened, || {
-                            let step = crate::lower::CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
-                            let text =
-                                crate::lower::emit::emit(step.graph(), step.program(), crate::lower::Target::Cpu)
-                                    .unwrap_or_else(|e| panic!("{e}"));
-                            (step, text)
+                        // The projections by these tiles, not a chunk of
+                        // the panel widened at once (`emit::half_panels`).
+                        super::super::half_panels::with_half_panels(false, || {
+                            super::with_widened_rows(widened, || {
+                                let step = crate::lower::CpuStep::compile(&graph).unwrap_or_else(|e| panic!("{e}"));
+                                let text =
+                                    crate::lower::emit::emit(step.graph(), step.program(), crate::lower::Target::Cpu)
+                                        .unwrap_or_else(|e| panic!("{e}"));
+                                (step, text)
+                            })
                         })
                     })
                 })
