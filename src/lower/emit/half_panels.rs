@@ -21,9 +21,26 @@
 //! in an f32 slot of the group's rows (16 KiB), and at the end the sums
 //! are stored, rounded to the output's dtype. Each output's sum runs in
 //! input order, with the same FMAs from the same zeros: the same bits as
-//! the tiles before. Widening the chunk, the half panel `CHUNK_AHEAD`
-//! chunks on is fetched into L2, through the next panel's first chunks
-//! at a panel's end.
+//! the tiles before.
+//!
+//! The half panel's next chunk (at a panel's end, the next panel's
+//! first, contiguous in memory) is fetched into L2 a line a step of the
+//! whole tiles' sums (16 rows: 256 steps a chunk for its 128 lines of
+//! f16), or, where the rows are fewer than two whole tiles, two lines a
+//! step of the chunk's widening [`CHUNK_AHEAD`] chunks on: fetched in
+//! that burst at every row count, 16 rows took 1.14x the time, 32 1.09x,
+//! 8 1.16x; spread over the tiles at every row count, one row 1.2x
+//! (`scripts/projection-lab.sh`, up_proj, below).
+//!
+//! On the 2-core Emerald Rapids VM (no AVX512-BF16 or AMX in its flags),
+//! against 4a8d025, where the tiles widened each step and f16 rows each
+//! element (`PROJECTION_LAB_CONFIG=examples/llama-2-7b/config.json
+//! scripts/projection-lab.sh --base 4a8d025 PROJECTION 20 2 f16 16`):
+//! Llama-2-7B's up_proj 2.40x, down_proj 2.71x; cpu_step with its first
+//! 2 layers (f16, `BIFURC_BENCH_CONFIG`, m_c = 2048, two rounds
+//! alternated) b = 32 377-384 -> 147-168 ms, b = 16 196-198 -> 82-84,
+//! b = 1 52-62 -> 43; Mistral-7B's in bf16 b = 32 198-204 -> 148-158,
+//! b = 16 105-109 -> 83-85, b = 1 47-48 -> 42-43.
 
 use crate::ir::{DType, EinsumSpec, Value};
 use crate::lower::LowerError;
