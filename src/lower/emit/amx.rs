@@ -170,7 +170,7 @@ pub(crate) fn dense_source(graph: &Graph, v: Value, stored: &dyn Fn(Value) -> bo
 }
 
 /// Whether no letter of `s` repeats.
-fn distinct(s: &[char]) -> bool {
+pub(super) fn distinct(s: &[char]) -> bool {
     s.iter().enumerate().all(|(i, l)| !s[..i].contains(l))
 }
 

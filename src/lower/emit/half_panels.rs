@@ -45,7 +45,7 @@
 use crate::ir::{DType, EinsumSpec, Value};
 use crate::lower::LowerError;
 
-use super::amx::dense_source;
+use super::amx::{dense_source, distinct};
 use super::bodies::Out;
 use super::Kc;
 
@@ -54,7 +54,7 @@ const PANEL_OUTPUTS: i64 = 64;
 /// Steps of the sum a chunk takes: its 64 f32 a step in a 16 KiB slot.
 const CHUNK: i64 = 64;
 /// Rows of `x` an item computes: their carried sums in a 16 KiB slot.
-pub(crate) const GROUP_ROWS: i64 = 64;
+const GROUP_ROWS: i64 = 64;
 /// Rows of a tile: 4 × 4 vectors of accumulators.
 const TILE_ROWS: i64 = 4;
 /// How many chunks ahead of the one it widens a chunk's widening fetches
@@ -121,7 +121,6 @@ impl Kc<'_> {
         let [xs, ws] = subs.as_slice() else { return None };
         let (&[p, k, n], rank) = (ws.as_slice(), output.len()) else { return None };
         let lead = output.get(..rank.checked_sub(2)?)?;
-        let distinct = |s: &[char]| s.iter().enumerate().all(|(i, l)| !s[..i].contains(l));
         let letters_ok = output[rank - 2..] == [p, n]
             && xs.len() == lead.len() + 1
             && xs[..lead.len()] == *lead
