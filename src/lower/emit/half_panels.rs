@@ -164,11 +164,8 @@ impl Kc<'_> {
         h: &HalfPanels,
         opened: &mut usize,
     ) -> Result<String, LowerError> {
-        let rank = out.sizes.len();
-        let mut rows = self.b.index(1);
-        for s in &out.sizes[..rank - 2] {
-            rows = self.b.hoist(&format!("arith.muli {rows}, {s} : index"));
-        }
+        let lead: Vec<usize> = (0..out.sizes.len() - 2).collect();
+        let rows = self.extent_of(out, &lead)?;
         let groups = self.ceil_div(&rows, GROUP_ROWS);
         let panels = self.b.index(h.panels);
         let item = self.part_range(&[panels.clone(), groups.clone()]);
@@ -300,31 +297,29 @@ impl Kc<'_> {
         let vty = "vector<16xf32>";
         let (width, inputs) = (self.b.index(PANEL_OUTPUTS), self.b.index(h.inputs));
         let vectors = (PANEL_OUTPUTS / 16) as usize;
-        // The rows' stretch of x: 16 at a time, the rest one by one.
-        let (first, sixteen) = (self.b.index(0), self.b.index(16));
-        let whole = self.b.op(&format!("arith.divui {kn}, {sixteen} : index"));
-        let whole = self.b.muli(&whole, &sixteen);
         let one = self.b.index(1);
         let mut accs = Vec::with_capacity(n * vectors);
         for i in 0..n {
             let ri = self.b.index(i as i64);
             let local = self.b.addi(rt, &ri);
             let row = self.b.addi(r0, &local);
+            // The row's stretch of x, widened into its row of the slot.
             let x_row = self.b.muli(&row, &inputs);
             let x_row = self.b.addi(&x_row, k0);
             let slot_row = self.b.index(i as i64 * CHUNK);
-            let e = self.b.open_loop_from(&first, &whole, &sixteen);
-            let src = self.b.addi(&x_row, &e);
-            let v = self.b.load_vector(x_ptr, &src, 16, h.x_dtype);
-            let dst = self.b.addi(&slot_row, &e);
-            self.b.store_vector(x_slot, &dst, &v, 16, DType::F32);
-            self.b.close();
-            let e = self.b.open_loop_from(&whole, kn, &one);
-            let src = self.b.addi(&x_row, &e);
-            let v = self.b.load(x_ptr, &src, h.x_dtype);
-            let dst = self.b.addi(&slot_row, &e);
-            self.b.store(x_slot, &dst, DType::F32, v);
-            self.b.close();
+            let dtype = h.x_dtype;
+            self.widen_into(
+                kn,
+                (x_slot, &slot_row),
+                &mut |kc, e| {
+                    let src = kc.b.addi(&x_row, e);
+                    Ok(kc.b.load_vector(x_ptr, &src, 16, dtype))
+                },
+                &mut |kc, e| {
+                    let src = kc.b.addi(&x_row, e);
+                    Ok(kc.b.load(x_ptr, &src, dtype).ssa)
+                },
+            )?;
             let sums = self.b.muli(&local, &width);
             for v in 0..vectors {
                 let shift = self.b.index(16 * v as i64);

@@ -444,24 +444,50 @@ impl Kc<'_> {
         (start, count): (&str, &str),
         (slot, base): (&str, &str),
     ) -> Result<(), LowerError> {
+        let index = |kc: &mut Self, e: &str| -> Result<Vec<String>, LowerError> {
+            let mut env = env.to_vec();
+            env.push((sum, kc.b.addi(start, e)));
+            kc.operand_index(j, subs, &env)
+        };
+        self.widen_into(
+            count,
+            (slot, base),
+            &mut |kc, e| {
+                let from = index(kc, e)?;
+                kc.load_vector_view(v, &from, 16)
+            },
+            &mut |kc, e| {
+                let from = index(kc, e)?;
+                kc.loadf(v, &from)
+            },
+        )
+    }
+
+    /// `count` elements widened to f32 into `slot` from element `base`:
+    /// 16 a vector (`vector(kc, e)`: elements `e .. e + 16`, from a
+    /// multiple of 16), the rest one at a time (`scalar(kc, e)`), each
+    /// loaded as f32 by the caller's closures ([`Kc::widen_run`] through
+    /// the operand's views, `emit::half_panels` from a dense buffer).
+    pub(super) fn widen_into(
+        &mut self,
+        count: &str,
+        (slot, base): (&str, &str),
+        vector: &mut dyn FnMut(&mut Self, &str) -> Result<String, LowerError>,
+        scalar: &mut dyn FnMut(&mut Self, &str) -> Result<String, LowerError>,
+    ) -> Result<(), LowerError> {
         let sixteen = self.b.index(16);
         let vectors = self.b.op(&format!("arith.divui {count}, {sixteen} : index"));
         let whole = self.b.muli(&vectors, &sixteen);
         let one = self.b.index(1);
-        let element = |kc: &mut Self, e: &str| -> Result<(Vec<String>, String), LowerError> {
-            let mut env = env.to_vec();
-            env.push((sum, kc.b.addi(start, e)));
-            Ok((kc.operand_index(j, subs, &env)?, kc.b.addi(base, e)))
-        };
         let i = self.b.open_loop(&vectors);
         let e = self.b.muli(&i, &sixteen);
-        let (from, to) = element(self, &e)?;
-        let x = self.load_vector_view(v, &from, 16)?;
+        let x = vector(self, &e)?;
+        let to = self.b.addi(base, &e);
         self.b.store_vector(slot, &to, &x, 16, DType::F32);
         self.b.close();
         let e = self.b.open_loop_from(&whole, count, &one);
-        let (from, to) = element(self, &e)?;
-        let x = self.loadf(v, &from)?;
+        let x = scalar(self, &e)?;
+        let to = self.b.addi(base, &e);
         self.b.store(slot, &to, DType::F32, super::builder::Val::f32(x));
         self.b.close();
         Ok(())
