@@ -65,19 +65,17 @@ const LINE: i64 = 64;
 
 #[cfg(test)]
 thread_local! {
-    /// Whether this thread's kernels leave half panels to the tiles that
-    /// widen each step (see [`with_half_panels`]).
-    static FORCED_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether this thread's kernels widen half panels a chunk at a time
+    /// (`Some(false)`: the tiles widen them at every step; see
+    /// [`with_half_panels`]).
+    static FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
 /// Runs `f` with half panels widened a chunk at a time (`on`, as the CPU
 /// step chooses) or by the tiles at every step (tests: the bits to match).
 #[cfg(test)]
 pub(crate) fn with_half_panels<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = FORCED_OFF.with(|c| c.replace(!on));
-    let out = f();
-    FORCED_OFF.with(|c| c.set(before));
-    out
+    super::pair_dot::with_forced(&FORCED, on, f)
 }
 
 /// Where a whole tile's steps fetch the next chunk of its panel: the
@@ -110,7 +108,7 @@ impl Kc<'_> {
     /// (panels paired for its dot product are another einsum).
     pub(super) fn half_panels(&self, j: usize, out: &Out) -> Option<HalfPanels> {
         #[cfg(test)]
-        if FORCED_OFF.with(std::cell::Cell::get) {
+        if FORCED.with(std::cell::Cell::get) == Some(false) {
             return None;
         }
         if self.simd != 16 || self.narrow || self.partition != super::Partition::Pending || !out.dtype.is_float() {

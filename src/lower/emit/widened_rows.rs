@@ -120,19 +120,17 @@ enum Pair {
 
 #[cfg(test)]
 thread_local! {
-    /// Whether this thread's kernels widen each row element on its own
-    /// (see [`with_widened_rows`]).
-    static FORCED_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether this thread's kernels widen rows into a slot
+    /// (`Some(false)`: each row element on its own; see
+    /// [`with_widened_rows`]).
+    static FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
 /// Runs `f` with the rows widened into a slot (`on`, as the CPU step
 /// chooses) or each element on its own (tests: the bits to match).
 #[cfg(test)]
 pub(crate) fn with_widened_rows<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = FORCED_OFF.with(|c| c.replace(!on));
-    let out = f();
-    FORCED_OFF.with(|c| c.set(before));
-    out
+    super::pair_dot::with_forced(&FORCED, on, f)
 }
 
 /// A contraction whose row operand is widened into a stack slot (see
@@ -159,7 +157,7 @@ impl Kc<'_> {
     /// the sum would split at). `None` otherwise.
     pub(crate) fn widened_rows(&self, j: usize) -> Option<WidenedRows> {
         #[cfg(test)]
-        if FORCED_OFF.with(std::cell::Cell::get) {
+        if FORCED.with(std::cell::Cell::get) == Some(false) {
             return None;
         }
         let (spec, inputs, x, reduced) = self.lanes16_candidate(j)?;
