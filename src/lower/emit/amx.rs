@@ -177,10 +177,12 @@ pub(super) fn distinct(s: &[char]) -> bool {
 /// The MLIR type of an AMX tile.
 pub(super) const TILE: &str = "!llvm.x86_amx";
 
-/// A bf16 einsum of one head `c` of a stored bf16 context cache (`[g, m,
-/// k]`, letters `c` and the two below) and an operand of rows (`..c..s`, its
-/// last letter `s` summed) into the rows' leading axes and one more, `z`:
-/// the context `q·K` (cache `c z s`) or `w · V` (cache `c s z`).
+/// An einsum of one head `c` of a stored context cache (`[g, m, k]`,
+/// letters `c` and the two below) and an operand of rows (`..c..s`, its
+/// last letter `s` summed), both of one dtype (bf16 on AMX tiles, f16 or
+/// bf16 widened in chunks: `emit::half_values`), into the rows' leading
+/// axes and one more, `z`: the context `q·K` (cache `c z s`) or `w · V`
+/// (cache `c s z`).
 pub(super) struct HeadSum {
     /// The operand of rows, and the cache (its value and buffer).
     pub rows: Value,
@@ -344,8 +346,8 @@ impl Kc<'_> {
         self.b.linearize(&coords, lead)
     }
 
-    /// Node `j` as a [`HeadSum`] (see there).
-    pub(super) fn head_sum(&self, j: usize) -> Option<HeadSum> {
+    /// Node `j` as a [`HeadSum`] (see there) of `dtype`.
+    pub(super) fn head_sum(&self, j: usize, dtype: DType) -> Option<HeadSum> {
         let (spec, inputs) = self.contraction_spec(j)?;
         let EinsumSpec { inputs: subs, output } = &spec;
         let (&z, lead) = output.split_last()?;
@@ -360,19 +362,19 @@ impl Kc<'_> {
             && distinct(output)
             && distinct(rs);
         let head = lead.iter().position(|&l| l == c)?;
-        let bf16 = |v: Value| self.graph.dtype_of(v) == DType::BF16;
-        let buffer = self.stored(cache).filter(|&b| self.program.buffers[b].dtype == DType::BF16 && bf16(cache))?;
+        let held = |v: Value| self.graph.dtype_of(v) == dtype;
+        let buffer = self.stored(cache).filter(|&b| self.program.buffers[b].dtype == dtype && held(cache))?;
         let last = self.constant_size(self.graph.shape_of(cache).last()?)?;
-        (letters_ok && bf16(rows)).then_some(HeadSum { rows, cache, buffer, head, lead: lead.len(), sum_first, last })
+        (letters_ok && held(rows)).then_some(HeadSum { rows, cache, buffer, head, lead: lead.len(), sum_first, last })
     }
 
-    /// The dense bf16 buffer holding `v`'s elements in its order (see
-    /// [`dense_source`]), unpitched.
-    pub(super) fn dense_bf16(&self, v: Value) -> Option<usize> {
+    /// The dense buffer of `dtype` holding `v`'s elements in its order
+    /// (see [`dense_source`]), unpitched.
+    pub(super) fn dense_in(&self, v: Value, dtype: DType) -> Option<usize> {
         let source = dense_source(self.graph, v, &|v| self.stored(v).is_some())?;
         self.stored(source).filter(|&b| {
             let buf = &self.program.buffers[b];
-            buf.dtype == DType::BF16 && buf.pitch.is_none()
+            buf.dtype == dtype && buf.pitch.is_none()
         })
     }
 
@@ -408,7 +410,7 @@ impl Kc<'_> {
         }
         // x: `[.., in / 2, 2]` with the output's leading axes, its elements
         // in that order in a dense bf16 buffer (through order-keeping views).
-        let x = self.dense_bf16(xv)?;
+        let x = self.dense_in(xv, DType::BF16)?;
         let (x_shape, y_shape) = (self.graph.shape_of(xv), self.graph.shape_of(Value::Node(j)));
         let dense = x_shape.len() == lead.len() + 2
             && self.graph.dims.same_shape(&x_shape[..lead.len()], &y_shape[..lead.len()])

@@ -76,8 +76,8 @@ impl Kc<'_> {
     /// `c z y`) into `q`'s leading axes and `m` (the output's last), `k` a
     /// constant multiple of 32.
     pub(super) fn amx_scores(&self, j: usize) -> Option<AmxScores> {
-        let h = self.head_sum(j).filter(|h| !h.sum_first && h.last > 0 && h.last % 32 == 0)?;
-        let q = self.dense_bf16(h.rows)?;
+        let h = self.head_sum(j, DType::BF16).filter(|h| !h.sum_first && h.last > 0 && h.last % 32 == 0)?;
+        let q = self.dense_in(h.rows, DType::BF16)?;
         let (q_shape, y_shape) = (self.graph.shape_of(h.rows), self.graph.shape_of(Value::Node(j)));
         let shapes_ok = q_shape.len() == h.lead + 1
             && self.graph.dims.same_shape(&q_shape[..h.lead], &y_shape[..h.lead])

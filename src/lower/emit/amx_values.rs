@@ -24,7 +24,7 @@
 use crate::ir::{DType, Op, Poly, Value};
 use crate::lower::LowerError;
 
-use super::amx::TILE;
+use super::amx::{HeadSum, TILE};
 use super::bodies::Out;
 use super::builder::{Ty, Val};
 use super::Kc;
@@ -34,15 +34,21 @@ const BLOCK: i64 = 32;
 /// Outputs of the four accumulator tiles.
 const OUTPUTS: i64 = 64;
 
+/// The probabilities of a context `w · V` (see [`Kc::value_rows`]).
+pub(super) struct ValueRows {
+    /// Their buffer (its rows the output's), each row `row` long, the
+    /// probabilities from `start` in it.
+    pub p: usize,
+    pub row: Poly,
+    pub start: Poly,
+    /// The context's length (the sum's), normalized like `row` and `start`.
+    pub len: Poly,
+}
+
 /// A context `w · V` that runs on AMX tiles (see the module docs).
 pub(super) struct AmxValues {
-    /// The probabilities' bf16 buffer (its rows the output's), each row
-    /// `row` long, the probabilities from `start` in it.
-    p: usize,
-    row: Poly,
-    start: Poly,
-    /// The context's length (the sum's), normalized like `row` and `start`.
-    len: Poly,
+    /// The probabilities.
+    rows: ValueRows,
     /// The context cache's buffer `[g, m_c, k]` (bf16; maybe pitched).
     v: usize,
     /// The head's axis among the output's.
@@ -59,14 +65,22 @@ impl Kc<'_> {
     /// (letters `c y z`) into `w`'s leading axes and `k` (the output's
     /// last), `k` a constant multiple of 64.
     pub(super) fn amx_values(&self, j: usize) -> Option<AmxValues> {
-        let h = self.head_sum(j).filter(|h| h.sum_first && h.last > 0 && h.last % OUTPUTS == 0)?;
+        let h = self.head_sum(j, DType::BF16).filter(|h| h.sum_first && h.last > 0 && h.last % OUTPUTS == 0)?;
+        let rows = self.value_rows(j, &h, DType::BF16)?;
+        Some(AmxValues { rows, v: h.buffer, head: h.head, width: h.last })
+    }
+
+    /// Where the probabilities of context `w · V` `h` (node `j`, its rows
+    /// and cache of `dtype`) are: their own dense rows, or a slice of
+    /// each row of a dense buffer, the rows the output's.
+    pub(super) fn value_rows(&self, j: usize, h: &HeadSum, dtype: DType) -> Option<ValueRows> {
         let (pv, lead) = (h.rows, h.lead);
         // The probabilities' rows: `w`'s own, or those of a slice of each
         // (the context's part of the softmax's rows, when the softmax has
         // a buffer of its own).
         // (A slice of a softmax planned in place has its part's buffer.)
         let (whole_rows, start) = match pv {
-            Value::Node(s) if self.dense_bf16(pv).is_none() => {
+            Value::Node(s) if self.dense_in(pv, dtype).is_none() => {
                 match (&self.graph.nodes[s].op, self.graph.nodes[s].inputs.as_slice()) {
                     (Op::Slice { axis, start, .. }, &[of]) if *axis == lead => (of, start.clone()),
                     _ => (pv, Poly::zero()),
@@ -75,7 +89,7 @@ impl Kc<'_> {
             _ => (pv, Poly::zero()),
         };
         let row = self.graph.shape_of(whole_rows).last()?.clone();
-        let p = self.dense_bf16(whole_rows)?;
+        let p = self.dense_in(whole_rows, dtype)?;
         let (p_shape, y_shape) = (self.graph.shape_of(pv), self.graph.shape_of(Value::Node(j)));
         let rows_kept = self.graph.shape_of(whole_rows).len() == p_shape.len()
             && self.graph.dims.same_shape(&self.graph.shape_of(whole_rows)[..lead], &p_shape[..lead]);
@@ -85,7 +99,7 @@ impl Kc<'_> {
             && p_shape.last().is_some_and(|m| self.graph.dims.same(m, &self.graph.shape_of(h.cache)[1]));
         let norm = |x: &Poly| self.graph.dims.normalize(x).ok();
         let (row, start, len) = (norm(&row)?, norm(&start)?, norm(p_shape.last()?)?);
-        shapes_ok.then_some(AmxValues { p, row, start, len, v: h.buffer, head: h.head, width: h.last })
+        shapes_ok.then_some(ValueRows { p, row, start, len })
     }
 
     /// The body of [`AmxValues`] contraction `t` (see the module docs).
@@ -99,8 +113,8 @@ impl Kc<'_> {
         let lead = out.sizes[..rank - 1].to_vec();
         let heads = lead[t.head].clone();
         // The context's length, and where each row of probabilities is.
-        let positions = self.b.size(&t.len)?;
-        let (row_len, start) = (self.b.size(&t.row)?, self.b.size(&t.start)?);
+        let positions = self.b.size(&t.rows.len)?;
+        let (row_len, start) = (self.b.size(&t.rows.row)?, self.b.size(&t.rows.start)?);
         let rows = self.head_rows(&lead, t.head);
         let sixteen = self.b.index(16);
         let tiles = self.ceil_div(&rows, 16);
@@ -120,7 +134,7 @@ impl Kc<'_> {
         );
         // Each row's probabilities' start at `r`, its outputs' at `16 + r`.
         let offs = self.offsets_slot(32);
-        let p_ptr = self.ptr(t.p)?;
+        let p_ptr = self.ptr(t.rows.p)?;
         let width = self.b.index(t.width);
         // Where each row's probabilities and outputs start.
         let rr = self.b.open_loop(&mt);

@@ -50,11 +50,11 @@ use super::bodies::Out;
 use super::Kc;
 
 /// Outputs of a panel (`cpu::panels::PANEL`): 4 vectors of 16.
-const PANEL_OUTPUTS: i64 = 64;
+pub(super) const PANEL_OUTPUTS: i64 = 64;
 /// Steps of the sum a chunk takes: its 64 f32 a step in a 16 KiB slot.
 const CHUNK: i64 = 64;
 /// Rows of `x` an item computes: their carried sums in a 16 KiB slot.
-const GROUP_ROWS: i64 = 64;
+pub(super) const GROUP_ROWS: i64 = 64;
 /// Rows of a tile: 4 × 4 vectors of accumulators.
 const TILE_ROWS: i64 = 4;
 /// How many chunks ahead of the one it widens a chunk's widening fetches
@@ -78,11 +78,31 @@ pub(crate) fn with_half_panels<R>(on: bool, f: impl FnOnce() -> R) -> R {
     super::pair_dot::with_forced(&FORCED, on, f)
 }
 
-/// Where a whole tile's steps fetch the next chunk of its panel: the
-/// panels' pointer and the chunk's first element.
-struct Ahead<'a> {
-    ptr: &'a str,
-    base: &'a str,
+/// An item's sums in chunks (a projection's panel and group of rows, or
+/// a context `w · V`'s head, 64 outputs and group of rows: see
+/// `emit::half_values`), its values hoisted or the item's.
+pub(super) struct ChunkedSum<'a> {
+    /// The half operand's pointer and dtype, the element of the item's
+    /// first output at step 0, and the elements from a step to the next.
+    pub w: (&'a str, DType),
+    pub w_at: (&'a str, &'a str),
+    /// The pointer of `x` and its dtype.
+    pub x: (&'a str, DType),
+    /// The sum's steps.
+    pub steps: &'a str,
+    /// Where each row of the item reads `x` and writes its 64 outputs
+    /// (see [`Kc::note_row_offsets`]).
+    pub offsets: &'a str,
+    /// The item's rows (up to [`GROUP_ROWS`]).
+    pub rows: &'a str,
+}
+
+/// The stack slots of [`Kc::chunked_sums`]: a tile's rows of `x`, the
+/// widened chunk and the carried sums.
+struct Slots<'a> {
+    x: &'a str,
+    w: &'a str,
+    carry: &'a str,
 }
 
 /// A projection from half panels (see the module docs).
@@ -107,11 +127,7 @@ impl Kc<'_> {
     /// leading axes. bf16 panels only where the CPU sums bf16 by FMAs
     /// (panels paired for its dot product are another einsum).
     pub(super) fn half_panels(&self, j: usize, out: &Out) -> Option<HalfPanels> {
-        #[cfg(test)]
-        if FORCED.with(std::cell::Cell::get) == Some(false) {
-            return None;
-        }
-        if self.simd != 16 || self.narrow || self.partition != super::Partition::Pending || !out.dtype.is_float() {
+        if !self.chunks_widened(out) {
             return None;
         }
         let (spec, inputs) = self.contraction_spec(j)?;
@@ -131,11 +147,7 @@ impl Kc<'_> {
         }
         let w = self.stored(wv)?;
         let w_dtype = self.program.buffers[w].dtype;
-        let half = match w_dtype {
-            DType::F16 => true,
-            DType::BF16 => !self.bf16_dot && !self.amx,
-            _ => false,
-        };
+        let half = self.widens_half(w_dtype);
         let sizes: Vec<i64> = self.graph.shape_of(wv).iter().map(|d| self.constant_size(d)).collect::<Option<_>>()?;
         let &[panels, inputs, outs] = sizes.as_slice() else { return None };
         if !half || outs != PANEL_OUTPUTS || inputs <= 0 || panels <= 0 {
@@ -152,6 +164,28 @@ impl Kc<'_> {
             && x_shape.get(lead.len()).and_then(|d| self.constant_size(d)) == Some(inputs)
             && y_shape.get(rank - 2).and_then(|d| self.constant_size(d)) == Some(panels);
         dense.then_some(HalfPanels { x, x_dtype: x_buf.dtype, w, w_dtype, inputs, panels })
+    }
+
+    /// Whether a kernel writing `out` may widen a half operand's chunks
+    /// once for all its tiles: on the CPU in wide tiles (16 lanes, not
+    /// emulating the GPU), a float output, its walk not yet split.
+    pub(super) fn chunks_widened(&self, out: &Out) -> bool {
+        #[cfg(test)]
+        if FORCED.with(std::cell::Cell::get) == Some(false) {
+            return false;
+        }
+        self.simd == 16 && !self.narrow && self.partition == super::Partition::Pending && out.dtype.is_float()
+    }
+
+    /// Whether half operand `dtype` is widened to f32 by FMA kernels: f16,
+    /// and bf16 where the CPU has no bf16 instruction to sum it with
+    /// (`emit::pair_dot`, `emit::amx`).
+    pub(super) fn widens_half(&self, dtype: DType) -> bool {
+        match dtype {
+            DType::F16 => true,
+            DType::BF16 => !self.bf16_dot && !self.amx,
+            _ => false,
+        }
     }
 
     /// The body of [`HalfPanels`] projection `h` (see the module docs): a
@@ -171,64 +205,104 @@ impl Kc<'_> {
         *opened += 1;
         let at = self.b.delinearize(&item, &[panels, groups]);
         let (p, g) = (at[0].clone(), at[1].clone());
-        let group = self.b.index(GROUP_ROWS);
-        let r0 = self.b.muli(&g, &group);
-        let left = self.b.subi(&rows, &r0);
-        let rn = self.b.op(&format!("arith.minui {left}, {group} : index"));
-        let two_tiles = self.b.index(2 * TILE_ROWS);
-        let few = self.b.ult(&rn, &two_tiles);
+        let (r0, rn) = self.group_rows(&g, &rows);
+        // Where each row's x and outputs start: output row r, panel p,
+        // its outputs from (r·P + p)·64.
+        let (inputs, out_panels, width) = (self.b.index(h.inputs), self.b.index(h.panels), self.b.index(PANEL_OUTPUTS));
+        let offsets = self.offsets_slot(2 * GROUP_ROWS);
+        let r = self.b.open_loop(&rn);
+        let row = self.b.addi(&r0, &r);
+        let x_off = self.b.muli(&row, &inputs);
+        let o_off = self.b.muli(&row, &out_panels);
+        let o_off = self.b.addi(&o_off, &p);
+        let o_off = self.b.muli(&o_off, &width);
+        self.note_row_offsets(&offsets, &r, (&x_off, &o_off));
+        self.b.close();
         let (w_ptr, x_ptr) = (self.ptr(h.w)?, self.ptr(h.x)?);
+        let panel_len = self.b.index(h.inputs * PANEL_OUTPUTS);
+        let w_base = self.b.muli(&p, &panel_len);
+        let sum = ChunkedSum {
+            w: (&w_ptr, h.w_dtype),
+            w_at: (&w_base, &width),
+            x: (&x_ptr, h.x_dtype),
+            steps: &inputs,
+            offsets: &offsets,
+            rows: &rn,
+        };
+        self.chunked_sums(out, &sum)?;
+        Ok(item)
+    }
+
+    /// Group `g`'s first row of `rows` and its number of rows (up to
+    /// [`GROUP_ROWS`]).
+    pub(super) fn group_rows(&mut self, g: &str, rows: &str) -> (String, String) {
+        let group = self.b.index(GROUP_ROWS);
+        let r0 = self.b.muli(g, &group);
+        let left = self.b.subi(rows, &r0);
+        let rn = self.b.op(&format!("arith.minui {left}, {group} : index"));
+        (r0, rn)
+    }
+
+    /// Notes in offsets slot `slot` (of `2 · GROUP_ROWS`) where the item's
+    /// row `r` reads `x` (at `r`) and writes its outputs (at `GROUP_ROWS +
+    /// r`).
+    pub(super) fn note_row_offsets(&mut self, slot: &str, r: &str, (x, o): (&str, &str)) {
+        self.note_offset(slot, r, x);
+        let group = self.b.index(GROUP_ROWS);
+        let at = self.b.addi(r, &group);
+        self.note_offset(slot, &at, o);
+    }
+
+    /// An item's sums of `s` (see [`ChunkedSum`]): from zeros, in chunks
+    /// of [`CHUNK`] steps, each widened once for all the tiles of rows,
+    /// then stored rounded to the output's dtype.
+    pub(super) fn chunked_sums(&mut self, out: &Out, s: &ChunkedSum) -> Result<(), LowerError> {
+        let two_tiles = self.b.index(2 * TILE_ROWS);
+        let few = self.b.ult(s.rows, &two_tiles);
         let w_slot = self.b.stack_f32("half_panel_chunk", (CHUNK * PANEL_OUTPUTS) as usize, None);
         let carry = self.b.stack_f32("half_panel_sums", (GROUP_ROWS * PANEL_OUTPUTS) as usize, None);
         let x_slot = self.b.stack_f32("half_panel_rows", (TILE_ROWS * CHUNK) as usize, None);
+        let slots = Slots { x: &x_slot, w: &w_slot, carry: &carry };
         let width = self.b.index(PANEL_OUTPUTS);
         let vty = "vector<16xf32>";
         let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
         // The group's sums start at zero.
-        let sums = self.b.muli(&rn, &width);
+        let sums = self.b.muli(s.rows, &width);
         let (first, sixteen) = (self.b.index(0), self.b.index(16));
         let e = self.b.open_loop_from(&first, &sums, &sixteen);
         self.b.store_vector(&carry, &e, &zero, 16, DType::F32);
         self.b.close();
-        let panel_len = self.b.index(h.inputs * PANEL_OUTPUTS);
-        let w_base = self.b.muli(&p, &panel_len);
-        let chunks = self.b.index(crate::lower::ceil_div(h.inputs, CHUNK));
+        let chunks = self.ceil_div(s.steps, CHUNK);
         let c = self.b.open_loop(&chunks);
         let chunk = self.b.index(CHUNK);
         let k0 = self.b.muli(&c, &chunk);
-        let inputs = self.b.index(h.inputs);
-        let k_left = self.b.subi(&inputs, &k0);
+        let k_left = self.b.subi(s.steps, &k0);
         let kn = self.b.op(&format!("arith.minui {k_left}, {chunk} : index"));
-        self.widen_chunk(h, (&w_ptr, &w_slot), (&w_base, &k0, &kn), &few)?;
+        self.widen_chunk(s, &w_slot, (&k0, &kn), &few)?;
         // The next chunk's lines, spread over the whole tiles' steps.
-        let ahead = self.b.index(CHUNK * PANEL_OUTPUTS);
-        let next = self.b.muli(&k0, &width);
-        let next = self.b.addi(&w_base, &next);
-        let next = self.b.addi(&next, &ahead);
-        let next = Ahead { ptr: &w_ptr, base: &next };
+        let (w_base, w_step) = s.w_at;
+        let next = self.b.addi(&k0, &chunk);
+        let next = self.b.muli(&next, w_step);
+        let next = self.b.addi(w_base, &next);
         // The group's whole tiles, then its rows left one at a time.
         let tile = self.b.index(TILE_ROWS);
-        let tiles = self.b.op(&format!("arith.divui {rn}, {tile} : index"));
+        let tiles = self.b.op(&format!("arith.divui {}, {tile} : index", s.rows));
         let t = self.b.open_loop(&tiles);
         let rt = self.b.muli(&t, &tile);
-        let tile_rows = TILE_ROWS as usize;
-        self.chunk_tile(h, (&x_ptr, &x_slot, &w_slot, &carry), (&r0, &rt, tile_rows), (&k0, &kn), Some((&next, &t)))?;
+        self.chunk_tile(s, &slots, (&rt, TILE_ROWS as usize), (&k0, &kn), Some((&next, &t)))?;
         self.b.close();
         let whole = self.b.muli(&tiles, &tile);
         let one = self.b.index(1);
-        let r = self.b.open_loop_from(&whole, &rn, &one);
-        self.chunk_tile(h, (&x_ptr, &x_slot, &w_slot, &carry), (&r0, &r, 1), (&k0, &kn), None)?;
+        let r = self.b.open_loop_from(&whole, s.rows, &one);
+        self.chunk_tile(s, &slots, (&r, 1), (&k0, &kn), None)?;
         self.b.close();
         self.b.close();
-        // The sums, rounded to the output's dtype: output row r, panel p,
-        // outputs 16i..: ((r·P + p)·64 + 16i).
-        let r = self.b.open_loop(&rn);
+        // The sums, rounded to the output's dtype.
+        let r = self.b.open_loop(s.rows);
         let src = self.b.muli(&r, &width);
-        let row = self.b.addi(&r0, &r);
-        let out_panels = self.b.index(h.panels);
-        let dst = self.b.muli(&row, &out_panels);
-        let dst = self.b.addi(&dst, &p);
-        let dst = self.b.muli(&dst, &width);
+        let group = self.b.index(GROUP_ROWS);
+        let at = self.b.addi(&r, &group);
+        let dst = self.noted_offset(s.offsets, &at);
         for i in 0..PANEL_OUTPUTS / 16 {
             let shift = self.b.index(16 * i);
             let from = self.b.addi(&src, &shift);
@@ -237,118 +311,126 @@ impl Kc<'_> {
             self.b.store_vector(&out.ptr, &to, &v, 16, out.dtype);
         }
         self.b.close();
-        Ok(item)
+        Ok(())
     }
 
-    /// Steps `k0 .. k0 + kn` of the panel at `w_base` (its elements) widened
-    /// into `slot`, 64 f32 a step; each step also fetches the half panel's
-    /// lines `CHUNK_AHEAD` chunks on into L2.
-    fn widen_chunk(
-        &mut self,
-        h: &HalfPanels,
-        (w_ptr, slot): (&str, &str),
-        (w_base, k0, kn): (&str, &str, &str),
-        few: &str,
-    ) -> Result<(), LowerError> {
+    /// The offset of line `q` of the half operand's chunk whose first
+    /// step is at `base`: a step's 64 halves are two lines.
+    fn chunk_line(&mut self, s: &ChunkedSum, base: &str, q: &str) -> String {
+        let per_line = LINE / s.w.1.size() as i64;
+        let lines = self.b.index(PANEL_OUTPUTS / per_line);
+        let step = self.b.op(&format!("arith.divui {q}, {lines} : index"));
+        let within = self.b.op(&format!("arith.remui {q}, {lines} : index"));
+        let step = self.b.muli(&step, s.w_at.1);
+        let per_line = self.b.index(per_line);
+        let within = self.b.muli(&within, &per_line);
+        let at = self.b.addi(base, &step);
+        self.b.addi(&at, &within)
+    }
+
+    /// Steps `k0 .. k0 + kn` of the half operand widened into `slot`, 64
+    /// f32 a step; with few rows each step also fetches its lines
+    /// `CHUNK_AHEAD` chunks on into L2.
+    fn widen_chunk(&mut self, s: &ChunkedSum, slot: &str, (k0, kn): (&str, &str), few: &str) -> Result<(), LowerError> {
+        let ((w_ptr, w_dtype), (w_base, w_step)) = (s.w, s.w_at);
         let width = self.b.index(PANEL_OUTPUTS);
-        let s = self.b.open_loop(kn);
-        let k = self.b.addi(k0, &s);
-        let from = self.b.muli(&k, &width);
+        let i = self.b.open_loop(kn);
+        let k = self.b.addi(k0, &i);
+        let from = self.b.muli(&k, w_step);
         let from = self.b.addi(w_base, &from);
-        let to = self.b.muli(&s, &width);
-        for i in 0..PANEL_OUTPUTS / 16 {
-            let shift = self.b.index(16 * i);
+        let to = self.b.muli(&i, &width);
+        for v in 0..PANEL_OUTPUTS / 16 {
+            let shift = self.b.index(16 * v);
             let src = self.b.addi(&from, &shift);
-            let v = self.b.load_vector(w_ptr, &src, 16, h.w_dtype);
+            let x = self.b.load_vector(w_ptr, &src, 16, w_dtype);
             let dst = self.b.addi(&to, &shift);
-            self.b.store_vector(slot, &dst, &v, 16, DType::F32);
+            self.b.store_vector(slot, &dst, &x, 16, DType::F32);
         }
         // With fewer rows than two whole tiles, whose steps would not
         // cover the next chunk's lines, each step fetches its two lines
         // CHUNK_AHEAD chunks on (a step's 64 halves are 128 bytes).
         self.b.open_guard(few);
-        let per_line = LINE / h.w_dtype.size() as i64;
-        let ahead = self.b.index(CHUNK_AHEAD * CHUNK * PANEL_OUTPUTS);
+        let per_line = LINE / w_dtype.size() as i64;
+        let ahead = self.b.index(CHUNK_AHEAD * CHUNK);
+        let ahead = self.b.muli(&ahead, w_step);
         let later = self.b.addi(&from, &ahead);
         for l in 0..PANEL_OUTPUTS / per_line {
             let shift = self.b.index(l * per_line);
             let at = self.b.addi(&later, &shift);
-            self.b.prefetch_to(w_ptr, &at, h.w_dtype, false, 2);
+            self.b.prefetch_to(w_ptr, &at, w_dtype, false, 2);
         }
         self.b.close();
         self.b.close();
         Ok(())
     }
 
-    /// A tile of `n` rows of the group at `r0` (from its row `rt`) runs
-    /// steps `k0 .. k0 + kn` of its sums from the widened chunk `w_slot`:
-    /// its rows of `x` widened into `x_slot` (`CHUNK` a row), its sums
-    /// from `carry` and back.
+    /// A tile of `n` rows of the item (from its row `rt`) runs steps `k0
+    /// .. k0 + kn` of its sums from the widened chunk: its rows of `x`
+    /// widened into their slot (`CHUNK` a row), its sums from the carry
+    /// slot and back; a whole tile's steps fetch the next chunk (from
+    /// `next`, the tile `t`'s share of its lines).
     fn chunk_tile(
         &mut self,
-        h: &HalfPanels,
-        (x_ptr, x_slot, w_slot, carry): (&str, &str, &str, &str),
-        (r0, rt, n): (&str, &str, usize),
+        s: &ChunkedSum,
+        slots: &Slots,
+        (rt, n): (&str, usize),
         (k0, kn): (&str, &str),
-        ahead: Option<(&Ahead, &str)>,
+        ahead: Option<(&str, &str)>,
     ) -> Result<(), LowerError> {
         let vty = "vector<16xf32>";
-        let (width, inputs) = (self.b.index(PANEL_OUTPUTS), self.b.index(h.inputs));
+        let width = self.b.index(PANEL_OUTPUTS);
         let vectors = (PANEL_OUTPUTS / 16) as usize;
         let one = self.b.index(1);
+        let (x_ptr, x_dtype) = s.x;
         let mut accs = Vec::with_capacity(n * vectors);
         for i in 0..n {
             let ri = self.b.index(i as i64);
             let local = self.b.addi(rt, &ri);
-            let row = self.b.addi(r0, &local);
             // The row's stretch of x, widened into its row of the slot.
-            let x_row = self.b.muli(&row, &inputs);
+            let x_row = self.noted_offset(s.offsets, &local);
             let x_row = self.b.addi(&x_row, k0);
             let slot_row = self.b.index(i as i64 * CHUNK);
-            let dtype = h.x_dtype;
             self.widen_into(
                 kn,
-                (x_slot, &slot_row),
+                (slots.x, &slot_row),
                 &mut |kc, e| {
                     let src = kc.b.addi(&x_row, e);
-                    Ok(kc.b.load_vector(x_ptr, &src, 16, dtype))
+                    Ok(kc.b.load_vector(x_ptr, &src, 16, x_dtype))
                 },
                 &mut |kc, e| {
                     let src = kc.b.addi(&x_row, e);
-                    Ok(kc.b.load(x_ptr, &src, dtype).ssa)
+                    Ok(kc.b.load(x_ptr, &src, x_dtype).ssa)
                 },
             )?;
             let sums = self.b.muli(&local, &width);
             for v in 0..vectors {
                 let shift = self.b.index(16 * v as i64);
                 let at = self.b.addi(&sums, &shift);
-                accs.push(self.b.load_vector(carry, &at, 16, DType::F32));
+                accs.push(self.b.load_vector(slots.carry, &at, 16, DType::F32));
             }
         }
-        let (res, s, accs) = self.b.open_for_typed(kn, &one, &accs, vty);
+        let (res, step, accs) = self.b.open_for_typed(kn, &one, &accs, vty);
         if let Some((next, tile)) = ahead {
-            // Line `t · kn + s` of the next chunk, the last where past it.
+            // Line `t · kn + step` of the next chunk, the last where past it.
             let q = self.b.muli(tile, kn);
-            let q = self.b.addi(&q, &s);
-            let last = self.b.index(CHUNK * PANEL_OUTPUTS * h.w_dtype.size() as i64 / LINE - 1);
+            let q = self.b.addi(&q, &step);
+            let last = self.b.index(CHUNK * PANEL_OUTPUTS * s.w.1.size() as i64 / LINE - 1);
             let q = self.b.op(&format!("arith.minui {q}, {last} : index"));
-            let per_line = self.b.index(LINE / h.w_dtype.size() as i64);
-            let off = self.b.muli(&q, &per_line);
-            let at = self.b.addi(next.base, &off);
-            self.b.prefetch_to(next.ptr, &at, h.w_dtype, false, 2);
+            let at = self.chunk_line(s, next, &q);
+            self.b.prefetch_to(s.w.0, &at, s.w.1, false, 2);
         }
-        let w_row = self.b.muli(&s, &width);
+        let w_row = self.b.muli(&step, &width);
         let mut ws = Vec::with_capacity(vectors);
         for v in 0..vectors {
             let shift = self.b.index(16 * v as i64);
             let at = self.b.addi(&w_row, &shift);
-            ws.push(self.b.load_vector(w_slot, &at, 16, DType::F32));
+            ws.push(self.b.load_vector(slots.w, &at, 16, DType::F32));
         }
         let mut nexts = Vec::with_capacity(accs.len());
         for i in 0..n {
             let at = self.b.index(i as i64 * CHUNK);
-            let at = self.b.addi(&at, &s);
-            let x = self.b.load(x_slot, &at, DType::F32).ssa;
+            let at = self.b.addi(&at, &step);
+            let x = self.b.load(slots.x, &at, DType::F32).ssa;
             let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
             for (v, w) in ws.iter().enumerate() {
                 let p = self.b.op(&format!("arith.mulf {x}, {w} fastmath<contract> : {vty}"));
@@ -364,7 +446,7 @@ impl Kc<'_> {
             for v in 0..vectors {
                 let shift = self.b.index(16 * v as i64);
                 let at = self.b.addi(&sums, &shift);
-                self.b.store_vector(carry, &at, &res[i * vectors + v], 16, DType::F32);
+                self.b.store_vector(slots.carry, &at, &res[i * vectors + v], 16, DType::F32);
             }
         }
         Ok(())
@@ -377,7 +459,7 @@ mod tests {
 
     use super::with_half_panels;
     use crate::interp::Tensor;
-    use crate::lower::emit::testing::{check_output, check_parts, held_inputs, point};
+    use crate::lower::emit::testing::{check_output, check_parts, chunked_kernels, held_inputs, point};
     use crate::lower::CpuStep;
 
     /// Projections from f16 and bf16 panels in wide tiles, without bf16
@@ -439,11 +521,8 @@ mod tests {
                 })
             };
             let ((mut chunked, text), (tiles, tiles_text)) = (compile(true), compile(false));
-            // The chunk, the carried sums and the rows of x: three slots.
-            let slotted =
-                |text: &str| text.split("func.func").filter(|f| f.matches("llvm.alloca").count() == 3).count();
-            assert_eq!(slotted(&text), 5, "{dtype}: every projection widens its chunks once:\n{text}");
-            assert_eq!(slotted(&tiles_text), 0, "{dtype}: the tiles widen each step:\n{tiles_text}");
+            assert_eq!(chunked_kernels(&text), 5, "{dtype}: every projection widens its chunks once:\n{text}");
+            assert_eq!(chunked_kernels(&tiles_text), 0, "{dtype}: the tiles widen each step:\n{tiles_text}");
             // A line of the next chunk a step of a whole tile, and two a
             // step of the chunk's widening where the rows are few.
             let fetches = text.matches("\"llvm.intr.prefetch\"").count();

@@ -100,6 +100,7 @@ mod erf;
 mod exp;
 mod fused;
 mod half_panels;
+mod half_values;
 mod mma;
 mod ops;
 mod pair_dot;
@@ -643,6 +644,7 @@ fn kernel_fn(
         (None, _, Some(j)) if kernel.op == FUSED_OP => kc.fused_attention_body(&dest, j)?,
         (None, _, Some(_)) if let Some(t) = &tiles => kc.amx_kernel_body(&dest, t, &mut opened)?,
         (None, _, Some(j)) if let Some(h) = kc.half_panels(j, &dest) => kc.half_panels_body(&dest, &h, &mut opened)?,
+        (None, _, Some(j)) if let Some(v) = kc.half_values(j, &dest) => kc.half_values_body(&dest, &v, &mut opened)?,
         (None, _, Some(j)) if let Some(lanes) = vector => kc.vector_body(&dest, j, lanes, &mut opened)?,
         (Some((m, mode, j)), _, _) => {
             if mode == MmaMode::Gpu {

@@ -197,3 +197,13 @@ pub(crate) fn check_parts(
     }
     step.set_threads(1);
 }
+
+/// How many functions of MLIR `text` sum half operands widened a chunk at
+/// a time (`emit::half_panels`, `emit::half_values`): their three f32
+/// stack slots (the chunk, the carried sums, a tile's rows) and a slot of
+/// the rows' offsets.
+pub(crate) fn chunked_kernels(text: &str) -> usize {
+    text.split("func.func")
+        .filter(|f| f.matches(" x f32 {alignment").count() == 3 && f.matches(" x i64 {alignment").count() == 1)
+        .count()
+}
