@@ -21,7 +21,11 @@
 //! in an f32 slot of the group's rows (16 KiB), and at the end the sums
 //! are stored, rounded to the output's dtype. Each output's sum runs in
 //! input order, with the same FMAs from the same zeros: the same bits as
-//! the tiles before.
+//! the tiles before. The chunked sums ([`Kc::chunked_sums`]) take their
+//! addresses from a [`ChunkedSum`] (the half operand's pitch from a step
+//! to the next, each row's offsets of `x` and of its outputs noted in a
+//! slot once an item), which the context `w · V` of a half V fills too
+//! (`emit::half_values`).
 //!
 //! The half panel's next chunk (at a panel's end, the next panel's
 //! first, contiguous in memory) is fetched into L2 a line a step of the
