@@ -45,6 +45,20 @@ pub(super) struct ValueRows {
     pub len: Poly,
 }
 
+/// The sizes a context `w · V` kernel walks, hoisted (see
+/// [`Kc::value_sizes`]).
+pub(super) struct ValueSizes {
+    /// The output's leading sizes, and its heads among them.
+    pub lead: Vec<String>,
+    pub heads: String,
+    /// The rows of one head, the context's length, and each row of
+    /// probabilities' length and where the probabilities start in it.
+    pub rows: String,
+    pub positions: String,
+    pub row_len: String,
+    pub start: String,
+}
+
 /// A context `w · V` that runs on AMX tiles (see the module docs).
 pub(super) struct AmxValues {
     /// The probabilities.
@@ -102,6 +116,17 @@ impl Kc<'_> {
         shapes_ok.then_some(ValueRows { p, row, start, len })
     }
 
+    /// The sizes of a context `w · V` writing `out`, its probabilities
+    /// `p`, its head the output's axis `head`.
+    pub(super) fn value_sizes(&mut self, out: &Out, p: &ValueRows, head: usize) -> Result<ValueSizes, LowerError> {
+        let lead = out.sizes[..out.sizes.len() - 1].to_vec();
+        let heads = lead[head].clone();
+        let positions = self.b.size(&p.len)?;
+        let (row_len, start) = (self.b.size(&p.row)?, self.b.size(&p.start)?);
+        let rows = self.head_rows(&lead, head);
+        Ok(ValueSizes { lead, heads, rows, positions, row_len, start })
+    }
+
     /// The body of [`AmxValues`] contraction `t` (see the module docs).
     pub(super) fn amx_values_body(
         &mut self,
@@ -109,13 +134,8 @@ impl Kc<'_> {
         t: &AmxValues,
         opened: &mut usize,
     ) -> Result<String, LowerError> {
-        let rank = out.sizes.len();
-        let lead = out.sizes[..rank - 1].to_vec();
-        let heads = lead[t.head].clone();
         // The context's length, and where each row of probabilities is.
-        let positions = self.b.size(&t.rows.len)?;
-        let (row_len, start) = (self.b.size(&t.rows.row)?, self.b.size(&t.rows.start)?);
-        let rows = self.head_rows(&lead, t.head);
+        let ValueSizes { lead, heads, rows, positions, row_len, start } = self.value_sizes(out, &t.rows, t.head)?;
         let sixteen = self.b.index(16);
         let tiles = self.ceil_div(&rows, 16);
         let item = self.part_range(&[heads.clone(), tiles.clone()]);

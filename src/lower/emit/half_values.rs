@@ -24,7 +24,7 @@
 use crate::ir::DType;
 use crate::lower::LowerError;
 
-use super::amx_values::ValueRows;
+use super::amx_values::{ValueRows, ValueSizes};
 use super::bodies::Out;
 use super::half_panels::{ChunkedSum, GROUP_ROWS, PANEL_OUTPUTS};
 use super::Kc;
@@ -72,12 +72,7 @@ impl Kc<'_> {
         t: &HalfValues,
         opened: &mut usize,
     ) -> Result<String, LowerError> {
-        let rank = out.sizes.len();
-        let lead = out.sizes[..rank - 1].to_vec();
-        let heads = lead[t.head].clone();
-        let positions = self.b.size(&t.rows.len)?;
-        let (row_len, start) = (self.b.size(&t.rows.row)?, self.b.size(&t.rows.start)?);
-        let rows = self.head_rows(&lead, t.head);
+        let ValueSizes { lead, heads, rows, positions, row_len, start } = self.value_sizes(out, &t.rows, t.head)?;
         let groups = self.ceil_div(&rows, GROUP_ROWS);
         let blocks = self.b.index(t.width / PANEL_OUTPUTS);
         let item = self.part_range(&[heads.clone(), blocks.clone(), groups.clone()]);
