@@ -44,6 +44,18 @@
 //! 2-core Emerald Rapids VM (cpu_step, b = 32, m_c = 8192, two threads,
 //! profiled, alternated, calm rounds): 2.49-2.80 -> 2.40-2.68 ms a layer.
 //!
+//! Wide tiles sum two tiles of 16 rows at a time, 8 outputs a pass (16
+//! accumulators), each element of K broadcast once for both tiles' FMAs:
+//! broadcast for one FMA alone, LLVM folds the load into it
+//! (`vfmadd231ps m32{1to16}`), which held the kernel near 58% of the FMA
+//! peak in every dtype, where a broadcast kept in a register feeds two
+//! (a C loop of each on the VM, one core, in L1: 77-79% against 95% of
+//! the peak). The same FMAs in the same order for every output: the same
+//! bits. Llama-2-7B's f16 q·K at b = 32, m_c = 8192, two threads
+//! (cpu_step, profiled, two rounds alternated): 10.0-10.1 -> 7.8-8.1 ms a
+//! layer (58% -> 73-77%), once a 128-wide head's packing turn held two
+//! tiles (it held one: the pairs' loop never ran).
+//!
 //! An f16 / bf16 K is widened a block of 16 rows at a time into a second
 //! stack slot that the block's tiles broadcast from (a widening per
 //! broadcast would cost more than the FMA it feeds): the bf16 model's q·K
@@ -79,7 +91,9 @@ use super::{walk_index, Kc, Partition, Target, BLOCK, CPU_SIMD};
 /// 2 × 64 × 1024 FMAs).
 const CHUNK_BLOCKS: i64 = 64;
 /// f32 elements of the stack slot the rows are packed into (8 KiB: 32
-/// rows of a 64-wide head, at least one tile of 16 rows for wider ones):
+/// rows of a 64-wide head, at least one tile of 16 rows for wider ones,
+/// two where the tiles are summed two at a time and take at most twice
+/// it, a 128-wide head's 32 rows in 16 KiB: `Kc::lanes_block`):
 /// more rows are packed and walked in turns, so that the packed rows stay
 /// in L1 beside the block of K that their tiles share (grouped-query
 /// attention's 128 rows a KV head packed at once, 32 KiB: its q·K 8.3-8.9
@@ -235,7 +249,12 @@ impl Kc<'_> {
         let z1 = self.b.op(&format!("arith.minui {z1}, {zlen} : index"));
         // The rows in turns of what the slot holds.
         let tile = CPU_SIMD as i64;
-        let turn_rows = (PACK_ELEMS / t.sum.1 / tile * tile).max(tile);
+        // Two tiles a turn at least where they are summed two at a time
+        // (`Kc::lanes_block`) and their rows take at most twice the slot's
+        // elements (32 rows of a 128-wide head, 16 KiB).
+        let two = !(t.pairs || self.narrow) && 2 * tile * t.sum.1 <= 2 * PACK_ELEMS;
+        let turn_rows = (PACK_ELEMS / t.sum.1 / tile * tile).max(if two { 2 * tile } else { tile });
+        let paired = !(t.pairs || self.narrow) && turn_rows >= 2 * tile;
         let per_turn = self.b.index(turn_rows);
         let turns = self.ceil_div(rows, turn_rows);
         let turn = self.b.open_loop(&turns);
@@ -246,8 +265,16 @@ impl Kc<'_> {
         let tiles = self.b.op(&format!("arith.divui {here}, {lanes} : index"));
         let slot = self.b.stack_f32("rows_in_lanes", (turn_rows * t.sum.1) as usize, None);
         self.pack_rows(j, t, (&idx, reuse, &reuse_sizes), (&first, &tiles), &slot)?;
-        let item =
-            Item { idx: &idx, reuse, sizes: &reuse_sizes, first: &first, here: &here, tiles: &tiles, slot: &slot };
+        let item = Item {
+            idx: &idx,
+            reuse,
+            sizes: &reuse_sizes,
+            first: &first,
+            here: &here,
+            tiles: &tiles,
+            slot: &slot,
+            paired,
+        };
         // The blocks of 16 outputs start where the turn's first row's
         // outputs start a line (half a line for f16 / bf16), `shift` into
         // the item, so that the rows' stores fill lines and, in f32, go past
@@ -317,10 +344,29 @@ impl Kc<'_> {
     ) -> Result<(), LowerError> {
         let zaxis = out.sizes.len() - 1;
         let rows_k = if t.widened { Some(self.widen_block(j, t, item.idx, start)?) } else { None };
-        let ti = self.b.open_loop(item.tiles);
         let slots = (item.slot, rows_k.as_deref(), part.map(|(m, _, _)| m));
-        self.lanes_tile(out, j, t, (item.idx, item.reuse, item.sizes), (item.first, &ti, start), slots)?;
-        self.b.close();
+        let rows = (item.idx, item.reuse, item.sizes);
+        if !item.paired {
+            let ti = self.b.open_loop(item.tiles);
+            self.lanes_tile(out, j, t, rows, (item.first, &[ti], start), slots)?;
+            self.b.close();
+        } else {
+            // Two tiles at a time (each broadcast of K feeding both), then
+            // the odd one.
+            let two = self.b.index(2);
+            let pairs = self.b.op(&format!("arith.divui {}, {two} : index", item.tiles));
+            let tp = self.b.open_loop(&pairs);
+            let ta = self.b.muli(&tp, &two);
+            let one = self.b.index(1);
+            let tb = self.b.addi(&ta, &one);
+            self.lanes_tile(out, j, t, rows, (item.first, &[ta, tb], start), slots)?;
+            self.b.close();
+            let paired = self.b.muli(&pairs, &two);
+            let odd = self.b.ult(&paired, item.tiles);
+            self.b.open_guard(&odd);
+            self.lanes_tile(out, j, t, rows, (item.first, &[paired], start), slots)?;
+            self.b.close();
+        }
         let lanes = self.b.index(CPU_SIMD as i64);
         let done = self.b.muli(item.tiles, &lanes);
         match part {
@@ -531,9 +577,10 @@ impl Kc<'_> {
         self.loadf(v, &i)
     }
 
-    /// Tile `ti` of 16 rows from row `first` × the block of 16 outputs from
-    /// `start` along the last axis: 16 vector accumulators (an output each,
-    /// a row a lane) summed with one FMA per element of the large operand,
+    /// Tiles `tis` (one, or two: wide tiles without pairs) of 16 rows from
+    /// row `first` × the block of 16 outputs from `start` along the last
+    /// axis: 16 vector accumulators a tile (an output each, a row a lane)
+    /// summed with one FMA per element of the large operand and tile,
     /// transposed, each row's 16 outputs stored as one vector (only the
     /// lanes of `mask` when given).
     fn lanes_tile(
@@ -542,78 +589,110 @@ impl Kc<'_> {
         j: usize,
         t: &RowsInLanes,
         (idx, reuse, sizes): (&[String], &[usize], &[String]),
-        (first, ti, start): (&str, &str, &str),
+        (first, tis, start): (&str, &[String], &str),
         (slot, rows_k, mask): (&str, Option<&str>, Option<&str>),
     ) -> Result<(), LowerError> {
         let n = CPU_SIMD;
-        let vty = format!("vector<{n}xf32>");
         let zaxis = out.sizes.len() - 1;
         let lanes = self.b.index(n as i64);
-        let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
-        let one = self.b.index(1);
-        let res = if t.pairs {
-            self.pair_sums(j, t, idx, (ti, start), slot)?
+        let sums = if t.pairs {
+            tis.iter().map(|ti| self.pair_sums(j, t, idx, (ti, start), slot)).collect::<Result<Vec<_>, _>>()?
         } else {
-            // The 16 outputs at once, or in passes of a few with narrow
-            // tiles (`emit::registers`: 6, 6 and 4); the first pass
-            // prefetches.
-            let most = if self.narrow { NARROW_LANES_OUTPUTS } else { n };
-            let mut res = Vec::with_capacity(n);
-            for first in (0..n).step_by(most) {
-                let pass = most.min(n - first);
-                let len = self.b.index(t.sum.1);
-                let (sums, d, accs) = self.b.open_for_typed(&len, &one, &vec![zero.clone(); pass], &vty);
-                let base = self.b.muli(ti, &len);
-                let base = self.b.addi(&base, &d);
-                let base = self.b.muli(&base, &lanes);
-                let rows = self.b.load_vector(slot, &base, n, DType::F32);
-                let (v, k) = t.large;
-                let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(idx.iter().cloned()).collect();
-                env.push((t.sum.0, d.clone()));
-                let zl = t.spec.output[zaxis];
-                let mut nexts = Vec::with_capacity(pass);
-                for (c, acc) in (first..).zip(&accs) {
-                    let off = self.b.index(c as i64);
-                    let z = self.b.addi(start, &off);
-                    let x = match rows_k {
-                        // Row c of the widened block, element d.
-                        Some(rows_k) => {
-                            let off = self.b.muli(&off, &len);
-                            let off = self.b.addi(&off, &d);
-                            self.b.load(rows_k, &off, DType::F32).ssa
-                        }
-                        None => {
-                            set(&mut env, zl, &z);
-                            let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
-                            self.loadf(v, &at)?
-                        }
-                    };
-                    nexts.push(self.b.lanes_fma(&rows, &x, acc, &vty));
-                }
-                // The next block's rows of the large operand, a line per step.
-                if first == 0 {
-                    self.prefetch_next_k(j, t, &mut env, (start, &d), n as i64)?;
-                }
-                self.b.close_for_typed(&nexts, &vty);
-                res.extend(sums);
-            }
-            res
+            self.lanes_sums(j, t, idx, (tis, start), (slot, rows_k))?
         };
-        let by_row = self.transpose_16(&res);
-        for (l, v) in by_row.iter().enumerate() {
-            let r = self.b.muli(ti, &lanes);
-            let lane = self.b.index(l as i64);
-            let r = self.b.addi(&r, &lane);
-            let row = self.b.addi(first, &r);
-            let mut at = self.row_index(idx, reuse, sizes, &row);
-            at[zaxis] = start.to_owned();
-            let off = self.b.linearize(&at, &out.sizes);
-            match mask {
-                None => self.b.store_vector_streaming(&out.ptr, &off, v, n, out.dtype),
-                Some(m) => self.b.store_vector_masked(&out.ptr, &off, v, n, out.dtype, m),
+        for (ti, res) in tis.iter().zip(&sums) {
+            let by_row = self.transpose_16(res);
+            for (l, v) in by_row.iter().enumerate() {
+                let r = self.b.muli(ti, &lanes);
+                let lane = self.b.index(l as i64);
+                let r = self.b.addi(&r, &lane);
+                let row = self.b.addi(first, &r);
+                let mut at = self.row_index(idx, reuse, sizes, &row);
+                at[zaxis] = start.to_owned();
+                let off = self.b.linearize(&at, &out.sizes);
+                match mask {
+                    None => self.b.store_vector_streaming(&out.ptr, &off, v, n, out.dtype),
+                    Some(m) => self.b.store_vector_masked(&out.ptr, &off, v, n, out.dtype, m),
+                }
             }
         }
         Ok(())
+    }
+
+    /// The 16 accumulators of each of [`Kc::lanes_tile`]'s tiles `tis`
+    /// without pairs, in passes of the block's outputs: all 16 at once
+    /// for one tile, 8 at a time for two (16 accumulators, each
+    /// broadcast element of the large operand feeding both tiles' FMAs:
+    /// the load folded into a lone FMA held it near half the FMA peak),
+    /// a few at a time with narrow tiles (`emit::registers`: 6, 6 and 4).
+    /// Each output's sum is the same FMAs in the same order whatever the
+    /// pass. The first pass prefetches the next block.
+    fn lanes_sums(
+        &mut self,
+        j: usize,
+        t: &RowsInLanes,
+        idx: &[String],
+        (tis, start): (&[String], &str),
+        (slot, rows_k): (&str, Option<&str>),
+    ) -> Result<Vec<Vec<String>>, LowerError> {
+        let n = CPU_SIMD;
+        let vty = format!("vector<{n}xf32>");
+        let zaxis = idx.len() - 1;
+        let lanes = self.b.index(n as i64);
+        let zero = self.b.hoist(&format!("arith.constant dense<0.000000e+00> : {vty}"));
+        let one = self.b.index(1);
+        let most = if self.narrow { NARROW_LANES_OUTPUTS } else { n / tis.len() };
+        let mut res = vec![Vec::with_capacity(n); tis.len()];
+        for first in (0..n).step_by(most) {
+            let pass = most.min(n - first);
+            let len = self.b.index(t.sum.1);
+            let inits = vec![zero.clone(); pass * tis.len()];
+            let (sums, d, accs) = self.b.open_for_typed(&len, &one, &inits, &vty);
+            let mut rows = Vec::with_capacity(tis.len());
+            for ti in tis {
+                let base = self.b.muli(ti, &len);
+                let base = self.b.addi(&base, &d);
+                let base = self.b.muli(&base, &lanes);
+                rows.push(self.b.load_vector(slot, &base, n, DType::F32));
+            }
+            let (v, k) = t.large;
+            let mut env: Vec<(char, String)> = t.spec.output.iter().copied().zip(idx.iter().cloned()).collect();
+            env.push((t.sum.0, d.clone()));
+            let zl = t.spec.output[zaxis];
+            let mut nexts = vec![String::new(); accs.len()];
+            for c in 0..pass {
+                let off = self.b.index((first + c) as i64);
+                let z = self.b.addi(start, &off);
+                let x = match rows_k {
+                    // Row c of the widened block, element d.
+                    Some(rows_k) => {
+                        let off = self.b.muli(&off, &len);
+                        let off = self.b.addi(&off, &d);
+                        self.b.load(rows_k, &off, DType::F32).ssa
+                    }
+                    None => {
+                        set(&mut env, zl, &z);
+                        let at = self.operand_index(j, &t.spec.inputs[k], &env)?;
+                        self.loadf(v, &at)?
+                    }
+                };
+                let x = self.b.op(&format!("vector.broadcast {x} : f32 to {vty}"));
+                for (i, r) in rows.iter().enumerate() {
+                    let acc = &accs[i * pass + c];
+                    let p = self.b.op(&format!("arith.mulf {x}, {r} fastmath<contract> : {vty}"));
+                    nexts[i * pass + c] = self.b.op(&format!("arith.addf {acc}, {p} fastmath<contract> : {vty}"));
+                }
+            }
+            // The next block's rows of the large operand, a line per step.
+            if first == 0 {
+                self.prefetch_next_k(j, t, &mut env, (start, &d), n as i64)?;
+            }
+            self.b.close_for_typed(&nexts, &vty);
+            for (i, r) in res.iter_mut().enumerate() {
+                r.extend(sums[i * pass..(i + 1) * pass].iter().cloned());
+            }
+        }
+        Ok(res)
     }
 }
 
@@ -724,6 +803,8 @@ struct Item<'a> {
     here: &'a str,
     tiles: &'a str,
     slot: &'a str,
+    /// A turn holds two tiles or more, summed two at a time.
+    paired: bool,
 }
 
 /// Binds `letter` to `value` in `env`.
@@ -745,10 +826,12 @@ mod tests {
     /// a time) and f16 (widened), the scores rounded once at the store: the
     /// module packs rows into a stack slot (in wide tiles of f32 lanes by
     /// 16 × 16 transposes of the rows read as vectors) and transposes
-    /// in registers, and matches the interpreter with fewer than 16 rows
-    /// (the reuse tile), exactly 16, a tile and a remainder, rows over more
-    /// than one packing turn (32 rows a turn of a 64-wide head, 16 of a
-    /// 256-wide one), an empty context, blocks cut short and more than one
+    /// in registers, wide tiles without pairs summing two tiles of rows at
+    /// a time (heads up to 128: f16's case has one), and matches the
+    /// interpreter with fewer than 16 rows (the reuse tile), exactly 16
+    /// (one tile alone), a tile and a remainder, two tiles and more, rows
+    /// over more than one packing turn (32 rows a turn of a 64- or
+    /// 128-wide head, 16 of a 256-wide one), an empty context, blocks cut short and more than one
     /// item along the context (1024 outputs an item). Rows stored past the
     /// caches where they start a whole vector's bytes apart (m a multiple
     /// of 16: 16, 1040, 2048 and the 256-wide head's 3 × 16), plain
@@ -781,6 +864,7 @@ mod tests {
                 "bf16",
             ),
             ("bhk,hmk->bhm", serde_json::json!(["b", "h", "k"]), serde_json::json!({"h": 1, "k": 256}), "f32"),
+            ("bhk,hmk->bhm", serde_json::json!(["b", "h", "k"]), serde_json::json!({"h": 2, "k": 128}), "f16"),
             // Multi-query: the one KV head a summed letter of size 1.
             ("bhk,cmk->bhm", serde_json::json!(["b", "h", "k"]), serde_json::json!({"h": 3, "c": 1, "k": 64}), "f32"),
             ("bhk,cmk->bhm", serde_json::json!(["b", "h", "k"]), serde_json::json!({"h": 3, "c": 1, "k": 64}), "bf16"),
@@ -819,6 +903,17 @@ mod tests {
                 let k = constants["k"].as_u64().unwrap_or(0) as usize;
                 assert!(transposes >= k + 3 * 16, "{spec} {dtype}: rows packed by squares ({transposes}):\n{text}");
             }
+            // Wide tiles (`cpu_step`'s) without pairs sum two tiles of rows at a time, 8
+            // outputs a pass, each broadcast element of K feeding both
+            // (where two tiles' rows fit twice the packing slot: heads up
+            // to 128).
+            let k = constants["k"].as_u64().unwrap_or(0);
+            let tile = format!("-> ({}) {{", ["vector<16xf32>"; 16].join(", "));
+            let two_tiles =
+                text.split(&tile).skip(1).map(|s| s.split("scf.yield").next().unwrap_or("")).any(|body| {
+                    body.matches("vector.broadcast").count() == 8 && body.matches("arith.mulf").count() == 16
+                });
+            assert_eq!(two_tiles, !pairs && k <= 128, "{spec} {dtype}: two tiles at a time:\n{text}");
             // f32: each row's 16 outputs are a line, stored past the caches
             // (then a fence); bf16: half a line, stored plainly (streamed
             // alone, it would write a partial line to memory).
