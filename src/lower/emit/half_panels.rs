@@ -51,6 +51,7 @@ use crate::lower::LowerError;
 
 use super::amx::{dense_source, distinct};
 use super::bodies::Out;
+use super::panel_ahead::LINE_BYTES;
 use super::Kc;
 
 /// Outputs of a panel (`cpu::panels::PANEL`): 4 vectors of 16.
@@ -64,8 +65,6 @@ const TILE_ROWS: i64 = 4;
 /// How many chunks ahead of the one it widens a chunk's widening fetches
 /// the half panel (into L2).
 const CHUNK_AHEAD: i64 = 2;
-/// Bytes of a cache line.
-const LINE: i64 = 64;
 
 #[cfg(test)]
 thread_local! {
@@ -321,7 +320,7 @@ impl Kc<'_> {
     /// The offset of line `q` of the half operand's chunk whose first
     /// step is at `base`: a step's 64 halves are two lines.
     fn chunk_line(&mut self, s: &ChunkedSum, base: &str, q: &str) -> String {
-        let per_line = LINE / s.w.1.size() as i64;
+        let per_line = LINE_BYTES / s.w.1.size() as i64;
         let lines = self.b.index(PANEL_OUTPUTS / per_line);
         let step = self.b.op(&format!("arith.divui {q}, {lines} : index"));
         let within = self.b.op(&format!("arith.remui {q}, {lines} : index"));
@@ -354,7 +353,7 @@ impl Kc<'_> {
         // cover the next chunk's lines, each step fetches its two lines
         // CHUNK_AHEAD chunks on (a step's 64 halves are 128 bytes).
         self.b.open_guard(few);
-        let per_line = LINE / w_dtype.size() as i64;
+        let per_line = LINE_BYTES / w_dtype.size() as i64;
         let ahead = self.b.index(CHUNK_AHEAD * CHUNK);
         let ahead = self.b.muli(&ahead, w_step);
         let later = self.b.addi(&from, &ahead);
@@ -418,7 +417,7 @@ impl Kc<'_> {
             // Line `t · kn + step` of the next chunk, the last where past it.
             let q = self.b.muli(tile, kn);
             let q = self.b.addi(&q, &step);
-            let last = self.b.index(CHUNK * PANEL_OUTPUTS * s.w.1.size() as i64 / LINE - 1);
+            let last = self.b.index(CHUNK * PANEL_OUTPUTS * s.w.1.size() as i64 / LINE_BYTES - 1);
             let q = self.b.op(&format!("arith.minui {q}, {last} : index"));
             let at = self.chunk_line(s, next, &q);
             self.b.prefetch_to(s.w.0, &at, s.w.1, false, 2);

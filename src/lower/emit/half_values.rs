@@ -32,12 +32,12 @@ use super::Kc;
 /// A context `w · V` of half V widened a chunk at a time (see the module
 /// docs).
 pub(super) struct HalfValues {
-    /// The probabilities, and their dtype.
+    /// The probabilities.
     rows: ValueRows,
-    p_dtype: DType,
-    /// The context cache's buffer `[g, m_c, k]` (maybe pitched), its dtype.
+    /// The context cache's buffer `[g, m_c, k]` (maybe pitched).
     v: usize,
-    v_dtype: DType,
+    /// The dtype of both.
+    dtype: DType,
     /// The head's axis among the output's.
     head: usize,
     /// The head's length `k`, a multiple of 64.
@@ -56,11 +56,15 @@ impl Kc<'_> {
         if !self.chunks_widened(out) {
             return None;
         }
-        let dtype =
-            [DType::F16, DType::BF16].into_iter().find(|&d| self.widens_half(d) && self.head_sum(j, d).is_some())?;
-        let h = self.head_sum(j, dtype).filter(|h| h.sum_first && h.last > 0 && h.last % PANEL_OUTPUTS == 0)?;
+        let (dtype, h) = [DType::F16, DType::BF16]
+            .into_iter()
+            .filter(|&d| self.widens_half(d))
+            .find_map(|d| Some((d, self.head_sum(j, d)?)))?;
+        if !(h.sum_first && h.last > 0 && h.last % PANEL_OUTPUTS == 0) {
+            return None;
+        }
         let rows = self.value_rows(j, &h, dtype)?;
-        Some(HalfValues { rows, p_dtype: dtype, v: h.buffer, v_dtype: dtype, head: h.head, width: h.last })
+        Some(HalfValues { rows, v: h.buffer, dtype, head: h.head, width: h.last })
     }
 
     /// The body of [`HalfValues`] contraction `t` (see the module docs): a
@@ -102,9 +106,9 @@ impl Kc<'_> {
         let v_step = self.b.subi(&v_next, &v_base);
         let p_ptr = self.ptr(t.rows.p)?;
         let sum = ChunkedSum {
-            w: (&v_ptr, t.v_dtype),
+            w: (&v_ptr, t.dtype),
             w_at: (&v_base, &v_step),
-            x: (&p_ptr, t.p_dtype),
+            x: (&p_ptr, t.dtype),
             steps: &positions,
             offsets: &offsets,
             rows: &rn,

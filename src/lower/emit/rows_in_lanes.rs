@@ -250,11 +250,12 @@ impl Kc<'_> {
         // The rows in turns of what the slot holds.
         let tile = CPU_SIMD as i64;
         // Two tiles a turn at least where they are summed two at a time
-        // (`Kc::lanes_block`) and their rows take at most twice the slot's
-        // elements (32 rows of a 128-wide head, 16 KiB).
-        let two = !(t.pairs || self.narrow) && 2 * tile * t.sum.1 <= 2 * PACK_ELEMS;
-        let turn_rows = (PACK_ELEMS / t.sum.1 / tile * tile).max(if two { 2 * tile } else { tile });
-        let paired = !(t.pairs || self.narrow) && turn_rows >= 2 * tile;
+        // (`Kc::lanes_block`) and one tile's rows fit the slot (two then
+        // take at most twice it: 32 rows of a 128-wide head, 16 KiB).
+        let by_two = !(t.pairs || self.narrow);
+        let least = if by_two && tile * t.sum.1 <= PACK_ELEMS { 2 * tile } else { tile };
+        let turn_rows = (PACK_ELEMS / t.sum.1 / tile * tile).max(least);
+        let paired = by_two && turn_rows >= 2 * tile;
         let per_turn = self.b.index(turn_rows);
         let turns = self.ceil_div(rows, turn_rows);
         let turn = self.b.open_loop(&turns);
